@@ -1,0 +1,379 @@
+//! Shape and dtype rules: one arm per op. The builder and the verifier both use them.
+
+use crate::dtype::{broadcast_shapes, DType, TensorType};
+use crate::op::{Expr, Instr, MaskKind, Op};
+
+type R = Result<TensorType, String>;
+
+fn arity(inputs: &[&TensorType], n: usize) -> Result<(), String> {
+    if inputs.len() != n {
+        return Err(format!("expects {n} inputs, got {}", inputs.len()));
+    }
+    Ok(())
+}
+
+fn axis_ok(axis: usize, rank: usize) -> Result<(), String> {
+    if axis >= rank {
+        return Err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(())
+}
+
+fn float(t: &TensorType, what: &str) -> Result<(), String> {
+    if !t.dtype.is_float() {
+        return Err(format!("{what} must be a float tensor, got {t}"));
+    }
+    Ok(())
+}
+
+fn integer(t: &TensorType, what: &str) -> Result<(), String> {
+    if !matches!(t.dtype, DType::I32 | DType::I64) {
+        return Err(format!("{what} must be i32 or i64, got {t}"));
+    }
+    Ok(())
+}
+
+fn bcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    broadcast_shapes(a, b).ok_or_else(|| format!("shapes {a:?} and {b:?} do not broadcast"))
+}
+
+/// Checks a fused expression: inputs exist and broadcast to `out`, and indices are in order.
+fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<(), String> {
+    if e.instrs.is_empty() {
+        return Err("empty fused expression".into());
+    }
+    for (i, ins) in e.instrs.iter().enumerate() {
+        let refs: Vec<u16> = match *ins {
+            Instr::Input(k) => {
+                let t = inputs.get(k as usize).ok_or_else(|| format!("expression reads input {k} of {}", inputs.len()))?;
+                if bcast(&t.shape, out)? != out {
+                    return Err(format!("expression input {k} {t} does not broadcast to {out:?}"));
+                }
+                vec![]
+            }
+            Instr::Const(_) => vec![],
+            Instr::Unary(_, a) => vec![a],
+            Instr::Binary(_, a, b) => vec![a, b],
+            Instr::Select(c, a, b) => vec![c, a, b],
+        };
+        if refs.iter().any(|&r| r as usize >= i) {
+            return Err(format!("expression instruction {i} reads a later instruction"));
+        }
+    }
+    Ok(())
+}
+
+/// The type of `op` applied to `inputs`. Sources take their type from `given`.
+pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
+    match op {
+        Op::Input { .. } | Op::Weight { .. } => {
+            arity(inputs, 0)?;
+            given.cloned().ok_or_else(|| "a source needs a type".to_string())
+        }
+        Op::Constant { values } => {
+            arity(inputs, 0)?;
+            let t = given.ok_or_else(|| "a constant needs a type".to_string())?;
+            if values.len() != t.numel() {
+                return Err(format!("constant has {} values for {t}", values.len()));
+            }
+            Ok(t.clone())
+        }
+        Op::Iota { axis, .. } => {
+            arity(inputs, 0)?;
+            let t = given.ok_or_else(|| "iota needs a type".to_string())?;
+            axis_ok(*axis, t.rank())?;
+            Ok(t.clone())
+        }
+        Op::Unary(u) => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            match u {
+                crate::op::UnaryOp::Not => {
+                    if t.dtype != DType::Bool {
+                        return Err(format!("not needs bool, got {t}"));
+                    }
+                }
+                crate::op::UnaryOp::Neg | crate::op::UnaryOp::Abs => {}
+                _ => float(t, "operand")?,
+            }
+            Ok(t.clone())
+        }
+        Op::Binary(b) => {
+            arity(inputs, 2)?;
+            let (a, c) = (inputs[0], inputs[1]);
+            if a.dtype != c.dtype {
+                return Err(format!("operand dtypes differ: {a} vs {c}"));
+            }
+            let shape = bcast(&a.shape, &c.shape)?;
+            let dtype = if b.is_comparison() { DType::Bool } else { a.dtype };
+            Ok(TensorType::new(dtype, shape))
+        }
+        Op::Select => {
+            arity(inputs, 3)?;
+            let (c, a, b) = (inputs[0], inputs[1], inputs[2]);
+            if c.dtype != DType::Bool {
+                return Err(format!("condition must be bool, got {c}"));
+            }
+            if a.dtype != b.dtype {
+                return Err(format!("branch dtypes differ: {a} vs {b}"));
+            }
+            let s = bcast(&bcast(&c.shape, &a.shape)?, &b.shape)?;
+            Ok(TensorType::new(a.dtype, s))
+        }
+        Op::Cast { to } => {
+            arity(inputs, 1)?;
+            Ok(TensorType::new(*to, inputs[0].shape.clone()))
+        }
+        Op::Reduce { axes, keep_dims, .. } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            for w in axes.windows(2) {
+                if w[0] >= w[1] {
+                    return Err(format!("axes {axes:?} must be sorted and unique"));
+                }
+            }
+            for &a in axes {
+                axis_ok(a, t.rank())?;
+            }
+            let shape = (0..t.rank())
+                .filter_map(|i| {
+                    if axes.contains(&i) {
+                        keep_dims.then_some(1)
+                    } else {
+                        Some(t.shape[i])
+                    }
+                })
+                .collect::<Vec<_>>();
+            Ok(TensorType::new(t.dtype, shape))
+        }
+        Op::MatMul { transpose_b, epilogue } => {
+            if inputs.len() < 2 {
+                return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
+            }
+            let (a, b) = (inputs[0], inputs[1]);
+            float(a, "a")?;
+            if a.dtype != b.dtype {
+                return Err(format!("operand dtypes differ: {a} vs {b}"));
+            }
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("operands need rank >= 2: {a} x {b}"));
+            }
+            let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
+            let (kb, n) = if *transpose_b {
+                (b.shape[b.rank() - 1], b.shape[b.rank() - 2])
+            } else {
+                (b.shape[b.rank() - 2], b.shape[b.rank() - 1])
+            };
+            if k != kb {
+                return Err(format!("contraction sizes differ: {a} x {b} (transpose_b={transpose_b})"));
+            }
+            let mut shape = bcast(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
+            shape.extend([m, n]);
+            let out = TensorType::new(a.dtype, shape);
+            match epilogue {
+                Some(e) => {
+                    let mut ins = vec![&out];
+                    ins.extend(inputs[2..].iter().copied());
+                    check_expr(e, &ins, &out.shape)?;
+                    if e.arity() != ins.len() {
+                        return Err(format!("epilogue reads {} inputs, node gives {}", e.arity(), ins.len()));
+                    }
+                }
+                None => arity(inputs, 2)?,
+            }
+            Ok(out)
+        }
+        Op::Reshape { shape } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            if shape.iter().product::<usize>() != t.numel() {
+                return Err(format!("cannot reshape {t} to {shape:?}"));
+            }
+            Ok(TensorType::new(t.dtype, shape.clone()))
+        }
+        Op::Permute { perm } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            let mut seen = vec![false; t.rank()];
+            if perm.len() != t.rank() {
+                return Err(format!("permutation {perm:?} for rank {}", t.rank()));
+            }
+            for &p in perm {
+                if p >= t.rank() || seen[p] {
+                    return Err(format!("{perm:?} is not a permutation"));
+                }
+                seen[p] = true;
+            }
+            Ok(TensorType::new(t.dtype, perm.iter().map(|&p| t.shape[p]).collect::<Vec<_>>()))
+        }
+        Op::Slice { axis, start, end, step } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            axis_ok(*axis, t.rank())?;
+            if *step == 0 || start > end || *end > t.shape[*axis] {
+                return Err(format!("slice {start}..{end} step {step} of axis {axis} in {t}"));
+            }
+            let mut shape = t.shape.clone();
+            shape[*axis] = (end - start).div_ceil(*step);
+            Ok(TensorType::new(t.dtype, shape))
+        }
+        Op::Concat { axis } => {
+            let first = inputs.first().ok_or("concat of nothing")?;
+            axis_ok(*axis, first.rank())?;
+            let mut shape = first.shape.clone();
+            shape[*axis] = 0;
+            for t in inputs {
+                let same = t.rank() == first.rank()
+                    && t.dtype == first.dtype
+                    && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
+                if !same {
+                    return Err(format!("cannot concatenate {t} with {first} on axis {axis}"));
+                }
+                shape[*axis] += t.shape[*axis];
+            }
+            Ok(TensorType::new(first.dtype, shape))
+        }
+        Op::Broadcast { shape } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            if bcast(&t.shape, shape)? != *shape {
+                return Err(format!("cannot broadcast {t} to {shape:?}"));
+            }
+            Ok(TensorType::new(t.dtype, shape.clone()))
+        }
+        Op::Gather { axis } => {
+            arity(inputs, 2)?;
+            let (x, idx) = (inputs[0], inputs[1]);
+            axis_ok(*axis, x.rank())?;
+            integer(idx, "indices")?;
+            let mut shape = x.shape[..*axis].to_vec();
+            shape.extend(&idx.shape);
+            shape.extend(&x.shape[axis + 1..]);
+            Ok(TensorType::new(x.dtype, shape))
+        }
+        Op::TakeAlongAxis { axis } => {
+            arity(inputs, 2)?;
+            let (x, idx) = (inputs[0], inputs[1]);
+            axis_ok(*axis, x.rank())?;
+            integer(idx, "indices")?;
+            let ok = idx.rank() == x.rank() && (0..x.rank()).all(|i| i == *axis || idx.shape[i] == x.shape[i]);
+            if !ok {
+                return Err(format!("indices {idx} do not match {x} off axis {axis}"));
+            }
+            Ok(TensorType::new(x.dtype, idx.shape.clone()))
+        }
+        Op::ScatterAdd { axis } => {
+            arity(inputs, 3)?;
+            let (base, idx, src) = (inputs[0], inputs[1], inputs[2]);
+            axis_ok(*axis, base.rank())?;
+            integer(idx, "indices")?;
+            if idx.shape != src.shape || src.dtype != base.dtype || src.rank() != base.rank() {
+                return Err(format!("scatter of {src} at {idx} into {base}"));
+            }
+            if (0..base.rank()).any(|i| i != *axis && src.shape[i] != base.shape[i]) {
+                return Err(format!("source {src} and base {base} differ off axis {axis}"));
+            }
+            Ok(base.clone())
+        }
+        Op::TopK { k } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            let last = *t.shape.last().ok_or("top-k of a scalar")?;
+            if *k == 0 || *k > last {
+                return Err(format!("k = {k} for a last axis of {last}"));
+            }
+            let mut shape = t.shape.clone();
+            *shape.last_mut().ok_or("top-k of a scalar")? = *k;
+            Ok(TensorType::new(DType::I64, shape))
+        }
+        Op::CumSum { axis, .. } => {
+            arity(inputs, 1)?;
+            axis_ok(*axis, inputs[0].rank())?;
+            Ok(inputs[0].clone())
+        }
+        Op::Resize { size, .. } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            float(t, "input")?;
+            if t.rank() < 2 || size.contains(&0) {
+                return Err(format!("cannot resize {t} to {size:?}"));
+            }
+            let mut shape = t.shape.clone();
+            let r = shape.len();
+            shape[r - 2] = size[0];
+            shape[r - 1] = size[1];
+            Ok(TensorType::new(t.dtype, shape))
+        }
+        Op::Softmax { axis } => {
+            arity(inputs, 1)?;
+            float(inputs[0], "input")?;
+            axis_ok(*axis, inputs[0].rank())?;
+            Ok(inputs[0].clone())
+        }
+        Op::LayerNorm { .. } => {
+            arity(inputs, 3)?;
+            norm_params(inputs)
+        }
+        Op::RmsNorm { .. } => {
+            arity(inputs, 2)?;
+            norm_params(inputs)
+        }
+        Op::Attention(a) => {
+            let want = if a.mask == MaskKind::Additive { 4 } else { 3 };
+            arity(inputs, want)?;
+            let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+            float(q, "q")?;
+            if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+                return Err(format!("q, k, v must be [B,S,H,D]: {q}, {k}, {v}"));
+            }
+            if q.dtype != k.dtype || q.dtype != v.dtype {
+                return Err(format!("dtypes differ: {q}, {k}, {v}"));
+            }
+            let (b, sq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+            let (sk, hkv) = (k.shape[1], k.shape[2]);
+            if k.shape[0] != b || k.shape[3] != d || v.shape[0] != b || v.shape[1] != sk || v.shape[2] != hkv {
+                return Err(format!("k {k} and v {v} do not match q {q}"));
+            }
+            if hkv == 0 || hq % hkv != 0 {
+                return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
+            }
+            if a.mask == MaskKind::Additive {
+                let m = inputs[3];
+                if m.shape != [b, sq, sk] || m.dtype != q.dtype {
+                    return Err(format!("mask must be {}[{b},{sq},{sk}], got {m}", q.dtype));
+                }
+            }
+            Ok(TensorType::new(q.dtype, [b, sq, hq, v.shape[3]]))
+        }
+        Op::Fused(e) => {
+            let first = inputs.first().ok_or("a fused region needs inputs")?;
+            let mut shape = first.shape.clone();
+            for t in inputs {
+                shape = bcast(&shape, &t.shape)?;
+            }
+            check_expr(e, inputs, &shape)?;
+            if e.arity() != inputs.len() {
+                return Err(format!("expression reads {} inputs, node gives {}", e.arity(), inputs.len()));
+            }
+            // Regions compute floats; bool masks may flow inside them but not out.
+            let dtype = inputs
+                .iter()
+                .map(|t| t.dtype)
+                .find(|d| d.is_float())
+                .ok_or("a fused region needs a float input")?;
+            Ok(TensorType::new(dtype, shape))
+        }
+    }
+}
+
+fn norm_params(inputs: &[&TensorType]) -> R {
+    let x = inputs[0];
+    float(x, "input")?;
+    let d = *x.shape.last().ok_or("normalising a scalar")?;
+    for p in &inputs[1..] {
+        if p.shape != [d] || p.dtype != x.dtype {
+            return Err(format!("parameter {p} must be {}[{d}]", x.dtype));
+        }
+    }
+    Ok(x.clone())
+}

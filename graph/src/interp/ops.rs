@@ -1,0 +1,359 @@
+//! One interpreter arm per op, on f64 data in row-major order.
+
+use super::Value;
+use crate::dtype::{broadcast_strides, strides, TensorType};
+use crate::op::{Attention, Expr, MaskKind, Op, ReduceOp, ResizeMode};
+use crate::scalar;
+
+type R = Result<Vec<f64>, String>;
+
+/// Multi-index iterator helper: the flat offset in a tensor with `st` strides of the
+/// element at flat index `i` of `shape`.
+fn offset(mut i: usize, shape: &[usize], st: &[usize]) -> usize {
+    let mut off = 0;
+    for d in (0..shape.len()).rev() {
+        let n = shape[d];
+        off += (i % n) * st[d];
+        i /= n;
+    }
+    off
+}
+
+/// Reads each input broadcast to `shape`, then applies `f` elementwise.
+fn map_broadcast(args: &[&Value], shape: &[usize], mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let n: usize = shape.iter().product();
+    let sts: Vec<Vec<usize>> = args.iter().map(|a| broadcast_strides(&a.ty.shape, shape)).collect();
+    let mut buf = vec![0.0; args.len()];
+    (0..n)
+        .map(|i| {
+            for (k, a) in args.iter().enumerate() {
+                buf[k] = a.data[offset(i, shape, &sts[k])];
+            }
+            f(&buf)
+        })
+        .collect()
+}
+
+fn index(v: f64, len: usize, what: &str) -> Result<usize, String> {
+    if v < 0.0 || v >= len as f64 {
+        return Err(format!("{what} index {v} out of range 0..{len}"));
+    }
+    Ok(v as usize)
+}
+
+/// Splits a shape at `axis` into (outer, len, inner).
+fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+}
+
+/// Evaluates one non-source op.
+pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
+    match op {
+        Op::Input { .. } | Op::Weight { .. } => Err("sources are read, not evaluated".into()),
+        Op::Constant { values } => Ok(values.clone()),
+        Op::Iota { axis, start, step } => {
+            let (_, len, inner) = split(&out.shape, *axis);
+            Ok((0..out.numel()).map(|i| start + step * ((i / inner) % len) as f64).collect())
+        }
+        Op::Unary(u) => Ok(a[0].data.iter().map(|&x| scalar::unary(*u, x)).collect()),
+        Op::Binary(b) => Ok(map_broadcast(a, &out.shape, |x| scalar::binary(*b, x[0], x[1]))),
+        Op::Select => Ok(map_broadcast(a, &out.shape, |x| if x[0] != 0.0 { x[1] } else { x[2] })),
+        Op::Cast { .. } => Ok(a[0].data.clone()),
+        Op::Reduce { op, axes, .. } => Ok(reduce(a[0], *op, axes)),
+        Op::MatMul { transpose_b, epilogue } => matmul(a, *transpose_b, epilogue.as_ref(), out),
+        Op::Reshape { .. } => Ok(a[0].data.clone()),
+        Op::Permute { perm } => {
+            let st = strides(&a[0].ty.shape);
+            let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+            Ok((0..out.numel()).map(|i| a[0].data[offset(i, &out.shape, &pst)]).collect())
+        }
+        Op::Slice { axis, start, step, .. } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let n_out = out.shape[*axis];
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for j in 0..n_out {
+                    let base = (o * len + start + j * step) * inner;
+                    v.extend_from_slice(&a[0].data[base..base + inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::Concat { axis } => {
+            let (outer, _, _) = split(&out.shape, *axis);
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for x in a {
+                    let (_, len, inner) = split(&x.ty.shape, *axis);
+                    v.extend_from_slice(&x.data[o * len * inner..(o + 1) * len * inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::Broadcast { shape } => Ok(map_broadcast(a, shape, |x| x[0])),
+        Op::Gather { axis } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for &ix in &a[1].data {
+                    let j = index(ix, len, "gather")?;
+                    let base = (o * len + j) * inner;
+                    v.extend_from_slice(&a[0].data[base..base + inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::TakeAlongAxis { axis } => {
+            let (_, len, inner) = split(&a[0].ty.shape, *axis);
+            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
+            (0..out.numel())
+                .map(|i| {
+                    let (o, k) = (i / (ilen * inner), i % inner);
+                    let j = index(a[1].data[i], len, "take_along_axis")?;
+                    Ok(a[0].data[(o * len + j) * inner + k])
+                })
+                .collect()
+        }
+        Op::ScatterAdd { axis } => {
+            let (_, len, inner) = split(&a[0].ty.shape, *axis);
+            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
+            let mut v = a[0].data.clone();
+            for i in 0..a[1].ty.numel() {
+                let (o, k) = (i / (ilen * inner), i % inner);
+                let j = index(a[1].data[i], len, "scatter_add")?;
+                v[(o * len + j) * inner + k] += a[2].data[i];
+            }
+            Ok(v)
+        }
+        Op::TopK { k } => {
+            let n = *a[0].ty.shape.last().unwrap_or(&1);
+            let mut v = Vec::with_capacity(out.numel());
+            for row in a[0].data.chunks(n.max(1)) {
+                let mut idx: Vec<usize> = (0..n).collect();
+                // Stable sort, descending: ties keep the lower index first.
+                idx.sort_by(|&i, &j| row[j].partial_cmp(&row[i]).unwrap_or(std::cmp::Ordering::Equal));
+                v.extend(idx[..*k].iter().map(|&i| i as f64));
+            }
+            Ok(v)
+        }
+        Op::CumSum { axis, exclusive } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let mut v = vec![0.0; out.numel()];
+            for o in 0..outer {
+                for k in 0..inner {
+                    let mut acc = 0.0;
+                    for j in 0..len {
+                        let i = (o * len + j) * inner + k;
+                        if *exclusive {
+                            v[i] = acc;
+                            acc += a[0].data[i];
+                        } else {
+                            acc += a[0].data[i];
+                            v[i] = acc;
+                        }
+                    }
+                }
+            }
+            Ok(v)
+        }
+        Op::Resize { size, mode } => Ok(resize(a[0], *size, *mode)),
+        Op::Softmax { axis } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let mut v = vec![0.0; out.numel()];
+            for o in 0..outer {
+                for k in 0..inner {
+                    let at = |j: usize| (o * len + j) * inner + k;
+                    let m = (0..len).map(|j| a[0].data[at(j)]).fold(f64::NEG_INFINITY, f64::max);
+                    let s: f64 = (0..len).map(|j| (a[0].data[at(j)] - m).exp()).sum();
+                    for j in 0..len {
+                        v[at(j)] = (a[0].data[at(j)] - m).exp() / s;
+                    }
+                }
+            }
+            Ok(v)
+        }
+        Op::LayerNorm { eps } => {
+            let d = *out.shape.last().unwrap_or(&1);
+            let mut v = Vec::with_capacity(out.numel());
+            for row in a[0].data.chunks(d.max(1)) {
+                let mean = row.iter().sum::<f64>() / d as f64;
+                let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / d as f64;
+                let r = 1.0 / (var + *eps as f64).sqrt();
+                v.extend(row.iter().enumerate().map(|(j, x)| (x - mean) * r * a[1].data[j] + a[2].data[j]));
+            }
+            Ok(v)
+        }
+        Op::RmsNorm { eps, add_one } => {
+            let d = *out.shape.last().unwrap_or(&1);
+            let mut v = Vec::with_capacity(out.numel());
+            for row in a[0].data.chunks(d.max(1)) {
+                let ms = row.iter().map(|x| x * x).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + *eps as f64).sqrt();
+                let one = if *add_one { 1.0 } else { 0.0 };
+                v.extend(row.iter().enumerate().map(|(j, x)| x * r * (one + a[1].data[j])));
+            }
+            Ok(v)
+        }
+        Op::Attention(at) => Ok(attention(a, at, out)),
+        Op::Fused(e) => {
+            let mut scratch = Vec::new();
+            Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch)))
+        }
+    }
+}
+
+fn reduce(x: &Value, op: ReduceOp, axes: &[usize]) -> Vec<f64> {
+    let shape = &x.ty.shape;
+    let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let n_out: usize = kept.iter().product();
+    let count: usize = axes.iter().map(|&i| shape[i]).product();
+    let init = match op {
+        ReduceOp::Sum | ReduceOp::Mean => 0.0,
+        ReduceOp::Max => f64::NEG_INFINITY,
+        ReduceOp::Min => f64::INFINITY,
+    };
+    let mut acc = vec![init; n_out];
+    let kst = broadcast_strides(&kept, shape);
+    for (i, &v) in x.data.iter().enumerate() {
+        let o = offset(i, shape, &kst);
+        acc[o] = match op {
+            ReduceOp::Sum | ReduceOp::Mean => acc[o] + v,
+            ReduceOp::Max => acc[o].max(v),
+            ReduceOp::Min => acc[o].min(v),
+        };
+    }
+    if op == ReduceOp::Mean {
+        acc.iter_mut().for_each(|v| *v /= count as f64);
+    }
+    acc
+}
+
+fn matmul(a: &[&Value], transpose_b: bool, epi: Option<&Expr>, out: &TensorType) -> R {
+    let (x, w) = (a[0], a[1]);
+    let r = out.rank();
+    let (m, n) = (out.shape[r - 2], out.shape[r - 1]);
+    let k = x.ty.shape[x.ty.rank() - 1];
+    let batch_shape = &out.shape[..r - 2];
+    let nb: usize = batch_shape.iter().product();
+    let xb = broadcast_strides(&x.ty.shape[..x.ty.rank() - 2], batch_shape);
+    let wb = broadcast_strides(&w.ty.shape[..w.ty.rank() - 2], batch_shape);
+    let mut v = vec![0.0; out.numel()];
+    for bi in 0..nb {
+        let xo = offset(bi, batch_shape, &xb) * m * k;
+        let wo = offset(bi, batch_shape, &wb) * k * n;
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for l in 0..k {
+                    let wv = if transpose_b { w.data[wo + j * k + l] } else { w.data[wo + l * n + j] };
+                    s += x.data[xo + i * k + l] * wv;
+                }
+                v[(bi * m + i) * n + j] = s;
+            }
+        }
+    }
+    let Some(e) = epi else { return Ok(v) };
+    // The product is rounded to the output dtype before the epilogue, as a backend would.
+    let prod = Value { ty: out.clone(), data: v.into_iter().map(|x| out.dtype.round(x)).collect() };
+    let mut args = vec![&prod];
+    args.extend(a[2..].iter().copied());
+    let mut scratch = Vec::new();
+    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch)))
+}
+
+fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
+    let (q, k, v) = (a[0], a[1], a[2]);
+    let (b, sq, hq, d) = (q.ty.shape[0], q.ty.shape[1], q.ty.shape[2], q.ty.shape[3]);
+    let (sk, hkv, dv) = (k.ty.shape[1], k.ty.shape[2], v.ty.shape[3]);
+    let group = hq / hkv;
+    let mut o = vec![0.0; out.numel()];
+    let mut s = vec![0.0; sk];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..sq {
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let mut dot = 0.0;
+                    for c in 0..d {
+                        dot += q.data[((bi * sq + i) * hq + h) * d + c] * k.data[((bi * sk + j) * hkv + kh) * d + c];
+                    }
+                    let mut x = dot * at.scale as f64;
+                    if let Some(cap) = at.softcap {
+                        x = cap as f64 * (x / cap as f64).tanh();
+                    }
+                    let visible = match at.mask {
+                        MaskKind::None | MaskKind::Additive => true,
+                        MaskKind::Causal { q_offset } => j <= q_offset + i,
+                        MaskKind::SlidingWindow { q_offset, window } => j <= q_offset + i && j + window > q_offset + i,
+                    };
+                    if at.mask == MaskKind::Additive {
+                        x += a[3].data[(bi * sq + i) * sk + j];
+                    }
+                    *sj = if visible { x } else { f64::NEG_INFINITY };
+                }
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue; // a fully masked row gives zeros
+                }
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = p.iter().sum();
+                for c in 0..dv {
+                    let mut acc = 0.0;
+                    for (j, pj) in p.iter().enumerate() {
+                        acc += pj * v.data[((bi * sk + j) * hkv + kh) * dv + c];
+                    }
+                    o[((bi * sq + i) * hq + h) * dv + c] = acc / z;
+                }
+            }
+        }
+    }
+    o
+}
+
+/// PyTorch `interpolate(align_corners=False, antialias=False)` on the last two axes.
+fn resize(x: &Value, size: [usize; 2], mode: ResizeMode) -> Vec<f64> {
+    let r = x.ty.rank();
+    let (ih, iw) = (x.ty.shape[r - 2], x.ty.shape[r - 1]);
+    let (oh, ow) = (size[0], size[1]);
+    let planes = x.ty.numel() / (ih * iw);
+    let taps = |o: usize, i_len: usize, o_len: usize| -> Vec<(usize, f64)> {
+        let scale = i_len as f64 / o_len as f64;
+        let src = (o as f64 + 0.5) * scale - 0.5;
+        let clamp = |t: i64| t.clamp(0, i_len as i64 - 1) as usize;
+        match mode {
+            ResizeMode::Bilinear => {
+                let src = src.max(0.0);
+                let i0 = src.floor() as i64;
+                let t = src - i0 as f64;
+                vec![(clamp(i0), 1.0 - t), (clamp(i0 + 1), t)]
+            }
+            ResizeMode::Bicubic => {
+                let i0 = src.floor() as i64;
+                let t = src - i0 as f64;
+                let aa = -0.75;
+                let near = |d: f64| ((aa + 2.0) * d - (aa + 3.0)) * d * d + 1.0;
+                let far = |d: f64| ((aa * d - 5.0 * aa) * d + 8.0 * aa) * d - 4.0 * aa;
+                let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+                (0..4).map(|q| (clamp(i0 - 1 + q as i64), w[q])).collect()
+            }
+        }
+    };
+    let mut v = Vec::with_capacity(planes * oh * ow);
+    for p in 0..planes {
+        let base = &x.data[p * ih * iw..(p + 1) * ih * iw];
+        for oy in 0..oh {
+            let ty = taps(oy, ih, oh);
+            for ox in 0..ow {
+                let tx = taps(ox, iw, ow);
+                let mut s = 0.0;
+                for &(yy, wy) in &ty {
+                    for &(xx, wx) in &tx {
+                        s += wy * wx * base[yy * iw + xx];
+                    }
+                }
+                v.push(s);
+            }
+        }
+    }
+    v
+}

@@ -1,0 +1,286 @@
+//! The operation set. One op = one variant here + one shape rule (`infer.rs`) + one
+//! interpreter arm (`interp/`) + one lowering per backend + one test row.
+
+use crate::dtype::DType;
+use serde::{Deserialize, Serialize};
+
+/// Elementwise functions of one argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Tanh,
+    Sigmoid,
+    Erf,
+    Sin,
+    Cos,
+    Floor,
+    Relu,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (JAX's default, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `0.5 x (1 + erf(x / sqrt 2))`.
+    GeluErf,
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// `log(1 + exp(x))`.
+    Softplus,
+    /// Logical not of a boolean.
+    Not,
+}
+
+/// Elementwise functions of two (broadcast) arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+    /// Comparisons return `bool`.
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+impl BinaryOp {
+    /// Whether the result is a `bool` regardless of the operand type.
+    pub fn is_comparison(self) -> bool {
+        match self {
+            BinaryOp::Eq | BinaryOp::Ne | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge => true,
+            BinaryOp::Add
+            | BinaryOp::Sub
+            | BinaryOp::Mul
+            | BinaryOp::Div
+            | BinaryOp::Max
+            | BinaryOp::Min
+            | BinaryOp::Pow
+            | BinaryOp::And
+            | BinaryOp::Or => false,
+        }
+    }
+
+    /// Whether `a op b == b op a`.
+    pub fn is_commutative(self) -> bool {
+        match self {
+            BinaryOp::Add | BinaryOp::Mul | BinaryOp::Max | BinaryOp::Min | BinaryOp::Eq | BinaryOp::Ne => true,
+            BinaryOp::And | BinaryOp::Or => true,
+            BinaryOp::Sub | BinaryOp::Div | BinaryOp::Pow | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge => {
+                false
+            }
+        }
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+/// Which keys a query may attend to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MaskKind {
+    /// Every key.
+    None,
+    /// Keys at positions `<= q_offset + i` for query `i`.
+    Causal { q_offset: usize },
+    /// Causal, and keys at positions `> q_offset + i - window`.
+    SlidingWindow { q_offset: usize, window: usize },
+    /// An additive mask `[B, Sq, Sk]` given as the fourth input (0 or -inf; prefix-LM, padding).
+    Additive,
+}
+
+/// Attributes of the semantic attention op.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attention {
+    /// Multiplies `q . k` before soft-capping.
+    pub scale: f32,
+    /// `c * tanh(s / c)` on the scaled scores, before the mask (Gemma 2).
+    pub softcap: Option<f32>,
+    pub mask: MaskKind,
+}
+
+/// How a resampling op interpolates (PyTorch `interpolate`, `align_corners=False`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ResizeMode {
+    Bilinear,
+    Bicubic,
+}
+
+/// One instruction of a fused elementwise expression (straight-line SSA; the result is the last).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Instr {
+    /// Element of region input `i`, broadcast to the region's shape.
+    Input(u16),
+    /// A scalar constant.
+    Const(f32),
+    Unary(UnaryOp, u16),
+    Binary(BinaryOp, u16, u16),
+    /// `c != 0 ? a : b`.
+    Select(u16, u16, u16),
+}
+
+/// A fused elementwise expression: the body of a fused region or of a matmul epilogue.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct Expr {
+    pub instrs: Vec<Instr>,
+}
+
+impl Expr {
+    /// Number of distinct inputs the expression reads (one more than the largest index).
+    pub fn arity(&self) -> usize {
+        self.instrs
+            .iter()
+            .filter_map(|i| match i {
+                Instr::Input(k) => Some(*k as usize + 1),
+                Instr::Const(_) | Instr::Unary(..) | Instr::Binary(..) | Instr::Select(..) => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Evaluates the expression on scalars (`inputs[i]` is the value of `Input(i)`).
+    pub fn eval(&self, inputs: &[f64], scratch: &mut Vec<f64>) -> f64 {
+        scratch.clear();
+        for ins in &self.instrs {
+            let v = match *ins {
+                Instr::Input(i) => inputs[i as usize],
+                Instr::Const(c) => c as f64,
+                Instr::Unary(op, a) => crate::scalar::unary(op, scratch[a as usize]),
+                Instr::Binary(op, a, b) => crate::scalar::binary(op, scratch[a as usize], scratch[b as usize]),
+                Instr::Select(c, a, b) => {
+                    if scratch[c as usize] != 0.0 {
+                        scratch[a as usize]
+                    } else {
+                        scratch[b as usize]
+                    }
+                }
+            };
+            scratch.push(v);
+        }
+        scratch.last().copied().unwrap_or(0.0)
+    }
+}
+
+/// An operation. Inputs are listed on the node; the op carries only attributes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A named runtime input (the node's type is the input's type).
+    Input { name: String },
+    /// A named weight from the checkpoint.
+    Weight { name: String },
+    /// A small constant tensor (values stored as f64, exact for every dtype used).
+    Constant { values: Vec<f64> },
+    /// `values[i] = start + i * step` along axis `axis` of the node's shape.
+    Iota { axis: usize, start: f64, step: f64 },
+    /// Elementwise `f(x)`.
+    Unary(UnaryOp),
+    /// Elementwise `a op b` with numpy broadcasting.
+    Binary(BinaryOp),
+    /// `cond ? a : b`, broadcast.
+    Select,
+    /// Converts to another element type (float to int truncates toward zero).
+    Cast { to: DType },
+    /// Reduction over `axes` (sorted, unique); `keep_dims` keeps them as size 1.
+    Reduce { op: ReduceOp, axes: Vec<usize>, keep_dims: bool },
+    /// Batched `a @ b` (`[.., M, K] x [.., K, N]`, leading axes broadcast); with
+    /// `transpose_b` b is `[.., N, K]`. An epilogue, when present, is applied to each result
+    /// element: `Input(0)` is the product, `Input(i)` for `i >= 1` reads node input `i + 1`
+    /// broadcast to the result.
+    MatMul { transpose_b: bool, epilogue: Option<Expr> },
+    /// Same elements, new shape.
+    Reshape { shape: Vec<usize> },
+    /// Axis permutation: output axis `i` is input axis `perm[i]`.
+    Permute { perm: Vec<usize> },
+    /// Elements `start, start+step, .. < end` along `axis`.
+    Slice { axis: usize, start: usize, end: usize, step: usize },
+    /// Concatenation of all inputs along `axis`.
+    Concat { axis: usize },
+    /// Numpy broadcast to `shape`.
+    Broadcast { shape: Vec<usize> },
+    /// `out[.., j, ..] = x[.., idx[j], ..]` along `axis` (idx any shape, integer; out shape
+    /// is `x[..axis] ++ idx ++ x[axis+1..]`). Out-of-range indices are an error.
+    Gather { axis: usize },
+    /// `out[i][j][k] = x[i][idx[i][j][k]][k]` along `axis` (torch.gather; idx has x's rank).
+    TakeAlongAxis { axis: usize },
+    /// `out = base; out[.., idx[..], ..] += src[..]` along `axis` (torch.scatter_add).
+    ScatterAdd { axis: usize },
+    /// Indices (i64) of the `k` largest elements along the last axis, descending, ties to
+    /// the lower index.
+    TopK { k: usize },
+    /// Running sum along `axis`; `exclusive` starts from zero.
+    CumSum { axis: usize, exclusive: bool },
+    /// Resamples the last two axes to `size` (PyTorch `interpolate`, `align_corners=False`).
+    Resize { size: [usize; 2], mode: ResizeMode },
+    /// Softmax over `axis`.
+    Softmax { axis: usize },
+    /// `(x - mean) / sqrt(var + eps) * scale + bias` over the last axis; inputs x, scale, bias.
+    LayerNorm { eps: f32 },
+    /// `x / sqrt(mean(x^2) + eps) * (add_one ? 1 + w : w)` over the last axis; inputs x, w.
+    RmsNorm { eps: f32, add_one: bool },
+    /// Multi-head attention on `q [B,Sq,Hq,D]`, `k [B,Sk,Hkv,D]`, `v [B,Sk,Hkv,Dv]` (and a
+    /// mask `[B,Sq,Sk]` for [`MaskKind::Additive`]), giving `[B,Sq,Hq,Dv]`; `Hq % Hkv == 0`.
+    Attention(Attention),
+    /// A fused elementwise region over broadcast inputs (made by the fusion pass).
+    Fused(Expr),
+}
+
+impl Op {
+    /// A short name for printing and kernel tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Weight { .. } => "weight",
+            Op::Constant { .. } => "constant",
+            Op::Iota { .. } => "iota",
+            Op::Unary(_) => "unary",
+            Op::Binary(_) => "binary",
+            Op::Select => "select",
+            Op::Cast { .. } => "cast",
+            Op::Reduce { .. } => "reduce",
+            Op::MatMul { .. } => "matmul",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Gather { .. } => "gather",
+            Op::TakeAlongAxis { .. } => "take_along_axis",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::TopK { .. } => "topk",
+            Op::CumSum { .. } => "cumsum",
+            Op::Resize { .. } => "resize",
+            Op::Softmax { .. } => "softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Attention(_) => "attention",
+            Op::Fused(_) => "fused",
+        }
+    }
+
+    /// Whether the node is a source (no inputs, value known before any step runs).
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. })
+    }
+
+    /// Whether the op is elementwise (a candidate for fused regions).
+    pub fn is_elementwise(&self) -> bool {
+        matches!(self, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_))
+    }
+}

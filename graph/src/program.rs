@@ -1,0 +1,98 @@
+//! The lowered program: scheduled, planned steps that a backend executes in order.
+
+use crate::dtype::TensorType;
+use crate::op::Op;
+use serde::{Deserialize, Serialize};
+
+/// Where a step's operand lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Slot {
+    /// A byte range of the entry's arena (offsets are 256-byte aligned).
+    Arena { offset: usize, bytes: usize },
+    /// Weight number `i` of [`Program::weights`] (read-only).
+    Weight(u32),
+    /// Constant number `i` of [`Program::constants`] (read-only).
+    Const(u32),
+}
+
+/// An operand: where it lives and how to read it (a reshape is a view: same slot, new type).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Operand {
+    pub slot: Slot,
+    pub ty: TensorType,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// The graph node this step computes (for reports).
+    pub node: u32,
+    /// The op, with its attributes; backends dispatch on it.
+    pub op: Op,
+    /// The kernel the backend chose for it (shown by `kiln inspect`).
+    pub kernel: String,
+    pub inputs: Vec<Operand>,
+    pub output: Operand,
+}
+
+/// A named input or output of an entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Io {
+    pub name: String,
+    pub operand: Operand,
+}
+
+/// Memory-plan figures, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStats {
+    /// Arena size: the planned peak.
+    pub peak: usize,
+    /// The largest sum of sizes live at one step: no plan can do better.
+    pub lower_bound: usize,
+    /// The sum of all intermediate sizes: a plan with no reuse.
+    pub no_reuse: usize,
+}
+
+/// One callable program (`forward`, `inverse`, `prefill`, `decode`, ...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub inputs: Vec<Io>,
+    pub outputs: Vec<Io>,
+    pub steps: Vec<Step>,
+    pub arena_bytes: usize,
+    pub plan: PlanStats,
+}
+
+/// A weight the program reads, by checkpoint name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightSpec {
+    pub name: String,
+    pub ty: TensorType,
+}
+
+/// A constant tensor baked into the program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstData {
+    pub ty: TensorType,
+    pub values: Vec<f64>,
+}
+
+/// Everything a runtime needs besides the weights' bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    /// The model family and config it was built from (for messages).
+    pub model: String,
+    /// The backend the steps were lowered for (`cpu`, ...).
+    pub backend: String,
+    pub weights: Vec<WeightSpec>,
+    pub constants: Vec<ConstData>,
+    pub entries: Vec<Entry>,
+}
+
+impl Program {
+    /// The entry with a given name.
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+}

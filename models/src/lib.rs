@@ -1,0 +1,54 @@
+//! kiln's model builders: a config struct and a builder that reads like the paper per model
+//! family, shared layers, strict config parsing and checkpoint indexing.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod siglip;
+
+pub use checkpoint::Checkpoint;
+pub use error::{ModelError, Result};
+
+use kiln_graph::{DType, Graph};
+use std::path::Path;
+
+/// What a compile fixes besides the checkpoint: every dimension of the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    pub batch: usize,
+    /// Image height and width; `None` uses the checkpoint's resolution.
+    pub image_hw: Option<(usize, usize)>,
+    /// The compute dtype.
+    pub dtype: DType,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile { batch: 1, image_hw: None, dtype: DType::F32 }
+    }
+}
+
+/// A model built from a folder: its graph, a description, and the checkpoint it reads.
+pub struct Built {
+    pub graph: Graph,
+    pub description: String,
+    pub checkpoint: Checkpoint,
+}
+
+/// Builds the graph of the model in `dir` (a Hugging Face folder) for `profile`.
+pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
+    }
+    let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let graph = siglip::build(&cfg, container, &checkpoint, profile)?;
+    let (h, w) = profile.image_hw.unwrap_or((cfg.image_size, cfg.image_size));
+    let description = format!(
+        "SigLIP vision ({container:?}) width {} depth {} heads {} mlp {} patch {} at {h}x{w}, batch {}, {}",
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.patch_size, profile.batch, profile.dtype
+    );
+    Ok(Built { graph, description, checkpoint })
+}
