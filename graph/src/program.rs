@@ -85,6 +85,9 @@ pub struct Program {
     pub model: String,
     /// The backend the steps were lowered for (`cpu`, ...).
     pub backend: String,
+    /// The checkpoint folder it was compiled from: where `kiln run` finds weights by default.
+    #[serde(default)]
+    pub source: String,
     pub weights: Vec<WeightSpec>,
     pub constants: Vec<ConstData>,
     pub entries: Vec<Entry>,

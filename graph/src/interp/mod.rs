@@ -83,3 +83,10 @@ fn source(map: &HashMap<String, Value>, name: &str, ty: &TensorType) -> Result<V
     // A source of another dtype is converted (bf16 weights into an f32 graph, say).
     Ok(Value { ty: ty.clone(), data: v.data.iter().map(|&x| ty.dtype.round(x)).collect() })
 }
+
+/// Evaluates one op on values, rounding the result to the output dtype: the per-op oracle
+/// (constant folding and backends' reference fallbacks use it).
+pub fn eval_op(op: &Op, args: &[&Value], out: &TensorType) -> std::result::Result<Value, String> {
+    let data = ops::eval(op, args, out)?;
+    Ok(Value { data: data.into_iter().map(|x| out.dtype.round(x)).collect(), ty: out.clone() })
+}

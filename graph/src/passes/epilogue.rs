@@ -1,0 +1,166 @@
+//! Matmul epilogue fusion: `x @ W^T + b -> gelu -> + residual` becomes one matmul whose
+//! epilogue applies the bias, the activation and the residual to each product element.
+
+use super::{rebuild, scalar_constant, Action, ExprBuilder, Uses};
+use crate::error::Result;
+use crate::graph::{Graph, Node, NodeId};
+use crate::infer::infer;
+use crate::op::{Expr, Instr, Op};
+
+/// A matmul as it grows: the original operands and attributes plus the epilogue so far.
+#[derive(Clone)]
+struct Chain {
+    transpose_b: bool,
+    epilogue: Option<Expr>,
+    /// `a`, `b`, then the epilogue's extra inputs (`Input(i)` reads `inputs[i + 1]`).
+    inputs: Vec<NodeId>,
+}
+
+/// Folds into a matmul each elementwise consumer (unary, binary, select, fused) that is
+/// the only reader of the matmul's result and has the result's type (so the product is
+/// never broadcast up), repeatedly, so a chain of them all lands in one epilogue. The
+/// consumer's other operands become epilogue inputs (one-element constants become
+/// `Const`s). A product read by anything else stays unfused: its raw value is needed.
+pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
+    let uses = Uses::of(g);
+    let mut actions = vec![Action::Keep; g.nodes.len()];
+    // chains[i]: the matmul node i computes, once it is a matmul or has been absorbed into one.
+    let mut chains: Vec<Option<Chain>> = vec![None; g.nodes.len()];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if let Op::MatMul { transpose_b, epilogue } = &node.op {
+            chains[i] = Some(Chain { transpose_b: *transpose_b, epilogue: epilogue.clone(), inputs: node.inputs.clone() });
+            continue;
+        }
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_)) {
+            continue;
+        }
+        // Only one reader, so no other operand of `node` can depend on the product.
+        let grown = node.inputs.iter().find_map(|&p| {
+            let chain = chains[p.index()].as_ref()?;
+            if uses.sole_reader(p.index()) != Some(i) || g.ty(p) != &node.ty {
+                return None;
+            }
+            absorb(g, chain, p, node).map(|c| (p, c))
+        });
+        if let Some((p, chain)) = grown {
+            let op = Op::MatMul { transpose_b: chain.transpose_b, epilogue: chain.epilogue.clone() };
+            actions[p.index()] = Action::Drop;
+            actions[i] = Action::Replace { op, inputs: chain.inputs.clone() };
+            chains[i] = Some(chain);
+        }
+    }
+    rebuild("fuse_matmul_epilogue", g, actions)
+}
+
+/// The chain with `node` (which reads the chain's result `p`) appended to its epilogue, or
+/// `None` when the expression would not type-check or grows too long.
+fn absorb(g: &Graph, chain: &Chain, p: NodeId, node: &Node) -> Option<Chain> {
+    let mut b = ExprBuilder::default();
+    let mut inputs = chain.inputs.clone();
+    let product = match &chain.epilogue {
+        Some(e) => {
+            // Copied verbatim: the chain's inputs keep their positions.
+            let mut last = None;
+            for ins in &e.instrs {
+                last = Some(b.push(*ins)?);
+            }
+            last?
+        }
+        None => b.push(Instr::Input(0))?,
+    };
+    let mut args = Vec::with_capacity(node.inputs.len());
+    for &q in &node.inputs {
+        let a = if q == p {
+            product
+        } else if let Some(c) = scalar_constant(g, q) {
+            b.push(Instr::Const(c))?
+        } else {
+            let k = match inputs[2..].iter().position(|&x| x == q) {
+                Some(k) => k,
+                None => {
+                    inputs.push(q);
+                    inputs.len() - 3
+                }
+            };
+            b.push(Instr::Input(u16::try_from(k + 1).ok()?))?
+        };
+        args.push(a);
+    }
+    let result = match (&node.op, args.as_slice()) {
+        (Op::Unary(u), &[x]) => b.push(Instr::Unary(*u, x))?,
+        (Op::Binary(op), &[x, y]) => b.push(Instr::Binary(*op, x, y))?,
+        (Op::Select, &[c, x, y]) => b.push(Instr::Select(c, x, y))?,
+        (Op::Fused(e), _) => b.inline(e, &args)?,
+        _ => return None,
+    };
+    let epilogue = Some(b.finish(result)?);
+    let op = Op::MatMul { transpose_b: chain.transpose_b, epilogue: epilogue.clone() };
+    let tys: Vec<_> = inputs.iter().map(|&q| g.ty(q)).collect();
+    if infer(&op, &tys, None).ok().as_ref() != Some(&node.ty) {
+        return None;
+    }
+    Some(Chain { transpose_b: chain.transpose_b, epilogue, inputs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::op::UnaryOp;
+    use crate::print::print;
+
+    fn linear(g: &mut Graph) -> (NodeId, NodeId, NodeId) {
+        let x = g.input("x", DType::F32, &[2, 4]).unwrap();
+        let w = g.weight("w", DType::F32, &[4, 4]).unwrap();
+        let b = g.weight("b", DType::F32, &[4]).unwrap();
+        let m = g.matmul(x, w, true).unwrap();
+        (x, b, m)
+    }
+
+    #[test]
+    fn bias_gelu_residual_fold_into_one_matmul() {
+        let mut g = Graph::new();
+        let (x, b, m) = linear(&mut g);
+        let h = g.add(m, b).unwrap();
+        let a = g.unary(UnaryOp::GeluTanh, h).unwrap();
+        let y = g.add(x, a).unwrap();
+        g.output("y", y);
+        let out = fuse_matmul_epilogue(&g).unwrap();
+        assert_eq!(
+            print(&out),
+            "%0 = input[\"x\"]() : f32[2,4]\n%1 = weight[\"w\"]() : f32[4,4]\n%2 = weight[\"b\"]() : f32[4]\n\
+             %3 = matmul[b^T, epilogue=add($2, gelutanh(add($0, $1)))](%0, %1, %2, %0) : f32[2,4]\noutput \"y\" = %3\n"
+        );
+    }
+
+    #[test]
+    fn a_matmul_read_twice_is_not_fused() {
+        let mut g = Graph::new();
+        let (_, b, m) = linear(&mut g);
+        let h = g.add(m, b).unwrap();
+        let e = g.unary(UnaryOp::Exp, m).unwrap();
+        g.output("h", h);
+        g.output("e", e);
+        assert_eq!(fuse_matmul_epilogue(&g).unwrap(), g);
+    }
+
+    #[test]
+    fn a_matmul_that_is_an_output_is_not_fused() {
+        let mut g = Graph::new();
+        let (_, b, m) = linear(&mut g);
+        let h = g.add(m, b).unwrap();
+        g.output("m", m);
+        g.output("h", h);
+        assert_eq!(fuse_matmul_epilogue(&g).unwrap(), g);
+    }
+
+    #[test]
+    fn the_product_is_not_broadcast_up() {
+        let mut g = Graph::new();
+        let (_, _, m) = linear(&mut g);
+        let big = g.input("big", DType::F32, &[3, 2, 4]).unwrap();
+        let y = g.add(m, big).unwrap();
+        g.output("y", y);
+        assert_eq!(fuse_matmul_epilogue(&g).unwrap(), g);
+    }
+}

@@ -1,0 +1,360 @@
+//! Graph-to-graph rewrites and the pipeline that runs them.
+//!
+//! Every pass is a named function `fn(&Graph) -> Result<Graph>`. Nodes are stored in
+//! topological order, so a pass walks the old graph once, decides an [`Action`] for each
+//! node, and [`rebuild`] makes the new graph, remapping ids in one place. The pipeline
+//! verifies after every pass and can record the IR between passes.
+
+mod cse;
+mod dce;
+mod epilogue;
+mod fold;
+mod fuse;
+
+pub use cse::cse;
+pub use dce::dead_code;
+pub use epilogue::fuse_matmul_epilogue;
+pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
+pub use fuse::fuse_elementwise;
+
+use crate::error::{GraphError, Result};
+use crate::graph::{Graph, NodeId};
+use crate::op::{Expr, Instr, Op};
+use crate::print::{expr_to_string, print};
+use crate::verify::verify;
+
+/// A named graph-to-graph rewrite.
+#[derive(Clone, Copy, Debug)]
+pub struct Pass {
+    pub name: &'static str,
+    pub run: fn(&Graph) -> Result<Graph>,
+}
+
+impl Pass {
+    /// Removes nodes no output depends on (inputs always stay).
+    pub const DEAD_CODE: Pass = Pass { name: "dead_code", run: dead_code };
+    /// Evaluates small all-constant subgraphs and drops `x*1`, `x+0`.
+    pub const CONSTANT_FOLD: Pass = Pass { name: "constant_fold", run: constant_fold };
+    /// Merges nodes with the same op, inputs and type.
+    pub const CSE: Pass = Pass { name: "cse", run: cse };
+    /// Folds single-use elementwise consumers of a matmul into its epilogue.
+    pub const FUSE_MATMUL_EPILOGUE: Pass = Pass { name: "fuse_matmul_epilogue", run: fuse_matmul_epilogue };
+    /// Turns maximal elementwise regions into fused nodes.
+    pub const FUSE_ELEMENTWISE: Pass = Pass { name: "fuse_elementwise", run: fuse_elementwise };
+
+    /// Every pass, for lookup by name.
+    pub const ALL: [Pass; 5] =
+        [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE];
+
+    /// The pass with this name.
+    pub fn by_name(name: &str) -> Option<Pass> {
+        Pass::ALL.into_iter().find(|p| p.name == name)
+    }
+}
+
+/// An ordered list of passes: the compiler's optimisation pipeline as a value.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub passes: Vec<Pass>,
+}
+
+impl Pipeline {
+    /// A pipeline running `passes` in order.
+    pub fn new(passes: Vec<Pass>) -> Self {
+        Pipeline { passes }
+    }
+
+    /// The default pipeline. Epilogue fusion runs before elementwise fusion so that a
+    /// matmul's bias, activation and residual go into its epilogue rather than into a
+    /// separate fused region that would need the raw product in memory. It runs once more
+    /// after: a product read by several nodes of one region (`select(x > 0, x, 0)`) is
+    /// read once by the fused node, which can then join the epilogue.
+    pub fn standard() -> Self {
+        Pipeline::new(vec![
+            Pass::DEAD_CODE,
+            Pass::CONSTANT_FOLD,
+            Pass::CSE,
+            Pass::DEAD_CODE,
+            Pass::FUSE_MATMUL_EPILOGUE,
+            Pass::FUSE_ELEMENTWISE,
+            Pass::FUSE_MATMUL_EPILOGUE,
+            Pass::DEAD_CODE,
+        ])
+    }
+
+    /// A pipeline from comma-separated pass names (`standard` expands to the default).
+    pub fn parse(names: &str) -> Result<Self> {
+        let mut passes = Vec::new();
+        for name in names.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if name == "standard" {
+                passes.extend(Pipeline::standard().passes);
+                continue;
+            }
+            let known: Vec<&str> = Pass::ALL.iter().map(|p| p.name).collect();
+            let pass = Pass::by_name(name)
+                .ok_or_else(|| GraphError::Invalid(format!("unknown pass '{name}'; known: standard, {}", known.join(", "))))?;
+            passes.push(pass);
+        }
+        Ok(Pipeline::new(passes))
+    }
+
+    /// Runs the passes in order, verifying the graph before the first and after each one.
+    /// With `trace`, appends `(pass name, printed IR)` after each pass.
+    pub fn run(&self, g: &Graph, mut trace: Option<&mut Vec<(String, String)>>) -> Result<Graph> {
+        verify(g).map_err(|e| GraphError::Pass { pass: "input", msg: format!("the graph given to the pipeline is invalid: {e}") })?;
+        let mut cur = g.clone();
+        for pass in &self.passes {
+            cur = (pass.run)(&cur)?;
+            verify(&cur).map_err(|e| GraphError::Pass { pass: pass.name, msg: format!("result fails verification: {e}") })?;
+            if let Some(t) = trace.as_mut() {
+                t.push((pass.name.to_string(), print(&cur)));
+            }
+        }
+        Ok(cur)
+    }
+}
+
+/// The fused regions and matmul epilogues of a graph with their expressions, in node order.
+pub fn fusion_groups(g: &Graph) -> Vec<(NodeId, String)> {
+    let mut groups = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let expr = match &n.op {
+            Op::Fused(e) | Op::MatMul { epilogue: Some(e), .. } => e,
+            _ => continue,
+        };
+        groups.push((NodeId(i as u32), expr_to_string(expr)));
+    }
+    groups
+}
+
+// ---- shared machinery ----
+
+/// What a pass does with one node of the old graph.
+#[derive(Clone, Debug)]
+pub(crate) enum Action {
+    /// Copy the node, remapping its inputs.
+    Keep,
+    /// Leave the node out; nothing kept may read it.
+    Drop,
+    /// Put another op (over old-graph inputs) in its place; the type must not change.
+    Replace { op: Op, inputs: Vec<NodeId> },
+    /// Readers of the node read this earlier node (of the same type) instead.
+    Alias(NodeId),
+}
+
+/// Builds the new graph from one action per old node, remapping ids and outputs.
+/// Every new node's type is re-inferred and must equal the old node's.
+pub(crate) fn rebuild(pass: &'static str, g: &Graph, actions: Vec<Action>) -> Result<Graph> {
+    let err = |msg: String| GraphError::Pass { pass, msg };
+    if actions.len() != g.nodes.len() {
+        return Err(err(format!("{} actions for {} nodes", actions.len(), g.nodes.len())));
+    }
+    let mut out = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; g.nodes.len()];
+    let lookup = |map: &[Option<NodeId>], old: NodeId, reader: &str| {
+        map.get(old.index())
+            .copied()
+            .flatten()
+            .ok_or_else(|| GraphError::Pass { pass, msg: format!("{reader} reads {old}, which the pass removed") })
+    };
+    for (i, (node, action)) in g.nodes.iter().zip(actions).enumerate() {
+        let (op, inputs) = match action {
+            Action::Keep => (node.op.clone(), node.inputs.clone()),
+            Action::Drop => continue,
+            Action::Alias(target) => {
+                if target.index() >= i || g.ty(target) != &node.ty {
+                    return Err(err(format!("%{i} ({}) cannot be replaced by {target} ({})", node.ty, g.ty(target))));
+                }
+                map[i] = Some(lookup(&map, target, &format!("%{i}"))?);
+                continue;
+            }
+            Action::Replace { op, inputs } => (op, inputs),
+        };
+        let ins = inputs.iter().map(|&p| lookup(&map, p, &format!("%{i}"))).collect::<Result<Vec<_>>>()?;
+        let pushed = if op.is_source() || matches!(op, Op::Iota { .. }) {
+            if !ins.is_empty() {
+                return Err(err(format!("%{i} becomes a {} with inputs", op.name())));
+            }
+            out.push_source(op, node.ty.clone())
+        } else {
+            out.push(op, &ins)
+        };
+        let id = pushed.map_err(|e| err(format!("rebuilding %{i}: {e}")))?;
+        if out.ty(id) != &node.ty {
+            return Err(err(format!("%{i} changes type from {} to {}", node.ty, out.ty(id))));
+        }
+        map[i] = Some(id);
+    }
+    for (name, id) in &g.outputs {
+        let new = lookup(&map, *id, &format!("output '{name}'"))?;
+        out.output(name.clone(), new);
+    }
+    Ok(out)
+}
+
+/// Who reads each node: reader node indices (once per input slot) and whether it is an output.
+pub(crate) struct Uses {
+    pub readers: Vec<Vec<usize>>,
+    pub is_output: Vec<bool>,
+}
+
+impl Uses {
+    /// The readers of every node of `g`.
+    pub fn of(g: &Graph) -> Self {
+        let mut readers = vec![Vec::new(); g.nodes.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for p in &n.inputs {
+                readers[p.index()].push(i);
+            }
+        }
+        let mut is_output = vec![false; g.nodes.len()];
+        for (_, o) in &g.outputs {
+            is_output[o.index()] = true;
+        }
+        Uses { readers, is_output }
+    }
+
+    /// The one node that reads `i` (possibly in several slots), when `i` is not an output.
+    pub fn sole_reader(&self, i: usize) -> Option<usize> {
+        if self.is_output[i] {
+            return None;
+        }
+        let first = *self.readers[i].first()?;
+        self.readers[i].iter().all(|&r| r == first).then_some(first)
+    }
+}
+
+/// The value of a one-element constant (shape `[]` or all ones), which an expression can
+/// hold as an [`Instr::Const`].
+pub(crate) fn scalar_constant(g: &Graph, id: NodeId) -> Option<f32> {
+    match (&g.node(id).op, g.ty(id).numel()) {
+        (Op::Constant { values }, 1) => values.first().map(|&v| v as f32),
+        _ => None,
+    }
+}
+
+/// Appends instructions to a fused expression; every method returns `None` once the
+/// expression outgrows `u16` indices (the caller then leaves the nodes unfused).
+#[derive(Default)]
+pub(crate) struct ExprBuilder {
+    pub instrs: Vec<Instr>,
+}
+
+impl ExprBuilder {
+    /// Appends one instruction; its index.
+    pub fn push(&mut self, ins: Instr) -> Option<u16> {
+        let i = u16::try_from(self.instrs.len()).ok()?;
+        self.instrs.push(ins);
+        Some(i)
+    }
+
+    /// Appends `e` with its `Input(k)` reading instruction `args[k]`; the index of its result.
+    pub fn inline(&mut self, e: &Expr, args: &[u16]) -> Option<u16> {
+        let mut at: Vec<u16> = Vec::with_capacity(e.instrs.len());
+        for ins in &e.instrs {
+            let get = |k: u16| at.get(k as usize).copied();
+            let r = match *ins {
+                Instr::Input(k) => *args.get(k as usize)?,
+                Instr::Const(c) => self.push(Instr::Const(c))?,
+                Instr::Unary(op, a) => self.push(Instr::Unary(op, get(a)?))?,
+                Instr::Binary(op, a, b) => self.push(Instr::Binary(op, get(a)?, get(b)?))?,
+                Instr::Select(c, a, b) => self.push(Instr::Select(get(c)?, get(a)?, get(b)?))?,
+            };
+            at.push(r);
+        }
+        at.last().copied()
+    }
+
+    /// The expression computing instruction `result`: instructions it does not depend on
+    /// are dropped, so the result is the last one.
+    pub fn finish(self, result: u16) -> Option<Expr> {
+        let r = result as usize;
+        let instrs = self.instrs.get(..=r)?;
+        let mut live = vec![false; r + 1];
+        live[r] = true;
+        for i in (0..=r).rev() {
+            if live[i] {
+                for d in deps(&instrs[i]) {
+                    live[d as usize] = true;
+                }
+            }
+        }
+        let mut new_index = vec![0u16; r + 1];
+        let mut out = Vec::new();
+        for (i, ins) in instrs.iter().enumerate().filter(|(i, _)| live[*i]) {
+            let m = |a: u16| new_index[a as usize];
+            let renamed = match *ins {
+                Instr::Input(k) => Instr::Input(k),
+                Instr::Const(c) => Instr::Const(c),
+                Instr::Unary(op, a) => Instr::Unary(op, m(a)),
+                Instr::Binary(op, a, b) => Instr::Binary(op, m(a), m(b)),
+                Instr::Select(c, a, b) => Instr::Select(m(c), m(a), m(b)),
+            };
+            new_index[i] = u16::try_from(out.len()).ok()?;
+            out.push(renamed);
+        }
+        Some(Expr { instrs: out })
+    }
+}
+
+/// The instructions an instruction reads.
+fn deps(ins: &Instr) -> Vec<u16> {
+    match *ins {
+        Instr::Input(_) | Instr::Const(_) => vec![],
+        Instr::Unary(_, a) => vec![a],
+        Instr::Binary(_, a, b) => vec![a, b],
+        Instr::Select(c, a, b) => vec![c, a, b],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::op::{BinaryOp, UnaryOp};
+
+    #[test]
+    fn pipeline_traces_every_pass_and_verifies() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 3]).unwrap();
+        let y = g.unary(UnaryOp::Exp, x).unwrap();
+        let z = g.unary(UnaryOp::Tanh, y).unwrap();
+        g.output("z", z);
+        let mut trace = Vec::new();
+        let p = Pipeline::standard();
+        let out = p.run(&g, Some(&mut trace)).unwrap();
+        assert_eq!(trace.len(), p.passes.len());
+        assert_eq!(trace.last().unwrap().1, print(&out));
+        assert_eq!(fusion_groups(&out), vec![(NodeId(1), "tanh(exp($0))".to_string())]);
+    }
+
+    #[test]
+    fn pipeline_parses_names() {
+        let p = Pipeline::parse("cse, dead_code").unwrap();
+        assert_eq!(p.passes.iter().map(|p| p.name).collect::<Vec<_>>(), ["cse", "dead_code"]);
+        assert_eq!(Pipeline::parse("standard").unwrap().passes.len(), Pipeline::standard().passes.len());
+        assert!(Pipeline::parse("nope").is_err());
+    }
+
+    #[test]
+    fn rebuild_refuses_to_read_a_dropped_node() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2]).unwrap();
+        let y = g.unary(UnaryOp::Neg, x).unwrap();
+        let z = g.binary(BinaryOp::Add, y, x).unwrap();
+        g.output("z", z);
+        let err = rebuild("test", &g, vec![Action::Keep, Action::Drop, Action::Keep]).unwrap_err();
+        assert!(err.to_string().contains("%2 reads %1"), "{err}");
+    }
+
+    #[test]
+    fn expr_finish_drops_dead_instructions() {
+        let mut b = ExprBuilder::default();
+        let a = b.push(Instr::Input(0)).unwrap();
+        b.push(Instr::Const(2.0)).unwrap();
+        let n = b.push(Instr::Unary(UnaryOp::Neg, a)).unwrap();
+        b.push(Instr::Input(1)).unwrap();
+        let e = b.finish(n).unwrap();
+        assert_eq!(e.instrs, vec![Instr::Input(0), Instr::Unary(UnaryOp::Neg, 0)]);
+    }
+}

@@ -1,0 +1,171 @@
+//! The scheduler: an order of the steps that keeps every dependency and a low peak of live
+//! memory.
+//!
+//! List scheduling: among the ready nodes, run the one that grows live memory least (bytes
+//! it allocates minus bytes it frees, sizes rounded up to [`ALIGN`]), ties to the lower node
+//! index. A reshape is a view and costs nothing, so it runs as soon as it is ready. Costs
+//! only fall as other readers of a buffer finish, so a heap with stale entries skipped on
+//! pop keeps it O(n log n).
+
+use crate::graph::{Graph, NodeId};
+use crate::op::Op;
+use crate::plan::{aligned, in_arena, view_root};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Which nodes some output depends on.
+pub fn needed(g: &Graph) -> Vec<bool> {
+    let mut need = vec![false; g.nodes.len()];
+    let mut stack: Vec<usize> = g.outputs.iter().map(|(_, id)| id.index()).collect();
+    while let Some(i) = stack.pop() {
+        if i >= need.len() || need[i] {
+            continue;
+        }
+        need[i] = true;
+        stack.extend(g.nodes[i].inputs.iter().map(|x| x.index()));
+    }
+    need
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Ready,
+    Done,
+}
+
+struct Scheduler<'g> {
+    g: &'g Graph,
+    /// The buffer each node reads (its view root).
+    root: Vec<usize>,
+    /// Per step: the distinct arena buffers it reads.
+    reads: Vec<Vec<usize>>,
+    /// Per buffer: the steps that read it.
+    readers: Vec<Vec<usize>>,
+    /// Per buffer: readers not yet run.
+    remaining: Vec<usize>,
+    /// Buffers that are (views of) graph outputs: never freed.
+    kept: Vec<bool>,
+    /// Per node: scheduled nodes that read it (once per input edge).
+    consumers: Vec<Vec<usize>>,
+    /// Per node: input edges from nodes not yet run.
+    pending: Vec<usize>,
+    state: Vec<State>,
+    cost: Vec<i128>,
+    heap: BinaryHeap<Reverse<(i128, usize)>>,
+    views: Vec<usize>,
+    order: Vec<NodeId>,
+}
+
+impl Scheduler<'_> {
+    fn size(&self, i: usize) -> i128 {
+        aligned(self.g.nodes[i].ty.bytes()) as i128
+    }
+
+    fn is_view(&self, i: usize) -> bool {
+        matches!(self.g.nodes[i].op, Op::Reshape { .. })
+    }
+
+    /// Bytes `i` allocates minus the bytes it frees if it runs now.
+    fn cost_of(&self, i: usize) -> i128 {
+        let freed: i128 = self.reads[i].iter().filter(|&&b| !self.kept[b] && self.remaining[b] == 1).map(|&b| self.size(b)).sum();
+        self.size(i) - freed
+    }
+
+    fn make_ready(&mut self, i: usize) {
+        if self.is_view(i) {
+            self.views.push(i);
+        } else {
+            self.state[i] = State::Ready;
+            self.cost[i] = self.cost_of(i);
+            self.heap.push(Reverse((self.cost[i], i)));
+        }
+    }
+
+    fn emit(&mut self, i: usize) {
+        self.state[i] = State::Done;
+        self.order.push(NodeId(i as u32));
+        for k in 0..self.reads[i].len() {
+            let b = self.reads[i][k];
+            self.remaining[b] -= 1;
+            if self.remaining[b] == 1 && !self.kept[b] {
+                // The last reader now frees `b`: its cost drops.
+                let last = self.readers[b].iter().copied().find(|&r| self.state[r] != State::Done);
+                if let Some(r) = last.filter(|&r| self.state[r] == State::Ready) {
+                    self.cost[r] = self.cost_of(r);
+                    self.heap.push(Reverse((self.cost[r], r)));
+                }
+            }
+        }
+        for k in 0..self.consumers[i].len() {
+            let c = self.consumers[i][k];
+            self.pending[c] -= 1;
+            if self.pending[c] == 0 {
+                self.make_ready(c);
+            }
+        }
+    }
+}
+
+/// An order of every non-source node some output depends on: each after its inputs, chosen
+/// to keep the peak of live memory low.
+pub fn schedule(g: &Graph) -> Vec<NodeId> {
+    let n = g.nodes.len();
+    let need = needed(g);
+    let is_step = |i: usize| need[i] && !g.nodes[i].op.is_source();
+    let root: Vec<usize> = (0..n).map(|i| view_root(g, NodeId(i as u32)).index()).collect();
+    let mut s = Scheduler {
+        g,
+        reads: vec![Vec::new(); n],
+        readers: vec![Vec::new(); n],
+        remaining: Vec::new(),
+        kept: vec![false; n],
+        consumers: vec![Vec::new(); n],
+        pending: vec![0; n],
+        state: vec![State::Waiting; n],
+        cost: vec![0; n],
+        heap: BinaryHeap::new(),
+        views: Vec::new(),
+        order: Vec::with_capacity(n),
+        root,
+    };
+    for i in (0..n).filter(|&i| is_step(i)) {
+        for x in &g.nodes[i].inputs {
+            let x = x.index();
+            if x >= n {
+                continue;
+            }
+            if !g.nodes[x].op.is_source() {
+                s.pending[i] += 1;
+                s.consumers[x].push(i);
+            }
+            let b = s.root[x];
+            if !s.is_view(i) && in_arena(&g.nodes[b].op) && !s.reads[i].contains(&b) {
+                s.reads[i].push(b);
+                s.readers[b].push(i);
+            }
+        }
+    }
+    s.remaining = s.readers.iter().map(Vec::len).collect();
+    for (_, id) in &g.outputs {
+        if let Some(&b) = s.root.get(id.index()) {
+            s.kept[b] = true;
+        }
+    }
+    for i in 0..n {
+        if is_step(i) && s.pending[i] == 0 {
+            s.make_ready(i);
+        }
+    }
+    loop {
+        if let Some(v) = s.views.pop() {
+            s.emit(v);
+            continue;
+        }
+        let Some(Reverse((cost, i))) = s.heap.pop() else { break };
+        if s.state[i] == State::Ready && s.cost[i] == cost {
+            s.emit(i);
+        }
+    }
+    s.order
+}

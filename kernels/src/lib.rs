@@ -1,0 +1,7 @@
+//! kiln's kernels: plain functions over slices that the runtime calls.
+//!
+//! `cpu` holds the multi-threaded f32 kernels (rayon global pool, `gemm` crate for matrix
+//! products). Kernels assume the caller validated shapes; they `debug_assert` them and use
+//! real asserts only where an unchecked pointer computation depends on them.
+
+pub mod cpu;

@@ -1,0 +1,39 @@
+//! The backend interface: what a backend must say at compile time (which kernel runs each
+//! op, or why it cannot) and do at load time (turn a program and weights into something that
+//! runs).
+
+use crate::error::Result;
+use crate::weights::WeightStore;
+use kiln_graph::program::Program;
+use kiln_graph::{Op, TensorType};
+use std::sync::Arc;
+
+/// A compiled-for target.
+pub trait Backend: Send + Sync {
+    /// The name used on the command line and in artifacts.
+    fn name(&self) -> &'static str;
+    /// The kernel a step of `op` uses, or why this backend cannot run it.
+    fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String>;
+    /// Prepares a program to run: weights placed, memory reserved.
+    fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>>;
+}
+
+/// A loaded program. `run` takes inputs and outputs in the entry's declared order, already
+/// checked by the session against the declared types.
+pub trait Executable: Send {
+    /// Runs entry `entry` writing each output into its buffer; allocates nothing.
+    fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()>;
+    /// Like `run`, recording each step's wall time in seconds into `times` (one per step).
+    fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()>;
+}
+
+/// The backend called `name`.
+pub fn by_name(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        "cpu" => Ok(Box::new(crate::cpu::CpuBackend)),
+        other => Err(crate::error::RuntimeError::Unsupported {
+            backend: other.into(),
+            msg: "unknown backend (available in this build: cpu)".into(),
+        }),
+    }
+}

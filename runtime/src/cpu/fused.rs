@@ -1,0 +1,204 @@
+//! Fused elementwise regions and matmul epilogues on the CPU: one pass over memory, the
+//! expression evaluated on blocks of a row held in stack buffers, so the loops vectorise and
+//! no intermediate tensor is written.
+
+use kiln_graph::dtype::broadcast_strides;
+use kiln_graph::{BinaryOp, Expr, Instr, UnaryOp};
+use kiln_kernels::cpu::elementwise as ew;
+use rayon::prelude::*;
+
+/// Elements of a row evaluated at once.
+const BLOCK: usize = 64;
+/// Largest expression a region may hold (the fusion pass stays well under it).
+pub const MAX_INSTRS: usize = 96;
+/// Most inputs a region may read.
+pub const MAX_INPUTS: usize = 16;
+
+/// How one region input is read: per row, a base offset; within a row, stride 0 or 1.
+#[derive(Clone, Debug)]
+pub struct InputLayout {
+    /// Broadcast strides over the output's outer (all but last) axes.
+    outer: Vec<usize>,
+    /// 1 when the input varies along the last axis, 0 when broadcast along it.
+    inner: usize,
+}
+
+/// A region prepared for one output shape.
+#[derive(Clone, Debug)]
+pub struct Region {
+    pub expr: Expr,
+    pub inputs: Vec<InputLayout>,
+    outer_shape: Vec<usize>,
+    pub row_len: usize,
+}
+
+impl Region {
+    /// Prepares `expr` over inputs of `in_shapes` broadcast to `out_shape`.
+    pub fn new(expr: Expr, in_shapes: &[&[usize]], out_shape: &[usize]) -> Result<Self, String> {
+        if expr.instrs.len() > MAX_INSTRS || in_shapes.len() > MAX_INPUTS {
+            return Err(format!("fused region of {} instructions and {} inputs exceeds {MAX_INSTRS}/{MAX_INPUTS}", expr.instrs.len(), in_shapes.len()));
+        }
+        let (outer_shape, row_len) = match out_shape.split_last() {
+            Some((&last, outer)) => (outer.to_vec(), last),
+            None => (vec![], 1),
+        };
+        let inputs = in_shapes
+            .iter()
+            .map(|s| {
+                let st = broadcast_strides(s, out_shape);
+                let (inner, outer) = match st.split_last() {
+                    Some((&i, o)) => (i, o.to_vec()),
+                    None => (0, vec![]),
+                };
+                InputLayout { outer, inner }
+            })
+            .collect();
+        Ok(Region { expr, inputs, outer_shape, row_len })
+    }
+
+    fn row_base(&self, input: usize, mut row: usize) -> usize {
+        let l = &self.inputs[input];
+        let mut off = 0;
+        for d in (0..self.outer_shape.len()).rev() {
+            let n = self.outer_shape[d];
+            off += (row % n) * l.outer[d];
+            row /= n;
+        }
+        off
+    }
+
+    /// Evaluates rows `first_row..` into `out` (whole rows). With `in_place`, input 0 is
+    /// `out` itself (a matmul epilogue reading the product).
+    pub fn eval_rows(&self, ins: &[&[f32]], out: &mut [f32], first_row: usize, in_place: bool) {
+        let n = self.row_len.max(1);
+        let mut regs = [[0f32; BLOCK]; MAX_INSTRS];
+        for (r, row) in out.chunks_mut(n).enumerate() {
+            let gr = first_row + r;
+            let mut c0 = 0;
+            while c0 < row.len() {
+                let len = BLOCK.min(row.len() - c0);
+                for (i, ins_) in self.expr.instrs.iter().enumerate() {
+                    let (done, rest) = regs.split_at_mut(i);
+                    let dst = &mut rest[0][..len];
+                    match *ins_ {
+                        Instr::Input(k) => {
+                            let k = k as usize;
+                            if in_place && k == 0 {
+                                dst.copy_from_slice(&row[c0..c0 + len]);
+                            } else {
+                                let src = ins[k - usize::from(in_place)];
+                                let base = self.row_base(k, gr);
+                                if self.inputs[k].inner == 1 {
+                                    dst.copy_from_slice(&src[base + c0..base + c0 + len]);
+                                } else {
+                                    dst.fill(src[base]);
+                                }
+                            }
+                        }
+                        Instr::Const(c) => dst.fill(c),
+                        Instr::Unary(op, a) => unary(op, &done[a as usize][..len], dst),
+                        Instr::Binary(op, a, b) => binary(op, &done[a as usize][..len], &done[b as usize][..len], dst),
+                        Instr::Select(c, a, b) => {
+                            let (c, a, b) = (&done[c as usize], &done[a as usize], &done[b as usize]);
+                            for j in 0..len {
+                                dst[j] = if c[j] != 0.0 { a[j] } else { b[j] };
+                            }
+                        }
+                    }
+                }
+                let last = self.expr.instrs.len() - 1;
+                row[c0..c0 + len].copy_from_slice(&regs[last][..len]);
+                c0 += len;
+            }
+        }
+    }
+
+    /// Evaluates the whole output in parallel over row chunks.
+    pub fn eval(&self, ins: &[&[f32]], out: &mut [f32]) {
+        let n = self.row_len.max(1);
+        let rows = out.len() / n;
+        let per = (8192 / n).max(1).max(rows.div_ceil(4 * rayon::current_num_threads()));
+        out.par_chunks_mut(per * n).enumerate().for_each(|(i, chunk)| self.eval_rows(ins, chunk, i * per, false));
+    }
+}
+
+fn unary(op: UnaryOp, a: &[f32], d: &mut [f32]) {
+    macro_rules! map {
+        ($f:expr) => {
+            for (d, &x) in d.iter_mut().zip(a) {
+                *d = $f(x);
+            }
+        };
+    }
+    match op {
+        UnaryOp::Neg => map!(|x: f32| -x),
+        UnaryOp::Abs => map!(f32::abs),
+        UnaryOp::Exp => map!(ew::exp),
+        UnaryOp::Log => map!(f32::ln),
+        UnaryOp::Sqrt => map!(f32::sqrt),
+        UnaryOp::Rsqrt => map!(|x: f32| 1.0 / x.sqrt()),
+        UnaryOp::Recip => map!(|x: f32| 1.0 / x),
+        UnaryOp::Square => map!(|x: f32| x * x),
+        UnaryOp::Tanh => map!(ew::tanh),
+        UnaryOp::Sigmoid => map!(ew::sigmoid),
+        UnaryOp::Erf => map!(ew::erf),
+        UnaryOp::Sin => map!(f32::sin),
+        UnaryOp::Cos => map!(f32::cos),
+        UnaryOp::Floor => map!(f32::floor),
+        UnaryOp::Relu => map!(ew::relu),
+        UnaryOp::GeluTanh => map!(ew::gelu_tanh),
+        UnaryOp::GeluErf => map!(ew::gelu_erf),
+        UnaryOp::Silu => map!(ew::silu),
+        UnaryOp::Softplus => map!(|x: f32| if x > 20.0 { x } else { x.exp().ln_1p() }),
+        UnaryOp::Not => map!(|x: f32| if x == 0.0 { 1.0 } else { 0.0 }),
+    }
+}
+
+fn flag(b: bool) -> f32 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+fn binary(op: BinaryOp, a: &[f32], b: &[f32], d: &mut [f32]) {
+    macro_rules! zip {
+        ($f:expr) => {
+            for ((d, &x), &y) in d.iter_mut().zip(a).zip(b) {
+                *d = $f(x, y);
+            }
+        };
+    }
+    match op {
+        BinaryOp::Add => zip!(|x, y| x + y),
+        BinaryOp::Sub => zip!(|x, y| x - y),
+        BinaryOp::Mul => zip!(|x, y| x * y),
+        BinaryOp::Div => zip!(|x, y| x / y),
+        BinaryOp::Max => zip!(f32::max),
+        BinaryOp::Min => zip!(f32::min),
+        BinaryOp::Pow => zip!(f32::powf),
+        BinaryOp::Eq => zip!(|x, y| flag(x == y)),
+        BinaryOp::Ne => zip!(|x, y| flag(x != y)),
+        BinaryOp::Lt => zip!(|x, y| flag(x < y)),
+        BinaryOp::Le => zip!(|x, y| flag(x <= y)),
+        BinaryOp::Gt => zip!(|x, y| flag(x > y)),
+        BinaryOp::Ge => zip!(|x, y| flag(x >= y)),
+        BinaryOp::And => zip!(|x: f32, y: f32| flag(x != 0.0 && y != 0.0)),
+        BinaryOp::Or => zip!(|x: f32, y: f32| flag(x != 0.0 || y != 0.0)),
+    }
+}
+
+/// The expression a plain elementwise op stands for, so every elementwise step shares one path.
+pub fn expr_of(op: &kiln_graph::Op) -> Option<Expr> {
+    use kiln_graph::Op;
+    let instrs = match op {
+        Op::Unary(u) => vec![Instr::Input(0), Instr::Unary(*u, 0)],
+        Op::Binary(b) => vec![Instr::Input(0), Instr::Input(1), Instr::Binary(*b, 0, 1)],
+        Op::Select => vec![Instr::Input(0), Instr::Input(1), Instr::Input(2), Instr::Select(0, 1, 2)],
+        Op::Broadcast { .. } => vec![Instr::Input(0)],
+        Op::Fused(e) => return Some(e.clone()),
+        _ => return None,
+    };
+    Some(Expr { instrs })
+}

@@ -1,0 +1,110 @@
+//! The cpu backend: f32 kernels from `kiln_kernels::cpu`, one aligned arena per program,
+//! weights borrowed from the memory map when their layout allows, upcast once otherwise.
+
+mod exec;
+pub mod fused;
+
+use crate::backend::{Backend, Executable};
+use crate::error::{Result, RuntimeError};
+use crate::weights::WeightStore;
+use kiln_graph::program::{Program, Slot};
+use kiln_graph::{DType, MaskKind, Op, TensorType};
+use std::sync::Arc;
+
+/// The cpu backend.
+pub struct CpuBackend;
+
+/// Bytes with 8-byte alignment (so f32 and i64 views are always valid).
+pub(crate) struct Aligned(Vec<u64>, usize);
+
+impl Aligned {
+    pub(crate) fn zeroed(bytes: usize) -> Self {
+        Aligned(vec![0; bytes.div_ceil(8)], bytes)
+    }
+    pub(crate) fn from_bytes(b: &[u8]) -> Self {
+        let mut a = Aligned::zeroed(b.len());
+        a.bytes_mut().copy_from_slice(b);
+        a
+    }
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.0)[..self.1]
+    }
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.0)[..self.1]
+    }
+}
+
+/// A weight as the kernels read it.
+pub(crate) enum WeightBuf {
+    /// Borrowed from the memory map (same dtype, aligned).
+    Mapped { start: usize, file: usize },
+    /// Converted once at load.
+    Owned(Aligned),
+}
+
+fn float_ok(t: &TensorType) -> bool {
+    !t.dtype.is_float() || t.dtype == DType::F32
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
+        if !float_ok(out) || !inputs.iter().all(float_ok) {
+            return Err(format!("the cpu backend computes floats in f32 (bf16/f16 weights are upcast when loaded); {} on {out} needs --dtype f32", op.name()));
+        }
+        let f32_all = out.dtype == DType::F32 && inputs.iter().all(|t| t.dtype == DType::F32);
+        let name = match op {
+            Op::MatMul { epilogue: Some(_), .. } if f32_all => "cpu.gemm+epilogue",
+            Op::MatMul { .. } if f32_all => "cpu.gemm",
+            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) if f32_all => "cpu.fused",
+            Op::LayerNorm { .. } if f32_all => "cpu.layer_norm",
+            Op::RmsNorm { .. } if f32_all => "cpu.rms_norm",
+            Op::Softmax { axis } if f32_all && *axis + 1 == out.rank() => "cpu.softmax",
+            Op::Attention(a) if f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4) => "cpu.flash_attention",
+            Op::Permute { .. } => "cpu.permute",
+            Op::Slice { .. } => "cpu.slice",
+            Op::Concat { .. } => "cpu.concat",
+            Op::Resize { .. } if f32_all => "cpu.resize",
+            Op::Reshape { .. } => "view",
+            _ => "cpu.reference",
+        };
+        Ok(name.to_string())
+    }
+
+    fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        let mut wbufs = Vec::with_capacity(program.weights.len());
+        for spec in &program.weights {
+            let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
+            let r = &weights.index[&spec.name];
+            let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize) % 8 == 0 {
+                WeightBuf::Mapped { start: r.start, file: r.file }
+            } else if ty.dtype == spec.ty.dtype {
+                WeightBuf::Owned(Aligned::from_bytes(bytes))
+            } else if ty.dtype.is_float() && spec.ty.dtype.is_float() {
+                let vals = crate::tensor::to_f64(ty.dtype, bytes);
+                WeightBuf::Owned(Aligned::from_bytes(&crate::tensor::from_f64(spec.ty.dtype, &vals)))
+            } else {
+                return Err(RuntimeError::Weight { name: spec.name.clone(), msg: format!("stored as {}, the program needs {}", ty.dtype, spec.ty.dtype) });
+            };
+            wbufs.push(buf);
+        }
+        let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
+        let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+        for e in &program.entries {
+            for (i, s) in e.steps.iter().enumerate() {
+                let end = |o: &kiln_graph::program::Operand| match o.slot {
+                    Slot::Arena { offset, bytes } => offset + bytes,
+                    Slot::Weight(_) | Slot::Const(_) => 0,
+                };
+                if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes) {
+                    return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "operand outside the arena (corrupt program)".into() });
+                }
+            }
+        }
+        let prepared = program.entries.iter().map(exec::prepare).collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(exec::CpuExec { weights, wbufs, consts, arena: Aligned::zeroed(arena), program: program.clone(), prepared }))
+    }
+}

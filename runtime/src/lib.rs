@@ -1,0 +1,14 @@
+//! kiln's runtime: backends, the arena executor, memory-mapped weights and sessions.
+
+pub mod backend;
+pub mod cpu;
+pub mod error;
+pub mod session;
+pub mod tensor;
+pub mod weights;
+
+pub use backend::{by_name, Backend, Executable};
+pub use error::{Result, RuntimeError};
+pub use session::Session;
+pub use tensor::Tensor;
+pub use weights::WeightStore;

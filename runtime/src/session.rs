@@ -1,0 +1,117 @@
+//! A session: one program and its weights loaded once, run many times.
+
+use crate::backend::{by_name, Executable};
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+use kiln_graph::program::Program;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A loaded program, ready to run.
+pub struct Session {
+    program: Program,
+    exec: Box<dyn Executable>,
+}
+
+impl Session {
+    /// Loads `program` on its backend with `weights`.
+    pub fn new(program: Program, weights: Arc<WeightStore>) -> Result<Self> {
+        let backend = by_name(&program.backend)?;
+        let exec = backend.load(&program, weights)?;
+        Ok(Session { program, exec })
+    }
+
+    /// Loads an artifact file and the weights it names (a safetensors file or a folder).
+    pub fn load(artifact: &Path, weights: &Path) -> Result<Self> {
+        let program = kiln_graph::artifact::load_file(artifact)?;
+        Session::new(program, Arc::new(WeightStore::open(weights)?))
+    }
+
+    /// The program this session runs.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The index of an entry by name.
+    pub fn entry_index(&self, name: &str) -> Result<usize> {
+        self.program.entries.iter().position(|e| e.name == name).ok_or_else(|| RuntimeError::Entry {
+            name: name.into(),
+            have: self.program.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Runs an entry on named inputs and returns its named outputs (allocated here).
+    pub fn run(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        let ei = self.entry_index(entry)?;
+        let e = &self.program.entries[ei];
+        for (name, _) in inputs {
+            if !e.inputs.iter().any(|io| io.name == *name) {
+                let want: Vec<String> = e.inputs.iter().map(|io| format!("{} {}", io.name, io.operand.ty)).collect();
+                return Err(RuntimeError::Input { name: name.to_string(), msg: format!("not an input of '{entry}' (it takes: {})", want.join(", ")) });
+            }
+        }
+        let mut ordered = Vec::with_capacity(e.inputs.len());
+        for io in &e.inputs {
+            let t = inputs.iter().find(|(n, _)| *n == io.name).map(|(_, t)| *t).ok_or_else(|| RuntimeError::Input {
+                name: io.name.clone(),
+                msg: format!("missing; '{entry}' needs {}", io.operand.ty),
+            })?;
+            if t.ty != io.operand.ty {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("expected {}, found {}", io.operand.ty, t.ty) });
+            }
+            ordered.push(t.bytes.as_slice());
+        }
+        let mut outs: Vec<Tensor> = e.outputs.iter().map(|io| Tensor::zeros(io.operand.ty.clone())).collect();
+        let names: Vec<String> = e.outputs.iter().map(|io| io.name.clone()).collect();
+        {
+            let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|t| t.bytes.as_mut_slice()).collect();
+            self.exec.run(ei, &ordered, &mut bufs)?;
+        }
+        Ok(names.into_iter().zip(outs).collect())
+    }
+
+    /// Runs an entry once with each step timed: (kernel, op, seconds) per step, in order.
+    pub fn profile(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, &'static str, f64)>> {
+        let ei = self.entry_index(entry)?;
+        let e = &self.program.entries[ei];
+        let ordered: Vec<&[u8]> = e
+            .inputs
+            .iter()
+            .map(|io| {
+                inputs.iter().find(|(n, t)| *n == io.name && t.ty == io.operand.ty).map(|(_, t)| t.bytes.as_slice()).ok_or_else(|| RuntimeError::Input {
+                    name: io.name.clone(),
+                    msg: format!("missing or not {}", io.operand.ty),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|io| vec![0; io.operand.ty.bytes()]).collect();
+        let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let mut times = Vec::with_capacity(e.steps.len());
+        self.exec.run_timed(ei, &ordered, &mut bufs, &mut times)?;
+        let e = &self.program.entries[ei];
+        Ok(e.steps.iter().zip(times).map(|(s, t)| (s.kernel.clone(), s.op.name(), t)).collect())
+    }
+
+    /// Runs entry `ei` with caller-owned buffers in declared order; checks sizes, allocates nothing.
+    pub fn run_into(&mut self, ei: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
+        let e = self.program.entries.get(ei).ok_or_else(|| RuntimeError::Entry { name: format!("#{ei}"), have: format!("{} entries", self.program.entries.len()) })?;
+        if inputs.len() != e.inputs.len() || outputs.len() != e.outputs.len() {
+            return Err(RuntimeError::Input {
+                name: e.name.clone(),
+                msg: format!("{} inputs and {} outputs given, the entry has {} and {}", inputs.len(), outputs.len(), e.inputs.len(), e.outputs.len()),
+            });
+        }
+        for (io, b) in e.inputs.iter().zip(inputs) {
+            if b.len() != io.operand.ty.bytes() {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()) });
+            }
+        }
+        for (io, b) in e.outputs.iter().zip(outputs.iter()) {
+            if b.len() != io.operand.ty.bytes() {
+                return Err(RuntimeError::Output { name: io.name.clone(), msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()) });
+            }
+        }
+        self.exec.run(ei, inputs, outputs)
+    }
+}

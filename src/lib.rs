@@ -1,0 +1,93 @@
+//! kiln: an ahead-of-time compiler and static runtime for the big_vision model family.
+//!
+//! The facade ties the stages together: [`compile`] runs
+//! checkpoint -> graph -> passes -> schedule -> memory plan -> program, and
+//! [`kiln_runtime::Session`] runs the result.
+
+pub mod io;
+pub mod synth;
+
+pub use kiln_graph as graph;
+pub use kiln_models as models;
+pub use kiln_runtime as runtime;
+
+use kiln_graph::passes::Pipeline;
+use kiln_graph::plan::MemoryPlan;
+use kiln_graph::program::Program;
+use kiln_graph::{Graph, NodeId};
+use kiln_models::Profile;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Anything the CLI or the facade can fail with.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] kiln_models::ModelError),
+    #[error(transparent)]
+    Graph(#[from] kiln_graph::GraphError),
+    #[error(transparent)]
+    Runtime(#[from] kiln_runtime::RuntimeError),
+    #[error(transparent)]
+    Artifact(#[from] kiln_graph::artifact::ArtifactError),
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result alias for the facade.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to compile for.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub profile: Profile,
+    pub backend: String,
+    /// Keep the IR after every pass (for `kiln inspect`).
+    pub trace: bool,
+}
+
+/// A compiled model with everything `kiln inspect` shows.
+pub struct Compiled {
+    pub program: Program,
+    /// (pass name, IR after it); the first row is the graph as built.
+    pub trace: Vec<(String, String)>,
+    /// The graph after the passes.
+    pub graph: Graph,
+    pub order: Vec<NodeId>,
+    pub plan: MemoryPlan,
+}
+
+/// Compiles the model in `dir` to a single-entry (`forward`) program.
+pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
+    let built = kiln_models::build(dir, &opts.profile)?;
+    let backend = kiln_runtime::by_name(&opts.backend)?;
+    let mut trace = Vec::new();
+    if opts.trace {
+        trace.push(("built".to_string(), kiln_graph::print::print(&built.graph)));
+    }
+    let graph = Pipeline::standard().run(&built.graph, opts.trace.then_some(&mut trace))?;
+    // Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
+    for n in &graph.nodes {
+        if n.op.is_source() {
+            continue;
+        }
+        let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
+        backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
+    }
+    let mut program = Program {
+        model: built.description,
+        backend: backend.name().to_string(),
+        source: dir.display().to_string(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+    };
+    let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
+        backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
+    };
+    let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, "forward", &mut program, &namer)?;
+    program.entries.push(entry);
+    Ok(Compiled { program, trace, graph, order, plan })
+}

@@ -1,0 +1,59 @@
+//! `Session::run_into` allocates nothing once the session is loaded: a counting global
+//! allocator watches a second run (the first may warm thread pools and packing buffers).
+
+mod common;
+
+use kiln::{compile, CompileOptions};
+use kiln_models::Profile;
+use kiln_runtime::{Session, WeightStore};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged, only counting calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn run_into_does_not_allocate() {
+    let dir = common::siglip_case("vision_map");
+    let profile = Profile { batch: 2, ..Profile::default() };
+    let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
+    let e = c.program.entries[0].clone();
+    let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+    let n = e.inputs[0].operand.ty.numel();
+    let input: Vec<u8> = (0..n).flat_map(|i| ((i % 7) as f32 * 0.25 - 0.75).to_le_bytes()).collect();
+    let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|o| vec![0u8; o.operand.ty.bytes()]).collect();
+    let mut run = |s: &mut Session, outs: &mut Vec<Vec<u8>>| {
+        let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        s.run_into(0, &[&input], &mut bufs).expect("run");
+        ALLOCS.load(Ordering::SeqCst) - before
+    };
+    run(&mut s, &mut outs);
+    let first = outs.clone();
+    let n = run(&mut s, &mut outs);
+    assert_eq!(n, 0, "a second run allocated {n} times");
+    assert_eq!(first, outs, "two runs on the same input differ");
+    assert!(outs[0].iter().any(|&b| b != 0), "the output was never written");
+}
