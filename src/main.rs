@@ -371,7 +371,13 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
         for (k, n, t) in &kinds {
             println!("{k:<40} {n:>6} {:>10.2} {:>6.1}%", t * 1e3, 100.0 * t / total);
         }
-        println!("{:<40} {:>6} {:>10.2} {:>6.1}%", "outside steps (copies in/out, checks)", "", (total - steps_sum) * 1e3, 100.0 * (total - steps_sum) / total);
+        println!(
+            "{:<40} {:>6} {:>10.2} {:>6.1}%",
+            "outside steps (copies in/out, checks)",
+            "",
+            (total - steps_sum) * 1e3,
+            100.0 * (total - steps_sum) / total
+        );
         println!("{:<40} {:>6} {:>10.2}", "total (one run)", steps.len(), total * 1e3);
     }
     Ok(())

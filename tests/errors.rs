@@ -86,7 +86,7 @@ fn wrong_shape() {
     let s = Scratch::of("vision_map", "shape");
     rewrite(&s.0, |t| {
         let (_, x) = t.iter_mut().find(|(n, _)| n == "post_layernorm.weight").unwrap();
-        *x = Tensor::from_f32(&[47], &vec![1.0; 47]);
+        *x = Tensor::from_f32(&[47], &[1.0; 47]);
     });
     let e = compile_err(&s.0);
     assert!(e.contains("post_layernorm.weight") && e.contains("[48]") && e.contains("f32[47]"), "{e}");

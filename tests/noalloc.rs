@@ -44,7 +44,7 @@ fn run_into_does_not_allocate() {
     let n = e.inputs[0].operand.ty.numel();
     let input: Vec<u8> = (0..n).flat_map(|i| ((i % 7) as f32 * 0.25 - 0.75).to_le_bytes()).collect();
     let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|o| vec![0u8; o.operand.ty.bytes()]).collect();
-    let mut run = |s: &mut Session, outs: &mut Vec<Vec<u8>>| {
+    let run = |s: &mut Session, outs: &mut Vec<Vec<u8>>| {
         let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         let before = ALLOCS.load(Ordering::SeqCst);
         s.run_into(0, &[&input], &mut bufs).expect("run");

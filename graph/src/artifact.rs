@@ -42,20 +42,28 @@ pub const HEADER_BYTES: usize = 28;
 /// Why an artifact could not be loaded or saved; each names the file.
 #[derive(Debug, Error)]
 pub enum ArtifactError {
+    /// The file does not start with the magic bytes.
     #[error("{file}: not a kiln artifact: it looks like {looks_like} (a .kiln file starts with `KILN\\0ART`)")]
     NotKiln { file: String, looks_like: String },
+    /// Another format version wrote the file.
     #[error("{file}: made by format version {found}, this kiln reads version {expected}: recompile it with `kiln compile`")]
     Version { file: String, found: u32, expected: u32 },
+    /// The file is shorter than its header says.
     #[error("{file}: truncated: expected {expected} bytes, found {found}")]
     Truncated { file: String, expected: u64, found: u64 },
+    /// The file is longer than its header says.
     #[error("{file}: unexpected bytes after the program: expected {expected} bytes, found {found}")]
     Trailing { file: String, expected: u64, found: u64 },
+    /// The body does not match its checksum.
     #[error("{file}: checksum mismatch (stored {stored:016x}, computed {computed:016x}): the file is corrupt")]
     Checksum { file: String, stored: u64, computed: u64 },
+    /// The body does not decode as a program.
     #[error("{file}: the program does not parse: {msg}")]
     Parse { file: String, msg: String },
+    /// The program decodes but a slot lies outside its arena, weight or constant.
     #[error("{file}: the program is inconsistent: {msg}")]
     Invalid { file: String, msg: String },
+    /// Reading or writing the file failed.
     #[error("{file}: {source}")]
     Io {
         file: String,

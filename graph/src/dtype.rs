@@ -159,13 +159,5 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 pub fn broadcast_strides(from: &[usize], to: &[usize]) -> Vec<usize> {
     let base = strides(from);
     let off = to.len() - from.len();
-    (0..to.len())
-        .map(|i| {
-            if i < off || from[i - off] == 1 {
-                0
-            } else {
-                base[i - off]
-            }
-        })
-        .collect()
+    (0..to.len()).map(|i| if i < off || from[i - off] == 1 { 0 } else { base[i - off] }).collect()
 }

@@ -135,15 +135,8 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             for &a in axes {
                 axis_ok(a, t.rank())?;
             }
-            let shape = (0..t.rank())
-                .filter_map(|i| {
-                    if axes.contains(&i) {
-                        keep_dims.then_some(1)
-                    } else {
-                        Some(t.shape[i])
-                    }
-                })
-                .collect::<Vec<_>>();
+            let shape =
+                (0..t.rank()).filter_map(|i| if axes.contains(&i) { keep_dims.then_some(1) } else { Some(t.shape[i]) }).collect::<Vec<_>>();
             Ok(TensorType::new(t.dtype, shape))
         }
         Op::MatMul { transpose_b, epilogue } => {
@@ -159,11 +152,8 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
                 return Err(format!("operands need rank >= 2: {a} x {b}"));
             }
             let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
-            let (kb, n) = if *transpose_b {
-                (b.shape[b.rank() - 1], b.shape[b.rank() - 2])
-            } else {
-                (b.shape[b.rank() - 2], b.shape[b.rank() - 1])
-            };
+            let (kb, n) =
+                if *transpose_b { (b.shape[b.rank() - 1], b.shape[b.rank() - 2]) } else { (b.shape[b.rank() - 2], b.shape[b.rank() - 1]) };
             if k != kb {
                 return Err(format!("contraction sizes differ: {a} x {b} (transpose_b={transpose_b})"));
             }
@@ -223,9 +213,8 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             let mut shape = first.shape.clone();
             shape[*axis] = 0;
             for t in inputs {
-                let same = t.rank() == first.rank()
-                    && t.dtype == first.dtype
-                    && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
+                let same =
+                    t.rank() == first.rank() && t.dtype == first.dtype && (0..t.rank()).all(|i| i == *axis || t.shape[i] == first.shape[i]);
                 if !same {
                     return Err(format!("cannot concatenate {t} with {first} on axis {axis}"));
                 }
@@ -356,11 +345,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
                 return Err(format!("expression reads {} inputs, node gives {}", e.arity(), inputs.len()));
             }
             // Regions compute floats; bool masks may flow inside them but not out.
-            let dtype = inputs
-                .iter()
-                .map(|t| t.dtype)
-                .find(|d| d.is_float())
-                .ok_or("a fused region needs a float input")?;
+            let dtype = inputs.iter().map(|t| t.dtype).find(|d| d.is_float()).ok_or("a fused region needs a float input")?;
             Ok(TensorType::new(dtype, shape))
         }
     }

@@ -77,9 +77,7 @@ impl BinaryOp {
         match self {
             BinaryOp::Add | BinaryOp::Mul | BinaryOp::Max | BinaryOp::Min | BinaryOp::Eq | BinaryOp::Ne => true,
             BinaryOp::And | BinaryOp::Or => true,
-            BinaryOp::Sub | BinaryOp::Div | BinaryOp::Pow | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge => {
-                false
-            }
+            BinaryOp::Sub | BinaryOp::Div | BinaryOp::Pow | BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge => false,
         }
     }
 }

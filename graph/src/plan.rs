@@ -67,6 +67,7 @@ pub struct MemoryPlan {
     pub steps: usize,
     /// Size of the arena: the planned peak.
     pub arena_bytes: usize,
+    /// Peak, lower bound and no-reuse figures.
     pub stats: PlanStats,
 }
 

@@ -22,8 +22,14 @@ const LIMIT: f64 = 16.0;
 /// Largest tensor a generated node may be (repeated broadcasts would grow without end).
 const MAX_ELEMENTS: usize = 256;
 
+/// A bound on `|f(x)|` from a bound on `|x|`.
+type UnaryBound = fn(f64) -> f64;
+
+/// A bound on `|f(a, b)|` from bounds on `|a|` and `|b|`.
+type BinaryBound = fn(f64, f64) -> f64;
+
 /// Unary ops defined everywhere, with a bound on `|f(x)|` given `|x| <= b`.
-const UNARY: [(UnaryOp, fn(f64) -> f64); 14] = [
+const UNARY: [(UnaryOp, UnaryBound); 14] = [
     (UnaryOp::Neg, |b| b),
     (UnaryOp::Abs, |b| b),
     (UnaryOp::Exp, f64::exp),
@@ -41,7 +47,7 @@ const UNARY: [(UnaryOp, fn(f64) -> f64); 14] = [
 ];
 
 /// Binary ops with a bound on the result given the operands' bounds.
-const BINARY: [(BinaryOp, fn(f64, f64) -> f64); 5] = [
+const BINARY: [(BinaryOp, BinaryBound); 5] = [
     (BinaryOp::Add, |a, b| a + b),
     (BinaryOp::Sub, |a, b| a + b),
     (BinaryOp::Mul, |a, b| a * b),
@@ -202,11 +208,7 @@ impl Gen {
                 let Some((b, bb)) = self.partner(a, t2) else { return };
                 let cmp = [BinaryOp::Gt, BinaryOp::Lt, BinaryOp::Ge][t3 as usize % 3];
                 let c = self.g.binary(cmp, a, b).unwrap();
-                let (other, bo) = if t3 & 0x80 != 0 {
-                    (self.leaf(1, &[], 1.0), 2.0)
-                } else {
-                    (b, bb)
-                };
+                let (other, bo) = if t3 & 0x80 != 0 { (self.leaf(1, &[], 1.0), 2.0) } else { (b, bb) };
                 let y = self.g.push(Op::Select, &[c, a, other]).unwrap();
                 self.add(y, ba.max(bo));
             }
@@ -356,24 +358,4 @@ proptest! {
         let twice = Pipeline::standard().run(&once, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(kiln_graph::print::print(&twice), kiln_graph::print::print(&once));
     }
-}
-
-#[test]
-fn tmp_stats() {
-    let mut rng = Rng(7);
-    let (mut nodes, mut after, mut fused, mut epi, mut nan) = (0, 0, 0, 0, 0);
-    for case in 0..200 {
-        let shape = [vec![4], vec![3, 4], vec![2, 3, 4], vec![1, 2, 4]][case % 4].clone();
-        let steps: Vec<_> = (0..(1 + rng.next() % 31)).map(|_| { let v = rng.next(); (v as u8, (v >> 8) as u8, (v >> 16) as u8, (v >> 24) as u8) }).collect();
-        let gen = decode(&shape, &steps, rng.next(), rng.next() as u8);
-        let out = Pipeline::standard().run(&gen.g, None).unwrap();
-        nodes += kiln_graph::passes::dead_code(&gen.g).unwrap().nodes.len();
-        after += out.nodes.len();
-        fused += out.nodes.iter().filter(|n| matches!(n.op, Op::Fused(_))).count();
-        epi += out.nodes.iter().filter(|n| matches!(n.op, Op::MatMul { epilogue: Some(_), .. })).count();
-        let r = interp::run(&gen.g, &gen.inputs, &gen.weights).unwrap();
-        nan += r.values().filter(|v| v.data.iter().any(|x| !x.is_finite())).count();
-        if case < 3 { println!("{}\n=>\n{}", kiln_graph::print::print(&gen.g), kiln_graph::print::print(&out)); }
-    }
-    println!("nodes {nodes} after {after} fused {fused} epi {epi} nonfinite {nan}");
 }

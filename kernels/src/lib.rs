@@ -4,4 +4,6 @@
 //! products). Kernels assume the caller validated shapes; they `debug_assert` them and use
 //! real asserts only where an unchecked pointer computation depends on them.
 
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+
 pub mod cpu;

@@ -40,11 +40,15 @@ pub fn read_header(path: &Path) -> Result<Vec<(String, TensorType)>> {
     let io = |source| ModelError::Io { path: path.to_path_buf(), source };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| ModelError::Safetensors { path: path.into(), msg: "shorter than the 8-byte header length".into() })?;
+    f.read_exact(&mut len)
+        .map_err(|_| ModelError::Safetensors { path: path.into(), msg: "shorter than the 8-byte header length".into() })?;
     let n = u64::from_le_bytes(len);
     let file_len = f.metadata().map_err(io)?.len();
     if n > 100_000_000 || 8 + n > file_len {
-        return Err(ModelError::Safetensors { path: path.into(), msg: format!("header of {n} bytes in a file of {file_len} bytes (truncated?)") });
+        return Err(ModelError::Safetensors {
+            path: path.into(),
+            msg: format!("header of {n} bytes in a file of {file_len} bytes (truncated?)"),
+        });
     }
     let mut head = vec![0u8; n as usize];
     f.read_exact(&mut head).map_err(io)?;
@@ -86,7 +90,8 @@ impl Checkpoint {
     /// Indexes every `*.safetensors` file in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
-        let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+        let mut files: Vec<PathBuf> =
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
         files.sort();
         // Sidecar files that are not weights (kiln's own inputs/references live beside them in tests).
         files.retain(|p| {
@@ -113,7 +118,12 @@ impl Checkpoint {
             hint: format!("expected shape {shape:?}"),
         })?;
         if t.ty.shape != shape || !t.ty.dtype.is_float() {
-            return Err(ModelError::TensorType { path: t.file.clone(), name: name.into(), expected: format!("a float tensor of shape {shape:?}"), found: t.ty.to_string() });
+            return Err(ModelError::TensorType {
+                path: t.file.clone(),
+                name: name.into(),
+                expected: format!("a float tensor of shape {shape:?}"),
+                found: t.ty.to_string(),
+            });
         }
         Ok(t)
     }

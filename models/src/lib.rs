@@ -48,7 +48,13 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     let (h, w) = profile.image_hw.unwrap_or((cfg.image_size, cfg.image_size));
     let description = format!(
         "SigLIP vision ({container:?}) width {} depth {} heads {} mlp {} patch {} at {h}x{w}, batch {}, {}",
-        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.patch_size, profile.batch, profile.dtype
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.patch_size,
+        profile.batch,
+        profile.dtype
     );
     Ok(Built { graph, description, checkpoint })
 }

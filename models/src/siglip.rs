@@ -41,7 +41,8 @@ impl SiglipVisionConfig {
     /// Reads a vision config object strictly (unknown fields are errors).
     pub fn read(mut r: ConfigReader) -> Result<Self> {
         let act_name = r.str_or("hidden_act", Some("gelu_pytorch_tanh"))?;
-        let hidden_act = Activation::parse(&act_name).ok_or_else(|| r.unsupported("hidden_act", format!("activation '{act_name}' is not supported")))?;
+        let hidden_act =
+            Activation::parse(&act_name).ok_or_else(|| r.unsupported("hidden_act", format!("activation '{act_name}' is not supported")))?;
         let c = SiglipVisionConfig {
             hidden_size: r.usize_or("hidden_size", Some(768))?,
             intermediate_size: r.usize_or("intermediate_size", Some(3072))?,
@@ -56,11 +57,16 @@ impl SiglipVisionConfig {
         };
         // PaliGemma copies these into its vision config; they size the projector, not the tower.
         r.skip(&["projection_dim", "num_image_tokens", "projector_hidden_act"]);
-        if c.hidden_size == 0 || c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
-            return Err(r.unsupported("num_attention_heads", format!("hidden_size {} is not divisible into {} heads", c.hidden_size, c.num_attention_heads)));
+        if c.hidden_size == 0 || c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(r.unsupported(
+                "num_attention_heads",
+                format!("hidden_size {} is not divisible into {} heads", c.hidden_size, c.num_attention_heads),
+            ));
         }
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
-            return Err(r.unsupported("patch_size", format!("image_size {} is not a multiple of patch_size {}", c.image_size, c.patch_size)));
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
+            return Err(
+                r.unsupported("patch_size", format!("image_size {} is not a multiple of patch_size {}", c.image_size, c.patch_size))
+            );
         }
         r.finish()?;
         Ok(c)
@@ -91,12 +97,17 @@ impl SiglipVisionConfig {
 /// Finds the tensor-name prefix of the tower ("", `vision_model.`, `vision_tower.`, ...).
 fn prefix(ck: &Checkpoint) -> Result<String> {
     const SUFFIX: &str = "embeddings.patch_embedding.weight";
-    for p in ["", "vision_model.", "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.", "model.vision_tower.vision_model."] {
+    for p in ["", "vision_model.", "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.", "model.vision_tower.vision_model."]
+    {
         if ck.tensors.contains_key(&format!("{p}{SUFFIX}")) {
             return Ok(p.to_string());
         }
     }
-    Err(ModelError::MissingTensor { dir: ck.dir.clone(), name: SUFFIX.into(), hint: "no SigLIP patch embedding under any known prefix".into() })
+    Err(ModelError::MissingTensor {
+        dir: ck.dir.clone(),
+        name: SUFFIX.into(),
+        hint: "no SigLIP patch embedding under any known prefix".into(),
+    })
 }
 
 /// Builds the tower for `profile`. Inputs: `pixel_values [B, C, H, W]`. Outputs:

@@ -48,15 +48,19 @@ impl Session {
         for (name, _) in inputs {
             if !e.inputs.iter().any(|io| io.name == *name) {
                 let want: Vec<String> = e.inputs.iter().map(|io| format!("{} {}", io.name, io.operand.ty)).collect();
-                return Err(RuntimeError::Input { name: name.to_string(), msg: format!("not an input of '{entry}' (it takes: {})", want.join(", ")) });
+                return Err(RuntimeError::Input {
+                    name: name.to_string(),
+                    msg: format!("not an input of '{entry}' (it takes: {})", want.join(", ")),
+                });
             }
         }
         let mut ordered = Vec::with_capacity(e.inputs.len());
         for io in &e.inputs {
-            let t = inputs.iter().find(|(n, _)| *n == io.name).map(|(_, t)| *t).ok_or_else(|| RuntimeError::Input {
-                name: io.name.clone(),
-                msg: format!("missing; '{entry}' needs {}", io.operand.ty),
-            })?;
+            let t = inputs
+                .iter()
+                .find(|(n, _)| *n == io.name)
+                .map(|(_, t)| *t)
+                .ok_or_else(|| RuntimeError::Input { name: io.name.clone(), msg: format!("missing; '{entry}' needs {}", io.operand.ty) })?;
             if t.ty != io.operand.ty {
                 return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("expected {}, found {}", io.operand.ty, t.ty) });
             }
@@ -79,10 +83,11 @@ impl Session {
             .inputs
             .iter()
             .map(|io| {
-                inputs.iter().find(|(n, t)| *n == io.name && t.ty == io.operand.ty).map(|(_, t)| t.bytes.as_slice()).ok_or_else(|| RuntimeError::Input {
-                    name: io.name.clone(),
-                    msg: format!("missing or not {}", io.operand.ty),
-                })
+                inputs
+                    .iter()
+                    .find(|(n, t)| *n == io.name && t.ty == io.operand.ty)
+                    .map(|(_, t)| t.bytes.as_slice())
+                    .ok_or_else(|| RuntimeError::Input { name: io.name.clone(), msg: format!("missing or not {}", io.operand.ty) })
             })
             .collect::<Result<_>>()?;
         let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|io| vec![0; io.operand.ty.bytes()]).collect();
@@ -95,21 +100,37 @@ impl Session {
 
     /// Runs entry `ei` with caller-owned buffers in declared order; checks sizes, allocates nothing.
     pub fn run_into(&mut self, ei: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
-        let e = self.program.entries.get(ei).ok_or_else(|| RuntimeError::Entry { name: format!("#{ei}"), have: format!("{} entries", self.program.entries.len()) })?;
+        let e = self
+            .program
+            .entries
+            .get(ei)
+            .ok_or_else(|| RuntimeError::Entry { name: format!("#{ei}"), have: format!("{} entries", self.program.entries.len()) })?;
         if inputs.len() != e.inputs.len() || outputs.len() != e.outputs.len() {
             return Err(RuntimeError::Input {
                 name: e.name.clone(),
-                msg: format!("{} inputs and {} outputs given, the entry has {} and {}", inputs.len(), outputs.len(), e.inputs.len(), e.outputs.len()),
+                msg: format!(
+                    "{} inputs and {} outputs given, the entry has {} and {}",
+                    inputs.len(),
+                    outputs.len(),
+                    e.inputs.len(),
+                    e.outputs.len()
+                ),
             });
         }
         for (io, b) in e.inputs.iter().zip(inputs) {
             if b.len() != io.operand.ty.bytes() {
-                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()) });
+                return Err(RuntimeError::Input {
+                    name: io.name.clone(),
+                    msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()),
+                });
             }
         }
         for (io, b) in e.outputs.iter().zip(outputs.iter()) {
             if b.len() != io.operand.ty.bytes() {
-                return Err(RuntimeError::Output { name: io.name.clone(), msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()) });
+                return Err(RuntimeError::Output {
+                    name: io.name.clone(),
+                    msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()),
+                });
             }
         }
         self.exec.run(ei, inputs, outputs)

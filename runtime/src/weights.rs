@@ -116,8 +116,10 @@ fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Wei
         }
         let dt = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
         let dtype = st_dtype(dt).ok_or_else(|| bad(format!("tensor '{name}': unsupported dtype {dt}")))?;
-        let shape: Option<Vec<usize>> = info.get("shape").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
-        let offs: Option<Vec<usize>> = info.get("data_offsets").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+        let shape: Option<Vec<usize>> =
+            info.get("shape").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+        let offs: Option<Vec<usize>> =
+            info.get("data_offsets").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
         let (Some(shape), Some(offs)) = (shape, offs) else {
             return Err(bad(format!("tensor '{name}': malformed shape or data_offsets")));
         };

@@ -20,8 +20,12 @@ pub fn read_values(path: &Path) -> HashMap<String, Value> {
     for (name, view) in st.tensors() {
         let d = view.data();
         let (dtype, data): (DType, Vec<f64>) = match view.dtype() {
-            safetensors::Dtype::F32 => (DType::F32, d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()),
-            safetensors::Dtype::BF16 => (DType::BF16, d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
+            safetensors::Dtype::F32 => {
+                (DType::F32, d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect())
+            }
+            safetensors::Dtype::BF16 => {
+                (DType::BF16, d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect())
+            }
             safetensors::Dtype::F16 => (DType::F16, d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
             safetensors::Dtype::I64 => (DType::I64, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()),
             other => panic!("{}: dtype {other:?} not handled by the test reader", path.display()),

@@ -54,8 +54,7 @@ pub fn run(graph: &Graph, inputs: &HashMap<String, Value>, weights: &HashMap<Str
                     .iter()
                     .map(|id| vals[id.index()].as_ref().ok_or_else(|| GraphError::Order { node: i, input: id.index() }))
                     .collect::<Result<_>>()?;
-                let data = ops::eval(&node.op, &args, &node.ty)
-                    .map_err(|msg| GraphError::Eval { node: i, op: node.op.name(), msg })?;
+                let data = ops::eval(&node.op, &args, &node.ty).map_err(|msg| GraphError::Eval { node: i, op: node.op.name(), msg })?;
                 Value { data: data.into_iter().map(|x| node.ty.dtype.round(x)).collect(), ty: node.ty.clone() }
             }
         };

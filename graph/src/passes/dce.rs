@@ -19,12 +19,8 @@ pub fn dead_code(g: &Graph) -> Result<Graph> {
             }
         }
     }
-    let actions = g
-        .nodes
-        .iter()
-        .zip(&live)
-        .map(|(n, &l)| if l || matches!(n.op, Op::Input { .. }) { Action::Keep } else { Action::Drop })
-        .collect();
+    let actions =
+        g.nodes.iter().zip(&live).map(|(n, &l)| if l || matches!(n.op, Op::Input { .. }) { Action::Keep } else { Action::Drop }).collect();
     rebuild("dead_code", g, actions)
 }
 

@@ -70,11 +70,8 @@ fn evaluate(node: &Node, args: &[(&Node, Vec<f64>)]) -> Option<Vec<f64>> {
     for (arg, values) in args {
         ids.push(mini.push_source(Op::Constant { values: values.clone() }, arg.ty.clone()).ok()?);
     }
-    let id = if ids.is_empty() {
-        mini.push_source(node.op.clone(), node.ty.clone()).ok()?
-    } else {
-        mini.push(node.op.clone(), &ids).ok()?
-    };
+    let id =
+        if ids.is_empty() { mini.push_source(node.op.clone(), node.ty.clone()).ok()? } else { mini.push(node.op.clone(), &ids).ok()? };
     mini.output("value", id);
     let mut out = interp::run(&mini, &HashMap::new(), &HashMap::new()).ok()?;
     out.remove("value").map(|v| v.data)

@@ -44,9 +44,8 @@ pub fn fuse_elementwise(g: &Graph) -> Result<Graph> {
         }
         // If the full region does not type as its root (all inputs smaller than the root
         // once broadcasts are inlined, say), keep the broadcasts, then the constants, out.
-        let region = [(true, true), (false, true), (false, false)]
-            .into_iter()
-            .find_map(|(broadcasts, consts)| build(g, m, broadcasts, consts));
+        let region =
+            [(true, true), (false, true), (false, false)].into_iter().find_map(|(broadcasts, consts)| build(g, m, broadcasts, consts));
         if let Some(region) = region {
             for &x in &region.inside {
                 actions[x] = Action::Drop;
@@ -158,7 +157,11 @@ fn renumber(e: Expr, inputs: Vec<NodeId>) -> (Expr, Vec<NodeId>) {
             continue;
         }
         match e.instrs[i] {
-            Instr::Input(k) => order.push(k),
+            Instr::Input(k) => {
+                if !order.contains(&k) {
+                    order.push(k);
+                }
+            }
             Instr::Const(_) => {}
             Instr::Unary(_, a) => stack.push(a),
             Instr::Binary(_, a, b) => stack.extend([b, a]),

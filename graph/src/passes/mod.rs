@@ -26,7 +26,9 @@ use crate::verify::verify;
 /// A named graph-to-graph rewrite.
 #[derive(Clone, Copy, Debug)]
 pub struct Pass {
+    /// The name traces, errors and `Pipeline::parse` use.
     pub name: &'static str,
+    /// The rewrite itself.
     pub run: fn(&Graph) -> Result<Graph>,
 }
 
@@ -43,8 +45,7 @@ impl Pass {
     pub const FUSE_ELEMENTWISE: Pass = Pass { name: "fuse_elementwise", run: fuse_elementwise };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 5] =
-        [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE];
+    pub const ALL: [Pass; 5] = [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE];
 
     /// The pass with this name.
     pub fn by_name(name: &str) -> Option<Pass> {
@@ -55,6 +56,7 @@ impl Pass {
 /// An ordered list of passes: the compiler's optimisation pipeline as a value.
 #[derive(Clone, Debug)]
 pub struct Pipeline {
+    /// The passes, run in order.
     pub passes: Vec<Pass>,
 }
 
@@ -326,6 +328,26 @@ mod tests {
         assert_eq!(trace.len(), p.passes.len());
         assert_eq!(trace.last().unwrap().1, print(&out));
         assert_eq!(fusion_groups(&out), vec![(NodeId(1), "tanh(exp($0))".to_string())]);
+    }
+
+    #[test]
+    fn a_region_reading_the_product_twice_joins_the_epilogue() {
+        // relu written as select(h > 0, h, 0): h is read twice, so only after elementwise
+        // fusion (one reader) can the second epilogue pass take it.
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 4]).unwrap();
+        let w = g.weight("w", DType::F32, &[4, 4]).unwrap();
+        let h = g.matmul(x, w, true).unwrap();
+        let zero = g.scalar(DType::F32, 0.0).unwrap();
+        let pos = g.binary(BinaryOp::Gt, h, zero).unwrap();
+        let y = g.push(Op::Select, &[pos, h, zero]).unwrap();
+        g.output("y", y);
+        let out = Pipeline::standard().run(&g, None).unwrap();
+        assert_eq!(
+            print(&out),
+            "%0 = input[\"x\"]() : f32[2,4]\n%1 = weight[\"w\"]() : f32[4,4]\n\
+             %2 = matmul[b^T, epilogue=select(gt($0, 0.0), $0, 0.0)](%0, %1) : f32[2,4]\noutput \"y\" = %2\n"
+        );
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub(crate) fn attention_blocked(
     if out.is_empty() {
         return;
     }
-    if kv_len == 0 || head_dim == 0 && v_head_dim == 0 {
+    if kv_len == 0 {
         out.fill(0.0);
         return;
     }

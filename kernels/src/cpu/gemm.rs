@@ -4,17 +4,18 @@
 //! `[n, k]` used as the k×n right-hand side) costs nothing: `MatView::transposed(w, k, n)`.
 //! The output is always a contiguous row-major m×n slice.
 //!
-//! Threading (measured on the 2-thread dev box, see the crate report and `benches/cpu.rs`):
-//! for the transformer shapes (m a few hundred rows, k and n ≥ 768) splitting the rows into
-//! one panel per thread, each computed by a single-threaded `gemm` call and immediately
-//! finished by the epilogue while it is still in cache, is the default
-//! ([`Strategy::RowPanels`]); [`Strategy::GemmParallel`] lets `gemm` parallelise the whole
-//! product and runs the epilogue afterwards.
+//! Threading (measured on the 2-core dev box, see `benches/cpu.rs` and the kernels report):
+//! for the transformer shapes (m a few hundred rows, k and n ≥ 768) `gemm`'s own rayon
+//! parallelism over the whole product, followed by a parallel epilogue pass over row chunks,
+//! beats splitting the rows into one single-threaded `gemm` per thread
+//! ([`Strategy::RowPanels`]): `gemm` packs the right-hand side (the weight) into its
+//! microkernel layout whatever its strides, and row panels each pack all of it again, which
+//! costs more than the epilogue gains from running on cache-hot panels (a bias + GELU pass
+//! over C is ~2% of the product at these sizes). Row panels remain the choice for products
+//! too small for `gemm` to thread and for single-thread pools, where the epilogue is fused.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
-
-use super::SyncPtr;
 
 /// Read-only strided f32 matrix: element (i, j) is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +81,8 @@ impl<'a> MatView<'a> {
 /// How a product with an epilogue is spread over rayon's threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
-    /// Pick per shape (currently: [`Strategy::RowPanels`] unless m is too small to split).
+    /// Pick per shape: [`Strategy::GemmParallel`] for large products on a multi-thread pool,
+    /// [`Strategy::RowPanels`] otherwise.
     Auto,
     /// Rayon over row panels, one single-threaded `gemm` per panel, epilogue fused per panel.
     RowPanels,
@@ -144,11 +146,9 @@ pub fn matmul_with_epilogue_using(strategy: Strategy, a: MatView, b: MatView, c:
 
 /// The threading rule chosen from the measurements in the module docs.
 fn auto_strategy(m: usize, k: usize, n: usize, threads: usize) -> Strategy {
-    // Row panels need enough rows per thread for gemm's 16-row microkernel tiles and
-    // enough work per panel to hide the duplicated packing of B.
-    if threads > 1 && m >= 32 * threads && (m / threads) * k * n >= 1 << 20 {
-        Strategy::RowPanels
-    } else if threads > 1 && m * k * n >= 1 << 21 {
+    // 2^21 multiply-adds is where `gemm` starts threading internally (its threshold is
+    // 48·48·256 per block); below that row panels are the only parallelism available.
+    if threads > 1 && m.saturating_mul(k).saturating_mul(n) >= 1 << 21 {
         Strategy::GemmParallel
     } else {
         Strategy::RowPanels
@@ -167,8 +167,8 @@ fn panel_rows(m: usize, threads: usize) -> usize {
 /// C[r0..r0+rows] = A[r0..r0+rows]·B via one `gemm` call; `c` holds exactly those rows.
 fn gemm_rows(a: MatView, b: MatView, r0: usize, rows: usize, c: &mut [f32], par: Parallelism) {
     let (k, n) = (a.cols, b.cols);
-    debug_assert_eq!(c.len(), rows * n);
-    debug_assert!(r0 + rows <= a.rows);
+    // Cheap real asserts: the unchecked call below relies on them (callers checked the views).
+    assert!(c.len() == rows * n && r0 + rows <= a.rows && b.rows == k, "gemm: panel shape");
     if rows == 0 {
         return;
     }
@@ -176,7 +176,8 @@ fn gemm_rows(a: MatView, b: MatView, r0: usize, rows: usize, c: &mut [f32], par:
         c.fill(0.0);
         return;
     }
-    // SAFETY: `check` proved every (i, j) of A and B lies inside their slices, and rows
+    // SAFETY: callers ran `check` on both views, proving every (i, j) of A and B lies
+    // inside their slices, and rows
     // r0..r0+rows are rows of A, so A's pointer offset r0*row_stride and all reads stay in
     // bounds; C is `rows × n` contiguous (dst row stride n, col stride 1) and exclusively
     // borrowed. Strides fit in isize because they index existing allocations.
@@ -236,26 +237,34 @@ pub fn batched_matmul(batch: usize, a: MatView, a_batch_stride: usize, b: MatVie
     }
 }
 
-/// Single-threaded C = alpha·C + beta·A·B (or C = beta·A·B when `accumulate` is false) on a
-/// strided destination; the building block for kernels that tile their own work.
-#[allow(clippy::too_many_arguments)]
+/// Single-threaded C += beta·A·B (or C = beta·A·B when `accumulate` is false) on an m×n
+/// window of `c` with row stride `c_row_stride`; the building block for kernels that tile
+/// their own work.
 pub(crate) fn gemm_serial(a: MatView, b: MatView, c: &mut [f32], c_row_stride: usize, accumulate: bool, beta: f32) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    debug_assert_eq!(b.rows, k);
-    debug_assert!(m == 0 || n == 0 || (m - 1) * c_row_stride + n <= c.len());
-    debug_assert!(a.span() <= a.data.len() && b.span() <= b.data.len());
+    // Real asserts (O(1) next to the product): the unchecked call below relies on them.
+    assert_eq!(b.rows, k, "gemm: A is {m}x{k} but B is {}x{n}", b.rows);
+    a.check("A");
+    b.check("B");
     if m == 0 || n == 0 {
         return;
     }
-    let cp = SyncPtr(c.as_mut_ptr());
-    // SAFETY: callers pass views whose spans lie in their slices (checked in debug builds
-    // above) and a destination slice covering (m-1)*c_row_stride + n elements.
+    assert!(n <= c_row_stride && (m - 1) * c_row_stride + n <= c.len(), "gemm: C too small");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(c_row_stride).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: the asserts above prove every element of A, B and the m×n window of C (row
+    // stride c_row_stride ≥ n, so rows do not overlap) lies inside its slice; C is borrowed
+    // mutably, A and B shared.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            cp.0,
+            c.as_mut_ptr(),
             1,
             c_row_stride as isize,
             accumulate,
@@ -338,6 +347,14 @@ mod tests {
 
     #[test]
     fn epilogue_sees_every_row_once_with_right_offsets() {
+        // Pool sizes change the panel split and the Auto choice.
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("test pool");
+            pool.install(epilogue_case);
+        }
+    }
+
+    fn epilogue_case() {
         let mut rng = Rng::new(3);
         let (m, k, n) = (200, 48, 30);
         let ad = rng.vec(m * k, -1.0, 1.0);
@@ -364,10 +381,11 @@ mod tests {
     #[test]
     fn batched_with_broadcast_and_transposed_b() {
         let mut rng = Rng::new(4);
-        let (batch, m, k, n) = (5, 7, 9, 6);
-        let ad = rng.vec(batch * m * k, -1.0, 1.0);
-        let bd = rng.vec(batch * n * k, -1.0, 1.0);
-        for (bs_b, bt) in [(n * k, false), (n * k, true), (0, false)] {
+        let (m, k, n) = (7, 9, 6);
+        let ad = rng.vec(5 * m * k, -1.0, 1.0);
+        let bd = rng.vec(5 * n * k, -1.0, 1.0);
+        // batch 1 takes the one-product-at-a-time path, batch 5 the parallel-over-batch one.
+        for (batch, bs_b, bt) in [(5, n * k, false), (5, n * k, true), (5, 0, false), (1, n * k, true)] {
             let a = MatView::row_major(&ad, m, k);
             let b = if bt { MatView::transposed(&bd, k, n) } else { MatView::row_major(&bd, k, n) };
             let mut c = vec![0.0; batch * m * n];

@@ -114,10 +114,12 @@ fn permute_serial<T: Copy>(src: &[T], dims: &[usize], strides: &[usize], dst: &m
             for ia0 in (0..na).step_by(TILE) {
                 let ia1 = (ia0 + TILE).min(na);
                 for ib in ib0..ib1 {
+                    // Slices up front so the inner copy has no per-element bounds checks.
                     let drow = dst_off + ib * db;
-                    let s0 = src_off + ib;
-                    for ia in ia0..ia1 {
-                        dst[drow + ia] = src[s0 + ia * sa];
+                    let d = &mut dst[drow + ia0..drow + ia1];
+                    let s = &src[src_off + ib + ia0 * sa..];
+                    for (x, y) in d.iter_mut().zip(s.iter().step_by(sa)) {
+                        *x = *y;
                     }
                 }
             }

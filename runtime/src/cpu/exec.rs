@@ -160,7 +160,8 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
         }
         (Op::Attention(a), _) if s.kernel == "cpu.flash_attention" => {
             let (q, k, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-            let shape = attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] };
+            let shape =
+                attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] };
             let mask = match a.mask {
                 MaskKind::None => attn::AttnMask::None,
                 MaskKind::Causal { q_offset } => attn::AttnMask::Causal { q_offset },
@@ -282,11 +283,8 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, epi: Option<&Prep>) -> std::result::Res
 /// Any op without a fast kernel: the interpreter's arm on converted values. Correct for every
 /// dtype, slow and allocating; `kiln inspect` names these steps `cpu.reference`.
 fn reference(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
-    let vals: Vec<Value> = s
-        .inputs
-        .iter()
-        .map(|o| Value { ty: o.ty.clone(), data: crate::tensor::to_f64(o.ty.dtype, mem.read(o)) })
-        .collect();
+    let vals: Vec<Value> =
+        s.inputs.iter().map(|o| Value { ty: o.ty.clone(), data: crate::tensor::to_f64(o.ty.dtype, mem.read(o)) }).collect();
     let refs: Vec<&Value> = vals.iter().collect();
     let v = eval_op(&s.op, &refs, &s.output.ty)?;
     mem.write(&s.output).copy_from_slice(&crate::tensor::from_f64(s.output.ty.dtype, &v.data));

@@ -36,7 +36,11 @@ impl Region {
     /// Prepares `expr` over inputs of `in_shapes` broadcast to `out_shape`.
     pub fn new(expr: Expr, in_shapes: &[&[usize]], out_shape: &[usize]) -> Result<Self, String> {
         if expr.instrs.len() > MAX_INSTRS || in_shapes.len() > MAX_INPUTS {
-            return Err(format!("fused region of {} instructions and {} inputs exceeds {MAX_INSTRS}/{MAX_INPUTS}", expr.instrs.len(), in_shapes.len()));
+            return Err(format!(
+                "fused region of {} instructions and {} inputs exceeds {MAX_INSTRS}/{MAX_INPUTS}",
+                expr.instrs.len(),
+                in_shapes.len()
+            ));
         }
         let (outer_shape, row_len) = match out_shape.split_last() {
             Some((&last, outer)) => (outer.to_vec(), last),

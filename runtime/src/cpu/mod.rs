@@ -53,7 +53,10 @@ impl Backend for CpuBackend {
 
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
         if !float_ok(out) || !inputs.iter().all(float_ok) {
-            return Err(format!("the cpu backend computes floats in f32 (bf16/f16 weights are upcast when loaded); {} on {out} needs --dtype f32", op.name()));
+            return Err(format!(
+                "the cpu backend computes floats in f32 (bf16/f16 weights are upcast when loaded); {} on {out} needs --dtype f32",
+                op.name()
+            ));
         }
         let f32_all = out.dtype == DType::F32 && inputs.iter().all(|t| t.dtype == DType::F32);
         let name = match op {
@@ -79,7 +82,7 @@ impl Backend for CpuBackend {
         for spec in &program.weights {
             let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
             let r = &weights.index[&spec.name];
-            let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize) % 8 == 0 {
+            let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize).is_multiple_of(8) {
                 WeightBuf::Mapped { start: r.start, file: r.file }
             } else if ty.dtype == spec.ty.dtype {
                 WeightBuf::Owned(Aligned::from_bytes(bytes))
@@ -87,7 +90,10 @@ impl Backend for CpuBackend {
                 let vals = crate::tensor::to_f64(ty.dtype, bytes);
                 WeightBuf::Owned(Aligned::from_bytes(&crate::tensor::from_f64(spec.ty.dtype, &vals)))
             } else {
-                return Err(RuntimeError::Weight { name: spec.name.clone(), msg: format!("stored as {}, the program needs {}", ty.dtype, spec.ty.dtype) });
+                return Err(RuntimeError::Weight {
+                    name: spec.name.clone(),
+                    msg: format!("stored as {}, the program needs {}", ty.dtype, spec.ty.dtype),
+                });
             };
             wbufs.push(buf);
         }
