@@ -8,6 +8,7 @@
 //! the tasks.
 
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::elementwise::{exp_nonpos, tanh_fast};
 use super::gemm::{gemm_serial, MatView};
@@ -79,7 +80,61 @@ impl AttnMask<'_> {
 /// Queries that see no key (fully masked rows) produce zeros, not NaN.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], scale: f32, softcap: Option<f32>, mask: AttnMask, out: &mut [f32]) {
-    attention_blocked(shape, q, k, v, scale, softcap, mask, out, BLOCK_Q, BLOCK_K);
+    let ws = AttnWorkspace::with_blocks(shape, BLOCK_Q, BLOCK_K);
+    attention_blocked(shape, q, k, v, scale, softcap, mask, out, &ws);
+}
+
+/// [`attention`] with buffers made once by the caller: no allocation per call.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in(
+    shape: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    softcap: Option<f32>,
+    mask: AttnMask,
+    out: &mut [f32],
+    ws: &AttnWorkspace,
+) {
+    assert_eq!(ws.shape, *shape, "attention: workspace made for another shape");
+    attention_blocked(shape, q, k, v, scale, softcap, mask, out, ws);
+}
+
+/// Buffers one attention shape needs: the transposed keys and one score/accumulator tile
+/// set per worker thread (each behind an uncontended lock, taken by the running thread).
+pub struct AttnWorkspace {
+    shape: AttnShape,
+    block_q: usize,
+    block_k: usize,
+    kt: Mutex<Vec<f32>>,
+    scratch: Vec<Mutex<Scratch>>,
+}
+
+impl AttnWorkspace {
+    /// Buffers for `shape` on the current rayon pool.
+    pub fn new(shape: &AttnShape) -> Self {
+        Self::with_blocks(shape, BLOCK_Q, BLOCK_K)
+    }
+
+    fn with_blocks(shape: &AttnShape, block_q: usize, block_k: usize) -> Self {
+        let kt_len = if transpose_keys(shape.q_len, block_q) { shape.batch * shape.kv_len * shape.kv_heads * shape.head_dim } else { 0 };
+        // One tile set per pool thread, plus one for a caller outside the pool.
+        let threads = rayon::current_num_threads() + 1;
+        let scratch = (0..threads).map(|_| Mutex::new(Scratch::new(block_q, block_k, shape.v_head_dim))).collect();
+        AttnWorkspace { shape: *shape, block_q, block_k, kt: Mutex::new(vec![0.0; kt_len]), scratch }
+    }
+
+    fn tiles(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        let n = self.scratch.len();
+        let i = rayon::current_thread_index().map_or(n - 1, |i| i % n);
+        self.scratch[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whether transposing K once beats gathering it per query block.
+fn transpose_keys(q_len: usize, block_q: usize) -> bool {
+    q_len >= 2 * block_q.min(q_len).max(16)
 }
 
 /// [`attention`] with explicit tile sizes (tests use tiny ones to exercise block edges).
@@ -93,9 +148,9 @@ pub(crate) fn attention_blocked(
     softcap: Option<f32>,
     mask: AttnMask,
     out: &mut [f32],
-    block_q: usize,
-    block_k: usize,
+    ws: &AttnWorkspace,
 ) {
+    let (block_q, block_k) = (ws.block_q, ws.block_k);
     let AttnShape { batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim } = *shape;
     // Real asserts: the strided gemm views below are unchecked in release builds.
     assert!(kv_heads > 0 && q_heads % kv_heads == 0, "attention: {q_heads} query heads, {kv_heads} kv heads");
@@ -119,28 +174,24 @@ pub(crate) fn attention_blocked(
     // Q·Kᵀ contracts over K's contiguous axis, so gemm must pack K transposed, a strided
     // gather, once per query block. With several query blocks per head it is cheaper to
     // transpose K once to [B, Hkv, D, Sk] (measured: the gather was ~18% of the time).
-    let kt;
-    let k_layout = if q_len >= 2 * block_q.min(q_len).max(16) {
-        let mut buf = vec![0.0f32; k.len()];
-        super::movement::permute(k, &[batch, kv_len, kv_heads, head_dim], &[0, 2, 3, 1], &mut buf);
-        kt = buf;
-        KLayout::Transposed(&kt)
+    let mut kt = ws.kt.lock().unwrap_or_else(|e| e.into_inner());
+    let k_layout = if transpose_keys(q_len, block_q) {
+        super::movement::permute(k, &[batch, kv_len, kv_heads, head_dim], &[0, 2, 3, 1], &mut kt[..k.len()]);
+        KLayout::Transposed(&kt[..k.len()])
     } else {
         KLayout::Natural(k)
     };
     let ctx = Ctx { shape: *shape, q, k: k_layout, v, scale, softcap, mask, block_q, block_k };
-    (0..tasks).into_par_iter().for_each_init(
-        || Scratch::new(block_q, block_k, v_head_dim),
-        |scratch, t| {
-            let qb = t % q_blocks;
-            let h = (t / q_blocks) % q_heads;
-            let b = t / (q_blocks * q_heads);
-            vectorized(
-                #[inline(always)]
-                || ctx.run_task(b, h, qb, scratch, out_ptr),
-            );
-        },
-    );
+    (0..tasks).into_par_iter().for_each(|t| {
+        let qb = t % q_blocks;
+        let h = (t / q_blocks) % q_heads;
+        let b = t / (q_blocks * q_heads);
+        let mut scratch = ws.tiles();
+        vectorized(
+            #[inline(always)]
+            || ctx.run_task(b, h, qb, &mut scratch, out_ptr),
+        );
+    });
 }
 
 /// Per-thread buffers reused across tasks.
@@ -396,7 +447,7 @@ mod tests {
         let want = reference(&sh, &q, &k, &v, scale, softcap, mask);
         for (bq, bk) in [(BLOCK_Q, BLOCK_K), (3, 5), (1, 1), (4, 16)] {
             let mut out = vec![f32::NAN; want.len()];
-            attention_blocked(&sh, &q, &k, &v, scale, softcap, mask, &mut out, bq, bk);
+            attention_blocked(&sh, &q, &k, &v, scale, softcap, mask, &mut out, &AttnWorkspace::with_blocks(&sh, bq, bk));
             assert!(out.iter().all(|x| x.is_finite()), "non-finite output for {sh:?} mask {mask_kind}");
             assert_close(&format!("{sh:?} cap {softcap:?} mask {mask_kind} blocks {bq}x{bk}"), &out, &want, 2e-6);
         }

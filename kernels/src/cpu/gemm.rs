@@ -16,6 +16,32 @@
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Calls into the `gemm` crate now in progress, on any thread. That crate allocates its
+/// packing buffers inside every call (it has no API taking caller-owned scratch), so a test
+/// proving that kiln's own run path allocates nothing must tell those allocations apart.
+static THIRD_PARTY_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether some thread is inside a `gemm` crate call (for allocation accounting in tests).
+pub fn third_party_gemm_active() -> bool {
+    THIRD_PARTY_CALLS.load(Ordering::SeqCst) > 0
+}
+
+struct ThirdPartyCall;
+
+impl ThirdPartyCall {
+    fn enter() -> Self {
+        THIRD_PARTY_CALLS.fetch_add(1, Ordering::SeqCst);
+        ThirdPartyCall
+    }
+}
+
+impl Drop for ThirdPartyCall {
+    fn drop(&mut self) {
+        THIRD_PARTY_CALLS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Read-only strided f32 matrix: element (i, j) is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -181,6 +207,7 @@ fn gemm_rows(a: MatView, b: MatView, r0: usize, rows: usize, c: &mut [f32], par:
     // r0..r0+rows are rows of A, so A's pointer offset r0*row_stride and all reads stay in
     // bounds; C is `rows × n` contiguous (dst row stride n, col stride 1) and exclusively
     // borrowed. Strides fit in isize because they index existing allocations.
+    let _active = ThirdPartyCall::enter();
     unsafe {
         gemm::gemm(
             rows,
@@ -259,6 +286,7 @@ pub(crate) fn gemm_serial(a: MatView, b: MatView, c: &mut [f32], c_row_stride: u
     // SAFETY: the asserts above prove every element of A, B and the m×n window of C (row
     // stride c_row_stride ≥ n, so rows do not overlap) lies inside its slice; C is borrowed
     // mutably, A and B shared.
+    let _active = ThirdPartyCall::enter();
     unsafe {
         gemm::gemm(
             m,

@@ -19,9 +19,10 @@ const TILE: usize = 32;
 pub fn permute<T: Copy + Send + Sync>(src: &[T], shape: &[usize], perm: &[usize], dst: &mut [T]) {
     debug_assert_eq!(shape.len(), perm.len());
     debug_assert!({
-        let mut seen = vec![false; perm.len()];
-        perm.iter().all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true))
+        let mut seen = [false; 64];
+        perm.len() <= 64 && perm.iter().all(|&p| p < perm.len() && !std::mem::replace(&mut seen[p], true))
     });
+    assert!(shape.len() <= MAX_RANK, "permute: rank {} exceeds {MAX_RANK}", shape.len());
     let total: usize = shape.iter().product();
     assert_eq!(src.len(), total, "permute: src has {} elements, shape {shape:?}", src.len());
     assert_eq!(dst.len(), total, "permute: dst has {} elements, shape {shape:?}", dst.len());
@@ -39,21 +40,71 @@ pub fn permute<T: Copy + Send + Sync>(src: &[T], shape: &[usize], perm: &[usize]
     let per_task = if total < PAR_MIN { outer } else { outer.div_ceil(4 * rayon::current_num_threads()).max(PAR_MIN.div_ceil(inner)) };
     dst.par_chunks_mut(per_task * inner).enumerate().for_each(|(t, d)| {
         let i0 = t * per_task;
-        let mut sub_dims = dims.clone();
+        let mut sub_dims = dims;
         sub_dims[0] = d.len() / inner;
         permute_serial(&src[i0 * strides[0]..], &sub_dims, &strides, d);
     });
 }
 
+/// Most axes a permute handles: index arithmetic lives in fixed arrays so a permute
+/// allocates nothing (a run of a compiled program must not allocate).
+pub const MAX_RANK: usize = 12;
+
+/// A short list of sizes or strides kept on the stack.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    v: [usize; MAX_RANK],
+}
+
+impl Dims {
+    fn new() -> Self {
+        Dims { n: 0, v: [0; MAX_RANK] }
+    }
+    fn filled(x: usize, n: usize) -> Self {
+        let mut d = Dims::new();
+        d.n = n;
+        d.v[..n].fill(x);
+        d
+    }
+    fn from(s: &[usize]) -> Self {
+        let mut d = Dims::new();
+        d.n = s.len();
+        d.v[..s.len()].copy_from_slice(s);
+        d
+    }
+    fn push(&mut self, x: usize) {
+        self.v[self.n] = x;
+        self.n += 1;
+    }
+    fn remove(&mut self, i: usize) {
+        self.v.copy_within(i + 1..self.n, i);
+        self.n -= 1;
+    }
+}
+
+impl std::ops::Deref for Dims {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        &self.v[..self.n]
+    }
+}
+
+impl std::ops::DerefMut for Dims {
+    fn deref_mut(&mut self) -> &mut [usize] {
+        &mut self.v[..self.n]
+    }
+}
+
 /// Drops size-1 axes and merges dst-adjacent axes that are also adjacent in src. Returns the
 /// dst-order dims and, for each, its stride in src.
-fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
-    let mut src_strides = vec![1usize; shape.len()];
+fn simplify(shape: &[usize], perm: &[usize]) -> (Dims, Dims) {
+    let mut src_strides = Dims::filled(1, shape.len());
     for a in (0..shape.len().saturating_sub(1)).rev() {
         src_strides[a] = src_strides[a + 1] * shape[a + 1];
     }
-    let mut dims: Vec<usize> = Vec::new();
-    let mut strides: Vec<usize> = Vec::new();
+    let mut dims = Dims::new();
+    let mut strides = Dims::new();
     for &p in perm {
         let (n, s) = (shape[p], src_strides[p]);
         if n == 1 {
@@ -95,11 +146,11 @@ fn permute_serial<T: Copy>(src: &[T], dims: &[usize], strides: &[usize], dst: &m
     };
     let (nb, na, sa) = (dims[b], dims[nd - 1], strides[nd - 1]);
     let db: usize = dims[b + 1..].iter().product(); // dst stride of axis b
-    let mut rest_dims = dims[..nd - 1].to_vec();
-    let mut rest_strides = strides[..nd - 1].to_vec();
+    let mut rest_dims = Dims::from(&dims[..nd - 1]);
+    let mut rest_strides = Dims::from(&strides[..nd - 1]);
     rest_dims.remove(b);
     rest_strides.remove(b);
-    let mut rest_dst_strides = vec![0usize; nd - 1];
+    let mut rest_dst_strides = Dims::filled(0, nd - 1);
     let mut acc = 1usize;
     for a in (0..nd).rev() {
         if a < nd - 1 {
@@ -130,7 +181,7 @@ fn permute_serial<T: Copy>(src: &[T], dims: &[usize], strides: &[usize], dst: &m
 /// Calls `f(k, src_offset)` for every multi-index of `dims` in row-major order, k counting.
 fn for_each_index(dims: &[usize], strides: &[usize], mut f: impl FnMut(usize, usize)) {
     let count: usize = dims.iter().product();
-    let mut idx = vec![0usize; dims.len()];
+    let mut idx = Dims::filled(0, dims.len());
     let mut off = 0usize;
     for k in 0..count {
         f(k, off);
@@ -150,7 +201,7 @@ fn for_each_index(dims: &[usize], strides: &[usize], mut f: impl FnMut(usize, us
 /// Like [`for_each_index`] but tracks a src and a dst offset with separate strides.
 fn for_each_index_with(dims: &[usize], s: &[usize], d: &[usize], mut f: impl FnMut(usize, usize)) {
     let count: usize = dims.iter().product();
-    let mut idx = vec![0usize; dims.len()];
+    let mut idx = Dims::filled(0, dims.len());
     let (mut so, mut dof) = (0usize, 0usize);
     for _ in 0..count {
         f(so, dof);

@@ -17,6 +17,13 @@ pub(crate) enum Prep {
     None,
     /// An elementwise step or a matmul epilogue.
     Region(Region),
+    /// Attention's buffers, made once.
+    Attention(attn::AttnWorkspace),
+}
+
+fn attn_shape(s: &Step) -> attn::AttnShape {
+    let (q, k, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
+    attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] }
 }
 
 pub(crate) fn prepare(e: &Entry) -> Result<Vec<Prep>> {
@@ -36,6 +43,7 @@ pub(crate) fn prepare(e: &Entry) -> Result<Vec<Prep>> {
                     let ex = expr_of(op).ok_or_else(|| err("not an elementwise op".into()))?;
                     Prep::Region(Region::new(ex, &shapes, &s.output.ty.shape).map_err(err)?)
                 }
+                Op::Attention(_) if s.kernel == "cpu.flash_attention" => Prep::Attention(attn::AttnWorkspace::new(&attn_shape(s))),
                 _ => Prep::None,
             })
         })
@@ -158,10 +166,8 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::Attention(a), _) if s.kernel == "cpu.flash_attention" => {
-            let (q, k, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-            let shape =
-                attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] };
+        (Op::Attention(a), Prep::Attention(ws)) => {
+            let shape = attn_shape(s);
             let mask = match a.mask {
                 MaskKind::None => attn::AttnMask::None,
                 MaskKind::Causal { q_offset } => attn::AttnMask::Causal { q_offset },
@@ -169,7 +175,7 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
                 MaskKind::Additive => attn::AttnMask::Additive(mem.f32(&s.inputs[3])),
             };
             let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
-            attn::attention(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output));
+            attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);
             Ok(())
         }
         (Op::Permute { perm }, _) => {
