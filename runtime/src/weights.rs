@@ -141,3 +141,10 @@ impl WeightStore {
         &self.maps[file]
     }
 }
+
+impl WeightStore {
+    /// A store with no files, for programs that read no weights.
+    pub fn empty() -> Self {
+        WeightStore { paths: vec![], maps: vec![], index: HashMap::new() }
+    }
+}

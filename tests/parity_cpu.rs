@@ -1,0 +1,244 @@
+//! One test row per op: a small graph per case, run by the cpu backend (after the standard
+//! passes, scheduling and planning) and by the reference interpreter (on the graph as built),
+//! compared by normalised error. Written once over `Backend` so later backends reuse it.
+
+use kiln_graph::interp::{run, Value};
+use kiln_graph::passes::Pipeline;
+use kiln_graph::program::Program;
+use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, ReduceOp, ResizeMode, TensorType, UnaryOp};
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A deterministic input in [-1, 1] (integers: in [0, modulo)).
+fn values(ty: &TensorType, seed: u64, modulo: usize) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..ty.numel())
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if ty.dtype.is_float() {
+                (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            } else {
+                ((x >> 11) % modulo as u64) as f64
+            }
+        })
+        .collect()
+}
+
+/// Runs `g` both ways and compares every output. `modulo` bounds integer inputs (indices).
+fn check(name: &str, g: Graph, modulo: usize) {
+    kiln_graph::verify::verify(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut ivals = HashMap::new();
+    let mut tensors = Vec::new();
+    for (i, (_, n, ty)) in g.inputs().enumerate() {
+        let v = values(ty, i as u64 + 1, modulo);
+        tensors.push((n.to_string(), Tensor { ty: ty.clone(), bytes: kiln_runtime::tensor::from_f64(ty.dtype, &v) }));
+        ivals.insert(n.to_string(), Value::new(ty.clone(), v).unwrap());
+    }
+    let want = run(&g, &ivals, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
+    let opt = Pipeline::standard().run(&g, None).unwrap_or_else(|e| panic!("{name}: passes: {e}"));
+    let backend = kiln_runtime::by_name("cpu").unwrap();
+    let mut program =
+        Program { model: name.into(), backend: "cpu".into(), source: String::new(), weights: vec![], constants: vec![], entries: vec![] };
+    let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+    program.entries.push(entry);
+    let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap();
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let got = s.run("forward", &refs).unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    assert_eq!(got.len(), want.len(), "{name}: outputs");
+    for (oname, t) in &got {
+        let w = &want[oname];
+        assert_eq!(t.ty, w.ty, "{name}/{oname}: type");
+        let g = t.to_f64();
+        let scale = w.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+        let err = g.iter().zip(&w.data).fold(0f64, |m, (a, b)| if a.is_nan() && b.is_nan() { m } else { m.max((a - b).abs()) }) / scale;
+        assert!(err < 1e-5, "{name}/{oname}: normalised error {err:.3e}");
+    }
+}
+
+fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+    g.input(name, DType::F32, shape).unwrap()
+}
+
+fn one(name: &str, shape: &[usize], f: impl FnOnce(&mut Graph, NodeId) -> NodeId) {
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", shape);
+    let y = f(&mut g, x);
+    g.output("y", y);
+    check(name, g, 1);
+}
+
+#[test]
+fn unary_ops() {
+    use UnaryOp::*;
+    for op in [Neg, Abs, Exp, Tanh, Sigmoid, Erf, Sin, Cos, Floor, Relu, GeluTanh, GeluErf, Silu, Softplus, Square] {
+        one(&format!("{op:?}"), &[3, 37], |g, x| g.unary(op, x).unwrap());
+    }
+    // Ops with a restricted domain get a positive input.
+    for op in [Log, Sqrt, Rsqrt, Recip] {
+        one(&format!("{op:?}"), &[3, 37], |g, x| {
+            let a = g.unary(Abs, x).unwrap();
+            let c = g.scalar(DType::F32, 0.5).unwrap();
+            let p = g.add(a, c).unwrap();
+            g.unary(op, p).unwrap()
+        });
+    }
+}
+
+#[test]
+fn binary_ops_broadcast() {
+    use BinaryOp::*;
+    for op in [Add, Sub, Mul, Div, Max, Min] {
+        let mut g = Graph::new();
+        let a = f32in(&mut g, "a", &[2, 3, 17]);
+        let b = f32in(&mut g, "b", &[3, 1]);
+        let y = g.binary(op, a, b).unwrap();
+        g.output("y", y);
+        check(&format!("{op:?}"), g, 1);
+    }
+}
+
+#[test]
+fn select_with_comparison() {
+    let mut g = Graph::new();
+    let a = f32in(&mut g, "a", &[4, 9]);
+    let b = f32in(&mut g, "b", &[9]);
+    let m = g.binary(BinaryOp::Gt, a, b).unwrap();
+    let y = g.push(Op::Select, &[m, a, b]).unwrap();
+    g.output("y", y);
+    check("select", g, 1);
+}
+
+#[test]
+fn reductions_and_softmax() {
+    for (op, axes) in [(ReduceOp::Sum, vec![2]), (ReduceOp::Mean, vec![1]), (ReduceOp::Max, vec![0, 2]), (ReduceOp::Min, vec![1, 2])] {
+        one(&format!("reduce {op:?} {axes:?}"), &[2, 5, 7], |g, x| g.reduce(op, x, &axes, false).unwrap());
+    }
+    one("softmax last", &[3, 4, 50], |g, x| g.softmax(x, 2).unwrap());
+    one("softmax middle", &[3, 4, 5], |g, x| g.softmax(x, 1).unwrap());
+}
+
+#[test]
+fn matmuls() {
+    for (sa, sb, tb) in [
+        (vec![5, 7], vec![7, 3], false),
+        (vec![2, 5, 7], vec![3, 7], true),
+        (vec![2, 5, 7], vec![2, 7, 3], false),
+        (vec![2, 1, 5, 7], vec![3, 7, 4], false),
+    ] {
+        let mut g = Graph::new();
+        let a = f32in(&mut g, "a", &sa);
+        let b = f32in(&mut g, "b", &sb);
+        let y = g.matmul(a, b, tb).unwrap();
+        g.output("y", y);
+        check(&format!("matmul {sa:?} x {sb:?} t={tb}"), g, 1);
+    }
+    // Bias, GELU and residual: fused into the epilogue by the passes.
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", &[33, 16]);
+    let w = f32in(&mut g, "w", &[24, 16]);
+    let bias = f32in(&mut g, "bias", &[24]);
+    let r = f32in(&mut g, "r", &[33, 24]);
+    let y = g.matmul(x, w, true).unwrap();
+    let y = g.add(y, bias).unwrap();
+    let y = g.unary(UnaryOp::GeluTanh, y).unwrap();
+    let y = g.add(y, r).unwrap();
+    g.output("y", y);
+    check("matmul epilogue", g, 1);
+}
+
+#[test]
+fn movement() {
+    one("permute", &[2, 3, 4, 5], |g, x| g.permute(x, &[0, 2, 3, 1]).unwrap());
+    one("permute inner", &[6, 10, 12], |g, x| g.permute(x, &[2, 0, 1]).unwrap());
+    one("slice step 2", &[4, 9, 3], |g, x| g.push(Op::Slice { axis: 1, start: 1, end: 8, step: 2 }, &[x]).unwrap());
+    one("reshape+broadcast", &[6], |g, x| {
+        let r = g.reshape(x, &[2, 1, 3]).unwrap();
+        g.push(Op::Broadcast { shape: vec![2, 4, 3] }, &[r]).unwrap()
+    });
+    let mut g = Graph::new();
+    let a = f32in(&mut g, "a", &[2, 3, 4]);
+    let b = f32in(&mut g, "b", &[2, 5, 4]);
+    let y = g.concat(&[a, b], 1).unwrap();
+    g.output("y", y);
+    check("concat", g, 1);
+    one("resize bicubic", &[2, 5, 6], |g, x| g.push(Op::Resize { size: [9, 4], mode: ResizeMode::Bicubic }, &[x]).unwrap());
+    one("resize bilinear", &[2, 5, 6], |g, x| g.push(Op::Resize { size: [3, 11], mode: ResizeMode::Bilinear }, &[x]).unwrap());
+}
+
+#[test]
+fn index_ops() {
+    let mut g = Graph::new();
+    let t = f32in(&mut g, "table", &[10, 6]);
+    let ids = g.input("ids", DType::I64, &[2, 3]).unwrap();
+    let y = g.push(Op::Gather { axis: 0 }, &[t, ids]).unwrap();
+    g.output("y", y);
+    check("gather", g, 10);
+
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", &[3, 8]);
+    let k = g.push(Op::TopK { k: 3 }, &[x]).unwrap();
+    let v = g.push(Op::TakeAlongAxis { axis: 1 }, &[x, k]).unwrap();
+    g.output("idx", k);
+    g.output("vals", v);
+    check("topk + take_along_axis", g, 1);
+
+    let mut g = Graph::new();
+    let base = f32in(&mut g, "base", &[3, 5]);
+    let idx = g.input("idx", DType::I64, &[3, 4]).unwrap();
+    let src = f32in(&mut g, "src", &[3, 4]);
+    let y = g.push(Op::ScatterAdd { axis: 1 }, &[base, idx, src]).unwrap();
+    g.output("y", y);
+    check("scatter_add", g, 5);
+
+    one("cumsum", &[3, 7], |g, x| g.push(Op::CumSum { axis: 1, exclusive: false }, &[x]).unwrap());
+    one("cumsum exclusive", &[4, 3], |g, x| g.push(Op::CumSum { axis: 0, exclusive: true }, &[x]).unwrap());
+
+    let mut g = Graph::new();
+    let ids = g.input("ids", DType::I64, &[4, 6]).unwrap();
+    let c = g.push(Op::Cast { to: DType::F32 }, &[ids]).unwrap();
+    let io = g.push_source(Op::Iota { axis: 1, start: 0.5, step: 2.0 }, TensorType::new(DType::F32, [4, 6])).unwrap();
+    let y = g.add(c, io).unwrap();
+    g.output("y", y);
+    check("cast + iota", g, 9);
+}
+
+#[test]
+fn norms() {
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", &[5, 40]);
+    let s = f32in(&mut g, "s", &[40]);
+    let b = f32in(&mut g, "b", &[40]);
+    let y = g.layer_norm(x, s, b, 1e-6).unwrap();
+    let z = g.push(Op::RmsNorm { eps: 1e-6, add_one: true }, &[x, s]).unwrap();
+    g.output("ln", y);
+    g.output("rms", z);
+    check("norms", g, 1);
+}
+
+#[test]
+fn attention_variants() {
+    let cases = [
+        ("plain", 1, 9, 9, 4, 4, 8, MaskKind::None, None),
+        ("gqa causal", 2, 7, 7, 4, 2, 16, MaskKind::Causal { q_offset: 0 }, None),
+        ("decode window softcap", 2, 1, 70, 4, 1, 8, MaskKind::SlidingWindow { q_offset: 69, window: 20 }, Some(5.0)),
+        ("long keys", 1, 3, 1100, 2, 2, 8, MaskKind::None, None),
+        ("additive", 2, 5, 6, 2, 2, 8, MaskKind::Additive, None),
+    ];
+    for (name, b, sq, sk, hq, hkv, d, mask, softcap) in cases {
+        let mut g = Graph::new();
+        let q = f32in(&mut g, "q", &[b, sq, hq, d]);
+        let k = f32in(&mut g, "k", &[b, sk, hkv, d]);
+        let v = f32in(&mut g, "v", &[b, sk, hkv, d]);
+        let mut ins = vec![q, k, v];
+        if mask == MaskKind::Additive {
+            ins.push(f32in(&mut g, "mask", &[b, sq, sk]));
+        }
+        let y = g.push(Op::Attention(Attention { scale: 0.3, softcap, mask }), &ins).unwrap();
+        g.output("y", y);
+        check(&format!("attention {name}"), g, 1);
+    }
+}
