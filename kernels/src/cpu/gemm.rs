@@ -202,12 +202,12 @@ fn gemm_rows(a: MatView, b: MatView, r0: usize, rows: usize, c: &mut [f32], par:
         c.fill(0.0);
         return;
     }
+    let _active = ThirdPartyCall::enter();
     // SAFETY: callers ran `check` on both views, proving every (i, j) of A and B lies
     // inside their slices, and rows
     // r0..r0+rows are rows of A, so A's pointer offset r0*row_stride and all reads stay in
     // bounds; C is `rows × n` contiguous (dst row stride n, col stride 1) and exclusively
     // borrowed. Strides fit in isize because they index existing allocations.
-    let _active = ThirdPartyCall::enter();
     unsafe {
         gemm::gemm(
             rows,
@@ -283,10 +283,10 @@ pub(crate) fn gemm_serial(a: MatView, b: MatView, c: &mut [f32], c_row_stride: u
         }
         return;
     }
+    let _active = ThirdPartyCall::enter();
     // SAFETY: the asserts above prove every element of A, B and the m×n window of C (row
     // stride c_row_stride ≥ n, so rows do not overlap) lies inside its slice; C is borrowed
     // mutably, A and B shared.
-    let _active = ThirdPartyCall::enter();
     unsafe {
         gemm::gemm(
             m,

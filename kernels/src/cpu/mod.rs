@@ -12,6 +12,7 @@ pub mod index;
 pub mod movement;
 pub mod norm;
 pub mod resize;
+pub mod sgemm512;
 pub mod simd;
 pub mod softmax;
 
@@ -27,6 +28,13 @@ pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
 unsafe impl<T: Send> Send for SyncPtr<T> {}
 // SAFETY: as above; shared access never writes the same element from two threads.
 unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Rows per parallel chunk so that each chunk holds at least `min_elems` elements.
 pub(crate) fn rows_per_chunk(rows: usize, row_len: usize, min_elems: usize) -> usize {

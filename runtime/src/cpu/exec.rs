@@ -9,14 +9,19 @@ use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
 use kiln_graph::{MaskKind, Op, ResizeMode};
-use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, softmax};
+use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
 pub(crate) enum Prep {
     None,
-    /// An elementwise step or a matmul epilogue.
+    /// An elementwise step.
     Region(Region),
+    /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one.
+    MatMul {
+        epilogue: Option<Region>,
+        packed: Option<sgemm512::PackedB>,
+    },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
 }
@@ -26,7 +31,8 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
     attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] }
 }
 
-pub(crate) fn prepare(e: &Entry) -> Result<Vec<Prep>> {
+/// Prepares an entry's steps; `weight` reads a weight's f32 data (for packing).
+pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Result<Vec<Prep>> {
     e.steps
         .iter()
         .enumerate()
@@ -34,10 +40,16 @@ pub(crate) fn prepare(e: &Entry) -> Result<Vec<Prep>> {
             let err = |msg| RuntimeError::Step { step: i, op: s.op.name(), msg };
             let shapes: Vec<&[usize]> = s.inputs.iter().map(|o| o.ty.shape.as_slice()).collect();
             Ok(match &s.op {
-                Op::MatMul { epilogue: Some(ex), .. } => {
-                    let mut sh = vec![s.output.ty.shape.as_slice()];
-                    sh.extend(&shapes[2..]);
-                    Prep::Region(Region::new(ex.clone(), &sh, &s.output.ty.shape).map_err(err)?)
+                Op::MatMul { epilogue, transpose_b } => {
+                    let epilogue = match epilogue {
+                        Some(ex) => {
+                            let mut sh = vec![s.output.ty.shape.as_slice()];
+                            sh.extend(&shapes[2..]);
+                            Some(Region::new(ex.clone(), &sh, &s.output.ty.shape).map_err(err)?)
+                        }
+                        None => None,
+                    };
+                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight) }
                 }
                 op if s.kernel == "cpu.fused" => {
                     let ex = expr_of(op).ok_or_else(|| err("not an elementwise op".into()))?;
@@ -48,6 +60,19 @@ pub(crate) fn prepare(e: &Entry) -> Result<Vec<Prep>> {
             })
         })
         .collect()
+}
+
+/// Packs a 2-D weight right-hand side once, when the AVX-512 kernel can use it.
+fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Option<sgemm512::PackedB> {
+    let b = &s.inputs[1];
+    let (Slot::Weight(i), true, true) = (b.slot, b.ty.rank() == 2, sgemm512::available()) else { return None };
+    if s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue" {
+        return None;
+    }
+    let data = weight(i, b.ty.numel())?;
+    let (r, c) = (b.ty.shape[0], b.ty.shape[1]);
+    let view = if tb { gemm::MatView::transposed(&data, c, r) } else { gemm::MatView::row_major(&data, r, c) };
+    Some(sgemm512::PackedB::pack(view))
 }
 
 pub(crate) struct CpuExec {
@@ -104,12 +129,15 @@ impl<'a> Mem<'a> {
 
 impl Executable for CpuExec {
     fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
-        self.run_inner(entry, inputs, outputs, None)
+        // The whole run executes on a pool worker: kernels' parallel loops then queue work on
+        // that worker's own deque instead of rayon's global injector, whose linked blocks
+        // would be allocated as runs go by.
+        rayon::scope(|_| self.run_inner(entry, inputs, outputs, None))
     }
 
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()> {
         times.clear();
-        self.run_inner(entry, inputs, outputs, Some(times))
+        rayon::scope(|_| self.run_inner(entry, inputs, outputs, Some(times)))
     }
 }
 
@@ -137,8 +165,8 @@ impl CpuExec {
 fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     match (&s.op, p) {
-        (Op::MatMul { transpose_b, epilogue }, p) if s.kernel.starts_with("cpu.gemm") => {
-            matmul(mem, s, *transpose_b, if epilogue.is_some() { Some(p) } else { None })
+        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => {
+            matmul(mem, s, *transpose_b, epilogue.as_ref(), packed.as_ref())
         }
         (_, Prep::Region(r)) => {
             let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
@@ -235,7 +263,7 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.
-fn matmul(mem: &Mem, s: &Step, tb: bool, epi: Option<&Prep>) -> std::result::Result<(), String> {
+fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option<&sgemm512::PackedB>) -> std::result::Result<(), String> {
     let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
     let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
     let (m, k, n) = (at.shape[ra - 2], at.shape[ra - 1], ot.shape[ro - 1]);
@@ -244,15 +272,18 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, epi: Option<&Prep>) -> std::result::Res
     let a_batches: usize = at.shape[..ra - 2].iter().product();
     let out_batches: usize = ot.shape[..ro - 2].iter().product();
     let bview = |data| if tb { gemm::MatView::transposed(data, k, n) } else { gemm::MatView::row_major(data, k, n) };
-    let region = match epi {
-        Some(Prep::Region(r)) => Some(r),
-        _ => None,
-    };
     let mut extra: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
     for (i, o) in s.inputs[2..].iter().enumerate() {
         extra[i] = mem.f32(o);
     }
     let extra = &extra[..s.inputs.len() - 2];
+    if let (Some(pb), true) = (packed, b_batches == 1 && a_batches == out_batches) {
+        sgemm512::matmul_packed(a, m * a_batches, k, pb, c);
+        if let Some(r) = region {
+            r.eval_in_place(extra, c);
+        }
+        return Ok(());
+    }
     if b_batches == 1 && a_batches == out_batches {
         // One weight for every row: a single (m * batches) x k x n product, epilogue fused per panel.
         let av = gemm::MatView::row_major(a, m * a_batches, k);

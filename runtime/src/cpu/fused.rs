@@ -119,10 +119,19 @@ impl Region {
 
     /// Evaluates the whole output in parallel over row chunks.
     pub fn eval(&self, ins: &[&[f32]], out: &mut [f32]) {
+        self.eval_par(ins, out, false);
+    }
+
+    /// Evaluates an epilogue over a whole product held in `out`, in parallel.
+    pub fn eval_in_place(&self, extra: &[&[f32]], out: &mut [f32]) {
+        self.eval_par(extra, out, true);
+    }
+
+    fn eval_par(&self, ins: &[&[f32]], out: &mut [f32], in_place: bool) {
         let n = self.row_len.max(1);
         let rows = out.len() / n;
         let per = (8192 / n).max(1).max(rows.div_ceil(4 * rayon::current_num_threads()));
-        out.par_chunks_mut(per * n).enumerate().for_each(|(i, chunk)| self.eval_rows(ins, chunk, i * per, false));
+        out.par_chunks_mut(per * n).enumerate().for_each(|(i, chunk)| self.eval_rows(ins, chunk, i * per, in_place));
     }
 }
 

@@ -110,7 +110,14 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        let prepared = program.entries.iter().map(exec::prepare).collect::<Result<Vec<_>>>()?;
+        let weight = |i: u32, n: usize| -> Option<Vec<f32>> {
+            let bytes = match wbufs.get(i as usize)? {
+                WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
+                WeightBuf::Owned(a) => &a.bytes()[..4 * n],
+            };
+            Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        };
+        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight)).collect::<Result<Vec<_>>>()?;
         Ok(Box::new(exec::CpuExec { weights, wbufs, consts, arena: Aligned::zeroed(arena), program: program.clone(), prepared }))
     }
 }
