@@ -138,7 +138,7 @@ fn progress<T>(msg: &str, f: impl FnOnce() -> T) -> T {
                     shown.store(true, std::sync::atomic::Ordering::Relaxed);
                     bar.tick();
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(20));
             }
         });
         let out = f();
@@ -177,17 +177,20 @@ fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Compile { model, p, out } => {
             let opts = profile(&p, None, None)?;
-            let t = Instant::now();
-            let c = progress("compiling", || compile(&model, &opts))?;
-            let secs = t.elapsed().as_secs_f64();
+            let (c, secs) = progress("compiling", || {
+                let t = Instant::now();
+                let c = compile(&model, &opts);
+                (c, t.elapsed().as_secs_f64())
+            });
+            let c = c?;
             kiln_graph::artifact::save_file(&out, &c.program)?;
             let e = &c.program.entries[0];
             println!("{}", c.program.model);
             println!(
-                "compiled in {secs:.3} s: {} steps, arena {:.1} MiB (lower bound {:.1} MiB), {} weights -> {}",
+                "compiled in {secs:.3} s: {} steps, arena {} (lower bound {}), {} weights -> {}",
                 e.steps.len(),
-                mib(e.arena_bytes),
-                mib(e.plan.lower_bound),
+                human(e.arena_bytes),
+                human(e.plan.lower_bound),
                 c.program.weights.len(),
                 out.display()
             );
@@ -252,8 +255,12 @@ fn dispatch(cmd: Cmd) -> Result<()> {
     }
 }
 
-fn mib(b: usize) -> f64 {
-    b as f64 / (1024.0 * 1024.0)
+fn human(b: usize) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1048576.0),
+    }
 }
 
 /// Batch and image size implied by a `pixel_values` input, so a folder compiles for its inputs.
