@@ -114,7 +114,7 @@ impl<'a> Mem<'a> {
         match o.slot {
             // SAFETY: as in `read`; the output range of a step overlaps no range it reads.
             Slot::Arena { offset, .. } => unsafe { std::slice::from_raw_parts_mut(self.arena.add(offset), o.ty.bytes()) },
-            Slot::Weight(_) | Slot::Const(_) => unreachable!("steps write only the arena (lowering never targets weights)"),
+            Slot::Weight(_) | Slot::Const(_) => unreachable!("load() refuses programs whose steps write outside the arena"),
         }
     }
 

@@ -100,6 +100,9 @@ impl Backend for CpuBackend {
         let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
         let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
         for e in &program.entries {
+            if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. })) {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: "not placed in the arena (corrupt program)".into() });
+            }
             for (i, s) in e.steps.iter().enumerate() {
                 let end = |o: &kiln_graph::program::Operand| match o.slot {
                     Slot::Arena { offset, bytes } => offset + bytes,
@@ -107,6 +110,13 @@ impl Backend for CpuBackend {
                 };
                 if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes) {
                     return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "operand outside the arena (corrupt program)".into() });
+                }
+                if !matches!(s.output.slot, Slot::Arena { .. }) {
+                    return Err(RuntimeError::Step {
+                        step: i,
+                        op: s.op.name(),
+                        msg: "writes a weight or constant (corrupt program)".into(),
+                    });
                 }
             }
         }
