@@ -25,7 +25,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for name in st.names() {
         let v = st.tensor(name).map_err(|e| bad(e.to_string()))?;
-        let dtype = kiln_models::checkpoint::parse_st_dtype(&format!("{:?}", v.dtype()))
+        let dtype = kiln_graph::safetensors::parse_dtype(&format!("{:?}", v.dtype()))
             .ok_or_else(|| bad(format!("tensor '{name}' has unsupported dtype {:?}", v.dtype())))?;
         out.push((name.to_string(), Tensor { ty: TensorType::new(dtype, v.shape()), bytes: v.data().to_vec() }));
     }

@@ -14,6 +14,7 @@ pub mod passes;
 pub mod plan;
 pub mod print;
 pub mod program;
+pub mod safetensors;
 pub mod scalar;
 pub mod sched;
 pub mod verify;

@@ -2,7 +2,7 @@
 //! Only headers are read here; the runtime maps the bytes.
 
 use crate::error::{ModelError, Result};
-use kiln_graph::{DType, TensorType};
+use kiln_graph::{safetensors, TensorType};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -20,70 +20,20 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, TensorInfo>,
 }
 
-/// Maps a safetensors dtype name to kiln's.
-pub fn parse_st_dtype(d: &str) -> Option<DType> {
-    Some(match d {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "I32" => DType::I32,
-        "I64" => DType::I64,
-        "U8" => DType::U8,
-        "BOOL" => DType::Bool,
-        _ => return None,
-    })
-}
-
 /// Reads the header of one safetensors file (name -> type), without its data.
 pub fn read_header(path: &Path) -> Result<Vec<(String, TensorType)>> {
     use std::io::Read;
     let io = |source| ModelError::Io { path: path.to_path_buf(), source };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| ModelError::Safetensors { path: path.into(), msg: "shorter than the 8-byte header length".into() })?;
-    let n = u64::from_le_bytes(len);
-    let file_len = f.metadata().map_err(io)?.len();
-    if n > 100_000_000 || 8 + n > file_len {
-        return Err(ModelError::Safetensors {
-            path: path.into(),
-            msg: format!("header of {n} bytes in a file of {file_len} bytes (truncated?)"),
-        });
-    }
-    let mut head = vec![0u8; n as usize];
-    f.read_exact(&mut head).map_err(io)?;
     let bad = |msg: String| ModelError::Safetensors { path: path.into(), msg };
-    let header: serde_json::Value = serde_json::from_slice(&head).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
-    let data_len = file_len - 8 - n;
-    let mut out = Vec::new();
-    for (name, info) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dt = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
-        let dtype = parse_st_dtype(dt).ok_or_else(|| bad(format!("tensor '{name}' has unsupported dtype {dt}")))?;
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| bad(format!("tensor '{name}' has no valid shape")))?;
-        let offs: Vec<u64> = info
-            .get("data_offsets")
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64()).collect())
-            .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
-            .ok_or_else(|| bad(format!("tensor '{name}' has no valid data_offsets")))?;
-        let ty = TensorType::new(dtype, shape);
-        if offs[1] - offs[0] != ty.bytes() as u64 {
-            return Err(bad(format!("tensor '{name}' {ty} needs {} bytes but has {}", ty.bytes(), offs[1] - offs[0])));
-        }
-        if offs[1] > data_len {
-            return Err(bad(format!("tensor '{name}' ends at byte {} of a {data_len}-byte data section (truncated)", offs[1])));
-        }
-        out.push((name.clone(), ty));
-    }
-    Ok(out)
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut first = [0u8; 8];
+    f.read_exact(&mut first).map_err(|_| bad("shorter than the 8-byte header length".into()))?;
+    let n = safetensors::header_len(&first, file_len).map_err(bad)?;
+    let mut head = vec![0u8; n];
+    f.read_exact(&mut head).map_err(io)?;
+    let entries = safetensors::parse_header(&head, file_len).map_err(bad)?;
+    Ok(entries.into_iter().map(|e| (e.name, e.ty)).collect())
 }
 
 impl Checkpoint {

@@ -1,7 +1,7 @@
 //! Weights: safetensors files mapped into memory once, looked up by name.
 
 use crate::error::{Result, RuntimeError};
-use kiln_graph::{DType, TensorType};
+use kiln_graph::{safetensors, TensorType};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,19 +21,6 @@ pub struct WeightStore {
     pub paths: Vec<PathBuf>,
     maps: Vec<Mmap>,
     pub index: HashMap<String, WeightRef>,
-}
-
-fn st_dtype(s: &str) -> Option<DType> {
-    Some(match s {
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "I32" => DType::I32,
-        "I64" => DType::I64,
-        "U8" => DType::U8,
-        "BOOL" => DType::Bool,
-        _ => return None,
-    })
 }
 
 impl WeightStore {
@@ -99,40 +86,9 @@ impl WeightStore {
 
 fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, WeightRef)>> {
     let bad = |msg: String| RuntimeError::Weights { path: path.into(), msg };
-    if map.len() < 8 {
-        return Err(bad(format!("{} bytes: too short for a safetensors file", map.len())));
-    }
-    let n = u64::from_le_bytes([map[0], map[1], map[2], map[3], map[4], map[5], map[6], map[7]]) as usize;
-    if n > map.len() - 8 {
-        return Err(bad(format!("header of {n} bytes in a {}-byte file (truncated or not safetensors)", map.len())));
-    }
-    let header: serde_json::Value = serde_json::from_slice(&map[8..8 + n]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
-    let base = 8 + n;
-    let mut out = Vec::new();
-    for (name, info) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dt = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
-        let dtype = st_dtype(dt).ok_or_else(|| bad(format!("tensor '{name}': unsupported dtype {dt}")))?;
-        let shape: Option<Vec<usize>> =
-            info.get("shape").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
-        let offs: Option<Vec<usize>> =
-            info.get("data_offsets").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
-        let (Some(shape), Some(offs)) = (shape, offs) else {
-            return Err(bad(format!("tensor '{name}': malformed shape or data_offsets")));
-        };
-        let ty = TensorType::new(dtype, shape);
-        if offs.len() != 2 || offs[0] > offs[1] || offs[1] - offs[0] != ty.bytes() {
-            return Err(bad(format!("tensor '{name}' {ty}: data_offsets {offs:?} do not hold {} bytes", ty.bytes())));
-        }
-        if base + offs[1] > map.len() {
-            return Err(bad(format!("tensor '{name}' ends at byte {} but the file has {} (truncated)", base + offs[1], map.len())));
-        }
-        out.push((name.clone(), WeightRef { file, ty, start: base + offs[0], end: base + offs[1] }));
-    }
-    Ok(out)
+    let n = safetensors::header_len(map, map.len() as u64).map_err(bad)?;
+    let entries = safetensors::parse_header(&map[8..8 + n], map.len() as u64).map_err(bad)?;
+    Ok(entries.into_iter().map(|e| (e.name, WeightRef { file, ty: e.ty, start: e.start, end: e.end })).collect())
 }
 
 impl WeightStore {

@@ -1,0 +1,73 @@
+//! The safetensors header: the one parser the checkpoint index (models) and the weight
+//! store (runtime) share, so both read and reject files the same way.
+
+use crate::dtype::{DType, TensorType};
+
+/// One tensor of a header: its type and its byte range within the whole file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub ty: TensorType,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Maps a safetensors dtype name (`F32`, `BF16`, ...) to kiln's.
+pub fn parse_dtype(d: &str) -> Option<DType> {
+    Some(match d {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "I32" => DType::I32,
+        "I64" => DType::I64,
+        "U8" => DType::U8,
+        "BOOL" => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// The header length stored in the first 8 bytes, checked against the file's length.
+pub fn header_len(first8: &[u8], file_len: u64) -> Result<usize, String> {
+    let b: [u8; 8] = first8.get(..8).and_then(|s| s.try_into().ok()).ok_or("shorter than the 8-byte header length")?;
+    let n = u64::from_le_bytes(b);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(format!("header of {n} bytes in a file of {file_len} bytes (truncated, or not safetensors)"));
+    }
+    Ok(n as usize)
+}
+
+/// Parses the JSON header (the `header_len` bytes after the first 8) of a file of
+/// `file_len` bytes; every tensor's range is checked to lie inside the file.
+pub fn parse_header(json: &[u8], file_len: u64) -> Result<Vec<HeaderEntry>, String> {
+    let header: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("header is not JSON: {e}"))?;
+    let obj = header.as_object().ok_or("header is not a JSON object")?;
+    let base = 8 + json.len() as u64;
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dt = info.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
+        let dtype = parse_dtype(dt).ok_or_else(|| format!("tensor '{name}' has unsupported dtype {dt}"))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .ok_or_else(|| format!("tensor '{name}' has no valid shape"))?;
+        let offs: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64()).collect())
+            .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+            .ok_or_else(|| format!("tensor '{name}' has no valid data_offsets"))?;
+        let ty = TensorType::new(dtype, shape);
+        if offs[1] - offs[0] != ty.bytes() as u64 {
+            return Err(format!("tensor '{name}' {ty} needs {} bytes but has {}", ty.bytes(), offs[1] - offs[0]));
+        }
+        if base + offs[1] > file_len {
+            return Err(format!("tensor '{name}' ends at byte {} but the file has {file_len} (truncated)", base + offs[1]));
+        }
+        out.push(HeaderEntry { name: name.clone(), ty, start: (base + offs[0]) as usize, end: (base + offs[1]) as usize });
+    }
+    Ok(out)
+}
