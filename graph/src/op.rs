@@ -153,8 +153,10 @@ impl Expr {
             .unwrap_or(0)
     }
 
-    /// Evaluates the expression on scalars (`inputs[i]` is the value of `Input(i)`).
-    pub fn eval(&self, inputs: &[f64], scratch: &mut Vec<f64>) -> f64 {
+    /// Evaluates the expression on scalars (`inputs[i]` is the value of `Input(i)`), rounding
+    /// every intermediate to `dtype`: a region computes what its unfused ops would, each
+    /// storing its result in the region's type (so `x >= y` of two equal roundings stays true).
+    pub fn eval(&self, inputs: &[f64], scratch: &mut Vec<f64>, dtype: crate::DType) -> f64 {
         scratch.clear();
         for ins in &self.instrs {
             let v = match *ins {
@@ -170,7 +172,7 @@ impl Expr {
                     }
                 }
             };
-            scratch.push(v);
+            scratch.push(dtype.round(v));
         }
         scratch.last().copied().unwrap_or(0.0)
     }

@@ -359,3 +359,18 @@ proptest! {
         prop_assert_eq!(kiln_graph::print::print(&twice), kiln_graph::print::print(&once));
     }
 }
+
+/// A case proptest found: a fused region computed `exp` in f64 while the same value outside
+/// the region was stored in f32 (kept as a regression test).
+#[test]
+fn regression_fuse_elementwise_case_1() {
+    let gen = decode(
+        &[4],
+        &[(43, 0, 0, 0), (7, 0, 0, 0), (12, 0, 30, 0), (59, 0, 6, 0), (20, 1, 154, 128), (101, 133, 0, 0)],
+        4383956758958618707,
+        78,
+    );
+    // ge(exp(x), exp(x)) with one side inside the region: true only if the region rounds
+    // its intermediates to f32 as the unfused ops store them.
+    check(&gen, &Pipeline::parse("fuse_elementwise").unwrap()).unwrap();
+}

@@ -197,7 +197,7 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
         Op::Attention(at) => Ok(attention(a, at, out)),
         Op::Fused(e) => {
             let mut scratch = Vec::new();
-            Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch)))
+            Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))
         }
     }
 }
@@ -258,7 +258,7 @@ fn matmul(a: &[&Value], transpose_b: bool, epi: Option<&Expr>, out: &TensorType)
     let mut args = vec![&prod];
     args.extend(a[2..].iter().copied());
     let mut scratch = Vec::new();
-    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch)))
+    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))
 }
 
 fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
