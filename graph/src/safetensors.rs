@@ -12,6 +12,21 @@ pub struct HeaderEntry {
     pub end: usize,
 }
 
+/// The weight files of a checkpoint folder, sorted: `model*.safetensors`,
+/// `pytorch_model*.safetensors` or `weights.safetensors` (other safetensors files beside them,
+/// such as inputs or reference outputs, are not weights).
+pub fn weight_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.ends_with(".safetensors") && (n.starts_with("model") || n.starts_with("pytorch_model") || n == "weights.safetensors")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Maps a safetensors dtype name (`F32`, `BF16`, ...) to kiln's.
 pub fn parse_dtype(d: &str) -> Option<DType> {
     Some(match d {

@@ -39,15 +39,7 @@ pub fn read_header(path: &Path) -> Result<Vec<(String, TensorType)>> {
 impl Checkpoint {
     /// Indexes every `*.safetensors` file in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
-        let mut files: Vec<PathBuf> =
-            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
-        files.sort();
-        // Sidecar files that are not weights (kiln's own inputs/references live beside them in tests).
-        files.retain(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("model") || n.starts_with("pytorch_model") || n == "weights.safetensors"
-        });
+        let files = safetensors::weight_files(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
         if files.is_empty() {
             return Err(ModelError::Unsupported(format!("{}: no model*.safetensors file in this folder", dir.display())));
         }

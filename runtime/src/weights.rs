@@ -31,20 +31,7 @@ impl WeightStore {
             let p = p.to_path_buf();
             move |source| RuntimeError::Io { path: p, source }
         };
-        let files: Vec<PathBuf> = if path.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(io(path))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    n.ends_with(".safetensors") && (n.starts_with("model") || n.starts_with("pytorch_model") || n == "weights.safetensors")
-                })
-                .collect();
-            v.sort();
-            v
-        } else {
-            vec![path.to_path_buf()]
-        };
+        let files: Vec<PathBuf> = if path.is_dir() { safetensors::weight_files(path).map_err(io(path))? } else { vec![path.to_path_buf()] };
         if files.is_empty() {
             return Err(RuntimeError::Weights { path: path.into(), msg: "no model*.safetensors file here".into() });
         }

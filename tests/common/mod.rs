@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use kiln_graph::interp::Value;
-use kiln_graph::{DType, TensorType};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,25 +13,8 @@ pub fn siglip_case(name: &str) -> PathBuf {
 
 /// Reads every tensor of a safetensors file as an interpreter value.
 pub fn read_values(path: &Path) -> HashMap<String, Value> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let d = view.data();
-        let (dtype, data): (DType, Vec<f64>) = match view.dtype() {
-            safetensors::Dtype::F32 => {
-                (DType::F32, d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect())
-            }
-            safetensors::Dtype::BF16 => {
-                (DType::BF16, d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect())
-            }
-            safetensors::Dtype::F16 => (DType::F16, d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()),
-            safetensors::Dtype::I64 => (DType::I64, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()),
-            other => panic!("{}: dtype {other:?} not handled by the test reader", path.display()),
-        };
-        out.insert(name.to_string(), Value::new(TensorType::new(dtype, view.shape()), data).unwrap());
-    }
-    out
+    let tensors = kiln::io::read(path).unwrap_or_else(|e| panic!("{e}"));
+    tensors.into_iter().map(|(name, t)| (name, Value::new(t.ty.clone(), t.to_f64()).unwrap())).collect()
 }
 
 /// max |a - b| / max(max |b|, 1e-6): the normalised error used by every golden check.

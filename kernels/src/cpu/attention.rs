@@ -80,25 +80,7 @@ impl AttnMask<'_> {
 /// Queries that see no key (fully masked rows) produce zeros, not NaN.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], scale: f32, softcap: Option<f32>, mask: AttnMask, out: &mut [f32]) {
-    let ws = AttnWorkspace::with_blocks(shape, BLOCK_Q, BLOCK_K);
-    attention_blocked(shape, q, k, v, scale, softcap, mask, out, &ws);
-}
-
-/// [`attention`] with buffers made once by the caller: no allocation per call.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_in(
-    shape: &AttnShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    softcap: Option<f32>,
-    mask: AttnMask,
-    out: &mut [f32],
-    ws: &AttnWorkspace,
-) {
-    assert_eq!(ws.shape, *shape, "attention: workspace made for another shape");
-    attention_blocked(shape, q, k, v, scale, softcap, mask, out, ws);
+    attention_in(shape, q, k, v, scale, softcap, mask, out, &AttnWorkspace::new(shape));
 }
 
 /// Buffers one attention shape needs: the transposed keys and one score/accumulator tile
@@ -137,9 +119,10 @@ fn transpose_keys(q_len: usize, block_q: usize) -> bool {
     q_len >= 2 * block_q.min(q_len).max(16)
 }
 
-/// [`attention`] with explicit tile sizes (tests use tiny ones to exercise block edges).
+/// [`attention`] with buffers made once by the caller: no allocation per call. The
+/// workspace also fixes the tile sizes (tests use tiny ones to exercise block edges).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_blocked(
+pub fn attention_in(
     shape: &AttnShape,
     q: &[f32],
     k: &[f32],
@@ -150,6 +133,7 @@ pub(crate) fn attention_blocked(
     out: &mut [f32],
     ws: &AttnWorkspace,
 ) {
+    assert_eq!(ws.shape, *shape, "attention: workspace made for another shape");
     let (block_q, block_k) = (ws.block_q, ws.block_k);
     let AttnShape { batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim } = *shape;
     // Real asserts: the strided gemm views below are unchecked in release builds.
@@ -447,7 +431,7 @@ mod tests {
         let want = reference(&sh, &q, &k, &v, scale, softcap, mask);
         for (bq, bk) in [(BLOCK_Q, BLOCK_K), (3, 5), (1, 1), (4, 16)] {
             let mut out = vec![f32::NAN; want.len()];
-            attention_blocked(&sh, &q, &k, &v, scale, softcap, mask, &mut out, &AttnWorkspace::with_blocks(&sh, bq, bk));
+            attention_in(&sh, &q, &k, &v, scale, softcap, mask, &mut out, &AttnWorkspace::with_blocks(&sh, bq, bk));
             assert!(out.iter().all(|x| x.is_finite()), "non-finite output for {sh:?} mask {mask_kind}");
             assert_close(&format!("{sh:?} cap {softcap:?} mask {mask_kind} blocks {bq}x{bk}"), &out, &want, 2e-6);
         }

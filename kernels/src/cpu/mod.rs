@@ -36,6 +36,29 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// Applies `f(x_row, out_row)` to every row of `rows x d` buffers, rows split into parallel
+/// chunks of at least `min_elems` elements, each chunk run with AVX2+FMA when available:
+/// the driver the row kernels (norms, softmax) share.
+pub(crate) fn for_each_row(x: &[f32], out: &mut [f32], rows: usize, d: usize, min_elems: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    debug_assert_eq!(x.len(), rows * d);
+    debug_assert_eq!(out.len(), rows * d);
+    if rows == 0 || d == 0 {
+        return;
+    }
+    let chunk = rows_per_chunk(rows, d, min_elems) * d;
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    f(xrow, orow);
+                }
+            },
+        )
+    });
+}
+
 /// Rows per parallel chunk so that each chunk holds at least `min_elems` elements.
 pub(crate) fn rows_per_chunk(rows: usize, row_len: usize, min_elems: usize) -> usize {
     let by_size = min_elems.div_ceil(row_len.max(1));

@@ -3,9 +3,7 @@
 //! Statistics are computed in f32 with a two-pass mean/variance per row, accumulated in 16
 //! lanes, which keeps the error near f32 rounding for the row lengths in these models.
 
-use rayon::prelude::*;
-
-use super::simd::{self, vectorized};
+use super::simd;
 
 /// Minimum elements per parallel task.
 const MIN_TASK: usize = 1 << 14;
@@ -13,24 +11,9 @@ const MIN_TASK: usize = 1 << 14;
 /// LayerNorm over the last axis of `x` (`rows × d`): (x - mean)/√(var + eps)·γ + β, with the
 /// biased variance as in PyTorch; `beta` may be absent (bias-free LayerNorm).
 pub fn layer_norm(x: &[f32], rows: usize, d: usize, gamma: &[f32], beta: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    debug_assert_eq!(x.len(), rows * d);
-    debug_assert_eq!(out.len(), rows * d);
     debug_assert_eq!(gamma.len(), d);
     debug_assert!(beta.is_none_or(|b| b.len() == d));
-    if rows == 0 || d == 0 {
-        return;
-    }
-    let chunk = super::rows_per_chunk(rows, d, MIN_TASK) * d;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    layer_norm_row(xrow, gamma, beta, eps, orow);
-                }
-            },
-        )
-    });
+    super::for_each_row(x, out, rows, d, MIN_TASK, |xrow, orow| layer_norm_row(xrow, gamma, beta, eps, orow));
 }
 
 #[inline(always)]
@@ -56,27 +39,14 @@ fn layer_norm_row(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, eps: f32, out:
 /// RMSNorm over the last axis: x / √(mean(x²) + eps) · w, or · (1 + w) when `add_one`
 /// (Gemma stores the weight as an offset from 1).
 pub fn rms_norm(x: &[f32], rows: usize, d: usize, w: &[f32], add_one: bool, eps: f32, out: &mut [f32]) {
-    debug_assert_eq!(x.len(), rows * d);
-    debug_assert_eq!(out.len(), rows * d);
     debug_assert_eq!(w.len(), d);
-    if rows == 0 || d == 0 {
-        return;
-    }
     let offset = if add_one { 1.0 } else { 0.0 };
-    let chunk = super::rows_per_chunk(rows, d, MIN_TASK) * d;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    let ms = simd::dot(xrow, xrow) / d as f32;
-                    let r = 1.0 / (ms + eps).sqrt();
-                    for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
-                        *o = x * r * (offset + w);
-                    }
-                }
-            },
-        )
+    super::for_each_row(x, out, rows, d, MIN_TASK, |xrow, orow| {
+        let ms = simd::dot(xrow, xrow) / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
+            *o = x * r * (offset + w);
+        }
     });
 }
 

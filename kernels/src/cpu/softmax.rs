@@ -33,23 +33,10 @@ pub fn softmax_inplace(x: &mut [f32], rows: usize, n: usize) {
 
 /// Softmax of each row of `x` (`rows × n`) written to `out`.
 pub fn softmax(x: &[f32], rows: usize, n: usize, out: &mut [f32]) {
-    debug_assert_eq!(x.len(), rows * n);
-    debug_assert_eq!(out.len(), rows * n);
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let chunk = super::rows_per_chunk(rows, n, MIN_TASK) * n;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (orow, xrow) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    let m = simd::max(xrow);
-                    orow.copy_from_slice(xrow);
-                    exp_sub_normalize(orow, m);
-                }
-            },
-        )
+    super::for_each_row(x, out, rows, n, MIN_TASK, |xrow, orow| {
+        let m = simd::max(xrow);
+        orow.copy_from_slice(xrow);
+        exp_sub_normalize(orow, m);
     });
 }
 
