@@ -8,17 +8,10 @@ use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slo
 use kiln_graph::{ArtifactError, Attention, BinaryOp, DType, Expr, Graph, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
 use proptest::prelude::*;
 
-/// splitmix64: a tiny deterministic generator, so one proptest seed gives one program.
-struct Rng(u64);
+mod common;
+use common::Rng;
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
