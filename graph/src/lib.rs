@@ -9,6 +9,7 @@ pub mod graph;
 pub mod infer;
 pub mod interp;
 pub mod lower;
+pub mod npz;
 pub mod op;
 pub mod passes;
 pub mod plan;

@@ -14,17 +14,28 @@ pub struct HeaderEntry {
 
 /// The weight files of a checkpoint folder, sorted: `model*.safetensors`,
 /// `pytorch_model*.safetensors` or `weights.safetensors` (other safetensors files beside them,
-/// such as inputs or reference outputs, are not weights).
+/// such as inputs or reference outputs, are not weights), and big_vision's `*.npz`.
 pub fn weight_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.ends_with(".safetensors") && (n.starts_with("model") || n.starts_with("pytorch_model") || n == "weights.safetensors")
+            (n.ends_with(".safetensors") && (n.starts_with("model") || n.starts_with("pytorch_model") || n == "weights.safetensors"))
+                || n.ends_with(".npz")
         })
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Indexes one weight file held in memory: a `.npz` by its zip directory, anything else as
+/// safetensors. Every tensor's range lies inside `bytes`.
+pub fn index_file(path: &std::path::Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, String> {
+    if path.extension().is_some_and(|e| e == "npz") {
+        return crate::npz::parse_index(bytes);
+    }
+    let n = header_len(bytes, bytes.len() as u64)?;
+    parse_header(&bytes[8..8 + n], bytes.len() as u64)
 }
 
 /// Maps a safetensors dtype name (`F32`, `BF16`, ...) to kiln's.

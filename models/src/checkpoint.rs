@@ -1,5 +1,5 @@
-//! A checkpoint folder's tensor index: names, dtypes and shapes from safetensors headers.
-//! Only headers are read here; the runtime maps the bytes.
+//! A checkpoint folder's tensor index: names, dtypes and shapes from safetensors headers or
+//! npz directories. Only the index is read here; the runtime maps the bytes.
 
 use crate::error::{ModelError, Result};
 use kiln_graph::{safetensors, TensorType};
@@ -36,16 +36,28 @@ pub fn read_header(path: &Path) -> Result<Vec<(String, TensorType)>> {
     Ok(entries.into_iter().map(|e| (e.name, e.ty)).collect())
 }
 
+/// Reads the array index of one `.npz` file (big_vision's `np.savez` parameter files).
+pub fn read_npz_index(path: &Path) -> Result<Vec<(String, TensorType)>> {
+    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let f = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the file is opened read-only and only read while mapped; another process
+    // rewriting it meanwhile is outside what any mmap user can guard against.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
+    let entries = safetensors::index_file(path, &map).map_err(|msg| ModelError::Safetensors { path: path.into(), msg })?;
+    Ok(entries.into_iter().map(|e| (e.name, e.ty)).collect())
+}
+
 impl Checkpoint {
     /// Indexes every `*.safetensors` file in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         let files = safetensors::weight_files(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
         if files.is_empty() {
-            return Err(ModelError::Unsupported(format!("{}: no model*.safetensors file in this folder", dir.display())));
+            return Err(ModelError::Unsupported(format!("{}: no weight file in this folder (model*.safetensors or *.npz)", dir.display())));
         }
         let mut tensors = BTreeMap::new();
         for f in files {
-            for (name, ty) in read_header(&f)? {
+            let entries = if f.extension().is_some_and(|e| e == "npz") { read_npz_index(&f)? } else { read_header(&f)? };
+            for (name, ty) in entries {
                 tensors.insert(name, TensorInfo { file: f.clone(), ty });
             }
         }

@@ -12,7 +12,7 @@ pub enum ModelError {
     Json { path: PathBuf, msg: String },
     #[error("{path}: field '{field}': {msg}")]
     Config { path: PathBuf, field: String, msg: String },
-    #[error("{path}: not a readable safetensors file: {msg}")]
+    #[error("{path}: not a readable weight file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
     #[error("{dir}: no tensor '{name}' in the checkpoint ({hint})")]
     MissingTensor { dir: PathBuf, name: String, hint: String },

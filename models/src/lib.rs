@@ -42,6 +42,19 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     if !cfg_path.exists() {
         return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
     }
+    if let Some(name) = big_vision_model_name(&cfg_path)? {
+        // big_vision folders: `config.json` holds the config's `model_name` and `model` kwargs.
+        return match name.as_str() {
+            "vit" | "vmoe" | "proj.jet.jet" => Err(ModelError::Unsupported(format!(
+                "{}: big_vision model '{name}' is recognised but kiln cannot build it yet",
+                cfg_path.display()
+            ))),
+            other => Err(ModelError::Unsupported(format!(
+                "{}: big_vision model_name '{other}' is not supported (kiln knows 'vit', 'vmoe', 'proj.jet.jet')",
+                cfg_path.display()
+            ))),
+        };
+    }
     let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
     let checkpoint = Checkpoint::open(dir)?;
     let graph = siglip::build(&cfg, container, &checkpoint, profile)?;
@@ -57,4 +70,17 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
         profile.dtype
     );
     Ok(Built { graph, description, checkpoint })
+}
+
+/// The `model_name` of a big_vision folder's `config.json`, or `None` for a Hugging Face folder.
+fn big_vision_model_name(path: &Path) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
+    match v.get("model_name") {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => {
+            Err(ModelError::Config { path: path.into(), field: "model_name".into(), msg: format!("expected a string, found {other}") })
+        }
+    }
 }

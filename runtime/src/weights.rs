@@ -16,7 +16,7 @@ pub struct WeightRef {
     pub end: usize,
 }
 
-/// Memory-mapped safetensors files and their tensor index.
+/// Memory-mapped weight files (safetensors, npz) and their tensor index.
 pub struct WeightStore {
     pub paths: Vec<PathBuf>,
     maps: Vec<Mmap>,
@@ -24,8 +24,8 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    /// Maps the weights at `path`: a `.safetensors` file, or a folder whose `model*.safetensors`
-    /// files are all mapped.
+    /// Maps the weights at `path`: a `.safetensors` or `.npz` file, or a folder whose weight files
+    /// (`model*.safetensors`, `*.npz`) are all mapped.
     pub fn open(path: &Path) -> Result<Self> {
         let io = |p: &Path| {
             let p = p.to_path_buf();
@@ -33,7 +33,7 @@ impl WeightStore {
         };
         let files: Vec<PathBuf> = if path.is_dir() { safetensors::weight_files(path).map_err(io(path))? } else { vec![path.to_path_buf()] };
         if files.is_empty() {
-            return Err(RuntimeError::Weights { path: path.into(), msg: "no model*.safetensors file here".into() });
+            return Err(RuntimeError::Weights { path: path.into(), msg: "no weight file here (model*.safetensors or *.npz)".into() });
         }
         let mut store = WeightStore { paths: vec![], maps: vec![], index: HashMap::new() };
         for f in files {
@@ -42,8 +42,9 @@ impl WeightStore {
             // by another process while mapped is outside what any mmap user can guard against.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&f))?;
             let k = store.maps.len();
-            for (name, r) in parse_header(&f, &map, k)? {
-                store.index.insert(name, r);
+            let entries = safetensors::index_file(&f, &map).map_err(|msg| RuntimeError::Weights { path: f.clone(), msg })?;
+            for e in entries {
+                store.index.insert(e.name, WeightRef { file: k, ty: e.ty, start: e.start, end: e.end });
             }
             store.paths.push(f);
             store.maps.push(map);
@@ -69,13 +70,6 @@ impl WeightStore {
     fn describe(&self) -> String {
         self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
-}
-
-fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, WeightRef)>> {
-    let bad = |msg: String| RuntimeError::Weights { path: path.into(), msg };
-    let n = safetensors::header_len(map, map.len() as u64).map_err(bad)?;
-    let entries = safetensors::parse_header(&map[8..8 + n], map.len() as u64).map_err(bad)?;
-    Ok(entries.into_iter().map(|e| (e.name, WeightRef { file, ty: e.ty, start: e.start, end: e.end })).collect())
 }
 
 impl WeightStore {
