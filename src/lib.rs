@@ -5,6 +5,9 @@
 //! [`kiln_runtime::Session`] runs the result.
 
 pub mod io;
+pub mod npz_write;
+pub mod png;
+pub mod sample;
 pub mod synth;
 
 pub use kiln_graph as graph;
@@ -51,6 +54,13 @@ pub struct CompileOptions {
 /// A compiled model with everything `kiln inspect` shows.
 pub struct Compiled {
     pub program: Program,
+    /// One report per entry of the program, in the same order.
+    pub entries: Vec<CompiledEntry>,
+}
+
+/// One entry's compile: what the passes made of its graph, its order and its memory plan.
+pub struct CompiledEntry {
+    pub name: String,
     /// (pass name, IR after it); the first row is the graph as built.
     pub trace: Vec<(String, String)>,
     /// The graph after the passes.
@@ -59,23 +69,11 @@ pub struct Compiled {
     pub plan: MemoryPlan,
 }
 
-/// Compiles the model in `dir` to a single-entry (`forward`) program.
+/// Compiles the model in `dir` to a program with one entry per graph the builder made
+/// (`forward`, and `inverse` for flows); the entries share the weight table.
 pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let built = kiln_models::build(dir, &opts.profile)?;
     let backend = kiln_runtime::by_name(&opts.backend)?;
-    let mut trace = Vec::new();
-    if opts.trace {
-        trace.push(("built".to_string(), kiln_graph::print::print(&built.graph)));
-    }
-    let graph = Pipeline::standard().run(&built.graph, opts.trace.then_some(&mut trace))?;
-    // Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
-    for n in &graph.nodes {
-        if n.op.is_source() {
-            continue;
-        }
-        let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
-        backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
-    }
     let mut program = Program {
         model: built.description,
         backend: backend.name().to_string(),
@@ -87,7 +85,24 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
     };
-    let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, "forward", &mut program, &namer)?;
-    program.entries.push(entry);
-    Ok(Compiled { program, trace, graph, order, plan })
+    let mut entries = Vec::with_capacity(built.entries.len());
+    for (name, built_graph) in &built.entries {
+        let mut trace = Vec::new();
+        if opts.trace {
+            trace.push(("built".to_string(), kiln_graph::print::print(built_graph)));
+        }
+        let graph = Pipeline::standard().run(built_graph, opts.trace.then_some(&mut trace))?;
+        // Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
+        for n in &graph.nodes {
+            if n.op.is_source() {
+                continue;
+            }
+            let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
+            backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
+        }
+        let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
+        program.entries.push(entry);
+        entries.push(CompiledEntry { name: name.clone(), trace, graph, order, plan });
+    }
+    Ok(Compiled { program, entries })
 }

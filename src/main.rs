@@ -56,6 +56,13 @@ enum Cmd {
         weights: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// The entry to run (`forward`; flows also have `inverse`).
+        #[arg(long, default_value = "forward")]
+        entry: String,
+        /// Also print bits per dimension per image from a flow's `z` and `logdet` outputs
+        /// (big_vision's Jet trainer formula, without dequantisation noise).
+        #[arg(long)]
+        bpd: bool,
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
@@ -81,6 +88,27 @@ enum Cmd {
         /// Also split one run's time by kernel kind.
         #[arg(long)]
         breakdown: bool,
+        /// The entry to time.
+        #[arg(long, default_value = "forward")]
+        entry: String,
+    },
+    /// Draw images from a flow: Gaussian z at a temperature, the `inverse` entry, a PNG grid.
+    Sample {
+        model: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of z (1 samples the model's prior).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Number of images (the grid is as square as it can be).
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        p: ProfileArgs,
+        #[arg(short = 'o', long)]
+        out: PathBuf,
     },
     /// Compare the tensors of two safetensors files (relative error per tensor).
     Compare {
@@ -184,37 +212,51 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             });
             let c = c?;
             kiln_graph::artifact::save_file(&out, &c.program)?;
-            let e = &c.program.entries[0];
             println!("{}", c.program.model);
-            println!(
-                "compiled in {secs:.3} s: {} steps, arena {} (lower bound {}), {} weights -> {}",
-                e.steps.len(),
-                human(e.arena_bytes),
-                human(e.plan.lower_bound),
-                c.program.weights.len(),
-                out.display()
-            );
+            println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
+            for e in &c.program.entries {
+                println!(
+                    "  entry {}: {} steps, arena {} (lower bound {})",
+                    e.name,
+                    e.steps.len(),
+                    human(e.arena_bytes),
+                    human(e.plan.lower_bound)
+                );
+            }
             Ok(())
         }
-        Cmd::Run { model, inputs, out, weights, p } => {
+        Cmd::Run { model, inputs, out, weights, p, entry, bpd } => {
             let ins = io::read(&inputs)?;
             let (batch, hw) = image_dims(&ins);
             let opts = profile(&p, batch, hw)?;
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
             let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let outs = s.run("forward", &refs)?;
+            let outs = s.run(&entry, &refs)?;
             for (name, t) in &outs {
                 let v = t.to_f64();
                 let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
                 let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
                 println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
             }
+            if bpd {
+                print_bits_per_dim(&outs)?;
+            }
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
-        Cmd::Bench { model, p, runs, weights, json, breakdown } => bench(&model, &p, runs, weights.as_deref(), json, breakdown),
+        Cmd::Bench { model, p, runs, weights, json, breakdown, entry } => {
+            bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
+        }
+        Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
+            let mut opts = profile(&p, Some(count), None)?;
+            opts.profile.batch = count.max(1);
+            let mut s = session(&model, weights.as_deref(), Some(opts))?;
+            let r = kiln::sample::sample(&mut s, seed, temperature, &out)?;
+            println!("{r}");
+            Ok(())
+        }
         Cmd::Compare { got, want, tol } => {
             let (a, b) = (io::read(&got)?, io::read(&want)?);
             let mut worst = 0f64;
@@ -263,12 +305,34 @@ fn human(b: usize) -> String {
     }
 }
 
-/// Batch and image size implied by a `pixel_values` input, so a folder compiles for its inputs.
+/// Batch and image size implied by an image input, so a folder compiles for its inputs:
+/// `pixel_values` (NCHW, Hugging Face) or a flow's `images` / `z` (NHWC, big_vision).
 fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)>) {
-    match ins.iter().find(|(n, _)| n == "pixel_values") {
-        Some((_, t)) if t.ty.rank() == 4 => (Some(t.ty.shape[0]), Some((t.ty.shape[2], t.ty.shape[3]))),
-        _ => (None, None),
+    for (name, t) in ins {
+        let s = &t.ty.shape;
+        match name.as_str() {
+            "pixel_values" if s.len() == 4 => return (Some(s[0]), Some((s[2], s[3]))),
+            "images" | "z" if s.len() == 4 => return (Some(s[0]), Some((s[1], s[2]))),
+            _ => {}
+        }
     }
+    (None, None)
+}
+
+/// Prints bits per dimension per image from a flow's `z` and `logdet` outputs.
+fn print_bits_per_dim(outs: &[(String, Tensor)]) -> Result<()> {
+    let get = |n: &str| {
+        outs.iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::Usage(format!("--bpd needs a '{n}' output (run a flow's forward entry)")))
+    };
+    let (z, logdet) = (get("z")?.to_f32(), get("logdet")?.to_f64());
+    let per = z.len() / logdet.len().max(1);
+    let bpd: Vec<f64> = logdet.iter().enumerate().map(|(i, &ld)| kiln_models::jet::bits_per_dim(&z[i * per..(i + 1) * per], ld)).collect();
+    let shown: Vec<String> = bpd.iter().map(|b| format!("{b:.6}")).collect();
+    println!("bits per dim: [{}] mean {:.6}", shown.join(", "), bpd.iter().sum::<f64>() / bpd.len().max(1) as f64);
+    Ok(())
 }
 
 fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
@@ -281,21 +345,27 @@ fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
     opts.trace = true;
     let c: Compiled = compile(model, &opts)?;
     println!("== model\n{}\n", c.program.model);
-    println!("== passes");
-    for (name, text) in &c.trace {
-        println!("after {name}: {} nodes", text.lines().filter(|l| l.starts_with('%')).count());
-        if ir {
-            println!("{text}");
+    for e in &c.entries {
+        println!("== entry {}: passes", e.name);
+        for (name, text) in &e.trace {
+            println!("after {name}: {} nodes", text.lines().filter(|l| l.starts_with('%')).count());
+            if ir {
+                println!("{text}");
+            }
         }
+        println!("\n== entry {}: fusion groups", e.name);
+        for (id, ex) in kiln_graph::passes::fusion_groups(&e.graph) {
+            println!("{id}: {ex}");
+        }
+        println!();
     }
-    println!("\n== fusion groups");
-    for (id, e) in kiln_graph::passes::fusion_groups(&c.graph) {
-        println!("{id}: {e}");
-    }
-    println!("\n== schedule ({} steps)", c.program.entries[0].steps.len());
+    let steps: Vec<String> = c.program.entries.iter().map(|e| format!("{} {}", e.name, e.steps.len())).collect();
+    println!("== schedule (steps: {})", steps.join(", "));
     print_program(&c.program);
-    println!("\n== memory plan");
-    println!("{}", kiln_graph::plan::report(&c.plan, &c.graph));
+    for e in &c.entries {
+        println!("\n== entry {}: memory plan", e.name);
+        println!("{}", kiln_graph::plan::report(&e.plan, &e.graph));
+    }
     Ok(())
 }
 
@@ -324,10 +394,10 @@ fn print_program(prog: &Program) {
     }
 }
 
-fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, json: bool, breakdown: bool) -> Result<()> {
+fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, json: bool, breakdown: bool, entry: &str) -> Result<()> {
     let opts = profile(p, None, None)?;
     let mut s = session(model, weights, Some(opts))?;
-    let e = &s.program().entries[0];
+    let e = &s.program().entries[s.entry_index(entry)?];
     let inputs: Vec<(String, Tensor)> = e
         .inputs
         .iter()
@@ -339,11 +409,11 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
         })
         .collect();
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    s.run("forward", &refs)?; // warm-up
+    s.run(entry, &refs)?; // warm-up
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         let t = Instant::now();
-        s.run("forward", &refs)?;
+        s.run(entry, &refs)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -351,15 +421,19 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
     if json {
         println!(
             "{}",
-            serde_json::json!({"model": s.program().model, "backend": s.program().backend, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len()})
+            serde_json::json!({"model": s.program().model, "backend": s.program().backend, "entry": entry, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len()})
         );
     } else {
         println!("{}", s.program().model);
-        println!("backend {}  runs {}  min {min:.2} ms  median {med:.2} ms  max {max:.2} ms", s.program().backend, times.len());
+        println!(
+            "backend {}  entry {entry}  runs {}  min {min:.2} ms  median {med:.2} ms  max {max:.2} ms",
+            s.program().backend,
+            times.len()
+        );
     }
     if breakdown {
         let t0 = Instant::now();
-        let steps = s.profile("forward", &refs)?;
+        let steps = s.profile(entry, &refs)?;
         let total = t0.elapsed().as_secs_f64();
         let mut kinds: Vec<(String, usize, f64)> = Vec::new();
         for (kernel, op, t) in &steps {

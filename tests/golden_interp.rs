@@ -13,8 +13,9 @@ fn check(case: &str, hw: Option<(usize, usize)>) {
     let weights = read_values(&dir.join("model.safetensors"));
     let batch = inputs["pixel_values"].ty.shape[0];
     let built = kiln_models::build(&dir, &Profile { batch, image_hw: hw, ..Profile::default() }).expect("build");
-    kiln_graph::verify::verify(&built.graph).expect("verify");
-    let out = kiln_graph::interp::run(&built.graph, &inputs, &weights).expect("interpret");
+    let graph = built.graph("forward").expect("forward entry");
+    kiln_graph::verify::verify(graph).expect("verify");
+    let out = kiln_graph::interp::run(graph, &inputs, &weights).expect("interpret");
     let mut checked = 0;
     for (name, want) in &reference {
         let Some(got) = out.get(name) else { continue };

@@ -12,6 +12,27 @@ pub struct HeaderEntry {
     pub end: usize,
 }
 
+/// A weight named `base[i]` is layer `i` of the stacked tensor `base`: its slice along the first
+/// axis. Scanned big_vision checkpoints stack every layer's parameter this way; naming a layer
+/// lets a graph read it in place (no copy per run) from the same mapped bytes.
+pub fn stacked_layer(name: &str) -> Option<(&str, usize)> {
+    let open = name.strip_suffix(']')?.rfind('[')?;
+    let i = name[open + 1..name.len() - 1].parse().ok()?;
+    Some((&name[..open], i))
+}
+
+/// The type and byte range of layer `i` of a stacked tensor of type `ty` stored at
+/// `start..end`, or `None` when `ty` has no layer `i`.
+pub fn layer_range(ty: &TensorType, start: usize, end: usize, i: usize) -> Option<(TensorType, usize, usize)> {
+    let (&layers, rest) = ty.shape.split_first()?;
+    if i >= layers {
+        return None;
+    }
+    let layer = TensorType::new(ty.dtype, rest);
+    let at = start + i * layer.bytes();
+    (at + layer.bytes() <= end).then(|| (layer.clone(), at, at + layer.bytes()))
+}
+
 /// The weight files of a checkpoint folder, sorted: `model*.safetensors`,
 /// `pytorch_model*.safetensors` or `weights.safetensors` (other safetensors files beside them,
 /// such as inputs or reference outputs, are not weights), and big_vision's `*.npz`.

@@ -65,8 +65,8 @@ impl Checkpoint {
     }
 
     /// The type of a tensor, checked against the expected shape (any float dtype accepted).
-    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<TensorInfo> {
+        let t = self.info(name).ok_or_else(|| ModelError::MissingTensor {
             dir: self.dir.clone(),
             name: name.into(),
             hint: format!("expected shape {shape:?}"),
@@ -80,5 +80,20 @@ impl Checkpoint {
             });
         }
         Ok(t)
+    }
+
+    /// A stored tensor, or layer `i` of a stacked one named `base[i]` (see
+    /// [`safetensors::stacked_layer`]); a missing layer names the stacked tensor's type.
+    pub fn info(&self, name: &str) -> Option<TensorInfo> {
+        if let Some(t) = self.tensors.get(name) {
+            return Some(t.clone());
+        }
+        let (base, i) = safetensors::stacked_layer(name)?;
+        let t = self.tensors.get(base)?;
+        let ty = match t.ty.shape.split_first() {
+            Some((&layers, rest)) if i < layers => TensorType::new(t.ty.dtype, rest),
+            _ => t.ty.clone(),
+        };
+        Some(TensorInfo { file: t.file.clone(), ty })
     }
 }

@@ -139,6 +139,16 @@ impl ConfigReader {
         }
     }
 
+    /// A list of strings, or the default when absent.
+    pub fn str_list_or(&mut self, field: &str, default: &[&str]) -> Result<Vec<String>> {
+        let bad = |r: &Self, v: &Value| r.err(field, format!("expected a list of strings, found {v}"));
+        match self.get(field).cloned() {
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(self, v))).collect(),
+            Some(v) => Err(bad(self, &v)),
+            None => Ok(default.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
     /// A nested object as its own reader (fields reported as `parent.child`).
     pub fn object(&mut self, field: &str) -> Result<Option<ConfigReader>> {
         match self.get(field).cloned() {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod jet;
 pub mod layers;
 pub mod siglip;
 
@@ -29,11 +30,19 @@ impl Default for Profile {
     }
 }
 
-/// A model built from a folder: its graph, a description, and the checkpoint it reads.
+/// A model built from a folder: one graph per entry (`forward`; Jet adds `inverse`), a
+/// description, and the checkpoint they all read.
 pub struct Built {
-    pub graph: Graph,
+    pub entries: Vec<(String, Graph)>,
     pub description: String,
     pub checkpoint: Checkpoint,
+}
+
+impl Built {
+    /// The graph of entry `name`.
+    pub fn graph(&self, name: &str) -> Option<&Graph> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, g)| g)
+    }
 }
 
 /// Builds the graph of the model in `dir` (a Hugging Face folder) for `profile`.
@@ -45,7 +54,8 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     if let Some(name) = big_vision_model_name(&cfg_path)? {
         // big_vision folders: `config.json` holds the config's `model_name` and `model` kwargs.
         return match name.as_str() {
-            "vit" | "vmoe" | "proj.jet.jet" => Err(ModelError::Unsupported(format!(
+            "proj.jet.jet" => jet::build_folder(dir, &cfg_path, profile),
+            "vit" | "vmoe" => Err(ModelError::Unsupported(format!(
                 "{}: big_vision model '{name}' is recognised but kiln cannot build it yet",
                 cfg_path.display()
             ))),
@@ -69,7 +79,7 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
         profile.batch,
         profile.dtype
     );
-    Ok(Built { graph, description, checkpoint })
+    Ok(Built { entries: vec![("forward".into(), graph)], description, checkpoint })
 }
 
 /// The `model_name` of a big_vision folder's `config.json`, or `None` for a Hugging Face folder.

@@ -53,8 +53,8 @@ impl WeightStore {
     }
 
     /// A weight's bytes and type, checked against the shape the program expects.
-    pub fn get(&self, name: &str, want: &TensorType) -> Result<(&TensorType, &[u8])> {
-        let r = self.index.get(name).ok_or_else(|| RuntimeError::Weight {
+    pub fn get(&self, name: &str, want: &TensorType) -> Result<(TensorType, &[u8])> {
+        let r = self.locate(name).ok_or_else(|| RuntimeError::Weight {
             name: name.into(),
             msg: format!("not found in {} (expected {want})", self.describe()),
         })?;
@@ -64,7 +64,18 @@ impl WeightStore {
                 msg: format!("{} holds {}, the program expects shape {:?}", self.paths[r.file].display(), r.ty, want.shape),
             });
         }
-        Ok((&r.ty, &self.maps[r.file][r.start..r.end]))
+        Ok((r.ty, &self.maps[r.file][r.start..r.end]))
+    }
+
+    /// Where a weight lives: a stored tensor, or layer `i` of a stacked one named `base[i]`.
+    pub fn locate(&self, name: &str) -> Option<WeightRef> {
+        if let Some(r) = self.index.get(name) {
+            return Some(r.clone());
+        }
+        let (base, i) = safetensors::stacked_layer(name)?;
+        let r = self.index.get(base)?;
+        let (ty, start, end) = safetensors::layer_range(&r.ty, r.start, r.end, i)?;
+        Some(WeightRef { file: r.file, ty, start, end })
     }
 
     fn describe(&self) -> String {

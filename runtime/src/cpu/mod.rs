@@ -81,7 +81,7 @@ impl Backend for CpuBackend {
         let mut wbufs = Vec::with_capacity(program.weights.len());
         for spec in &program.weights {
             let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
-            let r = &weights.index[&spec.name];
+            let r = weights.locate(&spec.name).ok_or_else(|| RuntimeError::Weight { name: spec.name.clone(), msg: "not found".into() })?;
             let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize).is_multiple_of(8) {
                 WeightBuf::Mapped { start: r.start, file: r.file }
             } else if ty.dtype == spec.ty.dtype {
