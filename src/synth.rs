@@ -117,6 +117,8 @@ pub struct SynthModel {
 pub enum SynthSpec {
     /// `SiglipVisionModel` (transformers `model_type: siglip_vision_model`).
     Siglip(SiglipSynthConfig),
+    /// big_vision's Jet flow (`proj.jet.jet`, a `params.npz` folder; see [`crate::synth_jet`]).
+    Jet(crate::synth_jet::JetSynthConfig),
 }
 
 impl SynthModel {
@@ -124,6 +126,7 @@ impl SynthModel {
     pub fn tensors(&self) -> Vec<TensorSpec> {
         match &self.spec {
             SynthSpec::Siglip(cfg) => cfg.tensors(),
+            SynthSpec::Jet(cfg) => cfg.tensors(),
         }
     }
 
@@ -185,6 +188,36 @@ static MODELS: &[SynthModel] = &[
         description: "SigLIP So400m/14 vision tower, 896px (4096 patches)",
         spec: siglip(1152, 4304, 27, 16, 14, 896),
     },
+    SynthModel {
+        name: "jet-imagenet64",
+        description: "Jet, ImageNet 64x64 (32 couplings, block depth 2, width 512, 8 heads, ps 4; ~202M params)",
+        spec: SynthSpec::Jet(crate::synth_jet::JetSynthConfig {
+            depth: 32,
+            block_depth: 2,
+            emb_dim: 512,
+            num_heads: 8,
+            ps: 4,
+            image_size: 64,
+            channels: 3,
+            kinds: &["channels", "channels", "channels", "channels", "spatial"],
+            spatial_coupling_projs: &["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv"],
+        }),
+    },
+    SynthModel {
+        name: "jet-jetformer-256",
+        description: "JetFormer-350M's Jet, 256x256 (32 channel couplings, block depth 4, width 512, 8 heads, 16x16 patches; ~404M params)",
+        spec: SynthSpec::Jet(crate::synth_jet::JetSynthConfig {
+            depth: 32,
+            block_depth: 4,
+            emb_dim: 512,
+            num_heads: 8,
+            ps: 16,
+            image_size: 256,
+            channels: 3,
+            kinds: &["channels"],
+            spatial_coupling_projs: &["checkerboard"],
+        }),
+    },
 ];
 
 /// All models `kiln synth` knows, smallest first.
@@ -206,6 +239,7 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
     })?;
     let mut report = match &model.spec {
         SynthSpec::Siglip(cfg) => synth_siglip(cfg, out, seed, progress)?,
+        SynthSpec::Jet(cfg) => crate::synth_jet::synth_jet(cfg, out, seed)?,
     };
     report.name = model.name.to_string();
     Ok(report)

@@ -254,3 +254,33 @@ fn a_missing_parameter_is_named() {
     let e = build_err(&dir);
     assert!(e.contains("couplings/dnn/vit/encoder_norm/scale[0]") && e.contains("no tensor"), "{e}");
 }
+
+#[test]
+fn a_synthesized_folder_builds_and_inverts() {
+    let cfg = kiln::synth_jet::JetSynthConfig {
+        depth: 3,
+        block_depth: 1,
+        emb_dim: 16,
+        num_heads: 2,
+        ps: 2,
+        image_size: 8,
+        channels: 3,
+        kinds: &["channels", "spatial"],
+        spatial_coupling_projs: &["hstripes-inv", "checkerboard"],
+    };
+    let dir = std::env::temp_dir().join(format!("kiln-jet-synth-{}", std::process::id()));
+    let report = kiln::synth_jet::synth_jet(&cfg, &dir, 5).expect("synth");
+    assert_eq!(report.num_tensors, 2 + 3 + 16 + 2 + 2);
+    let profile = Profile { batch: 2, ..Profile::default() };
+    let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
+    let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+    let ty = kiln_graph::TensorType::new(kiln_graph::DType::F32, [2, 8, 8, 3]);
+    let mut g = kiln::sample::Gaussian::new(9);
+    let z: Vec<f64> = (0..ty.numel()).map(|_| g.next_value()).collect();
+    let z = Tensor { bytes: kiln_runtime::tensor::from_f64(ty.dtype, &z), ty };
+    let inv = s.run("inverse", &[("z", &z)]).expect("inverse");
+    let fwd = s.run("forward", &[("images", out(&inv, "images"))]).expect("forward");
+    let e = rel_err(&out(&fwd, "z").to_f32(), &z.to_f32());
+    assert!(e < 1e-4, "forward(inverse(z)) relative error {e:.3e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
