@@ -190,7 +190,7 @@ static MODELS: &[SynthModel] = &[
     },
     SynthModel {
         name: "jet-imagenet64",
-        description: "Jet, ImageNet 64x64 (32 couplings, block depth 2, width 512, 8 heads, ps 4; ~202M params)",
+        description: "Jet, ImageNet 64x64 (32 couplings, block depth 2, width 512, 8 heads, ps 4; ~207M params)",
         spec: SynthSpec::Jet(crate::synth_jet::JetSynthConfig {
             depth: 32,
             block_depth: 2,
@@ -205,7 +205,7 @@ static MODELS: &[SynthModel] = &[
     },
     SynthModel {
         name: "jet-jetformer-256",
-        description: "JetFormer-350M's Jet, 256x256 (32 channel couplings, block depth 4, width 512, 8 heads, 16x16 patches; ~404M params)",
+        description: "JetFormer-350M's Jet, 256x256 (32 channel couplings, block depth 4, width 512, 8 heads, 16x16 patches; ~427M params)",
         spec: SynthSpec::Jet(crate::synth_jet::JetSynthConfig {
             depth: 32,
             block_depth: 4,
@@ -748,12 +748,16 @@ mod tests {
     #[test]
     fn table_is_valid() {
         for m in list() {
-            let SynthSpec::Siglip(cfg) = &m.spec;
-            cfg.validate().unwrap();
+            match &m.spec {
+                SynthSpec::Siglip(cfg) => cfg.validate().unwrap(),
+                SynthSpec::Jet(cfg) => assert_eq!(cfg.model_config().unwrap().schedule().len(), cfg.depth),
+            }
             assert!(find(m.name).is_some());
         }
         let so = find("siglip-so400m-14-224").unwrap();
         assert!((400e6..450e6).contains(&(so.num_params() as f64)));
+        let jet = find("jet-jetformer-256").unwrap();
+        assert!((420e6..430e6).contains(&(jet.num_params() as f64)), "{}", jet.num_params());
     }
 
     #[test]

@@ -70,10 +70,10 @@ impl JetSynthConfig {
             .map(|p| SpatialProj::parse(p).ok_or_else(|| bad(format!("unknown spatial projection {p}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let (n, d) = self.dims();
-        if self.depth == 0 || kinds.is_empty() || self.num_heads == 0 || self.emb_dim % self.num_heads != 0 {
+        if self.depth == 0 || kinds.is_empty() || self.num_heads == 0 || !self.emb_dim.is_multiple_of(self.num_heads) {
             return Err(bad(format!("{self:?}: depth, kinds and heads must be non-empty and divide the width")));
         }
-        if self.ps == 0 || self.image_size % self.ps != 0 || n % 2 != 0 || d % 2 != 0 {
+        if self.ps == 0 || !self.image_size.is_multiple_of(self.ps) || !n.is_multiple_of(2) || !d.is_multiple_of(2) {
             return Err(bad(format!("{self:?}: image size, patch size and channels give {n} tokens of {d}")));
         }
         if kinds.contains(&Kind::Spatial) && spatial_coupling_projs.is_empty() {

@@ -114,7 +114,13 @@ fn select_with_comparison() {
 
 #[test]
 fn reductions_and_softmax() {
-    for (op, axes) in [(ReduceOp::Sum, vec![2]), (ReduceOp::Mean, vec![1]), (ReduceOp::Max, vec![0, 2]), (ReduceOp::Min, vec![1, 2])] {
+    for (op, axes) in [
+        (ReduceOp::Sum, vec![2]),
+        (ReduceOp::Mean, vec![1]),
+        (ReduceOp::Max, vec![0, 2]),
+        (ReduceOp::Min, vec![1, 2]),
+        (ReduceOp::Sum, vec![1, 2]),
+    ] {
         one(&format!("reduce {op:?} {axes:?}"), &[2, 5, 7], |g, x| g.reduce(op, x, &axes, false).unwrap());
     }
     one("softmax last", &[3, 4, 50], |g, x| g.softmax(x, 2).unwrap());
@@ -128,6 +134,8 @@ fn matmuls() {
         (vec![2, 5, 7], vec![3, 7], true),
         (vec![2, 5, 7], vec![2, 7, 3], false),
         (vec![2, 1, 5, 7], vec![3, 7, 4], false),
+        // A shared left operand (Jet's token permutation applied to every image).
+        (vec![6, 6], vec![2, 6, 5], false),
     ] {
         let mut g = Graph::new();
         let a = f32in(&mut g, "a", &sa);

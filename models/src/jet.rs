@@ -69,9 +69,9 @@ impl SpatialProj {
     /// order a spatial coupling's permutation produces (`get_spatial_coupling_init`).
     pub fn groups(&self, nh: usize, nw: usize) -> (Vec<usize>, Vec<usize>) {
         let first = |t: usize| match self.pattern {
-            Pattern::Checkerboard => (t / nw + t % nw) % 2 == 0,
-            Pattern::VStripes => t % 2 == 0,
-            Pattern::HStripes => (t / nw) % 2 == 0,
+            Pattern::Checkerboard => (t / nw + t % nw).is_multiple_of(2),
+            Pattern::VStripes => t.is_multiple_of(2),
+            Pattern::HStripes => (t / nw).is_multiple_of(2),
         };
         let (a, b): (Vec<usize>, Vec<usize>) = (0..nh * nw).partition(|&t| first(t));
         if self.inverted {
@@ -148,7 +148,7 @@ impl JetConfig {
         if c.kinds.contains(&Kind::Spatial) && c.spatial_coupling_projs.is_empty() {
             return Err(r.unsupported("spatial_coupling_projs", "empty, but 'kinds' has spatial couplings"));
         }
-        if c.depth == 0 || c.ps == 0 || c.num_heads == 0 || c.emb_dim % c.num_heads != 0 {
+        if c.depth == 0 || c.ps == 0 || c.num_heads == 0 || !c.emb_dim.is_multiple_of(c.num_heads) {
             return Err(
                 r.unsupported("num_heads", format!("depth {}, ps {}, emb_dim {} in {} heads", c.depth, c.ps, c.emb_dim, c.num_heads))
             );
@@ -253,11 +253,11 @@ pub fn build(cfg: &JetConfig, ck: &Checkpoint, profile: &Profile) -> Result<Vec<
         return Err(ModelError::Unsupported(format!("resolution {h}x{w} is not a multiple of the patch size {ps}")));
     }
     let d = stacked_dim(ck, CHANNEL_MASKS, cfg.depth)?;
-    if d % (ps * ps) != 0 || d % 2 != 0 {
+    if !d.is_multiple_of(ps * ps) || !d.is_multiple_of(2) {
         return Err(ModelError::Unsupported(format!("{CHANNEL_MASKS}: {d} values per token is not ps*ps*channels (ps {ps}) or not even")));
     }
     let n = (h / ps) * (w / ps);
-    if n % 2 != 0 {
+    if !n.is_multiple_of(2) {
         return Err(ModelError::Unsupported(format!("{h}x{w} at patch {ps} gives {n} tokens; spatial couplings need an even count")));
     }
     if !profile.dtype.is_float() {
