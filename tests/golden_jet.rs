@@ -208,10 +208,12 @@ fn folder_with_config(tag: &str, model: serde_json::Value) -> PathBuf {
 }
 
 fn build_err(dir: &Path) -> String {
-    match kiln_models::build(dir, &profile(1)) {
+    let e = match kiln_models::build(dir, &profile(1)) {
         Ok(_) => panic!("{}: built, expected an error", dir.display()),
         Err(e) => e.to_string(),
-    }
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    e
 }
 
 #[test]
@@ -283,4 +285,41 @@ fn a_synthesized_folder_builds_and_inverts() {
     let e = rel_err(&out(&fwd, "z").to_f32(), &z.to_f32());
     assert!(e < 1e-4, "forward(inverse(z)) relative error {e:.3e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The state after each of the first k couplings: big_vision ran the model at `depth = k` with
+/// the parameters' first k layers, and so does this (a folder with the npz cut to k layers).
+#[test]
+fn every_coupling_prefix_matches_big_vision() {
+    let r = reference();
+    let store = WeightStore::open(&fixture()).expect("weights");
+    let mut kw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    for k in 1..=3 {
+        let dir = folder_with_config(&format!("prefix{k}"), {
+            kw["model"]["depth"] = k.into();
+            kw["model"].clone()
+        });
+        let mut arrays = Vec::new();
+        let mut names: Vec<&String> = store.index.keys().collect();
+        names.sort();
+        for name in names {
+            let wr = &store.index[name];
+            let (ty, bytes) = store.get(name, &wr.ty).expect("weight");
+            let per = ty.numel() / ty.shape[0];
+            let vals: Vec<f32> = kiln_runtime::tensor::to_f64(ty.dtype, bytes)[..k * per].iter().map(|&v| v as f32).collect();
+            let mut shape = ty.shape.clone();
+            shape[0] = k;
+            arrays.push((name.clone(), shape, vals));
+        }
+        kiln::npz_write::write(&dir.join("params.npz"), &arrays).expect("npz");
+        let c = compile(&dir, &CompileOptions { profile: profile(2), backend: "cpu".into(), trace: false }).expect("compile");
+        let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+        let outs = s.run("forward", &[("images", &r["images"])]).expect("run");
+        let e = rel_err(&out(&outs, "z").to_f32(), &r[&format!("z_after_coupling_{k}")].to_f32());
+        assert!(e < 1e-4, "after {k} couplings: z relative error {e:.3e}");
+        for (got, want) in out(&outs, "logdet").to_f32().iter().zip(r[&format!("logdet_after_coupling_{k}")].to_f32()) {
+            assert!((got - want).abs() < 1e-3, "after {k} couplings: logdet {got} vs {want}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
