@@ -259,8 +259,9 @@ fn a_missing_parameter_is_named() {
 
 #[test]
 fn a_synthesized_folder_builds_and_inverts() {
+    // 20 couplings: more per-coupling logdets than a fused cpu region may read.
     let cfg = kiln::synth_jet::JetSynthConfig {
-        depth: 3,
+        depth: 20,
         block_depth: 1,
         emb_dim: 16,
         num_heads: 2,

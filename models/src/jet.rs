@@ -282,22 +282,22 @@ fn flow(cfg: &JetConfig, ck: &Checkpoint, dtype: DType, dm: Dims, schedule: &[Co
     let (input, output) = if dir == Direction::Forward { ("images", "z") } else { ("z", "images") };
     let x = m.g.input(input, dtype, &[dm.b, dm.h, dm.w, dm.c])?;
     let mut x = patchify(&mut m, x, dm)?;
-    let mut logdet: Option<NodeId> = None;
     let order: Vec<usize> = match dir {
         Direction::Forward => (0..schedule.len()).collect(),
         Direction::Inverse => (0..schedule.len()).rev().collect(),
     };
+    // Per-coupling logdets are stacked and summed once, as the scan's outputs are in jet.py
+    // (a chain of adds would become one elementwise region reading every coupling's value).
+    let mut logdets = Vec::with_capacity(order.len());
     for i in order {
         let (y, ld) = coupling(&mut m, cfg, dm, i, schedule[i], x, dir)?;
         x = y;
-        logdet = Some(match logdet {
-            Some(acc) => m.add(acc, ld)?,
-            None => ld,
-        });
+        logdets.push(m.g.reshape(ld, &[dm.b, 1])?);
     }
     let x = unpatchify(&mut m, x, dm)?;
     m.g.output(output, x);
-    let logdet = logdet.ok_or_else(|| ModelError::Unsupported("a Jet flow needs at least one coupling".into()))?;
+    let stacked = m.g.concat(&logdets, 1)?;
+    let logdet = m.g.reduce(ReduceOp::Sum, stacked, &[1], false)?;
     let logdet = if dir == Direction::Inverse { m.g.unary(UnaryOp::Neg, logdet)? } else { logdet };
     m.g.output("logdet", logdet);
     Ok(m.g)
