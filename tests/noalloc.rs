@@ -49,8 +49,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counters are process-wide: the tests take turns so none counts another's allocations.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn run_into_does_not_allocate() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = common::siglip_case("vision_map");
     let profile = Profile { batch: 2, ..Profile::default() };
     let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
@@ -83,4 +87,31 @@ fn run_into_does_not_allocate() {
     assert!(total <= 1, "{runs} runs allocated {per_run:?} times outside the gemm crate");
     assert_eq!(first, outs, "two runs on the same input differ");
     assert!(outs[0].iter().any(|&b| b != 0), "the output was never written");
+}
+
+/// Both entries of the Jet flow (permutation matmuls, slices, concats, the logdet sums) run
+/// without allocating either.
+#[test]
+fn jet_entries_do_not_allocate() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jet");
+    let profile = Profile { batch: 2, ..Profile::default() };
+    let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
+    let entries = c.program.entries.clone();
+    let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+    for (ei, e) in entries.iter().enumerate() {
+        let n = e.inputs[0].operand.ty.numel();
+        let input: Vec<u8> = (0..n).flat_map(|i| ((i % 7) as f32 * 0.25 - 0.75).to_le_bytes()).collect();
+        let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|o| vec![0u8; o.operand.ty.bytes()]).collect();
+        let mut run = || {
+            let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let before = ALLOCS.load(Ordering::SeqCst);
+            s.run_into(ei, &[&input], &mut bufs).expect("run");
+            ALLOCS.load(Ordering::SeqCst) - before
+        };
+        run();
+        run();
+        let per_run: Vec<usize> = (0..10).map(|_| run()).collect();
+        assert!(per_run.iter().sum::<usize>() <= 1, "{}: runs allocated {per_run:?} times outside the gemm crate", e.name);
+    }
 }

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod index;
 pub mod movement;
 pub mod norm;
+pub mod reduce;
 pub mod resize;
 pub mod sgemm512;
 pub mod simd;

@@ -8,7 +8,8 @@ use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
-use kiln_graph::{MaskKind, Op, ResizeMode};
+use kiln_graph::{MaskKind, Op, ReduceOp, ResizeMode};
+use kiln_kernels::cpu::reduce::{self, RowReduce};
 use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
@@ -194,6 +195,21 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
             Ok(())
         }
+        (Op::Reduce { op, axes, .. }, _) if s.kernel == "cpu.reduce" => {
+            let sh = &s.inputs[0].ty.shape;
+            let n: usize = axes.iter().map(|&a| sh[a]).product();
+            if n == 0 {
+                return reference(mem, s);
+            }
+            let kind = match op {
+                ReduceOp::Sum => RowReduce::Sum,
+                ReduceOp::Mean => RowReduce::Mean,
+                ReduceOp::Max => RowReduce::Max,
+                ReduceOp::Min => RowReduce::Min,
+            };
+            reduce::reduce_rows(mem.f32(&s.inputs[0]), out_ty.numel(), n, kind, mem.f32_mut(&s.output));
+            Ok(())
+        }
         (Op::Attention(a), Prep::Attention(ws)) => {
             let shape = attn_shape(s);
             let mask = match a.mask {
@@ -295,6 +311,11 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option
     }
     if a_batches == out_batches && b_batches == out_batches {
         gemm::batched_matmul(out_batches, gemm::MatView::row_major(a, m, k), m * k, bview(b), k * n, c);
+    } else if a_batches == 1 && b_batches == out_batches {
+        // One left operand for every batch (a flow's token permutation): one product per batch.
+        for (bi, cb) in c.chunks_mut(m * n).enumerate() {
+            gemm::matmul(gemm::MatView::row_major(a, m, k), bview(&b[bi * k * n..]), cb);
+        }
     } else {
         // General broadcasting of batch axes: one product per output batch.
         let sa = kiln_graph::dtype::broadcast_strides(&at.shape[..ra - 2], &ot.shape[..ro - 2]);

@@ -42,6 +42,11 @@ pub(crate) enum WeightBuf {
     Owned(Aligned),
 }
 
+/// Whether `axes` are the last `axes.len()` axes of a rank-`rank` tensor (and not none).
+fn trailing_axes(axes: &[usize], rank: usize) -> bool {
+    !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a + axes.len() == rank + i)
+}
+
 fn float_ok(t: &TensorType) -> bool {
     !t.dtype.is_float() || t.dtype == DType::F32
 }
@@ -66,6 +71,7 @@ impl Backend for CpuBackend {
             Op::LayerNorm { .. } if f32_all => "cpu.layer_norm",
             Op::RmsNorm { .. } if f32_all => "cpu.rms_norm",
             Op::Softmax { axis } if f32_all && *axis + 1 == out.rank() => "cpu.softmax",
+            Op::Reduce { axes, .. } if f32_all && trailing_axes(axes, inputs.first().map_or(0, |t| t.rank())) => "cpu.reduce",
             Op::Attention(a) if f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4) => "cpu.flash_attention",
             Op::Permute { .. } => "cpu.permute",
             Op::Slice { .. } => "cpu.slice",
