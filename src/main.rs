@@ -230,7 +230,16 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let (batch, hw) = image_dims(&ins);
             let opts = profile(&p, batch, hw)?;
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
-            let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            // A file may hold more than the entry takes (a flow's forward outputs `z` and
+            // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
+            let takes = &s.program().entries[s.entry_index(&entry)?].inputs;
+            let (refs, skipped): (Vec<(&str, &Tensor)>, Vec<(&str, &Tensor)>) =
+                ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
+            if !skipped.is_empty() && !refs.is_empty() {
+                let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
+                println!("not inputs of '{entry}', left out: {}", names.join(", "));
+            }
+            let refs = if refs.is_empty() { skipped } else { refs };
             let outs = s.run(&entry, &refs)?;
             for (name, t) in &outs {
                 let v = t.to_f64();
