@@ -233,7 +233,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             // A file may hold more than the entry takes (a flow's forward outputs `z` and
             // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
             let takes = &s.program().entries[s.entry_index(&entry)?].inputs;
-            let (refs, skipped): (Vec<(&str, &Tensor)>, Vec<(&str, &Tensor)>) =
+            type Named<'a> = Vec<(&'a str, &'a Tensor)>;
+            let (refs, skipped): (Named, Named) =
                 ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
             if !skipped.is_empty() && !refs.is_empty() {
                 let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
