@@ -5,7 +5,9 @@
 //! [`kiln_runtime::Session`] runs the result.
 
 pub mod io;
+pub mod npz_write;
 pub mod synth;
+pub mod synth_big_vision;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;

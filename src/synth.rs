@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Instant;
 
+use crate::synth_big_vision::BigVisionSynth;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
@@ -117,6 +118,8 @@ pub struct SynthModel {
 pub enum SynthSpec {
     /// `SiglipVisionModel` (transformers `model_type: siglip_vision_model`).
     Siglip(SiglipSynthConfig),
+    /// A big_vision folder (`config.json` + `params.npz`).
+    BigVision(crate::synth_big_vision::BigVisionSynth),
 }
 
 impl SynthModel {
@@ -124,6 +127,7 @@ impl SynthModel {
     pub fn tensors(&self) -> Vec<TensorSpec> {
         match &self.spec {
             SynthSpec::Siglip(cfg) => cfg.tensors(),
+            SynthSpec::BigVision(b) => b.tensors(),
         }
     }
 
@@ -185,6 +189,26 @@ static MODELS: &[SynthModel] = &[
         description: "SigLIP So400m/14 vision tower, 896px (4096 patches)",
         spec: siglip(1152, 4304, 27, 16, 14, 896),
     },
+    SynthModel {
+        name: "vit-b16",
+        description: "big_vision ViT-B/16, 224px, GAP head, 1000 classes (params.npz, ~86M params)",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vit { merger: None }),
+    },
+    SynthModel {
+        name: "vit-b16-pm8",
+        description: "big_vision ViT-B/16 with a PatchMerger to 8 tokens after block 6",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vit { merger: Some((6, 8)) }),
+    },
+    SynthModel {
+        name: "vmoe-b16-dense",
+        description: "vmoe VisionTransformerMoe B/16 without experts: the dense ViT V-MoE-B/16 is built on",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vmoe { experts: None }),
+    },
+    SynthModel {
+        name: "vmoe-b16-e8",
+        description: "V-MoE-B/16, E=8 K=2 every other block, groups of 8 images, C=1.05 (~293M params)",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vmoe { experts: Some(8) }),
+    },
 ];
 
 /// All models `kiln synth` knows, smallest first.
@@ -206,6 +230,7 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
     })?;
     let mut report = match &model.spec {
         SynthSpec::Siglip(cfg) => synth_siglip(cfg, out, seed, progress)?,
+        SynthSpec::BigVision(b) => crate::synth_big_vision::synth_big_vision(b, out, seed)?,
     };
     report.name = model.name.to_string();
     Ok(report)

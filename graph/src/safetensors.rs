@@ -97,3 +97,26 @@ pub fn parse_header(json: &[u8], file_len: u64) -> Result<Vec<HeaderEntry>, Stri
     }
     Ok(out)
 }
+
+/// Splits a weight name `base[i]` (slice `i` of `base` along its leading axis, as big_vision's
+/// scan layout stacks layers) into `(base, i)`; `None` for a plain name.
+pub fn split_slice_name(name: &str) -> Option<(&str, usize)> {
+    let open = name.strip_suffix(']')?.rfind('[')?;
+    let i = name[open + 1..name.len() - 1].parse().ok()?;
+    Some((&name[..open], i))
+}
+
+#[cfg(test)]
+mod slice_name_tests {
+    use super::split_slice_name;
+
+    #[test]
+    fn slice_names() {
+        assert_eq!(
+            split_slice_name("Transformer/encoderblock/MlpBlock_0/Dense_0/kernel[2]"),
+            Some(("Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", 2))
+        );
+        assert_eq!(split_slice_name("a/kernel"), None);
+        assert_eq!(split_slice_name("a[x]"), None);
+    }
+}

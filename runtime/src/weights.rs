@@ -52,9 +52,27 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// Where a weight lives. A name `base[i]` is slice `i` of `base` along its leading axis
+    /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
+    /// no layer is ever copied.
+    pub fn resolve(&self, name: &str) -> Option<WeightRef> {
+        if let Some(r) = self.index.get(name) {
+            return Some(r.clone());
+        }
+        let (base, i) = kiln_graph::safetensors::split_slice_name(name)?;
+        let r = self.index.get(base)?;
+        let (&n, rest) = r.ty.shape.split_first()?;
+        if i >= n {
+            return None;
+        }
+        let ty = TensorType::new(r.ty.dtype, rest.to_vec());
+        let bytes = ty.bytes();
+        Some(WeightRef { file: r.file, start: r.start + i * bytes, end: r.start + (i + 1) * bytes, ty })
+    }
+
     /// A weight's bytes and type, checked against the shape the program expects.
-    pub fn get(&self, name: &str, want: &TensorType) -> Result<(&TensorType, &[u8])> {
-        let r = self.index.get(name).ok_or_else(|| RuntimeError::Weight {
+    pub fn get(&self, name: &str, want: &TensorType) -> Result<(TensorType, &[u8])> {
+        let r = self.resolve(name).ok_or_else(|| RuntimeError::Weight {
             name: name.into(),
             msg: format!("not found in {} (expected {want})", self.describe()),
         })?;
@@ -64,7 +82,7 @@ impl WeightStore {
                 msg: format!("{} holds {}, the program expects shape {:?}", self.paths[r.file].display(), r.ty, want.shape),
             });
         }
-        Ok((&r.ty, &self.maps[r.file][r.start..r.end]))
+        Ok((r.ty, &self.maps[r.file][r.start..r.end]))
     }
 
     fn describe(&self) -> String {

@@ -8,8 +8,9 @@ use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
+use kiln_graph::DType;
 use kiln_graph::{MaskKind, Op, ResizeMode};
-use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, sgemm512, softmax};
+use kiln_kernels::cpu::{attention as attn, gemm, index, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
@@ -254,7 +255,144 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             }
             Ok(())
         }
+        (Op::TopK { k }, _) if s.kernel == "cpu.topk" => {
+            let n = *s.inputs[0].ty.shape.last().unwrap_or(&1);
+            let rows = s.inputs[0].ty.numel() / n.max(1);
+            index::topk_indices(mem.f32(&s.inputs[0]), rows, n, *k, i64_mut(mem, &s.output));
+            Ok(())
+        }
+        (Op::TakeAlongAxis { axis }, _) if s.kernel == "cpu.take_along_axis" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            let ilen = s.inputs[1].ty.shape[*axis];
+            let idx = i64s(mem, &s.inputs[1]);
+            check_indices(idx, len)?;
+            let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
+            match s.output.ty.dtype.size() {
+                4 => index::take_along_axis(
+                    bytemuck::cast_slice::<u8, u32>(src),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    bytemuck::cast_slice_mut(dst),
+                ),
+                _ => index::take_along_axis(
+                    bytemuck::cast_slice::<u8, u64>(src),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    bytemuck::cast_slice_mut(dst),
+                ),
+            }
+            Ok(())
+        }
+        (Op::ScatterAdd { axis }, _) if s.kernel == "cpu.scatter_add" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            let ilen = s.inputs[1].ty.shape[*axis];
+            let idx = i64s(mem, &s.inputs[1]);
+            check_indices(idx, len)?;
+            let dst = mem.write(&s.output);
+            dst.copy_from_slice(mem.read(&s.inputs[0]));
+            match s.output.ty.dtype {
+                DType::F32 => index::scatter_add_along_axis(
+                    bytemuck::cast_slice_mut::<u8, f32>(dst),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    mem.f32(&s.inputs[2]),
+                ),
+                _ => index::scatter_add_along_axis(
+                    bytemuck::cast_slice_mut::<u8, i64>(dst),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    i64s(mem, &s.inputs[2]),
+                ),
+            }
+            Ok(())
+        }
+        (Op::CumSum { axis, exclusive }, _) if s.kernel == "cpu.cumsum" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            match s.output.ty.dtype {
+                DType::F32 => index::cumsum(mem.f32(&s.inputs[0]), outer, len, inner, *exclusive, mem.f32_mut(&s.output)),
+                _ => index::cumsum(i64s(mem, &s.inputs[0]), outer, len, inner, *exclusive, i64_mut(mem, &s.output)),
+            }
+            Ok(())
+        }
+        (Op::Cast { to }, _) if s.kernel == "cpu.cast" => {
+            cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, *to, mem.write(&s.output));
+            Ok(())
+        }
+        (Op::MoeDispatch { rows }, _) if s.kernel == "cpu.moe_dispatch" => {
+            let d = s.inputs[0].ty.shape[1];
+            let slot = i64s(mem, &s.inputs[1]);
+            check_slots(slot, *rows)?;
+            index::moe_dispatch(mem.f32(&s.inputs[0]), d, slot, s.inputs[1].ty.shape[1], mem.f32_mut(&s.output));
+            Ok(())
+        }
+        (Op::MoeCombine, _) if s.kernel == "cpu.moe_combine" => {
+            let (rows, d) = (s.inputs[0].ty.shape[0], s.inputs[0].ty.shape[1]);
+            let slot = i64s(mem, &s.inputs[1]);
+            check_slots(slot, rows)?;
+            let k = s.inputs[1].ty.shape[1];
+            index::moe_combine(mem.f32(&s.inputs[0]), d, slot, mem.f32(&s.inputs[2]), k, mem.f32_mut(&s.output));
+            Ok(())
+        }
         _ => reference(mem, s),
+    }
+}
+
+fn i64s<'a>(mem: &Mem<'a>, o: &Operand) -> &'a [i64] {
+    bytemuck::cast_slice(mem.read(o))
+}
+
+fn i64_mut<'a>(mem: &Mem<'a>, o: &Operand) -> &'a mut [i64] {
+    bytemuck::cast_slice_mut(mem.write(o))
+}
+
+/// Index operands are data: a bad one is an error, never an out-of-bounds access.
+fn check_indices(idx: &[i64], len: usize) -> std::result::Result<(), String> {
+    match idx.iter().find(|&&i| i < 0 || i as usize >= len) {
+        Some(i) => Err(format!("index {i} out of range 0..{len}")),
+        None => Ok(()),
+    }
+}
+
+/// Expert-buffer slots: -1 (dropped) or a row of the buffer.
+fn check_slots(slot: &[i64], rows: usize) -> std::result::Result<(), String> {
+    match slot.iter().find(|&&i| i < -1 || i >= rows as i64) {
+        Some(i) => Err(format!("expert slot {i} out of range -1..{rows}")),
+        None => Ok(()),
+    }
+}
+
+/// The conversions [`super::cast_kernel`] accepts (float to integer truncates toward zero).
+fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
+    match (from, to) {
+        (DType::F32, DType::F32) => dst.copy_from_slice(src),
+        (DType::F32, DType::I64) => {
+            let d: &mut [i64] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i64);
+        }
+        (DType::F32, DType::I32) => {
+            let d: &mut [i32] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i32);
+        }
+        (_, _) => {
+            let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
+            match from {
+                DType::I64 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i64>(src)).for_each(|(o, &x)| *o = x as f32),
+                DType::I32 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i32>(src)).for_each(|(o, &x)| *o = x as f32),
+                _ => d.iter_mut().zip(src).for_each(|(o, &x)| *o = x as f32),
+            }
+        }
     }
 }
 
