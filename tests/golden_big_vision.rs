@@ -23,8 +23,11 @@ fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
     &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
 }
 
-/// Runs a model folder on `images` both ways; returns (interpreter, cpu) outputs as f32.
-fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (HashMap<String, Vec<f32>>, HashMap<String, Vec<f32>>) {
+/// Outputs by name, as f32.
+type Outputs = HashMap<String, Vec<f32>>;
+
+/// Runs a model folder on `images` both ways; returns (interpreter, cpu) outputs.
+fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (Outputs, Outputs) {
     let s = &images.ty.shape;
     let profile = Profile { batch: s[0], image_hw: Some((s[1], s[2])), moe, ..Profile::default() };
     let store = Arc::new(WeightStore::open(dir).expect("weights"));
@@ -36,7 +39,7 @@ fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (HashMap<String, Ve
         weights.insert(name.to_string(), Value::new(wt.clone(), kiln_runtime::tensor::to_f64(wt.dtype, bytes)).unwrap());
     }
     let inputs = HashMap::from([("images".to_string(), Value::new(images.ty.clone(), images.to_f64()).unwrap())]);
-    let interp: HashMap<String, Vec<f32>> =
+    let interp: Outputs =
         interp::run(&built.graph, &inputs, &weights).expect("interpreter").into_iter().map(|(n, v)| (n, v.to_f32())).collect();
 
     let c = compile(dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).unwrap_or_else(|e| panic!("compile: {e}"));
@@ -46,7 +49,7 @@ fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (HashMap<String, Ve
 }
 
 /// Checks `got[ours]` against `reference[theirs]` for both runs (relative error < `tol`).
-fn close(runs: &(HashMap<String, Vec<f32>>, HashMap<String, Vec<f32>>), reference: &[(String, Tensor)], pairs: &[(&str, &str)], tol: f64) {
+fn close(runs: &(Outputs, Outputs), reference: &[(String, Tensor)], pairs: &[(&str, &str)], tol: f64) {
     for (ours, theirs) in pairs {
         let want = tensor(reference, theirs).to_f32();
         for (which, got) in [("interpreter", &runs.0), ("cpu", &runs.1)] {

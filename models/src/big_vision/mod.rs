@@ -61,7 +61,7 @@ pub(crate) fn pair(r: &mut ConfigReader, field: &str, default: (usize, usize)) -
 /// The patch grid of an `h x w` image for a `(ph, pw)` patch, or an error naming both.
 pub(crate) fn grid(hw: (usize, usize), patch: (usize, usize)) -> Result<(usize, usize)> {
     let ((h, w), (ph, pw)) = (hw, patch);
-    if ph == 0 || pw == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {
+    if ph == 0 || pw == 0 || h == 0 || w == 0 || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
         return Err(ModelError::Unsupported(format!("image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")));
     }
     Ok((h / ph, w / pw))
@@ -144,7 +144,7 @@ impl Builder<'_> {
 /// The 2-D sine-cosine position table of big_vision's `posemb_sincos_2d` (`[gh*gw, D]`,
 /// row-major tokens; x is the column, y the row), computed in f32 as JAX does.
 pub fn posemb_sincos_2d(gh: usize, gw: usize, d: usize) -> Result<Vec<f64>> {
-    if d % 4 != 0 || d < 8 {
+    if !d.is_multiple_of(4) || d < 8 {
         return Err(ModelError::Unsupported(format!("sincos2d position embedding needs a width divisible by 4 (and >= 8), got {d}")));
     }
     let q = d / 4;

@@ -111,7 +111,7 @@ impl VitConfig {
             Some(pm) => Some(PatchMergerConfig::read(pm)?),
             None => None,
         };
-        if heads == 0 || width % heads != 0 {
+        if heads == 0 || !width.is_multiple_of(heads) {
             return Err(r.unsupported("num_heads", format!("width {width} is not divisible into {heads} heads")));
         }
         if let Some(pm) = &patch_merger {

@@ -106,7 +106,7 @@ impl VmoeConfig {
             None => None,
         };
         e.finish()?;
-        if num_heads == 0 || hidden % num_heads != 0 {
+        if num_heads == 0 || !hidden.is_multiple_of(num_heads) {
             return Err(r.unsupported("encoder.num_heads", format!("hidden_size {hidden} is not divisible into {num_heads} heads")));
         }
         r.finish()?;
@@ -161,7 +161,7 @@ fn read_moe(mut r: ConfigReader, num_layers: usize) -> Result<MoeConfig> {
     if num_experts == 0 || num_selected == 0 || num_selected > num_experts {
         return Err(r.unsupported("router.num_selected_experts", format!("{num_selected} of {num_experts} experts")));
     }
-    if group_size == 0 || !(capacity_factor > 0.0) {
+    if group_size == 0 || capacity_factor.is_nan() || capacity_factor <= 0.0 {
         return Err(r.unsupported("group_size", format!("group_size {group_size} and capacity_factor {capacity_factor} must be positive")));
     }
     r.finish()?;
@@ -174,7 +174,7 @@ pub fn build(cfg: &VmoeConfig, ck: &Checkpoint, profile: &Profile) -> Result<(Gr
     let mut moe = cfg.moe.clone();
     if let Some(mc) = moe.as_mut() {
         if let Some(c) = profile.moe.capacity_factor {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 return Err(ModelError::Unsupported(format!("--moe-capacity {c}: the capacity ratio must be positive")));
             }
             mc.capacity_factor = c;
@@ -282,7 +282,7 @@ impl<'c> MoeLayer<'c> {
     /// Checks that groups of whole images tile the batch's `total` tokens.
     pub fn new(cfg: &'c MoeConfig, total: usize, per_image: usize, prefix: &str) -> Result<Self> {
         let s = cfg.group_size;
-        if total % s != 0 {
+        if !total.is_multiple_of(s) {
             return Err(ModelError::Unsupported(format!(
                 "{prefix}: encoder.moe.group_size {s} does not divide the batch's {total} tokens ({} images x {per_image} tokens); \
                  choose a batch whose tokens split into whole groups",
