@@ -43,5 +43,16 @@ for v in variants:
         json.dump({"capacity": c["capacity"], "dropping": c["dropping"]}, f, indent=1, sort_keys=True)
         f.write("\n")
     shutil.copyfile(os.path.join(SRC, f"vmoe/reference_{v}.safetensors"), os.path.join(d, f"reference_{v}.safetensors"))
-# The folder itself is a model folder too (the BPR variant), for the CLI.
+# The folder itself is a model folder too (the BPR variant), with its images alone as
+# `inputs.safetensors`, for the CLI (`kiln run ... --inputs inputs.safetensors --moe-stats`).
+ref = os.path.join(d, "reference_k2_cap0.75_bpr.safetensors")
+raw = open(ref, "rb").read()
+n = int.from_bytes(raw[:8], "little")
+entry = json.loads(raw[8:8 + n])["images"]
+start, end = entry["data_offsets"]
+data = raw[8 + n + start:8 + n + end]
+hdr = json.dumps({"images": {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, len(data)]}}).encode()
+hdr += b" " * ((8 - len(hdr) % 8) % 8)
+with open(os.path.join(d, "inputs.safetensors"), "wb") as f:
+    f.write(len(hdr).to_bytes(8, "little") + hdr + data)
 shutil.copyfile(os.path.join(d, "config_k2_cap0.75_bpr.json"), os.path.join(d, "config.json"))

@@ -166,3 +166,43 @@ fn vmoe_k2_cap075_bpr_drops_tokens() {
 fn vmoe_k2_cap4_drops_nothing() {
     check_vmoe("k2_cap4.0_nodrop");
 }
+
+/// The MAP fixture with a PatchMerger (no official code exists, so no official numbers):
+/// after block 1 the 9 tokens become 3, the planner handles the changed token count, the cpu
+/// backend agrees with the interpreter, and a zero scoring kernel makes every merged token
+/// the plain mean of the normed tokens, so all merged tokens are equal.
+#[test]
+fn patch_merger_in_vit() {
+    use kiln::npz_write::NpzWriter;
+    let src = fixture("vit_map_learn");
+    let dir = std::env::temp_dir().join(format!("kiln-pm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["model"]["patch_merger"] = serde_json::json!({"num_tokens": 3, "blocks_before": 1});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("params.npz"), dir.join("params.npz")).unwrap();
+    let mut buf = Vec::new();
+    let mut w = NpzWriter::new(&mut buf);
+    w.add_f32("Transformer/PatchMerger/LayerNorm/scale", &[48], &[1.0; 48]).unwrap();
+    w.add_f32("Transformer/PatchMerger/LayerNorm/bias", &[48], &[0.0; 48]).unwrap();
+    w.add_f32("Transformer/PatchMerger/kernel", &[48, 3], &[0.0; 48 * 3]).unwrap();
+    w.finish().unwrap();
+    std::fs::write(dir.join("merger.npz"), buf).unwrap();
+
+    let r = io::read(&src.join("reference.safetensors")).unwrap();
+    let (interp, cpu) = run_both(&dir, tensor(&r, "images"), MoeOptions::default());
+    for name in ["logits", "encoded", "head_input"] {
+        let e = rel_err(&cpu[name], &interp[name]);
+        assert!(e < 1e-5, "{name}: cpu vs interpreter {e:.3e}");
+    }
+    let enc = &cpu["encoded"];
+    assert_eq!(enc.len(), 2 * 3 * 48, "encoded is [2, 3, 48]");
+    for b in 0..2 {
+        let t0 = &enc[b * 144..b * 144 + 48];
+        for t in 1..3 {
+            let e = rel_err(&enc[b * 144 + t * 48..b * 144 + (t + 1) * 48], t0);
+            assert!(e < 1e-5, "image {b}: merged token {t} differs from token 0 by {e:.3e}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
