@@ -18,10 +18,11 @@ pub(crate) enum Prep {
     None,
     /// An elementwise step.
     Region(Region),
-    /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one.
+    /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one
+    /// (one packed matrix per batch for a batched weight, such as V-MoE's experts).
     MatMul {
         epilogue: Option<Region>,
-        packed: Option<sgemm512::PackedB>,
+        packed: Vec<sgemm512::PackedB>,
     },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
@@ -63,17 +64,25 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
         .collect()
 }
 
-/// Packs a 2-D weight right-hand side once, when the AVX-512 kernel can use it.
-fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Option<sgemm512::PackedB> {
-    let b = &s.inputs[1];
-    let (Slot::Weight(i), true, true) = (b.slot, b.ty.rank() == 2, sgemm512::available()) else { return None };
-    if s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue" {
-        return None;
+/// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
+/// each matrix of a batched weight whose batch axes match the product's one to one (the
+/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`).
+fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Vec<sgemm512::PackedB> {
+    let (a, b, o) = (&s.inputs[0].ty, &s.inputs[1], &s.output.ty);
+    let Slot::Weight(i) = b.slot else { return vec![] };
+    let r = b.ty.rank();
+    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
+    if !(r == 2 || batched) || !sgemm512::available() || (s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue") {
+        return vec![];
     }
-    let data = weight(i, b.ty.numel())?;
-    let (r, c) = (b.ty.shape[0], b.ty.shape[1]);
-    let view = if tb { gemm::MatView::transposed(&data, c, r) } else { gemm::MatView::row_major(&data, r, c) };
-    Some(sgemm512::PackedB::pack(view))
+    let Some(data) = weight(i, b.ty.numel()) else { return vec![] };
+    let (rows, cols) = (b.ty.shape[r - 2], b.ty.shape[r - 1]);
+    data.chunks_exact((rows * cols).max(1))
+        .map(|m| {
+            let view = if tb { gemm::MatView::transposed(m, cols, rows) } else { gemm::MatView::row_major(m, rows, cols) };
+            sgemm512::PackedB::pack(view)
+        })
+        .collect()
 }
 
 pub(crate) struct CpuExec {
@@ -166,9 +175,7 @@ impl CpuExec {
 fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     match (&s.op, p) {
-        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => {
-            matmul(mem, s, *transpose_b, epilogue.as_ref(), packed.as_ref())
-        }
+        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
         (_, Prep::Region(r)) => {
             let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
             for (k, o) in s.inputs.iter().enumerate() {
@@ -401,7 +408,7 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.
-fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option<&sgemm512::PackedB>) -> std::result::Result<(), String> {
+fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgemm512::PackedB]) -> std::result::Result<(), String> {
     let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
     let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
     let (m, k, n) = (at.shape[ra - 2], at.shape[ra - 1], ot.shape[ro - 1]);
@@ -415,8 +422,18 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option
         extra[i] = mem.f32(o);
     }
     let extra = &extra[..s.inputs.len() - 2];
-    if let (Some(pb), true) = (packed, b_batches == 1 && a_batches == out_batches) {
+    if let ([pb], true) = (packed, b_batches == 1 && a_batches == out_batches) {
         sgemm512::matmul_packed(a, m * a_batches, k, pb, c);
+        if let Some(r) = region {
+            r.eval_in_place(extra, c);
+        }
+        return Ok(());
+    }
+    if packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1 {
+        // A grouped product: one packed matrix per batch (each expert's weights).
+        for (bi, pb) in packed.iter().enumerate() {
+            sgemm512::matmul_packed(&a[bi * m * k..(bi + 1) * m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
+        }
         if let Some(r) = region {
             r.eval_in_place(extra, c);
         }
