@@ -9,6 +9,7 @@ pub mod npz_write;
 pub mod png;
 pub mod sample;
 pub mod synth;
+pub mod synth_big_vision;
 pub mod synth_jet;
 
 pub use kiln_graph as graph;

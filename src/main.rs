@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use kiln::{compile, io, CompileOptions, Compiled, Error, Result};
 use kiln_graph::program::Program;
 use kiln_graph::DType;
-use kiln_models::Profile;
+use kiln_models::{MoeOptions, MoeOutputs, Profile};
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +32,12 @@ struct ProfileArgs {
     /// Backend: cpu.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// V-MoE capacity ratio C (overrides the config's capacity_factor).
+    #[arg(long)]
+    moe_capacity: Option<f64>,
+    /// V-MoE batch-prioritized routing, true or false (overrides the config's batch_priority).
+    #[arg(long)]
+    moe_bpr: Option<bool>,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +69,9 @@ enum Cmd {
         /// (big_vision's Jet trainer formula, without dequantisation noise).
         #[arg(long)]
         bpd: bool,
+        /// V-MoE: print how many tokens each expert took and how many were dropped, per MoE layer.
+        #[arg(long)]
+        moe_stats: bool,
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
@@ -150,7 +159,8 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype }, backend: p.backend.clone(), trace: false })
+    let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe }, backend: p.backend.clone(), trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.
@@ -186,11 +196,20 @@ fn is_artifact(p: &Path) -> bool {
 
 /// Loads a session from an artifact or compiles a folder in memory.
 fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>) -> Result<Session> {
-    let program = if is_artifact(model) {
-        kiln_graph::artifact::load_file(model)?
+    Ok(session_and_graph(model, weights, opts)?.0)
+}
+
+/// Each entry's optimised graph, when a folder was compiled (for step attribution).
+type EntryGraphs = Option<Vec<(String, kiln_graph::Graph)>>;
+
+/// A session, and its entries' optimised graphs when a folder was compiled.
+fn session_and_graph(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>) -> Result<(Session, EntryGraphs)> {
+    let (program, graph) = if is_artifact(model) {
+        (kiln_graph::artifact::load_file(model)?, None)
     } else {
         let opts = opts.ok_or_else(|| Error::Usage("a model folder needs a profile".into()))?;
-        progress("compiling", || compile(model, &opts))?.program
+        let c = progress("compiling", || compile(model, &opts))?;
+        (c.program, Some(c.entries.into_iter().map(|e| (e.name, e.graph)).collect()))
     };
     let wpath = match weights {
         Some(w) => w.to_path_buf(),
@@ -198,7 +217,49 @@ fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>) -
         None => model.to_path_buf(),
     };
     let store = progress("loading weights", || WeightStore::open(&wpath))?;
-    Ok(progress("preparing", || Session::new(program, Arc::new(store)))?)
+    Ok((progress("preparing", || Session::new(program, Arc::new(store)))?, graph))
+}
+
+/// For a graph with mixture-of-experts layers: per node, `Some(true)` for routing, dispatch
+/// and combine (everything from the MoE input to the combine except the experts),
+/// `Some(false)` for the experts (dispatch buffer to expert output), `None` elsewhere.
+fn moe_parts(g: &kiln_graph::Graph) -> Vec<Option<bool>> {
+    use kiln_graph::{NodeId, Op};
+    let n = g.nodes.len();
+    let ancestors = |roots: &[NodeId]| -> Vec<bool> {
+        let mut seen = vec![false; n];
+        let mut stack: Vec<NodeId> = roots.to_vec();
+        while let Some(id) = stack.pop() {
+            if !std::mem::replace(&mut seen[id.index()], true) {
+                stack.extend(&g.node(id).inputs);
+            }
+        }
+        seen
+    };
+    let mut part = vec![None; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if node.op != Op::MoeCombine {
+            continue;
+        }
+        let (out, rows, w) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+        let anc_out = ancestors(&[out]);
+        let Some(d) = (0..n).rev().find(|&j| anc_out[j] && matches!(g.nodes[j].op, Op::MoeDispatch { .. })) else { continue };
+        let anc_y = ancestors(&[g.nodes[d].inputs[0]]);
+        let anc_d = ancestors(&[NodeId(d as u32)]);
+        let anc_rw = ancestors(&[rows, w]);
+        for j in 0..n {
+            if part[j].is_some() {
+                continue;
+            }
+            if (anc_rw[j] || anc_d[j]) && !anc_y[j] {
+                part[j] = Some(true);
+            } else if anc_out[j] && !anc_d[j] {
+                part[j] = Some(false);
+            }
+        }
+        part[i] = Some(true);
+    }
+    part
 }
 
 fn dispatch(cmd: Cmd) -> Result<()> {
@@ -225,10 +286,13 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Run { model, inputs, out, weights, p, entry, bpd } => {
+        Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
             let ins = io::read(&inputs)?;
             let (batch, hw) = image_dims(&ins);
-            let opts = profile(&p, batch, hw)?;
+            let mut opts = profile(&p, batch, hw)?;
+            if moe_stats {
+                opts.profile.moe.outputs = MoeOutputs::Stats;
+            }
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
             // A file may hold more than the entry takes (a flow's forward outputs `z` and
             // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
@@ -241,7 +305,11 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 println!("not inputs of '{entry}', left out: {}", names.join(", "));
             }
             let refs = if refs.is_empty() { skipped } else { refs };
-            let outs = s.run(&entry, &refs)?;
+            let mut outs = s.run(&entry, &refs)?;
+            if moe_stats {
+                print_moe_stats(&outs)?;
+            }
+            outs.retain(|(n, _)| !n.starts_with("moe/"));
             for (name, t) in &outs {
                 let v = t.to_f64();
                 let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -345,6 +413,33 @@ fn print_bits_per_dim(outs: &[(String, Tensor)]) -> Result<()> {
     Ok(())
 }
 
+/// Per MoE layer: tokens each expert took, and the assignments and tokens dropped.
+fn print_moe_stats(outs: &[(String, Tensor)]) -> Result<()> {
+    let mut any = false;
+    for (name, t) in outs {
+        let Some(block) = name.strip_prefix("moe/").and_then(|n| n.strip_suffix("/expert")) else { continue };
+        let load = outs.iter().find(|(n, _)| *n == format!("moe/{block}/expert_load")).map(|(_, t)| t.to_f64()).unwrap_or_default();
+        let v = t.to_f64();
+        let k = *t.ty.shape.last().unwrap_or(&1);
+        let dropped = v.iter().filter(|&&x| x < 0.0).count();
+        let lost = v.chunks(k.max(1)).filter(|c| c.iter().all(|&x| x < 0.0)).count();
+        let loads: Vec<String> = load.iter().map(|x| format!("{x:.0}")).collect();
+        println!(
+            "{block}: tokens per expert [{}]; dropped {dropped} of {} assignments (K={k}); {lost} of {} tokens dropped by every expert",
+            loads.join(", "),
+            v.len(),
+            v.len() / k.max(1)
+        );
+        any = true;
+    }
+    if !any {
+        return Err(Error::Usage(
+            "--moe-stats: the program has no MoE routing outputs (a V-MoE folder compiles them in; an artifact must be recompiled)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
     if is_artifact(model) {
         let prog = kiln_graph::artifact::load_file(model)?;
@@ -406,8 +501,9 @@ fn print_program(prog: &Program) {
 
 fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, json: bool, breakdown: bool, entry: &str) -> Result<()> {
     let opts = profile(p, None, None)?;
-    let mut s = session(model, weights, Some(opts))?;
+    let (mut s, graphs) = session_and_graph(model, weights, Some(opts))?;
     let e = &s.program().entries[s.entry_index(entry)?];
+    let graph = graphs.and_then(|g| g.into_iter().find(|(n, _)| n == entry).map(|(_, g)| g));
     let inputs: Vec<(String, Tensor)> = e
         .inputs
         .iter()
@@ -470,6 +566,22 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
             100.0 * (total - steps_sum) / total
         );
         println!("{:<40} {:>6} {:>10.2}", "total (one run)", steps.len(), total * 1e3);
+        if let Some(parts) = graph.as_ref().map(moe_parts).filter(|p| p.iter().any(|x| x.is_some())) {
+            let (mut routing, mut experts) = (0.0, 0.0);
+            for (st, (_, _, t)) in s.program().entries[0].steps.iter().zip(&steps) {
+                match parts.get(st.node as usize).copied().flatten() {
+                    Some(true) => routing += t,
+                    Some(false) => experts += t,
+                    None => {}
+                }
+            }
+            println!(
+                "MoE layers: routing+dispatch+combine {:.2} ms, experts {:.2} ms; overhead {:.1}% of the MoE layers' time",
+                routing * 1e3,
+                experts * 1e3,
+                100.0 * routing / (routing + experts).max(1e-12)
+            );
+        }
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 use std::time::Instant;
 
+use crate::synth_big_vision::BigVisionSynth;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
@@ -119,6 +120,8 @@ pub enum SynthSpec {
     Siglip(SiglipSynthConfig),
     /// big_vision's Jet flow (`proj.jet.jet`, a `params.npz` folder; see [`crate::synth_jet`]).
     Jet(crate::synth_jet::JetSynthConfig),
+    /// A big_vision folder (`config.json` + `params.npz`).
+    BigVision(crate::synth_big_vision::BigVisionSynth),
 }
 
 impl SynthModel {
@@ -127,6 +130,7 @@ impl SynthModel {
         match &self.spec {
             SynthSpec::Siglip(cfg) => cfg.tensors(),
             SynthSpec::Jet(cfg) => cfg.tensors(),
+            SynthSpec::BigVision(b) => b.tensors(),
         }
     }
 
@@ -218,6 +222,26 @@ static MODELS: &[SynthModel] = &[
             spatial_coupling_projs: &["checkerboard"],
         }),
     },
+    SynthModel {
+        name: "vit-b16",
+        description: "big_vision ViT-B/16, 224px, GAP head, 1000 classes (params.npz, ~86M params)",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vit { merger: None }),
+    },
+    SynthModel {
+        name: "vit-b16-pm8",
+        description: "big_vision ViT-B/16 with a PatchMerger to 8 tokens after block 6",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vit { merger: Some((6, 8)) }),
+    },
+    SynthModel {
+        name: "vmoe-b16-dense",
+        description: "vmoe VisionTransformerMoe B/16 without experts: the dense ViT V-MoE-B/16 is built on",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vmoe { experts: None }),
+    },
+    SynthModel {
+        name: "vmoe-b16-e8",
+        description: "V-MoE-B/16, E=8 K=2 every other block, groups of 8 images, C=1.05 (~293M params)",
+        spec: SynthSpec::BigVision(BigVisionSynth::Vmoe { experts: Some(8) }),
+    },
 ];
 
 /// All models `kiln synth` knows, smallest first.
@@ -240,6 +264,7 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
     let mut report = match &model.spec {
         SynthSpec::Siglip(cfg) => synth_siglip(cfg, out, seed, progress)?,
         SynthSpec::Jet(cfg) => crate::synth_jet::synth_jet(cfg, out, seed)?,
+        SynthSpec::BigVision(b) => crate::synth_big_vision::synth_big_vision(b, out, seed)?,
     };
     report.name = model.name.to_string();
     Ok(report)
@@ -751,9 +776,12 @@ mod tests {
             match &m.spec {
                 SynthSpec::Siglip(cfg) => cfg.validate().unwrap(),
                 SynthSpec::Jet(cfg) => assert_eq!(cfg.model_config().unwrap().schedule().len(), cfg.depth),
+                SynthSpec::BigVision(_) => {}
             }
             assert!(find(m.name).is_some());
         }
+        let moe = find("vmoe-b16-e8").unwrap();
+        assert!((280e6..300e6).contains(&(moe.num_params() as f64)), "{}", moe.num_params());
         let so = find("siglip-so400m-14-224").unwrap();
         assert!((400e6..450e6).contains(&(so.num_params() as f64)));
         let jet = find("jet-jetformer-256").unwrap();

@@ -184,13 +184,13 @@ pub fn synth_jet(cfg: &JetSynthConfig, out: &Path, seed: u64) -> Result<SynthRep
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     let mut w = NpzWriter::create(&weights_path).map_err(io)?;
     // The two mask names sort around `couplings/...`: channel_ < couplings/ < spatial_.
-    w.add(CHANNEL_MASKS, &[cfg.depth, d, d], &ch).map_err(io)?;
+    w.add_f32(CHANNEL_MASKS, &[cfg.depth, d, d], &ch).map_err(io)?;
     let mut num_params = (ch.len() + sp.len()) as u64;
     for s in &specs {
-        w.add(&s.name, &s.shape, &s.values(seed)).map_err(io)?;
+        w.add_f32(&s.name, &s.shape, &s.values(seed)).map_err(io)?;
         num_params += s.numel() as u64;
     }
-    w.add(SPATIAL_MASKS, &[cfg.depth, n, n], &sp).map_err(io)?;
+    w.add_f32(SPATIAL_MASKS, &[cfg.depth, n, n], &sp).map_err(io)?;
     w.finish().map_err(io)?;
     let bytes = std::fs::metadata(&weights_path).map_err(io)?.len();
     Ok(SynthReport {

@@ -177,6 +177,33 @@ fn movement() {
     one("resize bilinear", &[2, 5, 6], |g, x| g.push(Op::Resize { size: [3, 11], mode: ResizeMode::Bilinear }, &[x]).unwrap());
 }
 
+/// `x[:, :, 0]` of a `[G, S, K]` tensor as `[G, S]` (the top-1 gate row BPR sorts).
+fn g_slice(g: &mut Graph, x: NodeId) -> NodeId {
+    let s = g.shape(x).to_vec();
+    let y = g.slice(x, 2, 0, 1).unwrap();
+    g.reshape(y, &[s[0], s[1]]).unwrap()
+}
+
+#[test]
+fn moe_dispatch_and_combine() {
+    // 5 tokens, K = 2, 6 buffer rows; -1 is a dropped assignment, token 3 is dropped twice.
+    let slots = vec![0.0, 4.0, 2.0, -1.0, 5.0, 1.0, -1.0, -1.0, 3.0, -1.0];
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", &[5, 7]);
+    let slot = g.constant(DType::I64, &[5, 2], slots.clone()).unwrap();
+    let buf = g.push(Op::MoeDispatch { rows: 6 }, &[x, slot]).unwrap();
+    g.output("buffers", buf);
+    check("moe_dispatch", g, 1);
+
+    let mut g = Graph::new();
+    let y = f32in(&mut g, "y", &[6, 7]);
+    let w = f32in(&mut g, "w", &[5, 2]);
+    let slot = g.constant(DType::I64, &[5, 2], slots).unwrap();
+    let out = g.push(Op::MoeCombine, &[y, slot, w]).unwrap();
+    g.output("combined", out);
+    check("moe_combine", g, 1);
+}
+
 #[test]
 fn index_ops() {
     let mut g = Graph::new();
@@ -203,6 +230,28 @@ fn index_ops() {
     check("scatter_add", g, 5);
 
     one("cumsum", &[3, 7], |g, x| g.push(Op::CumSum { axis: 1, exclusive: false }, &[x]).unwrap());
+    one("cumsum of a one-hot count", &[2, 9, 4], |g, x| {
+        let zero = g.scalar(DType::F32, 0.0).unwrap();
+        let hit = g.binary(BinaryOp::Gt, x, zero).unwrap();
+        let one = g.scalar(DType::F32, 1.0).unwrap();
+        let onehot = g.push(Op::Select, &[hit, one, zero]).unwrap();
+        g.push(Op::CumSum { axis: 1, exclusive: true }, &[onehot]).unwrap()
+    });
+
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "x", &[2, 5, 4]);
+    let top1 = g_slice(&mut g, x);
+    let k = g.push(Op::TopK { k: 5 }, &[top1]).unwrap();
+    let kf = g.push(Op::Cast { to: DType::F32 }, &[k]).unwrap();
+    let back = g.push(Op::Cast { to: DType::I64 }, &[kf]).unwrap();
+    g.output("argsort", back);
+    check("topk as argsort + casts", g, 1);
+
+    let mut g = Graph::new();
+    let idx = g.input("idx", DType::I64, &[3, 4]).unwrap();
+    let y = g.push(Op::ScatterAdd { axis: 1 }, &[idx, idx, idx]).unwrap();
+    g.output("y", y);
+    check("scatter_add i64", g, 4);
     one("cumsum exclusive", &[4, 3], |g, x| g.push(Op::CumSum { axis: 0, exclusive: true }, &[x]).unwrap());
 
     let mut g = Graph::new();

@@ -334,6 +334,26 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(TensorType::new(q.dtype, [b, sq, hq, v.shape[3]]))
         }
+        Op::MoeDispatch { rows } => {
+            arity(inputs, 2)?;
+            let (x, slot) = (inputs[0], inputs[1]);
+            float(x, "x")?;
+            integer(slot, "slots")?;
+            if x.rank() != 2 || slot.rank() != 2 || slot.shape[0] != x.shape[0] {
+                return Err(format!("dispatch needs x [T, D] and slots [T, K], got {x} and {slot}"));
+            }
+            Ok(TensorType::new(x.dtype, [*rows, x.shape[1]]))
+        }
+        Op::MoeCombine => {
+            arity(inputs, 3)?;
+            let (y, slot, w) = (inputs[0], inputs[1], inputs[2]);
+            float(y, "y")?;
+            integer(slot, "slots")?;
+            if y.rank() != 2 || slot.rank() != 2 || w.shape != slot.shape || w.dtype != y.dtype {
+                return Err(format!("combine needs y [R, D], slots [T, K] and weights {}[T, K], got {y}, {slot}, {w}", y.dtype));
+            }
+            Ok(TensorType::new(y.dtype, [slot.shape[0], y.shape[1]]))
+        }
         Op::Fused(e) => {
             let first = inputs.first().ok_or("a fused region needs inputs")?;
             let mut shape = first.shape.clone();

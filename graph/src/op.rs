@@ -237,6 +237,14 @@ pub enum Op {
     /// Multi-head attention on `q [B,Sq,Hq,D]`, `k [B,Sk,Hkv,D]`, `v [B,Sk,Hkv,Dv]` (and a
     /// mask `[B,Sq,Sk]` for [`MaskKind::Additive`]), giving `[B,Sq,Hq,Dv]`; `Hq % Hkv == 0`.
     Attention(Attention),
+    /// Mixture-of-experts dispatch: `out [rows, D]` starts at zero and, for every assignment
+    /// `(t, k)` with `slot[t, k] >= 0`, `out[slot[t, k]] += x[t]`; inputs `x [T, D]`,
+    /// `slot [T, K]` (integer, -1 = dropped). Expert buffers of static capacity.
+    MoeDispatch { rows: usize },
+    /// Mixture-of-experts combine: `out[t] = sum_k w[t, k] * y[slot[t, k]]` over the
+    /// assignments with `slot[t, k] >= 0` (a token dropped by every expert gets zero); inputs
+    /// `y [R, D]`, `slot [T, K]` (integer), `w [T, K]`.
+    MoeCombine,
     /// A fused elementwise region over broadcast inputs (made by the fusion pass).
     Fused(Expr),
 }
@@ -270,6 +278,8 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Attention(_) => "attention",
+            Op::MoeDispatch { .. } => "moe_dispatch",
+            Op::MoeCombine => "moe_combine",
             Op::Fused(_) => "fused",
         }
     }

@@ -65,6 +65,8 @@ pub fn attrs(op: &Op) -> String {
             let cap = a.softcap.map(|c| format!(", softcap={c}")).unwrap_or_default();
             format!("scale={}, mask={mask}{cap}", a.scale)
         }
+        Op::MoeDispatch { rows } => format!("rows={rows}"),
+        Op::MoeCombine => String::new(),
         Op::Fused(e) => expr_to_string(e),
     }
 }

@@ -118,3 +118,18 @@ pub fn parse_header(json: &[u8], file_len: u64) -> Result<Vec<HeaderEntry>, Stri
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod slice_name_tests {
+    use super::stacked_layer;
+
+    #[test]
+    fn slice_names() {
+        assert_eq!(
+            stacked_layer("Transformer/encoderblock/MlpBlock_0/Dense_0/kernel[2]"),
+            Some(("Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", 2))
+        );
+        assert_eq!(stacked_layer("a/kernel"), None);
+        assert_eq!(stacked_layer("a[x]"), None);
+    }
+}

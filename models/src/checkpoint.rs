@@ -64,9 +64,26 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.into(), tensors })
     }
 
+    /// A tensor by name; `base[i]` is slice `i` of `base` along its leading axis (one layer of
+    /// a scan-stacked array, which the weight store maps at an offset without copying).
+    pub fn get(&self, name: &str) -> Option<TensorInfo> {
+        if let Some(t) = self.tensors.get(name) {
+            return Some(t.clone());
+        }
+        let (base, i) = safetensors::stacked_layer(name)?;
+        let t = self.tensors.get(base)?;
+        let (&n, rest) = t.ty.shape.split_first()?;
+        (i < n).then(|| TensorInfo { file: t.file.clone(), ty: TensorType::new(t.ty.dtype, rest.to_vec()) })
+    }
+
+    /// Whether the checkpoint holds `name` (slices included).
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
     /// The type of a tensor, checked against the expected shape (any float dtype accepted).
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<TensorInfo> {
-        let t = self.info(name).ok_or_else(|| ModelError::MissingTensor {
+        let t = self.get(name).ok_or_else(|| ModelError::MissingTensor {
             dir: self.dir.clone(),
             name: name.into(),
             hint: format!("expected shape {shape:?}"),
@@ -80,20 +97,5 @@ impl Checkpoint {
             });
         }
         Ok(t)
-    }
-
-    /// A stored tensor, or layer `i` of a stacked one named `base[i]` (see
-    /// [`safetensors::stacked_layer`]); a missing layer names the stacked tensor's type.
-    pub fn info(&self, name: &str) -> Option<TensorInfo> {
-        if let Some(t) = self.tensors.get(name) {
-            return Some(t.clone());
-        }
-        let (base, i) = safetensors::stacked_layer(name)?;
-        let t = self.tensors.get(base)?;
-        let ty = match t.ty.shape.split_first() {
-            Some((&layers, rest)) if i < layers => TensorType::new(t.ty.dtype, rest),
-            _ => t.ty.clone(),
-        };
-        Some(TensorInfo { file: t.file.clone(), ty })
     }
 }

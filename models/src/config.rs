@@ -149,6 +149,11 @@ impl ConfigReader {
         }
     }
 
+    /// The raw value of a field (marked as read), or `None` when absent or null.
+    pub fn value(&mut self, field: &str) -> Option<Value> {
+        self.get(field).cloned()
+    }
+
     /// A nested object as its own reader (fields reported as `parent.child`).
     pub fn object(&mut self, field: &str) -> Result<Option<ConfigReader>> {
         match self.get(field).cloned() {

@@ -11,6 +11,8 @@ pub struct Builder<'a> {
     pub ck: &'a Checkpoint,
     /// The compute dtype: weights are converted to it when loaded.
     pub dtype: DType,
+    /// Appended to every weight name while set (`[i]`: layer i of a scan-stacked array).
+    pub weight_suffix: Option<String>,
 }
 
 /// An activation function named by a config's `hidden_act`.
@@ -40,13 +42,17 @@ impl Activation {
 impl<'a> Builder<'a> {
     /// A fresh graph over a checkpoint.
     pub fn new(ck: &'a Checkpoint, dtype: DType) -> Self {
-        Builder { g: Graph::new(), ck, dtype }
+        Builder { g: Graph::new(), ck, dtype, weight_suffix: None }
     }
 
     /// A weight node, checked against the checkpoint's shape.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<NodeId> {
-        self.ck.expect(name, shape)?;
-        Ok(self.g.weight(name, self.dtype, shape)?)
+        let name = match &self.weight_suffix {
+            Some(s) => format!("{name}{s}"),
+            None => name.to_string(),
+        };
+        self.ck.expect(&name, shape)?;
+        Ok(self.g.weight(&name, self.dtype, shape)?)
     }
 
     /// `x @ W^T + b` for a PyTorch `Linear` stored as `{prefix}.weight [out, in]`, `{prefix}.bias [out]`.

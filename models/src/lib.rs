@@ -1,6 +1,7 @@
 //! kiln's model builders: a config struct and a builder that reads like the paper per model
 //! family, shared layers, strict config parsing and checkpoint indexing.
 
+pub mod big_vision;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -22,12 +23,39 @@ pub struct Profile {
     pub image_hw: Option<(usize, usize)>,
     /// The compute dtype.
     pub dtype: DType,
+    /// Mixture-of-experts settings (V-MoE); ignored by dense models.
+    pub moe: MoeOptions,
 }
 
 impl Default for Profile {
     fn default() -> Self {
-        Profile { batch: 1, image_hw: None, dtype: DType::F32 }
+        Profile { batch: 1, image_hw: None, dtype: DType::F32, moe: MoeOptions::default() }
     }
+}
+
+/// Compile-time overrides of a V-MoE config's routing, and what routing the graph reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MoeOptions {
+    /// Capacity ratio C (the dispatcher's `capacity_factor`); `None` keeps the config's.
+    pub capacity_factor: Option<f64>,
+    /// Batch-prioritized routing on or off; `None` keeps the config's `batch_priority`.
+    pub batch_priority: Option<bool>,
+    /// Extra outputs per MoE layer.
+    pub outputs: MoeOutputs,
+}
+
+/// Which routing tensors a V-MoE graph also outputs, per MoE layer `moe/<block>/...`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeOutputs {
+    /// Only the model's outputs.
+    #[default]
+    None,
+    /// `expert [G, S, K]`: the expert each assignment went to, -1 where it was dropped
+    /// (what `kiln run --moe-stats` counts).
+    Stats,
+    /// `expert`, plus vmoe's `gates_softmax [G,S,E]`, `dispatch_weights [G,S,E,Cap]` and
+    /// `combine_weights [G,S,E,Cap]` (for tests against the reference).
+    Debug,
 }
 
 /// A model built from a folder: one graph per entry (`forward`; Jet adds `inverse`), a
@@ -55,10 +83,7 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
         // big_vision folders: `config.json` holds the config's `model_name` and `model` kwargs.
         return match name.as_str() {
             "proj.jet.jet" => jet::build_folder(dir, &cfg_path, profile),
-            "vit" | "vmoe" => Err(ModelError::Unsupported(format!(
-                "{}: big_vision model '{name}' is recognised but kiln cannot build it yet",
-                cfg_path.display()
-            ))),
+            "vit" | "vmoe" => big_vision::build(dir, &cfg_path, profile),
             other => Err(ModelError::Unsupported(format!(
                 "{}: big_vision model_name '{other}' is not supported (kiln knows 'vit', 'vmoe', 'proj.jet.jet')",
                 cfg_path.display()

@@ -52,9 +52,22 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// Where a weight lives. A name `base[i]` is slice `i` of `base` along its leading axis
+    /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
+    /// no layer is ever copied.
+    pub fn resolve(&self, name: &str) -> Option<WeightRef> {
+        if let Some(r) = self.index.get(name) {
+            return Some(r.clone());
+        }
+        let (base, i) = safetensors::stacked_layer(name)?;
+        let r = self.index.get(base)?;
+        let (ty, start, end) = safetensors::layer_range(&r.ty, r.start, r.end, i)?;
+        Some(WeightRef { file: r.file, ty, start, end })
+    }
+
     /// A weight's bytes and type, checked against the shape the program expects.
     pub fn get(&self, name: &str, want: &TensorType) -> Result<(TensorType, &[u8])> {
-        let r = self.locate(name).ok_or_else(|| RuntimeError::Weight {
+        let r = self.resolve(name).ok_or_else(|| RuntimeError::Weight {
             name: name.into(),
             msg: format!("not found in {} (expected {want})", self.describe()),
         })?;
@@ -65,17 +78,6 @@ impl WeightStore {
             });
         }
         Ok((r.ty, &self.maps[r.file][r.start..r.end]))
-    }
-
-    /// Where a weight lives: a stored tensor, or layer `i` of a stacked one named `base[i]`.
-    pub fn locate(&self, name: &str) -> Option<WeightRef> {
-        if let Some(r) = self.index.get(name) {
-            return Some(r.clone());
-        }
-        let (base, i) = safetensors::stacked_layer(name)?;
-        let r = self.index.get(base)?;
-        let (ty, start, end) = safetensors::layer_range(&r.ty, r.start, r.end, i)?;
-        Some(WeightRef { file: r.file, ty, start, end })
     }
 
     fn describe(&self) -> String {

@@ -195,6 +195,40 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             Ok(v)
         }
         Op::Attention(at) => Ok(attention(a, at, out)),
+        Op::MoeDispatch { rows } => {
+            let (x, slot) = (a[0], a[1]);
+            let d = x.ty.shape[1];
+            let k = slot.ty.shape[1];
+            let mut v = vec![0.0; rows * d];
+            for (i, &r) in slot.data.iter().enumerate() {
+                if r < 0.0 {
+                    continue;
+                }
+                let r = index(r, *rows, "moe_dispatch")?;
+                let t = i / k;
+                for c in 0..d {
+                    v[r * d + c] += x.data[t * d + c];
+                }
+            }
+            Ok(v)
+        }
+        Op::MoeCombine => {
+            let (y, slot, w) = (a[0], a[1], a[2]);
+            let (rows, d) = (y.ty.shape[0], y.ty.shape[1]);
+            let k = slot.ty.shape[1];
+            let mut v = vec![0.0; out.numel()];
+            for (i, &r) in slot.data.iter().enumerate() {
+                if r < 0.0 {
+                    continue;
+                }
+                let r = index(r, rows, "moe_combine")?;
+                let t = i / k;
+                for c in 0..d {
+                    v[t * d + c] += w.data[i] * y.data[r * d + c];
+                }
+            }
+            Ok(v)
+        }
         Op::Fused(e) => {
             let mut scratch = Vec::new();
             Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))

@@ -223,6 +223,58 @@ pub fn scatter_add_along_axis<T: Copy + AddAssign + Send + Sync>(
     }
 }
 
+/// Mixture-of-experts dispatch into expert buffers of static capacity: `out` (`rows × d`) is
+/// zeroed, then for every assignment `(t, k)` with `slot[t·K + k] ≥ 0`,
+/// `out[slot] += x[t]`. Slots come from routing, so each is used at most once and the add is
+/// a copy; buffer rows no token reached stay zero (the expert then sees a zero input, as
+/// vmoe's einsum dispatch gives it).
+pub fn moe_dispatch(x: &[f32], d: usize, slot: &[i64], k: usize, out: &mut [f32]) {
+    debug_assert_eq!(x.len() / d.max(1), slot.len() / k.max(1));
+    out.fill(0.0);
+    if d == 0 || k == 0 {
+        return;
+    }
+    for (i, &r) in slot.iter().enumerate() {
+        if r < 0 {
+            continue;
+        }
+        let (t, r) = (i / k, r as usize);
+        let (src, dst) = (&x[t * d..(t + 1) * d], &mut out[r * d..(r + 1) * d]);
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o += v;
+        }
+    }
+}
+
+/// Mixture-of-experts combine: `out[t] = Σ_k w[t·K + k] · y[slot[t·K + k]]` over the
+/// assignments with a slot ≥ 0 (`out` is `T × d`; a token every expert dropped gets zeros).
+/// Tokens are independent, so rows run in parallel.
+pub fn moe_combine(y: &[f32], d: usize, slot: &[i64], w: &[f32], k: usize, out: &mut [f32]) {
+    debug_assert_eq!(slot.len(), w.len());
+    debug_assert_eq!(out.len(), slot.len() / k.max(1) * d);
+    if d == 0 {
+        return;
+    }
+    let row = |(t, o): (usize, &mut [f32])| {
+        o.fill(0.0);
+        for j in 0..k {
+            let r = slot[t * k + j];
+            if r < 0 {
+                continue;
+            }
+            let (r, wt) = (r as usize, w[t * k + j]);
+            for (a, &v) in o.iter_mut().zip(&y[r * d..(r + 1) * d]) {
+                *a += wt * v;
+            }
+        }
+    };
+    if out.len() < PAR_MIN {
+        out.chunks_mut(d).enumerate().for_each(row);
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each(row);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +343,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn moe_dispatch_and_combine_round_trip() {
+        // 3 tokens, d = 2, K = 2; token 2 is dropped by both experts.
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let slot = [0, 3, 2, -1, -1, -1];
+        let mut buf = vec![9.0; 4 * 2];
+        moe_dispatch(&x, 2, &slot, 2, &mut buf);
+        assert_eq!(buf, vec![1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 1.0, 2.0]);
+        let w = [0.5, 0.25, 2.0, 7.0, 7.0, 7.0];
+        let mut out = vec![9.0; 6];
+        moe_combine(&buf, 2, &slot, &w, 2, &mut out);
+        assert_eq!(out, vec![0.75, 1.5, 6.0, 8.0, 0.0, 0.0]);
     }
 
     #[test]

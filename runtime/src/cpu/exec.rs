@@ -8,9 +8,9 @@ use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
-use kiln_graph::{MaskKind, Op, ReduceOp, ResizeMode};
+use kiln_graph::{DType, MaskKind, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cpu::reduce::{self, RowReduce};
-use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, sgemm512, softmax};
+use kiln_kernels::cpu::{attention as attn, gemm, index, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
@@ -18,10 +18,11 @@ pub(crate) enum Prep {
     None,
     /// An elementwise step.
     Region(Region),
-    /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one.
+    /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one
+    /// (one packed matrix per batch for a batched weight, such as V-MoE's experts).
     MatMul {
         epilogue: Option<Region>,
-        packed: Option<sgemm512::PackedB>,
+        packed: Vec<sgemm512::PackedB>,
     },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
@@ -63,17 +64,25 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
         .collect()
 }
 
-/// Packs a 2-D weight right-hand side once, when the AVX-512 kernel can use it.
-fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Option<sgemm512::PackedB> {
-    let b = &s.inputs[1];
-    let (Slot::Weight(i), true, true) = (b.slot, b.ty.rank() == 2, sgemm512::available()) else { return None };
-    if s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue" {
-        return None;
+/// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
+/// each matrix of a batched weight whose batch axes match the product's one to one (the
+/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`).
+fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Vec<sgemm512::PackedB> {
+    let (a, b, o) = (&s.inputs[0].ty, &s.inputs[1], &s.output.ty);
+    let Slot::Weight(i) = b.slot else { return vec![] };
+    let r = b.ty.rank();
+    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
+    if !(r == 2 || batched) || !sgemm512::available() || (s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue") {
+        return vec![];
     }
-    let data = weight(i, b.ty.numel())?;
-    let (r, c) = (b.ty.shape[0], b.ty.shape[1]);
-    let view = if tb { gemm::MatView::transposed(&data, c, r) } else { gemm::MatView::row_major(&data, r, c) };
-    Some(sgemm512::PackedB::pack(view))
+    let Some(data) = weight(i, b.ty.numel()) else { return vec![] };
+    let (rows, cols) = (b.ty.shape[r - 2], b.ty.shape[r - 1]);
+    data.chunks_exact((rows * cols).max(1))
+        .map(|m| {
+            let view = if tb { gemm::MatView::transposed(m, cols, rows) } else { gemm::MatView::row_major(m, rows, cols) };
+            sgemm512::PackedB::pack(view)
+        })
+        .collect()
 }
 
 pub(crate) struct CpuExec {
@@ -166,9 +175,7 @@ impl CpuExec {
 fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     match (&s.op, p) {
-        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => {
-            matmul(mem, s, *transpose_b, epilogue.as_ref(), packed.as_ref())
-        }
+        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
         (_, Prep::Region(r)) => {
             let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
             for (k, o) in s.inputs.iter().enumerate() {
@@ -270,7 +277,144 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             }
             Ok(())
         }
+        (Op::TopK { k }, _) if s.kernel == "cpu.topk" => {
+            let n = *s.inputs[0].ty.shape.last().unwrap_or(&1);
+            let rows = s.inputs[0].ty.numel() / n.max(1);
+            index::topk_indices(mem.f32(&s.inputs[0]), rows, n, *k, i64_mut(mem, &s.output));
+            Ok(())
+        }
+        (Op::TakeAlongAxis { axis }, _) if s.kernel == "cpu.take_along_axis" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            let ilen = s.inputs[1].ty.shape[*axis];
+            let idx = i64s(mem, &s.inputs[1]);
+            check_indices(idx, len)?;
+            let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
+            match s.output.ty.dtype.size() {
+                4 => index::take_along_axis(
+                    bytemuck::cast_slice::<u8, u32>(src),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    bytemuck::cast_slice_mut(dst),
+                ),
+                _ => index::take_along_axis(
+                    bytemuck::cast_slice::<u8, u64>(src),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    bytemuck::cast_slice_mut(dst),
+                ),
+            }
+            Ok(())
+        }
+        (Op::ScatterAdd { axis }, _) if s.kernel == "cpu.scatter_add" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            let ilen = s.inputs[1].ty.shape[*axis];
+            let idx = i64s(mem, &s.inputs[1]);
+            check_indices(idx, len)?;
+            let dst = mem.write(&s.output);
+            dst.copy_from_slice(mem.read(&s.inputs[0]));
+            match s.output.ty.dtype {
+                DType::F32 => index::scatter_add_along_axis(
+                    bytemuck::cast_slice_mut::<u8, f32>(dst),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    mem.f32(&s.inputs[2]),
+                ),
+                _ => index::scatter_add_along_axis(
+                    bytemuck::cast_slice_mut::<u8, i64>(dst),
+                    outer,
+                    len,
+                    inner,
+                    idx,
+                    ilen,
+                    i64s(mem, &s.inputs[2]),
+                ),
+            }
+            Ok(())
+        }
+        (Op::CumSum { axis, exclusive }, _) if s.kernel == "cpu.cumsum" => {
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
+            match s.output.ty.dtype {
+                DType::F32 => index::cumsum(mem.f32(&s.inputs[0]), outer, len, inner, *exclusive, mem.f32_mut(&s.output)),
+                _ => index::cumsum(i64s(mem, &s.inputs[0]), outer, len, inner, *exclusive, i64_mut(mem, &s.output)),
+            }
+            Ok(())
+        }
+        (Op::Cast { to }, _) if s.kernel == "cpu.cast" => {
+            cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, *to, mem.write(&s.output));
+            Ok(())
+        }
+        (Op::MoeDispatch { rows }, _) if s.kernel == "cpu.moe_dispatch" => {
+            let d = s.inputs[0].ty.shape[1];
+            let slot = i64s(mem, &s.inputs[1]);
+            check_slots(slot, *rows)?;
+            index::moe_dispatch(mem.f32(&s.inputs[0]), d, slot, s.inputs[1].ty.shape[1], mem.f32_mut(&s.output));
+            Ok(())
+        }
+        (Op::MoeCombine, _) if s.kernel == "cpu.moe_combine" => {
+            let (rows, d) = (s.inputs[0].ty.shape[0], s.inputs[0].ty.shape[1]);
+            let slot = i64s(mem, &s.inputs[1]);
+            check_slots(slot, rows)?;
+            let k = s.inputs[1].ty.shape[1];
+            index::moe_combine(mem.f32(&s.inputs[0]), d, slot, mem.f32(&s.inputs[2]), k, mem.f32_mut(&s.output));
+            Ok(())
+        }
         _ => reference(mem, s),
+    }
+}
+
+fn i64s<'a>(mem: &Mem<'a>, o: &Operand) -> &'a [i64] {
+    bytemuck::cast_slice(mem.read(o))
+}
+
+fn i64_mut<'a>(mem: &Mem<'a>, o: &Operand) -> &'a mut [i64] {
+    bytemuck::cast_slice_mut(mem.write(o))
+}
+
+/// Index operands are data: a bad one is an error, never an out-of-bounds access.
+fn check_indices(idx: &[i64], len: usize) -> std::result::Result<(), String> {
+    match idx.iter().find(|&&i| i < 0 || i as usize >= len) {
+        Some(i) => Err(format!("index {i} out of range 0..{len}")),
+        None => Ok(()),
+    }
+}
+
+/// Expert-buffer slots: -1 (dropped) or a row of the buffer.
+fn check_slots(slot: &[i64], rows: usize) -> std::result::Result<(), String> {
+    match slot.iter().find(|&&i| i < -1 || i >= rows as i64) {
+        Some(i) => Err(format!("expert slot {i} out of range -1..{rows}")),
+        None => Ok(()),
+    }
+}
+
+/// The conversions [`super::cast_kernel`] accepts (float to integer truncates toward zero).
+fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
+    match (from, to) {
+        (DType::F32, DType::F32) => dst.copy_from_slice(src),
+        (DType::F32, DType::I64) => {
+            let d: &mut [i64] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i64);
+        }
+        (DType::F32, DType::I32) => {
+            let d: &mut [i32] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i32);
+        }
+        (_, _) => {
+            let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
+            match from {
+                DType::I64 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i64>(src)).for_each(|(o, &x)| *o = x as f32),
+                DType::I32 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i32>(src)).for_each(|(o, &x)| *o = x as f32),
+                _ => d.iter_mut().zip(src).for_each(|(o, &x)| *o = x as f32),
+            }
+        }
     }
 }
 
@@ -279,7 +423,7 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.
-fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option<&sgemm512::PackedB>) -> std::result::Result<(), String> {
+fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgemm512::PackedB]) -> std::result::Result<(), String> {
     let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
     let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
     let (m, k, n) = (at.shape[ra - 2], at.shape[ra - 1], ot.shape[ro - 1]);
@@ -293,8 +437,18 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: Option
         extra[i] = mem.f32(o);
     }
     let extra = &extra[..s.inputs.len() - 2];
-    if let (Some(pb), true) = (packed, b_batches == 1 && a_batches == out_batches) {
+    if let ([pb], true) = (packed, b_batches == 1 && a_batches == out_batches) {
         sgemm512::matmul_packed(a, m * a_batches, k, pb, c);
+        if let Some(r) = region {
+            r.eval_in_place(extra, c);
+        }
+        return Ok(());
+    }
+    if packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1 {
+        // A grouped product: one packed matrix per batch (each expert's weights).
+        for (bi, pb) in packed.iter().enumerate() {
+            sgemm512::matmul_packed(&a[bi * m * k..(bi + 1) * m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
+        }
         if let Some(r) = region {
             r.eval_in_place(extra, c);
         }

@@ -51,6 +51,18 @@ fn float_ok(t: &TensorType) -> bool {
     !t.dtype.is_float() || t.dtype == DType::F32
 }
 
+/// Conversions `cpu.cast` runs directly (index arithmetic done in f32, masks to numbers).
+pub(crate) fn cast_kernel(from: DType, to: DType) -> bool {
+    matches!(
+        (from, to),
+        (DType::I64 | DType::I32 | DType::Bool | DType::U8, DType::F32) | (DType::F32, DType::I64 | DType::I32) | (DType::F32, DType::F32)
+    )
+}
+
+fn f32_all_but_slots(inputs: &[TensorType], out: &TensorType) -> bool {
+    out.dtype == DType::F32 && inputs[0].dtype == DType::F32 && inputs[1].dtype == DType::I64 && inputs[2].dtype == DType::F32
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -78,6 +90,13 @@ impl Backend for CpuBackend {
             Op::Concat { .. } => "cpu.concat",
             Op::Resize { .. } if f32_all => "cpu.resize",
             Op::Reshape { .. } => "view",
+            Op::TopK { .. } if inputs[0].dtype == DType::F32 && out.dtype == DType::I64 => "cpu.topk",
+            Op::TakeAlongAxis { .. } if inputs[1].dtype == DType::I64 && matches!(out.dtype.size(), 4 | 8) => "cpu.take_along_axis",
+            Op::ScatterAdd { .. } if inputs[1].dtype == DType::I64 && matches!(out.dtype, DType::F32 | DType::I64) => "cpu.scatter_add",
+            Op::CumSum { .. } if matches!(out.dtype, DType::F32 | DType::I64) => "cpu.cumsum",
+            Op::Cast { to } if cast_kernel(inputs[0].dtype, *to) => "cpu.cast",
+            Op::MoeDispatch { .. } if out.dtype == DType::F32 && inputs[1].dtype == DType::I64 => "cpu.moe_dispatch",
+            Op::MoeCombine if f32_all_but_slots(inputs, out) => "cpu.moe_combine",
             _ => "cpu.reference",
         };
         Ok(name.to_string())
@@ -87,7 +106,7 @@ impl Backend for CpuBackend {
         let mut wbufs = Vec::with_capacity(program.weights.len());
         for spec in &program.weights {
             let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
-            let r = weights.locate(&spec.name).ok_or_else(|| RuntimeError::Weight { name: spec.name.clone(), msg: "not found".into() })?;
+            let r = weights.resolve(&spec.name).ok_or_else(|| RuntimeError::Weight { name: spec.name.clone(), msg: "not found".into() })?;
             let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize).is_multiple_of(8) {
                 WeightBuf::Mapped { start: r.start, file: r.file }
             } else if ty.dtype == spec.ty.dtype {

@@ -1,0 +1,210 @@
+//! big_vision checkpoint folders: `params.npz` (the Flax parameter tree flattened with
+//! `/`-joined keys, per-layer or scan-stacked) beside a `config.json` holding the config's
+//! `model_name` and `model` keyword arguments. Flax layers shared by the models read here:
+//! `Dense` (`kernel [in, out]`), `LayerNorm` (`scale`, `bias`), `MultiHeadDotProductAttention`
+//! (`query|key|value/kernel [D, H, hd]`, `out/kernel [H, hd, D]`), all reshape views of the
+//! stored arrays.
+
+pub mod patch_merger;
+pub mod vit;
+pub mod vmoe;
+
+use crate::config::ConfigReader;
+use crate::error::{ModelError, Result};
+use crate::layers::Builder;
+use crate::{Built, Checkpoint, Profile};
+use kiln_graph::{DType, NodeId, UnaryOp};
+use std::path::Path;
+
+/// Flax `nn.LayerNorm`'s default epsilon, which none of these modules override.
+pub const LN_EPS: f32 = 1e-6;
+
+/// Builds the big_vision model in `dir` whose `config.json` is at `cfg_path`.
+pub fn build(dir: &Path, cfg_path: &Path, profile: &Profile) -> Result<Built> {
+    let mut r = ConfigReader::open(cfg_path)?;
+    let name = r.str_or("model_name", None)?;
+    let model = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
+    r.finish()?;
+    if profile.dtype != DType::F32 && profile.dtype != DType::BF16 && profile.dtype != DType::F16 {
+        return Err(ModelError::Unsupported(format!("compute dtype {} is not a float type", profile.dtype)));
+    }
+    let checkpoint = Checkpoint::open(dir)?;
+    let (graph, description) = match name.as_str() {
+        "vit" => {
+            let cfg = vit::VitConfig::read(model)?;
+            vit::build(&cfg, &checkpoint, profile)?
+        }
+        "vmoe" => {
+            let cfg = vmoe::VmoeConfig::read(model)?;
+            vmoe::build(&cfg, &checkpoint, profile)?
+        }
+        other => return Err(ModelError::Unsupported(format!("{}: model_name '{other}' is not built here", cfg_path.display()))),
+    };
+    Ok(Built { entries: vec![("forward".to_string(), graph)], description, checkpoint })
+}
+
+/// A `(h, w)` pair from a config value given as an integer or a two-element list.
+pub(crate) fn pair(r: &mut ConfigReader, field: &str, default: (usize, usize)) -> Result<(usize, usize)> {
+    match r.value(field) {
+        None => Ok(default),
+        Some(serde_json::Value::Number(n)) => {
+            let v = n.as_u64().ok_or_else(|| r.unsupported(field, format!("expected a positive integer, found {n}")))? as usize;
+            Ok((v, v))
+        }
+        Some(serde_json::Value::Array(a)) if a.len() == 2 && a.iter().all(|v| v.as_u64().is_some()) => {
+            Ok((a[0].as_u64().unwrap_or(0) as usize, a[1].as_u64().unwrap_or(0) as usize))
+        }
+        Some(v) => Err(r.unsupported(field, format!("expected an integer or [h, w], found {v}"))),
+    }
+}
+
+/// The patch grid of an `h x w` image for a `(ph, pw)` patch, or an error naming both.
+pub(crate) fn grid(hw: (usize, usize), patch: (usize, usize)) -> Result<(usize, usize)> {
+    let ((h, w), (ph, pw)) = (hw, patch);
+    if ph == 0 || pw == 0 || h == 0 || w == 0 || !h.is_multiple_of(ph) || !w.is_multiple_of(pw) {
+        return Err(ModelError::Unsupported(format!("image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")));
+    }
+    Ok((h / ph, w / pw))
+}
+
+impl Builder<'_> {
+    /// Flax `Dense`: `x @ kernel + bias` with `{p}/kernel [d_in, d_out]`, `{p}/bias [d_out]`.
+    pub fn dense(&mut self, x: NodeId, p: &str, d_in: usize, d_out: usize) -> Result<NodeId> {
+        let w = self.weight(&format!("{p}/kernel"), &[d_in, d_out])?;
+        let b = self.weight(&format!("{p}/bias"), &[d_out])?;
+        let y = self.g.matmul(x, w, false)?;
+        Ok(self.g.add(y, b)?)
+    }
+
+    /// Flax `LayerNorm` (`{p}/scale`, `{p}/bias`, epsilon 1e-6).
+    pub fn flax_layer_norm(&mut self, x: NodeId, p: &str, d: usize) -> Result<NodeId> {
+        let s = self.weight(&format!("{p}/scale"), &[d])?;
+        let b = self.weight(&format!("{p}/bias"), &[d])?;
+        Ok(self.g.layer_norm(x, s, b, LN_EPS)?)
+    }
+
+    /// One projection of Flax `MultiHeadDotProductAttention`: `kernel [D, H, hd]` viewed as
+    /// `[D, H*hd]`, `bias [H, hd]` as `[H*hd]`.
+    fn head_proj(&mut self, x: NodeId, p: &str, d: usize, heads: usize) -> Result<NodeId> {
+        let hd = d / heads;
+        let w = self.weight(&format!("{p}/kernel"), &[d, heads, hd])?;
+        let w = self.g.reshape(w, &[d, d])?;
+        let b = self.weight(&format!("{p}/bias"), &[heads, hd])?;
+        let b = self.g.reshape(b, &[d])?;
+        let y = self.g.matmul(x, w, false)?;
+        Ok(self.g.add(y, b)?)
+    }
+
+    /// Flax `MultiHeadDotProductAttention` at `p` (`query`, `key`, `value`, `out`): queries
+    /// from `xq` (`[B*sq, D]` rows), keys and values from `xkv` (`[B*sk, D]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flax_mha(&mut self, xq: NodeId, xkv: NodeId, p: &str, b: usize, sq: usize, sk: usize, d: usize, heads: usize) -> Result<NodeId> {
+        let q = self.head_proj(xq, &format!("{p}/query"), d, heads)?;
+        let k = self.head_proj(xkv, &format!("{p}/key"), d, heads)?;
+        let v = self.head_proj(xkv, &format!("{p}/value"), d, heads)?;
+        let a = self.mha(q, k, v, b, sq, sk, heads, d / heads)?;
+        let hd = d / heads;
+        let w = self.weight(&format!("{p}/out/kernel"), &[heads, hd, d])?;
+        let w = self.g.reshape(w, &[d, d])?;
+        let bias = self.weight(&format!("{p}/out/bias"), &[d])?;
+        let y = self.g.matmul(a, w, false)?;
+        Ok(self.g.add(y, bias)?)
+    }
+
+    /// The ViT `MlpBlock`: `Dense_1(gelu_tanh(Dense_0(x)))`.
+    pub fn mlp_block(&mut self, x: NodeId, p: &str, d: usize, f: usize) -> Result<NodeId> {
+        let h = self.dense(x, &format!("{p}/Dense_0"), d, f)?;
+        let h = self.g.unary(UnaryOp::GeluTanh, h)?;
+        self.dense(h, &format!("{p}/Dense_1"), f, d)
+    }
+
+    /// The pre-LN encoder block (big_vision `Encoder1DBlock`, vmoe `EncoderBlock` without MoE)
+    /// on `[B*n, D]` rows. `names` gives the attention and MLP module names.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encoder_block(
+        &mut self,
+        x: NodeId,
+        p: &str,
+        names: (&str, &str),
+        b: usize,
+        n: usize,
+        d: usize,
+        heads: usize,
+        f: usize,
+    ) -> Result<NodeId> {
+        let y = self.flax_layer_norm(x, &format!("{p}/LayerNorm_0"), d)?;
+        let y = self.flax_mha(y, y, &format!("{p}/{}", names.0), b, n, n, d, heads)?;
+        let x = self.add(x, y)?;
+        let y = self.flax_layer_norm(x, &format!("{p}/LayerNorm_1"), d)?;
+        let y = self.mlp_block(y, &format!("{p}/{}", names.1), d, f)?;
+        self.add(x, y)
+    }
+}
+
+/// The 2-D sine-cosine position table of big_vision's `posemb_sincos_2d` (`[gh*gw, D]`,
+/// row-major tokens; x is the column, y the row), computed in f32 as JAX does.
+pub fn posemb_sincos_2d(gh: usize, gw: usize, d: usize) -> Result<Vec<f64>> {
+    if !d.is_multiple_of(4) || d < 8 {
+        return Err(ModelError::Unsupported(format!("sincos2d position embedding needs a width divisible by 4 (and >= 8), got {d}")));
+    }
+    let q = d / 4;
+    let omega: Vec<f32> = (0..q).map(|i| 1.0 / 10000f32.powf(i as f32 / (q - 1) as f32)).collect();
+    let mut pe = Vec::with_capacity(gh * gw * d);
+    for t in 0..gh * gw {
+        let (y, x) = ((t / gw) as f32, (t % gw) as f32);
+        pe.extend(omega.iter().map(|w| (x * w).sin() as f64));
+        pe.extend(omega.iter().map(|w| (x * w).cos() as f64));
+        pe.extend(omega.iter().map(|w| (y * w).sin() as f64));
+        pe.extend(omega.iter().map(|w| (y * w).cos() as f64));
+    }
+    Ok(pe)
+}
+
+/// The patch embedding: a stride-p convolution over NHWC `images` is a matmul of each
+/// `(kh, kw, cin)`-flattened patch with the HWIO kernel viewed as `[kh*kw*cin, D]`.
+/// Returns `[B*gh*gw, D]` rows, tokens row-major.
+pub(crate) fn patch_embed(m: &mut Builder, images: NodeId, p: &str, patch: (usize, usize), d: usize) -> Result<NodeId> {
+    let s = m.g.shape(images).to_vec();
+    let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+    let (ph, pw) = patch;
+    let (gh, gw) = grid((h, w), patch)?;
+    let x = m.g.reshape(images, &[b, gh, ph, gw, pw, c])?;
+    let x = m.g.permute(x, &[0, 1, 3, 2, 4, 5])?;
+    let x = m.g.reshape(x, &[b * gh * gw, ph * pw * c])?;
+    let k = m.weight(&format!("{p}/kernel"), &[ph, pw, c, d])?;
+    let k = m.g.reshape(k, &[ph * pw * c, d])?;
+    let bias = m.weight(&format!("{p}/bias"), &[d])?;
+    let y = m.g.matmul(x, k, false)?;
+    Ok(m.g.add(y, bias)?)
+}
+
+/// Where encoder block `i` lives: `{base}_{i}` (per-layer layout) or `{base}` sliced at
+/// layer `i` (`[i]` on every array: the scan layout, one stacked array per parameter).
+pub(crate) fn block_prefix(ck: &Checkpoint, base: &str, probe: &str, i: usize) -> Result<BlockPrefix> {
+    if ck.has(&format!("{base}_{i}/{probe}")) {
+        Ok(BlockPrefix { prefix: format!("{base}_{i}"), layer: None })
+    } else if ck.has(&format!("{base}/{probe}[{i}]")) {
+        Ok(BlockPrefix { prefix: base.to_string(), layer: Some(i) })
+    } else {
+        Err(ModelError::MissingTensor {
+            dir: ck.dir.clone(),
+            name: format!("{base}_{i}/{probe}"),
+            hint: format!("block {i} is in neither the per-layer layout nor the scan layout ({base}/{probe} with a leading depth axis)"),
+        })
+    }
+}
+
+/// A block's parameter prefix, and the layer to slice for the scan layout.
+pub(crate) struct BlockPrefix {
+    pub prefix: String,
+    pub layer: Option<usize>,
+}
+
+/// A builder view that appends `[layer]` to every weight name (scan layout).
+pub(crate) fn with_layer<T>(m: &mut Builder, layer: Option<usize>, f: impl FnOnce(&mut Builder) -> Result<T>) -> Result<T> {
+    let saved = m.weight_suffix.take();
+    m.weight_suffix = layer.map(|i| format!("[{i}]"));
+    let out = f(m);
+    m.weight_suffix = saved;
+    out
+}
