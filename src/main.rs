@@ -122,7 +122,7 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype }, backend: p.backend.clone(), trace: false })
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, seq_len: None }, backend: p.backend.clone(), trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.

@@ -144,6 +144,7 @@ fn compiled_program() -> Program {
         weights: vec![],
         constants: vec![],
         entries: vec![],
+        states: vec![],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gemma;
 pub mod layers;
 pub mod siglip;
 
@@ -21,11 +22,13 @@ pub struct Profile {
     pub image_hw: Option<(usize, usize)>,
     /// The compute dtype.
     pub dtype: DType,
+    /// Text models: the token length (the prompt bucket for generation).
+    pub seq_len: Option<usize>,
 }
 
 impl Default for Profile {
     fn default() -> Self {
-        Profile { batch: 1, image_hw: None, dtype: DType::F32 }
+        Profile { batch: 1, image_hw: None, dtype: DType::F32, seq_len: None }
     }
 }
 
@@ -42,6 +45,14 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     if !cfg_path.exists() {
         return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
     }
+    if let Some(cfg) = text_config(&cfg_path)? {
+        let checkpoint = Checkpoint::open(dir)?;
+        let seq = seq_len(profile)?;
+        let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+        gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Forward)?;
+        let description = describe(&cfg, profile, seq);
+        return Ok(Built { graph: m.g, description, checkpoint });
+    }
     let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
     let checkpoint = Checkpoint::open(dir)?;
     let graph = siglip::build(&cfg, container, &checkpoint, profile)?;
@@ -57,4 +68,73 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
         profile.dtype
     );
     Ok(Built { graph, description, checkpoint })
+}
+
+/// The config of a Gemma text model, or `None` for another model type.
+pub fn text_config(cfg_path: &Path) -> Result<Option<gemma::GemmaConfig>> {
+    let mut r = config::ConfigReader::open(cfg_path)?;
+    let mt = r.str_or("model_type", Some(""))?;
+    match mt.as_str() {
+        "gemma" | "gemma2" => Ok(Some(gemma::GemmaConfig::read(config::ConfigReader::open(cfg_path)?)?)),
+        _ => Ok(None),
+    }
+}
+
+fn seq_len(profile: &Profile) -> Result<usize> {
+    match profile.seq_len {
+        Some(s) if s > 0 => Ok(s),
+        _ => Err(ModelError::Unsupported("a text model needs a token length in its profile (the input_ids length)".into())),
+    }
+}
+
+fn describe(cfg: &gemma::GemmaConfig, profile: &Profile, seq: usize) -> String {
+    format!(
+        "{:?} hidden {} layers {} heads {}/{} (head_dim {}) ffn {} vocab {}, batch {}, {} tokens, {}",
+        cfg.family,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        profile.batch,
+        seq,
+        profile.dtype
+    )
+}
+
+/// The two graphs of a generation profile and the state they share.
+pub struct Generation {
+    /// `prefill`: the prompt bucket in, last-position logits and the filled cache out.
+    pub prefill: Graph,
+    /// `decode`: one token per row over the cache.
+    pub decode: Graph,
+    /// The persistent state (the KV cache), by name.
+    pub states: Vec<(String, kiln_graph::TensorType)>,
+    pub config: gemma::GemmaConfig,
+    pub description: String,
+    pub checkpoint: Checkpoint,
+}
+
+/// Builds the prefill and decode graphs of the text model in `dir` for a prompt bucket of
+/// `profile.seq_len` tokens and a cache of `capacity` slots.
+pub fn build_generation(dir: &Path, profile: &Profile, capacity: usize) -> Result<Generation> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
+    }
+    let cfg = text_config(&cfg_path)?
+        .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma or Gemma 2 model", cfg_path.display())))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let seq = seq_len(profile)?;
+    let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+    gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Prefill { capacity })?;
+    let prefill = m.g;
+    let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+    gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Decode { capacity })?;
+    let decode = m.g;
+    let states = gemma::cache_states(&cfg, profile.batch, capacity, profile.dtype);
+    let description = format!("{}, cache {capacity}", describe(&cfg, profile, seq));
+    Ok(Generation { prefill, decode, states, config: cfg, description, checkpoint })
 }

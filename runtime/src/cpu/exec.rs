@@ -9,7 +9,7 @@ use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
 use kiln_graph::{MaskKind, Op, ResizeMode};
-use kiln_kernels::cpu::{attention as attn, gemm, movement, norm, resize, sgemm512, softmax};
+use kiln_kernels::cpu::{attention as attn, gemm, index, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
@@ -204,6 +204,18 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             };
             let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
             attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);
+            Ok(())
+        }
+        (Op::Gather { .. }, _) if s.kernel == "cpu.gather" => {
+            let table = &s.inputs[0].ty;
+            let rows = table.shape.first().copied().unwrap_or(0);
+            let d = table.numel() / rows.max(1);
+            let ids: &[i64] = bytemuck::cast_slice(mem.read(&s.inputs[1]));
+            if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
+                return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
+            }
+            let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
+            index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
             Ok(())
         }
         (Op::Permute { perm }, _) => {

@@ -67,6 +67,7 @@ impl Backend for CpuBackend {
             Op::RmsNorm { .. } if f32_all => "cpu.rms_norm",
             Op::Softmax { axis } if f32_all && *axis + 1 == out.rank() => "cpu.softmax",
             Op::Attention(a) if f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4) => "cpu.flash_attention",
+            Op::Gather { axis: 0 } if inputs.len() == 2 && inputs[1].dtype == DType::I64 && inputs[0].dtype.size() == 4 => "cpu.gather",
             Op::Permute { .. } => "cpu.permute",
             Op::Slice { .. } => "cpu.slice",
             Op::Concat { .. } => "cpu.concat",

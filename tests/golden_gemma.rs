@@ -1,0 +1,64 @@
+//! Gemma and Gemma 2 against transformers (fixtures from `scripts/gen_gemma_fixtures.py`):
+//! forward logits through the interpreter and the cpu backend, greedy generation through the
+//! KV cache on a left-padded batch.
+
+mod common;
+
+use common::{gemma_case, read_values, rel_err};
+use kiln::{compile, io, CompileOptions};
+use kiln_models::Profile;
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::sync::Arc;
+
+const CASES: [&str; 3] = ["gemma_mqa", "gemma2_gqa", "gemma2_untied"];
+
+/// Rows `[b, s, ..]` of a `[B, S, V]` tensor where `mask[b, s] != 0`, flattened.
+fn valid_rows(x: &[f32], mask: &[f64], v: usize) -> Vec<f32> {
+    mask.iter().enumerate().filter(|(_, &m)| m != 0.0).flat_map(|(i, _)| x[i * v..(i + 1) * v].iter().copied()).collect()
+}
+
+fn profile(batch: usize, seq: usize) -> Profile {
+    Profile { batch, seq_len: Some(seq), ..Profile::default() }
+}
+
+#[test]
+fn forward_interpreter() {
+    for case in CASES {
+        let dir = gemma_case(case);
+        let inputs = read_values(&dir.join("inputs.safetensors"));
+        let reference = read_values(&dir.join("reference.safetensors"));
+        let weights = read_values(&dir.join("model.safetensors"));
+        let shape = inputs["input_ids"].ty.shape.clone();
+        let built = kiln_models::build(&dir, &profile(shape[0], shape[1])).expect("build");
+        kiln_graph::verify::verify(&built.graph).expect("verify");
+        let out = kiln_graph::interp::run(&built.graph, &inputs, &weights).expect("interpret");
+        let (got, want) = (&out["logits"], &reference["logits"]);
+        assert_eq!(got.ty.shape, want.ty.shape, "{case}");
+        let v = want.ty.shape[2];
+        let mask = &inputs["attention_mask"].data;
+        let e = rel_err(&valid_rows(&got.to_f32(), mask, v), &valid_rows(&want.to_f32(), mask, v));
+        assert!(e < 1e-4, "{case}: interpreter logits relative error {e:.3e}");
+    }
+}
+
+#[test]
+fn forward_cpu() {
+    for case in CASES {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let ids = &inputs.iter().find(|(n, _)| n == "input_ids").expect("input_ids").1;
+        let opts = CompileOptions { profile: profile(ids.ty.shape[0], ids.ty.shape[1]), backend: "cpu".into(), trace: false };
+        let c = compile(&dir, &opts).expect("compile");
+        let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+        let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let outs = s.run("forward", &refs).expect("run");
+        let got = &outs.iter().find(|(n, _)| n == "logits").expect("logits").1;
+        let want = &reference.iter().find(|(n, _)| n == "logits").expect("reference logits").1;
+        assert_eq!(got.ty.shape, want.ty.shape, "{case}");
+        let v = want.ty.shape[2];
+        let mask = inputs.iter().find(|(n, _)| n == "attention_mask").expect("mask").1.to_f64();
+        let e = rel_err(&valid_rows(&got.to_f32(), &mask, v), &valid_rows(&want.to_f32(), &mask, v));
+        assert!(e < 1e-4, "{case}: cpu logits relative error {e:.3e}");
+    }
+}
