@@ -62,3 +62,27 @@ fn forward_cpu() {
         assert!(e < 1e-4, "{case}: cpu logits relative error {e:.3e}");
     }
 }
+
+/// Greedy generation through the KV cache (prefill + decode entries) against transformers'
+/// `generate(do_sample=False)`: the same tokens, EOS stops row 0 early and pads it, logits of
+/// every step close. The bucket is longer than the prompt, so kiln adds left padding of its own.
+#[test]
+fn generate_left_padded_batch() {
+    for case in CASES {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
+        let (ids, mask) = (get(&inputs, "input_ids"), get(&inputs, "attention_mask"));
+        let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
+        let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
+        let max_new = 6;
+        let mut g = kiln::generate::Generator::new(&dir, b, l + 3, max_new, "cpu").expect("compile");
+        let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new).expect("generate");
+        assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
+        assert_eq!(out.sequences, to_i64(&want_seq), "{case}: generated ids");
+        let e = rel_err(&out.step_logits, &want_logits.to_f32());
+        assert!(e < 1e-4, "{case}: step logits relative error {e:.3e}");
+    }
+}
