@@ -57,6 +57,22 @@ enum Cmd {
         #[command(flatten)]
         p: ProfileArgs,
     },
+    /// Greedy generation with a Gemma model: `--inputs` (input_ids, optional attention_mask
+    /// with left padding) to `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Prompt bucket to compile for (default: the prompt length).
+        #[arg(long)]
+        bucket: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
         model: PathBuf,
@@ -197,9 +213,13 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Run { model, inputs, out, weights, p } => {
-            let ins = io::read(&inputs)?;
+            let mut ins = io::read(&inputs)?;
             let (batch, hw) = image_dims(&ins);
-            let opts = profile(&p, batch, hw)?;
+            let mut opts = profile(&p, batch, hw)?;
+            if let Some((b, l)) = text_inputs(&mut ins, &inputs)? {
+                opts.profile.batch = b;
+                opts.profile.seq_len = Some(l);
+            }
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
             let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
             let outs = s.run("forward", &refs)?;
@@ -209,6 +229,32 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
                 println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
             }
+            io::write(&out, &outs)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend } => {
+            let mut ins = io::read(&inputs)?;
+            let (b, l) = text_inputs(&mut ins, &inputs)?
+                .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;
+            let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();
+            let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
+            let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
+            let bucket = bucket.unwrap_or(l);
+            let mut g = progress("compiling", || kiln::generate::Generator::new(&model, b, bucket, max_new_tokens, &backend))?;
+            let t = Instant::now();
+            let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens)?;
+            let secs = t.elapsed().as_secs_f64();
+            let width = l + r.new_tokens;
+            for row in 0..b {
+                let new = &r.sequences[row * width + l..(row + 1) * width];
+                println!("row {row}: {new:?}");
+            }
+            println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
+            let outs = vec![
+                ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
+                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.vocab], &r.step_logits)),
+            ];
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());
             Ok(())
@@ -261,6 +307,37 @@ fn human(b: usize) -> String {
         1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
         _ => format!("{:.1} MiB", b as f64 / 1048576.0),
     }
+}
+
+/// For a text model's inputs: checks `input_ids [B, L]` (i64, or i32 converted), fills a
+/// missing `attention_mask` with ones and missing `position_ids` with `0..L` (as transformers'
+/// forward does) and gives `(B, L)`; `None` when there is no `input_ids`.
+fn text_inputs(ins: &mut Vec<(String, Tensor)>, path: &Path) -> Result<Option<(usize, usize)>> {
+    let Some(i) = ins.iter().position(|(n, _)| n == "input_ids") else { return Ok(None) };
+    let bad = |msg: String| Error::File { path: path.into(), msg };
+    for (name, t) in ins.iter_mut() {
+        if matches!(name.as_str(), "input_ids" | "attention_mask" | "position_ids") {
+            match t.ty.dtype {
+                DType::I64 => {}
+                DType::I32 | DType::U8 | DType::Bool => *t = Tensor::from_i64(&t.ty.shape.clone(), &t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>()),
+                other => return Err(bad(format!("'{name}' is {other}; expected an integer tensor"))),
+            }
+        }
+    }
+    let shape = ins[i].1.ty.shape.clone();
+    let [b, l] = shape[..] else { return Err(bad(format!("input_ids is {}, expected [batch, length]", ins[i].1.ty))) };
+    if b == 0 || l == 0 {
+        return Err(bad(format!("input_ids is {}: empty", ins[i].1.ty)));
+    }
+    for name in ["attention_mask", "position_ids"] {
+        match ins.iter().find(|(n, _)| n == name) {
+            Some((_, t)) if t.ty.shape != shape => return Err(bad(format!("'{name}' is {}, input_ids is {}", t.ty, ins[i].1.ty))),
+            Some(_) => {}
+            None if name == "attention_mask" => ins.push((name.into(), Tensor::from_i64(&[b, l], &vec![1; b * l]))),
+            None => ins.push((name.into(), Tensor::from_i64(&[b, l], &(0..b * l).map(|k| (k % l) as i64).collect::<Vec<_>>()))),
+        }
+    }
+    Ok(Some((b, l)))
 }
 
 /// Batch and image size implied by a `pixel_values` input, so a folder compiles for its inputs.
