@@ -4,7 +4,7 @@
 use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, FORMAT_VERSION, HEADER_BYTES, MAGIC};
 use kiln_graph::lower::compile_entry;
 use kiln_graph::op::ResizeMode;
-use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, Step, WeightSpec};
+use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, StateSpec, Step, WeightSpec};
 use kiln_graph::{ArtifactError, Attention, BinaryOp, DType, Expr, Graph, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
 use proptest::prelude::*;
 
@@ -144,7 +144,7 @@ fn compiled_program() -> Program {
         weights: vec![],
         constants: vec![],
         entries: vec![],
-        states: vec![],
+        states: vec![StateSpec { name: "cache.0.key".into(), ty: TensorType::new(DType::F32, [1, 4, 2, 8]) }],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {
