@@ -102,7 +102,11 @@ impl Generator {
         }
         for (i, &t) in input_ids.iter().enumerate() {
             if t < 0 || t as usize >= v {
-                return Err(Error::Usage(format!("input_ids[{}, {}] = {t} is out of range for a vocabulary of {v}", i / prompt_len, i % prompt_len)));
+                return Err(Error::Usage(format!(
+                    "input_ids[{}, {}] = {t} is out of range for a vocabulary of {v}",
+                    i / prompt_len,
+                    i % prompt_len
+                )));
             }
         }
         // Left-pad each row to the bucket; the extra slots are masked out.
@@ -169,12 +173,7 @@ impl Generator {
             next_pos.iter_mut().for_each(|p| *p += 1);
             logits = logits_of(&outs)?;
         }
-        Ok(Generated {
-            sequences: seqs.concat(),
-            step_logits: step_logits.concat(),
-            prompt_len,
-            new_tokens: n,
-        })
+        Ok(Generated { sequences: seqs.concat(), step_logits: step_logits.concat(), prompt_len, new_tokens: n })
     }
 }
 

@@ -319,7 +319,9 @@ fn text_inputs(ins: &mut Vec<(String, Tensor)>, path: &Path) -> Result<Option<(u
         if matches!(name.as_str(), "input_ids" | "attention_mask" | "position_ids") {
             match t.ty.dtype {
                 DType::I64 => {}
-                DType::I32 | DType::U8 | DType::Bool => *t = Tensor::from_i64(&t.ty.shape.clone(), &t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>()),
+                DType::I32 | DType::U8 | DType::Bool => {
+                    *t = Tensor::from_i64(&t.ty.shape.clone(), &t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>())
+                }
                 other => return Err(bad(format!("'{name}' is {other}; expected an integer tensor"))),
             }
         }

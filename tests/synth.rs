@@ -169,7 +169,7 @@ fn deterministic_by_seed() {
 #[test]
 fn smallest_listed_model() {
     let model = synth::list().iter().min_by_key(|m| m.num_params()).unwrap();
-    let SynthSpec::Siglip(cfg) = &model.spec;
+    let SynthSpec::Siglip(cfg) = &model.spec else { panic!("the smallest model is a SigLIP tower") };
     let dir = TempDir::new("smallest");
     let report = synth::synth(model.name, &dir.0, 0, false).unwrap();
     assert_eq!(report.name, model.name);

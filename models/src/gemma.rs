@@ -81,7 +81,8 @@ impl GemmaConfig {
             // transformers' GemmaConfig rewrites this legacy value to the tanh form it meant.
             act_name = "gelu_pytorch_tanh".into();
         }
-        let act = Activation::parse(&act_name).ok_or_else(|| r.unsupported(act_field, format!("activation '{act_name}' is not supported")))?;
+        let act =
+            Activation::parse(&act_name).ok_or_else(|| r.unsupported(act_field, format!("activation '{act_name}' is not supported")))?;
         // Legacy Gemma configs carry `hidden_activation`; GemmaMLP reads only `hidden_act`.
         if family == Family::Gemma {
             r.skip(&["hidden_activation"]);
@@ -131,7 +132,9 @@ impl GemmaConfig {
                     return Err(r.unsupported("sliding_window", "must be at least 1"));
                 }
                 let types = r.str_list("layer_types")?.unwrap_or_else(|| {
-                    (0..num_hidden_layers).map(|i| if (i + 1) % 2 == 1 { "sliding_attention" } else { "full_attention" }.to_string()).collect()
+                    (0..num_hidden_layers)
+                        .map(|i| if (i + 1) % 2 == 1 { "sliding_attention" } else { "full_attention" }.to_string())
+                        .collect()
                 });
                 if types.len() != num_hidden_layers {
                     return Err(r.unsupported("layer_types", format!("{} entries for {num_hidden_layers} layers", types.len())));
@@ -194,7 +197,11 @@ pub fn prefix(ck: &Checkpoint) -> Result<String> {
             return Ok(p.to_string());
         }
     }
-    Err(ModelError::MissingTensor { dir: ck.dir.clone(), name: "model.embed_tokens.weight".into(), hint: "no Gemma embedding under any known prefix".into() })
+    Err(ModelError::MissingTensor {
+        dir: ck.dir.clone(),
+        name: "model.embed_tokens.weight".into(),
+        hint: "no Gemma embedding under any known prefix".into(),
+    })
 }
 
 /// The cache state names and type of a program built for `capacity` slots.
@@ -274,11 +281,8 @@ pub fn embed(m: &mut Builder, cfg: &GemmaConfig, p: &str, ids: NodeId) -> Result
 pub fn lm_head(m: &mut Builder, cfg: &GemmaConfig, p: &str, h: NodeId) -> Result<NodeId> {
     let (b, s) = (m.g.shape(h)[0], m.g.shape(h)[1]);
     let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-    let w = if cfg.tie_word_embeddings {
-        m.weight(&format!("{p}embed_tokens.weight"), &[v, d])?
-    } else {
-        m.weight("lm_head.weight", &[v, d])?
-    };
+    let w =
+        if cfg.tie_word_embeddings { m.weight(&format!("{p}embed_tokens.weight"), &[v, d])? } else { m.weight("lm_head.weight", &[v, d])? };
     let h = m.g.reshape(h, &[b * s, d])?;
     let mut logits = m.g.matmul(h, w, true)?;
     if let Some(cap) = cfg.final_logit_softcapping {
@@ -316,7 +320,9 @@ pub fn build(m: &mut Builder, cfg: &GemmaConfig, batch: usize, seq: usize, mode:
             let cp = m.g.push(Op::Cast { to: DType::F32 }, &[cp])?;
             m.g.reshape(cp, &[1, 1, 1])?
         }
-        Mode::Forward | Mode::Prefill { .. } => m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?,
+        Mode::Forward | Mode::Prefill { .. } => {
+            m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?
+        }
     };
     let x = embed(m, cfg, &p, ids)?;
     let h = decoder(m, cfg, &p, x, pos, am, q_index, mode, None)?;
@@ -468,7 +474,10 @@ fn layer(m: &mut Builder, cfg: &GemmaConfig, p: &str, l: usize, x: NodeId, ctx: 
     let x = m.add(x, o)?;
     let pre_ffn = if g2 { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
     let f = rms(m, &format!("{p}.{pre_ffn}"), x, cfg)?;
-    let (wg, wu) = (m.weight(&format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, d])?, m.weight(&format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, d])?);
+    let (wg, wu) = (
+        m.weight(&format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, d])?,
+        m.weight(&format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, d])?,
+    );
     let wd = m.weight(&format!("{p}.mlp.down_proj.weight"), &[d, cfg.intermediate_size])?;
     let gate = m.g.matmul(f, wg, true)?;
     let up = m.g.matmul(f, wu, true)?;
