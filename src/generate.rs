@@ -32,6 +32,11 @@ pub struct Generated {
     pub step_logits: Vec<f32>,
     pub prompt_len: usize,
     pub new_tokens: usize,
+    /// Seconds spent in the prefill entry, and in all decode steps together.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Decode steps run (`new_tokens - 1` unless every row stopped early).
+    pub decode_steps: usize,
 }
 
 /// The ids generation stops at and pads with: `generation_config.json` first, then `config.json`.
@@ -129,6 +134,7 @@ impl Generator {
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
         self.session.reset_states();
+        let t0 = std::time::Instant::now();
         let outs = self.session.run(
             "prefill",
             &[
@@ -138,6 +144,8 @@ impl Generator {
             ],
         )?;
         let mut logits = logits_of(&outs)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let (mut decode_s, mut decode_steps) = (0.0, 0);
         let mut seqs: Vec<Vec<i64>> = (0..b).map(|r| input_ids[r * prompt_len..(r + 1) * prompt_len].to_vec()).collect();
         let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
         let mut done = vec![false; b];
@@ -161,6 +169,7 @@ impl Generator {
             for r in 0..b {
                 mask[r * c + slot] = 1;
             }
+            let t1 = std::time::Instant::now();
             let outs = self.session.run(
                 "decode",
                 &[
@@ -172,6 +181,8 @@ impl Generator {
             )?;
             next_pos.iter_mut().for_each(|p| *p += 1);
             logits = logits_of(&outs)?;
+            decode_s += t1.elapsed().as_secs_f64();
+            decode_steps += 1;
         }
         Ok(Generated { sequences: seqs.concat(), step_logits: step_logits.concat(), prompt_len, new_tokens: n })
     }

@@ -251,6 +251,11 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 println!("row {row}: {new:?}");
             }
             println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
+            println!(
+                "{}",
+                serde_json::json!({"prefill_ms": r.prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": r.decode_steps,
+                    "decode_ms_per_token": r.decode_s * 1e3 / r.decode_steps.max(1) as f64})
+            );
             let outs = vec![
                 ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
                 ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.vocab], &r.step_logits)),
