@@ -23,6 +23,10 @@ pub struct Generator {
     pub vocab: usize,
     pub eos: Vec<i64>,
     pub pad: i64,
+    /// PaliGemma: the image token, how many of them each row must hold, the pixel_values type.
+    pub image: Option<(i64, usize, kiln_graph::TensorType)>,
+    /// Added to every position id (PaliGemma's positions are 1-indexed).
+    pub position_offset: i64,
 }
 
 /// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
@@ -89,12 +93,28 @@ impl Generator {
             program.entries.push(entry);
         }
         let session = Session::new(program, Arc::new(WeightStore::open(dir)?))?;
-        let (eos, pad) = special_ids(dir, &g.config);
-        Ok(Generator { session, batch, bucket, capacity, vocab: g.config.vocab_size, eos, pad })
+        let (eos, pad) = special_ids(dir, g.model.text());
+        let (image, position_offset) = match &g.model {
+            kiln_models::TextModel::Gemma(_) => (None, 0),
+            kiln_models::TextModel::PaliGemma(p) => {
+                let v = &p.vision;
+                let ty = kiln_graph::TensorType::new(DType::F32, [batch, v.num_channels, v.image_size, v.image_size]);
+                (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
+            }
+        };
+        Ok(Generator { session, batch, bucket, capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset })
     }
 
-    /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding).
-    pub fn generate(&mut self, input_ids: &[i64], attention_mask: &[i64], prompt_len: usize, max_new_tokens: usize) -> Result<Generated> {
+    /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
+    /// PaliGemma also takes `pixel_values`, and the whole prompt is its prefix.
+    pub fn generate(
+        &mut self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        prompt_len: usize,
+        max_new_tokens: usize,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Generated> {
         let (b, s, c, v) = (self.batch, self.bucket, self.capacity, self.vocab);
         if input_ids.len() != b * prompt_len || attention_mask.len() != b * prompt_len {
             return Err(Error::Usage(format!("input_ids and attention_mask must be [{b}, {prompt_len}]")));
@@ -114,6 +134,23 @@ impl Generator {
                 )));
             }
         }
+        let image = match (&self.image, pixel_values) {
+            (Some((tok, n, ty)), Some(px)) => {
+                if px.ty != *ty {
+                    return Err(Error::Usage(format!("pixel_values is {}, this model takes {ty}", px.ty)));
+                }
+                for r in 0..b {
+                    let k = input_ids[r * prompt_len..(r + 1) * prompt_len].iter().filter(|&&t| t == *tok).count();
+                    if k != *n {
+                        return Err(Error::Usage(format!("row {r} of input_ids holds {k} image tokens ({tok}); the image gives {n}")));
+                    }
+                }
+                Some(px)
+            }
+            (Some(_), None) => return Err(Error::Usage("this is an image model: give pixel_values (or --image)".into())),
+            (None, Some(_)) => return Err(Error::Usage("this model takes no image".into())),
+            (None, None) => None,
+        };
         // Left-pad each row to the bucket; the extra slots are masked out.
         let extra = s - prompt_len;
         let mut ids = vec![self.pad; b * s];
@@ -128,21 +165,22 @@ impl Generator {
             let mut acc = 0;
             for j in 0..s {
                 acc += mask[r * c + j];
-                pos[r * s + j] = if mask[r * c + j] == 0 { 1 } else { acc - 1 };
+                pos[r * s + j] = if mask[r * c + j] == 0 { 1 } else { acc - 1 } + self.position_offset;
             }
-            next_pos[r] = acc;
+            next_pos[r] = acc + self.position_offset;
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
         self.session.reset_states();
         let t0 = std::time::Instant::now();
-        let outs = self.session.run(
-            "prefill",
-            &[
-                ("input_ids", &Tensor::from_i64(&[b, s], &ids)),
-                ("attention_mask", &Tensor::from_i64(&[b, s], &prefill_mask)),
-                ("position_ids", &Tensor::from_i64(&[b, s], &pos)),
-            ],
-        )?;
+        let (ids_t, mask_t, pos_t) =
+            (Tensor::from_i64(&[b, s], &ids), Tensor::from_i64(&[b, s], &prefill_mask), Tensor::from_i64(&[b, s], &pos));
+        let types = Tensor::from_i64(&[b, s], &vec![0; b * s]);
+        let mut ins: Vec<(&str, &Tensor)> = vec![("input_ids", &ids_t), ("attention_mask", &mask_t), ("position_ids", &pos_t)];
+        if let Some(px) = image {
+            ins.push(("pixel_values", px));
+            ins.push(("token_type_ids", &types));
+        }
+        let outs = self.session.run("prefill", &ins)?;
         let mut logits = logits_of(&outs)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let (mut decode_s, mut decode_steps) = (0.0, 0);
@@ -184,7 +222,15 @@ impl Generator {
             decode_s += t1.elapsed().as_secs_f64();
             decode_steps += 1;
         }
-        Ok(Generated { sequences: seqs.concat(), step_logits: step_logits.concat(), prompt_len, new_tokens: n })
+        Ok(Generated {
+            sequences: seqs.concat(),
+            step_logits: step_logits.concat(),
+            prompt_len,
+            new_tokens: n,
+            prefill_s,
+            decode_s,
+            decode_steps,
+        })
     }
 }
 

@@ -221,6 +221,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 opts.profile.seq_len = Some(l);
             }
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
+            text_defaults(&mut ins, &s);
             let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
             let outs = s.run("forward", &refs)?;
             for (name, t) in &outs {
@@ -243,7 +244,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let bucket = bucket.unwrap_or(l);
             let mut g = progress("compiling", || kiln::generate::Generator::new(&model, b, bucket, max_new_tokens, &backend))?;
             let t = Instant::now();
-            let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens)?;
+            let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
+            let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;
             let secs = t.elapsed().as_secs_f64();
             let width = l + r.new_tokens;
             for row in 0..b {
@@ -336,15 +338,32 @@ fn text_inputs(ins: &mut Vec<(String, Tensor)>, path: &Path) -> Result<Option<(u
     if b == 0 || l == 0 {
         return Err(bad(format!("input_ids is {}: empty", ins[i].1.ty)));
     }
-    for name in ["attention_mask", "position_ids"] {
+    for name in ["attention_mask", "position_ids", "token_type_ids"] {
         match ins.iter().find(|(n, _)| n == name) {
             Some((_, t)) if t.ty.shape != shape => return Err(bad(format!("'{name}' is {}, input_ids is {}", t.ty, ins[i].1.ty))),
             Some(_) => {}
             None if name == "attention_mask" => ins.push((name.into(), Tensor::from_i64(&[b, l], &vec![1; b * l]))),
-            None => ins.push((name.into(), Tensor::from_i64(&[b, l], &(0..b * l).map(|k| (k % l) as i64).collect::<Vec<_>>()))),
+            None => {}
         }
     }
     Ok(Some((b, l)))
+}
+
+/// Fills what transformers' forward fills when not given: `position_ids` `0..L` (`1..=L` for
+/// PaliGemma, the text model that takes `pixel_values`) and `token_type_ids` of ones (no
+/// bidirectional prefix).
+fn text_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session) {
+    let Some(e) = s.program().entry("forward") else { return };
+    let Some((_, ids)) = ins.iter().find(|(n, _)| n == "input_ids") else { return };
+    let (b, l) = (ids.ty.shape[0], ids.ty.shape.get(1).copied().unwrap_or(1));
+    let has = |n: &str| e.inputs.iter().any(|io| io.name == n);
+    let offset = if has("pixel_values") { 1 } else { 0 };
+    if has("position_ids") && !ins.iter().any(|(n, _)| n == "position_ids") {
+        ins.push(("position_ids".into(), Tensor::from_i64(&[b, l], &(0..b * l).map(|k| (k % l) as i64 + offset).collect::<Vec<_>>())));
+    }
+    if has("token_type_ids") && !ins.iter().any(|(n, _)| n == "token_type_ids") {
+        ins.push(("token_type_ids".into(), Tensor::from_i64(&[b, l], &vec![1; b * l])));
+    }
 }
 
 /// Batch and image size implied by a `pixel_values` input, so a folder compiles for its inputs.

@@ -824,7 +824,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kiln-synth-gemma2-{}", std::process::id()));
         write_model_dir(&dir, &cfg.config_json(), &cfg.tensors(), 7, false).unwrap();
         let mut g = crate::generate::Generator::new(&dir, 1, 4, 3, "cpu").unwrap();
-        let out = g.generate(&[2, 5, 6, 7], &[1; 4], 4, 3).unwrap();
+        let out = g.generate(&[2, 5, 6, 7], &[1; 4], 4, 3, None).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(out.sequences[..4], [2, 5, 6, 7]);
         assert!(out.new_tokens >= 1 && out.step_logits.iter().all(|x| x.is_finite() && x.abs() <= 30.0));

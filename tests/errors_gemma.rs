@@ -64,7 +64,7 @@ fn token_id_out_of_range_in_forward() {
 fn token_id_out_of_range_in_generate() {
     let dir = common::gemma_case("gemma_mqa");
     let mut g = Generator::new(&dir, 1, 4, 2, "cpu").unwrap();
-    let e = g.generate(&[5, -1, 7, 8], &[1; 4], 4, 2).err().expect("an error").to_string();
+    let e = g.generate(&[5, -1, 7, 8], &[1; 4], 4, 2, None).err().expect("an error").to_string();
     assert!(e.contains("input_ids[0, 1] = -1") && e.contains("vocabulary of 300"), "{e}");
 }
 
@@ -72,9 +72,9 @@ fn token_id_out_of_range_in_generate() {
 fn prompt_longer_than_compiled_bucket() {
     let dir = common::gemma_case("gemma_mqa");
     let mut g = Generator::new(&dir, 1, 4, 2, "cpu").unwrap();
-    let e = g.generate(&[5; 6], &[1; 6], 6, 2).err().expect("an error").to_string();
+    let e = g.generate(&[5; 6], &[1; 6], 6, 2, None).err().expect("an error").to_string();
     assert!(e.contains("6 tokens") && e.contains("holds 4"), "{e}");
-    let e = g.generate(&[5; 4], &[1; 4], 4, 3).err().expect("an error").to_string();
+    let e = g.generate(&[5; 4], &[1; 4], 4, 3, None).err().expect("an error").to_string();
     assert!(e.contains("3 new tokens do not fit"), "{e}");
 }
 

@@ -11,6 +11,8 @@ use kiln_runtime::{Session, Tensor, WeightStore};
 use std::sync::Arc;
 
 const CASES: [&str; 3] = ["gemma_mqa", "gemma2_gqa", "gemma2_untied"];
+/// PaliGemma (Gemma decoder) and PaliGemma 2 (Gemma 2 decoder with a window of 6).
+const PALI: [&str; 2] = ["paligemma", "paligemma2"];
 
 /// Rows `[b, s, ..]` of a `[B, S, V]` tensor where `mask[b, s] != 0`, flattened.
 fn valid_rows(x: &[f32], mask: &[f64], v: usize) -> Vec<f32> {
@@ -23,7 +25,7 @@ fn profile(batch: usize, seq: usize) -> Profile {
 
 #[test]
 fn forward_interpreter() {
-    for case in CASES {
+    for case in CASES.iter().chain(&PALI) {
         let dir = gemma_case(case);
         let inputs = read_values(&dir.join("inputs.safetensors"));
         let reference = read_values(&dir.join("reference.safetensors"));
@@ -43,7 +45,7 @@ fn forward_interpreter() {
 
 #[test]
 fn forward_cpu() {
-    for case in CASES {
+    for case in CASES.iter().chain(&PALI) {
         let dir = gemma_case(case);
         let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
         let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
@@ -79,10 +81,35 @@ fn generate_left_padded_batch() {
         let max_new = 6;
         let mut g = kiln::generate::Generator::new(&dir, b, l + 3, max_new, "cpu").expect("compile");
         let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
-        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new).expect("generate");
+        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).expect("generate");
         assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
         assert_eq!(out.sequences, to_i64(&want_seq), "{case}: generated ids");
         let e = rel_err(&out.step_logits, &want_logits.to_f32());
         assert!(e < 1e-4, "{case}: step logits relative error {e:.3e}");
+    }
+}
+
+/// PaliGemma generation from an image and a prefix (bidirectional over image + prompt) against
+/// transformers' `generate(pixel_values=..., token_type_ids=zeros)`.
+#[test]
+fn paligemma_generate_left_padded_batch() {
+    for case in PALI {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("generate_inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
+        let (ids, mask, px) = (get(&inputs, "input_ids"), get(&inputs, "attention_mask"), get(&inputs, "pixel_values"));
+        let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
+        let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
+        let max_new = 6;
+        let mut g = kiln::generate::Generator::new(&dir, b, l + 2, max_new, "cpu").expect("compile");
+        let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, Some(&px)).expect("generate");
+        assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
+        assert_eq!(out.sequences, to_i64(&want_seq), "{case}: generated ids");
+        let e = rel_err(&out.step_logits, &want_logits.to_f32());
+        assert!(e < 1e-4, "{case}: step logits relative error {e:.3e}");
+        let e = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).err().expect("no image").to_string();
+        assert!(e.contains("pixel_values"), "{e}");
     }
 }

@@ -52,7 +52,13 @@ pub struct GemmaConfig {
 
 impl GemmaConfig {
     /// Reads a text config object strictly (unknown fields are errors).
-    pub fn read(mut r: ConfigReader) -> Result<Self> {
+    pub fn read(r: ConfigReader) -> Result<Self> {
+        GemmaConfig::read_text(r, false)
+    }
+
+    /// Reads a text config; inside PaliGemma, whose model builds the attention mask itself
+    /// (prefix-LM), `use_bidirectional_attention` and `num_image_tokens` are allowed.
+    pub fn read_text(mut r: ConfigReader, in_paligemma: bool) -> Result<Self> {
         let mt = r.str_or("model_type", None)?;
         let family = match mt.as_str() {
             "gemma" => Family::Gemma,
@@ -103,7 +109,9 @@ impl GemmaConfig {
             return Err(r.unsupported("rope_scaling", "rotary scaling is not supported"));
         }
         r.skip(&["rope_scaling", "rope_theta"]);
-        if r.bool_or("use_bidirectional_attention", false)? {
+        if in_paligemma {
+            r.skip(&["use_bidirectional_attention", "num_image_tokens"]);
+        } else if r.bool_or("use_bidirectional_attention", false)? {
             return Err(r.unsupported("use_bidirectional_attention", "bidirectional text attention is not supported"));
         }
         let num_hidden_layers = r.usize_or("num_hidden_layers", Some(if family == Family::Gemma { 28 } else { 26 }))?;
@@ -369,15 +377,22 @@ fn rope(m: &mut Builder, x: NodeId, ctx: &Ctx, hd: usize) -> Result<NodeId> {
     Ok(m.g.add(a, r)?)
 }
 
-/// The additive mask `[B, S, KV]`: 0 where query index i may see key j (`j <= i`, the key is
-/// not padding, and with a window `i - j < window`), the dtype's lowest value elsewhere (as
-/// transformers' eager masks). `extra [B, S, KV]` (bool) is OR-ed into the causal part
-/// (PaliGemma's prefix).
+/// The additive mask `[B, S, KV]`: 0 where query index i may see key j (`j <= i` and with a
+/// window `i - j < window`, or `extra [B, S, KV]` (bool: PaliGemma's bidirectional prefix);
+/// and the key is not padding), the dtype's lowest value elsewhere (as transformers' eager
+/// masks).
 fn mask(m: &mut Builder, q_index: NodeId, attention_mask: NodeId, window: Option<usize>, extra: Option<NodeId>) -> Result<NodeId> {
     let (b, kv) = (m.g.shape(attention_mask)[0], m.g.shape(attention_mask)[1]);
     let s = m.g.shape(q_index)[1];
     let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, kv]))?;
     let mut ok = m.g.binary(BinaryOp::Le, j, q_index)?;
+    if let Some(w) = window {
+        // kv_idx > q_idx - window
+        let wc = m.g.scalar(DType::F32, w as f64)?;
+        let lo = m.g.binary(BinaryOp::Sub, q_index, wc)?;
+        let inw = m.g.binary(BinaryOp::Gt, j, lo)?;
+        ok = m.g.binary(BinaryOp::And, ok, inw)?;
+    }
     if let Some(e) = extra {
         ok = m.g.binary(BinaryOp::Or, ok, e)?;
     }
@@ -386,13 +401,6 @@ fn mask(m: &mut Builder, q_index: NodeId, attention_mask: NodeId, window: Option
     let zero = m.g.scalar(DType::F32, 0.0)?;
     let valid = m.g.binary(BinaryOp::Ne, am, zero)?;
     ok = m.g.binary(BinaryOp::And, ok, valid)?;
-    if let Some(w) = window {
-        // kv_idx > q_idx - window
-        let wc = m.g.scalar(DType::F32, w as f64)?;
-        let lo = m.g.binary(BinaryOp::Sub, q_index, wc)?;
-        let inw = m.g.binary(BinaryOp::Gt, j, lo)?;
-        ok = m.g.binary(BinaryOp::And, ok, inw)?;
-    }
     let lowest = m.g.scalar(m.dtype, lowest(m.dtype))?;
     let zero = m.g.scalar(m.dtype, 0.0)?;
     let add = m.g.push(Op::Select, &[ok, zero, lowest])?;

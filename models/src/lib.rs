@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod gemma;
 pub mod layers;
+pub mod paligemma;
 pub mod siglip;
 
 pub use checkpoint::Checkpoint;
@@ -45,13 +46,18 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     if !cfg_path.exists() {
         return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
     }
-    if let Some(cfg) = text_config(&cfg_path)? {
-        let checkpoint = Checkpoint::open(dir)?;
-        let seq = seq_len(profile)?;
-        let mut m = layers::Builder::new(&checkpoint, profile.dtype);
-        gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Forward)?;
-        let description = describe(&cfg, profile, seq);
-        return Ok(Built { graph: m.g, description, checkpoint });
+    // A PaliGemma folder given no text builds its vision tower alone (as before text support).
+    match text_model(&cfg_path)? {
+        Some(TextModel::PaliGemma(_)) if profile.seq_len.is_none() => {}
+        Some(tm) => {
+            let checkpoint = Checkpoint::open(dir)?;
+            let seq = seq_len(profile)?;
+            let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+            tm.build(&mut m, profile.batch, seq, gemma::Mode::Forward)?;
+            let description = describe(&tm, profile, seq);
+            return Ok(Built { graph: m.g, description, checkpoint });
+        }
+        None => {}
     }
     let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
     let checkpoint = Checkpoint::open(dir)?;
@@ -70,12 +76,39 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
     Ok(Built { graph, description, checkpoint })
 }
 
-/// The config of a Gemma text model, or `None` for another model type.
-pub fn text_config(cfg_path: &Path) -> Result<Option<gemma::GemmaConfig>> {
+/// A model with a text decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TextModel {
+    Gemma(gemma::GemmaConfig),
+    PaliGemma(paligemma::PaliGemmaConfig),
+}
+
+impl TextModel {
+    /// The decoder's config.
+    pub fn text(&self) -> &gemma::GemmaConfig {
+        match self {
+            TextModel::Gemma(c) => c,
+            TextModel::PaliGemma(c) => &c.text,
+        }
+    }
+
+    /// Builds the graph for `mode` into `m`.
+    pub fn build(&self, m: &mut layers::Builder, batch: usize, seq: usize, mode: gemma::Mode) -> Result<()> {
+        match self {
+            TextModel::Gemma(c) => gemma::build(m, c, batch, seq, mode),
+            TextModel::PaliGemma(c) => paligemma::build(m, c, batch, seq, mode),
+        }
+    }
+}
+
+/// The config of a text model (Gemma, Gemma 2, PaliGemma), or `None` for another model type.
+pub fn text_model(cfg_path: &Path) -> Result<Option<TextModel>> {
     let mut r = config::ConfigReader::open(cfg_path)?;
     let mt = r.str_or("model_type", Some(""))?;
+    let r = config::ConfigReader::open(cfg_path)?;
     match mt.as_str() {
-        "gemma" | "gemma2" => Ok(Some(gemma::GemmaConfig::read(config::ConfigReader::open(cfg_path)?)?)),
+        "gemma" | "gemma2" => Ok(Some(TextModel::Gemma(gemma::GemmaConfig::read(r)?))),
+        "paligemma" => Ok(Some(TextModel::PaliGemma(paligemma::PaliGemmaConfig::read(r)?))),
         _ => Ok(None),
     }
 }
@@ -87,9 +120,16 @@ fn seq_len(profile: &Profile) -> Result<usize> {
     }
 }
 
-fn describe(cfg: &gemma::GemmaConfig, profile: &Profile, seq: usize) -> String {
+fn describe(tm: &TextModel, profile: &Profile, seq: usize) -> String {
+    let cfg = tm.text();
+    let what = match tm {
+        TextModel::Gemma(_) => String::new(),
+        TextModel::PaliGemma(p) => {
+            format!("PaliGemma (SigLIP {}x{} at {} px) + ", p.vision.hidden_size, p.vision.num_hidden_layers, p.vision.image_size)
+        }
+    };
     format!(
-        "{:?} hidden {} layers {} heads {}/{} (head_dim {}) ffn {} vocab {}, batch {}, {} tokens, {}",
+        "{what}{:?} hidden {} layers {} heads {}/{} (head_dim {}) ffn {} vocab {}, batch {}, {} tokens, {}",
         cfg.family,
         cfg.hidden_size,
         cfg.num_hidden_layers,
@@ -112,7 +152,7 @@ pub struct Generation {
     pub decode: Graph,
     /// The persistent state (the KV cache), by name.
     pub states: Vec<(String, kiln_graph::TensorType)>,
-    pub config: gemma::GemmaConfig,
+    pub model: TextModel,
     pub description: String,
     pub checkpoint: Checkpoint,
 }
@@ -124,17 +164,17 @@ pub fn build_generation(dir: &Path, profile: &Profile, capacity: usize) -> Resul
     if !cfg_path.exists() {
         return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
     }
-    let cfg = text_config(&cfg_path)?
-        .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma or Gemma 2 model", cfg_path.display())))?;
+    let tm = text_model(&cfg_path)?
+        .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma, Gemma 2 or PaliGemma model", cfg_path.display())))?;
     let checkpoint = Checkpoint::open(dir)?;
     let seq = seq_len(profile)?;
     let mut m = layers::Builder::new(&checkpoint, profile.dtype);
-    gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Prefill { capacity })?;
+    tm.build(&mut m, profile.batch, seq, gemma::Mode::Prefill { capacity })?;
     let prefill = m.g;
     let mut m = layers::Builder::new(&checkpoint, profile.dtype);
-    gemma::build(&mut m, &cfg, profile.batch, seq, gemma::Mode::Decode { capacity })?;
+    tm.build(&mut m, profile.batch, seq, gemma::Mode::Decode { capacity })?;
     let decode = m.g;
-    let states = gemma::cache_states(&cfg, profile.batch, capacity, profile.dtype);
-    let description = format!("{}, cache {capacity}", describe(&cfg, profile, seq));
-    Ok(Generation { prefill, decode, states, config: cfg, description, checkpoint })
+    let states = gemma::cache_states(tm.text(), profile.batch, capacity, profile.dtype);
+    let description = format!("{}, cache {capacity}", describe(&tm, profile, seq));
+    Ok(Generation { prefill, decode, states, model: tm, description, checkpoint })
 }
