@@ -129,3 +129,22 @@ fn untied_without_lm_head() {
     let e = compile_err(&s.0);
     assert!(e.contains("lm_head.weight"), "{e}");
 }
+
+#[test]
+fn paligemma_needs_its_image_and_its_image_tokens() {
+    let dir = common::gemma_case("paligemma");
+    let mut g = Generator::new(&dir, 1, 20, 2, "cpu").unwrap();
+    let mut ids = vec![299i64; 16];
+    ids.extend([2, 5, 6, 10]);
+    let px = Tensor::from_f32(&[1, 3, 32, 32], &[0.1; 3 * 32 * 32]);
+    let e = g.generate(&ids, &[1; 20], 20, 2, None).err().expect("an error").to_string();
+    assert!(e.contains("pixel_values"), "{e}");
+    let bad = Tensor::from_f32(&[1, 3, 16, 16], &[0.1; 3 * 16 * 16]);
+    let e = g.generate(&ids, &[1; 20], 20, 2, Some(&bad)).err().expect("an error").to_string();
+    assert!(e.contains("f32[1,3,16,16]") && e.contains("f32[1,3,32,32]"), "{e}");
+    ids[16] = 299;
+    let e = g.generate(&ids, &[1; 20], 20, 2, Some(&px)).err().expect("an error").to_string();
+    assert!(e.contains("17 image tokens") && e.contains("gives 16"), "{e}");
+    ids[16] = 2;
+    assert!(g.generate(&ids, &[1; 20], 20, 2, Some(&px)).is_ok());
+}
