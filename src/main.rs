@@ -32,6 +32,9 @@ struct ProfileArgs {
     /// Backend: cpu.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Token length of a text model's `forward` (run takes it from input_ids).
+    #[arg(long)]
+    seq_len: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -138,7 +141,7 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, seq_len: None }, backend: p.backend.clone(), trace: false })
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, seq_len: p.seq_len }, backend: p.backend.clone(), trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.

@@ -124,7 +124,8 @@ fn random_program(seed: u64) -> Program {
         let plan = PlanStats { peak: arena_bytes, lower_bound: r.below(arena_bytes + 1), no_reuse: r.next() as usize };
         entries.push(Entry { name: r.string(), inputs, outputs, steps, arena_bytes, plan });
     }
-    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries }
+    let states = (0..r.below(3)).map(|_| StateSpec { name: r.string(), ty: random_ty(r) }).collect();
+    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states }
 }
 
 /// A small real program: a graph compiled twice as two entries sharing weights.
