@@ -20,7 +20,7 @@ pub(crate) enum Prep {
     /// A matmul: its epilogue, and its weight packed for the AVX-512 kernel when it has one.
     MatMul {
         epilogue: Option<Region>,
-        packed: Option<sgemm512::PackedB>,
+        packed: Option<Arc<sgemm512::PackedB>>,
     },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
@@ -31,8 +31,12 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
     attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] }
 }
 
+/// Packed right-hand sides by (weight index, transposed), shared by every step and entry that
+/// reads the same weight the same way (a prefill and a decode entry pack each weight once).
+pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<sgemm512::PackedB>>;
+
 /// Prepares an entry's steps; `weight` reads a weight's f32 data (for packing).
-pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Result<Vec<Prep>> {
+pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>, cache: &mut PackCache) -> Result<Vec<Prep>> {
     e.steps
         .iter()
         .enumerate()
@@ -49,7 +53,7 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
                         }
                         None => None,
                     };
-                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight) }
+                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight, cache) }
                 }
                 op if s.kernel == "cpu.fused" => {
                     let ex = expr_of(op).ok_or_else(|| err("not an elementwise op".into()))?;
@@ -63,16 +67,26 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
 }
 
 /// Packs a 2-D weight right-hand side once, when the AVX-512 kernel can use it.
-fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Option<sgemm512::PackedB> {
+fn pack_weight(
+    s: &Step,
+    tb: bool,
+    weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>,
+    cache: &mut PackCache,
+) -> Option<Arc<sgemm512::PackedB>> {
     let b = &s.inputs[1];
     let (Slot::Weight(i), true, true) = (b.slot, b.ty.rank() == 2, sgemm512::available()) else { return None };
     if s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue" {
         return None;
     }
+    if let Some(p) = cache.get(&(i, tb)) {
+        return Some(p.clone());
+    }
     let data = weight(i, b.ty.numel())?;
     let (r, c) = (b.ty.shape[0], b.ty.shape[1]);
     let view = if tb { gemm::MatView::transposed(&data, c, r) } else { gemm::MatView::row_major(&data, r, c) };
-    Some(sgemm512::PackedB::pack(view))
+    let p = Arc::new(sgemm512::PackedB::pack(view));
+    cache.insert((i, tb), p.clone());
+    Some(p)
 }
 
 pub(crate) struct CpuExec {
@@ -166,7 +180,7 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     match (&s.op, p) {
         (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => {
-            matmul(mem, s, *transpose_b, epilogue.as_ref(), packed.as_ref())
+            matmul(mem, s, *transpose_b, epilogue.as_ref(), packed.as_deref())
         }
         (_, Prep::Region(r)) => {
             let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];

@@ -128,7 +128,8 @@ impl Backend for CpuBackend {
             };
             Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         };
-        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight)).collect::<Result<Vec<_>>>()?;
+        let mut packs = exec::PackCache::new();
+        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
         Ok(Box::new(exec::CpuExec { weights, wbufs, consts, arena: Aligned::zeroed(arena), program: program.clone(), prepared }))
     }
 }
