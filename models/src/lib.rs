@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod gemma;
 pub mod layers;
+pub mod locations;
 pub mod paligemma;
 pub mod siglip;
 
