@@ -4,6 +4,7 @@
 //! checkpoint -> graph -> passes -> schedule -> memory plan -> program, and
 //! [`kiln_runtime::Session`] runs the result.
 
+pub mod generate;
 pub mod io;
 pub mod npz_write;
 pub mod png;
@@ -83,6 +84,7 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
         weights: vec![],
         constants: vec![],
         entries: vec![],
+        states: vec![],
     };
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
@@ -94,17 +96,29 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
             trace.push(("built".to_string(), kiln_graph::print::print(built_graph)));
         }
         let graph = Pipeline::standard().run(built_graph, opts.trace.then_some(&mut trace))?;
-        // Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
-        for n in &graph.nodes {
-            if n.op.is_source() {
-                continue;
-            }
-            let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
-            backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
-        }
+        check_kernels(&graph, backend.as_ref())?;
         let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
         program.entries.push(entry);
         entries.push(CompiledEntry { name: name.clone(), trace, graph, order, plan });
     }
     Ok(Compiled { program, entries })
+}
+
+/// Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
+fn check_kernels(graph: &Graph, backend: &dyn kiln_runtime::Backend) -> Result<()> {
+    for n in &graph.nodes {
+        if n.op.is_source() {
+            continue;
+        }
+        let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
+        backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
+    }
+    Ok(())
+}
+
+/// Runs the standard pipeline on a built graph and checks the backend has a kernel for every step.
+pub fn compile_passes(graph: &Graph, backend: &dyn kiln_runtime::Backend) -> Result<Graph> {
+    let graph = Pipeline::standard().run(graph, None)?;
+    check_kernels(&graph, backend)?;
+    Ok(graph)
 }

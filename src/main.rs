@@ -38,6 +38,9 @@ struct ProfileArgs {
     /// V-MoE batch-prioritized routing, true or false (overrides the config's batch_priority).
     #[arg(long)]
     moe_bpr: Option<bool>,
+    /// Token length of a text model's `forward` (run takes it from input_ids).
+    #[arg(long)]
+    seq_len: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +75,22 @@ enum Cmd {
         /// V-MoE: print how many tokens each expert took and how many were dropped, per MoE layer.
         #[arg(long)]
         moe_stats: bool,
+    },
+    /// Greedy generation with a Gemma model: `--inputs` (input_ids, optional attention_mask
+    /// with left padding) to `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Prompt bucket to compile for (default: the prompt length).
+        #[arg(long)]
+        bucket: Option<usize>,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
@@ -160,7 +179,7 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe }, backend: p.backend.clone(), trace: false })
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend: p.backend.clone(), trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.
@@ -287,13 +306,18 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
-            let ins = io::read(&inputs)?;
+            let mut ins = io::read(&inputs)?;
             let (batch, hw) = image_dims(&ins);
             let mut opts = profile(&p, batch, hw)?;
+            if let Some((b, l)) = text_inputs(&mut ins, &inputs)? {
+                opts.profile.batch = b;
+                opts.profile.seq_len = Some(l);
+            }
             if moe_stats {
                 opts.profile.moe.outputs = MoeOutputs::Stats;
             }
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
+            text_defaults(&mut ins, &s);
             // A file may hold more than the entry takes (a flow's forward outputs `z` and
             // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
             let takes = &s.program().entries[s.entry_index(&entry)?].inputs;
@@ -319,6 +343,38 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             if bpd {
                 print_bits_per_dim(&outs)?;
             }
+            io::write(&out, &outs)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend } => {
+            let mut ins = io::read(&inputs)?;
+            let (b, l) = text_inputs(&mut ins, &inputs)?
+                .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;
+            let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();
+            let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
+            let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
+            let bucket = bucket.unwrap_or(l);
+            let mut g = progress("compiling", || kiln::generate::Generator::new(&model, b, bucket, max_new_tokens, &backend))?;
+            let t = Instant::now();
+            let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
+            let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;
+            let secs = t.elapsed().as_secs_f64();
+            let width = l + r.new_tokens;
+            for row in 0..b {
+                let new = &r.sequences[row * width + l..(row + 1) * width];
+                println!("row {row}: {new:?}");
+            }
+            println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
+            println!(
+                "{}",
+                serde_json::json!({"prefill_ms": r.prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": r.decode_steps,
+                    "decode_ms_per_token": r.decode_s * 1e3 / r.decode_steps.max(1) as f64})
+            );
+            let outs = vec![
+                ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
+                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.vocab], &r.step_logits)),
+            ];
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());
             Ok(())
@@ -380,6 +436,56 @@ fn human(b: usize) -> String {
         0..1024 => format!("{b} B"),
         1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
         _ => format!("{:.1} MiB", b as f64 / 1048576.0),
+    }
+}
+
+/// For a text model's inputs: checks `input_ids [B, L]` (i64, or i32 converted), fills a
+/// missing `attention_mask` with ones and missing `position_ids` with `0..L` (as transformers'
+/// forward does) and gives `(B, L)`; `None` when there is no `input_ids`.
+fn text_inputs(ins: &mut Vec<(String, Tensor)>, path: &Path) -> Result<Option<(usize, usize)>> {
+    let Some(i) = ins.iter().position(|(n, _)| n == "input_ids") else { return Ok(None) };
+    let bad = |msg: String| Error::File { path: path.into(), msg };
+    for (name, t) in ins.iter_mut() {
+        if matches!(name.as_str(), "input_ids" | "attention_mask" | "position_ids") {
+            match t.ty.dtype {
+                DType::I64 => {}
+                DType::I32 | DType::U8 | DType::Bool => {
+                    *t = Tensor::from_i64(&t.ty.shape.clone(), &t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>())
+                }
+                other => return Err(bad(format!("'{name}' is {other}; expected an integer tensor"))),
+            }
+        }
+    }
+    let shape = ins[i].1.ty.shape.clone();
+    let [b, l] = shape[..] else { return Err(bad(format!("input_ids is {}, expected [batch, length]", ins[i].1.ty))) };
+    if b == 0 || l == 0 {
+        return Err(bad(format!("input_ids is {}: empty", ins[i].1.ty)));
+    }
+    for name in ["attention_mask", "position_ids", "token_type_ids"] {
+        match ins.iter().find(|(n, _)| n == name) {
+            Some((_, t)) if t.ty.shape != shape => return Err(bad(format!("'{name}' is {}, input_ids is {}", t.ty, ins[i].1.ty))),
+            Some(_) => {}
+            None if name == "attention_mask" => ins.push((name.into(), Tensor::from_i64(&[b, l], &vec![1; b * l]))),
+            None => {}
+        }
+    }
+    Ok(Some((b, l)))
+}
+
+/// Fills what transformers' forward fills when not given: `position_ids` `0..L` (`1..=L` for
+/// PaliGemma, the text model that takes `pixel_values`) and `token_type_ids` of ones (no
+/// bidirectional prefix).
+fn text_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session) {
+    let Some(e) = s.program().entry("forward") else { return };
+    let Some((_, ids)) = ins.iter().find(|(n, _)| n == "input_ids") else { return };
+    let (b, l) = (ids.ty.shape[0], ids.ty.shape.get(1).copied().unwrap_or(1));
+    let has = |n: &str| e.inputs.iter().any(|io| io.name == n);
+    let offset = if has("pixel_values") { 1 } else { 0 };
+    if has("position_ids") && !ins.iter().any(|(n, _)| n == "position_ids") {
+        ins.push(("position_ids".into(), Tensor::from_i64(&[b, l], &(0..b * l).map(|k| (k % l) as i64 + offset).collect::<Vec<_>>())));
+    }
+    if has("token_type_ids") && !ins.iter().any(|(n, _)| n == "token_type_ids") {
+        ins.push(("token_type_ids".into(), Tensor::from_i64(&[b, l], &vec![1; b * l])));
     }
 }
 

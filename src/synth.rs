@@ -122,6 +122,8 @@ pub enum SynthSpec {
     Jet(crate::synth_jet::JetSynthConfig),
     /// A big_vision folder (`config.json` + `params.npz`).
     BigVision(crate::synth_big_vision::BigVisionSynth),
+    /// `Gemma2ForCausalLM` (transformers `model_type: gemma2`).
+    Gemma2(Gemma2SynthConfig),
 }
 
 impl SynthModel {
@@ -131,6 +133,7 @@ impl SynthModel {
             SynthSpec::Siglip(cfg) => cfg.tensors(),
             SynthSpec::Jet(cfg) => cfg.tensors(),
             SynthSpec::BigVision(b) => b.tensors(),
+            SynthSpec::Gemma2(cfg) => cfg.tensors(),
         }
     }
 
@@ -242,6 +245,19 @@ static MODELS: &[SynthModel] = &[
         description: "V-MoE-B/16, E=8 K=2 every other block, groups of 8 images, C=1.05 (~293M params)",
         spec: SynthSpec::BigVision(BigVisionSynth::Vmoe { experts: Some(8) }),
     },
+    SynthModel {
+        name: "gemma2-2b",
+        description: "Gemma 2 2B decoder (2304 wide, 26 layers, 8/4 heads of 256, vocab 256000, ~2.6B params, f32)",
+        spec: SynthSpec::Gemma2(Gemma2SynthConfig {
+            vocab_size: 256000,
+            hidden_size: 2304,
+            intermediate_size: 9216,
+            num_hidden_layers: 26,
+            num_attention_heads: 8,
+            num_key_value_heads: 4,
+            head_dim: 256,
+        }),
+    },
 ];
 
 /// All models `kiln synth` knows, smallest first.
@@ -265,6 +281,7 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
         SynthSpec::Siglip(cfg) => synth_siglip(cfg, out, seed, progress)?,
         SynthSpec::Jet(cfg) => crate::synth_jet::synth_jet(cfg, out, seed)?,
         SynthSpec::BigVision(b) => crate::synth_big_vision::synth_big_vision(b, out, seed)?,
+        SynthSpec::Gemma2(cfg) => write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)?,
     };
     report.name = model.name.to_string();
     Ok(report)
@@ -388,6 +405,83 @@ impl SiglipSynthConfig {
 pub fn synth_siglip(cfg: &SiglipSynthConfig, out: &Path, seed: u64, progress: bool) -> Result<SynthReport, SynthError> {
     cfg.validate()?;
     write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)
+}
+
+// ---------------------------------------------------------------------------
+// Gemma 2
+// ---------------------------------------------------------------------------
+
+/// Hyper-parameters of a `Gemma2ForCausalLM` (the rest is Gemma 2's defaults: soft-caps 50
+/// and 30, window 4096 on even layers, query scalar 256, tied embeddings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemma2SynthConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Gemma2SynthConfig {
+    /// The `config.json` transformers expects for this model.
+    pub fn config_json(&self) -> Value {
+        let layer_types: Vec<&str> =
+            (0..self.num_hidden_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+        json!({
+            "architectures": ["Gemma2ForCausalLM"],
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "attn_logit_softcapping": 50.0,
+            "bos_token_id": 2,
+            "dtype": "float32",
+            "eos_token_id": 1,
+            "final_logit_softcapping": 30.0,
+            "head_dim": self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": layer_types,
+            "max_position_embeddings": 8192,
+            "model_type": "gemma2",
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": 256,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "sliding_window": 4096,
+            "tie_word_embeddings": true,
+            "vocab_size": self.vocab_size,
+        })
+    }
+
+    /// Tensor names and shapes as transformers 5 names them. Init: projections N(0, 1/fan_in),
+    /// RMSNorm offsets N(0, 0.05²) (the scale is `1 + w`), embeddings N(0, 1/D) (scaled by
+    /// sqrt(D) on the way in).
+    pub fn tensors(&self) -> Vec<TensorSpec> {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        let norm = Init::Normal { mean: 0.0, std: 0.05 };
+        let mut t = vec![TensorSpec::f32("model.embed_tokens.weight".into(), vec![self.vocab_size, d], Init::fan_in(d))];
+        for i in 0..self.num_hidden_layers {
+            let l = format!("model.layers.{i}");
+            for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                t.push(TensorSpec::f32(format!("{l}.{n}.weight"), vec![d], norm));
+            }
+            t.push(TensorSpec::f32(format!("{l}.self_attn.q_proj.weight"), vec![h * hd, d], Init::fan_in(d)));
+            t.push(TensorSpec::f32(format!("{l}.self_attn.k_proj.weight"), vec![kv * hd, d], Init::fan_in(d)));
+            t.push(TensorSpec::f32(format!("{l}.self_attn.v_proj.weight"), vec![kv * hd, d], Init::fan_in(d)));
+            t.push(TensorSpec::f32(format!("{l}.self_attn.o_proj.weight"), vec![d, h * hd], Init::fan_in(h * hd)));
+            t.push(TensorSpec::f32(format!("{l}.mlp.gate_proj.weight"), vec![f, d], Init::fan_in(d)));
+            t.push(TensorSpec::f32(format!("{l}.mlp.up_proj.weight"), vec![f, d], Init::fan_in(d)));
+            t.push(TensorSpec::f32(format!("{l}.mlp.down_proj.weight"), vec![d, f], Init::fan_in(f)));
+        }
+        t.push(TensorSpec::f32("model.norm.weight".into(), vec![d], norm));
+        t
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -771,12 +865,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gemma2_2b_has_the_published_parameter_count() {
+        assert_eq!(find("gemma2-2b").unwrap().num_params(), 2_614_341_888);
+    }
+
+    #[test]
+    fn small_gemma2_folder_compiles_and_generates() {
+        let cfg = Gemma2SynthConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 16,
+        };
+        let dir = std::env::temp_dir().join(format!("kiln-synth-gemma2-{}", std::process::id()));
+        write_model_dir(&dir, &cfg.config_json(), &cfg.tensors(), 7, false).unwrap();
+        let mut g = crate::generate::Generator::new(&dir, 1, 4, 3, "cpu").unwrap();
+        let out = g.generate(&[2, 5, 6, 7], &[1; 4], 4, 3, None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(out.sequences[..4], [2, 5, 6, 7]);
+        assert!(out.new_tokens >= 1 && out.step_logits.iter().all(|x| x.is_finite() && x.abs() <= 30.0));
+    }
+
+    #[test]
     fn table_is_valid() {
         for m in list() {
             match &m.spec {
                 SynthSpec::Siglip(cfg) => cfg.validate().unwrap(),
                 SynthSpec::Jet(cfg) => assert_eq!(cfg.model_config().unwrap().schedule().len(), cfg.depth),
                 SynthSpec::BigVision(_) => {}
+                SynthSpec::Gemma2(_) => {}
             }
             assert!(find(m.name).is_some());
         }

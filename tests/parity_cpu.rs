@@ -40,8 +40,15 @@ fn check(name: &str, g: Graph, modulo: usize) {
     let want = run(&g, &ivals, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
     let opt = Pipeline::standard().run(&g, None).unwrap_or_else(|e| panic!("{name}: passes: {e}"));
     let backend = kiln_runtime::by_name("cpu").unwrap();
-    let mut program =
-        Program { model: name.into(), backend: "cpu".into(), source: String::new(), weights: vec![], constants: vec![], entries: vec![] };
+    let mut program = Program {
+        model: name.into(),
+        backend: "cpu".into(),
+        source: String::new(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: vec![],
+    };
     let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
     program.entries.push(entry);

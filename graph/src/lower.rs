@@ -167,7 +167,15 @@ mod tests {
     use crate::op::UnaryOp;
 
     fn program() -> Program {
-        Program { model: "test".into(), backend: "cpu".into(), source: String::new(), weights: vec![], constants: vec![], entries: vec![] }
+        Program {
+            model: "test".into(),
+            backend: "cpu".into(),
+            source: String::new(),
+            weights: vec![],
+            constants: vec![],
+            entries: vec![],
+            states: vec![],
+        }
     }
 
     fn namer(op: &Op, ins: &[TensorType], out: &TensorType) -> String {

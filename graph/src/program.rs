@@ -71,6 +71,15 @@ pub struct WeightSpec {
     pub ty: TensorType,
 }
 
+/// A persistent buffer of a program (a KV cache): the runtime owns it, zeroes it when the
+/// program is loaded or reset, feeds it to every entry input of the same name and stores every
+/// entry output of the same name back into it, so entries share it across runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateSpec {
+    pub name: String,
+    pub ty: TensorType,
+}
+
 /// A constant tensor baked into the program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConstData {
@@ -91,6 +100,9 @@ pub struct Program {
     pub weights: Vec<WeightSpec>,
     pub constants: Vec<ConstData>,
     pub entries: Vec<Entry>,
+    /// Persistent state shared by the entries (empty for one-shot models).
+    #[serde(default)]
+    pub states: Vec<StateSpec>,
 }
 
 impl Program {

@@ -4,7 +4,7 @@
 use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, FORMAT_VERSION, HEADER_BYTES, MAGIC};
 use kiln_graph::lower::compile_entry;
 use kiln_graph::op::ResizeMode;
-use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, Step, WeightSpec};
+use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, StateSpec, Step, WeightSpec};
 use kiln_graph::{ArtifactError, Attention, BinaryOp, DType, Expr, Graph, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
 use proptest::prelude::*;
 
@@ -124,7 +124,8 @@ fn random_program(seed: u64) -> Program {
         let plan = PlanStats { peak: arena_bytes, lower_bound: r.below(arena_bytes + 1), no_reuse: r.next() as usize };
         entries.push(Entry { name: r.string(), inputs, outputs, steps, arena_bytes, plan });
     }
-    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries }
+    let states = (0..r.below(3)).map(|_| StateSpec { name: r.string(), ty: random_ty(r) }).collect();
+    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states }
 }
 
 /// A small real program: a graph compiled twice as two entries sharing weights.
@@ -144,6 +145,7 @@ fn compiled_program() -> Program {
         weights: vec![],
         constants: vec![],
         entries: vec![],
+        states: vec![StateSpec { name: "cache.0.key".into(), ty: TensorType::new(DType::F32, [1, 4, 2, 8]) }],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {

@@ -154,6 +154,34 @@ impl ConfigReader {
         self.get(field).cloned()
     }
 
+    /// Whether the field is present with the value null.
+    pub fn is_null(&self, field: &str) -> bool {
+        self.obj.get(field).is_some_and(|v| v.is_null())
+    }
+
+    /// A non-negative integer or a list of them (token ids), empty when absent.
+    pub fn usize_list(&mut self, field: &str) -> Result<Vec<usize>> {
+        let bad = |r: &Self, v: &Value| r.err(field, format!("expected an integer or a list of integers, found {v}"));
+        match self.get(field).cloned() {
+            None => Ok(vec![]),
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| bad(self, v))).collect(),
+            Some(v) => Ok(vec![v.as_u64().ok_or_else(|| bad(self, &v))? as usize]),
+        }
+    }
+
+    /// A list of strings, or `None` when absent.
+    pub fn str_list(&mut self, field: &str) -> Result<Option<Vec<String>>> {
+        match self.get(field).cloned() {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.err(field, format!("expected a list of strings, found {v}"))))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(self.err(field, format!("expected a list of strings, found {v}"))),
+            None => Ok(None),
+        }
+    }
+
     /// A nested object as its own reader (fields reported as `parent.child`).
     pub fn object(&mut self, field: &str) -> Result<Option<ConfigReader>> {
         match self.get(field).cloned() {

@@ -5,8 +5,11 @@ pub mod big_vision;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod gemma;
 pub mod jet;
 pub mod layers;
+pub mod locations;
+pub mod paligemma;
 pub mod siglip;
 
 pub use checkpoint::Checkpoint;
@@ -25,11 +28,13 @@ pub struct Profile {
     pub dtype: DType,
     /// Mixture-of-experts settings (V-MoE); ignored by dense models.
     pub moe: MoeOptions,
+    /// Text models: the token length (the prompt bucket for generation).
+    pub seq_len: Option<usize>,
 }
 
 impl Default for Profile {
     fn default() -> Self {
-        Profile { batch: 1, image_hw: None, dtype: DType::F32, moe: MoeOptions::default() }
+        Profile { batch: 1, image_hw: None, dtype: DType::F32, moe: MoeOptions::default(), seq_len: None }
     }
 }
 
@@ -90,6 +95,19 @@ pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
             ))),
         };
     }
+    // A PaliGemma folder given no text builds its vision tower alone (as before text support).
+    match text_model(&cfg_path)? {
+        Some(TextModel::PaliGemma(_)) if profile.seq_len.is_none() => {}
+        Some(tm) => {
+            let checkpoint = Checkpoint::open(dir)?;
+            let seq = seq_len(profile)?;
+            let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+            tm.build(&mut m, profile.batch, seq, gemma::Mode::Forward)?;
+            let description = describe(&tm, profile, seq);
+            return Ok(Built { entries: vec![("forward".to_string(), m.g)], description, checkpoint });
+        }
+        None => {}
+    }
     let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
     let checkpoint = Checkpoint::open(dir)?;
     let graph = siglip::build(&cfg, container, &checkpoint, profile)?;
@@ -118,4 +136,107 @@ fn big_vision_model_name(path: &Path) -> Result<Option<String>> {
             Err(ModelError::Config { path: path.into(), field: "model_name".into(), msg: format!("expected a string, found {other}") })
         }
     }
+}
+
+/// A model with a text decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TextModel {
+    Gemma(gemma::GemmaConfig),
+    PaliGemma(paligemma::PaliGemmaConfig),
+}
+
+impl TextModel {
+    /// The decoder's config.
+    pub fn text(&self) -> &gemma::GemmaConfig {
+        match self {
+            TextModel::Gemma(c) => c,
+            TextModel::PaliGemma(c) => &c.text,
+        }
+    }
+
+    /// Builds the graph for `mode` into `m`.
+    pub fn build(&self, m: &mut layers::Builder, batch: usize, seq: usize, mode: gemma::Mode) -> Result<()> {
+        match self {
+            TextModel::Gemma(c) => gemma::build(m, c, batch, seq, mode),
+            TextModel::PaliGemma(c) => paligemma::build(m, c, batch, seq, mode),
+        }
+    }
+}
+
+/// The config of a text model (Gemma, Gemma 2, PaliGemma), or `None` for another model type.
+pub fn text_model(cfg_path: &Path) -> Result<Option<TextModel>> {
+    let mut r = config::ConfigReader::open(cfg_path)?;
+    let mt = r.str_or("model_type", Some(""))?;
+    let r = config::ConfigReader::open(cfg_path)?;
+    match mt.as_str() {
+        "gemma" | "gemma2" => Ok(Some(TextModel::Gemma(gemma::GemmaConfig::read(r)?))),
+        "paligemma" => Ok(Some(TextModel::PaliGemma(paligemma::PaliGemmaConfig::read(r)?))),
+        _ => Ok(None),
+    }
+}
+
+fn seq_len(profile: &Profile) -> Result<usize> {
+    match profile.seq_len {
+        Some(s) if s > 0 => Ok(s),
+        _ => Err(ModelError::Unsupported("a text model needs a token length in its profile (the input_ids length)".into())),
+    }
+}
+
+fn describe(tm: &TextModel, profile: &Profile, seq: usize) -> String {
+    let cfg = tm.text();
+    let what = match tm {
+        TextModel::Gemma(_) => String::new(),
+        TextModel::PaliGemma(p) => {
+            format!("PaliGemma (SigLIP {}x{} at {} px) + ", p.vision.hidden_size, p.vision.num_hidden_layers, p.vision.image_size)
+        }
+    };
+    format!(
+        "{what}{:?} hidden {} layers {} heads {}/{} (head_dim {}) ffn {} vocab {}, batch {}, {} tokens, {}",
+        cfg.family,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        profile.batch,
+        seq,
+        profile.dtype
+    )
+}
+
+/// The two graphs of a generation profile and the state they share.
+pub struct Generation {
+    /// `prefill`: the prompt bucket in, last-position logits and the filled cache out.
+    pub prefill: Graph,
+    /// `decode`: one token per row over the cache.
+    pub decode: Graph,
+    /// The persistent state (the KV cache), by name.
+    pub states: Vec<(String, kiln_graph::TensorType)>,
+    pub model: TextModel,
+    pub description: String,
+    pub checkpoint: Checkpoint,
+}
+
+/// Builds the prefill and decode graphs of the text model in `dir` for a prompt bucket of
+/// `profile.seq_len` tokens and a cache of `capacity` slots.
+pub fn build_generation(dir: &Path, profile: &Profile, capacity: usize) -> Result<Generation> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
+    }
+    let tm = text_model(&cfg_path)?
+        .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma, Gemma 2 or PaliGemma model", cfg_path.display())))?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let seq = seq_len(profile)?;
+    let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+    tm.build(&mut m, profile.batch, seq, gemma::Mode::Prefill { capacity })?;
+    let prefill = m.g;
+    let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+    tm.build(&mut m, profile.batch, seq, gemma::Mode::Decode { capacity })?;
+    let decode = m.g;
+    let states = gemma::cache_states(tm.text(), profile.batch, capacity, profile.dtype);
+    let description = format!("{}, cache {capacity}", describe(&tm, profile, seq));
+    Ok(Generation { prefill, decode, states, model: tm, description, checkpoint })
 }

@@ -95,7 +95,7 @@ impl SiglipVisionConfig {
 }
 
 /// Finds the tensor-name prefix of the tower ("", `vision_model.`, `vision_tower.`, ...).
-fn prefix(ck: &Checkpoint) -> Result<String> {
+pub fn prefix(ck: &Checkpoint) -> Result<String> {
     const SUFFIX: &str = "embeddings.patch_embedding.weight";
     for p in ["", "vision_model.", "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.", "model.vision_tower.vision_model."]
     {
@@ -123,30 +123,10 @@ pub fn build(cfg: &SiglipVisionConfig, container: Container, ck: &Checkpoint, pr
         return Err(ModelError::Unsupported(format!("compute dtype {} is not a float type", profile.dtype)));
     }
     let (b, c, d) = (profile.batch, cfg.num_channels, cfg.hidden_size);
-    let (gh, gw) = (h / ps, w / ps);
-    let n = gh * gw;
+    let n = (h / ps) * (w / ps);
     let mut m = Builder::new(ck, profile.dtype);
-
-    // Patch embedding: a stride-p convolution is a matmul over flattened (c, ky, kx) patches.
     let x = m.g.input("pixel_values", profile.dtype, &[b, c, h, w])?;
-    let x = m.g.reshape(x, &[b, c, gh, ps, gw, ps])?;
-    let x = m.g.permute(x, &[0, 2, 4, 1, 3, 5])?;
-    let x = m.g.reshape(x, &[b * n, c * ps * ps])?;
-    let wpe = m.weight(&format!("{p}embeddings.patch_embedding.weight"), &[d, c, ps, ps])?;
-    let wpe = m.g.reshape(wpe, &[d, c * ps * ps])?;
-    let bpe = m.weight(&format!("{p}embeddings.patch_embedding.bias"), &[d])?;
-    let x = m.g.matmul(x, wpe, true)?;
-    let x = m.g.add(x, bpe)?;
-    let x = m.g.reshape(x, &[b, n, d])?;
-
-    let pos = position_embedding(&mut m, cfg, &p, gh, gw)?;
-    let mut x = m.g.add(x, pos)?;
-    x = m.g.reshape(x, &[b * n, d])?;
-
-    for l in 0..cfg.num_hidden_layers {
-        x = encoder_layer(&mut m, cfg, &format!("{p}encoder.layers.{l}"), x, b, n)?;
-    }
-    let x = m.layer_norm(x, &format!("{p}post_layernorm"), d, cfg.layer_norm_eps)?;
+    let x = tower(&mut m, cfg, &p, x)?;
     let last = m.g.reshape(x, &[b, n, d])?;
     m.g.output("last_hidden_state", last);
 
@@ -156,6 +136,35 @@ pub fn build(cfg: &SiglipVisionConfig, container: Container, ck: &Checkpoint, pr
         m.g.output("pooler_output", pooled);
     }
     Ok(m.g)
+}
+
+/// The tower from `pixel_values [B, C, H, W]` to the post-layernorm tokens `[B*N, D]`;
+/// `p` is the tensor-name prefix ([`prefix`]).
+pub fn tower(m: &mut Builder, cfg: &SiglipVisionConfig, p: &str, px: NodeId) -> Result<NodeId> {
+    let sh = m.g.shape(px).to_vec();
+    let (b, c, h, w) = (sh[0], sh[1], sh[2], sh[3]);
+    let (ps, d) = (cfg.patch_size, cfg.hidden_size);
+    let (gh, gw) = (h / ps, w / ps);
+    let n = gh * gw;
+    // Patch embedding: a stride-p convolution is a matmul over flattened (c, ky, kx) patches.
+    let x = m.g.reshape(px, &[b, c, gh, ps, gw, ps])?;
+    let x = m.g.permute(x, &[0, 2, 4, 1, 3, 5])?;
+    let x = m.g.reshape(x, &[b * n, c * ps * ps])?;
+    let wpe = m.weight(&format!("{p}embeddings.patch_embedding.weight"), &[d, c, ps, ps])?;
+    let wpe = m.g.reshape(wpe, &[d, c * ps * ps])?;
+    let bpe = m.weight(&format!("{p}embeddings.patch_embedding.bias"), &[d])?;
+    let x = m.g.matmul(x, wpe, true)?;
+    let x = m.g.add(x, bpe)?;
+    let x = m.g.reshape(x, &[b, n, d])?;
+
+    let pos = position_embedding(m, cfg, p, gh, gw)?;
+    let mut x = m.g.add(x, pos)?;
+    x = m.g.reshape(x, &[b * n, d])?;
+
+    for l in 0..cfg.num_hidden_layers {
+        x = encoder_layer(m, cfg, &format!("{p}encoder.layers.{l}"), x, b, n)?;
+    }
+    m.layer_norm(x, &format!("{p}post_layernorm"), d, cfg.layer_norm_eps)
 }
 
 /// The learned position table, resampled bicubically when the grid differs from the

@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub struct Session {
     program: Program,
     exec: Box<dyn Executable>,
+    /// The program's persistent state ([`Program::states`]), in declared order.
+    states: Vec<Tensor>,
 }
 
 impl Session {
@@ -19,7 +21,8 @@ impl Session {
     pub fn new(program: Program, weights: Arc<WeightStore>) -> Result<Self> {
         let backend = by_name(&program.backend)?;
         let exec = backend.load(&program, weights)?;
-        Ok(Session { program, exec })
+        let states = program.states.iter().map(|st| Tensor::zeros(st.ty.clone())).collect();
+        Ok(Session { program, exec, states })
     }
 
     /// Loads an artifact file and the weights it names (a safetensors file or a folder).
@@ -41,10 +44,32 @@ impl Session {
         })
     }
 
-    /// Runs an entry on named inputs and returns its named outputs (allocated here).
+    /// Zeroes the persistent state (a new generation starts from an empty KV cache).
+    pub fn reset_states(&mut self) {
+        for t in &mut self.states {
+            t.bytes.fill(0);
+        }
+    }
+
+    /// The persistent state named `name`, if the program has one.
+    pub fn state(&self, name: &str) -> Option<&Tensor> {
+        self.program.states.iter().position(|s| s.name == name).map(|i| &self.states[i])
+    }
+
+    /// Runs an entry on named inputs and returns its named outputs (allocated here). Entry
+    /// inputs named like a state are read from it unless given; entry outputs named like a
+    /// state are stored into it and not returned.
     pub fn run(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
         let ei = self.entry_index(entry)?;
         let e = &self.program.entries[ei];
+        let state_of = |name: &str| self.program.states.iter().position(|s| s.name == name);
+        let mut with_state: Vec<(&str, &Tensor)> = inputs.to_vec();
+        for io in &e.inputs {
+            if let (Some(i), false) = (state_of(&io.name), inputs.iter().any(|(n, _)| *n == io.name)) {
+                with_state.push((io.name.as_str(), &self.states[i]));
+            }
+        }
+        let inputs = with_state.as_slice();
         for (name, _) in inputs {
             if !e.inputs.iter().any(|io| io.name == *name) {
                 let want: Vec<String> = e.inputs.iter().map(|io| format!("{} {}", io.name, io.operand.ty)).collect();
@@ -72,7 +97,20 @@ impl Session {
             let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|t| t.bytes.as_mut_slice()).collect();
             self.exec.run(ei, &ordered, &mut bufs)?;
         }
-        Ok(names.into_iter().zip(outs).collect())
+        let mut kept = Vec::with_capacity(outs.len());
+        for (name, t) in names.into_iter().zip(outs) {
+            match self.program.states.iter().position(|s| s.name == name) {
+                Some(i) if self.states[i].ty == t.ty => self.states[i] = t,
+                Some(i) => {
+                    return Err(RuntimeError::Output {
+                        name,
+                        msg: format!("is {} but the state it updates is {}", t.ty, self.states[i].ty),
+                    })
+                }
+                None => kept.push((name, t)),
+            }
+        }
+        Ok(kept)
     }
 
     /// Runs an entry once with each step timed: (kernel, op, seconds) per step, in order.

@@ -24,3 +24,8 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
     diff / scale
 }
+
+/// The repository's fixture folder for a Gemma case.
+pub fn gemma_case(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma").join(name)
+}

@@ -22,7 +22,7 @@ pub(crate) enum Prep {
     /// (one packed matrix per batch for a batched weight, such as V-MoE's experts).
     MatMul {
         epilogue: Option<Region>,
-        packed: Vec<sgemm512::PackedB>,
+        packed: Arc<Vec<sgemm512::PackedB>>,
     },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
@@ -33,8 +33,12 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
     attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] }
 }
 
+/// Packed right-hand sides by (weight index, transposed), shared by every step and entry that
+/// reads the same weight the same way (a prefill and a decode entry pack each weight once).
+pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<Vec<sgemm512::PackedB>>>;
+
 /// Prepares an entry's steps; `weight` reads a weight's f32 data (for packing).
-pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Result<Vec<Prep>> {
+pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>, cache: &mut PackCache) -> Result<Vec<Prep>> {
     e.steps
         .iter()
         .enumerate()
@@ -51,7 +55,7 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
                         }
                         None => None,
                     };
-                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight) }
+                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight, cache) }
                 }
                 op if s.kernel == "cpu.fused" => {
                     let ex = expr_of(op).ok_or_else(|| err("not an elementwise op".into()))?;
@@ -66,23 +70,31 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
 
 /// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
 /// each matrix of a batched weight whose batch axes match the product's one to one (the
-/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`).
-fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>) -> Vec<sgemm512::PackedB> {
+/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`). Entries of one
+/// program share the packed copy through `cache`.
+fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>, cache: &mut PackCache) -> Arc<Vec<sgemm512::PackedB>> {
     let (a, b, o) = (&s.inputs[0].ty, &s.inputs[1], &s.output.ty);
-    let Slot::Weight(i) = b.slot else { return vec![] };
+    let Slot::Weight(i) = b.slot else { return Arc::default() };
     let r = b.ty.rank();
     let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
     if !(r == 2 || batched) || !sgemm512::available() || (s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue") {
-        return vec![];
+        return Arc::default();
     }
-    let Some(data) = weight(i, b.ty.numel()) else { return vec![] };
+    if let Some(p) = cache.get(&(i, tb)) {
+        return p.clone();
+    }
+    let Some(data) = weight(i, b.ty.numel()) else { return Arc::default() };
     let (rows, cols) = (b.ty.shape[r - 2], b.ty.shape[r - 1]);
-    data.chunks_exact((rows * cols).max(1))
+    let packed: Vec<_> = data
+        .chunks_exact((rows * cols).max(1))
         .map(|m| {
             let view = if tb { gemm::MatView::transposed(m, cols, rows) } else { gemm::MatView::row_major(m, rows, cols) };
             sgemm512::PackedB::pack(view)
         })
-        .collect()
+        .collect();
+    let p = Arc::new(packed);
+    cache.insert((i, tb), p.clone());
+    p
 }
 
 pub(crate) struct CpuExec {
@@ -227,6 +239,18 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             };
             let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
             attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);
+            Ok(())
+        }
+        (Op::Gather { .. }, _) if s.kernel == "cpu.gather" => {
+            let table = &s.inputs[0].ty;
+            let rows = table.shape.first().copied().unwrap_or(0);
+            let d = table.numel() / rows.max(1);
+            let ids: &[i64] = bytemuck::cast_slice(mem.read(&s.inputs[1]));
+            if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
+                return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
+            }
+            let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
+            index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
             Ok(())
         }
         (Op::Permute { perm }, _) => {

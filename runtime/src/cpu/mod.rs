@@ -85,6 +85,7 @@ impl Backend for CpuBackend {
             Op::Softmax { axis } if f32_all && *axis + 1 == out.rank() => "cpu.softmax",
             Op::Reduce { axes, .. } if f32_all && trailing_axes(axes, inputs.first().map_or(0, |t| t.rank())) => "cpu.reduce",
             Op::Attention(a) if f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4) => "cpu.flash_attention",
+            Op::Gather { axis: 0 } if inputs.len() == 2 && inputs[1].dtype == DType::I64 && inputs[0].dtype.size() == 4 => "cpu.gather",
             Op::Permute { .. } => "cpu.permute",
             Op::Slice { .. } => "cpu.slice",
             Op::Concat { .. } => "cpu.concat",
@@ -152,7 +153,8 @@ impl Backend for CpuBackend {
             };
             Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
         };
-        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight)).collect::<Result<Vec<_>>>()?;
+        let mut packs = exec::PackCache::new();
+        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
         Ok(Box::new(exec::CpuExec { weights, wbufs, consts, arena: Aligned::zeroed(arena), program: program.clone(), prepared }))
     }
 }

@@ -1,0 +1,118 @@
+//! PaliGemma and PaliGemma 2: "PaliGemma: A versatile 3B VLM for transfer" (arXiv 2407.07726)
+//! and "PaliGemma 2" (arXiv 2412.03555). A SigLIP tower, a linear projector, and a Gemma /
+//! Gemma 2 decoder over `[image tokens][prefix][suffix]` with full attention inside the prefix
+//! (`token_type_ids == 0`) and causal attention elsewhere. Matches transformers'
+//! `PaliGemmaForConditionalGeneration` (`modeling_paligemma.py`): image features replace the
+//! image-token embeddings in order, unscaled; positions are 1-indexed.
+
+use crate::config::ConfigReader;
+use crate::error::{ModelError, Result};
+use crate::gemma::{self, GemmaConfig, Mode};
+use crate::layers::Builder;
+use crate::siglip::{self, SiglipVisionConfig};
+use kiln_graph::{BinaryOp, DType, Op, TensorType};
+
+/// The fields of `PaliGemmaConfig`, all honoured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaliGemmaConfig {
+    pub vision: SiglipVisionConfig,
+    pub text: GemmaConfig,
+    pub image_token_index: i64,
+    pub projection_dim: usize,
+}
+
+impl PaliGemmaConfig {
+    /// Reads a `paligemma` config strictly.
+    pub fn read(mut r: ConfigReader) -> Result<Self> {
+        let v = r.object("vision_config")?.ok_or_else(|| r.unsupported("vision_config", "missing"))?;
+        let vision = SiglipVisionConfig::read(v)?;
+        let t = r.object("text_config")?.ok_or_else(|| r.unsupported("text_config", "missing"))?;
+        let text = GemmaConfig::read_text(t, true)?;
+        let field = if r.has("image_token_id") { "image_token_id" } else { "image_token_index" };
+        let image_token_index = r.usize_or(field, Some(256000))? as i64;
+        let projection_dim = r.usize_or("projection_dim", Some(2048))?;
+        if projection_dim != text.hidden_size {
+            return Err(r.unsupported("projection_dim", format!("{projection_dim} differs from the text width {}", text.hidden_size)));
+        }
+        // Copies of text_config values kept at the top level by transformers.
+        for (f, want) in [("hidden_size", text.hidden_size), ("vocab_size", text.vocab_size)] {
+            let got = r.usize_or(f, Some(want))?;
+            if got != want {
+                return Err(r.unsupported(f, format!("{got} differs from text_config's {want}")));
+            }
+        }
+        if r.bool_or("tie_word_embeddings", text.tie_word_embeddings)? != text.tie_word_embeddings {
+            return Err(r.unsupported("tie_word_embeddings", "differs from text_config's"));
+        }
+        r.skip(&["model_type", "image_token_index", "image_token_id", "text_config", "vision_config"]);
+        r.finish()?;
+        Ok(PaliGemmaConfig { vision, text, image_token_index, projection_dim })
+    }
+}
+
+/// Builds a PaliGemma graph for `mode`. Forward and prefill take `input_ids`,
+/// `attention_mask`, `position_ids`, `token_type_ids` `[B, S]` and `pixel_values`; decode is
+/// the text decoder's (the image is in the cache by then).
+pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, mode: Mode) -> Result<()> {
+    if let Mode::Decode { .. } = mode {
+        return gemma::build(m, &cfg.text, batch, seq, mode);
+    }
+    if let Mode::Prefill { capacity } = mode {
+        if capacity < seq {
+            return Err(ModelError::Unsupported(format!("a cache of {capacity} slots cannot hold a prompt of {seq} tokens")));
+        }
+    }
+    let tp = gemma::prefix(m.ck)?;
+    let vp = siglip::prefix(m.ck)?;
+    let (b, s) = (batch, seq);
+    let v = &cfg.vision;
+    let (c, hw, n) = (v.num_channels, v.image_size, v.grid() * v.grid());
+    let ids = m.g.input("input_ids", DType::I64, &[b, s])?;
+    let am = m.g.input("attention_mask", DType::I64, &[b, s])?;
+    let pos = m.g.input("position_ids", DType::I64, &[b, s])?;
+    let tt = m.g.input("token_type_ids", DType::I64, &[b, s])?;
+    let px = m.g.input("pixel_values", m.dtype, &[b, c, hw, hw])?;
+
+    // Image features: the tower's tokens through the projector, [B*N, D].
+    let feats = siglip::tower(m, v, &vp, px)?;
+    let proj = ["model.multi_modal_projector.linear", "multi_modal_projector.linear"]
+        .into_iter()
+        .find(|p| m.ck.tensors.contains_key(&format!("{p}.weight")))
+        .unwrap_or("model.multi_modal_projector.linear");
+    let feats = m.linear(feats, proj, v.hidden_size, cfg.projection_dim)?;
+
+    // Text embeddings; an image token outside the vocabulary is looked up as id 0.
+    let img_id = m.g.scalar(DType::I64, cfg.image_token_index as f64)?;
+    let is_img = m.g.binary(BinaryOp::Eq, ids, img_id)?;
+    let zero_i = m.g.scalar(DType::I64, 0.0)?;
+    let lookup = if cfg.image_token_index as usize >= cfg.text.vocab_size { m.g.push(Op::Select, &[is_img, zero_i, ids])? } else { ids };
+    let text = gemma::embed(m, &cfg.text, &tp, lookup)?;
+
+    // The k-th image token of row r takes feature row r*N + k (masked_scatter's order when
+    // every row holds N image tokens; the runtime checks that before running).
+    let flags = m.g.push(Op::Cast { to: DType::I64 }, &[is_img])?;
+    let k = m.g.push(Op::CumSum { axis: 1, exclusive: true }, &[flags])?;
+    let base = m.g.push_source(Op::Iota { axis: 0, start: 0.0, step: n as f64 }, TensorType::new(DType::I64, [b, 1]))?;
+    let row = m.g.add(k, base)?;
+    let row = m.g.push(Op::Select, &[is_img, row, zero_i])?;
+    let img = m.g.push(Op::Gather { axis: 0 }, &[feats, row])?;
+    let at = m.g.reshape(is_img, &[b, s, 1])?;
+    let x = m.g.push(Op::Select, &[at, img, text])?;
+
+    // Prefix-LM: query i and key j both in the prefix (token type 0) see each other.
+    let tf = m.g.push(Op::Cast { to: DType::F32 }, &[tt])?;
+    let zf = m.g.scalar(DType::F32, 0.0)?;
+    let pre = m.g.binary(BinaryOp::Eq, tf, zf)?;
+    let pi = m.g.reshape(pre, &[b, s, 1])?;
+    let pj = m.g.reshape(pre, &[b, 1, s])?;
+    let both = m.g.binary(BinaryOp::And, pi, pj)?;
+    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?;
+    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, q_index, mode, Some(both))?;
+    let h = match mode {
+        Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
+        Mode::Forward | Mode::Decode { .. } => h,
+    };
+    let logits = gemma::lm_head(m, &cfg.text, &tp, h)?;
+    m.g.output("logits", logits);
+    Ok(())
+}

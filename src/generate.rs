@@ -1,0 +1,250 @@
+//! Greedy generation over a compiled `prefill` + `decode` program, driven the way
+//! transformers' `generate(do_sample=False)` drives a left-padded batch: the prompt is
+//! left-padded to the compiled bucket, positions are `cumsum(attention_mask) - 1` (1 at padding),
+//! every step appends a 1 to the attention mask, and a row that produced EOS gets the pad id
+//! from then on; generation ends when every row has finished or `max_new_tokens` are made.
+
+use crate::{compile_passes, Error, Result};
+use kiln_graph::program::{Program, StateSpec};
+use kiln_graph::DType;
+use kiln_models::Profile;
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A compiled generation profile: batch, prompt bucket and cache capacity.
+pub struct Generator {
+    pub session: Session,
+    pub batch: usize,
+    /// Prompt tokens per row after left padding (the prefill bucket).
+    pub bucket: usize,
+    /// Cache slots: the bucket plus the most tokens one call can generate.
+    pub capacity: usize,
+    pub vocab: usize,
+    pub eos: Vec<i64>,
+    pub pad: i64,
+    /// PaliGemma: the image token, how many of them each row must hold, the pixel_values type.
+    pub image: Option<(i64, usize, kiln_graph::TensorType)>,
+    /// Added to every position id (PaliGemma's positions are 1-indexed).
+    pub position_offset: i64,
+}
+
+/// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
+/// `step_logits [B, n, V]` (the logits each new token was chosen from).
+pub struct Generated {
+    pub sequences: Vec<i64>,
+    pub step_logits: Vec<f32>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Seconds spent in the prefill entry, and in all decode steps together.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Decode steps run (`new_tokens - 1` unless every row stopped early).
+    pub decode_steps: usize,
+}
+
+/// The ids generation stops at and pads with: `generation_config.json` first, then `config.json`.
+fn special_ids(dir: &Path, cfg: &kiln_models::gemma::GemmaConfig) -> (Vec<i64>, i64) {
+    let mut eos = cfg.eos_token_ids.clone();
+    let mut pad = cfg.pad_token_id;
+    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            match &v["eos_token_id"] {
+                serde_json::Value::Number(n) => eos = n.as_i64().into_iter().collect(),
+                serde_json::Value::Array(a) => eos = a.iter().filter_map(|x| x.as_i64()).collect(),
+                _ => {}
+            }
+            if let Some(p) = v["pad_token_id"].as_i64() {
+                pad = Some(p);
+            }
+        }
+    }
+    // transformers pads finished rows with the pad id, or the first EOS without one.
+    let pad = pad.or(eos.first().copied()).unwrap_or(0);
+    (eos, pad)
+}
+
+impl Generator {
+    /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
+    /// `max_new_tokens` new tokens per call, and loads it on `backend`.
+    pub fn new(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str) -> Result<Self> {
+        if max_new_tokens == 0 {
+            return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
+        }
+        let capacity = bucket + max_new_tokens;
+        let profile = Profile { batch, seq_len: Some(bucket), dtype: DType::F32, image_hw: None, ..Profile::default() };
+        let g = kiln_models::build_generation(dir, &profile, capacity)?;
+        let be = kiln_runtime::by_name(backend)?;
+        let mut program = Program {
+            model: g.description.clone(),
+            backend: be.name().to_string(),
+            source: dir.display().to_string(),
+            weights: vec![],
+            constants: vec![],
+            entries: vec![],
+            states: g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect(),
+        };
+        for (name, graph) in [("prefill", &g.prefill), ("decode", &g.decode)] {
+            let graph = compile_passes(graph, be.as_ref())?;
+            let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
+                be.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
+            };
+            let (entry, _, _) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
+            program.entries.push(entry);
+        }
+        let session = Session::new(program, Arc::new(WeightStore::open(dir)?))?;
+        let (eos, pad) = special_ids(dir, g.model.text());
+        let (image, position_offset) = match &g.model {
+            kiln_models::TextModel::Gemma(_) => (None, 0),
+            kiln_models::TextModel::PaliGemma(p) => {
+                let v = &p.vision;
+                let ty = kiln_graph::TensorType::new(DType::F32, [batch, v.num_channels, v.image_size, v.image_size]);
+                (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
+            }
+        };
+        Ok(Generator { session, batch, bucket, capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset })
+    }
+
+    /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
+    /// PaliGemma also takes `pixel_values`, and the whole prompt is its prefix.
+    pub fn generate(
+        &mut self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        prompt_len: usize,
+        max_new_tokens: usize,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Generated> {
+        let (b, s, c, v) = (self.batch, self.bucket, self.capacity, self.vocab);
+        if input_ids.len() != b * prompt_len || attention_mask.len() != b * prompt_len {
+            return Err(Error::Usage(format!("input_ids and attention_mask must be [{b}, {prompt_len}]")));
+        }
+        if prompt_len > s {
+            return Err(Error::Usage(format!("the prompt has {prompt_len} tokens but this profile holds {s} (compile a larger bucket)")));
+        }
+        if max_new_tokens > c - s {
+            return Err(Error::Usage(format!("{max_new_tokens} new tokens do not fit the cache ({} slots after the prompt)", c - s)));
+        }
+        for (i, &t) in input_ids.iter().enumerate() {
+            if t < 0 || t as usize >= v {
+                return Err(Error::Usage(format!(
+                    "input_ids[{}, {}] = {t} is out of range for a vocabulary of {v}",
+                    i / prompt_len,
+                    i % prompt_len
+                )));
+            }
+        }
+        let image = match (&self.image, pixel_values) {
+            (Some((tok, n, ty)), Some(px)) => {
+                if px.ty != *ty {
+                    return Err(Error::Usage(format!("pixel_values is {}, this model takes {ty}", px.ty)));
+                }
+                for r in 0..b {
+                    let k = input_ids[r * prompt_len..(r + 1) * prompt_len].iter().filter(|&&t| t == *tok).count();
+                    if k != *n {
+                        return Err(Error::Usage(format!("row {r} of input_ids holds {k} image tokens ({tok}); the image gives {n}")));
+                    }
+                }
+                Some(px)
+            }
+            (Some(_), None) => return Err(Error::Usage("this is an image model: give pixel_values (or --image)".into())),
+            (None, Some(_)) => return Err(Error::Usage("this model takes no image".into())),
+            (None, None) => None,
+        };
+        // Left-pad each row to the bucket; the extra slots are masked out.
+        let extra = s - prompt_len;
+        let mut ids = vec![self.pad; b * s];
+        let mut mask = vec![0i64; b * c];
+        for r in 0..b {
+            ids[r * s + extra..(r + 1) * s].copy_from_slice(&input_ids[r * prompt_len..(r + 1) * prompt_len]);
+            mask[r * c + extra..r * c + s].copy_from_slice(&attention_mask[r * prompt_len..(r + 1) * prompt_len]);
+        }
+        let mut pos = vec![0i64; b * s];
+        let mut next_pos = vec![0i64; b];
+        for r in 0..b {
+            let mut acc = 0;
+            for j in 0..s {
+                acc += mask[r * c + j];
+                pos[r * s + j] = if mask[r * c + j] == 0 { 1 } else { acc - 1 } + self.position_offset;
+            }
+            next_pos[r] = acc + self.position_offset;
+        }
+        let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
+        self.session.reset_states();
+        let t0 = std::time::Instant::now();
+        let (ids_t, mask_t, pos_t) =
+            (Tensor::from_i64(&[b, s], &ids), Tensor::from_i64(&[b, s], &prefill_mask), Tensor::from_i64(&[b, s], &pos));
+        let types = Tensor::from_i64(&[b, s], &vec![0; b * s]);
+        let mut ins: Vec<(&str, &Tensor)> = vec![("input_ids", &ids_t), ("attention_mask", &mask_t), ("position_ids", &pos_t)];
+        if let Some(px) = image {
+            ins.push(("pixel_values", px));
+            ins.push(("token_type_ids", &types));
+        }
+        let outs = self.session.run("prefill", &ins)?;
+        let mut logits = logits_of(&outs)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let (mut decode_s, mut decode_steps) = (0.0, 0);
+        let mut seqs: Vec<Vec<i64>> = (0..b).map(|r| input_ids[r * prompt_len..(r + 1) * prompt_len].to_vec()).collect();
+        let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
+        let mut done = vec![false; b];
+        let mut n = 0;
+        for t in 0..max_new_tokens {
+            let mut next = vec![0i64; b];
+            for r in 0..b {
+                let row = &logits[r * v..(r + 1) * v];
+                step_logits[r].extend_from_slice(row);
+                next[r] = if done[r] { self.pad } else { argmax(row) as i64 };
+                seqs[r].push(next[r]);
+                if self.eos.contains(&next[r]) {
+                    done[r] = true;
+                }
+            }
+            n += 1;
+            if done.iter().all(|&d| d) || t + 1 == max_new_tokens {
+                break;
+            }
+            let slot = s + t;
+            for r in 0..b {
+                mask[r * c + slot] = 1;
+            }
+            let t1 = std::time::Instant::now();
+            let outs = self.session.run(
+                "decode",
+                &[
+                    ("input_ids", &Tensor::from_i64(&[b, 1], &next)),
+                    ("attention_mask", &Tensor::from_i64(&[b, c], &mask)),
+                    ("position_ids", &Tensor::from_i64(&[b, 1], &next_pos)),
+                    ("cache_position", &Tensor::from_i64(&[1], &[slot as i64])),
+                ],
+            )?;
+            next_pos.iter_mut().for_each(|p| *p += 1);
+            logits = logits_of(&outs)?;
+            decode_s += t1.elapsed().as_secs_f64();
+            decode_steps += 1;
+        }
+        Ok(Generated {
+            sequences: seqs.concat(),
+            step_logits: step_logits.concat(),
+            prompt_len,
+            new_tokens: n,
+            prefill_s,
+            decode_s,
+            decode_steps,
+        })
+    }
+}
+
+fn logits_of(outs: &[(String, Tensor)]) -> Result<Vec<f32>> {
+    outs.iter().find(|(n, _)| n == "logits").map(|(_, t)| t.to_f32()).ok_or_else(|| Error::Usage("the program has no logits output".into()))
+}
+
+/// The index of the largest value, the first one on ties (as `torch.argmax`).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,115 @@
+//! Gemma and Gemma 2 against transformers (fixtures from `scripts/gen_gemma_fixtures.py`):
+//! forward logits through the interpreter and the cpu backend, greedy generation through the
+//! KV cache on a left-padded batch.
+
+mod common;
+
+use common::{gemma_case, read_values, rel_err};
+use kiln::{compile, io, CompileOptions};
+use kiln_models::Profile;
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::sync::Arc;
+
+const CASES: [&str; 3] = ["gemma_mqa", "gemma2_gqa", "gemma2_untied"];
+/// PaliGemma (Gemma decoder) and PaliGemma 2 (Gemma 2 decoder with a window of 6).
+const PALI: [&str; 2] = ["paligemma", "paligemma2"];
+
+/// Rows `[b, s, ..]` of a `[B, S, V]` tensor where `mask[b, s] != 0`, flattened.
+fn valid_rows(x: &[f32], mask: &[f64], v: usize) -> Vec<f32> {
+    mask.iter().enumerate().filter(|(_, &m)| m != 0.0).flat_map(|(i, _)| x[i * v..(i + 1) * v].iter().copied()).collect()
+}
+
+fn profile(batch: usize, seq: usize) -> Profile {
+    Profile { batch, seq_len: Some(seq), ..Profile::default() }
+}
+
+#[test]
+fn forward_interpreter() {
+    for case in CASES.iter().chain(&PALI) {
+        let dir = gemma_case(case);
+        let inputs = read_values(&dir.join("inputs.safetensors"));
+        let reference = read_values(&dir.join("reference.safetensors"));
+        let weights = read_values(&dir.join("model.safetensors"));
+        let shape = inputs["input_ids"].ty.shape.clone();
+        let built = kiln_models::build(&dir, &profile(shape[0], shape[1])).expect("build");
+        kiln_graph::verify::verify(built.graph("forward").expect("forward")).expect("verify");
+        let out = kiln_graph::interp::run(built.graph("forward").expect("forward"), &inputs, &weights).expect("interpret");
+        let (got, want) = (&out["logits"], &reference["logits"]);
+        assert_eq!(got.ty.shape, want.ty.shape, "{case}");
+        let v = want.ty.shape[2];
+        let mask = &inputs["attention_mask"].data;
+        let e = rel_err(&valid_rows(&got.to_f32(), mask, v), &valid_rows(&want.to_f32(), mask, v));
+        assert!(e < 1e-4, "{case}: interpreter logits relative error {e:.3e}");
+    }
+}
+
+#[test]
+fn forward_cpu() {
+    for case in CASES.iter().chain(&PALI) {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let ids = &inputs.iter().find(|(n, _)| n == "input_ids").expect("input_ids").1;
+        let opts = CompileOptions { profile: profile(ids.ty.shape[0], ids.ty.shape[1]), backend: "cpu".into(), trace: false };
+        let c = compile(&dir, &opts).expect("compile");
+        let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
+        let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let outs = s.run("forward", &refs).expect("run");
+        let got = &outs.iter().find(|(n, _)| n == "logits").expect("logits").1;
+        let want = &reference.iter().find(|(n, _)| n == "logits").expect("reference logits").1;
+        assert_eq!(got.ty.shape, want.ty.shape, "{case}");
+        let v = want.ty.shape[2];
+        let mask = inputs.iter().find(|(n, _)| n == "attention_mask").expect("mask").1.to_f64();
+        let e = rel_err(&valid_rows(&got.to_f32(), &mask, v), &valid_rows(&want.to_f32(), &mask, v));
+        assert!(e < 1e-4, "{case}: cpu logits relative error {e:.3e}");
+    }
+}
+
+/// Greedy generation through the KV cache (prefill + decode entries) against transformers'
+/// `generate(do_sample=False)`: the same tokens, EOS stops row 0 early and pads it, logits of
+/// every step close. The bucket is longer than the prompt, so kiln adds left padding of its own.
+#[test]
+fn generate_left_padded_batch() {
+    for case in CASES {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
+        let (ids, mask) = (get(&inputs, "input_ids"), get(&inputs, "attention_mask"));
+        let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
+        let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
+        let max_new = 6;
+        let mut g = kiln::generate::Generator::new(&dir, b, l + 3, max_new, "cpu").expect("compile");
+        let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).expect("generate");
+        assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
+        assert_eq!(out.sequences, to_i64(&want_seq), "{case}: generated ids");
+        let e = rel_err(&out.step_logits, &want_logits.to_f32());
+        assert!(e < 1e-4, "{case}: step logits relative error {e:.3e}");
+    }
+}
+
+/// PaliGemma generation from an image and a prefix (bidirectional over image + prompt) against
+/// transformers' `generate(pixel_values=..., token_type_ids=zeros)`.
+#[test]
+fn paligemma_generate_left_padded_batch() {
+    for case in PALI {
+        let dir = gemma_case(case);
+        let inputs = io::read(&dir.join("generate_inputs.safetensors")).expect("inputs");
+        let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+        let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
+        let (ids, mask, px) = (get(&inputs, "input_ids"), get(&inputs, "attention_mask"), get(&inputs, "pixel_values"));
+        let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
+        let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
+        let max_new = 6;
+        let mut g = kiln::generate::Generator::new(&dir, b, l + 2, max_new, "cpu").expect("compile");
+        let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, Some(&px)).expect("generate");
+        assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
+        assert_eq!(out.sequences, to_i64(&want_seq), "{case}: generated ids");
+        let e = rel_err(&out.step_logits, &want_logits.to_f32());
+        assert!(e < 1e-4, "{case}: step logits relative error {e:.3e}");
+        let e = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).err().expect("no image").to_string();
+        assert!(e.contains("pixel_values"), "{e}");
+    }
+}
