@@ -4,6 +4,7 @@
 //! checkpoint -> graph -> passes -> schedule -> memory plan -> program, and
 //! [`kiln_runtime::Session`] runs the result.
 
+pub mod bench;
 pub mod io;
 pub mod synth;
 
@@ -62,12 +63,18 @@ pub struct Compiled {
 /// Compiles the model in `dir` to a single-entry (`forward`) program.
 pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let built = kiln_models::build(dir, &opts.profile)?;
+    compile_graph(&built.graph, &built.description, &dir.display().to_string(), opts)
+}
+
+/// Compiles a built graph (passes, kernel choice, schedule, plan, lowering) to a
+/// single-entry (`forward`) program; `source` is where its weights are read from.
+pub fn compile_graph(built: &Graph, description: &str, source: &str, opts: &CompileOptions) -> Result<Compiled> {
     let backend = kiln_runtime::by_name(&opts.backend)?;
     let mut trace = Vec::new();
     if opts.trace {
-        trace.push(("built".to_string(), kiln_graph::print::print(&built.graph)));
+        trace.push(("built".to_string(), kiln_graph::print::print(built)));
     }
-    let graph = Pipeline::standard().run(&built.graph, opts.trace.then_some(&mut trace))?;
+    let graph = Pipeline::standard().run(built, opts.trace.then_some(&mut trace))?;
     // Every step must have a kernel on the chosen backend: say which op cannot, before lowering.
     for n in &graph.nodes {
         if n.op.is_source() {
@@ -77,9 +84,9 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
         backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
     }
     let mut program = Program {
-        model: built.description,
+        model: description.to_string(),
         backend: backend.name().to_string(),
-        source: dir.display().to_string(),
+        source: source.to_string(),
         weights: vec![],
         constants: vec![],
         entries: vec![],
