@@ -204,6 +204,9 @@ pub fn table(r: &Report) -> String {
         r.run_seconds * 1e3,
         (r.run_seconds - r.steps_seconds) * 1e3
     );
+    if r.rows.iter().any(|row| c.share(row.cost(), row.seconds) > 1.0) {
+        s += "(over 100% of the roof: that kernel's data fits in cache, which is faster than the memory the copy measures)\n";
+    }
     s
 }
 

@@ -87,9 +87,10 @@ pub fn shape_label(op: &Op, inputs: &[TensorType], out: &TensorType) -> String {
 
 /// The one-op graph that runs `kernel` on `shape`.
 pub fn kernel_graph(kernel: &str, shape: &str) -> Result<Graph> {
-    let kind = KINDS.iter().find(|k| k.name == kernel).ok_or_else(|| {
-        Error::Usage(format!("--kernel {kernel}: not one kiln can build alone; choose one of:\n{}", syntax_help()))
-    })?;
+    let kind = KINDS
+        .iter()
+        .find(|k| k.name == kernel)
+        .ok_or_else(|| Error::Usage(format!("--kernel {kernel}: not one kiln can build alone; choose one of:\n{}", syntax_help())))?;
     let d = parse_dims(shape)?;
     let want = |n: &[usize]| -> Result<()> {
         if n.contains(&d.len()) {
@@ -169,7 +170,9 @@ pub fn session(kernel: &str, shape: &str, backend: &str) -> Result<Session> {
     let weights: Vec<(String, Tensor)> = g
         .weights()
         .enumerate()
-        .map(|(i, (_, name, ty))| (name.to_string(), Tensor { ty: ty.clone(), bytes: kiln_runtime::tensor::from_f64(ty.dtype, &values(ty.numel(), i)) }))
+        .map(|(i, (_, name, ty))| {
+            (name.to_string(), Tensor { ty: ty.clone(), bytes: kiln_runtime::tensor::from_f64(ty.dtype, &values(ty.numel(), i)) })
+        })
         .collect();
     let opts = CompileOptions { profile: Default::default(), backend: backend.to_string(), trace: false };
     let path = std::env::temp_dir().join(format!("kiln-bench-{}-{}.safetensors", std::process::id(), kernel.replace(['.', '+'], "_")));

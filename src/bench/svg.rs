@@ -9,7 +9,7 @@ const H: f64 = 600.0;
 /// Plot area margins: left, right, top, bottom.
 const ML: f64 = 80.0;
 const MR: f64 = 30.0;
-const MT: f64 = 60.0;
+const MT: f64 = 75.0;
 const MB: f64 = 110.0;
 
 fn esc(s: &str) -> String {
@@ -43,18 +43,20 @@ pub fn roofline(r: &Report) -> String {
     let px = |x: f64| ML + (x.log10() - x0 as f64) / (x1 - x0) as f64 * (W - ML - MR);
     let py = |y: f64| H - MB - (y.log10() - y0 as f64) / (y1 - y0) as f64 * (H - MT - MB);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let title = format!("Roofline: {} [{}], {}", r.model, r.backend, c.cpu);
     let _ = writeln!(s, r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(&title));
-    let sub = format!(
-        "memory roof {bw:.1} GB/s ({} MiB copy), compute roof {peak:.1} GFLOP/s ({n}x{n}x{n} GEMM, {}), {} threads",
-        c.copy_mib,
-        c.gemm_kernel,
-        c.threads,
-        n = c.gemm_n
-    );
-    let _ = writeln!(s, r##"<text x="{}" y="42" text-anchor="middle" fill="#444">{}</text>"##, W / 2.0, esc(&sub));
+    let sub = [
+        format!("memory roof {bw:.1} GB/s ({} MiB parallel copy), {} threads", c.copy_mib, c.threads),
+        format!("compute roof {peak:.1} GFLOP/s ({n}x{n}x{n} f32 GEMM, {})", c.gemm_kernel, n = c.gemm_n),
+    ];
+    for (i, line) in sub.iter().enumerate() {
+        let _ = writeln!(s, r##"<text x="{}" y="{}" text-anchor="middle" fill="#444">{}</text>"##, W / 2.0, 42 + 15 * i, esc(line));
+    }
     // Grid and tick labels at every decade.
     for e in x0..=x1 {
         let x = px(10f64.powi(e));
@@ -67,7 +69,12 @@ pub fn roofline(r: &Report) -> String {
         let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, ML - 6.0, y + 4.0, tick(e));
     }
     let _ = writeln!(s, r##"<rect x="{ML}" y="{MT}" width="{}" height="{}" fill="none" stroke="#333"/>"##, W - ML - MR, H - MT - MB);
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">arithmetic intensity (FLOP / byte, fewest bytes)</text>"#, (ML + W - MR) / 2.0, H - MB + 36.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">arithmetic intensity (FLOP / byte, fewest bytes)</text>"#,
+        (ML + W - MR) / 2.0,
+        H - MB + 36.0
+    );
     let _ = writeln!(s, r#"<text transform="translate(20,{}) rotate(-90)" text-anchor="middle">GFLOP/s</text>"#, (MT + H - MB) / 2.0);
     // The roofs: bandwidth * intensity up to the ridge, then the compute ceiling.
     let xa = 10f64.powi(x0).max(10f64.powi(y0) / bw);
@@ -83,13 +90,17 @@ pub fn roofline(r: &Report) -> String {
         py(peak)
     );
     let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#c0392b">{peak:.0} GFLOP/s</text>"##, px(xr) + 6.0, py(peak) - 6.0);
-    let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#c0392b" text-anchor="end">{bw:.1} GB/s</text>"##, px(xr) - 6.0, py(peak) + 14.0);
+    let _ =
+        writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#c0392b" text-anchor="end">{bw:.1} GB/s</text>"##, px(xr) - 6.0, py(peak) + 14.0);
     // Dots, labels alternating above and below to keep neighbours apart.
     for (i, (label, x, y, share)) in points.iter().enumerate() {
         let (cx, cy) = (px(*x), py(*y));
         let dy = if i % 2 == 0 { -8.0 } else { 16.0 };
         let _ = writeln!(s, r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="5" fill="#2471a3"><title>{}</title></circle>"##, esc(label));
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">{} ({:.0}%)</text>"#, cx + 7.0, cy + dy, esc(label), 100.0 * share);
+        // Labels of dots in the right half go to their left, so they stay inside the plot.
+        let (tx, anchor) = if cx > (ML + W - MR) / 2.0 { (cx - 7.0, "end") } else { (cx + 7.0, "start") };
+        let text = format!("{} ({:.0}% of roof)", esc(label), 100.0 * share);
+        let _ = writeln!(s, r#"<text x="{tx:.1}" y="{:.1}" text-anchor="{anchor}">{text}</text>"#, cy + dy);
     }
     // Kernels the log axes cannot show.
     let mut y = H - MB + 58.0;
@@ -124,14 +135,27 @@ mod tests {
 
     #[test]
     fn every_kernel_with_flops_gets_a_dot_and_the_rest_a_note() {
-        let row = |k: &str, flops, bytes| KernelRow { kernel: k.into(), op: "x".into(), shape: None, steps: 1, seconds: 0.01, flops, bytes };
+        let row =
+            |k: &str, flops, bytes| KernelRow { kernel: k.into(), op: "x".into(), shape: None, steps: 1, seconds: 0.01, flops, bytes };
         let r = Report {
             model: "m".into(),
             backend: "cpu".into(),
             warmup: 1,
             runs: 1,
-            ceilings: Ceilings { bandwidth: 10e9, flops: 100e9, copy_mib: 1, gemm_n: 16, gemm_kernel: "k", threads: 2, cpu: "cpu <x>".into() },
-            rows: vec![row("cpu.gemm", 1_000_000_000, 10_000_000), row("cpu.layer_norm", 1_000_000, 1_000_000), row("cpu.permute", 0, 1000)],
+            ceilings: Ceilings {
+                bandwidth: 10e9,
+                flops: 100e9,
+                copy_mib: 1,
+                gemm_n: 16,
+                gemm_kernel: "k",
+                threads: 2,
+                cpu: "cpu <x>".into(),
+            },
+            rows: vec![
+                row("cpu.gemm", 1_000_000_000, 10_000_000),
+                row("cpu.layer_norm", 1_000_000, 1_000_000),
+                row("cpu.permute", 0, 1000),
+            ],
             steps_seconds: 0.03,
             run_seconds: 0.03,
         };
