@@ -165,8 +165,42 @@ fn si(x: f64) -> String {
     }
 }
 
-/// The report as an aligned text table with the ceilings above it and a sum below it.
+/// Rows merged per kernel (shapes summed), slowest first.
+pub fn by_kernel(rows: &[KernelRow]) -> Vec<KernelRow> {
+    let mut out: Vec<KernelRow> = Vec::new();
+    for r in rows {
+        match out.iter_mut().find(|o| o.kernel == r.kernel) {
+            Some(o) => {
+                o.steps += r.steps;
+                o.seconds += r.seconds;
+                o.flops += r.flops;
+                o.bytes += r.bytes;
+                if o.shape != r.shape {
+                    o.shape = None;
+                }
+            }
+            None => out.push(r.clone()),
+        }
+    }
+    out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    out
+}
+
+/// The report as an aligned text table with the ceilings above it and a sum below it; when
+/// rows are split by shape, a table per kernel comes first.
 pub fn table(r: &Report) -> String {
+    let merged = by_kernel(&r.rows);
+    if merged.len() == r.rows.len() {
+        return table_of(r, &r.rows);
+    }
+    let mut s = table_of(r, &merged);
+    let body = table_of(r, &r.rows);
+    s += "\nby kernel and shape:\n";
+    s += body.split_once("\n\n").map_or(body.as_str(), |(_, rest)| rest);
+    s
+}
+
+fn table_of(r: &Report, rows: &[KernelRow]) -> String {
     let c = &r.ceilings;
     let mut s = String::new();
     s += &format!("{} [backend {}], warm-up {}, {} timed runs, {} threads\n", r.model, r.backend, r.warmup, r.runs, c.threads);
@@ -178,7 +212,7 @@ pub fn table(r: &Report) -> String {
         "{:<36} {:>5} {:>10} {:>6} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7}\n",
         "kernel [shape]", "steps", "ms/run", "time", "FLOP", "bytes", "GB/s", "GFLOP/s", "FLOP/B", "bound", "of roof"
     );
-    for row in &r.rows {
+    for row in rows {
         let k = row.cost();
         s += &format!(
             "{:<36} {:>5} {:>10.3} {:>5.1}% {:>9} {:>9} {:>8.2} {:>9.2} {:>7.2} {:>8} {:>6.1}%\n",
@@ -195,7 +229,7 @@ pub fn table(r: &Report) -> String {
             100.0 * c.share(k, row.seconds),
         );
     }
-    let steps: usize = r.rows.iter().map(|x| x.steps).sum();
+    let steps: usize = rows.iter().map(|x| x.steps).sum();
     s += &format!("{:<36} {:>5} {:>10.3}\n", "all steps (sum of step medians)", steps, r.steps_seconds * 1e3);
     s += &format!(
         "{:<36} {:>5} {:>10.3}   (outside steps: {:.3} ms: inputs in, outputs out)\n",
@@ -204,7 +238,7 @@ pub fn table(r: &Report) -> String {
         r.run_seconds * 1e3,
         (r.run_seconds - r.steps_seconds) * 1e3
     );
-    if r.rows.iter().any(|row| c.share(row.cost(), row.seconds) > 1.0) {
+    if rows.iter().any(|row| c.share(row.cost(), row.seconds) > 1.0) {
         s += "(over 100% of the roof: that kernel's data fits in cache, which is faster than the memory the copy measures)\n";
     }
     s
