@@ -39,8 +39,9 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
     if o.kernel.is_none() && !o.shapes.is_empty() {
         return Err(Error::Usage("--shape needs --kernel".into()));
     }
+    // Ceilings before and after the kernels, the better of each kept.
     let ceilings = roofline::Ceilings::measure(&o.ceilings);
-    let report = match model {
+    let mut report = match model {
         Some(mut s) => kernels::measure(&mut s, o.runs, o.by_shape, ceilings)?,
         None => {
             let jobs: Vec<(String, String)> = match &o.kernel {
@@ -65,6 +66,7 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
             all.ok_or_else(|| Error::Usage("nothing to measure".into()))?
         }
     };
+    report.ceilings = report.ceilings.clone().best(roofline::Ceilings::measure(&o.ceilings));
     Ok(report)
 }
 

@@ -41,6 +41,8 @@ pub struct Ceilings {
     pub threads: usize,
     /// The CPU's name (`model name` of /proc/cpuinfo where there is one).
     pub cpu: String,
+    /// The 1-minute load average when measured (Linux), to judge how shared the machine was.
+    pub load: Option<f64>,
 }
 
 impl Ceilings {
@@ -56,7 +58,18 @@ impl Ceilings {
             gemm_kernel,
             threads: rayon::current_num_threads(),
             cpu: cpu_name(),
+            load: load_average(),
         }
+    }
+
+    /// The higher of two measurements of each ceiling (say, before and after the kernels ran):
+    /// on a shared machine the slower one was disturbed.
+    pub fn best(self, other: Ceilings) -> Ceilings {
+        let load = match (self.load, other.load) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ceilings { bandwidth: self.bandwidth.max(other.bandwidth), flops: self.flops.max(other.flops), load, ..self }
     }
 
     /// FLOPs per byte where the roofs meet: below it a kernel is bound by memory.
@@ -140,6 +153,11 @@ fn gemm_flops(n: usize, reps: usize) -> f64 {
     (2 * n * n * n) as f64 / best
 }
 
+/// The 1-minute load average from /proc/loadavg.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// The CPU's marketing name, or the architecture when /proc/cpuinfo has none.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -153,7 +171,7 @@ mod tests {
     use super::*;
 
     fn roof() -> Ceilings {
-        Ceilings { bandwidth: 10e9, flops: 100e9, copy_mib: 1, gemm_n: 16, gemm_kernel: "test", threads: 1, cpu: "test".into() }
+        Ceilings { bandwidth: 10e9, flops: 100e9, copy_mib: 1, gemm_n: 16, gemm_kernel: "test", threads: 1, cpu: "test".into(), load: None }
     }
 
     #[test]

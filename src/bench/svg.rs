@@ -35,7 +35,7 @@ pub fn roofline(r: &Report) -> String {
         .map(|row| (row.label(), row.cost().intensity(), row.flop_rate() / 1e9, c.share(row.cost(), row.seconds)))
         .collect();
     let xs = points.iter().map(|p| p.1).chain([c.ridge()]);
-    let (xmin, xmax) = xs.clone().fold((f64::INFINITY, 0f64), |(a, b), x| (a.min(x), b.max(x)));
+    let (xmin, xmax) = xs.fold((f64::INFINITY, 0f64), |(a, b), x| (a.min(x), b.max(x)));
     let ys = points.iter().map(|p| p.2).chain([peak]);
     let (ymin, ymax) = ys.fold((f64::INFINITY, 0f64), |(a, b), y| (a.min(y), b.max(y)));
     let (x0, x1) = decades(xmin.min(c.ridge() / 100.0), xmax);
@@ -158,6 +158,7 @@ mod tests {
             ],
             steps_seconds: 0.03,
             run_seconds: 0.03,
+            outside_seconds: 0.0,
         };
         let svg = roofline(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
