@@ -114,7 +114,7 @@ enum BenchCmd {
     /// bytes counted from shapes, GB/s, GFLOP/s and the share of the roofline, whose ceilings
     /// (a large copy, a large GEMM) are measured in the same run.
     #[command(after_help = KERNEL_SHAPES)]
-    Kernels(KernelsArgs),
+    Kernels(Box<KernelsArgs>),
 }
 
 const KERNEL_SHAPES: &str = "--shape syntax per kernel (without --model and --kernel, every kernel at its default shape):
@@ -281,7 +281,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
-        Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(k),
+        Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
         Cmd::Bench { model, p, runs, weights, json, breakdown, .. } => {
             let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
             bench(&model, &p, runs, weights.as_deref(), json, breakdown)

@@ -251,7 +251,8 @@ fn table_of(r: &Report, rows: &[KernelRow]) -> String {
         r.run_seconds * 1e3
     );
     if rows.iter().any(|row| c.share(row.cost(), row.seconds) > 1.0) {
-        s += "(over 100% of the roof: that kernel's data fits in cache, which is faster than the memory the copy measures)\n";
+        s += "(over 100% of the roof: that kernel's data fits in cache, which is faster than the memory the copy measures,\n";
+        s += " or other load on the machine slowed the ceilings' measurement more than that kernel's)\n";
     }
     s
 }

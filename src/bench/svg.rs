@@ -150,6 +150,7 @@ mod tests {
                 gemm_kernel: "k",
                 threads: 2,
                 cpu: "cpu <x>".into(),
+                load: None,
             },
             rows: vec![
                 row("cpu.gemm", 1_000_000_000, 10_000_000),
