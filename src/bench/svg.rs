@@ -92,15 +92,21 @@ pub fn roofline(r: &Report) -> String {
     let _ = writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#c0392b">{peak:.0} GFLOP/s</text>"##, px(xr) + 6.0, py(peak) - 6.0);
     let _ =
         writeln!(s, r##"<text x="{:.1}" y="{:.1}" fill="#c0392b" text-anchor="end">{bw:.1} GB/s</text>"##, px(xr) - 6.0, py(peak) + 14.0);
-    // Dots, labels alternating above and below to keep neighbours apart.
-    for (i, (label, x, y, share)) in points.iter().enumerate() {
+    // Dots, then labels placed greedily: each moves down until it overlaps no earlier label.
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new(); // (left, right, baseline)
+    for (label, x, y, share) in &points {
         let (cx, cy) = (px(*x), py(*y));
-        let dy = if i % 2 == 0 { -8.0 } else { 16.0 };
         let _ = writeln!(s, r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="5" fill="#2471a3"><title>{}</title></circle>"##, esc(label));
+        let text = format!("{label} ({:.0}% of roof)", 100.0 * share);
+        let width = 6.6 * text.chars().count() as f64;
         // Labels of dots in the right half go to their left, so they stay inside the plot.
-        let (tx, anchor) = if cx > (ML + W - MR) / 2.0 { (cx - 7.0, "end") } else { (cx + 7.0, "start") };
-        let text = format!("{} ({:.0}% of roof)", esc(label), 100.0 * share);
-        let _ = writeln!(s, r#"<text x="{tx:.1}" y="{:.1}" text-anchor="{anchor}">{text}</text>"#, cy + dy);
+        let (left, anchor, tx) = if cx > (ML + W - MR) / 2.0 { (cx - 7.0 - width, "end", cx - 7.0) } else { (cx + 7.0, "start", cx + 7.0) };
+        let mut ty = cy - 8.0;
+        while placed.iter().any(|&(l, r, b)| (ty - b).abs() < 14.0 && left < r && l < left + width) {
+            ty += 14.0;
+        }
+        placed.push((left, left + width, ty));
+        let _ = writeln!(s, r#"<text x="{tx:.1}" y="{ty:.1}" text-anchor="{anchor}">{}</text>"#, esc(&text));
     }
     // Kernels the log axes cannot show.
     let mut y = H - MB + 58.0;
