@@ -141,6 +141,9 @@ struct KernelsArgs {
     /// Weights for an artifact (default: the folder it was compiled from).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// The entry of the model's program to time (default: its first, `forward`).
+    #[arg(long)]
+    entry: Option<String>,
     /// One kernel to time alone (see the shapes below).
     #[arg(long)]
     kernel: Option<String>,
@@ -457,6 +460,7 @@ fn bench_kernels(k: KernelsArgs) -> Result<()> {
         None => None,
     };
     let o = kiln::bench::KernelsOptions {
+        entry: k.entry,
         runs: kiln::bench::kernels::Runs { warmup: k.warmup, runs: k.runs },
         by_shape: k.by_shape,
         json: k.json,

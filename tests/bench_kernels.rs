@@ -25,7 +25,7 @@ fn model_rows_cover_every_step_once_with_its_cost() {
     let steps = program.entries[0].steps.clone();
     let mut s = Session::new(program, Arc::new(WeightStore::open(&dir).unwrap())).unwrap();
     for by_shape in [false, true] {
-        let r = measure(&mut s, Runs { warmup: 0, runs: 2 }, by_shape, tiny_ceilings()).unwrap();
+        let r = measure(&mut s, None, Runs { warmup: 0, runs: 2 }, by_shape, tiny_ceilings()).unwrap();
         assert_eq!(r.rows.iter().map(|x| x.steps).sum::<usize>(), steps.len());
         for kernel in ["cpu.gemm+epilogue", "cpu.flash_attention", "cpu.layer_norm"] {
             let mine: Vec<_> = steps.iter().filter(|s| s.kernel == kernel).collect();

@@ -63,6 +63,8 @@ impl KernelRow {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Report {
     pub model: String,
+    /// The entry measured (`forward`, `decode`, ...).
+    pub entry: String,
     pub backend: String,
     pub warmup: usize,
     pub runs: usize,
@@ -78,10 +80,18 @@ pub struct Report {
     pub outside_seconds: f64,
 }
 
-/// Times every step of `session`'s `forward` entry and groups the steps by kernel (and by
-/// shape when `by_shape`).
-pub fn measure(session: &mut Session, runs: Runs, by_shape: bool, ceilings: Ceilings) -> Result<Report> {
-    let entry = session.program().entries.first().ok_or_else(|| crate::Error::Usage("the program has no entry".into()))?.clone();
+/// Times every step of an entry of `session` (`entry`, or its first: `forward`) and groups
+/// the steps by kernel (and by shape when `by_shape`).
+pub fn measure(session: &mut Session, entry: Option<&str>, runs: Runs, by_shape: bool, ceilings: Ceilings) -> Result<Report> {
+    let p = session.program();
+    let entry = match entry {
+        Some(name) => p.entry(name).ok_or_else(|| {
+            let have: Vec<&str> = p.entries.iter().map(|e| e.name.as_str()).collect();
+            crate::Error::Usage(format!("--entry {name}: the program has entries {}", have.join(", ")))
+        })?,
+        None => p.entries.first().ok_or_else(|| crate::Error::Usage("the program has no entry".into()))?,
+    }
+    .clone();
     let inputs = synthetic_inputs(&entry);
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     for _ in 0..runs.warmup {
@@ -140,6 +150,7 @@ pub fn measure(session: &mut Session, runs: Runs, by_shape: bool, ceilings: Ceil
     let p = session.program();
     Ok(Report {
         model: p.model.clone(),
+        entry: entry.name.clone(),
         backend: p.backend.clone(),
         warmup: runs.warmup,
         runs: n,
@@ -210,7 +221,10 @@ pub fn table(r: &Report) -> String {
 fn table_of(r: &Report, rows: &[KernelRow]) -> String {
     let c = &r.ceilings;
     let mut s = String::new();
-    s += &format!("{} [backend {}], warm-up {}, {} timed runs, {} threads\n", r.model, r.backend, r.warmup, r.runs, c.threads);
+    s += &format!(
+        "{} [backend {}], entry {}, warm-up {}, {} timed runs, {} threads\n",
+        r.model, r.backend, r.entry, r.warmup, r.runs, c.threads
+    );
     s += &format!("machine: {}", c.cpu);
     if let Some(l) = c.load {
         s += &format!(", load average {l:.1} (1 min, highest seen while measuring)");
@@ -274,7 +288,7 @@ pub fn json(r: &Report) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "model": r.model, "backend": r.backend, "warmup": r.warmup, "runs": r.runs,
+        "model": r.model, "entry": r.entry, "backend": r.backend, "warmup": r.warmup, "runs": r.runs,
         "machine": {"cpu": c.cpu, "threads": c.threads, "load_average": c.load},
         "ceilings": {
             "bandwidth_gb_per_s": c.bandwidth / 1e9, "copy_mib": c.copy_mib,

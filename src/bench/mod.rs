@@ -17,6 +17,8 @@ use std::path::PathBuf;
 /// What `kiln bench kernels` was asked for.
 #[derive(Clone, Debug)]
 pub struct KernelsOptions {
+    /// The entry of a model's program to time (default: its first, `forward`).
+    pub entry: Option<String>,
     pub runs: kernels::Runs,
     /// Split rows by shape as well as by kernel.
     pub by_shape: bool,
@@ -42,7 +44,7 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
     // Ceilings before and after the kernels, the better of each kept.
     let ceilings = roofline::Ceilings::measure(&o.ceilings);
     let mut report = match model {
-        Some(mut s) => kernels::measure(&mut s, o.runs, o.by_shape, ceilings)?,
+        Some(mut s) => kernels::measure(&mut s, o.entry.as_deref(), o.runs, o.by_shape, ceilings)?,
         None => {
             let jobs: Vec<(String, String)> = match &o.kernel {
                 Some(k) if o.shapes.is_empty() => {
@@ -55,7 +57,7 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
             let mut all: Option<kernels::Report> = None;
             for (k, shape) in &jobs {
                 let mut s = single::session(k, shape, &o.backend)?;
-                let mut r = kernels::measure(&mut s, o.runs, true, ceilings.clone())?;
+                let mut r = kernels::measure(&mut s, None, o.runs, true, ceilings.clone())?;
                 // The one-op graph's only step of interest; a gemm's input copy is not a step.
                 r.rows.retain(|row| row.kernel == *k);
                 match &mut all {

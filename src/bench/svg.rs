@@ -145,6 +145,7 @@ mod tests {
             |k: &str, flops, bytes| KernelRow { kernel: k.into(), op: "x".into(), shape: None, steps: 1, seconds: 0.01, flops, bytes };
         let r = Report {
             model: "m".into(),
+            entry: "forward".into(),
             backend: "cpu".into(),
             warmup: 1,
             runs: 1,
