@@ -4,6 +4,7 @@
 //! checkpoint -> graph -> passes -> schedule -> memory plan -> program, and
 //! [`kiln_runtime::Session`] runs the result.
 
+pub mod bench;
 pub mod generate;
 pub mod io;
 pub mod npz_write;
@@ -76,11 +77,18 @@ pub struct CompiledEntry {
 /// (`forward`, and `inverse` for flows); the entries share the weight table.
 pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let built = kiln_models::build(dir, &opts.profile)?;
+    compile_graph(&built.entries, &built.description, &dir.display().to_string(), opts)
+}
+
+/// Compiles built graphs, one per named entry (passes, kernel choice, schedule, plan,
+/// lowering), to one program whose entries share the weight table; `source` is where its
+/// weights are read from.
+pub fn compile_graph(built: &[(String, Graph)], description: &str, source: &str, opts: &CompileOptions) -> Result<Compiled> {
     let backend = kiln_runtime::by_name(&opts.backend)?;
     let mut program = Program {
-        model: built.description,
+        model: description.to_string(),
         backend: backend.name().to_string(),
-        source: dir.display().to_string(),
+        source: source.to_string(),
         weights: vec![],
         constants: vec![],
         entries: vec![],
@@ -89,8 +97,8 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
     };
-    let mut entries = Vec::with_capacity(built.entries.len());
-    for (name, built_graph) in &built.entries {
+    let mut entries = Vec::with_capacity(built.len());
+    for (name, built_graph) in built {
         let mut trace = Vec::new();
         if opts.trace {
             trace.push(("built".to_string(), kiln_graph::print::print(built_graph)));

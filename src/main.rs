@@ -101,9 +101,14 @@ enum Cmd {
         #[arg(long)]
         ir: bool,
     },
-    /// Time a model: warm-up, then min / median / max over several runs.
+    /// Time a model: warm-up, then min / median / max over several runs
+    /// (`kiln bench kernels --help`: per-kernel times against the machine's roofline).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Bench {
-        model: PathBuf,
+        #[command(subcommand)]
+        sub: Option<BenchCmd>,
+        #[arg(required = true)]
+        model: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
         #[arg(long, default_value_t = 10)]
@@ -157,6 +162,71 @@ enum Cmd {
         #[arg(long)]
         list: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time each kernel a program uses (or one kernel on given shapes): median time, FLOPs and
+    /// bytes counted from shapes, GB/s, GFLOP/s and the share of the roofline, whose ceilings
+    /// (a large copy, a large GEMM) are measured in the same run.
+    #[command(after_help = KERNEL_SHAPES)]
+    Kernels(Box<KernelsArgs>),
+}
+
+const KERNEL_SHAPES: &str = "--shape syntax per kernel (without --model and --kernel, every kernel at its default shape):
+  cpu.gemm             MxKxN    activations [M,K] times a PyTorch-layout weight [N,K] (default 256x1152x1152)
+  cpu.gemm+epilogue    MxKxN    the same plus bias [N] and GELU-tanh fused in (default 256x1152x4304)
+  cpu.flash_attention  BxSxHxD or BxSqxSkxHxD, no mask (default 1x256x16x72)
+  cpu.layer_norm       RxD      rows x model width (default 256x1152)
+  cpu.rms_norm         RxD      (default 256x2304)
+  cpu.softmax          RxN      (default 4096x256)
+  cpu.fused            AxBx..   gelu_tanh(x + y), one fused region (default 256x4304)
+  cpu.permute          AxBxC    [A,B,C] -> [B,A,C] (default 256x16x72)
+Examples:
+  kiln bench kernels --model <folder | .kiln> --resolution 224 --plot roofline.svg
+  kiln bench kernels --kernel cpu.gemm --shape 512x768x768 --shape 256x1152x4304";
+
+/// Arguments of `kiln bench kernels`.
+#[derive(clap::Args)]
+struct KernelsArgs {
+    /// A model folder or artifact: time every kernel its program uses.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    p: ProfileArgs,
+    /// Weights for an artifact (default: the folder it was compiled from).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// The entry of the model's program to time (default: its first, `forward`).
+    #[arg(long)]
+    entry: Option<String>,
+    /// One kernel to time alone (see the shapes below).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Shapes for --kernel (repeatable).
+    #[arg(long)]
+    shape: Vec<String>,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed runs; each step's median is kept.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Split a model's rows by shape as well as by kernel.
+    #[arg(long)]
+    by_shape: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Write the roofline with each kernel on it as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Size of the bandwidth ceiling's copy, MiB.
+    #[arg(long, default_value_t = 256)]
+    copy_mib: usize,
+    /// Size n of the compute ceiling's n x n x n GEMM.
+    #[arg(long, default_value_t = 2048)]
+    gemm_n: usize,
 }
 
 fn main() {
@@ -380,7 +450,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
-        Cmd::Bench { model, p, runs, weights, json, breakdown, entry } => {
+        Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
+        Cmd::Bench { model, p, runs, weights, json, breakdown, entry, .. } => {
+            let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
             bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
         }
         Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
@@ -610,16 +682,7 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
     let (mut s, graphs) = session_and_graph(model, weights, Some(opts))?;
     let e = &s.program().entries[s.entry_index(entry)?];
     let graph = graphs.and_then(|g| g.into_iter().find(|(n, _)| n == entry).map(|(_, g)| g));
-    let inputs: Vec<(String, Tensor)> = e
-        .inputs
-        .iter()
-        .map(|io| {
-            let ty = io.operand.ty.clone();
-            // Deterministic values in [-1, 1]: what pixel inputs look like.
-            let vals: Vec<f64> = (0..ty.numel()).map(|i| (i as f64 * 0.618_033_988_7).fract() * 2.0 - 1.0).collect();
-            (io.name.clone(), Tensor { bytes: kiln_runtime::tensor::from_f64(ty.dtype, &vals), ty })
-        })
-        .collect();
+    let inputs = kiln::bench::synthetic_inputs(e);
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     s.run(entry, &refs)?; // warm-up
     let mut times = Vec::with_capacity(runs);
@@ -690,4 +753,24 @@ fn bench(model: &Path, p: &ProfileArgs, runs: usize, weights: Option<&Path>, jso
         }
     }
     Ok(())
+}
+
+fn bench_kernels(k: KernelsArgs) -> Result<()> {
+    let model = match &k.model {
+        Some(m) => Some(session(m, k.weights.as_deref(), Some(profile(&k.p, None, None)?))?),
+        None => None,
+    };
+    let o = kiln::bench::KernelsOptions {
+        entry: k.entry,
+        runs: kiln::bench::kernels::Runs { warmup: k.warmup, runs: k.runs },
+        by_shape: k.by_shape,
+        json: k.json,
+        plot: k.plot,
+        ceilings: kiln::bench::roofline::CeilingOptions { copy_mib: k.copy_mib, gemm_n: k.gemm_n, reps: 5 },
+        kernel: k.kernel,
+        shapes: k.shape,
+        backend: k.p.backend,
+    };
+    let report = progress("measuring", || kiln::bench::kernels_command(&o, model))?;
+    kiln::bench::emit(&o, &report)
 }

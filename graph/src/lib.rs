@@ -3,6 +3,7 @@
 //! planner, the lowered program and the artifact format.
 
 pub mod artifact;
+pub mod cost;
 pub mod dtype;
 pub mod error;
 pub mod graph;

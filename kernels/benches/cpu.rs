@@ -1,6 +1,6 @@
 //! CPU kernel benchmarks: the SigLIP So400m / ViT-B GEMM shapes under both threading
-//! strategies (each with a fused bias + GELU-tanh epilogue, as the runtime uses them), and
-//! flash attention at So400m's head shape. Throughput is reported in FLOPs ("elements" in
+//! strategies (each with a fused bias + GELU-tanh epilogue, as the runtime uses them),
+//! flash attention at So400m's head shape, layer norm, softmax and an elementwise pass. Throughput is reported in FLOPs ("elements" in
 //! criterion's output are floating-point operations: 2·m·k·n for a GEMM, 4·B·H·S²·D for
 //! attention), so criterion prints GFLOP/s directly ("Gelem/s").
 //!
@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_kernels::cpu::attention::{attention, AttnMask, AttnShape};
-use kiln_kernels::cpu::elementwise::gelu_tanh;
+use kiln_kernels::cpu::elementwise::{apply_binary, gelu_tanh};
 use kiln_kernels::cpu::gemm::{matmul_with_epilogue_using, MatView, Strategy};
+use kiln_kernels::cpu::norm::layer_norm;
 use kiln_kernels::cpu::simd::vectorized;
+use kiln_kernels::cpu::softmax::softmax;
 
 /// (m, k, n): So400m attention projections, MLP up, MLP down, fused QKV; ViT-B/16 MLP up.
 const GEMM_SHAPES: [(usize, usize, usize); 5] =
@@ -72,5 +74,41 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_attention);
+/// Layer norm over So400m's width and softmax over attention-score rows: memory-bound row
+/// kernels, so throughput is reported in bytes (read once + written once).
+fn bench_rows(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rows");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for (rows, d) in [(256usize, 1152usize), (4096, 1152)] {
+        let (x, gamma, beta) = (data(rows * d, 7), data(d, 8), data(d, 9));
+        let mut out = vec![0.0f32; rows * d];
+        g.throughput(Throughput::Bytes((4 * (2 * rows * d + 2 * d)) as u64));
+        g.bench_function(BenchmarkId::new("layer_norm", format!("{rows}x{d}")), |bch| {
+            bch.iter(|| layer_norm(&x, rows, d, &gamma, Some(&beta), 1e-6, &mut out))
+        });
+    }
+    for (rows, n) in [(16 * 256usize, 256usize), (16 * 1024, 1024)] {
+        let x = data(rows * n, 10);
+        let mut out = vec![0.0f32; rows * n];
+        g.throughput(Throughput::Bytes((4 * 2 * rows * n) as u64));
+        g.bench_function(BenchmarkId::new("softmax", format!("{rows}x{n}")), |bch| bch.iter(|| softmax(&x, rows, n, &mut out)));
+    }
+    g.finish();
+}
+
+/// An elementwise pass of the kind fusion leaves (residual add + GELU over an MLP activation),
+/// through the kernels' parallel vectorised map. The runtime's fused-region evaluator itself
+/// is benched in `benches/kernels.rs` (it lives in kiln-runtime).
+fn bench_elementwise(c: &mut Criterion) {
+    let mut g = c.benchmark_group("elementwise");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let n = 256 * 4304;
+    let (a, b) = (data(n, 11), data(n, 12));
+    let mut out = vec![0.0f32; n];
+    g.throughput(Throughput::Bytes((4 * 3 * n) as u64));
+    g.bench_function("gelu_tanh_of_sum_256x4304", |bch| bch.iter(|| apply_binary(|x, y| gelu_tanh(x + y), &a, &b, &mut out)));
+    g.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_attention, bench_rows, bench_elementwise);
 criterion_main!(benches);
