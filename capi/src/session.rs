@@ -38,13 +38,7 @@ struct IoMeta {
 
 impl IoMeta {
     fn info(&self) -> KilnIoInfo {
-        KilnIoInfo {
-            name: self.name.as_ptr(),
-            dtype: self.dtype,
-            rank: self.shape.len(),
-            shape: self.shape.as_ptr(),
-            bytes: self.bytes,
-        }
+        KilnIoInfo { name: self.name.as_ptr(), dtype: self.dtype, rank: self.shape.len(), shape: self.shape.as_ptr(), bytes: self.bytes }
     }
 
     fn name(&self) -> &str {

@@ -148,10 +148,7 @@ fn wrong_buffers_are_refused_before_anything_runs() {
     overlap[1].data = overlap[0].data;
     run_fails(&h, ENTRY, &good, &overlap, KilnStatus::Output, &["overlaps output 0 ('hidden')"]);
     let mut in_place = vec![0u8; 128];
-    let aliased = [
-        KilnInput { name: std::ptr::null(), dtype: KilnDtype::F32, data: in_place.as_ptr().cast(), bytes: 64 },
-        good[1],
-    ];
+    let aliased = [KilnInput { name: std::ptr::null(), dtype: KilnDtype::F32, data: in_place.as_ptr().cast(), bytes: 64 }, good[1]];
     let mut outs2 = outs.clone();
     outs2[0].data = in_place.as_mut_ptr().cast();
     run_fails(&h, ENTRY, &aliased, &outs2, KilnStatus::Output, &["overlaps input 0 ('x')"]);

@@ -6,12 +6,13 @@ use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `libkiln_capi.a` from the build these tests belong to: cargo builds the library (all its
-/// crate types) before the test binary, into the folder above `deps/`.
+/// `libkiln_capi.a` from the build these tests belong to: cargo compiles the library with all
+/// its crate types (staticlib included) before the test binary, into the test's `deps/`
+/// folder. (`target/<profile>/libkiln_capi.a` is only refreshed by `cargo build`.)
 fn static_lib() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let lib = profile_dir.join("libkiln_capi.a");
+    let deps = exe.parent().expect("target/<profile>/deps/<test>");
+    let lib = deps.join("libkiln_capi.a");
     assert!(lib.is_file(), "{} is missing: cargo should have built it with this test", lib.display());
     lib
 }

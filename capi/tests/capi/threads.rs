@@ -7,8 +7,11 @@ use std::sync::Arc;
 const THREADS: usize = 4;
 const RUNS: usize = 25;
 
-/// Each thread's inputs and the Rust API's outputs for them.
-fn cases() -> Vec<(Vec<(String, Vec<u8>)>, Vec<Vec<u8>>)> {
+/// One thread's inputs (name, bytes) and the Rust API's outputs for them.
+type Case = (Vec<(String, Vec<u8>)>, Vec<Vec<u8>>);
+
+/// Each thread's case.
+fn cases() -> Vec<Case> {
     (0..THREADS)
         .map(|t| {
             let ins = scaled_inputs(1.0 + t as f32 * 0.5);
