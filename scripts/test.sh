@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine. It installs what the tests need first
-# (today: only the Rust toolchain the machine has; the cube and cuda backends will add
-# lavapipe and the NVRTC wheel here), then prints one closing line with the totals.
+# (a C compiler and valgrind for the C ABI's tests, from apt on Debian/Ubuntu; the cube and
+# cuda backends will add lavapipe and the NVRTC wheel here), then prints one closing line
+# with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
   echo "cargo is missing: install Rust (rustup) first" >&2
   exit 1
+fi
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+command -v valgrind >/dev/null || missing+=(valgrind)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  echo "installing ${missing[*]} (capi/tests need a C compiler and valgrind)"
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -24,8 +24,7 @@
 //! probability 1 - 2^-64. Loading never panics, and checks that every slot lies inside its
 //! arena, weight or constant, so a runtime can trust the offsets.
 
-use crate::plan::ALIGN;
-use crate::program::{Entry, Operand, Program, Slot};
+use crate::program::{Entry, Operand, Program, Slot, ALIGN};
 use serde::de::{self, DeserializeSeed, Visitor};
 use serde::{ser, Deserialize, Serialize};
 use std::fmt;

@@ -1,6 +1,10 @@
 //! kiln's IR and everything that works on it without a device: types, the builder, the
 //! verifier, the printer, the reference interpreter, passes, the scheduler, the memory
 //! planner, the lowered program and the artifact format.
+//!
+//! The default feature `compiler` holds the stages that turn a graph into a program (passes,
+//! verifier, scheduler, planner, lowering, printer); without it the crate is the part a
+//! runtime links (IR, interpreter, program, artifact).
 
 pub mod artifact;
 pub mod cost;
@@ -9,16 +13,22 @@ pub mod error;
 pub mod graph;
 pub mod infer;
 pub mod interp;
+#[cfg(feature = "compiler")]
 pub mod lower;
 pub mod npz;
 pub mod op;
+#[cfg(feature = "compiler")]
 pub mod passes;
+#[cfg(feature = "compiler")]
 pub mod plan;
+#[cfg(feature = "compiler")]
 pub mod print;
 pub mod program;
 pub mod safetensors;
 pub mod scalar;
+#[cfg(feature = "compiler")]
 pub mod sched;
+#[cfg(feature = "compiler")]
 pub mod verify;
 
 pub use artifact::ArtifactError;

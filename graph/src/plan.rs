@@ -14,8 +14,7 @@ use crate::op::Op;
 use crate::program::PlanStats;
 use std::fmt::Write;
 
-/// Every arena offset is a multiple of this many bytes (and every buffer is padded to it).
-pub const ALIGN: usize = 256;
+pub use crate::program::ALIGN;
 
 /// `bytes` rounded up to a multiple of [`ALIGN`].
 pub fn aligned(bytes: usize) -> usize {

@@ -4,6 +4,9 @@ use crate::dtype::TensorType;
 use crate::op::Op;
 use serde::{Deserialize, Serialize};
 
+/// Every arena offset is a multiple of this many bytes (and every buffer is padded to it).
+pub const ALIGN: usize = 256;
+
 /// Where a step's operand lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Slot {

@@ -1,0 +1,280 @@
+//! kiln's C ABI: open a compiled artifact with its weights, ask for its entries and their
+//! inputs and outputs, run an entry on caller-owned buffers, read the last error, close.
+//!
+//! The library holds the runtime only (program loading, the arena executor, the cpu kernels,
+//! weight mapping): no compiler passes, model builders or tokenizer. `include/kiln.h` is
+//! generated from this crate by cbindgen (the `header` test checks it is current).
+//!
+//! Rules every function keeps: errors come back as a [`KilnStatus`] with a message from
+//! [`kiln_last_error`]; a Rust panic is caught and returned as `KILN_STATUS_PANIC`, never
+//! unwound into C; out-parameters are written only on success.
+//!
+//! Threads: a `KilnSession*` may be used from several threads at once. Queries run in
+//! parallel; runs of one session take its lock and run one at a time (the session owns one
+//! memory arena). For parallel runs open one session per thread. `kiln_session_close` must
+//! not race with other calls on the same session.
+
+mod error;
+mod session;
+mod types;
+
+pub use error::CapiError;
+pub use session::KilnSession;
+pub use types::{KilnDtype, KilnInput, KilnIoInfo, KilnOutput, KilnStatus};
+
+use error::{guard, last_error_ptr};
+use session::Side;
+use std::ffi::{c_char, CStr};
+use std::path::PathBuf;
+
+/// The version of this C ABI. A caller passes the value from the header it was compiled
+/// against to `kiln_session_open`; a library of another version refuses it.
+pub const KILN_ABI_VERSION: u32 = 1;
+
+/// The ABI version this library implements (compare with `KILN_ABI_VERSION` from kiln.h).
+#[no_mangle]
+pub extern "C" fn kiln_abi_version() -> u32 {
+    KILN_ABI_VERSION
+}
+
+/// The artifact (`.kiln`) format version this library reads; artifacts of another version
+/// are refused with `KILN_STATUS_ARTIFACT_VERSION`.
+#[no_mangle]
+pub extern "C" fn kiln_artifact_version() -> u32 {
+    kiln_graph::artifact::FORMAT_VERSION
+}
+
+/// The message of this thread's last failed call (empty if none failed yet). The string is
+/// owned by the library and valid until the next failing kiln call on this thread.
+#[no_mangle]
+pub extern "C" fn kiln_last_error() -> *const c_char {
+    last_error_ptr()
+}
+
+/// A NUL-terminated argument as a `CStr`.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that outlives the returned borrow.
+unsafe fn c_str<'a>(p: *const c_char, arg: &'static str) -> Result<&'a CStr, CapiError> {
+    if p.is_null() {
+        return Err(CapiError::Null(arg));
+    }
+    // SAFETY: non-NULL and NUL-terminated (caller contract).
+    Ok(unsafe { CStr::from_ptr(p) })
+}
+
+/// A path argument: bytes as they are on Unix, UTF-8 elsewhere.
+///
+/// # Safety
+/// As for [`c_str`].
+unsafe fn c_path(p: *const c_char, arg: &'static str) -> Result<PathBuf, CapiError> {
+    // SAFETY: forwarded caller contract.
+    let s = unsafe { c_str(p, arg) }?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(s.to_bytes())))
+    }
+    #[cfg(not(unix))]
+    {
+        let s = s.to_str().map_err(|e| CapiError::Invalid { arg, msg: format!("not UTF-8: {e}") })?;
+        Ok(PathBuf::from(s))
+    }
+}
+
+/// A session argument as a reference.
+///
+/// # Safety
+/// `s` is NULL or a pointer returned by `kiln_session_open` and not yet closed.
+unsafe fn session<'a>(s: *const KilnSession) -> Result<&'a KilnSession, CapiError> {
+    // SAFETY: a non-NULL `s` is a live session (caller contract).
+    unsafe { s.as_ref() }.ok_or(CapiError::Null("session"))
+}
+
+/// Writes an out-parameter.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, arg: &'static str, v: T) -> Result<(), CapiError> {
+    if out.is_null() {
+        return Err(CapiError::Null(arg));
+    }
+    // SAFETY: non-NULL and writable (caller contract).
+    unsafe { out.write(v) };
+    Ok(())
+}
+
+/// Opens a session: loads the artifact at `artifact_path` and maps the weights at
+/// `weights_path` (a `.safetensors` file or a folder of them), checking every weight the
+/// artifact reads. `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the
+/// session; on failure it is set to NULL.
+///
+/// # Safety
+/// The paths are NUL-terminated strings; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_open(
+    abi_version: u32,
+    artifact_path: *const c_char,
+    weights_path: *const c_char,
+    out: *mut *mut KilnSession,
+) -> KilnStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(CapiError::Null("out"));
+        }
+        // SAFETY: `out` is non-NULL and writable (caller contract).
+        unsafe { out.write(std::ptr::null_mut()) };
+        if abi_version != KILN_ABI_VERSION {
+            return Err(CapiError::AbiVersion { caller: abi_version, library: KILN_ABI_VERSION });
+        }
+        // SAFETY: NUL-terminated strings (caller contract).
+        let (artifact, weights) = unsafe { (c_path(artifact_path, "artifact_path")?, c_path(weights_path, "weights_path")?) };
+        let s = Box::new(KilnSession::open(&artifact, &weights)?);
+        // SAFETY: as above.
+        unsafe { out.write(Box::into_raw(s)) };
+        Ok(())
+    })
+}
+
+/// Closes a session and frees everything it holds (NULL is accepted and ignored). Pointers
+/// the session returned (names, shapes) are invalid afterwards.
+///
+/// # Safety
+/// `session` is NULL or an open session no other thread is using; it is not used again.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_close(session: *mut KilnSession) {
+    // Dropping frees memory and unmaps files; a panic here is caught and recorded.
+    let _ = guard(|| {
+        if !session.is_null() {
+            // SAFETY: made by `Box::into_raw` in `kiln_session_open`, closed once (caller contract).
+            drop(unsafe { Box::from_raw(session) });
+        }
+        Ok(())
+    });
+}
+
+/// Writes the number of entries (callable programs such as `forward`) to `*out`.
+///
+/// # Safety
+/// `session` is an open session; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_entry_count(session: *const KilnSession, out: *mut usize) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { put(out, "out", self::session(session)?.entry_count()) })
+}
+
+/// Writes entry `index`'s name (owned by the session) to `*out`.
+///
+/// # Safety
+/// `session` is an open session; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_entry_name(session: *const KilnSession, index: usize, out: *mut *const c_char) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { put(out, "out", self::session(session)?.entry_name(index)?) })
+}
+
+/// The body of the four I/O queries.
+///
+/// # Safety
+/// As for the functions that call it.
+unsafe fn io_count(session: *const KilnSession, entry: *const c_char, side: Side, out: *mut usize) -> KilnStatus {
+    guard(|| {
+        // SAFETY: caller contract, forwarded.
+        unsafe {
+            let s = self::session(session)?;
+            put(out, "out", s.io_count(c_str(entry, "entry")?, side)?)
+        }
+    })
+}
+
+/// The body of the I/O description queries.
+///
+/// # Safety
+/// As for the functions that call it.
+unsafe fn io_info(session: *const KilnSession, entry: *const c_char, side: Side, index: usize, out: *mut KilnIoInfo) -> KilnStatus {
+    guard(|| {
+        // SAFETY: caller contract, forwarded.
+        unsafe {
+            let s = self::session(session)?;
+            put(out, "out", s.io_info(c_str(entry, "entry")?, side, index)?)
+        }
+    })
+}
+
+/// Writes the number of inputs of entry `entry` to `*out`.
+///
+/// # Safety
+/// `session` is an open session; `entry` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_input_count(session: *const KilnSession, entry: *const c_char, out: *mut usize) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    unsafe { io_count(session, entry, Side::Input, out) }
+}
+
+/// Writes the number of outputs of entry `entry` to `*out`.
+///
+/// # Safety
+/// `session` is an open session; `entry` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_output_count(session: *const KilnSession, entry: *const c_char, out: *mut usize) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    unsafe { io_count(session, entry, Side::Output, out) }
+}
+
+/// Describes input `index` of entry `entry` (name, dtype, shape, bytes) into `*out`.
+///
+/// # Safety
+/// `session` is an open session; `entry` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_input_info(
+    session: *const KilnSession,
+    entry: *const c_char,
+    index: usize,
+    out: *mut KilnIoInfo,
+) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    unsafe { io_info(session, entry, Side::Input, index, out) }
+}
+
+/// Describes output `index` of entry `entry` (name, dtype, shape, bytes) into `*out`.
+///
+/// # Safety
+/// `session` is an open session; `entry` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_output_info(
+    session: *const KilnSession,
+    entry: *const c_char,
+    index: usize,
+    out: *mut KilnIoInfo,
+) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    unsafe { io_info(session, entry, Side::Output, index, out) }
+}
+
+/// Runs entry `entry`: reads `n_inputs` input buffers and writes `n_outputs` output buffers,
+/// each in the entry's declared order and of exactly its declared dtype and byte size. Every
+/// buffer is checked before anything runs. No memory is allocated (for entries of up to 16
+/// inputs and outputs). Runs of one session are serialized; see the threading rule.
+///
+/// # Safety
+/// `session` is an open session; `entry` and every non-NULL buffer name are NUL-terminated;
+/// `inputs` points to `n_inputs` `KilnInput`s and `outputs` to `n_outputs` `KilnOutput`s (each
+/// may be NULL when its count is 0); each buffer's `data` holds `bytes` readable (inputs) or
+/// writable (outputs) bytes for the duration of the call.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_run(
+    session: *const KilnSession,
+    entry: *const c_char,
+    inputs: *const KilnInput,
+    n_inputs: usize,
+    outputs: *const KilnOutput,
+    n_outputs: usize,
+) -> KilnStatus {
+    guard(|| {
+        // SAFETY: caller contract, forwarded.
+        unsafe {
+            let s = self::session(session)?;
+            s.run(c_str(entry, "entry")?, inputs, n_inputs, outputs, n_outputs)
+        }
+    })
+}
