@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine. It installs what the tests need first
-# (today: only the Rust toolchain the machine has; the cube and cuda backends will add
-# lavapipe and the NVRTC wheel here), then prints one closing line with the totals.
+# (lavapipe, Mesa's software Vulkan driver, for the cube backend's tests on a machine without
+# a GPU), then prints one closing line with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
   echo "cargo is missing: install Rust (rustup) first" >&2
   exit 1
 fi
+# The cube backend's tests run CubeCL's wgpu runtime; with no GPU, on lavapipe. They fail
+# loudly when no adapter exists, so install it here rather than let them fail.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  echo "installing lavapipe (mesa-vulkan-drivers) for the cube backend's tests"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers
+fi
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

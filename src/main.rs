@@ -29,9 +29,12 @@ struct ProfileArgs {
     /// Compute dtype: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Backend: cpu.
+    /// Backend: cpu, or cube (CubeCL kernels; see --device).
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -122,7 +125,14 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype }, backend: p.backend.clone(), trace: false })
+    let backend = match (p.backend.as_str(), p.device.as_deref()) {
+        (b, None) => b.to_string(),
+        ("cube", Some("wgpu")) => "cube".to_string(),
+        ("cube", Some("cuda")) => "cube-cuda".to_string(),
+        ("cube", Some(other)) => return Err(Error::Usage(format!("--device {other}: expected wgpu or cuda"))),
+        (b, Some(_)) => return Err(Error::Usage(format!("--device applies to --backend cube, not {b}"))),
+    };
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype }, backend, trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.
