@@ -2,6 +2,9 @@
 //! value, so each distinct region expands into its own straight-line kernel (no interpreter
 //! loop on the device), and CubeCL caches one compiled kernel per region shape.
 
+// An unrolled comptime loop indexes the instruction list (CubeCL's macro needs the index).
+#![allow(clippy::needless_range_loop)]
+
 use cubecl::prelude::*;
 use kiln_graph::{BinaryOp, Expr, Instr, UnaryOp};
 
