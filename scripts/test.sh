@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine. It installs what the tests need first
-# (a C compiler and valgrind for the C ABI's tests, from apt on Debian/Ubuntu; the cube and
-# cuda backends will add lavapipe and the NVRTC wheel here), then prints one closing line
-# with the totals.
+# (a C compiler and valgrind for the C ABI's tests, and lavapipe, Mesa's software Vulkan
+# driver, for the cube backend's tests on a machine without a GPU; from apt on Debian/Ubuntu),
+# then prints one closing line with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
@@ -19,6 +19,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
+# The cube backend's tests run CubeCL's wgpu runtime; with no GPU, on lavapipe. They fail
+# loudly when no adapter exists, so install it here rather than let them fail.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  echo "installing lavapipe (mesa-vulkan-drivers) for the cube backend's tests"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers
+fi
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -29,7 +29,7 @@ struct ProfileArgs {
     /// Compute dtype: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Backend: cpu.
+    /// Backend: cpu, or cube (CubeCL kernels; see --device).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// V-MoE capacity ratio C (overrides the config's capacity_factor).
@@ -41,6 +41,9 @@ struct ProfileArgs {
     /// Token length of a text model's `forward` (run takes it from input_ids).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -249,7 +252,14 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend: p.backend.clone(), trace: false })
+    let backend = match (p.backend.as_str(), p.device.as_deref()) {
+        (b, None) => b.to_string(),
+        ("cube", Some("wgpu")) => "cube".to_string(),
+        ("cube", Some("cuda")) => "cube-cuda".to_string(),
+        ("cube", Some(other)) => return Err(Error::Usage(format!("--device {other}: expected wgpu or cuda"))),
+        (b, Some(_)) => return Err(Error::Usage(format!("--device applies to --backend cube, not {b}"))),
+    };
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend, trace: false })
 }
 
 /// A spinner that appears only when the work takes over a second.

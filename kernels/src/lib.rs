@@ -7,3 +7,7 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod cpu;
+/// CubeCL kernels: `#[cube]` functions generate items without doc comments.
+#[cfg(feature = "cube")]
+#[allow(missing_docs)]
+pub mod cube;

@@ -27,13 +27,26 @@ pub trait Executable: Send {
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()>;
 }
 
+/// The backends this build has (`cube` runs CubeCL on wgpu, `cube-cuda` on CUDA).
+pub const AVAILABLE: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cube")]
+    "cube",
+    #[cfg(feature = "cube-cuda")]
+    "cube-cuda",
+];
+
 /// The backend called `name`.
 pub fn by_name(name: &str) -> Result<Box<dyn Backend>> {
     match name {
         "cpu" => Ok(Box::new(crate::cpu::CpuBackend)),
+        #[cfg(feature = "cube")]
+        "cube" => Ok(Box::new(crate::cube::CubeBackend { device: crate::cube::Device::Wgpu })),
+        #[cfg(feature = "cube-cuda")]
+        "cube-cuda" => Ok(Box::new(crate::cube::CubeBackend { device: crate::cube::Device::Cuda })),
         other => Err(crate::error::RuntimeError::Unsupported {
             backend: other.into(),
-            msg: "unknown backend (available in this build: cpu)".into(),
+            msg: format!("unknown backend (available in this build: {})", AVAILABLE.join(", ")),
         }),
     }
 }

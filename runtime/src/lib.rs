@@ -2,6 +2,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod error;
 pub mod session;
 pub mod tensor;

@@ -1,5 +1,5 @@
-//! The cpu backend end to end against transformers' outputs: compile each SigLIP fixture
-//! folder, load it in a session, run, compare (f32: relative error under 1e-4).
+//! Every backend of the build end to end against transformers' outputs: compile each SigLIP
+//! fixture folder, load it in a session, run, compare (f32: relative error under 1e-4).
 
 mod common;
 
@@ -9,13 +9,14 @@ use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::sync::Arc;
 
-fn run_case(case: &str) -> Vec<(String, f64)> {
+fn run_case(case: &str, backend: &str) -> Vec<(String, f64)> {
     let dir = siglip_case(case);
     let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
     let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
     let px = &inputs.iter().find(|(n, _)| n == "pixel_values").expect("pixel_values").1;
     let profile = Profile { batch: px.ty.shape[0], image_hw: Some((px.ty.shape[2], px.ty.shape[3])), ..Profile::default() };
-    let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
+    let c = compile(&dir, &CompileOptions { profile, backend: backend.into(), trace: false })
+        .unwrap_or_else(|e| panic!("{case}: {backend}: {e}"));
     let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let outs = s.run("forward", &refs).expect("run");
@@ -28,11 +29,20 @@ fn run_case(case: &str) -> Vec<(String, f64)> {
     errs
 }
 
+/// The backends of this build.
+const BACKENDS: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cube")]
+    "cube",
+];
+
 fn check(case: &str, outputs: usize) {
-    let errs = run_case(case);
-    assert_eq!(errs.len(), outputs, "{case}: outputs {errs:?}");
-    for (name, e) in errs {
-        assert!(e < 1e-4, "{case}/{name}: relative error {e:.3e}");
+    for backend in BACKENDS {
+        let errs = run_case(case, backend);
+        assert_eq!(errs.len(), outputs, "{case}: {backend}: outputs {errs:?}");
+        for (name, e) in errs {
+            assert!(e < 1e-4, "{case}/{name}: {backend}: relative error {e:.3e}");
+        }
     }
 }
 

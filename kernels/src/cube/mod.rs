@@ -1,0 +1,562 @@
+//! CubeCL kernels, generic over the CubeCL runtime (wgpu on Vulkan/Metal or lavapipe, CUDA).
+//!
+//! Memory model: a program's intermediates live in one device buffer (the arena, laid out by
+//! the memory plan) and its weights and constants in another; every operand is an element
+//! offset into one of the two. Each kernel reads its sizes and offsets from a small `u32`
+//! metadata block uploaded once when the program is loaded, so a launch binds the same three
+//! buffers every time and no step allocates. What varies the generated code (the fused
+//! expression, which buffer an operand is in, the rank, head dims) is a comptime value.
+//!
+//! Metadata layouts are documented on each kernel and built by `kiln-runtime`'s cube backend.
+
+// `#[cube]` code indexes in unrolled comptime loops and matches on comptime values: the
+// iterator and `if let` forms clippy suggests are not what CubeCL's macro expands.
+#![allow(clippy::needless_range_loop, clippy::single_match)]
+
+pub mod expr;
+
+use cubecl::prelude::*;
+pub use expr::KInstr;
+
+/// Units per cube of the 1-D kernels.
+pub const BLOCK: u32 = 128;
+/// Tile edge of the matmul kernel (a TILE x TILE cube computes a TILE x TILE output block).
+pub const TILE: u32 = 16;
+/// Query rows per cube of the attention kernel (one unit each).
+pub const ATT_BQ: u32 = 16;
+/// Keys per shared-memory tile of the attention kernel.
+pub const ATT_BK: u32 = 16;
+
+/// Reads element `i` of the arena or of the weights buffer.
+#[cube]
+fn load<F: Float>(arena: &Array<F>, weights: &Array<F>, i: usize, #[comptime] in_arena: bool) -> F {
+    if comptime!(in_arena) {
+        arena[i]
+    } else {
+        weights[i]
+    }
+}
+
+/// The offset of output element `o` in an operand broadcast (or strided) over a `rank`-axis
+/// shape: `meta[shape_at..]` holds the shape, `meta[at]` the operand's base offset and
+/// `meta[at + 1..]` its strides.
+#[cube]
+fn strided_index(meta: &Array<u32>, o: usize, shape_at: usize, at: usize, #[comptime] rank: usize) -> usize {
+    let mut idx = meta[at] as usize;
+    let mut rem = o;
+    #[unroll]
+    for r in 0..rank {
+        let d = rank - 1 - r;
+        let extent = meta[shape_at + d] as usize;
+        idx += (rem % extent) * (meta[at + 1 + d] as usize);
+        rem /= extent;
+    }
+    idx
+}
+
+/// What varies the code of a [`copy`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct CopyCfg {
+    pub rank: usize,
+    pub src_in_arena: bool,
+}
+
+/// Strided copy into the arena: permute, slice, broadcast, one input of a concat, and the
+/// upload of entry inputs. Meta: `[n, shape[rank], src_off, src_strides[rank], dst_off,
+/// dst_strides[rank]]`.
+#[cube(launch_unchecked)]
+pub fn copy<F: Float>(arena: &mut Array<F>, src: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CopyCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let rank = comptime!(cfg.rank);
+        let s = strided_index(meta, o, 1, 1 + rank, rank);
+        let d = strided_index(meta, o, 1, 2 + 2 * rank, rank);
+        arena[d] = load::<F>(arena, src, s, cfg.src_in_arena);
+    }
+}
+
+/// What varies the code of a [`fused`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct FusedCfg {
+    pub code: Vec<KInstr>,
+    /// Per input: whether it lives in the arena (else in the weights buffer).
+    pub in_arena: Vec<bool>,
+    pub rank: usize,
+}
+
+/// A fused elementwise region, one unit per output element. Meta: `[n, out_off,
+/// shape[rank], per input (off, strides[rank])]`.
+#[cube(launch_unchecked)]
+pub fn fused<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: FusedCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let rank = comptime!(cfg.rank);
+        let mut ins = Sequence::<F>::new();
+        #[unroll]
+        for k in 0..cfg.in_arena.len() {
+            let at = 2 + rank + k * (rank + 1);
+            let i = strided_index(meta, o, 2, at, rank);
+            ins.push(load::<F>(arena, weights, i, comptime!(cfg.in_arena[k])));
+        }
+        let v = expr::eval::<F>(&ins, comptime!(cfg.code.clone()));
+        let out = meta[1] as usize;
+        arena[out + o] = v;
+    }
+}
+
+/// What varies the code of a [`matmul`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct MatmulCfg {
+    pub transpose_b: bool,
+    pub a_in_arena: bool,
+    pub b_in_arena: bool,
+    /// The epilogue (input 0 is the product) and where its other inputs live.
+    pub epilogue: Option<(Vec<KInstr>, Vec<bool>)>,
+    /// Rank of the output (for the epilogue's broadcast inputs).
+    pub rank: usize,
+}
+
+/// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
+/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: `[m, n, k, a_off, b_off,
+/// out_off, a_batch_stride, b_batch_stride, out shape[rank], per epilogue input (off,
+/// strides[rank])]`. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
+#[cube(launch_unchecked)]
+pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MatmulCfg) {
+    let m = meta[0] as usize;
+    let n = meta[1] as usize;
+    let k = meta[2] as usize;
+    let tile = comptime!(TILE as usize);
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let row = CUBE_POS_Y as usize * tile + ty;
+    let col = CUBE_POS_X as usize * tile + tx;
+    let batch = CUBE_POS_Z as usize;
+    let a0 = meta[3] as usize + batch * (meta[6] as usize);
+    let b0 = meta[4] as usize + batch * (meta[7] as usize);
+    let mut a_tile = SharedMemory::<F>::new(comptime!(tile * tile));
+    let mut b_tile = SharedMemory::<F>::new(comptime!(tile * tile));
+    let mut acc = F::new(0.0);
+    let tiles = k.div_ceil(tile);
+    for t in 0..tiles {
+        let ka = t * tile + tx;
+        let mut av = F::new(0.0);
+        if row < m && ka < k {
+            av = load::<F>(arena, weights, a0 + row * k + ka, cfg.a_in_arena);
+        }
+        a_tile[ty * tile + tx] = av;
+        let kb = t * tile + ty;
+        let mut bv = F::new(0.0);
+        if kb < k && col < n {
+            if comptime!(cfg.transpose_b) {
+                bv = load::<F>(arena, weights, b0 + col * k + kb, cfg.b_in_arena);
+            } else {
+                bv = load::<F>(arena, weights, b0 + kb * n + col, cfg.b_in_arena);
+            }
+        }
+        b_tile[ty * tile + tx] = bv;
+        sync_cube();
+        #[unroll]
+        for e in 0..tile {
+            acc += a_tile[ty * tile + e] * b_tile[e * tile + tx];
+        }
+        sync_cube();
+    }
+    if row < m && col < n {
+        let o = (batch * m + row) * n + col;
+        let out = meta[5] as usize + o;
+        match comptime!(cfg.epilogue.clone()) {
+            Some((code, in_arena)) => {
+                let rank = comptime!(cfg.rank);
+                let mut ins = Sequence::<F>::new();
+                ins.push(acc);
+                #[unroll]
+                for j in 0..in_arena.len() {
+                    let at = 8 + rank + j * (rank + 1);
+                    let i = strided_index(meta, o, 8, at, rank);
+                    ins.push(load::<F>(arena, weights, i, comptime!(in_arena[j])));
+                }
+                arena[out] = expr::eval::<F>(&ins, code);
+            }
+            None => {
+                arena[out] = acc;
+            }
+        }
+    }
+}
+
+/// Which row-wise normalisation a [`norm`] launch computes.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum NormKind {
+    /// `(x - mean) / sqrt(var + eps) * w + b`.
+    Layer,
+    /// `x / sqrt(mean(x^2) + eps) * w`, or `* (1 + w)`.
+    Rms { add_one: bool },
+    /// `exp(x - max) / sum`.
+    Softmax,
+}
+
+/// What varies the code of a [`norm`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct NormCfg {
+    pub kind: NormKind,
+    pub eps_bits: u32,
+    /// Where the input, weight and bias live (unused ones ignored).
+    pub in_arena: [bool; 3],
+}
+
+/// Sum (or max) of one value per unit over the cube, through shared memory.
+#[cube]
+fn cube_reduce<F: Float>(v: F, #[comptime] is_max: bool) -> F {
+    let mut red = SharedMemory::<F>::new(comptime!(BLOCK as usize));
+    let u = UNIT_POS as usize;
+    red[u] = v;
+    sync_cube();
+    #[unroll]
+    for s in 0..comptime!(BLOCK.trailing_zeros()) {
+        let stride = comptime!((BLOCK >> (s + 1)) as usize);
+        if u < stride {
+            if comptime!(is_max) {
+                red[u] = F::max(red[u], red[u + stride]);
+            } else {
+                red[u] = red[u] + red[u + stride];
+            }
+        }
+        sync_cube();
+    }
+    let r = red[0];
+    sync_cube();
+    r
+}
+
+/// Layer norm, RMS norm or softmax over the last axis, one cube (BLOCK units) per row. Meta:
+/// `[rows, d, x_off, w_off, b_off, out_off]`.
+#[cube(launch_unchecked)]
+pub fn norm<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: NormCfg) {
+    let d = meta[1] as usize;
+    let row = CUBE_POS_X as usize;
+    let x0 = meta[2] as usize + row * d;
+    let out0 = meta[5] as usize + row * d;
+    let w0 = meta[3] as usize;
+    let b0 = meta[4] as usize;
+    let u = UNIT_POS as usize;
+    let step = comptime!(BLOCK as usize);
+    let eps = F::new(comptime!(f32::from_bits(cfg.eps_bits)));
+    let xa = comptime!(cfg.in_arena[0]);
+    match comptime!(cfg.kind) {
+        NormKind::Layer => {
+            let mut s = F::new(0.0);
+            let mut j = u;
+            while j < d {
+                s += load::<F>(arena, weights, x0 + j, xa);
+                j += step;
+            }
+            let mean = cube_reduce::<F>(s, false) / F::cast_from(d);
+            let mut v = F::new(0.0);
+            let mut j = u;
+            while j < d {
+                let c = load::<F>(arena, weights, x0 + j, xa) - mean;
+                v += c * c;
+                j += step;
+            }
+            let var = cube_reduce::<F>(v, false) / F::cast_from(d);
+            let r = F::new(1.0) / F::sqrt(var + eps);
+            let mut j = u;
+            while j < d {
+                let x = load::<F>(arena, weights, x0 + j, xa);
+                let w = load::<F>(arena, weights, w0 + j, comptime!(cfg.in_arena[1]));
+                let b = load::<F>(arena, weights, b0 + j, comptime!(cfg.in_arena[2]));
+                arena[out0 + j] = (x - mean) * r * w + b;
+                j += step;
+            }
+        }
+        NormKind::Rms { add_one } => {
+            let mut s = F::new(0.0);
+            let mut j = u;
+            while j < d {
+                let x = load::<F>(arena, weights, x0 + j, xa);
+                s += x * x;
+                j += step;
+            }
+            let ms = cube_reduce::<F>(s, false) / F::cast_from(d);
+            let r = F::new(1.0) / F::sqrt(ms + eps);
+            let mut j = u;
+            while j < d {
+                let x = load::<F>(arena, weights, x0 + j, xa);
+                let mut w = load::<F>(arena, weights, w0 + j, comptime!(cfg.in_arena[1]));
+                if comptime!(add_one) {
+                    w += F::new(1.0);
+                }
+                arena[out0 + j] = x * r * w;
+                j += step;
+            }
+        }
+        NormKind::Softmax => {
+            let mut mx = F::new(-3.0e38);
+            let mut j = u;
+            while j < d {
+                mx = F::max(mx, load::<F>(arena, weights, x0 + j, xa));
+                j += step;
+            }
+            let mx = cube_reduce::<F>(mx, true);
+            let mut s = F::new(0.0);
+            let mut j = u;
+            while j < d {
+                s += F::exp(load::<F>(arena, weights, x0 + j, xa) - mx);
+                j += step;
+            }
+            let z = cube_reduce::<F>(s, false);
+            let mut j = u;
+            while j < d {
+                arena[out0 + j] = F::exp(load::<F>(arena, weights, x0 + j, xa) - mx) / z;
+                j += step;
+            }
+        }
+    }
+}
+
+/// The attention mask a launch applies (positions come from the metadata).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AttMask {
+    None,
+    /// Key `j` visible to query `i` when `j <= q_offset + i`.
+    Causal,
+    /// Causal, and `j + window > q_offset + i`.
+    Sliding,
+    /// An additive `[batch, sq, sk]` bias (`-inf` hides a key).
+    Additive {
+        in_arena: bool,
+    },
+}
+
+/// What varies the code of an [`attention`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct AttentionCfg {
+    pub d: usize,
+    pub dv: usize,
+    pub scale_bits: u32,
+    pub softcap_bits: Option<u32>,
+    pub mask: AttMask,
+    /// Where q, k and v live.
+    pub in_arena: [bool; 3],
+}
+
+/// Flash-style attention: a cube takes ATT_BQ query rows of one (batch, head), one unit per
+/// row; key and value tiles of ATT_BK rows are staged in shared memory and every unit folds
+/// them into its row with an online softmax, so no score matrix is written. Grouped-query:
+/// query head `h` reads key head `h / (hq / hkv)`. Cube `(ceil(sq/ATT_BQ), hq, batch)`. Meta:
+/// `[sq, sk, hq, hkv, q_off, k_off, v_off, out_off, mask_off, q_offset, window]`.
+#[cube(launch_unchecked)]
+pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: AttentionCfg) {
+    let sq = meta[0] as usize;
+    let sk = meta[1] as usize;
+    let hq = meta[2] as usize;
+    let hkv = meta[3] as usize;
+    let d = comptime!(cfg.d);
+    let dv = comptime!(cfg.dv);
+    let bq = comptime!(ATT_BQ as usize);
+    let bk = comptime!(ATT_BK as usize);
+    let u = UNIT_POS as usize;
+    let i = CUBE_POS_X as usize * bq + u;
+    let h = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let kh = h / (hq / hkv);
+    let q_offset = meta[9] as usize;
+    let window = meta[10] as usize;
+    let scale = F::new(comptime!(f32::from_bits(cfg.scale_bits)));
+
+    let mut q = Array::<F>::new(d);
+    let mut acc = Array::<F>::new(dv);
+    let live = i < sq;
+    let q0 = meta[4] as usize + ((b * sq + i) * hq + h) * d;
+    #[unroll]
+    for c in 0..d {
+        let mut x = F::new(0.0);
+        if live {
+            x = load::<F>(arena, weights, q0 + c, comptime!(cfg.in_arena[0]));
+        }
+        q[c] = x;
+    }
+    #[unroll]
+    for c in 0..dv {
+        acc[c] = F::new(0.0);
+    }
+    let mut m = F::new(-3.0e38);
+    let mut l = F::new(0.0);
+    let mut k_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.d));
+    let mut v_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.dv));
+    let tiles = sk.div_ceil(bk);
+    for t in 0..tiles {
+        let mut idx = u;
+        while idx < bk * d {
+            let j = t * bk + idx / d;
+            let mut x = F::new(0.0);
+            if j < sk {
+                x = load::<F>(arena, weights, meta[5] as usize + ((b * sk + j) * hkv + kh) * d + idx % d, comptime!(cfg.in_arena[1]));
+            }
+            k_tile[idx] = x;
+            idx += bq;
+        }
+        let mut idx = u;
+        while idx < bk * dv {
+            let j = t * bk + idx / dv;
+            let mut x = F::new(0.0);
+            if j < sk {
+                x = load::<F>(arena, weights, meta[6] as usize + ((b * sk + j) * hkv + kh) * dv + idx % dv, comptime!(cfg.in_arena[2]));
+            }
+            v_tile[idx] = x;
+            idx += bq;
+        }
+        sync_cube();
+        if live {
+            for kk in 0..bk {
+                let j = t * bk + kk;
+                let mut visible = j < sk;
+                match comptime!(cfg.mask) {
+                    AttMask::Causal => {
+                        visible = visible && j <= q_offset + i;
+                    }
+                    AttMask::Sliding => {
+                        visible = visible && j <= q_offset + i && j + window > q_offset + i;
+                    }
+                    AttMask::None => {}
+                    AttMask::Additive { .. } => {}
+                }
+                if visible {
+                    let mut s = F::new(0.0);
+                    #[unroll]
+                    for c in 0..d {
+                        s += q[c] * k_tile[kk * d + c];
+                    }
+                    s *= scale;
+                    match comptime!(cfg.softcap_bits) {
+                        Some(bits) => {
+                            let cap = F::new(comptime!(f32::from_bits(bits)));
+                            s = cap * F::tanh(s / cap);
+                        }
+                        None => {}
+                    }
+                    match comptime!(cfg.mask) {
+                        AttMask::Additive { in_arena } => {
+                            s += load::<F>(arena, weights, meta[8] as usize + (b * sq + i) * sk + j, in_arena);
+                        }
+                        _ => {}
+                    }
+                    // A -inf bias hides the key, as in the interpreter.
+                    if s > F::new(-3.0e38) {
+                        let m_new = F::max(m, s);
+                        let corr = F::exp(m - m_new);
+                        let p = F::exp(s - m_new);
+                        l = l * corr + p;
+                        #[unroll]
+                        for c in 0..dv {
+                            acc[c] = acc[c] * corr + p * v_tile[kk * dv + c];
+                        }
+                        m = m_new;
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    if live {
+        let o0 = meta[7] as usize + ((b * sq + i) * hq + h) * dv;
+        #[unroll]
+        for c in 0..dv {
+            let mut y = F::new(0.0);
+            if l > F::new(0.0) {
+                y = acc[c] / l;
+            }
+            arena[o0 + c] = y;
+        }
+    }
+}
+
+/// What varies the code of a [`resize`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ResizeCfg {
+    pub bicubic: bool,
+    pub in_arena: bool,
+}
+
+/// Where output position `o` samples along an axis of `i_len` -> `o_len` (PyTorch's
+/// `interpolate`, `align_corners=False`).
+#[cube]
+fn tap_src<F: Float>(o: usize, i_len: usize, o_len: usize, #[comptime] bicubic: bool) -> F {
+    let scale = F::cast_from(i_len as u32) / F::cast_from(o_len as u32);
+    let src = (F::cast_from(o as u32) + F::new(0.5)) * scale - F::new(0.5);
+    if comptime!(bicubic) {
+        src
+    } else {
+        F::max(src, F::new(0.0))
+    }
+}
+
+/// The source index of tap `q`, clamped to the axis.
+#[cube]
+fn tap_index<F: Float>(src: F, i_len: usize, q: usize, #[comptime] bicubic: bool) -> usize {
+    let i0 = i32::cast_from(F::floor(src));
+    let lead = comptime!(if bicubic { 1i32 } else { 0i32 });
+    let idx = i0 - lead + q as i32;
+    let hi = i_len as i32 - 1;
+    i32::max(i32::min(idx, hi), 0) as usize
+}
+
+/// The weight of tap `q` (bicubic with a = -0.75, as PyTorch).
+#[cube]
+fn tap_weight<F: Float>(src: F, q: usize, #[comptime] bicubic: bool) -> F {
+    let t = src - F::floor(src);
+    let mut w = F::new(1.0) - t;
+    if comptime!(bicubic) {
+        let a = F::new(-0.75);
+        if q == 0 {
+            let d = t + F::new(1.0);
+            w = ((a * d - F::new(5.0) * a) * d + F::new(8.0) * a) * d - F::new(4.0) * a;
+        } else if q == 1 {
+            w = ((a + F::new(2.0)) * t - (a + F::new(3.0))) * t * t + F::new(1.0);
+        } else if q == 2 {
+            let d = F::new(1.0) - t;
+            w = ((a + F::new(2.0)) * d - (a + F::new(3.0))) * d * d + F::new(1.0);
+        } else {
+            let d = F::new(2.0) - t;
+            w = ((a * d - F::new(5.0) * a) * d + F::new(8.0) * a) * d - F::new(4.0) * a;
+        }
+    } else if q == 1 {
+        w = t;
+    }
+    w
+}
+
+/// Resampling of the last two axes, one unit per output element. Meta: `[n, ih, iw, oh, ow,
+/// in_off, out_off]`.
+#[cube(launch_unchecked)]
+pub fn resize<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: ResizeCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let ih = meta[1] as usize;
+        let iw = meta[2] as usize;
+        let oh = meta[3] as usize;
+        let ow = meta[4] as usize;
+        let p = o / (oh * ow);
+        let oy = (o / ow) % oh;
+        let ox = o % ow;
+        let base = meta[5] as usize + p * ih * iw;
+        let taps = comptime!(if cfg.bicubic { 4usize } else { 2usize });
+        let sy = tap_src::<F>(oy, ih, oh, cfg.bicubic);
+        let sx = tap_src::<F>(ox, iw, ow, cfg.bicubic);
+        let mut s = F::new(0.0);
+        for qy in 0..taps {
+            let yy = tap_index::<F>(sy, ih, qy, cfg.bicubic);
+            let wy = tap_weight::<F>(sy, qy, cfg.bicubic);
+            for qx in 0..taps {
+                let xx = tap_index::<F>(sx, iw, qx, cfg.bicubic);
+                let wx = tap_weight::<F>(sx, qx, cfg.bicubic);
+                s += wy * wx * load::<F>(arena, weights, base + yy * iw + xx, cfg.in_arena);
+            }
+        }
+        let out = meta[6] as usize;
+        arena[out + o] = s;
+    }
+}

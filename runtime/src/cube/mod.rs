@@ -1,0 +1,336 @@
+//! The cube backend: CubeCL kernels (`kiln_kernels::cube`) on any CubeCL runtime. `cube`
+//! runs on wgpu (Vulkan, Metal, DX12, or Mesa's lavapipe on a CPU); `cube-cuda` on CUDA
+//! when kiln is built with the `cube-cuda` feature.
+//!
+//! At load the program's weights and constants go into one device buffer, every entry's
+//! arena is one device buffer, and every step's sizes and offsets into one `u32` buffer; a
+//! run then only launches kernels (plus one upload per input and one read per output).
+//! Floats are f32 on the device (bf16/f16 weights are upcast once at load); an op or dtype
+//! without a cube kernel is a compile error naming it.
+
+mod lower;
+
+use crate::backend::{Backend, Executable};
+use crate::error::{Result, RuntimeError};
+use crate::weights::WeightStore;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use kiln_graph::program::{Program, Slot};
+use kiln_graph::{DType, MaskKind, Op, TensorType};
+use kiln_kernels::cube as k;
+use lower::{Launch, Lowered};
+use std::sync::Arc;
+
+/// Which CubeCL runtime a cube backend targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// wgpu: Vulkan (lavapipe on CPUs), Metal, DX12.
+    Wgpu,
+    /// CUDA (needs the `cube-cuda` feature and an NVIDIA driver).
+    Cuda,
+}
+
+/// The cube backend on one device kind.
+pub struct CubeBackend {
+    pub device: Device,
+}
+
+impl CubeBackend {
+    /// The backend for `--device wgpu|cuda`.
+    pub fn on(device: &str) -> std::result::Result<Self, String> {
+        match device {
+            "wgpu" => Ok(CubeBackend { device: Device::Wgpu }),
+            "cuda" if cfg!(feature = "cube-cuda") => Ok(CubeBackend { device: Device::Cuda }),
+            "cuda" => Err("this kiln was built without the `cube-cuda` feature".into()),
+            other => Err(format!("unknown device '{other}' (expected wgpu or cuda)")),
+        }
+    }
+}
+
+fn is_f32(t: &TensorType) -> bool {
+    t.dtype == DType::F32
+}
+
+impl Backend for CubeBackend {
+    fn name(&self) -> &'static str {
+        match self.device {
+            Device::Wgpu => "cube",
+            Device::Cuda => "cube-cuda",
+        }
+    }
+
+    fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
+        if !is_f32(out) || !inputs.iter().all(is_f32) {
+            let tys: Vec<String> = inputs.iter().chain([out]).map(|t| t.to_string()).collect();
+            return Err(format!("the cube backend computes in f32; {} on {} has no cube kernel", op.name(), tys.join(", ")));
+        }
+        let no = |what: &str| Err(format!("{} has no cube kernel yet ({what})", op.name()));
+        let name = match op {
+            Op::MatMul { epilogue, .. } => {
+                let (a, b) = (&inputs[0], &inputs[1]);
+                let batch = out.numel() / (out.shape[out.rank() - 2] * out.shape[out.rank() - 1]).max(1);
+                let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
+                if (lead(a) != 1 && lead(a) != batch) || (lead(b) != 1 && lead(b) != batch) {
+                    return no("batch axes broadcast only when one side has none");
+                }
+                if epilogue.is_some() {
+                    "cube.matmul+epilogue"
+                } else {
+                    "cube.matmul"
+                }
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Broadcast { .. } | Op::Fused(_) => "cube.fused",
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } => "cube.norm",
+            Op::Softmax { axis } if axis + 1 == out.rank() => "cube.softmax",
+            Op::Softmax { .. } => return no("softmax over an axis other than the last"),
+            Op::Attention(a) => {
+                if a.mask == MaskKind::Additive
+                    && (inputs.len() != 4 || inputs[3].numel() != inputs[0].shape[0] * inputs[0].shape[1] * inputs[1].shape[1])
+                {
+                    return no("an additive mask must be [batch, q_len, kv_len]");
+                }
+                "cube.flash_attention"
+            }
+            Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } => "cube.copy",
+            Op::Reshape { .. } => "view",
+            Op::Select => return no("select reads a bool condition"),
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => "source",
+            Op::Iota { .. }
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Gather { .. }
+            | Op::TakeAlongAxis { .. }
+            | Op::ScatterAdd { .. }
+            | Op::TopK { .. }
+            | Op::CumSum { .. }
+            | Op::MoeDispatch { .. }
+            | Op::MoeCombine => return no("not written"),
+            Op::Resize { .. } => "cube.resize",
+        };
+        Ok(name.to_string())
+    }
+
+    fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        match self.device {
+            Device::Wgpu => Ok(Box::new(CubeExec::<cubecl::wgpu::WgpuRuntime>::new(program, &weights, Default::default())?)),
+            #[cfg(feature = "cube-cuda")]
+            Device::Cuda => Ok(Box::new(CubeExec::<cubecl::cuda::CudaRuntime>::new(program, &weights, Default::default())?)),
+            #[cfg(not(feature = "cube-cuda"))]
+            Device::Cuda => {
+                Err(RuntimeError::Unsupported { backend: "cube-cuda".into(), msg: "built without the `cube-cuda` feature".into() })
+            }
+        }
+    }
+}
+
+/// A program loaded on one CubeCL device.
+pub struct CubeExec<R: Runtime> {
+    client: ComputeClient<R>,
+    program: Program,
+    /// One arena per program (entries run one at a time), its size in bytes.
+    arena: Handle,
+    arena_bytes: usize,
+    weights: Handle,
+    weights_len: usize,
+    meta: Handle,
+    lowered: Vec<Lowered>,
+}
+
+/// Bytes of f32 data for every weight and constant, each at a 256-byte aligned offset.
+fn pack_weights(program: &Program, store: &WeightStore) -> Result<(Vec<f32>, Vec<usize>, Vec<usize>)> {
+    let mut data: Vec<f32> = Vec::new();
+    let mut place = |vals: &mut dyn Iterator<Item = f32>| {
+        data.resize(data.len().next_multiple_of(64), 0.0);
+        let at = data.len();
+        data.extend(vals);
+        at
+    };
+    let mut woff = Vec::with_capacity(program.weights.len());
+    for spec in &program.weights {
+        let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
+        if !ty.dtype.is_float() {
+            return Err(RuntimeError::Weight {
+                name: spec.name.clone(),
+                msg: format!("stored as {}, the cube backend reads floats", ty.dtype),
+            });
+        }
+        let vals = crate::tensor::to_f64(ty.dtype, bytes);
+        woff.push(place(&mut vals.iter().map(|&v| v as f32)));
+    }
+    let coff = program.constants.iter().map(|c| place(&mut c.values.iter().map(|&v| v as f32))).collect();
+    if data.is_empty() {
+        data.push(0.0);
+    }
+    Ok((data, woff, coff))
+}
+
+impl<R: Runtime> CubeExec<R> {
+    /// Places the program on `device`: weights uploaded, arena and metadata allocated.
+    pub fn new(program: &Program, store: &WeightStore, device: R::Device) -> Result<Self> {
+        let backend = program.backend.clone();
+        // wgpu panics in its device thread when no adapter exists; say what to install.
+        let client =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(&device))).map_err(|_| RuntimeError::Unsupported {
+                backend: backend.clone(),
+                msg: "no GPU adapter found (on a machine without a GPU, install Mesa's lavapipe: apt-get install mesa-vulkan-drivers)"
+                    .into(),
+            })?;
+        let (wdata, woff, coff) = pack_weights(program, store)?;
+        let mut meta: Vec<u32> = Vec::new();
+        let lowered = program
+            .entries
+            .iter()
+            .map(|e| lower::lower_entry(e, &woff, &coff, &mut meta))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|(step, op, msg)| RuntimeError::Step { step, op, msg })?;
+        if meta.is_empty() {
+            meta.push(0);
+        }
+        let arena_bytes = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0).max(256);
+        for e in &program.entries {
+            for s in &e.steps {
+                for o in s.inputs.iter().chain([&s.output]) {
+                    if let Slot::Arena { offset, bytes } = o.slot {
+                        if offset + bytes > e.arena_bytes {
+                            return Err(RuntimeError::Unsupported { backend, msg: "operand outside the arena (corrupt program)".into() });
+                        }
+                    }
+                }
+            }
+        }
+        let arena = client.empty(arena_bytes);
+        let weights = client.create_from_slice(f32::as_bytes(&wdata));
+        let meta_h = client.create_from_slice(u32::as_bytes(&meta));
+        Ok(CubeExec { client, program: program.clone(), arena, arena_bytes, weights, weights_len: wdata.len(), meta: meta_h, lowered })
+    }
+
+    fn meta_at(&self, at: usize, len: usize) -> ArrayArg<R> {
+        // SAFETY: `at` and `len` come from the block `lower` wrote into the metadata buffer.
+        unsafe { ArrayArg::from_raw_parts(self.meta.clone().offset_start(4 * at as u64), len) }
+    }
+
+    fn arena_arg(&self) -> ArrayArg<R> {
+        // SAFETY: the arena was allocated with `arena_bytes`; every offset was checked against it.
+        unsafe { ArrayArg::from_raw_parts(self.arena.clone(), self.arena_bytes / 4) }
+    }
+
+    fn weights_arg(&self) -> ArrayArg<R> {
+        // SAFETY: the weights buffer holds `weights_len` f32 values.
+        unsafe { ArrayArg::from_raw_parts(self.weights.clone(), self.weights_len) }
+    }
+
+    fn launch(&self, l: &Launch, src: Option<(&Handle, usize)>) {
+        let c = &self.client;
+        let blocks = |n: usize| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, 1, 1);
+        let dim1 = CubeDim::new_1d(k::BLOCK);
+        // SAFETY (all launches): each kernel bounds-checks its unit against the sizes in its
+        // metadata, and `lower` checked every operand range against its buffer.
+        unsafe {
+            match l {
+                Launch::Copy { cfg, n, meta, len } => {
+                    let src = match src {
+                        // SAFETY: an input staging buffer of `n` f32 values.
+                        Some((h, n)) => ArrayArg::from_raw_parts(h.clone(), n),
+                        None => self.weights_arg(),
+                    };
+                    k::copy::launch_unchecked::<f32, R>(c, blocks(*n), dim1, self.arena_arg(), src, self.meta_at(*meta, *len), cfg.clone())
+                }
+                Launch::Resize { cfg, n, meta, len } => k::resize::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::Fused { cfg, n, meta, len } => k::fused::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::MatMul { cfg, m, n, batch, meta, len } => {
+                    let t = k::TILE as usize;
+                    let count = CubeCount::Static(n.div_ceil(t) as u32, m.div_ceil(t) as u32, *batch as u32);
+                    k::matmul::launch_unchecked::<f32, R>(
+                        c,
+                        count,
+                        CubeDim::new_2d(k::TILE, k::TILE),
+                        self.arena_arg(),
+                        self.weights_arg(),
+                        self.meta_at(*meta, *len),
+                        cfg.clone(),
+                    )
+                }
+                Launch::Norm { cfg, rows, meta, len } => k::norm::launch_unchecked::<f32, R>(
+                    c,
+                    CubeCount::Static(*rows as u32, 1, 1),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::Attention { cfg, sq, heads, batch, meta, len } => {
+                    let count = CubeCount::Static(sq.div_ceil(k::ATT_BQ as usize) as u32, *heads as u32, *batch as u32);
+                    k::attention::launch_unchecked::<f32, R>(
+                        c,
+                        count,
+                        CubeDim::new_1d(k::ATT_BQ),
+                        self.arena_arg(),
+                        self.weights_arg(),
+                        self.meta_at(*meta, *len),
+                        cfg.clone(),
+                    )
+                }
+            }
+        }
+    }
+
+    fn run_inner(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], mut times: Option<&mut Vec<f64>>) -> Result<()> {
+        let low = &self.lowered[entry];
+        for (l, bytes) in low.uploads.iter().zip(inputs) {
+            let staging = self.client.create_from_slice(bytes);
+            self.launch(l, Some((&staging, bytes.len() / 4)));
+        }
+        for steps in &low.steps {
+            let t = times.is_some().then(std::time::Instant::now);
+            for l in steps {
+                self.launch(l, None);
+            }
+            if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
+                cubecl::future::block_on(self.client.sync())
+                    .map_err(|e| RuntimeError::Unsupported { backend: self.program.backend.clone(), msg: format!("{e:?}") })?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let e = &self.program.entries[entry];
+        for (io, out) in e.outputs.iter().zip(outputs.iter_mut()) {
+            let Slot::Arena { offset, bytes } = io.operand.slot else {
+                return Err(RuntimeError::Output { name: io.name.clone(), msg: "not in the arena (corrupt program)".into() });
+            };
+            let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - offset - bytes) as u64);
+            let got = self
+                .client
+                .read_one(h)
+                .map_err(|e| RuntimeError::Output { name: io.name.clone(), msg: format!("device read failed: {e:?}") })?;
+            out.copy_from_slice(&got[..bytes]);
+        }
+        Ok(())
+    }
+}
+
+impl<R: Runtime> Executable for CubeExec<R> {
+    fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
+        self.run_inner(entry, inputs, outputs, None)
+    }
+
+    fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()> {
+        times.clear();
+        self.run_inner(entry, inputs, outputs, Some(times))
+    }
+}
