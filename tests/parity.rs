@@ -98,8 +98,18 @@ const BACKENDS: &[(&str, f64, &[&str])] = &[
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] =
-    &["reduce", "softmax middle", "matmul [2, 1, 5, 7] x [3, 7, 4]", "gather", "topk", "scatter_add", "cumsum", "cast + iota"];
+const CUBE_LACKS: &[&str] = &[
+    "reduce",
+    "softmax middle",
+    "matmul [2, 1, 5, 7] x [3, 7, 4]",
+    "gather",
+    "topk",
+    "scatter_add",
+    "cumsum",
+    "cast + iota",
+    "moe_dispatch",
+    "moe_combine",
+];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()
