@@ -75,6 +75,7 @@ pub fn build() -> Tiny {
         weights: vec![],
         constants: vec![],
         entries: vec![],
+        states: vec![],
     };
     let (entry, _, _) = kiln_graph::lower::compile_entry(&g, "forward", &mut program, &namer).expect("lower");
     program.entries.push(entry);
