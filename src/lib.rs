@@ -12,7 +12,9 @@ pub mod png;
 pub mod sample;
 pub mod synth;
 pub mod synth_big_vision;
+pub mod synth_gemma;
 pub mod synth_jet;
+pub mod synth_siglip;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;
