@@ -22,7 +22,7 @@
 //!
 //! FNV-1a detects every change confined to one byte of the body, and other corruption with
 //! probability 1 - 2^-64. Loading never panics, and checks that every slot lies inside its
-//! arena, weight or constant, so a runtime can trust the offsets.
+//! arena, weight, constant or state, so a runtime can trust the offsets.
 
 use crate::program::{Entry, Operand, Program, Slot, ALIGN};
 use serde::de::{self, DeserializeSeed, Visitor};
@@ -34,7 +34,7 @@ use thiserror::Error;
 /// The first eight bytes of every `.kiln` file.
 pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// The layout and body encoding this kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
 pub const HEADER_BYTES: usize = 28;
 
@@ -247,6 +247,11 @@ fn check_operand(p: &Program, e: &Entry, o: &Operand) -> Result<(), String> {
             Some(c) if same_elems(&c.ty) => {}
             Some(c) => return Err(format!("constant {i} is {}, read as {}", c.ty, o.ty)),
             None => return Err(format!("constant {i} of {}", p.constants.len())),
+        },
+        Slot::State(i) => match p.states.get(i as usize) {
+            Some(st) if same_elems(&st.ty) => {}
+            Some(st) => return Err(format!("state '{}' is {}, read as {}", st.name, st.ty, o.ty)),
+            None => return Err(format!("state {i} of {}", p.states.len())),
         },
     }
     Ok(())

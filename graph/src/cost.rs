@@ -99,6 +99,8 @@ pub fn cost(op: &Op, inputs: &[TensorType], output: &TensorType) -> Cost {
         Op::Fused(e) => (expr_flops(e) * n_out, all_bytes),
         Op::Cast { .. } | Op::Permute { .. } | Op::Concat { .. } | Op::Broadcast { .. } => (0, all_bytes),
         Op::Slice { .. } => (0, keep_only(0)),
+        // In place on persistent state: only the new rows move.
+        Op::WriteSlice { .. } => (0, 2 * inputs.get(1).map_or(0, |t| t.bytes() as u64)),
         Op::Gather { .. } | Op::TakeAlongAxis { .. } => (0, keep_only(inputs.get(1).map_or(0, |t| t.bytes() as u64))),
         Op::Reduce { op, .. } => {
             let extra = match op {

@@ -190,6 +190,11 @@ impl Graph {
         self.push(Op::Concat { axis }, xs)
     }
 
+    /// `dst` with `rows` written along `axis` from position `at` (i64 `[1]`) on.
+    pub fn write_slice(&mut self, dst: NodeId, rows: NodeId, at: NodeId, axis: usize) -> Result<NodeId> {
+        self.push(Op::WriteSlice { axis }, &[dst, rows, at])
+    }
+
     /// Reduction over axes.
     pub fn reduce(&mut self, op: ReduceOp, x: NodeId, axes: &[usize], keep_dims: bool) -> Result<NodeId> {
         self.push(Op::Reduce { op, axes: axes.to_vec(), keep_dims }, &[x])

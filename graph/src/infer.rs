@@ -222,6 +222,19 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(TensorType::new(first.dtype, shape))
         }
+        Op::WriteSlice { axis } => {
+            arity(inputs, 3)?;
+            let (dst, rows, at) = (inputs[0], inputs[1], inputs[2]);
+            axis_ok(*axis, dst.rank())?;
+            integer(at, "the write position")?;
+            let fits = rows.rank() == dst.rank()
+                && rows.dtype == dst.dtype
+                && (0..dst.rank()).all(|i| if i == *axis { rows.shape[i] <= dst.shape[i] } else { rows.shape[i] == dst.shape[i] });
+            if !fits || at.shape != [1] {
+                return Err(format!("cannot write {rows} into {dst} along axis {axis} at {at} (want rows of dst's shape, position [1])"));
+            }
+            Ok(dst.clone())
+        }
         Op::Broadcast { shape } => {
             arity(inputs, 1)?;
             let t = inputs[0];

@@ -3,14 +3,25 @@
 //! Each node of the order becomes one [`Step`], except reshapes: a reshape is a view, so its
 //! readers get its input's slot with the reshaped type. Weights are shared by every entry of
 //! a program (deduplicated by name); constants are deduplicated by type and value.
+//!
+//! Persistent state ([`Program::states`]) is bound by [`bind_states`]: an entry input named
+//! like a state reads [`Slot::State`] directly, and the step computing an entry output named
+//! like a state writes its result straight into the state when that is provably safe: the
+//! step is not a view or a source, it does not read the state's old value (except a
+//! [`Op::WriteSlice`] through its destination, which then updates only its new rows in
+//! place), and every other reader of the old value can run before it (the scheduler is given
+//! those edges; a reader that depends on the new value makes it impossible). Otherwise the
+//! value stays in the arena and a last copy step (an identity permute) stores it, and
+//! [`StateBinding::copies`] says why. Passes need no special care: a state output is a graph
+//! output, so dead-code elimination keeps it, and the aliasing is decided after them.
 
 use crate::dtype::TensorType;
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::Op;
-use crate::plan::{plan, view_root, MemoryPlan};
-use crate::program::{ConstData, Entry, Io, Operand, Program, Slot, Step, WeightSpec};
-use crate::sched::schedule;
+use crate::plan::{plan_with, view_root, MemoryPlan};
+use crate::program::{ConstData, Entry, Io, Operand, Program, Slot, StateSpec, Step, WeightSpec};
+use crate::sched::{needed, schedule_with};
 use std::collections::HashMap;
 
 /// Picks a kernel name for an op given its input and output types (the backend's choice).
@@ -66,11 +77,152 @@ fn bits(values: &[f64]) -> Vec<u64> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
-/// Where node `id` lives: its weight, its constant, or its arena range.
-fn operand(g: &Graph, id: NodeId, plan: &MemoryPlan, t: &mut Tables, entry: &str) -> Result<Operand> {
+/// How an entry uses the program's persistent state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateBinding {
+    /// Per node: the state whose buffer holds its value (state inputs, and the steps that
+    /// write a state in place; reshape views follow their root).
+    pub slot: Vec<Option<u32>>,
+    /// `(reader, writer)`: a step reading a state's old value runs before the step that
+    /// overwrites that state in place.
+    pub before: Vec<(NodeId, NodeId)>,
+    /// States stored by a final copy instead of in place: (state, the value's node, why).
+    pub copies: Vec<(u32, NodeId, String)>,
+}
+
+impl StateBinding {
+    /// Per node: whether its buffer is a state's (for the scheduler and the planner).
+    pub fn outside(&self) -> Vec<bool> {
+        self.slot.iter().map(Option::is_some).collect()
+    }
+
+    /// Turns every in-place write that `order` runs before one of its old value's readers
+    /// into a copy (the order was made without this binding's edges).
+    fn demote_unordered(&mut self, order: &[NodeId], states: &[StateSpec]) {
+        let mut at = vec![usize::MAX; self.slot.len()];
+        for (k, id) in order.iter().enumerate() {
+            if let Some(a) = at.get_mut(id.index()) {
+                *a = k;
+            }
+        }
+        let late: Vec<(NodeId, NodeId)> =
+            self.before.iter().copied().filter(|(r, w)| at.get(r.index()) >= at.get(w.index())).collect();
+        for (r, w) in late {
+            if let Some(i) = self.slot.get(w.index()).copied().flatten() {
+                self.slot[w.index()] = None;
+                self.before.retain(|&(_, x)| x != w);
+                let name = states.get(i as usize).map_or("?", |s| s.name.as_str());
+                self.copies.push((i, w, format!("the given order runs {r}, a reader of the old '{name}', after {w} writes it")));
+            }
+        }
+    }
+}
+
+/// Decides where `g`'s state values live (see the module docs); `states` are the program's.
+pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<StateBinding> {
+    let n = g.nodes.len();
+    let index = |name: &str| states.iter().position(|s| s.name == name).map(|i| i as u32);
+    let mut b = StateBinding { slot: vec![None; n], before: vec![], copies: vec![] };
+    if states.is_empty() {
+        return Ok(b);
+    }
+    // State inputs read the state itself.
+    let mut input_of: Vec<Option<NodeId>> = vec![None; states.len()];
+    for (id, name, ty) in g.inputs() {
+        if let Some(i) = index(name) {
+            let want = &states[i as usize].ty;
+            if ty != want {
+                return Err(invalid(format!("entry '{entry}': input '{name}' is {ty} but the state of that name is {want}")));
+            }
+            b.slot[id.index()] = Some(i);
+            input_of[i as usize] = Some(id);
+        }
+    }
+    // The steps reading each state input's old value (through views).
+    let need = needed(g);
+    let mut readers: Vec<Vec<NodeId>> = vec![vec![]; states.len()];
+    for (j, node) in g.nodes.iter().enumerate() {
+        if !need[j] || node.op.is_source() || matches!(node.op, Op::Reshape { .. }) {
+            continue;
+        }
+        for &x in &node.inputs {
+            if let Some(i) = b.slot.get(view_root(g, x).index()).copied().flatten() {
+                let r = &mut readers[i as usize];
+                if r.last() != Some(&NodeId(j as u32)) {
+                    r.push(NodeId(j as u32));
+                }
+            }
+        }
+    }
+    let written: Vec<bool> = (0..states.len())
+        .map(|i| g.outputs.iter().any(|(name, id)| index(name) == Some(i as u32) && input_of[i] != Some(view_root(g, *id))))
+        .collect();
+    for (name, id) in &g.outputs {
+        if let Some(i) = b.slot.get(view_root(g, *id).index()).copied().flatten() {
+            if written[i as usize] && index(name) != Some(i) {
+                return Err(invalid(format!(
+                    "entry '{entry}': output '{name}' returns the old value of state '{}', which the entry overwrites",
+                    states[i as usize].name
+                )));
+            }
+        }
+    }
+    for (name, id) in &g.outputs {
+        let Some(i) = index(name) else { continue };
+        let st = &states[i as usize];
+        if g.ty(*id) != &st.ty {
+            return Err(invalid(format!("entry '{entry}': output '{name}' is {} but the state of that name is {}", g.ty(*id), st.ty)));
+        }
+        let w = view_root(g, *id);
+        let old = input_of[i as usize];
+        if old == Some(w) {
+            continue; // Handed back unchanged: nothing to store.
+        }
+        let wn = g.node(w);
+        let reads_old = |k: usize| old.is_some_and(|p| view_root(g, wn.inputs[k]) == p);
+        let why = if wn.op.is_source() {
+            if let Some(j) = b.slot[w.index()].filter(|&j| written[j as usize]) {
+                return Err(invalid(format!(
+                    "entry '{entry}': output '{name}' is the old value of state '{}', which the entry overwrites",
+                    states[j as usize].name
+                )));
+            }
+            Some(format!("its value is a {} (no step computes it)", wn.op.name()))
+        } else if let Some(j) = b.slot[w.index()] {
+            Some(format!("{w} already writes state '{}'", states[j as usize].name))
+        } else if (0..wn.inputs.len()).any(|k| reads_old(k) && !(k == 0 && matches!(wn.op, Op::WriteSlice { .. }))) {
+            Some(format!("{w} ({}) reads the old value while computing the new one", wn.op.name()))
+        } else {
+            // Readers of the old value that depend on the new one cannot run before it.
+            let mut after = vec![false; n];
+            after[w.index()] = true;
+            for j in w.index() + 1..n {
+                after[j] = g.nodes[j].inputs.iter().any(|x| after[x.index()]);
+            }
+            readers[i as usize]
+                .iter()
+                .find(|r| **r != w && after[r.index()])
+                .map(|r| format!("{r} ({}) reads the old value but depends on the new one", g.node(*r).op.name()))
+        };
+        match why {
+            Some(why) => b.copies.push((i, w, why)),
+            None => {
+                b.slot[w.index()] = Some(i);
+                b.before.extend(readers[i as usize].iter().filter(|&&r| r != w).map(|&r| (r, w)));
+            }
+        }
+    }
+    Ok(b)
+}
+
+/// Where node `id` lives: its state, its weight, its constant, or its arena range.
+fn operand(g: &Graph, id: NodeId, plan: &MemoryPlan, states: &StateBinding, t: &mut Tables, entry: &str) -> Result<Operand> {
     let node = g.nodes.get(id.index()).ok_or_else(|| invalid(format!("entry '{entry}' reads {id}, which is not in the graph")))?;
     let ty = node.ty.clone();
     let root = view_root(g, id);
+    if let Some(i) = states.slot.get(root.index()).copied().flatten() {
+        return Ok(Operand { slot: Slot::State(i), ty });
+    }
     let slot = match &g.node(root).op {
         Op::Weight { name } => Slot::Weight(t.weight(name, &g.node(root).ty, entry)?),
         Op::Constant { values } => Slot::Const(t.constant(values, &g.node(root).ty)),
@@ -86,7 +238,10 @@ fn operand(g: &Graph, id: NodeId, plan: &MemoryPlan, t: &mut Tables, entry: &str
 
 /// Lowers a graph, in `order` and with `plan` (both made for this graph), to an entry named
 /// `entry_name`; adds the weights and constants it reads to `program` (the entry itself is
-/// returned, not added). On error the program is left as it was.
+/// returned, not added). States are bound by [`bind_states`]; an in-place write that `order`
+/// runs before a reader of the old value becomes a copy (the plan must then hold the value:
+/// [`compile_entry`] makes order and plan to match the binding). On error the program is left
+/// as it was.
 pub fn lower_entry(
     g: &Graph,
     entry_name: &str,
@@ -95,8 +250,22 @@ pub fn lower_entry(
     program: &mut Program,
     kernel_name: KernelNamer,
 ) -> Result<Entry> {
+    let mut states = bind_states(g, &program.states, entry_name)?;
+    states.demote_unordered(order, &program.states);
+    lower_bound(g, entry_name, order, plan, &states, program, kernel_name)
+}
+
+fn lower_bound(
+    g: &Graph,
+    entry_name: &str,
+    order: &[NodeId],
+    plan: &MemoryPlan,
+    states: &StateBinding,
+    program: &mut Program,
+    kernel_name: KernelNamer,
+) -> Result<Entry> {
     let (weights, constants) = (program.weights.len(), program.constants.len());
-    let entry = lower(g, entry_name, order, plan, program, kernel_name);
+    let entry = lower(g, entry_name, order, plan, states, program, kernel_name);
     if entry.is_err() {
         program.weights.truncate(weights);
         program.constants.truncate(constants);
@@ -109,6 +278,7 @@ fn lower(
     entry_name: &str,
     order: &[NodeId],
     plan: &MemoryPlan,
+    states: &StateBinding,
     program: &mut Program,
     kernel_name: KernelNamer,
 ) -> Result<Entry> {
@@ -123,40 +293,59 @@ fn lower(
         )));
     }
     let mut t = Tables::new(program);
-    let mut steps = Vec::with_capacity(order.len());
+    let mut steps = Vec::with_capacity(order.len() + states.copies.len());
     for &id in order {
         let node = g.nodes.get(id.index()).ok_or_else(|| invalid(format!("order names {id}, not in the graph")))?;
         if matches!(node.op, Op::Reshape { .. }) {
             continue;
         }
-        let inputs = node.inputs.iter().map(|&x| operand(g, x, plan, &mut t, entry_name)).collect::<Result<Vec<_>>>()?;
-        let output = operand(g, id, plan, &mut t, entry_name)?;
+        let inputs = node.inputs.iter().map(|&x| operand(g, x, plan, states, &mut t, entry_name)).collect::<Result<Vec<_>>>()?;
+        let output = operand(g, id, plan, states, &mut t, entry_name)?;
         let types: Vec<TensorType> = inputs.iter().map(|o| o.ty.clone()).collect();
         let kernel = kernel_name(&node.op, &types, &output.ty);
         steps.push(Step { node: id.0, op: node.op.clone(), kernel, inputs, output });
     }
+    // State values that could not be computed in place: copied in after every other step.
+    for (i, w, _) in &states.copies {
+        let ty = t.program.states[*i as usize].ty.clone();
+        let mut from = operand(g, *w, plan, states, &mut t, entry_name)?;
+        from.ty = ty.clone();
+        let op = Op::Permute { perm: (0..ty.rank()).collect() };
+        let kernel = kernel_name(&op, std::slice::from_ref(&ty), &ty);
+        steps.push(Step { node: w.0, op, kernel, inputs: vec![from], output: Operand { slot: Slot::State(*i), ty } });
+    }
     let inputs = g
         .inputs()
-        .map(|(id, name, _)| Ok(Io { name: name.to_string(), operand: operand(g, id, plan, &mut t, entry_name)? }))
+        .map(|(id, name, _)| Ok(Io { name: name.to_string(), operand: operand(g, id, plan, states, &mut t, entry_name)? }))
         .collect::<Result<Vec<_>>>()?;
     let outputs = g
         .outputs
         .iter()
-        .map(|(name, id)| Ok(Io { name: name.clone(), operand: operand(g, *id, plan, &mut t, entry_name)? }))
+        .map(|(name, id)| {
+            let mut operand = operand(g, *id, plan, states, &mut t, entry_name)?;
+            if let Some(i) = t.program.state_index(name) {
+                operand.slot = Slot::State(i as u32);
+            }
+            Ok(Io { name: name.clone(), operand })
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Entry { name: entry_name.to_string(), inputs, outputs, steps, arena_bytes: plan.arena_bytes, plan: plan.stats })
 }
 
-/// Schedules, plans and lowers a graph: the entry, the order and the plan (for reports).
+/// Binds states, schedules, plans and lowers a graph: the entry, the order and the plan (for
+/// reports). Readers of a state's old value are ordered before its in-place write, and state
+/// values take no arena bytes.
 pub fn compile_entry(
     g: &Graph,
     entry_name: &str,
     program: &mut Program,
     kernel_name: KernelNamer,
 ) -> Result<(Entry, Vec<NodeId>, MemoryPlan)> {
-    let order = schedule(g);
-    let memory = plan(g, &order)?;
-    let entry = lower_entry(g, entry_name, &order, &memory, program, kernel_name)?;
+    let states = bind_states(g, &program.states, entry_name)?;
+    let outside = states.outside();
+    let order = schedule_with(g, &outside, &states.before);
+    let memory = plan_with(g, &order, &outside)?;
+    let entry = lower_bound(g, entry_name, &order, &memory, &states, program, kernel_name)?;
     Ok((entry, order, memory))
 }
 
@@ -252,5 +441,155 @@ mod tests {
         let e = compile_entry(&g2, "b", &mut p, &namer).unwrap_err();
         assert_eq!(e.to_string(), "pass lower: entry 'b': weight 'w' is f32[3,4] here but f32[4,3] in an earlier entry of this program");
         assert_eq!(p, before);
+    }
+
+    fn stateful(states: &[(&str, TensorType)]) -> Program {
+        let mut p = program();
+        p.states = states.iter().map(|(n, ty)| StateSpec { name: n.to_string(), ty: ty.clone() }).collect();
+        p
+    }
+
+    fn step_of(e: &Entry, node: NodeId) -> (usize, &Step) {
+        e.steps.iter().enumerate().find(|(_, s)| s.node == node.0 && !matches!(s.op, Op::Permute { .. })).unwrap()
+    }
+
+    /// A decode-like step: `c` is written in place one row at `at`, a reader of the old
+    /// value runs first, and readers of the new value read the state.
+    #[test]
+    fn a_write_slice_on_a_state_is_in_place_after_the_old_values_readers() {
+        let cty = TensorType::new(DType::F32, [4, 2]);
+        let mut g = Graph::new();
+        let c = g.input("c", DType::F32, &[4, 2]).unwrap();
+        let new = g.input("new", DType::F32, &[1, 2]).unwrap();
+        let at = g.input("at", DType::I64, &[1]).unwrap();
+        let old_twice = g.mul_scalar(c, 2.0).unwrap();
+        let w = g.write_slice(c, new, at, 0).unwrap();
+        let sum = g.reduce(crate::op::ReduceOp::Sum, w, &[0], false).unwrap();
+        let o = g.reduce(crate::op::ReduceOp::Sum, old_twice, &[0], false).unwrap();
+        let y = g.add(sum, o).unwrap();
+        g.output("c", w);
+        g.output("y", y);
+        // Passes see a pure graph; the aliasing is decided after them.
+        let g = crate::passes::Pipeline::standard().run(&g, None).unwrap();
+        let mut p = stateful(&[("c", cty.clone())]);
+        let (e, _, plan) = compile_entry(&g, "decode", &mut p, &namer).unwrap();
+        let ws = e.steps.iter().position(|s| matches!(s.op, Op::WriteSlice { .. })).unwrap();
+        let write = &e.steps[ws];
+        assert_eq!(write.output.slot, Slot::State(0));
+        assert_eq!(write.inputs[0].slot, Slot::State(0));
+        assert!(!e.steps.iter().any(|s| matches!(s.op, Op::Permute { .. })), "no copy");
+        // The old value's reader (the doubling, fused or not) runs before the write.
+        let reader = e.steps.iter().position(|s| s.inputs.iter().any(|o| o.slot == Slot::State(0)) && !matches!(s.op, Op::WriteSlice { .. }));
+        let new_reader = e.steps.iter().skip(ws + 1).any(|s| s.inputs.iter().any(|o| o.slot == Slot::State(0)));
+        assert!(reader.is_some_and(|r| r < ws) && new_reader, "{:#?}", e.steps);
+        assert_eq!(e.inputs.iter().find(|io| io.name == "c").unwrap().operand.slot, Slot::State(0));
+        assert_eq!(e.outputs.iter().find(|io| io.name == "c").unwrap().operand.slot, Slot::State(0));
+        // The state takes no arena bytes.
+        let in_arena: Vec<&str> = plan.buffers.iter().map(|b| g.node(b.node).op.name()).collect();
+        assert!(!in_arena.contains(&"write_slice") && in_arena.iter().filter(|n| **n == "input").count() == 2, "{in_arena:?}");
+    }
+
+    #[test]
+    fn a_state_computed_from_its_old_value_is_copied_with_a_reason() {
+        let ty = TensorType::new(DType::F32, [3]);
+        let mut g = Graph::new();
+        let acc = g.input("acc", DType::F32, &[3]).unwrap();
+        let x = g.input("x", DType::F32, &[3]).unwrap();
+        let y = g.add(acc, x).unwrap();
+        g.output("acc", y);
+        g.output("sum", y);
+        let mut p = stateful(&[("acc", ty.clone())]);
+        let b = bind_states(&g, &p.states, "add").unwrap();
+        assert_eq!(b.copies, vec![(0, y, format!("{y} (binary) reads the old value while computing the new one"))]);
+        let (e, _, plan) = compile_entry(&g, "add", &mut p, &namer).unwrap();
+        let last = e.steps.last().unwrap();
+        assert!(matches!(last.op, Op::Permute { .. }));
+        assert_eq!(last.output.slot, Slot::State(0));
+        assert_eq!(last.inputs[0].slot, Slot::Arena { offset: plan.slot(y).unwrap().0, bytes: 12 });
+        assert_eq!(step_of(&e, y).1.inputs[0].slot, Slot::State(0));
+    }
+
+    #[test]
+    fn a_reader_of_the_old_value_that_needs_the_new_one_forces_a_copy() {
+        let ty = TensorType::new(DType::F32, [4, 2]);
+        let mut g = Graph::new();
+        let c = g.input("c", DType::F32, &[4, 2]).unwrap();
+        let new = g.input("new", DType::F32, &[1, 2]).unwrap();
+        let at = g.input("at", DType::I64, &[1]).unwrap();
+        let w = g.write_slice(c, new, at, 0).unwrap();
+        let both = g.add(w, c).unwrap();
+        g.output("c", w);
+        g.output("both", both);
+        let mut p = stateful(&[("c", ty)]);
+        let b = bind_states(&g, &p.states, "d").unwrap();
+        assert_eq!(b.copies, vec![(0, w, format!("{both} (binary) reads the old value but depends on the new one"))]);
+        let (e, _, _) = compile_entry(&g, "d", &mut p, &namer).unwrap();
+        assert!(matches!(e.steps.last().unwrap().op, Op::Permute { .. }));
+    }
+
+    #[test]
+    fn prefill_computes_a_state_in_place_and_cse_merged_writes_are_copied() {
+        let ty = TensorType::new(DType::F32, [2, 3]);
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 3]).unwrap();
+        let a = g.mul_scalar(x, 3.0).unwrap();
+        let b = g.mul_scalar(x, 3.0).unwrap();
+        g.output("k", a);
+        g.output("v", b);
+        let g = crate::passes::Pipeline::standard().run(&g, None).unwrap();
+        let mut p = stateful(&[("k", ty.clone()), ("v", ty)]);
+        let bind = bind_states(&g, &p.states, "prefill").unwrap();
+        assert_eq!(bind.copies.len(), 1, "CSE merged the two values: {bind:?}");
+        assert!(bind.copies[0].2.contains("already writes state 'k'"));
+        let (e, _, _) = compile_entry(&g, "prefill", &mut p, &namer).unwrap();
+        assert_eq!(e.steps[0].output.slot, Slot::State(0));
+        assert_eq!(e.steps[1].output.slot, Slot::State(1));
+        assert_eq!(e.steps[1].inputs[0].slot, Slot::State(0));
+    }
+
+    #[test]
+    fn a_given_order_that_breaks_the_write_demotes_it_to_a_copy() {
+        let ty = TensorType::new(DType::F32, [4, 2]);
+        let mut g = Graph::new();
+        let c = g.input("c", DType::F32, &[4, 2]).unwrap();
+        let new = g.input("new", DType::F32, &[1, 2]).unwrap();
+        let at = g.input("at", DType::I64, &[1]).unwrap();
+        let w = g.write_slice(c, new, at, 0).unwrap();
+        let old = g.mul_scalar(c, 2.0).unwrap();
+        g.output("c", w);
+        g.output("old", old);
+        let mut p = stateful(&[("c", ty)]);
+        let order = vec![w, old];
+        let mem = crate::plan::plan(&g, &order).unwrap();
+        let e = lower_entry(&g, "d", &order, &mem, &mut p, &namer).unwrap();
+        assert!(e.steps[0].output.slot != Slot::State(0));
+        assert_eq!(e.steps[1].inputs[0].slot, Slot::State(0));
+        assert_eq!(e.steps[2].output.slot, Slot::State(0));
+    }
+
+    #[test]
+    fn returning_an_overwritten_state_under_another_name_is_refused() {
+        let ty = TensorType::new(DType::F32, [3]);
+        let mut g = Graph::new();
+        let acc = g.input("acc", DType::F32, &[3]).unwrap();
+        let y = g.mul_scalar(acc, 2.0).unwrap();
+        g.output("acc", y);
+        g.output("before", acc);
+        let mut p = stateful(&[("acc", ty)]);
+        let e = compile_entry(&g, "f", &mut p, &namer).unwrap_err();
+        assert!(e.to_string().contains("returns the old value of state 'acc'"), "{e}");
+    }
+
+    #[test]
+    fn write_slice_runs_functionally_in_the_interpreter() {
+        use crate::interp::{eval_op, Value};
+        let dst = Value::from_f32(&[2, 3, 1], &[0.0; 6]).unwrap();
+        let rows = Value::from_f32(&[2, 1, 1], &[7.0, 8.0]).unwrap();
+        let at = Value::new(TensorType::new(DType::I64, [1]), vec![2.0]).unwrap();
+        let out = eval_op(&Op::WriteSlice { axis: 1 }, &[&dst, &rows, &at], &dst.ty).unwrap();
+        assert_eq!(out.to_f32(), [0.0, 0.0, 7.0, 0.0, 0.0, 8.0]);
+        let far = Value::new(TensorType::new(DType::I64, [1]), vec![3.0]).unwrap();
+        let e = eval_op(&Op::WriteSlice { axis: 1 }, &[&dst, &rows, &far], &dst.ty).unwrap_err();
+        assert_eq!(e, "write_slice of 1 rows at 3 does not fit 3 along axis 1");
     }
 }

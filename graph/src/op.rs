@@ -245,6 +245,12 @@ pub enum Op {
     /// assignments with `slot[t, k] >= 0` (a token dropped by every expert gets zero); inputs
     /// `y [R, D]`, `slot [T, K]` (integer), `w [T, K]`.
     MoeCombine,
+    /// `out = dst` with `rows` written along `axis` from position `at[0]` on: inputs
+    /// `dst`, `rows` (dst's shape but `n <= dst[axis]` along `axis`), `at` (integer `[1]`;
+    /// `at + n > dst[axis]` is an error). Functional here; when `dst` is persistent state
+    /// the lowering makes the output alias it, so a step writes only the `n` new rows (the
+    /// KV cache's one-token update).
+    WriteSlice { axis: usize },
     /// A fused elementwise region over broadcast inputs (made by the fusion pass).
     Fused(Expr),
 }
@@ -280,6 +286,7 @@ impl Op {
             Op::Attention(_) => "attention",
             Op::MoeDispatch { .. } => "moe_dispatch",
             Op::MoeCombine => "moe_combine",
+            Op::WriteSlice { .. } => "write_slice",
             Op::Fused(_) => "fused",
         }
     }

@@ -119,7 +119,14 @@ fn steps_of(g: &Graph, order: &[NodeId]) -> Result<(Vec<bool>, Vec<Option<usize>
 
 /// Plans the arena for a graph run in `order` (as made by [`crate::sched::schedule`]).
 pub fn plan(g: &Graph, order: &[NodeId]) -> Result<MemoryPlan> {
+    plan_with(g, order, &[])
+}
+
+/// Like [`plan`], leaving out of the arena the nodes marked in `outside` (indexed by node;
+/// shorter means false): values held in persistent state, and reshape views of them.
+pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<MemoryPlan> {
     let n = g.nodes.len();
+    let outside = |id: NodeId| outside.get(id.index()).copied().unwrap_or(false);
     let (scheduled, step, steps) = steps_of(g, order)?;
     let end = steps.max(1) - 1;
 
@@ -132,10 +139,12 @@ pub fn plan(g: &Graph, order: &[NodeId]) -> Result<MemoryPlan> {
         bufs.push(Buffer { node: id, offset: 0, bytes, size: aligned(bytes), first, last: first });
     };
     for (id, _, _) in g.inputs() {
-        add(id, 0, &mut bufs);
+        if !outside(id) {
+            add(id, 0, &mut bufs);
+        }
     }
     for &id in order {
-        if let Some(s) = step[id.index()] {
+        if let (Some(s), false) = (step[id.index()], outside(id)) {
             add(id, s, &mut bufs);
         }
     }

@@ -16,6 +16,10 @@ pub enum Slot {
     Weight(u32),
     /// Constant number `i` of [`Program::constants`] (read-only).
     Const(u32),
+    /// State number `i` of [`Program::states`]: a persistent buffer the executor owns (a KV
+    /// cache). Entry inputs and outputs named like a state live here, and so does a step that
+    /// writes a state in place (the lowering proved every reader of the old value runs first).
+    State(u32),
 }
 
 /// An operand: where it lives and how to read it (a reshape is a view: same slot, new type).
@@ -74,9 +78,10 @@ pub struct WeightSpec {
     pub ty: TensorType,
 }
 
-/// A persistent buffer of a program (a KV cache): the runtime owns it, zeroes it when the
-/// program is loaded or reset, feeds it to every entry input of the same name and stores every
-/// entry output of the same name back into it, so entries share it across runs.
+/// A persistent buffer of a program (a KV cache): the executor owns it ([`Slot::State`]),
+/// zeroes it when the program is loaded or reset; an entry input of the same name reads it in
+/// place and an entry output of the same name is computed into it (or, where the lowering
+/// could not prove that safe, copied into it by a last step), so entries share it across runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StateSpec {
     pub name: String,
@@ -112,5 +117,10 @@ impl Program {
     /// The entry with a given name.
     pub fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// The index of the state called `name` (entry inputs and outputs of that name are it).
+    pub fn state_index(&self, name: &str) -> Option<usize> {
+        self.states.iter().position(|s| s.name == name)
     }
 }

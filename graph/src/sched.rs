@@ -6,6 +6,10 @@
 //! index. A reshape is a view and costs nothing, so it runs as soon as it is ready. Costs
 //! only fall as other readers of a buffer finish, so a heap with stale entries skipped on
 //! pop keeps it O(n log n).
+//!
+//! [`schedule_with`] takes extra ordering edges and nodes that live outside the arena: the
+//! lowering of persistent state asks that every reader of a state's old value run before the
+//! step that overwrites the state in place, and such values cost no arena bytes.
 
 use crate::graph::{Graph, NodeId};
 use crate::op::Op;
@@ -36,6 +40,8 @@ enum State {
 
 struct Scheduler<'g> {
     g: &'g Graph,
+    /// Per node: whether its buffer lives outside the arena (persistent state: no cost).
+    outside: Vec<bool>,
     /// The buffer each node reads (its view root).
     root: Vec<usize>,
     /// Per step: the distinct arena buffers it reads.
@@ -59,6 +65,9 @@ struct Scheduler<'g> {
 
 impl Scheduler<'_> {
     fn size(&self, i: usize) -> i128 {
+        if self.outside[i] {
+            return 0;
+        }
         aligned(self.g.nodes[i].ty.bytes()) as i128
     }
 
@@ -110,12 +119,21 @@ impl Scheduler<'_> {
 /// An order of every non-source node some output depends on: each after its inputs, chosen
 /// to keep the peak of live memory low.
 pub fn schedule(g: &Graph) -> Vec<NodeId> {
+    schedule_with(g, &[], &[])
+}
+
+/// Like [`schedule`], with the buffers of nodes marked in `outside` (indexed by node; shorter
+/// means false) costing nothing, and each `(a, b)` of `before` run in that order (both must be
+/// steps some output needs, and `b` must not feed `a`, or the edge would close a cycle and
+/// the nodes it blocks would be left out of the order).
+pub fn schedule_with(g: &Graph, outside: &[bool], before: &[(NodeId, NodeId)]) -> Vec<NodeId> {
     let n = g.nodes.len();
     let need = needed(g);
     let is_step = |i: usize| need[i] && !g.nodes[i].op.is_source();
     let root: Vec<usize> = (0..n).map(|i| view_root(g, NodeId(i as u32)).index()).collect();
     let mut s = Scheduler {
         g,
+        outside: (0..n).map(|i| outside.get(i).copied().unwrap_or(false)).collect(),
         reads: vec![Vec::new(); n],
         readers: vec![Vec::new(); n],
         remaining: Vec::new(),
@@ -144,6 +162,13 @@ pub fn schedule(g: &Graph) -> Vec<NodeId> {
                 s.reads[i].push(b);
                 s.readers[b].push(i);
             }
+        }
+    }
+    for &(a, b) in before {
+        let (a, b) = (a.index(), b.index());
+        if a < n && b < n && is_step(a) && is_step(b) {
+            s.pending[b] += 1;
+            s.consumers[a].push(b);
         }
     }
     s.remaining = s.readers.iter().map(Vec::len).collect();

@@ -91,6 +91,7 @@ fn random_program(seed: u64) -> Program {
             ConstData { values: (0..ty.numel()).map(|_| r.f64()).collect(), ty }
         })
         .collect();
+    let states: Vec<StateSpec> = (0..r.below(3)).map(|_| StateSpec { name: r.string(), ty: random_ty(r) }).collect();
     let mut entries = Vec::new();
     for _ in 0..r.below(4) {
         let mut top = 0;
@@ -103,6 +104,10 @@ fn random_program(seed: u64) -> Program {
             if pick == 1 && !constants.is_empty() {
                 let i = r.below(constants.len());
                 return Operand { slot: Slot::Const(i as u32), ty: constants[i].ty.clone() };
+            }
+            if pick == 2 && !states.is_empty() && r.below(2) == 0 {
+                let i = r.below(states.len());
+                return Operand { slot: Slot::State(i as u32), ty: states[i].ty.clone() };
             }
             let ty = random_ty(r);
             let offset = 256 * r.below(64);
@@ -124,7 +129,6 @@ fn random_program(seed: u64) -> Program {
         let plan = PlanStats { peak: arena_bytes, lower_bound: r.below(arena_bytes + 1), no_reuse: r.next() as usize };
         entries.push(Entry { name: r.string(), inputs, outputs, steps, arena_bytes, plan });
     }
-    let states = (0..r.below(3)).map(|_| StateSpec { name: r.string(), ty: random_ty(r) }).collect();
     Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states }
 }
 
@@ -241,7 +245,7 @@ fn each_bad_file_gets_its_own_message() {
 
     let mut v = good.clone();
     v[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads version 1: recompile it with `kiln compile`");
+    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads version 2: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));

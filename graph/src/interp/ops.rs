@@ -90,6 +90,21 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             }
             Ok(v)
         }
+        Op::WriteSlice { axis } => {
+            let (outer, len, inner) = split(&out.shape, *axis);
+            let n = a[1].ty.shape[*axis];
+            let at = a[2].data[0];
+            if at < 0.0 || at + n as f64 > len as f64 {
+                return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
+            }
+            let at = at as usize;
+            let mut v = a[0].data.clone();
+            for o in 0..outer {
+                let dst = (o * len + at) * inner;
+                v[dst..dst + n * inner].copy_from_slice(&a[1].data[o * n * inner..(o + 1) * n * inner]);
+            }
+            Ok(v)
+        }
         Op::Broadcast { shape } => Ok(map_broadcast(a, shape, |x| x[0])),
         Op::Gather { axis } => {
             let (outer, len, inner) = split(&a[0].ty.shape, *axis);
