@@ -170,7 +170,7 @@ impl Generator {
             next_pos[r] = acc + self.position_offset;
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
-        self.session.reset_states();
+        self.session.reset_states()?;
         let t0 = std::time::Instant::now();
         let (ids_t, mask_t, pos_t) =
             (Tensor::from_i64(&[b, s], &ids), Tensor::from_i64(&[b, s], &prefill_mask), Tensor::from_i64(&[b, s], &pos));

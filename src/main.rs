@@ -664,13 +664,16 @@ fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
 
 fn print_program(prog: &Program) {
     println!("{} [backend {}]", prog.model, prog.backend);
+    for (i, st) in prog.states.iter().enumerate() {
+        println!("state {i}: {} {} (persistent, {} bytes)", st.name, st.ty, st.ty.bytes());
+    }
     for e in &prog.entries {
         println!("entry {}: {} steps, arena {} bytes", e.name, e.steps.len(), e.arena_bytes);
         for io in &e.inputs {
-            println!("  in  {} {}", io.name, io.operand.ty);
+            println!("  in  {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
         }
         for io in &e.outputs {
-            println!("  out {} {}", io.name, io.operand.ty);
+            println!("  out {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
         }
         for (i, s) in e.steps.iter().enumerate() {
             println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);

@@ -11,7 +11,7 @@ mod common;
 
 use kiln::{compile, CompileOptions};
 use kiln_models::Profile;
-use kiln_runtime::{Session, WeightStore};
+use kiln_runtime::{Session, Tensor, WeightStore};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use std::sync::Arc;
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 static GEMM_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+/// Bytes asked for (by alloc and realloc), wherever.
+static BYTES: AtomicUsize = AtomicUsize::new(0);
 
 fn count() {
     if kiln_kernels::cpu::gemm::third_party_gemm_active() {
@@ -32,6 +34,7 @@ fn count() {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         count();
+        BYTES.fetch_add(l.size(), Ordering::SeqCst);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
@@ -41,6 +44,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         count();
+        BYTES.fetch_add(n, Ordering::SeqCst);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -114,4 +118,46 @@ fn jet_entries_do_not_allocate() {
         let per_run: Vec<usize> = (0..10).map(|_| run()).collect();
         assert!(per_run.iter().sum::<usize>() <= 1, "{}: runs allocated {per_run:?} times outside the gemm crate", e.name);
     }
+}
+
+/// A Gemma 2 decode step reads and updates its KV cache in place: `Session::run` allocates
+/// its outputs (the logits) and no cache-sized buffer, where it used to allocate and copy
+/// every layer's cache per token. The steps that still allocate are named: the attention
+/// mask's bool arithmetic runs on the interpreter's reference path (a few small vectors
+/// each), which this test pins so a new one shows up.
+#[test]
+fn gemma_decode_moves_no_cache_bytes() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::gemma_case("gemma2_gqa");
+    let mut g = kiln::generate::Generator::new(&dir, 1, 8, 6, "cpu").expect("compile");
+    let (ids, mask) = ([2i64, 5, 7, 9], [1i64; 4]);
+    g.generate(&ids, &mask, 4, 2, None).expect("generate");
+    let c = g.capacity;
+    let s = &mut g.session;
+    let e = s.program().entries[s.entry_index("decode").expect("decode entry")].clone();
+    let cache: usize = s.program().states.iter().map(|st| st.ty.bytes()).sum();
+    let logits: usize = e.outputs.iter().filter(|o| o.name == "logits").map(|o| o.operand.ty.bytes()).sum();
+    let states = e.inputs.iter().filter(|io| s.program().state_index(&io.name).is_some()).count();
+    assert!(states > 0 && e.inputs.len() == states + 4);
+    let mut am = vec![0i64; c];
+    am[4..10].fill(1);
+    let ins = [
+        ("input_ids", Tensor::from_i64(&[1, 1], &[3])),
+        ("attention_mask", Tensor::from_i64(&[1, c], &am)),
+        ("position_ids", Tensor::from_i64(&[1, 1], &[5])),
+        ("cache_position", Tensor::from_i64(&[1], &[9])),
+    ];
+    let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (*n, t)).collect();
+    let mut run = || {
+        let before = BYTES.load(Ordering::SeqCst);
+        s.run("decode", &refs).expect("run");
+        BYTES.load(Ordering::SeqCst) - before
+    };
+    run();
+    let per_run: Vec<usize> = (0..5).map(|_| run()).collect();
+    let slow: Vec<String> = e.steps.iter().filter(|st| st.kernel == "cpu.reference").map(|st| format!("{} -> {}", st.op.name(), st.output.ty)).collect();
+    println!("decode: {per_run:?} bytes allocated per run; logits {logits} B, cache {cache} B; reference steps {slow:?}");
+    assert!(per_run.iter().all(|&b| b < logits + 16 * 1024 && b < cache / 4), "decode runs allocated {per_run:?} bytes");
+    assert!(slow.len() <= 5 && slow.iter().all(|s| s.ends_with(&format!("[1,1,{c}]"))), "{slow:?}");
+    assert!(e.steps.iter().any(|st| st.kernel == "cpu.write_slice" && matches!(st.output.slot, kiln_graph::program::Slot::State(_))));
 }

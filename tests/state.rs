@@ -37,17 +37,73 @@ fn state_carries_across_runs_and_entries() {
     }
     let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap();
     let one = Tensor::from_f32(&[3], &[1.0, 2.0, 3.0]);
-    assert_eq!(s.state("acc").unwrap().to_f32(), [0.0; 3]);
+    assert_eq!(s.state("acc").unwrap().unwrap().to_f32(), [0.0; 3]);
     s.run("add", &[("x", &one)]).unwrap();
     let out = s.run("add", &[("x", &one)]).unwrap();
     assert_eq!(out.len(), 1, "the state output is kept, not returned");
     assert_eq!(out[0].1.to_f32(), [2.0, 4.0, 6.0]);
     let twice = s.run("peek", &[]).unwrap();
     assert_eq!(twice[0].1.to_f32(), [4.0, 8.0, 12.0]);
-    s.reset_states();
+    s.reset_states().unwrap();
     assert_eq!(s.run("peek", &[]).unwrap()[0].1.to_f32(), [0.0; 3]);
     // A caller may also give the state explicitly.
     let given = s.run("peek", &[("acc", &one)]).unwrap();
     assert_eq!(given[0].1.to_f32(), [2.0, 4.0, 6.0]);
-    assert_eq!(ty, s.state("acc").unwrap().ty);
+    assert_eq!(ty, s.state("acc").unwrap().unwrap().ty);
+}
+
+/// A decode-like entry writes one row per run into its state in place (the write step's
+/// output is the state itself), a prefill-like entry computes the whole state into it, and
+/// readers of the old value run before the write.
+#[test]
+fn write_slice_updates_a_state_in_place() {
+    use kiln_graph::program::Slot;
+    let ty = TensorType::new(DType::F32, [2, 4, 1]);
+    let backend = kiln_runtime::by_name("cpu").unwrap();
+    let mut program = Program {
+        model: "cache".into(),
+        backend: "cpu".into(),
+        source: String::new(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: vec![StateSpec { name: "c".into(), ty: ty.clone() }],
+    };
+    let mut fill = Graph::new();
+    let x = fill.input("x", DType::F32, &[2, 4, 1]).unwrap();
+    let y = fill.mul_scalar(x, 10.0).unwrap();
+    fill.output("c", y);
+    let mut step = Graph::new();
+    let c = step.input("c", DType::F32, &[2, 4, 1]).unwrap();
+    let new = step.input("new", DType::F32, &[2, 1, 1]).unwrap();
+    let at = step.input("at", DType::I64, &[1]).unwrap();
+    let old_sum = step.reduce(kiln_graph::ReduceOp::Sum, c, &[1, 2], false).unwrap();
+    let w = step.write_slice(c, new, at, 1).unwrap();
+    let new_sum = step.reduce(kiln_graph::ReduceOp::Sum, w, &[1, 2], false).unwrap();
+    step.output("c", w);
+    step.output("old", old_sum);
+    step.output("new", new_sum);
+    let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap();
+    for (name, g) in [("fill", &fill), ("step", &step)] {
+        let (e, _, _) = kiln_graph::lower::compile_entry(g, name, &mut program, &namer).unwrap();
+        program.entries.push(e);
+    }
+    let ws = program.entries[1].steps.iter().find(|s| s.kernel == "cpu.write_slice").unwrap();
+    assert_eq!((ws.inputs[0].slot, ws.output.slot), (Slot::State(0), Slot::State(0)));
+    assert_eq!(program.entries[0].steps.last().unwrap().output.slot, Slot::State(0));
+    let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap();
+    let x = Tensor::from_f32(&[2, 4, 1], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    assert!(s.run("fill", &[("x", &x)]).unwrap().is_empty());
+    assert_eq!(s.state("c").unwrap().unwrap().to_f32(), [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0]);
+    let new = Tensor::from_f32(&[2, 1, 1], &[-1.0, -2.0]);
+    let out = s.run("step", &[("new", &new), ("at", &Tensor::from_i64(&[1], &[2]))]).unwrap();
+    let get = |n: &str| out.iter().find(|(k, _)| k == n).unwrap().1.to_f32();
+    assert_eq!(get("old"), [100.0, 260.0]);
+    assert_eq!(get("new"), [100.0 - 30.0 - 1.0, 260.0 - 70.0 - 2.0]);
+    assert_eq!(s.state("c").unwrap().unwrap().to_f32(), [10.0, 20.0, -1.0, 40.0, 50.0, 60.0, -2.0, 80.0]);
+    let far = s.run("step", &[("new", &new), ("at", &Tensor::from_i64(&[1], &[4]))]).unwrap_err();
+    assert!(far.to_string().contains("does not fit 4"), "{far}");
+    s.reset_states().unwrap();
+    assert_eq!(s.state("c").unwrap().unwrap().to_f32(), [0.0; 8]);
+    assert!(s.state("nope").unwrap().is_none());
 }

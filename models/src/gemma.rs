@@ -230,13 +230,14 @@ struct Ctx {
     /// Additive masks `[B, S, KV]`: full attention, and per window size.
     full: NodeId,
     windowed: Vec<(usize, NodeId)>,
-    /// Decode: `[1, C, 1, 1]` true at the slot being written.
+    /// Decode: the cache slot being written (i64 `[1]`).
     write_at: Option<NodeId>,
     mode: Mode,
 }
 
 /// Builds the text decoder over token embeddings `x [B, S, D]` already scaled and merged;
-/// `q_index [1|B, S, 1]` (f32) is each query's cache index, `attention_mask [B, KV]` (i64).
+/// `q_index [1|B, S, 1]` (f32) is each query's cache index, `attention_mask [B, KV]` (i64);
+/// decode also takes `write_at`, the cache slot of the new token (i64 `[1]`).
 /// Returns the final hidden states `[B, S, D]` after the last norm.
 #[allow(clippy::too_many_arguments)]
 pub fn decoder(
@@ -249,6 +250,7 @@ pub fn decoder(
     q_index: NodeId,
     mode: Mode,
     allowed_extra: Option<NodeId>,
+    write_at: Option<NodeId>,
 ) -> Result<NodeId> {
     let (b, s, d) = (m.g.shape(x)[0], m.g.shape(x)[1], cfg.hidden_size);
     let kv = m.g.shape(attention_mask)[1];
@@ -261,14 +263,6 @@ pub fn decoder(
             windowed.push((*w, mk));
         }
     }
-    let write_at = match mode {
-        Mode::Decode { capacity } => {
-            let slots = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, capacity, 1, 1]))?;
-            let qi = m.g.reshape(q_index, &[1, 1, 1, 1])?;
-            Some(m.g.binary(BinaryOp::Eq, slots, qi)?)
-        }
-        Mode::Forward | Mode::Prefill { .. } => None,
-    };
     let ctx = Ctx { b, s, kv, cos, sin, full, windowed, write_at, mode };
     let mut x = m.g.reshape(x, &[b * s, d])?;
     for l in 0..cfg.num_hidden_layers {
@@ -322,18 +316,18 @@ pub fn build(m: &mut Builder, cfg: &GemmaConfig, batch: usize, seq: usize, mode:
     let ids = m.g.input("input_ids", DType::I64, &[batch, s])?;
     let am = m.g.input("attention_mask", DType::I64, &[batch, kv])?;
     let pos = m.g.input("position_ids", DType::I64, &[batch, s])?;
-    let q_index = match mode {
+    let (q_index, write_at) = match mode {
         Mode::Decode { .. } => {
             let cp = m.g.input("cache_position", DType::I64, &[1])?;
-            let cp = m.g.push(Op::Cast { to: DType::F32 }, &[cp])?;
-            m.g.reshape(cp, &[1, 1, 1])?
+            let qi = m.g.push(Op::Cast { to: DType::F32 }, &[cp])?;
+            (m.g.reshape(qi, &[1, 1, 1])?, Some(cp))
         }
         Mode::Forward | Mode::Prefill { .. } => {
-            m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?
+            (m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?, None)
         }
     };
     let x = embed(m, cfg, &p, ids)?;
-    let h = decoder(m, cfg, &p, x, pos, am, q_index, mode, None)?;
+    let h = decoder(m, cfg, &p, x, pos, am, q_index, mode, None, write_at)?;
     let h = match mode {
         Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
         Mode::Forward | Mode::Decode { .. } => h,
@@ -455,11 +449,12 @@ fn layer(m: &mut Builder, cfg: &GemmaConfig, p: &str, l: usize, x: NodeId, ctx: 
             (k, v)
         }
         Mode::Decode { capacity } => {
+            // The new row goes into the cache in place (the cache is persistent state).
             let at = ctx.write_at.ok_or_else(|| ModelError::Unsupported("decode without a write index".into()))?;
             let mut kv_all = [k, v];
             for (i, name) in ["key", "value"].iter().enumerate() {
                 let past = m.g.input(&format!("cache.{l}.{name}"), m.dtype, &[b, capacity, kvh, hd])?;
-                let new = m.g.push(Op::Select, &[at, kv_all[i], past])?;
+                let new = m.g.write_slice(past, kv_all[i], at, 1)?;
                 m.g.output(format!("cache.{l}.{name}"), new);
                 kv_all[i] = new;
             }

@@ -107,7 +107,7 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     let pj = m.g.reshape(pre, &[b, 1, s])?;
     let both = m.g.binary(BinaryOp::And, pi, pj)?;
     let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?;
-    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, q_index, mode, Some(both))?;
+    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, q_index, mode, Some(both), None)?;
     let h = match mode {
         Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
         Mode::Forward | Mode::Decode { .. } => h,

@@ -19,12 +19,20 @@ pub trait Backend: Send + Sync {
 }
 
 /// A loaded program. `run` takes inputs and outputs in the entry's declared order, already
-/// checked by the session against the declared types.
+/// checked by the session against the declared types. The executable owns the program's
+/// persistent state ([`kiln_graph::program::Slot::State`]), zeroed at load: an input that
+/// lives in a state may be given as an empty slice (the state is read as it is) or in full
+/// (the state is set to it first); an output named like a state may be an empty slice (it is
+/// only stored in the state) or a full one (the stored value is also copied out).
 pub trait Executable: Send {
     /// Runs entry `entry` writing each output into its buffer; allocates nothing.
     fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()>;
     /// Like `run`, recording each step's wall time in seconds into `times` (one per step).
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()>;
+    /// Zeroes every state (a new generation starts from an empty KV cache).
+    fn reset_states(&mut self) -> Result<()>;
+    /// Copies state `i`'s bytes into `out` (of the state's size).
+    fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()>;
 }
 
 /// The backends this build has (`cube` runs CubeCL on wgpu, `cube-cuda` on CUDA).

@@ -8,12 +8,11 @@ use kiln_graph::program::Program;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A loaded program, ready to run.
+/// A loaded program, ready to run. Its persistent state ([`Program::states`]) lives in the
+/// executable, where entries read and update it in place.
 pub struct Session {
     program: Program,
     exec: Box<dyn Executable>,
-    /// The program's persistent state ([`Program::states`]), in declared order.
-    states: Vec<Tensor>,
 }
 
 impl Session {
@@ -21,8 +20,7 @@ impl Session {
     pub fn new(program: Program, weights: Arc<WeightStore>) -> Result<Self> {
         let backend = by_name(&program.backend)?;
         let exec = backend.load(&program, weights)?;
-        let states = program.states.iter().map(|st| Tensor::zeros(st.ty.clone())).collect();
-        Ok(Session { program, exec, states })
+        Ok(Session { program, exec })
     }
 
     /// Loads an artifact file and the weights it names (a safetensors file or a folder).
@@ -45,31 +43,25 @@ impl Session {
     }
 
     /// Zeroes the persistent state (a new generation starts from an empty KV cache).
-    pub fn reset_states(&mut self) {
-        for t in &mut self.states {
-            t.bytes.fill(0);
-        }
+    pub fn reset_states(&mut self) -> Result<()> {
+        self.exec.reset_states()
     }
 
-    /// The persistent state named `name`, if the program has one.
-    pub fn state(&self, name: &str) -> Option<&Tensor> {
-        self.program.states.iter().position(|s| s.name == name).map(|i| &self.states[i])
+    /// A copy of the persistent state named `name`, if the program has one.
+    pub fn state(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let Some(i) = self.program.state_index(name) else { return Ok(None) };
+        let mut t = Tensor::zeros(self.program.states[i].ty.clone());
+        self.exec.read_state(i, &mut t.bytes)?;
+        Ok(Some(t))
     }
 
     /// Runs an entry on named inputs and returns its named outputs (allocated here). Entry
-    /// inputs named like a state are read from it unless given; entry outputs named like a
-    /// state are stored into it and not returned.
+    /// inputs named like a state read it in place unless given (a given one sets the state
+    /// first); entry outputs named like a state are stored into it and not returned.
     pub fn run(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
         let ei = self.entry_index(entry)?;
         let e = &self.program.entries[ei];
-        let state_of = |name: &str| self.program.states.iter().position(|s| s.name == name);
-        let mut with_state: Vec<(&str, &Tensor)> = inputs.to_vec();
-        for io in &e.inputs {
-            if let (Some(i), false) = (state_of(&io.name), inputs.iter().any(|(n, _)| *n == io.name)) {
-                with_state.push((io.name.as_str(), &self.states[i]));
-            }
-        }
-        let inputs = with_state.as_slice();
+        let is_state = |name: &str| self.program.state_index(name).is_some();
         for (name, _) in inputs {
             if !e.inputs.iter().any(|io| io.name == *name) {
                 let want: Vec<String> = e.inputs.iter().map(|io| format!("{} {}", io.name, io.operand.ty)).collect();
@@ -79,38 +71,36 @@ impl Session {
                 });
             }
         }
-        let mut ordered = Vec::with_capacity(e.inputs.len());
+        let mut ordered: Vec<&[u8]> = Vec::with_capacity(e.inputs.len());
         for io in &e.inputs {
-            let t = inputs
-                .iter()
-                .find(|(n, _)| *n == io.name)
-                .map(|(_, t)| *t)
-                .ok_or_else(|| RuntimeError::Input { name: io.name.clone(), msg: format!("missing; '{entry}' needs {}", io.operand.ty) })?;
+            let Some(t) = inputs.iter().find(|(n, _)| *n == io.name).map(|(_, t)| *t) else {
+                if is_state(&io.name) {
+                    ordered.push(&[]);
+                    continue;
+                }
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("missing; '{entry}' needs {}", io.operand.ty) });
+            };
             if t.ty != io.operand.ty {
                 return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("expected {}, found {}", io.operand.ty, t.ty) });
             }
             ordered.push(t.bytes.as_slice());
         }
-        let mut outs: Vec<Tensor> = e.outputs.iter().map(|io| Tensor::zeros(io.operand.ty.clone())).collect();
-        let names: Vec<String> = e.outputs.iter().map(|io| io.name.clone()).collect();
+        let mut outs: Vec<(String, Tensor)> =
+            e.outputs.iter().filter(|io| !is_state(&io.name)).map(|io| (io.name.clone(), Tensor::zeros(io.operand.ty.clone()))).collect();
         {
-            let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|t| t.bytes.as_mut_slice()).collect();
+            let mut fresh = outs.iter_mut();
+            let mut bufs: Vec<&mut [u8]> = e
+                .outputs
+                .iter()
+                .map(|io| match is_state(&io.name) {
+                    true => Some(<&mut [u8]>::default()),
+                    false => fresh.next().map(|(_, t)| t.bytes.as_mut_slice()),
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| RuntimeError::Output { name: entry.into(), msg: "output count changed (internal error)".into() })?;
             self.exec.run(ei, &ordered, &mut bufs)?;
         }
-        let mut kept = Vec::with_capacity(outs.len());
-        for (name, t) in names.into_iter().zip(outs) {
-            match self.program.states.iter().position(|s| s.name == name) {
-                Some(i) if self.states[i].ty == t.ty => self.states[i] = t,
-                Some(i) => {
-                    return Err(RuntimeError::Output {
-                        name,
-                        msg: format!("is {} but the state it updates is {}", t.ty, self.states[i].ty),
-                    })
-                }
-                None => kept.push((name, t)),
-            }
-        }
-        Ok(kept)
+        Ok(outs)
     }
 
     /// Runs an entry once with each step timed: (kernel, op, seconds) per step, in order.
@@ -121,14 +111,16 @@ impl Session {
             .inputs
             .iter()
             .map(|io| {
-                inputs
-                    .iter()
-                    .find(|(n, t)| *n == io.name && t.ty == io.operand.ty)
-                    .map(|(_, t)| t.bytes.as_slice())
-                    .ok_or_else(|| RuntimeError::Input { name: io.name.clone(), msg: format!("missing or not {}", io.operand.ty) })
+                let given = inputs.iter().find(|(n, t)| *n == io.name && t.ty == io.operand.ty).map(|(_, t)| t.bytes.as_slice());
+                match (given, self.program.state_index(&io.name)) {
+                    (Some(b), _) => Ok(b),
+                    (None, Some(_)) => Ok(&[][..]),
+                    (None, None) => Err(RuntimeError::Input { name: io.name.clone(), msg: format!("missing or not {}", io.operand.ty) }),
+                }
             })
             .collect::<Result<_>>()?;
-        let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|io| vec![0; io.operand.ty.bytes()]).collect();
+        let size = |io: &kiln_graph::program::Io| if self.program.state_index(&io.name).is_some() { 0 } else { io.operand.ty.bytes() };
+        let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|io| vec![0; size(io)]).collect();
         let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         let mut times = Vec::with_capacity(e.steps.len());
         self.exec.run_timed(ei, &ordered, &mut bufs, &mut times)?;
@@ -136,7 +128,8 @@ impl Session {
         Ok(e.steps.iter().zip(times).map(|(s, t)| (s.kernel.clone(), s.op.name(), t)).collect())
     }
 
-    /// Runs entry `ei` with caller-owned buffers in declared order; checks sizes, allocates nothing.
+    /// Runs entry `ei` with caller-owned buffers in declared order; checks sizes, allocates
+    /// nothing. An input or output named like a state may be empty: see [`Executable`].
     pub fn run_into(&mut self, ei: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
         let e = self
             .program
@@ -155,8 +148,9 @@ impl Session {
                 ),
             });
         }
+        let state = |io: &kiln_graph::program::Io, b: usize| b == 0 && self.program.state_index(&io.name).is_some();
         for (io, b) in e.inputs.iter().zip(inputs) {
-            if b.len() != io.operand.ty.bytes() {
+            if b.len() != io.operand.ty.bytes() && !state(io, b.len()) {
                 return Err(RuntimeError::Input {
                     name: io.name.clone(),
                     msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()),
@@ -164,7 +158,7 @@ impl Session {
             }
         }
         for (io, b) in e.outputs.iter().zip(outputs.iter()) {
-            if b.len() != io.operand.ty.bytes() {
+            if b.len() != io.operand.ty.bytes() && !state(io, b.len()) {
                 return Err(RuntimeError::Output {
                     name: io.name.clone(),
                     msg: format!("{} bytes given, {} needs {}", b.len(), io.operand.ty, io.operand.ty.bytes()),

@@ -102,15 +102,22 @@ pub(crate) struct CpuExec {
     pub(crate) wbufs: Vec<WeightBuf>,
     pub(crate) consts: Vec<Aligned>,
     pub(crate) arena: Aligned,
+    /// Every state of the program, each at `state_off[i]`.
+    pub(crate) states: Aligned,
+    pub(crate) state_off: Vec<usize>,
     pub(crate) program: Program,
     pub(crate) prepared: Vec<Vec<Prep>>,
 }
 
-/// Operand access for one run. The arena is reached through a raw pointer because a step
-/// reads some arena ranges while writing another; the memory plan guarantees that ranges
-/// live at the same step never overlap (checked by the planner's property tests).
+/// Operand access for one run. The arena and the states are reached through raw pointers
+/// because a step reads some ranges while writing another; the memory plan guarantees that
+/// arena ranges live at the same step never overlap (checked by the planner's property
+/// tests), and a step writing a state reads that state only when it is a `write_slice` in
+/// place, which never makes a slice of its destination input (checked at load).
 struct Mem<'a> {
     arena: *mut u8,
+    states: *mut u8,
+    state_off: &'a [usize],
     weights: &'a WeightStore,
     wbufs: &'a [WeightBuf],
     consts: &'a [Aligned],
@@ -128,6 +135,8 @@ impl<'a> Mem<'a> {
                 WeightBuf::Owned(a) => &a.bytes()[..n],
             },
             Slot::Const(i) => &self.consts[i as usize].bytes()[..n],
+            // SAFETY: `load` checked the state exists and has this size; see the struct comment.
+            Slot::State(i) => unsafe { std::slice::from_raw_parts(self.states.add(self.state_off[i as usize]), n) },
         }
     }
 
@@ -136,7 +145,9 @@ impl<'a> Mem<'a> {
         match o.slot {
             // SAFETY: as in `read`; the output range of a step overlaps no range it reads.
             Slot::Arena { offset, .. } => unsafe { std::slice::from_raw_parts_mut(self.arena.add(offset), o.ty.bytes()) },
-            Slot::Weight(_) | Slot::Const(_) => unreachable!("load() refuses programs whose steps write outside the arena"),
+            // SAFETY: as in `read`.
+            Slot::State(i) => unsafe { std::slice::from_raw_parts_mut(self.states.add(self.state_off[i as usize]), o.ty.bytes()) },
+            Slot::Weight(_) | Slot::Const(_) => unreachable!("load() refuses programs whose steps write outside the arena and states"),
         }
     }
 
@@ -161,14 +172,35 @@ impl Executable for CpuExec {
         times.clear();
         rayon::scope(|_| self.run_inner(entry, inputs, outputs, Some(times)))
     }
+
+    fn reset_states(&mut self) -> Result<()> {
+        self.states.bytes_mut().fill(0);
+        Ok(())
+    }
+
+    fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()> {
+        let (off, n) = (self.state_off[i], self.program.states[i].ty.bytes());
+        out.copy_from_slice(&self.states.bytes()[off..off + n]);
+        Ok(())
+    }
 }
 
 impl CpuExec {
     fn run_inner(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], mut times: Option<&mut Vec<f64>>) -> Result<()> {
         let e = &self.program.entries[entry];
-        let mem = Mem { arena: self.arena.bytes_mut().as_mut_ptr(), weights: &self.weights, wbufs: &self.wbufs, consts: &self.consts };
+        let mem = Mem {
+            arena: self.arena.bytes_mut().as_mut_ptr(),
+            states: self.states.bytes_mut().as_mut_ptr(),
+            state_off: &self.state_off,
+            weights: &self.weights,
+            wbufs: &self.wbufs,
+            consts: &self.consts,
+        };
         for (io, bytes) in e.inputs.iter().zip(inputs) {
-            mem.write(&io.operand).copy_from_slice(bytes);
+            // An input living in a state reads it as it is unless given.
+            if !(bytes.is_empty() && matches!(io.operand.slot, Slot::State(_))) {
+                mem.write(&io.operand).copy_from_slice(bytes);
+            }
         }
         for (i, (s, p)) in e.steps.iter().zip(&self.prepared[entry]).enumerate() {
             let t = times.is_some().then(std::time::Instant::now);
@@ -178,7 +210,10 @@ impl CpuExec {
             }
         }
         for (io, out) in e.outputs.iter().zip(outputs.iter_mut()) {
-            out.copy_from_slice(mem.read(&io.operand));
+            // An output stored in a state is copied out only when asked for.
+            if !(out.is_empty() && matches!(io.operand.slot, Slot::State(_))) {
+                out.copy_from_slice(mem.read(&io.operand));
+            }
         }
         Ok(())
     }
@@ -270,6 +305,29 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             let sh = &s.inputs[0].ty.shape;
             let (outer, len, inner) = split(sh, *axis);
             movement::slice(mem.read(&s.inputs[0]), outer, len, inner * es, *start, *end, *step, mem.write(&s.output));
+            Ok(())
+        }
+        (Op::WriteSlice { axis }, _) if s.kernel == "cpu.write_slice" => {
+            let es = out_ty.dtype.size();
+            let (outer, len, inner) = split(&out_ty.shape, *axis);
+            let n = s.inputs[1].ty.shape[*axis];
+            let at = match s.inputs[2].ty.dtype {
+                DType::I32 => bytemuck::cast_slice::<u8, i32>(mem.read(&s.inputs[2]))[0] as i64,
+                _ => i64s(mem, &s.inputs[2])[0],
+            };
+            if at < 0 || at as usize + n > len {
+                return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
+            }
+            if s.inputs[0].slot != s.output.slot {
+                // Out of place: start from a copy of the destination (distinct slots never overlap).
+                mem.write(&s.output).copy_from_slice(mem.read(&s.inputs[0]));
+            }
+            // In place (a state): only the new rows are written.
+            let (rows, out) = (mem.read(&s.inputs[1]), mem.write(&s.output));
+            let (row, at) = (n * inner * es, at as usize * inner * es);
+            for o in 0..outer {
+                out[o * len * inner * es + at..][..row].copy_from_slice(&rows[o * row..(o + 1) * row]);
+            }
             Ok(())
         }
         (Op::Concat { axis }, _) => {

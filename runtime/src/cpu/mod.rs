@@ -88,6 +88,7 @@ impl Backend for CpuBackend {
             Op::Gather { axis: 0 } if inputs.len() == 2 && inputs[1].dtype == DType::I64 && inputs[0].dtype.size() == 4 => "cpu.gather",
             Op::Permute { .. } => "cpu.permute",
             Op::Slice { .. } => "cpu.slice",
+            Op::WriteSlice { .. } if matches!(inputs[2].dtype, DType::I64 | DType::I32) => "cpu.write_slice",
             Op::Concat { .. } => "cpu.concat",
             Op::Resize { .. } if f32_all => "cpu.resize",
             Op::Reshape { .. } => "view",
@@ -125,19 +126,44 @@ impl Backend for CpuBackend {
         }
         let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
         let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+        // All states in one buffer, each at an aligned offset.
+        let mut state_off = Vec::with_capacity(program.states.len());
+        let mut state_bytes = 0;
+        for st in &program.states {
+            state_off.push(state_bytes);
+            state_bytes += st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN);
+        }
+        let state_ok = |o: &kiln_graph::program::Operand| match o.slot {
+            Slot::State(i) => program.states.get(i as usize).is_some_and(|st| st.ty.bytes() == o.ty.bytes()),
+            Slot::Arena { .. } | Slot::Weight(_) | Slot::Const(_) => true,
+        };
         for e in &program.entries {
-            if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. })) {
-                return Err(RuntimeError::Input { name: io.name.clone(), msg: "not placed in the arena (corrupt program)".into() });
+            if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. } | Slot::State(_))) {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: "not placed in the arena or a state (corrupt program)".into() });
+            }
+            if let Some(io) = e.inputs.iter().chain(&e.outputs).find(|io| !state_ok(&io.operand)) {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: "a state operand of the wrong size (corrupt program)".into() });
             }
             for (i, s) in e.steps.iter().enumerate() {
                 let end = |o: &kiln_graph::program::Operand| match o.slot {
                     Slot::Arena { offset, bytes } => offset + bytes,
-                    Slot::Weight(_) | Slot::Const(_) => 0,
+                    Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => 0,
                 };
-                if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes) {
-                    return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "operand outside the arena (corrupt program)".into() });
+                if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes || !state_ok(o)) {
+                    return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "operand outside the arena or its state (corrupt program)".into() });
                 }
-                if !matches!(s.output.slot, Slot::Arena { .. }) {
+                if let Slot::State(st) = s.output.slot {
+                    let aliased = |k: usize| s.inputs.get(k).is_some_and(|o| o.slot == Slot::State(st));
+                    let in_place = matches!(s.op, Op::WriteSlice { .. }) && aliased(0);
+                    if (0..s.inputs.len()).any(|k| aliased(k) && !(k == 0 && in_place)) {
+                        return Err(RuntimeError::Step {
+                            step: i,
+                            op: s.op.name(),
+                            msg: "reads the state it writes (corrupt program)".into(),
+                        });
+                    }
+                }
+                if !matches!(s.output.slot, Slot::Arena { .. } | Slot::State(_)) {
                     return Err(RuntimeError::Step {
                         step: i,
                         op: s.op.name(),
@@ -155,6 +181,15 @@ impl Backend for CpuBackend {
         };
         let mut packs = exec::PackCache::new();
         let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
-        Ok(Box::new(exec::CpuExec { weights, wbufs, consts, arena: Aligned::zeroed(arena), program: program.clone(), prepared }))
+        Ok(Box::new(exec::CpuExec {
+            weights,
+            wbufs,
+            consts,
+            arena: Aligned::zeroed(arena),
+            states: Aligned::zeroed(state_bytes),
+            state_off,
+            program: program.clone(),
+            prepared,
+        }))
     }
 }

@@ -52,6 +52,8 @@ fn place(o: &Operand, woff: &[usize], coff: &[usize]) -> Result<(bool, usize), S
         Slot::Arena { offset, .. } => Ok((true, offset / 4)),
         Slot::Weight(i) => woff.get(i as usize).map(|&w| (false, w)).ok_or_else(|| format!("weight {i} does not exist (corrupt program)")),
         Slot::Const(i) => coff.get(i as usize).map(|&c| (false, c)).ok_or_else(|| format!("constant {i} does not exist (corrupt program)")),
+        // `CubeExec::new` moves every state operand to its arena range before lowering.
+        Slot::State(i) => Err(format!("state {i} was not placed in the arena")),
     }
 }
 

@@ -5,6 +5,9 @@
 //! At load the program's weights and constants go into one device buffer, every entry's
 //! arena is one device buffer, and every step's sizes and offsets into one `u32` buffer; a
 //! run then only launches kernels (plus one upload per input and one read per output).
+//! The program's states sit in the same device buffer, above every entry's arena: at load
+//! each [`Slot::State`] operand becomes the arena range of its state, so the kernels and
+//! their lowering need no notion of state.
 //! Floats are f32 on the device (bf16/f16 weights are upcast once at load); an op or dtype
 //! without a cube kernel is a compile error naming it.
 
@@ -104,7 +107,8 @@ impl Backend for CubeBackend {
             | Op::TopK { .. }
             | Op::CumSum { .. }
             | Op::MoeDispatch { .. }
-            | Op::MoeCombine => return no("not written"),
+            | Op::MoeCombine
+            | Op::WriteSlice { .. } => return no("not written"),
             Op::Resize { .. } => "cube.resize",
         };
         Ok(name.to_string())
@@ -130,6 +134,8 @@ pub struct CubeExec<R: Runtime> {
     /// One arena per program (entries run one at a time), its size in bytes.
     arena: Handle,
     arena_bytes: usize,
+    /// Each state's byte offset in the arena buffer (above every entry's own arena).
+    states_at: Vec<usize>,
     weights: Handle,
     weights_len: usize,
     meta: Handle,
@@ -164,6 +170,41 @@ fn pack_weights(program: &Program, store: &WeightStore) -> Result<(Vec<f32>, Vec
     Ok((data, woff, coff))
 }
 
+/// The program with every state operand moved to its range of the arena buffer (states
+/// above the largest entry arena, each 256-byte aligned), and those offsets.
+fn states_in_arena(program: &Program) -> (Program, Vec<usize>) {
+    let mut p = program.clone();
+    let mut top = p.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0).next_multiple_of(256);
+    let at: Vec<usize> = p
+        .states
+        .iter()
+        .map(|st| {
+            let o = top;
+            top += st.ty.bytes().next_multiple_of(256);
+            o
+        })
+        .collect();
+    if p.states.is_empty() {
+        return (p, at);
+    }
+    let states = p.states.clone();
+    let mv = |o: &mut kiln_graph::program::Operand| {
+        if let Slot::State(i) = o.slot {
+            if let Some(&offset) = at.get(i as usize) {
+                o.slot = Slot::Arena { offset, bytes: states[i as usize].ty.bytes() };
+            }
+        }
+    };
+    for e in &mut p.entries {
+        e.arena_bytes = top;
+        e.inputs.iter_mut().chain(e.outputs.iter_mut()).for_each(|io| mv(&mut io.operand));
+        for s in &mut e.steps {
+            s.inputs.iter_mut().chain([&mut s.output]).for_each(mv);
+        }
+    }
+    (p, at)
+}
+
 impl<R: Runtime> CubeExec<R> {
     /// Places the program on `device`: weights uploaded, arena and metadata allocated.
     pub fn new(program: &Program, store: &WeightStore, device: R::Device) -> Result<Self> {
@@ -176,6 +217,7 @@ impl<R: Runtime> CubeExec<R> {
                     .into(),
             })?;
         let (wdata, woff, coff) = pack_weights(program, store)?;
+        let (program, states_at) = &states_in_arena(program);
         let mut meta: Vec<u32> = Vec::new();
         let lowered = program
             .entries
@@ -198,10 +240,27 @@ impl<R: Runtime> CubeExec<R> {
                 }
             }
         }
-        let arena = client.empty(arena_bytes);
+        // Zeroed: the states start empty.
+        let arena = client.create_from_slice(&vec![0u8; arena_bytes]);
         let weights = client.create_from_slice(f32::as_bytes(&wdata));
         let meta_h = client.create_from_slice(u32::as_bytes(&meta));
-        Ok(CubeExec { client, program: program.clone(), arena, arena_bytes, weights, weights_len: wdata.len(), meta: meta_h, lowered })
+        Ok(CubeExec {
+            client,
+            program: program.clone(),
+            arena,
+            arena_bytes,
+            states_at: states_at.clone(),
+            weights,
+            weights_len: wdata.len(),
+            meta: meta_h,
+            lowered,
+        })
+    }
+
+    /// The bytes `[offset, offset + bytes)` of the arena, read back.
+    fn read_arena(&self, offset: usize, bytes: usize) -> std::result::Result<cubecl::bytes::Bytes, String> {
+        let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - offset - bytes) as u64);
+        self.client.read_one(h).map_err(|e| format!("device read failed: {e:?}"))
     }
 
     fn meta_at(&self, at: usize, len: usize) -> ArrayArg<R> {
@@ -294,6 +353,9 @@ impl<R: Runtime> CubeExec<R> {
     fn run_inner(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], mut times: Option<&mut Vec<f64>>) -> Result<()> {
         let low = &self.lowered[entry];
         for (l, bytes) in low.uploads.iter().zip(inputs) {
+            if bytes.is_empty() {
+                continue; // A state read as it is.
+            }
             let staging = self.client.create_from_slice(bytes);
             self.launch(l, Some((&staging, bytes.len() / 4)));
         }
@@ -310,14 +372,13 @@ impl<R: Runtime> CubeExec<R> {
         }
         let e = &self.program.entries[entry];
         for (io, out) in e.outputs.iter().zip(outputs.iter_mut()) {
+            if out.is_empty() {
+                continue; // Stored in its state only.
+            }
             let Slot::Arena { offset, bytes } = io.operand.slot else {
                 return Err(RuntimeError::Output { name: io.name.clone(), msg: "not in the arena (corrupt program)".into() });
             };
-            let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - offset - bytes) as u64);
-            let got = self
-                .client
-                .read_one(h)
-                .map_err(|e| RuntimeError::Output { name: io.name.clone(), msg: format!("device read failed: {e:?}") })?;
+            let got = self.read_arena(offset, bytes).map_err(|msg| RuntimeError::Output { name: io.name.clone(), msg })?;
             out.copy_from_slice(&got[..bytes]);
         }
         Ok(())
@@ -332,5 +393,21 @@ impl<R: Runtime> Executable for CubeExec<R> {
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()> {
         times.clear();
         self.run_inner(entry, inputs, outputs, Some(times))
+    }
+
+    fn reset_states(&mut self) -> Result<()> {
+        if !self.states_at.is_empty() {
+            self.arena = self.client.create_from_slice(&vec![0u8; self.arena_bytes]);
+        }
+        Ok(())
+    }
+
+    fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()> {
+        let (Some(&offset), Some(st)) = (self.states_at.get(i), self.program.states.get(i)) else {
+            return Err(RuntimeError::Output { name: format!("state #{i}"), msg: "no such state".into() });
+        };
+        let got = self.read_arena(offset, st.ty.bytes()).map_err(|msg| RuntimeError::Output { name: st.name.clone(), msg })?;
+        out.copy_from_slice(&got[..out.len()]);
+        Ok(())
     }
 }
