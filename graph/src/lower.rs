@@ -252,10 +252,10 @@ pub fn lower_entry(
 ) -> Result<Entry> {
     let mut states = bind_states(g, &program.states, entry_name)?;
     states.demote_unordered(order, &program.states);
-    lower_bound(g, entry_name, order, plan, &states, program, kernel_name)
+    lower_with(g, entry_name, order, plan, &states, program, kernel_name)
 }
 
-fn lower_bound(
+fn lower_with(
     g: &Graph,
     entry_name: &str,
     order: &[NodeId],
@@ -345,7 +345,7 @@ pub fn compile_entry(
     let outside = states.outside();
     let order = schedule_with(g, &outside, &states.before);
     let memory = plan_with(g, &order, &outside)?;
-    let entry = lower_bound(g, entry_name, &order, &memory, &states, program, kernel_name)?;
+    let entry = lower_with(g, entry_name, &order, &memory, &states, program, kernel_name)?;
     Ok((entry, order, memory))
 }
 
