@@ -155,7 +155,8 @@ fn gemma_decode_moves_no_cache_bytes() {
     };
     run();
     let per_run: Vec<usize> = (0..5).map(|_| run()).collect();
-    let slow: Vec<String> = e.steps.iter().filter(|st| st.kernel == "cpu.reference").map(|st| format!("{} -> {}", st.op.name(), st.output.ty)).collect();
+    let slow: Vec<String> =
+        e.steps.iter().filter(|st| st.kernel == "cpu.reference").map(|st| format!("{} -> {}", st.op.name(), st.output.ty)).collect();
     println!("decode: {per_run:?} bytes allocated per run; logits {logits} B, cache {cache} B; reference steps {slow:?}");
     assert!(per_run.iter().all(|&b| b < logits + 16 * 1024 && b < cache / 4), "decode runs allocated {per_run:?} bytes");
     assert!(slow.len() <= 5 && slow.iter().all(|s| s.ends_with(&format!("[1,1,{c}]"))), "{slow:?}");

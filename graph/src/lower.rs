@@ -105,8 +105,7 @@ impl StateBinding {
                 *a = k;
             }
         }
-        let late: Vec<(NodeId, NodeId)> =
-            self.before.iter().copied().filter(|(r, w)| at.get(r.index()) >= at.get(w.index())).collect();
+        let late: Vec<(NodeId, NodeId)> = self.before.iter().copied().filter(|(r, w)| at.get(r.index()) >= at.get(w.index())).collect();
         for (r, w) in late {
             if let Some(i) = self.slot.get(w.index()).copied().flatten() {
                 self.slot[w.index()] = None;
@@ -479,7 +478,8 @@ mod tests {
         assert_eq!(write.inputs[0].slot, Slot::State(0));
         assert!(!e.steps.iter().any(|s| matches!(s.op, Op::Permute { .. })), "no copy");
         // The old value's reader (the doubling, fused or not) runs before the write.
-        let reader = e.steps.iter().position(|s| s.inputs.iter().any(|o| o.slot == Slot::State(0)) && !matches!(s.op, Op::WriteSlice { .. }));
+        let reader =
+            e.steps.iter().position(|s| s.inputs.iter().any(|o| o.slot == Slot::State(0)) && !matches!(s.op, Op::WriteSlice { .. }));
         let new_reader = e.steps.iter().skip(ws + 1).any(|s| s.inputs.iter().any(|o| o.slot == Slot::State(0)));
         assert!(reader.is_some_and(|r| r < ws) && new_reader, "{:#?}", e.steps);
         assert_eq!(e.inputs.iter().find(|io| io.name == "c").unwrap().operand.slot, Slot::State(0));

@@ -47,7 +47,9 @@ pub fn attrs(op: &Op) -> String {
         Op::Reshape { shape } => format!("{shape:?}"),
         Op::Permute { perm } => format!("{perm:?}"),
         Op::Slice { axis, start, end, step } => format!("axis={axis}, {start}..{end}, step={step}"),
-        Op::Concat { axis } | Op::WriteSlice { axis } | Op::Gather { axis } | Op::TakeAlongAxis { axis } | Op::ScatterAdd { axis } => format!("axis={axis}"),
+        Op::Concat { axis } | Op::WriteSlice { axis } | Op::Gather { axis } | Op::TakeAlongAxis { axis } | Op::ScatterAdd { axis } => {
+            format!("axis={axis}")
+        }
         Op::Broadcast { shape } => format!("{shape:?}"),
         Op::TopK { k } => format!("k={k}"),
         Op::CumSum { axis, exclusive } => format!("axis={axis}, exclusive={exclusive}"),

@@ -139,10 +139,16 @@ impl Backend for CpuBackend {
         };
         for e in &program.entries {
             if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. } | Slot::State(_))) {
-                return Err(RuntimeError::Input { name: io.name.clone(), msg: "not placed in the arena or a state (corrupt program)".into() });
+                return Err(RuntimeError::Input {
+                    name: io.name.clone(),
+                    msg: "not placed in the arena or a state (corrupt program)".into(),
+                });
             }
             if let Some(io) = e.inputs.iter().chain(&e.outputs).find(|io| !state_ok(&io.operand)) {
-                return Err(RuntimeError::Input { name: io.name.clone(), msg: "a state operand of the wrong size (corrupt program)".into() });
+                return Err(RuntimeError::Input {
+                    name: io.name.clone(),
+                    msg: "a state operand of the wrong size (corrupt program)".into(),
+                });
             }
             for (i, s) in e.steps.iter().enumerate() {
                 let end = |o: &kiln_graph::program::Operand| match o.slot {
@@ -150,7 +156,11 @@ impl Backend for CpuBackend {
                     Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => 0,
                 };
                 if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes || !state_ok(o)) {
-                    return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "operand outside the arena or its state (corrupt program)".into() });
+                    return Err(RuntimeError::Step {
+                        step: i,
+                        op: s.op.name(),
+                        msg: "operand outside the arena or its state (corrupt program)".into(),
+                    });
                 }
                 if let Slot::State(st) = s.output.slot {
                     let aliased = |k: usize| s.inputs.get(k).is_some_and(|o| o.slot == Slot::State(st));
