@@ -1,0 +1,106 @@
+// Data movement: strided copy (permute, slice, concat, broadcast), embedding gather, and
+// mixture-of-experts dispatch / combine. Copies and gathers move raw elements of 1, 2, 4
+// or 8 bytes, so one kernel serves every dtype of that size.
+
+#define MAXR 8
+
+// out[dst + sum idx_a * dst_st[a]] = src[src + sum idx_a * src_st[a]] over `dims`.
+struct CopyParams {
+  i64 src, dst, n;
+  int rank, pad_;
+  i64 dims[MAXR], src_st[MAXR], dst_st[MAXR];
+};
+
+template <typename E>
+__device__ void copy_strided(const CopyParams p) {
+  for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < p.n; x += (i64)gridDim.x * blockDim.x) {
+    i64 rem = x, s = 0, d = 0;
+    for (int a = p.rank - 1; a >= 0; a--) {
+      i64 ia = rem % p.dims[a];
+      rem /= p.dims[a];
+      s += ia * p.src_st[a];
+      d += ia * p.dst_st[a];
+    }
+    ((E*)p.dst)[d] = ((const E*)p.src)[s];
+  }
+}
+
+// Gather along an axis: x viewed as [outer, len, inner], idx as [nidx] -> out [outer, nidx,
+// inner]. An index out of [0, len) writes zeros and sets *err (the host reports it).
+struct GatherParams {
+  i64 x, idx, out, err;
+  i64 outer, len, nidx, inner;
+};
+
+template <typename E, typename I>
+__device__ void gather(const GatherParams p) {
+  const i64 n = p.outer * p.nidx * p.inner;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < n; e += (i64)gridDim.x * blockDim.x) {
+    i64 c = e % p.inner, j = (e / p.inner) % p.nidx, o = e / (p.inner * p.nidx);
+    i64 k = (i64)((const I*)p.idx)[j];
+    E v = E(0);
+    if (k >= 0 && k < p.len) v = ((const E*)p.x)[(o * p.len + k) * p.inner + c];
+    else if (p.err) *(int*)p.err = 1;
+    ((E*)p.out)[e] = v;
+  }
+}
+
+// MoE. Dispatch: out [rows, D] (zeroed by the host first); for every (t, k) with
+// slot[t, k] >= 0, out[slot] += x[t]. grid (T*K), block 256. Static capacity gives each
+// expert row at most one token, so rows never race.
+struct MoeParams {
+  i64 x, slot, w, out;
+  int tokens, k, d, rows;
+};
+
+template <typename T, typename I>
+__device__ void moe_dispatch(const MoeParams p) {
+  const int tk = blockIdx.x;
+  const i64 r = (i64)((const I*)p.slot)[tk];
+  if (r < 0 || r >= p.rows) return;
+  const T* x = (const T*)p.x + (i64)(tk / p.k) * p.d;
+  T* o = (T*)p.out + r * p.d;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) o[c] = from_f32<T>(to_f32(o[c]) + to_f32(x[c]));
+}
+
+// Combine: out[t] = sum_k w[t, k] * y[slot[t, k]] (slot >= 0). grid (T), block 256.
+template <typename T, typename I>
+__device__ void moe_combine(const MoeParams p) {
+  const int t = blockIdx.x;
+  T* o = (T*)p.out + (i64)t * p.d;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    float a = 0.0f;
+    for (int k = 0; k < p.k; k++) {
+      i64 r = (i64)((const I*)p.slot)[t * p.k + k];
+      if (r >= 0 && r < p.rows) a += to_f32(((const T*)p.w)[t * p.k + k]) * to_f32(((const T*)p.x)[r * p.d + c]);
+    }
+    o[c] = from_f32<T>(a);
+  }
+}
+
+#define COPY(n, E) extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { copy_strided<E>(p); }
+COPY(1, unsigned char)
+COPY(2, unsigned short)
+COPY(4, unsigned int)
+COPY(8, unsigned long long)
+
+#define GATHER(n, E, it, I) \
+  extern "C" __global__ void __launch_bounds__(256) gather_b##n##_##it(const GatherParams p) { gather<E, I>(p); }
+GATHER(1, unsigned char, i32, int)
+GATHER(2, unsigned short, i32, int)
+GATHER(4, unsigned int, i32, int)
+GATHER(8, unsigned long long, i32, int)
+GATHER(1, unsigned char, i64, i64)
+GATHER(2, unsigned short, i64, i64)
+GATHER(4, unsigned int, i64, i64)
+GATHER(8, unsigned long long, i64, i64)
+
+#define MOE(t, T, it, I)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) moe_dispatch_##t##_##it(const MoeParams p) { moe_dispatch<T, I>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) moe_combine_##t##_##it(const MoeParams p) { moe_combine<T, I>(p); }
+MOE(f32, float, i32, int)
+MOE(bf16, bf16, i32, int)
+MOE(f16, f16, i32, int)
+MOE(f32, float, i64, i64)
+MOE(bf16, bf16, i64, i64)
+MOE(f16, f16, i64, i64)
