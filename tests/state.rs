@@ -18,6 +18,7 @@ fn state_carries_across_runs_and_entries() {
         constants: vec![],
         entries: vec![],
         states: vec![StateSpec { name: "acc".into(), ty: ty.clone() }],
+        binaries: vec![],
     };
     // `add`: acc += x, returns acc; `peek`: returns acc * 2 without writing it.
     let mut add = Graph::new();

@@ -175,6 +175,7 @@ mod tests {
             constants: vec![],
             entries: vec![],
             states: vec![],
+            binaries: vec![],
         }
     }
 

@@ -4,6 +4,8 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod session;
 pub mod tensor;

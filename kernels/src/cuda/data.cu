@@ -104,3 +104,63 @@ MOE(f16, f16, i32, int)
 MOE(f32, float, i64, i64)
 MOE(bf16, bf16, i64, i64)
 MOE(f16, f16, i64, i64)
+
+// Reduction: one thread per output element over `nred` elements. The kept axes (dims_o,
+// st_o) and the reduced axes (dims_r, st_r) index the input. op: 0 sum, 1 mean, 2 max, 3 min.
+struct ReduceParams {
+  i64 x, out, nout, nred;
+  int rank_o, rank_r, op, pad_;
+  i64 dims_o[MAXR], st_o[MAXR], dims_r[MAXR], st_r[MAXR];
+};
+
+template <typename T>
+__device__ void reduce(const ReduceParams p) {
+  for (i64 o = blockIdx.x * (i64)blockDim.x + threadIdx.x; o < p.nout; o += (i64)gridDim.x * blockDim.x) {
+    i64 rem = o, base = 0;
+    for (int a = p.rank_o - 1; a >= 0; a--) {
+      base += (rem % p.dims_o[a]) * p.st_o[a];
+      rem /= p.dims_o[a];
+    }
+    float acc = p.op == 2 ? -KILN_INF : (p.op == 3 ? KILN_INF : 0.0f);
+    for (i64 r = 0; r < p.nred; r++) {
+      i64 rr = r, off = base;
+      for (int a = p.rank_r - 1; a >= 0; a--) {
+        off += (rr % p.dims_r[a]) * p.st_r[a];
+        rr /= p.dims_r[a];
+      }
+      float v = to_f32(((const T*)p.x)[off]);
+      acc = p.op == 2 ? fmaxf(acc, v) : (p.op == 3 ? fminf(acc, v) : acc + v);
+    }
+    if (p.op == 1) acc /= (float)p.nred;
+    ((T*)p.out)[o] = from_f32<T>(acc);
+  }
+}
+
+// Iota: out[i] = start + step * ((i / inner) % len).
+struct IotaParams {
+  i64 out, n, inner, len;
+  double start, step;
+};
+
+template <typename T>
+__device__ void iota(const IotaParams p) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+    double v = p.start + p.step * (double)((i / p.inner) % p.len);
+    ((T*)p.out)[i] = from_f32<T>((float)v);
+  }
+}
+template <> __device__ void iota<i64>(const IotaParams p) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x)
+    ((i64*)p.out)[i] = (i64)(p.start + p.step * (double)((i / p.inner) % p.len));
+}
+
+#define RED(t, T) extern "C" __global__ void __launch_bounds__(256) reduce_##t(const ReduceParams p) { reduce<T>(p); }
+RED(f32, float)
+RED(bf16, bf16)
+RED(f16, f16)
+#define IOTA(t, T) extern "C" __global__ void __launch_bounds__(256) iota_##t(const IotaParams p) { iota<T>(p); }
+IOTA(f32, float)
+IOTA(bf16, bf16)
+IOTA(f16, f16)
+IOTA(i32, int)
+IOTA(i64, i64)

@@ -104,6 +104,12 @@ pub fn modules() -> Vec<Module> {
             data.push(k(format!("moe_combine_{t}_{it}"), false));
         }
     }
+    for t in FLOAT_TYPES {
+        data.push(k(format!("reduce_{t}"), false));
+    }
+    for t in ["f32", "bf16", "f16", "i32", "i64"] {
+        data.push(k(format!("iota_{t}"), false));
+    }
     vec![
         module("attention", include_str!("attention.cu"), att),
         module("norm", include_str!("norm.cu"), norm),
@@ -208,6 +214,37 @@ pub struct MoeParams {
     pub rows: i32,
 }
 
+/// Parameters of the reduction (`ReduceParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReduceParams {
+    pub x: DevPtr,
+    pub out: DevPtr,
+    pub nout: i64,
+    pub nred: i64,
+    pub rank_o: i32,
+    pub rank_r: i32,
+    /// 0 sum, 1 mean, 2 max, 3 min.
+    pub op: i32,
+    pub pad: i32,
+    pub dims_o: [i64; MAX_RANK],
+    pub st_o: [i64; MAX_RANK],
+    pub dims_r: [i64; MAX_RANK],
+    pub st_r: [i64; MAX_RANK],
+}
+
+/// Parameters of iota (`IotaParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IotaParams {
+    pub out: DevPtr,
+    pub n: i64,
+    pub inner: i64,
+    pub len: i64,
+    pub start: f64,
+    pub step: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +271,8 @@ mod tests {
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
+            ["reduce", t] => src.contains(&format!("RED({t},")),
+            ["iota", t] => src.contains(&format!("IOTA({t},")),
             ["moe", "dispatch" | "combine", t, it] => src.contains(&format!("MOE({t}, ")) && src.contains(&format!(", {it}, ")),
             _ => false,
         }
