@@ -31,7 +31,10 @@ impl Report {
 
     /// The table printed by the CLI.
     pub fn table(&self) -> String {
-        let mut s = format!("{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n", "module", "kernel", "hot", "regs", "smem", "stack", "spill-st", "spill-ld");
+        let mut s = format!(
+            "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
+            "module", "kernel", "hot", "regs", "smem", "stack", "spill-st", "spill-ld"
+        );
         for r in &self.rows {
             s += &format!(
                 "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",

@@ -243,11 +243,9 @@ struct KernelsArgs {
 
 #[derive(Subcommand)]
 enum KernelsCmd {
-    /// Compile every CUDA kernel (and, with a model, each of its fused regions) with NVRTC.
+    /// Compile every CUDA kernel (and, with a model, each of its fused regions) with NVRTC
+    /// for `--arch` (default sm_90a).
     Check {
-        /// Target architecture.
-        #[arg(long, default_value = "sm_90a")]
-        arch: String,
         /// Also compile the fused regions of this model folder (compiled for --backend cuda).
         #[arg(long)]
         model: Option<PathBuf>,
@@ -490,7 +488,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
-        Cmd::Kernels { sub: KernelsCmd::Check { arch, model, p } } => kernels_check(&arch, model.as_deref(), &p),
+        Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),
         Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
         Cmd::Bench { model, p, runs, weights, json, breakdown, entry, .. } => {
             let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
@@ -830,13 +828,23 @@ fn kernels_check(arch: &str, model: Option<&Path>, p: &ProfileArgs) -> Result<()
     let r = kiln::cuda_tools::check(arch, program.as_ref())?;
     print!("{}", r.table());
     let spills = r.hot_spills();
-    println!("{} kernels compiled for {arch} in {:.1} s; {} compile errors; {} hot kernels spill", r.rows.len(), t.elapsed().as_secs_f64(), r.errors.len(), spills.len());
+    println!(
+        "{} kernels compiled for {arch} in {:.1} s; {} compile errors; {} hot kernels spill",
+        r.rows.len(),
+        t.elapsed().as_secs_f64(),
+        r.errors.len(),
+        spills.len()
+    );
     for e in &r.errors {
         eprintln!("{e}");
     }
     if !r.errors.is_empty() || !spills.is_empty() {
         let names: Vec<&str> = spills.iter().map(|r| r.kernel.as_str()).collect();
-        return Err(Error::Usage(format!("kernels check failed: {} compile errors; hot kernels that spill: [{}]", r.errors.len(), names.join(", "))));
+        return Err(Error::Usage(format!(
+            "kernels check failed: {} compile errors; hot kernels that spill: [{}]",
+            r.errors.len(),
+            names.join(", ")
+        )));
     }
     Ok(())
 }

@@ -15,7 +15,11 @@ fn nvrtc() -> bool {
     if kiln_kernels::cuda::nvrtc::available() {
         return true;
     }
-    assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1: {}", kiln_kernels::cuda::nvrtc::INSTALL_HINT);
+    assert!(
+        std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"),
+        "KILN_REQUIRE_NVRTC=1: {}",
+        kiln_kernels::cuda::nvrtc::INSTALL_HINT
+    );
     false
 }
 
@@ -50,7 +54,11 @@ fn compile_stores_cubins_and_inspect_shows_the_lowering() {
     assert!(ok, "{out}");
     let p = kiln_graph::artifact::load_file(&art).unwrap();
     assert_eq!(p.backend, "cuda");
-    assert!(p.binaries.iter().any(|b| b.name == "attention" && b.arch == "sm_90a" && b.code.len() > 1000), "{:?}", p.binaries.iter().map(|b| &b.name).collect::<Vec<_>>());
+    assert!(
+        p.binaries.iter().any(|b| b.name == "attention" && b.arch == "sm_90a" && b.code.len() > 1000),
+        "{:?}",
+        p.binaries.iter().map(|b| &b.name).collect::<Vec<_>>()
+    );
     assert!(p.binaries.iter().any(|b| b.name.starts_with("fused_")));
     let kernels: Vec<&str> = p.entries[0].steps.iter().map(|s| s.kernel.as_str()).collect();
     assert!(kernels.iter().any(|k| k.starts_with("cublaslt.gemm_f32")), "{kernels:?}");

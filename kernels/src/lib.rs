@@ -7,11 +7,11 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod cpu;
-/// CUDA C kernels (sources for NVRTC) and, with the `cuda` feature, their compilation.
-/// Parameter-struct fields mirror the C structs named in each doc comment.
-#[allow(missing_docs)]
-pub mod cuda;
 /// CubeCL kernels: `#[cube]` functions generate items without doc comments.
 #[cfg(feature = "cube")]
 #[allow(missing_docs)]
 pub mod cube;
+/// CUDA C kernels (sources for NVRTC) and, with the `cuda` feature, their compilation.
+/// Parameter-struct fields mirror the C structs named in each doc comment.
+#[allow(missing_docs)]
+pub mod cuda;

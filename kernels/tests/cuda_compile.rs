@@ -27,7 +27,8 @@ fn every_module_compiles_for_sm_90a_without_hot_spills() {
         let c = nvrtc::compile(&m.name, &m.source, "sm_90a").unwrap_or_else(|e| panic!("{e}"));
         assert!(c.cubin.len() > 1000, "{}: empty CUBIN", m.name);
         for k in &m.kernels {
-            let (_, r) = c.kernels.iter().find(|(n, _)| *n == k.name).unwrap_or_else(|| panic!("{}: no ptxas report in\n{}", k.name, c.log));
+            let (_, r) =
+                c.kernels.iter().find(|(n, _)| *n == k.name).unwrap_or_else(|| panic!("{}: no ptxas report in\n{}", k.name, c.log));
             assert!(r.registers > 0, "{}: {r:?}", k.name);
             if k.hot {
                 assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "hot kernel {} spills: {r:?}", k.name);

@@ -39,7 +39,16 @@ pub struct FusedParams {
 
 impl Default for FusedParams {
     fn default() -> Self {
-        FusedParams { out: 0, ins: [0; MAX_INPUTS], n: 0, rank: 0, strided: 0, dims: [0; MAX_RANK], access: [0; MAX_INPUTS], st: [[0; MAX_RANK]; MAX_INPUTS] }
+        FusedParams {
+            out: 0,
+            ins: [0; MAX_INPUTS],
+            n: 0,
+            rank: 0,
+            strided: 0,
+            dims: [0; MAX_RANK],
+            access: [0; MAX_INPUTS],
+            st: [[0; MAX_RANK]; MAX_INPUTS],
+        }
     }
 }
 

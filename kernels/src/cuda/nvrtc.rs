@@ -66,7 +66,9 @@ pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, String>
         let log = result::get_program_log(prog).map(text).unwrap_or_default();
         let out = match compiled {
             Err(e) => Err(format!("{name}: {e}\n{log}")),
-            Ok(()) => cubin(prog).map(|cubin| Compiled { cubin, kernels: parse_log(&log), log }).map_err(|e| format!("{name}: nvrtcGetCUBIN: {e}")),
+            Ok(()) => cubin(prog)
+                .map(|cubin| Compiled { cubin, kernels: parse_log(&log), log })
+                .map_err(|e| format!("{name}: nvrtcGetCUBIN: {e}")),
         };
         let _ = result::destroy_program(prog);
         out

@@ -81,7 +81,11 @@ fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Vec<Vec<u8>>, V
     let mut w = Vec::with_capacity(program.weights.len());
     for spec in &program.weights {
         let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
-        w.push(if ty.dtype == spec.ty.dtype { bytes.to_vec() } else { crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, bytes)) });
+        w.push(if ty.dtype == spec.ty.dtype {
+            bytes.to_vec()
+        } else {
+            crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, bytes))
+        });
     }
     let c = program.constants.iter().map(|c| crate::tensor::from_f64(c.ty.dtype, &c.values)).collect();
     Ok((w, c))
@@ -166,7 +170,11 @@ impl CudaExec {
             let names: Vec<String> = if b.name.starts_with("fused_") {
                 vec![b.name.clone()]
             } else {
-                kiln_kernels::cuda::modules().into_iter().find(|x| x.name == b.name).map(|x| x.kernels.into_iter().map(|k| k.name).collect()).unwrap_or_default()
+                kiln_kernels::cuda::modules()
+                    .into_iter()
+                    .find(|x| x.name == b.name)
+                    .map(|x| x.kernels.into_iter().map(|k| k.name).collect())
+                    .unwrap_or_default()
             };
             for n in names {
                 let c = std::ffi::CString::new(n.clone()).map_err(|_| err("kernel name with NUL"))?;
@@ -198,7 +206,11 @@ impl CudaExec {
         };
         let op_t = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
         if g.transpose_b {
-            set_desc(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &op_t as *const _ as *const c_void, std::mem::size_of_val(&op_t))?;
+            set_desc(
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &op_t as *const _ as *const c_void,
+                std::mem::size_of_val(&op_t),
+            )?;
         }
         let (epi, bias) = match g.epilogue {
             Epilogue::None => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
@@ -206,13 +218,21 @@ impl CudaExec {
             Epilogue::GeluTanh => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU, None),
             Epilogue::BiasGeluTanh(b) => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS, Some(b)),
         };
-        set_desc(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as *const c_void, std::mem::size_of_val(&epi))?;
+        set_desc(
+            ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epi as *const _ as *const c_void,
+            std::mem::size_of_val(&epi),
+        )?;
         if let Some(b) = bias {
             let ptr: u64 = self.base + b;
             set_desc(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr as *const _ as *const c_void, 8)?;
         }
         // cuBLAS's A is our b: [N, K] as seen column-major (ld N), or [K, N] transposed.
-        let a = if g.transpose_b { blas("layout", lt::create_matrix_layout(dt, k, n, k as i64))? } else { blas("layout", lt::create_matrix_layout(dt, n, k, n as i64))? };
+        let a = if g.transpose_b {
+            blas("layout", lt::create_matrix_layout(dt, k, n, k as i64))?
+        } else {
+            blas("layout", lt::create_matrix_layout(dt, n, k, n as i64))?
+        };
         let b = blas("layout", lt::create_matrix_layout(dt, k, m, k as i64))?;
         let d = blas("layout", lt::create_matrix_layout(dt, n, m, n as i64))?;
         if g.batch > 1 {
@@ -220,8 +240,24 @@ impl CudaExec {
             for (l, stride) in [(a, g.b_stride as i64), (b, g.a_stride as i64), (d, (g.m * g.n) as i64)] {
                 // SAFETY: attribute values of the documented types (i32 count, i64 stride).
                 unsafe {
-                    blas("batch", lt::set_matrix_layout_attribute(l, ltsys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const _ as *const c_void, 4))?;
-                    blas("batch", lt::set_matrix_layout_attribute(l, ltsys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const _ as *const c_void, 8))?;
+                    blas(
+                        "batch",
+                        lt::set_matrix_layout_attribute(
+                            l,
+                            ltsys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                            &count as *const _ as *const c_void,
+                            4,
+                        ),
+                    )?;
+                    blas(
+                        "batch",
+                        lt::set_matrix_layout_attribute(
+                            l,
+                            ltsys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            &stride as *const _ as *const c_void,
+                            8,
+                        ),
+                    )?;
                 }
             }
         }
@@ -229,12 +265,29 @@ impl CudaExec {
         let ws = GEMM_WORKSPACE as u64;
         // SAFETY: a u64 attribute value; every handle is live.
         let heur = unsafe {
-            blas("preference", lt::set_matmul_pref_attribute(pref, ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const _ as *const c_void, 8))?;
+            blas(
+                "preference",
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const _ as *const c_void,
+                    8,
+                ),
+            )?;
             let h = lt::get_matmul_algo_heuristic(self.lt, desc, a, b, d, d, pref);
             let _ = lt::destroy_matmul_pref(pref);
             blas(&format!("no algorithm for {}x{}x{} {:?}", g.m, g.n, g.k, g.dtype), h)?
         };
-        self.gemms.push(PlannedGemm { desc, a, b, d, algo: heur.algo, a_ptr: self.base + g.b, b_ptr: self.base + g.a, c_ptr: self.base + g.c });
+        self.gemms.push(PlannedGemm {
+            desc,
+            a,
+            b,
+            d,
+            algo: heur.algo,
+            a_ptr: self.base + g.b,
+            b_ptr: self.base + g.a,
+            c_ptr: self.base + g.c,
+        });
         Ok(self.gemms.len() - 1)
     }
 
@@ -278,7 +331,9 @@ impl CudaExec {
                 // (layouts checked by tests in kiln-kernels); its addresses were relocated
                 // into the allocation; the driver copies parameters at launch (and at
                 // capture), so `params` may drop afterwards.
-                drv(&format!("launch {}", launch.kernel), unsafe { dr::launch_kernel(*f, launch.grid, (launch.block, 1, 1), launch.smem, cu, &mut args) })
+                drv(&format!("launch {}", launch.kernel), unsafe {
+                    dr::launch_kernel(*f, launch.grid, (launch.block, 1, 1), launch.smem, cu, &mut args)
+                })
             }
         }
     }

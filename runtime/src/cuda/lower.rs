@@ -6,7 +6,9 @@
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Operand, Program, Slot, Step};
 use kiln_graph::{BinaryOp, DType, Expr, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
-use kiln_kernels::cuda::{self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK};
+use kiln_kernels::cuda::{
+    self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK,
+};
 
 /// Bytes every region of the allocation is aligned to.
 const ALIGN: usize = 256;
@@ -81,7 +83,10 @@ pub enum Work {
     Gemm(Gemm),
     Kernel(Launch),
     /// Zero `bytes` at `offset`.
-    Zero { offset: u64, bytes: usize },
+    Zero {
+        offset: u64,
+        bytes: usize,
+    },
 }
 
 /// A fused region the program needs: its kernel name and source.
@@ -349,15 +354,15 @@ fn launch<T: Copy>(module: &str, kernel: String, grid: (u32, u32, u32), block: u
 }
 
 /// A fused elementwise launch writing `out` from `ins` (each broadcast to `out`'s shape).
-fn fused_launch(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType), l: &Layout) -> Result<Work, String> {
-    let _ = l;
+fn fused_launch(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType)) -> Result<Work, String> {
     let dtypes: Vec<DType> = ins.iter().map(|(_, t)| t.dtype).collect();
     let name = fused::kernel_name(e, &dtypes, out.1.dtype);
     let shape = if out.1.shape.is_empty() { vec![1] } else { out.1.shape.clone() };
     if shape.len() > MAX_RANK || ins.len() > fused::MAX_INPUTS {
         return Err("fused region beyond rank 8 or 16 inputs".into());
     }
-    let mut p = fused::FusedParams { out: out.0, n: shape.iter().product::<usize>() as i64, rank: shape.len() as i32, ..Default::default() };
+    let mut p =
+        fused::FusedParams { out: out.0, n: shape.iter().product::<usize>() as i64, rank: shape.len() as i32, ..Default::default() };
     for (a, &d) in shape.iter().enumerate() {
         p.dims[a] = d as i64;
     }
@@ -388,8 +393,8 @@ fn copy_launch(shape: &[usize], esize: usize, src: u64, src_st: &[usize], dst: u
         return Err("copy beyond rank 8".into());
     }
     let mut p = CopyParams { src, dst, n: shape.iter().product::<usize>() as i64, rank: shape.len() as i32, ..Default::default() };
-    for a in 0..shape.len() {
-        p.dims[a] = shape[a] as i64;
+    for (a, &d) in shape.iter().enumerate() {
+        p.dims[a] = d as i64;
         p.src_st[a] = src_st[a] as i64;
         p.dst_st[a] = dst_st[a] as i64;
     }
@@ -410,7 +415,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
             let e = region_expr(&s.op).ok_or("not elementwise")?;
             let list: Vec<(u64, &TensorType)> = ins.iter().zip(&s.inputs).map(|(&a, o)| (a, &o.ty)).collect();
-            vec![fused_launch(&e, &list, (out, out_ty), l)?]
+            vec![fused_launch(&e, &list, (out, out_ty))?]
         }
         Op::MatMul { transpose_b, epilogue } => {
             let (a, b) = (&s.inputs[0].ty, &s.inputs[1].ty);
@@ -421,8 +426,11 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
             let (la, lb) = (lead(a), lead(b));
             // A batched `a` against one `b` is one GEMM with batch folded into M.
-            let (gm, gbatch, a_stride, b_stride) =
-                if batch > 1 && la == batch && lb == 1 { (m * batch, 1, 0, 0) } else { (m, batch, if la == 1 { 0 } else { m * k }, if lb == 1 { 0 } else { k * nn }) };
+            let (gm, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 {
+                (m * batch, 1, 0, 0)
+            } else {
+                (m, batch, if la == 1 { 0 } else { m * k }, if lb == 1 { 0 } else { k * nn })
+            };
             let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
             let mut g = Gemm {
                 dtype: out_ty.dtype,
@@ -447,7 +455,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
                 Some((e, None)) => {
                     let mut list: Vec<(u64, &TensorType)> = vec![(out, out_ty)];
                     list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
-                    work.push(fused_launch(e, &list, (out, out_ty), l)?);
+                    work.push(fused_launch(e, &list, (out, out_ty))?);
                 }
             }
             work.insert(0, Work::Gemm(g));
@@ -457,7 +465,16 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let d = *shape.last().unwrap_or(&1);
             let layer = matches!(s.op, Op::LayerNorm { .. });
             let add_one = matches!(s.op, Op::RmsNorm { add_one: true, .. });
-            let mut p = NormParams { x: ins[0], w: ins[1], b: 0, out, rows: (n / d.max(1)) as i32, d: d as i32, eps: *eps, add_one: add_one as i32 };
+            let mut p = NormParams {
+                x: ins[0],
+                w: ins[1],
+                b: 0,
+                out,
+                rows: (n / d.max(1)) as i32,
+                d: d as i32,
+                eps: *eps,
+                add_one: add_one as i32,
+            };
             let mut relocs = vec![off_of(&p, &p.x), off_of(&p, &p.w), off_of(&p, &p.out)];
             if layer {
                 p.b = ins[2];
@@ -470,7 +487,15 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let d = *shape.last().unwrap_or(&1);
             let p = NormParams { x: ins[0], out, rows: (n / d.max(1)) as i32, d: d as i32, ..Default::default() };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
-            vec![launch("norm", format!("softmax_{}", float_suffix(out_ty.dtype)?), (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
+            vec![launch(
+                "norm",
+                format!("softmax_{}", float_suffix(out_ty.dtype)?),
+                (p.rows.max(1) as u32, 1, 1),
+                kc::BLOCK,
+                0,
+                &p,
+                &relocs,
+            )]
         }
         Op::Attention(att) => {
             let (q, k, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
@@ -565,14 +590,35 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
         }
         Op::MoeDispatch { rows } => {
             let (x, slot) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape);
-            let p = MoeParams { x: ins[0], slot: ins[1], w: 0, out, tokens: x[0] as i32, k: slot[1] as i32, d: x[1] as i32, rows: *rows as i32 };
+            let p = MoeParams {
+                x: ins[0],
+                slot: ins[1],
+                w: 0,
+                out,
+                tokens: x[0] as i32,
+                k: slot[1] as i32,
+                d: x[1] as i32,
+                rows: *rows as i32,
+            };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.out)];
             let name = format!("moe_dispatch_{}_{}", float_suffix(out_ty.dtype)?, index_suffix(s.inputs[1].ty.dtype)?);
-            vec![Work::Zero { offset: out, bytes: out_ty.bytes() }, launch("data", name, ((x[0] * slot[1]).max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
+            vec![
+                Work::Zero { offset: out, bytes: out_ty.bytes() },
+                launch("data", name, ((x[0] * slot[1]).max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs),
+            ]
         }
         Op::MoeCombine => {
             let (y, slot) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape);
-            let p = MoeParams { x: ins[0], slot: ins[1], w: ins[2], out, tokens: slot[0] as i32, k: slot[1] as i32, d: y[1] as i32, rows: y[0] as i32 };
+            let p = MoeParams {
+                x: ins[0],
+                slot: ins[1],
+                w: ins[2],
+                out,
+                tokens: slot[0] as i32,
+                k: slot[1] as i32,
+                d: y[1] as i32,
+                rows: y[0] as i32,
+            };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.w), off_of(&p, &p.out)];
             let name = format!("moe_combine_{}_{}", float_suffix(out_ty.dtype)?, index_suffix(s.inputs[1].ty.dtype)?);
             vec![launch("data", name, (slot[0].max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
@@ -583,7 +629,17 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             if x.len() > MAX_RANK {
                 return Err("reduce beyond rank 8".into());
             }
-            let mut p = ReduceParams { x: ins[0], out, op: match op { ReduceOp::Sum => 0, ReduceOp::Mean => 1, ReduceOp::Max => 2, ReduceOp::Min => 3 }, ..Default::default() };
+            let mut p = ReduceParams {
+                x: ins[0],
+                out,
+                op: match op {
+                    ReduceOp::Sum => 0,
+                    ReduceOp::Mean => 1,
+                    ReduceOp::Max => 2,
+                    ReduceOp::Min => 3,
+                },
+                ..Default::default()
+            };
             let (mut no, mut nr) = (1usize, 1usize);
             for (a, &d) in x.iter().enumerate() {
                 if axes.contains(&a) {
@@ -656,7 +712,13 @@ mod tests {
         assert_eq!(kernel_for(&att, &[q.clone(), kv.clone(), kv.clone()], &q).unwrap(), "attn_mma_bf16_d256");
         let q1 = tt(DType::BF16, &[1, 1, 8, 256]);
         assert_eq!(kernel_for(&att, &[q1.clone(), kv.clone(), kv.clone()], &q1).unwrap(), "attn_rows_bf16");
-        let step = Step { node: 0, op: att, kernel: String::new(), inputs: vec![arena(0, q1.clone()), arena(4096, kv.clone()), arena(1 << 22, kv)], output: arena(1 << 23, q1) };
+        let step = Step {
+            node: 0,
+            op: att,
+            kernel: String::new(),
+            inputs: vec![arena(0, q1.clone()), arena(4096, kv.clone()), arena(1 << 22, kv)],
+            output: arena(1 << 23, q1),
+        };
         let l = Layout { scratch: 1 << 24, ..Default::default() };
         let w = lower_step(&step, &l).unwrap();
         assert_eq!(w.len(), 2, "split-K: partials, then the combine");
