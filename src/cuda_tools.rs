@@ -52,6 +52,9 @@ impl Report {
     }
 }
 
+/// A compilation unit: its name, source and kernels (name, hot).
+type Unit = (String, String, Vec<(String, bool)>);
+
 fn nvrtc_or_error() -> Result<()> {
     if nvrtc::available() {
         Ok(())
@@ -65,7 +68,7 @@ fn nvrtc_or_error() -> Result<()> {
 pub fn check(arch: &str, program: Option<&Program>) -> Result<Report> {
     nvrtc_or_error()?;
     let mut report = Report::default();
-    let mut units: Vec<(String, String, Vec<(String, bool)>)> =
+    let mut units: Vec<Unit> =
         modules().into_iter().map(|m| (m.name, m.source, m.kernels.into_iter().map(|k| (k.name, k.hot)).collect())).collect();
     if let Some(p) = program {
         for r in lower::regions(p).map_err(Error::Usage)? {

@@ -76,8 +76,11 @@ fn data_type(d: DType) -> Result<ltsys::cudaDataType> {
     })
 }
 
+/// Host bytes of each tensor of a table.
+type Blobs = Vec<Vec<u8>>;
+
 /// Weight and constant bytes in the program's declared dtypes.
-fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>)> {
+fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Blobs, Blobs)> {
     let mut w = Vec::with_capacity(program.weights.len());
     for spec in &program.weights {
         let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
