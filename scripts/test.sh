@@ -52,8 +52,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets --locked --features kiln/cuda 2>&1 | tee "$log" || status=$?
+# The test run built the CLI with the same features (for the integration tests): use it
+# rather than `cargo run`, which would build every dependency again in the dev profile.
 echo "== kiln kernels check --arch sm_90a"
-cargo run -q --locked --features kiln/cuda --bin kiln -- kernels check --arch sm_90a || status=$?
+./target/debug/kiln kernels check --arch sm_90a || status=$?
 passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 echo "tests: ${passed:-0} passed, ${failed:-0} failed"
