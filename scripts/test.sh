@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine. It installs what the tests need first
-# (a C compiler and valgrind for the C ABI's tests, and lavapipe, Mesa's software Vulkan
-# driver, for the cube backend's tests on a machine without a GPU; from apt on Debian/Ubuntu),
-# then prints one closing line with the totals.
+# (a C compiler and valgrind for the C ABI's tests, lavapipe, Mesa's software Vulkan driver,
+# for the cube backend's tests on a machine without a GPU, from apt on Debian/Ubuntu; and
+# libnvrtc from the nvidia-cuda-nvrtc wheel, so every CUDA kernel is compiled for sm_90a with
+# no GPU), then prints one closing line with the totals. The tests build with the `cuda`
+# feature (one build: the cuda backend's code is compiled, its driver-free tests run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
@@ -29,10 +31,31 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mesa-vulkan-drivers
 fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+# NVRTC for the CUDA kernels' compile checks (FACTS.md: the wheel needs no GPU). Installed
+# into .nvrtc/ (git-ignored), once.
+nvrtc_dir="$PWD/.nvrtc"
+if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "installing python3-pip (for the nvidia-cuda-nvrtc wheel)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip
+  fi
+  echo "installing nvidia-cuda-nvrtc==13.0.88 into $nvrtc_dir"
+  python3 -m pip install -q --disable-pip-version-check --target "$nvrtc_dir" nvidia-cuda-nvrtc==13.0.88
+fi
+export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Tests that compile CUDA kernels fail (not skip) when libnvrtc is missing.
+export KILN_REQUIRE_NVRTC=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --locked --features kiln/cuda 2>&1 | tee "$log" || status=$?
+# The test run built the CLI with the same features (for the integration tests): use it
+# rather than `cargo run`, which would build every dependency again in the dev profile.
+echo "== kiln kernels check --arch sm_90a"
+./target/debug/kiln kernels check --arch sm_90a || status=$?
 passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 echo "tests: ${passed:-0} passed, ${failed:-0} failed"

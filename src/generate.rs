@@ -83,6 +83,7 @@ impl Generator {
             constants: vec![],
             entries: vec![],
             states: g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect(),
+            binaries: vec![],
         };
         for (name, graph) in [("prefill", &g.prefill), ("decode", &g.decode)] {
             let graph = compile_passes(graph, be.as_ref())?;

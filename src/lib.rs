@@ -5,6 +5,8 @@
 //! [`kiln_runtime::Session`] runs the result.
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda_tools;
 pub mod generate;
 pub mod io;
 pub mod npz_write;
@@ -95,6 +97,7 @@ pub fn compile_graph(built: &[(String, Graph)], description: &str, source: &str,
         constants: vec![],
         entries: vec![],
         states: vec![],
+        binaries: vec![],
     };
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))

@@ -44,6 +44,9 @@ struct ProfileArgs {
     /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
     #[arg(long)]
     device: Option<String>,
+    /// GPU architecture of `--backend cuda` (CUBINs stored by `kiln compile`).
+    #[arg(long, default_value = "sm_90a")]
+    arch: String,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +97,12 @@ enum Cmd {
         bucket: Option<usize>,
         #[arg(long, default_value = "cpu")]
         backend: String,
+    },
+    /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
+    /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
+    Kernels {
+        #[command(subcommand)]
+        sub: KernelsCmd,
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
@@ -230,6 +239,19 @@ struct KernelsArgs {
     /// Size n of the compute ceiling's n x n x n GEMM.
     #[arg(long, default_value_t = 2048)]
     gemm_n: usize,
+}
+
+#[derive(Subcommand)]
+enum KernelsCmd {
+    /// Compile every CUDA kernel (and, with a model, each of its fused regions) with NVRTC
+    /// for `--arch` (default sm_90a).
+    Check {
+        /// Also compile the fused regions of this model folder (compiled for --backend cuda).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[command(flatten)]
+        p: ProfileArgs,
+    },
 }
 
 fn main() {
@@ -370,7 +392,13 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 let c = compile(&model, &opts);
                 (c, t.elapsed().as_secs_f64())
             });
-            let c = c?;
+            #[allow(unused_mut)]
+            let mut c = c?;
+            if c.program.backend == "cuda" {
+                #[cfg(feature = "cuda")]
+                progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
+                println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
+            }
             kiln_graph::artifact::save_file(&out, &c.program)?;
             println!("{}", c.program.model);
             println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
@@ -460,6 +488,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
+        Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),
         Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
         Cmd::Bench { model, p, runs, weights, json, breakdown, entry, .. } => {
             let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
@@ -786,4 +815,44 @@ fn bench_kernels(k: KernelsArgs) -> Result<()> {
     };
     let report = progress("measuring", || kiln::bench::kernels_command(&o, model))?;
     kiln::bench::emit(&o, &report)
+}
+
+#[cfg(feature = "cuda")]
+fn kernels_check(arch: &str, model: Option<&Path>, p: &ProfileArgs) -> Result<()> {
+    let program = match model {
+        Some(m) => {
+            let mut opts = profile(p, None, None)?;
+            opts.backend = "cuda".into();
+            Some(compile(m, &opts)?.program)
+        }
+        None => None,
+    };
+    let t = Instant::now();
+    let r = kiln::cuda_tools::check(arch, program.as_ref())?;
+    print!("{}", r.table());
+    let spills = r.hot_spills();
+    println!(
+        "{} kernels compiled for {arch} in {:.1} s; {} compile errors; {} hot kernels spill",
+        r.rows.len(),
+        t.elapsed().as_secs_f64(),
+        r.errors.len(),
+        spills.len()
+    );
+    for e in &r.errors {
+        eprintln!("{e}");
+    }
+    if !r.errors.is_empty() || !spills.is_empty() {
+        let names: Vec<&str> = spills.iter().map(|r| r.kernel.as_str()).collect();
+        return Err(Error::Usage(format!(
+            "kernels check failed: {} compile errors; hot kernels that spill: [{}]",
+            r.errors.len(),
+            names.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels_check(_: &str, _: Option<&Path>, _: &ProfileArgs) -> Result<()> {
+    Err(Error::Usage("this kiln was built without the `cuda` feature (cargo build --features cuda)".into()))
 }

@@ -18,6 +18,7 @@ fn state_carries_across_runs_and_entries() {
         constants: vec![],
         entries: vec![],
         states: vec![StateSpec { name: "acc".into(), ty: ty.clone() }],
+        binaries: vec![],
     };
     // `add`: acc += x, returns acc; `peek`: returns acc * 2 without writing it.
     let mut add = Graph::new();
@@ -68,6 +69,7 @@ fn write_slice_updates_a_state_in_place() {
         constants: vec![],
         entries: vec![],
         states: vec![StateSpec { name: "c".into(), ty: ty.clone() }],
+        binaries: vec![],
     };
     let mut fill = Graph::new();
     let x = fill.input("x", DType::F32, &[2, 4, 1]).unwrap();

@@ -363,6 +363,7 @@ mod tests {
             constants: vec![],
             entries: vec![],
             states: vec![],
+            binaries: vec![],
         }
     }
 

@@ -95,6 +95,19 @@ pub struct ConstData {
     pub values: Vec<f64>,
 }
 
+/// Device code compiled ahead of time (cuda: one CUBIN per kernel module), so that loading
+/// needs no compiler.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Binary {
+    /// The backend that reads it (`cuda`).
+    pub backend: String,
+    /// The target it was compiled for (`sm_90a`).
+    pub arch: String,
+    /// The module's name (`attention`, `fused_0123abcd...`).
+    pub name: String,
+    pub code: Vec<u8>,
+}
+
 /// Everything a runtime needs besides the weights' bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Program {
@@ -111,6 +124,10 @@ pub struct Program {
     /// Persistent state shared by the entries (empty for one-shot models).
     #[serde(default)]
     pub states: Vec<StateSpec>,
+    /// Compiled device code (empty for CPU backends; omitted from the file when empty, so
+    /// older artifacts and their bytes are unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binaries: Vec<Binary>,
 }
 
 impl Program {

@@ -129,7 +129,15 @@ fn random_program(seed: u64) -> Program {
         let plan = PlanStats { peak: arena_bytes, lower_bound: r.below(arena_bytes + 1), no_reuse: r.next() as usize };
         entries.push(Entry { name: r.string(), inputs, outputs, steps, arena_bytes, plan });
     }
-    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states }
+    let binaries = (0..r.below(3))
+        .map(|_| kiln_graph::program::Binary {
+            backend: r.string(),
+            arch: r.string(),
+            name: r.string(),
+            code: (0..r.below(64)).map(|_| r.next() as u8).collect(),
+        })
+        .collect();
+    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states, binaries }
 }
 
 /// A small real program: a graph compiled twice as two entries sharing weights.
@@ -150,6 +158,7 @@ fn compiled_program() -> Program {
         constants: vec![],
         entries: vec![],
         states: vec![StateSpec { name: "cache.0.key".into(), ty: TensorType::new(DType::F32, [1, 4, 2, 8]) }],
+        binaries: vec![],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {

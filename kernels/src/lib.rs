@@ -11,3 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cube")]
 #[allow(missing_docs)]
 pub mod cube;
+/// CUDA C kernels (sources for NVRTC) and, with the `cuda` feature, their compilation.
+/// Parameter-struct fields mirror the C structs named in each doc comment.
+#[allow(missing_docs)]
+pub mod cuda;

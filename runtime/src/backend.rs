@@ -42,6 +42,8 @@ pub const AVAILABLE: &[&str] = &[
     "cube",
     #[cfg(feature = "cube-cuda")]
     "cube-cuda",
+    #[cfg(feature = "cuda")]
+    "cuda",
 ];
 
 /// The backend called `name`.
@@ -52,6 +54,8 @@ pub fn by_name(name: &str) -> Result<Box<dyn Backend>> {
         "cube" => Ok(Box::new(crate::cube::CubeBackend { device: crate::cube::Device::Wgpu })),
         #[cfg(feature = "cube-cuda")]
         "cube-cuda" => Ok(Box::new(crate::cube::CubeBackend { device: crate::cube::Device::Cuda })),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Box::new(crate::cuda::CudaBackend::default())),
         other => Err(crate::error::RuntimeError::Unsupported {
             backend: other.into(),
             msg: format!("unknown backend (available in this build: {})", AVAILABLE.join(", ")),

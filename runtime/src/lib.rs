@@ -4,8 +4,12 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cube")]
 pub mod cube;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod session;
+#[cfg(any(feature = "cube", feature = "cuda"))]
+mod states;
 pub mod tensor;
 pub mod weights;
 

@@ -76,6 +76,7 @@ pub fn build() -> Tiny {
         constants: vec![],
         entries: vec![],
         states: vec![],
+        binaries: vec![],
     };
     let (entry, _, _) = kiln_graph::lower::compile_entry(&g, "forward", &mut program, &namer).expect("lower");
     program.entries.push(entry);

@@ -1,0 +1,309 @@
+// Attention: q [B,Sq,Hq,D], k [B,Sk,Hkv,D], v [B,Sk,Hkv,Dv] -> out [B,Sq,Hq,Dv] (the graph's
+// Attention op). Scores are scaled, soft-capped (Gemma 2), then masked (causal, sliding
+// window, or an additive [B,Sq,Sk] mask for prefix-LM / padding). Grouped-query: query head
+// h reads kv head h / (Hq / Hkv).
+//
+// Two kernels:
+// - attn_mma_<t>_d<D>: prefill, flash-style (FlashAttention-2 schedule) on tensor cores with
+//   mma.sync m16n8k16 (sm_80+; on Hopper it runs on the same tensor cores as wgmma at lower
+//   issue efficiency). One block of 4 warps takes 64 query rows of one (batch, head); each
+//   warp owns 16 rows; key/value tiles of BK rows stream through shared memory; the online
+//   softmax stays in registers, so the score matrix never reaches memory.
+// - attn_rows_<t>: one warp per (query row, key range), for decode (Sq = 1) over a KV cache,
+//   split-K over the keys with attn_combine_<t> merging the splits, and for f32.
+
+#define ROWS_WARPS 4
+#define MAXD 256
+
+// ---------------------------------------------------------------------------------------
+// Row kernel (any dtype, D <= 256, split-K). grid (Sq*Hq, B, splits), block 128.
+// With splits > 1 each block writes (m, l, acc[Dv]) in f32 to p.partial at
+// [((b*Sq + i)*Hq + h)*splits + s] * (Dv + 2); attn_combine merges them.
+template <typename T>
+__device__ void attn_rows(const AttnParams p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ih = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+  const int i = ih / p.hq, h = ih % p.hq;
+  const int hk = h / (p.hq / p.hkv);
+  const T* q = (const T*)p.q + (((i64)b * p.sq + i) * p.hq + h) * p.d;
+  float qr[MAXD / 32], acc[MAXD / 32];
+#pragma unroll
+  for (int r = 0; r < MAXD / 32; r++) {
+    int c = lane + 32 * r;
+    qr[r] = c < p.d ? to_f32(q[c]) : 0.0f;
+    acc[r] = 0.0f;
+  }
+  const int chunk = (p.sk + p.splits - 1) / p.splits;
+  const int j0 = split * chunk, j1 = min(p.sk, j0 + chunk);
+  float m = -KILN_INF, l = 0.0f;
+  for (int j = j0 + warp; j < j1; j += ROWS_WARPS) {
+    const T* kr = (const T*)p.k + (((i64)b * p.sk + j) * p.hkv + hk) * p.d;
+    float dot = 0.0f;
+#pragma unroll
+    for (int r = 0; r < MAXD / 32; r++) {
+      int c = lane + 32 * r;
+      if (c < p.d) dot += qr[r] * to_f32(kr[c]);
+    }
+    dot = warp_sum(dot);
+    float s = score_of<T>(p, dot, b, i, j);
+    if (s == -KILN_INF) continue;
+    float mn = fmaxf(m, s);
+    float corr = __expf(m - mn), e = __expf(s - mn);
+    l = l * corr + e;
+    m = mn;
+    const T* vr = (const T*)p.v + (((i64)b * p.sk + j) * p.hkv + hk) * p.dv;
+#pragma unroll
+    for (int r = 0; r < MAXD / 32; r++) {
+      int c = lane + 32 * r;
+      if (c < p.dv) acc[r] = acc[r] * corr + e * to_f32(vr[c]);
+    }
+  }
+  // Merge the warps' (m, l, acc) through shared memory.
+  __shared__ float sm[ROWS_WARPS], sl[ROWS_WARPS], sacc[ROWS_WARPS][MAXD];
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+  }
+#pragma unroll
+  for (int r = 0; r < MAXD / 32; r++) sacc[warp][lane + 32 * r] = acc[r];
+  __syncthreads();
+  float M = -KILN_INF;
+  for (int w = 0; w < ROWS_WARPS; w++) M = fmaxf(M, sm[w]);
+  float L = 0.0f, wt[ROWS_WARPS];
+  for (int w = 0; w < ROWS_WARPS; w++) {
+    wt[w] = sm[w] == -KILN_INF ? 0.0f : __expf(sm[w] - M);
+    L += sl[w] * wt[w];
+  }
+  const i64 row = ((i64)b * p.sq + i) * p.hq + h;
+  if (p.splits == 1) {
+    T* o = (T*)p.out + row * p.dv;
+    for (int c = threadIdx.x; c < p.dv; c += blockDim.x) {
+      float a = 0.0f;
+      for (int w = 0; w < ROWS_WARPS; w++) a += sacc[w][c] * wt[w];
+      o[c] = from_f32<T>(L > 0.0f ? a / L : 0.0f);
+    }
+  } else {
+    float* part = (float*)p.partial + (row * p.splits + split) * (i64)(p.dv + 2);
+    if (threadIdx.x == 0) {
+      part[0] = M;
+      part[1] = L;
+    }
+    for (int c = threadIdx.x; c < p.dv; c += blockDim.x) {
+      float a = 0.0f;
+      for (int w = 0; w < ROWS_WARPS; w++) a += sacc[w][c] * wt[w];
+      part[2 + c] = a;
+    }
+  }
+}
+
+// Merges split-K partials. grid (Sq*Hq, B), block 128.
+template <typename T>
+__device__ void attn_combine(const AttnParams p) {
+  const int ih = blockIdx.x, b = blockIdx.y;
+  const int i = ih / p.hq, h = ih % p.hq;
+  const i64 row = ((i64)b * p.sq + i) * p.hq + h;
+  const float* part = (const float*)p.partial + row * p.splits * (i64)(p.dv + 2);
+  float M = -KILN_INF;
+  for (int s = 0; s < p.splits; s++) M = fmaxf(M, part[s * (p.dv + 2)]);
+  float L = 0.0f;
+  for (int s = 0; s < p.splits; s++) {
+    float ms = part[s * (p.dv + 2)];
+    L += ms == -KILN_INF ? 0.0f : part[s * (p.dv + 2) + 1] * __expf(ms - M);
+  }
+  T* o = (T*)p.out + row * p.dv;
+  for (int c = threadIdx.x; c < p.dv; c += blockDim.x) {
+    float a = 0.0f;
+    for (int s = 0; s < p.splits; s++) {
+      float ms = part[s * (p.dv + 2)];
+      if (ms != -KILN_INF) a += part[s * (p.dv + 2) + 2 + c] * __expf(ms - M);
+    }
+    o[c] = from_f32<T>(L > 0.0f ? a / L : 0.0f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core prefill. DP: head dim padded to a multiple of 16 (72 -> 80). Needs D == Dv.
+// grid (ceil(Sq/64), Hq, B), block 128, dynamic shared memory
+// (64 + 2*BK) * (DP + 8) * 2 bytes (attn_mma_smem in Rust).
+
+template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b);
+template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<f16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Copies `rows` rows of D 16-bit elements (row r at src + r * stride elements) into shared
+// memory rows of LD elements, zero-filling padding columns and rows past `valid`.
+template <int D, int DP, int LD>
+__device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned short* src, i64 stride, int rows, int valid) {
+  constexpr int CH = DP / 8;  // 16-byte chunks per shared row
+  for (int x = threadIdx.x; x < rows * CH; x += blockDim.x) {
+    int r = x / CH, c = (x % CH) * 8;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < valid && c < D) val = *(const uint4*)(src + r * stride + c);
+    *(uint4*)(dst + r * LD + c) = val;
+  }
+}
+
+template <typename T, int D, int BK>
+__device__ void attn_mma(const AttnParams p) {
+  constexpr int DP = (D + 15) / 16 * 16;
+  constexpr int LD = DP + 8;  // padded shared row: fewer bank conflicts, 16-byte aligned
+  constexpr int NT = BK / 8;  // score n-tiles per key tile
+  constexpr int OT = DP / 8;  // output n-tiles
+  extern __shared__ __align__(16) unsigned short smem[];
+  unsigned short* qs = smem;
+  unsigned short* ks = qs + 64 * LD;
+  unsigned short* vs = ks + BK * LD;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int q0 = blockIdx.x * 64, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.hq / p.hkv);
+  const unsigned short* qg = (const unsigned short*)p.q + (((i64)b * p.sq + q0) * p.hq + h) * D;
+  load_tile<D, DP, LD>(qs, qg, (i64)p.hq * D, 64, p.sq - q0);
+
+  // Keys this block can see: structural masks bound the loop.
+  int kbeg = 0, kend = p.sk;
+  if (p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_SLIDING) kend = min(p.sk, p.q_offset + q0 + 64);
+  if (p.mask_kind == MASK_SLIDING) kbeg = max(0, p.q_offset + q0 - p.window + 1) / BK * BK;
+
+  float o[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-KILN_INF, -KILN_INF}, l[2] = {0.0f, 0.0f};
+  const int r0 = warp * 16 + g;  // this thread's rows in the tile: r0 and r0 + 8
+
+  for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    __syncthreads();
+    const i64 kvoff = (((i64)b * p.sk + k0) * p.hkv + hk) * D;
+    load_tile<D, DP, LD>(ks, (const unsigned short*)p.k + kvoff, (i64)p.hkv * D, BK, p.sk - k0);
+    load_tile<D, DP, LD>(vs, (const unsigned short*)p.v + kvoff, (i64)p.hkv * D, BK, p.sk - k0);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+      unsigned a[4];
+      const unsigned short* qa = qs + r0 * LD + kk * 16 + 2 * t;
+      a[0] = *(const unsigned*)qa;
+      a[1] = *(const unsigned*)(qa + 8 * LD);
+      a[2] = *(const unsigned*)(qa + 8);
+      a[3] = *(const unsigned*)(qa + 8 * LD + 8);
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        const unsigned short* kb = ks + (n * 8 + g) * LD + kk * 16 + 2 * t;
+        unsigned bb[2] = {*(const unsigned*)kb, *(const unsigned*)(kb + 8)};
+        mma16816<T>(s[n], a, bb);
+      }
+    }
+
+    // Scale, soft-cap, mask; the online softmax of rows r0 and r0 + 8.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = q0 + r0 + (e >> 1) * 8, j = k0 + n * 8 + 2 * t + (e & 1);
+        float v = (i < p.sq && j < p.sk) ? score_of<T>(p, s[n][e], b, i, j) : -KILN_INF;
+        s[n][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      corr[r] = mx[r] == -KILN_INF ? 1.0f : __expf(m[r] - mx[r]);
+      m[r] = mx[r];
+      l[r] *= corr[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int r = e >> 1;
+        float pe = s[n][e] == -KILN_INF ? 0.0f : __expf(s[n][e] - m[r]);
+        s[n][e] = pe;
+        l[r] += pe;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < OT; n++) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+
+    // O += P V: the score accumulators of two n-tiles form one A operand (16 keys).
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) {
+      unsigned a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const unsigned short* vb = vs + (kk * 16 + 2 * t) * LD + g;
+#pragma unroll
+      for (int n = 0; n < OT; n++) {
+        unsigned bb[2];
+        bb[0] = (unsigned)vb[n * 8] | ((unsigned)vb[n * 8 + LD] << 16);
+        bb[1] = (unsigned)vb[n * 8 + 8 * LD] | ((unsigned)vb[n * 8 + 9 * LD] << 16);
+        mma16816<T>(o[n], a, bb);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    l[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int i = q0 + r0 + r * 8;
+    if (i >= p.sq) continue;
+    T* out = (T*)p.out + (((i64)b * p.sq + i) * p.hq + h) * D;
+#pragma unroll
+    for (int n = 0; n < OT; n++) {
+      int c = n * 8 + 2 * t;
+      if (c < D) {
+        out[c] = from_f32<T>(o[n][2 * r] * l[r]);
+        out[c + 1] = from_f32<T>(o[n][2 * r + 1] * l[r]);
+      }
+    }
+  }
+}
+
+#define ROWS(t, T)                                                                            \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); }
+ROWS(f32, float)
+ROWS(bf16, bf16)
+ROWS(f16, f16)
+
+#define MMA(t, T, D, BK) \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); }
+MMA(bf16, bf16, 64, 64)
+MMA(bf16, bf16, 72, 64)
+MMA(bf16, bf16, 128, 64)
+MMA(bf16, bf16, 256, 32)
+MMA(f16, f16, 64, 64)
+MMA(f16, f16, 72, 64)
+MMA(f16, f16, 128, 64)
+MMA(f16, f16, 256, 32)

@@ -1,0 +1,115 @@
+// Shared helpers of kiln's CUDA kernels. NVRTC ships no cuda_fp16.h / cuda_bf16.h in the
+// nvidia-cuda-nvrtc wheel, so half types are stored as 16-bit integers and converted with
+// PTX `cvt` instructions (sm_80+ for bf16).
+typedef unsigned short bf16_t;
+typedef unsigned short f16_t;
+typedef long long i64;
+typedef unsigned char u8;
+#define KILN_INF __int_as_float(0x7f800000)
+
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+__device__ __forceinline__ float to_f32(int x) { return (float)x; }
+__device__ __forceinline__ float to_f32(i64 x) { return (float)x; }
+__device__ __forceinline__ float to_f32(u8 x) { return (float)x; }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+  return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+  f16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+  return r;
+}
+template <> __device__ __forceinline__ int from_f32<int>(float x) { return (int)x; }
+template <> __device__ __forceinline__ i64 from_f32<i64>(float x) { return (i64)x; }
+template <> __device__ __forceinline__ u8 from_f32<u8>(float x) { return (u8)x; }
+
+// Two f32 values packed into one 32-bit register of two halves (low half first), the
+// operand format of mma.sync.
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<bf16>(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> __device__ __forceinline__ unsigned pack2<f16>(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over a block of blockDim.x threads (a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : 0.0f;
+  return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < nw ? red[lane] : -KILN_INF;
+  return warp_max(v);
+}
+
+// Attention masks (graph MaskKind): 0 none, 1 causal, 2 sliding window, 3 additive [B,Sq,Sk].
+#define MASK_NONE 0
+#define MASK_CAUSAL 1
+#define MASK_SLIDING 2
+#define MASK_ADDITIVE 3
+
+// Parameters of every attention launch (by value; the layout matches `AttnParams` in Rust).
+struct AttnParams {
+  i64 q, k, v, mask, out, partial;  // device addresses; partial: split-K scratch (f32)
+  int batch, sq, sk, hq, hkv, d, dv;
+  int mask_kind, q_offset, window, splits, pad_;
+  float scale, softcap;  // softcap <= 0: none
+};
+
+// Whether key `j` is visible to query row `i` under a structural mask.
+__device__ __forceinline__ bool visible(const AttnParams& p, int i, int j) {
+  int qpos = p.q_offset + i;
+  if (p.mask_kind == MASK_CAUSAL) return j <= qpos;
+  if (p.mask_kind == MASK_SLIDING) return j <= qpos && j > qpos - p.window;
+  return true;
+}
+
+// Scaled, soft-capped, masked score.
+template <typename T>
+__device__ __forceinline__ float score_of(const AttnParams& p, float dot, int b, int i, int j) {
+  float s = dot * p.scale;
+  if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
+  if (!visible(p, i, j)) return -KILN_INF;
+  if (p.mask_kind == MASK_ADDITIVE) s += to_f32(((const T*)p.mask)[((i64)b * p.sq + i) * p.sk + j]);
+  return s;
+}

@@ -1,0 +1,298 @@
+//! kiln's CUDA C kernels, as source for NVRTC: attention (tensor-core prefill, split-K
+//! decode), layer / RMS norm, softmax, strided copy, gather, MoE dispatch / combine
+//! (`*.cu` beside this file), and fused elementwise regions generated from
+//! [`kiln_graph::Expr`] ([`fused`]).
+//!
+//! Each `.cu` file is one NVRTC module (with `common.cuh` prepended); each `extern "C"`
+//! kernel in it is listed in [`kernels`] with a "hot" flag: a hot kernel runs in every layer,
+//! so a register spill in one is a CI failure (`kiln kernels check`).
+//!
+//! Launch parameters are `#[repr(C)]` structs passed by value ([`AttnParams`] and friends):
+//! their layouts must match the structs of the same name in the `.cu` files.
+
+pub mod fused;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+
+/// Helpers every module includes (half conversions, warp reductions, masks).
+pub const COMMON: &str = include_str!("common.cuh");
+
+/// One NVRTC compilation unit.
+#[derive(Clone, Debug)]
+pub struct Module {
+    /// Module name (the file stem).
+    pub name: String,
+    /// Complete CUDA C source (helpers included).
+    pub source: String,
+    /// The kernels (`extern "C"` symbols) it defines.
+    pub kernels: Vec<Kernel>,
+}
+
+/// A kernel of a module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kernel {
+    /// The `extern "C"` symbol.
+    pub name: String,
+    /// Runs in every layer of some model: a spill in it fails the check.
+    pub hot: bool,
+}
+
+/// The dtype suffixes kernels are instantiated for (`f32`, `bf16`, `f16`).
+pub const FLOAT_TYPES: [&str; 3] = ["f32", "bf16", "f16"];
+/// Head dims with a tensor-core prefill kernel (So400m: 72; SigLIP B: 64; Gemma 2: 128, 256).
+pub const MMA_HEAD_DIMS: [usize; 4] = [64, 72, 128, 256];
+/// Query rows per block of the tensor-core prefill kernel.
+pub const MMA_BQ: usize = 64;
+/// Largest head dim of the row (decode) kernel.
+pub const ROWS_MAX_D: usize = 256;
+/// Threads per block of the row kernels (norms, softmax, copies).
+pub const BLOCK: u32 = 256;
+
+/// Key-tile rows of the tensor-core prefill kernel for head dim `d`.
+pub fn mma_bk(d: usize) -> usize {
+    if d > 128 {
+        32
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of the tensor-core prefill kernel for head dim `d`, in bytes.
+pub fn mma_smem(d: usize) -> usize {
+    let dp = d.div_ceil(16) * 16;
+    (MMA_BQ + 2 * mma_bk(d)) * (dp + 8) * 2
+}
+
+fn module(name: &str, body: &str, kernels: Vec<Kernel>) -> Module {
+    Module { name: name.to_string(), source: format!("{COMMON}\n{body}"), kernels }
+}
+
+fn k(name: String, hot: bool) -> Kernel {
+    Kernel { name, hot }
+}
+
+/// Every hand-written module with its kernels.
+pub fn modules() -> Vec<Module> {
+    let mut att = Vec::new();
+    for t in FLOAT_TYPES {
+        att.push(k(format!("attn_rows_{t}"), true));
+        att.push(k(format!("attn_combine_{t}"), true));
+    }
+    for t in ["bf16", "f16"] {
+        for d in MMA_HEAD_DIMS {
+            att.push(k(format!("attn_mma_{t}_d{d}"), true));
+        }
+    }
+    let mut norm = Vec::new();
+    for t in FLOAT_TYPES {
+        for n in ["layer_norm", "rms_norm", "softmax"] {
+            norm.push(k(format!("{n}_{t}"), true));
+        }
+    }
+    let mut data = Vec::new();
+    for b in [1, 2, 4, 8] {
+        data.push(k(format!("copy_b{b}"), true));
+    }
+    for it in ["i32", "i64"] {
+        for b in [1, 2, 4, 8] {
+            data.push(k(format!("gather_b{b}_{it}"), false));
+            data.push(k(format!("write_rows_b{b}_{it}"), false));
+        }
+    }
+    for it in ["i32", "i64"] {
+        for t in FLOAT_TYPES {
+            data.push(k(format!("moe_dispatch_{t}_{it}"), false));
+            data.push(k(format!("moe_combine_{t}_{it}"), false));
+        }
+    }
+    for t in FLOAT_TYPES {
+        data.push(k(format!("reduce_{t}"), false));
+    }
+    for t in ["f32", "bf16", "f16", "i32", "i64"] {
+        data.push(k(format!("iota_{t}"), false));
+    }
+    vec![
+        module("attention", include_str!("attention.cu"), att),
+        module("norm", include_str!("norm.cu"), norm),
+        module("data", include_str!("data.cu"), data),
+    ]
+}
+
+/// The module that defines kernel `name` (hand-written modules only).
+pub fn module_of(name: &str) -> Option<String> {
+    modules().into_iter().find(|m| m.kernels.iter().any(|k| k.name == name)).map(|m| m.name)
+}
+
+/// Device address of a buffer (a `CUdeviceptr`), as the kernels' parameter structs hold it.
+pub type DevPtr = u64;
+
+/// Parameters of every attention kernel (`AttnParams` in `common.cuh`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AttnParams {
+    pub q: DevPtr,
+    pub k: DevPtr,
+    pub v: DevPtr,
+    pub mask: DevPtr,
+    pub out: DevPtr,
+    /// Split-K scratch (f32), `B*Sq*Hq*splits*(Dv+2)` values.
+    pub partial: DevPtr,
+    pub batch: i32,
+    pub sq: i32,
+    pub sk: i32,
+    pub hq: i32,
+    pub hkv: i32,
+    pub d: i32,
+    pub dv: i32,
+    /// 0 none, 1 causal, 2 sliding window, 3 additive.
+    pub mask_kind: i32,
+    pub q_offset: i32,
+    pub window: i32,
+    pub splits: i32,
+    pub pad: i32,
+    pub scale: f32,
+    /// `<= 0`: no soft-cap.
+    pub softcap: f32,
+}
+
+/// Parameters of layer norm, RMS norm and softmax (`NormParams` in `norm.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NormParams {
+    pub x: DevPtr,
+    pub w: DevPtr,
+    pub b: DevPtr,
+    pub out: DevPtr,
+    pub rows: i32,
+    pub d: i32,
+    pub eps: f32,
+    pub add_one: i32,
+}
+
+/// Largest rank of a strided copy.
+pub const MAX_RANK: usize = 8;
+
+/// Parameters of the strided copy (`CopyParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CopyParams {
+    pub src: DevPtr,
+    pub dst: DevPtr,
+    pub n: i64,
+    pub rank: i32,
+    pub pad: i32,
+    pub dims: [i64; MAX_RANK],
+    pub src_st: [i64; MAX_RANK],
+    pub dst_st: [i64; MAX_RANK],
+}
+
+/// Parameters of the gather (`GatherParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GatherParams {
+    pub x: DevPtr,
+    pub idx: DevPtr,
+    pub out: DevPtr,
+    /// An `int` flag set to 1 when an index is out of range (0: not reported).
+    pub err: DevPtr,
+    pub outer: i64,
+    pub len: i64,
+    pub nidx: i64,
+    pub inner: i64,
+}
+
+/// Parameters of MoE dispatch and combine (`MoeParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MoeParams {
+    pub x: DevPtr,
+    pub slot: DevPtr,
+    pub w: DevPtr,
+    pub out: DevPtr,
+    pub tokens: i32,
+    pub k: i32,
+    pub d: i32,
+    pub rows: i32,
+}
+
+/// Parameters of the reduction (`ReduceParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReduceParams {
+    pub x: DevPtr,
+    pub out: DevPtr,
+    pub nout: i64,
+    pub nred: i64,
+    pub rank_o: i32,
+    pub rank_r: i32,
+    /// 0 sum, 1 mean, 2 max, 3 min.
+    pub op: i32,
+    pub pad: i32,
+    pub dims_o: [i64; MAX_RANK],
+    pub st_o: [i64; MAX_RANK],
+    pub dims_r: [i64; MAX_RANK],
+    pub st_r: [i64; MAX_RANK],
+}
+
+/// Parameters of iota (`IotaParams` in `data.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IotaParams {
+    pub out: DevPtr,
+    pub n: i64,
+    pub inner: i64,
+    pub len: i64,
+    pub start: f64,
+    pub step: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_is_defined_in_its_module() {
+        for m in modules() {
+            for k in &m.kernels {
+                let sym = format!(" {}(", k.name);
+                let defined = m.source.contains(&sym) || macro_defines(&m.source, &k.name);
+                assert!(defined, "{} is listed for module {} but not defined there", k.name, m.name);
+            }
+        }
+    }
+
+    /// Kernels come from macros (`ROWS(bf16, bf16)` defines `attn_rows_bf16`): checks the
+    /// instantiation line exists.
+    fn macro_defines(src: &str, name: &str) -> bool {
+        let inst = |prefix: &str, args: &str| name.starts_with(prefix) && src.contains(args);
+        let parts: Vec<&str> = name.split('_').collect();
+        match parts.as_slice() {
+            ["attn", "rows" | "combine", t] => src.contains(&format!("ROWS({t},")),
+            ["attn", "mma", t, d] => src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..])),
+            ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
+            ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
+            ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
+            ["reduce", t] => src.contains(&format!("RED({t},")),
+            ["iota", t] => src.contains(&format!("IOTA({t},")),
+            ["moe", "dispatch" | "combine", t, it] => src.contains(&format!("MOE({t}, ")) && src.contains(&format!(", {it}, ")),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn param_structs_have_the_c_layout() {
+        assert_eq!(std::mem::size_of::<AttnParams>(), 6 * 8 + 12 * 4 + 2 * 4);
+        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
+        assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
+        assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);
+        assert_eq!(std::mem::size_of::<MoeParams>(), 4 * 8 + 4 * 4);
+    }
+
+    #[test]
+    fn prefill_shared_memory_fits_hopper() {
+        for d in MMA_HEAD_DIMS {
+            assert!(mma_smem(d) <= 227 * 1024, "d {d}: {} bytes", mma_smem(d));
+        }
+        assert_eq!(mma_smem(72), (64 + 128) * 88 * 2);
+    }
+}

@@ -1,0 +1,147 @@
+//! The cuda backend: cuBLASLt GEMMs (bf16/f16/f32, f32 accumulation, bias and GELU-tanh
+//! epilogues), kiln's CUDA C kernels (`kiln_kernels::cuda`) compiled by NVRTC, one device
+//! allocation laid out by the memory plan, and each entry replayed as a CUDA graph.
+//!
+//! Ahead of time, `kiln compile --backend cuda --arch sm_90a` stores the CUBINs in the
+//! artifact ([`Program::binaries`]), so loading needs only the driver. Without stored
+//! CUBINs, loading compiles them with NVRTC.
+//!
+//! Status: the lowering ([`lower`]) and kernel compilation are tested without a GPU; the
+//! executor ([`exec`]) has not yet run on one (scripts/device_cuda.sh is its first test).
+
+pub mod exec;
+pub mod lower;
+
+use crate::backend::{Backend, Executable};
+use crate::error::{Result, RuntimeError};
+use crate::weights::WeightStore;
+use kiln_graph::program::{Binary, Program};
+use kiln_graph::{Op, TensorType};
+use kiln_kernels::cuda::nvrtc;
+use std::sync::Arc;
+
+/// The architecture kiln compiles for unless told otherwise (H100 / H200).
+pub const DEFAULT_ARCH: &str = "sm_90a";
+
+/// The cuda backend for one GPU architecture.
+pub struct CudaBackend {
+    /// `sm_90a`, ...
+    pub arch: String,
+}
+
+impl Default for CudaBackend {
+    fn default() -> Self {
+        CudaBackend { arch: DEFAULT_ARCH.into() }
+    }
+}
+
+fn unsupported(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Unsupported { backend: "cuda".into(), msg: msg.into() }
+}
+
+/// Whether an NVIDIA driver (libcuda) can be loaded and initialised. cudarc panics on its
+/// first call without one, so every entry point asks this first.
+pub fn driver_check() -> Result<()> {
+    // SAFETY: only tries to dlopen libcuda by its candidate names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(unsupported(
+            "no NVIDIA driver on this machine (libcuda.so not found): the cuda backend needs a GPU; \
+             use --backend cpu, or compile here with `kiln compile --backend cuda` and load the artifact on a GPU machine",
+        ));
+    }
+    cudarc::driver::result::init().map_err(|e| unsupported(format!("the NVIDIA driver failed to initialise: {e:?}")))?;
+    let n = cudarc::driver::result::device::get_count().map_err(|e| unsupported(format!("cuDeviceGetCount: {e:?}")))?;
+    if n < 1 {
+        return Err(unsupported("the NVIDIA driver reports no GPU"));
+    }
+    Ok(())
+}
+
+/// Compiles every module `program` needs (the hand-written ones and its fused regions) for
+/// `arch` with NVRTC. Needs libnvrtc, no GPU.
+pub fn compile_binaries(program: &Program, arch: &str) -> Result<Vec<Binary>> {
+    if !nvrtc::available() {
+        return Err(unsupported(nvrtc::INSTALL_HINT));
+    }
+    let mut out = Vec::new();
+    let mut add = |name: &str, source: &str| -> Result<()> {
+        let c = nvrtc::compile(name, source, arch).map_err(unsupported)?;
+        out.push(Binary { backend: "cuda".into(), arch: arch.into(), name: name.into(), code: c.cubin });
+        Ok(())
+    };
+    for m in kiln_kernels::cuda::modules() {
+        add(&m.name, &m.source)?;
+    }
+    for r in lower::regions(program).map_err(unsupported)? {
+        add(&r.name, &r.source)?;
+    }
+    Ok(out)
+}
+
+/// The architecture name of the current device (`sm_90a` for compute capability 9.0).
+fn device_arch() -> Result<String> {
+    let dev = cudarc::driver::result::device::get(0).map_err(|e| unsupported(format!("cuDeviceGet: {e:?}")))?;
+    let attr = |a| {
+        // SAFETY: `dev` is a valid device handle from cuDeviceGet.
+        unsafe { cudarc::driver::result::device::get_attribute(dev, a) }.map_err(|e| unsupported(format!("cuDeviceGetAttribute: {e:?}")))
+    };
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let (major, minor) = (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+    // Architecture-specific features (wgmma, setmaxnreg) need the `a` target on 9.0.
+    Ok(if (major, minor) == (9, 0) { "sm_90a".into() } else { format!("sm_{major}{minor}") })
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
+        lower::kernel_for(op, inputs, out)
+    }
+
+    fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        driver_check()?;
+        let arch = device_arch()?;
+        let stored: Vec<Binary> = program.binaries.iter().filter(|b| b.backend == "cuda" && b.arch == arch).cloned().collect();
+        let binaries = if stored.is_empty() {
+            if !program.binaries.is_empty() {
+                let have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
+                eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
+            }
+            compile_binaries(program, &arch)?
+        } else {
+            stored
+        };
+        let (program, states_at) = crate::states::states_in_arena(program);
+        Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loading_without_a_driver_is_a_clear_error() {
+        // SAFETY: only probes for libcuda.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a GPU machine: the device script covers loading.
+        }
+        let e = driver_check().unwrap_err().to_string();
+        assert!(e.contains("no NVIDIA driver"), "{e}");
+        let p = Program {
+            model: "t".into(),
+            backend: "cuda".into(),
+            source: String::new(),
+            weights: vec![],
+            constants: vec![],
+            entries: vec![],
+            states: vec![],
+            binaries: vec![],
+        };
+        let store = Arc::new(WeightStore::empty());
+        let e = CudaBackend::default().load(&p, store).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.starts_with("backend cuda: no NVIDIA driver"), "{e}");
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""PyTorch peers on the GPU (part of scripts/device_cuda.sh): bf16, SDPA attention, eager or
+torch.compile, random weights from a `kiln synth` folder. One JSON line on stdout.
+
+    bench_torch_cuda.py siglip DIR --batch 32 [--resolution R] --mode eager|compile
+    bench_torch_cuda.py gemma DIR --what prefill|decode --mode eager|compile
+
+siglip: median ms of model(pixel_values) over --runs after warm-up (CUDA events).
+gemma prefill: one forward of 1024 tokens. gemma decode: ms per token of greedy decoding
+with a static cache (`generate`, 64 new tokens after a 16-token prompt).
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def timed(fn, runs):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["siglip", "gemma"])
+    ap.add_argument("model_dir")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--what", choices=["prefill", "decode"], default="prefill")
+    ap.add_argument("--runs", type=int, default=20)
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    out = {"peer": f"torch-{a.mode}", "torch": torch.__version__, "device": torch.cuda.get_device_name()}
+    with torch.inference_mode():
+        if a.kind == "siglip":
+            from transformers import SiglipVisionModel
+
+            m = SiglipVisionModel.from_pretrained(a.model_dir, torch_dtype=dt, attn_implementation="sdpa").to(dev).eval()
+            r = a.resolution or m.config.image_size
+            x = torch.randn(a.batch, 3, r, r, device=dev, dtype=dt)
+            f = torch.compile(m) if a.mode == "compile" else m
+            t = timed(lambda: f(pixel_values=x), a.runs)
+            out.update(batch=a.batch, resolution=r)
+        else:
+            from transformers import Gemma2ForCausalLM
+
+            m = Gemma2ForCausalLM.from_pretrained(a.model_dir, torch_dtype=dt, attn_implementation="sdpa").to(dev).eval()
+            if a.what == "prefill":
+                ids = torch.randint(2, m.config.vocab_size, (1, 1024), device=dev)
+                f = torch.compile(m) if a.mode == "compile" else m
+                t = timed(lambda: f(input_ids=ids, use_cache=False), max(3, a.runs // 4))
+            else:
+                ids = torch.randint(2, m.config.vocab_size, (1, 16), device=dev)
+                kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, cache_implementation="static")
+                if a.mode == "compile":
+                    m.forward = torch.compile(m.forward, mode="reduce-overhead")
+                t = [x / 64 for x in timed(lambda: m.generate(ids, **kw), 3)]
+                out["per"] = "token"
+    out.update(min_ms=min(t), median_ms=statistics.median(t), max_ms=max(t), runs=len(t))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+//! `kiln kernels check` and ahead-of-time CUBINs for `kiln compile --backend cuda`: both
+//! compile CUDA C with NVRTC (libnvrtc loaded at run time; no GPU needed).
+
+use crate::{Error, Result};
+use kiln_graph::program::Program;
+use kiln_kernels::cuda::{modules, nvrtc};
+use kiln_runtime::cuda::{compile_binaries, lower};
+
+/// One row of the check's table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub module: String,
+    pub kernel: String,
+    pub hot: bool,
+    pub res: nvrtc::Resources,
+}
+
+/// What `kiln kernels check` found.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// Modules that failed to compile, with NVRTC's log.
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// Hot kernels that spill registers (the check fails on any).
+    pub fn hot_spills(&self) -> Vec<&Row> {
+        self.rows.iter().filter(|r| r.hot && (r.res.spill_stores > 0 || r.res.spill_loads > 0)).collect()
+    }
+
+    /// The table printed by the CLI.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
+            "module", "kernel", "hot", "regs", "smem", "stack", "spill-st", "spill-ld"
+        );
+        for r in &self.rows {
+            s += &format!(
+                "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
+                if r.module.len() > 10 { &r.module[..10] } else { &r.module },
+                r.kernel,
+                if r.hot { "yes" } else { "" },
+                r.res.registers,
+                r.res.smem,
+                r.res.stack,
+                r.res.spill_stores,
+                r.res.spill_loads
+            );
+        }
+        s
+    }
+}
+
+/// A compilation unit: its name, source and kernels (name, hot).
+type Unit = (String, String, Vec<(String, bool)>);
+
+fn nvrtc_or_error() -> Result<()> {
+    if nvrtc::available() {
+        Ok(())
+    } else {
+        Err(Error::Usage(nvrtc::INSTALL_HINT.to_string()))
+    }
+}
+
+/// Compiles every hand-written CUDA module, and each fused region of `program` when given
+/// (regions run in every layer: hot), for `arch`.
+pub fn check(arch: &str, program: Option<&Program>) -> Result<Report> {
+    nvrtc_or_error()?;
+    let mut report = Report::default();
+    let mut units: Vec<Unit> =
+        modules().into_iter().map(|m| (m.name, m.source, m.kernels.into_iter().map(|k| (k.name, k.hot)).collect())).collect();
+    if let Some(p) = program {
+        for r in lower::regions(p).map_err(Error::Usage)? {
+            units.push((r.name.clone(), r.source, vec![(r.name, true)]));
+        }
+    }
+    for (name, source, kernels) in units {
+        match nvrtc::compile(&name, &source, arch) {
+            Err(e) => report.errors.push(e),
+            Ok(c) => {
+                for (k, hot) in kernels {
+                    match c.kernels.iter().find(|(n, _)| *n == k) {
+                        Some((_, res)) => report.rows.push(Row { module: name.clone(), kernel: k, hot, res: res.clone() }),
+                        None => report.errors.push(format!("{name}: no ptxas report for kernel {k} (is it defined?)")),
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Compiles the CUBINs a program needs for `arch` and stores them in it.
+pub fn attach_binaries(program: &mut Program, arch: &str) -> Result<()> {
+    nvrtc_or_error()?;
+    program.binaries = compile_binaries(program, arch)?;
+    Ok(())
+}

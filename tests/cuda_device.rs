@@ -1,0 +1,159 @@
+//! The cuda backend's half-precision kernels against the interpreter: tensor-core attention
+//! for every head dim and mask kind, split-K decode, norms, and cuBLASLt GEMMs with fused
+//! epilogues, in bf16 and f16 (tests/parity.rs covers every op in f32).
+//!
+//! Runs only where an NVIDIA driver is present (scripts/device_cuda.sh, which sets
+//! KILN_REQUIRE_GPU=1 so that a missing driver fails instead of skipping).
+#![cfg(feature = "cuda")]
+
+use kiln_graph::interp::{run, Value};
+use kiln_graph::passes::Pipeline;
+use kiln_graph::program::Program;
+use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, TensorType, UnaryOp};
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn gpu() -> bool {
+    match kiln_runtime::cuda::driver_check() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var("KILN_REQUIRE_GPU").map_or(true, |v| v != "1"), "KILN_REQUIRE_GPU=1: {e}");
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Runs `g` on the cuda backend and the interpreter; returns the normalised error.
+fn error(name: &str, g: Graph) -> f64 {
+    let mut ivals = HashMap::new();
+    let mut tensors = Vec::new();
+    for (i, (_, n, ty)) in g.inputs().enumerate() {
+        let v: Vec<f64> = values(ty.numel(), i as u64 + 1).into_iter().map(|x| ty.dtype.round(x)).collect();
+        tensors.push((n.to_string(), Tensor { ty: ty.clone(), bytes: kiln_runtime::tensor::from_f64(ty.dtype, &v) }));
+        ivals.insert(n.to_string(), Value::new(ty.clone(), v).unwrap());
+    }
+    let want = run(&g, &ivals, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
+    let opt = Pipeline::standard().run(&g, None).unwrap();
+    let backend = kiln_runtime::by_name("cuda").unwrap();
+    let mut program = Program {
+        model: name.into(),
+        backend: "cuda".into(),
+        source: String::new(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: vec![],
+        binaries: vec![],
+    };
+    let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+    let kernels: Vec<String> = entry.steps.iter().map(|s| s.kernel.clone()).collect();
+    program.entries.push(entry);
+    let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let got = s.run("forward", &refs).unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    let mut worst = 0f64;
+    for (oname, t) in &got {
+        let w = &want[oname];
+        let scale = w.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+        let err = t.to_f64().iter().zip(&w.data).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+        worst = worst.max(err);
+    }
+    println!("{name:<48} err {worst:.2e}  kernels {kernels:?}");
+    worst
+}
+
+fn input(g: &mut Graph, name: &str, d: DType, shape: &[usize]) -> NodeId {
+    g.input(name, d, shape).unwrap()
+}
+
+#[test]
+fn half_attention_matches_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for dt in [DType::BF16, DType::F16] {
+        for d in [64, 72, 128, 256] {
+            let cases = [
+                ("none", 2, 100, 100, 4, 4, MaskKind::None, None),
+                ("causal gqa softcap", 1, 130, 130, 8, 4, MaskKind::Causal { q_offset: 0 }, Some(50.0)),
+                ("window", 1, 200, 200, 2, 1, MaskKind::SlidingWindow { q_offset: 0, window: 48 }, None),
+                ("prefix additive", 2, 70, 70, 2, 2, MaskKind::Additive, None),
+                ("decode split-k", 1, 1, 1500, 8, 4, MaskKind::Causal { q_offset: 1400 }, Some(50.0)),
+            ];
+            for (what, b, sq, sk, hq, hkv, mask, softcap) in cases {
+                let mut g = Graph::new();
+                let q = input(&mut g, "q", dt, &[b, sq, hq, d]);
+                let k = input(&mut g, "k", dt, &[b, sk, hkv, d]);
+                let v = input(&mut g, "v", dt, &[b, sk, hkv, d]);
+                let mut ins = vec![q, k, v];
+                if mask == MaskKind::Additive {
+                    ins.push(input(&mut g, "mask", dt, &[b, sq, sk]));
+                }
+                let y = g.push(Op::Attention(Attention { scale: 1.0 / (d as f32).sqrt(), softcap, mask }), &ins).unwrap();
+                g.output("y", y);
+                let name = format!("attention {dt} d{d} {what}");
+                if error(&name, g) > 2e-2 {
+                    failures.push(name);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+#[test]
+fn half_gemms_norms_and_regions_match_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for dt in [DType::BF16, DType::F16] {
+        // x @ w^T + b, GELU-tanh: the MLP of SigLIP (cuBLASLt's GELU_BIAS epilogue).
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[3, 64, 96]);
+        let w = input(&mut g, "w", dt, &[160, 96]);
+        let b = input(&mut g, "b", dt, &[160]);
+        let y = g.matmul(x, w, true).unwrap();
+        let y = g.add(y, b).unwrap();
+        let y = g.unary(UnaryOp::GeluTanh, y).unwrap();
+        g.output("y", y);
+        if error(&format!("matmul+bias+gelu {dt}"), g) > 2e-2 {
+            failures.push(format!("matmul {dt}"));
+        }
+        // Layer norm, RMS norm (1 + w), softmax, and a RoPE-like region.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[37, 1152]);
+        let s = input(&mut g, "s", dt, &[1152]);
+        let bb = input(&mut g, "b", dt, &[1152]);
+        let ln = g.layer_norm(x, s, bb, 1e-6).unwrap();
+        let rms = g.push(Op::RmsNorm { eps: 1e-6, add_one: true }, &[x, s]).unwrap();
+        let sm = g.push(Op::Softmax { axis: 1 }, &[x]).unwrap();
+        let c = input(&mut g, "cos", dt, &[1152]);
+        let r = g.binary(BinaryOp::Mul, x, c).unwrap();
+        let r = g.binary(BinaryOp::Add, r, s).unwrap();
+        g.output("ln", ln);
+        g.output("rms", rms);
+        g.output("softmax", sm);
+        g.output("region", r);
+        if error(&format!("norms + region {dt}"), g) > 2e-2 {
+            failures.push(format!("norms {dt}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
