@@ -46,7 +46,12 @@ fn profile(batch: usize) -> Profile {
 }
 
 fn session(batch: usize) -> Session {
-    let c = compile(&fixture(), &CompileOptions { profile: profile(batch), backend: "cpu".into(), trace: false }).expect("compile");
+    session_on(batch, "cpu")
+}
+
+fn session_on(batch: usize, backend: &str) -> Session {
+    let c = compile(&fixture(), &CompileOptions { profile: profile(batch), backend: backend.into(), trace: false })
+        .unwrap_or_else(|e| panic!("{backend}: compile: {e}"));
     Session::new(c.program, Arc::new(WeightStore::open(&fixture()).expect("weights"))).expect("session")
 }
 
@@ -70,6 +75,16 @@ fn forward_cpu_matches_big_vision() {
     let mut s = session(2);
     let outs = s.run("forward", &[("images", &r["images"])]).expect("run");
     check_forward(&out(&outs, "z").to_f32(), &out(&outs, "logdet").to_f32(), "cpu");
+}
+
+/// The forward entry on the cube backend (wgpu; lavapipe on the CPU machines).
+#[cfg(feature = "cube")]
+#[test]
+fn forward_cube_matches_big_vision() {
+    let r = reference();
+    let mut s = session_on(2, "cube");
+    let outs = s.run("forward", &[("images", &r["images"])]).expect("run");
+    check_forward(&out(&outs, "z").to_f32(), &out(&outs, "logdet").to_f32(), "cube");
 }
 
 #[test]

@@ -347,3 +347,37 @@ fn attention_variants() {
         check(&format!("attention {name}"), g, 1);
     }
 }
+
+// Random shapes and axes for the ops whose kernels index by shape (proptest).
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 6, ..Default::default() })]
+    #[test]
+    fn random_shapes(d0 in 1usize..4, d1 in 1usize..9, d2 in 1usize..40, axis in 0usize..3, k in 1usize..4) {
+        let shape = [d0, d1, d2];
+        let other = (axis + 1) % 3;
+        let axes = if axis < other { vec![axis, other] } else { vec![other, axis] };
+        one(&format!("prop reduce sum {shape:?} {axis}"), &shape, |g, x| g.reduce(ReduceOp::Sum, x, &[axis], false).unwrap());
+        one(&format!("prop reduce max {shape:?} {axes:?}"), &shape, |g, x| g.reduce(ReduceOp::Max, x, &axes, true).unwrap());
+        one(&format!("prop softmax {shape:?} {axis}"), &shape, |g, x| g.softmax(x, axis).unwrap());
+        one(&format!("prop cumsum {shape:?} {axis}"), &shape, |g, x| g.push(Op::CumSum { axis, exclusive: k == 2 }, &[x]).unwrap());
+        let kk = k.min(d2);
+        one(&format!("prop topk {shape:?} {kk}"), &shape, |g, x| {
+            let i = g.push(Op::TopK { k: kk }, &[x]).unwrap();
+            g.push(Op::TakeAlongAxis { axis: 2 }, &[x, i]).unwrap()
+        });
+
+        let mut g = Graph::new();
+        let t = f32in(&mut g, "table", &[d2 + 1, d1]);
+        let ids = g.input("ids", DType::I64, &[d0, k]).unwrap();
+        let y = g.push(Op::Gather { axis: 0 }, &[t, ids]).unwrap();
+        g.output("y", y);
+        check(&format!("prop gather {d2} {d1} {d0}x{k}"), g, d2 + 1);
+
+        let mut g = Graph::new();
+        let a = f32in(&mut g, "a", &[d0, 1, d1, d2]);
+        let b = f32in(&mut g, "b", &[k, d2, 3]);
+        let y = g.matmul(a, b, false).unwrap();
+        g.output("y", y);
+        check(&format!("prop matmul [{d0}, 1, {d1}, {d2}] x [{k}, {d2}, 3]"), g, 1);
+    }
+}
