@@ -63,6 +63,8 @@ fn out<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 fn check_forward(z: &[f32], logdet: &[f32], what: &str) {
     let r = reference();
     let e = rel_err(z, &r["z"].to_f32());
+    let worst = logdet.iter().zip(r["logdet"].to_f32()).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    eprintln!("{what}: z relative error {e:.3e}, logdet off by at most {worst:.3e}");
     assert!(e < 1e-4, "{what}: z relative error {e:.3e}");
     for (got, want) in logdet.iter().zip(r["logdet"].to_f32()) {
         assert!((got - want).abs() < 1e-3, "{what}: logdet {got} vs {want}");
