@@ -29,7 +29,8 @@ if [ -z "${CUDA_PATH:-}" ]; then
     done
 fi
 log "card: $card; CUDA_PATH=${CUDA_PATH:-unset}"
-nvrtc=$(find / -name 'libnvrtc.so*' -path '*cu13*' 2>/dev/null | head -1)
+site=$("$py" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+nvrtc=$(find $site /usr/local/cuda*/lib64 -maxdepth 5 -name 'libnvrtc.so*' 2>/dev/null | head -1)
 [ -n "$nvrtc" ] && export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"
 
 # 1. Parity: every op row against the interpreter on the CUDA runtime (and cpu as the control).
