@@ -88,7 +88,12 @@ fn check(name: &str, g: Graph, modulo: usize) {
             let g = t.to_f64();
             let scale = w.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
             let err = g.iter().zip(&w.data).fold(0f64, |m, (a, b)| if a.is_nan() && b.is_nan() { m } else { m.max((a - b).abs()) }) / scale;
-            assert!(err < tol, "{name}/{oname}: {bname}: normalised error {err:.3e}");
+            assert!(
+                err < tol,
+                "{name}/{oname}: {bname}: normalised error {err:.3e}: got {:?} want {:?}",
+                &g[..g.len().min(8)],
+                &w.data[..w.data.len().min(8)]
+            );
         }
     }
 }
@@ -158,6 +163,16 @@ fn select_with_comparison() {
     let y = g.push(Op::Select, &[m, a, b]).unwrap();
     g.output("y", y);
     check("select", g, 1);
+
+    // A bool output of 3 elements (one byte each, packed four to a word on cube) and a u8 cast.
+    let mut g = Graph::new();
+    let a = f32in(&mut g, "a", &[3]);
+    let zero = g.scalar(DType::F32, 0.0).unwrap();
+    let m = g.binary(BinaryOp::Gt, a, zero).unwrap();
+    g.output("mask", m);
+    let s = g.push(Op::Cast { to: DType::U8 }, &[m]).unwrap();
+    g.output("bytes", s);
+    check("bool and u8 outputs", g, 1);
 }
 
 #[test]

@@ -91,10 +91,10 @@ fn binary<F: Float>(a: F, b: F, #[comptime] op: BinaryOp) -> F {
     }
 }
 
-/// Evaluates the instruction list on the region's inputs; the result is the last value. In an
-/// integer region (`int`) every intermediate is truncated, as the unfused ops would store it.
+/// Evaluates the instruction list on the region's inputs; the result is the last value. An
+/// integer or bool output is converted only when stored (as the cpu backend's regions do).
 #[cube]
-pub fn eval<F: Float>(inputs: &Sequence<F>, #[comptime] code: Vec<KInstr>, #[comptime] int: bool) -> F {
+pub fn eval<F: Float>(inputs: &Sequence<F>, #[comptime] code: Vec<KInstr>) -> F {
     let mut vals = Sequence::<F>::new();
     #[unroll]
     for i in 0..code.len() {
@@ -105,11 +105,7 @@ pub fn eval<F: Float>(inputs: &Sequence<F>, #[comptime] code: Vec<KInstr>, #[com
             KInstr::Binary(op, a, b) => binary::<F>(*vals.index(a as usize), *vals.index(b as usize), op),
             KInstr::Select(c, a, b) => select(*vals.index(c as usize) != F::new(0.0), *vals.index(a as usize), *vals.index(b as usize)),
         };
-        if comptime!(int) {
-            vals.push(F::trunc(v));
-        } else {
-            vals.push(v);
-        }
+        vals.push(v);
     }
     *vals.index(comptime!(code.len() - 1))
 }

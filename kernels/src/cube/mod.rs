@@ -104,8 +104,7 @@ fn fused_at<F: Float>(arena: &Array<F>, weights: &Array<F>, meta: &Array<u32>, o
         let i = strided_index(meta, o, 2, at, rank);
         ins.push(typed::read::<F>(arena, weights, i, comptime!(cfg.srcs[k])));
     }
-    let int = comptime!(cfg.out != Repr::Float);
-    expr::eval::<F>(&ins, comptime!(cfg.code.clone()), int)
+    expr::eval::<F>(&ins, comptime!(cfg.code.clone()))
 }
 
 /// A fused elementwise region, one unit per output element (per four, for a byte output).
@@ -214,7 +213,7 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                     let i = strided_index(meta, o, 4, at, rank);
                     ins.push(load::<F>(arena, weights, i, comptime!(in_arena[j])));
                 }
-                arena[out] = expr::eval::<F>(&ins, code, false);
+                arena[out] = expr::eval::<F>(&ins, code);
             }
             None => {
                 arena[out] = acc;

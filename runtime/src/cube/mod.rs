@@ -441,7 +441,9 @@ impl<R: Runtime> CubeExec<R> {
             let Slot::Arena { offset, bytes } = io.operand.slot else {
                 return Err(RuntimeError::Output { name: io.name.clone(), msg: "not in the arena (corrupt program)".into() });
             };
-            let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - offset - bytes) as u64);
+            // Device reads copy whole words: a byte tensor reads into its slot's padding.
+            let end = (offset + bytes.next_multiple_of(4)).min(self.arena_bytes);
+            let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - end) as u64);
             let got = self
                 .client
                 .read_one(h)
