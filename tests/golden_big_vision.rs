@@ -26,8 +26,16 @@ fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 /// Outputs by name, as f32.
 type Outputs = HashMap<String, Vec<f32>>;
 
-/// Runs a model folder on `images` both ways; returns (interpreter, cpu) outputs.
-fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (Outputs, Outputs) {
+/// The backends of this build.
+const BACKENDS: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cube")]
+    "cube",
+];
+
+/// Runs a model folder on `images` through the interpreter and every backend of the build;
+/// returns (who, outputs), the interpreter first and the cpu backend second.
+fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> Vec<(&'static str, Outputs)> {
     let s = &images.ty.shape;
     let profile = Profile { batch: s[0], image_hw: Some((s[1], s[2])), moe, ..Profile::default() };
     let store = Arc::new(WeightStore::open(dir).expect("weights"));
@@ -45,19 +53,25 @@ fn run_both(dir: &Path, images: &Tensor, moe: MoeOptions) -> (Outputs, Outputs) 
         .map(|(n, v)| (n, v.to_f32()))
         .collect();
 
-    let c = compile(dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).unwrap_or_else(|e| panic!("compile: {e}"));
-    let mut session = Session::new(c.program, store).expect("session");
-    let cpu = session.run("forward", &[("images", images)]).expect("run").into_iter().map(|(n, t)| (n, t.to_f32())).collect();
-    (interp, cpu)
+    let mut runs = vec![("interpreter", interp)];
+    for &backend in BACKENDS {
+        let c = compile(dir, &CompileOptions { profile: profile.clone(), backend: backend.into(), trace: false })
+            .unwrap_or_else(|e| panic!("{backend}: compile: {e}"));
+        let mut session = Session::new(c.program, store.clone()).expect("session");
+        let outs = session.run("forward", &[("images", images)]).expect("run").into_iter().map(|(n, t)| (n, t.to_f32())).collect();
+        runs.push((backend, outs));
+    }
+    runs
 }
 
 /// Checks `got[ours]` against `reference[theirs]` for both runs (relative error < `tol`).
-fn close(runs: &(Outputs, Outputs), reference: &[(String, Tensor)], pairs: &[(&str, &str)], tol: f64) {
+fn close(runs: &[(&str, Outputs)], reference: &[(String, Tensor)], pairs: &[(&str, &str)], tol: f64) {
     for (ours, theirs) in pairs {
         let want = tensor(reference, theirs).to_f32();
-        for (which, got) in [("interpreter", &runs.0), ("cpu", &runs.1)] {
+        for (which, got) in runs {
             let g = got.get(*ours).unwrap_or_else(|| panic!("{which}: no output {ours}"));
             let e = rel_err(g, &want);
+            eprintln!("{which}: {ours} relative error {e:.3e}");
             assert!(e < tol, "{which}: {ours} vs {theirs}: relative error {e:.3e}");
         }
     }
@@ -88,7 +102,7 @@ fn vit_map_learn_scan_layout() {
     close(&runs, &r, &VIT_OUTPUTS, 1e-4);
     let per_layer = run_both(&fixture("vit_map_learn"), tensor(&r, "images"), MoeOptions::default());
     for name in ["logits", "encoded"] {
-        let e = rel_err(&runs.1[name], &per_layer.1[name]);
+        let e = rel_err(&runs[1].1[name], &per_layer[1].1[name]);
         assert!(e < 1e-5, "scan vs per-layer {name}: {e:.3e}");
     }
 }
@@ -126,7 +140,7 @@ fn check_vmoe(variant: &str) {
         let dispatch = tensor(&r, &format!("{p}/dispatch_weights")).to_f32();
         let combine = tensor(&r, &format!("{p}/combine_weights")).to_f32();
         let gates = tensor(&r, &format!("{p}/gates_softmax")).to_f32();
-        for (which, got) in [("interpreter", &runs.0), ("cpu", &runs.1)] {
+        for (which, got) in &runs {
             assert_eq!(got[&format!("{p}/dispatch_weights")], dispatch, "{variant} {which}: {block} dispatch weights");
             let e = max_abs(&got[&format!("{p}/combine_weights")], &combine);
             assert!(e <= 1e-5, "{variant} {which}: {block} combine weights off by {e:.3e}");
@@ -193,12 +207,15 @@ fn patch_merger_in_vit() {
     std::fs::write(dir.join("merger.npz"), buf).unwrap();
 
     let r = io::read(&src.join("reference.safetensors")).unwrap();
-    let (interp, cpu) = run_both(&dir, tensor(&r, "images"), MoeOptions::default());
-    for name in ["logits", "encoded", "head_input"] {
-        let e = rel_err(&cpu[name], &interp[name]);
-        assert!(e < 1e-5, "{name}: cpu vs interpreter {e:.3e}");
+    let runs = run_both(&dir, tensor(&r, "images"), MoeOptions::default());
+    let interp = &runs[0].1;
+    for (which, got) in &runs[1..] {
+        for name in ["logits", "encoded", "head_input"] {
+            let e = rel_err(&got[name], &interp[name]);
+            assert!(e < 1e-5, "{name}: {which} vs interpreter {e:.3e}");
+        }
     }
-    let enc = &cpu["encoded"];
+    let enc = &runs[1].1["encoded"];
     assert_eq!(enc.len(), 2 * 3 * 48, "encoded is [2, 3, 48]");
     for b in 0..2 {
         let t0 = &enc[b * 144..b * 144 + 48];

@@ -45,13 +45,24 @@ fn forward_interpreter() {
 
 #[test]
 fn forward_cpu() {
+    forward_on("cpu");
+}
+
+/// The cube backend on wgpu (lavapipe on the CPU machines): the same fixtures, the same bound.
+#[cfg(feature = "cube")]
+#[test]
+fn forward_cube() {
+    forward_on("cube");
+}
+
+fn forward_on(backend: &str) {
     for case in CASES.iter().chain(&PALI) {
         let dir = gemma_case(case);
         let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
         let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
         let ids = &inputs.iter().find(|(n, _)| n == "input_ids").expect("input_ids").1;
-        let opts = CompileOptions { profile: profile(ids.ty.shape[0], ids.ty.shape[1]), backend: "cpu".into(), trace: false };
-        let c = compile(&dir, &opts).expect("compile");
+        let opts = CompileOptions { profile: profile(ids.ty.shape[0], ids.ty.shape[1]), backend: backend.into(), trace: false };
+        let c = compile(&dir, &opts).unwrap_or_else(|e| panic!("{case}: {backend}: compile: {e}"));
         let mut s = Session::new(c.program, Arc::new(WeightStore::open(&dir).expect("weights"))).expect("session");
         let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let outs = s.run("forward", &refs).expect("run");
@@ -61,7 +72,8 @@ fn forward_cpu() {
         let v = want.ty.shape[2];
         let mask = inputs.iter().find(|(n, _)| n == "attention_mask").expect("mask").1.to_f64();
         let e = rel_err(&valid_rows(&got.to_f32(), &mask, v), &valid_rows(&want.to_f32(), &mask, v));
-        assert!(e < 1e-4, "{case}: cpu logits relative error {e:.3e}");
+        eprintln!("{case}: {backend} logits relative error {e:.3e}");
+        assert!(e < 1e-4, "{case}: {backend} logits relative error {e:.3e}");
     }
 }
 

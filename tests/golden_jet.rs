@@ -46,7 +46,12 @@ fn profile(batch: usize) -> Profile {
 }
 
 fn session(batch: usize) -> Session {
-    let c = compile(&fixture(), &CompileOptions { profile: profile(batch), backend: "cpu".into(), trace: false }).expect("compile");
+    session_on(batch, "cpu")
+}
+
+fn session_on(batch: usize, backend: &str) -> Session {
+    let c = compile(&fixture(), &CompileOptions { profile: profile(batch), backend: backend.into(), trace: false })
+        .unwrap_or_else(|e| panic!("{backend}: compile: {e}"));
     Session::new(c.program, Arc::new(WeightStore::open(&fixture()).expect("weights"))).expect("session")
 }
 
@@ -58,6 +63,8 @@ fn out<'a>(outs: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 fn check_forward(z: &[f32], logdet: &[f32], what: &str) {
     let r = reference();
     let e = rel_err(z, &r["z"].to_f32());
+    let worst = logdet.iter().zip(r["logdet"].to_f32()).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    eprintln!("{what}: z relative error {e:.3e}, logdet off by at most {worst:.3e}");
     assert!(e < 1e-4, "{what}: z relative error {e:.3e}");
     for (got, want) in logdet.iter().zip(r["logdet"].to_f32()) {
         assert!((got - want).abs() < 1e-3, "{what}: logdet {got} vs {want}");
@@ -70,6 +77,16 @@ fn forward_cpu_matches_big_vision() {
     let mut s = session(2);
     let outs = s.run("forward", &[("images", &r["images"])]).expect("run");
     check_forward(&out(&outs, "z").to_f32(), &out(&outs, "logdet").to_f32(), "cpu");
+}
+
+/// The forward entry on the cube backend (wgpu; lavapipe on the CPU machines).
+#[cfg(feature = "cube")]
+#[test]
+fn forward_cube_matches_big_vision() {
+    let r = reference();
+    let mut s = session_on(2, "cube");
+    let outs = s.run("forward", &[("images", &r["images"])]).expect("run");
+    check_forward(&out(&outs, "z").to_f32(), &out(&outs, "logdet").to_f32(), "cube");
 }
 
 #[test]

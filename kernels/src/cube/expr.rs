@@ -91,7 +91,8 @@ fn binary<F: Float>(a: F, b: F, #[comptime] op: BinaryOp) -> F {
     }
 }
 
-/// Evaluates the instruction list on the region's inputs; the result is the last value.
+/// Evaluates the instruction list on the region's inputs; the result is the last value. An
+/// integer or bool output is converted only when stored (as the cpu backend's regions do).
 #[cube]
 pub fn eval<F: Float>(inputs: &Sequence<F>, #[comptime] code: Vec<KInstr>) -> F {
     let mut vals = Sequence::<F>::new();

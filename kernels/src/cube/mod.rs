@@ -14,9 +14,13 @@
 #![allow(clippy::needless_range_loop, clippy::single_match)]
 
 pub mod expr;
+pub mod index;
+pub mod reduce;
+pub mod typed;
 
 use cubecl::prelude::*;
 pub use expr::KInstr;
+pub use typed::{Repr, Src};
 
 /// Units per cube of the 1-D kernels.
 pub const BLOCK: u32 = 128;
@@ -41,7 +45,7 @@ fn load<F: Float>(arena: &Array<F>, weights: &Array<F>, i: usize, #[comptime] in
 /// shape: `meta[shape_at..]` holds the shape, `meta[at]` the operand's base offset and
 /// `meta[at + 1..]` its strides.
 #[cube]
-fn strided_index(meta: &Array<u32>, o: usize, shape_at: usize, at: usize, #[comptime] rank: usize) -> usize {
+pub(crate) fn strided_index(meta: &Array<u32>, o: usize, shape_at: usize, at: usize, #[comptime] rank: usize) -> usize {
     let mut idx = meta[at] as usize;
     let mut rem = o;
     #[unroll]
@@ -80,29 +84,58 @@ pub fn copy<F: Float>(arena: &mut Array<F>, src: &Array<F>, meta: &Array<u32>, #
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct FusedCfg {
     pub code: Vec<KInstr>,
-    /// Per input: whether it lives in the arena (else in the weights buffer).
-    pub in_arena: Vec<bool>,
+    /// Per input: where it lives and how it is stored.
+    pub srcs: Vec<Src>,
     pub rank: usize,
+    /// How the output is stored; a byte output is written four elements per unit.
+    pub out: Repr,
+    /// Whether the output is `bool` (else, for bytes, `u8`).
+    pub out_bool: bool,
 }
 
-/// A fused elementwise region, one unit per output element. Meta: `[n, out_off,
-/// shape[rank], per input (off, strides[rank])]`.
+/// Element `o` of a fused region.
+#[cube]
+fn fused_at<F: Float>(arena: &Array<F>, weights: &Array<F>, meta: &Array<u32>, o: usize, #[comptime] cfg: FusedCfg) -> F {
+    let rank = comptime!(cfg.rank);
+    let mut ins = Sequence::<F>::new();
+    #[unroll]
+    for k in 0..cfg.srcs.len() {
+        let at = 2 + rank + k * (rank + 1);
+        let i = strided_index(meta, o, 2, at, rank);
+        ins.push(typed::read::<F>(arena, weights, i, comptime!(cfg.srcs[k])));
+    }
+    expr::eval::<F>(&ins, comptime!(cfg.code.clone()))
+}
+
+/// A fused elementwise region, one unit per output element (per four, for a byte output).
+/// Meta: `[n, out_off, shape[rank], per input (off, strides[rank])]`, offsets in each
+/// operand's element units.
 #[cube(launch_unchecked)]
 pub fn fused<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: FusedCfg) {
     let n = meta[0] as usize;
-    let o = ABSOLUTE_POS;
-    if o < n {
-        let rank = comptime!(cfg.rank);
-        let mut ins = Sequence::<F>::new();
-        #[unroll]
-        for k in 0..cfg.in_arena.len() {
-            let at = 2 + rank + k * (rank + 1);
-            let i = strided_index(meta, o, 2, at, rank);
-            ins.push(load::<F>(arena, weights, i, comptime!(cfg.in_arena[k])));
+    let out = meta[1] as usize;
+    match comptime!(cfg.out) {
+        Repr::Byte => {
+            let w = ABSOLUTE_POS;
+            if w * 4 < n {
+                let mut word = 0u32;
+                for e in 0..4usize {
+                    let o = w * 4 + e;
+                    if o < n {
+                        let v = fused_at::<F>(arena, weights, meta, o, comptime!(cfg.clone()));
+                        word |= typed::byte_of::<F>(v, cfg.out_bool) << ((e * 8) as u32);
+                    }
+                }
+                typed::write_bytes::<F>(arena, out + w * 4, word);
+            }
         }
-        let v = expr::eval::<F>(&ins, comptime!(cfg.code.clone()));
-        let out = meta[1] as usize;
-        arena[out + o] = v;
+        _ => {
+            let o = ABSOLUTE_POS;
+            if o < n {
+                let v = fused_at::<F>(arena, weights, meta, o, comptime!(cfg.clone()));
+                typed::write::<F>(arena, out + o, v, comptime!(cfg.out));
+            }
+        }
     }
 }
 
@@ -119,22 +152,25 @@ pub struct MatmulCfg {
 }
 
 /// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
-/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: `[m, n, k, a_off, b_off,
-/// out_off, a_batch_stride, b_batch_stride, out shape[rank], per epilogue input (off,
-/// strides[rank])]`. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
+/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: `[m, n, k, out_off, out
+/// shape[rank], a (off, batch strides[rank - 2]), b (off, batch strides[rank - 2]), per
+/// epilogue input (off, strides[rank])]`; a batch stride of 0 broadcasts that operand. `b` is
+/// `[k, n]`, or `[n, k]` with `transpose_b`.
 #[cube(launch_unchecked)]
 pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MatmulCfg) {
     let m = meta[0] as usize;
     let n = meta[1] as usize;
     let k = meta[2] as usize;
+    let rank = comptime!(cfg.rank);
+    let brank = comptime!(cfg.rank - 2);
     let tile = comptime!(TILE as usize);
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
     let row = CUBE_POS_Y as usize * tile + ty;
     let col = CUBE_POS_X as usize * tile + tx;
     let batch = CUBE_POS_Z as usize;
-    let a0 = meta[3] as usize + batch * (meta[6] as usize);
-    let b0 = meta[4] as usize + batch * (meta[7] as usize);
+    let a0 = strided_index(meta, batch, 4, comptime!(4 + rank), brank);
+    let b0 = strided_index(meta, batch, 4, comptime!(4 + rank + brank + 1), brank);
     let mut a_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut b_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut acc = F::new(0.0);
@@ -165,7 +201,7 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
     }
     if row < m && col < n {
         let o = (batch * m + row) * n + col;
-        let out = meta[5] as usize + o;
+        let out = meta[3] as usize + o;
         match comptime!(cfg.epilogue.clone()) {
             Some((code, in_arena)) => {
                 let rank = comptime!(cfg.rank);
@@ -173,8 +209,8 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                 ins.push(acc);
                 #[unroll]
                 for j in 0..in_arena.len() {
-                    let at = 8 + rank + j * (rank + 1);
-                    let i = strided_index(meta, o, 8, at, rank);
+                    let at = 4 + rank + 2 * (rank - 1) + j * (rank + 1);
+                    let i = strided_index(meta, o, 4, at, rank);
                     ins.push(load::<F>(arena, weights, i, comptime!(in_arena[j])));
                 }
                 arena[out] = expr::eval::<F>(&ins, code);

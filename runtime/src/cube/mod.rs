@@ -8,8 +8,9 @@
 //! The program's states sit in the same device buffer, above every entry's arena: at load
 //! each [`Slot::State`] operand becomes the arena range of its state, so the kernels and
 //! their lowering need no notion of state.
-//! Floats are f32 on the device (bf16/f16 weights are upcast once at load); an op or dtype
-//! without a cube kernel is a compile error naming it.
+//! Floats are f32 on the device (bf16/f16 weights are upcast once at load); integer and bool
+//! tensors keep their byte layout in the arena (see `kiln_kernels::cube::typed`). An op or
+//! dtype without a cube kernel is a compile error naming it.
 
 mod lower;
 
@@ -54,6 +55,16 @@ fn is_f32(t: &TensorType) -> bool {
     t.dtype == DType::F32
 }
 
+/// Whether the arena can hold the type (f16/bf16 activations are not kept on the device).
+fn storable(t: &TensorType) -> bool {
+    lower::repr(t.dtype).is_ok()
+}
+
+/// Whether the type is stored a word or two per element (not packed bytes).
+fn wordy(t: &TensorType) -> bool {
+    matches!(lower::repr(t.dtype), Ok(k::Repr::Float | k::Repr::I32 | k::Repr::I64))
+}
+
 impl Backend for CubeBackend {
     fn name(&self) -> &'static str {
         match self.device {
@@ -63,29 +74,33 @@ impl Backend for CubeBackend {
     }
 
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
-        if !is_f32(out) || !inputs.iter().all(is_f32) {
-            let tys: Vec<String> = inputs.iter().chain([out]).map(|t| t.to_string()).collect();
-            return Err(format!("the cube backend computes in f32; {} on {} has no cube kernel", op.name(), tys.join(", ")));
+        let tys = || inputs.iter().chain([out]).map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+        if !storable(out) || !inputs.iter().all(storable) {
+            return Err(format!(
+                "the cube backend keeps activations in f32 (and integers, bools); {} on {} has no cube kernel",
+                op.name(),
+                tys()
+            ));
         }
         let no = |what: &str| Err(format!("{} has no cube kernel yet ({what})", op.name()));
+        let all_f32 = is_f32(out) && inputs.iter().all(is_f32);
         let name = match op {
+            Op::MatMul { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::Attention(_) | Op::Resize { .. }
+                if !all_f32 =>
+            {
+                return Err(format!("{} on {} has no cube kernel (f32 only)", op.name(), tys()));
+            }
             Op::MatMul { epilogue, .. } => {
-                let (a, b) = (&inputs[0], &inputs[1]);
-                let batch = out.numel() / (out.shape[out.rank() - 2] * out.shape[out.rank() - 1]).max(1);
-                let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
-                if (lead(a) != 1 && lead(a) != batch) || (lead(b) != 1 && lead(b) != batch) {
-                    return no("batch axes broadcast only when one side has none");
-                }
                 if epilogue.is_some() {
                     "cube.matmul+epilogue"
                 } else {
                     "cube.matmul"
                 }
             }
-            Op::Unary(_) | Op::Binary(_) | Op::Broadcast { .. } | Op::Fused(_) => "cube.fused",
+            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => "cube.fused",
             Op::LayerNorm { .. } | Op::RmsNorm { .. } => "cube.norm",
             Op::Softmax { axis } if axis + 1 == out.rank() => "cube.softmax",
-            Op::Softmax { .. } => return no("softmax over an axis other than the last"),
+            Op::Softmax { .. } => "cube.softmax_axis",
             Op::Attention(a) => {
                 if a.mask == MaskKind::Additive
                     && (inputs.len() != 4 || inputs[3].numel() != inputs[0].shape[0] * inputs[0].shape[1] * inputs[1].shape[1])
@@ -94,21 +109,36 @@ impl Backend for CubeBackend {
                 }
                 "cube.flash_attention"
             }
-            Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } => "cube.copy",
+            Op::Permute { .. } | Op::Slice { .. } if is_f32(out) => "cube.copy",
+            Op::Permute { .. } | Op::Slice { .. } => "cube.fused(strided)",
+            Op::Concat { .. } if is_f32(out) || wordy(out) => "cube.copy",
+            Op::Concat { .. } => return no("concat of bytes"),
             Op::Reshape { .. } => "view",
-            Op::Select => return no("select reads a bool condition"),
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => "source",
+            Op::Cast { .. } => "cube.cast",
             Op::Iota { .. }
-            | Op::Cast { .. }
             | Op::Reduce { .. }
             | Op::Gather { .. }
             | Op::TakeAlongAxis { .. }
             | Op::ScatterAdd { .. }
             | Op::TopK { .. }
             | Op::CumSum { .. }
-            | Op::MoeDispatch { .. }
-            | Op::MoeCombine
-            | Op::WriteSlice { .. } => return no("not written"),
+                if !wordy(out) || (matches!(op, Op::Gather { .. } | Op::TakeAlongAxis { .. }) && !wordy(&inputs[0])) =>
+            {
+                return no("an output of bytes");
+            }
+            Op::Iota { .. } => "cube.iota",
+            Op::Reduce { .. } => "cube.reduce",
+            Op::Gather { .. } | Op::TakeAlongAxis { .. } => "cube.gather",
+            Op::WriteSlice { .. } if !wordy(out) => return no("an output of bytes"),
+            Op::WriteSlice { .. } => "cube.write_rows",
+            Op::ScatterAdd { .. } => "cube.scatter_add",
+            Op::TopK { .. } => "cube.topk",
+            Op::CumSum { .. } => "cube.cumsum",
+            Op::MoeDispatch { .. } | Op::MoeCombine if !is_f32(out) || !is_f32(&inputs[0]) => return no("f32 activations only"),
+            Op::MoeDispatch { .. } => "cube.moe_dispatch",
+            Op::MoeCombine if !is_f32(&inputs[2]) => return no("f32 weights only"),
+            Op::MoeCombine => "cube.moe_combine",
             Op::Resize { .. } => "cube.resize",
         };
         Ok(name.to_string())
@@ -223,8 +253,11 @@ impl<R: Runtime> CubeExec<R> {
     }
 
     /// The bytes `[offset, offset + bytes)` of the arena, read back.
+    /// Reads `bytes` from the arena at `offset`. Device reads copy whole words: a byte tensor
+    /// reads into its slot's padding (the result may hold up to 3 bytes more).
     fn read_arena(&self, offset: usize, bytes: usize) -> std::result::Result<cubecl::bytes::Bytes, String> {
-        let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - offset - bytes) as u64);
+        let end = (offset + bytes.next_multiple_of(4)).min(self.arena_bytes);
+        let h = self.arena.clone().offset_start(offset as u64).offset_end((self.arena_bytes - end) as u64);
         self.client.read_one(h).map_err(|e| format!("device read failed: {e:?}"))
     }
 
@@ -299,6 +332,107 @@ impl<R: Runtime> CubeExec<R> {
                     self.meta_at(*meta, *len),
                     cfg.clone(),
                 ),
+                Launch::Reduce { cfg, n, meta, len } => k::reduce::reduce::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::SoftmaxAxis { x_in_arena, lines, meta, len } => k::reduce::softmax_axis::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*lines),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    *x_in_arena,
+                ),
+                Launch::Cast { cfg, n, meta, len } => k::index::cast::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::Iota { start, step, out, n, meta, len } => k::index::iota::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.meta_at(*meta, *len),
+                    start.to_bits(),
+                    step.to_bits(),
+                    *out,
+                ),
+                Launch::Gather { cfg, n, meta, len } => k::index::gather::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::WriteRows { cfg, n, meta, len } => k::index::write_rows::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::ScatterAdd { cfg, n, meta, len } => k::index::scatter_add::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::TopK { x, out, n, meta, len } => k::index::topk::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    *x,
+                    *out,
+                ),
+                Launch::CumSum { cfg, lines, meta, len } => k::index::cumsum::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*lines),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::MoeDispatch { cfg, n, meta, len } => k::index::moe_dispatch::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
+                Launch::MoeCombine { cfg, n, meta, len } => k::index::moe_combine::launch_unchecked::<f32, R>(
+                    c,
+                    blocks(*n),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
                 Launch::Attention { cfg, sq, heads, batch, meta, len } => {
                     let count = CubeCount::Static(sq.div_ceil(k::ATT_BQ as usize) as u32, *heads as u32, *batch as u32);
                     k::attention::launch_unchecked::<f32, R>(
@@ -321,8 +455,15 @@ impl<R: Runtime> CubeExec<R> {
             if bytes.is_empty() {
                 continue; // A state read as it is.
             }
-            let staging = self.client.create_from_slice(bytes);
-            self.launch(l, Some((&staging, bytes.len() / 4)));
+            // The upload copies whole words; pad a byte tensor's tail.
+            let staging = if bytes.len() % 4 == 0 {
+                self.client.create_from_slice(bytes)
+            } else {
+                let mut padded = bytes.to_vec();
+                padded.resize(bytes.len().next_multiple_of(4), 0);
+                self.client.create_from_slice(&padded)
+            };
+            self.launch(l, Some((&staging, bytes.len().div_ceil(4))));
         }
         for steps in &low.steps {
             let t = times.is_some().then(std::time::Instant::now);

@@ -1,0 +1,285 @@
+//! Index and type ops: cast, iota, gather / take-along-axis, scatter-add, top-k, cumsum and
+//! the mixture-of-experts dispatch and combine. Each is one unit per output element (per
+//! word, for a byte output) that reads what it needs, so no kernel races or needs atomics:
+//! scatter-add and dispatch gather their contributions instead of scattering them.
+
+use super::typed::{self, Repr, Src};
+use cubecl::prelude::*;
+
+/// What varies the code of a [`cast`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct CastCfg {
+    pub x: Src,
+    pub out: Repr,
+    /// The output is `bool` (any non-zero value is 1).
+    pub out_bool: bool,
+    /// Truncate toward zero (a float cast to an integer type).
+    pub trunc: bool,
+}
+
+/// Converts element types. Meta: `[n, x_off, out_off]`.
+#[cube(launch_unchecked)]
+pub fn cast<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CastCfg) {
+    let n = meta[0] as usize;
+    let x0 = meta[1] as usize;
+    let out = meta[2] as usize;
+    match comptime!(cfg.out) {
+        Repr::Byte => {
+            let w = ABSOLUTE_POS;
+            if w * 4 < n {
+                let mut word = 0u32;
+                for e in 0..4usize {
+                    let o = w * 4 + e;
+                    if o < n {
+                        let v = typed::read::<F>(arena, weights, x0 + o, cfg.x);
+                        word |= typed::byte_of::<F>(v, cfg.out_bool) << ((e * 8) as u32);
+                    }
+                }
+                typed::write_bytes::<F>(arena, out + w * 4, word);
+            }
+        }
+        _ => {
+            let o = ABSOLUTE_POS;
+            if o < n {
+                let mut v = typed::read::<F>(arena, weights, x0 + o, cfg.x);
+                if comptime!(cfg.trunc) {
+                    v = F::trunc(v);
+                }
+                typed::write::<F>(arena, out + o, v, comptime!(cfg.out));
+            }
+        }
+    }
+}
+
+/// `start + step * (position along the axis)`. Meta: `[n, len, inner, out_off]`.
+#[cube(launch_unchecked)]
+pub fn iota<F: Float>(
+    arena: &mut Array<F>,
+    meta: &Array<u32>,
+    #[comptime] start_bits: u32,
+    #[comptime] step_bits: u32,
+    #[comptime] out: Repr,
+) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let len = meta[1] as usize;
+        let inner = meta[2] as usize;
+        let start = F::new(comptime!(f32::from_bits(start_bits)));
+        let step = F::new(comptime!(f32::from_bits(step_bits)));
+        let v = start + step * F::cast_from(((o / inner) % len) as u32);
+        let off = meta[3] as usize;
+        typed::write::<F>(arena, off + o, v, out);
+    }
+}
+
+/// What varies the code of a [`gather`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct GatherCfg {
+    /// Take-along-axis (the index has x's rank, read at the output position) rather than
+    /// gather (the index is read at the output's middle coordinate).
+    pub along: bool,
+    pub x: Src,
+    pub idx: Src,
+    pub out: Repr,
+}
+
+/// `out[o, j, i] = x[o, idx[..], i]`. Meta: `[n, mid, inner, x_len, x_off, idx_off, out_off]`
+/// where the output is `[outer, mid, inner]`.
+#[cube(launch_unchecked)]
+pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let mid = meta[1] as usize;
+        let inner = meta[2] as usize;
+        let x_len = meta[3] as usize;
+        let outer = o / (mid * inner);
+        let mut at = (o / inner) % mid;
+        if comptime!(cfg.along) {
+            at = o;
+        }
+        let j = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize + at, cfg.idx)) as usize;
+        let x = typed::read::<F>(arena, weights, meta[4] as usize + (outer * x_len + j) * inner + o % inner, cfg.x);
+        let out = meta[6] as usize;
+        typed::write::<F>(arena, out + o, x, cfg.out);
+    }
+}
+
+/// `out[o, at + j, i] = x[o, j, i]` with `at` read from `idx[0]` (a KV-cache row written in
+/// place): one unit per element of `x`. Meta: `[n, rows, inner, len, x_off, idx_off,
+/// out_off]` for `x [outer, rows, inner]` and `out [outer, len, inner]`. A position that does
+/// not fit writes nothing (the interpreter reports it; this kernel has no error channel).
+#[cube(launch_unchecked)]
+pub fn write_rows<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let rows = meta[1] as usize;
+        let inner = meta[2] as usize;
+        let len = meta[3] as usize;
+        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize, cfg.idx)) as usize;
+        if at + rows <= len {
+            let outer = o / (rows * inner);
+            let j = (o / inner) % rows;
+            let x = typed::read::<F>(arena, weights, meta[4] as usize + o, cfg.x);
+            let out = meta[6] as usize;
+            typed::write::<F>(arena, out + (outer * len + at + j) * inner + o % inner, x, cfg.out);
+        }
+    }
+}
+
+/// What varies the code of a [`scatter_add`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ScatterCfg {
+    pub base: Src,
+    pub idx: Src,
+    pub src: Src,
+    pub out: Repr,
+}
+
+/// `out = base; out[o, idx[o, j, i], i] += src[o, j, i]`, each output element summing the
+/// entries that name it (in index order, so the sum is deterministic). Meta: `[n, len, inner,
+/// idx_len, base_off, idx_off, src_off, out_off]` for a `[outer, len, inner]` output.
+#[cube(launch_unchecked)]
+pub fn scatter_add<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: ScatterCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let len = meta[1] as usize;
+        let inner = meta[2] as usize;
+        let ilen = meta[3] as usize;
+        let outer = o / (len * inner);
+        let t = (o / inner) % len;
+        let i = o % inner;
+        let mut acc = typed::read::<F>(arena, weights, meta[4] as usize + o, cfg.base);
+        for j in 0..ilen {
+            let e = (outer * ilen + j) * inner + i;
+            let target = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize + e, cfg.idx)) as usize;
+            if target == t {
+                acc += typed::read::<F>(arena, weights, meta[6] as usize + e, cfg.src);
+            }
+        }
+        let out = meta[7] as usize;
+        typed::write::<F>(arena, out + o, acc, cfg.out);
+    }
+}
+
+/// Top-k indices along the last axis by rank: the unit of element `j` counts the elements
+/// ahead of it (larger, or equal at a lower index) and, if fewer than `k`, writes `j` at that
+/// rank. Meta: `[n, d, k, x_off, out_off]` (`n = rows * d`).
+#[cube(launch_unchecked)]
+pub fn topk<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] x: Src, #[comptime] out: Repr) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let d = meta[1] as usize;
+        let k = meta[2] as usize;
+        let row = o / d;
+        let j = o % d;
+        let x0 = meta[3] as usize + row * d;
+        let v = typed::read::<F>(arena, weights, x0 + j, x);
+        let mut rank = 0usize;
+        for e in 0..d {
+            let w = typed::read::<F>(arena, weights, x0 + e, x);
+            if w > v || (w == v && e < j) {
+                rank += 1;
+            }
+        }
+        if rank < k {
+            let dst = meta[4] as usize + row * k + rank;
+            typed::write::<F>(arena, dst, F::cast_from(j as u32), out);
+        }
+    }
+}
+
+/// What varies the code of a [`cumsum`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct CumsumCfg {
+    pub exclusive: bool,
+    pub x: Src,
+    pub out: Repr,
+}
+
+/// Running sum along an axis of stride `inner`, one unit per line. Meta: `[lines, len, inner,
+/// x_off, out_off]`.
+#[cube(launch_unchecked)]
+pub fn cumsum<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CumsumCfg) {
+    let lines = meta[0] as usize;
+    let line = ABSOLUTE_POS;
+    if line < lines {
+        let len = meta[1] as usize;
+        let inner = meta[2] as usize;
+        let start = (line / inner) * len * inner + line % inner;
+        let x0 = meta[3] as usize + start;
+        let o0 = meta[4] as usize + start;
+        let mut acc = F::new(0.0);
+        for j in 0..len {
+            let v = typed::read::<F>(arena, weights, x0 + j * inner, cfg.x);
+            if comptime!(cfg.exclusive) {
+                typed::write::<F>(arena, o0 + j * inner, acc, cfg.out);
+                acc += v;
+            } else {
+                acc += v;
+                typed::write::<F>(arena, o0 + j * inner, acc, cfg.out);
+            }
+        }
+    }
+}
+
+/// What varies the code of the MoE launches.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct MoeCfg {
+    /// Where the activations (x for dispatch, y for combine) live.
+    pub x_in_arena: bool,
+    pub slot: Src,
+    pub w_in_arena: bool,
+}
+
+/// Dispatch: `out[r, c] = sum over (t, k) with slot[t, k] == r of x[t, c]`. Meta: `[n, d,
+/// assignments (T K), k, x_off, slot_off, out_off]` (`n = rows * d`).
+#[cube(launch_unchecked)]
+pub fn moe_dispatch<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MoeCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let d = meta[1] as usize;
+        let tk = meta[2] as usize;
+        let kk = meta[3] as usize;
+        let r = F::cast_from((o / d) as u32);
+        let c = o % d;
+        let mut acc = F::new(0.0);
+        for a in 0..tk {
+            if typed::read::<F>(arena, weights, meta[5] as usize + a, cfg.slot) == r {
+                acc += typed::read::<F>(arena, weights, meta[4] as usize + (a / kk) * d + c, comptime!(Src::float(cfg.x_in_arena)));
+            }
+        }
+        let out = meta[6] as usize;
+        arena[out + o] = acc;
+    }
+}
+
+/// Combine: `out[t, c] = sum_k w[t, k] y[slot[t, k], c]` over `slot >= 0`. Meta: `[n, d, k,
+/// y_off, slot_off, w_off, out_off]` (`n = T * d`).
+#[cube(launch_unchecked)]
+pub fn moe_combine<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MoeCfg) {
+    let n = meta[0] as usize;
+    let o = ABSOLUTE_POS;
+    if o < n {
+        let d = meta[1] as usize;
+        let kk = meta[2] as usize;
+        let t = o / d;
+        let c = o % d;
+        let mut acc = F::new(0.0);
+        for j in 0..kk {
+            let s = typed::read::<F>(arena, weights, meta[4] as usize + t * kk + j, cfg.slot);
+            if s >= F::new(0.0) {
+                let r = u32::cast_from(s) as usize;
+                let w = typed::read::<F>(arena, weights, meta[5] as usize + t * kk + j, comptime!(Src::float(cfg.w_in_arena)));
+                acc += w * typed::read::<F>(arena, weights, meta[3] as usize + r * d + c, comptime!(Src::float(cfg.x_in_arena)));
+            }
+        }
+        let out = meta[6] as usize;
+        arena[out + o] = acc;
+    }
+}
