@@ -5,16 +5,21 @@
 //! [`kiln_runtime::Session`] runs the result.
 
 pub mod bench;
+pub mod draw;
 pub mod generate;
 pub mod io;
 pub mod npz_write;
 pub mod png;
+pub mod preprocess;
+pub mod prompt;
 pub mod sample;
 pub mod synth;
 pub mod synth_big_vision;
 pub mod synth_gemma;
 pub mod synth_jet;
+pub mod synth_paligemma;
 pub mod synth_siglip;
+pub mod tokenizer;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;
