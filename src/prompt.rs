@@ -62,10 +62,9 @@ fn model_of(dir: &Path) -> Result<TextModel> {
 /// Tokenizes the prompt the way transformers' processor would and preprocesses the image.
 pub fn prepare(dir: &Path, tok: &TextTokenizer, prompt: &str, image: Option<&Path>) -> Result<Prepared> {
     match (model_of(dir)?, image) {
-        (TextModel::PaliGemma(_), None) => Err(Error::Usage(format!(
-            "{} is a PaliGemma checkpoint: it needs an image (--image photo.jpg)",
-            dir.display()
-        ))),
+        (TextModel::PaliGemma(_), None) => {
+            Err(Error::Usage(format!("{} is a PaliGemma checkpoint: it needs an image (--image photo.jpg)", dir.display())))
+        }
         (TextModel::Gemma(_), Some(_)) => Err(Error::Usage(format!("{} is a text-only Gemma model: it takes no --image", dir.display()))),
         (TextModel::Gemma(_), None) => Ok(Prepared { input_ids: tok.encode(&format!("<bos>{prompt}"))?, pixel_values: None, image: None }),
         (TextModel::PaliGemma(p), Some(path)) => {
@@ -93,7 +92,10 @@ pub fn prepare(dir: &Path, tok: &TextTokenizer, prompt: &str, image: Option<&Pat
             }
             let (px, img) = pre.pixel_values(path)?;
             if px.ty.shape[2..] != [v.image_size, v.image_size] {
-                return Err(Error::File { path: pre.path.clone(), msg: format!("images come out {}, the tower takes {}px", px.ty, v.image_size) });
+                return Err(Error::File {
+                    path: pre.path.clone(),
+                    msg: format!("images come out {}, the tower takes {}px", px.ty, v.image_size),
+                });
             }
             let text = format!("{}<bos>{prompt}\n", "<image>".repeat(n));
             Ok(Prepared { input_ids: tok.encode(&text)?, pixel_values: Some(px), image: Some(img) })
@@ -148,7 +150,10 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     if let Some(img) = &p.image {
         for (i, d) in detections.iter().enumerate() {
             let (x0, y0, x1, y1) = d.pixels(img.width as u32, img.height as u32);
-            w(format!("box {i}: {:?} y0 {:.4} x0 {:.4} y1 {:.4} x1 {:.4} -> pixels x {x0:.1}..{x1:.1} y {y0:.1}..{y1:.1}\n", d.label, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]))?;
+            w(format!(
+                "box {i}: {:?} y0 {:.4} x0 {:.4} y1 {:.4} x1 {:.4} -> pixels x {x0:.1}..{x1:.1} y {y0:.1}..{y1:.1}\n",
+                d.label, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
+            ))?;
             if let Some(seg) = d.seg {
                 w(format!("  mask codes: {seg:?}\n"))?;
             }

@@ -732,8 +732,24 @@ mod tests {
             SynthSpec::PaliGemma2(c) => c,
             _ => unreachable!(),
         };
-        let vision = SiglipSynthConfig { hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 2, patch_size: 8, image_size: 16, ..big.vision };
-        let text = Gemma2SynthConfig { vocab_size: 70, hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16 };
+        let vision = SiglipSynthConfig {
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            patch_size: 8,
+            image_size: 16,
+            ..big.vision
+        };
+        let text = Gemma2SynthConfig {
+            vocab_size: 70,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 16,
+        };
         let cfg = crate::synth_paligemma::PaliGemma2SynthConfig { vision, text, image_token_index: 64 };
         assert!(cfg.tensors().iter().all(|t| t.dtype == SynthDtype::BF16));
         let dir = std::env::temp_dir().join(format!("kiln-synth-pali2-{}", std::process::id()));

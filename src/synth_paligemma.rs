@@ -48,7 +48,8 @@ impl PaliGemma2SynthConfig {
     /// `language_model.model.` (the embedding is tied to the output head).
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let (dv, dt) = (self.vision.hidden_size, self.text.hidden_size);
-        let mut t: Vec<TensorSpec> = self.vision.tensors().into_iter().map(|s| TensorSpec { name: format!("vision_tower.{}", s.name), ..s }).collect();
+        let mut t: Vec<TensorSpec> =
+            self.vision.tensors().into_iter().map(|s| TensorSpec { name: format!("vision_tower.{}", s.name), ..s }).collect();
         t.push(TensorSpec::f32("multi_modal_projector.linear.weight".into(), vec![dt, dv], Init::fan_in(dv)));
         t.push(TensorSpec::f32("multi_modal_projector.linear.bias".into(), vec![dt], Init::BIAS));
         t.extend(self.text.tensors().into_iter().map(|s| TensorSpec { name: format!("language_model.{}", s.name), ..s }));
