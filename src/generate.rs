@@ -116,6 +116,20 @@ impl Generator {
         max_new_tokens: usize,
         pixel_values: Option<&Tensor>,
     ) -> Result<Generated> {
+        self.generate_streaming(input_ids, attention_mask, prompt_len, max_new_tokens, pixel_values, &mut |_| Ok(()))
+    }
+
+    /// [`Generator::generate`], calling `on_step` with each step's chosen ids `[B]` as soon as
+    /// they are known (before the next decode step runs), so text can be streamed.
+    pub fn generate_streaming(
+        &mut self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        prompt_len: usize,
+        max_new_tokens: usize,
+        pixel_values: Option<&Tensor>,
+        on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
+    ) -> Result<Generated> {
         let (b, s, c, v) = (self.batch, self.bucket, self.capacity, self.vocab);
         if input_ids.len() != b * prompt_len || attention_mask.len() != b * prompt_len {
             return Err(Error::Usage(format!("input_ids and attention_mask must be [{b}, {prompt_len}]")));
@@ -201,6 +215,7 @@ impl Generator {
                 }
             }
             n += 1;
+            on_step(&next)?;
             if done.iter().all(|&d| d) || t + 1 == max_new_tokens {
                 break;
             }

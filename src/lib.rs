@@ -7,16 +7,21 @@
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda_tools;
+pub mod draw;
 pub mod generate;
 pub mod io;
 pub mod npz_write;
 pub mod png;
+pub mod preprocess;
+pub mod prompt;
 pub mod sample;
 pub mod synth;
 pub mod synth_big_vision;
 pub mod synth_gemma;
 pub mod synth_jet;
+pub mod synth_paligemma;
 pub mod synth_siglip;
+pub mod tokenizer;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;

@@ -82,14 +82,25 @@ enum Cmd {
         #[arg(long)]
         moe_stats: bool,
     },
-    /// Greedy generation with a Gemma model: `--inputs` (input_ids, optional attention_mask
-    /// with left padding) to `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
+    /// Greedy generation with a Gemma or PaliGemma model. Either `--prompt` (and `--image` for
+    /// PaliGemma): text in, the answer streamed out, `<loc>` boxes parsed and optionally drawn;
+    /// or `--inputs` (input_ids, optional attention_mask with left padding, pixel_values) to
+    /// `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
     Generate {
         model: PathBuf,
-        #[arg(long)]
-        inputs: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        /// Text prompt, tokenized with the folder's tokenizer.json.
+        #[arg(long, conflicts_with = "inputs")]
+        prompt: Option<String>,
+        /// Image file (JPEG or PNG) for PaliGemma, preprocessed per preprocessor_config.json.
+        #[arg(long, requires = "prompt")]
+        image: Option<PathBuf>,
+        /// Write the image with the detected boxes and labels as a PNG.
+        #[arg(long, requires = "image")]
+        draw: Option<PathBuf>,
+        #[arg(long, required_unless_present = "prompt", requires = "out")]
+        inputs: Option<PathBuf>,
+        #[arg(long, requires = "inputs")]
+        out: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         /// Prompt bucket to compile for (default: the prompt length).
@@ -455,7 +466,20 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
-        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend } => {
+        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, .. } => {
+            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, draw };
+            let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
+            eprintln!(
+                "{}",
+                serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
+                    "first_token_ms": r.first_token_s * 1e3, "decode_ms_per_token": r.decode_s_per_token * 1e3})
+            );
+            Ok(())
+        }
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, .. } => {
+            let (Some(inputs), Some(out)) = (inputs, out) else {
+                return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
+            };
             let mut ins = io::read(&inputs)?;
             let (b, l) = text_inputs(&mut ins, &inputs)?
                 .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;

@@ -124,6 +124,8 @@ pub enum SynthSpec {
     BigVision(crate::synth_big_vision::BigVisionSynth),
     /// `Gemma2ForCausalLM` (transformers `model_type: gemma2`).
     Gemma2(Gemma2SynthConfig),
+    /// `PaliGemmaForConditionalGeneration` with a Gemma 2 decoder, bf16 weights.
+    PaliGemma2(crate::synth_paligemma::PaliGemma2SynthConfig),
 }
 
 impl SynthModel {
@@ -134,6 +136,7 @@ impl SynthModel {
             SynthSpec::Jet(cfg) => cfg.tensors(),
             SynthSpec::BigVision(b) => b.tensors(),
             SynthSpec::Gemma2(cfg) => cfg.tensors(),
+            SynthSpec::PaliGemma2(cfg) => cfg.tensors(),
         }
     }
 
@@ -258,6 +261,33 @@ static MODELS: &[SynthModel] = &[
             head_dim: 256,
         }),
     },
+    SynthModel {
+        name: "paligemma2-3b-224",
+        description: "PaliGemma 2 3B at 224px: So400m/14 tower (256 image tokens), Gemma 2 2B, vocab 257216 (~3.0B params, bf16)",
+        spec: SynthSpec::PaliGemma2(crate::synth_paligemma::PaliGemma2SynthConfig {
+            vision: SiglipSynthConfig {
+                hidden_size: 1152,
+                intermediate_size: 4304,
+                num_hidden_layers: 27,
+                num_attention_heads: 16,
+                patch_size: 14,
+                image_size: 224,
+                num_channels: 3,
+                layer_norm_eps: 1e-6,
+                vision_use_head: false,
+            },
+            text: Gemma2SynthConfig {
+                vocab_size: 257216,
+                hidden_size: 2304,
+                intermediate_size: 9216,
+                num_hidden_layers: 26,
+                num_attention_heads: 8,
+                num_key_value_heads: 4,
+                head_dim: 256,
+            },
+            image_token_index: 257152,
+        }),
+    },
 ];
 
 /// All models `kiln synth` knows, smallest first.
@@ -282,6 +312,7 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
         SynthSpec::Jet(cfg) => crate::synth_jet::synth_jet(cfg, out, seed)?,
         SynthSpec::BigVision(b) => crate::synth_big_vision::synth_big_vision(b, out, seed)?,
         SynthSpec::Gemma2(cfg) => write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)?,
+        SynthSpec::PaliGemma2(cfg) => write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)?,
     };
     report.name = model.name.to_string();
     Ok(report)
@@ -696,13 +727,52 @@ mod tests {
     }
 
     #[test]
+    fn small_paligemma2_folder_compiles_and_generates() {
+        let big = match find("paligemma2-3b-224").unwrap().spec {
+            SynthSpec::PaliGemma2(c) => c,
+            _ => unreachable!(),
+        };
+        let vision = SiglipSynthConfig {
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            patch_size: 8,
+            image_size: 16,
+            ..big.vision
+        };
+        let text = Gemma2SynthConfig {
+            vocab_size: 70,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 16,
+        };
+        let cfg = crate::synth_paligemma::PaliGemma2SynthConfig { vision, text, image_token_index: 64 };
+        assert!(cfg.tensors().iter().all(|t| t.dtype == SynthDtype::BF16));
+        let dir = std::env::temp_dir().join(format!("kiln-synth-pali2-{}", std::process::id()));
+        write_model_dir(&dir, &cfg.config_json(), &cfg.tensors(), 7, false).unwrap();
+        let g = crate::generate::Generator::new(&dir, 1, 7, 2, "cpu");
+        let out = g.and_then(|mut g| {
+            let px = kiln_runtime::Tensor::from_f32(&[1, 3, 16, 16], &[0.1; 768]);
+            g.generate(&[64, 64, 64, 64, 2, 5, 6], &[1; 7], 7, 2, Some(&px))
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = out.unwrap();
+        assert!(out.new_tokens >= 1 && out.step_logits.iter().all(|x| x.is_finite() && x.abs() <= 30.0));
+        assert_eq!(find("paligemma2-3b-224").unwrap().num_params(), 3_032_242_416);
+    }
+
+    #[test]
     fn table_is_valid() {
         for m in list() {
             match &m.spec {
                 SynthSpec::Siglip(cfg) => cfg.validate().unwrap(),
                 SynthSpec::Jet(cfg) => assert_eq!(cfg.model_config().unwrap().schedule().len(), cfg.depth),
                 SynthSpec::BigVision(_) => {}
-                SynthSpec::Gemma2(_) => {}
+                SynthSpec::Gemma2(_) | SynthSpec::PaliGemma2(_) => {}
             }
             assert!(find(m.name).is_some());
         }

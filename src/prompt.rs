@@ -1,0 +1,178 @@
+//! `kiln generate <dir> --prompt ... [--image ...]`: text (and an image) in, streamed text out.
+//! The prompt is laid out as transformers' `PaliGemmaProcessor` lays it out
+//! (`"<image>" * num_image_tokens + "<bos>" + prompt + "\n"`, all of it the prefix, token
+//! type 0), or as `"<bos>" + prompt` for a plain Gemma folder; both are tokenized as one string
+//! with `add_special_tokens=False`. `<locNNNN>` / `<segNNN>` answers are parsed into boxes and
+//! codes, and can be drawn onto the image.
+
+use crate::generate::Generator;
+use crate::preprocess::{Preprocessor, Rgb};
+use crate::tokenizer::{StreamDecoder, TextTokenizer};
+use crate::{Error, Result};
+use kiln_models::locations::{self, Detection};
+use kiln_models::TextModel;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What `kiln generate --prompt` was asked.
+#[derive(Clone, Debug)]
+pub struct PromptOptions {
+    pub model: PathBuf,
+    pub prompt: String,
+    pub image: Option<PathBuf>,
+    pub max_new_tokens: usize,
+    /// Prompt bucket to compile (default: the prompt's length); a longer prompt is an error.
+    pub bucket: Option<usize>,
+    pub backend: String,
+    /// Write the image with the detected boxes here (PNG).
+    pub draw: Option<PathBuf>,
+}
+
+/// What one prompt produced.
+#[derive(Clone, Debug)]
+pub struct PromptOutput {
+    pub input_ids: Vec<i64>,
+    pub new_ids: Vec<i64>,
+    /// `decode(new_ids, skip_special_tokens=True)`.
+    pub text: String,
+    pub detections: Vec<Detection>,
+    /// Seconds from the start (tokenizer loaded, image decoded and preprocessed, prefill run)
+    /// to the first new token, compile excluded; then the seconds per decode step.
+    pub first_token_s: f64,
+    pub decode_s_per_token: f64,
+    pub compile_s: f64,
+}
+
+/// A model folder's prompt: token ids and, for PaliGemma, the image.
+pub struct Prepared {
+    pub input_ids: Vec<i64>,
+    pub pixel_values: Option<kiln_runtime::Tensor>,
+    pub image: Option<Rgb>,
+}
+
+fn model_of(dir: &Path) -> Result<TextModel> {
+    let cfg = dir.join("config.json");
+    if !cfg.is_file() {
+        return Err(Error::File { path: cfg, msg: "no config.json (is this a model folder?)".into() });
+    }
+    kiln_models::text_model(&cfg)?
+        .ok_or_else(|| Error::File { path: cfg, msg: "text generation needs a Gemma, Gemma 2 or PaliGemma model".into() })
+}
+
+/// Tokenizes the prompt the way transformers' processor would and preprocesses the image.
+pub fn prepare(dir: &Path, tok: &TextTokenizer, prompt: &str, image: Option<&Path>) -> Result<Prepared> {
+    match (model_of(dir)?, image) {
+        (TextModel::PaliGemma(_), None) => {
+            Err(Error::Usage(format!("{} is a PaliGemma checkpoint: it needs an image (--image photo.jpg)", dir.display())))
+        }
+        (TextModel::Gemma(_), Some(_)) => Err(Error::Usage(format!("{} is a text-only Gemma model: it takes no --image", dir.display()))),
+        (TextModel::Gemma(_), None) => Ok(Prepared { input_ids: tok.encode(&format!("<bos>{prompt}"))?, pixel_values: None, image: None }),
+        (TextModel::PaliGemma(p), Some(path)) => {
+            let pre = Preprocessor::open(dir)?;
+            let v = &p.vision;
+            let n = v.grid() * v.grid();
+            if pre.resize.is_some_and(|hw| hw != (v.image_size, v.image_size)) {
+                return Err(Error::File {
+                    path: pre.path.clone(),
+                    msg: format!("size {:?} differs from the vision tower's {}x{}", pre.resize, v.image_size, v.image_size),
+                });
+            }
+            if pre.image_seq_length.is_some_and(|k| k != n) {
+                return Err(Error::File {
+                    path: pre.path.clone(),
+                    msg: format!("image_seq_length {:?} differs from the tower's {n} patches", pre.image_seq_length),
+                });
+            }
+            let image_id = tok.id("<image>")?;
+            if image_id != p.image_token_index {
+                return Err(Error::Usage(format!(
+                    "the tokenizer's <image> is id {image_id}, config.json's image_token_index is {}",
+                    p.image_token_index
+                )));
+            }
+            let (px, img) = pre.pixel_values(path)?;
+            if px.ty.shape[2..] != [v.image_size, v.image_size] {
+                return Err(Error::File {
+                    path: pre.path.clone(),
+                    msg: format!("images come out {}, the tower takes {}px", px.ty, v.image_size),
+                });
+            }
+            let text = format!("{}<bos>{prompt}\n", "<image>".repeat(n));
+            Ok(Prepared { input_ids: tok.encode(&text)?, pixel_values: Some(px), image: Some(img) })
+        }
+    }
+}
+
+/// Runs a prompt, writing the answer to `out` as it is decoded, then the boxes and codes.
+pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
+    // The first-token clock covers reading the tokenizer, the image and the prefill; not the compile.
+    let t0 = std::time::Instant::now();
+    let tok = TextTokenizer::open(&o.model)?;
+    let p = prepare(&o.model, &tok, &o.prompt, o.image.as_deref())?;
+    let prep_s = t0.elapsed().as_secs_f64();
+    if o.draw.is_some() && p.image.is_none() {
+        return Err(Error::Usage("--draw needs --image (it draws the boxes onto it)".into()));
+    }
+    let len = p.input_ids.len();
+    let bucket = o.bucket.unwrap_or(len);
+    if len > bucket {
+        return Err(Error::Usage(format!(
+            "the prompt is {len} tokens but the compiled prompt capacity (--bucket) is {bucket}: shorten the prompt or raise --bucket"
+        )));
+    }
+    let tc = std::time::Instant::now();
+    let mut g = Generator::new(&o.model, 1, bucket, o.max_new_tokens, &o.backend)?;
+    let compile_s = tc.elapsed().as_secs_f64();
+    if tok.vocab_size() > g.vocab {
+        // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.
+        eprintln!("note: tokenizer.json has {} tokens, the model {}", tok.vocab_size(), g.vocab);
+    }
+    let mask = vec![1i64; len];
+    let mut stream = StreamDecoder::default();
+    let mut first: Option<f64> = None;
+    let t1 = std::time::Instant::now();
+    let mut on_step = |ids: &[i64]| -> Result<()> {
+        first.get_or_insert(t1.elapsed().as_secs_f64());
+        let piece = stream.push(&tok, ids[0])?;
+        write!(out, "{piece}").and_then(|_| out.flush()).map_err(|e| Error::Usage(format!("cannot write the answer: {e}")))
+    };
+    let r = g.generate_streaming(&p.input_ids, &mask, len, o.max_new_tokens, p.pixel_values.as_ref(), &mut on_step)?;
+    let rest = stream.finish(&tok)?;
+    let text = stream.text().to_string();
+    let mut new_ids = r.sequences[len..].to_vec();
+    // After EOS the generator pads; the answer ends at EOS (kept, as transformers keeps it).
+    if let Some(k) = new_ids.iter().position(|t| g.eos.contains(t)) {
+        new_ids.truncate(k + 1);
+    }
+    let detections = locations::parse(&text);
+    let mut w = |s: String| out.write_all(s.as_bytes()).map_err(|e| Error::Usage(format!("cannot write the answer: {e}")));
+    w(format!("{rest}\n"))?;
+    if let Some(img) = &p.image {
+        for (i, d) in detections.iter().enumerate() {
+            let (x0, y0, x1, y1) = d.pixels(img.width as u32, img.height as u32);
+            w(format!(
+                "box {i}: {:?} y0 {:.4} x0 {:.4} y1 {:.4} x1 {:.4} -> pixels x {x0:.1}..{x1:.1} y {y0:.1}..{y1:.1}\n",
+                d.label, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
+            ))?;
+            if let Some(seg) = d.seg {
+                w(format!("  mask codes: {seg:?}\n"))?;
+            }
+        }
+    }
+    if let (Some(path), Some(img)) = (&o.draw, &p.image) {
+        let mut canvas = img.clone();
+        crate::draw::detections(&mut canvas, &detections);
+        crate::png::write(path, canvas.width, canvas.height, 3, &canvas.pixels)
+            .map_err(|e| Error::File { path: path.clone(), msg: format!("cannot write: {e}") })?;
+        w(format!("drew {} boxes to {}\n", detections.len(), path.display()))?;
+    }
+    Ok(PromptOutput {
+        input_ids: p.input_ids,
+        new_ids,
+        text,
+        detections,
+        first_token_s: prep_s + first.unwrap_or(r.prefill_s),
+        decode_s_per_token: r.decode_s / r.decode_steps.max(1) as f64,
+        compile_s,
+    })
+}

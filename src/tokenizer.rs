@@ -1,0 +1,100 @@
+//! A model folder's `tokenizer.json` through the `tokenizers` crate (Gemma's: BPE with byte
+//! fallback, a "▁" normalizer, added special tokens), and a streaming decoder that prints
+//! text only once a multi-byte character is complete.
+
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// A loaded `tokenizer.json`.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl TextTokenizer {
+    /// Reads `dir/tokenizer.json`; a missing or unparsable file is an error naming it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::File { path, msg: "no tokenizer.json: text prompts need the model's tokenizer".into() });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
+        Ok(TextTokenizer { inner, path })
+    }
+
+    /// Token ids of `text` as `tokenizer(text, add_special_tokens=False)` gives them: special
+    /// tokens written in the text (`<bos>`, `<image>`) are matched, nothing is added.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Text of `ids`, as `tokenizer.decode(ids, skip_special_tokens=...)`.
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
+        let ids = ids
+            .iter()
+            .map(|&i| u32::try_from(i).map_err(|_| self.err(format!("token id {i} is out of range"))))
+            .collect::<Result<Vec<u32>>>()?;
+        self.inner.decode(&ids, skip_special_tokens).map_err(|e| self.err(format!("cannot decode {ids:?}: {e}")))
+    }
+
+    /// The id of a token, e.g. `<bos>`; an error naming the file when the vocabulary lacks it.
+    pub fn id(&self, token: &str) -> Result<i64> {
+        self.inner.token_to_id(token).map(|i| i as i64).ok_or_else(|| self.err(format!("the vocabulary has no {token}")))
+    }
+
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn err(&self, msg: String) -> Error {
+        Error::File { path: self.path.clone(), msg }
+    }
+}
+
+/// Decodes a growing list of ids and hands out the text added since the last call. A byte
+/// fallback piece that ends mid-character decodes to U+FFFD until the rest arrives, so text
+/// ending in U+FFFD is held back until [`StreamDecoder::finish`].
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<i64>,
+    printed: String,
+}
+
+impl StreamDecoder {
+    /// Adds one id; the text that can be printed now (often empty).
+    pub fn push(&mut self, tok: &TextTokenizer, id: i64) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.advance(text))
+    }
+
+    /// The text not yet handed out; the whole text is then `decode(ids, skip_special_tokens=True)`.
+    pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids, true)?;
+        Ok(self.advance(text))
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.printed
+    }
+
+    fn advance(&mut self, text: String) -> String {
+        // Decoding more ids only appends to the text (the Gemma decoder strips nothing), but if
+        // a decoder ever rewrote the tail, print nothing now and let `finish` settle it.
+        match text.strip_prefix(self.printed.as_str()) {
+            Some(new) => {
+                let new = new.to_string();
+                self.printed = text;
+                new
+            }
+            None => String::new(),
+        }
+    }
+}
