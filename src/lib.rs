@@ -20,6 +20,7 @@ pub mod synth_big_vision;
 pub mod synth_gemma;
 pub mod synth_jet;
 pub mod synth_paligemma;
+mod synth_rng;
 pub mod synth_siglip;
 pub mod tokenizer;
 

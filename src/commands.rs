@@ -1,0 +1,212 @@
+//! The reporting commands of the CLI: `kiln inspect`, `kiln bench` (a model, or its kernels)
+//! and `kiln kernels check`.
+
+use super::*;
+
+pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
+    if is_artifact(model) {
+        let prog = kiln_graph::artifact::load_file(model)?;
+        print_program(&prog);
+        return Ok(());
+    }
+    let mut opts = profile(p, None, None)?;
+    opts.trace = true;
+    let c: Compiled = compile(model, &opts)?;
+    println!("== model\n{}\n", c.program.model);
+    for e in &c.entries {
+        println!("== entry {}: passes", e.name);
+        for (name, text) in &e.trace {
+            println!("after {name}: {} nodes", text.lines().filter(|l| l.starts_with('%')).count());
+            if ir {
+                println!("{text}");
+            }
+        }
+        println!("\n== entry {}: fusion groups", e.name);
+        for (id, ex) in kiln_graph::passes::fusion_groups(&e.graph) {
+            println!("{id}: {ex}");
+        }
+        println!();
+    }
+    let steps: Vec<String> = c.program.entries.iter().map(|e| format!("{} {}", e.name, e.steps.len())).collect();
+    println!("== schedule (steps: {})", steps.join(", "));
+    print_program(&c.program);
+    for e in &c.entries {
+        println!("\n== entry {}: memory plan", e.name);
+        println!("{}", kiln_graph::plan::report(&e.plan, &e.graph));
+    }
+    Ok(())
+}
+
+pub(super) fn print_program(prog: &Program) {
+    println!("{} [backend {}]", prog.model, prog.backend);
+    for (i, st) in prog.states.iter().enumerate() {
+        println!("state {i}: {} {} (persistent, {} bytes)", st.name, st.ty, st.ty.bytes());
+    }
+    for e in &prog.entries {
+        println!("entry {}: {} steps, arena {} bytes", e.name, e.steps.len(), e.arena_bytes);
+        for io in &e.inputs {
+            println!("  in  {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
+        }
+        for io in &e.outputs {
+            println!("  out {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
+        }
+        for (i, s) in e.steps.iter().enumerate() {
+            println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);
+        }
+        let st = e.plan;
+        println!(
+            "  plan: peak {} B, lower bound {} B ({:.3}x), no reuse {} B ({:.2}x)",
+            st.peak,
+            st.lower_bound,
+            st.peak as f64 / st.lower_bound.max(1) as f64,
+            st.no_reuse,
+            st.no_reuse as f64 / st.peak.max(1) as f64
+        );
+    }
+}
+
+pub(super) fn bench(
+    model: &Path,
+    p: &ProfileArgs,
+    runs: usize,
+    weights: Option<&Path>,
+    json: bool,
+    breakdown: bool,
+    entry: &str,
+) -> Result<()> {
+    let opts = profile(p, None, None)?;
+    let (mut s, graphs) = session_and_graph(model, weights, Some(opts))?;
+    let e = &s.program().entries[s.entry_index(entry)?];
+    let graph = graphs.and_then(|g| g.into_iter().find(|(n, _)| n == entry).map(|(_, g)| g));
+    let inputs = kiln::bench::synthetic_inputs(e);
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    s.run(entry, &refs)?; // warm-up
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        s.run(entry, &refs)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let (min, med, max) = (times[0], times[times.len() / 2], times[times.len() - 1]);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"model": s.program().model, "backend": s.program().backend, "entry": entry, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len()})
+        );
+    } else {
+        println!("{}", s.program().model);
+        println!(
+            "backend {}  entry {entry}  runs {}  min {min:.2} ms  median {med:.2} ms  max {max:.2} ms",
+            s.program().backend,
+            times.len()
+        );
+    }
+    if breakdown {
+        let t0 = Instant::now();
+        let steps = s.profile(entry, &refs)?;
+        let total = t0.elapsed().as_secs_f64();
+        let mut kinds: Vec<(String, usize, f64)> = Vec::new();
+        for (kernel, op, t) in &steps {
+            let key = format!("{kernel} ({op})");
+            match kinds.iter_mut().find(|k| k.0 == key) {
+                Some(k) => {
+                    k.1 += 1;
+                    k.2 += t;
+                }
+                None => kinds.push((key, 1, *t)),
+            }
+        }
+        kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let steps_sum: f64 = kinds.iter().map(|k| k.2).sum();
+        println!("{:<40} {:>6} {:>10} {:>7}", "kernel (op)", "steps", "ms", "share");
+        for (k, n, t) in &kinds {
+            println!("{k:<40} {n:>6} {:>10.2} {:>6.1}%", t * 1e3, 100.0 * t / total);
+        }
+        println!(
+            "{:<40} {:>6} {:>10.2} {:>6.1}%",
+            "outside steps (copies in/out, checks)",
+            "",
+            (total - steps_sum) * 1e3,
+            100.0 * (total - steps_sum) / total
+        );
+        println!("{:<40} {:>6} {:>10.2}", "total (one run)", steps.len(), total * 1e3);
+        if let Some(parts) = graph.as_ref().map(moe_parts).filter(|p| p.iter().any(|x| x.is_some())) {
+            let (mut routing, mut experts) = (0.0, 0.0);
+            for (st, (_, _, t)) in s.program().entries[0].steps.iter().zip(&steps) {
+                match parts.get(st.node as usize).copied().flatten() {
+                    Some(true) => routing += t,
+                    Some(false) => experts += t,
+                    None => {}
+                }
+            }
+            println!(
+                "MoE layers: routing+dispatch+combine {:.2} ms, experts {:.2} ms; overhead {:.1}% of the MoE layers' time",
+                routing * 1e3,
+                experts * 1e3,
+                100.0 * routing / (routing + experts).max(1e-12)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn bench_kernels(k: KernelsArgs) -> Result<()> {
+    let model = match &k.model {
+        Some(m) => Some(session(m, k.weights.as_deref(), Some(profile(&k.p, None, None)?))?),
+        None => None,
+    };
+    let o = kiln::bench::KernelsOptions {
+        entry: k.entry,
+        runs: kiln::bench::kernels::Runs { warmup: k.warmup, runs: k.runs },
+        by_shape: k.by_shape,
+        json: k.json,
+        plot: k.plot,
+        ceilings: kiln::bench::roofline::CeilingOptions { copy_mib: k.copy_mib, gemm_n: k.gemm_n, reps: 5 },
+        kernel: k.kernel,
+        shapes: k.shape,
+        backend: k.p.backend,
+    };
+    let report = progress("measuring", || kiln::bench::kernels_command(&o, model))?;
+    kiln::bench::emit(&o, &report)
+}
+
+#[cfg(feature = "cuda")]
+pub(super) fn kernels_check(arch: &str, model: Option<&Path>, p: &ProfileArgs) -> Result<()> {
+    let program = match model {
+        Some(m) => {
+            let mut opts = profile(p, None, None)?;
+            opts.backend = "cuda".into();
+            Some(compile(m, &opts)?.program)
+        }
+        None => None,
+    };
+    let t = Instant::now();
+    let r = kiln::cuda_tools::check(arch, program.as_ref())?;
+    print!("{}", r.table());
+    let spills = r.hot_spills();
+    println!(
+        "{} kernels compiled for {arch} in {:.1} s; {} compile errors; {} hot kernels spill",
+        r.rows.len(),
+        t.elapsed().as_secs_f64(),
+        r.errors.len(),
+        spills.len()
+    );
+    for e in &r.errors {
+        eprintln!("{e}");
+    }
+    if !r.errors.is_empty() || !spills.is_empty() {
+        let names: Vec<&str> = spills.iter().map(|r| r.kernel.as_str()).collect();
+        return Err(Error::Usage(format!(
+            "kernels check failed: {} compile errors; hot kernels that spill: [{}]",
+            r.errors.len(),
+            names.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(super) fn kernels_check(_: &str, _: Option<&Path>, _: &ProfileArgs) -> Result<()> {
+    Err(Error::Usage("this kiln was built without the `cuda` feature (cargo build --features cuda)".into()))
+}
