@@ -274,6 +274,9 @@ mod tests {
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
             ["reduce", t] => src.contains(&format!("RED({t},")),
             ["iota", t] => src.contains(&format!("IOTA({t},")),
+            ["write", "rows", b, it] => {
+                src.lines().any(|l| l.starts_with(&format!("WRITE_ROWS({},", &b[1..])) && l.contains(&format!(", {it}, ")))
+            }
             ["moe", "dispatch" | "combine", t, it] => src.contains(&format!("MOE({t}, ")) && src.contains(&format!(", {it}, ")),
             _ => false,
         }
