@@ -280,6 +280,12 @@ impl<R: Runtime> CubeExec<R> {
         let c = &self.client;
         let blocks = |n: usize| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, 1, 1);
         let dim1 = CubeDim::new_1d(k::BLOCK);
+        // A kernel over `units` threads that takes (arena, weights, metadata block, args..).
+        macro_rules! unit_launch {
+            ($($kernel:ident)::+, $units:expr, $meta:expr, $len:expr, $($arg:expr),+) => {
+                $($kernel)::+::launch_unchecked::<f32, R>(c, blocks($units), dim1, self.arena_arg(), self.weights_arg(), self.meta_at($meta, $len), $($arg),+)
+            };
+        }
         // SAFETY (all launches): each kernel bounds-checks its unit against the sizes in its
         // metadata, and `lower` checked every operand range against its buffer.
         unsafe {
@@ -292,24 +298,8 @@ impl<R: Runtime> CubeExec<R> {
                     };
                     k::copy::launch_unchecked::<f32, R>(c, blocks(*n), dim1, self.arena_arg(), src, self.meta_at(*meta, *len), cfg.clone())
                 }
-                Launch::Resize { cfg, n, meta, len } => k::resize::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::Fused { cfg, n, meta, len } => k::fused::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
+                Launch::Resize { cfg, n, meta, len } => unit_launch!(k::resize, *n, *meta, *len, cfg.clone()),
+                Launch::Fused { cfg, n, meta, len } => unit_launch!(k::fused, *n, *meta, *len, cfg.clone()),
                 Launch::MatMul { cfg, m, n, batch, meta, len } => {
                     let t = k::TILE as usize;
                     let count = CubeCount::Static(n.div_ceil(t) as u32, m.div_ceil(t) as u32, *batch as u32);
@@ -332,33 +322,11 @@ impl<R: Runtime> CubeExec<R> {
                     self.meta_at(*meta, *len),
                     cfg.clone(),
                 ),
-                Launch::Reduce { cfg, n, meta, len } => k::reduce::reduce::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::SoftmaxAxis { x_in_arena, lines, meta, len } => k::reduce::softmax_axis::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*lines),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    *x_in_arena,
-                ),
-                Launch::Cast { cfg, n, meta, len } => k::index::cast::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
+                Launch::Reduce { cfg, n, meta, len } => unit_launch!(k::reduce::reduce, *n, *meta, *len, cfg.clone()),
+                Launch::SoftmaxAxis { x_in_arena, lines, meta, len } => {
+                    unit_launch!(k::reduce::softmax_axis, *lines, *meta, *len, *x_in_arena)
+                }
+                Launch::Cast { cfg, n, meta, len } => unit_launch!(k::index::cast, *n, *meta, *len, cfg.clone()),
                 Launch::Iota { start, step, out, n, meta, len } => k::index::iota::launch_unchecked::<f32, R>(
                     c,
                     blocks(*n),
@@ -369,70 +337,13 @@ impl<R: Runtime> CubeExec<R> {
                     step.to_bits(),
                     *out,
                 ),
-                Launch::Gather { cfg, n, meta, len } => k::index::gather::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::WriteRows { cfg, n, meta, len } => k::index::write_rows::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::ScatterAdd { cfg, n, meta, len } => k::index::scatter_add::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::TopK { x, out, n, meta, len } => k::index::topk::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    *x,
-                    *out,
-                ),
-                Launch::CumSum { cfg, lines, meta, len } => k::index::cumsum::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*lines),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::MoeDispatch { cfg, n, meta, len } => k::index::moe_dispatch::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
-                Launch::MoeCombine { cfg, n, meta, len } => k::index::moe_combine::launch_unchecked::<f32, R>(
-                    c,
-                    blocks(*n),
-                    dim1,
-                    self.arena_arg(),
-                    self.weights_arg(),
-                    self.meta_at(*meta, *len),
-                    cfg.clone(),
-                ),
+                Launch::Gather { cfg, n, meta, len } => unit_launch!(k::index::gather, *n, *meta, *len, cfg.clone()),
+                Launch::WriteRows { cfg, n, meta, len } => unit_launch!(k::index::write_rows, *n, *meta, *len, cfg.clone()),
+                Launch::ScatterAdd { cfg, n, meta, len } => unit_launch!(k::index::scatter_add, *n, *meta, *len, cfg.clone()),
+                Launch::TopK { x, out, n, meta, len } => unit_launch!(k::index::topk, *n, *meta, *len, *x, *out),
+                Launch::CumSum { cfg, lines, meta, len } => unit_launch!(k::index::cumsum, *lines, *meta, *len, cfg.clone()),
+                Launch::MoeDispatch { cfg, n, meta, len } => unit_launch!(k::index::moe_dispatch, *n, *meta, *len, cfg.clone()),
+                Launch::MoeCombine { cfg, n, meta, len } => unit_launch!(k::index::moe_combine, *n, *meta, *len, cfg.clone()),
                 Launch::Attention { cfg, sq, heads, batch, meta, len } => {
                     let count = CubeCount::Static(sq.div_ceil(k::ATT_BQ as usize) as u32, *heads as u32, *batch as u32);
                     k::attention::launch_unchecked::<f32, R>(
