@@ -4,6 +4,8 @@ torch.compile, random weights from a `kiln synth` folder. One JSON line on stdou
 
     bench_torch_cuda.py siglip DIR --batch 32 [--resolution R] --mode eager|compile
     bench_torch_cuda.py gemma DIR --what prefill|decode --mode eager|compile
+    bench_torch_cuda.py ceiling -: the card's measured ceilings (bf16 8192^3 GEMM TFLOP/s,
+        device-to-device copy TB/s counting bytes read and written)
 
 siglip: median ms of model(pixel_values) over --runs after warm-up (CUDA events).
 gemma prefill: one forward of 1024 tokens. gemma decode: ms per token of greedy decoding
@@ -39,21 +41,32 @@ def timed(fn, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["siglip", "gemma"])
+    ap.add_argument("kind", choices=["siglip", "gemma", "ceiling"])
     ap.add_argument("model_dir")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
     ap.add_argument("--what", choices=["prefill", "decode"], default="prefill")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     a = ap.parse_args()
-    dev, dt = "cuda", torch.bfloat16
-    out = {"peer": f"torch-{a.mode}", "torch": torch.__version__, "device": torch.cuda.get_device_name()}
+    dev, dt = "cuda", {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = False  # f32 means f32, as kiln computes it
+    if a.kind == "ceiling":
+        x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        t = timed(lambda: x @ x, 10)
+        big = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
+        dst = torch.empty_like(big)
+        c = timed(lambda: dst.copy_(big), 10)
+        print(json.dumps({"device": torch.cuda.get_device_name(), "gemm_bf16_tflops": 2 * 8192**3 / (statistics.median(t) * 1e-3) / 1e12,
+                          "copy_tbps": 2 * (1 << 30) / (statistics.median(c) * 1e-3) / 1e12}))
+        return
+    out = {"peer": f"torch-{a.mode}", "dtype": a.dtype, "torch": torch.__version__, "device": torch.cuda.get_device_name()}
     with torch.inference_mode():
         if a.kind == "siglip":
             from transformers import SiglipVisionModel
 
-            m = SiglipVisionModel.from_pretrained(a.model_dir, torch_dtype=dt, attn_implementation="sdpa").to(dev).eval()
+            m = SiglipVisionModel.from_pretrained(a.model_dir, dtype=dt, attn_implementation="sdpa").to(dev).eval()
             r = a.resolution or m.config.image_size
             x = torch.randn(a.batch, 3, r, r, device=dev, dtype=dt)
             f = torch.compile(m) if a.mode == "compile" else m
@@ -62,7 +75,7 @@ def main():
         else:
             from transformers import Gemma2ForCausalLM
 
-            m = Gemma2ForCausalLM.from_pretrained(a.model_dir, torch_dtype=dt, attn_implementation="sdpa").to(dev).eval()
+            m = Gemma2ForCausalLM.from_pretrained(a.model_dir, dtype=dt, attn_implementation="sdpa").to(dev).eval()
             if a.what == "prefill":
                 ids = torch.randint(2, m.config.vocab_size, (1, 1024), device=dev)
                 f = torch.compile(m) if a.mode == "compile" else m

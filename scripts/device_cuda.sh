@@ -1,127 +1,231 @@
 #!/usr/bin/env bash
-# The cuda backend on a real GPU (H100 / H200), in one run: kernels against the interpreter,
-# fixtures end to end, then timings against PyTorch (bf16, SDPA) and torch.compile.
+# kiln on a real NVIDIA GPU (H100 / H200) in one run: the cuda backend's kernels against the
+# interpreter, the fixtures end to end, the cube backend on CubeCL's CUDA runtime, then
+# timings against PyTorch (bf16 SDPA, eager and torch.compile) in the same run.
 #
 # Two halves, because the GPU machines have no Rust toolchain and no internet:
 #   scripts/device_cuda.sh package   # here (CPU machine): release binaries into dist/cuda/
-#   scripts/device_cuda.sh run       # there (GPU machine, dist/cuda/ carried): writes $OUT
+#   scripts/device_cuda.sh run       # there (dist/cuda.tgz carried): results under $OUT
 #
-# `run` needs: an NVIDIA driver (CUDA 13.0), PyTorch + transformers (for the peers), and
-# libnvrtc.so.13 for programs compiled at load (found in PyTorch's nvidia-* packages, or set
-# KILN_NVRTC_DIR). Results go under $OUT (default bench-out/device); the last thing printed
-# is a short table. Nothing here has been run on a GPU yet (written without one).
-set -euo pipefail
+# `run` needs an NVIDIA driver (CUDA 13), PyTorch + transformers (the peers), and libnvrtc /
+# libcublasLt (found in PyTorch's nvidia-* wheels or /usr/local/cuda). Each section has its
+# own time limit and a failing section does not stop the others; everything is logged under
+# $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
+# most 8 files), with $OUT/summary.txt, whose table is printed last.
+# KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile cube") picks
+# sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
+# limit is cut to what is left, and steps are skipped once too little is.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 dist=dist/cuda
 
 if [ "$mode" = package ]; then
+  set -e
   mkdir -p "$dist"
-  # Without the cube backend (wgpu): smaller binaries; the carry to a GPU machine is limited.
-  feats=(--no-default-features --features cuda)
+  # cuda and cube-cuda in one binary (the carry to a GPU machine is limited to 64 MiB).
+  feats=(--features cuda,cube-cuda)
   cargo build --release --locked -p kiln "${feats[@]}" --bin kiln
   cp target/release/kiln "$dist/kiln"
-  # The test binaries: every op (tests/parity.rs) and the half-precision kernels.
-  cargo test --release --locked -p kiln "${feats[@]}" --test parity --test cuda_device --no-run 2>&1 | tee /tmp/kiln-package.log
-  for t in parity cuda_device; do
-    exe=$(grep -o "target/release/deps/$t-[0-9a-f]*" /tmp/kiln-package.log | tail -1)
-    cp "$exe" "$dist/$t"
-  done
-  strip "$dist"/* 2>/dev/null || true
-  # Ahead-of-time artifacts of the fixtures with their CUBINs: loading them needs no NVRTC.
+  cargo test --release --locked -p kiln "${feats[@]}" --test parity --test cuda_device --no-run --message-format=json \
+    | python3 -c 'import json, sys, shutil
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])' "$dist"
+  strip "$dist/kiln" "$dist/parity" "$dist/cuda_device"
+  # Every hand-written module compiled once here (NVRTC needs no GPU): loads there skip it.
   export LD_LIBRARY_PATH="$PWD/.nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  for m in tests/fixtures/siglip/*/ tests/fixtures/gemma/*/; do
-    [ -f "$m/config.json" ] || continue
-    n=$(basename "$m")
-    "$dist/kiln" compile "$m" --backend cuda --arch sm_90a -o "$dist/$n.kiln" || echo "compile $n failed"
-  done
-  du -sh "$dist"/*
-  echo "carry $dist to the GPU machine (the device tool's carry limit is 64 MiB in all)"
+  rm -rf "$dist/cache"
+  KILN_CUDA_CACHE="$dist/cache" "$dist/kiln" kernels check --arch sm_90a | tail -1
+  # One ahead-of-time artifact with its CUBINs (device_fixtures.py loads it with no NVRTC;
+  # the other fixtures compile at load). One only: each holds every module's CUBIN (1.8 MB).
+  "$dist/kiln" compile tests/fixtures/siglip/siglip_full --backend cuda --arch sm_90a -o "$dist/siglip_full.kiln" > /dev/null
+  tar czf dist/cuda.tgz -C dist cuda
+  du -sh "$dist" dist/cuda.tgz
+  echo "carry dist/cuda.tgz to the GPU machine (the device tool's carry limit is 64 MiB with the tree); 'run' unpacks it"
   exit 0
 fi
 
 [ "$mode" = run ] || { echo "usage: $0 package|run" >&2; exit 2; }
 OUT=${OUT:-bench-out/device}
-mkdir -p "$OUT"
-kiln=${KILN_BIN:-$dist/kiln}
+W=${KILN_WORK:-/tmp/kiln-device}
+mkdir -p "$OUT" "$W"
+kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
+sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile cube}
+deadline=${KILN_DEVICE_DEADLINE:-560}
+[ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
+want() { [[ " $sections " == *" $1 "* ]]; }
+log() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$W/log.txt"; }
+pack() { tar czf "$OUT/results.tgz" -C "$W" --exclude='models' --exclude='*.safetensors' . 2>/dev/null; }
+# lim N: N seconds, or what is left before the deadline (less a margin to pack), if less.
+lim() { local left=$((deadline - SECONDS - 15)); echo $(($1 < left ? $1 : left)); }
+# run NAME LIMIT CMD...: output to $W/NAME.txt, never stops the script.
+run() {
+  local name=$1 limit; limit=$(lim "$2"); shift 2
+  if [ "$limit" -lt 10 ]; then log "$name: skipped (deadline)"; return 124; fi
+  timeout "$limit" "$@" > "$W/$name.txt" 2>&1
+  local rc=$?
+  log "$name: rc $rc"
+  pack
+  return $rc
+}
 
-# libnvrtc: PyTorch's CUDA wheels ship it (nvidia/cu13/lib or nvidia/cuda_nvrtc/lib).
-if [ -z "${KILN_NVRTC_DIR:-}" ]; then
-  KILN_NVRTC_DIR=$("$py" - <<'PY' 2>/dev/null || true
-import glob, site, sys
-for sp in site.getsitepackages() + [site.getusersitepackages()]:
-    for p in sorted(glob.glob(sp + "/nvidia/**/libnvrtc.so*", recursive=True)):
-        print(p.rsplit("/", 1)[0]); sys.exit(0)
+# Libraries: NVRTC and cuBLASLt from PyTorch's wheels (nvidia/cu13/lib) or the toolkit.
+libs=$("$py" - <<'PY' 2>/dev/null
+import glob, site
+seen = []
+for sp in site.getsitepackages():
+    for p in sorted(glob.glob(sp + "/nvidia/**/lib*.so*", recursive=True)):
+        d = p.rsplit("/", 1)[0]
+        if d not in seen and any(n in p for n in ("nvrtc", "cublasLt", "cudart")):
+            seen.append(d)
+print(":".join(seen))
 PY
 )
-fi
-[ -n "${KILN_NVRTC_DIR:-}" ] && export LD_LIBRARY_PATH="$KILN_NVRTC_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1
+export LD_LIBRARY_PATH="${libs:+$libs:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[ -z "${CUDA_PATH:-}" ] && [ -f /usr/local/cuda/include/cuda.h ] && export CUDA_PATH=/usr/local/cuda
+export KILN_CUDA_CACHE=$PWD/$dist/cache KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
-echo "card: $card" | tee "$OUT/card.txt"
-status=0
+log "card: $card; LD_LIBRARY_PATH=$LD_LIBRARY_PATH; CUDA_PATH=${CUDA_PATH:-unset}"
+nvidia-smi > "$W/nvidia-smi.txt" 2>&1
+"$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' >> "$W/log.txt" 2>&1
 
-echo "== 1. kernels: NVRTC on this machine, then every op against the interpreter"
-"$kiln" kernels check --arch sm_90a > "$OUT/kernels_check.txt" 2>&1 || status=1
-tail -1 "$OUT/kernels_check.txt"
-for t in parity cuda_device; do
-  timeout 900 "$dist/$t" --test-threads=1 --nocapture > "$OUT/test_$t.txt" 2>&1 && echo "$t: ok" || { echo "$t: FAILED"; status=1; }
-  grep -E "^test result|panicked" "$OUT/test_$t.txt" | head -5 || true
-done
+# The peers' models, made in the background while the GPU checks run.
+models=$W/models
+mkdir -p "$models"
+synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" > "$W/synth_$1.txt" 2>&1; }
+if want siglip || want cube || want gemma || want compile; then
+  ( want siglip || want cube || want compile ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
+  ( want gemma || want compile ) && synth gemma2-2b &
+fi
 
-echo "== 2. fixtures end to end on --backend cuda (f32 and bf16 against the stored outputs)"
-"$py" scripts/device_fixtures.py "$kiln" "$dist" "$OUT" || status=1
+if want check; then
+  run kernels_check 120 "$kiln" kernels check --arch sm_90a
+  tail -1 "$W/kernels_check.txt"
+fi
 
-echo "== 3. timings: kiln --backend cuda vs PyTorch bf16 SDPA and torch.compile, same run"
-bench=${KILN_BENCH_DIR:-/tmp/kiln-bench}
-mkdir -p "$bench"
-for name in siglip-so400m-14-224 siglip-so400m-14-448 siglip-so400m-14-896 gemma2-2b; do
-  [ -f "$bench/$name/config.json" ] || "$kiln" synth "$name" -o "$bench/$name" > /dev/null
-done
-: > "$OUT/timings.jsonl"
-row() { echo "$1" | tee -a "$OUT/timings.jsonl"; }
-for cfg in "224 32" "224 1" "448 8" "896 2"; do
-  set -- $cfg
-  dir="$bench/siglip-so400m-14-$1"
-  k=$("$kiln" bench "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 20 --json 2>>"$OUT/errors.txt" || echo '{"error": "kiln bench failed"}')
-  row "{\"engine\": \"kiln-cuda\", \"model\": \"so400m-$1\", \"batch\": $2, \"result\": $k}"
-  for mode in eager compile; do
-    t=$("$py" scripts/bench_torch_cuda.py siglip "$dir" --batch "$2" --mode "$mode" 2>>"$OUT/errors.txt" || echo '{"error": "torch failed"}')
-    row "{\"engine\": \"torch-$mode\", \"model\": \"so400m-$1\", \"batch\": $2, \"result\": $t}"
+if want half; then
+  # Tensor-core attention and cuBLASLt epilogues in bf16/f16; on a failure, again one step
+  # at a time (KILN_CUDA_DEBUG=1) so a fault names its kernel.
+  run half 240 "$dist/cuda_device" --test-threads=1 --nocapture \
+    || KILN_CUDA_DEBUG=1 run half_debug 180 "$dist/cuda_device" --test-threads=1 --nocapture
+  grep -cE "err [0-9.e+-]+ " "$W/half.txt" | sed 's/^/half cases run: /'
+fi
+
+if want parity; then
+  # Every op row in f32 against the interpreter, each test in its own process (a device
+  # fault poisons its context), every case reported (KILN_PARITY_KEEP_GOING=1).
+  export KILN_PARITY_KEEP_GOING=1
+  for t in $("$dist/parity" --list 2>/dev/null | sed -n 's/: test$//p'); do
+    KILN_PARITY_BACKENDS=cuda run "parity_$t" 120 "$dist/parity" --exact "$t" --test-threads=1 --nocapture
+    grep -E "^PARITY (OK|FAIL)" "$W/parity_$t.txt" >> "$W/parity_cuda.txt"
+    if grep -q "PARITY FAIL" "$W/parity_$t.txt"; then
+      KILN_PARITY_BACKENDS=cuda KILN_CUDA_DEBUG=1 run "parity_debug_$t" 120 "$dist/parity" --exact "$t" --test-threads=1 --nocapture
+    fi
   done
-done
-g="$bench/gemma2-2b"
-k=$("$kiln" bench "$g" --backend cuda --dtype bf16 --seq-len 1024 --runs 10 --json 2>>"$OUT/errors.txt" || echo '{"error": "kiln bench failed"}')
-row "{\"engine\": \"kiln-cuda\", \"model\": \"gemma2-2b prefill 1024\", \"batch\": 1, \"result\": $k}"
-"$py" - "$OUT/prompt.safetensors" <<'PY'
+  touch "$W/parity_cuda.txt"
+  log "parity cuda: $(grep -c "PARITY OK" "$W/parity_cuda.txt") ok, $(grep -c "PARITY FAIL" "$W/parity_cuda.txt") failed"
+  unset KILN_PARITY_KEEP_GOING
+fi
+
+if want fixtures; then
+  run fixtures 300 "$py" scripts/device_fixtures.py "$kiln" "$dist" "$W"
+  tail -1 "$W/fixtures.txt"
+fi
+
+if want cube; then
+  # The cube backend on CubeCL's CUDA runtime: the same parity rows.
+  KILN_PARITY_KEEP_GOING=1 KILN_PARITY_BACKENDS=cube-cuda run parity_cube 240 "$dist/parity" --test-threads=1 --nocapture
+  log "parity cube-cuda: $(grep -c "PARITY OK" "$W/parity_cube.txt") ok, $(grep -c "PARITY FAIL" "$W/parity_cube.txt") failed"
+fi
+
+# Timings: one JSON row per (engine, model, batch).
+rows=$W/timings.jsonl
+touch "$rows"
+row() { # engine model batch json
+  local j=$4
+  [ -n "$j" ] || j='{"error": "no output (see the logs)"}'
+  echo "{\"engine\": \"$1\", \"model\": \"$2\", \"batch\": $3, \"result\": $j}" >> "$rows"
+}
+kbench() { # name limit args...: the last line of `kiln bench --json`
+  local name=$1 limit; limit=$(lim "$2"); shift 2
+  [ "$limit" -ge 10 ] || { echo '{"error": "skipped (deadline)"}'; return; }
+  timeout "$limit" "$kiln" bench "$@" --json > "$W/$name.txt" 2>&1
+  grep '^{' "$W/$name.txt" | tail -1
+}
+tbench() { # name limit args...
+  local name=$1 limit; limit=$(lim "$2"); shift 2
+  [ "$limit" -ge 10 ] || { echo '{"error": "skipped (deadline)"}'; return; }
+  timeout "$limit" "$py" scripts/bench_torch_cuda.py "$@" > "$W/$name.txt" 2>&1
+  grep '^{' "$W/$name.txt" | tail -1
+}
+
+if want siglip || want gemma; then
+  row ceiling card 0 "$(tbench ceiling 120 ceiling -)"
+fi
+
+if want siglip; then
+  wait
+  for cfg in "224 1" "224 32" "448 8" "896 2"; do
+    set -- $cfg
+    dir=$models/siglip-so400m-14-$1
+    row kiln-cuda "so400m-$1" "$2" "$(kbench "kiln_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30)"
+    row torch-eager "so400m-$1" "$2" "$(tbench "torch_eager_$1_b$2" 240 siglip "$dir" --batch "$2" --mode eager)"
+    log "so400m $1 b$2 done"
+    pack
+  done
+fi
+
+if want cube; then
+  wait
+  dir=$models/siglip-so400m-14-224
+  row kiln-cube-cuda so400m-224 32 "$(kbench cube_224_b32 400 "$dir" --backend cube --device cuda --batch 32 --runs 10)"
+  row torch-eager-f32 so400m-224 32 "$(tbench torch_f32_224_b32 240 siglip "$dir" --batch 32 --mode eager --dtype f32)"
+  pack
+fi
+
+if want gemma; then
+  wait
+  g=$models/gemma2-2b
+  row kiln-cuda "gemma2-2b prefill 1024" 1 "$(kbench kiln_gemma_prefill 300 "$g" --backend cuda --dtype bf16 --seq-len 1024 --runs 10)"
+  "$py" - "$W/prompt.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import save_file
 g = torch.Generator().manual_seed(0)
 save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.argv[1])
 PY
-k=$("$kiln" generate "$g" --backend cuda --inputs "$OUT/prompt.safetensors" --out "$OUT/gen.safetensors" --max-new-tokens 64 2>>"$OUT/errors.txt" | grep decode_ms_per_token || echo '{"error": "kiln generate failed"}')
-row "{\"engine\": \"kiln-cuda\", \"model\": \"gemma2-2b decode\", \"batch\": 1, \"result\": $k}"
-for mode in eager compile; do
+  timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 > "$W/kiln_gemma_decode.txt" 2>&1
+  row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
   for what in prefill decode; do
-    t=$("$py" scripts/bench_torch_cuda.py gemma "$g" --what "$what" --mode "$mode" 2>>"$OUT/errors.txt" || echo '{"error": "torch failed"}')
-    row "{\"engine\": \"torch-$mode\", \"model\": \"gemma2-2b $what\", \"batch\": 1, \"result\": $t}"
+    row torch-eager "gemma2-2b $what" 1 "$(tbench "torch_gemma_${what}_eager" 300 gemma "$g" --what "$what" --mode eager)"
   done
-done
+  pack
+fi
 
-echo "== summary ($card)"
-"$py" - "$OUT/timings.jsonl" <<'PY' | tee "$OUT/summary.txt"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"{'model':<26} {'batch':>5} {'engine':<14} {'median ms':>10} {'per item':>12}")
-for r in rows:
-    res = r["result"]
-    ms = res.get("median_ms") or res.get("decode_ms_per_token") or res.get("prefill_ms")
-    if ms is None:
-        print(f"{r['model']:<26} {r['batch']:>5} {r['engine']:<14} {'error':>10}  {res.get('error', '')}")
-        continue
-    per = f"{r['batch'] * 1000 / ms:.1f}/s" if "so400m" in r["model"] else ""
-    print(f"{r['model']:<26} {r['batch']:>5} {r['engine']:<14} {ms:>10.3f} {per:>12}")
-PY
-exit $status
+if want compile; then
+  # torch.compile peers (each compiles for a minute or more): the goals name So400m 224 b32
+  # and b1 against torch.compile; Gemma decode with its CUDA graphs (reduce-overhead).
+  wait
+  dir=$models/siglip-so400m-14-224
+  row torch-compile so400m-224 32 "$(tbench torch_compile_224_b32 300 siglip "$dir" --batch 32 --mode compile)"
+  row torch-compile so400m-224 1 "$(tbench torch_compile_224_b1 300 siglip "$dir" --batch 1 --mode compile)"
+  pack
+  row torch-compile "gemma2-2b decode" 1 "$(tbench torch_gemma_decode_compile 400 gemma "$models/gemma2-2b" --what decode --mode compile)"
+  pack
+fi
+
+log "done"
+{
+  echo "card: $card"
+  [ -f "$W/kernels_check.txt" ] && tail -1 "$W/kernels_check.txt"
+  [ -f "$W/half.txt" ] && echo "half-precision cases: $(grep -c ' err ' "$W/half.txt") run; failing: $(grep -E 'FAILED|panicked' "$W/half.txt" | head -3 | tr '\n' ' ')"
+  [ -f "$W/parity_cuda.txt" ] && echo "parity cuda: $(grep -c 'PARITY OK' "$W/parity_cuda.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cuda.txt") failed"
+  [ -f "$W/parity_cube.txt" ] && echo "parity cube-cuda: $(grep -c 'PARITY OK' "$W/parity_cube.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cube.txt") failed"
+  [ -f "$W/fixtures.txt" ] && tail -1 "$W/fixtures.txt"
+  "$py" scripts/device_summary.py "$rows"
+} > "$OUT/summary.txt" 2>&1
+pack
+cat "$OUT/summary.txt"

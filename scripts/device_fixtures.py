@@ -11,6 +11,7 @@ bf16: 5e-2). Writes OUT_DIR/fixtures.jsonl and exits 1 on any failure.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def main():
             row = {"fixture": folder.name, "dtype": dtype}
             if p.returncode != 0:
                 row["error"] = (p.stderr or p.stdout).strip()[-400:]
+                # Again one step at a time, so that a device fault names its step and kernel.
+                d = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "KILN_CUDA_DEBUG": "1"})
+                row["debug_error"] = (d.stderr or d.stdout).strip()[-400:]
                 bad += 1
             else:
                 got = load_file(str(res))

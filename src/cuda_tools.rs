@@ -75,10 +75,17 @@ pub fn check(arch: &str, program: Option<&Program>) -> Result<Report> {
             units.push((r.name.clone(), r.source, vec![(r.name, true)]));
         }
     }
-    for (name, source, kernels) in units {
-        match nvrtc::compile(&name, &source, arch) {
+    // One thread per module: NVRTC compiles each on one core.
+    let compiled: Vec<std::result::Result<nvrtc::Compiled, String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = units.iter().map(|(name, source, _)| sc.spawn(move || nvrtc::compile(name, source, arch))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("NVRTC panicked".into()))).collect()
+    });
+    for ((name, source, kernels), c) in units.into_iter().zip(compiled) {
+        match c {
             Err(e) => report.errors.push(e),
             Ok(c) => {
+                // Kept for later loads in this process and under KILN_CUDA_CACHE.
+                nvrtc::remember(&name, &source, arch, &c.cubin);
                 for (k, hot) in kernels {
                     match c.kernels.iter().find(|(n, _)| *n == k) {
                         Some((_, res)) => report.rows.push(Row { module: name.clone(), kernel: k, hot, res: res.clone() }),

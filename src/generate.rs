@@ -68,11 +68,17 @@ impl Generator {
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
     /// `max_new_tokens` new tokens per call, and loads it on `backend`.
     pub fn new(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str) -> Result<Self> {
+        Self::with_dtype(dir, batch, bucket, max_new_tokens, backend, DType::F32)
+    }
+
+    /// [`Generator::new`] computing in `dtype` (f32, or bf16 on the GPU backends: weights,
+    /// activations and the KV cache in bf16; logits are read back as f32).
+    pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
         if max_new_tokens == 0 {
             return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
         }
         let capacity = bucket + max_new_tokens;
-        let profile = Profile { batch, seq_len: Some(bucket), dtype: DType::F32, image_hw: None, ..Profile::default() };
+        let profile = Profile { batch, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
         let g = kiln_models::build_generation(dir, &profile, capacity)?;
         let be = kiln_runtime::by_name(backend)?;
         let mut program = Program {

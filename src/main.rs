@@ -111,6 +111,9 @@ enum Cmd {
         bucket: Option<usize>,
         #[arg(long, default_value = "cpu")]
         backend: String,
+        /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
@@ -276,12 +279,16 @@ fn main() {
     }
 }
 
+fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::Usage(format!("--dtype {other}: expected f32 or bf16"))),
+    }
+}
+
 fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) -> Result<CompileOptions> {
-    let dtype = match p.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => return Err(Error::Usage(format!("--dtype {other}: expected f32 or bf16"))),
-    };
+    let dtype = parse_dtype(&p.dtype)?;
     let image_hw = p.resolution.map(|r| (r, r)).or(hw);
     let batch = p.batch.or(batch).unwrap_or(1);
     if batch == 0 {
@@ -469,8 +476,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
-        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, .. } => {
-            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, draw };
+        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, dtype, .. } => {
+            let dtype = parse_dtype(&dtype)?;
+            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw };
             let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
             eprintln!(
                 "{}",
@@ -479,7 +487,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, .. } => {
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, .. } => {
+            let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
@@ -490,7 +499,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
             let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
             let bucket = bucket.unwrap_or(l);
-            let mut g = progress("compiling", || kiln::generate::Generator::new(&model, b, bucket, max_new_tokens, &backend))?;
+            let mut g =
+                progress("compiling", || kiln::generate::Generator::with_dtype(&model, b, bucket, max_new_tokens, &backend, dtype))?;
             let t = Instant::now();
             let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
             let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;

@@ -24,6 +24,8 @@ pub struct PromptOptions {
     /// Prompt bucket to compile (default: the prompt's length); a longer prompt is an error.
     pub bucket: Option<usize>,
     pub backend: String,
+    /// Compute dtype (f32, or bf16).
+    pub dtype: kiln_graph::DType,
     /// Write the image with the detected boxes here (PNG).
     pub draw: Option<PathBuf>,
 }
@@ -121,7 +123,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         )));
     }
     let tc = std::time::Instant::now();
-    let mut g = Generator::new(&o.model, 1, bucket, o.max_new_tokens, &o.backend)?;
+    let mut g = Generator::with_dtype(&o.model, 1, bucket, o.max_new_tokens, &o.backend, o.dtype)?;
     let compile_s = tc.elapsed().as_secs_f64();
     if tok.vocab_size() > g.vocab {
         // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.

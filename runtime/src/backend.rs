@@ -33,6 +33,13 @@ pub trait Executable: Send {
     fn reset_states(&mut self) -> Result<()>;
     /// Copies state `i`'s bytes into `out` (of the state's size).
     fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()>;
+    /// Seconds of each of `runs` executions of `entry` on the device alone: inputs uploaded
+    /// before each run and outputs left on the device, as a peer framework is timed with its
+    /// tensors already there. `None` where the backend computes in host memory (cpu), whose
+    /// `run` has no transfers to leave out.
+    fn time_device(&mut self, _entry: usize, _inputs: &[&[u8]], _runs: usize) -> Option<Result<Vec<f64>>> {
+        None
+    }
 }
 
 /// The backends this build has (`cube` runs CubeCL on wgpu, `cube-cuda` on CUDA).

@@ -103,11 +103,17 @@ impl Session {
         Ok(outs)
     }
 
-    /// Runs an entry once with each step timed: (kernel, op, seconds) per step, in order.
-    pub fn profile(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, &'static str, f64)>> {
+    /// Device seconds of `runs` executions of an entry with its inputs already on the device
+    /// ([`Executable::time_device`]); `None` on host backends.
+    pub fn time_device(&mut self, entry: &str, inputs: &[(&str, &Tensor)], runs: usize) -> Result<Option<Vec<f64>>> {
         let ei = self.entry_index(entry)?;
-        let e = &self.program.entries[ei];
-        let ordered: Vec<&[u8]> = e
+        let ordered = self.ordered_inputs(ei, inputs)?;
+        self.exec.time_device(ei, &ordered, runs).transpose()
+    }
+
+    /// The inputs of entry `ei` in declared order (a state not given is empty: used in place).
+    fn ordered_inputs<'a>(&self, ei: usize, inputs: &[(&str, &'a Tensor)]) -> Result<Vec<&'a [u8]>> {
+        self.program.entries[ei]
             .inputs
             .iter()
             .map(|io| {
@@ -118,7 +124,14 @@ impl Session {
                     (None, None) => Err(RuntimeError::Input { name: io.name.clone(), msg: format!("missing or not {}", io.operand.ty) }),
                 }
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    /// Runs an entry once with each step timed: (kernel, op, seconds) per step, in order.
+    pub fn profile(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, &'static str, f64)>> {
+        let ei = self.entry_index(entry)?;
+        let ordered = self.ordered_inputs(ei, inputs)?;
+        let e = &self.program.entries[ei];
         let size = |io: &kiln_graph::program::Io| if self.program.state_index(&io.name).is_some() { 0 } else { io.operand.ty.bytes() };
         let mut outs: Vec<Vec<u8>> = e.outputs.iter().map(|io| vec![0; size(io)]).collect();
         let mut bufs: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();

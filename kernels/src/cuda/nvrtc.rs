@@ -76,6 +76,60 @@ pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, String>
     out
 }
 
+/// FNV-1a over the compile inputs: the key of a cached CUBIN.
+fn cache_key(name: &str, source: &str, arch: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [name, arch, &options(arch).join(" "), source] {
+        for b in part.bytes().chain([0u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{name}-{arch}-{h:016x}")
+}
+
+fn memory_cache() -> &'static std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The folder of the on-disk CUBIN cache: `$KILN_CUDA_CACHE`, if set.
+fn disk_cache() -> Option<std::path::PathBuf> {
+    std::env::var_os("KILN_CUDA_CACHE").filter(|v| !v.is_empty()).map(Into::into)
+}
+
+/// Stores a CUBIN compiled from (`name`, `source`, `arch`) in the process's cache and, when
+/// `KILN_CUDA_CACHE` names a folder, on disk (so a later process skips NVRTC).
+pub fn remember(name: &str, source: &str, arch: &str, cubin: &[u8]) {
+    let key = cache_key(name, source, arch);
+    if let Some(dir) = disk_cache() {
+        let tmp = dir.join(format!("{key}.tmp{}", std::process::id()));
+        let ok = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&tmp, cubin))
+            .and_then(|_| std::fs::rename(&tmp, dir.join(format!("{key}.cubin"))));
+        if let Err(e) = ok {
+            eprintln!("kiln: could not write the CUBIN cache in {}: {e}", dir.display());
+        }
+    }
+    memory_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, cubin.to_vec());
+}
+
+/// [`compile`]'s CUBIN, from the cache when the same source was compiled for `arch` before
+/// (in this process, or on disk under `KILN_CUDA_CACHE`). Loading a program compiles every
+/// hand-written module, so without this each load would spend seconds in NVRTC.
+pub fn compile_cached(name: &str, source: &str, arch: &str) -> Result<Vec<u8>, String> {
+    let key = cache_key(name, source, arch);
+    if let Some(c) = memory_cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
+    if let Some(bytes) = disk_cache().and_then(|d| std::fs::read(d.join(format!("{key}.cubin"))).ok()) {
+        memory_cache().lock().unwrap_or_else(|e| e.into_inner()).insert(key, bytes.clone());
+        return Ok(bytes);
+    }
+    let c = compile(name, source, arch)?;
+    remember(name, source, arch, &c.cubin);
+    Ok(c.cubin)
+}
+
 /// # Safety
 /// `prog` must be a live, compiled program.
 unsafe fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>, result::NvrtcError> {
@@ -129,6 +183,16 @@ pub fn parse_log(log: &str) -> Vec<(String, Resources)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_keys_change_with_every_input() {
+        let k = cache_key("attention", "a", "sm_90a");
+        assert_eq!(k, cache_key("attention", "a", "sm_90a"));
+        assert_ne!(k, cache_key("attention", "b", "sm_90a"));
+        assert_ne!(k, cache_key("attention", "a", "sm_80"));
+        assert_ne!(k, cache_key("data", "a", "sm_90a"));
+        assert!(k.starts_with("attention-sm_90a-"));
+    }
 
     #[test]
     fn reads_a_ptxas_report() {

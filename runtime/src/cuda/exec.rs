@@ -62,6 +62,9 @@ pub struct CudaExec {
     graphs: Vec<Option<sys::CUgraphExec>>,
     /// Arena offset of each persistent state (`states_in_arena`), zeroed at load and reset.
     states_at: Vec<usize>,
+    /// `KILN_CUDA_DEBUG=1`: no graphs; each step issued alone and synchronised, so a fault
+    /// names its step and kernel.
+    debug: bool,
 }
 
 // SAFETY: the raw handles (module, cuBLASLt handle, descriptors, graphs) belong to this
@@ -120,6 +123,7 @@ impl CudaExec {
             items: Vec::new(),
             graphs: Vec::new(),
             states_at,
+            debug: std::env::var("KILN_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         };
         me.upload(store)?;
         me.zero_states()?;
@@ -148,8 +152,10 @@ impl CudaExec {
             me.items.push(steps);
         }
         me.graphs = (0..program.entries.len()).map(|_| None).collect();
-        for e in 0..program.entries.len() {
-            me.capture(e)?;
+        if !me.debug {
+            for e in 0..program.entries.len() {
+                me.capture(e)?;
+            }
         }
         Ok(me)
     }
@@ -383,8 +389,8 @@ impl CudaExec {
         Ok(())
     }
 
-    fn run_inner(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: Option<&mut Vec<f64>>) -> Result<()> {
-        drv("bind context", self.ctx.bind_to_thread())?;
+    /// Queues the copies of an entry's inputs into the arena (a state given as empty stays).
+    fn upload_inputs(&self, entry: usize, inputs: &[&[u8]]) -> Result<()> {
         let cu = self.stream.cu_stream();
         let e = &self.program.entries[entry];
         for (io, bytes) in e.inputs.iter().zip(inputs) {
@@ -395,10 +401,25 @@ impl CudaExec {
                 return Err(RuntimeError::Input { name: io.name.clone(), msg: "not in the arena (corrupt program)".into() });
             };
             // SAFETY: the session checked the input's size against the operand, which lies in
-            // the arena; `bytes` outlives the synchronize below.
+            // the arena; `bytes` outlives the caller's synchronize.
             drv("upload input", unsafe { dr::memcpy_htod_async(self.base + (self.layout.arena + offset) as u64, bytes, cu) })?;
         }
+        Ok(())
+    }
+
+    fn run_inner(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: Option<&mut Vec<f64>>) -> Result<()> {
+        drv("bind context", self.ctx.bind_to_thread())?;
+        let cu = self.stream.cu_stream();
+        let e = &self.program.entries[entry];
+        self.upload_inputs(entry, inputs)?;
         match times {
+            None if self.debug => {
+                for (i, step) in self.items[entry].iter().enumerate() {
+                    let s = &self.program.entries[entry].steps[i];
+                    let r = step.iter().try_for_each(|item| self.issue(item)).and_then(|_| drv("sync", self.stream.synchronize()));
+                    r.map_err(|e| RuntimeError::Step { step: i, op: s.op.name(), msg: format!("{} ({}): {e}", s.kernel, s.output.ty) })?;
+                }
+            }
             None => {
                 let g = self.graphs[entry].ok_or_else(|| err("entry not captured"))?;
                 // SAFETY: an instantiated graph of this context.
@@ -462,6 +483,30 @@ impl crate::backend::Executable for CudaExec {
 
     fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
         self.run_inner(entry, inputs, outputs, None)
+    }
+
+    fn time_device(&mut self, entry: usize, inputs: &[&[u8]], runs: usize) -> Option<Result<Vec<f64>>> {
+        let go = || -> Result<Vec<f64>> {
+            drv("bind context", self.ctx.bind_to_thread())?;
+            let cu = self.stream.cu_stream();
+            let mut times = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                // The arena's input slots may be reused by later steps: upload each time,
+                // outside the timed span.
+                self.upload_inputs(entry, inputs)?;
+                drv("sync", self.stream.synchronize())?;
+                let t = std::time::Instant::now();
+                match self.graphs[entry] {
+                    // SAFETY: an instantiated graph of this context.
+                    Some(g) if !self.debug => drv("graph launch", unsafe { dr::graph::launch(g, cu) })?,
+                    _ => self.items[entry].iter().flatten().try_for_each(|item| self.issue(item))?,
+                }
+                drv("sync", self.stream.synchronize())?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok(times)
+        };
+        Some(go())
     }
 
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()> {

@@ -63,19 +63,18 @@ pub fn compile_binaries(program: &Program, arch: &str) -> Result<Vec<Binary>> {
     if !nvrtc::available() {
         return Err(unsupported(nvrtc::INSTALL_HINT));
     }
-    let mut out = Vec::new();
-    let mut add = |name: &str, source: &str| -> Result<()> {
-        let c = nvrtc::compile(name, source, arch).map_err(unsupported)?;
-        out.push(Binary { backend: "cuda".into(), arch: arch.into(), name: name.into(), code: c.cubin });
-        Ok(())
-    };
-    for m in kiln_kernels::cuda::modules() {
-        add(&m.name, &m.source)?;
-    }
-    for r in lower::regions(program).map_err(unsupported)? {
-        add(&r.name, &r.source)?;
-    }
-    Ok(out)
+    let mut units: Vec<(String, String)> = kiln_kernels::cuda::modules().into_iter().map(|m| (m.name, m.source)).collect();
+    units.extend(lower::regions(program).map_err(unsupported)?.into_iter().map(|r| (r.name, r.source)));
+    // In parallel (NVRTC uses one core per module), through the CUBIN cache.
+    let codes: Vec<std::result::Result<Vec<u8>, String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = units.iter().map(|(name, source)| sc.spawn(move || nvrtc::compile_cached(name, source, arch))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("NVRTC panicked".into()))).collect()
+    });
+    units
+        .into_iter()
+        .zip(codes)
+        .map(|((name, _), code)| Ok(Binary { backend: "cuda".into(), arch: arch.into(), name, code: code.map_err(unsupported)? }))
+        .collect()
 }
 
 /// The architecture name of the current device (`sm_90a` for compute capability 9.0).
@@ -102,6 +101,12 @@ impl Backend for CudaBackend {
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
         driver_check()?;
+        // SAFETY: only tries to dlopen libcublasLt (cudarc panics on its first call without it).
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(unsupported(
+                "libcublasLt.so.13 was not found: install CUDA 13's cuBLAS (the `nvidia-cublas` wheel, or a toolkit) and add its lib folder to LD_LIBRARY_PATH",
+            ));
+        }
         let arch = device_arch()?;
         let stored: Vec<Binary> = program.binaries.iter().filter(|b| b.backend == "cuda" && b.arch == arch).cloned().collect();
         let binaries = if stored.is_empty() {
