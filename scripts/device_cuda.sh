@@ -172,7 +172,10 @@ if want siglip; then
   for cfg in "224 1" "224 32" "448 8" "896 2"; do
     set -- $cfg
     dir=$models/siglip-so400m-14-$1
-    row kiln-cuda "so400m-$1" "$2" "$(kbench "kiln_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30)"
+    # --breakdown: one more run, step by step, into the log (where the time goes).
+    row kiln-cuda "so400m-$1" "$2" "$(kbench "kiln_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30 --breakdown)"
+    # The first tensor-core attention kernel, for the A/B in the same run.
+    [ "$1" = 224 ] || row kiln-cuda-attn-v1 "so400m-$1" "$2" "$(KILN_CUDA_ATTN=v1 kbench "kiln_v1_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30)"
     row torch-eager "so400m-$1" "$2" "$(tbench "torch_eager_$1_b$2" 240 siglip "$dir" --batch "$2" --mode eager)"
     log "so400m $1 b$2 done"
     pack
@@ -197,7 +200,7 @@ from safetensors.torch import save_file
 g = torch.Generator().manual_seed(0)
 save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.argv[1])
 PY
-  timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 > "$W/kiln_gemma_decode.txt" 2>&1
+  timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
   row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
   for what in prefill decode; do
     row torch-eager "gemma2-2b $what" 1 "$(tbench "torch_gemma_${what}_eager" 300 gemma "$g" --what "$what" --mode eager)"

@@ -4,10 +4,15 @@
     device_fixtures.py KILN_BIN DIST_DIR OUT_DIR
 
 For every fixture folder under tests/fixtures/{siglip,gemma} (config.json, inputs.safetensors,
-reference.safetensors from PyTorch): runs `kiln run` with --backend cuda in f32 and bf16 (the
-ahead-of-time artifact DIST_DIR/<name>.kiln when `package` made one, loaded with the folder's
-weights), and compares every reference output present by normalised max error (f32: 1e-3,
-bf16: 5e-2). Writes OUT_DIR/fixtures.jsonl and exits 1 on any failure.
+reference.safetensors from PyTorch):
+- `kiln run --backend cuda` in f32 and bf16 (f32 through the ahead-of-time artifact
+  DIST_DIR/<name>.kiln when `package` made one, loaded with the folder's weights), every
+  reference output compared by normalised max error (f32: 1e-3, bf16: 5e-2);
+- where the reference holds `sequences` (greedy generation by transformers), `kiln generate
+  --backend cuda` with the tests' bucket (prompt + 3, PaliGemma + 2) in f32: the generated ids
+  must equal transformers' and the step logits agree to 1e-3; in bf16 the share of equal ids
+  is reported (bf16 may pick another token where two are close).
+Writes OUT_DIR/fixtures.jsonl and exits 1 on any f32 failure or any error.
 """
 
 import json
@@ -17,7 +22,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file as torch_load
+
+
+def load(path):
+    # safetensors.numpy cannot read bf16; torch can.
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in torch_load(str(path)).items()}
+
+
+def err(g, w):
+    g, w = g.astype(np.float64), w.astype(np.float64)
+    if g.shape != w.shape:
+        return f"shape {g.shape} vs {w.shape}"
+    return float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-6))
+
+
+def kiln_call(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode == 0:
+        return None
+    e = {"error": (p.stderr or p.stdout).strip()[-400:]}
+    # Again one step at a time, so that a device fault names its step and kernel.
+    d = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "KILN_CUDA_DEBUG": "1"})
+    e["debug_error"] = (d.stderr or d.stdout).strip()[-400:]
+    return e
 
 
 def main():
@@ -26,37 +54,51 @@ def main():
     for folder in sorted(Path("tests/fixtures/siglip").glob("*/")) + sorted(Path("tests/fixtures/gemma").glob("*/")):
         if not (folder / "reference.safetensors").exists():
             continue
-        ref = load_file(str(folder / "reference.safetensors"))
+        ref = load(folder / "reference.safetensors")
         for dtype, tol in (("f32", 1e-3), ("bf16", 5e-2)):
             res = out / f"fixture_{folder.name}_{dtype}.safetensors"
             art = dist / f"{folder.name}.kiln"
             model = [str(art), "--weights", str(folder)] if dtype == "f32" and art.exists() else [str(folder), "--dtype", dtype]
             cmd = [kiln, "run", *model, "--backend", "cuda", "--inputs", str(folder / "inputs.safetensors"), "--out", str(res)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            row = {"fixture": folder.name, "dtype": dtype}
-            if p.returncode != 0:
-                row["error"] = (p.stderr or p.stdout).strip()[-400:]
-                # Again one step at a time, so that a device fault names its step and kernel.
-                d = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "KILN_CUDA_DEBUG": "1"})
-                row["debug_error"] = (d.stderr or d.stdout).strip()[-400:]
+            row = {"fixture": folder.name, "what": "run", "dtype": dtype, "aot": model[0].endswith(".kiln")}
+            e = kiln_call(cmd)
+            if e:
+                row.update(e)
                 bad += 1
             else:
-                got = load_file(str(res))
-                errs = {}
-                for name, want in ref.items():
-                    if name not in got:
-                        continue
-                    g, w = got[name].astype(np.float64), want.astype(np.float64)
-                    if g.shape != w.shape:
-                        errs[name] = f"shape {g.shape} vs {w.shape}"
-                        continue
-                    errs[name] = float(np.max(np.abs(g - w)) / max(np.max(np.abs(w)), 1e-6))
+                got = load(res)
+                errs = {n: err(got[n], w) for n, w in ref.items() if n in got and n not in ("sequences", "step_logits")}
                 row["errors"] = errs
-                ok = errs and all(isinstance(e, float) and e < tol for e in errs.values())
-                row["ok"] = bool(ok)
-                bad += 0 if ok else 1
+                row["ok"] = bool(errs) and all(isinstance(x, float) and x < tol for x in errs.values())
+                bad += 0 if row["ok"] else 1
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
+        if "sequences" not in ref:
+            continue
+        case = json.loads((folder / "case.json").read_text())
+        pali = (folder / "generate_inputs.safetensors").exists()
+        ins = folder / ("generate_inputs.safetensors" if pali else "inputs.safetensors")
+        length = load(ins)["input_ids"].shape[1]
+        for dtype in ("f32", "bf16"):
+            res = out / f"generate_{folder.name}_{dtype}.safetensors"
+            cmd = [kiln, "generate", str(folder), "--backend", "cuda", "--dtype", dtype, "--inputs", str(ins), "--out", str(res),
+                   "--max-new-tokens", str(case.get("max_new_tokens", 6)), "--bucket", str(length + (2 if pali else 3))]
+            row = {"fixture": folder.name, "what": "generate", "dtype": dtype}
+            e = kiln_call(cmd)
+            if e:
+                row.update(e)
+                bad += 1
+            else:
+                got = load(res)
+                same = got["sequences"].shape == ref["sequences"].shape and bool((got["sequences"] == ref["sequences"]).all())
+                row["ids_equal"] = same
+                if got["sequences"].shape == ref["sequences"].shape:
+                    row["ids_equal_share"] = float((got["sequences"] == ref["sequences"]).mean())
+                row["step_logits_error"] = err(got["step_logits"], ref["step_logits"]) if same else None
+                row["ok"] = same and row["step_logits_error"] < 1e-3 if dtype == "f32" else True
+                bad += 0 if row["ok"] else 1
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     with open(out / "fixtures.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -116,31 +116,7 @@ pub(super) fn bench(
         let t0 = Instant::now();
         let steps = s.profile(entry, &refs)?;
         let total = t0.elapsed().as_secs_f64();
-        let mut kinds: Vec<(String, usize, f64)> = Vec::new();
-        for (kernel, op, t) in &steps {
-            let key = format!("{kernel} ({op})");
-            match kinds.iter_mut().find(|k| k.0 == key) {
-                Some(k) => {
-                    k.1 += 1;
-                    k.2 += t;
-                }
-                None => kinds.push((key, 1, *t)),
-            }
-        }
-        kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
-        let steps_sum: f64 = kinds.iter().map(|k| k.2).sum();
-        println!("{:<40} {:>6} {:>10} {:>7}", "kernel (op)", "steps", "ms", "share");
-        for (k, n, t) in &kinds {
-            println!("{k:<40} {n:>6} {:>10.2} {:>6.1}%", t * 1e3, 100.0 * t / total);
-        }
-        println!(
-            "{:<40} {:>6} {:>10.2} {:>6.1}%",
-            "outside steps (copies in/out, checks)",
-            "",
-            (total - steps_sum) * 1e3,
-            100.0 * (total - steps_sum) / total
-        );
-        println!("{:<40} {:>6} {:>10.2}", "total (one run)", steps.len(), total * 1e3);
+        print_breakdown(&steps, total);
         if let Some(parts) = graph.as_ref().map(moe_parts).filter(|p| p.iter().any(|x| x.is_some())) {
             let (mut routing, mut experts) = (0.0, 0.0);
             for (st, (_, _, t)) in s.program().entries[0].steps.iter().zip(&steps) {
@@ -159,6 +135,36 @@ pub(super) fn bench(
         }
     }
     Ok(())
+}
+
+/// One run's time by kernel kind (steps run one at a time, each synchronised), largest
+/// first, with what lies outside the steps, summing to `total` seconds.
+pub(super) fn print_breakdown(steps: &[(String, &'static str, f64)], total: f64) {
+    let mut kinds: Vec<(String, usize, f64)> = Vec::new();
+    for (kernel, op, t) in steps {
+        let key = format!("{kernel} ({op})");
+        match kinds.iter_mut().find(|k| k.0 == key) {
+            Some(k) => {
+                k.1 += 1;
+                k.2 += t;
+            }
+            None => kinds.push((key, 1, *t)),
+        }
+    }
+    kinds.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let steps_sum: f64 = kinds.iter().map(|k| k.2).sum();
+    println!("{:<40} {:>6} {:>10} {:>7}", "kernel (op)", "steps", "ms", "share");
+    for (k, n, t) in &kinds {
+        println!("{k:<40} {n:>6} {:>10.3} {:>6.1}%", t * 1e3, 100.0 * t / total);
+    }
+    println!(
+        "{:<40} {:>6} {:>10.3} {:>6.1}%",
+        "outside steps (copies in/out, checks)",
+        "",
+        (total - steps_sum) * 1e3,
+        100.0 * (total - steps_sum) / total
+    );
+    println!("{:<40} {:>6} {:>10.3}", "total (one run)", steps.len(), total * 1e3);
 }
 
 pub(super) fn bench_kernels(k: KernelsArgs) -> Result<()> {

@@ -105,7 +105,7 @@ impl Generator {
             kiln_models::TextModel::Gemma(_) => (None, 0),
             kiln_models::TextModel::PaliGemma(p) => {
                 let v = &p.vision;
-                let ty = kiln_graph::TensorType::new(DType::F32, [batch, v.num_channels, v.image_size, v.image_size]);
+                let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
                 (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
             }
         };
@@ -155,8 +155,16 @@ impl Generator {
                 )));
             }
         }
+        let converted;
         let image = match (&self.image, pixel_values) {
             (Some((tok, n, ty)), Some(px)) => {
+                // f32 pixels for a bf16 profile are converted.
+                let px = if px.ty.shape == ty.shape && px.ty.dtype != ty.dtype && px.ty.dtype.is_float() {
+                    converted = Tensor { bytes: kiln_runtime::tensor::from_f64(ty.dtype, &px.to_f64()), ty: ty.clone() };
+                    &converted
+                } else {
+                    px
+                };
                 if px.ty != *ty {
                     return Err(Error::Usage(format!("pixel_values is {}, this model takes {ty}", px.ty)));
                 }
@@ -253,6 +261,25 @@ impl Generator {
             decode_s,
             decode_steps,
         })
+    }
+}
+
+impl Generator {
+    /// One decode step with each program step run and timed alone (`kiln generate
+    /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
+    /// the cache's last slot, so call it after a generation, not in the middle of one.
+    pub fn profile_decode(&mut self) -> Result<(Vec<(String, &'static str, f64)>, f64)> {
+        let (b, c) = (self.batch, self.capacity);
+        let slot = c - 1;
+        let ids = Tensor::from_i64(&[b, 1], &vec![self.pad; b]);
+        let mask = Tensor::from_i64(&[b, c], &vec![1; b * c]);
+        let pos = Tensor::from_i64(&[b, 1], &vec![slot as i64 + self.position_offset; b]);
+        let at = Tensor::from_i64(&[1], &[slot as i64]);
+        let t = std::time::Instant::now();
+        let steps = self
+            .session
+            .profile("decode", &[("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)])?;
+        Ok((steps, t.elapsed().as_secs_f64()))
     }
 }
 

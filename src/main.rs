@@ -114,6 +114,9 @@ enum Cmd {
         /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// After generating, time one decode step kernel by kernel (--inputs mode).
+        #[arg(long, requires = "inputs")]
+        breakdown: bool,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
@@ -447,6 +450,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             }
             let mut s = session(&model, weights.as_deref(), Some(opts))?;
             text_defaults(&mut ins, &s);
+            cast_floats(&mut ins, &s, &entry);
             // A file may hold more than the entry takes (a flow's forward outputs `z` and
             // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
             let takes = &s.program().entries[s.entry_index(&entry)?].inputs;
@@ -487,7 +491,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, .. } => {
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, breakdown, .. } => {
             let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
@@ -522,6 +526,11 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             ];
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());
+            if breakdown {
+                let (steps, total) = g.profile_decode()?;
+                println!("one decode step, kernel by kernel (each step synchronised):");
+                commands::print_breakdown(&steps, total);
+            }
             Ok(())
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
@@ -634,6 +643,19 @@ fn text_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session) {
     }
     if has("token_type_ids") && !ins.iter().any(|(n, _)| n == "token_type_ids") {
         ins.push(("token_type_ids".into(), Tensor::from_i64(&[b, l], &vec![1; b * l])));
+    }
+}
+
+/// Float inputs given in another float dtype than the entry computes in (f32 pixels for a
+/// bf16 profile) are converted, as a framework's `model.to(dtype)` expects its inputs to be.
+fn cast_floats(ins: &mut [(String, Tensor)], s: &Session, entry: &str) {
+    let Some(e) = s.program().entry(entry) else { return };
+    for (name, t) in ins.iter_mut() {
+        let Some(io) = e.inputs.iter().find(|io| io.name == *name) else { continue };
+        let want = &io.operand.ty;
+        if t.ty.shape == want.shape && t.ty.dtype != want.dtype && t.ty.dtype.is_float() && want.dtype.is_float() {
+            *t = Tensor { bytes: kiln_runtime::tensor::from_f64(want.dtype, &t.to_f64()), ty: want.clone() };
+        }
     }
 }
 

@@ -102,13 +102,25 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Deterministic inputs for an entry, values in [-1, 1]: what pixel inputs look like.
+/// Deterministic inputs for an entry. Floats lie in [-1, 1] (what pixel inputs look like);
+/// integers are valid for what their name says: token ids small enough for any vocabulary of
+/// 100 or more, an attention mask of ones, positions counting along the last axis, token
+/// types 0 (the prefix), a cache position 0.
 pub fn synthetic_inputs(e: &Entry) -> Vec<(String, Tensor)> {
     e.inputs
         .iter()
         .map(|io| {
             let ty = io.operand.ty.clone();
-            let vals: Vec<f64> = (0..ty.numel()).map(|i| (i as f64 * 0.618_033_988_7).fract() * 2.0 - 1.0).collect();
+            let last = ty.shape.last().copied().unwrap_or(1).max(1);
+            let vals: Vec<f64> = (0..ty.numel())
+                .map(|i| match (ty.dtype.is_float(), io.name.as_str()) {
+                    (true, _) => (i as f64 * 0.618_033_988_7).fract() * 2.0 - 1.0,
+                    (false, n) if n.contains("mask") => 1.0,
+                    (false, n) if n.contains("position") && n != "cache_position" => (i % last) as f64,
+                    (false, "token_type_ids" | "cache_position") => 0.0,
+                    (false, _) => ((i * 31) % 97 + 2) as f64,
+                })
+                .collect();
             (io.name.clone(), Tensor { bytes: kiln_runtime::tensor::from_f64(ty.dtype, &vals), ty })
         })
         .collect()

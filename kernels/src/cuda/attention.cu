@@ -290,6 +290,207 @@ __device__ void attn_mma(const AttnParams p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Tensor-core prefill, version 2: the same schedule and arithmetic as attn_mma, with
+// fragments loaded by ldmatrix (V through its transposing form) instead of scalar shared
+// loads, Q's fragments held in registers for head dims up to 128, and the next key/value
+// tile copied by cp.async while the current one is computed (two buffers). Dynamic shared
+// memory (64 + 4*BK) * (DP + 8) * 2 bytes (attn_mma2_smem in Rust).
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const unsigned short* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const unsigned short* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 16 bytes global -> shared, asynchronously; `ok == false` writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(unsigned short* dst, const unsigned short* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+template <int D, int DP, int LD>
+__device__ __forceinline__ void load_tile_async(unsigned short* dst, const unsigned short* src, i64 stride, int rows, int valid) {
+  constexpr int CH = DP / 8;
+  for (int x = threadIdx.x; x < rows * CH; x += blockDim.x) {
+    int r = x / CH, c = (x % CH) * 8;
+    bool ok = r < valid && c < D;
+    cp_async16(dst + r * LD + c, ok ? src + r * stride + c : src, ok);
+  }
+}
+
+template <typename T, int D, int BK>
+__device__ void attn_mma2(const AttnParams p) {
+  constexpr int DP = (D + 15) / 16 * 16;
+  constexpr int LD = DP + 8;
+  constexpr int NT = BK / 8;
+  constexpr int OT = DP / 8;
+  constexpr int KQ = DP / 16;
+  constexpr bool QREG = D <= 128;  // Q fragments in registers
+  extern __shared__ __align__(16) unsigned short smem[];
+  unsigned short* qs = smem;
+  unsigned short* kv = qs + 64 * LD;  // [2 buffers][K tile, V tile]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int q0 = blockIdx.x * 64, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.hq / p.hkv);
+  const unsigned short* qg = (const unsigned short*)p.q + (((i64)b * p.sq + q0) * p.hq + h) * D;
+
+  int kbeg = 0, kend = p.sk;
+  if (p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_SLIDING) kend = min(p.sk, p.q_offset + q0 + 64);
+  if (p.mask_kind == MASK_SLIDING) kbeg = max(0, p.q_offset + q0 - p.window + 1) / BK * BK;
+  const i64 kvstride = (i64)p.hkv * D;
+  auto load_kv = [&](int k0, int buf) {
+    const i64 off = (((i64)b * p.sk + k0) * p.hkv + hk) * D;
+    unsigned short* ks = kv + buf * 2 * BK * LD;
+    load_tile_async<D, DP, LD>(ks, (const unsigned short*)p.k + off, kvstride, BK, p.sk - k0);
+    load_tile_async<D, DP, LD>(ks + BK * LD, (const unsigned short*)p.v + off, kvstride, BK, p.sk - k0);
+  };
+  load_tile_async<D, DP, LD>(qs, qg, (i64)p.hq * D, 64, p.sq - q0);
+  if (kbeg < kend) load_kv(kbeg, 0);
+  cp_async_commit();
+
+  float o[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-KILN_INF, -KILN_INF}, l[2] = {0.0f, 0.0f};
+  const int r0 = warp * 16 + g;
+  // ldmatrix row addresses: Q (A operand), K (B, two n-tiles), V (B transposed, two n-tiles).
+  const unsigned short* qa = qs + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+  const int krow = ((lane >> 4) << 3) + (lane & 7), kcol = ((lane >> 3) & 1) * 8;
+  const int vrow = lane & 15, vcol = (lane >> 4) * 8;
+  unsigned qf[QREG ? KQ : 1][4];
+
+  int it = 0;
+  for (int k0 = kbeg; k0 < kend; k0 += BK, it++) {
+    const int buf = it & 1;
+    if (k0 + BK < kend) {
+      load_kv(k0 + BK, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const unsigned short* ks = kv + buf * 2 * BK * LD;
+    const unsigned short* vs = ks + BK * LD;
+    if (QREG && it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < (QREG ? KQ : 0); kk++) ldsm_x4(qf[kk], qa + kk * 16);
+    }
+
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KQ; kk++) {
+      unsigned a[4];
+      if (QREG) {
+        a[0] = qf[QREG ? kk : 0][0];
+        a[1] = qf[QREG ? kk : 0][1];
+        a[2] = qf[QREG ? kk : 0][2];
+        a[3] = qf[QREG ? kk : 0][3];
+      } else {
+        ldsm_x4(a, qa + kk * 16);
+      }
+#pragma unroll
+      for (int n = 0; n < NT; n += 2) {
+        unsigned kb[4];
+        ldsm_x4(kb, ks + (n * 8 + krow) * LD + kk * 16 + kcol);
+        mma16816<T>(s[n], a, kb);
+        mma16816<T>(s[n + 1], a, kb + 2);
+      }
+    }
+
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = q0 + r0 + (e >> 1) * 8, j = k0 + n * 8 + 2 * t + (e & 1);
+        float v = (i < p.sq && j < p.sk) ? score_of<T>(p, s[n][e], b, i, j) : -KILN_INF;
+        s[n][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      corr[r] = mx[r] == -KILN_INF ? 1.0f : __expf(m[r] - mx[r]);
+      m[r] = mx[r];
+      l[r] *= corr[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int r = e >> 1;
+        float pe = s[n][e] == -KILN_INF ? 0.0f : __expf(s[n][e] - m[r]);
+        s[n][e] = pe;
+        l[r] += pe;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < OT; n++) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) {
+      unsigned a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int n = 0; n < OT; n += 2) {
+        unsigned vb[4];
+        ldsm_x4_trans(vb, vs + (kk * 16 + vrow) * LD + n * 8 + vcol);
+        mma16816<T>(o[n], a, vb);
+        mma16816<T>(o[n + 1], a, vb + 2);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    l[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int i = q0 + r0 + r * 8;
+    if (i >= p.sq) continue;
+    T* out = (T*)p.out + (((i64)b * p.sq + i) * p.hq + h) * D;
+#pragma unroll
+    for (int n = 0; n < OT; n++) {
+      int c = n * 8 + 2 * t;
+      if (c < D) {
+        out[c] = from_f32<T>(o[n][2 * r] * l[r]);
+        out[c + 1] = from_f32<T>(o[n][2 * r + 1] * l[r]);
+      }
+    }
+  }
+}
+
 #define ROWS(t, T)                                                                            \
   extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T>(p); } \
   extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); }
@@ -297,8 +498,9 @@ ROWS(f32, float)
 ROWS(bf16, bf16)
 ROWS(f16, f16)
 
-#define MMA(t, T, D, BK) \
-  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); }
+#define MMA(t, T, D, BK)                                                                                       \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma2_##t##_d##D(const AttnParams p) { attn_mma2<T, D, BK>(p); }
 MMA(bf16, bf16, 64, 64)
 MMA(bf16, bf16, 72, 64)
 MMA(bf16, bf16, 128, 64)

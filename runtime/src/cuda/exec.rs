@@ -207,13 +207,13 @@ impl CudaExec {
                 let c = std::ffi::CString::new(n.clone()).map_err(|_| err("kernel name with NUL"))?;
                 // SAFETY: `m` is a loaded module; a missing symbol is an error, not UB.
                 let f = drv(&format!("cuModuleGetFunction({n})"), unsafe { dr::module::get_function(m, c) })?;
-                if let Some(d) = n.strip_prefix("attn_mma_").and_then(|r| r.split("_d").nth(1)).and_then(|d| d.parse::<usize>().ok()) {
+                if let Some(bytes) = kiln_kernels::cuda::dynamic_smem(&n) {
                     // SAFETY: `f` is a live function; Hopper allows up to 227 KiB.
                     drv("cuFuncSetAttribute", unsafe {
                         dr::function::set_function_attribute(
                             f,
                             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            kiln_kernels::cuda::mma_smem(d) as i32,
+                            bytes as i32,
                         )
                     })?;
                 }
