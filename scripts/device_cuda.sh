@@ -202,9 +202,8 @@ save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.arg
 PY
   timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
   row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
-  for what in prefill decode; do
-    row torch-eager "gemma2-2b $what" 1 "$(tbench "torch_gemma_${what}_eager" 300 gemma "$g" --what "$what" --mode eager)"
-  done
+  row torch-eager "gemma2-2b prefill 1024" 1 "$(tbench torch_gemma_prefill_eager 300 gemma "$g" --what prefill --mode eager)"
+  row torch-eager "gemma2-2b decode" 1 "$(tbench torch_gemma_decode_eager 300 gemma "$g" --what decode --mode eager)"
   pack
 fi
 

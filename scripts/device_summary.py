@@ -64,7 +64,8 @@ def main():
                 tf = siglip_flops(int(model.split("-")[1]), batch) / (ms * 1e-3) / 1e12
                 rate = f"{tf:.0f} TFLOP/s" + (f" ({tf / tf_max:.0%})" if tf_max else "")
             elif "prefill" in model:
-                tf = gemma_prefill_flops(int(model.split()[-1])) / (ms * 1e-3) / 1e12
+                last = model.split()[-1]
+                tf = gemma_prefill_flops(int(last) if last.isdigit() else 1024) / (ms * 1e-3) / 1e12
                 rate = f"{tf:.0f} TFLOP/s" + (f" ({tf / tf_max:.0%})" if tf_max else "")
             elif "decode" in model:
                 tb = GEMMA_DECODE_BYTES / (ms * 1e-3) / 1e12
