@@ -182,6 +182,15 @@ if want siglip; then
   done
 fi
 
+if want kernels; then
+  # Issue 9's tables on the GPU: every kernel of the program, its rate against the card's
+  # ceilings (measured through the backend in the same run), and the roofline plot.
+  for cfg in "224 32" "896 2"; do
+    set -- $cfg
+    run "kernels_$1_b$2" 120 "$kiln" bench kernels --backend cuda --model "$models/siglip-so400m-14-$1" --dtype bf16 --batch "$2" --plot "$W/roofline_$1_b$2.svg"
+  done
+fi
+
 if want cube; then
   wait
   dir=$models/siglip-so400m-14-224

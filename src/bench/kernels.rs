@@ -232,7 +232,7 @@ fn table_of(r: &Report, rows: &[KernelRow]) -> String {
     s += "\n";
     s += "ceilings (best of before and after the kernels):\n";
     s += &format!("memory ceiling:  {:8.2} GB/s      ({} MiB parallel copy, read + write)\n", c.bandwidth / 1e9, c.copy_mib);
-    s += &format!("compute ceiling: {:8.2} GFLOP/s   ({n}x{n}x{n} f32 GEMM, {})\n", c.flops / 1e9, c.gemm_kernel, n = c.gemm_n);
+    s += &format!("compute ceiling: {:8.2} GFLOP/s   ({n}x{n}x{n} GEMM, {})\n", c.flops / 1e9, c.gemm_kernel, n = c.gemm_n);
     s += &format!("ridge: {:.1} FLOP/byte\n\n", c.ridge());
     s += &format!(
         "{:<36} {:>5} {:>10} {:>6} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7}\n",

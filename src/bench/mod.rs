@@ -41,8 +41,16 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
     if o.kernel.is_none() && !o.shapes.is_empty() {
         return Err(Error::Usage("--shape needs --kernel".into()));
     }
-    // Ceilings before and after the kernels, the better of each kept.
-    let ceilings = roofline::Ceilings::measure(&o.ceilings);
+    // Ceilings before and after the kernels, the better of each kept: the device's where the
+    // backend has one (measured through it), else the host's.
+    let backend = model.as_ref().map_or(o.backend.clone(), |s| s.program().backend.clone());
+    let measure = || -> Result<roofline::Ceilings> {
+        Ok(match roofline::Ceilings::measure_device(&backend, &o.ceilings)? {
+            Some(c) => c,
+            None => roofline::Ceilings::measure(&o.ceilings),
+        })
+    };
+    let ceilings = measure()?;
     let mut report = match model {
         Some(mut s) => kernels::measure(&mut s, o.entry.as_deref(), o.runs, o.by_shape, ceilings)?,
         None => {
@@ -68,7 +76,7 @@ pub fn kernels_command(o: &KernelsOptions, model: Option<Session>) -> Result<ker
             all.ok_or_else(|| Error::Usage("nothing to measure".into()))?
         }
     };
-    report.ceilings = report.ceilings.clone().best(roofline::Ceilings::measure(&o.ceilings));
+    report.ceilings = report.ceilings.clone().best(measure()?);
     Ok(report)
 }
 

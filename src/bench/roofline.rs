@@ -106,6 +106,50 @@ impl Ceilings {
     }
 }
 
+impl Ceilings {
+    /// The ceilings of a backend's device, measured through that backend (`Session::
+    /// time_device`): bandwidth from an elementwise negation of `copy_mib` MiB of f32 (bytes
+    /// read plus written), compute from a bf16 `gemm_n`^3 product (at least 8192 on a GPU);
+    /// the best of `reps` runs each. `None` for a backend that computes in host memory.
+    pub fn measure_device(backend: &str, o: &CeilingOptions) -> crate::Result<Option<Ceilings>> {
+        use kiln_graph::{DType, Graph, UnaryOp};
+        let be = kiln_runtime::by_name(backend)?;
+        let reps = o.reps.max(1) + 1;
+        let best = |g: Graph| -> crate::Result<Option<f64>> {
+            let opts = crate::CompileOptions { profile: Default::default(), backend: be.name().to_string(), trace: false };
+            let c = crate::compile_graph(&[("forward".to_string(), g)], "ceiling", "", &opts)?;
+            let mut s = kiln_runtime::Session::new(c.program, std::sync::Arc::new(kiln_runtime::WeightStore::empty()))?;
+            let e = s.program().entries[0].clone();
+            let inputs = super::synthetic_inputs(&e);
+            let refs: Vec<(&str, &kiln_runtime::Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            Ok(s.time_device("forward", &refs, reps)?.map(|t| t.into_iter().fold(f64::INFINITY, f64::min)))
+        };
+        let n = (o.copy_mib.max(1) << 20) / 4;
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[n]).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        let y = g.unary(UnaryOp::Neg, x).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        g.output("y", y);
+        let Some(copy) = best(g)? else { return Ok(None) };
+        let m = o.gemm_n.max(8192);
+        let mut g = Graph::new();
+        let a = g.input("a", DType::BF16, &[m, m]).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        let b = g.input("b", DType::BF16, &[m, m]).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        let c = g.matmul(a, b, true).map_err(|e| crate::Error::Usage(e.to_string()))?;
+        g.output("c", c);
+        let Some(gemm) = best(g)? else { return Ok(None) };
+        Ok(Some(Ceilings {
+            bandwidth: (2 * 4 * n) as f64 / copy,
+            flops: (2 * m * m * m) as f64 / gemm,
+            copy_mib: o.copy_mib,
+            gemm_n: m,
+            gemm_kernel: "the backend's bf16 GEMM (cuBLASLt on cuda)",
+            threads: 0,
+            cpu: format!("{backend} device"),
+            load: None,
+        }))
+    }
+}
+
 /// Best bytes per second of a parallel `copy_from_slice` of `mib` MiB, counting the bytes
 /// read and the bytes written.
 fn copy_bandwidth(mib: usize, reps: usize) -> f64 {

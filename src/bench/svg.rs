@@ -52,7 +52,7 @@ pub fn roofline(r: &Report) -> String {
     let _ = writeln!(s, r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(&title));
     let sub = [
         format!("memory roof {bw:.1} GB/s ({} MiB parallel copy), {} threads", c.copy_mib, c.threads),
-        format!("compute roof {peak:.1} GFLOP/s ({n}x{n}x{n} f32 GEMM, {})", c.gemm_kernel, n = c.gemm_n),
+        format!("compute roof {peak:.1} GFLOP/s ({n}x{n}x{n} GEMM, {})", c.gemm_kernel, n = c.gemm_n),
     ];
     for (i, line) in sub.iter().enumerate() {
         let _ = writeln!(s, r##"<text x="{}" y="{}" text-anchor="middle" fill="#444">{}</text>"##, W / 2.0, 42 + 15 * i, esc(line));
