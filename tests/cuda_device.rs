@@ -1,6 +1,8 @@
 //! The cuda backend's half-precision kernels against the interpreter: tensor-core attention
 //! for every head dim and mask kind, split-K decode, norms, and cuBLASLt GEMMs with fused
-//! epilogues, in bf16 and f16 (tests/parity.rs covers every op in f32).
+//! epilogues, in bf16 and f16 (tests/parity.rs covers every op in f32); and the index and
+//! axis ops at sizes that use every path of their kernels (scans of several chunks, ties
+//! in top-k, repeated scatter indices), with partially broadcast batched matmuls.
 //!
 //! Runs only where an NVIDIA driver is present (scripts/device_cuda.sh, which sets
 //! KILN_REQUIRE_GPU=1 so that a missing driver fails instead of skipping).
@@ -9,7 +11,7 @@
 use kiln_graph::interp::{run, Value};
 use kiln_graph::passes::Pipeline;
 use kiln_graph::program::Program;
-use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, TensorType, UnaryOp};
+use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, ResizeMode, TensorType, UnaryOp};
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -167,6 +169,110 @@ fn half_gemms_norms_and_regions_match_the_interpreter() {
         g.output("region", r);
         if error(&format!("norms + region {dt}"), g) > 2e-2 {
             failures.push(format!("norms {dt}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `floor((x + 1) / 2 * len)` as i64: indices in `[0, len)` from inputs in `[-1, 1)`.
+fn indices(g: &mut Graph, x: NodeId, len: usize) -> NodeId {
+    let one = g.scalar(DType::F32, 1.0).unwrap();
+    let half = g.scalar(DType::F32, (len as f64 - 0.01) / 2.0).unwrap();
+    let y = g.add(x, one).unwrap();
+    let y = g.mul(y, half).unwrap();
+    let y = g.unary(UnaryOp::Floor, y).unwrap();
+    g.push(Op::Cast { to: DType::I64 }, &[y]).unwrap()
+}
+
+#[test]
+fn index_ops_and_broadcast_matmuls_match_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    // (name, graph, tolerance): index outputs must match exactly.
+    let mut cases: Vec<(String, Graph, f64)> = Vec::new();
+    for dt in [DType::F32, DType::BF16] {
+        let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+        // Scans of 1000 and 3000 elements: several per thread, with inner strides.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[3, 1000, 5]);
+        let y = g.push(Op::CumSum { axis: 1, exclusive: true }, &[x]).unwrap();
+        g.output("y", y);
+        let x2 = input(&mut g, "x2", dt, &[2, 3000]);
+        let y2 = g.push(Op::CumSum { axis: 1, exclusive: false }, &[x2]).unwrap();
+        g.output("y2", y2);
+        cases.push((format!("cumsum {dt}"), g, tol));
+        // Softmax over the first and a middle axis.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[4, 300, 33]);
+        let a = g.softmax(x, 1).unwrap();
+        let b = g.softmax(x, 0).unwrap();
+        g.output("a", a);
+        g.output("b", b);
+        cases.push((format!("softmax middle {dt}"), g, tol));
+        // Top-k of long rows and the values it picks.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[4, 1000]);
+        let k = g.push(Op::TopK { k: 7 }, &[x]).unwrap();
+        let v = g.push(Op::TakeAlongAxis { axis: 1 }, &[x, k]).unwrap();
+        g.output("idx", k);
+        g.output("vals", v);
+        cases.push((format!("topk 7 of 1000 {dt}"), g, 0.0));
+        // Resize: SigLIP's position-embedding upsampling (bicubic) and a bilinear downsampling.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", dt, &[2, 3, 16, 16]);
+        let up = g.push(Op::Resize { size: [37, 23], mode: ResizeMode::Bicubic }, &[x]).unwrap();
+        let down = g.push(Op::Resize { size: [7, 9], mode: ResizeMode::Bilinear }, &[x]).unwrap();
+        g.output("up", up);
+        g.output("down", down);
+        cases.push((format!("resize {dt}"), g, tol));
+        // Batch axes that broadcast partially, with cuBLASLt's bias + GELU epilogue.
+        let mut g = Graph::new();
+        let a = input(&mut g, "a", dt, &[4, 1, 64, 96]);
+        let w = input(&mut g, "w", dt, &[3, 80, 96]);
+        let b = input(&mut g, "b", dt, &[80]);
+        let y = g.matmul(a, w, true).unwrap();
+        let y = g.add(y, b).unwrap();
+        let y = g.unary(UnaryOp::GeluTanh, y).unwrap();
+        g.output("y", y);
+        cases.push((format!("matmul [4, 1, 64, 96] x [3, 80, 96]^T +bias gelu {dt}"), g, tol));
+    }
+    // Argsort of rows full of ties: the order must be the stable one.
+    let mut g = Graph::new();
+    let x = input(&mut g, "x", DType::F32, &[3, 300]);
+    let four = g.scalar(DType::F32, 4.0).unwrap();
+    let t = g.mul(x, four).unwrap();
+    let t = g.unary(UnaryOp::Floor, t).unwrap();
+    let k = g.push(Op::TopK { k: 300 }, &[t]).unwrap();
+    g.output("idx", k);
+    cases.push(("argsort with ties".into(), g, 0.0));
+    // Scatter-add with each target hit many times (sums in index order), f32 and i64.
+    let mut g = Graph::new();
+    let base = input(&mut g, "base", DType::F32, &[2, 50, 3]);
+    let r = input(&mut g, "r", DType::F32, &[2, 400, 3]);
+    let src = input(&mut g, "src", DType::F32, &[2, 400, 3]);
+    let idx = indices(&mut g, r, 50);
+    let y = g.push(Op::ScatterAdd { axis: 1 }, &[base, idx, src]).unwrap();
+    let yi = g.push(Op::ScatterAdd { axis: 1 }, &[idx, idx, idx]).unwrap();
+    let c = g.push(Op::CumSum { axis: 1, exclusive: false }, &[idx]).unwrap();
+    let taken = g.push(Op::TakeAlongAxis { axis: 1 }, &[src, idx]).unwrap();
+    g.output("y", y);
+    g.output("yi", yi);
+    g.output("cumsum_i64", c);
+    g.output("taken", taken);
+    cases.push(("scatter_add with repeats, i64 cumsum, take".into(), g, 1e-5));
+    let mut g = Graph::new();
+    let a = input(&mut g, "a", DType::F32, &[3, 1, 1, 33]);
+    let b = input(&mut g, "b", DType::F32, &[3, 33, 3]);
+    let y = g.matmul(a, b, false).unwrap();
+    g.output("y", y);
+    cases.push(("matmul [3, 1, 1, 33] x [3, 33, 3]".into(), g, 1e-4));
+
+    let mut failures = Vec::new();
+    for (name, g, tol) in cases {
+        let e = error(&name, g);
+        if e > tol {
+            failures.push(format!("{name}: {e:.2e}"));
         }
     }
     assert!(failures.is_empty(), "{failures:?}");

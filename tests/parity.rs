@@ -149,7 +149,7 @@ fn device_present(bname: &str) -> bool {
 
 /// Ops the cuda backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cuda")]
-const CUDA_LACKS: &[&str] = &["cumsum", "resize", "scatter_add", "topk", "softmax middle", "matmul [2, 1, 5, 7] x [3, 7, 4]"];
+const CUDA_LACKS: &[&str] = &[];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]

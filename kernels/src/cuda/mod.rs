@@ -1,6 +1,7 @@
 //! kiln's CUDA C kernels, as source for NVRTC: attention (tensor-core prefill, split-K
-//! decode), layer / RMS norm, softmax, strided copy, gather, MoE dispatch / combine
-//! (`*.cu` beside this file), and fused elementwise regions generated from
+//! decode), layer / RMS norm, softmax, strided copy, gather, MoE dispatch / combine, the
+//! index and axis ops (cumsum, top-k, take-along-axis, scatter-add, softmax over a middle
+//! axis, resize) (`*.cu` beside this file), and fused elementwise regions generated from
 //! [`kiln_graph::Expr`] ([`fused`]).
 //!
 //! Each `.cu` file is one NVRTC module (with `common.cuh` prepended); each `extern "C"`
@@ -135,7 +136,37 @@ pub fn modules() -> Vec<Module> {
         module("attention", include_str!("attention.cu"), att),
         module("norm", include_str!("norm.cu"), norm),
         module("data", include_str!("data.cu"), data),
+        module("index", include_str!("index.cu"), index_kernels()),
     ]
+}
+
+/// Element types of cumsum and scatter-add (`bool` sums to "any").
+pub const SUM_TYPES: [&str; 7] = ["f32", "bf16", "f16", "i32", "i64", "u8", "bool"];
+/// Element types of top-k's input (a `bool` input uses `u8`'s kernel).
+pub const TOPK_TYPES: [&str; 6] = ["f32", "bf16", "f16", "i32", "i64", "u8"];
+
+/// The kernels of `index.cu`: none runs in every layer.
+fn index_kernels() -> Vec<Kernel> {
+    let mut v = Vec::new();
+    for t in SUM_TYPES {
+        v.push(k(format!("cumsum_{t}"), false));
+    }
+    for t in TOPK_TYPES {
+        v.push(k(format!("topk_{t}"), false));
+    }
+    for it in ["i32", "i64"] {
+        for b in [1, 2, 4, 8] {
+            v.push(k(format!("take_along_b{b}_{it}"), false));
+        }
+        for t in SUM_TYPES {
+            v.push(k(format!("scatter_add_{t}_{it}"), false));
+        }
+    }
+    for t in FLOAT_TYPES {
+        v.push(k(format!("softmax_axis_{t}"), false));
+        v.push(k(format!("resize_{t}"), false));
+    }
+    v
 }
 
 /// The module that defines kernel `name` (hand-written modules only).
@@ -266,6 +297,67 @@ pub struct IotaParams {
     pub step: f64,
 }
 
+/// Lines along the middle axis of `[outer, len, inner]`: cumsum and softmax over an axis
+/// (`LineParams` in `index.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LineParams {
+    pub x: DevPtr,
+    pub out: DevPtr,
+    pub outer: i64,
+    pub len: i64,
+    pub inner: i64,
+    /// cumsum: position `i` holds the sum before it.
+    pub exclusive: i32,
+    pub pad: i32,
+}
+
+/// Top-k indices along the last axis (`TopkParams` in `index.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TopkParams {
+    pub x: DevPtr,
+    /// i64 `[rows, k]`.
+    pub out: DevPtr,
+    pub rows: i64,
+    pub d: i64,
+    pub k: i64,
+}
+
+/// Take-along-axis and scatter-add (`AlongParams` in `index.cu`): `x` (scatter's base)
+/// `[outer, len, inner]`, `idx` and `src` `[outer, ilen, inner]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AlongParams {
+    pub x: DevPtr,
+    pub idx: DevPtr,
+    /// Scatter-add's values (0 for take-along-axis).
+    pub src: DevPtr,
+    pub out: DevPtr,
+    /// An `int` flag set to 1 when an index is out of range.
+    pub err: DevPtr,
+    pub outer: i64,
+    pub len: i64,
+    pub ilen: i64,
+    pub inner: i64,
+}
+
+/// Resampling of the last two axes (`ResizeParams` in `index.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResizeParams {
+    pub x: DevPtr,
+    pub out: DevPtr,
+    pub planes: i64,
+    pub ih: i64,
+    pub iw: i64,
+    pub oh: i64,
+    pub ow: i64,
+    /// 1 bicubic, 0 bilinear.
+    pub cubic: i32,
+    pub pad: i32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +390,15 @@ mod tests {
                 src.lines().any(|l| l.starts_with(&format!("WRITE_ROWS({},", &b[1..])) && l.contains(&format!(", {it}, ")))
             }
             ["moe", "dispatch" | "combine", t, it] => src.contains(&format!("MOE({t}, ")) && src.contains(&format!(", {it}, ")),
+            ["cumsum", t] => src.contains(&format!("CUMSUM({t},")),
+            ["topk", t] => src.contains(&format!("TOPK({t},")),
+            ["take", "along", b, it] => {
+                src.lines().any(|l| l.starts_with(&format!("TAKE_ALONG({},", &b[1..])) && l.contains(&format!(", {it}, ")))
+            }
+            ["scatter", "add", t, it] => {
+                src.lines().any(|l| l.starts_with(&format!("SCATTER_ADD({t},")) && l.contains(&format!(", {it}, ")))
+            }
+            ["softmax", "axis", t] | ["resize", t] => src.contains(&format!("AXIS_FLOAT({t},")),
             _ => false,
         }
     }
@@ -309,6 +410,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
         assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);
         assert_eq!(std::mem::size_of::<MoeParams>(), 4 * 8 + 4 * 4);
+        assert_eq!(std::mem::size_of::<LineParams>(), 5 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<TopkParams>(), 5 * 8);
+        assert_eq!(std::mem::size_of::<AlongParams>(), 9 * 8);
+        assert_eq!(std::mem::size_of::<ResizeParams>(), 7 * 8 + 2 * 4);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! ([`Layout`]) and are relocated by the executor once the allocation exists, so everything
 //! here is testable on a machine without a GPU.
 
+mod index;
+
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Operand, Program, Slot, Step};
 use kiln_graph::{BinaryOp, DType, Expr, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
@@ -25,12 +27,12 @@ pub struct Layout {
     pub arena_bytes: usize,
     pub weights: Vec<usize>,
     pub constants: Vec<usize>,
-    /// Split-K partials of attention.
+    /// Split-K partials of attention; the operands of a partially broadcast matmul.
     pub scratch: usize,
     pub scratch_bytes: usize,
     /// cuBLASLt workspace.
     pub workspace: usize,
-    /// An `int` set by gathers on an out-of-range index.
+    /// An `int` set by gathers, take-along-axis and scatter-add on an out-of-range index.
     pub error_flag: usize,
     pub total: usize,
 }
@@ -118,6 +120,7 @@ pub fn layout(p: &Program) -> Result<Layout, String> {
             if let Op::Attention(_) = &s.op {
                 scratch = scratch.max(attention_plan(s)?.1);
             }
+            scratch = scratch.max(index::matmul_scratch(s));
         }
     }
     l.scratch = at;
@@ -237,11 +240,6 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
             if inputs[0].dtype != out.dtype || inputs[1].dtype != out.dtype {
                 return no("mixed dtypes");
             }
-            let batch = out.numel() / (out.shape[out.rank() - 2] * out.shape[out.rank() - 1]).max(1);
-            let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
-            if (lead(&inputs[0]) != 1 && lead(&inputs[0]) != batch) || (lead(&inputs[1]) != 1 && lead(&inputs[1]) != batch) {
-                return no("batch axes broadcast only when one side has none");
-            }
             let tb = if *transpose_b { "_tb" } else { "" };
             match epilogue {
                 None => format!("cublaslt.gemm_{t}{tb}"),
@@ -269,7 +267,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
         Op::LayerNorm { .. } => format!("layer_norm_{}", float_suffix(out.dtype)?),
         Op::RmsNorm { .. } => format!("rms_norm_{}", float_suffix(out.dtype)?),
         Op::Softmax { axis } if axis + 1 == out.rank() => format!("softmax_{}", float_suffix(out.dtype)?),
-        Op::Softmax { .. } => return no("softmax over an axis other than the last"),
+        Op::Softmax { .. } => index::kernel_for(op, inputs, out)?,
         Op::Attention(a) => {
             let t = float_suffix(out.dtype)?;
             if a.mask == MaskKind::Additive && (inputs.len() != 4 || inputs[3].dtype != inputs[0].dtype) {
@@ -302,7 +300,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
             other => return no(&format!("iota of {other}")),
         },
         Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
-            return no("not written yet")
+            index::kernel_for(op, inputs, out)?
         }
     })
 }
@@ -426,7 +424,8 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let k = a.shape[a.rank() - 1];
             let batch = n / (m * nn).max(1);
             let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
-            let (la, lb) = (lead(a), lead(b));
+            // Batch axes that broadcast partially: those operands are copied to the full batch.
+            let (pre, ins, (la, lb)) = index::broadcast_operands(s, l, ins, (lead(a), lead(b)))?;
             // A batched `a` against one `b` is one GEMM with batch folded into M.
             let (gm, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 {
                 (m * batch, 1, 0, 0)
@@ -461,6 +460,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
                 }
             }
             work.insert(0, Work::Gemm(g));
+            work.splice(0..0, pre);
             work
         }
         Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => {
@@ -485,6 +485,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let name = if layer { "layer_norm" } else { "rms_norm" };
             vec![launch("norm", format!("{name}_{}", float_suffix(out_ty.dtype)?), (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
         }
+        Op::Softmax { axis } if axis + 1 < s.inputs[0].ty.rank() => index::lower(s, l, &ins, out)?,
         Op::Softmax { .. } => {
             let d = *shape.last().unwrap_or(&1);
             let p = NormParams { x: ins[0], out, rows: (n / d.max(1)) as i32, d: d as i32, ..Default::default() };
@@ -703,7 +704,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             vec![launch("data", format!("iota_{}", out_ty.dtype.name()), grid1(n), kc::BLOCK, 0, &p, &relocs)]
         }
         Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
-            return Err(format!("{} has no CUDA kernel yet", s.op.name()))
+            index::lower(s, l, &ins, out)?
         }
     })
 }

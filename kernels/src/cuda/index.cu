@@ -1,0 +1,310 @@
+// Index and axis ops: cumulative sum, top-k, take-along-axis (torch.gather), scatter-add,
+// softmax over an axis other than the last, and 2-D resampling (bilinear / bicubic).
+//
+// Axis-wise kernels view their tensors as [outer, len, inner] around the axis. Every kernel
+// is deterministic: scatter-add gathers, for each output element, the entries that name it
+// in index order (no atomics), and the scan's partition depends only on blockDim. Launch:
+// blockDim.x = 256 (the `buf` arrays below assume at most 256 threads); grids stride.
+
+// Sums: floats accumulate in double, integers in 64-bit two's complement (wrapping), and the
+// total is rounded to the element type once, as the interpreter rounds its f64 sum.
+struct b8 {  // bool: one byte, 0 or 1
+  u8 v;
+};
+template <typename T> struct Sum;
+template <> struct Sum<float> {
+  typedef double A;
+  static __device__ __forceinline__ A load(float x) { return (double)x; }
+  static __device__ __forceinline__ float store(A a) { return (float)a; }
+};
+template <> struct Sum<bf16> {
+  typedef double A;
+  static __device__ __forceinline__ A load(bf16 x) { return (double)to_f32(x); }
+  static __device__ __forceinline__ bf16 store(A a) { return from_f32<bf16>((float)a); }
+};
+template <> struct Sum<f16> {
+  typedef double A;
+  static __device__ __forceinline__ A load(f16 x) { return (double)to_f32(x); }
+  static __device__ __forceinline__ f16 store(A a) { return from_f32<f16>((float)a); }
+};
+template <> struct Sum<int> {
+  typedef unsigned long long A;
+  static __device__ __forceinline__ A load(int x) { return (A)(i64)x; }
+  static __device__ __forceinline__ int store(A a) { return (int)(unsigned)a; }
+};
+template <> struct Sum<i64> {
+  typedef unsigned long long A;
+  static __device__ __forceinline__ A load(i64 x) { return (A)x; }
+  static __device__ __forceinline__ i64 store(A a) { return (i64)a; }
+};
+template <> struct Sum<u8> {
+  typedef unsigned long long A;
+  static __device__ __forceinline__ A load(u8 x) { return (A)x; }
+  static __device__ __forceinline__ u8 store(A a) { return (u8)a; }
+};
+template <> struct Sum<b8> {
+  typedef unsigned long long A;
+  static __device__ __forceinline__ A load(b8 x) { return (A)x.v; }
+  static __device__ __forceinline__ b8 store(A a) {
+    b8 r;
+    r.v = a != 0 ? 1 : 0;
+    return r;
+  }
+};
+
+// Grid-stride loop over [0, n) with one thread per element.
+#define FOR_EACH(e, n) for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < (n); e += (i64)gridDim.x * blockDim.x)
+
+// Lines along the middle axis of [outer, len, inner] (cumsum, softmax over an axis).
+struct LineParams {
+  i64 x, out, outer, len, inner;
+  int exclusive, pad_;
+};
+
+// Exclusive prefix sum over the block (blockDim.x <= 256): each thread gets the sum of the
+// values of the threads before it. Hillis-Steele in shared memory; `buf` is free on return.
+template <typename A>
+__device__ A block_exclusive(A v, A* buf) {
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+    A u = t >= o ? buf[t - o] : (A)0;
+    __syncthreads();
+    buf[t] += u;
+    __syncthreads();
+  }
+  A r = t > 0 ? buf[t - 1] : (A)0;
+  __syncthreads();
+  return r;
+}
+
+// Running sum: one block per line; thread t scans the chunk [t*c, (t+1)*c) of it after a
+// block scan of the chunk totals. grid (lines, clamped; blocks stride), block 256.
+template <typename T>
+__device__ void cumsum(const LineParams p) {
+  typedef typename Sum<T>::A A;
+  __shared__ A buf[256];
+  const i64 lines = p.outer * p.inner;
+  const i64 chunk = (p.len + blockDim.x - 1) / blockDim.x;
+  const i64 j0 = min(p.len, (i64)threadIdx.x * chunk), j1 = min(p.len, j0 + chunk);
+  for (i64 line = blockIdx.x; line < lines; line += gridDim.x) {
+    const i64 base = (line / p.inner) * p.len * p.inner + line % p.inner;
+    const T* x = (const T*)p.x + base;
+    T* o = (T*)p.out + base;
+    A s = 0;
+    for (i64 j = j0; j < j1; j++) s += Sum<T>::load(x[j * p.inner]);
+    A acc = block_exclusive<A>(s, buf);
+    for (i64 j = j0; j < j1; j++) {
+      const A v = Sum<T>::load(x[j * p.inner]);
+      if (p.exclusive) {
+        o[j * p.inner] = Sum<T>::store(acc);
+        acc += v;
+      } else {
+        acc += v;
+        o[j * p.inner] = Sum<T>::store(acc);
+      }
+    }
+  }
+}
+
+// Softmax over the middle axis: one thread per line (consecutive threads take consecutive
+// inner positions, so reads coalesce). grid-stride over outer*inner lines.
+template <typename T>
+__device__ void softmax_axis(const LineParams p) {
+  FOR_EACH(line, p.outer * p.inner) {
+    const i64 base = (line / p.inner) * p.len * p.inner + line % p.inner;
+    const T* x = (const T*)p.x + base;
+    T* o = (T*)p.out + base;
+    float mx = -KILN_INF;
+    for (i64 j = 0; j < p.len; j++) mx = fmaxf(mx, to_f32(x[j * p.inner]));
+    float s = 0.0f;
+    for (i64 j = 0; j < p.len; j++) s += expf(to_f32(x[j * p.inner]) - mx);
+    const float inv = 1.0f / s;
+    for (i64 j = 0; j < p.len; j++) o[j * p.inner] = from_f32<T>(expf(to_f32(x[j * p.inner]) - mx) * inv);
+  }
+}
+
+// Top-k indices (i64) along the last axis of x [rows, d] into out [rows, k], by rank: the
+// thread of element j counts the elements ahead of it and writes j at that rank if it is
+// below k. The order is a stable descending sort (ties to the lower index; NaN counts as
+// the largest, so ranks stay a permutation): exactly the interpreter's order without NaN.
+struct TopkParams {
+  i64 x, out, rows, d, k;
+};
+
+__device__ __forceinline__ float key(float x) { return x; }
+__device__ __forceinline__ float key(bf16 x) { return to_f32(x); }
+__device__ __forceinline__ float key(f16 x) { return to_f32(x); }
+__device__ __forceinline__ int key(int x) { return x; }
+__device__ __forceinline__ i64 key(i64 x) { return x; }
+__device__ __forceinline__ int key(u8 x) { return (int)x; }
+
+// Whether value w at index e comes before value v at index j.
+template <typename K>
+__device__ __forceinline__ bool ahead(K w, i64 e, K v, i64 j) {
+  const bool wn = w != w, vn = v != v;
+  if (wn || vn) return wn && (!vn || e < j);
+  return w > v || (w == v && e < j);
+}
+
+template <typename T>
+__device__ void topk(const TopkParams p) {
+  FOR_EACH(e, p.rows * p.d) {
+    const i64 r = e / p.d, j = e % p.d;
+    const T* x = (const T*)p.x + r * p.d;
+    const auto v = key(x[j]);
+    i64 rank = 0;
+    for (i64 c = 0; c < p.d && rank < p.k; c++) rank += ahead(key(x[c]), c, v, j) ? 1 : 0;
+    if (rank < p.k) ((i64*)p.out)[r * p.k + rank] = j;
+  }
+}
+
+// Take-along-axis and scatter-add: x (the source, or scatter's base) [outer, len, inner];
+// idx and src [outer, ilen, inner]; out [outer, ilen, inner] (take) or [outer, len, inner]
+// (scatter). An index outside [0, len) sets *err (the host reports it); take writes zero.
+struct AlongParams {
+  i64 x, idx, src, out, err;
+  i64 outer, len, ilen, inner;
+};
+
+template <typename E, typename I>
+__device__ void take_along(const AlongParams p) {
+  FOR_EACH(e, p.outer * p.ilen * p.inner) {
+    const i64 c = e % p.inner, o = e / (p.ilen * p.inner);
+    const i64 k = (i64)((const I*)p.idx)[e];
+    E v = E(0);
+    if (k >= 0 && k < p.len) v = ((const E*)p.x)[(o * p.len + k) * p.inner + c];
+    else if (p.err) *(int*)p.err = 1;
+    ((E*)p.out)[e] = v;
+  }
+}
+
+// out[o, t, c] = x[o, t, c] + sum over j (ascending) with idx[o, j, c] == t of src[o, j, c]:
+// the interpreter's order of additions. The threads of t == 0 report bad indices.
+template <typename T, typename I>
+__device__ void scatter_add(const AlongParams p) {
+  typedef typename Sum<T>::A A;
+  FOR_EACH(e, p.outer * p.len * p.inner) {
+    const i64 c = e % p.inner, t = (e / p.inner) % p.len, o = e / (p.len * p.inner);
+    const I* ix = (const I*)p.idx + o * p.ilen * p.inner + c;
+    const T* src = (const T*)p.src + o * p.ilen * p.inner + c;
+    A acc = Sum<T>::load(((const T*)p.x)[e]);
+    for (i64 j = 0; j < p.ilen; j++) {
+      const i64 k = (i64)ix[j * p.inner];
+      if (k == t) acc += Sum<T>::load(src[j * p.inner]);
+      else if (t == 0 && (k < 0 || k >= p.len) && p.err) *(int*)p.err = 1;
+    }
+    ((T*)p.out)[e] = Sum<T>::store(acc);
+  }
+}
+
+// Resampling of the last two axes, x [planes, ih, iw] -> out [planes, oh, ow], as PyTorch's
+// interpolate(align_corners=False, antialias=False): source coordinate (o + 0.5) * in / out
+// - 0.5 (clamped at 0 for bilinear), taps clamped to the border, bicubic with A = -0.75.
+// Coordinates and weights in double (the interpreter's), the weighted sum in f32.
+struct ResizeParams {
+  i64 x, out, planes, ih, iw, oh, ow;
+  int cubic, pad_;
+};
+
+__device__ __forceinline__ void resize_taps(i64 o, i64 in, i64 out, int cubic, i64* at, float* w) {
+  double src = ((double)o + 0.5) * ((double)in / (double)out) - 0.5;
+  if (!cubic && src < 0.0) src = 0.0;
+  const double f = floor(src);
+  const double t = src - f;
+  const i64 i0 = (i64)f;
+  if (cubic) {
+    const double a = -0.75;
+    const double u = t + 1.0, v = 1.0 - t, z = 2.0 - t;
+    w[0] = (float)(((a * u - 5.0 * a) * u + 8.0 * a) * u - 4.0 * a);
+    w[1] = (float)(((a + 2.0) * t - (a + 3.0)) * t * t + 1.0);
+    w[2] = (float)(((a + 2.0) * v - (a + 3.0)) * v * v + 1.0);
+    w[3] = (float)(((a * z - 5.0 * a) * z + 8.0 * a) * z - 4.0 * a);
+#pragma unroll
+    for (int q = 0; q < 4; q++) at[q] = min(max(i0 - 1 + q, (i64)0), in - 1);
+  } else {
+    w[0] = (float)(1.0 - t);
+    w[1] = (float)t;
+    w[2] = w[3] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) at[q] = min(max(i0 + (q == 1 ? 1 : 0), (i64)0), in - 1);
+  }
+}
+
+template <typename T>
+__device__ void resize(const ResizeParams p) {
+  const int taps = p.cubic ? 4 : 2;
+  FOR_EACH(e, p.planes * p.oh * p.ow) {
+    const i64 ox = e % p.ow, oy = (e / p.ow) % p.oh, pl = e / (p.ow * p.oh);
+    i64 ay[4], ax[4];
+    float wy[4], wx[4];
+    resize_taps(oy, p.ih, p.oh, p.cubic, ay, wy);
+    resize_taps(ox, p.iw, p.ow, p.cubic, ax, wx);
+    const T* x = (const T*)p.x + pl * p.ih * p.iw;
+    float s = 0.0f;
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+      if (a < taps) {
+        float r = 0.0f;
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+          if (b < taps) r += wx[b] * to_f32(x[ay[a] * p.iw + ax[b]]);
+        s += wy[a] * r;
+      }
+    }
+    ((T*)p.out)[e] = from_f32<T>(s);
+  }
+}
+
+#define CUMSUM(t, T) extern "C" __global__ void __launch_bounds__(256) cumsum_##t(const LineParams p) { cumsum<T>(p); }
+CUMSUM(f32, float)
+CUMSUM(bf16, bf16)
+CUMSUM(f16, f16)
+CUMSUM(i32, int)
+CUMSUM(i64, i64)
+CUMSUM(u8, u8)
+CUMSUM(bool, b8)
+
+#define TOPK(t, T) extern "C" __global__ void __launch_bounds__(256) topk_##t(const TopkParams p) { topk<T>(p); }
+TOPK(f32, float)
+TOPK(bf16, bf16)
+TOPK(f16, f16)
+TOPK(i32, int)
+TOPK(i64, i64)
+TOPK(u8, u8)
+
+#define TAKE_ALONG(n, E, it, I) \
+  extern "C" __global__ void __launch_bounds__(256) take_along_b##n##_##it(const AlongParams p) { take_along<E, I>(p); }
+TAKE_ALONG(1, unsigned char, i32, int)
+TAKE_ALONG(2, unsigned short, i32, int)
+TAKE_ALONG(4, unsigned int, i32, int)
+TAKE_ALONG(8, unsigned long long, i32, int)
+TAKE_ALONG(1, unsigned char, i64, i64)
+TAKE_ALONG(2, unsigned short, i64, i64)
+TAKE_ALONG(4, unsigned int, i64, i64)
+TAKE_ALONG(8, unsigned long long, i64, i64)
+
+#define SCATTER_ADD(t, T, it, I) \
+  extern "C" __global__ void __launch_bounds__(256) scatter_add_##t##_##it(const AlongParams p) { scatter_add<T, I>(p); }
+SCATTER_ADD(f32, float, i32, int)
+SCATTER_ADD(bf16, bf16, i32, int)
+SCATTER_ADD(f16, f16, i32, int)
+SCATTER_ADD(i32, int, i32, int)
+SCATTER_ADD(i64, i64, i32, int)
+SCATTER_ADD(u8, u8, i32, int)
+SCATTER_ADD(bool, b8, i32, int)
+SCATTER_ADD(f32, float, i64, i64)
+SCATTER_ADD(bf16, bf16, i64, i64)
+SCATTER_ADD(f16, f16, i64, i64)
+SCATTER_ADD(i32, int, i64, i64)
+SCATTER_ADD(i64, i64, i64, i64)
+SCATTER_ADD(u8, u8, i64, i64)
+SCATTER_ADD(bool, b8, i64, i64)
+
+#define AXIS_FLOAT(t, T)                                                                                                \
+  extern "C" __global__ void __launch_bounds__(256) softmax_axis_##t(const LineParams p) { softmax_axis<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) resize_##t(const ResizeParams p) { resize<T>(p); }
+AXIS_FLOAT(f32, float)
+AXIS_FLOAT(bf16, bf16)
+AXIS_FLOAT(f16, f16)
