@@ -11,6 +11,7 @@
 //! their layouts must match the structs of the same name in the `.cu` files.
 
 pub mod fused;
+pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 
@@ -115,6 +116,7 @@ pub fn modules() -> Vec<Module> {
         module("attention", include_str!("attention.cu"), att),
         module("norm", include_str!("norm.cu"), norm),
         module("data", include_str!("data.cu"), data),
+        gemv::gemv_module(),
     ]
 }
 
