@@ -113,6 +113,9 @@ if want half; then
   run half 240 "$dist/cuda_device" --test-threads=1 --nocapture \
     || KILN_CUDA_DEBUG=1 run half_debug 180 "$dist/cuda_device" --test-threads=1 --nocapture
   grep -cE "err [0-9.e+-]+ " "$W/half.txt" | sed 's/^/half cases run: /'
+  # Gemma 2 2B's decode GEMMs timed at load: cuBLASLt's algorithms against kiln's GEMV.
+  KILN_GEMV_BENCH=1 KILN_CUDA_VERBOSE=1 run gemv_bench 60 "$dist/cuda_device" --exact gemv_decode_shapes_timed_at_load --nocapture
+  grep "kiln cuda: gemm" "$W/gemv_bench.txt"
 fi
 
 if want parity; then
