@@ -249,7 +249,8 @@ fn gemv_and_residual_epilogues_match_the_interpreter() {
 
 /// `KILN_GEMV_BENCH=1` (with `KILN_CUDA_VERBOSE=1` to see them): loads Gemma 2 2B's decode
 /// GEMMs (M = 1, and M = 8 for gate / up) in bf16, so that the load-time tuning prints
-/// cuBLASLt's and the GEMV's times for each shape. Loads only; nothing is compared.
+/// cuBLASLt's and the GEMV's times for each shape. Loads only; nothing is compared. Needs
+/// about 4 GB of GPU memory.
 #[test]
 fn gemv_decode_shapes_timed_at_load() {
     if std::env::var("KILN_GEMV_BENCH").map_or(true, |v| v != "1") || !gpu() {
@@ -262,25 +263,31 @@ fn gemv_decode_shapes_timed_at_load() {
     let h = input(&mut g, "h", dt, &[1, 9216]);
     let a = input(&mut g, "a", dt, &[1, 2048]);
     let r = input(&mut g, "r", dt, &[1, 2304]);
-    let shapes: [(&str, NodeId, usize, usize); 7] = [
+    // Eight layers' worth of each per-layer shape: the tuning rotates through them, so the
+    // weights stream from memory as in the model (one matrix alone would sit in L2).
+    let shapes: [(&str, NodeId, usize, usize); 6] = [
         ("q", x, 2048, 2304),
         ("kv", x, 1024, 2304),
         ("o", a, 2304, 2048),
         ("up", x, 9216, 2304),
         ("up8", x8, 9216, 2304),
         ("down", h, 2304, 9216),
-        ("logits", x, 256_000, 2304),
     ];
-    for (name, xin, n, k) in shapes {
-        let w = input(&mut g, &format!("w_{name}"), dt, &[n, k]);
-        let y = g.matmul(xin, w, true).unwrap();
-        g.output(name, y);
+    for layer in 0..8 {
+        for (name, xin, n, k) in shapes {
+            let w = input(&mut g, &format!("w_{name}{layer}"), dt, &[n, k]);
+            let y = g.matmul(xin, w, true).unwrap();
+            g.output(format!("{name}{layer}"), y);
+        }
+        // The down projection again with a residual (SigLIP-like; Gemma 2 norms first).
+        let w = input(&mut g, &format!("w_down_res{layer}"), dt, &[2304, 9216]);
+        let y = g.matmul(h, w, true).unwrap();
+        let y = g.add(r, y).unwrap();
+        g.output(format!("down_res{layer}"), y);
     }
-    // The down projection again with a residual (SigLIP-like; Gemma 2 norms first).
-    let w = input(&mut g, "w_down_res", dt, &[2304, 9216]);
-    let y = g.matmul(h, w, true).unwrap();
-    let y = g.add(r, y).unwrap();
-    g.output("down_res", y);
+    let w = input(&mut g, "w_logits", dt, &[256_000, 2304]);
+    let y = g.matmul(x, w, true).unwrap();
+    g.output("logits", y);
     let opt = Pipeline::standard().run(&g, None).unwrap();
     let backend = CudaBackend::default();
     let mut program = Program {

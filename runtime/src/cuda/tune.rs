@@ -3,10 +3,12 @@
 //! own buffers before the graphs are captured and keeps the fastest. A kernel of ours
 //! replaces cuBLASLt only where it measures faster.
 //!
-//! Each option is captured into a graph of [`LAUNCHES`] back-to-back launches and replayed,
-//! so the timing is the device's (a few microseconds per GEMV at decode, less than the
-//! host's launch cost). Shapes repeat in every layer: each distinct GEMM (shape, dtype,
-//! epilogue) is timed once per load. `KILN_CUDA_GEMV=off|on|auto` (default auto) forces the
+//! Each option is captured into a graph of back-to-back launches and replayed, so the timing
+//! is the device's (a few microseconds per GEMV at decode, less than the host's launch
+//! cost). Shapes repeat in every layer: each distinct GEMM (shape, dtype, epilogue) is timed
+//! once per load, and the graph runs every layer's GEMM of that shape in turn (up to
+//! [`MAX_ROTATION`]), so each reads its own weights from memory as in a real run rather than
+//! one matrix from L2 (Gemma 2 2B's q projection, 9.4 MB, would fit H200's 60 MB L2). `KILN_CUDA_GEMV=off|on|auto` (default auto) forces the
 //! choice; `KILN_CUDA_VERBOSE=1` prints each decision.
 
 use super::exec::{Choice, CudaExec};
@@ -44,8 +46,10 @@ impl GemvMode {
 /// GEMMs with at most this many rows (M times batch) time cuBLASLt's candidate algorithms;
 /// above it the heuristic's first is kept.
 const TUNE_MAX_ROWS: usize = 64;
-/// Launches per captured graph.
+/// Launches per captured graph, at least.
 const LAUNCHES: usize = 10;
+/// Most GEMMs of one shape a timing graph rotates through.
+const MAX_ROTATION: usize = 64;
 /// Timed replays of the graph (after one warm-up replay).
 const REPLAYS: usize = 2;
 
@@ -101,12 +105,13 @@ impl CudaExec {
         None
     }
 
-    /// Seconds per run of GEMM `i` as `choice`, or `None` where it fails to run.
-    fn time_choice(&self, i: usize, choice: Choice) -> Result<Option<f64>> {
+    /// Seconds per GEMM of the GEMMs `seq` (one shape), each issued in turn as `choice`,
+    /// or `None` where one fails to run.
+    fn time_choice(&self, seq: &[usize], choice: Choice) -> Result<Option<f64>> {
         let cu = self.stream.cu_stream();
         // SAFETY: the stream is ours; capture ends below on every path.
         drv("begin capture", unsafe { dr::stream::begin_capture(cu, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) })?;
-        let issued = (0..LAUNCHES).try_for_each(|_| self.issue_gemm(i, choice));
+        let issued = seq.iter().try_for_each(|&i| self.issue_gemm(i, choice));
         // SAFETY: capture was begun on this stream above.
         let graph = drv("end capture", unsafe { dr::stream::end_capture(cu) });
         let graph = match (issued, graph) {
@@ -127,12 +132,18 @@ impl CudaExec {
                 Err(_) => return Ok(None),
             }
         };
-        let start = drv("cuEventCreate", dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         // SAFETY: the graph and events belong to this context and are destroyed below; the
         // GEMM writes only its output, an arena intermediate (checked by `untimeable`).
         let secs = unsafe {
             let timed = || -> std::result::Result<f32, dr::DriverError> {
-                let end = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)?;
+                let start = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)?;
+                let end = match dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = dr::event::destroy(start);
+                        return Err(e);
+                    }
+                };
                 let r = (|| {
                     dr::graph::launch(exec, cu)?;
                     dr::event::record(start, cu)?;
@@ -144,35 +155,24 @@ impl CudaExec {
                     dr::event::elapsed(start, end)
                 })();
                 let _ = dr::event::destroy(end);
+                let _ = dr::event::destroy(start);
                 r
             };
             let r = timed();
-            let _ = dr::event::destroy(start);
             let _ = dr::graph::exec_destroy(exec);
             drv("timing a GEMM", r)?
         };
-        Ok(Some(secs as f64 * 1e-3 / (LAUNCHES * REPLAYS) as f64))
+        Ok(Some(secs as f64 * 1e-3 / (seq.len() * REPLAYS) as f64))
     }
 
     /// Chooses how every planned GEMM runs (see the module's documentation).
     pub(super) fn tune(&mut self, mode: GemvMode) -> Result<()> {
         let verbose = std::env::var("KILN_CUDA_VERBOSE").is_ok_and(|v| v == "1");
-        let mut decided: HashMap<String, Choice> = HashMap::new();
-        let mut zeroed = false;
+        // GEMMs with a choice to make, grouped by shape and options (in first-seen order).
+        let mut groups: Vec<(String, Vec<Choice>, Vec<usize>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         for i in 0..self.gemms.len() {
             let (g, has_gemv, algos) = (&self.gemms[i].gemm, self.gemms[i].gemv.is_some(), self.gemms[i].algos.len());
-            let key = format!(
-                "{}x{}x{} batch {} strides {}/{} {:?}{}{}",
-                g.m,
-                g.n,
-                g.k,
-                g.batch,
-                g.a_stride,
-                g.b_stride,
-                g.dtype,
-                if g.transpose_b { " tb" } else { "" },
-                epilogue_name(&g.epilogue)
-            );
             if mode == GemvMode::On && has_gemv {
                 self.gemms[i].choice = Choice::Gemv;
                 continue;
@@ -188,68 +188,84 @@ impl CudaExec {
             if options.len() < 2 {
                 continue; // the choice made when planning
             }
-            // The options are part of the decision's key (one GEMM may lack a GEMV that
-            // another of its shape has).
-            let key_options = format!("{key} {options:?}");
-            if let Some(&c) = decided.get(&key_options) {
-                self.gemms[i].choice = c;
-                continue;
+            let tb = if g.transpose_b { " tb" } else { "" };
+            let (m, n, k, batch, epi) = (g.m, g.n, g.k, g.batch, epilogue_name(&g.epilogue));
+            let mut shape = format!("{m}x{n}x{k} {:?}{tb}{epi}", g.dtype);
+            if batch > 1 {
+                shape += &format!(" batch {batch} strides {}/{}", g.a_stride, g.b_stride);
             }
-            if let Some(why) = self.untimeable(i) {
+            let key = format!("{shape} {options:?}");
+            match at.get(&key) {
+                Some(&j) => groups[j].2.push(i),
+                None => {
+                    at.insert(key, groups.len());
+                    groups.push((shape, options, vec![i]));
+                }
+            }
+        }
+        let mut timed = 0;
+        for (shape, options, members) in &groups {
+            let ok: Vec<usize> = members.iter().copied().filter(|&i| self.untimeable(i).is_none()).collect();
+            if ok.is_empty() {
                 if verbose {
-                    eprintln!("kiln cuda: gemm {key}: not timed ({why}): {:?}", self.gemms[i].choice);
+                    let why = self.untimeable(members[0]).unwrap_or_default();
+                    eprintln!("kiln cuda: gemm {shape}: not timed ({why}): {:?}", self.gemms[members[0]].choice);
                 }
                 continue;
             }
-            if !zeroed {
+            if timed == 0 {
                 // Defined values (zeros) in every intermediate the timings read.
                 drv("bind context", self.ctx.bind_to_thread())?;
                 // SAFETY: the arena lies at the start of the allocation.
                 drv("memset arena", unsafe {
                     dr::memset_d8_async(self.base + self.layout.arena as u64, 0, self.layout.arena_bytes, self.stream.cu_stream())
                 })?;
-                zeroed = true;
             }
+            timed += 1;
+            // Every layer's GEMM of this shape in turn (each its own weights), as a model
+            // runs them: the weights stream from memory rather than from L2.
+            let seq: Vec<usize> = ok.iter().copied().cycle().take(ok.len().clamp(LAUNCHES, MAX_ROTATION.max(LAUNCHES))).collect();
             let mut times = Vec::with_capacity(options.len());
-            for &c in &options {
-                times.push((c, self.time_choice(i, c)?));
+            for &c in options {
+                times.push((c, self.time_choice(&seq, c)?));
             }
-            let best = times.iter().filter_map(|&(c, t)| Some((c, t?))).min_by(|a, b| a.1.total_cmp(&b.1));
-            if let Some((c, _)) = best {
-                self.gemms[i].choice = c;
+            let best = times.iter().filter_map(|&(c, t)| Some((c, t?))).min_by(|a, b| a.1.total_cmp(&b.1)).map(|(c, _)| c);
+            let choice = best.unwrap_or(self.gemms[members[0]].choice);
+            for &i in members {
+                self.gemms[i].choice = choice;
             }
-            decided.insert(key_options, self.gemms[i].choice);
             if verbose {
-                let us = |t: Option<f64>| t.map_or("failed".to_string(), |t| format!("{:.1} us", t * 1e6));
-                let lt: Vec<(usize, Option<f64>)> =
-                    times.iter().filter_map(|&(c, t)| if let Choice::Lt(a) = c { Some((a, t)) } else { None }).collect();
-                let best_lt = lt.iter().filter_map(|&(a, t)| Some((a, t?))).min_by(|a, b| a.1.total_cmp(&b.1));
-                let mut line = format!("kiln cuda: gemm {key}:");
-                if let Some((a, t)) = best_lt {
-                    line += &format!(" cublasLt {} (algo {a} of {algos}", us(Some(t)));
-                    line += &if lt.len() > 1 { format!(", heuristic's first {})", us(lt[0].1)) } else { ")".to_string() };
-                }
-                if let Some(&(_, t)) = times.iter().find(|(c, _)| *c == Choice::Gemv) {
-                    line += &format!(", gemv {}", us(t));
-                }
-                let winner = match self.gemms[i].choice {
-                    Choice::Gemv => "gemv".to_string(),
-                    Choice::Lt(a) => format!("cublasLt algo {a}"),
-                };
-                eprintln!("{line} -> {winner}");
+                eprintln!("kiln cuda: gemm {shape} (x{}): {}", members.len(), report(&times, choice));
             }
         }
         if verbose {
             let n = self.gemms.len();
             let gemv = self.gemms.iter().filter(|g| g.choice == Choice::Gemv).count();
-            eprintln!(
-                "kiln cuda: {n} GEMMs ({} shapes timed): {gemv} run as kiln's GEMV, {} on cuBLASLt ({mode:?})",
-                decided.len(),
-                n - gemv
-            );
+            eprintln!("kiln cuda: {n} GEMMs ({timed} shapes timed): {gemv} run as kiln's GEMV, {} on cuBLASLt ({mode:?})", n - gemv);
         }
         drv("sync", self.stream.synchronize())
     }
+}
+
+/// One line on a timed shape: cuBLASLt's best algorithm against its heuristic's first, the
+/// GEMV, and the winner.
+fn report(times: &[(Choice, Option<f64>)], choice: Choice) -> String {
+    let us = |t: Option<f64>| t.map_or("failed".to_string(), |t| format!("{:.1} us", t * 1e6));
+    let lt: Vec<(usize, Option<f64>)> =
+        times.iter().filter_map(|&(c, t)| if let Choice::Lt(a) = c { Some((a, t)) } else { None }).collect();
+    let mut line = String::new();
+    if let Some((a, t)) = lt.iter().filter_map(|&(a, t)| Some((a, t?))).min_by(|a, b| a.1.total_cmp(&b.1)) {
+        line += &format!("cublasLt {} (algo {a} of {}", us(Some(t)), lt.len());
+        line += &if lt.len() > 1 { format!(", the heuristic's first {})", us(lt[0].1)) } else { ")".to_string() };
+    }
+    if let Some(&(_, t)) = times.iter().find(|(c, _)| *c == Choice::Gemv) {
+        line += &format!(", gemv {}", us(t));
+    }
+    let winner = match choice {
+        Choice::Gemv => "gemv".to_string(),
+        Choice::Lt(a) => format!("cublasLt algo {a}"),
+    };
+    format!("{line} -> {winner}")
 }
 
 #[cfg(test)]
