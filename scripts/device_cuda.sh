@@ -12,7 +12,8 @@
 # own time limit and a failing section does not stop the others; everything is logged under
 # $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
 # most 8 files), with $OUT/summary.txt, whose table is printed last.
-# KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile cube") picks
+# KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile kernels cube
+# gemma-compile", run in that order) picks
 # sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
 # limit is cut to what is left, and steps are skipped once too little is.
 set -uo pipefail
@@ -53,7 +54,7 @@ W=${KILN_WORK:-/tmp/kiln-device}
 mkdir -p "$OUT" "$W"
 kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
-sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile cube}
+sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile}
 deadline=${KILN_DEVICE_DEADLINE:-560}
 [ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
@@ -97,9 +98,9 @@ nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 models=$W/models
 mkdir -p "$models"
 synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" > "$W/synth_$1.txt" 2>&1; }
-if want siglip || want cube || want gemma || want compile; then
-  ( want siglip || want cube || want compile ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
-  ( want gemma || want compile ) && synth gemma2-2b &
+if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile; then
+  ( want siglip || want cube || want compile || want kernels ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
+  ( want gemma || want gemma-compile ) && synth gemma2-2b &
 fi
 
 if want check; then
@@ -113,6 +114,9 @@ if want half; then
   run half 240 "$dist/cuda_device" --test-threads=1 --nocapture \
     || KILN_CUDA_DEBUG=1 run half_debug 180 "$dist/cuda_device" --test-threads=1 --nocapture
   grep -cE "err [0-9.e+-]+ " "$W/half.txt" | sed 's/^/half cases run: /'
+  # Gemma 2 2B's decode GEMMs timed at load: cuBLASLt's algorithms against kiln's GEMV.
+  KILN_GEMV_BENCH=1 KILN_CUDA_VERBOSE=1 run gemv_bench 60 "$dist/cuda_device" --exact gemv_decode_shapes_timed_at_load --nocapture
+  grep "kiln cuda: gemm" "$W/gemv_bench.txt"
 fi
 
 if want parity; then
@@ -134,12 +138,6 @@ fi
 if want fixtures; then
   run fixtures 300 "$py" scripts/device_fixtures.py "$kiln" "$dist" "$W"
   tail -1 "$W/fixtures.txt"
-fi
-
-if want cube; then
-  # The cube backend on CubeCL's CUDA runtime: the same parity rows.
-  KILN_PARITY_KEEP_GOING=1 KILN_PARITY_BACKENDS=cube-cuda run parity_cube 240 "$dist/parity" --test-threads=1 --nocapture
-  log "parity cube-cuda: $(grep -c "PARITY OK" "$W/parity_cube.txt") ok, $(grep -c "PARITY FAIL" "$W/parity_cube.txt") failed"
 fi
 
 # Timings: one JSON row per (engine, model, batch).
@@ -182,23 +180,6 @@ if want siglip; then
   done
 fi
 
-if want kernels; then
-  # Issue 9's tables on the GPU: every kernel of the program, its rate against the card's
-  # ceilings (measured through the backend in the same run), and the roofline plot.
-  for cfg in "224 32" "896 2"; do
-    set -- $cfg
-    run "kernels_$1_b$2" 120 "$kiln" bench kernels --backend cuda --model "$models/siglip-so400m-14-$1" --dtype bf16 --batch "$2" --plot "$W/roofline_$1_b$2.svg"
-  done
-fi
-
-if want cube; then
-  wait
-  dir=$models/siglip-so400m-14-224
-  row kiln-cube-cuda so400m-224 32 "$(kbench cube_224_b32 400 "$dir" --backend cube --device cuda --batch 32 --runs 10)"
-  row torch-eager-f32 so400m-224 32 "$(tbench torch_f32_224_b32 240 siglip "$dir" --batch 32 --mode eager --dtype f32)"
-  pack
-fi
-
 if want gemma; then
   wait
   g=$models/gemma2-2b
@@ -209,7 +190,7 @@ from safetensors.torch import save_file
 g = torch.Generator().manual_seed(0)
 save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.argv[1])
 PY
-  timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
+  KILN_CUDA_VERBOSE=1 timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
   row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
   row torch-eager "gemma2-2b prefill 1024" 1 "$(tbench torch_gemma_prefill_eager 300 gemma "$g" --what prefill --mode eager)"
   row torch-eager "gemma2-2b decode" 1 "$(tbench torch_gemma_decode_eager 300 gemma "$g" --what decode --mode eager)"
@@ -222,8 +203,34 @@ if want compile; then
   wait
   dir=$models/siglip-so400m-14-224
   row torch-compile so400m-224 32 "$(tbench torch_compile_224_b32 300 siglip "$dir" --batch 32 --mode compile)"
-  row torch-compile so400m-224 1 "$(tbench torch_compile_224_b1 300 siglip "$dir" --batch 1 --mode compile)"
   pack
+fi
+
+if want kernels; then
+  # Issue 9's tables on the GPU: every kernel of the program, its rate against the card's
+  # ceilings (measured through the backend in the same run), and the roofline plot.
+  for cfg in "224 32"; do
+    set -- $cfg
+    run "kernels_$1_b$2" 120 "$kiln" bench kernels --backend cuda --model "$models/siglip-so400m-14-$1" --dtype bf16 --batch "$2" --plot "$W/roofline_$1_b$2.svg"
+  done
+fi
+
+if want cube; then
+  # The cube backend on CubeCL's CUDA runtime: the same parity rows.
+  KILN_PARITY_KEEP_GOING=1 KILN_PARITY_BACKENDS=cube-cuda run parity_cube 90 "$dist/parity" --test-threads=1 --nocapture
+  log "parity cube-cuda: $(grep -c "PARITY OK" "$W/parity_cube.txt") ok, $(grep -c "PARITY FAIL" "$W/parity_cube.txt") failed"
+fi
+
+if want cube; then
+  wait
+  dir=$models/siglip-so400m-14-224
+  row kiln-cube-cuda so400m-224 32 "$(kbench cube_224_b32 400 "$dir" --backend cube --device cuda --batch 32 --runs 10)"
+  row torch-eager-f32 so400m-224 32 "$(tbench torch_f32_224_b32 240 siglip "$dir" --batch 32 --mode eager --dtype f32)"
+  pack
+fi
+
+if want gemma-compile; then
+  wait
   row torch-compile "gemma2-2b decode" 1 "$(tbench torch_gemma_decode_compile 400 gemma "$models/gemma2-2b" --what decode --mode compile)"
   pack
 fi

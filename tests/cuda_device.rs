@@ -1,8 +1,10 @@
 //! The cuda backend's half-precision kernels against the interpreter: tensor-core attention
 //! for every head dim and mask kind, split-K decode, norms, and cuBLASLt GEMMs with fused
-//! epilogues, in bf16 and f16 (tests/parity.rs covers every op in f32); and the index and
+//! epilogues, in bf16 and f16 (tests/parity.rs covers every op in f32); the index and
 //! axis ops at sizes that use every path of their kernels (scans of several chunks, ties
-//! in top-k, repeated scatter indices), with partially broadcast batched matmuls.
+//! in top-k, repeated scatter indices), with partially broadcast batched matmuls; the
+//! small-M GEMV (forced on, so its correctness does not depend on a timing) and residual
+//! epilogues in bf16, f16 and f32.
 //!
 //! Runs only where an NVIDIA driver is present (scripts/device_cuda.sh, which sets
 //! KILN_REQUIRE_GPU=1 so that a missing driver fails instead of skipping).
@@ -12,7 +14,8 @@ use kiln_graph::interp::{run, Value};
 use kiln_graph::passes::Pipeline;
 use kiln_graph::program::Program;
 use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, ResizeMode, TensorType, UnaryOp};
-use kiln_runtime::{Session, Tensor, WeightStore};
+use kiln_runtime::cuda::{tune::GemvMode, CudaBackend};
+use kiln_runtime::{Backend, Session, Tensor, WeightStore};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -41,6 +44,11 @@ fn values(n: usize, seed: u64) -> Vec<f64> {
 
 /// Runs `g` on the cuda backend and the interpreter; returns the normalised error.
 fn error(name: &str, g: Graph) -> f64 {
+    error_with(name, g, None)
+}
+
+/// [`error`] with the GEMV forced `on` or `off` (`None`: `KILN_CUDA_GEMV`, default auto).
+fn error_with(name: &str, g: Graph, gemv: Option<GemvMode>) -> f64 {
     let mut ivals = HashMap::new();
     let mut tensors = Vec::new();
     for (i, (_, n, ty)) in g.inputs().enumerate() {
@@ -50,7 +58,7 @@ fn error(name: &str, g: Graph) -> f64 {
     }
     let want = run(&g, &ivals, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
     let opt = Pipeline::standard().run(&g, None).unwrap();
-    let backend = kiln_runtime::by_name("cuda").unwrap();
+    let backend = CudaBackend { gemv, ..Default::default() };
     let mut program = Program {
         model: name.into(),
         backend: "cuda".into(),
@@ -67,7 +75,7 @@ fn error(name: &str, g: Graph) -> f64 {
     program.entries.push(entry);
     // A failure is reported and counted, not a panic: the test goes on to the next case, so
     // one run on a lent GPU shows every failing case.
-    let mut s = match Session::new(program, Arc::new(WeightStore::empty())) {
+    let mut s = match Session::with_backend(program, Arc::new(WeightStore::empty()), &backend) {
         Ok(s) => s,
         Err(e) => {
             println!("{name:<48} LOAD FAILED: {e}");
@@ -83,13 +91,16 @@ fn error(name: &str, g: Graph) -> f64 {
         }
     };
     let mut worst = 0f64;
+    let mut each = Vec::new();
     for (oname, t) in &got {
         let w = &want[oname];
         let scale = w.data.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
         let err = t.to_f64().iter().zip(&w.data).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
         worst = worst.max(err);
+        each.push(format!("{oname} {err:.1e}"));
     }
-    println!("{name:<48} err {worst:.2e}  kernels {kernels:?}");
+    let each = if got.len() > 1 { format!("  [{}]", each.join(", ")) } else { String::new() };
+    println!("{name:<48} err {worst:.2e}{each}  kernels {kernels:?}");
     worst
 }
 
@@ -276,4 +287,129 @@ fn index_ops_and_broadcast_matmuls_match_the_interpreter() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `x @ w_i^T` with each epilogue the GEMV and cuBLASLt apply: none, bias, GELU-tanh, bias +
+/// GELU-tanh, residual (`r + y`) and bias + residual (`y + r`), each its own weight (so no
+/// product is shared); x is `rows... x k`.
+fn epilogue_graph(dt: DType, rows: &[usize], n: usize, k: usize) -> Graph {
+    let mut g = Graph::new();
+    let (mut xs, mut ys) = (rows.to_vec(), rows.to_vec());
+    xs.push(k);
+    ys.push(n);
+    let x = input(&mut g, "x", dt, &xs);
+    let b = input(&mut g, "b", dt, &[n]);
+    let r = input(&mut g, "r", dt, &ys);
+    for (i, what) in ["plain", "bias", "gelu", "bias_gelu", "residual", "bias_residual"].into_iter().enumerate() {
+        let w = input(&mut g, &format!("w{i}"), dt, &[n, k]);
+        let mut y = g.matmul(x, w, true).unwrap();
+        if what.starts_with("bias") {
+            y = g.add(y, b).unwrap();
+        }
+        if what.ends_with("gelu") {
+            y = g.unary(UnaryOp::GeluTanh, y).unwrap();
+        }
+        if what.ends_with("residual") {
+            y = if what == "residual" { g.add(r, y).unwrap() } else { g.add(y, r).unwrap() };
+        }
+        g.output(what, y);
+    }
+    g
+}
+
+#[test]
+fn gemv_and_residual_epilogues_match_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    let mut failures = Vec::new();
+    // K: 72 (one partial chunk), 1000 (a tail of 40), 4136 (many warps, a tail), 100 (rows of
+    // 200 bytes in half types: cuBLASLt; f32 rows of 400 bytes: the GEMV).
+    let shapes = [(100, 72), (257, 1000), (130, 4136), (64, 100)];
+    let rows: [&[usize]; 8] = [&[1], &[2], &[3], &[4], &[5], &[8], &[1, 1], &[2, 3]];
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        let tol = if dt == DType::F32 { 1e-4 } else { 2e-2 };
+        for &(n, k) in &shapes {
+            for r in rows {
+                for mode in [GemvMode::On, GemvMode::Off] {
+                    let name = format!("gemv {dt} {r:?}x{n}x{k} {mode:?}");
+                    if error_with(&name, epilogue_graph(dt, r, n, k), Some(mode)) > tol {
+                        failures.push(name);
+                    }
+                }
+            }
+            // Chosen by timing.
+            let name = format!("gemv {dt} [1]x{n}x{k} Auto");
+            if error_with(&name, epilogue_graph(dt, &[1], n, k), Some(GemvMode::Auto)) > tol {
+                failures.push(name);
+            }
+        }
+        // Large M: cuBLASLt with the residual as C (beta = 1), batch folded into M.
+        let name = format!("residual epilogues {dt} [3, 64]x160x96");
+        if error_with(&name, epilogue_graph(dt, &[3, 64], 160, 96), None) > tol {
+            failures.push(name);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `KILN_GEMV_BENCH=1` (with `KILN_CUDA_VERBOSE=1` to see them): loads Gemma 2 2B's decode
+/// GEMMs (M = 1, and M = 8 for gate / up) in bf16, so that the load-time tuning prints
+/// cuBLASLt's and the GEMV's times for each shape. Loads only; nothing is compared. Needs
+/// about 4 GB of GPU memory.
+#[test]
+fn gemv_decode_shapes_timed_at_load() {
+    if std::env::var("KILN_GEMV_BENCH").map_or(true, |v| v != "1") || !gpu() {
+        return;
+    }
+    let dt = DType::BF16;
+    let mut g = Graph::new();
+    let x = input(&mut g, "x", dt, &[1, 2304]);
+    let x8 = input(&mut g, "x8", dt, &[8, 2304]);
+    let h = input(&mut g, "h", dt, &[1, 9216]);
+    let a = input(&mut g, "a", dt, &[1, 2048]);
+    let r = input(&mut g, "r", dt, &[1, 2304]);
+    // Eight layers' worth of each per-layer shape: the tuning rotates through them, so the
+    // weights stream from memory as in the model (one matrix alone would sit in L2).
+    let shapes: [(&str, NodeId, usize, usize); 6] = [
+        ("q", x, 2048, 2304),
+        ("kv", x, 1024, 2304),
+        ("o", a, 2304, 2048),
+        ("up", x, 9216, 2304),
+        ("up8", x8, 9216, 2304),
+        ("down", h, 2304, 9216),
+    ];
+    for layer in 0..8 {
+        for (name, xin, n, k) in shapes {
+            let w = input(&mut g, &format!("w_{name}{layer}"), dt, &[n, k]);
+            let y = g.matmul(xin, w, true).unwrap();
+            g.output(format!("{name}{layer}"), y);
+        }
+        // The down projection again with a residual (SigLIP-like; Gemma 2 norms first).
+        let w = input(&mut g, &format!("w_down_res{layer}"), dt, &[2304, 9216]);
+        let y = g.matmul(h, w, true).unwrap();
+        let y = g.add(r, y).unwrap();
+        g.output(format!("down_res{layer}"), y);
+    }
+    let w = input(&mut g, "w_logits", dt, &[256_000, 2304]);
+    let y = g.matmul(x, w, true).unwrap();
+    g.output("logits", y);
+    let opt = Pipeline::standard().run(&g, None).unwrap();
+    let backend = CudaBackend::default();
+    let mut program = Program {
+        model: "gemv bench".into(),
+        backend: "cuda".into(),
+        source: String::new(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: vec![],
+        binaries: vec![],
+    };
+    let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap();
+    let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+    program.entries.push(entry);
+    let t = std::time::Instant::now();
+    Session::with_backend(program, Arc::new(WeightStore::empty()), &backend).unwrap();
+    println!("loaded (tuning included) in {:.2} s", t.elapsed().as_secs_f64());
 }

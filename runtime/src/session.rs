@@ -1,6 +1,6 @@
 //! A session: one program and its weights loaded once, run many times.
 
-use crate::backend::{by_name, Executable};
+use crate::backend::{by_name, Backend, Executable};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -19,6 +19,19 @@ impl Session {
     /// Loads `program` on its backend with `weights`.
     pub fn new(program: Program, weights: Arc<WeightStore>) -> Result<Self> {
         let backend = by_name(&program.backend)?;
+        let exec = backend.load(&program, weights)?;
+        Ok(Session { program, exec })
+    }
+
+    /// Loads `program` on `backend`: one configured beyond its name (the cuda backend with
+    /// its GEMV forced on or off, say), which must be the program's backend.
+    pub fn with_backend(program: Program, weights: Arc<WeightStore>, backend: &dyn Backend) -> Result<Self> {
+        if backend.name() != program.backend {
+            return Err(crate::error::RuntimeError::Unsupported {
+                backend: backend.name().into(),
+                msg: format!("the program was compiled for backend {}", program.backend),
+            });
+        }
         let exec = backend.load(&program, weights)?;
         Ok(Session { program, exec })
     }

@@ -12,6 +12,7 @@
 //! their layouts must match the structs of the same name in the `.cu` files.
 
 pub mod fused;
+pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 
@@ -137,6 +138,7 @@ pub fn modules() -> Vec<Module> {
         module("norm", include_str!("norm.cu"), norm),
         module("data", include_str!("data.cu"), data),
         module("index", include_str!("index.cu"), index_kernels()),
+        gemv::gemv_module(),
     ]
 }
 
@@ -380,7 +382,9 @@ mod tests {
         let parts: Vec<&str> = name.split('_').collect();
         match parts.as_slice() {
             ["attn", "rows" | "combine", t] => src.contains(&format!("ROWS({t},")),
-            ["attn", "mma", t, d] => src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..])),
+            ["attn", "mma" | "mma2", t, d] => {
+                src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
+            }
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),

@@ -6,6 +6,7 @@
 //! driver; scripts/device_cuda.sh is its first test.
 
 use super::lower::{lower_step, Epilogue, Gemm, Launch, Layout, Work, GEMM_WORKSPACE};
+pub use super::tune::GemvMode;
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use cudarc::cublaslt::{result as lt, sys as ltsys};
@@ -28,17 +29,36 @@ fn blas<T>(what: &str, r: std::result::Result<T, lt::CublasError>) -> Result<T> 
     r.map_err(|e| err(format!("cuBLASLt {what}: {e:?}")))
 }
 
-/// A GEMM planned at load: descriptors and the algorithm cuBLASLt's heuristic chose.
-struct PlannedGemm {
+/// Most algorithms asked of cuBLASLt's heuristic per GEMM (timed at load for small M).
+const ALGOS: usize = 8;
+
+/// How a planned GEMM runs: cuBLASLt with one of its algorithms, or kiln's GEMV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Choice {
+    Lt(usize),
+    Gemv,
+}
+
+/// A GEMM planned at load: descriptors, the algorithms cuBLASLt's heuristic offers (best
+/// first), the GEMV alternative where it applies, and the choice between them.
+pub(super) struct PlannedGemm {
     desc: ltsys::cublasLtMatmulDesc_t,
     a: ltsys::cublasLtMatrixLayout_t,
     b: ltsys::cublasLtMatrixLayout_t,
+    /// The layout of D, and of C (a residual has the output's layout).
     d: ltsys::cublasLtMatrixLayout_t,
-    algo: ltsys::cublasLtMatmulAlgo_t,
+    pub(super) algos: Vec<ltsys::cublasLtMatmulAlgo_t>,
     /// Our `b` is cuBLAS's A and our `a` its B (row-major C = col-major C^T = B^T A^T).
     a_ptr: u64,
     b_ptr: u64,
+    /// C, read with `beta` (the residual, or D itself with beta = 0), and D.
     c_ptr: u64,
+    d_ptr: u64,
+    beta: f32,
+    pub(super) gemv: Option<(sys::CUfunction, Launch)>,
+    pub(super) choice: Choice,
+    /// The lowered GEMM (offsets in the allocation), for tuning and reports.
+    pub(super) gemm: Gemm,
 }
 
 enum Item {
@@ -49,19 +69,19 @@ enum Item {
 
 /// A program loaded on the GPU.
 pub struct CudaExec {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    base: u64,
-    layout: Layout,
-    program: Program,
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) base: u64,
+    pub(super) layout: Layout,
+    pub(super) program: Program,
     modules: Vec<sys::CUmodule>,
     lt: ltsys::cublasLtHandle_t,
-    gemms: Vec<PlannedGemm>,
+    pub(super) gemms: Vec<PlannedGemm>,
     /// Per entry, per step, the device work.
     items: Vec<Vec<Vec<Item>>>,
     graphs: Vec<Option<sys::CUgraphExec>>,
     /// Arena offset of each persistent state (`states_in_arena`), zeroed at load and reset.
-    states_at: Vec<usize>,
+    pub(super) states_at: Vec<usize>,
     /// `KILN_CUDA_DEBUG=1`: no graphs; each step issued alone and synchronised, so a fault
     /// names its step and kernel.
     debug: bool,
@@ -102,7 +122,8 @@ fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Blobs, Blobs)> 
 impl CudaExec {
     /// Loads `program` on device 0. `binaries` are the CUBINs (from the artifact or compiled
     /// just now); the caller checked that the driver exists.
-    pub fn new(program: &Program, store: &WeightStore, binaries: &[Binary], states_at: Vec<usize>) -> Result<Self> {
+    /// `gemv` says whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]).
+    pub fn new(program: &Program, store: &WeightStore, binaries: &[Binary], states_at: Vec<usize>, gemv: GemvMode) -> Result<Self> {
         let ctx = drv("cuCtx (device 0)", CudaContext::new(0))?;
         // SAFETY: kiln orders all work on one stream; cudarc's event tracking would record
         // events inside graph capture.
@@ -126,7 +147,6 @@ impl CudaExec {
             debug: std::env::var("KILN_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         };
         me.upload(store)?;
-        me.zero_states()?;
         let funcs = me.load_modules(binaries)?;
         for e in &program.entries {
             let mut steps = Vec::with_capacity(e.steps.len());
@@ -135,15 +155,16 @@ impl CudaExec {
                 let mut items = Vec::with_capacity(work.len());
                 for w in work {
                     items.push(match w {
-                        Work::Gemm(g) => Item::Gemm(me.plan_gemm(&g)?),
+                        Work::Gemm(g) => {
+                            // An artifact's CUBINs from before the GEMV existed lack it: cuBLASLt.
+                            let gemv =
+                                g.gemv.clone().filter(|l| funcs.contains_key(&l.kernel)).map(|l| me.relocate(&funcs, l)).transpose()?;
+                            Item::Gemm(me.plan_gemm(g, gemv)?)
+                        }
                         Work::Zero { offset, bytes } => Item::Zero { ptr: me.base + offset, bytes },
-                        Work::Kernel(mut l) => {
-                            let f = *funcs.get(&l.kernel).ok_or_else(|| err(format!("kernel {} is in no loaded module", l.kernel)))?;
-                            for &r in &l.relocs {
-                                let v = u64::from_le_bytes(l.params[r..r + 8].try_into().map_err(|_| err("bad relocation"))?);
-                                l.params[r..r + 8].copy_from_slice(&(v + me.base).to_le_bytes());
-                            }
-                            Item::Kernel { f, launch: l }
+                        Work::Kernel(l) => {
+                            let (f, launch) = me.relocate(&funcs, l)?;
+                            Item::Kernel { f, launch }
                         }
                     });
                 }
@@ -152,6 +173,9 @@ impl CudaExec {
             me.items.push(steps);
         }
         me.graphs = (0..program.entries.len()).map(|_| None).collect();
+        // Timing writes GEMM outputs (arena intermediates): before the states are zeroed.
+        me.tune(gemv)?;
+        me.zero_states()?;
         if !me.debug {
             for e in 0..program.entries.len() {
                 me.capture(e)?;
@@ -223,7 +247,17 @@ impl CudaExec {
         Ok(funcs)
     }
 
-    fn plan_gemm(&mut self, g: &Gemm) -> Result<usize> {
+    /// A kernel launch's function, with its parameters' addresses relocated into the allocation.
+    fn relocate(&self, funcs: &HashMap<String, sys::CUfunction>, mut l: Launch) -> Result<(sys::CUfunction, Launch)> {
+        let f = *funcs.get(&l.kernel).ok_or_else(|| err(format!("kernel {} is in no loaded module", l.kernel)))?;
+        for &r in &l.relocs {
+            let v = u64::from_le_bytes(l.params.get(r..r + 8).and_then(|b| b.try_into().ok()).ok_or_else(|| err("bad relocation"))?);
+            l.params[r..r + 8].copy_from_slice(&(v + self.base).to_le_bytes());
+        }
+        Ok((f, l))
+    }
+
+    fn plan_gemm(&mut self, g: Gemm, gemv: Option<(sys::CUfunction, Launch)>) -> Result<usize> {
         let dt = data_type(g.dtype)?;
         let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
         let desc = blas("desc", lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, ltsys::cudaDataType::CUDA_R_32F))?;
@@ -239,11 +273,15 @@ impl CudaExec {
                 std::mem::size_of_val(&op_t),
             )?;
         }
-        let (epi, bias) = match g.epilogue {
-            Epilogue::None => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
-            Epilogue::Bias(b) => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS, Some(b)),
-            Epilogue::GeluTanh => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU, None),
-            Epilogue::BiasGeluTanh(b) => (ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS, Some(b)),
+        use ltsys::cublasLtEpilogue_t as E;
+        let (epi, bias, residual) = match g.epilogue {
+            Epilogue::None => (E::CUBLASLT_EPILOGUE_DEFAULT, None, None),
+            Epilogue::Bias(b) => (E::CUBLASLT_EPILOGUE_BIAS, Some(b), None),
+            Epilogue::GeluTanh => (E::CUBLASLT_EPILOGUE_GELU, None, None),
+            Epilogue::BiasGeluTanh(b) => (E::CUBLASLT_EPILOGUE_GELU_BIAS, Some(b), None),
+            // D = A B + 1 * C (+ bias), with C the residual in D's layout.
+            Epilogue::Residual(r) => (E::CUBLASLT_EPILOGUE_DEFAULT, None, Some(r)),
+            Epilogue::BiasResidual { bias, residual } => (E::CUBLASLT_EPILOGUE_BIAS, Some(bias), Some(residual)),
         };
         set_desc(
             ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -288,80 +326,125 @@ impl CudaExec {
                 }
             }
         }
-        let pref = blas("preference", lt::create_matmul_pref())?;
-        let ws = GEMM_WORKSPACE as u64;
-        // SAFETY: a u64 attribute value; every handle is live.
-        let heur = unsafe {
-            blas(
-                "preference",
-                lt::set_matmul_pref_attribute(
-                    pref,
-                    ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &ws as *const _ as *const c_void,
-                    8,
-                ),
-            )?;
-            let h = lt::get_matmul_algo_heuristic(self.lt, desc, a, b, d, d, pref);
-            let _ = lt::destroy_matmul_pref(pref);
-            blas(&format!("no algorithm for {}x{}x{} {:?}", g.m, g.n, g.k, g.dtype), h)?
-        };
+        let algos = self.heuristic(desc, a, b, d)?;
+        if algos.is_empty() && gemv.is_none() {
+            return Err(err(format!("cuBLASLt has no algorithm for {}x{}x{} {:?}", g.m, g.n, g.k, g.dtype)));
+        }
+        let choice = if algos.is_empty() { Choice::Gemv } else { Choice::Lt(0) };
         self.gemms.push(PlannedGemm {
             desc,
             a,
             b,
             d,
-            algo: heur.algo,
+            algos,
             a_ptr: self.base + g.b,
             b_ptr: self.base + g.a,
-            c_ptr: self.base + g.c,
+            c_ptr: self.base + residual.unwrap_or(g.c),
+            d_ptr: self.base + g.c,
+            beta: if residual.is_some() { 1.0 } else { 0.0 },
+            gemv,
+            choice,
+            gemm: g,
         });
         Ok(self.gemms.len() - 1)
     }
 
-    fn issue(&self, item: &Item) -> Result<()> {
+    /// Up to [`ALGOS`] algorithms for a GEMM that fit the workspace, the heuristic's best first.
+    fn heuristic(
+        &self,
+        desc: ltsys::cublasLtMatmulDesc_t,
+        a: ltsys::cublasLtMatrixLayout_t,
+        b: ltsys::cublasLtMatrixLayout_t,
+        d: ltsys::cublasLtMatrixLayout_t,
+    ) -> Result<Vec<ltsys::cublasLtMatmulAlgo_t>> {
+        let pref = blas("preference", lt::create_matmul_pref())?;
+        let ws = GEMM_WORKSPACE as u64;
+        // SAFETY: zeroed results are plain data the call overwrites (it writes at most ALGOS
+        // of them and says how many); every handle is live; a u64 attribute value.
+        unsafe {
+            let mut results: [ltsys::cublasLtMatmulHeuristicResult_t; ALGOS] = std::mem::zeroed();
+            let mut found = 0i32;
+            let set = lt::set_matmul_pref_attribute(
+                pref,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const _ as *const c_void,
+                8,
+            );
+            let status =
+                ltsys::cublasLtMatmulAlgoGetHeuristic(self.lt, desc, a, b, d, d, pref, ALGOS as i32, results.as_mut_ptr(), &mut found);
+            let _ = lt::destroy_matmul_pref(pref);
+            blas("preference", set)?;
+            if status != ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                // No algorithm (CUBLAS_STATUS_NOT_SUPPORTED): the caller falls back or fails.
+                return Ok(Vec::new());
+            }
+            Ok(results[..(found.clamp(0, ALGOS as i32) as usize)]
+                .iter()
+                .filter(|r| r.state == ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= GEMM_WORKSPACE)
+                .map(|r| r.algo)
+                .collect())
+        }
+    }
+
+    /// Issues planned GEMM `i` as `choice`.
+    pub(super) fn issue_gemm(&self, i: usize, choice: Choice) -> Result<()> {
         let cu = self.stream.cu_stream();
-        match item {
-            Item::Gemm(i) => {
-                let g = &self.gemms[*i];
-                let (one, zero) = (1.0f32, 0.0f32);
+        let g = &self.gemms[i];
+        match choice {
+            Choice::Gemv => {
+                let (f, l) = g.gemv.as_ref().ok_or_else(|| err("GEMM without a GEMV chosen as one"))?;
+                self.launch(*f, l)
+            }
+            Choice::Lt(a) => {
+                let algo = g.algos.get(a).ok_or_else(|| err("no such cuBLASLt algorithm"))?;
+                let one = 1.0f32;
                 // SAFETY: descriptors planned at load for these pointers, all inside the
-                // allocation; the workspace is ours alone.
+                // allocation (C is D or a residual of D's layout); the workspace is ours alone.
                 blas("matmul", unsafe {
                     lt::matmul(
                         self.lt,
                         g.desc,
                         &one as *const f32 as *const c_void,
-                        &zero as *const f32 as *const c_void,
+                        &g.beta as *const f32 as *const c_void,
                         g.a_ptr as *const c_void,
                         g.a,
                         g.b_ptr as *const c_void,
                         g.b,
                         g.c_ptr as *const c_void,
                         g.d,
-                        g.c_ptr as *mut c_void,
+                        g.d_ptr as *mut c_void,
                         g.d,
-                        &g.algo,
+                        algo,
                         (self.base + self.layout.workspace as u64) as *mut c_void,
                         GEMM_WORKSPACE,
                         cu as ltsys::cudaStream_t,
                     )
                 })
             }
+        }
+    }
+
+    fn launch(&self, f: sys::CUfunction, launch: &Launch) -> Result<()> {
+        let mut params = launch.params.clone();
+        let mut args = [params.as_mut_ptr() as *mut c_void];
+        // SAFETY: every kernel takes one by-value struct whose bytes are `params` (layouts
+        // checked by tests in kiln-kernels); its addresses were relocated into the
+        // allocation; the driver copies parameters at launch (and at capture), so `params`
+        // may drop afterwards.
+        drv(&format!("launch {}", launch.kernel), unsafe {
+            dr::launch_kernel(f, launch.grid, (launch.block, 1, 1), launch.smem, self.stream.cu_stream(), &mut args)
+        })
+    }
+
+    fn issue(&self, item: &Item) -> Result<()> {
+        let cu = self.stream.cu_stream();
+        match item {
+            Item::Gemm(i) => self.issue_gemm(*i, self.gemms[*i].choice),
             Item::Zero { ptr, bytes } => {
                 // SAFETY: the range is an output operand inside the allocation.
                 drv("memset", unsafe { dr::memset_d8_async(*ptr, 0, *bytes, cu) })
             }
-            Item::Kernel { f, launch } => {
-                let mut params = launch.params.clone();
-                let mut args = [params.as_mut_ptr() as *mut c_void];
-                // SAFETY: every kernel takes one by-value struct whose bytes are `params`
-                // (layouts checked by tests in kiln-kernels); its addresses were relocated
-                // into the allocation; the driver copies parameters at launch (and at
-                // capture), so `params` may drop afterwards.
-                drv(&format!("launch {}", launch.kernel), unsafe {
-                    dr::launch_kernel(*f, launch.grid, (launch.block, 1, 1), launch.smem, cu, &mut args)
-                })
-            }
+            Item::Kernel { f, launch } => self.launch(*f, launch),
         }
     }
 
@@ -426,15 +509,34 @@ impl CudaExec {
                 drv("graph launch", unsafe { dr::graph::launch(g, cu) })?;
             }
             Some(times) => {
+                // Each step between two CUDA events, all queued at once: the GPU's time per
+                // step, without the launch latency a host timer would add to small kernels.
                 drv("sync", self.stream.synchronize())?;
-                for step in &self.items[entry] {
-                    let t = std::time::Instant::now();
-                    for item in step {
-                        self.issue(item)?;
+                let n = self.items[entry].len();
+                let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+                let events = (0..=n).map(|_| drv("cuEventCreate", dr::event::create(flags))).collect::<Result<Vec<_>>>()?;
+                let timed = (|| -> Result<()> {
+                    // SAFETY: live events of this context, recorded on our stream.
+                    drv("cuEventRecord", unsafe { dr::event::record(events[0], cu) })?;
+                    for (i, step) in self.items[entry].iter().enumerate() {
+                        for item in step {
+                            self.issue(item)?;
+                        }
+                        // SAFETY: as above.
+                        drv("cuEventRecord", unsafe { dr::event::record(events[i + 1], cu) })?;
                     }
                     drv("sync", self.stream.synchronize())?;
-                    times.push(t.elapsed().as_secs_f64());
+                    for w in events.windows(2) {
+                        // SAFETY: both events completed (the stream was synchronised).
+                        times.push(drv("cuEventElapsedTime", unsafe { dr::event::elapsed(w[0], w[1]) })? as f64 * 1e-3);
+                    }
+                    Ok(())
+                })();
+                for ev in events {
+                    // SAFETY: created above, destroyed once, no longer recorded.
+                    let _ = unsafe { dr::event::destroy(ev) };
                 }
+                timed?;
             }
         }
         for (io, out) in e.outputs.iter().zip(outputs.iter_mut()) {
@@ -458,7 +560,7 @@ impl CudaExec {
         if flag != [0; 4] {
             // SAFETY: as above.
             drv("memset", unsafe { dr::memset_d8_async(fp, 0, 4, cu) })?;
-            return Err(err("an index was out of range: a gather read outside its table (its output holds zeros there) or a write_slice position did not fit"));
+            return Err(err("an index was out of range: a gather or take-along-axis read outside its table (its output holds zeros there), a scatter-add index fell outside its target, or a write_slice position did not fit"));
         }
         Ok(())
     }

@@ -5,9 +5,10 @@
 
 mod index;
 
+pub use super::gemm::{epilogue_kind, EpilogueKind};
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Operand, Program, Slot, Step};
-use kiln_graph::{BinaryOp, DType, Expr, Instr, MaskKind, Op, ReduceOp, TensorType, UnaryOp};
+use kiln_graph::{DType, Expr, Instr, MaskKind, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
     self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK,
 };
@@ -45,6 +46,12 @@ pub enum Epilogue {
     Bias(u64),
     GeluTanh,
     BiasGeluTanh(u64),
+    /// `+ residual[m, n]`: cuBLASLt's C operand (the output's layout) with beta = 1.
+    Residual(u64),
+    BiasResidual {
+        bias: u64,
+        residual: u64,
+    },
 }
 
 /// A row-major batched GEMM `c = a @ b` (or `a @ b^T`), offsets in the allocation.
@@ -63,6 +70,9 @@ pub struct Gemm {
     pub a_stride: usize,
     pub b_stride: usize,
     pub epilogue: Epilogue,
+    /// The small-M GEMV launch computing the same (`super::gemm`), where it applies: the
+    /// executor times both at load and keeps the faster.
+    pub gemv: Option<Launch>,
 }
 
 /// A kernel launch: the parameter block is a `#[repr(C)]` struct's bytes, and `relocs` are
@@ -168,46 +178,19 @@ fn contiguous(shape: &[usize]) -> Vec<usize> {
     st
 }
 
-fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+pub(super) fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
     // SAFETY: T is one of kiln's `#[repr(C)]` parameter structs: plain integers and floats, no
     // padding bytes that would be uninitialised (every struct pads with explicit fields).
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
 }
 
 /// The byte offset of field `f` inside `base` (both references into the same struct).
-fn off_of<T, F>(base: &T, f: &F) -> usize {
+pub(super) fn off_of<T, F>(base: &T, f: &F) -> usize {
     f as *const F as usize - base as *const T as usize
 }
 
 fn grid1(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(kc::BLOCK as usize).clamp(1, 65535 * 8) as u32, 1, 1)
-}
-
-fn matches_bias(e: &Expr) -> bool {
-    let i = &e.instrs;
-    i.len() == 3
-        && matches!(
-            (i[0], i[1], i[2]),
-            (Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Add, 0, 1) | Instr::Binary(BinaryOp::Add, 1, 0))
-                | (Instr::Input(1), Instr::Input(0), Instr::Binary(BinaryOp::Add, 0, 1) | Instr::Binary(BinaryOp::Add, 1, 0))
-        )
-}
-
-/// Which cuBLASLt epilogue a matmul's fused expression is, if any (bias over the last axis,
-/// GELU-tanh, or both).
-pub fn epilogue_kind(e: &Expr, extra: &[TensorType], n: usize) -> Option<&'static str> {
-    let bias_ok = extra.len() == 1 && extra[0].numel() == n && extra[0].shape.last() == Some(&n);
-    let i = &e.instrs;
-    if i == &[Instr::Input(0), Instr::Unary(UnaryOp::GeluTanh, 0)] && extra.is_empty() {
-        return Some("gelu_tanh");
-    }
-    if bias_ok && matches_bias(e) {
-        return Some("bias");
-    }
-    if bias_ok && i.len() == 4 && matches_bias(&Expr { instrs: i[..3].to_vec() }) && i[3] == Instr::Unary(UnaryOp::GeluTanh, 2) {
-        return Some("bias_gelu_tanh");
-    }
-    None
 }
 
 /// Attention: (use the tensor-core prefill, split-K scratch bytes, splits).
@@ -243,8 +226,8 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
             let tb = if *transpose_b { "_tb" } else { "" };
             match epilogue {
                 None => format!("cublaslt.gemm_{t}{tb}"),
-                Some(e) => match epilogue_kind(e, &inputs[2..], out.shape[out.rank() - 1]) {
-                    Some(kind) => format!("cublaslt.gemm_{t}{tb}+{kind}"),
+                Some(e) => match epilogue_kind(e, &inputs[2..], out) {
+                    Some(kind) => format!("cublaslt.gemm_{t}{tb}+{}", kind.name()),
                     None => {
                         let mut ins = vec![out.dtype];
                         ins.extend(inputs[2..].iter().map(|t| t.dtype));
@@ -326,9 +309,8 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
         for s in &e.steps {
             let (expr, ins) = match &s.op {
                 Op::MatMul { epilogue: Some(ep), .. } => {
-                    let n = *s.output.ty.shape.last().unwrap_or(&1);
                     let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
-                    if epilogue_kind(ep, &extra, n).is_some() {
+                    if epilogue_kind(ep, &extra, &s.output.ty).is_some() {
                         continue;
                     }
                     let mut ins = vec![s.output.ty.dtype];
@@ -446,19 +428,19 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
                 a_stride,
                 b_stride,
                 epilogue: Epilogue::None,
+                gemv: None,
             };
             let mut work = Vec::new();
-            match epilogue.as_ref().map(|e| (e, epilogue_kind(e, &extra, nn))) {
+            match epilogue.as_ref().map(|e| (e, epilogue_kind(e, &extra, out_ty))) {
                 None => {}
-                Some((_, Some("bias"))) => g.epilogue = Epilogue::Bias(ins[2]),
-                Some((_, Some("gelu_tanh"))) => g.epilogue = Epilogue::GeluTanh,
-                Some((_, Some(_))) => g.epilogue = Epilogue::BiasGeluTanh(ins[2]),
+                Some((_, Some(kind))) => g.epilogue = kind.epilogue(&ins[2..]),
                 Some((e, None)) => {
                     let mut list: Vec<(u64, &TensorType)> = vec![(out, out_ty)];
                     list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
                     work.push(fused_launch(e, &list, (out, out_ty))?);
                 }
             }
+            g.gemv = super::gemm::gemv_launch(&g);
             work.insert(0, Work::Gemm(g));
             work.splice(0..0, pre);
             work
@@ -712,7 +694,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_graph::Attention;
+    use kiln_graph::{Attention, BinaryOp, UnaryOp};
 
     fn tt(d: DType, s: &[usize]) -> TensorType {
         TensorType::new(d, s.to_vec())

@@ -6,11 +6,16 @@
 //! artifact ([`Program::binaries`]), so loading needs only the driver. Without stored
 //! CUBINs, loading compiles them with NVRTC.
 //!
+//! GEMMs with at most 8 rows (decode) can run as kiln's own GEMV instead ([`gemm`]): the
+//! executor times both at load and keeps the faster ([`tune`]).
+//!
 //! Status: the lowering ([`lower`]) and kernel compilation are tested without a GPU; the
-//! executor ([`exec`]) has not yet run on one (scripts/device_cuda.sh is its first test).
+//! executor ([`exec`]) runs on a GPU only (scripts/device_cuda.sh).
 
 pub mod exec;
+pub mod gemm;
 pub mod lower;
+pub mod tune;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
@@ -27,11 +32,14 @@ pub const DEFAULT_ARCH: &str = "sm_90a";
 pub struct CudaBackend {
     /// `sm_90a`, ...
     pub arch: String,
+    /// Whether kiln's GEMV replaces cuBLASLt for small-M GEMMs; `None`: `KILN_CUDA_GEMV`
+    /// (`off`, `on`, `auto`; default auto: whichever measures faster at load).
+    pub gemv: Option<tune::GemvMode>,
 }
 
 impl Default for CudaBackend {
     fn default() -> Self {
-        CudaBackend { arch: DEFAULT_ARCH.into() }
+        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: None }
     }
 }
 
@@ -118,8 +126,9 @@ impl Backend for CudaBackend {
         } else {
             stored
         };
+        let gemv = self.gemv.map_or_else(tune::GemvMode::from_env, Ok)?;
         let (program, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at)?))
+        Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at, gemv)?))
     }
 }
 

@@ -1,0 +1,345 @@
+//! The matmul side of the lowering: which fused epilogues a GEMM applies itself (cuBLASLt's
+//! bias and GELU epilogues, a residual read as its C operand with beta = 1), and the
+//! small-M GEMV kernel (`kiln_kernels::cuda::gemv`) a GEMM can run as instead.
+
+use super::lower::{bytes_of, off_of, Epilogue, Gemm, Launch};
+use kiln_graph::{BinaryOp, DType, Expr, Instr, TensorType, UnaryOp};
+use kiln_kernels::cuda::gemv::{self, GemvParams};
+
+/// An epilogue the GEMM applies itself: `acc (+ bias[n]) (then GELU-tanh)`, or
+/// `acc (+ bias[n]) + residual[m, n]`. The indices name the matmul's extra inputs (its
+/// inputs after `a` and `b`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpilogueKind {
+    pub bias: Option<usize>,
+    pub gelu: bool,
+    pub residual: Option<usize>,
+}
+
+impl EpilogueKind {
+    /// The name `kernel_for` appends (`cublaslt.gemm_bf16_tb+bias+residual`).
+    pub fn name(&self) -> &'static str {
+        match (self.bias.is_some(), self.gelu, self.residual.is_some()) {
+            (true, false, false) => "bias",
+            (false, true, false) => "gelu_tanh",
+            (true, true, false) => "bias_gelu_tanh",
+            (false, false, true) => "residual",
+            (true, false, true) => "bias+residual",
+            _ => "none",
+        }
+    }
+
+    /// The GEMM's epilogue, given the device addresses of the extra inputs.
+    pub fn epilogue(&self, extra: &[u64]) -> Epilogue {
+        match (self.bias.map(|i| extra[i]), self.gelu, self.residual.map(|i| extra[i])) {
+            (Some(b), false, None) => Epilogue::Bias(b),
+            (None, true, None) => Epilogue::GeluTanh,
+            (Some(b), true, None) => Epilogue::BiasGeluTanh(b),
+            (None, false, Some(r)) => Epilogue::Residual(r),
+            (Some(bias), false, Some(residual)) => Epilogue::BiasResidual { bias, residual },
+            _ => Epilogue::None,
+        }
+    }
+}
+
+/// Collects the leaves of the tree of additions rooted at `root`; false when the tree holds
+/// anything else or an instruction is read twice.
+fn sum_leaves(instrs: &[Instr], root: usize, leaves: &mut Vec<u16>, seen: &mut [bool]) -> bool {
+    if root >= instrs.len() || seen[root] {
+        return false;
+    }
+    seen[root] = true;
+    match instrs[root] {
+        Instr::Input(k) => {
+            leaves.push(k);
+            true
+        }
+        Instr::Binary(BinaryOp::Add, a, b) => {
+            (a as usize) < root
+                && (b as usize) < root
+                && sum_leaves(instrs, a as usize, leaves, seen)
+                && sum_leaves(instrs, b as usize, leaves, seen)
+        }
+        _ => false,
+    }
+}
+
+/// Which epilogue a matmul's fused expression `e` is, if the GEMM can apply it: a sum of the
+/// product (`Input(0)`) with a bias over the last axis and / or a residual of the output's
+/// shape (`Input(k)` reads `extra[k - 1]`), in any order and association the fusion passes
+/// emit; or GELU-tanh of the product or of product + bias. Every extra input must have the
+/// output's dtype.
+pub fn epilogue_kind(e: &Expr, extra: &[TensorType], out: &TensorType) -> Option<EpilogueKind> {
+    let i = &e.instrs;
+    let last = i.len().checked_sub(1)?;
+    let (root, gelu) = match i[last] {
+        Instr::Unary(UnaryOp::GeluTanh, x) if x as usize + 1 == last => (x as usize, true),
+        _ => (last, false),
+    };
+    let (mut leaves, mut seen) = (Vec::new(), vec![false; i.len()]);
+    // Every instruction up to the root is part of the tree, read once.
+    if !sum_leaves(i, root, &mut leaves, &mut seen) || seen.iter().filter(|&&s| s).count() != root + 1 {
+        return None;
+    }
+    if leaves.iter().filter(|&&k| k == 0).count() != 1 {
+        return None;
+    }
+    let others: Vec<usize> = leaves.iter().filter(|&&k| k != 0).map(|&k| k as usize - 1).collect();
+    if others.len() != extra.len() || others.iter().any(|&j| j >= extra.len()) || (others.len() == 2 && others[0] == others[1]) {
+        return None;
+    }
+    if extra.iter().any(|t| t.dtype != out.dtype) {
+        return None;
+    }
+    let n = *out.shape.last()?;
+    let bias_like = |j: usize| extra[j].numel() == n && extra[j].shape.last() == Some(&n);
+    // Same element count as the output and broadcastable to it: the same layout.
+    let full = |j: usize| extra[j].numel() == out.numel();
+    let kind = |bias, residual| Some(EpilogueKind { bias, gelu, residual });
+    match (others.as_slice(), gelu) {
+        ([], true) => kind(None, None),
+        (&[j], _) if bias_like(j) => kind(Some(j), None),
+        (&[j], false) if full(j) => kind(None, Some(j)),
+        (&[p, q], false) if bias_like(p) && full(q) => kind(Some(p), Some(q)),
+        (&[p, q], false) if bias_like(q) && full(p) => kind(Some(q), Some(p)),
+        _ => None,
+    }
+}
+
+/// The GEMV launch that computes `g` (a single `[m, k] x [n, k]^T` product with `m <= 8`,
+/// 16-byte rows and bases), or `None` where only cuBLASLt applies.
+pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
+    let suffix = match g.dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => return None,
+    };
+    if g.batch != 1 || !g.transpose_b || !g.a.is_multiple_of(16) || !g.b.is_multiple_of(16) {
+        return None;
+    }
+    let plan = gemv::plan(suffix, g.m, g.n, g.k)?;
+    let (flags, bias, res) = match g.epilogue {
+        Epilogue::None => (0, 0, 0),
+        Epilogue::Bias(b) => (gemv::BIAS, b, 0),
+        Epilogue::GeluTanh => (gemv::GELU, 0, 0),
+        Epilogue::BiasGeluTanh(b) => (gemv::BIAS | gemv::GELU, b, 0),
+        Epilogue::Residual(r) => (gemv::RESIDUAL, 0, r),
+        Epilogue::BiasResidual { bias, residual } => (gemv::BIAS | gemv::RESIDUAL, bias, residual),
+    };
+    let es = g.dtype.size() as u64;
+    if !g.c.is_multiple_of(es) || !bias.is_multiple_of(es) || !res.is_multiple_of(es) {
+        return None;
+    }
+    let p = GemvParams {
+        a: g.a,
+        b: g.b,
+        out: g.c,
+        bias,
+        res,
+        m: g.m as i32,
+        n: g.n as i32,
+        k: g.k as i32,
+        flags,
+        kchunks: plan.kchunks,
+        pad: 0,
+    };
+    let mut relocs = vec![off_of(&p, &p.a), off_of(&p, &p.b), off_of(&p, &p.out)];
+    if flags & gemv::BIAS != 0 {
+        relocs.push(off_of(&p, &p.bias));
+    }
+    if flags & gemv::RESIDUAL != 0 {
+        relocs.push(off_of(&p, &p.res));
+    }
+    Some(Launch {
+        module: "gemv".into(),
+        kernel: plan.kernel,
+        grid: (plan.grid, 1, 1),
+        block: plan.block,
+        smem: 0,
+        params: bytes_of(&p),
+        relocs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::lower::{kernel_for, lower_step, Layout, Work};
+    use super::*;
+    use kiln_graph::passes::Pipeline;
+    use kiln_graph::program::{Operand, Slot, Step};
+    use kiln_graph::{Graph, Op};
+
+    fn tt(d: DType, s: &[usize]) -> TensorType {
+        TensorType::new(d, s.to_vec())
+    }
+
+    /// The matmul epilogues the standard pipeline leaves in `g`, with their extra inputs'
+    /// types and the output type.
+    fn fused(g: &Graph) -> Vec<(Expr, Vec<TensorType>, TensorType)> {
+        let opt = Pipeline::standard().run(g, None).unwrap();
+        opt.nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                Op::MatMul { epilogue: Some(e), .. } => {
+                    Some((e.clone(), n.inputs[2..].iter().map(|&i| opt.ty(i).clone()).collect(), n.ty.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A SigLIP-like block: `x + (ln(x) @ w^T + b)` with the residual on either side, and
+    /// `x + y @ w^T` without a bias.
+    fn block(dt: DType, rows: &[usize], residual_first: bool, bias: bool) -> Graph {
+        let d = 96;
+        let mut g = Graph::new();
+        let mut shape = rows.to_vec();
+        shape.push(d);
+        let x = g.input("x", dt, &shape).unwrap();
+        let s = g.weight("s", dt, &[d]).unwrap();
+        let bb = g.weight("bb", dt, &[d]).unwrap();
+        let w = g.weight("w", dt, &[d, d]).unwrap();
+        let b = g.weight("b", dt, &[d]).unwrap();
+        let h = g.layer_norm(x, s, bb, 1e-6).unwrap();
+        let mut y = g.matmul(h, w, true).unwrap();
+        if bias {
+            y = g.add(y, b).unwrap();
+        }
+        let y = if residual_first { g.add(x, y).unwrap() } else { g.add(y, x).unwrap() };
+        g.output("y", y);
+        g
+    }
+
+    #[test]
+    fn residuals_the_pipeline_emits_are_recognised() {
+        for dt in [DType::BF16, DType::F32] {
+            for rows in [&[2usize, 64][..], &[1, 1], &[5]] {
+                for residual_first in [true, false] {
+                    for bias in [true, false] {
+                        let f = fused(&block(dt, rows, residual_first, bias));
+                        assert_eq!(f.len(), 1, "{rows:?}");
+                        let (e, extra, out) = &f[0];
+                        let k = epilogue_kind(e, extra, out).unwrap_or_else(|| panic!("{e:?} {extra:?} not recognised"));
+                        let m: usize = rows.iter().product();
+                        if m == 1 && !bias {
+                            // One row: the residual is indistinguishable from (and runs as) a bias.
+                            assert_eq!(k.name(), "bias");
+                        } else {
+                            assert_eq!(k.name(), if bias { "bias+residual" } else { "residual" }, "{e:?}");
+                        }
+                        let mut ins = vec![tt(dt, &[m, 96]), tt(dt, &[96, 96])];
+                        ins.extend(extra.iter().cloned());
+                        let name = kernel_for(&Op::MatMul { transpose_b: true, epilogue: Some(e.clone()) }, &ins, out).unwrap();
+                        assert!(name.starts_with("cublaslt.gemm_") && name.ends_with(k.name()), "{name}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_exact_instruction_patterns() {
+        use Instr::{Binary, Input, Unary};
+        let add = |a, b| Binary(BinaryOp::Add, a, b);
+        let out = tt(DType::BF16, &[4, 8]);
+        let (bias, res) = (tt(DType::BF16, &[8]), tt(DType::BF16, &[4, 8]));
+        let k =
+            |instrs: Vec<Instr>, extra: &[TensorType]| epilogue_kind(&Expr { instrs }, extra, &out).map(|k| (k.bias, k.gelu, k.residual));
+        // (acc + b) + r, r + (acc + b), (acc + r) + b, acc + (b + r)
+        assert_eq!(
+            k(vec![Input(0), Input(1), add(0, 1), Input(2), add(2, 3)], &[bias.clone(), res.clone()]),
+            Some((Some(0), false, Some(1)))
+        );
+        assert_eq!(
+            k(vec![Input(0), Input(1), add(0, 1), Input(2), add(3, 2)], &[bias.clone(), res.clone()]),
+            Some((Some(0), false, Some(1)))
+        );
+        assert_eq!(
+            k(vec![Input(0), Input(1), add(1, 0), Input(2), add(2, 3)], &[res.clone(), bias.clone()]),
+            Some((Some(1), false, Some(0)))
+        );
+        assert_eq!(
+            k(vec![Input(1), Input(2), add(0, 1), Input(0), add(3, 2)], &[bias.clone(), res.clone()]),
+            Some((Some(0), false, Some(1)))
+        );
+        assert_eq!(k(vec![Input(1), Input(0), add(0, 1)], std::slice::from_ref(&res)), Some((None, false, Some(0))));
+        assert_eq!(
+            k(vec![Input(0), Input(1), add(0, 1), Unary(UnaryOp::GeluTanh, 2)], std::slice::from_ref(&bias)),
+            Some((Some(0), true, None))
+        );
+        assert_eq!(k(vec![Input(0), Unary(UnaryOp::GeluTanh, 0)], &[]), Some((None, true, None)));
+        // Not a GEMM epilogue: a residual under GELU, the product twice, two residuals, a
+        // residual of another dtype or shape, a multiplication.
+        assert_eq!(k(vec![Input(0), Input(1), add(0, 1), Unary(UnaryOp::GeluTanh, 2)], std::slice::from_ref(&res)), None);
+        assert_eq!(k(vec![Input(0), Input(1), add(0, 1), Input(0), add(2, 3)], std::slice::from_ref(&res)), None);
+        assert_eq!(k(vec![Input(0), Input(1), add(0, 1), Input(2), add(2, 3)], &[res.clone(), res.clone()]), None);
+        assert_eq!(k(vec![Input(0), Input(1), add(0, 1)], &[tt(DType::F32, &[4, 8])]), None);
+        assert_eq!(k(vec![Input(0), Input(1), add(0, 1)], &[tt(DType::BF16, &[4, 1])]), None);
+        assert_eq!(k(vec![Input(0), Input(1), Binary(BinaryOp::Mul, 0, 1)], std::slice::from_ref(&res)), None);
+    }
+
+    fn matmul_step(dt: DType, m: usize, n: usize, k: usize, epilogue: Option<Expr>, extra: &[TensorType]) -> Step {
+        let op = |offset: usize, ty: TensorType| Operand { slot: Slot::Arena { offset, bytes: ty.bytes() }, ty };
+        let mut inputs = vec![op(0, tt(dt, &[m, k])), op(1 << 20, tt(dt, &[n, k]))];
+        for (i, t) in extra.iter().enumerate() {
+            inputs.push(op((3 + i) << 20, t.clone()));
+        }
+        Step {
+            node: 0,
+            op: Op::MatMul { transpose_b: true, epilogue },
+            kernel: String::new(),
+            inputs,
+            output: op(2 << 20, tt(dt, &[m, n])),
+        }
+    }
+
+    #[test]
+    fn a_residual_gemm_carries_c_and_a_gemv() {
+        let e = Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Input(1),
+                Instr::Binary(BinaryOp::Add, 0, 1),
+                Instr::Input(2),
+                Instr::Binary(BinaryOp::Add, 3, 2),
+            ],
+        };
+        let extra = [tt(DType::BF16, &[2304]), tt(DType::BF16, &[3, 2304])];
+        let s = matmul_step(DType::BF16, 3, 2304, 9216, Some(e), &extra);
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        assert_eq!(w.len(), 1, "no separate epilogue kernel");
+        let Work::Gemm(g) = &w[0] else { panic!() };
+        assert_eq!(g.epilogue, Epilogue::BiasResidual { bias: 3 << 20, residual: 4 << 20 });
+        let l = g.gemv.as_ref().expect("a GEMV option");
+        assert_eq!(l.kernel, "gemv_tb_bf16");
+        assert_eq!(l.relocs.len(), 5);
+        let read = |at: usize| u64::from_le_bytes(l.params[at..at + 8].try_into().unwrap());
+        assert_eq!(l.relocs.iter().map(|&r| read(r)).collect::<Vec<_>>(), [0, 1 << 20, 2 << 20, 3 << 20, 4 << 20]);
+        let p: GemvParams = unsafe { std::ptr::read_unaligned(l.params.as_ptr() as *const GemvParams) };
+        assert_eq!((p.m, p.n, p.k, p.flags), (3, 2304, 9216, gemv::BIAS | gemv::RESIDUAL));
+        assert_eq!(l.grid.0 as usize * 16, 2304);
+    }
+
+    #[test]
+    fn the_gemv_applies_to_small_aligned_transposed_products_only() {
+        let gemv = |dt, m, n, k| {
+            let w = lower_step(&matmul_step(dt, m, n, k, None, &[]), &Layout::default()).unwrap();
+            let Work::Gemm(g) = &w[0] else { panic!() };
+            g.gemv.as_ref().map(|l| l.kernel.clone())
+        };
+        for m in 1..=8 {
+            assert_eq!(gemv(DType::BF16, m, 100, 72).as_deref(), Some("gemv_tb_bf16"));
+            assert_eq!(gemv(DType::F16, m, 2304, 1000).as_deref(), Some("gemv_tb_f16"));
+            assert_eq!(gemv(DType::F32, m, 7, 100), Some(format!("gemv_tb_f32_m{m}")));
+        }
+        assert_eq!(gemv(DType::BF16, 9, 100, 64), None, "M above 8");
+        assert_eq!(gemv(DType::BF16, 1, 100, 100), None, "rows of 200 bytes");
+        assert_eq!(gemv(DType::F32, 1, 100, 6), None, "rows of 24 bytes");
+        let mut s = matmul_step(DType::BF16, 1, 64, 64, None, &[]);
+        s.op = Op::MatMul { transpose_b: false, epilogue: None };
+        s.inputs[1].ty = tt(DType::BF16, &[64, 64]);
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        assert!(matches!(&w[0], Work::Gemm(g) if g.gemv.is_none()), "[K, N] weights: cuBLASLt");
+    }
+}
