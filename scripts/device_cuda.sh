@@ -41,7 +41,7 @@ for l in sys.stdin:
   KILN_CUDA_CACHE="$dist/cache" "$dist/kiln" kernels check --arch sm_90a | tail -1
   # One ahead-of-time artifact with its CUBINs (device_fixtures.py loads it with no NVRTC;
   # the other fixtures compile at load). One only: each holds every module's CUBIN (1.8 MB).
-  "$dist/kiln" compile tests/fixtures/siglip/siglip_full --backend cuda --arch sm_90a -o "$dist/siglip_full.kiln" > /dev/null
+  "$dist/kiln" compile tests/fixtures/siglip/siglip_full --batch 2 --backend cuda --arch sm_90a -o "$dist/siglip_full.kiln" > /dev/null
   tar czf dist/cuda.tgz -C dist cuda
   du -sh "$dist" dist/cuda.tgz
   echo "carry dist/cuda.tgz to the GPU machine (the device tool's carry limit is 64 MiB with the tree); 'run' unpacks it"
