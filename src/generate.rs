@@ -264,11 +264,14 @@ impl Generator {
     }
 }
 
+/// One program step's time: (kernel, op, seconds).
+pub type StepTime = (String, &'static str, f64);
+
 impl Generator {
     /// One decode step with each program step run and timed alone (`kiln generate
     /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
     /// the cache's last slot, so call it after a generation, not in the middle of one.
-    pub fn profile_decode(&mut self) -> Result<(Vec<(String, &'static str, f64)>, f64)> {
+    pub fn profile_decode(&mut self) -> Result<(Vec<StepTime>, f64)> {
         let (b, c) = (self.batch, self.capacity);
         let slot = c - 1;
         let ids = Tensor::from_i64(&[b, 1], &vec![self.pad; b]);
