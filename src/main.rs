@@ -61,6 +61,14 @@ enum Cmd {
         p: ProfileArgs,
         #[arg(short = 'o', long)]
         out: PathBuf,
+        /// A text model's generation program instead of `forward`: entries `prefill` (a prompt
+        /// bucket of --seq-len tokens) and `decode`, over a KV cache kept as persistent state.
+        #[arg(long)]
+        generate: bool,
+        /// With --generate: the most new tokens one generation makes (cache slots: the bucket
+        /// plus this).
+        #[arg(long, requires = "generate")]
+        max_new_tokens: Option<usize>,
     },
     /// Run a model folder or an artifact on inputs from a safetensors file.
     Run {
@@ -409,7 +417,8 @@ fn moe_parts(g: &kiln_graph::Graph) -> Vec<Option<bool>> {
 
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Compile { model, p, out } => {
+        Cmd::Compile { model, p, out, generate: true, max_new_tokens } => commands::compile_generation(&model, &p, max_new_tokens, &out),
+        Cmd::Compile { model, p, out, .. } => {
             let opts = profile(&p, None, None)?;
             let (c, secs) = progress("compiling", || {
                 let t = Instant::now();
