@@ -41,7 +41,8 @@ struct ProfileArgs {
     /// V-MoE batch-prioritized routing, true or false (overrides the config's batch_priority).
     #[arg(long)]
     moe_bpr: Option<bool>,
-    /// Token length of a text model's `forward` (run takes it from input_ids).
+    /// Token length of a text model's `forward` (run takes it from input_ids); with
+    /// `compile --generate`, the prompt bucket of `prefill`.
     #[arg(long)]
     seq_len: Option<usize>,
     /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
