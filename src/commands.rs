@@ -1,5 +1,5 @@
 //! The reporting commands of the CLI: `kiln inspect`, `kiln bench` (a model, or its kernels)
-//! and `kiln kernels check`.
+//! and `kiln kernels check`; and `kiln compile --generate`.
 
 use super::*;
 
@@ -225,4 +225,56 @@ pub(super) fn kernels_check(arch: &str, model: Option<&Path>, p: &ProfileArgs) -
 #[cfg(not(feature = "cuda"))]
 pub(super) fn kernels_check(_: &str, _: Option<&Path>, _: &ProfileArgs) -> Result<()> {
     Err(Error::Usage("this kiln was built without the `cuda` feature (cargo build --features cuda)".into()))
+}
+
+/// `kiln compile --generate`: a text model's generation program (prefill, decode and the KV
+/// cache states) for a bucket of `--seq-len` tokens, written as an artifact.
+pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: Option<usize>, out: &Path) -> Result<()> {
+    let opts = profile(p, None, None)?;
+    let bucket = p.seq_len.ok_or_else(|| Error::Usage("--generate needs --seq-len: the prompt bucket prefill is compiled for".into()))?;
+    let max_new = max_new_tokens.ok_or_else(|| {
+        Error::Usage("--generate needs --max-new-tokens: the most tokens one generation makes (it sizes the cache)".into())
+    })?;
+    if bucket == 0 {
+        return Err(Error::Usage("--seq-len must be at least 1".into()));
+    }
+    let (batch, dtype) = (opts.profile.batch, opts.profile.dtype);
+    let t = Instant::now();
+    let g = progress("compiling", || kiln::generate::generation_program(model, batch, bucket, max_new, &opts.backend, dtype))?;
+    let secs = t.elapsed().as_secs_f64();
+    #[allow(unused_mut)]
+    let mut program = g.program;
+    if program.backend == "cuda" {
+        #[cfg(feature = "cuda")]
+        progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut program, &p.arch))?;
+        println!("{} CUBINs for {} stored", program.binaries.len(), p.arch);
+    }
+    kiln_graph::artifact::save_file(out, &program)?;
+    println!("{}", program.model);
+    println!(
+        "compiled in {secs:.3} s: generation for batch {batch}, bucket {bucket}, up to {max_new} new tokens (cache {}): {} weights -> {}",
+        g.capacity,
+        program.weights.len(),
+        out.display()
+    );
+    for e in &program.entries {
+        let ios = |v: &[kiln_graph::program::Io]| {
+            let (states, plain): (Vec<_>, Vec<_>) = v.iter().partition(|io| program.state_index(&io.name).is_some());
+            let mut s: Vec<String> = plain.iter().map(|io| format!("{} {}", io.name, io.operand.ty)).collect();
+            if !states.is_empty() {
+                s.push(format!("{} states", states.len()));
+            }
+            s.join(", ")
+        };
+        println!("  entry {}: {} steps, arena {}", e.name, e.steps.len(), human(e.arena_bytes));
+        println!("    in:  {}", ios(&e.inputs));
+        println!("    out: {}", ios(&e.outputs));
+    }
+    let total: usize = program.states.iter().map(|s| s.ty.bytes()).sum();
+    println!("  {} states, {} in all (zeroed at load; reset before each generation):", program.states.len(), human(total));
+    for s in &program.states {
+        println!("    {} {}", s.name, s.ty);
+    }
+    println!("  eos {:?}, pad {}", g.eos, g.pad);
+    Ok(())
 }

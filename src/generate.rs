@@ -64,6 +64,75 @@ fn special_ids(dir: &Path, cfg: &kiln_models::gemma::GemmaConfig) -> (Vec<i64>, 
     (eos, pad)
 }
 
+/// A compiled generation program (entries `prefill` and `decode` sharing the KV cache, its
+/// persistent states) and what driving it takes: what [`Generator`] loads, and what
+/// `kiln compile --generate` writes as an artifact.
+pub struct GenerationProgram {
+    pub program: Program,
+    /// Cache slots: the bucket plus the most tokens one call can generate.
+    pub capacity: usize,
+    pub vocab: usize,
+    /// The ids generation stops at, and the id finished rows are padded with.
+    pub eos: Vec<i64>,
+    pub pad: i64,
+    /// PaliGemma: the image token, how many of them each row must hold, the pixel_values type.
+    pub image: Option<(i64, usize, kiln_graph::TensorType)>,
+    /// Added to every position id (PaliGemma's positions are 1-indexed).
+    pub position_offset: i64,
+}
+
+/// Compiles the text model in `dir` to a generation program for `batch` rows, a prompt bucket
+/// of `bucket` tokens and up to `max_new_tokens` new tokens per call, on `backend`, computing
+/// in `dtype`. `prefill` takes the left-padded bucket (`input_ids`, `attention_mask`,
+/// `position_ids` `[B, bucket]`) and fills the cache; `decode` takes one token per row, the
+/// mask over the whole cache `[B, capacity]`, its positions and the `cache_position` slot it
+/// writes. Both return the last position's `logits [B, 1, V]`; the cache is their inputs and
+/// outputs named `cache.{layer}.key` / `.value`, bound to the program's states.
+pub fn generation_program(
+    dir: &Path,
+    batch: usize,
+    bucket: usize,
+    max_new_tokens: usize,
+    backend: &str,
+    dtype: DType,
+) -> Result<GenerationProgram> {
+    if max_new_tokens == 0 {
+        return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
+    }
+    let capacity = bucket + max_new_tokens;
+    let profile = Profile { batch, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
+    let g = kiln_models::build_generation(dir, &profile, capacity)?;
+    let be = kiln_runtime::by_name(backend)?;
+    let mut program = Program {
+        model: g.description.clone(),
+        backend: be.name().to_string(),
+        source: dir.display().to_string(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect(),
+        binaries: vec![],
+    };
+    for (name, graph) in [("prefill", &g.prefill), ("decode", &g.decode)] {
+        let graph = compile_passes(graph, be.as_ref())?;
+        let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
+            be.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
+        };
+        let (entry, _, _) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
+        program.entries.push(entry);
+    }
+    let (eos, pad) = special_ids(dir, g.model.text());
+    let (image, position_offset) = match &g.model {
+        kiln_models::TextModel::Gemma(_) => (None, 0),
+        kiln_models::TextModel::PaliGemma(p) => {
+            let v = &p.vision;
+            let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
+            (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
+        }
+    };
+    Ok(GenerationProgram { program, capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset })
+}
+
 impl Generator {
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
     /// `max_new_tokens` new tokens per call, and loads it on `backend`.
@@ -74,42 +143,10 @@ impl Generator {
     /// [`Generator::new`] computing in `dtype` (f32, or bf16 on the GPU backends: weights,
     /// activations and the KV cache in bf16; logits are read back as f32).
     pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
-        if max_new_tokens == 0 {
-            return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
-        }
-        let capacity = bucket + max_new_tokens;
-        let profile = Profile { batch, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
-        let g = kiln_models::build_generation(dir, &profile, capacity)?;
-        let be = kiln_runtime::by_name(backend)?;
-        let mut program = Program {
-            model: g.description.clone(),
-            backend: be.name().to_string(),
-            source: dir.display().to_string(),
-            weights: vec![],
-            constants: vec![],
-            entries: vec![],
-            states: g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect(),
-            binaries: vec![],
-        };
-        for (name, graph) in [("prefill", &g.prefill), ("decode", &g.decode)] {
-            let graph = compile_passes(graph, be.as_ref())?;
-            let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
-                be.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
-            };
-            let (entry, _, _) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
-            program.entries.push(entry);
-        }
-        let session = Session::new(program, Arc::new(WeightStore::open(dir)?))?;
-        let (eos, pad) = special_ids(dir, g.model.text());
-        let (image, position_offset) = match &g.model {
-            kiln_models::TextModel::Gemma(_) => (None, 0),
-            kiln_models::TextModel::PaliGemma(p) => {
-                let v = &p.vision;
-                let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
-                (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
-            }
-        };
-        Ok(Generator { session, batch, bucket, capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset })
+        let g = generation_program(dir, batch, bucket, max_new_tokens, backend, dtype)?;
+        let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
+        let GenerationProgram { capacity, vocab, eos, pad, image, position_offset, .. } = g;
+        Ok(Generator { session, batch, bucket, capacity, vocab, eos, pad, image, position_offset })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);

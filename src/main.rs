@@ -41,7 +41,8 @@ struct ProfileArgs {
     /// V-MoE batch-prioritized routing, true or false (overrides the config's batch_priority).
     #[arg(long)]
     moe_bpr: Option<bool>,
-    /// Token length of a text model's `forward` (run takes it from input_ids).
+    /// Token length of a text model's `forward` (run takes it from input_ids); with
+    /// `compile --generate`, the prompt bucket of `prefill`.
     #[arg(long)]
     seq_len: Option<usize>,
     /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
@@ -61,6 +62,14 @@ enum Cmd {
         p: ProfileArgs,
         #[arg(short = 'o', long)]
         out: PathBuf,
+        /// A text model's generation program instead of `forward`: entries `prefill` (a prompt
+        /// bucket of --seq-len tokens) and `decode`, over a KV cache kept as persistent state.
+        #[arg(long)]
+        generate: bool,
+        /// With --generate: the most new tokens one generation makes (cache slots: the bucket
+        /// plus this).
+        #[arg(long, requires = "generate")]
+        max_new_tokens: Option<usize>,
     },
     /// Run a model folder or an artifact on inputs from a safetensors file.
     Run {
@@ -409,7 +418,8 @@ fn moe_parts(g: &kiln_graph::Graph) -> Vec<Option<bool>> {
 
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Compile { model, p, out } => {
+        Cmd::Compile { model, p, out, generate: true, max_new_tokens } => commands::compile_generation(&model, &p, max_new_tokens, &out),
+        Cmd::Compile { model, p, out, .. } => {
             let opts = profile(&p, None, None)?;
             let (c, secs) = progress("compiling", || {
                 let t = Instant::now();

@@ -148,3 +148,37 @@ fn paligemma_needs_its_image_and_its_image_tokens() {
     ids[16] = 2;
     assert!(g.generate(&ids, &[1; 20], 20, 2, Some(&px)).is_ok());
 }
+
+/// Runs the kiln binary: (exit success, stdout, stderr).
+fn kiln(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `kiln compile --generate` writes prefill, decode and the KV cache states as an artifact,
+/// and says clearly when the model is not a text model or the bucket is missing.
+#[test]
+fn compile_generate_writes_an_artifact_and_names_bad_arguments() {
+    let dir = common::gemma_case("gemma2_gqa");
+    let out = std::env::temp_dir().join(format!("kiln-gerr-generate-{}.kiln", std::process::id()));
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["compile", d, "--generate", "--seq-len", "8", "--max-new-tokens", "3", "--batch", "2", "-o", o];
+    let (ok, stdout, stderr) = kiln(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("entry prefill") && stdout.contains("entry decode") && stdout.contains("cache.0.key"), "{stdout}");
+    let p = kiln_graph::artifact::load_file(&out).expect("the artifact loads");
+    let _ = std::fs::remove_file(&out);
+    let names: Vec<&str> = p.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["prefill", "decode"]);
+    assert_eq!(p.states.len(), 8, "two per layer");
+    assert_eq!(p.states[0].ty.shape.to_vec(), [2, 11, 2, 32], "[batch, bucket + new tokens, kv heads, head dim]");
+
+    let (ok, _, stderr) = kiln(&["compile", d, "--generate", "--max-new-tokens", "3", "-o", o]);
+    assert!(!ok && stderr.contains("--generate needs --seq-len"), "{stderr}");
+    let (ok, _, stderr) = kiln(&["compile", d, "--generate", "--seq-len", "8", "-o", o]);
+    assert!(!ok && stderr.contains("--generate needs --max-new-tokens"), "{stderr}");
+    let vit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/vit_map_learn");
+    let (ok, _, stderr) = kiln(&["compile", vit.to_str().unwrap(), "--generate", "--seq-len", "8", "--max-new-tokens", "3", "-o", o]);
+    assert!(!ok && stderr.contains("generation needs a Gemma"), "{stderr}");
+    assert!(!out.exists(), "no artifact written on an error");
+}

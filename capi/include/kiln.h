@@ -73,8 +73,8 @@ typedef enum KilnDtype {
 // An open session: what `KilnSession*` points to. Opaque to C.
 typedef struct KilnSession KilnSession;
 
-// One input or output of an entry, as declared by the artifact. The pointers are owned by
-// the session and stay valid until `kiln_session_close`.
+// One input or output of an entry, or one persistent state, as declared by the artifact.
+// The pointers are owned by the session and stay valid until `kiln_session_close`.
 typedef struct KilnIoInfo {
   // The name, NUL-terminated (`pixel_values`, `last_hidden_state`, ...).
   const char *name;
@@ -95,9 +95,10 @@ typedef struct KilnInput {
   const char *name;
   // Must equal the declared dtype.
   enum KilnDtype dtype;
-  // `bytes` readable bytes (may be NULL only when `bytes` is 0).
+  // `bytes` readable bytes (may be NULL only when `bytes` is 0). NULL with `bytes` 0 for
+  // an input named like a state: the state is read in place.
   const void *data;
-  // Must equal the declared size in bytes.
+  // Must equal the declared size in bytes (or be 0 with `data` NULL, for a state).
   size_t bytes;
 } KilnInput;
 
@@ -108,9 +109,10 @@ typedef struct KilnOutput {
   const char *name;
   // Must equal the declared dtype.
   enum KilnDtype dtype;
-  // `bytes` writable bytes (may be NULL only when `bytes` is 0).
+  // `bytes` writable bytes (may be NULL only when `bytes` is 0). NULL with `bytes` 0 for
+  // an output named like a state: it is only stored in the state.
   void *data;
-  // Must equal the declared size in bytes.
+  // Must equal the declared size in bytes (or be 0 with `data` NULL, for a state).
   size_t bytes;
 } KilnOutput;
 
@@ -198,8 +200,15 @@ enum KilnStatus kiln_session_output_info(const struct KilnSession *session,
 
 // Runs entry `entry`: reads `n_inputs` input buffers and writes `n_outputs` output buffers,
 // each in the entry's declared order and of exactly its declared dtype and byte size. Every
-// buffer is checked before anything runs. No memory is allocated (for entries of up to 16
+// buffer is checked before anything runs. No memory is allocated (for entries of up to 128
 // inputs and outputs). Runs of one session are serialized; see the threading rule.
+//
+// States: an input or output whose name is a persistent state (see
+// `kiln_session_state_count`; a generation program's `cache.{layer}.key` / `.value`) may be
+// given with `data` NULL and `bytes` 0: the entry then reads (input) or updates (output) the
+// state in place, which is how a KV cache is carried from `prefill` through each `decode`. A
+// full buffer still works: as an input it sets the state first, as an output it also
+// receives a copy. Any other size is an error, as for every other buffer.
 //
 // # Safety
 // `session` is an open session; `entry` and every non-NULL buffer name are NUL-terminated;
@@ -212,6 +221,44 @@ enum KilnStatus kiln_session_run(const struct KilnSession *session,
                                  size_t n_inputs,
                                  const struct KilnOutput *outputs,
                                  size_t n_outputs);
+
+// Writes the number of persistent states to `*out` (0 for a program without any). States are
+// buffers the session keeps between runs, such as a generation program's KV cache
+// (`cache.{layer}.key` / `.value`); they are zeroed when the session opens. An entry input or
+// output named like a state may be passed to `kiln_session_run` with `data` NULL and `bytes`
+// 0 to use the state in place.
+//
+// # Safety
+// `session` is an open session; `out` is valid for a write.
+enum KilnStatus kiln_session_state_count(const struct KilnSession *session, size_t *out);
+
+// Describes state `index` (name, dtype, shape, bytes) into `*out`. The pointers are owned by
+// the session.
+//
+// # Safety
+// `session` is an open session; `out` is valid for a write.
+enum KilnStatus kiln_session_state_info(const struct KilnSession *session,
+                                        size_t index,
+                                        struct KilnIoInfo *out);
+
+// Zeroes every state: call it before each new generation (an empty KV cache). Takes the
+// session's run lock, so it waits for a run in progress.
+//
+// # Safety
+// `session` is an open session.
+enum KilnStatus kiln_session_reset_states(const struct KilnSession *session);
+
+// Copies state `index`'s current contents into `data`, which holds `bytes` bytes: exactly the
+// state's size (`KilnIoInfo.bytes` from `kiln_session_state_info`). Takes the session's run
+// lock. Allocates a temporary copy (unlike `kiln_session_run`).
+//
+// # Safety
+// `session` is an open session; `data` holds `bytes` writable bytes for the duration of the
+// call.
+enum KilnStatus kiln_session_read_state(const struct KilnSession *session,
+                                        size_t index,
+                                        void *data,
+                                        size_t bytes);
 
 #ifdef __cplusplus
 }  // extern "C"

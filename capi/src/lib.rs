@@ -9,6 +9,10 @@
 //! [`kiln_last_error`]; a Rust panic is caught and returned as `KILN_STATUS_PANIC`, never
 //! unwound into C; out-parameters are written only on success.
 //!
+//! States: a generation program (`kiln compile --generate`) keeps its KV cache as persistent
+//! states the session owns; `kiln_session_state_*` describe, zero and read them, and
+//! `kiln_session_run` takes a state's buffer as NULL with 0 bytes to use it in place.
+//!
 //! Threads: a `KilnSession*` may be used from several threads at once. Queries run in
 //! parallel; runs of one session take its lock and run one at a time (the session owns one
 //! memory arena). For parallel runs open one session per thread. `kiln_session_close` must
@@ -24,7 +28,7 @@ pub use types::{KilnDtype, KilnInput, KilnIoInfo, KilnOutput, KilnStatus};
 
 use error::{guard, last_error_ptr};
 use session::Side;
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
 
 /// The version of this C ABI. A caller passes the value from the header it was compiled
@@ -253,8 +257,15 @@ pub unsafe extern "C" fn kiln_session_output_info(
 
 /// Runs entry `entry`: reads `n_inputs` input buffers and writes `n_outputs` output buffers,
 /// each in the entry's declared order and of exactly its declared dtype and byte size. Every
-/// buffer is checked before anything runs. No memory is allocated (for entries of up to 16
+/// buffer is checked before anything runs. No memory is allocated (for entries of up to 128
 /// inputs and outputs). Runs of one session are serialized; see the threading rule.
+///
+/// States: an input or output whose name is a persistent state (see
+/// `kiln_session_state_count`; a generation program's `cache.{layer}.key` / `.value`) may be
+/// given with `data` NULL and `bytes` 0: the entry then reads (input) or updates (output) the
+/// state in place, which is how a KV cache is carried from `prefill` through each `decode`. A
+/// full buffer still works: as an input it sets the state first, as an output it also
+/// receives a copy. Any other size is an error, as for every other buffer.
 ///
 /// # Safety
 /// `session` is an open session; `entry` and every non-NULL buffer name are NUL-terminated;
@@ -276,5 +287,56 @@ pub unsafe extern "C" fn kiln_session_run(
             let s = self::session(session)?;
             s.run(c_str(entry, "entry")?, inputs, n_inputs, outputs, n_outputs)
         }
+    })
+}
+
+/// Writes the number of persistent states to `*out` (0 for a program without any). States are
+/// buffers the session keeps between runs, such as a generation program's KV cache
+/// (`cache.{layer}.key` / `.value`); they are zeroed when the session opens. An entry input or
+/// output named like a state may be passed to `kiln_session_run` with `data` NULL and `bytes`
+/// 0 to use the state in place.
+///
+/// # Safety
+/// `session` is an open session; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_state_count(session: *const KilnSession, out: *mut usize) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { put(out, "out", self::session(session)?.state_count()) })
+}
+
+/// Describes state `index` (name, dtype, shape, bytes) into `*out`. The pointers are owned by
+/// the session.
+///
+/// # Safety
+/// `session` is an open session; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_state_info(session: *const KilnSession, index: usize, out: *mut KilnIoInfo) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { put(out, "out", self::session(session)?.state_info(index)?) })
+}
+
+/// Zeroes every state: call it before each new generation (an empty KV cache). Takes the
+/// session's run lock, so it waits for a run in progress.
+///
+/// # Safety
+/// `session` is an open session.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_reset_states(session: *const KilnSession) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { self::session(session)?.reset_states() })
+}
+
+/// Copies state `index`'s current contents into `data`, which holds `bytes` bytes: exactly the
+/// state's size (`KilnIoInfo.bytes` from `kiln_session_state_info`). Takes the session's run
+/// lock. Allocates a temporary copy (unlike `kiln_session_run`).
+///
+/// # Safety
+/// `session` is an open session; `data` holds `bytes` writable bytes for the duration of the
+/// call.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_read_state(session: *const KilnSession, index: usize, data: *mut c_void, bytes: usize) -> KilnStatus {
+    guard(|| {
+        // SAFETY: caller contract, forwarded.
+        unsafe { self::session(session)?.read_state(index, data.cast(), bytes) }
     })
 }

@@ -1,9 +1,9 @@
 //! The session behind a `KilnSession*`: the runtime's [`Session`] behind a mutex, and the
-//! entries' metadata as C strings and shapes that live as long as the handle.
+//! entries' and states' metadata as C strings and shapes that live as long as the handle.
 
 use crate::error::CapiError;
 use crate::types::{KilnDtype, KilnInput, KilnIoInfo, KilnOutput};
-use kiln_graph::program::{Entry, Io};
+use kiln_graph::program::{Entry, Io, Program};
 use kiln_runtime::Session;
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
@@ -11,12 +11,15 @@ use std::ptr::addr_of;
 use std::sync::Mutex;
 
 /// Entries with at most this many inputs and outputs run without any allocation (their buffer
-/// views live on the stack); larger ones allocate two small vectors per run.
-const STACK_IO: usize = 16;
+/// views live on the stack); larger ones allocate two small vectors per run. A generation
+/// program's entries take two states per layer besides their own inputs.
+const STACK_IO: usize = 128;
 
 /// An open session: what `KilnSession*` points to. Opaque to C.
 pub struct KilnSession {
     entries: Vec<EntryMeta>,
+    /// The persistent states ([`Program::states`]), in the program's order.
+    states: Vec<IoMeta>,
     /// Runs take the lock: the executable owns one arena, so runs of one session are serial.
     session: Mutex<Session>,
 }
@@ -34,6 +37,8 @@ struct IoMeta {
     dtype: KilnDtype,
     shape: Vec<usize>,
     bytes: usize,
+    /// Named like a persistent state: a buffer for it may be NULL with 0 bytes (used in place).
+    state: bool,
 }
 
 impl IoMeta {
@@ -50,21 +55,17 @@ fn c_name(what: &str, name: &str) -> Result<CString, CapiError> {
     CString::new(name).map_err(|_| CapiError::Invalid { arg: "artifact", msg: format!("{what} name {name:?} contains a NUL byte") })
 }
 
-fn io_meta(entry: &str, io: &Io) -> Result<IoMeta, CapiError> {
-    let ty = &io.operand.ty;
-    Ok(IoMeta {
-        name: c_name(&format!("entry '{entry}': tensor"), &io.name)?,
-        dtype: KilnDtype::from_dtype(ty.dtype),
-        shape: ty.shape.to_vec(),
-        bytes: ty.bytes(),
-    })
+fn io_meta(what: &str, name: &str, ty: &kiln_graph::TensorType, state: bool) -> Result<IoMeta, CapiError> {
+    Ok(IoMeta { name: c_name(what, name)?, dtype: KilnDtype::from_dtype(ty.dtype), shape: ty.shape.to_vec(), bytes: ty.bytes(), state })
 }
 
-fn entry_meta(e: &Entry) -> Result<EntryMeta, CapiError> {
+fn entry_meta(p: &Program, e: &Entry) -> Result<EntryMeta, CapiError> {
+    let what = format!("entry '{}': tensor", e.name);
+    let meta = |io: &Io| io_meta(&what, &io.name, &io.operand.ty, p.state_index(&io.name).is_some());
     Ok(EntryMeta {
         name: c_name("entry", &e.name)?,
-        inputs: e.inputs.iter().map(|io| io_meta(&e.name, io)).collect::<Result<_, _>>()?,
-        outputs: e.outputs.iter().map(|io| io_meta(&e.name, io)).collect::<Result<_, _>>()?,
+        inputs: e.inputs.iter().map(meta).collect::<Result<_, _>>()?,
+        outputs: e.outputs.iter().map(meta).collect::<Result<_, _>>()?,
     })
 }
 
@@ -135,8 +136,13 @@ impl Raw {
             let given = dtype_name(self.dtype);
             return Err(format!("dtype {given} given, the entry declares {} {:?}", m.dtype.name(), m.shape));
         }
+        if m.state && self.data.is_null() && self.bytes == 0 {
+            // The state is used in place.
+            return Ok(());
+        }
         if self.bytes != m.bytes {
-            return Err(format!("{} bytes given, {} {:?} needs {}", self.bytes, m.dtype.name(), m.shape, m.bytes));
+            let hint = if m.state { " (or data NULL and 0 bytes to use the state in place)" } else { "" };
+            return Err(format!("{} bytes given, {} {:?} needs {}{hint}", self.bytes, m.dtype.name(), m.shape, m.bytes));
         }
         if self.data.is_null() && self.bytes != 0 {
             return Err("data is NULL".into());
@@ -165,8 +171,60 @@ impl KilnSession {
     /// Loads an artifact and its weights.
     pub fn open(artifact: &Path, weights: &Path) -> Result<Self, CapiError> {
         let session = Session::load(artifact, weights)?;
-        let entries = session.program().entries.iter().map(entry_meta).collect::<Result<_, _>>()?;
-        Ok(KilnSession { entries, session: Mutex::new(session) })
+        let p = session.program();
+        let entries = p.entries.iter().map(|e| entry_meta(p, e)).collect::<Result<_, _>>()?;
+        let states = p.states.iter().map(|s| io_meta("state", &s.name, &s.ty, true)).collect::<Result<_, _>>()?;
+        Ok(KilnSession { entries, states, session: Mutex::new(session) })
+    }
+
+    /// The number of persistent states.
+    pub fn state_count(&self) -> usize {
+        self.states.len()
+    }
+
+    /// State `i`'s metadata.
+    fn state_meta(&self, i: usize) -> Result<&IoMeta, CapiError> {
+        self.states
+            .get(i)
+            .ok_or_else(|| CapiError::Invalid { arg: "index", msg: format!("state {i} asked for, the artifact has {}", self.states.len()) })
+    }
+
+    /// Describes state `i`.
+    pub fn state_info(&self, i: usize) -> Result<KilnIoInfo, CapiError> {
+        self.state_meta(i).map(IoMeta::info)
+    }
+
+    /// Zeroes every state.
+    pub fn reset_states(&self) -> Result<(), CapiError> {
+        self.session.lock().map_err(|_| CapiError::Poisoned)?.reset_states()?;
+        Ok(())
+    }
+
+    /// Copies state `i` into the caller's buffer of `bytes` bytes (exactly the state's size).
+    ///
+    /// # Safety
+    /// `data` is NULL or holds `bytes` writable bytes for the duration of the call.
+    pub unsafe fn read_state(&self, i: usize, data: *mut u8, bytes: usize) -> Result<(), CapiError> {
+        let m = self.state_meta(i)?;
+        if bytes != m.bytes {
+            let msg = format!("state {i} ('{}'): {bytes} bytes given, {} {:?} needs {}", m.name(), m.dtype.name(), m.shape, m.bytes);
+            return Err(CapiError::Invalid { arg: "bytes", msg });
+        }
+        if data.is_null() && bytes != 0 {
+            return Err(CapiError::Null("data"));
+        }
+        let t = self.session.lock().map_err(|_| CapiError::Poisoned)?.state(m.name())?;
+        let t = t.ok_or_else(|| CapiError::Invalid { arg: "index", msg: format!("state '{}' is not in the program", m.name()) })?;
+        if t.bytes.len() != bytes {
+            let msg = format!("state '{}' holds {} bytes, {bytes} expected (internal error)", m.name(), t.bytes.len());
+            return Err(CapiError::Invalid { arg: "index", msg });
+        }
+        if bytes > 0 {
+            // SAFETY: `data` is non-NULL with `bytes` writable bytes (caller contract), and the
+            // session's copy `t` is a separate allocation of the same length.
+            unsafe { std::ptr::copy_nonoverlapping(t.bytes.as_ptr(), data, bytes) };
+        }
+        Ok(())
     }
 
     /// The number of entries.
@@ -217,7 +275,8 @@ impl KilnSession {
     }
 
     /// Runs entry `name` on caller buffers; checks every buffer first, allocates nothing for
-    /// entries of up to [`STACK_IO`] inputs and outputs.
+    /// entries of up to [`STACK_IO`] inputs and outputs. A buffer for a state may be NULL with
+    /// 0 bytes: the runtime then uses the state in place.
     ///
     /// # Safety
     /// `inputs` points to `n_in` readable `KilnInput`s (or is NULL with `n_in == 0`), `outputs`
@@ -278,7 +337,7 @@ impl KilnSession {
         let mut session = self.session.lock().map_err(|_| CapiError::Poisoned)?;
         if n_in <= STACK_IO && n_out <= STACK_IO {
             let mut ins: [&[u8]; STACK_IO] = [&[]; STACK_IO];
-            let mut outs: [&mut [u8]; STACK_IO] = Default::default();
+            let mut outs: [&mut [u8]; STACK_IO] = std::array::from_fn(|_| <&mut [u8]>::default());
             // SAFETY: every buffer was checked above (sizes, non-NULL data, no overlaps) and
             // the caller guarantees the bytes are valid for the duration of this call.
             unsafe { views(inputs, outputs, &mut ins[..n_in], &mut outs[..n_out]) };

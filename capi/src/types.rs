@@ -88,8 +88,8 @@ impl KilnDtype {
     }
 }
 
-/// One input or output of an entry, as declared by the artifact. The pointers are owned by
-/// the session and stay valid until `kiln_session_close`.
+/// One input or output of an entry, or one persistent state, as declared by the artifact.
+/// The pointers are owned by the session and stay valid until `kiln_session_close`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct KilnIoInfo {
@@ -114,9 +114,10 @@ pub struct KilnInput {
     pub name: *const c_char,
     /// Must equal the declared dtype.
     pub dtype: KilnDtype,
-    /// `bytes` readable bytes (may be NULL only when `bytes` is 0).
+    /// `bytes` readable bytes (may be NULL only when `bytes` is 0). NULL with `bytes` 0 for
+    /// an input named like a state: the state is read in place.
     pub data: *const c_void,
-    /// Must equal the declared size in bytes.
+    /// Must equal the declared size in bytes (or be 0 with `data` NULL, for a state).
     pub bytes: usize,
 }
 
@@ -129,8 +130,9 @@ pub struct KilnOutput {
     pub name: *const c_char,
     /// Must equal the declared dtype.
     pub dtype: KilnDtype,
-    /// `bytes` writable bytes (may be NULL only when `bytes` is 0).
+    /// `bytes` writable bytes (may be NULL only when `bytes` is 0). NULL with `bytes` 0 for
+    /// an output named like a state: it is only stored in the state.
     pub data: *mut c_void,
-    /// Must equal the declared size in bytes.
+    /// Must equal the declared size in bytes (or be 0 with `data` NULL, for a state).
     pub bytes: usize,
 }

@@ -1,11 +1,12 @@
 //! kiln-capi's tests: the C ABI against the Rust API on the shipped tiny model, bad input,
-//! threads, the generated header, the shipped artifact's freshness, and the C example built
-//! with the system compiler.
+//! threads, persistent states (a generation program from a Gemma fixture), the generated
+//! header, the shipped artifact's freshness, and the C example built with the system compiler.
 
 mod abi;
 mod bad_input;
 mod c_example;
 mod common;
 mod header;
+mod states;
 mod threads;
 mod tiny;
