@@ -172,8 +172,6 @@ if want siglip; then
     dir=$models/siglip-so400m-14-$1
     # --breakdown: one more run, step by step, into the log (where the time goes).
     row kiln-cuda "so400m-$1" "$2" "$(kbench "kiln_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30 --breakdown)"
-    # The first tensor-core attention kernel, for the A/B in the same run.
-    [ "$1" = 224 ] || row kiln-cuda-attn-v1 "so400m-$1" "$2" "$(KILN_CUDA_ATTN=v1 kbench "kiln_v1_$1_b$2" 240 "$dir" --backend cuda --dtype bf16 --batch "$2" --runs 30)"
     row torch-eager "so400m-$1" "$2" "$(tbench "torch_eager_$1_b$2" 240 siglip "$dir" --batch "$2" --mode eager)"
     log "so400m $1 b$2 done"
     pack

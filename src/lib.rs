@@ -95,16 +95,7 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
 /// weights are read from.
 pub fn compile_graph(built: &[(String, Graph)], description: &str, source: &str, opts: &CompileOptions) -> Result<Compiled> {
     let backend = kiln_runtime::by_name(&opts.backend)?;
-    let mut program = Program {
-        model: description.to_string(),
-        backend: backend.name().to_string(),
-        source: source.to_string(),
-        weights: vec![],
-        constants: vec![],
-        entries: vec![],
-        states: vec![],
-        binaries: vec![],
-    };
+    let mut program = Program::new(description.to_string(), backend.name().to_string(), source.to_string());
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
     };

@@ -59,16 +59,7 @@ fn error_with(name: &str, g: Graph, gemv: Option<GemvMode>) -> f64 {
     let want = run(&g, &ivals, &HashMap::new()).unwrap_or_else(|e| panic!("{name}: interpreter: {e}"));
     let opt = Pipeline::standard().run(&g, None).unwrap();
     let backend = CudaBackend { gemv, ..Default::default() };
-    let mut program = Program {
-        model: name.into(),
-        backend: "cuda".into(),
-        source: String::new(),
-        weights: vec![],
-        constants: vec![],
-        entries: vec![],
-        states: vec![],
-        binaries: vec![],
-    };
+    let mut program = Program::new(name, "cuda", "");
     let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
     let kernels: Vec<String> = entry.steps.iter().map(|s| s.kernel.clone()).collect();
@@ -396,16 +387,7 @@ fn gemv_decode_shapes_timed_at_load() {
     g.output("logits", y);
     let opt = Pipeline::standard().run(&g, None).unwrap();
     let backend = CudaBackend::default();
-    let mut program = Program {
-        model: "gemv bench".into(),
-        backend: "cuda".into(),
-        source: String::new(),
-        weights: vec![],
-        constants: vec![],
-        entries: vec![],
-        states: vec![],
-        binaries: vec![],
-    };
+    let mut program = Program::new("gemv bench", "cuda", "");
     let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap();
     let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
     program.entries.push(entry);

@@ -70,16 +70,7 @@ fn check_case(name: &str, g: Graph, modulo: usize) {
             continue;
         }
         let backend = kiln_runtime::by_name(bname).unwrap();
-        let mut program = Program {
-            model: name.into(),
-            backend: bname.into(),
-            source: String::new(),
-            weights: vec![],
-            constants: vec![],
-            entries: vec![],
-            states: vec![],
-            binaries: vec![],
-        };
+        let mut program = Program::new(name, bname, "");
         let refused = std::cell::RefCell::new(None);
         let namer = |op: &Op, ins: &[TensorType], out: &TensorType| match backend.kernel_for(op, ins, out) {
             Ok(k) => k,

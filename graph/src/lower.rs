@@ -355,16 +355,7 @@ mod tests {
     use crate::op::UnaryOp;
 
     fn program() -> Program {
-        Program {
-            model: "test".into(),
-            backend: "cpu".into(),
-            source: String::new(),
-            weights: vec![],
-            constants: vec![],
-            entries: vec![],
-            states: vec![],
-            binaries: vec![],
-        }
+        Program::new("test", "cpu", "")
     }
 
     fn namer(op: &Op, ins: &[TensorType], out: &TensorType) -> String {

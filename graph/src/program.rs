@@ -131,6 +131,20 @@ pub struct Program {
 }
 
 impl Program {
+    /// A program with no weights, entries or states yet: what lowering fills.
+    pub fn new(model: impl Into<String>, backend: impl Into<String>, source: impl Into<String>) -> Program {
+        Program {
+            model: model.into(),
+            backend: backend.into(),
+            source: source.into(),
+            weights: vec![],
+            constants: vec![],
+            entries: vec![],
+            states: vec![],
+            binaries: vec![],
+        }
+    }
+
     /// The entry with a given name.
     pub fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)

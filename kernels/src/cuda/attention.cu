@@ -123,8 +123,12 @@ __device__ void attn_combine(const AttnParams p) {
 
 // ---------------------------------------------------------------------------------------
 // Tensor-core prefill. DP: head dim padded to a multiple of 16 (72 -> 80). Needs D == Dv.
-// grid (ceil(Sq/64), Hq, B), block 128, dynamic shared memory
-// (64 + 2*BK) * (DP + 8) * 2 bytes (attn_mma_smem in Rust).
+// grid (ceil(Sq/64), Hq, B), block 128. Fragments are loaded by ldmatrix (V through its
+// transposing form), Q's fragments stay in registers for head dims up to 128, and the next
+// key/value tile is copied by cp.async while the current one is computed (two buffers):
+// dynamic shared memory (64 + 4*BK) * (DP + 8) * 2 bytes (mma_smem in Rust). An earlier
+// version with scalar shared loads and no copy overlap was 15-23% slower on an H200
+// (BENCHMARKS.md) and is gone.
 
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b);
 template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned* a, const unsigned* b) {
@@ -141,161 +145,6 @@ template <> __device__ __forceinline__ void mma16816<f16>(float* c, const unsign
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
-
-// Copies `rows` rows of D 16-bit elements (row r at src + r * stride elements) into shared
-// memory rows of LD elements, zero-filling padding columns and rows past `valid`.
-template <int D, int DP, int LD>
-__device__ __forceinline__ void load_tile(unsigned short* dst, const unsigned short* src, i64 stride, int rows, int valid) {
-  constexpr int CH = DP / 8;  // 16-byte chunks per shared row
-  for (int x = threadIdx.x; x < rows * CH; x += blockDim.x) {
-    int r = x / CH, c = (x % CH) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r < valid && c < D) val = *(const uint4*)(src + r * stride + c);
-    *(uint4*)(dst + r * LD + c) = val;
-  }
-}
-
-template <typename T, int D, int BK>
-__device__ void attn_mma(const AttnParams p) {
-  constexpr int DP = (D + 15) / 16 * 16;
-  constexpr int LD = DP + 8;  // padded shared row: fewer bank conflicts, 16-byte aligned
-  constexpr int NT = BK / 8;  // score n-tiles per key tile
-  constexpr int OT = DP / 8;  // output n-tiles
-  extern __shared__ __align__(16) unsigned short smem[];
-  unsigned short* qs = smem;
-  unsigned short* ks = qs + 64 * LD;
-  unsigned short* vs = ks + BK * LD;
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int q0 = blockIdx.x * 64, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.hq / p.hkv);
-  const unsigned short* qg = (const unsigned short*)p.q + (((i64)b * p.sq + q0) * p.hq + h) * D;
-  load_tile<D, DP, LD>(qs, qg, (i64)p.hq * D, 64, p.sq - q0);
-
-  // Keys this block can see: structural masks bound the loop.
-  int kbeg = 0, kend = p.sk;
-  if (p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_SLIDING) kend = min(p.sk, p.q_offset + q0 + 64);
-  if (p.mask_kind == MASK_SLIDING) kbeg = max(0, p.q_offset + q0 - p.window + 1) / BK * BK;
-
-  float o[OT][4];
-#pragma unroll
-  for (int n = 0; n < OT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-KILN_INF, -KILN_INF}, l[2] = {0.0f, 0.0f};
-  const int r0 = warp * 16 + g;  // this thread's rows in the tile: r0 and r0 + 8
-
-  for (int k0 = kbeg; k0 < kend; k0 += BK) {
-    __syncthreads();
-    const i64 kvoff = (((i64)b * p.sk + k0) * p.hkv + hk) * D;
-    load_tile<D, DP, LD>(ks, (const unsigned short*)p.k + kvoff, (i64)p.hkv * D, BK, p.sk - k0);
-    load_tile<D, DP, LD>(vs, (const unsigned short*)p.v + kvoff, (i64)p.hkv * D, BK, p.sk - k0);
-    __syncthreads();
-
-    float s[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < DP / 16; kk++) {
-      unsigned a[4];
-      const unsigned short* qa = qs + r0 * LD + kk * 16 + 2 * t;
-      a[0] = *(const unsigned*)qa;
-      a[1] = *(const unsigned*)(qa + 8 * LD);
-      a[2] = *(const unsigned*)(qa + 8);
-      a[3] = *(const unsigned*)(qa + 8 * LD + 8);
-#pragma unroll
-      for (int n = 0; n < NT; n++) {
-        const unsigned short* kb = ks + (n * 8 + g) * LD + kk * 16 + 2 * t;
-        unsigned bb[2] = {*(const unsigned*)kb, *(const unsigned*)(kb + 8)};
-        mma16816<T>(s[n], a, bb);
-      }
-    }
-
-    // Scale, soft-cap, mask; the online softmax of rows r0 and r0 + 8.
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int i = q0 + r0 + (e >> 1) * 8, j = k0 + n * 8 + 2 * t + (e & 1);
-        float v = (i < p.sq && j < p.sk) ? score_of<T>(p, s[n][e], b, i, j) : -KILN_INF;
-        s[n][e] = v;
-        mx[e >> 1] = fmaxf(mx[e >> 1], v);
-      }
-    }
-    float corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      corr[r] = mx[r] == -KILN_INF ? 1.0f : __expf(m[r] - mx[r]);
-      m[r] = mx[r];
-      l[r] *= corr[r];
-    }
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int r = e >> 1;
-        float pe = s[n][e] == -KILN_INF ? 0.0f : __expf(s[n][e] - m[r]);
-        s[n][e] = pe;
-        l[r] += pe;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < OT; n++) {
-      o[n][0] *= corr[0];
-      o[n][1] *= corr[0];
-      o[n][2] *= corr[1];
-      o[n][3] *= corr[1];
-    }
-
-    // O += P V: the score accumulators of two n-tiles form one A operand (16 keys).
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; kk++) {
-      unsigned a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const unsigned short* vb = vs + (kk * 16 + 2 * t) * LD + g;
-#pragma unroll
-      for (int n = 0; n < OT; n++) {
-        unsigned bb[2];
-        bb[0] = (unsigned)vb[n * 8] | ((unsigned)vb[n * 8 + LD] << 16);
-        bb[1] = (unsigned)vb[n * 8 + 8 * LD] | ((unsigned)vb[n * 8 + 9 * LD] << 16);
-        mma16816<T>(o[n], a, bb);
-      }
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    l[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-  }
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    int i = q0 + r0 + r * 8;
-    if (i >= p.sq) continue;
-    T* out = (T*)p.out + (((i64)b * p.sq + i) * p.hq + h) * D;
-#pragma unroll
-    for (int n = 0; n < OT; n++) {
-      int c = n * 8 + 2 * t;
-      if (c < D) {
-        out[c] = from_f32<T>(o[n][2 * r] * l[r]);
-        out[c + 1] = from_f32<T>(o[n][2 * r + 1] * l[r]);
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Tensor-core prefill, version 2: the same schedule and arithmetic as attn_mma, with
-// fragments loaded by ldmatrix (V through its transposing form) instead of scalar shared
-// loads, Q's fragments held in registers for head dims up to 128, and the next key/value
-// tile copied by cp.async while the current one is computed (two buffers). Dynamic shared
-// memory (64 + 4*BK) * (DP + 8) * 2 bytes (attn_mma2_smem in Rust).
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
@@ -329,7 +178,7 @@ __device__ __forceinline__ void load_tile_async(unsigned short* dst, const unsig
 }
 
 template <typename T, int D, int BK>
-__device__ void attn_mma2(const AttnParams p) {
+__device__ void attn_mma(const AttnParams p) {
   constexpr int DP = (D + 15) / 16 * 16;
   constexpr int LD = DP + 8;
   constexpr int NT = BK / 8;
@@ -498,9 +347,8 @@ ROWS(f32, float)
 ROWS(bf16, bf16)
 ROWS(f16, f16)
 
-#define MMA(t, T, D, BK)                                                                                       \
-  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_mma2_##t##_d##D(const AttnParams p) { attn_mma2<T, D, BK>(p); }
+#define MMA(t, T, D, BK) \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); }
 MMA(bf16, bf16, 64, 64)
 MMA(bf16, bf16, 72, 64)
 MMA(bf16, bf16, 128, 64)

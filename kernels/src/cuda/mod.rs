@@ -59,15 +59,9 @@ pub fn mma_bk(d: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the tensor-core prefill kernel for head dim `d`, in bytes.
+/// Dynamic shared memory of the tensor-core prefill kernel for head dim `d` (the query tile
+/// and two buffers of key/value tiles), in bytes.
 pub fn mma_smem(d: usize) -> usize {
-    let dp = d.div_ceil(16) * 16;
-    (MMA_BQ + 2 * mma_bk(d)) * (dp + 8) * 2
-}
-
-/// Dynamic shared memory of version 2 of the tensor-core prefill kernel (two buffers of
-/// key/value tiles), in bytes.
-pub fn mma2_smem(d: usize) -> usize {
     let dp = d.div_ceil(16) * 16;
     (MMA_BQ + 4 * mma_bk(d)) * (dp + 8) * 2
 }
@@ -75,13 +69,8 @@ pub fn mma2_smem(d: usize) -> usize {
 /// The dynamic shared memory a kernel needs beyond the default 48 KiB limit, which its
 /// function attribute must allow before launch: the tensor-core attention kernels.
 pub fn dynamic_smem(kernel: &str) -> Option<usize> {
-    let (v2, rest) = match (kernel.strip_prefix("attn_mma2_"), kernel.strip_prefix("attn_mma_")) {
-        (Some(r), _) => (true, r),
-        (None, Some(r)) => (false, r),
-        _ => return None,
-    };
-    let d: usize = rest.split("_d").nth(1)?.parse().ok()?;
-    Some(if v2 { mma2_smem(d) } else { mma_smem(d) })
+    let d: usize = kernel.strip_prefix("attn_mma_")?.split("_d").nth(1)?.parse().ok()?;
+    Some(mma_smem(d))
 }
 
 fn module(name: &str, body: &str, kernels: Vec<Kernel>) -> Module {
@@ -102,7 +91,6 @@ pub fn modules() -> Vec<Module> {
     for t in ["bf16", "f16"] {
         for d in MMA_HEAD_DIMS {
             att.push(k(format!("attn_mma_{t}_d{d}"), true));
-            att.push(k(format!("attn_mma2_{t}_d{d}"), true));
         }
     }
     let mut norm = Vec::new();
@@ -425,6 +413,8 @@ mod tests {
         for d in MMA_HEAD_DIMS {
             assert!(mma_smem(d) <= 227 * 1024, "d {d}: {} bytes", mma_smem(d));
         }
-        assert_eq!(mma_smem(72), (64 + 128) * 88 * 2);
+        assert_eq!(mma_smem(72), (64 + 4 * 64) * 88 * 2);
+        assert_eq!(dynamic_smem("attn_mma_bf16_d256"), Some(mma_smem(256)));
+        assert_eq!(dynamic_smem("attn_rows_bf16"), None);
     }
 }

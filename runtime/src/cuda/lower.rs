@@ -524,12 +524,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             if mma {
                 let d = q[3];
                 let grid = (q[1].div_ceil(kc::MMA_BQ) as u32, q[2] as u32, q[0] as u32);
-                // Version 2 (ldmatrix, cp.async double buffering) unless KILN_CUDA_ATTN=v1.
-                let (name, smem) = match std::env::var("KILN_CUDA_ATTN").as_deref() {
-                    Ok("v1") => (format!("attn_mma_{t}_d{d}"), kc::mma_smem(d)),
-                    _ => (format!("attn_mma2_{t}_d{d}"), kc::mma2_smem(d)),
-                };
-                vec![launch("attention", name, grid, 128, smem as u32, &p, &relocs)]
+                vec![launch("attention", format!("attn_mma_{t}_d{d}"), grid, 128, kc::mma_smem(d) as u32, &p, &relocs)]
             } else {
                 let grid = ((q[1] * q[2]) as u32, q[0] as u32, splits as u32);
                 let mut w = vec![launch("attention", format!("attn_rows_{t}"), grid, 128, 0, &p, &relocs)];

@@ -144,16 +144,7 @@ mod tests {
         }
         let e = driver_check().unwrap_err().to_string();
         assert!(e.contains("no NVIDIA driver"), "{e}");
-        let p = Program {
-            model: "t".into(),
-            backend: "cuda".into(),
-            source: String::new(),
-            weights: vec![],
-            constants: vec![],
-            entries: vec![],
-            states: vec![],
-            binaries: vec![],
-        };
+        let p = Program::new("t", "cuda", "");
         let store = Arc::new(WeightStore::empty());
         let e = CudaBackend::default().load(&p, store).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.starts_with("backend cuda: no NVIDIA driver"), "{e}");
