@@ -504,12 +504,29 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
+/// Whether `matmul` computes step `s` from the packed weight alone (never reading the
+/// unpacked right-hand side): then `load` may free the unpacked copy.
+pub(crate) fn runs_packed(s: &Step, packed: &[sgemm512::PackedB]) -> bool {
+    let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
+    let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
+    if ra < 2 || rb < 2 || ro < 2 {
+        return false;
+    }
+    let b_batches: usize = bt.shape[..rb - 2].iter().product();
+    let a_batches: usize = at.shape[..ra - 2].iter().product();
+    let out_batches: usize = ot.shape[..ro - 2].iter().product();
+    (packed.len() == 1 && b_batches == 1 && a_batches == out_batches)
+        || (packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1)
+}
+
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.
 fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgemm512::PackedB]) -> std::result::Result<(), String> {
     let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
     let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
     let (m, k, n) = (at.shape[ra - 2], at.shape[ra - 1], ot.shape[ro - 1]);
-    let (a, b, c) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32_mut(&s.output));
+    let (a, c) = (mem.f32(&s.inputs[0]), mem.f32_mut(&s.output));
+    // Read only off the packed paths: a weight used only packed has no unpacked copy.
+    let b = if runs_packed(s, packed) { &[][..] } else { mem.f32(&s.inputs[1]) };
     let b_batches: usize = bt.shape[..rb - 2].iter().product();
     let a_batches: usize = at.shape[..ra - 2].iter().product();
     let out_batches: usize = ot.shape[..ro - 2].iter().product();

@@ -114,8 +114,14 @@ impl Backend for CpuBackend {
             } else if ty.dtype == spec.ty.dtype {
                 WeightBuf::Owned(Aligned::from_bytes(bytes))
             } else if ty.dtype.is_float() && spec.ty.dtype.is_float() {
-                let vals = crate::tensor::to_f64(ty.dtype, bytes);
-                WeightBuf::Owned(Aligned::from_bytes(&crate::tensor::from_f64(spec.ty.dtype, &vals)))
+                // Converted a million elements at a time: no f64 copy of a whole tensor (a
+                // 257k x 2304 embedding would need 4.7 GB for it).
+                let step = ty.dtype.size() << 20;
+                let mut out = Vec::with_capacity(bytes.len() / ty.dtype.size() * spec.ty.dtype.size());
+                for chunk in bytes.chunks(step) {
+                    out.extend(crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, chunk)));
+                }
+                WeightBuf::Owned(Aligned::from_bytes(&out))
             } else {
                 return Err(RuntimeError::Weight {
                     name: spec.name.clone(),
@@ -191,6 +197,29 @@ impl Backend for CpuBackend {
         };
         let mut packs = exec::PackCache::new();
         let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
+        // A converted weight that every step reads only through its packed copy need not keep
+        // its unpacked one: without this a bf16 checkpoint would sit in memory twice in f32.
+        let mut unpacked_read = vec![false; wbufs.len()];
+        for (e, preps) in program.entries.iter().zip(&prepared) {
+            for (s, p) in e.steps.iter().zip(preps) {
+                let packed_b = match p {
+                    exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
+                    _ => false,
+                };
+                for (k, o) in s.inputs.iter().enumerate() {
+                    if let Slot::Weight(i) = o.slot {
+                        if !(k == 1 && packed_b) {
+                            unpacked_read[i as usize] = true;
+                        }
+                    }
+                }
+            }
+        }
+        for (buf, read) in wbufs.iter_mut().zip(unpacked_read) {
+            if !read && matches!(buf, WeightBuf::Owned(_)) {
+                *buf = WeightBuf::Owned(Aligned::zeroed(0));
+            }
+        }
         Ok(Box::new(exec::CpuExec {
             weights,
             wbufs,
