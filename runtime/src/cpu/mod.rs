@@ -114,14 +114,8 @@ impl Backend for CpuBackend {
             } else if ty.dtype == spec.ty.dtype {
                 WeightBuf::Owned(Aligned::from_bytes(bytes))
             } else if ty.dtype.is_float() && spec.ty.dtype.is_float() {
-                // Converted a million elements at a time: no f64 copy of a whole tensor (a
-                // 257k x 2304 embedding would need 4.7 GB for it).
-                let step = ty.dtype.size() << 20;
-                let mut out = Vec::with_capacity(bytes.len() / ty.dtype.size() * spec.ty.dtype.size());
-                for chunk in bytes.chunks(step) {
-                    out.extend(crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, chunk)));
-                }
-                WeightBuf::Owned(Aligned::from_bytes(&out))
+                // Converted below, once it is known whether any step reads it unpacked.
+                WeightBuf::Owned(Aligned::zeroed(0))
             } else {
                 return Err(RuntimeError::Weight {
                     name: spec.name.clone(),
@@ -188,8 +182,28 @@ impl Backend for CpuBackend {
                 }
             }
         }
+        // A weight stored in another float dtype, converted to the program's: a million
+        // elements at a time, so no f64 copy of a whole tensor is made (a 257k x 2304
+        // embedding would need 4.7 GB for it).
+        let convert = |i: usize| -> Result<Vec<u8>> {
+            let spec = &program.weights[i];
+            let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
+            let step = ty.dtype.size() << 20;
+            let mut out = Vec::with_capacity(bytes.len() / ty.dtype.size() * spec.ty.dtype.size());
+            for chunk in bytes.chunks(step) {
+                out.extend(crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, chunk)));
+            }
+            Ok(out)
+        };
+        let converted = |i: usize| matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty() && program.weights[i].ty.bytes() > 0);
         let weight = |i: u32, n: usize| -> Option<Vec<f32>> {
-            let bytes = match wbufs.get(i as usize)? {
+            let i = i as usize;
+            if converted(i) {
+                // Packed straight from the checkpoint's dtype, before any f32 copy exists.
+                let bytes = convert(i).ok()?;
+                return Some(bytes[..4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+            }
+            let bytes = match wbufs.get(i)? {
                 WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
                 WeightBuf::Owned(a) => &a.bytes()[..4 * n],
             };
@@ -197,8 +211,8 @@ impl Backend for CpuBackend {
         };
         let mut packs = exec::PackCache::new();
         let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
-        // A converted weight that every step reads only through its packed copy need not keep
-        // its unpacked one: without this a bf16 checkpoint would sit in memory twice in f32.
+        // A converted weight that every step reads only through its packed copy never gets an
+        // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
         let mut unpacked_read = vec![false; wbufs.len()];
         for (e, preps) in program.entries.iter().zip(&prepared) {
             for (s, p) in e.steps.iter().zip(preps) {
@@ -215,10 +229,9 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        for (buf, read) in wbufs.iter_mut().zip(unpacked_read) {
-            if !read && matches!(buf, WeightBuf::Owned(_)) {
-                *buf = WeightBuf::Owned(Aligned::zeroed(0));
-            }
+        let pending: Vec<usize> = (0..wbufs.len()).filter(|&i| converted(i) && unpacked_read[i]).collect();
+        for i in pending {
+            wbufs[i] = WeightBuf::Owned(Aligned::from_bytes(&convert(i)?));
         }
         Ok(Box::new(exec::CpuExec {
             weights,
