@@ -48,6 +48,19 @@ def kiln_call(cmd):
     return e
 
 
+def record(rows, row, cmd, check):
+    """Runs `cmd`, fills `row` with its error or with `check(row)` (which sets "ok"), prints
+    and keeps it; returns 1 when the row failed."""
+    e = kiln_call(cmd)
+    if e:
+        row.update(e)
+    else:
+        check(row)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return 0 if row.get("ok") else 1
+
+
 def main():
     kiln, dist, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     rows, bad = [], 0
@@ -61,18 +74,14 @@ def main():
             model = [str(art), "--weights", str(folder)] if dtype == "f32" and art.exists() else [str(folder), "--dtype", dtype]
             cmd = [kiln, "run", *model, "--backend", "cuda", "--inputs", str(folder / "inputs.safetensors"), "--out", str(res)]
             row = {"fixture": folder.name, "what": "run", "dtype": dtype, "aot": model[0].endswith(".kiln")}
-            e = kiln_call(cmd)
-            if e:
-                row.update(e)
-                bad += 1
-            else:
+
+            def check_run(row, res=res, tol=tol):
                 got = load(res)
                 errs = {n: err(got[n], w) for n, w in ref.items() if n in got and n not in ("sequences", "step_logits")}
                 row["errors"] = errs
                 row["ok"] = bool(errs) and all(isinstance(x, float) and x < tol for x in errs.values())
-                bad += 0 if row["ok"] else 1
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+
+            bad += record(rows, row, cmd, check_run)
         if "sequences" not in ref:
             continue
         case = json.loads((folder / "case.json").read_text())
@@ -84,11 +93,8 @@ def main():
             cmd = [kiln, "generate", str(folder), "--backend", "cuda", "--dtype", dtype, "--inputs", str(ins), "--out", str(res),
                    "--max-new-tokens", str(case.get("max_new_tokens", 6)), "--bucket", str(length + (2 if pali else 3))]
             row = {"fixture": folder.name, "what": "generate", "dtype": dtype}
-            e = kiln_call(cmd)
-            if e:
-                row.update(e)
-                bad += 1
-            else:
+
+            def check_generate(row, res=res, dtype=dtype):
                 got = load(res)
                 same = got["sequences"].shape == ref["sequences"].shape and bool((got["sequences"] == ref["sequences"]).all())
                 row["ids_equal"] = same
@@ -96,9 +102,8 @@ def main():
                     row["ids_equal_share"] = float((got["sequences"] == ref["sequences"]).mean())
                 row["step_logits_error"] = err(got["step_logits"], ref["step_logits"]) if same else None
                 row["ok"] = same and row["step_logits_error"] < 1e-3 if dtype == "f32" else True
-                bad += 0 if row["ok"] else 1
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+
+            bad += record(rows, row, cmd, check_generate)
     with open(out / "fixtures.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -253,7 +253,7 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
     println!("{}", program.model);
     println!(
         "compiled in {secs:.3} s: generation for batch {batch}, bucket {bucket}, up to {max_new} new tokens (cache {}): {} weights -> {}",
-        g.capacity,
+        g.meta.capacity,
         program.weights.len(),
         out.display()
     );
@@ -275,6 +275,6 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
     for s in &program.states {
         println!("    {} {}", s.name, s.ty);
     }
-    println!("  eos {:?}, pad {}", g.eos, g.pad);
+    println!("  eos {:?}, pad {}", g.meta.eos, g.meta.pad);
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! every step appends a 1 to the attention mask, and a row that produced EOS gets the pad id
 //! from then on; generation ends when every row has finished or `max_new_tokens` are made.
 
-use crate::{compile_passes, Error, Result};
+use crate::{compile_with_states, CompileOptions, Error, Result};
 use kiln_graph::program::{Program, StateSpec};
 use kiln_graph::DType;
 use kiln_models::Profile;
@@ -12,21 +12,14 @@ use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::Path;
 use std::sync::Arc;
 
-/// A compiled generation profile: batch, prompt bucket and cache capacity.
+/// A compiled generation profile loaded in a session: batch, prompt bucket, and what driving
+/// the program takes ([`GenerationMeta`]: cache capacity, vocabulary, special ids).
 pub struct Generator {
     pub session: Session,
     pub batch: usize,
     /// Prompt tokens per row after left padding (the prefill bucket).
     pub bucket: usize,
-    /// Cache slots: the bucket plus the most tokens one call can generate.
-    pub capacity: usize,
-    pub vocab: usize,
-    pub eos: Vec<i64>,
-    pub pad: i64,
-    /// PaliGemma: the image token, how many of them each row must hold, the pixel_values type.
-    pub image: Option<(i64, usize, kiln_graph::TensorType)>,
-    /// Added to every position id (PaliGemma's positions are 1-indexed).
-    pub position_offset: i64,
+    pub meta: GenerationMeta,
 }
 
 /// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
@@ -69,6 +62,11 @@ fn special_ids(dir: &Path, cfg: &kiln_models::gemma::GemmaConfig) -> (Vec<i64>, 
 /// `kiln compile --generate` writes as an artifact.
 pub struct GenerationProgram {
     pub program: Program,
+    pub meta: GenerationMeta,
+}
+
+/// What driving a generation program takes besides the program.
+pub struct GenerationMeta {
     /// Cache slots: the bucket plus the most tokens one call can generate.
     pub capacity: usize,
     pub vocab: usize,
@@ -102,25 +100,10 @@ pub fn generation_program(
     let capacity = bucket + max_new_tokens;
     let profile = Profile { batch, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
     let g = kiln_models::build_generation(dir, &profile, capacity)?;
-    let be = kiln_runtime::by_name(backend)?;
-    let mut program = Program {
-        model: g.description.clone(),
-        backend: be.name().to_string(),
-        source: dir.display().to_string(),
-        weights: vec![],
-        constants: vec![],
-        entries: vec![],
-        states: g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect(),
-        binaries: vec![],
-    };
-    for (name, graph) in [("prefill", &g.prefill), ("decode", &g.decode)] {
-        let graph = compile_passes(graph, be.as_ref())?;
-        let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
-            be.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
-        };
-        let (entry, _, _) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
-        program.entries.push(entry);
-    }
+    let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
+    let built = [("prefill".to_string(), g.prefill), ("decode".to_string(), g.decode)];
+    let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
+    let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     let (eos, pad) = special_ids(dir, g.model.text());
     let (image, position_offset) = match &g.model {
         kiln_models::TextModel::Gemma(_) => (None, 0),
@@ -130,7 +113,8 @@ pub fn generation_program(
             (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
         }
     };
-    Ok(GenerationProgram { program, capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset })
+    let meta = GenerationMeta { capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset };
+    Ok(GenerationProgram { program, meta })
 }
 
 impl Generator {
@@ -145,8 +129,7 @@ impl Generator {
     pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
         let g = generation_program(dir, batch, bucket, max_new_tokens, backend, dtype)?;
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        let GenerationProgram { capacity, vocab, eos, pad, image, position_offset, .. } = g;
-        Ok(Generator { session, batch, bucket, capacity, vocab, eos, pad, image, position_offset })
+        Ok(Generator { session, batch, bucket, meta: g.meta })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -173,7 +156,7 @@ impl Generator {
         pixel_values: Option<&Tensor>,
         on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
     ) -> Result<Generated> {
-        let (b, s, c, v) = (self.batch, self.bucket, self.capacity, self.vocab);
+        let (b, s, c, v) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab);
         if input_ids.len() != b * prompt_len || attention_mask.len() != b * prompt_len {
             return Err(Error::Usage(format!("input_ids and attention_mask must be [{b}, {prompt_len}]")));
         }
@@ -193,7 +176,7 @@ impl Generator {
             }
         }
         let converted;
-        let image = match (&self.image, pixel_values) {
+        let image = match (&self.meta.image, pixel_values) {
             (Some((tok, n, ty)), Some(px)) => {
                 // f32 pixels for a bf16 profile are converted.
                 let px = if px.ty.shape == ty.shape && px.ty.dtype != ty.dtype && px.ty.dtype.is_float() {
@@ -219,7 +202,7 @@ impl Generator {
         };
         // Left-pad each row to the bucket; the extra slots are masked out.
         let extra = s - prompt_len;
-        let mut ids = vec![self.pad; b * s];
+        let mut ids = vec![self.meta.pad; b * s];
         let mut mask = vec![0i64; b * c];
         for r in 0..b {
             ids[r * s + extra..(r + 1) * s].copy_from_slice(&input_ids[r * prompt_len..(r + 1) * prompt_len]);
@@ -231,9 +214,9 @@ impl Generator {
             let mut acc = 0;
             for j in 0..s {
                 acc += mask[r * c + j];
-                pos[r * s + j] = if mask[r * c + j] == 0 { 1 } else { acc - 1 } + self.position_offset;
+                pos[r * s + j] = if mask[r * c + j] == 0 { 1 } else { acc - 1 } + self.meta.position_offset;
             }
-            next_pos[r] = acc + self.position_offset;
+            next_pos[r] = acc + self.meta.position_offset;
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
         self.session.reset_states()?;
@@ -259,9 +242,9 @@ impl Generator {
             for r in 0..b {
                 let row = &logits[r * v..(r + 1) * v];
                 step_logits[r].extend_from_slice(row);
-                next[r] = if done[r] { self.pad } else { argmax(row) as i64 };
+                next[r] = if done[r] { self.meta.pad } else { argmax(row) as i64 };
                 seqs[r].push(next[r]);
-                if self.eos.contains(&next[r]) {
+                if self.meta.eos.contains(&next[r]) {
                     done[r] = true;
                 }
             }
@@ -309,11 +292,11 @@ impl Generator {
     /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
     /// the cache's last slot, so call it after a generation, not in the middle of one.
     pub fn profile_decode(&mut self) -> Result<(Vec<StepTime>, f64)> {
-        let (b, c) = (self.batch, self.capacity);
+        let (b, c) = (self.batch, self.meta.capacity);
         let slot = c - 1;
-        let ids = Tensor::from_i64(&[b, 1], &vec![self.pad; b]);
+        let ids = Tensor::from_i64(&[b, 1], &vec![self.meta.pad; b]);
         let mask = Tensor::from_i64(&[b, c], &vec![1; b * c]);
-        let pos = Tensor::from_i64(&[b, 1], &vec![slot as i64 + self.position_offset; b]);
+        let pos = Tensor::from_i64(&[b, 1], &vec![slot as i64 + self.meta.position_offset; b]);
         let at = Tensor::from_i64(&[1], &[slot as i64]);
         let t = std::time::Instant::now();
         let steps = self

@@ -94,8 +94,21 @@ pub fn compile(dir: &Path, opts: &CompileOptions) -> Result<Compiled> {
 /// lowering), to one program whose entries share the weight table; `source` is where its
 /// weights are read from.
 pub fn compile_graph(built: &[(String, Graph)], description: &str, source: &str, opts: &CompileOptions) -> Result<Compiled> {
+    compile_with_states(built, description, source, vec![], opts)
+}
+
+/// [`compile_graph`] for entries sharing persistent `states` (a generation program's KV
+/// cache): entry inputs and outputs named like a state are bound to it when lowered.
+pub fn compile_with_states(
+    built: &[(String, Graph)],
+    description: &str,
+    source: &str,
+    states: Vec<kiln_graph::program::StateSpec>,
+    opts: &CompileOptions,
+) -> Result<Compiled> {
     let backend = kiln_runtime::by_name(&opts.backend)?;
     let mut program = Program::new(description.to_string(), backend.name().to_string(), source.to_string());
+    program.states = states;
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))
     };
@@ -124,11 +137,4 @@ fn check_kernels(graph: &Graph, backend: &dyn kiln_runtime::Backend) -> Result<(
         backend.kernel_for(&n.op, &tys, &n.ty).map_err(|msg| Error::Usage(format!("backend {}: {msg}", backend.name())))?;
     }
     Ok(())
-}
-
-/// Runs the standard pipeline on a built graph and checks the backend has a kernel for every step.
-pub fn compile_passes(graph: &Graph, backend: &dyn kiln_runtime::Backend) -> Result<Graph> {
-    let graph = Pipeline::standard().run(graph, None)?;
-    check_kernels(&graph, backend)?;
-    Ok(graph)
 }

@@ -532,7 +532,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             let outs = vec![
                 ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.vocab], &r.step_logits)),
+                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.meta.vocab], &r.step_logits)),
             ];
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());

@@ -125,9 +125,9 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     let tc = std::time::Instant::now();
     let mut g = Generator::with_dtype(&o.model, 1, bucket, o.max_new_tokens, &o.backend, o.dtype)?;
     let compile_s = tc.elapsed().as_secs_f64();
-    if tok.vocab_size() > g.vocab {
+    if tok.vocab_size() > g.meta.vocab {
         // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.
-        eprintln!("note: tokenizer.json has {} tokens, the model {}", tok.vocab_size(), g.vocab);
+        eprintln!("note: tokenizer.json has {} tokens, the model {}", tok.vocab_size(), g.meta.vocab);
     }
     let mask = vec![1i64; len];
     let mut stream = StreamDecoder::default();
@@ -143,7 +143,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     let text = stream.text().to_string();
     let mut new_ids = r.sequences[len..].to_vec();
     // After EOS the generator pads; the answer ends at EOS (kept, as transformers keeps it).
-    if let Some(k) = new_ids.iter().position(|t| g.eos.contains(t)) {
+    if let Some(k) = new_ids.iter().position(|t| g.meta.eos.contains(t)) {
         new_ids.truncate(k + 1);
     }
     let detections = locations::parse(&text);

@@ -132,7 +132,7 @@ fn gemma_decode_moves_no_cache_bytes() {
     let mut g = kiln::generate::Generator::new(&dir, 1, 8, 6, "cpu").expect("compile");
     let (ids, mask) = ([2i64, 5, 7, 9], [1i64; 4]);
     g.generate(&ids, &mask, 4, 2, None).expect("generate");
-    let c = g.capacity;
+    let c = g.meta.capacity;
     let s = &mut g.session;
     let e = s.program().entries[s.entry_index("decode").expect("decode entry")].clone();
     let cache: usize = s.program().states.iter().map(|st| st.ty.bytes()).sum();

@@ -691,11 +691,11 @@ mod tests {
     use super::*;
     use kiln_graph::{Attention, BinaryOp, UnaryOp};
 
-    fn tt(d: DType, s: &[usize]) -> TensorType {
+    pub(super) fn tt(d: DType, s: &[usize]) -> TensorType {
         TensorType::new(d, s.to_vec())
     }
 
-    fn arena(offset: usize, ty: TensorType) -> Operand {
+    pub(super) fn arena(offset: usize, ty: TensorType) -> Operand {
         Operand { slot: Slot::Arena { offset, bytes: ty.bytes() }, ty }
     }
 

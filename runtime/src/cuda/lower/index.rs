@@ -171,17 +171,10 @@ pub(super) fn broadcast_operands(s: &Step, l: &Layout, mut ins: Vec<u64>, mut le
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{arena, tt};
     use super::super::{layout, lower_step, Launch};
     use super::*;
-    use kiln_graph::program::{Entry, Operand, Program, Slot};
-
-    fn tt(d: DType, s: &[usize]) -> TensorType {
-        TensorType::new(d, s.to_vec())
-    }
-
-    fn arena(offset: usize, ty: TensorType) -> Operand {
-        Operand { slot: Slot::Arena { offset, bytes: ty.bytes() }, ty }
-    }
+    use kiln_graph::program::{Entry, Program};
 
     fn step(op: Op, ins: Vec<TensorType>, out: TensorType) -> Step {
         let mut at = 0;
