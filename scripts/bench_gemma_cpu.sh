@@ -25,9 +25,13 @@ kiln_json=$(./target/release/kiln generate "$dir" --inputs "$inputs" --max-new-t
 torch_json=$("$venv/bin/python" scripts/bench_torch_gemma.py "$dir" --inputs "$inputs" --max-new-tokens "$new" --threads "$threads")
 echo "kiln:    $kiln_json"
 echo "pytorch: $torch_json"
-python3 - "$kiln_json" "$torch_json" <<'PY'
+"$venv/bin/python" - "$kiln_json" "$torch_json" "$dir/kiln_out.safetensors" <<'PY'
 import json, sys
 k, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+from safetensors.numpy import load_file
+seq = load_file(sys.argv[3])["sequences"][0].tolist()
+kiln_new = seq[-len(t["new_ids"]):]
+print(f"new ids: kiln {kiln_new}, pytorch {t['new_ids']}: {'equal' if kiln_new == t['new_ids'] else 'DIFFERENT'}")
 print(f"prefill 128: kiln {k['prefill_ms']:.0f} ms, pytorch {t['prefill_ms']:.0f} ms (pytorch/kiln {t['prefill_ms']/k['prefill_ms']:.2f}x)")
 print(f"decode: kiln {k['decode_ms_per_token']:.0f} ms/token, pytorch {t['decode_ms_per_token']:.0f} ms/token "
       f"(pytorch/kiln {t['decode_ms_per_token']/k['decode_ms_per_token']:.2f}x)")

@@ -41,6 +41,7 @@ def main():
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        new_ids = [int(nxt)]
         steps = []
         pos = ids.shape[1]
         for _ in range(args.max_new_tokens - 1):
@@ -49,10 +50,12 @@ def main():
                         position_ids=torch.tensor([[pos]]), cache_position=torch.tensor([pos]))
             steps.append(time.perf_counter() - t)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            new_ids.append(int(nxt))
             pos += 1
+    assert cache.get_seq_length() == pos, f"the cache holds {cache.get_seq_length()} tokens, not {pos}"
     print(json.dumps({"peer": "pytorch", "torch": torch.__version__, "threads": args.threads, "prompt_tokens": ids.shape[1],
                       "prefill_ms": prefill * 1e3, "decode_steps": len(steps),
-                      "decode_ms_per_token": 1e3 * sum(steps) / max(len(steps), 1)}))
+                      "decode_ms_per_token": 1e3 * sum(steps) / max(len(steps), 1), "new_ids": new_ids}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ pub struct Generator {
     /// Prompt tokens per row after left padding (the prefill bucket).
     pub bucket: usize,
     pub meta: GenerationMeta,
+    /// The inputs of the last prefill, for `profile_prefill`.
+    last_prefill: Vec<(String, Tensor)>,
 }
 
 /// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
@@ -129,7 +131,7 @@ impl Generator {
     pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
         let g = generation_program(dir, batch, bucket, max_new_tokens, backend, dtype)?;
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        Ok(Generator { session, batch, bucket, meta: g.meta })
+        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new() })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -180,7 +182,7 @@ impl Generator {
             (Some((tok, n, ty)), Some(px)) => {
                 // f32 pixels for a bf16 profile are converted.
                 let px = if px.ty.shape == ty.shape && px.ty.dtype != ty.dtype && px.ty.dtype.is_float() {
-                    converted = Tensor { bytes: kiln_runtime::tensor::from_f64(ty.dtype, &px.to_f64()), ty: ty.clone() };
+                    converted = Tensor { bytes: kiln_runtime::tensor::convert(px.ty.dtype, ty.dtype, &px.bytes), ty: ty.clone() };
                     &converted
                 } else {
                     px
@@ -232,6 +234,7 @@ impl Generator {
         let outs = self.session.run("prefill", &ins)?;
         let mut logits = logits_of(&outs)?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        self.last_prefill = ins.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
         let (mut decode_s, mut decode_steps) = (0.0, 0);
         let mut seqs: Vec<Vec<i64>> = (0..b).map(|r| input_ids[r * prompt_len..(r + 1) * prompt_len].to_vec()).collect();
         let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
@@ -288,6 +291,19 @@ impl Generator {
 pub type StepTime = (String, &'static str, f64);
 
 impl Generator {
+    /// Times the last `generate` call's prefill again, kernel by kernel (each step synchronised):
+    /// where the time to first token goes. It rewrites the prompt's cache slots with the same
+    /// values, so call it after a generation, not in the middle of one.
+    pub fn profile_prefill(&mut self) -> Result<(Vec<StepTime>, f64)> {
+        if self.last_prefill.is_empty() {
+            return Err(Error::Usage("profile_prefill needs a generation first".into()));
+        }
+        let ins: Vec<(&str, &Tensor)> = self.last_prefill.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let t = std::time::Instant::now();
+        let steps = self.session.profile("prefill", &ins)?;
+        Ok((steps, t.elapsed().as_secs_f64()))
+    }
+
     /// One decode step with each program step run and timed alone (`kiln generate
     /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
     /// the cache's last slot, so call it after a generation, not in the middle of one.

@@ -123,8 +123,9 @@ enum Cmd {
         /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
         #[arg(long, default_value = "f32")]
         dtype: String,
-        /// After generating, time one decode step kernel by kernel (--inputs mode).
-        #[arg(long, requires = "inputs")]
+        /// After generating, time the prefill and one decode step kernel by kernel (each step
+        /// synchronised): where the time to first token and per token goes.
+        #[arg(long)]
         breakdown: bool,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
@@ -490,10 +491,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
-        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, dtype, .. } => {
+        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, dtype, breakdown, .. } => {
             let dtype = parse_dtype(&dtype)?;
-            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw };
+            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw, breakdown };
             let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
+            for (entry, steps, total) in &r.profiles {
+                println!("{entry}, kernel by kernel (each step synchronised):");
+                commands::print_breakdown(steps, *total);
+            }
             eprintln!(
                 "{}",
                 serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
@@ -537,6 +542,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             io::write(&out, &outs)?;
             println!("wrote {}", out.display());
             if breakdown {
+                let (steps, total) = g.profile_prefill()?;
+                println!("prefill, kernel by kernel (each step synchronised):");
+                commands::print_breakdown(&steps, total);
                 let (steps, total) = g.profile_decode()?;
                 println!("one decode step, kernel by kernel (each step synchronised):");
                 commands::print_breakdown(&steps, total);
@@ -664,7 +672,7 @@ fn cast_floats(ins: &mut [(String, Tensor)], s: &Session, entry: &str) {
         let Some(io) = e.inputs.iter().find(|io| io.name == *name) else { continue };
         let want = &io.operand.ty;
         if t.ty.shape == want.shape && t.ty.dtype != want.dtype && t.ty.dtype.is_float() && want.dtype.is_float() {
-            *t = Tensor { bytes: kiln_runtime::tensor::from_f64(want.dtype, &t.to_f64()), ty: want.clone() };
+            *t = Tensor { bytes: kiln_runtime::tensor::convert(t.ty.dtype, want.dtype, &t.bytes), ty: want.clone() };
         }
     }
 }

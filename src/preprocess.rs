@@ -4,11 +4,8 @@
 //!
 //! The resize reproduces Pillow's `Image.resize` for 8-bit images (`libImaging/Resample.c`):
 //! a separable convolution whose filter support widens by the downscale factor (antialiasing),
-//! coefficients normalised to sum 1 and then rounded to 22-bit fixed point, the horizontal pass
-//! first, each pass rounding and clipping to uint8. That is bit-exact wherever Pillow runs the
-//! passes in that order; the Pillow 13.0.0 build the fixtures came from runs the vertical pass
-//! first for some shapes (a rule not identified yet), and there values differ by up to 3 levels
-//! (tests/tokenizer_images.rs states the measured bounds).
+//! coefficients normalised to sum 1 and then rounded to 22-bit fixed point, two passes in
+//! Pillow 13's order (see [`resize`]), each rounding and clipping to uint8: bit-exact.
 
 use crate::{Error, Result};
 use kiln_runtime::Tensor;
@@ -154,46 +151,63 @@ fn clip8(v: i32) -> u8 {
 }
 
 /// Resizes an interleaved 8-bit image (`channels` per pixel, `w` x `h`) to `ow` x `oh` as
-/// Pillow's `Image.resize(size, filter)` does.
+/// Pillow's `Image.resize(size, filter)` does, pass order included: Pillow 13 runs the
+/// vertical pass first when the height shrinks by more than twice as many pixels as the width
+/// does (`h - oh > 2 (w - ow)`, read off its `ImagingResample` and confirmed on ~6000 random
+/// shapes, scripts/check_pillow_pass_order.py), the horizontal pass first otherwise. Each pass
+/// rounds to uint8, so the order changes the result by a few levels.
 pub fn resize(px: &[u8], w: usize, h: usize, channels: usize, ow: usize, oh: usize, filter: Filter) -> Vec<u8> {
-    let c = channels;
-    let mut cur = px.to_vec();
-    let mut cur_w = w;
-    if ow != w {
-        let co = coeffs(w, ow, filter);
-        let mut out = vec![0u8; ow * h * c];
-        for y in 0..h {
-            let row = &cur[y * w * c..(y + 1) * w * c];
-            for (xx, &(xmin, n)) in co.bounds.iter().enumerate() {
-                let k = &co.k[xx * co.ksize..xx * co.ksize + n];
-                for ch in 0..c {
-                    let mut ss = 1i32 << (PRECISION_BITS - 1);
-                    for (x, &kx) in k.iter().enumerate() {
-                        ss = ss.wrapping_add(row[(xmin + x) * c + ch] as i32 * kx);
-                    }
-                    out[(y * ow + xx) * c + ch] = clip8(ss);
-                }
-            }
-        }
-        cur = out;
-        cur_w = ow;
+    let vertical_first = oh < h && (h - oh) as i64 > 2 * (w as i64 - ow as i64);
+    if vertical_first {
+        let tmp = resize_vertical(px, w, h, channels, oh, filter);
+        resize_horizontal(&tmp, w, oh, channels, ow, filter)
+    } else {
+        let tmp = resize_horizontal(px, w, h, channels, ow, filter);
+        resize_vertical(&tmp, ow, h, channels, oh, filter)
     }
-    if oh != h {
-        let co = coeffs(h, oh, filter);
-        let mut out = vec![0u8; cur_w * oh * c];
-        for (yy, &(ymin, n)) in co.bounds.iter().enumerate() {
-            let k = &co.k[yy * co.ksize..yy * co.ksize + n];
-            for i in 0..cur_w * c {
+}
+
+/// One horizontal pass, `w` to `ow` columns (a copy when they are equal).
+fn resize_horizontal(px: &[u8], w: usize, h: usize, c: usize, ow: usize, filter: Filter) -> Vec<u8> {
+    if ow == w {
+        return px.to_vec();
+    }
+    let co = coeffs(w, ow, filter);
+    let mut out = vec![0u8; ow * h * c];
+    for y in 0..h {
+        let row = &px[y * w * c..(y + 1) * w * c];
+        for (xx, &(xmin, n)) in co.bounds.iter().enumerate() {
+            let k = &co.k[xx * co.ksize..xx * co.ksize + n];
+            for ch in 0..c {
                 let mut ss = 1i32 << (PRECISION_BITS - 1);
-                for (y, &ky) in k.iter().enumerate() {
-                    ss = ss.wrapping_add(cur[(ymin + y) * cur_w * c + i] as i32 * ky);
+                for (x, &kx) in k.iter().enumerate() {
+                    ss = ss.wrapping_add(row[(xmin + x) * c + ch] as i32 * kx);
                 }
-                out[yy * cur_w * c + i] = clip8(ss);
+                out[(y * ow + xx) * c + ch] = clip8(ss);
             }
         }
-        cur = out;
     }
-    cur
+    out
+}
+
+/// One vertical pass, `h` to `oh` rows (a copy when they are equal).
+fn resize_vertical(px: &[u8], w: usize, h: usize, c: usize, oh: usize, filter: Filter) -> Vec<u8> {
+    if oh == h {
+        return px.to_vec();
+    }
+    let co = coeffs(h, oh, filter);
+    let mut out = vec![0u8; w * oh * c];
+    for (yy, &(ymin, n)) in co.bounds.iter().enumerate() {
+        let k = &co.k[yy * co.ksize..yy * co.ksize + n];
+        for i in 0..w * c {
+            let mut ss = 1i32 << (PRECISION_BITS - 1);
+            for (y, &ky) in k.iter().enumerate() {
+                ss = ss.wrapping_add(px[(ymin + y) * w * c + i] as i32 * ky);
+            }
+            out[yy * w * c + i] = clip8(ss);
+        }
+    }
+    out
 }
 
 /// An 8-bit RGB image, row-major, interleaved.

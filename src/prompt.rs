@@ -28,6 +28,8 @@ pub struct PromptOptions {
     pub dtype: kiln_graph::DType,
     /// Write the image with the detected boxes here (PNG).
     pub draw: Option<PathBuf>,
+    /// After generating, time the prefill and one decode step kernel by kernel.
+    pub breakdown: bool,
 }
 
 /// What one prompt produced.
@@ -43,6 +45,8 @@ pub struct PromptOutput {
     pub first_token_s: f64,
     pub decode_s_per_token: f64,
     pub compile_s: f64,
+    /// With `breakdown`: ("prefill" | "decode", steps, seconds of the profiled call).
+    pub profiles: Vec<(&'static str, Vec<crate::generate::StepTime>, f64)>,
 }
 
 /// A model folder's prompt: token ids and, for PaliGemma, the image.
@@ -168,6 +172,15 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
             .map_err(|e| Error::File { path: path.clone(), msg: format!("cannot write: {e}") })?;
         w(format!("drew {} boxes to {}\n", detections.len(), path.display()))?;
     }
+    let mut profiles = Vec::new();
+    if o.breakdown {
+        let (steps, secs) = g.profile_prefill()?;
+        profiles.push(("prefill", steps, secs));
+        if o.max_new_tokens > 1 {
+            let (steps, secs) = g.profile_decode()?;
+            profiles.push(("decode", steps, secs));
+        }
+    }
     Ok(PromptOutput {
         input_ids: p.input_ids,
         new_ids,
@@ -176,5 +189,6 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         first_token_s: prep_s + first.unwrap_or(r.prefill_s),
         decode_s_per_token: r.decode_s / r.decode_steps.max(1) as f64,
         compile_s,
+        profiles,
     })
 }

@@ -106,16 +106,14 @@ fn max_byte_diff(a: &[u8], b: &[u8]) -> u8 {
     a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
 }
 
-/// Pillow's `Image.resize(.., BICUBIC)` on the same decoded pixels. kiln runs the passes in the
-/// order of Pillow's published `Resample.c` (horizontal, then vertical); the Pillow 13.0.0 build
-/// in /opt/kiln-venv runs the vertical pass first for some shapes (rgb_37x53 is one), which
-/// moves values by up to 3 levels (measured: max 3, mean 0.25). Where the order agrees it is
-/// bit-exact (gray_20x24, upsampled). On the JPEG, zune-jpeg against libjpeg-turbo adds decoder
-/// differences (measured: max 3, mean 0.40).
+/// Pillow's `Image.resize(.., BICUBIC)` on the same decoded pixels: bit-exact on the PNGs
+/// (rgb_37x53 takes Pillow 13's vertical-first order, gray_20x24 the horizontal-first one). On
+/// the JPEG, zune-jpeg against libjpeg-turbo adds decoder differences (measured: max 3 levels,
+/// mean 0.40).
 #[test]
 fn resize_matches_pillow() {
     for (stem, file, bound, mean_bound) in
-        [("rgb_37x53", "rgb_37x53.png", 3, 0.3), ("gray_20x24", "gray_20x24.png", 0, 0.0), ("photo_61x45", "photo_61x45.jpg", 4, 0.5)]
+        [("rgb_37x53", "rgb_37x53.png", 0, 0.0), ("gray_20x24", "gray_20x24.png", 0, 0.0), ("photo_61x45", "photo_61x45.jpg", 4, 0.5)]
     {
         let img = preprocess::load_image(&fixtures().join("images").join(file), true).unwrap();
         let got = preprocess::resize(&img.pixels, img.width, img.height, 3, 32, 32, Filter::Bicubic);
@@ -130,15 +128,39 @@ fn resize_matches_pillow() {
     }
 }
 
+/// Pillow's resize on random images (`scripts/gen_resize_fixtures.py`): every filter, grey and
+/// RGB, up and down on each axis, both of Pillow 13's pass orders and the boundary between
+/// them; every byte equal.
+#[test]
+fn resize_matches_pillow_every_shape() {
+    let all = kiln::io::read(&fixtures().join("resize_cases.safetensors")).unwrap();
+    let get = |name: String| all.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no {name}")).1.clone();
+    let mut cases = 0;
+    while all.iter().any(|(n, _)| *n == format!("{cases}/in")) {
+        let input = get(format!("{cases}/in"));
+        let want: Vec<u8> = get(format!("{cases}/out")).to_f64().iter().map(|&x| x as u8).collect();
+        let spec: Vec<usize> = get(format!("{cases}/spec")).to_f64().iter().map(|&x| x as usize).collect();
+        let (h, w, c) = (input.ty.shape[0], input.ty.shape[1], input.ty.shape[2]);
+        let px: Vec<u8> = input.to_f64().iter().map(|&x| x as u8).collect();
+        let filter = Filter::from_pil(spec[2] as i64).unwrap();
+        let got = preprocess::resize(&px, w, h, c, spec[0], spec[1], filter);
+        assert_eq!(got.len(), want.len(), "case {cases}");
+        let d = max_byte_diff(&got, &want);
+        assert_eq!(d, 0, "case {cases}: {w}x{h}x{c} -> {}x{} with {filter:?} differs from Pillow by {d} levels", spec[0], spec[1]);
+        cases += 1;
+    }
+    assert_eq!(cases, 36, "the fixture holds 36 cases");
+}
+
 /// `pixel_values` against transformers' image processor (SiglipImageProcessorPil here, as no
-/// torchvision is installed): the resize differences above times 2/255, nothing more (gray_20x24
-/// is exact, so rescale and normalise add no error).
+/// torchvision is installed): exact on the PNGs (the resize is bit-exact, and rescale and
+/// normalise add no error); on the JPEG the decoder differences times 2/255.
 #[test]
 fn pixel_values_match_transformers() {
     let pre = Preprocessor::open(&fixtures().join("paligemma")).unwrap();
     assert_eq!((pre.resize, pre.filter, pre.convert_rgb), (Some((32, 32)), Filter::Bicubic, true));
     for (stem, file, bound) in [
-        ("rgb_37x53", "rgb_37x53.png", 3.0 * 2.0 / 255.0 + 1e-6),
+        ("rgb_37x53", "rgb_37x53.png", 0.0),
         ("gray_20x24", "gray_20x24.png", 0.0),
         ("photo_61x45", "photo_61x45.jpg", 4.0 * 2.0 / 255.0 + 1e-6),
     ] {
@@ -191,6 +213,40 @@ fn generate_prompt_matches_transformers() {
             assert_eq!(answer, c["text"].as_str().unwrap(), "{model} {}: stdout {stdout}", c["prompt"]);
         }
     }
+}
+
+/// `--breakdown` profiles after generating: the answer is unchanged, and both tables are
+/// printed, the prefill (SigLIP tower, projector and Gemma over the prompt) with more steps than
+/// the one-token decode.
+#[test]
+fn generate_prompt_breakdown_times_prefill_and_decode() {
+    let c = &json("generate_cases.json")["paligemma"][0];
+    let dir = fixtures().join("paligemma");
+    let img = fixtures().join(c["image"].as_str().unwrap());
+    let n = c["max_new_tokens"].as_i64().unwrap().max(2).to_string();
+    let args = [
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        &n,
+        "--image",
+        img.to_str().unwrap(),
+    ];
+    let (_, plain, _) = kiln(&args);
+    let mut with = args.to_vec();
+    with.push("--breakdown");
+    let (ok, stdout, stderr) = kiln(&with);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.split('\n').next(), plain.split('\n').next(), "the answer changed with --breakdown");
+    let steps_after = |title: &str| -> usize {
+        let rest = stdout.split(title).nth(1).unwrap_or_else(|| panic!("no '{title}' in\n{stdout}"));
+        let total = rest.lines().find(|l| l.starts_with("total (one run)")).unwrap();
+        total.split_whitespace().nth(3).unwrap().parse().unwrap()
+    };
+    let (prefill, decode) = (steps_after("prefill, kernel by kernel"), steps_after("decode, kernel by kernel"));
+    assert!(prefill > decode && decode > 0, "prefill {prefill} steps, decode {decode}\n{stdout}");
 }
 
 #[test]

@@ -21,8 +21,18 @@ fn main() {
     }
     let threads: usize = std::env::args().nth(1).map(|s| s.parse().expect("threads: a number")).unwrap_or(1);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    // So400m/14 at 224 px, batch 1: 256 tokens; qkv, out, fc1, fc2.
-    let shapes = [(256, 1152, 3456), (256, 1152, 1152), (256, 1152, 4304), (256, 4304, 1152), (1024, 1152, 4304)];
+    // So400m/14 at 224 px, batch 1: 256 tokens; qkv, out, fc1, fc2; then Gemma 2 2B over
+    // PaliGemma's 268-token prompt: q, gate/up, down.
+    let shapes = [
+        (256, 1152, 3456),
+        (256, 1152, 1152),
+        (256, 1152, 4304),
+        (256, 4304, 1152),
+        (1024, 1152, 4304),
+        (268, 2304, 2048),
+        (268, 2304, 9216),
+        (268, 9216, 2304),
+    ];
     println!("{:>6} {:>6} {:>6} {:>10} {:>14} {:>14}", "m", "k", "n", "reps", "GFLOP/cpu-s", "GFLOP/s wall");
     let mut total = (0.0, 0.0);
     for &(m, k, n) in &shapes {

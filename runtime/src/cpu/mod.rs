@@ -182,24 +182,26 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        // A weight stored in another float dtype, converted to the program's: a million
-        // elements at a time, so no f64 copy of a whole tensor is made (a 257k x 2304
-        // embedding would need 4.7 GB for it).
+        // A weight stored in another dtype, converted to the program's (in parallel, with no
+        // f64 copy: a 257k x 2304 embedding would need 4.7 GB for one).
         let convert = |i: usize| -> Result<Vec<u8>> {
             let spec = &program.weights[i];
             let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
-            let step = ty.dtype.size() << 20;
-            let mut out = Vec::with_capacity(bytes.len() / ty.dtype.size() * spec.ty.dtype.size());
-            for chunk in bytes.chunks(step) {
-                out.extend(crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, chunk)));
-            }
-            Ok(out)
+            Ok(crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes))
         };
         let converted = |i: usize| matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty() && program.weights[i].ty.bytes() > 0);
         let weight = |i: u32, n: usize| -> Option<Vec<f32>> {
             let i = i as usize;
             if converted(i) {
                 // Packed straight from the checkpoint's dtype, before any f32 copy exists.
+                let spec = &program.weights[i];
+                let (ty, bytes) = weights.get(&spec.name, &spec.ty).ok()?;
+                if spec.ty.dtype == DType::F32 {
+                    if let Some(mut v) = crate::tensor::floats_to_f32(ty.dtype, bytes) {
+                        v.truncate(n);
+                        return Some(v);
+                    }
+                }
                 let bytes = convert(i).ok()?;
                 return Some(bytes[..4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
             }

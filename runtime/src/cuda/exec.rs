@@ -109,11 +109,7 @@ fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Blobs, Blobs)> 
     let mut w = Vec::with_capacity(program.weights.len());
     for spec in &program.weights {
         let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
-        w.push(if ty.dtype == spec.ty.dtype {
-            bytes.to_vec()
-        } else {
-            crate::tensor::from_f64(spec.ty.dtype, &crate::tensor::to_f64(ty.dtype, bytes))
-        });
+        w.push(if ty.dtype == spec.ty.dtype { bytes.to_vec() } else { crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes) });
     }
     let c = program.constants.iter().map(|c| crate::tensor::from_f64(c.ty.dtype, &c.values)).collect();
     Ok((w, c))
