@@ -42,17 +42,93 @@ pub struct PackedB {
     data: Vec<f32>,
 }
 
+/// Float elements as a checkpoint stores them (little-endian bytes), read as f32: exact for
+/// each dtype, so packing from them equals packing their f32 conversion.
+#[derive(Clone, Copy, Debug)]
+pub enum Stored<'a> {
+    /// f32, 4 bytes each.
+    F32(&'a [u8]),
+    /// bf16, 2 bytes each.
+    Bf16(&'a [u8]),
+    /// f16, 2 bytes each.
+    F16(&'a [u8]),
+}
+
+impl Stored<'_> {
+    /// Element `i` as f32.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Stored::F32(b) => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+            Stored::Bf16(b) => f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16),
+            Stored::F16(b) => half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+        }
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            Stored::F32(b) => b.len() / 4,
+            Stored::Bf16(b) | Stored::F16(b) => b.len() / 2,
+        }
+    }
+
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        match *self {
+            Stored::F32(b) => Stored::F32(&b[4 * start..4 * (start + len)]),
+            Stored::Bf16(b) => Stored::Bf16(&b[2 * start..2 * (start + len)]),
+            Stored::F16(b) => Stored::F16(&b[2 * start..2 * (start + len)]),
+        }
+    }
+}
+
 impl PackedB {
     /// Packs any strided k x n view (a PyTorch `[n, k]` weight is `MatView::transposed`).
     pub fn pack(b: MatView) -> Self {
-        let (k, n) = (b.rows, b.cols);
+        Self::pack_with(b.rows, b.cols, |kk, col| b.data[kk * b.row_stride + col * b.col_stride])
+    }
+
+    /// Packs a k x n right-hand side straight from a checkpoint's bytes: stored `[n, k]` (a
+    /// PyTorch weight, `transposed`) or `[k, n]`. No f32 copy of the weight is made; a bf16
+    /// checkpoint's 3 B parameters would otherwise allocate (and the kernel zero) 12 GB of
+    /// pages just to be read once.
+    pub fn pack_stored(src: Stored, k: usize, n: usize, transposed: bool) -> Self {
+        assert!(src.len() >= k * n, "sgemm512: {} stored elements for a {k} x {n} weight", src.len());
+        // One monomorphic packing loop per dtype: the dtype is not matched per element.
+        fn layout(k: usize, n: usize, transposed: bool, get: impl Fn(usize) -> f32 + Sync) -> PackedB {
+            if transposed {
+                PackedB::pack_with(k, n, |kk, col| get(col * k + kk))
+            } else {
+                PackedB::pack_with(k, n, |kk, col| get(kk * n + col))
+            }
+        }
+        match src {
+            Stored::F32(b) => layout(k, n, transposed, |i| Stored::F32(b).get(i)),
+            Stored::Bf16(b) => layout(k, n, transposed, |i| Stored::Bf16(b).get(i)),
+            Stored::F16(b) => layout(k, n, transposed, |i| Stored::F16(b).get(i)),
+        }
+    }
+
+    /// Packs the k x n matrix whose element (kk, col) is `at(kk, col)`.
+    fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = n.div_ceil(NR);
         let mut data = vec![0.0f32; panels * k * NR];
+        // 64 rows of a panel (8 KiB) at a time, so its cache lines stay in L1 while each of
+        // the 32 columns fills its lane (a whole panel column by column thrashes them).
+        const KB: usize = 64;
         data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
-            for j in 0..NR.min(n - p * NR) {
-                let col = p * NR + j;
-                for kk in 0..k {
-                    panel[kk * NR + j] = b.data[kk * b.row_stride + col * b.col_stride];
+            for k0 in (0..k).step_by(KB) {
+                for j in 0..NR.min(n - p * NR) {
+                    let col = p * NR + j;
+                    for kk in k0..(k0 + KB).min(k) {
+                        panel[kk * NR + j] = at(kk, col);
+                    }
                 }
             }
         });
@@ -176,6 +252,36 @@ unsafe fn micro<const R: usize>(_: usize, _: *const f32, _: usize, _: *const f32
 mod tests {
     use super::*;
     use crate::cpu::testutil::Rng;
+
+    /// Packing from stored f32, bf16 and f16 bytes, in both layouts, equals packing their f32
+    /// values.
+    #[test]
+    fn pack_stored_equals_pack_of_the_converted_weight() {
+        let (k, n) = (37, 45);
+        let mut rng = Rng::new(11);
+        let w = rng.vec(k * n, -2.0, 2.0);
+        let bf: Vec<u8> = w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+        let hf: Vec<u8> = w.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let f: Vec<u8> = w.iter().flat_map(|&x| x.to_le_bytes()).collect();
+        for src in [Stored::F32(&f), Stored::Bf16(&bf), Stored::F16(&hf)] {
+            let vals: Vec<f32> = (0..k * n).map(|i| src.get(i)).collect();
+            assert_eq!(vals[5].to_bits(), {
+                let want = match src {
+                    Stored::F32(_) => w[5],
+                    Stored::Bf16(_) => half::bf16::from_f32(w[5]).to_f32(),
+                    Stored::F16(_) => half::f16::from_f32(w[5]).to_f32(),
+                };
+                want.to_bits()
+            });
+            for transposed in [true, false] {
+                let view = if transposed { MatView::transposed(&vals, k, n) } else { MatView::row_major(&vals, k, n) };
+                let want = PackedB::pack(view);
+                let got = PackedB::pack_stored(src, k, n, transposed);
+                assert_eq!((got.k, got.n), (want.k, want.n));
+                assert!(got.data.iter().zip(&want.data).all(|(a, b)| a.to_bits() == b.to_bits()), "{src:?} transposed {transposed}");
+            }
+        }
+    }
 
     #[test]
     fn matches_naive_on_ragged_shapes() {

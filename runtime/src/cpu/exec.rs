@@ -37,8 +37,12 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
 /// reads the same weight the same way (a prefill and a decode entry pack each weight once).
 pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<Vec<sgemm512::PackedB>>>;
 
-/// Prepares an entry's steps; `weight` reads a weight's f32 data (for packing).
-pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>, cache: &mut PackCache) -> Result<Vec<Prep>> {
+/// Prepares an entry's steps; `weight` gives a weight's first `n` elements as stored (for packing).
+pub(crate) fn prepare<'w>(
+    e: &Entry,
+    weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
+    cache: &mut PackCache,
+) -> Result<Vec<Prep>> {
     e.steps
         .iter()
         .enumerate()
@@ -72,7 +76,12 @@ pub(crate) fn prepare(e: &Entry, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>
 /// each matrix of a batched weight whose batch axes match the product's one to one (the
 /// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`). Entries of one
 /// program share the packed copy through `cache`.
-fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32>>, cache: &mut PackCache) -> Arc<Vec<sgemm512::PackedB>> {
+fn pack_weight<'w>(
+    s: &Step,
+    tb: bool,
+    weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
+    cache: &mut PackCache,
+) -> Arc<Vec<sgemm512::PackedB>> {
     let (a, b, o) = (&s.inputs[0].ty, &s.inputs[1], &s.output.ty);
     let Slot::Weight(i) = b.slot else { return Arc::default() };
     let r = b.ty.rank();
@@ -85,13 +94,10 @@ fn pack_weight(s: &Step, tb: bool, weight: &dyn Fn(u32, usize) -> Option<Vec<f32
     }
     let Some(data) = weight(i, b.ty.numel()) else { return Arc::default() };
     let (rows, cols) = (b.ty.shape[r - 2], b.ty.shape[r - 1]);
-    let packed: Vec<_> = data
-        .chunks_exact((rows * cols).max(1))
-        .map(|m| {
-            let view = if tb { gemm::MatView::transposed(m, cols, rows) } else { gemm::MatView::row_major(m, rows, cols) };
-            sgemm512::PackedB::pack(view)
-        })
-        .collect();
+    // A `[.., rows, cols]` weight: `[n, k]` when the product transposes it, `[k, n]` otherwise.
+    let (k, n) = if tb { (cols, rows) } else { (rows, cols) };
+    let per = (rows * cols).max(1);
+    let packed: Vec<_> = (0..data.len() / per).map(|bi| sgemm512::PackedB::pack_stored(data.slice(bi * per, per), k, n, tb)).collect();
     let p = Arc::new(packed);
     cache.insert((i, tb), p.clone());
     p

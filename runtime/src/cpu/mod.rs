@@ -9,6 +9,7 @@ use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use kiln_graph::program::{Program, Slot};
 use kiln_graph::{DType, MaskKind, Op, TensorType};
+use kiln_kernels::cpu::sgemm512::Stored;
 use std::sync::Arc;
 
 /// The cpu backend.
@@ -190,26 +191,23 @@ impl Backend for CpuBackend {
             Ok(crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes))
         };
         let converted = |i: usize| matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty() && program.weights[i].ty.bytes() > 0);
-        let weight = |i: u32, n: usize| -> Option<Vec<f32>> {
+        // A weight as its bytes lie (checkpoint map or owned buffer), packed from them directly.
+        let weight = |i: u32, n: usize| -> Option<Stored<'_>> {
             let i = i as usize;
             if converted(i) {
-                // Packed straight from the checkpoint's dtype, before any f32 copy exists.
+                // Packed straight from the checkpoint's dtype: no f32 copy exists.
                 let spec = &program.weights[i];
                 let (ty, bytes) = weights.get(&spec.name, &spec.ty).ok()?;
-                if spec.ty.dtype == DType::F32 {
-                    if let Some(mut v) = crate::tensor::floats_to_f32(ty.dtype, bytes) {
-                        v.truncate(n);
-                        return Some(v);
-                    }
-                }
-                let bytes = convert(i).ok()?;
-                return Some(bytes[..4 * n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+                return match (spec.ty.dtype, ty.dtype) {
+                    (DType::F32, DType::BF16) => Some(Stored::Bf16(&bytes[..2 * n])),
+                    (DType::F32, DType::F16) => Some(Stored::F16(&bytes[..2 * n])),
+                    _ => None,
+                };
             }
-            let bytes = match wbufs.get(i)? {
+            Some(Stored::F32(match wbufs.get(i)? {
                 WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
                 WeightBuf::Owned(a) => &a.bytes()[..4 * n],
-            };
-            Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }))
         };
         let mut packs = exec::PackCache::new();
         let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
