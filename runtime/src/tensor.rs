@@ -53,32 +53,25 @@ pub fn to_f64(dtype: DType, b: &[u8]) -> Vec<f64> {
 /// load-time path of a weight stored in a narrower float dtype. Exact (every f16 and bf16 is an
 /// f32). `None` for a non-float dtype.
 pub fn floats_to_f32(dtype: DType, b: &[u8]) -> Option<Vec<f32>> {
+    use kiln_kernels::cpu::sgemm512::Stored;
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let size = dtype.size();
-    let n = b.len() / size;
-    let mut out = vec![0f32; n];
-    let src = b.par_chunks(CHUNK * size);
-    let dst = out.par_chunks_mut(CHUNK);
-    match dtype {
-        DType::F32 => src.zip(dst).for_each(|(s, d)| {
-            for (c, o) in s.chunks_exact(4).zip(d) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    // One monomorphic loop per dtype (the same element reads as the packing of weights).
+    fn fill(n: usize, get: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, d)| {
+            for (j, o) in d.iter_mut().enumerate() {
+                *o = get(c * CHUNK + j);
             }
-        }),
-        DType::BF16 => src.zip(dst).for_each(|(s, d)| {
-            for (c, o) in s.chunks_exact(2).zip(d) {
-                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }),
-        DType::F16 => src.zip(dst).for_each(|(s, d)| {
-            for (c, o) in s.chunks_exact(2).zip(d) {
-                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }),
-        _ => return None,
+        });
+        out
     }
-    Some(out)
+    Some(match dtype {
+        DType::F32 => fill(b.len() / 4, |i| Stored::F32(b).get(i)),
+        DType::BF16 => fill(b.len() / 2, |i| Stored::Bf16(b).get(i)),
+        DType::F16 => fill(b.len() / 2, |i| Stored::F16(b).get(i)),
+        _ => return None,
+    })
 }
 
 /// Re-encodes little-endian bytes from one dtype to another, as `from_f64(to, &to_f64(from,
