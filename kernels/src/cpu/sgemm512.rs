@@ -4,8 +4,10 @@
 //! repacks the right-hand side on every call. Transformer inference multiplies fresh
 //! activations by the same weights every run, so this path packs each weight once into
 //! 32-column panels and runs a 12x32 register-blocked micro-kernel over row-major
-//! activations (no packing of A, no allocation per call). Used when the CPU has AVX-512F;
-//! everything else keeps the `gemm` crate path.
+//! activations (no packing of A, no allocation per call). A bf16 checkpoint's weight keeps
+//! its bf16 bits in the panels (half the memory and half the bytes a decode step reads) and is
+//! widened exactly when used. Used when the CPU has AVX-512F; everything else keeps the
+//! `gemm` crate path.
 
 use super::gemm::MatView;
 use super::SyncPtr;
@@ -39,7 +41,17 @@ pub struct PackedB {
     pub k: usize,
     /// Columns.
     pub n: usize,
-    data: Vec<f32>,
+    data: Panels,
+}
+
+/// The panels' elements: f32, or the bf16 bits of a bf16 checkpoint. bf16 panels hold half
+/// the bytes (half the memory, and half the traffic of a memory-bound decode step); each
+/// 1152 x 32 slice is widened to f32 (exactly: a shift) into a per-thread buffer before the
+/// micro-kernel runs over it, so the products are the same as with f32 panels.
+#[derive(Clone, Debug)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
 }
 
 /// Float elements as a checkpoint stores them (little-endian bytes), read as f32: exact for
@@ -91,7 +103,25 @@ impl Stored<'_> {
 impl PackedB {
     /// Packs any strided k x n view (a PyTorch `[n, k]` weight is `MatView::transposed`).
     pub fn pack(b: MatView) -> Self {
-        Self::pack_with(b.rows, b.cols, |kk, col| b.data[kk * b.row_stride + col * b.col_stride])
+        let data = pack_with(b.rows, b.cols, |kk, col| b.data[kk * b.row_stride + col * b.col_stride]);
+        PackedB { k: b.rows, n: b.cols, data: Panels::F32(data) }
+    }
+
+    /// Bytes the panels hold.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Panels::F32(d) => 4 * d.len(),
+            Panels::Bf16(d) => 2 * d.len(),
+        }
+    }
+
+    /// Element (kk, col) of the packed matrix, as f32.
+    pub fn get(&self, kk: usize, col: usize) -> f32 {
+        let i = (col / NR) * self.k * NR + kk * NR + col % NR;
+        match &self.data {
+            Panels::F32(d) => d[i],
+            Panels::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
+        }
     }
 
     /// Packs a k x n right-hand side straight from a checkpoint's bytes: stored `[n, k]` (a
@@ -101,39 +131,41 @@ impl PackedB {
     pub fn pack_stored(src: Stored, k: usize, n: usize, transposed: bool) -> Self {
         assert!(src.len() >= k * n, "sgemm512: {} stored elements for a {k} x {n} weight", src.len());
         // One monomorphic packing loop per dtype: the dtype is not matched per element.
-        fn layout(k: usize, n: usize, transposed: bool, get: impl Fn(usize) -> f32 + Sync) -> PackedB {
+        fn layout<T: Copy + Default + Send + Sync>(k: usize, n: usize, transposed: bool, get: impl Fn(usize) -> T + Sync) -> Vec<T> {
             if transposed {
-                PackedB::pack_with(k, n, |kk, col| get(col * k + kk))
+                pack_with(k, n, |kk, col| get(col * k + kk))
             } else {
-                PackedB::pack_with(k, n, |kk, col| get(kk * n + col))
+                pack_with(k, n, |kk, col| get(kk * n + col))
             }
         }
-        match src {
-            Stored::F32(b) => layout(k, n, transposed, |i| Stored::F32(b).get(i)),
-            Stored::Bf16(b) => layout(k, n, transposed, |i| Stored::Bf16(b).get(i)),
-            Stored::F16(b) => layout(k, n, transposed, |i| Stored::F16(b).get(i)),
-        }
-    }
-
-    /// Packs the k x n matrix whose element (kk, col) is `at(kk, col)`.
-    fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0.0f32; panels * k * NR];
-        // 64 rows of a panel (8 KiB) at a time, so its cache lines stay in L1 while each of
-        // the 32 columns fills its lane (a whole panel column by column thrashes them).
-        const KB: usize = 64;
-        data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
-            for k0 in (0..k).step_by(KB) {
-                for j in 0..NR.min(n - p * NR) {
-                    let col = p * NR + j;
-                    for kk in k0..(k0 + KB).min(k) {
-                        panel[kk * NR + j] = at(kk, col);
-                    }
-                }
-            }
-        });
+        let data = match src {
+            Stored::F32(b) => Panels::F32(layout(k, n, transposed, |i| Stored::F32(b).get(i))),
+            // bf16 stays bf16: its bits, widened when used.
+            Stored::Bf16(b) => Panels::Bf16(layout(k, n, transposed, |i| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]))),
+            Stored::F16(b) => Panels::F32(layout(k, n, transposed, |i| Stored::F16(b).get(i))),
+        };
         PackedB { k, n, data }
     }
+}
+
+/// Packs the k x n matrix whose element (kk, col) is `at(kk, col)` into panels.
+fn pack_with<T: Copy + Default + Send + Sync>(k: usize, n: usize, at: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
+    let panels = n.div_ceil(NR);
+    let mut data = vec![T::default(); panels * k * NR];
+    // 64 rows of a panel (8 KiB) at a time, so its cache lines stay in L1 while each of
+    // the 32 columns fills its lane (a whole panel column by column thrashes them).
+    const KB: usize = 64;
+    data.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
+        for k0 in (0..k).step_by(KB) {
+            for j in 0..NR.min(n - p * NR) {
+                let col = p * NR + j;
+                for kk in k0..(k0 + KB).min(k) {
+                    panel[kk * NR + j] = at(kk, col);
+                }
+            }
+        }
+    });
+    data
 }
 
 /// C (m x n, row-major, contiguous) = A (m x k, row stride `lda`) * B.
@@ -156,47 +188,93 @@ pub fn matmul_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32]
     let cp = SyncPtr(c.as_mut_ptr());
     (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+        // The widened slice of a bf16 panel, kept per thread between calls.
+        // With one row tile (m <= 12: decode) the micro-kernel reads the bf16 bits itself, so a
+        // memory-bound step reads half the bytes; with more, widening once per slice is cheaper
+        // than widening in every tile.
+        let widen = matches!(b.data, Panels::Bf16(_)) && m > MR;
+        let mut wide = Vec::new();
+        if widen {
+            wide = WIDE.with(|w| w.take());
+            wide.resize(wide.len().max(KC * NR), 0.0);
+        }
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             for p in p0..p1 {
                 let cols = NR.min(n - p * NR);
-                let bp = &b.data[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+                let range = p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR;
+                // The slice as f32, or (one row tile) its bf16 bits.
+                let (bp, bits): (&[f32], *const u16) = match &b.data {
+                    Panels::F32(d) => (&d[range], std::ptr::null()),
+                    Panels::Bf16(d) if !widen => (&[], d[range].as_ptr()),
+                    Panels::Bf16(d) => {
+                        let w = &mut wide[..kc * NR];
+                        for (o, &h) in w.iter_mut().zip(&d[range]) {
+                            *o = f32::from_bits((h as u32) << 16);
+                        }
+                        (w, std::ptr::null())
+                    }
+                };
                 let mut r0 = 0;
                 while r0 < m {
                     let rows = MR.min(m - r0);
                     // SAFETY: `available()` was checked; A rows r0..r0+rows at columns
-                    // k0..k0+kc lie inside `a` (asserted above); the panel slice holds kc
-                    // rows of 32; C's tile rows r0.. at columns p*32..p*32+cols lie inside
-                    // `c`, and tasks own disjoint column ranges, so no two threads write
-                    // the same element.
+                    // k0..k0+kc lie inside `a` (asserted above); the panel slice (f32, or
+                    // bf16 bits at `bits`) holds kc rows of 32; C's tile rows r0.. at columns
+                    // p*32..p*32+cols lie inside `c`, and tasks own disjoint column ranges,
+                    // so no two threads write the same element.
                     unsafe {
-                        tile(rows, kc, a.as_ptr().add(r0 * lda + k0), lda, bp.as_ptr(), cp.get().add(r0 * n + p * NR), n, cols, k0 == 0);
+                        let (at, ct) = (a.as_ptr().add(r0 * lda + k0), cp.get().add(r0 * n + p * NR));
+                        if bits.is_null() {
+                            tile::<false>(rows, kc, at, lda, bp.as_ptr(), ct, n, cols, k0 == 0);
+                        } else {
+                            tile::<true>(rows, kc, at, lda, bits as *const f32, ct, n, cols, k0 == 0);
+                        }
                     }
                     r0 += rows;
                 }
             }
         }
+        if widen {
+            WIDE.with(|w| w.replace(wide));
+        }
     });
 }
 
+thread_local! {
+    /// A widened bf16 panel slice (KC x 32 f32), one per thread, reused between calls.
+    static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Dispatches a tile of `rows` (1..=12) rows to the micro-kernel built for that height.
+/// `H`: `b` points at the panel slice's bf16 bits (as `*const u16`), not at f32.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, first: bool) {
+unsafe fn tile<const H: bool>(
+    rows: usize,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+) {
     // SAFETY: every arm forwards the caller's contract unchanged.
     unsafe {
         match rows {
-            12 => micro::<12>(kc, a, lda, b, c, ldc, cols, first),
-            11 => micro::<11>(kc, a, lda, b, c, ldc, cols, first),
-            10 => micro::<10>(kc, a, lda, b, c, ldc, cols, first),
-            9 => micro::<9>(kc, a, lda, b, c, ldc, cols, first),
-            8 => micro::<8>(kc, a, lda, b, c, ldc, cols, first),
-            7 => micro::<7>(kc, a, lda, b, c, ldc, cols, first),
-            6 => micro::<6>(kc, a, lda, b, c, ldc, cols, first),
-            5 => micro::<5>(kc, a, lda, b, c, ldc, cols, first),
-            4 => micro::<4>(kc, a, lda, b, c, ldc, cols, first),
-            3 => micro::<3>(kc, a, lda, b, c, ldc, cols, first),
-            2 => micro::<2>(kc, a, lda, b, c, ldc, cols, first),
-            _ => micro::<1>(kc, a, lda, b, c, ldc, cols, first),
+            12 => micro::<12, H>(kc, a, lda, b, c, ldc, cols, first),
+            11 => micro::<11, H>(kc, a, lda, b, c, ldc, cols, first),
+            10 => micro::<10, H>(kc, a, lda, b, c, ldc, cols, first),
+            9 => micro::<9, H>(kc, a, lda, b, c, ldc, cols, first),
+            8 => micro::<8, H>(kc, a, lda, b, c, ldc, cols, first),
+            7 => micro::<7, H>(kc, a, lda, b, c, ldc, cols, first),
+            6 => micro::<6, H>(kc, a, lda, b, c, ldc, cols, first),
+            5 => micro::<5, H>(kc, a, lda, b, c, ldc, cols, first),
+            4 => micro::<4, H>(kc, a, lda, b, c, ldc, cols, first),
+            3 => micro::<3, H>(kc, a, lda, b, c, ldc, cols, first),
+            2 => micro::<2, H>(kc, a, lda, b, c, ldc, cols, first),
+            _ => micro::<1, H>(kc, a, lda, b, c, ldc, cols, first),
         }
     }
 }
@@ -205,15 +283,34 @@ unsafe fn tile(rows: usize, kc: usize, a: *const f32, lda: usize, b: *const f32,
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro<const R: usize>(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, cols: usize, first: bool) {
+unsafe fn micro<const R: usize, const H: bool>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    first: bool,
+) {
     use std::arch::x86_64::*;
     let mut lo = [_mm512_setzero_ps(); R];
     let mut hi = [_mm512_setzero_ps(); R];
     // SAFETY: the caller guarantees the A, panel and C ranges named in `matmul_packed`.
     unsafe {
         for kk in 0..kc {
-            let b0 = _mm512_loadu_ps(b.add(kk * NR));
-            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+            let (b0, b1) = if H {
+                // 32 bf16 -> two f32 vectors: zero-extend to 32 bits, shift into the high half.
+                let h = (b as *const u16).add(kk * NR);
+                let lo16 = _mm256_loadu_si256(h as *const __m256i);
+                let hi16 = _mm256_loadu_si256(h.add(16) as *const __m256i);
+                (
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo16))),
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi16))),
+                )
+            } else {
+                (_mm512_loadu_ps(b.add(kk * NR)), _mm512_loadu_ps(b.add(kk * NR + 16)))
+            };
             for r in 0..R {
                 let av = _mm512_set1_ps(*a.add(r * lda + kk));
                 lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
@@ -244,7 +341,7 @@ unsafe fn micro<const R: usize>(kc: usize, a: *const f32, lda: usize, b: *const 
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro<const R: usize>(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: usize, _: bool) {
+unsafe fn micro<const R: usize, const H: bool>(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: usize, _: bool) {
     unreachable!("sgemm512 is only dispatched when available() is true")
 }
 
@@ -257,7 +354,7 @@ mod tests {
     /// values.
     #[test]
     fn pack_stored_equals_pack_of_the_converted_weight() {
-        let (k, n) = (37, 45);
+        let (k, n) = (1200, 45); // k over one 1152-deep pass
         let mut rng = Rng::new(11);
         let w = rng.vec(k * n, -2.0, 2.0);
         let bf: Vec<u8> = w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
@@ -278,7 +375,25 @@ mod tests {
                 let want = PackedB::pack(view);
                 let got = PackedB::pack_stored(src, k, n, transposed);
                 assert_eq!((got.k, got.n), (want.k, want.n));
-                assert!(got.data.iter().zip(&want.data).all(|(a, b)| a.to_bits() == b.to_bits()), "{src:?} transposed {transposed}");
+                for kk in 0..k {
+                    for col in 0..n {
+                        assert_eq!(
+                            got.get(kk, col).to_bits(),
+                            want.get(kk, col).to_bits(),
+                            "{src:?} transposed {transposed} ({kk}, {col})"
+                        );
+                    }
+                }
+                // bf16 panels hold half the bytes, and products through them equal the f32 ones.
+                let half_bytes = matches!(src, Stored::Bf16(_));
+                assert_eq!(got.bytes() * if half_bytes { 2 } else { 1 }, want.bytes());
+                for m in [1, 13, 30] {
+                    let a = rng.vec(m * k, -1.0, 1.0);
+                    let (mut c1, mut c2) = (vec![0.0; m * n], vec![0.0; m * n]);
+                    matmul_packed(&a, m, k, &got, &mut c1);
+                    matmul_packed(&a, m, k, &want, &mut c2);
+                    assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{src:?} m {m}");
+                }
             }
         }
     }
