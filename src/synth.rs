@@ -126,6 +126,8 @@ pub enum SynthSpec {
     BigVision(crate::synth_big_vision::BigVisionSynth),
     /// `Gemma2ForCausalLM` (transformers `model_type: gemma2`).
     Gemma2(Gemma2SynthConfig),
+    /// The same, every weight stored as bf16 (`dtype: bfloat16` in its config).
+    Gemma2Bf16(Gemma2SynthConfig),
     /// `PaliGemmaForConditionalGeneration` with a Gemma 2 decoder, bf16 weights.
     PaliGemma2(crate::synth_paligemma::PaliGemma2SynthConfig),
 }
@@ -138,6 +140,7 @@ impl SynthModel {
             SynthSpec::Jet(cfg) => cfg.tensors(),
             SynthSpec::BigVision(b) => b.tensors(),
             SynthSpec::Gemma2(cfg) => cfg.tensors(),
+            SynthSpec::Gemma2Bf16(cfg) => cfg.tensors().into_iter().map(|t| TensorSpec { dtype: SynthDtype::BF16, ..t }).collect(),
             SynthSpec::PaliGemma2(cfg) => cfg.tensors(),
         }
     }
@@ -152,6 +155,17 @@ impl SynthModel {
         self.tensors().iter().map(|t| t.nbytes() as u64).sum()
     }
 }
+
+/// Gemma 2 2B's decoder.
+const GEMMA2_2B: Gemma2SynthConfig = Gemma2SynthConfig {
+    vocab_size: 256000,
+    hidden_size: 2304,
+    intermediate_size: 9216,
+    num_hidden_layers: 26,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    head_dim: 256,
+};
 
 const fn siglip(
     hidden_size: usize,
@@ -253,15 +267,12 @@ static MODELS: &[SynthModel] = &[
     SynthModel {
         name: "gemma2-2b",
         description: "Gemma 2 2B decoder (2304 wide, 26 layers, 8/4 heads of 256, vocab 256000, ~2.6B params, f32)",
-        spec: SynthSpec::Gemma2(Gemma2SynthConfig {
-            vocab_size: 256000,
-            hidden_size: 2304,
-            intermediate_size: 9216,
-            num_hidden_layers: 26,
-            num_attention_heads: 8,
-            num_key_value_heads: 4,
-            head_dim: 256,
-        }),
+        spec: SynthSpec::Gemma2(GEMMA2_2B),
+    },
+    SynthModel {
+        name: "gemma2-2b-bf16",
+        description: "the same Gemma 2 2B with bf16 weights (as the released checkpoints of PaliGemma 2's decoder)",
+        spec: SynthSpec::Gemma2Bf16(GEMMA2_2B),
     },
     SynthModel {
         name: "paligemma2-3b-224",
@@ -314,6 +325,11 @@ pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthR
         SynthSpec::Jet(cfg) => crate::synth_jet::synth_jet(cfg, out, seed)?,
         SynthSpec::BigVision(b) => crate::synth_big_vision::synth_big_vision(b, out, seed)?,
         SynthSpec::Gemma2(cfg) => write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)?,
+        SynthSpec::Gemma2Bf16(cfg) => {
+            let mut config = cfg.config_json();
+            config["dtype"] = serde_json::json!("bfloat16");
+            write_model_dir(out, &config, &model.tensors(), seed, progress)?
+        }
         SynthSpec::PaliGemma2(cfg) => write_model_dir(out, &cfg.config_json(), &cfg.tensors(), seed, progress)?,
     };
     report.name = model.name.to_string();
@@ -706,7 +722,7 @@ mod tests {
                 SynthSpec::Siglip(cfg) => cfg.validate().unwrap(),
                 SynthSpec::Jet(cfg) => assert_eq!(cfg.model_config().unwrap().schedule().len(), cfg.depth),
                 SynthSpec::BigVision(_) => {}
-                SynthSpec::Gemma2(_) | SynthSpec::PaliGemma2(_) => {}
+                SynthSpec::Gemma2(_) | SynthSpec::Gemma2Bf16(_) | SynthSpec::PaliGemma2(_) => {}
             }
             assert!(find(m.name).is_some());
         }
