@@ -302,6 +302,14 @@ unsafe fn micro<const R: usize, const H: bool>(
             let (b0, b1) = if H {
                 // 32 bf16 -> two f32 vectors: zero-extend to 32 bits, shift into the high half.
                 let h = (b as *const u16).add(kk * NR);
+                if R <= 2 {
+                    // Few rows: memory-bound, and the panel's 64-byte rows are one cache line
+                    // each; ask for the line 32 rows ahead (the hardware streamer restarts at
+                    // every 4 KiB page). Measured on Gemma 2 2B bf16 decode: 340 -> 275 ms per
+                    // token (16 rows ahead: 290). A prefetch past the end never faults, and
+                    // `wrapping_add` keeps the address computation defined.
+                    _mm_prefetch::<_MM_HINT_T0>(h.wrapping_add(32 * NR) as *const i8);
+                }
                 let lo16 = _mm256_loadu_si256(h as *const __m256i);
                 let hi16 = _mm256_loadu_si256(h.add(16) as *const __m256i);
                 (
@@ -309,6 +317,12 @@ unsafe fn micro<const R: usize, const H: bool>(
                     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi16))),
                 )
             } else {
+                if R <= 2 {
+                    // As above, 16 rows ahead; an f32 panel row is two cache lines. Measured on
+                    // Gemma 2 2B f32 decode: 508-532 -> 431-486 ms per token.
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((kk + 16) * NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((kk + 16) * NR + 16) as *const i8);
+                }
                 (_mm512_loadu_ps(b.add(kk * NR)), _mm512_loadu_ps(b.add(kk * NR + 16)))
             };
             for r in 0..R {
