@@ -289,15 +289,8 @@ static MODELS: &[SynthModel] = &[
                 layer_norm_eps: 1e-6,
                 vision_use_head: false,
             },
-            text: Gemma2SynthConfig {
-                vocab_size: 257216,
-                hidden_size: 2304,
-                intermediate_size: 9216,
-                num_hidden_layers: 26,
-                num_attention_heads: 8,
-                num_key_value_heads: 4,
-                head_dim: 256,
-            },
+            // Gemma 2 2B with PaliGemma's vocabulary (256000 + 1024 loc + 128 seg, padded).
+            text: Gemma2SynthConfig { vocab_size: 257216, ..GEMMA2_2B },
             image_token_index: 257152,
         }),
     },
