@@ -53,6 +53,22 @@ pub(super) fn print_program(prog: &Program) {
         for (i, s) in e.steps.iter().enumerate() {
             println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);
         }
+        // The steps this backend runs through the reference interpreter (slow, allocating).
+        let interpreted: Vec<String> = match kiln_runtime::by_name(&prog.backend) {
+            Ok(b) => e
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| b.interpreted(&s.kernel))
+                .map(|(i, s)| format!("{i} {} -> {}", s.op.name(), s.output.ty))
+                .collect(),
+            Err(_) => vec![],
+        };
+        if interpreted.is_empty() {
+            println!("  interpreter fallbacks: none");
+        } else {
+            println!("  interpreter fallbacks: {} steps: {}", interpreted.len(), interpreted.join("; "));
+        }
         let st = e.plan;
         println!(
             "  plan: peak {} B, lower bound {} B ({:.3}x), no reuse {} B ({:.2}x)",

@@ -296,6 +296,43 @@ impl Op {
         matches!(self, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. })
     }
 
+    /// The expression an elementwise step computes, so that every backend runs plain
+    /// elementwise ops, broadcasts, casts and fused regions through one path (a cast and a
+    /// broadcast are `Input(0)` stored in the output's type); `None` for every other op.
+    pub fn elementwise_expr(&self) -> Option<Expr> {
+        let instrs = match self {
+            Op::Unary(u) => vec![Instr::Input(0), Instr::Unary(*u, 0)],
+            Op::Binary(b) => vec![Instr::Input(0), Instr::Input(1), Instr::Binary(*b, 0, 1)],
+            Op::Select => vec![Instr::Input(0), Instr::Input(1), Instr::Input(2), Instr::Select(0, 1, 2)],
+            Op::Broadcast { .. } | Op::Cast { .. } => vec![Instr::Input(0)],
+            Op::Fused(e) => return Some(e.clone()),
+            Op::Input { .. }
+            | Op::Weight { .. }
+            | Op::Constant { .. }
+            | Op::Iota { .. }
+            | Op::Reduce { .. }
+            | Op::MatMul { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Gather { .. }
+            | Op::TakeAlongAxis { .. }
+            | Op::ScatterAdd { .. }
+            | Op::TopK { .. }
+            | Op::CumSum { .. }
+            | Op::Resize { .. }
+            | Op::Softmax { .. }
+            | Op::LayerNorm { .. }
+            | Op::RmsNorm { .. }
+            | Op::Attention(_)
+            | Op::MoeDispatch { .. }
+            | Op::MoeCombine
+            | Op::WriteSlice { .. } => return None,
+        };
+        Some(Expr { instrs })
+    }
+
     /// Whether the op is elementwise (a candidate for fused regions).
     pub fn is_elementwise(&self) -> bool {
         matches!(self, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_))

@@ -14,6 +14,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The kernel a step of `op` uses, or why this backend cannot run it.
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String>;
+    /// Whether a step of kernel `kernel` runs through the reference interpreter (slow and
+    /// allocating: `kiln inspect` and the parity suite list such steps).
+    fn interpreted(&self, _kernel: &str) -> bool {
+        false
+    }
     /// Prepares a program to run: weights placed, memory reserved.
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>>;
 }

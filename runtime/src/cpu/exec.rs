@@ -1,7 +1,8 @@
 //! Running a prepared program on the CPU: operands resolved to slices of the arena, weights
 //! and constants; one kernel call per step.
 
-use super::fused::{expr_of, Region};
+use super::fused::Region;
+use super::kernel::CpuKernel;
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
@@ -37,20 +38,47 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
 /// reads the same weight the same way (a prefill and a decode entry pack each weight once).
 pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<Vec<sgemm512::PackedB>>>;
 
+/// A step as loaded: its kernel, checked against its op and operands, and what it needs.
+pub(crate) struct Prepared {
+    pub(crate) kernel: CpuKernel,
+    pub(crate) prep: Prep,
+}
+
+/// Checks that a stored step is one this backend would have made: the op's shape rule holds
+/// for its operands (a hand-made or corrupt program fails here, not inside a kernel), and the
+/// kernel is the one [`super::kernel::choose`] picks (or the interpreter, which runs any op).
+fn resolve(s: &Step) -> std::result::Result<CpuKernel, String> {
+    let ins: Vec<&kiln_graph::TensorType> = s.inputs.iter().map(|o| &o.ty).collect();
+    let ty = kiln_graph::infer::infer(&s.op, &ins, Some(&s.output.ty)).map_err(|e| format!("inconsistent step (corrupt program): {e}"))?;
+    if ty != s.output.ty {
+        return Err(format!("inconsistent step (corrupt program): the op gives {ty}, the step stores {}", s.output.ty));
+    }
+    let stored = CpuKernel::parse(&s.kernel)
+        .ok_or_else(|| format!("kernel `{}` is not a cpu kernel (a program lowered for another backend?)", s.kernel))?;
+    let types: Vec<kiln_graph::TensorType> = s.inputs.iter().map(|o| o.ty.clone()).collect();
+    let chosen = super::kernel::choose(&s.op, &types, &s.output.ty)?;
+    if stored != chosen && stored != CpuKernel::Reference {
+        return Err(format!("kernel `{}` cannot run this step (this build picks `{}`)", s.kernel, chosen.name()));
+    }
+    Ok(stored)
+}
+
 /// Prepares an entry's steps; `weight` gives a weight's first `n` elements as stored (for packing).
 pub(crate) fn prepare<'w>(
     e: &Entry,
     weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
     cache: &mut PackCache,
-) -> Result<Vec<Prep>> {
+) -> Result<Vec<Prepared>> {
     e.steps
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let err = |msg| RuntimeError::Step { step: i, op: s.op.name(), msg };
+            let kernel = resolve(s).map_err(err)?;
             let shapes: Vec<&[usize]> = s.inputs.iter().map(|o| o.ty.shape.as_slice()).collect();
-            Ok(match &s.op {
-                Op::MatMul { epilogue, transpose_b } => {
+            let prep = match kernel {
+                CpuKernel::Gemm | CpuKernel::GemmEpilogue => {
+                    let Op::MatMul { epilogue, transpose_b } = &s.op else { return Err(err("not a matmul".into())) };
                     let epilogue = match epilogue {
                         Some(ex) => {
                             let mut sh = vec![s.output.ty.shape.as_slice()];
@@ -59,15 +87,35 @@ pub(crate) fn prepare<'w>(
                         }
                         None => None,
                     };
-                    Prep::MatMul { epilogue, packed: pack_weight(s, *transpose_b, weight, cache) }
+                    Prep::MatMul { epilogue, packed: pack_weight(s, kernel, *transpose_b, weight, cache) }
                 }
-                op if s.kernel == "cpu.fused" => {
-                    let ex = expr_of(op).ok_or_else(|| err("not an elementwise op".into()))?;
+                CpuKernel::Fused => {
+                    let ex = s.op.elementwise_expr().ok_or_else(|| err("not an elementwise op".into()))?;
                     Prep::Region(Region::new(ex, &shapes, &s.output.ty.shape).map_err(err)?)
                 }
-                Op::Attention(_) if s.kernel == "cpu.flash_attention" => Prep::Attention(attn::AttnWorkspace::new(&attn_shape(s))),
-                _ => Prep::None,
-            })
+                CpuKernel::FlashAttention => Prep::Attention(attn::AttnWorkspace::new(&attn_shape(s))),
+                CpuKernel::Source
+                | CpuKernel::View
+                | CpuKernel::LayerNorm
+                | CpuKernel::RmsNorm
+                | CpuKernel::Softmax
+                | CpuKernel::Reduce
+                | CpuKernel::Gather
+                | CpuKernel::Permute
+                | CpuKernel::Slice
+                | CpuKernel::WriteSlice
+                | CpuKernel::Concat
+                | CpuKernel::Resize
+                | CpuKernel::TopK
+                | CpuKernel::TakeAlongAxis
+                | CpuKernel::ScatterAdd
+                | CpuKernel::CumSum
+                | CpuKernel::Cast
+                | CpuKernel::MoeDispatch
+                | CpuKernel::MoeCombine
+                | CpuKernel::Reference => Prep::None,
+            };
+            Ok(Prepared { kernel, prep })
         })
         .collect()
 }
@@ -78,6 +126,7 @@ pub(crate) fn prepare<'w>(
 /// program share the packed copy through `cache`.
 fn pack_weight<'w>(
     s: &Step,
+    kernel: CpuKernel,
     tb: bool,
     weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
     cache: &mut PackCache,
@@ -86,7 +135,7 @@ fn pack_weight<'w>(
     let Slot::Weight(i) = b.slot else { return Arc::default() };
     let r = b.ty.rank();
     let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
-    if !(r == 2 || batched) || !sgemm512::available() || (s.kernel != "cpu.gemm" && s.kernel != "cpu.gemm+epilogue") {
+    if !(r == 2 || batched) || !sgemm512::available() || !matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue) {
         return Arc::default();
     }
     if let Some(p) = cache.get(&(i, tb)) {
@@ -112,7 +161,7 @@ pub(crate) struct CpuExec {
     pub(crate) states: Aligned,
     pub(crate) state_off: Vec<usize>,
     pub(crate) program: Program,
-    pub(crate) prepared: Vec<Vec<Prep>>,
+    pub(crate) prepared: Vec<Vec<Prepared>>,
 }
 
 /// Operand access for one run. The arena and the states are reached through raw pointers
@@ -210,7 +259,7 @@ impl CpuExec {
         }
         for (i, (s, p)) in e.steps.iter().zip(&self.prepared[entry]).enumerate() {
             let t = times.is_some().then(std::time::Instant::now);
-            step(&mem, s, p).map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
+            step(&mem, s, p.kernel, &p.prep).map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
             if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
                 times.push(t.elapsed().as_secs_f64());
             }
@@ -225,11 +274,20 @@ impl CpuExec {
     }
 }
 
-fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
+/// Runs one step with its kernel. The kernel was checked against the op at load
+/// ([`resolve`]), so each arm destructures the op it was chosen for.
+fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
-    match (&s.op, p) {
-        (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
-        (_, Prep::Region(r)) => {
+    let mismatch = || Err(format!("kernel {} does not run {} (corrupt program)", kernel.name(), s.op.name()));
+    match kernel {
+        CpuKernel::Source | CpuKernel::View => Ok(()),
+        CpuKernel::Reference => reference(mem, s),
+        CpuKernel::Gemm | CpuKernel::GemmEpilogue => match (&s.op, p) {
+            (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
+            _ => mismatch(),
+        },
+        CpuKernel::Fused => {
+            let Prep::Region(r) = p else { return mismatch() };
             let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
             for (k, o) in s.inputs.iter().enumerate() {
                 ins[k] = mem.f32(o);
@@ -237,25 +295,28 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             r.eval(&ins[..s.inputs.len()], mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::LayerNorm { eps }, _) => {
+        CpuKernel::LayerNorm => {
+            let Op::LayerNorm { eps } = s.op else { return mismatch() };
             let d = *out_ty.shape.last().unwrap_or(&1);
             let rows = out_ty.numel() / d.max(1);
             let (x, g, b) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
-            norm::layer_norm(x, rows, d, g, Some(b), *eps, mem.f32_mut(&s.output));
+            norm::layer_norm(x, rows, d, g, Some(b), eps, mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::RmsNorm { eps, add_one }, _) => {
+        CpuKernel::RmsNorm => {
+            let Op::RmsNorm { eps, add_one } = s.op else { return mismatch() };
             let d = *out_ty.shape.last().unwrap_or(&1);
             let rows = out_ty.numel() / d.max(1);
-            norm::rms_norm(mem.f32(&s.inputs[0]), rows, d, mem.f32(&s.inputs[1]), *add_one, *eps, mem.f32_mut(&s.output));
+            norm::rms_norm(mem.f32(&s.inputs[0]), rows, d, mem.f32(&s.inputs[1]), add_one, eps, mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::Softmax { .. }, _) if s.kernel == "cpu.softmax" => {
+        CpuKernel::Softmax => {
             let n = *out_ty.shape.last().unwrap_or(&1);
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::Reduce { op, axes, .. }, _) if s.kernel == "cpu.reduce" => {
+        CpuKernel::Reduce => {
+            let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
             let sh = &s.inputs[0].ty.shape;
             let n: usize = axes.iter().map(|&a| sh[a]).product();
             if n == 0 {
@@ -270,35 +331,16 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             reduce::reduce_rows(mem.f32(&s.inputs[0]), out_ty.numel(), n, kind, mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::Attention(a), Prep::Attention(ws)) => {
-            let shape = attn_shape(s);
-            let mask = match a.mask {
-                MaskKind::None => attn::AttnMask::None,
-                MaskKind::Causal { q_offset } => attn::AttnMask::Causal { q_offset },
-                MaskKind::SlidingWindow { q_offset, window } => attn::AttnMask::SlidingWindow { q_offset, window },
-                MaskKind::Additive => attn::AttnMask::Additive(mem.f32(&s.inputs[3])),
-            };
-            let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
-            attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);
-            Ok(())
-        }
-        (Op::Gather { .. }, _) if s.kernel == "cpu.gather" => {
-            let table = &s.inputs[0].ty;
-            let rows = table.shape.first().copied().unwrap_or(0);
-            let d = table.numel() / rows.max(1);
-            let ids: &[i64] = bytemuck::cast_slice(mem.read(&s.inputs[1]));
-            if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
-                return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
-            }
-            let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
-            index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
-            Ok(())
-        }
-        (Op::Permute { perm }, _) => {
-            let es = s.output.ty.dtype.size();
+        CpuKernel::FlashAttention => match (&s.op, p) {
+            (Op::Attention(a), Prep::Attention(ws)) => attention(mem, s, a, ws),
+            _ => mismatch(),
+        },
+        CpuKernel::Gather => gather(mem, s),
+        CpuKernel::Permute => {
+            let Op::Permute { perm } = &s.op else { return mismatch() };
             let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
             let shape = &s.inputs[0].ty.shape;
-            match es {
+            match out_ty.dtype.size() {
                 4 => movement::permute(bytemuck::cast_slice::<u8, u32>(src), shape, perm, bytemuck::cast_slice_mut::<u8, u32>(dst)),
                 8 => movement::permute(bytemuck::cast_slice::<u8, u64>(src), shape, perm, bytemuck::cast_slice_mut::<u8, u64>(dst)),
                 2 => movement::permute(bytemuck::cast_slice::<u8, u16>(src), shape, perm, bytemuck::cast_slice_mut::<u8, u16>(dst)),
@@ -306,54 +348,23 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             }
             Ok(())
         }
-        (Op::Slice { axis, start, end, step }, _) => {
-            let es = s.output.ty.dtype.size();
-            let sh = &s.inputs[0].ty.shape;
-            let (outer, len, inner) = split(sh, *axis);
-            movement::slice(mem.read(&s.inputs[0]), outer, len, inner * es, *start, *end, *step, mem.write(&s.output));
+        CpuKernel::Slice => {
+            let Op::Slice { axis, start, end, step } = s.op else { return mismatch() };
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+            movement::slice(mem.read(&s.inputs[0]), outer, len, inner * out_ty.dtype.size(), start, end, step, mem.write(&s.output));
             Ok(())
         }
-        (Op::WriteSlice { axis }, _) if s.kernel == "cpu.write_slice" => {
-            let es = out_ty.dtype.size();
-            let (outer, len, inner) = split(&out_ty.shape, *axis);
-            let n = s.inputs[1].ty.shape[*axis];
-            let at = match s.inputs[2].ty.dtype {
-                DType::I32 => bytemuck::cast_slice::<u8, i32>(mem.read(&s.inputs[2]))[0] as i64,
-                _ => i64s(mem, &s.inputs[2])[0],
-            };
-            if at < 0 || at as usize + n > len {
-                return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
-            }
-            if s.inputs[0].slot != s.output.slot {
-                // Out of place: start from a copy of the destination (distinct slots never overlap).
-                mem.write(&s.output).copy_from_slice(mem.read(&s.inputs[0]));
-            }
-            // In place (a state): only the new rows are written.
-            let (rows, out) = (mem.read(&s.inputs[1]), mem.write(&s.output));
-            let (row, at) = (n * inner * es, at as usize * inner * es);
-            for o in 0..outer {
-                out[o * len * inner * es + at..][..row].copy_from_slice(&rows[o * row..(o + 1) * row]);
-            }
+        CpuKernel::WriteSlice => {
+            let Op::WriteSlice { axis } = s.op else { return mismatch() };
+            write_slice(mem, s, axis)
+        }
+        CpuKernel::Concat => {
+            let Op::Concat { axis } = s.op else { return mismatch() };
+            concat(mem, s, axis);
             Ok(())
         }
-        (Op::Concat { axis }, _) => {
-            let es = s.output.ty.dtype.size();
-            let out = mem.write(&s.output);
-            let (outer, total, inner) = split(&s.output.ty.shape, *axis);
-            let mut at = 0;
-            for o in &s.inputs {
-                let len = o.ty.shape[*axis];
-                let src = mem.read(o);
-                for r in 0..outer {
-                    let n = len * inner * es;
-                    let d0 = (r * total + at) * inner * es;
-                    out[d0..d0 + n].copy_from_slice(&src[r * n..(r + 1) * n]);
-                }
-                at += len;
-            }
-            Ok(())
-        }
-        (Op::Resize { size, mode }, _) if s.kernel == "cpu.resize" => {
+        CpuKernel::Resize => {
+            let Op::Resize { size, mode } = s.op else { return mismatch() };
             let sh = &s.inputs[0].ty.shape;
             let r = sh.len();
             let (ih, iw) = (sh[r - 2], sh[r - 1]);
@@ -365,89 +376,44 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             }
             Ok(())
         }
-        (Op::TopK { k }, _) if s.kernel == "cpu.topk" => {
+        CpuKernel::TopK => {
+            let Op::TopK { k } = s.op else { return mismatch() };
             let n = *s.inputs[0].ty.shape.last().unwrap_or(&1);
             let rows = s.inputs[0].ty.numel() / n.max(1);
-            index::topk_indices(mem.f32(&s.inputs[0]), rows, n, *k, i64_mut(mem, &s.output));
+            index::topk_indices(mem.f32(&s.inputs[0]), rows, n, k, i64_mut(mem, &s.output));
             Ok(())
         }
-        (Op::TakeAlongAxis { axis }, _) if s.kernel == "cpu.take_along_axis" => {
-            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
-            let ilen = s.inputs[1].ty.shape[*axis];
-            let idx = i64s(mem, &s.inputs[1]);
-            check_indices(idx, len)?;
-            let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
-            match s.output.ty.dtype.size() {
-                4 => index::take_along_axis(
-                    bytemuck::cast_slice::<u8, u32>(src),
-                    outer,
-                    len,
-                    inner,
-                    idx,
-                    ilen,
-                    bytemuck::cast_slice_mut(dst),
-                ),
-                _ => index::take_along_axis(
-                    bytemuck::cast_slice::<u8, u64>(src),
-                    outer,
-                    len,
-                    inner,
-                    idx,
-                    ilen,
-                    bytemuck::cast_slice_mut(dst),
-                ),
+        CpuKernel::TakeAlongAxis => {
+            let Op::TakeAlongAxis { axis } = s.op else { return mismatch() };
+            take_along_axis(mem, s, axis)
+        }
+        CpuKernel::ScatterAdd => {
+            let Op::ScatterAdd { axis } = s.op else { return mismatch() };
+            scatter_add(mem, s, axis)
+        }
+        CpuKernel::CumSum => {
+            let Op::CumSum { axis, exclusive } = s.op else { return mismatch() };
+            let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+            match out_ty.dtype {
+                DType::F32 => index::cumsum(mem.f32(&s.inputs[0]), outer, len, inner, exclusive, mem.f32_mut(&s.output)),
+                _ => index::cumsum(i64s(mem, &s.inputs[0]), outer, len, inner, exclusive, i64_mut(mem, &s.output)),
             }
             Ok(())
         }
-        (Op::ScatterAdd { axis }, _) if s.kernel == "cpu.scatter_add" => {
-            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
-            let ilen = s.inputs[1].ty.shape[*axis];
-            let idx = i64s(mem, &s.inputs[1]);
-            check_indices(idx, len)?;
-            let dst = mem.write(&s.output);
-            dst.copy_from_slice(mem.read(&s.inputs[0]));
-            match s.output.ty.dtype {
-                DType::F32 => index::scatter_add_along_axis(
-                    bytemuck::cast_slice_mut::<u8, f32>(dst),
-                    outer,
-                    len,
-                    inner,
-                    idx,
-                    ilen,
-                    mem.f32(&s.inputs[2]),
-                ),
-                _ => index::scatter_add_along_axis(
-                    bytemuck::cast_slice_mut::<u8, i64>(dst),
-                    outer,
-                    len,
-                    inner,
-                    idx,
-                    ilen,
-                    i64s(mem, &s.inputs[2]),
-                ),
-            }
+        CpuKernel::Cast => {
+            let Op::Cast { to } = s.op else { return mismatch() };
+            cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, to, mem.write(&s.output));
             Ok(())
         }
-        (Op::CumSum { axis, exclusive }, _) if s.kernel == "cpu.cumsum" => {
-            let (outer, len, inner) = split(&s.inputs[0].ty.shape, *axis);
-            match s.output.ty.dtype {
-                DType::F32 => index::cumsum(mem.f32(&s.inputs[0]), outer, len, inner, *exclusive, mem.f32_mut(&s.output)),
-                _ => index::cumsum(i64s(mem, &s.inputs[0]), outer, len, inner, *exclusive, i64_mut(mem, &s.output)),
-            }
-            Ok(())
-        }
-        (Op::Cast { to }, _) if s.kernel == "cpu.cast" => {
-            cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, *to, mem.write(&s.output));
-            Ok(())
-        }
-        (Op::MoeDispatch { rows }, _) if s.kernel == "cpu.moe_dispatch" => {
+        CpuKernel::MoeDispatch => {
+            let Op::MoeDispatch { rows } = s.op else { return mismatch() };
             let d = s.inputs[0].ty.shape[1];
             let slot = i64s(mem, &s.inputs[1]);
-            check_slots(slot, *rows)?;
+            check_slots(slot, rows)?;
             index::moe_dispatch(mem.f32(&s.inputs[0]), d, slot, s.inputs[1].ty.shape[1], mem.f32_mut(&s.output));
             Ok(())
         }
-        (Op::MoeCombine, _) if s.kernel == "cpu.moe_combine" => {
+        CpuKernel::MoeCombine => {
             let (rows, d) = (s.inputs[0].ty.shape[0], s.inputs[0].ty.shape[1]);
             let slot = i64s(mem, &s.inputs[1]);
             check_slots(slot, rows)?;
@@ -455,8 +421,104 @@ fn step(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
             index::moe_combine(mem.f32(&s.inputs[0]), d, slot, mem.f32(&s.inputs[2]), k, mem.f32_mut(&s.output));
             Ok(())
         }
-        _ => reference(mem, s),
     }
+}
+
+fn attention(mem: &Mem, s: &Step, a: &kiln_graph::Attention, ws: &attn::AttnWorkspace) -> std::result::Result<(), String> {
+    let shape = attn_shape(s);
+    let mask = match a.mask {
+        MaskKind::None => attn::AttnMask::None,
+        MaskKind::Causal { q_offset } => attn::AttnMask::Causal { q_offset },
+        MaskKind::SlidingWindow { q_offset, window } => attn::AttnMask::SlidingWindow { q_offset, window },
+        MaskKind::Additive => attn::AttnMask::Additive(mem.f32(&s.inputs[3])),
+    };
+    let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
+    attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);
+    Ok(())
+}
+
+fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+    let table = &s.inputs[0].ty;
+    let rows = table.shape.first().copied().unwrap_or(0);
+    let d = table.numel() / rows.max(1);
+    let ids: &[i64] = bytemuck::cast_slice(mem.read(&s.inputs[1]));
+    if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
+        return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
+    }
+    let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
+    index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
+    Ok(())
+}
+
+fn write_slice(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
+    let out_ty = &s.output.ty;
+    let es = out_ty.dtype.size();
+    let (outer, len, inner) = split(&out_ty.shape, axis);
+    let n = s.inputs[1].ty.shape[axis];
+    let at = match s.inputs[2].ty.dtype {
+        DType::I32 => bytemuck::cast_slice::<u8, i32>(mem.read(&s.inputs[2]))[0] as i64,
+        _ => i64s(mem, &s.inputs[2])[0],
+    };
+    if at < 0 || at as usize + n > len {
+        return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
+    }
+    if s.inputs[0].slot != s.output.slot {
+        // Out of place: start from a copy of the destination (distinct slots never overlap).
+        mem.write(&s.output).copy_from_slice(mem.read(&s.inputs[0]));
+    }
+    // In place (a state): only the new rows are written.
+    let (rows, out) = (mem.read(&s.inputs[1]), mem.write(&s.output));
+    let (row, at) = (n * inner * es, at as usize * inner * es);
+    for o in 0..outer {
+        out[o * len * inner * es + at..][..row].copy_from_slice(&rows[o * row..(o + 1) * row]);
+    }
+    Ok(())
+}
+
+fn concat(mem: &Mem, s: &Step, axis: usize) {
+    let es = s.output.ty.dtype.size();
+    let out = mem.write(&s.output);
+    let (outer, total, inner) = split(&s.output.ty.shape, axis);
+    let mut at = 0;
+    for o in &s.inputs {
+        let len = o.ty.shape[axis];
+        let src = mem.read(o);
+        for r in 0..outer {
+            let n = len * inner * es;
+            let d0 = (r * total + at) * inner * es;
+            out[d0..d0 + n].copy_from_slice(&src[r * n..(r + 1) * n]);
+        }
+        at += len;
+    }
+}
+
+fn take_along_axis(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
+    let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+    let ilen = s.inputs[1].ty.shape[axis];
+    let idx = i64s(mem, &s.inputs[1]);
+    check_indices(idx, len)?;
+    let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
+    match s.output.ty.dtype.size() {
+        4 => index::take_along_axis(bytemuck::cast_slice::<u8, u32>(src), outer, len, inner, idx, ilen, bytemuck::cast_slice_mut(dst)),
+        _ => index::take_along_axis(bytemuck::cast_slice::<u8, u64>(src), outer, len, inner, idx, ilen, bytemuck::cast_slice_mut(dst)),
+    }
+    Ok(())
+}
+
+fn scatter_add(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
+    let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+    let ilen = s.inputs[1].ty.shape[axis];
+    let idx = i64s(mem, &s.inputs[1]);
+    check_indices(idx, len)?;
+    let dst = mem.write(&s.output);
+    dst.copy_from_slice(mem.read(&s.inputs[0]));
+    match s.output.ty.dtype {
+        DType::F32 => {
+            index::scatter_add_along_axis(bytemuck::cast_slice_mut::<u8, f32>(dst), outer, len, inner, idx, ilen, mem.f32(&s.inputs[2]))
+        }
+        _ => index::scatter_add_along_axis(bytemuck::cast_slice_mut::<u8, i64>(dst), outer, len, inner, idx, ilen, i64s(mem, &s.inputs[2])),
+    }
+    Ok(())
 }
 
 fn i64s<'a>(mem: &Mem<'a>, o: &Operand) -> &'a [i64] {
@@ -483,7 +545,7 @@ fn check_slots(slot: &[i64], rows: usize) -> std::result::Result<(), String> {
     }
 }
 
-/// The conversions [`super::cast_kernel`] accepts (float to integer truncates toward zero).
+/// The conversions `cast_kernel` (kernel.rs) accepts (float to integer truncates toward zero).
 fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
     match (from, to) {
         (DType::F32, DType::F32) => dst.copy_from_slice(src),

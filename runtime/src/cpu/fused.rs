@@ -201,17 +201,3 @@ fn binary(op: BinaryOp, a: &[f32], b: &[f32], d: &mut [f32]) {
         BinaryOp::Or => zip!(|x: f32, y: f32| flag(x != 0.0 || y != 0.0)),
     }
 }
-
-/// The expression a plain elementwise op stands for, so every elementwise step shares one path.
-pub fn expr_of(op: &kiln_graph::Op) -> Option<Expr> {
-    use kiln_graph::Op;
-    let instrs = match op {
-        Op::Unary(u) => vec![Instr::Input(0), Instr::Unary(*u, 0)],
-        Op::Binary(b) => vec![Instr::Input(0), Instr::Input(1), Instr::Binary(*b, 0, 1)],
-        Op::Select => vec![Instr::Input(0), Instr::Input(1), Instr::Input(2), Instr::Select(0, 1, 2)],
-        Op::Broadcast { .. } => vec![Instr::Input(0)],
-        Op::Fused(e) => return Some(e.clone()),
-        _ => return None,
-    };
-    Some(Expr { instrs })
-}

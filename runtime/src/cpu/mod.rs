@@ -3,12 +3,14 @@
 
 mod exec;
 pub mod fused;
+pub mod kernel;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
+pub use kernel::CpuKernel;
 use kiln_graph::program::{Program, Slot};
-use kiln_graph::{DType, MaskKind, Op, TensorType};
+use kiln_graph::{DType, Op, TensorType};
 use kiln_kernels::cpu::sgemm512::Stored;
 use std::sync::Arc;
 
@@ -43,66 +45,17 @@ pub(crate) enum WeightBuf {
     Owned(Aligned),
 }
 
-/// Whether `axes` are the last `axes.len()` axes of a rank-`rank` tensor (and not none).
-fn trailing_axes(axes: &[usize], rank: usize) -> bool {
-    !axes.is_empty() && axes.iter().enumerate().all(|(i, &a)| a + axes.len() == rank + i)
-}
-
-fn float_ok(t: &TensorType) -> bool {
-    !t.dtype.is_float() || t.dtype == DType::F32
-}
-
-/// Conversions `cpu.cast` runs directly (index arithmetic done in f32, masks to numbers).
-pub(crate) fn cast_kernel(from: DType, to: DType) -> bool {
-    matches!(
-        (from, to),
-        (DType::I64 | DType::I32 | DType::Bool | DType::U8, DType::F32) | (DType::F32, DType::I64 | DType::I32) | (DType::F32, DType::F32)
-    )
-}
-
-fn f32_all_but_slots(inputs: &[TensorType], out: &TensorType) -> bool {
-    out.dtype == DType::F32 && inputs[0].dtype == DType::F32 && inputs[1].dtype == DType::I64 && inputs[2].dtype == DType::F32
-}
-
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
 
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
-        if !float_ok(out) || !inputs.iter().all(float_ok) {
-            return Err(format!(
-                "the cpu backend computes floats in f32 (bf16/f16 weights are upcast when loaded); {} on {out} needs --dtype f32",
-                op.name()
-            ));
-        }
-        let f32_all = out.dtype == DType::F32 && inputs.iter().all(|t| t.dtype == DType::F32);
-        let name = match op {
-            Op::MatMul { epilogue: Some(_), .. } if f32_all => "cpu.gemm+epilogue",
-            Op::MatMul { .. } if f32_all => "cpu.gemm",
-            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) if f32_all => "cpu.fused",
-            Op::LayerNorm { .. } if f32_all => "cpu.layer_norm",
-            Op::RmsNorm { .. } if f32_all => "cpu.rms_norm",
-            Op::Softmax { axis } if f32_all && *axis + 1 == out.rank() => "cpu.softmax",
-            Op::Reduce { axes, .. } if f32_all && trailing_axes(axes, inputs.first().map_or(0, |t| t.rank())) => "cpu.reduce",
-            Op::Attention(a) if f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4) => "cpu.flash_attention",
-            Op::Gather { axis: 0 } if inputs.len() == 2 && inputs[1].dtype == DType::I64 && inputs[0].dtype.size() == 4 => "cpu.gather",
-            Op::Permute { .. } => "cpu.permute",
-            Op::Slice { .. } => "cpu.slice",
-            Op::WriteSlice { .. } if matches!(inputs[2].dtype, DType::I64 | DType::I32) => "cpu.write_slice",
-            Op::Concat { .. } => "cpu.concat",
-            Op::Resize { .. } if f32_all => "cpu.resize",
-            Op::Reshape { .. } => "view",
-            Op::TopK { .. } if inputs[0].dtype == DType::F32 && out.dtype == DType::I64 => "cpu.topk",
-            Op::TakeAlongAxis { .. } if inputs[1].dtype == DType::I64 && matches!(out.dtype.size(), 4 | 8) => "cpu.take_along_axis",
-            Op::ScatterAdd { .. } if inputs[1].dtype == DType::I64 && matches!(out.dtype, DType::F32 | DType::I64) => "cpu.scatter_add",
-            Op::CumSum { .. } if matches!(out.dtype, DType::F32 | DType::I64) => "cpu.cumsum",
-            Op::Cast { to } if cast_kernel(inputs[0].dtype, *to) => "cpu.cast",
-            Op::MoeDispatch { .. } if out.dtype == DType::F32 && inputs[1].dtype == DType::I64 => "cpu.moe_dispatch",
-            Op::MoeCombine if f32_all_but_slots(inputs, out) => "cpu.moe_combine",
-            _ => "cpu.reference",
-        };
-        Ok(name.to_string())
+        kernel::choose(op, inputs, out).map(|k| k.name().to_string())
+    }
+
+    fn interpreted(&self, kernel: &str) -> bool {
+        CpuKernel::parse(kernel) == Some(CpuKernel::Reference)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
@@ -216,7 +169,7 @@ impl Backend for CpuBackend {
         let mut unpacked_read = vec![false; wbufs.len()];
         for (e, preps) in program.entries.iter().zip(&prepared) {
             for (s, p) in e.steps.iter().zip(preps) {
-                let packed_b = match p {
+                let packed_b = match &p.prep {
                     exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
                     _ => false,
                 };

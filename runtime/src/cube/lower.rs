@@ -261,7 +261,7 @@ fn lower_step(s: &Step, woff: &[usize], coff: &[usize], meta: &mut Vec<u32>) -> 
     Ok(match &s.op {
         Op::Reshape { .. } => vec![],
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => {
-            let ex = crate::cpu::fused::expr_of(&s.op).ok_or("not an elementwise op")?;
+            let ex = s.op.elementwise_expr().ok_or("not an elementwise op")?;
             let mut b = vec![u(n)?, u(out_off)?];
             for &d in &out {
                 b.push(u(d)?);

@@ -12,7 +12,10 @@
 //! tensors keep their byte layout in the arena (see `kiln_kernels::cube::typed`). An op or
 //! dtype without a cube kernel is a compile error naming it.
 
+mod kernel;
 mod lower;
+
+pub use kernel::CubeKernel;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
@@ -20,7 +23,7 @@ use crate::weights::WeightStore;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use kiln_graph::program::{Program, Slot};
-use kiln_graph::{DType, MaskKind, Op, TensorType};
+use kiln_graph::{Op, TensorType};
 use kiln_kernels::cube as k;
 use lower::{Launch, Lowered};
 use std::sync::Arc;
@@ -51,20 +54,6 @@ impl CubeBackend {
     }
 }
 
-fn is_f32(t: &TensorType) -> bool {
-    t.dtype == DType::F32
-}
-
-/// Whether the arena can hold the type (f16/bf16 activations are not kept on the device).
-fn storable(t: &TensorType) -> bool {
-    lower::repr(t.dtype).is_ok()
-}
-
-/// Whether the type is stored a word or two per element (not packed bytes).
-fn wordy(t: &TensorType) -> bool {
-    matches!(lower::repr(t.dtype), Ok(k::Repr::Float | k::Repr::I32 | k::Repr::I64))
-}
-
 impl Backend for CubeBackend {
     fn name(&self) -> &'static str {
         match self.device {
@@ -74,77 +63,11 @@ impl Backend for CubeBackend {
     }
 
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
-        let tys = || inputs.iter().chain([out]).map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
-        if !storable(out) || !inputs.iter().all(storable) {
-            return Err(format!(
-                "the cube backend keeps activations in f32 (and integers, bools); {} on {} has no cube kernel",
-                op.name(),
-                tys()
-            ));
-        }
-        let no = |what: &str| Err(format!("{} has no cube kernel yet ({what})", op.name()));
-        let all_f32 = is_f32(out) && inputs.iter().all(is_f32);
-        let name = match op {
-            Op::MatMul { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::Attention(_) | Op::Resize { .. }
-                if !all_f32 =>
-            {
-                return Err(format!("{} on {} has no cube kernel (f32 only)", op.name(), tys()));
-            }
-            Op::MatMul { epilogue, .. } => {
-                if epilogue.is_some() {
-                    "cube.matmul+epilogue"
-                } else {
-                    "cube.matmul"
-                }
-            }
-            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => "cube.fused",
-            Op::LayerNorm { .. } | Op::RmsNorm { .. } => "cube.norm",
-            Op::Softmax { axis } if axis + 1 == out.rank() => "cube.softmax",
-            Op::Softmax { .. } => "cube.softmax_axis",
-            Op::Attention(a) => {
-                if a.mask == MaskKind::Additive
-                    && (inputs.len() != 4 || inputs[3].numel() != inputs[0].shape[0] * inputs[0].shape[1] * inputs[1].shape[1])
-                {
-                    return no("an additive mask must be [batch, q_len, kv_len]");
-                }
-                "cube.flash_attention"
-            }
-            Op::Permute { .. } | Op::Slice { .. } if is_f32(out) => "cube.copy",
-            Op::Permute { .. } | Op::Slice { .. } => "cube.fused(strided)",
-            Op::Concat { .. } if is_f32(out) || wordy(out) => "cube.copy",
-            Op::Concat { .. } => return no("concat of bytes"),
-            Op::Reshape { .. } => "view",
-            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => "source",
-            Op::Cast { .. } => "cube.cast",
-            Op::Iota { .. }
-            | Op::Reduce { .. }
-            | Op::Gather { .. }
-            | Op::TakeAlongAxis { .. }
-            | Op::ScatterAdd { .. }
-            | Op::TopK { .. }
-            | Op::CumSum { .. }
-                if !wordy(out) || (matches!(op, Op::Gather { .. } | Op::TakeAlongAxis { .. }) && !wordy(&inputs[0])) =>
-            {
-                return no("an output of bytes");
-            }
-            Op::Iota { .. } => "cube.iota",
-            Op::Reduce { .. } => "cube.reduce",
-            Op::Gather { .. } | Op::TakeAlongAxis { .. } => "cube.gather",
-            Op::WriteSlice { .. } if !wordy(out) => return no("an output of bytes"),
-            Op::WriteSlice { .. } => "cube.write_rows",
-            Op::ScatterAdd { .. } => "cube.scatter_add",
-            Op::TopK { .. } => "cube.topk",
-            Op::CumSum { .. } => "cube.cumsum",
-            Op::MoeDispatch { .. } | Op::MoeCombine if !is_f32(out) || !is_f32(&inputs[0]) => return no("f32 activations only"),
-            Op::MoeDispatch { .. } => "cube.moe_dispatch",
-            Op::MoeCombine if !is_f32(&inputs[2]) => return no("f32 weights only"),
-            Op::MoeCombine => "cube.moe_combine",
-            Op::Resize { .. } => "cube.resize",
-        };
-        Ok(name.to_string())
+        kernel::choose(op, inputs, out).map(|k| k.name().to_string())
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        kernel::check(program)?;
         match self.device {
             Device::Wgpu => Ok(Box::new(CubeExec::<cubecl::wgpu::WgpuRuntime>::new(program, &weights, Default::default())?)),
             #[cfg(feature = "cube-cuda")]

@@ -8,7 +8,7 @@ mod index;
 pub use super::gemm::{epilogue_kind, EpilogueKind};
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Operand, Program, Slot, Step};
-use kiln_graph::{DType, Expr, Instr, MaskKind, Op, ReduceOp, TensorType};
+use kiln_graph::{DType, Expr, MaskKind, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
     self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK,
 };
@@ -237,7 +237,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
             }
         }
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
-            let e = region_expr(op).ok_or("not elementwise")?;
+            let e = op.elementwise_expr().ok_or("not elementwise")?;
             if inputs.len() > fused::MAX_INPUTS {
                 return no("more than 16 inputs");
             }
@@ -288,20 +288,6 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
     })
 }
 
-/// The expression of an elementwise step (a cast and a broadcast are `Input(0)` stored in
-/// the output's dtype).
-pub fn region_expr(op: &Op) -> Option<Expr> {
-    let instrs = match op {
-        Op::Unary(u) => vec![Instr::Input(0), Instr::Unary(*u, 0)],
-        Op::Binary(b) => vec![Instr::Input(0), Instr::Input(1), Instr::Binary(*b, 0, 1)],
-        Op::Select => vec![Instr::Input(0), Instr::Input(1), Instr::Input(2), Instr::Select(0, 1, 2)],
-        Op::Broadcast { .. } | Op::Cast { .. } => vec![Instr::Input(0)],
-        Op::Fused(e) => return Some(e.clone()),
-        _ => return None,
-    };
-    Some(Expr { instrs })
-}
-
 /// Every fused region of a program (deduplicated by kernel name), with its CUDA source.
 pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
     let mut out: Vec<Region> = Vec::new();
@@ -317,7 +303,7 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                     ins.extend(extra.iter().map(|t| t.dtype));
                     (ep.clone(), ins)
                 }
-                op => match region_expr(op) {
+                op => match op.elementwise_expr() {
                     Some(e) => (e, s.inputs.iter().map(|o| o.ty.dtype).collect()),
                     None => continue,
                 },
@@ -395,7 +381,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
     Ok(match &s.op {
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => vec![],
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
-            let e = region_expr(&s.op).ok_or("not elementwise")?;
+            let e = s.op.elementwise_expr().ok_or("not elementwise")?;
             let list: Vec<(u64, &TensorType)> = ins.iter().zip(&s.inputs).map(|(&a, o)| (a, &o.ty)).collect();
             vec![fused_launch(&e, &list, (out, out_ty))?]
         }
@@ -689,7 +675,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_graph::{Attention, BinaryOp, UnaryOp};
+    use kiln_graph::{Attention, BinaryOp, Instr, UnaryOp};
 
     pub(super) fn tt(d: DType, s: &[usize]) -> TensorType {
         TensorType::new(d, s.to_vec())
