@@ -5,6 +5,7 @@
 //! [`kiln_runtime::Session`] runs the result.
 
 pub mod bench;
+pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda_tools;
 pub mod draw;
