@@ -199,3 +199,31 @@ fn bf16_compute_on_cpu_is_a_clear_error() {
     let e = compile(&common::siglip_case("vision_map"), &o).err().expect("bf16 on cpu compiled").to_string();
     assert!(e.contains("cpu") && e.contains("f32"), "{e}");
 }
+
+/// A program whose checksum is right but whose steps are not what any compile makes (a step
+/// missing an input, a kernel of another backend, a kernel that cannot run the op) is refused
+/// at load with the step named, on every backend of the build, instead of panicking in a kernel.
+#[test]
+fn inconsistent_steps_are_refused_at_load() {
+    let weights = || Arc::new(WeightStore::open(&common::siglip_case("vision_map")).unwrap());
+    let c = compile(&common::siglip_case("vision_map"), &opts()).unwrap();
+    let steps = &c.program.entries[0].steps;
+    let mm = steps.iter().position(|s| s.kernel.starts_with("cpu.gemm")).expect("a gemm step");
+    let ln = steps.iter().position(|s| s.kernel == "cpu.layer_norm").expect("a layer norm step");
+    let cases: Vec<(&str, Box<dyn Fn(&mut kiln_graph::program::Program)>)> = vec![
+        ("inconsistent step", Box::new(move |p| drop(p.entries[0].steps[mm].inputs.pop()))),
+        ("not a cpu kernel", Box::new(move |p| p.entries[0].steps[ln].kernel = "cublaslt.gemm_f32".into())),
+        ("cannot run this step", Box::new(move |p| p.entries[0].steps[ln].kernel = "cpu.gemm".into())),
+    ];
+    for (want, break_it) in cases {
+        let mut p = c.program.clone();
+        break_it(&mut p);
+        // Through the artifact's bytes, as a hand-made file would arrive.
+        let p = kiln_graph::artifact::load(&kiln_graph::artifact::save(&p), "hand-made").unwrap();
+        let e = match Session::new(p, weights()) {
+            Ok(_) => panic!("{want}: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want) && e.contains("step"), "{want}: {e}");
+    }
+}
