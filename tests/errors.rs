@@ -210,7 +210,8 @@ fn inconsistent_steps_are_refused_at_load() {
     let steps = &c.program.entries[0].steps;
     let mm = steps.iter().position(|s| s.kernel.starts_with("cpu.gemm")).expect("a gemm step");
     let ln = steps.iter().position(|s| s.kernel == "cpu.layer_norm").expect("a layer norm step");
-    let cases: Vec<(&str, Box<dyn Fn(&mut kiln_graph::program::Program)>)> = vec![
+    type Break = Box<dyn Fn(&mut kiln_graph::program::Program)>;
+    let cases: Vec<(&str, Break)> = vec![
         ("inconsistent step", Box::new(move |p| drop(p.entries[0].steps[mm].inputs.pop()))),
         ("not a cpu kernel", Box::new(move |p| p.entries[0].steps[ln].kernel = "cublaslt.gemm_f32".into())),
         ("cannot run this step", Box::new(move |p| p.entries[0].steps[ln].kernel = "cpu.gemm".into())),
