@@ -17,12 +17,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod sample;
 pub mod synth;
-pub mod synth_big_vision;
-pub mod synth_gemma;
-pub mod synth_jet;
-pub mod synth_paligemma;
 mod synth_rng;
-pub mod synth_siglip;
 pub mod tokenizer;
 
 pub use kiln_graph as graph;

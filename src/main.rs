@@ -571,7 +571,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Synth { name, out, seed, list } => {
             if list || name.is_none() {
                 for m in kiln::synth::list() {
-                    println!("{:<24} {}", m.name, m.description);
+                    println!("{:<24} {:<10} {}", m.name, m.family.name, m.description);
                 }
                 return Ok(());
             }

@@ -277,19 +277,10 @@ fn a_missing_parameter_is_named() {
 #[test]
 fn a_synthesized_folder_builds_and_inverts() {
     // 20 couplings: more per-coupling logdets than a fused cpu region may read.
-    let cfg = kiln::synth_jet::JetSynthConfig {
-        depth: 20,
-        block_depth: 1,
-        emb_dim: 16,
-        num_heads: 2,
-        ps: 2,
-        image_size: 8,
-        channels: 3,
-        kinds: &["channels", "spatial"],
-        spatial_coupling_projs: &["hstripes-inv", "checkerboard"],
-    };
+    let kwargs = kiln_models::jet::synth_kwargs(20, 1, 16, 2, 2, &["channels", "spatial"], &["hstripes-inv", "checkerboard"]);
+    let recipe = kiln_models::jet::synth_recipe(kwargs, 8, 3, 5).expect("recipe");
     let dir = std::env::temp_dir().join(format!("kiln-jet-synth-{}", std::process::id()));
-    let report = kiln::synth_jet::synth_jet(&cfg, &dir, 5).expect("synth");
+    let report = kiln::synth::synth_folder(&kiln_models::jet::FAMILY, &recipe, &dir, 5, false).expect("synth");
     assert_eq!(report.num_tensors, 2 + 3 + 16 + 2 + 2);
     let profile = Profile { batch: 2, ..Profile::default() };
     let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");

@@ -5,7 +5,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use kiln::synth::{self, SiglipSynthConfig, SynthError, SynthSpec, TensorSpec};
+use kiln::synth::{self, SynthError, TensorSpec};
+use kiln_graph::DType;
+use kiln_models::registry::{SynthRecipe, WeightFormat};
+use kiln_models::siglip;
 use serde_json::Value;
 
 /// Temp dir removed on drop (also when the test fails).
@@ -68,31 +71,27 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/siglip/vision_map")
 }
 
-/// The config of the transformers-written fixture.
-fn fixture_cfg() -> SiglipSynthConfig {
+/// A SigLIP tower recipe (f32 safetensors).
+fn siglip_recipe(config: Value) -> SynthRecipe {
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Safetensors, roots: &[""], given: Vec::new(), batch: 1 }
+}
+
+/// The transformers-written fixture's sizes, through kiln's own config writer.
+fn fixture_recipe() -> SynthRecipe {
     let text = std::fs::read_to_string(fixture_dir().join("config.json")).unwrap();
     let c: Value = serde_json::from_str(&text).unwrap();
     let u = |k: &str| c[k].as_u64().unwrap() as usize;
-    SiglipSynthConfig {
-        hidden_size: u("hidden_size"),
-        intermediate_size: u("intermediate_size"),
-        num_hidden_layers: u("num_hidden_layers"),
-        num_attention_heads: u("num_attention_heads"),
-        patch_size: u("patch_size"),
-        image_size: u("image_size"),
-        num_channels: u("num_channels"),
-        layer_norm_eps: c["layer_norm_eps"].as_f64().unwrap(),
-        vision_use_head: c["vision_use_head"].as_bool().unwrap(),
-    }
+    let (d, f, l, h) = (u("hidden_size"), u("intermediate_size"), u("num_hidden_layers"), u("num_attention_heads"));
+    siglip_recipe(siglip::synth_config(d, f, l, h, u("patch_size"), u("image_size"), c["vision_use_head"].as_bool().unwrap()))
 }
 
 /// A tiny config with the fixture's shape synthesizes to exactly the tensor
-/// names / shapes / dtypes and config.json that transformers wrote.
+/// names / shapes / dtypes and config.json that transformers wrote: the weight list kiln's
+/// builder asks for is the one transformers saves.
 #[test]
 fn tiny_matches_transformers_fixture() {
-    let cfg = fixture_cfg();
     let dir = TempDir::new("tiny");
-    let report = synth::synth_siglip(&cfg, &dir.0, 0, false).unwrap();
+    let report = synth::synth_folder(&siglip::FAMILY, &fixture_recipe(), &dir.0, 0, false).unwrap();
 
     let (_, ours) = read_header(&report.weights_path);
     let (_, theirs) = read_header(&fixture_dir().join("model.safetensors"));
@@ -126,28 +125,22 @@ fn tiny_matches_transformers_fixture() {
 #[test]
 fn deterministic_by_seed() {
     // fc1/fc2 have 16400 * 64 > 2^20 elements, so they span two chunks.
-    let cfg = SiglipSynthConfig {
-        hidden_size: 64,
-        intermediate_size: 16400,
-        num_hidden_layers: 1,
-        num_attention_heads: 4,
-        patch_size: 4,
-        image_size: 16,
-        num_channels: 3,
-        layer_norm_eps: 1e-6,
-        vision_use_head: true,
-    };
+    let recipe = siglip_recipe(siglip::synth_config(64, 16400, 1, 4, 4, 16, true));
     let (a, b, c) = (TempDir::new("seed-a"), TempDir::new("seed-b"), TempDir::new("seed-c"));
-    let ra = synth::synth_siglip(&cfg, &a.0, 7, false).unwrap();
-    let rb = synth::synth_siglip(&cfg, &b.0, 7, false).unwrap();
-    let rc = synth::synth_siglip(&cfg, &c.0, 8, false).unwrap();
+    let ra = synth::synth_folder(&siglip::FAMILY, &recipe, &a.0, 7, false).unwrap();
+    let rb = synth::synth_folder(&siglip::FAMILY, &recipe, &b.0, 7, false).unwrap();
+    let rc = synth::synth_folder(&siglip::FAMILY, &recipe, &c.0, 8, false).unwrap();
     let fa = std::fs::read(&ra.weights_path).unwrap();
     assert_eq!(fa, std::fs::read(&rb.weights_path).unwrap(), "same seed must give identical files");
     let fc = std::fs::read(&rc.weights_path).unwrap();
     assert_eq!(fa.len(), fc.len());
     assert_ne!(fa, fc, "different seeds must give different values");
 
-    let specs: BTreeMap<String, TensorSpec> = cfg.tensors().into_iter().map(|t| (t.name.clone(), t)).collect();
+    let specs: BTreeMap<String, TensorSpec> =
+        [("encoder.layers.0.mlp.fc1.weight", vec![16400, 64]), ("head.probe", vec![1, 1, 64]), ("post_layernorm.weight", vec![64])]
+            .into_iter()
+            .map(|(n, shape)| (n.to_string(), TensorSpec::f32(n.into(), shape.clone(), siglip::synth_init(n, &shape))))
+            .collect();
     for name in ["encoder.layers.0.mlp.fc1.weight", "head.probe", "post_layernorm.weight"] {
         let spec = &specs[name];
         let n = spec.numel();
@@ -168,8 +161,8 @@ fn deterministic_by_seed() {
 /// transformers tensor names and shapes.
 #[test]
 fn smallest_listed_model() {
-    let model = synth::list().iter().filter(|m| matches!(m.spec, SynthSpec::Siglip(_))).min_by_key(|m| m.num_params()).unwrap();
-    let SynthSpec::Siglip(cfg) = &model.spec else { panic!("filtered to SigLIP rows") };
+    let model = synth::list().into_iter().filter(|m| m.family.name == "siglip").min_by_key(|m| m.num_params().unwrap()).unwrap();
+    let cfg = model.recipe(0).unwrap().config;
     let dir = TempDir::new("smallest");
     let report = synth::synth(model.name, &dir.0, 0, false).unwrap();
     assert_eq!(report.name, model.name);
@@ -178,8 +171,9 @@ fn smallest_listed_model() {
     let table = tensor_table(&header);
     assert_eq!(table.len(), report.num_tensors);
     assert!(table.values().all(|(dtype, _)| dtype == "F32"));
-    let (d, f, p) = (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.patch_size as u64);
-    let n = (cfg.image_size as u64 / p).pow(2);
+    let u = |k: &str| cfg[k].as_u64().unwrap();
+    let (d, f, p, layers) = (u("hidden_size"), u("intermediate_size"), u("patch_size"), u("num_hidden_layers"));
+    let n = (u("image_size") / p).pow(2);
     let shape = |k: &str| table.get(k).unwrap_or_else(|| panic!("missing {k}")).1.clone();
     assert_eq!(shape("embeddings.patch_embedding.weight"), [d, 3, p, p]);
     assert_eq!(shape("embeddings.patch_embedding.bias"), [d]);
@@ -189,7 +183,7 @@ fn smallest_listed_model() {
     assert_eq!(shape("head.attention.in_proj_bias"), [3 * d]);
     assert_eq!(shape("head.mlp.fc1.weight"), [f, d]);
     assert_eq!(shape("post_layernorm.weight"), [d]);
-    for i in 0..cfg.num_hidden_layers {
+    for i in 0..layers {
         let l = format!("encoder.layers.{i}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
             assert_eq!(shape(&format!("{l}.self_attn.{proj}.weight")), [d, d]);
@@ -201,7 +195,7 @@ fn smallest_listed_model() {
         assert_eq!(shape(&format!("{l}.layer_norm2.bias")), [d]);
     }
     // 4 (ln) + 8 (attn) + 4 (mlp) per layer; 3 embeddings; 2 post-LN; 11 head.
-    assert_eq!(table.len(), 16 * cfg.num_hidden_layers + 3 + 2 + 11);
+    assert_eq!(table.len() as u64, 16 * layers + 3 + 2 + 11);
 
     // Offsets are contiguous in name order and cover the file.
     let mut end = 0;
@@ -213,7 +207,7 @@ fn smallest_listed_model() {
     assert_eq!(data_start + end, std::fs::metadata(&report.weights_path).unwrap().len());
 
     // Values are the documented ones for seed 0.
-    let spec = model.tensors().into_iter().find(|t| t.name == "encoder.layers.11.mlp.fc2.weight").unwrap();
+    let spec = model.tensors().unwrap().into_iter().find(|t| t.name == "encoder.layers.11.mlp.fc2.weight").unwrap();
     let want = spec.values(0);
     assert_eq!(read_f32s(&report.weights_path, &spec.name, 1000, 8), want[1000..1008]);
 
@@ -238,11 +232,55 @@ fn errors_are_descriptive() {
     let file = dir.0.join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
     let out = file.join("model");
-    let err = synth::synth_siglip(&fixture_cfg(), &out, 0, false).unwrap_err();
+    let err = synth::synth_folder(&siglip::FAMILY, &fixture_recipe(), &out, 0, false).unwrap_err();
     assert!(matches!(err, SynthError::Io { .. }));
     assert!(err.to_string().contains("not-a-dir"), "{err}");
 
-    let mut bad = fixture_cfg();
-    bad.num_attention_heads = 5;
-    assert!(matches!(synth::synth_siglip(&bad, &dir.0, 0, false), Err(SynthError::InvalidConfig(_))));
+    // A config the builder refuses (48 wide in 5 heads) is refused with the builder's reason.
+    let bad = siglip_recipe(siglip::synth_config(48, 96, 3, 5, 8, 32, true));
+    let err = synth::synth_folder(&siglip::FAMILY, &bad, &dir.0, 0, false).unwrap_err();
+    assert!(matches!(err, SynthError::Model(_)), "{err:?}");
+    assert!(err.to_string().contains("num_attention_heads") || err.to_string().contains("heads"), "{err}");
+}
+
+/// Every table row's weight list (name, shape, dtype, init), now learned from the family's
+/// builder, is the one the hand-written lists it replaced gave: pinned as one FNV-1a hash per
+/// row of the sorted `name [shape] dtype init` lines (given tensors show as `Constant(0.0)`).
+/// On a deliberate change, the failure prints the new listing.
+#[test]
+fn weight_lists_are_pinned() {
+    let pinned: &[(&str, usize, u64)] = &[
+        ("gemma2-2b", 288, 0x54ff7c307760eee2),
+        ("gemma2-2b-bf16", 288, 0xb5e0ffde9fa12d1c),
+        ("jet-imagenet64", 41, 0xda153b4e15f019cc),
+        ("jet-jetformer-256", 73, 0x9a30a65a95ae931a),
+        ("paligemma2-3b-224", 727, 0x1f023f569fc1520d),
+        ("siglip-b16-224", 208, 0xa87b21708eaebd12),
+        ("siglip-l16-224", 400, 0x4f2b4769a243a227),
+        ("siglip-so400m-14-224", 448, 0xa74e5e247da220dd),
+        ("siglip-so400m-14-448", 448, 0x81c36bbc646d3ccd),
+        ("siglip-so400m-14-896", 448, 0x1d6385211565acb5),
+        ("vit-b16", 199, 0x9adb57de053ded1a),
+        ("vit-b16-pm8", 202, 0x2c456a73735c6e87),
+        ("vmoe-b16-dense", 200, 0x1856708fd4f49d4c),
+        ("vmoe-b16-e8", 206, 0x5c4042ce7c58b4d1),
+    ];
+    let fnv = |b: &[u8]| b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| (h ^ c as u64).wrapping_mul(0x0000_0100_0000_01b3));
+    let models = synth::list();
+    assert_eq!(models.len(), pinned.len(), "a row was added or removed: pin it");
+    for &(name, count, hash) in pinned {
+        let m = synth::find(name).unwrap_or_else(|| panic!("{name} is no longer listed"));
+        let mut lines: Vec<String> = m
+            .tensors()
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                let init = if s.given.is_some() { synth::Init::Constant(0.0) } else { s.init };
+                format!("{} {:?} {:?} {:?}", s.name, s.shape, s.dtype, init)
+            })
+            .collect();
+        lines.sort();
+        let text = lines.join("\n");
+        assert!(lines.len() == count && fnv(text.as_bytes()) == hash, "{name}: the weight list changed:\n{text}");
+    }
 }

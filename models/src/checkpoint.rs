@@ -18,6 +18,28 @@ pub struct TensorInfo {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub tensors: BTreeMap<String, TensorInfo>,
+    /// A schema checkpoint (see [`Checkpoint::schema`]): what the builder asked for.
+    schema: Option<Schema>,
+}
+
+/// The state of a schema checkpoint: the name roots it answers for, and every weight a builder
+/// asked for, in order, with the shape it expected.
+#[derive(Debug)]
+struct Schema {
+    roots: Vec<String>,
+    asked: std::sync::Mutex<Vec<(String, Vec<usize>)>>,
+}
+
+impl Clone for Schema {
+    fn clone(&self) -> Self {
+        Schema { roots: self.roots.clone(), asked: std::sync::Mutex::new(self.asked_now()) }
+    }
+}
+
+impl Schema {
+    fn asked_now(&self) -> Vec<(String, Vec<usize>)> {
+        self.asked.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Reads the header of one safetensors file (name -> type), without its data.
@@ -61,7 +83,25 @@ impl Checkpoint {
                 tensors.insert(name, TensorInfo { file: f.clone(), ty });
             }
         }
-        Ok(Checkpoint { dir: dir.into(), tensors })
+        Ok(Checkpoint { dir: dir.into(), tensors, schema: None })
+    }
+
+    /// A checkpoint with no weight file that says yes to every weight a builder asks for (any
+    /// shape) and records it: how `kiln synth` learns a model's weight list from its builder.
+    /// `roots` is the naming layout it answers layout probes for (a name under one of these
+    /// prefixes exists; `""` answers for every name); `given` are tensors with fixed types
+    /// (values the synthesizer provides, e.g. Jet's permutation matrices).
+    pub fn schema(dir: &Path, roots: &[&str], given: &[(String, TensorType)]) -> Self {
+        let file = dir.join("(schema)");
+        let tensors = given.iter().map(|(n, ty)| (n.clone(), TensorInfo { file: file.clone(), ty: ty.clone() })).collect();
+        let schema = Schema { roots: roots.iter().map(|r| r.to_string()).collect(), asked: std::sync::Mutex::new(Vec::new()) };
+        Checkpoint { dir: dir.into(), tensors, schema: Some(schema) }
+    }
+
+    /// A schema checkpoint's record: each weight the builder asked for that was not given, once,
+    /// in the order asked, with its expected shape (`name[i]` for layer i of a stacked array).
+    pub fn asked(&self) -> Vec<(String, Vec<usize>)> {
+        self.schema.as_ref().map(Schema::asked_now).unwrap_or_default()
     }
 
     /// A tensor by name; `base[i]` is slice `i` of `base` along its leading axis (one layer of
@@ -76,13 +116,25 @@ impl Checkpoint {
         (i < n).then(|| TensorInfo { file: t.file.clone(), ty: TensorType::new(t.ty.dtype, rest.to_vec()) })
     }
 
-    /// Whether the checkpoint holds `name` (slices included).
+    /// Whether the checkpoint holds `name` (slices included). A schema checkpoint holds every
+    /// name under its roots.
     pub fn has(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        match &self.schema {
+            Some(s) => self.get(name).is_some() || s.roots.iter().any(|r| name.starts_with(r.as_str())),
+            None => self.get(name).is_some(),
+        }
     }
 
     /// The type of a tensor, checked against the expected shape (any float dtype accepted).
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<TensorInfo> {
+        if let Some(s) = self.schema.as_ref().filter(|_| self.get(name).is_none()) {
+            let mut asked = s.asked.lock().unwrap_or_else(|e| e.into_inner());
+            if !asked.iter().any(|(n, _)| n == name) {
+                asked.push((name.to_string(), shape.to_vec()));
+            }
+            let ty = TensorType::new(kiln_graph::DType::F32, shape.to_vec());
+            return Ok(TensorInfo { file: self.dir.join("(schema)"), ty });
+        }
         let t = self.get(name).ok_or_else(|| ModelError::MissingTensor {
             dir: self.dir.clone(),
             name: name.into(),

@@ -93,6 +93,14 @@ impl ConfigReader {
         }
     }
 
+    /// Reads `value` as a JSON object; errors name `path`.
+    pub fn from_value(path: &Path, value: Value) -> Result<Self> {
+        match value {
+            Value::Object(obj) => Ok(ConfigReader { path: path.into(), obj, used: BTreeSet::new(), scope: String::new() }),
+            _ => Err(ModelError::Json { path: path.into(), msg: "not an object".into() }),
+        }
+    }
+
     fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
         ModelError::Config { path: self.path.clone(), field: format!("{}{field}", self.scope), msg: msg.into() }
     }

@@ -14,6 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::{Activation, Builder};
+use crate::registry::{self, torch_fan_in, Init, Kind, SynthRecipe, SynthRow, WeightFormat};
 use kiln_graph::{Attention, BinaryOp, DType, MaskKind, NodeId, Op, TensorType, UnaryOp};
 
 /// Gemma (v1) or Gemma 2.
@@ -201,7 +202,7 @@ pub enum Mode {
 /// Finds the tensor-name prefix of the text model (`model.`, `model.language_model.`, ...).
 pub fn prefix(ck: &Checkpoint) -> Result<String> {
     for p in ["model.", "model.language_model.", "language_model.model.", ""] {
-        if ck.tensors.contains_key(&format!("{p}embed_tokens.weight")) {
+        if ck.has(&format!("{p}embed_tokens.weight")) {
             return Ok(p.to_string());
         }
     }
@@ -499,5 +500,106 @@ fn lowest(d: DType) -> f64 {
         DType::BF16 => -3.3895313892515355e38,
         DType::F16 => -65504.0,
         _ => f32::MIN as f64,
+    }
+}
+
+/// The Gemma family: Gemma and Gemma 2 decoders (`GemmaForCausalLM`, `Gemma2ForCausalLM`).
+pub static FAMILY: registry::Family = registry::Family {
+    name: "gemma",
+    about: "Gemma and Gemma 2 decoders (transformers GemmaForCausalLM, Gemma2ForCausalLM)",
+    claims: |k| matches!(k, Kind::HuggingFace("gemma" | "gemma2")),
+    build: crate::build_text,
+    synth: &[
+        SynthRow {
+            name: "gemma2-2b",
+            about: "Gemma 2 2B decoder (2304 wide, 26 layers, 8/4 heads of 256, vocab 256000, ~2.6B params, f32)",
+            recipe: |_| {
+                Ok(SynthRecipe {
+                    config: gemma2_config(&GEMMA2_2B),
+                    dtype: DType::F32,
+                    format: WeightFormat::Safetensors,
+                    roots: &[""],
+                    given: Vec::new(),
+                    batch: 1,
+                })
+            },
+        },
+        SynthRow {
+            name: "gemma2-2b-bf16",
+            about: "the same Gemma 2 2B with bf16 weights (as the released checkpoints of PaliGemma 2's decoder)",
+            recipe: |_| {
+                let mut config = gemma2_config(&GEMMA2_2B);
+                config["dtype"] = serde_json::json!("bfloat16");
+                Ok(SynthRecipe { config, dtype: DType::BF16, format: WeightFormat::Safetensors, roots: &[""], given: Vec::new(), batch: 1 })
+            },
+        },
+    ],
+    init: synth_init,
+};
+
+/// The sizes of a synthetic Gemma 2 decoder; the rest is Gemma 2's defaults (soft-caps 50 and
+/// 30, window 4096 on even layers, query scalar 256, tied embeddings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemma2Sizes {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Gemma 2 2B's decoder.
+pub const GEMMA2_2B: Gemma2Sizes = Gemma2Sizes {
+    vocab_size: 256000,
+    hidden_size: 2304,
+    intermediate_size: 9216,
+    num_hidden_layers: 26,
+    num_attention_heads: 8,
+    num_key_value_heads: 4,
+    head_dim: 256,
+};
+
+/// The `config.json` of a `Gemma2ForCausalLM`, as transformers writes it.
+pub fn gemma2_config(s: &Gemma2Sizes) -> serde_json::Value {
+    let layer_types: Vec<&str> =
+        (0..s.num_hidden_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    serde_json::json!({
+        "architectures": ["Gemma2ForCausalLM"],
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0,
+        "bos_token_id": 2,
+        "dtype": "float32",
+        "eos_token_id": 1,
+        "final_logit_softcapping": 30.0,
+        "head_dim": s.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "layer_types": layer_types,
+        "max_position_embeddings": 8192,
+        "model_type": "gemma2",
+        "num_attention_heads": s.num_attention_heads,
+        "num_hidden_layers": s.num_hidden_layers,
+        "num_key_value_heads": s.num_key_value_heads,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "sliding_window": 4096,
+        "tie_word_embeddings": true,
+        "vocab_size": s.vocab_size,
+    })
+}
+
+/// Synthetic Gemma weights: projections N(0, 1/fan_in), RMSNorm offsets N(0, 0.05²) (the scale
+/// is `1 + w`), embeddings N(0, 1/D) (scaled by sqrt(D) on the way in).
+pub fn synth_init(_name: &str, shape: &[usize]) -> Init {
+    if shape.len() == 1 {
+        Init::Normal { mean: 0.0, std: 0.05 }
+    } else {
+        Init::fan_in(torch_fan_in(shape))
     }
 }

@@ -11,6 +11,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
+use crate::registry::{flax_fan_in, Family, Given, Init, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Built, Profile};
 use kiln_graph::{DType, Graph, NodeId, ReduceOp, UnaryOp};
 use std::path::Path;
@@ -202,9 +203,8 @@ struct Dims {
 }
 
 /// Builds a big_vision Jet folder: both entries, for `profile`.
-pub fn build_folder(dir: &Path, cfg_path: &Path, profile: &Profile) -> Result<Built> {
+pub fn build_folder(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Result<Built> {
     let cfg = JetConfig::from_file(cfg_path)?;
-    let checkpoint = Checkpoint::open(dir)?;
     let entries = build(&cfg, &checkpoint, profile)?;
     let (h, w) = image_hw(&cfg, &checkpoint, profile)?;
     let description = format!(
@@ -456,4 +456,121 @@ pub fn bits_per_dim(z: &[f32], logdet: f64) -> f64 {
     let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
     let nll: f64 = z.iter().map(|&v| 0.5 * (v as f64) * (v as f64) + half_log_2pi + 127.5f64.ln()).sum::<f64>() - logdet;
     nll / (std::f64::consts::LN_2 * z.len() as f64)
+}
+
+/// The Jet family (`model_name: proj.jet.jet`): `forward` and `inverse`.
+pub static FAMILY: Family = Family {
+    name: "jet",
+    about: "big_vision Jet normalizing flows (model_name proj.jet.jet; params.npz): forward and inverse",
+    claims: |k| k == crate::registry::Kind::BigVision("proj.jet.jet"),
+    build: build_folder,
+    synth: &[
+        SynthRow {
+            name: "jet-imagenet64",
+            about: "Jet, ImageNet 64x64 (32 couplings, block depth 2, width 512, 8 heads, ps 4; ~207M params)",
+            recipe: |seed| {
+                let kwargs = synth_kwargs(
+                    32,
+                    2,
+                    512,
+                    8,
+                    4,
+                    &["channels", "channels", "channels", "channels", "spatial"],
+                    &["checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv", "hstripes", "hstripes-inv"],
+                );
+                synth_recipe(kwargs, 64, 3, seed)
+            },
+        },
+        SynthRow {
+            name: "jet-jetformer-256",
+            about: "JetFormer-350M's Jet, 256x256 (32 channel couplings, block depth 4, width 512, 8 heads, 16x16 patches; ~427M params)",
+            recipe: |seed| synth_recipe(synth_kwargs(32, 4, 512, 8, 16, &["channels"], &["checkerboard"]), 256, 3, seed),
+        },
+    ],
+    init: synth_init,
+};
+
+/// The `model` kwargs of a Jet (scale factor 2, random channel projections).
+pub fn synth_kwargs(
+    depth: usize,
+    block_depth: usize,
+    emb_dim: usize,
+    heads: usize,
+    ps: usize,
+    kinds: &[&str],
+    spatial: &[&str],
+) -> serde_json::Value {
+    serde_json::json!({
+        "depth": depth,
+        "block_depth": block_depth,
+        "emb_dim": emb_dim,
+        "num_heads": heads,
+        "scale_factor": 2.0,
+        "ps": ps,
+        "kinds": kinds,
+        "channels_coupling_projs": ["random"],
+        "spatial_coupling_projs": spatial,
+    })
+}
+
+/// A Jet folder for `image_size` px images of `channels` channels: the config and the frozen
+/// permutation stacks (random channel permutations, the spatial patterns of the schedule), so
+/// the flow stays invertible.
+pub fn synth_recipe(kwargs: serde_json::Value, image_size: usize, channels: usize, seed: u64) -> Result<SynthRecipe> {
+    let config = serde_json::json!({"model_name": "proj.jet.jet", "model": kwargs.clone()});
+    let cfg = JetConfig::read(ConfigReader::from_value(Path::new("(kiln synth)"), kwargs)?)?;
+    if image_size == 0 || !image_size.is_multiple_of(cfg.ps) {
+        return Err(ModelError::Unsupported(format!("image size {image_size} is not a multiple of the patch size {}", cfg.ps)));
+    }
+    let g = image_size / cfg.ps;
+    let (n, d) = (g * g, cfg.ps * cfg.ps * channels);
+    let mut ch = vec![0f32; cfg.depth * d * d];
+    let mut sp = vec![0f32; cfg.depth * n * n];
+    let mut state = seed ^ 0x4A45_5400;
+    for (i, c) in cfg.schedule().iter().enumerate() {
+        match c {
+            Coupling::Channels => {
+                // W[p[j], j] = 1 for a random permutation p (Fisher-Yates, splitmix64).
+                let mut p: Vec<usize> = (0..d).collect();
+                for j in (1..d).rev() {
+                    state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let mut z = state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    p.swap(j, ((z ^ (z >> 31)) % (j as u64 + 1)) as usize);
+                }
+                for (j, &r) in p.iter().enumerate() {
+                    ch[i * d * d + r * d + j] = 1.0;
+                }
+            }
+            Coupling::Spatial(proj) => {
+                let (a, b) = proj.groups(g, g);
+                for (col, &t) in a.iter().chain(&b).enumerate() {
+                    sp[i * n * n + t * n + col] = 1.0;
+                }
+            }
+        }
+    }
+    let given = vec![
+        Given { name: CHANNEL_MASKS.into(), shape: vec![cfg.depth, d, d], values: ch },
+        Given { name: SPATIAL_MASKS.into(), shape: vec![cfg.depth, n, n], values: sp },
+    ];
+    Ok(SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given, batch: 1 })
+}
+
+/// Synthetic Jet weights (per coupling): kernels N(0, 1/fan_in), biases N(0, 0.02²), layer norm
+/// scales 1 + N(0, 0.05²), position embeddings N(0, 1/width). big_vision zero-initialises
+/// `final_proj` (an identity flow); small random values N(0, 0.01/width) keep every coupling
+/// doing real work while scales stay near 1.
+pub fn synth_init(name: &str, shape: &[usize]) -> Init {
+    let leaf = name.rsplit('/').next().unwrap_or(name);
+    let layer = name.rsplit('/').nth(1).unwrap_or("");
+    match leaf {
+        "bias" => Init::BIAS,
+        "scale" => Init::LN_WEIGHT,
+        "posemb" => Init::fan_in(shape.last().copied().unwrap_or(1)),
+        "kernel" if layer == "final_proj" => Init::Normal { mean: 0.0, std: 0.1 / (shape[0] as f32).sqrt() },
+        "kernel" if matches!(layer, "query" | "key" | "value") => Init::fan_in(shape[0]),
+        _ => Init::fan_in(flax_fan_in(shape)),
+    }
 }

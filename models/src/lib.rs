@@ -10,6 +10,7 @@ pub mod jet;
 pub mod layers;
 pub mod locations;
 pub mod paligemma;
+pub mod registry;
 pub mod siglip;
 
 pub use checkpoint::Checkpoint;
@@ -78,64 +79,31 @@ impl Built {
     }
 }
 
-/// Builds the graph of the model in `dir` (a Hugging Face folder) for `profile`.
+/// Builds the graph of the model in `dir` (a Hugging Face or big_vision folder) for `profile`:
+/// the family the folder's `config.json` names (see [`registry`]) builds it.
 pub fn build(dir: &Path, profile: &Profile) -> Result<Built> {
+    let cfg_path = config_path(dir)?;
+    let family = registry::family_of(&cfg_path)?;
+    (family.build)(&cfg_path, Checkpoint::open(dir)?, profile)
+}
+
+/// A folder's `config.json`, which must exist.
+fn config_path(dir: &Path) -> Result<std::path::PathBuf> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.exists() {
         return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
     }
-    if let Some(name) = big_vision_model_name(&cfg_path)? {
-        // big_vision folders: `config.json` holds the config's `model_name` and `model` kwargs.
-        return match name.as_str() {
-            "proj.jet.jet" => jet::build_folder(dir, &cfg_path, profile),
-            "vit" | "vmoe" => big_vision::build(dir, &cfg_path, profile),
-            other => Err(ModelError::Unsupported(format!(
-                "{}: big_vision model_name '{other}' is not supported (kiln knows 'vit', 'vmoe', 'proj.jet.jet')",
-                cfg_path.display()
-            ))),
-        };
-    }
-    // A PaliGemma folder given no text builds its vision tower alone (as before text support).
-    match text_model(&cfg_path)? {
-        Some(TextModel::PaliGemma(_)) if profile.seq_len.is_none() => {}
-        Some(tm) => {
-            let checkpoint = Checkpoint::open(dir)?;
-            let seq = seq_len(profile)?;
-            let mut m = layers::Builder::new(&checkpoint, profile.dtype);
-            tm.build(&mut m, profile.batch, seq, gemma::Mode::Forward)?;
-            let description = describe(&tm, profile, seq);
-            return Ok(Built { entries: vec![("forward".to_string(), m.g)], description, checkpoint });
-        }
-        None => {}
-    }
-    let (cfg, container) = siglip::SiglipVisionConfig::from_file(&cfg_path)?;
-    let checkpoint = Checkpoint::open(dir)?;
-    let graph = siglip::build(&cfg, container, &checkpoint, profile)?;
-    let (h, w) = profile.image_hw.unwrap_or((cfg.image_size, cfg.image_size));
-    let description = format!(
-        "SigLIP vision ({container:?}) width {} depth {} heads {} mlp {} patch {} at {h}x{w}, batch {}, {}",
-        cfg.hidden_size,
-        cfg.num_hidden_layers,
-        cfg.num_attention_heads,
-        cfg.intermediate_size,
-        cfg.patch_size,
-        profile.batch,
-        profile.dtype
-    );
-    Ok(Built { entries: vec![("forward".into(), graph)], description, checkpoint })
+    Ok(cfg_path)
 }
 
-/// The `model_name` of a big_vision folder's `config.json`, or `None` for a Hugging Face folder.
-fn big_vision_model_name(path: &Path) -> Result<Option<String>> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.into(), msg: e.to_string() })?;
-    match v.get("model_name") {
-        None => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => {
-            Err(ModelError::Config { path: path.into(), field: "model_name".into(), msg: format!("expected a string, found {other}") })
-        }
-    }
+/// Builds a text model's `forward` (the families `gemma` and `paligemma`).
+pub(crate) fn build_text(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Result<Built> {
+    let tm = text_model(cfg_path)?.ok_or_else(|| ModelError::Unsupported(format!("{}: not a text model", cfg_path.display())))?;
+    let seq = seq_len(profile)?;
+    let mut m = layers::Builder::new(&checkpoint, profile.dtype);
+    tm.build(&mut m, profile.batch, seq, gemma::Mode::Forward)?;
+    let (graph, description) = (m.g, describe(&tm, profile, seq));
+    Ok(Built { entries: vec![("forward".to_string(), graph)], description, checkpoint })
 }
 
 /// A model with a text decoder.
@@ -222,10 +190,7 @@ pub struct Generation {
 /// Builds the prefill and decode graphs of the text model in `dir` for a prompt bucket of
 /// `profile.seq_len` tokens and a cache of `capacity` slots.
 pub fn build_generation(dir: &Path, profile: &Profile, capacity: usize) -> Result<Generation> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(ModelError::Unsupported(format!("{}: no config.json (is this a model folder?)", dir.display())));
-    }
+    let cfg_path = config_path(dir)?;
     let tm = text_model(&cfg_path)?
         .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma, Gemma 2 or PaliGemma model", cfg_path.display())))?;
     let checkpoint = Checkpoint::open(dir)?;

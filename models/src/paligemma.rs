@@ -9,6 +9,7 @@ use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::gemma::{self, GemmaConfig, Mode};
 use crate::layers::Builder;
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::siglip::{self, SiglipVisionConfig};
 use kiln_graph::{BinaryOp, DType, Op, TensorType};
 
@@ -75,10 +76,10 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
 
     // Image features: the tower's tokens through the projector, [B*N, D].
     let feats = siglip::tower(m, v, &vp, px)?;
-    let proj = ["model.multi_modal_projector.linear", "multi_modal_projector.linear"]
+    let proj = ["multi_modal_projector.linear", "model.multi_modal_projector.linear"]
         .into_iter()
-        .find(|p| m.ck.tensors.contains_key(&format!("{p}.weight")))
-        .unwrap_or("model.multi_modal_projector.linear");
+        .find(|p| m.ck.has(&format!("{p}.weight")))
+        .unwrap_or("multi_modal_projector.linear");
     let feats = m.linear(feats, proj, v.hidden_size, cfg.projection_dim)?;
 
     // Text embeddings; an image token outside the vocabulary is looked up as id 0.
@@ -115,4 +116,69 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     let logits = gemma::lm_head(m, &cfg.text, &tp, h)?;
     m.g.output("logits", logits);
     Ok(())
+}
+
+/// The PaliGemma family (1 and 2): given no token length, a folder builds its vision tower alone.
+pub static FAMILY: Family = Family {
+    name: "paligemma",
+    about: "PaliGemma 1 and 2 (transformers PaliGemmaForConditionalGeneration)",
+    claims: |k| matches!(k, Kind::HuggingFace("paligemma")),
+    build: |cfg_path, ck, profile| match profile.seq_len {
+        None => siglip::build_folder(cfg_path, ck, profile),
+        Some(_) => crate::build_text(cfg_path, ck, profile),
+    },
+    synth: &[SynthRow {
+        name: "paligemma2-3b-224",
+        about: "PaliGemma 2 3B at 224px: So400m/14 tower (256 image tokens), Gemma 2 2B, vocab 257216 (~3.0B params, bf16)",
+        recipe: |_| {
+            // Gemma 2 2B with PaliGemma's vocabulary (256000 + 1024 loc + 128 seg, padded).
+            let text = gemma::Gemma2Sizes { vocab_size: 257216, ..gemma::GEMMA2_2B };
+            let config = synth_config(siglip::synth_config(1152, 4304, 27, 16, 14, 224, false), &text, 257152);
+            Ok(SynthRecipe {
+                config,
+                dtype: DType::BF16,
+                format: WeightFormat::Safetensors,
+                roots: &["vision_tower.", "multi_modal_projector.", "language_model."],
+                given: Vec::new(),
+                batch: 1,
+            })
+        },
+    }],
+    init: |name, shape| match name.strip_prefix("language_model.") {
+        Some(rest) => gemma::synth_init(rest, shape),
+        None => siglip::synth_init(name, shape),
+    },
+};
+
+/// The `config.json` transformers expects of a PaliGemma 2 model with this tower and decoder
+/// (MODELS.md §4: 256 000 base pieces + 1024 loc + 128 seg = 257 152 = the `<image>` id).
+pub fn synth_config(mut vision: serde_json::Value, text: &gemma::Gemma2Sizes, image_token_index: usize) -> serde_json::Value {
+    let mut text_cfg = gemma::gemma2_config(text);
+    let n = {
+        let (img, patch) = (vision["image_size"].as_u64().unwrap_or(0), vision["patch_size"].as_u64().unwrap_or(1).max(1));
+        (img / patch).pow(2)
+    };
+    for (v, proj) in [(&mut text_cfg, false), (&mut vision, true)] {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("architectures");
+            o.insert("dtype".into(), serde_json::json!("bfloat16"));
+            o.insert("num_image_tokens".into(), serde_json::json!(n));
+            if proj {
+                o.insert("projection_dim".into(), serde_json::json!(text.hidden_size));
+            }
+        }
+    }
+    serde_json::json!({
+        "architectures": ["PaliGemmaForConditionalGeneration"],
+        "bos_token_id": 2,
+        "dtype": "bfloat16",
+        "eos_token_id": 1,
+        "hidden_size": text.hidden_size,
+        "image_token_index": image_token_index,
+        "model_type": "paligemma",
+        "pad_token_id": 0,
+        "projection_dim": text.hidden_size,
+        "text_config": text_cfg,
+        "vision_config": vision,
+    })
 }

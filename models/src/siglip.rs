@@ -8,8 +8,10 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::{Activation, Builder};
-use crate::Profile;
+use crate::registry::{torch_fan_in, Family, Init, Kind, SynthRecipe, SynthRow, WeightFormat};
+use crate::{Built, Profile};
 use kiln_graph::{DType, Graph, NodeId, Op, ResizeMode};
+use std::path::Path;
 
 /// The fields of `SiglipVisionConfig`, all honoured.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +101,7 @@ pub fn prefix(ck: &Checkpoint) -> Result<String> {
     const SUFFIX: &str = "embeddings.patch_embedding.weight";
     for p in ["", "vision_model.", "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.", "model.vision_tower.vision_model."]
     {
-        if ck.tensors.contains_key(&format!("{p}{SUFFIX}")) {
+        if ck.has(&format!("{p}{SUFFIX}")) {
             return Ok(p.to_string());
         }
     }
@@ -227,4 +229,100 @@ fn map_head(m: &mut Builder, cfg: &SiglipVisionConfig, p: &str, x: NodeId, b: us
     let h = m.layer_norm(a, &format!("{p}.layernorm"), d, cfg.layer_norm_eps)?;
     let h = mlp(m, cfg, &format!("{p}.mlp"), h)?;
     m.add(a, h)
+}
+
+/// The SigLIP family: `SiglipVisionModel` folders and the vision tower of a `SiglipModel`.
+pub static FAMILY: Family = Family {
+    name: "siglip",
+    about: "SigLIP vision towers (transformers SiglipVisionModel, SiglipModel's vision half)",
+    claims: |k| matches!(k, Kind::HuggingFace("siglip_vision_model" | "siglip" | "")),
+    build: build_folder,
+    synth: &[
+        SynthRow {
+            name: "siglip-b16-224",
+            about: "SigLIP B/16 vision tower, 224px (768 wide, 12 layers, ~93M params)",
+            recipe: |_| Ok(synth_recipe(768, 3072, 12, 12, 16, 224)),
+        },
+        SynthRow {
+            name: "siglip-l16-224",
+            about: "SigLIP L/16 vision tower, 224px (1024 wide, 24 layers, ~316M params)",
+            recipe: |_| Ok(synth_recipe(1024, 4096, 24, 16, 16, 224)),
+        },
+        SynthRow {
+            name: "siglip-so400m-14-224",
+            about: "SigLIP So400m/14 vision tower, 224px (1152 wide, 27 layers, ~428M params)",
+            recipe: |_| Ok(synth_recipe(1152, 4304, 27, 16, 14, 224)),
+        },
+        SynthRow {
+            name: "siglip-so400m-14-448",
+            about: "SigLIP So400m/14 vision tower, 448px (1024 patches)",
+            recipe: |_| Ok(synth_recipe(1152, 4304, 27, 16, 14, 448)),
+        },
+        SynthRow {
+            name: "siglip-so400m-14-896",
+            about: "SigLIP So400m/14 vision tower, 896px (4096 patches)",
+            recipe: |_| Ok(synth_recipe(1152, 4304, 27, 16, 14, 896)),
+        },
+    ],
+    init: synth_init,
+};
+
+/// Builds a SigLIP folder: the tower alone (`forward`).
+pub fn build_folder(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Result<Built> {
+    let (cfg, container) = SiglipVisionConfig::from_file(cfg_path)?;
+    let graph = build(&cfg, container, &checkpoint, profile)?;
+    let (h, w) = profile.image_hw.unwrap_or((cfg.image_size, cfg.image_size));
+    let description = format!(
+        "SigLIP vision ({container:?}) width {} depth {} heads {} mlp {} patch {} at {h}x{w}, batch {}, {}",
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.patch_size,
+        profile.batch,
+        profile.dtype
+    );
+    Ok(Built { entries: vec![("forward".into(), graph)], description, checkpoint })
+}
+
+/// A synthetic tower at `image` px with the MAP head.
+fn synth_recipe(d: usize, f: usize, layers: usize, heads: usize, patch: usize, image: usize) -> SynthRecipe {
+    let config = synth_config(d, f, layers, heads, patch, image, true);
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Safetensors, roots: &[""], given: Vec::new(), batch: 1 }
+}
+
+/// The `config.json` of a `SiglipVisionModel` (3 channels, eps 1e-6, GELU-tanh), as
+/// transformers writes it.
+pub fn synth_config(d: usize, f: usize, layers: usize, heads: usize, patch: usize, image: usize, head: bool) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["SiglipVisionModel"],
+        "attention_dropout": 0.0,
+        "dtype": "float32",
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": d,
+        "image_size": image,
+        "intermediate_size": f,
+        "layer_norm_eps": 1e-6,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": heads,
+        "num_channels": 3,
+        "num_hidden_layers": layers,
+        "patch_size": patch,
+        "vision_use_head": head,
+    })
+}
+
+/// Synthetic SigLIP weights: linear and conv weights N(0, 1/fan_in), biases N(0, 0.02²), layer
+/// norm scales 1 + N(0, 0.05²), position embeddings N(0, 1/D), the MAP probe N(0, 1). Keeps a
+/// random-pixel forward pass well scaled and finite.
+pub fn synth_init(name: &str, shape: &[usize]) -> Init {
+    if name.ends_with("head.probe") {
+        Init::Normal { mean: 0.0, std: 1.0 }
+    } else if name.ends_with("bias") {
+        Init::BIAS
+    } else if shape.len() == 1 {
+        Init::LN_WEIGHT
+    } else {
+        Init::fan_in(torch_fan_in(shape))
+    }
 }

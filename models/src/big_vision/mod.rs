@@ -9,6 +9,24 @@ pub mod patch_merger;
 pub mod vit;
 pub mod vmoe;
 
+/// Synthetic big_vision weights (Flax layouts): kernels N(0, 1/fan_in) over their input axes,
+/// biases N(0, 0.02²), layer norm scales 1 + N(0, 0.05²), position embeddings and the class
+/// token N(0, 0.02²).
+pub fn synth_init(name: &str, shape: &[usize]) -> crate::registry::Init {
+    use crate::registry::{flax_fan_in, Init};
+    let leaf = name.rsplit('/').next().unwrap_or(name);
+    let layer = name.rsplit('/').nth(1).unwrap_or("");
+    match leaf {
+        "bias" => Init::BIAS,
+        "scale" => Init::LN_WEIGHT,
+        "pos_embedding" | "cls" => Init::Normal { mean: 0.0, std: 0.02 },
+        // Attention projections [D, H, hd] read D; expert MLPs [E, in, out] read `in`.
+        "kernel" if matches!(layer, "query" | "key" | "value") => Init::fan_in(shape[0]),
+        "kernel" if name.contains("/Moe/Mlp/") => Init::fan_in(shape[1]),
+        _ => Init::fan_in(flax_fan_in(shape)),
+    }
+}
+
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
@@ -19,8 +37,8 @@ use std::path::Path;
 /// Flax `nn.LayerNorm`'s default epsilon, which none of these modules override.
 pub const LN_EPS: f32 = 1e-6;
 
-/// Builds the big_vision model in `dir` whose `config.json` is at `cfg_path`.
-pub fn build(dir: &Path, cfg_path: &Path, profile: &Profile) -> Result<Built> {
+/// Builds the big_vision model whose `config.json` is at `cfg_path` over its checkpoint.
+pub fn build(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Result<Built> {
     let mut r = ConfigReader::open(cfg_path)?;
     let name = r.str_or("model_name", None)?;
     let model = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
@@ -28,7 +46,6 @@ pub fn build(dir: &Path, cfg_path: &Path, profile: &Profile) -> Result<Built> {
     if profile.dtype != DType::F32 && profile.dtype != DType::BF16 && profile.dtype != DType::F16 {
         return Err(ModelError::Unsupported(format!("compute dtype {} is not a float type", profile.dtype)));
     }
-    let checkpoint = Checkpoint::open(dir)?;
     let (graph, description) = match name.as_str() {
         "vit" => {
             let cfg = vit::VitConfig::read(model)?;

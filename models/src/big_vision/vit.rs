@@ -10,6 +10,7 @@ use super::{block_prefix, grid, pair, patch_embed, posemb_sincos_2d, with_layer}
 use crate::config::ConfigReader;
 use crate::error::Result;
 use crate::layers::Builder;
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Checkpoint, Profile};
 use kiln_graph::{Graph, NodeId, Op, ReduceOp, UnaryOp};
 
@@ -273,4 +274,36 @@ fn map_head(m: &mut Builder, cfg: &VitConfig, p: &str, x: NodeId, b: usize, n: u
     let h = m.flax_layer_norm(y, &format!("{p}/LayerNorm_0"), d)?;
     let h = m.mlp_block(h, &format!("{p}/MlpBlock_0"), d, cfg.mlp_dim)?;
     m.add(y, h)
+}
+
+/// The big_vision ViT family (`model_name: vit`), PatchMerger included.
+pub static FAMILY: Family = Family {
+    name: "vit",
+    about: "big_vision ViT (model_name vit; params.npz), optionally with a PatchMerger",
+    claims: |k| k == Kind::BigVision("vit"),
+    build: super::build,
+    synth: &[
+        SynthRow {
+            name: "vit-b16",
+            about: "big_vision ViT-B/16, 224px, GAP head, 1000 classes (params.npz, ~86M params)",
+            recipe: |_| Ok(synth_recipe(None)),
+        },
+        SynthRow {
+            name: "vit-b16-pm8",
+            about: "big_vision ViT-B/16 with a PatchMerger to 8 tokens after block 6",
+            recipe: |_| Ok(synth_recipe(Some((6, 8)))),
+        },
+    ],
+    init: super::synth_init,
+};
+
+/// ViT-B/16 at 224 px, GAP pooling, 1000 classes; optionally a PatchMerger to `tokens` tokens
+/// after `after` blocks.
+fn synth_recipe(merger: Option<(usize, usize)>) -> SynthRecipe {
+    let mut model = serde_json::json!({"variant": "B/16", "num_classes": 1000, "pool_type": "gap", "posemb": "learn"});
+    if let Some((after, tokens)) = merger {
+        model["patch_merger"] = serde_json::json!({"num_tokens": tokens, "blocks_before": after});
+    }
+    let config = serde_json::json!({"model_name": "vit", "model": model});
+    SynthRecipe { config, dtype: kiln_graph::DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 }
 }

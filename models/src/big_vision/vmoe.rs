@@ -19,6 +19,7 @@ use super::{grid, pair, patch_embed};
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Checkpoint, MoeOutputs, Profile};
 use kiln_graph::{BinaryOp, DType, Graph, NodeId, Op, ReduceOp, UnaryOp};
 
@@ -432,4 +433,44 @@ fn repeat(m: &mut Builder, x: NodeId, shape: &[usize], axis: usize, times: usize
         return Ok(x);
     }
     Ok(m.g.concat(&vec![x; times], axis)?)
+}
+
+/// The V-MoE family (`model_name: vmoe`), and the dense ViT it is built on.
+pub static FAMILY: Family = Family {
+    name: "vmoe",
+    about: "vmoe VisionTransformerMoe (model_name vmoe; params.npz), dense or with experts",
+    claims: |k| k == Kind::BigVision("vmoe"),
+    build: super::build,
+    synth: &[
+        SynthRow {
+            name: "vmoe-b16-dense",
+            about: "vmoe VisionTransformerMoe B/16 without experts: the dense ViT V-MoE-B/16 is built on",
+            recipe: |_| Ok(synth_recipe(None)),
+        },
+        SynthRow {
+            name: "vmoe-b16-e8",
+            about: "V-MoE-B/16, E=8 K=2 every other block, groups of 8 images, C=1.05 (~293M params)",
+            recipe: |_| Ok(synth_recipe(Some(8))),
+        },
+    ],
+    init: super::synth_init,
+};
+
+/// V-MoE-B/16 at 224 px, class token, 1000 classes; `experts` experts (K=2, blocks 1, 3, ..,
+/// 11, groups of 8 images, C=1.05) or dense (`None`).
+fn synth_recipe(experts: Option<usize>) -> SynthRecipe {
+    let (layers, tokens) = (12, 196 + 1);
+    let mut encoder =
+        serde_json::json!({"num_layers": layers, "mlp_dim": 3072, "num_heads": 12, "dropout_rate": 0.0, "attention_dropout_rate": 0.0});
+    if let Some(e) = experts {
+        encoder["moe"] = serde_json::json!({
+            "layers": (1..layers).step_by(2).collect::<Vec<_>>(), "num_experts": e, "group_size": 8 * tokens,
+            "router": {"num_selected_experts": 2, "noise_std": 1.0, "importance_loss_weight": 0.005, "load_loss_weight": 0.005,
+                "dispatcher": {"name": "einsum", "bfloat16": false, "capacity_factor": 1.05, "batch_priority": false,
+                    "capacity_ceil_or_round": "ceil", "capacity_multiple_of": 4}}
+        });
+    }
+    let config = serde_json::json!({"model_name": "vmoe", "model": {"num_classes": 1000, "patch_size": [16, 16], "hidden_size": 768,
+        "classifier": "token", "deterministic": true, "encoder": encoder}});
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 8 }
 }
