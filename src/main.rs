@@ -421,76 +421,9 @@ fn moe_parts(g: &kiln_graph::Graph) -> Vec<Option<bool>> {
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Compile { model, p, out, generate: true, max_new_tokens } => commands::compile_generation(&model, &p, max_new_tokens, &out),
-        Cmd::Compile { model, p, out, .. } => {
-            let opts = profile(&p, None, None)?;
-            let (c, secs) = progress("compiling", || {
-                let t = Instant::now();
-                let c = compile(&model, &opts);
-                (c, t.elapsed().as_secs_f64())
-            });
-            #[allow(unused_mut)]
-            let mut c = c?;
-            if c.program.backend == "cuda" {
-                #[cfg(feature = "cuda")]
-                progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
-                println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
-            }
-            kiln_graph::artifact::save_file(&out, &c.program)?;
-            println!("{}", c.program.model);
-            println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
-            for e in &c.program.entries {
-                println!(
-                    "  entry {}: {} steps, arena {} (lower bound {})",
-                    e.name,
-                    e.steps.len(),
-                    human(e.arena_bytes),
-                    human(e.plan.lower_bound)
-                );
-            }
-            Ok(())
-        }
+        Cmd::Compile { model, p, out, .. } => compile_forward(&model, &p, &out),
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
-            let mut ins = io::read(&inputs)?;
-            let (batch, hw) = image_dims(&ins);
-            let mut opts = profile(&p, batch, hw)?;
-            if let Some((b, l)) = text_inputs(&mut ins, &inputs)? {
-                opts.profile.batch = b;
-                opts.profile.seq_len = Some(l);
-            }
-            if moe_stats {
-                opts.profile.moe.outputs = MoeOutputs::Stats;
-            }
-            let mut s = session(&model, weights.as_deref(), Some(opts))?;
-            text_defaults(&mut ins, &s);
-            cast_floats(&mut ins, &s, &entry);
-            // A file may hold more than the entry takes (a flow's forward outputs `z` and
-            // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
-            let takes = &s.program().entries[s.entry_index(&entry)?].inputs;
-            type Named<'a> = Vec<(&'a str, &'a Tensor)>;
-            let (refs, skipped): (Named, Named) =
-                ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
-            if !skipped.is_empty() && !refs.is_empty() {
-                let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
-                println!("not inputs of '{entry}', left out: {}", names.join(", "));
-            }
-            let refs = if refs.is_empty() { skipped } else { refs };
-            let mut outs = s.run(&entry, &refs)?;
-            if moe_stats {
-                print_moe_stats(&outs)?;
-            }
-            outs.retain(|(n, _)| !n.starts_with("moe/"));
-            for (name, t) in &outs {
-                let v = t.to_f64();
-                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-                let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
-                println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
-            }
-            if bpd {
-                print_bits_per_dim(&outs)?;
-            }
-            io::write(&out, &outs)?;
-            println!("wrote {}", out.display());
-            Ok(())
+            run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
         Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, dtype, breakdown, .. } => {
             let dtype = parse_dtype(&dtype)?;
@@ -582,6 +515,84 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln compile` of a `forward` program.
+fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Result<()> {
+    let opts = profile(p, None, None)?;
+    let (c, secs) = progress("compiling", || {
+        let t = Instant::now();
+        let c = compile(model, &opts);
+        (c, t.elapsed().as_secs_f64())
+    });
+    #[allow(unused_mut)]
+    let mut c = c?;
+    if c.program.backend == "cuda" {
+        #[cfg(feature = "cuda")]
+        progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
+        println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
+    }
+    kiln_graph::artifact::save_file(out, &c.program)?;
+    println!("{}", c.program.model);
+    println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
+    for e in &c.program.entries {
+        println!("  entry {}: {} steps, arena {} (lower bound {})", e.name, e.steps.len(), human(e.arena_bytes), human(e.plan.lower_bound));
+    }
+    Ok(())
+}
+
+/// `kiln run`: a folder or artifact on the inputs of a safetensors file.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    model: &Path,
+    inputs: &Path,
+    out: &Path,
+    weights: Option<&Path>,
+    p: &ProfileArgs,
+    entry: &str,
+    bpd: bool,
+    moe_stats: bool,
+) -> Result<()> {
+    let mut ins = io::read(inputs)?;
+    let (batch, hw) = image_dims(&ins);
+    let mut opts = profile(p, batch, hw)?;
+    if let Some((b, l)) = text_inputs(&mut ins, inputs)? {
+        opts.profile.batch = b;
+        opts.profile.seq_len = Some(l);
+    }
+    if moe_stats {
+        opts.profile.moe.outputs = MoeOutputs::Stats;
+    }
+    let mut s = session(model, weights, Some(opts))?;
+    text_defaults(&mut ins, &s);
+    cast_floats(&mut ins, &s, entry);
+    // A file may hold more than the entry takes (a flow's forward outputs `z` and
+    // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
+    let takes = &s.program().entries[s.entry_index(entry)?].inputs;
+    type Named<'a> = Vec<(&'a str, &'a Tensor)>;
+    let (refs, skipped): (Named, Named) = ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
+    if !skipped.is_empty() && !refs.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
+        println!("not inputs of '{entry}', left out: {}", names.join(", "));
+    }
+    let refs = if refs.is_empty() { skipped } else { refs };
+    let mut outs = s.run(entry, &refs)?;
+    if moe_stats {
+        print_moe_stats(&outs)?;
+    }
+    outs.retain(|(n, _)| !n.starts_with("moe/"));
+    for (name, t) in &outs {
+        let v = t.to_f64();
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
+        println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
+    }
+    if bpd {
+        print_bits_per_dim(&outs)?;
+    }
+    io::write(out, &outs)?;
+    println!("wrote {}", out.display());
+    Ok(())
 }
 
 fn human(b: usize) -> String {

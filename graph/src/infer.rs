@@ -63,8 +63,25 @@ fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<(), Str
     Ok(())
 }
 
-/// The type of `op` applied to `inputs`. Sources take their type from `given`.
+/// The type of `op` applied to `inputs`. Sources take their type from `given`. Every op is
+/// listed here (a new op is a compile error until it is), then checked by its group's rule.
 pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
+    match op {
+        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. } => sources(op, inputs, given),
+        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Fused(_) => elementwise(op, inputs),
+        Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::WriteSlice { .. } | Op::Broadcast { .. } => {
+            movement(op, inputs)
+        }
+        Op::Gather { .. } | Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
+            indexing(op, inputs)
+        }
+        Op::Reduce { .. } | Op::MatMul { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => compute(op, inputs),
+        Op::Attention(_) | Op::MoeDispatch { .. } | Op::MoeCombine => compute(op, inputs),
+    }
+}
+
+/// Inputs, weights, constants and iota: the given type, checked.
+fn sources(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
     match op {
         Op::Input { .. } | Op::Weight { .. } => {
             arity(inputs, 0)?;
@@ -84,6 +101,13 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             axis_ok(*axis, t.rank())?;
             Ok(t.clone())
         }
+        _ => unreachable!("{} is not dispatched to sources", op.name()),
+    }
+}
+
+/// Elementwise ops and fused regions: broadcast shapes, dtype rules.
+fn elementwise(op: &Op, inputs: &[&TensorType]) -> R {
+    match op {
         Op::Unary(u) => {
             arity(inputs, 1)?;
             let t = inputs[0];
@@ -124,55 +148,27 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             arity(inputs, 1)?;
             Ok(TensorType::new(*to, inputs[0].shape.clone()))
         }
-        Op::Reduce { axes, keep_dims, .. } => {
-            arity(inputs, 1)?;
-            let t = inputs[0];
-            for w in axes.windows(2) {
-                if w[0] >= w[1] {
-                    return Err(format!("axes {axes:?} must be sorted and unique"));
-                }
+        Op::Fused(e) => {
+            let first = inputs.first().ok_or("a fused region needs inputs")?;
+            let mut shape = first.shape.clone();
+            for t in inputs {
+                shape = bcast(&shape, &t.shape)?;
             }
-            for &a in axes {
-                axis_ok(a, t.rank())?;
+            check_expr(e, inputs, &shape)?;
+            if e.arity() != inputs.len() {
+                return Err(format!("expression reads {} inputs, node gives {}", e.arity(), inputs.len()));
             }
-            let shape =
-                (0..t.rank()).filter_map(|i| if axes.contains(&i) { keep_dims.then_some(1) } else { Some(t.shape[i]) }).collect::<Vec<_>>();
-            Ok(TensorType::new(t.dtype, shape))
+            // Regions compute floats; bool masks may flow inside them but not out.
+            let dtype = inputs.iter().map(|t| t.dtype).find(|d| d.is_float()).ok_or("a fused region needs a float input")?;
+            Ok(TensorType::new(dtype, shape))
         }
-        Op::MatMul { transpose_b, epilogue } => {
-            if inputs.len() < 2 {
-                return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
-            }
-            let (a, b) = (inputs[0], inputs[1]);
-            float(a, "a")?;
-            if a.dtype != b.dtype {
-                return Err(format!("operand dtypes differ: {a} vs {b}"));
-            }
-            if a.rank() < 2 || b.rank() < 2 {
-                return Err(format!("operands need rank >= 2: {a} x {b}"));
-            }
-            let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
-            let (kb, n) =
-                if *transpose_b { (b.shape[b.rank() - 1], b.shape[b.rank() - 2]) } else { (b.shape[b.rank() - 2], b.shape[b.rank() - 1]) };
-            if k != kb {
-                return Err(format!("contraction sizes differ: {a} x {b} (transpose_b={transpose_b})"));
-            }
-            let mut shape = bcast(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
-            shape.extend([m, n]);
-            let out = TensorType::new(a.dtype, shape);
-            match epilogue {
-                Some(e) => {
-                    let mut ins = vec![&out];
-                    ins.extend(inputs[2..].iter().copied());
-                    check_expr(e, &ins, &out.shape)?;
-                    if e.arity() != ins.len() {
-                        return Err(format!("epilogue reads {} inputs, node gives {}", e.arity(), ins.len()));
-                    }
-                }
-                None => arity(inputs, 2)?,
-            }
-            Ok(out)
-        }
+        _ => unreachable!("{} is not dispatched to elementwise", op.name()),
+    }
+}
+
+/// Reshape, permute, slice, concat, write-slice, broadcast.
+fn movement(op: &Op, inputs: &[&TensorType]) -> R {
+    match op {
         Op::Reshape { shape } => {
             arity(inputs, 1)?;
             let t = inputs[0];
@@ -243,6 +239,13 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(TensorType::new(t.dtype, shape.clone()))
         }
+        _ => unreachable!("{} is not dispatched to movement", op.name()),
+    }
+}
+
+/// Gather, take-along-axis, scatter-add, top-k, cumsum, resize.
+fn indexing(op: &Op, inputs: &[&TensorType]) -> R {
+    match op {
         Op::Gather { axis } => {
             arity(inputs, 2)?;
             let (x, idx) = (inputs[0], inputs[1]);
@@ -306,6 +309,62 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             shape[r - 1] = size[1];
             Ok(TensorType::new(t.dtype, shape))
         }
+        _ => unreachable!("{} is not dispatched to indexing", op.name()),
+    }
+}
+
+/// Reductions, matmul, softmax, norms, attention, MoE dispatch and combine.
+fn compute(op: &Op, inputs: &[&TensorType]) -> R {
+    match op {
+        Op::Reduce { axes, keep_dims, .. } => {
+            arity(inputs, 1)?;
+            let t = inputs[0];
+            for w in axes.windows(2) {
+                if w[0] >= w[1] {
+                    return Err(format!("axes {axes:?} must be sorted and unique"));
+                }
+            }
+            for &a in axes {
+                axis_ok(a, t.rank())?;
+            }
+            let shape =
+                (0..t.rank()).filter_map(|i| if axes.contains(&i) { keep_dims.then_some(1) } else { Some(t.shape[i]) }).collect::<Vec<_>>();
+            Ok(TensorType::new(t.dtype, shape))
+        }
+        Op::MatMul { transpose_b, epilogue } => {
+            if inputs.len() < 2 {
+                return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
+            }
+            let (a, b) = (inputs[0], inputs[1]);
+            float(a, "a")?;
+            if a.dtype != b.dtype {
+                return Err(format!("operand dtypes differ: {a} vs {b}"));
+            }
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("operands need rank >= 2: {a} x {b}"));
+            }
+            let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
+            let (kb, n) =
+                if *transpose_b { (b.shape[b.rank() - 1], b.shape[b.rank() - 2]) } else { (b.shape[b.rank() - 2], b.shape[b.rank() - 1]) };
+            if k != kb {
+                return Err(format!("contraction sizes differ: {a} x {b} (transpose_b={transpose_b})"));
+            }
+            let mut shape = bcast(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
+            shape.extend([m, n]);
+            let out = TensorType::new(a.dtype, shape);
+            match epilogue {
+                Some(e) => {
+                    let mut ins = vec![&out];
+                    ins.extend(inputs[2..].iter().copied());
+                    check_expr(e, &ins, &out.shape)?;
+                    if e.arity() != ins.len() {
+                        return Err(format!("epilogue reads {} inputs, node gives {}", e.arity(), ins.len()));
+                    }
+                }
+                None => arity(inputs, 2)?,
+            }
+            Ok(out)
+        }
         Op::Softmax { axis } => {
             arity(inputs, 1)?;
             float(inputs[0], "input")?;
@@ -367,20 +426,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(TensorType::new(y.dtype, [slot.shape[0], y.shape[1]]))
         }
-        Op::Fused(e) => {
-            let first = inputs.first().ok_or("a fused region needs inputs")?;
-            let mut shape = first.shape.clone();
-            for t in inputs {
-                shape = bcast(&shape, &t.shape)?;
-            }
-            check_expr(e, inputs, &shape)?;
-            if e.arity() != inputs.len() {
-                return Err(format!("expression reads {} inputs, node gives {}", e.arity(), inputs.len()));
-            }
-            // Regions compute floats; bool masks may flow inside them but not out.
-            let dtype = inputs.iter().map(|t| t.dtype).find(|d| d.is_float()).ok_or("a fused region needs a float input")?;
-            Ok(TensorType::new(dtype, shape))
-        }
+        _ => unreachable!("{} is not dispatched to compute", op.name()),
     }
 }
 

@@ -62,115 +62,9 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
         Op::Reduce { op, axes, .. } => Ok(reduce(a[0], *op, axes)),
         Op::MatMul { transpose_b, epilogue } => matmul(a, *transpose_b, epilogue.as_ref(), out),
         Op::Reshape { .. } => Ok(a[0].data.clone()),
-        Op::Permute { perm } => {
-            let st = strides(&a[0].ty.shape);
-            let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-            Ok((0..out.numel()).map(|i| a[0].data[offset(i, &out.shape, &pst)]).collect())
-        }
-        Op::Slice { axis, start, step, .. } => {
-            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
-            let n_out = out.shape[*axis];
-            let mut v = Vec::with_capacity(out.numel());
-            for o in 0..outer {
-                for j in 0..n_out {
-                    let base = (o * len + start + j * step) * inner;
-                    v.extend_from_slice(&a[0].data[base..base + inner]);
-                }
-            }
-            Ok(v)
-        }
-        Op::Concat { axis } => {
-            let (outer, _, _) = split(&out.shape, *axis);
-            let mut v = Vec::with_capacity(out.numel());
-            for o in 0..outer {
-                for x in a {
-                    let (_, len, inner) = split(&x.ty.shape, *axis);
-                    v.extend_from_slice(&x.data[o * len * inner..(o + 1) * len * inner]);
-                }
-            }
-            Ok(v)
-        }
-        Op::WriteSlice { axis } => {
-            let (outer, len, inner) = split(&out.shape, *axis);
-            let n = a[1].ty.shape[*axis];
-            let at = a[2].data[0];
-            if at < 0.0 || at + n as f64 > len as f64 {
-                return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
-            }
-            let at = at as usize;
-            let mut v = a[0].data.clone();
-            for o in 0..outer {
-                let dst = (o * len + at) * inner;
-                v[dst..dst + n * inner].copy_from_slice(&a[1].data[o * n * inner..(o + 1) * n * inner]);
-            }
-            Ok(v)
-        }
+        Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::WriteSlice { .. } => movement(op, a, out),
         Op::Broadcast { shape } => Ok(map_broadcast(a, shape, |x| x[0])),
-        Op::Gather { axis } => {
-            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
-            let mut v = Vec::with_capacity(out.numel());
-            for o in 0..outer {
-                for &ix in &a[1].data {
-                    let j = index(ix, len, "gather")?;
-                    let base = (o * len + j) * inner;
-                    v.extend_from_slice(&a[0].data[base..base + inner]);
-                }
-            }
-            Ok(v)
-        }
-        Op::TakeAlongAxis { axis } => {
-            let (_, len, inner) = split(&a[0].ty.shape, *axis);
-            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
-            (0..out.numel())
-                .map(|i| {
-                    let (o, k) = (i / (ilen * inner), i % inner);
-                    let j = index(a[1].data[i], len, "take_along_axis")?;
-                    Ok(a[0].data[(o * len + j) * inner + k])
-                })
-                .collect()
-        }
-        Op::ScatterAdd { axis } => {
-            let (_, len, inner) = split(&a[0].ty.shape, *axis);
-            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
-            let mut v = a[0].data.clone();
-            for i in 0..a[1].ty.numel() {
-                let (o, k) = (i / (ilen * inner), i % inner);
-                let j = index(a[1].data[i], len, "scatter_add")?;
-                v[(o * len + j) * inner + k] += a[2].data[i];
-            }
-            Ok(v)
-        }
-        Op::TopK { k } => {
-            let n = *a[0].ty.shape.last().unwrap_or(&1);
-            let mut v = Vec::with_capacity(out.numel());
-            for row in a[0].data.chunks(n.max(1)) {
-                let mut idx: Vec<usize> = (0..n).collect();
-                // Stable sort, descending: ties keep the lower index first.
-                idx.sort_by(|&i, &j| row[j].partial_cmp(&row[i]).unwrap_or(std::cmp::Ordering::Equal));
-                v.extend(idx[..*k].iter().map(|&i| i as f64));
-            }
-            Ok(v)
-        }
-        Op::CumSum { axis, exclusive } => {
-            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
-            let mut v = vec![0.0; out.numel()];
-            for o in 0..outer {
-                for k in 0..inner {
-                    let mut acc = 0.0;
-                    for j in 0..len {
-                        let i = (o * len + j) * inner + k;
-                        if *exclusive {
-                            v[i] = acc;
-                            acc += a[0].data[i];
-                        } else {
-                            acc += a[0].data[i];
-                            v[i] = acc;
-                        }
-                    }
-                }
-            }
-            Ok(v)
-        }
+        Op::Gather { .. } | Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } => indexing(op, a, out),
         Op::Resize { size, mode } => Ok(resize(a[0], *size, *mode)),
         Op::Softmax { axis } => {
             let (outer, len, inner) = split(&a[0].ty.shape, *axis);
@@ -248,6 +142,128 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             let mut scratch = Vec::new();
             Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))
         }
+    }
+}
+
+/// Permute, slice, concat, write-slice.
+fn movement(op: &Op, a: &[&Value], out: &TensorType) -> R {
+    match op {
+        Op::Permute { perm } => {
+            let st = strides(&a[0].ty.shape);
+            let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+            Ok((0..out.numel()).map(|i| a[0].data[offset(i, &out.shape, &pst)]).collect())
+        }
+        Op::Slice { axis, start, step, .. } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let n_out = out.shape[*axis];
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for j in 0..n_out {
+                    let base = (o * len + start + j * step) * inner;
+                    v.extend_from_slice(&a[0].data[base..base + inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::Concat { axis } => {
+            let (outer, _, _) = split(&out.shape, *axis);
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for x in a {
+                    let (_, len, inner) = split(&x.ty.shape, *axis);
+                    v.extend_from_slice(&x.data[o * len * inner..(o + 1) * len * inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::WriteSlice { axis } => {
+            let (outer, len, inner) = split(&out.shape, *axis);
+            let n = a[1].ty.shape[*axis];
+            let at = a[2].data[0];
+            if at < 0.0 || at + n as f64 > len as f64 {
+                return Err(format!("write_slice of {n} rows at {at} does not fit {len} along axis {axis}"));
+            }
+            let at = at as usize;
+            let mut v = a[0].data.clone();
+            for o in 0..outer {
+                let dst = (o * len + at) * inner;
+                v[dst..dst + n * inner].copy_from_slice(&a[1].data[o * n * inner..(o + 1) * n * inner]);
+            }
+            Ok(v)
+        }
+        _ => unreachable!("{} is not dispatched to movement", op.name()),
+    }
+}
+
+/// Gather, take-along-axis, scatter-add, top-k, cumsum.
+fn indexing(op: &Op, a: &[&Value], out: &TensorType) -> R {
+    match op {
+        Op::Gather { axis } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let mut v = Vec::with_capacity(out.numel());
+            for o in 0..outer {
+                for &ix in &a[1].data {
+                    let j = index(ix, len, "gather")?;
+                    let base = (o * len + j) * inner;
+                    v.extend_from_slice(&a[0].data[base..base + inner]);
+                }
+            }
+            Ok(v)
+        }
+        Op::TakeAlongAxis { axis } => {
+            let (_, len, inner) = split(&a[0].ty.shape, *axis);
+            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
+            (0..out.numel())
+                .map(|i| {
+                    let (o, k) = (i / (ilen * inner), i % inner);
+                    let j = index(a[1].data[i], len, "take_along_axis")?;
+                    Ok(a[0].data[(o * len + j) * inner + k])
+                })
+                .collect()
+        }
+        Op::ScatterAdd { axis } => {
+            let (_, len, inner) = split(&a[0].ty.shape, *axis);
+            let (_, ilen, _) = split(&a[1].ty.shape, *axis);
+            let mut v = a[0].data.clone();
+            for i in 0..a[1].ty.numel() {
+                let (o, k) = (i / (ilen * inner), i % inner);
+                let j = index(a[1].data[i], len, "scatter_add")?;
+                v[(o * len + j) * inner + k] += a[2].data[i];
+            }
+            Ok(v)
+        }
+        Op::TopK { k } => {
+            let n = *a[0].ty.shape.last().unwrap_or(&1);
+            let mut v = Vec::with_capacity(out.numel());
+            for row in a[0].data.chunks(n.max(1)) {
+                let mut idx: Vec<usize> = (0..n).collect();
+                // Stable sort, descending: ties keep the lower index first.
+                idx.sort_by(|&i, &j| row[j].partial_cmp(&row[i]).unwrap_or(std::cmp::Ordering::Equal));
+                v.extend(idx[..*k].iter().map(|&i| i as f64));
+            }
+            Ok(v)
+        }
+        Op::CumSum { axis, exclusive } => {
+            let (outer, len, inner) = split(&a[0].ty.shape, *axis);
+            let mut v = vec![0.0; out.numel()];
+            for o in 0..outer {
+                for k in 0..inner {
+                    let mut acc = 0.0;
+                    for j in 0..len {
+                        let i = (o * len + j) * inner + k;
+                        if *exclusive {
+                            v[i] = acc;
+                            acc += a[0].data[i];
+                        } else {
+                            acc += a[0].data[i];
+                            v[i] = acc;
+                        }
+                    }
+                }
+            }
+            Ok(v)
+        }
+        _ => unreachable!("{} is not dispatched to indexing", op.name()),
     }
 }
 
