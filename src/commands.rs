@@ -91,7 +91,7 @@ pub(super) fn bench(
     entry: &str,
 ) -> Result<()> {
     let opts = profile(p, None, None)?;
-    let (mut s, graphs) = session_and_graph(model, weights, Some(opts))?;
+    let (mut s, graphs) = session_and_graph(model, weights, Some(opts), p)?;
     let e = &s.program().entries[s.entry_index(entry)?];
     let graph = graphs.and_then(|g| g.into_iter().find(|(n, _)| n == entry).map(|(_, g)| g));
     let inputs = kiln::bench::synthetic_inputs(e);
@@ -185,7 +185,7 @@ pub(super) fn print_breakdown(steps: &[(String, &'static str, f64)], total: f64)
 
 pub(super) fn bench_kernels(k: KernelsArgs) -> Result<()> {
     let model = match &k.model {
-        Some(m) => Some(session(m, k.weights.as_deref(), Some(profile(&k.p, None, None)?))?),
+        Some(m) => Some(session(m, k.weights.as_deref(), Some(profile(&k.p, None, None)?), &k.p)?),
         None => None,
     };
     let o = kiln::bench::KernelsOptions {

@@ -51,6 +51,10 @@ struct ProfileArgs {
     /// GPU architecture of `--backend cuda` (CUBINs stored by `kiln compile`).
     #[arg(long, default_value = "sm_90a")]
     arch: String,
+    /// cuda load option: kiln's GEMV for small-M GEMMs (decode) `on`, `off` (cuBLASLt
+    /// everywhere) or `auto` (whichever measures faster at load).
+    #[arg(long, default_value = "auto")]
+    cuda_gemv: String,
 }
 
 #[derive(Subcommand)]
@@ -351,15 +355,41 @@ fn is_artifact(p: &Path) -> bool {
 }
 
 /// Loads a session from an artifact or compiles a folder in memory.
-fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>) -> Result<Session> {
-    Ok(session_and_graph(model, weights, opts)?.0)
+fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>, p: &ProfileArgs) -> Result<Session> {
+    Ok(session_and_graph(model, weights, opts, p)?.0)
+}
+
+/// Loads `program` with the load options of `p` (`--cuda-gemv`).
+fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Session> {
+    if !matches!(p.cuda_gemv.as_str(), "auto" | "on" | "off") {
+        return Err(Error::Usage(format!("--cuda-gemv {}: expected auto, on or off", p.cuda_gemv)));
+    }
+    #[cfg(feature = "cuda")]
+    if program.backend == "cuda" {
+        let gemv = match p.cuda_gemv.as_str() {
+            "on" => kiln_runtime::cuda::tune::GemvMode::On,
+            "off" => kiln_runtime::cuda::tune::GemvMode::Off,
+            _ => kiln_runtime::cuda::tune::GemvMode::Auto,
+        };
+        let backend = kiln_runtime::cuda::CudaBackend { gemv, ..Default::default() };
+        return Ok(Session::with_backend(program, store, &backend)?);
+    }
+    if p.cuda_gemv != "auto" {
+        return Err(Error::Usage(format!("--cuda-gemv applies to the cuda backend, not {}", program.backend)));
+    }
+    Ok(Session::new(program, store)?)
 }
 
 /// Each entry's optimised graph, when a folder was compiled (for step attribution).
 type EntryGraphs = Option<Vec<(String, kiln_graph::Graph)>>;
 
 /// A session, and its entries' optimised graphs when a folder was compiled.
-fn session_and_graph(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>) -> Result<(Session, EntryGraphs)> {
+fn session_and_graph(
+    model: &Path,
+    weights: Option<&Path>,
+    opts: Option<CompileOptions>,
+    p: &ProfileArgs,
+) -> Result<(Session, EntryGraphs)> {
     let (program, graph) = if is_artifact(model) {
         (kiln_graph::artifact::load_file(model)?, None)
     } else {
@@ -373,7 +403,7 @@ fn session_and_graph(model: &Path, weights: Option<&Path>, opts: Option<CompileO
         None => model.to_path_buf(),
     };
     let store = progress("loading weights", || WeightStore::open(&wpath))?;
-    Ok((progress("preparing", || Session::new(program, Arc::new(store)))?, graph))
+    Ok((progress("preparing", || load(program, Arc::new(store), p))?, graph))
 }
 
 /// For a graph with mixture-of-experts layers: per node, `Some(true)` for routing, dispatch
@@ -495,7 +525,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
             let mut opts = profile(&p, Some(count), None)?;
             opts.profile.batch = count.max(1);
-            let mut s = session(&model, weights.as_deref(), Some(opts))?;
+            let mut s = session(&model, weights.as_deref(), Some(opts), &p)?;
             let r = kiln::sample::sample(&mut s, seed, temperature, &out)?;
             println!("{r}");
             Ok(())
@@ -563,7 +593,7 @@ fn run(
     if moe_stats {
         opts.profile.moe.outputs = MoeOutputs::Stats;
     }
-    let mut s = session(model, weights, Some(opts))?;
+    let mut s = session(model, weights, Some(opts), p)?;
     text_defaults(&mut ins, &s);
     cast_floats(&mut ins, &s, entry);
     // A file may hold more than the entry takes (a flow's forward outputs `z` and

@@ -32,14 +32,14 @@ pub const DEFAULT_ARCH: &str = "sm_90a";
 pub struct CudaBackend {
     /// `sm_90a`, ...
     pub arch: String,
-    /// Whether kiln's GEMV replaces cuBLASLt for small-M GEMMs; `None`: `KILN_CUDA_GEMV`
-    /// (`off`, `on`, `auto`; default auto: whichever measures faster at load).
-    pub gemv: Option<tune::GemvMode>,
+    /// Whether kiln's GEMV replaces cuBLASLt for small-M GEMMs (a load option; default auto:
+    /// whichever measures faster at load).
+    pub gemv: tune::GemvMode,
 }
 
 impl Default for CudaBackend {
     fn default() -> Self {
-        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: None }
+        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: tune::GemvMode::Auto }
     }
 }
 
@@ -126,7 +126,7 @@ impl Backend for CudaBackend {
         } else {
             stored
         };
-        let gemv = self.gemv.map_or_else(tune::GemvMode::from_env, Ok)?;
+        let gemv = self.gemv;
         let (program, states_at) = crate::states::states_in_arena(program);
         Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at, gemv)?))
     }

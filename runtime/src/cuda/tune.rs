@@ -8,8 +8,9 @@
 //! cost). Shapes repeat in every layer: each distinct GEMM (shape, dtype, epilogue) is timed
 //! once per load, and the graph runs every layer's GEMM of that shape in turn (up to
 //! [`MAX_ROTATION`]), so each reads its own weights from memory as in a real run rather than
-//! one matrix from L2 (Gemma 2 2B's q projection, 9.4 MB, would fit H200's 60 MB L2). `KILN_CUDA_GEMV=off|on|auto` (default auto) forces the
-//! choice; `KILN_CUDA_VERBOSE=1` prints each decision.
+//! one matrix from L2 (Gemma 2 2B's q projection, 9.4 MB, would fit H200's 60 MB L2). The load option
+//! [`GemvMode`] (`CudaBackend::gemv`, the CLI's `--cuda-gemv`) forces the choice;
+//! `KILN_CUDA_VERBOSE=1` prints each decision.
 
 use super::exec::{Choice, CudaExec};
 use super::lower::Epilogue;
@@ -27,20 +28,6 @@ pub enum GemvMode {
     /// Whichever measures faster.
     #[default]
     Auto,
-}
-
-impl GemvMode {
-    /// `KILN_CUDA_GEMV`: `off`, `on` or `auto` (unset or empty: auto).
-    pub fn from_env() -> Result<Self> {
-        match std::env::var("KILN_CUDA_GEMV").unwrap_or_default().as_str() {
-            "" | "auto" => Ok(GemvMode::Auto),
-            "on" => Ok(GemvMode::On),
-            "off" => Ok(GemvMode::Off),
-            other => {
-                Err(RuntimeError::Unsupported { backend: "cuda".into(), msg: format!("KILN_CUDA_GEMV={other}: expected off, on or auto") })
-            }
-        }
-    }
 }
 
 /// GEMMs with at most this many rows (M times batch) time cuBLASLt's candidate algorithms;
