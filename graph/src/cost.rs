@@ -26,7 +26,7 @@
 //! Sources (inputs, weights, constants) and reshapes (views) run no kernel: 0 and 0.
 
 use crate::dtype::TensorType;
-use crate::op::{Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode};
+use crate::op::{Expr, Instr, MaskKind, Op};
 
 /// The work of one step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,62 +86,8 @@ pub fn attended_pairs(mask: MaskKind, sq: usize, sk: usize) -> u64 {
     }
 }
 
-/// The FLOPs and fewest bytes of `op` on inputs of types `inputs` giving `output`.
+/// The FLOPs and fewest bytes of `op` on inputs of types `inputs` giving `output` (each op's
+/// rule is its arm of [`Op::cost`], next to its definition).
 pub fn cost(op: &Op, inputs: &[TensorType], output: &TensorType) -> Cost {
-    let n_out = output.numel() as u64;
-    let all_bytes = inputs.iter().map(|t| t.bytes() as u64).sum::<u64>() + output.bytes() as u64;
-    let keep_only = |extra: u64| 2 * output.bytes() as u64 + extra;
-    let input_numel = |i: usize| inputs.get(i).map_or(0, |t| t.numel() as u64);
-    let (flops, bytes) = match op {
-        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => (0, 0),
-        Op::Iota { .. } => (2 * n_out, output.bytes() as u64),
-        Op::Unary(_) | Op::Binary(_) | Op::Select => (n_out, all_bytes),
-        Op::Fused(e) => (expr_flops(e) * n_out, all_bytes),
-        Op::Cast { .. } | Op::Permute { .. } | Op::Concat { .. } | Op::Broadcast { .. } => (0, all_bytes),
-        Op::Slice { .. } => (0, keep_only(0)),
-        // In place on persistent state: only the new rows move.
-        Op::WriteSlice { .. } => (0, 2 * inputs.get(1).map_or(0, |t| t.bytes() as u64)),
-        Op::Gather { .. } | Op::TakeAlongAxis { .. } => (0, keep_only(inputs.get(1).map_or(0, |t| t.bytes() as u64))),
-        Op::Reduce { op, .. } => {
-            let extra = match op {
-                ReduceOp::Mean => n_out,
-                ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min => 0,
-            };
-            (input_numel(0) + extra, all_bytes)
-        }
-        Op::MatMul { epilogue, .. } => {
-            let k = inputs.first().and_then(|a| a.shape.last()).copied().unwrap_or(0) as u64;
-            (2 * n_out * k + epilogue.as_ref().map_or(0, expr_flops) * n_out, all_bytes)
-        }
-        Op::ScatterAdd { .. } => (input_numel(2), all_bytes),
-        // Dispatch copies each kept token into its expert buffer: no arithmetic.
-        Op::MoeDispatch { .. } => (0, all_bytes),
-        // Combine: one multiply-add per kept assignment and model dimension.
-        Op::MoeCombine => (2 * input_numel(1) * output.shape.last().copied().unwrap_or(1) as u64, all_bytes),
-        Op::TopK { .. } => (input_numel(0), all_bytes),
-        Op::CumSum { .. } => (n_out, all_bytes),
-        Op::Resize { mode, .. } => {
-            let taps = match mode {
-                ResizeMode::Bilinear => 4,
-                ResizeMode::Bicubic => 16,
-            };
-            (2 * taps * n_out, all_bytes)
-        }
-        Op::Softmax { .. } => (5 * n_out, all_bytes),
-        Op::LayerNorm { .. } => (7 * n_out, all_bytes),
-        Op::RmsNorm { .. } => (4 * n_out, all_bytes),
-        Op::Attention(a) => {
-            let dim = |i: usize, d: usize| inputs.get(i).and_then(|t| t.shape.get(d)).copied().unwrap_or(0);
-            let (b, sq, hq, d) = (dim(0, 0), dim(0, 1), dim(0, 2), dim(0, 3));
-            let (sk, dv) = (dim(1, 1), dim(2, 3));
-            let per_pair = 2 * d as u64
-                + 2 * dv as u64
-                + 1
-                + 5
-                + if a.softcap.is_some() { 3 } else { 0 }
-                + if a.mask == MaskKind::Additive { 1 } else { 0 };
-            ((b * hq) as u64 * attended_pairs(a.mask, sq, sk) * per_pair, all_bytes)
-        }
-    };
-    Cost { flops, bytes }
+    op.cost(inputs, output)
 }

@@ -1,7 +1,8 @@
 //! The operation set. One op = one variant here + one shape rule (`infer.rs`) + one
 //! interpreter arm (`interp/`) + one lowering per backend + one test row.
 
-use crate::dtype::DType;
+use crate::cost::{expr_flops, Cost};
+use crate::dtype::{DType, TensorType};
 use serde::{Deserialize, Serialize};
 
 /// Elementwise functions of one argument.
@@ -258,37 +259,125 @@ pub enum Op {
 impl Op {
     /// A short name for printing and kernel tables.
     pub fn name(&self) -> &'static str {
+        self.describe().0
+    }
+
+    /// The attributes as `kiln inspect --ir` prints them between brackets.
+    pub fn attrs(&self) -> String {
+        self.describe().1
+    }
+
+    /// The op's name and its attributes: the one place an op says what it is.
+    pub fn describe(&self) -> (&'static str, String) {
+        let lower = |d: &dyn std::fmt::Debug| format!("{d:?}").to_lowercase();
         match self {
-            Op::Input { .. } => "input",
-            Op::Weight { .. } => "weight",
-            Op::Constant { .. } => "constant",
-            Op::Iota { .. } => "iota",
-            Op::Unary(_) => "unary",
-            Op::Binary(_) => "binary",
-            Op::Select => "select",
-            Op::Cast { .. } => "cast",
-            Op::Reduce { .. } => "reduce",
-            Op::MatMul { .. } => "matmul",
-            Op::Reshape { .. } => "reshape",
-            Op::Permute { .. } => "permute",
-            Op::Slice { .. } => "slice",
-            Op::Concat { .. } => "concat",
-            Op::Broadcast { .. } => "broadcast",
-            Op::Gather { .. } => "gather",
-            Op::TakeAlongAxis { .. } => "take_along_axis",
-            Op::ScatterAdd { .. } => "scatter_add",
-            Op::TopK { .. } => "topk",
-            Op::CumSum { .. } => "cumsum",
-            Op::Resize { .. } => "resize",
-            Op::Softmax { .. } => "softmax",
-            Op::LayerNorm { .. } => "layer_norm",
-            Op::RmsNorm { .. } => "rms_norm",
-            Op::Attention(_) => "attention",
-            Op::MoeDispatch { .. } => "moe_dispatch",
-            Op::MoeCombine => "moe_combine",
-            Op::WriteSlice { .. } => "write_slice",
-            Op::Fused(_) => "fused",
+            Op::Input { name } => ("input", format!("\"{name}\"")),
+            Op::Weight { name } => ("weight", format!("\"{name}\"")),
+            Op::Constant { values } if values.len() <= 4 => ("constant", format!("{values:?}")),
+            Op::Constant { values } => ("constant", format!("{} values", values.len())),
+            Op::Iota { axis, start, step } => ("iota", format!("axis={axis}, start={start}, step={step}")),
+            Op::Unary(u) => ("unary", lower(u)),
+            Op::Binary(b) => ("binary", lower(b)),
+            Op::Select => ("select", String::new()),
+            Op::Cast { to } => ("cast", to.to_string()),
+            Op::Reduce { op, axes, keep_dims } => ("reduce", format!("{}, axes={axes:?}, keep_dims={keep_dims}", lower(op))),
+            Op::MatMul { transpose_b, epilogue } => {
+                let mut s = if *transpose_b { "b^T".to_string() } else { String::new() };
+                if let Some(e) = epilogue {
+                    s = format!("{s}{}epilogue={}", if s.is_empty() { "" } else { ", " }, crate::print::expr_to_string(e));
+                }
+                ("matmul", s)
+            }
+            Op::Reshape { shape } => ("reshape", format!("{shape:?}")),
+            Op::Permute { perm } => ("permute", format!("{perm:?}")),
+            Op::Slice { axis, start, end, step } => ("slice", format!("axis={axis}, {start}..{end}, step={step}")),
+            Op::Concat { axis } => ("concat", format!("axis={axis}")),
+            Op::Broadcast { shape } => ("broadcast", format!("{shape:?}")),
+            Op::Gather { axis } => ("gather", format!("axis={axis}")),
+            Op::TakeAlongAxis { axis } => ("take_along_axis", format!("axis={axis}")),
+            Op::ScatterAdd { axis } => ("scatter_add", format!("axis={axis}")),
+            Op::TopK { k } => ("topk", format!("k={k}")),
+            Op::CumSum { axis, exclusive } => ("cumsum", format!("axis={axis}, exclusive={exclusive}")),
+            Op::Resize { size, mode } => ("resize", format!("{size:?}, {}", lower(mode))),
+            Op::Softmax { axis } => ("softmax", format!("axis={axis}")),
+            Op::LayerNorm { eps } => ("layer_norm", format!("eps={eps:e}")),
+            Op::RmsNorm { eps, add_one } => ("rms_norm", format!("eps={eps:e}, add_one={add_one}")),
+            Op::Attention(a) => {
+                let mask = match a.mask {
+                    MaskKind::None => "none".to_string(),
+                    MaskKind::Causal { q_offset } => format!("causal(+{q_offset})"),
+                    MaskKind::SlidingWindow { q_offset, window } => format!("window({window}, +{q_offset})"),
+                    MaskKind::Additive => "additive".to_string(),
+                };
+                let cap = a.softcap.map(|c| format!(", softcap={c}")).unwrap_or_default();
+                ("attention", format!("scale={}, mask={mask}{cap}", a.scale))
+            }
+            Op::MoeDispatch { rows } => ("moe_dispatch", format!("rows={rows}")),
+            Op::MoeCombine => ("moe_combine", String::new()),
+            Op::WriteSlice { axis } => ("write_slice", format!("axis={axis}")),
+            Op::Fused(e) => ("fused", crate::print::expr_to_string(e)),
         }
+    }
+
+    /// The FLOPs and fewest bytes of this op on inputs of types `inputs` giving `output`, by
+    /// the counting rules of [`crate::cost`].
+    pub fn cost(&self, inputs: &[TensorType], output: &TensorType) -> Cost {
+        let n_out = output.numel() as u64;
+        let all_bytes = inputs.iter().map(|t| t.bytes() as u64).sum::<u64>() + output.bytes() as u64;
+        let keep_only = |extra: u64| 2 * output.bytes() as u64 + extra;
+        let input_numel = |i: usize| inputs.get(i).map_or(0, |t| t.numel() as u64);
+        let (flops, bytes) = match self {
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => (0, 0),
+            Op::Iota { .. } => (2 * n_out, output.bytes() as u64),
+            Op::Unary(_) | Op::Binary(_) | Op::Select => (n_out, all_bytes),
+            Op::Fused(e) => (expr_flops(e) * n_out, all_bytes),
+            Op::Cast { .. } | Op::Permute { .. } | Op::Concat { .. } | Op::Broadcast { .. } => (0, all_bytes),
+            Op::Slice { .. } => (0, keep_only(0)),
+            // In place on persistent state: only the new rows move.
+            Op::WriteSlice { .. } => (0, 2 * inputs.get(1).map_or(0, |t| t.bytes() as u64)),
+            Op::Gather { .. } | Op::TakeAlongAxis { .. } => (0, keep_only(inputs.get(1).map_or(0, |t| t.bytes() as u64))),
+            Op::Reduce { op, .. } => {
+                let extra = match op {
+                    ReduceOp::Mean => n_out,
+                    ReduceOp::Sum | ReduceOp::Max | ReduceOp::Min => 0,
+                };
+                (input_numel(0) + extra, all_bytes)
+            }
+            Op::MatMul { epilogue, .. } => {
+                let k = inputs.first().and_then(|a| a.shape.last()).copied().unwrap_or(0) as u64;
+                (2 * n_out * k + epilogue.as_ref().map_or(0, expr_flops) * n_out, all_bytes)
+            }
+            Op::ScatterAdd { .. } => (input_numel(2), all_bytes),
+            // Dispatch copies each kept token into its expert buffer: no arithmetic.
+            Op::MoeDispatch { .. } => (0, all_bytes),
+            // Combine: one multiply-add per kept assignment and model dimension.
+            Op::MoeCombine => (2 * input_numel(1) * output.shape.last().copied().unwrap_or(1) as u64, all_bytes),
+            Op::TopK { .. } => (input_numel(0), all_bytes),
+            Op::CumSum { .. } => (n_out, all_bytes),
+            Op::Resize { mode, .. } => {
+                let taps = match mode {
+                    ResizeMode::Bilinear => 4,
+                    ResizeMode::Bicubic => 16,
+                };
+                (2 * taps * n_out, all_bytes)
+            }
+            Op::Softmax { .. } => (5 * n_out, all_bytes),
+            Op::LayerNorm { .. } => (7 * n_out, all_bytes),
+            Op::RmsNorm { .. } => (4 * n_out, all_bytes),
+            Op::Attention(a) => {
+                let dim = |i: usize, d: usize| inputs.get(i).and_then(|t| t.shape.get(d)).copied().unwrap_or(0);
+                let (b, sq, hq, d) = (dim(0, 0), dim(0, 1), dim(0, 2), dim(0, 3));
+                let (sk, dv) = (dim(1, 1), dim(2, 3));
+                let per_pair = 2 * d as u64
+                    + 2 * dv as u64
+                    + 1
+                    + 5
+                    + if a.softcap.is_some() { 3 } else { 0 }
+                    + if a.mask == MaskKind::Additive { 1 } else { 0 };
+                ((b * hq) as u64 * crate::cost::attended_pairs(a.mask, sq, sk) * per_pair, all_bytes)
+            }
+        };
+        Cost { flops, bytes }
     }
 
     /// Whether the node is a source (no inputs, value known before any step runs).
@@ -306,29 +395,9 @@ impl Op {
             Op::Select => vec![Instr::Input(0), Instr::Input(1), Instr::Input(2), Instr::Select(0, 1, 2)],
             Op::Broadcast { .. } | Op::Cast { .. } => vec![Instr::Input(0)],
             Op::Fused(e) => return Some(e.clone()),
-            Op::Input { .. }
-            | Op::Weight { .. }
-            | Op::Constant { .. }
-            | Op::Iota { .. }
-            | Op::Reduce { .. }
-            | Op::MatMul { .. }
-            | Op::Reshape { .. }
-            | Op::Permute { .. }
-            | Op::Slice { .. }
-            | Op::Concat { .. }
-            | Op::Gather { .. }
-            | Op::TakeAlongAxis { .. }
-            | Op::ScatterAdd { .. }
-            | Op::TopK { .. }
-            | Op::CumSum { .. }
-            | Op::Resize { .. }
-            | Op::Softmax { .. }
-            | Op::LayerNorm { .. }
-            | Op::RmsNorm { .. }
-            | Op::Attention(_)
-            | Op::MoeDispatch { .. }
-            | Op::MoeCombine
-            | Op::WriteSlice { .. } => return None,
+            // Every other op is not elementwise. A new op forgotten here is not computed wrongly:
+            // each backend's exhaustive kernel choice must still handle it.
+            _ => return None,
         };
         Some(Expr { instrs })
     }
