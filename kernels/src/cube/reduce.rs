@@ -5,12 +5,21 @@
 use super::strided_index;
 use super::typed::{self, Repr, Src};
 use cubecl::prelude::*;
-use kiln_graph::ReduceOp;
+
+/// What a [`reduce`] launch folds the reduced elements with.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReduceKind {
+    Sum,
+    /// The sum divided by the count.
+    Mean,
+    Max,
+    Min,
+}
 
 /// What varies the code of a [`reduce`] launch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ReduceCfg {
-    pub op: ReduceOp,
+    pub op: ReduceKind,
     /// Rank of the kept and of the reduced axes (each at least 1; size-1 axes pad them).
     pub kept_rank: usize,
     pub red_rank: usize,
@@ -34,19 +43,19 @@ pub fn reduce<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
             let i = base + strided_index(meta, j, comptime!(4 + 2 * kr), comptime!(4 + 2 * kr + rr), rr);
             let v = typed::read::<F>(arena, weights, i, cfg.x);
             match comptime!(cfg.op) {
-                ReduceOp::Sum | ReduceOp::Mean => {
+                ReduceKind::Sum | ReduceKind::Mean => {
                     acc += v;
                 }
-                ReduceOp::Max => {
+                ReduceKind::Max => {
                     acc = F::max(acc, v);
                 }
-                ReduceOp::Min => {
+                ReduceKind::Min => {
                     acc = F::min(acc, v);
                 }
             }
         }
         match comptime!(cfg.op) {
-            ReduceOp::Mean => {
+            ReduceKind::Mean => {
                 acc /= F::cast_from(r as u32);
             }
             _ => {}

@@ -2,12 +2,13 @@
 //! the generated kernel) and its metadata block (sizes, offsets, strides) in the shared
 //! `u32` buffer.
 
+use super::expr::{instrs, reduce_kind};
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Entry, Operand, Slot, Step};
 use kiln_graph::{DType, MaskKind, Op, ResizeMode};
 use kiln_kernels::cube::index::{CastCfg, CumsumCfg, GatherCfg, MoeCfg, ScatterCfg};
 use kiln_kernels::cube::reduce::ReduceCfg;
-use kiln_kernels::cube::{expr::instrs, AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
+use kiln_kernels::cube::{AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
 
 /// One kernel launch, with where its metadata block starts (in `u32`s) and its length.
 #[derive(Clone, Debug)]
@@ -346,7 +347,7 @@ fn lower_step(s: &Step, woff: &[usize], coff: &[usize], meta: &mut Vec<u32>) -> 
             b.push(0);
             b.extend(rst.iter().map(|&d| u(d)).collect::<Result<Vec<_>, _>>()?);
             let (at, len) = push(meta, b);
-            let cfg = ReduceCfg { op: *op, kept_rank: ks.len(), red_rank: rs.len(), x, out: word_out(&s.output)? };
+            let cfg = ReduceCfg { op: reduce_kind(*op), kept_rank: ks.len(), red_rank: rs.len(), x, out: word_out(&s.output)? };
             vec![Launch::Reduce { cfg, n, meta: at, len }]
         }
         Op::Cast { to } => {

@@ -5,6 +5,7 @@
 
 mod index;
 
+use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, EpilogueKind};
 use kiln_graph::dtype::broadcast_strides;
 use kiln_graph::program::{Operand, Program, Slot, Step};
@@ -231,7 +232,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
                     None => {
                         let mut ins = vec![out.dtype];
                         ins.extend(inputs[2..].iter().map(|t| t.dtype));
-                        format!("cublaslt.gemm_{t}{tb};{}", fused::kernel_name(e, &ins, out.dtype))
+                        format!("cublaslt.gemm_{t}{tb};{}", codegen::kernel_name(e, &ins, out.dtype))
                     }
                 },
             }
@@ -245,7 +246,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
                 return no("rank above 8");
             }
             let ins: Vec<DType> = inputs.iter().map(|t| t.dtype).collect();
-            fused::kernel_name(&e, &ins, out.dtype)
+            codegen::kernel_name(&e, &ins, out.dtype)
         }
         Op::LayerNorm { .. } => format!("layer_norm_{}", float_suffix(out.dtype)?),
         Op::RmsNorm { .. } => format!("rms_norm_{}", float_suffix(out.dtype)?),
@@ -308,7 +309,7 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                     None => continue,
                 },
             };
-            let (name, source) = fused::source(&expr, &ins, s.output.ty.dtype)?;
+            let (name, source) = codegen::source(&expr, &ins, s.output.ty.dtype)?;
             if !out.iter().any(|r| r.name == name) {
                 out.push(Region { name, source });
             }
@@ -324,7 +325,7 @@ fn launch<T: Copy>(module: &str, kernel: String, grid: (u32, u32, u32), block: u
 /// A fused elementwise launch writing `out` from `ins` (each broadcast to `out`'s shape).
 fn fused_launch(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType)) -> Result<Work, String> {
     let dtypes: Vec<DType> = ins.iter().map(|(_, t)| t.dtype).collect();
-    let name = fused::kernel_name(e, &dtypes, out.1.dtype);
+    let name = codegen::kernel_name(e, &dtypes, out.1.dtype);
     let shape = if out.1.shape.is_empty() { vec![1] } else { out.1.shape.clone() };
     if shape.len() > MAX_RANK || ins.len() > fused::MAX_INPUTS {
         return Err("fused region beyond rank 8 or 16 inputs".into());
