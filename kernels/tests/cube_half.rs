@@ -8,8 +8,8 @@
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use half::{bf16, f16};
-use kiln_graph::{BinaryOp, Expr, Instr, UnaryOp};
-use kiln_kernels::cube::{expr::instrs, fused, FusedCfg, Repr, Src};
+use kiln_kernels::cube::expr::{KBinary, KInstr, KUnary};
+use kiln_kernels::cube::{fused, FusedCfg, Repr, Src};
 
 fn client() -> ComputeClient<WgpuRuntime> {
     std::panic::catch_unwind(|| WgpuRuntime::client(&Default::default()))
@@ -32,16 +32,14 @@ fn half_precision_support_on_wgpu() {
     let n = 1000usize;
     let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.618).fract() * 6.0 - 3.0).collect();
     let w: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.377).fract() * 2.0 - 1.0).collect();
-    let e = Expr {
-        instrs: vec![
-            Instr::Input(0),
-            Instr::Unary(UnaryOp::GeluTanh, 0),
-            Instr::Input(1),
-            Instr::Binary(BinaryOp::Mul, 1, 2),
-            Instr::Const(0.5),
-            Instr::Binary(BinaryOp::Add, 3, 4),
-        ],
-    };
+    let code = vec![
+        KInstr::Input(0),
+        KInstr::Unary(KUnary::GeluTanh, 0),
+        KInstr::Input(1),
+        KInstr::Binary(KBinary::Mul, 1, 2),
+        KInstr::Const(0.5f32.to_bits()),
+        KInstr::Binary(KBinary::Add, 3, 4),
+    ];
     let arena: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).chain((0..n).map(|_| f16::ZERO)).collect();
     let weights: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
     // Meta: [n, out_off, shape, x (off, stride), w (off, stride)].
@@ -49,7 +47,7 @@ fn half_precision_support_on_wgpu() {
     let ah = c.create_from_slice(f16::as_bytes(&arena));
     let wh = c.create_from_slice(f16::as_bytes(&weights));
     let mh = c.create_from_slice(u32::as_bytes(&meta));
-    let cfg = FusedCfg { code: instrs(&e), srcs: vec![Src::float(true), Src::float(false)], rank: 1, out: Repr::Float, out_bool: false };
+    let cfg = FusedCfg { code, srcs: vec![Src::float(true), Src::float(false)], rank: 1, out: Repr::Float, out_bool: false };
     // SAFETY: the buffers hold 2n, n and 7 elements, as the metadata says.
     unsafe {
         fused::launch_unchecked::<f16, WgpuRuntime>(

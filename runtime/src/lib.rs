@@ -7,6 +7,7 @@ pub mod cube;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod geometry;
 mod kernel_enum;
 pub mod session;
 #[cfg(any(feature = "cube", feature = "cuda"))]

@@ -6,30 +6,65 @@
 #![allow(clippy::needless_range_loop)]
 
 use cubecl::prelude::*;
-use kiln_graph::{BinaryOp, Expr, Instr, UnaryOp};
 
-/// One instruction as a comptime value (the constant kept as bits so the list hashes).
+/// A unary operation of a region (the compiler translates its own operations to these).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum KInstr {
-    Input(u32),
-    Const(u32),
-    Unary(UnaryOp, u32),
-    Binary(BinaryOp, u32, u32),
-    Select(u32, u32, u32),
+pub enum KUnary {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Tanh,
+    Sigmoid,
+    Erf,
+    Sin,
+    Cos,
+    Floor,
+    Relu,
+    GeluTanh,
+    GeluErf,
+    Silu,
+    Softplus,
+    /// 1 where the input is 0, else 0.
+    Not,
 }
 
-/// The comptime form of an [`Expr`].
-pub fn instrs(e: &Expr) -> Vec<KInstr> {
-    e.instrs
-        .iter()
-        .map(|i| match *i {
-            Instr::Input(k) => KInstr::Input(k as u32),
-            Instr::Const(c) => KInstr::Const(c.to_bits()),
-            Instr::Unary(op, a) => KInstr::Unary(op, a as u32),
-            Instr::Binary(op, a, b) => KInstr::Binary(op, a as u32, b as u32),
-            Instr::Select(c, a, b) => KInstr::Select(c as u32, a as u32, b as u32),
-        })
-        .collect()
+/// A binary operation of a region; comparisons and logic give 1.0 / 0.0.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum KBinary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+/// One instruction as a comptime value (the constant kept as bits so the list hashes). Value
+/// `i` of a region is the result of instruction `i`; operands name earlier values.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum KInstr {
+    /// The region's input `k`.
+    Input(u32),
+    /// An f32 constant, as its bits.
+    Const(u32),
+    Unary(KUnary, u32),
+    Binary(KBinary, u32, u32),
+    /// `c != 0 ? a : b`.
+    Select(u32, u32, u32),
 }
 
 /// Booleans are 1.0 / 0.0 inside a region.
@@ -39,55 +74,55 @@ fn truth<F: Float>(c: bool) -> F {
 }
 
 #[cube]
-fn unary<F: Float>(x: F, #[comptime] op: UnaryOp) -> F {
+fn unary<F: Float>(x: F, #[comptime] op: KUnary) -> F {
     match comptime!(op) {
-        UnaryOp::Neg => -x,
-        UnaryOp::Abs => F::abs(x),
-        UnaryOp::Exp => F::exp(x),
-        UnaryOp::Log => F::ln(x),
-        UnaryOp::Sqrt => F::sqrt(x),
-        UnaryOp::Rsqrt => F::new(1.0) / F::sqrt(x),
-        UnaryOp::Recip => F::new(1.0) / x,
-        UnaryOp::Square => x * x,
-        UnaryOp::Tanh => F::tanh(x),
-        UnaryOp::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(-x)),
-        UnaryOp::Erf => F::erf(x),
-        UnaryOp::Sin => F::sin(x),
-        UnaryOp::Cos => F::cos(x),
-        UnaryOp::Floor => F::floor(x),
-        UnaryOp::Relu => F::max(x, F::new(0.0)),
-        UnaryOp::GeluTanh => {
+        KUnary::Neg => -x,
+        KUnary::Abs => F::abs(x),
+        KUnary::Exp => F::exp(x),
+        KUnary::Log => F::ln(x),
+        KUnary::Sqrt => F::sqrt(x),
+        KUnary::Rsqrt => F::new(1.0) / F::sqrt(x),
+        KUnary::Recip => F::new(1.0) / x,
+        KUnary::Square => x * x,
+        KUnary::Tanh => F::tanh(x),
+        KUnary::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(-x)),
+        KUnary::Erf => F::erf(x),
+        KUnary::Sin => F::sin(x),
+        KUnary::Cos => F::cos(x),
+        KUnary::Floor => F::floor(x),
+        KUnary::Relu => F::max(x, F::new(0.0)),
+        KUnary::GeluTanh => {
             let inner = F::new(0.7978846) * (x + F::new(0.044715) * x * x * x);
             F::new(0.5) * x * (F::new(1.0) + F::tanh(inner))
         }
-        UnaryOp::GeluErf => F::new(0.5) * x * (F::new(1.0) + F::erf(x * F::new(0.70710677))),
-        UnaryOp::Silu => x / (F::new(1.0) + F::exp(-x)),
-        UnaryOp::Softplus => {
+        KUnary::GeluErf => F::new(0.5) * x * (F::new(1.0) + F::erf(x * F::new(0.70710677))),
+        KUnary::Silu => x / (F::new(1.0) + F::exp(-x)),
+        KUnary::Softplus => {
             // log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|)).
             F::max(x, F::new(0.0)) + F::ln(F::new(1.0) + F::exp(-F::abs(x)))
         }
-        UnaryOp::Not => truth::<F>(x == F::new(0.0)),
+        KUnary::Not => truth::<F>(x == F::new(0.0)),
     }
 }
 
 #[cube]
-fn binary<F: Float>(a: F, b: F, #[comptime] op: BinaryOp) -> F {
+fn binary<F: Float>(a: F, b: F, #[comptime] op: KBinary) -> F {
     match comptime!(op) {
-        BinaryOp::Add => a + b,
-        BinaryOp::Sub => a - b,
-        BinaryOp::Mul => a * b,
-        BinaryOp::Div => a / b,
-        BinaryOp::Max => F::max(a, b),
-        BinaryOp::Min => F::min(a, b),
-        BinaryOp::Pow => F::powf(a, b),
-        BinaryOp::Eq => truth::<F>(a == b),
-        BinaryOp::Ne => truth::<F>(a != b),
-        BinaryOp::Lt => truth::<F>(a < b),
-        BinaryOp::Le => truth::<F>(a <= b),
-        BinaryOp::Gt => truth::<F>(a > b),
-        BinaryOp::Ge => truth::<F>(a >= b),
-        BinaryOp::And => truth::<F>(a != F::new(0.0) && b != F::new(0.0)),
-        BinaryOp::Or => truth::<F>(a != F::new(0.0) || b != F::new(0.0)),
+        KBinary::Add => a + b,
+        KBinary::Sub => a - b,
+        KBinary::Mul => a * b,
+        KBinary::Div => a / b,
+        KBinary::Max => F::max(a, b),
+        KBinary::Min => F::min(a, b),
+        KBinary::Pow => F::powf(a, b),
+        KBinary::Eq => truth::<F>(a == b),
+        KBinary::Ne => truth::<F>(a != b),
+        KBinary::Lt => truth::<F>(a < b),
+        KBinary::Le => truth::<F>(a <= b),
+        KBinary::Gt => truth::<F>(a > b),
+        KBinary::Ge => truth::<F>(a >= b),
+        KBinary::And => truth::<F>(a != F::new(0.0) && b != F::new(0.0)),
+        KBinary::Or => truth::<F>(a != F::new(0.0) || b != F::new(0.0)),
     }
 }
 

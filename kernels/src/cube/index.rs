@@ -3,6 +3,7 @@
 //! word, for a byte output) that reads what it needs, so no kernel races or needs atomics:
 //! scatter-add and dispatch gather their contributions instead of scattering them.
 
+use super::params::{CastParams, GatherParams, IotaParams, LineParams, MoeCombineParams, MoeDispatchParams, ScatterParams, TopkParams};
 use super::typed::{self, Repr, Src};
 use cubecl::prelude::*;
 
@@ -17,12 +18,12 @@ pub struct CastCfg {
     pub trunc: bool,
 }
 
-/// Converts element types. Meta: `[n, x_off, out_off]`.
+/// Converts element types. Meta: [`CastParams`].
 #[cube(launch_unchecked)]
 pub fn cast<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CastCfg) {
-    let n = meta[0] as usize;
-    let x0 = meta[1] as usize;
-    let out = meta[2] as usize;
+    let n = meta[CastParams::N] as usize;
+    let x0 = meta[CastParams::X_OFF] as usize;
+    let out = meta[CastParams::OUT_OFF] as usize;
     match comptime!(cfg.out) {
         Repr::Byte => {
             let w = ABSOLUTE_POS;
@@ -51,7 +52,7 @@ pub fn cast<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32
     }
 }
 
-/// `start + step * (position along the axis)`. Meta: `[n, len, inner, out_off]`.
+/// `start + step * (position along the axis)`. Meta: [`IotaParams`].
 #[cube(launch_unchecked)]
 pub fn iota<F: Float>(
     arena: &mut Array<F>,
@@ -60,15 +61,15 @@ pub fn iota<F: Float>(
     #[comptime] step_bits: u32,
     #[comptime] out: Repr,
 ) {
-    let n = meta[0] as usize;
+    let n = meta[IotaParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let len = meta[1] as usize;
-        let inner = meta[2] as usize;
+        let len = meta[IotaParams::LEN_AXIS] as usize;
+        let inner = meta[IotaParams::INNER] as usize;
         let start = F::new(comptime!(f32::from_bits(start_bits)));
         let step = F::new(comptime!(f32::from_bits(step_bits)));
         let v = start + step * F::cast_from(((o / inner) % len) as u32);
-        let off = meta[3] as usize;
+        let off = meta[IotaParams::OUT_OFF] as usize;
         typed::write::<F>(arena, off + o, v, out);
     }
 }
@@ -84,46 +85,46 @@ pub struct GatherCfg {
     pub out: Repr,
 }
 
-/// `out[o, j, i] = x[o, idx[..], i]`. Meta: `[n, mid, inner, x_len, x_off, idx_off, out_off]`
-/// where the output is `[outer, mid, inner]`.
+/// `out[o, j, i] = x[o, idx[..], i]`. Meta: [`GatherParams`] (the output `[outer, rows,
+/// inner]`, x `[outer, len, inner]`).
 #[cube(launch_unchecked)]
 pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
-    let n = meta[0] as usize;
+    let n = meta[GatherParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let mid = meta[1] as usize;
-        let inner = meta[2] as usize;
-        let x_len = meta[3] as usize;
+        let mid = meta[GatherParams::ROWS] as usize;
+        let inner = meta[GatherParams::INNER] as usize;
+        let x_len = meta[GatherParams::LEN_AXIS] as usize;
         let outer = o / (mid * inner);
         let mut at = (o / inner) % mid;
         if comptime!(cfg.along) {
             at = o;
         }
-        let j = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize + at, cfg.idx)) as usize;
-        let x = typed::read::<F>(arena, weights, meta[4] as usize + (outer * x_len + j) * inner + o % inner, cfg.x);
-        let out = meta[6] as usize;
+        let j = u32::cast_from(typed::read::<F>(arena, weights, meta[GatherParams::IDX_OFF] as usize + at, cfg.idx)) as usize;
+        let x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + (outer * x_len + j) * inner + o % inner, cfg.x);
+        let out = meta[GatherParams::OUT_OFF] as usize;
         typed::write::<F>(arena, out + o, x, cfg.out);
     }
 }
 
 /// `out[o, at + j, i] = x[o, j, i]` with `at` read from `idx[0]` (a KV-cache row written in
-/// place): one unit per element of `x`. Meta: `[n, rows, inner, len, x_off, idx_off,
-/// out_off]` for `x [outer, rows, inner]` and `out [outer, len, inner]`. A position that does
-/// not fit writes nothing (the interpreter reports it; this kernel has no error channel).
+/// place): one unit per element of `x`. Meta: [`GatherParams`] for `x [outer, rows, inner]`
+/// and `out [outer, len, inner]`. A position that does not fit writes nothing (the
+/// interpreter reports it; this kernel has no error channel).
 #[cube(launch_unchecked)]
 pub fn write_rows<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
-    let n = meta[0] as usize;
+    let n = meta[GatherParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let rows = meta[1] as usize;
-        let inner = meta[2] as usize;
-        let len = meta[3] as usize;
-        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize, cfg.idx)) as usize;
+        let rows = meta[GatherParams::ROWS] as usize;
+        let inner = meta[GatherParams::INNER] as usize;
+        let len = meta[GatherParams::LEN_AXIS] as usize;
+        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[GatherParams::IDX_OFF] as usize, cfg.idx)) as usize;
         if at + rows <= len {
             let outer = o / (rows * inner);
             let j = (o / inner) % rows;
-            let x = typed::read::<F>(arena, weights, meta[4] as usize + o, cfg.x);
-            let out = meta[6] as usize;
+            let x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + o, cfg.x);
+            let out = meta[GatherParams::OUT_OFF] as usize;
             typed::write::<F>(arena, out + (outer * len + at + j) * inner + o % inner, x, cfg.out);
         }
     }
@@ -139,45 +140,45 @@ pub struct ScatterCfg {
 }
 
 /// `out = base; out[o, idx[o, j, i], i] += src[o, j, i]`, each output element summing the
-/// entries that name it (in index order, so the sum is deterministic). Meta: `[n, len, inner,
-/// idx_len, base_off, idx_off, src_off, out_off]` for a `[outer, len, inner]` output.
+/// entries that name it (in index order, so the sum is deterministic). Meta:
+/// [`ScatterParams`] for a `[outer, len, inner]` output.
 #[cube(launch_unchecked)]
 pub fn scatter_add<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: ScatterCfg) {
-    let n = meta[0] as usize;
+    let n = meta[ScatterParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let len = meta[1] as usize;
-        let inner = meta[2] as usize;
-        let ilen = meta[3] as usize;
+        let len = meta[ScatterParams::LEN_AXIS] as usize;
+        let inner = meta[ScatterParams::INNER] as usize;
+        let ilen = meta[ScatterParams::IDX_LEN] as usize;
         let outer = o / (len * inner);
         let t = (o / inner) % len;
         let i = o % inner;
-        let mut acc = typed::read::<F>(arena, weights, meta[4] as usize + o, cfg.base);
+        let mut acc = typed::read::<F>(arena, weights, meta[ScatterParams::BASE_OFF] as usize + o, cfg.base);
         for j in 0..ilen {
             let e = (outer * ilen + j) * inner + i;
-            let target = u32::cast_from(typed::read::<F>(arena, weights, meta[5] as usize + e, cfg.idx)) as usize;
+            let target = u32::cast_from(typed::read::<F>(arena, weights, meta[ScatterParams::IDX_OFF] as usize + e, cfg.idx)) as usize;
             if target == t {
-                acc += typed::read::<F>(arena, weights, meta[6] as usize + e, cfg.src);
+                acc += typed::read::<F>(arena, weights, meta[ScatterParams::SRC_OFF] as usize + e, cfg.src);
             }
         }
-        let out = meta[7] as usize;
+        let out = meta[ScatterParams::OUT_OFF] as usize;
         typed::write::<F>(arena, out + o, acc, cfg.out);
     }
 }
 
 /// Top-k indices along the last axis by rank: the unit of element `j` counts the elements
 /// ahead of it (larger, or equal at a lower index) and, if fewer than `k`, writes `j` at that
-/// rank. Meta: `[n, d, k, x_off, out_off]` (`n = rows * d`).
+/// rank. Meta: [`TopkParams`].
 #[cube(launch_unchecked)]
 pub fn topk<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] x: Src, #[comptime] out: Repr) {
-    let n = meta[0] as usize;
+    let n = meta[TopkParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let d = meta[1] as usize;
-        let k = meta[2] as usize;
+        let d = meta[TopkParams::D] as usize;
+        let k = meta[TopkParams::K] as usize;
         let row = o / d;
         let j = o % d;
-        let x0 = meta[3] as usize + row * d;
+        let x0 = meta[TopkParams::X_OFF] as usize + row * d;
         let v = typed::read::<F>(arena, weights, x0 + j, x);
         let mut rank = 0usize;
         for e in 0..d {
@@ -187,7 +188,7 @@ pub fn topk<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32
             }
         }
         if rank < k {
-            let dst = meta[4] as usize + row * k + rank;
+            let dst = meta[TopkParams::OUT_OFF] as usize + row * k + rank;
             typed::write::<F>(arena, dst, F::cast_from(j as u32), out);
         }
     }
@@ -201,18 +202,17 @@ pub struct CumsumCfg {
     pub out: Repr,
 }
 
-/// Running sum along an axis of stride `inner`, one unit per line. Meta: `[lines, len, inner,
-/// x_off, out_off]`.
+/// Running sum along an axis of stride `inner`, one unit per line. Meta: [`LineParams`].
 #[cube(launch_unchecked)]
 pub fn cumsum<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CumsumCfg) {
-    let lines = meta[0] as usize;
+    let lines = meta[LineParams::LINES] as usize;
     let line = ABSOLUTE_POS;
     if line < lines {
-        let len = meta[1] as usize;
-        let inner = meta[2] as usize;
+        let len = meta[LineParams::LEN_AXIS] as usize;
+        let inner = meta[LineParams::INNER] as usize;
         let start = (line / inner) * len * inner + line % inner;
-        let x0 = meta[3] as usize + start;
-        let o0 = meta[4] as usize + start;
+        let x0 = meta[LineParams::X_OFF] as usize + start;
+        let o0 = meta[LineParams::OUT_OFF] as usize + start;
         let mut acc = F::new(0.0);
         for j in 0..len {
             let v = typed::read::<F>(arena, weights, x0 + j * inner, cfg.x);
@@ -236,50 +236,53 @@ pub struct MoeCfg {
     pub w_in_arena: bool,
 }
 
-/// Dispatch: `out[r, c] = sum over (t, k) with slot[t, k] == r of x[t, c]`. Meta: `[n, d,
-/// assignments (T K), k, x_off, slot_off, out_off]` (`n = rows * d`).
+/// Dispatch: `out[r, c] = sum over (t, k) with slot[t, k] == r of x[t, c]`. Meta:
+/// [`MoeDispatchParams`].
 #[cube(launch_unchecked)]
 pub fn moe_dispatch<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MoeCfg) {
-    let n = meta[0] as usize;
+    let n = meta[MoeDispatchParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let d = meta[1] as usize;
-        let tk = meta[2] as usize;
-        let kk = meta[3] as usize;
+        let d = meta[MoeDispatchParams::D] as usize;
+        let tk = meta[MoeDispatchParams::ASSIGNMENTS] as usize;
+        let kk = meta[MoeDispatchParams::K] as usize;
         let r = F::cast_from((o / d) as u32);
         let c = o % d;
         let mut acc = F::new(0.0);
         for a in 0..tk {
-            if typed::read::<F>(arena, weights, meta[5] as usize + a, cfg.slot) == r {
-                acc += typed::read::<F>(arena, weights, meta[4] as usize + (a / kk) * d + c, comptime!(Src::float(cfg.x_in_arena)));
+            if typed::read::<F>(arena, weights, meta[MoeDispatchParams::SLOT_OFF] as usize + a, cfg.slot) == r {
+                let x = meta[MoeDispatchParams::X_OFF] as usize + (a / kk) * d + c;
+                acc += typed::read::<F>(arena, weights, x, comptime!(Src::float(cfg.x_in_arena)));
             }
         }
-        let out = meta[6] as usize;
+        let out = meta[MoeDispatchParams::OUT_OFF] as usize;
         arena[out + o] = acc;
     }
 }
 
-/// Combine: `out[t, c] = sum_k w[t, k] y[slot[t, k], c]` over `slot >= 0`. Meta: `[n, d, k,
-/// y_off, slot_off, w_off, out_off]` (`n = T * d`).
+/// Combine: `out[t, c] = sum_k w[t, k] y[slot[t, k], c]` over `slot >= 0`. Meta:
+/// [`MoeCombineParams`].
 #[cube(launch_unchecked)]
 pub fn moe_combine<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MoeCfg) {
-    let n = meta[0] as usize;
+    let n = meta[MoeCombineParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let d = meta[1] as usize;
-        let kk = meta[2] as usize;
+        let d = meta[MoeCombineParams::D] as usize;
+        let kk = meta[MoeCombineParams::K] as usize;
         let t = o / d;
         let c = o % d;
         let mut acc = F::new(0.0);
         for j in 0..kk {
-            let s = typed::read::<F>(arena, weights, meta[4] as usize + t * kk + j, cfg.slot);
+            let s = typed::read::<F>(arena, weights, meta[MoeCombineParams::SLOT_OFF] as usize + t * kk + j, cfg.slot);
             if s >= F::new(0.0) {
                 let r = u32::cast_from(s) as usize;
-                let w = typed::read::<F>(arena, weights, meta[5] as usize + t * kk + j, comptime!(Src::float(cfg.w_in_arena)));
-                acc += w * typed::read::<F>(arena, weights, meta[3] as usize + r * d + c, comptime!(Src::float(cfg.x_in_arena)));
+                let w_at = meta[MoeCombineParams::W_OFF] as usize + t * kk + j;
+                let w = typed::read::<F>(arena, weights, w_at, comptime!(Src::float(cfg.w_in_arena)));
+                let y_at = meta[MoeCombineParams::Y_OFF] as usize + r * d + c;
+                acc += w * typed::read::<F>(arena, weights, y_at, comptime!(Src::float(cfg.x_in_arena)));
             }
         }
-        let out = meta[6] as usize;
+        let out = meta[MoeCombineParams::OUT_OFF] as usize;
         arena[out + o] = acc;
     }
 }

@@ -7,7 +7,8 @@
 //! buffers every time and no step allocates. What varies the generated code (the fused
 //! expression, which buffer an operand is in, the rank, head dims) is a comptime value.
 //!
-//! Metadata layouts are documented on each kernel and built by `kiln-runtime`'s cube backend.
+//! Each metadata block is a typed struct of [`params`], which the compiler (`kiln-runtime`'s
+//! cube backend) packs and the kernel reads at the slots declared beside the struct.
 
 // `#[cube]` code indexes in unrolled comptime loops and matches on comptime values: the
 // iterator and `if let` forms clippy suggests are not what CubeCL's macro expands.
@@ -15,11 +16,13 @@
 
 pub mod expr;
 pub mod index;
+pub mod params;
 pub mod reduce;
 pub mod typed;
 
 use cubecl::prelude::*;
 pub use expr::KInstr;
+use params::{AttentionParams, CopyParams, FusedParams, MatmulParams, NormParams, ResizeParams};
 pub use typed::{Repr, Src};
 
 /// Units per cube of the 1-D kernels.
@@ -43,7 +46,7 @@ fn load<F: Float>(arena: &Array<F>, weights: &Array<F>, i: usize, #[comptime] in
 
 /// The offset of output element `o` in an operand broadcast (or strided) over a `rank`-axis
 /// shape: `meta[shape_at..]` holds the shape, `meta[at]` the operand's base offset and
-/// `meta[at + 1..]` its strides.
+/// `meta[at + 1..]` its strides (a [`params::Strided`]).
 #[cube]
 pub(crate) fn strided_index(meta: &Array<u32>, o: usize, shape_at: usize, at: usize, #[comptime] rank: usize) -> usize {
     let mut idx = meta[at] as usize;
@@ -66,16 +69,15 @@ pub struct CopyCfg {
 }
 
 /// Strided copy into the arena: permute, slice, broadcast, one input of a concat, and the
-/// upload of entry inputs. Meta: `[n, shape[rank], src_off, src_strides[rank], dst_off,
-/// dst_strides[rank]]`.
+/// upload of entry inputs. Meta: [`CopyParams`].
 #[cube(launch_unchecked)]
 pub fn copy<F: Float>(arena: &mut Array<F>, src: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CopyCfg) {
-    let n = meta[0] as usize;
+    let n = meta[CopyParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
         let rank = comptime!(cfg.rank);
-        let s = strided_index(meta, o, 1, 1 + rank, rank);
-        let d = strided_index(meta, o, 1, 2 + 2 * rank, rank);
+        let s = strided_index(meta, o, CopyParams::SHAPE, comptime!(CopyParams::src_at(rank)), rank);
+        let d = strided_index(meta, o, CopyParams::SHAPE, comptime!(CopyParams::dst_at(rank)), rank);
         arena[d] = load::<F>(arena, src, s, cfg.src_in_arena);
     }
 }
@@ -100,20 +102,18 @@ fn fused_at<F: Float>(arena: &Array<F>, weights: &Array<F>, meta: &Array<u32>, o
     let mut ins = Sequence::<F>::new();
     #[unroll]
     for k in 0..cfg.srcs.len() {
-        let at = 2 + rank + k * (rank + 1);
-        let i = strided_index(meta, o, 2, at, rank);
+        let i = strided_index(meta, o, FusedParams::SHAPE, comptime!(FusedParams::input_at(rank, k)), rank);
         ins.push(typed::read::<F>(arena, weights, i, comptime!(cfg.srcs[k])));
     }
     expr::eval::<F>(&ins, comptime!(cfg.code.clone()))
 }
 
 /// A fused elementwise region, one unit per output element (per four, for a byte output).
-/// Meta: `[n, out_off, shape[rank], per input (off, strides[rank])]`, offsets in each
-/// operand's element units.
+/// Meta: [`FusedParams`], offsets in each operand's element units.
 #[cube(launch_unchecked)]
 pub fn fused<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: FusedCfg) {
-    let n = meta[0] as usize;
-    let out = meta[1] as usize;
+    let n = meta[FusedParams::N] as usize;
+    let out = meta[FusedParams::OUT_OFF] as usize;
     match comptime!(cfg.out) {
         Repr::Byte => {
             let w = ABSOLUTE_POS;
@@ -152,15 +152,13 @@ pub struct MatmulCfg {
 }
 
 /// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
-/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: `[m, n, k, out_off, out
-/// shape[rank], a (off, batch strides[rank - 2]), b (off, batch strides[rank - 2]), per
-/// epilogue input (off, strides[rank])]`; a batch stride of 0 broadcasts that operand. `b` is
-/// `[k, n]`, or `[n, k]` with `transpose_b`.
+/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: [`MatmulParams`]; a batch
+/// stride of 0 broadcasts that operand. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
 #[cube(launch_unchecked)]
 pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MatmulCfg) {
-    let m = meta[0] as usize;
-    let n = meta[1] as usize;
-    let k = meta[2] as usize;
+    let m = meta[MatmulParams::M] as usize;
+    let n = meta[MatmulParams::N] as usize;
+    let k = meta[MatmulParams::K] as usize;
     let rank = comptime!(cfg.rank);
     let brank = comptime!(cfg.rank - 2);
     let tile = comptime!(TILE as usize);
@@ -169,8 +167,8 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
     let row = CUBE_POS_Y as usize * tile + ty;
     let col = CUBE_POS_X as usize * tile + tx;
     let batch = CUBE_POS_Z as usize;
-    let a0 = strided_index(meta, batch, 4, comptime!(4 + rank), brank);
-    let b0 = strided_index(meta, batch, 4, comptime!(4 + rank + brank + 1), brank);
+    let a0 = strided_index(meta, batch, MatmulParams::SHAPE, comptime!(MatmulParams::a_at(rank)), brank);
+    let b0 = strided_index(meta, batch, MatmulParams::SHAPE, comptime!(MatmulParams::b_at(rank)), brank);
     let mut a_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut b_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut acc = F::new(0.0);
@@ -201,7 +199,7 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
     }
     if row < m && col < n {
         let o = (batch * m + row) * n + col;
-        let out = meta[3] as usize + o;
+        let out = meta[MatmulParams::OUT_OFF] as usize + o;
         match comptime!(cfg.epilogue.clone()) {
             Some((code, in_arena)) => {
                 let rank = comptime!(cfg.rank);
@@ -209,8 +207,7 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                 ins.push(acc);
                 #[unroll]
                 for j in 0..in_arena.len() {
-                    let at = 4 + rank + 2 * (rank - 1) + j * (rank + 1);
-                    let i = strided_index(meta, o, 4, at, rank);
+                    let i = strided_index(meta, o, MatmulParams::SHAPE, comptime!(MatmulParams::epilogue_at(rank, j)), rank);
                     ins.push(load::<F>(arena, weights, i, comptime!(in_arena[j])));
                 }
                 arena[out] = expr::eval::<F>(&ins, code);
@@ -267,15 +264,15 @@ fn cube_reduce<F: Float>(v: F, #[comptime] is_max: bool) -> F {
 }
 
 /// Layer norm, RMS norm or softmax over the last axis, one cube (BLOCK units) per row. Meta:
-/// `[rows, d, x_off, w_off, b_off, out_off]`.
+/// [`NormParams`].
 #[cube(launch_unchecked)]
 pub fn norm<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: NormCfg) {
-    let d = meta[1] as usize;
+    let d = meta[NormParams::D] as usize;
     let row = CUBE_POS_X as usize;
-    let x0 = meta[2] as usize + row * d;
-    let out0 = meta[5] as usize + row * d;
-    let w0 = meta[3] as usize;
-    let b0 = meta[4] as usize;
+    let x0 = meta[NormParams::X_OFF] as usize + row * d;
+    let out0 = meta[NormParams::OUT_OFF] as usize + row * d;
+    let w0 = meta[NormParams::W_OFF] as usize;
+    let b0 = meta[NormParams::B_OFF] as usize;
     let u = UNIT_POS as usize;
     let step = comptime!(BLOCK as usize);
     let eps = F::new(comptime!(f32::from_bits(cfg.eps_bits)));
@@ -382,13 +379,13 @@ pub struct AttentionCfg {
 /// row; key and value tiles of ATT_BK rows are staged in shared memory and every unit folds
 /// them into its row with an online softmax, so no score matrix is written. Grouped-query:
 /// query head `h` reads key head `h / (hq / hkv)`. Cube `(ceil(sq/ATT_BQ), hq, batch)`. Meta:
-/// `[sq, sk, hq, hkv, q_off, k_off, v_off, out_off, mask_off, q_offset, window]`.
+/// [`AttentionParams`].
 #[cube(launch_unchecked)]
 pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: AttentionCfg) {
-    let sq = meta[0] as usize;
-    let sk = meta[1] as usize;
-    let hq = meta[2] as usize;
-    let hkv = meta[3] as usize;
+    let sq = meta[AttentionParams::SQ] as usize;
+    let sk = meta[AttentionParams::SK] as usize;
+    let hq = meta[AttentionParams::HQ] as usize;
+    let hkv = meta[AttentionParams::HKV] as usize;
     let d = comptime!(cfg.d);
     let dv = comptime!(cfg.dv);
     let bq = comptime!(ATT_BQ as usize);
@@ -398,14 +395,14 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
     let h = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let kh = h / (hq / hkv);
-    let q_offset = meta[9] as usize;
-    let window = meta[10] as usize;
+    let q_offset = meta[AttentionParams::Q_OFFSET] as usize;
+    let window = meta[AttentionParams::WINDOW] as usize;
     let scale = F::new(comptime!(f32::from_bits(cfg.scale_bits)));
 
     let mut q = Array::<F>::new(d);
     let mut acc = Array::<F>::new(dv);
     let live = i < sq;
-    let q0 = meta[4] as usize + ((b * sq + i) * hq + h) * d;
+    let q0 = meta[AttentionParams::Q_OFF] as usize + ((b * sq + i) * hq + h) * d;
     #[unroll]
     for c in 0..d {
         let mut x = F::new(0.0);
@@ -429,7 +426,12 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
             let j = t * bk + idx / d;
             let mut x = F::new(0.0);
             if j < sk {
-                x = load::<F>(arena, weights, meta[5] as usize + ((b * sk + j) * hkv + kh) * d + idx % d, comptime!(cfg.in_arena[1]));
+                x = load::<F>(
+                    arena,
+                    weights,
+                    meta[AttentionParams::K_OFF] as usize + ((b * sk + j) * hkv + kh) * d + idx % d,
+                    comptime!(cfg.in_arena[1]),
+                );
             }
             k_tile[idx] = x;
             idx += bq;
@@ -439,7 +441,12 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
             let j = t * bk + idx / dv;
             let mut x = F::new(0.0);
             if j < sk {
-                x = load::<F>(arena, weights, meta[6] as usize + ((b * sk + j) * hkv + kh) * dv + idx % dv, comptime!(cfg.in_arena[2]));
+                x = load::<F>(
+                    arena,
+                    weights,
+                    meta[AttentionParams::V_OFF] as usize + ((b * sk + j) * hkv + kh) * dv + idx % dv,
+                    comptime!(cfg.in_arena[2]),
+                );
             }
             v_tile[idx] = x;
             idx += bq;
@@ -475,7 +482,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
                     }
                     match comptime!(cfg.mask) {
                         AttMask::Additive { in_arena } => {
-                            s += load::<F>(arena, weights, meta[8] as usize + (b * sq + i) * sk + j, in_arena);
+                            s += load::<F>(arena, weights, meta[AttentionParams::MASK_OFF] as usize + (b * sq + i) * sk + j, in_arena);
                         }
                         _ => {}
                     }
@@ -497,7 +504,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
         sync_cube();
     }
     if live {
-        let o0 = meta[7] as usize + ((b * sq + i) * hq + h) * dv;
+        let o0 = meta[AttentionParams::OUT_OFF] as usize + ((b * sq + i) * hq + h) * dv;
         #[unroll]
         for c in 0..dv {
             let mut y = F::new(0.0);
@@ -564,21 +571,20 @@ fn tap_weight<F: Float>(src: F, q: usize, #[comptime] bicubic: bool) -> F {
     w
 }
 
-/// Resampling of the last two axes, one unit per output element. Meta: `[n, ih, iw, oh, ow,
-/// in_off, out_off]`.
+/// Resampling of the last two axes, one unit per output element. Meta: [`ResizeParams`].
 #[cube(launch_unchecked)]
 pub fn resize<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: ResizeCfg) {
-    let n = meta[0] as usize;
+    let n = meta[ResizeParams::N] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let ih = meta[1] as usize;
-        let iw = meta[2] as usize;
-        let oh = meta[3] as usize;
-        let ow = meta[4] as usize;
+        let ih = meta[ResizeParams::IH] as usize;
+        let iw = meta[ResizeParams::IW] as usize;
+        let oh = meta[ResizeParams::OH] as usize;
+        let ow = meta[ResizeParams::OW] as usize;
         let p = o / (oh * ow);
         let oy = (o / ow) % oh;
         let ox = o % ow;
-        let base = meta[5] as usize + p * ih * iw;
+        let base = meta[ResizeParams::X_OFF] as usize + p * ih * iw;
         let taps = comptime!(if cfg.bicubic { 4usize } else { 2usize });
         let sy = tap_src::<F>(oy, ih, oh, cfg.bicubic);
         let sx = tap_src::<F>(ox, iw, ow, cfg.bicubic);
@@ -592,7 +598,7 @@ pub fn resize<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                 s += wy * wx * load::<F>(arena, weights, base + yy * iw + xx, cfg.in_arena);
             }
         }
-        let out = meta[6] as usize;
+        let out = meta[ResizeParams::OUT_OFF] as usize;
         arena[out + o] = s;
     }
 }

@@ -2,15 +2,25 @@
 //! line, for softmax), reading the reduced elements through strides. The last-axis softmax of
 //! attention-free graphs goes to [`super::norm`], a cube per row.
 
+use super::params::{LineParams, ReduceParams};
 use super::strided_index;
 use super::typed::{self, Repr, Src};
 use cubecl::prelude::*;
-use kiln_graph::ReduceOp;
+
+/// What a [`reduce`] launch folds the reduced elements with.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReduceKind {
+    Sum,
+    /// The sum divided by the count.
+    Mean,
+    Max,
+    Min,
+}
 
 /// What varies the code of a [`reduce`] launch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ReduceCfg {
-    pub op: ReduceOp,
+    pub op: ReduceKind,
     /// Rank of the kept and of the reduced axes (each at least 1; size-1 axes pad them).
     pub kept_rank: usize,
     pub red_rank: usize,
@@ -18,56 +28,55 @@ pub struct ReduceCfg {
     pub out: Repr,
 }
 
-/// Meta: `[n_out, r, out_off, kept shape[kr], (x_off, kept strides[kr]), reduced shape[rr],
-/// (0, reduced strides[rr])]`.
+/// Meta: [`ReduceParams`].
 #[cube(launch_unchecked)]
 pub fn reduce<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: ReduceCfg) {
-    let n = meta[0] as usize;
+    let n = meta[ReduceParams::N_OUT] as usize;
     let o = ABSOLUTE_POS;
     if o < n {
-        let r = meta[1] as usize;
+        let r = meta[ReduceParams::REDUCED] as usize;
         let kr = comptime!(cfg.kept_rank);
         let rr = comptime!(cfg.red_rank);
-        let base = strided_index(meta, o, 3, comptime!(3 + kr), kr);
+        let base = strided_index(meta, o, ReduceParams::KEPT_SHAPE, comptime!(ReduceParams::x_at(kr)), kr);
         let mut acc = typed::read::<F>(arena, weights, base, cfg.x);
         for j in 1..r {
-            let i = base + strided_index(meta, j, comptime!(4 + 2 * kr), comptime!(4 + 2 * kr + rr), rr);
+            let i = base
+                + strided_index(meta, j, comptime!(ReduceParams::reduced_shape_at(kr)), comptime!(ReduceParams::reduced_at(kr, rr)), rr);
             let v = typed::read::<F>(arena, weights, i, cfg.x);
             match comptime!(cfg.op) {
-                ReduceOp::Sum | ReduceOp::Mean => {
+                ReduceKind::Sum | ReduceKind::Mean => {
                     acc += v;
                 }
-                ReduceOp::Max => {
+                ReduceKind::Max => {
                     acc = F::max(acc, v);
                 }
-                ReduceOp::Min => {
+                ReduceKind::Min => {
                     acc = F::min(acc, v);
                 }
             }
         }
         match comptime!(cfg.op) {
-            ReduceOp::Mean => {
+            ReduceKind::Mean => {
                 acc /= F::cast_from(r as u32);
             }
             _ => {}
         }
-        let out = meta[2] as usize;
+        let out = meta[ReduceParams::OUT_OFF] as usize;
         typed::write::<F>(arena, out + o, acc, cfg.out);
     }
 }
 
-/// Softmax along an axis of stride `inner`, one unit per line. Meta: `[lines, len, inner,
-/// x_off, out_off]`.
+/// Softmax along an axis of stride `inner`, one unit per line. Meta: [`LineParams`].
 #[cube(launch_unchecked)]
 pub fn softmax_axis<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] x_in_arena: bool) {
-    let lines = meta[0] as usize;
+    let lines = meta[LineParams::LINES] as usize;
     let line = ABSOLUTE_POS;
     if line < lines {
-        let len = meta[1] as usize;
-        let inner = meta[2] as usize;
+        let len = meta[LineParams::LEN_AXIS] as usize;
+        let inner = meta[LineParams::INNER] as usize;
         let start = (line / inner) * len * inner + line % inner;
-        let x0 = meta[3] as usize + start;
-        let o0 = meta[4] as usize + start;
+        let x0 = meta[LineParams::X_OFF] as usize + start;
+        let o0 = meta[LineParams::OUT_OFF] as usize + start;
         let src = comptime!(Src::float(x_in_arena));
         let mut m = typed::read::<F>(arena, weights, x0, src);
         for j in 1..len {

@@ -1,8 +1,8 @@
 //! kiln's CUDA C kernels, as source for NVRTC: attention (tensor-core prefill, split-K
 //! decode), layer / RMS norm, softmax, strided copy, gather, MoE dispatch / combine, the
 //! index and axis ops (cumsum, top-k, take-along-axis, scatter-add, softmax over a middle
-//! axis, resize) (`*.cu` beside this file), and fused elementwise regions generated from
-//! [`kiln_graph::Expr`] ([`fused`]).
+//! axis, resize) (`*.cu` beside this file), and the parameter block of the fused elementwise
+//! regions ([`fused`]), whose source the compiler generates (`kiln-runtime`).
 //!
 //! Each `.cu` file is one NVRTC module (with `common.cuh` prepended); each `extern "C"`
 //! kernel in it is listed in [`kernels`] with a "hot" flag: a hot kernel runs in every layer,

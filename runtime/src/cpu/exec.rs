@@ -6,6 +6,7 @@ use super::kernel::CpuKernel;
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
+use crate::geometry::Split;
 use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
@@ -350,7 +351,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         }
         CpuKernel::Slice => {
             let Op::Slice { axis, start, end, step } = s.op else { return mismatch() };
-            let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+            let Split { outer, len, inner } = Split::at(&s.inputs[0].ty.shape, axis);
             movement::slice(mem.read(&s.inputs[0]), outer, len, inner * out_ty.dtype.size(), start, end, step, mem.write(&s.output));
             Ok(())
         }
@@ -393,7 +394,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         }
         CpuKernel::CumSum => {
             let Op::CumSum { axis, exclusive } = s.op else { return mismatch() };
-            let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+            let Split { outer, len, inner } = Split::at(&s.inputs[0].ty.shape, axis);
             match out_ty.dtype {
                 DType::F32 => index::cumsum(mem.f32(&s.inputs[0]), outer, len, inner, exclusive, mem.f32_mut(&s.output)),
                 _ => index::cumsum(i64s(mem, &s.inputs[0]), outer, len, inner, exclusive, i64_mut(mem, &s.output)),
@@ -453,7 +454,7 @@ fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
 fn write_slice(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     let es = out_ty.dtype.size();
-    let (outer, len, inner) = split(&out_ty.shape, axis);
+    let Split { outer, len, inner } = Split::at(&out_ty.shape, axis);
     let n = s.inputs[1].ty.shape[axis];
     let at = match s.inputs[2].ty.dtype {
         DType::I32 => bytemuck::cast_slice::<u8, i32>(mem.read(&s.inputs[2]))[0] as i64,
@@ -478,7 +479,7 @@ fn write_slice(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), Stri
 fn concat(mem: &Mem, s: &Step, axis: usize) {
     let es = s.output.ty.dtype.size();
     let out = mem.write(&s.output);
-    let (outer, total, inner) = split(&s.output.ty.shape, axis);
+    let Split { outer, len: total, inner } = Split::at(&s.output.ty.shape, axis);
     let mut at = 0;
     for o in &s.inputs {
         let len = o.ty.shape[axis];
@@ -493,7 +494,7 @@ fn concat(mem: &Mem, s: &Step, axis: usize) {
 }
 
 fn take_along_axis(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
-    let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+    let Split { outer, len, inner } = Split::at(&s.inputs[0].ty.shape, axis);
     let ilen = s.inputs[1].ty.shape[axis];
     let idx = i64s(mem, &s.inputs[1]);
     check_indices(idx, len)?;
@@ -506,7 +507,7 @@ fn take_along_axis(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), 
 }
 
 fn scatter_add(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {
-    let (outer, len, inner) = split(&s.inputs[0].ty.shape, axis);
+    let Split { outer, len, inner } = Split::at(&s.inputs[0].ty.shape, axis);
     let ilen = s.inputs[1].ty.shape[axis];
     let idx = i64s(mem, &s.inputs[1]);
     check_indices(idx, len)?;
@@ -566,10 +567,6 @@ fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
             }
         }
     }
-}
-
-fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
 /// Whether `matmul` computes step `s` from the packed weight alone (never reading the

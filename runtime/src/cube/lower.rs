@@ -1,13 +1,22 @@
 //! From program steps to cube launches: each step's comptime configuration (which selects
-//! the generated kernel) and its metadata block (sizes, offsets, strides) in the shared
-//! `u32` buffer.
+//! the generated kernel) and its metadata block in the shared `u32` buffer, a typed
+//! `kiln_kernels::cube::params` struct packed in one place. The index math comes from
+//! [`crate::geometry`], shared with the cuda lowering.
 
-use kiln_graph::dtype::broadcast_strides;
+use super::expr::{instrs, reduce_kind};
+use crate::geometry::{
+    self, at_least_1d, contiguous, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
+    Split, ViewGeometry,
+};
 use kiln_graph::program::{Entry, Operand, Slot, Step};
-use kiln_graph::{DType, MaskKind, Op, ResizeMode};
+use kiln_graph::{Attention, DType, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cube::index::{CastCfg, CumsumCfg, GatherCfg, MoeCfg, ScatterCfg};
+use kiln_kernels::cube::params::{
+    AttentionParams, Axis, CastParams, CopyParams, FusedParams, GatherParams, IotaParams, LineParams, MatmulParams, MoeCombineParams,
+    MoeDispatchParams, NormParams, ReduceParams, ResizeParams, ScatterParams, Strided, TopkParams,
+};
 use kiln_kernels::cube::reduce::ReduceCfg;
-use kiln_kernels::cube::{expr::instrs, AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
+use kiln_kernels::cube::{AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
 
 /// One kernel launch, with where its metadata block starts (in `u32`s) and its length.
 #[derive(Clone, Debug)]
@@ -133,32 +142,6 @@ pub struct Lowered {
     pub steps: Vec<Vec<Launch>>,
 }
 
-/// Appends a metadata block at a 256-byte boundary (wgpu binds buffers at such offsets).
-fn push(meta: &mut Vec<u32>, block: Vec<u32>) -> (usize, usize) {
-    meta.resize(meta.len().next_multiple_of(64), 0);
-    let at = meta.len();
-    let len = block.len();
-    meta.extend(block);
-    (at, len)
-}
-
-fn u(x: usize) -> Result<u32, String> {
-    u32::try_from(x).map_err(|_| format!("size {x} exceeds the cube kernels' 32-bit indexing"))
-}
-
-/// Splits a shape at `axis` into (outer, len, inner).
-fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
-}
-
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
-}
-
 /// How the arena stores a tensor of `d` (the weights buffer holds every dtype as floats).
 pub fn repr(d: DType) -> Result<Repr, String> {
     match d {
@@ -170,13 +153,6 @@ pub fn repr(d: DType) -> Result<Repr, String> {
     }
 }
 
-/// Where an operand lives and how it is stored, and its offset in its element units.
-fn src(o: &Operand, woff: &[usize], coff: &[usize]) -> Result<(Src, usize), String> {
-    let (in_arena, off) = place(o, woff, coff)?;
-    let repr = if in_arena { repr(o.ty.dtype)? } else { Repr::Float };
-    Ok((Src { in_arena, repr }, off))
-}
-
 /// How an output (always in the arena) is stored, refusing a byte output where the kernel
 /// writes one element per unit.
 fn word_out(o: &Operand) -> Result<Repr, String> {
@@ -186,401 +162,396 @@ fn word_out(o: &Operand) -> Result<Repr, String> {
     }
 }
 
-/// Where an operand lives: (in the arena, offset in its element units: bytes for bool and u8,
-/// 8-byte elements for i64).
-fn place(o: &Operand, woff: &[usize], coff: &[usize]) -> Result<(bool, usize), String> {
-    match o.slot {
-        Slot::Arena { offset, .. } => Ok((true, offset / o.ty.dtype.size())),
-        Slot::Weight(i) => woff.get(i as usize).map(|&w| (false, w)).ok_or_else(|| format!("weight {i} does not exist (corrupt program)")),
-        Slot::Const(i) => coff.get(i as usize).map(|&c| (false, c)).ok_or_else(|| format!("constant {i} does not exist (corrupt program)")),
-        // `CubeExec::new` moves every state operand to its arena range before lowering.
-        Slot::State(i) => Err(format!("state {i} was not placed in the arena")),
+/// Units of a launch writing `n` elements stored as `out` (a byte output: one per word).
+fn units(n: usize, out: Repr) -> usize {
+    if out == Repr::Byte {
+        n.div_ceil(4)
+    } else {
+        n
     }
 }
 
 /// Scalars count as shape `[1]`.
 fn shape_of(o: &Operand) -> Vec<usize> {
-    if o.ty.shape.is_empty() {
-        vec![1]
-    } else {
-        o.ty.shape.clone()
-    }
+    at_least_1d(&o.ty.shape)
 }
 
-/// A strided copy of `shape` elements from (`src_arena`, `src_off`, `src_st`) to the arena at
-/// `dst_off` with `dst_st`.
-#[allow(clippy::too_many_arguments)]
-fn copy(
-    meta: &mut Vec<u32>,
-    shape: &[usize],
-    src_arena: bool,
-    src_off: usize,
-    src_st: &[usize],
-    dst_off: usize,
-    dst_st: &[usize],
-) -> Result<Launch, String> {
-    let n: usize = shape.iter().product();
-    let mut b = vec![u(n)?];
-    for &d in shape {
-        b.push(u(d)?);
-    }
-    b.push(u(src_off)?);
-    for &s in src_st {
-        b.push(u(s)?);
-    }
-    b.push(u(dst_off)?);
-    for &s in dst_st {
-        b.push(u(s)?);
-    }
-    let (at, len) = push(meta, b);
-    Ok(Launch::Copy { cfg: CopyCfg { rank: shape.len(), src_in_arena: src_arena }, n, meta: at, len })
+/// The lowering of one program's steps: where its weights and constants start in the weights
+/// buffer, and the metadata buffer every launch's block is appended to.
+struct Lower<'a> {
+    woff: &'a [usize],
+    coff: &'a [usize],
+    meta: &'a mut Vec<u32>,
 }
 
-/// Per input: its offset and its strides broadcast to `out` (the layout `fused` and the
-/// matmul epilogue read).
-fn broadcast_block(b: &mut Vec<u32>, ins: &[&Operand], out: &[usize], woff: &[usize], coff: &[usize]) -> Result<Vec<Src>, String> {
-    let mut srcs = Vec::with_capacity(ins.len());
-    for o in ins {
-        let (sr, off) = src(o, woff, coff)?;
-        srcs.push(sr);
-        b.push(u(off)?);
-        let sh = if o.ty.shape.is_empty() { vec![] } else { o.ty.shape.clone() };
-        let st = broadcast_strides(&sh, out);
-        for s in st {
-            b.push(u(s)?);
+impl Lower<'_> {
+    /// Appends a packed metadata block at a 256-byte boundary (wgpu binds buffers at such
+    /// offsets): its start (in `u32`s) and length.
+    fn push(&mut self, block: Result<Vec<u32>, String>) -> Result<(usize, usize), String> {
+        let block = block?;
+        self.meta.resize(self.meta.len().next_multiple_of(64), 0);
+        let at = self.meta.len();
+        let len = block.len();
+        self.meta.extend(block);
+        Ok((at, len))
+    }
+
+    /// Where an operand lives: (in the arena, offset in its element units: bytes for bool and
+    /// u8, 8-byte elements for i64).
+    fn place(&self, o: &Operand) -> Result<(bool, usize), String> {
+        match o.slot {
+            Slot::Arena { offset, .. } => Ok((true, offset / o.ty.dtype.size())),
+            Slot::Weight(i) => {
+                self.woff.get(i as usize).map(|&w| (false, w)).ok_or_else(|| format!("weight {i} does not exist (corrupt program)"))
+            }
+            Slot::Const(i) => {
+                self.coff.get(i as usize).map(|&c| (false, c)).ok_or_else(|| format!("constant {i} does not exist (corrupt program)"))
+            }
+            // `CubeExec::new` moves every state operand to its arena range before lowering.
+            Slot::State(i) => Err(format!("state {i} was not placed in the arena")),
         }
     }
-    Ok(srcs)
-}
 
-fn lower_step(s: &Step, woff: &[usize], coff: &[usize], meta: &mut Vec<u32>) -> Result<Vec<Launch>, String> {
-    let out = shape_of(&s.output);
-    let (_, out_off) = place(&s.output, woff, coff)?;
-    let n: usize = out.iter().product();
-    let ins: Vec<&Operand> = s.inputs.iter().collect();
-    Ok(match &s.op {
-        Op::Reshape { .. } => vec![],
-        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => {
-            let ex = s.op.elementwise_expr().ok_or("not an elementwise op")?;
-            let mut b = vec![u(n)?, u(out_off)?];
-            for &d in &out {
-                b.push(u(d)?);
+    /// Where an operand lives and how it is stored, and its offset in its element units.
+    fn src(&self, o: &Operand) -> Result<(Src, usize), String> {
+        let (in_arena, off) = self.place(o)?;
+        let repr = if in_arena { repr(o.ty.dtype)? } else { Repr::Float };
+        Ok((Src { in_arena, repr }, off))
+    }
+
+    /// The output's offset (always in the arena).
+    fn out_off(&self, s: &Step) -> Result<usize, String> {
+        Ok(self.place(&s.output)?.1)
+    }
+
+    /// A strided copy of `shape` elements from (`src_arena`, `src`) to the arena at `dst`.
+    fn copy(&mut self, shape: &[usize], src_arena: bool, src: Strided, dst: Strided) -> Result<Launch, String> {
+        let cfg = CopyCfg { rank: shape.len(), src_in_arena: src_arena };
+        let n = shape.iter().product();
+        let (meta, len) = self.push(CopyParams { shape: shape.to_vec(), src, dst }.pack())?;
+        Ok(Launch::Copy { cfg, n, meta, len })
+    }
+
+    /// Per input: where it lives and its (offset, strides broadcast to the output).
+    fn broadcast_inputs(&self, ins: &[Operand], strides: &[Vec<usize>]) -> Result<(Vec<Src>, Vec<Strided>), String> {
+        let mut srcs = Vec::with_capacity(ins.len());
+        let mut st = Vec::with_capacity(ins.len());
+        for (o, strides) in ins.iter().zip(strides) {
+            let (sr, off) = self.src(o)?;
+            srcs.push(sr);
+            st.push(Strided { off, strides: strides.clone() });
+        }
+        Ok((srcs, st))
+    }
+
+    fn step(&mut self, s: &Step) -> Result<Vec<Launch>, String> {
+        Ok(match &s.op {
+            Op::Reshape { .. } => vec![],
+            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => vec![self.elementwise(s)?],
+            Op::MatMul { transpose_b, epilogue } => vec![self.matmul(s, *transpose_b, epilogue.as_ref())?],
+            Op::LayerNorm { eps } => vec![self.norm(NormKind::Layer, *eps, s)?],
+            Op::RmsNorm { eps, add_one } => vec![self.norm(NormKind::Rms { add_one: *add_one }, *eps, s)?],
+            Op::Softmax { axis } if axis + 1 == shape_of(&s.output).len() => vec![self.norm(NormKind::Softmax, 0.0, s)?],
+            Op::Softmax { axis } => vec![self.softmax_axis(s, *axis)?],
+            Op::Reduce { op, axes, .. } => vec![self.reduce(s, *op, axes)?],
+            Op::Cast { to } => vec![self.cast(s, *to)?],
+            Op::Iota { axis, start, step } => {
+                let sp = Split::at(&shape_of(&s.output), *axis);
+                let n = s.output.ty.numel();
+                let (meta, len) = self.push(IotaParams { n, len: sp.len, inner: sp.inner, out_off: self.out_off(s)? }.pack())?;
+                vec![Launch::Iota { start: *start as f32, step: *step as f32, out: word_out(&s.output)?, n, meta, len }]
             }
-            let srcs = broadcast_block(&mut b, &ins, &out, woff, coff)?;
-            let (at, len) = push(meta, b);
-            let cfg = FusedCfg {
-                code: instrs(&ex),
-                srcs,
-                rank: out.len(),
-                out: repr(s.output.ty.dtype)?,
-                out_bool: s.output.ty.dtype == DType::Bool,
+            Op::Gather { axis } | Op::TakeAlongAxis { axis } => vec![self.gather(s, *axis)?],
+            Op::WriteSlice { axis } => self.write_slice(s, *axis)?,
+            Op::ScatterAdd { axis } => vec![self.scatter_add(s, *axis)?],
+            Op::TopK { k } => vec![self.topk(s, *k)?],
+            Op::CumSum { axis, exclusive } => vec![self.cumsum(s, *axis, *exclusive)?],
+            Op::MoeDispatch { rows } => vec![self.moe_dispatch(s, *rows)?],
+            Op::MoeCombine => vec![self.moe_combine(s)?],
+            Op::Attention(att) => vec![self.attention(s, att)?],
+            Op::Resize { size, mode } => vec![self.resize(s, *size, *mode)?],
+            Op::Permute { perm } => vec![self.strided(s, &ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
+            Op::Slice { axis, start, step, .. } => {
+                vec![self.strided(s, &ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?]
+            }
+            Op::Concat { axis } => self.concat(s, *axis)?,
+            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => return Err("a source is not a step".into()),
+        })
+    }
+
+    fn elementwise(&mut self, s: &Step) -> Result<Launch, String> {
+        let ex = s.op.elementwise_expr().ok_or("not an elementwise op")?;
+        let shapes: Vec<&[usize]> = s.inputs.iter().map(|o| o.ty.shape.as_slice()).collect();
+        let g = ElementwiseGeometry::new(&shapes, &s.output.ty.shape);
+        let (srcs, inputs) = self.broadcast_inputs(&s.inputs, &g.strides)?;
+        let out = repr(s.output.ty.dtype)?;
+        let cfg = FusedCfg { code: instrs(&ex), srcs, rank: g.shape.len(), out, out_bool: s.output.ty.dtype == DType::Bool };
+        let n = units(g.n(), out);
+        let (meta, len) = self.push(FusedParams { out_off: self.out_off(s)?, shape: g.shape, inputs }.pack())?;
+        Ok(Launch::Fused { cfg, n, meta, len })
+    }
+
+    fn matmul(&mut self, s: &Step, transpose_b: bool, epilogue: Option<&Expr>) -> Result<Launch, String> {
+        let out = shape_of(&s.output);
+        let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &out);
+        let (a_in_arena, a_off) = self.place(&s.inputs[0])?;
+        let (b_in_arena, b_off) = self.place(&s.inputs[1])?;
+        let [a_st, b_st] = g.batch_strides.clone();
+        let mut params = MatmulParams {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            out_off: self.out_off(s)?,
+            shape: out.clone(),
+            a: Strided { off: a_off, strides: a_st },
+            b: Strided { off: b_off, strides: b_st },
+            epilogue: vec![],
+        };
+        let epi = match epilogue {
+            Some(e) => {
+                let shapes: Vec<&[usize]> = s.inputs[2..].iter().map(|o| o.ty.shape.as_slice()).collect();
+                let eg = ElementwiseGeometry::new(&shapes, &out);
+                let (srcs, inputs) = self.broadcast_inputs(&s.inputs[2..], &eg.strides)?;
+                params.epilogue = inputs;
+                Some((instrs(e), srcs.iter().map(|s| s.in_arena).collect()))
+            }
+            None => None,
+        };
+        let (meta, len) = self.push(params.pack())?;
+        let cfg = MatmulCfg { transpose_b, a_in_arena, b_in_arena, epilogue: epi, rank: out.len() };
+        Ok(Launch::MatMul { cfg, m: g.m, n: g.n, batch: g.batch, meta, len })
+    }
+
+    /// A row-wise normalisation over the last axis: inputs x and (for norms) weight and bias.
+    fn norm(&mut self, kind: NormKind, eps: f32, s: &Step) -> Result<Launch, String> {
+        let g = RowGeometry::new(&shape_of(&s.output));
+        let mut offs = [0usize; 3];
+        let mut in_arena = [true; 3];
+        for (j, o) in s.inputs.iter().enumerate().take(3) {
+            (in_arena[j], offs[j]) = self.place(o)?;
+        }
+        let [x_off, w_off, b_off] = offs;
+        let (meta, len) = self.push(NormParams { rows: g.rows, d: g.d, x_off, w_off, b_off, out_off: self.out_off(s)? }.pack())?;
+        Ok(Launch::Norm { cfg: NormCfg { kind, eps_bits: eps.to_bits(), in_arena }, rows: g.rows, meta, len })
+    }
+
+    /// Softmax over an axis other than the last: one unit per line.
+    fn softmax_axis(&mut self, s: &Step, axis: usize) -> Result<Launch, String> {
+        let (x_in_arena, x_off) = self.place(&s.inputs[0])?;
+        let sp = Split::at(&shape_of(&s.output), axis);
+        let p = LineParams { lines: sp.lines(), len: sp.len, inner: sp.inner, x_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::SoftmaxAxis { x_in_arena, lines: sp.lines(), meta, len })
+    }
+
+    fn reduce(&mut self, s: &Step, op: ReduceOp, axes: &[usize]) -> Result<Launch, String> {
+        let (x, x_off) = self.src(&s.inputs[0])?;
+        let g = ReduceGeometry::new(&shape_of(&s.inputs[0]), axes);
+        // The kernel indexes at least one kept and one reduced axis: pad with a size-1 axis.
+        let axes = |list: &[geometry::Axis]| -> Vec<Axis> {
+            let v: Vec<Axis> = list.iter().map(|a| Axis { len: a.len, stride: a.stride }).collect();
+            if v.is_empty() {
+                vec![Axis { len: 1, stride: 0 }]
+            } else {
+                v
+            }
+        };
+        let (kept, reduced) = (axes(&g.kept), axes(&g.reduced));
+        let cfg = ReduceCfg { op: reduce_kind(op), kept_rank: kept.len(), red_rank: reduced.len(), x, out: word_out(&s.output)? };
+        let (meta, len) = self.push(ReduceParams { out_off: self.out_off(s)?, x_off, kept, reduced }.pack())?;
+        Ok(Launch::Reduce { cfg, n: shape_of(&s.output).iter().product(), meta, len })
+    }
+
+    fn cast(&mut self, s: &Step, to: DType) -> Result<Launch, String> {
+        let (x, x_off) = self.src(&s.inputs[0])?;
+        let out = repr(to)?;
+        let trunc = s.inputs[0].ty.dtype.is_float() && !to.is_float();
+        let n = shape_of(&s.output).iter().product();
+        let (meta, len) = self.push(CastParams { n, x_off, out_off: self.out_off(s)? }.pack())?;
+        Ok(Launch::Cast { cfg: CastCfg { x, out, out_bool: to == DType::Bool, trunc }, n: units(n, out), meta, len })
+    }
+
+    /// Gather (the index read at the output's middle coordinate) or take-along-axis (the index
+    /// has x's rank and is read at the output position).
+    fn gather(&mut self, s: &Step, axis: usize) -> Result<Launch, String> {
+        let along = matches!(s.op, Op::TakeAlongAxis { .. });
+        let (x, x_off) = self.src(&s.inputs[0])?;
+        let (idx, idx_off) = self.src(&s.inputs[1])?;
+        let sp = Split::at(&shape_of(&s.inputs[0]), axis);
+        let rows = if along { shape_of(&s.inputs[1])[axis] } else { s.inputs[1].ty.numel() };
+        let n = shape_of(&s.output).iter().product();
+        let p = GatherParams { n, rows, inner: sp.inner, len: sp.len, x_off, idx_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)? }, n, meta, len })
+    }
+
+    /// `write_slice`: in place when the lowering aliased the output to the destination (a
+    /// state); otherwise the destination is copied first.
+    fn write_slice(&mut self, s: &Step, axis: usize) -> Result<Vec<Launch>, String> {
+        let out = shape_of(&s.output);
+        let mut v = Vec::new();
+        if s.inputs[0].slot != s.output.slot {
+            v.push(self.strided(s, &ViewGeometry { skip: 0, strides: contiguous(&out) })?);
+        }
+        let (x, x_off) = self.src(&s.inputs[1])?;
+        let (idx, idx_off) = self.src(&s.inputs[2])?;
+        let sp = Split::at(&out, axis);
+        let rows = shape_of(&s.inputs[1])[axis];
+        let n = s.inputs[1].ty.numel();
+        let p = GatherParams { n, rows, inner: sp.inner, len: sp.len, x_off, idx_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        v.push(Launch::WriteRows { cfg: GatherCfg { along: false, x, idx, out: word_out(&s.output)? }, n, meta, len });
+        Ok(v)
+    }
+
+    fn scatter_add(&mut self, s: &Step, axis: usize) -> Result<Launch, String> {
+        let (base, base_off) = self.src(&s.inputs[0])?;
+        let (idx, idx_off) = self.src(&s.inputs[1])?;
+        let (src, src_off) = self.src(&s.inputs[2])?;
+        let out = shape_of(&s.output);
+        let sp = Split::at(&out, axis);
+        let n = out.iter().product();
+        let idx_len = shape_of(&s.inputs[1])[axis];
+        let p = ScatterParams { n, len: sp.len, inner: sp.inner, idx_len, base_off, idx_off, src_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::ScatterAdd { cfg: ScatterCfg { base, idx, src, out: word_out(&s.output)? }, n, meta, len })
+    }
+
+    fn topk(&mut self, s: &Step, k: usize) -> Result<Launch, String> {
+        let (x, x_off) = self.src(&s.inputs[0])?;
+        let xs = shape_of(&s.inputs[0]);
+        let (d, n) = (xs[xs.len() - 1], xs.iter().product());
+        let (meta, len) = self.push(TopkParams { n, d, k, x_off, out_off: self.out_off(s)? }.pack())?;
+        Ok(Launch::TopK { x, out: word_out(&s.output)?, n, meta, len })
+    }
+
+    fn cumsum(&mut self, s: &Step, axis: usize, exclusive: bool) -> Result<Launch, String> {
+        let (x, x_off) = self.src(&s.inputs[0])?;
+        let sp = Split::at(&shape_of(&s.output), axis);
+        let p = LineParams { lines: sp.lines(), len: sp.len, inner: sp.inner, x_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::CumSum { cfg: CumsumCfg { exclusive, x, out: word_out(&s.output)? }, lines: sp.lines(), meta, len })
+    }
+
+    fn moe_dispatch(&mut self, s: &Step, rows: usize) -> Result<Launch, String> {
+        let (x_in_arena, x_off) = self.place(&s.inputs[0])?;
+        let (slot, slot_off) = self.src(&s.inputs[1])?;
+        let d = s.inputs[0].ty.shape[1];
+        let (assignments, k) = (s.inputs[1].ty.numel(), s.inputs[1].ty.shape[1]);
+        let p = MoeDispatchParams { n: rows * d, d, assignments, k, x_off, slot_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::MoeDispatch { cfg: MoeCfg { x_in_arena, slot, w_in_arena: true }, n: rows * d, meta, len })
+    }
+
+    fn moe_combine(&mut self, s: &Step) -> Result<Launch, String> {
+        let (y_in_arena, y_off) = self.place(&s.inputs[0])?;
+        let (slot, slot_off) = self.src(&s.inputs[1])?;
+        let (w_in_arena, w_off) = self.place(&s.inputs[2])?;
+        let (d, k) = (s.inputs[0].ty.shape[1], s.inputs[1].ty.shape[1]);
+        let n = shape_of(&s.output).iter().product();
+        let (meta, len) = self.push(MoeCombineParams { n, d, k, y_off, slot_off, w_off, out_off: self.out_off(s)? }.pack())?;
+        Ok(Launch::MoeCombine { cfg: MoeCfg { x_in_arena: y_in_arena, slot, w_in_arena }, n, meta, len })
+    }
+
+    fn attention(&mut self, s: &Step, att: &Attention) -> Result<Launch, String> {
+        let g = AttentionGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
+        let mut offs = [0usize; 4];
+        let mut in_arena = [true; 4];
+        for (j, o) in s.inputs.iter().enumerate().take(4) {
+            (in_arena[j], offs[j]) = self.place(o)?;
+        }
+        let (mask, q_offset, window) = match att.mask {
+            MaskKind::None => (AttMask::None, 0, 0),
+            MaskKind::Causal { q_offset } => (AttMask::Causal, q_offset, 0),
+            MaskKind::SlidingWindow { q_offset, window } => (AttMask::Sliding, q_offset, window),
+            MaskKind::Additive => (AttMask::Additive { in_arena: in_arena[3] }, 0, 0),
+        };
+        let [q_off, k_off, v_off, mask_off] = offs;
+        let (sq, sk, hq, hkv) = (g.sq, g.sk, g.hq, g.hkv);
+        let p = AttentionParams { sq, sk, hq, hkv, q_off, k_off, v_off, out_off: self.out_off(s)?, mask_off, q_offset, window };
+        let (meta, len) = self.push(p.pack())?;
+        let cfg = AttentionCfg {
+            d: g.d,
+            dv: g.dv,
+            scale_bits: att.scale.to_bits(),
+            softcap_bits: att.softcap.map(f32::to_bits),
+            mask,
+            in_arena: [in_arena[0], in_arena[1], in_arena[2]],
+        };
+        Ok(Launch::Attention { cfg, sq, heads: hq, batch: g.batch, meta, len })
+    }
+
+    fn resize(&mut self, s: &Step, size: [usize; 2], mode: ResizeMode) -> Result<Launch, String> {
+        let (in_arena, x_off) = self.place(&s.inputs[0])?;
+        let sh = &s.inputs[0].ty.shape;
+        let (ih, iw) = (sh[sh.len() - 2], sh[sh.len() - 1]);
+        let n = shape_of(&s.output).iter().product();
+        let p = ResizeParams { n, ih, iw, oh: size[0], ow: size[1], x_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        Ok(Launch::Resize { cfg: ResizeCfg { bicubic: mode == ResizeMode::Bicubic, in_arena }, n, meta, len })
+    }
+
+    /// A permute, slice or copy: a strided read of input 0 into the contiguous output. f32
+    /// goes through `copy`; other dtypes through an identity `fused` region, which converts
+    /// between the weights buffer's floats and the arena's layouts.
+    fn strided(&mut self, s: &Step, view: &ViewGeometry) -> Result<Launch, String> {
+        let out = shape_of(&s.output);
+        let (sr, off) = self.src(&s.inputs[0])?;
+        let out_off = self.out_off(s)?;
+        let src = Strided { off: off + view.skip, strides: view.strides.clone() };
+        if s.output.ty.dtype == DType::F32 {
+            return self.copy(&out, sr.in_arena, src, Strided { off: out_off, strides: contiguous(&out) });
+        }
+        let out_r = repr(s.output.ty.dtype)?;
+        let code = instrs(&Expr { instrs: vec![Instr::Input(0)] });
+        let cfg = FusedCfg { code, srcs: vec![sr], rank: out.len(), out: out_r, out_bool: s.output.ty.dtype == DType::Bool };
+        let n = units(out.iter().product(), out_r);
+        let (meta, len) = self.push(FusedParams { out_off, shape: out, inputs: vec![src] }.pack())?;
+        Ok(Launch::Fused { cfg, n, meta, len })
+    }
+
+    fn concat(&mut self, s: &Step, axis: usize) -> Result<Vec<Launch>, String> {
+        let dt = s.output.ty.dtype;
+        // An i64 element is two words: copy words, with a trailing axis of 2.
+        let w = if dt == DType::I64 { 2 } else { 1 };
+        let widen = |sh: Vec<usize>| if w == 2 { sh.into_iter().chain([2]).collect() } else { sh };
+        let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|o| widen(shape_of(o))).collect();
+        let g = ConcatGeometry::new(&shapes, &widen(shape_of(&s.output)), axis);
+        let out_off = self.out_off(s)?;
+        let mut v = Vec::with_capacity(s.inputs.len());
+        for ((o, sh), start) in s.inputs.iter().zip(&shapes).zip(&g.starts) {
+            let (sr, off) = self.src(o)?;
+            let word_copy = match sr.repr {
+                Repr::Float => dt == DType::F32,
+                Repr::I32 | Repr::I64 => true,
+                Repr::Byte => false,
             };
-            let units = if cfg.out == Repr::Byte { n.div_ceil(4) } else { n };
-            vec![Launch::Fused { cfg, n: units, meta: at, len }]
-        }
-        Op::MatMul { transpose_b, epilogue } => {
-            let (a, bm) = (&s.inputs[0].ty, &s.inputs[1].ty);
-            let r = out.len();
-            let (m, nn) = (out[r - 2], out[r - 1]);
-            let kk = a.shape[a.rank() - 1];
-            let batch = n / (m * nn).max(1);
-            let (a_ar, a_off) = place(&s.inputs[0], woff, coff)?;
-            let (b_ar, b_off) = place(&s.inputs[1], woff, coff)?;
-            let mut b = vec![u(m)?, u(nn)?, u(kk)?, u(out_off)?];
-            for &d in &out {
-                b.push(u(d)?);
+            if !word_copy {
+                return Err(format!("concat of {dt} from the weights buffer or in bytes has no cube kernel"));
             }
-            // Each operand's batch strides over the output's batch axes (0 where it broadcasts).
-            for (t, off, mat) in [(a, a_off, m * kk), (bm, b_off, kk * nn)] {
-                b.push(u(off)?);
-                for st in broadcast_strides(&t.shape[..t.rank() - 2], &out[..r - 2]) {
-                    b.push(u(st * mat)?);
-                }
-            }
-            let epi = match epilogue {
-                Some(e) => {
-                    let srcs = broadcast_block(&mut b, &ins[2..], &out, woff, coff)?;
-                    Some((instrs(e), srcs.iter().map(|s| s.in_arena).collect()))
-                }
-                None => None,
-            };
-            let (at, len) = push(meta, b);
-            let cfg = MatmulCfg { transpose_b: *transpose_b, a_in_arena: a_ar, b_in_arena: b_ar, epilogue: epi, rank: r };
-            vec![Launch::MatMul { cfg, m, n: nn, batch, meta: at, len }]
+            let src = Strided { off: off * w, strides: contiguous(sh) };
+            let dst = Strided { off: out_off * w + start, strides: g.dst_strides.clone() };
+            v.push(self.copy(sh, sr.in_arena, src, dst)?);
         }
-        Op::LayerNorm { eps } => vec![norm(NormKind::Layer, *eps, s, woff, coff, meta)?],
-        Op::RmsNorm { eps, add_one } => vec![norm(NormKind::Rms { add_one: *add_one }, *eps, s, woff, coff, meta)?],
-        Op::Softmax { axis } if axis + 1 == out.len() => vec![norm(NormKind::Softmax, 0.0, s, woff, coff, meta)?],
-        Op::Softmax { axis } => {
-            let (x_in_arena, x_off) = place(&s.inputs[0], woff, coff)?;
-            let (outer, len_, inner) = split(&out, *axis);
-            let (at, len) = push(meta, vec![u(outer * inner)?, u(len_)?, u(inner)?, u(x_off)?, u(out_off)?]);
-            vec![Launch::SoftmaxAxis { x_in_arena, lines: outer * inner, meta: at, len }]
-        }
-        Op::Reduce { op, axes, .. } => {
-            let xs = shape_of(&s.inputs[0]);
-            let (x, x_off) = src(&s.inputs[0], woff, coff)?;
-            let st = contiguous(&xs);
-            let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
-            for d in 0..xs.len() {
-                if axes.contains(&d) {
-                    rs.push(xs[d]);
-                    rst.push(st[d]);
-                } else {
-                    ks.push(xs[d]);
-                    kst.push(st[d]);
-                }
-            }
-            for (sh, stv) in [(&mut ks, &mut kst), (&mut rs, &mut rst)] {
-                if sh.is_empty() {
-                    sh.push(1);
-                    stv.push(0);
-                }
-            }
-            let r: usize = rs.iter().product();
-            let mut b = vec![u(n)?, u(r)?, u(out_off)?];
-            b.extend(ks.iter().map(|&d| u(d)).collect::<Result<Vec<_>, _>>()?);
-            b.push(u(x_off)?);
-            b.extend(kst.iter().map(|&d| u(d)).collect::<Result<Vec<_>, _>>()?);
-            b.extend(rs.iter().map(|&d| u(d)).collect::<Result<Vec<_>, _>>()?);
-            b.push(0);
-            b.extend(rst.iter().map(|&d| u(d)).collect::<Result<Vec<_>, _>>()?);
-            let (at, len) = push(meta, b);
-            let cfg = ReduceCfg { op: *op, kept_rank: ks.len(), red_rank: rs.len(), x, out: word_out(&s.output)? };
-            vec![Launch::Reduce { cfg, n, meta: at, len }]
-        }
-        Op::Cast { to } => {
-            let (x, x_off) = src(&s.inputs[0], woff, coff)?;
-            let out_r = repr(*to)?;
-            let trunc = s.inputs[0].ty.dtype.is_float() && !to.is_float();
-            let (at, len) = push(meta, vec![u(n)?, u(x_off)?, u(out_off)?]);
-            let units = if out_r == Repr::Byte { n.div_ceil(4) } else { n };
-            vec![Launch::Cast { cfg: CastCfg { x, out: out_r, out_bool: *to == DType::Bool, trunc }, n: units, meta: at, len }]
-        }
-        Op::Iota { axis, start, step } => {
-            let (_, len_, inner) = split(&out, *axis);
-            let (at, len) = push(meta, vec![u(n)?, u(len_)?, u(inner)?, u(out_off)?]);
-            vec![Launch::Iota { start: *start as f32, step: *step as f32, out: word_out(&s.output)?, n, meta: at, len }]
-        }
-        Op::Gather { axis } | Op::TakeAlongAxis { axis } => {
-            let along = matches!(s.op, Op::TakeAlongAxis { .. });
-            let (x, x_off) = src(&s.inputs[0], woff, coff)?;
-            let (idx, idx_off) = src(&s.inputs[1], woff, coff)?;
-            let (_, x_len, inner) = split(&shape_of(&s.inputs[0]), *axis);
-            let mid = if along { shape_of(&s.inputs[1])[*axis] } else { s.inputs[1].ty.numel() };
-            let b = vec![u(n)?, u(mid)?, u(inner)?, u(x_len)?, u(x_off)?, u(idx_off)?, u(out_off)?];
-            let (at, len) = push(meta, b);
-            vec![Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)? }, n, meta: at, len }]
-        }
-        Op::WriteSlice { axis } => {
-            // In place when the lowering aliased the output to the destination (a state);
-            // otherwise the destination is copied first.
-            let mut v = Vec::new();
-            if s.inputs[0].slot != s.output.slot {
-                v.push(strided(meta, s, &out, 0, &contiguous(&out), woff, coff)?);
-            }
-            let (x, x_off) = src(&s.inputs[1], woff, coff)?;
-            let (idx, idx_off) = src(&s.inputs[2], woff, coff)?;
-            let (_, len_, inner) = split(&out, *axis);
-            let rows = shape_of(&s.inputs[1])[*axis];
-            let units = s.inputs[1].ty.numel();
-            let b = vec![u(units)?, u(rows)?, u(inner)?, u(len_)?, u(x_off)?, u(idx_off)?, u(out_off)?];
-            let (at, len) = push(meta, b);
-            v.push(Launch::WriteRows { cfg: GatherCfg { along: false, x, idx, out: word_out(&s.output)? }, n: units, meta: at, len });
-            v
-        }
-        Op::ScatterAdd { axis } => {
-            let (base, base_off) = src(&s.inputs[0], woff, coff)?;
-            let (idx, idx_off) = src(&s.inputs[1], woff, coff)?;
-            let (sr, src_off) = src(&s.inputs[2], woff, coff)?;
-            let (_, len_, inner) = split(&out, *axis);
-            let ilen = shape_of(&s.inputs[1])[*axis];
-            let b = vec![u(n)?, u(len_)?, u(inner)?, u(ilen)?, u(base_off)?, u(idx_off)?, u(src_off)?, u(out_off)?];
-            let (at, len) = push(meta, b);
-            vec![Launch::ScatterAdd { cfg: ScatterCfg { base, idx, src: sr, out: word_out(&s.output)? }, n, meta: at, len }]
-        }
-        Op::TopK { k } => {
-            let (x, x_off) = src(&s.inputs[0], woff, coff)?;
-            let xs = shape_of(&s.inputs[0]);
-            let d = xs[xs.len() - 1];
-            let total: usize = xs.iter().product();
-            let (at, len) = push(meta, vec![u(total)?, u(d)?, u(*k)?, u(x_off)?, u(out_off)?]);
-            vec![Launch::TopK { x, out: word_out(&s.output)?, n: total, meta: at, len }]
-        }
-        Op::CumSum { axis, exclusive } => {
-            let (x, x_off) = src(&s.inputs[0], woff, coff)?;
-            let (outer, len_, inner) = split(&out, *axis);
-            let (at, len) = push(meta, vec![u(outer * inner)?, u(len_)?, u(inner)?, u(x_off)?, u(out_off)?]);
-            let cfg = CumsumCfg { exclusive: *exclusive, x, out: word_out(&s.output)? };
-            vec![Launch::CumSum { cfg, lines: outer * inner, meta: at, len }]
-        }
-        Op::MoeDispatch { rows } => {
-            let (x_in_arena, x_off) = place(&s.inputs[0], woff, coff)?;
-            let (slot, slot_off) = src(&s.inputs[1], woff, coff)?;
-            let d = s.inputs[0].ty.shape[1];
-            let (tk, kk) = (s.inputs[1].ty.numel(), s.inputs[1].ty.shape[1]);
-            let (at, len) = push(meta, vec![u(rows * d)?, u(d)?, u(tk)?, u(kk)?, u(x_off)?, u(slot_off)?, u(out_off)?]);
-            vec![Launch::MoeDispatch { cfg: MoeCfg { x_in_arena, slot, w_in_arena: true }, n: rows * d, meta: at, len }]
-        }
-        Op::MoeCombine => {
-            let (y_in_arena, y_off) = place(&s.inputs[0], woff, coff)?;
-            let (slot, slot_off) = src(&s.inputs[1], woff, coff)?;
-            let (w_in_arena, w_off) = place(&s.inputs[2], woff, coff)?;
-            let d = s.inputs[0].ty.shape[1];
-            let kk = s.inputs[1].ty.shape[1];
-            let (at, len) = push(meta, vec![u(n)?, u(d)?, u(kk)?, u(y_off)?, u(slot_off)?, u(w_off)?, u(out_off)?]);
-            vec![Launch::MoeCombine { cfg: MoeCfg { x_in_arena: y_in_arena, slot, w_in_arena }, n, meta: at, len }]
-        }
-        Op::Attention(att) => {
-            let (q, kt, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-            let (batch, sq, hq, d) = (q[0], q[1], q[2], q[3]);
-            let (sk, hkv, dv) = (kt[1], kt[2], v[3]);
-            let mut offs = [0usize; 4];
-            let mut in_arena = [true; 4];
-            for (j, o) in ins.iter().enumerate().take(4) {
-                let (a, off) = place(o, woff, coff)?;
-                in_arena[j] = a;
-                offs[j] = off;
-            }
-            let (mask, q_offset, window) = match att.mask {
-                MaskKind::None => (AttMask::None, 0, 0),
-                MaskKind::Causal { q_offset } => (AttMask::Causal, q_offset, 0),
-                MaskKind::SlidingWindow { q_offset, window } => (AttMask::Sliding, q_offset, window),
-                MaskKind::Additive => (AttMask::Additive { in_arena: in_arena[3] }, 0, 0),
-            };
-            let b = vec![
-                u(sq)?,
-                u(sk)?,
-                u(hq)?,
-                u(hkv)?,
-                u(offs[0])?,
-                u(offs[1])?,
-                u(offs[2])?,
-                u(out_off)?,
-                u(offs[3])?,
-                u(q_offset)?,
-                u(window)?,
-            ];
-            let (at, len) = push(meta, b);
-            let cfg = AttentionCfg {
-                d,
-                dv,
-                scale_bits: att.scale.to_bits(),
-                softcap_bits: att.softcap.map(f32::to_bits),
-                mask,
-                in_arena: [in_arena[0], in_arena[1], in_arena[2]],
-            };
-            vec![Launch::Attention { cfg, sq, heads: hq, batch, meta: at, len }]
-        }
-        Op::Resize { size, mode } => {
-            let (a, off) = place(&s.inputs[0], woff, coff)?;
-            let sh = &s.inputs[0].ty.shape;
-            let (ih, iw) = (sh[sh.len() - 2], sh[sh.len() - 1]);
-            let b = vec![u(n)?, u(ih)?, u(iw)?, u(size[0])?, u(size[1])?, u(off)?, u(out_off)?];
-            let (at, len) = push(meta, b);
-            vec![Launch::Resize { cfg: ResizeCfg { bicubic: *mode == ResizeMode::Bicubic, in_arena: a }, n, meta: at, len }]
-        }
-        Op::Permute { perm } => {
-            let st = contiguous(&s.inputs[0].ty.shape);
-            let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-            vec![strided(meta, s, &out, 0, &pst, woff, coff)?]
-        }
-        Op::Slice { axis, start, step, .. } => {
-            let mut st = contiguous(&s.inputs[0].ty.shape);
-            let skip = start * st[*axis];
-            st[*axis] *= step;
-            vec![strided(meta, s, &out, skip, &st, woff, coff)?]
-        }
-        Op::Concat { axis } => {
-            let dt = s.output.ty.dtype;
-            // An i64 element is two words: copy words, with a trailing axis of 2.
-            let w = if dt == DType::I64 { 2 } else { 1 };
-            let widen = |sh: &[usize]| if w == 2 { sh.iter().copied().chain([2]).collect() } else { sh.to_vec() };
-            let dst = contiguous(&widen(&out));
-            let mut at = 0;
-            let mut v = Vec::with_capacity(ins.len());
-            for o in &ins {
-                let (sr, off) = src(o, woff, coff)?;
-                let word_copy = match sr.repr {
-                    Repr::Float => dt == DType::F32,
-                    Repr::I32 | Repr::I64 => true,
-                    Repr::Byte => false,
-                };
-                if !word_copy {
-                    return Err(format!("concat of {dt} from the weights buffer or in bytes has no cube kernel"));
-                }
-                let sh = widen(&shape_of(o));
-                v.push(copy(meta, &sh, sr.in_arena, off * w, &contiguous(&sh), out_off * w + at * dst[*axis], &dst)?);
-                at += sh[*axis];
-            }
-            v
-        }
-        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => return Err("a source is not a step".into()),
-    })
-}
-
-/// A permute or slice: a strided read of input 0 (`skip` elements in, strides `st`) into the
-/// contiguous output. f32 goes through `copy`; other dtypes through an identity `fused`
-/// region, which converts between the weights buffer's floats and the arena's layouts.
-fn strided(
-    meta: &mut Vec<u32>,
-    s: &Step,
-    out: &[usize],
-    skip: usize,
-    st: &[usize],
-    woff: &[usize],
-    coff: &[usize],
-) -> Result<Launch, String> {
-    let (sr, off) = src(&s.inputs[0], woff, coff)?;
-    let (_, out_off) = place(&s.output, woff, coff)?;
-    if s.output.ty.dtype == DType::F32 {
-        return copy(meta, out, sr.in_arena, off + skip, st, out_off, &contiguous(out));
+        Ok(v)
     }
-    let n: usize = out.iter().product();
-    let mut b = vec![u(n)?, u(out_off)?];
-    for &d in out {
-        b.push(u(d)?);
-    }
-    b.push(u(off + skip)?);
-    for &x in st {
-        b.push(u(x)?);
-    }
-    let (at, len) = push(meta, b);
-    let out_r = repr(s.output.ty.dtype)?;
-    let code = instrs(&kiln_graph::Expr { instrs: vec![kiln_graph::Instr::Input(0)] });
-    let cfg = FusedCfg { code, srcs: vec![sr], rank: out.len(), out: out_r, out_bool: s.output.ty.dtype == DType::Bool };
-    let units = if out_r == Repr::Byte { n.div_ceil(4) } else { n };
-    Ok(Launch::Fused { cfg, n: units, meta: at, len })
-}
-
-/// A row-wise normalisation over the last axis: inputs x and (for norms) weight and bias.
-fn norm(kind: NormKind, eps: f32, s: &Step, woff: &[usize], coff: &[usize], meta: &mut Vec<u32>) -> Result<Launch, String> {
-    let out = shape_of(&s.output);
-    let (_, out_off) = place(&s.output, woff, coff)?;
-    let d = *out.last().unwrap_or(&1);
-    let rows = out.iter().product::<usize>() / d.max(1);
-    let mut offs = [0usize; 3];
-    let mut in_arena = [true; 3];
-    for (j, o) in s.inputs.iter().enumerate().take(3) {
-        (in_arena[j], offs[j]) = place(o, woff, coff)?;
-    }
-    let (at, len) = push(meta, vec![u(rows)?, u(d)?, u(offs[0])?, u(offs[1])?, u(offs[2])?, u(out_off)?]);
-    Ok(Launch::Norm { cfg: NormCfg { kind, eps_bits: eps.to_bits(), in_arena }, rows, meta: at, len })
 }
 
 /// Lowers every step of `e`; errors carry (step, op, message).
 pub fn lower_entry(e: &Entry, woff: &[usize], coff: &[usize], meta: &mut Vec<u32>) -> Result<Lowered, (usize, &'static str, String)> {
     let mut low = Lowered::default();
+    let mut l = Lower { woff, coff, meta };
     for io in &e.inputs {
         // Inputs arrive as raw bytes: copy whole words to the slot's word offset.
         let Slot::Arena { offset, .. } = io.operand.slot else {
             return Err((0, "input", format!("input {} is not in the arena (corrupt program)", io.name)));
         };
         let words = io.operand.ty.bytes().div_ceil(4);
-        low.uploads.push(copy(meta, &[words], false, 0, &[1], offset / 4, &[1]).map_err(|m| (0, "input", m))?);
+        let (src, dst) = (Strided { off: 0, strides: vec![1] }, Strided { off: offset / 4, strides: vec![1] });
+        low.uploads.push(l.copy(&[words], false, src, dst).map_err(|m| (0, "input", m))?);
     }
     for (i, s) in e.steps.iter().enumerate() {
-        low.steps.push(lower_step(s, woff, coff, meta).map_err(|m| (i, s.op.name(), m))?);
+        low.steps.push(l.step(s).map_err(|m| (i, s.op.name(), m))?);
     }
     Ok(low)
 }

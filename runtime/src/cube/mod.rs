@@ -12,6 +12,7 @@
 //! tensors keep their byte layout in the arena (see `kiln_kernels::cube::typed`). An op or
 //! dtype without a cube kernel is a compile error naming it.
 
+mod expr;
 mod kernel;
 mod lower;
 

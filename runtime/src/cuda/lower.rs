@@ -1,14 +1,19 @@
 //! From program steps to CUDA work, with no driver: which kernel each step uses, its grid and
 //! its parameter block. Device addresses are offsets into the backend's one allocation
 //! ([`Layout`]) and are relocated by the executor once the allocation exists, so everything
-//! here is testable on a machine without a GPU.
+//! here is testable on a machine without a GPU. The index math (splits, strides, reduce axes,
+//! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
 mod index;
 
+use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, EpilogueKind};
-use kiln_graph::dtype::broadcast_strides;
+use crate::geometry::{
+    at_least_1d, contiguous, Access, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
+    Split, ViewGeometry,
+};
 use kiln_graph::program::{Operand, Program, Slot, Step};
-use kiln_graph::{DType, Expr, MaskKind, Op, ReduceOp, TensorType};
+use kiln_graph::{Attention, DType, Expr, MaskKind, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
     self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK,
 };
@@ -170,14 +175,6 @@ fn index_suffix(d: DType) -> Result<&'static str, String> {
     }
 }
 
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
-}
-
 pub(super) fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
     // SAFETY: T is one of kiln's `#[repr(C)]` parameter structs: plain integers and floats, no
     // padding bytes that would be uninitialised (every struct pads with explicit fields).
@@ -195,9 +192,9 @@ fn grid1(n: usize) -> (u32, u32, u32) {
 
 /// Attention: (use the tensor-core prefill, split-K scratch bytes, splits).
 fn attention_plan(s: &Step) -> Result<(bool, usize, usize), String> {
-    let (q, k, v) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.inputs[2].ty);
-    let (b, sq, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-    let (sk, dv) = (k.shape[1], v.shape[3]);
+    let q = &s.inputs[0].ty;
+    let g = AttentionGeometry::new(&q.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
+    let (b, sq, hq, d, sk, dv) = (g.batch, g.sq, g.hq, g.d, g.sk, g.dv);
     let half = matches!(q.dtype, DType::BF16 | DType::F16);
     let mma = half && sq > 1 && d == dv && kc::MMA_HEAD_DIMS.contains(&d);
     if mma {
@@ -231,7 +228,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
                     None => {
                         let mut ins = vec![out.dtype];
                         ins.extend(inputs[2..].iter().map(|t| t.dtype));
-                        format!("cublaslt.gemm_{t}{tb};{}", fused::kernel_name(e, &ins, out.dtype))
+                        format!("cublaslt.gemm_{t}{tb};{}", codegen::kernel_name(e, &ins, out.dtype))
                     }
                 },
             }
@@ -245,7 +242,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
                 return no("rank above 8");
             }
             let ins: Vec<DType> = inputs.iter().map(|t| t.dtype).collect();
-            fused::kernel_name(&e, &ins, out.dtype)
+            codegen::kernel_name(&e, &ins, out.dtype)
         }
         Op::LayerNorm { .. } => format!("layer_norm_{}", float_suffix(out.dtype)?),
         Op::RmsNorm { .. } => format!("rms_norm_{}", float_suffix(out.dtype)?),
@@ -308,7 +305,7 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                     None => continue,
                 },
             };
-            let (name, source) = fused::source(&expr, &ins, s.output.ty.dtype)?;
+            let (name, source) = codegen::source(&expr, &ins, s.output.ty.dtype)?;
             if !out.iter().any(|r| r.name == name) {
                 out.push(Region { name, source });
             }
@@ -324,32 +321,29 @@ fn launch<T: Copy>(module: &str, kernel: String, grid: (u32, u32, u32), block: u
 /// A fused elementwise launch writing `out` from `ins` (each broadcast to `out`'s shape).
 fn fused_launch(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType)) -> Result<Work, String> {
     let dtypes: Vec<DType> = ins.iter().map(|(_, t)| t.dtype).collect();
-    let name = fused::kernel_name(e, &dtypes, out.1.dtype);
-    let shape = if out.1.shape.is_empty() { vec![1] } else { out.1.shape.clone() };
-    if shape.len() > MAX_RANK || ins.len() > fused::MAX_INPUTS {
+    let name = codegen::kernel_name(e, &dtypes, out.1.dtype);
+    let shapes: Vec<&[usize]> = ins.iter().map(|(_, t)| t.shape.as_slice()).collect();
+    let g = ElementwiseGeometry::new(&shapes, &out.1.shape);
+    if g.shape.len() > MAX_RANK || ins.len() > fused::MAX_INPUTS {
         return Err("fused region beyond rank 8 or 16 inputs".into());
     }
-    let mut p =
-        fused::FusedParams { out: out.0, n: shape.iter().product::<usize>() as i64, rank: shape.len() as i32, ..Default::default() };
-    for (a, &d) in shape.iter().enumerate() {
+    let mut p = fused::FusedParams { out: out.0, n: g.n() as i64, rank: g.shape.len() as i32, ..Default::default() };
+    for (a, &d) in g.shape.iter().enumerate() {
         p.dims[a] = d as i64;
     }
-    for (i, (addr, t)) in ins.iter().enumerate() {
+    for (i, ((addr, _), access)) in ins.iter().zip(&g.access).enumerate() {
         p.ins[i] = *addr;
-        let access = if t.numel() == 1 {
-            fused::Access::Scalar
-        } else if t.shape == shape {
-            fused::Access::Contiguous
-        } else {
-            fused::Access::Strided
-        };
-        p.access[i] = access as i32;
-        if access == fused::Access::Strided {
-            p.strided = 1;
-            for (a, s) in broadcast_strides(&t.shape, &shape).into_iter().enumerate() {
-                p.st[i][a] = s as i64;
+        p.access[i] = match access {
+            Access::Scalar => fused::Access::Scalar,
+            Access::Contiguous => fused::Access::Contiguous,
+            Access::Strided(st) => {
+                p.strided = 1;
+                for (a, &s) in st.iter().enumerate() {
+                    p.st[i][a] = s as i64;
+                }
+                fused::Access::Strided
             }
-        }
+        } as i32;
     }
     let mut relocs = vec![off_of(&p, &p.out)];
     relocs.extend((0..ins.len()).map(|i| off_of(&p, &p.ins[i])));
@@ -375,9 +369,10 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
     let out_ty = &s.output.ty;
     let out = addr(&s.output, l)?;
     let ins: Vec<u64> = s.inputs.iter().map(|o| addr(o, l)).collect::<Result<_, _>>()?;
-    let shape = if out_ty.shape.is_empty() { vec![1] } else { out_ty.shape.clone() };
-    let n: usize = shape.iter().product();
+    let shape = at_least_1d(&out_ty.shape);
     let es = out_ty.dtype.size();
+    // A strided read of input 0 into the contiguous output.
+    let view = |v: ViewGeometry| copy_launch(&shape, es, ins[0] + (v.skip * es) as u64, &v.strides, out, &contiguous(&shape));
     Ok(match &s.op {
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => vec![],
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
@@ -385,284 +380,53 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let list: Vec<(u64, &TensorType)> = ins.iter().zip(&s.inputs).map(|(&a, o)| (a, &o.ty)).collect();
             vec![fused_launch(&e, &list, (out, out_ty))?]
         }
-        Op::MatMul { transpose_b, epilogue } => {
-            let (a, b) = (&s.inputs[0].ty, &s.inputs[1].ty);
-            let r = out_ty.rank();
-            let (m, nn) = (out_ty.shape[r - 2], out_ty.shape[r - 1]);
-            let k = a.shape[a.rank() - 1];
-            let batch = n / (m * nn).max(1);
-            let lead = |t: &TensorType| t.shape[..t.rank() - 2].iter().product::<usize>();
-            // Batch axes that broadcast partially: those operands are copied to the full batch.
-            let (pre, ins, (la, lb)) = index::broadcast_operands(s, l, ins, (lead(a), lead(b)))?;
-            // A batched `a` against one `b` is one GEMM with batch folded into M.
-            let (gm, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 {
-                (m * batch, 1, 0, 0)
-            } else {
-                (m, batch, if la == 1 { 0 } else { m * k }, if lb == 1 { 0 } else { k * nn })
-            };
-            let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
-            let mut g = Gemm {
-                dtype: out_ty.dtype,
-                m: gm,
-                n: nn,
-                k,
-                batch: gbatch,
-                transpose_b: *transpose_b,
-                a: ins[0],
-                b: ins[1],
-                c: out,
-                a_stride,
-                b_stride,
-                epilogue: Epilogue::None,
-                gemv: None,
-            };
-            let mut work = Vec::new();
-            match epilogue.as_ref().map(|e| (e, epilogue_kind(e, &extra, out_ty))) {
-                None => {}
-                Some((_, Some(kind))) => g.epilogue = kind.epilogue(&ins[2..]),
-                Some((e, None)) => {
-                    let mut list: Vec<(u64, &TensorType)> = vec![(out, out_ty)];
-                    list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
-                    work.push(fused_launch(e, &list, (out, out_ty))?);
-                }
-            }
-            g.gemv = super::gemm::gemv_launch(&g);
-            work.insert(0, Work::Gemm(g));
-            work.splice(0..0, pre);
-            work
-        }
-        Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => {
-            let d = *shape.last().unwrap_or(&1);
-            let layer = matches!(s.op, Op::LayerNorm { .. });
-            let add_one = matches!(s.op, Op::RmsNorm { add_one: true, .. });
-            let mut p = NormParams {
-                x: ins[0],
-                w: ins[1],
-                b: 0,
-                out,
-                rows: (n / d.max(1)) as i32,
-                d: d as i32,
-                eps: *eps,
-                add_one: add_one as i32,
-            };
-            let mut relocs = vec![off_of(&p, &p.x), off_of(&p, &p.w), off_of(&p, &p.out)];
-            if layer {
-                p.b = ins[2];
-                relocs.push(off_of(&p, &p.b));
-            }
-            let name = if layer { "layer_norm" } else { "rms_norm" };
-            vec![launch("norm", format!("{name}_{}", float_suffix(out_ty.dtype)?), (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
-        }
+        Op::MatMul { transpose_b, epilogue } => lower_matmul(s, l, ins, out, *transpose_b, epilogue.as_ref())?,
+        Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => vec![lower_norm(s, &ins, out, *eps)?],
         Op::Softmax { axis } if axis + 1 < s.inputs[0].ty.rank() => index::lower(s, l, &ins, out)?,
         Op::Softmax { .. } => {
-            let d = *shape.last().unwrap_or(&1);
-            let p = NormParams { x: ins[0], out, rows: (n / d.max(1)) as i32, d: d as i32, ..Default::default() };
+            let g = RowGeometry::new(&shape);
+            let p = NormParams { x: ins[0], out, rows: g.rows as i32, d: g.d as i32, ..Default::default() };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
-            vec![launch(
-                "norm",
-                format!("softmax_{}", float_suffix(out_ty.dtype)?),
-                (p.rows.max(1) as u32, 1, 1),
-                kc::BLOCK,
-                0,
-                &p,
-                &relocs,
-            )]
+            let name = format!("softmax_{}", float_suffix(out_ty.dtype)?);
+            vec![launch("norm", name, (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
         }
-        Op::Attention(att) => {
-            let (q, k, v) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-            let (mma, _, splits) = attention_plan(s)?;
-            let (mask_kind, q_offset, window) = match att.mask {
-                MaskKind::None => (0, 0, 0),
-                MaskKind::Causal { q_offset } => (1, q_offset, 0),
-                MaskKind::SlidingWindow { q_offset, window } => (2, q_offset, window),
-                MaskKind::Additive => (3, 0, 0),
-            };
-            let mut p = AttnParams {
-                q: ins[0],
-                k: ins[1],
-                v: ins[2],
-                mask: if mask_kind == 3 { ins[3] } else { 0 },
-                out,
-                partial: if splits > 1 { l.scratch as u64 } else { 0 },
-                batch: q[0] as i32,
-                sq: q[1] as i32,
-                sk: k[1] as i32,
-                hq: q[2] as i32,
-                hkv: k[2] as i32,
-                d: q[3] as i32,
-                dv: v[3] as i32,
-                mask_kind,
-                q_offset: q_offset as i32,
-                window: window as i32,
-                splits: splits as i32,
-                pad: 0,
-                scale: att.scale,
-                softcap: att.softcap.unwrap_or(0.0),
-            };
-            let mut relocs = vec![off_of(&p, &p.q), off_of(&p, &p.k), off_of(&p, &p.v), off_of(&p, &p.out)];
-            if mask_kind == 3 {
-                relocs.push(off_of(&p, &p.mask));
-            }
-            if splits > 1 {
-                relocs.push(off_of(&p, &p.partial));
-            }
-            let t = float_suffix(out_ty.dtype)?;
-            if mma {
-                let d = q[3];
-                let grid = (q[1].div_ceil(kc::MMA_BQ) as u32, q[2] as u32, q[0] as u32);
-                vec![launch("attention", format!("attn_mma_{t}_d{d}"), grid, 128, kc::mma_smem(d) as u32, &p, &relocs)]
-            } else {
-                let grid = ((q[1] * q[2]) as u32, q[0] as u32, splits as u32);
-                let mut w = vec![launch("attention", format!("attn_rows_{t}"), grid, 128, 0, &p, &relocs)];
-                if splits > 1 {
-                    p.splits = splits as i32;
-                    w.push(launch("attention", format!("attn_combine_{t}"), (grid.0, grid.1, 1), 128, 0, &p, &relocs));
-                }
-                w
-            }
-        }
-        Op::Permute { perm } => {
-            let st = contiguous(&s.inputs[0].ty.shape);
-            let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-            vec![copy_launch(&shape, es, ins[0], &pst, out, &contiguous(&shape))?]
-        }
-        Op::Slice { axis, start, step, .. } => {
-            let mut st = contiguous(&s.inputs[0].ty.shape);
-            let base = ins[0] + (start * st[*axis] * es) as u64;
-            st[*axis] *= step;
-            vec![copy_launch(&shape, es, base, &st, out, &contiguous(&shape))?]
-        }
+        Op::Attention(att) => lower_attention(s, l, &ins, out, att)?,
+        Op::Permute { perm } => vec![view(ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
+        Op::Slice { axis, start, step, .. } => vec![view(ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?],
         Op::Concat { axis } => {
-            let dst = contiguous(&shape);
-            let mut at = 0;
+            let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|o| at_least_1d(&o.ty.shape)).collect();
+            let g = ConcatGeometry::new(&shapes, &shape, *axis);
             let mut v = Vec::new();
-            for (o, &a) in s.inputs.iter().zip(&ins) {
-                let sh = if o.ty.shape.is_empty() { vec![1] } else { o.ty.shape.clone() };
-                v.push(copy_launch(&sh, es, a, &contiguous(&sh), out + (at * dst[*axis] * es) as u64, &dst)?);
-                at += sh[*axis];
+            for ((sh, &a), start) in shapes.iter().zip(&ins).zip(&g.starts) {
+                v.push(copy_launch(sh, es, a, &contiguous(sh), out + (start * es) as u64, &g.dst_strides)?);
             }
             v
         }
         Op::Gather { axis } => {
-            let x = &s.inputs[0].ty.shape;
-            let p = GatherParams {
-                x: ins[0],
-                idx: ins[1],
-                out,
-                err: l.error_flag as u64,
-                outer: x[..*axis].iter().product::<usize>() as i64,
-                len: x[*axis] as i64,
-                nidx: s.inputs[1].ty.numel() as i64,
-                inner: x[axis + 1..].iter().product::<usize>() as i64,
-            };
-            let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
-            let it = index_suffix(s.inputs[1].ty.dtype)?;
-            vec![launch("data", format!("gather_b{es}_{it}"), grid1(n), kc::BLOCK, 0, &p, &relocs)]
+            let x = Split::at(&s.inputs[0].ty.shape, *axis);
+            let nidx = s.inputs[1].ty.numel();
+            let name = format!("gather_b{es}_{}", index_suffix(s.inputs[1].ty.dtype)?);
+            vec![gather_launch(name, [ins[0], ins[1], out, l.error_flag as u64], x, nidx, shape.iter().product())]
         }
         Op::WriteSlice { axis } => {
             // Rows [outer, rows, inner] written at a position read on the device. In place
             // when the lowering aliased the output to the destination (a state); otherwise
             // the destination is copied first.
-            let (dst, rows) = (&s.inputs[0], &s.inputs[1].ty.shape);
             let mut v = Vec::new();
-            if dst.slot != s.output.slot {
+            if s.inputs[0].slot != s.output.slot {
                 v.push(copy_launch(&shape, es, ins[0], &contiguous(&shape), out, &contiguous(&shape))?);
             }
-            let p = GatherParams {
-                x: ins[1],
-                idx: ins[2],
-                out,
-                err: l.error_flag as u64,
-                outer: shape[..*axis].iter().product::<usize>() as i64,
-                len: shape[*axis] as i64,
-                nidx: rows[*axis] as i64,
-                inner: shape[axis + 1..].iter().product::<usize>() as i64,
-            };
-            let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
-            let it = index_suffix(s.inputs[2].ty.dtype)?;
-            v.push(launch("data", format!("write_rows_b{es}_{it}"), grid1(s.inputs[1].ty.numel()), kc::BLOCK, 0, &p, &relocs));
+            let rows = s.inputs[1].ty.shape[*axis];
+            let name = format!("write_rows_b{es}_{}", index_suffix(s.inputs[2].ty.dtype)?);
+            v.push(gather_launch(name, [ins[1], ins[2], out, l.error_flag as u64], Split::at(&shape, *axis), rows, s.inputs[1].ty.numel()));
             v
         }
-        Op::MoeDispatch { rows } => {
-            let (x, slot) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape);
-            let p = MoeParams {
-                x: ins[0],
-                slot: ins[1],
-                w: 0,
-                out,
-                tokens: x[0] as i32,
-                k: slot[1] as i32,
-                d: x[1] as i32,
-                rows: *rows as i32,
-            };
-            let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.out)];
-            let name = format!("moe_dispatch_{}_{}", float_suffix(out_ty.dtype)?, index_suffix(s.inputs[1].ty.dtype)?);
-            vec![
-                Work::Zero { offset: out, bytes: out_ty.bytes() },
-                launch("data", name, ((x[0] * slot[1]).max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs),
-            ]
-        }
-        Op::MoeCombine => {
-            let (y, slot) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape);
-            let p = MoeParams {
-                x: ins[0],
-                slot: ins[1],
-                w: ins[2],
-                out,
-                tokens: slot[0] as i32,
-                k: slot[1] as i32,
-                d: y[1] as i32,
-                rows: y[0] as i32,
-            };
-            let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.w), off_of(&p, &p.out)];
-            let name = format!("moe_combine_{}_{}", float_suffix(out_ty.dtype)?, index_suffix(s.inputs[1].ty.dtype)?);
-            vec![launch("data", name, (slot[0].max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
-        }
-        Op::Reduce { op, axes, .. } => {
-            let x = &s.inputs[0].ty.shape;
-            let st = contiguous(x);
-            if x.len() > MAX_RANK {
-                return Err("reduce beyond rank 8".into());
-            }
-            let mut p = ReduceParams {
-                x: ins[0],
-                out,
-                op: match op {
-                    ReduceOp::Sum => 0,
-                    ReduceOp::Mean => 1,
-                    ReduceOp::Max => 2,
-                    ReduceOp::Min => 3,
-                },
-                ..Default::default()
-            };
-            let (mut no, mut nr) = (1usize, 1usize);
-            for (a, &d) in x.iter().enumerate() {
-                if axes.contains(&a) {
-                    p.dims_r[p.rank_r as usize] = d as i64;
-                    p.st_r[p.rank_r as usize] = st[a] as i64;
-                    p.rank_r += 1;
-                    nr *= d;
-                } else {
-                    p.dims_o[p.rank_o as usize] = d as i64;
-                    p.st_o[p.rank_o as usize] = st[a] as i64;
-                    p.rank_o += 1;
-                    no *= d;
-                }
-            }
-            p.nout = no as i64;
-            p.nred = nr as i64;
-            let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
-            vec![launch("data", format!("reduce_{}", float_suffix(out_ty.dtype)?), grid1(no), kc::BLOCK, 0, &p, &relocs)]
-        }
+        Op::MoeDispatch { .. } | Op::MoeCombine => lower_moe(s, &ins, out)?,
+        Op::Reduce { op, axes, .. } => vec![lower_reduce(s, &ins, out, *op, axes)?],
         Op::Iota { axis, start, step } => {
-            let p = IotaParams {
-                out,
-                n: n as i64,
-                inner: shape[axis + 1..].iter().product::<usize>() as i64,
-                len: shape[*axis] as i64,
-                start: *start,
-                step: *step,
-            };
+            let sp = Split::at(&shape, *axis);
+            let n = shape.iter().product::<usize>();
+            let p = IotaParams { out, n: n as i64, inner: sp.inner as i64, len: sp.len as i64, start: *start, step: *step };
             let relocs = [off_of(&p, &p.out)];
             vec![launch("data", format!("iota_{}", out_ty.dtype.name()), grid1(n), kc::BLOCK, 0, &p, &relocs)]
         }
@@ -670,6 +434,189 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             index::lower(s, l, &ins, out)?
         }
     })
+}
+
+/// A gather (`x` split around the axis, `nidx` indices) or a row write (`x` the destination's
+/// split, `nidx` rows): `ptrs` are x, idx, out and the error flag; `units` threads.
+fn gather_launch(name: String, ptrs: [u64; 4], x: Split, nidx: usize, units: usize) -> Work {
+    let [x_ptr, idx, out, err] = ptrs;
+    let p = GatherParams { x: x_ptr, idx, out, err, outer: x.outer as i64, len: x.len as i64, nidx: nidx as i64, inner: x.inner as i64 };
+    let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
+    launch("data", name, grid1(units), kc::BLOCK, 0, &p, &relocs)
+}
+
+/// A GEMM (cuBLASLt, or the GEMV the executor may pick), after the copies of operands whose
+/// batch broadcasts partially, and before a fused launch for an epilogue cuBLASLt lacks.
+fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool, epilogue: Option<&Expr>) -> Result<Vec<Work>, String> {
+    let out_ty = &s.output.ty;
+    let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &out_ty.shape);
+    let (m, nn, k, batch) = (g.m, g.n, g.k, g.matrices());
+    // Batch axes that broadcast partially: those operands are copied to the full batch.
+    let (pre, ins, [la, lb]) = index::broadcast_operands(s, l, &g, ins)?;
+    // A batched `a` against one `b` is one GEMM with batch folded into M.
+    let (gm, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 {
+        (m * batch, 1, 0, 0)
+    } else {
+        (m, batch, if la == 1 { 0 } else { g.mat[0] }, if lb == 1 { 0 } else { g.mat[1] })
+    };
+    let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
+    let mut gemm = Gemm {
+        dtype: out_ty.dtype,
+        m: gm,
+        n: nn,
+        k,
+        batch: gbatch,
+        transpose_b,
+        a: ins[0],
+        b: ins[1],
+        c: out,
+        a_stride,
+        b_stride,
+        epilogue: Epilogue::None,
+        gemv: None,
+    };
+    let mut work = Vec::new();
+    match epilogue.map(|e| (e, epilogue_kind(e, &extra, out_ty))) {
+        None => {}
+        Some((_, Some(kind))) => gemm.epilogue = kind.epilogue(&ins[2..]),
+        Some((e, None)) => {
+            let mut list: Vec<(u64, &TensorType)> = vec![(out, out_ty)];
+            list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
+            work.push(fused_launch(e, &list, (out, out_ty))?);
+        }
+    }
+    gemm.gemv = super::gemm::gemv_launch(&gemm);
+    work.insert(0, Work::Gemm(gemm));
+    work.splice(0..0, pre);
+    Ok(work)
+}
+
+/// Layer norm or RMS norm over the last axis, one block per row.
+fn lower_norm(s: &Step, ins: &[u64], out: u64, eps: f32) -> Result<Work, String> {
+    let g = RowGeometry::new(&at_least_1d(&s.output.ty.shape));
+    let layer = matches!(s.op, Op::LayerNorm { .. });
+    let add_one = matches!(s.op, Op::RmsNorm { add_one: true, .. });
+    let mut p = NormParams { x: ins[0], w: ins[1], b: 0, out, rows: g.rows as i32, d: g.d as i32, eps, add_one: add_one as i32 };
+    let mut relocs = vec![off_of(&p, &p.x), off_of(&p, &p.w), off_of(&p, &p.out)];
+    if layer {
+        p.b = ins[2];
+        relocs.push(off_of(&p, &p.b));
+    }
+    let name = if layer { "layer_norm" } else { "rms_norm" };
+    let kernel = format!("{name}_{}", float_suffix(s.output.ty.dtype)?);
+    Ok(launch("norm", kernel, (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs))
+}
+
+/// Attention: the tensor-core prefill, or the row kernel (split-K, then the combine).
+fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: &Attention) -> Result<Vec<Work>, String> {
+    let g = AttentionGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
+    let (mma, _, splits) = attention_plan(s)?;
+    let (mask_kind, q_offset, window) = match att.mask {
+        MaskKind::None => (0, 0, 0),
+        MaskKind::Causal { q_offset } => (1, q_offset, 0),
+        MaskKind::SlidingWindow { q_offset, window } => (2, q_offset, window),
+        MaskKind::Additive => (3, 0, 0),
+    };
+    let mut p = AttnParams {
+        q: ins[0],
+        k: ins[1],
+        v: ins[2],
+        mask: if mask_kind == 3 { ins[3] } else { 0 },
+        out,
+        partial: if splits > 1 { l.scratch as u64 } else { 0 },
+        batch: g.batch as i32,
+        sq: g.sq as i32,
+        sk: g.sk as i32,
+        hq: g.hq as i32,
+        hkv: g.hkv as i32,
+        d: g.d as i32,
+        dv: g.dv as i32,
+        mask_kind,
+        q_offset: q_offset as i32,
+        window: window as i32,
+        splits: splits as i32,
+        pad: 0,
+        scale: att.scale,
+        softcap: att.softcap.unwrap_or(0.0),
+    };
+    let mut relocs = vec![off_of(&p, &p.q), off_of(&p, &p.k), off_of(&p, &p.v), off_of(&p, &p.out)];
+    if mask_kind == 3 {
+        relocs.push(off_of(&p, &p.mask));
+    }
+    if splits > 1 {
+        relocs.push(off_of(&p, &p.partial));
+    }
+    let t = float_suffix(s.output.ty.dtype)?;
+    if mma {
+        let grid = (g.sq.div_ceil(kc::MMA_BQ) as u32, g.hq as u32, g.batch as u32);
+        return Ok(vec![launch("attention", format!("attn_mma_{t}_d{}", g.d), grid, 128, kc::mma_smem(g.d) as u32, &p, &relocs)]);
+    }
+    let grid = ((g.sq * g.hq) as u32, g.batch as u32, splits as u32);
+    let mut w = vec![launch("attention", format!("attn_rows_{t}"), grid, 128, 0, &p, &relocs)];
+    if splits > 1 {
+        p.splits = splits as i32;
+        w.push(launch("attention", format!("attn_combine_{t}"), (grid.0, grid.1, 1), 128, 0, &p, &relocs));
+    }
+    Ok(w)
+}
+
+/// MoE dispatch (zero the expert rows, then add each token to its slots) or combine.
+fn lower_moe(s: &Step, ins: &[u64], out: u64) -> Result<Vec<Work>, String> {
+    let out_ty = &s.output.ty;
+    let (x, slot) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape);
+    let (t, it) = (float_suffix(out_ty.dtype)?, index_suffix(s.inputs[1].ty.dtype)?);
+    Ok(match s.op {
+        Op::MoeDispatch { rows } => {
+            let p =
+                MoeParams { x: ins[0], slot: ins[1], w: 0, out, tokens: x[0] as i32, k: slot[1] as i32, d: x[1] as i32, rows: rows as i32 };
+            let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.out)];
+            vec![
+                Work::Zero { offset: out, bytes: out_ty.bytes() },
+                launch("data", format!("moe_dispatch_{t}_{it}"), ((x[0] * slot[1]).max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs),
+            ]
+        }
+        _ => {
+            // Combine: x is the experts' output `[rows, d]`.
+            let p = MoeParams {
+                x: ins[0],
+                slot: ins[1],
+                w: ins[2],
+                out,
+                tokens: slot[0] as i32,
+                k: slot[1] as i32,
+                d: x[1] as i32,
+                rows: x[0] as i32,
+            };
+            let relocs = [off_of(&p, &p.x), off_of(&p, &p.slot), off_of(&p, &p.w), off_of(&p, &p.out)];
+            vec![launch("data", format!("moe_combine_{t}_{it}"), (slot[0].max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
+        }
+    })
+}
+
+/// A reduction over any axes: one thread per output element.
+fn lower_reduce(s: &Step, ins: &[u64], out: u64, op: ReduceOp, axes: &[usize]) -> Result<Work, String> {
+    let x = &s.inputs[0].ty.shape;
+    if x.len() > MAX_RANK {
+        return Err("reduce beyond rank 8".into());
+    }
+    let g = ReduceGeometry::new(x, axes);
+    let code = match op {
+        ReduceOp::Sum => 0,
+        ReduceOp::Mean => 1,
+        ReduceOp::Max => 2,
+        ReduceOp::Min => 3,
+    };
+    let mut p = ReduceParams { x: ins[0], out, op: code, ..Default::default() };
+    for (i, a) in g.kept.iter().enumerate() {
+        (p.dims_o[i], p.st_o[i]) = (a.len as i64, a.stride as i64);
+    }
+    for (i, a) in g.reduced.iter().enumerate() {
+        (p.dims_r[i], p.st_r[i]) = (a.len as i64, a.stride as i64);
+    }
+    (p.rank_o, p.rank_r) = (g.kept.len() as i32, g.reduced.len() as i32);
+    (p.nout, p.nred) = (g.n_out() as i64, g.n_reduced() as i64);
+    let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
+    Ok(launch("data", format!("reduce_{}", float_suffix(s.output.ty.dtype)?), grid1(g.n_out()), kc::BLOCK, 0, &p, &relocs))
 }
 
 #[cfg(test)]

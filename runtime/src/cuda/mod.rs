@@ -13,6 +13,7 @@
 //! executor ([`exec`]) runs on a GPU only (scripts/device_cuda.sh).
 
 pub mod exec;
+mod fused_codegen;
 pub mod gemm;
 pub mod lower;
 pub mod tune;

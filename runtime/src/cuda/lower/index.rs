@@ -3,16 +3,16 @@
 //! matmul whose batch axes broadcast partially, copied to the full batch in the scratch
 //! region so that one strided-batch GEMM (with aligned pointers) does the rest.
 
-use super::{al, contiguous, copy_launch, float_suffix, grid1, index_suffix, launch, off_of, Layout, Work};
-use kiln_graph::dtype::broadcast_strides;
+use super::{al, copy_launch, float_suffix, grid1, index_suffix, launch, off_of, Layout, Work};
+use crate::geometry::{contiguous, MatmulGeometry, Split};
 use kiln_graph::program::Step;
 use kiln_graph::{DType, Op, ResizeMode, TensorType};
 use kiln_kernels::cuda::{self as kc, AlongParams, LineParams, ResizeParams, TopkParams};
 
-/// A shape as `[outer, len, inner]` around `axis`.
+/// A shape as `[outer, len, inner]` around `axis`, as the kernels' parameters hold it.
 fn split(shape: &[usize], axis: usize) -> (i64, i64, i64) {
-    let p = |s: &[usize]| s.iter().product::<usize>() as i64;
-    (p(&shape[..axis]), shape[axis] as i64, p(&shape[axis + 1..]))
+    let s = Split::at(shape, axis);
+    (s.outer as i64, s.len as i64, s.inner as i64)
 }
 
 /// One block per line (the scan's launch), as many as the grid allows; blocks stride.
@@ -107,57 +107,41 @@ pub(super) fn lower(s: &Step, l: &Layout, ins: &[u64], out: u64) -> Result<Vec<W
     })
 }
 
-/// A matmul operand's batch extent (the product of its axes before the last two).
-fn lead(t: &TensorType) -> usize {
-    t.shape[..t.rank() - 2].iter().product()
+/// The geometry of a matmul step (None for other steps).
+fn matmul_geometry(s: &Step) -> Option<MatmulGeometry> {
+    let Op::MatMul { .. } = s.op else { return None };
+    Some(MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.output.ty.shape))
 }
 
-/// The operands (0: a, 1: b) of a matmul step whose batch axes broadcast partially: neither
-/// all of the output's batch nor none of it. cuBLASLt's strided batches cannot read them.
-fn partial_operands(s: &Step) -> Vec<usize> {
-    let Op::MatMul { .. } = s.op else { return vec![] };
-    let out = &s.output.ty;
-    let batch: usize = out.shape[..out.rank() - 2].iter().product();
-    (0..2).filter(|&i| ![1, batch].contains(&lead(&s.inputs[i].ty))).collect()
-}
-
-/// Bytes of scratch a step needs to materialise its matmul operands (0 for other steps).
+/// Bytes of scratch a step needs to materialise its matmul operands whose batch axes
+/// broadcast partially (0 for other steps): cuBLASLt's strided batches cannot read them.
 pub(super) fn matmul_scratch(s: &Step) -> usize {
-    let out = &s.output.ty;
-    let batch: usize = out.shape[..out.rank().saturating_sub(2)].iter().product();
-    partial_operands(s).into_iter().map(|i| al(batch * s.inputs[i].ty.bytes() / lead(&s.inputs[i].ty).max(1))).sum()
+    let Some(g) = matmul_geometry(s) else { return 0 };
+    g.partial().into_iter().map(|i| al(g.batch * s.inputs[i].ty.bytes() / g.lead[i].max(1))).sum()
 }
 
 /// The copies to run first, the operands' addresses and their batch extents.
-type Operands = (Vec<Work>, Vec<u64>, (usize, usize));
+type Operands = (Vec<Work>, Vec<u64>, [usize; 2]);
 
 /// For a matmul whose batch axes broadcast partially, copies each such operand to the full
 /// batch (`[batch, rows, cols]`, in the scratch region) and returns the copies, the
 /// operands' addresses (`ins` with those replaced) and their batch extents (`batch` for a
 /// copied one). Other matmuls come back unchanged with no copies.
-pub(super) fn broadcast_operands(s: &Step, l: &Layout, mut ins: Vec<u64>, mut leads: (usize, usize)) -> Result<Operands, String> {
-    let out = &s.output.ty;
-    let bs = &out.shape[..out.rank() - 2];
-    let batch: usize = bs.iter().product();
+pub(super) fn broadcast_operands(s: &Step, l: &Layout, g: &MatmulGeometry, mut ins: Vec<u64>) -> Result<Operands, String> {
+    let mut leads = g.lead;
     let mut at = l.scratch;
     let mut copies = Vec::new();
-    for i in partial_operands(s) {
-        let t = &s.inputs[i].ty;
-        let mat = t.shape[t.rank() - 2] * t.shape[t.rank() - 1];
-        let st = broadcast_strides(&t.shape[..t.rank() - 2], bs);
+    for i in g.partial() {
+        let esize = s.inputs[i].ty.dtype.size();
         // Axes of extent 1 are dropped; the matrix is one contiguous axis.
         let (mut dims, mut src_st): (Vec<usize>, Vec<usize>) =
-            bs.iter().zip(&st).filter(|(&d, _)| d > 1).map(|(&d, &s)| (d, s * mat)).unzip();
-        dims.push(mat);
+            g.batch_shape.iter().zip(&g.batch_strides[i]).filter(|(&d, _)| d > 1).map(|(&d, &s)| (d, s)).unzip();
+        dims.push(g.mat[i]);
         src_st.push(1);
-        copies.push(copy_launch(&dims, t.dtype.size(), ins[i], &src_st, at as u64, &contiguous(&dims))?);
+        copies.push(copy_launch(&dims, esize, ins[i], &src_st, at as u64, &contiguous(&dims))?);
         ins[i] = at as u64;
-        if i == 0 {
-            leads.0 = batch;
-        } else {
-            leads.1 = batch;
-        }
-        at += al(batch * mat * t.dtype.size());
+        leads[i] = g.batch;
+        at += al(g.batch * g.mat[i] * esize);
     }
     if at > l.scratch + l.scratch_bytes {
         return Err(format!(

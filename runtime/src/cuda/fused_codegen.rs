@@ -1,0 +1,274 @@
+//! Fused elementwise regions as CUDA C: one kernel per distinct region (expression and
+//! dtypes), straight-line code, computed in f32 (f64 for integer regions) with every
+//! intermediate rounded to the region's dtype, as the interpreter does
+//! ([`kiln_graph::Expr::eval`]). The kernels read their operands through
+//! `kiln_kernels::cuda::fused::FusedParams` (declared there, with its C twin).
+
+use kiln_graph::{BinaryOp, DType, Expr, Instr, UnaryOp};
+use kiln_kernels::cuda::fused::{MAX_INPUTS, PARAMS_C};
+use std::fmt::Write;
+
+/// The C storage type of a dtype.
+pub fn c_type(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::I32 => "int",
+        DType::I64 => "i64",
+        DType::U8 | DType::Bool => "u8",
+    }
+}
+
+/// The dtype every intermediate of a region is rounded to: the output's, or for a region
+/// producing booleans, its first input's.
+pub fn region_dtype(inputs: &[DType], out: DType) -> DType {
+    if out == DType::Bool {
+        inputs.first().copied().unwrap_or(DType::F32)
+    } else {
+        out
+    }
+}
+
+/// Stable kernel name of a region: FNV-1a of its instructions and dtypes.
+pub fn kernel_name(expr: &Expr, inputs: &[DType], out: DType) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let text = format!("{:?}|{:?}|{:?}", expr.instrs, inputs, out);
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("fused_{h:016x}")
+}
+
+fn unary(op: UnaryOp, x: &str, f: bool) -> String {
+    // f: single precision (float) math; otherwise double.
+    let m = |name: &str| if f { format!("{name}f({x})") } else { format!("{name}({x})") };
+    let one = if f { "1.0f" } else { "1.0" };
+    match op {
+        UnaryOp::Neg => format!("-{x}"),
+        UnaryOp::Abs => m("fabs"),
+        UnaryOp::Exp => m("exp"),
+        UnaryOp::Log => m("log"),
+        UnaryOp::Sqrt => m("sqrt"),
+        UnaryOp::Rsqrt => format!("{one} / {}", m("sqrt")),
+        UnaryOp::Recip => format!("{one} / {x}"),
+        UnaryOp::Square => format!("{x} * {x}"),
+        UnaryOp::Tanh => m("tanh"),
+        UnaryOp::Sigmoid => format!("{one} / ({one} + {})", if f { format!("expf(-{x})") } else { format!("exp(-{x})") }),
+        UnaryOp::Erf => m("erf"),
+        UnaryOp::Sin => m("sin"),
+        UnaryOp::Cos => m("cos"),
+        UnaryOp::Floor => m("floor"),
+        UnaryOp::Relu => format!("({x} > 0 ? {x} : 0)"),
+        UnaryOp::GeluTanh => {
+            let t = if f { "tanhf" } else { "tanh" };
+            format!("0.5f * {x} * ({one} + {t}(0.7978845608f * ({x} + 0.044715f * {x} * {x} * {x})))")
+        }
+        UnaryOp::GeluErf => {
+            let e = if f { "erff" } else { "erf" };
+            format!("0.5f * {x} * ({one} + {e}({x} * 0.7071067812f))")
+        }
+        UnaryOp::Silu => format!("{x} / ({one} + {})", if f { format!("expf(-{x})") } else { format!("exp(-{x})") }),
+        UnaryOp::Softplus => {
+            if f {
+                format!("({x} > 30.0f ? {x} : log1pf(expf({x})))")
+            } else {
+                format!("({x} > 30.0 ? {x} : log1p(exp({x})))")
+            }
+        }
+        UnaryOp::Not => format!("({x} == 0 ? 1 : 0)"),
+    }
+}
+
+fn binary(op: BinaryOp, a: &str, b: &str, f: bool) -> String {
+    let t = |c: &str| format!("({a} {c} {b} ? 1 : 0)");
+    match op {
+        BinaryOp::Add => format!("{a} + {b}"),
+        BinaryOp::Sub => format!("{a} - {b}"),
+        BinaryOp::Mul => format!("{a} * {b}"),
+        BinaryOp::Div => format!("{a} / {b}"),
+        BinaryOp::Max => format!("{}({a}, {b})", if f { "fmaxf" } else { "fmax" }),
+        BinaryOp::Min => format!("{}({a}, {b})", if f { "fminf" } else { "fmin" }),
+        BinaryOp::Pow => format!("{}({a}, {b})", if f { "powf" } else { "pow" }),
+        BinaryOp::Eq => t("=="),
+        BinaryOp::Ne => t("!="),
+        BinaryOp::Lt => t("<"),
+        BinaryOp::Le => t("<="),
+        BinaryOp::Gt => t(">"),
+        BinaryOp::Ge => t(">="),
+        BinaryOp::And => format!("({a} != 0 && {b} != 0 ? 1 : 0)"),
+        BinaryOp::Or => format!("({a} != 0 || {b} != 0 ? 1 : 0)"),
+    }
+}
+
+/// Rounds a compute value to the region dtype (the interpreter's per-instruction rounding).
+fn round(d: DType, v: &str) -> String {
+    match d {
+        DType::F32 => v.to_string(),
+        DType::BF16 => format!("to_f32(from_f32<bf16>({v}))"),
+        DType::F16 => format!("to_f32(from_f32<f16>({v}))"),
+        DType::I32 => format!("(double)(int)(i64)({v})"),
+        DType::I64 => format!("trunc({v})"),
+        DType::U8 => format!("(double)(u8)(i64)({v})"),
+        DType::Bool => format!("({v} != 0 ? 1.0 : 0.0)"),
+    }
+}
+
+/// The kernel of one region: its name and complete source (helpers included). Errors name
+/// what the generator does not support.
+pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, String), String> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(format!("a fused region of {} inputs (the CUDA generator takes at most {MAX_INPUTS})", inputs.len()));
+    }
+    if expr.instrs.is_empty() {
+        return Err("an empty fused region".into());
+    }
+    if expr.arity() > inputs.len() {
+        return Err(format!("the region reads input {} but the step has {}", expr.arity() - 1, inputs.len()));
+    }
+    let name = kernel_name(expr, inputs, out);
+    let rd = region_dtype(inputs, out);
+    let f = rd.is_float();
+    let ct = if f { "float" } else { "double" };
+    let mut s = String::new();
+    s.push_str(kiln_kernels::cuda::COMMON);
+    s.push_str(PARAMS_C);
+    let _ = writeln!(s, "extern \"C\" __global__ void __launch_bounds__(256) {name}(const FusedParams p) {{");
+    let _ = writeln!(s, "  for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < p.n; x += (i64)gridDim.x * blockDim.x) {{");
+    for i in 0..inputs.len() {
+        let _ = writeln!(s, "    i64 o{i} = p.access[{i}] == 0 ? x : 0;");
+    }
+    let _ = writeln!(s, "    if (p.strided) {{");
+    let _ = writeln!(s, "      i64 rem = x;");
+    let _ = writeln!(s, "      for (int a = p.rank - 1; a >= 0; a--) {{");
+    let _ = writeln!(s, "        i64 ia = rem % p.dims[a];");
+    let _ = writeln!(s, "        rem /= p.dims[a];");
+    for i in 0..inputs.len() {
+        let _ = writeln!(s, "        if (p.access[{i}] == 2) o{i} += ia * p.st[{i}][a];");
+    }
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    for (v, ins) in expr.instrs.iter().enumerate() {
+        let rhs = match *ins {
+            Instr::Input(k) => {
+                let d = inputs[k as usize];
+                let load = format!("((const {}*)p.ins[{k}])[o{k}]", c_type(d));
+                if d.is_float() {
+                    format!("({ct})to_f32({load})")
+                } else {
+                    format!("({ct}){load}")
+                }
+            }
+            Instr::Const(c) => {
+                if c.is_finite() {
+                    format!("({ct}){:?}", c as f64)
+                } else if c.is_nan() {
+                    format!("({ct})__int_as_float(0x7fc00000)")
+                } else if c > 0.0 {
+                    format!("({ct})KILN_INF")
+                } else {
+                    format!("({ct})-KILN_INF")
+                }
+            }
+            Instr::Unary(op, a) => unary(op, &format!("v{a}"), f),
+            Instr::Binary(op, a, b) => binary(op, &format!("v{a}"), &format!("v{b}"), f),
+            Instr::Select(c, a, b) => format!("(v{c} != 0 ? v{a} : v{b})"),
+        };
+        let _ = writeln!(s, "    const {ct} v{v} = {};", round(rd, &format!("({ct})({rhs})")));
+    }
+    let last = expr.instrs.len() - 1;
+    let store = match out {
+        DType::F32 | DType::BF16 | DType::F16 => format!("from_f32<{}>((float)v{last})", c_type(out)),
+        DType::Bool => format!("(u8)(v{last} != 0 ? 1 : 0)"),
+        DType::I32 | DType::I64 | DType::U8 => format!("({})(i64)v{last}", c_type(out)),
+    };
+    let _ = writeln!(s, "    (({}*)p.out)[x] = {store};", c_type(out));
+    let _ = writeln!(s, "  }}\n}}");
+    Ok((name, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_kernels::cuda::nvrtc;
+
+    fn gelu_add() -> Expr {
+        Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Add, 0, 1), Instr::Unary(UnaryOp::GeluTanh, 2)] }
+    }
+
+    #[test]
+    fn a_region_becomes_straight_line_code() {
+        let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16).unwrap();
+        assert!(name.starts_with("fused_"));
+        assert!(src.contains(&format!("void __launch_bounds__(256) {name}(const FusedParams p)")));
+        assert!(src.contains("const float v2 = to_f32(from_f32<bf16>((float)(v0 + v1)));"), "{src}");
+        assert!(src.contains("((bf16*)p.out)[x] = from_f32<bf16>((float)v3);"));
+    }
+
+    #[test]
+    fn names_depend_on_code_and_dtypes() {
+        let e = gelu_add();
+        let a = kernel_name(&e, &[DType::F32, DType::F32], DType::F32);
+        assert_eq!(a, kernel_name(&e, &[DType::F32, DType::F32], DType::F32));
+        assert_ne!(a, kernel_name(&e, &[DType::BF16, DType::BF16], DType::BF16));
+    }
+
+    #[test]
+    fn too_many_inputs_is_an_error() {
+        let e = Expr { instrs: vec![Instr::Input(0)] };
+        let err = source(&e, &[DType::F32; 17], DType::F32).unwrap_err();
+        assert!(err.contains("at most 16"), "{err}");
+    }
+
+    /// The NVRTC check, skipped with a note where libnvrtc is missing, unless
+    /// `KILN_REQUIRE_NVRTC=1` (set by scripts/test.sh).
+    fn nvrtc_or_skip() -> bool {
+        if nvrtc::available() {
+            return true;
+        }
+        let required = std::env::var("KILN_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+        assert!(!required, "KILN_REQUIRE_NVRTC=1 but {}", nvrtc::INSTALL_HINT);
+        eprintln!("skipped: {}", nvrtc::INSTALL_HINT);
+        false
+    }
+
+    #[test]
+    fn generated_regions_compile_for_every_dtype() {
+        if !nvrtc_or_skip() {
+            return;
+        }
+        // RoPE-like: x * cos + rotate * sin; a comparison and a select; a cast to i32.
+        let rope = Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Input(1),
+                Instr::Binary(BinaryOp::Mul, 0, 1),
+                Instr::Input(2),
+                Instr::Input(3),
+                Instr::Binary(BinaryOp::Mul, 3, 4),
+                Instr::Binary(BinaryOp::Add, 2, 5),
+            ],
+        };
+        let select = Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Const(0.0),
+                Instr::Binary(BinaryOp::Gt, 0, 1),
+                Instr::Unary(UnaryOp::GeluTanh, 0),
+                Instr::Const(f32::NEG_INFINITY),
+                Instr::Select(2, 3, 4),
+            ],
+        };
+        for d in [DType::F32, DType::BF16, DType::F16] {
+            for (e, n, out) in [(&rope, 4, d), (&select, 1, d), (&select, 1, DType::Bool)] {
+                let (name, src) = source(e, &vec![d; n], out).unwrap();
+                let c = nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
+                assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
+            }
+        }
+        let ids = Expr { instrs: vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 0, 1)] };
+        let (name, src) = source(&ids, &[DType::I64], DType::I32).unwrap();
+        nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
+    }
+}
