@@ -7,7 +7,7 @@
 use kiln_graph::interp::{run, Value};
 use kiln_graph::passes::Pipeline;
 use kiln_graph::program::Program;
-use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, ReduceOp, ResizeMode, TensorType, UnaryOp};
+use kiln_graph::{Attention, BinaryOp, Conv, DType, Graph, MaskKind, NodeId, Op, ReduceOp, ResizeMode, TensorType, UnaryOp};
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -165,11 +165,11 @@ const HALF: &[&str] = &["bf16 ", "f16 "];
 
 /// Ops the cuda backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cuda")]
-const CUDA_LACKS: &[&str] = &[];
+const CUDA_LACKS: &[&str] = &["conv "];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] = HALF;
+const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "conv "];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()
@@ -533,9 +533,10 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::MoeCombine => 23,
         Op::WriteSlice { .. } => 24,
         Op::Fused(_) => 25,
+        Op::Conv(_) => 26,
     })
 }
-const OP_KINDS: usize = 26;
+const OP_KINDS: usize = 27;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();
@@ -552,6 +553,7 @@ fn all_rows() -> Vec<Row> {
         attention_variants_rows,
         write_slice_rows,
         half_rows,
+        conv_rows,
     ] {
         rows.extend(f());
     }
@@ -561,7 +563,15 @@ fn all_rows() -> Vec<Row> {
 /// Rows in which the cpu backend runs some step through the reference interpreter (there the
 /// row compares the interpreter with itself for that step). Each is named here on purpose;
 /// a row that gains or loses a fallback fails [`every_op_has_a_row`] until this list says so.
-const CPU_INTERPRETED: &[&str] = &["bool and u8 outputs", "reduce Mean [1]", "reduce Max [0, 2]", "softmax middle", "cast + iota"];
+const CPU_INTERPRETED: &[&str] = &[
+    "bool and u8 outputs",
+    "reduce Mean [1]",
+    "reduce Max [0, 2]",
+    "softmax middle",
+    "cast + iota",
+    "conv 3x3 pad 1",
+    "conv transposed k4 s2 p1",
+];
 
 #[test]
 fn every_op_has_a_row() {
@@ -586,6 +596,31 @@ fn every_op_has_a_row() {
     let missing: Vec<usize> = (0..OP_KINDS).filter(|&k| !seen[k]).collect();
     assert!(missing.is_empty(), "op kinds {missing:?} of `op_kind` have no parity row");
     assert_eq!(interpreted, CPU_INTERPRETED, "rows the cpu backend runs partly through the interpreter");
+}
+
+/// Convolutions as the PaliGemma mask decoder has them: a 3x3 conv with padding 1 and bias,
+/// and a k4 s2 p1 transposed conv doubling the side.
+fn conv_rows() -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (name, c, x, w) in [
+        ("conv 3x3 pad 1", Conv { stride: [1, 1], pad: [1, 1], transposed: false }, [2, 6, 5, 8], [3, 3, 8, 4]),
+        ("conv transposed k4 s2 p1", Conv { stride: [2, 2], pad: [1, 1], transposed: true }, [1, 4, 4, 8], [4, 4, 8, 6]),
+    ] {
+        let mut g = Graph::new();
+        let xi = f32in(&mut g, "x", &x);
+        let wi = f32in(&mut g, "w", &w);
+        let bi = f32in(&mut g, "b", &[w[3]]);
+        let y = g.push(Op::Conv(c), &[xi, wi]).unwrap();
+        let y = g.binary(BinaryOp::Add, y, bi).unwrap();
+        g.output("y", y);
+        rows.push(row(name, g, 1));
+    }
+    rows
+}
+
+#[test]
+fn convolutions() {
+    check_rows(conv_rows());
 }
 
 #[test]

@@ -77,7 +77,20 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
         }
         Op::Reduce { .. } | Op::MatMul { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => compute(op, inputs),
         Op::Attention(_) | Op::MoeDispatch { .. } | Op::MoeCombine => compute(op, inputs),
+        Op::Conv(c) => conv(c, inputs),
     }
+}
+
+/// `x [B, H, W, Ci]` (float) and `w [KH, KW, Ci, Co]` of the same dtype give `[B, OH, OW, Co]`.
+fn conv(c: &crate::op::Conv, inputs: &[&TensorType]) -> R {
+    arity(inputs, 2)?;
+    let (x, w) = (inputs[0], inputs[1]);
+    float(x, "image")?;
+    if x.rank() != 4 || w.rank() != 4 || x.dtype != w.dtype || x.shape[3] != w.shape[2] {
+        return Err(format!("conv needs x [B, H, W, Ci] and w [KH, KW, Ci, Co] of one dtype, got {x} and {w}"));
+    }
+    let [oh, ow] = c.out_hw([x.shape[1], x.shape[2]], [w.shape[0], w.shape[1]])?;
+    Ok(TensorType::new(x.dtype, [x.shape[0], oh, ow, w.shape[3]]))
 }
 
 /// Inputs, weights, constants and iota: the given type, checked.

@@ -35,4 +35,4 @@ pub use artifact::ArtifactError;
 pub use dtype::{DType, TensorType};
 pub use error::{GraphError, Result};
 pub use graph::{Graph, Node, NodeId};
-pub use op::{Attention, BinaryOp, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode, UnaryOp};
+pub use op::{Attention, BinaryOp, Conv, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode, UnaryOp};

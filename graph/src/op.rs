@@ -1,7 +1,7 @@
 //! The operation set. One op = one variant here + one shape rule (`infer.rs`) + one
 //! interpreter arm (`interp/`) + one lowering per backend + one test row.
 
-use crate::cost::{expr_flops, Cost};
+use crate::cost::{attended_pairs, expr_flops, Cost};
 use crate::dtype::{DType, TensorType};
 use serde::{Deserialize, Serialize};
 
@@ -254,6 +254,53 @@ pub enum Op {
     WriteSlice { axis: usize },
     /// A fused elementwise region over broadcast inputs (made by the fusion pass).
     Fused(Expr),
+    /// 2-D convolution, or transposed convolution, over NHWC images: inputs `x [B, H, W, Ci]`
+    /// and a kernel `w [KH, KW, Ci, Co]` (HWIO, Flax's layout), giving `[B, OH, OW, Co]`.
+    Conv(Conv),
+}
+
+/// The geometry of a [`Op::Conv`]; zero padding, the same `pad` before and after each axis.
+///
+/// Direct (`transposed: false`): `y[b, i, j, o] = sum x[b, i*s + kh - pad, j*s + kw - pad, c] *
+/// w[kh, kw, c, o]` over the kernel and input channels (outside the image reads zero);
+/// `OH = (H + 2 pad - KH) / s + 1`.
+///
+/// Transposed (PyTorch `ConvTranspose2d(stride=s, padding=pad)` with its weight `[Ci, Co, KH,
+/// KW]` permuted to HWIO): every input pixel scatters `x[b, i, j, c] * w[kh, kw, c, o]` to
+/// `y[b, i*s + kh - pad, j*s + kw - pad, o]`; `OH = (H - 1) s + KH - 2 pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conv {
+    /// Stride along H and W.
+    pub stride: [usize; 2],
+    /// Zero padding along H and W (each side).
+    pub pad: [usize; 2],
+    pub transposed: bool,
+}
+
+impl Conv {
+    /// The output's spatial size for an input of `hw` and a kernel of `k`, or why there is none.
+    pub fn out_hw(&self, hw: [usize; 2], k: [usize; 2]) -> Result<[usize; 2], String> {
+        let mut out = [0; 2];
+        for a in 0..2 {
+            let (n, k, s, p) = (hw[a], k[a], self.stride[a], self.pad[a]);
+            if s == 0 || n == 0 || k == 0 {
+                return Err(format!("conv with stride {s}, input {n}, kernel {k} along axis {a}"));
+            }
+            out[a] = if self.transposed {
+                ((n - 1) * s + k)
+                    .checked_sub(2 * p)
+                    .filter(|&o| o > 0)
+                    .ok_or_else(|| format!("transposed conv: padding {p} leaves nothing"))?
+            } else {
+                let padded = n + 2 * p;
+                if padded < k {
+                    return Err(format!("conv: kernel {k} larger than the padded input {padded}"));
+                }
+                (padded - k) / s + 1
+            };
+        }
+        Ok(out)
+    }
 }
 
 impl Op {
@@ -316,6 +363,10 @@ impl Op {
             Op::MoeCombine => ("moe_combine", String::new()),
             Op::WriteSlice { axis } => ("write_slice", format!("axis={axis}")),
             Op::Fused(e) => ("fused", crate::print::expr_to_string(e)),
+            Op::Conv(c) => {
+                let t = if c.transposed { ", transposed" } else { "" };
+                ("conv", format!("stride={:?}, pad={:?}{t}", c.stride, c.pad))
+            }
         }
     }
 
@@ -374,7 +425,15 @@ impl Op {
                     + 5
                     + if a.softcap.is_some() { 3 } else { 0 }
                     + if a.mask == MaskKind::Additive { 1 } else { 0 };
-                ((b * hq) as u64 * crate::cost::attended_pairs(a.mask, sq, sk) * per_pair, all_bytes)
+                ((b * hq) as u64 * attended_pairs(a.mask, sq, sk) * per_pair, all_bytes)
+            }
+            // A multiply-add per kernel tap and channel pair, per output pixel for a direct
+            // conv and per input pixel for a transposed one (zero padding counted).
+            Op::Conv(c) => {
+                let w = inputs.get(1).map_or(&[][..], |t| &t.shape[..]);
+                let dim = |i: usize| w.get(i).copied().unwrap_or(0) as u64;
+                let pixels = if c.transposed { input_numel(0) / dim(2).max(1) } else { n_out / dim(3).max(1) };
+                (2 * pixels * dim(0) * dim(1) * dim(2) * dim(3), all_bytes)
             }
         };
         Cost { flops, bytes }

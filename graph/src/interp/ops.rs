@@ -104,6 +104,7 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             Ok(v)
         }
         Op::Attention(at) => Ok(attention(a, at, out)),
+        Op::Conv(c) => Ok(conv(a[0], a[1], c, out)),
         Op::MoeDispatch { rows } => {
             let (x, slot) = (a[0], a[1]);
             let d = x.ty.shape[1];
@@ -421,4 +422,116 @@ fn resize(x: &Value, size: [usize; 2], mode: ResizeMode) -> Vec<f64> {
         }
     }
     v
+}
+
+/// [`Op::Conv`], direct or transposed, straight from its definition.
+fn conv(x: &Value, w: &Value, c: &crate::op::Conv, out: &TensorType) -> Vec<f64> {
+    let (xs, ws, os) = (&x.ty.shape, &w.ty.shape, &out.shape);
+    let (b, h, wd, ci) = (xs[0], xs[1], xs[2], xs[3]);
+    let (kh, kw, co) = (ws[0], ws[1], ws[3]);
+    let (oh, ow) = (os[1], os[2]);
+    let mut y = vec![0.0; out.numel()];
+    for n in 0..b {
+        for (i, j) in (0..h).flat_map(|i| (0..wd).map(move |j| (i, j))) {
+            for (p, q) in (0..kh).flat_map(|p| (0..kw).map(move |q| (p, q))) {
+                // The input pixel (i, j) and output pixel (r, t) this tap joins.
+                let (r, t) = if c.transposed {
+                    ((i * c.stride[0] + p).checked_sub(c.pad[0]), (j * c.stride[1] + q).checked_sub(c.pad[1]))
+                } else {
+                    let (ri, tj) = (i + c.pad[0], j + c.pad[1]);
+                    let r = ri.checked_sub(p).filter(|d| d % c.stride[0] == 0).map(|d| d / c.stride[0]);
+                    let t = tj.checked_sub(q).filter(|d| d % c.stride[1] == 0).map(|d| d / c.stride[1]);
+                    (r, t)
+                };
+                let (Some(r), Some(t)) = (r, t) else { continue };
+                if r >= oh || t >= ow {
+                    continue;
+                }
+                for k in 0..ci {
+                    let xv = x.data[((n * h + i) * wd + j) * ci + k];
+                    let wrow = ((p * kw + q) * ci + k) * co;
+                    let yrow = ((n * oh + r) * ow + t) * co;
+                    for o in 0..co {
+                        y[yrow + o] += xv * w.data[wrow + o];
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::op::Conv;
+
+    fn value(shape: &[usize], seed: u64) -> Value {
+        let n: usize = shape.iter().product();
+        let data = (0..n).map(|i| (((i as u64 + 1) * (seed * 2 + 7919)) % 97) as f64 / 48.0 - 1.0).collect();
+        Value { ty: TensorType::new(DType::F32, shape.to_vec()), data }
+    }
+
+    fn run_conv(x: &Value, w: &Value, c: Conv) -> Value {
+        let [oh, ow] = c.out_hw([x.ty.shape[1], x.ty.shape[2]], [w.ty.shape[0], w.ty.shape[1]]).unwrap();
+        let out = TensorType::new(DType::F32, [x.ty.shape[0], oh, ow, w.ty.shape[3]]);
+        Value { data: conv(x, w, &c, &out), ty: out }
+    }
+
+    /// A direct conv equals the textbook gather form: each output pixel reads its window.
+    #[test]
+    fn direct_conv_is_the_window_sum() {
+        let (x, w) = (value(&[2, 5, 6, 3], 1), value(&[3, 2, 3, 4], 2));
+        let c = Conv { stride: [2, 1], pad: [1, 0], transposed: false };
+        let y = run_conv(&x, &w, c);
+        assert_eq!(y.ty.shape, [2, 3, 5, 4]);
+        for (n, r, t, o) in (0..2).flat_map(|n| (0..3).flat_map(move |r| (0..5).flat_map(move |t| (0..4).map(move |o| (n, r, t, o))))) {
+            let mut want = 0.0;
+            for (p, q, k) in (0..3).flat_map(|p| (0..2).flat_map(move |q| (0..3).map(move |k| (p, q, k)))) {
+                let (i, j) = ((r * 2 + p) as isize - 1, (t + q) as isize);
+                if (0..5).contains(&i) && (0..6).contains(&j) {
+                    want += x.data[((n * 5 + i as usize) * 6 + j as usize) * 3 + k] * w.data[((p * 2 + q) * 3 + k) * 4 + o];
+                }
+            }
+            assert!((y.data[((n * 3 + r) * 5 + t) * 4 + o] - want).abs() < 1e-12);
+        }
+    }
+
+    /// A transposed conv is the adjoint of the direct conv with the same stride and padding
+    /// and the kernel's channel axes swapped: `<conv(x), y> = <x, conv_t(y)>` (what PyTorch's
+    /// ConvTranspose2d is), here at the PaliGemma mask decoder's k4 s2 p1 and an odd case.
+    #[test]
+    fn transposed_conv_is_the_adjoint() {
+        for (stride, pad, k, hw) in [([2, 2], [1, 1], [4, 4], [8, 8]), ([3, 2], [2, 0], [5, 3], [9, 7])] {
+            let mut x = value(&[1, hw[0], hw[1], 3], 3);
+            let w = value(&[k[0], k[1], 3, 2], 4);
+            let direct = Conv { stride, pad, transposed: false };
+            let y = value(&run_conv(&x, &w, direct).ty.shape, 5);
+            let mut wt = w.clone();
+            wt.ty.shape = vec![k[0], k[1], 2, 3];
+            for (pq, c, o) in (0..k[0] * k[1]).flat_map(|pq| (0..3).flat_map(move |c| (0..2).map(move |o| (pq, c, o)))) {
+                wt.data[(pq * 2 + o) * 3 + c] = w.data[(pq * 3 + c) * 2 + o];
+            }
+            let ty = run_conv(&y, &wt, Conv { transposed: true, ..direct });
+            // Without PyTorch's `output_padding` the transposed conv may stop short of x's last
+            // rows (those the direct conv's remainder reads): x is zero there, so the identity
+            // holds over the common extent.
+            let (th, tw) = (ty.ty.shape[1], ty.ty.shape[2]);
+            for (i, j, c) in (0..hw[0]).flat_map(|i| (0..hw[1]).flat_map(move |j| (0..3).map(move |c| (i, j, c)))) {
+                if i >= th || j >= tw {
+                    x.data[(i * hw[1] + j) * 3 + c] = 0.0;
+                }
+            }
+            let cx = run_conv(&x, &w, direct);
+            let lhs: f64 = cx.data.iter().zip(&y.data).map(|(a, b)| a * b).sum();
+            let mut rhs = 0.0;
+            for (i, j, c) in (0..hw[0].min(th)).flat_map(|i| (0..hw[1].min(tw)).flat_map(move |j| (0..3).map(move |c| (i, j, c)))) {
+                rhs += x.data[(i * hw[1] + j) * 3 + c] * ty.data[(i * tw + j) * 3 + c];
+            }
+            assert!((lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0), "stride {stride:?}: {lhs} vs {rhs}");
+        }
+        // The mask decoder's upsampling doubles the side: 4 -> 8.
+        assert_eq!(Conv { stride: [2, 2], pad: [1, 1], transposed: true }.out_hw([4, 4], [4, 4]), Ok([8, 8]));
+    }
 }

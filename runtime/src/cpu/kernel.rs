@@ -111,6 +111,8 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         ),
         // Positions and ranges: made once per run, small; the interpreter's arm fills them.
         Op::Iota { .. } => K::Reference,
+        // No model uses convolutions yet: the interpreter's arm until the mask decoder does.
+        Op::Conv(_) => K::Reference,
     })
 }
 

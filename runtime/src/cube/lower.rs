@@ -276,6 +276,7 @@ impl Lower<'_> {
             }
             Op::Concat { axis } => self.concat(s, *axis)?,
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => return Err("a source is not a step".into()),
+            Op::Conv(_) => return Err("conv has no cube kernel (refused by choose)".into()),
         })
     }
 

@@ -282,6 +282,7 @@ pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<St
         Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
             index::kernel_for(op, inputs, out)?
         }
+        Op::Conv(_) => return no("convolutions run on cpu for now"),
     })
 }
 
@@ -433,6 +434,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
         Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
             index::lower(s, l, &ins, out)?
         }
+        Op::Conv(_) => return Err("conv has no CUDA kernel (refused by kernel_for)".into()),
     })
 }
 
