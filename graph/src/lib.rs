@@ -35,4 +35,5 @@ pub use artifact::ArtifactError;
 pub use dtype::{DType, TensorType};
 pub use error::{GraphError, Result};
 pub use graph::{Graph, Node, NodeId};
-pub use op::{Attention, BinaryOp, Conv, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode, UnaryOp};
+// Every op type (an op's attribute struct included) at the crate root.
+pub use op::*;
