@@ -6,6 +6,7 @@
 //! see [`simd`].
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod gemm;
 pub mod index;

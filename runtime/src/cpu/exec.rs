@@ -12,7 +12,7 @@ use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
 use kiln_graph::{DType, MaskKind, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cpu::reduce::{self, RowReduce};
-use kiln_kernels::cpu::{attention as attn, gemm, index, movement, norm, resize, sgemm512, softmax};
+use kiln_kernels::cpu::{attention as attn, conv, gemm, index, movement, norm, resize, sgemm512, softmax};
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
@@ -107,6 +107,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::WriteSlice
                 | CpuKernel::Concat
                 | CpuKernel::Resize
+                | CpuKernel::Conv
                 | CpuKernel::TopK
                 | CpuKernel::TakeAlongAxis
                 | CpuKernel::ScatterAdd
@@ -375,6 +376,26 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
                 ResizeMode::Bicubic => resize::resize_bicubic(src, planes, ih, iw, size[0], size[1], dst),
                 ResizeMode::Bilinear => resize::resize_bilinear(src, planes, ih, iw, size[0], size[1], dst),
             }
+            Ok(())
+        }
+        CpuKernel::Conv => {
+            let Op::Conv(c) = &s.op else { return mismatch() };
+            let (x, w, y) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.output.ty.shape);
+            let g = conv::ConvShape {
+                b: x[0],
+                h: x[1],
+                w: x[2],
+                ci: x[3],
+                kh: w[0],
+                kw: w[1],
+                co: w[3],
+                oh: y[1],
+                ow: y[2],
+                stride: c.stride,
+                pad: c.pad,
+                transposed: c.transposed,
+            };
+            conv::conv2d(mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), &g, mem.f32_mut(&s.output));
             Ok(())
         }
         CpuKernel::TopK => {

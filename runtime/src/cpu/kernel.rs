@@ -30,6 +30,7 @@ crate::kernel_enum::kernel_enum! {
         WriteSlice => "cpu.write_slice",
         Concat => "cpu.concat",
         Resize => "cpu.resize",
+        Conv => "cpu.conv",
         TopK => "cpu.topk",
         TakeAlongAxis => "cpu.take_along_axis",
         ScatterAdd => "cpu.scatter_add",
@@ -111,8 +112,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         ),
         // Positions and ranges: made once per run, small; the interpreter's arm fills them.
         Op::Iota { .. } => K::Reference,
-        // No model uses convolutions yet: the interpreter's arm until the mask decoder does.
-        Op::Conv(_) => K::Reference,
+        Op::Conv(_) => or_reference(f32_all, K::Conv),
     })
 }
 
