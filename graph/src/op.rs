@@ -154,6 +154,22 @@ impl Expr {
             .unwrap_or(0)
     }
 
+    /// The expression as a nested formula over `$i` inputs (what `kiln inspect` prints).
+    pub fn formula(&self) -> String {
+        let mut parts: Vec<String> = Vec::with_capacity(self.instrs.len());
+        for ins in &self.instrs {
+            let s = match *ins {
+                Instr::Input(i) => format!("${i}"),
+                Instr::Const(c) => format!("{c:?}"),
+                Instr::Unary(op, a) => format!("{}({})", format!("{op:?}").to_lowercase(), parts[a as usize]),
+                Instr::Binary(op, a, b) => format!("{}({}, {})", format!("{op:?}").to_lowercase(), parts[a as usize], parts[b as usize]),
+                Instr::Select(c, a, b) => format!("select({}, {}, {})", parts[c as usize], parts[a as usize], parts[b as usize]),
+            };
+            parts.push(s);
+        }
+        parts.pop().unwrap_or_default()
+    }
+
     /// Evaluates the expression on scalars (`inputs[i]` is the value of `Input(i)`), rounding
     /// every intermediate to `dtype`: a region computes what its unfused ops would, each
     /// storing its result in the region's type (so `x >= y` of two equal roundings stays true).
@@ -331,7 +347,7 @@ impl Op {
             Op::MatMul { transpose_b, epilogue } => {
                 let mut s = if *transpose_b { "b^T".to_string() } else { String::new() };
                 if let Some(e) = epilogue {
-                    s = format!("{s}{}epilogue={}", if s.is_empty() { "" } else { ", " }, crate::print::expr_to_string(e));
+                    s = format!("{s}{}epilogue={}", if s.is_empty() { "" } else { ", " }, e.formula());
                 }
                 ("matmul", s)
             }
@@ -362,7 +378,7 @@ impl Op {
             Op::MoeDispatch { rows } => ("moe_dispatch", format!("rows={rows}")),
             Op::MoeCombine => ("moe_combine", String::new()),
             Op::WriteSlice { axis } => ("write_slice", format!("axis={axis}")),
-            Op::Fused(e) => ("fused", crate::print::expr_to_string(e)),
+            Op::Fused(e) => ("fused", e.formula()),
             Op::Conv(c) => {
                 let t = if c.transposed { ", transposed" } else { "" };
                 ("conv", format!("stride={:?}, pad={:?}{t}", c.stride, c.pad))

@@ -244,39 +244,86 @@ impl Lower<'_> {
         Ok((srcs, st))
     }
 
+    /// The launches of one step, by the kernel its program stores (checked at load against
+    /// `kernel::choose`): every cube kernel has an arm; an op with no cube kernel needs none.
     fn step(&mut self, s: &Step) -> Result<Vec<Launch>, String> {
-        Ok(match &s.op {
-            Op::Reshape { .. } => vec![],
-            Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => vec![self.elementwise(s)?],
-            Op::MatMul { transpose_b, epilogue } => vec![self.matmul(s, *transpose_b, epilogue.as_ref())?],
-            Op::LayerNorm { eps } => vec![self.norm(NormKind::Layer, *eps, s)?],
-            Op::RmsNorm { eps, add_one } => vec![self.norm(NormKind::Rms { add_one: *add_one }, *eps, s)?],
-            Op::Softmax { axis } if axis + 1 == shape_of(&s.output).len() => vec![self.norm(NormKind::Softmax, 0.0, s)?],
-            Op::Softmax { axis } => vec![self.softmax_axis(s, *axis)?],
-            Op::Reduce { op, axes, .. } => vec![self.reduce(s, *op, axes)?],
-            Op::Cast { to } => vec![self.cast(s, *to)?],
-            Op::Iota { axis, start, step } => {
+        use super::kernel::CubeKernel as K;
+        let kernel = K::parse(&s.kernel).ok_or_else(|| format!("{} is not a cube kernel", s.kernel))?;
+        let mismatch = || Err(format!("kernel {} does not run {}", s.kernel, s.op.name()));
+        Ok(match kernel {
+            K::Source => return Err("a source is not a step".into()),
+            K::View => vec![],
+            K::Fused => vec![self.elementwise(s)?],
+            K::MatMul | K::MatMulEpilogue => {
+                let Op::MatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
+                vec![self.matmul(s, *transpose_b, epilogue.as_ref())?]
+            }
+            K::Norm => match &s.op {
+                Op::LayerNorm { eps } => vec![self.norm(NormKind::Layer, *eps, s)?],
+                Op::RmsNorm { eps, add_one } => vec![self.norm(NormKind::Rms { add_one: *add_one }, *eps, s)?],
+                _ => return mismatch(),
+            },
+            K::Softmax => vec![self.norm(NormKind::Softmax, 0.0, s)?],
+            K::SoftmaxAxis => {
+                let Op::Softmax { axis } = &s.op else { return mismatch() };
+                vec![self.softmax_axis(s, *axis)?]
+            }
+            K::Reduce => {
+                let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
+                vec![self.reduce(s, *op, axes)?]
+            }
+            K::Cast => {
+                let Op::Cast { to } = &s.op else { return mismatch() };
+                vec![self.cast(s, *to)?]
+            }
+            K::Iota => {
+                let Op::Iota { axis, start, step } = &s.op else { return mismatch() };
                 let sp = Split::at(&shape_of(&s.output), *axis);
                 let n = s.output.ty.numel();
                 let (meta, len) = self.push(IotaParams { n, len: sp.len, inner: sp.inner, out_off: self.out_off(s)? }.pack())?;
                 vec![Launch::Iota { start: *start as f32, step: *step as f32, out: word_out(&s.output)?, n, meta, len }]
             }
-            Op::Gather { axis } | Op::TakeAlongAxis { axis } => vec![self.gather(s, *axis)?],
-            Op::WriteSlice { axis } => self.write_slice(s, *axis)?,
-            Op::ScatterAdd { axis } => vec![self.scatter_add(s, *axis)?],
-            Op::TopK { k } => vec![self.topk(s, *k)?],
-            Op::CumSum { axis, exclusive } => vec![self.cumsum(s, *axis, *exclusive)?],
-            Op::MoeDispatch { rows } => vec![self.moe_dispatch(s, *rows)?],
-            Op::MoeCombine => vec![self.moe_combine(s)?],
-            Op::Attention(att) => vec![self.attention(s, att)?],
-            Op::Resize { size, mode } => vec![self.resize(s, *size, *mode)?],
-            Op::Permute { perm } => vec![self.strided(s, &ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
-            Op::Slice { axis, start, step, .. } => {
-                vec![self.strided(s, &ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?]
+            K::Gather => {
+                let (Op::Gather { axis } | Op::TakeAlongAxis { axis }) = &s.op else { return mismatch() };
+                vec![self.gather(s, *axis)?]
             }
-            Op::Concat { axis } => self.concat(s, *axis)?,
-            Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => return Err("a source is not a step".into()),
-            Op::Conv(_) => return Err("conv has no cube kernel (refused by choose)".into()),
+            K::WriteRows => {
+                let Op::WriteSlice { axis } = &s.op else { return mismatch() };
+                self.write_slice(s, *axis)?
+            }
+            K::ScatterAdd => {
+                let Op::ScatterAdd { axis } = &s.op else { return mismatch() };
+                vec![self.scatter_add(s, *axis)?]
+            }
+            K::TopK => {
+                let Op::TopK { k } = &s.op else { return mismatch() };
+                vec![self.topk(s, *k)?]
+            }
+            K::CumSum => {
+                let Op::CumSum { axis, exclusive } = &s.op else { return mismatch() };
+                vec![self.cumsum(s, *axis, *exclusive)?]
+            }
+            K::MoeDispatch => {
+                let Op::MoeDispatch { rows } = &s.op else { return mismatch() };
+                vec![self.moe_dispatch(s, *rows)?]
+            }
+            K::MoeCombine => vec![self.moe_combine(s)?],
+            K::FlashAttention => {
+                let Op::Attention(att) = &s.op else { return mismatch() };
+                vec![self.attention(s, att)?]
+            }
+            K::Resize => {
+                let Op::Resize { size, mode } = &s.op else { return mismatch() };
+                vec![self.resize(s, *size, *mode)?]
+            }
+            K::Copy | K::StridedCopy => match &s.op {
+                Op::Permute { perm } => vec![self.strided(s, &ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
+                Op::Slice { axis, start, step, .. } => {
+                    vec![self.strided(s, &ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?]
+                }
+                Op::Concat { axis } => self.concat(s, *axis)?,
+                _ => return mismatch(),
+            },
         })
     }
 
