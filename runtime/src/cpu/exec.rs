@@ -367,35 +367,12 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         }
         CpuKernel::Resize => {
             let Op::Resize { size, mode } = s.op else { return mismatch() };
-            let sh = &s.inputs[0].ty.shape;
-            let r = sh.len();
-            let (ih, iw) = (sh[r - 2], sh[r - 1]);
-            let planes = s.inputs[0].ty.numel() / (ih * iw).max(1);
-            let (src, dst) = (mem.f32(&s.inputs[0]), mem.f32_mut(&s.output));
-            match mode {
-                ResizeMode::Bicubic => resize::resize_bicubic(src, planes, ih, iw, size[0], size[1], dst),
-                ResizeMode::Bilinear => resize::resize_bilinear(src, planes, ih, iw, size[0], size[1], dst),
-            }
+            resize(mem, s, size, mode);
             Ok(())
         }
         CpuKernel::Conv => {
             let Op::Conv(c) = &s.op else { return mismatch() };
-            let (x, w, y) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.output.ty.shape);
-            let g = conv::ConvShape {
-                b: x[0],
-                h: x[1],
-                w: x[2],
-                ci: x[3],
-                kh: w[0],
-                kw: w[1],
-                co: w[3],
-                oh: y[1],
-                ow: y[2],
-                stride: c.stride,
-                pad: c.pad,
-                transposed: c.transposed,
-            };
-            conv::conv2d(mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), &g, mem.f32_mut(&s.output));
+            conv(mem, s, c);
             Ok(())
         }
         CpuKernel::TopK => {
@@ -470,6 +447,39 @@ fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
     let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
     index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
     Ok(())
+}
+
+/// [`Op::Resize`] of the last two axes, every leading index a plane.
+fn resize(mem: &Mem, s: &Step, size: [usize; 2], mode: ResizeMode) {
+    let sh = &s.inputs[0].ty.shape;
+    let r = sh.len();
+    let (ih, iw) = (sh[r - 2], sh[r - 1]);
+    let planes = s.inputs[0].ty.numel() / (ih * iw).max(1);
+    let (src, dst) = (mem.f32(&s.inputs[0]), mem.f32_mut(&s.output));
+    match mode {
+        ResizeMode::Bicubic => resize::resize_bicubic(src, planes, ih, iw, size[0], size[1], dst),
+        ResizeMode::Bilinear => resize::resize_bilinear(src, planes, ih, iw, size[0], size[1], dst),
+    }
+}
+
+/// [`Op::Conv`] on f32 NHWC images and HWIO kernels.
+fn conv(mem: &Mem, s: &Step, c: &kiln_graph::Conv) {
+    let (x, w, y) = (&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.output.ty.shape);
+    let g = conv::ConvShape {
+        b: x[0],
+        h: x[1],
+        w: x[2],
+        ci: x[3],
+        kh: w[0],
+        kw: w[1],
+        co: w[3],
+        oh: y[1],
+        ow: y[2],
+        stride: c.stride,
+        pad: c.pad,
+        transposed: c.transposed,
+    };
+    conv::conv2d(mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), &g, mem.f32_mut(&s.output));
 }
 
 fn write_slice(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), String> {

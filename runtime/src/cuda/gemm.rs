@@ -285,13 +285,13 @@ mod tests {
         for (i, t) in extra.iter().enumerate() {
             inputs.push(op((3 + i) << 20, t.clone()));
         }
-        Step {
+        super::super::lower::with_kernel(Step {
             node: 0,
             op: Op::MatMul { transpose_b: true, epilogue },
             kernel: String::new(),
             inputs,
             output: op(2 << 20, tt(dt, &[m, n])),
-        }
+        })
     }
 
     #[test]
@@ -339,7 +339,7 @@ mod tests {
         let mut s = matmul_step(DType::BF16, 1, 64, 64, None, &[]);
         s.op = Op::MatMul { transpose_b: false, epilogue: None };
         s.inputs[1].ty = tt(DType::BF16, &[64, 64]);
-        let w = lower_step(&s, &Layout::default()).unwrap();
+        let w = lower_step(&super::super::lower::with_kernel(s), &Layout::default()).unwrap();
         assert!(matches!(&w[0], Work::Gemm(g) if g.gemv.is_none()), "[K, N] weights: cuBLASLt");
     }
 }

@@ -4,10 +4,11 @@
 //! here is testable on a machine without a GPU. The index math (splits, strides, reduce axes,
 //! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
-mod index;
+pub(crate) mod index;
 
 use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, EpilogueKind};
+pub use super::kernel::{choose, kernel_for, CudaKernel};
 use crate::geometry::{
     at_least_1d, contiguous, Access, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
     Split, ViewGeometry,
@@ -158,7 +159,7 @@ fn addr(o: &Operand, l: &Layout) -> Result<u64, String> {
     Ok(a as u64)
 }
 
-fn float_suffix(d: DType) -> Result<&'static str, String> {
+pub(crate) fn float_suffix(d: DType) -> Result<&'static str, String> {
     match d {
         DType::F32 => Ok("f32"),
         DType::BF16 => Ok("bf16"),
@@ -167,7 +168,7 @@ fn float_suffix(d: DType) -> Result<&'static str, String> {
     }
 }
 
-fn index_suffix(d: DType) -> Result<&'static str, String> {
+pub(crate) fn index_suffix(d: DType) -> Result<&'static str, String> {
     match d {
         DType::I32 => Ok("i32"),
         DType::I64 => Ok("i64"),
@@ -207,83 +208,6 @@ fn attention_plan(s: &Step) -> Result<(bool, usize, usize), String> {
     let splits = (2 * SMS).div_ceil(blocks.max(1)).clamp(1, sk.div_ceil(64).max(1));
     let scratch = if splits > 1 { b * sq * hq * splits * (dv + 2) * 4 } else { 0 };
     Ok((false, scratch, splits))
-}
-
-/// The kernel a step uses (shown by `kiln inspect`), or why there is none.
-pub fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<String, String> {
-    let no = |what: &str| Err(format!("{} has no CUDA kernel ({what})", op.name()));
-    Ok(match op {
-        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => "source".into(),
-        Op::Reshape { .. } => "view".into(),
-        Op::MatMul { transpose_b, epilogue } => {
-            let t = float_suffix(out.dtype)?;
-            if inputs[0].dtype != out.dtype || inputs[1].dtype != out.dtype {
-                return no("mixed dtypes");
-            }
-            let tb = if *transpose_b { "_tb" } else { "" };
-            match epilogue {
-                None => format!("cublaslt.gemm_{t}{tb}"),
-                Some(e) => match epilogue_kind(e, &inputs[2..], out) {
-                    Some(kind) => format!("cublaslt.gemm_{t}{tb}+{}", kind.name()),
-                    None => {
-                        let mut ins = vec![out.dtype];
-                        ins.extend(inputs[2..].iter().map(|t| t.dtype));
-                        format!("cublaslt.gemm_{t}{tb};{}", codegen::kernel_name(e, &ins, out.dtype))
-                    }
-                },
-            }
-        }
-        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
-            let e = op.elementwise_expr().ok_or("not elementwise")?;
-            if inputs.len() > fused::MAX_INPUTS {
-                return no("more than 16 inputs");
-            }
-            if out.rank() > MAX_RANK {
-                return no("rank above 8");
-            }
-            let ins: Vec<DType> = inputs.iter().map(|t| t.dtype).collect();
-            codegen::kernel_name(&e, &ins, out.dtype)
-        }
-        Op::LayerNorm { .. } => format!("layer_norm_{}", float_suffix(out.dtype)?),
-        Op::RmsNorm { .. } => format!("rms_norm_{}", float_suffix(out.dtype)?),
-        Op::Softmax { axis } if axis + 1 == out.rank() => format!("softmax_{}", float_suffix(out.dtype)?),
-        Op::Softmax { .. } => index::kernel_for(op, inputs, out)?,
-        Op::Attention(a) => {
-            let t = float_suffix(out.dtype)?;
-            if a.mask == MaskKind::Additive && (inputs.len() != 4 || inputs[3].dtype != inputs[0].dtype) {
-                return no("an additive mask must have the queries' dtype");
-            }
-            let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
-            let (d, dv) = (q.shape[3], v.shape[3]);
-            let half = matches!(q.dtype, DType::BF16 | DType::F16);
-            if half && q.shape[1] > 1 && d == dv && kc::MMA_HEAD_DIMS.contains(&d) {
-                format!("attn_mma_{t}_d{d}")
-            } else if d > kc::ROWS_MAX_D || dv > kc::ROWS_MAX_D || k.shape[2] == 0 || q.shape[2] % k.shape[2] != 0 {
-                return no("head dim above 256 or heads not grouped");
-            } else {
-                format!("attn_rows_{t}")
-            }
-        }
-        Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } => {
-            if out.rank() > MAX_RANK {
-                return no("rank above 8");
-            }
-            format!("copy_b{}", out.dtype.size())
-        }
-        Op::Gather { .. } => format!("gather_b{}_{}", out.dtype.size(), index_suffix(inputs[1].dtype)?),
-        Op::WriteSlice { .. } => format!("write_rows_b{}_{}", out.dtype.size(), index_suffix(inputs[2].dtype)?),
-        Op::MoeDispatch { .. } => format!("moe_dispatch_{}_{}", float_suffix(out.dtype)?, index_suffix(inputs[1].dtype)?),
-        Op::MoeCombine => format!("moe_combine_{}_{}", float_suffix(out.dtype)?, index_suffix(inputs[1].dtype)?),
-        Op::Reduce { .. } => format!("reduce_{}", float_suffix(out.dtype)?),
-        Op::Iota { .. } => match out.dtype {
-            DType::F32 | DType::BF16 | DType::F16 | DType::I32 | DType::I64 => format!("iota_{}", out.dtype.name()),
-            other => return no(&format!("iota of {other}")),
-        },
-        Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
-            index::kernel_for(op, inputs, out)?
-        }
-        Op::Conv(_) => return no("convolutions run on cpu for now"),
-    })
 }
 
 /// Every fused region of a program (deduplicated by kernel name), with its CUDA source.
@@ -367,49 +291,69 @@ fn copy_launch(shape: &[usize], esize: usize, src: u64, src_st: &[usize], dst: u
 
 /// Lowers one step to device work.
 pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
+    use CudaKernel as K;
     let out_ty = &s.output.ty;
+    let types: Vec<TensorType> = s.inputs.iter().map(|o| o.ty.clone()).collect();
+    // Dispatch on the kernel this build picks, which must be the one the program stores: every
+    // kernel family has an arm below, and an op with no CUDA kernel needs none.
+    let kernel = choose(&s.op, &types, out_ty)?;
+    if kernel.name() != s.kernel {
+        return Err(format!("the program stores kernel {} where this build picks {} (recompile the artifact)", s.kernel, kernel.name()));
+    }
+    let mismatch = || Err(format!("kernel {} does not run {}", s.kernel, s.op.name()));
     let out = addr(&s.output, l)?;
     let ins: Vec<u64> = s.inputs.iter().map(|o| addr(o, l)).collect::<Result<_, _>>()?;
     let shape = at_least_1d(&out_ty.shape);
     let es = out_ty.dtype.size();
     // A strided read of input 0 into the contiguous output.
     let view = |v: ViewGeometry| copy_launch(&shape, es, ins[0] + (v.skip * es) as u64, &v.strides, out, &contiguous(&shape));
-    Ok(match &s.op {
-        Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => vec![],
-        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. } | Op::Broadcast { .. } | Op::Fused(_) => {
+    Ok(match kernel {
+        K::Source | K::View => vec![],
+        K::Fused(_) => {
             let e = s.op.elementwise_expr().ok_or("not elementwise")?;
             let list: Vec<(u64, &TensorType)> = ins.iter().zip(&s.inputs).map(|(&a, o)| (a, &o.ty)).collect();
             vec![fused_launch(&e, &list, (out, out_ty))?]
         }
-        Op::MatMul { transpose_b, epilogue } => lower_matmul(s, l, ins, out, *transpose_b, epilogue.as_ref())?,
-        Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => vec![lower_norm(s, &ins, out, *eps)?],
-        Op::Softmax { axis } if axis + 1 < s.inputs[0].ty.rank() => index::lower(s, l, &ins, out)?,
-        Op::Softmax { .. } => {
+        K::Gemm(_) => {
+            let Op::MatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
+            lower_matmul(s, l, ins, out, *transpose_b, epilogue.as_ref())?
+        }
+        K::Norm(_) => {
+            let (Op::LayerNorm { eps } | Op::RmsNorm { eps, .. }) = &s.op else { return mismatch() };
+            vec![lower_norm(s, &ins, out, *eps)?]
+        }
+        K::Softmax(name) => {
             let g = RowGeometry::new(&shape);
             let p = NormParams { x: ins[0], out, rows: g.rows as i32, d: g.d as i32, ..Default::default() };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
-            let name = format!("softmax_{}", float_suffix(out_ty.dtype)?);
             vec![launch("norm", name, (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs)]
         }
-        Op::Attention(att) => lower_attention(s, l, &ins, out, att)?,
-        Op::Permute { perm } => vec![view(ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
-        Op::Slice { axis, start, step, .. } => vec![view(ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?],
-        Op::Concat { axis } => {
-            let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|o| at_least_1d(&o.ty.shape)).collect();
-            let g = ConcatGeometry::new(&shapes, &shape, *axis);
-            let mut v = Vec::new();
-            for ((sh, &a), start) in shapes.iter().zip(&ins).zip(&g.starts) {
-                v.push(copy_launch(sh, es, a, &contiguous(sh), out + (start * es) as u64, &g.dst_strides)?);
-            }
-            v
+        K::Attention(_) => {
+            let Op::Attention(att) = &s.op else { return mismatch() };
+            lower_attention(s, l, &ins, out, att)?
         }
-        Op::Gather { axis } => {
+        K::Copy(_) => match &s.op {
+            Op::Permute { perm } => vec![view(ViewGeometry::permute(&s.inputs[0].ty.shape, perm))?],
+            Op::Slice { axis, start, step, .. } => vec![view(ViewGeometry::slice(&s.inputs[0].ty.shape, *axis, *start, *step))?],
+            Op::Concat { axis } => {
+                let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|o| at_least_1d(&o.ty.shape)).collect();
+                let g = ConcatGeometry::new(&shapes, &shape, *axis);
+                let mut v = Vec::new();
+                for ((sh, &a), start) in shapes.iter().zip(&ins).zip(&g.starts) {
+                    v.push(copy_launch(sh, es, a, &contiguous(sh), out + (start * es) as u64, &g.dst_strides)?);
+                }
+                v
+            }
+            _ => return mismatch(),
+        },
+        K::Gather(name) => {
+            let Op::Gather { axis } = &s.op else { return mismatch() };
             let x = Split::at(&s.inputs[0].ty.shape, *axis);
             let nidx = s.inputs[1].ty.numel();
-            let name = format!("gather_b{es}_{}", index_suffix(s.inputs[1].ty.dtype)?);
             vec![gather_launch(name, [ins[0], ins[1], out, l.error_flag as u64], x, nidx, shape.iter().product())]
         }
-        Op::WriteSlice { axis } => {
+        K::WriteRows(name) => {
+            let Op::WriteSlice { axis } = &s.op else { return mismatch() };
             // Rows [outer, rows, inner] written at a position read on the device. In place
             // when the lowering aliased the output to the destination (a state); otherwise
             // the destination is copied first.
@@ -418,24 +362,32 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
                 v.push(copy_launch(&shape, es, ins[0], &contiguous(&shape), out, &contiguous(&shape))?);
             }
             let rows = s.inputs[1].ty.shape[*axis];
-            let name = format!("write_rows_b{es}_{}", index_suffix(s.inputs[2].ty.dtype)?);
             v.push(gather_launch(name, [ins[1], ins[2], out, l.error_flag as u64], Split::at(&shape, *axis), rows, s.inputs[1].ty.numel()));
             v
         }
-        Op::MoeDispatch { .. } | Op::MoeCombine => lower_moe(s, &ins, out)?,
-        Op::Reduce { op, axes, .. } => vec![lower_reduce(s, &ins, out, *op, axes)?],
-        Op::Iota { axis, start, step } => {
+        K::MoeDispatch(_) | K::MoeCombine(_) => lower_moe(s, &ins, out)?,
+        K::Reduce(_) => {
+            let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
+            vec![lower_reduce(s, &ins, out, *op, axes)?]
+        }
+        K::Iota(name) => {
+            let Op::Iota { axis, start, step } = &s.op else { return mismatch() };
             let sp = Split::at(&shape, *axis);
             let n = shape.iter().product::<usize>();
             let p = IotaParams { out, n: n as i64, inner: sp.inner as i64, len: sp.len as i64, start: *start, step: *step };
             let relocs = [off_of(&p, &p.out)];
-            vec![launch("data", format!("iota_{}", out_ty.dtype.name()), grid1(n), kc::BLOCK, 0, &p, &relocs)]
+            vec![launch("data", name, grid1(n), kc::BLOCK, 0, &p, &relocs)]
         }
-        Op::TakeAlongAxis { .. } | Op::ScatterAdd { .. } | Op::TopK { .. } | Op::CumSum { .. } | Op::Resize { .. } => {
-            index::lower(s, l, &ins, out)?
-        }
-        Op::Conv(_) => return Err("conv has no CUDA kernel (refused by kernel_for)".into()),
+        K::Index(_) => index::lower(s, l, &ins, out)?,
     })
+}
+
+/// `s` with the kernel this build picks stored in it, as a compiled program has it (tests).
+#[cfg(test)]
+pub(crate) fn with_kernel(mut s: Step) -> Step {
+    let types: Vec<TensorType> = s.inputs.iter().map(|o| o.ty.clone()).collect();
+    s.kernel = kernel_for(&s.op, &types, &s.output.ty).unwrap_or_default();
+    s
 }
 
 /// A gather (`x` split around the axis, `nidx` indices) or a row write (`x` the destination's
@@ -656,13 +608,13 @@ mod tests {
         assert_eq!(kernel_for(&att, &[q.clone(), kv.clone(), kv.clone()], &q).unwrap(), "attn_mma_bf16_d256");
         let q1 = tt(DType::BF16, &[1, 1, 8, 256]);
         assert_eq!(kernel_for(&att, &[q1.clone(), kv.clone(), kv.clone()], &q1).unwrap(), "attn_rows_bf16");
-        let step = Step {
+        let step = with_kernel(Step {
             node: 0,
             op: att,
             kernel: String::new(),
             inputs: vec![arena(0, q1.clone()), arena(4096, kv.clone()), arena(1 << 22, kv)],
             output: arena(1 << 23, q1),
-        };
+        });
         let l = Layout { scratch: 1 << 24, ..Default::default() };
         let w = lower_step(&step, &l).unwrap();
         assert_eq!(w.len(), 2, "split-K: partials, then the combine");
@@ -675,13 +627,17 @@ mod tests {
     #[test]
     fn relocations_point_at_the_addresses() {
         let x = tt(DType::F32, &[4, 8]);
-        let step = Step {
+        let mut step = Step {
             node: 0,
             op: Op::Unary(UnaryOp::Exp),
-            kernel: String::new(),
+            kernel: "copy_b4".into(),
             inputs: vec![arena(256, x.clone())],
             output: arena(512, x),
         };
+        // A stored kernel this build would not pick is refused by name.
+        let e = lower_step(&step, &Layout::default()).unwrap_err();
+        assert!(e.contains("stores kernel copy_b4") && e.contains("fused_"), "{e}");
+        step = with_kernel(step);
         let w = lower_step(&step, &Layout::default()).unwrap();
         let Work::Kernel(k) = &w[0] else { panic!() };
         let read = |at: usize| u64::from_le_bytes(k.params[at..at + 8].try_into().unwrap());

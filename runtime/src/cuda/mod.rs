@@ -15,6 +15,7 @@
 pub mod exec;
 mod fused_codegen;
 pub mod gemm;
+pub mod kernel;
 pub mod lower;
 pub mod tune;
 

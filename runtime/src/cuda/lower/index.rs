@@ -21,7 +21,7 @@ fn blocks(lines: usize) -> (u32, u32, u32) {
 }
 
 /// The kernel of an index or axis op (softmax: over an axis other than the last).
-pub(super) fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<String, String> {
+pub(crate) fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<String, String> {
     Ok(match op {
         // Every dtype has a sum (`bool` sums to "any", `u8` and `i32` wrap).
         Op::CumSum { .. } => format!("cumsum_{}", out.dtype.name()),
@@ -170,7 +170,7 @@ mod tests {
                 o
             })
             .collect();
-        Step { node: 0, op, kernel: String::new(), inputs, output: arena(1 << 20, out) }
+        super::super::with_kernel(Step { node: 0, op, kernel: String::new(), inputs, output: arena(1 << 20, out) })
     }
 
     const LAYOUT: Layout = Layout {
