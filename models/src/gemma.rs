@@ -509,6 +509,7 @@ pub static FAMILY: registry::Family = registry::Family {
     about: "Gemma and Gemma 2 decoders (transformers GemmaForCausalLM, Gemma2ForCausalLM)",
     claims: |k| matches!(k, Kind::HuggingFace("gemma" | "gemma2")),
     build: crate::build_text,
+    generation: Some(crate::build_text_generation),
     synth: &[
         SynthRow {
             name: "gemma2-2b",

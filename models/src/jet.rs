@@ -464,6 +464,7 @@ pub static FAMILY: Family = Family {
     about: "big_vision Jet normalizing flows (model_name proj.jet.jet; params.npz): forward and inverse",
     claims: |k| k == crate::registry::Kind::BigVision("proj.jet.jet"),
     build: build_folder,
+    generation: None,
     synth: &[
         SynthRow {
             name: "jet-imagenet64",

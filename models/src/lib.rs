@@ -191,9 +191,23 @@ pub struct Generation {
 /// `profile.seq_len` tokens and a cache of `capacity` slots.
 pub fn build_generation(dir: &Path, profile: &Profile, capacity: usize) -> Result<Generation> {
     let cfg_path = config_path(dir)?;
-    let tm = text_model(&cfg_path)?
-        .ok_or_else(|| ModelError::Unsupported(format!("{}: generation needs a Gemma, Gemma 2 or PaliGemma model", cfg_path.display())))?;
-    let checkpoint = Checkpoint::open(dir)?;
+    let family = registry::family_of(&cfg_path)?;
+    let generate = family.generation.ok_or_else(|| {
+        let can: Vec<&str> = registry::FAMILIES.iter().filter(|f| f.generation.is_some()).map(|f| f.name).collect();
+        ModelError::Unsupported(format!(
+            "{}: a {} model does not generate text (generation: {})",
+            cfg_path.display(),
+            family.name,
+            can.join(", ")
+        ))
+    })?;
+    generate(&cfg_path, Checkpoint::open(dir)?, profile, capacity)
+}
+
+/// Builds a text model's `prefill` and `decode` over a cache of `capacity` slots (the
+/// `generation` of the families `gemma` and `paligemma`).
+pub(crate) fn build_text_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile, capacity: usize) -> Result<Generation> {
+    let tm = text_model(cfg_path)?.ok_or_else(|| ModelError::Unsupported(format!("{}: not a text model", cfg_path.display())))?;
     let seq = seq_len(profile)?;
     let mut m = layers::Builder::new(&checkpoint, profile.dtype);
     tm.build(&mut m, profile.batch, seq, gemma::Mode::Prefill { capacity })?;

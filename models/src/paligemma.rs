@@ -127,6 +127,7 @@ pub static FAMILY: Family = Family {
         None => siglip::build_folder(cfg_path, ck, profile),
         Some(_) => crate::build_text(cfg_path, ck, profile),
     },
+    generation: Some(crate::build_text_generation),
     synth: &[SynthRow {
         name: "paligemma2-3b-224",
         about: "PaliGemma 2 3B at 224px: So400m/14 tower (256 image tokens), Gemma 2 2B, vocab 257216 (~3.0B params, bf16)",

@@ -33,11 +33,18 @@ pub struct Family {
     pub claims: fn(Kind) -> bool,
     /// Builds a folder's entries from its `config.json` and checkpoint index for a profile.
     pub build: fn(&Path, Checkpoint, &Profile) -> Result<Built>,
+    /// Text decoders: builds `prefill` and `decode` over a KV cache of the given capacity
+    /// (`kiln generate`, `kiln compile --generate`); `None` for models that do not generate.
+    pub generation: Option<GenerationBuilder>,
     /// Full-size synthetic checkpoints `kiln synth` writes.
     pub synth: &'static [SynthRow],
     /// How a synthetic weight is drawn, from its name and shape.
     pub init: fn(&str, &[usize]) -> Init,
 }
+
+/// Builds a text model's `prefill` and `decode` from its `config.json`, checkpoint index,
+/// profile (the prompt bucket in `seq_len`) and cache capacity.
+pub type GenerationBuilder = fn(&Path, Checkpoint, &Profile, usize) -> Result<crate::Generation>;
 
 /// One checkpoint `kiln synth` can write.
 pub struct SynthRow {

@@ -237,6 +237,7 @@ pub static FAMILY: Family = Family {
     about: "SigLIP vision towers (transformers SiglipVisionModel, SiglipModel's vision half)",
     claims: |k| matches!(k, Kind::HuggingFace("siglip_vision_model" | "siglip" | "")),
     build: build_folder,
+    generation: None,
     synth: &[
         SynthRow {
             name: "siglip-b16-224",

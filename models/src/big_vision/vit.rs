@@ -282,6 +282,7 @@ pub static FAMILY: Family = Family {
     about: "big_vision ViT (model_name vit; params.npz), optionally with a PatchMerger",
     claims: |k| k == Kind::BigVision("vit"),
     build: super::build,
+    generation: None,
     synth: &[
         SynthRow {
             name: "vit-b16",

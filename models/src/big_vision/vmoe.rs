@@ -441,6 +441,7 @@ pub static FAMILY: Family = Family {
     about: "vmoe VisionTransformerMoe (model_name vmoe; params.npz), dense or with experts",
     claims: |k| k == Kind::BigVision("vmoe"),
     build: super::build,
+    generation: None,
     synth: &[
         SynthRow {
             name: "vmoe-b16-dense",
