@@ -56,3 +56,10 @@ hdr += b" " * ((8 - len(hdr) % 8) % 8)
 with open(os.path.join(d, "inputs.safetensors"), "wb") as f:
     f.write(len(hdr).to_bytes(8, "little") + hdr + data)
 shutil.copyfile(os.path.join(d, "config_k2_cap0.75_bpr.json"), os.path.join(d, "config.json"))
+
+# PaliGemma's <seg> mask decoder: the released vae-oid.npz layout (PyTorch names), no kwargs.
+seg = json.load(open(os.path.join(SRC, "paligemma_seg_decoder/config.json")))
+kf = seg["kiln_folder_config"]
+folder("paligemma_seg_decoder", kf["model_name"], kf["model"],
+       [("paligemma_seg_decoder/params.npz", "params.npz"),
+        ("paligemma_seg_decoder/reference.safetensors", "reference.safetensors")])

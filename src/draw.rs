@@ -142,6 +142,24 @@ pub fn text(img: &mut Rgb, x: i64, y: i64, s: &str, scale: i64, color: [u8; 3]) 
     }
 }
 
+/// Tints each mask's pixels with its detection's colour (half and half with the image), the
+/// `i`-th mask in the `i`-th detection's colour.
+pub fn masks(img: &mut Rgb, masks: &[(usize, crate::seg::BoxMask)]) {
+    for (i, m) in masks {
+        let color = PALETTE[i % PALETTE.len()];
+        let w = m.x1 - m.x0;
+        for (k, _) in m.inside.iter().enumerate().filter(|(_, &b)| b) {
+            let (x, y) = (m.x0 + k % w, m.y0 + k / w);
+            if x < img.width && y < img.height {
+                let p = (y * img.width + x) * 3;
+                for (v, c) in img.pixels[p..p + 3].iter_mut().zip(color) {
+                    *v = ((*v as u16 + c as u16) / 2) as u8;
+                }
+            }
+        }
+    }
+}
+
 /// Draws each detection's box (2 px at small sizes, thicker for large images) and its label on
 /// a filled tag above the box (inside it when the box touches the top edge).
 pub fn detections(img: &mut Rgb, dets: &[Detection]) {
@@ -186,6 +204,20 @@ mod tests {
         let tag: Vec<Vec<u8>> = (31..40).flat_map(|y| (25..44).map(move |x| (x, y))).map(|(x, y)| at(x, y)).collect();
         assert!(tag.iter().any(|p| *p == vec![0, 0, 0]));
         assert!(tag.iter().filter(|p| **p == PALETTE[0].to_vec()).count() > tag.len() / 2);
+    }
+
+    #[test]
+    fn masks_tint_only_their_pixels() {
+        let mut img = Rgb { width: 10, height: 8, pixels: vec![0; 10 * 8 * 3] };
+        // A 4 x 2 box at (3, 2) with its first and last pixels inside the object.
+        let m = crate::seg::BoxMask { x0: 3, y0: 2, x1: 7, y1: 4, inside: vec![true, false, false, false, false, false, false, true] };
+        masks(&mut img, &[(1, m)]);
+        let at = |x: usize, y: usize| &img.pixels[(y * 10 + x) * 3..(y * 10 + x) * 3 + 3];
+        let half = PALETTE[1].map(|c| c / 2);
+        assert_eq!(at(3, 2), half);
+        assert_eq!(at(6, 3), half);
+        assert_eq!(at(4, 2), [0, 0, 0]);
+        assert_eq!(img.pixels.iter().filter(|&&p| p != 0).count(), 2 * half.iter().filter(|&&c| c != 0).count());
     }
 
     #[test]

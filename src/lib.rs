@@ -16,6 +16,7 @@ pub mod png;
 pub mod preprocess;
 pub mod prompt;
 pub mod sample;
+pub mod seg;
 pub mod synth;
 mod synth_rng;
 pub mod tokenizer;

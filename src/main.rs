@@ -110,9 +110,13 @@ enum Cmd {
         /// Image file (JPEG or PNG) for PaliGemma, preprocessed per preprocessor_config.json.
         #[arg(long, requires = "prompt")]
         image: Option<PathBuf>,
-        /// Write the image with the detected boxes and labels as a PNG.
+        /// Write the image with the detected boxes and labels (and masks) as a PNG.
         #[arg(long, requires = "image")]
         draw: Option<PathBuf>,
+        /// A PaliGemma mask decoder folder (model_name proj.paligemma.segmentation, the
+        /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
+        #[arg(long, requires = "image")]
+        seg_decoder: Option<PathBuf>,
         #[arg(long, required_unless_present = "prompt", requires = "out")]
         inputs: Option<PathBuf>,
         #[arg(long, requires = "inputs")]
@@ -455,9 +459,12 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
-        Cmd::Generate { model, prompt: Some(prompt), image, draw, max_new_tokens, bucket, backend, dtype, breakdown, .. } => {
+        Cmd::Generate {
+            model, prompt: Some(prompt), image, draw, seg_decoder, max_new_tokens, bucket, backend, dtype, breakdown, ..
+        } => {
             let dtype = parse_dtype(&dtype)?;
-            let o = kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw, breakdown };
+            let o =
+                kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw, seg_decoder, breakdown };
             let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
             for (entry, steps, total) in &r.profiles {
                 println!("{entry}, kernel by kernel (each step synchronised):");
@@ -697,13 +704,16 @@ fn cast_floats(ins: &mut [(String, Tensor)], s: &Session, entry: &str) {
 }
 
 /// Batch and image size implied by an image input, so a folder compiles for its inputs:
-/// `pixel_values` (NCHW, Hugging Face) or a flow's `images` / `z` (NHWC, big_vision).
+/// `pixel_values` (NCHW, Hugging Face) or a flow's `images` / `z` (NHWC, big_vision); `codes`
+/// (PaliGemma's mask decoder) give the batch alone.
 fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)>) {
     for (name, t) in ins {
         let s = &t.ty.shape;
         match name.as_str() {
             "pixel_values" if s.len() == 4 => return (Some(s[0]), Some((s[2], s[3]))),
             "images" | "z" if s.len() == 4 => return (Some(s[0]), Some((s[1], s[2]))),
+            // PaliGemma's mask decoder: 16 codes per mask.
+            "codes" if s.len() == 2 => return (Some(s[0]), None),
             _ => {}
         }
     }

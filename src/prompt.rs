@@ -26,8 +26,11 @@ pub struct PromptOptions {
     pub backend: String,
     /// Compute dtype (f32, or bf16).
     pub dtype: kiln_graph::DType,
-    /// Write the image with the detected boxes here (PNG).
+    /// Write the image with the detected boxes (and masks) here (PNG).
     pub draw: Option<PathBuf>,
+    /// A PaliGemma mask decoder folder (`proj.paligemma.segmentation`): each `<seg>` answer
+    /// is decoded and pasted into its box.
+    pub seg_decoder: Option<PathBuf>,
     /// After generating, time the prefill and one decode step kernel by kernel.
     pub breakdown: bool,
 }
@@ -40,6 +43,8 @@ pub struct PromptOutput {
     /// `decode(new_ids, skip_special_tokens=True)`.
     pub text: String,
     pub detections: Vec<Detection>,
+    /// With `seg_decoder`: (detection index, its mask in image pixels).
+    pub masks: Vec<(usize, crate::seg::BoxMask)>,
     /// Seconds from the start (tokenizer loaded, image decoded and preprocessed, prefill run)
     /// to the first new token, compile excluded; then the seconds per decode step.
     pub first_token_s: f64,
@@ -119,6 +124,11 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     if o.draw.is_some() && p.image.is_none() {
         return Err(Error::Usage("--draw needs --image (it draws the boxes onto it)".into()));
     }
+    if o.seg_decoder.is_some() && p.image.is_none() {
+        return Err(Error::Usage("--seg-decoder needs --image (masks are pasted into the image's boxes)".into()));
+    }
+    // Compiled before generating, so a bad folder fails before the long part.
+    let mut seg = o.seg_decoder.as_deref().map(crate::seg::SegDecoder::open).transpose()?;
     let len = p.input_ids.len();
     let bucket = o.bucket.unwrap_or(len);
     if len > bucket {
@@ -151,6 +161,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         new_ids.truncate(k + 1);
     }
     let detections = locations::parse(&text);
+    let mut masks = Vec::new();
     let mut w = |s: String| out.write_all(s.as_bytes()).map_err(|e| Error::Usage(format!("cannot write the answer: {e}")));
     w(format!("{rest}\n"))?;
     if let Some(img) = &p.image {
@@ -160,13 +171,24 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
                 "box {i}: {:?} y0 {:.4} x0 {:.4} y1 {:.4} x1 {:.4} -> pixels x {x0:.1}..{x1:.1} y {y0:.1}..{y1:.1}\n",
                 d.label, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
             ))?;
-            if let Some(seg) = d.seg {
-                w(format!("  mask codes: {seg:?}\n"))?;
+            if let Some(codes) = d.seg {
+                w(format!("  mask codes: {codes:?}\n"))?;
+                if let Some(dec) = seg.as_mut() {
+                    let m64 = dec.decode(&codes)?;
+                    match crate::seg::paste(&m64, d, img.width, img.height) {
+                        Some(m) => {
+                            w(format!("  mask: {} of {} pixels in x {}..{} y {}..{}\n", m.area(), m.inside.len(), m.x0, m.x1, m.y0, m.y1))?;
+                            masks.push((i, m));
+                        }
+                        None => w("  mask: the box is empty in pixels\n".to_string())?,
+                    }
+                }
             }
         }
     }
     if let (Some(path), Some(img)) = (&o.draw, &p.image) {
         let mut canvas = img.clone();
+        crate::draw::masks(&mut canvas, &masks);
         crate::draw::detections(&mut canvas, &detections);
         crate::png::write(path, canvas.width, canvas.height, 3, &canvas.pixels)
             .map_err(|e| Error::File { path: path.clone(), msg: format!("cannot write: {e}") })?;
@@ -186,6 +208,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         new_ids,
         text,
         detections,
+        masks,
         first_token_s: prep_s + first.unwrap_or(r.prefill_s),
         decode_s_per_token: r.decode_s / r.decode_steps.max(1) as f64,
         compile_s,

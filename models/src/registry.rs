@@ -116,6 +116,7 @@ pub static FAMILIES: &[&Family] = &[
     &crate::jet::FAMILY,
     &crate::big_vision::vit::FAMILY,
     &crate::big_vision::vmoe::FAMILY,
+    &crate::big_vision::paligemma_seg::FAMILY,
     &crate::gemma::FAMILY,
     &crate::paligemma::FAMILY,
 ];
