@@ -115,3 +115,34 @@ fn scan_layer_out_of_range() {
     let msg = compile_err(&s.0, 2, (24, 24));
     assert_names(&msg, &["Transformer/encoderblock_3/LayerNorm_0/scale", "scan layout"]);
 }
+
+/// A kwarg given as JSON null is the module's default (Python's `None`), as configs dumped from
+/// Python have it: `num_classes: null` (ViT: no head, as absent) and `representation_size:
+/// null` (V-MoE) build the same graph as leaving them out; a null kwarg the module does not
+/// have is still refused by name.
+#[test]
+fn null_kwargs_are_the_defaults() {
+    // The V-MoE fixture's images fix its batch (whole routing groups) and size.
+    let images = kiln::io::read(&fixture("vmoe").join("inputs.safetensors")).unwrap().remove(0).1;
+    let s = &images.ty.shape;
+    let profile = Profile { batch: s[0], image_hw: Some((s[1], s[2])), ..Profile::default() };
+    let outputs = |dir: &Path, profile: &Profile| -> Vec<String> {
+        let built = kiln_models::build(dir, profile).unwrap_or_else(|e| panic!("{e}"));
+        built.graph("forward").unwrap().outputs.iter().map(|(n, _)| n.clone()).collect()
+    };
+    let vit = Scratch::of("vit_map_learn", "config.json", "null-vit");
+    vit.edit_config(|v| v["model"].as_object_mut().unwrap().remove("num_classes").map(|_| ()).unwrap());
+    let absent = outputs(&vit.0, &Profile::default());
+    vit.edit_config(|v| v["model"]["num_classes"] = serde_json::Value::Null);
+    assert_eq!(outputs(&vit.0, &Profile::default()), absent);
+    assert!(!absent.iter().any(|n| n == "logits"), "no head without num_classes: {absent:?}");
+
+    let moe = Scratch::of("vmoe", "config_k2_cap0.75_bpr.json", "null-vmoe");
+    let before = outputs(&moe.0, &profile);
+    moe.edit_config(|v| v["model"]["representation_size"] = serde_json::Value::Null);
+    assert_eq!(outputs(&moe.0, &profile), before);
+
+    moe.edit_config(|v| v["model"]["not_a_kwarg"] = serde_json::Value::Null);
+    let e = kiln_models::build(&moe.0, &profile).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("not_a_kwarg"), "{e}");
+}

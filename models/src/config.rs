@@ -105,8 +105,10 @@ impl ConfigReader {
         ModelError::Config { path: self.path.clone(), field: format!("{}{field}", self.scope), msg: msg.into() }
     }
 
-    /// Whether the field is present (and not null).
-    pub fn has(&self, field: &str) -> bool {
+    /// Whether the field is present and not null. Asking reads the field: a null the builder
+    /// asked about is the module's default (Python's `None`), not an unknown field.
+    pub fn has(&mut self, field: &str) -> bool {
+        self.used.insert(field.into());
         self.obj.get(field).is_some_and(|v| !v.is_null())
     }
 
