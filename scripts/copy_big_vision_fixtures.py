@@ -63,3 +63,10 @@ kf = seg["kiln_folder_config"]
 folder("paligemma_seg_decoder", kf["model_name"], kf["model"],
        [("paligemma_seg_decoder/params.npz", "params.npz"),
         ("paligemma_seg_decoder/reference.safetensors", "reference.safetensors")])
+
+# The CapPa captioner (LocCa / LiT-decoder's encoder-decoder): images + text -> logits.
+cap = json.load(open(os.path.join(SRC, "cappa_captioner/config.json")))
+kf = cap["kiln_folder_config"]
+folder("cappa_captioner", kf["model_name"], kf["model"],
+       [("cappa_captioner/params.npz", "params.npz"),
+        ("cappa_captioner/reference.safetensors", "reference.safetensors")])

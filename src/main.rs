@@ -597,6 +597,10 @@ fn run(
         opts.profile.batch = b;
         opts.profile.seq_len = Some(l);
     }
+    // An encoder-decoder's `text [B, L]` (big_vision CapPa) fixes the decoder's length.
+    if let Some((_, t)) = ins.iter().find(|(n, t)| n == "text" && t.ty.rank() == 2) {
+        opts.profile.seq_len = Some(t.ty.shape[1]);
+    }
     if moe_stats {
         opts.profile.moe.outputs = MoeOutputs::Stats;
     }

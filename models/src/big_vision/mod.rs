@@ -5,6 +5,7 @@
 //! (`query|key|value/kernel [D, H, hd]`, `out/kernel [H, hd, D]`), all reshape views of the
 //! stored arrays.
 
+pub mod cappa;
 pub mod paligemma_seg;
 pub mod patch_merger;
 pub mod vit;

@@ -164,37 +164,7 @@ pub fn build(cfg: &VitConfig, ck: &Checkpoint, profile: &Profile) -> Result<(Gra
     let (b, d, n) = (profile.batch, cfg.width, gh * gw);
     let mut m = Builder::new(ck, profile.dtype);
     let images = m.g.input("images", profile.dtype, &[b, h, w, 3])?;
-    let x = patch_embed(&mut m, images, &format!("{p}embedding"), cfg.patch, d)?;
-    let x = m.g.reshape(x, &[b, n, d])?;
-    let pos = match cfg.posemb {
-        Posemb::Learn => m.weight(&format!("{p}pos_embedding"), &[1, n, d])?,
-        Posemb::SinCos2d => m.g.constant(profile.dtype, &[1, n, d], posemb_sincos_2d(gh, gw, d)?)?,
-    };
-    let mut x = m.g.add(x, pos)?;
-    let mut tokens = n;
-    if cfg.pool == Pool::Tok {
-        // The class token joins after the position embedding, so it has none.
-        let cls = m.weight(&format!("{p}cls"), &[1, 1, d])?;
-        let cls = m.g.push(Op::Broadcast { shape: vec![b, 1, d] }, &[cls])?;
-        x = m.g.concat(&[cls, x], 1)?;
-        tokens += 1;
-    }
-    let mut x = m.g.reshape(x, &[b * tokens, d])?;
-    for i in 0..cfg.depth {
-        if let Some(pm) = cfg.patch_merger.as_ref().filter(|pm| pm.blocks_before == i) {
-            x = patch_merger::merge(&mut m, pm, &format!("{p}Transformer/PatchMerger"), x, b, tokens, d)?;
-            tokens = pm.num_tokens;
-        }
-        let bp = block_prefix(ck, &format!("{p}Transformer/encoderblock"), "LayerNorm_0/scale", i)?;
-        x = with_layer(&mut m, bp.layer, |m| {
-            m.encoder_block(x, &bp.prefix, ("MultiHeadDotProductAttention_0", "MlpBlock_0"), b, tokens, d, cfg.heads, cfg.mlp_dim)
-        })?;
-    }
-    if let Some(pm) = cfg.patch_merger.as_ref().filter(|pm| pm.blocks_before == cfg.depth) {
-        x = patch_merger::merge(&mut m, pm, &format!("{p}Transformer/PatchMerger"), x, b, tokens, d)?;
-        tokens = pm.num_tokens;
-    }
-    let x = m.flax_layer_norm(x, &format!("{p}Transformer/encoder_norm"), d)?;
+    let (x, tokens) = encoder(&mut m, cfg, &p, images, (h, w), b)?;
     let encoded = m.g.reshape(x, &[b, tokens, d])?;
     m.g.output("encoded", encoded);
 
@@ -261,6 +231,53 @@ pub fn build(cfg: &VitConfig, ck: &Checkpoint, profile: &Profile) -> Result<(Gra
         cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch.0, cfg.patch.1, cfg.posemb, cfg.pool, profile.dtype
     );
     Ok((m.g, description))
+}
+
+/// The ViT's `Transformer` on `images [B, H, W, 3]`: patch embedding, position embedding, class
+/// token, blocks (and PatchMerger), `encoder_norm`, with weights under `p` (`""`, `img/`, or
+/// CapPa's `encoder/`). Returns the normalised tokens as `[B*tokens, D]` rows and `tokens`.
+pub(crate) fn encoder(
+    m: &mut Builder,
+    cfg: &VitConfig,
+    p: &str,
+    images: NodeId,
+    (h, w): (usize, usize),
+    b: usize,
+) -> Result<(NodeId, usize)> {
+    let (gh, gw) = grid((h, w), cfg.patch)?;
+    let (d, n) = (cfg.width, gh * gw);
+    let x = patch_embed(m, images, &format!("{p}embedding"), cfg.patch, d)?;
+    let x = m.g.reshape(x, &[b, n, d])?;
+    let pos = match cfg.posemb {
+        Posemb::Learn => m.weight(&format!("{p}pos_embedding"), &[1, n, d])?,
+        Posemb::SinCos2d => m.g.constant(m.dtype, &[1, n, d], posemb_sincos_2d(gh, gw, d)?)?,
+    };
+    let mut x = m.g.add(x, pos)?;
+    let mut tokens = n;
+    if cfg.pool == Pool::Tok {
+        // The class token joins after the position embedding, so it has none.
+        let cls = m.weight(&format!("{p}cls"), &[1, 1, d])?;
+        let cls = m.g.push(Op::Broadcast { shape: vec![b, 1, d] }, &[cls])?;
+        x = m.g.concat(&[cls, x], 1)?;
+        tokens += 1;
+    }
+    let mut x = m.g.reshape(x, &[b * tokens, d])?;
+    for i in 0..cfg.depth {
+        if let Some(pm) = cfg.patch_merger.as_ref().filter(|pm| pm.blocks_before == i) {
+            x = patch_merger::merge(m, pm, &format!("{p}Transformer/PatchMerger"), x, b, tokens, d)?;
+            tokens = pm.num_tokens;
+        }
+        let bp = block_prefix(m.ck, &format!("{p}Transformer/encoderblock"), "LayerNorm_0/scale", i)?;
+        x = with_layer(m, bp.layer, |m| {
+            m.encoder_block(x, &bp.prefix, ("MultiHeadDotProductAttention_0", "MlpBlock_0"), b, tokens, d, cfg.heads, cfg.mlp_dim)
+        })?;
+    }
+    if let Some(pm) = cfg.patch_merger.as_ref().filter(|pm| pm.blocks_before == cfg.depth) {
+        x = patch_merger::merge(m, pm, &format!("{p}Transformer/PatchMerger"), x, b, tokens, d)?;
+        tokens = pm.num_tokens;
+    }
+    let x = m.flax_layer_norm(x, &format!("{p}Transformer/encoder_norm"), d)?;
+    Ok((x, tokens))
 }
 
 /// `MAPHead`: a learned probe attends over the tokens (no LayerNorm on them, no residual

@@ -1,0 +1,94 @@
+//! The CapPa captioner (LocCa / LiT-decoder's encoder-decoder) against big_vision's
+//! `cappa.Model` (`tests/fixtures/big_vision/cappa_captioner`, copied by
+//! `scripts/copy_big_vision_fixtures.py` from the shared fixtures made with the official JAX
+//! code): teacher-forced logits, the encoder's tokens and the decoder's intermediates within
+//! 1e-4 relative, through the interpreter, the cpu and cube backends and the CLI. The fixture's decoder
+//! is narrower than its encoder (16 vs 24) and its embedding has the mask token's extra row.
+
+mod common;
+
+use common::rel_err;
+use kiln::{compile, io, CompileOptions};
+use kiln_graph::interp::{self, Value};
+use kiln_models::Profile;
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/cappa_captioner")
+}
+
+fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
+}
+
+/// The backends of this build (cube: wgpu, on lavapipe without a GPU).
+const BACKENDS: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cube")]
+    "cube",
+];
+
+const OUTPUTS: [&str; 6] = ["encoded", "decoder/embedded", "decoder/block0", "decoder/block1", "decoder/final_norm", "logits"];
+
+#[test]
+fn teacher_forced_logits_match_big_vision() {
+    let dir = fixture();
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let (images, text) = (tensor(&reference, "images"), tensor(&reference, "text"));
+    let (s, l) = (&images.ty.shape, text.ty.shape[1]);
+    let profile = Profile { batch: s[0], image_hw: Some((s[1], s[2])), seq_len: Some(l), ..Profile::default() };
+    let store = Arc::new(WeightStore::open(&dir).expect("weights"));
+
+    let built = kiln_models::build(&dir, &profile).unwrap_or_else(|e| panic!("build: {e}"));
+    let g = built.graph("forward").expect("forward");
+    let mut weights = HashMap::new();
+    for (_, name, ty) in g.weights() {
+        let (wt, bytes) = store.get(name, ty).unwrap_or_else(|e| panic!("{e}"));
+        weights.insert(name.to_string(), Value::new(wt.clone(), kiln_runtime::tensor::to_f64(wt.dtype, bytes)).unwrap());
+    }
+    let value = |t: &Tensor| Value::new(t.ty.clone(), t.to_f64()).unwrap();
+    let inputs = HashMap::from([("images".to_string(), value(images)), ("text".to_string(), value(text))]);
+    let interp: HashMap<String, Vec<f32>> =
+        interp::run(g, &inputs, &weights).expect("interpreter").into_iter().map(|(n, v)| (n, v.to_f32())).collect();
+
+    let mut runs = vec![("interpreter", interp)];
+    for &backend in BACKENDS {
+        let c = compile(&dir, &CompileOptions { profile: profile.clone(), backend: backend.into(), trace: false }).expect("compile");
+        let mut session = Session::new(c.program, store.clone()).expect("session");
+        let outs = session.run("forward", &[("images", images), ("text", text)]).expect("run");
+        runs.push((backend, outs.into_iter().map(|(n, t)| (n, t.to_f32())).collect()));
+    }
+    for name in OUTPUTS {
+        let want = tensor(&reference, name).to_f32();
+        for (who, got) in &runs {
+            let e = rel_err(&got[name], &want);
+            eprintln!("{who}: {name} relative error {e:.3e}");
+            assert!(e < 1e-4, "{who}: {name}: relative error {e:.3e}");
+        }
+    }
+}
+
+/// `kiln run` takes the text length from `text` and the image size from `images`.
+#[test]
+fn the_cli_runs_the_captioner() {
+    let dir = fixture();
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let tmp = std::env::temp_dir().join(format!("kiln-cappa-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let inputs = tmp.join("in.safetensors");
+    let pick = |n: &str| (n.to_string(), tensor(&reference, n).clone());
+    io::write(&inputs, &[pick("images"), pick("text")]).unwrap();
+    let out = tmp.join("out.safetensors");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let got = io::read(&out);
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let e = rel_err(&tensor(&got.unwrap(), "logits").to_f32(), &tensor(&reference, "logits").to_f32());
+    assert!(e < 1e-4, "logits via the CLI: {e:.3e}");
+}
