@@ -294,3 +294,52 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
     println!("  eos {:?}, pad {}", g.meta.eos, g.meta.pad);
     Ok(())
 }
+
+/// `kiln generate` of a big_vision encoder-decoder (CapPa): `images` [B, H, W, 3], optional
+/// `prompts` [B, N] (forced tokens, 0 = free; N defaults to --max-new-tokens) and `eos_token`
+/// [1] (default 1, -1 = none) in; `sequences` [B, N], `logprobs` [B, N], `scores` [B] out.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn generate_encdec(
+    model: &Path,
+    ins: &[(String, Tensor)],
+    path: &Path,
+    out: &Path,
+    max_new_tokens: usize,
+    backend: &str,
+    dtype: DType,
+) -> Result<()> {
+    let get = |n: &str| ins.iter().find(|(name, _)| name == n).map(|(_, t)| t);
+    let images = get("images").ok_or_else(|| Error::File { path: path.into(), msg: "no images".into() })?;
+    let s = &images.ty.shape;
+    if s.len() != 4 || s[3] != 3 {
+        return Err(Error::File { path: path.into(), msg: format!("images: expected [B, H, W, 3], found {:?}", s) });
+    }
+    let b = s[0];
+    let prompts: Vec<i64> = match get("prompts") {
+        Some(p) if p.ty.rank() == 2 && p.ty.shape[0] == b => p.to_f64().into_iter().map(|x| x as i64).collect(),
+        Some(p) => return Err(Error::File { path: path.into(), msg: format!("prompts: expected [{b}, N], found {:?}", p.ty.shape) }),
+        None => vec![0; b * max_new_tokens],
+    };
+    let n = prompts.len() / b.max(1);
+    let eos = match get("eos_token") {
+        Some(t) if t.ty.numel() == 1 => t.to_f64()[0] as i64,
+        Some(t) => return Err(Error::File { path: path.into(), msg: format!("eos_token: expected one value, found {:?}", t.ty.shape) }),
+        None => 1,
+    };
+    let mut g = progress("compiling", || kiln::encdec::EncDecGenerator::new(model, b, (s[1], s[2]), n, backend, dtype))?;
+    let t = Instant::now();
+    let r = g.generate(images, &prompts, eos)?;
+    let secs = t.elapsed().as_secs_f64();
+    for row in 0..b {
+        println!("row {row}: {:?} score {:.5}", &r.sequences[row * n..(row + 1) * n], r.scores[row]);
+    }
+    let outs = vec![
+        ("sequences".to_string(), Tensor::from_i64(&[b, n], &r.sequences)),
+        ("logprobs".to_string(), Tensor::from_f32(&[b, n], &r.logprobs)),
+        ("scores".to_string(), Tensor::from_f32(&[b], &r.scores)),
+    ];
+    io::write(out, &outs)?;
+    eprintln!("{{\"steps\":{},\"generate_ms\":{:.3}}}", r.steps, secs * 1e3);
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod compare;
 #[cfg(feature = "cuda")]
 pub mod cuda_tools;
 pub mod draw;
+pub mod encdec;
 pub mod generate;
 pub mod io;
 pub mod npz_write;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod commands;
-use commands::{bench, bench_kernels, inspect, kernels_check};
+use commands::{bench, bench_kernels, generate_encdec, inspect, kernels_check};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Ahead-of-time compiler and static runtime for the big_vision model family")]
@@ -483,6 +483,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
             let mut ins = io::read(&inputs)?;
+            if ins.iter().any(|(n, _)| n == "images") {
+                return generate_encdec(&model, &ins, &inputs, &out, max_new_tokens, &backend, dtype);
+            }
             let (b, l) = text_inputs(&mut ins, &inputs)?
                 .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;
             let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();

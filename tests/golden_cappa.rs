@@ -92,3 +92,71 @@ fn the_cli_runs_the_captioner() {
     let e = rel_err(&tensor(&got.unwrap(), "logits").to_f32(), &tensor(&reference, "logits").to_f32());
     assert!(e < 1e-4, "logits via the CLI: {e:.3e}");
 }
+
+/// Greedy decoding as big_vision's `uvim/decode.py` runs it on the captioner (`argmax_sampling`):
+/// with an EOS that stops one row early, without EOS, and with forced prompt prefixes. Ids
+/// exactly; log-probs (where `greedy/valid` says they are not loop artifacts) and scores within
+/// 1e-4; through the encode / decode entries with the cached cross-attention keys.
+#[test]
+fn greedy_decoding_matches_big_vision() {
+    let dir = fixture();
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let images = tensor(&reference, "images");
+    let s = &images.ty.shape;
+    let ids = |n: &str| tensor(&reference, n).to_f64().into_iter().map(|x| x as i64).collect::<Vec<_>>();
+    let n = tensor(&reference, "greedy/prompts").ty.shape[1];
+    for &backend in BACKENDS {
+        let mut g = kiln::encdec::EncDecGenerator::new(&dir, s[0], (s[1], s[2]), n, backend, kiln_graph::DType::F32).expect("compile");
+        for case in ["greedy", "greedy_noeos", "prompted"] {
+            let prompts = if case == "greedy_noeos" { ids("greedy/prompts") } else { ids(&format!("{case}/prompts")) };
+            let eos = match case {
+                "greedy" => ids("greedy/eos_token")[0],
+                _ => -1,
+            };
+            let r = g.generate(images, &prompts, eos).expect("generate");
+            assert_eq!(r.sequences, ids(&format!("{case}/sequences")), "{backend}: {case}: sequences");
+            if case == "greedy_noeos" {
+                continue;
+            }
+            let want = tensor(&reference, &format!("{case}/logprobs")).to_f32();
+            let valid: Vec<f64> = match case {
+                "greedy" => tensor(&reference, "greedy/valid").to_f64(),
+                _ => vec![1.0; want.len()],
+            };
+            for (i, ((a, b), ok)) in r.logprobs.iter().zip(&want).zip(&valid).enumerate() {
+                if *ok != 0.0 {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{backend}: {case}: logprob {i}: {a} vs {b}");
+                }
+            }
+            let scores = tensor(&reference, &format!("{case}/scores")).to_f32();
+            for (a, b) in r.scores.iter().zip(&scores) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{backend}: {case}: score {a} vs {b}");
+            }
+            eprintln!("{backend}: {case}: {:?} in {} steps", r.sequences, r.steps);
+        }
+    }
+}
+
+/// `kiln generate <captioner> --inputs (images, prompts, eos_token) --out` writes the greedy
+/// `sequences`, `logprobs` and `scores`.
+#[test]
+fn the_cli_generates_captions() {
+    let dir = fixture();
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let tmp = std::env::temp_dir().join(format!("kiln-cappa-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (inputs, out) = (tmp.join("in.safetensors"), tmp.join("out.safetensors"));
+    let pick = |n: &str, as_: &str| (as_.to_string(), tensor(&reference, n).clone());
+    io::write(&inputs, &[pick("images", "images"), pick("greedy/prompts", "prompts"), pick("greedy/eos_token", "eos_token")]).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let got = io::read(&out);
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = got.unwrap();
+    assert_eq!(tensor(&got, "sequences").to_f64(), tensor(&reference, "greedy/sequences").to_f64());
+    let (a, b) = (tensor(&got, "scores").to_f32(), tensor(&reference, "greedy/scores").to_f32());
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0)), "{a:?} vs {b:?}");
+}

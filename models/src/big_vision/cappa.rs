@@ -159,35 +159,26 @@ fn decoder(m: &mut Builder, cfg: &CappaConfig, text: NodeId, enc: NodeId, b: usi
     } else {
         bos
     };
-    let pos = match cfg.encoder.posemb {
-        Posemb::Learn => m.weight("pos_embedding_decoder", &[1, cfg.seq_len, d])?,
-        Posemb::SinCos2d => m.g.constant(m.dtype, &[1, cfg.seq_len, d], posemb_sincos_2d(1, cfg.seq_len, d)?)?,
-    };
-    let pos = if l < cfg.seq_len { m.g.slice(pos, 1, 0, l)? } else { pos };
+    let pos = positions(m, cfg)?;
+    let pos = if l < cfg.seq_len { m.g.slice(pos, 0, 0, l)? } else { pos };
     let y = m.add(y, pos)?;
     m.g.output("decoder/embedded", y);
     let mut t = m.g.reshape(y, &[b * l, d])?;
     for i in 0..cfg.dec_layers {
         let bp = format!("decoder/EncDecBlock{i}");
         let x = ln(m, cfg, t, &format!("{bp}/LayerNorm1"), d)?;
-        let x = attention(m, cfg, x, x, &format!("{bp}/SelfAttn"), (b, l, l), d, true)?;
-        let x = m.add(x, t)?;
-        let y = ln(m, cfg, x, &format!("{bp}/LayerNorm2"), d)?;
-        let y = attention(m, cfg, y, enc, &format!("{bp}/CrossAttn"), (b, l, p), cfg.encoder.width, false)?;
-        let y = m.add(y, x)?;
-        let z = ln(m, cfg, y, &format!("{bp}/LayerNorm3"), d)?;
-        let z = dense(m, cfg.decoder_bias, z, &format!("{bp}/MLP/Dense_0"), d, cfg.dec_mlp)?;
-        let z = m.g.unary(UnaryOp::GeluTanh, z)?;
-        let z = dense(m, cfg.decoder_bias, z, &format!("{bp}/MLP/Dense_1"), cfg.dec_mlp, d)?;
-        t = m.add(y, z)?;
+        let sp = format!("{bp}/SelfAttn");
+        let qkv =
+            [heads(m, cfg, x, &sp, "query", d, b, l)?, heads(m, cfg, x, &sp, "key", d, b, l)?, heads(m, cfg, x, &sp, "value", d, b, l)?];
+        let sa = attend(m, cfg, qkv, Mask::Causal, &sp, b, l)?;
+        let cross = cross_kv(m, cfg, i, enc, b, p)?;
+        t = block_rest(m, cfg, &bp, t, sa, cross, b, l)?;
         let out = m.g.reshape(t, &[b, l, d])?;
         m.g.output(format!("decoder/block{i}"), out);
     }
-    // The final LayerNorm and LogitsDense keep their biases whatever `decoder_bias` says.
-    let t = m.flax_layer_norm(t, "decoder/LayerNorm", d)?;
+    let (t, logits) = head(m, cfg, t)?;
     let out = m.g.reshape(t, &[b, l, d])?;
     m.g.output("decoder/final_norm", out);
-    let logits = m.dense(t, "decoder/LogitsDense", d, cfg.vocab_size)?;
     Ok(m.g.reshape(logits, &[b, l, cfg.vocab_size])?)
 }
 
@@ -210,35 +201,189 @@ fn dense(m: &mut Builder, bias: bool, x: NodeId, p: &str, d_in: usize, d_out: us
     Ok(m.g.matmul(x, w, false)?)
 }
 
-/// Flax multi-head attention without biases (`query|key|value/kernel [D_in, H, hd]`,
-/// `out/kernel [H, hd, D]`), queries from `xq` (`[B*sq, D]`), keys and values from `xkv`
-/// (`[B*sk, d_kv]`), causal or unmasked; `hd = D / H`.
+/// One projection of a bias-free Flax attention: `{p}/{name}/kernel [d_in, H, hd]` applied to
+/// `[B*s, d_in]` rows, as `[B, s, H, hd]`.
 #[allow(clippy::too_many_arguments)]
-fn attention(
-    m: &mut Builder,
-    cfg: &CappaConfig,
-    xq: NodeId,
-    xkv: NodeId,
-    p: &str,
-    (b, sq, sk): (usize, usize, usize),
-    d_kv: usize,
-    causal: bool,
-) -> Result<NodeId> {
-    let (d, heads) = (cfg.dec_width, cfg.dec_heads);
-    let hd = d / heads;
-    let mut proj = |x: NodeId, name: &str, d_in: usize, s: usize| -> Result<NodeId> {
-        let w = m.weight(&format!("{p}/{name}/kernel"), &[d_in, heads, hd])?;
-        let w = m.g.reshape(w, &[d_in, d])?;
-        let y = m.g.matmul(x, w, false)?;
-        Ok(m.g.reshape(y, &[b, s, heads, hd])?)
+fn heads(m: &mut Builder, cfg: &CappaConfig, x: NodeId, p: &str, name: &str, d_in: usize, b: usize, s: usize) -> Result<NodeId> {
+    let (d, h) = (cfg.dec_width, cfg.dec_heads);
+    let w = m.weight(&format!("{p}/{name}/kernel"), &[d_in, h, d / h])?;
+    let w = m.g.reshape(w, &[d_in, d])?;
+    let y = m.g.matmul(x, w, false)?;
+    Ok(m.g.reshape(y, &[b, s, h, d / h])?)
+}
+
+/// Attention of `q [B, sq, H, hd]` over `k, v [B, sk, H, hd]` (causal, unmasked, or with an
+/// additive mask `[B, sq, sk]`), then `{p}/out/kernel [H, hd, D]`: `[B*sq, D]` rows.
+fn attend(m: &mut Builder, cfg: &CappaConfig, qkv: [NodeId; 3], mask: Mask, p: &str, b: usize, sq: usize) -> Result<NodeId> {
+    let (d, h) = (cfg.dec_width, cfg.dec_heads);
+    let scale = ((d / h) as f32).powf(-0.5);
+    let (kind, extra) = match mask {
+        Mask::None => (MaskKind::None, None),
+        Mask::Causal => (MaskKind::Causal { q_offset: 0 }, None),
+        Mask::Additive(m) => (MaskKind::Additive, Some(m)),
     };
-    let q = proj(xq, "query", d, sq)?;
-    let k = proj(xkv, "key", d_kv, sk)?;
-    let v = proj(xkv, "value", d_kv, sk)?;
-    let mask = if causal { MaskKind::Causal { q_offset: 0 } } else { MaskKind::None };
-    let a = m.g.attention(q, k, v, Attention { scale: (hd as f32).powf(-0.5), softcap: None, mask })?;
+    let mut ins = qkv.to_vec();
+    ins.extend(extra);
+    let a = m.g.push(Op::Attention(Attention { scale, softcap: None, mask: kind }), &ins)?;
     let a = m.g.reshape(a, &[b * sq, d])?;
-    let w = m.weight(&format!("{p}/out/kernel"), &[heads, hd, d])?;
+    let w = m.weight(&format!("{p}/out/kernel"), &[h, d / h, d])?;
     let w = m.g.reshape(w, &[d, d])?;
     Ok(m.g.matmul(a, w, false)?)
+}
+
+/// Which keys a decoder attention sees.
+#[derive(Clone, Copy)]
+enum Mask {
+    None,
+    Causal,
+    /// An additive `[B, sq, sk]` mask (decode: the cache slots written so far).
+    Additive(NodeId),
+}
+
+/// The rest of a decoder block after its self-attention output `sa` over `t`: residual,
+/// cross-attention to the encoder's keys and values, MLP. `[B*s, D]` rows.
+#[allow(clippy::too_many_arguments)]
+fn block_rest(
+    m: &mut Builder,
+    cfg: &CappaConfig,
+    bp: &str,
+    t: NodeId,
+    sa: NodeId,
+    cross: [NodeId; 2],
+    b: usize,
+    s: usize,
+) -> Result<NodeId> {
+    let d = cfg.dec_width;
+    let x = m.add(sa, t)?;
+    let y = ln(m, cfg, x, &format!("{bp}/LayerNorm2"), d)?;
+    let q = heads(m, cfg, y, &format!("{bp}/CrossAttn"), "query", d, b, s)?;
+    let y = attend(m, cfg, [q, cross[0], cross[1]], Mask::None, &format!("{bp}/CrossAttn"), b, s)?;
+    let y = m.add(y, x)?;
+    let z = ln(m, cfg, y, &format!("{bp}/LayerNorm3"), d)?;
+    let z = dense(m, cfg.decoder_bias, z, &format!("{bp}/MLP/Dense_0"), d, cfg.dec_mlp)?;
+    let z = m.g.unary(UnaryOp::GeluTanh, z)?;
+    let z = dense(m, cfg.decoder_bias, z, &format!("{bp}/MLP/Dense_1"), cfg.dec_mlp, d)?;
+    m.add(y, z)
+}
+
+/// The decoder's cross-attention keys and values of layer `l` from the encoder's `[B*P, E]`
+/// rows: `[B, P, H, hd]` each.
+fn cross_kv(m: &mut Builder, cfg: &CappaConfig, l: usize, enc: NodeId, b: usize, p: usize) -> Result<[NodeId; 2]> {
+    let bp = format!("decoder/EncDecBlock{l}/CrossAttn");
+    Ok([heads(m, cfg, enc, &bp, "key", cfg.encoder.width, b, p)?, heads(m, cfg, enc, &bp, "value", cfg.encoder.width, b, p)?])
+}
+
+/// The decoder's position embedding table `[seq_len, D]`.
+fn positions(m: &mut Builder, cfg: &CappaConfig) -> Result<NodeId> {
+    let d = cfg.dec_width;
+    let pos = match cfg.encoder.posemb {
+        Posemb::Learn => m.weight("pos_embedding_decoder", &[1, cfg.seq_len, d])?,
+        Posemb::SinCos2d => m.g.constant(m.dtype, &[1, cfg.seq_len, d], posemb_sincos_2d(1, cfg.seq_len, d)?)?,
+    };
+    Ok(m.g.reshape(pos, &[cfg.seq_len, d])?)
+}
+
+/// The final LayerNorm and `LogitsDense` (both keep their biases whatever `decoder_bias` says)
+/// on `[B*s, D]` rows: `(normalised rows, logits rows [B*s, V])`.
+fn head(m: &mut Builder, cfg: &CappaConfig, t: NodeId) -> Result<(NodeId, NodeId)> {
+    let d = cfg.dec_width;
+    let t = m.flax_layer_norm(t, "decoder/LayerNorm", d)?;
+    let logits = m.dense(t, "decoder/LogitsDense", d, cfg.vocab_size)?;
+    Ok((t, logits))
+}
+
+/// A captioner compiled for decoding: `encode` (the image, once) and `decode` (one token per
+/// row), sharing persistent state: per decoder layer the self-attention cache
+/// `self.{l}.key|value [B, N, H, hd]` (zeroed by `encode`, written in place by `decode`) and
+/// the cross-attention keys and values `cross.{l}.key|value [B, P, H, hd]` (computed once by
+/// `encode`; the official loop recomputes them every step).
+pub struct EncDecGeneration {
+    pub encode: kiln_graph::Graph,
+    pub decode: kiln_graph::Graph,
+    pub states: Vec<(String, kiln_graph::TensorType)>,
+    pub vocab_size: usize,
+    pub description: String,
+    pub checkpoint: Checkpoint,
+}
+
+/// Builds the two entries for `profile.batch` images of `profile.image_hw` and `capacity`
+/// decode steps (at most the config's `seq_len`). `encode`: `images` in, the states out.
+/// `decode`: `token [B, 1]` (i64, the previous token; 0 = BOS) and `cache_position [1]` (the
+/// step) in, `logits [B, V]` out.
+pub fn build_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile, capacity: usize) -> Result<EncDecGeneration> {
+    let mut r = ConfigReader::open(cfg_path)?;
+    let _ = r.str_or("model_name", None)?;
+    let kwargs = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
+    r.finish()?;
+    let cfg = CappaConfig::read(kwargs)?;
+    if capacity == 0 || capacity > cfg.seq_len {
+        return Err(ModelError::Unsupported(format!("{capacity} decode steps: the decoder has {} positions (seq_len)", cfg.seq_len)));
+    }
+    let (h, w) = profile.image_hw.unwrap_or((224, 224));
+    let (b, e, d, n) = (profile.batch, cfg.encoder.width, cfg.dec_width, capacity);
+    let (hh, hd) = (cfg.dec_heads, cfg.dec_width / cfg.dec_heads);
+    let dt = profile.dtype;
+
+    // encode: the cross keys and values, and a zeroed self-attention cache.
+    let mut m = Builder::new(&checkpoint, dt);
+    let images = m.g.input("images", dt, &[b, h, w, 3])?;
+    let (enc, p) = vit::encoder(&mut m, &cfg.encoder, "encoder/", images, (h, w), b)?;
+    let zero = m.g.scalar(dt, 0.0)?;
+    let mut states = Vec::new();
+    for l in 0..cfg.dec_layers {
+        let kv = cross_kv(&mut m, &cfg, l, enc, b, p)?;
+        for (name, t) in ["key", "value"].into_iter().zip(kv) {
+            m.g.output(format!("cross.{l}.{name}"), t);
+            states.push((format!("cross.{l}.{name}"), kiln_graph::TensorType::new(dt, [b, p, hh, hd])));
+            let z = m.g.push(Op::Broadcast { shape: vec![b, n, hh, hd] }, &[zero])?;
+            m.g.output(format!("self.{l}.{name}"), z);
+            states.push((format!("self.{l}.{name}"), kiln_graph::TensorType::new(dt, [b, n, hh, hd])));
+        }
+    }
+    let encode = m.g;
+
+    // decode: one token at position `cache_position`.
+    let mut m = Builder::new(&checkpoint, dt);
+    let token = m.g.input("token", DType::I64, &[b, 1])?;
+    let at = m.g.input("cache_position", DType::I64, &[1])?;
+    let table = m.weight("decoder/EmbedTargets/embedding", &[cfg.embed_rows, d])?;
+    let y = m.g.push(Op::Gather { axis: 0 }, &[table, token])?;
+    let pos = positions(&mut m, &cfg)?;
+    let pos = m.g.push(Op::Gather { axis: 0 }, &[pos, at])?;
+    let pos = m.g.reshape(pos, &[1, 1, d])?;
+    let y = m.add(y, pos)?;
+    let mut t = m.g.reshape(y, &[b, d])?;
+    // Slots 0..=cache_position are visible: an additive mask [B, 1, N].
+    let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, kiln_graph::TensorType::new(DType::F32, [1, 1, n]))?;
+    let qi = m.g.push(Op::Cast { to: DType::F32 }, &[at])?;
+    let qi = m.g.reshape(qi, &[1, 1, 1])?;
+    let ok = m.g.binary(kiln_graph::BinaryOp::Le, j, qi)?;
+    let (zero, lowest) = (m.g.scalar(dt, 0.0)?, m.g.scalar(dt, f64::from(f32::MIN))?);
+    let mask = m.g.push(Op::Select, &[ok, zero, lowest])?;
+    let mask = m.g.push(Op::Broadcast { shape: vec![b, 1, n] }, &[mask])?;
+    for l in 0..cfg.dec_layers {
+        let bp = format!("decoder/EncDecBlock{l}");
+        let x = ln(&mut m, &cfg, t, &format!("{bp}/LayerNorm1"), d)?;
+        let sp = format!("{bp}/SelfAttn");
+        let q = heads(&mut m, &cfg, x, &sp, "query", d, b, 1)?;
+        let mut cache = [NodeId(0); 2];
+        for (i, name) in ["key", "value"].into_iter().enumerate() {
+            let new = heads(&mut m, &cfg, x, &sp, name, d, b, 1)?;
+            let past = m.g.input(&format!("self.{l}.{name}"), dt, &[b, n, hh, hd])?;
+            cache[i] = m.g.write_slice(past, new, at, 1)?;
+            m.g.output(format!("self.{l}.{name}"), cache[i]);
+        }
+        let sa = attend(&mut m, &cfg, [q, cache[0], cache[1]], Mask::Additive(mask), &sp, b, 1)?;
+        let cross =
+            [m.g.input(&format!("cross.{l}.key"), dt, &[b, p, hh, hd])?, m.g.input(&format!("cross.{l}.value"), dt, &[b, p, hh, hd])?];
+        t = block_rest(&mut m, &cfg, &bp, t, sa, cross, b, 1)?;
+    }
+    let (_, logits) = head(&mut m, &cfg, t)?;
+    m.g.output("logits", logits);
+    let decode = m.g;
+    let description = format!(
+        "CapPa generation: ViT width {e} at {h}x{w}, decoder width {d} depth {} heads {hh}, vocab {}, {n} steps, batch {b}, {dt}",
+        cfg.dec_layers, cfg.vocab_size
+    );
+    Ok(EncDecGeneration { encode, decode, states, vocab_size: cfg.vocab_size, description, checkpoint })
 }
