@@ -307,6 +307,7 @@ pub(super) fn generate_encdec(
     max_new_tokens: usize,
     backend: &str,
     dtype: DType,
+    cross: kiln::encdec::CrossKv,
 ) -> Result<()> {
     let get = |n: &str| ins.iter().find(|(name, _)| name == n).map(|(_, t)| t);
     let images = get("images").ok_or_else(|| Error::File { path: path.into(), msg: "no images".into() })?;
@@ -326,7 +327,7 @@ pub(super) fn generate_encdec(
         Some(t) => return Err(Error::File { path: path.into(), msg: format!("eos_token: expected one value, found {:?}", t.ty.shape) }),
         None => 1,
     };
-    let mut g = progress("compiling", || kiln::encdec::EncDecGenerator::new(model, b, (s[1], s[2]), n, backend, dtype))?;
+    let mut g = progress("compiling", || kiln::encdec::EncDecGenerator::with_cross(model, b, (s[1], s[2]), n, backend, dtype, cross))?;
     let t = Instant::now();
     let r = g.generate(images, &prompts, eos)?;
     let secs = t.elapsed().as_secs_f64();

@@ -15,6 +15,7 @@
 use crate::{compile_with_states, CompileOptions, Error, Result};
 use kiln_graph::program::StateSpec;
 use kiln_graph::DType;
+pub use kiln_models::big_vision::cappa::CrossKv;
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::Path;
@@ -44,6 +45,20 @@ pub struct Decoded {
 impl EncDecGenerator {
     /// Compiles the folder for `batch` images of `image_hw` and `steps` decode steps.
     pub fn new(dir: &Path, batch: usize, image_hw: (usize, usize), steps: usize, backend: &str, dtype: DType) -> Result<Self> {
+        Self::with_cross(dir, batch, image_hw, steps, backend, dtype, CrossKv::Cached)
+    }
+
+    /// [`EncDecGenerator::new`] with the cross-attention keys and values cached (kiln's way) or
+    /// recomputed at every step (the official loop's way, for comparison).
+    pub fn with_cross(
+        dir: &Path,
+        batch: usize,
+        image_hw: (usize, usize),
+        steps: usize,
+        backend: &str,
+        dtype: DType,
+        cross: CrossKv,
+    ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let family = kiln_models::registry::family_of(&cfg_path)?;
         if family.name != "cappa" {
@@ -54,7 +69,7 @@ impl EncDecGenerator {
             )));
         }
         let profile = Profile { batch, image_hw: Some(image_hw), dtype, ..Profile::default() };
-        let g = kiln_models::big_vision::cappa::build_generation(&cfg_path, kiln_models::Checkpoint::open(dir)?, &profile, steps)?;
+        let g = kiln_models::big_vision::cappa::build_generation(&cfg_path, kiln_models::Checkpoint::open(dir)?, &profile, steps, cross)?;
         let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
         let built = [("encode".to_string(), g.encode), ("decode".to_string(), g.decode)];
         let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };

@@ -135,6 +135,10 @@ enum Cmd {
         /// synchronised): where the time to first token and per token goes.
         #[arg(long)]
         breakdown: bool,
+        /// Encoder-decoders: project the cross-attention keys and values from the encoder's
+        /// tokens at every step, as big_vision's loop does, instead of once (for comparison).
+        #[arg(long, requires = "inputs")]
+        recompute_cross: bool,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
@@ -477,14 +481,15 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, breakdown, .. } => {
+        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, breakdown, recompute_cross, .. } => {
             let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
             let mut ins = io::read(&inputs)?;
             if ins.iter().any(|(n, _)| n == "images") {
-                return generate_encdec(&model, &ins, &inputs, &out, max_new_tokens, &backend, dtype);
+                let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
+                return generate_encdec(&model, &ins, &inputs, &out, max_new_tokens, &backend, dtype, cross);
             }
             let (b, l) = text_inputs(&mut ins, &inputs)?
                 .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;

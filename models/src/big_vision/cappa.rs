@@ -15,7 +15,7 @@ use super::{pair, posemb_sincos_2d};
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
-use crate::registry::{Family, Kind};
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Built, Checkpoint, Profile};
 use kiln_graph::{Attention, DType, MaskKind, NodeId, Op, UnaryOp};
 use std::path::Path;
@@ -27,9 +27,26 @@ pub static FAMILY: Family = Family {
     claims: |k| k == Kind::BigVision("proj.cappa.cappa"),
     build,
     generation: None,
-    synth: &[],
+    synth: &[SynthRow {
+        name: "cappa-b16-224",
+        about: "CapPa B/16 captioner at 224 px with a 6-layer decoder, vocab 32000, 64 tokens (big_vision's CapPa pretraining config)",
+        recipe: |_| Ok(synth_recipe()),
+    }],
     init: super::synth_init,
 };
+
+/// big_vision's `configs/proj/cappa/pretrain.py` model: a B/16 encoder, a 6-layer decoder of
+/// the same width without biases, the mask token's embedding row.
+fn synth_recipe() -> SynthRecipe {
+    let model = serde_json::json!({
+        "num_layers": 12, "num_heads": 12, "mlp_dim": 3072, "emb_dim": 768, "vocab_size": 32000,
+        "patches": [16, 16], "seq_len": 64, "posemb_type": "learn",
+        "decoder_num_layers": 6, "decoder_num_heads": 0, "decoder_mlp_dim": 0, "decoder_emb_dim": 0,
+        "dec_dropout_rate": 0.0, "masked_pred_prob": 0.75, "masking_ratio": 1.0, "decoder_bias": false
+    });
+    let config = serde_json::json!({"model_name": "proj.cappa.cappa", "model": model});
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 }
+}
 
 /// The keyword arguments of `cappa.Model`, all honoured or refused.
 #[derive(Clone, Debug, PartialEq)]
@@ -306,11 +323,27 @@ pub struct EncDecGeneration {
     pub checkpoint: Checkpoint,
 }
 
+/// Where `decode` gets the cross-attention keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrossKv {
+    /// Computed once by `encode` and kept as state (kiln's way).
+    Cached,
+    /// Projected from the encoder's tokens (kept as state `encoded`) at every step, as the
+    /// official loop does; for comparison.
+    Recomputed,
+}
+
 /// Builds the two entries for `profile.batch` images of `profile.image_hw` and `capacity`
 /// decode steps (at most the config's `seq_len`). `encode`: `images` in, the states out.
 /// `decode`: `token [B, 1]` (i64, the previous token; 0 = BOS) and `cache_position [1]` (the
 /// step) in, `logits [B, V]` out.
-pub fn build_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile, capacity: usize) -> Result<EncDecGeneration> {
+pub fn build_generation(
+    cfg_path: &Path,
+    checkpoint: Checkpoint,
+    profile: &Profile,
+    capacity: usize,
+    cross: CrossKv,
+) -> Result<EncDecGeneration> {
     let mut r = ConfigReader::open(cfg_path)?;
     let _ = r.str_or("model_name", None)?;
     let kwargs = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
@@ -330,11 +363,19 @@ pub fn build_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profi
     let (enc, p) = vit::encoder(&mut m, &cfg.encoder, "encoder/", images, (h, w), b)?;
     let zero = m.g.scalar(dt, 0.0)?;
     let mut states = Vec::new();
+    if cross == CrossKv::Recomputed {
+        m.g.output("encoded", enc);
+        states.push(("encoded".to_string(), kiln_graph::TensorType::new(dt, [b * p, e])));
+    }
     for l in 0..cfg.dec_layers {
-        let kv = cross_kv(&mut m, &cfg, l, enc, b, p)?;
-        for (name, t) in ["key", "value"].into_iter().zip(kv) {
-            m.g.output(format!("cross.{l}.{name}"), t);
-            states.push((format!("cross.{l}.{name}"), kiln_graph::TensorType::new(dt, [b, p, hh, hd])));
+        if cross == CrossKv::Cached {
+            let kv = cross_kv(&mut m, &cfg, l, enc, b, p)?;
+            for (name, t) in ["key", "value"].into_iter().zip(kv) {
+                m.g.output(format!("cross.{l}.{name}"), t);
+                states.push((format!("cross.{l}.{name}"), kiln_graph::TensorType::new(dt, [b, p, hh, hd])));
+            }
+        }
+        for name in ["key", "value"] {
             let z = m.g.push(Op::Broadcast { shape: vec![b, n, hh, hd] }, &[zero])?;
             m.g.output(format!("self.{l}.{name}"), z);
             states.push((format!("self.{l}.{name}"), kiln_graph::TensorType::new(dt, [b, n, hh, hd])));
@@ -361,6 +402,10 @@ pub fn build_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profi
     let (zero, lowest) = (m.g.scalar(dt, 0.0)?, m.g.scalar(dt, f64::from(f32::MIN))?);
     let mask = m.g.push(Op::Select, &[ok, zero, lowest])?;
     let mask = m.g.push(Op::Broadcast { shape: vec![b, 1, n] }, &[mask])?;
+    let enc_in = match cross {
+        CrossKv::Recomputed => Some(m.g.input("encoded", dt, &[b * p, e])?),
+        CrossKv::Cached => None,
+    };
     for l in 0..cfg.dec_layers {
         let bp = format!("decoder/EncDecBlock{l}");
         let x = ln(&mut m, &cfg, t, &format!("{bp}/LayerNorm1"), d)?;
@@ -374,8 +419,12 @@ pub fn build_generation(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profi
             m.g.output(format!("self.{l}.{name}"), cache[i]);
         }
         let sa = attend(&mut m, &cfg, [q, cache[0], cache[1]], Mask::Additive(mask), &sp, b, 1)?;
-        let cross =
-            [m.g.input(&format!("cross.{l}.key"), dt, &[b, p, hh, hd])?, m.g.input(&format!("cross.{l}.value"), dt, &[b, p, hh, hd])?];
+        let cross = match enc_in {
+            Some(enc) => cross_kv(&mut m, &cfg, l, enc, b, p)?,
+            None => {
+                [m.g.input(&format!("cross.{l}.key"), dt, &[b, p, hh, hd])?, m.g.input(&format!("cross.{l}.value"), dt, &[b, p, hh, hd])?]
+            }
+        };
         t = block_rest(&mut m, &cfg, &bp, t, sa, cross, b, 1)?;
     }
     let (_, logits) = head(&mut m, &cfg, t)?;
