@@ -70,3 +70,9 @@ kf = cap["kiln_folder_config"]
 folder("cappa_captioner", kf["model_name"], kf["model"],
        [("cappa_captioner/params.npz", "params.npz"),
         ("cappa_captioner/reference.safetensors", "reference.safetensors")])
+
+# UViM's stage II VTT: images + codes (+1) -> logits; greedy code generation.
+vtt = json.load(open(os.path.join(SRC, "uvim_vtt/config.json")))
+kf = vtt["kiln_folder_config"]
+folder("uvim_vtt", kf["model_name"], kf["model"],
+       [("uvim_vtt/params.npz", "params.npz"), ("uvim_vtt/reference.safetensors", "reference.safetensors")])

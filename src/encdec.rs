@@ -61,9 +61,9 @@ impl EncDecGenerator {
     ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let family = kiln_models::registry::family_of(&cfg_path)?;
-        if family.name != "cappa" {
+        if !matches!(family.name, "cappa" | "uvim-vtt") {
             return Err(Error::Usage(format!(
-                "{}: encoder-decoder generation (images in, sequences out) is for CapPa folders, not {}",
+                "{}: encoder-decoder generation (images in, sequences out) is for CapPa and UViM VTT folders, not {}",
                 dir.display(),
                 family.name
             )));

@@ -48,6 +48,17 @@ fn synth_recipe() -> SynthRecipe {
     SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 }
 }
 
+/// UViM's stage II model (`model_name: proj.uvim.vtt`): the same decoder over the VTT's encoder.
+pub static VTT_FAMILY: Family = Family {
+    name: "uvim-vtt",
+    about: "UViM's stage II VTT (model_name proj.uvim.vtt): images + codes -> logits; greedy code generation",
+    claims: |k| k == Kind::BigVision("proj.uvim.vtt"),
+    build,
+    generation: None,
+    synth: &[],
+    init: super::synth_init,
+};
+
 /// The keyword arguments of `cappa.Model`, all honoured or refused.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CappaConfig {
@@ -64,6 +75,10 @@ pub struct CappaConfig {
     /// `masked_pred_prob > 0`.
     pub embed_rows: usize,
     pub decoder_bias: bool,
+    /// UViM's VTT (`proj.uvim.vtt`): the image size its encoder's position table is made for
+    /// (`input_size`). Its encoder is `EmbedPatches` + `pos_embedding_encoder` + `encoder/`
+    /// blocks (no `Transformer/` level); CapPa's (`None`) is a big_vision ViT under `encoder/`.
+    pub vtt_input: Option<(usize, usize)>,
 }
 
 impl CappaConfig {
@@ -115,8 +130,121 @@ impl CappaConfig {
             patch_merger: None,
         };
         let embed_rows = vocab_size + usize::from(masked > 0.0);
-        Ok(CappaConfig { encoder, vocab_size, seq_len, dec_width, dec_layers, dec_heads, dec_mlp, embed_rows, decoder_bias })
+        Ok(CappaConfig {
+            encoder,
+            vocab_size,
+            seq_len,
+            dec_width,
+            dec_layers,
+            dec_heads,
+            dec_mlp,
+            embed_rows,
+            decoder_bias,
+            vtt_input: None,
+        })
     }
+
+    /// Reads UViM's `vtt.Model` kwargs strictly: encoder and decoder share their sizes; the
+    /// decoder's LayerNorms and MLP have biases; the embedding has exactly `vocab_size` rows.
+    pub fn read_vtt(mut r: ConfigReader) -> Result<Self> {
+        let patch = match r.object("patches")? {
+            Some(mut p) => {
+                let size = pair(&mut p, "size", (0, 0))?;
+                p.finish()?;
+                size
+            }
+            None => return Err(r.unsupported("patches", "missing: {\"size\": [ph, pw]}")),
+        };
+        let heads = r.usize_or("num_heads", Some(8))?;
+        let layers = r.usize_or("num_layers", Some(6))?;
+        let mlp = r.usize_or("mlp_dim", Some(2048))?;
+        let _ = r.f64_or("dropout_rate", Some(0.0))?;
+        let width = r.usize_or("emb_dim", Some(512))?;
+        let vocab_size = r.usize_or("vocab_size", Some(32_000))?;
+        let seq_len = r.usize_or("seq_len", Some(256))?;
+        let input = pair(&mut r, "input_size", (256, 256))?;
+        let posemb = match r.str_or("posemb_type", Some("sincos2d"))?.as_str() {
+            "learn" => Posemb::Learn,
+            "sincos2d" => Posemb::SinCos2d,
+            other => return Err(r.unsupported("posemb_type", format!("'{other}' is not supported (learn, sincos2d)"))),
+        };
+        if r.bool_or("zero_decoder_seq", false)? {
+            return Err(r.unsupported("zero_decoder_seq", "a decoder fed zeros instead of its tokens is not supported"));
+        }
+        if patch.0 == 0 || patch.1 == 0 || input.0 % patch.0 != 0 || input.1 % patch.1 != 0 {
+            return Err(r.unsupported("patches", format!("{patch:?} does not tile input_size {input:?}")));
+        }
+        if heads == 0 || width % heads != 0 {
+            return Err(r.unsupported("num_heads", format!("width {width} does not split into {heads} heads")));
+        }
+        r.finish()?;
+        let encoder = VitConfig {
+            num_classes: None,
+            patch,
+            width,
+            depth: layers,
+            mlp_dim: mlp,
+            heads,
+            posemb,
+            rep_size: None,
+            pool: Pool::Gap,
+            patch_merger: None,
+        };
+        Ok(CappaConfig {
+            encoder,
+            vocab_size,
+            seq_len,
+            dec_width: width,
+            dec_layers: layers,
+            dec_heads: heads,
+            dec_mlp: mlp,
+            embed_rows: vocab_size,
+            decoder_bias: true,
+            vtt_input: Some(input),
+        })
+    }
+
+    /// Reads a folder's `config.json`: CapPa's or the VTT's kwargs by its `model_name`.
+    pub fn from_file(cfg_path: &Path) -> Result<Self> {
+        let mut r = ConfigReader::open(cfg_path)?;
+        let name = r.str_or("model_name", None)?;
+        let kwargs = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
+        r.finish()?;
+        match name.as_str() {
+            "proj.cappa.cappa" => Self::read(kwargs),
+            "proj.uvim.vtt" => Self::read_vtt(kwargs),
+            other => Err(ModelError::Unsupported(format!("{}: model_name '{other}' is not an encoder-decoder", cfg_path.display()))),
+        }
+    }
+
+    /// The image size: the profile's, else the VTT's `input_size`, else 224.
+    fn image_hw(&self, profile: &Profile) -> (usize, usize) {
+        profile.image_hw.or(self.vtt_input).unwrap_or((224, 224))
+    }
+}
+
+/// The encoder's normalised tokens `[B*P, E]` and `P`.
+fn encode(m: &mut Builder, cfg: &CappaConfig, images: NodeId, (h, w): (usize, usize), b: usize) -> Result<(NodeId, usize)> {
+    let Some(input) = cfg.vtt_input else { return vit::encoder(m, &cfg.encoder, "encoder/", images, (h, w), b) };
+    let e = &cfg.encoder;
+    if (h, w) != input {
+        return Err(ModelError::Unsupported(format!("a {h}x{w} image: the VTT's position table is made for input_size {input:?}")));
+    }
+    let (gh, gw) = super::grid((h, w), e.patch)?;
+    let (d, n) = (e.width, gh * gw);
+    let x = super::patch_embed(m, images, "EmbedPatches", e.patch, d)?;
+    let x = m.g.reshape(x, &[b, n, d])?;
+    let pos = match e.posemb {
+        Posemb::Learn => m.weight("pos_embedding_encoder", &[1, n, d])?,
+        Posemb::SinCos2d => m.g.constant(m.dtype, &[1, n, d], posemb_sincos_2d(gh, gw, d)?)?,
+    };
+    let x = m.add(x, pos)?;
+    let mut x = m.g.reshape(x, &[b * n, d])?;
+    for i in 0..e.depth {
+        let p = format!("encoder/encoderblock_{i}");
+        x = m.encoder_block(x, &p, ("MultiHeadDotProductAttention_0", "MlpBlock_0"), b, n, d, e.heads, e.mlp_dim)?;
+    }
+    Ok((m.flax_layer_norm(x, "encoder/encoder_norm", d)?, n))
 }
 
 /// Builds `forward`: inputs `images [B, H, W, 3]` (NHWC in [-1, 1]) and `text [B, L]` (i64,
@@ -124,12 +252,8 @@ impl CappaConfig {
 /// `encoded [B, P, E]`, and the decoder's `decoder/embedded`, `decoder/block<i>`,
 /// `decoder/final_norm` (each `[B, L, Ed]`).
 pub fn build(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Result<Built> {
-    let mut r = ConfigReader::open(cfg_path)?;
-    let _ = r.str_or("model_name", None)?;
-    let kwargs = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
-    r.finish()?;
-    let cfg = CappaConfig::read(kwargs)?;
-    let (h, w) = profile.image_hw.unwrap_or((224, 224));
+    let cfg = CappaConfig::from_file(cfg_path)?;
+    let (h, w) = cfg.image_hw(profile);
     let l = profile.seq_len.unwrap_or(cfg.seq_len);
     if l == 0 || l > cfg.seq_len {
         return Err(ModelError::Unsupported(format!("text of {l} tokens: the decoder has {} positions (seq_len)", cfg.seq_len)));
@@ -138,7 +262,7 @@ pub fn build(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Resu
     let mut m = Builder::new(&checkpoint, profile.dtype);
     let images = m.g.input("images", profile.dtype, &[b, h, w, 3])?;
     let text = m.g.input("text", DType::I64, &[b, l])?;
-    let (enc, p) = vit::encoder(&mut m, &cfg.encoder, "encoder/", images, (h, w), b)?;
+    let (enc, p) = encode(&mut m, &cfg, images, (h, w), b)?;
     let encoded = m.g.reshape(enc, &[b, p, e])?;
     m.g.output("encoded", encoded);
     let logits = decoder(&mut m, &cfg, text, enc, b, l, p)?;
@@ -344,15 +468,11 @@ pub fn build_generation(
     capacity: usize,
     cross: CrossKv,
 ) -> Result<EncDecGeneration> {
-    let mut r = ConfigReader::open(cfg_path)?;
-    let _ = r.str_or("model_name", None)?;
-    let kwargs = r.object("model")?.ok_or_else(|| r.unsupported("model", "missing: the model's keyword arguments"))?;
-    r.finish()?;
-    let cfg = CappaConfig::read(kwargs)?;
+    let cfg = CappaConfig::from_file(cfg_path)?;
     if capacity == 0 || capacity > cfg.seq_len {
         return Err(ModelError::Unsupported(format!("{capacity} decode steps: the decoder has {} positions (seq_len)", cfg.seq_len)));
     }
-    let (h, w) = profile.image_hw.unwrap_or((224, 224));
+    let (h, w) = cfg.image_hw(profile);
     let (b, e, d, n) = (profile.batch, cfg.encoder.width, cfg.dec_width, capacity);
     let (hh, hd) = (cfg.dec_heads, cfg.dec_width / cfg.dec_heads);
     let dt = profile.dtype;
@@ -360,7 +480,7 @@ pub fn build_generation(
     // encode: the cross keys and values, and a zeroed self-attention cache.
     let mut m = Builder::new(&checkpoint, dt);
     let images = m.g.input("images", dt, &[b, h, w, 3])?;
-    let (enc, p) = vit::encoder(&mut m, &cfg.encoder, "encoder/", images, (h, w), b)?;
+    let (enc, p) = encode(&mut m, &cfg, images, (h, w), b)?;
     let zero = m.g.scalar(dt, 0.0)?;
     let mut states = Vec::new();
     if cross == CrossKv::Recomputed {
