@@ -76,3 +76,9 @@ vtt = json.load(open(os.path.join(SRC, "uvim_vtt/config.json")))
 kf = vtt["kiln_folder_config"]
 folder("uvim_vtt", kf["model_name"], kf["model"],
        [("uvim_vtt/params.npz", "params.npz"), ("uvim_vtt/reference.safetensors", "reference.safetensors")])
+
+# UViM's stage I VQ-VAE: the released npz layout (params/..., state/dictionary, state/counts).
+vq = json.load(open(os.path.join(SRC, "uvim_vqvae/config.json")))
+kf = vq["kiln_folder_config"]
+folder("uvim_vqvae", kf["model_name"], kf["model"],
+       [("uvim_vqvae/params.npz", "params.npz"), ("uvim_vqvae/reference.safetensors", "reference.safetensors")])

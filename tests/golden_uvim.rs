@@ -65,3 +65,42 @@ fn teacher_forced_logits_and_greedy_codes_match_big_vision() {
         }
     }
 }
+
+/// The VQ-VAE (`proj.uvim.vit`, the stage I npz layout) against big_vision: encode (`x/depth`
+/// and the context image to the stem, the standardised bottleneck, the code exactly, the
+/// quantised bottleneck and the reconstruction's logits) and decode (the codes back to logits;
+/// the VTT's predicted codes, -1 included, as UViM's inference decodes them), on the interpreter
+/// check's backends.
+#[test]
+fn vqvae_encode_and_decode_match_big_vision() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/uvim_vqvae");
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let (x, ctx) = (tensor(&reference, "x/depth"), tensor(&reference, "ctx"));
+    let b = ctx.ty.shape[0];
+    let store = Arc::new(WeightStore::open(&dir).expect("weights"));
+    for &backend in BACKENDS {
+        let profile = Profile { batch: b, ..Profile::default() };
+        let c = compile(&dir, &CompileOptions { profile, backend: backend.into(), trace: false }).expect("compile");
+        let mut s = Session::new(c.program, store.clone()).expect("session");
+        let outs = s.run("forward", &[("x/depth", x), ("ctx", ctx)]).expect("forward");
+        let out = |n: &str| &outs.iter().find(|(name, _)| name == n).unwrap_or_else(|| panic!("no output {n}")).1;
+        assert_eq!(out("code").to_f64(), tensor(&reference, "code").to_f64(), "{backend}: code");
+        // The full call decodes stop_gradient(e[idx] - x) + x, 2e-6 from e[idx].
+        for (ours, theirs) in
+            [("stem/depth", "stem/depth"), ("bottleneck", "bottleneck"), ("bottleneck_q", "bottleneck_q"), ("logits/depth", "logits/depth")]
+        {
+            let e = rel_err(&out(ours).to_f32(), &tensor(&reference, theirs).to_f32());
+            eprintln!("{backend}: {ours} relative error {e:.3e}");
+            assert!(e < 1e-4, "{backend}: {ours}: {e:.3e}");
+        }
+        for (codes, want) in [("code", "decode_logits/depth"), ("pred/codes", "pred/logits/depth")] {
+            let outs = s.run("decode", &[("codes", tensor(&reference, codes)), ("ctx", ctx)]).expect("decode");
+            let got = &outs.iter().find(|(n, _)| n == "logits/depth").expect("logits").1;
+            let e = rel_err(&got.to_f32(), &tensor(&reference, want).to_f32());
+            eprintln!("{backend}: decode({codes}) relative error {e:.3e}");
+            assert!(e < 1e-4, "{backend}: decode({codes}): {e:.3e}");
+        }
+    }
+    let pred = tensor(&reference, "pred/codes").to_f64();
+    assert!(pred.contains(&-1.0), "the predicted codes exercise -1 (the last codeword)");
+}

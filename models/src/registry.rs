@@ -119,6 +119,7 @@ pub static FAMILIES: &[&Family] = &[
     &crate::big_vision::paligemma_seg::FAMILY,
     &crate::big_vision::cappa::FAMILY,
     &crate::big_vision::cappa::VTT_FAMILY,
+    &crate::big_vision::uvim_vqvae::FAMILY,
     &crate::gemma::FAMILY,
     &crate::paligemma::FAMILY,
 ];

@@ -8,6 +8,7 @@
 pub mod cappa;
 pub mod paligemma_seg;
 pub mod patch_merger;
+pub mod uvim_vqvae;
 pub mod vit;
 pub mod vmoe;
 
