@@ -262,6 +262,9 @@ fn weight_lists_are_pinned() {
         ("siglip-so400m-14-224", 448, 0xa74e5e247da220dd),
         ("siglip-so400m-14-448", 448, 0x81c36bbc646d3ccd),
         ("siglip-so400m-14-896", 448, 0x1d6385211565acb5),
+        // Learned from the UViM builders when they landed.
+        ("uvim-vqvae-depth", 308, 0x829c164839f89f79),
+        ("uvim-vtt-l16-depth", 827, 0x8f476d71ea3ffab9),
         ("vit-b16", 199, 0x9adb57de053ded1a),
         ("vit-b16-pm8", 202, 0x2c456a73735c6e87),
         ("vmoe-b16-dense", 200, 0x1856708fd4f49d4c),

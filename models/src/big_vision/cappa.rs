@@ -35,6 +35,17 @@ pub static FAMILY: Family = Family {
     init: super::synth_init,
 };
 
+/// big_vision's `configs/proj/uvim/train_nyu_depth_pretrained.py` model (`VTT_MODELS['large']`,
+/// patch 16 at 512 px, the depth VQ-VAE's 4096 codes + 1 as its vocabulary, 256 of them).
+fn vtt_depth_recipe() -> SynthRecipe {
+    let model = serde_json::json!({
+        "num_layers": 24, "num_heads": 16, "mlp_dim": 4096, "emb_dim": 1024, "patches": {"size": [16, 16]},
+        "vocab_size": 4097, "posemb_type": "learn", "input_size": [512, 512], "seq_len": 256, "zero_decoder_seq": false
+    });
+    let config = serde_json::json!({"model_name": "proj.uvim.vtt", "model": model});
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 }
+}
+
 /// big_vision's `configs/proj/cappa/pretrain.py` model: a B/16 encoder, a 6-layer decoder of
 /// the same width without biases, the mask token's embedding row.
 fn synth_recipe() -> SynthRecipe {
@@ -55,7 +66,11 @@ pub static VTT_FAMILY: Family = Family {
     claims: |k| k == Kind::BigVision("proj.uvim.vtt"),
     build,
     generation: None,
-    synth: &[],
+    synth: &[SynthRow {
+        name: "uvim-vtt-l16-depth",
+        about: "UViM's stage II VTT-L/16 for NYU depth at 512 px: 24 + 24 layers, 1024 wide, 4096 codes + 1 (big_vision's train_nyu_depth_pretrained)",
+        recipe: |_| Ok(vtt_depth_recipe()),
+    }],
     init: super::synth_init,
 };
 

@@ -14,7 +14,7 @@ pub mod vmoe;
 
 /// Synthetic big_vision weights (Flax layouts): kernels N(0, 1/fan_in) over their input axes,
 /// biases N(0, 0.02²), layer norm scales 1 + N(0, 0.05²), position embeddings and the class
-/// token N(0, 0.02²), token tables N(0, 1).
+/// token N(0, 0.02²), token tables and VQ dictionaries N(0, 1), VQ counts 1.
 pub fn synth_init(name: &str, shape: &[usize]) -> crate::registry::Init {
     use crate::registry::{flax_fan_in, Init};
     let leaf = name.rsplit('/').next().unwrap_or(name);
@@ -25,9 +25,14 @@ pub fn synth_init(name: &str, shape: &[usize]) -> crate::registry::Init {
         "pos_embedding" | "cls" => Init::Normal { mean: 0.0, std: 0.02 },
         // A token table (CapPa's EmbedTargets), N(0, 1) as flax's nn.Embed initialises it.
         "embedding" => Init::Normal { mean: 0.0, std: 1.0 },
+        // A VQ-VAE's dictionary N(0, 1) and its counts 1 (the codewords are dictionary / counts).
+        "dictionary" => Init::Normal { mean: 0.0, std: 1.0 },
+        "counts" => Init::Constant(1.0),
         // Attention projections [D, H, hd] read D; expert MLPs [E, in, out] read `in`.
         "kernel" if matches!(layer, "query" | "key" | "value") => Init::fan_in(shape[0]),
         "kernel" if name.contains("/Moe/Mlp/") => Init::fan_in(shape[1]),
+        // A DenseGeneral head [D, *out] (UViM's head_<name>) reads D.
+        "kernel" if layer.starts_with("head_") => Init::fan_in(shape[0]),
         _ => Init::fan_in(flax_fan_in(shape)),
     }
 }

@@ -18,7 +18,7 @@ use super::{grid, pair, patch_embed, posemb_sincos_2d};
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
-use crate::registry::{Family, Kind};
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Built, Checkpoint, Profile};
 use kiln_graph::{BinaryOp, DType, NodeId, Op, ReduceOp, UnaryOp};
 use std::path::Path;
@@ -30,9 +30,26 @@ pub static FAMILY: Family = Family {
     claims: |k| k == Kind::BigVision("proj.uvim.vit"),
     build,
     generation: None,
-    synth: &[],
+    synth: &[SynthRow {
+        name: "uvim-vqvae-depth",
+        about: "UViM's stage I VQ-VAE for NYU depth at 512 px: 6 + 12 blocks, 768 wide, 4096 codewords, 256 depth bins (big_vision's vqvae_nyu_depth)",
+        recipe: |_| Ok(depth_recipe()),
+    }],
     init: super::synth_init,
 };
+
+/// big_vision's `configs/proj/uvim/vqvae_nyu_depth.py` model at its default `res=512,
+/// patch_size=16`.
+fn depth_recipe() -> SynthRecipe {
+    let model = serde_json::json!({
+        "input_size": [512, 512], "patch_size": [16, 16], "code_len": 256, "width": 768, "enc_depth": 6, "dec_depth": 12,
+        "mlp_dim": 3072, "num_heads": 12, "dict_size": 4096, "codeword_dim": 768, "dict_momentum": 0.995,
+        "with_encoder_ctx": true, "with_decoder_ctx": true, "code_dropout": "random", "bottleneck_resize": true,
+        "inputs": {"depth": [256, 256]}, "outputs": {"depth": [256, 256]}
+    });
+    let config = serde_json::json!({"model_name": "proj.uvim.vit", "model": model});
+    SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 }
+}
 
 /// The kwargs of `uvim.vit.Model`, all honoured or refused (training-only ones are read and
 /// have no effect at inference).
