@@ -344,3 +344,27 @@ pub(super) fn generate_encdec(
     println!("wrote {}", out.display());
     Ok(())
 }
+
+/// `kiln generate <uvim-task> --image x.jpg -o out.png`: UViM end to end (`kiln::uvim`).
+pub(super) fn generate_uvim(model: &Path, image: &Path, out: Option<PathBuf>, backend: &str) -> Result<()> {
+    if !kiln::uvim::is_task(model) {
+        return Err(Error::Usage(format!(
+            "--image without --prompt is for a UViM task folder (uvim.json beside vtt/ and vqvae/); {} has none",
+            model.display()
+        )));
+    }
+    let out = out.ok_or_else(|| Error::Usage("a UViM task needs -o out.png (or out.safetensors)".into()))?;
+    let raw = out.extension().is_some_and(|e| e == "safetensors");
+    let t = Instant::now();
+    let p = kiln::uvim::run(model, image, (!raw).then_some(out.as_path()), raw.then_some(out.as_path()), backend)?;
+    let (lo, hi) = p.depth.iter().fold((f32::MAX, f32::MIN), |(a, b), &d| (a.min(d), b.max(d)));
+    println!(
+        "depth {}x{}: {lo:.3}..{hi:.3} m from {} codes in {:.2} s -> {}",
+        p.width,
+        p.height,
+        p.code.len(),
+        t.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}

@@ -21,6 +21,7 @@ pub mod seg;
 pub mod synth;
 mod synth_rng;
 pub mod tokenizer;
+pub mod uvim;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;

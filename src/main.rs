@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod commands;
-use commands::{bench, bench_kernels, generate_encdec, inspect, kernels_check};
+use commands::{bench, bench_kernels, generate_encdec, generate_uvim, inspect, kernels_check};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Ahead-of-time compiler and static runtime for the big_vision model family")]
@@ -107,8 +107,9 @@ enum Cmd {
         /// Text prompt, tokenized with the folder's tokenizer.json.
         #[arg(long, conflicts_with = "inputs")]
         prompt: Option<String>,
-        /// Image file (JPEG or PNG) for PaliGemma, preprocessed per preprocessor_config.json.
-        #[arg(long, requires = "prompt")]
+        /// Image file (JPEG or PNG): PaliGemma's (with --prompt, preprocessed per
+        /// preprocessor_config.json), or a UViM task folder's (with -o).
+        #[arg(long)]
         image: Option<PathBuf>,
         /// Write the image with the detected boxes and labels (and masks) as a PNG.
         #[arg(long, requires = "image")]
@@ -117,9 +118,11 @@ enum Cmd {
         /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
         #[arg(long, requires = "image")]
         seg_decoder: Option<PathBuf>,
-        #[arg(long, required_unless_present = "prompt", requires = "out")]
+        #[arg(long, required_unless_present_any = ["prompt", "image"], requires = "out")]
         inputs: Option<PathBuf>,
-        #[arg(long, requires = "inputs")]
+        /// With --inputs: the outputs (safetensors). With a UViM task folder and --image: the
+        /// prediction as a PNG, or as safetensors (`depth`, `code`) when named `.safetensors`.
+        #[arg(short = 'o', long)]
         out: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
@@ -462,6 +465,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Compile { model, p, out, .. } => compile_forward(&model, &p, &out),
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
+        }
+        Cmd::Generate { model, prompt: None, image: Some(image), out, backend, inputs: None, .. } => {
+            generate_uvim(&model, &image, out, &backend)
         }
         Cmd::Generate {
             model, prompt: Some(prompt), image, draw, seg_decoder, max_new_tokens, bucket, backend, dtype, breakdown, ..

@@ -104,3 +104,89 @@ fn vqvae_encode_and_decode_match_big_vision() {
     let pred = tensor(&reference, "pred/codes").to_f64();
     assert!(pred.contains(&-1.0), "the predicted codes exercise -1 (the last codeword)");
 }
+
+/// A UViM depth task folder (`uvim.json` beside the fixtures' VTT and VQ-VAE as `vtt/` and
+/// `vqvae/`), removed on drop.
+struct Task(PathBuf);
+
+impl Task {
+    fn new(tag: &str, task: &str) -> Task {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision");
+        let dir = std::env::temp_dir().join(format!("kiln-uvim-{tag}-{}", std::process::id()));
+        for (from, to) in [("uvim_vtt", "vtt"), ("uvim_vqvae", "vqvae")] {
+            std::fs::create_dir_all(dir.join(to)).unwrap();
+            for f in ["config.json", "params.npz"] {
+                std::fs::copy(root.join(from).join(f), dir.join(to).join(f)).unwrap();
+            }
+        }
+        std::fs::write(dir.join("uvim.json"), format!(r#"{{"task": "{task}", "min_depth": 0.001, "max_depth": 10.0}}"#)).unwrap();
+        Task(dir)
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The whole UViM inference on the first fixture image: the VTT's greedy code (as the VTT
+/// fixture has it) decoded by the VQ-VAE with the image as context, then big_vision's
+/// `depth_task.predict_outputs` (argmax bin, its centre over the depth range) of the logits the
+/// official VQ-VAE gave for that code.
+#[test]
+fn the_depth_task_predicts_as_big_vision() {
+    let task = Task::new("predict", "depth");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision");
+    let vtt = io::read(&root.join("uvim_vtt/reference.safetensors")).unwrap();
+    let vq = io::read(&root.join("uvim_vqvae/reference.safetensors")).unwrap();
+    let first = |t: &Tensor| {
+        let n = t.ty.numel() / t.ty.shape[0];
+        let mut shape = t.ty.shape.to_vec();
+        shape[0] = 1;
+        Tensor::from_f32(&shape, &t.to_f32()[..n])
+    };
+    let images = first(tensor(&vtt, "images"));
+    let ctx = first(tensor(&vq, "ctx"));
+    let mut t = kiln::uvim::UvimTask::open(&task.0, "cpu").expect("open");
+    let p = t.predict(&images, &ctx).expect("predict");
+    let want_code: Vec<i64> = tensor(&vq, "pred/codes").to_f64()[..16].iter().map(|&x| x as i64).collect();
+    assert_eq!(p.code, want_code);
+    let logits = tensor(&vq, "pred/logits/depth").to_f32();
+    let want = kiln::uvim::depth_map(&logits[..logits.len() / 2], (16, 16), (2, 2), 7, (0.001, 10.0));
+    assert_eq!((p.height, p.width), (16, 16));
+    assert_eq!(p.depth, want);
+    // Every depth is a bin centre.
+    assert!(p.depth.iter().all(|&d| (0..7).any(|b| (d as f64 - ((b as f64 + 0.5) / 7.0 * (10.0 - 0.001) + 0.001)).abs() < 1e-5)));
+}
+
+/// `kiln generate <task> --image x.png -o out.png | out.safetensors`; a folder without
+/// `uvim.json` and an unknown task are refused by name.
+#[test]
+fn the_cli_runs_a_task_folder() {
+    let task = Task::new("cli", "depth");
+    let png = task.0.join("x.png");
+    let px: Vec<u8> = (0..16 * 16 * 3).map(|i| (i * 37 % 256) as u8).collect();
+    kiln::png::write(&png, 16, 16, 3, &px).unwrap();
+    let kiln = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+    let (dir, png_s) = (task.0.to_str().unwrap(), png.to_str().unwrap());
+    let out = task.0.join("out.png");
+    let r = kiln(&["generate", dir, "--image", png_s, "-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let img = kiln::preprocess::load_image(&out, true).expect("a PNG");
+    assert_eq!((img.width, img.height), (16, 16));
+    let raw = task.0.join("out.safetensors");
+    let r = kiln(&["generate", dir, "--image", png_s, "-o", raw.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = io::read(&raw).unwrap();
+    let depth = tensor(&got, "depth");
+    assert_eq!(depth.ty.shape.to_vec(), [16, 16]);
+    assert!(depth.to_f32().iter().all(|&d| (0.001..=10.0).contains(&d)));
+
+    let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/uvim_vtt");
+    let r = kiln(&["generate", plain.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("uvim.json"));
+    let other = Task::new("panoptic", "panoptic");
+    let r = kiln(&["generate", other.0.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("panoptic"), "{}", String::from_utf8_lossy(&r.stderr));
+}
