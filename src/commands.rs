@@ -302,13 +302,14 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
 pub(super) fn generate_encdec(
     model: &Path,
     ins: &[(String, Tensor)],
-    path: &Path,
-    out: &Path,
+    (path, out): (&Path, &Path),
     max_new_tokens: usize,
     backend: &str,
     dtype: DType,
     cross: kiln::encdec::CrossKv,
+    sampling: &kiln::encdec::Sampling,
 ) -> Result<()> {
+    sampling.check()?;
     let get = |n: &str| ins.iter().find(|(name, _)| name == n).map(|(_, t)| t);
     let images = get("images").ok_or_else(|| Error::File { path: path.into(), msg: "no images".into() })?;
     let s = &images.ty.shape;
@@ -329,7 +330,7 @@ pub(super) fn generate_encdec(
     };
     let mut g = progress("compiling", || kiln::encdec::EncDecGenerator::with_cross(model, b, (s[1], s[2]), n, backend, dtype, cross))?;
     let t = Instant::now();
-    let r = g.generate(images, &prompts, eos)?;
+    let r = g.generate_with(images, &prompts, eos, sampling)?;
     let secs = t.elapsed().as_secs_f64();
     for row in 0..b {
         println!("row {row}: {:?} score {:.5}", &r.sequences[row * n..(row + 1) * n], r.scores[row]);
@@ -366,5 +367,87 @@ pub(super) fn generate_uvim(model: &Path, image: &Path, out: Option<PathBuf>, ba
         t.elapsed().as_secs_f64(),
         out.display()
     );
+    Ok(())
+}
+
+/// `kiln compile` of a `forward` program.
+pub(super) fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Result<()> {
+    let opts = profile(p, None, None)?;
+    let (c, secs) = progress("compiling", || {
+        let t = Instant::now();
+        let c = compile(model, &opts);
+        (c, t.elapsed().as_secs_f64())
+    });
+    #[allow(unused_mut)]
+    let mut c = c?;
+    if c.program.backend == "cuda" {
+        #[cfg(feature = "cuda")]
+        progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
+        println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
+    }
+    kiln_graph::artifact::save_file(out, &c.program)?;
+    println!("{}", c.program.model);
+    println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
+    for e in &c.program.entries {
+        println!("  entry {}: {} steps, arena {} (lower bound {})", e.name, e.steps.len(), human(e.arena_bytes), human(e.plan.lower_bound));
+    }
+    Ok(())
+}
+
+/// `kiln run`: a folder or artifact on the inputs of a safetensors file.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    model: &Path,
+    inputs: &Path,
+    out: &Path,
+    weights: Option<&Path>,
+    p: &ProfileArgs,
+    entry: &str,
+    bpd: bool,
+    moe_stats: bool,
+) -> Result<()> {
+    let mut ins = io::read(inputs)?;
+    let (batch, hw) = image_dims(&ins);
+    let mut opts = profile(p, batch, hw)?;
+    if let Some((b, l)) = text_inputs(&mut ins, inputs)? {
+        opts.profile.batch = b;
+        opts.profile.seq_len = Some(l);
+    }
+    // An encoder-decoder's `text [B, L]` (big_vision CapPa) fixes the decoder's length.
+    if let Some((_, t)) = ins.iter().find(|(n, t)| n == "text" && t.ty.rank() == 2) {
+        opts.profile.seq_len = Some(t.ty.shape[1]);
+    }
+    if moe_stats {
+        opts.profile.moe.outputs = MoeOutputs::Stats;
+    }
+    let mut s = session(model, weights, Some(opts), p)?;
+    text_defaults(&mut ins, &s);
+    cast_floats(&mut ins, &s, entry);
+    // A file may hold more than the entry takes (a flow's forward outputs `z` and
+    // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
+    let takes = &s.program().entries[s.entry_index(entry)?].inputs;
+    type Named<'a> = Vec<(&'a str, &'a Tensor)>;
+    let (refs, skipped): (Named, Named) = ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
+    if !skipped.is_empty() && !refs.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
+        println!("not inputs of '{entry}', left out: {}", names.join(", "));
+    }
+    let refs = if refs.is_empty() { skipped } else { refs };
+    let mut outs = s.run(entry, &refs)?;
+    if moe_stats {
+        print_moe_stats(&outs)?;
+    }
+    outs.retain(|(n, _)| !n.starts_with("moe/"));
+    for (name, t) in &outs {
+        let v = t.to_f64();
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
+        println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
+    }
+    if bpd {
+        print_bits_per_dim(&outs)?;
+    }
+    io::write(out, &outs)?;
+    println!("wrote {}", out.display());
     Ok(())
 }

@@ -80,6 +80,12 @@ impl EncDecGenerator {
 
     /// Greedy decoding of `images` with forced `prompts` `[B, N]` (0 = free) and `eos`.
     pub fn generate(&mut self, images: &Tensor, prompts: &[i64], eos: i64) -> Result<Decoded> {
+        self.generate_with(images, prompts, eos, &Sampling::GREEDY)
+    }
+
+    /// [`EncDecGenerator::generate`] drawing each free token as `sampling` says.
+    pub fn generate_with(&mut self, images: &Tensor, prompts: &[i64], eos: i64, sampling: &Sampling) -> Result<Decoded> {
+        sampling.check()?;
         let (b, n, v) = (self.batch, self.steps, self.vocab);
         if prompts.len() != b * n {
             return Err(Error::Usage(format!("prompts: {} values for [{b}, {n}]", prompts.len())));
@@ -106,7 +112,7 @@ impl EncDecGenerator {
             for r in 0..b {
                 let row = &logits[r * v..(r + 1) * v];
                 let lp = log_softmax(row);
-                let sampled = argmax(row) as i64;
+                let sampled = sampling.pick(row, uniform(sampling.seed, r as u64, i as u64)) as i64;
                 let next = buf[r][i + 1];
                 let out_of_prompt = next == 0;
                 let update = out_of_prompt && !finished[r];
@@ -126,6 +132,106 @@ impl EncDecGenerator {
     }
 }
 
+/// How a free token is chosen, as `uvim/decode.py`'s `_temperature_sampling` filters and draws
+/// (its categorical draw replaced by kiln's own generator, so that a seed gives the same
+/// tokens on every backend and batch layout):
+/// - `temperature == 0`: the first argmax (big_vision's greedy is temperature 1e-7);
+/// - `top_p > 0`: logits below the logit at which the sorted softmax's running sum first
+///   reaches `top_p` are dropped (the cut logit and its ties kept);
+/// - `top_k > 0`: only the k largest logits (ties to the lower index) take part;
+/// - then token `i` with probability `softmax(logits / temperature)_i` over those kept:
+///   the first `i` whose running sum (in double precision, in index order) exceeds `u`, with
+///   `u` uniform in [0, 1) from [`uniform`].
+///
+/// `top_k` and `top_p` together are refused, as in the reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The first argmax.
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 0.0, seed: 0 };
+
+    /// Refuses settings the reference refuses or that mean nothing.
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Usage(format!("temperature {}: expected a finite value >= 0", self.temperature)));
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(Error::Usage(format!("top_p {}: expected a value in [0, 1]", self.top_p)));
+        }
+        if self.top_k > 0 && self.top_p > 0.0 {
+            return Err(Error::Usage(format!(
+                "top_k {} and top_p {} together: use one (as big_vision's decode.py)",
+                self.top_k, self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// The token drawn from `logits` with the uniform number `u` in [0, 1).
+    pub fn pick(&self, logits: &[f32], u: f64) -> usize {
+        if self.temperature == 0.0 || logits.len() < 2 {
+            return argmax(logits);
+        }
+        let mut keep: Vec<usize> = (0..logits.len()).collect();
+        if self.top_p > 0.0 {
+            let mut sorted: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let max = sorted[0];
+            let z: f64 = sorted.iter().map(|v| (v - max).exp()).sum();
+            let (mut cum, mut cut) = (0.0, sorted.len() - 1);
+            for (i, v) in sorted.iter().enumerate() {
+                cum += (v - max).exp() / z;
+                if cum >= self.top_p {
+                    cut = i;
+                    break;
+                }
+            }
+            let cutoff = sorted[cut];
+            keep.retain(|&i| logits[i] as f64 >= cutoff);
+        }
+        if self.top_k > 0 && self.top_k < keep.len() {
+            // The k largest, ties to the lower index, kept in index order.
+            let mut order = keep.clone();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            order.truncate(self.top_k);
+            order.sort_unstable();
+            keep = order;
+        }
+        let scaled: Vec<f64> = keep.iter().map(|&i| logits[i] as f64 / self.temperature).collect();
+        let max = scaled.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+        let w: Vec<f64> = scaled.iter().map(|v| (v - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut cum = 0.0;
+        for (j, wj) in w.iter().enumerate() {
+            cum += wj / total;
+            if u < cum {
+                return keep[j];
+            }
+        }
+        keep[keep.len() - 1]
+    }
+}
+
+/// kiln's counter-based uniform numbers: `u = (h >> 11) / 2^53` in [0, 1) with
+/// `h = splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step)`: one number per (seed, row,
+/// step), independent of threads, batch layout and backend.
+pub fn uniform(seed: u64, row: u64, step: u64) -> f64 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let h = mix(mix(mix(seed) ^ row) ^ step);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// `log_softmax` in double precision.
 fn log_softmax(x: &[f32]) -> Vec<f64> {
     let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
@@ -136,4 +242,85 @@ fn log_softmax(x: &[f32]) -> Vec<f64> {
 /// The first index of the largest value.
 fn argmax(x: &[f32]) -> usize {
     x.iter().enumerate().fold(0, |best, (i, &v)| if v > x[best] { i } else { best })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOGITS: [f32; 6] = [1.0, 2.5, 0.3, 2.5, -1.0, 1.7];
+
+    fn logits(seed: u64, n: usize) -> Vec<f32> {
+        (0..n).map(|i| (uniform(seed, i as u64, 0) * 8.0 - 4.0) as f32).collect()
+    }
+
+    /// top-k 1 and a temperature near 0 are the greedy token; the same seed gives the same
+    /// tokens.
+    #[test]
+    fn limits_are_greedy_and_seeds_repeat() {
+        for s in 0..50 {
+            let l = logits(s, 40);
+            let u = uniform(s, 1, 2);
+            let top1 = Sampling { temperature: 1.0, top_k: 1, top_p: 0.0, seed: s };
+            assert_eq!(top1.pick(&l, u), argmax(&l));
+            let cold = Sampling { temperature: 1e-7, top_k: 0, top_p: 0.0, seed: s };
+            assert_eq!(cold.pick(&l, u), argmax(&l));
+        }
+        assert_eq!(uniform(7, 3, 9), uniform(7, 3, 9));
+        assert_ne!(uniform(7, 3, 9), uniform(8, 3, 9));
+        assert!(Sampling { temperature: 1.0, top_k: 2, top_p: 0.5, seed: 0 }.check().is_err());
+        assert!(Sampling { temperature: -1.0, ..Sampling::GREEDY }.check().is_err());
+    }
+
+    /// The filtered softmax each setting should draw from.
+    fn expected(s: &Sampling) -> Vec<f64> {
+        let l: Vec<f64> = LOGITS.iter().map(|&v| v as f64).collect();
+        let mut keep = vec![true; l.len()];
+        if s.top_k > 0 {
+            // [1.0, 2.5, 0.3, 2.5, -1.0, 1.7]: the top 3 are indices 1, 3, 5.
+            keep = vec![false, true, false, true, false, true];
+            assert_eq!(s.top_k, 3);
+        }
+        if s.top_p > 0.0 {
+            // softmax(LOGITS) = [.079, .355, .039, .355, .011, .160]: sorted, the running sum
+            // passes 0.8 at the 1.7 (0.355 + 0.355 = 0.711, + 0.160 = 0.871), so 2.5, 2.5 and
+            // 1.7 stay (before the temperature, as decode.py cuts).
+            let z: f64 = l.iter().map(|v| v.exp()).sum();
+            let (p25, p17) = (2.5f64.exp() / z, 1.7f64.exp() / z);
+            assert!(2.0 * p25 < 0.8 && 2.0 * p25 + p17 >= 0.8, "{p25} {p17}");
+            keep = vec![false, true, false, true, false, true];
+        }
+        let w: Vec<f64> = l.iter().zip(&keep).map(|(v, &k)| if k { (v / s.temperature).exp() } else { 0.0 }).collect();
+        let t: f64 = w.iter().sum();
+        w.iter().map(|x| x / t).collect()
+    }
+
+    /// 20,000 draws per setting match the filtered softmax: Pearson's chi-square over the kept
+    /// tokens below the 0.999 quantile of its distribution (5 degrees of freedom at most:
+    /// 20.52), and no draw outside the kept set.
+    #[test]
+    fn draws_follow_the_filtered_softmax() {
+        let settings = [
+            Sampling { temperature: 1.0, top_k: 0, top_p: 0.0, seed: 1 },
+            Sampling { temperature: 0.7, top_k: 0, top_p: 0.0, seed: 2 },
+            Sampling { temperature: 1.0, top_k: 3, top_p: 0.0, seed: 3 },
+            Sampling { temperature: 1.0, top_k: 0, top_p: 0.8, seed: 4 },
+            Sampling { temperature: 1.5, top_k: 3, top_p: 0.0, seed: 5 },
+            Sampling { temperature: 0.7, top_k: 0, top_p: 0.8, seed: 6 },
+        ];
+        // The 0.999 quantiles of chi-square with 1..=5 degrees of freedom.
+        const CRIT: [f64; 5] = [10.83, 13.82, 16.27, 18.47, 20.52];
+        let n = 20_000;
+        for s in settings {
+            let p = expected(&s);
+            let mut counts = [0usize; 6];
+            for step in 0..n {
+                counts[s.pick(&LOGITS, uniform(s.seed, 0, step))] += 1;
+            }
+            let kept: Vec<usize> = (0..6).filter(|&i| p[i] > 0.0).collect();
+            assert!((0..6).all(|i| p[i] > 0.0 || counts[i] == 0), "{s:?}: drew a dropped token: {counts:?}");
+            let chi: f64 = kept.iter().map(|&i| (counts[i] as f64 - n as f64 * p[i]).powi(2) / (n as f64 * p[i])).sum();
+            assert!(chi < CRIT[kept.len() - 2], "{s:?}: chi-square {chi:.2} over {} tokens; counts {counts:?}, p {p:?}", kept.len());
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod commands;
-use commands::{bench, bench_kernels, generate_encdec, generate_uvim, inspect, kernels_check};
+use commands::{bench, bench_kernels, compile_forward, generate_encdec, generate_uvim, inspect, kernels_check, run};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Ahead-of-time compiler and static runtime for the big_vision model family")]
@@ -142,6 +142,16 @@ enum Cmd {
         /// tokens at every step, as big_vision's loop does, instead of once (for comparison).
         #[arg(long, requires = "inputs")]
         recompute_cross: bool,
+        /// Encoder-decoders: sample free tokens at this temperature (0: greedy), filtered by
+        /// --top-k or --top-p as big_vision's decode.py does, with kiln's seeded generator.
+        #[arg(long, default_value_t = 0.0, requires = "inputs")]
+        temperature: f64,
+        #[arg(long, default_value_t = 0, requires = "inputs")]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.0, requires = "inputs")]
+        top_p: f64,
+        #[arg(long, default_value_t = 0, requires = "inputs")]
+        seed: u64,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
@@ -487,7 +497,22 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Generate { model, inputs, out, max_new_tokens, bucket, backend, dtype, breakdown, recompute_cross, .. } => {
+        Cmd::Generate {
+            model,
+            inputs,
+            out,
+            max_new_tokens,
+            bucket,
+            backend,
+            dtype,
+            breakdown,
+            recompute_cross,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..
+        } => {
             let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
@@ -495,7 +520,11 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let mut ins = io::read(&inputs)?;
             if ins.iter().any(|(n, _)| n == "images") {
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
-                return generate_encdec(&model, &ins, &inputs, &out, max_new_tokens, &backend, dtype, cross);
+                let sampling = kiln::encdec::Sampling { temperature, top_k, top_p, seed };
+                return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
+            }
+            if temperature != 0.0 || top_k != 0 || top_p != 0.0 {
+                return Err(Error::Usage("--temperature, --top-k and --top-p are for encoder-decoders (images in) so far".into()));
             }
             let (b, l) = text_inputs(&mut ins, &inputs)?
                 .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;
@@ -566,88 +595,6 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// `kiln compile` of a `forward` program.
-fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Result<()> {
-    let opts = profile(p, None, None)?;
-    let (c, secs) = progress("compiling", || {
-        let t = Instant::now();
-        let c = compile(model, &opts);
-        (c, t.elapsed().as_secs_f64())
-    });
-    #[allow(unused_mut)]
-    let mut c = c?;
-    if c.program.backend == "cuda" {
-        #[cfg(feature = "cuda")]
-        progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
-        println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
-    }
-    kiln_graph::artifact::save_file(out, &c.program)?;
-    println!("{}", c.program.model);
-    println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
-    for e in &c.program.entries {
-        println!("  entry {}: {} steps, arena {} (lower bound {})", e.name, e.steps.len(), human(e.arena_bytes), human(e.plan.lower_bound));
-    }
-    Ok(())
-}
-
-/// `kiln run`: a folder or artifact on the inputs of a safetensors file.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    model: &Path,
-    inputs: &Path,
-    out: &Path,
-    weights: Option<&Path>,
-    p: &ProfileArgs,
-    entry: &str,
-    bpd: bool,
-    moe_stats: bool,
-) -> Result<()> {
-    let mut ins = io::read(inputs)?;
-    let (batch, hw) = image_dims(&ins);
-    let mut opts = profile(p, batch, hw)?;
-    if let Some((b, l)) = text_inputs(&mut ins, inputs)? {
-        opts.profile.batch = b;
-        opts.profile.seq_len = Some(l);
-    }
-    // An encoder-decoder's `text [B, L]` (big_vision CapPa) fixes the decoder's length.
-    if let Some((_, t)) = ins.iter().find(|(n, t)| n == "text" && t.ty.rank() == 2) {
-        opts.profile.seq_len = Some(t.ty.shape[1]);
-    }
-    if moe_stats {
-        opts.profile.moe.outputs = MoeOutputs::Stats;
-    }
-    let mut s = session(model, weights, Some(opts), p)?;
-    text_defaults(&mut ins, &s);
-    cast_floats(&mut ins, &s, entry);
-    // A file may hold more than the entry takes (a flow's forward outputs `z` and
-    // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
-    let takes = &s.program().entries[s.entry_index(entry)?].inputs;
-    type Named<'a> = Vec<(&'a str, &'a Tensor)>;
-    let (refs, skipped): (Named, Named) = ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
-    if !skipped.is_empty() && !refs.is_empty() {
-        let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
-        println!("not inputs of '{entry}', left out: {}", names.join(", "));
-    }
-    let refs = if refs.is_empty() { skipped } else { refs };
-    let mut outs = s.run(entry, &refs)?;
-    if moe_stats {
-        print_moe_stats(&outs)?;
-    }
-    outs.retain(|(n, _)| !n.starts_with("moe/"));
-    for (name, t) in &outs {
-        let v = t.to_f64();
-        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let first: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
-        println!("{name}: {} mean {mean:.6} first [{}]", t.ty, first.join(", "));
-    }
-    if bpd {
-        print_bits_per_dim(&outs)?;
-    }
-    io::write(out, &outs)?;
-    println!("wrote {}", out.display());
-    Ok(())
 }
 
 fn human(b: usize) -> String {
