@@ -451,3 +451,55 @@ pub(super) fn run(
     println!("wrote {}", out.display());
     Ok(())
 }
+
+/// `kiln generate <gemma | paligemma> --inputs in --out out`: `input_ids` (with an optional
+/// `attention_mask` and `pixel_values`) to `sequences` and `step_logits`.
+pub(super) fn generate_text_inputs(
+    model: &Path,
+    mut ins: Vec<(String, Tensor)>,
+    (inputs, out): (&Path, &Path),
+    (max_new_tokens, bucket): (usize, Option<usize>),
+    (backend, dtype): (&str, DType),
+    breakdown: bool,
+    sampling: kiln::sampling::HfSampling,
+) -> Result<()> {
+    sampling.check()?;
+    let (b, l) = text_inputs(&mut ins, inputs)?
+        .ok_or_else(|| Error::File { path: inputs.to_path_buf(), msg: "no input_ids tensor [B, L]".into() })?;
+    let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();
+    let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
+    let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
+    let bucket = bucket.unwrap_or(l);
+    let mut g = progress("compiling", || kiln::generate::Generator::with_dtype(model, b, bucket, max_new_tokens, backend, dtype))?;
+    g.sampling = (sampling.temperature > 0.0).then_some(sampling);
+    let t = Instant::now();
+    let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
+    let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;
+    let secs = t.elapsed().as_secs_f64();
+    let width = l + r.new_tokens;
+    for row in 0..b {
+        let new = &r.sequences[row * width + l..(row + 1) * width];
+        println!("row {row}: {new:?}");
+    }
+    println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
+    println!(
+        "{}",
+        serde_json::json!({"prefill_ms": r.prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": r.decode_steps,
+            "decode_ms_per_token": r.decode_s * 1e3 / r.decode_steps.max(1) as f64})
+    );
+    let outs = vec![
+        ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
+        ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.meta.vocab], &r.step_logits)),
+    ];
+    io::write(out, &outs)?;
+    println!("wrote {}", out.display());
+    if breakdown {
+        let (steps, total) = g.profile_prefill()?;
+        println!("prefill, kernel by kernel (each step synchronised):");
+        commands::print_breakdown(&steps, total);
+        let (steps, total) = g.profile_decode()?;
+        println!("one decode step, kernel by kernel (each step synchronised):");
+        commands::print_breakdown(&steps, total);
+    }
+    Ok(())
+}

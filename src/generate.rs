@@ -22,6 +22,9 @@ pub struct Generator {
     pub meta: GenerationMeta,
     /// The inputs of the last prefill, for `profile_prefill`.
     last_prefill: Vec<(String, Tensor)>,
+    /// How new tokens are chosen: `None` greedy (the first argmax), else sampled as
+    /// transformers does ([`crate::sampling`]).
+    pub sampling: Option<crate::sampling::HfSampling>,
 }
 
 /// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
@@ -131,7 +134,7 @@ impl Generator {
     pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
         let g = generation_program(dir, batch, bucket, max_new_tokens, backend, dtype)?;
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new() })
+        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new(), sampling: None })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -245,7 +248,11 @@ impl Generator {
             for r in 0..b {
                 let row = &logits[r * v..(r + 1) * v];
                 step_logits[r].extend_from_slice(row);
-                next[r] = if done[r] { self.meta.pad } else { argmax(row) as i64 };
+                next[r] = match (&self.sampling, done[r]) {
+                    (_, true) => self.meta.pad,
+                    (Some(sp), false) => sp.pick(row, crate::encdec::uniform(sp.seed, r as u64, t as u64)) as i64,
+                    (None, false) => argmax(row) as i64,
+                };
                 seqs[r].push(next[r]);
                 if self.meta.eos.contains(&next[r]) {
                     done[r] = true;

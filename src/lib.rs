@@ -17,6 +17,7 @@ pub mod png;
 pub mod preprocess;
 pub mod prompt;
 pub mod sample;
+pub mod sampling;
 pub mod seg;
 pub mod synth;
 mod synth_rng;

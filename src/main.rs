@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod commands;
-use commands::{bench, bench_kernels, compile_forward, generate_encdec, generate_uvim, inspect, kernels_check, run};
+use commands::{bench, bench_kernels, compile_forward, generate_encdec, generate_text_inputs, generate_uvim, inspect, kernels_check, run};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Ahead-of-time compiler and static runtime for the big_vision model family")]
@@ -142,15 +142,18 @@ enum Cmd {
         /// tokens at every step, as big_vision's loop does, instead of once (for comparison).
         #[arg(long, requires = "inputs")]
         recompute_cross: bool,
-        /// Encoder-decoders: sample free tokens at this temperature (0: greedy), filtered by
-        /// --top-k or --top-p as big_vision's decode.py does, with kiln's seeded generator.
-        #[arg(long, default_value_t = 0.0, requires = "inputs")]
+        /// Sample new tokens at this temperature (0: greedy) with kiln's seeded generator:
+        /// filtered as transformers' generate does for Gemma and PaliGemma (temperature, then
+        /// --top-k, then --top-p), as big_vision's decode.py does for encoder-decoders.
+        #[arg(long, default_value_t = 0.0)]
         temperature: f64,
-        #[arg(long, default_value_t = 0, requires = "inputs")]
+        /// Keep the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
         top_k: usize,
-        #[arg(long, default_value_t = 0.0, requires = "inputs")]
-        top_p: f64,
-        #[arg(long, default_value_t = 0, requires = "inputs")]
+        /// Keep the most likely tokens whose probabilities sum to p (default: all).
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
@@ -480,11 +483,39 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             generate_uvim(&model, &image, out, &backend)
         }
         Cmd::Generate {
-            model, prompt: Some(prompt), image, draw, seg_decoder, max_new_tokens, bucket, backend, dtype, breakdown, ..
+            model,
+            prompt: Some(prompt),
+            image,
+            draw,
+            seg_decoder,
+            max_new_tokens,
+            bucket,
+            backend,
+            dtype,
+            breakdown,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..
         } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            sampling.check()?;
+            let sampling = (temperature > 0.0).then_some(sampling);
             let dtype = parse_dtype(&dtype)?;
-            let o =
-                kiln::prompt::PromptOptions { model, prompt, image, max_new_tokens, bucket, backend, dtype, draw, seg_decoder, breakdown };
+            let o = kiln::prompt::PromptOptions {
+                model,
+                prompt,
+                image,
+                max_new_tokens,
+                bucket,
+                backend,
+                dtype,
+                draw,
+                seg_decoder,
+                breakdown,
+                sampling,
+            };
             let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
             for (entry, steps, total) in &r.profiles {
                 println!("{entry}, kernel by kernel (each step synchronised):");
@@ -517,53 +548,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
-            let mut ins = io::read(&inputs)?;
+            let ins = io::read(&inputs)?;
             if ins.iter().any(|(n, _)| n == "images") {
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
-                let sampling = kiln::encdec::Sampling { temperature, top_k, top_p, seed };
+                let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };
                 return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
             }
-            if temperature != 0.0 || top_k != 0 || top_p != 0.0 {
-                return Err(Error::Usage("--temperature, --top-k and --top-p are for encoder-decoders (images in) so far".into()));
-            }
-            let (b, l) = text_inputs(&mut ins, &inputs)?
-                .ok_or_else(|| Error::File { path: inputs.clone(), msg: "no input_ids tensor [B, L]".into() })?;
-            let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();
-            let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
-            let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
-            let bucket = bucket.unwrap_or(l);
-            let mut g =
-                progress("compiling", || kiln::generate::Generator::with_dtype(&model, b, bucket, max_new_tokens, &backend, dtype))?;
-            let t = Instant::now();
-            let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
-            let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;
-            let secs = t.elapsed().as_secs_f64();
-            let width = l + r.new_tokens;
-            for row in 0..b {
-                let new = &r.sequences[row * width + l..(row + 1) * width];
-                println!("row {row}: {new:?}");
-            }
-            println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
-            println!(
-                "{}",
-                serde_json::json!({"prefill_ms": r.prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": r.decode_steps,
-                    "decode_ms_per_token": r.decode_s * 1e3 / r.decode_steps.max(1) as f64})
-            );
-            let outs = vec![
-                ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.meta.vocab], &r.step_logits)),
-            ];
-            io::write(&out, &outs)?;
-            println!("wrote {}", out.display());
-            if breakdown {
-                let (steps, total) = g.profile_prefill()?;
-                println!("prefill, kernel by kernel (each step synchronised):");
-                commands::print_breakdown(&steps, total);
-                let (steps, total) = g.profile_decode()?;
-                println!("one decode step, kernel by kernel (each step synchronised):");
-                commands::print_breakdown(&steps, total);
-            }
-            Ok(())
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            generate_text_inputs(&model, ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling)
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
         Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),

@@ -33,6 +33,8 @@ pub struct PromptOptions {
     pub seg_decoder: Option<PathBuf>,
     /// After generating, time the prefill and one decode step kernel by kernel.
     pub breakdown: bool,
+    /// Sample instead of greedy (transformers' filters, kiln's seeded generator).
+    pub sampling: Option<crate::sampling::HfSampling>,
 }
 
 /// What one prompt produced.
@@ -138,6 +140,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     }
     let tc = std::time::Instant::now();
     let mut g = Generator::with_dtype(&o.model, 1, bucket, o.max_new_tokens, &o.backend, o.dtype)?;
+    g.sampling = o.sampling;
     let compile_s = tc.elapsed().as_secs_f64();
     if tok.vocab_size() > g.meta.vocab {
         // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.

@@ -149,3 +149,34 @@ fn paligemma_generate_on(backend: &str) {
         assert!(e.contains("pixel_values"), "{e}");
     }
 }
+
+/// Sampling as transformers filters (kiln's seeded generator): top-k 1 generates what greedy
+/// does; a seed repeats its tokens; every sampled token is one the filters keep (with top-k 2,
+/// one of the step's two largest logits).
+#[test]
+fn seeded_sampling_keeps_to_the_filters() {
+    use kiln::sampling::HfSampling;
+    let dir = gemma_case("gemma2_gqa");
+    let inputs = io::read(&dir.join("inputs.safetensors")).expect("inputs");
+    let get = |n: &str| inputs.iter().find(|(k, _)| k == n).unwrap().1.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let (ids, mask) = (get("input_ids"), get("attention_mask"));
+    let shape = &inputs.iter().find(|(k, _)| k == "input_ids").unwrap().1.ty.shape;
+    let (b, l, n) = (shape[0], shape[1], 6);
+    let mut g = kiln::generate::Generator::new(&dir, b, l, n, "cpu").expect("compile");
+    let greedy = g.generate(&ids, &mask, l, n, None).unwrap().sequences;
+    g.sampling = Some(HfSampling { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 5 });
+    assert_eq!(g.generate(&ids, &mask, l, n, None).unwrap().sequences, greedy, "top-k 1");
+    let s = HfSampling { temperature: 2.0, top_k: 2, top_p: 1.0, seed: 6 };
+    g.sampling = Some(s);
+    let a = g.generate(&ids, &mask, l, n, None).unwrap();
+    assert_eq!(g.generate(&ids, &mask, l, n, None).unwrap().sequences, a.sequences, "the same seed");
+    let v = a.step_logits.len() / (b * a.new_tokens);
+    for r in 0..b {
+        for t in 0..a.new_tokens {
+            let row = &a.step_logits[(r * a.new_tokens + t) * v..][..v];
+            let tok = a.sequences[r * (l + a.new_tokens) + l + t] as usize;
+            let above = row.iter().filter(|&&x| x > row[tok]).count();
+            assert!(above < 2, "row {r} step {t}: token {tok} is not among the two largest logits");
+        }
+    }
+}
