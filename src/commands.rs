@@ -406,34 +406,7 @@ pub(super) fn run(
     bpd: bool,
     moe_stats: bool,
 ) -> Result<()> {
-    let mut ins = io::read(inputs)?;
-    let (batch, hw) = image_dims(&ins);
-    let mut opts = profile(p, batch, hw)?;
-    if let Some((b, l)) = text_inputs(&mut ins, inputs)? {
-        opts.profile.batch = b;
-        opts.profile.seq_len = Some(l);
-    }
-    // An encoder-decoder's `text [B, L]` (big_vision CapPa) fixes the decoder's length.
-    if let Some((_, t)) = ins.iter().find(|(n, t)| n == "text" && t.ty.rank() == 2) {
-        opts.profile.seq_len = Some(t.ty.shape[1]);
-    }
-    if moe_stats {
-        opts.profile.moe.outputs = MoeOutputs::Stats;
-    }
-    let mut s = session(model, weights, Some(opts), p)?;
-    text_defaults(&mut ins, &s);
-    cast_floats(&mut ins, &s, entry);
-    // A file may hold more than the entry takes (a flow's forward outputs `z` and
-    // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
-    let takes = &s.program().entries[s.entry_index(entry)?].inputs;
-    type Named<'a> = Vec<(&'a str, &'a Tensor)>;
-    let (refs, skipped): (Named, Named) = ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
-    if !skipped.is_empty() && !refs.is_empty() {
-        let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
-        println!("not inputs of '{entry}', left out: {}", names.join(", "));
-    }
-    let refs = if refs.is_empty() { skipped } else { refs };
-    let mut outs = s.run(entry, &refs)?;
+    let (_, mut outs) = forward_outputs(model, io::read(inputs)?, inputs, weights, p, entry, moe_stats)?;
     if moe_stats {
         print_moe_stats(&outs)?;
     }
@@ -501,5 +474,78 @@ pub(super) fn generate_text_inputs(
         println!("one decode step, kernel by kernel (each step synchronised):");
         commands::print_breakdown(&steps, total);
     }
+    Ok(())
+}
+
+/// Named tensors, as a safetensors file holds them.
+type Named = Vec<(String, Tensor)>;
+
+/// Compiles (or loads) `model` for `ins` and runs `entry` on them: the inputs as completed
+/// (text defaults, float casts) and the outputs.
+pub(super) fn forward_outputs(
+    model: &Path,
+    mut ins: Vec<(String, Tensor)>,
+    inputs: &Path,
+    weights: Option<&Path>,
+    p: &ProfileArgs,
+    entry: &str,
+    moe_stats: bool,
+) -> Result<(Named, Named)> {
+    let (batch, hw) = image_dims(&ins);
+    let mut opts = profile(p, batch, hw)?;
+    if let Some((b, l)) = text_inputs(&mut ins, inputs)? {
+        opts.profile.batch = b;
+        opts.profile.seq_len = Some(l);
+    }
+    // An encoder-decoder's `text [B, L]` (big_vision CapPa) fixes the decoder's length.
+    if let Some((_, t)) = ins.iter().find(|(n, t)| n == "text" && t.ty.rank() == 2) {
+        opts.profile.seq_len = Some(t.ty.shape[1]);
+    }
+    if moe_stats {
+        opts.profile.moe.outputs = MoeOutputs::Stats;
+    }
+    let mut s = session(model, weights, Some(opts), p)?;
+    text_defaults(&mut ins, &s);
+    cast_floats(&mut ins, &s, entry);
+    // A file may hold more than the entry takes (a flow's forward outputs `z` and
+    // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
+    let takes = &s.program().entries[s.entry_index(entry)?].inputs;
+    type Named<'a> = Vec<(&'a str, &'a Tensor)>;
+    let (refs, skipped): (Named, Named) = ins.iter().map(|(n, t)| (n.as_str(), t)).partition(|(n, _)| takes.iter().any(|io| io.name == *n));
+    if !skipped.is_empty() && !refs.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|(n, _)| *n).collect();
+        println!("not inputs of '{entry}', left out: {}", names.join(", "));
+    }
+    let refs = if refs.is_empty() { skipped } else { refs };
+    let outs = s.run(entry, &refs)?;
+    Ok((ins, outs))
+}
+
+/// `kiln score`: see [`kiln::score`].
+pub(super) fn score(model: &Path, inputs: &Path, out: &Path, weights: Option<&Path>, p: &ProfileArgs) -> Result<()> {
+    let mut ins = io::read(inputs)?;
+    let pl = ins.iter().position(|(n, _)| n == "prompt_len").map(|i| ins.remove(i).1);
+    let (ins, outs) = forward_outputs(model, ins, inputs, weights, p, "forward", false)?;
+    let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(name, _)| name == n).map(|(_, t)| t.clone());
+    let logits = get(&outs, "logits").ok_or_else(|| Error::Usage(format!("{}: the model gives no logits to score", model.display())))?;
+    let (tokens, layout, default) = match (get(&ins, "input_ids"), get(&ins, "text")) {
+        (Some(t), _) => (t, kiln::score::Layout::Causal, 1),
+        (None, Some(t)) => (t, kiln::score::Layout::Shifted, 0),
+        (None, None) => return Err(Error::File { path: inputs.into(), msg: "no input_ids (causal LM) or text (encoder-decoder)".into() }),
+    };
+    let s = &logits.ty.shape;
+    if s.len() != 3 || tokens.ty.shape.to_vec() != s[..2] {
+        return Err(Error::Usage(format!("logits {:?} do not cover tokens {:?}", s, tokens.ty.shape)));
+    }
+    let (b, l, v) = (s[0], s[1], s[2]);
+    let ids: Vec<i64> = tokens.to_f64().iter().map(|&x| x as i64).collect();
+    let mask: Option<Vec<i64>> = get(&ins, "attention_mask").map(|m| m.to_f64().iter().map(|&x| x as i64).collect());
+    let lens = kiln::score::prompt_lens(pl.as_ref(), b, default)?;
+    let (lp, scores) = kiln::score::score(&logits.to_f32(), &ids, mask.as_deref(), (b, l, v), &lens, layout)?;
+    for (r, sc) in scores.iter().enumerate() {
+        println!("row {r}: score {sc:.5}");
+    }
+    io::write(out, &[("logprobs".to_string(), Tensor::from_f32(&[b, l], &lp)), ("scores".to_string(), Tensor::from_f32(&[b], &scores))])?;
+    println!("wrote {}", out.display());
     Ok(())
 }

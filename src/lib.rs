@@ -18,6 +18,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod sample;
 pub mod sampling;
+pub mod score;
 pub mod seg;
 pub mod synth;
 mod synth_rng;

@@ -213,6 +213,20 @@ enum Cmd {
         #[arg(short = 'o', long)]
         out: PathBuf,
     },
+    /// Log-probabilities of given tokens, teacher-forced (`kiln::score`): a causal LM's
+    /// `input_ids` (each token scored by the logits before it) or an encoder-decoder's `images`
+    /// and `text`, from `prompt_len` on; writes `logprobs [B, L]` and `scores [B]`.
+    Score {
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        p: ProfileArgs,
+    },
     /// Compare the tensors of two safetensors files (relative error per tensor); fails on a
     /// missing tensor, a shape mismatch, NaN on either side, or an error above --tol.
     Compare {
@@ -572,6 +586,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             println!("{r}");
             Ok(())
         }
+        Cmd::Score { model, inputs, out, weights, p } => commands::score(&model, &inputs, &out, weights.as_deref(), &p),
         Cmd::Compare { got, want, tol } => kiln::compare::compare(&got, &want, tol),
         Cmd::Synth { name, out, seed, list } => {
             if list || name.is_none() {
