@@ -355,6 +355,7 @@ pub(super) fn generate_uvim(model: &Path, image: &Path, out: Option<PathBuf>, ba
         )));
     }
     let out = out.ok_or_else(|| Error::Usage("a UViM task needs -o out.png (or out.safetensors)".into()))?;
+    writable(&out)?;
     let raw = out.extension().is_some_and(|e| e == "safetensors");
     let t = Instant::now();
     let p = kiln::uvim::run(model, image, (!raw).then_some(out.as_path()), raw.then_some(out.as_path()), backend)?;
@@ -548,4 +549,30 @@ pub(super) fn score(model: &Path, inputs: &Path, out: &Path, weights: Option<&Pa
     io::write(out, &[("logprobs".to_string(), Tensor::from_f32(&[b, l], &lp)), ("scores".to_string(), Tensor::from_f32(&[b], &scores))])?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// Refuses an output path before the work: its folder must exist, and it must not be `input`.
+pub(super) fn writable_unlike(out: &Path, input: Option<&Path>) -> Result<()> {
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::Usage(format!("{}: the folder {} does not exist", out.display(), dir.display())));
+    }
+    if out.is_dir() {
+        return Err(Error::Usage(format!("{}: is a folder, not a file", out.display())));
+    }
+    if let Some(i) = input {
+        let same = match (std::fs::canonicalize(i), std::fs::canonicalize(out)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(Error::Usage(format!("--out {} is the --inputs file: it would be overwritten", out.display())));
+        }
+    }
+    Ok(())
+}
+
+/// [`writable_unlike`] with no input to protect.
+pub(super) fn writable(out: &Path) -> Result<()> {
+    writable_unlike(out, None)
 }

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod commands;
-use commands::{bench, bench_kernels, compile_forward, generate_encdec, generate_text_inputs, generate_uvim, inspect, kernels_check, run};
+use commands::{
+    bench, bench_kernels, compile_forward, generate_encdec, generate_text_inputs, generate_uvim, inspect, kernels_check, run, writable,
+    writable_unlike,
+};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Ahead-of-time compiler and static runtime for the big_vision model family")]
@@ -32,7 +35,8 @@ struct ProfileArgs {
     /// Compute dtype: f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Backend: cpu, or cube (CubeCL kernels; see --device).
+    /// Backend: cpu, cube (CubeCL kernels; see --device) or cuda (builds with the `cuda`
+    /// feature; NVIDIA GPUs).
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// V-MoE capacity ratio C (overrides the config's capacity_factor).
@@ -77,9 +81,12 @@ enum Cmd {
     },
     /// Run a model folder or an artifact on inputs from a safetensors file.
     Run {
+        /// A model folder (compiled in memory for the inputs) or a `.kiln` artifact.
         model: PathBuf,
+        /// The inputs, a safetensors file (tensors named as the model's inputs).
         #[arg(long)]
         inputs: PathBuf,
+        /// Where the outputs go (safetensors); never the --inputs file.
         #[arg(long)]
         out: PathBuf,
         /// Weights for an artifact (default: the folder it was compiled from).
@@ -129,8 +136,12 @@ enum Cmd {
         /// Prompt bucket to compile for (default: the prompt length).
         #[arg(long)]
         bucket: Option<usize>,
+        /// Backend: cpu, cube (see --device) or cuda.
         #[arg(long, default_value = "cpu")]
         backend: String,
+        /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
+        #[arg(long)]
+        device: Option<String>,
         /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
         #[arg(long, default_value = "f32")]
         dtype: String,
@@ -351,14 +362,19 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
         return Err(Error::Usage("--batch must be at least 1".into()));
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
-    let backend = match (p.backend.as_str(), p.device.as_deref()) {
+    let backend = backend_for(&p.backend, p.device.as_deref())?;
+    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend, trace: false })
+}
+
+/// The backend `--backend` and `--device` name together.
+fn backend_for(backend: &str, device: Option<&str>) -> Result<String> {
+    Ok(match (backend, device) {
         (b, None) => b.to_string(),
         ("cube", Some("wgpu")) => "cube".to_string(),
         ("cube", Some("cuda")) => "cube-cuda".to_string(),
         ("cube", Some(other)) => return Err(Error::Usage(format!("--device {other}: expected wgpu or cuda"))),
         (b, Some(_)) => return Err(Error::Usage(format!("--device applies to --backend cube, not {b}"))),
-    };
-    Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend, trace: false })
+    })
 }
 
 /// A spinner that appears only when the work takes over a second.
@@ -491,10 +507,11 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Compile { model, p, out, generate: true, max_new_tokens } => commands::compile_generation(&model, &p, max_new_tokens, &out),
         Cmd::Compile { model, p, out, .. } => compile_forward(&model, &p, &out),
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
+            writable_unlike(&out, Some(&inputs))?;
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
-        Cmd::Generate { model, prompt: None, image: Some(image), out, backend, inputs: None, .. } => {
-            generate_uvim(&model, &image, out, &backend)
+        Cmd::Generate { model, prompt: None, image: Some(image), out, backend, device, inputs: None, .. } => {
+            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?)
         }
         Cmd::Generate {
             model,
@@ -511,11 +528,16 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             top_k,
             top_p,
             seed,
+            device,
             ..
         } => {
+            let backend = backend_for(&backend, device.as_deref())?;
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
             sampling.check()?;
             let sampling = (temperature > 0.0).then_some(sampling);
+            if let Some(d) = &draw {
+                writable(d)?;
+            }
             let dtype = parse_dtype(&dtype)?;
             let o = kiln::prompt::PromptOptions {
                 model,
@@ -556,12 +578,15 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             top_k,
             top_p,
             seed,
+            device,
             ..
         } => {
+            let backend = backend_for(&backend, device.as_deref())?;
             let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
+            writable_unlike(&out, Some(&inputs))?;
             let ins = io::read(&inputs)?;
             if ins.iter().any(|(n, _)| n == "images") {
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
@@ -579,14 +604,32 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
         }
         Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(Error::Usage(format!("--temperature {temperature}: expected a finite value >= 0")));
+            }
+            if count == 0 {
+                return Err(Error::Usage("--count must be at least 1".into()));
+            }
+            writable(&out)?;
             let mut opts = profile(&p, Some(count), None)?;
-            opts.profile.batch = count.max(1);
+            opts.profile.batch = count;
             let mut s = session(&model, weights.as_deref(), Some(opts), &p)?;
+            let batch =
+                s.program().entries[s.entry_index("inverse")?].inputs.iter().find(|io| io.name == "z").map(|io| io.operand.ty.shape[0]);
+            if batch.is_some_and(|b| b != count) {
+                return Err(Error::Usage(format!(
+                    "--count {count}: the artifact was compiled for {} images (compile it with --batch {count}, or pass the folder)",
+                    batch.unwrap_or(0)
+                )));
+            }
             let r = kiln::sample::sample(&mut s, seed, temperature, &out)?;
             println!("{r}");
             Ok(())
         }
-        Cmd::Score { model, inputs, out, weights, p } => commands::score(&model, &inputs, &out, weights.as_deref(), &p),
+        Cmd::Score { model, inputs, out, weights, p } => {
+            writable_unlike(&out, Some(&inputs))?;
+            commands::score(&model, &inputs, &out, weights.as_deref(), &p)
+        }
         Cmd::Compare { got, want, tol } => kiln::compare::compare(&got, &want, tol),
         Cmd::Synth { name, out, seed, list } => {
             if list || name.is_none() {

@@ -117,8 +117,19 @@ impl ConfigReader {
         self.obj.get(field).filter(|v| !v.is_null())
     }
 
+    /// For a field whose Python default is a value, not `None`: a JSON null would be `None`,
+    /// which the module cannot take (Python would fail). Fields whose default is `None` are
+    /// asked with [`ConfigReader::has`] first and never get here as null.
+    fn refuse_null(&self, field: &str, kind: &str) -> Result<()> {
+        if self.is_null(field) {
+            return Err(self.err(field, format!("null (Python None) is not {kind}; leave the field out for the default")));
+        }
+        Ok(())
+    }
+
     /// A non-negative integer, or the default when absent.
     pub fn usize_or(&mut self, field: &str, default: Option<usize>) -> Result<usize> {
+        self.refuse_null(field, "a non-negative integer")?;
         match self.get(field).cloned() {
             Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
             None => default.ok_or_else(|| self.err(field, "missing")),
@@ -127,6 +138,7 @@ impl ConfigReader {
 
     /// A number, or the default when absent.
     pub fn f64_or(&mut self, field: &str, default: Option<f64>) -> Result<f64> {
+        self.refuse_null(field, "a number")?;
         match self.get(field).cloned() {
             Some(v) => v.as_f64().ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
             None => default.ok_or_else(|| self.err(field, "missing")),
@@ -135,6 +147,7 @@ impl ConfigReader {
 
     /// A boolean, or the default when absent.
     pub fn bool_or(&mut self, field: &str, default: bool) -> Result<bool> {
+        self.refuse_null(field, "true or false")?;
         match self.get(field).cloned() {
             Some(v) => v.as_bool().ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
             None => Ok(default),
@@ -143,6 +156,7 @@ impl ConfigReader {
 
     /// A string, or the default when absent.
     pub fn str_or(&mut self, field: &str, default: Option<&str>) -> Result<String> {
+        self.refuse_null(field, "a string")?;
         match self.get(field).cloned() {
             Some(v) => v.as_str().map(str::to_string).ok_or_else(|| self.err(field, format!("expected a string, found {v}"))),
             None => default.map(str::to_string).ok_or_else(|| self.err(field, "missing")),
