@@ -119,7 +119,9 @@ impl ConfigReader {
 
     /// For a field whose Python default is a value, not `None`: a JSON null would be `None`,
     /// which the module cannot take (Python would fail). Fields whose default is `None` are
-    /// asked with [`ConfigReader::has`] first and never get here as null.
+    /// asked with [`ConfigReader::has`] first and never get here as null. Booleans are not
+    /// refused: `None` is falsy where Python tests them (transformers' configs write
+    /// `"use_bidirectional_attention": null`), so a null boolean is its default.
     fn refuse_null(&self, field: &str, kind: &str) -> Result<()> {
         if self.is_null(field) {
             return Err(self.err(field, format!("null (Python None) is not {kind}; leave the field out for the default")));
@@ -147,7 +149,6 @@ impl ConfigReader {
 
     /// A boolean, or the default when absent.
     pub fn bool_or(&mut self, field: &str, default: bool) -> Result<bool> {
-        self.refuse_null(field, "true or false")?;
         match self.get(field).cloned() {
             Some(v) => v.as_bool().ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
             None => Ok(default),
