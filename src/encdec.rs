@@ -308,19 +308,8 @@ mod tests {
             Sampling { temperature: 1.5, top_k: 3, top_p: 0.0, seed: 5 },
             Sampling { temperature: 0.7, top_k: 0, top_p: 0.8, seed: 6 },
         ];
-        // The 0.999 quantiles of chi-square with 1..=5 degrees of freedom.
-        const CRIT: [f64; 5] = [10.83, 13.82, 16.27, 18.47, 20.52];
-        let n = 20_000;
         for s in settings {
-            let p = expected(&s);
-            let mut counts = [0usize; 6];
-            for step in 0..n {
-                counts[s.pick(&LOGITS, uniform(s.seed, 0, step))] += 1;
-            }
-            let kept: Vec<usize> = (0..6).filter(|&i| p[i] > 0.0).collect();
-            assert!((0..6).all(|i| p[i] > 0.0 || counts[i] == 0), "{s:?}: drew a dropped token: {counts:?}");
-            let chi: f64 = kept.iter().map(|&i| (counts[i] as f64 - n as f64 * p[i]).powi(2) / (n as f64 * p[i])).sum();
-            assert!(chi < CRIT[kept.len() - 2], "{s:?}: chi-square {chi:.2} over {} tokens; counts {counts:?}, p {p:?}", kept.len());
+            crate::sampling::check_draws(&format!("{s:?}"), &expected(&s), |step| s.pick(&LOGITS, uniform(s.seed, 0, step)));
         }
     }
 }

@@ -77,6 +77,24 @@ impl HfSampling {
     }
 }
 
+/// Draws 20,000 tokens with `draw(step)` and checks them against the distribution `p`: no
+/// token with probability 0 drawn, and Pearson's chi-square over the others below the 0.999
+/// quantile of its distribution (at most 5 degrees of freedom).
+#[cfg(test)]
+pub(crate) fn check_draws(name: &str, p: &[f64], draw: impl Fn(u64) -> usize) {
+    // The 0.999 quantiles of chi-square with 1..=5 degrees of freedom.
+    const CRIT: [f64; 5] = [10.83, 13.82, 16.27, 18.47, 20.52];
+    let n = 20_000;
+    let mut counts = vec![0usize; p.len()];
+    for step in 0..n {
+        counts[draw(step)] += 1;
+    }
+    let kept: Vec<usize> = (0..p.len()).filter(|&i| p[i] > 0.0).collect();
+    assert!((0..p.len()).all(|i| p[i] > 0.0 || counts[i] == 0), "{name}: drew a dropped token: {counts:?}");
+    let chi: f64 = kept.iter().map(|&i| (counts[i] as f64 - n as f64 * p[i]).powi(2) / (n as f64 * p[i])).sum();
+    assert!(chi < CRIT[kept.len() - 2], "{name}: chi-square {chi:.2} over {} tokens; counts {counts:?}, p {p:?}", kept.len());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,18 +136,8 @@ mod tests {
             HfSampling { temperature: 1.0, top_k: 0, top_p: 0.8, seed: 15 },
             HfSampling { temperature: 1.0, top_k: 3, top_p: 0.6, seed: 16 },
         ];
-        const CRIT: [f64; 5] = [10.83, 13.82, 16.27, 18.47, 20.52];
-        let n = 20_000;
         for s in settings {
-            let p = expected(&s);
-            let mut counts = [0usize; 6];
-            for step in 0..n {
-                counts[s.pick(&LOGITS, uniform(s.seed, 0, step))] += 1;
-            }
-            let kept: Vec<usize> = (0..6).filter(|&i| p[i] > 0.0).collect();
-            assert!((0..6).all(|i| p[i] > 0.0 || counts[i] == 0), "{s:?}: drew a dropped token: {counts:?}");
-            let chi: f64 = kept.iter().map(|&i| (counts[i] as f64 - n as f64 * p[i]).powi(2) / (n as f64 * p[i])).sum();
-            assert!(chi < CRIT[kept.len() - 2], "{s:?}: chi-square {chi:.2}; counts {counts:?}, p {p:?}");
+            check_draws(&format!("{s:?}"), &expected(&s), |step| s.pick(&LOGITS, uniform(s.seed, 0, step)));
         }
     }
 

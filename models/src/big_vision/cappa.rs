@@ -74,6 +74,11 @@ pub static VTT_FAMILY: Family = Family {
     init: super::synth_init,
 };
 
+/// A head-less, GAP-pooled ViT of these sizes (the encoder's shape, for both models).
+fn encoder_config(patch: (usize, usize), width: usize, depth: usize, mlp_dim: usize, heads: usize, posemb: Posemb) -> VitConfig {
+    VitConfig { num_classes: None, patch, width, depth, mlp_dim, heads, posemb, rep_size: None, pool: Pool::Gap, patch_merger: None }
+}
+
 /// The keyword arguments of `cappa.Model`, all honoured or refused.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CappaConfig {
@@ -132,18 +137,7 @@ impl CappaConfig {
             return Err(r.unsupported("num_heads", format!("widths {width}/{dec_width} do not split into {heads}/{dec_heads} heads")));
         }
         r.finish()?;
-        let encoder = VitConfig {
-            num_classes: None,
-            patch,
-            width,
-            depth: layers,
-            mlp_dim: mlp,
-            heads,
-            posemb,
-            rep_size: None,
-            pool: Pool::Gap,
-            patch_merger: None,
-        };
+        let encoder = encoder_config(patch, width, layers, mlp, heads, posemb);
         let embed_rows = vocab_size + usize::from(masked > 0.0);
         Ok(CappaConfig {
             encoder,
@@ -193,18 +187,7 @@ impl CappaConfig {
             return Err(r.unsupported("num_heads", format!("width {width} does not split into {heads} heads")));
         }
         r.finish()?;
-        let encoder = VitConfig {
-            num_classes: None,
-            patch,
-            width,
-            depth: layers,
-            mlp_dim: mlp,
-            heads,
-            posemb,
-            rep_size: None,
-            pool: Pool::Gap,
-            patch_merger: None,
-        };
+        let encoder = encoder_config(patch, width, layers, mlp, heads, posemb);
         Ok(CappaConfig {
             encoder,
             vocab_size,
