@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::rel_err;
+use common::{rel_err, tensor, BACKENDS};
 use kiln::{compile, io, CompileOptions};
 use kiln_graph::interp::{self, Value};
 use kiln_models::{MoeOptions, MoeOutputs, Profile};
@@ -16,22 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision").join(name)
-}
-
-fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
+    common::big_vision_case(name)
 }
 
 /// Outputs by name, as f32.
 type Outputs = HashMap<String, Vec<f32>>;
-
-/// The backends of this build.
-const BACKENDS: &[&str] = &[
-    "cpu",
-    #[cfg(feature = "cube")]
-    "cube",
-];
 
 /// Runs a model folder on `images` through the interpreter and every backend of the build;
 /// returns (who, outputs), the interpreter first and the cpu backend second.

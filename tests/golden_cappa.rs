@@ -7,29 +7,18 @@
 
 mod common;
 
-use common::rel_err;
+use common::{rel_err, tensor, BACKENDS};
 use kiln::{compile, io, CompileOptions};
 use kiln_graph::interp::{self, Value};
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/cappa_captioner")
+    common::big_vision_case("cappa_captioner")
 }
-
-fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
-}
-
-/// The backends of this build (cube: wgpu, on lavapipe without a GPU).
-const BACKENDS: &[&str] = &[
-    "cpu",
-    #[cfg(feature = "cube")]
-    "cube",
-];
 
 const OUTPUTS: [&str; 6] = ["encoded", "decoder/embedded", "decoder/block0", "decoder/block1", "decoder/final_norm", "logits"];
 

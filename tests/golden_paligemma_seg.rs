@@ -7,21 +7,17 @@
 
 mod common;
 
-use common::rel_err;
+use common::{rel_err, tensor};
 use kiln::{compile, io, CompileOptions};
 use kiln_graph::interp::{self, Value};
 use kiln_models::Profile;
-use kiln_runtime::{Session, Tensor, WeightStore};
+use kiln_runtime::{Session, WeightStore};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/paligemma_seg_decoder")
-}
-
-fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
+    common::big_vision_case("paligemma_seg_decoder")
 }
 
 /// The outputs compared: ours and the reference's (the same names).

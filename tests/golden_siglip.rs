@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{rel_err, siglip_case};
+use common::{rel_err, siglip_case, BACKENDS};
 use kiln::{compile, io, CompileOptions};
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
@@ -28,13 +28,6 @@ fn run_case(case: &str, backend: &str) -> Vec<(String, f64)> {
     }
     errs
 }
-
-/// The backends of this build.
-const BACKENDS: &[&str] = &[
-    "cpu",
-    #[cfg(feature = "cube")]
-    "cube",
-];
 
 fn check(case: &str, outputs: usize) {
     for backend in BACKENDS {

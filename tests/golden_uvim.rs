@@ -6,27 +6,16 @@
 
 mod common;
 
-use common::rel_err;
+use common::{rel_err, tensor, BACKENDS};
 use kiln::{compile, io, CompileOptions};
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/uvim_vtt")
+    common::big_vision_case("uvim_vtt")
 }
-
-fn tensor<'a>(ts: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
-}
-
-/// The backends of this build (cube: wgpu, on lavapipe without a GPU).
-const BACKENDS: &[&str] = &[
-    "cpu",
-    #[cfg(feature = "cube")]
-    "cube",
-];
 
 #[test]
 fn teacher_forced_logits_and_greedy_codes_match_big_vision() {
@@ -73,7 +62,7 @@ fn teacher_forced_logits_and_greedy_codes_match_big_vision() {
 /// check's backends.
 #[test]
 fn vqvae_encode_and_decode_match_big_vision() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/uvim_vqvae");
+    let dir = common::big_vision_case("uvim_vqvae");
     let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
     let (x, ctx) = (tensor(&reference, "x/depth"), tensor(&reference, "ctx"));
     let b = ctx.ty.shape[0];
@@ -111,7 +100,7 @@ struct Task(PathBuf);
 
 impl Task {
     fn new(tag: &str, task: &str) -> Task {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision");
+        let root = common::big_vision_case("");
         let dir = std::env::temp_dir().join(format!("kiln-uvim-{tag}-{}", std::process::id()));
         for (from, to) in [("uvim_vtt", "vtt"), ("uvim_vqvae", "vqvae")] {
             std::fs::create_dir_all(dir.join(to)).unwrap();
@@ -137,7 +126,7 @@ impl Drop for Task {
 #[test]
 fn the_depth_task_predicts_as_big_vision() {
     let task = Task::new("predict", "depth");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision");
+    let root = common::big_vision_case("");
     let vtt = io::read(&root.join("uvim_vtt/reference.safetensors")).unwrap();
     let vq = io::read(&root.join("uvim_vqvae/reference.safetensors")).unwrap();
     let first = |t: &Tensor| {
@@ -183,7 +172,7 @@ fn the_cli_runs_a_task_folder() {
     assert_eq!(depth.ty.shape.to_vec(), [16, 16]);
     assert!(depth.to_f32().iter().all(|&d| (0.001..=10.0).contains(&d)));
 
-    let plain = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/uvim_vtt");
+    let plain = common::big_vision_case("uvim_vtt");
     let r = kiln(&["generate", plain.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("uvim.json"));
     let other = Task::new("panoptic", "panoptic");

@@ -9,7 +9,7 @@ use kiln_runtime::Tensor;
 use std::path::{Path, PathBuf};
 
 fn tensor(ts: &[(String, Tensor)], name: &str) -> Tensor {
-    ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1.clone()
+    common::tensor(ts, name).clone()
 }
 
 /// `log_softmax(row)[tok]`, written out.

@@ -29,3 +29,21 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 pub fn gemma_case(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma").join(name)
 }
+
+/// The tensor `name` of a file's named tensors.
+pub fn tensor<'a>(ts: &'a [(String, kiln_runtime::Tensor)], name: &str) -> &'a kiln_runtime::Tensor {
+    &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
+}
+
+/// A big_vision fixture folder (`tests/fixtures/big_vision`, copied by
+/// `scripts/copy_big_vision_fixtures.py`).
+pub fn big_vision_case(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision").join(name)
+}
+
+/// The backends of this build that run on any machine (cube: wgpu, on lavapipe without a GPU).
+pub const BACKENDS: &[&str] = &[
+    "cpu",
+    #[cfg(feature = "cube")]
+    "cube",
+];
