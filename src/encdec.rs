@@ -12,6 +12,7 @@
 //! - `scores` sums the recorded log-probs. Log-probs after a row's EOS are the loop's
 //!   artifacts, as in the reference.
 
+use crate::generate::argmax;
 use crate::{compile_with_states, CompileOptions, Error, Result};
 use kiln_graph::program::StateSpec;
 use kiln_graph::DType;
@@ -111,12 +112,14 @@ impl EncDecGenerator {
                 outs.into_iter().find(|(name, _)| name == "logits").ok_or_else(|| Error::Usage("decode gave no logits".into()))?.1.to_f32();
             for r in 0..b {
                 let row = &logits[r * v..(r + 1) * v];
-                let lp = log_softmax(row);
+                let lse = crate::sampling::log_sum_exp(row);
+                let lp = |t: i64| row[t as usize] as f64 - lse;
                 let sampled = sampling.pick(row, uniform(sampling.seed, r as u64, i as u64)) as i64;
                 let next = buf[r][i + 1];
                 let out_of_prompt = next == 0;
                 let update = out_of_prompt && !finished[r];
-                let (token, logprob) = if update { (sampled, lp[sampled as usize]) } else { (next, lp[next as usize]) };
+                let token = if update { sampled } else { next };
+                let logprob = lp(token);
                 buf[r][i + 1] = token;
                 logprobs[r * n + i] = logprob as f32;
                 scores[r] += logprob;
@@ -203,18 +206,7 @@ impl Sampling {
             order.sort_unstable();
             keep = order;
         }
-        let scaled: Vec<f64> = keep.iter().map(|&i| logits[i] as f64 / self.temperature).collect();
-        let max = scaled.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
-        let w: Vec<f64> = scaled.iter().map(|v| (v - max).exp()).collect();
-        let total: f64 = w.iter().sum();
-        let mut cum = 0.0;
-        for (j, wj) in w.iter().enumerate() {
-            cum += wj / total;
-            if u < cum {
-                return keep[j];
-            }
-        }
-        keep[keep.len() - 1]
+        crate::sampling::draw(&keep, |i| logits[i] as f64 / self.temperature, u)
     }
 }
 
@@ -230,18 +222,6 @@ pub fn uniform(seed: u64, row: u64, step: u64) -> f64 {
     }
     let h = mix(mix(mix(seed) ^ row) ^ step);
     (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// `log_softmax` in double precision.
-fn log_softmax(x: &[f32]) -> Vec<f64> {
-    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-    x.iter().map(|&v| v as f64 - lse).collect()
-}
-
-/// The first index of the largest value.
-fn argmax(x: &[f32]) -> usize {
-    x.iter().enumerate().fold(0, |best, (i, &v)| if v > x[best] { i } else { best })
 }
 
 #[cfg(test)]

@@ -63,18 +63,31 @@ impl HfSampling {
             }
         }
         let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
-        let max = kept.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(scores[i]));
-        let w: Vec<f64> = kept.iter().map(|&i| (scores[i] - max).exp()).collect();
-        let total: f64 = w.iter().sum();
-        let mut cum = 0.0;
-        for (j, wj) in w.iter().enumerate() {
-            cum += wj / total;
-            if u < cum {
-                return kept[j];
-            }
-        }
-        kept[kept.len() - 1]
+        draw(&kept, |i| scores[i], u)
     }
+}
+
+/// The token of `kept` (ascending indices) that `u` in [0, 1) picks from the softmax of
+/// `score(i)` over them: the first whose running probability, summed in index order in
+/// double precision, exceeds `u`. Both samplers draw with it.
+pub(crate) fn draw(kept: &[usize], score: impl Fn(usize) -> f64, u: f64) -> usize {
+    let max = kept.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(score(i)));
+    let w: Vec<f64> = kept.iter().map(|&i| (score(i) - max).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut cum = 0.0;
+    for (j, wj) in w.iter().enumerate() {
+        cum += wj / total;
+        if u < cum {
+            return kept[j];
+        }
+    }
+    kept[kept.len() - 1]
+}
+
+/// `log(sum(exp(row)))` in double precision (a log-softmax is `row[i] - log_sum_exp(row)`).
+pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// Draws 20,000 tokens with `draw(step)` and checks them against the distribution `p`: no

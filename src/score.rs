@@ -59,9 +59,7 @@ pub fn score(
                 return Err(Error::Usage(format!("token {tok} at [{r}, {t}] is outside the vocabulary 0..{v}")));
             }
             let row = &logits[(r * l + at) * v..][..v];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-            let x = row[tok as usize] as f64 - lse;
+            let x = row[tok as usize] as f64 - crate::sampling::log_sum_exp(row);
             lp[r * l + t] = x as f32;
             sum += x;
         }
