@@ -322,7 +322,7 @@ impl Conv {
 impl Op {
     /// A short name for printing and kernel tables.
     pub fn name(&self) -> &'static str {
-        self.describe().0
+        self.describe_with(false).0
     }
 
     /// The attributes as `kiln inspect --ir` prints them between brackets.
@@ -332,56 +332,68 @@ impl Op {
 
     /// The op's name and its attributes: the one place an op says what it is.
     pub fn describe(&self) -> (&'static str, String) {
+        self.describe_with(true)
+    }
+
+    /// [`Op::describe`], formatting the attributes only when `attrs` is set (`name` asks for
+    /// none, and allocates nothing).
+    fn describe_with(&self, attrs: bool) -> (&'static str, String) {
+        let a = |f: &dyn Fn() -> String| if attrs { f() } else { String::new() };
         let lower = |d: &dyn std::fmt::Debug| format!("{d:?}").to_lowercase();
         match self {
-            Op::Input { name } => ("input", format!("\"{name}\"")),
-            Op::Weight { name } => ("weight", format!("\"{name}\"")),
-            Op::Constant { values } if values.len() <= 4 => ("constant", format!("{values:?}")),
-            Op::Constant { values } => ("constant", format!("{} values", values.len())),
-            Op::Iota { axis, start, step } => ("iota", format!("axis={axis}, start={start}, step={step}")),
-            Op::Unary(u) => ("unary", lower(u)),
-            Op::Binary(b) => ("binary", lower(b)),
+            Op::Input { name } => ("input", a(&|| format!("\"{name}\""))),
+            Op::Weight { name } => ("weight", a(&|| format!("\"{name}\""))),
+            Op::Constant { values } if values.len() <= 4 => ("constant", a(&|| format!("{values:?}"))),
+            Op::Constant { values } => ("constant", a(&|| format!("{} values", values.len()))),
+            Op::Iota { axis, start, step } => ("iota", a(&|| format!("axis={axis}, start={start}, step={step}"))),
+            Op::Unary(u) => ("unary", a(&|| lower(u))),
+            Op::Binary(b) => ("binary", a(&|| lower(b))),
             Op::Select => ("select", String::new()),
-            Op::Cast { to } => ("cast", to.to_string()),
-            Op::Reduce { op, axes, keep_dims } => ("reduce", format!("{}, axes={axes:?}, keep_dims={keep_dims}", lower(op))),
-            Op::MatMul { transpose_b, epilogue } => {
-                let mut s = if *transpose_b { "b^T".to_string() } else { String::new() };
-                if let Some(e) = epilogue {
-                    s = format!("{s}{}epilogue={}", if s.is_empty() { "" } else { ", " }, e.formula());
-                }
-                ("matmul", s)
-            }
-            Op::Reshape { shape } => ("reshape", format!("{shape:?}")),
-            Op::Permute { perm } => ("permute", format!("{perm:?}")),
-            Op::Slice { axis, start, end, step } => ("slice", format!("axis={axis}, {start}..{end}, step={step}")),
-            Op::Concat { axis } => ("concat", format!("axis={axis}")),
-            Op::Broadcast { shape } => ("broadcast", format!("{shape:?}")),
-            Op::Gather { axis } => ("gather", format!("axis={axis}")),
-            Op::TakeAlongAxis { axis } => ("take_along_axis", format!("axis={axis}")),
-            Op::ScatterAdd { axis } => ("scatter_add", format!("axis={axis}")),
-            Op::TopK { k } => ("topk", format!("k={k}")),
-            Op::CumSum { axis, exclusive } => ("cumsum", format!("axis={axis}, exclusive={exclusive}")),
-            Op::Resize { size, mode } => ("resize", format!("{size:?}, {}", lower(mode))),
-            Op::Softmax { axis } => ("softmax", format!("axis={axis}")),
-            Op::LayerNorm { eps } => ("layer_norm", format!("eps={eps:e}")),
-            Op::RmsNorm { eps, add_one } => ("rms_norm", format!("eps={eps:e}, add_one={add_one}")),
-            Op::Attention(a) => {
-                let mask = match a.mask {
-                    MaskKind::None => "none".to_string(),
-                    MaskKind::Causal { q_offset } => format!("causal(+{q_offset})"),
-                    MaskKind::SlidingWindow { q_offset, window } => format!("window({window}, +{q_offset})"),
-                    MaskKind::Additive => "additive".to_string(),
-                };
-                let cap = a.softcap.map(|c| format!(", softcap={c}")).unwrap_or_default();
-                ("attention", format!("scale={}, mask={mask}{cap}", a.scale))
-            }
-            Op::MoeDispatch { rows } => ("moe_dispatch", format!("rows={rows}")),
+            Op::Cast { to } => ("cast", a(&|| to.to_string())),
+            Op::Reduce { op, axes, keep_dims } => ("reduce", a(&|| format!("{}, axes={axes:?}, keep_dims={keep_dims}", lower(op)))),
+            Op::MatMul { transpose_b, epilogue } => (
+                "matmul",
+                a(&|| {
+                    let mut s = if *transpose_b { "b^T".to_string() } else { String::new() };
+                    if let Some(e) = epilogue {
+                        s = format!("{s}{}epilogue={}", if s.is_empty() { "" } else { ", " }, e.formula());
+                    }
+                    s
+                }),
+            ),
+            Op::Reshape { shape } => ("reshape", a(&|| format!("{shape:?}"))),
+            Op::Permute { perm } => ("permute", a(&|| format!("{perm:?}"))),
+            Op::Slice { axis, start, end, step } => ("slice", a(&|| format!("axis={axis}, {start}..{end}, step={step}"))),
+            Op::Concat { axis } => ("concat", a(&|| format!("axis={axis}"))),
+            Op::Broadcast { shape } => ("broadcast", a(&|| format!("{shape:?}"))),
+            Op::Gather { axis } => ("gather", a(&|| format!("axis={axis}"))),
+            Op::TakeAlongAxis { axis } => ("take_along_axis", a(&|| format!("axis={axis}"))),
+            Op::ScatterAdd { axis } => ("scatter_add", a(&|| format!("axis={axis}"))),
+            Op::TopK { k } => ("topk", a(&|| format!("k={k}"))),
+            Op::CumSum { axis, exclusive } => ("cumsum", a(&|| format!("axis={axis}, exclusive={exclusive}"))),
+            Op::Resize { size, mode } => ("resize", a(&|| format!("{size:?}, {}", lower(mode)))),
+            Op::Softmax { axis } => ("softmax", a(&|| format!("axis={axis}"))),
+            Op::LayerNorm { eps } => ("layer_norm", a(&|| format!("eps={eps:e}"))),
+            Op::RmsNorm { eps, add_one } => ("rms_norm", a(&|| format!("eps={eps:e}, add_one={add_one}"))),
+            Op::Attention(at) => (
+                "attention",
+                a(&|| {
+                    let mask = match at.mask {
+                        MaskKind::None => "none".to_string(),
+                        MaskKind::Causal { q_offset } => format!("causal(+{q_offset})"),
+                        MaskKind::SlidingWindow { q_offset, window } => format!("window({window}, +{q_offset})"),
+                        MaskKind::Additive => "additive".to_string(),
+                    };
+                    let cap = at.softcap.map(|c| format!(", softcap={c}")).unwrap_or_default();
+                    format!("scale={}, mask={mask}{cap}", at.scale)
+                }),
+            ),
+            Op::MoeDispatch { rows } => ("moe_dispatch", a(&|| format!("rows={rows}"))),
             Op::MoeCombine => ("moe_combine", String::new()),
-            Op::WriteSlice { axis } => ("write_slice", format!("axis={axis}")),
-            Op::Fused(e) => ("fused", e.formula()),
+            Op::WriteSlice { axis } => ("write_slice", a(&|| format!("axis={axis}"))),
+            Op::Fused(e) => ("fused", a(&|| e.formula())),
             Op::Conv(c) => {
-                let t = if c.transposed { ", transposed" } else { "" };
-                ("conv", format!("stride={:?}, pad={:?}{t}", c.stride, c.pad))
+                ("conv", a(&|| format!("stride={:?}, pad={:?}{}", c.stride, c.pad, if c.transposed { ", transposed" } else { "" })))
             }
         }
     }
