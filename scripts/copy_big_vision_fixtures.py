@@ -82,3 +82,10 @@ vq = json.load(open(os.path.join(SRC, "uvim_vqvae/config.json")))
 kf = vq["kiln_folder_config"]
 folder("uvim_vqvae", kf["model_name"], kf["model"],
        [("uvim_vqvae/params.npz", "params.npz"), ("uvim_vqvae/reference.safetensors", "reference.safetensors")])
+
+# big_vision's PaliGemma 1 and 2 (proj.paligemma.paligemma): the folder config the fixture set
+# proposes (PALIGEMMA_BV.md §6), params.npz (keys under params/, f32, scan) and the references.
+for case in ["paligemma_bv", "paligemma2_bv"]:
+    c = json.load(open(os.path.join(SRC, case, "config.json")))["kiln_folder_config"]
+    folder(case, c["model_name"], c["model"], [(f"{case}/params.npz", "params.npz"),
+                                               (f"{case}/reference.safetensors", "reference.safetensors")])

@@ -27,6 +27,17 @@ pub struct Generator {
     pub sampling: Option<crate::sampling::HfSampling>,
 }
 
+/// A batch of prompts, `[B, len]` each, left-padded (`attention_mask` 0 on padding).
+#[derive(Clone, Copy)]
+pub struct Prompt<'a> {
+    pub input_ids: &'a [i64],
+    pub attention_mask: &'a [i64],
+    /// PaliGemma: 0 for the prefix (full attention within it), 1 for suffix tokens; `None`:
+    /// the whole prompt is prefix.
+    pub token_type_ids: Option<&'a [i64]>,
+    pub len: usize,
+}
+
 /// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
 /// `step_logits [B, n, V]` (the logits each new token was chosen from).
 pub struct Generated {
@@ -80,8 +91,14 @@ pub struct GenerationMeta {
     pub pad: i64,
     /// PaliGemma: the image token, how many of them each row must hold, the pixel_values type.
     pub image: Option<(i64, usize, kiln_graph::TensorType)>,
-    /// Added to every position id (PaliGemma's positions are 1-indexed).
+    /// Added to every position id (PaliGemma's positions are 1-indexed; big_vision's are not).
     pub position_offset: i64,
+    /// A soft-cap applied to the decode steps' logits, not the prefill's (big_vision's
+    /// PaliGemma caps in `extend_cache` only, PALIGEMMA_BV.md P1).
+    pub decode_softcap: Option<f32>,
+    /// Finished rows get the pad id (transformers); without, they keep decoding until every
+    /// row has finished (big_vision's loop).
+    pub pad_finished: bool,
 }
 
 /// Compiles the text model in `dir` to a generation program for `batch` rows, a prompt bucket
@@ -110,15 +127,19 @@ pub fn generation_program(
     let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
     let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     let (eos, pad) = special_ids(dir, g.model.text());
-    let (image, position_offset) = match &g.model {
-        kiln_models::TextModel::Gemma(_) => (None, 0),
-        kiln_models::TextModel::PaliGemma(p) => {
-            let v = &p.vision;
-            let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
-            (Some((p.image_token_index, v.grid() * v.grid(), ty)), 1)
+    let (mut image, mut position_offset, mut decode_softcap) = (None, 0, None);
+    if let kiln_models::TextModel::PaliGemma(p) = &g.model {
+        let v = &p.vision;
+        let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
+        image = Some((p.image_token_index, v.grid() * v.grid(), ty));
+        match &p.big_vision {
+            Some(t) => decode_softcap = t.final_logits_softcap,
+            None => position_offset = 1,
         }
-    };
-    let meta = GenerationMeta { capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset };
+    }
+    let pad_finished = !matches!(&g.model, kiln_models::TextModel::PaliGemma(p) if p.big_vision.is_some());
+    let meta =
+        GenerationMeta { capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset, decode_softcap, pad_finished };
     Ok(GenerationProgram { program, meta })
 }
 
@@ -161,9 +182,26 @@ impl Generator {
         pixel_values: Option<&Tensor>,
         on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
     ) -> Result<Generated> {
+        let prompt = Prompt { input_ids, attention_mask, token_type_ids: None, len: prompt_len };
+        self.generate_prompt(&prompt, max_new_tokens, pixel_values, on_step)
+    }
+
+    /// [`Generator::generate_streaming`] for a [`Prompt`]; PaliGemma's `token_type_ids` (0 for
+    /// the prefix, 1 for a forced suffix start), when given, say which prompt tokens are prefix.
+    pub fn generate_prompt(
+        &mut self,
+        prompt: &Prompt,
+        max_new_tokens: usize,
+        pixel_values: Option<&Tensor>,
+        on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
+    ) -> Result<Generated> {
+        let Prompt { input_ids, attention_mask, token_type_ids, len: prompt_len } = *prompt;
         let (b, s, c, v) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab);
-        if input_ids.len() != b * prompt_len || attention_mask.len() != b * prompt_len {
-            return Err(Error::Usage(format!("input_ids and attention_mask must be [{b}, {prompt_len}]")));
+        if input_ids.len() != b * prompt_len
+            || attention_mask.len() != b * prompt_len
+            || token_type_ids.is_some_and(|t| t.len() != b * prompt_len)
+        {
+            return Err(Error::Usage(format!("input_ids, attention_mask and token_type_ids must be [{b}, {prompt_len}]")));
         }
         if prompt_len > s {
             return Err(Error::Usage(format!("the prompt has {prompt_len} tokens but this profile holds {s} (compile a larger bucket)")));
@@ -171,8 +209,10 @@ impl Generator {
         if max_new_tokens > c - s {
             return Err(Error::Usage(format!("{max_new_tokens} new tokens do not fit the cache ({} slots after the prompt)", c - s)));
         }
+        // An image token may lie past the vocabulary (big_vision's PaliGemma has no row for it).
+        let img_tok = self.meta.image.as_ref().map(|(t, _, _)| *t);
         for (i, &t) in input_ids.iter().enumerate() {
-            if t < 0 || t as usize >= v {
+            if (t < 0 || t as usize >= v) && Some(t) != img_tok {
                 return Err(Error::Usage(format!(
                     "input_ids[{}, {}] = {t} is out of range for a vocabulary of {v}",
                     i / prompt_len,
@@ -205,14 +245,7 @@ impl Generator {
             (None, Some(_)) => return Err(Error::Usage("this model takes no image".into())),
             (None, None) => None,
         };
-        // Left-pad each row to the bucket; the extra slots are masked out.
-        let extra = s - prompt_len;
-        let mut ids = vec![self.meta.pad; b * s];
-        let mut mask = vec![0i64; b * c];
-        for r in 0..b {
-            ids[r * s + extra..(r + 1) * s].copy_from_slice(&input_ids[r * prompt_len..(r + 1) * prompt_len]);
-            mask[r * c + extra..r * c + s].copy_from_slice(&attention_mask[r * prompt_len..(r + 1) * prompt_len]);
-        }
+        let (ids, mut mask, types) = self.left_pad(prompt);
         let mut pos = vec![0i64; b * s];
         let mut next_pos = vec![0i64; b];
         for r in 0..b {
@@ -228,7 +261,7 @@ impl Generator {
         let t0 = std::time::Instant::now();
         let (ids_t, mask_t, pos_t) =
             (Tensor::from_i64(&[b, s], &ids), Tensor::from_i64(&[b, s], &prefill_mask), Tensor::from_i64(&[b, s], &pos));
-        let types = Tensor::from_i64(&[b, s], &vec![0; b * s]);
+        let types = Tensor::from_i64(&[b, s], &types);
         let mut ins: Vec<(&str, &Tensor)> = vec![("input_ids", &ids_t), ("attention_mask", &mask_t), ("position_ids", &pos_t)];
         if let Some(px) = image {
             ins.push(("pixel_values", px));
@@ -249,9 +282,9 @@ impl Generator {
                 let row = &logits[r * v..(r + 1) * v];
                 step_logits[r].extend_from_slice(row);
                 next[r] = match (&self.sampling, done[r]) {
-                    (_, true) => self.meta.pad,
-                    (Some(sp), false) => sp.pick(row, crate::encdec::uniform(sp.seed, r as u64, t as u64)) as i64,
-                    (None, false) => argmax(row) as i64,
+                    (_, true) if self.meta.pad_finished => self.meta.pad,
+                    (Some(sp), _) => sp.pick(row, crate::encdec::uniform(sp.seed, r as u64, t as u64)) as i64,
+                    (None, _) => argmax(row) as i64,
                 };
                 seqs[r].push(next[r]);
                 if self.meta.eos.contains(&next[r]) {
@@ -279,6 +312,9 @@ impl Generator {
             )?;
             next_pos.iter_mut().for_each(|p| *p += 1);
             logits = logits_of(&outs)?;
+            if let Some(cap) = self.meta.decode_softcap {
+                logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+            }
             decode_s += t1.elapsed().as_secs_f64();
             decode_steps += 1;
         }
@@ -291,6 +327,27 @@ impl Generator {
             decode_s,
             decode_steps,
         })
+    }
+}
+
+impl Generator {
+    /// The prompt left-padded to the bucket: ids `[B, bucket]`, the mask over the whole cache
+    /// `[B, capacity]` (padding and the slots still to come 0), token types `[B, bucket]`.
+    fn left_pad(&self, p: &Prompt) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+        let (b, s, c, l) = (self.batch, self.bucket, self.meta.capacity, p.len);
+        let extra = s - l;
+        let mut ids = vec![self.meta.pad; b * s];
+        let mut mask = vec![0i64; b * c];
+        let mut types = vec![0i64; b * s];
+        for r in 0..b {
+            let row = r * l..(r + 1) * l;
+            ids[r * s + extra..(r + 1) * s].copy_from_slice(&p.input_ids[row.clone()]);
+            mask[r * c + extra..r * c + s].copy_from_slice(&p.attention_mask[row.clone()]);
+            if let Some(t) = p.token_type_ids {
+                types[r * s + extra..(r + 1) * s].copy_from_slice(&t[row]);
+            }
+        }
+        (ids, mask, types)
     }
 }
 

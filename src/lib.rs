@@ -13,6 +13,7 @@ pub mod encdec;
 pub mod generate;
 pub mod io;
 pub mod npz_write;
+pub mod paligemma_bv;
 pub mod png;
 pub mod preprocess;
 pub mod prompt;

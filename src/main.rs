@@ -588,6 +588,12 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             };
             writable_unlike(&out, Some(&inputs))?;
             let ins = io::read(&inputs)?;
+            if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
+                let outs = progress("generating", || kiln::paligemma_bv::generate(&model, &ins, max_new_tokens, &backend, dtype))?;
+                io::write(&out, &outs)?;
+                println!("wrote {}", out.display());
+                return Ok(());
+            }
             if ins.iter().any(|(n, _)| n == "images") {
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
                 let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };

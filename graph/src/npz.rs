@@ -1,87 +1,133 @@
-//! The `.npz` index: big_vision saves a parameter tree as an uncompressed zip of `.npy`
-//! arrays (`np.savez`, keys are the `/`-joined tree paths). Stored entries keep each array's
-//! bytes contiguous in the file, so, like safetensors, the checkpoint index (models) and the
-//! weight store (runtime) read only this index and map the data in place.
+//! The `.npz` index: big_vision saves a parameter tree as a zip of `.npy` arrays (`np.savez`,
+//! keys are the `/`-joined tree paths). Stored entries keep each array's bytes contiguous in
+//! the file, so, like safetensors, the checkpoint index (models) and the weight store (runtime)
+//! read only the zip directory and map the data in place. Deflated entries
+//! (`np.savez_compressed`) are inflated once into memory by the weight store; the checkpoint
+//! index reads only their `.npy` headers.
 //!
-//! Only what `np.savez` writes is accepted: stored (not deflated) entries, ZIP64 or not,
-//! little-endian C-order arrays of a dtype kiln has. Anything else is an error naming the key.
+//! The zip directory (ZIP64 or not) is read by the `zip` crate. Arrays are little-endian
+//! C-order of a dtype kiln has; big_vision's bfloat16 arrays are 2-byte voids (`|V2`, numpy
+//! has no bfloat16). Anything else is an error naming the key.
 
 use crate::dtype::{DType, TensorType};
 use crate::safetensors::HeaderEntry;
+use std::io::{Cursor, Read};
 
-const EOCD_SIG: u32 = 0x0605_4b50;
-const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
-const EOCD64_SIG: u32 = 0x0606_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const LOCAL_SIG: u32 = 0x0403_4b50;
-
-fn u16_at(b: &[u8], at: usize) -> Result<u16, String> {
-    b.get(at..at + 2).map(|s| u16::from_le_bytes([s[0], s[1]])).ok_or_else(|| format!("truncated zip structure at byte {at}"))
+/// The arrays of one `.npz` file.
+#[derive(Debug, Default)]
+pub struct NpzIndex {
+    /// Stored entries: byte ranges within the file.
+    pub in_file: Vec<HeaderEntry>,
+    /// Deflated entries: byte ranges within [`NpzIndex::inflated`] (all `0..0` when the index
+    /// was read without inflating).
+    pub in_buffer: Vec<HeaderEntry>,
+    /// The deflated arrays' data, one after another, each starting 64-byte aligned.
+    pub inflated: Vec<u8>,
 }
 
-fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]])).ok_or_else(|| format!("truncated zip structure at byte {at}"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Result<u64, String> {
-    b.get(at..at + 8)
-        .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-        .ok_or_else(|| format!("truncated zip structure at byte {at}"))
-}
-
-/// The end-of-central-directory record: (entry count, directory offset).
-fn central_directory(b: &[u8]) -> Result<(u64, u64), String> {
-    // The record is 22 bytes plus a comment of at most 64 KiB; search backwards for it.
-    let lowest = b.len().saturating_sub(22 + 65_535);
-    let eocd = (lowest..=b.len().saturating_sub(22))
-        .rev()
-        .find(|&i| u32_at(b, i) == Ok(EOCD_SIG))
-        .ok_or("no end-of-central-directory record (not a zip file, or truncated)")?;
-    let mut count = u16_at(b, eocd + 10)? as u64;
-    let mut offset = u32_at(b, eocd + 16)? as u64;
-    if (count == 0xFFFF || offset == 0xFFFF_FFFF) && eocd >= 20 && u32_at(b, eocd - 20)? == EOCD64_LOCATOR_SIG {
-        let at = u64_at(b, eocd - 20 + 8)? as usize;
-        if u32_at(b, at)? != EOCD64_SIG {
-            return Err("ZIP64 locator points at no ZIP64 end record".into());
-        }
-        count = u64_at(b, at + 32)?;
-        offset = u64_at(b, at + 48)?;
+fn zip_err(e: zip::result::ZipError) -> String {
+    match e {
+        zip::result::ZipError::InvalidArchive(m) => format!("not a valid zip file (truncated, or not an npz): {m}"),
+        e => format!("not a valid zip file: {e}"),
     }
-    Ok((count, offset))
 }
 
-/// Sizes and local-header offset, with the ZIP64 extra field applied where the 32-bit fields
-/// are saturated.
-fn zip64_fields(extra: &[u8], mut usize_: u64, mut csize: u64, mut local: u64) -> Result<(u64, u64, u64), String> {
-    let mut at = 0;
-    while at + 4 <= extra.len() {
-        let id = u16_at(extra, at)?;
-        let len = u16_at(extra, at + 2)? as usize;
-        if id == 0x0001 {
-            let mut p = at + 4;
-            for field in [&mut usize_, &mut csize, &mut local] {
-                if *field == 0xFFFF_FFFF {
-                    *field = u64_at(extra, p)?;
-                    p += 8;
+/// Reads the index of an `.npz` file held in memory (or mapped). Stored arrays are located in
+/// place; deflated ones have their `.npy` headers read and, with `inflate`, their data
+/// decompressed into [`NpzIndex::inflated`].
+pub fn read_index(b: &[u8], inflate: bool) -> Result<NpzIndex, String> {
+    let mut z = zip::ZipArchive::new(Cursor::new(b)).map_err(zip_err)?;
+    let mut out = NpzIndex::default();
+    for i in 0..z.len() {
+        let f = z.by_index_raw(i).map_err(zip_err)?;
+        let name = f.name().to_string();
+        let key = name.strip_suffix(".npy").ok_or_else(|| format!("'{name}' is not a .npy array"))?.to_string();
+        let (method, size, csize, data) = (f.compression(), f.size(), f.compressed_size(), f.data_start() as usize);
+        drop(f);
+        match method {
+            zip::CompressionMethod::Stored => {
+                let end = data
+                    .checked_add(size as usize)
+                    .filter(|&e| e <= b.len() && size == csize)
+                    .ok_or_else(|| format!("'{key}' runs past the end of the file (truncated)"))?;
+                let (ty, head) = parse_npy_header(&b[data..end]).map_err(|e| format!("'{key}': {e}"))?;
+                check_len(&key, &ty, end - data - head)?;
+                out.in_file.push(HeaderEntry { name: key, ty, start: data + head, end });
+            }
+            zip::CompressionMethod::Deflated => {
+                let mut r = z.by_index(i).map_err(|e| format!("'{key}': {}", zip_err(e)))?;
+                let mut head = vec![0u8; 12];
+                r.read_exact(&mut head).map_err(|e| format!("'{key}': cannot inflate the .npy header: {e}"))?;
+                let n = npy_header_len(&head).map_err(|e| format!("'{key}': {e}"))?;
+                head.resize(n, 0);
+                r.read_exact(&mut head[12..]).map_err(|e| format!("'{key}': cannot inflate the .npy header: {e}"))?;
+                let (ty, hl) = parse_npy_header(&head).map_err(|e| format!("'{key}': {e}"))?;
+                check_len(&key, &ty, (size as usize).saturating_sub(hl))?;
+                let (mut start, mut end) = (0, 0);
+                if inflate {
+                    start = out.inflated.len().next_multiple_of(64);
+                    out.inflated.resize(start, 0);
+                    let got = r.take(ty.bytes() as u64 + 1).read_to_end(&mut out.inflated);
+                    end = out.inflated.len();
+                    match got {
+                        Ok(_) if end - start == ty.bytes() => {}
+                        Ok(_) => return Err(format!("'{key}': inflated to {} bytes, {ty} needs {}", end - start, ty.bytes())),
+                        Err(e) => return Err(format!("'{key}': cannot inflate (corrupt or truncated): {e}")),
+                    }
                 }
+                out.in_buffer.push(HeaderEntry { name: key, ty, start, end });
+            }
+            m => {
+                return Err(format!(
+                    "'{key}' is compressed with {m}; kiln reads stored and deflated npz entries (np.savez, np.savez_compressed)"
+                ))
             }
         }
-        at += 4 + len;
     }
-    Ok((usize_, csize, local))
+    Ok(out)
+}
+
+/// Indexes an `.npz` file of stored arrays only (what `np.savez` writes): one entry per array,
+/// named by its key without the `.npy` suffix, with the byte range of its data within `b`.
+pub fn parse_index(b: &[u8]) -> Result<Vec<HeaderEntry>, String> {
+    let idx = read_index(b, false)?;
+    if let Some(e) = idx.in_buffer.first() {
+        return Err(format!("'{}' is deflated (np.savez_compressed): read it with npz::read_index", e.name));
+    }
+    Ok(idx.in_file)
+}
+
+fn check_len(key: &str, ty: &TensorType, held: usize) -> Result<(), String> {
+    if ty.bytes() != held {
+        return Err(format!("'{key}': {ty} needs {} bytes but the array holds {held}", ty.bytes()));
+    }
+    Ok(())
+}
+
+/// The whole `.npy` header's length (magic, version, length field and text) from its first
+/// 12 bytes.
+fn npy_header_len(b: &[u8]) -> Result<usize, String> {
+    if b.len() < 12 || &b[..6] != b"\x93NUMPY" {
+        return Err("not a .npy array (bad magic)".into());
+    }
+    match b[6] {
+        1 => Ok(10 + u16::from_le_bytes([b[8], b[9]]) as usize),
+        2 | 3 => Ok(12 + u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize),
+        v => Err(format!(".npy format version {v} is not supported")),
+    }
 }
 
 /// Parses the header of one `.npy` array: dtype, shape, and the header's length in bytes.
 pub fn parse_npy_header(b: &[u8]) -> Result<(TensorType, usize), String> {
-    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
-        return Err("not a .npy array (bad magic)".into());
+    let mut first = [0u8; 12];
+    let n = b.len().min(12);
+    first[..n].copy_from_slice(&b[..n]);
+    if b.len() < 10 {
+        return Err("not a .npy array (too short)".into());
     }
-    let (len, start) = match b[6] {
-        1 => (u16_at(b, 8)? as usize, 10),
-        2 | 3 => (u32_at(b, 8)? as usize, 12),
-        v => return Err(format!(".npy format version {v} is not supported")),
-    };
-    let text = b.get(start..start + len).ok_or(".npy header is truncated")?;
+    let end = npy_header_len(&first)?;
+    let start = if b[6] == 1 { 10 } else { 12 };
+    let text = b.get(start..end).ok_or(".npy header is truncated")?;
     let text = std::str::from_utf8(text).map_err(|_| ".npy header is not text")?;
     let field = |key: &str| -> Result<&str, String> {
         let k = format!("'{key}':");
@@ -97,7 +143,9 @@ pub fn parse_npy_header(b: &[u8]) -> Result<(TensorType, usize), String> {
         "<i8" => DType::I64,
         "|u1" => DType::U8,
         "|b1" => DType::Bool,
-        d => return Err(format!("dtype {d} is not supported (kiln reads little-endian f4, f2, i4, i8, u1, b1)")),
+        // big_vision writes bfloat16 as 2-byte voids (`utils.py` `recover_dtype`).
+        "|V2" => DType::BF16,
+        d => return Err(format!("dtype {d} is not supported (kiln reads little-endian f4, f2, i4, i8, u1, b1, and |V2 as bfloat16)")),
     };
     if field("fortran_order")?.starts_with("True") {
         return Err("Fortran-order arrays are not supported".into());
@@ -110,57 +158,13 @@ pub fn parse_npy_header(b: &[u8]) -> Result<(TensorType, usize), String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!(".npy shape has a bad dimension '{s}'")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((TensorType::new(dtype, shape), start + len))
-}
-
-/// Indexes an `.npz` file held in memory (or mapped): one entry per array, named by its key
-/// without the `.npy` suffix, with the byte range of its data within `b`.
-pub fn parse_index(b: &[u8]) -> Result<Vec<HeaderEntry>, String> {
-    let (count, offset) = central_directory(b)?;
-    let mut at = offset as usize;
-    let mut out = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        if u32_at(b, at)? != CENTRAL_SIG {
-            return Err(format!("bad central directory entry at byte {at}"));
-        }
-        let method = u16_at(b, at + 10)?;
-        let csize = u32_at(b, at + 20)? as u64;
-        let usize_ = u32_at(b, at + 24)? as u64;
-        let name_len = u16_at(b, at + 28)? as usize;
-        let extra_len = u16_at(b, at + 30)? as usize;
-        let comment_len = u16_at(b, at + 32)? as usize;
-        let local = u32_at(b, at + 42)? as u64;
-        let name = b.get(at + 46..at + 46 + name_len).ok_or("truncated central directory")?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        let extra = b.get(at + 46 + name_len..at + 46 + name_len + extra_len).ok_or("truncated central directory")?;
-        let (usize_, csize, local) = zip64_fields(extra, usize_, csize, local)?;
-        at += 46 + name_len + extra_len + comment_len;
-
-        let key = name.strip_suffix(".npy").ok_or_else(|| format!("'{name}' is not a .npy array"))?.to_string();
-        if method != 0 || csize != usize_ {
-            return Err(format!("'{key}' is compressed (np.savez_compressed); kiln reads uncompressed np.savez files"));
-        }
-        let local = local as usize;
-        if u32_at(b, local)? != LOCAL_SIG {
-            return Err(format!("'{key}': bad local header at byte {local}"));
-        }
-        let data = local + 30 + u16_at(b, local + 26)? as usize + u16_at(b, local + 28)? as usize;
-        let end = data
-            .checked_add(usize_ as usize)
-            .filter(|&e| e <= b.len())
-            .ok_or_else(|| format!("'{key}' runs past the end of the file (truncated)"))?;
-        let (ty, head) = parse_npy_header(&b[data..end]).map_err(|e| format!("'{key}': {e}"))?;
-        if head + ty.bytes() != end - data {
-            return Err(format!("'{key}': {ty} needs {} bytes but the array holds {}", ty.bytes(), end - data - head));
-        }
-        out.push(HeaderEntry { name: key, ty, start: data + head, end });
-    }
-    Ok(out)
+    Ok((TensorType::new(dtype, shape), end))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
         let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
@@ -175,66 +179,78 @@ mod tests {
         v
     }
 
-    /// A stored zip, written the plain (non-ZIP64) way.
-    fn zip(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let mut out = vec![];
-        let mut central = vec![];
+    /// A zip of the files, stored or deflated as `np.savez` / `np.savez_compressed` write them.
+    fn zip(files: &[(&str, Vec<u8>)], deflate: bool) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let method = if deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
+        let opts = zip::write::SimpleFileOptions::default().compression_method(method);
         for (name, data) in files {
-            let local = out.len() as u32;
-            let mut h = vec![];
-            h.extend(LOCAL_SIG.to_le_bytes());
-            h.extend([20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            h.extend((data.len() as u32).to_le_bytes());
-            h.extend((data.len() as u32).to_le_bytes());
-            h.extend((name.len() as u16).to_le_bytes());
-            h.extend(0u16.to_le_bytes());
-            out.extend(&h);
-            out.extend(name.as_bytes());
-            out.extend(data);
-            let mut c = vec![];
-            c.extend(CENTRAL_SIG.to_le_bytes());
-            c.extend([20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            c.extend((data.len() as u32).to_le_bytes());
-            c.extend((data.len() as u32).to_le_bytes());
-            c.extend((name.len() as u16).to_le_bytes());
-            c.extend([0u8; 12]);
-            c.extend(local.to_le_bytes());
-            c.extend(name.as_bytes());
-            central.extend(c);
+            w.start_file(*name, opts).unwrap();
+            w.write_all(data).unwrap();
         }
-        let off = out.len() as u32;
-        out.extend(&central);
-        out.extend(EOCD_SIG.to_le_bytes());
-        out.extend([0u8; 4]);
-        out.extend((files.len() as u16).to_le_bytes());
-        out.extend((files.len() as u16).to_le_bytes());
-        out.extend((central.len() as u32).to_le_bytes());
-        out.extend(off.to_le_bytes());
-        out.extend(0u16.to_le_bytes());
-        out
+        w.finish().unwrap().into_inner()
+    }
+
+    fn arrays() -> (Vec<u8>, Vec<(&'static str, Vec<u8>)>) {
+        let a: Vec<u8> = [1.5f32, -2.0, 3.25, 4.0, 5.0, 6.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bf: Vec<u8> = [0x3f80u16, 0xc000].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let files = vec![
+            ("block/kernel.npy", npy("<f4", "(2, 3)", &a)),
+            ("n.npy", npy("<i8", "()", &7i64.to_le_bytes())),
+            ("bf.npy", npy("|V2", "(2,)", &bf)),
+        ];
+        (a, files)
     }
 
     #[test]
     fn reads_arrays_in_place() {
-        let a: Vec<u8> = [1.5f32, -2.0, 3.25, 4.0, 5.0, 6.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let z = zip(&[("block/kernel.npy", npy("<f4", "(2, 3)", &a)), ("n.npy", npy("<i8", "()", &7i64.to_le_bytes()))]);
+        let (a, files) = arrays();
+        let z = zip(&files, false);
         let idx = parse_index(&z).unwrap();
         assert_eq!(idx[0].name, "block/kernel");
         assert_eq!(idx[0].ty, TensorType::new(DType::F32, vec![2, 3]));
         assert_eq!(&z[idx[0].start..idx[0].end], &a[..]);
         assert_eq!(idx[1].ty, TensorType::new(DType::I64, vec![]));
         assert_eq!(&z[idx[1].start..idx[1].end], &7i64.to_le_bytes());
+        assert_eq!(idx[2].ty, TensorType::new(DType::BF16, vec![2]));
+        assert_eq!(&z[idx[2].start..idx[2].end], &[0x80, 0x3f, 0x00, 0xc0]);
+    }
+
+    #[test]
+    fn inflates_compressed_arrays_to_the_stored_bytes() {
+        let (_, files) = arrays();
+        let (stored, deflated) = (zip(&files, false), zip(&files, true));
+        assert!(parse_index(&deflated).unwrap_err().contains("np.savez_compressed"));
+        let plain = parse_index(&stored).unwrap();
+        let headers = read_index(&deflated, false).unwrap();
+        assert!(headers.in_file.is_empty() && headers.inflated.is_empty());
+        let full = read_index(&deflated, true).unwrap();
+        assert_eq!(full.in_buffer.len(), plain.len());
+        for ((p, h), f) in plain.iter().zip(&headers.in_buffer).zip(&full.in_buffer) {
+            assert_eq!((&p.name, &p.ty), (&h.name, &h.ty));
+            assert_eq!((&p.name, &p.ty), (&f.name, &f.ty));
+            assert_eq!(&stored[p.start..p.end], &full.inflated[f.start..f.end], "{}", p.name);
+            assert_eq!(f.start % 64, 0);
+        }
     }
 
     #[test]
     fn refuses_what_it_cannot_map() {
         let a = 1.0f64.to_le_bytes();
-        let e = parse_index(&zip(&[("x.npy", npy("<f8", "(1,)", &a))])).unwrap_err();
+        let e = parse_index(&zip(&[("x.npy", npy("<f8", "(1,)", &a))], false)).unwrap_err();
         assert!(e.contains("'x'") && e.contains("<f8"), "{e}");
-        let e = parse_index(&zip(&[("x.npy", npy("<f4", "(3,)", &[0; 8]))])).unwrap_err();
+        let e = parse_index(&zip(&[("x.npy", npy("<f4", "(3,)", &[0; 8]))], false)).unwrap_err();
         assert!(e.contains("needs 12 bytes"), "{e}");
-        let good = zip(&[("x.npy", npy("<f4", "(1,)", &[0; 4]))]);
-        assert!(parse_index(&good[..good.len() - 5]).unwrap_err().contains("end-of-central-directory"));
+        let e = read_index(&zip(&[("x.npy", npy("<f4", "(3,)", &[0; 8]))], true), true).unwrap_err();
+        assert!(e.contains("needs 12 bytes"), "{e}");
+        let good = zip(&[("x.npy", npy("<f4", "(1,)", &[0; 4]))], false);
+        assert!(parse_index(&good[..good.len() - 5]).unwrap_err().contains("not a valid zip"));
         assert!(parse_index(b"not a zip at all, just some bytes here").is_err());
+        // A deflated stream cut short inside the array's data.
+        let big = npy("<f4", "(4096,)", &(0..4096u32).flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes()).collect::<Vec<u8>>());
+        let mut z = zip(&[("x.npy", big)], true);
+        let n = z.len();
+        z[n / 2..n / 2 + 64].fill(0xAA);
+        assert!(read_index(&z, true).is_err());
     }
 }

@@ -33,6 +33,98 @@ pub fn layer_range(ty: &TensorType, start: usize, end: usize, i: usize) -> Optio
     (at + layer.bytes() <= end).then(|| (layer.clone(), at, at + layer.bytes()))
 }
 
+/// A weight name read as a view of a stored tensor: `base`, then `[i]` slices along leading
+/// axes (`w[3][0]`: layer 3, then its first half), then optionally `~T(p0,p1,..)` (the slice's
+/// axes permuted, then read in whatever shape of as many elements the program asks for) or
+/// `~reshape` (read in such a shape, no copy). How one builder reads checkpoints whose layouts
+/// differ (big_vision's `q_einsum [N, D, hd]` as transformers' `q_proj [N*hd, D]`): the
+/// checkpoint index answers for the view, and the weight store materialises a permuted view once
+/// at load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct View<'a> {
+    pub base: &'a str,
+    pub index: Vec<usize>,
+    pub perm: Option<Vec<usize>>,
+    /// The program may read the view in another shape of the same size.
+    pub any_shape: bool,
+}
+
+/// Parses a weight name as a [`View`] (a plain name is a view with no slice).
+pub fn parse_view(name: &str) -> View<'_> {
+    let (mut base, perm, any_shape) = match name.rsplit_once('~') {
+        Some((b, "reshape")) => (b, None, true),
+        Some((b, t)) => match t.strip_prefix("T(").and_then(|t| t.strip_suffix(')')) {
+            Some(p) => match p.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>() {
+                Ok(perm) => (b, Some(perm), true),
+                Err(_) => (name, None, false),
+            },
+            None => (name, None, false),
+        },
+        None => (name, None, false),
+    };
+    let mut index = vec![];
+    while let Some((b, i)) = stacked_layer(base) {
+        index.insert(0, i);
+        base = b;
+    }
+    View { base, index, perm, any_shape }
+}
+
+/// The type and byte range of `view`'s slices of a tensor of type `ty` stored at `start..end`
+/// (before any permutation), or `None` when `ty` has no such slice.
+pub fn view_range(ty: &TensorType, start: usize, end: usize, view: &View) -> Option<(TensorType, usize, usize)> {
+    let mut at = (ty.clone(), start, end);
+    for &i in &view.index {
+        at = layer_range(&at.0, at.1, at.2, i)?;
+    }
+    Some(at)
+}
+
+/// The type of `view` of a tensor of type `ty`: its slices, then its permutation (`None`
+/// when a slice or the permutation does not fit).
+pub fn view_type(ty: &TensorType, view: &View) -> Option<TensorType> {
+    let (t, _, _) = view_range(ty, 0, ty.bytes(), view)?;
+    match &view.perm {
+        None => Some(t),
+        Some(p) => {
+            let mut seen = vec![false; t.shape.len()];
+            if p.len() != t.shape.len() || p.iter().any(|&a| a >= seen.len() || std::mem::replace(&mut seen[a], true)) {
+                return None;
+            }
+            Some(TensorType::new(t.dtype, p.iter().map(|&a| t.shape[a]).collect::<Vec<_>>()))
+        }
+    }
+}
+
+/// Row-major `bytes` of elements of `elem` bytes and shape `shape`, with output axis `i` being
+/// input axis `perm[i]`.
+pub fn permute_bytes(bytes: &[u8], elem: usize, shape: &[usize], perm: &[usize]) -> Vec<u8> {
+    let n: usize = shape.iter().product();
+    let mut out = vec![0u8; n * elem];
+    let mut in_strides = vec![1usize; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        in_strides[a] = in_strides[a + 1] * shape[a + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&a| in_strides[a]).collect();
+    let mut idx = vec![0usize; out_shape.len()];
+    let mut src = 0usize;
+    for o in 0..n {
+        out[o * elem..(o + 1) * elem].copy_from_slice(&bytes[src * elem..(src + 1) * elem]);
+        // Odometer over the output's axes, moving `src` by each axis's input stride.
+        for a in (0..idx.len()).rev() {
+            idx[a] += 1;
+            src += strides[a];
+            if idx[a] < out_shape[a] {
+                break;
+            }
+            src -= strides[a] * out_shape[a];
+            idx[a] = 0;
+        }
+    }
+    out
+}
+
 /// The weight files of a checkpoint folder, sorted: `model*.safetensors`,
 /// `pytorch_model*.safetensors` or `weights.safetensors` (other safetensors files beside them,
 /// such as inputs or reference outputs, are not weights), and big_vision's `*.npz`.
@@ -131,5 +223,44 @@ mod slice_name_tests {
         );
         assert_eq!(stacked_layer("a/kernel"), None);
         assert_eq!(stacked_layer("a[x]"), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn views_parse_and_type() {
+        let v = parse_view("llm/kv[3][1]~T(0,2,1)");
+        assert_eq!(v, View { base: "llm/kv", index: vec![3, 1], perm: Some(vec![0, 2, 1]), any_shape: true });
+        assert_eq!(parse_view("a/b"), View { base: "a/b", index: vec![], perm: None, any_shape: false });
+        assert!(parse_view("a~reshape").any_shape);
+        // Not a view suffix: the name is taken as it is.
+        assert_eq!(parse_view("a~T(x)").base, "a~T(x)");
+        let ty = TensorType::new(DType::F32, vec![4, 2, 3, 5, 6]);
+        assert_eq!(view_type(&ty, &v), Some(TensorType::new(DType::F32, vec![3, 6, 5])));
+        assert_eq!(view_type(&ty, &parse_view("w[4]")), None);
+        assert_eq!(view_type(&ty, &parse_view("w[0]~T(0,0,1,2)")), None);
+        // Slices: layer 3, then its second half, of a [4, 2, 3, 5, 6] f32 tensor at byte 100.
+        let (t, a, b) = view_range(&ty, 100, 100 + ty.bytes(), &v).unwrap();
+        assert_eq!((t.shape.as_slice(), a, b), (&[3, 5, 6][..], 100 + (3 * 2 + 1) * 90 * 4, 100 + (3 * 2 + 2) * 90 * 4));
+    }
+
+    #[test]
+    fn permutes_like_numpy_transpose() {
+        // x = arange(24).reshape(2, 3, 4); x.transpose(1, 2, 0)[i, j, k] = x[k, i, j].
+        let x: Vec<u8> = (0..24u16).flat_map(|v| v.to_le_bytes()).collect();
+        let y = permute_bytes(&x, 2, &[2, 3, 4], &[1, 2, 0]);
+        let get = |b: &[u8], i: usize| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+        for i in 0..3 {
+            for j in 0..4 {
+                for k in 0..2 {
+                    assert_eq!(get(&y, (i * 4 + j) * 2 + k), get(&x, (k * 3 + i) * 4 + j));
+                }
+            }
+        }
+        assert_eq!(permute_bytes(&x, 2, &[2, 3, 4], &[0, 1, 2]), x);
     }
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct TensorInfo {
     pub file: PathBuf,
     pub ty: TensorType,
+    /// The name the weight store reads it by: the asked name, or the view an alias stands for.
+    pub name: String,
 }
 
 /// Every tensor of a folder's `*.safetensors` files.
@@ -18,6 +20,9 @@ pub struct TensorInfo {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub tensors: BTreeMap<String, TensorInfo>,
+    /// Names a builder asks for that stand for views of stored tensors (`q_proj.weight` of
+    /// layer 3 as `llm/layers/attn/q_einsum/w[3]~T(0,2,1)`): one builder over two layouts.
+    pub aliases: BTreeMap<String, String>,
     /// A schema checkpoint (see [`Checkpoint::schema`]): what the builder asked for.
     schema: Option<Schema>,
 }
@@ -65,8 +70,8 @@ pub fn read_npz_index(path: &Path) -> Result<Vec<(String, TensorType)>> {
     // SAFETY: the file is opened read-only and only read while mapped; another process
     // rewriting it meanwhile is outside what any mmap user can guard against.
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
-    let entries = safetensors::index_file(path, &map).map_err(|msg| ModelError::Safetensors { path: path.into(), msg })?;
-    Ok(entries.into_iter().map(|e| (e.name, e.ty)).collect())
+    let idx = kiln_graph::npz::read_index(&map, false).map_err(|msg| ModelError::Safetensors { path: path.into(), msg })?;
+    Ok(idx.in_file.into_iter().chain(idx.in_buffer).map(|e| (e.name, e.ty)).collect())
 }
 
 impl Checkpoint {
@@ -80,10 +85,10 @@ impl Checkpoint {
         for f in files {
             let entries = if f.extension().is_some_and(|e| e == "npz") { read_npz_index(&f)? } else { read_header(&f)? };
             for (name, ty) in entries {
-                tensors.insert(name, TensorInfo { file: f.clone(), ty });
+                tensors.insert(name.clone(), TensorInfo { file: f.clone(), ty, name });
             }
         }
-        Ok(Checkpoint { dir: dir.into(), tensors, schema: None })
+        Ok(Checkpoint { dir: dir.into(), tensors, aliases: BTreeMap::new(), schema: None })
     }
 
     /// A checkpoint with no weight file that says yes to every weight a builder asks for (any
@@ -93,9 +98,9 @@ impl Checkpoint {
     /// (values the synthesizer provides, e.g. Jet's permutation matrices).
     pub fn schema(dir: &Path, roots: &[&str], given: &[(String, TensorType)]) -> Self {
         let file = dir.join("(schema)");
-        let tensors = given.iter().map(|(n, ty)| (n.clone(), TensorInfo { file: file.clone(), ty: ty.clone() })).collect();
+        let tensors = given.iter().map(|(n, ty)| (n.clone(), TensorInfo { file: file.clone(), ty: ty.clone(), name: n.clone() })).collect();
         let schema = Schema { roots: roots.iter().map(|r| r.to_string()).collect(), asked: std::sync::Mutex::new(Vec::new()) };
-        Checkpoint { dir: dir.into(), tensors, schema: Some(schema) }
+        Checkpoint { dir: dir.into(), tensors, aliases: BTreeMap::new(), schema: Some(schema) }
     }
 
     /// A schema checkpoint's record: each weight the builder asked for that was not given, once,
@@ -104,16 +109,18 @@ impl Checkpoint {
         self.schema.as_ref().map(Schema::asked_now).unwrap_or_default()
     }
 
-    /// A tensor by name; `base[i]` is slice `i` of `base` along its leading axis (one layer of
-    /// a scan-stacked array, which the weight store maps at an offset without copying).
+    /// A tensor by name, or the view its alias stands for; `base[i]` is slice `i` of `base`
+    /// along its leading axis (one layer of a scan-stacked array, which the weight store maps
+    /// at an offset without copying), and any [`safetensors::View`] is typed the same way.
     pub fn get(&self, name: &str) -> Option<TensorInfo> {
+        let name = self.aliases.get(name).map(String::as_str).unwrap_or(name);
         if let Some(t) = self.tensors.get(name) {
             return Some(t.clone());
         }
-        let (base, i) = safetensors::stacked_layer(name)?;
-        let t = self.tensors.get(base)?;
-        let (&n, rest) = t.ty.shape.split_first()?;
-        (i < n).then(|| TensorInfo { file: t.file.clone(), ty: TensorType::new(t.ty.dtype, rest.to_vec()) })
+        let view = safetensors::parse_view(name);
+        let t = self.tensors.get(view.base)?;
+        let ty = safetensors::view_type(&t.ty, &view)?;
+        Some(TensorInfo { file: t.file.clone(), ty, name: name.to_string() })
     }
 
     /// Whether the checkpoint holds `name` (slices included). A schema checkpoint holds every
@@ -133,14 +140,15 @@ impl Checkpoint {
                 asked.push((name.to_string(), shape.to_vec()));
             }
             let ty = TensorType::new(kiln_graph::DType::F32, shape.to_vec());
-            return Ok(TensorInfo { file: self.dir.join("(schema)"), ty });
+            return Ok(TensorInfo { file: self.dir.join("(schema)"), ty, name: name.to_string() });
         }
         let t = self.get(name).ok_or_else(|| ModelError::MissingTensor {
             dir: self.dir.clone(),
             name: name.into(),
             hint: format!("expected shape {shape:?}"),
         })?;
-        if t.ty.shape != shape || !t.ty.dtype.is_float() {
+        let reshaped = safetensors::parse_view(&t.name).any_shape && t.ty.numel() == shape.iter().product::<usize>();
+        if (t.ty.shape != shape && !reshaped) || !t.ty.dtype.is_float() {
             return Err(ModelError::TensorType {
                 path: t.file.clone(),
                 name: name.into(),
@@ -148,6 +156,6 @@ impl Checkpoint {
                 found: t.ty.to_string(),
             });
         }
-        Ok(t)
+        Ok(TensorInfo { ty: TensorType::new(t.ty.dtype, shape.to_vec()), ..t })
     }
 }

@@ -51,8 +51,8 @@ impl<'a> Builder<'a> {
             Some(s) => format!("{name}{s}"),
             None => name.to_string(),
         };
-        self.ck.expect(&name, shape)?;
-        Ok(self.g.weight(&name, self.dtype, shape)?)
+        let stored = self.ck.expect(&name, shape)?.name;
+        Ok(self.g.weight(&stored, self.dtype, shape)?)
     }
 
     /// `x @ W^T + b` for a PyTorch `Linear` stored as `{prefix}.weight [out, in]`, `{prefix}.bias [out]`.

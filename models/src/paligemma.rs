@@ -20,6 +20,9 @@ pub struct PaliGemmaConfig {
     pub text: GemmaConfig,
     pub image_token_index: i64,
     pub projection_dim: usize,
+    /// A big_vision checkpoint's tower (`proj.paligemma.paligemma` folders): `pixel_values` go
+    /// through big_vision's ViT and `img/head` instead of the SigLIP tower and projector.
+    pub big_vision: Option<Box<crate::big_vision::paligemma::BigVisionTower>>,
 }
 
 impl PaliGemmaConfig {
@@ -47,7 +50,7 @@ impl PaliGemmaConfig {
         }
         r.skip(&["model_type", "image_token_index", "image_token_id", "text_config", "vision_config"]);
         r.finish()?;
-        Ok(PaliGemmaConfig { vision, text, image_token_index, projection_dim })
+        Ok(PaliGemmaConfig { vision, text, image_token_index, projection_dim, big_vision: None })
     }
 }
 
@@ -64,7 +67,6 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
         }
     }
     let tp = gemma::prefix(m.ck)?;
-    let vp = siglip::prefix(m.ck)?;
     let (b, s) = (batch, seq);
     let v = &cfg.vision;
     let (c, hw, n) = (v.num_channels, v.image_size, v.grid() * v.grid());
@@ -75,12 +77,20 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     let px = m.g.input("pixel_values", m.dtype, &[b, c, hw, hw])?;
 
     // Image features: the tower's tokens through the projector, [B*N, D].
-    let feats = siglip::tower(m, v, &vp, px)?;
-    let proj = ["multi_modal_projector.linear", "model.multi_modal_projector.linear"]
-        .into_iter()
-        .find(|p| m.ck.has(&format!("{p}.weight")))
-        .unwrap_or("multi_modal_projector.linear");
-    let feats = m.linear(feats, proj, v.hidden_size, cfg.projection_dim)?;
+    let feats = match &cfg.big_vision {
+        Some(tower) => {
+            let nhwc = m.g.permute(px, &[0, 2, 3, 1])?;
+            tower.features(m, nhwc, cfg.projection_dim)?
+        }
+        None => {
+            let feats = siglip::tower(m, v, &siglip::prefix(m.ck)?, px)?;
+            let proj = ["multi_modal_projector.linear", "model.multi_modal_projector.linear"]
+                .into_iter()
+                .find(|p| m.ck.has(&format!("{p}.weight")))
+                .unwrap_or("multi_modal_projector.linear");
+            m.linear(feats, proj, v.hidden_size, cfg.projection_dim)?
+        }
+    };
 
     // Text embeddings; an image token outside the vocabulary is looked up as id 0.
     let img_id = m.g.scalar(DType::I64, cfg.image_token_index as f64)?;

@@ -122,6 +122,7 @@ pub static FAMILIES: &[&Family] = &[
     &crate::big_vision::uvim_vqvae::FAMILY,
     &crate::gemma::FAMILY,
     &crate::paligemma::FAMILY,
+    &crate::big_vision::paligemma::FAMILY,
 ];
 
 /// What the `config.json` at `path` says it holds: a big_vision `model_name`, else the

@@ -1,10 +1,13 @@
-//! Weights: safetensors files mapped into memory once, looked up by name.
+//! Weights: safetensors and npz files mapped into memory once, looked up by name. A deflated
+//! npz (`np.savez_compressed`) is inflated into memory once at open; a permuted view
+//! (`name~T(..)`, [`safetensors::View`]) is materialised once, the first time it is asked for.
 
 use crate::error::{Result, RuntimeError};
-use kiln_graph::{safetensors, TensorType};
+use kiln_graph::{npz, safetensors, TensorType};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// One tensor's place in a mapped file.
 #[derive(Clone, Debug)]
@@ -16,11 +19,37 @@ pub struct WeightRef {
     pub end: usize,
 }
 
+/// Bytes a weight can live in: a mapped file, or data inflated from one.
+enum Backing {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
 /// Memory-mapped weight files (safetensors, npz) and their tensor index.
 pub struct WeightStore {
+    /// The file each backing came from (a compressed npz appears twice: its map and its
+    /// inflated arrays).
     pub paths: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    maps: Vec<Backing>,
     pub index: HashMap<String, WeightRef>,
+    /// Permuted views materialised so far: their bytes (file `maps.len() + k`) and refs by name.
+    views: Mutex<Views>,
+}
+
+#[derive(Default)]
+struct Views {
+    bytes: Vec<Box<[u8]>>,
+    by_name: HashMap<String, WeightRef>,
 }
 
 impl WeightStore {
@@ -35,66 +64,103 @@ impl WeightStore {
         if files.is_empty() {
             return Err(RuntimeError::Weights { path: path.into(), msg: "no weight file here (model*.safetensors or *.npz)".into() });
         }
-        let mut store = WeightStore { paths: vec![], maps: vec![], index: HashMap::new() };
+        let mut store = WeightStore::empty();
         for f in files {
             let file = std::fs::File::open(&f).map_err(io(&f))?;
             // SAFETY: the file is opened read-only and kiln never writes to it; a file changed
             // by another process while mapped is outside what any mmap user can guard against.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&f))?;
-            let k = store.maps.len();
-            let entries = safetensors::index_file(&f, &map).map_err(|msg| RuntimeError::Weights { path: f.clone(), msg })?;
-            for e in entries {
-                store.index.insert(e.name, WeightRef { file: k, ty: e.ty, start: e.start, end: e.end });
+            let bad = |msg| RuntimeError::Weights { path: f.clone(), msg };
+            let (entries, inflated) = if f.extension().is_some_and(|e| e == "npz") {
+                let idx = npz::read_index(&map, true).map_err(bad)?;
+                (idx.in_file, (!idx.in_buffer.is_empty()).then_some((idx.in_buffer, idx.inflated)))
+            } else {
+                (safetensors::index_file(&f, &map).map_err(bad)?, None)
+            };
+            store.add(&f, Backing::Map(map), entries);
+            if let Some((entries, bytes)) = inflated {
+                store.add(&f, Backing::Owned(bytes), entries);
             }
-            store.paths.push(f);
-            store.maps.push(map);
         }
         Ok(store)
     }
 
+    fn add(&mut self, path: &Path, backing: Backing, entries: Vec<safetensors::HeaderEntry>) {
+        let k = self.maps.len();
+        for e in entries {
+            self.index.insert(e.name, WeightRef { file: k, ty: e.ty, start: e.start, end: e.end });
+        }
+        self.paths.push(path.to_path_buf());
+        self.maps.push(backing);
+    }
+
     /// Where a weight lives. A name `base[i]` is slice `i` of `base` along its leading axis
     /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
-    /// no layer is ever copied.
+    /// no layer is ever copied. A view with a permutation (`base[i]~T(..)`) is copied once,
+    /// permuted, and kept for the store's life.
     pub fn resolve(&self, name: &str) -> Option<WeightRef> {
         if let Some(r) = self.index.get(name) {
             return Some(r.clone());
         }
-        let (base, i) = safetensors::stacked_layer(name)?;
-        let r = self.index.get(base)?;
-        let (ty, start, end) = safetensors::layer_range(&r.ty, r.start, r.end, i)?;
-        Some(WeightRef { file: r.file, ty, start, end })
+        let view = safetensors::parse_view(name);
+        let r = self.index.get(view.base)?;
+        let (ty, start, end) = safetensors::view_range(&r.ty, r.start, r.end, &view)?;
+        let Some(perm) = &view.perm else {
+            return Some(WeightRef { file: r.file, ty, start, end });
+        };
+        let out_ty = safetensors::view_type(&r.ty, &view)?;
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = views.by_name.get(name) {
+            return Some(v.clone());
+        }
+        let bytes = safetensors::permute_bytes(&self.maps[r.file][start..end], ty.dtype.size(), &ty.shape, perm);
+        let v = WeightRef { file: self.maps.len() + views.bytes.len(), ty: out_ty, start: 0, end: bytes.len() };
+        views.bytes.push(bytes.into_boxed_slice());
+        views.by_name.insert(name.to_string(), v.clone());
+        Some(v)
     }
 
-    /// A weight's bytes and type, checked against the shape the program expects.
+    /// A weight's bytes and type, checked against the shape the program expects (a view marked
+    /// `~T(..)` or `~reshape` may be read in any shape of as many elements).
     pub fn get(&self, name: &str, want: &TensorType) -> Result<(TensorType, &[u8])> {
         let r = self.resolve(name).ok_or_else(|| RuntimeError::Weight {
             name: name.into(),
             msg: format!("not found in {} (expected {want})", self.describe()),
         })?;
-        if r.ty.shape != want.shape {
+        let reshaped = safetensors::parse_view(name).any_shape && r.ty.numel() == want.numel();
+        if r.ty.shape != want.shape && !reshaped {
             return Err(RuntimeError::Weight {
                 name: name.into(),
-                msg: format!("{} holds {}, the program expects shape {:?}", self.paths[r.file].display(), r.ty, want.shape),
+                msg: format!("{} holds {}, the program expects shape {:?}", self.file_name(r.file), r.ty, want.shape),
             });
         }
-        Ok((r.ty, &self.maps[r.file][r.start..r.end]))
+        let ty = TensorType::new(r.ty.dtype, want.shape.clone());
+        Ok((ty, &self.map_bytes(r.file)[r.start..r.end]))
+    }
+
+    fn file_name(&self, file: usize) -> String {
+        self.paths.get(file).map(|p| p.display().to_string()).unwrap_or_else(|| "a permuted view".into())
     }
 
     fn describe(&self) -> String {
         self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     }
-}
 
-impl WeightStore {
-    /// The whole mapped file `file`.
+    /// The whole mapped file (or inflated data, or materialised view) `file`.
     pub fn map_bytes(&self, file: usize) -> &[u8] {
-        &self.maps[file]
+        if let Some(m) = self.maps.get(file) {
+            return m;
+        }
+        let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        let b: &[u8] = &views.bytes[file - self.maps.len()];
+        // SAFETY: a view's box is only ever pushed, never removed, replaced or written, and is
+        // dropped only with the store, so its heap block outlives this borrow of `self`; the
+        // Vec holding the boxes may reallocate, which moves the boxes but not their contents.
+        unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
     }
-}
 
-impl WeightStore {
     /// A store with no files, for programs that read no weights.
     pub fn empty() -> Self {
-        WeightStore { paths: vec![], maps: vec![], index: HashMap::new() }
+        WeightStore { paths: vec![], maps: vec![], index: HashMap::new(), views: Mutex::new(Views::default()) }
     }
 }
