@@ -12,10 +12,14 @@ Writes into the folder:
                          (seed 1): BPE, byte_fallback, no dummy prefix, identity normalization,
                          whitespace runs kept, split_digits; <pad>=0 <eos>=1 <bos>=2 <unk>=3 as
                          Gemma has them, CONTROL <mask> and [multimodal], USER_DEFINED
-                         <start_of_turn> <end_of_turn> <image> <loc0000>..<loc0003>
+                         <start_of_turn> <end_of_turn> <image> <loc0000>..<loc0003> and, as
+                         Gemma's vocabulary has such pieces, <unused0> <unused1> <table> <h1>
+                         "\n\n" "\n\n\n" "▁▁▁▁"
   json/tokenizer.json    the same model as transformers' GemmaTokenizer saves it
   nomask/tokenizer.model the same options without <mask>: transformers appends it after the
                          pieces
+  unused/tokenizer.model model/ with five frequent NORMAL pieces retyped UNUSED (SentencePiece
+                         never emits those; transformers keeps them as ordinary pieces)
   cases.json             for each line of another generated corpus (seed 2, >= 1000 lines:
                          ASCII, accents, combining marks, CJK, emoji with ZWJ and skin tones,
                          whitespace runs, tabs, newlines, digits, special tokens written in the
@@ -23,7 +27,7 @@ Writes into the folder:
                          add_special_tokens=False), and decode(ids) and decode(ids,
                          skip_special_tokens=True) where they differ from the line itself
                          ("decoded" / "decoded_skip" keys, absent when equal to "text").
-                         Also the ids of `nomask/` for the first lines, the vocabulary size and
+                         Also the ids of `nomask/` (first 50 lines) and `unused/` (first 200), the vocabulary size and
                          a count of lines where sentencepiece's own encode differs (information).
 """
 
@@ -55,7 +59,9 @@ CJK = ["日本語", "東京タワー", "ひらがな", "カタカナ", "中文�
 EMOJI = ["🦀", "🔥", "👍🏽", "👨‍👩‍👧", "🇫🇷", "😀", "🎉", "❤️", "🐱", "🚗"]
 RARE = ["𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "⅞", "∮", "‽", "ꙮ", "𓂀", "🦩", "🫠", "\u00a0", "\u200b", "e\u0301", "ﬁ", "▁", "\r"]
 SPECIAL = ["<bos>", "<eos>", "<pad>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>", "<end_of_turn>", "<image>",
-           "<loc0000>", "<loc0003>", "<loc0004>", "<start_of_turn", "<bos"]
+           "<loc0000>", "<loc0003>", "<loc0004>", "<start_of_turn", "<bos", "<unused1>", "<table>", "<h1>", "▁▁▁▁", "\n\n\n"]
+USER_DEFINED = ["<start_of_turn>", "<end_of_turn>", "<image>"] + [f"<loc{i:04d}>" for i in range(4)] + [
+    "<unused0>", "<unused1>", "<table>", "<h1>", "\n\n", "\n\n\n", "▁▁▁▁"]
 
 
 def number(rng: random.Random) -> str:
@@ -91,13 +97,26 @@ def line(rng: random.Random, rare: bool) -> str:
 
 def train(prefix: Path, lines: list, with_mask: bool) -> None:
     control = (["<mask>"] if with_mask else []) + ["[multimodal]"]
-    user = ["<start_of_turn>", "<end_of_turn>", "<image>"] + [f"<loc{i:04d}>" for i in range(4)]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=1500, byte_fallback=True,
         add_dummy_prefix=False, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, character_coverage=0.9995, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", control_symbols=control,
-        user_defined_symbols=user, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        user_defined_symbols=USER_DEFINED, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+
+
+def retype_unused(src: Path, dst: Path) -> list:
+    """Copies a model with the five most frequent NORMAL pieces of two characters or more marked UNUSED."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(src.read_bytes())
+    normal = [i for i, p in enumerate(m.pieces) if p.type == pb.ModelProto.SentencePiece.NORMAL and len(p.piece) >= 2]
+    picked = normal[:5]
+    for i in picked:
+        m.pieces[i].type = pb.ModelProto.SentencePiece.UNUSED
+    dst.write_bytes(m.SerializeToString())
+    return picked
 
 
 def main():
@@ -108,7 +127,7 @@ def main():
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    for d in ("model", "json", "nomask"):
+    for d in ("model", "json", "nomask", "unused"):
         (out / d).mkdir(parents=True)
 
     rng = random.Random(1)
@@ -123,9 +142,12 @@ def main():
         train(Path(tmp) / "n", training, with_mask=False)
         shutil.copy(Path(tmp) / "n.model", out / "nomask" / "tokenizer.model")
 
+    retype_unused(out / "model" / "tokenizer.model", out / "unused" / "tokenizer.model")
+
     tok = GemmaTokenizer.from_pretrained(str(out / "model"))
     tok.backend_tokenizer.save(str(out / "json" / "tokenizer.json"))
     nomask = GemmaTokenizer.from_pretrained(str(out / "nomask"))
+    unused = GemmaTokenizer.from_pretrained(str(out / "unused"))
     sp = spm.SentencePieceProcessor(model_file=str(out / "model" / "tokenizer.model"))
 
     cases, spm_differs = [], 0
@@ -141,7 +163,8 @@ def main():
     meta = {
         "vocab": len(tok), "pieces": sp.get_piece_size(), "nomask_vocab": len(nomask),
         "nomask_mask_id": nomask.convert_tokens_to_ids("<mask>"),
-        "nomask_cases": [{"text": c["text"], "ids": nomask(c["text"], add_special_tokens=False)["input_ids"]} for c in cases[:50]],
+        "nomask_ids": [nomask(c["text"], add_special_tokens=False)["input_ids"] for c in cases[:50]],
+        "unused_ids": [unused(c["text"], add_special_tokens=False)["input_ids"] for c in cases[:200]],
         "sentencepiece_encode_differs_on_lines": spm_differs, "cases": cases,
     }
     (out / "cases.json").write_text(json.dumps(meta, ensure_ascii=False, separators=(",", ":")) + "\n")

@@ -91,16 +91,35 @@ fn tokenizer_json_and_tokenizer_model_agree() {
     assert!(TextTokenizer::open(&s.0).unwrap().path().ends_with("tokenizer.json"));
 }
 
+/// The first lines of the corpus through another model folder, against `meta[key]`.
+fn check_variant(folder: &str, key: &str) {
+    let tok = TextTokenizer::open(&fixtures().join(folder)).unwrap();
+    let meta = cases();
+    let want = meta[key].as_array().unwrap();
+    assert!(want.len() >= 50);
+    for (c, ids) in meta["cases"].as_array().unwrap().iter().zip(want) {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text).unwrap(), ids_of(ids), "{folder}: {text:?}");
+    }
+}
+
 #[test]
 fn a_model_without_mask_gets_it_appended() {
     let tok = TextTokenizer::open(&fixtures().join("nomask")).unwrap();
     let meta = cases();
     assert_eq!(tok.vocab_size() as i64, meta["nomask_vocab"].as_i64().unwrap());
     assert_eq!(tok.id("<mask>").unwrap(), meta["nomask_mask_id"].as_i64().unwrap());
-    for c in meta["nomask_cases"].as_array().unwrap() {
-        let text = c["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text).unwrap(), ids_of(&c["ids"]), "{text:?}");
-    }
+    check_variant("nomask", "nomask_ids");
+}
+
+/// UNUSED pieces stay ordinary pieces of the BPE vocabulary, as in transformers (SentencePiece
+/// itself would never emit them).
+#[test]
+fn unused_pieces_are_kept_as_transformers_keeps_them() {
+    let spm = kiln::tokenizer::spm::parse(&std::fs::read(fixtures().join("unused/tokenizer.model")).unwrap()).unwrap();
+    let unused = spm.pieces.iter().filter(|p| p.kind == kiln::tokenizer::spm::PieceType::Unused).count();
+    assert_eq!(unused, 5);
+    check_variant("unused", "unused_ids");
 }
 
 /// `kiln generate --prompt` from the Gemma fixture model with its tokenizer.json swapped for the
