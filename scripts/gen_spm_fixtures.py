@@ -33,6 +33,7 @@ Writes into the folder:
 
 import argparse
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -136,11 +137,15 @@ def main():
     tests += ["", " ", "  ", "\t", "\n", "\n\n", "▁", "▁▁", " ▁ ", "<bos>", "<bos><eos>", "<start_of_turn>user\nhi<end_of_turn>\n",
               "<image><image>caption en", "<loc0000><loc0003> cat", "🦩🫠", "a" * 40, " " * 17, "1234567890"]
 
+    out = out.resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        train(Path(tmp) / "m", training, with_mask=True)
-        shutil.copy(Path(tmp) / "m.model", out / "model" / "tokenizer.model")
-        train(Path(tmp) / "n", training, with_mask=False)
-        shutil.copy(Path(tmp) / "n.model", out / "nomask" / "tokenizer.model")
+        # A relative model_prefix: the trainer_spec records it, and the files stay byte-identical.
+        os.chdir(tmp)
+        train(Path("m"), training, with_mask=True)
+        shutil.copy("m.model", out / "model" / "tokenizer.model")
+        train(Path("n"), training, with_mask=False)
+        shutil.copy("n.model", out / "nomask" / "tokenizer.model")
+        os.chdir(REPO)
 
     retype_unused(out / "model" / "tokenizer.model", out / "unused" / "tokenizer.model")
 
