@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(r.next_field().unwrap(), Some((3, Value::Fixed32(1.5f32.to_bits()), 8)));
         assert_eq!(r.next_field().unwrap(), Some((4, Value::Fixed64(7), 13)));
         assert_eq!(r.next_field().unwrap(), None);
-        let e = Reader::new(&buf[..6]).next_field().and_then(|_| Reader::new(&buf[3..6]).next_field()).unwrap_err();
+        let e = Reader::new(&buf[3..6]).next_field().unwrap_err();
         assert!(e.contains("needs 2 bytes, but only 1 are left"), "{e}");
         let e = Reader::new(&[0x08, 0x80]).next_field().unwrap_err();
         assert!(e.contains("runs past the end"), "{e}");

@@ -114,7 +114,7 @@ fn parse_piece(b: &[u8], at: usize, id: usize) -> Result<Piece, String> {
     let mut r = Reader::nested(b, at);
     while let Some((field, value, vat)) = r.next_field()? {
         match (field, value) {
-            (1, Value::Bytes(s)) => piece = Some(utf8(s, "the text of piece {id}", vat)?),
+            (1, Value::Bytes(s)) => piece = Some(utf8(s, &format!("the text of piece {id}"), vat)?),
             (2, Value::Fixed32(f)) => score = f32::from_bits(f),
             (3, Value::Varint(t)) => {
                 kind = PieceType::from_proto(t).ok_or_else(|| format!("piece {id} (byte {vat}) has unknown type {t}"))?
@@ -202,7 +202,8 @@ pub fn parse(bytes: &[u8]) -> Result<SpModel, String> {
 }
 
 impl SpModel {
-    /// Refuses, by name, what the Gemma pipeline would encode differently from SentencePiece.
+    /// Refuses, by name, the options transformers' Gemma pipeline ignores (with them it would
+    /// encode unlike SentencePiece), duplicate pieces, and a model without Gemma's four specials.
     pub fn check(&self) -> Result<(), String> {
         let kind = match self.model_type {
             ModelType::Bpe => None,
@@ -322,7 +323,7 @@ mod tests {
                 break;
             }
         };
-        varint(u64::from(number) << 3 | u64::from(len_delimited) * 2, out);
+        varint((u64::from(number) << 3) | (u64::from(len_delimited) * 2), out);
         if len_delimited {
             varint(value.len() as u64, out);
         }
