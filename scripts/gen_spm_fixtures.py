@@ -18,6 +18,7 @@ Writes into the folder:
   json/tokenizer.json    the same model as transformers' GemmaTokenizer saves it
   nomask/tokenizer.model the same options without <mask>: transformers appends it after the
                          pieces
+  unigram/tokenizer.model a UNIGRAM model (identity rule, 300 pieces) that kiln must refuse by name
   unused/tokenizer.model model/ with five frequent NORMAL pieces retyped UNUSED (SentencePiece
                          never emits those; transformers keeps them as ordinary pieces)
   cases.json             for each line of another generated corpus (seed 2, >= 1000 lines:
@@ -128,7 +129,7 @@ def main():
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    for d in ("model", "json", "nomask", "unused"):
+    for d in ("model", "json", "nomask", "unused", "unigram"):
         (out / d).mkdir(parents=True)
 
     rng = random.Random(1)
@@ -145,6 +146,11 @@ def main():
         shutil.copy("m.model", out / "model" / "tokenizer.model")
         train(Path("n"), training, with_mask=False)
         shutil.copy("n.model", out / "nomask" / "tokenizer.model")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(training), model_prefix="u", model_type="unigram", vocab_size=300,
+            normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+            bos_piece="<bos>", unk_piece="<unk>", hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        shutil.copy("u.model", out / "unigram" / "tokenizer.model")
         os.chdir(REPO)
 
     retype_unused(out / "model" / "tokenizer.model", out / "unused" / "tokenizer.model")

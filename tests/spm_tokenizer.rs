@@ -175,3 +175,12 @@ fn bad_tokenizer_model_is_named() {
     let e = TextTokenizer::open(&s.0).err().unwrap().to_string();
     assert!(e.contains("no tokenizer.json or tokenizer.model"), "{e}");
 }
+
+/// A UNIGRAM model trained by SentencePiece is refused by name.
+#[test]
+fn a_unigram_model_is_refused() {
+    let dir = fixtures().join("unigram");
+    let e = TextTokenizer::open(&dir).err().unwrap().to_string();
+    assert!(e.contains(dir.join("tokenizer.model").to_str().unwrap()), "{e}");
+    assert!(e.contains("unsupported SentencePiece model: trainer_spec.model_type is UNIGRAM"), "{e}");
+}

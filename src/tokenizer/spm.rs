@@ -64,8 +64,11 @@ impl PieceType {
 /// One vocabulary entry; its id is its position in [`SpModel::pieces`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Piece {
+    /// The text, with "▁" for a space.
     pub piece: String,
+    /// Its log-probability (unigram) or `-rank` (BPE).
     pub score: f32,
+    /// NORMAL unless said otherwise.
     pub kind: PieceType,
 }
 
@@ -82,22 +85,32 @@ pub enum ModelType {
 /// The fields of a `NormalizerSpec` that change how text is encoded (proto2 defaults when absent).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NormalizerSpec {
+    /// The rule's name ("identity", "nmt_nfkc", ...).
     pub name: String,
     /// Bytes of the compiled normalization rule; empty for the identity rule.
     pub precompiled_charsmap_len: usize,
+    /// A "▁" is prepended to the text.
     pub add_dummy_prefix: bool,
+    /// Leading, trailing and repeated spaces are removed.
     pub remove_extra_whitespaces: bool,
+    /// Spaces are written as "▁".
     pub escape_whitespaces: bool,
 }
 
 /// A parsed `tokenizer.model`: what the encoder needs, nothing of the training run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpModel {
+    /// The vocabulary, id = position.
     pub pieces: Vec<Piece>,
+    /// `trainer_spec.model_type`.
     pub model_type: ModelType,
+    /// `trainer_spec.byte_fallback`: unknown characters become `<0xXX>` byte pieces.
     pub byte_fallback: bool,
+    /// `trainer_spec.treat_whitespace_as_suffix`.
     pub treat_whitespace_as_suffix: bool,
+    /// How text is normalized before encoding.
     pub normalizer: NormalizerSpec,
+    /// How text is normalized after decoding, when the model says.
     pub denormalizer: Option<NormalizerSpec>,
 }
 
@@ -210,10 +223,10 @@ impl SpModel {
             ModelType::Unigram => Some("UNIGRAM".to_string()),
             ModelType::Word => Some("WORD".into()),
             ModelType::Char => Some("CHAR".into()),
-            ModelType::Unknown(t) => Some(format!("model_type {t}")),
+            ModelType::Unknown(t) => Some(format!("{t} (not a type SentencePiece defines)")),
         };
         if let Some(kind) = kind {
-            return Err(format!("a {kind} SentencePiece model (trainer_spec.model_type); kiln reads BPE models (Gemma's) only"));
+            return Err(format!("trainer_spec.model_type is {kind}; kiln reads BPE models (Gemma's) only"));
         }
         let n = &self.normalizer;
         let refuse = |what: &str| Err(format!("{what}; kiln reads SentencePiece models normalized as Gemma's are"));
@@ -381,8 +394,8 @@ mod tests {
     #[test]
     fn refuses_what_gemma_does_not_do_by_name() {
         let err = |b: Vec<u8>| parse(&b).unwrap().check().unwrap_err();
-        assert!(err(model(1, |_, _| {})).contains("a UNIGRAM SentencePiece model"));
-        assert!(err(model(3, |_, _| {})).contains("a WORD SentencePiece model"));
+        assert!(err(model(1, |_, _| {})).contains("model_type is UNIGRAM"));
+        assert!(err(model(3, |_, _| {})).contains("model_type is WORD"));
         assert!(err(model(2, |_, n| flag(n, 3, true))).contains("add_dummy_prefix is on"));
         assert!(err(model(2, |_, n| flag(n, 4, true))).contains("remove_extra_whitespaces is on"));
         assert!(err(model(2, |_, n| flag(n, 5, false))).contains("escape_whitespaces is off"));
