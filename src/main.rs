@@ -111,7 +111,7 @@ enum Cmd {
     /// `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
     Generate {
         model: PathBuf,
-        /// Text prompt, tokenized with the folder's tokenizer.json.
+        /// Text prompt, tokenized with the folder's tokenizer.json (or SentencePiece tokenizer.model).
         #[arg(long, conflicts_with = "inputs")]
         prompt: Option<String>,
         /// Image file (JPEG or PNG): PaliGemma's (with --prompt, preprocessed per

@@ -144,7 +144,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     let compile_s = tc.elapsed().as_secs_f64();
     if tok.vocab_size() > g.meta.vocab {
         // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.
-        eprintln!("note: tokenizer.json has {} tokens, the model {}", tok.vocab_size(), g.meta.vocab);
+        eprintln!("note: {} has {} tokens, the model {}", tok.path().display(), tok.vocab_size(), g.meta.vocab);
     }
     let mask = vec![1i64; len];
     let mut stream = StreamDecoder::default();

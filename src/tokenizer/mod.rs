@@ -1,26 +1,41 @@
-//! A model folder's `tokenizer.json` through the `tokenizers` crate (Gemma's: BPE with byte
-//! fallback, a "▁" normalizer, added special tokens), and a streaming decoder that prints
-//! text only once a multi-byte character is complete.
+//! A model folder's tokenizer through the `tokenizers` crate (Gemma's: BPE with byte fallback,
+//! a "▁" normalizer, added special tokens), from its `tokenizer.json` or, lacking one, its
+//! SentencePiece `tokenizer.model` ([`spm`]); and a streaming decoder that prints text only once
+//! a multi-byte character is complete.
+
+mod proto;
+pub mod spm;
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
-/// A loaded `tokenizer.json`.
+/// A loaded `tokenizer.json` or `tokenizer.model`.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
 }
 
 impl TextTokenizer {
-    /// Reads `dir/tokenizer.json`; a missing or unparsable file is an error naming it.
+    /// Reads `dir/tokenizer.json`, else `dir/tokenizer.model` (as transformers prefers the JSON
+    /// when both exist); a missing, unparsable or unsupported file is an error naming it.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            return Err(Error::File { path, msg: "no tokenizer.json: text prompts need the model's tokenizer".into() });
+        if path.is_file() {
+            let inner = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
+            return Ok(TextTokenizer { inner, path });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
-        Ok(TextTokenizer { inner, path })
+        let model = dir.join("tokenizer.model");
+        if model.is_file() {
+            return Ok(TextTokenizer { inner: spm::load(&model)?, path: model });
+        }
+        let msg = "no tokenizer.json or tokenizer.model: text prompts need the model's tokenizer".into();
+        Err(Error::File { path: dir.to_path_buf(), msg })
+    }
+
+    /// The file the tokenizer was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Token ids of `text` as `tokenizer(text, add_special_tokens=False)` gives them: special
