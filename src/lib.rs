@@ -16,6 +16,7 @@ pub mod npz_write;
 pub mod paligemma_bv;
 pub mod png;
 pub mod preprocess;
+pub mod progress;
 pub mod prompt;
 pub mod sample;
 pub mod sampling;

@@ -8,7 +8,7 @@ use kiln_models::{MoeOptions, MoeOutputs, Profile};
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod commands;
 use commands::{
@@ -340,6 +340,7 @@ enum KernelsCmd {
 
 fn main() {
     let cli = Cli::parse();
+    kiln::progress::install();
     if let Err(e) = dispatch(cli.cmd) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -377,32 +378,7 @@ fn backend_for(backend: &str, device: Option<&str>) -> Result<String> {
     })
 }
 
-/// A spinner that appears only when the work takes over a second.
-fn progress<T>(msg: &str, f: impl FnOnce() -> T) -> T {
-    let bar = indicatif::ProgressBar::new_spinner().with_message(msg.to_string());
-    let shown = std::sync::atomic::AtomicBool::new(false);
-    let t = Instant::now();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let out = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if t.elapsed() > Duration::from_secs(1) {
-                    shown.store(true, std::sync::atomic::Ordering::Relaxed);
-                    bar.tick();
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        let out = f();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = h.join();
-        out
-    });
-    if shown.load(std::sync::atomic::Ordering::Relaxed) {
-        bar.finish_with_message(format!("{msg} done in {:.1} s", t.elapsed().as_secs_f64()));
-    }
-    out
-}
+use kiln::progress::progress;
 
 fn is_artifact(p: &Path) -> bool {
     p.is_file()

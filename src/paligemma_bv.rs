@@ -138,3 +138,69 @@ pub fn text_defaults(ins: &mut Vec<(String, Tensor)>, s: &kiln_runtime::Session)
         }
     }
 }
+
+/// `kiln generate --prompt --image` for a big_vision folder, as the official transfer configs
+/// prepare an example: the image decoded, resized to the tower's size with TensorFlow's
+/// bilinear `tf.image.resize` (half-pixel centres, no antialiasing; `pp/ops_image.py` `resize`),
+/// mapped to [-1, 1] (`value_range(-1, 1)`); the text `[BOS] + tok(prompt) + tok("\n")`, the
+/// separator tokenized on its own (`configs/proj/paligemma/transfers/common.py`), after the
+/// image slots. Every prompt token is prefix.
+pub fn prepare(
+    p: &kiln_models::paligemma::PaliGemmaConfig,
+    tok: &crate::tokenizer::TextTokenizer,
+    prompt: &str,
+    image: &Path,
+) -> Result<crate::prompt::Prepared> {
+    let v = &p.vision;
+    let img = crate::preprocess::load_image(image, true)?;
+    let s = v.image_size;
+    let resized = bilinear(&img, s, s);
+    let px: Vec<f32> = (0..3).flat_map(|c| (0..s * s).map(move |i| (c, i))).map(|(c, i)| resized[i * 3 + c] / 127.5 - 1.0).collect();
+    let mut ids = vec![p.image_token_index; v.grid() * v.grid()];
+    ids.push(p.text.bos_token_id.unwrap_or(2));
+    ids.extend(tok.encode(prompt)?);
+    ids.extend(tok.encode("\n")?);
+    Ok(crate::prompt::Prepared { input_ids: ids, pixel_values: Some(Tensor::from_f32(&[1, 3, s, s], &px)), image: Some(img) })
+}
+
+/// `tf.image.resize(method="bilinear", antialias=False)` of an RGB image to `h x w`: each output
+/// pixel samples the input at its centre mapped back (`(i + 0.5) * in / out - 0.5`, clamped),
+/// interpolating the two nearest rows and columns. Values stay in 0..255 (f32).
+fn bilinear(img: &crate::preprocess::Rgb, h: usize, w: usize) -> Vec<f32> {
+    let (ih, iw) = (img.height, img.width);
+    let taps = |o: usize, n: usize, i: usize| -> (usize, usize, f32) {
+        let x = ((o as f32 + 0.5) * n as f32 / i as f32 - 0.5).max(0.0);
+        let x0 = (x.floor() as usize).min(n - 1);
+        (x0, (x0 + 1).min(n - 1), x - x0 as f32)
+    };
+    let mut out = vec![0f32; h * w * 3];
+    for y in 0..h {
+        let (y0, y1, fy) = taps(y, ih, h);
+        for x in 0..w {
+            let (x0, x1, fx) = taps(x, iw, w);
+            for c in 0..3 {
+                let at = |yy: usize, xx: usize| img.pixels[(yy * iw + xx) * 3 + c] as f32;
+                let top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * fx;
+                let bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * fx;
+                out[(y * w + x) * 3 + c] = top + (bottom - top) * fy;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_is_tensorflows_half_pixel_resize() {
+        // tf.image.resize([[[0], [255]]] as 1x2, (1, 4), "bilinear") = [0, 63.75, 191.25, 255];
+        // down to one pixel it samples the centre: the mean of the two.
+        let img = crate::preprocess::Rgb { width: 2, height: 1, pixels: vec![0, 0, 0, 255, 255, 255] };
+        let up: Vec<f32> = bilinear(&img, 1, 4).chunks(3).map(|p| p[0]).collect();
+        assert_eq!(up, [0.0, 63.75, 191.25, 255.0]);
+        assert_eq!(bilinear(&img, 1, 1)[0], 127.5);
+        assert_eq!(bilinear(&img, 1, 2), [0.0, 0.0, 0.0, 255.0, 255.0, 255.0]);
+    }
+}

@@ -1,7 +1,8 @@
 //! `kiln generate <dir> --prompt ... [--image ...]`: text (and an image) in, streamed text out.
 //! The prompt is laid out as transformers' `PaliGemmaProcessor` lays it out
 //! (`"<image>" * num_image_tokens + "<bos>" + prompt + "\n"`, all of it the prefix, token
-//! type 0), or as `"<bos>" + prompt` for a plain Gemma folder; both are tokenized as one string
+//! type 0), or as `"<bos>" + prompt` for a plain Gemma folder (a big_vision PaliGemma folder:
+//! as its own code does, [`crate::paligemma_bv::prepare`]); both are tokenized as one string
 //! with `add_special_tokens=False`. `<locNNNN>` / `<segNNN>` answers are parsed into boxes and
 //! codes, and can be drawn onto the image.
 
@@ -80,6 +81,7 @@ pub fn prepare(dir: &Path, tok: &TextTokenizer, prompt: &str, image: Option<&Pat
         }
         (TextModel::Gemma(_), Some(_)) => Err(Error::Usage(format!("{} is a text-only Gemma model: it takes no --image", dir.display()))),
         (TextModel::Gemma(_), None) => Ok(Prepared { input_ids: tok.encode(&format!("<bos>{prompt}"))?, pixel_values: None, image: None }),
+        (TextModel::PaliGemma(p), Some(path)) if p.big_vision.is_some() => crate::paligemma_bv::prepare(&p, tok, prompt, path),
         (TextModel::PaliGemma(p), Some(path)) => {
             let pre = Preprocessor::open(dir)?;
             let v = &p.vision;

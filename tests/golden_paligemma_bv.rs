@@ -225,3 +225,19 @@ fn refuses_what_it_does_not_build() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn loading_reports_progress() {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<(String, u64, u64)>> = Mutex::new(Vec::new());
+    kiln_runtime::progress::set_hook(Some(Box::new(|stage, done, total| SEEN.lock().unwrap().push((stage.to_string(), done, total)))));
+    let dir = common::big_vision_case("paligemma_bv");
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    forward(&dir, "cpu", &reference);
+    kiln_runtime::progress::set_hook(None);
+    let seen = SEEN.lock().unwrap();
+    let fwd: Vec<_> = seen.iter().filter(|(s, _, _)| s == "preparing 'forward'").collect();
+    let total = fwd.first().map(|r| r.2).expect("no progress reported for the forward entry");
+    assert!(total > 10 && fwd.iter().all(|r| r.2 == total && r.1 < total), "{fwd:?}");
+    assert!(fwd.iter().any(|r| r.1 == total - 1), "the last step was not reported");
+}

@@ -173,7 +173,7 @@ fn bad_tokenizer_model_is_named() {
     assert!(e.contains("not a valid SentencePiece tokenizer.model"), "{e}");
     std::fs::remove_file(&path).unwrap();
     let e = TextTokenizer::open(&s.0).err().unwrap().to_string();
-    assert!(e.contains("no tokenizer.json or tokenizer.model"), "{e}");
+    assert!(e.contains("no tokenizer.json, tokenizer.model or paligemma_tokenizer.model"), "{e}");
 }
 
 /// A UNIGRAM model trained by SentencePiece is refused by name.

@@ -133,6 +133,13 @@ impl TextModel {
 
 /// The config of a text model (Gemma, Gemma 2, PaliGemma), or `None` for another model type.
 pub fn text_model(cfg_path: &Path) -> Result<Option<TextModel>> {
+    if let (true, name) = registry::kind_of(cfg_path)? {
+        if name != "proj.paligemma.paligemma" {
+            return Ok(None);
+        }
+        let ck = Checkpoint::open(cfg_path.parent().unwrap_or(Path::new(".")))?;
+        return Ok(Some(TextModel::PaliGemma(big_vision::paligemma::read(cfg_path, &ck, None)?)));
+    }
     let mut r = config::ConfigReader::open(cfg_path)?;
     let mt = r.str_or("model_type", Some(""))?;
     let r = config::ConfigReader::open(cfg_path)?;

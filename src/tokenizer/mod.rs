@@ -16,8 +16,8 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Reads `dir/tokenizer.json`, else `dir/tokenizer.model` (as transformers prefers the JSON
-    /// when both exist); a missing, unparsable or unsupported file is an error naming it.
+    /// Reads `dir/tokenizer.json`, else `dir/tokenizer.model` or `dir/paligemma_tokenizer.model`
+    /// (as transformers prefers the JSON when both exist); a missing, unparsable or unsupported file is an error naming it.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if path.is_file() {
@@ -25,11 +25,14 @@ impl TextTokenizer {
                 .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
             return Ok(TextTokenizer { inner, path });
         }
-        let model = dir.join("tokenizer.model");
-        if model.is_file() {
-            return Ok(TextTokenizer { inner: spm::load(&model)?, path: model });
+        // The Kaggle JAX PaliGemma download names its SentencePiece file paligemma_tokenizer.model.
+        for name in ["tokenizer.model", "paligemma_tokenizer.model"] {
+            let model = dir.join(name);
+            if model.is_file() {
+                return Ok(TextTokenizer { inner: spm::load(&model)?, path: model });
+            }
         }
-        let msg = "no tokenizer.json or tokenizer.model: text prompts need the model's tokenizer".into();
+        let msg = "no tokenizer.json, tokenizer.model or paligemma_tokenizer.model: text prompts need the model's tokenizer".into();
         Err(Error::File { path: dir.to_path_buf(), msg })
     }
 

@@ -70,10 +70,12 @@ pub(crate) fn prepare<'w>(
     weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
     cache: &mut PackCache,
 ) -> Result<Vec<Prepared>> {
+    let total = e.steps.len() as u64;
     e.steps
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            crate::progress::report(&format!("preparing '{}'", e.name), i as u64, total);
             let err = |msg| RuntimeError::Step { step: i, op: s.op.name(), msg };
             let kernel = resolve(s).map_err(err)?;
             let shapes: Vec<&[usize]> = s.inputs.iter().map(|o| o.ty.shape.as_slice()).collect();
