@@ -93,7 +93,7 @@ fn params_missing_a_key() {
     let mut names: Vec<&String> = store.index.keys().collect();
     names.sort();
     let mut buf = Vec::new();
-    let mut w = NpzWriter::new(&mut buf);
+    let mut w = NpzWriter::new(std::io::Cursor::new(&mut buf));
     for n in names.into_iter().filter(|n| *n != gone) {
         let r = &store.index[n];
         let (_, bytes) = store.get(n, &r.ty).unwrap();

@@ -188,7 +188,7 @@ fn patch_merger_in_vit() {
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     std::fs::copy(src.join("params.npz"), dir.join("params.npz")).unwrap();
     let mut buf = Vec::new();
-    let mut w = NpzWriter::new(&mut buf);
+    let mut w = NpzWriter::new(std::io::Cursor::new(&mut buf));
     w.add_f32("Transformer/PatchMerger/LayerNorm/scale", &[48], &[1.0; 48]).unwrap();
     w.add_f32("Transformer/PatchMerger/LayerNorm/bias", &[48], &[0.0; 48]).unwrap();
     w.add_f32("Transformer/PatchMerger/kernel", &[48, 3], &[0.0; 48 * 3]).unwrap();
