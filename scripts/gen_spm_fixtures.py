@@ -18,6 +18,8 @@ Writes into the folder:
   json/tokenizer.json    the same model as transformers' GemmaTokenizer saves it
   nomask/tokenizer.model the same options without <mask>: transformers appends it after the
                          pieces
+  tiny/tokenizer.model   a 300-piece BPE model (lowercase letters and spaces): the big_vision PaliGemma fixtures'
+                         tokenizer for `kiln generate --prompt` tests
   unigram/tokenizer.model a UNIGRAM model (identity rule, 300 pieces) that kiln must refuse by name
   unused/tokenizer.model model/ with five frequent NORMAL pieces retyped UNUSED (SentencePiece
                          never emits those; transformers keeps them as ordinary pieces)
@@ -107,6 +109,16 @@ def train(prefix: Path, lines: list, with_mask: bool) -> None:
         user_defined_symbols=USER_DEFINED, hard_vocab_limit=False, num_threads=1, minloglevel=2)
 
 
+def train_tiny(prefix: Path, lines: list) -> None:
+    """300 pieces (the specials, 256 bytes, a few merges): small enough for the big_vision
+    PaliGemma fixtures' vocabularies (300 and 320), so `kiln generate --prompt` runs on them."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=300, byte_fallback=True,
+        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=0.9995, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", hard_vocab_limit=False, num_threads=1, minloglevel=2)
+
+
 def retype_unused(src: Path, dst: Path) -> list:
     """Copies a model with the five most frequent NORMAL pieces of two characters or more marked UNUSED."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -129,7 +141,7 @@ def main():
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    for d in ("model", "json", "nomask", "unused", "unigram"):
+    for d in ("model", "json", "nomask", "unused", "unigram", "tiny"):
         (out / d).mkdir(parents=True)
 
     rng = random.Random(1)
@@ -151,6 +163,8 @@ def main():
             normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
             bos_piece="<bos>", unk_piece="<unk>", hard_vocab_limit=False, num_threads=1, minloglevel=2)
         shutil.copy("u.model", out / "unigram" / "tokenizer.model")
+        train_tiny(Path("t"), ["".join(c for c in l.lower() if c in "abcdefghijklmnopqrstuvwxyz ") for l in training])
+        shutil.copy("t.model", out / "tiny" / "tokenizer.model")
         os.chdir(REPO)
 
     retype_unused(out / "model" / "tokenizer.model", out / "unused" / "tokenizer.model")

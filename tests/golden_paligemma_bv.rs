@@ -241,3 +241,49 @@ fn loading_reports_progress() {
     assert!(total > 10 && fwd.iter().all(|r| r.2 == total && r.1 < total), "{fwd:?}");
     assert!(fwd.iter().any(|r| r.1 == total - 1), "the last step was not reported");
 }
+
+/// `kiln generate --prompt --image` on a big_vision folder (the fixture's weights with a
+/// 300-piece SentencePiece model, `tests/fixtures/spm/tiny`): the tokens equal those of the
+/// official-inputs path given the same example prepared by hand (a 28x28 image needs no resize:
+/// pixels to [-1, 1]; text `[BOS] + tok(prompt) + tok("\n")`, all prefix).
+#[test]
+fn prompt_and_image_give_the_official_inputs_tokens() {
+    let dir = tmp("prompt");
+    let src = common::big_vision_case("paligemma2_bv");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "params.npz"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm/tiny/tokenizer.model");
+    std::fs::copy(spm, dir.join("paligemma_tokenizer.model")).unwrap();
+    let px: Vec<u8> = (0..28 * 28 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+    kiln::png::write(&dir.join("x.png"), 28, 28, 3, &px).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", dir.to_str().unwrap(), "--prompt", "a cat", "--image", dir.join("x.png").to_str().unwrap()])
+        .args(["--max-new-tokens", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err.lines().find(|l| l.contains("new_ids")).unwrap_or_else(|| panic!("no JSON line: {err}"));
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let got: Vec<i64> = v["new_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+
+    let tok = kiln::tokenizer::TextTokenizer::open(&dir).unwrap();
+    let mut text = vec![2];
+    text.extend(tok.encode("a cat").unwrap());
+    text.extend(tok.encode("\n").unwrap());
+    let t = text.len();
+    let images: Vec<f32> = px.iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
+    let ins = vec![
+        ("images".to_string(), Tensor::from_f32(&[1, 28, 28, 3], &images)),
+        ("text".to_string(), Tensor::from_i64(&[1, t], &text)),
+        ("mask_ar".to_string(), Tensor::from_i64(&[1, t], &vec![0; t])),
+        ("mask_input".to_string(), Tensor::from_i64(&[1, t], &vec![1; t])),
+    ];
+    let want = kiln::paligemma_bv::generate(&dir, &ins, 5, "cpu", kiln_graph::DType::F32).unwrap();
+    let want = tensor(&want, "sequences").to_f64();
+    assert!(!got.is_empty());
+    assert_eq!(got, want[..got.len()].iter().map(|&x| x as i64).collect::<Vec<_>>());
+    let _ = std::fs::remove_dir_all(dir);
+}
