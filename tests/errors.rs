@@ -201,7 +201,8 @@ fn bf16_compute_on_cpu_is_a_clear_error() {
 }
 
 /// A program whose checksum is right but whose steps are not what any compile makes (a step
-/// missing an input, a kernel of another backend, a kernel that cannot run the op) is refused
+/// missing an input, an output type its inputs do not give, a slot out of range, a size that
+/// overflows, a kernel of another backend, a kernel that cannot run the op) is refused
 /// at load with the step named, on every backend of the build, instead of panicking in a kernel.
 #[test]
 fn inconsistent_steps_are_refused_at_load() {
@@ -212,7 +213,12 @@ fn inconsistent_steps_are_refused_at_load() {
     let ln = steps.iter().position(|s| s.kernel == "cpu.layer_norm").expect("a layer norm step");
     type Break = Box<dyn Fn(&mut kiln_graph::program::Program)>;
     let cases: Vec<(&str, Break)> = vec![
-        ("inconsistent step", Box::new(move |p| drop(p.entries[0].steps[mm].inputs.pop()))),
+        // Program::validate: re-inferred types, slots in range, sizes without overflow.
+        ("matmul", Box::new(move |p| drop(p.entries[0].steps[mm].inputs.pop()))),
+        ("declares", Box::new(move |p| p.entries[0].steps[ln].output.ty.shape.reverse())),
+        ("past the arena", Box::new(move |p| p.entries[0].arena_bytes = 64)),
+        ("weight 9999 does not exist", Box::new(move |p| p.entries[0].steps[mm].inputs[1].slot = kiln_graph::program::Slot::Weight(9999))),
+        ("overflows", Box::new(move |p| p.weights[0].ty.shape = vec![1 << 40, 1 << 40])),
         ("not a cpu kernel", Box::new(move |p| p.entries[0].steps[ln].kernel = "cublaslt.gemm_f32".into())),
         ("cannot run this step", Box::new(move |p| p.entries[0].steps[ln].kernel = "cpu.gemm".into())),
     ];
@@ -220,11 +226,19 @@ fn inconsistent_steps_are_refused_at_load() {
         let mut p = c.program.clone();
         break_it(&mut p);
         // Through the artifact's bytes, as a hand-made file would arrive.
-        let p = kiln_graph::artifact::load(&kiln_graph::artifact::save(&p), "hand-made").unwrap();
-        let e = match Session::new(p, weights()) {
-            Ok(_) => panic!("{want}: loaded"),
+        // Program::validate runs there; the backends' own checks run at load.
+        let e = match kiln_graph::artifact::load(&kiln_graph::artifact::save(&p), "hand-made") {
             Err(e) => e.to_string(),
+            Ok(p) => match Session::new(p, weights()) {
+                Ok(_) => panic!("{want}: loaded"),
+                Err(e) => e.to_string(),
+            },
         };
-        assert!(e.contains(want) && e.contains("step"), "{want}: {e}");
+        assert!(e.contains(want), "{want}: {e}");
     }
+    // A program built in memory (never through an artifact) is validated by the session.
+    let mut p = c.program.clone();
+    p.entries[0].steps[ln].output.ty.shape.reverse();
+    let e = Session::new(p, weights()).err().expect("an inconsistent program loaded").to_string();
+    assert!(e.contains("invalid program") && e.contains("declares"), "{e}");
 }

@@ -65,6 +65,7 @@ fn runtime_status(e: &RuntimeError) -> KilnStatus {
         RuntimeError::Output { .. } => KilnStatus::Output,
         RuntimeError::Entry { .. } => KilnStatus::UnknownEntry,
         RuntimeError::Unsupported { .. } => KilnStatus::Unsupported,
+        RuntimeError::Invalid(_) => KilnStatus::Artifact,
         RuntimeError::Step { .. } | RuntimeError::Graph(_) => KilnStatus::Run,
         RuntimeError::Artifact(a) => match a {
             ArtifactError::Version { .. } => KilnStatus::ArtifactVersion,

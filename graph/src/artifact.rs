@@ -24,7 +24,7 @@
 //! probability 1 - 2^-64. Loading never panics, and checks that every slot lies inside its
 //! arena, weight, constant or state, so a runtime can trust the offsets.
 
-use crate::program::{Entry, Operand, Program, Slot, ALIGN};
+use crate::program::Program;
 use serde::de::{self, DeserializeSeed, Visitor};
 use serde::{ser, Deserialize, Serialize};
 use std::fmt;
@@ -147,7 +147,7 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
         let msg = format!("{} bytes left over after the program", dec.buf.len());
         return Err(ArtifactError::Parse { file, msg });
     }
-    check(&program).map_err(|msg| ArtifactError::Invalid { file, msg })?;
+    program.validate().map_err(|msg| ArtifactError::Invalid { file, msg })?;
     Ok(program)
 }
 
@@ -193,68 +193,6 @@ fn looks_like(b: &[u8]) -> String {
         let head: Vec<String> = b.iter().take(8).map(|c| format!("{c:02x}")).collect();
         format!("binary data starting {}", head.join(" "))
     }
-}
-
-/// `numel * dtype size` of a type, `None` when it overflows.
-fn checked_bytes(ty: &crate::dtype::TensorType) -> Option<usize> {
-    ty.shape.iter().try_fold(ty.dtype.size(), |a, &d| a.checked_mul(d))
-}
-
-fn checked_numel(ty: &crate::dtype::TensorType) -> Option<usize> {
-    ty.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
-}
-
-/// Every slot lies inside its arena, weight or constant, and constants hold their values.
-fn check(p: &Program) -> Result<(), String> {
-    for (i, c) in p.constants.iter().enumerate() {
-        if checked_numel(&c.ty) != Some(c.values.len()) {
-            return Err(format!("constant {i} has {} values for {}", c.values.len(), c.ty));
-        }
-    }
-    for e in &p.entries {
-        for io in e.inputs.iter().chain(&e.outputs) {
-            check_operand(p, e, &io.operand).map_err(|m| format!("entry '{}', '{}': {m}", e.name, io.name))?;
-        }
-        for (k, s) in e.steps.iter().enumerate() {
-            for o in s.inputs.iter().chain([&s.output]) {
-                check_operand(p, e, o).map_err(|m| format!("entry '{}', step {k} (%{} {}): {m}", e.name, s.node, s.op.name()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_operand(p: &Program, e: &Entry, o: &Operand) -> Result<(), String> {
-    let same_elems = |ty: &crate::dtype::TensorType| ty.dtype == o.ty.dtype && checked_numel(ty) == checked_numel(&o.ty);
-    match o.slot {
-        Slot::Arena { offset, bytes } => {
-            if offset % ALIGN != 0 {
-                return Err(format!("arena offset {offset} is not a multiple of {ALIGN}"));
-            }
-            if checked_bytes(&o.ty) != Some(bytes) {
-                return Err(format!("an arena range of {bytes} bytes holds {}", o.ty));
-            }
-            if offset.checked_add(bytes).is_none_or(|end| end > e.arena_bytes) {
-                return Err(format!("bytes {offset}+{bytes} lie outside the {}-byte arena", e.arena_bytes));
-            }
-        }
-        Slot::Weight(i) => match p.weights.get(i as usize) {
-            Some(w) if same_elems(&w.ty) => {}
-            Some(w) => return Err(format!("weight '{}' is {}, read as {}", w.name, w.ty, o.ty)),
-            None => return Err(format!("weight {i} of {}", p.weights.len())),
-        },
-        Slot::Const(i) => match p.constants.get(i as usize) {
-            Some(c) if same_elems(&c.ty) => {}
-            Some(c) => return Err(format!("constant {i} is {}, read as {}", c.ty, o.ty)),
-            None => return Err(format!("constant {i} of {}", p.constants.len())),
-        },
-        Slot::State(i) => match p.states.get(i as usize) {
-            Some(st) if same_elems(&st.ty) => {}
-            Some(st) => return Err(format!("state '{}' is {}, read as {}", st.name, st.ty, o.ty)),
-            None => return Err(format!("state {i} of {}", p.states.len())),
-        },
-    }
-    Ok(())
 }
 
 // ---- the body encoding: a serde Serializer and Deserializer ----

@@ -28,6 +28,7 @@ pub mod safetensors;
 pub mod scalar;
 #[cfg(feature = "compiler")]
 pub mod sched;
+pub mod validate;
 #[cfg(feature = "compiler")]
 pub mod verify;
 

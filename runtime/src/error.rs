@@ -20,6 +20,8 @@ pub enum RuntimeError {
     Entry { name: String, have: String },
     #[error("backend {backend}: {msg}")]
     Unsupported { backend: String, msg: String },
+    #[error("invalid program (corrupt or hand-made artifact?): {0}")]
+    Invalid(String),
     #[error("step {step} ({op}): {msg}")]
     Step { step: usize, op: &'static str, msg: String },
     #[error(transparent)]

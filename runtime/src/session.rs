@@ -18,6 +18,7 @@ pub struct Session {
 impl Session {
     /// Loads `program` on its backend with `weights`.
     pub fn new(program: Program, weights: Arc<WeightStore>) -> Result<Self> {
+        program.validate().map_err(crate::error::RuntimeError::Invalid)?;
         let backend = by_name(&program.backend)?;
         let exec = backend.load(&program, weights)?;
         Ok(Session { program, exec })
@@ -32,6 +33,7 @@ impl Session {
                 msg: format!("the program was compiled for backend {}", program.backend),
             });
         }
+        program.validate().map_err(crate::error::RuntimeError::Invalid)?;
         let exec = backend.load(&program, weights)?;
         Ok(Session { program, exec })
     }

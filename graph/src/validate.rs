@@ -1,0 +1,103 @@
+//! [`Program::validate`]: what every backend checks at load before it trusts a program, whoever
+//! wrote it (an artifact's checksum proves only that the bytes arrived as written). Every size
+//! is computed with overflow checks; every slot lies inside what it indexes (arena, weights,
+//! constants, states) and agrees with its declared type; every step's output type is inferred
+//! again from its inputs with the compiler's own rules ([`crate::infer::infer`]). Artifact
+//! loading runs it, and so does every session on a program built in memory; a program that fails
+//! is refused with the entry and step named, before any memory is allocated for it.
+
+use crate::dtype::TensorType;
+use crate::infer::infer;
+use crate::op::Op;
+use crate::program::{Entry, Operand, Program, Slot, ALIGN};
+
+/// A tensor's size in bytes, or `None` when it does not fit a `usize`.
+pub fn checked_bytes(ty: &TensorType) -> Option<usize> {
+    ty.shape.iter().try_fold(ty.dtype.size(), |n, &d| n.checked_mul(d))
+}
+
+impl Program {
+    /// Checks the program's internal consistency (see the module docs); the error names the
+    /// entry and step at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, w) in self.weights.iter().enumerate() {
+            checked_bytes(&w.ty).ok_or_else(|| format!("weight {i} '{}' ({}) overflows the address space", w.name, w.ty))?;
+        }
+        for (i, c) in self.constants.iter().enumerate() {
+            let n = checked_bytes(&c.ty).ok_or_else(|| format!("constant {i} ({}) overflows the address space", c.ty))?;
+            if c.values.len().checked_mul(c.ty.dtype.size()) != Some(n) {
+                return Err(format!("constant {i} has {} values for {}", c.values.len(), c.ty));
+            }
+        }
+        let mut states = 0usize;
+        for (i, s) in self.states.iter().enumerate() {
+            let n = checked_bytes(&s.ty).ok_or_else(|| format!("state {i} '{}' ({}) overflows the address space", s.name, s.ty))?;
+            states = states.checked_add(n).ok_or("the states together overflow the address space")?;
+        }
+        for e in &self.entries {
+            self.validate_entry(e).map_err(|m| format!("entry '{}': {m}", e.name))?;
+        }
+        Ok(())
+    }
+
+    fn validate_entry(&self, e: &Entry) -> Result<(), String> {
+        for io in e.inputs.iter().chain(&e.outputs) {
+            self.operand(e, &io.operand).map_err(|m| format!("'{}': {m}", io.name))?;
+        }
+        for (i, s) in e.steps.iter().enumerate() {
+            let at = |m: String| format!("step {i} (%{} {}): {m}", s.node, s.op.name());
+            for (k, o) in s.inputs.iter().enumerate() {
+                self.operand(e, o).map_err(|m| at(format!("input {k}: {m}")))?;
+            }
+            self.operand(e, &s.output).map_err(|m| at(format!("output: {m}")))?;
+            if matches!(s.output.slot, Slot::Weight(_) | Slot::Const(_)) {
+                return Err(at("writes a weight or a constant".into()));
+            }
+            let types: Vec<&TensorType> = s.inputs.iter().map(|o| &o.ty).collect();
+            let given =
+                matches!(s.op, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. }).then_some(&s.output.ty);
+            let want = infer(&s.op, &types, given).map_err(at)?;
+            if want != s.output.ty {
+                return Err(at(format!("its inputs give {want}, the step declares {}", s.output.ty)));
+            }
+        }
+        Ok(())
+    }
+
+    /// One operand: its slot in range and holding as many elements of its dtype as its type
+    /// (an operand may view a weight, constant or state in another shape of the same size: a
+    /// reshape folded into the read).
+    fn operand(&self, e: &Entry, o: &Operand) -> Result<(), String> {
+        let n = checked_bytes(&o.ty).ok_or_else(|| format!("{} overflows the address space", o.ty))?;
+        let same = |ty: &TensorType| ty.dtype == o.ty.dtype && checked_bytes(ty) == Some(n);
+        match o.slot {
+            Slot::Arena { offset, bytes } => {
+                if offset % ALIGN != 0 {
+                    return Err(format!("arena offset {offset} is not a multiple of {ALIGN}"));
+                }
+                if bytes != n {
+                    return Err(format!("an arena range of {bytes} bytes holds {}", o.ty));
+                }
+                if offset.checked_add(bytes).is_none_or(|end| end > e.arena_bytes) {
+                    return Err(format!("bytes {offset}+{bytes} lie past the arena's {} bytes", e.arena_bytes));
+                }
+            }
+            Slot::Weight(i) => match self.weights.get(i as usize) {
+                Some(w) if same(&w.ty) => {}
+                Some(w) => return Err(format!("weight '{}' is {}, read as {}", w.name, w.ty, o.ty)),
+                None => return Err(format!("weight {i} does not exist (the program has {})", self.weights.len())),
+            },
+            Slot::Const(i) => match self.constants.get(i as usize) {
+                Some(c) if same(&c.ty) => {}
+                Some(c) => return Err(format!("constant {i} is {}, read as {}", c.ty, o.ty)),
+                None => return Err(format!("constant {i} does not exist (the program has {})", self.constants.len())),
+            },
+            Slot::State(i) => match self.states.get(i as usize) {
+                Some(st) if same(&st.ty) => {}
+                Some(st) => return Err(format!("state '{}' is {}, read as {}", st.name, st.ty, o.ty)),
+                None => return Err(format!("state {i} does not exist (the program has {})", self.states.len())),
+            },
+        }
+        Ok(())
+    }
+}
