@@ -122,7 +122,43 @@ pub fn generation_program(
     Ok(GenerationProgram { program, meta })
 }
 
+impl GenerationMeta {
+    /// The meta of a stored generation program (`kiln compile --generate`) whose checkpoint is
+    /// the folder `dir`: the shapes come from the program's entries, the ids from the folder.
+    pub fn of_program(dir: &Path, program: &Program) -> Result<GenerationMeta> {
+        let not_generation = || Error::Usage("not a generation program (compile with --generate: entries prefill and decode)".into());
+        let input = |entry: &str, name: &str| {
+            let e = program.entry(entry).ok_or_else(not_generation)?;
+            e.inputs.iter().find(|io| io.name == name).map(|io| io.operand.ty.clone()).ok_or_else(not_generation)
+        };
+        let capacity = *input("decode", "attention_mask")?.shape.get(1).ok_or_else(not_generation)?;
+        let cfg = dir.join("config.json");
+        let model = kiln_models::text_model(&cfg)?
+            .ok_or_else(|| Error::File { path: cfg, msg: "text generation needs a Gemma, Gemma 2 or PaliGemma model".into() })?;
+        let (eos, pad) = special_ids(dir, model.text());
+        let (image, position_offset) = match &model {
+            kiln_models::TextModel::Gemma(_) => (None, 0),
+            kiln_models::TextModel::PaliGemma(p) => {
+                let grid = p.vision.grid();
+                (Some((p.image_token_index, grid * grid, input("prefill", "pixel_values")?)), 1)
+            }
+        };
+        Ok(GenerationMeta { capacity, vocab: model.text().vocab_size, eos, pad, image, position_offset })
+    }
+}
+
 impl Generator {
+    /// A generator over a loaded generation program (`kiln compile --generate`) whose
+    /// checkpoint is the folder `dir` (its config and special ids).
+    pub fn from_session(session: Session, dir: &Path) -> Result<Self> {
+        let meta = GenerationMeta::of_program(dir, session.program())?;
+        let ids = session.program().entry("prefill").and_then(|e| e.inputs.iter().find(|io| io.name == "input_ids"));
+        let [batch, bucket] = ids.map(|io| io.operand.ty.shape.to_vec()).unwrap_or_default()[..] else {
+            return Err(Error::Usage("the prefill entry takes no input_ids [B, L]".into()));
+        };
+        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None })
+    }
+
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
     /// `max_new_tokens` new tokens per call, and loads it on `backend`.
     pub fn new(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str) -> Result<Self> {
