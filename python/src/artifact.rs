@@ -155,6 +155,13 @@ impl Artifact {
         self.program.entries.iter().map(|e| e.name.clone()).collect()
     }
 
+    /// Each entry's inputs and outputs: name -> {"inputs": [...], "outputs": [...]}, each a dict
+    /// of name, dtype, shape and whether it is a persistent state.
+    #[getter]
+    fn signature<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        crate::session::entries_dict(py, &self.program)
+    }
+
     fn __repr__(&self) -> String {
         format!("<kiln.Artifact {} [backend {}] entries {:?}>", self.program.model, self.program.backend, self.entries())
     }

@@ -214,6 +214,20 @@ fn owned(inputs: &[RawInput]) -> PyResult<Vec<(String, Tensor)>> {
         .collect())
 }
 
+/// name -> {"inputs": [...], "outputs": [...]} for every entry of `p`.
+pub fn entries_dict<'py>(py: Python<'py>, p: &Program) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for e in &p.entries {
+        let ed = PyDict::new(py);
+        let ins: Vec<_> = e.inputs.iter().map(|io| io_dict(py, p, io)).collect::<PyResult<_>>()?;
+        let outs: Vec<_> = e.outputs.iter().map(|io| io_dict(py, p, io)).collect::<PyResult<_>>()?;
+        ed.set_item("inputs", ins)?;
+        ed.set_item("outputs", outs)?;
+        d.set_item(&e.name, ed)?;
+    }
+    Ok(d)
+}
+
 fn io_dict<'py>(py: Python<'py>, p: &Program, io: &kiln_graph::program::Io) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("name", &io.name)?;
@@ -348,16 +362,7 @@ impl Session {
     /// shape and whether it is a persistent state (the KV cache, kept by the session).
     #[getter]
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for e in &self.program.entries {
-            let ed = PyDict::new(py);
-            let ins: Vec<_> = e.inputs.iter().map(|io| io_dict(py, &self.program, io)).collect::<PyResult<_>>()?;
-            let outs: Vec<_> = e.outputs.iter().map(|io| io_dict(py, &self.program, io)).collect::<PyResult<_>>()?;
-            ed.set_item("inputs", ins)?;
-            ed.set_item("outputs", outs)?;
-            d.set_item(&e.name, ed)?;
-        }
-        Ok(d)
+        entries_dict(py, &self.program)
     }
 
     /// The model the program computes.
