@@ -61,7 +61,7 @@ pub fn compile_program(folder: &Path, o: &Options) -> kiln::Result<Program> {
         #[cfg(feature = "cuda")]
         kiln::cuda_tools::attach_binaries(&mut program, &o.arch)?;
         #[cfg(not(feature = "cuda"))]
-        return Err(Error::Usage("this kiln was built without the `cuda` feature".into()));
+        return Err(Error::Usage(format!("backend cuda ({}) needs a kiln built with the `cuda` feature", o.arch)));
     }
     Ok(program)
 }

@@ -18,6 +18,9 @@ type RawInput = (String, String, Vec<usize>, usize, usize);
 /// An output handed back: name, dtype name, shape, bytes.
 type RawOutput = (String, String, Vec<usize>, Py<PyByteArray>);
 
+/// A detection handed back: label, normalised box, box in pixels, mask codes.
+type Detection = (String, [f32; 4], Option<[f32; 4]>, Option<Vec<u8>>);
+
 /// A loaded program; a generation program (entries `prefill` and `decode`) comes with its driver.
 enum Loaded {
     Run(RtSession),
@@ -257,6 +260,7 @@ impl Session {
     /// `kiln generate --inputs`: `input_ids` (+ `attention_mask`, `pixel_values`) as raw
     /// inputs; returns `sequences [B, L + n]` (i64) and `step_logits [B, n, V]` (f32).
     #[pyo3(signature = (inputs, max_new_tokens=None, temperature=0.0, top_k=0, top_p=None, seed=0))]
+    #[allow(clippy::too_many_arguments)]
     fn generate_raw(
         &self,
         py: Python<'_>,
@@ -343,7 +347,7 @@ impl Session {
         d.set_item("input_ids", &r.input_ids)?;
         d.set_item("new_ids", &r.new_ids)?;
         let size = image_path.as_deref().and_then(|p| image_size(p).ok());
-        let dets: Vec<(String, [f32; 4], Option<[f32; 4]>, Option<Vec<u8>>)> = r
+        let dets: Vec<Detection> = r
             .detections
             .iter()
             .map(|det| {
