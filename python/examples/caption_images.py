@@ -12,6 +12,7 @@ detected `<loc>` box, coordinates in [0, 1]).
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import ray
@@ -33,7 +34,10 @@ def main():
     ap.add_argument("--backend", default="cpu")
     a = ap.parse_args()
 
-    ray.init()
+    # Joins the cluster named by RAY_ADDRESS (or one `ray start`ed here). A local one gets a
+    # logical CPU per actor on top of the machine's cores, for the tasks that read the images:
+    # each CPU actor holds one (Ray Data's default), and kiln's session uses every core anyway.
+    ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else (os.cpu_count() or 1) + a.actors)
     art = kiln.compile(a.model, generate=True, batch=1, seq_len=a.seq_len, max_new_tokens=a.max_new_tokens, backend=a.backend)
     paths = sorted(str(p) for p in Path(a.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     ds = ray.data.from_items([{"path": p} for p in paths])

@@ -13,6 +13,7 @@ same path on every node unless `--ship-weights` is given. On GPUs: `--backend cu
 """
 
 import argparse
+import os
 
 import ray
 
@@ -33,7 +34,10 @@ def main():
     ap.add_argument("--ship-weights", action="store_true")
     a = ap.parse_args()
 
-    ray.init()  # joins the cluster named by RAY_ADDRESS (or `ray start`ed here), else starts one
+    # Joins the cluster named by RAY_ADDRESS (or one `ray start`ed here). A local one gets a
+    # logical CPU per actor on top of the machine's cores, for the tasks that read the images:
+    # each CPU actor holds one (Ray Data's default), and kiln's session uses every core anyway.
+    ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else (os.cpu_count() or 1) + a.actors)
     art = kiln.compile(a.model, batch=a.batch, resolution=a.resolution, backend=a.backend)
     ds = ray.data.read_images(a.images, include_paths=True, size=(a.resolution, a.resolution), mode="RGB")
     ds = kiln.ray.run(

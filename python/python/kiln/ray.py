@@ -170,7 +170,9 @@ def run(
 ) -> Any:
     """`ds.map_batches` with a pool of `concurrency` actors (a number, or (min, max) to
     autoscale), each holding one session of `artifact`; `num_gpus` / `num_cpus` are each
-    actor's resources (`num_gpus=1`: one session per GPU; compile with `backend="cuda"`).
+    actor's resources (`num_gpus=1`: one session per GPU; compile with `backend="cuda"`). A CPU
+    actor holds `num_cpus` (default 1, Ray Data's) while it lives: leave the cluster a CPU for
+    the tasks that read the data, or the stage waits for one forever.
     `batch_size` defaults to the artifact's batch. Other keyword arguments go to
     `map_batches` as they are."""
     import ray
