@@ -63,11 +63,13 @@ def reference(art: kiln.Artifact, folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def embed(art, folder, predictor=kiln.ray.KilnPredictor, **extra):
+def embed(art, folder, predictor=kiln.ray.KilnPredictor, ship_weights=False, **extra):
     ds = ray.data.read_images(str(folder), include_paths=True, mode="RGB")
     inputs = {"pixel_values": kiln.ray.siglip_pixels("image")}
     if predictor is kiln.ray.KilnPredictor:
-        ds = kiln.ray.run(ds, art, inputs=inputs, outputs={"pooler_output": "embedding"}, keep=["path"], concurrency=2)
+        ds = kiln.ray.run(
+            ds, art, inputs=inputs, outputs={"pooler_output": "embedding"}, keep=["path"], concurrency=2, ship_weights=ship_weights
+        )
     else:
         ref = ray.put(art)
         ds = ds.map_batches(
@@ -93,6 +95,8 @@ def test_embed_a_folder_through_two_actors(cluster, images):
     art = kiln.compile(SIGLIP, batch=4)
     want = reference(art, images)
     check_complete(embed(art, images), want)
+    # The checkpoint's files through the object store (for nodes without the folder).
+    check_complete(embed(art, images, ship_weights=True), want)
 
 
 class SlowPredictor(kiln.ray.KilnPredictor):
