@@ -4,7 +4,9 @@
 # for the cube backend's tests on a machine without a GPU, from apt on Debian/Ubuntu; and
 # libnvrtc from the nvidia-cuda-nvrtc wheel, so every CUDA kernel is compiled for sm_90a with
 # no GPU), then prints one closing line with the totals. The tests build with the `cuda`
-# feature (one build: the cuda backend's code is compiled, its driver-free tests run).
+# feature (one build: the cuda backend's code is compiled, its driver-free tests run). Then the
+# Python package's tests (scripts/test_python.sh: a .venv with maturin, numpy, pytest, torch and
+# ray[data], the wheel, pytest over python/tests); the closing line counts both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
