@@ -109,7 +109,7 @@ class SlowPredictor(kiln.ray.KilnPredictor):
         (self.log / f"actor-{os.getpid()}").write_text("0")
 
     def __call__(self, batch):
-        time.sleep(0.3)
+        time.sleep(0.5)
         out = super().__call__(batch)
         f = self.log / f"actor-{os.getpid()}"
         f.write_text(str(int(f.read_text()) + 1))
