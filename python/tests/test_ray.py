@@ -140,3 +140,16 @@ def test_a_killed_worker_is_retried_and_the_output_is_complete(cluster, images, 
     started = [f.name for f in tmp_path.glob("actor-*")]
     assert len(started) >= 3, f"Ray did not start a new worker after the kill: {started}"
     check_complete(rows, want)
+
+
+def test_paligemma_prompts_over_a_folder(cluster):
+    """kiln.ray.generate: PaliGemma's answer for every image, as a single session gives it."""
+    fixtures = SIGLIP.parents[1] / "tokenizer"
+    art = kiln.compile(fixtures / "paligemma", generate=True, batch=1, seq_len=24, max_new_tokens=10)
+    paths = sorted(str(p) for p in (fixtures / "images").iterdir())
+    s = art.session()
+    want = {p: s.generate(prompt="detect cat ; dog", image=p)["text"] for p in paths}
+    ds = ray.data.from_items([{"path": p} for p in paths])
+    rows = kiln.ray.generate(ds, art, prompt="detect cat ; dog", concurrency=2, batch_size=1).take_all()
+    assert sorted(r["path"] for r in rows) == paths
+    assert {r["path"]: r["text"] for r in rows} == want
