@@ -165,3 +165,13 @@ def test_artifact_save_load_and_pickle(tmp_path, siglip):
     want = s.run({"pixel_values": px})["pooler_output"]
     for sess in [again.session(), kiln.load(tmp_path / "a.kiln"), kiln.load(tmp_path / "a.kiln", weights=SIGLIP / "model.safetensors")]:
         np.testing.assert_array_equal(sess.run({"pixel_values": px})["pooler_output"], want)
+
+
+def test_cube_backend_on_the_wheel(siglip):
+    """The wheel carries the cube backend (CubeCL on wgpu; lavapipe on a machine without a GPU)."""
+    s, px = siglip
+    want = s.run({"pixel_values": px})["pooler_output"]
+    cube = kiln.load(SIGLIP, batch=2, backend="cube")
+    assert cube.backend == "cube"
+    got = cube.run({"pixel_values": px})["pooler_output"]
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
