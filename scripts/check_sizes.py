@@ -27,7 +27,7 @@ def functions(lines):
 
 def main(args):
     strict = '--strict' in args
-    dirs = [a for a in args if a != '--strict'] or ['graph/src', 'kernels/src', 'runtime/src', 'models/src', 'capi/src', 'src']
+    dirs = [a for a in args if a != '--strict'] or ['graph/src', 'kernels/src', 'runtime/src', 'models/src', 'capi/src', 'python/src', 'src']
     over = []
     for d in dirs:
         for path in sorted(Path(d).rglob('*.rs')):

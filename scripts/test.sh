@@ -4,7 +4,9 @@
 # for the cube backend's tests on a machine without a GPU, from apt on Debian/Ubuntu; and
 # libnvrtc from the nvidia-cuda-nvrtc wheel, so every CUDA kernel is compiled for sm_90a with
 # no GPU), then prints one closing line with the totals. The tests build with the `cuda`
-# feature (one build: the cuda backend's code is compiled, its driver-free tests run).
+# feature (one build: the cuda backend's code is compiled, its driver-free tests run). Then the
+# Python package's tests (scripts/test_python.sh: a .venv with maturin, numpy, pytest, torch and
+# ray[data], the wheel, pytest over python/tests); the closing line counts both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null; then
@@ -58,5 +60,19 @@ echo "== kiln kernels check --arch sm_90a"
 ./target/debug/kiln kernels check --arch sm_90a || status=$?
 passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
+# The Python package (python/): a virtualenv in .venv/ (git-ignored) with what its tests need,
+# the wheel built by maturin, then pytest (python/tests, which also run the CLI built above).
+echo "== python: scripts/test_python.sh"
+pylog=$(mktemp)
+bash scripts/test_python.sh 2>&1 | tee "$pylog" || status=$?
+py_passed=$(grep -Eo '[0-9]+ passed' "$pylog" | tail -1 | grep -Eo '[0-9]+' || true)
+py_failed=$(grep -Eo '[0-9]+ (failed|error)' "$pylog" | tail -1 | grep -Eo '^[0-9]+' || true)
+if [ -z "$py_passed$py_failed" ]; then
+  py_failed=1  # pytest never reported: the install or the build failed
+  status=1
+fi
+rm -f "$pylog"
+passed=$((passed + ${py_passed:-0}))
+failed=$((failed + ${py_failed:-0}))
 echo "tests: ${passed:-0} passed, ${failed:-0} failed"
 exit $status

@@ -6,7 +6,7 @@
 
 use crate::{compile_with_states, CompileOptions, Error, Result};
 use kiln_graph::program::{Program, StateSpec};
-use kiln_graph::DType;
+use kiln_graph::{DType, TensorType};
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::Path;
@@ -127,23 +127,65 @@ pub fn generation_program(
     let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
     let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     let (eos, pad) = special_ids(dir, g.model.text());
-    let (mut image, mut position_offset, mut decode_softcap) = (None, 0, None);
-    if let kiln_models::TextModel::PaliGemma(p) = &g.model {
-        let v = &p.vision;
-        let ty = kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size]);
-        image = Some((p.image_token_index, v.grid() * v.grid(), ty));
-        match &p.big_vision {
-            Some(t) => decode_softcap = t.final_logits_softcap,
-            None => position_offset = 1,
-        }
-    }
-    let pad_finished = !matches!(&g.model, kiln_models::TextModel::PaliGemma(p) if p.big_vision.is_some());
-    let meta =
-        GenerationMeta { capacity, vocab: g.model.text().vocab_size, eos, pad, image, position_offset, decode_softcap, pad_finished };
+    let px = |v: &kiln_models::siglip::SiglipVisionConfig| {
+        kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size])
+    };
+    let image_ty = match &g.model {
+        kiln_models::TextModel::PaliGemma(p) => Some(px(&p.vision)),
+        kiln_models::TextModel::Gemma(_) => None,
+    };
+    let meta = GenerationMeta::of_model(&g.model, capacity, (eos, pad), image_ty);
     Ok(GenerationProgram { program, meta })
 }
 
+impl GenerationMeta {
+    /// The meta of a stored generation program (`kiln compile --generate`) whose checkpoint is
+    /// the folder `dir`: the shapes come from the program's entries, the ids from the folder.
+    pub fn of_program(dir: &Path, program: &Program) -> Result<GenerationMeta> {
+        let not_generation = || Error::Usage("not a generation program (compile with --generate: entries prefill and decode)".into());
+        let input = |entry: &str, name: &str| {
+            let e = program.entry(entry).ok_or_else(not_generation)?;
+            e.inputs.iter().find(|io| io.name == name).map(|io| io.operand.ty.clone()).ok_or_else(not_generation)
+        };
+        let capacity = *input("decode", "attention_mask")?.shape.get(1).ok_or_else(not_generation)?;
+        let cfg = dir.join("config.json");
+        let model = kiln_models::text_model(&cfg)?
+            .ok_or_else(|| Error::File { path: cfg, msg: "text generation needs a Gemma, Gemma 2 or PaliGemma model".into() })?;
+        let image_ty = match &model {
+            kiln_models::TextModel::Gemma(_) => None,
+            kiln_models::TextModel::PaliGemma(_) => Some(input("prefill", "pixel_values")?),
+        };
+        Ok(GenerationMeta::of_model(&model, capacity, special_ids(dir, model.text()), image_ty))
+    }
+
+    /// How `model`'s programs are driven: PaliGemma's image tokens (with `image_ty`, the
+    /// `pixel_values` type) and 1-indexed positions; a big_vision PaliGemma's 0-indexed positions,
+    /// soft-capped decode steps and rows that keep decoding after their EOS.
+    fn of_model(model: &kiln_models::TextModel, capacity: usize, (eos, pad): (Vec<i64>, i64), image_ty: Option<TensorType>) -> Self {
+        let (mut image, mut position_offset, mut decode_softcap, mut pad_finished) = (None, 0, None, true);
+        if let (kiln_models::TextModel::PaliGemma(p), Some(ty)) = (model, image_ty) {
+            image = Some((p.image_token_index, p.vision.grid() * p.vision.grid(), ty));
+            match &p.big_vision {
+                Some(t) => (decode_softcap, pad_finished) = (t.final_logits_softcap, false),
+                None => position_offset = 1,
+            }
+        }
+        GenerationMeta { capacity, vocab: model.text().vocab_size, eos, pad, image, position_offset, decode_softcap, pad_finished }
+    }
+}
+
 impl Generator {
+    /// A generator over a loaded generation program (`kiln compile --generate`) whose
+    /// checkpoint is the folder `dir` (its config and special ids).
+    pub fn from_session(session: Session, dir: &Path) -> Result<Self> {
+        let meta = GenerationMeta::of_program(dir, session.program())?;
+        let ids = session.program().entry("prefill").and_then(|e| e.inputs.iter().find(|io| io.name == "input_ids"));
+        let [batch, bucket] = ids.map(|io| io.operand.ty.shape.to_vec()).unwrap_or_default()[..] else {
+            return Err(Error::Usage("the prefill entry takes no input_ids [B, L]".into()));
+        };
+        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None })
+    }
+
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
     /// `max_new_tokens` new tokens per call, and loads it on `backend`.
     pub fn new(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str) -> Result<Self> {

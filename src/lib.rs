@@ -11,6 +11,7 @@ pub mod cuda_tools;
 pub mod draw;
 pub mod encdec;
 pub mod generate;
+pub mod inputs;
 pub mod io;
 pub mod npz_write;
 pub mod paligemma_bv;

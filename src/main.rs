@@ -1,6 +1,7 @@
 //! The `kiln` command line: compile, run, inspect, bench and synth.
 
 use clap::{Parser, Subcommand};
+use kiln::inputs::{backend_for, cast_floats, parse_dtype, text_defaults, text_inputs};
 use kiln::{compile, io, CompileOptions, Compiled, Error, Result};
 use kiln_graph::program::Program;
 use kiln_graph::DType;
@@ -347,14 +348,6 @@ fn main() {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Error::Usage(format!("--dtype {other}: expected f32 or bf16"))),
-    }
-}
-
 fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) -> Result<CompileOptions> {
     let dtype = parse_dtype(&p.dtype)?;
     let image_hw = p.resolution.map(|r| (r, r)).or(hw);
@@ -365,17 +358,6 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
     let backend = backend_for(&p.backend, p.device.as_deref())?;
     Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend, trace: false })
-}
-
-/// The backend `--backend` and `--device` name together.
-fn backend_for(backend: &str, device: Option<&str>) -> Result<String> {
-    Ok(match (backend, device) {
-        (b, None) => b.to_string(),
-        ("cube", Some("wgpu")) => "cube".to_string(),
-        ("cube", Some("cuda")) => "cube-cuda".to_string(),
-        ("cube", Some(other)) => return Err(Error::Usage(format!("--device {other}: expected wgpu or cuda"))),
-        (b, Some(_)) => return Err(Error::Usage(format!("--device applies to --backend cube, not {b}"))),
-    })
 }
 
 use kiln::progress::progress;
@@ -634,69 +616,6 @@ fn human(b: usize) -> String {
         0..1024 => format!("{b} B"),
         1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
         _ => format!("{:.1} MiB", b as f64 / 1048576.0),
-    }
-}
-
-/// For a text model's inputs: checks `input_ids [B, L]` (i64, or i32 converted), fills a
-/// missing `attention_mask` with ones and missing `position_ids` with `0..L` (as transformers'
-/// forward does) and gives `(B, L)`; `None` when there is no `input_ids`.
-fn text_inputs(ins: &mut Vec<(String, Tensor)>, path: &Path) -> Result<Option<(usize, usize)>> {
-    let Some(i) = ins.iter().position(|(n, _)| n == "input_ids") else { return Ok(None) };
-    let bad = |msg: String| Error::File { path: path.into(), msg };
-    for (name, t) in ins.iter_mut() {
-        if matches!(name.as_str(), "input_ids" | "attention_mask" | "position_ids") {
-            match t.ty.dtype {
-                DType::I64 => {}
-                DType::I32 | DType::U8 | DType::Bool => {
-                    *t = Tensor::from_i64(&t.ty.shape.clone(), &t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>())
-                }
-                other => return Err(bad(format!("'{name}' is {other}; expected an integer tensor"))),
-            }
-        }
-    }
-    let shape = ins[i].1.ty.shape.clone();
-    let [b, l] = shape[..] else { return Err(bad(format!("input_ids is {}, expected [batch, length]", ins[i].1.ty))) };
-    if b == 0 || l == 0 {
-        return Err(bad(format!("input_ids is {}: empty", ins[i].1.ty)));
-    }
-    for name in ["attention_mask", "position_ids", "token_type_ids"] {
-        match ins.iter().find(|(n, _)| n == name) {
-            Some((_, t)) if t.ty.shape != shape => return Err(bad(format!("'{name}' is {}, input_ids is {}", t.ty, ins[i].1.ty))),
-            Some(_) => {}
-            None if name == "attention_mask" => ins.push((name.into(), Tensor::from_i64(&[b, l], &vec![1; b * l]))),
-            None => {}
-        }
-    }
-    Ok(Some((b, l)))
-}
-
-/// Fills what transformers' forward fills when not given: `position_ids` `0..L` (`1..=L` for
-/// PaliGemma, the text model that takes `pixel_values`) and `token_type_ids` of ones (no
-/// bidirectional prefix).
-fn text_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session) {
-    let Some(e) = s.program().entry("forward") else { return };
-    let Some((_, ids)) = ins.iter().find(|(n, _)| n == "input_ids") else { return };
-    let (b, l) = (ids.ty.shape[0], ids.ty.shape.get(1).copied().unwrap_or(1));
-    let has = |n: &str| e.inputs.iter().any(|io| io.name == n);
-    let offset = if has("pixel_values") { 1 } else { 0 };
-    if has("position_ids") && !ins.iter().any(|(n, _)| n == "position_ids") {
-        ins.push(("position_ids".into(), Tensor::from_i64(&[b, l], &(0..b * l).map(|k| (k % l) as i64 + offset).collect::<Vec<_>>())));
-    }
-    if has("token_type_ids") && !ins.iter().any(|(n, _)| n == "token_type_ids") {
-        ins.push(("token_type_ids".into(), Tensor::from_i64(&[b, l], &vec![1; b * l])));
-    }
-}
-
-/// Float inputs given in another float dtype than the entry computes in (f32 pixels for a
-/// bf16 profile) are converted, as a framework's `model.to(dtype)` expects its inputs to be.
-fn cast_floats(ins: &mut [(String, Tensor)], s: &Session, entry: &str) {
-    let Some(e) = s.program().entry(entry) else { return };
-    for (name, t) in ins.iter_mut() {
-        let Some(io) = e.inputs.iter().find(|io| io.name == *name) else { continue };
-        let want = &io.operand.ty;
-        if t.ty.shape == want.shape && t.ty.dtype != want.dtype && t.ty.dtype.is_float() && want.dtype.is_float() {
-            *t = Tensor { bytes: kiln_runtime::tensor::convert(t.ty.dtype, want.dtype, &t.bytes), ty: want.clone() };
-        }
     }
 }
 

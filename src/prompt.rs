@@ -132,7 +132,7 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         return Err(Error::Usage("--seg-decoder needs --image (masks are pasted into the image's boxes)".into()));
     }
     // Compiled before generating, so a bad folder fails before the long part.
-    let mut seg = o.seg_decoder.as_deref().map(crate::seg::SegDecoder::open).transpose()?;
+    let seg = o.seg_decoder.as_deref().map(crate::seg::SegDecoder::open).transpose()?;
     let len = p.input_ids.len();
     let bucket = o.bucket.unwrap_or(len);
     if len > bucket {
@@ -144,6 +144,49 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     let mut g = Generator::with_dtype(&o.model, 1, bucket, o.max_new_tokens, &o.backend, o.dtype)?;
     g.sampling = o.sampling;
     let compile_s = tc.elapsed().as_secs_f64();
+    answer(&mut g, Asked { o, tok: &tok, p, seg, prep_s, compile_s }, out)
+}
+
+/// [`run`] on a loaded generation program for one row whose prompt bucket holds the prompt
+/// (the Python package's session); `o.bucket`, `o.backend` and `o.dtype` are the program's.
+pub fn run_on(g: &mut Generator, o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
+    let t0 = std::time::Instant::now();
+    let tok = TextTokenizer::open(&o.model)?;
+    let p = prepare(&o.model, &tok, &o.prompt, o.image.as_deref())?;
+    let prep_s = t0.elapsed().as_secs_f64();
+    if o.draw.is_some() && p.image.is_none() {
+        return Err(Error::Usage("--draw needs --image (it draws the boxes onto it)".into()));
+    }
+    let seg = o.seg_decoder.as_deref().map(crate::seg::SegDecoder::open).transpose()?;
+    if g.batch != 1 {
+        return Err(Error::Usage(format!("a prompt is one row; this generation program was compiled for batch {}", g.batch)));
+    }
+    let len = p.input_ids.len();
+    if len > g.bucket {
+        return Err(Error::Usage(format!(
+            "the prompt is {len} tokens but the compiled prompt capacity (--bucket) is {}: shorten the prompt or raise --bucket",
+            g.bucket
+        )));
+    }
+    g.sampling = o.sampling;
+    answer(g, Asked { o, tok: &tok, p, seg, prep_s, compile_s: 0.0 }, out)
+}
+
+/// A prepared prompt and what answering it takes.
+struct Asked<'a> {
+    o: &'a PromptOptions,
+    tok: &'a TextTokenizer,
+    p: Prepared,
+    seg: Option<crate::seg::SegDecoder>,
+    prep_s: f64,
+    compile_s: f64,
+}
+
+/// Generates the answer of a prepared prompt, streaming it to `out`, then the boxes, masks and
+/// the drawing.
+fn answer(g: &mut Generator, a: Asked, out: &mut dyn Write) -> Result<PromptOutput> {
+    let Asked { o, tok, p, mut seg, prep_s, compile_s } = a;
+    let len = p.input_ids.len();
     if tok.vocab_size() > g.meta.vocab {
         // Only ids the model can embed are fed back; a larger tokenizer is still fine to read.
         eprintln!("note: {} has {} tokens, the model {}", tok.path().display(), tok.vocab_size(), g.meta.vocab);
@@ -154,11 +197,11 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
     let t1 = std::time::Instant::now();
     let mut on_step = |ids: &[i64]| -> Result<()> {
         first.get_or_insert(t1.elapsed().as_secs_f64());
-        let piece = stream.push(&tok, ids[0])?;
+        let piece = stream.push(tok, ids[0])?;
         write!(out, "{piece}").and_then(|_| out.flush()).map_err(|e| Error::Usage(format!("cannot write the answer: {e}")))
     };
     let r = g.generate_streaming(&p.input_ids, &mask, len, o.max_new_tokens, p.pixel_values.as_ref(), &mut on_step)?;
-    let rest = stream.finish(&tok)?;
+    let rest = stream.finish(tok)?;
     let text = stream.text().to_string();
     let mut new_ids = r.sequences[len..].to_vec();
     // After EOS the generator pads; the answer ends at EOS (kept, as transformers keeps it).

@@ -18,6 +18,6 @@ pub mod weights;
 
 pub use backend::{by_name, Backend, Executable};
 pub use error::{Result, RuntimeError};
-pub use session::Session;
+pub use session::{InputView, Session};
 pub use tensor::Tensor;
 pub use weights::WeightStore;

@@ -5,8 +5,35 @@ use crate::error::{Result, RuntimeError};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 use kiln_graph::program::Program;
+use kiln_graph::TensorType;
 use std::path::Path;
 use std::sync::Arc;
+
+/// An input [`Session::run_views`] borrows: a type and the bytes that hold it.
+pub trait InputView {
+    /// The tensor's type.
+    fn ty(&self) -> &TensorType;
+    /// Its bytes, row-major, `ty().bytes()` long.
+    fn bytes(&self) -> &[u8];
+}
+
+impl InputView for &Tensor {
+    fn ty(&self) -> &TensorType {
+        &self.ty
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl InputView for (&TensorType, &[u8]) {
+    fn ty(&self) -> &TensorType {
+        self.0
+    }
+    fn bytes(&self) -> &[u8] {
+        self.1
+    }
+}
 
 /// A loaded program, ready to run. Its persistent state ([`Program::states`]) lives in the
 /// executable, where entries read and update it in place.
@@ -74,6 +101,12 @@ impl Session {
     /// inputs named like a state read it in place unless given (a given one sets the state
     /// first); entry outputs named like a state are stored into it and not returned.
     pub fn run(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        self.run_views(entry, inputs)
+    }
+
+    /// [`Session::run`] on borrowed inputs: each a type and its bytes, owned by the caller (a
+    /// NumPy array's memory, say), with the same checks and messages.
+    pub fn run_views<V: InputView>(&mut self, entry: &str, inputs: &[(&str, V)]) -> Result<Vec<(String, Tensor)>> {
         let ei = self.entry_index(entry)?;
         let e = &self.program.entries[ei];
         let is_state = |name: &str| self.program.state_index(name).is_some();
@@ -88,17 +121,21 @@ impl Session {
         }
         let mut ordered: Vec<&[u8]> = Vec::with_capacity(e.inputs.len());
         for io in &e.inputs {
-            let Some(t) = inputs.iter().find(|(n, _)| *n == io.name).map(|(_, t)| *t) else {
+            let Some(t) = inputs.iter().find(|(n, _)| *n == io.name).map(|(_, t)| t) else {
                 if is_state(&io.name) {
                     ordered.push(&[]);
                     continue;
                 }
                 return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("missing; '{entry}' needs {}", io.operand.ty) });
             };
-            if t.ty != io.operand.ty {
-                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("expected {}, found {}", io.operand.ty, t.ty) });
+            if *t.ty() != io.operand.ty {
+                return Err(RuntimeError::Input { name: io.name.clone(), msg: format!("expected {}, found {}", io.operand.ty, t.ty()) });
             }
-            ordered.push(t.bytes.as_slice());
+            if t.bytes().len() != t.ty().bytes() {
+                let msg = format!("{} bytes given, {} needs {}", t.bytes().len(), t.ty(), t.ty().bytes());
+                return Err(RuntimeError::Input { name: io.name.clone(), msg });
+            }
+            ordered.push(t.bytes());
         }
         let mut outs: Vec<(String, Tensor)> =
             e.outputs.iter().filter(|io| !is_state(&io.name)).map(|io| (io.name.clone(), Tensor::zeros(io.operand.ty.clone()))).collect();
