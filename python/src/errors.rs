@@ -39,7 +39,7 @@ fn runtime(e: &RuntimeError, msg: String) -> PyErr {
     match e {
         RuntimeError::Input { .. } | RuntimeError::Output { .. } | RuntimeError::Entry { .. } => InputError::new_err(msg),
         RuntimeError::Weights { .. } | RuntimeError::Weight { .. } | RuntimeError::Io { .. } => ModelError::new_err(msg),
-        RuntimeError::Artifact(_) => ArtifactError::new_err(msg),
+        RuntimeError::Artifact(_) | RuntimeError::Invalid(_) => ArtifactError::new_err(msg),
         RuntimeError::Unsupported { .. } => BackendError::new_err(msg),
         RuntimeError::Step { .. } | RuntimeError::Graph(_) => KilnError::new_err(msg),
     }
