@@ -110,6 +110,13 @@ impl WeightStore {
                 Some(root) if p.is_relative() => root.join(p),
                 _ => p.to_path_buf(),
             };
+            if !at.exists() {
+                let msg = format!(
+                    "no weights for the program's set '{}' here (compiled from {}; a relative path is read against the given folder)",
+                    set.prefix, set.path
+                );
+                return Err(RuntimeError::Weights { path: at, msg });
+            }
             let one = WeightStore::open(&at)?;
             let base = store.maps.len();
             for (name, r) in one.index {
