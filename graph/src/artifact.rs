@@ -162,8 +162,15 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
         let msg = format!("{} bytes left over after the program", dec.buf.len());
         return Err(ArtifactError::Parse { file, msg });
     }
-    if version < version_for(&program) {
-        let msg = format!("format version {version} cannot hold weight sets (version {} can)", version_for(&program));
+    // The version lies outside the checksum; a writer writes the oldest version that holds the
+    // program, so any other is a damaged header.
+    let needed = version_for(&program);
+    if version < needed {
+        let msg = format!("format version {version} cannot hold weight sets (version {needed} can)");
+        return Err(ArtifactError::Invalid { file, msg });
+    }
+    if version > needed {
+        let msg = format!("written as format version {version}, but it holds nothing version {needed} cannot: a damaged header");
         return Err(ArtifactError::Invalid { file, msg });
     }
     check(&program).map_err(|msg| ArtifactError::Invalid { file, msg })?;

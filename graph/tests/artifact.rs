@@ -1,7 +1,7 @@
 //! The `.kiln` format: programs survive a round trip bit for bit, every kind of bad file
 //! gets its own error naming the file, and no byte string makes loading panic.
 
-use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, FORMAT_VERSION, HEADER_BYTES, MAGIC};
+use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, HEADER_BYTES, MAGIC, OLDEST_VERSION};
 use kiln_graph::lower::compile_entry;
 use kiln_graph::op::ResizeMode;
 use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, StateSpec, Step, WeightSpec};
@@ -179,10 +179,10 @@ fn err(bytes: &[u8]) -> String {
     }
 }
 
-/// An artifact around an arbitrary body, with a correct header.
+/// An artifact around an arbitrary body, with a correct header (version 2: no weight sets).
 fn wrap(body: &[u8]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&OLDEST_VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&fnv1a64(body).to_le_bytes());
     out.extend_from_slice(body);
@@ -319,11 +319,15 @@ fn fields_and_ops_are_stored_by_name() {
 }
 
 /// A program without weight sets is written as version 2 (older kilns read it); one with sets
-/// as version 3; a version-2 header over a body with sets is refused.
+/// as version 3; a version-2 header over a body with sets is refused, and so is a version-3
+/// header over a body without (the version lies outside the checksum).
 #[test]
 fn weight_sets_need_format_version_3() {
     let mut p = compiled_program();
-    assert_eq!(save(&p)[8..12], 2u32.to_le_bytes());
+    let mut plain = save(&p);
+    assert_eq!(plain[8..12], 2u32.to_le_bytes());
+    plain[8..12].copy_from_slice(&3u32.to_le_bytes());
+    assert!(err(&plain).contains("holds nothing version 2 cannot"), "{}", err(&plain));
     p.weight_sets = vec![kiln_graph::program::WeightSet { prefix: "m0/".into(), path: "models/a".into() }];
     let bytes = save(&p);
     assert_eq!(bytes[8..12], 3u32.to_le_bytes());
