@@ -8,7 +8,8 @@ use std::io::IsTerminal;
 #[derive(clap::Args)]
 #[command(after_help = RANK_HELP)]
 pub(super) struct RankArgs {
-    /// Model folders (SigLIP towers, big_vision ViT, V-MoE, ...).
+    /// Model folders (SigLIP towers, big_vision ViT, V-MoE, ...): `DIR`, or `DIR@RES` to run
+    /// that model at RES x RES.
     #[arg(required = true)]
     models: Vec<PathBuf>,
     /// A labelled image folder: one subfolder per class, at least two images in each.

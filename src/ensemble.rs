@@ -173,9 +173,9 @@ pub fn parse_member(spec: &str, index: usize) -> Result<Member> {
         return Ok(plain);
     }
     let Some((dir, res)) = spec.rsplit_once('@') else { return Ok(plain) };
-    let r: usize = res.parse().map_err(|_| Error::Usage(format!("--ensemble {spec}: '{res}' after @ is not a resolution")))?;
+    let r: usize = res.parse().map_err(|_| Error::Usage(format!("{spec}: '{res}' after @ is not a resolution")))?;
     if r == 0 {
-        return Err(Error::Usage(format!("--ensemble {spec}: the resolution must be at least 1")));
+        return Err(Error::Usage(format!("{spec}: the resolution must be at least 1")));
     }
     Ok(Member { dir: PathBuf::from(dir), image_hw: Some((r, r)), weight: 1.0, index })
 }

@@ -235,11 +235,13 @@ impl Input {
     }
 }
 
-/// Embeds every image of `images` with the model in `dir`.
-pub fn embed(dir: &Path, images: &[Rgb], o: &RankOptions, bar: &indicatif::ProgressBar) -> Result<Embeddings> {
+/// Embeds every image of `images` with the model in `dir` (at `hw`, else the options' or the
+/// checkpoint's resolution).
+pub fn embed(dir: &Path, hw: Option<(usize, usize)>, images: &[Rgb], o: &RankOptions, bar: &indicatif::ProgressBar) -> Result<Embeddings> {
     let t = Instant::now();
     let mut opts = o.compile.clone();
     opts.profile.batch = o.batch;
+    opts.profile.image_hw = hw.or(opts.profile.image_hw);
     let c = compile(dir, &opts)?;
     let store = WeightStore::open(dir)?;
     let mut s = Session::new(c.program, Arc::new(store))?;
@@ -274,8 +276,9 @@ pub fn embed(dir: &Path, images: &[Rgb], o: &RankOptions, bar: &indicatif::Progr
     Ok(Embeddings { output, dim, values, compile_s, embed_s: t.elapsed().as_secs_f64() })
 }
 
-/// Ranks `models` by leave-one-out kNN accuracy on the folder `data`. A model that fails to
-/// compile or run is reported in `failed` with its error, never dropped.
+/// Ranks `models` (folders, or `DIR@RES` for a model at resolution RES) by leave-one-out kNN
+/// accuracy on the folder `data`. A model that fails to compile or run is reported in `failed`
+/// with its error, never dropped.
 pub fn rank(models: &[PathBuf], data: &Path, o: &RankOptions) -> Result<RankReport> {
     let ds = scan(data)?;
     let labels = ds.labels();
@@ -292,7 +295,8 @@ pub fn rank(models: &[PathBuf], data: &Path, o: &RankOptions) -> Result<RankRepo
     let (mut ranked, mut failed) = (Vec::new(), Vec::new());
     for (i, m) in models.iter().enumerate() {
         let bar = progress_bar(o.progress, images.len(), &format!("[{}/{}] {}", i + 1, models.len(), m.display()));
-        let got = embed(m, &images, o, &bar).and_then(|emb| {
+        let got = crate::ensemble::parse_member(&m.to_string_lossy(), i).and_then(|spec| {
+            let emb = embed(&spec.dir, spec.image_hw, &images, o, &bar)?;
             let pred = knn_predict(&emb.values, emb.dim, &labels, o.k)?;
             Ok((pred, emb))
         });
