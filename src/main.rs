@@ -68,8 +68,8 @@ enum Cmd {
     Compile {
         #[arg(required_unless_present = "ensemble", conflicts_with = "ensemble")]
         model: Option<PathBuf>,
-        /// Member folders (`DIR` or `DIR@RES`): `forward` gives `probs` (their weighted mean
-        /// softmax) and `logits_<i>`; each member's input is resized bilinearly in the program.
+        /// Classifier folders (`DIR` or `DIR@RES`): `forward` gives `probs` (weighted mean softmax) and
+        /// `logits_<i>`; inputs resized in the program (bilinear, align_corners=False, no antialias).
         #[arg(long, num_args = 1.., conflicts_with = "generate")]
         ensemble: Vec<String>,
         /// With --ensemble: member weights from `kiln ensemble select --json` (default: equal).

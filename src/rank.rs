@@ -5,7 +5,9 @@
 //! The folder is ImageFolder's layout: one subfolder per class (labels in the sorted order of
 //! the subfolder names), `.png` / `.jpg` / `.jpeg` images in each (sorted by file name; other
 //! files are counted and left out). Each model is compiled once for `batch` images and run
-//! over the folder in batches (the last one padded with zero images whose rows are dropped).
+//! over the folder in batches (the last one padded with zero images whose rows are dropped; a
+//! V-MoE routes tokens in groups that span images, so the padding can change the routing of the
+//! last batch's images, as in any batched V-MoE evaluation).
 //!
 //! Preprocessing: a Hugging Face folder (input `pixel_values`) as its `preprocessor_config.json`
 //! says ([`Preprocessor`]), resized to the compiled resolution with its filter; without that

@@ -218,7 +218,8 @@ fn ensemble_artifact_runs_through_kiln_run_and_session_load() {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     std::fs::write(root.0.join("sel.json"), r#"{"weights": [0.75, 0.0, 0.25]}"#).unwrap();
-    let (ok, text) = kiln(&["compile", "--ensemble", "a@32", "b@24", "c@16", "--weights-from", "sel.json", "--batch", "2", "-o", "ens.kiln"]);
+    let (ok, text) =
+        kiln(&["compile", "--ensemble", "a@32", "b@24", "c@16", "--weights-from", "sel.json", "--batch", "2", "-o", "ens.kiln"]);
     assert!(ok, "{text}");
     assert!(text.contains("member 1 (b) has weight 0: left out"), "{text}");
     let ins = kiln::io::read(&fixture("ensemble_inputs.safetensors")).unwrap();

@@ -36,7 +36,8 @@ fn ensemble_artifact_runs_through_the_c_abi() {
         m
     });
     let members: Vec<_> = members.collect();
-    let opts = kiln::CompileOptions { profile: kiln::models::Profile { batch: 2, ..Default::default() }, backend: "cpu".into(), trace: false };
+    let opts =
+        kiln::CompileOptions { profile: kiln::models::Profile { batch: 2, ..Default::default() }, backend: "cpu".into(), trace: false };
     // Compiling reads the member folders: from the root.
     let abs: Vec<_> = members.iter().map(|m| kiln::models::ensemble::Member { dir: root.join(&m.dir), ..m.clone() }).collect();
     let mut compiled = kiln::ensemble::compile(&abs, &opts).expect("compile");
@@ -50,7 +51,8 @@ fn ensemble_artifact_runs_through_the_c_abi() {
     let inputs = vec![("images".to_string(), x)];
     let mut rust = Session::load(&artifact, &root).expect("Rust session");
     let t = kiln_runtime::Tensor { ty: rust.program().entries[0].inputs[0].operand.ty.clone(), bytes: inputs[0].1.clone() };
-    let want: Vec<(String, Vec<u8>)> = rust.run("forward", &[("images", &t)]).expect("run").into_iter().map(|(n, t)| (n, t.bytes)).collect();
+    let want: Vec<(String, Vec<u8>)> =
+        rust.run("forward", &[("images", &t)]).expect("run").into_iter().map(|(n, t)| (n, t.bytes)).collect();
     assert_eq!(want.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["probs", "logits_0", "logits_1"]);
 
     let h = open(&artifact, &root).unwrap_or_else(|(st, m)| panic!("open: {st:?}: {m}"));
