@@ -9,7 +9,7 @@
 use crate::error::{ModelError, Result};
 use crate::Profile;
 use kiln_graph::compose::inline;
-use kiln_graph::{Graph, NodeId, Op, ResizeMode};
+use kiln_graph::{Graph, NodeId};
 use std::path::PathBuf;
 
 /// One member: its folder, its resolution when not the checkpoint's, and its weight.
@@ -36,9 +36,8 @@ pub struct Ensemble {
     pub image_hw: (usize, usize),
 }
 
-/// How a member's input is resampled from the ensemble's: PyTorch `interpolate(mode=
-/// "bilinear", align_corners=False, antialias=False)` ([`Op::Resize`]).
-pub const MEMBER_RESIZE: ResizeMode = ResizeMode::Bilinear;
+/// How a member's input is resampled from the ensemble's, for `--help` and messages.
+pub const MEMBER_RESIZE: &str = "PyTorch interpolate(mode=\"bilinear\", align_corners=False, antialias=False), as two matrix products";
 
 /// Builds the ensemble of `members` for `profile` (its batch and dtype; its `image_hw` is the
 /// input resolution, by default the largest member's). A member that is not a classifier (no
@@ -99,11 +98,37 @@ pub fn build(members: &[Member], profile: &Profile) -> Result<Ensemble> {
     })
 }
 
-/// `images [B, H, W, 3]` resampled to `hw` by [`MEMBER_RESIZE`] (over the two spatial axes).
+/// `images [B, H, W, 3]` resampled to `hw` ([`MEMBER_RESIZE`]). Bilinear resampling is
+/// separable and linear: rows `Ry [h, H] x images [B, H, W*3]`, then columns `Rx [w, W] x
+/// [B*h, W, 3]`, both matrix products broadcast over the leading axis, so the full-size image is
+/// read in place (no channels-first copy of it stays live while the other members run).
 fn resize(g: &mut Graph, images: NodeId, hw: (usize, usize)) -> Result<NodeId> {
-    let x = g.permute(images, &[0, 3, 1, 2])?;
-    let x = g.push(Op::Resize { size: [hw.0, hw.1], mode: MEMBER_RESIZE }, &[x])?;
-    Ok(g.permute(x, &[0, 2, 3, 1])?)
+    let s = g.shape(images).to_vec();
+    let (b, h0, w0, c) = (s[0], s[1], s[2], s[3]);
+    let dtype = g.ty(images).dtype;
+    let ry = g.constant(dtype, &[hw.0, h0], bilinear_matrix(h0, hw.0))?;
+    let x = g.reshape(images, &[b, h0, w0 * c])?;
+    let x = g.matmul(ry, x, false)?;
+    let rx = g.constant(dtype, &[hw.1, w0], bilinear_matrix(w0, hw.1))?;
+    let x = g.reshape(x, &[b * hw.0, w0, c])?;
+    let x = g.matmul(rx, x, false)?;
+    Ok(g.reshape(x, &[b, hw.0, hw.1, c])?)
+}
+
+/// The `[out, in]` matrix of PyTorch's bilinear `interpolate` along one axis
+/// (`align_corners=False`, no antialiasing): output `o` reads `src = max((o + 0.5) in/out - 0.5,
+/// 0)` from its floor and the next index (clamped), weighted `1 - t` and `t`.
+pub fn bilinear_matrix(input: usize, output: usize) -> Vec<f64> {
+    let mut m = vec![0.0; output * input];
+    let scale = input as f64 / output as f64;
+    for o in 0..output {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(input - 1);
+        let t = src - src.floor();
+        m[o * input + i0] += 1.0 - t;
+        m[o * input + (i0 + 1).min(input - 1)] += t;
+    }
+    m
 }
 
 /// A member's input resolution and class count, or why it cannot be a member.
@@ -129,4 +154,32 @@ fn classifier(m: &Member, g: &Graph) -> Result<((usize, usize), usize)> {
 
 fn not_member(m: &Member, why: &str) -> ModelError {
     ModelError::Unsupported(format!("ensemble member {} ({}) cannot be a member: {why}", m.index, m.dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bilinear_matrix;
+    use kiln_graph::interp::{eval_op, Value};
+    use kiln_graph::{DType, Op, ResizeMode, TensorType};
+
+    /// The matrices equal the interpreter's `Op::Resize` (PyTorch's bilinear) on every basis
+    /// vector (to f32, the rounding `eval_op` applies), shrinking and growing (where the source
+    /// index clamps at 0 and at the end).
+    #[test]
+    fn bilinear_matrix_is_the_resize_op() {
+        for (input, output) in [(32, 24), (224, 64), (7, 3), (5, 11), (4, 4), (1, 3)] {
+            // Plane p holds the basis vector e_p along the resized axis.
+            let basis: Vec<f64> = (0..input * input).map(|k| f64::from(u8::from(k / input == k % input))).collect();
+            let x = Value::new(TensorType::new(DType::F32, [input, input, 1]), basis).unwrap();
+            let out = TensorType::new(DType::F32, [input, output, 1]);
+            let y = eval_op(&Op::Resize { size: [output, 1], mode: ResizeMode::Bilinear }, &[&x], &out).unwrap();
+            let m = bilinear_matrix(input, output);
+            for p in 0..input {
+                for o in 0..output {
+                    let (got, want) = (m[o * input + p], y.data[p * output + o]);
+                    assert!((got - want).abs() < 1e-7, "{input}->{output}: R[{o}][{p}] = {got}, Resize gives {want}");
+                }
+            }
+        }
+    }
 }
