@@ -177,31 +177,36 @@ fn ensemble_probs_equal_the_members_run_separately() {
     let bytes = kiln_graph::artifact::save(&c.program);
     assert_eq!(bytes[8..12], 3u32.to_le_bytes(), "weight sets are format version 3");
 
-    let store = WeightStore::for_program(&c.program, None).unwrap();
     let arena = e.arena_bytes;
-    let mut s = Session::new(c.program, Arc::new(store)).unwrap();
-    let ins = kiln::io::read(&fixture("ensemble_inputs.safetensors")).unwrap();
-    let got = s.run("forward", &[("images", common::tensor(&ins, "images"))]).unwrap();
-
     let (alone, arenas) = members_alone(&dirs);
     assert!(arena < arenas, "one plan reuses the arena across members: {arena} B vs {arenas} B for three plans");
-    let probs = common::tensor(&got, "probs").to_f32();
-    let mut worst = 0f64;
-    for row in 0..2 {
-        let mut want = [0f64; 5];
-        for (l, w) in alone.iter().zip(weights) {
-            for (k, p) in softmax(&l[row * 5..row * 5 + 5]).into_iter().enumerate() {
-                want[k] += w * p;
+    let ins = kiln::io::read(&fixture("ensemble_inputs.safetensors")).unwrap();
+    // The ensemble on every backend of the build (cpu; cube on lavapipe) against the members
+    // run alone on cpu.
+    for backend in common::BACKENDS {
+        let c = compile(&ms, &CompileOptions { backend: backend.to_string(), ..opts(2, None) }).unwrap();
+        let store = WeightStore::for_program(&c.program, None).unwrap();
+        let mut s = Session::new(c.program, Arc::new(store)).unwrap();
+        let got = s.run("forward", &[("images", common::tensor(&ins, "images"))]).unwrap();
+        let probs = common::tensor(&got, "probs").to_f32();
+        let mut worst = 0f64;
+        for row in 0..2 {
+            let mut want = [0f64; 5];
+            for (l, w) in alone.iter().zip(weights) {
+                for (k, p) in softmax(&l[row * 5..row * 5 + 5]).into_iter().enumerate() {
+                    want[k] += w * p;
+                }
+            }
+            for k in 0..5 {
+                worst = worst.max((probs[row * 5 + k] as f64 - want[k]).abs());
             }
         }
-        for k in 0..5 {
-            worst = worst.max((probs[row * 5 + k] as f64 - want[k]).abs());
+        eprintln!("{backend}: probs within {worst:e} of the members run alone and averaged");
+        assert!(worst <= 1e-6, "{backend}: probs differ from the members' average by {worst:e}");
+        for (i, l) in alone.iter().enumerate() {
+            let err = common::rel_err(&common::tensor(&got, &format!("logits_{i}")).to_f32(), l);
+            assert!(err < 1e-5, "{backend}: logits_{i}: {err:e}");
         }
-    }
-    assert!(worst <= 1e-6, "probs differ from the members' average by {worst:e}");
-    for (i, l) in alone.iter().enumerate() {
-        let err = common::rel_err(&common::tensor(&got, &format!("logits_{i}")).to_f32(), l);
-        assert!(err < 1e-5, "logits_{i}: {err:e}");
     }
     // The members disagree, so the average is not any one member's answer.
     assert!(common::rel_err(&alone[0], &alone[1]) > 1e-2);

@@ -171,3 +171,19 @@ fn bad_folders_and_k_get_clear_errors() {
     let msg = knn_predict(&[1.0, f32::NAN, 0.0, 1.0], 2, &[0, 1], 1).unwrap_err().to_string();
     assert!(msg.contains("example 0 holds NaN"), "{msg}");
 }
+
+/// `--output` picks another output as the embedding; one that is not `[batch, width]` is a
+/// failure of that model, named.
+#[test]
+fn output_overrides_the_embedding() {
+    let models = [common::big_vision_case("vit_map_learn"), common::siglip_case("vision_nohead")];
+    let mut o = options(3);
+    o.output = Some("head_input".into());
+    let r = rank(&models, &fixture("data"), &o).unwrap();
+    assert_eq!(r.ranked.len(), 1);
+    assert_eq!((r.ranked[0].emb.output.as_str(), r.ranked[0].emb.dim), ("head_input", 48));
+    assert!(r.failed[0].1.contains("no output 'head_input'"), "{}", r.failed[0].1);
+    o.output = Some("last_hidden_state".into());
+    let r = rank(&models[1..], &fixture("data"), &o).unwrap();
+    assert!(r.failed[0].1.contains("expected [batch, width] embeddings"), "{}", r.failed[0].1);
+}
