@@ -150,6 +150,7 @@ pub(super) fn compile_cmd(
 
 /// `kiln compile --ensemble a b ... -o ens.kiln`.
 fn compile_ensemble(specs: &[String], weights_from: Option<&Path>, p: &ProfileArgs, out: &Path) -> Result<()> {
+    writable(out)?;
     let mut members = specs.iter().enumerate().map(|(i, s)| kiln::ensemble::parse_member(s, i)).collect::<Result<Vec<_>>>()?;
     if let Some(wf) = weights_from {
         for (m, w) in members.iter_mut().zip(kiln::ensemble::weights_from(wf, specs.len())?) {
@@ -169,7 +170,6 @@ fn compile_ensemble(specs: &[String], weights_from: Option<&Path>, p: &ProfileAr
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
         println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
     }
-    writable(out)?;
     kiln_graph::artifact::save_file(out, &c.program)?;
     println!("{}", c.program.model);
     println!(
