@@ -48,16 +48,25 @@ pub(super) enum EnsembleCmd {
     Select {
         /// Validation logits per candidate: safetensors holding `logits [N, C]` (as `kiln run`
         /// writes it) or one tensor.
-        #[arg(long, required = true, num_args = 1..)]
+        #[arg(long, num_args = 1.., required_unless_present = "models", conflicts_with = "models", requires = "labels")]
         logits: Vec<PathBuf>,
         /// `labels [N]` (integers in 0..C), or the file's one tensor.
         #[arg(long)]
-        labels: PathBuf,
+        labels: Option<PathBuf>,
+        /// Or candidate model folders (`DIR` or `DIR@RES`), run over --data for their `logits`.
+        #[arg(long, num_args = 1.., requires = "data")]
+        models: Vec<String>,
+        /// With --models: a labelled folder read as `kiln rank` reads it (class i, in sorted
+        /// subfolder order, must be the models' logit i).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Ensemble size: steps of the selection (default: the number of candidates).
         #[arg(long)]
         size: Option<usize>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        p: ProfileArgs,
     },
 }
 
@@ -101,9 +110,26 @@ pub(super) fn rank(a: RankArgs) -> Result<()> {
 
 /// `kiln ensemble ...`.
 pub(super) fn ensemble(cmd: EnsembleCmd) -> Result<()> {
-    let EnsembleCmd::Select { logits, labels, size, json } = cmd;
-    let cands = logits.iter().map(|p| kiln::ensemble::read_logits(p)).collect::<Result<Vec<_>>>()?;
-    let y = kiln::ensemble::read_labels(&labels)?;
+    let EnsembleCmd::Select { logits, labels, models, data, size, json, p } = cmd;
+    let (cands, y) = match (labels, data) {
+        (Some(labels), _) => {
+            let cands = logits.iter().map(|p| kiln::ensemble::read_logits(p)).collect::<Result<Vec<_>>>()?;
+            (cands, kiln::ensemble::read_labels(&labels)?)
+        }
+        (None, Some(data)) => {
+            let compile = profile(&p, Some(8), None)?;
+            let o = kiln::rank::RankOptions {
+                k: 1,
+                output: None,
+                batch: compile.profile.batch,
+                compile,
+                progress: false,
+                save_embeddings: None,
+            };
+            progress("running the candidates", || kiln::ensemble::folder_logits(&models, &data, &o))?
+        }
+        (None, None) => return Err(Error::Usage("ensemble select needs --logits and --labels, or --models and --data".into())),
+    };
     let size = size.unwrap_or(cands.len());
     let sel = kiln::ensemble::select(&cands, &y, size)?;
     let w = sel.weights();

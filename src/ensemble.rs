@@ -208,3 +208,24 @@ pub fn compile(members: &[Member], opts: &CompileOptions) -> Result<Compiled> {
         e.weight_sets.into_iter().map(|(prefix, dir)| kiln_graph::program::WeightSet { prefix, path: dir.display().to_string() }).collect();
     Ok(c)
 }
+
+/// Validation logits from models instead of files: each model (`DIR` or `DIR@RES`) run over a
+/// labelled folder as `kiln rank` reads and preprocesses it ([`crate::rank`]), its `logits`
+/// output kept; the labels are the folder's (class `i` is the `i`-th subfolder in sorted order,
+/// which must be the models' logit `i`). A model that fails is an error naming it: selection
+/// needs every candidate.
+pub fn folder_logits(models: &[String], data: &Path, o: &crate::rank::RankOptions) -> Result<(Vec<Logits>, Vec<i64>)> {
+    let ds = crate::rank::scan(data)?;
+    let images: Vec<_> = ds.images.iter().map(|(p, _)| crate::preprocess::load_image(p, true)).collect::<Result<_>>()?;
+    let o = crate::rank::RankOptions { output: Some("logits".into()), ..o.clone() };
+    let mut out = Vec::with_capacity(models.len());
+    for (i, spec) in models.iter().enumerate() {
+        let m = parse_member(spec, i)?;
+        let bar = indicatif::ProgressBar::hidden();
+        let e =
+            crate::rank::embed(&m.dir, m.image_hw, &images, &o, &bar).map_err(|e| Error::Usage(format!("candidate {i} ({spec}): {e}")))?;
+        let values = e.values.iter().map(|&v| v as f64).collect();
+        out.push(Logits { name: spec.clone(), n: images.len(), c: e.dim, values });
+    }
+    Ok((out, ds.labels().into_iter().map(|l| l as i64).collect()))
+}

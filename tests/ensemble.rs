@@ -269,3 +269,47 @@ fn members_that_are_not_comparable_classifiers_are_refused_by_name() {
     let msg = parse_member("no/such/folder@x", 0).unwrap_err().to_string();
     assert!(msg.contains("'x' after @ is not a resolution"), "{msg}");
 }
+
+/// `kiln ensemble select --models ... --data DIR` runs each model over the folder for its
+/// logits; the selection equals `--logits` files holding those logits with the folder's labels.
+#[test]
+fn select_from_models_and_a_folder_equals_select_from_their_logits() {
+    let data = fixture("data");
+    let models: Vec<String> = [common::big_vision_case("vit_map_learn"), common::big_vision_case("vit_map_learn_scan")]
+        .iter()
+        .chain([common::big_vision_case("vit_map_learn")].iter())
+        .map(|p| p.display().to_string())
+        .collect();
+    let o = kiln::rank::RankOptions { k: 1, output: None, batch: 4, compile: opts(4, None), progress: false, save_embeddings: None };
+    let (cands, labels) = kiln::ensemble::folder_logits(&models, &data, &o).unwrap();
+    assert_eq!(labels, kiln::rank::scan(&data).unwrap().labels().iter().map(|&l| l as i64).collect::<Vec<_>>());
+    assert!(cands.iter().all(|c| (c.n, c.c) == (15, 7)));
+    assert_eq!(cands[0].values, cands[2].values, "the same model twice gives the same logits");
+
+    let root = TempDir::new("select-models");
+    let mut args: Vec<String> = vec!["ensemble".into(), "select".into(), "--size".into(), "4".into(), "--json".into()];
+    for (j, c) in cands.iter().enumerate() {
+        let f = root.0.join(format!("l{j}.safetensors"));
+        let t = kiln_runtime::Tensor::from_f32(&[c.n, c.c], &c.values.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        kiln::io::write(&f, &[("logits".to_string(), t)]).unwrap();
+        args.extend(["--logits".into(), f.display().to_string()]);
+    }
+    let lf = root.0.join("labels.safetensors");
+    kiln::io::write(&lf, &[("labels".to_string(), kiln_runtime::Tensor::from_i64(&[15], &labels))]).unwrap();
+    args.extend(["--labels".into(), lf.display().to_string()]);
+    let run = |a: &[String]| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(a).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let from_files = run(&args);
+    let mut by_models: Vec<String> =
+        vec!["ensemble".into(), "select".into(), "--size".into(), "4".into(), "--json".into(), "--models".into()];
+    by_models.extend(models.iter().cloned());
+    by_models.extend(["--data".into(), data.display().to_string(), "--batch".into(), "4".into()]);
+    let from_models = run(&by_models);
+    assert_eq!(from_models["weights"], from_files["weights"]);
+    let chosen = |v: &Value| v["steps"].as_array().unwrap().iter().map(|s| s["chosen"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(chosen(&from_models), chosen(&from_files));
+    assert_eq!(from_models["counts"][2], 0, "the repeated model loses every tie to its first copy");
+}
