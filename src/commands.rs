@@ -478,6 +478,22 @@ pub(super) fn generate_text_inputs(
     Ok(())
 }
 
+/// `kiln generate <big_vision PaliGemma> --inputs --out`: the official greedy loop
+/// ([`kiln::paligemma_bv::generate`]).
+pub(super) fn generate_big_vision_paligemma(
+    model: &Path,
+    ins: &Named,
+    out: &Path,
+    max_new: usize,
+    backend: &str,
+    dtype: DType,
+) -> Result<()> {
+    let outs = progress("generating", || kiln::paligemma_bv::generate(model, ins, max_new, backend, dtype))?;
+    io::write(out, &outs)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
 /// Named tensors, as a safetensors file holds them.
 type Named = Vec<(String, Tensor)>;
 

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod cli_ensemble;
 mod commands;
 use commands::{
-    bench, bench_kernels, compile_forward, generate_encdec, generate_text_inputs, generate_uvim, inspect, kernels_check, run, writable,
-    writable_unlike,
+    bench, bench_kernels, compile_forward, generate_big_vision_paligemma, generate_encdec, generate_text_inputs, generate_uvim, inspect,
+    kernels_check, run, writable, writable_unlike,
 };
 
 #[derive(Parser)]
@@ -64,9 +65,17 @@ struct ProfileArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Compile a model folder into an artifact.
+    /// Compile a model folder into an artifact (or, with --ensemble, several classifiers into one).
     Compile {
-        model: PathBuf,
+        #[arg(required_unless_present = "ensemble", conflicts_with = "ensemble")]
+        model: Option<PathBuf>,
+        /// Classifier folders (`DIR` or `DIR@RES`): `forward` gives `probs` (weighted mean softmax) and
+        /// `logits_<i>`; inputs resized in the program (bilinear, align_corners=False, no antialias).
+        #[arg(long, num_args = 1.., conflicts_with = "generate")]
+        ensemble: Vec<String>,
+        /// With --ensemble: member weights from `kiln ensemble select --json` (default: equal).
+        #[arg(long, requires = "ensemble")]
+        weights_from: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
         #[arg(short = 'o', long)]
@@ -248,6 +257,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Rank models by the leave-one-out kNN accuracy of their embeddings on a labelled folder.
+    Rank(Box<cli_ensemble::RankArgs>),
+    /// Ensembles of classifiers: `kiln ensemble select` (greedy, by validation cross-entropy).
+    Ensemble {
+        #[command(subcommand)]
+        sub: cli_ensemble::EnsembleCmd,
+    },
     /// Write a full-size random-weight model folder (no downloads).
     Synth {
         name: Option<String>,
@@ -414,7 +430,8 @@ fn session_and_graph(
         None if is_artifact(model) => PathBuf::from(&program.source),
         None => model.to_path_buf(),
     };
-    let store = progress("loading weights", || WeightStore::open(&wpath))?;
+    // An ensemble's weights span its members' folders (`weight_sets`, relative to `wpath`).
+    let store = progress("loading weights", || WeightStore::for_program(&program, Some(&wpath)))?;
     Ok((progress("preparing", || load(program, Arc::new(store), p))?, graph))
 }
 
@@ -462,8 +479,11 @@ fn moe_parts(g: &kiln_graph::Graph) -> Vec<Option<bool>> {
 
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Compile { model, p, out, generate: true, max_new_tokens } => commands::compile_generation(&model, &p, max_new_tokens, &out),
-        Cmd::Compile { model, p, out, .. } => compile_forward(&model, &p, &out),
+        Cmd::Compile { model, p, out, generate, max_new_tokens, ensemble, weights_from } => {
+            cli_ensemble::compile_cmd(model, (ensemble, weights_from), &p, &out, (generate, max_new_tokens))
+        }
+        Cmd::Rank(a) => cli_ensemble::rank(*a),
+        Cmd::Ensemble { sub } => cli_ensemble::ensemble(sub),
         Cmd::Run { model, inputs, out, weights, p, entry, bpd, moe_stats } => {
             writable_unlike(&out, Some(&inputs))?;
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
@@ -547,10 +567,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             writable_unlike(&out, Some(&inputs))?;
             let ins = io::read(&inputs)?;
             if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
-                let outs = progress("generating", || kiln::paligemma_bv::generate(&model, &ins, max_new_tokens, &backend, dtype))?;
-                io::write(&out, &outs)?;
-                println!("wrote {}", out.display());
-                return Ok(());
+                return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
             }
             if ins.iter().any(|(n, _)| n == "images") {
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };

@@ -164,13 +164,33 @@ pub fn find(name: &str) -> Option<SynthModel> {
 
 /// Synthesizes table model `name` into directory `out` (created if missing; an existing
 /// `config.json` and weight file are replaced).
+/// A `name` ending in `.json` that is a file is a `config.json` to synthesize ([`synth_config`]).
 pub fn synth(name: &str, out: &Path, seed: u64, progress: bool) -> Result<SynthReport, SynthError> {
+    if name.ends_with(".json") && Path::new(name).is_file() {
+        return synth_config(Path::new(name), out, seed, progress);
+    }
     let model = find(name).ok_or_else(|| SynthError::UnknownModel {
         name: name.to_string(),
         known: list().iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
     })?;
     let mut report = synth_folder(model.family, &model.recipe(seed)?, out, seed, progress)?;
     report.name = model.name.to_string();
+    Ok(report)
+}
+
+/// Synthesizes the model a `config.json` describes (any size, e.g. a small one for a benchmark):
+/// the family its `model_name` (big_vision, written as `params.npz`) or `model_type` (Hugging
+/// Face, `model.safetensors`) names, f32 weights learned at batch 8 (so a V-MoE's routing
+/// groups may span up to 8 images). Families with given tensors (Jet) need their table rows.
+pub fn synth_config(config: &Path, out: &Path, seed: u64, progress: bool) -> Result<SynthReport, SynthError> {
+    let family = registry::family_of(config)?;
+    let (big_vision, _) = registry::kind_of(config)?;
+    let text = fs::read_to_string(config).map_err(|e| SynthError::io(config, e))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| SynthError::InvalidConfig(format!("{}: {e}", config.display())))?;
+    let format = if big_vision { WeightFormat::Npz } else { WeightFormat::Safetensors };
+    let recipe = SynthRecipe { config: value, dtype: DType::F32, format, roots: &[""], given: Vec::new(), batch: 8 };
+    let mut report = synth_folder(family, &recipe, out, seed, progress)?;
+    report.name = config.display().to_string();
     Ok(report)
 }
 

@@ -19,6 +19,7 @@ fn state_carries_across_runs_and_entries() {
         entries: vec![],
         states: vec![StateSpec { name: "acc".into(), ty: ty.clone() }],
         binaries: vec![],
+        weight_sets: vec![],
     };
     // `add`: acc += x, returns acc; `peek`: returns acc * 2 without writing it.
     let mut add = Graph::new();
@@ -70,6 +71,7 @@ fn write_slice_updates_a_state_in_place() {
         entries: vec![],
         states: vec![StateSpec { name: "c".into(), ty: ty.clone() }],
         binaries: vec![],
+        weight_sets: vec![],
     };
     let mut fill = Graph::new();
     let x = fill.input("x", DType::F32, &[2, 4, 1]).unwrap();

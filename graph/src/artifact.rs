@@ -33,8 +33,12 @@ use thiserror::Error;
 
 /// The first eight bytes of every `.kiln` file.
 pub const MAGIC: &[u8; 8] = b"KILN\0ART";
-/// The layout and body encoding this kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest layout and body encoding this kiln writes and reads. Version 3 added
+/// [`Program::weight_sets`] (weights from several checkpoints, an ensemble); a program without
+/// them is still written as version 2, byte for byte as before, so older kilns read it.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version this kiln reads.
+pub const OLDEST_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
 pub const HEADER_BYTES: usize = 28;
 
@@ -45,7 +49,9 @@ pub enum ArtifactError {
     #[error("{file}: not a kiln artifact: it looks like {looks_like} (a .kiln file starts with `KILN\\0ART`)")]
     NotKiln { file: String, looks_like: String },
     /// Another format version wrote the file.
-    #[error("{file}: made by format version {found}, this kiln reads version {expected}: recompile it with `kiln compile`")]
+    #[error(
+        "{file}: made by format version {found}, this kiln reads versions {OLDEST_VERSION} to {expected}: recompile it with `kiln compile`"
+    )]
     Version { file: String, found: u32, expected: u32 },
     /// The file is shorter than its header says.
     #[error("{file}: truncated: expected {expected} bytes, found {found}")]
@@ -86,11 +92,20 @@ pub fn save(program: &Program) -> Vec<u8> {
     let body = enc.out;
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version_for(program).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&fnv1a64(&body).to_le_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// The oldest format version that can hold `program`.
+pub fn version_for(program: &Program) -> u32 {
+    if program.weight_sets.is_empty() {
+        2
+    } else {
+        3
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -123,7 +138,7 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
         return Err(truncated(HEADER_BYTES as u64));
     }
     let version = u32_at(bytes, 8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(ArtifactError::Version { file, found: version, expected: FORMAT_VERSION });
     }
     if bytes.len() < HEADER_BYTES {
@@ -146,6 +161,17 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
     if !dec.buf.is_empty() {
         let msg = format!("{} bytes left over after the program", dec.buf.len());
         return Err(ArtifactError::Parse { file, msg });
+    }
+    // The version lies outside the checksum; a writer writes the oldest version that holds the
+    // program, so any other is a damaged header.
+    let needed = version_for(&program);
+    if version < needed {
+        let msg = format!("format version {version} cannot hold weight sets (version {needed} can)");
+        return Err(ArtifactError::Invalid { file, msg });
+    }
+    if version > needed {
+        let msg = format!("written as format version {version}, but it holds nothing version {needed} cannot: a damaged header");
+        return Err(ArtifactError::Invalid { file, msg });
     }
     program.validate().map_err(|msg| ArtifactError::Invalid { file, msg })?;
     Ok(program)

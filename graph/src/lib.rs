@@ -7,6 +7,7 @@
 //! runtime links (IR, interpreter, program, artifact).
 
 pub mod artifact;
+pub mod compose;
 pub mod cost;
 pub mod dtype;
 pub mod error;

@@ -128,6 +128,22 @@ pub struct Program {
     /// older artifacts and their bytes are unchanged).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binaries: Vec<Binary>,
+    /// Weights read from several checkpoints (an ensemble): each weight name starting with a
+    /// set's prefix is that set's tensor of the rest of the name. Empty: every weight comes from
+    /// `source`. Omitted from the file when empty; a program with sets is written as format
+    /// version 3 (see [`crate::artifact`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weight_sets: Vec<WeightSet>,
+}
+
+/// One checkpoint of a program whose weights span several ([`Program::weight_sets`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightSet {
+    /// The prefix of this checkpoint's weight names in the program (`m0/`).
+    pub prefix: String,
+    /// The checkpoint (a folder or weight file) as given at compile time; a relative path is
+    /// read against the folder a runtime is given (the working directory by default).
+    pub path: String,
 }
 
 impl Program {
@@ -142,6 +158,7 @@ impl Program {
             entries: vec![],
             states: vec![],
             binaries: vec![],
+            weight_sets: vec![],
         }
     }
 

@@ -1,7 +1,7 @@
 //! The `.kiln` format: programs survive a round trip bit for bit, every kind of bad file
 //! gets its own error naming the file, and no byte string makes loading panic.
 
-use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, FORMAT_VERSION, HEADER_BYTES, MAGIC};
+use kiln_graph::artifact::{fnv1a64, load, load_file, save, save_file, HEADER_BYTES, MAGIC, OLDEST_VERSION};
 use kiln_graph::lower::compile_entry;
 use kiln_graph::op::ResizeMode;
 use kiln_graph::program::{ConstData, Entry, Io, Operand, PlanStats, Program, Slot, StateSpec, Step, WeightSpec};
@@ -137,7 +137,10 @@ fn random_program(seed: u64) -> Program {
             code: (0..r.below(64)).map(|_| r.next() as u8).collect(),
         })
         .collect();
-    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states, binaries }
+    // Weight sets (format version 3) in about half the programs.
+    let weight_sets =
+        (0..r.below(2) * r.below(3)).map(|_| kiln_graph::program::WeightSet { prefix: r.string(), path: r.string() }).collect();
+    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states, binaries, weight_sets }
 }
 
 /// A small real program: a graph compiled twice as two entries sharing weights.
@@ -159,6 +162,7 @@ fn compiled_program() -> Program {
         entries: vec![],
         states: vec![StateSpec { name: "cache.0.key".into(), ty: TensorType::new(DType::F32, [1, 4, 2, 8]) }],
         binaries: vec![],
+        weight_sets: vec![],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {
@@ -175,10 +179,10 @@ fn err(bytes: &[u8]) -> String {
     }
 }
 
-/// An artifact around an arbitrary body, with a correct header.
+/// An artifact around an arbitrary body, with a correct header (version 2: no weight sets).
 fn wrap(body: &[u8]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&OLDEST_VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&fnv1a64(body).to_le_bytes());
     out.extend_from_slice(body);
@@ -254,7 +258,7 @@ fn each_bad_file_gets_its_own_message() {
 
     let mut v = good.clone();
     v[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads version 2: recompile it with `kiln compile`");
+    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 3: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));
@@ -312,4 +316,23 @@ fn fields_and_ops_are_stored_by_name() {
     let p = load(&wrap(&old), "old.kiln").unwrap();
     assert_eq!(p.source, "");
     assert_eq!(p.entries, compiled_program().entries);
+}
+
+/// A program without weight sets is written as version 2 (older kilns read it); one with sets
+/// as version 3; a version-2 header over a body with sets is refused, and so is a version-3
+/// header over a body without (the version lies outside the checksum).
+#[test]
+fn weight_sets_need_format_version_3() {
+    let mut p = compiled_program();
+    let mut plain = save(&p);
+    assert_eq!(plain[8..12], 2u32.to_le_bytes());
+    plain[8..12].copy_from_slice(&3u32.to_le_bytes());
+    assert!(err(&plain).contains("holds nothing version 2 cannot"), "{}", err(&plain));
+    p.weight_sets = vec![kiln_graph::program::WeightSet { prefix: "m0/".into(), path: "models/a".into() }];
+    let bytes = save(&p);
+    assert_eq!(bytes[8..12], 3u32.to_le_bytes());
+    assert_eq!(load(&bytes, "ens.kiln").unwrap(), p);
+    let mut old = bytes.clone();
+    old[8..12].copy_from_slice(&2u32.to_le_bytes());
+    assert!(err(&old).contains("format version 2 cannot hold weight sets"), "{}", err(&old));
 }

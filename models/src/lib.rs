@@ -4,6 +4,7 @@
 pub mod big_vision;
 pub mod checkpoint;
 pub mod config;
+pub mod ensemble;
 pub mod error;
 pub mod gemma;
 pub mod jet;

@@ -23,7 +23,7 @@ type Detection = (String, [f32; 4], Option<[f32; 4]>, Option<Vec<u8>>);
 
 /// A loaded program; a generation program (entries `prefill` and `decode`) comes with its driver.
 enum Loaded {
-    Run(RtSession),
+    Run(Box<RtSession>),
     Gen(Box<Generator>),
 }
 
@@ -122,7 +122,7 @@ impl Session {
                 let store = Arc::new(WeightStore::open(&wpath)?);
                 let generation = program.entry("prefill").is_some() && program.entry("decode").is_some();
                 let s = load_program(program, store, cuda_gemv)?;
-                Ok(if generation { Loaded::Gen(Box::new(Generator::from_session(s, &source)?)) } else { Loaded::Run(s) })
+                Ok(if generation { Loaded::Gen(Box::new(Generator::from_session(s, &source)?)) } else { Loaded::Run(Box::new(s)) })
             })
             .map_err(to_py)?;
         Ok(Session { loaded: Mutex::new(loaded), source, program: kept })

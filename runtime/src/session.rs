@@ -65,10 +65,12 @@ impl Session {
         Ok(Session { program, exec })
     }
 
-    /// Loads an artifact file and the weights it names (a safetensors file or a folder).
+    /// Loads an artifact file and its weights: a safetensors file or a folder (for an ensemble,
+    /// see [`WeightStore::for_program`]).
     pub fn load(artifact: &Path, weights: &Path) -> Result<Self> {
         let program = kiln_graph::artifact::load_file(artifact)?;
-        Session::new(program, Arc::new(WeightStore::open(weights)?))
+        let store = WeightStore::for_program(&program, Some(weights))?;
+        Session::new(program, Arc::new(store))
     }
 
     /// The program this session runs.

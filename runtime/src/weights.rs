@@ -159,6 +159,41 @@ impl WeightStore {
         unsafe { std::slice::from_raw_parts(b.as_ptr(), b.len()) }
     }
 
+    /// The weights of `program`. A program of one checkpoint reads `path`, else the folder it
+    /// was compiled from. A program whose weights span several checkpoints (its
+    /// [`weight_sets`](kiln_graph::program::Program::weight_sets), an ensemble) reads `path`
+    /// when it is a file holding every set's weights under their prefixes; otherwise it maps
+    /// each set's checkpoint, a relative one read against the folder `path` (default: the
+    /// working directory), and indexes its tensors under the set's prefix.
+    pub fn for_program(program: &kiln_graph::program::Program, path: Option<&Path>) -> Result<Self> {
+        if program.weight_sets.is_empty() || path.is_some_and(|p| p.is_file()) {
+            return WeightStore::open(path.unwrap_or(Path::new(&program.source)));
+        }
+        let mut store = WeightStore::empty();
+        for set in &program.weight_sets {
+            let p = Path::new(&set.path);
+            let at = match path {
+                Some(root) if p.is_relative() => root.join(p),
+                _ => p.to_path_buf(),
+            };
+            if !at.exists() {
+                let msg = format!(
+                    "no weights for the program's set '{}' here (compiled from {}; a relative path is read against the given folder)",
+                    set.prefix, set.path
+                );
+                return Err(RuntimeError::Weights { path: at, msg });
+            }
+            let one = WeightStore::open(&at)?;
+            let base = store.maps.len();
+            for (name, r) in one.index {
+                store.index.insert(format!("{}{name}", set.prefix), WeightRef { file: base + r.file, ..r });
+            }
+            store.paths.extend(one.paths);
+            store.maps.extend(one.maps);
+        }
+        Ok(store)
+    }
+
     /// A store with no files, for programs that read no weights.
     pub fn empty() -> Self {
         WeightStore { paths: vec![], maps: vec![], index: HashMap::new(), views: Mutex::new(Views::default()) }

@@ -6,6 +6,7 @@ mod abi;
 mod bad_input;
 mod c_example;
 mod common;
+mod ensemble;
 mod header;
 mod states;
 mod threads;

@@ -77,6 +77,7 @@ pub fn build() -> Tiny {
         entries: vec![],
         states: vec![],
         binaries: vec![],
+        weight_sets: vec![],
     };
     let (entry, _, _) = kiln_graph::lower::compile_entry(&g, "forward", &mut program, &namer).expect("lower");
     program.entries.push(entry);

@@ -336,6 +336,7 @@ mod tests {
             entries: vec![e],
             states: vec![],
             binaries: vec![],
+            weight_sets: vec![],
         };
         let l = layout(&p).unwrap();
         assert!(l.scratch_bytes >= matmul_scratch(&p.entries[0].steps[0]));
