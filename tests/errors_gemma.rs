@@ -179,6 +179,6 @@ fn compile_generate_writes_an_artifact_and_names_bad_arguments() {
     assert!(!ok && stderr.contains("--generate needs --max-new-tokens"), "{stderr}");
     let vit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/big_vision/vit_map_learn");
     let (ok, _, stderr) = kiln(&["compile", vit.to_str().unwrap(), "--generate", "--seq-len", "8", "--max-new-tokens", "3", "-o", o]);
-    assert!(!ok && stderr.contains("a vit model does not generate text (generation: gemma, paligemma)"), "{stderr}");
+    assert!(!ok && stderr.contains("a vit model does not generate text (generation: gemma, paligemma, paligemma-bv)"), "{stderr}");
     assert!(!out.exists(), "no artifact written on an error");
 }

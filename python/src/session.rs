@@ -115,11 +115,12 @@ impl Session {
     /// Loads `program` with the weights at `weights` (default: the folder it was compiled from).
     pub fn open(py: Python<'_>, program: Program, weights: Option<PathBuf>, cuda_gemv: &str) -> PyResult<Session> {
         let source = PathBuf::from(&program.source);
-        let wpath = weights.unwrap_or_else(|| source.clone());
         let kept = program.clone();
         let loaded = py
             .detach(|| -> kiln::Result<Loaded> {
-                let store = Arc::new(WeightStore::open(&wpath)?);
+                // One checkpoint (`weights`, else the folder compiled from), or an ensemble's
+                // weight sets (relative ones read against `weights`).
+                let store = Arc::new(WeightStore::for_program(&program, weights.as_deref())?);
                 let generation = program.entry("prefill").is_some() && program.entry("decode").is_some();
                 let s = load_program(program, store, cuda_gemv)?;
                 Ok(if generation { Loaded::Gen(Box::new(Generator::from_session(s, &source)?)) } else { Loaded::Run(Box::new(s)) })

@@ -65,9 +65,9 @@ def kiln_bin() -> Path:
     return p
 
 
-def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """Runs the CLI; with `ok`, fails the test when it fails."""
-    r = subprocess.run([str(kiln_bin()), *map(str, args)], capture_output=True, text=True)
+def cli(*args: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs the CLI (in `cwd`); with `ok`, fails the test when it fails."""
+    r = subprocess.run([str(kiln_bin()), *map(str, args)], capture_output=True, text=True, cwd=cwd)
     if ok and r.returncode != 0:
         raise AssertionError(f"kiln {' '.join(map(str, args))}: {r.stderr}")
     return r

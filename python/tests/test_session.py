@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kiln
-from conftest import FIXTURES, cli_error, read_st, write_st
+from conftest import FIXTURES, cli, cli_error, read_st, write_st
 
 SIGLIP = FIXTURES / "siglip" / "vision_map"
 GEMMA = FIXTURES / "gemma" / "gemma2_gqa"
@@ -175,3 +175,22 @@ def test_cube_backend_on_the_wheel(siglip):
     assert cube.backend == "cube"
     got = cube.run({"pixel_values": px})["pooler_output"]
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_ensemble_artifact_runs_like_the_cli(tmp_path):
+    """An ensemble artifact (format 3: weight sets from two folders, `kiln compile --ensemble`)
+    loads from Python with its member folders relative to `weights`, and gives the CLI's outputs."""
+    bv = FIXTURES / "big_vision"
+    art = tmp_path / "ens.kiln"
+    cli("compile", "--ensemble", "vit_map_learn", "vit_map_learn_scan", "--batch", "2", "-o", art, cwd=bv)
+    images = read_st(bv / "vit_map_learn" / "reference.safetensors")["images"][:2]
+    write_st(tmp_path / "in.safetensors", {"images": images})
+    cli("run", art, "--weights", bv, "--inputs", tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors")
+    want = read_st(tmp_path / "out.safetensors")
+    got = kiln.load(art, weights=bv).run({"images": images})
+    assert set(want) <= set(got) and "probs" in got
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w)
+    np.testing.assert_allclose(got["probs"].sum(-1), 1.0, rtol=1e-5)
+    with pytest.raises(kiln.KilnError, match="vit_map_learn"):
+        kiln.load(art, weights=tmp_path)
