@@ -53,7 +53,7 @@ export KILN_REQUIRE_NVRTC=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets --locked --features kiln/cuda 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --locked --features kiln/cuda --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The test run built the CLI with the same features (for the integration tests): use it
 # rather than `cargo run`, which would build every dependency again in the dev profile.
 echo "== kiln kernels check --arch sm_90a"

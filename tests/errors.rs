@@ -216,7 +216,7 @@ fn inconsistent_steps_are_refused_at_load() {
         // Program::validate: re-inferred types, slots in range, sizes without overflow.
         ("matmul", Box::new(move |p| drop(p.entries[0].steps[mm].inputs.pop()))),
         ("declares", Box::new(move |p| p.entries[0].steps[ln].output.ty.shape.reverse())),
-        ("past the arena", Box::new(move |p| p.entries[0].arena_bytes = 64)),
+        ("outside the", Box::new(move |p| p.entries[0].arena_bytes = 64)),
         ("weight 9999 does not exist", Box::new(move |p| p.entries[0].steps[mm].inputs[1].slot = kiln_graph::program::Slot::Weight(9999))),
         ("overflows", Box::new(move |p| p.weights[0].ty.shape = vec![1 << 40, 1 << 40])),
         ("not a cpu kernel", Box::new(move |p| p.entries[0].steps[ln].kernel = "cublaslt.gemm_f32".into())),

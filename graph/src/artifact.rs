@@ -173,7 +173,7 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
         let msg = format!("written as format version {version}, but it holds nothing version {needed} cannot: a damaged header");
         return Err(ArtifactError::Invalid { file, msg });
     }
-    program.validate().map_err(|msg| ArtifactError::Invalid { file, msg })?;
+    program.validate_layout().map_err(|msg| ArtifactError::Invalid { file, msg })?;
     Ok(program)
 }
 

@@ -2,9 +2,10 @@
 //! wrote it (an artifact's checksum proves only that the bytes arrived as written). Every size
 //! is computed with overflow checks; every slot lies inside what it indexes (arena, weights,
 //! constants, states) and agrees with its declared type; every step's output type is inferred
-//! again from its inputs with the compiler's own rules ([`crate::infer::infer`]). Artifact
-//! loading runs it, and so does every session on a program built in memory; a program that fails
-//! is refused with the entry and step named, before any memory is allocated for it.
+//! again from its inputs with the compiler's own rules ([`crate::infer::infer`]). Reading an
+//! artifact checks the layout; every session checks everything at load, on every backend,
+//! whether the program came from a file or from memory. A program that fails is refused with the
+//! entry and step named, before any memory is allocated for it.
 
 use crate::dtype::TensorType;
 use crate::infer::infer;
@@ -17,9 +18,32 @@ pub fn checked_bytes(ty: &TensorType) -> Option<usize> {
 }
 
 impl Program {
-    /// Checks the program's internal consistency (see the module docs); the error names the
-    /// entry and step at fault.
+    /// Checks the program's internal consistency (see the module docs): its layout
+    /// ([`Program::validate_layout`]), then every step's output type re-inferred from its inputs.
+    /// The error names the entry and step at fault.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_layout()?;
+        for e in &self.entries {
+            for (i, s) in e.steps.iter().enumerate() {
+                let at = |m: String| format!("entry '{}', step {i} (%{} {}): {m}", e.name, s.node, s.op.name());
+                if matches!(s.output.slot, Slot::Weight(_) | Slot::Const(_)) {
+                    return Err(at("writes a weight or a constant".into()));
+                }
+                let types: Vec<&TensorType> = s.inputs.iter().map(|o| &o.ty).collect();
+                let sources = matches!(s.op, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. });
+                let want = infer(&s.op, &types, sources.then_some(&s.output.ty)).map_err(at)?;
+                if want != s.output.ty {
+                    return Err(at(format!("its inputs give {want}, the step declares {}", s.output.ty)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The layout alone, what reading an artifact checks: every size computable without
+    /// overflow, constants holding their values, every operand's slot inside the arena, weight,
+    /// constant or state it names and of its size.
+    pub fn validate_layout(&self) -> Result<(), String> {
         for (i, w) in self.weights.iter().enumerate() {
             checked_bytes(&w.ty).ok_or_else(|| format!("weight {i} '{}' ({}) overflows the address space", w.name, w.ty))?;
         }
@@ -35,30 +59,13 @@ impl Program {
             states = states.checked_add(n).ok_or("the states together overflow the address space")?;
         }
         for e in &self.entries {
-            self.validate_entry(e).map_err(|m| format!("entry '{}': {m}", e.name))?;
-        }
-        Ok(())
-    }
-
-    fn validate_entry(&self, e: &Entry) -> Result<(), String> {
-        for io in e.inputs.iter().chain(&e.outputs) {
-            self.operand(e, &io.operand).map_err(|m| format!("'{}': {m}", io.name))?;
-        }
-        for (i, s) in e.steps.iter().enumerate() {
-            let at = |m: String| format!("step {i} (%{} {}): {m}", s.node, s.op.name());
-            for (k, o) in s.inputs.iter().enumerate() {
-                self.operand(e, o).map_err(|m| at(format!("input {k}: {m}")))?;
+            for io in e.inputs.iter().chain(&e.outputs) {
+                self.operand(e, &io.operand).map_err(|m| format!("entry '{}', '{}': {m}", e.name, io.name))?;
             }
-            self.operand(e, &s.output).map_err(|m| at(format!("output: {m}")))?;
-            if matches!(s.output.slot, Slot::Weight(_) | Slot::Const(_)) {
-                return Err(at("writes a weight or a constant".into()));
-            }
-            let types: Vec<&TensorType> = s.inputs.iter().map(|o| &o.ty).collect();
-            let given =
-                matches!(s.op, Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Iota { .. }).then_some(&s.output.ty);
-            let want = infer(&s.op, &types, given).map_err(at)?;
-            if want != s.output.ty {
-                return Err(at(format!("its inputs give {want}, the step declares {}", s.output.ty)));
+            for (k, s) in e.steps.iter().enumerate() {
+                for o in s.inputs.iter().chain([&s.output]) {
+                    self.operand(e, o).map_err(|m| format!("entry '{}', step {k} (%{} {}): {m}", e.name, s.node, s.op.name()))?;
+                }
             }
         }
         Ok(())
@@ -79,7 +86,7 @@ impl Program {
                     return Err(format!("an arena range of {bytes} bytes holds {}", o.ty));
                 }
                 if offset.checked_add(bytes).is_none_or(|end| end > e.arena_bytes) {
-                    return Err(format!("bytes {offset}+{bytes} lie past the arena's {} bytes", e.arena_bytes));
+                    return Err(format!("bytes {offset}+{bytes} lie outside the {}-byte arena", e.arena_bytes));
                 }
             }
             Slot::Weight(i) => match self.weights.get(i as usize) {
