@@ -185,7 +185,8 @@ fn every_npz_layout_gives_the_same_outputs() {
     for name in ["logits", "zimg"] {
         assert_eq!(tensor(&outs, name).to_f32(), tensor(&twin, name).to_f32(), "bf16: {name} differs from its f32 twin");
         let e = err(&tensor(&outs, name).to_f32(), &tensor(&reference, name).to_f32());
-        assert!(e < 0.1, "bf16: {name} is {e:.3e} from the f32 reference");
+        eprintln!("bf16 weights: {name} error {e:.3e} from the f32 reference");
+        assert!(e < 2e-2, "bf16: {name} is {e:.3e} from the f32 reference");
     }
     for d in [plain, deflated, bf, rounded] {
         let _ = std::fs::remove_dir_all(d);
