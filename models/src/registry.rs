@@ -123,6 +123,7 @@ pub static FAMILIES: &[&Family] = &[
     &crate::gemma::FAMILY,
     &crate::paligemma::FAMILY,
     &crate::big_vision::paligemma::FAMILY,
+    &crate::big_vision::jetformer::FAMILY,
 ];
 
 /// What the `config.json` at `path` says it holds: a big_vision `model_name`, else the

@@ -1,0 +1,332 @@
+//! JetFormer (`proj.jetformer.jetformer`) against the official code: the fixture
+//! `tests/fixtures/big_vision/jetformer` (copied by `scripts/copy_big_vision_fixtures.py` from the
+//! shared fixtures made with big_vision at 0127fb6; no BOI, tied text head over 2 vocabulary
+//! repeats, bidirectional prefix, per-modality norms, 2 kv heads) passes every entry within
+//! 1e-4 · max(1, max |ref|) on every backend. The branches the fixture does not take (BOI, an
+//! untied head, a causal prefix, a shared final norm, one kv head, one vocabulary, a bfloat16
+//! head) are built from rewritten weights and checked interpreter against cpu, and for
+//! self-consistency: the sampler-order scoring equals teacher forcing where no text is padded.
+
+mod common;
+
+use common::{tensor, BACKENDS};
+use kiln::{compile, io, CompileOptions};
+use kiln_graph::interp::Value;
+use kiln_models::Profile;
+use kiln_runtime::{Session, Tensor, WeightStore};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+type Named = Vec<(String, Tensor)>;
+
+/// max |a - b| / max(1, max |b|): the fixtures' bound.
+fn err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(1f64, |m, &x| m.max((x as f64).abs()));
+    a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale
+}
+
+fn fixture() -> PathBuf {
+    common::big_vision_case("jetformer")
+}
+
+fn profile(t: usize) -> Profile {
+    Profile { batch: 2, image_hw: Some((8, 8)), seq_len: Some(t), ..Profile::default() }
+}
+
+fn session(dir: &Path, backend: &str, t: usize) -> Session {
+    let c = compile(dir, &CompileOptions { profile: profile(t), backend: backend.into(), trace: false })
+        .unwrap_or_else(|e| panic!("{backend}: compile: {e}"));
+    Session::new(c.program, Arc::new(WeightStore::open(dir).expect("weights"))).expect("session")
+}
+
+fn scalar(v: f32) -> Tensor {
+    Tensor::from_f32(&[1], &[v])
+}
+
+fn u8s(shape: &[usize], v: &[u8]) -> Tensor {
+    Tensor { ty: kiln_graph::TensorType::new(kiln_graph::DType::U8, shape.to_vec()), bytes: v.to_vec() }
+}
+
+/// Each entry's inputs, from the reference file (`drop` picks the forward's drop_prefix).
+fn inputs(r: &Named, entry: &str, drop: bool) -> Named {
+    let get = |n: &str| tensor(r, n).clone();
+    let named = |v: Vec<(&str, Tensor)>| v.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let no_drop = u8s(&[2], &[0, 0]);
+    match entry {
+        "encode" => named(vec![("images", get("images"))]),
+        "forward" => named(vec![
+            ("text", get("text")),
+            ("text_mask", get("text_mask")),
+            ("text_first", get("text_first")),
+            ("image_tokens", get("image_tokens")),
+            ("drop_prefix", if drop { get("drop_prefix") } else { no_drop }),
+        ]),
+        "nll" => named(vec![
+            ("images", get("images")),
+            ("text", get("text")),
+            ("text_mask", get("text_mask")),
+            ("text_loss", get("text_loss")),
+            ("text_first", get("text_first")),
+        ]),
+        "decode" => named(vec![("image_tokens", get("image_tokens")), ("noise", get("noise"))]),
+        "score_image_samples" => named(vec![
+            ("text", get("text")),
+            ("text_mask", get("text_mask")),
+            ("image_tokens", get("t2i_tokens")),
+            ("temperature", scalar(0.8)),
+            ("temperature_probs", scalar(1.2)),
+        ]),
+        "score_text_samples" => named(vec![("image_tokens", get("image_tokens")), ("text", get("text"))]),
+        other => panic!("no entry {other}"),
+    }
+}
+
+fn run(s: &mut Session, entry: &str, ins: &Named) -> Named {
+    let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    s.run(entry, &refs).unwrap_or_else(|e| panic!("{entry}: {e}"))
+}
+
+fn check(what: &str, outs: &Named, r: &Named, pairs: &[(&str, &str)]) {
+    for (out, want) in pairs {
+        let e = err(&tensor(outs, out).to_f32(), &tensor(r, want).to_f32());
+        eprintln!("{what}: {out} vs {want}: error {e:.3e}");
+        assert!(e <= 1e-4, "{what}: {out} vs {want}: error {e:.3e}");
+    }
+}
+
+#[test]
+fn every_entry_matches_big_vision_on_every_backend() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    for &backend in BACKENDS {
+        let mut s = session(&fixture(), backend, 2);
+        let outs = run(&mut s, "encode", &inputs(&r, "encode", false));
+        let same = ["patches", "latents", "logdet", "image_tokens", "noise"].map(|n| (n, n));
+        check(&format!("{backend} encode"), &outs, &r, &same);
+        let heads = ["text_logits", "image_logits", "gmm_mix_logits", "gmm_means", "gmm_scales", "pre_logits", "encoded"];
+        let outs = run(&mut s, "forward", &inputs(&r, "forward", false));
+        check(&format!("{backend} forward"), &outs, &r, &heads.map(|n| (n, n)));
+        let uncond: Vec<String> = heads.iter().map(|n| format!("uncond_{n}")).collect();
+        let pairs: Vec<(&str, &str)> = heads.iter().zip(&uncond).map(|(a, b)| (*a, b.as_str())).collect();
+        let outs = run(&mut s, "forward", &inputs(&r, "forward", true));
+        check(&format!("{backend} forward drop_prefix"), &outs, &r, &pairs);
+        let nll = ["text_token_nll", "nll_text", "image_token_nll", "noise_nll", "nll_image_tokens_bpd", "logdet_bpd", "nll_image_bpd"];
+        let outs = run(&mut s, "nll", &inputs(&r, "nll", false));
+        check(&format!("{backend} nll"), &outs, &r, &nll.map(|n| (n, n)));
+        let outs = run(&mut s, "decode", &inputs(&r, "decode", false));
+        check(&format!("{backend} decode"), &outs, &r, &[("images", "decoded_images")]);
+        let t2i: Named = vec![("image_tokens".into(), tensor(&r, "t2i_tokens").clone()), ("noise".into(), tensor(&r, "t2i_noise").clone())];
+        let outs = run(&mut s, "decode", &t2i);
+        check(&format!("{backend} decode t2i"), &outs, &r, &[("images", "t2i_images")]);
+        let outs = run(&mut s, "score_image_samples", &inputs(&r, "score_image_samples", false));
+        check(&format!("{backend} score_image_samples"), &outs, &r, &[("prelogits", "t2i_prelogits"), ("logp", "t2i_logp")]);
+    }
+}
+
+/// The fixture's arrays.
+fn read_npz(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let name = f.name().strip_suffix(".npy").unwrap().to_string();
+            let mut bytes = vec![];
+            f.read_to_end(&mut bytes).unwrap();
+            let (ty, head) = kiln_graph::npz::parse_npy_header(&bytes).unwrap();
+            let v = bytes[head..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (name, ty.shape.clone(), v)
+        })
+        .collect()
+}
+
+/// One branch set: config edits and the weights they need.
+struct Variant {
+    name: &'static str,
+    model: serde_json::Value,
+    /// One vocabulary (EmbedText cut to its first V rows).
+    one_vocab: bool,
+    /// `LogitsText` added.
+    untied: bool,
+    /// One kv head: `q_einsum` + `kv_einsum` from `qkv_einsum` (kv head 0).
+    mqa: bool,
+}
+
+fn variants() -> Vec<Variant> {
+    use serde_json::json;
+    vec![
+        Variant {
+            name: "boi_untied_causal_shared_norm_mqa",
+            model: json!({"boi_id": 11, "untie_output_vocab": true, "num_vocab_repeats": 1, "causal_mask_on_prefix": true,
+                          "per_modality_final_norm": false, "num_kv_heads": 1}),
+            one_vocab: true,
+            untied: true,
+            mqa: true,
+        },
+        Variant {
+            name: "boi_tied_repeats_bidirectional_bf16_head",
+            model: json!({"boi_id": 11, "head_dtype": "bfloat16", "num_kv_heads": 1}),
+            one_vocab: false,
+            untied: false,
+            mqa: true,
+        },
+        Variant {
+            name: "no_boi_one_vocab_causal",
+            model: json!({"num_vocab_repeats": 1, "causal_mask_on_prefix": true}),
+            one_vocab: true,
+            untied: false,
+            mqa: false,
+        },
+    ]
+}
+
+/// Writes the variant's folder under the target directory.
+fn write_variant(v: &Variant) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jetformer_{}", v.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    for (k, x) in v.model.as_object().unwrap() {
+        cfg["model"][k] = x.clone();
+    }
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let (w, hd, depth, heads, vocab) = (24, 12, 2, 2, 13);
+    let mut arrays = vec![];
+    for (name, shape, vals) in read_npz(&fixture().join("params.npz")) {
+        match name.as_str() {
+            "EmbedText/embedding" if v.one_vocab => arrays.push((name, vec![vocab, w], vals[..vocab * w].to_vec())),
+            "decoder/layers/attn/qkv_einsum/w" if v.mqa => {
+                // (depth, 3, heads, W, hd): q all heads; k and v of head 0.
+                let per = heads * w * hd;
+                let (mut q, mut kv) = (vec![], vec![]);
+                for l in 0..depth {
+                    let base = l * 3 * per;
+                    q.extend_from_slice(&vals[base..base + per]);
+                    kv.extend_from_slice(&vals[base + per..base + per + w * hd]);
+                    kv.extend_from_slice(&vals[base + 2 * per..base + 2 * per + w * hd]);
+                }
+                arrays.push(("decoder/layers/attn/q_einsum/w".into(), vec![depth, heads, w, hd], q));
+                arrays.push(("decoder/layers/attn/kv_einsum/w".into(), vec![depth, 2, 1, w, hd], kv));
+            }
+            _ => arrays.push((name, shape, vals)),
+        }
+    }
+    if v.untied {
+        let k: Vec<f32> = (0..w * vocab).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.4).collect();
+        let b: Vec<f32> = (0..vocab).map(|i| (i as f32 - 6.0) * 0.05).collect();
+        arrays.push(("LogitsText/kernel".into(), vec![w, vocab], k));
+        arrays.push(("LogitsText/bias".into(), vec![vocab], b));
+    }
+    arrays.sort_by(|a, b| a.0.cmp(&b.0));
+    kiln::npz_write::write(&dir.join("params.npz"), &arrays).unwrap();
+    dir
+}
+
+/// Every entry of `dir` on the interpreter.
+fn interpret(dir: &Path, entry: &str, ins: &Named, t: usize) -> HashMap<String, Value> {
+    let built = kiln_models::build(dir, &profile(t)).expect("build");
+    let g = built.graph(entry).expect("entry");
+    kiln_graph::verify::verify(g).expect("verify");
+    let store = WeightStore::open(dir).expect("weights");
+    let weights: HashMap<String, Value> = g
+        .weights()
+        .map(|(_, name, ty)| {
+            let (sty, bytes) = store.get(name, ty).expect("weight");
+            (name.to_string(), Value::new(sty.clone(), kiln_runtime::tensor::to_f64(sty.dtype, bytes)).expect("value"))
+        })
+        .collect();
+    let values: HashMap<String, Value> = ins.iter().map(|(n, t)| (n.clone(), Value::new(t.ty.clone(), t.to_f64()).unwrap())).collect();
+    kiln_graph::interp::run(g, &values, &weights).expect("interpret")
+}
+
+#[test]
+fn every_branch_agrees_between_interpreter_and_cpu() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    for v in variants() {
+        let dir = write_variant(&v);
+        let mut s = session(&dir, "cpu", 2);
+        for entry in kiln_models::big_vision::jetformer::ENTRIES {
+            let ins = inputs(&r, entry, true);
+            let got = run(&mut s, entry, &ins);
+            let want = interpret(&dir, entry, &ins, 2);
+            for (name, t) in &got {
+                let e = err(&t.to_f32(), &want[name].to_f32());
+                eprintln!("{} {entry}: {name} cpu vs interpreter {e:.3e}", v.name);
+                assert!(e <= 1e-4, "{} {entry}: {name}: cpu vs interpreter {e:.3e}", v.name);
+            }
+        }
+    }
+}
+
+/// Where no text is padded, scoring in the sampler's order (the prompt right-aligned) is teacher
+/// forcing: `score_image_samples` at temperature 1 gives `nll`'s image NLL (negated) for text-first
+/// rows, and its prelogits are `forward`'s head inputs at the image rows; `score_text_samples`
+/// gives `nll`'s text NLL for image-first rows.
+#[test]
+fn sampler_order_scoring_equals_teacher_forcing() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let mut dirs = vec![(fixture(), false, 2usize)];
+    for v in variants() {
+        let boi = v.model.get("boi_id").is_some();
+        let reps = v.model.get("num_vocab_repeats").and_then(|x| x.as_u64()).unwrap_or(2) as usize;
+        dirs.push((write_variant(&v), boi, reps));
+    }
+    for (dir, boi, reps) in dirs {
+        let mut s = session(&dir, "cpu", 2);
+        let full = u8s(&[2, 2], &[1, 1, 1, 1]);
+        let enc = run(&mut s, "encode", &inputs(&r, "encode", false));
+        let tokens = tensor(&enc, "image_tokens").clone();
+        for tf in [1u8, 0] {
+            let mut nll_in = inputs(&r, "nll", false);
+            for (n, t) in nll_in.iter_mut() {
+                match n.as_str() {
+                    "text_mask" | "text_loss" => *t = full.clone(),
+                    "text_first" => *t = u8s(&[2], &[tf, tf]),
+                    _ => {}
+                }
+            }
+            let nll = run(&mut s, "nll", &nll_in);
+            if tf == 1 {
+                let mut ins = inputs(&r, "score_image_samples", false);
+                for (n, t) in ins.iter_mut() {
+                    match n.as_str() {
+                        "text_mask" => *t = full.clone(),
+                        "image_tokens" => *t = tokens.clone(),
+                        "temperature" | "temperature_probs" => *t = scalar(1.0),
+                        _ => {}
+                    }
+                }
+                let sc = run(&mut s, "score_image_samples", &ins);
+                let neg: Vec<f32> = tensor(&sc, "logp").to_f32().iter().map(|x| -x).collect();
+                let e = err(&neg, &tensor(&nll, "image_token_nll").to_f32());
+                eprintln!("{}: score_image_samples vs nll {e:.3e}", dir.display());
+                assert!(e <= 1e-4, "{}: score_image_samples vs nll {e:.3e}", dir.display());
+                // forward's head inputs at the image rows [T R + boi, ..).
+                let mut f_in = inputs(&r, "forward", false);
+                for (n, t) in f_in.iter_mut() {
+                    match n.as_str() {
+                        "text_mask" => *t = full.clone(),
+                        "text_first" => *t = u8s(&[2], &[1, 1]),
+                        "image_tokens" => *t = tokens.clone(),
+                        _ => {}
+                    }
+                }
+                let f = run(&mut s, "forward", &f_in);
+                let h = tensor(&f, "pre_logits");
+                let (l, w) = (h.ty.shape[1], h.ty.shape[2]);
+                let start = 2 * reps + usize::from(boi);
+                let hv = h.to_f32();
+                let rows: Vec<f32> = (0..2).flat_map(|b| hv[(b * l + start) * w..(b * l + start + 16) * w].to_vec()).collect();
+                let e = err(&tensor(&sc, "prelogits").to_f32(), &rows);
+                assert!(e <= 1e-4, "{}: score_image_samples prelogits vs forward {e:.3e}", dir.display());
+            } else {
+                let ins: Named = vec![("image_tokens".into(), tokens.clone()), ("text".into(), tensor(&r, "text").clone())];
+                let sc = run(&mut s, "score_text_samples", &ins);
+                let neg: Vec<f32> = tensor(&sc, "logp").to_f32().iter().map(|x| -x).collect();
+                let e = err(&neg, &tensor(&nll, "text_token_nll").to_f32());
+                eprintln!("{}: score_text_samples vs nll {e:.3e}", dir.display());
+                assert!(e <= 1e-4, "{}: score_text_samples vs nll {e:.3e}", dir.display());
+            }
+        }
+    }
+}
