@@ -508,6 +508,7 @@ pub(super) fn forward_outputs(
     let mut s = session(model, weights, Some(opts), p)?;
     text_defaults(&mut ins, &s);
     kiln::paligemma_bv::text_defaults(&mut ins, &s);
+    kiln::jetformer::input_defaults(&mut ins, &s, entry);
     cast_floats(&mut ins, &s, entry);
     // A file may hold more than the entry takes (a flow's forward outputs `z` and
     // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.

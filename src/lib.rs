@@ -12,6 +12,7 @@ pub mod draw;
 pub mod encdec;
 pub mod generate;
 pub mod io;
+pub mod jetformer;
 pub mod npz_write;
 pub mod paligemma_bv;
 pub mod png;

@@ -223,6 +223,15 @@ enum Cmd {
         p: ProfileArgs,
         #[arg(short = 'o', long)]
         out: PathBuf,
+        /// JetFormer: the prompt's token ids ("17,5,9"; the class id of a class-conditional model).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// JetFormer: classifier-free guidance weight (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        cfg_weight: f64,
+        /// JetFormer: multiplies the mixture logits (> 1 sharpens).
+        #[arg(long, default_value_t = 1.0)]
+        temperature_probs: f64,
     },
     /// Log-probabilities of given tokens, teacher-forced (`kiln::score`): a causal LM's
     /// `input_ids` (each token scored by the logits before it) or an encoder-decoder's `images`
@@ -585,7 +594,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
             bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
         }
-        Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
+        Cmd::Sample { model, seed, temperature, count, weights, p, out, prompt, cfg_weight, temperature_probs } => {
             if !(temperature.is_finite() && temperature >= 0.0) {
                 return Err(Error::Usage(format!("--temperature {temperature}: expected a finite value >= 0")));
             }
@@ -593,6 +602,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 return Err(Error::Usage("--count must be at least 1".into()));
             }
             writable(&out)?;
+            if kiln_models::registry::kind_of(&model.join("config.json"))
+                .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
+            {
+                let ids = kiln::jetformer::prompt_ids(prompt.as_deref().unwrap_or(""))?;
+                let o = kiln::jetformer::T2iOptions { temperature, temperature_probs, cfg_weight, seed };
+                println!("{}", kiln::jetformer::sample_to_png(&model, &ids, count, &o, &p.backend, &out)?);
+                return Ok(());
+            }
             let mut opts = profile(&p, Some(count), None)?;
             opts.profile.batch = count;
             let mut s = session(&model, weights.as_deref(), Some(opts), &p)?;
@@ -711,6 +728,8 @@ fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)
             "images" | "z" if s.len() == 4 => return (Some(s[0]), Some((s[1], s[2]))),
             // PaliGemma's mask decoder: 16 codes per mask.
             "codes" if s.len() == 2 => return (Some(s[0]), None),
+            // JetFormer's entries without images (forward, decode, the scorers).
+            "image_tokens" if s.len() == 3 => return (Some(s[0]), None),
             _ => {}
         }
     }
@@ -719,6 +738,10 @@ fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)
 
 /// Prints bits per dimension per image from a flow's `z` and `logdet` outputs.
 fn print_bits_per_dim(outs: &[(String, Tensor)]) -> Result<()> {
+    if let Some(line) = kiln::jetformer::bits_per_dim_line(outs) {
+        println!("{line}");
+        return Ok(());
+    }
     let get = |n: &str| {
         outs.iter()
             .find(|(name, _)| name == n)

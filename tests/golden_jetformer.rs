@@ -181,6 +181,12 @@ fn variants() -> Vec<Variant> {
     ]
 }
 
+/// Every variant's folder, written once per test process (the tests run in parallel).
+fn variant_dirs() -> &'static [PathBuf] {
+    static DIRS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+    DIRS.get_or_init(|| variants().iter().map(write_variant).collect())
+}
+
 /// Writes the variant's folder under the target directory.
 fn write_variant(v: &Variant) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jetformer_{}", v.name));
@@ -242,13 +248,12 @@ fn interpret(dir: &Path, entry: &str, ins: &Named, t: usize) -> HashMap<String, 
 #[test]
 fn every_branch_agrees_between_interpreter_and_cpu() {
     let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
-    for v in variants() {
-        let dir = write_variant(&v);
-        let mut s = session(&dir, "cpu", 2);
+    for (v, dir) in variants().iter().zip(variant_dirs()) {
+        let mut s = session(dir, "cpu", 2);
         for entry in kiln_models::big_vision::jetformer::ENTRIES {
             let ins = inputs(&r, entry, true);
             let got = run(&mut s, entry, &ins);
-            let want = interpret(&dir, entry, &ins, 2);
+            let want = interpret(dir, entry, &ins, 2);
             for (name, t) in &got {
                 let e = err(&t.to_f32(), &want[name].to_f32());
                 eprintln!("{} {entry}: {name} cpu vs interpreter {e:.3e}", v.name);
@@ -266,10 +271,10 @@ fn every_branch_agrees_between_interpreter_and_cpu() {
 fn sampler_order_scoring_equals_teacher_forcing() {
     let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
     let mut dirs = vec![(fixture(), false, 2usize)];
-    for v in variants() {
+    for (v, dir) in variants().iter().zip(variant_dirs()) {
         let boi = v.model.get("boi_id").is_some();
         let reps = v.model.get("num_vocab_repeats").and_then(|x| x.as_u64()).unwrap_or(2) as usize;
-        dirs.push((write_variant(&v), boi, reps));
+        dirs.push((dir.clone(), boi, reps));
     }
     for (dir, boi, reps) in dirs {
         let mut s = session(&dir, "cpu", 2);
@@ -328,5 +333,62 @@ fn sampler_order_scoring_equals_teacher_forcing() {
                 assert!(e <= 1e-4, "{}: score_text_samples vs nll {e:.3e}", dir.display());
             }
         }
+    }
+}
+
+fn sampled(dir: &Path, backend: &str, guided: bool, seed: u64, r: &Named) -> kiln::jetformer::T2iSamples {
+    let text: Vec<i64> = tensor(r, "text").to_f64().iter().map(|&x| x as i64).collect();
+    let mask: Vec<u8> = tensor(r, "text_mask").to_f64().iter().map(|&x| x as u8).collect();
+    let o = kiln::jetformer::T2iOptions { temperature: 0.8, temperature_probs: 1.2, cfg_weight: if guided { 3.0 } else { 0.0 }, seed };
+    let mut s = kiln::jetformer::T2iSampler::new(dir, 2, 2, guided, backend).unwrap_or_else(|e| panic!("sampler: {e}"));
+    s.sample(&text, &mask, &o).unwrap_or_else(|e| panic!("sample: {e}"))
+}
+
+/// The sampler (prefill + one cached step per token, the prompt's padding in row 1) reports the
+/// log-probabilities and head inputs that teacher-forced `score_image_samples` gives its tokens;
+/// under guidance the head inputs of the conditional rows still agree.
+#[test]
+fn rescoring_samples_gives_the_sampler_logp() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let mut dirs = vec![fixture()];
+    dirs.extend(variant_dirs().iter().cloned());
+    for dir in dirs {
+        for guided in [false, true] {
+            let smp = sampled(&dir, "cpu", guided, 7, &r);
+            let mut ins = inputs(&r, "score_image_samples", false);
+            for (n, t) in ins.iter_mut() {
+                if n == "image_tokens" {
+                    *t = Tensor::from_f32(&[2, 16, 8], &smp.tokens);
+                }
+            }
+            let mut s = session(&dir, "cpu", 2);
+            let sc = run(&mut s, "score_image_samples", &ins);
+            let e = err(&tensor(&sc, "prelogits").to_f32(), &smp.prelogits);
+            eprintln!("{} guided {guided}: prelogits {e:.3e}", dir.display());
+            assert!(e <= 1e-4, "{}: sampler prelogits vs rescoring {e:.3e}", dir.display());
+            if !guided {
+                let e = err(&tensor(&sc, "logp").to_f32(), &smp.logp);
+                eprintln!("{}: logp {e:.3e}", dir.display());
+                assert!(e <= 1e-4, "{}: sampler logp vs rescoring {e:.3e}", dir.display());
+            }
+            assert!(smp.logp.iter().all(|x| x.is_finite()) && smp.images.to_f32().iter().all(|x| (-1.0..=1.0).contains(x)));
+        }
+    }
+}
+
+/// One seed gives one image: twice on cpu bit for bit, on cpu and cube within float noise; another
+/// seed gives another image.
+#[test]
+fn same_seed_same_image_on_every_backend() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let a = sampled(&fixture(), "cpu", true, 11, &r).images.to_f32();
+    assert_eq!(a, sampled(&fixture(), "cpu", true, 11, &r).images.to_f32(), "cpu twice");
+    let other = sampled(&fixture(), "cpu", true, 12, &r).images.to_f32();
+    assert!(err(&a, &other) > 1e-2, "seeds 11 and 12 gave the same image");
+    for &backend in BACKENDS {
+        let b = sampled(&fixture(), backend, true, 11, &r).images.to_f32();
+        let e = err(&b, &a);
+        eprintln!("{backend} vs cpu: {e:.3e}");
+        assert!(e <= 1e-3, "{backend}: seed 11 image differs from cpu's by {e:.3e}");
     }
 }

@@ -14,6 +14,7 @@
 //! (views of big_vision's einsum arrays, as the big_vision PaliGemma folder does).
 
 mod seq;
+mod t2i;
 
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
@@ -27,6 +28,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use seq::Dims;
+pub use t2i::prompt_len;
 
 /// The big_vision `model_name` of the transformer (the folder's top-level `model_name`).
 pub const MODEL_NAME: &str = "proj.jetformer.jetformer";
@@ -378,6 +380,48 @@ pub fn build(cfg_path: &Path, mut ck: Checkpoint, profile: &Profile) -> Result<B
         dims.t
     );
     Ok(Built { entries, description, checkpoint: ck })
+}
+
+/// A text-to-image sampler's graphs: `t2i_prefill` and `t2i_step` for `rows` sequences (twice
+/// the images under classifier-free guidance) over a KV cache of `capacity` = P + N - 1 slots,
+/// and `decode` for `images` images.
+pub struct Sampler {
+    pub entries: Vec<(String, Graph)>,
+    /// The KV cache, by name (the programs' persistent state).
+    pub states: Vec<(String, kiln_graph::TensorType)>,
+    pub cfg: JetFormerConfig,
+    pub dims: Dims,
+    pub prompt_len: usize,
+    pub capacity: usize,
+    pub description: String,
+}
+
+/// Builds the sampler of the folder `dir` for prompts of `t` tokens.
+pub fn build_sampler(dir: &Path, rows: usize, images: usize, t: usize, image_hw: Option<(usize, usize)>) -> Result<Sampler> {
+    let cfg_path = dir.join("config.json");
+    let cfg = JetFormerConfig::from_file(&cfg_path)?;
+    let mut ck = Checkpoint::open(dir)?;
+    ck.aliases = aliases(&cfg, &ck)?;
+    let profile = |batch: usize| Profile { batch, image_hw, seq_len: Some(t), ..Profile::default() };
+    let dims = Dims::new(&cfg, &profile(rows))?;
+    let prompt_len = t2i::prompt_len(&cfg, dims.t);
+    let capacity = prompt_len + dims.n - 1;
+    let mut entries = vec![];
+    for name in ["t2i_prefill", "t2i_step", "decode"] {
+        let mut m = Builder::new(&ck, DType::F32);
+        match name {
+            "t2i_prefill" => t2i::prefill_entry(&mut m, &cfg, dims, capacity)?,
+            "t2i_step" => t2i::step_entry(&mut m, &cfg, dims, capacity)?,
+            _ => seq::entry(&mut m, &cfg, Dims::new(&cfg, &profile(images))?, name)?,
+        }
+        entries.push((name.to_string(), m.g));
+    }
+    let states = crate::gemma::cache_states(&cfg.gemma(), rows, capacity, DType::F32);
+    let description = format!(
+        "JetFormer text-to-image sampler: {rows} sequences of a {prompt_len}-slot prompt and {} image tokens, {images} images of {}x{}",
+        dims.n, dims.hw.0, dims.hw.1
+    );
+    Ok(Sampler { entries, states, cfg, dims, prompt_len, capacity, description })
 }
 
 /// The JetFormer family (`model_name: proj.jetformer.jetformer`).

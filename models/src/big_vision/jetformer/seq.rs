@@ -41,18 +41,18 @@ pub(super) fn entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, name: &str)
         "forward" => forward_entry(m, cfg, d),
         "nll" => nll_entry(m, cfg, d),
         "decode" => decode_entry(m, cfg, d),
-        "score_image_samples" => score_image_entry(m, cfg, d),
+        "score_image_samples" => super::t2i::score_image_entry(m, cfg, d),
         "score_text_samples" => score_text_entry(m, cfg, d),
         other => Err(ModelError::Unsupported(format!("JetFormer has no entry '{other}'"))),
     }
 }
 
-fn f32s(m: &mut Builder, shape: &[usize], v: f64) -> Result<NodeId> {
+pub(super) fn f32s(m: &mut Builder, shape: &[usize], v: f64) -> Result<NodeId> {
     Ok(m.g.constant(DType::F32, shape, vec![v; shape.iter().product()])?)
 }
 
 /// A 0/1 flag input (uint8) as bool.
-fn flag(m: &mut Builder, name: &str, shape: &[usize]) -> Result<NodeId> {
+pub(super) fn flag(m: &mut Builder, name: &str, shape: &[usize]) -> Result<NodeId> {
     let x = m.g.input(name, DType::U8, shape)?;
     let x = m.g.push(Op::Cast { to: DType::F32 }, &[x])?;
     let zero = m.g.scalar(DType::F32, 0.0)?;
@@ -60,13 +60,13 @@ fn flag(m: &mut Builder, name: &str, shape: &[usize]) -> Result<NodeId> {
 }
 
 /// A 0/1 mask input (uint8) as f32.
-fn mask_input(m: &mut Builder, name: &str, shape: &[usize]) -> Result<NodeId> {
+pub(super) fn mask_input(m: &mut Builder, name: &str, shape: &[usize]) -> Result<NodeId> {
     let x = m.g.input(name, DType::U8, shape)?;
     Ok(m.g.push(Op::Cast { to: DType::F32 }, &[x])?)
 }
 
 /// big_vision's `RMSNorm` (`1 + scale`, eps 1e-6) over the last axis of `x [.., W]`.
-fn rms(m: &mut Builder, name: &str, x: NodeId, w: usize) -> Result<NodeId> {
+pub(super) fn rms(m: &mut Builder, name: &str, x: NodeId, w: usize) -> Result<NodeId> {
     let shape = m.g.shape(x).to_vec();
     let rows = m.g.reshape(x, &[shape.iter().product::<usize>() / w, w])?;
     let s = m.weight(name, &[w])?;
@@ -75,7 +75,7 @@ fn rms(m: &mut Builder, name: &str, x: NodeId, w: usize) -> Result<NodeId> {
 }
 
 /// `x - logsumexp(x)` along `axis` (kept).
-fn log_softmax(m: &mut Builder, x: NodeId, axis: usize) -> Result<NodeId> {
+pub(super) fn log_softmax(m: &mut Builder, x: NodeId, axis: usize) -> Result<NodeId> {
     let mx = m.g.reduce(ReduceOp::Max, x, &[axis], true)?;
     let y = m.g.binary(BinaryOp::Sub, x, mx)?;
     let e = m.g.unary(UnaryOp::Exp, y)?;
@@ -98,7 +98,7 @@ fn logsumexp_last(m: &mut Builder, x: NodeId) -> Result<NodeId> {
 }
 
 /// `lp[b, t, ids[b, t]]` for `lp [B, T, V]` and i64 `ids [B, T]` (0 outside the vocabulary).
-fn pick(m: &mut Builder, lp: NodeId, ids: NodeId) -> Result<NodeId> {
+pub(super) fn pick(m: &mut Builder, lp: NodeId, ids: NodeId) -> Result<NodeId> {
     let s = m.g.shape(lp).to_vec();
     let f = m.g.push(Op::Cast { to: DType::F32 }, &[ids])?;
     let f = m.g.reshape(f, &[s[0], s[1], 1])?;
@@ -147,7 +147,7 @@ fn encode(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, images: NodeId) -> Re
     Ok(Encoded { patches, latents, logdet, tokens, noise })
 }
 
-fn images_input(m: &mut Builder, d: Dims) -> Result<NodeId> {
+pub(super) fn images_input(m: &mut Builder, d: Dims) -> Result<NodeId> {
     Ok(m.g.input("images", DType::F32, &[d.b, d.hw.0, d.hw.1, 3])?)
 }
 
@@ -189,14 +189,14 @@ fn decode_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims) -> Result<()> {
 // ---------------------------------------------------------------- the sequence
 
 /// `EmbedText` row `id` as `[B, 1, W]` (`lookup_token`).
-fn token(m: &mut Builder, table: NodeId, id: usize, b: usize, w: usize) -> Result<NodeId> {
+pub(super) fn token(m: &mut Builder, table: NodeId, id: usize, b: usize, w: usize) -> Result<NodeId> {
     let row = m.g.slice(table, 0, id, id + 1)?;
     let row = m.g.reshape(row, &[1, 1, w])?;
     Ok(m.g.push(Op::Broadcast { shape: vec![b, 1, w] }, &[row])?)
 }
 
 /// The text embedded R times, repeat r from rows `r V ..` (`_repeat_text`): `[B, T R, W]`.
-fn embed_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, text: NodeId) -> Result<NodeId> {
+pub(super) fn embed_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, text: NodeId) -> Result<NodeId> {
     let (v, r) = (cfg.vocab_size, cfg.num_vocab_repeats);
     let mut parts = vec![];
     for i in 0..r {
@@ -210,7 +210,7 @@ fn embed_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, text: NodeI
 }
 
 /// The nolabel embedding at every text slot (`nolabel_id + r V` in repeat r): `[B, T R, W]`.
-fn nolabel_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, id: usize, d: Dims) -> Result<NodeId> {
+pub(super) fn nolabel_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, id: usize, d: Dims) -> Result<NodeId> {
     let w = cfg.width;
     let mut parts = vec![];
     for r in 0..cfg.num_vocab_repeats {
@@ -224,7 +224,7 @@ fn nolabel_text(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, id: usize
 }
 
 /// The text mask tiled R times, f32 `[B, T R]`.
-fn tile(m: &mut Builder, cfg: &JetFormerConfig, mask: NodeId) -> Result<NodeId> {
+pub(super) fn tile(m: &mut Builder, cfg: &JetFormerConfig, mask: NodeId) -> Result<NodeId> {
     if cfg.num_vocab_repeats == 1 {
         return Ok(mask);
     }
@@ -233,16 +233,16 @@ fn tile(m: &mut Builder, cfg: &JetFormerConfig, mask: NodeId) -> Result<NodeId> 
 
 /// A teacher-forced sequence: embeddings, the input mask (f32), and the keys every query may
 /// also see (the non-causal prefix), `[B|1, 1, L]` bool.
-struct Seq {
-    x: NodeId,
-    mask: NodeId,
-    extra: Option<NodeId>,
+pub(super) struct Seq {
+    pub x: NodeId,
+    pub mask: NodeId,
+    pub extra: Option<NodeId>,
 }
 
 /// The per-row text-first flag as `[B, 1, 1]` and `[B, 1]`; `None`: every row image first.
 type TextFirst = Option<NodeId>;
 
-fn select_rows(m: &mut Builder, tf: NodeId, a: NodeId, b: NodeId) -> Result<NodeId> {
+pub(super) fn select_rows(m: &mut Builder, tf: NodeId, a: NodeId, b: NodeId) -> Result<NodeId> {
     let rank = m.g.shape(a).len();
     let bsz = m.g.shape(tf)[0];
     let mut shape = vec![bsz];
@@ -308,14 +308,14 @@ fn layout(
 
 /// The decoder's outputs over all L positions: the last block's (`encoded`) and after
 /// `final_norm` (`pre_logits`), both `[B, L, W]`.
-struct Trunk {
-    encoded: NodeId,
-    pre_logits: NodeId,
+pub(super) struct Trunk {
+    pub encoded: NodeId,
+    pub pre_logits: NodeId,
 }
 
 /// `GemmaBackbone` with positions `cumsum(input_mask) - 1`, causal attention (plus the
 /// non-causal prefix) over keys the input mask keeps.
-fn trunk(m: &mut Builder, cfg: &JetFormerConfig, s: &Seq) -> Result<Trunk> {
+pub(super) fn trunk(m: &mut Builder, cfg: &JetFormerConfig, s: &Seq) -> Result<Trunk> {
     let shape = m.g.shape(s.x).to_vec();
     let (b, l, w) = (shape[0], shape[1], shape[2]);
     let c = m.g.push(Op::CumSum { axis: 1, exclusive: false }, &[s.mask])?;
@@ -329,7 +329,7 @@ fn trunk(m: &mut Builder, cfg: &JetFormerConfig, s: &Seq) -> Result<Trunk> {
 }
 
 /// What the heads read: `encoded` under per-modality norms, else `pre_logits`.
-fn head_input(cfg: &JetFormerConfig, t: &Trunk) -> NodeId {
+pub(super) fn head_input(cfg: &JetFormerConfig, t: &Trunk) -> NodeId {
     if cfg.per_modality_final_norm {
         t.encoded
     } else {
@@ -338,7 +338,7 @@ fn head_input(cfg: &JetFormerConfig, t: &Trunk) -> NodeId {
 }
 
 /// `text_logits`: `TextNorm` (per-modality), then `LogitsText` or the tied `EmbedText.attend`.
-fn text_head(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, x: NodeId) -> Result<NodeId> {
+pub(super) fn text_head(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, x: NodeId) -> Result<NodeId> {
     let s = m.g.shape(x).to_vec();
     let w = cfg.width;
     let x = if cfg.per_modality_final_norm { rms(m, "TextNorm/scale", x, w)? } else { x };
@@ -351,7 +351,7 @@ fn text_head(m: &mut Builder, cfg: &JetFormerConfig, table: NodeId, x: NodeId) -
 /// inputs, kernel, bias, product and sum rounded to bfloat16 as Flax's `Dense(dtype=bfloat16)`
 /// rounds them; the mixture is then evaluated in f32 from the rounded logits, where big_vision
 /// stays in bfloat16).
-fn image_head(m: &mut Builder, cfg: &JetFormerConfig, x: NodeId) -> Result<NodeId> {
+pub(super) fn image_head(m: &mut Builder, cfg: &JetFormerConfig, x: NodeId) -> Result<NodeId> {
     let s = m.g.shape(x).to_vec();
     let (w, k) = (cfg.width, cfg.num_logits());
     let x = if cfg.per_modality_final_norm { rms(m, "ImageNorm/scale", x, w)? } else { x };
@@ -380,13 +380,13 @@ fn round_bf16(m: &mut Builder, x: NodeId) -> Result<NodeId> {
 
 /// The image-token mixture of `get_pdf`: normalised mixture log-weights `[B, N, M]`, locations
 /// and scales `[B, N, M, D]`; `temps` = (scale temperature, mixture temperature).
-struct Gmm {
+pub(super) struct Gmm {
     mix: NodeId,
     loc: NodeId,
     scale: NodeId,
 }
 
-fn gmm(m: &mut Builder, cfg: &JetFormerConfig, logits: NodeId, temps: Option<(NodeId, NodeId)>) -> Result<Gmm> {
+pub(super) fn gmm(m: &mut Builder, cfg: &JetFormerConfig, logits: NodeId, temps: Option<(NodeId, NodeId)>) -> Result<Gmm> {
     let s = m.g.shape(logits).to_vec();
     let (mm, dd) = (cfg.num_mixtures, cfg.out_dim);
     let mut mix = m.g.slice(logits, 2, 0, mm)?;
@@ -416,7 +416,7 @@ fn gmm(m: &mut Builder, cfg: &JetFormerConfig, logits: NodeId, temps: Option<(No
 }
 
 /// `log p(x)` of `x [B, N, D]` under the mixture: `[B, N]`.
-fn gmm_log_prob(m: &mut Builder, g: &Gmm, x: NodeId) -> Result<NodeId> {
+pub(super) fn gmm_log_prob(m: &mut Builder, g: &Gmm, x: NodeId) -> Result<NodeId> {
     let s = m.g.shape(x).to_vec();
     let xe = m.g.reshape(x, &[s[0], s[1], 1, s[2]])?;
     let z = m.g.binary(BinaryOp::Sub, xe, g.loc)?;
@@ -495,12 +495,12 @@ fn teacher_forced(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, table: NodeId
     Ok(Heads { text_pre, text_logits, image_logits, trunk })
 }
 
-fn table(m: &mut Builder, cfg: &JetFormerConfig) -> Result<NodeId> {
+pub(super) fn table(m: &mut Builder, cfg: &JetFormerConfig) -> Result<NodeId> {
     m.weight("EmbedText/embedding", &[cfg.vocab_size * cfg.num_vocab_repeats, cfg.width])
 }
 
 /// `text` (i64) and `text_mask` (u8 → f32) inputs.
-fn text_inputs(m: &mut Builder, d: Dims) -> Result<(NodeId, NodeId)> {
+pub(super) fn text_inputs(m: &mut Builder, d: Dims) -> Result<(NodeId, NodeId)> {
     let text = m.g.input("text", DType::I64, &[d.b, d.t])?;
     let mask = mask_input(m, "text_mask", &[d.b, d.t])?;
     Ok((text, mask))
@@ -590,88 +590,4 @@ fn score_text_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims) -> Result<(
     m.g.output("prelogits", h.text_pre);
     m.g.output("logp", logp);
     Ok(())
-}
-
-/// Text-to-image scoring of sampled image tokens as `sample_image_latents` computes them: the
-/// prompt `[bos, text, (boi)]` right-aligned (`right_align`: padding first, positions counting
-/// real tokens), then the tokens fed back; the head inputs predicting each token and its
-/// log-density under the temperature-modified mixture.
-fn score_image_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims) -> Result<()> {
-    let table = table(m, cfg)?;
-    let (text, text_mask) = text_inputs(m, d)?;
-    let tokens = m.g.input("image_tokens", DType::F32, &[d.b, d.n, cfg.out_dim])?;
-    let t = m.g.input("temperature", DType::F32, &[1])?;
-    let tp = m.g.input("temperature_probs", DType::F32, &[1])?;
-    let (prefix, pmask) = prompt(m, cfg, d, table, text, text_mask)?;
-    let seq = right_aligned(m, cfg, d, (prefix, pmask), tokens)?;
-    let p = m.g.shape(prefix)[1];
-    let trunk = trunk(m, cfg, &seq)?;
-    let h = head_input(cfg, &trunk);
-    let pre = m.g.slice(h, 1, p - 1, p - 1 + d.n)?;
-    let logits = image_head(m, cfg, pre)?;
-    let g = gmm(m, cfg, logits, Some((t, tp)))?;
-    let logp = gmm_log_prob(m, &g, tokens)?;
-    m.g.output("prelogits", pre);
-    m.g.output("logp", logp);
-    Ok(())
-}
-
-/// The text-to-image prompt `[bos, text R times, (boi)]` and its mask (`shift=False`, no image).
-fn prompt(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, table: NodeId, text: NodeId, mask: NodeId) -> Result<(NodeId, NodeId)> {
-    let w = cfg.width;
-    let x_txt = embed_text(m, cfg, table, text)?;
-    let m_txt = tile(m, cfg, mask)?;
-    let one = f32s(m, &[d.b, 1], 1.0)?;
-    let bos = token(m, table, cfg.bos_id, d.b, w)?;
-    let (mut xs, mut ms) = (vec![bos, x_txt], vec![one, m_txt]);
-    if let Some(id) = cfg.boi_id {
-        xs.push(token(m, table, id, d.b, w)?);
-        ms.push(one);
-    }
-    Ok((m.g.concat(&xs, 1)?, m.g.concat(&ms, 1)?))
-}
-
-/// `right_align` of the prompt (real tokens moved to the end in order), then the first N - 1
-/// image tokens embedded after it: the sequence a prefill plus N - 1 cache extensions sees.
-fn right_aligned(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, (x, mask): (NodeId, NodeId), tokens: NodeId) -> Result<Seq> {
-    let (b, p, w) = (d.b, m.g.shape(x)[1], cfg.width);
-    let seqlen = m.g.reduce(ReduceOp::Sum, mask, &[1], true)?;
-    let cum = m.g.push(Op::CumSum { axis: 1, exclusive: false }, &[mask])?;
-    // x_pos = (P - seqlen + cumsum) * mask - 1: the slot each real token moves to (-1: none).
-    let pc = m.g.scalar(DType::F32, p as f64)?;
-    let start = m.g.binary(BinaryOp::Sub, pc, seqlen)?;
-    let pos = m.add(start, cum)?;
-    let pos = m.g.mul(pos, mask)?;
-    let one = m.g.scalar(DType::F32, 1.0)?;
-    let pos = m.g.binary(BinaryOp::Sub, pos, one)?;
-    let pos = m.g.reshape(pos, &[b, p, 1])?;
-    let slots = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, p]))?;
-    let hit = m.g.binary(BinaryOp::Eq, pos, slots)?;
-    let perm = m.g.push(Op::Cast { to: DType::F32 }, &[hit])?;
-    let perm = m.g.permute(perm, &[0, 2, 1])?;
-    let x = m.g.matmul(perm, x, false)?;
-    let slots = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, p]))?;
-    let real = m.g.binary(BinaryOp::Ge, slots, start)?;
-    let mask = m.g.push(Op::Cast { to: DType::F32 }, &[real])?;
-    let (x, mask) = if d.n > 1 {
-        let fed = m.g.slice(tokens, 1, 0, d.n - 1)?;
-        let rows = m.g.reshape(fed, &[b * (d.n - 1), cfg.out_dim])?;
-        let e = m.dense(rows, "EmbedImage", cfg.out_dim, w)?;
-        let e = m.g.reshape(e, &[b, d.n - 1, w])?;
-        let ones = f32s(m, &[b, d.n - 1], 1.0)?;
-        (m.g.concat(&[x, e], 1)?, m.g.concat(&[mask, ones], 1)?)
-    } else {
-        (x, mask)
-    };
-    let l = p + d.n - 1;
-    let extra = if cfg.causal_mask_on_prefix {
-        None
-    } else {
-        // The bos + text slots (all but a final boi) are seen by every query.
-        let end = p - usize::from(cfg.boi_id.is_some());
-        let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, l]))?;
-        let e = m.g.scalar(DType::F32, end as f64)?;
-        Some(m.g.binary(BinaryOp::Lt, j, e)?)
-    };
-    Ok(Seq { x, mask, extra })
 }
