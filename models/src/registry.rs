@@ -203,6 +203,13 @@ pub fn synth_weights(family: &Family, cfg_path: &Path, recipe: &SynthRecipe) -> 
             None => out.push(SynthWeight { init: (family.init)(base, &shape), name: base.to_string(), shape: full }),
         }
     }
+    // Arrays the builder declared (read through views, e.g. JetFormer's einsum stacks).
+    let schema_file = dir.join("(schema)");
+    for (name, t) in &built.checkpoint.tensors {
+        if t.file == schema_file && !given.iter().any(|(g, _)| g == name) {
+            out.push(SynthWeight { init: (family.init)(name, &t.ty.shape), name: name.clone(), shape: t.ty.shape.clone() });
+        }
+    }
     Ok(out)
 }
 

@@ -21,7 +21,7 @@ use crate::error::{ModelError, Result};
 use crate::gemma::{Family as GemmaFamily, GemmaConfig};
 use crate::jet::JetConfig;
 use crate::layers::{Activation, Builder};
-use crate::registry::{Family, Kind};
+use crate::registry::{Family, Given, Init, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Built, Checkpoint, Profile};
 use kiln_graph::{DType, Graph};
 use std::collections::BTreeMap;
@@ -344,6 +344,67 @@ fn aliases(cfg: &JetFormerConfig, ck: &Checkpoint) -> Result<BTreeMap<String, St
     Ok(a)
 }
 
+/// For `kiln synth`: the decoder's stacked arrays (scan layout), which the builder reads only
+/// through views.
+fn declare_decoder(cfg: &JetFormerConfig, ck: &mut Checkpoint) {
+    let (l, w, f, h, k, hd) = (cfg.depth, cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let p = "decoder/layers/";
+    ck.declare(&format!("{p}pre_attention_norm/scale"), &[l, w]);
+    ck.declare(&format!("{p}pre_ffw_norm/scale"), &[l, w]);
+    if k == h {
+        ck.declare(&format!("{p}attn/qkv_einsum/w"), &[l, 3, h, w, hd]);
+    } else {
+        ck.declare(&format!("{p}attn/q_einsum/w"), &[l, h, w, hd]);
+        ck.declare(&format!("{p}attn/kv_einsum/w"), &[l, 2, k, w, hd]);
+    }
+    ck.declare(&format!("{p}attn/attn_vec_einsum/w"), &[l, h, hd, w]);
+    ck.declare(&format!("{p}mlp/gating_einsum"), &[l, 2, w, f]);
+    ck.declare(&format!("{p}mlp/linear"), &[l, f, w]);
+}
+
+/// JetFormer-350M at 256 px (`configs/proj/jetformer/jetformer_image_text.py`, model_size
+/// 350M): a 24-layer decoder 1024 wide (16 heads, one kv head of 64), 1024 mixtures of 128
+/// dims, BOI, an untied text head over 32000 + 3 ids, a causal prefix; the Jet of 32 channel
+/// couplings (block depth 4, width 512) on 16x16 patches, 640 of 768 dims factored out. The
+/// image head is float32 here (the release config computes it in bfloat16, which kiln emulates
+/// by rounding the kernel on every call).
+fn synth_350m(seed: u64) -> Result<SynthRecipe> {
+    let jet_kwargs = crate::jet::synth_kwargs(32, 4, 512, 8, 1, &["channels"], &["checkerboard", "checkerboard-inv"]);
+    let jet = crate::jet::synth_recipe(jet_kwargs.clone(), 16, 768, seed)?;
+    let given = jet.given.into_iter().map(|g| Given { name: format!("params_adaptor/{}", g.name), ..g }).collect();
+    let model = serde_json::json!({
+        "width": 1024, "depth": 24, "mlp_dim": 4096, "num_heads": 16, "num_kv_heads": 1, "head_dim": 64,
+        "vocab_size": 32003, "bos_id": 32000, "boi_id": 32001, "nolabel_id": 32002, "num_mixtures": 1024, "out_dim": 128,
+        "scale_tol": 1e-6, "drop_labels_probability": 0.1, "dropout": 0.1, "head_dtype": "float32", "scan": true,
+        "remat_policy": "nothing_saveable", "untie_output_vocab": true, "causal_mask_on_prefix": true
+    });
+    let patch_pca = serde_json::json!({"model_name": "proj.jetformer.patch_pca", "model": {
+        "depth_to_seq": 1, "input_size": [256, 256], "patch_size": [16, 16], "code_len": 256, "codeword_dim": 128,
+        "noise_std": 0.0, "add_dequant_noise": true, "skip_pca": true}});
+    let config = serde_json::json!({"model_name": MODEL_NAME, "model": model, "patch_pca": patch_pca,
+        "adaptor_name": "proj.jet.jet", "adaptor": {"model": jet_kwargs}, "latent_noise_dim": 640});
+    Ok(SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given, batch: 1 })
+}
+
+/// Synthetic JetFormer weights: the Jet's by its rule; einsum kernels N(0, 1/fan_in) over their
+/// input axis; RMSNorm offsets N(0, 0.05²) (the scale is `1 + w`); the token table N(0, 1);
+/// the image head N(0, 0.01/width) (big_vision zero-initialises it), biases N(0, 0.02²).
+pub fn synth_init(name: &str, shape: &[usize]) -> Init {
+    if let Some(rest) = name.strip_prefix("params_adaptor/") {
+        return crate::jet::synth_init(rest, shape);
+    }
+    let n = shape.len();
+    match name {
+        "EmbedText/embedding" => Init::Normal { mean: 0.0, std: 1.0 },
+        "LogitsImage/kernel" => Init::Normal { mean: 0.0, std: 0.1 / (shape[0] as f32).sqrt() },
+        _ if name.ends_with("/scale") => Init::Normal { mean: 0.0, std: 0.05 },
+        _ if name.ends_with("/bias") => Init::BIAS,
+        // [.., W, hd] projections read W; attn_vec [.., H, hd, W] reads H*hd; the rest [.., in, out].
+        _ if name.ends_with("attn_vec_einsum/w") => Init::fan_in(shape[n - 3] * shape[n - 2]),
+        _ => Init::fan_in(shape[n.saturating_sub(2)]),
+    }
+}
+
 /// The entries of a JetFormer folder (JETFORMER.md §6), in the order `kiln inspect` lists them.
 pub const ENTRIES: [&str; 6] = ["encode", "forward", "nll", "decode", "score_image_samples", "score_text_samples"];
 
@@ -351,6 +412,7 @@ pub const ENTRIES: [&str; 6] = ["encode", "forward", "nll", "decode", "score_ima
 /// text length its `seq_len` (else 1: entries without text ignore it).
 pub fn build(cfg_path: &Path, mut ck: Checkpoint, profile: &Profile) -> Result<Built> {
     let cfg = JetFormerConfig::from_file(cfg_path)?;
+    declare_decoder(&cfg, &mut ck);
     ck.aliases = aliases(&cfg, &ck)?;
     if profile.dtype != DType::F32 {
         return Err(ModelError::Unsupported(format!("compute dtype {}: big_vision runs JetFormer in float32", profile.dtype)));
@@ -431,6 +493,10 @@ pub static FAMILY: Family = Family {
     claims: |k| k == Kind::BigVision(MODEL_NAME),
     build,
     generation: None,
-    synth: &[],
-    init: super::synth_init,
+    synth: &[SynthRow {
+        name: "jetformer-350m-256",
+        about: "JetFormer-350M at 256 px: 24-layer decoder (1024 wide, MQA), 1024-mixture head, 32-coupling Jet on 16x16 patches (~1.1B params with the head and text tables)",
+        recipe: synth_350m,
+    }],
+    init: synth_init,
 };
