@@ -286,7 +286,7 @@ impl Mixture {
 fn cfg_sample(c: &Mixture, u: &Mixture, w: f64, at: &Draw) -> (Vec<f64>, f64) {
     let k = c.component(at);
     let (mut x, mut lp) = (vec![0f64; c.d], 0.0);
-    for j in 0..c.d {
+    for (j, xj) in x.iter_mut().enumerate() {
         let (lc, sc) = (c.loc[k * c.d + j], c.scale[k * c.d + j]);
         let (lu, su) = (u.loc[k * c.d + j], u.scale[k * c.d + j]);
         let log_p = |v: f64| (1.0 + w) * normal_log_pdf(v, lc, sc) - w * normal_log_pdf(v, lu, su);
@@ -303,8 +303,8 @@ fn cfg_sample(c: &Mixture, u: &Mixture, w: f64, at: &Draw) -> (Vec<f64>, f64) {
                 break;
             }
         }
-        x[j] = got.unwrap_or_else(|| lc + sc * normal(at, 4, j as u64));
-        lp += log_p(x[j]);
+        *xj = got.unwrap_or_else(|| lc + sc * normal(at, 4, j as u64));
+        lp += log_p(*xj);
     }
     (x, lp)
 }

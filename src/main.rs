@@ -595,35 +595,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
         }
         Cmd::Sample { model, seed, temperature, count, weights, p, out, prompt, cfg_weight, temperature_probs } => {
-            if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(Error::Usage(format!("--temperature {temperature}: expected a finite value >= 0")));
-            }
-            if count == 0 {
-                return Err(Error::Usage("--count must be at least 1".into()));
-            }
-            writable(&out)?;
-            if kiln_models::registry::kind_of(&model.join("config.json"))
-                .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
-            {
-                let ids = kiln::jetformer::prompt_ids(prompt.as_deref().unwrap_or(""))?;
-                let o = kiln::jetformer::T2iOptions { temperature, temperature_probs, cfg_weight, seed };
-                println!("{}", kiln::jetformer::sample_to_png(&model, &ids, count, &o, &p.backend, &out)?);
-                return Ok(());
-            }
-            let mut opts = profile(&p, Some(count), None)?;
-            opts.profile.batch = count;
-            let mut s = session(&model, weights.as_deref(), Some(opts), &p)?;
-            let batch =
-                s.program().entries[s.entry_index("inverse")?].inputs.iter().find(|io| io.name == "z").map(|io| io.operand.ty.shape[0]);
-            if batch.is_some_and(|b| b != count) {
-                return Err(Error::Usage(format!(
-                    "--count {count}: the artifact was compiled for {} images (compile it with --batch {count}, or pass the folder)",
-                    batch.unwrap_or(0)
-                )));
-            }
-            let r = kiln::sample::sample(&mut s, seed, temperature, &out)?;
-            println!("{r}");
-            Ok(())
+            let jetformer = (prompt.as_deref(), cfg_weight, temperature_probs);
+            commands::sample(&model, seed, (temperature, count), weights.as_deref(), &p, &out, jetformer)
         }
         Cmd::Score { model, inputs, out, weights, p } => {
             writable_unlike(&out, Some(&inputs))?;
