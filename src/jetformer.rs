@@ -382,3 +382,105 @@ pub fn bits_per_dim_line(outs: &[(String, Tensor)]) -> Option<String> {
     let shown: Vec<String> = bpd.iter().map(|b| format!("{b:.6}")).collect();
     Some(format!("bits per dim: [{}] mean {:.6}", shown.join(", "), bpd.iter().sum::<f64>() / bpd.len().max(1) as f64))
 }
+
+/// What a captioner gives per image: `decode_len` token ids, their log-probabilities under the
+/// unmodified softmax and the head inputs that predicted them `[B, L, W]`.
+pub struct Captions {
+    pub tokens: Vec<i64>,
+    pub logp: Vec<f32>,
+    pub prelogits: Vec<f32>,
+}
+
+/// A compiled image-to-text sampler (`predict_fns.sample_text`: prefill `[boi, image, bos]`,
+/// then one token per step, no EOS stop) for `batch` images and `decode_len` tokens.
+pub struct Captioner {
+    session: Session,
+    cfg: JetFormerConfig,
+    batch: usize,
+    prompt_len: usize,
+    decode_len: usize,
+    /// The image size the program encodes.
+    pub hw: (usize, usize),
+}
+
+impl Captioner {
+    /// Compiles the captioner of the folder `dir` on `backend`.
+    pub fn new(dir: &Path, batch: usize, decode_len: usize, backend: &str) -> Result<Self> {
+        let (entries, states, cfg, d) = jetformer::build_captioner(dir, batch, decode_len)?;
+        let states = states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
+        let profile = kiln_models::Profile { batch, ..kiln_models::Profile::default() };
+        let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
+        let desc = format!("JetFormer captioner: {batch} images, {decode_len} tokens");
+        let program = compile_with_states(&entries, &desc, &dir.display().to_string(), states, &opts)?.program;
+        let session = Session::new(program, Arc::new(WeightStore::open(dir)?))?;
+        let prompt_len = d.n + 1 + usize::from(cfg.boi_id.is_some());
+        Ok(Captioner { session, cfg, batch, prompt_len, decode_len, hw: d.hw })
+    }
+
+    /// Captions `images [B, H, W, 3]` in [-1, 1] (encoded, the noise dimensions dropped).
+    pub fn caption_images(&mut self, images: &Tensor, temperature: f64, seed: u64) -> Result<Captions> {
+        let outs = self.session.run("encode", &[("images", images)])?;
+        let tokens = get(&outs, "image_tokens")?.clone();
+        self.caption_tokens(&tokens, temperature, seed)
+    }
+
+    /// Captions soft image tokens `[B, N, D]`: greedy at temperature 0, else drawn from
+    /// `softmax(logits / temperature)` with kiln's counter-based draws.
+    pub fn caption_tokens(&mut self, image_tokens: &Tensor, temperature: f64, seed: u64) -> Result<Captions> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(Error::Usage(format!("temperature {temperature}: expected a finite value >= 0")));
+        }
+        let (b, l, w) = (self.batch, self.decode_len, self.cfg.width);
+        self.session.reset_states()?;
+        let outs = self.session.run("i2t_prefill", &[("image_tokens", image_tokens)])?;
+        let (mut logits, mut pre) = (get(&outs, "logits")?.to_f32(), get(&outs, "prelogits")?.to_f32());
+        let v = logits.len() / b;
+        let (mut tokens, mut logp, mut prelogits) = (vec![0i64; b * l], vec![0f32; b * l], vec![0f32; b * l * w]);
+        for i in 0..l {
+            for r in 0..b {
+                let row: Vec<f64> = logits[r * v..(r + 1) * v].iter().map(|&x| x as f64).collect();
+                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                let tok = if temperature == 0.0 {
+                    crate::generate::argmax(&logits[r * v..(r + 1) * v])
+                } else {
+                    let scaled: Vec<f64> = row.iter().map(|x| (x - mx) / temperature).collect();
+                    let total: f64 = scaled.iter().map(|x| x.exp()).sum();
+                    let u = crate::encdec::uniform(seed, r as u64, i as u64) * total;
+                    let mut acc = 0.0;
+                    scaled
+                        .iter()
+                        .position(|x| {
+                            acc += x.exp();
+                            u < acc
+                        })
+                        .unwrap_or(v - 1)
+                };
+                tokens[r * l + i] = tok as i64;
+                logp[r * l + i] = (row[tok] - lse) as f32;
+                prelogits[(r * l + i) * w..(r * l + i + 1) * w].copy_from_slice(&pre[r * w..(r + 1) * w]);
+            }
+            if i + 1 == l {
+                break;
+            }
+            let token_t = Tensor::from_i64(&[b, 1], &(0..b).map(|r| tokens[r * l + i]).collect::<Vec<_>>());
+            let at_t = Tensor::from_i64(&[1], &[(self.prompt_len + i) as i64]);
+            let outs = self.session.run("i2t_step", &[("token", &token_t), ("cache_position", &at_t)])?;
+            logits = get(&outs, "logits")?.to_f32();
+            pre = get(&outs, "prelogits")?.to_f32();
+        }
+        Ok(Captions { tokens, logp, prelogits })
+    }
+}
+
+/// `kiln generate <jetformer> --image x.png`: the image resized to the model's size as
+/// big_vision's `resize` does (TF bilinear), mapped to [-1, 1], captioned; one line of ids.
+pub fn caption_file(dir: &Path, image: &Path, decode_len: usize, temperature: f64, seed: u64, backend: &str) -> Result<String> {
+    let mut c = Captioner::new(dir, 1, decode_len, backend)?;
+    let (h, w) = c.hw;
+    let img = crate::preprocess::load_image(image, true)?;
+    let px: Vec<f32> = crate::paligemma_bv::bilinear(&img, h, w).iter().map(|&v| v / 127.5 - 1.0).collect();
+    let r = c.caption_images(&Tensor::from_f32(&[1, h, w, 3], &px), temperature, seed)?;
+    let lp: f32 = r.logp.iter().sum();
+    Ok(format!("tokens {:?} (log p {lp:.3})", r.tokens))
+}

@@ -495,9 +495,19 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             writable_unlike(&out, Some(&inputs))?;
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
-        Cmd::Generate { model, prompt: None, image: Some(image), out, backend, device, inputs: None, .. } => {
-            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?)
-        }
+        Cmd::Generate {
+            model,
+            prompt: None,
+            image: Some(image),
+            out,
+            backend,
+            device,
+            inputs: None,
+            max_new_tokens,
+            temperature,
+            seed,
+            ..
+        } => generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, temperature, seed)),
         Cmd::Generate {
             model,
             prompt: Some(prompt),

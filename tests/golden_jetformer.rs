@@ -392,3 +392,29 @@ fn same_seed_same_image_on_every_backend() {
         assert!(e <= 1e-3, "{backend}: seed 11 image differs from cpu's by {e:.3e}");
     }
 }
+
+/// The captioner (prefill `[boi, image, bos]` / `[bos, image]`, one cached step per token)
+/// reports the log-probabilities and head inputs `score_text_samples` gives its tokens; a
+/// model with repeated vocabularies is refused by name.
+#[test]
+fn rescoring_captions_gives_the_captioner_logp() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let tokens = tensor(&r, "image_tokens").clone();
+    for (v, dir) in variants().iter().zip(variant_dirs()) {
+        if v.model.get("num_vocab_repeats").and_then(|x| x.as_u64()) != Some(1) {
+            let e = kiln::jetformer::Captioner::new(dir, 2, 3, "cpu").err().expect("repeated vocabularies refused");
+            assert!(e.to_string().contains("num_vocab_repeats"), "{e}");
+            continue;
+        }
+        for (temperature, seed) in [(0.0, 0), (0.7, 3)] {
+            let mut c = kiln::jetformer::Captioner::new(dir, 2, 3, "cpu").unwrap_or_else(|e| panic!("captioner: {e}"));
+            let caps = c.caption_tokens(&tokens, temperature, seed).unwrap();
+            let mut s = session(dir, "cpu", 3);
+            let ins: Named = vec![("image_tokens".into(), tokens.clone()), ("text".into(), Tensor::from_i64(&[2, 3], &caps.tokens))];
+            let sc = run(&mut s, "score_text_samples", &ins);
+            let e = err(&tensor(&sc, "logp").to_f32(), &caps.logp).max(err(&tensor(&sc, "prelogits").to_f32(), &caps.prelogits));
+            eprintln!("{} T {temperature}: {:?} error {e:.3e}", v.name, caps.tokens);
+            assert!(e <= 1e-4, "{}: captioner vs score_text_samples {e:.3e}", v.name);
+        }
+    }
+}

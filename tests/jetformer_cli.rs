@@ -2,7 +2,7 @@
 //! inputs the official call needs (ids as int32, flags as int64: converted; `text_mask`,
 //! `drop_prefix`, `text_loss` defaulted) gives the fixture's reference, `--bpd` prints bits per
 //! dimension, `kiln sample --prompt` writes a PNG grid; a tiny synthesized JetFormer (the same
-//! recipe code as `jetformer-350m-256`) builds and runs.
+//! recipe code as `jetformer-350m-256`) builds, runs, samples and captions a PNG.
 
 mod common;
 
@@ -133,5 +133,12 @@ fn a_synthesized_jetformer_runs() {
     for (name, t) in &outs {
         assert!(t.to_f32().iter().all(|x| x.is_finite()), "{name} is not finite");
     }
+    // Captioning from a PNG (resized to 8x8 as big_vision's resize does; 4 token ids).
+    let img = out.join("x.png");
+    let px: Vec<u8> = (0..12 * 10 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    kiln::png::write(&img, 12, 10, 3, &px).unwrap();
+    let said = kiln(&["generate", out.to_str().unwrap(), "--image", img.to_str().unwrap(), "--max-new-tokens", "4"]);
+    let ids = said.lines().find(|l| l.starts_with("tokens [")).unwrap_or_else(|| panic!("{said}"));
+    assert_eq!(ids.matches(',').count(), 3, "{ids}");
     let _ = std::fs::remove_dir_all(Path::new(&out));
 }

@@ -13,6 +13,7 @@
 //! mixture head. The decoder is kiln's Gemma builder; its weights are read through aliases
 //! (views of big_vision's einsum arrays, as the big_vision PaliGemma folder does).
 
+mod i2t;
 mod seq;
 mod t2i;
 
@@ -27,6 +28,7 @@ use kiln_graph::{DType, Graph};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use i2t::build_captioner;
 pub use seq::Dims;
 pub use t2i::prompt_len;
 
