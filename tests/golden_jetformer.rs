@@ -418,3 +418,52 @@ fn rescoring_captions_gives_the_captioner_logp() {
         }
     }
 }
+
+/// The cuda lowering of every program (the entries, the sampler's and the captioner's) picks a
+/// kernel for every step; `kiln compile --backend cuda --arch sm_90a` builds the entries' CUBINs
+/// with NVRTC (no GPU needed).
+#[cfg(feature = "cuda")]
+#[test]
+fn the_cuda_lowering_compiles() {
+    let opts = |batch: usize| CompileOptions { profile: Profile { batch, ..profile(2) }, backend: "cuda".into(), trace: false };
+    let mut dirs = vec![fixture()];
+    dirs.extend(variant_dirs().iter().cloned());
+    for dir in &dirs {
+        compile(dir, &opts(2)).unwrap_or_else(|e| panic!("{}: entries: {e}", dir.display()));
+        let s = kiln_models::big_vision::jetformer::build_sampler(dir, 4, 2, 2, Some((8, 8))).expect("sampler graphs");
+        let states = s.states.iter().map(|(n, ty)| kiln_graph::program::StateSpec { name: n.clone(), ty: ty.clone() }).collect();
+        kiln::compile_with_states(&s.entries, "t2i", "test", states, &opts(4))
+            .unwrap_or_else(|e| panic!("{}: sampler: {e}", dir.display()));
+        if let Ok((entries, states, _, _)) = kiln_models::big_vision::jetformer::build_captioner(dir, 2, 3) {
+            let states = states.iter().map(|(n, ty)| kiln_graph::program::StateSpec { name: n.clone(), ty: ty.clone() }).collect();
+            kiln::compile_with_states(&entries, "i2t", "test", states, &opts(2))
+                .unwrap_or_else(|e| panic!("{}: captioner: {e}", dir.display()));
+        }
+    }
+    if !kiln_kernels::cuda::nvrtc::available() {
+        assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1 but NVRTC is missing");
+        return;
+    }
+    let art = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jetformer_cuda.kiln");
+    let f = fixture();
+    let args = [
+        "compile",
+        f.to_str().unwrap(),
+        "--backend",
+        "cuda",
+        "--arch",
+        "sm_90a",
+        "--batch",
+        "2",
+        "--seq-len",
+        "2",
+        "-o",
+        art.to_str().unwrap(),
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = kiln_graph::artifact::load_file(&art).unwrap();
+    let names: Vec<&str> = p.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, kiln_models::big_vision::jetformer::ENTRIES);
+    assert!(!p.binaries.is_empty());
+}
