@@ -178,6 +178,7 @@ fn variants() -> Vec<Variant> {
             untied: false,
             mqa: false,
         },
+        Variant { name: "no_adaptor", model: json!({"adaptor_name": "", "boi_id": 11}), one_vocab: false, untied: false, mqa: false },
     ]
 }
 
@@ -193,7 +194,13 @@ fn write_variant(v: &Variant) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
     for (k, x) in v.model.as_object().unwrap() {
-        cfg["model"][k] = x.clone();
+        // `adaptor_name` is a top-level key (the trainer config's), the rest Model kwargs.
+        if k == "adaptor_name" {
+            cfg[k] = x.clone();
+            cfg.as_object_mut().unwrap().remove("adaptor");
+        } else {
+            cfg["model"][k] = x.clone();
+        }
     }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let (w, hd, depth, heads, vocab) = (24, 12, 2, 2, 13);
