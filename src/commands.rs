@@ -347,13 +347,18 @@ pub(super) fn generate_encdec(
 }
 
 /// `kiln generate <uvim-task> --image x.jpg -o out.png`: UViM end to end (`kiln::uvim`).
-pub(super) fn generate_uvim(model: &Path, image: &Path, out: Option<PathBuf>, backend: &str, text: (usize, f64, u64)) -> Result<()> {
+pub(super) fn generate_uvim(
+    model: &Path,
+    image: &Path,
+    out: Option<PathBuf>,
+    backend: &str,
+    text: (usize, kiln::sampling::HfSampling),
+) -> Result<()> {
     if kiln_models::registry::kind_of(&model.join("config.json"))
         .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
     {
         // A JetFormer captions the image (`sample_text`): token ids, the folder has no tokenizer.
-        let (len, temperature, seed) = text;
-        println!("{}", kiln::jetformer::caption_file(model, image, len, temperature, seed, backend)?);
+        println!("{}", kiln::jetformer::caption_file(model, image, text.0, &text.1, backend)?);
         return Ok(());
     }
     if !kiln::uvim::is_task(model) {

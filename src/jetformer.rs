@@ -19,6 +19,7 @@
 //! only on the seed, its prompt and its position in the batch, never on the backend's
 //! scheduling.
 
+use crate::sampling::HfSampling;
 use crate::{compile_with_states, CompileOptions, Error, Result};
 use kiln_graph::program::StateSpec;
 use kiln_graph::DType;
@@ -418,18 +419,17 @@ impl Captioner {
     }
 
     /// Captions `images [B, H, W, 3]` in [-1, 1] (encoded, the noise dimensions dropped).
-    pub fn caption_images(&mut self, images: &Tensor, temperature: f64, seed: u64) -> Result<Captions> {
+    pub fn caption_images(&mut self, images: &Tensor, sampling: &HfSampling) -> Result<Captions> {
         let outs = self.session.run("encode", &[("images", images)])?;
         let tokens = get(&outs, "image_tokens")?.clone();
-        self.caption_tokens(&tokens, temperature, seed)
+        self.caption_tokens(&tokens, sampling)
     }
 
-    /// Captions soft image tokens `[B, N, D]`: greedy at temperature 0, else drawn from
-    /// `softmax(logits / temperature)` with kiln's counter-based draws.
-    pub fn caption_tokens(&mut self, image_tokens: &Tensor, temperature: f64, seed: u64) -> Result<Captions> {
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(Error::Usage(format!("temperature {temperature}: expected a finite value >= 0")));
-        }
+    /// Captions soft image tokens `[B, N, D]`: greedy at temperature 0, else drawn as kiln's
+    /// other decoders draw (temperature, then top-k, then top-p; counter-based draws per seed,
+    /// image and step). big_vision's `sample_text` knows the temperature alone.
+    pub fn caption_tokens(&mut self, image_tokens: &Tensor, sampling: &HfSampling) -> Result<Captions> {
+        sampling.check()?;
         let (b, l, w) = (self.batch, self.decode_len, self.cfg.width);
         self.session.reset_states()?;
         let outs = self.session.run("i2t_prefill", &[("image_tokens", image_tokens)])?;
@@ -441,21 +441,8 @@ impl Captioner {
                 let row: Vec<f64> = logits[r * v..(r + 1) * v].iter().map(|&x| x as f64).collect();
                 let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
-                let tok = if temperature == 0.0 {
-                    crate::generate::argmax(&logits[r * v..(r + 1) * v])
-                } else {
-                    let scaled: Vec<f64> = row.iter().map(|x| (x - mx) / temperature).collect();
-                    let total: f64 = scaled.iter().map(|x| x.exp()).sum();
-                    let u = crate::encdec::uniform(seed, r as u64, i as u64) * total;
-                    let mut acc = 0.0;
-                    scaled
-                        .iter()
-                        .position(|x| {
-                            acc += x.exp();
-                            u < acc
-                        })
-                        .unwrap_or(v - 1)
-                };
+                let tok = sampling.pick(&logits[r * v..(r + 1) * v], crate::encdec::uniform(sampling.seed, r as u64, i as u64));
+
                 tokens[r * l + i] = tok as i64;
                 logp[r * l + i] = (row[tok] - lse) as f32;
                 prelogits[(r * l + i) * w..(r * l + i + 1) * w].copy_from_slice(&pre[r * w..(r + 1) * w]);
@@ -475,12 +462,12 @@ impl Captioner {
 
 /// `kiln generate <jetformer> --image x.png`: the image resized to the model's size as
 /// big_vision's `resize` does (TF bilinear), mapped to [-1, 1], captioned; one line of ids.
-pub fn caption_file(dir: &Path, image: &Path, decode_len: usize, temperature: f64, seed: u64, backend: &str) -> Result<String> {
+pub fn caption_file(dir: &Path, image: &Path, decode_len: usize, sampling: &HfSampling, backend: &str) -> Result<String> {
     let mut c = Captioner::new(dir, 1, decode_len, backend)?;
     let (h, w) = c.hw;
     let img = crate::preprocess::load_image(image, true)?;
     let px: Vec<f32> = crate::paligemma_bv::bilinear(&img, h, w).iter().map(|&v| v / 127.5 - 1.0).collect();
-    let r = c.caption_images(&Tensor::from_f32(&[1, h, w, 3], &px), temperature, seed)?;
+    let r = c.caption_images(&Tensor::from_f32(&[1, h, w, 3], &px), sampling)?;
     let lp: f32 = r.logp.iter().sum();
     Ok(format!("tokens {:?} (log p {lp:.3})", r.tokens))
 }

@@ -505,9 +505,14 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             inputs: None,
             max_new_tokens,
             temperature,
+            top_k,
+            top_p,
             seed,
             ..
-        } => generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, temperature, seed)),
+        } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, sampling))
+        }
         Cmd::Generate {
             model,
             prompt: Some(prompt),

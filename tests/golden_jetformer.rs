@@ -413,9 +413,10 @@ fn rescoring_captions_gives_the_captioner_logp() {
             assert!(e.to_string().contains("num_vocab_repeats"), "{e}");
             continue;
         }
-        for (temperature, seed) in [(0.0, 0), (0.7, 3)] {
+        for (temperature, top_k, top_p, seed) in [(0.0, 0, 1.0, 0), (0.7, 0, 1.0, 3), (1.0, 3, 0.9, 4)] {
             let mut c = kiln::jetformer::Captioner::new(dir, 2, 3, "cpu").unwrap_or_else(|e| panic!("captioner: {e}"));
-            let caps = c.caption_tokens(&tokens, temperature, seed).unwrap();
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p, seed };
+            let caps = c.caption_tokens(&tokens, &sampling).unwrap();
             let mut s = session(dir, "cpu", 3);
             let ins: Named = vec![("image_tokens".into(), tokens.clone()), ("text".into(), Tensor::from_i64(&[2, 3], &caps.tokens))];
             let sc = run(&mut s, "score_text_samples", &ins);
