@@ -142,3 +142,36 @@ fn a_synthesized_jetformer_runs() {
     assert_eq!(ids.matches(',').count(), 3, "{ids}");
     let _ = std::fs::remove_dir_all(Path::new(&out));
 }
+
+/// What kiln does not build is refused naming the field: an unknown kwarg, PCA, the
+/// full-covariance head, a bfloat16 KV cache, a noise split that does not add up, an adaptor
+/// kiln does not know, an untied head over repeated vocabularies.
+#[test]
+fn bad_configs_are_refused_by_name() {
+    let src = common::big_vision_case("jetformer");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("model.frobnicate", Box::new(|c| c["model"]["frobnicate"] = 1.into())),
+        ("patch_pca.model.skip_pca", Box::new(|c| c["patch_pca"]["model"]["skip_pca"] = false.into())),
+        ("model.multivariate", Box::new(|c| c["model"]["multivariate"] = true.into())),
+        ("model.cache_dtype", Box::new(|c| c["model"]["cache_dtype"] = "bfloat16".into())),
+        ("latent_noise_dim", Box::new(|c| c["latent_noise_dim"] = 5.into())),
+        ("adaptor_name", Box::new(|c| c["adaptor_name"] = "proj.givt.vae".into())),
+        ("model.num_vocab_repeats", Box::new(|c| c["model"]["untie_output_vocab"] = true.into())),
+        ("model.bos_id", Box::new(|c| c["model"]["bos_id"] = serde_json::Value::Null)),
+        ("model.head_dtype", Box::new(|c| c["model"]["head_dtype"] = "float16".into())),
+    ];
+    for (field, edit) in cases {
+        let d = tmp(&format!("bad-{}", field.replace('.', "-")));
+        let mut c = base.clone();
+        edit(&mut c);
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        std::fs::copy(src.join("params.npz"), d.join("params.npz")).unwrap();
+        let e = match kiln_models::build(&d, &kiln_models::Profile::default()) {
+            Ok(_) => panic!("{field}: built"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(field), "{field}: {e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
