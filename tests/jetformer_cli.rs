@@ -150,7 +150,8 @@ fn a_synthesized_jetformer_runs() {
 fn bad_configs_are_refused_by_name() {
     let src = common::big_vision_case("jetformer");
     let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("model.frobnicate", Box::new(|c| c["model"]["frobnicate"] = 1.into())),
         ("patch_pca.model.skip_pca", Box::new(|c| c["patch_pca"]["model"]["skip_pca"] = false.into())),
         ("model.multivariate", Box::new(|c| c["model"]["multivariate"] = true.into())),
