@@ -178,7 +178,13 @@ fn variants() -> Vec<Variant> {
             untied: false,
             mqa: false,
         },
-        Variant { name: "no_adaptor", model: json!({"adaptor_name": "", "boi_id": 11}), one_vocab: false, untied: false, mqa: false },
+        Variant {
+            name: "no_adaptor_per_layer",
+            model: json!({"adaptor_name": "", "boi_id": 11, "scan": false}),
+            one_vocab: false,
+            untied: false,
+            mqa: false,
+        },
     ]
 }
 
@@ -229,6 +235,22 @@ fn write_variant(v: &Variant) -> PathBuf {
         let b: Vec<f32> = (0..vocab).map(|i| (i as f32 - 6.0) * 0.05).collect();
         arrays.push(("LogitsText/kernel".into(), vec![w, vocab], k));
         arrays.push(("LogitsText/bias".into(), vec![vocab], b));
+    }
+    if v.model.get("scan") == Some(&serde_json::json!(false)) {
+        // The per-layer layout: `decoder/layers/<i>/...` without the depth axis.
+        let mut split = vec![];
+        for (name, shape, vals) in arrays {
+            match name.strip_prefix("decoder/layers/") {
+                Some(rest) => {
+                    let n = vals.len() / shape[0];
+                    for l in 0..shape[0] {
+                        split.push((format!("decoder/layers/{l}/{rest}"), shape[1..].to_vec(), vals[l * n..(l + 1) * n].to_vec()));
+                    }
+                }
+                None => split.push((name, shape, vals)),
+            }
+        }
+        arrays = split;
     }
     arrays.sort_by(|a, b| a.0.cmp(&b.0));
     kiln::npz_write::write(&dir.join("params.npz"), &arrays).unwrap();
@@ -474,4 +496,22 @@ fn the_cuda_lowering_compiles() {
     let names: Vec<&str> = p.entries.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, kiln_models::big_vision::jetformer::ENTRIES);
     assert!(!p.binaries.is_empty());
+}
+
+/// The per-layer parameter layout (`scan: false`, `decoder/layers/<i>/...`) reads the same
+/// weights as the scan layout: the same outputs bit for bit.
+#[test]
+fn per_layer_layout_equals_scan_layout() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let (v, per_layer) =
+        variants().into_iter().zip(variant_dirs()).find(|(v, _)| v.model.get("scan").is_some()).expect("a per-layer variant");
+    let mut model = v.model.clone();
+    model.as_object_mut().unwrap().remove("scan");
+    let twin = write_variant(&Variant { name: "scan_twin", model, ..v });
+    let (mut a, mut b) = (session(per_layer, "cpu", 2), session(&twin, "cpu", 2));
+    let ins = inputs(&r, "forward", true);
+    let (x, y) = (run(&mut a, "forward", &ins), run(&mut b, "forward", &ins));
+    for (name, t) in &x {
+        assert_eq!(t.bytes, tensor(&y, name).bytes, "{name}");
+    }
 }
