@@ -515,3 +515,44 @@ fn per_layer_layout_equals_scan_layout() {
         assert_eq!(t.bytes, tensor(&y, name).bytes, "{name}");
     }
 }
+
+/// `head_dtype: bfloat16`: the image head's outputs are bfloat16 values (Flax's
+/// `Dense(dtype=bfloat16)` rounds its product and sum), on cpu and cube, and differ from the
+/// float32 head's by bfloat16's rounding, not more.
+#[test]
+fn a_bfloat16_head_gives_bfloat16_logits() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let (_, dir) = variants().into_iter().zip(variant_dirs()).find(|(v, _)| v.model.get("head_dtype").is_some()).expect("a bf16 variant");
+    let mut f32_head: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    f32_head["model"]["head_dtype"] = "float32".into();
+    let twin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jetformer_bf16_twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    std::fs::write(twin.join("config.json"), f32_head.to_string()).unwrap();
+    std::fs::copy(dir.join("params.npz"), twin.join("params.npz")).unwrap();
+    let ins = inputs(&r, "forward", false);
+    let want = run(&mut session(&twin, "cpu", 2), "forward", &ins);
+    for &backend in BACKENDS {
+        let got = run(&mut session(dir, backend, 2), "forward", &ins);
+        let logits = tensor(&got, "image_logits").to_f32();
+        assert!(logits.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x), "{backend}: a logit is not a bfloat16 value");
+        let e = err(&logits, &tensor(&want, "image_logits").to_f32());
+        eprintln!("{backend}: bf16 head vs f32 head {e:.3e}");
+        assert!(e > 0.0 && e < 2e-2, "{backend}: bf16 head vs f32 head {e:.3e}");
+    }
+}
+
+/// The captioner gives the same greedy tokens on every backend, log-probabilities within 1e-4.
+#[test]
+fn captions_agree_across_backends() {
+    let r = io::read(&fixture().join("reference.safetensors")).expect("reference");
+    let tokens = tensor(&r, "image_tokens").clone();
+    let (_, dir) = variants().into_iter().zip(variant_dirs()).find(|(v, _)| v.untied).expect("an untied variant");
+    let greedy = kiln::sampling::HfSampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+    let caption = |backend: &str| kiln::jetformer::Captioner::new(dir, 2, 4, backend).unwrap().caption_tokens(&tokens, &greedy).unwrap();
+    let want = caption("cpu");
+    for &backend in BACKENDS {
+        let got = caption(backend);
+        assert_eq!(got.tokens, want.tokens, "{backend}");
+        assert!(err(&got.logp, &want.logp) <= 1e-4, "{backend}: logp");
+    }
+}
