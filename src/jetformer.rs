@@ -338,7 +338,8 @@ pub fn sample_to_png(dir: &Path, prompt: &[i64], count: usize, o: &T2iOptions, b
 }
 
 /// `kiln run` on a JetFormer entry: integer and flag inputs given in another integer dtype are
-/// converted to the ones the entry declares (ids i64, masks and flags u8), and what
+/// converted to the ones the entry declares (ids i64, masks and flags u8), inputs of the
+/// declared size read in the declared shape (a `[]` temperature as `[1]`), and what
 /// `Model.__call__` and the scorers default is filled: `text_mask` all real, `drop_prefix` none,
 /// `text_loss` the text mask, temperatures 1.
 pub fn input_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session, entry: &str) {
@@ -349,6 +350,10 @@ pub fn input_defaults(ins: &mut Vec<(String, Tensor)>, s: &Session, entry: &str)
     for (name, t) in ins.iter_mut() {
         let Some(io) = e.inputs.iter().find(|io| io.name == *name) else { continue };
         let want = io.operand.ty.dtype;
+        // A scalar temperature given as [] (or any same-sized shape) is read as declared.
+        if t.ty.shape != io.operand.ty.shape && t.ty.numel() == io.operand.ty.numel() {
+            t.ty = kiln_graph::TensorType::new(t.ty.dtype, io.operand.ty.shape.clone());
+        }
         if t.ty.dtype != want && !want.is_float() && t.ty.numel() == io.operand.ty.numel() {
             let v = t.to_f64();
             *t = match want {

@@ -79,6 +79,30 @@ fn kiln_run_fills_defaults_and_prints_bits_per_dim() {
     let _ = std::fs::remove_dir_all(&t);
 }
 
+/// `score_image_samples` through `kiln run` with scalar (`[]`) temperatures and no `text_mask`
+/// (every token real: the fixture's row 0) gives the official sampler's row-0 `logp`.
+#[test]
+fn kiln_run_scores_samples_with_scalar_temperatures() {
+    let dir = common::big_vision_case("jetformer");
+    let r = io::read(&dir.join("reference.safetensors")).unwrap();
+    let get = |n: &str| common::tensor(&r, n).clone();
+    let scalar = |v: f32| Tensor { ty: kiln_graph::TensorType::new(kiln_graph::DType::F32, vec![]), bytes: v.to_le_bytes().to_vec() };
+    let t = tmp("score");
+    let ins = vec![
+        ("text".to_string(), get("text")),
+        ("image_tokens".to_string(), get("t2i_tokens")),
+        ("temperature".to_string(), scalar(0.8)),
+        ("temperature_probs".to_string(), scalar(1.2)),
+    ];
+    let (i, o) = (t.join("in.safetensors"), t.join("out.safetensors"));
+    io::write(&i, &ins).unwrap();
+    kiln(&["run", dir.to_str().unwrap(), "--inputs", i.to_str().unwrap(), "--out", o.to_str().unwrap(), "--entry", "score_image_samples"]);
+    let outs = io::read(&o).unwrap();
+    let (got, want) = (common::tensor(&outs, "logp").to_f32(), get("t2i_logp").to_f32());
+    assert!(err(&got[..16], &want[..16]) <= 1e-4, "row 0 logp");
+    let _ = std::fs::remove_dir_all(&t);
+}
+
 #[test]
 fn kiln_sample_writes_a_grid() {
     let dir = common::big_vision_case("jetformer");
