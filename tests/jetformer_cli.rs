@@ -128,8 +128,9 @@ fn kiln_sample_writes_a_grid() {
     let _ = std::fs::remove_dir_all(&t);
 }
 
-/// A tiny JetFormer through `kiln synth`'s machinery (schema build, declared einsum stacks,
-/// the Jet's permutations under `params_adaptor/`): every entry compiles and runs, finite.
+/// A tiny JetFormer through `kiln synth`'s machinery (schema build, declared einsum stacks and
+/// bfloat16 head, the Jet's permutations under `params_adaptor/`): every entry compiles and runs,
+/// finite.
 #[test]
 fn a_synthesized_jetformer_runs() {
     use kiln_models::registry::{Given, SynthRecipe, WeightFormat};
@@ -137,7 +138,8 @@ fn a_synthesized_jetformer_runs() {
     let jr = kiln_models::jet::synth_recipe(jet.clone(), 4, 12, 3).unwrap();
     let given = jr.given.into_iter().map(|g| Given { name: format!("params_adaptor/{}", g.name), ..g }).collect();
     let model = serde_json::json!({"width": 16, "depth": 2, "mlp_dim": 32, "num_heads": 4, "num_kv_heads": 1, "head_dim": 4,
-        "vocab_size": 20, "bos_id": 17, "boi_id": 18, "nolabel_id": 19, "num_mixtures": 3, "out_dim": 4, "untie_output_vocab": true});
+        "vocab_size": 20, "bos_id": 17, "boi_id": 18, "nolabel_id": 19, "num_mixtures": 3, "out_dim": 4, "untie_output_vocab": true,
+        "head_dtype": "bfloat16"});
     let patch_pca = serde_json::json!({"model_name": "proj.jetformer.patch_pca", "model": {"input_size": [8, 8], "patch_size": [2, 2], "skip_pca": true}});
     let config = serde_json::json!({"model_name": "proj.jetformer.jetformer", "model": model, "patch_pca": patch_pca,
         "adaptor_name": "proj.jet.jet", "adaptor": {"model": jet}, "latent_noise_dim": 8});

@@ -346,8 +346,8 @@ fn aliases(cfg: &JetFormerConfig, ck: &Checkpoint) -> Result<BTreeMap<String, St
     Ok(a)
 }
 
-/// For `kiln synth`: the decoder's stacked arrays (scan layout), which the builder reads only
-/// through views.
+/// For `kiln synth`: the decoder's stacked arrays (scan layout) and a bfloat16 head's kernel,
+/// which the builder reads only through views.
 fn declare_decoder(cfg: &JetFormerConfig, ck: &mut Checkpoint) {
     let (l, w, f, h, k, hd) = (cfg.depth, cfg.width, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
     let p = "decoder/layers/";
@@ -362,6 +362,11 @@ fn declare_decoder(cfg: &JetFormerConfig, ck: &mut Checkpoint) {
     ck.declare(&format!("{p}attn/attn_vec_einsum/w"), &[l, h, hd, w]);
     ck.declare(&format!("{p}mlp/gating_einsum"), &[l, 2, w, f]);
     ck.declare(&format!("{p}mlp/linear"), &[l, f, w]);
+    if cfg.head_bf16 {
+        // Read through `~bf16` views.
+        ck.declare("LogitsImage/kernel", &[w, cfg.num_logits()]);
+        ck.declare("LogitsImage/bias", &[cfg.num_logits()]);
+    }
 }
 
 /// JetFormer-350M at 256 px (`configs/proj/jetformer/jetformer_image_text.py`, model_size
@@ -369,7 +374,7 @@ fn declare_decoder(cfg: &JetFormerConfig, ck: &mut Checkpoint) {
 /// dims, BOI, an untied text head over 32000 + 3 ids, a causal prefix; the Jet of 32 channel
 /// couplings (block depth 4, width 512) on 16x16 patches, 640 of 768 dims factored out. The
 /// image head is float32 here (the release config computes it in bfloat16, which kiln emulates
-/// by rounding the kernel on every call).
+/// by rounding: the kernel once at load, the activations on every call).
 fn synth_350m(seed: u64) -> Result<SynthRecipe> {
     let jet_kwargs = crate::jet::synth_kwargs(32, 4, 512, 8, 1, &["channels"], &["checkerboard", "checkerboard-inv"]);
     let jet = crate::jet::synth_recipe(jet_kwargs.clone(), 16, 768, seed)?;

@@ -357,9 +357,10 @@ pub(super) fn image_head(m: &mut Builder, cfg: &JetFormerConfig, x: NodeId) -> R
     let x = if cfg.per_modality_final_norm { rms(m, "ImageNorm/scale", x, w)? } else { x };
     let rows = m.g.reshape(x, &[s[0] * s[1], w])?;
     let logits = if cfg.head_bf16 {
-        let kernel = m.weight("LogitsImage/kernel", &[w, k])?;
-        let bias = m.weight("LogitsImage/bias", &[k])?;
-        let (xb, kb, bb) = (round_bf16(m, rows)?, round_bf16(m, kernel)?, round_bf16(m, bias)?);
+        // The kernel and bias are rounded once at load (`~bf16` views), the activations here.
+        let kb = m.weight("LogitsImage/kernel~bf16", &[w, k])?;
+        let bb = m.weight("LogitsImage/bias~bf16", &[k])?;
+        let xb = round_bf16(m, rows)?;
         let y = m.g.matmul(xb, kb, false)?;
         let y = round_bf16(m, y)?;
         let y = m.add(y, bb)?;
