@@ -89,3 +89,14 @@ for case in ["paligemma_bv", "paligemma2_bv"]:
     c = json.load(open(os.path.join(SRC, case, "config.json")))["kiln_folder_config"]
     folder(case, c["model_name"], c["model"], [(f"{case}/params.npz", "params.npz"),
                                                (f"{case}/reference.safetensors", "reference.safetensors")])
+
+# JetFormer: the trainer-config layout of JETFORMER.md section 6 (model, patch_pca, adaptor,
+# latent_noise_dim) beside the official params.npz and reference tensors.
+jf = json.load(open(os.path.join(SRC, "jetformer/config.json")))
+d = os.path.join(DST, "jetformer")
+os.makedirs(d, exist_ok=True)
+with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(jf["kiln_config"], f, indent=1, sort_keys=True)
+    f.write("\n")
+for name in ["params.npz", "reference.safetensors"]:
+    shutil.copyfile(os.path.join(SRC, "jetformer", name), os.path.join(d, name))

@@ -347,7 +347,20 @@ pub(super) fn generate_encdec(
 }
 
 /// `kiln generate <uvim-task> --image x.jpg -o out.png`: UViM end to end (`kiln::uvim`).
-pub(super) fn generate_uvim(model: &Path, image: &Path, out: Option<PathBuf>, backend: &str) -> Result<()> {
+pub(super) fn generate_uvim(
+    model: &Path,
+    image: &Path,
+    out: Option<PathBuf>,
+    backend: &str,
+    text: (usize, kiln::sampling::HfSampling),
+) -> Result<()> {
+    if kiln_models::registry::kind_of(&model.join("config.json"))
+        .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
+    {
+        // A JetFormer captions the image (`sample_text`): token ids, the folder has no tokenizer.
+        println!("{}", kiln::jetformer::caption_file(model, image, text.0, &text.1, backend)?);
+        return Ok(());
+    }
     if !kiln::uvim::is_task(model) {
         return Err(Error::Usage(format!(
             "--image without --prompt is for a UViM task folder (uvim.json beside vtt/ and vqvae/); {} has none",
@@ -523,6 +536,7 @@ pub(super) fn forward_outputs(
     }
     let mut s = session(model, weights, Some(opts), p)?;
     text_defaults(&mut ins, &s);
+    kiln::jetformer::input_defaults(&mut ins, &s, entry);
     cast_floats(&mut ins, &s, entry);
     // A file may hold more than the entry takes (a flow's forward outputs `z` and
     // `logdet`, fed to its inverse): pass the entry's inputs, name what is left out.
@@ -591,4 +605,46 @@ pub(super) fn writable_unlike(out: &Path, input: Option<&Path>) -> Result<()> {
 /// [`writable_unlike`] with no input to protect.
 pub(super) fn writable(out: &Path) -> Result<()> {
     writable_unlike(out, None)
+}
+
+/// `kiln sample`: a flow's Gaussian z through its `inverse`, or a JetFormer's text-to-image
+/// sampler (`jetformer`: the prompt's ids, the guidance weight, the mixture temperature).
+pub(super) fn sample(
+    model: &Path,
+    seed: u64,
+    (temperature, count): (f64, usize),
+    weights: Option<&Path>,
+    p: &ProfileArgs,
+    out: &Path,
+    jetformer: (Option<&str>, f64, f64),
+) -> Result<()> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(Error::Usage(format!("--temperature {temperature}: expected a finite value >= 0")));
+    }
+    if count == 0 {
+        return Err(Error::Usage("--count must be at least 1".into()));
+    }
+    writable(out)?;
+    if kiln_models::registry::kind_of(&model.join("config.json"))
+        .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
+    {
+        let (prompt, cfg_weight, temperature_probs) = jetformer;
+        let ids = kiln::jetformer::prompt_ids(prompt.unwrap_or(""))?;
+        let o = kiln::jetformer::T2iOptions { temperature, temperature_probs, cfg_weight, seed };
+        println!("{}", kiln::jetformer::sample_to_png(model, &ids, count, &o, &p.backend, out)?);
+        return Ok(());
+    }
+    let mut opts = profile(p, Some(count), None)?;
+    opts.profile.batch = count;
+    let mut s = session(model, weights, Some(opts), p)?;
+    let batch = s.program().entries[s.entry_index("inverse")?].inputs.iter().find(|io| io.name == "z").map(|io| io.operand.ty.shape[0]);
+    if batch.is_some_and(|b| b != count) {
+        return Err(Error::Usage(format!(
+            "--count {count}: the artifact was compiled for {} images (compile it with --batch {count}, or pass the folder)",
+            batch.unwrap_or(0)
+        )));
+    }
+    let r = kiln::sample::sample(&mut s, seed, temperature, out)?;
+    println!("{r}");
+    Ok(())
 }

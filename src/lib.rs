@@ -14,6 +14,7 @@ pub mod ensemble;
 pub mod generate;
 pub mod inputs;
 pub mod io;
+pub mod jetformer;
 pub mod npz_write;
 pub mod paligemma_bv;
 pub mod png;

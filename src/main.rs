@@ -233,6 +233,15 @@ enum Cmd {
         p: ProfileArgs,
         #[arg(short = 'o', long)]
         out: PathBuf,
+        /// JetFormer: the prompt's token ids ("17,5,9"; the class id of a class-conditional model).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// JetFormer: classifier-free guidance weight (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        cfg_weight: f64,
+        /// JetFormer: multiplies the mixture logits (> 1 sharpens).
+        #[arg(long, default_value_t = 1.0)]
+        temperature_probs: f64,
     },
     /// Log-probabilities of given tokens, teacher-forced (`kiln::score`): a causal LM's
     /// `input_ids` (each token scored by the logits before it) or an encoder-decoder's `images`
@@ -488,8 +497,23 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             writable_unlike(&out, Some(&inputs))?;
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
-        Cmd::Generate { model, prompt: None, image: Some(image), out, backend, device, inputs: None, .. } => {
-            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?)
+        Cmd::Generate {
+            model,
+            prompt: None,
+            image: Some(image),
+            out,
+            backend,
+            device,
+            inputs: None,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..
+        } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, sampling))
         }
         Cmd::Generate {
             model,
@@ -584,28 +608,9 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             let model = model.ok_or_else(|| Error::Usage("kiln bench needs a model folder or artifact (or: kiln bench kernels)".into()))?;
             bench(&model, &p, runs, weights.as_deref(), json, breakdown, &entry)
         }
-        Cmd::Sample { model, seed, temperature, count, weights, p, out } => {
-            if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(Error::Usage(format!("--temperature {temperature}: expected a finite value >= 0")));
-            }
-            if count == 0 {
-                return Err(Error::Usage("--count must be at least 1".into()));
-            }
-            writable(&out)?;
-            let mut opts = profile(&p, Some(count), None)?;
-            opts.profile.batch = count;
-            let mut s = session(&model, weights.as_deref(), Some(opts), &p)?;
-            let batch =
-                s.program().entries[s.entry_index("inverse")?].inputs.iter().find(|io| io.name == "z").map(|io| io.operand.ty.shape[0]);
-            if batch.is_some_and(|b| b != count) {
-                return Err(Error::Usage(format!(
-                    "--count {count}: the artifact was compiled for {} images (compile it with --batch {count}, or pass the folder)",
-                    batch.unwrap_or(0)
-                )));
-            }
-            let r = kiln::sample::sample(&mut s, seed, temperature, &out)?;
-            println!("{r}");
-            Ok(())
+        Cmd::Sample { model, seed, temperature, count, weights, p, out, prompt, cfg_weight, temperature_probs } => {
+            let jetformer = (prompt.as_deref(), cfg_weight, temperature_probs);
+            commands::sample(&model, seed, (temperature, count), weights.as_deref(), &p, &out, jetformer)
         }
         Cmd::Score { model, inputs, out, weights, p } => {
             writable_unlike(&out, Some(&inputs))?;
@@ -647,6 +652,8 @@ fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)
             "images" | "z" if s.len() == 4 => return (Some(s[0]), Some((s[1], s[2]))),
             // PaliGemma's mask decoder: 16 codes per mask.
             "codes" if s.len() == 2 => return (Some(s[0]), None),
+            // JetFormer's entries without images (forward, decode, the scorers).
+            "image_tokens" if s.len() == 3 => return (Some(s[0]), None),
             _ => {}
         }
     }
@@ -655,6 +662,10 @@ fn image_dims(ins: &[(String, Tensor)]) -> (Option<usize>, Option<(usize, usize)
 
 /// Prints bits per dimension per image from a flow's `z` and `logdet` outputs.
 fn print_bits_per_dim(outs: &[(String, Tensor)]) -> Result<()> {
+    if let Some(line) = kiln::jetformer::bits_per_dim_line(outs) {
+        println!("{line}");
+        return Ok(());
+    }
     let get = |n: &str| {
         outs.iter()
             .find(|(name, _)| name == n)

@@ -166,7 +166,7 @@ pub fn prepare(
 /// `tf.image.resize(method="bilinear", antialias=False)` of an RGB image to `h x w`: each output
 /// pixel samples the input at its centre mapped back (`(i + 0.5) * in / out - 0.5`, clamped),
 /// interpolating the two nearest rows and columns. Values stay in 0..255 (f32).
-fn bilinear(img: &crate::preprocess::Rgb, h: usize, w: usize) -> Vec<f32> {
+pub fn bilinear(img: &crate::preprocess::Rgb, h: usize, w: usize) -> Vec<f32> {
     let (ih, iw) = (img.height, img.width);
     let taps = |o: usize, n: usize, i: usize| -> (usize, usize, f32) {
         let x = ((o as f32 + 0.5) * n as f32 / i as f32 - 0.5).max(0.0);

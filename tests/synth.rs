@@ -256,6 +256,8 @@ fn weight_lists_are_pinned() {
         ("gemma2-2b-bf16", 288, 0xb5e0ffde9fa12d1c),
         ("jet-imagenet64", 41, 0xda153b4e15f019cc),
         ("jet-jetformer-256", 73, 0x9a30a65a95ae931a),
+        // Learned from the JetFormer builder when it landed.
+        ("jetformer-350m-256", 88, 0x45c3d27c4c39092),
         ("paligemma2-3b-224", 727, 0x1f023f569fc1520d),
         ("siglip-b16-224", 208, 0xa87b21708eaebd12),
         ("siglip-l16-224", 400, 0x4f2b4769a243a227),

@@ -47,10 +47,16 @@ pub struct View<'a> {
     pub perm: Option<Vec<usize>>,
     /// The program may read the view in another shape of the same size.
     pub any_shape: bool,
+    /// `~bf16`: f32 values rounded to bfloat16 (to nearest even) and kept in f32, once at load
+    /// (a Flax `Dense(dtype=bfloat16)` kernel).
+    pub bf16: bool,
 }
 
 /// Parses a weight name as a [`View`] (a plain name is a view with no slice).
 pub fn parse_view(name: &str) -> View<'_> {
+    if let Some(b) = name.strip_suffix("~bf16") {
+        return View { bf16: true, ..parse_view(b) };
+    }
     let (mut base, perm, any_shape) = match name.rsplit_once('~') {
         Some((b, "reshape")) => (b, None, true),
         Some((b, t)) => match t.strip_prefix("T(").and_then(|t| t.strip_suffix(')')) {
@@ -67,7 +73,7 @@ pub fn parse_view(name: &str) -> View<'_> {
         index.insert(0, i);
         base = b;
     }
-    View { base, index, perm, any_shape }
+    View { base, index, perm, any_shape, bf16: false }
 }
 
 /// The type and byte range of `view`'s slices of a tensor of type `ty` stored at `start..end`
@@ -93,6 +99,14 @@ pub fn view_type(ty: &TensorType, view: &View) -> Option<TensorType> {
             }
             Some(TensorType::new(t.dtype, p.iter().map(|&a| t.shape[a]).collect::<Vec<_>>()))
         }
+    }
+}
+
+/// Rounds little-endian f32 `bytes` in place to bfloat16 values (to nearest even).
+pub fn round_bf16(bytes: &mut [u8]) {
+    for c in bytes.chunks_exact_mut(4) {
+        let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        c.copy_from_slice(&half::bf16::from_f32(x).to_f32().to_le_bytes());
     }
 }
 
@@ -234,8 +248,13 @@ mod tests {
     #[test]
     fn views_parse_and_type() {
         let v = parse_view("llm/kv[3][1]~T(0,2,1)");
-        assert_eq!(v, View { base: "llm/kv", index: vec![3, 1], perm: Some(vec![0, 2, 1]), any_shape: true });
-        assert_eq!(parse_view("a/b"), View { base: "a/b", index: vec![], perm: None, any_shape: false });
+        assert_eq!(v, View { base: "llm/kv", index: vec![3, 1], perm: Some(vec![0, 2, 1]), any_shape: true, bf16: false });
+        assert_eq!(parse_view("a/b"), View { base: "a/b", index: vec![], perm: None, any_shape: false, bf16: false });
+        assert_eq!(parse_view("a/b[2]~bf16"), View { base: "a/b", index: vec![2], perm: None, any_shape: false, bf16: true });
+        let mut b: Vec<u8> = [1.01f32, -3.0e-3, 7.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        round_bf16(&mut b);
+        let got: Vec<f32> = b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, [1.0078125, half::bf16::from_f32(-3.0e-3).to_f32(), 7.0]);
         assert!(parse_view("a~reshape").any_shape);
         // Not a view suffix: the name is taken as it is.
         assert_eq!(parse_view("a~T(x)").base, "a~T(x)");

@@ -103,6 +103,20 @@ impl Checkpoint {
         Checkpoint { dir: dir.into(), tensors, aliases: BTreeMap::new(), schema: Some(schema) }
     }
 
+    /// Whether this is a schema checkpoint (`kiln synth` learning a weight list).
+    pub fn is_schema(&self) -> bool {
+        self.schema.is_some()
+    }
+
+    /// Declares a stored array in a schema checkpoint, for builders that read it through views
+    /// (`name[i]~T(..)` aliases): `kiln synth` draws it whole. No effect on a real checkpoint.
+    pub fn declare(&mut self, name: &str, shape: &[usize]) {
+        if self.schema.is_some() {
+            let ty = TensorType::new(kiln_graph::DType::F32, shape.to_vec());
+            self.tensors.insert(name.into(), TensorInfo { file: self.dir.join("(schema)"), ty, name: name.into() });
+        }
+    }
+
     /// A schema checkpoint's record: each weight the builder asked for that was not given, once,
     /// in the order asked, with its expected shape (`name[i]` for layer i of a stacked array).
     pub fn asked(&self) -> Vec<(String, Vec<usize>)> {

@@ -254,6 +254,27 @@ pub fn decoder(
     write_at: Option<NodeId>,
 ) -> Result<NodeId> {
     let (b, s, d) = (m.g.shape(x)[0], m.g.shape(x)[1], cfg.hidden_size);
+    let x = blocks(m, cfg, p, x, position_ids, attention_mask, q_index, mode, allowed_extra, write_at)?;
+    let x = rms(m, &format!("{p}norm"), x, cfg)?;
+    Ok(m.g.reshape(x, &[b, s, d])?)
+}
+
+/// The decoder's layers without the final norm (as [`decoder`] takes them): the last layer's
+/// output as `[B*S, D]` rows (big_vision's `encoded`, which JetFormer's per-modality norms read).
+#[allow(clippy::too_many_arguments)]
+pub fn blocks(
+    m: &mut Builder,
+    cfg: &GemmaConfig,
+    p: &str,
+    x: NodeId,
+    position_ids: NodeId,
+    attention_mask: NodeId,
+    q_index: NodeId,
+    mode: Mode,
+    allowed_extra: Option<NodeId>,
+    write_at: Option<NodeId>,
+) -> Result<NodeId> {
+    let (b, s, d) = (m.g.shape(x)[0], m.g.shape(x)[1], cfg.hidden_size);
     let kv = m.g.shape(attention_mask)[1];
     let (cos, sin) = rope_tables(m, cfg, position_ids)?;
     let full = mask(m, q_index, attention_mask, None, allowed_extra)?;
@@ -269,8 +290,7 @@ pub fn decoder(
     for l in 0..cfg.num_hidden_layers {
         x = layer(m, cfg, &format!("{p}layers.{l}"), l, x, &ctx)?;
     }
-    let x = rms(m, &format!("{p}norm"), x, cfg)?;
-    Ok(m.g.reshape(x, &[b, s, d])?)
+    Ok(x)
 }
 
 /// `E[ids] * sqrt(hidden)`, the constant rounded to the compute dtype as transformers does.

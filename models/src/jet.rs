@@ -281,7 +281,36 @@ fn flow(cfg: &JetConfig, ck: &Checkpoint, dtype: DType, dm: Dims, schedule: &[Co
     let mut m = Builder::new(ck, dtype);
     let (input, output) = if dir == Direction::Forward { ("images", "z") } else { ("z", "images") };
     let x = m.g.input(input, dtype, &[dm.b, dm.h, dm.w, dm.c])?;
-    let mut x = patchify(&mut m, x, dm)?;
+    let (x, logdet) = run(&mut m, cfg, dm, schedule, x, dir)?;
+    m.g.output(output, x);
+    m.g.output("logdet", logdet);
+    Ok(m.g)
+}
+
+/// The flow on `x [B, H, W, C]` inside another model's graph (JetFormer's adaptor, its weights
+/// under the builder's prefix): the output `[B, H, W, C]` and the logdet `[B]` (negated for the
+/// inverse).
+pub fn apply(m: &mut Builder, cfg: &JetConfig, x: NodeId, inverse: bool) -> Result<(NodeId, NodeId)> {
+    let s = m.g.shape(x).to_vec();
+    let ps = cfg.ps;
+    let [b, h, w, c] = s[..] else {
+        return Err(ModelError::Unsupported(format!("Jet takes [B, H, W, C], not {s:?}")));
+    };
+    if h % ps != 0 || w % ps != 0 || h == 0 || w == 0 {
+        return Err(ModelError::Unsupported(format!("a {h}x{w} grid is not a multiple of Jet's patch size {ps}")));
+    }
+    let (n, d) = ((h / ps) * (w / ps), ps * ps * c);
+    if !n.is_multiple_of(2) || !d.is_multiple_of(2) {
+        return Err(ModelError::Unsupported(format!("Jet splits tokens and values in halves: {n} tokens of {d} values")));
+    }
+    let dm = Dims { b, h, w, c, ps, n, d };
+    let dir = if inverse { Direction::Inverse } else { Direction::Forward };
+    run(m, cfg, dm, &cfg.schedule(), x, dir)
+}
+
+/// Patchify, the couplings (reversed for the inverse), unpatchify; the summed logdet.
+fn run(m: &mut Builder, cfg: &JetConfig, dm: Dims, schedule: &[Coupling], x: NodeId, dir: Direction) -> Result<(NodeId, NodeId)> {
+    let mut x = patchify(m, x, dm)?;
     let order: Vec<usize> = match dir {
         Direction::Forward => (0..schedule.len()).collect(),
         Direction::Inverse => (0..schedule.len()).rev().collect(),
@@ -290,17 +319,15 @@ fn flow(cfg: &JetConfig, ck: &Checkpoint, dtype: DType, dm: Dims, schedule: &[Co
     // (a chain of adds would become one elementwise region reading every coupling's value).
     let mut logdets = Vec::with_capacity(order.len());
     for i in order {
-        let (y, ld) = coupling(&mut m, cfg, dm, i, schedule[i], x, dir)?;
+        let (y, ld) = coupling(m, cfg, dm, i, schedule[i], x, dir)?;
         x = y;
         logdets.push(m.g.reshape(ld, &[dm.b, 1])?);
     }
-    let x = unpatchify(&mut m, x, dm)?;
-    m.g.output(output, x);
+    let x = unpatchify(m, x, dm)?;
     let stacked = m.g.concat(&logdets, 1)?;
     let logdet = m.g.reduce(ReduceOp::Sum, stacked, &[1], false)?;
     let logdet = if dir == Direction::Inverse { m.g.unary(UnaryOp::Neg, logdet)? } else { logdet };
-    m.g.output("logdet", logdet);
-    Ok(m.g)
+    Ok((x, logdet))
 }
 
 /// `b (h hp) (w wp) c -> b (h w) (hp wp c)`.

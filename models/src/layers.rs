@@ -13,6 +13,8 @@ pub struct Builder<'a> {
     pub dtype: DType,
     /// Appended to every weight name while set (`[i]`: layer i of a scan-stacked array).
     pub weight_suffix: Option<String>,
+    /// Put before every weight name while set (`params_adaptor/`: JetFormer's Jet subtree).
+    pub weight_prefix: Option<String>,
 }
 
 /// An activation function named by a config's `hidden_act`.
@@ -42,7 +44,7 @@ impl Activation {
 impl<'a> Builder<'a> {
     /// A fresh graph over a checkpoint.
     pub fn new(ck: &'a Checkpoint, dtype: DType) -> Self {
-        Builder { g: Graph::new(), ck, dtype, weight_suffix: None }
+        Builder { g: Graph::new(), ck, dtype, weight_suffix: None, weight_prefix: None }
     }
 
     /// A weight node, checked against the checkpoint's shape.
@@ -50,6 +52,10 @@ impl<'a> Builder<'a> {
         let name = match &self.weight_suffix {
             Some(s) => format!("{name}{s}"),
             None => name.to_string(),
+        };
+        let name = match &self.weight_prefix {
+            Some(p) => format!("{p}{name}"),
+            None => name,
         };
         let stored = self.ck.expect(&name, shape)?.name;
         Ok(self.g.weight(&stored, self.dtype, shape)?)

@@ -123,6 +123,7 @@ pub static FAMILIES: &[&Family] = &[
     &crate::gemma::FAMILY,
     &crate::paligemma::FAMILY,
     &crate::big_vision::paligemma::FAMILY,
+    &crate::big_vision::jetformer::FAMILY,
 ];
 
 /// What the `config.json` at `path` says it holds: a big_vision `model_name`, else the
@@ -200,6 +201,13 @@ pub fn synth_weights(family: &Family, cfg_path: &Path, recipe: &SynthRecipe) -> 
                 )))
             }
             None => out.push(SynthWeight { init: (family.init)(base, &shape), name: base.to_string(), shape: full }),
+        }
+    }
+    // Arrays the builder declared (read through views, e.g. JetFormer's einsum stacks).
+    let schema_file = dir.join("(schema)");
+    for (name, t) in &built.checkpoint.tensors {
+        if t.file == schema_file && !given.iter().any(|(g, _)| g == name) {
+            out.push(SynthWeight { init: (family.init)(name, &t.ty.shape), name: name.clone(), shape: t.ty.shape.clone() });
         }
     }
     Ok(out)

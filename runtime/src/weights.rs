@@ -96,8 +96,8 @@ impl WeightStore {
 
     /// Where a weight lives. A name `base[i]` is slice `i` of `base` along its leading axis
     /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
-    /// no layer is ever copied. A view with a permutation (`base[i]~T(..)`) is copied once,
-    /// permuted, and kept for the store's life.
+    /// no layer is ever copied. A view with a permutation (`base[i]~T(..)`) or rounded to
+    /// bfloat16 (`base~bf16`) is copied once, transformed, and kept for the store's life.
     pub fn resolve(&self, name: &str) -> Option<WeightRef> {
         if let Some(r) = self.index.get(name) {
             return Some(r.clone());
@@ -105,15 +105,23 @@ impl WeightStore {
         let view = safetensors::parse_view(name);
         let r = self.index.get(view.base)?;
         let (ty, start, end) = safetensors::view_range(&r.ty, r.start, r.end, &view)?;
-        let Some(perm) = &view.perm else {
+        let rounds = view.bf16 && ty.dtype == kiln_graph::DType::F32;
+        if view.perm.is_none() && !rounds {
             return Some(WeightRef { file: r.file, ty, start, end });
-        };
+        }
         let out_ty = safetensors::view_type(&r.ty, &view)?;
         let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = views.by_name.get(name) {
             return Some(v.clone());
         }
-        let bytes = safetensors::permute_bytes(&self.maps[r.file][start..end], ty.dtype.size(), &ty.shape, perm);
+        let src = &self.maps[r.file][start..end];
+        let mut bytes = match &view.perm {
+            Some(perm) => safetensors::permute_bytes(src, ty.dtype.size(), &ty.shape, perm),
+            None => src.to_vec(),
+        };
+        if rounds {
+            safetensors::round_bf16(&mut bytes);
+        }
         let v = WeightRef { file: self.maps.len() + views.bytes.len(), ty: out_ty, start: 0, end: bytes.len() };
         views.bytes.push(bytes.into_boxed_slice());
         views.by_name.insert(name.to_string(), v.clone());

@@ -6,6 +6,7 @@
 //! stored arrays.
 
 pub mod cappa;
+pub mod jetformer;
 pub mod paligemma;
 pub mod paligemma_seg;
 pub mod patch_merger;
