@@ -237,3 +237,64 @@ pub(crate) fn with_layer<T>(m: &mut Builder, layer: Option<usize>, f: impl FnOnc
     m.weight_suffix = saved;
     out
 }
+
+/// The per-layer names transformers' Gemma layout gives (`{hf}layers.{l}.self_attn.q_proj.weight`,
+/// ...), as views of big_vision's Gemma arrays under `base` (`llm/layers`, `decoder/layers`):
+/// the scan layout (a leading depth axis) or the per-layer one (`{base}/<i>/...`), fused
+/// `qkv_einsum` or `q_einsum` + `kv_einsum`, and with `post_norms` Gemma 2's four norms
+/// (PALIGEMMA_BV.md §1.1). The einsum arrays are permuted once at load by the weight store.
+pub(crate) fn gemma_layer_aliases(
+    ck: &Checkpoint,
+    base: &str,
+    hf: &str,
+    depth: usize,
+    (heads, kv_heads): (usize, usize),
+    post_norms: bool,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let scan = ck.has(&format!("{base}/pre_attention_norm/scale"));
+    if !scan && !ck.has(&format!("{base}/0/pre_attention_norm/scale")) {
+        return Err(ModelError::MissingTensor {
+            dir: ck.dir.clone(),
+            name: format!("{base}/pre_attention_norm/scale"),
+            hint: "the decoder's layers are in neither the scan layout (a leading depth axis) nor the per-layer one (layers/<i>/...)"
+                .into(),
+        });
+    }
+    let at = |l: usize, rest: &str, idx: &str, view: &str| match scan {
+        true => format!("{base}/{rest}[{l}]{idx}{view}"),
+        false => format!("{base}/{l}/{rest}{idx}{view}"),
+    };
+    let fused = kv_heads == heads && ck.has(&at(0, "attn/qkv_einsum/w", "", ""));
+    let mut a = std::collections::BTreeMap::new();
+    for l in 0..depth {
+        let name = |n: &str| format!("{hf}layers.{l}.{n}.weight");
+        let (q, k, v) = match fused {
+            true => (
+                at(l, "attn/qkv_einsum/w", "[0]", "~T(0,2,1)"),
+                at(l, "attn/qkv_einsum/w", "[1]", "~T(0,2,1)"),
+                at(l, "attn/qkv_einsum/w", "[2]", "~T(0,2,1)"),
+            ),
+            false => (
+                at(l, "attn/q_einsum/w", "", "~T(0,2,1)"),
+                at(l, "attn/kv_einsum/w", "[0]", "~T(0,2,1)"),
+                at(l, "attn/kv_einsum/w", "[1]", "~T(0,2,1)"),
+            ),
+        };
+        a.insert(name("self_attn.q_proj"), q);
+        a.insert(name("self_attn.k_proj"), k);
+        a.insert(name("self_attn.v_proj"), v);
+        a.insert(name("self_attn.o_proj"), at(l, "attn/attn_vec_einsum/w", "", "~T(2,0,1)"));
+        a.insert(name("mlp.gate_proj"), at(l, "mlp/gating_einsum", "[0]", "~T(1,0)"));
+        a.insert(name("mlp.up_proj"), at(l, "mlp/gating_einsum", "[1]", "~T(1,0)"));
+        a.insert(name("mlp.down_proj"), at(l, "mlp/linear", "", "~T(1,0)"));
+        a.insert(name("input_layernorm"), at(l, "pre_attention_norm/scale", "", ""));
+        if post_norms {
+            a.insert(name("pre_feedforward_layernorm"), at(l, "pre_ffw_norm/scale", "", ""));
+            a.insert(name("post_attention_layernorm"), at(l, "post_attention_norm/scale", "", ""));
+            a.insert(name("post_feedforward_layernorm"), at(l, "post_ffw_norm/scale", "", ""));
+        } else {
+            a.insert(name("post_attention_layernorm"), at(l, "pre_ffw_norm/scale", "", ""));
+        }
+    }
+    Ok(a)
+}

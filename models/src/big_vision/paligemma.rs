@@ -208,15 +208,6 @@ pub fn read(cfg_path: &Path, ck: &Checkpoint, hw: Option<(usize, usize)>) -> Res
 /// (PALIGEMMA_BV.md §1.1), under `language_model.model.`.
 pub fn aliases(cfg: &GemmaConfig, ck: &Checkpoint, root: &str) -> Result<BTreeMap<String, String>> {
     let llm = format!("{root}llm");
-    let scan = ck.has(&format!("{llm}/layers/pre_attention_norm/scale"));
-    if !scan && !ck.has(&format!("{llm}/layers/0/pre_attention_norm/scale")) {
-        return Err(ModelError::MissingTensor {
-            dir: ck.dir.clone(),
-            name: format!("{llm}/layers/pre_attention_norm/scale"),
-            hint: "the decoder's layers are in neither the scan layout (a leading depth axis) nor the per-layer one (layers/<i>/...)"
-                .into(),
-        });
-    }
     let emb = format!("{llm}/embedder/input_embedding");
     if let Some(t) = ck.get(&emb) {
         if t.ty.shape.first() != Some(&cfg.vocab_size) {
@@ -227,45 +218,12 @@ pub fn aliases(cfg: &GemmaConfig, ck: &Checkpoint, root: &str) -> Result<BTreeMa
             )));
         }
     }
-    let at = |l: usize, rest: &str, idx: &str, view: &str| match scan {
-        true => format!("{llm}/layers/{rest}[{l}]{idx}{view}"),
-        false => format!("{llm}/layers/{l}/{rest}{idx}{view}"),
-    };
     let p = "language_model.model.";
-    let mut a = BTreeMap::new();
+    let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let post_norms = cfg.family == GemmaFamily::Gemma2;
+    let mut a = super::gemma_layer_aliases(ck, &format!("{llm}/layers"), p, cfg.num_hidden_layers, heads, post_norms)?;
     a.insert(format!("{p}embed_tokens.weight"), emb);
     a.insert(format!("{p}norm.weight"), format!("{llm}/final_norm/scale"));
-    let fused = cfg.num_key_value_heads == cfg.num_attention_heads && ck.has(&at(0, "attn/qkv_einsum/w", "", ""));
-    for l in 0..cfg.num_hidden_layers {
-        let hf = |n: &str| format!("{p}layers.{l}.{n}.weight");
-        let (q, k, v) = match fused {
-            true => (
-                at(l, "attn/qkv_einsum/w", "[0]", "~T(0,2,1)"),
-                at(l, "attn/qkv_einsum/w", "[1]", "~T(0,2,1)"),
-                at(l, "attn/qkv_einsum/w", "[2]", "~T(0,2,1)"),
-            ),
-            false => (
-                at(l, "attn/q_einsum/w", "", "~T(0,2,1)"),
-                at(l, "attn/kv_einsum/w", "[0]", "~T(0,2,1)"),
-                at(l, "attn/kv_einsum/w", "[1]", "~T(0,2,1)"),
-            ),
-        };
-        a.insert(hf("self_attn.q_proj"), q);
-        a.insert(hf("self_attn.k_proj"), k);
-        a.insert(hf("self_attn.v_proj"), v);
-        a.insert(hf("self_attn.o_proj"), at(l, "attn/attn_vec_einsum/w", "", "~T(2,0,1)"));
-        a.insert(hf("mlp.gate_proj"), at(l, "mlp/gating_einsum", "[0]", "~T(1,0)"));
-        a.insert(hf("mlp.up_proj"), at(l, "mlp/gating_einsum", "[1]", "~T(1,0)"));
-        a.insert(hf("mlp.down_proj"), at(l, "mlp/linear", "", "~T(1,0)"));
-        a.insert(hf("input_layernorm"), at(l, "pre_attention_norm/scale", "", ""));
-        if cfg.family == GemmaFamily::Gemma2 {
-            a.insert(hf("pre_feedforward_layernorm"), at(l, "pre_ffw_norm/scale", "", ""));
-            a.insert(hf("post_attention_layernorm"), at(l, "post_attention_norm/scale", "", ""));
-            a.insert(hf("post_feedforward_layernorm"), at(l, "post_ffw_norm/scale", "", ""));
-        } else {
-            a.insert(hf("post_attention_layernorm"), at(l, "pre_ffw_norm/scale", "", ""));
-        }
-    }
     Ok(a)
 }
 

@@ -304,46 +304,7 @@ fn read_model(mut r: ConfigReader) -> Result<JetFormerConfig> {
 /// The decoder's Gemma names as views of big_vision's `decoder/...` arrays (scan layout: a
 /// leading depth axis; per-layer layout: `decoder/layers/<i>/...`).
 fn aliases(cfg: &JetFormerConfig, ck: &Checkpoint) -> Result<BTreeMap<String, String>> {
-    let scan = ck.has("decoder/layers/pre_attention_norm/scale");
-    if !scan && !ck.has("decoder/layers/0/pre_attention_norm/scale") {
-        return Err(ModelError::MissingTensor {
-            dir: ck.dir.clone(),
-            name: "decoder/layers/pre_attention_norm/scale".into(),
-            hint: "the decoder's layers are in neither the scan layout (a leading depth axis) nor the per-layer one (layers/<i>/...)"
-                .into(),
-        });
-    }
-    let at = |l: usize, rest: &str, idx: &str, view: &str| match scan {
-        true => format!("decoder/layers/{rest}[{l}]{idx}{view}"),
-        false => format!("decoder/layers/{l}/{rest}{idx}{view}"),
-    };
-    let fused = cfg.num_kv_heads == cfg.num_heads && ck.has(&at(0, "attn/qkv_einsum/w", "", ""));
-    let mut a = BTreeMap::new();
-    for l in 0..cfg.depth {
-        let hf = |n: &str| format!("{P}layers.{l}.{n}.weight");
-        let (q, k, v) = match fused {
-            true => (
-                at(l, "attn/qkv_einsum/w", "[0]", "~T(0,2,1)"),
-                at(l, "attn/qkv_einsum/w", "[1]", "~T(0,2,1)"),
-                at(l, "attn/qkv_einsum/w", "[2]", "~T(0,2,1)"),
-            ),
-            false => (
-                at(l, "attn/q_einsum/w", "", "~T(0,2,1)"),
-                at(l, "attn/kv_einsum/w", "[0]", "~T(0,2,1)"),
-                at(l, "attn/kv_einsum/w", "[1]", "~T(0,2,1)"),
-            ),
-        };
-        a.insert(hf("self_attn.q_proj"), q);
-        a.insert(hf("self_attn.k_proj"), k);
-        a.insert(hf("self_attn.v_proj"), v);
-        a.insert(hf("self_attn.o_proj"), at(l, "attn/attn_vec_einsum/w", "", "~T(2,0,1)"));
-        a.insert(hf("mlp.gate_proj"), at(l, "mlp/gating_einsum", "[0]", "~T(1,0)"));
-        a.insert(hf("mlp.up_proj"), at(l, "mlp/gating_einsum", "[1]", "~T(1,0)"));
-        a.insert(hf("mlp.down_proj"), at(l, "mlp/linear", "", "~T(1,0)"));
-        a.insert(hf("input_layernorm"), at(l, "pre_attention_norm/scale", "", ""));
-        a.insert(hf("post_attention_layernorm"), at(l, "pre_ffw_norm/scale", "", ""));
-    }
-    Ok(a)
+    super::gemma_layer_aliases(ck, "decoder/layers", P, cfg.depth, (cfg.num_heads, cfg.num_kv_heads), false)
 }
 
 /// For `kiln synth`: the decoder's stacked arrays (scan layout) and a bfloat16 head's kernel,
