@@ -224,8 +224,14 @@ pub struct Rgb {
 /// `convert("RGB")`. `convert_rgb = false` refuses anything that is not already RGB.
 pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
-    let reader = image::ImageReader::open(path).map_err(|e| bad(format!("cannot open image: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot open image: {e}")))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]));
     let reader = reader.with_guessed_format().map_err(|e| bad(format!("cannot read image: {e}")))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(&bytes) {
+        // The decoder would fill the missing rows in grey; Pillow (transformers' loader)
+        // refuses the file, and so does kiln.
+        return Err(bad("image file is truncated: the JPEG data ends before its end-of-image marker".into()));
+    }
     let img = reader.decode().map_err(|e| bad(format!("cannot decode image (JPEG and PNG are supported): {e}")))?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let color = img.color();
@@ -250,6 +256,13 @@ pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
         img.to_rgb8().into_raw()
     };
     Ok(Rgb { width, height, pixels })
+}
+
+/// Whether a JPEG's entropy-coded data is followed by its end-of-image marker (`FF D9` after
+/// the first start-of-scan `FF DA`): a file cut short has none.
+fn jpeg_complete(b: &[u8]) -> bool {
+    let Some(sos) = b.windows(2).position(|w| w == [0xFF, 0xDA]) else { return false };
+    b[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// The `preprocessor_config.json` fields kiln honours (SigLIP's image processor).

@@ -302,6 +302,15 @@ fn unreadable_image_is_named() {
     assert!(e.contains(bogus.to_str().unwrap()) && e.contains("cannot decode image"), "{e}");
     let e = kiln_err(&["generate", dir.to_str().unwrap(), "--prompt", "caption en", "--image", "/nonexistent/photo.jpg"]);
     assert!(e.contains("/nonexistent/photo.jpg") && e.contains("cannot open image"), "{e}");
+    // A JPEG cut short decodes without complaint in the image crate; Pillow says "image file is
+    // truncated", and kiln refuses it too. The whole file still loads.
+    let jpg = std::fs::read(fixtures().join("images/photo_61x45.jpg")).unwrap();
+    let cut = std::env::temp_dir().join(format!("kiln-tok-cut-{}.jpg", std::process::id()));
+    std::fs::write(&cut, &jpg[..jpg.len() * 2 / 3]).unwrap();
+    let e = kiln_err(&["generate", dir.to_str().unwrap(), "--prompt", "caption en", "--image", cut.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&cut);
+    assert!(e.contains("image file is truncated") && e.contains("kiln-tok-cut"), "{e}");
+    assert!(kiln::preprocess::load_image(&fixtures().join("images/photo_61x45.jpg"), true).is_ok());
 }
 
 #[test]
