@@ -221,7 +221,8 @@ pub struct Rgb {
 
 /// Decodes a JPEG or PNG file. Transparency is composited onto white, as transformers'
 /// `convert_to_rgb` does; other modes (grey, palette, 16-bit) convert as Pillow's
-/// `convert("RGB")`. `convert_rgb = false` refuses anything that is not already RGB.
+/// `convert("RGB")`, 16-bit samples as Pillow reads them ([`pillow_8bit`]). `convert_rgb = false`
+/// refuses anything that is not already RGB.
 pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot open image: {e}")))?;
@@ -233,6 +234,7 @@ pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
         return Err(bad("image file is truncated: the JPEG data ends before its end-of-image marker".into()));
     }
     let img = reader.decode().map_err(|e| bad(format!("cannot decode image (JPEG and PNG are supported): {e}")))?;
+    let img = pillow_8bit(img);
     let (width, height) = (img.width() as usize, img.height() as usize);
     let color = img.color();
     if !convert_rgb && color != image::ColorType::Rgb8 {
@@ -256,6 +258,24 @@ pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
         img.to_rgb8().into_raw()
     };
     Ok(Rgb { width, height, pixels })
+}
+
+/// 16-bit samples as Pillow reads them: RGB, RGBA and grey+alpha keep each sample's high byte;
+/// grey ("I;16") is clipped at 255 when Pillow converts it to RGB. (The `image` crate would
+/// scale by 1/257 instead, which gives other pixels.)
+fn pillow_8bit(img: image::DynamicImage) -> image::DynamicImage {
+    use image::{DynamicImage as D, ImageBuffer, Luma, Rgb, Rgba};
+    let hi = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageLuma16(b) => D::ImageLuma8(ImageBuffer::from_fn(b.width(), b.height(), |x, y| Luma([b.get_pixel(x, y)[0].min(255) as u8]))),
+        D::ImageLumaA16(b) => D::ImageRgba8(ImageBuffer::from_fn(b.width(), b.height(), |x, y| {
+            let p = b.get_pixel(x, y);
+            Rgba([hi(p[0]), hi(p[0]), hi(p[0]), hi(p[1])])
+        })),
+        D::ImageRgb16(b) => D::ImageRgb8(ImageBuffer::from_fn(b.width(), b.height(), |x, y| Rgb(b.get_pixel(x, y).0.map(hi)))),
+        D::ImageRgba16(b) => D::ImageRgba8(ImageBuffer::from_fn(b.width(), b.height(), |x, y| Rgba(b.get_pixel(x, y).0.map(hi)))),
+        other => other,
+    }
 }
 
 /// Whether a JPEG's entropy-coded data is followed by its end-of-image marker (`FF D9` after

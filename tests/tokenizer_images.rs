@@ -370,3 +370,18 @@ fn preprocessor_config_is_read_strictly() {
     let e = Preprocessor::open(&s.0).err().unwrap().to_string();
     assert!(e.contains("preprocessor_config.json") && e.contains("cannot read"), "{e}");
 }
+
+/// 16-bit PNGs read as Pillow reads them (the high byte of RGB, RGBA and grey+alpha samples,
+/// 16-bit grey clipped at 255), then composited onto white as transformers' `convert_to_rgb`
+/// does: equal to what `scripts/gen_png16_fixtures.py` recorded from Pillow 13.
+#[test]
+fn sixteen_bit_pngs_read_as_pillow_reads_them() {
+    let dir = fixtures().join("images");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("png16.json")).unwrap()).unwrap();
+    for (name, pixels) in want.as_object().unwrap() {
+        let want: Vec<u8> =
+            pixels.as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8)).collect();
+        let got = kiln::preprocess::load_image(&dir.join(name), true).unwrap();
+        assert_eq!(got.pixels, want, "{name}");
+    }
+}
