@@ -2,7 +2,7 @@
 """16-bit PNGs and what Pillow (transformers' image loader) reads from them, for
 tests/tokenizer_images.rs: Pillow takes the high byte of 16-bit RGB, RGBA and grey+alpha
 samples and clips 16-bit grey ("I;16") at 255 when converting to RGB; transformers'
-convert_to_rgb then composites any alpha onto white. Writes into tests/fixtures/tokenizer/images/:
+convert_to_rgb then composites any alpha onto white. Writes into tests/fixtures/png16/:
 rgb16.png, rgba16.png, la16.png, grey16.png and png16.json ({file: [[r, g, b], ...]} after
 transformers.image_transforms.convert_to_rgb's Pillow steps). Run from the repository root with
 numpy and Pillow (the Python tests' venv has both: .venv/bin/python scripts/gen_png16_fixtures.py).
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OUT = Path("tests/fixtures/tokenizer/images")
+OUT = Path("tests/fixtures/png16")
 
 
 def png(path, arr, ctype):

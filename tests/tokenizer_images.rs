@@ -376,7 +376,7 @@ fn preprocessor_config_is_read_strictly() {
 /// does: equal to what `scripts/gen_png16_fixtures.py` recorded from Pillow 13.
 #[test]
 fn sixteen_bit_pngs_read_as_pillow_reads_them() {
-    let dir = fixtures().join("images");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/png16");
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("png16.json")).unwrap()).unwrap();
     for (name, pixels) in want.as_object().unwrap() {
         let want: Vec<u8> =
