@@ -20,7 +20,7 @@ Writes into the folder:
                          pieces
   tiny/tokenizer.model   a 300-piece BPE model (lowercase letters and spaces): the big_vision PaliGemma fixtures'
                          tokenizer for `kiln generate --prompt` tests
-  unigram/tokenizer.model a UNIGRAM model (identity rule, 300 pieces) that kiln must refuse by name
+  unigram/tokenizer.model a UNIGRAM model (identity rule, 300 pieces)
   unused/tokenizer.model model/ with five frequent NORMAL pieces retyped UNUSED (SentencePiece
                          never emits those; transformers keeps them as ordinary pieces)
   cases.json             for each line of another generated corpus (seed 2, >= 1000 lines:

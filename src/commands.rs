@@ -629,9 +629,9 @@ pub(super) fn sample(
         .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
     {
         let (prompt, cfg_weight, temperature_probs) = jetformer;
-        let ids = kiln::jetformer::prompt_ids(prompt.unwrap_or(""))?;
+        let prompt = kiln::jetformer::prompt_tokens(model, prompt.unwrap_or(""))?;
         let o = kiln::jetformer::T2iOptions { temperature, temperature_probs, cfg_weight, seed };
-        println!("{}", kiln::jetformer::sample_to_png(model, &ids, count, &o, &p.backend, out)?);
+        println!("{}", kiln::jetformer::sample_to_png(model, &prompt, count, &o, &p.backend, out)?);
         return Ok(());
     }
     let mut opts = profile(p, Some(count), None)?;

@@ -310,21 +310,67 @@ fn cfg_sample(c: &Mixture, u: &Mixture, w: f64, at: &Draw) -> (Vec<f64>, f64) {
     (x, lp)
 }
 
-/// Token ids from `--prompt` (comma- or space-separated integers: JetFormer folders carry no
-/// tokenizer; class-conditional models take the class id).
+/// The official text pipeline's end-of-sequence id (`EOS_ID` of `jetformer_image_text.py`,
+/// `</s>` of the `c4_en` vocabulary).
+pub const EOS_ID: i64 = 1;
+
+/// A text-to-image prompt: `text` ids and `text_mask` (1 = attended to), both `len` long.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextPrompt {
+    pub text: Vec<i64>,
+    pub mask: Vec<u8>,
+}
+
+/// The prompt of `kiln sample <jetformer> --prompt`. With a SentencePiece model in the folder
+/// (`sentencepiece.model` or `tokenizer.model`: JetFormer's `c4_en`), the text goes through
+/// `jetformer_image_text.py`'s `tokenize`: `lower` (ASCII only, as `tf.strings.lower`), the
+/// tokenizer without EOS, then [`EOS_ID`] appended and `tolen(text_len)`: cut to the config's
+/// `text_len`, padded with 1 (or, with `ignore_pad`, with 0 and the EOS and padding masked).
+/// Without a tokenizer the prompt is token ids ("17,5,9"; a class-conditional model's class id),
+/// all attended to.
+pub fn prompt_tokens(dir: &Path, prompt: &str) -> Result<TextPrompt> {
+    let Some(tok) = folder_tokenizer(dir)? else {
+        let ids = prompt_ids(prompt)?;
+        return Ok(TextPrompt { mask: vec![1; ids.len()], text: ids });
+    };
+    let cfg = kiln_models::big_vision::jetformer::JetFormerConfig::from_file(&dir.join("config.json"))?;
+    Ok(tokenize_prompt(&tok.encode(&prompt.to_ascii_lowercase())?, cfg.text_len, cfg.ignore_pad))
+}
+
+/// The folder's tokenizer, if it holds one (a broken one is an error naming it).
+fn folder_tokenizer(dir: &Path) -> Result<Option<crate::tokenizer::TextTokenizer>> {
+    let any = crate::tokenizer::SPM_NAMES.iter().chain(&["tokenizer.json"]).any(|n| dir.join(n).is_file());
+    any.then(|| crate::tokenizer::TextTokenizer::open(dir)).transpose()
+}
+
+/// `masked_concat([text, eos])` then `tolen(text_len)` of the official pipeline.
+pub fn tokenize_prompt(ids: &[i64], text_len: usize, ignore_pad: bool) -> TextPrompt {
+    let pad = if ignore_pad { 0 } else { 1 };
+    let mut text: Vec<i64> = ids.iter().copied().chain([EOS_ID]).take(text_len).collect();
+    let mut mask: Vec<u8> = (0..text.len()).map(|i| if i < ids.len() { 1 } else { pad as u8 }).collect();
+    text.resize(text_len, pad);
+    mask.resize(text_len, pad as u8);
+    TextPrompt { text, mask }
+}
+
+/// Token ids from `--prompt` for a folder without a tokenizer (comma- or space-separated
+/// integers; class-conditional models take the class id).
 pub fn prompt_ids(prompt: &str) -> Result<Vec<i64>> {
     let ids: std::result::Result<Vec<i64>, _> = prompt.split([',', ' ']).filter(|s| !s.is_empty()).map(str::parse::<i64>).collect();
     match ids {
         Ok(v) if !v.is_empty() => Ok(v),
-        _ => Err(Error::Usage(format!("--prompt '{prompt}': a JetFormer prompt is token ids (e.g. \"3\" or \"17,5,9\")"))),
+        _ => Err(Error::Usage(format!(
+            "--prompt '{prompt}': this JetFormer folder has no tokenizer (sentencepiece.model or tokenizer.model), so a prompt is token ids (e.g. \"3\" or \"17,5,9\")"
+        ))),
     }
 }
 
 /// `kiln sample <jetformer>`: `count` images for one prompt, written as a PNG grid.
-pub fn sample_to_png(dir: &Path, prompt: &[i64], count: usize, o: &T2iOptions, backend: &str, out: &Path) -> Result<String> {
-    let mut s = T2iSampler::new(dir, count, prompt.len(), o.cfg_weight != 0.0, backend)?;
-    let text: Vec<i64> = (0..count).flat_map(|_| prompt.to_vec()).collect();
-    let r = s.sample(&text, &vec![1; text.len()], o)?;
+pub fn sample_to_png(dir: &Path, prompt: &TextPrompt, count: usize, o: &T2iOptions, backend: &str, out: &Path) -> Result<String> {
+    let mut s = T2iSampler::new(dir, count, prompt.text.len(), o.cfg_weight != 0.0, backend)?;
+    let text: Vec<i64> = (0..count).flat_map(|_| prompt.text.clone()).collect();
+    let mask: Vec<u8> = (0..count).flat_map(|_| prompt.mask.clone()).collect();
+    let r = s.sample(&text, &mask, o)?;
     let (cols, rows, w, h, px) = crate::sample::grid(&r.images.to_f32(), &r.images.ty.shape)?;
     crate::png::write(out, w, h, 3, &px).map_err(|e| Error::File { path: out.into(), msg: e.to_string() })?;
     let lp: f64 = r.logp.iter().map(|&x| x as f64).sum::<f64>() / count as f64;
@@ -474,5 +520,15 @@ pub fn caption_file(dir: &Path, image: &Path, decode_len: usize, sampling: &HfSa
     let px: Vec<f32> = crate::paligemma_bv::bilinear(&img, h, w).iter().map(|&v| v / 127.5 - 1.0).collect();
     let r = c.caption_images(&Tensor::from_f32(&[1, h, w, 3], &px), sampling)?;
     let lp: f32 = r.logp.iter().sum();
-    Ok(format!("tokens {:?} (log p {lp:.3})", r.tokens))
+    let ids = format!("tokens {:?} (log p {lp:.3})", r.tokens);
+    // With the folder's tokenizer, the text up to the first EOS (the sampler does not stop
+    // there); ids past the tokenizer's pieces (the model's bos, boi, nolabel) are left out.
+    match folder_tokenizer(dir)? {
+        Some(tok) => {
+            let end = r.tokens.iter().position(|&t| t == EOS_ID).unwrap_or(r.tokens.len());
+            let known: Vec<i64> = r.tokens[..end].iter().copied().filter(|&t| (t as usize) < tok.vocab_size()).collect();
+            Ok(format!("{}\n{ids}", tok.decode(&known, true)?))
+        }
+        None => Ok(ids),
+    }
 }

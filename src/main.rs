@@ -233,7 +233,9 @@ enum Cmd {
         p: ProfileArgs,
         #[arg(short = 'o', long)]
         out: PathBuf,
-        /// JetFormer: the prompt's token ids ("17,5,9"; the class id of a class-conditional model).
+        /// JetFormer: the prompt, as text when the folder holds its SentencePiece model
+        /// (sentencepiece.model: big_vision's c4_en), else token ids ("17,5,9"; the class id of
+        /// a class-conditional model).
         #[arg(long)]
         prompt: Option<String>,
         /// JetFormer: classifier-free guidance weight (0: none).

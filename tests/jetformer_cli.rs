@@ -202,3 +202,81 @@ fn bad_configs_are_refused_by_name() {
         let _ = std::fs::remove_dir_all(&d);
     }
 }
+
+/// `kiln sample --prompt TEXT` on a folder holding a SentencePiece model (here a `c4_en`-like
+/// UNIGRAM model): the text is lowercased (ASCII), tokenized, ended with EOS 1 and padded with 1
+/// to the config's `text_len`, and samples exactly as the same ids given as numbers to the
+/// folder without its tokenizer; `kiln generate --image` then prints the caption as text.
+#[test]
+fn text_prompts_go_through_the_folders_sentencepiece_model() {
+    use kiln_models::registry::{Given, SynthRecipe, WeightFormat};
+    let jet = kiln_models::jet::synth_kwargs(2, 1, 16, 2, 1, &["channels"], &["checkerboard"]);
+    let jr = kiln_models::jet::synth_recipe(jet.clone(), 4, 12, 3).unwrap();
+    let given = jr.given.into_iter().map(|g| Given { name: format!("params_adaptor/{}", g.name), ..g }).collect();
+    let model = serde_json::json!({"width": 16, "depth": 2, "mlp_dim": 32, "num_heads": 4, "num_kv_heads": 1, "head_dim": 4,
+        "vocab_size": 803, "bos_id": 800, "boi_id": 801, "nolabel_id": 802, "num_mixtures": 3, "out_dim": 4});
+    let patch_pca = serde_json::json!({"model_name": "proj.jetformer.patch_pca", "model": {"input_size": [8, 8], "patch_size": [2, 2], "skip_pca": true}});
+    let config = serde_json::json!({"model_name": "proj.jetformer.jetformer", "model": model, "patch_pca": patch_pca,
+        "adaptor_name": "proj.jet.jet", "adaptor": {"model": jet}, "latent_noise_dim": 8, "text_len": 12});
+    let recipe = SynthRecipe { config, dtype: kiln_graph::DType::F32, format: WeightFormat::Npz, roots: &[""], given, batch: 1 };
+    let with = tmp("text-with");
+    kiln::synth::synth_folder(&kiln_models::big_vision::jetformer::FAMILY, &recipe, &with, 1, false).unwrap();
+    let without = tmp("text-without");
+    for f in ["config.json", "params.npz"] {
+        std::fs::copy(with.join(f), without.join(f)).unwrap();
+    }
+    let spm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm_unigram/t5like/sentencepiece.model");
+    std::fs::copy(spm, with.join("sentencepiece.model")).unwrap();
+
+    let prompt = "A Photo of a CAT near the Water";
+    let tok = kiln::tokenizer::TextTokenizer::open(&with).unwrap();
+    let ids = tok.encode(&prompt.to_ascii_lowercase()).unwrap();
+    assert!(ids.len() < 11 && ids.iter().all(|&i| i > 2), "{ids:?}");
+    let want = kiln::jetformer::prompt_tokens(&with, prompt).unwrap();
+    let mut padded = ids.clone();
+    padded.push(1);
+    padded.resize(12, 1);
+    assert_eq!(want.text, padded);
+    assert_eq!(want.mask, vec![1; 12]);
+
+    let (a, b) = (with.join("a.png"), without.join("b.png"));
+    let ids_arg = padded.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    for (dir, p, png) in [(&with, prompt.to_string(), &a), (&without, ids_arg, &b)] {
+        let said = kiln(&["sample", dir.to_str().unwrap(), "--prompt", &p, "--count", "2", "--seed", "7", "-o", png.to_str().unwrap()]);
+        assert!(said.contains("2 images"), "{said}");
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "the text prompt and its ids sample differently");
+    // Without a tokenizer, text is refused by name.
+    let r = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["sample", without.to_str().unwrap(), "--prompt", prompt, "-o", without.join("c.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.code() == Some(1) && e.contains("has no tokenizer (sentencepiece.model or tokenizer.model)"), "{e}");
+
+    // Captions come back as text (the ids past the tokenizer's 800 pieces left out) and ids.
+    let img = with.join("x.png");
+    kiln::png::write(&img, 8, 8, 3, &[100; 8 * 8 * 3]).unwrap();
+    let said = kiln(&["generate", with.to_str().unwrap(), "--image", img.to_str().unwrap(), "--max-new-tokens", "5"]);
+    let lines: Vec<&str> = said.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with("tokens [")).unwrap_or_else(|| panic!("{said}"));
+    assert!(at >= 1, "no text line before the ids: {said}");
+    let toks: Vec<i64> = lines[at]["tokens [".len()..lines[at].find(']').unwrap()].split(", ").map(|s| s.parse().unwrap()).collect();
+    let end = toks.iter().position(|&t| t == 1).unwrap_or(toks.len());
+    let known: Vec<i64> = toks[..end].iter().copied().filter(|&t| t < 800).collect();
+    assert_eq!(lines[at - 1], tok.decode(&known, true).unwrap());
+    let _ = std::fs::remove_dir_all(&with);
+    let _ = std::fs::remove_dir_all(&without);
+}
+
+#[test]
+fn prompts_are_cut_and_padded_as_tolen_does() {
+    use kiln::jetformer::tokenize_prompt;
+    let p = tokenize_prompt(&[5, 6, 7], 6, false);
+    assert_eq!((p.text, p.mask), (vec![5, 6, 7, 1, 1, 1], vec![1; 6]));
+    let p = tokenize_prompt(&[5, 6, 7], 6, true);
+    assert_eq!((p.text, p.mask), (vec![5, 6, 7, 1, 0, 0], vec![1, 1, 1, 0, 0, 0]));
+    // Longer than text_len: cut, the EOS with it.
+    let p = tokenize_prompt(&[5, 6, 7, 8], 3, false);
+    assert_eq!((p.text, p.mask), (vec![5, 6, 7], vec![1, 1, 1]));
+}

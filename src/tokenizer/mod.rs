@@ -1,39 +1,59 @@
 //! A model folder's tokenizer through the `tokenizers` crate (Gemma's: BPE with byte fallback,
 //! a "▁" normalizer, added special tokens), from its `tokenizer.json` or, lacking one, its
-//! SentencePiece `tokenizer.model` ([`spm`]); and a streaming decoder that prints text only once
-//! a multi-byte character is complete.
+//! SentencePiece `tokenizer.model` ([`spm`]; a UNIGRAM model such as T5's and big_vision's
+//! `c4_en`, JetFormer's, through [`unigram`], as the `sentencepiece` library encodes it); and a
+//! streaming decoder that prints text only once a multi-byte character is complete.
 
 mod proto;
 pub mod spm;
+pub mod unigram;
+
+/// The SentencePiece file names a folder may hold, in the order they are looked for: Gemma's,
+/// the Kaggle JAX PaliGemma download's, and T5's (`c4_en` is `cc_en.32000/sentencepiece.model`).
+pub const SPM_NAMES: [&str; 3] = ["tokenizer.model", "paligemma_tokenizer.model", "sentencepiece.model"];
+
+enum Inner {
+    Hf(tokenizers::Tokenizer),
+    Unigram(Box<unigram::Unigram>),
+}
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// A loaded `tokenizer.json` or `tokenizer.model`.
 pub struct TextTokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     path: PathBuf,
 }
 
 impl TextTokenizer {
-    /// Reads `dir/tokenizer.json`, else `dir/tokenizer.model` or `dir/paligemma_tokenizer.model`
-    /// (as transformers prefers the JSON when both exist); a missing, unparsable or unsupported file is an error naming it.
+    /// Reads `dir/tokenizer.json`, else the first of [`SPM_NAMES`] that exists (as transformers
+    /// prefers the JSON when both exist); a missing, unparsable or unsupported file is an error
+    /// naming it.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if path.is_file() {
             let inner = tokenizers::Tokenizer::from_file(&path)
                 .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
-            return Ok(TextTokenizer { inner, path });
+            return Ok(TextTokenizer { inner: Inner::Hf(inner), path });
         }
-        // The Kaggle JAX PaliGemma download names its SentencePiece file paligemma_tokenizer.model.
-        for name in ["tokenizer.model", "paligemma_tokenizer.model"] {
+        for name in SPM_NAMES {
             let model = dir.join(name);
             if model.is_file() {
-                return Ok(TextTokenizer { inner: spm::load(&model)?, path: model });
+                return Self::open_spm(&model);
             }
         }
-        let msg = "no tokenizer.json, tokenizer.model or paligemma_tokenizer.model: text prompts need the model's tokenizer".into();
+        let msg = "no tokenizer.json, tokenizer.model, paligemma_tokenizer.model or sentencepiece.model: text prompts need the model's tokenizer".into();
         Err(Error::File { path: dir.to_path_buf(), msg })
+    }
+
+    /// Reads a SentencePiece model file.
+    pub fn open_spm(path: &Path) -> Result<Self> {
+        let inner = match spm::load(path)? {
+            spm::Loaded::Bpe(t) => Inner::Hf(t),
+            spm::Loaded::Unigram(u) => Inner::Unigram(u),
+        };
+        Ok(TextTokenizer { inner, path: path.to_path_buf() })
     }
 
     /// The file the tokenizer was read from.
@@ -43,28 +63,43 @@ impl TextTokenizer {
 
     /// Token ids of `text` as `tokenizer(text, add_special_tokens=False)` gives them: special
     /// tokens written in the text (`<bos>`, `<image>`) are matched, nothing is added.
+    /// A UNIGRAM model gives `EncodeAsIds` of the `sentencepiece` library.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self.inner.encode(text, false).map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        let ids = match &self.inner {
+            Inner::Hf(t) => t.encode(text, false).map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?.get_ids().to_vec(),
+            Inner::Unigram(u) => u.encode(text),
+        };
+        Ok(ids.iter().map(|&i| i as i64).collect())
     }
 
-    /// Text of `ids`, as `tokenizer.decode(ids, skip_special_tokens=...)`.
+    /// Text of `ids`, as `tokenizer.decode(ids, skip_special_tokens=...)`; a UNIGRAM model
+    /// decodes as `DecodeIds` of the `sentencepiece` library (control pieces always dropped).
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids = ids
             .iter()
             .map(|&i| u32::try_from(i).map_err(|_| self.err(format!("token id {i} is out of range"))))
             .collect::<Result<Vec<u32>>>()?;
-        self.inner.decode(&ids, skip_special_tokens).map_err(|e| self.err(format!("cannot decode {ids:?}: {e}")))
+        match &self.inner {
+            Inner::Hf(t) => t.decode(&ids, skip_special_tokens).map_err(|e| self.err(format!("cannot decode {ids:?}: {e}"))),
+            Inner::Unigram(u) => u.decode(&ids).map_err(|e| self.err(format!("cannot decode: {e}"))),
+        }
     }
 
     /// The id of a token, e.g. `<bos>`; an error naming the file when the vocabulary lacks it.
     pub fn id(&self, token: &str) -> Result<i64> {
-        self.inner.token_to_id(token).map(|i| i as i64).ok_or_else(|| self.err(format!("the vocabulary has no {token}")))
+        let id = match &self.inner {
+            Inner::Hf(t) => t.token_to_id(token),
+            Inner::Unigram(u) => u.id(token),
+        };
+        id.map(|i| i as i64).ok_or_else(|| self.err(format!("the vocabulary has no {token}")))
     }
 
     /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Inner::Hf(t) => t.get_vocab_size(true),
+            Inner::Unigram(u) => u.vocab_size(),
+        }
     }
 
     fn err(&self, msg: String) -> Error {

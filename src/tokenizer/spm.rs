@@ -16,7 +16,8 @@
 //!   model lacks is appended after the pieces, as transformers does) and every CONTROL piece;
 //!   USER_DEFINED pieces are added tokens that are not special. All match the raw text.
 //!
-//! Only models that this pipeline encodes as SentencePiece itself would are accepted: BPE, the
+//! UNIGRAM models are encoded by [`super::unigram`] instead. Of BPE models, only those that
+//! this pipeline encodes as SentencePiece itself would are accepted: the
 //! identity normalization rule, no dummy prefix, whitespace escaped to "▁" and kept (no removal
 //! of extra whitespace), "▁" as a prefix. Anything else is refused by name.
 
@@ -87,8 +88,8 @@ pub enum ModelType {
 pub struct NormalizerSpec {
     /// The rule's name ("identity", "nmt_nfkc", ...).
     pub name: String,
-    /// Bytes of the compiled normalization rule; empty for the identity rule.
-    pub precompiled_charsmap_len: usize,
+    /// The compiled normalization rule; empty for the identity rule.
+    pub precompiled_charsmap: Vec<u8>,
     /// A "▁" is prepended to the text.
     pub add_dummy_prefix: bool,
     /// Leading, trailing and repeated spaces are removed.
@@ -108,6 +109,8 @@ pub struct SpModel {
     pub byte_fallback: bool,
     /// `trainer_spec.treat_whitespace_as_suffix`.
     pub treat_whitespace_as_suffix: bool,
+    /// `trainer_spec.unk_surface`: what `<unk>` decodes to (" \u{2047} " by default).
+    pub unk_surface: String,
     /// How text is normalized before encoding.
     pub normalizer: NormalizerSpec,
     /// How text is normalized after decoding, when the model says.
@@ -140,9 +143,17 @@ fn parse_piece(b: &[u8], at: usize, id: usize) -> Result<Piece, String> {
     Ok(Piece { piece, score, kind })
 }
 
-/// (model_type, byte_fallback, treat_whitespace_as_suffix) of a `TrainerSpec`.
-fn parse_trainer(b: &[u8], at: usize) -> Result<(ModelType, bool, bool), String> {
+/// What the encoder needs of a `TrainerSpec`.
+struct Trainer {
+    model_type: ModelType,
+    byte_fallback: bool,
+    suffix: bool,
+    unk_surface: String,
+}
+
+fn parse_trainer(b: &[u8], at: usize) -> Result<Trainer, String> {
     let (mut model_type, mut byte_fallback, mut suffix) = (ModelType::Unigram, false, false);
+    let mut unk_surface = " \u{2047} ".to_string();
     let mut r = Reader::nested(b, at);
     while let Some((field, value, vat)) = r.next_field()? {
         match (field, value) {
@@ -157,17 +168,18 @@ fn parse_trainer(b: &[u8], at: usize) -> Result<(ModelType, bool, bool), String>
             }
             (35, Value::Varint(v)) => byte_fallback = v != 0,
             (24, Value::Varint(v)) => suffix = v != 0,
-            (3 | 24 | 35, _) => return Err(wrong_type(&format!("trainer_spec.{field}"), vat)),
+            (44, Value::Bytes(s)) => unk_surface = utf8(s, "trainer_spec.unk_surface", vat)?,
+            (3 | 24 | 35 | 44, _) => return Err(wrong_type(&format!("trainer_spec.{field}"), vat)),
             _ => {}
         }
     }
-    Ok((model_type, byte_fallback, suffix))
+    Ok(Trainer { model_type, byte_fallback, suffix, unk_surface })
 }
 
 fn parse_normalizer(b: &[u8], at: usize) -> Result<NormalizerSpec, String> {
     let mut n = NormalizerSpec {
         name: String::new(),
-        precompiled_charsmap_len: 0,
+        precompiled_charsmap: Vec::new(),
         add_dummy_prefix: true,
         remove_extra_whitespaces: true,
         escape_whitespaces: true,
@@ -176,7 +188,7 @@ fn parse_normalizer(b: &[u8], at: usize) -> Result<NormalizerSpec, String> {
     while let Some((field, value, vat)) = r.next_field()? {
         match (field, value) {
             (1, Value::Bytes(s)) => n.name = utf8(s, "the normalizer's name", vat)?,
-            (2, Value::Bytes(s)) => n.precompiled_charsmap_len = s.len(),
+            (2, Value::Bytes(s)) => n.precompiled_charsmap = s.to_vec(),
             (3, Value::Varint(v)) => n.add_dummy_prefix = v != 0,
             (4, Value::Varint(v)) => n.remove_extra_whitespaces = v != 0,
             (5, Value::Varint(v)) => n.escape_whitespaces = v != 0,
@@ -208,10 +220,17 @@ pub fn parse(bytes: &[u8]) -> Result<SpModel, String> {
     // SentencePiece writes pieces, then trainer_spec, then normalizer_spec: a file cut at a field
     // boundary lacks the specs.
     let n = pieces.len();
-    let (model_type, byte_fallback, treat_whitespace_as_suffix) =
-        trainer.ok_or_else(|| format!("no trainer_spec follows its {n} pieces (truncated file?)"))?;
+    let t = trainer.ok_or_else(|| format!("no trainer_spec follows its {n} pieces (truncated file?)"))?;
     let normalizer = normalizer.ok_or_else(|| format!("no normalizer_spec follows its {n} pieces (truncated file?)"))?;
-    Ok(SpModel { pieces, model_type, byte_fallback, treat_whitespace_as_suffix, normalizer, denormalizer })
+    Ok(SpModel {
+        pieces,
+        model_type: t.model_type,
+        byte_fallback: t.byte_fallback,
+        treat_whitespace_as_suffix: t.suffix,
+        unk_surface: t.unk_surface,
+        normalizer,
+        denormalizer,
+    })
 }
 
 impl SpModel {
@@ -226,11 +245,11 @@ impl SpModel {
             ModelType::Unknown(t) => Some(format!("{t} (not a type SentencePiece defines)")),
         };
         if let Some(kind) = kind {
-            return Err(format!("trainer_spec.model_type is {kind}; kiln reads BPE models (Gemma's) only"));
+            return Err(format!("trainer_spec.model_type is {kind}; kiln reads BPE (Gemma's) and UNIGRAM (T5's) models only"));
         }
         let n = &self.normalizer;
         let refuse = |what: &str| Err(format!("{what}; kiln reads SentencePiece models normalized as Gemma's are"));
-        if n.precompiled_charsmap_len > 0 {
+        if !n.precompiled_charsmap.is_empty() {
             return refuse(&format!("normalizer_spec applies the normalization rule {:?} (a compiled charsmap)", n.name));
         }
         if n.add_dummy_prefix {
@@ -245,7 +264,7 @@ impl SpModel {
         if self.treat_whitespace_as_suffix {
             return refuse("trainer_spec.treat_whitespace_as_suffix is on (\"▁\" ends pieces instead of starting them)");
         }
-        if let Some(d) = self.denormalizer.as_ref().filter(|d| d.precompiled_charsmap_len > 0) {
+        if let Some(d) = self.denormalizer.as_ref().filter(|d| !d.precompiled_charsmap.is_empty()) {
             return refuse(&format!("denormalizer_spec applies the rule {:?} when decoding", d.name));
         }
         let mut seen = HashMap::with_capacity(self.pieces.len());
@@ -313,13 +332,24 @@ impl SpModel {
     }
 }
 
+/// A `tokenizer.model` ready to use: a BPE model (Gemma's) through the `tokenizers` pipeline
+/// transformers builds, or a UNIGRAM model (T5's `c4_en`) as the `sentencepiece` library encodes it.
+pub enum Loaded {
+    Bpe(Tokenizer),
+    Unigram(Box<super::unigram::Unigram>),
+}
+
 /// Reads, checks and builds `path` (a `tokenizer.model`); errors name the file.
-pub fn load(path: &Path) -> Result<Tokenizer> {
+pub fn load(path: &Path) -> Result<Loaded> {
     let err = |msg: String| Error::File { path: path.to_path_buf(), msg };
     let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let model = parse(&bytes).map_err(|e| err(format!("not a valid SentencePiece tokenizer.model: {e}")))?;
+    if model.model_type == ModelType::Unigram {
+        let u = super::unigram::Unigram::new(model).map_err(|e| err(format!("unsupported SentencePiece model: {e}")))?;
+        return Ok(Loaded::Unigram(Box::new(u)));
+    }
     model.check().map_err(|e| err(format!("unsupported SentencePiece model: {e}")))?;
-    model.tokenizer().map_err(err)
+    model.tokenizer().map(Loaded::Bpe).map_err(err)
 }
 
 #[cfg(test)]

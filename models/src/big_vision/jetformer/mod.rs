@@ -69,6 +69,12 @@ pub struct JetFormerConfig {
     pub jet: Option<JetConfig>,
     /// Latent channels factored out (the last ones of each token).
     pub latent_noise_dim: usize,
+    /// The trainer config's `text_len` (`tolen` of its text preprocessing; 64 in
+    /// `jetformer_image_text.py`): the length text prompts are cut or padded to.
+    pub text_len: usize,
+    /// The trainer config's `ignore_pad`: padding (and the EOS) hidden from attention and
+    /// padded with 0, instead of padded with 1 and attended to (the official default, false).
+    pub ignore_pad: bool,
 }
 
 impl JetFormerConfig {
@@ -99,12 +105,16 @@ impl JetFormerConfig {
             other => return Err(top.unsupported("adaptor_name", format!("'{other}': kiln builds JetFormer with 'proj.jet.jet' or none"))),
         };
         let latent_noise_dim = top.usize_or("latent_noise_dim", Some(0))?;
+        let text_len = top.usize_or("text_len", Some(64))?;
+        let ignore_pad = top.bool_or("ignore_pad", false)?;
         let mut c = read_model(model)?;
         top.finish()?;
         c.input_size = input_size;
         c.patch = patch;
         c.jet = jet;
         c.latent_noise_dim = latent_noise_dim;
+        c.text_len = text_len;
+        c.ignore_pad = ignore_pad;
         c.check(path)?;
         Ok(c)
     }
@@ -164,6 +174,9 @@ impl JetFormerConfig {
                 "latent_noise_dim",
                 format!("out_dim {} + latent_noise_dim {} must be the {c} values of a patch", self.out_dim, self.latent_noise_dim),
             ));
+        }
+        if self.text_len == 0 {
+            return Err(refuse("text_len", "0: text prompts need at least the EOS token".into()));
         }
         let (gh, gw) = super::grid(self.input_size, self.patch)?;
         if gh != gw {
@@ -296,6 +309,8 @@ fn read_model(mut r: ConfigReader) -> Result<JetFormerConfig> {
         patch: (0, 0),
         jet: None,
         latent_noise_dim: 0,
+        text_len: 64,
+        ignore_pad: false,
     };
     r.finish()?;
     Ok(c)
