@@ -125,13 +125,26 @@ pub fn compile_with_states(
         if opts.trace {
             trace.push(("built".to_string(), kiln_graph::print::print(built_graph)));
         }
-        let graph = Pipeline::standard().run(built_graph, opts.trace.then_some(&mut trace))?;
+        let mut pipeline = Pipeline::standard();
+        if lacks_conv(built_graph, backend.as_ref()) {
+            pipeline.passes.insert(0, kiln_graph::passes::Pass::LOWER_CONV);
+        }
+        let graph = pipeline.run(built_graph, opts.trace.then_some(&mut trace))?;
         check_kernels(&graph, backend.as_ref())?;
         let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
         program.entries.push(entry);
         entries.push(CompiledEntry { name: name.clone(), trace, graph, order, plan });
     }
     Ok(Compiled { program, entries })
+}
+
+/// Whether the graph has a convolution the backend has no kernel for: the compile then rewrites
+/// every convolution as a gather and a matmul (`passes::lower_conv`).
+fn lacks_conv(graph: &Graph, backend: &dyn kiln_runtime::Backend) -> bool {
+    graph.nodes.iter().any(|n| {
+        let tys: Vec<_> = n.inputs.iter().map(|i| graph.ty(*i).clone()).collect();
+        matches!(n.op, kiln_graph::Op::Conv(_)) && backend.kernel_for(&n.op, &tys, &n.ty).is_err()
+    })
 }
 
 /// Every step must have a kernel on the chosen backend: say which op cannot, before lowering.

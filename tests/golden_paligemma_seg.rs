@@ -2,8 +2,9 @@
 //! (`tests/fixtures/big_vision/paligemma_seg_decoder`, copied by
 //! `scripts/copy_big_vision_fixtures.py` from the shared fixtures made with the official JAX
 //! code): the weights in the released `vae-oid.npz` layout, codes in, masks and every
-//! intermediate the reference captured out, within 1e-4 relative, through the interpreter and
-//! the cpu backend.
+//! intermediate the reference captured out, within 1e-4 relative, through the interpreter, the
+//! cpu backend (its conv kernel) and the cube backend (convolutions rewritten as gather +
+//! matmul); the cuda lowering compiles.
 
 mod common;
 
@@ -43,23 +44,52 @@ fn masks_and_intermediates_match_big_vision() {
     let interp: HashMap<String, Vec<f32>> =
         interp::run(g, &inputs, &weights).expect("interpreter").into_iter().map(|(n, v)| (n, v.to_f32())).collect();
 
-    let c = compile(&dir, &CompileOptions { profile, backend: "cpu".into(), trace: false }).expect("compile");
-    let mut s = Session::new(c.program, store).expect("session");
-    let cpu: HashMap<String, Vec<f32>> =
-        s.run("forward", &[("codes", codes)]).expect("run").into_iter().map(|(n, t)| (n, t.to_f32())).collect();
+    // cpu runs its conv kernel; cube has none, and runs the compiler's gather + matmul rewrite.
+    let on = |backend: &str| -> HashMap<String, Vec<f32>> {
+        let c = compile(&dir, &CompileOptions { profile: profile.clone(), backend: backend.into(), trace: false }).expect("compile");
+        let lowered = !c.program.entries[0].steps.iter().any(|s| s.op.name() == "conv");
+        assert_eq!(lowered, backend != "cpu", "{backend}: convolutions lowered");
+        let mut s = Session::new(c.program, store.clone()).expect("session");
+        s.run("forward", &[("codes", codes)]).expect("run").into_iter().map(|(n, t)| (n, t.to_f32())).collect()
+    };
+    let cpu = on("cpu");
+    let cube = on("cube");
 
     for name in OUTPUTS {
         // The reference captured ConvTranspose_0 and _1 only; ConvTranspose_3 is checked
         // through the masks it feeds.
         let Some((_, want)) = reference.iter().find(|(n, _)| n == name) else { continue };
         let want = want.to_f32();
-        for (who, got) in [("interpreter", &interp), ("cpu", &cpu)] {
+        for (who, got) in [("interpreter", &interp), ("cpu", &cpu), ("cube", &cube)] {
             let e = rel_err(&got[name], &want);
             eprintln!("{who}: {name} relative error {e:.3e}");
             assert!(e < 1e-4, "{who}: {name}: relative error {e:.3e}");
         }
     }
     assert_eq!(cpu["masks"].len(), 2 * 64 * 64);
+    // How far the two ways of convolving (cpu kernel, gather + matmul) are apart, for the log.
+    let d = cpu["masks"].iter().zip(&cube["masks"]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("cpu vs cube masks: max |diff| {d:.3e}");
+}
+
+/// The cuda lowering (convolutions rewritten as gather + matmul) picks a kernel for every step,
+/// and NVRTC builds them for sm_90a (no GPU needed).
+#[cfg(feature = "cuda")]
+#[test]
+fn the_cuda_lowering_compiles() {
+    let dir = fixture();
+    let c = compile(&dir, &CompileOptions { profile: Profile { batch: 2, ..Profile::default() }, backend: "cuda".into(), trace: false })
+        .unwrap_or_else(|e| panic!("cuda: {e}"));
+    assert!(!c.program.entries[0].steps.iter().any(|s| s.op.name() == "conv"));
+    if !kiln_kernels::cuda::nvrtc::available() {
+        assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1 but NVRTC is missing");
+        return;
+    }
+    let art = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("seg_cuda.kiln");
+    let args = ["compile", dir.to_str().unwrap(), "--backend", "cuda", "--arch", "sm_90a", "--batch", "2", "-o", art.to_str().unwrap()];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!kiln_graph::artifact::load_file(&art).unwrap().binaries.is_empty());
 }
 
 #[test]

@@ -43,7 +43,9 @@ impl TextTokenizer {
                 return Self::open_spm(&model);
             }
         }
-        let msg = "no tokenizer.json, tokenizer.model, paligemma_tokenizer.model or sentencepiece.model: text prompts need the model's tokenizer".into();
+        let msg =
+            "no tokenizer.json, tokenizer.model, paligemma_tokenizer.model or sentencepiece.model: text prompts need the model's tokenizer"
+                .into();
         Err(Error::File { path: dir.to_path_buf(), msg })
     }
 

@@ -5,12 +5,14 @@
 //! node, and [`rebuild`] makes the new graph, remapping ids in one place. The pipeline
 //! verifies after every pass and can record the IR between passes.
 
+mod conv;
 mod cse;
 mod dce;
 mod epilogue;
 mod fold;
 mod fuse;
 
+pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
 pub use dce::dead_code;
 pub use epilogue::fuse_matmul_epilogue;
@@ -43,9 +45,12 @@ impl Pass {
     pub const FUSE_MATMUL_EPILOGUE: Pass = Pass { name: "fuse_matmul_epilogue", run: fuse_matmul_epilogue };
     /// Turns maximal elementwise regions into fused nodes.
     pub const FUSE_ELEMENTWISE: Pass = Pass { name: "fuse_elementwise", run: fuse_elementwise };
+    /// Rewrites convolutions as a gather and a matmul (for backends without a conv kernel).
+    pub const LOWER_CONV: Pass = Pass { name: "lower_conv", run: lower_conv };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 5] = [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE];
+    pub const ALL: [Pass; 6] =
+        [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE, Pass::LOWER_CONV];
 
     /// The pass with this name.
     pub fn by_name(name: &str) -> Option<Pass> {

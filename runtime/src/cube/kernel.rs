@@ -123,7 +123,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         Op::MoeCombine if !is_f32(&inputs[2]) => return no("f32 weights only"),
         Op::MoeCombine => K::MoeCombine,
         Op::Resize { .. } => K::Resize,
-        Op::Conv(_) => return no("convolutions run on cpu for now"),
+        Op::Conv(_) => return no("the compiler rewrites convolutions as a gather and a matmul for this backend"),
     };
     Ok(kernel)
 }
