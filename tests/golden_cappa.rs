@@ -185,3 +185,92 @@ fn seeded_sampling_is_reproducible() {
     }
     assert!(runs.windows(2).all(|w| w[0].1 == w[1].1), "backends disagree: {runs:?}");
 }
+
+/// The scan layout (`scan: true`: the encoder's blocks stacked on axis 0 under
+/// `encoder/Transformer/encoderblock/`, the decoder's on axis 1 under `decoder/EncDecBlock/`, as
+/// `nn.scan` stores them) made from the fixture's per-layer arrays gives the same logits bit for
+/// bit and the same greedy captions; a scan config over per-layer arrays is refused by name.
+#[test]
+fn the_scan_layout_reads_the_same_weights() {
+    let dir = fixture();
+    let ck = kiln_models::Checkpoint::open(&dir).expect("index");
+    let store = WeightStore::open(&dir).expect("weights");
+    let (enc_layers, dec_layers) = (1, 2);
+    let mut arrays: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    // Stacked array -> (axis, each layer's values, one layer's shape).
+    type Stack = (usize, Vec<Vec<f32>>, Vec<usize>);
+    let mut stacks: std::collections::BTreeMap<String, Stack> = Default::default();
+    for (name, info) in &ck.tensors {
+        let (ty, bytes) = store.get(name, &info.ty).unwrap();
+        let v = Tensor { ty: ty.clone(), bytes: bytes.to_vec() }.to_f32();
+        let layer = |pre: &str, sep: &str| -> Option<(usize, String)> {
+            let rest = name.strip_prefix(pre)?;
+            let (i, tail) = rest.split_once('/')?;
+            Some((i.parse().ok()?, format!("{}{sep}{tail}", pre.trim_end_matches('_'))))
+        };
+        if let Some((i, base)) = layer("encoder/Transformer/encoderblock_", "/") {
+            stacks.entry(base).or_insert((0, vec![vec![]; enc_layers], ty.shape.clone())).1[i] = v;
+        } else if let Some((i, base)) = layer("decoder/EncDecBlock", "/") {
+            stacks.entry(base).or_insert((1, vec![vec![]; dec_layers], ty.shape.clone())).1[i] = v;
+        } else {
+            arrays.push((name.clone(), ty.shape.clone(), v));
+        }
+    }
+    for (base, (axis, layers, shape)) in stacks {
+        // Stack on `axis`: numpy's `np.stack(layers, axis)`.
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis..].iter().product();
+        let mut data = Vec::with_capacity(outer * inner * layers.len());
+        for o in 0..outer {
+            for l in &layers {
+                data.extend_from_slice(&l[o * inner..(o + 1) * inner]);
+            }
+        }
+        let mut stacked = shape.clone();
+        stacked.insert(axis, layers.len());
+        arrays.push((base, stacked, data));
+    }
+    let scan = std::env::temp_dir().join(format!("kiln-cappa-scan-{}", std::process::id()));
+    std::fs::create_dir_all(&scan).unwrap();
+    kiln::npz_write::write(&scan.join("params.npz"), &arrays).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["model"]["scan"] = serde_json::Value::Bool(true);
+    std::fs::write(scan.join("config.json"), cfg.to_string()).unwrap();
+
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let (images, text) = (tensor(&reference, "images"), tensor(&reference, "text"));
+    let (s, l) = (&images.ty.shape, text.ty.shape[1]);
+    let profile = Profile { batch: s[0], image_hw: Some((s[1], s[2])), seq_len: Some(l), ..Profile::default() };
+    let logits = |d: &PathBuf| {
+        let c = compile(d, &CompileOptions { profile: profile.clone(), backend: "cpu".into(), trace: false }).expect("compile");
+        let mut session = Session::new(c.program, Arc::new(WeightStore::open(d).unwrap())).expect("session");
+        session.run("forward", &[("images", images), ("text", text)]).expect("run")
+    };
+    let (a, b) = (logits(&dir), logits(&scan));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!((na, &ta.bytes), (nb, &tb.bytes), "{na}: the scan layout differs");
+    }
+    let n = tensor(&reference, "greedy/prompts").ty.shape[1];
+    let prompts: Vec<i64> = tensor(&reference, "greedy/prompts").to_f64().into_iter().map(|x| x as i64).collect();
+    let caption = |d: &PathBuf| {
+        let mut g = kiln::encdec::EncDecGenerator::with_cross(
+            d,
+            s[0],
+            (s[1], s[2]),
+            n,
+            "cpu",
+            kiln_graph::DType::F32,
+            kiln::encdec::CrossKv::Cached,
+        )
+        .expect("compile");
+        g.generate(images, &prompts, -1).expect("generate").sequences
+    };
+    assert_eq!(caption(&dir), caption(&scan));
+
+    // scan: true over the per-layer arrays is refused, naming what is missing.
+    std::fs::copy(dir.join("params.npz"), scan.join("params.npz")).unwrap();
+    let e = kiln_models::build(&scan, &profile).err().expect("refused").to_string();
+    assert!(e.contains("decoder/EncDecBlock/") && e.contains("scan: false"), "{e}");
+    let _ = std::fs::remove_dir_all(&scan);
+}

@@ -50,12 +50,28 @@ pub struct View<'a> {
     /// `~bf16`: f32 values rounded to bfloat16 (to nearest even) and kept in f32, once at load
     /// (a Flax `Dense(dtype=bfloat16)` kernel).
     pub bf16: bool,
+    /// `~T(..)[i][j]`: slices of the permuted tensor along its leading axes (`w~T(1,0,2)[3]` is
+    /// `w[:, 3]`: layer 3 of an array stacked on axis 1, as Flax's `nn.scan` with
+    /// `variable_axes={"params": 1}` stores it).
+    pub post_index: Vec<usize>,
 }
 
 /// Parses a weight name as a [`View`] (a plain name is a view with no slice).
 pub fn parse_view(name: &str) -> View<'_> {
     if let Some(b) = name.strip_suffix("~bf16") {
         return View { bf16: true, ..parse_view(b) };
+    }
+    // `base~T(..)[i]..`: slices after the permutation.
+    let (mut head, mut post) = (name, Vec::new());
+    while let Some((b, i)) = stacked_layer(head) {
+        post.insert(0, i);
+        head = b;
+    }
+    if !post.is_empty() && head.ends_with(')') && head.contains("~T(") {
+        let v = parse_view(head);
+        if v.perm.is_some() {
+            return View { post_index: post, ..v };
+        }
     }
     let (mut base, perm, any_shape) = match name.rsplit_once('~') {
         Some((b, "reshape")) => (b, None, true),
@@ -73,7 +89,7 @@ pub fn parse_view(name: &str) -> View<'_> {
         index.insert(0, i);
         base = b;
     }
-    View { base, index, perm, any_shape, bf16: false }
+    View { base, index, perm, any_shape, bf16: false, post_index: vec![] }
 }
 
 /// The type and byte range of `view`'s slices of a tensor of type `ty` stored at `start..end`
@@ -97,8 +113,23 @@ pub fn view_type(ty: &TensorType, view: &View) -> Option<TensorType> {
             if p.len() != t.shape.len() || p.iter().any(|&a| a >= seen.len() || std::mem::replace(&mut seen[a], true)) {
                 return None;
             }
-            Some(TensorType::new(t.dtype, p.iter().map(|&a| t.shape[a]).collect::<Vec<_>>()))
+            let shape: Vec<usize> = p.iter().map(|&a| t.shape[a]).collect();
+            let k = view.post_index.len();
+            if k > shape.len() || view.post_index.iter().zip(&shape).any(|(&i, &n)| i >= n) {
+                return None;
+            }
+            Some(TensorType::new(t.dtype, shape[k..].to_vec()))
         }
+    }
+}
+
+/// The bytes of a permuted view: `src` (the view's slices before the permutation, of shape
+/// `shape`) permuted by `view.perm`, then sliced by `view.post_index`. Only the slice is
+/// copied. The caller has checked the view with [`view_type`].
+pub fn view_bytes(src: &[u8], elem: usize, shape: &[usize], view: &View) -> Vec<u8> {
+    match &view.perm {
+        Some(perm) => permuted_slice(src, elem, shape, perm, &view.post_index),
+        None => src.to_vec(),
     }
 }
 
@@ -113,16 +144,23 @@ pub fn round_bf16(bytes: &mut [u8]) {
 /// Row-major `bytes` of elements of `elem` bytes and shape `shape`, with output axis `i` being
 /// input axis `perm[i]`.
 pub fn permute_bytes(bytes: &[u8], elem: usize, shape: &[usize], perm: &[usize]) -> Vec<u8> {
-    let n: usize = shape.iter().product();
-    let mut out = vec![0u8; n * elem];
+    permuted_slice(bytes, elem, shape, perm, &[])
+}
+
+/// [`permute_bytes`], then the leading axes of the result fixed at `index` (only that slice is
+/// produced).
+fn permuted_slice(bytes: &[u8], elem: usize, shape: &[usize], perm: &[usize], index: &[usize]) -> Vec<u8> {
     let mut in_strides = vec![1usize; shape.len()];
     for a in (0..shape.len().saturating_sub(1)).rev() {
         in_strides[a] = in_strides[a + 1] * shape[a + 1];
     }
-    let out_shape: Vec<usize> = perm.iter().map(|&a| shape[a]).collect();
-    let strides: Vec<usize> = perm.iter().map(|&a| in_strides[a]).collect();
+    let k = index.len();
+    let out_shape: Vec<usize> = perm[k..].iter().map(|&a| shape[a]).collect();
+    let strides: Vec<usize> = perm[k..].iter().map(|&a| in_strides[a]).collect();
+    let n: usize = out_shape.iter().product();
+    let mut out = vec![0u8; n * elem];
     let mut idx = vec![0usize; out_shape.len()];
-    let mut src = 0usize;
+    let mut src: usize = index.iter().zip(perm).map(|(&i, &a)| i * in_strides[a]).sum();
     for o in 0..n {
         out[o * elem..(o + 1) * elem].copy_from_slice(&bytes[src * elem..(src + 1) * elem]);
         // Odometer over the output's axes, moving `src` by each axis's input stride.
@@ -248,9 +286,15 @@ mod tests {
     #[test]
     fn views_parse_and_type() {
         let v = parse_view("llm/kv[3][1]~T(0,2,1)");
-        assert_eq!(v, View { base: "llm/kv", index: vec![3, 1], perm: Some(vec![0, 2, 1]), any_shape: true, bf16: false });
-        assert_eq!(parse_view("a/b"), View { base: "a/b", index: vec![], perm: None, any_shape: false, bf16: false });
-        assert_eq!(parse_view("a/b[2]~bf16"), View { base: "a/b", index: vec![2], perm: None, any_shape: false, bf16: true });
+        assert_eq!(
+            v,
+            View { base: "llm/kv", index: vec![3, 1], perm: Some(vec![0, 2, 1]), any_shape: true, bf16: false, post_index: vec![] }
+        );
+        assert_eq!(parse_view("a/b"), View { base: "a/b", index: vec![], perm: None, any_shape: false, bf16: false, post_index: vec![] });
+        assert_eq!(
+            parse_view("a/b[2]~bf16"),
+            View { base: "a/b", index: vec![2], perm: None, any_shape: false, bf16: true, post_index: vec![] }
+        );
         let mut b: Vec<u8> = [1.01f32, -3.0e-3, 7.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         round_bf16(&mut b);
         let got: Vec<f32> = b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
@@ -265,6 +309,26 @@ mod tests {
         // Slices: layer 3, then its second half, of a [4, 2, 3, 5, 6] f32 tensor at byte 100.
         let (t, a, b) = view_range(&ty, 100, 100 + ty.bytes(), &v).unwrap();
         assert_eq!((t.shape.as_slice(), a, b), (&[3, 5, 6][..], 100 + (3 * 2 + 1) * 90 * 4, 100 + (3 * 2 + 2) * 90 * 4));
+    }
+
+    /// `w~T(1,0,2)[i]` is `w[:, i]`: typed and copied as numpy slices it.
+    #[test]
+    fn slices_after_a_permutation_are_numpy_slices() {
+        let v = parse_view("dec/w~T(1,0,2)[2]");
+        assert_eq!((v.base, v.perm.as_deref(), v.post_index.as_slice()), ("dec/w", Some(&[1, 0, 2][..]), &[2][..]));
+        let ty = TensorType::new(DType::F32, vec![2, 3, 4]);
+        assert_eq!(view_type(&ty, &v), Some(TensorType::new(DType::F32, vec![2, 4])));
+        assert_eq!(view_type(&ty, &parse_view("dec/w~T(1,0,2)[3]")), None);
+        // x = arange(24).reshape(2, 3, 4); x[:, 2] = [[8, 9, 10, 11], [20, 21, 22, 23]].
+        let x: Vec<u8> = (0..24u32).flat_map(|i| i.to_le_bytes()).collect();
+        let got: Vec<u32> = view_bytes(&x, 4, &ty.shape, &v).chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, [8, 9, 10, 11, 20, 21, 22, 23]);
+        // x.transpose(2, 0, 1)[1, 0] = x[0, :, 1] = [1, 5, 9].
+        let got: Vec<u32> = view_bytes(&x, 4, &ty.shape, &parse_view("w~T(2,0,1)[1][0]"))
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, [1, 5, 9]);
     }
 
     #[test]

@@ -115,10 +115,7 @@ impl WeightStore {
             return Some(v.clone());
         }
         let src = &self.maps[r.file][start..end];
-        let mut bytes = match &view.perm {
-            Some(perm) => safetensors::permute_bytes(src, ty.dtype.size(), &ty.shape, perm),
-            None => src.to_vec(),
-        };
+        let mut bytes = safetensors::view_bytes(src, ty.dtype.size(), &ty.shape, &view);
         if rounds {
             safetensors::round_bf16(&mut bytes);
         }

@@ -13,7 +13,7 @@ pub mod unigram;
 pub const SPM_NAMES: [&str; 3] = ["tokenizer.model", "paligemma_tokenizer.model", "sentencepiece.model"];
 
 enum Inner {
-    Hf(tokenizers::Tokenizer),
+    Hf(Box<tokenizers::Tokenizer>),
     Unigram(Box<unigram::Unigram>),
 }
 
@@ -35,7 +35,7 @@ impl TextTokenizer {
         if path.is_file() {
             let inner = tokenizers::Tokenizer::from_file(&path)
                 .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
-            return Ok(TextTokenizer { inner: Inner::Hf(inner), path });
+            return Ok(TextTokenizer { inner: Inner::Hf(Box::new(inner)), path });
         }
         for name in SPM_NAMES {
             let model = dir.join(name);

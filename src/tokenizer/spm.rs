@@ -335,7 +335,7 @@ impl SpModel {
 /// A `tokenizer.model` ready to use: a BPE model (Gemma's) through the `tokenizers` pipeline
 /// transformers builds, or a UNIGRAM model (T5's `c4_en`) as the `sentencepiece` library encodes it.
 pub enum Loaded {
-    Bpe(Tokenizer),
+    Bpe(Box<Tokenizer>),
     Unigram(Box<super::unigram::Unigram>),
 }
 
@@ -349,7 +349,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         return Ok(Loaded::Unigram(Box::new(u)));
     }
     model.check().map_err(|e| err(format!("unsupported SentencePiece model: {e}")))?;
-    model.tokenizer().map(Loaded::Bpe).map_err(err)
+    model.tokenizer().map(|t| Loaded::Bpe(Box::new(t))).map_err(err)
 }
 
 #[cfg(test)]

@@ -99,6 +99,10 @@ pub struct CappaConfig {
     /// (`input_size`). Its encoder is `EmbedPatches` + `pos_embedding_encoder` + `encoder/`
     /// blocks (no `Transformer/` level); CapPa's (`None`) is a big_vision ViT under `encoder/`.
     pub vtt_input: Option<(usize, usize)>,
+    /// `scan: true`: the encoder's blocks stacked on axis 0 (`encoder/Transformer/encoderblock`,
+    /// which the ViT builder reads either way) and the decoder's on axis 1
+    /// (`decoder/EncDecBlock/...`, `param_scan_axis = 1`), read through views.
+    pub scan: bool,
 }
 
 impl CappaConfig {
@@ -130,9 +134,7 @@ impl CappaConfig {
         let _ = r.usize_or("input_seq_len", Some(768))?;
         let _ = r.str_or("remat_policy", Some("nothing_saveable"))?;
         let decoder_bias = r.bool_or("decoder_bias", true)?;
-        if r.bool_or("scan", false)? {
-            return Err(r.unsupported("scan", "the scan layout (EncDecBlock stacked on axis 1) is not supported yet; use scan: false"));
-        }
+        let scan = r.bool_or("scan", false)?;
         if heads == 0 || width % heads != 0 || dec_heads == 0 || dec_width % dec_heads != 0 {
             return Err(r.unsupported("num_heads", format!("widths {width}/{dec_width} do not split into {heads}/{dec_heads} heads")));
         }
@@ -150,6 +152,7 @@ impl CappaConfig {
             embed_rows,
             decoder_bias,
             vtt_input: None,
+            scan,
         })
     }
 
@@ -199,6 +202,7 @@ impl CappaConfig {
             embed_rows: vocab_size,
             decoder_bias: true,
             vtt_input: Some(input),
+            scan: false,
         })
     }
 
@@ -219,6 +223,44 @@ impl CappaConfig {
     fn image_hw(&self, profile: &Profile) -> (usize, usize) {
         profile.image_hw.or(self.vtt_input).unwrap_or((224, 224))
     }
+}
+
+/// The checkpoint with the scan layout's decoder arrays standing for the per-layer names the
+/// builders ask for: `decoder/EncDecBlock{i}/X` is `decoder/EncDecBlock/X[:, i]` (the layer axis
+/// at position 1, as `nn.scan` stores it with `variable_axes={"params": 1}`).
+fn with_scan_aliases(mut ck: Checkpoint, cfg: &CappaConfig) -> Result<Checkpoint> {
+    if !cfg.scan {
+        return Ok(ck);
+    }
+    let stacked: Vec<(String, usize)> = ck
+        .tensors
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix("decoder/EncDecBlock/").map(|rest| (rest.to_string(), t.ty.shape.len())))
+        .collect();
+    if stacked.is_empty() && !ck.is_schema() {
+        return Err(ModelError::MissingTensor {
+            dir: ck.dir.clone(),
+            name: "decoder/EncDecBlock/LayerNorm1/scale".into(),
+            hint: "scan: true, but the checkpoint has no decoder/EncDecBlock/ arrays (per-layer EncDecBlock<i> needs scan: false)".into(),
+        });
+    }
+    for (rest, rank) in stacked {
+        let base = format!("decoder/EncDecBlock/{rest}");
+        let layers = ck.tensors[&base].ty.shape.get(1).copied().unwrap_or(0);
+        if rank < 2 || layers != cfg.dec_layers {
+            return Err(ModelError::Unsupported(format!(
+                "{}: {base} has shape {:?}; the scan layout stacks the {} decoder layers on axis 1",
+                ck.dir.display(),
+                ck.tensors[&base].ty.shape,
+                cfg.dec_layers
+            )));
+        }
+        let perm: Vec<String> = [1, 0].into_iter().chain(2..rank).map(|a| a.to_string()).collect();
+        for i in 0..cfg.dec_layers {
+            ck.aliases.insert(format!("decoder/EncDecBlock{i}/{rest}"), format!("{base}~T({})[{i}]", perm.join(",")));
+        }
+    }
+    Ok(ck)
 }
 
 /// The encoder's normalised tokens `[B*P, E]` and `P`.
@@ -257,6 +299,7 @@ pub fn build(cfg_path: &Path, checkpoint: Checkpoint, profile: &Profile) -> Resu
         return Err(ModelError::Unsupported(format!("text of {l} tokens: the decoder has {} positions (seq_len)", cfg.seq_len)));
     }
     let (b, e) = (profile.batch, cfg.encoder.width);
+    let checkpoint = with_scan_aliases(checkpoint, &cfg)?;
     let mut m = Builder::new(&checkpoint, profile.dtype);
     let images = m.g.input("images", profile.dtype, &[b, h, w, 3])?;
     let text = m.g.input("text", DType::I64, &[b, l])?;
@@ -474,6 +517,7 @@ pub fn build_generation(
     let (b, e, d, n) = (profile.batch, cfg.encoder.width, cfg.dec_width, capacity);
     let (hh, hd) = (cfg.dec_heads, cfg.dec_width / cfg.dec_heads);
     let dt = profile.dtype;
+    let checkpoint = with_scan_aliases(checkpoint, &cfg)?;
 
     // encode: the cross keys and values, and a zeroed self-attention cache.
     let mut m = Builder::new(&checkpoint, dt);
