@@ -357,7 +357,7 @@ pub(super) fn generate_uvim(
     if kiln_models::registry::kind_of(&model.join("config.json"))
         .is_ok_and(|(bv, n)| bv && n == kiln_models::big_vision::jetformer::MODEL_NAME)
     {
-        // A JetFormer captions the image (`sample_text`): token ids, the folder has no tokenizer.
+        // A JetFormer captions the image (`sample_text`): token ids, and text with its tokenizer.
         println!("{}", kiln::jetformer::caption_file(model, image, text.0, &text.1, backend)?);
         return Ok(());
     }
@@ -371,16 +371,8 @@ pub(super) fn generate_uvim(
     writable(&out)?;
     let raw = out.extension().is_some_and(|e| e == "safetensors");
     let t = Instant::now();
-    let p = kiln::uvim::run(model, image, (!raw).then_some(out.as_path()), raw.then_some(out.as_path()), backend)?;
-    let (lo, hi) = p.depth.iter().fold((f32::MAX, f32::MIN), |(a, b), &d| (a.min(d), b.max(d)));
-    println!(
-        "depth {}x{}: {lo:.3}..{hi:.3} m from {} codes in {:.2} s -> {}",
-        p.width,
-        p.height,
-        p.code.len(),
-        t.elapsed().as_secs_f64(),
-        out.display()
-    );
+    let (p, summary) = kiln::uvim::run(model, image, (!raw).then_some(out.as_path()), raw.then_some(out.as_path()), backend)?;
+    println!("{summary} from {} codes in {:.2} s -> {}", p.code.len(), t.elapsed().as_secs_f64(), out.display());
     Ok(())
 }
 

@@ -30,6 +30,7 @@ pub mod synth;
 mod synth_rng;
 pub mod tokenizer;
 pub mod uvim;
+pub mod uvim_heads;
 
 pub use kiln_graph as graph;
 pub use kiln_models as models;

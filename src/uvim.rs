@@ -1,25 +1,42 @@
 //! UViM end to end: `kiln generate <task-folder> --image x.jpg -o out.png`. A task folder
 //! holds the stage II VTT and the stage I VQ-VAE side by side (`vtt/`, `vqvae/`, each a
-//! big_vision folder) and `uvim.json` naming the task and its settings, e.g.
-//! `{"task": "depth", "min_depth": 0.001, "max_depth": 10.0}` (big_vision's
-//! `configs/proj/uvim/train_nyu_depth_pretrained.py`).
+//! big_vision folder) and `uvim.json` naming the task and its settings (big_vision's
+//! `configs/proj/uvim/train_*_pretrained.py`):
+//! `{"task": "depth", "min_depth": 0.001, "max_depth": 10.0}`,
+//! `{"task": "panoptic", "min_fraction": 0.0}` (`min_fraction` optional, default 0), or
+//! `{"task": "colorization"}`.
 //!
-//! As big_vision predicts (`trainers/proj/uvim/train.py`, `depth_task.py`): the image is
-//! resized to each model's `input_size` (`resize(res)`: TF's bilinear resize, half-pixel
-//! centres, no antialiasing) and mapped to [-1, 1]; the VTT writes the code greedily (prompts of
-//! zeros, no EOS; `code = token - 1`, a token 0 giving code -1, the last codeword); the
-//! VQ-VAE decodes it with the image as context. Depth: the argmax over the bins per pixel,
-//! `(bin + 0.5) / bins * (max - min) + min`. Other tasks (panoptic, colorization) are refused
-//! by name.
+//! As big_vision predicts (`trainers/proj/uvim/train.py` and the task files): the image is
+//! resized to the VTT's `input_size` (`resize(res)`: TF's bilinear resize, half-pixel centres, no
+//! antialiasing) and the VQ-VAE's context made as the task's `pp_eval` makes `image_ctx`
+//! (depth: the resized image resized again; panoptic: the original resized; colorization: the
+//! resized image turned grey, `rgb_to_grayscale_to_rgb`, which the VTT sees too), both mapped
+//! to [-1, 1]; the VTT writes the code greedily (prompts of zeros, no EOS; `code = token - 1`, a
+//! token 0 giving code -1, the last codeword); the VQ-VAE decodes it with the context; then the
+//! task's `predict_outputs` ([`crate::uvim_heads`]).
 
 use crate::encdec::EncDecGenerator;
 use crate::preprocess::Rgb;
+pub use crate::uvim_heads::depth_map;
+use crate::uvim_heads::{color_map, grayscale_to_rgb, panoptic_colors, panoptic_map, tf_resize, to_unit_range};
 use crate::{compile, CompileOptions, Error, Result};
 use kiln_graph::DType;
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// What a task makes of the VQ-VAE's logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Task {
+    /// `depth_task`: `bins` bins over `[min, max]` metres.
+    Depth { bins: usize, min: f64, max: f64 },
+    /// `panoptic_task`: semantic classes, instance ids, and the area at or below which an
+    /// instance is dropped.
+    Panoptic { classes: usize, instances: usize, min_fraction: f64 },
+    /// `colorization_task`: RGB in [-1, 1].
+    Colorization,
+}
 
 /// A task folder, compiled.
 pub struct UvimTask {
@@ -29,18 +46,27 @@ pub struct UvimTask {
     res: (usize, usize),
     ctx_res: (usize, usize),
     code_len: usize,
-    /// Depth bins, pixels per patch side, patch grid of the VQ-VAE's output.
-    bins: usize,
+    /// Pixels per patch side of the VQ-VAE's output.
     patch: (usize, usize),
-    min_depth: f64,
-    max_depth: f64,
+    task: Task,
 }
 
-/// What [`UvimTask::predict`] gives: the code and the depth map `[H, W]` (row-major, metres).
+/// A task's output for one image.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Metres, `[H, W]`.
+    Depth(Vec<f32>),
+    /// (semantic class, instance id) per pixel, `[H, W, 2]`.
+    Panoptic(Vec<i64>),
+    /// RGB in [-1, 1], `[H, W, 3]`.
+    Color(Vec<f32>),
+}
+
+/// What [`UvimTask::predict`] gives: the code and the task's output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
     pub code: Vec<i64>,
-    pub depth: Vec<f32>,
+    pub output: Output,
     pub height: usize,
     pub width: usize,
 }
@@ -69,16 +95,6 @@ impl UvimTask {
         let task_path = dir.join("uvim.json");
         let t = json(&task_path)?;
         let bad = |msg: String| Error::File { path: task_path.clone(), msg };
-        match t.get("task").and_then(|v| v.as_str()) {
-            Some("depth") => {}
-            Some(other) => return Err(bad(format!("task '{other}': kiln does depth (panoptic and colorization are not built yet)"))),
-            None => return Err(bad("no \"task\"".into())),
-        }
-        let num = |k: &str| t.get(k).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("no number \"{k}\"")));
-        let (min_depth, max_depth) = (num("min_depth")?, num("max_depth")?);
-        if max_depth <= min_depth {
-            return Err(bad(format!("max_depth {max_depth} is not above min_depth {min_depth}")));
-        }
         let (vtt_dir, vq_dir) = (dir.join("vtt"), dir.join("vqvae"));
         let vtt_cfg = json(&vtt_dir.join("config.json"))?;
         let vq_path = vq_dir.join("config.json");
@@ -88,136 +104,138 @@ impl UvimTask {
         let patch = hw(&vq_cfg["model"]["patch_size"], &vq_path, "patch_size")?;
         let code_len =
             vq_cfg["model"]["code_len"].as_u64().ok_or_else(|| Error::File { path: vq_path.clone(), msg: "no code_len".into() })? as usize;
-        let depth = hw(&vq_cfg["model"]["outputs"]["depth"], &vq_path, "outputs.depth")?;
-        if depth.1 != patch.0 * patch.1 {
-            return Err(Error::File {
-                path: vq_path,
-                msg: format!("outputs.depth {depth:?} is not [bins, patch pixels {}]", patch.0 * patch.1),
-            });
-        }
+        // An output of the VQ-VAE: [channels, patch pixels].
+        let output = |name: &str, channels: Option<usize>| -> Result<usize> {
+            let (c, pp) = hw(&vq_cfg["model"]["outputs"][name], &vq_path, &format!("outputs.{name}"))?;
+            if pp != patch.0 * patch.1 || channels.is_some_and(|want| want != c) {
+                let want = channels.map_or("C".to_string(), |c| c.to_string());
+                let msg = format!("outputs.{name} [{c}, {pp}] is not [{want}, patch pixels {}]", patch.0 * patch.1);
+                return Err(Error::File { path: vq_path.clone(), msg });
+            }
+            Ok(c)
+        };
+        let task = match t.get("task").and_then(|v| v.as_str()) {
+            Some("depth") => {
+                let num = |k: &str| t.get(k).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("no number \"{k}\"")));
+                let (min, max) = (num("min_depth")?, num("max_depth")?);
+                if max <= min {
+                    return Err(bad(format!("max_depth {max} is not above min_depth {min}")));
+                }
+                Task::Depth { bins: output("depth", None)?, min, max }
+            }
+            Some("panoptic") => {
+                let min_fraction = match t.get("min_fraction") {
+                    None => 0.0,
+                    Some(v) => v
+                        .as_f64()
+                        .filter(|f| (0.0..1.0).contains(f))
+                        .ok_or_else(|| bad(format!("min_fraction {v}: expected a number in [0, 1)")))?,
+                };
+                Task::Panoptic { classes: output("semantics", None)?, instances: output("instances", None)?, min_fraction }
+            }
+            Some("colorization") => {
+                output("color", Some(3))?;
+                Task::Colorization
+            }
+            Some(other) => return Err(bad(format!("task '{other}': kiln does depth, panoptic and colorization"))),
+            None => return Err(bad("no \"task\" (depth, panoptic or colorization)".into())),
+        };
         let vtt = EncDecGenerator::new(&vtt_dir, 1, res, code_len, backend, DType::F32)?;
         let opts = CompileOptions { profile: Profile::default(), backend: backend.into(), trace: false };
         let c = compile(&vq_dir, &opts)?;
         let vqvae = Session::new(c.program, Arc::new(WeightStore::open(&vq_dir)?))?;
-        Ok(UvimTask { vtt, vqvae, res, ctx_res, code_len, bins: depth.0, patch, min_depth, max_depth })
+        Ok(UvimTask { vtt, vqvae, res, ctx_res, code_len, patch, task })
     }
 
-    /// The image in [-1, 1] at the VTT's and at the VQ-VAE's size.
+    /// The task this folder does.
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    /// The VTT's input and the VQ-VAE's context, `[1, H, W, 3]` in [-1, 1], as the task's
+    /// `pp_eval` makes `image` and `image_ctx`.
     pub fn inputs(&self, img: &Rgb) -> (Tensor, Tensor) {
-        let t = |(h, w): (usize, usize)| {
-            Tensor::from_f32(&[1, h, w, 3], &tf_resize_bilinear(img, h, w).iter().map(|v| v / 127.5 - 1.0).collect::<Vec<_>>())
+        let orig: Vec<f32> = img.pixels.iter().map(|&v| v as f32).collect();
+        let src = (img.height, img.width);
+        let image = tf_resize(&orig, src, self.res);
+        let (image, ctx) = match self.task {
+            // resize(res) | resize(label_res, inkey=image, outkey=image_ctx)
+            Task::Depth { .. } => (image.clone(), tf_resize(&image, self.res, self.ctx_res)),
+            // resize(label_res, inkey=image, outkey=image_ctx) | resize(res)
+            Task::Panoptic { .. } => (image, tf_resize(&orig, src, self.ctx_res)),
+            // resize(res) | rgb_to_grayscale_to_rgb | copy to image_ctx | resize(label_res)
+            Task::Colorization => {
+                let grey = grayscale_to_rgb(&image);
+                let ctx = tf_resize(&grey, self.res, self.ctx_res);
+                (grey, ctx)
+            }
         };
-        (t(self.res), t(self.ctx_res))
+        let t = |(h, w): (usize, usize), v: &[f32]| Tensor::from_f32(&[1, h, w, 3], &to_unit_range(v));
+        (t(self.res, &image), t(self.ctx_res, &ctx))
     }
 
-    /// The code and the depth map of one image (`images` at the VTT's size, `ctx` at the
+    /// The code and the task's output for one image (`images` at the VTT's size, `ctx` at the
     /// VQ-VAE's, both `[1, H, W, 3]` in [-1, 1]).
     pub fn predict(&mut self, images: &Tensor, ctx: &Tensor) -> Result<Prediction> {
         let r = self.vtt.generate(images, &vec![0; self.code_len], -1)?;
         let code: Vec<i64> = r.sequences.iter().map(|t| t - 1).collect();
         let outs = self.vqvae.run("decode", &[("codes", &Tensor::from_i64(&[1, self.code_len], &code)), ("ctx", ctx)])?;
-        let logits =
-            outs.into_iter().find(|(n, _)| n == "logits/depth").ok_or_else(|| Error::Usage("the VQ-VAE gave no logits/depth".into()))?.1;
+        let logits = |name: &str| -> Result<Vec<f32>> {
+            let key = format!("logits/{name}");
+            outs.iter().find(|(n, _)| *n == key).map(|(_, t)| t.to_f32()).ok_or_else(|| Error::Usage(format!("the VQ-VAE gave no {key}")))
+        };
         let (h, w) = self.ctx_res;
-        let depth = depth_map(&logits.to_f32(), (h, w), self.patch, self.bins, (self.min_depth, self.max_depth));
-        Ok(Prediction { code, depth, height: h, width: w })
-    }
-
-    /// The depth range the task maps to grey levels.
-    pub fn range(&self) -> (f64, f64) {
-        (self.min_depth, self.max_depth)
+        let output = match self.task {
+            Task::Depth { bins, min, max } => Output::Depth(depth_map(&logits("depth")?, (h, w), self.patch, bins, (min, max))),
+            Task::Panoptic { classes, instances, min_fraction } => Output::Panoptic(panoptic_map(
+                &logits("semantics")?,
+                &logits("instances")?,
+                (h, w),
+                self.patch,
+                (classes, instances),
+                min_fraction,
+            )),
+            Task::Colorization => Output::Color(color_map(&logits("color")?, (h, w), self.patch)),
+        };
+        Ok(Prediction { code, output, height: h, width: w })
     }
 }
 
-/// `depth_task.predict_outputs`: logits `[1, (hn wn), bins, (hp wp)]` to depths `[H, W]`.
-pub fn depth_map(logits: &[f32], (h, w): (usize, usize), (hp, wp): (usize, usize), bins: usize, (min, max): (f64, f64)) -> Vec<f32> {
-    let wn = w / wp;
-    let pp = hp * wp;
-    let mut out = vec![0f32; h * w];
-    for (y, x) in (0..h).flat_map(|y| (0..w).map(move |x| (y, x))) {
-        let (t, p) = ((y / hp) * wn + x / wp, (y % hp) * wp + x % wp);
-        let at = |c: usize| logits[(t * bins + c) * pp + p];
-        let best = (0..bins).fold(0, |b, c| if at(c) > at(b) { c } else { b });
-        out[y * w + x] = (((best as f64 + 0.5) / bins as f64) * (max - min) + min) as f32;
-    }
-    out
-}
-
-/// TF's `tf.image.resize(image, (h, w), 'bilinear')` (half-pixel centres, edges clamped, no
-/// antialiasing; big_vision's `resize` op) of an RGB image, as floats in 0..255.
-pub fn tf_resize_bilinear(img: &Rgb, oh: usize, ow: usize) -> Vec<f32> {
-    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = n_in as f64 / n_out as f64;
-        (0..n_out)
-            .map(|o| {
-                let s = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s.floor() as usize).min(n_in - 1);
-                let i1 = (i0 + 1).min(n_in - 1);
-                (i0, i1, (s - i0 as f64) as f32)
-            })
-            .collect()
-    };
-    let (ty, tx) = (taps(img.height, oh), taps(img.width, ow));
-    let px = |y: usize, x: usize, c: usize| img.pixels[(y * img.width + x) * 3 + c] as f32;
-    let mut out = vec![0f32; oh * ow * 3];
-    for (oy, &(y0, y1, fy)) in ty.iter().enumerate() {
-        for (ox, &(x0, x1, fx)) in tx.iter().enumerate() {
-            for c in 0..3 {
-                let top = px(y0, x0, c) * (1.0 - fx) + px(y0, x1, c) * fx;
-                let bottom = px(y1, x0, c) * (1.0 - fx) + px(y1, x1, c) * fx;
-                out[(oy * ow + ox) * 3 + c] = top * (1.0 - fy) + bottom * fy;
-            }
-        }
-    }
-    out
-}
-
-/// `kiln generate <task> --image x.jpg -o out.png`: predicts, writes the depth map as a grey
-/// PNG (near dark, far bright, over the task's range) and, with `depth_out`, the depths and
-/// the code as safetensors.
-pub fn run(dir: &Path, image: &Path, png: Option<&Path>, depth_out: Option<&Path>, backend: &str) -> Result<Prediction> {
+/// `kiln generate <task> --image x.jpg -o out.png`: predicts and writes the output as a PNG
+/// (depth: grey, near dark and far bright over the task's range; panoptic: a colour per
+/// segment; colorization: the RGB image) and, with `raw_out`, as safetensors (`depth [H, W]`,
+/// `panoptic [H, W, 2]` or `color [H, W, 3]` in [-1, 1], with the `code`). Returns the
+/// prediction and a one-line summary.
+pub fn run(dir: &Path, image: &Path, png: Option<&Path>, raw_out: Option<&Path>, backend: &str) -> Result<(Prediction, String)> {
     let img = crate::preprocess::load_image(image, true)?;
     let mut task = UvimTask::open(dir, backend)?;
     let (images, ctx) = task.inputs(&img);
     let p = task.predict(&images, &ctx)?;
-    let (min, max) = task.range();
+    let (h, w) = (p.height, p.width);
+    let (channels, px, raw, summary) = match (&p.output, task.task()) {
+        (Output::Depth(d), &Task::Depth { min, max, .. }) => {
+            let grey = d.iter().map(|&v| (((v as f64 - min) / (max - min)).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+            let (lo, hi) = d.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            (1, grey, ("depth", Tensor::from_f32(&[h, w], d)), format!("depth {w}x{h}: {lo:.3}..{hi:.3} m"))
+        }
+        (Output::Panoptic(m), _) => {
+            let segments: std::collections::BTreeSet<(i64, i64)> = m.chunks(2).map(|p| (p[0], p[1])).collect();
+            let s = format!("panoptic {w}x{h}: {} segments", segments.len());
+            (3, panoptic_colors(m), ("panoptic", Tensor::from_i64(&[h, w, 2], m)), s)
+        }
+        (Output::Color(c), _) => {
+            let rgb = c.iter().map(|&v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8).collect();
+            (3, rgb, ("color", Tensor::from_f32(&[h, w, 3], c)), format!("colorization {w}x{h}"))
+        }
+        (Output::Depth(_), _) => return Err(Error::Usage("a depth output from a task that is not depth".into())),
+    };
     if let Some(path) = png {
-        let grey: Vec<u8> = p.depth.iter().map(|&d| (((d as f64 - min) / (max - min)).clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-        crate::png::write(path, p.width, p.height, 1, &grey)
+        crate::png::write(path, w, h, channels, &px)
             .map_err(|e| Error::File { path: PathBuf::from(path), msg: format!("cannot write: {e}") })?;
     }
-    if let Some(path) = depth_out {
-        let outs = vec![
-            ("depth".to_string(), Tensor::from_f32(&[p.height, p.width], &p.depth)),
-            ("code".to_string(), Tensor::from_i64(&[1, p.code.len()], &p.code)),
-        ];
+    if let Some(path) = raw_out {
+        let outs = vec![(raw.0.to_string(), raw.1), ("code".to_string(), Tensor::from_i64(&[1, p.code.len()], &p.code))];
         crate::io::write(path, &outs)?;
     }
-    Ok(p)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// TF's half-pixel bilinear: a 2-pixel row doubled is `a, (3a + b) / 4, (a + 3b) / 4, b`;
-    /// the same size is the identity.
-    #[test]
-    fn tf_bilinear_has_half_pixel_centres() {
-        let img = Rgb { width: 2, height: 1, pixels: vec![0, 0, 0, 200, 100, 40] };
-        let out = tf_resize_bilinear(&img, 1, 4);
-        let red: Vec<f32> = out.chunks(3).map(|p| p[0]).collect();
-        assert_eq!(red, [0.0, 50.0, 150.0, 200.0]);
-        assert_eq!(tf_resize_bilinear(&img, 1, 2), [0.0, 0.0, 0.0, 200.0, 100.0, 40.0]);
-    }
-
-    /// Bin centres over the range, patch pixels laid out row-major inside their patch.
-    #[test]
-    fn depth_map_takes_the_argmax_bin_per_pixel() {
-        // One 2x1 patch grid of 1x2 patches: [T=2, bins=2, pp=2].
-        let logits = [0.0, 1.0, 1.0, 0.0, /* patch 1 */ 5.0, 5.0, 0.0, 9.0];
-        let d = depth_map(&logits, (1, 4), (1, 2), 2, (0.0, 4.0));
-        // bin 1 -> 3, bin 0 -> 1; ties go to the first bin.
-        assert_eq!(d, [3.0, 1.0, 1.0, 3.0]);
-    }
+    Ok((p, summary))
 }

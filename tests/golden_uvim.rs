@@ -144,9 +144,10 @@ fn the_depth_task_predicts_as_big_vision() {
     let logits = tensor(&vq, "pred/logits/depth").to_f32();
     let want = kiln::uvim::depth_map(&logits[..logits.len() / 2], (16, 16), (2, 2), 7, (0.001, 10.0));
     assert_eq!((p.height, p.width), (16, 16));
-    assert_eq!(p.depth, want);
+    let kiln::uvim::Output::Depth(depth) = &p.output else { panic!("not a depth map: {:?}", p.output) };
+    assert_eq!(depth, &want);
     // Every depth is a bin centre.
-    assert!(p.depth.iter().all(|&d| (0..7).any(|b| (d as f64 - ((b as f64 + 0.5) / 7.0 * (10.0 - 0.001) + 0.001)).abs() < 1e-5)));
+    assert!(depth.iter().all(|&d| (0..7).any(|b| (d as f64 - ((b as f64 + 0.5) / 7.0 * (10.0 - 0.001) + 0.001)).abs() < 1e-5)));
 }
 
 /// `kiln generate <task> --image x.png -o out.png | out.safetensors`; a folder without
@@ -175,7 +176,13 @@ fn the_cli_runs_a_task_folder() {
     let plain = common::big_vision_case("uvim_vtt");
     let r = kiln(&["generate", plain.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
     assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("uvim.json"));
+    let other = Task::new("other", "segment");
+    let r = kiln(&["generate", other.0.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("task 'segment': kiln does depth, panoptic and colorization"), "{e}");
+    // A panoptic task over a depth VQ-VAE names the output it lacks.
     let other = Task::new("panoptic", "panoptic");
     let r = kiln(&["generate", other.0.to_str().unwrap(), "--image", png_s, "-o", out.to_str().unwrap()]);
-    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("panoptic"), "{}", String::from_utf8_lossy(&r.stderr));
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("outputs.semantics"), "{e}");
 }
