@@ -259,6 +259,8 @@ fn weight_lists_are_pinned() {
         // Learned from the JetFormer builder when it landed.
         ("jetformer-350m-256", 88, 0x45c3d27c4c39092),
         ("paligemma2-3b-224", 727, 0x1f023f569fc1520d),
+        // Learned from the mask decoder's builder when its row landed.
+        ("paligemma-seg-oid", 25, 0x341a5c08f4e428e8),
         ("siglip-b16-224", 208, 0xa87b21708eaebd12),
         ("siglip-l16-224", 400, 0x4f2b4769a243a227),
         ("siglip-so400m-14-224", 448, 0xa74e5e247da220dd),

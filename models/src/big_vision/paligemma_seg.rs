@@ -14,7 +14,7 @@
 use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::Builder;
-use crate::registry::{Family, Kind};
+use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Built, Checkpoint, Profile};
 use kiln_graph::{Conv, DType, NodeId, Op, UnaryOp};
 use std::path::Path;
@@ -31,9 +31,28 @@ pub static FAMILY: Family = Family {
     claims: |k| k == Kind::BigVision("proj.paligemma.segmentation"),
     build,
     generation: None,
-    synth: &[],
-    init: super::synth_init,
+    synth: &[SynthRow {
+        name: "paligemma-seg-oid",
+        about: "PaliGemma's <seg> mask decoder in vae-oid.npz's layout: 128 codes of 512 (the codebook width is kiln's choice; the official code reads it from the file)",
+        recipe: |_| {
+            let config = serde_json::json!({"model_name": "proj.paligemma.segmentation", "model": {}});
+            Ok(SynthRecipe { config, dtype: DType::F32, format: WeightFormat::Npz, roots: &[""], given: Vec::new(), batch: 1 })
+        },
+    }],
+    init: synth_init,
 };
+
+/// `kiln synth`'s draws for the decoder's PyTorch-named weights: the codebook N(0, 1), biases
+/// small, conv weights `[Co, Ci, KH, KW]` (transposed: `[Ci, Co, KH, KW]`) N(0, 1/(dim 1 x KH x KW)).
+fn synth_init(name: &str, shape: &[usize]) -> crate::registry::Init {
+    use crate::registry::Init;
+    match (name, shape) {
+        (CODEBOOK, _) => Init::Normal { mean: 0.0, std: 1.0 },
+        (n, _) if n.ends_with(".bias") => Init::BIAS,
+        (_, [_, c, kh, kw]) => Init::fan_in(c * kh * kw),
+        _ => super::synth_init(name, shape),
+    }
+}
 
 /// Builds `forward`: input `codes [B, 16]` (i64), outputs `masks [B, 64, 64, 1]` and the
 /// official module's intermediates (`quantized`, `Conv_0` and `ConvTranspose_<i>` before their
