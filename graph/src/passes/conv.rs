@@ -46,7 +46,8 @@ pub fn lower_conv(g: &Graph) -> Result<Graph> {
         let inputs: Vec<NodeId> = node.inputs.iter().map(|i| map[i.index()]).collect();
         let id = match &node.op {
             Op::Conv(c) => im2col(&mut out, c, inputs[0], inputs[1])?,
-            op if op.is_source() => out.push_source(op.clone(), node.ty.clone())?,
+            // Sources (and iota) carry their type; everything else is re-inferred.
+            op if node.inputs.is_empty() => out.push_source(op.clone(), node.ty.clone())?,
             op => out.push(op.clone(), &inputs)?,
         };
         map.push(id);
