@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod artifact_cli;
 mod cli_ensemble;
 mod commands;
 use commands::{
@@ -28,9 +29,9 @@ struct Cli {
 /// Options that fix a compile profile.
 #[derive(clap::Args, Clone)]
 struct ProfileArgs {
-    /// Image resolution (square); defaults to the checkpoint's.
-    #[arg(long)]
-    resolution: Option<usize>,
+    /// Image size, N (square) or HxW (e.g. 192x256); defaults to the checkpoint's.
+    #[arg(long, value_parser = kiln::inputs::parse_resolution)]
+    resolution: Option<kiln::inputs::Resolution>,
     /// Batch size.
     #[arg(long)]
     batch: Option<usize>,
@@ -67,6 +68,7 @@ struct ProfileArgs {
 enum Cmd {
     /// Compile a model folder into an artifact (or, with --ensemble, several classifiers into one).
     Compile {
+        /// The model folder (config.json and weights).
         #[arg(required_unless_present = "ensemble", conflicts_with = "ensemble")]
         model: Option<PathBuf>,
         /// Classifier folders (`DIR` or `DIR@RES`): `forward` gives `probs` (weighted mean softmax) and
@@ -78,6 +80,7 @@ enum Cmd {
         weights_from: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// The artifact to write (a file; an existing folder is refused).
         #[arg(short = 'o', long)]
         out: PathBuf,
         /// A text model's generation program instead of `forward`: entries `prefill` (a prompt
@@ -120,7 +123,13 @@ enum Cmd {
     /// or `--inputs` (input_ids, optional attention_mask with left padding, pixel_values) to
     /// `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
     Generate {
+        /// A Gemma or PaliGemma folder (compiled for the prompt), a big_vision encoder-decoder or
+        /// UViM folder, or the artifact `kiln compile --generate` wrote.
         model: PathBuf,
+        /// Weights for an artifact (default: the folder it was compiled from, whose config and
+        /// tokenizer are read too).
+        #[arg(long)]
+        weights: Option<PathBuf>,
         /// Text prompt, tokenized with the folder's tokenizer.json (or SentencePiece tokenizer.model).
         #[arg(long, conflicts_with = "inputs")]
         prompt: Option<String>,
@@ -135,14 +144,17 @@ enum Cmd {
         /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
         #[arg(long, requires = "image")]
         seg_decoder: Option<PathBuf>,
+        /// Inputs (safetensors): `input_ids` [B, L] with an optional `attention_mask` (left
+        /// padding) and `pixel_values`; an encoder-decoder's `images`.
         #[arg(long, required_unless_present_any = ["prompt", "image"], requires = "out")]
         inputs: Option<PathBuf>,
         /// With --inputs: the outputs (safetensors). With a UViM task folder and --image: the
         /// prediction as a PNG, or as safetensors (`depth`, `code`) when named `.safetensors`.
         #[arg(short = 'o', long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
+        /// The most new tokens per row (default 32; an artifact's: what its cache holds).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
         /// Prompt bucket to compile for (default: the prompt length).
         #[arg(long)]
         bucket: Option<usize>,
@@ -174,6 +186,7 @@ enum Cmd {
         /// Keep the most likely tokens whose probabilities sum to p (default: all).
         #[arg(long)]
         top_p: Option<f64>,
+        /// Seed of the sampler (with --temperature > 0).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -185,6 +198,7 @@ enum Cmd {
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
+        /// A model folder (compiled with the flags below) or a `.kiln` artifact.
         model: PathBuf,
         #[command(flatten)]
         p: ProfileArgs,
@@ -198,12 +212,15 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         sub: Option<BenchCmd>,
+        /// A model folder (compiled in memory) or a `.kiln` artifact.
         #[arg(required = true)]
         model: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// Timed runs (after one warm-up run).
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         /// Print one JSON object instead of a table.
@@ -218,7 +235,9 @@ enum Cmd {
     },
     /// Draw images from a flow: Gaussian z at a temperature, the `inverse` entry, a PNG grid.
     Sample {
+        /// A Jet or JetFormer folder, or a flow's `.kiln` artifact.
         model: PathBuf,
+        /// Seed of the Gaussian z.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Standard deviation of z (1 samples the model's prior).
@@ -227,10 +246,12 @@ enum Cmd {
         /// Number of images (the grid is as square as it can be).
         #[arg(long, default_value_t = 4)]
         count: usize,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// The PNG grid to write.
         #[arg(short = 'o', long)]
         out: PathBuf,
         /// JetFormer: the prompt's token ids ("17,5,9"; the class id of a class-conditional model).
@@ -247,11 +268,15 @@ enum Cmd {
     /// `input_ids` (each token scored by the logits before it) or an encoder-decoder's `images`
     /// and `text`, from `prompt_len` on; writes `logprobs [B, L]` and `scores [B]`.
     Score {
+        /// A model folder or a `.kiln` artifact.
         model: PathBuf,
+        /// The inputs (safetensors): `input_ids` (and `prompt_len`), or `images` and `text`.
         #[arg(long)]
         inputs: PathBuf,
+        /// Where `logprobs` and `scores` go (safetensors); never the --inputs file.
         #[arg(long)]
         out: PathBuf,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         #[command(flatten)]
@@ -260,7 +285,9 @@ enum Cmd {
     /// Compare the tensors of two safetensors files (relative error per tensor); fails on a
     /// missing tensor, a shape mismatch, NaN on either side, or an error above --tol.
     Compare {
+        /// The safetensors file under test.
         got: PathBuf,
+        /// The reference safetensors file.
         want: PathBuf,
         /// Largest relative error accepted (max |a-b| / max |b|).
         #[arg(long, default_value_t = 1e-4)]
@@ -275,9 +302,12 @@ enum Cmd {
     },
     /// Write a full-size random-weight model folder (no downloads).
     Synth {
+        /// The model to write (`kiln synth --list` names them).
         name: Option<String>,
+        /// The folder to write the model into.
         #[arg(short = 'o', long)]
         out: Option<PathBuf>,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// List the models it can make.
@@ -365,6 +395,13 @@ enum KernelsCmd {
 }
 
 fn main() {
+    // Mesa's Vulkan device-select layer asks Wayland for the display's GPU at every Vulkan
+    // instance (the cube backend makes two) and, with no XDG_RUNTIME_DIR, prints "error:
+    // XDG_RUNTIME_DIR is invalid or not set" each time. A headless run has no display to pick
+    // a GPU for, so the layer is turned off there; set before any thread starts.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     kiln::progress::install();
     if let Err(e) = dispatch(cli.cmd) {
@@ -375,10 +412,14 @@ fn main() {
 
 fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) -> Result<CompileOptions> {
     let dtype = parse_dtype(&p.dtype)?;
-    let image_hw = p.resolution.map(|r| (r, r)).or(hw);
+    let image_hw = p.resolution.map(|r| (r.h, r.w)).or(hw);
     let batch = p.batch.or(batch).unwrap_or(1);
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    // Far beyond any machine, and products of such sizes would overflow while building.
+    if batch > 1 << 31 || image_hw.is_some_and(|(h, w)| h.max(w) > 1 << 20) {
+        return Err(Error::Usage("--batch above 2^31 or --resolution above 2^20 pixels a side: larger than kiln compiles".into()));
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
     let backend = backend_for(&p.backend, p.device.as_deref())?;
@@ -428,7 +469,9 @@ fn session_and_graph(
     p: &ProfileArgs,
 ) -> Result<(Session, EntryGraphs)> {
     let (program, graph) = if is_artifact(model) {
-        (kiln_graph::artifact::load_file(model)?, None)
+        let program = kiln_graph::artifact::load_file(model)?;
+        artifact_cli::refuse_compile_flags(model, &program, p)?;
+        (program, None)
     } else {
         let opts = opts.ok_or_else(|| Error::Usage("a model folder needs a profile".into()))?;
         let c = progress("compiling", || compile(model, &opts))?;
@@ -436,7 +479,7 @@ fn session_and_graph(
     };
     let wpath = match weights {
         Some(w) => w.to_path_buf(),
-        None if is_artifact(model) => PathBuf::from(&program.source),
+        None if is_artifact(model) => artifact_cli::weights_path(model, &program, None)?,
         None => model.to_path_buf(),
     };
     // An ensemble's weights span its members' folders (`weight_sets`, relative to `wpath`).
@@ -513,7 +556,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             ..
         } => {
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, sampling))
+            let backend = backend_for(&backend, device.as_deref())?;
+            generate_uvim(&model, &image, out, &backend, (max_new_tokens.unwrap_or(32), sampling))
         }
         Cmd::Generate {
             model,
@@ -531,30 +575,37 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             top_p,
             seed,
             device,
+            weights,
             ..
         } => {
-            let backend = backend_for(&backend, device.as_deref())?;
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
             sampling.check()?;
             let sampling = (temperature > 0.0).then_some(sampling);
             if let Some(d) = &draw {
                 writable(d)?;
             }
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
             let dtype = parse_dtype(&dtype)?;
+            let max_new_tokens = max_new_tokens.or(art.as_ref().map(|(g, _)| g.meta.capacity - g.bucket)).unwrap_or(32);
+            let model = art.as_ref().map(|(_, dir)| dir.clone()).unwrap_or(model);
             let o = kiln::prompt::PromptOptions {
                 model,
                 prompt,
                 image,
                 max_new_tokens,
                 bucket,
-                backend,
+                backend: backend_for(&backend, device.as_deref())?,
                 dtype,
                 draw,
                 seg_decoder,
                 breakdown,
                 sampling,
             };
-            let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
+            let r = match art {
+                Some((mut g, _)) => kiln::prompt::run_on(&mut g, &o, &mut std::io::stdout())?,
+                None => kiln::prompt::run(&o, &mut std::io::stdout())?,
+            };
             for (entry, steps, total) in &r.profiles {
                 println!("{entry}, kernel by kernel (each step synchronised):");
                 commands::print_breakdown(steps, *total);
@@ -581,15 +632,24 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             top_p,
             seed,
             device,
+            weights,
             ..
         } => {
-            let backend = backend_for(&backend, device.as_deref())?;
-            let dtype = parse_dtype(&dtype)?;
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
             writable_unlike(&out, Some(&inputs))?;
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
+            let backend = backend_for(&backend, device.as_deref())?;
+            let dtype = parse_dtype(&dtype)?;
             let ins = io::read(&inputs)?;
+            if let Some((g, _)) = art {
+                let max_new_tokens = max_new_tokens.unwrap_or(g.meta.capacity - g.bucket);
+                let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+                return generate_text_inputs(commands::GenModel::Loaded(Box::new(g)), ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling);
+            }
+            let max_new_tokens = max_new_tokens.unwrap_or(32);
             if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
                 return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
             }
@@ -599,7 +659,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
             }
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            generate_text_inputs(&model, ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling)
+            generate_text_inputs(commands::GenModel::Folder(&model), ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling)
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
         Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),
@@ -634,11 +694,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
 }
 
 fn human(b: usize) -> String {
-    match b {
-        0..1024 => format!("{b} B"),
-        1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
-        _ => format!("{:.1} MiB", b as f64 / 1048576.0),
-    }
+    kiln_runtime::memory::human(b as u64)
 }
 
 /// Batch and image size implied by an image input, so a folder compiles for its inputs:
