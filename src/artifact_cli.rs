@@ -47,10 +47,9 @@ pub(super) fn refuse_compile_flags(artifact: &Path, program: &Program, p: &Profi
         }
     }
     // `--backend`/`--device` naming the artifact's own backend say nothing new; another is refused.
-    if p.backend != "cpu" || p.device.is_some() {
-        if backend_for(&p.backend, p.device.as_deref()).ok().as_deref() != Some(program.backend.as_str()) {
-            given.push(if p.device.is_some() { "--backend/--device" } else { "--backend" });
-        }
+    let named = p.backend != "cpu" || p.device.is_some();
+    if named && backend_for(&p.backend, p.device.as_deref()).ok().as_deref() != Some(program.backend.as_str()) {
+        given.push(if p.device.is_some() { "--backend/--device" } else { "--backend" });
     }
     refuse(artifact, program, &given)
 }
@@ -87,9 +86,7 @@ pub(super) fn generator(artifact: &Path, weights: Option<&Path>, f: &GenerateFla
     if f.dtype != "f32" {
         given.push("--dtype");
     }
-    if (f.backend != "cpu" || f.device.is_some())
-        && backend_for(f.backend, f.device).ok().as_deref() != Some(program.backend.as_str())
-    {
+    if (f.backend != "cpu" || f.device.is_some()) && backend_for(f.backend, f.device).ok().as_deref() != Some(program.backend.as_str()) {
         given.push("--backend/--device");
     }
     refuse(artifact, &program, &given)?;

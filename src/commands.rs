@@ -8,7 +8,10 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
         let prog = kiln_graph::artifact::load_file(model)?;
         super::artifact_cli::refuse_compile_flags(model, &prog, p)?;
         if ir {
-            return Err(Error::Usage(format!("{}: --ir shows the passes of a folder's compile; an artifact keeps only its steps", model.display())));
+            return Err(Error::Usage(format!(
+                "{}: --ir shows the passes of a folder's compile; an artifact keeps only its steps",
+                model.display()
+            )));
         }
         print_program(&prog);
         return Ok(());
@@ -472,7 +475,9 @@ pub(super) fn generate_text_inputs(
     let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
     let bucket = bucket.unwrap_or(l);
     let mut g = match model {
-        GenModel::Folder(dir) => progress("compiling", || kiln::generate::Generator::with_dtype(dir, b, bucket, max_new_tokens, backend, dtype))?,
+        GenModel::Folder(dir) => {
+            progress("compiling", || kiln::generate::Generator::with_dtype(dir, b, bucket, max_new_tokens, backend, dtype))?
+        }
         GenModel::Loaded(g) => *g,
     };
     let bucket = g.bucket;

@@ -30,7 +30,8 @@ pub fn parse_resolution(s: &str) -> std::result::Result<Resolution, String> {
         Some((h, w)) => num(h).zip(num(w)),
         None => num(s).map(|n| (n, n)),
     };
-    hw.map(|(h, w)| Resolution { h, w }).ok_or_else(|| format!("'{s}': expected N (a square) or HxW, each at least 1 (e.g. 224 or 192x256)"))
+    hw.map(|(h, w)| Resolution { h, w })
+        .ok_or_else(|| format!("'{s}': expected N (a square) or HxW, each at least 1 (e.g. 224 or 192x256)"))
 }
 
 /// The backend `--backend` and `--device` name together.

@@ -231,7 +231,7 @@ pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
 /// [`load_image`] of a file held in memory (`path` names it in errors).
 pub fn decode_image(bytes: &[u8], path: &Path, convert_rgb: bool) -> Result<Rgb> {
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]));
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes));
     let reader = reader.with_guessed_format().map_err(|e| bad(format!("cannot read image: {e}")))?;
     if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(bytes) {
         // The decoder would fill the missing rows in grey; Pillow (transformers' loader)

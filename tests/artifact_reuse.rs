@@ -90,15 +90,14 @@ fn compile_flags_with_an_artifact_are_refused_by_name() {
     assert_eq!(code, Some(0), "{out}{err}");
     let ins = fixture("big_vision/vit_map_learn/reference.safetensors");
     let ins = ins.to_str().unwrap();
-    for (flag, value) in [
-        ("--batch", "2"),
-        ("--resolution", "32"),
-        ("--dtype", "bf16"),
-        ("--seq-len", "4"),
-        ("--moe-capacity", "2"),
-        ("--backend", "cube"),
-    ] {
-        for cmd in [vec!["run", "a.kiln", "--inputs", ins, "--out", "o.safetensors"], vec!["bench", "a.kiln", "--runs", "1"], vec!["inspect", "a.kiln"]] {
+    for (flag, value) in
+        [("--batch", "2"), ("--resolution", "32"), ("--dtype", "bf16"), ("--seq-len", "4"), ("--moe-capacity", "2"), ("--backend", "cube")]
+    {
+        for cmd in [
+            vec!["run", "a.kiln", "--inputs", ins, "--out", "o.safetensors"],
+            vec!["bench", "a.kiln", "--runs", "1"],
+            vec!["inspect", "a.kiln"],
+        ] {
             let mut args = cmd.clone();
             args.extend([flag, value]);
             let (code, _, err) = kiln_in(d, &args);

@@ -170,19 +170,51 @@ const ROWS: &[Row] = &[
     ("run: --batch 0", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --batch 0", "--batch must be at least 1"),
     ("run: --device on cpu", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --device cuda", "--device applies to --backend cube"),
     ("run: --cuda-gemv bogus", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-gemv maybe", "expected auto, on or off"),
-    ("run: --cuda-gemv on the cpu backend", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-gemv on", "applies to the cuda backend"),
+    (
+        "run: --cuda-gemv on the cpu backend",
+        "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-gemv on",
+        "applies to the cuda backend",
+    ),
     ("run: width null", "run {d}/null_width --inputs {vit_in} --out {d}/o.safetensors", "null (Python None)"),
     ("run: unknown kwarg", "run {d}/unknown_kwarg --inputs {vit_in} --out {d}/o.safetensors", "not_a_kwarg"),
     ("run: an artifact on inputs of another shape", "run {d}/vit.kiln --inputs {images} --out {d}/o.safetensors", "input 'images'"),
-    ("run: a batch that needs more memory than the machine has", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --batch 1000000000", "out of memory"),
-    ("run: --batch 2^60 (the arena size overflows)", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --batch 1152921504606846976", "larger than kiln compiles"),
-    ("run: --resolution 100000 on a sincos ViT", "run {sincos} --inputs {vit_in} --out {d}/o.safetensors --resolution 100000", "larger than kiln builds as a constant"),
+    (
+        "run: a batch that needs more memory than the machine has",
+        "run {vit} --inputs {vit_in} --out {d}/o.safetensors --batch 1000000000",
+        "out of memory",
+    ),
+    (
+        "run: --batch 2^60 (the arena size overflows)",
+        "run {vit} --inputs {vit_in} --out {d}/o.safetensors --batch 1152921504606846976",
+        "larger than kiln compiles",
+    ),
+    (
+        "run: --resolution 100000 on a sincos ViT",
+        "run {sincos} --inputs {vit_in} --out {d}/o.safetensors --resolution 100000",
+        "larger than kiln builds as a constant",
+    ),
     ("run: an artifact whose folder moved", "run {d}/moved.kiln --inputs {vit_in} --out {d}/o.safetensors", "pass --weights"),
-    ("run: an artifact with --batch", "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --batch 2", "--batch applies to a model folder"),
-    ("run: an artifact with --resolution", "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --resolution 32", "--resolution applies"),
+    (
+        "run: an artifact with --batch",
+        "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --batch 2",
+        "--batch applies to a model folder",
+    ),
+    (
+        "run: an artifact with --resolution",
+        "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --resolution 32",
+        "--resolution applies",
+    ),
     ("run: an artifact with --dtype", "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --dtype bf16", "--dtype applies"),
-    ("run: an artifact with another --backend", "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --backend cube", "--backend applies"),
-    ("run: an artifact whose steps are inconsistent", "run {d}/bad_steps.kiln --inputs {vit_in} --out {d}/o.safetensors", "invalid program"),
+    (
+        "run: an artifact with another --backend",
+        "run {d}/vit.kiln --inputs {vit_in} --out {d}/o.safetensors --backend cube",
+        "--backend applies",
+    ),
+    (
+        "run: an artifact whose steps are inconsistent",
+        "run {d}/bad_steps.kiln --inputs {vit_in} --out {d}/o.safetensors",
+        "invalid program",
+    ),
     ("run: an artifact with a corrupt body", "run {d}/corrupt.kiln --inputs {vit_in} --out {d}/o.safetensors", "checksum mismatch"),
     ("run: a truncated artifact", "run {d}/trunc.kiln --inputs {vit_in} --out {d}/o.safetensors", "truncated"),
     ("run: a file that is not an artifact", "run {d}/junk.safetensors --inputs {vit_in} --out {d}/o.safetensors", "not a kiln artifact"),
@@ -195,28 +227,60 @@ const ROWS: &[Row] = &[
     ("compile: -o an existing folder", "compile {vit} -o {d}/empty", "is a folder"),
     ("compile: a non-square size the checkpoint's grid does not fit", "compile {vit} --resolution 8x24 -o {d}/a.kiln", "holds 9 positions"),
     ("compile: a position table that is not square, at the default size", "compile {d}/wide_posemb -o {d}/a.kiln", "--resolution HxW"),
-    ("compile: --generate on an image model", "compile {vit} --generate --seq-len 8 --max-new-tokens 3 -o {d}/a.kiln", "does not generate text"),
+    (
+        "compile: --generate on an image model",
+        "compile {vit} --generate --seq-len 8 --max-new-tokens 3 -o {d}/a.kiln",
+        "does not generate text",
+    ),
     ("sample: NaN temperature", "sample {jet} --temperature NaN -o {d}/s.png", "finite"),
     ("sample: infinite temperature", "sample {jet} --temperature inf -o {d}/s.png", "finite"),
     ("sample: --count 0", "sample {jet} --count 0 -o {d}/s.png", "--count must be at least 1"),
     ("sample: -o in a missing folder", "sample {jet} -o {d}/no/dir/s.png", "does not exist"),
-    ("sample: more images than the artifact's batch", "sample {d}/jet.kiln --count 3 -o {d}/s.png", "--count 3: the artifact was compiled for 1"),
+    (
+        "sample: more images than the artifact's batch",
+        "sample {d}/jet.kiln --count 3 -o {d}/s.png",
+        "--count 3: the artifact was compiled for 1",
+    ),
     ("generate: --out is the --inputs file", "generate {cappa} --inputs {images} --out {images}", "would be overwritten"),
     ("generate: --device with cpu", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --device wgpu", "--device applies"),
-    ("generate: a bogus cube device", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --backend cube --device tpu", "expected wgpu or cuda"),
+    (
+        "generate: a bogus cube device",
+        "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --backend cube --device tpu",
+        "expected wgpu or cuda",
+    ),
     ("generate: top-p 0", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --temperature 1 --top-p 0", "top_p"),
     ("generate: negative temperature", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --temperature=-1", "temperature"),
-    ("generate: top-k and top-p on an encoder-decoder", "generate {cappa} --inputs {images} --out {d}/g.safetensors --max-new-tokens 4 --temperature 1 --top-k 2 --top-p 0.5", "together"),
-    ("generate: more steps than the decoder has", "generate {cappa} --inputs {images} --out {d}/g.safetensors --max-new-tokens 99", "positions"),
+    (
+        "generate: top-k and top-p on an encoder-decoder",
+        "generate {cappa} --inputs {images} --out {d}/g.safetensors --max-new-tokens 4 --temperature 1 --top-k 2 --top-p 0.5",
+        "together",
+    ),
+    (
+        "generate: more steps than the decoder has",
+        "generate {cappa} --inputs {images} --out {d}/g.safetensors --max-new-tokens 99",
+        "positions",
+    ),
     ("generate: prompts of another batch", "generate {cappa} --inputs {d}/bad_prompts.safetensors --out {d}/g.safetensors", "prompts"),
     ("generate: two eos tokens", "generate {cappa} --inputs {d}/bad_eos.safetensors --out {d}/g.safetensors", "eos_token"),
     ("generate: --image without --prompt on a non-UViM folder", "generate {vit} --image {d}/x.png -o {d}/o.png", "uvim.json"),
     ("generate: --draw into a missing folder", "generate {gemma} --prompt hi --image {d}/x.png --draw {d}/no/dir/d.png", "does not exist"),
     ("generate: a truncated JPEG", "generate {pg} --prompt caption~en --image {d}/cut.jpg", "image file is truncated"),
     ("generate: an image that is not an image", "generate {pg} --prompt caption~en --image {d}/junk.safetensors", "cannot decode image"),
-    ("generate: an artifact that is not a generation program", "generate {d}/vit.kiln --inputs {gemma_in} --out {d}/g.safetensors", "not a generation program"),
-    ("generate: a generation artifact with --bucket", "generate {d}/gen.kiln --inputs {gemma_in} --out {d}/g.safetensors --bucket 9", "--bucket applies"),
-    ("generate: more new tokens than the artifact's cache", "generate {d}/gen.kiln --inputs {gemma_in} --out {d}/g.safetensors --max-new-tokens 9", "do not fit the cache"),
+    (
+        "generate: an artifact that is not a generation program",
+        "generate {d}/vit.kiln --inputs {gemma_in} --out {d}/g.safetensors",
+        "not a generation program",
+    ),
+    (
+        "generate: a generation artifact with --bucket",
+        "generate {d}/gen.kiln --inputs {gemma_in} --out {d}/g.safetensors --bucket 9",
+        "--bucket applies",
+    ),
+    (
+        "generate: more new tokens than the artifact's cache",
+        "generate {d}/gen.kiln --inputs {gemma_in} --out {d}/g.safetensors --max-new-tokens 9",
+        "do not fit the cache",
+    ),
     ("score: --out is the --inputs file", "score {gemma} --inputs {images} --out {images}", "would be overwritten"),
     ("score: nothing to score", "score {vit} --inputs {vit_in} --out {d}/sc.safetensors", "no input_ids"),
     ("synth: an unknown model", "synth siglip-xxl -o {d}/syn", "unknown synth model"),
@@ -271,10 +335,8 @@ fn every_bad_input_fails_cleanly() {
     let mut doc = String::from(DOC_HEAD);
     let mut failed = Vec::new();
     for (i, (name, cmd, want)) in ROWS.iter().enumerate() {
-        let args: Vec<String> = cmd
-            .split_whitespace()
-            .map(|a| vars.iter().fold(a.to_string(), |a, (k, v)| a.replace(k, v)).replace('~', " "))
-            .collect();
+        let args: Vec<String> =
+            cmd.split_whitespace().map(|a| vars.iter().fold(a.to_string(), |a, (k, v)| a.replace(k, v)).replace('~', " ")).collect();
         let before = snapshot(&s.0);
         let r = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&r.stderr);

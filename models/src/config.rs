@@ -138,7 +138,9 @@ impl ConfigReader {
         self.refuse_null(field, "a non-negative integer")?;
         match self.get(field).cloned() {
             Some(v) => match v.as_u64() {
-                Some(x) if x > MAX_INT => Err(self.err(field, format!("{x} is larger than any model kiln builds uses (at most {MAX_INT})"))),
+                Some(x) if x > MAX_INT => {
+                    Err(self.err(field, format!("{x} is larger than any model kiln builds uses (at most {MAX_INT})")))
+                }
                 Some(x) => Ok(x as usize),
                 None => Err(self.err(field, format!("expected a non-negative integer, found {v}"))),
             },

@@ -160,7 +160,7 @@ fn image_hw(cfg: &VitConfig, ck: &Checkpoint, p: &str, profile: &Profile) -> (us
 pub(crate) fn posemb_mismatch(name: &str, found: usize, patch: (usize, usize), (h, w): (usize, usize)) -> ModelError {
     let (gh, gw) = (h / patch.0.max(1), w / patch.1.max(1));
     let fits: Vec<String> = (1..=found)
-        .filter(|a| found % a == 0 && a * a * 4 >= found && found * 4 >= a * a)
+        .filter(|a| found.is_multiple_of(*a) && a * a * 4 >= found && found * 4 >= a * a)
         .map(|a| format!("{}x{}", a * patch.0, found / a * patch.1))
         .take(6)
         .collect();
