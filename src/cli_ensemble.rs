@@ -63,6 +63,7 @@ pub(super) enum EnsembleCmd {
         /// Ensemble size: steps of the selection (default: the number of candidates).
         #[arg(long)]
         size: Option<usize>,
+        /// Print one JSON object (for `kiln compile --ensemble --weights-from`).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -167,6 +168,8 @@ pub(super) fn compile_cmd(
     out: &Path,
     (generate, max_new_tokens): (bool, Option<usize>),
 ) -> Result<()> {
+    // Checked before compiling: an existing folder as -o is refused (name the file inside it).
+    writable(out)?;
     match model {
         Some(m) if generate => commands::compile_generation(&m, p, max_new_tokens, out),
         Some(m) => compile_forward(&m, p, out),

@@ -6,6 +6,13 @@ use super::*;
 pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
     if is_artifact(model) {
         let prog = kiln_graph::artifact::load_file(model)?;
+        super::artifact_cli::refuse_compile_flags(model, &prog, p)?;
+        if ir {
+            return Err(Error::Usage(format!(
+                "{}: --ir shows the passes of a folder's compile; an artifact keeps only its steps",
+                model.display()
+            )));
+        }
         print_program(&prog);
         return Ok(());
     }
@@ -397,6 +404,10 @@ pub(super) fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Resu
     for e in &c.program.entries {
         println!("  entry {}: {} steps, arena {} (lower bound {})", e.name, e.steps.len(), human(e.arena_bytes), human(e.plan.lower_bound));
     }
+    let arena = c.program.entries.iter().map(|e| e.arena_bytes as u64).max().unwrap_or(0);
+    if let Err(e) = kiln_runtime::memory::check_host("its arena", arena) {
+        eprintln!("note: this machine cannot load the artifact: {e}");
+    }
     Ok(())
 }
 
@@ -431,10 +442,16 @@ pub(super) fn run(
     Ok(())
 }
 
+/// What `kiln generate` runs: a folder compiled for the inputs, or a loaded generation artifact.
+pub(super) enum GenModel<'a> {
+    Folder(&'a Path),
+    Loaded(Box<kiln::generate::Generator>),
+}
+
 /// `kiln generate <gemma | paligemma> --inputs in --out out`: `input_ids` (with an optional
 /// `attention_mask` and `pixel_values`) to `sequences` and `step_logits`.
 pub(super) fn generate_text_inputs(
-    model: &Path,
+    model: GenModel,
     mut ins: Vec<(String, Tensor)>,
     (inputs, out): (&Path, &Path),
     (max_new_tokens, bucket): (usize, Option<usize>),
@@ -449,7 +466,13 @@ pub(super) fn generate_text_inputs(
     let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
     let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
     let bucket = bucket.unwrap_or(l);
-    let mut g = progress("compiling", || kiln::generate::Generator::with_dtype(model, b, bucket, max_new_tokens, backend, dtype))?;
+    let mut g = match model {
+        GenModel::Folder(dir) => {
+            progress("compiling", || kiln::generate::Generator::with_dtype(dir, b, bucket, max_new_tokens, backend, dtype))?
+        }
+        GenModel::Loaded(g) => *g,
+    };
+    let bucket = g.bucket;
     g.sampling = (sampling.temperature > 0.0).then_some(sampling);
     let t = Instant::now();
     let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);

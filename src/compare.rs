@@ -130,7 +130,9 @@ pub fn compare(got: &Path, want: &Path, tol: f64) -> Result<()> {
         failures.push("both files hold no tensor".into());
     }
     if !failures.is_empty() {
-        return Err(Error::Usage(format!("{} of {} tensors differ: {}", failures.len(), a.len().max(b.len()), failures.join("; "))));
+        // Every name either file holds, counted once.
+        let names = a.len() + b.iter().filter(|(n, _)| !a.iter().any(|(m, _)| m == n)).count();
+        return Err(Error::Usage(format!("{} of {names} tensors differ: {}", failures.len(), failures.join("; "))));
     }
     println!("all {} tensors within {tol:e} (worst {worst:.3e})", a.len());
     Ok(())

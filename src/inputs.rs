@@ -16,6 +16,24 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// An image size from `--resolution`: `N` (N x N) or `HxW`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    pub h: usize,
+    pub w: usize,
+}
+
+/// Parses `--resolution`: `N` or `HxW`, each at least 1.
+pub fn parse_resolution(s: &str) -> std::result::Result<Resolution, String> {
+    let num = |t: &str| t.trim().parse::<usize>().ok().filter(|&v| v > 0);
+    let hw = match s.split_once(['x', 'X']) {
+        Some((h, w)) => num(h).zip(num(w)),
+        None => num(s).map(|n| (n, n)),
+    };
+    hw.map(|(h, w)| Resolution { h, w })
+        .ok_or_else(|| format!("'{s}': expected N (a square) or HxW, each at least 1 (e.g. 224 or 192x256)"))
+}
+
 /// The backend `--backend` and `--device` name together.
 pub fn backend_for(backend: &str, device: Option<&str>) -> Result<String> {
     Ok(match (backend, device) {

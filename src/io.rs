@@ -19,9 +19,14 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
 
 /// Reads every tensor of a safetensors file, in file order.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.into(), msg: e.to_string() })?;
+    parse(&bytes, path)
+}
+
+/// Every tensor of a safetensors file held in memory (`path` names it in errors).
+pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bad = |msg: String| Error::File { path: path.into(), msg };
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
     let mut out = Vec::new();
     for name in st.names() {
         let v = st.tensor(name).map_err(|e| bad(e.to_string()))?;

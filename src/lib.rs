@@ -11,6 +11,7 @@ pub mod cuda_tools;
 pub mod draw;
 pub mod encdec;
 pub mod ensemble;
+pub mod fuzz;
 pub mod generate;
 pub mod inputs;
 pub mod io;
@@ -115,7 +116,12 @@ pub fn compile_with_states(
     opts: &CompileOptions,
 ) -> Result<Compiled> {
     let backend = kiln_runtime::by_name(&opts.backend)?;
-    let mut program = Program::new(description.to_string(), backend.name().to_string(), source.to_string());
+    // Recorded absolute, so the artifact loads from any working directory.
+    let source = match source {
+        "" => String::new(),
+        s => std::path::absolute(s).map(|p| p.display().to_string()).unwrap_or_else(|_| s.to_string()),
+    };
+    let mut program = Program::new(description.to_string(), backend.name().to_string(), source);
     program.states = states;
     let namer = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
         backend.kernel_for(op, ins, out).unwrap_or_else(|e| format!("unsupported: {e}"))

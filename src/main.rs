@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod artifact_cli;
 mod cli_ensemble;
+mod cli_generate;
 mod commands;
 use commands::{
     bench, bench_kernels, compile_forward, generate_big_vision_paligemma, generate_encdec, generate_text_inputs, generate_uvim, inspect,
@@ -28,9 +30,9 @@ struct Cli {
 /// Options that fix a compile profile.
 #[derive(clap::Args, Clone)]
 struct ProfileArgs {
-    /// Image resolution (square); defaults to the checkpoint's.
-    #[arg(long)]
-    resolution: Option<usize>,
+    /// Image size, N (square) or HxW (e.g. 192x256); defaults to the checkpoint's.
+    #[arg(long, value_parser = kiln::inputs::parse_resolution)]
+    resolution: Option<kiln::inputs::Resolution>,
     /// Batch size.
     #[arg(long)]
     batch: Option<usize>,
@@ -67,6 +69,7 @@ struct ProfileArgs {
 enum Cmd {
     /// Compile a model folder into an artifact (or, with --ensemble, several classifiers into one).
     Compile {
+        /// The model folder (config.json and weights).
         #[arg(required_unless_present = "ensemble", conflicts_with = "ensemble")]
         model: Option<PathBuf>,
         /// Classifier folders (`DIR` or `DIR@RES`): `forward` gives `probs` (weighted mean softmax) and
@@ -78,6 +81,7 @@ enum Cmd {
         weights_from: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// The artifact to write (a file; an existing folder is refused).
         #[arg(short = 'o', long)]
         out: PathBuf,
         /// A text model's generation program instead of `forward`: entries `prefill` (a prompt
@@ -119,64 +123,7 @@ enum Cmd {
     /// PaliGemma): text in, the answer streamed out, `<loc>` boxes parsed and optionally drawn;
     /// or `--inputs` (input_ids, optional attention_mask with left padding, pixel_values) to
     /// `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
-    Generate {
-        model: PathBuf,
-        /// Text prompt, tokenized with the folder's tokenizer.json (or SentencePiece tokenizer.model).
-        #[arg(long, conflicts_with = "inputs")]
-        prompt: Option<String>,
-        /// Image file (JPEG or PNG): PaliGemma's (with --prompt, preprocessed per
-        /// preprocessor_config.json), or a UViM task folder's (with -o).
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Write the image with the detected boxes and labels (and masks) as a PNG.
-        #[arg(long, requires = "image")]
-        draw: Option<PathBuf>,
-        /// A PaliGemma mask decoder folder (model_name proj.paligemma.segmentation, the
-        /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
-        #[arg(long, requires = "image")]
-        seg_decoder: Option<PathBuf>,
-        #[arg(long, required_unless_present_any = ["prompt", "image"], requires = "out")]
-        inputs: Option<PathBuf>,
-        /// With --inputs: the outputs (safetensors). With a UViM task folder and --image: the
-        /// prediction as a PNG, or as safetensors (`depth`, `code`) when named `.safetensors`.
-        #[arg(short = 'o', long)]
-        out: Option<PathBuf>,
-        #[arg(long, default_value_t = 32)]
-        max_new_tokens: usize,
-        /// Prompt bucket to compile for (default: the prompt length).
-        #[arg(long)]
-        bucket: Option<usize>,
-        /// Backend: cpu, cube (see --device) or cuda.
-        #[arg(long, default_value = "cpu")]
-        backend: String,
-        /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
-        #[arg(long)]
-        device: Option<String>,
-        /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// After generating, time the prefill and one decode step kernel by kernel (each step
-        /// synchronised): where the time to first token and per token goes.
-        #[arg(long)]
-        breakdown: bool,
-        /// Encoder-decoders: project the cross-attention keys and values from the encoder's
-        /// tokens at every step, as big_vision's loop does, instead of once (for comparison).
-        #[arg(long, requires = "inputs")]
-        recompute_cross: bool,
-        /// Sample new tokens at this temperature (0: greedy) with kiln's seeded generator:
-        /// filtered as transformers' generate does for Gemma and PaliGemma (temperature, then
-        /// --top-k, then --top-p), as big_vision's decode.py does for encoder-decoders.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Keep the k most likely tokens (0: all).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        /// Keep the most likely tokens whose probabilities sum to p (default: all).
-        #[arg(long)]
-        top_p: Option<f64>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Generate(Box<cli_generate::GenerateArgs>),
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
     Kernels {
@@ -185,6 +132,7 @@ enum Cmd {
     },
     /// Show the IR after each pass, the fusion groups, the schedule and the memory plan.
     Inspect {
+        /// A model folder (compiled with the flags below) or a `.kiln` artifact.
         model: PathBuf,
         #[command(flatten)]
         p: ProfileArgs,
@@ -198,12 +146,15 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         sub: Option<BenchCmd>,
+        /// A model folder (compiled in memory) or a `.kiln` artifact.
         #[arg(required = true)]
         model: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// Timed runs (after one warm-up run).
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         /// Print one JSON object instead of a table.
@@ -218,7 +169,9 @@ enum Cmd {
     },
     /// Draw images from a flow: Gaussian z at a temperature, the `inverse` entry, a PNG grid.
     Sample {
+        /// A Jet or JetFormer folder, or a flow's `.kiln` artifact.
         model: PathBuf,
+        /// Seed of the Gaussian z.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Standard deviation of z (1 samples the model's prior).
@@ -227,10 +180,12 @@ enum Cmd {
         /// Number of images (the grid is as square as it can be).
         #[arg(long, default_value_t = 4)]
         count: usize,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         #[command(flatten)]
         p: ProfileArgs,
+        /// The PNG grid to write.
         #[arg(short = 'o', long)]
         out: PathBuf,
         /// JetFormer: the prompt, as text when the folder holds its SentencePiece model
@@ -249,11 +204,15 @@ enum Cmd {
     /// `input_ids` (each token scored by the logits before it) or an encoder-decoder's `images`
     /// and `text`, from `prompt_len` on; writes `logprobs [B, L]` and `scores [B]`.
     Score {
+        /// A model folder or a `.kiln` artifact.
         model: PathBuf,
+        /// The inputs (safetensors): `input_ids` (and `prompt_len`), or `images` and `text`.
         #[arg(long)]
         inputs: PathBuf,
+        /// Where `logprobs` and `scores` go (safetensors); never the --inputs file.
         #[arg(long)]
         out: PathBuf,
+        /// Weights for an artifact (default: the folder it was compiled from).
         #[arg(long)]
         weights: Option<PathBuf>,
         #[command(flatten)]
@@ -262,7 +221,9 @@ enum Cmd {
     /// Compare the tensors of two safetensors files (relative error per tensor); fails on a
     /// missing tensor, a shape mismatch, NaN on either side, or an error above --tol.
     Compare {
+        /// The safetensors file under test.
         got: PathBuf,
+        /// The reference safetensors file.
         want: PathBuf,
         /// Largest relative error accepted (max |a-b| / max |b|).
         #[arg(long, default_value_t = 1e-4)]
@@ -277,9 +238,12 @@ enum Cmd {
     },
     /// Write a full-size random-weight model folder (no downloads).
     Synth {
+        /// The model to write (`kiln synth --list` names them).
         name: Option<String>,
+        /// The folder to write the model into.
         #[arg(short = 'o', long)]
         out: Option<PathBuf>,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// List the models it can make.
@@ -367,6 +331,13 @@ enum KernelsCmd {
 }
 
 fn main() {
+    // Mesa's Vulkan device-select layer asks Wayland for the display's GPU at every Vulkan
+    // instance (the cube backend makes two) and, with no XDG_RUNTIME_DIR, prints "error:
+    // XDG_RUNTIME_DIR is invalid or not set" each time. A headless run has no display to pick
+    // a GPU for, so the layer is turned off there; set before any thread starts.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     kiln::progress::install();
     if let Err(e) = dispatch(cli.cmd) {
@@ -377,10 +348,14 @@ fn main() {
 
 fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) -> Result<CompileOptions> {
     let dtype = parse_dtype(&p.dtype)?;
-    let image_hw = p.resolution.map(|r| (r, r)).or(hw);
+    let image_hw = p.resolution.map(|r| (r.h, r.w)).or(hw);
     let batch = p.batch.or(batch).unwrap_or(1);
     if batch == 0 {
         return Err(Error::Usage("--batch must be at least 1".into()));
+    }
+    // Far beyond any machine, and products of such sizes would overflow while building.
+    if batch > 1 << 31 || image_hw.is_some_and(|(h, w)| h.max(w) > 1 << 20) {
+        return Err(Error::Usage("--batch above 2^31 or --resolution above 2^20 pixels a side: larger than kiln compiles".into()));
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
     let backend = backend_for(&p.backend, p.device.as_deref())?;
@@ -430,7 +405,9 @@ fn session_and_graph(
     p: &ProfileArgs,
 ) -> Result<(Session, EntryGraphs)> {
     let (program, graph) = if is_artifact(model) {
-        (kiln_graph::artifact::load_file(model)?, None)
+        let program = kiln_graph::artifact::load_file(model)?;
+        artifact_cli::refuse_compile_flags(model, &program, p)?;
+        (program, None)
     } else {
         let opts = opts.ok_or_else(|| Error::Usage("a model folder needs a profile".into()))?;
         let c = progress("compiling", || compile(model, &opts))?;
@@ -438,7 +415,7 @@ fn session_and_graph(
     };
     let wpath = match weights {
         Some(w) => w.to_path_buf(),
-        None if is_artifact(model) => PathBuf::from(&program.source),
+        None if is_artifact(model) => artifact_cli::weights_path(model, &program, None)?,
         None => model.to_path_buf(),
     };
     // An ensemble's weights span its members' folders (`weight_sets`, relative to `wpath`).
@@ -499,110 +476,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             writable_unlike(&out, Some(&inputs))?;
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
-        Cmd::Generate {
-            model,
-            prompt: None,
-            image: Some(image),
-            out,
-            backend,
-            device,
-            inputs: None,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            ..
-        } => {
-            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            generate_uvim(&model, &image, out, &backend_for(&backend, device.as_deref())?, (max_new_tokens, sampling))
-        }
-        Cmd::Generate {
-            model,
-            prompt: Some(prompt),
-            image,
-            draw,
-            seg_decoder,
-            max_new_tokens,
-            bucket,
-            backend,
-            dtype,
-            breakdown,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            device,
-            ..
-        } => {
-            let backend = backend_for(&backend, device.as_deref())?;
-            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            sampling.check()?;
-            let sampling = (temperature > 0.0).then_some(sampling);
-            if let Some(d) = &draw {
-                writable(d)?;
-            }
-            let dtype = parse_dtype(&dtype)?;
-            let o = kiln::prompt::PromptOptions {
-                model,
-                prompt,
-                image,
-                max_new_tokens,
-                bucket,
-                backend,
-                dtype,
-                draw,
-                seg_decoder,
-                breakdown,
-                sampling,
-            };
-            let r = kiln::prompt::run(&o, &mut std::io::stdout())?;
-            for (entry, steps, total) in &r.profiles {
-                println!("{entry}, kernel by kernel (each step synchronised):");
-                commands::print_breakdown(steps, *total);
-            }
-            eprintln!(
-                "{}",
-                serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
-                    "first_token_ms": r.first_token_s * 1e3, "decode_ms_per_token": r.decode_s_per_token * 1e3})
-            );
-            Ok(())
-        }
-        Cmd::Generate {
-            model,
-            inputs,
-            out,
-            max_new_tokens,
-            bucket,
-            backend,
-            dtype,
-            breakdown,
-            recompute_cross,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            device,
-            ..
-        } => {
-            let backend = backend_for(&backend, device.as_deref())?;
-            let dtype = parse_dtype(&dtype)?;
-            let (Some(inputs), Some(out)) = (inputs, out) else {
-                return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
-            };
-            writable_unlike(&out, Some(&inputs))?;
-            let ins = io::read(&inputs)?;
-            if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
-                return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
-            }
-            if ins.iter().any(|(n, _)| n == "images") {
-                let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
-                let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };
-                return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
-            }
-            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            generate_text_inputs(&model, ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling)
-        }
+        Cmd::Generate(g) => cli_generate::generate(*g),
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
         Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),
         Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
@@ -636,11 +510,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
 }
 
 fn human(b: usize) -> String {
-    match b {
-        0..1024 => format!("{b} B"),
-        1024..1048576 => format!("{:.1} KiB", b as f64 / 1024.0),
-        _ => format!("{:.1} MiB", b as f64 / 1048576.0),
-    }
+    kiln_runtime::memory::human(b as u64)
 }
 
 /// Batch and image size implied by an image input, so a folder compiles for its inputs:

@@ -224,11 +224,16 @@ pub struct Rgb {
 /// `convert("RGB")`, 16-bit samples as Pillow reads them ([`pillow_8bit`]). `convert_rgb = false`
 /// refuses anything that is not already RGB.
 pub fn load_image(path: &Path, convert_rgb: bool) -> Result<Rgb> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File { path: path.to_path_buf(), msg: format!("cannot open image: {e}") })?;
+    decode_image(&bytes, path, convert_rgb)
+}
+
+/// [`load_image`] of a file held in memory (`path` names it in errors).
+pub fn decode_image(bytes: &[u8], path: &Path, convert_rgb: bool) -> Result<Rgb> {
     let bad = |msg: String| Error::File { path: path.to_path_buf(), msg };
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot open image: {e}")))?;
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes[..]));
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes));
     let reader = reader.with_guessed_format().map_err(|e| bad(format!("cannot read image: {e}")))?;
-    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(&bytes) {
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(bytes) {
         // The decoder would fill the missing rows in grey; Pillow (transformers' loader)
         // refuses the file, and so does kiln.
         return Err(bad("image file is truncated: the JPEG data ends before its end-of-image marker".into()));

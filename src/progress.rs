@@ -29,6 +29,15 @@ pub fn install() {
     })));
 }
 
+/// Sets its flag when dropped (also while unwinding).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs `f`, showing `msg` with a spinner (or a bar, see [`install`]) once it has taken more
 /// than a second, and how long it took at the end.
 pub fn progress<T>(msg: &str, f: impl FnOnce() -> T) -> T {
@@ -47,8 +56,11 @@ pub fn progress<T>(msg: &str, f: impl FnOnce() -> T) -> T {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        let out = f();
-        done.store(true, Ordering::Relaxed);
+        // Set even when `f` panics, or the spinner would spin on and the scope never end.
+        let out = {
+            let _stop = StopOnDrop(&done);
+            f()
+        };
         let _ = h.join();
         out
     });

@@ -66,7 +66,7 @@ fn runtime_status(e: &RuntimeError) -> KilnStatus {
         RuntimeError::Entry { .. } => KilnStatus::UnknownEntry,
         RuntimeError::Unsupported { .. } => KilnStatus::Unsupported,
         RuntimeError::Invalid(_) => KilnStatus::Artifact,
-        RuntimeError::Step { .. } | RuntimeError::Graph(_) => KilnStatus::Run,
+        RuntimeError::Step { .. } | RuntimeError::Graph(_) | RuntimeError::Memory(_) => KilnStatus::Run,
         RuntimeError::Artifact(a) => match a {
             ArtifactError::Version { .. } => KilnStatus::ArtifactVersion,
             ArtifactError::Io { .. } => KilnStatus::Io,

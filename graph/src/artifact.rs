@@ -183,8 +183,15 @@ pub fn save_file(path: &Path, program: &Program) -> Result<(), ArtifactError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let io = |source| ArtifactError::Io { file: file.clone(), source };
-    std::fs::write(&tmp, save(program)).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    if path.is_dir() {
+        return Err(io(std::io::Error::other("is a folder; name the artifact file to write")));
+    }
+    // The temporary file never outlives a failed write or rename.
+    let r = std::fs::write(&tmp, save(program)).and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map_err(io)
 }
 
 /// Reads an artifact from a file.

@@ -77,6 +77,10 @@ impl Graph {
     /// Appends a source node of a given type (input, weight, constant, iota).
     pub fn push_source(&mut self, op: Op, ty: TensorType) -> Result<NodeId> {
         let node = self.nodes.len();
+        // Every other type derives from sources: one whose size overflows is refused here.
+        if ty.shape.iter().try_fold(ty.dtype.size(), |a, &d| a.checked_mul(d)).is_none() {
+            return Err(GraphError::Type { node, op: op.name(), msg: format!("{ty} has more bytes than a usize holds") });
+        }
         let ty = infer(&op, &[], Some(&ty)).map_err(|msg| GraphError::Type { node, op: op.name(), msg })?;
         self.nodes.push(Node { op, inputs: vec![], ty });
         Ok(NodeId(node as u32))

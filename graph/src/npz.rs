@@ -59,6 +59,9 @@ pub fn read_index(b: &[u8], inflate: bool) -> Result<NpzIndex, String> {
                 let mut head = vec![0u8; 12];
                 r.read_exact(&mut head).map_err(|e| format!("'{key}': cannot inflate the .npy header: {e}"))?;
                 let n = npy_header_len(&head).map_err(|e| format!("'{key}': {e}"))?;
+                if n < head.len() || n as u64 > size {
+                    return Err(format!("'{key}': a .npy header of {n} bytes in an entry of {size} (corrupt)"));
+                }
                 head.resize(n, 0);
                 r.read_exact(&mut head[12..]).map_err(|e| format!("'{key}': cannot inflate the .npy header: {e}"))?;
                 let (ty, hl) = parse_npy_header(&head).map_err(|e| format!("'{key}': {e}"))?;

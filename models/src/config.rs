@@ -74,6 +74,10 @@ const METADATA: &[&str] = &[
     "quantization_config_hint",
 ];
 
+/// The largest integer a config field may hold (2^24): sizes, counts and token ids of real
+/// models are far below it, and a larger one would only size an allocation that aborts.
+pub const MAX_INT: u64 = 1 << 24;
+
 /// A JSON object being read field by field.
 pub struct ConfigReader {
     pub path: PathBuf,
@@ -133,7 +137,13 @@ impl ConfigReader {
     pub fn usize_or(&mut self, field: &str, default: Option<usize>) -> Result<usize> {
         self.refuse_null(field, "a non-negative integer")?;
         match self.get(field).cloned() {
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => match v.as_u64() {
+                Some(x) if x > MAX_INT => {
+                    Err(self.err(field, format!("{x} is larger than any model kiln builds uses (at most {MAX_INT})")))
+                }
+                Some(x) => Ok(x as usize),
+                None => Err(self.err(field, format!("expected a non-negative integer, found {v}"))),
+            },
             None => default.ok_or_else(|| self.err(field, "missing")),
         }
     }
@@ -186,11 +196,12 @@ impl ConfigReader {
 
     /// A non-negative integer or a list of them (token ids), empty when absent.
     pub fn usize_list(&mut self, field: &str) -> Result<Vec<usize>> {
-        let bad = |r: &Self, v: &Value| r.err(field, format!("expected an integer or a list of integers, found {v}"));
+        let bad = |r: &Self, v: &Value| r.err(field, format!("expected an integer or a list of integers up to {MAX_INT}, found {v}"));
+        let as_int = |v: &Value| v.as_u64().filter(|&x| x <= MAX_INT);
         match self.get(field).cloned() {
             None => Ok(vec![]),
-            Some(Value::Array(items)) => items.iter().map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| bad(self, v))).collect(),
-            Some(v) => Ok(vec![v.as_u64().ok_or_else(|| bad(self, &v))? as usize]),
+            Some(Value::Array(items)) => items.iter().map(|v| as_int(v).map(|x| x as usize).ok_or_else(|| bad(self, v))).collect(),
+            Some(v) => Ok(vec![as_int(&v).ok_or_else(|| bad(self, &v))? as usize]),
         }
     }
 

@@ -41,7 +41,7 @@ fn runtime(e: &RuntimeError, msg: String) -> PyErr {
         RuntimeError::Weights { .. } | RuntimeError::Weight { .. } | RuntimeError::Io { .. } => ModelError::new_err(msg),
         RuntimeError::Artifact(_) | RuntimeError::Invalid(_) => ArtifactError::new_err(msg),
         RuntimeError::Unsupported { .. } => BackendError::new_err(msg),
-        RuntimeError::Step { .. } | RuntimeError::Graph(_) => KilnError::new_err(msg),
+        RuntimeError::Step { .. } | RuntimeError::Graph(_) | RuntimeError::Memory(_) => KilnError::new_err(msg),
     }
 }
 

@@ -22,6 +22,8 @@ pub enum RuntimeError {
     Unsupported { backend: String, msg: String },
     #[error("invalid program (corrupt or hand-made artifact?): {0}")]
     Invalid(String),
+    #[error("out of memory: {0}")]
+    Memory(String),
     #[error("step {step} ({op}): {msg}")]
     Step { step: usize, op: &'static str, msg: String },
     #[error(transparent)]

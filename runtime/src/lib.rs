@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod error;
 pub mod geometry;
 mod kernel_enum;
+pub mod memory;
 pub mod progress;
 pub mod session;
 #[cfg(any(feature = "cube", feature = "cuda"))]

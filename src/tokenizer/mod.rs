@@ -33,7 +33,9 @@ impl TextTokenizer {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if path.is_file() {
-            let inner = tokenizers::Tokenizer::from_file(&path)
+            let inner = no_panic(|| tokenizers::Tokenizer::from_file(&path))
+                .ok_or_else(|| "the tokenizers library failed on it (malformed JSON of the right syntax)".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
                 .map_err(|e| Error::File { path: path.clone(), msg: format!("not a valid tokenizer.json: {e}") })?;
             return Ok(TextTokenizer { inner: Inner::Hf(Box::new(inner)), path });
         }
@@ -68,7 +70,11 @@ impl TextTokenizer {
     /// A UNIGRAM model gives `EncodeAsIds` of the `sentencepiece` library.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let ids = match &self.inner {
-            Inner::Hf(t) => t.encode(text, false).map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?.get_ids().to_vec(),
+            Inner::Hf(t) => no_panic(|| t.encode(text, false))
+                .ok_or_else(|| self.err(format!("cannot encode {text:?}: the tokenizers library failed")))?
+                .map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?
+                .get_ids()
+                .to_vec(),
             Inner::Unigram(u) => u.encode(text),
         };
         Ok(ids.iter().map(|&i| i as i64).collect())
@@ -82,7 +88,9 @@ impl TextTokenizer {
             .map(|&i| u32::try_from(i).map_err(|_| self.err(format!("token id {i} is out of range"))))
             .collect::<Result<Vec<u32>>>()?;
         match &self.inner {
-            Inner::Hf(t) => t.decode(&ids, skip_special_tokens).map_err(|e| self.err(format!("cannot decode {ids:?}: {e}"))),
+            Inner::Hf(t) => no_panic(|| t.decode(&ids, skip_special_tokens))
+                .ok_or_else(|| self.err(format!("cannot decode {ids:?}: the tokenizers library failed")))?
+                .map_err(|e| self.err(format!("cannot decode {ids:?}: {e}"))),
             Inner::Unigram(u) => u.decode(&ids).map_err(|e| self.err(format!("cannot decode: {e}"))),
         }
     }
@@ -152,4 +160,16 @@ impl StreamDecoder {
             None => String::new(),
         }
     }
+}
+
+/// Runs `f`, a call into the tokenizers crate, which panics on some malformed tokenizer.json
+/// files (a `decoder` of the wrong shape: `expect("Helper")`) instead of returning an error:
+/// a panic becomes `None`, its message kept off stderr (the hook is process-wide, so for the
+/// moment of the call another thread's panic would print nothing either).
+fn no_panic<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.ok()
 }

@@ -170,6 +170,9 @@ impl Builder<'_> {
     }
 }
 
+/// The most values a table computed at compile time (a constant) may hold: 2 GiB as f64.
+pub const MAX_CONSTANT_VALUES: usize = 1 << 28;
+
 /// The 2-D sine-cosine position table of big_vision's `posemb_sincos_2d` (`[gh*gw, D]`,
 /// row-major tokens; x is the column, y the row), computed in f32 as JAX does.
 pub fn posemb_sincos_2d(gh: usize, gw: usize, d: usize) -> Result<Vec<f64>> {
@@ -178,7 +181,14 @@ pub fn posemb_sincos_2d(gh: usize, gw: usize, d: usize) -> Result<Vec<f64>> {
     }
     let q = d / 4;
     let omega: Vec<f32> = (0..q).map(|i| 1.0 / 10000f32.powf(i as f32 / (q - 1) as f32)).collect();
-    let mut pe = Vec::with_capacity(gh * gw * d);
+    // A constant table: an image size far past the model's would make it larger than memory.
+    let n = gh.checked_mul(gw).and_then(|t| t.checked_mul(d)).filter(|&n| n <= MAX_CONSTANT_VALUES);
+    let mut pe = Vec::new();
+    if n.is_none_or(|n| pe.try_reserve_exact(n).is_err()) {
+        return Err(ModelError::Unsupported(format!(
+            "a {gh}x{gw} patch grid's sincos2d position table of width {d} is larger than kiln builds as a constant ({MAX_CONSTANT_VALUES} values): use a smaller --resolution"
+        )));
+    }
     for t in 0..gh * gw {
         let (y, x) = ((t / gw) as f32, (t % gw) as f32);
         pe.extend(omega.iter().map(|w| (x * w).sin() as f64));

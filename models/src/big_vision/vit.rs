@@ -8,7 +8,7 @@
 use super::patch_merger::{self, PatchMergerConfig};
 use super::{block_prefix, grid, pair, patch_embed, posemb_sincos_2d, with_layer};
 use crate::config::ConfigReader;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::layers::Builder;
 use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::{Checkpoint, Profile};
@@ -154,6 +154,26 @@ fn image_hw(cfg: &VitConfig, ck: &Checkpoint, p: &str, profile: &Profile) -> (us
     (224, 224)
 }
 
+/// A learned position table of `found` positions where `(h, w)` images need another number:
+/// the error names the checkpoint's grid (or the grids its count allows, for a table that is
+/// not square) and the `--resolution` that fits it.
+pub(crate) fn posemb_mismatch(name: &str, found: usize, patch: (usize, usize), (h, w): (usize, usize)) -> ModelError {
+    let (gh, gw) = (h / patch.0.max(1), w / patch.1.max(1));
+    let fits: Vec<String> = (1..=found)
+        .filter(|a| found.is_multiple_of(*a) && a * a * 4 >= found && found * 4 >= a * a)
+        .map(|a| format!("{}x{}", a * patch.0, found / a * patch.1))
+        .take(6)
+        .collect();
+    ModelError::Unsupported(format!(
+        "'{name}' holds {found} positions, but {h}x{w} images make a {gh}x{gw} grid of {}x{} patches ({} positions): \
+         pass --resolution HxW for the checkpoint's grid (of {found} positions: {})",
+        patch.0,
+        patch.1,
+        gh * gw,
+        if fits.is_empty() { "none near square".to_string() } else { fits.join(", ") }
+    ))
+}
+
 /// Builds the ViT. Input `images [B, H, W, 3]` (NHWC, values in [-1, 1]); outputs as
 /// `vit.py` names them: `encoded`, `head_input`, `pre_logits`, `logits` (with a head), and
 /// `pre_logits_2d` / `logits_2d` over the patch grid when no merger changed the tokens.
@@ -249,7 +269,14 @@ pub(crate) fn encoder(
     let x = patch_embed(m, images, &format!("{p}embedding"), cfg.patch, d)?;
     let x = m.g.reshape(x, &[b, n, d])?;
     let pos = match cfg.posemb {
-        Posemb::Learn => m.weight(&format!("{p}pos_embedding"), &[1, n, d])?,
+        Posemb::Learn => {
+            let name = format!("{p}pos_embedding");
+            let found = m.ck.get(&name).filter(|_| m.weight_prefix.is_none()).and_then(|t| t.ty.shape.get(1).copied());
+            if let Some(found) = found.filter(|&f| f != n) {
+                return Err(posemb_mismatch(&name, found, cfg.patch, (h, w)));
+            }
+            m.weight(&name, &[1, n, d])?
+        }
         Posemb::SinCos2d => m.g.constant(m.dtype, &[1, n, d], posemb_sincos_2d(gh, gw, d)?)?,
     };
     let mut x = m.g.add(x, pos)?;

@@ -203,7 +203,12 @@ pub fn build(cfg: &VmoeConfig, ck: &Checkpoint, profile: &Profile) -> Result<(Gr
         x = m.g.concat(&[cls, x], 1)?;
         tokens += 1;
     }
-    let pos = m.weight("Encoder/posembed_input/pos_embedding", &[1, tokens, d])?;
+    let name = "Encoder/posembed_input/pos_embedding";
+    if let Some(found) = m.ck.get(name).and_then(|t| t.ty.shape.get(1).copied()).filter(|&f| f != tokens) {
+        let cls = tokens - n;
+        return Err(super::vit::posemb_mismatch(name, found.saturating_sub(cls), cfg.patch, (h, w)));
+    }
+    let pos = m.weight(name, &[1, tokens, d])?;
     let x = m.g.add(x, pos)?;
     let mut x = m.g.reshape(x, &[b * tokens, d])?;
     let mut notes = Vec::new();

@@ -24,6 +24,10 @@ impl Aligned {
     pub(crate) fn zeroed(bytes: usize) -> Self {
         Aligned(vec![0; bytes.div_ceil(8)], bytes)
     }
+    /// [`Aligned::zeroed`] that fails with the size named (`what`) instead of aborting.
+    pub(crate) fn try_zeroed(bytes: usize, what: &str) -> Result<Self> {
+        Ok(Aligned(crate::memory::try_zeroed(bytes.div_ceil(8), what)?, bytes))
+    }
     pub(crate) fn from_bytes(b: &[u8]) -> Self {
         let mut a = Aligned::zeroed(b.len());
         a.bytes_mut().copy_from_slice(b);
@@ -59,6 +63,10 @@ impl Backend for CpuBackend {
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+        let states: usize = program.states.iter().map(|st| st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN)).sum();
+        let what = format!("the arena ({}) and states ({})", crate::memory::human(arena as u64), crate::memory::human(states as u64));
+        crate::memory::check_host(&what, arena as u64 + states as u64)?;
         let mut wbufs = Vec::with_capacity(program.weights.len());
         for spec in &program.weights {
             let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
@@ -79,7 +87,6 @@ impl Backend for CpuBackend {
             wbufs.push(buf);
         }
         let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
-        let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
         // All states in one buffer, each at an aligned offset.
         let mut state_off = Vec::with_capacity(program.states.len());
         let mut state_bytes = 0;
@@ -190,8 +197,8 @@ impl Backend for CpuBackend {
             weights,
             wbufs,
             consts,
-            arena: Aligned::zeroed(arena),
-            states: Aligned::zeroed(state_bytes),
+            arena: Aligned::try_zeroed(arena, "the arena")?,
+            states: Aligned::try_zeroed(state_bytes, "the states")?,
             state_off,
             program: program.clone(),
             prepared,

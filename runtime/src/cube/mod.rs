@@ -159,8 +159,13 @@ impl<R: Runtime> CubeExec<R> {
                 }
             }
         }
+        // The zeroed arena is made on the host first: checked against the host's memory (no API
+        // here gives the device's), and allocated fallibly.
+        let h = |b: usize| crate::memory::human(b as u64);
+        let what = format!("the arena ({}) and weights ({})", h(arena_bytes), h(4 * wdata.len()));
+        crate::memory::check_host(&what, (arena_bytes + 4 * wdata.len()) as u64)?;
         // Zeroed: the states start empty.
-        let arena = client.create_from_slice(&vec![0u8; arena_bytes]);
+        let arena = client.create_from_slice(&crate::memory::try_zeroed::<u8>(arena_bytes, "the arena")?);
         let weights = client.create_from_slice(f32::as_bytes(&wdata));
         let meta_h = client.create_from_slice(u32::as_bytes(&meta));
         Ok(CubeExec {

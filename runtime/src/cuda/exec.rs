@@ -126,6 +126,16 @@ impl CudaExec {
         unsafe { ctx.disable_event_tracking() };
         let stream = drv("cuStreamCreate", ctx.new_stream())?;
         let layout = super::lower::layout(program).map_err(err)?;
+        let (free, all) = drv("cuMemGetInfo", dr::mem_get_info())?;
+        if layout.total > free {
+            let h = |b: usize| crate::memory::human(b as u64);
+            return Err(RuntimeError::Memory(format!(
+                "the program needs {} of GPU memory (weights, arena and states), the GPU has {} free of {}",
+                h(layout.total),
+                h(free),
+                h(all)
+            )));
+        }
         // SAFETY: a plain allocation of `total` bytes, freed in Drop.
         let base = drv("cuMemAlloc", unsafe { dr::malloc_sync(layout.total) })?;
         let mut me = CudaExec {

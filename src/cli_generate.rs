@@ -1,0 +1,218 @@
+//! `kiln generate`: a prompt (and image) answered as text, UViM's image tasks, or generation on
+//! the inputs of a safetensors file; from a model folder or a `kiln compile --generate` artifact.
+
+use super::*;
+
+/// `kiln generate`'s arguments.
+#[derive(clap::Args)]
+pub(super) struct GenerateArgs {
+    /// A Gemma or PaliGemma folder (compiled for the prompt), a big_vision encoder-decoder or
+    /// UViM folder, or the artifact `kiln compile --generate` wrote.
+    model: PathBuf,
+    /// Weights for an artifact (default: the folder it was compiled from, whose config and
+    /// tokenizer are read too).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Text prompt, tokenized with the folder's tokenizer.json (or SentencePiece tokenizer.model).
+    #[arg(long, conflicts_with = "inputs")]
+    prompt: Option<String>,
+    /// Image file (JPEG or PNG): PaliGemma's (with --prompt, preprocessed per
+    /// preprocessor_config.json), or a UViM task folder's (with -o).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Write the image with the detected boxes and labels (and masks) as a PNG.
+    #[arg(long, requires = "image")]
+    draw: Option<PathBuf>,
+    /// A PaliGemma mask decoder folder (model_name proj.paligemma.segmentation, the
+    /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
+    #[arg(long, requires = "image")]
+    seg_decoder: Option<PathBuf>,
+    /// Inputs (safetensors): `input_ids` [B, L] with an optional `attention_mask` (left
+    /// padding) and `pixel_values`; an encoder-decoder's `images`.
+    #[arg(long, required_unless_present_any = ["prompt", "image"], requires = "out")]
+    inputs: Option<PathBuf>,
+    /// With --inputs: the outputs (safetensors). With a UViM task folder and --image: the
+    /// prediction as a PNG, or as safetensors (`depth`, `code`) when named `.safetensors`.
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// The most new tokens per row (default 32; an artifact's: what its cache holds).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Prompt bucket to compile for (default: the prompt length).
+    #[arg(long)]
+    bucket: Option<usize>,
+    /// Backend: cpu, cube (see --device) or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Device of the cube backend: wgpu (Vulkan, Metal; lavapipe on a CPU) or cuda.
+    #[arg(long)]
+    device: Option<String>,
+    /// Compute dtype: f32 or bf16 (weights, activations and the KV cache).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// After generating, time the prefill and one decode step kernel by kernel (each step
+    /// synchronised): where the time to first token and per token goes.
+    #[arg(long)]
+    breakdown: bool,
+    /// Encoder-decoders: project the cross-attention keys and values from the encoder's
+    /// tokens at every step, as big_vision's loop does, instead of once (for comparison).
+    #[arg(long, requires = "inputs")]
+    recompute_cross: bool,
+    /// Sample new tokens at this temperature (0: greedy) with kiln's seeded generator:
+    /// filtered as transformers' generate does for Gemma and PaliGemma (temperature, then
+    /// --top-k, then --top-p), as big_vision's decode.py does for encoder-decoders.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the most likely tokens whose probabilities sum to p (default: all).
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Seed of the sampler (with --temperature > 0).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `kiln generate`.
+pub(super) fn generate(a: GenerateArgs) -> Result<()> {
+    match a {
+        GenerateArgs {
+            model,
+            prompt: None,
+            image: Some(image),
+            out,
+            backend,
+            device,
+            inputs: None,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..
+        } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            let backend = backend_for(&backend, device.as_deref())?;
+            generate_uvim(&model, &image, out, &backend, (max_new_tokens.unwrap_or(32), sampling))
+        }
+        GenerateArgs {
+            model,
+            prompt: Some(prompt),
+            image,
+            draw,
+            seg_decoder,
+            max_new_tokens,
+            bucket,
+            backend,
+            dtype,
+            breakdown,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            weights,
+            ..
+        } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            sampling.check()?;
+            let sampling = (temperature > 0.0).then_some(sampling);
+            if let Some(d) = &draw {
+                writable(d)?;
+            }
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
+            let dtype = parse_dtype(&dtype)?;
+            let max_new_tokens = max_new_tokens.or(art.as_ref().map(|(g, _)| g.meta.capacity - g.bucket)).unwrap_or(32);
+            let model = art.as_ref().map(|(_, dir)| dir.clone()).unwrap_or(model);
+            let o = kiln::prompt::PromptOptions {
+                model,
+                prompt,
+                image,
+                max_new_tokens,
+                bucket,
+                backend: backend_for(&backend, device.as_deref())?,
+                dtype,
+                draw,
+                seg_decoder,
+                breakdown,
+                sampling,
+            };
+            let r = match art {
+                Some((mut g, _)) => kiln::prompt::run_on(&mut g, &o, &mut std::io::stdout())?,
+                None => kiln::prompt::run(&o, &mut std::io::stdout())?,
+            };
+            for (entry, steps, total) in &r.profiles {
+                println!("{entry}, kernel by kernel (each step synchronised):");
+                commands::print_breakdown(steps, *total);
+            }
+            eprintln!(
+                "{}",
+                serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
+                "first_token_ms": r.first_token_s * 1e3, "decode_ms_per_token": r.decode_s_per_token * 1e3})
+            );
+            Ok(())
+        }
+        GenerateArgs {
+            model,
+            inputs,
+            out,
+            max_new_tokens,
+            bucket,
+            backend,
+            dtype,
+            breakdown,
+            recompute_cross,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            weights,
+            ..
+        } => {
+            let (Some(inputs), Some(out)) = (inputs, out) else {
+                return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
+            };
+            writable_unlike(&out, Some(&inputs))?;
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
+            let backend = backend_for(&backend, device.as_deref())?;
+            let dtype = parse_dtype(&dtype)?;
+            let ins = io::read(&inputs)?;
+            if let Some((g, _)) = art {
+                let max_new_tokens = max_new_tokens.unwrap_or(g.meta.capacity - g.bucket);
+                let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+                return generate_text_inputs(
+                    commands::GenModel::Loaded(Box::new(g)),
+                    ins,
+                    (&inputs, &out),
+                    (max_new_tokens, bucket),
+                    (&backend, dtype),
+                    breakdown,
+                    sampling,
+                );
+            }
+            let max_new_tokens = max_new_tokens.unwrap_or(32);
+            if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
+                return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
+            }
+            if ins.iter().any(|(n, _)| n == "images") {
+                let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
+                let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };
+                return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
+            }
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            generate_text_inputs(
+                commands::GenModel::Folder(&model),
+                ins,
+                (&inputs, &out),
+                (max_new_tokens, bucket),
+                (&backend, dtype),
+                breakdown,
+                sampling,
+            )
+        }
+    }
+}
