@@ -530,7 +530,7 @@ impl Generator {
     /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
     /// the cache's last slot, so call it after a generation, not in the middle of one.
     pub fn profile_decode(&mut self) -> Result<(Vec<StepTime>, f64)> {
-        let (b, c) = (self.batch, self.meta.capacity);
+        let (b, c) = (self.batch * self.rows_per_input, self.meta.capacity);
         let slot = c - 1;
         let ids = Tensor::from_i64(&[b, 1], &vec![self.meta.pad; b]);
         let mask = Tensor::from_i64(&[b, c], &vec![1; b * c]);

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod cli_decode;
 mod cli_ensemble;
+use cli_decode::BeamArgs;
 mod commands;
 use commands::{
     bench, bench_kernels, compile_forward, generate_big_vision_paligemma, generate_encdec, generate_text_inputs, generate_uvim, inspect,
@@ -176,6 +178,13 @@ enum Cmd {
         top_p: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Gemma/PaliGemma with --inputs: draw N sequences per input in one batch of B*N rows
+        /// (the prompt's prefill runs once on B rows; its KV cache is copied to the N rows).
+        /// Sample j of input i uses random stream i + j*B, so sample 0 is what N = 1 gives.
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
+        #[command(flatten)]
+        beams: BeamArgs,
     },
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).
@@ -581,6 +590,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             top_p,
             seed,
             device,
+            num_samples,
+            beams,
             ..
         } => {
             let backend = backend_for(&backend, device.as_deref())?;
@@ -599,7 +610,8 @@ fn dispatch(cmd: Cmd) -> Result<()> {
                 return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
             }
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
-            generate_text_inputs(&model, ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, sampling)
+            let strategy = beams.strategy(num_samples, &sampling)?;
+            generate_text_inputs(&model, ins, (&inputs, &out), (max_new_tokens, bucket), (&backend, dtype), breakdown, (sampling, strategy))
         }
         Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
         Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),

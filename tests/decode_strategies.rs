@@ -148,3 +148,47 @@ fn samples_share_one_prefill() {
 fn samples_share_one_prefill_cube() {
     samples_on("cube");
 }
+
+/// `kiln generate --num-beams 4 --num-return-sequences 2 --min-new-tokens 6` writes
+/// transformers' sequences and sequences_scores; `--num-samples 3` writes 3 rows per input with
+/// their logprobs; mixtures are refused with `error: ...`.
+#[test]
+fn cli_beams_and_samples() {
+    let dir = gemma_case("gemma2_gqa");
+    let tmp = std::env::temp_dir().join(format!("kiln-decode-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let mut args = vec!["generate".to_string(), dir.display().to_string(), "--inputs".into()];
+        args.push(dir.join("inputs.safetensors").display().to_string());
+        args.extend(["--out".to_string(), tmp.join(out).display().to_string(), "--max-new-tokens".into(), "6".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap()
+    };
+    let o = run(&["--num-beams", "4", "--num-return-sequences", "2", "--min-new-tokens", "6"], "beams.safetensors");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = io::read(&tmp.join("beams.safetensors")).unwrap();
+    let want = io::read(&dir.join("beam_reference.safetensors")).unwrap();
+    let get = |ts: &[(String, Tensor)], n: &str| ts.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    assert_eq!(get(&got, "sequences").to_f64(), get(&want, "fixed/sequences").to_f64());
+    let (a, b) = (get(&got, "sequences_scores").to_f32(), get(&want, "fixed/sequences_scores").to_f32());
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "{a:?} vs {b:?}");
+    let o = run(&["--num-samples", "3", "--temperature", "1.2", "--seed", "4"], "samples.safetensors");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = io::read(&tmp.join("samples.safetensors")).unwrap();
+    assert_eq!(get(&got, "sequences").ty.shape[0], 6);
+    assert_eq!(get(&got, "logprobs").ty.shape[0], 6);
+    assert!(get(&got, "logprobs").to_f32().iter().all(|&x| x <= 0.0));
+    for (extra, msg) in [
+        (&["--num-beams", "2", "--temperature", "1"][..], "no --num-samples or --temperature"),
+        (&["--num-beams", "2", "--num-return-sequences", "3"][..], "--num-return-sequences 3"),
+        (&["--num-samples", "0"][..], "--num-samples must be at least 1"),
+        (&["--num-beams", "2", "--early-stopping", "maybe"][..], "expected true, false or never"),
+    ] {
+        let o = run(extra, "bad.safetensors");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {e}");
+        assert!(e.contains("error: ") && e.contains(msg), "{extra:?}: {e}");
+        assert!(!tmp.join("bad.safetensors").exists(), "{extra:?} wrote a file");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
