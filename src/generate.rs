@@ -236,7 +236,7 @@ impl Generator {
         };
         let ids = session.program().entry("decode").and_then(|e| e.inputs.iter().find(|io| io.name == "input_ids"));
         let rows = ids.and_then(|io| io.operand.ty.shape.first().copied()).unwrap_or(batch);
-        if rows % batch != 0 {
+        if !rows.is_multiple_of(batch) {
             return Err(Error::Usage(format!("decode runs {rows} rows, not a multiple of the prefill's {batch}")));
         }
         Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None, rows_per_input: rows / batch })

@@ -363,7 +363,7 @@ impl<R: Runtime> Executable for CubeExec<R> {
         let blocks = |n: usize| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, 1, 1);
         for (st, &at) in self.program.states.iter().zip(&self.states_at) {
             let bytes = st.ty.bytes();
-            if bytes % (4 * rows.len()) != 0 || at % 4 != 0 {
+            if !bytes.is_multiple_of(4 * rows.len()) || !at.is_multiple_of(4) {
                 return Err(fail(format!("state {} ({}): rows are not whole 4-byte words", st.name, st.ty)));
             }
             let (n, w) = (bytes / 4, bytes / 4 / rows.len());
