@@ -8,7 +8,7 @@ use kiln_kernels::cuda::{self as kc, CopyParams, GatherParams};
 
 /// The widest element (8, 4, 2 or 1 bytes) that divides `row_bytes`: each thread moves one.
 fn element(row_bytes: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|e| row_bytes % e == 0).unwrap_or(1)
+    [8, 4, 2, 1].into_iter().find(|e| row_bytes.is_multiple_of(*e)).unwrap_or(1)
 }
 
 fn grid(units: usize) -> (u32, u32, u32) {
