@@ -19,6 +19,11 @@ Each case folder holds:
                             (float32) of generate(do_sample=False, max_new_tokens=N) on the
                             same batch: prompt + new tokens, pad_token_id after a row's EOS
   case.json              -- how the reference was called
+  beam_reference.safetensors -- beam search on the generation batch (inputs.safetensors, or
+                            PaliGemma's generate_inputs.safetensors): for each setting in
+                            BEAMS, `{name}/sequences` [2 * R, S + n] and `{name}/sequences_scores`
+                            [2 * R] of generate(num_beams=4, num_return_sequences=R, ...);
+                            `--beams-only` rewrites just these files from the saved folders
 The EOS id of each case is a token that row 0 produces early on its own, so per-row stopping
 is exercised; the softcaps are small enough to saturate and the sliding window is shorter than
 the sequence.
@@ -140,9 +145,43 @@ def make_case(out: Path, name: str, cls, cfg, seed: int, summary: list) -> None:
     case = {"class": cls.__name__, "seq": SEQ, "left_pad_row1": PAD, "max_new_tokens": NEW, "eos_token_id": eos,
             "generated": g.sequences[:, SEQ:].tolist()}
     (folder / "case.json").write_text(json.dumps(case, indent=2, sort_keys=True) + "\n")
+    summary.extend(write_beam_reference(folder))
     cap = getattr(cfg, "final_logit_softcapping", None)
     sat = "" if not cap else f", final softcap saturation {(logits.abs() > 0.5 * cap).float().mean():.2f}"
     summary.append(f"{name}: logits {list(logits.shape)} max {logits.abs().max():.2f}{sat}, generated {g.sequences[:, SEQ:].tolist()}")
+
+
+# Beam settings: (name, generate() keywords). "fixed" never stops early (EOS masked until the
+# last token); "eos" lets rows finish at EOS, stops when 4 hypotheses are done, and divides by
+# length ** 0.5.
+BEAMS = [
+    ("fixed", dict(num_beams=4, num_return_sequences=2, min_new_tokens=NEW, max_new_tokens=NEW)),
+    ("eos", dict(num_beams=4, num_return_sequences=3, max_new_tokens=NEW, early_stopping=True, length_penalty=0.5)),
+]
+
+
+@torch.no_grad()
+def write_beam_reference(folder: Path) -> list:
+    """Runs transformers' beam search on a saved case folder and writes beam_reference.safetensors."""
+    case = json.loads((folder / "case.json").read_text())
+    pali = case["class"] == "PaliGemmaForConditionalGeneration"
+    cls = {"GemmaForCausalLM": GemmaForCausalLM, "Gemma2ForCausalLM": Gemma2ForCausalLM,
+           "PaliGemmaForConditionalGeneration": PaliGemmaForConditionalGeneration}[case["class"]]
+    model = cls.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32).eval()
+    from safetensors.torch import load_file
+    ins = load_file(str(folder / ("generate_inputs.safetensors" if pali else "inputs.safetensors")))
+    kw = dict(input_ids=ins["input_ids"], attention_mask=ins["attention_mask"])
+    if pali:
+        kw.update(pixel_values=ins["pixel_values"], token_type_ids=torch.zeros_like(ins["input_ids"]))
+    out, lines = {}, []
+    for name, opts in BEAMS:
+        g = model.generate(**kw, do_sample=False, output_scores=True, return_dict_in_generate=True, **opts)
+        out[f"{name}/sequences"] = g.sequences
+        out[f"{name}/sequences_scores"] = g.sequences_scores.float()
+        lines.append(f"{folder.name} beams {name}: {g.sequences[:, ins['input_ids'].shape[1]:].tolist()} "
+                     f"scores {[round(x, 5) for x in g.sequences_scores.tolist()]}")
+    save_tensors(folder / "beam_reference.safetensors", out)
+    return lines
 
 
 def gemma_mqa():
@@ -232,14 +271,21 @@ def make_pali_case(out: Path, name: str, cfg, seed: int, summary: list) -> None:
             "eos_token_id": eos, "generated": g.sequences[:, width:].tolist(),
             "generate": "generate(prefix ids, attention_mask, pixel_values, token_type_ids=zeros, do_sample=False)"}
     (folder / "case.json").write_text(json.dumps(case, indent=2, sort_keys=True) + "\n")
+    summary.extend(write_beam_reference(folder))
     summary.append(f"{name}: logits {list(logits.shape)}, generated {g.sequences[:, width:].tolist()}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--beams-only", action="store_true", help="only rewrite beam_reference.safetensors of the saved cases")
     args = ap.parse_args()
     summary = []
+    if args.beams_only:
+        for name in ["gemma_mqa", "gemma2_gqa", "gemma2_untied", "paligemma", "paligemma2"]:
+            summary.extend(write_beam_reference(args.out / name))
+        print("\n".join(summary))
+        return
     make_case(args.out, "gemma_mqa", GemmaForCausalLM, gemma_mqa(), 11, summary)
     make_case(args.out, "gemma2_gqa", Gemma2ForCausalLM, gemma2_gqa(), 12, summary)
     make_case(args.out, "gemma2_untied", Gemma2ForCausalLM, gemma2_untied(), 13, summary)

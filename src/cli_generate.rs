@@ -72,10 +72,21 @@ pub(super) struct GenerateArgs {
     /// Seed of the sampler (with --temperature > 0).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Gemma/PaliGemma with --inputs: draw N sequences per input in one batch of B*N rows
+    /// (the prompt's prefill runs once on B rows; its KV cache is copied to the N rows).
+    /// Sample j of input i uses random stream i + j*B, so sample 0 is what N = 1 gives.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    #[command(flatten)]
+    beams: BeamArgs,
 }
 
 /// `kiln generate`.
 pub(super) fn generate(a: GenerateArgs) -> Result<()> {
+    let strategy = a.beams.strategy(a.num_samples, &kiln::sampling::HfSampling { temperature: a.temperature, top_k: 0, top_p: 1.0, seed: 0 })?;
+    if a.inputs.is_none() && !matches!(strategy, cli_decode::Strategy::Rows(1)) {
+        return Err(Error::Usage("--num-samples and --num-beams work with --inputs (Gemma, Gemma 2, PaliGemma)".into()));
+    }
     match a {
         GenerateArgs {
             model,
@@ -172,6 +183,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
             weights,
             ..
         } => {
+            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
             let (Some(inputs), Some(out)) = (inputs, out) else {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
@@ -183,7 +195,6 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
             let ins = io::read(&inputs)?;
             if let Some((g, _)) = art {
                 let max_new_tokens = max_new_tokens.unwrap_or(g.meta.capacity - g.bucket);
-                let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
                 return generate_text_inputs(
                     commands::GenModel::Loaded(Box::new(g)),
                     ins,
@@ -191,19 +202,26 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                     (max_new_tokens, bucket),
                     (&backend, dtype),
                     breakdown,
-                    sampling,
+                    (sampling, strategy),
                 );
             }
+            let not_hf = |what: &str| Error::Usage(format!("--num-samples and --num-beams are for Gemma and PaliGemma; {what} is not"));
             let max_new_tokens = max_new_tokens.unwrap_or(32);
+            let plain = matches!(strategy, cli_decode::Strategy::Rows(1));
             if kiln::paligemma_bv::is_big_vision_paligemma(&model) {
+                if !plain {
+                    return Err(not_hf("a big_vision PaliGemma folder"));
+                }
                 return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
             }
             if ins.iter().any(|(n, _)| n == "images") {
+                if !plain {
+                    return Err(not_hf("an encoder-decoder"));
+                }
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
                 let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };
                 return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
             }
-            let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
             generate_text_inputs(
                 commands::GenModel::Folder(&model),
                 ins,
@@ -211,7 +229,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 (max_new_tokens, bucket),
                 (&backend, dtype),
                 breakdown,
-                sampling,
+                (sampling, strategy),
             )
         }
     }

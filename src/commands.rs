@@ -457,18 +457,33 @@ pub(super) fn generate_text_inputs(
     (max_new_tokens, bucket): (usize, Option<usize>),
     (backend, dtype): (&str, DType),
     breakdown: bool,
-    sampling: kiln::sampling::HfSampling,
+    (sampling, strategy): (kiln::sampling::HfSampling, crate::cli_decode::Strategy),
 ) -> Result<()> {
+    use crate::cli_decode::Strategy;
     sampling.check()?;
     let (b, l) = text_inputs(&mut ins, inputs)?
         .ok_or_else(|| Error::File { path: inputs.to_path_buf(), msg: "no input_ids tensor [B, L]".into() })?;
     let ids = ins.iter().find(|(n, _)| n == "input_ids").map(|(_, t)| t.to_f64()).unwrap_or_default();
     let mask = ins.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_f64()).unwrap_or_default();
     let to_i64 = |v: Vec<f64>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
+    let (ids, mask) = (to_i64(ids), to_i64(mask));
     let bucket = bucket.unwrap_or(l);
+    let per = match &strategy {
+        Strategy::Rows(n) => *n,
+        Strategy::Beams(o) => {
+            o.check(max_new_tokens)?;
+            o.num_beams
+        }
+    };
     let mut g = match model {
         GenModel::Folder(dir) => {
-            progress("compiling", || kiln::generate::Generator::with_dtype(dir, b, bucket, max_new_tokens, backend, dtype))?
+            progress("compiling", || kiln::generate::Generator::with_rows(dir, (b, per), bucket, max_new_tokens, backend, dtype))?
+        }
+        GenModel::Loaded(g) if g.rows_per_input != per => {
+            return Err(Error::Usage(format!(
+                "the artifact decodes {} row(s) per input; --num-samples / --num-beams {per} need a folder (compiled for them at run time)",
+                g.rows_per_input
+            )));
         }
         GenModel::Loaded(g) => *g,
     };
@@ -476,23 +491,43 @@ pub(super) fn generate_text_inputs(
     g.sampling = (sampling.temperature > 0.0).then_some(sampling);
     let t = Instant::now();
     let px = ins.iter().find(|(n, _)| n == "pixel_values").map(|(_, t)| t);
-    let r = g.generate(&to_i64(ids), &to_i64(mask), l, max_new_tokens, px)?;
+    let prompt = kiln::generate::Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
+    let (outs, rows, width, timing) = match strategy {
+        Strategy::Beams(o) => {
+            let r = g.beam_search(&prompt, max_new_tokens, px, &o)?;
+            let rows = b * o.num_return_sequences;
+            let width = l + r.new_tokens;
+            let outs = vec![
+                ("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences)),
+                ("sequences_scores".to_string(), Tensor::from_f32(&[rows], &r.sequences_scores)),
+            ];
+            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s))
+        }
+        Strategy::Rows(_) => {
+            let r = g.generate_prompt(&prompt, max_new_tokens, px, &mut |_| Ok(()))?;
+            let rows = b * per;
+            let width = l + r.new_tokens;
+            let outs = vec![
+                ("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences)),
+                ("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)),
+                ("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)),
+            ];
+            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s))
+        }
+    };
     let secs = t.elapsed().as_secs_f64();
-    let width = l + r.new_tokens;
-    for row in 0..b {
-        let new = &r.sequences[row * width + l..(row + 1) * width];
+    let seqs = outs[0].1.to_f64();
+    for row in 0..rows.0 {
+        let new: Vec<i64> = seqs[row * width + l..(row + 1) * width].iter().map(|&x| x as i64).collect();
         println!("row {row}: {new:?}");
     }
-    println!("{} new tokens per row in {secs:.3} s", r.new_tokens);
+    println!("{} new tokens per row in {secs:.3} s", rows.1);
+    let (prefill_s, decode_steps, decode_s) = timing;
     println!(
         "{}",
-        serde_json::json!({"prefill_ms": r.prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": r.decode_steps,
-            "decode_ms_per_token": r.decode_s * 1e3 / r.decode_steps.max(1) as f64})
+        serde_json::json!({"prefill_ms": prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": decode_steps,
+            "decode_ms_per_token": decode_s * 1e3 / decode_steps.max(1) as f64, "rows": rows.0, "seconds": secs})
     );
-    let outs = vec![
-        ("sequences".to_string(), Tensor::from_i64(&[b, width], &r.sequences)),
-        ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.meta.vocab], &r.step_logits)),
-    ];
     io::write(out, &outs)?;
     println!("wrote {}", out.display());
     if breakdown {

@@ -25,6 +25,10 @@ pub struct Generator {
     /// How new tokens are chosen: `None` greedy (the first argmax), else sampled as
     /// transformers does ([`crate::sampling`]).
     pub sampling: Option<crate::sampling::HfSampling>,
+    /// Decode rows per input (`--num-samples`, `--num-beams`): the prefill runs on `batch`
+    /// rows, its KV cache is copied to `batch * rows_per_input` rows by
+    /// [`Session::gather_state_rows`], and the decode steps run on those.
+    pub rows_per_input: usize,
 }
 
 /// A batch of prompts, `[B, len]` each, left-padded (`attention_mask` 0 on padding).
@@ -38,11 +42,15 @@ pub struct Prompt<'a> {
     pub len: usize,
 }
 
-/// What one call produced: `sequences [B, L + n]` (prompt and new tokens) and
-/// `step_logits [B, n, V]` (the logits each new token was chosen from).
+/// What one call produced for its `R` rows (`B` inputs times `rows_per_input` samples, input
+/// by input): `sequences [R, L + n]` (prompt and new tokens), `step_logits [R, n, V]` (the
+/// logits each new token was chosen from) and `logprobs [R, n]`: each chosen token's
+/// log-probability under the model, the log-softmax of its step's logits (before temperature
+/// and filters; 0 for the pad id a finished row gets).
 pub struct Generated {
     pub sequences: Vec<i64>,
     pub step_logits: Vec<f32>,
+    pub logprobs: Vec<f32>,
     pub prompt_len: usize,
     pub new_tokens: usize,
     /// Seconds spent in the prefill entry, and in all decode steps together.
@@ -116,14 +124,39 @@ pub fn generation_program(
     backend: &str,
     dtype: DType,
 ) -> Result<GenerationProgram> {
+    generation_program_rows(dir, (batch, 1), bucket, max_new_tokens, backend, dtype)
+}
+
+/// [`generation_program`] with `rows_per_input` decode rows per prompt (samples or beams):
+/// `prefill` runs on `batch` rows and writes them into the first `batch` rows of a cache of
+/// `batch * rows_per_input` rows (the rest zeros), which [`Session::gather_state_rows`] then
+/// spreads; `decode` runs on all of them.
+pub fn generation_program_rows(
+    dir: &Path,
+    (batch, rows_per_input): (usize, usize),
+    bucket: usize,
+    max_new_tokens: usize,
+    backend: &str,
+    dtype: DType,
+) -> Result<GenerationProgram> {
     if max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
+    if rows_per_input == 0 {
+        return Err(Error::Usage("--num-samples and --num-beams must be at least 1".into()));
+    }
     let capacity = bucket + max_new_tokens;
-    let profile = Profile { batch, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
+    let rows = batch * rows_per_input;
+    let profile = Profile { batch: rows, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
     let g = kiln_models::build_generation(dir, &profile, capacity)?;
+    let prefill = if rows_per_input == 1 {
+        g.prefill
+    } else {
+        let few = Profile { batch, ..profile.clone() };
+        pad_cache_rows(kiln_models::build_generation(dir, &few, capacity)?.prefill, rows)?
+    };
     let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
-    let built = [("prefill".to_string(), g.prefill), ("decode".to_string(), g.decode)];
+    let built = [("prefill".to_string(), prefill), ("decode".to_string(), g.decode)];
     let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
     let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     let (eos, pad) = special_ids(dir, g.model.text());
@@ -136,6 +169,24 @@ pub fn generation_program(
     };
     let meta = GenerationMeta::of_model(&g.model, capacity, (eos, pad), image_ty);
     Ok(GenerationProgram { program, meta })
+}
+
+/// A prefill graph whose cache outputs (`cache.*`, `[B, ..]`) are extended with zero rows to
+/// `rows` rows, the cache's batch when each prompt decodes several rows.
+fn pad_cache_rows(mut g: kiln_graph::Graph, rows: usize) -> Result<kiln_graph::Graph> {
+    let outputs = g.outputs.clone();
+    for (k, (name, id)) in outputs.iter().enumerate() {
+        if !name.starts_with("cache.") {
+            continue;
+        }
+        let ty = g.ty(*id).clone();
+        let mut shape = ty.shape.to_vec();
+        shape[0] = rows - shape[0];
+        let z = g.scalar(ty.dtype, 0.0)?;
+        let z = g.push(kiln_graph::Op::Broadcast { shape }, &[z])?;
+        g.outputs[k].1 = g.concat(&[*id, z], 0)?;
+    }
+    Ok(g)
 }
 
 impl GenerationMeta {
@@ -183,7 +234,12 @@ impl Generator {
         let [batch, bucket] = ids.map(|io| io.operand.ty.shape.to_vec()).unwrap_or_default()[..] else {
             return Err(Error::Usage("the prefill entry takes no input_ids [B, L]".into()));
         };
-        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None })
+        let ids = session.program().entry("decode").and_then(|e| e.inputs.iter().find(|io| io.name == "input_ids"));
+        let rows = ids.and_then(|io| io.operand.ty.shape.first().copied()).unwrap_or(batch);
+        if !rows.is_multiple_of(batch) {
+            return Err(Error::Usage(format!("decode runs {rows} rows, not a multiple of the prefill's {batch}")));
+        }
+        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None, rows_per_input: rows / batch })
     }
 
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
@@ -195,9 +251,22 @@ impl Generator {
     /// [`Generator::new`] computing in `dtype` (f32, or bf16 on the GPU backends: weights,
     /// activations and the KV cache in bf16; logits are read back as f32).
     pub fn with_dtype(dir: &Path, batch: usize, bucket: usize, max_new_tokens: usize, backend: &str, dtype: DType) -> Result<Self> {
-        let g = generation_program(dir, batch, bucket, max_new_tokens, backend, dtype)?;
+        Self::with_rows(dir, (batch, 1), bucket, max_new_tokens, backend, dtype)
+    }
+
+    /// [`Generator::with_dtype`] decoding `rows_per_input` rows per prompt (`--num-samples`,
+    /// `--num-beams`; see [`generation_program_rows`]).
+    pub fn with_rows(
+        dir: &Path,
+        (batch, rows_per_input): (usize, usize),
+        bucket: usize,
+        max_new_tokens: usize,
+        backend: &str,
+        dtype: DType,
+    ) -> Result<Self> {
+        let g = generation_program_rows(dir, (batch, rows_per_input), bucket, max_new_tokens, backend, dtype)?;
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new(), sampling: None })
+        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new(), sampling: None, rows_per_input })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -237,6 +306,91 @@ impl Generator {
         pixel_values: Option<&Tensor>,
         on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
     ) -> Result<Generated> {
+        let Prefilled { mut logits, mut mask, mut next_pos, prefill_s } = self.prefill_rows(prompt, max_new_tokens, pixel_values)?;
+        let (n_in, s, c, v) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab);
+        let (per, prompt_len) = (self.rows_per_input, prompt.len);
+        let b = n_in * per;
+        let (mut decode_s, mut decode_steps) = (0.0, 0);
+        let mut seqs: Vec<Vec<i64>> =
+            (0..b).map(|r| prompt.input_ids[(r / per) * prompt_len..(r / per + 1) * prompt_len].to_vec()).collect();
+        let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
+        let mut logprobs: Vec<Vec<f32>> = vec![vec![]; b];
+        let mut done = vec![false; b];
+        let mut n = 0;
+        for t in 0..max_new_tokens {
+            let mut next = vec![0i64; b];
+            for r in 0..b {
+                let row = &logits[r * v..(r + 1) * v];
+                step_logits[r].extend_from_slice(row);
+                // Sample j of input i draws from stream i + j * B: sample 0 of every input is the
+                // sequence a single sample per input gives.
+                let stream = (r / per + (r % per) * n_in) as u64;
+                let padded = done[r] && self.meta.pad_finished;
+                next[r] = match (&self.sampling, padded) {
+                    (_, true) => self.meta.pad,
+                    (Some(sp), _) => sp.pick(row, crate::encdec::uniform(sp.seed, stream, t as u64)) as i64,
+                    (None, _) => argmax(row) as i64,
+                };
+                let lp = if padded { 0.0 } else { row[next[r] as usize] as f64 - crate::sampling::log_sum_exp(row) };
+                logprobs[r].push(lp as f32);
+                seqs[r].push(next[r]);
+                if self.meta.eos.contains(&next[r]) {
+                    done[r] = true;
+                }
+            }
+            n += 1;
+            on_step(&next)?;
+            if done.iter().all(|&d| d) || t + 1 == max_new_tokens {
+                break;
+            }
+            let slot = s + t;
+            for r in 0..b {
+                mask[r * c + slot] = 1;
+            }
+            let t1 = std::time::Instant::now();
+            logits = self.decode_step(&next, &mask, &next_pos, slot)?;
+            next_pos.iter_mut().for_each(|p| *p += 1);
+            decode_s += t1.elapsed().as_secs_f64();
+            decode_steps += 1;
+        }
+        Ok(Generated {
+            sequences: seqs.concat(),
+            step_logits: step_logits.concat(),
+            logprobs: logprobs.concat(),
+            prompt_len,
+            new_tokens: n,
+            prefill_s,
+            decode_s,
+            decode_steps,
+        })
+    }
+
+    /// One decode step on every row: `next [R]` tokens at cache slot `slot`, the mask over the
+    /// cache `[R, capacity]` and positions `[R]`; the next logits `[R, V]` (soft-capped where
+    /// the model caps its decode steps).
+    pub(crate) fn decode_step(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize) -> Result<Vec<f32>> {
+        let (b, c) = (next.len(), self.meta.capacity);
+        let outs = self.session.run(
+            "decode",
+            &[
+                ("input_ids", &Tensor::from_i64(&[b, 1], next)),
+                ("attention_mask", &Tensor::from_i64(&[b, c], mask)),
+                ("position_ids", &Tensor::from_i64(&[b, 1], pos)),
+                ("cache_position", &Tensor::from_i64(&[1], &[slot as i64])),
+            ],
+        )?;
+        let mut logits = logits_of(&outs)?;
+        if let Some(cap) = self.meta.decode_softcap {
+            logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+        }
+        Ok(logits)
+    }
+
+    /// Checks `prompt`, runs the prefill on its `B` rows and, with several rows per input,
+    /// copies each row's KV cache to its rows by [`Session::gather_state_rows`] (row `i * n + j`
+    /// gets input `i`'s): the first logits, the mask over the cache and the next positions,
+    /// one per decode row.
+    pub(crate) fn prefill_rows(&mut self, prompt: &Prompt, max_new_tokens: usize, pixel_values: Option<&Tensor>) -> Result<Prefilled> {
         let Prompt { input_ids, attention_mask, token_type_ids, len: prompt_len } = *prompt;
         let (b, s, c, v) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab);
         if input_ids.len() != b * prompt_len
@@ -287,7 +441,7 @@ impl Generator {
             (None, Some(_)) => return Err(Error::Usage("this model takes no image".into())),
             (None, None) => None,
         };
-        let (ids, mut mask, types) = self.left_pad(prompt);
+        let (ids, mask, types) = self.left_pad(prompt);
         let mut pos = vec![0i64; b * s];
         let mut next_pos = vec![0i64; b];
         for r in 0..b {
@@ -310,66 +464,28 @@ impl Generator {
             ins.push(("token_type_ids", &types));
         }
         let outs = self.session.run("prefill", &ins)?;
-        let mut logits = logits_of(&outs)?;
+        let logits = logits_of(&outs)?;
+        let per = self.rows_per_input;
+        if per > 1 {
+            let rows: Vec<usize> = (0..b * per).map(|r| r / per).collect();
+            self.session.gather_state_rows(&rows)?;
+        }
         let prefill_s = t0.elapsed().as_secs_f64();
         self.last_prefill = ins.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
-        let (mut decode_s, mut decode_steps) = (0.0, 0);
-        let mut seqs: Vec<Vec<i64>> = (0..b).map(|r| input_ids[r * prompt_len..(r + 1) * prompt_len].to_vec()).collect();
-        let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
-        let mut done = vec![false; b];
-        let mut n = 0;
-        for t in 0..max_new_tokens {
-            let mut next = vec![0i64; b];
-            for r in 0..b {
-                let row = &logits[r * v..(r + 1) * v];
-                step_logits[r].extend_from_slice(row);
-                next[r] = match (&self.sampling, done[r]) {
-                    (_, true) if self.meta.pad_finished => self.meta.pad,
-                    (Some(sp), _) => sp.pick(row, crate::encdec::uniform(sp.seed, r as u64, t as u64)) as i64,
-                    (None, _) => argmax(row) as i64,
-                };
-                seqs[r].push(next[r]);
-                if self.meta.eos.contains(&next[r]) {
-                    done[r] = true;
-                }
-            }
-            n += 1;
-            on_step(&next)?;
-            if done.iter().all(|&d| d) || t + 1 == max_new_tokens {
-                break;
-            }
-            let slot = s + t;
-            for r in 0..b {
-                mask[r * c + slot] = 1;
-            }
-            let t1 = std::time::Instant::now();
-            let outs = self.session.run(
-                "decode",
-                &[
-                    ("input_ids", &Tensor::from_i64(&[b, 1], &next)),
-                    ("attention_mask", &Tensor::from_i64(&[b, c], &mask)),
-                    ("position_ids", &Tensor::from_i64(&[b, 1], &next_pos)),
-                    ("cache_position", &Tensor::from_i64(&[1], &[slot as i64])),
-                ],
-            )?;
-            next_pos.iter_mut().for_each(|p| *p += 1);
-            logits = logits_of(&outs)?;
-            if let Some(cap) = self.meta.decode_softcap {
-                logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
-            }
-            decode_s += t1.elapsed().as_secs_f64();
-            decode_steps += 1;
-        }
-        Ok(Generated {
-            sequences: seqs.concat(),
-            step_logits: step_logits.concat(),
-            prompt_len,
-            new_tokens: n,
-            prefill_s,
-            decode_s,
-            decode_steps,
-        })
+        let spread = |x: &[i64], w: usize| (0..b * per).flat_map(|r| x[(r / per) * w..(r / per + 1) * w].to_vec()).collect::<Vec<_>>();
+        let logits = (0..b * per).flat_map(|r| logits[(r / per) * v..(r / per + 1) * v].to_vec()).collect();
+        Ok(Prefilled { logits, mask: spread(&mask, c), next_pos: spread(&next_pos, 1), prefill_s })
     }
+}
+
+/// What [`Generator::prefill_rows`] leaves for the decode steps, one entry per decode row.
+pub(crate) struct Prefilled {
+    /// `[R, V]`.
+    pub logits: Vec<f32>,
+    /// `[R, capacity]`.
+    pub mask: Vec<i64>,
+    pub next_pos: Vec<i64>,
+    pub prefill_s: f64,
 }
 
 impl Generator {
@@ -414,7 +530,7 @@ impl Generator {
     /// --breakdown`): (kernel, op, seconds) per step and the whole call's seconds. It writes
     /// the cache's last slot, so call it after a generation, not in the middle of one.
     pub fn profile_decode(&mut self) -> Result<(Vec<StepTime>, f64)> {
-        let (b, c) = (self.batch, self.meta.capacity);
+        let (b, c) = (self.batch * self.rows_per_input, self.meta.capacity);
         let slot = c - 1;
         let ids = Tensor::from_i64(&[b, 1], &vec![self.meta.pad; b]);
         let mask = Tensor::from_i64(&[b, c], &vec![1; b * c]);

@@ -4,6 +4,7 @@
 //! checkpoint -> graph -> passes -> schedule -> memory plan -> program, and
 //! [`kiln_runtime::Session`] runs the result.
 
+pub mod beam;
 pub mod bench;
 pub mod compare;
 #[cfg(feature = "cuda")]

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 mod artifact_cli;
+mod cli_decode;
 mod cli_ensemble;
 mod cli_generate;
+use cli_decode::BeamArgs;
 mod commands;
 use commands::{
     bench, bench_kernels, compile_forward, generate_big_vision_paligemma, generate_encdec, generate_text_inputs, generate_uvim, inspect,

@@ -111,3 +111,62 @@ fn write_slice_updates_a_state_in_place() {
     assert_eq!(s.state("c").unwrap().unwrap().to_f32(), [0.0; 8]);
     assert!(s.state("nope").unwrap().is_none());
 }
+
+/// `gather_state_rows` reorders every state's batch rows in place on the backend (rows
+/// repeated and left out, as beam search keeps them), leaves the other rows' bytes alone, and
+/// refuses an index past the batch or a row count other than the states' leading axis.
+fn gather_rows_on(backend_name: &str) {
+    let tys = [TensorType::new(DType::F32, [4, 3, 2]), TensorType::new(DType::F32, [4, 5])];
+    let backend = kiln_runtime::by_name(backend_name).unwrap();
+    let mut program = Program {
+        model: "rows".into(),
+        backend: backend_name.into(),
+        source: String::new(),
+        weights: vec![],
+        constants: vec![],
+        entries: vec![],
+        states: vec![StateSpec { name: "a".into(), ty: tys[0].clone() }, StateSpec { name: "b".into(), ty: tys[1].clone() }],
+        binaries: vec![],
+        weight_sets: vec![],
+    };
+    let mut set = Graph::new();
+    for (name, ty) in ["a", "b"].iter().zip(&tys) {
+        let x = set.input(&format!("x{name}"), DType::F32, &ty.shape).unwrap();
+        let y = set.mul_scalar(x, 1.0).unwrap();
+        set.output(*name, y);
+    }
+    let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap();
+    let (e, _, _) = kiln_graph::lower::compile_entry(&set, "set", &mut program, &namer).unwrap();
+    program.entries.push(e);
+    let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap();
+    let vals: Vec<Vec<f32>> = tys.iter().enumerate().map(|(k, t)| (0..t.numel()).map(|i| (100 * k + i) as f32).collect()).collect();
+    let (xa, xb) = (Tensor::from_f32(&tys[0].shape, &vals[0]), Tensor::from_f32(&tys[1].shape, &vals[1]));
+    s.run("set", &[("xa", &xa), ("xb", &xb)]).unwrap();
+    let rows = [2, 0, 2, 3];
+    s.gather_state_rows(&rows).unwrap();
+    for (k, name) in ["a", "b"].iter().enumerate() {
+        let row = vals[k].len() / 4;
+        let want: Vec<f32> = rows.iter().flat_map(|&r| vals[k][r * row..(r + 1) * row].to_vec()).collect();
+        assert_eq!(s.state(name).unwrap().unwrap().to_f32(), want, "{backend_name}: state {name}");
+    }
+    // Twice more: a permutation applied to the gathered rows composes.
+    s.gather_state_rows(&[3, 2, 1, 0]).unwrap();
+    let row = vals[1].len() / 4;
+    let want: Vec<f32> = [3, 2, 0, 2].iter().flat_map(|&r| vals[1][r * row..(r + 1) * row].to_vec()).collect();
+    assert_eq!(s.state("b").unwrap().unwrap().to_f32(), want, "{backend_name}: composed");
+    let e = s.gather_state_rows(&[0, 1, 4, 0]).unwrap_err().to_string();
+    assert!(e.contains("row 4 is out of range"), "{e}");
+    let e = s.gather_state_rows(&[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("leading axis must be the batch"), "{e}");
+}
+
+#[test]
+fn gather_state_rows_cpu() {
+    gather_rows_on("cpu");
+}
+
+#[cfg(feature = "cube")]
+#[test]
+fn gather_state_rows_cube() {
+    gather_rows_on("cube");
+}

@@ -248,6 +248,20 @@ enum KilnStatus kiln_session_state_info(const struct KilnSession *session,
 // `session` is an open session.
 enum KilnStatus kiln_session_reset_states(const struct KilnSession *session);
 
+// Reorders the batch rows of every state in place, on the session's device: afterwards row
+// `r` of each state holds what its row `rows[r]` held (rows may repeat or be left out). `n`
+// must be every state's leading (batch) axis and each index below it. This is how several
+// samples share one prefill (compile with rows per input, run `prefill`, then gather rows
+// `{0,0,..,1,1,..}`) and how beam search keeps its beams in the KV cache (gather the
+// surviving beams' rows after each step), as `kiln generate --num-samples / --num-beams` do.
+// Takes the session's run lock.
+//
+// # Safety
+// `session` is an open session; `rows` holds `n` readable values (or is NULL with `n == 0`).
+enum KilnStatus kiln_session_gather_state_rows(const struct KilnSession *session,
+                                               const size_t *rows,
+                                               size_t n);
+
 // Copies state `index`'s current contents into `data`, which holds `bytes` bytes: exactly the
 // state's size (`KilnIoInfo.bytes` from `kiln_session_state_info`). Takes the session's run
 // lock. Allocates a temporary copy (unlike `kiln_session_run`).

@@ -326,6 +326,22 @@ pub unsafe extern "C" fn kiln_session_reset_states(session: *const KilnSession) 
     guard(|| unsafe { self::session(session)?.reset_states() })
 }
 
+/// Reorders the batch rows of every state in place, on the session's device: afterwards row
+/// `r` of each state holds what its row `rows[r]` held (rows may repeat or be left out). `n`
+/// must be every state's leading (batch) axis and each index below it. This is how several
+/// samples share one prefill (compile with rows per input, run `prefill`, then gather rows
+/// `{0,0,..,1,1,..}`) and how beam search keeps its beams in the KV cache (gather the
+/// surviving beams' rows after each step), as `kiln generate --num-samples / --num-beams` do.
+/// Takes the session's run lock.
+///
+/// # Safety
+/// `session` is an open session; `rows` holds `n` readable values (or is NULL with `n == 0`).
+#[no_mangle]
+pub unsafe extern "C" fn kiln_session_gather_state_rows(session: *const KilnSession, rows: *const usize, n: usize) -> KilnStatus {
+    // SAFETY: caller contract, forwarded.
+    guard(|| unsafe { self::session(session)?.gather_state_rows(rows, n) })
+}
+
 /// Copies state `index`'s current contents into `data`, which holds `bytes` bytes: exactly the
 /// state's size (`KilnIoInfo.bytes` from `kiln_session_state_info`). Takes the session's run
 /// lock. Allocates a temporary copy (unlike `kiln_session_run`).

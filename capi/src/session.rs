@@ -200,6 +200,20 @@ impl KilnSession {
         Ok(())
     }
 
+    /// Reorders every state's batch rows in place on the device (`Session::gather_state_rows`).
+    ///
+    /// # Safety
+    /// `rows` is NULL with `n == 0`, or holds `n` readable `usize` values for the call.
+    pub unsafe fn gather_state_rows(&self, rows: *const usize, n: usize) -> Result<(), CapiError> {
+        if rows.is_null() && n != 0 {
+            return Err(CapiError::Null("rows"));
+        }
+        // SAFETY: non-NULL with `n` values (caller contract), or empty.
+        let rows: &[usize] = if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(rows, n) } };
+        self.session.lock().map_err(|_| CapiError::Poisoned)?.gather_state_rows(rows)?;
+        Ok(())
+    }
+
     /// Copies state `i` into the caller's buffer of `bytes` bytes (exactly the state's size).
     ///
     /// # Safety

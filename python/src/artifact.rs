@@ -29,6 +29,8 @@ pub struct Options {
     pub moe_capacity: Option<f64>,
     pub moe_bpr: Option<bool>,
     pub arch: String,
+    /// Decode rows per prompt of a generation program (samples or beams; 1 by default).
+    pub rows_per_input: usize,
 }
 
 /// `kiln compile <folder>` with the CLI's defaults and messages (`--batch 1`, the checkpoint's
@@ -50,7 +52,7 @@ pub fn compile_program(folder: &Path, o: &Options) -> kiln::Result<Program> {
         if bucket == 0 {
             return Err(Error::Usage("--seq-len must be at least 1".into()));
         }
-        kiln::generate::generation_program(folder, batch, bucket, max_new, &backend, dtype)?.program
+        kiln::generate::generation_program_rows(folder, (batch, o.rows_per_input), bucket, max_new, &backend, dtype)?.program
     } else {
         let moe = MoeOptions { capacity_factor: o.moe_capacity, batch_priority: o.moe_bpr, outputs: MoeOutputs::None };
         let image_hw = o.resolution.map(|r| (r, r));
@@ -69,7 +71,7 @@ pub fn compile_program(folder: &Path, o: &Options) -> kiln::Result<Program> {
 /// Compiles a checkpoint folder (`kiln compile`); the GIL is released meanwhile.
 #[pyfunction]
 #[pyo3(signature = (folder, *, batch=None, resolution=None, dtype="f32".to_string(), backend="cpu".to_string(), device=None,
-    seq_len=None, generate=false, max_new_tokens=None, moe_capacity=None, moe_bpr=None, arch="sm_90a".to_string()))]
+    seq_len=None, generate=false, max_new_tokens=None, moe_capacity=None, moe_bpr=None, arch="sm_90a".to_string(), rows_per_input=1))]
 #[allow(clippy::too_many_arguments)]
 pub fn compile(
     py: Python<'_>,
@@ -85,8 +87,22 @@ pub fn compile(
     moe_capacity: Option<f64>,
     moe_bpr: Option<bool>,
     arch: String,
+    rows_per_input: usize,
 ) -> PyResult<Artifact> {
-    let o = Options { batch, resolution, dtype, backend, device, seq_len, generate, max_new_tokens, moe_capacity, moe_bpr, arch };
+    let o = Options {
+        batch,
+        resolution,
+        dtype,
+        backend,
+        device,
+        seq_len,
+        generate,
+        max_new_tokens,
+        moe_capacity,
+        moe_bpr,
+        arch,
+        rows_per_input,
+    };
     let program = py.detach(|| compile_program(&folder, &o)).map_err(to_py)?;
     Ok(Artifact { program })
 }

@@ -49,7 +49,7 @@ pub struct Session {
 #[pyfunction]
 #[pyo3(signature = (path, *, weights=None, backend=None, device=None, cuda_gemv="auto".to_string(), batch=None, resolution=None,
     dtype="f32".to_string(), seq_len=None, generate=false, max_new_tokens=None, moe_capacity=None, moe_bpr=None,
-    arch="sm_90a".to_string()))]
+    arch="sm_90a".to_string(), rows_per_input=1))]
 #[allow(clippy::too_many_arguments)]
 pub fn load(
     py: Python<'_>,
@@ -67,6 +67,7 @@ pub fn load(
     moe_capacity: Option<f64>,
     moe_bpr: Option<bool>,
     arch: String,
+    rows_per_input: usize,
 ) -> PyResult<Session> {
     let program = if path.is_file() {
         let p = kiln_graph::artifact::load_file(&path).map_err(|e| to_py(e.into()))?;
@@ -83,7 +84,20 @@ pub fn load(
         p
     } else {
         let backend = backend.unwrap_or_else(|| "cpu".into());
-        let o = Options { batch, resolution, dtype, backend, device, seq_len, generate, max_new_tokens, moe_capacity, moe_bpr, arch };
+        let o = Options {
+            batch,
+            resolution,
+            dtype,
+            backend,
+            device,
+            seq_len,
+            generate,
+            max_new_tokens,
+            moe_capacity,
+            moe_bpr,
+            arch,
+            rows_per_input,
+        };
         py.detach(|| compile_program(&path, &o)).map_err(to_py)?
     };
     Session::open(py, program, weights, &cuda_gemv)
@@ -259,8 +273,12 @@ impl Session {
     }
 
     /// `kiln generate --inputs`: `input_ids` (+ `attention_mask`, `pixel_values`) as raw
-    /// inputs; returns `sequences [B, L + n]` (i64) and `step_logits [B, n, V]` (f32).
-    #[pyo3(signature = (inputs, max_new_tokens=None, temperature=0.0, top_k=0, top_p=None, seed=0))]
+    /// inputs. Greedy or sampled: `sequences [R, L + n]` (i64), `step_logits [R, n, V]` and
+    /// `logprobs [R, n]` (f32), R = B times the program's rows per input (samples). With
+    /// `beams` = (num_beams, num_return_sequences, length_penalty, early_stopping,
+    /// min_new_tokens): transformers' beam search, `sequences [B * R, L + n]` and
+    /// `sequences_scores [B * R]`.
+    #[pyo3(signature = (inputs, max_new_tokens=None, temperature=0.0, top_k=0, top_p=None, seed=0, beams=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_raw(
         &self,
@@ -271,6 +289,7 @@ impl Session {
         top_k: usize,
         top_p: Option<f64>,
         seed: u64,
+        beams: Option<(usize, usize, f64, String, usize)>,
     ) -> PyResult<Vec<RawOutput>> {
         let mut ins = owned(&inputs)?;
         let outs = self.with(py, |l| {
@@ -288,11 +307,27 @@ impl Session {
             let ids: Vec<i64> = get("input_ids").map(|t| t.to_f64().into_iter().map(|x| x as i64).collect()).unwrap_or_default();
             let mask: Vec<i64> = get("attention_mask").map(|t| t.to_f64().into_iter().map(|x| x as i64).collect()).unwrap_or_default();
             let max_new = max_new_tokens.unwrap_or(g.meta.capacity - g.bucket);
+            let prompt = kiln::generate::Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
+            if let Some((num_beams, num_return_sequences, length_penalty, early_stopping, min_new_tokens)) = beams {
+                if temperature > 0.0 {
+                    return Err(to_py(kiln::Error::Usage("beam search is deterministic: no temperature with num_beams".into())));
+                }
+                let early_stopping = early_stopping.parse().map_err(to_py)?;
+                let o = kiln::beam::BeamOptions { num_beams, num_return_sequences, length_penalty, early_stopping, min_new_tokens };
+                let r = g.beam_search(&prompt, max_new, get("pixel_values"), &o).map_err(input)?;
+                let rows = b * num_return_sequences;
+                return Ok(vec![
+                    ("sequences".to_string(), Tensor::from_i64(&[rows, l + r.new_tokens], &r.sequences)),
+                    ("sequences_scores".to_string(), Tensor::from_f32(&[rows], &r.sequences_scores)),
+                ]);
+            }
             g.sampling = (temperature > 0.0).then_some(sampling);
-            let r = g.generate(&ids, &mask, l, max_new, get("pixel_values")).map_err(input)?;
+            let r = g.generate_prompt(&prompt, max_new, get("pixel_values"), &mut |_| Ok(())).map_err(input)?;
+            let rows = b * g.rows_per_input;
             Ok(vec![
-                ("sequences".to_string(), Tensor::from_i64(&[b, l + r.new_tokens], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[b, r.new_tokens, g.meta.vocab], &r.step_logits)),
+                ("sequences".to_string(), Tensor::from_i64(&[rows, l + r.new_tokens], &r.sequences)),
+                ("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)),
+                ("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)),
             ])
         })?;
         Ok(outputs(py, outs))

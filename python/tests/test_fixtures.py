@@ -117,3 +117,32 @@ def test_big_vision_equals_cli_and_official(tmp_path, case, ref_case):
     want = cli_outputs(tmp_path, d, {"images": images})
     assert_same(got, want)
     assert rel_err(got["logits"], ref["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["gemma2_gqa", "paligemma2"])
+def test_beam_search_and_samples_equal_transformers(case):
+    """Beam search (4 beams, 2 returned, EOS masked to the last token) equals transformers'
+    generate (beam_reference.safetensors); a program with 3 rows per input gives transformers'
+    greedy ids on every row, and logprobs that are the step logits' log-softmax."""
+    d = FIXTURES / "gemma" / case
+    pali = (d / "generate_inputs.safetensors").exists()
+    ins = read_st(d / ("generate_inputs.safetensors" if pali else "inputs.safetensors"))
+    b, l = ins["input_ids"].shape
+    args = (ins["input_ids"], ins["attention_mask"], ins["pixel_values"] if pali else None)
+    s = kiln.load(d, generate=True, batch=b, seq_len=l + 1, max_new_tokens=6, rows_per_input=4)
+    got = s.generate(*args, max_new_tokens=6, num_beams=4, num_return_sequences=2, min_new_tokens=6)
+    ref = read_st(d / "beam_reference.safetensors")
+    np.testing.assert_array_equal(got["sequences"], ref["fixed/sequences"])
+    np.testing.assert_allclose(got["sequences_scores"], ref["fixed/sequences_scores"], atol=1e-4, rtol=0)
+    s3 = kiln.load(d, generate=True, batch=b, seq_len=l + 1, max_new_tokens=6, rows_per_input=3)
+    greedy = s3.generate(*args, max_new_tokens=6)
+    want = read_st(d / "reference.safetensors")["sequences"]
+    np.testing.assert_array_equal(greedy["sequences"], np.repeat(want, 3, axis=0))
+    z = greedy["step_logits"].astype(np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    chosen = np.take_along_axis(z, greedy["sequences"][:, l:, None], -1)[..., 0] - lse
+    eos = np.isin(greedy["sequences"][:, l:], json.loads((d / "generation_config.json").read_text())["eos_token_id"])
+    after = np.cumsum(eos, 1) - eos > 0  # steps after a row's EOS hold the pad id (logprob 0)
+    np.testing.assert_allclose(greedy["logprobs"], np.where(after, 0.0, chosen), atol=1e-5)
+    with pytest.raises(kiln.KilnError, match="no temperature"):
+        s.generate(*args, num_beams=4, temperature=1.0)

@@ -38,6 +38,11 @@ pub trait Executable: Send {
     fn reset_states(&mut self) -> Result<()>;
     /// Copies state `i`'s bytes into `out` (of the state's size).
     fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()>;
+    /// Reorders the batch rows of every state in place, on the device: afterwards row `r` of
+    /// each state holds what its row `rows[r]` held (rows may repeat or be left out). The
+    /// session checked that every state's leading axis has `rows.len()` rows and every index
+    /// is below it.
+    fn gather_state_rows(&mut self, rows: &[usize]) -> Result<()>;
     /// Seconds of each of `runs` executions of `entry` on the device alone: inputs uploaded
     /// before each run and outputs left on the device, as a peer framework is timed with its
     /// tensors already there. `None` where the backend computes in host memory (cpu), whose

@@ -91,6 +91,26 @@ impl Session {
         self.exec.reset_states()
     }
 
+    /// Reorders the batch rows of every persistent state in place, on the backend's device:
+    /// afterwards row `r` of each state holds what its row `rows[r]` held. Rows may repeat
+    /// (a prompt's KV cache copied to several samples, a beam kept twice) or be left out.
+    /// Every state's leading axis must be the batch, of `rows.len()` rows.
+    pub fn gather_state_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let b = rows.len();
+        for st in &self.program.states {
+            if st.ty.shape.first() != Some(&b) {
+                return Err(RuntimeError::Input {
+                    name: st.name.clone(),
+                    msg: format!("gather_state_rows: {} rows given, this state is {} (its leading axis must be the batch)", b, st.ty),
+                });
+            }
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= b) {
+            return Err(RuntimeError::Input { name: "rows".into(), msg: format!("row {r} is out of range for a batch of {b}") });
+        }
+        self.exec.gather_state_rows(rows)
+    }
+
     /// A copy of the persistent state named `name`, if the program has one.
     pub fn state(&mut self, name: &str) -> Result<Option<Tensor>> {
         let Some(i) = self.program.state_index(name) else { return Ok(None) };

@@ -396,3 +396,45 @@ fn a_program_without_states_has_none() {
     // SAFETY: a live session.
     assert_eq!(unsafe { kiln_session_reset_states(h.0) }, KilnStatus::Ok, "{}", last_error());
 }
+
+/// `kiln_session_gather_state_rows` after a prefill: rows swapped ([1, 0]) then row 1 copied
+/// to both ([1, 1], as samples share a prompt) are what reading the states back shows; an
+/// index past the batch and a wrong row count are refused with a message, the states intact.
+#[test]
+fn state_rows_are_gathered_in_place() {
+    let g = gen();
+    let h = open_gen();
+    prefill(&h, g);
+    let n = 2 * g.layers;
+    let read_all = |h: &Handle| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let info = state_info(h, i).unwrap_or_else(|(st, m)| panic!("{st:?}: {m}"));
+                let mut buf = vec![0u8; info.bytes];
+                assert_eq!(read_state(h, i, &mut buf), KilnStatus::Ok, "{}", last_error());
+                buf
+            })
+            .collect()
+    };
+    let before = read_all(&h);
+    let gather = |h: &Handle, rows: &[usize]| {
+        // SAFETY: a live session and `rows.len()` readable values.
+        unsafe { kiln_session_gather_state_rows(h.0, rows.as_ptr(), rows.len()) }
+    };
+    let row = |state: &[u8], r: usize| state[r * state.len() / g.b..(r + 1) * state.len() / g.b].to_vec();
+    assert_eq!(gather(&h, &[1, 0]), KilnStatus::Ok, "{}", last_error());
+    for (a, b) in read_all(&h).iter().zip(&before) {
+        assert_eq!([row(a, 0), row(a, 1)], [row(b, 1), row(b, 0)]);
+    }
+    assert!(before.iter().any(|s| row(s, 0) != row(s, 1)), "the two prompts' caches are equal: the test would not see a swap");
+    assert_eq!(gather(&h, &[0, 0]), KilnStatus::Ok, "{}", last_error());
+    for (a, b) in read_all(&h).iter().zip(&before) {
+        assert_eq!([row(a, 0), row(a, 1)], [row(b, 1), row(b, 1)]);
+    }
+    let kept = read_all(&h);
+    assert_ne!(gather(&h, &[0, 2]), KilnStatus::Ok);
+    assert!(last_error().contains("row 2 is out of range"), "{}", last_error());
+    assert_ne!(gather(&h, &[0]), KilnStatus::Ok);
+    assert!(last_error().contains("leading axis must be the batch"), "{}", last_error());
+    assert_eq!(read_all(&h), kept, "a refused gather changed the states");
+}

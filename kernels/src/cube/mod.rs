@@ -82,6 +82,27 @@ pub fn copy<F: Float>(arena: &mut Array<F>, src: &Array<F>, meta: &Array<u32>, #
     }
 }
 
+/// One half of reordering a state's batch rows in place (`Session::gather_state_rows`):
+/// `params` = `[offset, row_words, n, rows..]` in words of the arena. `back == false`
+/// gathers: `scratch[i] = arena[offset + rows[i / row_words] * row_words + i % row_words]`;
+/// `back == true` writes the scratch over the state: `arena[offset + i] = scratch[i]`, for
+/// `i < n` (rows may repeat, so the rows cannot move within the arena directly).
+#[cube(launch_unchecked)]
+pub fn state_rows<F: Float>(arena: &mut Array<F>, scratch: &mut Array<F>, params: &Array<u32>, #[comptime] back: bool) {
+    let i = ABSOLUTE_POS;
+    let n = params[2] as usize;
+    if i < n {
+        let offset = params[0] as usize;
+        if comptime!(back) {
+            arena[offset + i] = scratch[i];
+        } else {
+            let w = params[1] as usize;
+            let r = params[3 + i / w] as usize;
+            scratch[i] = arena[offset + r * w + i % w];
+        }
+    }
+}
+
 /// What varies the code of a [`fused`] launch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct FusedCfg {

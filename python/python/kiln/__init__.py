@@ -147,13 +147,23 @@ class Session:
         seed: int = 0,
         draw: str | None = None,
         seg_decoder: str | None = None,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        min_new_tokens: int = 0,
     ) -> dict[str, Any]:
         """`kiln generate` on a generation program (`compile(..., generate=True)`).
 
         With `input_ids [B, L]` (and `attention_mask` with left padding, and `pixel_values`
-        for PaliGemma): returns `{"sequences": int64 [B, L + n], "step_logits": float32
-        [B, n, V]}`, greedy unless `temperature > 0` (then transformers' filters and kiln's
-        seeded generator, as `--temperature/--top-k/--top-p/--seed`).
+        for PaliGemma): returns `{"sequences": int64 [R, L + n], "step_logits": float32
+        [R, n, V], "logprobs": float32 [R, n]}` (each chosen token's log-softmax under the
+        model), greedy unless `temperature > 0` (then transformers' filters and kiln's
+        seeded generator, as `--temperature/--top-k/--top-p/--seed`). R is B times the
+        program's `rows_per_input` (`compile(..., rows_per_input=N)`: N samples per input from
+        one prefill, rows `i*N + j`, as `--num-samples N`). With `num_beams > 1` (a program
+        compiled with `rows_per_input=num_beams`): transformers' beam search, returning
+        `{"sequences": [B * num_return_sequences, L + n], "sequences_scores"}`.
 
         With `prompt` (and `image`, a JPEG or PNG path, for PaliGemma; batch-1 programs):
         tokenizes and preprocesses as transformers' processor does and returns `{"text",
@@ -174,7 +184,11 @@ class Session:
             raise TypeError("generate needs input_ids (or prompt=...)")
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
         raw, keep = _raw({k: v for k, v in given.items() if v is not None})
-        outs = self._s.generate_raw(raw, **sampling)
+        beams = None
+        if num_beams > 1:
+            stop = {True: "true", False: "false"}.get(early_stopping, early_stopping)
+            beams = (num_beams, num_return_sequences, float(length_penalty), str(stop), min_new_tokens)
+        outs = self._s.generate_raw(raw, beams=beams, **sampling)
         del keep
         return _arrays(outs)
 
@@ -242,10 +256,12 @@ def compile(
     moe_capacity: float | None = None,
     moe_bpr: bool | None = None,
     arch: str = "sm_90a",
+    rows_per_input: int = 1,
 ) -> Artifact:
     """`kiln compile <folder>`: the program for one profile (batch, resolution, dtype, backend;
     `seq_len` for a text model's forward), or with `generate=True` a text model's generation
-    program (`seq_len` is the prompt bucket, `max_new_tokens` sizes the KV cache). The GIL is
+    program (`seq_len` is the prompt bucket, `max_new_tokens` sizes the KV cache;
+    `rows_per_input` decode rows per prompt: samples or beams, from one prefill). The GIL is
     released while it compiles. Save it with `.save(path)`; load it with `.session()`."""
     return _kiln.compile(
         str(folder),
@@ -260,6 +276,7 @@ def compile(
         moe_capacity=moe_capacity,
         moe_bpr=moe_bpr,
         arch=arch,
+        rows_per_input=rows_per_input,
     )
 
 

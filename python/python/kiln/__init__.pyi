@@ -56,6 +56,11 @@ class Session:
         seed: int = 0,
         draw: _Path | None = None,
         seg_decoder: _Path | None = None,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        min_new_tokens: int = 0,
     ) -> dict[str, Any]: ...
     @property
     def inputs(self) -> list[TensorInfo]: ...
@@ -86,6 +91,7 @@ def compile(
     moe_capacity: float | None = None,
     moe_bpr: bool | None = None,
     arch: str = "sm_90a",
+    rows_per_input: int = 1,
 ) -> Artifact: ...
 def load(
     path: _Path,
@@ -103,4 +109,5 @@ def load(
     moe_capacity: float | None = None,
     moe_bpr: bool | None = None,
     arch: str = "sm_90a",
+    rows_per_input: int = 1,
 ) -> Session: ...

@@ -42,6 +42,7 @@ class Session:
         top_k: int = 0,
         top_p: float | None = None,
         seed: int = 0,
+        beams: tuple[int, int, float, str, int] | None = None,
     ) -> list[RawOutput]: ...
     def generate_prompt(
         self,

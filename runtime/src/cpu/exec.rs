@@ -242,6 +242,21 @@ impl Executable for CpuExec {
         out.copy_from_slice(&self.states.bytes()[off..off + n]);
         Ok(())
     }
+
+    fn gather_state_rows(&mut self, rows: &[usize]) -> Result<()> {
+        use rayon::prelude::*;
+        let states = self.states.bytes_mut();
+        for (st, &off) in self.program.states.iter().zip(&self.state_off) {
+            let n = st.ty.bytes();
+            let row = n / rows.len().max(1);
+            // The chosen rows gathered into a copy, then written back (rows may repeat).
+            let old = states[off..off + n].to_vec();
+            states[off..off + n].par_chunks_mut(row.max(1)).zip(rows.par_iter()).for_each(|(dst, &r)| {
+                dst.copy_from_slice(&old[r * row..(r + 1) * row]);
+            });
+        }
+        Ok(())
+    }
 }
 
 impl CpuExec {

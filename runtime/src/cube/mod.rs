@@ -356,4 +356,42 @@ impl<R: Runtime> Executable for CubeExec<R> {
         out.copy_from_slice(&got[..out.len()]);
         Ok(())
     }
+
+    fn gather_state_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let backend = self.program.backend.clone();
+        let fail = |msg: String| RuntimeError::Unsupported { backend: backend.clone(), msg };
+        let biggest = self.program.states.iter().map(|st| st.ty.bytes()).max().unwrap_or(0);
+        if biggest == 0 || rows.is_empty() {
+            return Ok(());
+        }
+        let scratch = self.client.empty(biggest.next_multiple_of(4));
+        let blocks = |n: usize| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, 1, 1);
+        for (st, &at) in self.program.states.iter().zip(&self.states_at) {
+            let bytes = st.ty.bytes();
+            if !bytes.is_multiple_of(4 * rows.len()) || !at.is_multiple_of(4) {
+                return Err(fail(format!("state {} ({}): rows are not whole 4-byte words", st.name, st.ty)));
+            }
+            let (n, w) = (bytes / 4, bytes / 4 / rows.len());
+            let mut params: Vec<u32> = vec![(at / 4) as u32, w as u32, n as u32];
+            params.extend(rows.iter().map(|&r| r as u32));
+            let p = self.client.create_from_slice(u32::as_bytes(&params));
+            for back in [false, true] {
+                // SAFETY: the state's words `[at / 4, at / 4 + n)` lie in the arena (placed by
+                // `states_in_arena`), the scratch holds `biggest >= 4 n` bytes, and every row
+                // index was checked below the row count by the session.
+                unsafe {
+                    k::state_rows::launch_unchecked::<f32, R>(
+                        &self.client,
+                        blocks(n),
+                        CubeDim::new_1d(k::BLOCK),
+                        self.arena_arg(),
+                        ArrayArg::from_raw_parts(scratch.clone(), n),
+                        ArrayArg::from_raw_parts(p.clone(), params.len()),
+                        back,
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
 }

@@ -82,6 +82,11 @@ pub struct CudaExec {
     graphs: Vec<Option<sys::CUgraphExec>>,
     /// Arena offset of each persistent state (`states_in_arena`), zeroed at load and reset.
     pub(super) states_at: Vec<usize>,
+    /// Every loaded kernel by name (the state-row gather launches `data` kernels by name).
+    funcs: HashMap<String, sys::CUfunction>,
+    /// A second allocation for reordering state rows (indices, then a state's copy), made on
+    /// first use: its address and size.
+    rows_scratch: Option<(u64, usize)>,
     /// `KILN_CUDA_DEBUG=1`: no graphs; each step issued alone and synchronised, so a fault
     /// names its step and kernel.
     debug: bool,
@@ -150,6 +155,8 @@ impl CudaExec {
             items: Vec::new(),
             graphs: Vec::new(),
             states_at,
+            funcs: HashMap::new(),
+            rows_scratch: None,
             debug: std::env::var("KILN_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         };
         me.upload(store)?;
@@ -179,6 +186,7 @@ impl CudaExec {
             me.items.push(steps);
         }
         me.graphs = (0..program.entries.len()).map(|_| None).collect();
+        me.funcs = funcs;
         // Timing writes GEMM outputs (arena intermediates): before the states are zeroed.
         me.tune(gemv)?;
         me.zero_states()?;
@@ -593,6 +601,45 @@ impl crate::backend::Executable for CudaExec {
         self.run_inner(entry, inputs, outputs, None)
     }
 
+    fn gather_state_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let biggest = self.program.states.iter().map(|st| st.ty.bytes()).max().unwrap_or(0);
+        if biggest == 0 || rows.is_empty() {
+            return Ok(());
+        }
+        drv("bind context", self.ctx.bind_to_thread())?;
+        let cu = self.stream.cu_stream();
+        let need = 256 + biggest.next_multiple_of(256) + 8 * rows.len();
+        let (scratch, _) = match self.rows_scratch {
+            Some(s) if s.1 >= need => s,
+            old => {
+                if let Some((ptr, _)) = old {
+                    drv("sync", self.stream.synchronize())?;
+                    // SAFETY: our own earlier scratch; nothing is queued on it any more.
+                    drv("cuMemFree", unsafe { dr::free_sync(ptr) })?;
+                    self.rows_scratch = None;
+                }
+                // SAFETY: a plain allocation of `need` bytes, freed in Drop or above.
+                let ptr = drv("cuMemAlloc", unsafe { dr::malloc_sync(need) })?;
+                self.rows_scratch = Some((ptr, need));
+                (ptr, need)
+            }
+        };
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx_bytes: Vec<u8> = idx.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let copy_at = scratch + (8 * rows.len()).next_multiple_of(256) as u64;
+        // SAFETY: the index block fits the scratch's head; `idx_bytes` lives until the sync below.
+        drv("upload rows", unsafe { dr::memcpy_htod_async(scratch, &idx_bytes[..], cu) })?;
+        let flag = self.base + self.layout.error_flag as u64;
+        for (st, &at) in self.program.states.iter().zip(&self.states_at) {
+            let state = self.base + (self.layout.arena + at) as u64;
+            for l in super::state_rows::launches(state, copy_at, scratch, flag, rows.len(), st.ty.bytes() / rows.len()) {
+                let f = *self.funcs.get(&l.kernel).ok_or_else(|| err(format!("kernel {} is in no loaded module", l.kernel)))?;
+                self.launch(f, &l)?;
+            }
+        }
+        drv("sync", self.stream.synchronize())
+    }
+
     fn time_device(&mut self, entry: usize, inputs: &[&[u8]], runs: usize) -> Option<Result<Vec<f64>>> {
         let go = || -> Result<Vec<f64>> {
             drv("bind context", self.ctx.bind_to_thread())?;
@@ -642,6 +689,9 @@ impl Drop for CudaExec {
             let _ = lt::destroy_handle(self.lt);
             for m in &self.modules {
                 let _ = dr::module::unload(*m);
+            }
+            if let Some((ptr, _)) = self.rows_scratch {
+                let _ = dr::free_sync(ptr);
             }
             let _ = dr::free_sync(self.base);
         }

@@ -17,6 +17,7 @@ mod fused_codegen;
 pub mod gemm;
 pub mod kernel;
 pub mod lower;
+mod state_rows;
 pub mod tune;
 
 use crate::backend::{Backend, Executable};
