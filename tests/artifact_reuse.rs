@@ -147,8 +147,8 @@ fn generate_runs_a_compiled_generation_artifact() {
     assert_eq!(code, Some(0), "{out}{err}");
     let (a, f) = (io::read(&d.join("a.safetensors")).unwrap(), io::read(&d.join("f.safetensors")).unwrap());
     assert_eq!(a.len(), 2);
-    for ((na, ta), (nf, tf)) in a.iter().zip(&f) {
-        assert_eq!(na, nf);
+    for (na, ta) in &a {
+        let tf = &f.iter().find(|(n, _)| n == na).unwrap_or_else(|| panic!("{na} from the folder")).1;
         assert_eq!(ta.ty, tf.ty, "{na}");
         assert_eq!(ta.to_f64(), tf.to_f64(), "{na}: the artifact and the folder generate alike");
     }
