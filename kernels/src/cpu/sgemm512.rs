@@ -65,7 +65,12 @@ enum Panels {
     Bf16(Vec<u16>),
     /// Panels read in place from `owner.bytes()[start..start + len]` (checked at construction:
     /// in bounds and 64-byte aligned), f32 or (`bf16`) bf16 bits.
-    Borrowed { owner: std::sync::Arc<dyn PanelBytes>, start: usize, len: usize, bf16: bool },
+    Borrowed {
+        owner: std::sync::Arc<dyn PanelBytes>,
+        start: usize,
+        len: usize,
+        bf16: bool,
+    },
 }
 
 /// The panels' elements as a slice, wherever they live.
