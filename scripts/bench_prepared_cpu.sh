@@ -54,7 +54,7 @@ torch_side() { # dir cache seq
   local dir=$1 cache=$2 seq=$3
   drop "$cache"
   local j
-  j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$py" - "$dir" "$threads" "$seq" <<'PY'
+  j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$py" - "$dir" "$threads" "$seq" 2>"$root/err.txt" <<'PY' | grep '^{'
 import json, sys, time
 t0 = time.perf_counter()
 import torch
@@ -80,7 +80,7 @@ with torch.no_grad():
 t3 = time.perf_counter()
 print(json.dumps({"import_ms": (t1 - t0) * 1e3, "load_ms": (t2 - t1) * 1e3, "first_run_ms": (t3 - t2) * 1e3}))
 PY
-  2>"$root/err.txt" | grep '^{') || { cat "$root/err.txt"; return 1; }
+  ) || { grep -v 'Loading weights' "$root/err.txt"; return 1; }
   read -r wall rss <"$root/time.txt"
   python3 - "$j" "$wall" "$rss" "$cache" <<'PY'
 import json, sys
