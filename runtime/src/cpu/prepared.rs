@@ -529,15 +529,23 @@ pub fn store_for_artifact(artifact: &Path, program: &Program, weights: Option<&P
     if program.backend != "cpu" || !opts.prepared || !pp.is_file() {
         return ordinary(String::new());
     }
-    let file = PreparedFile::open(&pp, program, opts.verify)?;
+    let file = PreparedFile::open(&pp, program, false)?;
     if let Some(w) = weights.filter(|w| !file.made_from(w)) {
         let note =
             format!(" (prepared file {} not used: made from {}, not {})", pp.display(), file.checkpoint_paths().join(", "), w.display());
         return ordinary(note);
     }
+    let t = std::time::Instant::now();
+    if opts.verify {
+        file.verify(program)?;
+    }
+    let checked = match opts.verify {
+        true => format!("checksums verified in {:.0} ms", t.elapsed().as_secs_f64() * 1e3),
+        false => "checksums not verified".into(),
+    };
     let (bytes, packed, raw) = file.summary();
     let line = format!(
-        "prepared {}: map {bytes} bytes ({packed} packed matrices, {raw} weights as stored); pack none, compile none",
+        "prepared {}: map {bytes} bytes ({packed} packed matrices, {raw} weights as stored; {checked}); pack none, compile none",
         pp.display()
     );
     Ok((WeightStore::from_prepared(file), line))
