@@ -183,8 +183,8 @@ fn bad_prepared_files_are_refused_by_name() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A weight the program reads as it is (not packed) lies page-aligned in the file, so the
-/// kernels read it in place.
+/// The file holds one packed matrix per matmul weight (on an AVX-512 machine) and the
+/// weights other steps read as they are (norms, embeddings), and its checksums verify.
 #[test]
 fn prepared_file_holds_only_what_a_load_reads() {
     let (dir, art, program) = small("holds");
