@@ -199,7 +199,7 @@ fn compile_ensemble(specs: &[String], weights_from: Option<&Path>, p: &ProfileAr
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
         println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
     }
-    kiln_graph::artifact::save_file(out, &c.program)?;
+    super::commands::save_with_prepared(out, &c.program, p)?;
     println!("{}", c.program.model);
     println!(
         "compiled in {secs:.3} s: {} weights from {} members -> {}",

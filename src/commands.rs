@@ -14,6 +14,7 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
             )));
         }
         print_program(&prog);
+        println!("== load\n{}", load_plan(model, &prog, p));
         return Ok(());
     }
     let mut opts = profile(p, None, None)?;
@@ -42,6 +43,30 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
         println!("{}", kiln_graph::plan::report(&e.plan, &e.graph));
     }
     Ok(())
+}
+
+/// What loading the artifact at `model` will do: map its prepared weight file (checked as a
+/// load checks it, checksums included) or pack weights from the checkpoint, and why.
+fn load_plan(model: &Path, prog: &Program, p: &ProfileArgs) -> String {
+    use kiln_runtime::cpu::prepared;
+    let pp = prepared::path_for(model);
+    let ordinary = format!("from the checkpoint {}: {}", prog.source, prepared::plan(prog));
+    if prog.backend != "cpu" {
+        return ordinary;
+    }
+    if p.no_prepared || !pp.is_file() {
+        return format!("{ordinary} (no prepared weight file {})", pp.display());
+    }
+    match prepared::PreparedFile::open(&pp, prog, true) {
+        Ok(f) => {
+            let (bytes, packed, raw) = f.summary();
+            format!(
+                "prepared {}: map {bytes} bytes ({packed} packed matrices, {raw} weights as stored); pack none, compile none",
+                pp.display()
+            )
+        }
+        Err(e) => format!("a load fails: {e}"),
+    }
 }
 
 pub(super) fn print_program(prog: &Program) {
@@ -98,12 +123,16 @@ pub(super) fn bench(
     entry: &str,
 ) -> Result<()> {
     let opts = profile(p, None, None)?;
+    let t0 = Instant::now();
     let (mut s, graphs) = session_and_graph(model, weights, Some(opts), p)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let e = &s.program().entries[s.entry_index(entry)?];
     let graph = graphs.and_then(|g| g.into_iter().find(|(n, _)| n == entry).map(|(_, g)| g));
     let inputs = kiln::bench::synthetic_inputs(e);
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    s.run(entry, &refs)?; // warm-up
+    let t1 = Instant::now();
+    s.run(entry, &refs)?; // warm-up: the first call after the load
+    let first_ms = t1.elapsed().as_secs_f64() * 1e3;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         let t = Instant::now();
@@ -118,7 +147,7 @@ pub(super) fn bench(
         (t[0] * 1e3, t[t.len() / 2] * 1e3)
     });
     if json {
-        let mut j = serde_json::json!({"model": s.program().model, "backend": s.program().backend, "entry": entry, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len()});
+        let mut j = serde_json::json!({"model": s.program().model, "backend": s.program().backend, "entry": entry, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len(), "load_ms": load_ms, "first_run_ms": first_ms});
         if let Some((dmin, dmed)) = device {
             j["device_min_ms"] = dmin.into();
             j["device_median_ms"] = dmed.into();
@@ -131,6 +160,7 @@ pub(super) fn bench(
             s.program().backend,
             times.len()
         );
+        println!("load {load_ms:.0} ms (a folder: compile included), first run after it {first_ms:.0} ms");
         if let Some((dmin, dmed)) = device {
             println!("device alone (inputs already there): min {dmin:.3} ms  median {dmed:.3} ms");
         }
@@ -272,7 +302,7 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut program, &p.arch))?;
         println!("{} CUBINs for {} stored", program.binaries.len(), p.arch);
     }
-    kiln_graph::artifact::save_file(out, &program)?;
+    save_with_prepared(out, &program, p)?;
     println!("{}", program.model);
     println!(
         "compiled in {secs:.3} s: generation for batch {batch}, bucket {bucket}, up to {max_new} new tokens (cache {}): {} weights -> {}",
@@ -383,6 +413,33 @@ pub(super) fn generate_uvim(
     Ok(())
 }
 
+/// Writes the artifact and, for the cpu backend unless `--no-prepared`, its prepared weight
+/// file beside it (`<out>.weights`: every weight as the kernels read it, so a load maps it
+/// and packs nothing). A prepared file left from an earlier compile is removed first: it
+/// would be refused as stale.
+pub(super) fn save_with_prepared(out: &Path, program: &Program, p: &ProfileArgs) -> Result<()> {
+    let pp = kiln_runtime::cpu::prepared::path_for(out);
+    if pp.exists() {
+        std::fs::remove_file(&pp).map_err(|e| Error::Usage(format!("{}: {e}", pp.display())))?;
+    }
+    kiln_graph::artifact::save_file(out, program)?;
+    if program.backend != "cpu" || p.no_prepared {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let store = WeightStore::for_program(program, None)?;
+    let w = progress("writing prepared weights", || kiln_runtime::cpu::prepared::write(program, Arc::new(store), &pp))?;
+    println!(
+        "prepared weights: {} packed matrices and {} weights as stored, {} -> {} ({:.1} s)",
+        w.packed,
+        w.raw,
+        human(w.bytes as usize),
+        pp.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// `kiln compile` of a `forward` program.
 pub(super) fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Result<()> {
     let opts = profile(p, None, None)?;
@@ -398,7 +455,7 @@ pub(super) fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Resu
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
         println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
     }
-    kiln_graph::artifact::save_file(out, &c.program)?;
+    save_with_prepared(out, &c.program, p)?;
     println!("{}", c.program.model);
     println!("compiled in {secs:.3} s: {} weights -> {}", c.program.weights.len(), out.display());
     for e in &c.program.entries {

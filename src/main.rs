@@ -65,6 +65,10 @@ struct ProfileArgs {
     /// everywhere) or `auto` (whichever measures faster at load).
     #[arg(long, default_value = "auto")]
     cuda_gemv: String,
+    /// cpu backend: `compile` writes no prepared weight file (`<artifact>.weights`: every
+    /// weight packed as the kernels read it, mapped at load); `run`, `bench`, `inspect` ignore one.
+    #[arg(long)]
+    no_prepared: bool,
 }
 
 #[derive(Subcommand)]
@@ -406,20 +410,29 @@ fn session_and_graph(
     opts: Option<CompileOptions>,
     p: &ProfileArgs,
 ) -> Result<(Session, EntryGraphs)> {
-    let (program, graph) = if is_artifact(model) {
+    if is_artifact(model) {
         let program = kiln_graph::artifact::load_file(model)?;
         artifact_cli::refuse_compile_flags(model, &program, p)?;
-        (program, None)
-    } else {
+        let prepared = program.backend == "cpu" && !p.no_prepared && kiln_runtime::cpu::prepared::path_for(model).is_file();
+        if !prepared {
+            // Without a prepared file the weights come from the folder it was compiled from:
+            // a missing one is named, with --weights.
+            artifact_cli::weights_path(model, &program, weights)?;
+        }
+        let opts = kiln_runtime::cpu::prepared::LoadOptions { prepared: !p.no_prepared, verify: true };
+        let t = Instant::now();
+        let (store, report) =
+            progress("loading weights", || kiln_runtime::cpu::prepared::store_for_artifact(model, &program, weights, opts))?;
+        let session = progress("preparing", || load(program, Arc::new(store), p))?;
+        eprintln!("load: {report} ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3);
+        return Ok((session, None));
+    }
+    let (program, graph) = {
         let opts = opts.ok_or_else(|| Error::Usage("a model folder needs a profile".into()))?;
         let c = progress("compiling", || compile(model, &opts))?;
         (c.program, Some(c.entries.into_iter().map(|e| (e.name, e.graph)).collect()))
     };
-    let wpath = match weights {
-        Some(w) => w.to_path_buf(),
-        None if is_artifact(model) => artifact_cli::weights_path(model, &program, None)?,
-        None => model.to_path_buf(),
-    };
+    let wpath = weights.map(Path::to_path_buf).unwrap_or_else(|| model.to_path_buf());
     // An ensemble's weights span its members' folders (`weight_sets`, relative to `wpath`).
     let store = progress("loading weights", || WeightStore::for_program(&program, Some(&wpath)))?;
     Ok((progress("preparing", || load(program, Arc::new(store), p))?, graph))

@@ -133,11 +133,16 @@ const char *kiln_last_error(void);
 
 // Opens a session: loads the artifact at `artifact_path` and maps the weights at
 // `weights_path` (a `.safetensors` file or a folder of them), checking every weight the
-// artifact reads. `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the
-// session; on failure it is set to NULL.
+// artifact reads. The artifact's prepared weight file (`<artifact>.weights`, written by
+// `kiln compile` for the cpu backend) is mapped instead when it was made from these weights,
+// or when `weights_path` is NULL (then, without one, the folder the artifact was compiled
+// from is read); a corrupt or stale prepared file fails with `KILN_STATUS_WEIGHTS`.
+// `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the session; on
+// failure it is set to NULL.
 //
 // # Safety
-// The paths are NUL-terminated strings; `out` is valid for a write.
+// `artifact_path` is a NUL-terminated string, `weights_path` one or NULL; `out` is valid
+// for a write.
 enum KilnStatus kiln_session_open(uint32_t abi_version,
                                   const char *artifact_path,
                                   const char *weights_path,

@@ -110,11 +110,16 @@ unsafe fn put<T>(out: *mut T, arg: &'static str, v: T) -> Result<(), CapiError> 
 
 /// Opens a session: loads the artifact at `artifact_path` and maps the weights at
 /// `weights_path` (a `.safetensors` file or a folder of them), checking every weight the
-/// artifact reads. `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the
-/// session; on failure it is set to NULL.
+/// artifact reads. The artifact's prepared weight file (`<artifact>.weights`, written by
+/// `kiln compile` for the cpu backend) is mapped instead when it was made from these weights,
+/// or when `weights_path` is NULL (then, without one, the folder the artifact was compiled
+/// from is read); a corrupt or stale prepared file fails with `KILN_STATUS_WEIGHTS`.
+/// `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the session; on
+/// failure it is set to NULL.
 ///
 /// # Safety
-/// The paths are NUL-terminated strings; `out` is valid for a write.
+/// `artifact_path` is a NUL-terminated string, `weights_path` one or NULL; `out` is valid
+/// for a write.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_session_open(
     abi_version: u32,
@@ -132,8 +137,10 @@ pub unsafe extern "C" fn kiln_session_open(
             return Err(CapiError::AbiVersion { caller: abi_version, library: KILN_ABI_VERSION });
         }
         // SAFETY: NUL-terminated strings (caller contract).
-        let (artifact, weights) = unsafe { (c_path(artifact_path, "artifact_path")?, c_path(weights_path, "weights_path")?) };
-        let s = Box::new(KilnSession::open(&artifact, &weights)?);
+        let artifact = unsafe { c_path(artifact_path, "artifact_path")? };
+        // SAFETY: NULL or a NUL-terminated string (caller contract).
+        let weights = if weights_path.is_null() { None } else { Some(unsafe { c_path(weights_path, "weights_path")? }) };
+        let s = Box::new(KilnSession::open(&artifact, weights.as_deref())?);
         // SAFETY: as above.
         unsafe { out.write(Box::into_raw(s)) };
         Ok(())

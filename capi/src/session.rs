@@ -168,9 +168,10 @@ fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
 }
 
 impl KilnSession {
-    /// Loads an artifact and its weights.
-    pub fn open(artifact: &Path, weights: &Path) -> Result<Self, CapiError> {
-        let session = Session::load(artifact, weights)?;
+    /// Loads an artifact and its weights (`None`: its prepared weight file, else the folder it
+    /// was compiled from).
+    pub fn open(artifact: &Path, weights: Option<&Path>) -> Result<Self, CapiError> {
+        let (session, _) = Session::load_with(artifact, weights, kiln_runtime::cpu::prepared::LoadOptions::default())?;
         let p = session.program();
         let entries = p.entries.iter().map(|e| entry_meta(p, e)).collect::<Result<_, _>>()?;
         let states = p.states.iter().map(|s| io_meta("state", &s.name, &s.ty, true)).collect::<Result<_, _>>()?;

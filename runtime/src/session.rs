@@ -66,11 +66,20 @@ impl Session {
     }
 
     /// Loads an artifact file and its weights: a safetensors file or a folder (for an ensemble,
-    /// see [`WeightStore::for_program`]).
+    /// see [`WeightStore::for_program`]). The artifact's prepared weight file
+    /// (`<artifact>.weights`, [`crate::cpu::prepared`]) is used instead when it was made from
+    /// these weights.
     pub fn load(artifact: &Path, weights: &Path) -> Result<Self> {
+        Ok(Session::load_with(artifact, Some(weights), crate::cpu::prepared::LoadOptions::default())?.0)
+    }
+
+    /// [`Session::load`] with the weights optional (default: the prepared file beside the
+    /// artifact, else the folder it was compiled from) and load options; also gives one line
+    /// saying what the load did (mapped a prepared file, or packed weights from a checkpoint).
+    pub fn load_with(artifact: &Path, weights: Option<&Path>, opts: crate::cpu::prepared::LoadOptions) -> Result<(Self, String)> {
         let program = kiln_graph::artifact::load_file(artifact)?;
-        let store = WeightStore::for_program(&program, Some(weights))?;
-        Session::new(program, Arc::new(store))
+        let (store, report) = crate::cpu::prepared::store_for_artifact(artifact, &program, weights, opts)?;
+        Ok((Session::new(program, Arc::new(store))?, report))
     }
 
     /// The program this session runs.

@@ -7,7 +7,7 @@ use kiln_graph::{npz, safetensors, TensorType};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// One tensor's place in a mapped file.
 #[derive(Clone, Debug)]
@@ -19,10 +19,12 @@ pub struct WeightRef {
     pub end: usize,
 }
 
-/// Bytes a weight can live in: a mapped file, or data inflated from one.
+/// Bytes a weight can live in: a mapped file, or data inflated from one, or a mapped
+/// prepared weight file (shared with the packed matrices read from it).
 enum Backing {
     Map(Mmap),
     Owned(Vec<u8>),
+    Prepared(Arc<crate::cpu::prepared::Mapped>),
 }
 
 impl std::ops::Deref for Backing {
@@ -31,6 +33,7 @@ impl std::ops::Deref for Backing {
         match self {
             Backing::Map(m) => m,
             Backing::Owned(v) => v,
+            Backing::Prepared(m) => kiln_kernels::cpu::sgemm512::PanelBytes::bytes(m.as_ref()),
         }
     }
 }
@@ -44,6 +47,8 @@ pub struct WeightStore {
     pub index: HashMap<String, WeightRef>,
     /// Permuted views materialised so far: their bytes (file `maps.len() + k`) and refs by name.
     views: Mutex<Views>,
+    /// The prepared weight file this store is (file 0), when it is one.
+    prepared: Option<Arc<crate::cpu::prepared::PreparedFile>>,
 }
 
 #[derive(Default)]
@@ -201,6 +206,22 @@ impl WeightStore {
 
     /// A store with no files, for programs that read no weights.
     pub fn empty() -> Self {
-        WeightStore { paths: vec![], maps: vec![], index: HashMap::new(), views: Mutex::new(Views::default()) }
+        WeightStore { paths: vec![], maps: vec![], index: HashMap::new(), views: Mutex::new(Views::default()), prepared: None }
+    }
+
+    /// A store holding one prepared weight file (opened and checked by
+    /// [`PreparedFile::open`](crate::cpu::prepared::PreparedFile::open)): the cpu backend reads
+    /// every weight from it in place, and looks nothing up by name.
+    pub fn from_prepared(file: crate::cpu::prepared::PreparedFile) -> Self {
+        let mut store = WeightStore::empty();
+        store.paths.push(file.path.clone());
+        store.maps.push(Backing::Prepared(file.map.clone()));
+        store.prepared = Some(Arc::new(file));
+        store
+    }
+
+    /// The prepared weight file this store holds, if it is one.
+    pub fn prepared(&self) -> Option<&Arc<crate::cpu::prepared::PreparedFile>> {
+        self.prepared.as_ref()
     }
 }

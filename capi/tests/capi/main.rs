@@ -8,6 +8,7 @@ mod c_example;
 mod common;
 mod ensemble;
 mod header;
+mod prepared;
 mod states;
 mod threads;
 mod tiny;

@@ -34,6 +34,17 @@ pub fn available() -> bool {
     }
 }
 
+/// The version of the packed layout below (panel width, element order, padding). A prepared
+/// weight file records it, so panels written by another layout are refused, not misread.
+pub const LAYOUT: &str = "sgemm512 panels [n/32][k][32] zero-padded, f32 or bf16 bits, v1";
+
+/// Bytes owned elsewhere that hold packed panels (a mapped prepared weight file): the panels
+/// are read in place, never copied.
+pub trait PanelBytes: Send + Sync + std::fmt::Debug {
+    /// The whole buffer; the panels lie at the offset given to [`PackedB::from_bytes`].
+    fn bytes(&self) -> &[u8];
+}
+
 /// A k x n right-hand side packed into panels `[n / 32][k][32]` (the last panel zero-padded).
 #[derive(Clone, Debug)]
 pub struct PackedB {
@@ -52,6 +63,37 @@ pub struct PackedB {
 enum Panels {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    /// Panels read in place from `owner.bytes()[start..start + len]` (checked at construction:
+    /// in bounds and 64-byte aligned), f32 or (`bf16`) bf16 bits.
+    Borrowed {
+        owner: std::sync::Arc<dyn PanelBytes>,
+        start: usize,
+        len: usize,
+        bf16: bool,
+    },
+}
+
+/// The panels' elements as a slice, wherever they live.
+enum PanelSlice<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Panels {
+    fn slice(&self) -> PanelSlice<'_> {
+        match self {
+            Panels::F32(d) => PanelSlice::F32(d),
+            Panels::Bf16(d) => PanelSlice::Bf16(d),
+            Panels::Borrowed { owner, start, len, bf16 } => {
+                let b = &owner.bytes()[*start..*start + *len];
+                // Alignment and length were checked in `from_bytes`, so the casts cannot fail.
+                match bf16 {
+                    true => PanelSlice::Bf16(bytemuck::cast_slice(b)),
+                    false => PanelSlice::F32(bytemuck::cast_slice(b)),
+                }
+            }
+        }
+    }
 }
 
 /// Float elements as a checkpoint stores them (little-endian bytes), read as f32: exact for
@@ -109,18 +151,49 @@ impl PackedB {
 
     /// Bytes the panels hold.
     pub fn bytes(&self) -> usize {
-        match &self.data {
-            Panels::F32(d) => 4 * d.len(),
-            Panels::Bf16(d) => 2 * d.len(),
+        self.raw().0.len()
+    }
+
+    /// The panels' bytes as they lie in memory (little-endian), and whether they are bf16 bits
+    /// (else f32): what a prepared weight file stores, and [`PackedB::from_bytes`] reads back.
+    pub fn raw(&self) -> (&[u8], bool) {
+        match self.data.slice() {
+            PanelSlice::F32(d) => (bytemuck::cast_slice(d), false),
+            PanelSlice::Bf16(d) => (bytemuck::cast_slice(d), true),
         }
+    }
+
+    /// Bytes the panels of a k x n matrix take: f32, or (`bf16`) bf16 bits.
+    pub fn packed_len(k: usize, n: usize, bf16: bool) -> usize {
+        n.div_ceil(NR) * k * NR * if bf16 { 2 } else { 4 }
+    }
+
+    /// Panels already packed (as [`PackedB::raw`] gives them), read in place at
+    /// `owner.bytes()[start..]`: no copy, no packing. Fails when the range is out of bounds,
+    /// not 64-byte aligned, or `k`, `n` are too large to address.
+    pub fn from_bytes(k: usize, n: usize, bf16: bool, owner: std::sync::Arc<dyn PanelBytes>, start: usize) -> Result<Self, String> {
+        let len = n
+            .div_ceil(NR)
+            .checked_mul(k)
+            .and_then(|x| x.checked_mul(NR * if bf16 { 2 } else { 4 }))
+            .ok_or_else(|| format!("a {k} x {n} packed matrix is too large"))?;
+        let all = owner.bytes();
+        let end = start.checked_add(len).filter(|&e| e <= all.len());
+        if end.is_none() {
+            return Err(format!("panels of a {k} x {n} matrix ({len} bytes at {start}) overrun the buffer of {} bytes", all.len()));
+        }
+        if !(all.as_ptr() as usize + start).is_multiple_of(64) {
+            return Err(format!("panels of a {k} x {n} matrix at offset {start} are not 64-byte aligned"));
+        }
+        Ok(PackedB { k, n, data: Panels::Borrowed { owner, start, len, bf16 } })
     }
 
     /// Element (kk, col) of the packed matrix, as f32.
     pub fn get(&self, kk: usize, col: usize) -> f32 {
         let i = (col / NR) * self.k * NR + kk * NR + col % NR;
-        match &self.data {
-            Panels::F32(d) => d[i],
-            Panels::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
+        match self.data.slice() {
+            PanelSlice::F32(d) => d[i],
+            PanelSlice::Bf16(d) => f32::from_bits((d[i] as u32) << 16),
         }
     }
 
@@ -192,7 +265,8 @@ pub fn matmul_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32]
         // With one row tile (m <= 12: decode) the micro-kernel reads the bf16 bits itself, so a
         // memory-bound step reads half the bytes; with more, widening once per slice is cheaper
         // than widening in every tile.
-        let widen = matches!(b.data, Panels::Bf16(_)) && m > MR;
+        let data = b.data.slice();
+        let widen = matches!(data, PanelSlice::Bf16(_)) && m > MR;
         let mut wide = Vec::new();
         if widen {
             wide = WIDE.with(|w| w.take());
@@ -204,10 +278,10 @@ pub fn matmul_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32]
                 let cols = NR.min(n - p * NR);
                 let range = p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR;
                 // The slice as f32, or (one row tile) its bf16 bits.
-                let (bp, bits): (&[f32], *const u16) = match &b.data {
-                    Panels::F32(d) => (&d[range], std::ptr::null()),
-                    Panels::Bf16(d) if !widen => (&[], d[range].as_ptr()),
-                    Panels::Bf16(d) => {
+                let (bp, bits): (&[f32], *const u16) = match &data {
+                    PanelSlice::F32(d) => (&d[range], std::ptr::null()),
+                    PanelSlice::Bf16(d) if !widen => (&[], d[range].as_ptr()),
+                    PanelSlice::Bf16(d) => {
                         let w = &mut wide[..kc * NR];
                         for (o, &h) in w.iter_mut().zip(&d[range]) {
                             *o = f32::from_bits((h as u32) << 16);
@@ -409,6 +483,51 @@ mod tests {
                     assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{src:?} m {m}");
                 }
             }
+        }
+    }
+
+    /// A 64-byte aligned buffer standing in for a mapped prepared file.
+    #[derive(Debug)]
+    struct Buf(Vec<u64>, usize);
+    impl PanelBytes for Buf {
+        fn bytes(&self) -> &[u8] {
+            &bytemuck::cast_slice(&self.0)[self.1..]
+        }
+    }
+
+    /// Panels read in place from another buffer (as from a mapped prepared file) give the same
+    /// products, bit for bit, as the packed copy they were written from, f32 and bf16; ranges
+    /// out of bounds or misaligned are refused.
+    #[test]
+    fn borrowed_panels_equal_owned_ones() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: nothing to test");
+            return;
+        }
+        let (k, n) = (1300, 70);
+        let mut rng = Rng::new(5);
+        let w = rng.vec(k * n, -2.0, 2.0);
+        let bf: Vec<u8> = w.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+        let f: Vec<u8> = w.iter().flat_map(|&x| x.to_le_bytes()).collect();
+        for src in [Stored::F32(&f), Stored::Bf16(&bf)] {
+            let owned = PackedB::pack_stored(src, k, n, true);
+            let (raw, bf16) = owned.raw();
+            assert_eq!(raw.len(), PackedB::packed_len(k, n, bf16));
+            // 64-byte aligned storage, the panels at byte 128.
+            let mut words = vec![0u64; (raw.len() + 256) / 8 + 8];
+            let skip = (64 - (words.as_ptr() as usize) % 64) % 64;
+            bytemuck::cast_slice_mut::<u64, u8>(&mut words)[skip + 128..skip + 128 + raw.len()].copy_from_slice(raw);
+            let owner: std::sync::Arc<dyn PanelBytes> = std::sync::Arc::new(Buf(words, skip));
+            let borrowed = PackedB::from_bytes(k, n, bf16, owner.clone(), 128).unwrap();
+            for m in [1, 13] {
+                let a = rng.vec(m * k, -1.0, 1.0);
+                let (mut c1, mut c2) = (vec![0.0; m * n], vec![0.0; m * n]);
+                matmul_packed(&a, m, k, &borrowed, &mut c1);
+                matmul_packed(&a, m, k, &owned, &mut c2);
+                assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{src:?} m {m}");
+            }
+            assert!(PackedB::from_bytes(k, n, bf16, owner.clone(), 4).unwrap_err().contains("aligned"));
+            assert!(PackedB::from_bytes(k, n, bf16, owner.clone(), 192 + raw.len()).unwrap_err().contains("overrun"));
         }
     }
 

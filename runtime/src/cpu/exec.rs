@@ -135,13 +135,9 @@ fn pack_weight<'w>(
     weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
     cache: &mut PackCache,
 ) -> Arc<Vec<sgemm512::PackedB>> {
-    let (a, b, o) = (&s.inputs[0].ty, &s.inputs[1], &s.output.ty);
-    let Slot::Weight(i) = b.slot else { return Arc::default() };
+    let b = &s.inputs[1];
+    let Some(i) = packable(s, kernel) else { return Arc::default() };
     let r = b.ty.rank();
-    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
-    if !(r == 2 || batched) || !sgemm512::available() || !matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue) {
-        return Arc::default();
-    }
     if let Some(p) = cache.get(&(i, tb)) {
         return p.clone();
     }
@@ -154,6 +150,21 @@ fn pack_weight<'w>(
     let p = Arc::new(packed);
     cache.insert((i, tb), p.clone());
     p
+}
+
+/// The weight a step of `kernel` packs, if any (see [`pack_weight`]).
+fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
+    let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
+    let Slot::Weight(i) = b.slot else { return None };
+    let r = b.ty.rank();
+    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
+    ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
+}
+
+/// The weight (index, transposed) a stored step packs at load, if any.
+pub(crate) fn packs(s: &Step) -> Option<(u32, bool)> {
+    let Op::MatMul { transpose_b, .. } = &s.op else { return None };
+    packable(s, CpuKernel::parse(&s.kernel)?).map(|i| (i, *transpose_b))
 }
 
 pub(crate) struct CpuExec {

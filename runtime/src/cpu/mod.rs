@@ -4,6 +4,7 @@
 mod exec;
 pub mod fused;
 pub mod kernel;
+pub mod prepared;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
@@ -67,141 +68,161 @@ impl Backend for CpuBackend {
         let states: usize = program.states.iter().map(|st| st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN)).sum();
         let what = format!("the arena ({}) and states ({})", crate::memory::human(arena as u64), crate::memory::human(states as u64));
         crate::memory::check_host(&what, arena as u64 + states as u64)?;
-        let mut wbufs = Vec::with_capacity(program.weights.len());
-        for spec in &program.weights {
-            let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
-            let r = weights.resolve(&spec.name).ok_or_else(|| RuntimeError::Weight { name: spec.name.clone(), msg: "not found".into() })?;
-            let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize).is_multiple_of(8) {
-                WeightBuf::Mapped { start: r.start, file: r.file }
-            } else if ty.dtype == spec.ty.dtype {
-                WeightBuf::Owned(Aligned::from_bytes(bytes))
-            } else if ty.dtype.is_float() && spec.ty.dtype.is_float() {
-                // Converted below, once it is known whether any step reads it unpacked.
-                WeightBuf::Owned(Aligned::zeroed(0))
-            } else {
-                return Err(RuntimeError::Weight {
-                    name: spec.name.clone(),
-                    msg: format!("stored as {}, the program needs {}", ty.dtype, spec.ty.dtype),
-                });
-            };
-            wbufs.push(buf);
+        match weights.prepared() {
+            Some(file) => Ok(Box::new(prepared::load(program, file.clone(), weights.clone())?)),
+            None => Ok(Box::new(build(program, weights)?)),
         }
-        let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
-        // All states in one buffer, each at an aligned offset.
-        let mut state_off = Vec::with_capacity(program.states.len());
-        let mut state_bytes = 0;
-        for st in &program.states {
-            state_off.push(state_bytes);
-            state_bytes += st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN);
-        }
-        let state_ok = |o: &kiln_graph::program::Operand| match o.slot {
-            Slot::State(i) => program.states.get(i as usize).is_some_and(|st| st.ty.bytes() == o.ty.bytes()),
-            Slot::Arena { .. } | Slot::Weight(_) | Slot::Const(_) => true,
-        };
-        for e in &program.entries {
-            if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. } | Slot::State(_))) {
-                return Err(RuntimeError::Input {
-                    name: io.name.clone(),
-                    msg: "not placed in the arena or a state (corrupt program)".into(),
-                });
-            }
-            if let Some(io) = e.inputs.iter().chain(&e.outputs).find(|io| !state_ok(&io.operand)) {
-                return Err(RuntimeError::Input {
-                    name: io.name.clone(),
-                    msg: "a state operand of the wrong size (corrupt program)".into(),
-                });
-            }
-            for (i, s) in e.steps.iter().enumerate() {
-                let end = |o: &kiln_graph::program::Operand| match o.slot {
-                    Slot::Arena { offset, bytes } => offset + bytes,
-                    Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => 0,
-                };
-                if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes || !state_ok(o)) {
-                    return Err(RuntimeError::Step {
-                        step: i,
-                        op: s.op.name(),
-                        msg: "operand outside the arena or its state (corrupt program)".into(),
-                    });
-                }
-                if let Slot::State(st) = s.output.slot {
-                    let aliased = |k: usize| s.inputs.get(k).is_some_and(|o| o.slot == Slot::State(st));
-                    let in_place = matches!(s.op, Op::WriteSlice { .. }) && aliased(0);
-                    if (0..s.inputs.len()).any(|k| aliased(k) && !(k == 0 && in_place)) {
-                        return Err(RuntimeError::Step {
-                            step: i,
-                            op: s.op.name(),
-                            msg: "reads the state it writes (corrupt program)".into(),
-                        });
-                    }
-                }
-                if !matches!(s.output.slot, Slot::Arena { .. } | Slot::State(_)) {
-                    return Err(RuntimeError::Step {
-                        step: i,
-                        op: s.op.name(),
-                        msg: "writes a weight or constant (corrupt program)".into(),
-                    });
-                }
-            }
-        }
-        // A weight stored in another dtype, converted to the program's (in parallel, with no
-        // f64 copy: a 257k x 2304 embedding would need 4.7 GB for one).
-        let convert = |i: usize| -> Result<Vec<u8>> {
-            let spec = &program.weights[i];
-            let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
-            Ok(crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes))
-        };
-        let converted = |i: usize| matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty() && program.weights[i].ty.bytes() > 0);
-        // A weight as its bytes lie (checkpoint map or owned buffer), packed from them directly.
-        let weight = |i: u32, n: usize| -> Option<Stored<'_>> {
-            let i = i as usize;
-            if converted(i) {
-                // Packed straight from the checkpoint's dtype: no f32 copy exists.
-                let spec = &program.weights[i];
-                let (ty, bytes) = weights.get(&spec.name, &spec.ty).ok()?;
-                return match (spec.ty.dtype, ty.dtype) {
-                    (DType::F32, DType::BF16) => Some(Stored::Bf16(&bytes[..2 * n])),
-                    (DType::F32, DType::F16) => Some(Stored::F16(&bytes[..2 * n])),
-                    _ => None,
-                };
-            }
-            Some(Stored::F32(match wbufs.get(i)? {
-                WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
-                WeightBuf::Owned(a) => &a.bytes()[..4 * n],
-            }))
-        };
-        let mut packs = exec::PackCache::new();
-        let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
-        // A converted weight that every step reads only through its packed copy never gets an
-        // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
-        let mut unpacked_read = vec![false; wbufs.len()];
-        for (e, preps) in program.entries.iter().zip(&prepared) {
-            for (s, p) in e.steps.iter().zip(preps) {
-                let packed_b = match &p.prep {
-                    exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
-                    _ => false,
-                };
-                for (k, o) in s.inputs.iter().enumerate() {
-                    if let Slot::Weight(i) = o.slot {
-                        if !(k == 1 && packed_b) {
-                            unpacked_read[i as usize] = true;
-                        }
-                    }
-                }
-            }
-        }
-        let pending: Vec<usize> = (0..wbufs.len()).filter(|&i| converted(i) && unpacked_read[i]).collect();
-        for i in pending {
-            wbufs[i] = WeightBuf::Owned(Aligned::from_bytes(&convert(i)?));
-        }
-        Ok(Box::new(exec::CpuExec {
-            weights,
-            wbufs,
-            consts,
-            arena: Aligned::try_zeroed(arena, "the arena")?,
-            states: Aligned::try_zeroed(state_bytes, "the states")?,
-            state_off,
-            program: program.clone(),
-            prepared,
-        }))
     }
+}
+
+/// Loads `program` from a checkpoint: weights borrowed from its map where their layout
+/// allows, converted once otherwise, and every matmul weight packed for the AVX-512 kernel.
+pub(crate) fn build(program: &Program, weights: Arc<WeightStore>) -> Result<exec::CpuExec> {
+    let mut wbufs = Vec::with_capacity(program.weights.len());
+    for spec in &program.weights {
+        let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
+        let r = weights.resolve(&spec.name).ok_or_else(|| RuntimeError::Weight { name: spec.name.clone(), msg: "not found".into() })?;
+        let buf = if ty.dtype == spec.ty.dtype && (bytes.as_ptr() as usize).is_multiple_of(8) {
+            WeightBuf::Mapped { start: r.start, file: r.file }
+        } else if ty.dtype == spec.ty.dtype {
+            WeightBuf::Owned(Aligned::from_bytes(bytes))
+        } else if ty.dtype.is_float() && spec.ty.dtype.is_float() {
+            // Converted below, once it is known whether any step reads it unpacked.
+            WeightBuf::Owned(Aligned::zeroed(0))
+        } else {
+            return Err(RuntimeError::Weight {
+                name: spec.name.clone(),
+                msg: format!("stored as {}, the program needs {}", ty.dtype, spec.ty.dtype),
+            });
+        };
+        wbufs.push(buf);
+    }
+    let (state_off, state_bytes) = check(program)?;
+    // A weight stored in another dtype, converted to the program's (in parallel, with no
+    // f64 copy: a 257k x 2304 embedding would need 4.7 GB for one).
+    let convert = |i: usize| -> Result<Vec<u8>> {
+        let spec = &program.weights[i];
+        let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
+        Ok(crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes))
+    };
+    let converted = |i: usize| matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty() && program.weights[i].ty.bytes() > 0);
+    // A weight as its bytes lie (checkpoint map or owned buffer), packed from them directly.
+    let weight = |i: u32, n: usize| -> Option<Stored<'_>> {
+        let i = i as usize;
+        if converted(i) {
+            // Packed straight from the checkpoint's dtype: no f32 copy exists.
+            let spec = &program.weights[i];
+            let (ty, bytes) = weights.get(&spec.name, &spec.ty).ok()?;
+            return match (spec.ty.dtype, ty.dtype) {
+                (DType::F32, DType::BF16) => Some(Stored::Bf16(&bytes[..2 * n])),
+                (DType::F32, DType::F16) => Some(Stored::F16(&bytes[..2 * n])),
+                _ => None,
+            };
+        }
+        Some(Stored::F32(match wbufs.get(i)? {
+            WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
+            WeightBuf::Owned(a) => &a.bytes()[..4 * n],
+        }))
+    };
+    let mut packs = exec::PackCache::new();
+    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
+    // A converted weight that every step reads only through its packed copy never gets an
+    // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
+    let unpacked_read = unpacked_reads(program, &prepared);
+    let pending: Vec<usize> = (0..wbufs.len()).filter(|&i| converted(i) && unpacked_read[i]).collect();
+    for i in pending {
+        wbufs[i] = WeightBuf::Owned(Aligned::from_bytes(&convert(i)?));
+    }
+    finish(program, weights, wbufs, prepared, (state_off, state_bytes))
+}
+
+/// Which weights some step reads as they are (not only through a packed copy).
+pub(crate) fn unpacked_reads(program: &Program, prepared: &[Vec<exec::Prepared>]) -> Vec<bool> {
+    let mut unpacked_read = vec![false; program.weights.len()];
+    for (e, preps) in program.entries.iter().zip(prepared) {
+        for (s, p) in e.steps.iter().zip(preps) {
+            let packed_b = match &p.prep {
+                exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
+                _ => false,
+            };
+            for (k, o) in s.inputs.iter().enumerate() {
+                if let Slot::Weight(i) = o.slot {
+                    if !(k == 1 && packed_b) {
+                        unpacked_read[i as usize] = true;
+                    }
+                }
+            }
+        }
+    }
+    unpacked_read
+}
+
+/// The executable, once weights are placed and steps prepared.
+fn finish(
+    program: &Program,
+    weights: Arc<WeightStore>,
+    wbufs: Vec<WeightBuf>,
+    prepared: Vec<Vec<exec::Prepared>>,
+    (state_off, state_bytes): (Vec<usize>, usize),
+) -> Result<exec::CpuExec> {
+    let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
+    let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+    Ok(exec::CpuExec {
+        weights,
+        wbufs,
+        consts,
+        arena: Aligned::try_zeroed(arena, "the arena")?,
+        states: Aligned::try_zeroed(state_bytes, "the states")?,
+        state_off,
+        program: program.clone(),
+        prepared,
+    })
+}
+
+/// Checks every operand of `program` lies where this backend can place it (a corrupt or
+/// hand-made program fails here, not in a kernel); gives each state's offset and their total.
+fn check(program: &Program) -> Result<(Vec<usize>, usize)> {
+    // All states in one buffer, each at an aligned offset.
+    let mut state_off = Vec::with_capacity(program.states.len());
+    let mut state_bytes = 0;
+    for st in &program.states {
+        state_off.push(state_bytes);
+        state_bytes += st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN);
+    }
+    let state_ok = |o: &kiln_graph::program::Operand| match o.slot {
+        Slot::State(i) => program.states.get(i as usize).is_some_and(|st| st.ty.bytes() == o.ty.bytes()),
+        Slot::Arena { .. } | Slot::Weight(_) | Slot::Const(_) => true,
+    };
+    for e in &program.entries {
+        if let Some(io) = e.inputs.iter().find(|io| !matches!(io.operand.slot, Slot::Arena { .. } | Slot::State(_))) {
+            return Err(RuntimeError::Input { name: io.name.clone(), msg: "not placed in the arena or a state (corrupt program)".into() });
+        }
+        if let Some(io) = e.inputs.iter().chain(&e.outputs).find(|io| !state_ok(&io.operand)) {
+            return Err(RuntimeError::Input { name: io.name.clone(), msg: "a state operand of the wrong size (corrupt program)".into() });
+        }
+        for (i, s) in e.steps.iter().enumerate() {
+            let end = |o: &kiln_graph::program::Operand| match o.slot {
+                Slot::Arena { offset, bytes } => offset + bytes,
+                Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => 0,
+            };
+            if s.inputs.iter().chain([&s.output]).any(|o| end(o) > e.arena_bytes || !state_ok(o)) {
+                return Err(RuntimeError::Step {
+                    step: i,
+                    op: s.op.name(),
+                    msg: "operand outside the arena or its state (corrupt program)".into(),
+                });
+            }
+            if let Slot::State(st) = s.output.slot {
+                let aliased = |k: usize| s.inputs.get(k).is_some_and(|o| o.slot == Slot::State(st));
+                let in_place = matches!(s.op, Op::WriteSlice { .. }) && aliased(0);
+                if (0..s.inputs.len()).any(|k| aliased(k) && !(k == 0 && in_place)) {
+                    return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "reads the state it writes (corrupt program)".into() });
+                }
+            }
+            if !matches!(s.output.slot, Slot::Arena { .. } | Slot::State(_)) {
+                return Err(RuntimeError::Step { step: i, op: s.op.name(), msg: "writes a weight or constant (corrupt program)".into() });
+            }
+        }
+    }
+    Ok((state_off, state_bytes))
 }
