@@ -81,12 +81,19 @@ pub(super) struct GenerateArgs {
     beams: BeamArgs,
 }
 
-/// `kiln generate`.
-pub(super) fn generate(a: GenerateArgs) -> Result<()> {
-    let strategy = a.beams.strategy(a.num_samples, &kiln::sampling::HfSampling { temperature: a.temperature, top_k: 0, top_p: 1.0, seed: 0 })?;
+/// `--num-samples` / `--num-beams`, which only `--inputs` generation takes.
+fn strategy_of(a: &GenerateArgs) -> Result<cli_decode::Strategy> {
+    let sampling = kiln::sampling::HfSampling { temperature: a.temperature, top_k: 0, top_p: 1.0, seed: 0 };
+    let strategy = a.beams.strategy(a.num_samples, &sampling)?;
     if a.inputs.is_none() && !matches!(strategy, cli_decode::Strategy::Rows(1)) {
         return Err(Error::Usage("--num-samples and --num-beams work with --inputs (Gemma, Gemma 2, PaliGemma)".into()));
     }
+    Ok(strategy)
+}
+
+/// `kiln generate`.
+pub(super) fn generate(a: GenerateArgs) -> Result<()> {
+    let strategy = strategy_of(&a)?;
     match a {
         GenerateArgs {
             model,
