@@ -44,7 +44,8 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Compiled from a relative path, the artifact runs from another directory and gives what the
-/// folder gives; moved away from its folder, it names the artifact, the folder and --weights.
+/// folder gives; moved away from its folder, it runs from its prepared weight file, and without
+/// that file it names the artifact, the folder and --weights.
 #[test]
 fn an_artifact_loads_from_anywhere_and_names_missing_weights() {
     let s = scratch("anywhere");
@@ -68,6 +69,13 @@ fn an_artifact_loads_from_anywhere_and_names_missing_weights() {
     assert_eq!(std::fs::read(other.join("a.safetensors")).unwrap(), std::fs::read(d.join("f.safetensors")).unwrap());
 
     std::fs::rename(d.join("vit"), d.join("moved")).unwrap();
+    // The prepared weight file beside it carries the weights: the folder is not needed.
+    let (code, out, err) = kiln_in(&other, &["run", "../vit.kiln", "--inputs", "../in.safetensors", "--out", "p.safetensors"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("load: prepared"), "{err}");
+    assert_eq!(std::fs::read(other.join("p.safetensors")).unwrap(), std::fs::read(d.join("f.safetensors")).unwrap());
+    // Without it, the missing folder is named with --weights.
+    std::fs::remove_file(d.join("vit.kiln.weights")).unwrap();
     let (code, _, err) = kiln_in(&other, &["run", "../vit.kiln", "--inputs", "../in.safetensors", "--out", "b.safetensors"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("error: ../vit.kiln: its weights are read from") && err.contains(&source) && err.contains("--weights"), "{err}");
@@ -146,7 +154,7 @@ fn generate_runs_a_compiled_generation_artifact() {
     let (code, out, err) = kiln_in(d, &["generate", g, "--inputs", i, "--out", "f.safetensors", "--max-new-tokens", "3"]);
     assert_eq!(code, Some(0), "{out}{err}");
     let (a, f) = (io::read(&d.join("a.safetensors")).unwrap(), io::read(&d.join("f.safetensors")).unwrap());
-    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), 3, "sequences, step_logits, logprobs");
     for (na, ta) in &a {
         let tf = &f.iter().find(|(n, _)| n == na).unwrap_or_else(|| panic!("{na} from the folder")).1;
         assert_eq!(ta.ty, tf.ty, "{na}");

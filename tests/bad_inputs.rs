@@ -108,14 +108,15 @@ fn wide_posemb(dst: &Path) {
     kiln::npz_write::write(&dst.join("params.npz"), &arrays).unwrap();
 }
 
-/// Artifacts: the ViT's, one whose folder moved away, one with a step missing an input, a
+/// Artifacts: the ViT's, one whose folder moved away (and which has no prepared file), one with a step missing an input, a
 /// corrupt and a truncated copy, a Jet flow's and a Gemma generation program.
 fn artifacts(d: &Path) {
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let vit = s(&fixture("big_vision/vit_map_learn"));
     compile(&["compile", &vit, "-o", &s(&d.join("vit.kiln"))]);
     copy_dir(&fixture("big_vision/vit_map_learn"), &d.join("gone"));
-    compile(&["compile", &s(&d.join("gone")), "-o", &s(&d.join("moved.kiln"))]);
+    // Without a prepared weight file: that one would carry the weights, folder or not.
+    compile(&["compile", &s(&d.join("gone")), "--no-prepared", "-o", &s(&d.join("moved.kiln"))]);
     std::fs::remove_dir_all(d.join("gone")).unwrap();
     let mut p = kiln_graph::artifact::load_file(&d.join("vit.kiln")).unwrap();
     let step = p.entries[0].steps.iter_mut().find(|s| s.inputs.len() == 2).unwrap();
