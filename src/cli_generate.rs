@@ -23,8 +23,9 @@ pub(super) struct GenerateArgs {
     /// Write the image with the detected boxes and labels (and masks) as a PNG.
     #[arg(long, requires = "image")]
     draw: Option<PathBuf>,
-    /// A PaliGemma mask decoder folder (model_name proj.paligemma.segmentation, the
-    /// released vae-oid.npz): each `<seg>` answer becomes a mask in its box.
+    /// PaliGemma's mask decoder: the released vae-oid.npz, or a folder of it with its
+    /// config.json (model_name proj.paligemma.segmentation): each `<seg>` answer becomes a mask
+    /// in its box.
     #[arg(long, requires = "image")]
     seg_decoder: Option<PathBuf>,
     /// Inputs (safetensors): `input_ids` [B, L] with an optional `attention_mask` (left

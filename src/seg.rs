@@ -11,6 +11,10 @@ use kiln_models::locations::Detection;
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Scratch folders made by [`SegDecoder::open`], numbered within the process.
+static SEQ: AtomicU64 = AtomicU64::new(0);
 use std::sync::Arc;
 
 /// Side of a decoded mask.
@@ -40,8 +44,31 @@ impl BoxMask {
 }
 
 impl SegDecoder {
-    /// Compiles the decoder folder for one mask at a time on the cpu backend.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Compiles the decoder for one mask at a time on the cpu backend, from a folder
+    /// (`config.json` + `params.npz`) or from the released `vae-oid.npz` itself.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Self::open_folder(path);
+        }
+        if path.extension().is_none_or(|e| e != "npz") {
+            return Err(Error::Usage(format!("--seg-decoder {}: expected vae-oid.npz or a mask decoder folder", path.display())));
+        }
+        // The released file alone: a scratch folder holding the decoder's config and a link to
+        // it, removed once the weights are mapped (the mapping outlives the link).
+        let abs = std::fs::canonicalize(path).map_err(|e| Error::File { path: path.into(), msg: format!("cannot read: {e}") })?;
+        let dir = std::env::temp_dir().join(format!("kiln-segdec-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("config.json"), r#"{"model_name": "proj.paligemma.segmentation", "model": {}}"#)?;
+            std::os::unix::fs::symlink(&abs, dir.join("params.npz"))
+        })();
+        let opened =
+            made.map_err(|e| Error::File { path: dir.clone(), msg: format!("cannot prepare: {e}") }).and_then(|()| Self::open_folder(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        opened.map_err(|e| Error::Usage(e.to_string().replace(&dir.display().to_string(), &path.display().to_string())))
+    }
+
+    fn open_folder(dir: &Path) -> Result<Self> {
         let opts = CompileOptions { profile: Profile::default(), backend: "cpu".into(), trace: false };
         let c = compile(dir, &opts).map_err(|e| Error::Usage(format!("--seg-decoder {}: {e}", dir.display())))?;
         if c.program.entries.first().is_none_or(|e| !e.inputs.iter().any(|i| i.name == "codes")) {

@@ -146,3 +146,23 @@ fn masks_resize_to_their_boxes_as_pil_does() {
     assert_eq!((m.x0, m.y0, m.x1, m.y1), (62, 120, 563, 359));
     assert_eq!(m.inside.len(), (563 - 62) * (359 - 120));
 }
+
+/// `--seg-decoder` takes the released `vae-oid.npz` itself as well as a folder: the same masks,
+/// no scratch folder left behind; another file is refused by name.
+#[test]
+fn the_released_npz_is_a_decoder_by_itself() {
+    let dir = fixture();
+    let reference = io::read(&dir.join("reference.safetensors")).expect("reference");
+    let codes: Vec<u8> = tensor(&reference, "codes").to_f64().iter().map(|&c| c as u8).collect();
+    let first: [u8; 16] = codes[..16].try_into().unwrap();
+    let mut folder = kiln::seg::SegDecoder::open(&dir).expect("folder");
+    let mut file = kiln::seg::SegDecoder::open(&dir.join("params.npz")).expect("npz");
+    assert_eq!(folder.decode(&first).unwrap(), file.decode(&first).unwrap());
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with(&format!("kiln-segdec-{}-", std::process::id())));
+    assert!(!left, "a scratch folder was left behind");
+    let e = kiln::seg::SegDecoder::open(&dir.join("config.json")).err().expect("refused").to_string();
+    assert!(e.contains("expected vae-oid.npz or a mask decoder folder"), "{e}");
+}
