@@ -163,30 +163,11 @@ pub fn prepare(
     Ok(crate::prompt::Prepared { input_ids: ids, pixel_values: Some(Tensor::from_f32(&[1, 3, s, s], &px)), image: Some(img) })
 }
 
-/// `tf.image.resize(method="bilinear", antialias=False)` of an RGB image to `h x w`: each output
-/// pixel samples the input at its centre mapped back (`(i + 0.5) * in / out - 0.5`, clamped),
-/// interpolating the two nearest rows and columns. Values stay in 0..255 (f32).
+/// `tf.image.resize(method="bilinear", antialias=False)` of an RGB image to `h x w`
+/// ([`crate::uvim_heads::tf_resize`]). Values stay in 0..255 (f32).
 pub fn bilinear(img: &crate::preprocess::Rgb, h: usize, w: usize) -> Vec<f32> {
-    let (ih, iw) = (img.height, img.width);
-    let taps = |o: usize, n: usize, i: usize| -> (usize, usize, f32) {
-        let x = ((o as f32 + 0.5) * n as f32 / i as f32 - 0.5).max(0.0);
-        let x0 = (x.floor() as usize).min(n - 1);
-        (x0, (x0 + 1).min(n - 1), x - x0 as f32)
-    };
-    let mut out = vec![0f32; h * w * 3];
-    for y in 0..h {
-        let (y0, y1, fy) = taps(y, ih, h);
-        for x in 0..w {
-            let (x0, x1, fx) = taps(x, iw, w);
-            for c in 0..3 {
-                let at = |yy: usize, xx: usize| img.pixels[(yy * iw + xx) * 3 + c] as f32;
-                let top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * fx;
-                let bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * fx;
-                out[(y * w + x) * 3 + c] = top + (bottom - top) * fy;
-            }
-        }
-    }
-    out
+    let px: Vec<f32> = img.pixels.iter().map(|&v| v as f32).collect();
+    crate::uvim_heads::tf_resize(&px, (img.height, img.width), (h, w))
 }
 
 #[cfg(test)]

@@ -95,28 +95,25 @@ pub fn panoptic_colors(map: &[i64]) -> Vec<u8> {
 }
 
 /// TF's `tf.image.resize(image, (oh, ow), 'bilinear')` (half-pixel centres, edges clamped, no
-/// antialiasing; big_vision's `resize` op) of an `h x w x 3` float image.
+/// antialiasing; big_vision's `resize` op) of an `h x w x 3` float image, computed as TF's
+/// kernel does: each output pixel samples the input at `(i + 0.5) * in / out - 0.5` (clamped at
+/// 0) in f32 and interpolates the two nearest rows and columns as `a + (b - a) * t`.
 pub fn tf_resize(img: &[f32], (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
-    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
-        let scale = n_in as f64 / n_out as f64;
-        (0..n_out)
-            .map(|o| {
-                let s = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s.floor() as usize).min(n_in - 1);
-                let i1 = (i0 + 1).min(n_in - 1);
-                (i0, i1, (s - i0 as f64) as f32)
-            })
-            .collect()
+    let taps = |o: usize, n: usize, out: usize| -> (usize, usize, f32) {
+        let x = ((o as f32 + 0.5) * n as f32 / out as f32 - 0.5).max(0.0);
+        let x0 = (x.floor() as usize).min(n - 1);
+        (x0, (x0 + 1).min(n - 1), x - x0 as f32)
     };
-    let (ty, tx) = (taps(h, oh), taps(w, ow));
-    let px = |y: usize, x: usize, c: usize| img[(y * w + x) * 3 + c];
     let mut out = vec![0f32; oh * ow * 3];
-    for (oy, &(y0, y1, fy)) in ty.iter().enumerate() {
-        for (ox, &(x0, x1, fx)) in tx.iter().enumerate() {
+    for y in 0..oh {
+        let (y0, y1, fy) = taps(y, h, oh);
+        for x in 0..ow {
+            let (x0, x1, fx) = taps(x, w, ow);
             for c in 0..3 {
-                let top = px(y0, x0, c) * (1.0 - fx) + px(y0, x1, c) * fx;
-                let bottom = px(y1, x0, c) * (1.0 - fx) + px(y1, x1, c) * fx;
-                out[(oy * ow + ox) * 3 + c] = top * (1.0 - fy) + bottom * fy;
+                let at = |yy: usize, xx: usize| img[(yy * w + xx) * 3 + c];
+                let top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * fx;
+                let bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * fx;
+                out[(y * ow + x) * 3 + c] = top + (bottom - top) * fy;
             }
         }
     }
