@@ -89,6 +89,9 @@ PY
 export LD_LIBRARY_PATH="${libs:+$libs:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 [ -z "${CUDA_PATH:-}" ] && [ -f /usr/local/cuda/include/cuda.h ] && export CUDA_PATH=/usr/local/cuda
 export KILN_CUDA_CACHE=$PWD/$dist/cache KILN_REQUIRE_GPU=1 KILN_REQUIRE_NVRTC=1
+# Every load's measured GEMM choices go into one tuning table (tuning/README.md): copy its
+# entries into tuning/cuda.json from a run on the code that made them.
+export KILN_CUDA_TUNING_OUT=$W/tuning.json
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
 log "card: $card; LD_LIBRARY_PATH=$LD_LIBRARY_PATH; CUDA_PATH=${CUDA_PATH:-unset}"
 nvidia-smi > "$W/nvidia-smi.txt" 2>&1
@@ -241,6 +244,7 @@ log "done"
   [ -f "$W/parity_cuda.txt" ] && echo "parity cuda: $(grep -c 'PARITY OK' "$W/parity_cuda.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cuda.txt") failed"
   [ -f "$W/parity_cube.txt" ] && echo "parity cube-cuda: $(grep -c 'PARITY OK' "$W/parity_cube.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cube.txt") failed"
   [ -f "$W/fixtures.txt" ] && tail -1 "$W/fixtures.txt"
+  [ -f "$W/tuning.json" ] && echo "tuning table: $(grep -c '"card"' "$W/tuning.json") entries measured (results.tgz: tuning.json)"
   "$py" scripts/device_summary.py "$rows"
 } > "$OUT/summary.txt" 2>&1
 pack

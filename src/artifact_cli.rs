@@ -41,6 +41,7 @@ pub(super) fn refuse_compile_flags(artifact: &Path, program: &Program, p: &Profi
         ("--moe-bpr", p.moe_bpr.is_some()),
         ("--seq-len", p.seq_len.is_some()),
         ("--arch", p.arch != "sm_90a"),
+        ("--tuning", p.tuning.is_some()),
     ] {
         if set {
             given.push(flag);

@@ -196,6 +196,8 @@ fn compile_ensemble(specs: &[String], weights_from: Option<&Path>, p: &ProfileAr
     let secs = t.elapsed().as_secs_f64();
     if c.program.backend == "cuda" {
         #[cfg(feature = "cuda")]
+        println!("{}", kiln::cuda_tools::attach_tuning(&mut c.program, p.tuning.as_deref())?);
+        #[cfg(feature = "cuda")]
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
         println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);
     }

@@ -299,6 +299,8 @@ pub(super) fn compile_generation(model: &Path, p: &ProfileArgs, max_new_tokens: 
     let mut program = g.program;
     if program.backend == "cuda" {
         #[cfg(feature = "cuda")]
+        println!("{}", kiln::cuda_tools::attach_tuning(&mut program, p.tuning.as_deref())?);
+        #[cfg(feature = "cuda")]
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut program, &p.arch))?;
         println!("{} CUBINs for {} stored", program.binaries.len(), p.arch);
     }
@@ -451,6 +453,8 @@ pub(super) fn compile_forward(model: &Path, p: &ProfileArgs, out: &Path) -> Resu
     #[allow(unused_mut)]
     let mut c = c?;
     if c.program.backend == "cuda" {
+        #[cfg(feature = "cuda")]
+        println!("{}", kiln::cuda_tools::attach_tuning(&mut c.program, p.tuning.as_deref())?);
         #[cfg(feature = "cuda")]
         progress("compiling CUDA kernels", || kiln::cuda_tools::attach_binaries(&mut c.program, &p.arch))?;
         println!("{} CUBINs for {} stored", c.program.binaries.len(), p.arch);

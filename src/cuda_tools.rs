@@ -98,6 +98,35 @@ pub fn check(arch: &str, program: Option<&Program>) -> Result<Report> {
     Ok(report)
 }
 
+/// The tuning table `kiln compile --backend cuda` reads unless `--tuning` names another
+/// (`tuning/cuda.json`, built in).
+pub const DEFAULT_TUNING: &str = include_str!("../tuning/cuda.json");
+
+/// Reads the tuning table (`spec`: a file, `none`, or the built-in one when `None`), validates
+/// it and stores its entries in `program`; returns a line saying what was stored.
+pub fn attach_tuning(program: &mut Program, spec: Option<&std::path::Path>) -> Result<String> {
+    use kiln_graph::tuning::TuningTable;
+    let (table, from) = match spec {
+        Some(p) if p.as_os_str() == "none" => (TuningTable::new(), "no tuning table (--tuning none)".to_string()),
+        Some(p) => {
+            let shown = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Usage(format!("--tuning {shown}: {e}")))?;
+            (TuningTable::parse(&text, &shown).map_err(Error::Usage)?, format!("tuning table {shown}"))
+        }
+        None => (TuningTable::parse(DEFAULT_TUNING, "tuning/cuda.json (built in)").map_err(Error::Usage)?, "built-in tuning table".into()),
+    };
+    let mut cards: Vec<&str> = table.entries.iter().map(|e| e.card.as_str()).collect();
+    cards.dedup();
+    cards.sort_unstable();
+    cards.dedup();
+    let line = match cards.len() {
+        0 => format!("{from}: no entries (every choice measured at load)"),
+        _ => format!("{from}: {} entries for {}", table.entries.len(), cards.join(", ")),
+    };
+    program.tuning = table.entries;
+    Ok(line)
+}
+
 /// Compiles the CUBINs a program needs for `arch` and stores them in it.
 pub fn attach_binaries(program: &mut Program, arch: &str) -> Result<()> {
     nvrtc_or_error()?;

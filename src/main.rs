@@ -65,6 +65,10 @@ struct ProfileArgs {
     /// everywhere) or `auto` (whichever measures faster at load).
     #[arg(long, default_value = "auto")]
     cuda_gemv: String,
+    /// cuda compile option: the tuning table (JSON of kernel choices measured per card; see
+    /// tuning/README.md) stored in the artifact, or `none`; defaults to the built-in one.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
     /// cpu backend: `compile` writes no prepared weight file (`<artifact>.weights`: every
     /// weight packed as the kernels read it, mapped at load); `run`, `bench`, `inspect` ignore one.
     #[arg(long)]
@@ -365,6 +369,9 @@ fn profile(p: &ProfileArgs, batch: Option<usize>, hw: Option<(usize, usize)>) ->
     }
     let moe = MoeOptions { capacity_factor: p.moe_capacity, batch_priority: p.moe_bpr, outputs: MoeOutputs::None };
     let backend = backend_for(&p.backend, p.device.as_deref())?;
+    if p.tuning.is_some() && backend != "cuda" {
+        return Err(Error::Usage(format!("--tuning applies to the cuda backend, not {backend}")));
+    }
     Ok(CompileOptions { profile: Profile { batch, image_hw, dtype, moe, seq_len: p.seq_len }, backend, trace: false })
 }
 
@@ -429,7 +436,12 @@ fn session_and_graph(
     }
     let (program, graph) = {
         let opts = opts.ok_or_else(|| Error::Usage("a model folder needs a profile".into()))?;
-        let c = progress("compiling", || compile(model, &opts))?;
+        #[allow(unused_mut)]
+        let mut c = progress("compiling", || compile(model, &opts))?;
+        #[cfg(feature = "cuda")]
+        if c.program.backend == "cuda" {
+            kiln::cuda_tools::attach_tuning(&mut c.program, p.tuning.as_deref())?;
+        }
         (c.program, Some(c.entries.into_iter().map(|e| (e.name, e.graph)).collect()))
     };
     let wpath = weights.map(Path::to_path_buf).unwrap_or_else(|| model.to_path_buf());

@@ -76,3 +76,49 @@ fn compile_stores_cubins_and_inspect_shows_the_lowering() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln compile --backend cuda` reads the tuning table (the built-in one, a file, or none),
+/// validates it before any NVRTC work and stores its entries in the artifact (format 4); a
+/// malformed table is a clear error naming the file and entry, and `--tuning` where it
+/// cannot apply is refused.
+#[test]
+fn compile_reads_validates_and_stores_the_tuning_table() {
+    if !nvrtc() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-cuda-tuning-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("m.kiln");
+    let table = dir.join("table.json");
+    let entry = r#"{"card": "NVIDIA H200", "kernel": "gemm", "shape": "4x1152x1152 F32 tb", "choice": "cublaslt:2", "us": 3.5}"#;
+    std::fs::write(&table, format!(r#"{{"format": "kiln-tuning", "version": 1, "entries": [{entry}]}}"#)).unwrap();
+    let (a, t) = (art.to_str().unwrap(), table.to_str().unwrap());
+    let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "--tuning", t, "-o", a]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("tuning table {t}: 1 entries for NVIDIA H200")), "{out}");
+    let p = kiln_graph::artifact::load_file(&art).unwrap();
+    assert_eq!(p.tuning.len(), 1);
+    assert_eq!((p.tuning[0].choice.as_str(), p.tuning[0].us), ("cublaslt:2", Some(3.5)));
+    assert_eq!(std::fs::read(&art).unwrap()[8..12], 4u32.to_le_bytes());
+    // The built-in table (tuning/cuda.json) is valid; empty until a device run fills it.
+    let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "-o", a]);
+    assert!(ok, "{out}");
+    assert!(out.contains("built-in tuning table"), "{out}");
+    let builtin = kiln_graph::tuning::TuningTable::parse(include_str!("../tuning/cuda.json"), "cuda.json").unwrap();
+    assert_eq!(kiln_graph::artifact::load_file(&art).unwrap().tuning, builtin.entries);
+    // A malformed table fails the compile and leaves no artifact.
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, format!(r#"{{"format": "kiln-tuning", "version": 1, "entries": [{entry}, {entry}]}}"#)).unwrap();
+    let fresh = dir.join("never.kiln");
+    let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "--tuning", bad.to_str().unwrap(), "-o", fresh.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("bad.json: entry 1: a second entry for card \"NVIDIA H200\""), "{out}");
+    assert!(!fresh.exists());
+    let (ok, out) = kiln(&["compile", FIXTURE, "--tuning", t, "-o", fresh.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("--tuning applies to the cuda backend, not cpu"), "{out}");
+    let (ok, out) = kiln(&["inspect", a, "--tuning", t]);
+    assert!(!ok);
+    assert!(out.contains("--tuning"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,6 +20,7 @@ fn state_carries_across_runs_and_entries() {
         states: vec![StateSpec { name: "acc".into(), ty: ty.clone() }],
         binaries: vec![],
         weight_sets: vec![],
+        tuning: vec![],
     };
     // `add`: acc += x, returns acc; `peek`: returns acc * 2 without writing it.
     let mut add = Graph::new();
@@ -72,6 +73,7 @@ fn write_slice_updates_a_state_in_place() {
         states: vec![StateSpec { name: "c".into(), ty: ty.clone() }],
         binaries: vec![],
         weight_sets: vec![],
+        tuning: vec![],
     };
     let mut fill = Graph::new();
     let x = fill.input("x", DType::F32, &[2, 4, 1]).unwrap();
@@ -128,6 +130,7 @@ fn gather_rows_on(backend_name: &str) {
         states: vec![StateSpec { name: "a".into(), ty: tys[0].clone() }, StateSpec { name: "b".into(), ty: tys[1].clone() }],
         binaries: vec![],
         weight_sets: vec![],
+        tuning: vec![],
     };
     let mut set = Graph::new();
     for (name, ty) in ["a", "b"].iter().zip(&tys) {

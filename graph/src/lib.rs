@@ -29,6 +29,7 @@ pub mod safetensors;
 pub mod scalar;
 #[cfg(feature = "compiler")]
 pub mod sched;
+pub mod tuning;
 pub mod validate;
 #[cfg(feature = "compiler")]
 pub mod verify;

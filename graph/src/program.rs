@@ -134,6 +134,11 @@ pub struct Program {
     /// version 3 (see [`crate::artifact`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub weight_sets: Vec<WeightSet>,
+    /// Kernel choices measured on GPUs, by card (`kiln compile --backend cuda` stores the
+    /// tuning table's entries: [`crate::tuning`]). Omitted from the file when empty; a program
+    /// with entries is written as format version 4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tuning: Vec<crate::tuning::TuningEntry>,
 }
 
 /// One checkpoint of a program whose weights span several ([`Program::weight_sets`]).
@@ -159,6 +164,7 @@ impl Program {
             states: vec![],
             binaries: vec![],
             weight_sets: vec![],
+            tuning: vec![],
         }
     }
 

@@ -140,7 +140,28 @@ fn random_program(seed: u64) -> Program {
     // Weight sets (format version 3) in about half the programs.
     let weight_sets =
         (0..r.below(2) * r.below(3)).map(|_| kiln_graph::program::WeightSet { prefix: r.string(), path: r.string() }).collect();
-    Program { model: r.string(), backend: r.string(), source: r.string(), weights, constants, entries, states, binaries, weight_sets }
+    // Tuning entries (format version 4) in about a third of the programs.
+    let tuning = (0..(r.below(3) == 0) as usize * r.below(3))
+        .map(|_| kiln_graph::tuning::TuningEntry {
+            card: r.string(),
+            kernel: r.string(),
+            shape: r.string(),
+            choice: r.string(),
+            us: if r.below(2) == 0 { None } else { Some(r.next() as f64 / 7.0) },
+        })
+        .collect();
+    Program {
+        model: r.string(),
+        backend: r.string(),
+        source: r.string(),
+        weights,
+        constants,
+        entries,
+        states,
+        binaries,
+        weight_sets,
+        tuning,
+    }
 }
 
 /// A small real program: a graph compiled twice as two entries sharing weights.
@@ -163,6 +184,7 @@ fn compiled_program() -> Program {
         states: vec![StateSpec { name: "cache.0.key".into(), ty: TensorType::new(DType::F32, [1, 4, 2, 8]) }],
         binaries: vec![],
         weight_sets: vec![],
+        tuning: vec![],
     };
     let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
     for name in ["forward", "again"] {
@@ -258,7 +280,7 @@ fn each_bad_file_gets_its_own_message() {
 
     let mut v = good.clone();
     v[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 3: recompile it with `kiln compile`");
+    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 4: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));
@@ -335,4 +357,24 @@ fn weight_sets_need_format_version_3() {
     let mut old = bytes.clone();
     old[8..12].copy_from_slice(&2u32.to_le_bytes());
     assert!(err(&old).contains("format version 2 cannot hold weight sets"), "{}", err(&old));
+}
+
+/// A program with tuning entries is written as version 4 and reads back equal; a version-3
+/// header over it is refused by name.
+#[test]
+fn tuning_entries_need_format_version_4() {
+    let mut p = compiled_program();
+    p.tuning = vec![kiln_graph::tuning::TuningEntry {
+        card: "NVIDIA H200".into(),
+        kernel: "gemm".into(),
+        shape: "1x2304x2048 BF16 tb".into(),
+        choice: "gemv".into(),
+        us: Some(4.5),
+    }];
+    let bytes = save(&p);
+    assert_eq!(bytes[8..12], 4u32.to_le_bytes());
+    assert_eq!(load(&bytes, "tuned.kiln").unwrap(), p);
+    let mut old = bytes.clone();
+    old[8..12].copy_from_slice(&3u32.to_le_bytes());
+    assert!(err(&old).contains("format version 3 cannot hold tuning entries"), "{}", err(&old));
 }

@@ -78,6 +78,7 @@ pub fn build() -> Tiny {
         states: vec![],
         binaries: vec![],
         weight_sets: vec![],
+        tuning: vec![],
     };
     let (entry, _, _) = kiln_graph::lower::compile_entry(&g, "forward", &mut program, &namer).expect("lower");
     program.entries.push(entry);

@@ -16,6 +16,7 @@ use super::exec::{Choice, CudaExec};
 use super::lower::Epilogue;
 use crate::error::{Result, RuntimeError};
 use cudarc::driver::{result as dr, sys};
+use kiln_graph::tuning::{self, GemmChoice, TuningEntry, TuningTable};
 use std::collections::HashMap;
 
 /// Whether kiln's GEMV replaces cuBLASLt where it applies.
@@ -190,8 +191,16 @@ impl CudaExec {
                 }
             }
         }
+        let card = self.ctx.name().unwrap_or_default();
+        let mut measured = Vec::new();
         let mut timed = 0;
         for (shape, options, members) in &groups {
+            if let Some(choice) = self.table_choice(&card, shape, options, verbose) {
+                for &i in members {
+                    self.gemms[i].choice = choice;
+                }
+                continue;
+            }
             let ok: Vec<usize> = members.iter().copied().filter(|&i| self.untimeable(i).is_none()).collect();
             if ok.is_empty() {
                 if verbose {
@@ -221,6 +230,15 @@ impl CudaExec {
             for &i in members {
                 self.gemms[i].choice = choice;
             }
+            if let Some(&(_, Some(t))) = times.iter().find(|(c, _)| Some(*c) == best) {
+                measured.push(TuningEntry {
+                    card: card.clone(),
+                    kernel: "gemm".into(),
+                    shape: shape.clone(),
+                    choice: choice_name(choice),
+                    us: Some((t * 1e7).round() / 10.0),
+                });
+            }
             if verbose {
                 eprintln!("kiln cuda: gemm {shape} (x{}): {}", members.len(), report(&times, choice));
             }
@@ -230,8 +248,58 @@ impl CudaExec {
             let gemv = self.gemms.iter().filter(|g| g.choice == Choice::Gemv).count();
             eprintln!("kiln cuda: {n} GEMMs ({timed} shapes timed): {gemv} run as kiln's GEMV, {} on cuBLASLt ({mode:?})", n - gemv);
         }
+        write_measured(measured)?;
         drv("sync", self.stream.synchronize())
     }
+
+    /// The tuning table's choice for GEMMs of `shape` on `card` (the program's
+    /// [`Program::tuning`](kiln_graph::program::Program::tuning)), where it names one of
+    /// `options`.
+    fn table_choice(&self, card: &str, shape: &str, options: &[Choice], verbose: bool) -> Option<Choice> {
+        let e = tuning::lookup(&self.program.tuning, card, "gemm", shape)?;
+        let choice = table_option(&e.choice, options);
+        if verbose {
+            match choice {
+                Some(c) => eprintln!("kiln cuda: gemm {shape}: {} from the tuning table (not timed)", choice_name(c)),
+                None => eprintln!("kiln cuda: gemm {shape}: the tuning table's {} is not an option here: timed", e.choice),
+            }
+        }
+        choice
+    }
+}
+
+/// The option a tuning table's `choice` names, if it is among `options`.
+fn table_option(choice: &str, options: &[Choice]) -> Option<Choice> {
+    let c = match GemmChoice::parse(choice)? {
+        GemmChoice::Gemv => Choice::Gemv,
+        GemmChoice::CublasLt(i) => Choice::Lt(i),
+    };
+    options.contains(&c).then_some(c)
+}
+
+fn choice_name(c: Choice) -> String {
+    match c {
+        Choice::Gemv => GemmChoice::Gemv.name(),
+        Choice::Lt(i) => GemmChoice::CublasLt(i).name(),
+    }
+}
+
+/// Merges the choices measured at this load into the table `KILN_CUDA_TUNING_OUT` names
+/// (created if missing): how the device script makes a tuning table.
+fn write_measured(measured: Vec<TuningEntry>) -> Result<()> {
+    let Some(path) = std::env::var_os("KILN_CUDA_TUNING_OUT") else { return Ok(()) };
+    let path = std::path::PathBuf::from(path);
+    let shown = path.display().to_string();
+    let mut table = match std::fs::read_to_string(&path) {
+        Ok(text) => TuningTable::parse(&text, &shown).map_err(err)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TuningTable::new(),
+        Err(e) => return Err(err(format!("KILN_CUDA_TUNING_OUT {shown}: {e}"))),
+    };
+    table.merge(measured);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, table.to_json())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| err(format!("KILN_CUDA_TUNING_OUT {shown}: {e}")))
 }
 
 /// One line on a timed shape: cuBLASLt's best algorithm against its heuristic's first, the
@@ -265,5 +333,19 @@ mod tests {
         assert!(!overlap(0, 10, 10, 5));
         assert!(!overlap(0, 0, 0, 5));
         assert!(overlap(256, 512, 0, 1024));
+    }
+
+    #[test]
+    fn a_table_choice_applies_only_where_it_is_an_option() {
+        let both = [Choice::Lt(0), Choice::Lt(1), Choice::Gemv];
+        assert_eq!(table_option("gemv", &both), Some(Choice::Gemv));
+        assert_eq!(table_option("cublaslt:1", &both), Some(Choice::Lt(1)));
+        // cuBLASLt offered fewer algorithms here, or the GEMV does not apply: timed instead.
+        assert_eq!(table_option("cublaslt:5", &both), None);
+        assert_eq!(table_option("gemv", &both[..2]), None);
+        assert_eq!(table_option("nonsense", &both), None);
+        for c in both {
+            assert_eq!(table_option(&choice_name(c), &both), Some(c));
+        }
     }
 }

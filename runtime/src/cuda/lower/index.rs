@@ -337,6 +337,7 @@ mod tests {
             states: vec![],
             binaries: vec![],
             weight_sets: vec![],
+            tuning: vec![],
         };
         let l = layout(&p).unwrap();
         assert!(l.scratch_bytes >= matmul_scratch(&p.entries[0].steps[0]));
