@@ -13,7 +13,7 @@
 # $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
 # most 8 files), with $OUT/summary.txt, whose table is printed last.
 # KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile kernels cube
-# gemma-compile", run in that order) picks
+# gemma-compile load", run in that order) picks
 # sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
 # limit is cut to what is left, and steps are skipped once too little is.
 set -uo pipefail
@@ -54,7 +54,7 @@ W=${KILN_WORK:-/tmp/kiln-device}
 mkdir -p "$OUT" "$W"
 kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
-sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile}
+sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile load}
 deadline=${KILN_DEVICE_DEADLINE:-560}
 [ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
@@ -101,9 +101,9 @@ nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 models=$W/models
 mkdir -p "$models"
 synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" > "$W/synth_$1.txt" 2>&1; }
-if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile; then
+if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load; then
   ( want siglip || want cube || want compile || want kernels ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
-  ( want gemma || want gemma-compile ) && synth gemma2-2b &
+  ( want gemma || want gemma-compile || want load ) && synth gemma2-2b &
 fi
 
 if want check; then
@@ -236,6 +236,16 @@ if want gemma-compile; then
   pack
 fi
 
+if want load; then
+  # Weight upload at load, Gemma 2 2B (5.2 GB bf16): pinned staging (the default) against
+  # pageable copies, each a load plus one 16-token forward; the upload line is KILN_CUDA_VERBOSE's.
+  wait
+  for how in pinned pageable; do
+    KILN_CUDA_UPLOAD=$how KILN_CUDA_VERBOSE=1 run "load_$how" 120 "$kiln" bench "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 16 --runs 1
+    log "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"
+  done
+fi
+
 log "done"
 {
   echo "card: $card"
@@ -244,6 +254,7 @@ log "done"
   [ -f "$W/parity_cuda.txt" ] && echo "parity cuda: $(grep -c 'PARITY OK' "$W/parity_cuda.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cuda.txt") failed"
   [ -f "$W/parity_cube.txt" ] && echo "parity cube-cuda: $(grep -c 'PARITY OK' "$W/parity_cube.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cube.txt") failed"
   [ -f "$W/fixtures.txt" ] && tail -1 "$W/fixtures.txt"
+  for how in pinned pageable; do [ -f "$W/load_$how.txt" ] && echo "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"; done
   [ -f "$W/tuning.json" ] && echo "tuning table: $(grep -c '"card"' "$W/tuning.json") entries measured (results.tgz: tuning.json)"
   "$py" scripts/device_summary.py "$rows"
 } > "$OUT/summary.txt" 2>&1

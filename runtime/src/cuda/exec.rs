@@ -106,20 +106,6 @@ fn data_type(d: DType) -> Result<ltsys::cudaDataType> {
     })
 }
 
-/// Host bytes of each tensor of a table.
-type Blobs = Vec<Vec<u8>>;
-
-/// Weight and constant bytes in the program's declared dtypes.
-fn host_bytes(program: &Program, store: &WeightStore) -> Result<(Blobs, Blobs)> {
-    let mut w = Vec::with_capacity(program.weights.len());
-    for spec in &program.weights {
-        let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
-        w.push(if ty.dtype == spec.ty.dtype { bytes.to_vec() } else { crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes) });
-    }
-    let c = program.constants.iter().map(|c| crate::tensor::from_f64(c.ty.dtype, &c.values)).collect();
-    Ok((w, c))
-}
-
 impl CudaExec {
     /// Loads `program` on device 0. `binaries` are the CUBINs (from the artifact or compiled
     /// just now); the caller checked that the driver exists.
@@ -213,13 +199,8 @@ impl CudaExec {
     }
 
     fn upload(&mut self, store: &WeightStore) -> Result<()> {
-        let (w, c) = host_bytes(&self.program, store)?;
         let cu = self.stream.cu_stream();
-        for (bytes, &off) in w.iter().zip(&self.layout.weights).chain(c.iter().zip(&self.layout.constants)) {
-            // SAFETY: the destination range lies inside the allocation (layout); `bytes` lives
-            // until the synchronize below.
-            drv("upload", unsafe { dr::memcpy_htod_async(self.base + off as u64, bytes, cu) })?;
-        }
+        super::upload::upload(&self.program, store, self.base, &self.layout.weights, &self.layout.constants, cu)?;
         // SAFETY: the error flag's 256 bytes are inside the allocation.
         drv("memset", unsafe { dr::memset_d8_async(self.base + self.layout.error_flag as u64, 0, 256, cu) })?;
         drv("sync", self.stream.synchronize())

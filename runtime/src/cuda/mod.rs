@@ -19,6 +19,7 @@ pub mod kernel;
 pub mod lower;
 mod state_rows;
 pub mod tune;
+mod upload;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
