@@ -13,7 +13,7 @@
 # $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
 # most 8 files), with $OUT/summary.txt, whose table is printed last.
 # KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile kernels cube
-# gemma-compile load", run in that order) picks
+# gemma-compile load tune", run in that order) picks
 # sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
 # limit is cut to what is left, and steps are skipped once too little is.
 set -uo pipefail
@@ -54,7 +54,7 @@ W=${KILN_WORK:-/tmp/kiln-device}
 mkdir -p "$OUT" "$W"
 kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
-sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile load}
+sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile load tune}
 deadline=${KILN_DEVICE_DEADLINE:-560}
 [ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
@@ -101,9 +101,9 @@ nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 models=$W/models
 mkdir -p "$models"
 synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" > "$W/synth_$1.txt" 2>&1; }
-if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load; then
-  ( want siglip || want cube || want compile || want kernels ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
-  ( want gemma || want gemma-compile || want load ) && synth gemma2-2b &
+if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load || want tune; then
+  ( want siglip || want cube || want compile || want kernels || want tune ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
+  ( want gemma || want gemma-compile || want load || want tune ) && synth gemma2-2b &
 fi
 
 if want check; then
@@ -246,6 +246,20 @@ if want load; then
   done
 fi
 
+if want tune; then
+  # Norm variants (issue 15): each load checks the warp-per-row kernels against the block
+  # ones on random rows (a variant that differs is REJECTED, never timed) and times the rest;
+  # every choice lands in $KILN_CUDA_TUNING_OUT with the GEMMs'.
+  wait
+  for cfg in "224 32" "896 2"; do
+    set -- $cfg
+    KILN_CUDA_TUNE=norms KILN_CUDA_VERBOSE=1 run "tune_$1_b$2" 120 "$kiln" bench "$models/siglip-so400m-14-$1" --backend cuda --dtype bf16 --batch "$2" --runs 10
+    grep -E "kiln cuda: (layer|rms)_norm" "$W/tune_$1_b$2.txt" | tee -a "$W/log.txt"
+  done
+  KILN_CUDA_TUNE=norms KILN_CUDA_VERBOSE=1 run tune_gemma 120 "$kiln" bench "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 1024 --runs 3
+  grep -E "kiln cuda: (layer|rms)_norm" "$W/tune_gemma.txt" | tee -a "$W/log.txt"
+fi
+
 log "done"
 {
   echo "card: $card"
@@ -255,6 +269,7 @@ log "done"
   [ -f "$W/parity_cube.txt" ] && echo "parity cube-cuda: $(grep -c 'PARITY OK' "$W/parity_cube.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cube.txt") failed"
   [ -f "$W/fixtures.txt" ] && tail -1 "$W/fixtures.txt"
   for how in pinned pageable; do [ -f "$W/load_$how.txt" ] && echo "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"; done
+  cat "$W"/tune_*.txt 2>/dev/null | grep -E "kiln cuda: (layer|rms)_norm" | sort -u
   [ -f "$W/tuning.json" ] && echo "tuning table: $(grep -c '"card"' "$W/tuning.json") entries measured (results.tgz: tuning.json)"
   "$py" scripts/device_summary.py "$rows"
 } > "$OUT/summary.txt" 2>&1

@@ -13,12 +13,12 @@
 //! ```
 //!
 //! - `card`: the name the CUDA driver gives the device (`cuDeviceGetName`).
-//! - `kernel`: what is chosen; today `gemm` (kiln's GEMV or one of cuBLASLt's algorithms for
-//!   one GEMM shape).
+//! - `kernel`: what is chosen: `gemm` (kiln's GEMV or one of cuBLASLt's algorithms for one
+//!   GEMM shape), `layer_norm` or `rms_norm` (the block-per-row or the warp-per-row kernel).
 //! - `shape`: the key the runtime prints for that kernel (`KILN_CUDA_VERBOSE=1`): for a GEMM
-//!   `MxNxK DTYPE[ tb][+epilogue][ batch B strides SA/SB]`.
+//!   `MxNxK DTYPE[ tb][+epilogue][ batch B strides SA/SB]`, for a norm `ROWSxD DTYPE`.
 //! - `choice`: for `gemm`, `gemv` or `cublaslt:<i>` (the i-th of cuBLASLt's heuristic
-//!   candidates).
+//!   candidates); for a norm, `block` or `warp`.
 //! - `us`: optional, the time per call the choice measured (microseconds), for people.
 //!
 //! A load writes the choices it measured as such a table when `KILN_CUDA_TUNING_OUT` names a
@@ -33,7 +33,7 @@ pub const FORMAT: &str = "kiln-tuning";
 /// The table version this kiln reads and writes.
 pub const VERSION: u32 = 1;
 /// The kernels a table may choose for.
-pub const KERNELS: &[&str] = &["gemm"];
+pub const KERNELS: &[&str] = &["gemm", "layer_norm", "rms_norm"];
 
 /// One measured choice.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +102,9 @@ impl TuningEntry {
         }
         if self.kernel == "gemm" && GemmChoice::parse(&self.choice).is_none() {
             return Err(format!("choice \"{}\" for a gemm: expected \"gemv\" or \"cublaslt:<index>\"", self.choice));
+        }
+        if self.kernel.ends_with("_norm") && !matches!(self.choice.as_str(), "block" | "warp") {
+            return Err(format!("choice \"{}\" for a {}: expected \"block\" or \"warp\"", self.choice, self.kernel));
         }
         if let Some(us) = self.us {
             if !us.is_finite() || us < 0.0 {
@@ -211,11 +214,15 @@ mod tests {
             (r#"{"format": "other", "version": 1, "entries": []}"#.to_string(), "format is \"other\""),
             (r#"{"format": "kiln-tuning", "version": 1}"#.to_string(), "missing field `entries`"),
             (table(&entry("", "gemm", "1x2x3 F32", "gemv")), "entry 0: `card` is empty"),
-            (table(&entry("H200", "attention", "1x2x3 F32", "gemv")), "kernel \"attention\" is not one kiln tunes"),
+            (
+                table(&entry("H200", "attention", "1x2x3 F32", "gemv")),
+                "kernel \"attention\" is not one kiln tunes (known: gemm, layer_norm, rms_norm)",
+            ),
             (table(&entry("H200", "gemm", "", "gemv")), "`shape` is empty"),
             (table(&entry("H200", "gemm", "1x2x3 F32", "cublaslt:")), "choice \"cublaslt:\""),
             (table(&entry("H200", "gemm", "1x2x3 F32", "cublaslt:-1")), "choice \"cublaslt:-1\""),
             (table(&entry("H200", "gemm", "1x2x3 F32", "fast")), "choice \"fast\""),
+            (table(&entry("H200", "rms_norm", "8x2304 BF16", "gemv")), "choice \"gemv\" for a rms_norm"),
             (
                 table(&format!("{}, {}", entry("H200", "gemm", "1x2x3 F32", "gemv"), entry("H200", "gemm", "1x2x3 F32", "cublaslt:0"))),
                 "entry 1: a second entry",

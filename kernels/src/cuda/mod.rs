@@ -95,7 +95,7 @@ pub fn modules() -> Vec<Module> {
     }
     let mut norm = Vec::new();
     for t in FLOAT_TYPES {
-        for n in ["layer_norm", "rms_norm", "softmax"] {
+        for n in ["layer_norm", "rms_norm", "softmax", "layer_norm_warp", "rms_norm_warp"] {
             norm.push(k(format!("{n}_{t}"), true));
         }
     }
@@ -374,6 +374,7 @@ mod tests {
                 src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
             }
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
+            ["layer" | "rms", "norm", "warp", t] => src.contains(&format!("NORMS_WARP({t},")),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
             ["reduce", t] => src.contains(&format!("RED({t},")),

@@ -65,3 +65,102 @@ __device__ void softmax(const NormParams p) {
 NORMS(f32, float)
 NORMS(bf16, bf16)
 NORMS(f16, f16)
+
+// Warp-per-row variants (issue 15's tuning sweep): each warp owns one row, held in registers
+// as 16-byte vectors (VE elements each, at most MAXV vectors per lane), so x is read from
+// global memory once and the statistics need only shuffles. Rows need d a multiple of VE,
+// d / VE <= 32 * MAXV, and 16-byte aligned rows, weights and output (the lowering checks).
+// Chosen per (card, shape) from the tuning table, after the device check compared them with
+// the block kernels above.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4 v, float* f) {
+  const T* e = (const T*)&v;
+#pragma unroll
+  for (int j = 0; j < (int)(16 / sizeof(T)); j++) f[j] = to_f32(e[j]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float* f) {
+  uint4 v;
+  T* e = (T*)&v;
+#pragma unroll
+  for (int j = 0; j < (int)(16 / sizeof(T)); j++) e[j] = from_f32<T>(f[j]);
+  return v;
+}
+
+template <typename T, int MAXV, bool LAYER>
+__device__ void norm_warp(const NormParams p) {
+  constexpr int VE = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int row = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+  if (row >= p.rows) return;
+  const int nv = p.d / VE;
+  const uint4* x = (const uint4*)((const T*)p.x + (i64)row * p.d);
+  uint4 r[MAXV];
+  float s = 0.0f, q = 0.0f;
+#pragma unroll
+  for (int i = 0; i < MAXV; i++) {
+    const int v = lane + i * 32;
+    if (v < nv) {
+      r[i] = x[v];
+      float f[VE];
+      unpack16<T>(r[i], f);
+#pragma unroll
+      for (int j = 0; j < VE; j++) {
+        s += f[j];
+        q += f[j] * f[j];
+      }
+    }
+  }
+  float mean = 0.0f, inv;
+  if (LAYER) {
+    mean = warp_sum(s) / p.d;
+    // The variance as the block kernel takes it: the mean of squared deviations (two passes
+    // over the registers, not E[x^2] - mean^2).
+    float v2 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MAXV; i++) {
+      if (lane + i * 32 < nv) {
+        float f[VE];
+        unpack16<T>(r[i], f);
+#pragma unroll
+        for (int j = 0; j < VE; j++) v2 += (f[j] - mean) * (f[j] - mean);
+      }
+    }
+    inv = rsqrtf(warp_sum(v2) / p.d + p.eps);
+  } else {
+    inv = rsqrtf(warp_sum(q) / p.d + p.eps);
+  }
+  const uint4* w = (const uint4*)p.w;
+  const uint4* b = (const uint4*)p.b;
+  uint4* o = (uint4*)((T*)p.out + (i64)row * p.d);
+  const float one = p.add_one ? 1.0f : 0.0f;
+#pragma unroll
+  for (int i = 0; i < MAXV; i++) {
+    const int v = lane + i * 32;
+    if (v < nv) {
+      float f[VE], g[VE], y[VE];
+      unpack16<T>(r[i], f);
+      unpack16<T>(w[v], g);
+      if (LAYER) {
+        float c[VE];
+        unpack16<T>(b[v], c);
+#pragma unroll
+        for (int j = 0; j < VE; j++) y[j] = (f[j] - mean) * inv * g[j] + c[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < VE; j++) y[j] = f[j] * inv * (one + g[j]);
+      }
+      o[v] = pack16<T>(y);
+    }
+  }
+}
+
+// MAXV 12: rows up to 3072 bf16/f16 elements or 1536 f32 (Gemma 2 2B's 2304, So400m's 1152).
+#define NORMS_WARP(t, T)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(256) layer_norm_warp_##t(const NormParams p) {            \
+    norm_warp<T, 12, true>(p);                                                                            \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(256) rms_norm_warp_##t(const NormParams p) { norm_warp<T, 12, false>(p); }
+NORMS_WARP(f32, float)
+NORMS_WARP(bf16, bf16)
+NORMS_WARP(f16, f16)

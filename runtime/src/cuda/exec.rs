@@ -61,7 +61,8 @@ pub(super) struct PlannedGemm {
     pub(super) gemm: Gemm,
 }
 
-enum Item {
+#[derive(Clone)]
+pub(super) enum Item {
     Gemm(usize),
     Kernel { f: sys::CUfunction, launch: Launch },
     Zero { ptr: u64, bytes: usize },
@@ -78,12 +79,12 @@ pub struct CudaExec {
     lt: ltsys::cublasLtHandle_t,
     pub(super) gemms: Vec<PlannedGemm>,
     /// Per entry, per step, the device work.
-    items: Vec<Vec<Vec<Item>>>,
+    pub(super) items: Vec<Vec<Vec<Item>>>,
     graphs: Vec<Option<sys::CUgraphExec>>,
     /// Arena offset of each persistent state (`states_in_arena`), zeroed at load and reset.
     pub(super) states_at: Vec<usize>,
     /// Every loaded kernel by name (the state-row gather launches `data` kernels by name).
-    funcs: HashMap<String, sys::CUfunction>,
+    pub(super) funcs: HashMap<String, sys::CUfunction>,
     /// A second allocation for reordering state rows (indices, then a state's copy), made on
     /// first use: its address and size.
     rows_scratch: Option<(u64, usize)>,
@@ -431,7 +432,7 @@ impl CudaExec {
         })
     }
 
-    fn issue(&self, item: &Item) -> Result<()> {
+    pub(super) fn issue(&self, item: &Item) -> Result<()> {
         let cu = self.stream.cu_stream();
         match item {
             Item::Gemm(i) => self.issue_gemm(*i, self.gemms[*i].choice),

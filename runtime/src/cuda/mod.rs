@@ -17,6 +17,7 @@ mod fused_codegen;
 pub mod gemm;
 pub mod kernel;
 pub mod lower;
+mod norm_tune;
 mod state_rows;
 pub mod tune;
 mod upload;

@@ -31,9 +31,11 @@ pub enum GemvMode {
     Auto,
 }
 
-/// GEMMs with at most this many rows (M times batch) time cuBLASLt's candidate algorithms;
-/// above it the heuristic's first is kept.
-const TUNE_MAX_ROWS: usize = 64;
+/// GEMMs with at most this many rows (M times batch) time cuBLASLt's candidate algorithms
+/// (decode, and batch-1 vision: So400m at 224 px has 256 rows, where the heuristic's first
+/// choice may leave SMs idle and a split-K candidate can win); above it the heuristic's first
+/// is kept. A tuning table entry for the shape skips the timing.
+const TUNE_MAX_ROWS: usize = 512;
 /// Launches per captured graph, at least.
 const LAUNCHES: usize = 10;
 /// Most GEMMs of one shape a timing graph rotates through.
@@ -96,10 +98,16 @@ impl CudaExec {
     /// Seconds per GEMM of the GEMMs `seq` (one shape), each issued in turn as `choice`,
     /// or `None` where one fails to run.
     fn time_choice(&self, seq: &[usize], choice: Choice) -> Result<Option<f64>> {
+        self.time_issued(|| seq.iter().try_for_each(|&i| self.issue_gemm(i, choice)), seq.len())
+    }
+
+    /// Seconds per call of the `calls` launches `issue` makes, captured into a graph and
+    /// replayed, or `None` where they fail to run.
+    pub(super) fn time_issued(&self, issue: impl FnOnce() -> Result<()>, calls: usize) -> Result<Option<f64>> {
         let cu = self.stream.cu_stream();
         // SAFETY: the stream is ours; capture ends below on every path.
         drv("begin capture", unsafe { dr::stream::begin_capture(cu, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) })?;
-        let issued = seq.iter().try_for_each(|&i| self.issue_gemm(i, choice));
+        let issued = issue();
         // SAFETY: capture was begun on this stream above.
         let graph = drv("end capture", unsafe { dr::stream::end_capture(cu) });
         let graph = match (issued, graph) {
@@ -148,9 +156,9 @@ impl CudaExec {
             };
             let r = timed();
             let _ = dr::graph::exec_destroy(exec);
-            drv("timing a GEMM", r)?
+            drv("timing launches", r)?
         };
-        Ok(Some(secs as f64 * 1e-3 / (seq.len() * REPLAYS) as f64))
+        Ok(Some(secs as f64 * 1e-3 / (calls * REPLAYS) as f64))
     }
 
     /// Chooses how every planned GEMM runs (see the module's documentation).
@@ -248,6 +256,7 @@ impl CudaExec {
             let gemv = self.gemms.iter().filter(|g| g.choice == Choice::Gemv).count();
             eprintln!("kiln cuda: {n} GEMMs ({timed} shapes timed): {gemv} run as kiln's GEMV, {} on cuBLASLt ({mode:?})", n - gemv);
         }
+        self.choose_norms(&card, &mut measured, verbose)?;
         write_measured(measured)?;
         drv("sync", self.stream.synchronize())
     }
