@@ -12,8 +12,9 @@
 # own time limit and a failing section does not stop the others; everything is logged under
 # $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
 # most 8 files), with $OUT/summary.txt, whose table is printed last.
-# KILN_DEVICE_SECTIONS (default "check half parity fixtures siglip gemma compile kernels cube
-# gemma-compile load tune", run in that order) picks
+# KILN_DEVICE_SECTIONS (default "half parity fixtures headline siglip gemma compile kernels
+# cube gemma-compile load tune", run in that order; "check", the on-device `kernels check`, is
+# left out: it gives what the CPU machine's gives) picks
 # sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
 # limit is cut to what is left, and steps are skipped once too little is.
 set -uo pipefail
@@ -54,7 +55,7 @@ W=${KILN_WORK:-/tmp/kiln-device}
 mkdir -p "$OUT" "$W"
 kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
-sections=${KILN_DEVICE_SECTIONS:-check half parity fixtures siglip gemma compile kernels cube gemma-compile load tune}
+sections=${KILN_DEVICE_SECTIONS:-half parity fixtures headline siglip gemma compile kernels cube gemma-compile load tune}
 deadline=${KILN_DEVICE_DEADLINE:-560}
 [ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
@@ -104,6 +105,11 @@ synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" 
 if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load || want tune; then
   ( want siglip || want cube || want compile || want kernels || want tune ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
   ( want gemma || want gemma-compile || want load || want tune ) && synth gemma2-2b &
+fi
+# The headline's model first (its own job, waited for alone): PaliGemma 2 3B at 896 px.
+if want headline; then
+  { synth paligemma2-3b-896 && "$py" scripts/make_paligemma_assets.py "$models/paligemma2-3b-896" 896 > "$W/pg_assets.txt" 2>&1; } &
+  pg_job=$!
 fi
 
 if want check; then
@@ -164,8 +170,36 @@ tbench() { # name limit args...
   grep '^{' "$W/$name.txt" | tail -1
 }
 
-if want siglip || want gemma; then
+if want siglip || want gemma || want headline; then
   row ceiling card 0 "$(tbench ceiling 120 ceiling -)"
+fi
+
+# headline ENGINE JSON: two rows (first token, decode per token) from one generate's JSON.
+headline() {
+  local field
+  for field in first_token_ms decode_ms_per_token; do
+    row "$1" "pg2-3b-896 ${field%%_ms*}" 1 "$(echo "$2" | "$py" -c 'import json, sys
+f = sys.argv[1]
+try:
+    j = json.loads(sys.stdin.read())
+except ValueError:
+    j = {"error": "no output (see the logs)"}
+print(json.dumps({"median_ms": j[f], "prompt_tokens": j.get("prompt_tokens")} if f in j else {"error": j.get("error", "no " + f)}))' "$field")"
+  done
+}
+
+if want headline; then
+  # The question a user asks first: PaliGemma 2 3B at 896 px (4096 image tokens), time to first
+  # token (image preprocessing, So400m, the prefill) and decode per token, against
+  # transformers on the same card, same image and prompt. kiln compiles in memory first
+  # (compile_ms, reported apart in kiln_headline.txt).
+  wait "$pg_job"
+  d=$models/paligemma2-3b-896
+  timeout "$(lim 240)" "$kiln" generate "$d" --backend cuda --dtype bf16 --prompt "caption en" --image "$d/bench.jpg" --max-new-tokens 33 > "$W/kiln_headline.txt" 2>&1
+  headline kiln-cuda "$(grep '^{' "$W/kiln_headline.txt" | tail -1)"
+  headline torch-eager "$(tbench torch_headline 240 paligemma "$d" --new-tokens 32)"
+  log "headline: kiln $(grep '^{' "$W/kiln_headline.txt" | tail -1)"
+  pack
 fi
 
 if want siglip; then

@@ -138,28 +138,43 @@ pub static FAMILY: Family = Family {
         Some(_) => crate::build_text(cfg_path, ck, profile),
     },
     generation: Some(crate::build_text_generation),
-    synth: &[SynthRow {
-        name: "paligemma2-3b-224",
-        about: "PaliGemma 2 3B at 224px: So400m/14 tower (256 image tokens), Gemma 2 2B, vocab 257216 (~3.0B params, bf16)",
-        recipe: |_| {
-            // Gemma 2 2B with PaliGemma's vocabulary (256000 + 1024 loc + 128 seg, padded).
-            let text = gemma::Gemma2Sizes { vocab_size: 257216, ..gemma::GEMMA2_2B };
-            let config = synth_config(siglip::synth_config(1152, 4304, 27, 16, 14, 224, false), &text, 257152);
-            Ok(SynthRecipe {
-                config,
-                dtype: DType::BF16,
-                format: WeightFormat::Safetensors,
-                roots: &["vision_tower.", "multi_modal_projector.", "language_model."],
-                given: Vec::new(),
-                batch: 1,
-            })
+    synth: &[
+        SynthRow {
+            name: "paligemma2-3b-224",
+            about: "PaliGemma 2 3B at 224px: So400m/14 tower (256 image tokens), Gemma 2 2B, vocab 257216 (~3.0B params, bf16)",
+            recipe: |_| pg2_recipe(224),
         },
-    }],
+        SynthRow {
+            name: "paligemma2-3b-448",
+            about: "PaliGemma 2 3B at 448px: the same with 1024 image tokens (~3.0B params, bf16)",
+            recipe: |_| pg2_recipe(448),
+        },
+        SynthRow {
+            name: "paligemma2-3b-896",
+            about: "PaliGemma 2 3B at 896px: the same with 4096 image tokens, the seed paper's headline resolution (~3.0B params, bf16)",
+            recipe: |_| pg2_recipe(896),
+        },
+    ],
     init: |name, shape| match name.strip_prefix("language_model.") {
         Some(rest) => gemma::synth_init(rest, shape),
         None => siglip::synth_init(name, shape),
     },
 };
+
+/// PaliGemma 2 3B at `res` px: So400m/14 and Gemma 2 2B with PaliGemma's vocabulary (256000 +
+/// 1024 loc + 128 seg, padded), bf16 as released.
+fn pg2_recipe(res: usize) -> Result<SynthRecipe> {
+    let text = gemma::Gemma2Sizes { vocab_size: 257216, ..gemma::GEMMA2_2B };
+    let config = synth_config(siglip::synth_config(1152, 4304, 27, 16, 14, res, false), &text, 257152);
+    Ok(SynthRecipe {
+        config,
+        dtype: DType::BF16,
+        format: WeightFormat::Safetensors,
+        roots: &["vision_tower.", "multi_modal_projector.", "language_model."],
+        given: Vec::new(),
+        batch: 1,
+    })
+}
 
 /// The `config.json` transformers expects of a PaliGemma 2 model with this tower and decoder
 /// (MODELS.md §4: 256 000 base pieces + 1024 loc + 128 seg = 257 152 = the `<image>` id).
