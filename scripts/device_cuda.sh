@@ -13,7 +13,7 @@
 # $KILN_WORK and packed into $OUT/results.tgz after each section (a device call returns at
 # most 8 files), with $OUT/summary.txt, whose table is printed last.
 # KILN_DEVICE_SECTIONS (default "half parity fixtures headline siglip gemma compile kernels
-# cube gemma-compile load tune", run in that order; "check", the on-device `kernels check`, is
+# cube gemma-compile load ncu tune", run in that order; "check", the on-device `kernels check`, is
 # left out: it gives what the CPU machine's gives) picks
 # sections; KILN_DEVICE_DEADLINE (seconds, default 560) bounds the whole run: each step's
 # limit is cut to what is left, and steps are skipped once too little is.
@@ -55,7 +55,7 @@ W=${KILN_WORK:-/tmp/kiln-device}
 mkdir -p "$OUT" "$W"
 kiln=$PWD/$dist/kiln
 py=${KILN_PYTHON:-python3}
-sections=${KILN_DEVICE_SECTIONS:-half parity fixtures headline siglip gemma compile kernels cube gemma-compile load tune}
+sections=${KILN_DEVICE_SECTIONS:-half parity fixtures headline siglip gemma compile kernels cube gemma-compile load ncu tune}
 deadline=${KILN_DEVICE_DEADLINE:-560}
 [ -x "$kiln" ] || [ ! -f dist/cuda.tgz ] || tar xzf dist/cuda.tgz -C dist
 [ -x "$kiln" ] || { echo "$kiln missing: run '$0 package' on the CPU machine and carry $dist" >&2; exit 1; }
@@ -278,6 +278,17 @@ if want load; then
     KILN_CUDA_UPLOAD=$how KILN_CUDA_VERBOSE=1 run "load_$how" 120 "$kiln" bench "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 16 --runs 1
     log "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"
   done
+fi
+
+if want ncu; then
+  # One Nsight Compute pass on the attention kernel at 896 px (where ncu exists): its
+  # speed-of-light and memory sections say what bounds it.
+  if command -v ncu > /dev/null; then
+    run ncu_attention 150 ncu --kernel-name regex:attn_mma --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy "$kiln" bench "$models/siglip-so400m-14-896" --backend cuda --dtype bf16 --batch 2 --runs 1
+  else
+    log "ncu: not on this machine"
+  fi
 fi
 
 if want tune; then
