@@ -102,8 +102,8 @@ nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 models=$W/models
 mkdir -p "$models"
 synth() { [ -f "$models/$1/config.json" ] || "$kiln" synth "$1" -o "$models/$1" > "$W/synth_$1.txt" 2>&1; }
-if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load || want tune; then
-  ( want siglip || want cube || want compile || want kernels || want tune ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
+if want siglip || want cube || want gemma || want compile || want kernels || want gemma-compile || want load || want tune || want ncu; then
+  ( want siglip || want cube || want compile || want kernels || want tune || want ncu ) && { synth siglip-so400m-14-224 && synth siglip-so400m-14-448 && synth siglip-so400m-14-896; } &
   ( want gemma || want gemma-compile || want load || want tune ) && synth gemma2-2b &
 fi
 # The headline's model first (its own job, waited for alone): PaliGemma 2 3B at 896 px.
