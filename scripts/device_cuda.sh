@@ -283,6 +283,7 @@ fi
 if want ncu; then
   # One Nsight Compute pass on the attention kernel at 896 px (where ncu exists): its
   # speed-of-light and memory sections say what bounds it.
+  wait
   if command -v ncu > /dev/null; then
     run ncu_attention 150 ncu --kernel-name regex:attn_mma --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy "$kiln" bench "$models/siglip-so400m-14-896" --backend cuda --dtype bf16 --batch 2 --runs 1
