@@ -8,7 +8,8 @@ torch.compile, random weights from a `kiln synth` folder. One JSON line on stdou
         decode per token of a `kiln synth paligemma2-3b-<RES>` folder with
         scripts/make_paligemma_assets.py's files (eager: transformers' generate, bf16, SDPA)
     bench_torch_cuda.py ceiling -: the card's measured ceilings (bf16 8192^3 GEMM TFLOP/s,
-        device-to-device copy TB/s counting bytes read and written)
+        device-to-device copy TB/s counting bytes read and written, host-to-device GB/s from
+        pinned memory)
 
 siglip: median ms of model(pixel_values) over --runs after warm-up (CUDA events).
 gemma prefill: one forward of 1024 tokens. gemma decode: ms per token of greedy decoding
@@ -94,8 +95,12 @@ def main():
         big = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
         dst = torch.empty_like(big)
         c = timed(lambda: dst.copy_(big), 10)
+        # Host to device over PCIe from pinned memory: what a weight upload at load can reach.
+        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        h = timed(lambda: big.copy_(host, non_blocking=True), 5)
         print(json.dumps({"device": torch.cuda.get_device_name(), "gemm_bf16_tflops": 2 * 8192**3 / (statistics.median(t) * 1e-3) / 1e12,
-                          "copy_tbps": 2 * (1 << 30) / (statistics.median(c) * 1e-3) / 1e12}))
+                          "copy_tbps": 2 * (1 << 30) / (statistics.median(c) * 1e-3) / 1e12,
+                          "h2d_pinned_gbps": (1 << 30) / (statistics.median(h) * 1e-3) / 1e9}))
         return
     out = {"peer": f"torch-{a.mode}", "dtype": a.dtype, "torch": torch.__version__, "device": torch.cuda.get_device_name()}
     with torch.inference_mode():

@@ -46,7 +46,9 @@ def main():
     ceiling = next((r["result"] for r in rows if r["engine"] == "ceiling"), {})
     tf_max, tb_max = ceiling.get("gemm_bf16_tflops"), ceiling.get("copy_tbps")
     if tf_max:
-        print(f"card ceilings measured in this run: bf16 GEMM 8192^3 {tf_max:.0f} TFLOP/s, device copy {tb_max:.2f} TB/s")
+        h2d = ceiling.get("h2d_pinned_gbps")
+        pcie = f", host to device {h2d:.1f} GB/s (pinned)" if h2d else ""
+        print(f"card ceilings measured in this run: bf16 GEMM 8192^3 {tf_max:.0f} TFLOP/s, device copy {tb_max:.2f} TB/s{pcie}")
     print(f"{'model':<24} {'batch':>5} {'engine':<16} {'ms':>9} {'rate':>22} {'vs eager':>9} {'vs compile':>10}")
     groups = {}
     for r in rows:
