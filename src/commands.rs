@@ -506,14 +506,15 @@ pub(super) enum GenModel<'a> {
 }
 
 /// `kiln generate <gemma | paligemma> --inputs in --out out`: `input_ids` (with an optional
-/// `attention_mask` and `pixel_values`) to `sequences` and `step_logits`.
+/// `attention_mask` and `pixel_values`) to `sequences` and `logprobs` (and `step_logits` when
+/// asked: a folder is then compiled to output them).
 pub(super) fn generate_text_inputs(
     model: GenModel,
     mut ins: Vec<(String, Tensor)>,
     (inputs, out): (&Path, &Path),
     (max_new_tokens, bucket): (usize, Option<usize>),
     (backend, dtype): (&str, DType),
-    breakdown: bool,
+    (breakdown, step_logits): (bool, bool),
     (sampling, strategy): (kiln::sampling::HfSampling, crate::cli_decode::Strategy),
 ) -> Result<()> {
     use crate::cli_decode::Strategy;
@@ -534,7 +535,12 @@ pub(super) fn generate_text_inputs(
     };
     let mut g = match model {
         GenModel::Folder(dir) => {
-            progress("compiling", || kiln::generate::Generator::with_rows(dir, (b, per), bucket, max_new_tokens, backend, dtype))?
+            // Beam search reads the logits on the host.
+            let logits = step_logits || matches!(strategy, Strategy::Beams(_));
+            progress("compiling", || kiln::generate::Generator::with_outputs(dir, (b, per), bucket, max_new_tokens, backend, dtype, logits))?
+        }
+        GenModel::Loaded(g) if step_logits && !g.has_logits => {
+            return Err(Error::Usage("--step-logits: this artifact outputs no logits (give the model folder)".into()));
         }
         GenModel::Loaded(g) if g.rows_per_input != per => {
             return Err(Error::Usage(format!(
@@ -564,11 +570,11 @@ pub(super) fn generate_text_inputs(
             let r = g.generate_prompt(&prompt, max_new_tokens, px, &mut |_| Ok(()))?;
             let rows = b * per;
             let width = l + r.new_tokens;
-            let outs = vec![
-                ("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)),
-                ("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)),
-            ];
+            let mut outs = vec![("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences))];
+            if step_logits {
+                outs.push(("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)));
+            }
+            outs.push(("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)));
             (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s))
         }
     };

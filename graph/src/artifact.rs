@@ -34,9 +34,10 @@ use thiserror::Error;
 /// The first eight bytes of every `.kiln` file.
 pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// The newest layout and body encoding this kiln writes and reads. Version 3 added
-/// [`Program::weight_sets`] (weights from several checkpoints, an ensemble); a program without
-/// them is still written as version 2, byte for byte as before, so older kilns read it.
-pub const FORMAT_VERSION: u32 = 3;
+/// [`Program::weight_sets`] (weights from several checkpoints, an ensemble); version 4 the op
+/// [`crate::Op::SampleToken`] (a generation program that chooses its tokens). A program
+/// without them is still written as version 2, byte for byte as before, so older kilns read it.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version this kiln reads.
 pub const OLDEST_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
@@ -101,10 +102,12 @@ pub fn save(program: &Program) -> Vec<u8> {
 
 /// The oldest format version that can hold `program`.
 pub fn version_for(program: &Program) -> u32 {
-    if program.weight_sets.is_empty() {
-        2
-    } else {
+    if program.entries.iter().any(|e| e.steps.iter().any(|s| s.op == crate::Op::SampleToken)) {
+        4
+    } else if !program.weight_sets.is_empty() {
         3
+    } else {
+        2
     }
 }
 
@@ -166,7 +169,8 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
     // program, so any other is a damaged header.
     let needed = version_for(&program);
     if version < needed {
-        let msg = format!("format version {version} cannot hold weight sets (version {needed} can)");
+        let what = if needed == 4 { "sample_token steps" } else { "weight sets" };
+        let msg = format!("format version {version} cannot hold {what} (version {needed} can)");
         return Err(ArtifactError::Invalid { file, msg });
     }
     if version > needed {

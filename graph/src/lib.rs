@@ -25,6 +25,7 @@ pub mod plan;
 #[cfg(feature = "compiler")]
 pub mod print;
 pub mod program;
+pub mod sample;
 pub mod safetensors;
 pub mod scalar;
 #[cfg(feature = "compiler")]

@@ -113,6 +113,9 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         // Positions and ranges: made once per run, small; the interpreter's arm fills them.
         Op::Iota { .. } => K::Reference,
         Op::Conv(_) => or_reference(f32_all, K::Conv),
+        // B rows of V logits, once per generated token: the interpreter's code is the
+        // selection (`kiln_graph::sample`), the same the host's sampler runs.
+        Op::SampleToken => K::Reference,
     })
 }
 
