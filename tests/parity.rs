@@ -599,8 +599,6 @@ const CPU_INTERPRETED: &[&str] = &[
     "reduce Mean [1]",
     "reduce Max [0, 2]",
     "softmax middle",
-    "sample_token greedy",
-    "sample_token sampled",
     "cast + iota",
 ];
 
