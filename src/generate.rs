@@ -33,6 +33,8 @@ pub struct Generator {
     /// `logprobs`), and whether they also output the logits (beam search needs them).
     pub selects: bool,
     pub has_logits: bool,
+    /// Seconds inside the decode entry's [`Session::run`] during the last generation.
+    decode_run_s: f64,
 }
 
 /// Whether a generation program's `decode` entry outputs `ids` (the tokens chosen on the
@@ -69,6 +71,12 @@ pub struct Generated {
     pub decode_s: f64,
     /// Decode steps run (`new_tokens - 1` unless every row stopped early).
     pub decode_steps: usize,
+    /// Seconds of the decode steps spent inside the decode entry's `Session::run` (inputs in,
+    /// the program, outputs out), and the token loop's seconds outside it (choosing on the
+    /// host where it does, recording tokens, building the next inputs, reading the outputs):
+    /// the host's per-token overhead.
+    pub decode_run_s: f64,
+    pub host_s: f64,
 }
 
 /// The ids generation stops at and pads with: `generation_config.json` first, then `config.json`.
@@ -285,7 +293,8 @@ impl Generator {
         }
         let (selects, has_logits) = outputs_of(session.program());
         let per = rows / batch;
-        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None, rows_per_input: per, selects, has_logits })
+        let (last_prefill, decode_run_s) = (Vec::new(), 0.0);
+        Ok(Generator { session, batch, bucket, meta, last_prefill, sampling: None, rows_per_input: per, selects, has_logits, decode_run_s })
     }
 
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
@@ -327,8 +336,8 @@ impl Generator {
         let g = generation_program_with(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), step_logits)?;
         let (selects, has_logits) = outputs_of(&g.program);
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        let sampling = None;
-        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new(), sampling, rows_per_input, selects, has_logits })
+        let (sampling, last_prefill, decode_run_s) = (None, Vec::new(), 0.0);
+        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill, sampling, rows_per_input, selects, has_logits, decode_run_s })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -374,6 +383,8 @@ impl Generator {
         let (per, prompt_len) = (self.rows_per_input, prompt.len);
         let b = n_in * per;
         let (mut decode_s, mut decode_steps) = (0.0, 0);
+        self.decode_run_s = 0.0;
+        let loop_start = std::time::Instant::now();
         let mut seqs: Vec<Vec<i64>> =
             (0..b).map(|r| prompt.input_ids[(r / per) * prompt_len..(r / per + 1) * prompt_len].to_vec()).collect();
         let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
@@ -425,7 +436,10 @@ impl Generator {
             decode_s += t1.elapsed().as_secs_f64();
             decode_steps += 1;
         }
+        let host_s = (loop_start.elapsed().as_secs_f64() - self.decode_run_s).max(0.0);
         Ok(Generated {
+            decode_run_s: self.decode_run_s,
+            host_s,
             sequences: seqs.concat(),
             step_logits: step_logits.concat(),
             logprobs: logprobs.concat(),
@@ -458,7 +472,9 @@ impl Generator {
         if self.selects {
             ins.extend(sel.iter().map(|(n, t)| (*n, t)));
         }
+        let t = std::time::Instant::now();
         let outs = self.session.run("decode", &ins)?;
+        self.decode_run_s += t.elapsed().as_secs_f64();
         let mut chosen = self.chosen(&outs)?;
         // A program that chooses its tokens caps the logits itself.
         if let (Some(cap), false) = (self.meta.decode_softcap, self.selects) {

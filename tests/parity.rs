@@ -180,7 +180,7 @@ const HALF: &[&str] = &["bf16 ", "f16 "];
 /// Ops the cuda backend has no kernel for yet (its compile names them); convolutions run as the
 /// compiler's gather + matmul rewrite.
 #[cfg(feature = "cuda")]
-const CUDA_LACKS: &[&str] = &["sample_token"];
+const CUDA_LACKS: &[&str] = &[];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
