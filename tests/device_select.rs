@@ -233,3 +233,27 @@ fn cube_host_choice_equals_cpu_device_choice() {
         }
     }
 }
+
+/// The cuda lowering (no GPU needed): the Gemma 2 generation program's entries end with the
+/// `sample_token_f32` kernel and output ids and logprobs, and NVRTC compiles that kernel with
+/// the program's fused regions for sm_90a.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_generation_program_selects_and_compiles() {
+    if !kiln_kernels::cuda::nvrtc::available() {
+        assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1: no NVRTC");
+        return;
+    }
+    let dir = gemma_case("gemma2_gqa");
+    let (_, _, _, b, l) = batch("gemma2_gqa");
+    assert!(kiln::generate::selects_on_device("cuda").unwrap() && !kiln::generate::selects_on_device("cube").unwrap());
+    let g = kiln::generate::generation_program_rows(&dir, (b, 2), l, 3, "cuda", DType::F32).expect("compile for cuda");
+    for name in ["prefill", "decode"] {
+        let e = g.program.entry(name).expect(name);
+        assert!(e.steps.iter().any(|s| s.kernel == "sample_token_f32"), "{name}: no sample_token_f32 step");
+        assert!(e.outputs.iter().any(|o| o.name == "ids") && e.outputs.iter().all(|o| o.name != "logits"), "{name}'s outputs");
+    }
+    let r = kiln::cuda_tools::check("sm_90a", Some(&g.program)).expect("nvrtc");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.rows.iter().any(|row| row.kernel == "sample_token_f32"), "sample_token_f32 was not compiled");
+}
