@@ -549,7 +549,9 @@ pub(super) fn generate_text_inputs(
         GenModel::Folder(dir) => {
             // Beam search reads the logits on the host.
             let logits = step_logits || matches!(strategy, Strategy::Beams(_));
-            progress("compiling", || kiln::generate::Generator::with_outputs(dir, (b, per), bucket, max_new_tokens, backend, dtype, logits))?
+            progress("compiling", || {
+                kiln::generate::Generator::with_outputs(dir, (b, per), bucket, max_new_tokens, backend, dtype, logits)
+            })?
         }
         GenModel::Loaded(g) if step_logits && !g.has_logits => {
             return Err(Error::Usage("--step-logits: this artifact outputs no logits (give the model folder)".into()));

@@ -456,7 +456,10 @@ impl Generator {
     /// the model caps its decode steps).
     pub(crate) fn decode_step(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize) -> Result<Vec<f32>> {
         if !self.has_logits {
-            return Err(Error::Usage("this generation program chooses its tokens itself and outputs no logits (beam search needs a program compiled with them)".into()));
+            return Err(Error::Usage(
+                "this generation program chooses its tokens itself and outputs no logits (beam search needs a program compiled with them)"
+                    .into(),
+            ));
         }
         Ok(self.decode_choose(next, mask, pos, slot, 0)?.logits)
     }
@@ -468,7 +471,8 @@ impl Generator {
         let (ids, mask, pos) = (Tensor::from_i64(&[b, 1], next), Tensor::from_i64(&[b, c], mask), Tensor::from_i64(&[b, 1], pos));
         let at = Tensor::from_i64(&[1], &[slot as i64]);
         let sel = crate::select::inputs(self.sampling.as_ref(), step);
-        let mut ins: Vec<(&str, &Tensor)> = vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
+        let mut ins: Vec<(&str, &Tensor)> =
+            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
         if self.selects {
             ins.extend(sel.iter().map(|(n, t)| (*n, t)));
         }
@@ -663,7 +667,8 @@ impl Generator {
         let pos = Tensor::from_i64(&[b, 1], &vec![slot as i64 + self.meta.position_offset; b]);
         let at = Tensor::from_i64(&[1], &[slot as i64]);
         let sel = crate::select::inputs(self.sampling.as_ref(), 1);
-        let mut ins: Vec<(&str, &Tensor)> = vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
+        let mut ins: Vec<(&str, &Tensor)> =
+            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
         if self.selects {
             ins.extend(sel.iter().map(|(n, t)| (*n, t)));
         }

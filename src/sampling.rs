@@ -53,11 +53,7 @@ impl HfSampling {
 
     /// The filters as the selection step applies them (temperature and top-p in f32).
     pub fn filters(&self) -> kiln_graph::sample::Filters {
-        kiln_graph::sample::Filters {
-            temperature: self.temperature as f32 as f64,
-            top_k: self.top_k,
-            top_p: self.top_p as f32 as f64,
-        }
+        kiln_graph::sample::Filters { temperature: self.temperature as f32 as f64, top_k: self.top_k, top_p: self.top_p as f32 as f64 }
     }
 }
 

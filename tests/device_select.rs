@@ -161,8 +161,12 @@ fn bad_runtime_sampling_inputs_are_errors() {
     let (_, _, _, b, l) = batch("gemma2_gqa");
     let mut g = Generator::with_rows(&dir, (b, 1), l, 2, "cpu", DType::F32).expect("compile");
     let c = g.meta.capacity;
-    let (i, m, p, at) =
-        (Tensor::from_i64(&[b, 1], &vec![2; b]), Tensor::from_i64(&[b, c], &vec![1; b * c]), Tensor::from_i64(&[b, 1], &vec![3; b]), Tensor::from_i64(&[1], &[0]));
+    let (i, m, p, at) = (
+        Tensor::from_i64(&[b, 1], &vec![2; b]),
+        Tensor::from_i64(&[b, c], &vec![1; b * c]),
+        Tensor::from_i64(&[b, 1], &vec![3; b]),
+        Tensor::from_i64(&[1], &[0]),
+    );
     let bad = Tensor::from_f32(&[2], &[1.0, 0.0]);
     let counters = Tensor::from_i64(&[4], &[0, 0, 1, 0]);
     let ins: Vec<(&str, &Tensor)> = vec![

@@ -594,13 +594,7 @@ fn all_rows() -> Vec<Row> {
 /// Rows in which the cpu backend runs some step through the reference interpreter (there the
 /// row compares the interpreter with itself for that step). Each is named here on purpose;
 /// a row that gains or loses a fallback fails [`every_op_has_a_row`] until this list says so.
-const CPU_INTERPRETED: &[&str] = &[
-    "bool and u8 outputs",
-    "reduce Mean [1]",
-    "reduce Max [0, 2]",
-    "softmax middle",
-    "cast + iota",
-];
+const CPU_INTERPRETED: &[&str] = &["bool and u8 outputs", "reduce Mean [1]", "reduce Max [0, 2]", "softmax middle", "cast + iota"];
 
 #[test]
 fn every_op_has_a_row() {

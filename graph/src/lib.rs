@@ -25,8 +25,8 @@ pub mod plan;
 #[cfg(feature = "compiler")]
 pub mod print;
 pub mod program;
-pub mod sample;
 pub mod safetensors;
+pub mod sample;
 pub mod scalar;
 #[cfg(feature = "compiler")]
 pub mod sched;

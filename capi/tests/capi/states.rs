@@ -228,8 +228,14 @@ fn generate_c(h: &Handle, g: &Gen) -> Vec<i64> {
         let (ids, m, pos, at) = (i64_bytes(&next), i64_bytes(&mask), i64_bytes(&next_pos), i64_bytes(&[slot as i64]));
         let (opts, ctr) = greedy();
         let (mut out, mut lp) = (vec![0u8; b * 8], vec![0u8; b * 4]);
-        let ins =
-            [("input_ids", &ids[..]), ("attention_mask", &m), ("position_ids", &pos), ("cache_position", &at), ("sampling", &opts), ("sampling_counters", &ctr)];
+        let ins = [
+            ("input_ids", &ids[..]),
+            ("attention_mask", &m),
+            ("position_ids", &pos),
+            ("cache_position", &at),
+            ("sampling", &opts),
+            ("sampling_counters", &ctr),
+        ];
         let st = run_named(h, "decode", &ins, &mut [("ids", &mut out), ("logprobs", &mut lp)]);
         assert_eq!(st, KilnStatus::Ok, "decode step {t}: {}", last_error());
         chosen = i64s(&out);
