@@ -148,7 +148,7 @@ pub(super) fn bench(
     });
     // A generation program's decode entry: one step (a token per row) replayed on its inputs.
     let generation = entry == "decode" && s.program().entry("prefill").is_some();
-    let step = generation.then(|| match device {
+    let step = generation.then_some(match device {
         Some((_, dmed)) => (dmed, "device time, inputs on the device"),
         None => (med, "the run's median: host memory, inputs and outputs copied"),
     });

@@ -177,7 +177,8 @@ fn bad_runtime_sampling_inputs_are_errors() {
         ("sampling", &bad),
         ("sampling_counters", &counters),
     ];
-    let e = g.session.run("decode", &ins).err().expect("top_p 0 is refused").to_string();
+    let Err(e) = g.session.run("decode", &ins) else { panic!("top_p 0 is refused") };
+    let e = e.to_string();
     assert!(e.contains("top_p"), "{e}");
 }
 

@@ -119,7 +119,7 @@ pub fn runtime_filters(options: &[f64], counters: &[f64]) -> Result<(Filters, u6
 pub fn sample_rows(logits: &[f64], options: &[f64], counters: &[f64], streams: &[f64]) -> Result<Vec<f64>, String> {
     let (f, seed, step) = runtime_filters(options, counters)?;
     let b = streams.len();
-    if b == 0 || logits.len() % b != 0 {
+    if b == 0 || !logits.len().is_multiple_of(b) {
         return Err(format!("{} logits for {b} rows", logits.len()));
     }
     let v = logits.len() / b;
