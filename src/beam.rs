@@ -125,7 +125,13 @@ impl Generator {
         if self.rows_per_input != k {
             return Err(Error::Usage(format!("this generator decodes {} rows per input, not {k} beams", self.rows_per_input)));
         }
-        let Prefilled { mut logits, mut mask, mut next_pos, prefill_s } = self.prefill_rows(prompt, max_new_tokens, pixel_values)?;
+        if !self.has_logits {
+            return Err(Error::Usage(
+                "beam search reads the logits on the host: this generation program outputs only the chosen ids (compile it with step logits)".into(),
+            ));
+        }
+        let Prefilled { first, mut mask, mut next_pos, prefill_s } = self.prefill_rows(prompt, max_new_tokens, pixel_values)?;
+        let mut logits = first.logits;
         let (n_in, s, c, v, l) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab, prompt.len);
         let eos = self.meta.eos.clone();
         let keep = 2.max(1 + eos.len()) * k;

@@ -80,6 +80,12 @@ pub(super) struct GenerateArgs {
     num_samples: usize,
     #[command(flatten)]
     beams: BeamArgs,
+    /// Gemma/PaliGemma with --inputs from a folder: also write `step_logits` [R, n, V], the
+    /// logits each token was chosen from (the program then outputs them and the host reads
+    /// them; without it the last kernel chooses each token and the host reads only the ids
+    /// and log-probabilities). Beam search always reads the logits.
+    #[arg(long, requires = "inputs")]
+    step_logits: bool,
 }
 
 /// `--num-samples` / `--num-beams`, which only `--inputs` generation takes.
@@ -182,6 +188,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
             backend,
             dtype,
             breakdown,
+            step_logits,
             recompute_cross,
             temperature,
             top_k,
@@ -209,7 +216,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                     (&inputs, &out),
                     (max_new_tokens, bucket),
                     (&backend, dtype),
-                    breakdown,
+                    (breakdown, step_logits),
                     (sampling, strategy),
                 );
             }
@@ -236,7 +243,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 (&inputs, &out),
                 (max_new_tokens, bucket),
                 (&backend, dtype),
-                breakdown,
+                (breakdown, step_logits),
                 (sampling, strategy),
             )
         }

@@ -146,11 +146,20 @@ pub(super) fn bench(
         t.sort_by(|a, b| a.total_cmp(b));
         (t[0] * 1e3, t[t.len() / 2] * 1e3)
     });
+    // A generation program's decode entry: one step (a token per row) replayed on its inputs.
+    let generation = entry == "decode" && s.program().entry("prefill").is_some();
+    let step = generation.then_some(match device {
+        Some((_, dmed)) => (dmed, "device time, inputs on the device"),
+        None => (med, "the run's median: host memory, inputs and outputs copied"),
+    });
     if json {
         let mut j = serde_json::json!({"model": s.program().model, "backend": s.program().backend, "entry": entry, "min_ms": min, "median_ms": med, "max_ms": max, "runs": times.len(), "load_ms": load_ms, "first_run_ms": first_ms});
         if let Some((dmin, dmed)) = device {
             j["device_min_ms"] = dmin.into();
             j["device_median_ms"] = dmed.into();
+        }
+        if let Some((ms, _)) = step {
+            j["ms_per_decode_step"] = ms.into();
         }
         println!("{j}");
     } else {
@@ -163,6 +172,9 @@ pub(super) fn bench(
         println!("load {load_ms:.0} ms (a folder: compile included), first run after it {first_ms:.0} ms");
         if let Some((dmin, dmed)) = device {
             println!("device alone (inputs already there): min {dmin:.3} ms  median {dmed:.3} ms");
+        }
+        if let Some((ms, what)) = step {
+            println!("decode: {ms:.3} ms per step, every row's next token chosen ({what}); kiln generate's host_ms_per_token is the host's overhead beside it");
         }
     }
     if breakdown {
@@ -510,14 +522,15 @@ pub(super) enum GenModel<'a> {
 }
 
 /// `kiln generate <gemma | paligemma> --inputs in --out out`: `input_ids` (with an optional
-/// `attention_mask` and `pixel_values`) to `sequences` and `step_logits`.
+/// `attention_mask` and `pixel_values`) to `sequences` and `logprobs` (and `step_logits` when
+/// asked: a folder is then compiled to output them).
 pub(super) fn generate_text_inputs(
     model: GenModel,
     mut ins: Vec<(String, Tensor)>,
     (inputs, out): (&Path, &Path),
     (max_new_tokens, bucket): (usize, Option<usize>),
     (backend, dtype): (&str, DType),
-    breakdown: bool,
+    (breakdown, step_logits): (bool, bool),
     (sampling, strategy): (kiln::sampling::HfSampling, crate::cli_decode::Strategy),
 ) -> Result<()> {
     use crate::cli_decode::Strategy;
@@ -538,7 +551,14 @@ pub(super) fn generate_text_inputs(
     };
     let mut g = match model {
         GenModel::Folder(dir) => {
-            progress("compiling", || kiln::generate::Generator::with_rows(dir, (b, per), bucket, max_new_tokens, backend, dtype))?
+            // Beam search reads the logits on the host.
+            let logits = step_logits || matches!(strategy, Strategy::Beams(_));
+            progress("compiling", || {
+                kiln::generate::Generator::with_outputs(dir, (b, per), bucket, max_new_tokens, backend, dtype, logits)
+            })?
+        }
+        GenModel::Loaded(g) if step_logits && !g.has_logits => {
+            return Err(Error::Usage("--step-logits: this artifact outputs no logits (give the model folder)".into()));
         }
         GenModel::Loaded(g) if g.rows_per_input != per => {
             return Err(Error::Usage(format!(
@@ -562,18 +582,19 @@ pub(super) fn generate_text_inputs(
                 ("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences)),
                 ("sequences_scores".to_string(), Tensor::from_f32(&[rows], &r.sequences_scores)),
             ];
-            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s))
+            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s, None))
         }
         Strategy::Rows(_) => {
             let r = g.generate_prompt(&prompt, max_new_tokens, px, &mut |_| Ok(()))?;
             let rows = b * per;
             let width = l + r.new_tokens;
-            let outs = vec![
-                ("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)),
-                ("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)),
-            ];
-            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s))
+            let mut outs = vec![("sequences".to_string(), Tensor::from_i64(&[rows, width], &r.sequences))];
+            if step_logits {
+                outs.push(("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)));
+            }
+            outs.push(("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)));
+            let host = (r.decode_run_s, r.host_s / r.new_tokens.max(1) as f64);
+            (outs, (rows, r.new_tokens), width, (r.prefill_s, r.decode_steps, r.decode_s, Some(host)))
         }
     };
     let secs = t.elapsed().as_secs_f64();
@@ -583,12 +604,15 @@ pub(super) fn generate_text_inputs(
         println!("row {row}: {new:?}");
     }
     println!("{} new tokens per row in {secs:.3} s", rows.1);
-    let (prefill_s, decode_steps, decode_s) = timing;
-    println!(
-        "{}",
-        serde_json::json!({"prefill_ms": prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": decode_steps,
-            "decode_ms_per_token": decode_s * 1e3 / decode_steps.max(1) as f64, "rows": rows.0, "seconds": secs})
-    );
+    let (prefill_s, decode_steps, decode_s, host) = timing;
+    let mut j = serde_json::json!({"prefill_ms": prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": decode_steps,
+        "decode_ms_per_token": decode_s * 1e3 / decode_steps.max(1) as f64, "rows": rows.0, "seconds": secs});
+    if let Some((run_s, host_per_token)) = host {
+        // The decode entry's Session::run per step, and the token loop's time outside it per token.
+        j["decode_run_ms_per_step"] = (run_s * 1e3 / decode_steps.max(1) as f64).into();
+        j["host_ms_per_token"] = (host_per_token * 1e3).into();
+    }
+    println!("{j}");
     io::write(out, &outs)?;
     println!("wrote {}", out.display());
     if breakdown {

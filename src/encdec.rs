@@ -214,14 +214,7 @@ impl Sampling {
 /// `h = splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step)`: one number per (seed, row,
 /// step), independent of threads, batch layout and backend.
 pub fn uniform(seed: u64, row: u64, step: u64) -> f64 {
-    fn mix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    let h = mix(mix(mix(seed) ^ row) ^ step);
-    (h >> 11) as f64 / (1u64 << 53) as f64
+    kiln_graph::sample::uniform(seed, row, step)
 }
 
 #[cfg(test)]

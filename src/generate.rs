@@ -29,6 +29,19 @@ pub struct Generator {
     /// rows, its KV cache is copied to `batch * rows_per_input` rows by
     /// [`Session::gather_state_rows`], and the decode steps run on those.
     pub rows_per_input: usize,
+    /// Whether the program's entries choose the tokens ([`crate::select`]: outputs `ids` and
+    /// `logprobs`), and whether they also output the logits (beam search needs them).
+    pub selects: bool,
+    pub has_logits: bool,
+    /// Seconds inside the decode entry's [`Session::run`] during the last generation.
+    decode_run_s: f64,
+}
+
+/// Whether a generation program's `decode` entry outputs `ids` (the tokens chosen on the
+/// backend) and whether it outputs `logits`.
+fn outputs_of(program: &Program) -> (bool, bool) {
+    let has = |n: &str| program.entry("decode").is_some_and(|e| e.outputs.iter().any(|io| io.name == n));
+    (has("ids"), has("logits"))
 }
 
 /// A batch of prompts, `[B, len]` each, left-padded (`attention_mask` 0 on padding).
@@ -58,6 +71,12 @@ pub struct Generated {
     pub decode_s: f64,
     /// Decode steps run (`new_tokens - 1` unless every row stopped early).
     pub decode_steps: usize,
+    /// Seconds of the decode steps spent inside the decode entry's `Session::run` (inputs in,
+    /// the program, outputs out), and the token loop's seconds outside it (choosing on the
+    /// host where it does, recording tokens, building the next inputs, reading the outputs):
+    /// the host's per-token overhead.
+    pub decode_run_s: f64,
+    pub host_s: f64,
 }
 
 /// The ids generation stops at and pads with: `generation_config.json` first, then `config.json`.
@@ -139,6 +158,33 @@ pub fn generation_program_rows(
     backend: &str,
     dtype: DType,
 ) -> Result<GenerationProgram> {
+    generation_program_with(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), false)
+}
+
+/// Whether `backend` runs the selection step ([`crate::select`]): then the entries end with
+/// it and output `ids` and `logprobs`; else (cube) they output the logits and the host chooses.
+pub fn selects_on_device(backend: &str) -> Result<bool> {
+    let b = kiln_runtime::by_name(backend)?;
+    let tys = [
+        TensorType::new(DType::F32, [1, 2]),
+        TensorType::new(DType::F32, [2]),
+        TensorType::new(DType::I64, [4]),
+        TensorType::new(DType::I64, [1]),
+    ];
+    Ok(b.kernel_for(&kiln_graph::Op::SampleToken, &tys, &TensorType::new(DType::I64, [1])).is_ok())
+}
+
+/// [`generation_program_rows`] whose entries also output the `logits [R, 1, V]` the tokens
+/// were chosen from when `step_logits` is set (beam search reads them; greedy and sampling
+/// read only `ids` and `logprobs`).
+pub fn generation_program_with(
+    dir: &Path,
+    (batch, rows_per_input): (usize, usize),
+    bucket: usize,
+    max_new_tokens: usize,
+    (backend, dtype): (&str, DType),
+    step_logits: bool,
+) -> Result<GenerationProgram> {
     if max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
     }
@@ -149,16 +195,12 @@ pub fn generation_program_rows(
     let rows = batch * rows_per_input;
     let profile = Profile { batch: rows, seq_len: Some(bucket), dtype, image_hw: None, ..Profile::default() };
     let g = kiln_models::build_generation(dir, &profile, capacity)?;
-    let prefill = if rows_per_input == 1 {
+    let mut prefill = if rows_per_input == 1 {
         g.prefill
     } else {
         let few = Profile { batch, ..profile.clone() };
         pad_cache_rows(kiln_models::build_generation(dir, &few, capacity)?.prefill, rows)?
     };
-    let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
-    let built = [("prefill".to_string(), prefill), ("decode".to_string(), g.decode)];
-    let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
-    let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     let (eos, pad) = special_ids(dir, g.model.text());
     let px = |v: &kiln_models::siglip::SiglipVisionConfig| {
         kiln_graph::TensorType::new(dtype, [batch, v.num_channels, v.image_size, v.image_size])
@@ -168,6 +210,16 @@ pub fn generation_program_rows(
         kiln_models::TextModel::Gemma(_) => None,
     };
     let meta = GenerationMeta::of_model(&g.model, capacity, (eos, pad), image_ty);
+    let mut decode = g.decode;
+    if selects_on_device(backend)? {
+        let sel = |spread, softcap| crate::select::Selection { batch, rows_per_input, spread, softcap, step_logits };
+        crate::select::append(&mut prefill, &sel(true, None))?;
+        crate::select::append(&mut decode, &sel(false, meta.decode_softcap))?;
+    }
+    let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
+    let built = [("prefill".to_string(), prefill), ("decode".to_string(), decode)];
+    let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
+    let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     Ok(GenerationProgram { program, meta })
 }
 
@@ -239,7 +291,10 @@ impl Generator {
         if !rows.is_multiple_of(batch) {
             return Err(Error::Usage(format!("decode runs {rows} rows, not a multiple of the prefill's {batch}")));
         }
-        Ok(Generator { session, batch, bucket, meta, last_prefill: Vec::new(), sampling: None, rows_per_input: rows / batch })
+        let (selects, has_logits) = outputs_of(session.program());
+        let per = rows / batch;
+        let (last_prefill, decode_run_s) = (Vec::new(), 0.0);
+        Ok(Generator { session, batch, bucket, meta, last_prefill, sampling: None, rows_per_input: per, selects, has_logits, decode_run_s })
     }
 
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
@@ -264,9 +319,25 @@ impl Generator {
         backend: &str,
         dtype: DType,
     ) -> Result<Self> {
-        let g = generation_program_rows(dir, (batch, rows_per_input), bucket, max_new_tokens, backend, dtype)?;
+        Self::with_outputs(dir, (batch, rows_per_input), bucket, max_new_tokens, backend, dtype, false)
+    }
+
+    /// [`Generator::with_rows`] whose program also outputs the logits each token was chosen
+    /// from when `step_logits` is set ([`Generated::step_logits`]; beam search needs them).
+    pub fn with_outputs(
+        dir: &Path,
+        (batch, rows_per_input): (usize, usize),
+        bucket: usize,
+        max_new_tokens: usize,
+        backend: &str,
+        dtype: DType,
+        step_logits: bool,
+    ) -> Result<Self> {
+        let g = generation_program_with(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), step_logits)?;
+        let (selects, has_logits) = outputs_of(&g.program);
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill: Vec::new(), sampling: None, rows_per_input })
+        let (sampling, last_prefill, decode_run_s) = (None, Vec::new(), 0.0);
+        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill, sampling, rows_per_input, selects, has_logits, decode_run_s })
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -306,11 +377,14 @@ impl Generator {
         pixel_values: Option<&Tensor>,
         on_step: &mut dyn FnMut(&[i64]) -> Result<()>,
     ) -> Result<Generated> {
-        let Prefilled { mut logits, mut mask, mut next_pos, prefill_s } = self.prefill_rows(prompt, max_new_tokens, pixel_values)?;
+        let Prefilled { first, mut mask, mut next_pos, prefill_s } = self.prefill_rows(prompt, max_new_tokens, pixel_values)?;
+        let mut chosen = first;
         let (n_in, s, c, v) = (self.batch, self.bucket, self.meta.capacity, self.meta.vocab);
         let (per, prompt_len) = (self.rows_per_input, prompt.len);
         let b = n_in * per;
         let (mut decode_s, mut decode_steps) = (0.0, 0);
+        self.decode_run_s = 0.0;
+        let loop_start = std::time::Instant::now();
         let mut seqs: Vec<Vec<i64>> =
             (0..b).map(|r| prompt.input_ids[(r / per) * prompt_len..(r / per + 1) * prompt_len].to_vec()).collect();
         let mut step_logits: Vec<Vec<f32>> = vec![vec![]; b];
@@ -320,19 +394,28 @@ impl Generator {
         for t in 0..max_new_tokens {
             let mut next = vec![0i64; b];
             for r in 0..b {
-                let row = &logits[r * v..(r + 1) * v];
-                step_logits[r].extend_from_slice(row);
+                let row = chosen.logits.get(r * v..(r + 1) * v);
+                if let Some(row) = row {
+                    step_logits[r].extend_from_slice(row);
+                }
                 // Sample j of input i draws from stream i + j * B: sample 0 of every input is the
-                // sequence a single sample per input gives.
+                // sequence a single sample per input gives (the selection step's streams).
                 let stream = (r / per + (r % per) * n_in) as u64;
                 let padded = done[r] && self.meta.pad_finished;
-                next[r] = match (&self.sampling, padded) {
-                    (_, true) => self.meta.pad,
-                    (Some(sp), _) => sp.pick(row, crate::encdec::uniform(sp.seed, stream, t as u64)) as i64,
-                    (None, _) => argmax(row) as i64,
+                let (id, lp) = match (&chosen.ids, row, &self.sampling) {
+                    _ if padded => (self.meta.pad, 0.0),
+                    (Some((ids, lps)), _, _) => (ids[r], lps[r]),
+                    (None, Some(row), sp) => {
+                        let id = match sp {
+                            Some(sp) => sp.pick(row, crate::encdec::uniform(sp.seed, stream, t as u64)),
+                            None => argmax(row),
+                        };
+                        (id as i64, (row[id] as f64 - crate::sampling::log_sum_exp(row)) as f32)
+                    }
+                    (None, None, _) => return Err(Error::Usage("the program output neither ids nor logits".into())),
                 };
-                let lp = if padded { 0.0 } else { row[next[r] as usize] as f64 - crate::sampling::log_sum_exp(row) };
-                logprobs[r].push(lp as f32);
+                next[r] = id;
+                logprobs[r].push(lp);
                 seqs[r].push(next[r]);
                 if self.meta.eos.contains(&next[r]) {
                     done[r] = true;
@@ -348,12 +431,15 @@ impl Generator {
                 mask[r * c + slot] = 1;
             }
             let t1 = std::time::Instant::now();
-            logits = self.decode_step(&next, &mask, &next_pos, slot)?;
+            chosen = self.decode_choose(&next, &mask, &next_pos, slot, t + 1)?;
             next_pos.iter_mut().for_each(|p| *p += 1);
             decode_s += t1.elapsed().as_secs_f64();
             decode_steps += 1;
         }
+        let host_s = (loop_start.elapsed().as_secs_f64() - self.decode_run_s).max(0.0);
         Ok(Generated {
+            decode_run_s: self.decode_run_s,
+            host_s,
             sequences: seqs.concat(),
             step_logits: step_logits.concat(),
             logprobs: logprobs.concat(),
@@ -369,21 +455,49 @@ impl Generator {
     /// cache `[R, capacity]` and positions `[R]`; the next logits `[R, V]` (soft-capped where
     /// the model caps its decode steps).
     pub(crate) fn decode_step(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize) -> Result<Vec<f32>> {
-        let (b, c) = (next.len(), self.meta.capacity);
-        let outs = self.session.run(
-            "decode",
-            &[
-                ("input_ids", &Tensor::from_i64(&[b, 1], next)),
-                ("attention_mask", &Tensor::from_i64(&[b, c], mask)),
-                ("position_ids", &Tensor::from_i64(&[b, 1], pos)),
-                ("cache_position", &Tensor::from_i64(&[1], &[slot as i64])),
-            ],
-        )?;
-        let mut logits = logits_of(&outs)?;
-        if let Some(cap) = self.meta.decode_softcap {
-            logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+        if !self.has_logits {
+            return Err(Error::Usage(
+                "this generation program chooses its tokens itself and outputs no logits (beam search needs a program compiled with them)"
+                    .into(),
+            ));
         }
-        Ok(logits)
+        Ok(self.decode_choose(next, mask, pos, slot, 0)?.logits)
+    }
+
+    /// One decode step choosing token `step` ([`crate::select`]); the logits only where the
+    /// program outputs them (soft-capped where the model caps its decode steps).
+    pub(crate) fn decode_choose(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize, step: usize) -> Result<Chosen> {
+        let (b, c) = (next.len(), self.meta.capacity);
+        let (ids, mask, pos) = (Tensor::from_i64(&[b, 1], next), Tensor::from_i64(&[b, c], mask), Tensor::from_i64(&[b, 1], pos));
+        let at = Tensor::from_i64(&[1], &[slot as i64]);
+        let sel = crate::select::inputs(self.sampling.as_ref(), step);
+        let mut ins: Vec<(&str, &Tensor)> =
+            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
+        if self.selects {
+            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
+        }
+        let t = std::time::Instant::now();
+        let outs = self.session.run("decode", &ins)?;
+        self.decode_run_s += t.elapsed().as_secs_f64();
+        let mut chosen = self.chosen(&outs)?;
+        // A program that chooses its tokens caps the logits itself.
+        if let (Some(cap), false) = (self.meta.decode_softcap, self.selects) {
+            chosen.logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
+        }
+        Ok(chosen)
+    }
+
+    /// What an entry's outputs say about the next token: ids and log-probabilities where the
+    /// program chose them, the logits where it outputs them.
+    fn chosen(&self, outs: &[(String, Tensor)]) -> Result<Chosen> {
+        let get = |n: &str| outs.iter().find(|(k, _)| k == n).map(|(_, t)| t);
+        let logits = get("logits").map(|t| t.to_f32()).unwrap_or_default();
+        let ids = match (get("ids"), get("logprobs")) {
+            (Some(i), Some(l)) => Some((i.to_f64().iter().map(|&x| x as i64).collect(), l.to_f32())),
+            _ if logits.is_empty() => return Err(Error::Usage("the program outputs neither ids and logprobs nor logits".into())),
+            _ => None,
+        };
+        Ok(Chosen { ids, logits })
     }
 
     /// Checks `prompt`, runs the prefill on its `B` rows and, with several rows per input,
@@ -453,6 +567,7 @@ impl Generator {
             next_pos[r] = acc + self.meta.position_offset;
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
+        let sel = crate::select::inputs(self.sampling.as_ref(), 0);
         self.session.reset_states()?;
         let t0 = std::time::Instant::now();
         let (ids_t, mask_t, pos_t) =
@@ -463,8 +578,11 @@ impl Generator {
             ins.push(("pixel_values", px));
             ins.push(("token_type_ids", &types));
         }
+        if self.selects {
+            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
+        }
         let outs = self.session.run("prefill", &ins)?;
-        let logits = logits_of(&outs)?;
+        let mut first = self.chosen(&outs)?;
         let per = self.rows_per_input;
         if per > 1 {
             let rows: Vec<usize> = (0..b * per).map(|r| r / per).collect();
@@ -473,19 +591,31 @@ impl Generator {
         let prefill_s = t0.elapsed().as_secs_f64();
         self.last_prefill = ins.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
         let spread = |x: &[i64], w: usize| (0..b * per).flat_map(|r| x[(r / per) * w..(r / per + 1) * w].to_vec()).collect::<Vec<_>>();
-        let logits = (0..b * per).flat_map(|r| logits[(r / per) * v..(r / per + 1) * v].to_vec()).collect();
-        Ok(Prefilled { logits, mask: spread(&mask, c), next_pos: spread(&next_pos, 1), prefill_s })
+        if !self.selects {
+            // The host chooses: each input's logits serve its rows (a selecting program
+            // spreads them itself).
+            first.logits = (0..b * per).flat_map(|r| first.logits[(r / per) * v..(r / per + 1) * v].to_vec()).collect();
+        }
+        Ok(Prefilled { first, mask: spread(&mask, c), next_pos: spread(&next_pos, 1), prefill_s })
     }
 }
 
 /// What [`Generator::prefill_rows`] leaves for the decode steps, one entry per decode row.
 pub(crate) struct Prefilled {
-    /// `[R, V]`.
-    pub logits: Vec<f32>,
+    /// The first token's choice, one row per decode row.
+    pub first: Chosen,
     /// `[R, capacity]`.
     pub mask: Vec<i64>,
     pub next_pos: Vec<i64>,
     pub prefill_s: f64,
+}
+
+/// One step's outcome for its `R` rows.
+pub(crate) struct Chosen {
+    /// The ids `[R]` and their log-probabilities `[R]`, where the program chose them.
+    pub ids: Option<(Vec<i64>, Vec<f32>)>,
+    /// The logits `[R, V]` where the program outputs them (else empty).
+    pub logits: Vec<f32>,
 }
 
 impl Generator {
@@ -536,16 +666,16 @@ impl Generator {
         let mask = Tensor::from_i64(&[b, c], &vec![1; b * c]);
         let pos = Tensor::from_i64(&[b, 1], &vec![slot as i64 + self.meta.position_offset; b]);
         let at = Tensor::from_i64(&[1], &[slot as i64]);
+        let sel = crate::select::inputs(self.sampling.as_ref(), 1);
+        let mut ins: Vec<(&str, &Tensor)> =
+            vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
+        if self.selects {
+            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
+        }
         let t = std::time::Instant::now();
-        let steps = self
-            .session
-            .profile("decode", &[("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)])?;
+        let steps = self.session.profile("decode", &ins)?;
         Ok((steps, t.elapsed().as_secs_f64()))
     }
-}
-
-fn logits_of(outs: &[(String, Tensor)]) -> Result<Vec<f32>> {
-    outs.iter().find(|(n, _)| n == "logits").map(|(_, t)| t.to_f32()).ok_or_else(|| Error::Usage("the program has no logits output".into()))
 }
 
 /// The index of the largest value, the first one on ties (as `torch.argmax`).

@@ -28,6 +28,7 @@ pub mod sample;
 pub mod sampling;
 pub mod score;
 pub mod seg;
+pub mod select;
 pub mod synth;
 mod synth_rng;
 pub mod tokenizer;

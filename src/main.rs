@@ -132,7 +132,8 @@ enum Cmd {
     /// Greedy generation with a Gemma or PaliGemma model. Either `--prompt` (and `--image` for
     /// PaliGemma): text in, the answer streamed out, `<loc>` boxes parsed and optionally drawn;
     /// or `--inputs` (input_ids, optional attention_mask with left padding, pixel_values) to
-    /// `--out` (sequences [B, L + n] int64, step_logits [B, n, V]).
+    /// `--out` (sequences [B, L + n] int64, logprobs [B, n]; step_logits [B, n, V] with
+    /// --step-logits). The last kernel of each step chooses the tokens; the host reads ids.
     Generate(Box<cli_generate::GenerateArgs>),
     /// CUDA kernels: `kiln kernels check --arch sm_90a` compiles each with NVRTC and prints
     /// registers, shared memory and spills (fails on a compile error or a spill in a hot kernel).

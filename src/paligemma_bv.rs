@@ -85,15 +85,15 @@ pub fn generate(dir: &Path, ins: &[(String, Tensor)], max_new_tokens: usize, bac
     let px = nchw(images);
     let prompt = Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: Some(&types), len };
     let out = g.generate_prompt(&prompt, max_new_tokens, Some(&px), &mut |_| Ok(()))?;
-    let (width, v) = (len + out.new_tokens, g.meta.vocab);
+    let width = len + out.new_tokens;
     let mut seqs = vec![0i64; b * max_new_tokens];
     let mut logprobs = vec![0f32; b * max_new_tokens];
     for r in 0..b {
         for k in 0..out.new_tokens {
-            let tok = out.sequences[r * width + len + k];
-            let row = &out.step_logits[(r * out.new_tokens + k) * v..(r * out.new_tokens + k + 1) * v];
-            seqs[r * max_new_tokens + k] = tok;
-            logprobs[r * max_new_tokens + k] = (row[tok as usize] as f64 - crate::sampling::log_sum_exp(row)) as f32;
+            seqs[r * max_new_tokens + k] = out.sequences[r * width + len + k];
+            // Every row decodes to the end (big_vision's loop), so each log-probability is the
+            // chosen token's log-softmax.
+            logprobs[r * max_new_tokens + k] = out.logprobs[r * out.new_tokens + k];
         }
     }
     Ok(vec![

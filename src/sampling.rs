@@ -4,9 +4,13 @@
 //! `TopPLogitsWarper` (scores sorted ascending, stably by index; the leading ones whose
 //! softmax running sum is at most `1 - top_p` dropped, the largest always kept); then a token
 //! drawn from the softmax of what is left. transformers draws with torch's generator; kiln
-//! draws with its own counter-based one ([`crate::encdec::uniform`]: one number per seed, row
-//! and step), so a seed gives the same tokens on every backend, and the distribution, not the
-//! tokens, is what matches transformers.
+//! draws with its own counter-based one ([`kiln_graph::sample::uniform`]: one number per seed,
+//! row and step), so a seed gives the same tokens on every backend, and the distribution, not
+//! the tokens, is what matches transformers. The filters and the draw live in
+//! `kiln_graph::sample`, because the interpreter runs them too: a generation program's last
+//! step ([`crate::select`], `Op::SampleToken`) chooses each token on the backend with that
+//! code, and this host sampler (cube, whose kernels lack f64 and u64; beam search's callers)
+//! runs the same functions.
 
 use crate::{Error, Result};
 
@@ -30,58 +34,33 @@ impl HfSampling {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Usage(format!("top_p {}: expected a value in (0, 1]", self.top_p)));
         }
+        if self.top_k > u32::MAX as usize {
+            return Err(Error::Usage(format!("top_k {}: expected at most {}", self.top_k, u32::MAX)));
+        }
+        if self.temperature > 0.0 && !(self.temperature as f32 > 0.0 && (self.top_p as f32) > 0.0) {
+            return Err(Error::Usage(format!("temperature {} and top_p {}: too small for f32", self.temperature, self.top_p)));
+        }
         Ok(())
     }
 
-    /// The token drawn from `logits` with the uniform number `u` in [0, 1).
+    /// The token drawn from `logits` with the uniform number `u` in [0, 1). Temperature and
+    /// top-p are taken in f32, as the device's selection step reads them (and as
+    /// transformers' float32 scores meet them), so both choose the same tokens.
     pub fn pick(&self, logits: &[f32], u: f64) -> usize {
-        if self.temperature == 0.0 || logits.len() < 2 {
-            return crate::generate::argmax(logits);
-        }
-        let n = logits.len();
-        let scores: Vec<f64> = logits.iter().map(|&v| v as f64 / self.temperature).collect();
-        let mut keep = vec![true; n];
-        if self.top_k > 0 && self.top_k < n {
-            let mut sorted = scores.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            let kth = sorted[self.top_k - 1];
-            for (k, s) in keep.iter_mut().zip(&scores) {
-                *k = *s >= kth;
-            }
-        }
-        if self.top_p < 1.0 {
-            let mut order: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
-            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-            let max = scores[*order.last().unwrap_or(&0)];
-            let z: f64 = order.iter().map(|&i| (scores[i] - max).exp()).sum();
-            let mut cum = 0.0;
-            for (j, &i) in order.iter().enumerate() {
-                cum += (scores[i] - max).exp() / z;
-                if cum <= 1.0 - self.top_p && j + 1 < order.len() {
-                    keep[i] = false;
-                }
-            }
-        }
-        let kept: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
-        draw(&kept, |i| scores[i], u)
+        let row: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        kiln_graph::sample::pick(&row, &self.filters(), u)
+    }
+
+    /// The filters as the selection step applies them (temperature and top-p in f32).
+    pub fn filters(&self) -> kiln_graph::sample::Filters {
+        kiln_graph::sample::Filters { temperature: self.temperature as f32 as f64, top_k: self.top_k, top_p: self.top_p as f32 as f64 }
     }
 }
 
 /// The token of `kept` (ascending indices) that `u` in [0, 1) picks from the softmax of
-/// `score(i)` over them: the first whose running probability, summed in index order in
-/// double precision, exceeds `u`. Both samplers draw with it.
+/// `score(i)` over them ([`kiln_graph::sample::draw`]). Both samplers draw with it.
 pub(crate) fn draw(kept: &[usize], score: impl Fn(usize) -> f64, u: f64) -> usize {
-    let max = kept.iter().fold(f64::NEG_INFINITY, |m, &i| m.max(score(i)));
-    let w: Vec<f64> = kept.iter().map(|&i| (score(i) - max).exp()).collect();
-    let total: f64 = w.iter().sum();
-    let mut cum = 0.0;
-    for (j, wj) in w.iter().enumerate() {
-        cum += wj / total;
-        if u < cum {
-            return kept[j];
-        }
-    }
-    kept[kept.len() - 1]
+    kiln_graph::sample::draw(kept, score, u)
 }
 
 /// `log(sum(exp(row)))` in double precision (a log-softmax is `row[i] - log_sum_exp(row)`).

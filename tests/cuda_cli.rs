@@ -78,7 +78,7 @@ fn compile_stores_cubins_and_inspect_shows_the_lowering() {
 }
 
 /// `kiln compile --backend cuda` reads the tuning table (the built-in one, a file, or none),
-/// validates it before any NVRTC work and stores its entries in the artifact (format 4); a
+/// validates it before any NVRTC work and stores its entries in the artifact (format 5); a
 /// malformed table is a clear error naming the file and entry, and `--tuning` where it
 /// cannot apply is refused.
 #[test]
@@ -99,7 +99,7 @@ fn compile_reads_validates_and_stores_the_tuning_table() {
     let p = kiln_graph::artifact::load_file(&art).unwrap();
     assert_eq!(p.tuning.len(), 1);
     assert_eq!((p.tuning[0].choice.as_str(), p.tuning[0].us), ("cublaslt:2", Some(3.5)));
-    assert_eq!(std::fs::read(&art).unwrap()[8..12], 4u32.to_le_bytes());
+    assert_eq!(std::fs::read(&art).unwrap()[8..12], 5u32.to_le_bytes());
     // The built-in table (tuning/cuda.json) is valid; empty until a device run fills it.
     let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "-o", a]);
     assert!(ok, "{out}");

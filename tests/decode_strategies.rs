@@ -33,7 +33,7 @@ fn beam_on(backend: &str, cases: &[&str]) {
         let reference = io::read(&dir.join("beam_reference.safetensors")).expect("beam reference");
         let get = |n: &str| reference.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
         let (ids, mask, px, b, l) = batch(case);
-        let mut g = Generator::with_rows(&dir, (b, 4), l + 1, NEW, backend, kiln_graph::DType::F32).expect("compile");
+        let mut g = Generator::with_outputs(&dir, (b, 4), l + 1, NEW, backend, kiln_graph::DType::F32, true).expect("compile");
         let prompt = Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
         let settings = [
             (
@@ -95,7 +95,7 @@ fn samples_on(backend: &str) {
         let (ids, mask, px, b, l) = batch(case);
         let n = 3;
         let prompt = Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
-        let mut g = Generator::with_rows(&dir, (b, n), l + 1, NEW, backend, kiln_graph::DType::F32).expect("compile");
+        let mut g = Generator::with_outputs(&dir, (b, n), l + 1, NEW, backend, kiln_graph::DType::F32, true).expect("compile");
         let greedy = g.generate_prompt(&prompt, NEW, px.as_ref(), &mut |_| Ok(())).expect("generate");
         let w = want.len() / b;
         for r in 0..b * n {

@@ -103,11 +103,19 @@ fn generate_on(backend: &str) {
         let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
         let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
         let max_new = 6;
-        let mut g = kiln::generate::Generator::new(&dir, b, l + 3, max_new, backend).expect("compile");
+        let f32 = kiln_graph::DType::F32;
+        let mut g = kiln::generate::Generator::with_outputs(&dir, (b, 1), l + 3, max_new, backend, f32, true).expect("compile");
         let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
         let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).expect("generate");
         assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
         assert_eq!(out.sequences, to_i64(&want_seq), "{case}: {backend}: generated ids");
+        // The default program outputs no logits; where the backend chooses the tokens, the host
+        // reads only ids and logprobs, and the ids are still transformers'.
+        let mut d = kiln::generate::Generator::new(&dir, b, l + 3, max_new, backend).expect("compile");
+        assert_eq!(d.has_logits, !d.selects, "{case}: {backend}: logits output only where the host chooses");
+        let plain = d.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, None).expect("generate");
+        assert_eq!(plain.sequences, to_i64(&want_seq), "{case}: {backend}: generated ids without logits");
+        assert_eq!(plain.step_logits.is_empty(), d.selects, "{case}: {backend}: step logits read without asking");
         let e = rel_err(&out.step_logits, &want_logits.to_f32());
         eprintln!("{case}: {backend} step logits relative error {e:.3e}");
         assert!(e < 1e-4, "{case}: {backend}: step logits relative error {e:.3e}");
@@ -137,7 +145,8 @@ fn paligemma_generate_on(backend: &str) {
         let (want_seq, want_logits) = (get(&reference, "sequences"), get(&reference, "step_logits"));
         let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
         let max_new = 6;
-        let mut g = kiln::generate::Generator::new(&dir, b, l + 2, max_new, backend).expect("compile");
+        let f32 = kiln_graph::DType::F32;
+        let mut g = kiln::generate::Generator::with_outputs(&dir, (b, 1), l + 2, max_new, backend, f32, true).expect("compile");
         let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
         let out = g.generate(&to_i64(&ids), &to_i64(&mask), l, max_new, Some(&px)).expect("generate");
         assert_eq!([b, l + out.new_tokens], [want_seq.ty.shape[0], want_seq.ty.shape[1]], "{case}: sequence shape");
@@ -162,7 +171,7 @@ fn seeded_sampling_keeps_to_the_filters() {
     let (ids, mask) = (get("input_ids"), get("attention_mask"));
     let shape = &inputs.iter().find(|(k, _)| k == "input_ids").unwrap().1.ty.shape;
     let (b, l, n) = (shape[0], shape[1], 6);
-    let mut g = kiln::generate::Generator::new(&dir, b, l, n, "cpu").expect("compile");
+    let mut g = kiln::generate::Generator::with_outputs(&dir, (b, 1), l, n, "cpu", kiln_graph::DType::F32, true).expect("compile");
     let greedy = g.generate(&ids, &mask, l, n, None).unwrap().sequences;
     g.sampling = Some(HfSampling { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 5 });
     assert_eq!(g.generate(&ids, &mask, l, n, None).unwrap().sequences, greedy, "top-k 1");

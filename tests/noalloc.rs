@@ -136,9 +136,12 @@ fn gemma_decode_moves_no_cache_bytes() {
     let s = &mut g.session;
     let e = s.program().entries[s.entry_index("decode").expect("decode entry")].clone();
     let cache: usize = s.program().states.iter().map(|st| st.ty.bytes()).sum();
-    let logits: usize = e.outputs.iter().filter(|o| o.name == "logits").map(|o| o.operand.ty.bytes()).sum();
+    // The entry chooses the token: it outputs ids and logprobs, and the bound below stays the
+    // size of the logits it no longer returns.
+    let logits = 4 * g.meta.vocab;
+    assert!(e.outputs.iter().all(|o| o.name != "logits"));
     let states = e.inputs.iter().filter(|io| s.program().state_index(&io.name).is_some()).count();
-    assert!(states > 0 && e.inputs.len() == states + 4);
+    assert!(states > 0 && e.inputs.len() == states + 6);
     let mut am = vec![0i64; c];
     am[4..10].fill(1);
     let ins = [
@@ -146,6 +149,8 @@ fn gemma_decode_moves_no_cache_bytes() {
         ("attention_mask", Tensor::from_i64(&[1, c], &am)),
         ("position_ids", Tensor::from_i64(&[1, 1], &[5])),
         ("cache_position", Tensor::from_i64(&[1], &[9])),
+        ("sampling", Tensor::from_f32(&[2], &[0.0, 1.0])),
+        ("sampling_counters", Tensor::from_i64(&[4], &[0, 0, 0, 1])),
     ];
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (*n, t)).collect();
     let mut run = || {

@@ -184,7 +184,7 @@ const CUDA_LACKS: &[&str] = &[];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] = &["bf16 ", "f16 "];
+const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token"];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()
@@ -408,6 +408,21 @@ fn index_ops_rows() -> Vec<Row> {
     g.output("argsort", back);
     rows.push(row("topk as argsort + casts", g, 1));
 
+    // The next token (`kiln_graph::sample`): greedy, and sampled with temperature, top-k and
+    // top-p from a seed split in two halves, 4 rows on 3 streams.
+    for (name, opts, counters) in
+        [("sample_token greedy", [0.0, 1.0], [0.0, 0.0, 9.0, 0.0]), ("sample_token sampled", [0.8, 0.9], [6.0, 1.0, 7.0, 3.0])]
+    {
+        let mut g = Graph::new();
+        let x = f32in(&mut g, "logits", &[4, 50]);
+        let o = g.constant(DType::F32, &[2], opts.to_vec()).unwrap();
+        let c = g.constant(DType::I64, &[4], counters.to_vec()).unwrap();
+        let s = g.constant(DType::I64, &[4], vec![0.0, 2.0, 1.0, 0.0]).unwrap();
+        let ids = g.push(Op::SampleToken, &[x, o, c, s]).unwrap();
+        g.output("ids", ids);
+        rows.push(row(name, g, 1));
+    }
+
     let mut g = Graph::new();
     let idx = g.input("idx", DType::I64, &[3, 4]).unwrap();
     let y = g.push(Op::ScatterAdd { axis: 1 }, &[idx, idx, idx]).unwrap();
@@ -549,9 +564,10 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::WriteSlice { .. } => 24,
         Op::Fused(_) => 25,
         Op::Conv(_) => 26,
+        Op::SampleToken => 27,
     })
 }
-const OP_KINDS: usize = 27;
+const OP_KINDS: usize = 28;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();

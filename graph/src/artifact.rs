@@ -34,11 +34,12 @@ use thiserror::Error;
 /// The first eight bytes of every `.kiln` file.
 pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// The newest layout and body encoding this kiln writes and reads. Version 3 added
-/// [`Program::weight_sets`] (weights from several checkpoints, an ensemble), version 4
-/// [`Program::tuning`] (a cuda program's measured kernel choices); a program without them is
+/// [`Program::weight_sets`] (weights from several checkpoints, an ensemble), version 4 the op
+/// [`crate::Op::SampleToken`] (a generation program that chooses its tokens), version 5
+/// [`Program::tuning`] (a cuda program's measured kernel choices). A program without them is
 /// still written as the oldest version that holds it, byte for byte as before, so older kilns
 /// read it.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest version this kiln reads.
 pub const OLDEST_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
@@ -104,6 +105,8 @@ pub fn save(program: &Program) -> Vec<u8> {
 /// The oldest format version that can hold `program`.
 pub fn version_for(program: &Program) -> u32 {
     if !program.tuning.is_empty() {
+        5
+    } else if program.entries.iter().any(|e| e.steps.iter().any(|s| s.op == crate::Op::SampleToken)) {
         4
     } else if !program.weight_sets.is_empty() {
         3
@@ -170,7 +173,11 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
     // program, so any other is a damaged header.
     let needed = version_for(&program);
     if version < needed {
-        let what = if needed == 4 { "tuning entries" } else { "weight sets" };
+        let what = match needed {
+            5 => "tuning entries",
+            4 => "sample_token steps",
+            _ => "weight sets",
+        };
         let msg = format!("format version {version} cannot hold {what} (version {needed} can)");
         return Err(ArtifactError::Invalid { file, msg });
     }

@@ -78,6 +78,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
         Op::Reduce { .. } | Op::MatMul { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => compute(op, inputs),
         Op::Attention(_) | Op::MoeDispatch { .. } | Op::MoeCombine => compute(op, inputs),
         Op::Conv(c) => conv(c, inputs),
+        Op::SampleToken => sample_token(inputs),
     }
 }
 
@@ -453,4 +454,24 @@ fn norm_params(inputs: &[&TensorType]) -> R {
         }
     }
     Ok(x.clone())
+}
+
+/// `logits [B, V]` (float), `options [2]` (f32), `counters [4]` (i64), `streams [B]` (i64)
+/// give ids `[B]` (i64).
+fn sample_token(inputs: &[&TensorType]) -> R {
+    arity(inputs, 4)?;
+    let (l, o, c, s) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+    if l.rank() != 2 || !l.dtype.is_float() || l.shape[1] == 0 {
+        return Err(format!("logits {l}: expected a float [B, V] with V >= 1"));
+    }
+    if o.dtype != DType::F32 || o.shape.to_vec() != [2] {
+        return Err(format!("options {o}: expected f32[2] (temperature, top-p)"));
+    }
+    if c.dtype != DType::I64 || c.shape.to_vec() != [4] {
+        return Err(format!("counters {c}: expected i64[4] (top-k, seed high, seed low, step)"));
+    }
+    if s.dtype != DType::I64 || s.shape.to_vec() != [l.shape[0]] {
+        return Err(format!("streams {s}: expected i64[{}]", l.shape[0]));
+    }
+    Ok(TensorType::new(DType::I64, [l.shape[0]]))
 }

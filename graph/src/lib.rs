@@ -26,6 +26,7 @@ pub mod plan;
 pub mod print;
 pub mod program;
 pub mod safetensors;
+pub mod sample;
 pub mod scalar;
 #[cfg(feature = "compiler")]
 pub mod sched;

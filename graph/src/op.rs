@@ -273,6 +273,12 @@ pub enum Op {
     /// 2-D convolution, or transposed convolution, over NHWC images: inputs `x [B, H, W, Ci]`
     /// and a kernel `w [KH, KW, Ci, Co]` (HWIO, Flax's layout), giving `[B, OH, OW, Co]`.
     Conv(Conv),
+    /// The next token of each row, chosen as the last step of a generation entry
+    /// ([`crate::sample`]): inputs `logits [B, V]` (float), `options [2]` (f32: temperature,
+    /// top-p), `counters [4]` (i64: top-k, the seed's high and low 32 bits, the step) and
+    /// `streams [B]` (i64: each row's random stream); the ids `[B]` (i64). Temperature <= 0
+    /// is greedy (the first argmax).
+    SampleToken,
 }
 
 /// The geometry of a [`Op::Conv`]; zero padding, the same `pad` before and after each axis.
@@ -392,6 +398,7 @@ impl Op {
             Op::MoeCombine => ("moe_combine", String::new()),
             Op::WriteSlice { axis } => ("write_slice", a(&|| format!("axis={axis}"))),
             Op::Fused(e) => ("fused", a(&|| e.formula())),
+            Op::SampleToken => ("sample_token", String::new()),
             Op::Conv(c) => {
                 ("conv", a(&|| format!("stride={:?}, pad={:?}{}", c.stride, c.pad, if c.transposed { ", transposed" } else { "" })))
             }
@@ -432,6 +439,8 @@ impl Op {
             // Combine: one multiply-add per kept assignment and model dimension.
             Op::MoeCombine => (2 * input_numel(1) * output.shape.last().copied().unwrap_or(1) as u64, all_bytes),
             Op::TopK { .. } => (input_numel(0), all_bytes),
+            // Greedy: a compare per logit (sampling's sorts are not counted).
+            Op::SampleToken => (input_numel(0), all_bytes),
             Op::CumSum { .. } => (n_out, all_bytes),
             Op::Resize { mode, .. } => {
                 let taps = match mode {

@@ -136,7 +136,7 @@ pub struct Program {
     pub weight_sets: Vec<WeightSet>,
     /// Kernel choices measured on GPUs, by card (`kiln compile --backend cuda` stores the
     /// tuning table's entries: [`crate::tuning`]). Omitted from the file when empty; a program
-    /// with entries is written as format version 4.
+    /// with entries is written as format version 5.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tuning: Vec<crate::tuning::TuningEntry>,
 }

@@ -140,7 +140,7 @@ fn random_program(seed: u64) -> Program {
     // Weight sets (format version 3) in about half the programs.
     let weight_sets =
         (0..r.below(2) * r.below(3)).map(|_| kiln_graph::program::WeightSet { prefix: r.string(), path: r.string() }).collect();
-    // Tuning entries (format version 4) in about a third of the programs.
+    // Tuning entries (format version 5) in about a third of the programs.
     let tuning = (0..(r.below(3) == 0) as usize * r.below(3))
         .map(|_| kiln_graph::tuning::TuningEntry {
             card: r.string(),
@@ -280,7 +280,7 @@ fn each_bad_file_gets_its_own_message() {
 
     let mut v = good.clone();
     v[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 4: recompile it with `kiln compile`");
+    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 5: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));
@@ -359,10 +359,33 @@ fn weight_sets_need_format_version_3() {
     assert!(err(&old).contains("format version 2 cannot hold weight sets"), "{}", err(&old));
 }
 
-/// A program with tuning entries is written as version 4 and reads back equal; a version-3
+/// A program with a `sample_token` step (a generation program that chooses its tokens) is
+/// format version 4 and round-trips; a version-3 header over it is refused by name.
+#[test]
+fn sample_token_needs_format_version_4() {
+    let mut g = Graph::new();
+    let x = g.input("logits", DType::F32, &[2, 8]).unwrap();
+    let o = g.input("sampling", DType::F32, &[2]).unwrap();
+    let c = g.input("sampling_counters", DType::I64, &[4]).unwrap();
+    let s = g.constant(DType::I64, &[2], vec![0.0, 1.0]).unwrap();
+    let ids = g.push(Op::SampleToken, &[x, o, c, s]).unwrap();
+    g.output("ids", ids);
+    let mut p = compiled_program();
+    let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
+    let (e, _, _) = compile_entry(&g, "decode", &mut p, &namer).unwrap();
+    p.entries.push(e);
+    let bytes = save(&p);
+    assert_eq!(bytes[8..12], 4u32.to_le_bytes());
+    assert_eq!(load(&bytes, "gen.kiln").unwrap(), p);
+    let mut old = bytes.clone();
+    old[8..12].copy_from_slice(&3u32.to_le_bytes());
+    assert!(err(&old).contains("format version 3 cannot hold sample_token steps"), "{}", err(&old));
+}
+
+/// A program with tuning entries is written as version 5 and reads back equal; a version-4
 /// header over it is refused by name.
 #[test]
-fn tuning_entries_need_format_version_4() {
+fn tuning_entries_need_format_version_5() {
     let mut p = compiled_program();
     p.tuning = vec![kiln_graph::tuning::TuningEntry {
         card: "NVIDIA H200".into(),
@@ -372,9 +395,9 @@ fn tuning_entries_need_format_version_4() {
         us: Some(4.5),
     }];
     let bytes = save(&p);
-    assert_eq!(bytes[8..12], 4u32.to_le_bytes());
+    assert_eq!(bytes[8..12], 5u32.to_le_bytes());
     assert_eq!(load(&bytes, "tuned.kiln").unwrap(), p);
     let mut old = bytes.clone();
-    old[8..12].copy_from_slice(&3u32.to_le_bytes());
-    assert!(err(&old).contains("format version 3 cannot hold tuning entries"), "{}", err(&old));
+    old[8..12].copy_from_slice(&4u32.to_le_bytes());
+    assert!(err(&old).contains("format version 4 cannot hold tuning entries"), "{}", err(&old));
 }

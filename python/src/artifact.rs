@@ -52,7 +52,8 @@ pub fn compile_program(folder: &Path, o: &Options) -> kiln::Result<Program> {
         if bucket == 0 {
             return Err(Error::Usage("--seq-len must be at least 1".into()));
         }
-        kiln::generate::generation_program_rows(folder, (batch, o.rows_per_input), bucket, max_new, &backend, dtype)?.program
+        // Python's generation keeps the logits output: it returns `step_logits` and runs beam search.
+        kiln::generate::generation_program_with(folder, (batch, o.rows_per_input), bucket, max_new, (&backend, dtype), true)?.program
     } else {
         let moe = MoeOptions { capacity_factor: o.moe_capacity, batch_priority: o.moe_bpr, outputs: MoeOutputs::None };
         let image_hw = o.resolution.map(|r| (r, r));

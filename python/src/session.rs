@@ -324,11 +324,13 @@ impl Session {
             g.sampling = (temperature > 0.0).then_some(sampling);
             let r = g.generate_prompt(&prompt, max_new, get("pixel_values"), &mut |_| Ok(())).map_err(input)?;
             let rows = b * g.rows_per_input;
-            Ok(vec![
-                ("sequences".to_string(), Tensor::from_i64(&[rows, l + r.new_tokens], &r.sequences)),
-                ("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)),
-                ("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)),
-            ])
+            let mut outs = vec![("sequences".to_string(), Tensor::from_i64(&[rows, l + r.new_tokens], &r.sequences))];
+            // Only a program that outputs its logits gives them (the package's compile keeps them).
+            if !r.step_logits.is_empty() {
+                outs.push(("step_logits".to_string(), Tensor::from_f32(&[rows, r.new_tokens, g.meta.vocab], &r.step_logits)));
+            }
+            outs.push(("logprobs".to_string(), Tensor::from_f32(&[rows, r.new_tokens], &r.logprobs)));
+            Ok(outs)
         })?;
         Ok(outputs(py, outs))
     }

@@ -113,7 +113,8 @@ pub fn median(v: &mut [f64]) -> f64 {
 /// Deterministic inputs for an entry. Floats lie in [-1, 1] (what pixel inputs look like);
 /// integers are valid for what their name says: token ids small enough for any vocabulary of
 /// 100 or more, an attention mask of ones, positions counting along the last axis, token
-/// types 0 (the prefix), a cache position 0.
+/// types 0 (the prefix), a cache position 0, greedy selection (`sampling` [0, 1],
+/// `sampling_counters` zeros).
 pub fn synthetic_inputs(e: &Entry) -> Vec<(String, Tensor)> {
     e.inputs
         .iter()
@@ -122,6 +123,9 @@ pub fn synthetic_inputs(e: &Entry) -> Vec<(String, Tensor)> {
             let last = ty.shape.last().copied().unwrap_or(1).max(1);
             let vals: Vec<f64> = (0..ty.numel())
                 .map(|i| match (ty.dtype.is_float(), io.name.as_str()) {
+                    // A generation entry's selection step: greedy (temperature 0, top-p 1).
+                    (true, "sampling") => i as f64,
+                    (false, "sampling_counters") => 0.0,
                     (true, _) => (i as f64 * 0.618_033_988_7).fract() * 2.0 - 1.0,
                     (false, n) if n.contains("mask") => 1.0,
                     (false, n) if n.contains("position") && n != "cache_position" => (i % last) as f64,

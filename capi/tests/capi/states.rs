@@ -1,7 +1,8 @@
 //! Persistent states through the C ABI: a generation program compiled from the Gemma 2 fixture
 //! (`kiln::generate::generation_program`, saved as an artifact as `kiln compile --generate`
 //! does) and driven through the C functions only: reset, `prefill` on the left-padded bucket,
-//! `decode` steps with the KV cache passed as NULL/0, argmax on the host. The ids must be
+//! `decode` steps with the KV cache passed as NULL/0, each step's ids chosen by the program's
+//! last kernel (greedy `sampling` inputs; the host reads ids, not logits). The ids must be
 //! transformers' reference `sequences` and what `kiln::generate::Generator` makes.
 
 use crate::common::*;
@@ -29,7 +30,6 @@ struct Gen {
     l: usize,
     s: usize,
     c: usize,
-    v: usize,
     eos: Vec<i64>,
     pad: i64,
     layers: usize,
@@ -67,7 +67,6 @@ fn gen() -> &'static Gen {
             l,
             s: l + EXTRA,
             c: g.meta.capacity,
-            v: g.meta.vocab,
             eos: g.meta.eos,
             pad: g.meta.pad,
             layers: g.program.states.len() / 2,
@@ -85,6 +84,10 @@ fn open_gen() -> Handle {
 
 fn i64_bytes(v: &[i64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -178,31 +181,40 @@ fn prefill_inputs(g: &Gen) -> (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) {
     (ids, mask, pos, next_pos)
 }
 
-/// Runs prefill on a freshly reset session: the logits `[B, V]`, the cache mask and positions.
-fn prefill(h: &Handle, g: &Gen) -> (Vec<f32>, Vec<i64>, Vec<i64>) {
+/// The selection step's runtime inputs for greedy decoding (temperature 0, top-p 1; top-k,
+/// seed and step 0): what `kiln::select::inputs(None, _)` gives.
+fn greedy() -> (Vec<u8>, Vec<u8>) {
+    ([0f32, 1.0].iter().flat_map(|x| x.to_le_bytes()).collect(), i64_bytes(&[0, 0, 0, 0]))
+}
+
+/// Runs prefill on a freshly reset session: the chosen ids `[B]` (the program's last kernel
+/// picks them; the host reads no logits), the cache mask and positions.
+fn prefill(h: &Handle, g: &Gen) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
     // SAFETY: a live session.
     assert_eq!(unsafe { kiln_session_reset_states(h.0) }, KilnStatus::Ok, "{}", last_error());
     let (ids, mask, pos, next_pos) = prefill_inputs(g);
     let (b, s, c) = (g.b, g.s, g.c);
     let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
     let (ids, pm, pos) = (i64_bytes(&ids), i64_bytes(&prefill_mask), i64_bytes(&pos));
-    let mut logits = vec![0u8; b * g.v * 4];
-    let st =
-        run_named(h, "prefill", &[("input_ids", &ids), ("attention_mask", &pm), ("position_ids", &pos)], &mut [("logits", &mut logits)]);
+    let (opts, ctr) = greedy();
+    let (mut chosen, mut lp) = (vec![0u8; b * 8], vec![0u8; b * 4]);
+    let ins = [("input_ids", &ids[..]), ("attention_mask", &pm), ("position_ids", &pos), ("sampling", &opts), ("sampling_counters", &ctr)];
+    let st = run_named(h, "prefill", &ins, &mut [("ids", &mut chosen), ("logprobs", &mut lp)]);
     assert_eq!(st, KilnStatus::Ok, "{}", last_error());
-    (f32s(&logits), mask, next_pos)
+    assert!(f32s(&lp).iter().all(|&x| x <= 0.0 && x.is_finite()));
+    (i64s(&chosen), mask, next_pos)
 }
 
 /// Greedy generation through the C ABI: `sequences [B, L + n]` as transformers makes them.
 fn generate_c(h: &Handle, g: &Gen) -> Vec<i64> {
-    let (b, l, s, c, v) = (g.b, g.l, g.s, g.c, g.v);
-    let (mut logits, mut mask, mut next_pos) = prefill(h, g);
+    let (b, l, s, c) = (g.b, g.l, g.s, g.c);
+    let (mut chosen, mut mask, mut next_pos) = prefill(h, g);
     let mut seqs: Vec<Vec<i64>> = (0..b).map(|r| g.ids[r * l..(r + 1) * l].to_vec()).collect();
     let mut done = vec![false; b];
     for t in 0..MAX_NEW {
         let mut next = vec![0i64; b];
         for r in 0..b {
-            next[r] = if done[r] { g.pad } else { kiln::generate::argmax(&logits[r * v..(r + 1) * v]) as i64 };
+            next[r] = if done[r] { g.pad } else { chosen[r] };
             seqs[r].push(next[r]);
             done[r] |= g.eos.contains(&next[r]);
         }
@@ -214,15 +226,19 @@ fn generate_c(h: &Handle, g: &Gen) -> Vec<i64> {
             mask[r * c + slot] = 1;
         }
         let (ids, m, pos, at) = (i64_bytes(&next), i64_bytes(&mask), i64_bytes(&next_pos), i64_bytes(&[slot as i64]));
-        let mut out = vec![0u8; b * v * 4];
-        let st = run_named(
-            h,
-            "decode",
-            &[("input_ids", &ids), ("attention_mask", &m), ("position_ids", &pos), ("cache_position", &at)],
-            &mut [("logits", &mut out)],
-        );
+        let (opts, ctr) = greedy();
+        let (mut out, mut lp) = (vec![0u8; b * 8], vec![0u8; b * 4]);
+        let ins = [
+            ("input_ids", &ids[..]),
+            ("attention_mask", &m),
+            ("position_ids", &pos),
+            ("cache_position", &at),
+            ("sampling", &opts),
+            ("sampling_counters", &ctr),
+        ];
+        let st = run_named(h, "decode", &ins, &mut [("ids", &mut out), ("logprobs", &mut lp)]);
         assert_eq!(st, KilnStatus::Ok, "decode step {t}: {}", last_error());
-        logits = f32s(&out);
+        chosen = i64s(&out);
         next_pos.iter_mut().for_each(|p| *p += 1);
     }
     seqs.concat()
@@ -323,12 +339,13 @@ fn a_full_state_output_receives_a_copy() {
     let pm: Vec<i64> = (0..g.b).flat_map(|r| mask[r * g.c..r * g.c + g.s].to_vec()).collect();
     let (ids, pm, pos) = (i64_bytes(&ids), i64_bytes(&pm), i64_bytes(&pos));
     let bytes = state_info(&h, 0).expect("state 0").bytes;
-    let (mut logits, mut key) = (vec![0u8; g.b * g.v * 4], vec![0u8; bytes]);
+    let (mut chosen, mut lp, mut key) = (vec![0u8; g.b * 8], vec![0u8; g.b * 4], vec![0u8; bytes]);
+    let (opts, ctr) = greedy();
     let st = run_named(
         &h,
         "prefill",
-        &[("input_ids", &ids), ("attention_mask", &pm), ("position_ids", &pos)],
-        &mut [("logits", &mut logits), ("cache.0.key", &mut key)],
+        &[("input_ids", &ids), ("attention_mask", &pm), ("position_ids", &pos), ("sampling", &opts), ("sampling_counters", &ctr)],
+        &mut [("ids", &mut chosen), ("logprobs", &mut lp), ("cache.0.key", &mut key)],
     );
     assert_eq!(st, KilnStatus::Ok, "{}", last_error());
     let mut stored = vec![0u8; bytes];
@@ -344,13 +361,14 @@ fn a_wrong_size_state_buffer_is_an_error_naming_the_tensor() {
     let (ids, mask, pos, _) = prefill_inputs(g);
     let pm: Vec<i64> = (0..g.b).flat_map(|r| mask[r * g.c..r * g.c + g.s].to_vec()).collect();
     let (ids, pm, pos) = (i64_bytes(&ids), i64_bytes(&pm), i64_bytes(&pos));
-    let mut logits = vec![0u8; g.b * g.v * 4];
+    let (mut chosen, mut lp) = (vec![0u8; g.b * 8], vec![0u8; g.b * 4]);
     let mut short = vec![0u8; 16];
+    let (opts, ctr) = greedy();
     let st = run_named(
         &h,
         "prefill",
-        &[("input_ids", &ids), ("attention_mask", &pm), ("position_ids", &pos)],
-        &mut [("logits", &mut logits), ("cache.1.value", &mut short)],
+        &[("input_ids", &ids), ("attention_mask", &pm), ("position_ids", &pos), ("sampling", &opts), ("sampling_counters", &ctr)],
+        &mut [("ids", &mut chosen), ("logprobs", &mut lp), ("cache.1.value", &mut short)],
     );
     assert_eq!(st, KilnStatus::Output);
     let msg = last_error();
@@ -360,27 +378,24 @@ fn a_wrong_size_state_buffer_is_an_error_naming_the_tensor() {
     let one = i64_bytes(&vec![0; g.b]);
     let (m, at) = (i64_bytes(&vec![1; g.b * g.c]), i64_bytes(&[g.s as i64]));
     let bad = vec![0u8; 8];
-    let mut out = vec![0u8; g.b * g.v * 4];
-    let st = run_named(
-        &h,
-        "decode",
-        &[("input_ids", &one), ("attention_mask", &m), ("position_ids", &one), ("cache_position", &at), ("cache.2.key", &bad)],
-        &mut [("logits", &mut out)],
-    );
+    let mut out = vec![0u8; g.b * 8];
+    let sel = [("sampling", &opts[..]), ("sampling_counters", &ctr[..])];
+    let ins = [("input_ids", &one[..]), ("attention_mask", &m), ("position_ids", &one), ("cache_position", &at), ("cache.2.key", &bad)];
+    let st = run_named(&h, "decode", &[&ins[..], &sel[..]].concat(), &mut [("ids", &mut out), ("logprobs", &mut lp)]);
     assert_eq!(st, KilnStatus::Input);
     let msg = last_error();
     assert!(msg.contains("'cache.2.key'") && msg.contains("8 bytes given"), "{msg}");
 
     // NULL with 0 bytes is for states only.
-    let st =
-        run_named(&h, "decode", &[("attention_mask", &m), ("position_ids", &one), ("cache_position", &at)], &mut [("logits", &mut out)]);
+    let ins = [("attention_mask", &m[..]), ("position_ids", &one), ("cache_position", &at)];
+    let st = run_named(&h, "decode", &[&ins[..], &sel[..]].concat(), &mut [("ids", &mut out), ("logprobs", &mut lp)]);
     assert_eq!(st, KilnStatus::Input);
     let msg = last_error();
     assert!(msg.contains("'input_ids'") && msg.contains("0 bytes given") && !msg.contains("in place"), "{msg}");
-    let st =
-        run_named(&h, "decode", &[("input_ids", &one), ("attention_mask", &m), ("position_ids", &one), ("cache_position", &at)], &mut []);
+    let ins = [("input_ids", &one[..]), ("attention_mask", &m), ("position_ids", &one), ("cache_position", &at)];
+    let st = run_named(&h, "decode", &[&ins[..], &sel[..]].concat(), &mut []);
     assert_eq!(st, KilnStatus::Output);
-    assert!(last_error().contains("'logits'"), "{}", last_error());
+    assert!(last_error().contains("'ids'") || last_error().contains("'logprobs'"), "{}", last_error());
 }
 
 #[test]

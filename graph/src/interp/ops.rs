@@ -51,6 +51,7 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
     match op {
         Op::Input { .. } | Op::Weight { .. } => Err("sources are read, not evaluated".into()),
         Op::Constant { values } => Ok(values.clone()),
+        Op::SampleToken => crate::sample::sample_rows(&a[0].data, &a[1].data, &a[2].data, &a[3].data),
         Op::Iota { axis, start, step } => {
             let (_, len, inner) = split(&out.shape, *axis);
             Ok((0..out.numel()).map(|i| start + step * ((i / inner) % len) as f64).collect())

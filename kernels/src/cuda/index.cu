@@ -308,3 +308,173 @@ SCATTER_ADD(bool, b8, i64, i64)
 AXIS_FLOAT(f32, float)
 AXIS_FLOAT(bf16, bf16)
 AXIS_FLOAT(f16, f16)
+
+// The next token per row (`Op::SampleToken`, kiln_graph::sample): one block per row.
+// x: f32 logits [rows, v]; opts: f32 [temperature, top_p]; ctr: i64 [top_k, seed_hi, seed_lo,
+// step]; streams: i64 [rows]; out: i64 [rows]; scratch: int [rows, v] (top-p's order).
+// Greedy (temperature <= 0) is the first argmax, reduced across the block. Sampling follows
+// the host's code step by step in double: scores x / T; top-k's k-th largest score found by a
+// radix select over the scores' ordered bits (exact); top-p's ascending order (stable by
+// index) sorted by thread 0 in the scratch and its running sum taken in that order; the draw
+// summed in index order by thread 0. Bad options set *err (the host reports it).
+struct SampleParams {
+  i64 x, opts, ctr, streams, out, err, scratch, rows, v;
+};
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+// Ordered bits of a double: a < b (total order, -0 < +0) iff okey(a) < okey(b).
+__device__ __forceinline__ unsigned long long okey(double d) {
+  const unsigned long long b = (unsigned long long)__double_as_longlong(d);
+  return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
+}
+__device__ __forceinline__ double from_okey(unsigned long long k) {
+  return __longlong_as_double((long long)((k >> 63) ? (k & 0x7fffffffffffffffull) : ~k));
+}
+// (score, index) ascending, as the host's top-p sort.
+__device__ __forceinline__ bool before(const float* x, double t, int a, int b) {
+  const unsigned long long ka = okey((double)x[a] / t), kb = okey((double)x[b] / t);
+  return ka < kb || (ka == kb && a < b);
+}
+__device__ void sift(int* h, int n, int i, const float* x, double t) {
+  for (;;) {
+    int c = 2 * i + 1;
+    if (c >= n) return;
+    if (c + 1 < n && before(x, t, h[c], h[c + 1])) c++;
+    if (!before(x, t, h[i], h[c])) return;
+    const int s = h[i];
+    h[i] = h[c];
+    h[c] = s;
+    i = c;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleParams p) {
+  __shared__ float bv[256];
+  __shared__ i64 bi[256];
+  __shared__ unsigned int hist[256];
+  __shared__ unsigned long long prefix;
+  __shared__ i64 want;
+  const float* o = (const float*)p.opts;
+  const i64* c = (const i64*)p.ctr;
+  const double t = (double)o[0], top_p = (double)o[1];
+  const bool bad = !(fabs(t) <= 1.7976931348623157e308) || (t > 0.0 && !(top_p > 0.0 && top_p <= 1.0)) || c[0] < 0 || c[0] >= (1ll << 32) ||
+                   c[1] < 0 || c[1] >= (1ll << 32) || c[2] < 0 || c[2] >= (1ll << 32) || c[3] < 0 || c[3] >= (1ll << 32);
+  for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const float* x = (const float*)p.x + r * p.v;
+    i64* out = (i64*)p.out + r;
+    if (bad || ((const i64*)p.streams)[r] < 0) {
+      if (threadIdx.x == 0) {
+        *out = 0;
+        if (p.err) *(int*)p.err = 1;
+      }
+      continue;
+    }
+    if (t <= 0.0 || p.v < 2) {
+      float best = x[0];
+      i64 at = 0;
+      for (i64 i = threadIdx.x; i < p.v; i += blockDim.x) {
+        if (x[i] > best) best = x[i], at = i;
+      }
+      bv[threadIdx.x] = best;
+      bi[threadIdx.x] = at;
+      __syncthreads();
+      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+          const float v2 = bv[threadIdx.x + s];
+          const i64 i2 = bi[threadIdx.x + s];
+          if (v2 > bv[threadIdx.x] || (v2 == bv[threadIdx.x] && i2 < bi[threadIdx.x])) bv[threadIdx.x] = v2, bi[threadIdx.x] = i2;
+        }
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) *out = bi[0];
+      __syncthreads();
+      continue;
+    }
+    // Top-k: the k-th largest score (with multiplicity), 8 bits of its ordered key at a time.
+    const i64 k = c[0];
+    double kth = __longlong_as_double(0xfff0000000000000ll);  // -inf: every score kept
+    if (k > 0 && k < p.v) {
+      if (threadIdx.x == 0) prefix = 0, want = k;
+      unsigned long long mask = 0;
+      for (int shift = 56; shift >= 0; shift -= 8) {
+        hist[threadIdx.x] = 0;
+        __syncthreads();
+        for (i64 i = threadIdx.x; i < p.v; i += blockDim.x) {
+          const unsigned long long key = okey((double)x[i] / t);
+          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          for (int b = 255; b >= 0; b--) {
+            if (want <= (i64)hist[b]) {
+              prefix |= (unsigned long long)b << shift;
+              break;
+            }
+            want -= hist[b];
+          }
+        }
+        mask |= 255ull << shift;
+        __syncthreads();
+      }
+      kth = from_okey(prefix);
+    }
+    if (threadIdx.x == 0) {
+      // Top-p: the kept scores ascending (stable by index); a prefix whose running share is
+      // at most 1 - p goes, the largest always stays. `lo` is the last dropped (or -1).
+      int* h = (int*)p.scratch + r * p.v;
+      int n = 0;
+      for (int i = 0; i < p.v; i++) {
+        if ((double)x[i] / t >= kth) h[n++] = i;
+      }
+      int lo = -1;
+      if (top_p < 1.0 && n > 1) {
+        for (int i = n / 2 - 1; i >= 0; i--) sift(h, n, i, x, t);
+        for (int e = n - 1; e > 0; e--) {
+          const int s = h[0];
+          h[0] = h[e];
+          h[e] = s;
+          sift(h, e, 0, x, t);
+        }
+        const double mx = (double)x[h[n - 1]] / t;
+        double z = 0.0, cum = 0.0;
+        for (int j = 0; j < n; j++) z += exp((double)x[h[j]] / t - mx);
+        for (int j = 0; j + 1 < n; j++) {
+          cum += exp((double)x[h[j]] / t - mx) / z;
+          if (cum <= 1.0 - top_p) lo = h[j];
+          else break;
+        }
+      }
+      const unsigned long long seed = ((unsigned long long)c[1] << 32) | (unsigned long long)c[2];
+      const unsigned long long hsh =
+          mix64(mix64(mix64(seed) ^ (unsigned long long)((const i64*)p.streams)[r]) ^ (unsigned long long)c[3]);
+      const double u = (double)(hsh >> 11) / 9007199254740992.0;
+      // The draw over what is kept, in index order.
+      double mx = __longlong_as_double(0xfff0000000000000ll), total = 0.0, cum = 0.0;
+      i64 last = 0;
+      for (int i = 0; i < p.v; i++) {
+        const double s = (double)x[i] / t;
+        if (s >= kth && (lo < 0 || !before(x, t, i, lo) && i != lo)) mx = fmax(mx, s);
+      }
+      for (int i = 0; i < p.v; i++) {
+        const double s = (double)x[i] / t;
+        if (s >= kth && (lo < 0 || !before(x, t, i, lo) && i != lo)) total += exp(s - mx);
+      }
+      i64 pick = -1;
+      for (int i = 0; i < p.v && pick < 0; i++) {
+        const double s = (double)x[i] / t;
+        if (s >= kth && (lo < 0 || !before(x, t, i, lo) && i != lo)) {
+          cum += exp(s - mx) / total;
+          last = i;
+          if (u < cum) pick = i;
+        }
+      }
+      *out = pick < 0 ? last : pick;
+    }
+    __syncthreads();
+  }
+}

@@ -156,6 +156,7 @@ fn index_kernels() -> Vec<Kernel> {
         v.push(k(format!("softmax_axis_{t}"), false));
         v.push(k(format!("resize_{t}"), false));
     }
+    v.push(k("sample_token_f32".to_string(), false));
     v
 }
 
@@ -314,6 +315,23 @@ pub struct TopkParams {
     pub k: i64,
 }
 
+/// The next token per row (`SampleParams` in `index.cu`): f32 logits `x [rows, v]`, the
+/// options (f32 `[2]`), counters (i64 `[4]`), streams (i64 `[rows]`), ids `out` (i64
+/// `[rows]`), the error flag, and a scratch of `rows * v` i32 (top-p's order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SampleParams {
+    pub x: DevPtr,
+    pub opts: DevPtr,
+    pub ctr: DevPtr,
+    pub streams: DevPtr,
+    pub out: DevPtr,
+    pub err: DevPtr,
+    pub scratch: DevPtr,
+    pub rows: i64,
+    pub v: i64,
+}
+
 /// Take-along-axis and scatter-add (`AlongParams` in `index.cu`): `x` (scatter's base)
 /// `[outer, len, inner]`, `idx` and `src` `[outer, ilen, inner]`.
 #[repr(C)]
@@ -392,6 +410,7 @@ mod tests {
                 src.lines().any(|l| l.starts_with(&format!("SCATTER_ADD({t},")) && l.contains(&format!(", {it}, ")))
             }
             ["softmax", "axis", t] | ["resize", t] => src.contains(&format!("AXIS_FLOAT({t},")),
+            ["sample", "token", "f32"] => src.contains("void __launch_bounds__(256) sample_token_f32("),
             _ => false,
         }
     }
@@ -405,6 +424,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<MoeParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<LineParams>(), 5 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<TopkParams>(), 5 * 8);
+        assert_eq!(std::mem::size_of::<SampleParams>(), 9 * 8);
         assert_eq!(std::mem::size_of::<AlongParams>(), 9 * 8);
         assert_eq!(std::mem::size_of::<ResizeParams>(), 7 * 8 + 2 * 4);
     }

@@ -117,6 +117,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::Cast
                 | CpuKernel::MoeDispatch
                 | CpuKernel::MoeCombine
+                | CpuKernel::SampleToken
                 | CpuKernel::Reference => Prep::None,
             };
             Ok(Prepared { kernel, prep })
@@ -410,6 +411,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             index::topk_indices(mem.f32(&s.inputs[0]), rows, n, k, i64_mut(mem, &s.output));
             Ok(())
         }
+        CpuKernel::SampleToken => sample_token(mem, s),
         CpuKernel::TakeAlongAxis => {
             let Op::TakeAlongAxis { axis } = s.op else { return mismatch() };
             take_along_axis(mem, s, axis)
@@ -577,6 +579,34 @@ fn scatter_add(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), Stri
             index::scatter_add_along_axis(bytemuck::cast_slice_mut::<u8, f32>(dst), outer, len, inner, idx, ilen, mem.f32(&s.inputs[2]))
         }
         _ => index::scatter_add_along_axis(bytemuck::cast_slice_mut::<u8, i64>(dst), outer, len, inner, idx, ilen, i64s(mem, &s.inputs[2])),
+    }
+    Ok(())
+}
+
+/// [`Op::SampleToken`] on f32 logits `[B, V]`: greedy is the first argmax, read in place (no
+/// allocation); a sampled row runs `kiln_graph::sample::pick`, the interpreter's and the host
+/// sampler's code, on the row widened to f64 (exact), so every path draws the same token.
+fn sample_token(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+    use kiln_graph::sample;
+    let (logits, o, c, streams) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), i64s(mem, &s.inputs[2]), i64s(mem, &s.inputs[3]));
+    let counters = [c[0] as f64, c[1] as f64, c[2] as f64, c[3] as f64];
+    let (f, seed, step) = sample::runtime_filters(&[o[0] as f64, o[1] as f64], &counters)?;
+    let v = s.inputs[0].ty.shape[1].max(1);
+    let out = i64_mut(mem, &s.output);
+    for (r, row) in logits.chunks(v).enumerate() {
+        out[r] = if f.temperature <= 0.0 || v < 2 {
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            best as i64
+        } else {
+            let stream = u64::try_from(streams[r]).map_err(|_| format!("stream {} of row {r}: expected >= 0", streams[r]))?;
+            let x: Vec<f64> = row.iter().map(|&z| z as f64).collect();
+            sample::pick(&x, &f, sample::uniform(seed, stream, step)) as i64
+        };
     }
     Ok(())
 }

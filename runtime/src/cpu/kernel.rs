@@ -38,6 +38,8 @@ crate::kernel_enum::kernel_enum! {
         Cast => "cpu.cast",
         MoeDispatch => "cpu.moe_dispatch",
         MoeCombine => "cpu.moe_combine",
+        /// The next token per row (greedy read in place; sampling through `kiln_graph::sample`).
+        SampleToken => "cpu.sample_token",
         /// The interpreter's arm on converted values: correct for every dtype, slow, allocating.
         Reference => "cpu.reference",
     }
@@ -113,6 +115,8 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         // Positions and ranges: made once per run, small; the interpreter's arm fills them.
         Op::Iota { .. } => K::Reference,
         Op::Conv(_) => or_reference(f32_all, K::Conv),
+        // The selection is `kiln_graph::sample`'s code, which the host's sampler runs too.
+        Op::SampleToken => or_reference(dtype(0) == Some(DType::F32), K::SampleToken),
     })
 }
 

@@ -137,6 +137,7 @@ pub fn layout(p: &Program) -> Result<Layout, String> {
                 scratch = scratch.max(attention_plan(s)?.1);
             }
             scratch = scratch.max(index::matmul_scratch(s));
+            scratch = scratch.max(index::sample_scratch(s));
         }
     }
     l.scratch = at;

@@ -7,7 +7,7 @@ use super::{al, copy_launch, float_suffix, grid1, index_suffix, launch, off_of, 
 use crate::geometry::{contiguous, MatmulGeometry, Split};
 use kiln_graph::program::Step;
 use kiln_graph::{DType, Op, ResizeMode, TensorType};
-use kiln_kernels::cuda::{self as kc, AlongParams, LineParams, ResizeParams, TopkParams};
+use kiln_kernels::cuda::{self as kc, AlongParams, LineParams, ResizeParams, SampleParams, TopkParams};
 
 /// A shape as `[outer, len, inner]` around `axis`, as the kernels' parameters hold it.
 fn split(shape: &[usize], axis: usize) -> (i64, i64, i64) {
@@ -33,6 +33,7 @@ pub(crate) fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Re
         Op::ScatterAdd { .. } => format!("scatter_add_{}_{}", out.dtype.name(), index_suffix(inputs[1].dtype)?),
         Op::Softmax { .. } => format!("softmax_axis_{}", float_suffix(out.dtype)?),
         Op::Resize { .. } => format!("resize_{}", float_suffix(out.dtype)?),
+        Op::SampleToken if inputs[0].dtype == DType::F32 => "sample_token_f32".to_string(),
         other => return Err(format!("{} is not an index op", other.name())),
     })
 }
@@ -103,8 +104,34 @@ pub(super) fn lower(s: &Step, l: &Layout, ins: &[u64], out: u64) -> Result<Vec<W
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
             vec![launch("index", name, grid1(n), kc::BLOCK, 0, &p, &relocs)]
         }
+        Op::SampleToken => {
+            let v = *x.shape.last().ok_or("logits of a scalar")?;
+            let rows = x.numel() / v.max(1);
+            let p = SampleParams {
+                x: ins[0],
+                opts: ins[1],
+                ctr: ins[2],
+                streams: ins[3],
+                out,
+                err,
+                scratch: l.scratch as u64,
+                rows: rows as i64,
+                v: v as i64,
+            };
+            let ptrs = [&p.x, &p.opts, &p.ctr, &p.streams, &p.out, &p.err, &p.scratch];
+            let relocs: Vec<usize> = ptrs.iter().map(|f| off_of(&p, *f)).collect();
+            vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
+        }
         other => return Err(format!("{} is not an index op", other.name())),
     })
+}
+
+/// Bytes of scratch a selection step needs: top-p's order, an i32 per logit.
+pub(super) fn sample_scratch(s: &Step) -> usize {
+    match s.op {
+        Op::SampleToken => al(4 * s.inputs[0].ty.numel()),
+        _ => 0,
+    }
 }
 
 /// The geometry of a matmul step (None for other steps).
