@@ -334,7 +334,20 @@ fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
     let group = hq / hkv;
     let mut o = vec![0.0; out.numel()];
     let mut s = vec![0.0; sk];
+    // A position mask's start (query 0's key index); a negative one is read as 0.
+    let start = match at.mask {
+        MaskKind::Positions(_) => a[3].data[0].max(0.0) as usize,
+        MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } | MaskKind::Additive => 0,
+    };
     for bi in 0..b {
+        let (keep, prefix) = match at.mask {
+            MaskKind::Positions(pm) => {
+                let keep = pm.padding.then(|| &a[4].data[bi * sk..(bi + 1) * sk]);
+                let pi = 4 + usize::from(pm.padding);
+                (keep, pm.prefix.then(|| a[pi].data[bi].max(0.0) as usize))
+            }
+            MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } | MaskKind::Additive => (None, None),
+        };
         for h in 0..hq {
             let kh = h / group;
             for i in 0..sq {
@@ -351,6 +364,7 @@ fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
                         MaskKind::None | MaskKind::Additive => true,
                         MaskKind::Causal { q_offset } => j <= q_offset + i,
                         MaskKind::SlidingWindow { q_offset, window } => j <= q_offset + i && j + window > q_offset + i,
+                        MaskKind::Positions(pm) => pm.visible(start + i, j, keep.map(|k| k[j] != 0.0), prefix),
                     };
                     if at.mask == MaskKind::Additive {
                         x += a[3].data[(bi * sq + i) * sk + j];

@@ -382,6 +382,16 @@ pub enum AttMask {
     Additive {
         in_arena: bool,
     },
+    /// Causal from run-time positions (the graph's `PosMask`): query `i` at key index
+    /// `start + i`, with a window (from the metadata) when `window`, key padding `keep`
+    /// (0 hides a key) and a prefix length per batch row that every query sees. A cube
+    /// reads no key past the last one its queries may see.
+    Positions {
+        window: bool,
+        start: Src,
+        keep: Option<Src>,
+        prefix: Option<Src>,
+    },
 }
 
 /// What varies the code of an [`attention`] launch.
@@ -416,8 +426,37 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
     let h = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let kh = h / (hq / hkv);
-    let q_offset = meta[AttentionParams::Q_OFFSET] as usize;
+    let mut q_offset = meta[AttentionParams::Q_OFFSET] as usize;
     let window = meta[AttentionParams::WINDOW] as usize;
+    // Position masks: the start and this row's prefix come from operands; keys past
+    // `kend` (the filled ones the cube's last query may see) are never read.
+    let mut prefix = 0usize;
+    let mut kend = sk;
+    match comptime!(cfg.mask) {
+        AttMask::Positions { start, prefix: pre, .. } => {
+            let st = typed::read::<F>(arena, weights, meta[AttentionParams::START_OFF] as usize, start);
+            q_offset = u32::cast_from(F::max(st, F::new(0.0))) as usize;
+            match comptime!(pre) {
+                Some(ps) => {
+                    let pv = typed::read::<F>(arena, weights, meta[AttentionParams::PREFIX_OFF] as usize + b, ps);
+                    prefix = u32::cast_from(F::max(pv, F::new(0.0))) as usize;
+                }
+                None => {}
+            }
+            let mut last = CUBE_POS_X as usize * bq + bq;
+            if last > sq {
+                last = sq;
+            }
+            let mut hi = q_offset + last;
+            if prefix > hi {
+                hi = prefix;
+            }
+            if hi < sk {
+                kend = hi;
+            }
+        }
+        _ => {}
+    }
     let scale = F::new(comptime!(f32::from_bits(cfg.scale_bits)));
 
     let mut q = Array::<F>::new(d);
@@ -440,13 +479,13 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
     let mut l = F::new(0.0);
     let mut k_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.d));
     let mut v_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.dv));
-    let tiles = sk.div_ceil(bk);
+    let tiles = kend.div_ceil(bk);
     for t in 0..tiles {
         let mut idx = u;
         while idx < bk * d {
             let j = t * bk + idx / d;
             let mut x = F::new(0.0);
-            if j < sk {
+            if j < kend {
                 x = load::<F>(
                     arena,
                     weights,
@@ -461,7 +500,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
         while idx < bk * dv {
             let j = t * bk + idx / dv;
             let mut x = F::new(0.0);
-            if j < sk {
+            if j < kend {
                 x = load::<F>(
                     arena,
                     weights,
@@ -476,7 +515,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
         if live {
             for kk in 0..bk {
                 let j = t * bk + kk;
-                let mut visible = j < sk;
+                let mut visible = j < kend;
                 match comptime!(cfg.mask) {
                     AttMask::Causal => {
                         visible = visible && j <= q_offset + i;
@@ -486,6 +525,21 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
                     }
                     AttMask::None => {}
                     AttMask::Additive { .. } => {}
+                    AttMask::Positions { window: windowed, keep, .. } => {
+                        let qpos = q_offset + i;
+                        let mut causal = j <= qpos;
+                        if comptime!(windowed) {
+                            causal = causal && j + window > qpos;
+                        }
+                        visible = visible && (causal || j < prefix);
+                        match comptime!(keep) {
+                            Some(ks) => {
+                                let kv = typed::read::<F>(arena, weights, meta[AttentionParams::KEEP_OFF] as usize + b * sk + j, ks);
+                                visible = visible && kv != F::new(0.0);
+                            }
+                            None => {}
+                        }
+                    }
                 }
                 if visible {
                     let mut s = F::new(0.0);

@@ -178,6 +178,10 @@ pub struct AttnParams {
     pub out: DevPtr,
     /// Split-K scratch (f32), `B*Sq*Hq*splits*(Dv+2)` values.
     pub partial: DevPtr,
+    /// A position mask's operands (i64): the start `[1]`, `keep [B, Sk]`, `prefix [B]`; 0 when absent.
+    pub pos: DevPtr,
+    pub keep: DevPtr,
+    pub prefix: DevPtr,
     pub batch: i32,
     pub sq: i32,
     pub sk: i32,
@@ -185,7 +189,7 @@ pub struct AttnParams {
     pub hkv: i32,
     pub d: i32,
     pub dv: i32,
-    /// 0 none, 1 causal, 2 sliding window, 3 additive.
+    /// 0 none, 1 causal, 2 sliding window, 3 additive, 4 positions.
     pub mask_kind: i32,
     pub q_offset: i32,
     pub window: i32,
