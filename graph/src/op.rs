@@ -112,7 +112,9 @@ pub enum MaskKind {
 /// A mask computed from positions: causal attention where query `i` sits at key index
 /// `start + i`, `start` being the fourth input (i64 `[1]`, decode's `cache_position`; 0 for a
 /// prefill). Key `j` of row `b` is visible when
-/// `(j <= start + i && (no window || j + window > start + i) || j < prefix[b]) && keep[b, j] != 0`.
+/// `(j <= start + i && (no window || j + window > start + i) || start + i < prefix[b] && j < prefix[b])
+/// && keep[b, j] != 0`: the prefix is bidirectional (for a query outside it, the prefix
+/// keys are causal, so only a window can hide them).
 /// The kernels visit keys only below `max(start + Sq, prefix[b])`: decode cost follows the
 /// filled length of the cache, not its capacity. A query that sees no key gives zeros.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -121,8 +123,8 @@ pub struct PosMask {
     pub window: Option<usize>,
     /// Key padding: an input `keep [B, Sk]` (i64, 0 = padding) follows `start`.
     pub padding: bool,
-    /// Prefix-LM: an input `prefix [B]` (i64) follows: keys below it are visible to every query
-    /// of the row (PaliGemma's bidirectional prefix, JetFormer's non-causal prefix).
+    /// Prefix-LM: an input `prefix [B]` (i64) follows: queries and keys below it see each
+    /// other (PaliGemma's bidirectional prefix, JetFormer's non-causal prefix).
     pub prefix: bool,
 }
 
@@ -136,14 +138,14 @@ impl PosMask {
     /// row's values; `None` when the mask has no such input).
     pub fn visible(&self, qpos: usize, j: usize, keep: Option<bool>, prefix: Option<usize>) -> bool {
         let causal = j <= qpos && self.window.is_none_or(|w| j + w > qpos);
-        (causal || prefix.is_some_and(|p| j < p)) && keep.unwrap_or(true)
+        (causal || prefix.is_some_and(|p| qpos < p && j < p)) && keep.unwrap_or(true)
     }
 
     /// The keys a query at `qpos` may see lie in `lo..hi` (clipped to `sk`).
     pub fn key_range(&self, qpos: usize, prefix: Option<usize>, sk: usize) -> (usize, usize) {
         let p = prefix.unwrap_or(0);
         let hi = (qpos + 1).max(p).min(sk);
-        let lo = if p > 0 { 0 } else { self.window.map_or(0, |w| (qpos + 1).saturating_sub(w)) };
+        let lo = if qpos < p { 0 } else { self.window.map_or(0, |w| (qpos + 1).saturating_sub(w)) };
         (lo.min(hi), hi)
     }
 }

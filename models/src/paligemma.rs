@@ -113,7 +113,7 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     // Prefix-LM: query i and key j both in the prefix (token type 0) see each other. The
     // prefix is the leading run of type-0 tokens: its length is the first index of a
     // non-zero type (S when none). A type-0 token after the suffix (right padding) is then
-    // causal, which changes nothing: every key before it is visible to it either way.
+    // causal: only its own output (a padding row's) can change, never a real token's.
     let tf = m.g.push(Op::Cast { to: DType::F32 }, &[tt])?;
     let zf = m.g.scalar(DType::F32, 0.0)?;
     let suffix = m.g.binary(BinaryOp::Ne, tf, zf)?;

@@ -61,7 +61,7 @@ pub enum AttnMask<'a> {
     Additive(&'a [f32]),
     /// Causal from run-time positions (the graph's `PosMask`): query i sits at key index
     /// `start + i`; key j of row b is visible when it is causal (and inside the window), or
-    /// below `prefix[b]`, and `keep[b, j] != 0`. Keys past `max(start + i + 1, prefix[b])` are
+    /// both the query and the key are below `prefix[b]`, and `keep[b, j] != 0`. Keys past `max(start + i + 1, prefix[b])` are
     /// never read.
     Positions {
         /// Key index of query 0 (decode's cache position).
@@ -70,7 +70,7 @@ pub enum AttnMask<'a> {
         window: Option<usize>,
         /// `[B, Sk]`, 0 = padding.
         keep: Option<&'a [i64]>,
-        /// `[B]`: keys below it are visible to every query of the row.
+        /// `[B]`: queries and keys below it see each other.
         prefix: Option<&'a [i64]>,
     },
 }
@@ -93,7 +93,7 @@ impl AttnMask<'_> {
             AttnMask::Positions { start, window, prefix, .. } => {
                 let (pos, p) = (start + i, prefix.map_or(0, |p| p[b].max(0) as usize));
                 let hi = (pos + 1).max(p).min(kv_len);
-                let lo = if p > 0 { 0 } else { window.map_or(0, |w| (pos + 1).saturating_sub(w)) };
+                let lo = if pos < p { 0 } else { window.map_or(0, |w| (pos + 1).saturating_sub(w)) };
                 (lo.min(hi), hi)
             }
             AttnMask::Causal { q_offset } => (0, (q_offset + i + 1).min(kv_len)),
@@ -354,7 +354,7 @@ impl Ctx<'_> {
                 for (t, x) in row.iter_mut().enumerate() {
                     let j = j0 + t;
                     let causal = j <= pos && window.is_none_or(|w| j + w > pos);
-                    if !((causal || j < p) && keep.is_none_or(|k| k[t] != 0)) {
+                    if !((causal || pos < p && j < p) && keep.is_none_or(|k| k[t] != 0)) {
                         *x = f32::NEG_INFINITY;
                     }
                 }
@@ -431,7 +431,7 @@ mod tests {
                             AttnMask::Positions { window, keep, prefix, .. } => {
                                 let causal = j <= pos && window.is_none_or(|w| j + w > pos);
                                 let p = prefix.map_or(0, |p| p[b] as usize);
-                                (causal || j < p) && keep.is_none_or(|k| k[b * kv_len + j] != 0)
+                                (causal || pos < p && j < p) && keep.is_none_or(|k| k[b * kv_len + j] != 0)
                             }
                         };
                         if visible {

@@ -384,7 +384,8 @@ pub enum AttMask {
     },
     /// Causal from run-time positions (the graph's `PosMask`): query `i` at key index
     /// `start + i`, with a window (from the metadata) when `window`, key padding `keep`
-    /// (0 hides a key) and a prefix length per batch row that every query sees. A cube
+    /// (0 hides a key) and a prefix length per batch row (queries and keys below it see each
+    /// other). A cube
     /// reads no key past the last one its queries may see.
     Positions {
         window: bool,
@@ -531,7 +532,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
                         if comptime!(windowed) {
                             causal = causal && j + window > qpos;
                         }
-                        visible = visible && (causal || j < prefix);
+                        visible = visible && (causal || (qpos < prefix && j < prefix));
                         match comptime!(keep) {
                             Some(ks) => {
                                 let kv = typed::read::<F>(arena, weights, meta[AttentionParams::KEEP_OFF] as usize + b * sk + j, ks);

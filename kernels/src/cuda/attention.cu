@@ -199,7 +199,7 @@ __device__ void attn_mma(const AttnParams p) {
 
   int kbeg = 0, kend = key_end(p, b, min(p.sq, q0 + 64) - 1);
   if (p.mask_kind == MASK_SLIDING) kbeg = max(0, p.q_offset + q0 - p.window + 1) / BK * BK;
-  if (p.mask_kind == MASK_POSITIONS && p.window > 0 && prefix_of(p, b) == 0)
+  if (p.mask_kind == MASK_POSITIONS && p.window > 0 && q_start(p) + q0 >= prefix_of(p, b))
     kbeg = max(0, q_start(p) + q0 - p.window + 1) / BK * BK;
   const i64 kvstride = (i64)p.hkv * D;
   auto load_kv = [&](int k0, int buf) {

@@ -129,7 +129,8 @@ __device__ __forceinline__ bool visible(const AttnParams& p, int b, int i, int j
   if (p.mask_kind == MASK_SLIDING) return j <= qpos && j > qpos - p.window;
   if (p.mask_kind == MASK_POSITIONS) {
     bool causal = j <= qpos && (p.window <= 0 || j > qpos - p.window);
-    if (!causal && j >= prefix_of(p, b)) return false;
+    int pre = prefix_of(p, b);
+    if (!causal && !(qpos < pre && j < pre)) return false;
     return p.keep == 0 || ((const i64*)p.keep)[(i64)b * p.sk + j] != 0;
   }
   return true;
