@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<AttnParams>(), 6 * 8 + 12 * 4 + 2 * 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
         assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);
