@@ -239,7 +239,8 @@ struct Ctx {
 pub enum Extra {
     /// Causal only.
     None,
-    /// Prefix-LM: keys below `prefix [B]` (i64) are visible to every query of the row.
+    /// Prefix-LM: queries and keys below `prefix [B]` (i64) see each other (a bidirectional
+    /// prefix; later queries see it causally).
     Prefix(NodeId),
     /// An arbitrary `allowed [B|1, S|1, KV]` (bool) OR'ed with causal: built as an additive
     /// `[B, S, KV]` mask (big_vision's `mask_ar` blocks); the others need no such tensor.
