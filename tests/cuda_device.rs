@@ -130,6 +130,39 @@ fn half_attention_matches_the_interpreter() {
                     failures.push(name);
                 }
             }
+            // Position masks (the start, key padding and prefix lengths as i64 constants): a
+            // prefill with a window, left padding in row 1 and a prefix in row 0 (the tensor-core
+            // kernel), and a decode step at slot 900 of a 1,500-slot cache (split-K over the
+            // filled keys only).
+            let pos = |window, prefix| MaskKind::Positions(kiln_graph::PosMask { window, padding: true, prefix });
+            let cases = [
+                ("positions prefill window prefix", 2, 70, 70, 2, 2, pos(Some(16), true), 0, Some(50.0)),
+                ("positions decode split-k", 1, 1, 1500, 8, 4, pos(None, false), 900, Some(50.0)),
+            ];
+            for (what, b, sq, sk, hq, hkv, mask, start, softcap) in cases {
+                let MaskKind::Positions(pm) = mask else { continue };
+                let mut g = Graph::new();
+                let q = input(&mut g, "q", dt, &[b, sq, hq, d]);
+                let k = input(&mut g, "k", dt, &[b, sk, hkv, d]);
+                let v = input(&mut g, "v", dt, &[b, sk, hkv, d]);
+                let keep: Vec<f64> = (0..b * sk).map(|x| f64::from(u8::from(x < sk || x % sk >= 5))).collect();
+                let mut ins = vec![
+                    q,
+                    k,
+                    v,
+                    g.constant(DType::I64, &[1], vec![start as f64]).unwrap(),
+                    g.constant(DType::I64, &[b, sk], keep).unwrap(),
+                ];
+                if pm.prefix {
+                    ins.push(g.constant(DType::I64, &[b], (0..b).map(|r| if r == 0 { 20.0 } else { 0.0 }).collect()).unwrap());
+                }
+                let y = g.push(Op::Attention(Attention { scale: 1.0 / (d as f32).sqrt(), softcap, mask }), &ins).unwrap();
+                g.output("y", y);
+                let name = format!("attention {dt} d{d} {what}");
+                if error(&name, g) > 2e-2 {
+                    failures.push(name);
+                }
+            }
         }
     }
     assert!(failures.is_empty(), "{failures:?}");

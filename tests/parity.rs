@@ -476,6 +476,32 @@ fn attention_variants_rows() -> Vec<Row> {
         g.output("y", y);
         rows.push(row(format!("attention {name}"), g, 1));
     }
+    // Masks computed from run-time positions (`PosMask`): the start, key padding and prefix
+    // lengths are i64 inputs in 0..modulo (a key is padding where its value is 0).
+    let pos = |window, padding, prefix| MaskKind::Positions(kiln_graph::PosMask { window, padding, prefix });
+    let cases = [
+        ("positions prefill padding", 2, 9, 9, 4, 2, pos(None, true, false), None, 3),
+        ("positions window prefix softcap", 2, 6, 6, 2, 2, pos(Some(3), true, true), Some(5.0), 4),
+        ("positions decode long cache", 2, 1, 70, 4, 1, pos(Some(20), true, false), None, 50),
+        ("positions decode prefix no padding", 1, 2, 40, 2, 1, pos(None, false, true), None, 30),
+    ];
+    for (name, b, sq, sk, hq, hkv, mask, softcap, modulo) in cases {
+        let MaskKind::Positions(pm) = mask else { unreachable!() };
+        let mut g = Graph::new();
+        let q = f32in(&mut g, "q", &[b, sq, hq, 8]);
+        let k = f32in(&mut g, "k", &[b, sk, hkv, 8]);
+        let v = f32in(&mut g, "v", &[b, sk, hkv, 8]);
+        let mut ins = vec![q, k, v, g.input("start", DType::I64, &[1]).unwrap()];
+        if pm.padding {
+            ins.push(g.input("keep", DType::I64, &[b, sk]).unwrap());
+        }
+        if pm.prefix {
+            ins.push(g.input("prefix", DType::I64, &[b]).unwrap());
+        }
+        let y = g.push(Op::Attention(Attention { scale: 0.3, softcap, mask }), &ins).unwrap();
+        g.output("y", y);
+        rows.push(row(format!("attention {name}"), g, modulo));
+    }
     rows
 }
 

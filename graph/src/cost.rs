@@ -83,6 +83,10 @@ pub fn attended_pairs(mask: MaskKind, sq: usize, sk: usize) -> u64 {
         MaskKind::None | MaskKind::Additive => (sq * sk) as u64,
         MaskKind::Causal { q_offset } => (0..sq).map(|i| kept(i, q_offset, None)).sum(),
         MaskKind::SlidingWindow { q_offset, window } => (0..sq).map(|i| kept(i, q_offset, Some(window))).sum(),
+        // The start is a run-time value: counted as a prefill from 0 when the queries fill the
+        // keys, and over every key (the worst case, a full cache) for a decode step.
+        MaskKind::Positions(pm) if sq >= sk => (0..sq).map(|i| kept(i, 0, pm.window)).sum(),
+        MaskKind::Positions(pm) => (0..sq).map(|i| kept(i, sk - sq, pm.window)).sum(),
     }
 }
 

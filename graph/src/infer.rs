@@ -394,7 +394,11 @@ fn compute(op: &Op, inputs: &[&TensorType]) -> R {
             norm_params(inputs)
         }
         Op::Attention(a) => {
-            let want = if a.mask == MaskKind::Additive { 4 } else { 3 };
+            let want = match a.mask {
+                MaskKind::Additive => 4,
+                MaskKind::Positions(pm) => pm.arity(),
+                MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } => 3,
+            };
             arity(inputs, want)?;
             let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
             float(q, "q")?;
@@ -416,6 +420,20 @@ fn compute(op: &Op, inputs: &[&TensorType]) -> R {
                 let m = inputs[3];
                 if m.shape != [b, sq, sk] || m.dtype != q.dtype {
                     return Err(format!("mask must be {}[{b},{sq},{sk}], got {m}", q.dtype));
+                }
+            }
+            if let MaskKind::Positions(pm) = a.mask {
+                let mut want = vec![("start", vec![1])];
+                if pm.padding {
+                    want.push(("keep", vec![b, sk]));
+                }
+                if pm.prefix {
+                    want.push(("prefix", vec![b]));
+                }
+                for ((name, shape), t) in want.into_iter().zip(&inputs[3..]) {
+                    if t.dtype != DType::I64 || t.shape != shape {
+                        return Err(format!("the mask's {name} must be i64{shape:?}, got {t}"));
+                    }
                 }
             }
             Ok(TensorType::new(q.dtype, [b, sq, hq, v.shape[3]]))

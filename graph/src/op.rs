@@ -101,8 +101,53 @@ pub enum MaskKind {
     Causal { q_offset: usize },
     /// Causal, and keys at positions `> q_offset + i - window`.
     SlidingWindow { q_offset: usize, window: usize },
-    /// An additive mask `[B, Sq, Sk]` given as the fourth input (0 or -inf; prefix-LM, padding).
+    /// An additive mask `[B, Sq, Sk]` given as the fourth input (0 or -inf): for an arbitrary
+    /// mask (big_vision's `mask_ar` blocks); the common ones are [`MaskKind::Positions`].
     Additive,
+    /// Computed inside the kernel from run-time positions and lengths, with no `[Sq, Sk]`
+    /// tensor anywhere: see [`PosMask`] for the inputs and the rule.
+    Positions(PosMask),
+}
+
+/// A mask computed from positions: causal attention where query `i` sits at key index
+/// `start + i`, `start` being the fourth input (i64 `[1]`, decode's `cache_position`; 0 for a
+/// prefill). Key `j` of row `b` is visible when
+/// `(j <= start + i && (no window || j + window > start + i) || start + i < prefix[b] && j < prefix[b])
+/// && keep[b, j] != 0`: the prefix is bidirectional (for a query outside it, the prefix
+/// keys are causal, so only a window can hide them).
+/// The kernels visit keys only below `max(start + Sq, prefix[b])`: decode cost follows the
+/// filled length of the cache, not its capacity. A query that sees no key gives zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PosMask {
+    /// Gemma 2's local layers: only the `window` most recent positions (the query's own included).
+    pub window: Option<usize>,
+    /// Key padding: an input `keep [B, Sk]` (i64, 0 = padding) follows `start`.
+    pub padding: bool,
+    /// Prefix-LM: an input `prefix [B]` (i64) follows: queries and keys below it see each
+    /// other (PaliGemma's bidirectional prefix, JetFormer's non-causal prefix).
+    pub prefix: bool,
+}
+
+impl PosMask {
+    /// How many inputs the attention op takes with this mask (q, k, v, start and the optional ones).
+    pub fn arity(&self) -> usize {
+        4 + usize::from(self.padding) + usize::from(self.prefix)
+    }
+
+    /// Whether key `j` is visible to the query at key index `qpos` (`keep` and `prefix` are the
+    /// row's values; `None` when the mask has no such input).
+    pub fn visible(&self, qpos: usize, j: usize, keep: Option<bool>, prefix: Option<usize>) -> bool {
+        let causal = j <= qpos && self.window.is_none_or(|w| j + w > qpos);
+        (causal || prefix.is_some_and(|p| qpos < p && j < p)) && keep.unwrap_or(true)
+    }
+
+    /// The keys a query at `qpos` may see lie in `lo..hi` (clipped to `sk`).
+    pub fn key_range(&self, qpos: usize, prefix: Option<usize>, sk: usize) -> (usize, usize) {
+        let p = prefix.unwrap_or(0);
+        let hi = (qpos + 1).max(p).min(sk);
+        let lo = if qpos < p { 0 } else { self.window.map_or(0, |w| (qpos + 1).saturating_sub(w)) };
+        (lo.min(hi), hi)
+    }
 }
 
 /// Attributes of the semantic attention op.
@@ -252,7 +297,7 @@ pub enum Op {
     /// `x / sqrt(mean(x^2) + eps) * (add_one ? 1 + w : w)` over the last axis; inputs x, w.
     RmsNorm { eps: f32, add_one: bool },
     /// Multi-head attention on `q [B,Sq,Hq,D]`, `k [B,Sk,Hkv,D]`, `v [B,Sk,Hkv,Dv]` (and a
-    /// mask `[B,Sq,Sk]` for [`MaskKind::Additive`]), giving `[B,Sq,Hq,Dv]`; `Hq % Hkv == 0`.
+    /// mask `[B,Sq,Sk]` for [`MaskKind::Additive`], the position inputs of [`PosMask`]), giving `[B,Sq,Hq,Dv]`; `Hq % Hkv == 0`.
     Attention(Attention),
     /// Mixture-of-experts dispatch: `out [rows, D]` starts at zero and, for every assignment
     /// `(t, k)` with `slot[t, k] >= 0`, `out[slot[t, k]] += x[t]`; inputs `x [T, D]`,
@@ -389,6 +434,12 @@ impl Op {
                         MaskKind::Causal { q_offset } => format!("causal(+{q_offset})"),
                         MaskKind::SlidingWindow { q_offset, window } => format!("window({window}, +{q_offset})"),
                         MaskKind::Additive => "additive".to_string(),
+                        MaskKind::Positions(pm) => {
+                            let w = pm.window.map(|w| format!(", window={w}")).unwrap_or_default();
+                            let pad = if pm.padding { ", padding" } else { "" };
+                            let pre = if pm.prefix { ", prefix" } else { "" };
+                            format!("positions(start{w}{pad}{pre})")
+                        }
                     };
                     let cap = at.softcap.map(|c| format!(", softcap={c}")).unwrap_or_default();
                     format!("scale={}, mask={mask}{cap}", at.scale)

@@ -64,7 +64,12 @@ fn random_op(r: &mut Rng) -> Op {
         MaskKind::Causal { q_offset: r.below(9) },
         MaskKind::SlidingWindow { q_offset: r.below(9), window: r.below(99) },
         MaskKind::Additive,
-    ][r.below(4)];
+        MaskKind::Positions(kiln_graph::PosMask {
+            window: [None, Some(r.below(99))][r.below(2)],
+            padding: r.below(2) == 0,
+            prefix: r.below(2) == 0,
+        }),
+    ][r.below(5)];
     match r.below(12) {
         0 => Op::Unary([UnaryOp::Exp, UnaryOp::Silu, UnaryOp::Not][r.below(3)]),
         1 => Op::Binary([BinaryOp::Add, BinaryOp::Ge, BinaryOp::Pow][r.below(3)]),

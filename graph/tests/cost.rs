@@ -65,6 +65,12 @@ fn attention_masks_count_only_kept_pairs() {
     assert_eq!(attended_pairs(MaskKind::Causal { q_offset: 4 }, 1, 5), 5);
     // Window 2 over 4x4 causal: 1 + 2 + 2 + 2.
     assert_eq!(attended_pairs(MaskKind::SlidingWindow { q_offset: 0, window: 2 }, 4, 4), 7);
+    // Position masks: a prefill (queries fill the keys) counts as causal from 0; a decode
+    // step over a cache counts every key (the start is only known at run time).
+    let pm = |window| MaskKind::Positions(kiln_graph::PosMask { window, padding: true, prefix: false });
+    assert_eq!(attended_pairs(pm(None), 3, 3), 6);
+    assert_eq!(attended_pairs(pm(Some(2)), 4, 4), 7);
+    assert_eq!(attended_pairs(pm(None), 1, 5), 5);
     // Causal 3x3 with a softcap: (2*4 + 2*4 + 6 + 3) = 25 per pair, 6 pairs, 2 heads.
     let a = Attention { scale: 0.5, softcap: Some(50.0), mask: MaskKind::Causal { q_offset: 0 } };
     let qkv = f32(&[1, 3, 2, 4]);

@@ -15,7 +15,7 @@ use crate::config::ConfigReader;
 use crate::error::{ModelError, Result};
 use crate::layers::{Activation, Builder};
 use crate::registry::{self, torch_fan_in, Init, Kind, SynthRecipe, SynthRow, WeightFormat};
-use kiln_graph::{Attention, BinaryOp, DType, MaskKind, NodeId, Op, TensorType, UnaryOp};
+use kiln_graph::{Attention, BinaryOp, DType, MaskKind, NodeId, Op, PosMask, TensorType, UnaryOp};
 
 /// Gemma (v1) or Gemma 2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,16 +228,48 @@ struct Ctx {
     kv: usize,
     cos: NodeId,
     sin: NodeId,
-    /// Additive masks `[B, S, KV]`: full attention, and per window size.
-    full: NodeId,
-    windowed: Vec<(usize, NodeId)>,
+    masks: Masks,
     /// Decode: the cache slot being written (i64 `[1]`).
     write_at: Option<NodeId>,
     mode: Mode,
 }
 
+/// What a query attends to beyond causal attention over the keys `attention_mask` keeps.
+#[derive(Clone, Copy, Debug)]
+pub enum Extra {
+    /// Causal only.
+    None,
+    /// Prefix-LM: queries and keys below `prefix [B]` (i64) see each other (a bidirectional
+    /// prefix; later queries see it causally).
+    Prefix(NodeId),
+    /// An arbitrary `allowed [B|1, S|1, KV]` (bool) OR'ed with causal: built as an additive
+    /// `[B, S, KV]` mask (big_vision's `mask_ar` blocks); the others need no such tensor.
+    Allowed(NodeId),
+}
+
+/// The attention masks every layer reads: the attention op computes them from positions
+/// (no `[S, KV]` tensor), or additive tensors for an [`Extra::Allowed`] mask.
+enum Masks {
+    Positions {
+        start: NodeId,
+        keep: NodeId,
+        prefix: Option<NodeId>,
+    },
+    /// `[B, S, KV]`: full attention, and per window size.
+    Additive {
+        full: NodeId,
+        windowed: Vec<(usize, NodeId)>,
+    },
+}
+
+/// `prefix [B]` (i64) holding `len` in every row: a prefix-LM's constant prefix length.
+pub fn prefix_len(m: &mut Builder, b: usize, len: usize) -> Result<NodeId> {
+    Ok(m.g.constant(DType::I64, &[b], vec![len as f64; b])?)
+}
+
 /// Builds the text decoder over token embeddings `x [B, S, D]` already scaled and merged;
-/// `q_index [1|B, S, 1]` (f32) is each query's cache index, `attention_mask [B, KV]` (i64);
+/// `start` (i64 `[1]`) is query 0's cache index (0 for a forward or prefill, `cache_position`
+/// for decode), `attention_mask [B, KV]` (i64 or f32, 0 = padding) the keys that count;
 /// decode also takes `write_at`, the cache slot of the new token (i64 `[1]`).
 /// Returns the final hidden states `[B, S, D]` after the last norm.
 #[allow(clippy::too_many_arguments)]
@@ -248,13 +280,13 @@ pub fn decoder(
     x: NodeId,
     position_ids: NodeId,
     attention_mask: NodeId,
-    q_index: NodeId,
+    start: NodeId,
     mode: Mode,
-    allowed_extra: Option<NodeId>,
+    extra: Extra,
     write_at: Option<NodeId>,
 ) -> Result<NodeId> {
     let (b, s, d) = (m.g.shape(x)[0], m.g.shape(x)[1], cfg.hidden_size);
-    let x = blocks(m, cfg, p, x, position_ids, attention_mask, q_index, mode, allowed_extra, write_at)?;
+    let x = blocks(m, cfg, p, x, position_ids, attention_mask, start, mode, extra, write_at)?;
     let x = rms(m, &format!("{p}norm"), x, cfg)?;
     Ok(m.g.reshape(x, &[b, s, d])?)
 }
@@ -269,23 +301,41 @@ pub fn blocks(
     x: NodeId,
     position_ids: NodeId,
     attention_mask: NodeId,
-    q_index: NodeId,
+    start: NodeId,
     mode: Mode,
-    allowed_extra: Option<NodeId>,
+    extra: Extra,
     write_at: Option<NodeId>,
 ) -> Result<NodeId> {
     let (b, s, d) = (m.g.shape(x)[0], m.g.shape(x)[1], cfg.hidden_size);
     let kv = m.g.shape(attention_mask)[1];
     let (cos, sin) = rope_tables(m, cfg, position_ids)?;
-    let full = mask(m, q_index, attention_mask, None, allowed_extra)?;
-    let mut windowed = vec![];
-    for w in cfg.windows.iter().flatten() {
-        if !windowed.iter().any(|(x, _)| x == w) {
-            let mk = mask(m, q_index, attention_mask, Some(*w), allowed_extra)?;
-            windowed.push((*w, mk));
+    let masks = match extra {
+        Extra::None | Extra::Prefix(_) => {
+            let keep = match m.g.ty(attention_mask).dtype {
+                DType::I64 => attention_mask,
+                _ => m.g.push(Op::Cast { to: DType::I64 }, &[attention_mask])?,
+            };
+            let prefix = if let Extra::Prefix(p) = extra { Some(p) } else { None };
+            Masks::Positions { start, keep, prefix }
         }
-    }
-    let ctx = Ctx { b, s, kv, cos, sin, full, windowed, write_at, mode };
+        Extra::Allowed(allowed) => {
+            // Query i's cache index: start + i.
+            let st = m.g.push(Op::Cast { to: DType::F32 }, &[start])?;
+            let st = m.g.reshape(st, &[1, 1, 1])?;
+            let iota = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?;
+            let q_index = m.g.add(iota, st)?;
+            let full = mask(m, q_index, attention_mask, None, Some(allowed))?;
+            let mut windowed = vec![];
+            for w in cfg.windows.iter().flatten() {
+                if !windowed.iter().any(|(x, _)| x == w) {
+                    let mk = mask(m, q_index, attention_mask, Some(*w), Some(allowed))?;
+                    windowed.push((*w, mk));
+                }
+            }
+            Masks::Additive { full, windowed }
+        }
+    };
+    let ctx = Ctx { b, s, kv, cos, sin, masks, write_at, mode };
     let mut x = m.g.reshape(x, &[b * s, d])?;
     for l in 0..cfg.num_hidden_layers {
         x = layer(m, cfg, &format!("{p}layers.{l}"), l, x, &ctx)?;
@@ -337,18 +387,15 @@ pub fn build(m: &mut Builder, cfg: &GemmaConfig, batch: usize, seq: usize, mode:
     let ids = m.g.input("input_ids", DType::I64, &[batch, s])?;
     let am = m.g.input("attention_mask", DType::I64, &[batch, kv])?;
     let pos = m.g.input("position_ids", DType::I64, &[batch, s])?;
-    let (q_index, write_at) = match mode {
+    let (start, write_at) = match mode {
         Mode::Decode { .. } => {
             let cp = m.g.input("cache_position", DType::I64, &[1])?;
-            let qi = m.g.push(Op::Cast { to: DType::F32 }, &[cp])?;
-            (m.g.reshape(qi, &[1, 1, 1])?, Some(cp))
+            (cp, Some(cp))
         }
-        Mode::Forward | Mode::Prefill { .. } => {
-            (m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?, None)
-        }
+        Mode::Forward | Mode::Prefill { .. } => (start_zero(m)?, None),
     };
     let x = embed(m, cfg, &p, ids)?;
-    let h = decoder(m, cfg, &p, x, pos, am, q_index, mode, None, write_at)?;
+    let h = decoder(m, cfg, &p, x, pos, am, start, mode, Extra::None, write_at)?;
     let h = match mode {
         Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
         Mode::Forward | Mode::Decode { .. } => h,
@@ -356,6 +403,11 @@ pub fn build(m: &mut Builder, cfg: &GemmaConfig, batch: usize, seq: usize, mode:
     let logits = lm_head(m, cfg, &p, h)?;
     m.g.output("logits", logits);
     Ok(())
+}
+
+/// Query 0's cache index for a forward or prefill: 0 (i64 `[1]`).
+pub fn start_zero(m: &mut Builder) -> Result<NodeId> {
+    Ok(m.g.constant(DType::I64, &[1], vec![0.0])?)
 }
 
 /// The cos and sin tables `[B, S, 1, hd]` for `position_ids [B, S]`: the half-split layout,
@@ -482,14 +534,23 @@ fn layer(m: &mut Builder, cfg: &GemmaConfig, p: &str, l: usize, x: NodeId, ctx: 
             (kv_all[0], kv_all[1])
         }
     };
-    let mk = match cfg.windows[l] {
-        Some(w) => ctx.windowed.iter().find(|(x, _)| *x == w).map(|(_, n)| *n).unwrap_or(ctx.full),
-        None => ctx.full,
+    let (scale, softcap) = (cfg.query_pre_attn_scalar.powf(-0.5) as f32, cfg.attn_logit_softcapping);
+    let o = match &ctx.masks {
+        Masks::Positions { start, keep, prefix } => {
+            let pm = PosMask { window: cfg.windows[l], padding: true, prefix: prefix.is_some() };
+            let mut ins = vec![q, k, v, *start, *keep];
+            ins.extend(prefix);
+            m.g.push(Op::Attention(Attention { scale, softcap, mask: MaskKind::Positions(pm) }), &ins)?
+        }
+        Masks::Additive { full, windowed } => {
+            let mk = match cfg.windows[l] {
+                Some(w) => windowed.iter().find(|(x, _)| *x == w).map(|(_, n)| *n).unwrap_or(*full),
+                None => *full,
+            };
+            debug_assert_eq!(m.g.shape(mk), [b, s, ctx.kv]);
+            m.g.push(Op::Attention(Attention { scale, softcap, mask: MaskKind::Additive }), &[q, k, v, mk])?
+        }
     };
-    let attrs =
-        Attention { scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32, softcap: cfg.attn_logit_softcapping, mask: MaskKind::Additive };
-    debug_assert_eq!(m.g.shape(mk), [b, s, ctx.kv]);
-    let o = m.g.push(Op::Attention(attrs), &[q, k, v, mk])?;
     let o = m.g.reshape(o, &[b * s, h * hd])?;
     let mut o = proj(m, cfg, &format!("{p}.self_attn.o_proj"), o, h * hd, d)?;
     if g2 {

@@ -11,7 +11,7 @@ use crate::gemma::{self, GemmaConfig, Mode};
 use crate::layers::Builder;
 use crate::registry::{Family, Kind, SynthRecipe, SynthRow, WeightFormat};
 use crate::siglip::{self, SiglipVisionConfig};
-use kiln_graph::{BinaryOp, DType, Op, TensorType};
+use kiln_graph::{BinaryOp, DType, Op, ReduceOp, TensorType};
 
 /// The fields of `PaliGemmaConfig`, all honoured.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,15 +110,20 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     let at = m.g.reshape(is_img, &[b, s, 1])?;
     let x = m.g.push(Op::Select, &[at, img, text])?;
 
-    // Prefix-LM: query i and key j both in the prefix (token type 0) see each other.
+    // Prefix-LM: query i and key j both in the prefix (token type 0) see each other. The
+    // prefix is the leading run of type-0 tokens: its length is the first index of a
+    // non-zero type (S when none). A type-0 token after the suffix (right padding) is then
+    // causal: only its own output (a padding row's) can change, never a real token's.
     let tf = m.g.push(Op::Cast { to: DType::F32 }, &[tt])?;
     let zf = m.g.scalar(DType::F32, 0.0)?;
-    let pre = m.g.binary(BinaryOp::Eq, tf, zf)?;
-    let pi = m.g.reshape(pre, &[b, s, 1])?;
-    let pj = m.g.reshape(pre, &[b, 1, s])?;
-    let both = m.g.binary(BinaryOp::And, pi, pj)?;
-    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?;
-    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, q_index, mode, Some(both), None)?;
+    let suffix = m.g.binary(BinaryOp::Ne, tf, zf)?;
+    let j = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s]))?;
+    let end = m.g.scalar(DType::F32, s as f64)?;
+    let at = m.g.push(Op::Select, &[suffix, j, end])?;
+    let len = m.g.push(Op::Reduce { op: ReduceOp::Min, axes: vec![1], keep_dims: false }, &[at])?;
+    let len = m.g.push(Op::Cast { to: DType::I64 }, &[len])?;
+    let start = gemma::start_zero(m)?;
+    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, start, mode, gemma::Extra::Prefix(len), None)?;
     let h = match mode {
         Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
         Mode::Forward | Mode::Decode { .. } => h,

@@ -47,3 +47,22 @@ pub const BACKENDS: &[&str] = &[
     #[cfg(feature = "cube")]
     "cube",
 ];
+
+/// A copy of the tiny Gemma 2 fixture (`gemma2_gqa`: windows of 6, soft-capping, GQA) whose
+/// config allows `max_positions` positions, in a fresh folder under the temp dir named for
+/// `tag` (the weights are linked, not copied). Its `generation_config.json` names an EOS id
+/// no vocabulary holds, so generation always runs the tokens it is asked for.
+pub fn long_gemma2(tag: &str, max_positions: usize) -> PathBuf {
+    let src = gemma_case("gemma2_gqa");
+    let dir = std::env::temp_dir().join(format!("kiln-long-gemma2-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = max_positions.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": 100000, "pad_token_id": 0}"#).unwrap();
+    std::fs::hard_link(src.join("model.safetensors"), dir.join("model.safetensors"))
+        .or_else(|_| std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).map(|_| ()))
+        .unwrap();
+    dir
+}

@@ -335,7 +335,20 @@ fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
     let group = hq / hkv;
     let mut o = vec![0.0; out.numel()];
     let mut s = vec![0.0; sk];
+    // A position mask's start (query 0's key index); a negative one is read as 0.
+    let start = match at.mask {
+        MaskKind::Positions(_) => a[3].data[0].max(0.0) as usize,
+        MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } | MaskKind::Additive => 0,
+    };
     for bi in 0..b {
+        let (keep, prefix) = match at.mask {
+            MaskKind::Positions(pm) => {
+                let keep = pm.padding.then(|| &a[4].data[bi * sk..(bi + 1) * sk]);
+                let pi = 4 + usize::from(pm.padding);
+                (keep, pm.prefix.then(|| a[pi].data[bi].max(0.0) as usize))
+            }
+            MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } | MaskKind::Additive => (None, None),
+        };
         for h in 0..hq {
             let kh = h / group;
             for i in 0..sq {
@@ -352,6 +365,7 @@ fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {
                         MaskKind::None | MaskKind::Additive => true,
                         MaskKind::Causal { q_offset } => j <= q_offset + i,
                         MaskKind::SlidingWindow { q_offset, window } => j <= q_offset + i && j + window > q_offset + i,
+                        MaskKind::Positions(pm) => pm.visible(start + i, j, keep.map(|k| k[j] != 0.0), prefix),
                     };
                     if at.mask == MaskKind::Additive {
                         x += a[3].data[(bi * sq + i) * sk + j];
@@ -472,6 +486,47 @@ mod tests {
         let n: usize = shape.iter().product();
         let data = (0..n).map(|i| (((i as u64 + 1) * (seed * 2 + 7919)) % 97) as f64 / 48.0 - 1.0).collect();
         Value { ty: TensorType::new(DType::F32, shape.to_vec()), data }
+    }
+
+    /// A position mask gives what the same attention gives with the additive mask its rule
+    /// describes (0 or -inf per query and key), for starts, windows, padding and prefixes; a
+    /// query that sees no key (all padding) gives zeros both ways.
+    #[test]
+    fn position_masks_equal_their_additive_masks() {
+        use crate::op::PosMask;
+        let (b, sq, sk, h, d) = (2, 3, 7, 2, 4);
+        let (q, k, v) = (value(&[b, sq, h, d], 1), value(&[b, sk, 1, d], 2), value(&[b, sk, 1, d], 3));
+        let ints = |shape: &[usize], data: Vec<f64>| Value { ty: TensorType::new(DType::I64, shape.to_vec()), data };
+        // Row 1: keys 0..3 are padding, so its first queries (at start 1) see nothing.
+        let keep: Vec<f64> = (0..b * sk).map(|x| f64::from(u8::from(x < sk || x % sk >= 3))).collect();
+        let out = TensorType::new(DType::F32, [b, sq, h, d]);
+        for (start, window, prefix) in [(0, None, None), (1, Some(2), None), (4, None, Some([5.0, 2.0])), (2, Some(1), Some([4.0, 0.0]))] {
+            let pm = PosMask { window, padding: true, prefix: prefix.is_some() };
+            let mut args = vec![q.clone(), k.clone(), v.clone(), ints(&[1], vec![start as f64]), ints(&[b, sk], keep.clone())];
+            if let Some(p) = prefix {
+                args.push(ints(&[b], p.to_vec()));
+            }
+            let refs: Vec<&Value> = args.iter().collect();
+            let got = attention(&refs, &Attention { scale: 0.7, softcap: Some(3.0), mask: MaskKind::Positions(pm) }, &out);
+            let mut add = vec![0.0; b * sq * sk];
+            for (bi, i, j) in (0..b).flat_map(|bi| (0..sq).flat_map(move |i| (0..sk).map(move |j| (bi, i, j)))) {
+                let p = prefix.map(|p| p[bi] as usize);
+                if !pm.visible(start + i, j, Some(keep[bi * sk + j] != 0.0), p) {
+                    add[(bi * sq + i) * sk + j] = f64::NEG_INFINITY;
+                }
+            }
+            let mask = Value { ty: TensorType::new(DType::F32, [b, sq, sk]), data: add };
+            let want = attention(&[&q, &k, &v, &mask], &Attention { scale: 0.7, softcap: Some(3.0), mask: MaskKind::Additive }, &out);
+            assert_eq!(got, want, "start {start} window {window:?} prefix {prefix:?}");
+        }
+        // Start 1, no window: query 0 of row 1 sits at key 1, padding like every key before it.
+        let args = [q.clone(), k.clone(), v.clone(), ints(&[1], vec![1.0]), ints(&[b, sk], keep)];
+        let refs: Vec<&Value> = args.iter().collect();
+        let pm = PosMask { window: None, padding: true, prefix: false };
+        let got = attention(&refs, &Attention { scale: 0.7, softcap: None, mask: MaskKind::Positions(pm) }, &out);
+        let row = (sq * h) * d; // batch row 1, query 0
+        assert!(got[row..row + h * d].iter().all(|&x| x == 0.0), "{:?}", &got[row..row + h * d]);
+        assert!(got[..row].iter().any(|&x| x != 0.0));
     }
 
     fn run_conv(x: &Value, w: &Value, c: Conv) -> Value {

@@ -8,6 +8,7 @@
 //! the tasks.
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::elementwise::{exp_nonpos, tanh_fast};
@@ -58,13 +59,43 @@ pub enum AttnMask<'a> {
     },
     /// Added to the scaled (and soft-capped) scores: `[B, Sq, Sk]`, shared by all heads.
     Additive(&'a [f32]),
+    /// Causal from run-time positions (the graph's `PosMask`): query i sits at key index
+    /// `start + i`; key j of row b is visible when it is causal (and inside the window), or
+    /// both the query and the key are below `prefix[b]`, and `keep[b, j] != 0`. Keys past `max(start + i + 1, prefix[b])` are
+    /// never read.
+    Positions {
+        /// Key index of query 0 (decode's cache position).
+        start: usize,
+        /// Only the `window` most recent positions (the query's own included).
+        window: Option<usize>,
+        /// `[B, Sk]`, 0 = padding.
+        keep: Option<&'a [i64]>,
+        /// `[B]`: queries and keys below it see each other.
+        prefix: Option<&'a [i64]>,
+    },
+}
+
+/// Keys read by [`attention_in`] since the process started, summed over (batch, head, query
+/// block) tasks: a work counter for tests (decode must read the filled keys, not the capacity).
+static KEYS_VISITED: AtomicU64 = AtomicU64::new(0);
+
+/// The number of key rows the attention kernel has read so far in this process (each task adds
+/// the keys it walks; a task is one batch row, one query head and one block of queries).
+pub fn keys_visited() -> u64 {
+    KEYS_VISITED.load(Ordering::Relaxed)
 }
 
 impl AttnMask<'_> {
-    /// Half-open range of keys that query `i` may see (before any additive mask).
-    fn key_range(&self, i: usize, kv_len: usize) -> (usize, usize) {
+    /// Half-open range of keys that query `i` of batch row `b` may see (before any additive mask).
+    fn key_range(&self, b: usize, i: usize, kv_len: usize) -> (usize, usize) {
         match *self {
             AttnMask::None | AttnMask::Additive(_) => (0, kv_len),
+            AttnMask::Positions { start, window, prefix, .. } => {
+                let (pos, p) = (start + i, prefix.map_or(0, |p| p[b].max(0) as usize));
+                let hi = (pos + 1).max(p).min(kv_len);
+                let lo = if pos < p { 0 } else { window.map_or(0, |w| (pos + 1).saturating_sub(w)) };
+                (lo.min(hi), hi)
+            }
             AttnMask::Causal { q_offset } => (0, (q_offset + i + 1).min(kv_len)),
             AttnMask::SlidingWindow { q_offset, window } => {
                 let pos = q_offset + i;
@@ -144,6 +175,10 @@ pub fn attention_in(
     assert_eq!(out.len(), batch * q_len * q_heads * v_head_dim, "attention: out length");
     if let AttnMask::Additive(m) = mask {
         assert_eq!(m.len(), batch * q_len * kv_len, "attention: additive mask must be [B, Sq, Sk]");
+    }
+    if let AttnMask::Positions { keep, prefix, .. } = mask {
+        assert!(keep.is_none_or(|k| k.len() == batch * kv_len), "attention: keep must be [B, Sk]");
+        assert!(prefix.is_none_or(|p| p.len() == batch), "attention: prefix must be [B]");
     }
     if out.is_empty() {
         return;
@@ -226,8 +261,9 @@ impl Ctx<'_> {
         let hk = h / (q_heads / kv_heads);
         let q0 = qb * self.block_q;
         let rows = self.block_q.min(q_len - q0);
-        let (k_lo, _) = self.mask.key_range(q0, kv_len);
-        let (_, k_hi) = self.mask.key_range(q0 + rows - 1, kv_len);
+        let (k_lo, _) = self.mask.key_range(b, q0, kv_len);
+        let (_, k_hi) = self.mask.key_range(b, q0 + rows - 1, kv_len);
+        KEYS_VISITED.fetch_add(k_hi.saturating_sub(k_lo) as u64, Ordering::Relaxed);
 
         let acc = &mut sc.acc[..rows * dv];
         acc.fill(0.0);
@@ -312,8 +348,19 @@ impl Ctx<'_> {
                     *x += a;
                 }
             }
+            AttnMask::Positions { start, window, keep, prefix } => {
+                let (pos, p) = (start + i, prefix.map_or(0, |p| p[b].max(0) as usize));
+                let keep = keep.map(|k| &k[b * kv_len + j0..b * kv_len + j0 + row.len()]);
+                for (t, x) in row.iter_mut().enumerate() {
+                    let j = j0 + t;
+                    let causal = j <= pos && window.is_none_or(|w| j + w > pos);
+                    if !((causal || pos < p && j < p) && keep.is_none_or(|k| k[t] != 0)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             AttnMask::Causal { .. } | AttnMask::SlidingWindow { .. } => {
-                let (lo, hi) = self.mask.key_range(i, kv_len);
+                let (lo, hi) = self.mask.key_range(0, i, kv_len);
                 let n = row.len();
                 let lo = lo.saturating_sub(j0).min(n);
                 let hi = hi.saturating_sub(j0).min(n).max(lo);
@@ -370,6 +417,7 @@ mod tests {
                         }
                         let pos = match mask {
                             AttnMask::Causal { q_offset } | AttnMask::SlidingWindow { q_offset, .. } => q_offset + i,
+                            AttnMask::Positions { start, .. } => start + i,
                             _ => usize::MAX,
                         };
                         let visible = match mask {
@@ -380,6 +428,11 @@ mod tests {
                             }
                             AttnMask::Causal { .. } => j <= pos,
                             AttnMask::SlidingWindow { window, .. } => j <= pos && j + window > pos,
+                            AttnMask::Positions { window, keep, prefix, .. } => {
+                                let causal = j <= pos && window.is_none_or(|w| j + w > pos);
+                                let p = prefix.map_or(0, |p| p[b] as usize);
+                                (causal || pos < p && j < p) && keep.is_none_or(|k| k[b * kv_len + j] != 0)
+                            }
                         };
                         if visible {
                             *sj = x;
@@ -419,11 +472,19 @@ mod tests {
             add[idx] = f32::NEG_INFINITY;
         }
         let offset = sh.kv_len.saturating_sub(sh.q_len);
+        // Left padding of b rows in row b, the first key of row 0 kept; prefixes of 0, 3, 6...
+        let keep: Vec<i64> = (0..sh.batch * sh.kv_len).map(|x| i64::from(x % sh.kv_len >= x / sh.kv_len)).collect();
+        let prefix: Vec<i64> = (0..sh.batch as i64).map(|b| 3 * b).collect();
+        // A start that leaves keys past the last query unfilled (garbage that must not be read).
+        let start = offset.saturating_sub(1);
         let mask = match mask_kind {
             0 => AttnMask::None,
             1 => AttnMask::Causal { q_offset: offset },
             2 => AttnMask::SlidingWindow { q_offset: offset, window: 4 },
             3 => AttnMask::Additive(&add),
+            5 => AttnMask::Positions { start, window: None, keep: Some(&keep), prefix: None },
+            6 => AttnMask::Positions { start, window: Some(3), keep: Some(&keep), prefix: Some(&prefix) },
+            7 => AttnMask::Positions { start, window: Some(2), keep: None, prefix: None },
             _ => AttnMask::SlidingWindow { q_offset: 0, window: 0 }, // sees nothing
         };
         // Large scale so softmax is peaked and the softcap actually bites.
@@ -447,7 +508,7 @@ mod tests {
         ];
         let mut seed = 100;
         for sh in shapes {
-            for mask_kind in 0..5 {
+            for mask_kind in 0..8 {
                 for cap in [None, Some(2.0)] {
                     seed += 1;
                     run_case(sh, cap, mask_kind, seed);
@@ -461,6 +522,21 @@ mod tests {
         let sh = AttnShape { batch: 1, q_len: 70, kv_len: 1100, q_heads: 2, kv_heads: 1, head_dim: 8, v_head_dim: 8 };
         run_case(sh, None, 1, 7);
         run_case(sh, None, 2, 8);
+    }
+
+    #[test]
+    fn positions_never_read_past_the_filled_keys() {
+        // Keys at and past index 5 hold NaN: a decode at start 4 must not read them.
+        let sh = AttnShape { batch: 1, q_len: 1, kv_len: 40, q_heads: 2, kv_heads: 1, head_dim: 4, v_head_dim: 4 };
+        let mut rng = Rng::new(3);
+        let q = rng.vec(8, -1.0, 1.0);
+        let (mut k, mut v) = (rng.vec(160, -1.0, 1.0), rng.vec(160, -1.0, 1.0));
+        k[20..].fill(f32::NAN);
+        v[20..].fill(f32::NAN);
+        let mask = AttnMask::Positions { start: 4, window: None, keep: None, prefix: None };
+        let mut out = vec![0.0; 8];
+        attention(&sh, &q, &k, &v, 0.5, None, mask, &mut out);
+        assert!(out.iter().all(|x| x.is_finite()), "{out:?}");
     }
 
     #[test]

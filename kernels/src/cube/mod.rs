@@ -382,6 +382,17 @@ pub enum AttMask {
     Additive {
         in_arena: bool,
     },
+    /// Causal from run-time positions (the graph's `PosMask`): query `i` at key index
+    /// `start + i`, with a window (from the metadata) when `window`, key padding `keep`
+    /// (0 hides a key) and a prefix length per batch row (queries and keys below it see each
+    /// other). A cube
+    /// reads no key past the last one its queries may see.
+    Positions {
+        window: bool,
+        start: Src,
+        keep: Option<Src>,
+        prefix: Option<Src>,
+    },
 }
 
 /// What varies the code of an [`attention`] launch.
@@ -416,8 +427,24 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
     let h = CUBE_POS_Y as usize;
     let b = CUBE_POS_Z as usize;
     let kh = h / (hq / hkv);
-    let q_offset = meta[AttentionParams::Q_OFFSET] as usize;
     let window = meta[AttentionParams::WINDOW] as usize;
+    let q_offset = att_start::<F>(arena, weights, meta, comptime!(cfg.mask));
+    let prefix = att_prefix::<F>(arena, weights, meta, b, comptime!(cfg.mask));
+    // Keys past `kend` (for a position mask, past the last one the cube's queries may see:
+    // the filled part of a cache) are never read.
+    let mut kend = sk;
+    if comptime!(matches!(cfg.mask, AttMask::Positions { .. })) {
+        let mut hi = q_offset + sq;
+        if CUBE_POS_X as usize * bq + bq < sq {
+            hi = q_offset + CUBE_POS_X as usize * bq + bq;
+        }
+        if prefix > hi {
+            hi = prefix;
+        }
+        if hi < sk {
+            kend = hi;
+        }
+    }
     let scale = F::new(comptime!(f32::from_bits(cfg.scale_bits)));
 
     let mut q = Array::<F>::new(d);
@@ -440,13 +467,13 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
     let mut l = F::new(0.0);
     let mut k_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.d));
     let mut v_tile = SharedMemory::<F>::new(comptime!(ATT_BK as usize * cfg.dv));
-    let tiles = sk.div_ceil(bk);
+    let tiles = kend.div_ceil(bk);
     for t in 0..tiles {
         let mut idx = u;
         while idx < bk * d {
             let j = t * bk + idx / d;
             let mut x = F::new(0.0);
-            if j < sk {
+            if j < kend {
                 x = load::<F>(
                     arena,
                     weights,
@@ -461,7 +488,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
         while idx < bk * dv {
             let j = t * bk + idx / dv;
             let mut x = F::new(0.0);
-            if j < sk {
+            if j < kend {
                 x = load::<F>(
                     arena,
                     weights,
@@ -476,17 +503,7 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
         if live {
             for kk in 0..bk {
                 let j = t * bk + kk;
-                let mut visible = j < sk;
-                match comptime!(cfg.mask) {
-                    AttMask::Causal => {
-                        visible = visible && j <= q_offset + i;
-                    }
-                    AttMask::Sliding => {
-                        visible = visible && j <= q_offset + i && j + window > q_offset + i;
-                    }
-                    AttMask::None => {}
-                    AttMask::Additive { .. } => {}
-                }
+                let visible = att_visible::<F>(arena, weights, meta, b, sk, kend, q_offset + i, j, window, prefix, cfg.mask);
                 if visible {
                     let mut s = F::new(0.0);
                     #[unroll]
@@ -535,6 +552,85 @@ pub fn attention<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arra
             arena[o0 + c] = y;
         }
     }
+}
+
+/// Key index of query 0: the metadata's, or a position mask's start operand (negative reads 0).
+#[cube]
+fn att_start<F: Float>(arena: &Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] mask: AttMask) -> usize {
+    let mut q_offset = meta[AttentionParams::Q_OFFSET] as usize;
+    match comptime!(mask) {
+        AttMask::Positions { start, .. } => {
+            let st = typed::read::<F>(arena, weights, meta[AttentionParams::START_OFF] as usize, start);
+            q_offset = u32::cast_from(F::max(st, F::new(0.0))) as usize;
+        }
+        _ => {}
+    }
+    q_offset
+}
+
+/// A position mask's prefix length for batch row `b` (0 without one).
+#[cube]
+fn att_prefix<F: Float>(arena: &Array<F>, weights: &Array<F>, meta: &Array<u32>, b: usize, #[comptime] mask: AttMask) -> usize {
+    let mut prefix = 0usize;
+    match comptime!(mask) {
+        AttMask::Positions { prefix: pre, .. } => match comptime!(pre) {
+            Some(ps) => {
+                let pv = typed::read::<F>(arena, weights, meta[AttentionParams::PREFIX_OFF] as usize + b, ps);
+                prefix = u32::cast_from(F::max(pv, F::new(0.0))) as usize;
+            }
+            None => {}
+        },
+        _ => {}
+    }
+    prefix
+}
+
+/// Whether key `j` (below `kend`) is visible to the query at key index `qpos` of batch row `b`.
+// The `if` stays inside the comptime match: `#[cube]` matches take no guards.
+#[allow(clippy::too_many_arguments, clippy::collapsible_match)]
+#[cube]
+fn att_visible<F: Float>(
+    arena: &Array<F>,
+    weights: &Array<F>,
+    meta: &Array<u32>,
+    b: usize,
+    sk: usize,
+    kend: usize,
+    qpos: usize,
+    j: usize,
+    window: usize,
+    prefix: usize,
+    #[comptime] mask: AttMask,
+) -> bool {
+    let mut visible = j < kend;
+    match comptime!(mask) {
+        AttMask::Causal => {
+            visible = visible && j <= qpos;
+        }
+        AttMask::Sliding => {
+            visible = visible && j <= qpos && j + window > qpos;
+        }
+        AttMask::None => {}
+        AttMask::Additive { .. } => {}
+        AttMask::Positions { window: windowed, keep, .. } => {
+            let mut causal = j <= qpos;
+            if comptime!(windowed) {
+                causal = causal && j + window > qpos;
+            }
+            visible = visible && (causal || (qpos < prefix && j < prefix));
+            match comptime!(keep) {
+                Some(ks) => {
+                    // Read only for a key inside the cache (the last tile runs past it).
+                    if visible {
+                        let kv = typed::read::<F>(arena, weights, meta[AttentionParams::KEEP_OFF] as usize + b * sk + j, ks);
+                        visible = kv != F::new(0.0);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    visible
 }
 
 /// What varies the code of a [`resize`] launch.

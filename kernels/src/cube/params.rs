@@ -265,6 +265,11 @@ fixed_params! {
         /// The position of query 0 among the keys (causal and sliding masks).
         q_offset => Q_OFFSET,
         window => WINDOW,
+        /// A position mask's operands: query 0's key index `[1]`, `keep [batch, sk]` and
+        /// `prefix [batch]` (0 where the mask has none).
+        start_off => START_OFF,
+        keep_off => KEEP_OFF,
+        prefix_off => PREFIX_OFF,
     }
 }
 

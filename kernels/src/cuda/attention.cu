@@ -33,8 +33,10 @@ __device__ void attn_rows(const AttnParams p) {
     qr[r] = c < p.d ? to_f32(q[c]) : 0.0f;
     acc[r] = 0.0f;
   }
-  const int chunk = (p.sk + p.splits - 1) / p.splits;
-  const int j0 = split * chunk, j1 = min(p.sk, j0 + chunk);
+  // The splits share the keys this row may see (the filled ones under a position mask).
+  const int kend = key_end(p, b, i);
+  const int chunk = (kend + p.splits - 1) / p.splits;
+  const int j0 = split * chunk, j1 = min(kend, j0 + chunk);
   float m = -KILN_INF, l = 0.0f;
   for (int j = j0 + warp; j < j1; j += ROWS_WARPS) {
     const T* kr = (const T*)p.k + (((i64)b * p.sk + j) * p.hkv + hk) * p.d;
@@ -195,9 +197,10 @@ __device__ void attn_mma(const AttnParams p) {
   const int hk = h / (p.hq / p.hkv);
   const unsigned short* qg = (const unsigned short*)p.q + (((i64)b * p.sq + q0) * p.hq + h) * D;
 
-  int kbeg = 0, kend = p.sk;
-  if (p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_SLIDING) kend = min(p.sk, p.q_offset + q0 + 64);
+  int kbeg = 0, kend = key_end(p, b, min(p.sq, q0 + 64) - 1);
   if (p.mask_kind == MASK_SLIDING) kbeg = max(0, p.q_offset + q0 - p.window + 1) / BK * BK;
+  if (p.mask_kind == MASK_POSITIONS && p.window > 0 && q_start(p) + q0 >= prefix_of(p, b))
+    kbeg = max(0, q_start(p) + q0 - p.window + 1) / BK * BK;
   const i64 kvstride = (i64)p.hkv * D;
   auto load_kv = [&](int k0, int buf) {
     const i64 off = (((i64)b * p.sk + k0) * p.hkv + hk) * D;

@@ -82,25 +82,57 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return warp_max(v);
 }
 
-// Attention masks (graph MaskKind): 0 none, 1 causal, 2 sliding window, 3 additive [B,Sq,Sk].
+// Attention masks (graph MaskKind): 0 none, 1 causal, 2 sliding window, 3 additive [B,Sq,Sk],
+// 4 positions (graph PosMask: causal from the i64 start at p.pos, window when p.window > 0,
+// key padding keep [B,Sk] and prefix lengths [B] (i64) when their addresses are not 0).
 #define MASK_NONE 0
 #define MASK_CAUSAL 1
 #define MASK_SLIDING 2
 #define MASK_ADDITIVE 3
+#define MASK_POSITIONS 4
 
 // Parameters of every attention launch (by value; the layout matches `AttnParams` in Rust).
 struct AttnParams {
   i64 q, k, v, mask, out, partial;  // device addresses; partial: split-K scratch (f32)
+  i64 pos, keep, prefix;            // position mask operands (i64), 0 when absent
   int batch, sq, sk, hq, hkv, d, dv;
   int mask_kind, q_offset, window, splits, pad_;
   float scale, softcap;  // softcap <= 0: none
 };
 
-// Whether key `j` is visible to query row `i` under a structural mask.
-__device__ __forceinline__ bool visible(const AttnParams& p, int i, int j) {
-  int qpos = p.q_offset + i;
+// Key index of query row 0: static, or read from the position mask's start (negative reads 0).
+__device__ __forceinline__ int q_start(const AttnParams& p) {
+  if (p.mask_kind != MASK_POSITIONS) return p.q_offset;
+  i64 s = *(const i64*)p.pos;
+  return s < 0 ? 0 : (int)s;
+}
+
+// A position mask's prefix length for batch row b (0 without one).
+__device__ __forceinline__ int prefix_of(const AttnParams& p, int b) {
+  if (p.mask_kind != MASK_POSITIONS || p.prefix == 0) return 0;
+  i64 v = ((const i64*)p.prefix)[b];
+  return v < 0 ? 0 : (int)v;
+}
+
+// One past the last key that query rows up to `i` of batch row b may see: decode under a
+// position mask reads the filled keys only, not the cache's capacity.
+__device__ __forceinline__ int key_end(const AttnParams& p, int b, int i) {
+  if (p.mask_kind == MASK_POSITIONS) return min(p.sk, max(q_start(p) + i + 1, prefix_of(p, b)));
+  if (p.mask_kind == MASK_CAUSAL || p.mask_kind == MASK_SLIDING) return min(p.sk, p.q_offset + i + 1);
+  return p.sk;
+}
+
+// Whether key `j` is visible to query row `i` of batch row `b` under a structural mask.
+__device__ __forceinline__ bool visible(const AttnParams& p, int b, int i, int j) {
+  int qpos = q_start(p) + i;
   if (p.mask_kind == MASK_CAUSAL) return j <= qpos;
   if (p.mask_kind == MASK_SLIDING) return j <= qpos && j > qpos - p.window;
+  if (p.mask_kind == MASK_POSITIONS) {
+    bool causal = j <= qpos && (p.window <= 0 || j > qpos - p.window);
+    int pre = prefix_of(p, b);
+    if (!causal && !(qpos < pre && j < pre)) return false;
+    return p.keep == 0 || ((const i64*)p.keep)[(i64)b * p.sk + j] != 0;
+  }
   return true;
 }
 
@@ -109,7 +141,7 @@ template <typename T>
 __device__ __forceinline__ float score_of(const AttnParams& p, float dot, int b, int i, int j) {
   float s = dot * p.scale;
   if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
-  if (!visible(p, i, j)) return -KILN_INF;
+  if (!visible(p, b, i, j)) return -KILN_INF;
   if (p.mask_kind == MASK_ADDITIVE) s += to_f32(((const T*)p.mask)[((i64)b * p.sq + i) * p.sk + j]);
   return s;
 }

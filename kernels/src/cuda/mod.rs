@@ -179,6 +179,10 @@ pub struct AttnParams {
     pub out: DevPtr,
     /// Split-K scratch (f32), `B*Sq*Hq*splits*(Dv+2)` values.
     pub partial: DevPtr,
+    /// A position mask's operands (i64): the start `[1]`, `keep [B, Sk]`, `prefix [B]`; 0 when absent.
+    pub pos: DevPtr,
+    pub keep: DevPtr,
+    pub prefix: DevPtr,
     pub batch: i32,
     pub sq: i32,
     pub sk: i32,
@@ -186,7 +190,7 @@ pub struct AttnParams {
     pub hkv: i32,
     pub d: i32,
     pub dv: i32,
-    /// 0 none, 1 causal, 2 sliding window, 3 additive.
+    /// 0 none, 1 causal, 2 sliding window, 3 additive, 4 positions.
     pub mask_kind: i32,
     pub q_offset: i32,
     pub window: i32,
@@ -417,7 +421,7 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<AttnParams>(), 6 * 8 + 12 * 4 + 2 * 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
         assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);

@@ -295,8 +295,8 @@ fn text_logits(m: &mut Builder, cfg: &PaliGemmaConfig, zimg: NodeId, b: usize, t
     let cj = m.g.reshape(c, &[b, 1, s])?;
     let allowed = m.g.binary(BinaryOp::Le, cj, ci)?;
     let pos = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::I64, [b, s]))?;
-    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, s, 1]))?;
-    let h = gemma::decoder(m, &cfg.text, p, x, pos, input_mask, q_index, Mode::Forward, Some(allowed), None)?;
+    let start = gemma::start_zero(m)?;
+    let h = gemma::decoder(m, &cfg.text, p, x, pos, input_mask, start, Mode::Forward, gemma::Extra::Allowed(allowed), None)?;
     let h = m.g.slice(h, 1, g, s)?;
     gemma::lm_head(m, &cfg.text, p, h)
 }

@@ -460,6 +460,13 @@ fn attention(mem: &Mem, s: &Step, a: &kiln_graph::Attention, ws: &attn::AttnWork
         MaskKind::Causal { q_offset } => attn::AttnMask::Causal { q_offset },
         MaskKind::SlidingWindow { q_offset, window } => attn::AttnMask::SlidingWindow { q_offset, window },
         MaskKind::Additive => attn::AttnMask::Additive(mem.f32(&s.inputs[3])),
+        MaskKind::Positions(pm) => {
+            // A negative start reads as 0, as in the interpreter.
+            let start = i64s(mem, &s.inputs[3]).first().map_or(0, |&x| x.max(0) as usize);
+            let keep = pm.padding.then(|| i64s(mem, &s.inputs[4]));
+            let prefix = pm.prefix.then(|| i64s(mem, &s.inputs[4 + usize::from(pm.padding)]));
+            attn::AttnMask::Positions { start, window: pm.window, keep, prefix }
+        }
     };
     let (qd, kd, vd) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[2]));
     attn::attention_in(&shape, qd, kd, vd, a.scale, a.softcap, mask, mem.f32_mut(&s.output), ws);

@@ -93,7 +93,16 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         Op::RmsNorm { .. } => or_reference(f32_all, K::RmsNorm),
         Op::Softmax { axis } => or_reference(f32_all && *axis + 1 == out.rank(), K::Softmax),
         Op::Reduce { axes, .. } => or_reference(f32_all && trailing_axes(axes, inputs.first().map_or(0, |t| t.rank())), K::Reduce),
-        Op::Attention(a) => or_reference(f32_all && (a.mask != MaskKind::Additive || inputs.len() == 4), K::FlashAttention),
+        Op::Attention(a) => {
+            let qkv_f32 = out.dtype == DType::F32 && inputs.iter().take(3).all(|t| t.dtype == DType::F32);
+            let ok = match a.mask {
+                MaskKind::Additive => f32_all && inputs.len() == 4,
+                // The position inputs are i64 (the shape rule checks them).
+                MaskKind::Positions(pm) => qkv_f32 && inputs.len() == pm.arity(),
+                MaskKind::None | MaskKind::Causal { .. } | MaskKind::SlidingWindow { .. } => f32_all,
+            };
+            or_reference(ok, K::FlashAttention)
+        }
         Op::Gather { axis } => {
             or_reference(*axis == 0 && inputs.len() == 2 && dtype(1) == Some(DType::I64) && inputs[0].dtype.size() == 4, K::Gather)
         }

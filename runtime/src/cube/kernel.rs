@@ -66,7 +66,12 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         ));
     }
     let no = |what: &str| Err(format!("{} has no cube kernel yet ({what})", op.name()));
-    let all_f32 = is_f32(out) && inputs.iter().all(is_f32);
+    // A position mask's operands (after q, k, v) are i64, read by the kernel as they are.
+    let floats = match op {
+        Op::Attention(a) if matches!(a.mask, MaskKind::Positions(_)) => &inputs[..inputs.len().min(3)],
+        _ => inputs,
+    };
+    let all_f32 = is_f32(out) && floats.iter().all(is_f32);
     let kernel = match op {
         Op::MatMul { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::Attention(_) | Op::Resize { .. }
             if !all_f32 =>

@@ -505,18 +505,45 @@ impl Lower<'_> {
         let g = AttentionGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
         let mut offs = [0usize; 4];
         let mut in_arena = [true; 4];
-        for (j, o) in s.inputs.iter().enumerate().take(4) {
+        for (j, o) in s.inputs.iter().enumerate().take(3) {
             (in_arena[j], offs[j]) = self.place(o)?;
         }
+        let [q_off, k_off, v_off, mut mask_off] = offs;
+        let (mut start_off, mut keep_off, mut prefix_off) = (0, 0, 0);
         let (mask, q_offset, window) = match att.mask {
             MaskKind::None => (AttMask::None, 0, 0),
             MaskKind::Causal { q_offset } => (AttMask::Causal, q_offset, 0),
             MaskKind::SlidingWindow { q_offset, window } => (AttMask::Sliding, q_offset, window),
-            MaskKind::Additive => (AttMask::Additive { in_arena: in_arena[3] }, 0, 0),
+            MaskKind::Additive => {
+                let (arena, off) = self.place(s.inputs.get(3).ok_or("an additive mask without its input")?)?;
+                mask_off = off;
+                (AttMask::Additive { in_arena: arena }, 0, 0)
+            }
+            MaskKind::Positions(pm) => {
+                let operand = |i: usize| s.inputs.get(i).ok_or_else(|| format!("a position mask without its input {i}"));
+                let (start, off) = self.src(operand(3)?)?;
+                start_off = off;
+                let keep = if pm.padding {
+                    let (src, off) = self.src(operand(4)?)?;
+                    keep_off = off;
+                    Some(src)
+                } else {
+                    None
+                };
+                let prefix = if pm.prefix {
+                    let (src, off) = self.src(operand(4 + usize::from(pm.padding))?)?;
+                    prefix_off = off;
+                    Some(src)
+                } else {
+                    None
+                };
+                (AttMask::Positions { window: pm.window.is_some(), start, keep, prefix }, 0, pm.window.unwrap_or(0))
+            }
         };
-        let [q_off, k_off, v_off, mask_off] = offs;
         let (sq, sk, hq, hkv) = (g.sq, g.sk, g.hq, g.hkv);
-        let p = AttentionParams { sq, sk, hq, hkv, q_off, k_off, v_off, out_off: self.out_off(s)?, mask_off, q_offset, window };
+        let out_off = self.out_off(s)?;
+        let p =
+            AttentionParams { sq, sk, hq, hkv, q_off, k_off, v_off, out_off, mask_off, q_offset, window, start_off, keep_off, prefix_off };
         let (meta, len) = self.push(p.pack())?;
         let cfg = AttentionCfg {
             d: g.d,

@@ -471,7 +471,20 @@ fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: &Attention)
         MaskKind::Causal { q_offset } => (1, q_offset, 0),
         MaskKind::SlidingWindow { q_offset, window } => (2, q_offset, window),
         MaskKind::Additive => (3, 0, 0),
+        MaskKind::Positions(pm) => (4, 0, pm.window.unwrap_or(0)),
     };
+    // A position mask's operands follow q, k, v: the start, then keep and prefix if present.
+    let (mut pos, mut keep, mut prefix) = (0, 0, 0);
+    if let MaskKind::Positions(pm) = att.mask {
+        let at = |i: usize| ins.get(i).copied().ok_or_else(|| format!("a position mask without its input {i}"));
+        pos = at(3)?;
+        if pm.padding {
+            keep = at(4)?;
+        }
+        if pm.prefix {
+            prefix = at(4 + usize::from(pm.padding))?;
+        }
+    }
     let mut p = AttnParams {
         q: ins[0],
         k: ins[1],
@@ -479,6 +492,9 @@ fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: &Attention)
         mask: if mask_kind == 3 { ins[3] } else { 0 },
         out,
         partial: if splits > 1 { l.scratch as u64 } else { 0 },
+        pos,
+        keep,
+        prefix,
         batch: g.batch as i32,
         sq: g.sq as i32,
         sk: g.sk as i32,
@@ -497,6 +513,16 @@ fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: &Attention)
     let mut relocs = vec![off_of(&p, &p.q), off_of(&p, &p.k), off_of(&p, &p.v), off_of(&p, &p.out)];
     if mask_kind == 3 {
         relocs.push(off_of(&p, &p.mask));
+    }
+    // Only present operands are relocated: an absent one stays 0, which the kernel tests.
+    if let MaskKind::Positions(pm) = att.mask {
+        relocs.push(off_of(&p, &p.pos));
+        if pm.padding {
+            relocs.push(off_of(&p, &p.keep));
+        }
+        if pm.prefix {
+            relocs.push(off_of(&p, &p.prefix));
+        }
     }
     if splits > 1 {
         relocs.push(off_of(&p, &p.partial));

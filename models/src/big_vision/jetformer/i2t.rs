@@ -8,7 +8,7 @@ use crate::error::{ModelError, Result};
 use crate::gemma::{self, Mode};
 use crate::layers::Builder;
 use crate::{Checkpoint, Profile};
-use kiln_graph::{BinaryOp, DType, Graph, NodeId, Op, TensorType};
+use kiln_graph::{DType, Graph, NodeId, Op, TensorType};
 use std::path::Path;
 
 /// The head input `[B, S, W]` of the decoder's `[B*S, W]` rows.
@@ -39,16 +39,10 @@ fn prefill_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, capacity: usiz
     let p = m.g.shape(x)[1];
     let mask = seq::f32s(m, &[d.b, p], 1.0)?;
     let pos = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [d.b, p]))?;
-    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, p, 1]))?;
     // The non-causal prefix: boi|bos and the image.
-    let extra = if cfg.causal_mask_on_prefix {
-        None
-    } else {
-        let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, p]))?;
-        let e = m.g.scalar(DType::F32, (d.n + 1) as f64)?;
-        Some(m.g.binary(BinaryOp::Lt, j, e)?)
-    };
-    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, q_index, Mode::Prefill { capacity }, extra, None)?;
+    let extra = if cfg.causal_mask_on_prefix { gemma::Extra::None } else { gemma::Extra::Prefix(gemma::prefix_len(m, d.b, d.n + 1)?) };
+    let start = gemma::start_zero(m)?;
+    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, start, Mode::Prefill { capacity }, extra, None)?;
     let h = head_rows(m, cfg, rows, d.b, p)?;
     let last = m.g.slice(h, 1, p - 1, p)?;
     let logits = seq::text_head(m, cfg, table, last)?;
@@ -64,12 +58,11 @@ fn step_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, capacity: usize) 
     let token = m.g.input("token", DType::I64, &[d.b, 1])?;
     let at = m.g.input("cache_position", DType::I64, &[1])?;
     let qi = m.g.push(Op::Cast { to: DType::F32 }, &[at])?;
-    let q_index = m.g.reshape(qi, &[1, 1, 1])?;
     let pos = m.g.reshape(qi, &[1, 1])?;
     let pos = m.g.push(Op::Broadcast { shape: vec![d.b, 1] }, &[pos])?;
     let mask = seq::f32s(m, &[d.b, capacity], 1.0)?;
     let x = m.g.push(Op::Gather { axis: 0 }, &[table, token])?;
-    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, q_index, Mode::Decode { capacity }, None, Some(at))?;
+    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, at, Mode::Decode { capacity }, gemma::Extra::None, Some(at))?;
     let h = head_rows(m, cfg, rows, d.b, 1)?;
     let logits = seq::text_head(m, cfg, table, h)?;
     m.g.output("prelogits", h);

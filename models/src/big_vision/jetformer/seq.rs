@@ -291,17 +291,16 @@ fn layout(
         None
     } else {
         // Every query also sees the prefix: bos + text (text first) or boi|bos + image.
-        let img_len = m.g.scalar(DType::F32, (d.n + 1) as f64)?;
-        let plen = match tf {
-            None => img_len,
+        Some(match tf {
+            None => gemma::prefix_len(m, b, d.n + 1)?,
             Some(tf) => {
+                let img_len = m.g.scalar(DType::F32, (d.n + 1) as f64)?;
                 let txt_len = m.g.scalar(DType::F32, (tr + 1) as f64)?;
-                let c = m.g.reshape(tf, &[b, 1, 1])?;
-                m.g.push(Op::Select, &[c, txt_len, img_len])?
+                let c = m.g.reshape(tf, &[b])?;
+                let len = m.g.push(Op::Select, &[c, txt_len, img_len])?;
+                m.g.push(Op::Cast { to: DType::I64 }, &[len])?
             }
-        };
-        let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, l]))?;
-        Some(m.g.binary(BinaryOp::Lt, j, plen)?)
+        })
     };
     Ok(Seq { x, mask, extra })
 }
@@ -321,8 +320,9 @@ pub(super) fn trunk(m: &mut Builder, cfg: &JetFormerConfig, s: &Seq) -> Result<T
     let c = m.g.push(Op::CumSum { axis: 1, exclusive: false }, &[s.mask])?;
     let one = m.g.scalar(DType::F32, 1.0)?;
     let pos = m.g.binary(BinaryOp::Sub, c, one)?;
-    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, l, 1]))?;
-    let rows = gemma::blocks(m, &cfg.gemma(), P, s.x, pos, s.mask, q_index, Mode::Forward, s.extra, None)?;
+    let start = gemma::start_zero(m)?;
+    let extra = s.extra.map_or(gemma::Extra::None, gemma::Extra::Prefix);
+    let rows = gemma::blocks(m, &cfg.gemma(), P, s.x, pos, s.mask, start, Mode::Forward, extra, None)?;
     let encoded = m.g.reshape(rows, &[b, l, w])?;
     let pre_logits = rms(m, "decoder/final_norm/scale", encoded, w)?;
     Ok(Trunk { encoded, pre_logits })

@@ -31,7 +31,7 @@ pub(super) fn score_image_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims)
     } else {
         (x, mask)
     };
-    let extra = prefix_extra(m, cfg, p, p + d.n - 1)?;
+    let extra = prefix_extra(m, cfg, d.b, p)?;
     let trunk = seq::trunk(m, cfg, &Seq { x, mask, extra })?;
     let h = seq::head_input(cfg, &trunk);
     let pre = m.g.slice(h, 1, p - 1, p - 1 + d.n)?;
@@ -107,14 +107,12 @@ fn align(m: &mut Builder, d: Dims, x: NodeId, mask: NodeId) -> Result<(NodeId, N
 
 /// Without `causal_mask_on_prefix`: every query of an `l`-long sequence also sees the aligned
 /// prompt's bos + text slots (all of its `p` but a final boi).
-fn prefix_extra(m: &mut Builder, cfg: &JetFormerConfig, p: usize, l: usize) -> Result<Option<NodeId>> {
+fn prefix_extra(m: &mut Builder, cfg: &JetFormerConfig, b: usize, p: usize) -> Result<Option<NodeId>> {
     if cfg.causal_mask_on_prefix {
         return Ok(None);
     }
     let end = p - usize::from(cfg.boi_id.is_some());
-    let j = m.g.push_source(Op::Iota { axis: 2, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, 1, l]))?;
-    let e = m.g.scalar(DType::F32, end as f64)?;
-    Ok(Some(m.g.binary(BinaryOp::Lt, j, e)?))
+    Ok(Some(gemma::prefix_len(m, b, end)?))
 }
 
 /// The prompt's length P for a profile's text length.
@@ -141,12 +139,13 @@ pub(super) fn prefill_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, cap
     let (prefix, pmask) = prompt(m, cfg, d, table, (text, text_mask), drop)?;
     let p = m.g.shape(prefix)[1];
     let (x, mask) = align(m, d, prefix, pmask)?;
-    let extra = prefix_extra(m, cfg, p, p)?;
+    let extra = prefix_extra(m, cfg, d.b, p)?;
+    let extra = extra.map_or(gemma::Extra::None, gemma::Extra::Prefix);
     let c = m.g.push(Op::CumSum { axis: 1, exclusive: false }, &[mask])?;
     let one = m.g.scalar(DType::F32, 1.0)?;
     let pos = m.g.binary(BinaryOp::Sub, c, one)?;
-    let q_index = m.g.push_source(Op::Iota { axis: 1, start: 0.0, step: 1.0 }, TensorType::new(DType::F32, [1, p, 1]))?;
-    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, q_index, Mode::Prefill { capacity }, extra, None)?;
+    let start = gemma::start_zero(m)?;
+    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, start, Mode::Prefill { capacity }, extra, None)?;
     let h = head_rows(m, cfg, rows, d.b, p)?;
     let last = m.g.slice(h, 1, p - 1, p)?;
     let logits = seq::image_head(m, cfg, last)?;
@@ -164,10 +163,8 @@ pub(super) fn step_entry(m: &mut Builder, cfg: &JetFormerConfig, d: Dims, capaci
     let mask = m.g.input("attention_mask", DType::F32, &[d.b, capacity])?;
     let pos = m.g.input("position", DType::F32, &[d.b, 1])?;
     let at = m.g.input("cache_position", DType::I64, &[1])?;
-    let qi = m.g.push(Op::Cast { to: DType::F32 }, &[at])?;
-    let q_index = m.g.reshape(qi, &[1, 1, 1])?;
     let x = embed_image(m, cfg, token)?;
-    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, q_index, Mode::Decode { capacity }, None, Some(at))?;
+    let rows = gemma::blocks(m, &cfg.gemma(), P, x, pos, mask, at, Mode::Decode { capacity }, gemma::Extra::None, Some(at))?;
     let h = head_rows(m, cfg, rows, d.b, 1)?;
     let logits = seq::image_head(m, cfg, h)?;
     m.g.output("prelogits", h);
