@@ -5,14 +5,15 @@
 
 mod common;
 
-use kiln::generate::{generation_program, Generator};
+use kiln::generate::{generation_program_with, Generator};
 use kiln_graph::DType;
 use kiln_runtime::{Session, WeightStore};
 use std::sync::Arc;
 
 /// The prefill entry's arena, after checking that no tensor of the plan holds `L * L` elements.
 fn prefill_arena(dir: &std::path::Path, len: usize) -> (usize, kiln::generate::GenerationProgram) {
-    let g = generation_program(dir, 1, len, 1, "cpu", DType::F32).expect("compile");
+    // With the logits among the outputs (step_logits), which the test reads below.
+    let g = generation_program_with(dir, (1, 1), len, 1, ("cpu", DType::F32), true).expect("compile");
     let e = g.program.entry("prefill").expect("a prefill entry");
     for s in &e.steps {
         let n = s.output.ty.numel();
