@@ -93,6 +93,23 @@ fn gemma2_launches_per_layer_cuda() {
     check("cuda", DType::BF16);
 }
 
+/// The fused regions of those programs (RoPE's with its sign constant among them) compile
+/// with NVRTC for sm_90a, in bf16 and f32; no GPU needed.
+#[cfg(feature = "cuda")]
+#[test]
+fn gemma2_cuda_program_compiles_with_nvrtc() {
+    if !kiln_kernels::cuda::nvrtc::available() {
+        assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1 but NVRTC is missing");
+        return;
+    }
+    let dir = gemma2_with_layers(2, "nvrtc");
+    for dtype in [DType::BF16, DType::F32] {
+        let g = generation_program(&dir, 1, 16, 8, "cuda", dtype).unwrap();
+        let bins = kiln_runtime::cuda::compile_binaries(&g.program, "sm_90a").unwrap_or_else(|e| panic!("{dtype}: {e}"));
+        assert!(!bins.is_empty());
+    }
+}
+
 /// `kiln inspect --json` prints the same counts, and nothing else on stdout.
 #[test]
 fn inspect_json_prints_the_counts() {
