@@ -389,6 +389,11 @@ fn rope_negation_through_concat() {
 }
 
 #[test]
+fn rope_standard_pipeline() {
+    run_golden("rope_standard.txt", Some(rope));
+}
+
+#[test]
 fn every_golden_file_has_a_test() {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<String> = std::fs::read_dir(&dir)
@@ -397,5 +402,17 @@ fn every_golden_file_has_a_test() {
         .filter(|f| f.ends_with(".txt"))
         .collect();
     files.sort();
-    assert_eq!(files, ["constfold.txt", "cse.txt", "dce.txt", "epilogue.txt", "fuse_elementwise.txt", "pre_ln_block.txt", "rope.txt"]);
+    assert_eq!(
+        files,
+        [
+            "constfold.txt",
+            "cse.txt",
+            "dce.txt",
+            "epilogue.txt",
+            "fuse_elementwise.txt",
+            "pre_ln_block.txt",
+            "rope.txt",
+            "rope_standard.txt"
+        ]
+    );
 }
