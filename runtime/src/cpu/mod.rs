@@ -136,7 +136,7 @@ pub(crate) fn build(program: &Program, weights: Arc<WeightStore>) -> Result<exec
         }))
     };
     let mut packs = exec::PackCache::new();
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
     // A converted weight that every step reads only through its packed copy never gets an
     // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
     let unpacked_read = unpacked_reads(program, &prepared);
