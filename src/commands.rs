@@ -3,7 +3,10 @@
 
 use super::*;
 
-pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
+pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool, json: bool) -> Result<()> {
+    if ir && json {
+        return Err(Error::Usage("--json prints the launch counts only; it does not combine with --ir".into()));
+    }
     if is_artifact(model) {
         let prog = kiln_graph::artifact::load_file(model)?;
         super::artifact_cli::refuse_compile_flags(model, &prog, p)?;
@@ -13,13 +16,21 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool) -> Result<()> {
                 model.display()
             )));
         }
+        if json {
+            println!("{}", kiln::launches::json(&prog)?);
+            return Ok(());
+        }
         print_program(&prog);
         println!("== load\n{}", load_plan(model, &prog, p));
         return Ok(());
     }
     let mut opts = profile(p, None, None)?;
-    opts.trace = true;
+    opts.trace = !json;
     let c: Compiled = compile(model, &opts)?;
+    if json {
+        println!("{}", kiln::launches::json(&c.program)?);
+        return Ok(());
+    }
     println!("== model\n{}\n", c.program.model);
     for e in &c.entries {
         println!("== entry {}: passes", e.name);
@@ -74,8 +85,11 @@ pub(super) fn print_program(prog: &Program) {
     for (i, st) in prog.states.iter().enumerate() {
         println!("state {i}: {} {} (persistent, {} bytes)", st.name, st.ty, st.ty.bytes());
     }
-    for e in &prog.entries {
-        println!("entry {}: {} steps, arena {} bytes", e.name, e.steps.len(), e.arena_bytes);
+    // Launches from the backend's lowering (this build may lack the program's backend).
+    let launches = kiln::launches::count(prog).map(|c| c.into_iter().map(|e| e.launches.to_string()).collect::<Vec<_>>());
+    for (i, e) in prog.entries.iter().enumerate() {
+        let n = launches.as_ref().map_or_else(|err| format!("unknown ({err})"), |c| c[i].clone());
+        println!("entry {}: {} steps, {n} kernel launches, arena {} bytes", e.name, e.steps.len(), e.arena_bytes);
         for io in &e.inputs {
             println!("  in  {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
         }

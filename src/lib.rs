@@ -17,6 +17,7 @@ pub mod generate;
 pub mod inputs;
 pub mod io;
 pub mod jetformer;
+pub mod launches;
 pub mod npz_write;
 pub mod paligemma_bv;
 pub mod png;

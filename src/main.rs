@@ -150,6 +150,10 @@ enum Cmd {
         /// Also print the IR after every pass (long for real models).
         #[arg(long)]
         ir: bool,
+        /// Print only steps and kernel launches per entry, as JSON on stdout
+        /// (`{"entries": {"decode": {"steps": N, "launches": M, ..}, ..}}`).
+        #[arg(long)]
+        json: bool,
     },
     /// Time a model: warm-up, then min / median / max over several runs
     /// (`kiln bench kernels --help`: per-kernel times against the machine's roofline).
@@ -505,7 +509,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
             run(&model, &inputs, &out, weights.as_deref(), &p, &entry, bpd, moe_stats)
         }
         Cmd::Generate(g) => cli_generate::generate(*g),
-        Cmd::Inspect { model, p, ir } => inspect(&model, &p, ir),
+        Cmd::Inspect { model, p, ir, json } => inspect(&model, &p, ir, json),
         Cmd::Kernels { sub: KernelsCmd::Check { model, p } } => kernels_check(&p.arch, model.as_deref(), &p),
         Cmd::Bench { sub: Some(BenchCmd::Kernels(k)), .. } => bench_kernels(*k),
         Cmd::Bench { model, p, runs, weights, json, breakdown, entry, .. } => {

@@ -362,6 +362,37 @@ fn standard_pipeline_on_a_pre_ln_block() {
     run_golden("pre_ln_block.txt", Some(pre_ln_block));
 }
 
+/// RoPE as Gemma builds it (`x * cos + rotate_half(x) * sin`, rotate_half as two slices, a
+/// negation and a concat) on `[B, S, H, D]`; `x` is also read by another op.
+fn rope() -> Graph {
+    let mut g = Graph::new();
+    let f32 = DType::F32;
+    let x = g.input("x", f32, &[1, 2, 2, 4]).unwrap();
+    let cos = g.input("cos", f32, &[1, 2, 1, 4]).unwrap();
+    let sin = g.input("sin", f32, &[1, 2, 1, 4]).unwrap();
+    let x1 = g.slice(x, 3, 0, 2).unwrap();
+    let x2 = g.slice(x, 3, 2, 4).unwrap();
+    let n2 = g.unary(UnaryOp::Neg, x2).unwrap();
+    let rot = g.concat(&[n2, x1], 3).unwrap();
+    let a = g.mul(x, cos).unwrap();
+    let r = g.mul(rot, sin).unwrap();
+    let y = g.add(a, r).unwrap();
+    g.output("y", y);
+    let e = g.unary(UnaryOp::Exp, x).unwrap();
+    g.output("e", e);
+    g
+}
+
+#[test]
+fn rope_negation_through_concat() {
+    run_golden("rope.txt", Some(rope));
+}
+
+#[test]
+fn rope_standard_pipeline() {
+    run_golden("rope_standard.txt", Some(rope));
+}
+
 #[test]
 fn every_golden_file_has_a_test() {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
@@ -371,5 +402,17 @@ fn every_golden_file_has_a_test() {
         .filter(|f| f.ends_with(".txt"))
         .collect();
     files.sort();
-    assert_eq!(files, ["constfold.txt", "cse.txt", "dce.txt", "epilogue.txt", "fuse_elementwise.txt", "pre_ln_block.txt"]);
+    assert_eq!(
+        files,
+        [
+            "constfold.txt",
+            "cse.txt",
+            "dce.txt",
+            "epilogue.txt",
+            "fuse_elementwise.txt",
+            "pre_ln_block.txt",
+            "rope.txt",
+            "rope_standard.txt"
+        ]
+    );
 }

@@ -5,9 +5,10 @@
 //! A graph is decoded from a list of random byte tuples, one step each (a unary op, a
 //! binary op against another node or a fresh leaf, a matmul with bias / activation /
 //! residual, a reshape, a reduction, a softmax, a masked select, a broadcast, an iota, an
-//! integer detour, a duplicate node for CSE). Each node carries a bound on its magnitude and
-//! steps that would exceed it are skipped, so results stay where f32 rounding differences
-//! between fused and unfused evaluation are far below the tolerance.
+//! integer detour, a duplicate node for CSE, RoPE's rotate_half with negated halves). Each
+//! node carries a bound on its magnitude and steps that would exceed it are skipped, so
+//! results stay where f32 rounding differences between fused and unfused evaluation are far
+//! below the tolerance.
 
 use kiln_graph::interp::{self, Value};
 use kiln_graph::passes::{Pass, Pipeline};
@@ -146,7 +147,7 @@ impl Gen {
     fn step(&mut self, (kind, t1, t2, t3): (u8, u8, u8, u8)) {
         let (a, ba) = self.pick(t1);
         let shape = self.g.shape(a).to_vec();
-        match kind % 12 {
+        match kind % 13 {
             0 => {
                 let (op, f) = UNARY[t2 as usize % UNARY.len()];
                 let y = self.g.unary(op, a).unwrap();
@@ -237,6 +238,19 @@ impl Gen {
                     let y = self.g.push(node.op, &node.inputs).unwrap();
                     self.add(y, bp);
                 }
+            }
+            12 if shape.last().is_some_and(|&d| d >= 2 && d % 2 == 0) => {
+                // RoPE's rotate_half with either half negated (or both), then an elementwise
+                // reader: negation_through_concat's pattern.
+                let (axis, d) = (shape.len() - 1, shape[shape.len() - 1]);
+                let lo = self.g.slice(a, axis, 0, d / 2).unwrap();
+                let hi = self.g.slice(a, axis, d / 2, d).unwrap();
+                let neg = |g: &mut Graph, x: NodeId, on: bool| if on { g.unary(UnaryOp::Neg, x).unwrap() } else { x };
+                let (hi, lo) = (neg(&mut self.g, hi, t2 % 3 != 1), neg(&mut self.g, lo, t2 % 3 != 0));
+                let parts = if t3 % 2 == 0 { [hi, lo] } else { [lo, hi] };
+                let rot = self.g.concat(&parts, axis).unwrap();
+                let y = self.g.mul(rot, a).unwrap();
+                self.add(y, ba * ba);
             }
             _ => {}
         }

@@ -19,6 +19,13 @@ pub trait Backend: Send + Sync {
     fn interpreted(&self, _kernel: &str) -> bool {
         false
     }
+    /// Kernel launches each step of entry `entry` makes, from this backend's lowering with no
+    /// device (a source or a view makes none; a GEMM with a separate epilogue kernel, two).
+    /// The default counts one per step that runs.
+    fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        Ok(e.steps.iter().map(|s| usize::from(!matches!(s.kernel.as_str(), "source" | "view"))).collect())
+    }
     /// Prepares a program to run: weights placed, memory reserved.
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>>;
 }

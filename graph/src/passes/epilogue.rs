@@ -3,7 +3,7 @@
 
 use super::{rebuild, scalar_constant, Action, ExprBuilder, Uses};
 use crate::error::Result;
-use crate::graph::{Graph, Node, NodeId};
+use crate::graph::{Graph, NodeId};
 use crate::infer::infer;
 use crate::op::{Expr, Instr, Op};
 
@@ -14,6 +14,8 @@ struct Chain {
     epilogue: Option<Expr>,
     /// `a`, `b`, then the epilogue's extra inputs (`Input(i)` reads `inputs[i + 1]`).
     inputs: Vec<NodeId>,
+    /// Nodes computed inside the epilogue besides the chain itself (dropped).
+    inlined: Vec<usize>,
 }
 
 /// Folds into a matmul each elementwise consumer (unary, binary, select, fused) that is
@@ -28,7 +30,7 @@ pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
     let mut chains: Vec<Option<Chain>> = vec![None; g.nodes.len()];
     for (i, node) in g.nodes.iter().enumerate() {
         if let Op::MatMul { transpose_b, epilogue } = &node.op {
-            chains[i] = Some(Chain { transpose_b: *transpose_b, epilogue: epilogue.clone(), inputs: node.inputs.clone() });
+            chains[i] = Some(Chain { transpose_b: *transpose_b, epilogue: epilogue.clone(), inputs: node.inputs.clone(), inlined: vec![] });
             continue;
         }
         if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_)) {
@@ -40,11 +42,14 @@ pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
             if uses.sole_reader(p.index()) != Some(i) || g.ty(p) != &node.ty {
                 return None;
             }
-            absorb(g, chain, p, node).map(|c| (p, c))
+            absorb(g, &uses, &actions, chain, p, i).map(|c| (p, c))
         });
         if let Some((p, chain)) = grown {
             let op = Op::MatMul { transpose_b: chain.transpose_b, epilogue: chain.epilogue.clone() };
             actions[p.index()] = Action::Drop;
+            for &q in &chain.inlined {
+                actions[q] = Action::Drop;
+            }
             actions[i] = Action::Replace { op, inputs: chain.inputs.clone() };
             chains[i] = Some(chain);
         }
@@ -53,10 +58,15 @@ pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
 }
 
 /// The chain with `node` (which reads the chain's result `p`) appended to its epilogue, or
-/// `None` when the expression would not type-check or grows too long.
-fn absorb(g: &Graph, chain: &Chain, p: NodeId, node: &Node) -> Option<Chain> {
+/// `None` when the expression would not type-check or grows too long. An operand of `node`
+/// that is itself elementwise, read by `node` alone, of `node`'s type and not yet fused
+/// (`x * cos` beside `rot * sin` in RoPE) is computed inside the epilogue too, its node listed
+/// in `Chain::inlined` to be dropped.
+fn absorb(g: &Graph, uses: &Uses, actions: &[Action], chain: &Chain, p: NodeId, i: usize) -> Option<Chain> {
+    let node = &g.nodes[i];
     let mut b = ExprBuilder::default();
     let mut inputs = chain.inputs.clone();
+    let mut inlined = chain.inlined.clone();
     let product = match &chain.epilogue {
         Some(e) => {
             // Copied verbatim: the chain's inputs keep their positions.
@@ -74,32 +84,62 @@ fn absorb(g: &Graph, chain: &Chain, p: NodeId, node: &Node) -> Option<Chain> {
             product
         } else if let Some(c) = scalar_constant(g, q) {
             b.push(Instr::Const(c))?
+        } else if inlinable(g, uses, actions, q, i) {
+            let mut qargs = Vec::with_capacity(g.node(q).inputs.len());
+            for &r in &g.node(q).inputs {
+                qargs.push(operand(g, &mut b, &mut inputs, r)?);
+            }
+            inlined.push(q.index());
+            apply(&mut b, &g.node(q).op, &qargs)?
         } else {
-            let k = match inputs[2..].iter().position(|&x| x == q) {
-                Some(k) => k,
-                None => {
-                    inputs.push(q);
-                    inputs.len() - 3
-                }
-            };
-            b.push(Instr::Input(u16::try_from(k + 1).ok()?))?
+            operand(g, &mut b, &mut inputs, q)?
         };
         args.push(a);
     }
-    let result = match (&node.op, args.as_slice()) {
-        (Op::Unary(u), &[x]) => b.push(Instr::Unary(*u, x))?,
-        (Op::Binary(op), &[x, y]) => b.push(Instr::Binary(*op, x, y))?,
-        (Op::Select, &[c, x, y]) => b.push(Instr::Select(c, x, y))?,
-        (Op::Fused(e), _) => b.inline(e, &args)?,
-        _ => return None,
-    };
+    let result = apply(&mut b, &node.op, &args)?;
     let epilogue = Some(b.finish(result)?);
     let op = Op::MatMul { transpose_b: chain.transpose_b, epilogue: epilogue.clone() };
     let tys: Vec<_> = inputs.iter().map(|&q| g.ty(q)).collect();
     if infer(&op, &tys, None).ok().as_ref() != Some(&node.ty) {
         return None;
     }
-    Some(Chain { transpose_b: chain.transpose_b, epilogue, inputs })
+    Some(Chain { transpose_b: chain.transpose_b, epilogue, inputs, inlined })
+}
+
+/// Whether operand `q` of node `i` can be computed inside `i`'s epilogue (see [`absorb`]).
+fn inlinable(g: &Graph, uses: &Uses, actions: &[Action], q: NodeId, i: usize) -> bool {
+    let n = g.node(q);
+    matches!(n.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_))
+        && matches!(actions[q.index()], Action::Keep)
+        && uses.sole_reader(q.index()) == Some(i)
+        && &n.ty == g.ty(NodeId(i as u32))
+}
+
+/// The instruction reading `q`: a one-element constant inline, else an extra input of the
+/// epilogue (`Input(k + 1)` reads `inputs[k + 2]`), reused when `q` is one already.
+fn operand(g: &Graph, b: &mut ExprBuilder, inputs: &mut Vec<NodeId>, q: NodeId) -> Option<u16> {
+    if let Some(c) = scalar_constant(g, q) {
+        return b.push(Instr::Const(c));
+    }
+    let k = match inputs[2..].iter().position(|&x| x == q) {
+        Some(k) => k,
+        None => {
+            inputs.push(q);
+            inputs.len() - 3
+        }
+    };
+    b.push(Instr::Input(u16::try_from(k + 1).ok()?))
+}
+
+/// Appends elementwise `op` over the instructions `args`; its result.
+fn apply(b: &mut ExprBuilder, op: &Op, args: &[u16]) -> Option<u16> {
+    match (op, args) {
+        (Op::Unary(u), &[x]) => b.push(Instr::Unary(*u, x)),
+        (Op::Binary(op), &[x, y]) => b.push(Instr::Binary(*op, x, y)),
+        (Op::Select, &[c, x, y]) => b.push(Instr::Select(c, x, y)),
+        (Op::Fused(e), _) => b.inline(e, args),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

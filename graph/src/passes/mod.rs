@@ -11,6 +11,8 @@ mod dce;
 mod epilogue;
 mod fold;
 mod fuse;
+mod negate;
+mod rotate;
 
 pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
@@ -18,6 +20,8 @@ pub use dce::dead_code;
 pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
+pub use negate::negation_through_concat;
+pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
 
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
@@ -47,10 +51,22 @@ impl Pass {
     pub const FUSE_ELEMENTWISE: Pass = Pass { name: "fuse_elementwise", run: fuse_elementwise };
     /// Rewrites convolutions as a gather and a matmul (for backends without a conv kernel).
     pub const LOWER_CONV: Pass = Pass { name: "lower_conv", run: lower_conv };
+    /// Moves a negation read only by a concat past it as a constant ±1 multiply.
+    pub const NEGATION_THROUGH_CONCAT: Pass = Pass { name: "negation_through_concat", run: negation_through_concat };
+    /// Rewrites a signed permutation of the last axis (slices, negations, concat) as `x @ P`.
+    pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 6] =
-        [Pass::DEAD_CODE, Pass::CONSTANT_FOLD, Pass::CSE, Pass::FUSE_MATMUL_EPILOGUE, Pass::FUSE_ELEMENTWISE, Pass::LOWER_CONV];
+    pub const ALL: [Pass; 8] = [
+        Pass::DEAD_CODE,
+        Pass::CONSTANT_FOLD,
+        Pass::CSE,
+        Pass::FUSE_MATMUL_EPILOGUE,
+        Pass::FUSE_ELEMENTWISE,
+        Pass::LOWER_CONV,
+        Pass::NEGATION_THROUGH_CONCAT,
+        Pass::ROTATION_AS_MATMUL,
+    ];
 
     /// The pass with this name.
     pub fn by_name(name: &str) -> Option<Pass> {
@@ -75,11 +91,16 @@ impl Pipeline {
     /// matmul's bias, activation and residual go into its epilogue rather than into a
     /// separate fused region that would need the raw product in memory. It runs once more
     /// after: a product read by several nodes of one region (`select(x > 0, x, 0)`) is
-    /// read once by the fused node, which can then join the epilogue.
+    /// read once by the fused node, which can then join the epilogue. A signed permutation of
+    /// the last axis (RoPE's rotate_half) becomes a matmul first, so that epilogue fusion
+    /// takes its reader; other negations move past concats before CSE (which merges their
+    /// equal sign and permutation constants), so that the sign joins the reader's region.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
             Pass::CONSTANT_FOLD,
+            Pass::ROTATION_AS_MATMUL,
+            Pass::NEGATION_THROUGH_CONCAT,
             Pass::CSE,
             Pass::DEAD_CODE,
             Pass::FUSE_MATMUL_EPILOGUE,

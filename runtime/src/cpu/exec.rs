@@ -64,10 +64,12 @@ fn resolve(s: &Step) -> std::result::Result<CpuKernel, String> {
     Ok(stored)
 }
 
-/// Prepares an entry's steps; `weight` gives a weight's first `n` elements as stored (for packing).
+/// Prepares an entry's steps; `weight` gives a weight's first `n` elements as stored (for
+/// packing); `consts` are the program's constants (a constant right operand is packed too).
 pub(crate) fn prepare<'w>(
     e: &Entry,
     weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
+    consts: &[kiln_graph::program::ConstData],
     cache: &mut PackCache,
 ) -> Result<Vec<Prepared>> {
     let total = e.steps.len() as u64;
@@ -90,7 +92,11 @@ pub(crate) fn prepare<'w>(
                         }
                         None => None,
                     };
-                    Prep::MatMul { epilogue, packed: pack_weight(s, kernel, *transpose_b, weight, cache) }
+                    let packed = match pack_const(s, kernel, *transpose_b, consts) {
+                        Some(p) => p,
+                        None => pack_weight(s, kernel, *transpose_b, weight, cache),
+                    };
+                    Prep::MatMul { epilogue, packed }
                 }
                 CpuKernel::Fused => {
                     let ex = s.op.elementwise_expr().ok_or_else(|| err("not an elementwise op".into()))?;
@@ -151,6 +157,24 @@ fn pack_weight<'w>(
     let p = Arc::new(packed);
     cache.insert((i, tb), p.clone());
     p
+}
+
+/// A 2-D constant right operand packed once at load (RoPE's rotation, `rotation_as_matmul`),
+/// so the product runs the packed kernel, which allocates nothing per run.
+fn pack_const(s: &Step, kernel: CpuKernel, tb: bool, consts: &[kiln_graph::program::ConstData]) -> Option<Arc<Vec<sgemm512::PackedB>>> {
+    let b = s.inputs.get(1)?;
+    let Slot::Const(i) = b.slot else { return None };
+    let c = consts.get(i as usize)?;
+    if b.ty.rank() != 2 || c.values.len() != b.ty.numel() || !sgemm512::available() {
+        return None;
+    }
+    if !matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue) {
+        return None;
+    }
+    let (rows, cols) = (b.ty.shape[0], b.ty.shape[1]);
+    let (k, n) = if tb { (cols, rows) } else { (rows, cols) };
+    let bytes: Vec<u8> = c.values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
+    Some(Arc::new(vec![sgemm512::PackedB::pack_stored(sgemm512::Stored::F32(&bytes), k, n, tb)]))
 }
 
 /// The weight a step of `kernel` packs, if any (see [`pack_weight`]).

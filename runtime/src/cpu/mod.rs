@@ -63,6 +63,17 @@ impl Backend for CpuBackend {
         CpuKernel::parse(kernel) == Some(CpuKernel::Reference)
     }
 
+    fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        let one = |s: &kiln_graph::program::Step| match CpuKernel::parse(&s.kernel) {
+            Some(CpuKernel::Source | CpuKernel::View) => Ok(0),
+            // Every other kernel is one pass over its output (a GEMM's epilogue runs per tile).
+            Some(_) => Ok(1),
+            None => Err(format!("step {} stores kernel {}, not a cpu kernel", s.node, s.kernel)),
+        };
+        e.steps.iter().map(one).collect()
+    }
+
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
         let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
         let states: usize = program.states.iter().map(|st| st.ty.bytes().next_multiple_of(kiln_graph::program::ALIGN)).sum();
@@ -125,7 +136,7 @@ pub(crate) fn build(program: &Program, weights: Arc<WeightStore>) -> Result<exec
         }))
     };
     let mut packs = exec::PackCache::new();
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
     // A converted weight that every step reads only through its packed copy never gets an
     // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
     let unpacked_read = unpacked_reads(program, &prepared);

@@ -488,7 +488,7 @@ pub(crate) fn load(program: &Program, file: Arc<PreparedFile>, store: Arc<Weight
     }
     // Every packed weight comes from the cache; a miss means the file lacks it.
     let none = |_: u32, _: usize| None;
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &none, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let prepared = program.entries.iter().map(|e| exec::prepare(e, &none, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
     let unpacked = super::unpacked_reads(program, &prepared);
     for (i, spec) in program.weights.iter().enumerate() {
         let missing = unpacked[i] && spec.ty.bytes() > 0 && matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty());

@@ -67,6 +67,15 @@ impl Backend for CubeBackend {
         kernel::choose(op, inputs, out).map(|k| k.name().to_string())
     }
 
+    fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
+        // The executor's lowering; the count does not depend on where weights sit.
+        let (program, _) = crate::states::states_in_arena(program);
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
+        let low = lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))?;
+        Ok(low.steps.iter().map(Vec::len).collect())
+    }
+
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
         kernel::check(program)?;
         match self.device {

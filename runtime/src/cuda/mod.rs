@@ -112,6 +112,18 @@ impl Backend for CudaBackend {
         lower::kernel_for(op, inputs, out)
     }
 
+    fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
+        // The executor's own lowering (states moved into the arena first, as a load does).
+        let (program, _) = crate::states::states_in_arena(program);
+        let layout = lower::layout(&program)?;
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        e.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| lower::lower_step(s, &layout).map(|w| w.len()).map_err(|m| format!("step {i}: {m}")))
+            .collect()
+    }
+
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
         driver_check()?;
         // SAFETY: only tries to dlopen libcublasLt (cudarc panics on its first call without it).
