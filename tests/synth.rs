@@ -259,6 +259,9 @@ fn weight_lists_are_pinned() {
         // Learned from the JetFormer builder when it landed.
         ("jetformer-350m-256", 88, 0x45c3d27c4c39092),
         ("paligemma2-3b-224", 727, 0x1f023f569fc1520d),
+        // Learned from the builder when the 448 and 896 px rows landed (the headline's model).
+        ("paligemma2-3b-448", 727, 0xaa53c9391ad269bd),
+        ("paligemma2-3b-896", 727, 0xcce84a640acb8435),
         // Learned from the mask decoder's builder when its row landed.
         ("paligemma-seg-oid", 25, 0x341a5c08f4e428e8),
         ("siglip-b16-224", 208, 0xa87b21708eaebd12),
