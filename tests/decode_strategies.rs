@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gemma_case;
+use common::{gemma_batch as batch, gemma_case};
 use kiln::beam::{BeamOptions, EarlyStopping};
 use kiln::generate::{Generator, Prompt};
 use kiln::io;
@@ -13,19 +13,6 @@ use kiln::sampling::HfSampling;
 use kiln_runtime::Tensor;
 
 const NEW: usize = 6;
-
-/// A case's generation batch: ids, mask, pixel values (PaliGemma), prompt length.
-fn batch(case: &str) -> (Vec<i64>, Vec<i64>, Option<Tensor>, usize, usize) {
-    let dir = gemma_case(case);
-    let pali = dir.join("generate_inputs.safetensors").exists();
-    let file = if pali { "generate_inputs.safetensors" } else { "inputs.safetensors" };
-    let ins = io::read(&dir.join(file)).expect("inputs");
-    let get = |n: &str| ins.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone());
-    let ids = get("input_ids").expect("input_ids");
-    let to_i64 = |t: &Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
-    let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
-    (to_i64(&ids), to_i64(&get("attention_mask").expect("mask")), get("pixel_values"), b, l)
-}
 
 fn beam_on(backend: &str, cases: &[&str]) {
     for case in cases {

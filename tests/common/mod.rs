@@ -30,6 +30,20 @@ pub fn gemma_case(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma").join(name)
 }
 
+/// A Gemma fixture case's generation batch (its `generate_inputs.safetensors` for PaliGemma,
+/// else `inputs.safetensors`): ids, mask, pixel values (PaliGemma), batch, prompt length.
+pub fn gemma_batch(case: &str) -> (Vec<i64>, Vec<i64>, Option<kiln_runtime::Tensor>, usize, usize) {
+    let dir = gemma_case(case);
+    let pali = dir.join("generate_inputs.safetensors").exists();
+    let file = if pali { "generate_inputs.safetensors" } else { "inputs.safetensors" };
+    let ins = kiln::io::read(&dir.join(file)).expect("inputs");
+    let get = |n: &str| ins.iter().find(|(k, _)| k == n).map(|(_, t)| t.clone());
+    let ids = get("input_ids").expect("input_ids");
+    let to_i64 = |t: &kiln_runtime::Tensor| t.to_f64().iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let (b, l) = (ids.ty.shape[0], ids.ty.shape[1]);
+    (to_i64(&ids), to_i64(&get("attention_mask").expect("mask")), get("pixel_values"), b, l)
+}
+
 /// The tensor `name` of a file's named tensors.
 pub fn tensor<'a>(ts: &'a [(String, kiln_runtime::Tensor)], name: &str) -> &'a kiln_runtime::Tensor {
     &ts.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor {name}")).1
