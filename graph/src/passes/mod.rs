@@ -208,9 +208,7 @@ pub(crate) fn rebuild(pass: &'static str, g: &Graph, actions: Vec<Action>) -> Re
             out.push(op, &ins)
         };
         let id = pushed.map_err(|e| err(format!("rebuilding %{i}: {e}")))?;
-        if out.ty(id) != &node.ty {
-            return Err(err(format!("%{i} changes type from {} to {}", node.ty, out.ty(id))));
-        }
+        same_type(pass, &out, i, node, id)?;
         map[i] = Some(id);
     }
     for (name, id) in &g.outputs {
@@ -218,6 +216,31 @@ pub(crate) fn rebuild(pass: &'static str, g: &Graph, actions: Vec<Action>) -> Re
         out.output(name.clone(), new);
     }
     Ok(out)
+}
+
+/// Copies old node `node` into `out` with its inputs remapped to `ins` (a source or iota keeps
+/// its type): what a pass emits for a node it does not rewrite.
+pub(crate) fn copy_node(out: &mut Graph, node: &crate::graph::Node, ins: &[NodeId]) -> Result<NodeId> {
+    if node.op.is_source() || matches!(node.op, Op::Iota { .. }) {
+        out.push_source(node.op.clone(), node.ty.clone())
+    } else {
+        out.push(node.op.clone(), ins)
+    }
+}
+
+/// Every pass's invariant: new node `id` has the type old node `i` had.
+pub(crate) fn same_type(pass: &'static str, out: &Graph, i: usize, node: &crate::graph::Node, id: NodeId) -> Result<()> {
+    if out.ty(id) != &node.ty {
+        return Err(GraphError::Pass { pass, msg: format!("%{i} changes type from {} to {}", node.ty, out.ty(id)) });
+    }
+    Ok(())
+}
+
+/// `g`'s outputs named in `out`, through `map` (old node index to new id).
+pub(crate) fn copy_outputs(g: &Graph, out: &mut Graph, map: &[NodeId]) {
+    for (name, id) in &g.outputs {
+        out.output(name.clone(), map[id.index()]);
+    }
 }
 
 /// Who reads each node: reader node indices (once per input slot) and whether it is an output.

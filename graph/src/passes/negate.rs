@@ -3,8 +3,8 @@
 //! over the other axes). The negation's step disappears and the multiply joins the reader's
 //! elementwise region: RoPE's `rotate_half(x) = concat(-x2, x1)` loses a launch per use.
 
-use super::Uses;
-use crate::error::{GraphError, Result};
+use super::{copy_node, copy_outputs, same_type, Uses};
+use crate::error::Result;
 use crate::graph::{Graph, NodeId};
 use crate::op::{BinaryOp, Op, UnaryOp};
 
@@ -20,7 +20,6 @@ pub fn negation_through_concat(g: &Graph) -> Result<Graph> {
                 && uses.sole_reader(i).is_some_and(|r| matches!(g.nodes[r].op, Op::Concat { .. }))
         })
         .collect();
-    let err = |msg: String| GraphError::Pass { pass: "negation_through_concat", msg };
     let mut out = Graph::new();
     let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes.len());
     for (i, node) in g.nodes.iter().enumerate() {
@@ -43,16 +42,11 @@ pub fn negation_through_concat(g: &Graph) -> Result<Graph> {
                 let sign = out.constant(node.ty.dtype, &shape, signs)?;
                 out.push(Op::Binary(BinaryOp::Mul), &[cat, sign])?
             }
-            op if op.is_source() || matches!(op, Op::Iota { .. }) => out.push_source(op.clone(), node.ty.clone())?,
-            op => out.push(op.clone(), &ins)?,
+            _ => copy_node(&mut out, node, &ins)?,
         };
-        if out.ty(id) != &node.ty {
-            return Err(err(format!("%{i} changes type from {} to {}", node.ty, out.ty(id))));
-        }
+        same_type("negation_through_concat", &out, i, node, id)?;
         map.push(id);
     }
-    for (name, id) in &g.outputs {
-        out.output(name.clone(), map[id.index()]);
-    }
+    copy_outputs(g, &mut out, &map);
     Ok(out)
 }

@@ -6,8 +6,8 @@
 //! product is exact: each output element is one input element times ±1 plus zeros. It costs
 //! `2 D` flops per element, which is why `D` is bounded.
 
-use super::Uses;
-use crate::error::{GraphError, Result};
+use super::{copy_node, copy_outputs, same_type, Uses};
+use crate::error::Result;
 use crate::graph::{Graph, NodeId};
 use crate::op::{Op, UnaryOp};
 
@@ -44,7 +44,6 @@ fn permutation(g: &Graph, uses: &Uses, c: usize) -> Option<(NodeId, Vec<(usize, 
 /// Rewrites every such concat as `x @ P` (see the module doc).
 pub fn rotation_as_matmul(g: &Graph) -> Result<Graph> {
     let uses = Uses::of(g);
-    let err = |msg: String| GraphError::Pass { pass: "rotation_as_matmul", msg };
     let mut out = Graph::new();
     let mut map: Vec<NodeId> = Vec::with_capacity(g.nodes.len());
     for (i, node) in g.nodes.iter().enumerate() {
@@ -60,17 +59,12 @@ pub fn rotation_as_matmul(g: &Graph) -> Result<Graph> {
                 let p = out.constant(node.ty.dtype, &[d, d], values)?;
                 out.push(Op::MatMul { transpose_b: false, epilogue: None }, &[map[x.index()], p])?
             }
-            None if node.op.is_source() || matches!(node.op, Op::Iota { .. }) => out.push_source(node.op.clone(), node.ty.clone())?,
-            None => out.push(node.op.clone(), &ins)?,
+            None => copy_node(&mut out, node, &ins)?,
         };
-        if out.ty(id) != &node.ty {
-            return Err(err(format!("%{i} changes type from {} to {}", node.ty, out.ty(id))));
-        }
+        same_type("rotation_as_matmul", &out, i, node, id)?;
         map.push(id);
     }
-    for (name, id) in &g.outputs {
-        out.output(name.clone(), map[id.index()]);
-    }
+    copy_outputs(g, &mut out, &map);
     Ok(out)
 }
 
