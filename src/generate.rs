@@ -30,18 +30,30 @@ pub struct Generator {
     /// [`Session::gather_state_rows`], and the decode steps run on those.
     pub rows_per_input: usize,
     /// Whether the program's entries choose the tokens ([`crate::select`]: outputs `ids` and
-    /// `logprobs`), and whether they also output the logits (beam search needs them).
+    /// `logprobs`, or beam search's `beam_ids` and `beam_logprobs`), and whether they also
+    /// output the logits.
     pub selects: bool,
     pub has_logits: bool,
+    /// Whether the entries sample on the device (take the `sampling` inputs); else their `ids`
+    /// are greedy only, and sampling reads the logits.
+    pub samples_on_device: bool,
+    /// Beam search's candidates per row where the entries output them ([`crate::select::Choice::Beams`]).
+    pub beam_candidates: Option<usize>,
+    /// The `beam_scores [R]` input the next run of such a program takes.
+    pub(crate) beam_scores: Option<Tensor>,
     /// Seconds inside the decode entry's [`Session::run`] during the last generation.
     decode_run_s: f64,
 }
 
-/// Whether a generation program's `decode` entry outputs `ids` (the tokens chosen on the
-/// backend) and whether it outputs `logits`.
-fn outputs_of(program: &Program) -> (bool, bool) {
-    let has = |n: &str| program.entry("decode").is_some_and(|e| e.outputs.iter().any(|io| io.name == n));
-    (has("ids"), has("logits"))
+/// What a generation program's `decode` entry says about how it ends: whether it chooses
+/// (outputs `ids` or `beam_ids`), outputs `logits`, takes the sampling inputs, and how many
+/// beam candidates a row it outputs.
+fn ends_of(program: &Program) -> (bool, bool, bool, Option<usize>) {
+    let decode = program.entry("decode");
+    let output = |n: &str| decode.and_then(|e| e.outputs.iter().find(|io| io.name == n));
+    let takes = |n: &str| decode.is_some_and(|e| e.inputs.iter().any(|io| io.name == n));
+    let beams = output("beam_ids").and_then(|io| io.operand.ty.shape.get(1).copied());
+    (output("ids").is_some() || beams.is_some(), output("logits").is_some(), takes(crate::select::OPTIONS), beams)
 }
 
 /// A batch of prompts, `[B, len]` each, left-padded (`attention_mask` 0 on padding).
@@ -161,8 +173,25 @@ pub fn generation_program_rows(
     generation_program_with(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), false)
 }
 
-/// Whether `backend` runs the selection step ([`crate::select`]): then the entries end with
-/// it and output `ids` and `logprobs`; else (cube) they output the logits and the host chooses.
+/// Whether `backend` runs beam search's candidate step ([`crate::select::Choice::Beams`]:
+/// `Op::LogSoftmax`, whose f64 log-sum-exp cube lacks); else beam search reads the logits.
+pub fn beams_on_device(backend: &str) -> Result<bool> {
+    let b = kiln_runtime::by_name(backend)?;
+    let t = TensorType::new(DType::F32, [1, 2]);
+    Ok(b.kernel_for(&kiln_graph::Op::LogSoftmax, std::slice::from_ref(&t), &t).is_ok())
+}
+
+/// What a generation program's entries end with: beam search's candidates (where the backend
+/// has the step, else the logits) or the chosen token, and the logits too with `step_logits`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ending {
+    pub step_logits: bool,
+    pub beams: bool,
+}
+
+/// Whether `backend` runs the sampling step ([`crate::select::Choice::Sample`]); else (cube)
+/// the entries choose greedily ([`crate::select::Choice::Greedy`]) and sampling reads the
+/// logits.
 pub fn selects_on_device(backend: &str) -> Result<bool> {
     let b = kiln_runtime::by_name(backend)?;
     let tys = [
@@ -175,15 +204,29 @@ pub fn selects_on_device(backend: &str) -> Result<bool> {
 }
 
 /// [`generation_program_rows`] whose entries also output the `logits [R, 1, V]` the tokens
-/// were chosen from when `step_logits` is set (beam search reads them; greedy and sampling
-/// read only `ids` and `logprobs`).
+/// were chosen from when `step_logits` is set (greedy and sampling read only `ids` and
+/// `logprobs`).
 pub fn generation_program_with(
+    dir: &Path,
+    rows: (usize, usize),
+    bucket: usize,
+    max_new_tokens: usize,
+    target: (&str, DType),
+    step_logits: bool,
+) -> Result<GenerationProgram> {
+    generation_program_for(dir, rows, bucket, max_new_tokens, target, Ending { step_logits, beams: false })
+}
+
+/// [`generation_program_rows`] ending as `ending` says: with `beams`, `rows_per_input` is the
+/// number of beams and the entries output beam search's candidates
+/// ([`crate::beam::candidates_per_row`] a row), or the logits where the backend lacks the step.
+pub fn generation_program_for(
     dir: &Path,
     (batch, rows_per_input): (usize, usize),
     bucket: usize,
     max_new_tokens: usize,
     (backend, dtype): (&str, DType),
-    step_logits: bool,
+    ending: Ending,
 ) -> Result<GenerationProgram> {
     if max_new_tokens == 0 {
         return Err(Error::Usage("--max-new-tokens must be at least 1".into()));
@@ -211,12 +254,24 @@ pub fn generation_program_with(
     };
     let meta = GenerationMeta::of_model(&g.model, capacity, (eos, pad), image_ty);
     let mut decode = g.decode;
-    if selects_on_device(backend)? {
-        let sel = |spread, softcap| crate::select::Selection { batch, rows_per_input, spread, softcap, step_logits };
-        crate::select::append(&mut prefill, &sel(true, None))?;
-        crate::select::append(&mut decode, &sel(false, meta.decode_softcap))?;
+    use crate::select::Choice;
+    let choice = if ending.beams && beams_on_device(backend)? {
+        Choice::Beams { n: crate::beam::candidates_per_row(rows_per_input, &meta.eos, meta.vocab) }
+    } else if selects_on_device(backend)? {
+        Choice::Sample
+    } else {
+        Choice::Greedy
+    };
+    // Beam search without its step on the device reads the logits.
+    let step_logits = ending.step_logits || (ending.beams && !matches!(choice, Choice::Beams { .. }));
+    let sel = |spread, softcap| crate::select::Selection { batch, rows_per_input, spread, softcap, step_logits, choice };
+    crate::select::append(&mut prefill, &sel(true, None))?;
+    crate::select::append(&mut decode, &sel(false, meta.decode_softcap))?;
+    let mut states: Vec<StateSpec> = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
+    if choice == Choice::Greedy {
+        let ty = TensorType::new(DType::F32, [rows, 1, meta.vocab]);
+        states.push(StateSpec { name: crate::select::LOGITS_STATE.to_string(), ty });
     }
-    let states = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
     let built = [("prefill".to_string(), prefill), ("decode".to_string(), decode)];
     let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
     let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
@@ -291,10 +346,7 @@ impl Generator {
         if !rows.is_multiple_of(batch) {
             return Err(Error::Usage(format!("decode runs {rows} rows, not a multiple of the prefill's {batch}")));
         }
-        let (selects, has_logits) = outputs_of(session.program());
-        let per = rows / batch;
-        let (last_prefill, decode_run_s) = (Vec::new(), 0.0);
-        Ok(Generator { session, batch, bucket, meta, last_prefill, sampling: None, rows_per_input: per, selects, has_logits, decode_run_s })
+        Ok(Generator::loaded(session, (batch, rows / batch), bucket, meta))
     }
 
     /// Compiles `dir` for `batch` rows, a prompt bucket of `bucket` tokens and up to
@@ -333,11 +385,59 @@ impl Generator {
         dtype: DType,
         step_logits: bool,
     ) -> Result<Self> {
-        let g = generation_program_with(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), step_logits)?;
-        let (selects, has_logits) = outputs_of(&g.program);
+        let ending = Ending { step_logits, beams: false };
+        Self::with_ending(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), ending)
+    }
+
+    /// A generator for beam search with `num_beams` beams per input: its entries output beam
+    /// search's candidates where the backend has the step (cpu, cuda), else the logits (cube);
+    /// with `step_logits` the logits too.
+    pub fn for_beams(
+        dir: &Path,
+        (batch, num_beams): (usize, usize),
+        bucket: usize,
+        max_new_tokens: usize,
+        backend: &str,
+        dtype: DType,
+        step_logits: bool,
+    ) -> Result<Self> {
+        let ending = Ending { step_logits, beams: true };
+        Self::with_ending(dir, (batch, num_beams), bucket, max_new_tokens, (backend, dtype), ending)
+    }
+
+    /// Compiles [`generation_program_for`] and loads it.
+    pub fn with_ending(
+        dir: &Path,
+        rows: (usize, usize),
+        bucket: usize,
+        max_new_tokens: usize,
+        target: (&str, DType),
+        ending: Ending,
+    ) -> Result<Self> {
+        let g = generation_program_for(dir, rows, bucket, max_new_tokens, target, ending)?;
         let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
-        let (sampling, last_prefill, decode_run_s) = (None, Vec::new(), 0.0);
-        Ok(Generator { session, batch, bucket, meta: g.meta, last_prefill, sampling, rows_per_input, selects, has_logits, decode_run_s })
+        Ok(Generator::loaded(session, rows, bucket, g.meta))
+    }
+
+    /// A generator over a loaded session of `batch` inputs with `rows_per_input` rows each.
+    fn loaded(session: Session, (batch, rows_per_input): (usize, usize), bucket: usize, meta: GenerationMeta) -> Self {
+        let (selects, has_logits, samples_on_device, beam_candidates) = ends_of(session.program());
+        let (sampling, last_prefill, decode_run_s, beam_scores) = (None, Vec::new(), 0.0, None);
+        Generator {
+            session,
+            batch,
+            bucket,
+            meta,
+            last_prefill,
+            sampling,
+            rows_per_input,
+            selects,
+            has_logits,
+            samples_on_device,
+            beam_candidates,
+            beam_scores,
+            decode_run_s,
+        }
     }
 
     /// Greedy generation for `input_ids [B, L]` with `attention_mask [B, L]` (left padding);
@@ -402,7 +502,9 @@ impl Generator {
                 // sequence a single sample per input gives (the selection step's streams).
                 let stream = (r / per + (r % per) * n_in) as u64;
                 let padded = done[r] && self.meta.pad_finished;
-                let (id, lp) = match (&chosen.ids, row, &self.sampling) {
+                // The device's ids are greedy only where it does not sample (cube).
+                let device = chosen.ids.as_ref().filter(|_| self.sampling.is_none() || self.samples_on_device);
+                let (id, lp) = match (device, row, &self.sampling) {
                     _ if padded => (self.meta.pad, 0.0),
                     (Some((ids, lps)), _, _) => (ids[r], lps[r]),
                     (None, Some(row), sp) => {
@@ -411,6 +513,12 @@ impl Generator {
                             None => argmax(row),
                         };
                         (id as i64, (row[id] as f64 - crate::sampling::log_sum_exp(row)) as f32)
+                    }
+                    (None, None, Some(_)) if chosen.ids.is_some() => {
+                        return Err(Error::Usage(
+                            "this backend samples on the host from the logits, and this program outputs only greedy ids (compile it with step logits)"
+                                .into(),
+                        ))
                     }
                     (None, None, _) => return Err(Error::Usage("the program output neither ids nor logits".into())),
                 };
@@ -451,19 +559,6 @@ impl Generator {
         })
     }
 
-    /// One decode step on every row: `next [R]` tokens at cache slot `slot`, the mask over the
-    /// cache `[R, capacity]` and positions `[R]`; the next logits `[R, V]` (soft-capped where
-    /// the model caps its decode steps).
-    pub(crate) fn decode_step(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize) -> Result<Vec<f32>> {
-        if !self.has_logits {
-            return Err(Error::Usage(
-                "this generation program chooses its tokens itself and outputs no logits (beam search needs a program compiled with them)"
-                    .into(),
-            ));
-        }
-        Ok(self.decode_choose(next, mask, pos, slot, 0)?.logits)
-    }
-
     /// One decode step choosing token `step` ([`crate::select`]); the logits only where the
     /// program outputs them (soft-capped where the model caps its decode steps).
     pub(crate) fn decode_choose(&mut self, next: &[i64], mask: &[i64], pos: &[i64], slot: usize, step: usize) -> Result<Chosen> {
@@ -471,15 +566,15 @@ impl Generator {
         let (ids, mask, pos) = (Tensor::from_i64(&[b, 1], next), Tensor::from_i64(&[b, c], mask), Tensor::from_i64(&[b, 1], pos));
         let at = Tensor::from_i64(&[1], &[slot as i64]);
         let sel = crate::select::inputs(self.sampling.as_ref(), step);
+        let scores = self.beam_candidates.and(self.beam_scores.clone());
         let mut ins: Vec<(&str, &Tensor)> =
             vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
-        if self.selects {
-            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
-        }
+        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let t = std::time::Instant::now();
         let outs = self.session.run("decode", &ins)?;
         self.decode_run_s += t.elapsed().as_secs_f64();
         let mut chosen = self.chosen(&outs)?;
+        self.read_kept_logits(&mut chosen)?;
         // A program that chooses its tokens caps the logits itself.
         if let (Some(cap), false) = (self.meta.decode_softcap, self.selects) {
             chosen.logits.iter_mut().for_each(|z| *z = cap * (*z / cap).tanh());
@@ -488,16 +583,20 @@ impl Generator {
     }
 
     /// What an entry's outputs say about the next token: ids and log-probabilities where the
-    /// program chose them, the logits where it outputs them.
+    /// program chose them, beam search's candidates where it output them, the logits where it
+    /// outputs them.
     fn chosen(&self, outs: &[(String, Tensor)]) -> Result<Chosen> {
         let get = |n: &str| outs.iter().find(|(k, _)| k == n).map(|(_, t)| t);
         let logits = get("logits").map(|t| t.to_f32()).unwrap_or_default();
-        let ids = match (get("ids"), get("logprobs")) {
+        let pair = |i: &str, l: &str| match (get(i), get(l)) {
             (Some(i), Some(l)) => Some((i.to_f64().iter().map(|&x| x as i64).collect(), l.to_f32())),
-            _ if logits.is_empty() => return Err(Error::Usage("the program outputs neither ids and logprobs nor logits".into())),
             _ => None,
         };
-        Ok(Chosen { ids, logits })
+        let (ids, beams) = (pair("ids", "logprobs"), pair("beam_ids", "beam_logprobs"));
+        if ids.is_none() && beams.is_none() && logits.is_empty() {
+            return Err(Error::Usage("the program outputs neither ids and logprobs, beam candidates nor logits".into()));
+        }
+        Ok(Chosen { ids, beams, logits })
     }
 
     /// Checks `prompt`, runs the prefill on its `B` rows and, with several rows per input,
@@ -568,6 +667,7 @@ impl Generator {
         }
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
         let sel = crate::select::inputs(self.sampling.as_ref(), 0);
+        let scores = self.beam_candidates.and(self.beam_scores.clone());
         self.session.reset_states()?;
         let t0 = std::time::Instant::now();
         let (ids_t, mask_t, pos_t) =
@@ -578,9 +678,7 @@ impl Generator {
             ins.push(("pixel_values", px));
             ins.push(("token_type_ids", &types));
         }
-        if self.selects {
-            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
-        }
+        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let outs = self.session.run("prefill", &ins)?;
         let mut first = self.chosen(&outs)?;
         let per = self.rows_per_input;
@@ -588,6 +686,7 @@ impl Generator {
             let rows: Vec<usize> = (0..b * per).map(|r| r / per).collect();
             self.session.gather_state_rows(&rows)?;
         }
+        self.read_kept_logits(&mut first)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         self.last_prefill = ins.iter().map(|(n, t)| (n.to_string(), (*t).clone())).collect();
         let spread = |x: &[i64], w: usize| (0..b * per).flat_map(|r| x[(r / per) * w..(r / per + 1) * w].to_vec()).collect::<Vec<_>>();
@@ -597,6 +696,35 @@ impl Generator {
             first.logits = (0..b * per).flat_map(|r| first.logits[(r / per) * v..(r / per + 1) * v].to_vec()).collect();
         }
         Ok(Prefilled { first, mask: spread(&mask, c), next_pos: spread(&next_pos, 1), prefill_s })
+    }
+}
+
+impl Generator {
+    /// Reads the logits a greedy-only program keeps on the device
+    /// ([`crate::select::LOGITS_STATE`]) into `chosen` when the host samples from them.
+    fn read_kept_logits(&mut self, chosen: &mut Chosen) -> Result<()> {
+        if self.sampling.is_some() && !self.samples_on_device && chosen.logits.is_empty() {
+            if let Some(t) = self.session.state(crate::select::LOGITS_STATE)? {
+                chosen.logits = t.to_f32();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adds the selection step's runtime inputs a program takes: the sampling options `sel` where
+/// it samples on the device, beam search's `scores` where it scores beams.
+fn selection_inputs<'a>(
+    ins: &mut Vec<(&'a str, &'a Tensor)>,
+    sel: &'a [(&'static str, Tensor); 2],
+    samples: bool,
+    scores: Option<&'a Tensor>,
+) {
+    if samples {
+        ins.extend(sel.iter().map(|(n, t)| (*n, t)));
+    }
+    if let Some(t) = scores {
+        ins.push((crate::select::BEAM_SCORES, t));
     }
 }
 
@@ -614,6 +742,9 @@ pub(crate) struct Prefilled {
 pub(crate) struct Chosen {
     /// The ids `[R]` and their log-probabilities `[R]`, where the program chose them.
     pub ids: Option<(Vec<i64>, Vec<f32>)>,
+    /// Beam search's candidates `[R, n]` and their scores `[R, n]` (the beam's score plus the
+    /// token's log-probability), where the program output them.
+    pub beams: Option<(Vec<i64>, Vec<f32>)>,
     /// The logits `[R, V]` where the program outputs them (else empty).
     pub logits: Vec<f32>,
 }
@@ -669,9 +800,8 @@ impl Generator {
         let sel = crate::select::inputs(self.sampling.as_ref(), 1);
         let mut ins: Vec<(&str, &Tensor)> =
             vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
-        if self.selects {
-            ins.extend(sel.iter().map(|(n, t)| (*n, t)));
-        }
+        let scores = self.beam_candidates.map(|_| Tensor::from_f32(&[b], &vec![0.0; b]));
+        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let t = std::time::Instant::now();
         let steps = self.session.profile("decode", &ins)?;
         Ok((steps, t.elapsed().as_secs_f64()))

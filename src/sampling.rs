@@ -63,10 +63,10 @@ pub(crate) fn draw(kept: &[usize], score: impl Fn(usize) -> f64, u: f64) -> usiz
     kiln_graph::sample::draw(kept, score, u)
 }
 
-/// `log(sum(exp(row)))` in double precision (a log-softmax is `row[i] - log_sum_exp(row)`).
+/// `log(sum(exp(row)))` in double precision (a log-softmax is `row[i] - log_sum_exp(row)`):
+/// [`kiln_graph::sample::log_sum_exp`], the code `Op::LogSoftmax` runs too.
 pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+    kiln_graph::sample::log_sum_exp_f32(row)
 }
 
 /// Draws 20,000 tokens with `draw(step)` and checks them against the distribution `p`: no

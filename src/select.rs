@@ -2,14 +2,27 @@
 //! [`crate::generate`] appends to the model's `prefill` and `decode`, and the runtime inputs
 //! that drive it.
 //!
-//! The model's `logits [R, 1, V]` (soft-capped where the model caps its decode steps) feed
-//! [`Op::SampleToken`] (greedy, or transformers' sampling filters drawn with kiln's
-//! counter-based generator, `kiln_graph::sample`), and a log-softmax gathered at the chosen
-//! ids gives their log-probabilities. The entry's outputs become `ids [R]` (i64) and
-//! `logprobs [R]` (f32): the host reads those, never the logits, unless the program was
-//! compiled to keep them (`step_logits`: beam search and `kiln generate --step-logits`).
+//! The model's `logits [R, 1, V]` (soft-capped where the model caps its decode steps) end in
+//! one of three ways ([`Choice`]):
+//! - [`Choice::Sample`]: [`Op::SampleToken`] (greedy, or transformers' sampling filters drawn
+//!   with kiln's counter-based generator, `kiln_graph::sample`), and a log-softmax gathered at
+//!   the chosen ids gives their log-probabilities. Outputs `ids [R]` (i64) and `logprobs [R]`
+//!   (f32): the host reads those (12 bytes a row), never the logits.
+//! - [`Choice::Greedy`]: the first argmax as `Op::TopK { k: 1 }` and its log-probability, for
+//!   backends without a sampling kernel (cube: WGSL has no f64 or u64). The same outputs; the
+//!   logits stay on the device in the state [`LOGITS_STATE`], which the host reads only to
+//!   sample (a temperature above 0), with the host's copy of the same sampling code.
+//! - [`Choice::Beams`]: beam search's candidates. The input `beam_scores` f32 `[R]` (each
+//!   beam's running score) is added to `Op::LogSoftmax` of the logits (the host's f64
+//!   log-sum-exp, so the sums equal the host's bit for bit); `Op::TopK { k: n }` keeps each
+//!   row's `n` best and a take-along-axis gathers them. Outputs `beam_ids [R, n]` (i64) and
+//!   `beam_logprobs [R, n]` (f32, the beam's score plus the token's log-probability): the host
+//!   reads `R * n * 12` bytes a step, not the `R * V * 4` of the logits.
 //!
-//! Runtime inputs (one artifact serves greedy and every sampling setting):
+//! With `step_logits` the entry also outputs the `logits [R, 1, V]` the choice was made from
+//! (`kiln generate --step-logits`, the Python package).
+//!
+//! Runtime inputs of [`Choice::Sample`] (one artifact serves greedy and every sampling setting):
 //! - `sampling` f32 `[2]`: temperature (0: greedy) and top-p (1: off);
 //! - `sampling_counters` i64 `[4]`: top-k (0: off), the seed's high and low 32 bits, and the
 //!   step (the index of the token being chosen: 0 for the prefill's).
@@ -27,6 +40,23 @@ use kiln_runtime::Tensor;
 pub const OPTIONS: &str = "sampling";
 /// The name of the i64 `[4]` input (top-k, seed high, seed low, step).
 pub const COUNTERS: &str = "sampling_counters";
+/// The name of [`Choice::Greedy`]'s f32 `[R, 1, V]` state: the logits of the last step, left
+/// on the device; the host reads them ([`kiln_runtime::Session::state`]) only to sample.
+pub const LOGITS_STATE: &str = "sampling_logits";
+/// The name of [`Choice::Beams`]' f32 `[R]` input (each beam's running score).
+pub const BEAM_SCORES: &str = "beam_scores";
+
+/// How an entry chooses its next tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// `Op::SampleToken`: greedy or sampled, by the runtime inputs.
+    Sample,
+    /// The first argmax (`Op::TopK { k: 1 }`); the logits are kept in the state
+    /// [`LOGITS_STATE`], which the host reads to sample.
+    Greedy,
+    /// Beam search's `n` best continuations per row.
+    Beams { n: usize },
+}
 
 /// How a generation entry ends: `batch` inputs, `rows_per_input` rows each (the entry's
 /// logits have `batch` rows when `spread`, each then copied to its `rows_per_input` rows;
@@ -38,10 +68,11 @@ pub struct Selection {
     pub spread: bool,
     pub softcap: Option<f32>,
     pub step_logits: bool,
+    pub choice: Choice,
 }
 
-/// Replaces `g`'s output `logits [rows, 1, V]` with `ids [R]` and `logprobs [R]` (and, with
-/// `step_logits`, `logits [R, 1, V]` as the ids were chosen from).
+/// Replaces `g`'s output `logits [rows, 1, V]` with what `s.choice` outputs (and, with
+/// `step_logits`, `logits [R, 1, V]` as the choice was made from).
 pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
     let k = g.outputs.iter().position(|(n, _)| n == "logits").ok_or_else(|| Error::Usage("the entry has no logits output".into()))?;
     let logits = g.outputs[k].1;
@@ -59,6 +90,7 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
         let y = g.unary(UnaryOp::Tanh, y)?;
         x = g.mul(y, c)?;
     }
+    let own_rows = x;
     if s.spread && per > 1 {
         let idx = g.constant(DType::I64, &[rows], (0..rows).map(|r| (r / per) as f64).collect())?;
         x = g.push(Op::Gather { axis: 0 }, &[x, idx])?;
@@ -66,23 +98,59 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
     if g.shape(x)[0] != rows {
         return Err(Error::Usage(format!("the entry's logits have {} rows, expected {rows}", g.shape(x)[0])));
     }
-    let options = g.input(OPTIONS, DType::F32, &[2])?;
-    let counters = g.input(COUNTERS, DType::I64, &[4])?;
-    let streams = g.constant(DType::I64, &[rows], (0..rows).map(|r| (r / per + (r % per) * b) as f64).collect())?;
-    let ids = g.push(Op::SampleToken, &[x, options, counters, streams])?;
-    // log p(id) = x[id] - max - log(sum(exp(x - max))).
-    let max = g.reduce(ReduceOp::Max, x, &[1], true)?;
-    let shifted = g.binary(BinaryOp::Sub, x, max)?;
-    let e = g.unary(UnaryOp::Exp, shifted)?;
-    let sum = g.reduce(ReduceOp::Sum, e, &[1], true)?;
-    let log_sum = g.unary(UnaryOp::Log, sum)?;
-    let at = g.reshape(ids, &[rows, 1])?;
-    let chosen = g.push(Op::TakeAlongAxis { axis: 1 }, &[shifted, at])?;
-    let lp = g.binary(BinaryOp::Sub, chosen, log_sum)?;
-    let lp = g.reshape(lp, &[rows])?;
     g.outputs.remove(k);
-    g.output("ids", ids);
-    g.output("logprobs", lp);
+    match s.choice {
+        Choice::Sample | Choice::Greedy => {
+            let ids = match s.choice {
+                Choice::Sample => {
+                    let options = g.input(OPTIONS, DType::F32, &[2])?;
+                    let counters = g.input(COUNTERS, DType::I64, &[4])?;
+                    let streams = g.constant(DType::I64, &[rows], (0..rows).map(|r| (r / per + (r % per) * b) as f64).collect())?;
+                    g.push(Op::SampleToken, &[x, options, counters, streams])?
+                }
+                _ => {
+                    // The logits stay on the device, in a state the host reads to sample; a
+                    // prefill writes its inputs' rows first (zeros after), as the KV cache, so
+                    // that spreading the states to the rows spreads them too.
+                    let mut kept = own_rows;
+                    if g.shape(kept)[0] < rows {
+                        let z = g.scalar(DType::F32, 0.0)?;
+                        let z = g.push(Op::Broadcast { shape: vec![rows - g.shape(kept)[0], v] }, &[z])?;
+                        kept = g.concat(&[kept, z], 0)?;
+                    }
+                    let kept = g.reshape(kept, &[rows, 1, v])?;
+                    g.output(LOGITS_STATE, kept);
+                    let first = g.push(Op::TopK { k: 1 }, &[x])?;
+                    g.reshape(first, &[rows])?
+                }
+            };
+            // log p(id) = x[id] - max - log(sum(exp(x - max))).
+            let max = g.reduce(ReduceOp::Max, x, &[1], true)?;
+            let shifted = g.binary(BinaryOp::Sub, x, max)?;
+            let e = g.unary(UnaryOp::Exp, shifted)?;
+            let sum = g.reduce(ReduceOp::Sum, e, &[1], true)?;
+            let log_sum = g.unary(UnaryOp::Log, sum)?;
+            let at = g.reshape(ids, &[rows, 1])?;
+            let chosen = g.push(Op::TakeAlongAxis { axis: 1 }, &[shifted, at])?;
+            let lp = g.binary(BinaryOp::Sub, chosen, log_sum)?;
+            let lp = g.reshape(lp, &[rows])?;
+            g.output("ids", ids);
+            g.output("logprobs", lp);
+        }
+        Choice::Beams { n } => {
+            if n == 0 || n > v {
+                return Err(Error::Usage(format!("{n} beam candidates per row from a vocabulary of {v}")));
+            }
+            let scores = g.input(BEAM_SCORES, DType::F32, &[rows])?;
+            let scores = g.reshape(scores, &[rows, 1])?;
+            let lp = g.push(Op::LogSoftmax, &[x])?;
+            let acc = g.binary(BinaryOp::Add, lp, scores)?;
+            let ids = g.push(Op::TopK { k: n }, &[acc])?;
+            let vals = g.push(Op::TakeAlongAxis { axis: 1 }, &[acc, ids])?;
+            g.output("beam_ids", ids);
+            g.output("beam_logprobs", vals);
+        }
+    }
     if s.step_logits {
         let kept = g.reshape(x, &[rows, 1, v])?;
         g.output("logits", kept);
@@ -90,8 +158,8 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
     Ok(())
 }
 
-/// The runtime inputs for choosing token `step` (0: the prefill's) under `sampling` (`None`:
-/// greedy).
+/// The runtime inputs of [`Choice::Sample`] for choosing token `step` (0: the prefill's) under
+/// `sampling` (`None`: greedy).
 pub fn inputs(sampling: Option<&HfSampling>, step: usize) -> [(&'static str, Tensor); 2] {
     let (t, k, p, seed) = match sampling {
         Some(s) => (s.temperature as f32, s.top_k as i64, s.top_p as f32, s.seed),

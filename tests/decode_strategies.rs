@@ -1,6 +1,7 @@
 //! Decoding strategies on the Gemma fixtures (`scripts/gen_gemma_fixtures.py`): beam search
 //! against transformers' `generate(num_beams=4, ...)` (sequences exactly, sequences_scores
-//! within 1e-4), several samples per input from one prefill (its KV cache copied to the
+//! within 1e-4), scored on the host from the logits and on the device (its candidates, equal
+//! to the host's bit for bit), several samples per input from one prefill (its KV cache copied to the
 //! sample rows by `Session::gather_state_rows`), and the chosen tokens' log-probabilities.
 
 mod common;
@@ -21,6 +22,14 @@ fn beam_on(backend: &str, cases: &[&str]) {
         let get = |n: &str| reference.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{case}: no {n}")).1.clone();
         let (ids, mask, px, b, l) = batch(case);
         let mut g = Generator::with_outputs(&dir, (b, 4), l + 1, NEW, backend, kiln_graph::DType::F32, true).expect("compile");
+        assert!(g.beam_candidates.is_none() && g.has_logits, "{case} {backend}: the host-logits program");
+        // The candidates scored on the device where the backend can (not cube: no f64).
+        let mut dev = Generator::for_beams(&dir, (b, 4), l + 1, NEW, backend, kiln_graph::DType::F32, false).expect("compile beams");
+        if backend != "cube" {
+            let n = kiln::beam::candidates_per_row(4, &dev.meta.eos, dev.meta.vocab);
+            assert_eq!(dev.beam_candidates, Some(n), "{case} {backend}: candidates per row");
+            assert!(!dev.has_logits, "{case} {backend}: the beam program outputs no logits");
+        }
         let prompt = Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
         let settings = [
             (
@@ -53,6 +62,11 @@ fn beam_on(backend: &str, cases: &[&str]) {
             let err = out.sequences_scores.iter().zip(want_scores.to_f32()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             eprintln!("{case} {name} {backend}: sequences_scores max error {err:.2e} ({:?})", out.sequences_scores);
             assert!(err <= 1e-4, "{case} {name} {backend}: sequences_scores {:?} vs {:?}", out.sequences_scores, want_scores.to_f32());
+            let d = dev.beam_search(&prompt, NEW, px.as_ref(), &o).unwrap_or_else(|e| panic!("{case} {name} device: {e}"));
+            assert_eq!(d.sequences, out.sequences, "{case} {name} {backend}: device candidates vs host logits, sequences");
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&d.sequences_scores), bits(&out.sequences_scores), "{case} {name} {backend}: scores, bit for bit");
+            assert_eq!(d.decode_steps, out.decode_steps, "{case} {name} {backend}: decode steps");
         }
     }
 }
@@ -159,6 +173,13 @@ fn cli_beams_and_samples() {
     assert_eq!(get(&got, "sequences").to_f64(), get(&want, "fixed/sequences").to_f64());
     let (a, b) = (get(&got, "sequences_scores").to_f32(), get(&want, "fixed/sequences_scores").to_f32());
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "{a:?} vs {b:?}");
+    // The beam program outputs each row's candidates, not the logits: 12 bytes a candidate.
+    let json = String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).last();
+    let read = json.and_then(|j| j["host_read_bytes_per_step"].as_u64()).expect("host_read_bytes_per_step in the JSON line");
+    let (_, _, _, b, l) = batch("gemma2_gqa");
+    let g = Generator::for_beams(&dir, (b, 4), l, 6, "cpu", kiln_graph::DType::F32, false).expect("compile");
+    let n = kiln::beam::candidates_per_row(4, &g.meta.eos, g.meta.vocab);
+    assert_eq!(read as usize, b * 4 * n * 12, "bytes read a step ({n} candidates a row, vocabulary {})", g.meta.vocab);
     let o = run(&["--num-samples", "3", "--temperature", "1.2", "--seed", "4"], "samples.safetensors");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = io::read(&tmp.join("samples.safetensors")).unwrap();

@@ -203,8 +203,9 @@ fn cli_generate_reads_ids() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
-/// The cube backend chooses on the host (its kernels have no f64 or u64): the same seeds and
-/// settings give the cpu program's device-chosen tokens.
+/// The cube backend chooses greedily on the device (`Op::TopK { k: 1 }`; a decode step returns
+/// 12 bytes a row) and samples on the host from the logits it keeps in a state (its kernels
+/// have no f64 or u64): the same seeds and settings give the cpu program's device-chosen tokens.
 #[cfg(feature = "cube")]
 #[test]
 fn cube_host_choice_equals_cpu_device_choice() {
@@ -214,7 +215,7 @@ fn cube_host_choice_equals_cpu_device_choice() {
         let prompt = Prompt { input_ids: &ids, attention_mask: &mask, token_type_ids: None, len: l };
         let mut cpu = Generator::with_rows(&dir, (b, 2), l + 1, NEW, "cpu", DType::F32).expect("compile");
         let mut cube = Generator::with_rows(&dir, (b, 2), l + 1, NEW, "cube", DType::F32).expect("compile");
-        assert!(cpu.selects && !cube.selects && cube.has_logits);
+        assert!(cpu.selects && cpu.samples_on_device && cube.selects && !cube.samples_on_device && !cube.has_logits);
         for s in settings() {
             cpu.sampling = s;
             cube.sampling = s;
@@ -224,6 +225,18 @@ fn cube_host_choice_equals_cpu_device_choice() {
             let e = a.logprobs.iter().zip(&c.logprobs).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(e < 1e-4, "{case} {s:?}: logprobs differ by {e}");
         }
+        // What one greedy decode call returns to the host: the ids and their log-probabilities.
+        let (r, c) = (b * 2, cube.meta.capacity);
+        let (i, m, p, at) = (
+            Tensor::from_i64(&[r, 1], &vec![2; r]),
+            Tensor::from_i64(&[r, c], &vec![1; r * c]),
+            Tensor::from_i64(&[r, 1], &vec![3; r]),
+            Tensor::from_i64(&[1], &[l as i64]),
+        );
+        let ins: Vec<(&str, &Tensor)> = vec![("input_ids", &i), ("attention_mask", &m), ("position_ids", &p), ("cache_position", &at)];
+        let outs = cube.session.run("decode", &ins).expect("decode");
+        let bytes: usize = outs.iter().map(|(_, t)| t.bytes.len()).sum();
+        assert_eq!(bytes, 12 * r, "{case}: bytes a cube decode step returns");
     }
 }
 

@@ -184,7 +184,7 @@ const CUDA_LACKS: &[&str] = &[];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token"];
+const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token", "log_softmax"];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()
@@ -423,6 +423,20 @@ fn index_ops_rows() -> Vec<Row> {
         rows.push(row(name, g, 1));
     }
 
+    // Beam search's candidates (`kiln::select`): the log-softmax plus each row's score, the
+    // best 6 per row and their values.
+    let mut g = Graph::new();
+    let x = f32in(&mut g, "logits", &[4, 300]);
+    let scores = f32in(&mut g, "scores", &[4, 1]);
+    let lp = g.push(Op::LogSoftmax, &[x]).unwrap();
+    let acc = g.binary(BinaryOp::Add, lp, scores).unwrap();
+    let k = g.push(Op::TopK { k: 6 }, &[acc]).unwrap();
+    let v = g.push(Op::TakeAlongAxis { axis: 1 }, &[acc, k]).unwrap();
+    g.output("log_softmax", lp);
+    g.output("ids", k);
+    g.output("vals", v);
+    rows.push(row("log_softmax beam candidates", g, 1));
+
     let mut g = Graph::new();
     let idx = g.input("idx", DType::I64, &[3, 4]).unwrap();
     let y = g.push(Op::ScatterAdd { axis: 1 }, &[idx, idx, idx]).unwrap();
@@ -591,9 +605,10 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::Fused(_) => 25,
         Op::Conv(_) => 26,
         Op::SampleToken => 27,
+        Op::LogSoftmax => 28,
     })
 }
-const OP_KINDS: usize = 28;
+const OP_KINDS: usize = 29;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();

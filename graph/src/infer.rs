@@ -79,6 +79,14 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
         Op::Attention(_) | Op::MoeDispatch { .. } | Op::MoeCombine => compute(op, inputs),
         Op::Conv(c) => conv(c, inputs),
         Op::SampleToken => sample_token(inputs),
+        Op::LogSoftmax => {
+            arity(inputs, 1)?;
+            float(inputs[0], "input")?;
+            if inputs[0].rank() == 0 {
+                return Err(format!("log_softmax of a scalar {}: expected at least one axis", inputs[0]));
+            }
+            Ok(inputs[0].clone())
+        }
     }
 }
 

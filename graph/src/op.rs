@@ -324,6 +324,11 @@ pub enum Op {
     /// `streams [B]` (i64: each row's random stream); the ids `[B]` (i64). Temperature <= 0
     /// is greedy (the first argmax).
     SampleToken,
+    /// Log-softmax over the last axis, `x - log(sum(exp(x)))`, with the log-sum-exp taken in
+    /// double precision (the row's max, then the sum of `exp(x - max)` in index order) before
+    /// the result is rounded to the element type ([`crate::sample::log_softmax`]): the
+    /// candidate scores of beam search, equal to the host's log-softmax of the same logits.
+    LogSoftmax,
 }
 
 /// The geometry of a [`Op::Conv`]; zero padding, the same `pad` before and after each axis.
@@ -450,6 +455,7 @@ impl Op {
             Op::WriteSlice { axis } => ("write_slice", a(&|| format!("axis={axis}"))),
             Op::Fused(e) => ("fused", a(&|| e.formula())),
             Op::SampleToken => ("sample_token", String::new()),
+            Op::LogSoftmax => ("log_softmax", String::new()),
             Op::Conv(c) => {
                 ("conv", a(&|| format!("stride={:?}, pad={:?}{}", c.stride, c.pad, if c.transposed { ", transposed" } else { "" })))
             }
@@ -500,7 +506,7 @@ impl Op {
                 };
                 (2 * taps * n_out, all_bytes)
             }
-            Op::Softmax { .. } => (5 * n_out, all_bytes),
+            Op::Softmax { .. } | Op::LogSoftmax => (5 * n_out, all_bytes),
             Op::LayerNorm { .. } => (7 * n_out, all_bytes),
             Op::RmsNorm { .. } => (4 * n_out, all_bytes),
             Op::Attention(a) => {

@@ -93,6 +93,37 @@ pub fn draw(kept: &[usize], score: impl Fn(usize) -> f64, u: f64) -> usize {
     kept.last().copied().unwrap_or(0)
 }
 
+/// `log(sum(exp(row)))` in double precision: the row's max, then the sum of `exp(x - max)`
+/// in index order.
+pub fn log_sum_exp(row: &[f64]) -> f64 {
+    lse(|| row.iter().copied())
+}
+
+/// [`log_sum_exp`] of f32 values (widened exactly: the same result as on the widened row).
+pub fn log_sum_exp_f32(row: &[f32]) -> f64 {
+    lse(|| row.iter().map(|&v| v as f64))
+}
+
+fn lse<I: Iterator<Item = f64>>(row: impl Fn() -> I) -> f64 {
+    let max = row().fold(f64::NEG_INFINITY, f64::max);
+    max + row().map(|v| (v - max).exp()).sum::<f64>().ln()
+}
+
+/// `row - log_sum_exp(row)`: the log-softmax [`Op::LogSoftmax`](crate::Op) computes before
+/// rounding to its element type, and the host's beam search and log-probabilities take.
+pub fn log_softmax(row: &[f64]) -> Vec<f64> {
+    let lse = log_sum_exp(row);
+    row.iter().map(|&x| x - lse).collect()
+}
+
+/// [`log_softmax`] of an f32 row rounded to f32, into `out` (the cpu kernel; no allocation).
+pub fn log_softmax_f32(row: &[f32], out: &mut [f32]) {
+    let lse = log_sum_exp_f32(row);
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x as f64 - lse) as f32;
+    }
+}
+
 /// What [`Op::SampleToken`](crate::Op) reads from its runtime inputs, checked: `options`
 /// `[temperature, top_p]` (f32) and `counters` `[top_k, seed >> 32, seed & 0xffff_ffff, step]`
 /// (i64; the seed split so each half is exact in the interpreter's f64 values).

@@ -52,6 +52,10 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
         Op::Input { .. } | Op::Weight { .. } => Err("sources are read, not evaluated".into()),
         Op::Constant { values } => Ok(values.clone()),
         Op::SampleToken => crate::sample::sample_rows(&a[0].data, &a[1].data, &a[2].data, &a[3].data),
+        Op::LogSoftmax => {
+            let v = *a[0].ty.shape.last().unwrap_or(&1);
+            Ok(a[0].data.chunks(v.max(1)).flat_map(crate::sample::log_softmax).collect())
+        }
         Op::Iota { axis, start, step } => {
             let (_, len, inner) = split(&out.shape, *axis);
             Ok((0..out.numel()).map(|i| start + step * ((i / inner) % len) as f64).collect())

@@ -167,8 +167,9 @@ pub fn scatter_add<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Ar
 }
 
 /// Top-k indices along the last axis by rank: the unit of element `j` counts the elements
-/// ahead of it (larger, or equal at a lower index) and, if fewer than `k`, writes `j` at that
-/// rank. Meta: [`TopkParams`].
+/// ahead of it (larger, or equal at a lower index), stopping once `k` are, and if fewer than
+/// `k` writes `j` at that rank (so a row of `d` costs about `d * k * ln(d)` reads, not `d^2`:
+/// greedy decoding's argmax over a vocabulary). Meta: [`TopkParams`].
 #[cube(launch_unchecked)]
 pub fn topk<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] x: Src, #[comptime] out: Repr) {
     let n = meta[TopkParams::N] as usize;
@@ -181,11 +182,13 @@ pub fn topk<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32
         let x0 = meta[TopkParams::X_OFF] as usize + row * d;
         let v = typed::read::<F>(arena, weights, x0 + j, x);
         let mut rank = 0usize;
-        for e in 0..d {
+        let mut e = 0usize;
+        while e < d && rank < k {
             let w = typed::read::<F>(arena, weights, x0 + e, x);
             if w > v || (w == v && e < j) {
                 rank += 1;
             }
+            e += 1;
         }
         if rank < k {
             let dst = meta[TopkParams::OUT_OFF] as usize + row * k + rank;

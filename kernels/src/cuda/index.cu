@@ -309,6 +309,41 @@ AXIS_FLOAT(f32, float)
 AXIS_FLOAT(bf16, bf16)
 AXIS_FLOAT(f16, f16)
 
+// Log-softmax over the last axis of f32 x [outer, len] into out (`Op::LogSoftmax`, as
+// kiln_graph::sample::log_softmax computes it): one block per row; the row's max, the sum of
+// exp(x - max) in double (each thread's strided part, then a tree over the block: another
+// order of additions than the host's, so the sum may differ in its last double bits),
+// lse = max + log(sum), out = (float)((double)x - lse).
+extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) {
+  __shared__ double red[256];
+  const int t = threadIdx.x;
+  for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
+    const float* x = (const float*)p.x + r * p.len;
+    float* o = (float*)p.out + r * p.len;
+    double m = __longlong_as_double(0xfff0000000000000ll);  // -inf
+    for (i64 i = t; i < p.len; i += blockDim.x) m = fmax(m, (double)x[i]);
+    red[t] = m;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (t < s) red[t] = fmax(red[t], red[t + s]);
+      __syncthreads();
+    }
+    m = red[0];
+    __syncthreads();
+    double sum = 0.0;
+    for (i64 i = t; i < p.len; i += blockDim.x) sum += exp((double)x[i] - m);
+    red[t] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (t < s) red[t] += red[t + s];
+      __syncthreads();
+    }
+    const double lse = m + log(red[0]);
+    __syncthreads();
+    for (i64 i = t; i < p.len; i += blockDim.x) o[i] = (float)((double)x[i] - lse);
+  }
+}
+
 // The next token per row (`Op::SampleToken`, kiln_graph::sample): one block per row.
 // x: f32 logits [rows, v]; opts: f32 [temperature, top_p]; ctr: i64 [top_k, seed_hi, seed_lo,
 // step]; streams: i64 [rows]; out: i64 [rows]; scratch: int [rows, v] (top-p's order).

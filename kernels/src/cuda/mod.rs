@@ -157,6 +157,7 @@ fn index_kernels() -> Vec<Kernel> {
         v.push(k(format!("resize_{t}"), false));
     }
     v.push(k("sample_token_f32".to_string(), false));
+    v.push(k("log_softmax_f32".to_string(), false));
     v
 }
 
@@ -415,6 +416,7 @@ mod tests {
             }
             ["softmax", "axis", t] | ["resize", t] => src.contains(&format!("AXIS_FLOAT({t},")),
             ["sample", "token", "f32"] => src.contains("void __launch_bounds__(256) sample_token_f32("),
+            ["log", "softmax", "f32"] => src.contains("void __launch_bounds__(256) log_softmax_f32("),
             _ => false,
         }
     }

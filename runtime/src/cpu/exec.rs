@@ -124,6 +124,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::MoeDispatch
                 | CpuKernel::MoeCombine
                 | CpuKernel::SampleToken
+                | CpuKernel::LogSoftmax
                 | CpuKernel::Reference => Prep::None,
             };
             Ok(Prepared { kernel, prep })
@@ -368,6 +369,12 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         CpuKernel::Softmax => {
             let n = *out_ty.shape.last().unwrap_or(&1);
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
+            Ok(())
+        }
+        CpuKernel::LogSoftmax => {
+            let n = out_ty.shape.last().copied().unwrap_or(1).max(1);
+            let out = mem.f32_mut(&s.output).chunks_mut(n);
+            mem.f32(&s.inputs[0]).chunks(n).zip(out).for_each(|(x, o)| kiln_graph::sample::log_softmax_f32(x, o));
             Ok(())
         }
         CpuKernel::Reduce => {

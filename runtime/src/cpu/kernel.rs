@@ -40,6 +40,8 @@ crate::kernel_enum::kernel_enum! {
         MoeCombine => "cpu.moe_combine",
         /// The next token per row (greedy read in place; sampling through `kiln_graph::sample`).
         SampleToken => "cpu.sample_token",
+        /// Log-softmax over the last axis, `kiln_graph::sample::log_softmax_f32` row by row.
+        LogSoftmax => "cpu.log_softmax",
         /// The interpreter's arm on converted values: correct for every dtype, slow, allocating.
         Reference => "cpu.reference",
     }
@@ -126,6 +128,8 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         Op::Conv(_) => or_reference(f32_all, K::Conv),
         // The selection is `kiln_graph::sample`'s code, which the host's sampler runs too.
         Op::SampleToken => or_reference(dtype(0) == Some(DType::F32), K::SampleToken),
+        // The host's log-softmax code (beam search's scores must equal the host's).
+        Op::LogSoftmax => or_reference(f32_all, K::LogSoftmax),
     })
 }
 

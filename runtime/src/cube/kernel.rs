@@ -132,6 +132,9 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         // The sampler draws in f64 from a 64-bit counter-based generator (`kiln_graph::sample`),
         // which WGSL has neither of; generation on cube chooses its tokens on the host.
         Op::SampleToken => return no("sampling needs f64 and u64 arithmetic"),
+        // Its log-sum-exp is taken in f64 so that beam search's scores equal the host's; WGSL
+        // has no f64, so beam search on cube reads the logits and scores them on the host.
+        Op::LogSoftmax => return no("the log-softmax's log-sum-exp is taken in f64"),
     };
     Ok(kernel)
 }

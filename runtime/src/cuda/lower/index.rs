@@ -34,6 +34,7 @@ pub(crate) fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Re
         Op::Softmax { .. } => format!("softmax_axis_{}", float_suffix(out.dtype)?),
         Op::Resize { .. } => format!("resize_{}", float_suffix(out.dtype)?),
         Op::SampleToken if inputs[0].dtype == DType::F32 => "sample_token_f32".to_string(),
+        Op::LogSoftmax if inputs[0].dtype == DType::F32 => "log_softmax_f32".to_string(),
         other => return Err(format!("{} is not an index op", other.name())),
     })
 }
@@ -103,6 +104,13 @@ pub(super) fn lower(s: &Step, l: &Layout, ins: &[u64], out: u64) -> Result<Vec<W
             };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
             vec![launch("index", name, grid1(n), kc::BLOCK, 0, &p, &relocs)]
+        }
+        Op::LogSoftmax => {
+            let v = *x.shape.last().ok_or("log-softmax of a scalar")?;
+            let rows = x.numel() / v.max(1);
+            let p = LineParams { x: ins[0], out, outer: rows as i64, len: v as i64, inner: 1, ..Default::default() };
+            let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
+            vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
         }
         Op::SampleToken => {
             let v = *x.shape.last().ok_or("logits of a scalar")?;
