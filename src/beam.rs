@@ -132,6 +132,34 @@ impl Scored {
     }
 }
 
+impl Scored {
+    /// Input `i`'s best `keep` continuations over its `k` beams' `v` tokens (of `rows` rows in
+    /// all), best first: (`beam * v + token`, score), the `masked` ids scored `-inf`.
+    fn best(
+        &self,
+        (i, k, v, rows): (usize, usize, usize, usize),
+        scores: &[f32],
+        keep: usize,
+        masked: &[i64],
+    ) -> Result<Vec<(usize, f32)>> {
+        match self {
+            Scored::Logits(logits) => {
+                let mut acc = Vec::with_capacity(k * v);
+                for j in 0..k {
+                    let mut lp = log_softmax(&logits[(i * k + j) * v..(i * k + j + 1) * v]);
+                    masked.iter().filter(|&&e| e >= 0 && (e as usize) < v).for_each(|&e| lp[e as usize] = f32::NEG_INFINITY);
+                    acc.extend(lp.iter().map(|&x| x + scores[j]));
+                }
+                Ok(top_k(&acc, keep).into_iter().map(|x| (x, acc[x])).collect())
+            }
+            Scored::Candidates(ids, vals) => {
+                let n = ids.len() / rows.max(1);
+                merge_rows((ids, vals), (i, k, n, v), keep, |tok| masked.contains(&tok))
+            }
+        }
+    }
+}
+
 /// The indices of the `k` largest of `x`, largest first (ties: the lower index first).
 fn top_k(x: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..x.len()).collect();
@@ -226,23 +254,8 @@ impl Generator {
             let mut next = vec![0i64; n_in * k];
             for (i, sr) in search.iter_mut().enumerate() {
                 // The best `keep` continuations over [K * V]: (flattened index, score).
-                let top: Vec<(usize, f32)> = match &scored {
-                    Scored::Logits(logits) => {
-                        let mut acc = Vec::with_capacity(k * v);
-                        for j in 0..k {
-                            let mut lp = log_softmax(&logits[(i * k + j) * v..(i * k + j + 1) * v]);
-                            if t < o.min_new_tokens {
-                                eos.iter().filter(|&&e| e >= 0 && (e as usize) < v).for_each(|&e| lp[e as usize] = f32::NEG_INFINITY);
-                            }
-                            acc.extend(lp.iter().map(|&x| x + sr.scores[j]));
-                        }
-                        top_k(&acc, keep).into_iter().map(|x| (x, acc[x])).collect()
-                    }
-                    Scored::Candidates(ids, vals) => {
-                        let n = ids.len() / (n_in * k).max(1);
-                        merge_rows((ids, vals), (i, k, n, v), keep, |tok| t < o.min_new_tokens && eos.contains(&tok))?
-                    }
-                };
+                let masked = if t < o.min_new_tokens { &eos[..] } else { &[] };
+                let top = scored.best((i, k, v, n_in * k), &sr.scores, keep, masked)?;
                 let cand: Vec<(usize, i64, f32, bool)> = top
                     .iter()
                     .map(|&(x, score)| {

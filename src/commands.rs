@@ -565,10 +565,8 @@ pub(super) fn generate_text_inputs(
     };
     let mut g = match model {
         GenModel::Folder(dir) => {
-            // Beam search scores its candidates on the device where the backend can (else it
-            // reads the logits).
-            let beams = matches!(strategy, Strategy::Beams(_));
-            let ending = kiln::generate::Ending { step_logits, beams };
+            // Beam search scores its candidates on the device where the backend can.
+            let ending = kiln::generate::Ending { step_logits, beams: matches!(strategy, Strategy::Beams(_)) };
             progress("compiling", || {
                 kiln::generate::Generator::with_ending(dir, (b, per), bucket, max_new_tokens, (backend, dtype), ending)
             })?
@@ -623,12 +621,7 @@ pub(super) fn generate_text_inputs(
     let (prefill_s, decode_steps, decode_s, host) = timing;
     let mut j = serde_json::json!({"prefill_ms": prefill_s * 1e3, "prompt_tokens": bucket, "decode_steps": decode_steps,
         "decode_ms_per_token": decode_s * 1e3 / decode_steps.max(1) as f64, "rows": rows.0, "seconds": secs});
-    // What the host reads back from a decode step: its outputs other than the states.
-    let p = g.session.program();
-    let read = p
-        .entry("decode")
-        .map_or(0, |e| e.outputs.iter().filter(|io| p.state_index(&io.name).is_none()).map(|io| io.operand.ty.bytes()).sum::<usize>());
-    j["host_read_bytes_per_step"] = read.into();
+    j["host_read_bytes_per_step"] = kiln::select::bytes_read_per_step(g.session.program()).into();
     if let Some((run_s, host_per_token)) = host {
         // The decode entry's Session::run per step, and the token loop's time outside it per token.
         j["decode_run_ms_per_step"] = (run_s * 1e3 / decode_steps.max(1) as f64).into();

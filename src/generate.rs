@@ -45,17 +45,6 @@ pub struct Generator {
     decode_run_s: f64,
 }
 
-/// What a generation program's `decode` entry says about how it ends: whether it chooses
-/// (outputs `ids` or `beam_ids`), outputs `logits`, takes the sampling inputs, and how many
-/// beam candidates a row it outputs.
-fn ends_of(program: &Program) -> (bool, bool, bool, Option<usize>) {
-    let decode = program.entry("decode");
-    let output = |n: &str| decode.and_then(|e| e.outputs.iter().find(|io| io.name == n));
-    let takes = |n: &str| decode.is_some_and(|e| e.inputs.iter().any(|io| io.name == n));
-    let beams = output("beam_ids").and_then(|io| io.operand.ty.shape.get(1).copied());
-    (output("ids").is_some() || beams.is_some(), output("logits").is_some(), takes(crate::select::OPTIONS), beams)
-}
-
 /// A batch of prompts, `[B, len]` each, left-padded (`attention_mask` 0 on padding).
 #[derive(Clone, Copy)]
 pub struct Prompt<'a> {
@@ -421,7 +410,7 @@ impl Generator {
 
     /// A generator over a loaded session of `batch` inputs with `rows_per_input` rows each.
     fn loaded(session: Session, (batch, rows_per_input): (usize, usize), bucket: usize, meta: GenerationMeta) -> Self {
-        let (selects, has_logits, samples_on_device, beam_candidates) = ends_of(session.program());
+        let (selects, has_logits, samples_on_device, beam_candidates) = crate::select::ends_of(session.program());
         let (sampling, last_prefill, decode_run_s, beam_scores) = (None, Vec::new(), 0.0, None);
         Generator {
             session,
@@ -569,7 +558,7 @@ impl Generator {
         let scores = self.beam_candidates.and(self.beam_scores.clone());
         let mut ins: Vec<(&str, &Tensor)> =
             vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
-        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
+        crate::select::add_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let t = std::time::Instant::now();
         let outs = self.session.run("decode", &ins)?;
         self.decode_run_s += t.elapsed().as_secs_f64();
@@ -678,7 +667,7 @@ impl Generator {
             ins.push(("pixel_values", px));
             ins.push(("token_type_ids", &types));
         }
-        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
+        crate::select::add_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let outs = self.session.run("prefill", &ins)?;
         let mut first = self.chosen(&outs)?;
         let per = self.rows_per_input;
@@ -709,22 +698,6 @@ impl Generator {
             }
         }
         Ok(())
-    }
-}
-
-/// Adds the selection step's runtime inputs a program takes: the sampling options `sel` where
-/// it samples on the device, beam search's `scores` where it scores beams.
-fn selection_inputs<'a>(
-    ins: &mut Vec<(&'a str, &'a Tensor)>,
-    sel: &'a [(&'static str, Tensor); 2],
-    samples: bool,
-    scores: Option<&'a Tensor>,
-) {
-    if samples {
-        ins.extend(sel.iter().map(|(n, t)| (*n, t)));
-    }
-    if let Some(t) = scores {
-        ins.push((crate::select::BEAM_SCORES, t));
     }
 }
 
@@ -801,7 +774,7 @@ impl Generator {
         let mut ins: Vec<(&str, &Tensor)> =
             vec![("input_ids", &ids), ("attention_mask", &mask), ("position_ids", &pos), ("cache_position", &at)];
         let scores = self.beam_candidates.map(|_| Tensor::from_f32(&[b], &vec![0.0; b]));
-        selection_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
+        crate::select::add_inputs(&mut ins, &sel, self.samples_on_device, scores.as_ref());
         let t = std::time::Instant::now();
         let steps = self.session.profile("decode", &ins)?;
         Ok((steps, t.elapsed().as_secs_f64()))

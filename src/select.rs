@@ -33,6 +33,7 @@
 
 use crate::sampling::HfSampling;
 use crate::{Error, Result};
+use kiln_graph::program::Program;
 use kiln_graph::{BinaryOp, DType, Graph, Op, ReduceOp, UnaryOp};
 use kiln_runtime::Tensor;
 
@@ -156,6 +157,40 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
         g.output("logits", kept);
     }
     Ok(())
+}
+
+/// What a generation program's `decode` entry says about how it ends: whether it chooses
+/// (outputs `ids` or `beam_ids`), outputs `logits`, takes the sampling inputs, and how many
+/// beam candidates a row it outputs.
+pub(crate) fn ends_of(program: &Program) -> (bool, bool, bool, Option<usize>) {
+    let decode = program.entry("decode");
+    let output = |n: &str| decode.and_then(|e| e.outputs.iter().find(|io| io.name == n));
+    let takes = |n: &str| decode.is_some_and(|e| e.inputs.iter().any(|io| io.name == n));
+    let beams = output("beam_ids").and_then(|io| io.operand.ty.shape.get(1).copied());
+    (output("ids").is_some() || beams.is_some(), output("logits").is_some(), takes(OPTIONS), beams)
+}
+
+/// Adds the selection step's runtime inputs a program takes: the sampling options `sel` where
+/// it samples on the device, beam search's `scores` where it scores beams.
+pub(crate) fn add_inputs<'a>(
+    ins: &mut Vec<(&'a str, &'a Tensor)>,
+    sel: &'a [(&'static str, Tensor); 2],
+    samples: bool,
+    scores: Option<&'a Tensor>,
+) {
+    if samples {
+        ins.extend(sel.iter().map(|(n, t)| (*n, t)));
+    }
+    if let Some(t) = scores {
+        ins.push((BEAM_SCORES, t));
+    }
+}
+
+/// The bytes the host reads back from one run of `program`'s `decode` entry: its outputs other
+/// than the states (`kiln generate`'s JSON `host_read_bytes_per_step`).
+pub fn bytes_read_per_step(program: &Program) -> usize {
+    let Some(e) = program.entry("decode") else { return 0 };
+    e.outputs.iter().filter(|io| program.state_index(&io.name).is_none()).map(|io| io.operand.ty.bytes()).sum()
 }
 
 /// The runtime inputs of [`Choice::Sample`] for choosing token `step` (0: the prefill's) under

@@ -124,6 +124,11 @@ pub fn log_softmax_f32(row: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`log_softmax_f32`] of each row of `n` values of `x` into `out` (the cpu kernel).
+pub fn log_softmax_rows_f32(x: &[f32], n: usize, out: &mut [f32]) {
+    x.chunks(n.max(1)).zip(out.chunks_mut(n.max(1))).for_each(|(x, o)| log_softmax_f32(x, o));
+}
+
 /// What [`Op::SampleToken`](crate::Op) reads from its runtime inputs, checked: `options`
 /// `[temperature, top_p]` (f32) and `counters` `[top_k, seed >> 32, seed & 0xffff_ffff, step]`
 /// (i64; the seed split so each half is exact in the interpreter's f64 values).

@@ -10,6 +10,7 @@ use crate::geometry::Split;
 use crate::weights::WeightStore;
 use kiln_graph::interp::{eval_op, Value};
 use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
+use kiln_graph::sample;
 use kiln_graph::{DType, MaskKind, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cpu::reduce::{self, RowReduce};
 use kiln_kernels::cpu::{attention as attn, conv, gemm, index, movement, norm, resize, sgemm512, softmax};
@@ -372,10 +373,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             Ok(())
         }
         CpuKernel::LogSoftmax => {
-            let n = out_ty.shape.last().copied().unwrap_or(1).max(1);
-            let out = mem.f32_mut(&s.output).chunks_mut(n);
-            mem.f32(&s.inputs[0]).chunks(n).zip(out).for_each(|(x, o)| kiln_graph::sample::log_softmax_f32(x, o));
-            Ok(())
+            Ok(sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), *out_ty.shape.last().unwrap_or(&1), mem.f32_mut(&s.output)))
         }
         CpuKernel::Reduce => {
             let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
@@ -625,7 +623,6 @@ fn scatter_add(mem: &Mem, s: &Step, axis: usize) -> std::result::Result<(), Stri
 /// allocation); a sampled row runs `kiln_graph::sample::pick`, the interpreter's and the host
 /// sampler's code, on the row widened to f64 (exact), so every path draws the same token.
 fn sample_token(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
-    use kiln_graph::sample;
     let (logits, o, c, streams) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), i64s(mem, &s.inputs[2]), i64s(mem, &s.inputs[3]));
     let counters = [c[0] as f64, c[1] as f64, c[2] as f64, c[3] as f64];
     let (f, seed, step) = sample::runtime_filters(&[o[0] as f64, o[1] as f64], &counters)?;
