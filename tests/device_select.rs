@@ -262,4 +262,19 @@ fn cuda_generation_program_selects_and_compiles() {
     let r = kiln::cuda_tools::check("sm_90a", Some(&g.program)).expect("nvrtc");
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(r.rows.iter().any(|row| row.kernel == "sample_token_f32"), "sample_token_f32 was not compiled");
+    // Beam search's candidates: the log-softmax and the top-k on the device, no logits out.
+    assert!(kiln::generate::beams_on_device("cuda").unwrap() && !kiln::generate::beams_on_device("cube").unwrap());
+    let ending = kiln::generate::Ending { step_logits: false, beams: true };
+    let g = kiln::generate::generation_program_for(&dir, (b, 4), l, 3, ("cuda", DType::F32), ending).expect("compile beams for cuda");
+    for name in ["prefill", "decode"] {
+        let e = g.program.entry(name).expect(name);
+        for k in ["log_softmax_f32", "topk_f32"] {
+            assert!(e.steps.iter().any(|s| s.kernel == k), "{name}: no {k} step");
+        }
+        let outs: Vec<&str> = e.outputs.iter().map(|o| o.name.as_str()).filter(|n| !n.starts_with("cache.")).collect();
+        assert_eq!(outs, ["beam_ids", "beam_logprobs"], "{name}'s outputs");
+    }
+    let r = kiln::cuda_tools::check("sm_90a", Some(&g.program)).expect("nvrtc");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(r.rows.iter().any(|row| row.kernel == "log_softmax_f32"), "log_softmax_f32 was not compiled");
 }
