@@ -174,6 +174,22 @@ pub fn sample_rows(logits: &[f64], options: &[f64], counters: &[f64], streams: &
 mod tests {
     use super::*;
 
+    /// The log-softmax's probabilities sum to 1; the f32 rows are the f64 values rounded; a
+    /// constant shift of the row leaves it unchanged.
+    #[test]
+    fn log_softmax_is_the_host_formula() {
+        let row: Vec<f32> = (0..50).map(|i| (uniform(3, i, 0) * 20.0 - 10.0) as f32).collect();
+        let wide: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        let lp = log_softmax(&wide);
+        assert!((lp.iter().map(|x| x.exp()).sum::<f64>() - 1.0).abs() < 1e-12);
+        let mut out = vec![0.0f32; 100];
+        let twice: Vec<f32> = row.iter().chain(&row).copied().collect();
+        log_softmax_rows_f32(&twice, 50, &mut out);
+        assert!(out[..50].iter().zip(&lp).all(|(&a, &b)| a == b as f32) && out[..50] == out[50..]);
+        let shifted: Vec<f64> = wide.iter().map(|x| x + 4.0).collect();
+        assert!(log_softmax(&shifted).iter().zip(&lp).all(|(a, b)| (a - b).abs() < 1e-12));
+    }
+
     /// Bad runtime inputs are errors, not panics; greedy ignores top-p.
     #[test]
     fn runtime_inputs_are_checked() {
