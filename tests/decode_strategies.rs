@@ -174,7 +174,7 @@ fn cli_beams_and_samples() {
     let (a, b) = (get(&got, "sequences_scores").to_f32(), get(&want, "fixed/sequences_scores").to_f32());
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "{a:?} vs {b:?}");
     // The beam program outputs each row's candidates, not the logits: 12 bytes a candidate.
-    let json = String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).last();
+    let json = String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).next_back();
     let read = json.and_then(|j| j["host_read_bytes_per_step"].as_u64()).expect("host_read_bytes_per_step in the JSON line");
     let (_, _, _, b, l) = batch("gemma2_gqa");
     let g = Generator::for_beams(&dir, (b, 4), l, 6, "cpu", kiln_graph::DType::F32, false).expect("compile");

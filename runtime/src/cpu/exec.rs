@@ -373,7 +373,8 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             Ok(())
         }
         CpuKernel::LogSoftmax => {
-            Ok(sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), *out_ty.shape.last().unwrap_or(&1), mem.f32_mut(&s.output)))
+            sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), *out_ty.shape.last().unwrap_or(&1), mem.f32_mut(&s.output));
+            Ok(())
         }
         CpuKernel::Reduce => {
             let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
