@@ -83,7 +83,8 @@ pub(super) struct GenerateArgs {
     /// Gemma/PaliGemma with --inputs from a folder: also write `step_logits` [R, n, V], the
     /// logits each token was chosen from (the program then outputs them and the host reads
     /// them; without it the last kernel chooses each token and the host reads only the ids
-    /// and log-probabilities). Beam search always reads the logits.
+    /// and log-probabilities; cube samples from logits kept on the device). Beam search reads
+    /// each row's best candidates (cpu, cuda) or the logits (cube).
     #[arg(long, requires = "inputs")]
     step_logits: bool,
 }
