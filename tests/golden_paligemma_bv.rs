@@ -237,10 +237,15 @@ fn loading_reports_progress() {
     forward(&dir, "cpu", &reference);
     kiln_runtime::progress::set_hook(None);
     let seen = SEEN.lock().unwrap();
+    // The hook is global to the process: other tests of this binary, loading at the same
+    // time, report too. Each load reports its own total; this program's (from its artifact's
+    // forward entry) must count up to its last step.
     let fwd: Vec<_> = seen.iter().filter(|(s, _, _)| s == "preparing 'forward'").collect();
-    let total = fwd.first().map(|r| r.2).expect("no progress reported for the forward entry");
-    assert!(total > 10 && fwd.iter().all(|r| r.2 == total && r.1 < total), "{fwd:?}");
-    assert!(fwd.iter().any(|r| r.1 == total - 1), "the last step was not reported");
+    assert!(!fwd.is_empty(), "no progress reported for the forward entry");
+    assert!(fwd.iter().all(|r| r.1 < r.2), "{fwd:?}");
+    let totals: std::collections::BTreeSet<u64> = fwd.iter().map(|r| r.2).collect();
+    let complete = |t: u64| (0..t).all(|d| fwd.iter().any(|r| r.2 == t && r.1 == d));
+    assert!(totals.iter().any(|&t| t > 10 && complete(t)), "no load reported every one of its steps: {fwd:?}");
 }
 
 /// `kiln generate --prompt --image` on a big_vision folder (the fixture's weights with a
