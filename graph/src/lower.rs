@@ -1,7 +1,8 @@
 //! Lowering: a scheduled, planned graph becomes an [`Entry`] of a [`Program`].
 //!
-//! Each node of the order becomes one [`Step`], except reshapes: a reshape is a view, so its
-//! readers get its input's slot with the reshaped type. Weights are shared by every entry of
+//! Each node of the order becomes one [`Step`], except views (reshapes, and slices that select
+//! an aligned contiguous range: [`crate::plan::slice_view_offset`]): their readers get the
+//! root's slot (at the slice's offset) with the view's type. Weights are shared by every entry of
 //! a program (deduplicated by name); constants are deduplicated by type and value.
 //!
 //! Persistent state ([`Program::states`]) is bound by [`bind_states`]: an entry input named
@@ -19,7 +20,7 @@ use crate::dtype::TensorType;
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::Op;
-use crate::plan::{plan_with, view_root, MemoryPlan};
+use crate::plan::{is_slice_view, is_view, plan_with, view_root, MemoryPlan};
 use crate::program::{ConstData, Entry, Io, Operand, Program, Slot, StateSpec, Step, WeightSpec};
 use crate::sched::{needed, schedule_with};
 use std::collections::HashMap;
@@ -141,7 +142,7 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
     let need = needed(g);
     let mut readers: Vec<Vec<NodeId>> = vec![vec![]; states.len()];
     for (j, node) in g.nodes.iter().enumerate() {
-        if !need[j] || node.op.is_source() || matches!(node.op, Op::Reshape { .. }) {
+        if !need[j] || node.op.is_source() || is_view(g, NodeId(j as u32)) {
             continue;
         }
         for &x in &node.inputs {
@@ -151,6 +152,13 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
                     r.push(NodeId(j as u32));
                 }
             }
+        }
+    }
+    // Nodes some slice view reads a part of.
+    let mut sliced = vec![false; n];
+    for j in 0..n {
+        if is_slice_view(g, NodeId(j as u32)) {
+            sliced[view_root(g, NodeId(j as u32)).index()] = true;
         }
     }
     let written: Vec<bool> = (0..states.len())
@@ -177,6 +185,11 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
         if old == Some(w) {
             continue; // Handed back unchanged: nothing to store.
         }
+        if is_slice_view(g, *id) {
+            // A part of another step's value: copied from where the view reads it.
+            b.copies.push((i, *id, format!("its value is a slice of {w} ({})", g.node(w).op.name())));
+            continue;
+        }
         let wn = g.node(w);
         let reads_old = |k: usize| old.is_some_and(|p| view_root(g, wn.inputs[k]) == p);
         let why = if wn.op.is_source() {
@@ -189,6 +202,8 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
             Some(format!("its value is a {} (no step computes it)", wn.op.name()))
         } else if let Some(j) = b.slot[w.index()] {
             Some(format!("{w} already writes state '{}'", states[j as usize].name))
+        } else if sliced[w.index()] {
+            Some(format!("{w} ({}) is read through a slice view, which a state's slot cannot offset", wn.op.name()))
         } else if (0..wn.inputs.len()).any(|k| reads_old(k) && !(k == 0 && matches!(wn.op, Op::WriteSlice { .. }))) {
             Some(format!("{w} ({}) reads the old value while computing the new one", wn.op.name()))
         } else {
@@ -220,6 +235,9 @@ fn operand(g: &Graph, id: NodeId, plan: &MemoryPlan, states: &StateBinding, t: &
     let ty = node.ty.clone();
     let root = view_root(g, id);
     if let Some(i) = states.slot.get(root.index()).copied().flatten() {
+        if is_slice_view(g, id) {
+            return Err(invalid(format!("entry '{entry}': {id} is a slice view of {root}, which lives in a state")));
+        }
         return Ok(Operand { slot: Slot::State(i), ty });
     }
     let slot = match &g.node(root).op {
@@ -295,7 +313,7 @@ fn lower(
     let mut steps = Vec::with_capacity(order.len() + states.copies.len());
     for &id in order {
         let node = g.nodes.get(id.index()).ok_or_else(|| invalid(format!("order names {id}, not in the graph")))?;
-        if matches!(node.op, Op::Reshape { .. }) {
+        if is_view(g, id) {
             continue;
         }
         let inputs = node.inputs.iter().map(|&x| operand(g, x, plan, states, &mut t, entry_name)).collect::<Result<Vec<_>>>()?;

@@ -107,6 +107,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::View
                 | CpuKernel::LayerNorm
                 | CpuKernel::RmsNorm
+                | CpuKernel::ResidualRmsNorm
                 | CpuKernel::Softmax
                 | CpuKernel::Reduce
                 | CpuKernel::Gather
@@ -363,6 +364,21 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             let d = *out_ty.shape.last().unwrap_or(&1);
             let rows = out_ty.numel() / d.max(1);
             norm::rms_norm(mem.f32(&s.inputs[0]), rows, d, mem.f32(&s.inputs[1]), add_one, eps, mem.f32_mut(&s.output));
+            Ok(())
+        }
+        CpuKernel::ResidualRmsNorm => {
+            let Op::ResidualRmsNorm(r) = s.op else { return mismatch() };
+            let d = *out_ty.shape.last().unwrap_or(&1);
+            let x = mem.f32(&s.inputs[0]);
+            let w_post = r.post.then(|| mem.f32(&s.inputs[2]));
+            let (rows, out) = (x.len() / d.max(1), mem.f32_mut(&s.output));
+            let (h, n) = out.split_at_mut(r.rows_pad * d);
+            let (h, h_pad) = h.split_at_mut(rows * d);
+            let (n, n_pad) = n.split_at_mut(rows * d);
+            let w_pre = mem.f32(&s.inputs[s.inputs.len() - 1]);
+            norm::residual_rms_norm(x, mem.f32(&s.inputs[1]), d, w_post, w_pre, r.add_one, r.eps, h, n);
+            h_pad.fill(0.0);
+            n_pad.fill(0.0);
             Ok(())
         }
         CpuKernel::Softmax => {
