@@ -54,8 +54,22 @@ pub fn rms_norm(x: &[f32], rows: usize, d: usize, w: &[f32], add_one: bool, eps:
 /// rms_norm(o, w_post)` (`x + o` without `w_post`) and `n = rms_norm(h, w_pre)`, both norms
 /// with [`rms_norm`]'s attributes. The arithmetic is `rms_norm`'s and an f32 add, in the same
 /// order, so `h` and `n` are bit-identical to the three unfused kernels' results.
+/// `out` is `[2 rows_pad, d]`: `h` in its first rows, `n` from row `rows_pad` on, zeros in the
+/// rows between and after (`attrs`: `add_one`, `eps`, `rows_pad`).
+pub fn residual_rms_norm(x: &[f32], o: &[f32], w_post: Option<&[f32]>, w_pre: &[f32], attrs: (bool, f32, usize), out: &mut [f32]) {
+    let (add_one, eps, rows_pad) = attrs;
+    let d = w_pre.len();
+    let (h, n) = out.split_at_mut((rows_pad * d).min(out.len()));
+    let (h, h_pad) = h.split_at_mut(x.len().min(h.len()));
+    let (n, n_pad) = n.split_at_mut(x.len().min(n.len()));
+    residual_rms_norm_rows(x, o, d, w_post, w_pre, add_one, eps, h, n);
+    h_pad.fill(0.0);
+    n_pad.fill(0.0);
+}
+
+/// [`residual_rms_norm`] on the rows alone: `h` and `n` have `x`'s length.
 #[allow(clippy::too_many_arguments)]
-pub fn residual_rms_norm(
+fn residual_rms_norm_rows(
     x: &[f32],
     o: &[f32],
     d: usize,
@@ -158,8 +172,11 @@ mod tests {
                 }
                 let mut want_n = vec![0.0; rows * d];
                 rms_norm(&want_h, rows, d, &w, add_one, 1e-6, &mut want_n);
-                let (mut h, mut n) = (vec![0.0; rows * d], vec![0.0; rows * d]);
-                residual_rms_norm(&x, &o, d, post.then_some(&wp[..]), &w, add_one, 1e-6, &mut h, &mut n);
+                let pad = rows + 3;
+                let mut out = vec![f32::NAN; 2 * pad * d];
+                residual_rms_norm(&x, &o, post.then_some(&wp[..]), &w, (add_one, 1e-6, pad), &mut out);
+                let (h, n) = (&out[..rows * d], &out[pad * d..(pad + rows) * d]);
+                assert!(out[rows * d..pad * d].iter().chain(&out[(pad + rows) * d..]).all(|&v| v == 0.0), "padding {rows}x{d}");
                 assert!(h.iter().zip(&want_h).all(|(a, b)| a.to_bits() == b.to_bits()), "h {rows}x{d} {post}");
                 assert!(n.iter().zip(&want_n).all(|(a, b)| a.to_bits() == b.to_bits()), "n {rows}x{d} {post}");
             }
