@@ -591,6 +591,63 @@ mod tests {
     }
 
     #[test]
+    fn aligned_contiguous_slices_of_steps_are_views_and_others_steps() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 64]).unwrap();
+        let y = g.mul_scalar(x, 2.0).unwrap();
+        let rows = g.slice(y, 0, 2, 4).unwrap(); // byte 512: a view
+        let odd = g.slice(y, 0, 1, 3).unwrap(); // byte 256: a view
+        let cols = g.slice(y, 1, 0, 32).unwrap(); // not contiguous: a step
+        let of_input = g.slice(x, 0, 2, 4).unwrap(); // a source's slot has no offset: a step
+        let e = g.unary(UnaryOp::Exp, rows).unwrap();
+        for (name, id) in [("e", e), ("odd", odd), ("cols", cols), ("in", of_input)] {
+            g.output(name, id);
+        }
+        let mut p = program();
+        let (entry, _, plan) = compile_entry(&g, "f", &mut p, &namer).unwrap();
+        let ops: Vec<&str> = entry.steps.iter().map(|s| s.op.name()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "slice").count(), 2, "{ops:?}");
+        let base = plan.slot(y).unwrap().0;
+        assert_eq!(plan.slot(rows), Some((base + 512, 512)));
+        assert_eq!(plan.slot(odd), Some((base + 256, 512)));
+        let exp = entry.steps.iter().find(|s| s.op.name() == "unary").unwrap();
+        assert_eq!(exp.inputs[0].slot, Slot::Arena { offset: base + 512, bytes: 512 });
+        let out = |n: &str| entry.outputs.iter().find(|o| o.name == n).unwrap().operand.slot;
+        assert_eq!(out("odd"), Slot::Arena { offset: base + 256, bytes: 512 });
+        // The root stays live while a view of it is read.
+        let b = plan.buffers.iter().find(|b| b.node == y).unwrap();
+        assert_eq!(b.last, plan.steps - 1);
+    }
+
+    #[test]
+    fn states_and_slice_views_go_through_copies() {
+        let ty = TensorType::new(DType::F32, [2, 64]);
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 64]).unwrap();
+        let y = g.mul_scalar(x, 2.0).unwrap();
+        let top = g.slice(y, 0, 2, 4).unwrap();
+        let z = g.mul_scalar(x, 3.0).unwrap();
+        let z = g.reshape(z, &[2, 128]).unwrap();
+        let z = g.reshape(z, &[4, 64]).unwrap();
+        let part = g.slice(z, 0, 0, 2).unwrap();
+        let w = g.unary(UnaryOp::Exp, part).unwrap();
+        g.output("a", top); // A state whose value is a view into y.
+        g.output("b", z); // A state whose value some slice view reads.
+        g.output("w", w);
+        let mut p = stateful(&[("a", ty), ("b", TensorType::new(DType::F32, [4, 64]))]);
+        let b = bind_states(&g, &p.states, "f").unwrap();
+        let why: Vec<&str> = b.copies.iter().map(|c| c.2.as_str()).collect();
+        assert!(why[0].contains("is a slice of"), "{why:?}");
+        assert!(why[1].contains("read through a slice view"), "{why:?}");
+        let (e, _, plan) = compile_entry(&g, "f", &mut p, &namer).unwrap();
+        let copies: Vec<&Step> = e.steps.iter().filter(|s| matches!(s.op, Op::Permute { .. })).collect();
+        assert_eq!(copies.len(), 2);
+        let base = plan.slot(y).unwrap().0;
+        assert_eq!(copies[0].inputs[0].slot, Slot::Arena { offset: base + 512, bytes: 512 });
+        assert_eq!(copies[0].output.slot, Slot::State(0));
+    }
+
+    #[test]
     fn write_slice_runs_functionally_in_the_interpreter() {
         use crate::interp::{eval_op, Value};
         let dst = Value::from_f32(&[2, 3, 1], &[0.0; 6]).unwrap();
