@@ -465,6 +465,30 @@ fn norms_rows() -> Vec<Row> {
     g.output("ln", y);
     g.output("rms", z);
     rows.push(row("norms", g, 1));
+    rows.extend(residual_norm_rows(DType::F32));
+    rows
+}
+
+/// `rms_norm(x + rms_norm(o))` and `rms_norm(x + o)` with the sum also an output: the
+/// `residual_rms_norm` pass makes each one step. 5 rows of 40: in f32 and bf16 the halves are
+/// padded to 8 and 32 rows (zeros written there).
+fn residual_norm_rows(dt: DType) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for post in [true, false] {
+        let mut g = Graph::new();
+        let x = g.input("x", dt, &[5, 40]).unwrap();
+        let o = g.input("o", dt, &[5, 40]).unwrap();
+        let (wp, w) = (g.input("wp", dt, &[40]).unwrap(), g.input("w", dt, &[40]).unwrap());
+        let o = if post { g.push(Op::RmsNorm { eps: 1e-6, add_one: true }, &[o, wp]).unwrap() } else { g.mul(o, wp).unwrap() };
+        let h = g.add(x, o).unwrap();
+        let n = g.push(Op::RmsNorm { eps: 1e-6, add_one: true }, &[h, w]).unwrap();
+        let t = g.unary(UnaryOp::Tanh, h).unwrap();
+        g.output("n", n);
+        g.output("h", h);
+        g.output("t", t);
+        let what = if post { "post-norm" } else { "plain" };
+        rows.push(row(format!("{}residual rms norm {what}", if dt == DType::F32 { String::new() } else { format!("{dt} ") }), g, 1));
+    }
     rows
 }
 
@@ -558,6 +582,7 @@ fn half_rows() -> Vec<Row> {
         g.output("rms", rms);
         g.output("softmax", sm);
         rows.push(row(format!("{dt} norms and softmax"), g, 1));
+        rows.extend(residual_norm_rows(dt));
 
         let mut g = Graph::new();
         let q = input(&mut g, "q", &[1, 20, 4, 64]);
@@ -606,9 +631,10 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::Conv(_) => 26,
         Op::SampleToken => 27,
         Op::LogSoftmax => 28,
+        Op::ResidualRmsNorm(_) => 29,
     })
 }
-const OP_KINDS: usize = 29;
+const OP_KINDS: usize = 30;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();

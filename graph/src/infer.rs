@@ -77,6 +77,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
         }
         Op::Reduce { .. } | Op::MatMul { .. } | Op::Softmax { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } => compute(op, inputs),
         Op::Attention(_) | Op::MoeDispatch { .. } | Op::MoeCombine => compute(op, inputs),
+        Op::ResidualRmsNorm(r) => residual_rms_norm(r, inputs),
         Op::Conv(c) => conv(c, inputs),
         Op::SampleToken => sample_token(inputs),
         Op::LogSoftmax => {
@@ -468,6 +469,24 @@ fn compute(op: &Op, inputs: &[&TensorType]) -> R {
         }
         _ => unreachable!("{} is not dispatched to compute", op.name()),
     }
+}
+
+/// `x [.., d]`, `o` (x's type), `w_post [d]` when `post`, `w_pre [d]` give `[2 rows_pad, d]`.
+fn residual_rms_norm(r: &crate::op::ResidualRmsNorm, inputs: &[&TensorType]) -> R {
+    arity(inputs, if r.post { 4 } else { 3 })?;
+    let (x, o) = (inputs[0], inputs[1]);
+    if o != x {
+        return Err(format!("the residual {x} and the added {o} must have one type"));
+    }
+    let mut params = vec![x];
+    params.extend(&inputs[2..]);
+    norm_params(&params)?;
+    let d = *x.shape.last().ok_or("normalising a scalar")?;
+    let rows = x.numel() / d.max(1);
+    if r.rows_pad < rows {
+        return Err(format!("rows_pad {} is less than the {rows} rows of {x}", r.rows_pad));
+    }
+    Ok(TensorType::new(x.dtype, [2 * r.rows_pad, d]))
 }
 
 fn norm_params(inputs: &[&TensorType]) -> R {

@@ -1,7 +1,8 @@
 //! Lowering: a scheduled, planned graph becomes an [`Entry`] of a [`Program`].
 //!
-//! Each node of the order becomes one [`Step`], except reshapes: a reshape is a view, so its
-//! readers get its input's slot with the reshaped type. Weights are shared by every entry of
+//! Each node of the order becomes one [`Step`], except views (reshapes, and slices that select
+//! an aligned contiguous range: [`crate::plan::slice_view_offset`]): their readers get the
+//! root's slot (at the slice's offset) with the view's type. Weights are shared by every entry of
 //! a program (deduplicated by name); constants are deduplicated by type and value.
 //!
 //! Persistent state ([`Program::states`]) is bound by [`bind_states`]: an entry input named
@@ -19,7 +20,7 @@ use crate::dtype::TensorType;
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::Op;
-use crate::plan::{plan_with, view_root, MemoryPlan};
+use crate::plan::{is_slice_view, is_view, plan_with, view_root, MemoryPlan};
 use crate::program::{ConstData, Entry, Io, Operand, Program, Slot, StateSpec, Step, WeightSpec};
 use crate::sched::{needed, schedule_with};
 use std::collections::HashMap;
@@ -141,7 +142,7 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
     let need = needed(g);
     let mut readers: Vec<Vec<NodeId>> = vec![vec![]; states.len()];
     for (j, node) in g.nodes.iter().enumerate() {
-        if !need[j] || node.op.is_source() || matches!(node.op, Op::Reshape { .. }) {
+        if !need[j] || node.op.is_source() || is_view(g, NodeId(j as u32)) {
             continue;
         }
         for &x in &node.inputs {
@@ -151,6 +152,13 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
                     r.push(NodeId(j as u32));
                 }
             }
+        }
+    }
+    // Nodes some slice view reads a part of.
+    let mut sliced = vec![false; n];
+    for j in 0..n {
+        if is_slice_view(g, NodeId(j as u32)) {
+            sliced[view_root(g, NodeId(j as u32)).index()] = true;
         }
     }
     let written: Vec<bool> = (0..states.len())
@@ -177,6 +185,11 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
         if old == Some(w) {
             continue; // Handed back unchanged: nothing to store.
         }
+        if is_slice_view(g, *id) {
+            // A part of another step's value: copied from where the view reads it.
+            b.copies.push((i, *id, format!("its value is a slice of {w} ({})", g.node(w).op.name())));
+            continue;
+        }
         let wn = g.node(w);
         let reads_old = |k: usize| old.is_some_and(|p| view_root(g, wn.inputs[k]) == p);
         let why = if wn.op.is_source() {
@@ -189,6 +202,8 @@ pub fn bind_states(g: &Graph, states: &[StateSpec], entry: &str) -> Result<State
             Some(format!("its value is a {} (no step computes it)", wn.op.name()))
         } else if let Some(j) = b.slot[w.index()] {
             Some(format!("{w} already writes state '{}'", states[j as usize].name))
+        } else if sliced[w.index()] {
+            Some(format!("{w} ({}) is read through a slice view, which a state's slot cannot offset", wn.op.name()))
         } else if (0..wn.inputs.len()).any(|k| reads_old(k) && !(k == 0 && matches!(wn.op, Op::WriteSlice { .. }))) {
             Some(format!("{w} ({}) reads the old value while computing the new one", wn.op.name()))
         } else {
@@ -220,6 +235,9 @@ fn operand(g: &Graph, id: NodeId, plan: &MemoryPlan, states: &StateBinding, t: &
     let ty = node.ty.clone();
     let root = view_root(g, id);
     if let Some(i) = states.slot.get(root.index()).copied().flatten() {
+        if is_slice_view(g, id) {
+            return Err(invalid(format!("entry '{entry}': {id} is a slice view of {root}, which lives in a state")));
+        }
         return Ok(Operand { slot: Slot::State(i), ty });
     }
     let slot = match &g.node(root).op {
@@ -295,7 +313,7 @@ fn lower(
     let mut steps = Vec::with_capacity(order.len() + states.copies.len());
     for &id in order {
         let node = g.nodes.get(id.index()).ok_or_else(|| invalid(format!("order names {id}, not in the graph")))?;
-        if matches!(node.op, Op::Reshape { .. }) {
+        if is_view(g, id) {
             continue;
         }
         let inputs = node.inputs.iter().map(|&x| operand(g, x, plan, states, &mut t, entry_name)).collect::<Result<Vec<_>>>()?;
@@ -570,6 +588,63 @@ mod tests {
         let mut p = stateful(&[("acc", ty)]);
         let e = compile_entry(&g, "f", &mut p, &namer).unwrap_err();
         assert!(e.to_string().contains("returns the old value of state 'acc'"), "{e}");
+    }
+
+    #[test]
+    fn aligned_contiguous_slices_of_steps_are_views_and_others_steps() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 64]).unwrap();
+        let y = g.mul_scalar(x, 2.0).unwrap();
+        let rows = g.slice(y, 0, 2, 4).unwrap(); // byte 512: a view
+        let odd = g.slice(y, 0, 1, 3).unwrap(); // byte 256: a view
+        let cols = g.slice(y, 1, 0, 32).unwrap(); // not contiguous: a step
+        let of_input = g.slice(x, 0, 2, 4).unwrap(); // a source's slot has no offset: a step
+        let e = g.unary(UnaryOp::Exp, rows).unwrap();
+        for (name, id) in [("e", e), ("odd", odd), ("cols", cols), ("in", of_input)] {
+            g.output(name, id);
+        }
+        let mut p = program();
+        let (entry, _, plan) = compile_entry(&g, "f", &mut p, &namer).unwrap();
+        let ops: Vec<&str> = entry.steps.iter().map(|s| s.op.name()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "slice").count(), 2, "{ops:?}");
+        let base = plan.slot(y).unwrap().0;
+        assert_eq!(plan.slot(rows), Some((base + 512, 512)));
+        assert_eq!(plan.slot(odd), Some((base + 256, 512)));
+        let exp = entry.steps.iter().find(|s| s.op.name() == "unary").unwrap();
+        assert_eq!(exp.inputs[0].slot, Slot::Arena { offset: base + 512, bytes: 512 });
+        let out = |n: &str| entry.outputs.iter().find(|o| o.name == n).unwrap().operand.slot;
+        assert_eq!(out("odd"), Slot::Arena { offset: base + 256, bytes: 512 });
+        // The root stays live while a view of it is read.
+        let b = plan.buffers.iter().find(|b| b.node == y).unwrap();
+        assert_eq!(b.last, plan.steps - 1);
+    }
+
+    #[test]
+    fn states_and_slice_views_go_through_copies() {
+        let ty = TensorType::new(DType::F32, [2, 64]);
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 64]).unwrap();
+        let y = g.mul_scalar(x, 2.0).unwrap();
+        let top = g.slice(y, 0, 2, 4).unwrap();
+        let z = g.mul_scalar(x, 3.0).unwrap();
+        let z = g.reshape(z, &[2, 128]).unwrap();
+        let z = g.reshape(z, &[4, 64]).unwrap();
+        let part = g.slice(z, 0, 0, 2).unwrap();
+        let w = g.unary(UnaryOp::Exp, part).unwrap();
+        g.output("a", top); // A state whose value is a view into y.
+        g.output("b", z); // A state whose value some slice view reads.
+        g.output("w", w);
+        let mut p = stateful(&[("a", ty), ("b", TensorType::new(DType::F32, [4, 64]))]);
+        let b = bind_states(&g, &p.states, "f").unwrap();
+        let why: Vec<&str> = b.copies.iter().map(|c| c.2.as_str()).collect();
+        assert!(why[0].contains("is a slice of"), "{why:?}");
+        assert!(why[1].contains("read through a slice view"), "{why:?}");
+        let (e, _, plan) = compile_entry(&g, "f", &mut p, &namer).unwrap();
+        let copies: Vec<&Step> = e.steps.iter().filter(|s| matches!(s.op, Op::Permute { .. })).collect();
+        assert_eq!(copies.len(), 2);
+        let base = plan.slot(y).unwrap().0;
+        assert_eq!(copies[0].inputs[0].slot, Slot::Arena { offset: base + 512, bytes: 512 });
+        assert_eq!(copies[0].output.slot, Slot::State(0));
     }
 
     #[test]

@@ -160,6 +160,18 @@ pub struct Attention {
     pub mask: MaskKind,
 }
 
+/// Attributes of [`Op::ResidualRmsNorm`]: both norms share `eps` and `add_one` (as in
+/// [`Op::RmsNorm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResidualRmsNorm {
+    pub eps: f32,
+    pub add_one: bool,
+    /// Whether `o` is normalised (by `w_post`) before the add (Gemma 2's post-norms).
+    pub post: bool,
+    /// Rows per half of the output (at least the input's rows).
+    pub rows_pad: usize,
+}
+
 /// How a resampling op interpolates (PyTorch `interpolate`, `align_corners=False`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ResizeMode {
@@ -296,6 +308,14 @@ pub enum Op {
     LayerNorm { eps: f32 },
     /// `x / sqrt(mean(x^2) + eps) * (add_one ? 1 + w : w)` over the last axis; inputs x, w.
     RmsNorm { eps: f32, add_one: bool },
+    /// A residual add between two RMS norms, as one step (made by the `residual_rms_norm`
+    /// pass): inputs `x [.., d]`, `o` (x's type), `w_post [d]` (only when `post`) and `w_pre
+    /// [d]`. With `rows = numel(x) / d` the output is `[2 * rows_pad, d]`: rows `0..rows` hold
+    /// `h = x + rms_norm(o, w_post)` (`x + o` without `post`), rows `rows_pad..rows_pad + rows`
+    /// hold `rms_norm(h, w_pre)`, the other rows zeros. Each half is rounded to the dtype as
+    /// the unfused ops would store it; `rows_pad` makes the second half start on an arena
+    /// boundary, so both halves are zero-copy slices.
+    ResidualRmsNorm(ResidualRmsNorm),
     /// Multi-head attention on `q [B,Sq,Hq,D]`, `k [B,Sk,Hkv,D]`, `v [B,Sk,Hkv,Dv]` (and a
     /// mask `[B,Sq,Sk]` for [`MaskKind::Additive`], the position inputs of [`PosMask`]), giving `[B,Sq,Hq,Dv]`; `Hq % Hkv == 0`.
     Attention(Attention),
@@ -431,6 +451,9 @@ impl Op {
             Op::Softmax { axis } => ("softmax", a(&|| format!("axis={axis}"))),
             Op::LayerNorm { eps } => ("layer_norm", a(&|| format!("eps={eps:e}"))),
             Op::RmsNorm { eps, add_one } => ("rms_norm", a(&|| format!("eps={eps:e}, add_one={add_one}"))),
+            Op::ResidualRmsNorm(r) => {
+                ("residual_rms_norm", a(&|| format!("eps={:e}, add_one={}, post={}, rows_pad={}", r.eps, r.add_one, r.post, r.rows_pad)))
+            }
             Op::Attention(at) => (
                 "attention",
                 a(&|| {
@@ -509,6 +532,8 @@ impl Op {
             Op::Softmax { .. } | Op::LogSoftmax => (5 * n_out, all_bytes),
             Op::LayerNorm { .. } => (7 * n_out, all_bytes),
             Op::RmsNorm { .. } => (4 * n_out, all_bytes),
+            // Two norms and an add per element of x; the output's padding rows are written too.
+            Op::ResidualRmsNorm(r) => ((if r.post { 9 } else { 5 }) * input_numel(0), all_bytes),
             Op::Attention(a) => {
                 let dim = |i: usize, d: usize| inputs.get(i).and_then(|t| t.shape.get(d)).copied().unwrap_or(0);
                 let (b, sq, hq, d) = (dim(0, 0), dim(0, 1), dim(0, 2), dim(0, 3));

@@ -4,6 +4,8 @@
 //! computes it, each until the last step that reads it; graph outputs stay live to the end.
 //! A reshape is a view: it shares its input's buffer (whose liveness then covers the reshape's
 //! readers), and a reshape of a weight or constant is a view of that and needs no arena bytes.
+//! So is a slice of a step's value that selects one contiguous range at an aligned offset
+//! ([`slice_view_offset`]): its slot is a part of its input's.
 //! Offsets are assigned greedily by size with best fit among the gaps left by buffers whose
 //! lifetimes overlap (Pisarchyk & Lee, "Efficient Memory Management for Deep Neural Net
 //! Inference", 2020); a few orderings are tried and the smallest arena kept.
@@ -21,16 +23,66 @@ pub fn aligned(bytes: usize) -> usize {
     bytes.div_ceil(ALIGN).saturating_mul(ALIGN)
 }
 
-/// The node whose buffer `id` reads: `id` itself, or the source of a chain of reshapes.
+/// Where a slice that is a view starts in its input's buffer, in bytes: a slice whose elements
+/// are one contiguous range (step 1 or one index, every axis before the sliced one of size 1)
+/// starting at a multiple of [`ALIGN`], of a value computed by a step (sources' slots carry
+/// no offset). `None` for every other node.
+pub fn slice_view_offset(g: &Graph, id: NodeId) -> Option<usize> {
+    let n = g.nodes.get(id.index())?;
+    let Op::Slice { axis, start, end, step } = n.op else { return None };
+    let x = *n.inputs.first()?;
+    let shape = &g.nodes.get(x.index())?.ty.shape;
+    let contiguous = (step == 1 || end - start == 1) && end > start && shape.get(..axis)?.iter().all(|&s| s == 1);
+    let offset = start * shape.get(axis + 1..)?.iter().product::<usize>() * n.ty.dtype.size();
+    let computed = !g.nodes.get(view_root(g, x).index())?.op.is_source();
+    (contiguous && offset % ALIGN == 0 && computed).then_some(offset)
+}
+
+/// Whether node `id` is a view of another node's buffer (no step computes it): a reshape, or a
+/// slice at [`slice_view_offset`].
+pub fn is_view(g: &Graph, id: NodeId) -> bool {
+    g.nodes.get(id.index()).is_some_and(|n| matches!(n.op, Op::Reshape { .. })) || slice_view_offset(g, id).is_some()
+}
+
+/// The node whose buffer `id` reads: `id` itself, or the source of a chain of views.
 pub fn view_root(g: &Graph, id: NodeId) -> NodeId {
     let mut id = id;
-    while let Some(n) = g.nodes.get(id.index()) {
-        match (&n.op, n.inputs.first()) {
-            (Op::Reshape { .. }, Some(&x)) => id = x,
-            _ => break,
+    while is_view(g, id) {
+        match g.nodes[id.index()].inputs.first() {
+            Some(&x) => id = x,
+            None => break,
         }
     }
     id
+}
+
+/// Where `id`'s bytes start in its [`view_root`]'s buffer (0 unless a slice view is on the way).
+pub fn view_offset(g: &Graph, id: NodeId) -> usize {
+    let (mut id, mut offset) = (id, 0);
+    while is_view(g, id) {
+        offset += slice_view_offset(g, id).unwrap_or(0);
+        match g.nodes[id.index()].inputs.first() {
+            Some(&x) => id = x,
+            None => break,
+        }
+    }
+    offset
+}
+
+/// Whether a slice view lies between `id` and its [`view_root`] (its bytes are a part of the
+/// root's, possibly at an offset).
+pub fn is_slice_view(g: &Graph, id: NodeId) -> bool {
+    let mut id = id;
+    while is_view(g, id) {
+        if slice_view_offset(g, id).is_some() {
+            return true;
+        }
+        match g.nodes[id.index()].inputs.first() {
+            Some(&x) => id = x,
+            None => break,
+        }
+    }
+    false
 }
 
 /// Whether a node's buffer lives in the arena (weights and constants live elsewhere).
@@ -58,11 +110,11 @@ pub struct Buffer {
 /// Where every intermediate lives, with the plan's figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
-    /// Per node: `(offset, bytes)` in the arena, for inputs, steps and reshape views of them.
+    /// Per node: `(offset, bytes)` in the arena, for inputs, steps and views of them.
     pub slots: Vec<Option<(usize, usize)>>,
     /// The buffers, inputs first, then in step order.
     pub buffers: Vec<Buffer>,
-    /// Number of steps (the order without its reshapes).
+    /// Number of steps (the order without its views).
     pub steps: usize,
     /// Size of the arena: the planned peak.
     pub arena_bytes: usize,
@@ -82,7 +134,7 @@ fn invalid(msg: String) -> GraphError {
 }
 
 /// Checks an order against the graph; gives which nodes it holds, each node's step (`None`
-/// for reshapes and nodes outside the order) and the number of steps.
+/// for views and nodes outside the order) and the number of steps.
 fn steps_of(g: &Graph, order: &[NodeId]) -> Result<(Vec<bool>, Vec<Option<usize>>, usize)> {
     let n = g.nodes.len();
     let mut scheduled = vec![false; n];
@@ -103,7 +155,7 @@ fn steps_of(g: &Graph, order: &[NodeId]) -> Result<(Vec<bool>, Vec<Option<usize>
             }
         }
         scheduled[id.index()] = true;
-        if !matches!(node.op, Op::Reshape { .. }) {
+        if !is_view(g, id) {
             step[id.index()] = Some(steps);
             steps += 1;
         }
@@ -173,11 +225,12 @@ pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<Memory
     for (i, node) in g.nodes.iter().enumerate() {
         let b = match (owner[i], scheduled[i]) {
             (Some(b), _) => Some(b),
-            // A scheduled node without a buffer of its own is a reshape: a view of its root.
+            // A scheduled node without a buffer of its own is a view (a reshape, an aligned
+            // contiguous slice) into its root's.
             (None, true) => owner[view_root(g, NodeId(i as u32)).index()],
             (None, false) => None,
         };
-        slots[i] = b.map(|b| (bufs[b].offset, node.ty.bytes()));
+        slots[i] = b.map(|b| (bufs[b].offset + view_offset(g, NodeId(i as u32)), node.ty.bytes()));
     }
     Ok(MemoryPlan { slots, buffers: bufs, steps, arena_bytes: peak, stats: PlanStats { peak, lower_bound: stats_lb, no_reuse } })
 }

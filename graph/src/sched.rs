@@ -12,7 +12,6 @@
 //! step that overwrites the state in place, and such values cost no arena bytes.
 
 use crate::graph::{Graph, NodeId};
-use crate::op::Op;
 use crate::plan::{aligned, in_arena, view_root};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -72,7 +71,7 @@ impl Scheduler<'_> {
     }
 
     fn is_view(&self, i: usize) -> bool {
-        matches!(self.g.nodes[i].op, Op::Reshape { .. })
+        crate::plan::is_view(self.g, NodeId(i as u32))
     }
 
     /// Bytes `i` allocates minus the bytes it frees if it runs now.

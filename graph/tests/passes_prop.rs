@@ -5,7 +5,8 @@
 //! A graph is decoded from a list of random byte tuples, one step each (a unary op, a
 //! binary op against another node or a fresh leaf, a matmul with bias / activation /
 //! residual, a reshape, a reduction, a softmax, a masked select, a broadcast, an iota, an
-//! integer detour, a duplicate node for CSE, RoPE's rotate_half with negated halves). Each
+//! integer detour, a duplicate node for CSE, RoPE's rotate_half with negated halves, a residual
+//! add between RMS norms). Each
 //! node carries a bound on its magnitude and steps that would exceed it are skipped, so
 //! results stay where f32 rounding differences between fused and unfused evaluation are far
 //! below the tolerance.
@@ -19,6 +20,9 @@ use std::collections::HashMap;
 
 /// Largest magnitude a generated node may reach.
 const LIMIT: f64 = 16.0;
+
+/// Step kinds from this one on build a residual junction ([`Gen::junction`]).
+const JUNCTION_KINDS: u8 = 234;
 
 /// Largest tensor a generated node may be (repeated broadcasts would grow without end).
 const MAX_ELEMENTS: usize = 256;
@@ -147,6 +151,10 @@ impl Gen {
     fn step(&mut self, (kind, t1, t2, t3): (u8, u8, u8, u8)) {
         let (a, ba) = self.pick(t1);
         let shape = self.g.shape(a).to_vec();
+        if kind >= JUNCTION_KINDS {
+            // Above every kind the saved regressions use, so their graphs stay as they were.
+            return self.junction(a, ba, &shape, t2, t3);
+        }
         match kind % 13 {
             0 => {
                 let (op, f) = UNARY[t2 as usize % UNARY.len()];
@@ -254,6 +262,27 @@ impl Gen {
             }
             _ => {}
         }
+    }
+
+    /// `rms_norm(a + o)` with `o` a fresh leaf of `a`'s shape, maybe normalised itself, the sum
+    /// also kept for later steps: the `residual_rms_norm` pass's pattern.
+    fn junction(&mut self, a: NodeId, ba: f64, shape: &[usize], t2: u8, t3: u8) {
+        let Some(&d) = shape.last() else { return };
+        let norm = |g: &mut Graph, x: NodeId, w: NodeId| g.push(Op::RmsNorm { eps: 1e-6, add_one: t3 & 4 != 0 }, &[x, w]).unwrap();
+        // |rms_norm(x)| <= sqrt(d) * max |w or 1 + w|.
+        let nb = (d as f64).sqrt() * 2.0;
+        let mut o = self.leaf(t2, shape, 1.0);
+        let mut bo = 1.0;
+        if t3.is_multiple_of(2) {
+            let w = self.leaf(t2 / 3, &[d], 1.0);
+            o = norm(&mut self.g, o, w);
+            bo = nb;
+        }
+        let h = if t3 & 2 != 0 { self.g.add(o, a).unwrap() } else { self.g.add(a, o).unwrap() };
+        let w = self.leaf(t3 / 8, &[d], 1.0);
+        let n = norm(&mut self.g, h, w);
+        self.add(h, ba + bo);
+        self.add(n, nb);
     }
 
     /// `a @ W (^T)`, then maybe `+ bias`, an activation, a residual `+ a`.

@@ -46,6 +46,42 @@ fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
+/// Appends `row / sqrt(mean(row^2) + eps) * (add_one ? 1 + w : w)` to `v`.
+fn rms_row(row: &[f64], w: &[f64], eps: f32, add_one: bool, v: &mut Vec<f64>) {
+    let ms = row.iter().map(|x| x * x).sum::<f64>() / row.len().max(1) as f64;
+    let r = 1.0 / (ms + eps as f64).sqrt();
+    let one = if add_one { 1.0 } else { 0.0 };
+    v.extend(row.iter().zip(w).map(|(x, w)| x * r * (one + w)));
+}
+
+/// [`Op::ResidualRmsNorm`]: `h` and its norm, each value rounded to the dtype where the
+/// unfused ops would store it (the post-norm's result, the sum), so the halves equal what
+/// `rms_norm`, `add` and `rms_norm` give.
+fn residual_rms_norm(r: &crate::op::ResidualRmsNorm, a: &[&Value], out: &TensorType) -> Vec<f64> {
+    let dt = out.dtype;
+    let d = *out.shape.last().unwrap_or(&1);
+    let (x, o) = (&a[0].data, &a[1].data);
+    let w_pre = &a[a.len() - 1].data;
+    let mut h = Vec::with_capacity(x.len());
+    if r.post {
+        for row in o.chunks(d.max(1)) {
+            rms_row(row, &a[2].data, r.eps, r.add_one, &mut h);
+        }
+        for (h, x) in h.iter_mut().zip(x) {
+            *h = dt.round(x + dt.round(*h));
+        }
+    } else {
+        h.extend(x.iter().zip(o).map(|(x, o)| dt.round(x + o)));
+    }
+    let mut v = h.clone();
+    v.resize(r.rows_pad * d, 0.0);
+    for row in h.chunks(d.max(1)) {
+        rms_row(row, w_pre, r.eps, r.add_one, &mut v);
+    }
+    v.resize(out.numel(), 0.0);
+    v
+}
+
 /// Evaluates one non-source op.
 pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
     match op {
@@ -101,13 +137,11 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             let d = *out.shape.last().unwrap_or(&1);
             let mut v = Vec::with_capacity(out.numel());
             for row in a[0].data.chunks(d.max(1)) {
-                let ms = row.iter().map(|x| x * x).sum::<f64>() / d as f64;
-                let r = 1.0 / (ms + *eps as f64).sqrt();
-                let one = if *add_one { 1.0 } else { 0.0 };
-                v.extend(row.iter().enumerate().map(|(j, x)| x * r * (one + a[1].data[j])));
+                rms_row(row, &a[1].data, *eps, *add_one, &mut v);
             }
             Ok(v)
         }
+        Op::ResidualRmsNorm(r) => Ok(residual_rms_norm(r, a, out)),
         Op::Attention(at) => Ok(attention(a, at, out)),
         Op::Conv(c) => Ok(conv(a[0], a[1], c, out)),
         Op::MoeDispatch { rows } => {

@@ -12,6 +12,7 @@ mod epilogue;
 mod fold;
 mod fuse;
 mod negate;
+mod residual;
 mod rotate;
 
 pub use conv::{lower_conv, tap_source};
@@ -21,6 +22,7 @@ pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
 pub use negate::negation_through_concat;
+pub use residual::{padded_rows, residual_rms_norm};
 pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
 
 use crate::error::{GraphError, Result};
@@ -55,9 +57,11 @@ impl Pass {
     pub const NEGATION_THROUGH_CONCAT: Pass = Pass { name: "negation_through_concat", run: negation_through_concat };
     /// Rewrites a signed permutation of the last axis (slices, negations, concat) as `x @ P`.
     pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
+    /// Makes `rms_norm(x + rms_norm(o))` (or of `x + o`) one step holding the sum and its norm.
+    pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 8] = [
+    pub const ALL: [Pass; 9] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -66,6 +70,7 @@ impl Pass {
         Pass::LOWER_CONV,
         Pass::NEGATION_THROUGH_CONCAT,
         Pass::ROTATION_AS_MATMUL,
+        Pass::RESIDUAL_RMS_NORM,
     ];
 
     /// The pass with this name.
@@ -94,7 +99,9 @@ impl Pipeline {
     /// read once by the fused node, which can then join the epilogue. A signed permutation of
     /// the last axis (RoPE's rotate_half) becomes a matmul first, so that epilogue fusion
     /// takes its reader; other negations move past concats before CSE (which merges their
-    /// equal sign and permutation constants), so that the sign joins the reader's region.
+    /// equal sign and permutation constants), so that the sign joins the reader's region. A
+    /// residual add between two RMS norms becomes one step before either fusion could take
+    /// the add (into a region or a matmul's epilogue).
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -103,6 +110,7 @@ impl Pipeline {
             Pass::NEGATION_THROUGH_CONCAT,
             Pass::CSE,
             Pass::DEAD_CODE,
+            Pass::RESIDUAL_RMS_NORM,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,

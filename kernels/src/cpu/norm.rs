@@ -50,6 +50,78 @@ pub fn rms_norm(x: &[f32], rows: usize, d: usize, w: &[f32], add_one: bool, eps:
     });
 }
 
+/// The residual junction between two RMS norms, per row of `x` and `o` (`rows × d`): `h = x +
+/// rms_norm(o, w_post)` (`x + o` without `w_post`) and `n = rms_norm(h, w_pre)`, both norms
+/// with [`rms_norm`]'s attributes. The arithmetic is `rms_norm`'s and an f32 add, in the same
+/// order, so `h` and `n` are bit-identical to the three unfused kernels' results.
+/// `out` is `[2 rows_pad, d]`: `h` in its first rows, `n` from row `rows_pad` on, zeros in the
+/// rows between and after (`attrs`: `add_one`, `eps`, `rows_pad`).
+pub fn residual_rms_norm(x: &[f32], o: &[f32], w_post: Option<&[f32]>, w_pre: &[f32], attrs: (bool, f32, usize), out: &mut [f32]) {
+    let (add_one, eps, rows_pad) = attrs;
+    let d = w_pre.len();
+    let (h, n) = out.split_at_mut((rows_pad * d).min(out.len()));
+    let (h, h_pad) = h.split_at_mut(x.len().min(h.len()));
+    let (n, n_pad) = n.split_at_mut(x.len().min(n.len()));
+    residual_rms_norm_rows(x, o, d, w_post, w_pre, add_one, eps, h, n);
+    h_pad.fill(0.0);
+    n_pad.fill(0.0);
+}
+
+/// [`residual_rms_norm`] on the rows alone: `h` and `n` have `x`'s length.
+#[allow(clippy::too_many_arguments)]
+fn residual_rms_norm_rows(
+    x: &[f32],
+    o: &[f32],
+    d: usize,
+    w_post: Option<&[f32]>,
+    w_pre: &[f32],
+    add_one: bool,
+    eps: f32,
+    h: &mut [f32],
+    n: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let rows = x.len() / d.max(1);
+    debug_assert!(o.len() == x.len() && h.len() == x.len() && n.len() == x.len() && w_pre.len() == d);
+    if rows == 0 || d == 0 {
+        return;
+    }
+    let offset = if add_one { 1.0 } else { 0.0 };
+    let norm = |xrow: &[f32], w: &[f32], orow: &mut [f32]| {
+        let ms = simd::dot(xrow, xrow) / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &x), &w) in orow.iter_mut().zip(xrow).zip(w) {
+            *o = x * r * (offset + w);
+        }
+    };
+    let chunk = super::rows_per_chunk(rows, d, MIN_TASK / 2) * d;
+    h.par_chunks_mut(chunk).zip(n.par_chunks_mut(chunk)).zip(x.par_chunks(chunk).zip(o.par_chunks(chunk))).for_each(|((h, n), (x, o))| {
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                for (((hrow, nrow), xrow), orow) in
+                    h.chunks_exact_mut(d).zip(n.chunks_exact_mut(d)).zip(x.chunks_exact(d)).zip(o.chunks_exact(d))
+                {
+                    match w_post {
+                        Some(wp) => {
+                            norm(orow, wp, hrow);
+                            for (h, &x) in hrow.iter_mut().zip(xrow) {
+                                *h += x;
+                            }
+                        }
+                        None => {
+                            for ((h, &x), &o) in hrow.iter_mut().zip(xrow).zip(orow) {
+                                *h = x + o;
+                            }
+                        }
+                    }
+                    norm(hrow, w_pre, nrow);
+                }
+            },
+        )
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +151,34 @@ mod tests {
                 // x ≈ 100 ± 1 holds ~7 significant bits of the deviation after the mean is
                 // subtracted in f32, so the bound reflects input rounding, not the kernel.
                 assert_close(&format!("layer_norm {rows}x{d}"), &out, &want, if d == 1 { 1e-3 } else { 2e-4 });
+            }
+        }
+    }
+
+    #[test]
+    fn residual_rms_norm_equals_the_unfused_kernels_bit_for_bit() {
+        let mut rng = Rng::new(23);
+        for &(rows, d) in &[(1, 1), (4, 9), (37, 2304), (3, 256)] {
+            let (x, o) = (rng.vec(rows * d, -2.0, 2.0), rng.vec(rows * d, -3.0, 3.0));
+            let (wp, w) = (rng.vec(d, -0.5, 0.5), rng.vec(d, -0.5, 0.5));
+            for (post, add_one) in [(true, true), (false, false), (true, false)] {
+                let mut want_h = x.clone();
+                if post {
+                    let mut on = vec![0.0; rows * d];
+                    rms_norm(&o, rows, d, &wp, add_one, 1e-6, &mut on);
+                    want_h.iter_mut().zip(&on).for_each(|(h, o)| *h += o);
+                } else {
+                    want_h.iter_mut().zip(&o).for_each(|(h, o)| *h += o);
+                }
+                let mut want_n = vec![0.0; rows * d];
+                rms_norm(&want_h, rows, d, &w, add_one, 1e-6, &mut want_n);
+                let pad = rows + 3;
+                let mut out = vec![f32::NAN; 2 * pad * d];
+                residual_rms_norm(&x, &o, post.then_some(&wp[..]), &w, (add_one, 1e-6, pad), &mut out);
+                let (h, n) = (&out[..rows * d], &out[pad * d..(pad + rows) * d]);
+                assert!(out[rows * d..pad * d].iter().chain(&out[(pad + rows) * d..]).all(|&v| v == 0.0), "padding {rows}x{d}");
+                assert!(h.iter().zip(&want_h).all(|(a, b)| a.to_bits() == b.to_bits()), "h {rows}x{d} {post}");
+                assert!(n.iter().zip(&want_n).all(|(a, b)| a.to_bits() == b.to_bits()), "n {rows}x{d} {post}");
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod expr;
 pub mod index;
 pub mod params;
 pub mod reduce;
+pub mod residual;
 pub mod typed;
 
 use cubecl::prelude::*;

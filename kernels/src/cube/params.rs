@@ -250,6 +250,21 @@ fixed_params! {
 }
 
 fixed_params! {
+    /// [`super::residual::residual_norm`]: `rows` rows of `d`, the output's halves `rows_pad`
+    /// rows apart (`w_post_off` unused without a post-norm).
+    pub struct ResidualNormParams {
+        rows => ROWS,
+        rows_pad => ROWS_PAD,
+        d => D,
+        x_off => X_OFF,
+        o_off => O_OFF,
+        w_post_off => W_POST_OFF,
+        w_pre_off => W_PRE_OFF,
+        out_off => OUT_OFF,
+    }
+}
+
+fixed_params! {
     /// [`super::attention`]: q `[batch, sq, hq, d]`, k and v `[batch, sk, hkv, d|dv]`.
     pub struct AttentionParams {
         sq => SQ,

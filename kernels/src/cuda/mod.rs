@@ -95,7 +95,7 @@ pub fn modules() -> Vec<Module> {
     }
     let mut norm = Vec::new();
     for t in FLOAT_TYPES {
-        for n in ["layer_norm", "rms_norm", "softmax", "layer_norm_warp", "rms_norm_warp"] {
+        for n in ["layer_norm", "rms_norm", "softmax", "layer_norm_warp", "rms_norm_warp", "residual_rms_norm"] {
             norm.push(k(format!("{n}_{t}"), true));
         }
     }
@@ -214,6 +214,24 @@ pub struct NormParams {
     pub d: i32,
     pub eps: f32,
     pub add_one: i32,
+}
+
+/// Parameters of the residual junction between two RMS norms (`ResidualNormParams` in
+/// `norm.cu`): `w_post` is read only when `post` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResidualNormParams {
+    pub x: DevPtr,
+    pub o: DevPtr,
+    pub w_post: DevPtr,
+    pub w_pre: DevPtr,
+    pub out: DevPtr,
+    pub rows: i32,
+    pub rows_pad: i32,
+    pub d: i32,
+    pub eps: f32,
+    pub add_one: i32,
+    pub post: i32,
 }
 
 /// Largest rank of a strided copy.
@@ -398,6 +416,7 @@ mod tests {
             }
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
             ["layer" | "rms", "norm", "warp", t] => src.contains(&format!("NORMS_WARP({t},")),
+            ["residual", "rms", "norm", t] => src.contains(&format!("RESIDUAL({t},")),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
             ["reduce", t] => src.contains(&format!("RED({t},")),
@@ -425,6 +444,7 @@ mod tests {
     fn param_structs_have_the_c_layout() {
         assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
+        assert_eq!(std::mem::size_of::<ResidualNormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
         assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);
         assert_eq!(std::mem::size_of::<MoeParams>(), 4 * 8 + 4 * 4);

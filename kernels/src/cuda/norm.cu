@@ -164,3 +164,60 @@ __device__ void norm_warp(const NormParams p) {
 NORMS_WARP(f32, float)
 NORMS_WARP(bf16, bf16)
 NORMS_WARP(f16, f16)
+
+// A residual add between two RMS norms (kiln's `residual_rms_norm` op), one block per output
+// row: row r < rows writes h = x + rms_norm(o, w_post) (x + o without post) into out row r and
+// rms_norm(h, w_pre) into out row rows_pad + r; the other rows (r >= rows) write zeros. Each
+// value is rounded to T where the unfused kernels store it, with their loops and reductions,
+// so both halves equal what rms_norm_T, the fused add and rms_norm_T give (the add is
+// __fadd_rn: never contracted with the norm's product into an FMA).
+struct ResidualNormParams {
+  i64 x, o, w_post, w_pre, out;
+  int rows, rows_pad, d;
+  float eps;
+  int add_one, post;
+};
+
+template <typename T>
+__device__ void residual_rms_norm(const ResidualNormParams p) {
+  __shared__ float red[32];
+  const int r = blockIdx.x;
+  T* h = (T*)p.out + (i64)r * p.d;
+  T* n = (T*)p.out + ((i64)p.rows_pad + r) * p.d;
+  if (r >= p.rows) {
+    for (int c = threadIdx.x; c < p.d; c += blockDim.x) h[c] = n[c] = from_f32<T>(0.0f);
+    return;
+  }
+  const T* x = (const T*)p.x + (i64)r * p.d;
+  const T* o = (const T*)p.o + (i64)r * p.d;
+  const float one = p.add_one ? 1.0f : 0.0f;
+  float inv = 0.0f;
+  if (p.post) {
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+      float z = to_f32(o[c]);
+      s += z * z;
+    }
+    inv = rsqrtf(block_sum(s, red) / p.d + p.eps);
+  }
+  const T* wp = (const T*)p.w_post;
+  float s = 0.0f;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    const float add = p.post ? to_f32(from_f32<T>(to_f32(o[c]) * inv * (one + to_f32(wp[c])))) : to_f32(o[c]);
+    const T v = from_f32<T>(__fadd_rn(to_f32(x[c]), add));
+    h[c] = v;
+    const float z = to_f32(v);
+    s += z * z;
+  }
+  const float inv2 = rsqrtf(block_sum(s, red) / p.d + p.eps);
+  const T* w = (const T*)p.w_pre;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) n[c] = from_f32<T>(to_f32(h[c]) * inv2 * (one + to_f32(w[c])));
+}
+
+#define RESIDUAL(t, T)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(256) residual_rms_norm_##t(const ResidualNormParams p) { \
+    residual_rms_norm<T>(p);                                                                            \
+  }
+RESIDUAL(f32, float)
+RESIDUAL(bf16, bf16)
+RESIDUAL(f16, f16)

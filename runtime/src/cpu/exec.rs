@@ -108,6 +108,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::View
                 | CpuKernel::LayerNorm
                 | CpuKernel::RmsNorm
+                | CpuKernel::ResidualRmsNorm
                 | CpuKernel::Softmax
                 | CpuKernel::Reduce
                 | CpuKernel::Gather
@@ -367,6 +368,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             norm::rms_norm(mem.f32(&s.inputs[0]), rows, d, mem.f32(&s.inputs[1]), add_one, eps, mem.f32_mut(&s.output));
             Ok(())
         }
+        CpuKernel::ResidualRmsNorm => residual_norm(mem, s),
         CpuKernel::Softmax => {
             let n = *out_ty.shape.last().unwrap_or(&1);
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
@@ -783,6 +785,14 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgem
 
 /// Any op without a fast kernel: the interpreter's arm on converted values. Correct for every
 /// dtype, slow and allocating; `kiln inspect` names these steps `cpu.reference`.
+/// `cpu.residual_rms_norm`: both halves of the output and zeros in its padding rows.
+fn residual_norm(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+    let Op::ResidualRmsNorm(r) = s.op else { return Err(format!("cpu.residual_rms_norm does not run {}", s.op.name())) };
+    let (x, o, w_pre) = (mem.f32(&s.inputs[0]), mem.f32(&s.inputs[1]), mem.f32(&s.inputs[s.inputs.len() - 1]));
+    norm::residual_rms_norm(x, o, r.post.then(|| mem.f32(&s.inputs[2])), w_pre, (r.add_one, r.eps, r.rows_pad), mem.f32_mut(&s.output));
+    Ok(())
+}
+
 fn reference(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
     let vals: Vec<Value> =
         s.inputs.iter().map(|o| Value { ty: o.ty.clone(), data: crate::tensor::to_f64(o.ty.dtype, mem.read(o)) }).collect();

@@ -18,6 +18,8 @@ crate::kernel_enum::kernel_enum! {
         Fused => "cpu.fused",
         LayerNorm => "cpu.layer_norm",
         RmsNorm => "cpu.rms_norm",
+        /// A residual add between two RMS norms: the sum and its norm in one pass.
+        ResidualRmsNorm => "cpu.residual_rms_norm",
         /// Softmax over the last axis.
         Softmax => "cpu.softmax",
         /// A reduction over trailing axes.
@@ -93,6 +95,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => or_reference(f32_all, K::Fused),
         Op::LayerNorm { .. } => or_reference(f32_all, K::LayerNorm),
         Op::RmsNorm { .. } => or_reference(f32_all, K::RmsNorm),
+        Op::ResidualRmsNorm(_) => or_reference(f32_all, K::ResidualRmsNorm),
         Op::Softmax { axis } => or_reference(f32_all && *axis + 1 == out.rank(), K::Softmax),
         Op::Reduce { axes, .. } => or_reference(f32_all && trailing_axes(axes, inputs.first().map_or(0, |t| t.rank())), K::Reduce),
         Op::Attention(a) => {

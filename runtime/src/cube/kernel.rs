@@ -73,7 +73,13 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
     };
     let all_f32 = is_f32(out) && floats.iter().all(is_f32);
     let kernel = match op {
-        Op::MatMul { .. } | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::Attention(_) | Op::Resize { .. }
+        Op::MatMul { .. }
+        | Op::LayerNorm { .. }
+        | Op::RmsNorm { .. }
+        | Op::ResidualRmsNorm(_)
+        | Op::Softmax { .. }
+        | Op::Attention(_)
+        | Op::Resize { .. }
             if !all_f32 =>
         {
             return Err(format!("{} on {} has no cube kernel (f32 only)", op.name(), tys()));
@@ -86,7 +92,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
             }
         }
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => K::Fused,
-        Op::LayerNorm { .. } | Op::RmsNorm { .. } => K::Norm,
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::ResidualRmsNorm(_) => K::Norm,
         Op::Softmax { axis } if axis + 1 == out.rank() => K::Softmax,
         Op::Softmax { .. } => K::SoftmaxAxis,
         Op::Attention(a) => {

@@ -13,9 +13,10 @@ use kiln_graph::{Attention, DType, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMo
 use kiln_kernels::cube::index::{CastCfg, CumsumCfg, GatherCfg, MoeCfg, ScatterCfg};
 use kiln_kernels::cube::params::{
     AttentionParams, Axis, CastParams, CopyParams, FusedParams, GatherParams, IotaParams, LineParams, MatmulParams, MoeCombineParams,
-    MoeDispatchParams, NormParams, ReduceParams, ResizeParams, ScatterParams, Strided, TopkParams,
+    MoeDispatchParams, NormParams, ReduceParams, ResidualNormParams, ResizeParams, ScatterParams, Strided, TopkParams,
 };
 use kiln_kernels::cube::reduce::ReduceCfg;
+use kiln_kernels::cube::residual::ResidualNormCfg;
 use kiln_kernels::cube::{AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
 
 /// One kernel launch, with where its metadata block starts (in `u32`s) and its length.
@@ -43,6 +44,12 @@ pub enum Launch {
     },
     Norm {
         cfg: NormCfg,
+        rows: usize,
+        meta: usize,
+        len: usize,
+    },
+    ResidualNorm {
+        cfg: ResidualNormCfg,
         rows: usize,
         meta: usize,
         len: usize,
@@ -261,6 +268,7 @@ impl Lower<'_> {
             K::Norm => match &s.op {
                 Op::LayerNorm { eps } => vec![self.norm(NormKind::Layer, *eps, s)?],
                 Op::RmsNorm { eps, add_one } => vec![self.norm(NormKind::Rms { add_one: *add_one }, *eps, s)?],
+                Op::ResidualRmsNorm(r) => vec![self.residual_norm(s, r)?],
                 _ => return mismatch(),
             },
             K::Softmax => vec![self.norm(NormKind::Softmax, 0.0, s)?],
@@ -381,6 +389,23 @@ impl Lower<'_> {
         let [x_off, w_off, b_off] = offs;
         let (meta, len) = self.push(NormParams { rows: g.rows, d: g.d, x_off, w_off, b_off, out_off: self.out_off(s)? }.pack())?;
         Ok(Launch::Norm { cfg: NormCfg { kind, eps_bits: eps.to_bits(), in_arena }, rows: g.rows, meta, len })
+    }
+
+    /// The residual junction between two RMS norms: one cube per output row (padding rows too).
+    fn residual_norm(&mut self, s: &Step, r: &kiln_graph::ResidualRmsNorm) -> Result<Launch, String> {
+        let d = *s.inputs[0].ty.shape.last().ok_or("a scalar residual")?;
+        let rows = s.inputs[0].ty.numel() / d.max(1);
+        let mut offs = [0usize; 4];
+        let mut in_arena = [true; 4];
+        let w_pre = s.inputs.len() - 1;
+        for (k, i) in [0, 1, if r.post { 2 } else { w_pre }, w_pre].into_iter().enumerate() {
+            (in_arena[k], offs[k]) = self.place(&s.inputs[i])?;
+        }
+        let [x_off, o_off, w_post_off, w_pre_off] = offs;
+        let p = ResidualNormParams { rows, rows_pad: r.rows_pad, d, x_off, o_off, w_post_off, w_pre_off, out_off: self.out_off(s)? };
+        let (meta, len) = self.push(p.pack())?;
+        let cfg = ResidualNormCfg { add_one: r.add_one, post: r.post, eps_bits: r.eps.to_bits(), in_arena };
+        Ok(Launch::ResidualNorm { cfg, rows: r.rows_pad, meta, len })
     }
 
     /// Softmax over an axis other than the last: one unit per line.

@@ -260,6 +260,15 @@ impl<R: Runtime> CubeExec<R> {
                     self.meta_at(*meta, *len),
                     cfg.clone(),
                 ),
+                Launch::ResidualNorm { cfg, rows, meta, len } => k::residual::residual_norm::launch_unchecked::<f32, R>(
+                    c,
+                    CubeCount::Static(*rows as u32, 1, 1),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
                 Launch::Reduce { cfg, n, meta, len } => unit_launch!(k::reduce::reduce, *n, *meta, *len, cfg.clone()),
                 Launch::SoftmaxAxis { x_in_arena, lines, meta, len } => {
                     unit_launch!(k::reduce::softmax_axis, *lines, *meta, *len, *x_in_arena)

@@ -110,6 +110,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
         }
         Op::LayerNorm { .. } => K::Norm(format!("layer_norm_{}", float_suffix(out.dtype)?)),
         Op::RmsNorm { .. } => K::Norm(format!("rms_norm_{}", float_suffix(out.dtype)?)),
+        Op::ResidualRmsNorm(_) => K::Norm(format!("residual_rms_norm_{}", float_suffix(out.dtype)?)),
         Op::Softmax { axis } if axis + 1 == out.rank() => K::Softmax(format!("softmax_{}", float_suffix(out.dtype)?)),
         Op::Softmax { .. } => K::Index(index::kernel_for(op, inputs, out)?),
         Op::Attention(a) => {

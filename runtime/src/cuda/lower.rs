@@ -16,7 +16,7 @@ use crate::geometry::{
 use kiln_graph::program::{Operand, Program, Slot, Step};
 use kiln_graph::{Attention, DType, Expr, MaskKind, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
-    self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, MAX_RANK,
+    self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, ResidualNormParams, MAX_RANK,
 };
 
 /// Bytes every region of the allocation is aligned to.
@@ -319,10 +319,11 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let Op::MatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
             lower_matmul(s, l, ins, out, *transpose_b, epilogue.as_ref())?
         }
-        K::Norm(_) => {
-            let (Op::LayerNorm { eps } | Op::RmsNorm { eps, .. }) = &s.op else { return mismatch() };
-            vec![lower_norm(s, &ins, out, *eps)?]
-        }
+        K::Norm(_) => match &s.op {
+            Op::ResidualRmsNorm(r) => vec![lower_residual_norm(s, &ins, out, r)?],
+            Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => vec![lower_norm(s, &ins, out, *eps)?],
+            _ => return mismatch(),
+        },
         K::Softmax(name) => {
             let g = RowGeometry::new(&shape);
             let p = NormParams { x: ins[0], out, rows: g.rows as i32, d: g.d as i32, ..Default::default() };
@@ -460,6 +461,34 @@ fn lower_norm(s: &Step, ins: &[u64], out: u64, eps: f32) -> Result<Work, String>
     let name = if layer { "layer_norm" } else { "rms_norm" };
     let kernel = format!("{name}_{}", float_suffix(s.output.ty.dtype)?);
     Ok(launch("norm", kernel, (p.rows.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs))
+}
+
+/// The residual junction between two RMS norms: one block per output row (padding rows too,
+/// which it zeroes).
+fn lower_residual_norm(s: &Step, ins: &[u64], out: u64, r: &kiln_graph::ResidualRmsNorm) -> Result<Work, String> {
+    let x = &s.inputs[0].ty;
+    let d = *x.shape.last().ok_or("a scalar residual")?;
+    let rows = x.numel() / d.max(1);
+    let (w_post, w_pre) = (if r.post { ins[2] } else { 0 }, ins[ins.len() - 1]);
+    let p = ResidualNormParams {
+        x: ins[0],
+        o: ins[1],
+        w_post,
+        w_pre,
+        out,
+        rows: rows as i32,
+        rows_pad: r.rows_pad as i32,
+        d: d as i32,
+        eps: r.eps,
+        add_one: r.add_one as i32,
+        post: r.post as i32,
+    };
+    let mut relocs = vec![off_of(&p, &p.x), off_of(&p, &p.o), off_of(&p, &p.w_pre), off_of(&p, &p.out)];
+    if r.post {
+        relocs.push(off_of(&p, &p.w_post));
+    }
+    let kernel = format!("residual_rms_norm_{}", float_suffix(s.output.ty.dtype)?);
+    Ok(launch("norm", kernel, (r.rows_pad.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs))
 }
 
 /// Attention: the tensor-core prefill, or the row kernel (split-K, then the combine).
