@@ -228,6 +228,8 @@ impl<'a> Mem<'a> {
             Slot::Weight(i) => match &self.wbufs[i as usize] {
                 WeightBuf::Mapped { start, file, .. } => &self.weights.map_bytes(*file)[*start..*start + n],
                 WeightBuf::Owned(a) => &a.bytes()[..n],
+                // Half as many bytes as the f32 operand: read only by `gather` (checked at load).
+                WeightBuf::Bf16 { start, file } => &self.weights.map_bytes(*file)[*start..*start + n / 2],
             },
             Slot::Const(i) => &self.consts[i as usize].bytes()[..n],
             // SAFETY: `load` checked the state exists and has this size; see the struct comment.
@@ -505,8 +507,14 @@ fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
     if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
         return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
     }
-    let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
-    index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
+    let (table, out) = (mem.read(&s.inputs[0]), mem.write(&s.output));
+    // A table held as bf16 ([`WeightBuf::Bf16`]) is widened row by row.
+    match s.inputs[0].slot {
+        Slot::Weight(i) if matches!(mem.wbufs[i as usize], WeightBuf::Bf16 { .. }) => {
+            index::gather_rows_bf16(bytemuck::cast_slice(table), d, ids, bytemuck::cast_slice_mut(out))
+        }
+        _ => index::gather_rows::<u32>(bytemuck::cast_slice(table), d, ids, bytemuck::cast_slice_mut(out)),
+    }
     Ok(())
 }
 
