@@ -62,6 +62,12 @@ fn load_plan(model: &Path, prog: &Program, p: &ProfileArgs) -> String {
     use kiln_runtime::cpu::prepared;
     let pp = prepared::path_for(model);
     let ordinary = format!("from the checkpoint {}: {}", prog.source, prepared::plan(prog));
+    #[cfg(feature = "cuda")]
+    if prog.backend == "cuda" {
+        // The checkpoint is opened (its headers read) only to say which weights convert.
+        let store = WeightStore::for_program(prog, None).ok();
+        return kiln_runtime::cuda::plan::load_plan(prog, store.as_ref());
+    }
     if prog.backend != "cpu" {
         return ordinary;
     }
