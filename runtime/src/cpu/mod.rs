@@ -4,6 +4,7 @@
 mod exec;
 pub mod fused;
 pub mod kernel;
+mod pack;
 pub mod prepared;
 
 use crate::backend::{Backend, Executable};
@@ -57,9 +58,11 @@ pub(crate) enum WeightBuf {
 /// How the steps of a program read a weight besides through its packed copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Read {
-    /// Never: only packed matrices of it are read (or nothing).
+    /// Never: only packed matrices of it are read (by matmuls, or gathers from the panels),
+    /// or nothing.
     Packed,
-    /// Only as the table of `cpu.gather` steps, a row at a time.
+    /// Only as the table of `cpu.gather` steps, a row at a time (a gather reading the rows
+    /// from the weight's packed panels does not count: [`pack::link_gathers`]).
     Rows,
     /// Some step reads it whole, in the program's dtype.
     Whole,
@@ -152,7 +155,9 @@ pub(crate) fn build(program: &Program, weights: Arc<WeightStore>) -> Result<exec
         })
     };
     let mut packs = exec::PackCache::new();
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let mut prepared =
+        program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    pack::link_gathers(program, &mut prepared, &packs);
     // A converted weight that every step reads only through its packed copy never gets an
     // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32. One read
     // only a row at a time by gathers (an embedding) stays bf16, mapped: the gather widens.
@@ -175,15 +180,17 @@ pub(crate) fn reads(program: &Program, prepared: &[Vec<exec::Prepared>]) -> Vec<
     let mut read = vec![Read::Packed; program.weights.len()];
     for (e, preps) in program.entries.iter().zip(prepared) {
         for (s, p) in e.steps.iter().zip(preps) {
-            let packed_b = match &p.prep {
-                exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
-                _ => false,
+            let (packed_b, panel_rows) = match &p.prep {
+                exec::Prep::MatMul { packed, .. } => (exec::runs_packed(s, packed), false),
+                exec::Prep::Gather(_) => (false, true),
+                exec::Prep::None | exec::Prep::Region(_) | exec::Prep::Attention(_) => (false, false),
             };
             for (k, o) in s.inputs.iter().enumerate() {
                 let Slot::Weight(i) = o.slot else { continue };
                 let r = &mut read[i as usize];
                 *r = match (k, p.kernel) {
                     (1, _) if packed_b => *r,
+                    (0, _) if panel_rows => *r,
                     (0, CpuKernel::Gather) if *r != Read::Whole => Read::Rows,
                     _ => Read::Whole,
                 };

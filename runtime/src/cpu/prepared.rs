@@ -513,7 +513,9 @@ pub(crate) fn load(program: &Program, file: Arc<PreparedFile>, store: Arc<Weight
     }
     // Every packed weight comes from the cache; a miss means the file lacks it.
     let none = |_: u32, _: usize| None;
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &none, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let mut prepared =
+        program.entries.iter().map(|e| exec::prepare(e, &none, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    super::pack::link_gathers(program, &mut prepared, &packs);
     let read = super::reads(program, &prepared);
     for (i, spec) in program.weights.iter().enumerate() {
         let missing = read[i] != Read::Packed && spec.ty.bytes() > 0 && matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty());
@@ -585,6 +587,6 @@ pub fn plan(program: &Program) -> String {
         return format!("weights placed by the {} backend at load", program.backend);
     }
     let packed: std::collections::HashSet<(u32, bool)> =
-        program.entries.iter().flat_map(|e| e.steps.iter()).filter_map(exec::packs).collect();
+        program.entries.iter().flat_map(|e| e.steps.iter()).filter_map(super::pack::packs).collect();
     format!("pack {} matmul weights at load, compile none", packed.len())
 }
