@@ -10,8 +10,10 @@
 #         first token); wall and peak RSS of the whole process from /usr/bin/time (the process
 #         also runs the forward a second time, so its wall is above load + first).
 #   transformers: from_pretrained(dtype=float32, eager attention) then model(**inputs) once.
-#   warm: the files were just read (page cache warm); cold: `echo 3 > /proc/sys/vm/drop_caches`
-#         before the run (needs root; the script says when it could not drop them).
+#   warm: the files the side reads (checkpoint, or prepared file) are read once with `cat`
+#         right before the run (page cache warm); cold: `echo 3 > /proc/sys/vm/drop_caches`
+#         before the run (needs root; the script says when it could not drop them). On a
+#         virtual machine the host may still cache the disk: a cold read can be fast.
 # Usage: scripts/bench_prepared_cpu.sh [models...]   (default: paligemma2-3b-224 gemma2-2b)
 #   A model is a `kiln synth` name (synthesized into $KILN_BENCH_DIR/<name> unless there) or
 #   the path of an existing checkpoint folder (read in place, never deleted; its artifact and
@@ -31,16 +33,19 @@ export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 mkdir -p "$root"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cpus, threads $threads"
 
-drop() {
-  if [ "$1" = cold ]; then
+cache_state() { # warm|cold files...
+  local how=$1; shift
+  if [ "$how" = cold ]; then
     sync
     if ! echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "  (could not drop the page cache: this 'cold' run is warm)"; fi
+  else
+    cat "$@" >/dev/null
   fi
 }
 
 kiln_side() { # name art cache extra-flags...
   local name=$1 art=$2 cache=$3; shift 3
-  drop "$cache"
+  if [ "${1:-}" = --no-prepared ]; then cache_state "$cache" "$dir"/*.safetensors; else cache_state "$cache" "$art.weights"; fi
   local j
   j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$kiln" bench "$art" --runs 1 --json "$@" 2>"$root/err.txt" | grep '^{')
   read -r wall rss <"$root/time.txt"
@@ -56,7 +61,7 @@ PY
 
 torch_side() { # dir cache seq
   local dir=$1 cache=$2 seq=$3
-  drop "$cache"
+  cache_state "$cache" "$dir"/*.safetensors
   local j
   j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$py" - "$dir" "$threads" "$seq" 2>"$root/err.txt" <<'PY' | grep '^{'
 import json, sys, time
