@@ -10,11 +10,17 @@
 #         first token); wall and peak RSS of the whole process from /usr/bin/time (the process
 #         also runs the forward a second time, so its wall is above load + first).
 #   transformers: from_pretrained(dtype=float32, eager attention) then model(**inputs) once.
-#   warm: the files were just read (page cache warm); cold: `echo 3 > /proc/sys/vm/drop_caches`
-#         before the run (needs root; the script says when it could not drop them).
+#   warm: the files the side reads (checkpoint, or prepared file) are read once with `cat`
+#         right before the run (page cache warm); cold: `echo 3 > /proc/sys/vm/drop_caches`
+#         before the run (needs root; the script says when it could not drop them). On a
+#         virtual machine the host may still cache the disk: a cold read can be fast.
 # Usage: scripts/bench_prepared_cpu.sh [models...]   (default: paligemma2-3b-224 gemma2-2b)
+#   A model is a `kiln synth` name (synthesized into $KILN_BENCH_DIR/<name> unless there) or
+#   the path of an existing checkpoint folder (read in place, never deleted; its artifact and
+#   prepared file go to $KILN_BENCH_DIR/<folder name>.kiln[.weights]).
 # Env: KILN_BENCH_DIR (default /work/bench-ckpt), KILN_BIN, KILN_PY (python with torch and
-# transformers), REPS (default 2), THREADS (default 2), KEEP=1 keeps the files.
+# transformers), REPS (default 2), THREADS (default 2), KEEP=1 keeps the files this run made
+# (the artifact, its prepared file and a checkpoint it synthesized; never a folder given).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-2}
@@ -27,21 +33,24 @@ export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 mkdir -p "$root"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cpus, threads $threads"
 
-drop() {
-  if [ "$1" = cold ]; then
+cache_state() { # warm|cold files...
+  local how=$1; shift
+  if [ "$how" = cold ]; then
     sync
     if ! echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "  (could not drop the page cache: this 'cold' run is warm)"; fi
+  else
+    cat "$@" >/dev/null
   fi
 }
 
 kiln_side() { # name art cache extra-flags...
   local name=$1 art=$2 cache=$3; shift 3
-  drop "$cache"
+  if [ "${1:-}" = --no-prepared ]; then cache_state "$cache" "$dir"/*.safetensors; else cache_state "$cache" "$art.weights"; fi
   local j
   j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$kiln" bench "$art" --runs 1 --json "$@" 2>"$root/err.txt" | grep '^{')
   read -r wall rss <"$root/time.txt"
   local how
-  how=$(grep -o '^load: [a-z]*' "$root/err.txt" || true)
+  how=$( (grep -o '^load: [a-z]*\|checksums verified in [0-9]* ms' "$root/err.txt" || true) | paste -sd' ')
   python3 - "$j" "$wall" "$rss" "$name" "$cache" "$how" <<'PY'
 import json, sys
 j, wall, rss, name, cache, how = json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
@@ -52,7 +61,7 @@ PY
 
 torch_side() { # dir cache seq
   local dir=$1 cache=$2 seq=$3
-  drop "$cache"
+  cache_state "$cache" "$dir"/*.safetensors
   local j
   j=$(/usr/bin/time -f '%e %M' -o "$root/time.txt" "$py" - "$dir" "$threads" "$seq" 2>"$root/err.txt" <<'PY' | grep '^{'
 import json, sys, time
@@ -92,18 +101,28 @@ PY
 }
 
 for m in $models; do
-  case $m in
-    paligemma2-3b-224) seq=264 ;; # 256 image tokens + 8 text tokens
+  made=0
+  if [ -d "$m" ]; then
+    dir=$(cd "$m" && pwd)
+    name=$(basename "$dir")
+  else
+    dir=$root/$m
+    name=$m
+    if [ ! -f "$dir/config.json" ]; then
+      "$kiln" synth "$m" -o "$dir" >/dev/null
+      made=1
+    fi
+  fi
+  case $name in
+    paligemma*) seq=264 ;; # 256 image tokens + 8 text tokens
     *) seq=64 ;;
   esac
-  dir=$root/$m
-  art=$root/$m.kiln
-  echo "== $m (--seq-len $seq), df: $(df -h --output=avail "$root" | tail -1 | xargs) free"
-  [ -f "$dir/config.json" ] || "$kiln" synth "$m" -o "$dir" >/dev/null
+  art=$root/$name.kiln
+  echo "== $name: $dir (--seq-len $seq), df: $(df -h --output=avail "$root" | tail -1 | xargs) free"
   /usr/bin/time -f '  compile + prepared file: %e s, peak RSS %M KiB' "$kiln" compile "$dir" --seq-len "$seq" -o "$art" | grep -E '^(compiled|prepared)' | sed 's/^/  /'
   echo "  sizes: checkpoint $(du -sh "$dir" | cut -f1), prepared file $(du -h "$art.weights" | cut -f1)"
   for r in $(seq 1 "$reps"); do
-    echo " rep $r"
+    echo " rep $r (load average $(cut -d' ' -f1-3 /proc/loadavg))"
     for cache in warm cold; do
       # Alternate which side goes first in each repetition.
       if [ $((r % 2)) = 1 ]; then
@@ -116,6 +135,9 @@ for m in $models; do
       torch_side "$dir" "$cache" "$seq"
     done
   done
-  if [ "${KEEP:-0}" != 1 ]; then rm -rf "$dir" "$art" "$art.weights"; fi
+  if [ "${KEEP:-0}" != 1 ]; then
+    rm -f "$art" "$art.weights"
+    if [ $made = 1 ]; then rm -rf "$dir"; fi
+  fi
 done
 rm -f "$root/time.txt" "$root/err.txt"

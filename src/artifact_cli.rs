@@ -1,6 +1,6 @@
-//! Artifacts given where a model folder could be: where their weights come from, the
-//! compile-time flags they cannot take, and `kiln generate` on the artifact that
-//! `kiln compile --generate` writes.
+//! Artifacts given where a model folder could be: where their weights come from, what a
+//! load of one will do (`kiln inspect`'s `== load`), the compile-time flags they cannot
+//! take, and `kiln generate` on the artifact that `kiln compile --generate` writes.
 
 use super::*;
 use kiln::generate::Generator;
@@ -103,4 +103,35 @@ pub(super) fn generator(artifact: &Path, weights: Option<&Path>, f: &GenerateFla
     let store = progress("loading weights", || WeightStore::for_program(&program, Some(&wpath)))?;
     let session = progress("preparing", || Session::new(program, Arc::new(store)))?;
     Ok((Generator::from_session(session, &dir)?, dir))
+}
+
+/// What loading the artifact at `model` will do: on cpu, map its prepared weight file
+/// (checked as a load checks it, checksums included) or pack weights from the checkpoint, and
+/// why; on cuda, [`kiln_runtime::cuda::plan::load_plan`] (upload, CUBINs, NVRTC).
+pub(super) fn load_plan(model: &Path, prog: &Program, p: &ProfileArgs) -> String {
+    use kiln_runtime::cpu::prepared;
+    let pp = prepared::path_for(model);
+    let ordinary = format!("from the checkpoint {}: {}", prog.source, prepared::plan(prog));
+    #[cfg(feature = "cuda")]
+    if prog.backend == "cuda" {
+        // The checkpoint is opened (its headers read) only to say which weights convert.
+        let store = WeightStore::for_program(prog, None).ok();
+        return kiln_runtime::cuda::plan::load_plan(prog, store.as_ref());
+    }
+    if prog.backend != "cpu" {
+        return ordinary;
+    }
+    if p.no_prepared || !pp.is_file() {
+        return format!("{ordinary} (no prepared weight file {})", pp.display());
+    }
+    match prepared::PreparedFile::open(&pp, prog, true) {
+        Ok(f) => {
+            let (bytes, packed, raw) = f.summary();
+            format!(
+                "prepared {}: map {bytes} bytes ({packed} packed matrices, {raw} weights as stored); pack none, compile none",
+                pp.display()
+            )
+        }
+        Err(e) => format!("a load fails: {e}"),
+    }
 }

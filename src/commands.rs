@@ -21,7 +21,7 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool, json: bool) -> Re
             return Ok(());
         }
         print_program(&prog);
-        println!("== load\n{}", load_plan(model, &prog, p));
+        println!("== load\n{}", super::artifact_cli::load_plan(model, &prog, p));
         return Ok(());
     }
     let mut opts = profile(p, None, None)?;
@@ -54,30 +54,6 @@ pub(super) fn inspect(model: &Path, p: &ProfileArgs, ir: bool, json: bool) -> Re
         println!("{}", kiln_graph::plan::report(&e.plan, &e.graph));
     }
     Ok(())
-}
-
-/// What loading the artifact at `model` will do: map its prepared weight file (checked as a
-/// load checks it, checksums included) or pack weights from the checkpoint, and why.
-fn load_plan(model: &Path, prog: &Program, p: &ProfileArgs) -> String {
-    use kiln_runtime::cpu::prepared;
-    let pp = prepared::path_for(model);
-    let ordinary = format!("from the checkpoint {}: {}", prog.source, prepared::plan(prog));
-    if prog.backend != "cpu" {
-        return ordinary;
-    }
-    if p.no_prepared || !pp.is_file() {
-        return format!("{ordinary} (no prepared weight file {})", pp.display());
-    }
-    match prepared::PreparedFile::open(&pp, prog, true) {
-        Ok(f) => {
-            let (bytes, packed, raw) = f.summary();
-            format!(
-                "prepared {}: map {bytes} bytes ({packed} packed matrices, {raw} weights as stored); pack none, compile none",
-                pp.display()
-            )
-        }
-        Err(e) => format!("a load fails: {e}"),
-    }
 }
 
 pub(super) fn print_program(prog: &Program) {

@@ -122,3 +122,58 @@ fn compile_reads_validates_and_stores_the_tuning_table() {
     assert!(out.contains("--tuning"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln compile --generate --backend cuda` stores a CUBIN of every module the prefill and the
+/// decode launch, as a forward compile does, so a load on that architecture compiles nothing
+/// (the load plan, from the lowering of every step, says so, and `kiln inspect` prints it); an
+/// artifact lacking one is reported with the module that NVRTC would compile at load.
+#[test]
+fn generation_artifacts_hold_every_cubin() {
+    if !nvrtc() {
+        return;
+    }
+    use kiln_runtime::cuda::plan::kernel_plan;
+    let dir = std::env::temp_dir().join(format!("kiln-cuda-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (art, fwd) = (dir.join("g.kiln"), dir.join("f.kiln"));
+    let case = "tests/fixtures/gemma/gemma2_gqa";
+    let args = ["--backend", "cuda", "--arch", "sm_90a", "--seq-len", "6"];
+    let (ok, out) = kiln(&[&["compile", case, "--generate", "--max-new-tokens", "4", "-o", art.to_str().unwrap()][..], &args].concat());
+    assert!(ok, "{out}");
+    let (ok, out) = kiln(&[&["compile", case, "-o", fwd.to_str().unwrap()][..], &args].concat());
+    assert!(ok, "{out}");
+    let p = kiln_graph::artifact::load_file(&art).unwrap();
+    assert_eq!(p.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["prefill", "decode"]);
+    // Each entry alone launches fused regions, and every one is stored.
+    for e in &p.entries {
+        let mut one = p.clone();
+        one.entries.retain(|x| x.name == e.name);
+        let regions = kiln_runtime::cuda::lower::regions(&one).unwrap();
+        assert!(!regions.is_empty(), "{}: no fused region", e.name);
+        for r in regions {
+            assert!(p.binaries.iter().any(|b| b.name == r.name && b.arch == "sm_90a"), "{}: no CUBIN of {}", e.name, r.name);
+        }
+    }
+    for (path, program) in [(&art, p.clone()), (&fwd, kiln_graph::artifact::load_file(&fwd).unwrap())] {
+        let plan = kernel_plan(&program, "sm_90a").unwrap();
+        assert!(plan.compiles_none() && plan.needed.len() > 10, "{}: {plan:?}", path.display());
+        assert!(!kernel_plan(&program, "sm_100a").unwrap().compiles_none(), "no CUBIN for sm_100a was stored");
+        let (ok, out) = kiln(&["inspect", path.to_str().unwrap()]);
+        assert!(ok, "{out}");
+        let want = format!("kernels on sm_90a: load {} modules as stored CUBINs; compile none", plan.needed.len());
+        assert!(out.contains("== load\nweights: map the checkpoint ") && out.contains(&want), "{out}");
+    }
+    // One decode region's CUBIN removed: the plan names it, and inspect says NVRTC compiles it.
+    let mut decode = p.clone();
+    decode.entries.retain(|e| e.name == "decode");
+    let gone = kiln_runtime::cuda::lower::regions(&decode).unwrap().remove(0).name;
+    let mut lacking = p.clone();
+    lacking.binaries.retain(|b| b.name != gone);
+    let plan = kernel_plan(&lacking, "sm_90a").unwrap();
+    assert_eq!(plan.missing.iter().collect::<Vec<_>>(), [&gone]);
+    let short = dir.join("short.kiln");
+    kiln_graph::artifact::save_file(&short, &lacking).unwrap();
+    let (ok, out) = kiln(&["inspect", short.to_str().unwrap()]);
+    assert!(ok && out.contains(&format!("compile 1 with NVRTC at load ({gone})")), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -251,3 +251,87 @@ fn cli_writes_reports_and_uses_it() {
     assert!(ok && !out.contains("prepared weights:") && !pp.exists(), "{out}{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy of the checkpoint folder `src` in `out` with every float tensor of its
+/// `model.safetensors` converted to `dtype` (to bf16: rounded; back to f32: exactly).
+fn converted_copy(src: &Path, out: &Path, dtype: DType) -> PathBuf {
+    std::fs::create_dir_all(out).expect("mkdir");
+    for f in std::fs::read_dir(src).expect("checkpoint") {
+        let f = f.expect("entry").path();
+        if f.file_name().is_some_and(|n| n != "model.safetensors") {
+            std::fs::copy(&f, out.join(f.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let mut ts = kiln::io::read(&src.join("model.safetensors")).expect("read checkpoint");
+    for (_, t) in &mut ts {
+        if t.ty.dtype.is_float() {
+            t.bytes = kiln_runtime::tensor::convert(t.ty.dtype, dtype, &t.bytes);
+            t.ty.dtype = dtype;
+        }
+    }
+    kiln::io::write(&out.join("model.safetensors"), &ts).expect("write checkpoint");
+    out.to_path_buf()
+}
+
+/// A bf16 checkpoint's gathered embedding is never held in f32: untied, the prepared file keeps
+/// the table as bf16 bits (half the f32 size) and the gather widens the rows; tied to the LM
+/// head, the gather reads the rows from the head's packed panels and the file holds no table at
+/// all. Every load gives, bit for bit, what the same values stored as f32 give, and agrees with
+/// the interpreter.
+#[test]
+fn bf16_gathered_embedding_is_never_f32() {
+    for (case, tied) in [("gemma2_untied", false), ("gemma2_gqa", true)] {
+        bf16_embedding(case, tied);
+    }
+}
+
+fn bf16_embedding(case: &str, tied: bool) {
+    let dir = scratch(&format!("bf16-gather-{case}"));
+    let bf16 = converted_copy(&gemma_case(case), &dir.join("bf16"), DType::BF16);
+    let wide = converted_copy(&bf16, &dir.join("f32"), DType::F32);
+    let (pb, pw) = (forward(&bf16, text(6)), forward(&wide, text(6)));
+    same_outputs(&format!("{case}_bf16"), pb.clone(), &["forward"]);
+    let ins = inputs(&pb, "forward");
+    let session = |p: &Program| Session::new(p.clone(), Arc::new(WeightStore::for_program(p, None).expect("weights"))).expect("session");
+    let (b, w) = (run(&mut session(&pb), "forward", &ins), run(&mut session(&pw), "forward", &ins));
+    let art = save(&pb, &dir, "bf16");
+    let (mut fast, _) = Session::load_with(&art, None, LoadOptions::default()).expect("prepared load");
+    let f = run(&mut fast, "forward", &ins);
+    for (((n, x), (_, y)), (_, z)) in b.iter().zip(&w).zip(&f) {
+        assert!(x == y && x == z, "{case}: output {n}: the bf16 checkpoint's load differs from its values stored as f32");
+    }
+    // The interpreter (the oracle) on the bf16 checkpoint's values.
+    let built = kiln_models::build(&bf16, &text(6)).expect("build");
+    let vals: std::collections::HashMap<String, kiln_graph::interp::Value> = ins
+        .iter()
+        .map(|(n, t)| {
+            (n.clone(), kiln_graph::interp::Value::new(t.ty.clone(), kiln_runtime::tensor::to_f64(t.ty.dtype, &t.bytes)).expect("value"))
+        })
+        .collect();
+    let weights = common::read_values(&bf16.join("model.safetensors"));
+    let oracle = kiln_graph::interp::run(built.graph("forward").expect("forward"), &vals, &weights).expect("interpret");
+    let (n, got) = b.iter().find(|(n, _)| n == "logits").expect("logits");
+    let got: Vec<f32> = kiln_runtime::tensor::to_f64(DType::F32, got).into_iter().map(|v| v as f32).collect();
+    let e = common::rel_err(&got, &oracle[n].to_f32());
+    assert!(e < 1e-4, "{case}: logits against the interpreter: relative error {e:.3e}");
+    // What the file holds of the embedding: bf16 bits of the table (untied), or only the LM
+    // head's packed panels (tied; on a machine that packs).
+    let embed = pb.weights.iter().position(|w| w.name == "model.embed_tokens.weight").expect("embedding") as u32;
+    let spec = &pb.weights[embed as usize];
+    assert_eq!(spec.ty.dtype, DType::F32, "{case}: the program reads the embedding as f32");
+    let pf = prepared::PreparedFile::open(&prepared::path_for(&art), &pb, true).expect("open");
+    let (raw, packed): (Vec<_>, Vec<_>) = pf.tensors().into_iter().filter(|t| t.weight == embed).partition(|t| !t.packed);
+    let packs = kiln_kernels::cpu::sgemm512::available();
+    if tied && packs {
+        assert!(raw.is_empty() && packed.len() == 1 && packed[0].bf16, "{case}: {raw:?} {packed:?}");
+    } else {
+        assert_eq!(raw.len(), 1, "{case}: one gather table of the embedding");
+        assert!(raw[0].bf16 && raw[0].bytes == spec.ty.numel() as u64 * 2, "{case}: {:?}", raw[0]);
+    }
+    // The same program from the f32 checkpoint stores f32: the bf16 file is smaller by at
+    // least half the table's f32 bytes.
+    let art_w = save(&pw, &dir, "f32");
+    let size = |a: &Path| std::fs::metadata(prepared::path_for(a)).expect("prepared").len();
+    assert!(size(&art) + spec.ty.numel() as u64 * 2 <= size(&art_w), "{case}: {} vs {}", size(&art), size(&art_w));
+    let _ = std::fs::remove_dir_all(&dir);
+}

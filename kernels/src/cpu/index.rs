@@ -31,6 +31,46 @@ pub fn gather_rows<T: Copy + Send + Sync>(table: &[T], d: usize, ids: &[i64], ou
     }
 }
 
+/// [`gather_rows`] from a bfloat16 table (its bits, `u16`), each row widened to f32 as it is
+/// copied: a bf16 is the high half of an f32, so the rows are exactly what a table converted
+/// to f32 beforehand would give, and the table need never exist in f32.
+pub fn gather_rows_bf16(table: &[u16], d: usize, ids: &[i64], out: &mut [f32]) {
+    debug_assert_eq!(out.len(), ids.len() * d);
+    debug_assert!(d == 0 || ids.iter().all(|&i| i >= 0 && (i as usize) < table.len() / d));
+    if d == 0 {
+        return;
+    }
+    let copy = |(o, &id): (&mut [f32], &i64)| {
+        let r = id as usize;
+        for (o, &h) in o.iter_mut().zip(&table[r * d..(r + 1) * d]) {
+            *o = f32::from_bits((h as u32) << 16);
+        }
+    };
+    if out.len() < PAR_MIN {
+        out.chunks_mut(d).zip(ids).for_each(copy);
+    } else {
+        out.par_chunks_mut(d).zip(ids).for_each(copy);
+    }
+}
+
+/// [`gather_rows`] of a `[V, D]` table held only as the panels of a GEMM operand packed
+/// transposed (`D x V`, a tied embedding's LM head): row `ids[i]` is column `ids[i]`, widened
+/// to f32 where the panels are bf16; so the table needs no copy of its own.
+pub fn gather_columns(b: &crate::cpu::sgemm512::PackedB, ids: &[i64], out: &mut [f32]) {
+    let d = b.k;
+    debug_assert_eq!(out.len(), ids.len() * d);
+    debug_assert!(ids.iter().all(|&i| i >= 0 && (i as usize) < b.n));
+    if d == 0 {
+        return;
+    }
+    let copy = |(o, &id): (&mut [f32], &i64)| b.column(id as usize, o);
+    if out.len() < PAR_MIN {
+        out.chunks_mut(d).zip(ids).for_each(copy);
+    } else {
+        out.par_chunks_mut(d).zip(ids).for_each(copy);
+    }
+}
+
 /// Descending order with NaN largest and ties broken towards the lower index, as
 /// `jax.lax.top_k` and `torch.topk` order them.
 fn desc(x: &[f32], a: usize, b: usize) -> Ordering {
@@ -291,6 +331,42 @@ mod tests {
         gather_rows(&table, 4, &ids, &mut big);
         for (r, &id) in ids.iter().enumerate() {
             assert_eq!(big[r * 4 + 3], table[id as usize * 4 + 3]);
+        }
+    }
+
+    #[test]
+    fn gather_rows_bf16_widens_exactly() {
+        // Values exactly representable in bf16 (and a NaN and an infinity), small and parallel.
+        let wide: Vec<f32> = (0..10 * 4).map(|i| (i as f32 - 17.0) * 0.375).chain([f32::NAN, f32::NEG_INFINITY, 0.0, -0.0]).collect();
+        let bits: Vec<u16> = wide.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+        let ids: Vec<i64> = (0..20_000).map(|i| (i * 7 % 11) as i64).collect();
+        for n in [3, ids.len()] {
+            let (mut a, mut b) = (vec![0.0f32; n * 4], vec![0.0f32; n * 4]);
+            gather_rows(&wide, 4, &ids[..n], &mut a);
+            gather_rows_bf16(&bits, 4, &ids[..n], &mut b);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "rows differ for {n} ids");
+        }
+    }
+
+    #[test]
+    fn gather_columns_reads_a_transposed_packing() {
+        use crate::cpu::sgemm512::{PackedB, Stored};
+        // A [V, D] table with V not a multiple of the panel width, packed as D x V; f32 and bf16.
+        let (v, d) = (77, 5);
+        // Values exact in bf16 (at most 8 significant bits), so both packings hold them.
+        let wide: Vec<f32> = (0..v * d).map(|i| ((i % 97) as f32 - 48.0) * 0.25).collect();
+        let bits: Vec<u8> = wide.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let f32s: Vec<u8> = wide.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let ids: Vec<i64> = (0..9_000).map(|i| (i * 13 % v) as i64).collect();
+        let mut want = vec![0.0f32; ids.len() * d];
+        gather_rows(&wide, d, &ids, &mut want);
+        for stored in [Stored::F32(&f32s), Stored::Bf16(&bits)] {
+            let b = PackedB::pack_stored(stored, d, v, true);
+            for n in [2, ids.len()] {
+                let mut got = vec![0.0f32; n * d];
+                gather_columns(&b, &ids[..n], &mut got);
+                assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "rows differ for {n} ids");
+            }
         }
     }
 

@@ -197,6 +197,17 @@ impl PackedB {
         }
     }
 
+    /// Column `col` (all `k` rows) as f32 into `out`: row `col` of a weight packed transposed
+    /// (`[n, k]` stored), so a gather can read a tied embedding from its LM head's panels.
+    pub fn column(&self, col: usize, out: &mut [f32]) {
+        let base = (col / NR) * self.k * NR + col % NR;
+        let at = (0..self.k.min(out.len())).map(|kk| base + kk * NR);
+        match self.data.slice() {
+            PanelSlice::F32(d) => out.iter_mut().zip(at).for_each(|(o, i)| *o = d[i]),
+            PanelSlice::Bf16(d) => out.iter_mut().zip(at).for_each(|(o, i)| *o = f32::from_bits((d[i] as u32) << 16)),
+        }
+    }
+
     /// Packs a k x n right-hand side straight from a checkpoint's bytes: stored `[n, k]` (a
     /// PyTorch weight, `transposed`) or `[k, n]`. No f32 copy of the weight is made; a bf16
     /// checkpoint's 3 B parameters would otherwise allocate (and the kernel zero) 12 GB of

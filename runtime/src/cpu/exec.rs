@@ -3,6 +3,7 @@
 
 use super::fused::Region;
 use super::kernel::CpuKernel;
+use super::pack;
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
@@ -29,6 +30,8 @@ pub(crate) enum Prep {
     },
     /// Attention's buffers, made once.
     Attention(attn::AttnWorkspace),
+    /// A gather reading its table's rows from the weight's transposed panels ([`pack::link_gathers`]).
+    Gather(Arc<Vec<sgemm512::PackedB>>),
 }
 
 fn attn_shape(s: &Step) -> attn::AttnShape {
@@ -36,9 +39,7 @@ fn attn_shape(s: &Step) -> attn::AttnShape {
     attn::AttnShape { batch: q[0], q_len: q[1], kv_len: k[1], q_heads: q[2], kv_heads: k[2], head_dim: q[3], v_head_dim: v[3] }
 }
 
-/// Packed right-hand sides by (weight index, transposed), shared by every step and entry that
-/// reads the same weight the same way (a prefill and a decode entry pack each weight once).
-pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<Vec<sgemm512::PackedB>>>;
+pub(crate) use super::pack::{runs_packed, PackCache};
 
 /// A step as loaded: its kernel, checked against its op and operands, and what it needs.
 pub(crate) struct Prepared {
@@ -93,9 +94,9 @@ pub(crate) fn prepare<'w>(
                         }
                         None => None,
                     };
-                    let packed = match pack_const(s, kernel, *transpose_b, consts) {
+                    let packed = match pack::pack_const(s, kernel, *transpose_b, consts) {
                         Some(p) => p,
-                        None => pack_weight(s, kernel, *transpose_b, weight, cache),
+                        None => pack::pack_weight(s, kernel, *transpose_b, weight, cache),
                     };
                     Prep::MatMul { epilogue, packed }
                 }
@@ -134,67 +135,6 @@ pub(crate) fn prepare<'w>(
         .collect()
 }
 
-/// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
-/// each matrix of a batched weight whose batch axes match the product's one to one (the
-/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`). Entries of one
-/// program share the packed copy through `cache`.
-fn pack_weight<'w>(
-    s: &Step,
-    kernel: CpuKernel,
-    tb: bool,
-    weight: &dyn Fn(u32, usize) -> Option<sgemm512::Stored<'w>>,
-    cache: &mut PackCache,
-) -> Arc<Vec<sgemm512::PackedB>> {
-    let b = &s.inputs[1];
-    let Some(i) = packable(s, kernel) else { return Arc::default() };
-    let r = b.ty.rank();
-    if let Some(p) = cache.get(&(i, tb)) {
-        return p.clone();
-    }
-    let Some(data) = weight(i, b.ty.numel()) else { return Arc::default() };
-    let (rows, cols) = (b.ty.shape[r - 2], b.ty.shape[r - 1]);
-    // A `[.., rows, cols]` weight: `[n, k]` when the product transposes it, `[k, n]` otherwise.
-    let (k, n) = if tb { (cols, rows) } else { (rows, cols) };
-    let per = (rows * cols).max(1);
-    let packed: Vec<_> = (0..data.len() / per).map(|bi| sgemm512::PackedB::pack_stored(data.slice(bi * per, per), k, n, tb)).collect();
-    let p = Arc::new(packed);
-    cache.insert((i, tb), p.clone());
-    p
-}
-
-/// A 2-D constant right operand packed once at load (RoPE's rotation, `rotation_as_matmul`),
-/// so the product runs the packed kernel, which allocates nothing per run.
-fn pack_const(s: &Step, kernel: CpuKernel, tb: bool, consts: &[kiln_graph::program::ConstData]) -> Option<Arc<Vec<sgemm512::PackedB>>> {
-    let b = s.inputs.get(1)?;
-    let Slot::Const(i) = b.slot else { return None };
-    let c = consts.get(i as usize)?;
-    if b.ty.rank() != 2 || c.values.len() != b.ty.numel() || !sgemm512::available() {
-        return None;
-    }
-    if !matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue) {
-        return None;
-    }
-    let (rows, cols) = (b.ty.shape[0], b.ty.shape[1]);
-    let (k, n) = if tb { (cols, rows) } else { (rows, cols) };
-    let bytes: Vec<u8> = c.values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect();
-    Some(Arc::new(vec![sgemm512::PackedB::pack_stored(sgemm512::Stored::F32(&bytes), k, n, tb)]))
-}
-
-/// The weight a step of `kernel` packs, if any (see [`pack_weight`]).
-fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
-    let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
-    let Slot::Weight(i) = b.slot else { return None };
-    let r = b.ty.rank();
-    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
-    ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
-}
-
-/// The weight (index, transposed) a stored step packs at load, if any.
-pub(crate) fn packs(s: &Step) -> Option<(u32, bool)> {
-    let Op::MatMul { transpose_b, .. } = &s.op else { return None };
-    packable(s, CpuKernel::parse(&s.kernel)?).map(|i| (i, *transpose_b))
-}
-
 pub(crate) struct CpuExec {
     pub(crate) weights: Arc<WeightStore>,
     pub(crate) wbufs: Vec<WeightBuf>,
@@ -231,6 +171,8 @@ impl<'a> Mem<'a> {
             Slot::Weight(i) => match &self.wbufs[i as usize] {
                 WeightBuf::Mapped { start, file, .. } => &self.weights.map_bytes(*file)[*start..*start + n],
                 WeightBuf::Owned(a) => &a.bytes()[..n],
+                // Half as many bytes as the f32 operand: read only by `gather` (checked at load).
+                WeightBuf::Bf16 { start, file } => &self.weights.map_bytes(*file)[*start..*start + n / 2],
             },
             Slot::Const(i) => &self.consts[i as usize].bytes()[..n],
             // SAFETY: `load` checked the state exists and has this size; see the struct comment.
@@ -398,7 +340,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             (Op::Attention(a), Prep::Attention(ws)) => attention(mem, s, a, ws),
             _ => mismatch(),
         },
-        CpuKernel::Gather => gather(mem, s),
+        CpuKernel::Gather => gather(mem, s, p),
         CpuKernel::Permute => {
             let Op::Permute { perm } = &s.op else { return mismatch() };
             let (src, dst) = (mem.read(&s.inputs[0]), mem.write(&s.output));
@@ -505,7 +447,7 @@ fn attention(mem: &Mem, s: &Step, a: &kiln_graph::Attention, ws: &attn::AttnWork
     Ok(())
 }
 
-fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+fn gather(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let table = &s.inputs[0].ty;
     let rows = table.shape.first().copied().unwrap_or(0);
     let d = table.numel() / rows.max(1);
@@ -513,8 +455,18 @@ fn gather(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
     if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &x)| x < 0 || x as usize >= rows) {
         return Err(format!("index {bad} (element {i} of the indices {}) is out of range 0..{rows}", s.inputs[1].ty));
     }
-    let src: &[u32] = bytemuck::cast_slice(mem.read(&s.inputs[0]));
-    index::gather_rows(src, d, ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
+    if let Prep::Gather(b) = p {
+        index::gather_columns(&b[0], ids, bytemuck::cast_slice_mut(mem.write(&s.output)));
+        return Ok(());
+    }
+    let (table, out) = (mem.read(&s.inputs[0]), mem.write(&s.output));
+    // A table held as bf16 ([`WeightBuf::Bf16`]) is widened row by row.
+    match s.inputs[0].slot {
+        Slot::Weight(i) if matches!(mem.wbufs[i as usize], WeightBuf::Bf16 { .. }) => {
+            index::gather_rows_bf16(bytemuck::cast_slice(table), d, ids, bytemuck::cast_slice_mut(out))
+        }
+        _ => index::gather_rows::<u32>(bytemuck::cast_slice(table), d, ids, bytemuck::cast_slice_mut(out)),
+    }
     Ok(())
 }
 
@@ -694,21 +646,6 @@ fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
             }
         }
     }
-}
-
-/// Whether `matmul` computes step `s` from the packed weight alone (never reading the
-/// unpacked right-hand side): then `load` may free the unpacked copy.
-pub(crate) fn runs_packed(s: &Step, packed: &[sgemm512::PackedB]) -> bool {
-    let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
-    let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
-    if ra < 2 || rb < 2 || ro < 2 {
-        return false;
-    }
-    let b_batches: usize = bt.shape[..rb - 2].iter().product();
-    let a_batches: usize = at.shape[..ra - 2].iter().product();
-    let out_batches: usize = ot.shape[..ro - 2].iter().product();
-    (packed.len() == 1 && b_batches == 1 && a_batches == out_batches)
-        || (packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1)
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.

@@ -4,6 +4,7 @@
 mod exec;
 pub mod fused;
 pub mod kernel;
+mod pack;
 pub mod prepared;
 
 use crate::backend::{Backend, Executable};
@@ -48,6 +49,23 @@ pub(crate) enum WeightBuf {
     Mapped { start: usize, file: usize },
     /// Converted once at load.
     Owned(Aligned),
+    /// The bfloat16 bits of a weight the program reads as f32, borrowed from the memory map
+    /// (2-byte aligned): only `cpu.gather` steps read it unpacked ([`Read::Rows`]), widening
+    /// each row they copy, which is exact; so a bf16 embedding is never held in f32.
+    Bf16 { start: usize, file: usize },
+}
+
+/// How the steps of a program read a weight besides through its packed copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// Never: only packed matrices of it are read (by matmuls, or gathers from the panels),
+    /// or nothing.
+    Packed,
+    /// Only as the table of `cpu.gather` steps, a row at a time (a gather reading the rows
+    /// from the weight's packed panels does not count: [`pack::link_gathers`]).
+    Rows,
+    /// Some step reads it whole, in the program's dtype.
+    Whole,
 }
 
 impl Backend for CpuBackend {
@@ -130,42 +148,56 @@ pub(crate) fn build(program: &Program, weights: Arc<WeightStore>) -> Result<exec
                 _ => None,
             };
         }
-        Some(Stored::F32(match wbufs.get(i)? {
-            WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + 4 * n],
-            WeightBuf::Owned(a) => &a.bytes()[..4 * n],
-        }))
+        Some(match wbufs.get(i)? {
+            WeightBuf::Mapped { start, file } => Stored::F32(&weights.map_bytes(*file)[*start..*start + 4 * n]),
+            WeightBuf::Owned(a) => Stored::F32(&a.bytes()[..4 * n]),
+            WeightBuf::Bf16 { start, file } => Stored::Bf16(&weights.map_bytes(*file)[*start..*start + 2 * n]),
+        })
     };
     let mut packs = exec::PackCache::new();
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    let mut prepared =
+        program.entries.iter().map(|e| exec::prepare(e, &weight, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    pack::link_gathers(program, &mut prepared, &packs);
     // A converted weight that every step reads only through its packed copy never gets an
-    // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32.
-    let unpacked_read = unpacked_reads(program, &prepared);
-    let pending: Vec<usize> = (0..wbufs.len()).filter(|&i| converted(i) && unpacked_read[i]).collect();
+    // unpacked one: a bf16 checkpoint would otherwise sit in memory twice in f32. One read
+    // only a row at a time by gathers (an embedding) stays bf16, mapped: the gather widens.
+    let read = reads(program, &prepared);
+    let pending: Vec<usize> = (0..wbufs.len()).filter(|&i| converted(i) && read[i] != Read::Packed).collect();
     for i in pending {
-        wbufs[i] = WeightBuf::Owned(Aligned::from_bytes(&convert(i)?));
+        let spec = &program.weights[i];
+        let (ty, bytes) = weights.get(&spec.name, &spec.ty)?;
+        let rows_of_bf16 = read[i] == Read::Rows && ty.dtype == DType::BF16 && spec.ty.dtype == DType::F32;
+        wbufs[i] = match weights.resolve(&spec.name) {
+            Some(r) if rows_of_bf16 && (bytes.as_ptr() as usize).is_multiple_of(2) => WeightBuf::Bf16 { start: r.start, file: r.file },
+            _ => WeightBuf::Owned(Aligned::from_bytes(&convert(i)?)),
+        };
     }
     finish(program, weights, wbufs, prepared, (state_off, state_bytes))
 }
 
-/// Which weights some step reads as they are (not only through a packed copy).
-pub(crate) fn unpacked_reads(program: &Program, prepared: &[Vec<exec::Prepared>]) -> Vec<bool> {
-    let mut unpacked_read = vec![false; program.weights.len()];
+/// How the steps read each weight besides through a packed copy ([`Read`]).
+pub(crate) fn reads(program: &Program, prepared: &[Vec<exec::Prepared>]) -> Vec<Read> {
+    let mut read = vec![Read::Packed; program.weights.len()];
     for (e, preps) in program.entries.iter().zip(prepared) {
         for (s, p) in e.steps.iter().zip(preps) {
-            let packed_b = match &p.prep {
-                exec::Prep::MatMul { packed, .. } => exec::runs_packed(s, packed),
-                _ => false,
+            let (packed_b, panel_rows) = match &p.prep {
+                exec::Prep::MatMul { packed, .. } => (exec::runs_packed(s, packed), false),
+                exec::Prep::Gather(_) => (false, true),
+                exec::Prep::None | exec::Prep::Region(_) | exec::Prep::Attention(_) => (false, false),
             };
             for (k, o) in s.inputs.iter().enumerate() {
-                if let Slot::Weight(i) = o.slot {
-                    if !(k == 1 && packed_b) {
-                        unpacked_read[i as usize] = true;
-                    }
-                }
+                let Slot::Weight(i) = o.slot else { continue };
+                let r = &mut read[i as usize];
+                *r = match (k, p.kernel) {
+                    (1, _) if packed_b => *r,
+                    (0, _) if panel_rows => *r,
+                    (0, CpuKernel::Gather) if *r != Read::Whole => Read::Rows,
+                    _ => Read::Whole,
+                };
             }
         }
     }
-    unpacked_read
+    read
 }
 
 /// The executable, once weights are placed and steps prepared.

@@ -19,18 +19,21 @@
 //! refuses the file), the profile string ([`profile`]: backend, packed-layout version, whether
 //! the CPU packs at all), the checkpoint files it was made from (path, size and a sampled
 //! hash, so a checkpoint rewritten since is noticed), then one record per tensor: a weight as
-//! the program reads it (its dtype, raw) or one packed matrix of a weight (`[n/32][k][32]`
-//! panels, f32 or the checkpoint's bf16 bits), each with its offset, length and XXH3-64.
+//! the program reads it (its dtype, raw; or the checkpoint's bf16 bits of an f32 weight that
+//! only gathers read, which widen the rows they copy: an embedding table stays half the size)
+//! or one packed matrix of a weight (`[n/32][k][32]` panels, f32 or the checkpoint's bf16
+//! bits), each with its offset, length and XXH3-64. Version 2 added the bf16 raw weight.
 //!
 //! Verification rule: the header is always checked; every tensor's checksum is checked at
 //! load, in parallel over the tensors (XXH3 runs at memory speed, and a forward pass reads
 //! every weight anyway, so this costs one extra read of the file: see BENCHMARKS.md).
 
 use super::exec::{self, PackCache};
-use super::{Aligned, WeightBuf};
+use super::{Aligned, Read, WeightBuf};
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 use kiln_graph::program::{Program, Slot};
+use kiln_graph::DType;
 use kiln_kernels::cpu::sgemm512::{self, PackedB, PanelBytes};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -44,7 +47,7 @@ use xxhash_rust::xxh3::xxh3_64;
 /// The first eight bytes of a prepared weight file.
 pub const MAGIC: &[u8; 8] = b"KILN\0WTS";
 /// The layout this kiln writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Tensor alignment in the file (a page: the map hands out page-aligned addresses).
 const ALIGN: u64 = 4096;
 const FIXED: usize = 40;
@@ -84,7 +87,8 @@ struct Record {
     /// Packed panels (else the weight's bytes as the program reads them).
     packed: bool,
     weight: u32,
-    /// Packed: the product transposes the weight; bf16 bits; which matrix of a batched weight.
+    /// Packed: the product transposes the weight; which matrix of a batched weight. Packed or
+    /// raw: bf16 bits (a raw one is an f32 weight read only by gathers).
     transposed: bool,
     bf16: bool,
     batch: u32,
@@ -93,6 +97,19 @@ struct Record {
     offset: u64,
     len: u64,
     hash: u64,
+}
+
+/// What one tensor of a prepared file is ([`PreparedFile::tensors`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The program's weight it holds (an index into `Program::weights`).
+    pub weight: u32,
+    /// Packed panels of the weight, else the weight as a step reads it.
+    pub packed: bool,
+    /// bf16 bits (the weight is f32 in the program).
+    pub bf16: bool,
+    /// Its length in the file.
+    pub bytes: u64,
 }
 
 /// A checkpoint file the prepared file was made from.
@@ -157,22 +174,23 @@ pub fn write(program: &Program, weights: Arc<WeightStore>, out: &Path) -> Result
         });
     }
     let ex = super::build(program, weights.clone())?;
-    let unpacked = super::unpacked_reads(program, &ex.prepared);
+    let read = super::reads(program, &ex.prepared);
     // Tensors in order: each raw weight some step reads as it is, then each packed matrix.
     let mut tensors: Vec<(Record, &[u8])> = Vec::new();
     for (i, spec) in program.weights.iter().enumerate() {
-        if !unpacked[i] {
+        if read[i] == Read::Packed {
             continue;
         }
-        let bytes: &[u8] = match &ex.wbufs[i] {
-            WeightBuf::Mapped { start, file } => &weights.map_bytes(*file)[*start..*start + spec.ty.bytes()],
-            WeightBuf::Owned(a) => a.bytes(),
+        let (bytes, bf16): (&[u8], bool) = match &ex.wbufs[i] {
+            WeightBuf::Mapped { start, file } => (&weights.map_bytes(*file)[*start..*start + spec.ty.bytes()], false),
+            WeightBuf::Owned(a) => (a.bytes(), false),
+            WeightBuf::Bf16 { start, file } => (&weights.map_bytes(*file)[*start..*start + spec.ty.numel() * 2], true),
         };
         let r = Record {
             packed: false,
             weight: i as u32,
             transposed: false,
-            bf16: false,
+            bf16,
             batch: 0,
             k: 0,
             n: 0,
@@ -399,9 +417,10 @@ impl PreparedFile {
                 .ok_or_else(|| bad(format!("tensor {i} names weight {} of {}", r.weight, program.weights.len())))?;
             let fits =
                 r.offset.is_multiple_of(64) && r.offset.checked_add(r.len).is_some_and(|e| e <= flen && r.offset >= (FIXED as u64 + hlen));
-            let size_ok = match r.packed {
-                true => PackedB::packed_len(r.k as usize, r.n as usize, r.bf16) as u64 == r.len,
-                false => spec.ty.bytes() as u64 == r.len,
+            let size_ok = match (r.packed, r.bf16) {
+                (true, _) => PackedB::packed_len(r.k as usize, r.n as usize, r.bf16) as u64 == r.len,
+                (false, false) => spec.ty.bytes() as u64 == r.len,
+                (false, true) => spec.ty.dtype == DType::F32 && spec.ty.numel() as u64 * 2 == r.len,
             };
             if !fits || !size_ok {
                 return Err(bad(format!("tensor {i} (weight '{}') lies outside the file or has the wrong size", spec.name)));
@@ -443,6 +462,11 @@ impl PreparedFile {
         (self.records.iter().map(|r| r.len).sum(), packed, self.records.len() - packed)
     }
 
+    /// Every tensor the file holds, in file order.
+    pub fn tensors(&self) -> Vec<TensorInfo> {
+        self.records.iter().map(|r| TensorInfo { weight: r.weight, packed: r.packed, bf16: r.bf16, bytes: r.len }).collect()
+    }
+
     /// Whether the weights at `p` are the checkpoint this file was made from.
     pub fn made_from(&self, p: &Path) -> bool {
         let mut want: Vec<String> = self.checkpoints.iter().map(|c| c.path.clone()).collect();
@@ -468,7 +492,8 @@ pub(crate) fn load(program: &Program, file: Arc<PreparedFile>, store: Arc<Weight
     let owner: Arc<dyn PanelBytes> = file.map.clone();
     for r in &file.records {
         if !r.packed {
-            wbufs[r.weight as usize] = WeightBuf::Mapped { start: r.offset as usize, file: 0 };
+            let (start, file) = (r.offset as usize, 0);
+            wbufs[r.weight as usize] = if r.bf16 { WeightBuf::Bf16 { start, file } } else { WeightBuf::Mapped { start, file } };
             continue;
         }
         let m = PackedB::from_bytes(r.k as usize, r.n as usize, r.bf16, owner.clone(), r.offset as usize).map_err(&bad)?;
@@ -488,12 +513,17 @@ pub(crate) fn load(program: &Program, file: Arc<PreparedFile>, store: Arc<Weight
     }
     // Every packed weight comes from the cache; a miss means the file lacks it.
     let none = |_: u32, _: usize| None;
-    let prepared = program.entries.iter().map(|e| exec::prepare(e, &none, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
-    let unpacked = super::unpacked_reads(program, &prepared);
+    let mut prepared =
+        program.entries.iter().map(|e| exec::prepare(e, &none, &program.constants, &mut packs)).collect::<Result<Vec<_>>>()?;
+    super::pack::link_gathers(program, &mut prepared, &packs);
+    let read = super::reads(program, &prepared);
     for (i, spec) in program.weights.iter().enumerate() {
-        let missing = unpacked[i] && spec.ty.bytes() > 0 && matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty());
+        let missing = read[i] != Read::Packed && spec.ty.bytes() > 0 && matches!(&wbufs[i], WeightBuf::Owned(a) if a.bytes().is_empty());
         if missing {
             return Err(bad(format!("it holds no copy of weight '{}' that the program reads", spec.name)));
+        }
+        if read[i] == Read::Whole && matches!(wbufs[i], WeightBuf::Bf16 { .. }) {
+            return Err(bad(format!("it holds weight '{}' as bf16, but a step other than a gather reads it", spec.name)));
         }
     }
     super::finish(program, store, wbufs, prepared, state)
@@ -557,6 +587,6 @@ pub fn plan(program: &Program) -> String {
         return format!("weights placed by the {} backend at load", program.backend);
     }
     let packed: std::collections::HashSet<(u32, bool)> =
-        program.entries.iter().flat_map(|e| e.steps.iter()).filter_map(exec::packs).collect();
+        program.entries.iter().flat_map(|e| e.steps.iter()).filter_map(super::pack::packs).collect();
     format!("pack {} matmul weights at load, compile none", packed.len())
 }

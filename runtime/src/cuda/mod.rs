@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod kernel;
 pub mod lower;
 mod norm_tune;
+pub mod plan;
 mod state_rows;
 pub mod tune;
 mod upload;
@@ -73,11 +74,17 @@ pub fn driver_check() -> Result<()> {
 /// Compiles every module `program` needs (the hand-written ones and its fused regions) for
 /// `arch` with NVRTC. Needs libnvrtc, no GPU.
 pub fn compile_binaries(program: &Program, arch: &str) -> Result<Vec<Binary>> {
+    compile_modules(program, arch, None)
+}
+
+/// [`compile_binaries`] of the modules named in `only` (all when `None`).
+fn compile_modules(program: &Program, arch: &str, only: Option<&std::collections::BTreeSet<String>>) -> Result<Vec<Binary>> {
     if !nvrtc::available() {
         return Err(unsupported(nvrtc::INSTALL_HINT));
     }
     let mut units: Vec<(String, String)> = kiln_kernels::cuda::modules().into_iter().map(|m| (m.name, m.source)).collect();
     units.extend(lower::regions(program).map_err(unsupported)?.into_iter().map(|r| (r.name, r.source)));
+    units.retain(|(name, _)| only.is_none_or(|o| o.contains(name)));
     // In parallel (NVRTC uses one core per module), through the CUBIN cache.
     let codes: Vec<std::result::Result<Vec<u8>, String>> = std::thread::scope(|sc| {
         let handles: Vec<_> = units.iter().map(|(name, source)| sc.spawn(move || nvrtc::compile_cached(name, source, arch))).collect();
@@ -133,16 +140,20 @@ impl Backend for CudaBackend {
             ));
         }
         let arch = device_arch()?;
-        let stored: Vec<Binary> = program.binaries.iter().filter(|b| b.backend == "cuda" && b.arch == arch).cloned().collect();
-        let binaries = if stored.is_empty() {
-            if !program.binaries.is_empty() {
-                let have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
+        // The stored CUBINs of this architecture; NVRTC compiles only what they lack.
+        let need = plan::kernel_plan(program, &arch).map_err(unsupported)?;
+        let mut binaries: Vec<Binary> =
+            program.binaries.iter().filter(|b| b.backend == "cuda" && b.arch == arch && !b.code.is_empty()).cloned().collect();
+        if !need.compiles_none() {
+            if binaries.is_empty() && !program.binaries.is_empty() {
+                let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
+                have.dedup();
                 eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
+            } else if !binaries.is_empty() {
+                eprintln!("kiln: the artifact's CUBINs for {arch} lack {} modules: compiling them with NVRTC", need.missing.len());
             }
-            compile_binaries(program, &arch)?
-        } else {
-            stored
-        };
+            binaries.extend(compile_modules(program, &arch, Some(&need.missing))?);
+        }
         let gemv = self.gemv;
         let (program, states_at) = crate::states::states_in_arena(program);
         Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at, gemv)?))
