@@ -21,6 +21,24 @@ pub fn stacked_layer(name: &str) -> Option<(&str, usize)> {
     Some((&name[..open], i))
 }
 
+/// The prefix of a stacked weight's name: `~stack(a|b|c)` is the tensors named `a`, `b` and `c`
+/// (each any weight name, views included) stacked along a new leading axis, materialised once
+/// at load. Made by the `stack_projections` pass for one GEMM over sibling projections; no
+/// checkpoint name starts with `~` or holds `|`, so the form cannot collide with one.
+pub const STACK_PREFIX: &str = "~stack(";
+
+/// The name of the stack of the weights `names` (see [`STACK_PREFIX`]).
+pub fn stack_name(names: &[&str]) -> String {
+    format!("{STACK_PREFIX}{})", names.join("|"))
+}
+
+/// The weights a stacked weight's name stacks, in order, or `None` for any other name.
+pub fn stack_parts(name: &str) -> Option<Vec<&str>> {
+    let inner = name.strip_prefix(STACK_PREFIX)?.strip_suffix(')')?;
+    let parts: Vec<&str> = inner.split('|').collect();
+    (parts.len() >= 2 && parts.iter().all(|p| !p.is_empty())).then_some(parts)
+}
+
 /// The type and byte range of layer `i` of a stacked tensor of type `ty` stored at
 /// `start..end`, or `None` when `ty` has no layer `i`.
 pub fn layer_range(ty: &TensorType, start: usize, end: usize, i: usize) -> Option<(TensorType, usize, usize)> {
