@@ -183,7 +183,10 @@ fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
     let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
     let Slot::Weight(i) = b.slot else { return None };
     let r = b.ty.rank();
-    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
+    // A left operand with batch axes all 1 is broadcast (stacked projections, `[1, M, K] x
+    // [G, N, K]`): each packed matrix multiplies the same rows.
+    let broadcast = |x: &[usize]| x.iter().all(|&d| d == 1);
+    let batched = r > 2 && a.rank() == r && o.rank() == r && (a.shape[..r - 2] == b.ty.shape[..r - 2] || broadcast(&a.shape[..r - 2]));
     ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
 }
 
@@ -703,7 +706,7 @@ pub(crate) fn runs_packed(s: &Step, packed: &[sgemm512::PackedB]) -> bool {
     let a_batches: usize = at.shape[..ra - 2].iter().product();
     let out_batches: usize = ot.shape[..ro - 2].iter().product();
     (packed.len() == 1 && b_batches == 1 && a_batches == out_batches)
-        || (packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1)
+        || (packed.len() == out_batches && b_batches == out_batches && (a_batches == out_batches || a_batches == 1) && out_batches > 1)
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.
@@ -730,10 +733,13 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgem
         }
         return Ok(());
     }
-    if packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1 {
-        // A grouped product: one packed matrix per batch (each expert's weights).
+    if packed.len() == out_batches && b_batches == out_batches && (a_batches == out_batches || a_batches == 1) && out_batches > 1 {
+        // A grouped product: one packed matrix per batch (each expert's weights), or stacked
+        // projections of one shared left operand.
+        let shared = a_batches == 1;
         for (bi, pb) in packed.iter().enumerate() {
-            sgemm512::matmul_packed(&a[bi * m * k..(bi + 1) * m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
+            let ab = if shared { &a[..m * k] } else { &a[bi * m * k..(bi + 1) * m * k] };
+            sgemm512::matmul_packed(ab, m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
         }
         if let Some(r) = region {
             r.eval_in_place(extra, c);

@@ -14,6 +14,9 @@ pub struct EpilogueKind {
     pub bias: Option<usize>,
     pub gelu: bool,
     pub residual: Option<usize>,
+    /// The bias holds one row per batch of the product (`[G, 1, N]`: stacked projections'
+    /// biases), so the GEMM steps it by `N` per batch.
+    pub bias_batched: bool,
 }
 
 impl EpilogueKind {
@@ -92,10 +95,17 @@ pub fn epilogue_kind(e: &Expr, extra: &[TensorType], out: &TensorType) -> Option
         return None;
     }
     let n = *out.shape.last()?;
-    let bias_like = |j: usize| extra[j].numel() == n && extra[j].shape.last() == Some(&n);
+    let shared_bias = |j: usize| extra[j].numel() == n && extra[j].shape.last() == Some(&n);
+    // One bias row per batch: `[.., 1, n]` with the output's batch axes (more than one batch).
+    let r = out.rank();
+    let batched_bias = |j: usize| {
+        let t = &extra[j];
+        r > 2 && t.rank() == r && t.shape[r - 2] == 1 && t.shape[r - 1] == n && t.shape[..r - 2] == out.shape[..r - 2] && t.numel() > n
+    };
+    let bias_like = |j: usize| shared_bias(j) || batched_bias(j);
     // Same element count as the output and broadcastable to it: the same layout.
     let full = |j: usize| extra[j].numel() == out.numel();
-    let kind = |bias, residual| Some(EpilogueKind { bias, gelu, residual });
+    let kind = |bias: Option<usize>, residual| Some(EpilogueKind { bias, gelu, residual, bias_batched: bias.is_some_and(batched_bias) });
     match (others.as_slice(), gelu) {
         ([], true) => kind(None, None),
         (&[j], _) if bias_like(j) => kind(Some(j), None),
