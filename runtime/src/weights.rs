@@ -156,7 +156,8 @@ impl WeightStore {
         if let Some(v) = views.by_name.get(name) {
             return Some(v.clone());
         }
-        let v = WeightRef { file: self.maps.len() + views.bytes.len(), ty: TensorType::new(first.dtype, shape), start: 0, end: bytes.len() };
+        let v =
+            WeightRef { file: self.maps.len() + views.bytes.len(), ty: TensorType::new(first.dtype, shape), start: 0, end: bytes.len() };
         views.bytes.push(bytes.into_boxed_slice());
         views.by_name.insert(name.to_string(), v.clone());
         Some(v)

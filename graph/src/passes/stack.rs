@@ -22,20 +22,38 @@ struct Group {
     biases: Option<Vec<(usize, NodeId)>>,
 }
 
-/// The shared input and grouping key of a matmul node that may join a stack: a plain product
-/// (no epilogue) of a float `x` of rank >= 2 with a 2-D weight.
-fn candidate(g: &Graph, i: usize) -> Option<(NodeId, bool, Vec<usize>, crate::dtype::DType)> {
+/// The weight node `id` reads through a chain of reshapes (big_vision's `[D, H, hd]` kernels
+/// are read as `[D, H*hd]`), if it is one.
+fn weight_of(g: &Graph, id: NodeId) -> Option<NodeId> {
+    let mut id = id;
+    loop {
+        match g.node(id).op {
+            Op::Weight { .. } => return Some(id),
+            Op::Reshape { .. } => id = *g.node(id).inputs.first()?,
+            _ => return None,
+        }
+    }
+}
+
+/// What sibling projections share: the input, whether the weight is transposed, the shape the
+/// product reads the weight in, its dtype, and the shape it is stored in.
+type Key = (NodeId, bool, Vec<usize>, crate::dtype::DType, Vec<usize>);
+
+/// The grouping key of a matmul node that may join a stack: a plain product (no epilogue) of a
+/// float `x` of rank >= 2 with a 2-D weight (or a reshape of one).
+fn candidate(g: &Graph, i: usize) -> Option<Key> {
     let n = &g.nodes[i];
     let Op::MatMul { transpose_b, epilogue: None } = n.op else { return None };
     let (&a, &w) = (n.inputs.first()?, n.inputs.get(1)?);
-    let wt = g.ty(w);
-    if n.inputs.len() != 2 || !matches!(g.node(w).op, Op::Weight { .. }) || wt.rank() != 2 || g.ty(a).rank() < 2 {
+    let (wt, src) = (g.ty(w), weight_of(g, w)?);
+    if n.inputs.len() != 2 || wt.rank() != 2 || g.ty(a).rank() < 2 {
         return None;
     }
-    n.ty.dtype.is_float().then(|| (a, transpose_b, wt.shape.clone(), wt.dtype))
+    n.ty.dtype.is_float().then(|| (a, transpose_b, wt.shape.clone(), wt.dtype, g.ty(src).shape.clone()))
 }
 
-/// The add and `[N]` bias weight that alone read matmul `m`'s product, keeping its type.
+/// The add and `[N]` bias (a weight, or a reshape of one) that alone read matmul `m`'s
+/// product, keeping its type: the add and the bias's weight node.
 fn bias(g: &Graph, uses: &Uses, m: usize) -> Option<(usize, NodeId)> {
     let r = uses.sole_reader(m)?;
     let node = &g.nodes[r];
@@ -44,8 +62,9 @@ fn bias(g: &Graph, uses: &Uses, m: usize) -> Option<(usize, NodeId)> {
     }
     let b = *node.inputs.iter().find(|p| p.index() != m)?;
     let n = *node.ty.shape.last()?;
-    let is_bias = matches!(g.node(b).op, Op::Weight { .. }) && g.ty(b).shape == [n] && g.ty(b).dtype == node.ty.dtype;
-    (is_bias && node.inputs.iter().filter(|p| p.index() == m).count() == 1).then_some((r, b))
+    let src = weight_of(g, b)?;
+    let is_bias = g.ty(b).shape == [n] && g.ty(src).dtype == node.ty.dtype;
+    (is_bias && node.inputs.iter().filter(|p| p.index() == m).count() == 1).then_some((r, src))
 }
 
 fn weight_name(g: &Graph, w: NodeId) -> &str {
@@ -57,7 +76,7 @@ fn weight_name(g: &Graph, w: NodeId) -> &str {
 
 /// The groups of sibling projections whose stacked product's slices are all views.
 fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
-    let mut found: Vec<((NodeId, bool, Vec<usize>, crate::dtype::DType), Vec<usize>)> = Vec::new();
+    let mut found: Vec<(Key, Vec<usize>)> = Vec::new();
     for i in 0..g.nodes.len() {
         let Some(key) = candidate(g, i) else { continue };
         match found.iter_mut().find(|(k, _)| *k == key) {
@@ -70,9 +89,9 @@ fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
         // The same weight twice is one product (CSE's work), not a stack.
         let mut seen = Vec::new();
         members.retain(|&m| {
-            let w = g.nodes[m].inputs[1];
-            !seen.contains(&weight_name(g, w)) && {
-                seen.push(weight_name(g, w));
+            let name = weight_of(g, g.nodes[m].inputs[1]).map_or("", |w| weight_name(g, w));
+            !seen.contains(&name) && {
+                seen.push(name);
                 true
             }
         });
@@ -81,7 +100,12 @@ fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
         if members.len() < 2 || block == 0 || !block.is_multiple_of(ALIGN) {
             continue;
         }
-        let biases = members.iter().map(|&m| bias(g, uses, m)).collect::<Option<Vec<_>>>();
+        // Biases stack when every member has one, all stored in one shape.
+        let biases = members
+            .iter()
+            .map(|&m| bias(g, uses, m))
+            .collect::<Option<Vec<_>>>()
+            .filter(|b| b.iter().all(|&(_, w)| g.ty(w).shape == g.ty(b[0].1).shape));
         out.push(Group { members, biases });
     }
     out
@@ -107,10 +131,11 @@ pub fn stack_projections(g: &Graph) -> Result<Graph> {
             }
         }
     }
-    // Weights only the rewritten nodes read go too (the stacks replace them).
-    for (i, node) in g.nodes.iter().enumerate() {
-        if matches!(node.op, Op::Weight { .. }) && !uses.is_output[i] && !uses.readers[i].is_empty() {
-            gone[i] = uses.readers[i].iter().all(|&r| gone[r]);
+    // Weights (and their reshapes) only the rewritten nodes read go too: the stacks replace
+    // them. Readers come later in node order, so a reshape is decided before its weight.
+    for (i, node) in g.nodes.iter().enumerate().rev() {
+        if matches!(node.op, Op::Weight { .. } | Op::Reshape { .. }) && !uses.is_output[i] && !uses.readers[i].is_empty() {
+            gone[i] = gone[i] || uses.readers[i].iter().all(|&r| gone[r]);
         }
     }
     let err = |msg: String| GraphError::Pass { pass: "stack_projections", msg };
@@ -139,6 +164,22 @@ pub fn stack_projections(g: &Graph) -> Result<Graph> {
     Ok(out)
 }
 
+/// The stack of weight nodes `sources` (of one stored shape and dtype), read as `[G, ..shape]`.
+fn stacked(g: &Graph, out: &mut Graph, sources: &[NodeId], shape: &[usize]) -> Result<NodeId> {
+    let names: Vec<&str> = sources.iter().map(|&w| weight_name(g, w)).collect();
+    let t = g.ty(sources[0]);
+    let mut stored = vec![sources.len()];
+    stored.extend_from_slice(&t.shape);
+    let w = out.weight(&stack_name(&names), t.dtype, &stored)?;
+    let mut read = vec![sources.len()];
+    read.extend_from_slice(shape);
+    if read == stored {
+        Ok(w)
+    } else {
+        out.reshape(w, &read)
+    }
+}
+
 /// Emits one group's stacked product and the views standing for each member's result.
 fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> Result<()> {
     let first = &g.nodes[grp.members[0]];
@@ -148,19 +189,14 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
     let at = g.ty(a);
     let k = at.shape[at.rank() - 1];
     let m = at.numel() / k.max(1);
-    let count = grp.members.len();
-    let wt = g.ty(w0);
-    let names: Vec<&str> = grp.members.iter().map(|&mm| weight_name(g, g.nodes[mm].inputs[1])).collect();
-    let mut wshape = vec![count];
-    wshape.extend_from_slice(&wt.shape);
-    let w = out.weight(&stack_name(&names), wt.dtype, &wshape)?;
+    let sources: Vec<NodeId> = grp.members.iter().filter_map(|&mm| weight_of(g, g.nodes[mm].inputs[1])).collect();
+    let w = stacked(g, out, &sources, &g.ty(w0).shape)?;
     let x = if at.shape.len() == 3 && at.shape[0] == 1 { na } else { out.reshape(na, &[1, m, k])? };
     let mut y = out.matmul(x, w, transpose_b)?;
     let cols = *first.ty.shape.last().unwrap_or(&0);
     if let Some(b) = &grp.biases {
-        let names: Vec<&str> = b.iter().map(|&(_, bw)| weight_name(g, bw)).collect();
-        let bw = out.weight(&stack_name(&names), first.ty.dtype, &[count, cols])?;
-        let bw = out.reshape(bw, &[count, 1, cols])?;
+        let sources: Vec<NodeId> = b.iter().map(|&(_, w)| w).collect();
+        let bw = stacked(g, out, &sources, &[1, cols])?;
         y = out.add(y, bw)?;
     }
     for (j, &mm) in grp.members.iter().enumerate() {
@@ -270,6 +306,28 @@ mod tests {
     }
 
     #[test]
+    fn weights_read_through_reshapes_stack_in_their_stored_shape() {
+        // big_vision's layout: kernels `[K, H, hd]` read as `[K, H*hd]` (not transposed),
+        // biases `[H, hd]` read as `[H*hd]`.
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 8]).unwrap();
+        for i in 0..3 {
+            let w = g.weight(&format!("w{i}"), DType::F32, &[8, 2, 8]).unwrap();
+            let w = g.reshape(w, &[8, 16]).unwrap();
+            let b = g.weight(&format!("b{i}"), DType::F32, &[2, 8]).unwrap();
+            let b = g.reshape(b, &[16]).unwrap();
+            let y = g.matmul(x, w, false).unwrap();
+            let y = g.add(y, b).unwrap();
+            g.output(format!("y{i}"), y);
+        }
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 1);
+        let ws: Vec<(String, Vec<usize>)> = out.weights().map(|(_, n, t)| (n.to_string(), t.shape.clone())).collect();
+        assert_eq!(ws, [("~stack(w0|w1|w2)".to_string(), vec![3, 8, 2, 8]), ("~stack(b0|b1|b2)".to_string(), vec![3, 2, 8])]);
+        same_outputs(&g, &out);
+    }
+
+    #[test]
     fn unaligned_blocks_leave_the_graph_unchanged() {
         // 4 rows of 12 f32 columns: 192 bytes per block, so slices 1 and 2 would be copies.
         let g = projections(4, 8, &[12, 12, 12], &[true, true, true]);
@@ -295,8 +353,11 @@ mod tests {
         let mut g = Graph::new();
         let w = g.weight("~stack(a|b)", DType::F32, &[2, 4]).unwrap();
         g.output("w", w);
-        let ws: HashMap<String, Value> =
-            [("a".to_string(), values(&crate::dtype::TensorType::new(DType::F32, [4]), 0)), ("b".to_string(), values(&crate::dtype::TensorType::new(DType::F32, [3]), 0))].into();
+        let ws: HashMap<String, Value> = [
+            ("a".to_string(), values(&crate::dtype::TensorType::new(DType::F32, [4]), 0)),
+            ("b".to_string(), values(&crate::dtype::TensorType::new(DType::F32, [3]), 0)),
+        ]
+        .into();
         let e = run(&g, &HashMap::new(), &ws).unwrap_err().to_string();
         assert!(e.contains("expected f32[4]"), "{e}");
     }

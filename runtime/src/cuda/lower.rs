@@ -419,7 +419,13 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
     // (stacked projections at decode) is one `[1, G*N]` product: the GEMV applies.
     let (gm, gn, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 && !batched_bias {
         (m * batch, nn, 1, 0, 0)
-    } else if batch > 1 && la == 1 && lb == batch && m == 1 && transpose_b && (kind.as_ref().is_none_or(|k| k.bias.is_none() || batched_bias)) {
+    } else if batch > 1
+        && la == 1
+        && lb == batch
+        && m == 1
+        && transpose_b
+        && (kind.as_ref().is_none_or(|k| k.bias.is_none() || batched_bias))
+    {
         (1, nn * batch, 1, 0, 0)
     } else {
         (m, nn, batch, if la == 1 { 0 } else { g.mat[0] }, if lb == 1 { 0 } else { g.mat[1] })
