@@ -133,8 +133,11 @@ pub fn stack_projections(g: &Graph) -> Result<Graph> {
     }
     // Weights (and their reshapes) only the rewritten nodes read go too: the stacks replace
     // them. Readers come later in node order, so a reshape is decided before its weight.
+    // A group's shared input stays (the stacked product reads it).
+    let shared: Vec<usize> = groups.iter().map(|grp| g.nodes[grp.members[0]].inputs[0].index()).collect();
     for (i, node) in g.nodes.iter().enumerate().rev() {
-        if matches!(node.op, Op::Weight { .. } | Op::Reshape { .. }) && !uses.is_output[i] && !uses.readers[i].is_empty() {
+        let source = matches!(node.op, Op::Weight { .. } | Op::Reshape { .. });
+        if source && !uses.is_output[i] && !uses.readers[i].is_empty() && !shared.contains(&i) {
             gone[i] = gone[i] || uses.readers[i].iter().all(|&r| gone[r]);
         }
     }
@@ -324,6 +327,21 @@ mod tests {
         assert_eq!(matmuls(&out), 1);
         let ws: Vec<(String, Vec<usize>)> = out.weights().map(|(_, n, t)| (n.to_string(), t.shape.clone())).collect();
         assert_eq!(ws, [("~stack(w0|w1|w2)".to_string(), vec![3, 8, 2, 8]), ("~stack(b0|b1|b2)".to_string(), vec![3, 2, 8])]);
+        same_outputs(&g, &out);
+    }
+
+    #[test]
+    fn a_shared_input_that_is_a_weight_stays() {
+        // `x` is read only by the products the pass removes, yet the stack reads it.
+        let mut g = Graph::new();
+        let x = g.weight("x", DType::F32, &[4, 8]).unwrap();
+        for i in 0..2 {
+            let w = g.weight(&format!("w{i}"), DType::F32, &[16, 8]).unwrap();
+            let y = g.matmul(x, w, true).unwrap();
+            g.output(format!("y{i}"), y);
+        }
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 1);
         same_outputs(&g, &out);
     }
 
