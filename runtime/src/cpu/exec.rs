@@ -133,9 +133,9 @@ pub(crate) fn prepare<'w>(
 }
 
 /// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
-/// each matrix of a batched weight whose batch axes match the product's one to one (the
-/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`). Entries of one
-/// program share the packed copy through `cache`.
+/// each matrix of a batched weight whose batch axes match the product's one to one (experts,
+/// `[E, G*Cap, D] x [E, D, F]`) or whose left operand is shared (stacked projections, `[1, M, K]
+/// x [G, N, K]`). Entries of one program share the packed copy through `cache`.
 fn pack_weight<'w>(
     s: &Step,
     kernel: CpuKernel,
@@ -183,10 +183,8 @@ fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
     let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
     let Slot::Weight(i) = b.slot else { return None };
     let r = b.ty.rank();
-    // A left operand with batch axes all 1 is broadcast (stacked projections, `[1, M, K] x
-    // [G, N, K]`): each packed matrix multiplies the same rows.
-    let broadcast = |x: &[usize]| x.iter().all(|&d| d == 1);
-    let batched = r > 2 && a.rank() == r && o.rank() == r && (a.shape[..r - 2] == b.ty.shape[..r - 2] || broadcast(&a.shape[..r - 2]));
+    let batched =
+        r > 2 && a.rank() == r && o.rank() == r && (a.shape[..r - 2] == b.ty.shape[..r - 2] || a.shape[..r - 2].iter().all(|&d| d == 1));
     ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
 }
 
@@ -734,12 +732,10 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgem
         return Ok(());
     }
     if packed.len() == out_batches && b_batches == out_batches && (a_batches == out_batches || a_batches == 1) && out_batches > 1 {
-        // A grouped product: one packed matrix per batch (each expert's weights), or stacked
-        // projections of one shared left operand.
-        let shared = a_batches == 1;
+        // One packed matrix per batch (each expert's weights; stacked projections of shared rows).
         for (bi, pb) in packed.iter().enumerate() {
-            let ab = if shared { &a[..m * k] } else { &a[bi * m * k..(bi + 1) * m * k] };
-            sgemm512::matmul_packed(ab, m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
+            let at = if a_batches == 1 { 0 } else { bi * m * k };
+            sgemm512::matmul_packed(&a[at..at + m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
         }
         if let Some(r) = region {
             r.eval_in_place(extra, c);

@@ -352,4 +352,33 @@ mod tests {
         let w = lower_step(&super::super::lower::with_kernel(s), &Layout::default()).unwrap();
         assert!(matches!(&w[0], Work::Gemm(g) if g.gemv.is_none()), "[K, N] weights: cuBLASLt");
     }
+
+    /// A stacked-projection step: `[1, m, k]` times `[g, n, k]^T` plus a `[g, 1, n]` bias.
+    fn stacked_step(m: usize, g: usize) -> Step {
+        let (n, k) = (128, 64);
+        let e = Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Add, 0, 1)] };
+        let mut s = matmul_step(DType::BF16, m, n, k, Some(e), &[tt(DType::BF16, &[g, 1, n])]);
+        s.inputs[0].ty = tt(DType::BF16, &[1, m, k]);
+        s.inputs[1].ty = tt(DType::BF16, &[g, n, k]);
+        s.output.ty = tt(DType::BF16, &[g, m, n]);
+        super::super::lower::with_kernel(s)
+    }
+
+    #[test]
+    fn stacked_projections_are_one_gemm_with_a_bias_row_per_batch() {
+        let s = stacked_step(16, 3);
+        assert_eq!(s.kernel, "cublaslt.gemm_bf16_tb+bias");
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        assert_eq!(w.len(), 1, "no separate epilogue kernel");
+        let Work::Gemm(g) = &w[0] else { panic!() };
+        assert_eq!((g.m, g.n, g.k, g.batch), (16, 128, 64, 3));
+        assert_eq!((g.a_stride, g.b_stride, g.bias_stride), (0, 128 * 64, 128), "shared rows, stacked weights, a bias row each");
+        assert_eq!(g.epilogue, Epilogue::Bias(3 << 20));
+        // One row (decode): one `[1, 3 * 128]` product over the contiguous stack, which the
+        // GEMV takes, its bias the stacked rows end to end.
+        let w = lower_step(&stacked_step(1, 3), &Layout::default()).unwrap();
+        let Work::Gemm(g) = &w[0] else { panic!() };
+        assert_eq!((g.m, g.n, g.k, g.batch, g.bias_stride), (1, 3 * 128, 64, 1, 0));
+        assert_eq!(g.gemv.as_ref().map(|l| l.kernel.as_str()), Some("gemv_tb_bf16"));
+    }
 }
