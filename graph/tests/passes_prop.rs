@@ -279,7 +279,7 @@ impl Gen {
         let nb = (d as f64).sqrt() * 2.0;
         let mut o = self.leaf(t2, shape, 1.0);
         let mut bo = 1.0;
-        if t3 % 2 == 0 {
+        if t3.is_multiple_of(2) {
             let w = self.leaf(t2 / 3, &[d], 1.0);
             o = norm(&mut self.g, o, w);
             bo = nb;
