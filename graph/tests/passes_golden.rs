@@ -307,6 +307,11 @@ fn epilogue_fusion() {
 }
 
 #[test]
+fn stacked_projections() {
+    run_golden("stack.txt", None);
+}
+
+#[test]
 fn elementwise_fusion() {
     run_golden("fuse_elementwise.txt", None);
 }
