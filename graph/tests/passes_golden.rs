@@ -417,7 +417,8 @@ fn every_golden_file_has_a_test() {
             "fuse_elementwise.txt",
             "pre_ln_block.txt",
             "rope.txt",
-            "rope_standard.txt"
+            "rope_standard.txt",
+            "stack.txt"
         ]
     );
 }
