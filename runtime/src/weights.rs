@@ -104,7 +104,7 @@ impl WeightStore {
     /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
     /// no layer is ever copied. A view with a permutation (`base[i]~T(..)`) or rounded to
     /// bfloat16 (`base~bf16`) is copied once, transformed, and kept for the store's life.
-    /// A stacked weight (`~stack(a|b)`, [`safetensors::stack_parts`]) is its parts' bytes
+    /// A stacked weight (`p/~stack(a|b)`, [`safetensors::stack_parts`]) is its parts' bytes
     /// concatenated once and kept likewise.
     pub fn resolve(&self, name: &str) -> Option<WeightRef> {
         if let Some(r) = self.index.get(name) {
@@ -137,7 +137,7 @@ impl WeightStore {
     }
 
     /// The stack of the weights `parts` (one dtype and size each), materialised once.
-    fn resolve_stack(&self, name: &str, parts: &[&str]) -> Option<WeightRef> {
+    fn resolve_stack(&self, name: &str, parts: &[String]) -> Option<WeightRef> {
         if let Some(v) = self.views.lock().unwrap_or_else(|e| e.into_inner()).by_name.get(name) {
             return Some(v.clone());
         }
@@ -165,13 +165,13 @@ impl WeightStore {
 
     /// Checks every part of a stacked weight against one slice of `want` (so a missing part, or
     /// parts of different shapes or dtypes, is an error naming the part).
-    fn check_stack(&self, name: &str, parts: &[&str], want: &TensorType) -> Result<()> {
+    fn check_stack(&self, name: &str, parts: &[String], want: &TensorType) -> Result<()> {
         let bad = |msg: String| RuntimeError::Weight { name: name.into(), msg };
         if want.shape.first() != Some(&parts.len()) {
             return Err(bad(format!("stacks {} weights, the program expects shape {:?}", parts.len(), want.shape)));
         }
         let part = TensorType::new(want.dtype, want.shape[1..].to_vec());
-        let mut first: Option<(&str, kiln_graph::DType)> = None;
+        let mut first: Option<(&String, kiln_graph::DType)> = None;
         for p in parts {
             let (ty, _) = self.get(p, &part)?;
             match first {

@@ -86,8 +86,8 @@ fn source(map: &HashMap<String, Value>, name: &str, ty: &TensorType) -> Result<V
     Ok(Value { ty: ty.clone(), data: v.data.iter().map(|&x| ty.dtype.round(x)).collect() })
 }
 
-/// A stacked weight (`~stack(a|b)`) from its parts, each of one slice's shape of `ty`.
-fn stacked(map: &HashMap<String, Value>, name: &str, parts: &[&str], ty: &TensorType) -> Result<Value> {
+/// A stacked weight (`p/~stack(a|b)`) from its parts, each of one slice's shape of `ty`.
+fn stacked(map: &HashMap<String, Value>, name: &str, parts: &[String], ty: &TensorType) -> Result<Value> {
     if ty.shape.first() != Some(&parts.len()) {
         return Err(GraphError::Input { name: name.into(), msg: format!("stacks {} weights, expected {ty}", parts.len()) });
     }

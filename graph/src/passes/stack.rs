@@ -1,9 +1,9 @@
 //! Sibling projections as one GEMM: matmuls that read the same `x` against weights of one
 //! shape and dtype (Q, K and V; K and V alone under grouped-query attention; an MLP's gate and
 //! up) become one batched matmul of `x` (as `[1, M, K]`, broadcast over the batch) against
-//! their weights stacked at load (`~stack(wq|wk|wv)`, `[G, N, K]`), and each old product is
-//! slice `i` of the `[G, M, N]` result along its first axis. Per-projection biases of shape
-//! `[N]` stack likewise (`[G, 1, N]`), one add that epilogue fusion then takes. The rewrite is
+//! their weights stacked at load (`~stack(wq|wk|wv)`, read as `[G, N, K]`; see
+//! [`crate::safetensors::STACK_MARK`]), and each old product is slice `i` of the `[G, M, N]`
+//! result along its first axis. Per-projection biases of shape `[N]` stack likewise (`[G, 1, N]`), one add that epilogue fusion then takes. The rewrite is
 //! made only where every slice is a view (each `M * N` block starts on an arena boundary, see
 //! [`crate::plan::slice_view_offset`]): otherwise the slices would be copies and cost launches.
 
