@@ -183,8 +183,9 @@ fn bad_prepared_files_are_refused_by_name() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The file holds one packed matrix per matmul weight (on an AVX-512 machine) and the
-/// weights other steps read as they are (norms, embeddings), and its checksums verify.
+/// The file holds one packed matrix per matrix of a matmul weight (on an AVX-512 machine; a
+/// stacked `[G, N, K]` weight of sibling projections has `G`) and the weights other steps read
+/// as they are (norms, embeddings), and its checksums verify.
 #[test]
 fn prepared_file_holds_only_what_a_load_reads() {
     let (dir, art, program) = small("holds");
@@ -200,8 +201,16 @@ fn prepared_file_holds_only_what_a_load_reads() {
             _ => None,
         })
         .collect();
+    let matrices: usize = matmul_weights
+        .iter()
+        .map(|&i| {
+            let s = &program.weights[i as usize].ty.shape;
+            s[..s.len() - 2].iter().product::<usize>()
+        })
+        .sum();
+    assert!(matrices > matmul_weights.len(), "the program has a stacked weight");
     if kiln_kernels::cpu::sgemm512::available() {
-        assert_eq!(packed, matmul_weights.len(), "one packed matrix per matmul weight");
+        assert_eq!(packed, matrices, "one packed matrix per matrix of a matmul weight");
     }
     assert!(raw > 0 && bytes > 0);
     let _ = std::fs::remove_dir_all(&dir);

@@ -21,6 +21,35 @@ pub fn stacked_layer(name: &str) -> Option<(&str, usize)> {
     Some((&name[..open], i))
 }
 
+/// The marker of a stacked weight's name: `p/~stack(a|b|c)` is the tensors named `p/a`, `p/b`
+/// and `p/c` (each any weight name, views included) stacked along a new leading axis,
+/// materialised once at load. The `stack_projections` pass makes these names for one GEMM over
+/// sibling projections, keeping the parts' common prefix up to a `/` in front (so an ensemble
+/// member's weights keep its `m0/` prefix). No checkpoint name holds `~stack(` or `|`, so the
+/// form cannot collide with one.
+pub const STACK_MARK: &str = "~stack(";
+
+/// The name of the stack of the weights `names` (see [`STACK_MARK`]).
+pub fn stack_name(names: &[&str]) -> String {
+    let first = names.first().copied().unwrap_or("");
+    let mut common = first.len();
+    for n in names {
+        common = common.min(first.bytes().zip(n.bytes()).take_while(|(a, b)| a == b).count());
+    }
+    let prefix = first.get(..common).and_then(|c| c.rfind('/')).map_or("", |i| &first[..=i]);
+    let rests: Vec<&str> = names.iter().map(|n| &n[prefix.len()..]).collect();
+    format!("{prefix}{STACK_MARK}{})", rests.join("|"))
+}
+
+/// The full names of the weights a stacked weight's name stacks, in order, or `None` for any
+/// other name.
+pub fn stack_parts(name: &str) -> Option<Vec<String>> {
+    let at = name.find(STACK_MARK)?;
+    let (prefix, inner) = (&name[..at], name[at + STACK_MARK.len()..].strip_suffix(')')?);
+    let parts: Vec<String> = inner.split('|').map(|p| format!("{prefix}{p}")).collect();
+    (parts.len() >= 2 && inner.split('|').all(|p| !p.is_empty())).then_some(parts)
+}
+
 /// The type and byte range of layer `i` of a stacked tensor of type `ty` stored at
 /// `start..end`, or `None` when `ty` has no layer `i`.
 pub fn layer_range(ty: &TensorType, start: usize, end: usize, i: usize) -> Option<(TensorType, usize, usize)> {
@@ -281,6 +310,19 @@ mod slice_name_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stacked_names_keep_the_common_folder_and_parse_back() {
+        let names = ["m0/enc/q/kernel", "m0/enc/k/kernel~T(1,0)", "m0/enc/v/kernel"];
+        let s = stack_name(&names);
+        assert_eq!(s, "m0/enc/~stack(q/kernel|k/kernel~T(1,0)|v/kernel)");
+        assert_eq!(stack_parts(&s).unwrap(), names);
+        assert_eq!(stack_name(&["a.q", "a.k"]), "~stack(a.q|a.k)");
+        assert_eq!(stack_parts("~stack(a.q|a.k)").unwrap(), ["a.q", "a.k"]);
+        for not in ["w", "~stack(a)", "~stack(a|)", "~stack(a|b", "p/q[3]~T(1,0)"] {
+            assert_eq!(stack_parts(not), None, "{not}");
+        }
+    }
     use crate::DType;
 
     #[test]

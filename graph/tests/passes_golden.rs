@@ -307,6 +307,11 @@ fn epilogue_fusion() {
 }
 
 #[test]
+fn stacked_projections() {
+    run_golden("stack.txt", None);
+}
+
+#[test]
 fn elementwise_fusion() {
     run_golden("fuse_elementwise.txt", None);
 }
@@ -412,7 +417,8 @@ fn every_golden_file_has_a_test() {
             "fuse_elementwise.txt",
             "pre_ln_block.txt",
             "rope.txt",
-            "rope_standard.txt"
+            "rope_standard.txt",
+            "stack.txt"
         ]
     );
 }

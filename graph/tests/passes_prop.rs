@@ -24,6 +24,9 @@ const LIMIT: f64 = 16.0;
 /// Step kinds from this one on build a residual junction ([`Gen::junction`]).
 const JUNCTION_KINDS: u8 = 234;
 
+/// Step kinds from this one on build sibling projections of one input ([`Gen::siblings`]).
+const SIBLING_KINDS: u8 = 245;
+
 /// Largest tensor a generated node may be (repeated broadcasts would grow without end).
 const MAX_ELEMENTS: usize = 256;
 
@@ -151,6 +154,9 @@ impl Gen {
     fn step(&mut self, (kind, t1, t2, t3): (u8, u8, u8, u8)) {
         let (a, ba) = self.pick(t1);
         let shape = self.g.shape(a).to_vec();
+        if kind >= SIBLING_KINDS {
+            return self.siblings(a, ba, &shape, t2, t3);
+        }
         if kind >= JUNCTION_KINDS {
             // Above every kind the saved regressions use, so their graphs stay as they were.
             return self.junction(a, ba, &shape, t2, t3);
@@ -285,6 +291,32 @@ impl Gen {
         self.add(n, nb);
     }
 
+    /// Two or three products of `a` with weights of one shape, each maybe `+ bias`, with `N`
+    /// chosen so that each product fills whole 256-byte blocks: the `stack_projections` pass's
+    /// pattern (Q/K/V, gate/up).
+    fn siblings(&mut self, a: NodeId, ba: f64, shape: &[usize], t2: u8, t3: u8) {
+        let Some(&k) = shape.last() else { return };
+        if shape.len() < 2 {
+            return;
+        }
+        let rows = shape.iter().product::<usize>() / k;
+        let n = 64 / gcd(rows, 64);
+        let transpose = t3 & 1 != 0;
+        let w_shape = if transpose { [n, k] } else { [k, n] };
+        for i in 0..2 + t2 as usize % 2 {
+            let w = self.leaf(0, &w_shape, 1.0 / k as f64);
+            let mut y = self.g.matmul(a, w, transpose).unwrap();
+            let mut b = ba;
+            // Every product with a bias, or only some.
+            if t3 & 2 != 0 || (t3 & 4 != 0 && i == 0) {
+                let bias = self.leaf(0, &[n], 1.0);
+                y = self.g.add(y, bias).unwrap();
+                b += 1.0;
+            }
+            self.add(y, b);
+        }
+    }
+
     /// `a @ W (^T)`, then maybe `+ bias`, an activation, a residual `+ a`.
     fn linear(&mut self, a: NodeId, ba: f64, shape: &[usize], t2: u8, t3: u8) {
         if shape.len() < 2 {
@@ -311,6 +343,14 @@ impl Gen {
             b += ba;
         }
         self.add(y, b);
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Weights: safetensors and npz files mapped into memory once, looked up by name. A deflated
 //! npz (`np.savez_compressed`) is inflated into memory once at open; a permuted view
-//! (`name~T(..)`, [`safetensors::View`]) is materialised once, the first time it is asked for.
+//! (`name~T(..)`, [`safetensors::View`]) or a stack of weights (`~stack(a|b)`) is materialised
+//! once, the first time it is asked for.
 
 use crate::error::{Result, RuntimeError};
 use kiln_graph::{npz, safetensors, TensorType};
@@ -103,9 +104,14 @@ impl WeightStore {
     /// (one layer of a scan-stacked big_vision array): the same mapped bytes at an offset, so
     /// no layer is ever copied. A view with a permutation (`base[i]~T(..)`) or rounded to
     /// bfloat16 (`base~bf16`) is copied once, transformed, and kept for the store's life.
+    /// A stacked weight (`p/~stack(a|b)`, [`safetensors::stack_parts`]) is its parts' bytes
+    /// concatenated once and kept likewise.
     pub fn resolve(&self, name: &str) -> Option<WeightRef> {
         if let Some(r) = self.index.get(name) {
             return Some(r.clone());
+        }
+        if let Some(parts) = safetensors::stack_parts(name) {
+            return self.resolve_stack(name, &parts);
         }
         let view = safetensors::parse_view(name);
         let r = self.index.get(view.base)?;
@@ -130,14 +136,69 @@ impl WeightStore {
         Some(v)
     }
 
+    /// The stack of the weights `parts` (one dtype and size each), materialised once.
+    fn resolve_stack(&self, name: &str, parts: &[String]) -> Option<WeightRef> {
+        if let Some(v) = self.views.lock().unwrap_or_else(|e| e.into_inner()).by_name.get(name) {
+            return Some(v.clone());
+        }
+        let refs = parts.iter().map(|p| self.resolve(p)).collect::<Option<Vec<_>>>()?;
+        let first = refs.first()?.ty.clone();
+        if refs.iter().any(|r| r.ty.dtype != first.dtype || r.ty.numel() != first.numel()) {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(first.bytes() * refs.len());
+        for r in &refs {
+            bytes.extend_from_slice(&self.map_bytes(r.file)[r.start..r.end]);
+        }
+        let mut shape = vec![refs.len()];
+        shape.extend_from_slice(&first.shape);
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = views.by_name.get(name) {
+            return Some(v.clone());
+        }
+        let v =
+            WeightRef { file: self.maps.len() + views.bytes.len(), ty: TensorType::new(first.dtype, shape), start: 0, end: bytes.len() };
+        views.bytes.push(bytes.into_boxed_slice());
+        views.by_name.insert(name.to_string(), v.clone());
+        Some(v)
+    }
+
+    /// Checks every part of a stacked weight against one slice of `want` (so a missing part, or
+    /// parts of different shapes or dtypes, is an error naming the part).
+    fn check_stack(&self, name: &str, parts: &[String], want: &TensorType) -> Result<()> {
+        let bad = |msg: String| RuntimeError::Weight { name: name.into(), msg };
+        if want.shape.first() != Some(&parts.len()) {
+            return Err(bad(format!("stacks {} weights, the program expects shape {:?}", parts.len(), want.shape)));
+        }
+        let part = TensorType::new(want.dtype, want.shape[1..].to_vec());
+        let mut first: Option<(&String, kiln_graph::DType)> = None;
+        for p in parts {
+            let (ty, _) = self.get(p, &part)?;
+            match first {
+                Some((f, d)) if d != ty.dtype => {
+                    return Err(bad(format!("part {p} is stored as {}, part {f} as {d}: a stack needs one dtype", ty.dtype)));
+                }
+                Some(_) => {}
+                None => first = Some((p, ty.dtype)),
+            }
+        }
+        Ok(())
+    }
+
     /// A weight's bytes and type, checked against the shape the program expects (a view marked
-    /// `~T(..)` or `~reshape` may be read in any shape of as many elements).
+    /// `~T(..)` or `~reshape` may be read in any shape of as many elements; each part of a
+    /// stacked weight is checked against one slice of it).
     pub fn get(&self, name: &str, want: &TensorType) -> Result<(TensorType, &[u8])> {
+        let stack = safetensors::stack_parts(name);
+        if let Some(parts) = &stack {
+            self.check_stack(name, parts, want)?;
+        }
         let r = self.resolve(name).ok_or_else(|| RuntimeError::Weight {
             name: name.into(),
             msg: format!("not found in {} (expected {want})", self.describe()),
         })?;
-        let reshaped = safetensors::parse_view(name).any_shape && r.ty.numel() == want.numel();
+        // A stack's parts were each checked against a slice of `want`.
+        let reshaped = (stack.is_some() || safetensors::parse_view(name).any_shape) && r.ty.numel() == want.numel();
         if r.ty.shape != want.shape && !reshaped {
             return Err(RuntimeError::Weight {
                 name: name.into(),

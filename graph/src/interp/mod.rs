@@ -47,7 +47,10 @@ pub fn run(graph: &Graph, inputs: &HashMap<String, Value>, weights: &HashMap<Str
     for (i, node) in graph.nodes.iter().enumerate() {
         let v = match &node.op {
             Op::Input { name } => source(inputs, name, &node.ty)?,
-            Op::Weight { name } => source(weights, name, &node.ty)?,
+            Op::Weight { name } => match crate::safetensors::stack_parts(name) {
+                Some(parts) if !weights.contains_key(name.as_str()) => stacked(weights, name, &parts, &node.ty)?,
+                _ => source(weights, name, &node.ty)?,
+            },
             _ => {
                 let args: Vec<&Value> = node
                     .inputs
@@ -81,6 +84,19 @@ fn source(map: &HashMap<String, Value>, name: &str, ty: &TensorType) -> Result<V
     }
     // A source of another dtype is converted (bf16 weights into an f32 graph, say).
     Ok(Value { ty: ty.clone(), data: v.data.iter().map(|&x| ty.dtype.round(x)).collect() })
+}
+
+/// A stacked weight (`p/~stack(a|b)`) from its parts, each of one slice's shape of `ty`.
+fn stacked(map: &HashMap<String, Value>, name: &str, parts: &[String], ty: &TensorType) -> Result<Value> {
+    if ty.shape.first() != Some(&parts.len()) {
+        return Err(GraphError::Input { name: name.into(), msg: format!("stacks {} weights, expected {ty}", parts.len()) });
+    }
+    let part = TensorType::new(ty.dtype, ty.shape[1..].to_vec());
+    let mut data = Vec::with_capacity(ty.numel());
+    for p in parts {
+        data.extend(source(map, p, &part)?.data);
+    }
+    Ok(Value { ty: ty.clone(), data })
 }
 
 /// Evaluates one op on values, rounding the result to the output dtype: the per-op oracle

@@ -14,6 +14,7 @@ mod fuse;
 mod negate;
 mod residual;
 mod rotate;
+mod stack;
 
 pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
@@ -24,6 +25,7 @@ pub use fuse::fuse_elementwise;
 pub use negate::negation_through_concat;
 pub use residual::{padded_rows, residual_rms_norm};
 pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
+pub use stack::stack_projections;
 
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
@@ -59,9 +61,11 @@ impl Pass {
     pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
     /// Makes `rms_norm(x + rms_norm(o))` (or of `x + o`) one step holding the sum and its norm.
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
+    /// Makes sibling projections of one input (Q/K/V, gate/up) one GEMM over stacked weights.
+    pub const STACK_PROJECTIONS: Pass = Pass { name: "stack_projections", run: stack_projections };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 9] = [
+    pub const ALL: [Pass; 10] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -71,6 +75,7 @@ impl Pass {
         Pass::NEGATION_THROUGH_CONCAT,
         Pass::ROTATION_AS_MATMUL,
         Pass::RESIDUAL_RMS_NORM,
+        Pass::STACK_PROJECTIONS,
     ];
 
     /// The pass with this name.
@@ -101,7 +106,8 @@ impl Pipeline {
     /// takes its reader; other negations move past concats before CSE (which merges their
     /// equal sign and permutation constants), so that the sign joins the reader's region. A
     /// residual add between two RMS norms becomes one step before either fusion could take
-    /// the add (into a region or a matmul's epilogue).
+    /// the add (into a region or a matmul's epilogue). Sibling projections stack into one GEMM
+    /// while the products are still plain matmuls, so that their stacked bias joins its epilogue.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -111,6 +117,7 @@ impl Pipeline {
             Pass::CSE,
             Pass::DEAD_CODE,
             Pass::RESIDUAL_RMS_NORM,
+            Pass::STACK_PROJECTIONS,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,

@@ -672,10 +672,11 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgem
         }
         return Ok(());
     }
-    if packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1 {
-        // A grouped product: one packed matrix per batch (each expert's weights).
+    if packed.len() == out_batches && b_batches == out_batches && (a_batches == out_batches || a_batches == 1) && out_batches > 1 {
+        // One packed matrix per batch (each expert's weights; stacked projections of shared rows).
         for (bi, pb) in packed.iter().enumerate() {
-            sgemm512::matmul_packed(&a[bi * m * k..(bi + 1) * m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
+            let at = if a_batches == 1 { 0 } else { bi * m * k };
+            sgemm512::matmul_packed(&a[at..at + m * k], m, k, pb, &mut c[bi * m * n..(bi + 1) * m * n]);
         }
         if let Some(r) = region {
             r.eval_in_place(extra, c);

@@ -14,9 +14,9 @@ use std::sync::Arc;
 pub(crate) type PackCache = std::collections::HashMap<(u32, bool), Arc<Vec<sgemm512::PackedB>>>;
 
 /// Packs a weight right-hand side once, when the AVX-512 kernel can use it: a 2-D weight, or
-/// each matrix of a batched weight whose batch axes match the product's one to one (the
-/// experts of a mixture-of-experts layer, `[E, G*Cap, D] x [E, D, F]`). Entries of one
-/// program share the packed copy through `cache`.
+/// each matrix of a batched weight whose batch axes match the product's one to one (experts,
+/// `[E, G*Cap, D] x [E, D, F]`) or whose left operand is shared (stacked projections, `[1, M, K]
+/// x [G, N, K]`). Entries of one program share the packed copy through `cache`.
 pub(crate) fn pack_weight<'w>(
     s: &Step,
     kernel: CpuKernel,
@@ -69,7 +69,8 @@ fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
     let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
     let Slot::Weight(i) = b.slot else { return None };
     let r = b.ty.rank();
-    let batched = r > 2 && a.rank() == r && o.rank() == r && a.shape[..r - 2] == b.ty.shape[..r - 2];
+    let batched =
+        r > 2 && a.rank() == r && o.rank() == r && (a.shape[..r - 2] == b.ty.shape[..r - 2] || a.shape[..r - 2].iter().all(|&d| d == 1));
     ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
 }
 
@@ -91,7 +92,7 @@ pub(crate) fn runs_packed(s: &Step, packed: &[sgemm512::PackedB]) -> bool {
     let a_batches: usize = at.shape[..ra - 2].iter().product();
     let out_batches: usize = ot.shape[..ro - 2].iter().product();
     (packed.len() == 1 && b_batches == 1 && a_batches == out_batches)
-        || (packed.len() == out_batches && b_batches == out_batches && a_batches == out_batches && out_batches > 1)
+        || (packed.len() == out_batches && b_batches == out_batches && (a_batches == out_batches || a_batches == 1) && out_batches > 1)
 }
 
 /// Points each `cpu.gather` whose table is a 2-D weight that some matmul packs transposed (a

@@ -287,6 +287,15 @@ impl CudaExec {
         if let Some(b) = bias {
             let ptr: u64 = self.base + b;
             set_desc(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr as *const _ as *const c_void, 8)?;
+            if g.bias_stride != 0 {
+                // One bias row per batch (stacked projections' biases).
+                let stride = g.bias_stride as i64;
+                set_desc(
+                    ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                    &stride as *const _ as *const c_void,
+                    8,
+                )?;
+            }
         }
         // cuBLAS's A is our b: [N, K] as seen column-major (ld N), or [K, N] transposed.
         let a = if g.transpose_b {

@@ -14,6 +14,9 @@ pub struct EpilogueKind {
     pub bias: Option<usize>,
     pub gelu: bool,
     pub residual: Option<usize>,
+    /// The bias holds one row per batch of the product (`[G, 1, N]`: stacked projections'
+    /// biases), so the GEMM steps it by `N` per batch.
+    pub bias_batched: bool,
 }
 
 impl EpilogueKind {
@@ -92,10 +95,17 @@ pub fn epilogue_kind(e: &Expr, extra: &[TensorType], out: &TensorType) -> Option
         return None;
     }
     let n = *out.shape.last()?;
-    let bias_like = |j: usize| extra[j].numel() == n && extra[j].shape.last() == Some(&n);
+    let shared_bias = |j: usize| extra[j].numel() == n && extra[j].shape.last() == Some(&n);
+    // One bias row per batch: `[.., 1, n]` with the output's batch axes (more than one batch).
+    let r = out.rank();
+    let batched_bias = |j: usize| {
+        let t = &extra[j];
+        r > 2 && t.rank() == r && t.shape[r - 2] == 1 && t.shape[r - 1] == n && t.shape[..r - 2] == out.shape[..r - 2] && t.numel() > n
+    };
+    let bias_like = |j: usize| shared_bias(j) || batched_bias(j);
     // Same element count as the output and broadcastable to it: the same layout.
     let full = |j: usize| extra[j].numel() == out.numel();
-    let kind = |bias, residual| Some(EpilogueKind { bias, gelu, residual });
+    let kind = |bias: Option<usize>, residual| Some(EpilogueKind { bias, gelu, residual, bias_batched: bias.is_some_and(batched_bias) });
     match (others.as_slice(), gelu) {
         ([], true) => kind(None, None),
         (&[j], _) if bias_like(j) => kind(Some(j), None),
@@ -341,5 +351,34 @@ mod tests {
         s.inputs[1].ty = tt(DType::BF16, &[64, 64]);
         let w = lower_step(&super::super::lower::with_kernel(s), &Layout::default()).unwrap();
         assert!(matches!(&w[0], Work::Gemm(g) if g.gemv.is_none()), "[K, N] weights: cuBLASLt");
+    }
+
+    /// A stacked-projection step: `[1, m, k]` times `[g, n, k]^T` plus a `[g, 1, n]` bias.
+    fn stacked_step(m: usize, g: usize) -> Step {
+        let (n, k) = (128, 64);
+        let e = Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Add, 0, 1)] };
+        let mut s = matmul_step(DType::BF16, m, n, k, Some(e), &[tt(DType::BF16, &[g, 1, n])]);
+        s.inputs[0].ty = tt(DType::BF16, &[1, m, k]);
+        s.inputs[1].ty = tt(DType::BF16, &[g, n, k]);
+        s.output.ty = tt(DType::BF16, &[g, m, n]);
+        super::super::lower::with_kernel(s)
+    }
+
+    #[test]
+    fn stacked_projections_are_one_gemm_with_a_bias_row_per_batch() {
+        let s = stacked_step(16, 3);
+        assert_eq!(s.kernel, "cublaslt.gemm_bf16_tb+bias");
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        assert_eq!(w.len(), 1, "no separate epilogue kernel");
+        let Work::Gemm(g) = &w[0] else { panic!() };
+        assert_eq!((g.m, g.n, g.k, g.batch), (16, 128, 64, 3));
+        assert_eq!((g.a_stride, g.b_stride, g.bias_stride), (0, 128 * 64, 128), "shared rows, stacked weights, a bias row each");
+        assert_eq!(g.epilogue, Epilogue::Bias(3 << 20));
+        // One row (decode): one `[1, 3 * 128]` product over the contiguous stack, which the
+        // GEMV takes, its bias the stacked rows end to end.
+        let w = lower_step(&stacked_step(1, 3), &Layout::default()).unwrap();
+        let Work::Gemm(g) = &w[0] else { panic!() };
+        assert_eq!((g.m, g.n, g.k, g.batch, g.bias_stride), (1, 3 * 128, 64, 1, 0));
+        assert_eq!(g.gemv.as_ref().map(|l| l.kernel.as_str()), Some("gemv_tb_bf16"));
     }
 }

@@ -75,6 +75,8 @@ pub struct Gemm {
     /// Element strides between batches (0: broadcast).
     pub a_stride: usize,
     pub b_stride: usize,
+    /// Element stride between batches' bias rows (0: one bias for every batch).
+    pub bias_stride: usize,
     pub epilogue: Epilogue,
     /// The small-M GEMV launch computing the same (`super::gemm`), where it applies: the
     /// executor times both at load and keeps the faster.
@@ -409,17 +411,29 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
     let (m, nn, k, batch) = (g.m, g.n, g.k, g.matrices());
     // Batch axes that broadcast partially: those operands are copied to the full batch.
     let (pre, ins, [la, lb]) = index::broadcast_operands(s, l, &g, ins)?;
-    // A batched `a` against one `b` is one GEMM with batch folded into M.
-    let (gm, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 {
-        (m * batch, 1, 0, 0)
-    } else {
-        (m, batch, if la == 1 { 0 } else { g.mat[0] }, if lb == 1 { 0 } else { g.mat[1] })
-    };
     let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
+    let kind = epilogue.and_then(|e| epilogue_kind(e, &extra, out_ty));
+    let batched_bias = kind.as_ref().is_some_and(|k| k.bias_batched);
+    // A batched `a` against one `b` is one GEMM with batch folded into M (unless each batch
+    // has its own bias row). One row of a shared `a` against stacked `[G, N, K]` weights
+    // (stacked projections at decode) is one `[1, G*N]` product: the GEMV applies.
+    let (gm, gn, gbatch, a_stride, b_stride) = if batch > 1 && la == batch && lb == 1 && !batched_bias {
+        (m * batch, nn, 1, 0, 0)
+    } else if batch > 1
+        && la == 1
+        && lb == batch
+        && m == 1
+        && transpose_b
+        && (kind.as_ref().is_none_or(|k| k.bias.is_none() || batched_bias))
+    {
+        (1, nn * batch, 1, 0, 0)
+    } else {
+        (m, nn, batch, if la == 1 { 0 } else { g.mat[0] }, if lb == 1 { 0 } else { g.mat[1] })
+    };
     let mut gemm = Gemm {
         dtype: out_ty.dtype,
         m: gm,
-        n: nn,
+        n: gn,
         k,
         batch: gbatch,
         transpose_b,
@@ -428,11 +442,12 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
         c: out,
         a_stride,
         b_stride,
+        bias_stride: if batched_bias && gbatch > 1 { nn } else { 0 },
         epilogue: Epilogue::None,
         gemv: None,
     };
     let mut work = Vec::new();
-    match epilogue.map(|e| (e, epilogue_kind(e, &extra, out_ty))) {
+    match epilogue.map(|e| (e, kind)) {
         None => {}
         Some((_, Some(kind))) => gemm.epilogue = kind.epilogue(&ins[2..]),
         Some((e, None)) => {
