@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod kernel;
 pub mod lower;
 mod norm_tune;
+pub mod rotation;
 mod state_rows;
 pub mod tune;
 mod upload;
