@@ -5,6 +5,7 @@
 //! node, and [`rebuild`] makes the new graph, remapping ids in one place. The pipeline
 //! verifies after every pass and can record the IR between passes.
 
+mod concat_mul;
 mod conv;
 mod cse;
 mod dce;
@@ -15,6 +16,7 @@ mod negate;
 mod residual;
 mod rotate;
 
+pub use concat_mul::concat_of_products;
 pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
 pub use dce::dead_code;
@@ -57,11 +59,13 @@ impl Pass {
     pub const NEGATION_THROUGH_CONCAT: Pass = Pass { name: "negation_through_concat", run: negation_through_concat };
     /// Rewrites a signed permutation of the last axis (slices, negations, concat) as `x @ P`.
     pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
+    /// Rewrites `concat(x * c1, x * c2)` (x broadcast along the axis) as `x * concat(c1, c2)`.
+    pub const CONCAT_OF_PRODUCTS: Pass = Pass { name: "concat_of_products", run: concat_of_products };
     /// Makes `rms_norm(x + rms_norm(o))` (or of `x + o`) one step holding the sum and its norm.
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 9] = [
+    pub const ALL: [Pass; 10] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -71,6 +75,7 @@ impl Pass {
         Pass::NEGATION_THROUGH_CONCAT,
         Pass::ROTATION_AS_MATMUL,
         Pass::RESIDUAL_RMS_NORM,
+        Pass::CONCAT_OF_PRODUCTS,
     ];
 
     /// The pass with this name.
@@ -101,11 +106,13 @@ impl Pipeline {
     /// takes its reader; other negations move past concats before CSE (which merges their
     /// equal sign and permutation constants), so that the sign joins the reader's region. A
     /// residual add between two RMS norms becomes one step before either fusion could take
-    /// the add (into a region or a matmul's epilogue).
+    /// the add (into a region or a matmul's epilogue). A concat of products of one tensor by
+    /// constants (RoPE's frequencies, `concat(f, f)`) becomes one product first.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
             Pass::CONSTANT_FOLD,
+            Pass::CONCAT_OF_PRODUCTS,
             Pass::ROTATION_AS_MATMUL,
             Pass::NEGATION_THROUGH_CONCAT,
             Pass::CSE,
