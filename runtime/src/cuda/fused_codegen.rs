@@ -126,15 +126,10 @@ fn round(d: DType, v: &str) -> String {
 }
 
 /// The kernel of one region: its name and complete source (helpers included). Errors name
-/// what the generator does not support.
-pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, String), String> {
-    source_with(expr, inputs, out, None)
-}
-
-/// [`source`] with input 0 read through a signed permutation of the last axis (`perm`):
-/// element `[.., c]` of input 0 is `sign_c * x[.., perm_c]` (RoPE's rotation GEMM, see
-/// `super::rotation`). Input 0 must have the output's shape.
-pub fn source_with(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPerm>) -> Result<(String, String), String> {
+/// what the generator does not support. With `perm`, input 0 is read through a signed
+/// permutation of the last axis: element `[.., c]` of input 0 is `sign_c * x[.., perm_c]`
+/// (RoPE's rotation GEMM, see `super::rotation`); input 0 must then have the output's shape.
+pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPerm>) -> Result<(String, String), String> {
     if inputs.len() > MAX_INPUTS {
         return Err(format!("a fused region of {} inputs (the CUDA generator takes at most {MAX_INPUTS})", inputs.len()));
     }
@@ -247,7 +242,7 @@ mod tests {
 
     #[test]
     fn a_region_becomes_straight_line_code() {
-        let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16).unwrap();
+        let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16, None).unwrap();
         assert!(name.starts_with("fused_"));
         assert!(src.contains(&format!("void __launch_bounds__(256) {name}(const FusedParams p)")));
         assert!(src.contains("const float v2 = to_f32(from_f32<bf16>((float)(v0 + v1)));"), "{src}");
@@ -265,7 +260,7 @@ mod tests {
     #[test]
     fn too_many_inputs_is_an_error() {
         let e = Expr { instrs: vec![Instr::Input(0)] };
-        let err = source(&e, &[DType::F32; 17], DType::F32).unwrap_err();
+        let err = source(&e, &[DType::F32; 17], DType::F32, None).unwrap_err();
         assert!(err.contains("at most 16"), "{err}");
     }
 
@@ -310,13 +305,13 @@ mod tests {
         };
         for d in [DType::F32, DType::BF16, DType::F16] {
             for (e, n, out) in [(&rope, 4, d), (&select, 1, d), (&select, 1, DType::Bool)] {
-                let (name, src) = source(e, &vec![d; n], out).unwrap();
+                let (name, src) = source(e, &vec![d; n], out, None).unwrap();
                 let c = nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
                 assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
             }
         }
         let ids = Expr { instrs: vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 0, 1)] };
-        let (name, src) = source(&ids, &[DType::I64], DType::I32).unwrap();
+        let (name, src) = source(&ids, &[DType::I64], DType::I32, None).unwrap();
         nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
     }
 }

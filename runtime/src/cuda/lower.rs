@@ -239,7 +239,7 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                     None => continue,
                 },
             };
-            let (name, source) = codegen::source_with(&expr, &ins, s.output.ty.dtype, perm)?;
+            let (name, source) = codegen::source(&expr, &ins, s.output.ty.dtype, perm)?;
             if !out.iter().any(|r| r.name == name) {
                 out.push(Region { name, source });
             }
