@@ -257,6 +257,24 @@ fn rotation_region(s: &Step, epilogue: Option<&Expr>) -> (Expr, Vec<DType>) {
     (e, ins)
 }
 
+/// The kernel a rotation matmul runs as.
+fn rotation_kernel(s: &Step, perm: &SignedPerm) -> String {
+    let Op::MatMul { epilogue, .. } = &s.op else { return String::new() };
+    let (e, ins) = rotation_region(s, epilogue.as_ref());
+    codegen::rotation_kernel_name(&e, &ins, s.output.ty.dtype, perm)
+}
+
+/// Names the kernel each rotation matmul of `p` runs as (`fused_rot_*`) in its steps, which
+/// hold the GEMM's name from their types alone until the program's constants are known.
+pub fn rotation_kernels(p: &mut Program) {
+    let rotations = rotation::of_constants(&p.constants);
+    for s in p.entries.iter_mut().flat_map(|e| e.steps.iter_mut()) {
+        if let Some(perm) = rotation::of_step(s, &rotations) {
+            s.kernel = rotation_kernel(s, perm);
+        }
+    }
+}
+
 fn launch<T: Copy>(module: &str, kernel: String, grid: (u32, u32, u32), block: u32, smem: u32, p: &T, ptrs: &[usize]) -> Work {
     Work::Kernel(Launch { module: module.to_string(), kernel, grid, block, smem, params: bytes_of(p), relocs: ptrs.to_vec() })
 }
@@ -323,7 +341,9 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
     // Dispatch on the kernel this build picks, which must be the one the program stores: every
     // kernel family has an arm below, and an op with no CUDA kernel needs none.
     let kernel = choose(&s.op, &types, out_ty)?;
-    if kernel.name() != s.kernel {
+    // A rotation matmul may store the name of the kernel it runs ([`rotation_kernels`]).
+    let rotation = rotation::of_step(s, &l.rotations).map(|p| rotation_kernel(s, p));
+    if kernel.name() != s.kernel && rotation.as_deref() != Some(s.kernel.as_str()) {
         return Err(format!("the program stores kernel {} where this build picks {} (recompile the artifact)", s.kernel, kernel.name()));
     }
     let mismatch = || Err(format!("kernel {} does not run {}", s.kernel, s.op.name()));

@@ -113,6 +113,10 @@ impl Backend for CudaBackend {
         lower::kernel_for(op, inputs, out)
     }
 
+    fn name_kernels(&self, program: &mut Program) {
+        lower::rotation_kernels(program)
+    }
+
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
         // The executor's own lowering (states moved into the arena first, as a load does).
         let (program, _) = crate::states::states_in_arena(program);

@@ -3,7 +3,9 @@
 //! `out[.., i] = epilogue(sign_i * x[.., perm_i], ..)`. The product has one nonzero term per
 //! element, so reading that term is exact where cuBLASLt would spend a launch on it and a
 //! second one on the epilogue. The permutation is kept as a few runs of columns (RoPE's
-//! rotate_half has two), written into the kernel's source as constants.
+//! rotate_half has two), written into the kernel's source as constants. A step is named from
+//! its types when compiled (the GEMM's name); the backend then names it `fused_rot_*` from
+//! the program's constants (`Backend::name_kernels`), and the lowering accepts either name.
 
 use kiln_graph::program::{ConstData, Slot, Step};
 use kiln_graph::Op;
@@ -150,12 +152,18 @@ mod tests {
             let (entry, _, _) = kiln_graph::lower::compile_entry(&g, "forward", &mut p, &namer).unwrap();
             p.entries.push(entry);
             let l = layout(&p).unwrap();
+            // Named from its types (the GEMM and its epilogue), then from the constants too.
+            let at = p.entries[0].steps.iter().position(|s| matches!(s.op, Op::MatMul { .. })).expect("the rotation matmul");
+            let gemm_name = p.entries[0].steps[at].kernel.clone();
+            assert!(gemm_name.starts_with("cublaslt.gemm_"), "{gemm_name}");
+            assert_eq!(lower_step(&p.entries[0].steps[at], &l).unwrap().len(), 1, "one launch under either name");
+            super::super::lower::rotation_kernels(&mut p);
             let steps = &p.entries[0].steps;
             let s = steps.iter().find(|s| matches!(s.op, Op::MatMul { .. })).expect("the rotation matmul");
             let perm = of_step(s, &l.rotations).expect("a signed permutation");
             let work = lower_step(s, &l).unwrap();
             let [Work::Kernel(k)] = &work[..] else { panic!("{work:?}") };
-            assert!(k.kernel.starts_with("fused_rot_"), "{}", k.kernel);
+            assert!(k.kernel.starts_with("fused_rot_") && k.kernel == s.kernel, "{} {}", k.kernel, s.kernel);
             let region = regions(&p).unwrap().into_iter().find(|r| r.name == k.kernel).expect("its source among the regions");
             if kiln_kernels::cuda::nvrtc::available() {
                 kiln_kernels::cuda::nvrtc::compile(&region.name, &region.source, "sm_90a")
