@@ -13,6 +13,7 @@ mod epilogue;
 mod fold;
 mod fuse;
 mod negate;
+mod recompute;
 mod residual;
 mod rotate;
 
@@ -24,6 +25,7 @@ pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
 pub use negate::negation_through_concat;
+pub use recompute::recompute_shared_products;
 pub use residual::{padded_rows, residual_rms_norm};
 pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
 
@@ -61,11 +63,13 @@ impl Pass {
     pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
     /// Rewrites `concat(x * c1, x * c2)` (x broadcast along the axis) as `x * concat(c1, c2)`.
     pub const CONCAT_OF_PRODUCTS: Pass = Pass { name: "concat_of_products", run: concat_of_products };
+    /// Gives each unary reader of a product by a constant its own copy, to fuse with it.
+    pub const RECOMPUTE_SHARED_PRODUCTS: Pass = Pass { name: "recompute_shared_products", run: recompute_shared_products };
     /// Makes `rms_norm(x + rms_norm(o))` (or of `x + o`) one step holding the sum and its norm.
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 10] = [
+    pub const ALL: [Pass; 11] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -76,6 +80,7 @@ impl Pass {
         Pass::ROTATION_AS_MATMUL,
         Pass::RESIDUAL_RMS_NORM,
         Pass::CONCAT_OF_PRODUCTS,
+        Pass::RECOMPUTE_SHARED_PRODUCTS,
     ];
 
     /// The pass with this name.
@@ -107,7 +112,9 @@ impl Pipeline {
     /// equal sign and permutation constants), so that the sign joins the reader's region. A
     /// residual add between two RMS norms becomes one step before either fusion could take
     /// the add (into a region or a matmul's epilogue). A concat of products of one tensor by
-    /// constants (RoPE's frequencies, `concat(f, f)`) becomes one product first.
+    /// constants (RoPE's frequencies, `concat(f, f)`) becomes one product first; such a
+    /// product read by several unary functions (cos and sin) is copied to each before
+    /// elementwise fusion, so that each function and its product are one region.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -119,6 +126,7 @@ impl Pipeline {
             Pass::DEAD_CODE,
             Pass::RESIDUAL_RMS_NORM,
             Pass::FUSE_MATMUL_EPILOGUE,
+            Pass::RECOMPUTE_SHARED_PRODUCTS,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::DEAD_CODE,
