@@ -165,6 +165,12 @@ mod tests {
             let [Work::Kernel(k)] = &work[..] else { panic!("{work:?}") };
             assert!(k.kernel.starts_with("fused_rot_") && k.kernel == s.kernel, "{} {}", k.kernel, s.kernel);
             let region = regions(&p).unwrap().into_iter().find(|r| r.name == k.kernel).expect("its source among the regions");
+            // rotate_half over 8 columns: columns 0..4 read -x[c + 4], columns 4..8 read x[c - 4].
+            for line in
+                ["const i64 c = o0 % 8;", "if (c < 4) { sign0 = -1.0f; o0 += 4; }", "else { o0 += -4; }", "(sign0 * to_f32(((const "]
+            {
+                assert!(region.source.contains(line), "{line} not in\n{}", region.source);
+            }
             if kiln_kernels::cuda::nvrtc::available() {
                 kiln_kernels::cuda::nvrtc::compile(&region.name, &region.source, "sm_90a")
                     .unwrap_or_else(|e| panic!("{e}\n{}", region.source));
