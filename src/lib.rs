@@ -145,6 +145,7 @@ pub fn compile_with_states(
         program.entries.push(entry);
         entries.push(CompiledEntry { name: name.clone(), trace, graph, order, plan });
     }
+    backend.name_kernels(&mut program);
     Ok(Compiled { program, entries })
 }
 

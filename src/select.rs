@@ -70,6 +70,10 @@ pub struct Selection {
     pub softcap: Option<f32>,
     pub step_logits: bool,
     pub choice: Choice,
+    /// Whether the backend runs `Op::LogSoftmax` (cube lacks its f64 log-sum-exp): the chosen
+    /// token's log-probability is then gathered from it (two steps), else computed from the
+    /// max, the exponentials' sum and its log (six).
+    pub log_softmax: bool,
 }
 
 /// Replaces `g`'s output `logits [rows, 1, V]` with what `s.choice` outputs (and, with
@@ -125,15 +129,20 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
                     g.reshape(first, &[rows])?
                 }
             };
-            // log p(id) = x[id] - max - log(sum(exp(x - max))).
-            let max = g.reduce(ReduceOp::Max, x, &[1], true)?;
-            let shifted = g.binary(BinaryOp::Sub, x, max)?;
-            let e = g.unary(UnaryOp::Exp, shifted)?;
-            let sum = g.reduce(ReduceOp::Sum, e, &[1], true)?;
-            let log_sum = g.unary(UnaryOp::Log, sum)?;
             let at = g.reshape(ids, &[rows, 1])?;
-            let chosen = g.push(Op::TakeAlongAxis { axis: 1 }, &[shifted, at])?;
-            let lp = g.binary(BinaryOp::Sub, chosen, log_sum)?;
+            let lp = if s.log_softmax {
+                let all = g.push(Op::LogSoftmax, &[x])?;
+                g.push(Op::TakeAlongAxis { axis: 1 }, &[all, at])?
+            } else {
+                // log p(id) = x[id] - max - log(sum(exp(x - max))).
+                let max = g.reduce(ReduceOp::Max, x, &[1], true)?;
+                let shifted = g.binary(BinaryOp::Sub, x, max)?;
+                let e = g.unary(UnaryOp::Exp, shifted)?;
+                let sum = g.reduce(ReduceOp::Sum, e, &[1], true)?;
+                let log_sum = g.unary(UnaryOp::Log, sum)?;
+                let chosen = g.push(Op::TakeAlongAxis { axis: 1 }, &[shifted, at])?;
+                g.binary(BinaryOp::Sub, chosen, log_sum)?
+            };
             let lp = g.reshape(lp, &[rows])?;
             g.output("ids", ids);
             g.output("logprobs", lp);

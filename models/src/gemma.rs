@@ -417,12 +417,11 @@ fn rope_tables(m: &mut Builder, cfg: &GemmaConfig, position_ids: NodeId) -> Resu
     let hd = cfg.head_dim;
     let inv: Vec<f64> =
         (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32) as f64).map(|x| x as f32 as f64).collect();
-    let inv = m.g.constant(DType::F32, &[1, 1, hd / 2], inv)?;
+    let inv = m.g.constant(DType::F32, &[1, 1, 1, hd / 2], inv)?;
     let pos = m.g.push(Op::Cast { to: DType::F32 }, &[position_ids])?;
-    let pos = m.g.reshape(pos, &[b, s, 1])?;
+    let pos = m.g.reshape(pos, &[b, s, 1, 1])?;
     let f = m.g.mul(pos, inv)?;
-    let emb = m.g.concat(&[f, f], 2)?;
-    let emb = m.g.reshape(emb, &[b, s, 1, hd])?;
+    let emb = m.g.concat(&[f, f], 3)?;
     let cos = m.g.unary(UnaryOp::Cos, emb)?;
     let sin = m.g.unary(UnaryOp::Sin, emb)?;
     let (cos, sin) = if m.dtype == DType::F32 {

@@ -26,6 +26,10 @@ pub trait Backend: Send + Sync {
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
         Ok(e.steps.iter().map(|s| usize::from(!matches!(s.kernel.as_str(), "source" | "view"))).collect())
     }
+    /// Renames step kernels that depend on the program's constants, not only on the step's
+    /// types, once the whole program exists (cuda: a matmul by a constant signed permutation
+    /// runs as one elementwise kernel). The default changes nothing.
+    fn name_kernels(&self, _program: &mut Program) {}
     /// Prepares a program to run: weights placed, memory reserved.
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>>;
 }

@@ -5,6 +5,7 @@
 //! node, and [`rebuild`] makes the new graph, remapping ids in one place. The pipeline
 //! verifies after every pass and can record the IR between passes.
 
+mod concat_mul;
 mod conv;
 mod cse;
 mod dce;
@@ -12,10 +13,12 @@ mod epilogue;
 mod fold;
 mod fuse;
 mod negate;
+mod recompute;
 mod residual;
 mod rotate;
 mod stack;
 
+pub use concat_mul::concat_of_products;
 pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
 pub use dce::dead_code;
@@ -23,6 +26,7 @@ pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
 pub use negate::negation_through_concat;
+pub use recompute::recompute_shared_products;
 pub use residual::{padded_rows, residual_rms_norm};
 pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
 pub use stack::stack_projections;
@@ -59,13 +63,17 @@ impl Pass {
     pub const NEGATION_THROUGH_CONCAT: Pass = Pass { name: "negation_through_concat", run: negation_through_concat };
     /// Rewrites a signed permutation of the last axis (slices, negations, concat) as `x @ P`.
     pub const ROTATION_AS_MATMUL: Pass = Pass { name: "rotation_as_matmul", run: rotation_as_matmul };
+    /// Rewrites `concat(x * c1, x * c2)` (x broadcast along the axis) as `x * concat(c1, c2)`.
+    pub const CONCAT_OF_PRODUCTS: Pass = Pass { name: "concat_of_products", run: concat_of_products };
+    /// Gives each unary reader of a product by a constant its own copy, to fuse with it.
+    pub const RECOMPUTE_SHARED_PRODUCTS: Pass = Pass { name: "recompute_shared_products", run: recompute_shared_products };
     /// Makes `rms_norm(x + rms_norm(o))` (or of `x + o`) one step holding the sum and its norm.
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
     /// Makes sibling projections of one input (Q/K/V, gate/up) one GEMM over stacked weights.
     pub const STACK_PROJECTIONS: Pass = Pass { name: "stack_projections", run: stack_projections };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 10] = [
+    pub const ALL: [Pass; 12] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -76,6 +84,8 @@ impl Pass {
         Pass::ROTATION_AS_MATMUL,
         Pass::RESIDUAL_RMS_NORM,
         Pass::STACK_PROJECTIONS,
+        Pass::CONCAT_OF_PRODUCTS,
+        Pass::RECOMPUTE_SHARED_PRODUCTS,
     ];
 
     /// The pass with this name.
@@ -108,10 +118,15 @@ impl Pipeline {
     /// residual add between two RMS norms becomes one step before either fusion could take
     /// the add (into a region or a matmul's epilogue). Sibling projections stack into one GEMM
     /// while the products are still plain matmuls, so that their stacked bias joins its epilogue.
+    /// A concat of products of one tensor by constants (RoPE's frequencies, `concat(f, f)`)
+    /// becomes one product first; such a product read by several unary functions (cos and sin)
+    /// is copied to each before elementwise fusion, so that each function and its product are
+    /// one region.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
             Pass::CONSTANT_FOLD,
+            Pass::CONCAT_OF_PRODUCTS,
             Pass::ROTATION_AS_MATMUL,
             Pass::NEGATION_THROUGH_CONCAT,
             Pass::CSE,
@@ -119,6 +134,7 @@ impl Pipeline {
             Pass::RESIDUAL_RMS_NORM,
             Pass::STACK_PROJECTIONS,
             Pass::FUSE_MATMUL_EPILOGUE,
+            Pass::RECOMPUTE_SHARED_PRODUCTS,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::DEAD_CODE,

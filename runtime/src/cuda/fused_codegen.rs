@@ -4,6 +4,7 @@
 //! ([`kiln_graph::Expr::eval`]). The kernels read their operands through
 //! `kiln_kernels::cuda::fused::FusedParams` (declared there, with its C twin).
 
+use super::rotation::SignedPerm;
 use kiln_graph::{BinaryOp, DType, Expr, Instr, UnaryOp};
 use kiln_kernels::cuda::fused::{MAX_INPUTS, PARAMS_C};
 use std::fmt::Write;
@@ -32,13 +33,22 @@ pub fn region_dtype(inputs: &[DType], out: DType) -> DType {
 
 /// Stable kernel name of a region: FNV-1a of its instructions and dtypes.
 pub fn kernel_name(expr: &Expr, inputs: &[DType], out: DType) -> String {
+    format!("fused_{:016x}", fnv(&format!("{:?}|{:?}|{:?}", expr.instrs, inputs, out)))
+}
+
+/// Stable kernel name of a region whose input 0 is read through a signed permutation of its
+/// last axis (`rotation`): the region's hash and the permutation's.
+pub fn rotation_kernel_name(expr: &Expr, inputs: &[DType], out: DType, perm: &SignedPerm) -> String {
+    format!("fused_rot_{:016x}", fnv(&format!("{:?}|{:?}|{:?}|{:?}", expr.instrs, inputs, out, perm)))
+}
+
+fn fnv(text: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    let text = format!("{:?}|{:?}|{:?}", expr.instrs, inputs, out);
     for b in text.bytes() {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("fused_{h:016x}")
+    h
 }
 
 fn unary(op: UnaryOp, x: &str, f: bool) -> String {
@@ -116,8 +126,10 @@ fn round(d: DType, v: &str) -> String {
 }
 
 /// The kernel of one region: its name and complete source (helpers included). Errors name
-/// what the generator does not support.
-pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, String), String> {
+/// what the generator does not support. With `perm`, input 0 is read through a signed
+/// permutation of the last axis: element `[.., c]` of input 0 is `sign_c * x[.., perm_c]`
+/// (RoPE's rotation GEMM, see `super::rotation`); input 0 must then have the output's shape.
+pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPerm>) -> Result<(String, String), String> {
     if inputs.len() > MAX_INPUTS {
         return Err(format!("a fused region of {} inputs (the CUDA generator takes at most {MAX_INPUTS})", inputs.len()));
     }
@@ -127,8 +139,14 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, Stri
     if expr.arity() > inputs.len() {
         return Err(format!("the region reads input {} but the step has {}", expr.arity() - 1, inputs.len()));
     }
-    let name = kernel_name(expr, inputs, out);
+    let name = match perm {
+        Some(p) => rotation_kernel_name(expr, inputs, out, p),
+        None => kernel_name(expr, inputs, out),
+    };
     let rd = region_dtype(inputs, out);
+    if perm.is_some() && (!rd.is_float() || inputs.first().is_none_or(|d| !d.is_float())) {
+        return Err("a permuted read of a non-float input".into());
+    }
     let f = rd.is_float();
     let ct = if f { "float" } else { "double" };
     let mut s = String::new();
@@ -149,12 +167,17 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, Stri
     }
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "    }}");
+    if let Some(p) = perm {
+        permuted_offset(&mut s, p);
+    }
     for (v, ins) in expr.instrs.iter().enumerate() {
         let rhs = match *ins {
             Instr::Input(k) => {
                 let d = inputs[k as usize];
                 let load = format!("((const {}*)p.ins[{k}])[o{k}]", c_type(d));
-                if d.is_float() {
+                if k == 0 && perm.is_some() {
+                    format!("({ct})(sign0 * to_f32({load}))")
+                } else if d.is_float() {
                     format!("({ct})to_f32({load})")
                 } else {
                     format!("({ct}){load}")
@@ -188,6 +211,26 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType) -> Result<(String, Stri
     Ok((name, s))
 }
 
+/// Moves `o0` (input 0's offset for this element) to the column `perm` reads, and sets
+/// `sign0`: one branch per run of the permutation.
+fn permuted_offset(s: &mut String, p: &SignedPerm) {
+    let _ = writeln!(s, "    float sign0 = 1.0f;");
+    let _ = writeln!(s, "    {{");
+    let _ = writeln!(s, "      const i64 c = o0 % {};", p.d);
+    for (i, r) in p.runs.iter().enumerate() {
+        // Runs cover the columns in order: the last needs no test.
+        let cond = match (i == 0, i + 1 == p.runs.len()) {
+            (true, true) => String::new(),
+            (true, false) => format!("if (c < {}) ", r.dst + r.len),
+            (false, false) => format!("else if (c < {}) ", r.dst + r.len),
+            (false, true) => "else ".to_string(),
+        };
+        let sign = if r.neg { "sign0 = -1.0f; " } else { "" };
+        let _ = writeln!(s, "      {cond}{{ {sign}o0 += {}; }}", r.src as i64 - r.dst as i64);
+    }
+    let _ = writeln!(s, "    }}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,7 +242,7 @@ mod tests {
 
     #[test]
     fn a_region_becomes_straight_line_code() {
-        let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16).unwrap();
+        let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16, None).unwrap();
         assert!(name.starts_with("fused_"));
         assert!(src.contains(&format!("void __launch_bounds__(256) {name}(const FusedParams p)")));
         assert!(src.contains("const float v2 = to_f32(from_f32<bf16>((float)(v0 + v1)));"), "{src}");
@@ -217,7 +260,7 @@ mod tests {
     #[test]
     fn too_many_inputs_is_an_error() {
         let e = Expr { instrs: vec![Instr::Input(0)] };
-        let err = source(&e, &[DType::F32; 17], DType::F32).unwrap_err();
+        let err = source(&e, &[DType::F32; 17], DType::F32, None).unwrap_err();
         assert!(err.contains("at most 16"), "{err}");
     }
 
@@ -262,13 +305,13 @@ mod tests {
         };
         for d in [DType::F32, DType::BF16, DType::F16] {
             for (e, n, out) in [(&rope, 4, d), (&select, 1, d), (&select, 1, DType::Bool)] {
-                let (name, src) = source(e, &vec![d; n], out).unwrap();
+                let (name, src) = source(e, &vec![d; n], out, None).unwrap();
                 let c = nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
                 assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
             }
         }
         let ids = Expr { instrs: vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 0, 1)] };
-        let (name, src) = source(&ids, &[DType::I64], DType::I32).unwrap();
+        let (name, src) = source(&ids, &[DType::I64], DType::I32, None).unwrap();
         nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
     }
 }

@@ -9,6 +9,7 @@ pub(crate) mod index;
 use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, EpilogueKind};
 pub use super::kernel::{choose, kernel_for, CudaKernel};
+use super::rotation::{self, SignedPerm};
 use crate::geometry::{
     at_least_1d, contiguous, Access, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
     Split, ViewGeometry,
@@ -42,6 +43,9 @@ pub struct Layout {
     /// An `int` set by gathers, take-along-axis and scatter-add on an out-of-range index.
     pub error_flag: usize,
     pub total: usize,
+    /// The signed permutation each constant holds, if any: a matmul by one runs as one
+    /// elementwise kernel ([`rotation`]).
+    pub rotations: Vec<Option<SignedPerm>>,
 }
 
 /// A cuBLASLt epilogue.
@@ -122,7 +126,8 @@ fn al(x: usize) -> usize {
 
 /// Lays out a program: arena, weights, constants, split-K scratch, workspace, error flag.
 pub fn layout(p: &Program) -> Result<Layout, String> {
-    let mut l = Layout { arena_bytes: p.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0), ..Default::default() };
+    let arena_bytes = p.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+    let mut l = Layout { arena_bytes, rotations: rotation::of_constants(&p.constants), ..Default::default() };
     let mut at = al(l.arena_bytes.max(ALIGN));
     for w in &p.weights {
         l.weights.push(at);
@@ -216,9 +221,12 @@ fn attention_plan(s: &Step) -> Result<(bool, usize, usize), String> {
 /// Every fused region of a program (deduplicated by kernel name), with its CUDA source.
 pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
     let mut out: Vec<Region> = Vec::new();
+    let rotations = rotation::of_constants(&p.constants);
     for e in &p.entries {
         for s in &e.steps {
+            let perm = rotation::of_step(s, &rotations);
             let (expr, ins) = match &s.op {
+                Op::MatMul { epilogue, .. } if perm.is_some() => rotation_region(s, epilogue.as_ref()),
                 Op::MatMul { epilogue: Some(ep), .. } => {
                     let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
                     if epilogue_kind(ep, &extra, &s.output.ty).is_some() {
@@ -233,7 +241,7 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                     None => continue,
                 },
             };
-            let (name, source) = codegen::source(&expr, &ins, s.output.ty.dtype)?;
+            let (name, source) = codegen::source(&expr, &ins, s.output.ty.dtype, perm)?;
             if !out.iter().any(|r| r.name == name) {
                 out.push(Region { name, source });
             }
@@ -242,14 +250,49 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
     Ok(out)
 }
 
+/// The region a rotation matmul runs as: its epilogue (or the product alone) over `x` and the
+/// epilogue's inputs.
+fn rotation_region(s: &Step, epilogue: Option<&Expr>) -> (Expr, Vec<DType>) {
+    let e = epilogue.cloned().unwrap_or(Expr { instrs: vec![kiln_graph::Instr::Input(0)] });
+    let mut ins = vec![s.inputs[0].ty.dtype];
+    ins.extend(s.inputs[2..].iter().map(|o| o.ty.dtype));
+    (e, ins)
+}
+
+/// The kernel a rotation matmul runs as.
+fn rotation_kernel(s: &Step, perm: &SignedPerm) -> String {
+    let Op::MatMul { epilogue, .. } = &s.op else { return String::new() };
+    let (e, ins) = rotation_region(s, epilogue.as_ref());
+    codegen::rotation_kernel_name(&e, &ins, s.output.ty.dtype, perm)
+}
+
+/// Names the kernel each rotation matmul of `p` runs as (`fused_rot_*`) in its steps, which
+/// hold the GEMM's name from their types alone until the program's constants are known.
+pub fn rotation_kernels(p: &mut Program) {
+    let rotations = rotation::of_constants(&p.constants);
+    for s in p.entries.iter_mut().flat_map(|e| e.steps.iter_mut()) {
+        if let Some(perm) = rotation::of_step(s, &rotations) {
+            s.kernel = rotation_kernel(s, perm);
+        }
+    }
+}
+
 fn launch<T: Copy>(module: &str, kernel: String, grid: (u32, u32, u32), block: u32, smem: u32, p: &T, ptrs: &[usize]) -> Work {
     Work::Kernel(Launch { module: module.to_string(), kernel, grid, block, smem, params: bytes_of(p), relocs: ptrs.to_vec() })
 }
 
 /// A fused elementwise launch writing `out` from `ins` (each broadcast to `out`'s shape).
 fn fused_launch(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType)) -> Result<Work, String> {
+    fused_launch_with(e, ins, out, None)
+}
+
+/// [`fused_launch`] with input 0 read through a signed permutation of the last axis.
+fn fused_launch_with(e: &Expr, ins: &[(u64, &TensorType)], out: (u64, &TensorType), perm: Option<&SignedPerm>) -> Result<Work, String> {
     let dtypes: Vec<DType> = ins.iter().map(|(_, t)| t.dtype).collect();
-    let name = codegen::kernel_name(e, &dtypes, out.1.dtype);
+    let name = match perm {
+        Some(p) => codegen::rotation_kernel_name(e, &dtypes, out.1.dtype, p),
+        None => codegen::kernel_name(e, &dtypes, out.1.dtype),
+    };
     let shapes: Vec<&[usize]> = ins.iter().map(|(_, t)| t.shape.as_slice()).collect();
     let g = ElementwiseGeometry::new(&shapes, &out.1.shape);
     if g.shape.len() > MAX_RANK || ins.len() > fused::MAX_INPUTS {
@@ -300,7 +343,9 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
     // Dispatch on the kernel this build picks, which must be the one the program stores: every
     // kernel family has an arm below, and an op with no CUDA kernel needs none.
     let kernel = choose(&s.op, &types, out_ty)?;
-    if kernel.name() != s.kernel {
+    // A rotation matmul may store the name of the kernel it runs ([`rotation_kernels`]).
+    let rotation = rotation::of_step(s, &l.rotations).map(|p| rotation_kernel(s, p));
+    if kernel.name() != s.kernel && rotation.as_deref() != Some(s.kernel.as_str()) {
         return Err(format!("the program stores kernel {} where this build picks {} (recompile the artifact)", s.kernel, kernel.name()));
     }
     let mismatch = || Err(format!("kernel {} does not run {}", s.kernel, s.op.name()));
@@ -407,6 +452,13 @@ fn gather_launch(name: String, ptrs: [u64; 4], x: Split, nidx: usize, units: usi
 /// batch broadcasts partially, and before a fused launch for an epilogue cuBLASLt lacks.
 fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool, epilogue: Option<&Expr>) -> Result<Vec<Work>, String> {
     let out_ty = &s.output.ty;
+    if let Some(perm) = rotation::of_step(s, &l.rotations) {
+        // `x @ P` read as `sign * x[.., perm]`, its epilogue in the same kernel.
+        let (e, _) = rotation_region(s, epilogue);
+        let mut list: Vec<(u64, &TensorType)> = vec![(ins[0], &s.inputs[0].ty)];
+        list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
+        return Ok(vec![fused_launch_with(&e, &list, (out, out_ty), Some(perm))?]);
+    }
     let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &out_ty.shape);
     let (m, nn, k, batch) = (g.m, g.n, g.k, g.matrices());
     // Batch axes that broadcast partially: those operands are copied to the full batch.

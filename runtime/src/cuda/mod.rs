@@ -19,6 +19,7 @@ pub mod kernel;
 pub mod lower;
 mod norm_tune;
 pub mod plan;
+pub mod rotation;
 mod state_rows;
 pub mod tune;
 mod upload;
@@ -117,6 +118,10 @@ impl Backend for CudaBackend {
 
     fn kernel_for(&self, op: &Op, inputs: &[TensorType], out: &TensorType) -> std::result::Result<String, String> {
         lower::kernel_for(op, inputs, out)
+    }
+
+    fn name_kernels(&self, program: &mut Program) {
+        lower::rotation_kernels(program)
     }
 
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {

@@ -218,6 +218,7 @@ mod tests {
         workspace: 0,
         error_flag: 1 << 26,
         total: 0,
+        rotations: Vec::new(),
     };
 
     /// Lowers a step to its one kernel launch.
