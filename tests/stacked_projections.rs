@@ -48,8 +48,12 @@ fn stacked_weights_load_once_and_bad_stacks_are_clear_errors() {
     let a = Tensor::from_f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
     let b = Tensor::from_f32(&[2, 3], &[7., 8., 9., 10., 11., 12.]);
     let t = Tensor::from_f32(&[3, 2], &[0.; 6]);
-    let h = Tensor::zeros(TensorType::new(DType::BF16, [2, 3]));
-    let ts: Vec<(String, Tensor)> = [("a", a), ("b", b), ("t", t), ("h", h)].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    // bf16 bits of 1.5, -2, 0.25, 3, 0, 1e30 (rounded): exact in f32.
+    let hv: [u16; 6] = [0x3fc0, 0xc000, 0x3e80, 0x4040, 0x0000, 0x7149];
+    let h = Tensor { ty: TensorType::new(DType::BF16, [2, 3]), bytes: hv.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let i = Tensor::zeros(TensorType::new(DType::I32, [2, 3]));
+    let ts: Vec<(String, Tensor)> =
+        [("a", a), ("b", b), ("t", t), ("h", h), ("i", i)].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
     io::write(&path, &ts).unwrap();
     let store = WeightStore::open(&path).unwrap();
     let want = TensorType::new(DType::F32, [2, 2, 3]);
@@ -62,8 +66,15 @@ fn stacked_weights_load_once_and_bad_stacks_are_clear_errors() {
     let err = |name: &str, want: &TensorType| store.get(name, want).unwrap_err().to_string();
     let e = err("~stack(a|t)", &want);
     assert!(e.contains("f32[3,2]") && e.contains("[2, 3]"), "{e}");
-    let e = err("~stack(a|h)", &want);
-    assert!(e.contains("one dtype"), "{e}");
+    // Floats of different dtypes stack in f32, each part exactly as stored.
+    let (ty, bytes) = store.get("~stack(a|h)", &want).unwrap();
+    assert_eq!(ty, want);
+    let got: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let widened: Vec<f32> = hv.iter().map(|&v| f32::from_bits((v as u32) << 16)).collect();
+    assert_eq!(got[..6], [1., 2., 3., 4., 5., 6.]);
+    assert_eq!(got[6..], widened[..]);
+    let e = err("~stack(a|i)", &want);
+    assert!(e.contains("must be all floats"), "{e}");
     let e = err("~stack(a|nope)", &want);
     assert!(e.contains("nope") && e.contains("not found"), "{e}");
     let e = err("~stack(a|b)", &TensorType::new(DType::F32, [3, 2, 3]));

@@ -136,19 +136,27 @@ impl WeightStore {
         Some(v)
     }
 
-    /// The stack of the weights `parts` (one dtype and size each), materialised once.
+    /// The stack of the weights `parts` (one size each), materialised once: in the parts' dtype,
+    /// or in f32 when they are floats of different dtypes (every f16 and bf16 is an f32, so each
+    /// part converts to the program's dtype as it would unstacked).
     fn resolve_stack(&self, name: &str, parts: &[String]) -> Option<WeightRef> {
         if let Some(v) = self.views.lock().unwrap_or_else(|e| e.into_inner()).by_name.get(name) {
             return Some(v.clone());
         }
         let refs = parts.iter().map(|p| self.resolve(p)).collect::<Option<Vec<_>>>()?;
         let first = refs.first()?.ty.clone();
-        if refs.iter().any(|r| r.ty.dtype != first.dtype || r.ty.numel() != first.numel()) {
+        if refs.iter().any(|r| r.ty.numel() != first.numel()) {
             return None;
         }
-        let mut bytes = Vec::with_capacity(first.bytes() * refs.len());
+        let dtype = if refs.iter().all(|r| r.ty.dtype == first.dtype) { first.dtype } else { kiln_graph::DType::F32 };
+        let mut bytes = Vec::with_capacity(first.numel() * dtype.size() * refs.len());
         for r in &refs {
-            bytes.extend_from_slice(&self.map_bytes(r.file)[r.start..r.end]);
+            let b = &self.map_bytes(r.file)[r.start..r.end];
+            if r.ty.dtype == dtype {
+                bytes.extend_from_slice(b);
+            } else {
+                bytes.extend(crate::tensor::floats_to_f32(r.ty.dtype, b)?.iter().flat_map(|v| v.to_le_bytes()));
+            }
         }
         let mut shape = vec![refs.len()];
         shape.extend_from_slice(&first.shape);
@@ -156,15 +164,15 @@ impl WeightStore {
         if let Some(v) = views.by_name.get(name) {
             return Some(v.clone());
         }
-        let v =
-            WeightRef { file: self.maps.len() + views.bytes.len(), ty: TensorType::new(first.dtype, shape), start: 0, end: bytes.len() };
+        let v = WeightRef { file: self.maps.len() + views.bytes.len(), ty: TensorType::new(dtype, shape), start: 0, end: bytes.len() };
         views.bytes.push(bytes.into_boxed_slice());
         views.by_name.insert(name.to_string(), v.clone());
         Some(v)
     }
 
-    /// Checks every part of a stacked weight against one slice of `want` (so a missing part, or
-    /// parts of different shapes or dtypes, is an error naming the part).
+    /// Checks every part of a stacked weight against one slice of `want` (so a missing part, a
+    /// part of another shape, or parts of different dtypes that are not all floats, is an error
+    /// naming the part).
     fn check_stack(&self, name: &str, parts: &[String], want: &TensorType) -> Result<()> {
         let bad = |msg: String| RuntimeError::Weight { name: name.into(), msg };
         if want.shape.first() != Some(&parts.len()) {
@@ -175,8 +183,11 @@ impl WeightStore {
         for p in parts {
             let (ty, _) = self.get(p, &part)?;
             match first {
-                Some((f, d)) if d != ty.dtype => {
-                    return Err(bad(format!("part {p} is stored as {}, part {f} as {d}: a stack needs one dtype", ty.dtype)));
+                Some((f, d)) if d != ty.dtype && !(d.is_float() && ty.dtype.is_float()) => {
+                    return Err(bad(format!(
+                        "part {p} is stored as {}, part {f} as {d}: a stack of mixed dtypes must be all floats",
+                        ty.dtype
+                    )));
                 }
                 Some(_) => {}
                 None => first = Some((p, ty.dtype)),
