@@ -253,10 +253,7 @@ pub fn generation_program_for(
     };
     // Beam search without its step on the device reads the logits.
     let step_logits = ending.step_logits || (ending.beams && !matches!(choice, Choice::Beams { .. }));
-    // The log-probability of the chosen token comes from `Op::LogSoftmax` where beams'
-    // candidate step (the same op) runs.
-    let log_softmax = beams_on_device(backend)?;
-    let sel = |spread, softcap| crate::select::Selection { batch, rows_per_input, spread, softcap, step_logits, choice, log_softmax };
+    let sel = |spread, softcap| crate::select::Selection { batch, rows_per_input, spread, softcap, step_logits, choice };
     crate::select::append(&mut prefill, &sel(true, None))?;
     crate::select::append(&mut decode, &sel(false, meta.decode_softcap))?;
     let mut states: Vec<StateSpec> = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();

@@ -5,9 +5,10 @@
 //! The model's `logits [R, 1, V]` (soft-capped where the model caps its decode steps) end in
 //! one of three ways ([`Choice`]):
 //! - [`Choice::Sample`]: [`Op::SampleToken`] (greedy, or transformers' sampling filters drawn
-//!   with kiln's counter-based generator, `kiln_graph::sample`), and a log-softmax gathered at
-//!   the chosen ids gives their log-probabilities. Outputs `ids [R]` (i64) and `logprobs [R]`
-//!   (f32): the host reads those (12 bytes a row), never the logits.
+//!   with kiln's counter-based generator, `kiln_graph::sample`), and [`Op::TokenLogProb`] gives
+//!   the chosen ids' log-probabilities in one step (the log-softmax's elements at the ids, with
+//!   the host's f64 log-sum-exp where the backend has f64). Outputs `ids [R]` (i64) and
+//!   `logprobs [R]` (f32): the host reads those (12 bytes a row), never the logits.
 //! - [`Choice::Greedy`]: the first argmax as `Op::TopK { k: 1 }` and its log-probability, for
 //!   backends without a sampling kernel (cube: WGSL has no f64 or u64). The same outputs; the
 //!   logits stay on the device in the state [`LOGITS_STATE`], which the host reads only to
@@ -34,7 +35,7 @@
 use crate::sampling::HfSampling;
 use crate::{Error, Result};
 use kiln_graph::program::Program;
-use kiln_graph::{BinaryOp, DType, Graph, Op, ReduceOp, UnaryOp};
+use kiln_graph::{BinaryOp, DType, Graph, Op, UnaryOp};
 use kiln_runtime::Tensor;
 
 /// The name of the f32 `[2]` input (temperature, top-p).
@@ -70,10 +71,6 @@ pub struct Selection {
     pub softcap: Option<f32>,
     pub step_logits: bool,
     pub choice: Choice,
-    /// Whether the backend runs `Op::LogSoftmax` (cube lacks its f64 log-sum-exp): the chosen
-    /// token's log-probability is then gathered from it (two steps), else computed from the
-    /// max, the exponentials' sum and its log (six).
-    pub log_softmax: bool,
 }
 
 /// Replaces `g`'s output `logits [rows, 1, V]` with what `s.choice` outputs (and, with
@@ -129,21 +126,9 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
                     g.reshape(first, &[rows])?
                 }
             };
-            let at = g.reshape(ids, &[rows, 1])?;
-            let lp = if s.log_softmax {
-                let all = g.push(Op::LogSoftmax, &[x])?;
-                g.push(Op::TakeAlongAxis { axis: 1 }, &[all, at])?
-            } else {
-                // log p(id) = x[id] - max - log(sum(exp(x - max))).
-                let max = g.reduce(ReduceOp::Max, x, &[1], true)?;
-                let shifted = g.binary(BinaryOp::Sub, x, max)?;
-                let e = g.unary(UnaryOp::Exp, shifted)?;
-                let sum = g.reduce(ReduceOp::Sum, e, &[1], true)?;
-                let log_sum = g.unary(UnaryOp::Log, sum)?;
-                let chosen = g.push(Op::TakeAlongAxis { axis: 1 }, &[shifted, at])?;
-                g.binary(BinaryOp::Sub, chosen, log_sum)?
-            };
-            let lp = g.reshape(lp, &[rows])?;
+            // One step: `logits[r, id] - log_sum_exp(logits[r, :])` (cpu and cuda: the
+            // log-softmax's value bit for bit; cube: in f32).
+            let lp = g.push(Op::TokenLogProb, &[x, ids])?;
             g.output("ids", ids);
             g.output("logprobs", lp);
         }

@@ -405,9 +405,11 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::SampleToken => 27,
         Op::LogSoftmax => 28,
         Op::ResidualRmsNorm(_) => 29,
+        Op::TokenLogProb => 30,
+        Op::GatherScaled { .. } => 31,
     })
 }
-const OP_KINDS: usize = 30;
+const OP_KINDS: usize = 32;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();

@@ -36,7 +36,7 @@ pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// The newest layout and body encoding this kiln writes and reads. Version 3 added
 /// [`Program::weight_sets`] (weights from several checkpoints, an ensemble), version 4 the op
 /// [`crate::Op::SampleToken`] (a generation program that chooses its tokens; also
-/// [`crate::Op::LogSoftmax`], beam search's candidates), version 5
+/// [`crate::Op::LogSoftmax`], beam search's candidates, and [`crate::Op::TokenLogProb`]), version 5
 /// [`Program::tuning`] (a cuda program's measured kernel choices). A program without them is
 /// still written as the oldest version that holds it, byte for byte as before, so older kilns
 /// read it.
@@ -107,7 +107,11 @@ pub fn save(program: &Program) -> Vec<u8> {
 pub fn version_for(program: &Program) -> u32 {
     if !program.tuning.is_empty() {
         5
-    } else if program.entries.iter().any(|e| e.steps.iter().any(|s| matches!(s.op, crate::Op::SampleToken | crate::Op::LogSoftmax))) {
+    } else if program
+        .entries
+        .iter()
+        .any(|e| e.steps.iter().any(|s| matches!(s.op, crate::Op::SampleToken | crate::Op::LogSoftmax | crate::Op::TokenLogProb)))
+    {
         4
     } else if !program.weight_sets.is_empty() {
         3

@@ -88,6 +88,22 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(inputs[0].clone())
         }
+        Op::TokenLogProb => {
+            arity(inputs, 2)?;
+            let (x, ids) = (inputs[0], inputs[1]);
+            float(x, "logits")?;
+            integer(ids, "ids")?;
+            let rows_ok = matches!(ids.shape[..], [r] | [r, 1] if x.rank() == 2 && r == x.shape[0] && x.shape[1] > 0);
+            if !rows_ok {
+                return Err(format!("token_log_prob of logits {x} at ids {ids}: expected logits [R, V] and ids [R] or [R, 1]"));
+            }
+            Ok(TensorType::new(DType::F32, ids.shape.clone()))
+        }
+        Op::GatherScaled { axis, .. } => {
+            let t = indexing(&Op::Gather { axis: *axis }, inputs)?;
+            float(&t, "table")?;
+            Ok(t)
+        }
     }
 }
 

@@ -349,6 +349,17 @@ pub enum Op {
     /// the result is rounded to the element type ([`crate::sample::log_softmax`]): the
     /// candidate scores of beam search, equal to the host's log-softmax of the same logits.
     LogSoftmax,
+    /// The log-probability of one token per row: inputs `logits [R, V]` (float) and `ids [R]`
+    /// or `[R, 1]` (integer), giving f32 of the ids' shape, `logits[r, id] - log(sum(exp(
+    /// logits[r, :])))` with the log-sum-exp taken as [`Op::LogSoftmax`] takes it
+    /// ([`crate::sample::token_log_prob`]): the take-along-axis of the log-softmax at the ids,
+    /// bit for bit, in one step that writes no `[R, V]` tensor.
+    TokenLogProb,
+    /// `gather(table, ids)` along `axis` (as [`Op::Gather`]), each element times `scale` and
+    /// rounded to the table's float dtype: `gather(table, ids) * scale` in one step (an
+    /// embedding's `sqrt(hidden)`), made by the `gather_scale` pass. `scale` is a value of the
+    /// dtype, so the step gives the unfused product's bits.
+    GatherScaled { axis: usize, scale: f32 },
 }
 
 /// The geometry of a [`Op::Conv`]; zero padding, the same `pad` before and after each axis.
@@ -479,6 +490,8 @@ impl Op {
             Op::Fused(e) => ("fused", a(&|| e.formula())),
             Op::SampleToken => ("sample_token", String::new()),
             Op::LogSoftmax => ("log_softmax", String::new()),
+            Op::TokenLogProb => ("token_log_prob", String::new()),
+            Op::GatherScaled { axis, scale } => ("gather_scaled", a(&|| format!("axis={axis}, scale={scale:?}"))),
             Op::Conv(c) => {
                 ("conv", a(&|| format!("stride={:?}, pad={:?}{}", c.stride, c.pad, if c.transposed { ", transposed" } else { "" })))
             }
@@ -502,6 +515,9 @@ impl Op {
             // In place on persistent state: only the new rows move.
             Op::WriteSlice { .. } => (0, 2 * inputs.get(1).map_or(0, |t| t.bytes() as u64)),
             Op::Gather { .. } | Op::TakeAlongAxis { .. } => (0, keep_only(inputs.get(1).map_or(0, |t| t.bytes() as u64))),
+            Op::GatherScaled { .. } => (n_out, keep_only(inputs.get(1).map_or(0, |t| t.bytes() as u64))),
+            // The row's log-sum-exp (as the log-softmax) and one subtraction per row.
+            Op::TokenLogProb => (4 * input_numel(0) + n_out, all_bytes),
             Op::Reduce { op, .. } => {
                 let extra = match op {
                     ReduceOp::Mean => n_out,

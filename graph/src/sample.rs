@@ -129,6 +129,18 @@ pub fn log_softmax_rows_f32(x: &[f32], n: usize, out: &mut [f32]) {
     x.chunks(n.max(1)).zip(out.chunks_mut(n.max(1))).for_each(|(x, o)| log_softmax_f32(x, o));
 }
 
+/// `row[id] - log_sum_exp(row)`: the log-probability [`Op::TokenLogProb`](crate::Op) computes
+/// before rounding to f32, the element `id` of [`log_softmax`] (the same arithmetic).
+pub fn token_log_prob(row: &[f64], id: usize) -> f64 {
+    row[id] - log_sum_exp(row)
+}
+
+/// [`token_log_prob`] of an f32 row rounded to f32: element `id` of [`log_softmax_f32`]'s
+/// output, bit for bit (the cpu kernel).
+pub fn token_log_prob_f32(row: &[f32], id: usize) -> f32 {
+    (row[id] as f64 - log_sum_exp_f32(row)) as f32
+}
+
 /// What [`Op::SampleToken`](crate::Op) reads from its runtime inputs, checked: `options`
 /// `[temperature, top_p]` (f32) and `counters` `[top_k, seed >> 32, seed & 0xffff_ffff, step]`
 /// (i64; the seed split so each half is exact in the interpreter's f64 values).
@@ -188,6 +200,11 @@ mod tests {
         assert!(out[..50].iter().zip(&lp).all(|(&a, &b)| a == b as f32) && out[..50] == out[50..]);
         let shifted: Vec<f64> = wide.iter().map(|x| x + 4.0).collect();
         assert!(log_softmax(&shifted).iter().zip(&lp).all(|(a, b)| (a - b).abs() < 1e-12));
+        // One token's log-probability is that element of the log-softmax, bit for bit.
+        for id in [0, 17, 49] {
+            assert_eq!(token_log_prob_f32(&row, id).to_bits(), out[id].to_bits());
+            assert_eq!(token_log_prob(&wide, id).to_bits(), lp[id].to_bits());
+        }
     }
 
     /// Bad runtime inputs are errors, not panics; greedy ignores top-p.

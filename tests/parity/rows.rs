@@ -12,6 +12,15 @@ pub(super) fn index_ops_rows() -> Vec<Row> {
     g.output("y", y);
     rows.push(row("gather", g, 10));
 
+    // An embedding's scale (`gather_scale` makes it one `gather_scaled` step).
+    let mut g = Graph::new();
+    let t = f32in(&mut g, "table", &[10, 6]);
+    let ids = g.input("ids", DType::I64, &[2, 3]).unwrap();
+    let y = g.push(Op::Gather { axis: 0 }, &[t, ids]).unwrap();
+    let y = g.mul_scalar(y, 48f64.sqrt()).unwrap();
+    g.output("y", y);
+    rows.push(row("gather scaled", g, 10));
+
     let mut g = Graph::new();
     let x = f32in(&mut g, "x", &[3, 8]);
     let k = g.push(Op::TopK { k: 3 }, &[x]).unwrap();
@@ -74,6 +83,16 @@ pub(super) fn index_ops_rows() -> Vec<Row> {
     g.output("ids", k);
     g.output("vals", v);
     rows.push(row("log_softmax beam candidates", g, 1));
+
+    // The chosen tokens' log-probabilities (`kiln::select`), ids `[R]` and `[R, 1]`.
+    for (name, ids_shape) in [("token_log_prob", &[4][..]), ("token_log_prob ids [R, 1]", &[4, 1][..])] {
+        let mut g = Graph::new();
+        let x = f32in(&mut g, "logits", &[4, 300]);
+        let ids = g.input("ids", DType::I64, ids_shape).unwrap();
+        let lp = g.push(Op::TokenLogProb, &[x, ids]).unwrap();
+        g.output("logprobs", lp);
+        rows.push(row(name, g, 300));
+    }
 
     let mut g = Graph::new();
     let idx = g.input("idx", DType::I64, &[3, 4]).unwrap();
@@ -221,6 +240,14 @@ pub(super) fn half_rows() -> Vec<Row> {
         g.output("softmax", sm);
         rows.push(row(format!("{dt} norms and softmax"), g, 1));
         rows.extend(residual_norm_rows(dt));
+
+        let mut g = Graph::new();
+        let t = input(&mut g, "table", &[10, 64]);
+        let ids = g.input("ids", DType::I64, &[1, 3]).unwrap();
+        let y = g.push(Op::Gather { axis: 0 }, &[t, ids]).unwrap();
+        let y = g.mul_scalar(y, 64f64.sqrt()).unwrap();
+        g.output("y", y);
+        rows.push(row(format!("{dt} gather scaled"), g, 10));
 
         let mut g = Graph::new();
         let q = input(&mut g, "q", &[1, 20, 4, 64]);

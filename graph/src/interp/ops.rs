@@ -92,6 +92,17 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             let v = *a[0].ty.shape.last().unwrap_or(&1);
             Ok(a[0].data.chunks(v.max(1)).flat_map(crate::sample::log_softmax).collect())
         }
+        Op::TokenLogProb => {
+            let v = *a[0].ty.shape.last().unwrap_or(&1);
+            let rows = a[0].data.chunks(v.max(1));
+            rows.zip(&a[1].data).map(|(row, &id)| Ok(crate::sample::token_log_prob(row, index(id, v, "token_log_prob")?))).collect()
+        }
+        Op::GatherScaled { axis, scale } => {
+            // The gathered values (exact) times the scale, rounded to the dtype by the caller:
+            // the unfused `gather(table, ids) * scale`.
+            let rows = indexing(&Op::Gather { axis: *axis }, a, out)?;
+            Ok(rows.into_iter().map(|x| x * *scale as f64).collect())
+        }
         Op::Iota { axis, start, step } => {
             let (_, len, inner) = split(&out.shape, *axis);
             Ok((0..out.numel()).map(|i| start + step * ((i / inner) % len) as f64).collect())

@@ -12,6 +12,7 @@ mod dce;
 mod epilogue;
 mod fold;
 mod fuse;
+mod gather_scale;
 mod negate;
 mod recompute;
 mod residual;
@@ -25,6 +26,7 @@ pub use dce::dead_code;
 pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
+pub use gather_scale::gather_scale;
 pub use negate::negation_through_concat;
 pub use recompute::recompute_shared_products;
 pub use residual::{padded_rows, residual_rms_norm};
@@ -71,9 +73,11 @@ impl Pass {
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
     /// Makes sibling projections of one input (Q/K/V, gate/up) one GEMM over stacked weights.
     pub const STACK_PROJECTIONS: Pass = Pass { name: "stack_projections", run: stack_projections };
+    /// Makes `gather(table, ids) * c` (an embedding's scale) one gather with the scale.
+    pub const GATHER_SCALE: Pass = Pass { name: "gather_scale", run: gather_scale };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 12] = [
+    pub const ALL: [Pass; 13] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -86,6 +90,7 @@ impl Pass {
         Pass::STACK_PROJECTIONS,
         Pass::CONCAT_OF_PRODUCTS,
         Pass::RECOMPUTE_SHARED_PRODUCTS,
+        Pass::GATHER_SCALE,
     ];
 
     /// The pass with this name.
@@ -121,7 +126,8 @@ impl Pipeline {
     /// A concat of products of one tensor by constants (RoPE's frequencies, `concat(f, f)`)
     /// becomes one product first; such a product read by several unary functions (cos and sin)
     /// is copied to each before elementwise fusion, so that each function and its product are
-    /// one region.
+    /// one region. An embedding's scale joins its gather before elementwise fusion could take
+    /// the product into a region that reads it.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -135,6 +141,7 @@ impl Pipeline {
             Pass::STACK_PROJECTIONS,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::RECOMPUTE_SHARED_PRODUCTS,
+            Pass::GATHER_SCALE,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::DEAD_CODE,

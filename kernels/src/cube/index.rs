@@ -83,9 +83,12 @@ pub struct GatherCfg {
     pub x: Src,
     pub idx: Src,
     pub out: Repr,
+    /// A gather times a scale (`Op::GatherScaled`): each value times `f32::from_bits(scale_bits)`.
+    pub scaled: bool,
+    pub scale_bits: u32,
 }
 
-/// `out[o, j, i] = x[o, idx[..], i]`. Meta: [`GatherParams`] (the output `[outer, rows,
+/// `out[o, j, i] = x[o, idx[..], i]` (times the scale where `cfg.scaled`). Meta: [`GatherParams`] (the output `[outer, rows,
 /// inner]`, x `[outer, len, inner]`).
 #[cube(launch_unchecked)]
 pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
@@ -101,7 +104,10 @@ pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
             at = o;
         }
         let j = u32::cast_from(typed::read::<F>(arena, weights, meta[GatherParams::IDX_OFF] as usize + at, cfg.idx)) as usize;
-        let x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + (outer * x_len + j) * inner + o % inner, cfg.x);
+        let mut x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + (outer * x_len + j) * inner + o % inner, cfg.x);
+        if comptime!(cfg.scaled) {
+            x *= F::new(comptime!(f32::from_bits(cfg.scale_bits)));
+        }
         let out = meta[GatherParams::OUT_OFF] as usize;
         typed::write::<F>(arena, out + o, x, cfg.out);
     }

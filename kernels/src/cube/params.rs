@@ -316,6 +316,17 @@ fixed_params! {
 }
 
 fixed_params! {
+    /// [`super::reduce::token_log_prob`]: logits `[rows, v]`, ids `[rows]`, out `[rows]`.
+    pub struct TokenParams {
+        rows => ROWS,
+        v => V,
+        x_off => X_OFF,
+        idx_off => IDX_OFF,
+        out_off => OUT_OFF,
+    }
+}
+
+fixed_params! {
     /// [`super::index::cast`].
     pub struct CastParams {
         n => N,

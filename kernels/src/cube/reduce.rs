@@ -2,7 +2,7 @@
 //! line, for softmax), reading the reduced elements through strides. The last-axis softmax of
 //! attention-free graphs goes to [`super::norm`], a cube per row.
 
-use super::params::{LineParams, ReduceParams};
+use super::params::{LineParams, ReduceParams, TokenParams};
 use super::strided_index;
 use super::typed::{self, Repr, Src};
 use cubecl::prelude::*;
@@ -89,5 +89,35 @@ pub fn softmax_axis<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &A
         for j in 0..len {
             arena[o0 + j * inner] = F::exp(typed::read::<F>(arena, weights, x0 + j * inner, src) - m) / s;
         }
+    }
+}
+
+/// One token's log-probability per row (`Op::TokenLogProb`), one unit per row, in `F` (f32):
+/// `x[id] - max - log(sum(exp(x - max)))`, the sum in index order. The interpreter takes the
+/// log-sum-exp in f64 (WGSL has none), so the value differs from it by the f32 rounding of
+/// the sum and the log: about `1e-6 * log(V)` relative. An id outside the row writes 0 (this
+/// kernel has no error channel; the interpreter reports it). Meta: [`TokenParams`].
+#[cube(launch_unchecked)]
+pub fn token_log_prob<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] x: Src, #[comptime] idx: Src) {
+    let rows = meta[TokenParams::ROWS] as usize;
+    let row = ABSOLUTE_POS;
+    if row < rows {
+        let v = meta[TokenParams::V] as usize;
+        let x0 = meta[TokenParams::X_OFF] as usize + row * v;
+        let mut m = typed::read::<F>(arena, weights, x0, x);
+        for j in 1..v {
+            m = F::max(m, typed::read::<F>(arena, weights, x0 + j, x));
+        }
+        let mut s = F::new(0.0);
+        for j in 0..v {
+            s += F::exp(typed::read::<F>(arena, weights, x0 + j, x) - m);
+        }
+        let id = u32::cast_from(typed::read::<F>(arena, weights, meta[TokenParams::IDX_OFF] as usize + row, idx)) as usize;
+        let mut out = F::new(0.0);
+        if id < v {
+            out = typed::read::<F>(arena, weights, x0 + id, x) - m - F::ln(s);
+        }
+        let o = meta[TokenParams::OUT_OFF] as usize + row;
+        arena[o] = out;
     }
 }

@@ -45,6 +45,30 @@ __device__ void gather(const GatherParams p) {
   }
 }
 
+// Gather times a scale (`Op::GatherScaled`: an embedding's sqrt(hidden)): each gathered value
+// widened to f32, times `scale` (a value of T), rounded to T once. For bf16 and f16 the f32
+// product is exact, for f32 it is the one rounding of the exact product: the unfused
+// multiply's bits.
+struct ScaledGatherParams {
+  GatherParams g;
+  float scale;
+  int pad_;
+};
+
+template <typename T, typename I>
+__device__ void gather_scaled(const ScaledGatherParams sp) {
+  const GatherParams p = sp.g;
+  const i64 n = p.outer * p.nidx * p.inner;
+  for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < n; e += (i64)gridDim.x * blockDim.x) {
+    i64 c = e % p.inner, j = (e / p.inner) % p.nidx, o = e / (p.inner * p.nidx);
+    i64 k = (i64)((const I*)p.idx)[j];
+    float v = 0.0f;
+    if (k >= 0 && k < p.len) v = to_f32(((const T*)p.x)[(o * p.len + k) * p.inner + c]) * sp.scale;
+    else if (p.err) *(int*)p.err = 1;
+    ((T*)p.out)[e] = from_f32<T>(v);
+  }
+}
+
 // Write rows in place: x [outer, nidx, inner] into out [outer, len, inner] at the position
 // idx[0] along the middle axis (a KV cache row). A position that does not fit writes nothing
 // and sets *err.
@@ -111,6 +135,17 @@ GATHER(1, unsigned char, i64, i64)
 GATHER(2, unsigned short, i64, i64)
 GATHER(4, unsigned int, i64, i64)
 GATHER(8, unsigned long long, i64, i64)
+
+#define GATHER_SCALED(t, T, it, I)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256) gather_scaled_##t##_##it(const ScaledGatherParams p) { \
+    gather_scaled<T, I>(p);                                                                               \
+  }
+GATHER_SCALED(f32, float, i32, int)
+GATHER_SCALED(bf16, bf16, i32, int)
+GATHER_SCALED(f16, f16, i32, int)
+GATHER_SCALED(f32, float, i64, i64)
+GATHER_SCALED(bf16, bf16, i64, i64)
+GATHER_SCALED(f16, f16, i64, i64)
 
 #define WRITE_ROWS(n, E, it, I) \
   extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { write_rows<E, I>(p); }

@@ -309,40 +309,70 @@ AXIS_FLOAT(f32, float)
 AXIS_FLOAT(bf16, bf16)
 AXIS_FLOAT(f16, f16)
 
+// The log-sum-exp of one f32 row as kiln_graph::sample::log_sum_exp takes it, by one block
+// (blockDim.x <= 256, `red` its shared scratch): the row's max, the sum of exp(x - max) in
+// double (each thread's strided part, then a tree over the block: another order of additions
+// than the host's, so the sum may differ in its last double bits), max + log(sum). Every
+// thread gets it; `red` is free on return.
+__device__ double row_log_sum_exp(const float* x, i64 len, double* red) {
+  const int t = threadIdx.x;
+  double m = __longlong_as_double(0xfff0000000000000ll);  // -inf
+  for (i64 i = t; i < len; i += blockDim.x) m = fmax(m, (double)x[i]);
+  red[t] = m;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) red[t] = fmax(red[t], red[t + s]);
+    __syncthreads();
+  }
+  m = red[0];
+  __syncthreads();
+  double sum = 0.0;
+  for (i64 i = t; i < len; i += blockDim.x) sum += exp((double)x[i] - m);
+  red[t] = sum;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) red[t] += red[t + s];
+    __syncthreads();
+  }
+  const double lse = m + log(red[0]);
+  __syncthreads();
+  return lse;
+}
+
 // Log-softmax over the last axis of f32 x [outer, len] into out (`Op::LogSoftmax`, as
-// kiln_graph::sample::log_softmax computes it): one block per row; the row's max, the sum of
-// exp(x - max) in double (each thread's strided part, then a tree over the block: another
-// order of additions than the host's, so the sum may differ in its last double bits),
-// lse = max + log(sum), out = (float)((double)x - lse).
+// kiln_graph::sample::log_softmax computes it): one block per row, out = (float)((double)x -
+// lse) with the row's log-sum-exp above.
 extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) {
   __shared__ double red[256];
-  const int t = threadIdx.x;
   for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
     const float* x = (const float*)p.x + r * p.len;
     float* o = (float*)p.out + r * p.len;
-    double m = __longlong_as_double(0xfff0000000000000ll);  // -inf
-    for (i64 i = t; i < p.len; i += blockDim.x) m = fmax(m, (double)x[i]);
-    red[t] = m;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (t < s) red[t] = fmax(red[t], red[t + s]);
-      __syncthreads();
-    }
-    m = red[0];
-    __syncthreads();
-    double sum = 0.0;
-    for (i64 i = t; i < p.len; i += blockDim.x) sum += exp((double)x[i] - m);
-    red[t] = sum;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (t < s) red[t] += red[t + s];
-      __syncthreads();
-    }
-    const double lse = m + log(red[0]);
-    __syncthreads();
-    for (i64 i = t; i < p.len; i += blockDim.x) o[i] = (float)((double)x[i] - lse);
+    const double lse = row_log_sum_exp(x, p.len, red);
+    for (i64 i = threadIdx.x; i < p.len; i += blockDim.x) o[i] = (float)((double)x[i] - lse);
   }
 }
+
+// One token's log-probability per row (`Op::TokenLogProb`, kiln_graph::sample::token_log_prob):
+// f32 x [outer, len], idx [outer] (the ids), out f32 [outer]; one block per row,
+// out = (float)((double)x[id] - lse), the element log_softmax_f32 would write there. An id
+// outside [0, len) writes 0 and sets *err (the host reports it).
+template <typename I>
+__device__ void token_log_prob(const AlongParams p) {
+  __shared__ double red[256];
+  for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
+    const float* x = (const float*)p.x + r * p.len;
+    const double lse = row_log_sum_exp(x, p.len, red);
+    if (threadIdx.x == 0) {
+      const i64 k = (i64)((const I*)p.idx)[r];
+      float v = 0.0f;
+      if (k >= 0 && k < p.len) v = (float)((double)x[k] - lse);
+      else if (p.err) *(int*)p.err = 1;
+      ((float*)p.out)[r] = v;
+    }
+  }
+}
+extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i32(const AlongParams p) { token_log_prob<int>(p); }
+extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i64(const AlongParams p) { token_log_prob<i64>(p); }
 
 // The next token per row (`Op::SampleToken`, kiln_graph::sample): one block per row.
 // x: f32 logits [rows, v]; opts: f32 [temperature, top_p]; ctr: i64 [top_k, seed_hi, seed_lo,

@@ -108,6 +108,9 @@ pub fn modules() -> Vec<Module> {
             data.push(k(format!("gather_b{b}_{it}"), false));
             data.push(k(format!("write_rows_b{b}_{it}"), false));
         }
+        for t in FLOAT_TYPES {
+            data.push(k(format!("gather_scaled_{t}_{it}"), false));
+        }
     }
     for it in ["i32", "i64"] {
         for t in FLOAT_TYPES {
@@ -158,6 +161,9 @@ fn index_kernels() -> Vec<Kernel> {
     }
     v.push(k("sample_token_f32".to_string(), false));
     v.push(k("log_softmax_f32".to_string(), false));
+    for it in ["i32", "i64"] {
+        v.push(k(format!("token_log_prob_f32_{it}"), false));
+    }
     v
 }
 
@@ -264,6 +270,16 @@ pub struct GatherParams {
     pub len: i64,
     pub nidx: i64,
     pub inner: i64,
+}
+
+/// Parameters of the gather times a scale (`ScaledGatherParams` in `data.cu`): the gather's,
+/// then the scale (a value of the table's dtype).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScaledGatherParams {
+    pub g: GatherParams,
+    pub scale: f32,
+    pub pad: i32,
 }
 
 /// Parameters of MoE dispatch and combine (`MoeParams` in `data.cu`).
@@ -436,6 +452,10 @@ mod tests {
             ["softmax", "axis", t] | ["resize", t] => src.contains(&format!("AXIS_FLOAT({t},")),
             ["sample", "token", "f32"] => src.contains("void __launch_bounds__(256) sample_token_f32("),
             ["log", "softmax", "f32"] => src.contains("void __launch_bounds__(256) log_softmax_f32("),
+            ["token", "log", "prob", "f32", it] => src.contains(&format!("void __launch_bounds__(256) token_log_prob_f32_{it}(")),
+            ["gather", "scaled", t, it] => {
+                src.lines().any(|l| l.starts_with(&format!("GATHER_SCALED({t},")) && l.contains(&format!(", {it}, ")))
+            }
             _ => false,
         }
     }
@@ -447,6 +467,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ResidualNormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
         assert_eq!(std::mem::size_of::<GatherParams>(), 8 * 8);
+        assert_eq!(std::mem::size_of::<ScaledGatherParams>(), 8 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<MoeParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<LineParams>(), 5 * 8 + 2 * 4);
         assert_eq!(std::mem::size_of::<TopkParams>(), 5 * 8);

@@ -128,6 +128,7 @@ pub(crate) fn prepare<'w>(
                 | CpuKernel::MoeCombine
                 | CpuKernel::SampleToken
                 | CpuKernel::LogSoftmax
+                | CpuKernel::TokenLogProb
                 | CpuKernel::Reference => Prep::None,
             };
             Ok(Prepared { kernel, prep })
@@ -320,6 +321,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), *out_ty.shape.last().unwrap_or(&1), mem.f32_mut(&s.output));
             Ok(())
         }
+        CpuKernel::TokenLogProb => token_log_prob(mem, s),
         CpuKernel::Reduce => {
             let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
             let sh = &s.inputs[0].ty.shape;
@@ -447,7 +449,17 @@ fn attention(mem: &Mem, s: &Step, a: &kiln_graph::Attention, ws: &attn::AttnWork
     Ok(())
 }
 
+/// [`Op::Gather`] of rows, and [`Op::GatherScaled`]: those rows, then each value times the scale
+/// in f32 (what the unfused product's `cpu.fused` step computes).
 fn gather(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
+    gather_rows(mem, s, p)?;
+    if let Op::GatherScaled { scale, .. } = s.op {
+        mem.f32_mut(&s.output).iter_mut().for_each(|x| *x *= scale);
+    }
+    Ok(())
+}
+
+fn gather_rows(mem: &Mem, s: &Step, p: &Prep) -> std::result::Result<(), String> {
     let table = &s.inputs[0].ty;
     let rows = table.shape.first().copied().unwrap_or(0);
     let d = table.numel() / rows.max(1);
@@ -597,6 +609,19 @@ fn sample_token(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
             let x: Vec<f64> = row.iter().map(|&z| z as f64).collect();
             sample::pick(&x, &f, sample::uniform(seed, stream, step)) as i64
         };
+    }
+    Ok(())
+}
+
+/// [`Op::TokenLogProb`] on f32 logits `[R, V]`: the host's log-sum-exp per row
+/// (`kiln_graph::sample`), so the value is the log-softmax's element bit for bit.
+fn token_log_prob(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+    let v = s.inputs[0].ty.shape[1].max(1);
+    let ids = i64s(mem, &s.inputs[1]);
+    check_indices(ids, v)?;
+    let out = mem.f32_mut(&s.output);
+    for ((o, row), &id) in out.iter_mut().zip(mem.f32(&s.inputs[0]).chunks(v)).zip(ids) {
+        *o = sample::token_log_prob_f32(row, id as usize);
     }
     Ok(())
 }

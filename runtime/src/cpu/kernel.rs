@@ -25,7 +25,8 @@ crate::kernel_enum::kernel_enum! {
         /// A reduction over trailing axes.
         Reduce => "cpu.reduce",
         FlashAttention => "cpu.flash_attention",
-        /// Rows of a table (axis 0) by i64 ids, 4-byte elements.
+        /// Rows of a table (axis 0) by i64 ids, 4-byte elements (times the scale of
+        /// `Op::GatherScaled`, f32).
         Gather => "cpu.gather",
         Permute => "cpu.permute",
         Slice => "cpu.slice",
@@ -44,6 +45,8 @@ crate::kernel_enum::kernel_enum! {
         SampleToken => "cpu.sample_token",
         /// Log-softmax over the last axis, `kiln_graph::sample::log_softmax_f32` row by row.
         LogSoftmax => "cpu.log_softmax",
+        /// One token's log-probability per row, `kiln_graph::sample::token_log_prob_f32`.
+        TokenLogProb => "cpu.token_log_prob",
         /// The interpreter's arm on converted values: correct for every dtype, slow, allocating.
         Reference => "cpu.reference",
     }
@@ -64,6 +67,11 @@ fn cast_kernel(from: DType, to: DType) -> bool {
         (from, to),
         (DType::I64 | DType::I32 | DType::Bool | DType::U8, DType::F32) | (DType::F32, DType::I64 | DType::I32) | (DType::F32, DType::F32)
     )
+}
+
+/// Whether the table and output are f32 (input 1 holds indices).
+fn f32_all_but_ids(inputs: &[TensorType], out: &TensorType) -> bool {
+    out.dtype == DType::F32 && inputs.first().is_some_and(|t| t.dtype == DType::F32)
 }
 
 /// `kernel` when `fast` holds, else the reference interpreter's arm.
@@ -133,6 +141,11 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         Op::SampleToken => or_reference(dtype(0) == Some(DType::F32), K::SampleToken),
         // The host's log-softmax code (beam search's scores must equal the host's).
         Op::LogSoftmax => or_reference(f32_all, K::LogSoftmax),
+        Op::TokenLogProb => or_reference(dtype(0) == Some(DType::F32) && dtype(1) == Some(DType::I64), K::TokenLogProb),
+        // The gather's kernel, then the product in f32 (the unfused multiply's arithmetic).
+        Op::GatherScaled { axis, .. } => {
+            or_reference(*axis == 0 && inputs.len() == 2 && dtype(1) == Some(DType::I64) && f32_all_but_ids(inputs, out), K::Gather)
+        }
     })
 }
 

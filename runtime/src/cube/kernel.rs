@@ -32,6 +32,8 @@ crate::kernel_enum::kernel_enum! {
         /// Softmax over an axis other than the last.
         SoftmaxAxis => "cube.softmax_axis",
         TopK => "cube.topk",
+        /// One token's log-probability per row (f32 arithmetic).
+        TokenLogProb => "cube.token_log_prob",
         /// `write_slice`: the KV cache's new rows written in place.
         WriteRows => "cube.write_rows",
         Source => "source",
@@ -113,17 +115,19 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         Op::Iota { .. }
         | Op::Reduce { .. }
         | Op::Gather { .. }
+        | Op::GatherScaled { .. }
         | Op::TakeAlongAxis { .. }
         | Op::ScatterAdd { .. }
         | Op::TopK { .. }
         | Op::CumSum { .. }
-            if !wordy(out) || (matches!(op, Op::Gather { .. } | Op::TakeAlongAxis { .. }) && !wordy(&inputs[0])) =>
+            if !wordy(out)
+                || (matches!(op, Op::Gather { .. } | Op::GatherScaled { .. } | Op::TakeAlongAxis { .. }) && !wordy(&inputs[0])) =>
         {
             return no("an output of bytes");
         }
         Op::Iota { .. } => K::Iota,
         Op::Reduce { .. } => K::Reduce,
-        Op::Gather { .. } | Op::TakeAlongAxis { .. } => K::Gather,
+        Op::Gather { .. } | Op::GatherScaled { .. } | Op::TakeAlongAxis { .. } => K::Gather,
         Op::WriteSlice { .. } if !wordy(out) => return no("an output of bytes"),
         Op::WriteSlice { .. } => K::WriteRows,
         Op::ScatterAdd { .. } => K::ScatterAdd,
@@ -141,6 +145,9 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         // Its log-sum-exp is taken in f64 so that beam search's scores equal the host's; WGSL
         // has no f64, so beam search on cube reads the logits and scores them on the host.
         Op::LogSoftmax => return no("the log-softmax's log-sum-exp is taken in f64"),
+        // In f32 (WGSL has no f64): within about 1e-6 * log(V) of the interpreter's value.
+        Op::TokenLogProb if !is_f32(&inputs[0]) => return no("f32 logits only"),
+        Op::TokenLogProb => K::TokenLogProb,
     };
     Ok(kernel)
 }

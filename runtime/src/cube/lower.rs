@@ -13,7 +13,7 @@ use kiln_graph::{Attention, DType, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMo
 use kiln_kernels::cube::index::{CastCfg, CumsumCfg, GatherCfg, MoeCfg, ScatterCfg};
 use kiln_kernels::cube::params::{
     AttentionParams, Axis, CastParams, CopyParams, FusedParams, GatherParams, IotaParams, LineParams, MatmulParams, MoeCombineParams,
-    MoeDispatchParams, NormParams, ReduceParams, ResidualNormParams, ResizeParams, ScatterParams, Strided, TopkParams,
+    MoeDispatchParams, NormParams, ReduceParams, ResidualNormParams, ResizeParams, ScatterParams, Strided, TokenParams, TopkParams,
 };
 use kiln_kernels::cube::reduce::ReduceCfg;
 use kiln_kernels::cube::residual::ResidualNormCfg;
@@ -93,6 +93,14 @@ pub enum Launch {
         step: f32,
         out: Repr,
         n: usize,
+        meta: usize,
+        len: usize,
+    },
+    /// One unit per row: each row's token log-probability.
+    TokenLogProb {
+        x: Src,
+        idx: Src,
+        rows: usize,
         meta: usize,
         len: usize,
     },
@@ -292,8 +300,15 @@ impl Lower<'_> {
                 vec![Launch::Iota { start: *start as f32, step: *step as f32, out: word_out(&s.output)?, n, meta, len }]
             }
             K::Gather => {
-                let (Op::Gather { axis } | Op::TakeAlongAxis { axis }) = &s.op else { return mismatch() };
+                let (Op::Gather { axis } | Op::GatherScaled { axis, .. } | Op::TakeAlongAxis { axis }) = &s.op else { return mismatch() };
                 vec![self.gather(s, *axis)?]
+            }
+            K::TokenLogProb => {
+                let Op::TokenLogProb = &s.op else { return mismatch() };
+                let ((x, x_off), (idx, idx_off)) = (self.src(&s.inputs[0])?, self.src(&s.inputs[1])?);
+                let [rows, v] = shape_of(&s.inputs[0])[..] else { return mismatch() };
+                let (meta, len) = self.push(TokenParams { rows, v, x_off, idx_off, out_off: self.out_off(s)? }.pack())?;
+                vec![Launch::TokenLogProb { x, idx, rows, meta, len }]
             }
             K::WriteRows => {
                 let Op::WriteSlice { axis } = &s.op else { return mismatch() };
@@ -455,7 +470,11 @@ impl Lower<'_> {
         let n = shape_of(&s.output).iter().product();
         let p = GatherParams { n, rows, inner: sp.inner, len: sp.len, x_off, idx_off, out_off: self.out_off(s)? };
         let (meta, len) = self.push(p.pack())?;
-        Ok(Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)? }, n, meta, len })
+        let (scaled, scale_bits) = match s.op {
+            Op::GatherScaled { scale, .. } => (true, scale.to_bits()),
+            _ => (false, 0),
+        };
+        Ok(Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)?, scaled, scale_bits }, n, meta, len })
     }
 
     /// `write_slice`: in place when the lowering aliased the output to the destination (a
@@ -473,7 +492,8 @@ impl Lower<'_> {
         let n = s.inputs[1].ty.numel();
         let p = GatherParams { n, rows, inner: sp.inner, len: sp.len, x_off, idx_off, out_off: self.out_off(s)? };
         let (meta, len) = self.push(p.pack())?;
-        v.push(Launch::WriteRows { cfg: GatherCfg { along: false, x, idx, out: word_out(&s.output)? }, n, meta, len });
+        let cfg = GatherCfg { along: false, x, idx, out: word_out(&s.output)?, scaled: false, scale_bits: 0 };
+        v.push(Launch::WriteRows { cfg, n, meta, len });
         Ok(v)
     }
 

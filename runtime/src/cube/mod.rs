@@ -285,6 +285,7 @@ impl<R: Runtime> CubeExec<R> {
                     *out,
                 ),
                 Launch::Gather { cfg, n, meta, len } => unit_launch!(k::index::gather, *n, *meta, *len, cfg.clone()),
+                Launch::TokenLogProb { x, idx, rows, meta, len } => unit_launch!(k::reduce::token_log_prob, *rows, *meta, *len, *x, *idx),
                 Launch::WriteRows { cfg, n, meta, len } => unit_launch!(k::index::write_rows, *n, *meta, *len, cfg.clone()),
                 Launch::ScatterAdd { cfg, n, meta, len } => unit_launch!(k::index::scatter_add, *n, *meta, *len, cfg.clone()),
                 Launch::TopK { x, out, n, meta, len } => unit_launch!(k::index::topk, *n, *meta, *len, *x, *out),

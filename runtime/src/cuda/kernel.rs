@@ -136,6 +136,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
             K::Copy(format!("copy_b{}", out.dtype.size()))
         }
         Op::Gather { .. } => K::Gather(format!("gather_b{}_{}", out.dtype.size(), index_suffix(inputs[1].dtype)?)),
+        Op::GatherScaled { .. } => K::Gather(format!("gather_scaled_{}_{}", float_suffix(out.dtype)?, index_suffix(inputs[1].dtype)?)),
         Op::WriteSlice { .. } => K::WriteRows(format!("write_rows_b{}_{}", out.dtype.size(), index_suffix(inputs[2].dtype)?)),
         Op::MoeDispatch { .. } => K::MoeDispatch(format!("moe_dispatch_{}_{}", float_suffix(out.dtype)?, index_suffix(inputs[1].dtype)?)),
         Op::MoeCombine => K::MoeCombine(format!("moe_combine_{}_{}", float_suffix(out.dtype)?, index_suffix(inputs[1].dtype)?)),
@@ -152,5 +153,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
         Op::SampleToken => K::Index("sample_token_f32".to_string()),
         Op::LogSoftmax if inputs[0].dtype != DType::F32 || out.dtype != DType::F32 => return no("f32 only"),
         Op::LogSoftmax => K::Index(index::kernel_for(op, inputs, out)?),
+        Op::TokenLogProb if inputs[0].dtype != DType::F32 => return no("f32 logits only"),
+        Op::TokenLogProb => K::Index(index::kernel_for(op, inputs, out)?),
     })
 }

@@ -396,10 +396,13 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             _ => return mismatch(),
         },
         K::Gather(name) => {
-            let Op::Gather { axis } = &s.op else { return mismatch() };
-            let x = Split::at(&s.inputs[0].ty.shape, *axis);
-            let nidx = s.inputs[1].ty.numel();
-            vec![gather_launch(name, [ins[0], ins[1], out, l.error_flag as u64], x, nidx, shape.iter().product())]
+            let (axis, scale) = match s.op {
+                Op::Gather { axis } => (axis, None),
+                Op::GatherScaled { axis, scale } => (axis, Some(scale)),
+                _ => return mismatch(),
+            };
+            let (x, nidx) = (Split::at(&s.inputs[0].ty.shape, axis), s.inputs[1].ty.numel());
+            vec![gather_launch(name, [ins[0], ins[1], out, l.error_flag as u64], x, nidx, shape.iter().product(), scale)]
         }
         K::WriteRows(name) => {
             let Op::WriteSlice { axis } = &s.op else { return mismatch() };
@@ -411,7 +414,14 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
                 v.push(copy_launch(&shape, es, ins[0], &contiguous(&shape), out, &contiguous(&shape))?);
             }
             let rows = s.inputs[1].ty.shape[*axis];
-            v.push(gather_launch(name, [ins[1], ins[2], out, l.error_flag as u64], Split::at(&shape, *axis), rows, s.inputs[1].ty.numel()));
+            v.push(gather_launch(
+                name,
+                [ins[1], ins[2], out, l.error_flag as u64],
+                Split::at(&shape, *axis),
+                rows,
+                s.inputs[1].ty.numel(),
+                None,
+            ));
             v
         }
         K::MoeDispatch(_) | K::MoeCombine(_) => lower_moe(s, &ins, out)?,
@@ -441,11 +451,15 @@ pub(crate) fn with_kernel(mut s: Step) -> Step {
 
 /// A gather (`x` split around the axis, `nidx` indices) or a row write (`x` the destination's
 /// split, `nidx` rows): `ptrs` are x, idx, out and the error flag; `units` threads.
-fn gather_launch(name: String, ptrs: [u64; 4], x: Split, nidx: usize, units: usize) -> Work {
+/// A gather's launch (`scale`: a gather times a scale, whose parameters hold the gather's first).
+fn gather_launch(name: String, ptrs: [u64; 4], x: Split, nidx: usize, units: usize, scale: Option<f32>) -> Work {
     let [x_ptr, idx, out, err] = ptrs;
     let p = GatherParams { x: x_ptr, idx, out, err, outer: x.outer as i64, len: x.len as i64, nidx: nidx as i64, inner: x.inner as i64 };
     let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
-    launch("data", name, grid1(units), kc::BLOCK, 0, &p, &relocs)
+    match scale {
+        None => launch("data", name, grid1(units), kc::BLOCK, 0, &p, &relocs),
+        Some(scale) => launch("data", name, grid1(units), kc::BLOCK, 0, &kc::ScaledGatherParams { g: p, scale, pad: 0 }, &relocs),
+    }
 }
 
 /// A GEMM (cuBLASLt, or the GEMV the executor may pick), after the copies of operands whose

@@ -35,6 +35,7 @@ pub(crate) fn kernel_for(op: &Op, inputs: &[TensorType], out: &TensorType) -> Re
         Op::Resize { .. } => format!("resize_{}", float_suffix(out.dtype)?),
         Op::SampleToken if inputs[0].dtype == DType::F32 => "sample_token_f32".to_string(),
         Op::LogSoftmax if inputs[0].dtype == DType::F32 => "log_softmax_f32".to_string(),
+        Op::TokenLogProb if inputs[0].dtype == DType::F32 => format!("token_log_prob_f32_{}", index_suffix(inputs[1].dtype)?),
         other => return Err(format!("{} is not an index op", other.name())),
     })
 }
@@ -110,6 +111,12 @@ pub(super) fn lower(s: &Step, l: &Layout, ins: &[u64], out: u64) -> Result<Vec<W
             let rows = x.numel() / v.max(1);
             let p = LineParams { x: ins[0], out, outer: rows as i64, len: v as i64, inner: 1, ..Default::default() };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.out)];
+            vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
+        }
+        Op::TokenLogProb => {
+            let (rows, v) = (x.shape[0], x.shape[1]);
+            let p = AlongParams { x: ins[0], idx: ins[1], src: 0, out, err, outer: rows as i64, len: v as i64, ilen: 1, inner: 1 };
+            let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
             vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
         }
         Op::SampleToken => {
