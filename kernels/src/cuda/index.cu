@@ -309,12 +309,46 @@ AXIS_FLOAT(f32, float)
 AXIS_FLOAT(bf16, bf16)
 AXIS_FLOAT(f16, f16)
 
-// The log-sum-exp of one f32 row as kiln_graph::sample::log_sum_exp takes it, by one block
-// (blockDim.x <= 256, `red` its shared scratch): the row's max, the sum of exp(x - max) in
-// double (each thread's strided part, then a tree over the block: another order of additions
-// than the host's, so the sum may differ in its last double bits), max + log(sum). Every
-// thread gets it; `red` is free on return.
-__device__ double row_log_sum_exp(const float* x, i64 len, double* red) {
+// Log-softmax over the last axis of f32 x [outer, len] into out (`Op::LogSoftmax`, as
+// kiln_graph::sample::log_softmax computes it): one block per row; the row's max, the sum of
+// exp(x - max) in double (each thread's strided part, then a tree over the block: another
+// order of additions than the host's, so the sum may differ in its last double bits),
+// lse = max + log(sum), out = (float)((double)x - lse).
+extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) {
+  __shared__ double red[256];
+  const int t = threadIdx.x;
+  for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
+    const float* x = (const float*)p.x + r * p.len;
+    float* o = (float*)p.out + r * p.len;
+    double m = __longlong_as_double(0xfff0000000000000ll);  // -inf
+    for (i64 i = t; i < p.len; i += blockDim.x) m = fmax(m, (double)x[i]);
+    red[t] = m;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (t < s) red[t] = fmax(red[t], red[t + s]);
+      __syncthreads();
+    }
+    m = red[0];
+    __syncthreads();
+    double sum = 0.0;
+    for (i64 i = t; i < p.len; i += blockDim.x) sum += exp((double)x[i] - m);
+    red[t] = sum;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+      if (t < s) red[t] += red[t + s];
+      __syncthreads();
+    }
+    const double lse = m + log(red[0]);
+    __syncthreads();
+    for (i64 i = t; i < p.len; i += blockDim.x) o[i] = (float)((double)x[i] - lse);
+  }
+}
+
+// The log-sum-exp of one f32 row as log_softmax_f32 takes it (and kiln_graph::sample::
+// log_sum_exp, up to the order of additions), by one block (blockDim.x <= 256, `red` its shared
+// scratch): the row's max, the sum of exp(x - max) in double, max + log(sum). Every thread gets
+// it; `red` is free on return.
+__device__ __forceinline__ double row_log_sum_exp(const float* x, i64 len, double* red) {
   const int t = threadIdx.x;
   double m = __longlong_as_double(0xfff0000000000000ll);  // -inf
   for (i64 i = t; i < len; i += blockDim.x) m = fmax(m, (double)x[i]);
@@ -337,19 +371,6 @@ __device__ double row_log_sum_exp(const float* x, i64 len, double* red) {
   const double lse = m + log(red[0]);
   __syncthreads();
   return lse;
-}
-
-// Log-softmax over the last axis of f32 x [outer, len] into out (`Op::LogSoftmax`, as
-// kiln_graph::sample::log_softmax computes it): one block per row, out = (float)((double)x -
-// lse) with the row's log-sum-exp above.
-extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) {
-  __shared__ double red[256];
-  for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
-    const float* x = (const float*)p.x + r * p.len;
-    float* o = (float*)p.out + r * p.len;
-    const double lse = row_log_sum_exp(x, p.len, red);
-    for (i64 i = threadIdx.x; i < p.len; i += blockDim.x) o[i] = (float)((double)x[i] - lse);
-  }
 }
 
 // One token's log-probability per row (`Op::TokenLogProb`, kiln_graph::sample::token_log_prob):
