@@ -317,11 +317,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             softmax::softmax(mem.f32(&s.inputs[0]), out_ty.numel() / n.max(1), n, mem.f32_mut(&s.output));
             Ok(())
         }
-        CpuKernel::LogSoftmax => {
-            sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), *out_ty.shape.last().unwrap_or(&1), mem.f32_mut(&s.output));
-            Ok(())
-        }
-        CpuKernel::TokenLogProb => token_log_prob(mem, s),
+        CpuKernel::LogSoftmax | CpuKernel::TokenLogProb => log_probs(mem, s),
         CpuKernel::Reduce => {
             let Op::Reduce { op, axes, .. } = &s.op else { return mismatch() };
             let sh = &s.inputs[0].ty.shape;
@@ -613,10 +609,15 @@ fn sample_token(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// [`Op::TokenLogProb`] on f32 logits `[R, V]`: the host's log-sum-exp per row
-/// (`kiln_graph::sample`), so the value is the log-softmax's element bit for bit.
-fn token_log_prob(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
-    let v = s.inputs[0].ty.shape[1].max(1);
+/// [`Op::LogSoftmax`] over the last axis, and [`Op::TokenLogProb`] on f32 logits `[R, V]`: the
+/// host's log-sum-exp per row (`kiln_graph::sample`), so a token's value is the log-softmax's
+/// element bit for bit.
+fn log_probs(mem: &Mem, s: &Step) -> std::result::Result<(), String> {
+    let v = s.inputs[0].ty.shape.last().copied().unwrap_or(1).max(1);
+    if let Op::LogSoftmax = s.op {
+        sample::log_softmax_rows_f32(mem.f32(&s.inputs[0]), v, mem.f32_mut(&s.output));
+        return Ok(());
+    }
     let ids = i64s(mem, &s.inputs[1]);
     check_indices(ids, v)?;
     let out = mem.f32_mut(&s.output);
