@@ -398,6 +398,26 @@ fn rope_standard_pipeline() {
     run_golden("rope_standard.txt", Some(rope));
 }
 
+/// PaliGemma's token embeddings: `E[ids] * sqrt(hidden)` (hidden 4 here: a scale of 2.5 is
+/// used, not a power of two) merged with image features by a select, as its builder does.
+fn embedding_merge() -> Graph {
+    let mut g = Graph::new();
+    let e = g.weight("embed", DType::F32, &[6, 4]).unwrap();
+    let ids = g.constant(DType::I64, &[1, 3], vec![5.0, 0.0, 2.0]).unwrap();
+    let img = g.input("img", DType::F32, &[1, 3, 4]).unwrap();
+    let is_img = g.constant(DType::Bool, &[1, 3, 1], vec![1.0, 0.0, 0.0]).unwrap();
+    let text = g.push(Op::Gather { axis: 0 }, &[e, ids]).unwrap();
+    let text = g.mul_scalar(text, 2.5).unwrap();
+    let x = g.push(Op::Select, &[is_img, img, text]).unwrap();
+    g.output("x", x);
+    g
+}
+
+#[test]
+fn embedding_scale_in_the_gather() {
+    run_golden("gather_scale.txt", Some(embedding_merge));
+}
+
 #[test]
 fn every_golden_file_has_a_test() {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
@@ -415,6 +435,7 @@ fn every_golden_file_has_a_test() {
             "dce.txt",
             "epilogue.txt",
             "fuse_elementwise.txt",
+            "gather_scale.txt",
             "pre_ln_block.txt",
             "rope.txt",
             "rope_standard.txt",
