@@ -450,8 +450,8 @@ pub(crate) fn with_kernel(mut s: Step) -> Step {
 }
 
 /// A gather (`x` split around the axis, `nidx` indices) or a row write (`x` the destination's
-/// split, `nidx` rows): `ptrs` are x, idx, out and the error flag; `units` threads.
-/// A gather's launch (`scale`: a gather times a scale, whose parameters hold the gather's first).
+/// split, `nidx` rows): `ptrs` are x, idx, out and the error flag; `units` threads. With
+/// `scale`, a gather times a scale (its parameters hold the gather's first).
 fn gather_launch(name: String, ptrs: [u64; 4], x: Split, nidx: usize, units: usize, scale: Option<f32>) -> Work {
     let [x_ptr, idx, out, err] = ptrs;
     let p = GatherParams { x: x_ptr, idx, out, err, outer: x.outer as i64, len: x.len as i64, nidx: nidx as i64, inner: x.inner as i64 };

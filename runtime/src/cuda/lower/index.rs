@@ -114,7 +114,7 @@ pub(super) fn lower(s: &Step, l: &Layout, ins: &[u64], out: u64) -> Result<Vec<W
             vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
         }
         Op::TokenLogProb => {
-            let (rows, v) = (x.shape[0], x.shape[1]);
+            let [rows, v] = x.shape[..] else { return Err(format!("token log-probabilities of {x}: expected logits [R, V]")) };
             let p = AlongParams { x: ins[0], idx: ins[1], src: 0, out, err, outer: rows as i64, len: v as i64, ilen: 1, inner: 1 };
             let relocs = [off_of(&p, &p.x), off_of(&p, &p.idx), off_of(&p, &p.out), off_of(&p, &p.err)];
             vec![launch("index", name, blocks(rows), kc::BLOCK, 0, &p, &relocs)]
