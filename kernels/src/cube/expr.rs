@@ -53,6 +53,22 @@ pub enum KBinary {
     Or,
 }
 
+/// How a value computed in `F` is rounded to the dtype it holds (the graph's per-value
+/// precision: a bf16 value inside an f32 region, a cast's target).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum KRound {
+    /// Kept as computed (an f32 value, a cast to f32).
+    Keep,
+    /// To the nearest bfloat16, ties to even.
+    Bf16,
+    /// To the nearest IEEE half, ties to even (subnormals and overflow to infinity included).
+    F16,
+    /// Toward zero (a cast to an integer type).
+    Trunc,
+    /// 1.0 where nonzero, else 0.0 (a cast to bool).
+    Bool,
+}
+
 /// One instruction as a comptime value (the constant kept as bits so the list hashes). Value
 /// `i` of a region is the result of instruction `i`; operands name earlier values.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -65,6 +81,42 @@ pub enum KInstr {
     Binary(KBinary, u32, u32),
     /// `c != 0 ? a : b`.
     Select(u32, u32, u32),
+    /// The value rounded to a narrower type.
+    Round(KRound, u32),
+}
+
+/// `x` rounded to nearest even, dropping the low `n` bits of its f32 mantissa (NaN kept; a
+/// carry into the exponent gives the next binade, or infinity).
+#[cube]
+fn drop_bits(x: f32, #[comptime] n: u32) -> f32 {
+    let b = u32::reinterpret(x);
+    let half = comptime!((1u32 << (n - 1)) - 1);
+    let mask = comptime!(!((1u32 << n) - 1));
+    let r = (b + half + ((b >> n) & 1u32)) & mask;
+    select(x != x, x, f32::reinterpret(r))
+}
+
+/// `x` rounded to the nearest IEEE half (as `half::f16::from_f32`), as an f32.
+#[cube]
+fn to_f16(x: f32) -> f32 {
+    let a = f32::abs(x);
+    // Subnormal halves are multiples of 2^-24: adding 0.5 (whose ulp is 2^-24) rounds there.
+    let sub = (a + 0.5f32) - 0.5f32;
+    let sub = select(x < 0.0f32, -sub, sub);
+    let normal = drop_bits(x, 13u32);
+    let inf = x * 1.0e30f32 * 1.0e30f32;
+    select(a >= 65520.0f32, inf, select(a < 6.1035156e-5f32, sub, normal))
+}
+
+#[cube]
+fn round_to<F: Float>(x: F, #[comptime] r: KRound) -> F {
+    match comptime!(r) {
+        KRound::Keep => x,
+        KRound::Bf16 => F::cast_from(drop_bits(f32::cast_from(x), 16u32)),
+        KRound::F16 => F::cast_from(to_f16(f32::cast_from(x))),
+        KRound::Trunc => select(x < F::new(0.0), -F::floor(-x), F::floor(x)),
+        KRound::Bool => truth::<F>(x != F::new(0.0)),
+    }
 }
 
 /// Booleans are 1.0 / 0.0 inside a region.
@@ -139,6 +191,7 @@ pub fn eval<F: Float>(inputs: &Sequence<F>, #[comptime] code: Vec<KInstr>) -> F 
             KInstr::Unary(op, a) => unary::<F>(*vals.index(a as usize), op),
             KInstr::Binary(op, a, b) => binary::<F>(*vals.index(a as usize), *vals.index(b as usize), op),
             KInstr::Select(c, a, b) => select(*vals.index(c as usize) != F::new(0.0), *vals.index(a as usize), *vals.index(b as usize)),
+            KInstr::Round(r, a) => round_to::<F>(*vals.index(a as usize), r),
         };
         vals.push(v);
     }

@@ -45,6 +45,26 @@ impl EpilogueKind {
     }
 }
 
+/// The fused region that applies a matmul's epilogue `e` cuBLASLt lacks, after the GEMM wrote
+/// the product into the output (in the output's dtype `out`, from operands of `operands`),
+/// with the dtypes of the region's inputs (the output, then the extra inputs). Where the
+/// epilogue ends with a cast (a bf16 head's logits to f32), the GEMM writes its f32
+/// accumulator unrounded and the region first rounds it to the operands' dtype, as a GEMM
+/// writing that dtype does.
+pub fn epilogue_region(e: &Expr, operands: DType, out: DType, extra: &[DType]) -> (Expr, Vec<DType>) {
+    let mut ins = vec![out];
+    ins.extend_from_slice(extra);
+    if operands == out {
+        return (e.clone(), ins);
+    }
+    let mut instrs = vec![Instr::Input(0)];
+    instrs.extend(e.instrs.iter().map(|i| match *i {
+        Instr::Input(0) => Instr::Cast(operands, 0),
+        other => other.map_operands(|a| a + 1),
+    }));
+    (Expr { instrs }, ins)
+}
+
 /// Collects the leaves of the tree of additions rooted at `root`; false when the tree holds
 /// anything else or an instruction is read twice.
 fn sum_leaves(instrs: &[Instr], root: usize, leaves: &mut Vec<u16>, seen: &mut [bool]) -> bool {
@@ -119,6 +139,9 @@ pub fn epilogue_kind(e: &Expr, extra: &[TensorType], out: &TensorType) -> Option
 /// The GEMV launch that computes `g` (a single `[m, k] x [n, k]^T` product with `m <= 8`,
 /// 16-byte rows and bases), or `None` where only cuBLASLt applies.
 pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
+    if g.out_dtype != g.dtype {
+        return None;
+    }
     let suffix = match g.dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
