@@ -246,6 +246,30 @@ mod tests {
         assert_ne!(s[3], DType::BF16.round(s[3]));
     }
 
+    /// The oracle's rounding to bf16 and f16 is correct: an f32 value rounds as the f32
+    /// conversions (and the GPUs) round it, including one just above a tie, which `half`'s
+    /// `from_f64` rounds down; and a value between two f32s is not taken for a tie.
+    #[test]
+    fn rounding_to_half_types_is_correct() {
+        let a = 0.00013399125600699335f64;
+        assert_eq!(DType::BF16.round(a), 0.00013446807861328125);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f32::from_bits((x >> 32) as u32);
+            if !v.is_finite() {
+                continue;
+            }
+            assert_eq!(DType::BF16.round(v as f64).to_bits(), (half::bf16::from_f32(v).to_f32() as f64).to_bits(), "{v:e}");
+            assert_eq!(DType::F16.round(v as f64).to_bits(), (half::f16::from_f32(v).to_f32() as f64).to_bits(), "{v:e}");
+        }
+        // 1 + 2^-8 is a bf16 tie (to 1.0); a hair above it is not.
+        assert_eq!(DType::BF16.round(1.0 + 2f64.powi(-8)), 1.0);
+        assert_eq!(DType::BF16.round(1.0 + 2f64.powi(-8) + 2f64.powi(-40)), 1.0 + 2f64.powi(-7));
+    }
+
     #[test]
     fn constants_take_their_partners_dtype() {
         let x = e(vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 1, 0), Instr::Cast(DType::F32, 2)]);

@@ -100,11 +100,23 @@ fn drop_bits(x: f32, #[comptime] n: u32) -> f32 {
 #[cube]
 fn to_f16(x: f32) -> f32 {
     let a = f32::abs(x);
-    // Subnormal halves are multiples of 2^-24: adding 0.5 (whose ulp is 2^-24) rounds there.
-    let sub = (a + 0.5f32) - 0.5f32;
-    let sub = select(x < 0.0f32, -sub, sub);
+    // Subnormal halves are multiples of 2^-24: `a * 2^24` rounded to an even integer, in
+    // integer arithmetic (a shader compiler may fold `(a + c) - c` back to `a`).
+    let b = u32::reinterpret(a);
+    let m = (b & 0x007f_ffffu32) | 0x0080_0000u32;
+    // a = m * 2^(e - 23); a * 2^24 = m >> s with s = -1 - e (at least 14 here).
+    let s = 126u32 - u32::min(b >> 23, 126u32);
+    let sh = u32::min(s, 31u32);
+    let q = select(s > 25u32, 0u32, m >> sh);
+    let rem = select(s > 25u32, 0u32, m & ((1u32 << sh) - 1u32));
+    let half = select(s > 25u32, 1u32, 1u32 << (sh - 1u32));
+    let up = rem > half || (rem == half && (q & 1u32) == 1u32);
+    let sub = f32::cast_from(q + select(up, 1u32, 0u32)) * 5.9604645e-8f32;
+    // x's sign by its bit (a negation may compile to `0 - v`, losing -0).
+    let sign = u32::reinterpret(x) & 0x8000_0000u32;
+    let sub = f32::reinterpret(u32::reinterpret(sub) | sign);
     let normal = drop_bits(x, 13u32);
-    let inf = x * 1.0e30f32 * 1.0e30f32;
+    let inf = f32::reinterpret(sign | 0x7f80_0000u32);
     select(a >= 65520.0f32, inf, select(a < 6.1035156e-5f32, sub, normal))
 }
 
