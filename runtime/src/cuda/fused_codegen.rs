@@ -255,6 +255,48 @@ mod tests {
         assert!(src.contains("((bf16*)p.out)[x] = from_f32<bf16>((float)v3);"));
     }
 
+    /// RoPE's angle region with both casts: the position is read as an integer (double), cast
+    /// to float, the product and cosine stay f32, and the cast rounds to bf16.
+    fn angles() -> Expr {
+        Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Cast(DType::F32, 0),
+                Instr::Input(1),
+                Instr::Binary(BinaryOp::Mul, 1, 2),
+                Instr::Unary(UnaryOp::Cos, 3),
+                Instr::Cast(DType::BF16, 4),
+            ],
+        }
+    }
+
+    #[test]
+    fn each_value_is_computed_and_rounded_in_its_own_type() {
+        let (_, src) = source(&angles(), &[DType::I64, DType::F32], DType::BF16, None).unwrap();
+        assert!(src.contains("const double v0 = trunc((double)((double)((const i64*)p.ins[0])[o0]));"), "{src}");
+        assert!(src.contains("const float v1 = (float)(v0);"), "{src}");
+        assert!(src.contains("const float v3 = (float)(v1 * v2);"), "{src}");
+        assert!(src.contains("const float v4 = (float)(cosf(v3));"), "{src}");
+        assert!(src.contains("const float v5 = to_f32(from_f32<bf16>((float)(v4)));"), "{src}");
+        // A bf16 head's epilogue after a GEMM writing f32: the product is rounded to bf16 first.
+        let softcap = Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Const(30.0),
+                Instr::Binary(BinaryOp::Div, 0, 1),
+                Instr::Unary(UnaryOp::Tanh, 2),
+                Instr::Binary(BinaryOp::Mul, 3, 1),
+                Instr::Cast(DType::F32, 4),
+            ],
+        };
+        let (e, ins) = crate::cuda::gemm::epilogue_region(&softcap, DType::BF16, DType::F32, &[]);
+        assert_eq!(e.formula(), "cast[f32](mul(tanh(div(cast[bf16]($0), 30.0)), 30.0))");
+        let (_, src) = source(&e, &ins, DType::F32, None).unwrap();
+        assert!(src.contains("const float v1 = to_f32(from_f32<bf16>((float)(v0)));"), "{src}");
+        assert!(src.contains("const float v3 = to_f32(from_f32<bf16>((float)(v1 / v2)));"), "{src}");
+        assert!(src.contains("((float*)p.out)[x] = from_f32<float>((float)v6);"), "{src}");
+    }
+
     #[test]
     fn names_depend_on_code_and_dtypes() {
         let e = gelu_add();
@@ -316,6 +358,17 @@ mod tests {
                 assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
             }
         }
+        // Regions holding casts: RoPE's angles to bf16 and f16, a bf16 head's epilogue.
+        for d in [DType::BF16, DType::F16] {
+            let mut e = angles();
+            e.instrs[5] = Instr::Cast(d, 4);
+            let (name, src) = source(&e, &[DType::I64, DType::F32], d, None).unwrap();
+            nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
+        }
+        let head = Expr { instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)] };
+        let (e, ins) = crate::cuda::gemm::epilogue_region(&head, DType::BF16, DType::F32, &[]);
+        let (name, src) = source(&e, &ins, DType::F32, None).unwrap();
+        nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
         let ids = Expr { instrs: vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 0, 1)] };
         let (name, src) = source(&ids, &[DType::I64], DType::I32, None).unwrap();
         nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));

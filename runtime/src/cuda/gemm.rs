@@ -354,6 +354,32 @@ mod tests {
         assert_eq!(l.grid.0 as usize * 16, 2304);
     }
 
+    /// A bf16 head whose epilogue soft-caps and ends with a cast to f32: cuBLASLt writes the
+    /// f32 accumulator (no GEMV: it writes bf16), then one region rounds it to bf16 first.
+    /// Without such an epilogue a bf16 product into f32 is refused.
+    #[test]
+    fn an_epilogue_ending_in_a_cast_runs_a_gemm_writing_f32() {
+        let e = Expr {
+            instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)],
+        };
+        let mut s = matmul_step(DType::BF16, 1, 256, 64, Some(e.clone()), &[]);
+        s.output.ty.dtype = DType::F32;
+        s.output.slot = Slot::Arena { offset: 2 << 20, bytes: s.output.ty.bytes() };
+        let s = super::super::lower::with_kernel(s);
+        assert!(s.kernel.starts_with("cublaslt.gemm_bf16_tb_to_f32;fused_"), "{}", s.kernel);
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        let [Work::Gemm(g), Work::Kernel(k)] = w.as_slice() else { panic!("{w:?}") };
+        assert_eq!((g.dtype, g.out_dtype, g.c), (DType::BF16, DType::F32, 2 << 20));
+        assert!(g.gemv.is_none());
+        let (region, ins) = epilogue_region(&e, DType::BF16, DType::F32, &[]);
+        assert_eq!(region.formula(), "cast[f32](tanh(cast[bf16]($0)))");
+        assert_eq!(k.kernel, crate::cuda::fused_codegen::kernel_name(&region, &ins, DType::F32));
+        assert!(s.kernel.ends_with(&k.kernel));
+        let ins = [tt(DType::BF16, &[1, 64]), tt(DType::BF16, &[256, 64])];
+        let plain = kernel_for(&Op::MatMul { transpose_b: true, epilogue: None }, &ins, &tt(DType::F32, &[1, 256]));
+        assert!(plain.unwrap_err().contains("mixed dtypes"));
+    }
+
     #[test]
     fn the_gemv_applies_to_small_aligned_transposed_products_only() {
         let gemv = |dt, m, n, k| {
