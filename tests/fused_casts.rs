@@ -3,10 +3,10 @@
 //! for bit: an i64 position read as f32, bf16 and f16 values inside f32 regions (the cpu and
 //! cube backends keep activations in f32, so a narrower value lives only inside a region),
 //! comparisons and selects on them, and a GEMM whose epilogue rounds the product to bf16 and
-//! ends converting to f32. Inputs span many magnitudes (f16 subnormals and overflow to
-//! infinity included); the operations are those whose f32 result rounds to the narrower
-//! type exactly as the interpreter's f64 result does (+, -, *, /, max, comparisons, select).
-//! The standard pipeline must form such regions from unfused nodes too (checked by steps).
+//! ends converting to f32. Inputs span many magnitudes, with f16 subnormals and overflow,
+//! infinities, NaN and signed zeros; the operations are those whose f32 result rounds to the
+//! narrower type exactly as the interpreter's f64 result does (+, -, *, /, max, comparisons,
+//! select). The standard pipeline must form such regions from unfused nodes too.
 
 use kiln_graph::interp::{run as interpret, Value};
 use kiln_graph::passes::Pipeline;
@@ -30,6 +30,11 @@ impl Rng {
     fn value(&mut self, d: DType) -> f64 {
         if d == DType::I64 {
             return (self.next() * 70000.0).floor();
+        }
+        // Specials: infinities, NaN, zeros, the f16 overflow edge, f16 and f32 subnormals.
+        const SPECIAL: [f64; 10] = [f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 0.0, -0.0, 65504.0, 65520.0, -65519.0, 3e-8, 1e-40];
+        if self.next() < 0.05 {
+            return d.round(SPECIAL[(self.next() * SPECIAL.len() as f64) as usize % SPECIAL.len()]);
         }
         let mag = 10f64.powf(self.next() * 14.0 - 9.0);
         let v = if self.next() < 0.5 { -mag } else { mag };

@@ -93,7 +93,8 @@ fn drop_bits(x: f32, #[comptime] n: u32) -> f32 {
     let half = comptime!((1u32 << (n - 1)) - 1);
     let mask = comptime!(!((1u32 << n) - 1));
     let r = (b + half + ((b >> n) & 1u32)) & mask;
-    select(x != x, x, f32::reinterpret(r))
+    // NaN by its bits (a shader compiler may fold `x != x`).
+    select((b & 0x7fff_ffffu32) > 0x7f80_0000u32, x, f32::reinterpret(r))
 }
 
 /// `x` rounded to the nearest IEEE half (as `half::f16::from_f32`), as an f32.

@@ -359,9 +359,7 @@ mod tests {
     /// Without such an epilogue a bf16 product into f32 is refused.
     #[test]
     fn an_epilogue_ending_in_a_cast_runs_a_gemm_writing_f32() {
-        let e = Expr {
-            instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)],
-        };
+        let e = Expr { instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)] };
         let mut s = matmul_step(DType::BF16, 1, 256, 64, Some(e.clone()), &[]);
         s.output.ty.dtype = DType::F32;
         s.output.slot = Slot::Arena { offset: 2 << 20, bytes: s.output.ty.bytes() };
