@@ -37,10 +37,11 @@ pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// [`Program::weight_sets`] (weights from several checkpoints, an ensemble), version 4 the op
 /// [`crate::Op::SampleToken`] (a generation program that chooses its tokens; also
 /// [`crate::Op::LogSoftmax`], beam search's candidates, and [`crate::Op::TokenLogProb`]), version 5
-/// [`Program::tuning`] (a cuda program's measured kernel choices). A program without them is
+/// [`Program::tuning`] (a cuda program's measured kernel choices), version 6 casts inside
+/// fused expressions ([`crate::Instr::Cast`]). A program without them is
 /// still written as the oldest version that holds it, byte for byte as before, so older kilns
 /// read it.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest version this kiln reads.
 pub const OLDEST_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
@@ -105,7 +106,10 @@ pub fn save(program: &Program) -> Vec<u8> {
 
 /// The oldest format version that can hold `program`.
 pub fn version_for(program: &Program) -> u32 {
-    if !program.tuning.is_empty() {
+    let casts = |op: &crate::Op| matches!(op, crate::Op::Fused(e) | crate::Op::MatMul { epilogue: Some(e), .. } if e.has_cast());
+    if program.entries.iter().any(|e| e.steps.iter().any(|s| casts(&s.op))) {
+        6
+    } else if !program.tuning.is_empty() {
         5
     } else if program
         .entries
@@ -179,6 +183,7 @@ pub fn load(bytes: &[u8], source: &str) -> Result<Program, ArtifactError> {
     let needed = version_for(&program);
     if version < needed {
         let what = match needed {
+            6 => "casts inside fused regions",
             5 => "tuning entries",
             4 => "sample_token steps",
             _ => "weight sets",

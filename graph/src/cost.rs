@@ -67,7 +67,7 @@ pub fn expr_flops(e: &Expr) -> u64 {
         .iter()
         .filter(|i| match i {
             Instr::Input(_) | Instr::Const(_) => false,
-            Instr::Unary(..) | Instr::Binary(..) | Instr::Select(..) => true,
+            Instr::Unary(..) | Instr::Binary(..) | Instr::Select(..) | Instr::Cast(..) => true,
         })
         .count() as u64
 }

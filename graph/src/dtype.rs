@@ -65,8 +65,11 @@ impl DType {
     pub fn round(self, x: f64) -> f64 {
         match self {
             DType::F32 => x as f32 as f64,
-            DType::F16 => half::f16::from_f64(x).to_f64(),
-            DType::BF16 => half::bf16::from_f64(x).to_f64(),
+            // Through f32 rounded to odd, then to nearest even: correctly rounded (f32 has more
+            // than two bits beyond either half type). `half`'s own `from_f64` drops the low 32
+            // bits first and so rounds some values just above a tie down.
+            DType::F16 => half::f16::from_f32(f32_round_to_odd(x)).to_f64(),
+            DType::BF16 => half::bf16::from_f32(f32_round_to_odd(x)).to_f64(),
             DType::I32 => (x as i64 as i32) as f64,
             DType::I64 => x.trunc(),
             DType::U8 => (x as i64 as u8) as f64,
@@ -79,6 +82,18 @@ impl DType {
             }
         }
     }
+}
+
+/// `x` as f32, rounded to odd: where inexact, of the two neighbours the one whose last bit is
+/// 1, so a later rounding to a narrower type sees that `x` was not a tie.
+fn f32_round_to_odd(x: f64) -> f32 {
+    let t = x as f32;
+    if !t.is_finite() || t as f64 == x || t.to_bits() & 1 == 1 {
+        return t;
+    }
+    // The neighbour on `x`'s side: one step away from zero when |x| > |t|, else toward it.
+    let away = x.abs() > (t as f64).abs();
+    f32::from_bits(if away { t.to_bits() + 1 } else { t.to_bits() - 1 })
 }
 
 impl fmt::Display for DType {

@@ -37,30 +37,22 @@ fn bcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     broadcast_shapes(a, b).ok_or_else(|| format!("shapes {a:?} and {b:?} do not broadcast"))
 }
 
-/// Checks a fused expression: inputs exist and broadcast to `out`, and indices are in order.
-fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<(), String> {
+/// Checks a fused expression: inputs exist and broadcast to `out`, indices are in order, and
+/// the values' dtypes agree ([`Expr::region_dtype`]); the dtype the expression computes.
+fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<DType, String> {
     if e.instrs.is_empty() {
         return Err("empty fused expression".into());
     }
-    for (i, ins) in e.instrs.iter().enumerate() {
-        let refs: Vec<u16> = match *ins {
-            Instr::Input(k) => {
-                let t = inputs.get(k as usize).ok_or_else(|| format!("expression reads input {k} of {}", inputs.len()))?;
-                if bcast(&t.shape, out)? != out {
-                    return Err(format!("expression input {k} {t} does not broadcast to {out:?}"));
-                }
-                vec![]
+    for ins in &e.instrs {
+        if let Instr::Input(k) = *ins {
+            let t = inputs.get(k as usize).ok_or_else(|| format!("expression reads input {k} of {}", inputs.len()))?;
+            if bcast(&t.shape, out)? != out {
+                return Err(format!("expression input {k} {t} does not broadcast to {out:?}"));
             }
-            Instr::Const(_) => vec![],
-            Instr::Unary(_, a) => vec![a],
-            Instr::Binary(_, a, b) => vec![a, b],
-            Instr::Select(c, a, b) => vec![c, a, b],
-        };
-        if refs.iter().any(|&r| r as usize >= i) {
-            return Err(format!("expression instruction {i} reads a later instruction"));
         }
     }
-    Ok(())
+    let dtypes: Vec<DType> = inputs.iter().map(|t| t.dtype).collect();
+    e.region_dtype(&dtypes)
 }
 
 /// The type of `op` applied to `inputs`. Sources take their type from `given`. Every op is
@@ -193,12 +185,12 @@ fn elementwise(op: &Op, inputs: &[&TensorType]) -> R {
             for t in inputs {
                 shape = bcast(&shape, &t.shape)?;
             }
-            check_expr(e, inputs, &shape)?;
+            // Regions compute floats; bool masks may flow inside them but not out, and integer
+            // inputs only through casts.
+            let dtype = check_expr(e, inputs, &shape)?;
             if e.arity() != inputs.len() {
                 return Err(format!("expression reads {} inputs, node gives {}", e.arity(), inputs.len()));
             }
-            // Regions compute floats; bool masks may flow inside them but not out.
-            let dtype = inputs.iter().map(|t| t.dtype).find(|d| d.is_float()).ok_or("a fused region needs a float input")?;
             Ok(TensorType::new(dtype, shape))
         }
         _ => unreachable!("{} is not dispatched to elementwise", op.name()),
@@ -390,19 +382,24 @@ fn compute(op: &Op, inputs: &[&TensorType]) -> R {
             }
             let mut shape = bcast(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
             shape.extend([m, n]);
-            let out = TensorType::new(a.dtype, shape);
+            let product = TensorType::new(a.dtype, shape);
             match epilogue {
+                // The epilogue reads the product (in the operands' dtype) and may end with a
+                // cast (a bf16 head's logits in f32).
                 Some(e) => {
-                    let mut ins = vec![&out];
+                    let mut ins = vec![&product];
                     ins.extend(inputs[2..].iter().copied());
-                    check_expr(e, &ins, &out.shape)?;
+                    let dtype = check_expr(e, &ins, &product.shape)?;
                     if e.arity() != ins.len() {
                         return Err(format!("epilogue reads {} inputs, node gives {}", e.arity(), ins.len()));
                     }
+                    Ok(TensorType::new(dtype, product.shape))
                 }
-                None => arity(inputs, 2)?,
+                None => {
+                    arity(inputs, 2)?;
+                    Ok(product)
+                }
             }
-            Ok(out)
         }
         Op::Softmax { axis } => {
             arity(inputs, 1)?;

@@ -11,6 +11,7 @@ pub mod compose;
 pub mod cost;
 pub mod dtype;
 pub mod error;
+pub mod expr;
 pub mod graph;
 pub mod infer;
 pub mod interp;

@@ -179,78 +179,7 @@ pub enum ResizeMode {
     Bicubic,
 }
 
-/// One instruction of a fused elementwise expression (straight-line SSA; the result is the last).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Instr {
-    /// Element of region input `i`, broadcast to the region's shape.
-    Input(u16),
-    /// A scalar constant.
-    Const(f32),
-    Unary(UnaryOp, u16),
-    Binary(BinaryOp, u16, u16),
-    /// `c != 0 ? a : b`.
-    Select(u16, u16, u16),
-}
-
-/// A fused elementwise expression: the body of a fused region or of a matmul epilogue.
-#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
-pub struct Expr {
-    pub instrs: Vec<Instr>,
-}
-
-impl Expr {
-    /// Number of distinct inputs the expression reads (one more than the largest index).
-    pub fn arity(&self) -> usize {
-        self.instrs
-            .iter()
-            .filter_map(|i| match i {
-                Instr::Input(k) => Some(*k as usize + 1),
-                Instr::Const(_) | Instr::Unary(..) | Instr::Binary(..) | Instr::Select(..) => None,
-            })
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// The expression as a nested formula over `$i` inputs (what `kiln inspect` prints).
-    pub fn formula(&self) -> String {
-        let mut parts: Vec<String> = Vec::with_capacity(self.instrs.len());
-        for ins in &self.instrs {
-            let s = match *ins {
-                Instr::Input(i) => format!("${i}"),
-                Instr::Const(c) => format!("{c:?}"),
-                Instr::Unary(op, a) => format!("{}({})", format!("{op:?}").to_lowercase(), parts[a as usize]),
-                Instr::Binary(op, a, b) => format!("{}({}, {})", format!("{op:?}").to_lowercase(), parts[a as usize], parts[b as usize]),
-                Instr::Select(c, a, b) => format!("select({}, {}, {})", parts[c as usize], parts[a as usize], parts[b as usize]),
-            };
-            parts.push(s);
-        }
-        parts.pop().unwrap_or_default()
-    }
-
-    /// Evaluates the expression on scalars (`inputs[i]` is the value of `Input(i)`), rounding
-    /// every intermediate to `dtype`: a region computes what its unfused ops would, each
-    /// storing its result in the region's type (so `x >= y` of two equal roundings stays true).
-    pub fn eval(&self, inputs: &[f64], scratch: &mut Vec<f64>, dtype: crate::DType) -> f64 {
-        scratch.clear();
-        for ins in &self.instrs {
-            let v = match *ins {
-                Instr::Input(i) => inputs[i as usize],
-                Instr::Const(c) => c as f64,
-                Instr::Unary(op, a) => crate::scalar::unary(op, scratch[a as usize]),
-                Instr::Binary(op, a, b) => crate::scalar::binary(op, scratch[a as usize], scratch[b as usize]),
-                Instr::Select(c, a, b) => {
-                    if scratch[c as usize] != 0.0 {
-                        scratch[a as usize]
-                    } else {
-                        scratch[b as usize]
-                    }
-                }
-            };
-            scratch.push(dtype.round(v));
-        }
-        scratch.last().copied().unwrap_or(0.0)
-    }
-}
+pub use crate::expr::{Expr, Instr};
 
 /// An operation. Inputs are listed on the node; the op carries only attributes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -284,8 +284,8 @@ fn each_bad_file_gets_its_own_message() {
     assert!(err(&[0xff, 0, 1, 2, 3, 4, 5, 6, 7]).contains("binary data starting ff 00 01"));
 
     let mut v = good.clone();
-    v[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 7, this kiln reads versions 2 to 5: recompile it with `kiln compile`");
+    v[8..12].copy_from_slice(&8u32.to_le_bytes());
+    assert_eq!(err(&v), "model.kiln: made by format version 8, this kiln reads versions 2 to 6: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));
@@ -405,4 +405,25 @@ fn tuning_entries_need_format_version_5() {
     let mut old = bytes.clone();
     old[8..12].copy_from_slice(&4u32.to_le_bytes());
     assert!(err(&old).contains("format version 4 cannot hold tuning entries"), "{}", err(&old));
+}
+
+/// A program whose fused region holds a cast (an i64 position read as f32, the result in
+/// bf16) is written as version 6 and reads back equal; a version-5 header over it is refused.
+#[test]
+fn casts_in_regions_need_format_version_6() {
+    let mut g = Graph::new();
+    let pos = g.input("pos", DType::I64, &[1, 4]).unwrap();
+    let e = Expr { instrs: vec![Instr::Input(0), Instr::Cast(DType::F32, 0), Instr::Unary(UnaryOp::Cos, 1), Instr::Cast(DType::BF16, 2)] };
+    let y = g.push(Op::Fused(e), &[pos]).unwrap();
+    g.output("y", y);
+    let mut p = compiled_program();
+    let namer = |op: &Op, _: &[TensorType], _: &TensorType| format!("cpu.{}", op.name());
+    let (e, _, _) = compile_entry(&g, "angles", &mut p, &namer).unwrap();
+    p.entries.push(e);
+    let bytes = save(&p);
+    assert_eq!(bytes[8..12], 6u32.to_le_bytes());
+    assert_eq!(load(&bytes, "cast.kiln").unwrap(), p);
+    let mut old = bytes.clone();
+    old[8..12].copy_from_slice(&5u32.to_le_bytes());
+    assert!(err(&old).contains("format version 5 cannot hold casts inside fused regions"), "{}", err(&old));
 }

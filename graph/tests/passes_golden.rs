@@ -419,6 +419,11 @@ fn embedding_scale_in_the_gather() {
 }
 
 #[test]
+fn casts_join_regions_and_epilogues() {
+    run_golden("casts.txt", None);
+}
+
+#[test]
 fn every_golden_file_has_a_test() {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<String> = std::fs::read_dir(&dir)
@@ -430,6 +435,7 @@ fn every_golden_file_has_a_test() {
     assert_eq!(
         files,
         [
+            "casts.txt",
             "constfold.txt",
             "cse.txt",
             "dce.txt",

@@ -190,8 +190,9 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
             Ok(v)
         }
         Op::Fused(e) => {
+            let dtypes = e.dtypes(&a.iter().map(|v| v.ty.dtype).collect::<Vec<_>>())?;
             let mut scratch = Vec::new();
-            Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))
+            Ok(map_broadcast(a, &out.shape, |x| e.eval(x, &mut scratch, &dtypes)))
         }
     }
 }
@@ -369,12 +370,14 @@ fn matmul(a: &[&Value], transpose_b: bool, epi: Option<&Expr>, out: &TensorType)
         }
     }
     let Some(e) = epi else { return Ok(v) };
-    // The product is rounded to the output dtype before the epilogue, as a backend would.
-    let prod = Value { ty: out.clone(), data: v.into_iter().map(|x| out.dtype.round(x)).collect() };
+    // The product is rounded to the operands' dtype before the epilogue, as a backend would.
+    let pty = TensorType::new(x.ty.dtype, out.shape.clone());
+    let prod = Value { data: v.into_iter().map(|v| pty.dtype.round(v)).collect(), ty: pty };
     let mut args = vec![&prod];
     args.extend(a[2..].iter().copied());
+    let dtypes = e.dtypes(&args.iter().map(|v| v.ty.dtype).collect::<Vec<_>>())?;
     let mut scratch = Vec::new();
-    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch, out.dtype)))
+    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch, &dtypes)))
 }
 
 fn attention(a: &[&Value], at: &Attention, out: &TensorType) -> Vec<f64> {

@@ -18,9 +18,10 @@ struct Chain {
     inlined: Vec<usize>,
 }
 
-/// Folds into a matmul each elementwise consumer (unary, binary, select, fused) that is
-/// the only reader of the matmul's result and has the result's type (so the product is
-/// never broadcast up), repeatedly, so a chain of them all lands in one epilogue. The
+/// Folds into a matmul each elementwise consumer (unary, binary, select, fused, a cast to
+/// float) that is the only reader of the matmul's result and has the result's type (a cast:
+/// its shape; so the product is never broadcast up), repeatedly, so a chain of them all lands
+/// in one epilogue (a bf16 head: GEMM, soft-cap, then the cast to f32). The
 /// consumer's other operands become epilogue inputs (one-element constants become
 /// `Const`s). A product read by anything else stays unfused: its raw value is needed.
 pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
@@ -33,13 +34,16 @@ pub fn fuse_matmul_epilogue(g: &Graph) -> Result<Graph> {
             chains[i] = Some(Chain { transpose_b: *transpose_b, epilogue: epilogue.clone(), inputs: node.inputs.clone(), inlined: vec![] });
             continue;
         }
-        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_)) {
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_) | Op::Cast { .. }) {
             continue;
         }
-        // Only one reader, so no other operand of `node` can depend on the product.
+        // Only one reader, so no other operand of `node` can depend on the product. A cast
+        // (to float) changes the dtype only: the epilogue ends converting its value.
+        let cast_ok = matches!(node.op, Op::Cast { to } if to.is_float());
         let grown = node.inputs.iter().find_map(|&p| {
             let chain = chains[p.index()].as_ref()?;
-            if uses.sole_reader(p.index()) != Some(i) || g.ty(p) != &node.ty {
+            let fits = g.ty(p) == &node.ty || (cast_ok && g.ty(p).shape == node.ty.shape);
+            if uses.sole_reader(p.index()) != Some(i) || !fits {
                 return None;
             }
             absorb(g, &uses, &actions, chain, p, i).map(|c| (p, c))
@@ -138,6 +142,7 @@ fn apply(b: &mut ExprBuilder, op: &Op, args: &[u16]) -> Option<u16> {
         (Op::Binary(op), &[x, y]) => b.push(Instr::Binary(*op, x, y)),
         (Op::Select, &[c, x, y]) => b.push(Instr::Select(c, x, y)),
         (Op::Fused(e), _) => b.inline(e, args),
+        (Op::Cast { to }, &[x]) => b.push(Instr::Cast(*to, x)),
         _ => None,
     }
 }
@@ -171,6 +176,35 @@ mod tests {
             "%0 = input[\"x\"]() : f32[2,4]\n%1 = weight[\"w\"]() : f32[4,4]\n%2 = weight[\"b\"]() : f32[4]\n\
              %3 = matmul[b^T, epilogue=add($2, gelutanh(add($0, $1)))](%0, %1, %2, %0) : f32[2,4]\noutput \"y\" = %3\n"
         );
+    }
+
+    /// A bf16 head: GEMM, soft-cap, then the logits cast to f32: one matmul whose epilogue
+    /// ends with the cast, computing the interpreter's bits.
+    #[test]
+    fn a_cast_ends_the_epilogue() {
+        use crate::interp::{run, Value};
+        use std::collections::HashMap;
+        let mut g = Graph::new();
+        let x = g.input("x", DType::BF16, &[3, 4]).unwrap();
+        let w = g.input("w", DType::BF16, &[5, 4]).unwrap();
+        let m = g.matmul(x, w, true).unwrap();
+        let c = g.scalar(DType::BF16, 2.5).unwrap();
+        let d = g.binary(crate::op::BinaryOp::Div, m, c).unwrap();
+        let t = g.unary(UnaryOp::Tanh, d).unwrap();
+        let y = g.mul(t, c).unwrap();
+        let f = g.push(Op::Cast { to: DType::F32 }, &[y]).unwrap();
+        g.output("logits", f);
+        let out = fuse_matmul_epilogue(&g).unwrap();
+        let p = print(&out);
+        assert!(p.contains("epilogue=cast[f32](mul(tanh(div($0, 2.5)), 2.5))](%0, %1) : f32[3,5]"), "{p}");
+        let val = |shape: &[usize], k: f64| {
+            let n: usize = shape.iter().product();
+            let data = (0..n).map(|i| DType::BF16.round(((i as f64) * k).sin() * 3.0)).collect();
+            Value::new(crate::dtype::TensorType::new(DType::BF16, shape.to_vec()), data).unwrap()
+        };
+        let inputs: HashMap<String, Value> = [("x".to_string(), val(&[3, 4], 0.7)), ("w".to_string(), val(&[5, 4], 1.3))].into();
+        let none = HashMap::new();
+        assert_eq!(run(&g, &inputs, &none).unwrap(), run(&out, &inputs, &none).unwrap());
     }
 
     #[test]

@@ -13,7 +13,10 @@ use std::collections::HashMap;
 ///
 /// A region has a float root; every member has the root's shape (inputs broadcast up to
 /// it); a member other than the root is read only inside the region, so its value is never
-/// needed in memory; bool values (masks) may live inside; integer ops stay out.
+/// needed in memory; bool values (masks) may live inside; integer ops stay out, and an
+/// integer value enters only through a cast to float. Casts to float join like any member
+/// (each value is rounded to its own dtype), and a cast read from outside that heads no region
+/// is computed inside from its operand (RoPE's position cast, in each angle region).
 /// One-element constants become `Const` instructions.
 pub fn fuse_elementwise(g: &Graph) -> Result<Graph> {
     let n = g.nodes.len();
@@ -44,8 +47,10 @@ pub fn fuse_elementwise(g: &Graph) -> Result<Graph> {
         }
         // If the full region does not type as its root (all inputs smaller than the root
         // once broadcasts are inlined, say), keep the broadcasts, then the constants, out.
-        let region =
-            [(true, true), (false, true), (false, false)].into_iter().find_map(|(broadcasts, consts)| build(g, m, broadcasts, consts));
+        let leaf = |q: usize| leaf_cast(g, &uses, &members, q);
+        let region = [(true, true), (false, true), (false, false)]
+            .into_iter()
+            .find_map(|(broadcasts, consts)| build(g, m, broadcasts, consts, &leaf));
         if let Some(region) = region {
             for &x in &region.inside {
                 actions[x] = Action::Drop;
@@ -63,8 +68,20 @@ fn candidate(g: &Graph, i: usize) -> bool {
         let d = g.ty(*id).dtype;
         d.is_float() || d == crate::DType::Bool
     };
+    if let Op::Cast { to } = node.op {
+        // A cast to float may read anything: integers enter a region only through casts.
+        return to.is_float();
+    }
     let op_ok = matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Fused(_) | Op::Broadcast { .. });
     op_ok && float_or_bool(&NodeId(i as u32)) && node.inputs.iter().all(float_or_bool)
+}
+
+/// Whether node `q`, read by a region from outside, is a cast to float the region computes
+/// itself from `q`'s operand (so a position cast read by both RoPE angle regions is one
+/// instruction in each, and its own step goes once nothing else reads it): it is no output
+/// and heads no region of its own.
+fn leaf_cast(g: &Graph, uses: &Uses, members: &[Vec<usize>], q: usize) -> bool {
+    matches!(g.nodes[q].op, Op::Cast { to } if to.is_float()) && !uses.is_output[q] && members[q].len() < 2
 }
 
 fn is_broadcast(g: &Graph, i: usize) -> bool {
@@ -93,7 +110,7 @@ struct Region {
 
 /// The fused node for region `members` (ascending; the root last), with broadcasts and
 /// one-element constants inlined or not; `None` unless it types exactly as the root.
-fn build(g: &Graph, members: &[usize], broadcasts: bool, consts: bool) -> Option<Region> {
+fn build(g: &Graph, members: &[usize], broadcasts: bool, consts: bool, leaf: &dyn Fn(usize) -> bool) -> Option<Region> {
     let root = *members.last()?;
     let inside: Vec<usize> = members.iter().copied().filter(|&m| broadcasts || !is_broadcast(g, m)).collect();
     if inside.len() < 2 {
@@ -110,14 +127,24 @@ fn build(g: &Graph, members: &[usize], broadcasts: bool, consts: bool) -> Option
             let v = match val.get(&q.index()) {
                 Some(&v) => v,
                 None => {
-                    let ins = match scalar_constant(g, q).filter(|_| consts) {
-                        Some(c) => Instr::Const(c),
-                        None => {
-                            inputs.push(q);
-                            Instr::Input(u16::try_from(inputs.len() - 1).ok()?)
-                        }
+                    let mut input = |q: NodeId, b: &mut ExprBuilder| {
+                        let k = match inputs.iter().position(|&x| x == q) {
+                            Some(k) => k,
+                            None => {
+                                inputs.push(q);
+                                inputs.len() - 1
+                            }
+                        };
+                        b.push(Instr::Input(u16::try_from(k).ok()?))
                     };
-                    let v = b.push(ins)?;
+                    let v = match (scalar_constant(g, q).filter(|_| consts), &g.node(q).op) {
+                        (Some(c), _) => b.push(Instr::Const(c))?,
+                        (None, Op::Cast { to }) if leaf(q.index()) => {
+                            let x = input(g.node(q).inputs[0], &mut b)?;
+                            b.push(Instr::Cast(*to, x))?
+                        }
+                        (None, _) => input(q, &mut b)?,
+                    };
                     val.insert(q.index(), v);
                     v
                 }
@@ -130,6 +157,7 @@ fn build(g: &Graph, members: &[usize], broadcasts: bool, consts: bool) -> Option
             (Op::Select, &[c, x, y]) => b.push(Instr::Select(c, x, y))?,
             (Op::Fused(e), _) => b.inline(e, &args)?,
             (Op::Broadcast { .. }, &[x]) => x,
+            (Op::Cast { to }, &[x]) => b.push(Instr::Cast(*to, x))?,
             _ => return None,
         };
         val.insert(m, v);
@@ -163,9 +191,9 @@ fn renumber(e: Expr, inputs: Vec<NodeId>) -> (Expr, Vec<NodeId>) {
                 }
             }
             Instr::Const(_) => {}
-            Instr::Unary(_, a) => stack.push(a),
-            Instr::Binary(_, a, b) => stack.extend([b, a]),
-            Instr::Select(c, a, b) => stack.extend([b, a, c]),
+            Instr::Unary(..) | Instr::Binary(..) | Instr::Select(..) | Instr::Cast(..) => {
+                stack.extend(e.instrs[i].operands().into_iter().rev())
+            }
         }
     }
     let mut new_of = vec![u16::MAX; inputs.len()];
@@ -209,6 +237,37 @@ mod tests {
             "%0 = input[\"x\"]() : f32[2,3]\n%1 = unary[exp](%0) : f32[2,3]\n%2 = softmax[axis=1](%1) : f32[2,3]\n\
              %3 = fused[neg(add(tanh($0), $1))](%1, %2) : f32[2,3]\noutput \"z\" = %3\n"
         );
+    }
+
+    /// RoPE's angles in a bf16 model: an i64 position cast to f32 (read by both regions), a
+    /// product, cos or sin, a cast to bf16. Each region computes its cast inside, and the
+    /// fused graph gives the interpreter's bits.
+    #[test]
+    fn casts_join_regions_and_a_shared_cast_is_computed_in_each() {
+        use crate::interp::{run, Value};
+        use std::collections::HashMap;
+        let mut g = Graph::new();
+        let pos = g.input("pos", DType::I64, &[4, 1]).unwrap();
+        let f = g.push(Op::Cast { to: DType::F32 }, &[pos]).unwrap();
+        let inv = g.constant(DType::F32, &[1, 8], (0..8).map(|i| 10000f64.powf(-(i as f64) / 8.0) as f32 as f64).collect()).unwrap();
+        let a = g.mul(f, inv).unwrap();
+        let b = g.mul(f, inv).unwrap();
+        let c = g.unary(UnaryOp::Cos, a).unwrap();
+        let s = g.unary(UnaryOp::Sin, b).unwrap();
+        let cb = g.push(Op::Cast { to: DType::BF16 }, &[c]).unwrap();
+        let sb = g.push(Op::Cast { to: DType::BF16 }, &[s]).unwrap();
+        g.output("cos", cb);
+        g.output("sin", sb);
+        let out = crate::passes::dead_code(&fuse_elementwise(&g).unwrap()).unwrap();
+        let p = print(&out);
+        assert!(p.contains("fused[cast[bf16](cos(mul(cast[f32]($0), $1)))](%0, %1) : bf16[4,8]"), "{p}");
+        assert!(p.contains("fused[cast[bf16](sin(mul(cast[f32]($0), $1)))](%0, %1) : bf16[4,8]"), "{p}");
+        assert!(!p.contains("= cast"), "{p}");
+        let mut inputs = HashMap::new();
+        let ty = crate::dtype::TensorType::new(DType::I64, vec![4, 1]);
+        inputs.insert("pos".to_string(), Value::new(ty, vec![0.0, 7.0, 1000.0, 123456.0]).unwrap());
+        let w = HashMap::new();
+        assert_eq!(crate::interp::run(&g, &inputs, &w).unwrap(), run(&out, &inputs, &w).unwrap());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! node, and [`rebuild`] makes the new graph, remapping ids in one place. The pipeline
 //! verifies after every pass and can record the IR between passes.
 
+mod cast;
 mod concat_mul;
 mod conv;
 mod cse;
@@ -19,6 +20,7 @@ mod residual;
 mod rotate;
 mod stack;
 
+pub use cast::casts_past_reshapes;
 pub use concat_mul::concat_of_products;
 pub use conv::{lower_conv, tap_source};
 pub use cse::cse;
@@ -75,9 +77,11 @@ impl Pass {
     pub const STACK_PROJECTIONS: Pass = Pass { name: "stack_projections", run: stack_projections };
     /// Makes `gather(table, ids) * c` (an embedding's scale) one gather with the scale.
     pub const GATHER_SCALE: Pass = Pass { name: "gather_scale", run: gather_scale };
+    /// Moves a cast past reshapes, next to the matmul or elementwise node it can fuse with.
+    pub const CASTS_PAST_RESHAPES: Pass = Pass { name: "casts_past_reshapes", run: casts_past_reshapes };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 13] = [
+    pub const ALL: [Pass; 14] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -91,6 +95,7 @@ impl Pass {
         Pass::CONCAT_OF_PRODUCTS,
         Pass::RECOMPUTE_SHARED_PRODUCTS,
         Pass::GATHER_SCALE,
+        Pass::CASTS_PAST_RESHAPES,
     ];
 
     /// The pass with this name.
@@ -127,7 +132,9 @@ impl Pipeline {
     /// becomes one product first; such a product read by several unary functions (cos and sin)
     /// is copied to each before elementwise fusion, so that each function and its product are
     /// one region. An embedding's scale joins its gather before elementwise fusion could take
-    /// the product into a region that reads it.
+    /// the product into a region that reads it. Casts move past reshapes first, next to the
+    /// matmul or elementwise node they fuse with (an epilogue or region may hold casts: a bf16
+    /// head's logits cast to f32, an i64 position cast to f32 inside RoPE's angle regions).
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -139,6 +146,7 @@ impl Pipeline {
             Pass::DEAD_CODE,
             Pass::RESIDUAL_RMS_NORM,
             Pass::STACK_PROJECTIONS,
+            Pass::CASTS_PAST_RESHAPES,
             Pass::FUSE_MATMUL_EPILOGUE,
             Pass::RECOMPUTE_SHARED_PRODUCTS,
             Pass::GATHER_SCALE,
@@ -348,6 +356,7 @@ impl ExprBuilder {
                 Instr::Unary(op, a) => self.push(Instr::Unary(op, get(a)?))?,
                 Instr::Binary(op, a, b) => self.push(Instr::Binary(op, get(a)?, get(b)?))?,
                 Instr::Select(c, a, b) => self.push(Instr::Select(get(c)?, get(a)?, get(b)?))?,
+                Instr::Cast(d, a) => self.push(Instr::Cast(d, get(a)?))?,
             };
             at.push(r);
         }
@@ -363,7 +372,7 @@ impl ExprBuilder {
         live[r] = true;
         for i in (0..=r).rev() {
             if live[i] {
-                for d in deps(&instrs[i]) {
+                for d in instrs[i].operands() {
                     live[d as usize] = true;
                 }
             }
@@ -372,27 +381,11 @@ impl ExprBuilder {
         let mut out = Vec::new();
         for (i, ins) in instrs.iter().enumerate().filter(|(i, _)| live[*i]) {
             let m = |a: u16| new_index[a as usize];
-            let renamed = match *ins {
-                Instr::Input(k) => Instr::Input(k),
-                Instr::Const(c) => Instr::Const(c),
-                Instr::Unary(op, a) => Instr::Unary(op, m(a)),
-                Instr::Binary(op, a, b) => Instr::Binary(op, m(a), m(b)),
-                Instr::Select(c, a, b) => Instr::Select(m(c), m(a), m(b)),
-            };
+            let renamed = ins.map_operands(m);
             new_index[i] = u16::try_from(out.len()).ok()?;
             out.push(renamed);
         }
         Some(Expr { instrs: out })
-    }
-}
-
-/// The instructions an instruction reads.
-fn deps(ins: &Instr) -> Vec<u16> {
-    match *ins {
-        Instr::Input(_) | Instr::Const(_) => vec![],
-        Instr::Unary(_, a) => vec![a],
-        Instr::Binary(_, a, b) => vec![a, b],
-        Instr::Select(c, a, b) => vec![c, a, b],
     }
 }
 

@@ -53,14 +53,15 @@ __device__ __forceinline__ float gemv_gelu(float x) {
   return 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
 }
 
-// The epilogue of one output element, written in T.
-template <typename T>
+// The epilogue of one output element, written in O (the operands' T, or f32: the f32
+// accumulator of a bf16 head whose fused epilogue rounds and converts it).
+template <typename T, typename O = T>
 __device__ __forceinline__ void gemv_store(const GemvParams& p, int m, int n, float v) {
   if (p.flags & GEMV_BIAS) v += to_f32(((const T*)p.bias)[n]);
   if (p.flags & GEMV_GELU) v = gemv_gelu(v);
   const i64 at = (i64)m * p.n + n;
   if (p.flags & GEMV_RES) v += to_f32(((const T*)p.res)[at]);
-  ((T*)p.out)[at] = from_f32<T>(v);
+  ((O*)p.out)[at] = from_f32<O>(v);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ __device__ __forceinline__ void gemv_chunk(float* acc, const unsigned short* w0,
   gemv_mma<T>(acc, p1.z, q1.z, p1.w, q1.w, x1.z, x1.w);
 }
 
-template <typename T>
+template <typename T, typename O = T>
 __device__ void gemv_half(const GemvParams p) {
   __shared__ float4 red[GEMV_MAX_WARPS][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -129,7 +130,7 @@ __device__ void gemv_half(const GemvParams p) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int n = n0 + g + (i >> 1) * 8, m = 2 * t + (i & 1);
-    if (n < p.n && m < p.m) gemv_store<T>(p, m, n, acc[i]);
+    if (n < p.n && m < p.m) gemv_store<T, O>(p, m, n, acc[i]);
   }
 }
 
@@ -192,6 +193,8 @@ __device__ void gemv_f32(const GemvParams p) {
 
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_bf16(const GemvParams p) { gemv_half<bf16>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f16(const GemvParams p) { gemv_half<f16>(p); }
+extern "C" __global__ void __launch_bounds__(512) gemv_tb_bf16_to_f32(const GemvParams p) { gemv_half<bf16, float>(p); }
+extern "C" __global__ void __launch_bounds__(512) gemv_tb_f16_to_f32(const GemvParams p) { gemv_half<f16, float>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m1(const GemvParams p) { gemv_f32<1>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m2(const GemvParams p) { gemv_f32<2>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m3(const GemvParams p) { gemv_f32<3>(p); }

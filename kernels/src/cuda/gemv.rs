@@ -80,6 +80,8 @@ pub fn plan(suffix: &str, m: usize, n: usize, k: usize) -> Option<Plan> {
 /// The module and its kernels (all hot: they run in every decoder layer).
 pub fn gemv_module() -> Module {
     let mut ks: Vec<Kernel> = vec![k("gemv_tb_bf16".into(), true), k("gemv_tb_f16".into(), true)];
+    // Half operands, the f32 accumulator written (a bf16 head whose epilogue ends in f32).
+    ks.extend(["gemv_tb_bf16_to_f32", "gemv_tb_f16_to_f32"].map(|n| k(n.into(), true)));
     ks.extend((1..=MAX_M).map(|m| k(format!("gemv_tb_f32_m{m}"), true)));
     module("gemv", include_str!("gemv.cu"), ks)
 }

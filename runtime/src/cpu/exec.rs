@@ -1,7 +1,7 @@
 //! Running a prepared program on the CPU: operands resolved to slices of the arena, weights
 //! and constants; one kernel call per step.
 
-use super::fused::Region;
+use super::fused::{Region, Src};
 use super::kernel::CpuKernel;
 use super::pack;
 use super::{Aligned, WeightBuf};
@@ -82,14 +82,13 @@ pub(crate) fn prepare<'w>(
             crate::progress::report(&format!("preparing '{}'", e.name), i as u64, total);
             let err = |msg| RuntimeError::Step { step: i, op: s.op.name(), msg };
             let kernel = resolve(s).map_err(err)?;
-            let shapes: Vec<&[usize]> = s.inputs.iter().map(|o| o.ty.shape.as_slice()).collect();
             let prep = match kernel {
                 CpuKernel::Gemm | CpuKernel::GemmEpilogue => {
                     let Op::MatMul { epilogue, transpose_b } = &s.op else { return Err(err("not a matmul".into())) };
                     let epilogue = match epilogue {
                         Some(ex) => {
-                            let mut sh = vec![s.output.ty.shape.as_slice()];
-                            sh.extend(&shapes[2..]);
+                            let mut sh = vec![(s.output.ty.shape.as_slice(), s.inputs[0].ty.dtype)];
+                            sh.extend(s.inputs[2..].iter().map(|o| (o.ty.shape.as_slice(), o.ty.dtype)));
                             Some(Region::new(ex.clone(), &sh, &s.output.ty.shape).map_err(err)?)
                         }
                         None => None,
@@ -102,7 +101,8 @@ pub(crate) fn prepare<'w>(
                 }
                 CpuKernel::Fused => {
                     let ex = s.op.elementwise_expr().ok_or_else(|| err("not an elementwise op".into()))?;
-                    Prep::Region(Region::new(ex, &shapes, &s.output.ty.shape).map_err(err)?)
+                    let tys: Vec<(&[usize], DType)> = s.inputs.iter().map(|o| (o.ty.shape.as_slice(), o.ty.dtype)).collect();
+                    Prep::Region(Region::new(ex, &tys, &s.output.ty.shape).map_err(err)?)
                 }
                 CpuKernel::FlashAttention => Prep::Attention(attn::AttnWorkspace::new(&attn_shape(s))),
                 CpuKernel::Source
@@ -194,6 +194,14 @@ impl<'a> Mem<'a> {
 
     fn f32(&self, o: &Operand) -> &'a [f32] {
         bytemuck::cast_slice(self.read(o))
+    }
+
+    /// A region input: f32 as it is, anything else as its bytes.
+    fn src(&self, o: &Operand) -> Src<'a> {
+        match o.ty.dtype {
+            DType::F32 => Src::F32(self.f32(o)),
+            d => Src::Raw(self.read(o), d),
+        }
     }
 
     fn f32_mut(&self, o: &Operand) -> &'a mut [f32] {
@@ -289,9 +297,9 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         },
         CpuKernel::Fused => {
             let Prep::Region(r) = p else { return mismatch() };
-            let mut ins: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
+            let mut ins = [Src::F32(&[]); super::fused::MAX_INPUTS];
             for (k, o) in s.inputs.iter().enumerate() {
-                ins[k] = mem.f32(o);
+                ins[k] = mem.src(o);
             }
             r.eval(&ins[..s.inputs.len()], mem.f32_mut(&s.output));
             Ok(())
@@ -686,9 +694,9 @@ fn matmul(mem: &Mem, s: &Step, tb: bool, region: Option<&Region>, packed: &[sgem
     let a_batches: usize = at.shape[..ra - 2].iter().product();
     let out_batches: usize = ot.shape[..ro - 2].iter().product();
     let bview = |data| if tb { gemm::MatView::transposed(data, k, n) } else { gemm::MatView::row_major(data, k, n) };
-    let mut extra: [&[f32]; super::fused::MAX_INPUTS] = [&[]; super::fused::MAX_INPUTS];
+    let mut extra = [Src::F32(&[]); super::fused::MAX_INPUTS];
     for (i, o) in s.inputs[2..].iter().enumerate() {
-        extra[i] = mem.f32(o);
+        extra[i] = mem.src(o);
     }
     let extra = &extra[..s.inputs.len() - 2];
     if let ([pb], true) = (packed, b_batches == 1 && a_batches == out_batches) {

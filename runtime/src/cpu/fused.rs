@@ -3,7 +3,7 @@
 //! no intermediate tensor is written.
 
 use kiln_graph::dtype::broadcast_strides;
-use kiln_graph::{BinaryOp, Expr, Instr, UnaryOp};
+use kiln_graph::{BinaryOp, DType, Expr, Instr, UnaryOp};
 use kiln_kernels::cpu::elementwise as ew;
 use rayon::prelude::*;
 
@@ -23,25 +23,81 @@ pub struct InputLayout {
     inner: usize,
 }
 
+/// One region input as stored: f32 (read in blocks), or an integer or bool tensor's bytes
+/// (converted to f32 as read; the expression reads it only through a cast).
+#[derive(Clone, Copy, Debug)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Raw(&'a [u8], DType),
+}
+
+impl Src<'_> {
+    /// Element `i` as f32: an integer through f64, as the interpreter holds it.
+    fn at(&self, i: usize) -> f32 {
+        match *self {
+            Src::F32(v) => v[i],
+            Src::Raw(b, d) => {
+                let n = d.size();
+                let e = &b[i * n..(i + 1) * n];
+                let v = match d {
+                    DType::I64 => i64::from_le_bytes(e.try_into().unwrap_or([0; 8])) as f64,
+                    DType::I32 => i32::from_le_bytes(e.try_into().unwrap_or([0; 4])) as f64,
+                    DType::U8 | DType::Bool => e[0] as f64,
+                    DType::F32 => f32::from_le_bytes(e.try_into().unwrap_or([0; 4])) as f64,
+                    DType::BF16 => half::bf16::from_le_bytes(e.try_into().unwrap_or([0; 2])).to_f64(),
+                    DType::F16 => half::f16::from_le_bytes(e.try_into().unwrap_or([0; 2])).to_f64(),
+                };
+                v as f32
+            }
+        }
+    }
+}
+
+/// How a value computed in f32 is rounded to its own dtype, where that differs from f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rounding {
+    None,
+    To(DType),
+}
+
 /// A region prepared for one output shape.
 #[derive(Clone, Debug)]
 pub struct Region {
     pub expr: Expr,
     pub inputs: Vec<InputLayout>,
+    /// Per instruction: rounding after it is computed (a bf16 value, a cast's target).
+    rounding: Vec<Rounding>,
     outer_shape: Vec<usize>,
     pub row_len: usize,
 }
 
 impl Region {
-    /// Prepares `expr` over inputs of `in_shapes` broadcast to `out_shape`.
-    pub fn new(expr: Expr, in_shapes: &[&[usize]], out_shape: &[usize]) -> Result<Self, String> {
-        if expr.instrs.len() > MAX_INSTRS || in_shapes.len() > MAX_INPUTS {
+    /// Prepares `expr` over inputs of `in_types` (shape, dtype) broadcast to `out_shape`. Every
+    /// value is computed in f32 and rounded to its own dtype (bf16, f16: exact for the
+    /// arithmetic, f32 being more than twice as precise), so a region holding casts gives the
+    /// interpreter's values.
+    pub fn new(expr: Expr, in_types: &[(&[usize], DType)], out_shape: &[usize]) -> Result<Self, String> {
+        if expr.instrs.len() > MAX_INSTRS || in_types.len() > MAX_INPUTS {
             return Err(format!(
                 "fused region of {} instructions and {} inputs exceeds {MAX_INSTRS}/{MAX_INPUTS}",
                 expr.instrs.len(),
-                in_shapes.len()
+                in_types.len()
             ));
         }
+        let dtypes = expr.dtypes(&in_types.iter().map(|t| t.1).collect::<Vec<_>>())?;
+        let rounding = expr
+            .instrs
+            .iter()
+            .zip(&dtypes)
+            .map(|(ins, &d)| match (ins, d) {
+                // Integers are read exactly below 2^24 (positions, ids); bools are 0 / 1.
+                (Instr::Input(_), _) | (_, DType::F32) => Rounding::None,
+                (Instr::Cast(..), _) => Rounding::To(d),
+                (_, DType::Bool) => Rounding::None,
+                _ => Rounding::To(d),
+            })
+            .collect();
+        let in_shapes: Vec<&[usize]> = in_types.iter().map(|t| t.0).collect();
         let (outer_shape, row_len) = match out_shape.split_last() {
             Some((&last, outer)) => (outer.to_vec(), last),
             None => (vec![], 1),
@@ -57,7 +113,7 @@ impl Region {
                 InputLayout { outer, inner }
             })
             .collect();
-        Ok(Region { expr, inputs, outer_shape, row_len })
+        Ok(Region { expr, inputs, rounding, outer_shape, row_len })
     }
 
     fn row_base(&self, input: usize, mut row: usize) -> usize {
@@ -73,7 +129,7 @@ impl Region {
 
     /// Evaluates rows `first_row..` into `out` (whole rows). With `in_place`, input 0 is
     /// `out` itself (a matmul epilogue reading the product).
-    pub fn eval_rows(&self, ins: &[&[f32]], out: &mut [f32], first_row: usize, in_place: bool) {
+    pub fn eval_rows(&self, ins: &[Src], out: &mut [f32], first_row: usize, in_place: bool) {
         let n = self.row_len.max(1);
         let mut regs = [[0f32; BLOCK]; MAX_INSTRS];
         for (r, row) in out.chunks_mut(n).enumerate() {
@@ -92,14 +148,15 @@ impl Region {
                             } else {
                                 let src = ins[k - usize::from(in_place)];
                                 let base = self.row_base(k, gr);
-                                if self.inputs[k].inner == 1 {
-                                    dst.copy_from_slice(&src[base + c0..base + c0 + len]);
-                                } else {
-                                    dst.fill(src[base]);
+                                match (src, self.inputs[k].inner == 1) {
+                                    (Src::F32(v), true) => dst.copy_from_slice(&v[base + c0..base + c0 + len]),
+                                    (src, true) => dst.iter_mut().enumerate().for_each(|(j, d)| *d = src.at(base + c0 + j)),
+                                    (src, false) => dst.fill(src.at(base)),
                                 }
                             }
                         }
                         Instr::Const(c) => dst.fill(c),
+                        Instr::Cast(_, a) => dst.copy_from_slice(&done[a as usize][..len]),
                         Instr::Unary(op, a) => unary(op, &done[a as usize][..len], dst),
                         Instr::Binary(op, a, b) => binary(op, &done[a as usize][..len], &done[b as usize][..len], dst),
                         Instr::Select(c, a, b) => {
@@ -108,6 +165,9 @@ impl Region {
                                 dst[j] = if c[j] != 0.0 { a[j] } else { b[j] };
                             }
                         }
+                    }
+                    if let Rounding::To(d) = self.rounding[i] {
+                        round(d, dst);
                     }
                 }
                 let last = self.expr.instrs.len() - 1;
@@ -118,20 +178,30 @@ impl Region {
     }
 
     /// Evaluates the whole output in parallel over row chunks.
-    pub fn eval(&self, ins: &[&[f32]], out: &mut [f32]) {
+    pub fn eval(&self, ins: &[Src], out: &mut [f32]) {
         self.eval_par(ins, out, false);
     }
 
     /// Evaluates an epilogue over a whole product held in `out`, in parallel.
-    pub fn eval_in_place(&self, extra: &[&[f32]], out: &mut [f32]) {
+    pub fn eval_in_place(&self, extra: &[Src], out: &mut [f32]) {
         self.eval_par(extra, out, true);
     }
 
-    fn eval_par(&self, ins: &[&[f32]], out: &mut [f32], in_place: bool) {
+    fn eval_par(&self, ins: &[Src], out: &mut [f32], in_place: bool) {
         let n = self.row_len.max(1);
         let rows = out.len() / n;
         let per = (8192 / n).max(1).max(rows.div_ceil(4 * rayon::current_num_threads()));
         out.par_chunks_mut(per * n).enumerate().for_each(|(i, chunk)| self.eval_rows(ins, chunk, i * per, in_place));
+    }
+}
+
+/// Rounds f32 values to a narrower dtype (bf16, f16; an integer or bool cast's target), in place.
+fn round(d: DType, v: &mut [f32]) {
+    match d {
+        DType::BF16 => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        DType::F32 => {}
+        DType::I64 | DType::I32 | DType::U8 | DType::Bool => v.iter_mut().for_each(|x| *x = d.round(*x as f64) as f32),
     }
 }
 

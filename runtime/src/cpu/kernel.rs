@@ -100,7 +100,11 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
         Op::Reshape { .. } => K::View,
         Op::MatMul { epilogue: Some(_), .. } => or_reference(f32_all, K::GemmEpilogue),
         Op::MatMul { epilogue: None, .. } => or_reference(f32_all, K::Gemm),
-        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } | Op::Fused(_) => or_reference(f32_all, K::Fused),
+        Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } => or_reference(f32_all, K::Fused),
+        // A region reads integers and bools only through casts (the shape rule checks it).
+        Op::Fused(_) => {
+            or_reference(out.dtype == DType::F32 && inputs.iter().all(|t| !t.dtype.is_float() || t.dtype == DType::F32), K::Fused)
+        }
         Op::LayerNorm { .. } => or_reference(f32_all, K::LayerNorm),
         Op::RmsNorm { .. } => or_reference(f32_all, K::RmsNorm),
         Op::ResidualRmsNorm(_) => or_reference(f32_all, K::ResidualRmsNorm),

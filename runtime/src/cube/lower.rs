@@ -356,7 +356,8 @@ impl Lower<'_> {
         let g = ElementwiseGeometry::new(&shapes, &s.output.ty.shape);
         let (srcs, inputs) = self.broadcast_inputs(&s.inputs, &g.strides)?;
         let out = repr(s.output.ty.dtype)?;
-        let cfg = FusedCfg { code: instrs(&ex), srcs, rank: g.shape.len(), out, out_bool: s.output.ty.dtype == DType::Bool };
+        let dtypes: Vec<DType> = s.inputs.iter().map(|o| o.ty.dtype).collect();
+        let cfg = FusedCfg { code: instrs(&ex, &dtypes)?, srcs, rank: g.shape.len(), out, out_bool: s.output.ty.dtype == DType::Bool };
         let n = units(g.n(), out);
         let (meta, len) = self.push(FusedParams { out_off: self.out_off(s)?, shape: g.shape, inputs }.pack())?;
         Ok(Launch::Fused { cfg, n, meta, len })
@@ -384,7 +385,9 @@ impl Lower<'_> {
                 let eg = ElementwiseGeometry::new(&shapes, &out);
                 let (srcs, inputs) = self.broadcast_inputs(&s.inputs[2..], &eg.strides)?;
                 params.epilogue = inputs;
-                Some((instrs(e), srcs.iter().map(|s| s.in_arena).collect()))
+                let mut dtypes = vec![s.inputs[0].ty.dtype];
+                dtypes.extend(s.inputs[2..].iter().map(|o| o.ty.dtype));
+                Some((instrs(e, &dtypes)?, srcs.iter().map(|s| s.in_arena).collect()))
             }
             None => None,
         };
@@ -623,7 +626,7 @@ impl Lower<'_> {
             return self.copy(&out, sr.in_arena, src, Strided { off: out_off, strides: contiguous(&out) });
         }
         let out_r = repr(s.output.ty.dtype)?;
-        let code = instrs(&Expr { instrs: vec![Instr::Input(0)] });
+        let code = instrs(&Expr { instrs: vec![Instr::Input(0)] }, &[s.inputs[0].ty.dtype])?;
         let cfg = FusedCfg { code, srcs: vec![sr], rank: out.len(), out: out_r, out_bool: s.output.ty.dtype == DType::Bool };
         let n = units(out.iter().product(), out_r);
         let (meta, len) = self.push(FusedParams { out_off, shape: out, inputs: vec![src] }.pack())?;

@@ -304,7 +304,9 @@ impl CudaExec {
             blas("layout", lt::create_matrix_layout(dt, n, k, n as i64))?
         };
         let b = blas("layout", lt::create_matrix_layout(dt, k, m, k as i64))?;
-        let d = blas("layout", lt::create_matrix_layout(dt, n, m, n as i64))?;
+        // D (and C, a residual) in the output's dtype: f32 from bf16 operands where an
+        // epilogue ends with a cast to f32 (compute and scale stay f32).
+        let d = blas("layout", lt::create_matrix_layout(data_type(g.out_dtype)?, n, m, n as i64))?;
         if g.batch > 1 {
             let count = g.batch as i32;
             for (l, stride) in [(a, g.b_stride as i64), (b, g.a_stride as i64), (d, (g.m * g.n) as i64)] {

@@ -1,8 +1,12 @@
 //! Fused elementwise regions as CUDA C: one kernel per distinct region (expression and
-//! dtypes), straight-line code, computed in f32 (f64 for integer regions) with every
-//! intermediate rounded to the region's dtype, as the interpreter does
-//! ([`kiln_graph::Expr::eval`]). The kernels read their operands through
-//! `kiln_kernels::cuda::fused::FusedParams` (declared there, with its C twin).
+//! dtypes), straight-line code. Every value has its own dtype ([`kiln_graph::Expr::dtypes`]:
+//! an input's, a cast's target, its operands'); float and bool values are computed in f32,
+//! integer ones in f64, and each is rounded to its dtype, as the interpreter does
+//! ([`kiln_graph::Expr::eval`]), so a region holding casts (an i64 position to f32, an f32
+//! angle to bf16) computes what its unfused chain does. The output is the last value
+//! converted to the output's dtype (a plain cast step is `Input(0)` stored in its target
+//! type). The kernels read their operands through `kiln_kernels::cuda::fused::FusedParams`
+//! (declared there, with its C twin).
 
 use super::rotation::SignedPerm;
 use kiln_graph::{BinaryOp, DType, Expr, Instr, UnaryOp};
@@ -21,13 +25,13 @@ pub fn c_type(d: DType) -> &'static str {
     }
 }
 
-/// The dtype every intermediate of a region is rounded to: the output's, or for a region
-/// producing booleans, its first input's.
-pub fn region_dtype(inputs: &[DType], out: DType) -> DType {
-    if out == DType::Bool {
-        inputs.first().copied().unwrap_or(DType::F32)
+/// The C type a value of dtype `d` is computed in: float for floats and bools, double for
+/// integers (exact below 2^53).
+fn compute_type(d: DType) -> &'static str {
+    if d.is_float() || d == DType::Bool {
+        "float"
     } else {
-        out
+        "double"
     }
 }
 
@@ -112,7 +116,7 @@ fn binary(op: BinaryOp, a: &str, b: &str, f: bool) -> String {
     }
 }
 
-/// Rounds a compute value to the region dtype (the interpreter's per-instruction rounding).
+/// Rounds a compute value to its dtype (the interpreter's per-instruction rounding).
 fn round(d: DType, v: &str) -> String {
     match d {
         DType::F32 => v.to_string(),
@@ -143,12 +147,10 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
         Some(p) => rotation_kernel_name(expr, inputs, out, p),
         None => kernel_name(expr, inputs, out),
     };
-    let rd = region_dtype(inputs, out);
-    if perm.is_some() && (!rd.is_float() || inputs.first().is_none_or(|d| !d.is_float())) {
+    if perm.is_some() && inputs.first().is_none_or(|d| !d.is_float()) {
         return Err("a permuted read of a non-float input".into());
     }
-    let f = rd.is_float();
-    let ct = if f { "float" } else { "double" };
+    let dtypes = expr.dtypes(inputs)?;
     let mut s = String::new();
     s.push_str(kiln_kernels::cuda::COMMON);
     s.push_str(PARAMS_C);
@@ -170,7 +172,10 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
     if let Some(p) = perm {
         permuted_offset(&mut s, p);
     }
-    for (v, ins) in expr.instrs.iter().enumerate() {
+    for (v, (ins, &d)) in expr.instrs.iter().zip(&dtypes).enumerate() {
+        let ct = compute_type(d);
+        // Single-precision math where the operands are floats.
+        let f = ins.operands().first().is_none_or(|&a| compute_type(dtypes[a as usize]) == "float");
         let rhs = match *ins {
             Instr::Input(k) => {
                 let d = inputs[k as usize];
@@ -197,8 +202,9 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
             Instr::Unary(op, a) => unary(op, &format!("v{a}"), f),
             Instr::Binary(op, a, b) => binary(op, &format!("v{a}"), &format!("v{b}"), f),
             Instr::Select(c, a, b) => format!("(v{c} != 0 ? v{a} : v{b})"),
+            Instr::Cast(_, a) => format!("v{a}"),
         };
-        let _ = writeln!(s, "    const {ct} v{v} = {};", round(rd, &format!("({ct})({rhs})")));
+        let _ = writeln!(s, "    const {ct} v{v} = {};", round(d, &format!("({ct})({rhs})")));
     }
     let last = expr.instrs.len() - 1;
     let store = match out {
@@ -247,6 +253,48 @@ mod tests {
         assert!(src.contains(&format!("void __launch_bounds__(256) {name}(const FusedParams p)")));
         assert!(src.contains("const float v2 = to_f32(from_f32<bf16>((float)(v0 + v1)));"), "{src}");
         assert!(src.contains("((bf16*)p.out)[x] = from_f32<bf16>((float)v3);"));
+    }
+
+    /// RoPE's angle region with both casts: the position is read as an integer (double), cast
+    /// to float, the product and cosine stay f32, and the cast rounds to bf16.
+    fn angles() -> Expr {
+        Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Cast(DType::F32, 0),
+                Instr::Input(1),
+                Instr::Binary(BinaryOp::Mul, 1, 2),
+                Instr::Unary(UnaryOp::Cos, 3),
+                Instr::Cast(DType::BF16, 4),
+            ],
+        }
+    }
+
+    #[test]
+    fn each_value_is_computed_and_rounded_in_its_own_type() {
+        let (_, src) = source(&angles(), &[DType::I64, DType::F32], DType::BF16, None).unwrap();
+        assert!(src.contains("const double v0 = trunc((double)((double)((const i64*)p.ins[0])[o0]));"), "{src}");
+        assert!(src.contains("const float v1 = (float)(v0);"), "{src}");
+        assert!(src.contains("const float v3 = (float)(v1 * v2);"), "{src}");
+        assert!(src.contains("const float v4 = (float)(cosf(v3));"), "{src}");
+        assert!(src.contains("const float v5 = to_f32(from_f32<bf16>((float)(v4)));"), "{src}");
+        // A bf16 head's epilogue after a GEMM writing f32: the product is rounded to bf16 first.
+        let softcap = Expr {
+            instrs: vec![
+                Instr::Input(0),
+                Instr::Const(30.0),
+                Instr::Binary(BinaryOp::Div, 0, 1),
+                Instr::Unary(UnaryOp::Tanh, 2),
+                Instr::Binary(BinaryOp::Mul, 3, 1),
+                Instr::Cast(DType::F32, 4),
+            ],
+        };
+        let (e, ins) = crate::cuda::gemm::epilogue_region(&softcap, DType::BF16, DType::F32, &[]);
+        assert_eq!(e.formula(), "cast[f32](mul(tanh(div(cast[bf16]($0), 30.0)), 30.0))");
+        let (_, src) = source(&e, &ins, DType::F32, None).unwrap();
+        assert!(src.contains("const float v1 = to_f32(from_f32<bf16>((float)(v0)));"), "{src}");
+        assert!(src.contains("const float v3 = to_f32(from_f32<bf16>((float)(v1 / v2)));"), "{src}");
+        assert!(src.contains("((float*)p.out)[x] = from_f32<float>((float)v6);"), "{src}");
     }
 
     #[test]
@@ -310,6 +358,17 @@ mod tests {
                 assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
             }
         }
+        // Regions holding casts: RoPE's angles to bf16 and f16, a bf16 head's epilogue.
+        for d in [DType::BF16, DType::F16] {
+            let mut e = angles();
+            e.instrs[5] = Instr::Cast(d, 4);
+            let (name, src) = source(&e, &[DType::I64, DType::F32], d, None).unwrap();
+            nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
+        }
+        let head = Expr { instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)] };
+        let (e, ins) = crate::cuda::gemm::epilogue_region(&head, DType::BF16, DType::F32, &[]);
+        let (name, src) = source(&e, &ins, DType::F32, None).unwrap();
+        nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
         let ids = Expr { instrs: vec![Instr::Input(0), Instr::Const(1.0), Instr::Binary(BinaryOp::Add, 0, 1)] };
         let (name, src) = source(&ids, &[DType::I64], DType::I32, None).unwrap();
         nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));

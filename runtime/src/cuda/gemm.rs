@@ -45,6 +45,26 @@ impl EpilogueKind {
     }
 }
 
+/// The fused region that applies a matmul's epilogue `e` cuBLASLt lacks, after the GEMM wrote
+/// the product into the output (in the output's dtype `out`, from operands of `operands`),
+/// with the dtypes of the region's inputs (the output, then the extra inputs). Where the
+/// epilogue ends with a cast (a bf16 head's logits to f32), the GEMM writes its f32
+/// accumulator unrounded and the region first rounds it to the operands' dtype, as a GEMM
+/// writing that dtype does.
+pub fn epilogue_region(e: &Expr, operands: DType, out: DType, extra: &[DType]) -> (Expr, Vec<DType>) {
+    let mut ins = vec![out];
+    ins.extend_from_slice(extra);
+    if operands == out {
+        return (e.clone(), ins);
+    }
+    let mut instrs = vec![Instr::Input(0)];
+    instrs.extend(e.instrs.iter().map(|i| match *i {
+        Instr::Input(0) => Instr::Cast(operands, 0),
+        other => other.map_operands(|a| a + 1),
+    }));
+    (Expr { instrs }, ins)
+}
+
 /// Collects the leaves of the tree of additions rooted at `root`; false when the tree holds
 /// anything else or an instruction is read twice.
 fn sum_leaves(instrs: &[Instr], root: usize, leaves: &mut Vec<u16>, seen: &mut [bool]) -> bool {
@@ -119,6 +139,11 @@ pub fn epilogue_kind(e: &Expr, extra: &[TensorType], out: &TensorType) -> Option
 /// The GEMV launch that computes `g` (a single `[m, k] x [n, k]^T` product with `m <= 8`,
 /// 16-byte rows and bases), or `None` where only cuBLASLt applies.
 pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
+    // A half product written as f32 (its epilogue then runs as a region): no epilogue here.
+    let to_f32 = g.out_dtype != g.dtype;
+    if to_f32 && (g.out_dtype != DType::F32 || g.dtype == DType::F32 || g.epilogue != Epilogue::None) {
+        return None;
+    }
     let suffix = match g.dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -138,7 +163,7 @@ pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
         Epilogue::BiasResidual { bias, residual } => (gemv::BIAS | gemv::RESIDUAL, bias, residual),
     };
     let es = g.dtype.size() as u64;
-    if !g.c.is_multiple_of(es) || !bias.is_multiple_of(es) || !res.is_multiple_of(es) {
+    if !g.c.is_multiple_of(g.out_dtype.size() as u64) || !bias.is_multiple_of(es) || !res.is_multiple_of(es) {
         return None;
     }
     let p = GemvParams {
@@ -163,7 +188,7 @@ pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
     }
     Some(Launch {
         module: "gemv".into(),
-        kernel: plan.kernel,
+        kernel: if to_f32 { format!("{}_to_f32", plan.kernel) } else { plan.kernel },
         grid: (plan.grid, 1, 1),
         block: plan.block,
         smem: 0,
@@ -329,6 +354,30 @@ mod tests {
         let p: GemvParams = unsafe { std::ptr::read_unaligned(l.params.as_ptr() as *const GemvParams) };
         assert_eq!((p.m, p.n, p.k, p.flags), (3, 2304, 9216, gemv::BIAS | gemv::RESIDUAL));
         assert_eq!(l.grid.0 as usize * 16, 2304);
+    }
+
+    /// A bf16 head whose epilogue soft-caps and ends with a cast to f32: cuBLASLt (or the
+    /// GEMV's `_to_f32` kernel) writes the f32 accumulator, then one region rounds it to bf16.
+    /// Without such an epilogue a bf16 product into f32 is refused.
+    #[test]
+    fn an_epilogue_ending_in_a_cast_runs_a_gemm_writing_f32() {
+        let e = Expr { instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::Tanh, 0), Instr::Cast(DType::F32, 1)] };
+        let mut s = matmul_step(DType::BF16, 1, 256, 64, Some(e.clone()), &[]);
+        s.output.ty.dtype = DType::F32;
+        s.output.slot = Slot::Arena { offset: 2 << 20, bytes: s.output.ty.bytes() };
+        let s = super::super::lower::with_kernel(s);
+        assert!(s.kernel.starts_with("cublaslt.gemm_bf16_tb_to_f32;fused_"), "{}", s.kernel);
+        let w = lower_step(&s, &Layout::default()).unwrap();
+        let [Work::Gemm(g), Work::Kernel(k)] = w.as_slice() else { panic!("{w:?}") };
+        assert_eq!((g.dtype, g.out_dtype, g.c), (DType::BF16, DType::F32, 2 << 20));
+        assert_eq!(g.gemv.as_ref().map(|l| l.kernel.as_str()), Some("gemv_tb_bf16_to_f32"));
+        let (region, ins) = epilogue_region(&e, DType::BF16, DType::F32, &[]);
+        assert_eq!(region.formula(), "cast[f32](tanh(cast[bf16]($0)))");
+        assert_eq!(k.kernel, crate::cuda::fused_codegen::kernel_name(&region, &ins, DType::F32));
+        assert!(s.kernel.ends_with(&k.kernel));
+        let ins = [tt(DType::BF16, &[1, 64]), tt(DType::BF16, &[256, 64])];
+        let plain = kernel_for(&Op::MatMul { transpose_b: true, epilogue: None }, &ins, &tt(DType::F32, &[1, 256]));
+        assert!(plain.unwrap_err().contains("mixed dtypes"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! for generated regions a hash of their code); [`CudaKernel::name`] is what a program stores.
 
 use super::fused_codegen as codegen;
-use super::gemm::epilogue_kind;
+use super::gemm::{epilogue_kind, epilogue_region};
 use super::lower::{float_suffix, index, index_suffix};
 use kiln_graph::{DType, MaskKind, Op, TensorType};
 use kiln_kernels::cuda::{self as kc, fused, MAX_RANK};
@@ -80,19 +80,23 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => K::Source,
         Op::Reshape { .. } => K::View,
         Op::MatMul { transpose_b, epilogue } => {
-            let t = float_suffix(out.dtype)?;
-            if inputs[0].dtype != out.dtype || inputs[1].dtype != out.dtype {
+            let t = float_suffix(inputs[0].dtype)?;
+            float_suffix(out.dtype)?;
+            // The output differs from the operands only through an epilogue's final cast: the
+            // GEMM then writes its f32 accumulator in the output's dtype.
+            if inputs[1].dtype != inputs[0].dtype || (inputs[0].dtype != out.dtype && (epilogue.is_none() || out.dtype != DType::F32)) {
                 return no("mixed dtypes");
             }
             let tb = if *transpose_b { "_tb" } else { "" };
+            let to = if out.dtype == inputs[0].dtype { String::new() } else { format!("_to_{}", float_suffix(out.dtype)?) };
             K::Gemm(match epilogue {
                 None => format!("cublaslt.gemm_{t}{tb}"),
-                Some(e) => match epilogue_kind(e, &inputs[2..], out) {
+                Some(e) => match epilogue_kind(e, &inputs[2..], out).filter(|_| to.is_empty()) {
                     Some(kind) => format!("cublaslt.gemm_{t}{tb}+{}", kind.name()),
                     None => {
-                        let mut ins = vec![out.dtype];
-                        ins.extend(inputs[2..].iter().map(|t| t.dtype));
-                        format!("cublaslt.gemm_{t}{tb};{}", codegen::kernel_name(e, &ins, out.dtype))
+                        let extra: Vec<DType> = inputs[2..].iter().map(|t| t.dtype).collect();
+                        let (e, ins) = epilogue_region(e, inputs[0].dtype, out.dtype, &extra);
+                        format!("cublaslt.gemm_{t}{tb}{to};{}", codegen::kernel_name(&e, &ins, out.dtype))
                     }
                 },
             })

@@ -7,7 +7,7 @@
 pub(crate) mod index;
 
 use super::fused_codegen as codegen;
-pub use super::gemm::{epilogue_kind, EpilogueKind};
+pub use super::gemm::{epilogue_kind, epilogue_region, EpilogueKind};
 pub use super::kernel::{choose, kernel_for, CudaKernel};
 use super::rotation::{self, SignedPerm};
 use crate::geometry::{
@@ -67,7 +67,11 @@ pub enum Epilogue {
 /// A row-major batched GEMM `c = a @ b` (or `a @ b^T`), offsets in the allocation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gemm {
+    /// The operands' dtype.
     pub dtype: DType,
+    /// The output's: the operands', or f32 where an epilogue ends with a cast to f32 (the GEMM
+    /// writes its accumulator; the epilogue region rounds it to `dtype` first).
+    pub out_dtype: DType,
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -229,12 +233,11 @@ pub fn regions(p: &Program) -> Result<Vec<Region>, String> {
                 Op::MatMul { epilogue, .. } if perm.is_some() => rotation_region(s, epilogue.as_ref()),
                 Op::MatMul { epilogue: Some(ep), .. } => {
                     let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
-                    if epilogue_kind(ep, &extra, &s.output.ty).is_some() {
+                    let (a, out) = (s.inputs[0].ty.dtype, s.output.ty.dtype);
+                    if a == out && epilogue_kind(ep, &extra, &s.output.ty).is_some() {
                         continue;
                     }
-                    let mut ins = vec![s.output.ty.dtype];
-                    ins.extend(extra.iter().map(|t| t.dtype));
-                    (ep.clone(), ins)
+                    epilogue_region(ep, a, out, &extra.iter().map(|t| t.dtype).collect::<Vec<_>>())
                 }
                 op => match op.elementwise_expr() {
                     Some(e) => (e, s.inputs.iter().map(|o| o.ty.dtype).collect()),
@@ -478,7 +481,8 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
     // Batch axes that broadcast partially: those operands are copied to the full batch.
     let (pre, ins, [la, lb]) = index::broadcast_operands(s, l, &g, ins)?;
     let extra: Vec<TensorType> = s.inputs[2..].iter().map(|o| o.ty.clone()).collect();
-    let kind = epilogue.and_then(|e| epilogue_kind(e, &extra, out_ty));
+    let operands = s.inputs[0].ty.dtype;
+    let kind = epilogue.and_then(|e| epilogue_kind(e, &extra, out_ty)).filter(|_| operands == out_ty.dtype);
     let batched_bias = kind.as_ref().is_some_and(|k| k.bias_batched);
     // A batched `a` against one `b` is one GEMM with batch folded into M (unless each batch
     // has its own bias row). One row of a shared `a` against stacked `[G, N, K]` weights
@@ -497,7 +501,8 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
         (m, nn, batch, if la == 1 { 0 } else { g.mat[0] }, if lb == 1 { 0 } else { g.mat[1] })
     };
     let mut gemm = Gemm {
-        dtype: out_ty.dtype,
+        dtype: operands,
+        out_dtype: out_ty.dtype,
         m: gm,
         n: gn,
         k,
@@ -519,7 +524,9 @@ fn lower_matmul(s: &Step, l: &Layout, ins: Vec<u64>, out: u64, transpose_b: bool
         Some((e, None)) => {
             let mut list: Vec<(u64, &TensorType)> = vec![(out, out_ty)];
             list.extend(ins[2..].iter().zip(&s.inputs[2..]).map(|(&a, o)| (a, &o.ty)));
-            work.push(fused_launch(e, &list, (out, out_ty))?);
+            let extra: Vec<DType> = extra.iter().map(|t| t.dtype).collect();
+            let (e, _) = epilogue_region(e, operands, out_ty.dtype, &extra);
+            work.push(fused_launch(&e, &list, (out, out_ty))?);
         }
     }
     gemm.gemv = super::gemm::gemv_launch(&gemm);

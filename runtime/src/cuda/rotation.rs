@@ -196,6 +196,9 @@ mod tests {
             let (x, extra): (&Value, Vec<&Value>) = (named(&s.inputs[0]), s.inputs[2..].iter().map(named).collect());
             let Op::MatMul { epilogue: Some(e), .. } = &s.op else { panic!("{:?}", s.op) };
             let mut scratch = Vec::new();
+            let mut dts = vec![x.ty.dtype];
+            dts.extend(extra.iter().map(|t| t.ty.dtype));
+            let dtypes = e.dtypes(&dts).unwrap();
             for (i, &w) in want["y"].data.iter().enumerate() {
                 let c = i % 8;
                 let (src, neg) = perm.source_of(c).unwrap();
@@ -204,7 +207,7 @@ mod tests {
                 // q itself (read by `q * cos`) is not broadcast.
                 let mut vals = vec![v0];
                 vals.extend(extra.iter().map(|t| t.data[if t.data.len() == 24 { (i / 16) * 8 + c } else { i }]));
-                assert_eq!(e.eval(&vals, &mut scratch, dt), w, "{dt} element {i}");
+                assert_eq!(e.eval(&vals, &mut scratch, &dtypes), w, "{dt} element {i}");
             }
         }
     }

@@ -73,7 +73,7 @@ impl CudaExec {
     fn untimeable(&self, i: usize) -> Option<&'static str> {
         let g = &self.gemms[i].gemm;
         let es = g.dtype.size() as u64;
-        let out = (g.c, (g.batch * g.m * g.n) as u64 * es);
+        let out = (g.c, (g.batch * g.m * g.n * g.out_dtype.size()) as u64);
         for (at, st) in self.states_at.iter().zip(&self.program.states) {
             if overlap(out.0, out.1, (self.layout.arena + at) as u64, st.ty.bytes() as u64) {
                 return Some("its output is a persistent state");
