@@ -37,7 +37,15 @@ fn kernels_check_compiles_everything_for_sm_90a() {
     let (ok, out) = kiln(&["kernels", "check", "--arch", "sm_90a", "--model", FIXTURE]);
     assert!(ok, "{out}");
     // The prefill's variants (issue 15) are checked too: hot, so a spill in one fails.
-    for k in ["attn_mma_bf16_d72", "attn_mma_bf16_d72_q128_s3_np_vs", "attn_mma_f16_d72_q128_k32", "attn_rows_f32", "layer_norm_bf16", "copy_b2", "fused_"] {
+    for k in [
+        "attn_mma_bf16_d72",
+        "attn_mma_bf16_d72_q128_s3_np_vs",
+        "attn_mma_f16_d72_q128_k32",
+        "attn_rows_f32",
+        "layer_norm_bf16",
+        "copy_b2",
+        "fused_",
+    ] {
         assert!(out.contains(k), "{k} missing from\n{out}");
     }
     assert!(out.contains("0 compile errors; 0 hot kernels spill"), "{out}");
@@ -131,7 +139,11 @@ fn compile_reads_validates_and_stores_the_tuning_table() {
     let p = kiln_graph::artifact::load_file(&with_attn).unwrap();
     assert_eq!(p.tuning[0].choice, "q128_s3");
     // This fixture has no head dim 72: no variant module is compiled into the artifact.
-    assert!(!p.binaries.iter().any(|b| b.name.starts_with("attention_var")), "{:?}", p.binaries.iter().map(|b| &b.name).collect::<Vec<_>>());
+    assert!(
+        !p.binaries.iter().any(|b| b.name.starts_with("attention_var")),
+        "{:?}",
+        p.binaries.iter().map(|b| &b.name).collect::<Vec<_>>()
+    );
     let (ok, out) = kiln(&["compile", FIXTURE, "--tuning", t, "-o", fresh.to_str().unwrap()]);
     assert!(!ok);
     assert!(out.contains("--tuning applies to the cuda backend, not cpu"), "{out}");

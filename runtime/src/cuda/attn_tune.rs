@@ -223,7 +223,10 @@ impl CudaExec {
                         v
                     }
                     None => {
-                        eprintln!("kiln cuda: attention {key}: the tuning table's \"{}\" is no variant of this kiln: the default kernel", e.choice);
+                        eprintln!(
+                            "kiln cuda: attention {key}: the tuning table's \"{}\" is no variant of this kiln: the default kernel",
+                            e.choice
+                        );
                         AttnVariant::default()
                     }
                 },
@@ -370,7 +373,14 @@ mod tests {
     fn program(tuning: Vec<TuningEntry>) -> Program {
         let s = so400m_step();
         let arena_bytes = 4 * s.output.ty.bytes();
-        let e = Entry { name: "forward".into(), inputs: vec![], outputs: vec![], steps: vec![s.clone(), s], arena_bytes, plan: Default::default() };
+        let e = Entry {
+            name: "forward".into(),
+            inputs: vec![],
+            outputs: vec![],
+            steps: vec![s.clone(), s],
+            arena_bytes,
+            plan: Default::default(),
+        };
         Program {
             model: "t".into(),
             backend: "cuda".into(),

@@ -73,6 +73,13 @@ pub fn driver_check() -> Result<()> {
     Ok(())
 }
 
+/// The name the driver gives device 0 (`cuDeviceGetName`): a tuning table's `card`.
+pub fn device_name() -> Result<String> {
+    driver_check()?;
+    let dev = cudarc::driver::result::device::get(0).map_err(|e| unsupported(format!("cuDeviceGet: {e:?}")))?;
+    cudarc::driver::result::device::get_name(dev).map_err(|e| unsupported(format!("cuDeviceGetName: {e:?}")))
+}
+
 /// Compiles every module `program` needs (the hand-written ones and its fused regions) for
 /// `arch` with NVRTC. Needs libnvrtc, no GPU.
 pub fn compile_binaries(program: &Program, arch: &str) -> Result<Vec<Binary>> {
