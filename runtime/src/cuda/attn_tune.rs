@@ -121,7 +121,8 @@ pub fn check_table(entries: &[TuningEntry]) -> std::result::Result<(), String> {
         let shape = AttentionShape::parse(&e.shape).ok_or_else(|| format!("entry {i}: attention shape \"{}\" unreadable", e.shape))?;
         let v = AttnVariant::parse(&e.choice).ok_or_else(|| format!("entry {i}: attention choice \"{}\" unreadable", e.choice))?;
         let half = matches!(shape.dtype, DType::BF16 | DType::F16);
-        if !v.is_default() && !(half && attn_variants(shape.d).contains(&v)) {
+        let exists = v.is_default() || (half && attn_variants(shape.d).contains(&v));
+        if !exists {
             let have: Vec<String> = attn_variants(shape.d).iter().map(|v| v.tag()).collect();
             return Err(format!(
                 "entry {i}: attention variant \"{}\" does not exist for {:?} head dim {} (kiln has: default{}{})",
