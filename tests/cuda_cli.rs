@@ -207,3 +207,48 @@ fn generation_artifacts_hold_every_cubin() {
     assert!(ok && out.contains(&format!("compile 1 with NVRTC at load ({gone})")), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln inspect` of a cuda artifact whose tuning table names a prefill variant for So400m's
+/// attention shape (head dim 72) prints, per card, the kernel that shape runs there; a load on
+/// that card needs the variant module (the load plan counts it among the modules to compile,
+/// the artifact holding no CUBIN).
+#[test]
+fn inspect_shows_the_tabled_attention_variant() {
+    use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
+    use kiln_graph::tuning::TuningEntry;
+    use kiln_graph::{Attention, DType, MaskKind, Op, TensorType};
+    let x = [32, 256, 16, 72];
+    let ty = TensorType::new(DType::BF16, x.to_vec());
+    let operand = |at: usize| Operand { slot: Slot::Arena { offset: at * ty.bytes(), bytes: ty.bytes() }, ty: ty.clone() };
+    let op = Op::Attention(Attention { scale: 72f32.powf(-0.5), softcap: None, mask: MaskKind::None });
+    let kernel = kiln_runtime::cuda::lower::kernel_for(&op, &[ty.clone(), ty.clone(), ty.clone()], &ty).unwrap();
+    let step = Step { node: 0, op, kernel, inputs: vec![operand(0), operand(1), operand(2)], output: operand(3) };
+    let entry = Entry {
+        name: "forward".into(),
+        inputs: vec![],
+        outputs: vec![],
+        steps: vec![step],
+        arena_bytes: 4 * ty.bytes(),
+        plan: Default::default(),
+    };
+    let mut p = Program::new("so400m attention", "cuda", "");
+    p.entries.push(entry);
+    let shape = "32x256x16x72 kv 256x16 BF16 none";
+    p.tuning = vec![TuningEntry {
+        card: "NVIDIA H200".into(),
+        kernel: "attention".into(),
+        shape: shape.into(),
+        choice: "q128_s3".into(),
+        us: Some(60.0),
+    }];
+    let dir = std::env::temp_dir().join(format!("kiln-cuda-attn-variant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("a.kiln");
+    kiln_graph::artifact::save_file(&art, &p).unwrap();
+    let (ok, out) = kiln(&["inspect", art.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("attn_mma_bf16_d72 "), "the step stores the default kernel:\n{out}");
+    assert!(out.contains(&format!("attention on NVIDIA H200: 1 step of {shape} run attn_mma_bf16_d72_q128_s3 (tuning table)")), "{out}");
+    assert!(out.contains("attention_var_bf16"), "the load compiles the variant module:\n{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -153,7 +153,8 @@ pub fn plan_lines(p: &Program) -> Vec<String> {
             }
         }
         for (shape, kernel, n) in seen {
-            lines.push(format!("attention on {card}: {n} steps of {shape} run {kernel} (tuning table)"));
+            let steps = if n == 1 { "step" } else { "steps" };
+            lines.push(format!("attention on {card}: {n} {steps} of {shape} run {kernel} (tuning table)"));
         }
     }
     lines
