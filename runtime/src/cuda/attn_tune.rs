@@ -277,6 +277,10 @@ impl CudaExec {
         let s = &g.shape;
         let dt = s.dtype;
         let (nq, nkv) = (s.batch * s.sq * s.hq * s.d, s.batch * s.sk * s.hkv * s.d);
+        let (bq, bkv) = ((nq * dt.size()) as u64, (nkv * dt.size()) as u64);
+        if [(q, bq), (k, bkv), (v, bkv)].iter().any(|&(a, n)| a < out + bq && out < a + n) {
+            return Ok(None); // the runs would overwrite their own inputs
+        }
         for (ptr, n, seed) in [(q, nq, 1u64), (k, nkv, 2), (v, nkv, 3)] {
             let bytes = random(n, dt, 0x9e37_79b9_7f4a_7c15 ^ seed);
             // SAFETY: q, k and v are the step's operands, of `n` elements each; the output is
