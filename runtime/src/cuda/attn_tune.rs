@@ -281,6 +281,7 @@ impl CudaExec {
         if [(q, bq), (k, bkv), (v, bkv)].iter().any(|&(a, n)| a < out + bq && out < a + n) {
             return Ok(None); // the runs would overwrite their own inputs
         }
+        drv("bind context", self.ctx.bind_to_thread())?;
         for (ptr, n, seed) in [(q, nq, 1u64), (k, nkv, 2), (v, nkv, 3)] {
             let bytes = random(n, dt, 0x9e37_79b9_7f4a_7c15 ^ seed);
             // SAFETY: q, k and v are the step's operands, of `n` elements each; the output is
