@@ -293,14 +293,16 @@ if want ncu; then
 fi
 
 if want tune; then
-  # Norm variants (issue 15): each load checks the warp-per-row kernels against the block
-  # ones on random rows (a variant that differs is REJECTED, never timed) and times the rest;
-  # every choice lands in $KILN_CUDA_TUNING_OUT with the GEMMs'.
+  # Norm and prefill attention variants (issue 15): each load checks the warp-per-row norm
+  # kernels against the block ones on random rows, and each attn_mma variant against the
+  # default kernel on random q/k/v of the model's shape (a variant that differs is REJECTED,
+  # never timed) and times the rest; every choice lands in $KILN_CUDA_TUNING_OUT with the
+  # GEMMs'. The variants' CUBINs come from the build's cache (kernels check), not NVRTC.
   wait
-  for cfg in "224 32" "896 2"; do
+  for cfg in "224 32" "448 8" "896 2"; do
     set -- $cfg
-    KILN_CUDA_TUNE=norms KILN_CUDA_VERBOSE=1 run "tune_$1_b$2" 120 "$kiln" bench "$models/siglip-so400m-14-$1" --backend cuda --dtype bf16 --batch "$2" --runs 10
-    grep -E "kiln cuda: (layer|rms)_norm" "$W/tune_$1_b$2.txt" | tee -a "$W/log.txt"
+    KILN_CUDA_TUNE=norms,attention KILN_CUDA_VERBOSE=1 run "tune_$1_b$2" 150 "$kiln" bench "$models/siglip-so400m-14-$1" --backend cuda --dtype bf16 --batch "$2" --runs 10
+    grep -E "kiln cuda: ((layer|rms)_norm|attention)" "$W/tune_$1_b$2.txt" | tee -a "$W/log.txt"
   done
   KILN_CUDA_TUNE=norms KILN_CUDA_VERBOSE=1 run tune_gemma 120 "$kiln" bench "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 1024 --runs 3
   grep -E "kiln cuda: (layer|rms)_norm" "$W/tune_gemma.txt" | tee -a "$W/log.txt"
@@ -315,7 +317,7 @@ log "done"
   [ -f "$W/parity_cube.txt" ] && echo "parity cube-cuda: $(grep -c 'PARITY OK' "$W/parity_cube.txt") ok, $(grep -c 'PARITY FAIL' "$W/parity_cube.txt") failed"
   [ -f "$W/fixtures.txt" ] && tail -1 "$W/fixtures.txt"
   for how in pinned pageable; do [ -f "$W/load_$how.txt" ] && echo "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"; done
-  cat "$W"/tune_*.txt 2>/dev/null | grep -E "kiln cuda: (layer|rms)_norm" | sort -u
+  cat "$W"/tune_*.txt 2>/dev/null | grep -E "kiln cuda: ((layer|rms)_norm|attention)" | sort -u
   [ -f "$W/tuning.json" ] && echo "tuning table: $(grep -c '"card"' "$W/tuning.json") entries measured (results.tgz: tuning.json)"
   "$py" scripts/device_summary.py "$rows"
 } > "$OUT/summary.txt" 2>&1

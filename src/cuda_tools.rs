@@ -32,13 +32,13 @@ impl Report {
     /// The table printed by the CLI.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
+            "{:<18} {:<34} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
             "module", "kernel", "hot", "regs", "smem", "stack", "spill-st", "spill-ld"
         );
         for r in &self.rows {
             s += &format!(
-                "{:<10} {:<28} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
-                if r.module.len() > 10 { &r.module[..10] } else { &r.module },
+                "{:<18} {:<34} {:>4} {:>5} {:>8} {:>6} {:>7} {:>7}\n",
+                if r.module.len() > 18 { &r.module[..18] } else { &r.module },
                 r.kernel,
                 if r.hot { "yes" } else { "" },
                 r.res.registers,
@@ -103,7 +103,8 @@ pub fn check(arch: &str, program: Option<&Program>) -> Result<Report> {
 pub const DEFAULT_TUNING: &str = include_str!("../tuning/cuda.json");
 
 /// Reads the tuning table (`spec`: a file, `none`, or the built-in one when `None`), validates
-/// it and stores its entries in `program`; returns a line saying what was stored.
+/// it (attention entries: against this build's prefill variants) and stores its entries in
+/// `program`; returns a line saying what was stored.
 pub fn attach_tuning(program: &mut Program, spec: Option<&std::path::Path>) -> Result<String> {
     use kiln_graph::tuning::TuningTable;
     let (table, from) = match spec {
@@ -115,6 +116,8 @@ pub fn attach_tuning(program: &mut Program, spec: Option<&std::path::Path>) -> R
         }
         None => (TuningTable::parse(DEFAULT_TUNING, "tuning/cuda.json (built in)").map_err(Error::Usage)?, "built-in tuning table".into()),
     };
+    // The attention entries name kernels of this build (the table's format cannot say which).
+    kiln_runtime::cuda::attn_tune::check_table(&table.entries).map_err(|e| Error::Usage(format!("{from}: {e}")))?;
     let mut cards: Vec<&str> = table.entries.iter().map(|e| e.card.as_str()).collect();
     cards.dedup();
     cards.sort_unstable();

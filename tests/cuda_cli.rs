@@ -36,7 +36,16 @@ fn kernels_check_compiles_everything_for_sm_90a() {
     }
     let (ok, out) = kiln(&["kernels", "check", "--arch", "sm_90a", "--model", FIXTURE]);
     assert!(ok, "{out}");
-    for k in ["attn_mma_bf16_d72", "attn_rows_f32", "layer_norm_bf16", "copy_b2", "fused_"] {
+    // The prefill's variants (issue 15) are checked too: hot, so a spill in one fails.
+    for k in [
+        "attn_mma_bf16_d72",
+        "attn_mma_bf16_d72_q128_s3_np_vs",
+        "attn_mma_f16_d72_q128_k32",
+        "attn_rows_f32",
+        "layer_norm_bf16",
+        "copy_b2",
+        "fused_",
+    ] {
         assert!(out.contains(k), "{k} missing from\n{out}");
     }
     assert!(out.contains("0 compile errors; 0 hot kernels spill"), "{out}");
@@ -114,6 +123,27 @@ fn compile_reads_validates_and_stores_the_tuning_table() {
     assert!(!ok);
     assert!(out.contains("bad.json: entry 1: a second entry for card \"NVIDIA H200\""), "{out}");
     assert!(!fresh.exists());
+    // An attention entry naming a variant this build lacks for the shape is refused by entry.
+    let attn = |choice: &str| {
+        format!(r#"{{"card": "NVIDIA H200", "kernel": "attention", "shape": "32x256x16x72 kv 256x16 BF16 none", "choice": "{choice}"}}"#)
+    };
+    std::fs::write(&bad, format!(r#"{{"format": "kiln-tuning", "version": 1, "entries": [{entry}, {}]}}"#, attn("q128"))).unwrap();
+    let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "--tuning", bad.to_str().unwrap(), "-o", fresh.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("bad.json: entry 1: attention variant \"q128\" does not exist for BF16 head dim 72"), "{out}");
+    assert!(!fresh.exists());
+    std::fs::write(&bad, format!(r#"{{"format": "kiln-tuning", "version": 1, "entries": [{}]}}"#, attn("q128_s3"))).unwrap();
+    let with_attn = dir.join("attn.kiln");
+    let (ok, out) = kiln(&["compile", FIXTURE, "--backend", "cuda", "--tuning", bad.to_str().unwrap(), "-o", with_attn.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let p = kiln_graph::artifact::load_file(&with_attn).unwrap();
+    assert_eq!(p.tuning[0].choice, "q128_s3");
+    // This fixture has no head dim 72: no variant module is compiled into the artifact.
+    assert!(
+        !p.binaries.iter().any(|b| b.name.starts_with("attention_var")),
+        "{:?}",
+        p.binaries.iter().map(|b| &b.name).collect::<Vec<_>>()
+    );
     let (ok, out) = kiln(&["compile", FIXTURE, "--tuning", t, "-o", fresh.to_str().unwrap()]);
     assert!(!ok);
     assert!(out.contains("--tuning applies to the cuda backend, not cpu"), "{out}");
@@ -175,5 +205,50 @@ fn generation_artifacts_hold_every_cubin() {
     kiln_graph::artifact::save_file(&short, &lacking).unwrap();
     let (ok, out) = kiln(&["inspect", short.to_str().unwrap()]);
     assert!(ok && out.contains(&format!("compile 1 with NVRTC at load ({gone})")), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kiln inspect` of a cuda artifact whose tuning table names a prefill variant for So400m's
+/// attention shape (head dim 72) prints, per card, the kernel that shape runs there; a load on
+/// that card needs the variant module (the load plan counts it among the modules to compile,
+/// the artifact holding no CUBIN).
+#[test]
+fn inspect_shows_the_tabled_attention_variant() {
+    use kiln_graph::program::{Entry, Operand, Program, Slot, Step};
+    use kiln_graph::tuning::TuningEntry;
+    use kiln_graph::{Attention, DType, MaskKind, Op, TensorType};
+    let x = [32, 256, 16, 72];
+    let ty = TensorType::new(DType::BF16, x.to_vec());
+    let operand = |at: usize| Operand { slot: Slot::Arena { offset: at * ty.bytes(), bytes: ty.bytes() }, ty: ty.clone() };
+    let op = Op::Attention(Attention { scale: 72f32.powf(-0.5), softcap: None, mask: MaskKind::None });
+    let kernel = kiln_runtime::cuda::lower::kernel_for(&op, &[ty.clone(), ty.clone(), ty.clone()], &ty).unwrap();
+    let step = Step { node: 0, op, kernel, inputs: vec![operand(0), operand(1), operand(2)], output: operand(3) };
+    let entry = Entry {
+        name: "forward".into(),
+        inputs: vec![],
+        outputs: vec![],
+        steps: vec![step],
+        arena_bytes: 4 * ty.bytes(),
+        plan: Default::default(),
+    };
+    let mut p = Program::new("so400m attention", "cuda", "");
+    p.entries.push(entry);
+    let shape = "32x256x16x72 kv 256x16 BF16 none";
+    p.tuning = vec![TuningEntry {
+        card: "NVIDIA H200".into(),
+        kernel: "attention".into(),
+        shape: shape.into(),
+        choice: "q128_s3".into(),
+        us: Some(60.0),
+    }];
+    let dir = std::env::temp_dir().join(format!("kiln-cuda-attn-variant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("a.kiln");
+    kiln_graph::artifact::save_file(&art, &p).unwrap();
+    let (ok, out) = kiln(&["inspect", art.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("attn_mma_bf16_d72 "), "the step stores the default kernel:\n{out}");
+    assert!(out.contains(&format!("attention on NVIDIA H200: 1 step of {shape} run attn_mma_bf16_d72_q128_s3 (tuning table)")), "{out}");
+    assert!(out.contains("attention_var_bf16"), "the load compiles the variant module:\n{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,8 @@
 //! axis ops at sizes that use every path of their kernels (scans of several chunks, ties
 //! in top-k, repeated scatter indices), with partially broadcast batched matmuls; the
 //! small-M GEMV (forced on, so its correctness does not depend on a timing) and residual
-//! epilogues in bf16, f16 and f32.
+//! epilogues in bf16, f16 and f32; every variant of the tensor-core prefill (forced through a
+//! tuning table for this card) at head dim 72 with every mask kind.
 //!
 //! Runs only where an NVIDIA driver is present (scripts/device_cuda.sh, which sets
 //! KILN_REQUIRE_GPU=1 so that a missing driver fails instead of skipping).
@@ -13,8 +14,10 @@
 use kiln_graph::interp::{run, Value};
 use kiln_graph::passes::Pipeline;
 use kiln_graph::program::Program;
+use kiln_graph::tuning::{AttentionShape, TuningEntry};
 use kiln_graph::{Attention, BinaryOp, DType, Graph, MaskKind, NodeId, Op, ResizeMode, TensorType, UnaryOp};
-use kiln_runtime::cuda::{tune::GemvMode, CudaBackend};
+use kiln_kernels::cuda::attn::AttnVariant;
+use kiln_runtime::cuda::{attn_tune, tune::GemvMode, CudaBackend};
 use kiln_runtime::{Backend, Session, Tensor, WeightStore};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +52,11 @@ fn error(name: &str, g: Graph) -> f64 {
 
 /// [`error`] with the GEMV forced `on` or `off`, or chosen by measurement (`Auto`).
 fn error_with(name: &str, g: Graph, gemv: GemvMode) -> f64 {
+    error_tuned(name, g, gemv, vec![])
+}
+
+/// [`error_with`] with a tuning table stored in the program (its choices apply at load).
+fn error_tuned(name: &str, g: Graph, gemv: GemvMode, tuning: Vec<TuningEntry>) -> f64 {
     let mut ivals = HashMap::new();
     let mut tensors = Vec::new();
     for (i, (_, n, ty)) in g.inputs().enumerate() {
@@ -62,8 +70,23 @@ fn error_with(name: &str, g: Graph, gemv: GemvMode) -> f64 {
     let mut program = Program::new(name, "cuda", "");
     let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
-    let kernels: Vec<String> = entry.steps.iter().map(|s| s.kernel.clone()).collect();
+    let mut kernels: Vec<String> = entry.steps.iter().map(|s| s.kernel.clone()).collect();
+    // A prefill step the table names a variant for shows it; an attention entry that applies
+    // to no step would test the default kernel in its place: a failure.
+    for (k, s) in kernels.iter_mut().zip(&entry.steps) {
+        let named = tuning.iter().find_map(|e| attn_tune::tabled(s, &tuning, &e.card));
+        if let (Some(v), Some((t, d, _))) = (named, AttnVariant::of_kernel(&s.kernel)) {
+            *k = v.kernel(t, d);
+        }
+    }
+    if tuning.iter().any(|e| e.kernel == "attention")
+        && !kernels.iter().any(|k| AttnVariant::of_kernel(k).is_some_and(|x| !x.2.is_default()))
+    {
+        println!("{name:<48} VARIANT NOT APPLIED: no step matches {tuning:?}  kernels {kernels:?}");
+        return f64::INFINITY;
+    }
     program.entries.push(entry);
+    program.tuning = tuning;
     // A failure is reported and counted, not a panic: the test goes on to the next case, so
     // one run on a lent GPU shows every failing case.
     let mut s = match Session::with_backend(program, Arc::new(WeightStore::empty()), &backend) {
@@ -427,4 +450,84 @@ fn gemv_decode_shapes_timed_at_load() {
     let t = std::time::Instant::now();
     Session::with_backend(program, Arc::new(WeightStore::empty()), &backend).unwrap();
     println!("loaded (tuning included) in {:.2} s", t.elapsed().as_secs_f64());
+}
+
+/// The prefill cases every variant runs (name, graph, shape key): every mask kind, query and
+/// key counts that are no multiple of the tiles, and enough keys for the stage ring to wrap.
+fn variant_cases(dt: DType, d: usize) -> Vec<(&'static str, Graph, AttentionShape)> {
+    let pos = MaskKind::Positions(kiln_graph::PosMask { window: Some(16), padding: true, prefix: true });
+    let cases = [
+        ("none", 2, 100, 100, 4, 4, MaskKind::None, None, "none"),
+        ("none long", 1, 300, 520, 2, 2, MaskKind::None, None, "none"),
+        ("causal gqa softcap", 1, 130, 130, 8, 4, MaskKind::Causal { q_offset: 0 }, Some(50.0), "causal"),
+        ("window", 1, 200, 200, 2, 1, MaskKind::SlidingWindow { q_offset: 0, window: 48 }, None, "sliding"),
+        ("prefix additive", 2, 70, 70, 2, 2, MaskKind::Additive, None, "additive"),
+        ("positions prefill window prefix", 2, 70, 70, 2, 2, pos, Some(50.0), "positions"),
+    ];
+    let mut out = Vec::new();
+    for (what, b, sq, sk, hq, hkv, mask, softcap, mask_name) in cases {
+        let mut g = Graph::new();
+        let q = input(&mut g, "q", dt, &[b, sq, hq, d]);
+        let k = input(&mut g, "k", dt, &[b, sk, hkv, d]);
+        let v = input(&mut g, "v", dt, &[b, sk, hkv, d]);
+        let mut ins = vec![q, k, v];
+        if mask == MaskKind::Additive {
+            ins.push(input(&mut g, "mask", dt, &[b, sq, sk]));
+        }
+        if let MaskKind::Positions(_) = mask {
+            let keep: Vec<f64> = (0..b * sk).map(|x| f64::from(u8::from(x < sk || x % sk >= 5))).collect();
+            ins.push(g.constant(DType::I64, &[1], vec![0.0]).unwrap());
+            ins.push(g.constant(DType::I64, &[b, sk], keep).unwrap());
+            ins.push(g.constant(DType::I64, &[b], (0..b).map(|r| if r == 0 { 20.0 } else { 0.0 }).collect()).unwrap());
+        }
+        let y = g.push(Op::Attention(Attention { scale: 1.0 / (d as f32).sqrt(), softcap, mask }), &ins).unwrap();
+        g.output("y", y);
+        let shape = AttentionShape { batch: b, sq, hq, d, sk, hkv, dtype: dt, mask: mask_name.into(), softcap: softcap.is_some() };
+        out.push((what, g, shape));
+    }
+    out
+}
+
+fn variant_entry(card: &str, shape: &AttentionShape, tag: &str) -> TuningEntry {
+    TuningEntry { card: card.into(), kernel: "attention".into(), shape: shape.key(), choice: tag.into(), us: None }
+}
+
+/// Without a GPU: each case's tuning entry names its prefill step (else the device test would
+/// run the default kernel in the variant's place).
+#[test]
+fn the_variant_cases_name_their_steps() {
+    let backend = CudaBackend::default();
+    for dt in [DType::BF16, DType::F16] {
+        for (what, g, shape) in variant_cases(dt, 72) {
+            let opt = Pipeline::standard().run(&g, None).unwrap();
+            let mut program = Program::new(what, "cuda", "");
+            let namer = |op: &Op, ins: &[TensorType], out: &TensorType| backend.kernel_for(op, ins, out).unwrap();
+            let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+            let tuning = [variant_entry("some card", &shape, "q128_s3")];
+            let named: Vec<_> = entry.steps.iter().filter_map(|s| attn_tune::tabled(s, &tuning, "some card")).collect();
+            assert_eq!(named, [AttnVariant::parse("q128_s3").unwrap()], "{dt} {what}: {}", shape.key());
+        }
+    }
+}
+
+/// Every variant of the tensor-core prefill (kiln-kernels' `ATTN_VARIANTS`), forced through a
+/// tuning table entry for this card, against the interpreter on [`variant_cases`].
+#[test]
+fn attention_variants_match_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    let card = kiln_runtime::cuda::device_name().unwrap();
+    let mut failures = Vec::new();
+    for dt in [DType::BF16, DType::F16] {
+        for &(d, tag) in kiln_kernels::cuda::attn::ATTN_VARIANTS {
+            for (what, g, shape) in variant_cases(dt, d) {
+                let name = format!("attention {dt} d{d} {tag} {what}");
+                if error_tuned(&name, g, GemvMode::Auto, vec![variant_entry(&card, &shape, tag)]) > 2e-2 {
+                    failures.push(name);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
 }

@@ -14,17 +14,23 @@
 //!
 //! - `card`: the name the CUDA driver gives the device (`cuDeviceGetName`).
 //! - `kernel`: what is chosen: `gemm` (kiln's GEMV or one of cuBLASLt's algorithms for one
-//!   GEMM shape), `layer_norm` or `rms_norm` (the block-per-row or the warp-per-row kernel).
+//!   GEMM shape), `layer_norm` or `rms_norm` (the block-per-row or the warp-per-row kernel),
+//!   `attention` (the tensor-core prefill kernel or one of its variants).
 //! - `shape`: the key the runtime prints for that kernel (`KILN_CUDA_VERBOSE=1`): for a GEMM
-//!   `MxNxK DTYPE[ tb][+epilogue][ batch B strides SA/SB]`, for a norm `ROWSxD DTYPE`.
+//!   `MxNxK DTYPE[ tb][+epilogue][ batch B strides SA/SB]`, for a norm `ROWSxD DTYPE`, for
+//!   attention `BxSQxHQxD kv SKxHKV DTYPE MASK[ softcap]` ([`AttentionShape`]).
 //! - `choice`: for `gemm`, `gemv` or `cublaslt:<i>` (the i-th of cuBLASLt's heuristic
-//!   candidates); for a norm, `block` or `warp`.
+//!   candidates); for a norm, `block` or `warp`; for attention, `default` or the variant's
+//!   flags joined by `_` in the order of [`ATTENTION_FLAGS`] (`q128_s3`: the kernel
+//!   `attn_mma_bf16_d72_q128_s3`; which variants exist per head dim is kiln-kernels' list,
+//!   checked when `kiln compile` reads the table).
 //! - `us`: optional, the time per call the choice measured (microseconds), for people.
 //!
 //! A load writes the choices it measured as such a table when `KILN_CUDA_TUNING_OUT` names a
 //! file (merged into the file's entries when it exists), which is how the device script
 //! makes one.
 
+use crate::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -33,7 +39,69 @@ pub const FORMAT: &str = "kiln-tuning";
 /// The table version this kiln reads and writes.
 pub const VERSION: u32 = 1;
 /// The kernels a table may choose for.
-pub const KERNELS: &[&str] = &["gemm", "layer_norm", "rms_norm"];
+pub const KERNELS: &[&str] = &["gemm", "layer_norm", "rms_norm", "attention"];
+/// The variant flags an attention choice may name, in suffix order (kiln-kernels'
+/// `ATTN_FLAGS`; a runtime test keeps the two equal).
+pub const ATTENTION_FLAGS: [&str; 5] = ["q128", "s3", "np", "vs", "k32"];
+/// The mask kinds of an attention shape key.
+pub const ATTENTION_MASKS: [&str; 5] = ["none", "causal", "sliding", "additive", "positions"];
+
+/// The shape key of an attention step: `BxSQxHQxD kv SKxHKV DTYPE MASK[ softcap]`, e.g.
+/// `32x256x16x72 kv 256x16 BF16 none` (So400m at 224 px, batch 32).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub sq: usize,
+    pub hq: usize,
+    pub d: usize,
+    pub sk: usize,
+    pub hkv: usize,
+    pub dtype: DType,
+    /// One of [`ATTENTION_MASKS`].
+    pub mask: String,
+    pub softcap: bool,
+}
+
+impl AttentionShape {
+    /// The table's spelling.
+    pub fn key(&self) -> String {
+        let cap = if self.softcap { " softcap" } else { "" };
+        let (b, sq, hq, d, sk, hkv) = (self.batch, self.sq, self.hq, self.d, self.sk, self.hkv);
+        format!("{b}x{sq}x{hq}x{d} kv {sk}x{hkv} {:?} {}{cap}", self.dtype, self.mask)
+    }
+
+    /// Reads a key written by [`AttentionShape::key`].
+    pub fn parse(s: &str) -> Option<AttentionShape> {
+        let parts: Vec<&str> = s.split(' ').collect();
+        let (q, kv, dt, mask, cap) = match parts.as_slice() {
+            [q, "kv", kv, dt, mask] => (q, kv, dt, mask, false),
+            [q, "kv", kv, dt, mask, "softcap"] => (q, kv, dt, mask, true),
+            _ => return None,
+        };
+        let dims = |x: &str| x.split('x').map(|n| n.parse::<usize>().ok().filter(|&n| n > 0)).collect::<Option<Vec<usize>>>();
+        let (q, kv) = (dims(q)?, dims(kv)?);
+        let ([batch, sq, hq, d], [sk, hkv]) = (q.as_slice(), kv.as_slice()) else { return None };
+        let dtype = DType::parse(&dt.to_ascii_lowercase()).filter(|t| t.is_float() && format!("{t:?}") == *dt)?;
+        ATTENTION_MASKS.contains(mask).then_some(())?;
+        let mask = mask.to_string();
+        Some(AttentionShape { batch: *batch, sq: *sq, hq: *hq, d: *d, sk: *sk, hkv: *hkv, dtype, mask, softcap: cap })
+    }
+}
+
+/// Whether `choice` is `default` or variant flags in [`ATTENTION_FLAGS`] order, each once.
+pub fn attention_choice_ok(choice: &str) -> bool {
+    if choice == "default" {
+        return true;
+    }
+    let mut next = 0;
+    for part in choice.split('_') {
+        match ATTENTION_FLAGS.iter().position(|f| *f == part) {
+            Some(i) if i >= next => next = i + 1,
+            _ => return false,
+        }
+    }
+    true
+}
 
 /// One measured choice.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +173,22 @@ impl TuningEntry {
         }
         if self.kernel.ends_with("_norm") && !matches!(self.choice.as_str(), "block" | "warp") {
             return Err(format!("choice \"{}\" for a {}: expected \"block\" or \"warp\"", self.choice, self.kernel));
+        }
+        if self.kernel == "attention" {
+            if AttentionShape::parse(&self.shape).is_none() {
+                return Err(format!(
+                    "attention shape \"{}\": expected \"BxSQxHQxD kv SKxHKV DTYPE MASK[ softcap]\" (DTYPE F32, BF16 or F16; MASK one of {})",
+                    self.shape,
+                    ATTENTION_MASKS.join(", ")
+                ));
+            }
+            if !attention_choice_ok(&self.choice) {
+                return Err(format!(
+                    "choice \"{}\" for attention: expected \"default\" or variant flags joined by _ in this order: {}",
+                    self.choice,
+                    ATTENTION_FLAGS.join(", ")
+                ));
+            }
         }
         if let Some(us) = self.us {
             if !us.is_finite() || us < 0.0 {
@@ -215,9 +299,17 @@ mod tests {
             (r#"{"format": "kiln-tuning", "version": 1}"#.to_string(), "missing field `entries`"),
             (table(&entry("", "gemm", "1x2x3 F32", "gemv")), "entry 0: `card` is empty"),
             (
-                table(&entry("H200", "attention", "1x2x3 F32", "gemv")),
-                "kernel \"attention\" is not one kiln tunes (known: gemm, layer_norm, rms_norm)",
+                table(&entry("H200", "softmax", "1x2x3 F32", "gemv")),
+                "kernel \"softmax\" is not one kiln tunes (known: gemm, layer_norm, rms_norm, attention)",
             ),
+            (table(&entry("H200", "attention", "1x2x3 F32", "default")), "attention shape \"1x2x3 F32\": expected"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 BF16 window", "default")), "MASK one of none, causal"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 bf16 none", "default")), "DTYPE F32, BF16 or F16"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 I32 none", "default")), "attention shape"),
+            (table(&entry("H200", "attention", "32x0x16x72 kv 256x16 BF16 none", "default")), "attention shape"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 BF16 none", "s3_q128")), "choice \"s3_q128\" for attention"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 BF16 none", "fast")), "q128, s3, np, vs, k32"),
+            (table(&entry("H200", "attention", "32x256x16x72 kv 256x16 BF16 none", "s3_s3")), "choice \"s3_s3\""),
             (table(&entry("H200", "gemm", "", "gemv")), "`shape` is empty"),
             (table(&entry("H200", "gemm", "1x2x3 F32", "cublaslt:")), "choice \"cublaslt:\""),
             (table(&entry("H200", "gemm", "1x2x3 F32", "cublaslt:-1")), "choice \"cublaslt:-1\""),
@@ -234,6 +326,29 @@ mod tests {
             let e = TuningTable::parse(&text, "bad.json").unwrap_err();
             assert!(e.starts_with("tuning table bad.json: "), "{e}");
             assert!(e.contains(want), "{text}: {e} (wanted {want})");
+        }
+    }
+
+    #[test]
+    fn attention_entries_read_back_with_their_shapes() {
+        let text = table(
+            r#"{"card": "NVIDIA H200", "kernel": "attention", "shape": "32x256x16x72 kv 256x16 BF16 none", "choice": "q128_s3", "us": 75.5},
+               {"card": "NVIDIA H200", "kernel": "attention", "shape": "1x1024x8x256 kv 1024x4 BF16 causal softcap", "choice": "default"}"#,
+        );
+        let t = TuningTable::parse(&text, "t.json").unwrap();
+        assert_eq!(TuningTable::parse(&t.to_json(), "again").unwrap(), t);
+        let s = AttentionShape::parse(&t.entries[0].shape).unwrap();
+        assert_eq!((s.batch, s.sq, s.hq, s.d, s.sk, s.hkv, s.dtype), (32, 256, 16, 72, 256, 16, DType::BF16));
+        assert_eq!((s.mask.as_str(), s.softcap), ("none", false));
+        assert_eq!(s.key(), t.entries[0].shape);
+        let g = AttentionShape::parse(&t.entries[1].shape).unwrap();
+        assert!(g.softcap && g.mask == "causal" && g.key() == t.entries[1].shape);
+        assert!(lookup(&t.entries, "NVIDIA H200", "attention", "32x256x16x72 kv 256x16 BF16 none").is_some());
+        for ok in ["default", "q128", "q128_s3_np_vs_k32", "np_vs"] {
+            assert!(attention_choice_ok(ok), "{ok}");
+        }
+        for bad in ["", "_", "q128_", "vs_np", "default_s3", "Q128"] {
+            assert!(!attention_choice_ok(bad), "{bad}");
         }
     }
 

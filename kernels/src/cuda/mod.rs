@@ -11,6 +11,7 @@
 //! Launch parameters are `#[repr(C)]` structs passed by value ([`AttnParams`] and friends):
 //! their layouts must match the structs of the same name in the `.cu` files.
 
+pub mod attn;
 pub mod fused;
 pub mod gemv;
 #[cfg(feature = "cuda")]
@@ -18,6 +19,8 @@ pub mod nvrtc;
 
 /// Helpers every module includes (half conversions, warp reductions, masks).
 pub const COMMON: &str = include_str!("common.cuh");
+/// The tensor-core prefill's template, which the attention modules include.
+pub const ATTENTION_MMA: &str = include_str!("attention_mma.cuh");
 
 /// One NVRTC compilation unit.
 #[derive(Clone, Debug)]
@@ -67,10 +70,11 @@ pub fn mma_smem(d: usize) -> usize {
 }
 
 /// The dynamic shared memory a kernel needs beyond the default 48 KiB limit, which its
-/// function attribute must allow before launch: the tensor-core attention kernels.
+/// function attribute must allow before launch: the tensor-core attention kernels and their
+/// variants ([`attn::AttnVariant::smem`]).
 pub fn dynamic_smem(kernel: &str) -> Option<usize> {
-    let d: usize = kernel.strip_prefix("attn_mma_")?.split("_d").nth(1)?.parse().ok()?;
-    Some(mma_smem(d))
+    let (_, d, v) = attn::AttnVariant::of_kernel(kernel)?;
+    Some(v.smem(d))
 }
 
 fn module(name: &str, body: &str, kernels: Vec<Kernel>) -> Module {
@@ -81,7 +85,14 @@ fn k(name: String, hot: bool) -> Kernel {
     Kernel { name, hot }
 }
 
-/// Every hand-written module with its kernels.
+/// Whether module `name` is compiled only where a program needs it (the prefill's variants,
+/// `attention_var_<t>`), rather than for every cuda program.
+pub fn on_demand(name: &str) -> bool {
+    name.starts_with("attention_var_")
+}
+
+/// Every hand-written module with its kernels; [`on_demand`] says which of them a program
+/// needs only when it launches one of their kernels.
 pub fn modules() -> Vec<Module> {
     let mut att = Vec::new();
     for t in FLOAT_TYPES {
@@ -124,13 +135,21 @@ pub fn modules() -> Vec<Module> {
     for t in ["f32", "bf16", "f16", "i32", "i64"] {
         data.push(k(format!("iota_{t}"), false));
     }
-    vec![
-        module("attention", include_str!("attention.cu"), att),
+    let attention = format!("{ATTENTION_MMA}\n{}", include_str!("attention.cu"));
+    let mut v = vec![
+        module("attention", &attention, att),
         module("norm", include_str!("norm.cu"), norm),
         module("data", include_str!("data.cu"), data),
         module("index", include_str!("index.cu"), index_kernels()),
         gemv::gemv_module(),
-    ]
+    ];
+    for (t, ty) in [("bf16", "bf16"), ("f16", "f16")] {
+        let kernels =
+            attn::ATTN_VARIANTS.iter().filter_map(|&(d, tag)| attn::AttnVariant::parse(tag).map(|a| k(a.kernel(t, d), true))).collect();
+        let body = format!("{ATTENTION_MMA}\n{}\nMMA_VARIANTS({t}, {ty})\n", include_str!("attention_var.cu"));
+        v.push(module(&format!("attention_var_{t}"), &body, kernels));
+    }
+    v
 }
 
 /// Element types of cumsum and scatter-add (`bool` sums to "any").
@@ -430,6 +449,10 @@ mod tests {
             ["attn", "mma" | "mma2", t, d] => {
                 src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
             }
+            ["attn", "mma", t, _, _, ..] => {
+                let Some((_, d, v)) = attn::AttnVariant::of_kernel(name) else { return false };
+                src.contains(&format!("MMA_VARIANTS({t},")) && src.contains(&variant_line(d, v))
+            }
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
             ["layer" | "rms", "norm", "warp", t] => src.contains(&format!("NORMS_WARP({t},")),
             ["residual", "rms", "norm", t] => src.contains(&format!("RESIDUAL({t},")),
@@ -460,6 +483,30 @@ mod tests {
         }
     }
 
+    /// The `MMAV` line of `attention_var.cu` that instantiates variant `v` at head dim `d`.
+    fn variant_line(d: usize, v: attn::AttnVariant) -> String {
+        let (mt, st) = (if v.q128 { 2 } else { 1 }, if v.s3 { 3 } else { 2 });
+        format!("MMAV(t, T, {d}, {}, _{}, {mt}, {st}, {}, {})", v.bk(d), v.tag(), !v.np, v.vs)
+    }
+
+    #[test]
+    fn the_variant_list_matches_the_instantiations() {
+        let src = include_str!("attention_var.cu");
+        let lines: Vec<&str> = src.lines().map(str::trim).filter(|l| l.starts_with("MMAV(t, T,")).collect();
+        assert_eq!(lines.len(), attn::ATTN_VARIANTS.len(), "{lines:?}");
+        for &(d, tag) in attn::ATTN_VARIANTS {
+            let line = variant_line(d, attn::AttnVariant::parse(tag).unwrap());
+            assert!(lines.iter().any(|l| l.starts_with(&line)), "no `{line}` in attention_var.cu");
+        }
+        let var: Vec<Module> = modules().into_iter().filter(|m| on_demand(&m.name)).collect();
+        assert_eq!(var.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["attention_var_bf16", "attention_var_f16"]);
+        for m in &var {
+            assert_eq!(m.kernels.len(), attn::ATTN_VARIANTS.len());
+            assert!(m.kernels.iter().all(|k| k.hot && attn::attn_kernel_exists(&k.name)));
+        }
+        assert!(!on_demand("attention"));
+    }
+
     #[test]
     fn param_structs_have_the_c_layout() {
         assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4);
@@ -483,6 +530,7 @@ mod tests {
         }
         assert_eq!(mma_smem(72), (64 + 4 * 64) * 88 * 2);
         assert_eq!(dynamic_smem("attn_mma_bf16_d256"), Some(mma_smem(256)));
+        assert_eq!(dynamic_smem("attn_mma_bf16_d72_q128_s3"), Some((128 + 3 * 64) * 88 * 2));
         assert_eq!(dynamic_smem("attn_rows_bf16"), None);
     }
 }

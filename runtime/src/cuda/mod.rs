@@ -12,6 +12,7 @@
 //! Status: the lowering ([`lower`]) and kernel compilation are tested without a GPU; the
 //! executor ([`exec`]) runs on a GPU only (scripts/device_cuda.sh).
 
+pub mod attn_tune;
 pub mod exec;
 mod fused_codegen;
 pub mod gemm;
@@ -72,10 +73,19 @@ pub fn driver_check() -> Result<()> {
     Ok(())
 }
 
+/// The name the driver gives device 0 (`cuDeviceGetName`): a tuning table's `card`.
+pub fn device_name() -> Result<String> {
+    driver_check()?;
+    let dev = cudarc::driver::result::device::get(0).map_err(|e| unsupported(format!("cuDeviceGet: {e:?}")))?;
+    cudarc::driver::result::device::get_name(dev).map_err(|e| unsupported(format!("cuDeviceGetName: {e:?}")))
+}
+
 /// Compiles every module `program` needs (the hand-written ones and its fused regions) for
 /// `arch` with NVRTC. Needs libnvrtc, no GPU.
 pub fn compile_binaries(program: &Program, arch: &str) -> Result<Vec<Binary>> {
-    compile_modules(program, arch, None)
+    // What a load needs: every module but the on-demand variants no tuning entry names.
+    let need = plan::kernel_plan(program, arch).map_err(unsupported)?;
+    compile_modules(program, arch, Some(&need.needed))
 }
 
 /// [`compile_binaries`] of the modules named in `only` (all when `None`).
@@ -146,9 +156,14 @@ impl Backend for CudaBackend {
         }
         let arch = device_arch()?;
         // The stored CUBINs of this architecture; NVRTC compiles only what they lack.
-        let need = plan::kernel_plan(program, &arch).map_err(unsupported)?;
+        let mut need = plan::kernel_plan(program, &arch).map_err(unsupported)?;
         let mut binaries: Vec<Binary> =
             program.binaries.iter().filter(|b| b.backend == "cuda" && b.arch == arch && !b.code.is_empty()).cloned().collect();
+        if attn_tune::tuning_requested() {
+            // Measuring the prefill's variants needs their modules, stored or not.
+            let stored: Vec<String> = binaries.iter().map(|b| b.name.clone()).collect();
+            need.missing.extend(attn_tune::tunable_modules(program).into_iter().filter(|m| !stored.contains(m)));
+        }
         if !need.compiles_none() {
             if binaries.is_empty() && !program.binaries.is_empty() {
                 let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();

@@ -16,7 +16,8 @@ pub struct KernelPlan {
     /// The architecture asked about (`sm_90a`).
     pub arch: String,
     /// Every module a load loads: kiln's hand-written modules (the executor may launch any of
-    /// them: GEMV, the state row gather, the norm variants) and each fused region's module.
+    /// them: GEMV, the state row gather, the norm variants; the prefill's variant modules only
+    /// where the tuning table names one) and each fused region's module.
     pub needed: BTreeSet<String>,
     /// Those the artifact holds no CUBIN of for `arch`: compiled with NVRTC at load.
     pub missing: BTreeSet<String>,
@@ -33,8 +34,11 @@ impl KernelPlan {
 /// step's lowering launches, on the program as a load lays it out) and which of them the
 /// artifact lacks as CUBINs for `arch`.
 pub fn kernel_plan(program: &Program, arch: &str) -> Result<KernelPlan, String> {
-    let mut needed: BTreeSet<String> = kiln_kernels::cuda::modules().into_iter().map(|m| m.name).collect();
+    let all = kiln_kernels::cuda::modules().into_iter().map(|m| m.name);
+    let mut needed: BTreeSet<String> = all.filter(|m| !kiln_kernels::cuda::on_demand(m)).collect();
     needed.extend(lower::regions(program)?.into_iter().map(|r| r.name));
+    // The prefill variants the tuning table names for some card (`attn_tune`).
+    needed.extend(super::attn_tune::tabled_modules(program));
     // The launches themselves, lowered as a load lowers them (states moved into the arena), so
     // a module the lowering names beyond the lists above is counted too.
     let (laid, _) = crate::states::states_in_arena(program);
@@ -98,5 +102,6 @@ pub fn load_plan(program: &Program, store: Option<&WeightStore>) -> String {
         0 => "GEMM choices: timed at load (no tuning table stored)".into(),
         n => format!("GEMM choices: read from the stored tuning table ({n} entries) where it has the card and shape, else timed at load"),
     });
+    lines.extend(super::attn_tune::plan_lines(program));
     lines.join("\n")
 }

@@ -257,6 +257,7 @@ impl CudaExec {
             eprintln!("kiln cuda: {n} GEMMs ({timed} shapes timed): {gemv} run as kiln's GEMV, {} on cuBLASLt ({mode:?})", n - gemv);
         }
         self.choose_norms(&card, &mut measured, verbose)?;
+        self.choose_attention(&card, &mut measured, verbose)?;
         write_measured(measured)?;
         drv("sync", self.stream.synchronize())
     }
