@@ -186,7 +186,10 @@ fn generation_artifacts_hold_every_cubin() {
     }
     for (path, program) in [(&art, p.clone()), (&fwd, kiln_graph::artifact::load_file(&fwd).unwrap())] {
         let plan = kernel_plan(&program, "sm_90a").unwrap();
-        assert!(plan.compiles_none() && plan.needed.len() > 10, "{}: {plan:?}", path.display());
+        // The hand-written modules the entries launch, and fused regions of their own.
+        let fixed = ["attention", "data", "index", "norm"].iter().all(|m| plan.needed.contains(*m));
+        let fused = plan.needed.iter().any(|m| m.starts_with("fused_"));
+        assert!(plan.compiles_none() && fixed && fused, "{}: {plan:?}", path.display());
         assert!(!kernel_plan(&program, "sm_100a").unwrap().compiles_none(), "no CUBIN for sm_100a was stored");
         let (ok, out) = kiln(&["inspect", path.to_str().unwrap()]);
         assert!(ok, "{out}");
