@@ -113,11 +113,13 @@ pub fn modules() -> Vec<Module> {
     let mut data = Vec::new();
     for b in [1, 2, 4, 8] {
         data.push(k(format!("copy_b{b}"), true));
+        data.push(k(format!("copy_b{b}_x2"), true));
     }
     for it in ["i32", "i64"] {
         for b in [1, 2, 4, 8] {
             data.push(k(format!("gather_b{b}_{it}"), false));
             data.push(k(format!("write_rows_b{b}_{it}"), false));
+            data.push(k(format!("write_rows_b{b}_{it}_x2"), false));
         }
         for t in FLOAT_TYPES {
             data.push(k(format!("gather_scaled_{t}_{it}"), false));
