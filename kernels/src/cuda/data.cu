@@ -164,7 +164,10 @@ struct GatherParams2 {
 #define WRITE_ROWS(n, E, it, I)                                                                               \
   extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { write_rows<E, I>(p); } \
   extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it##_x2(const GatherParams2 p) {                  \
-    write_rows<E, I>(p.p[blockIdx.y]);                                                                                  \
+    if (blockIdx.y == 0) /* constant indices: the blocks stay in parameter space */                                    \
+      write_rows<E, I>(p.p[0]);                                                                                         \
+    else                                                                                                                \
+      write_rows<E, I>(p.p[1]);                                                                                         \
   }
 WRITE_ROWS(1, unsigned char, i32, int)
 WRITE_ROWS(2, unsigned short, i32, int)

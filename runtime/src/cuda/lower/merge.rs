@@ -1,8 +1,8 @@
 //! Two independent launches of the same kernel as one (issue 16): K's and V's cache writes
 //! (`write_rows_*` in decode, a concat's `copy_b*` in prefill), RoPE on q and on k
-//! (`fused_rot_*`, where the memory plan allows), or any two steps running one fused region. The merged launch runs the kernel's `_x2` entry point, which takes both parameter
-//! blocks (`struct { P p[2]; }`) and runs half `blockIdx.y` of them, at the later step's
-//! position. This runs after the schedule and the memory plan are fixed, so it moves the
+//! (`fused_rot_*`, where the memory plan allows), or any two steps running one fused region.
+//! The merged launch runs the kernel's `_x2` entry point, which takes both parameter blocks
+//! (`struct { P p[2]; }`) and runs half `blockIdx.y` of them, at the later step's position. This runs after the schedule and the memory plan are fixed, so it moves the
 //! earlier step only where doing so changes no byte any step reads or the entry leaves:
 //!
 //! - every step between the two (that launches anything) neither reads the earlier step's
@@ -76,8 +76,9 @@ impl Access {
         self.reads.iter().any(|&x| overlaps(x, r))
     }
 
-    /// Whether `self` and `other` may run in either order (or at once): no read of the
-    /// other's output, no overlapping outputs.
+    /// Whether `self` and `other` may run in either order (or at once): neither reads the
+    /// other's output, and the outputs do not overlap. A step may move past a later step
+    /// exactly when the two are independent.
     fn independent(&self, other: &Access) -> bool {
         !self.reads(other.write) && !other.reads(self.write) && !overlaps(self.write, other.write)
     }
@@ -162,19 +163,13 @@ fn partner(j: usize, kernels: &[&Launch], work: &[Vec<Work>], access: &[Vec<Acce
     for i in (0..j).rev() {
         if let [a] = access[i].as_slice() {
             let same = !taken[i] && launches(&work[i]).is_some_and(|k| same_kernels(&k, kernels));
-            if same && a.independent(b) && between.iter().all(|k| commutes(a, k)) {
+            if same && a.independent(b) && between.iter().all(|k| a.independent(k)) {
                 return Some(i);
             }
         }
         between.extend(access[i].iter());
     }
     None
-}
-
-/// Whether step `a` may move past step `k` (which ran after it): `k` does not read `a`'s
-/// output, and `k` writes nothing `a` reads or writes.
-fn commutes(a: &Access, k: &Access) -> bool {
-    !k.reads(a.write) && !a.reads(k.write) && !overlaps(a.write, k.write)
 }
 
 #[cfg(test)]
