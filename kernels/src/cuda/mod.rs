@@ -529,6 +529,7 @@ mod tests {
 
     /// The `_x2` entries (two launches as one) read their parameter blocks where they lie: no
     /// copy to a stack frame, which an indexed `p.p[blockIdx.y]` of a row write would make.
+    #[cfg(feature = "cuda")]
     #[test]
     fn pair_entries_need_no_stack() {
         if !nvrtc::available() {
