@@ -72,8 +72,15 @@ pub(super) fn print_program(prog: &Program) {
         for io in &e.outputs {
             println!("  out {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
         }
+        // Steps whose launches run as one (the later step's line says `x2`).
+        let merged = kiln_runtime::by_name(&prog.backend).ok().and_then(|b| b.merged_launches(prog, i).ok()).unwrap_or_default();
         for (i, s) in e.steps.iter().enumerate() {
-            println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);
+            let note = match merged.iter().find(|&&(a, b)| a == i || b == i) {
+                Some(&(a, b)) if b == i => format!("  [{} x2: with step {a}]", s.kernel),
+                Some(&(_, b)) => format!("  [runs in step {b}'s launch]"),
+                None => String::new(),
+            };
+            println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}{note}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);
         }
         // The steps this backend runs through the reference interpreter (slow, allocating).
         let interpreted: Vec<String> = match kiln_runtime::by_name(&prog.backend) {

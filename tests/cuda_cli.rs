@@ -182,8 +182,15 @@ fn generation_artifacts_hold_every_cubin() {
         assert!(!regions.is_empty(), "{}: no fused region", e.name);
         for r in regions {
             assert!(p.binaries.iter().any(|b| b.name == r.name && b.arch == "sm_90a"), "{}: no CUBIN of {}", e.name, r.name);
+            // Each region's module holds the entry that runs two steps as one launch.
+            assert!(r.source.contains(&format!("{}_x2(const FusedParams2 p)", r.name)), "{}", r.source);
         }
     }
+    // K's and V's cache writes are one launch in decode (`lower::merge`), and inspect says so.
+    let (ok, out) = kiln(&["inspect", art.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let merged = out.lines().filter(|l| l.contains("write_rows_b") && l.contains("_i64 x2: with step")).count();
+    assert_eq!(merged, 4, "one per layer of the fixture's four:\n{out}");
     for (path, program) in [(&art, p.clone()), (&fwd, kiln_graph::artifact::load_file(&fwd).unwrap())] {
         let plan = kernel_plan(&program, "sm_90a").unwrap();
         // The hand-written modules the entries launch, and fused regions of their own.

@@ -26,6 +26,11 @@ pub trait Backend: Send + Sync {
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
         Ok(e.steps.iter().map(|s| usize::from(!matches!(s.kernel.as_str(), "source" | "view"))).collect())
     }
+    /// Pairs of steps of entry `entry` whose launches of one kernel run as one launch, at the
+    /// later step (cuda: `lower::merge`), as (earlier step, later step). The default: none.
+    fn merged_launches(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        Ok(Vec::new())
+    }
     /// Renames step kernels that depend on the program's constants, not only on the step's
     /// types, once the whole program exists (cuda: a matmul by a constant signed permutation
     /// runs as one elementwise kernel). The default changes nothing.

@@ -12,7 +12,7 @@ struct CopyParams {
 };
 
 template <typename E>
-__device__ void copy_strided(const CopyParams p) {
+__device__ void copy_strided(const CopyParams& p) {
   for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < p.n; x += (i64)gridDim.x * blockDim.x) {
     i64 rem = x, s = 0, d = 0;
     for (int a = p.rank - 1; a >= 0; a--) {
@@ -73,7 +73,7 @@ __device__ void gather_scaled(const ScaledGatherParams sp) {
 // idx[0] along the middle axis (a KV cache row). A position that does not fit writes nothing
 // and sets *err.
 template <typename E, typename I>
-__device__ void write_rows(const GatherParams p) {
+__device__ void write_rows(const GatherParams& p) {
   const i64 at = (i64)((const I*)p.idx)[0];
   if (at < 0 || at + p.nidx > p.len) {
     if (blockIdx.x == 0 && threadIdx.x == 0 && p.err) *(int*)p.err = 1;
@@ -119,7 +119,15 @@ __device__ void moe_combine(const MoeParams p) {
   }
 }
 
-#define COPY(n, E) extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { copy_strided<E>(p); }
+// Two independent copies in one launch (two steps' concat copies): half blockIdx.y runs
+// p.p[blockIdx.y] (the lowering's `merge`).
+struct CopyParams2 {
+  CopyParams p[2];
+};
+
+#define COPY(n, E)                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { copy_strided<E>(p); }          \
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x2(const CopyParams2 p) { copy_strided<E>(p.p[blockIdx.y]); }
 COPY(1, unsigned char)
 COPY(2, unsigned short)
 COPY(4, unsigned int)
@@ -147,8 +155,20 @@ GATHER_SCALED(f32, float, i64, i64)
 GATHER_SCALED(bf16, bf16, i64, i64)
 GATHER_SCALED(f16, f16, i64, i64)
 
-#define WRITE_ROWS(n, E, it, I) \
-  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { write_rows<E, I>(p); }
+// Two independent row writes in one launch (K's and V's cache rows): half blockIdx.y of the
+// grid runs p.p[blockIdx.y] (the lowering's `merge`).
+struct GatherParams2 {
+  GatherParams p[2];
+};
+
+#define WRITE_ROWS(n, E, it, I)                                                                               \
+  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { write_rows<E, I>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it##_x2(const GatherParams2 p) {                  \
+    if (blockIdx.y == 0) /* constant indices: the blocks stay in parameter space */                                    \
+      write_rows<E, I>(p.p[0]);                                                                                         \
+    else                                                                                                                \
+      write_rows<E, I>(p.p[1]);                                                                                         \
+  }
 WRITE_ROWS(1, unsigned char, i32, int)
 WRITE_ROWS(2, unsigned short, i32, int)
 WRITE_ROWS(4, unsigned int, i32, int)

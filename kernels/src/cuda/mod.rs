@@ -113,11 +113,13 @@ pub fn modules() -> Vec<Module> {
     let mut data = Vec::new();
     for b in [1, 2, 4, 8] {
         data.push(k(format!("copy_b{b}"), true));
+        data.push(k(format!("copy_b{b}_x2"), true));
     }
     for it in ["i32", "i64"] {
         for b in [1, 2, 4, 8] {
             data.push(k(format!("gather_b{b}_{it}"), false));
             data.push(k(format!("write_rows_b{b}_{it}"), false));
+            data.push(k(format!("write_rows_b{b}_{it}_x2"), false));
         }
         for t in FLOAT_TYPES {
             data.push(k(format!("gather_scaled_{t}_{it}"), false));
@@ -456,6 +458,8 @@ mod tests {
             ["layer" | "rms", "norm", t] | ["softmax", t] => src.contains(&format!("NORMS({t},")),
             ["layer" | "rms", "norm", "warp", t] => src.contains(&format!("NORMS_WARP({t},")),
             ["residual", "rms", "norm", t] => src.contains(&format!("RESIDUAL({t},")),
+            // A pair entry (`_x2`) is defined by its kernel's macro, beside the kernel.
+            [.., "x2"] => src.contains("##_x2(") && macro_defines(src, &name[..name.len() - 3]),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
             ["reduce", t] => src.contains(&format!("RED({t},")),
@@ -521,6 +525,24 @@ mod tests {
         assert_eq!(std::mem::size_of::<SampleParams>(), 9 * 8);
         assert_eq!(std::mem::size_of::<AlongParams>(), 9 * 8);
         assert_eq!(std::mem::size_of::<ResizeParams>(), 7 * 8 + 2 * 4);
+    }
+
+    /// The `_x2` entries (two launches as one) read their parameter blocks where they lie: no
+    /// copy to a stack frame, which an indexed `p.p[blockIdx.y]` of a row write would make.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn pair_entries_need_no_stack() {
+        if !nvrtc::available() {
+            assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "{}", nvrtc::INSTALL_HINT);
+            return;
+        }
+        let data = modules().into_iter().find(|m| m.name == "data").unwrap();
+        let c = nvrtc::compile("data", &data.source, "sm_90a").unwrap();
+        let pairs: Vec<_> = c.kernels.iter().filter(|(k, _)| k.ends_with("_x2")).collect();
+        assert_eq!(pairs.len(), 12, "{:?}", c.kernels);
+        for (k, r) in pairs {
+            assert!(r.stack == 0 && r.spill_stores == 0, "{k}: {r:?}");
+        }
     }
 
     #[test]

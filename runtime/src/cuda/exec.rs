@@ -5,7 +5,7 @@
 //! NOT YET RUN ON A GPU: this file compiles in CI but no machine of this project's CI has a
 //! driver; scripts/device_cuda.sh is its first test.
 
-use super::lower::{lower_step, Epilogue, Gemm, Launch, Layout, Work, GEMM_WORKSPACE};
+use super::lower::{lower_entry, Epilogue, Gemm, Launch, Layout, Work, GEMM_WORKSPACE};
 pub use super::tune::GemvMode;
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
@@ -150,8 +150,14 @@ impl CudaExec {
         let funcs = me.load_modules(binaries)?;
         for e in &program.entries {
             let mut steps = Vec::with_capacity(e.steps.len());
-            for (i, s) in e.steps.iter().enumerate() {
-                let work = lower_step(s, &me.layout).map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
+            // Pairs merge only where the loaded modules hold the `_x2` entry.
+            let has = |k: &str| funcs.contains_key(k);
+            let lowered = lower_entry(&e.steps, &me.layout, &has).map_err(|(i, msg)| RuntimeError::Step {
+                step: i,
+                op: e.steps.get(i).map_or("?", |s| s.op.name()),
+                msg,
+            })?;
+            for work in lowered.work {
                 let mut items = Vec::with_capacity(work.len());
                 for w in work {
                     items.push(match w {
@@ -215,7 +221,7 @@ impl CudaExec {
             let m = drv(&format!("cuModuleLoadData({})", b.name), unsafe { dr::module::load_data(b.code.as_ptr() as *const c_void) })?;
             self.modules.push(m);
             let names: Vec<String> = if b.name.starts_with("fused_") {
-                vec![b.name.clone()]
+                vec![b.name.clone(), format!("{}{}", b.name, super::lower::merge::X2)]
             } else {
                 kiln_kernels::cuda::modules()
                     .into_iter()
@@ -226,7 +232,12 @@ impl CudaExec {
             for n in names {
                 let c = std::ffi::CString::new(n.clone()).map_err(|_| err("kernel name with NUL"))?;
                 // SAFETY: `m` is a loaded module; a missing symbol is an error, not UB.
-                let f = drv(&format!("cuModuleGetFunction({n})"), unsafe { dr::module::get_function(m, c) })?;
+                let f = match unsafe { dr::module::get_function(m, c) } {
+                    Ok(f) => f,
+                    // CUBINs from before the `_x2` entries: their pairs run as two launches.
+                    Err(_) if n.ends_with(super::lower::merge::X2) => continue,
+                    Err(e) => return Err(err(format!("cuModuleGetFunction({n}): {e:?}"))),
+                };
                 if let Some(bytes) = kiln_kernels::cuda::dynamic_smem(&n) {
                     // SAFETY: `f` is a live function; Hopper allows up to 227 KiB.
                     drv("cuFuncSetAttribute", unsafe {

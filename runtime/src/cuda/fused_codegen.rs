@@ -154,7 +154,9 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
     let mut s = String::new();
     s.push_str(kiln_kernels::cuda::COMMON);
     s.push_str(PARAMS_C);
-    let _ = writeln!(s, "extern \"C\" __global__ void __launch_bounds__(256) {name}(const FusedParams p) {{");
+    // The body reads its parameters through a reference, so that the `_x2` entry (two
+    // independent launches as one: the lowering's `merge`) runs it on half `blockIdx.y`.
+    let _ = writeln!(s, "__device__ __forceinline__ void {name}_body(const FusedParams& p) {{");
     let _ = writeln!(s, "  for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < p.n; x += (i64)gridDim.x * blockDim.x) {{");
     for i in 0..inputs.len() {
         let _ = writeln!(s, "    i64 o{i} = p.access[{i}] == 0 ? x : 0;");
@@ -214,6 +216,12 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
     };
     let _ = writeln!(s, "    (({}*)p.out)[x] = {store};", c_type(out));
     let _ = writeln!(s, "  }}\n}}");
+    let _ = writeln!(s, "extern \"C\" __global__ void __launch_bounds__(256) {name}(const FusedParams p) {{ {name}_body(p); }}");
+    let _ = writeln!(s, "struct FusedParams2 {{\n  FusedParams p[2];\n}};");
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__(256) {name}_x2(const FusedParams2 p) {{ {name}_body(p.p[blockIdx.y]); }}"
+    );
     Ok((name, s))
 }
 
@@ -355,7 +363,9 @@ mod tests {
             for (e, n, out) in [(&rope, 4, d), (&select, 1, d), (&select, 1, DType::Bool)] {
                 let (name, src) = source(e, &vec![d; n], out, None).unwrap();
                 let c = nvrtc::compile(&name, &src, "sm_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
-                assert!(c.kernels.iter().any(|(k, r)| *k == name && r.spill_stores == 0), "{:?}", c.kernels);
+                for k in [name.clone(), format!("{name}_x2")] {
+                    assert!(c.kernels.iter().any(|(n, r)| *n == k && r.spill_stores == 0 && r.stack == 0), "{k}: {:?}", c.kernels);
+                }
             }
         }
         // Regions holding casts: RoPE's angles to bf16 and f16, a bf16 head's epilogue.

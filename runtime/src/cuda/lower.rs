@@ -5,6 +5,7 @@
 //! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
 pub(crate) mod index;
+pub mod merge;
 
 use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, epilogue_region, EpilogueKind};
@@ -19,6 +20,7 @@ use kiln_graph::{Attention, DType, Expr, MaskKind, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
     self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, ResidualNormParams, MAX_RANK,
 };
+pub use merge::lower_entry;
 
 /// Bytes every region of the allocation is aligned to.
 const ALIGN: usize = 256;

@@ -139,11 +139,16 @@ impl Backend for CudaBackend {
         let (program, _) = crate::states::states_in_arena(program);
         let layout = lower::layout(&program)?;
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        e.steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| lower::lower_step(s, &layout).map(|w| w.len()).map_err(|m| format!("step {i}: {m}")))
-            .collect()
+        // Pairs of launches merged as a load merges them (every `_x2` entry compiled).
+        let lowered = lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?;
+        Ok(lowered.work.iter().map(Vec::len).collect())
+    }
+
+    fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let (program, _) = crate::states::states_in_arena(program);
+        let layout = lower::layout(&program)?;
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        Ok(lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?.pairs)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {

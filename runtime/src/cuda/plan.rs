@@ -44,11 +44,10 @@ pub fn kernel_plan(program: &Program, arch: &str) -> Result<KernelPlan, String> 
     let (laid, _) = crate::states::states_in_arena(program);
     let layout = lower::layout(&laid)?;
     for e in &laid.entries {
-        for (i, s) in e.steps.iter().enumerate() {
-            for w in lower::lower_step(s, &layout).map_err(|m| format!("entry {} step {i}: {m}", e.name))? {
-                if let lower::Work::Kernel(l) = w {
-                    needed.insert(l.module);
-                }
+        let work = lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("entry {} step {i}: {m}", e.name))?;
+        for w in work.work.into_iter().flatten() {
+            if let lower::Work::Kernel(l) = w {
+                needed.insert(l.module);
             }
         }
     }
