@@ -17,6 +17,9 @@ use std::collections::{HashMap, HashSet};
 
 /// Most instructions a generator may have: it is copied into every reader.
 pub const MAX_GENERATOR_INSTRS: usize = 16;
+/// Most instructions and inputs a reader may have once its generators are inside (the cpu
+/// backend evaluates at most 96 instructions over 16 inputs).
+const MAX_READER: (usize, usize) = (64, 12);
 
 /// Whether node `i` is a generator (see the module doc): a fused region of at most
 /// [`MAX_GENERATOR_INSTRS`] instructions, no output, each input a constant (no step makes
@@ -135,6 +138,9 @@ fn inlined(g: &Graph, gens: &HashSet<usize>, r: usize) -> Option<(Op, Vec<NodeId
         at.push(v);
     }
     let expr = b.finish(*at.last()?)?;
+    if expr.instrs.len() > MAX_READER.0 || inputs.len() - first > MAX_READER.1 {
+        return None;
+    }
     let (op, inputs) = match &node.op {
         Op::Fused(_) => {
             let (expr, inputs) = renumber(expr, inputs);
@@ -278,6 +284,19 @@ mod tests {
         // An output: stays.
         let mut g = lone(false, region);
         g.output("gen", NodeId(3));
+        assert_eq!(recompute_generators(&g).unwrap(), g);
+    }
+
+    #[test]
+    fn a_reader_too_long_keeps_its_generator() {
+        // `add(neg(neg(..neg(x))), gen)`: 63 instructions, 66 with the generator inside.
+        let g = lone(false, |g, gen, x| {
+            use crate::op::BinaryOp;
+            let mut instrs = vec![Instr::Input(0)];
+            instrs.extend((0..60).map(|i| Instr::Unary(UnaryOp::Neg, i)));
+            instrs.extend([Instr::Input(1), Instr::Binary(BinaryOp::Add, 60, 61)]);
+            g.push(Op::Fused(Expr { instrs }), &[x, gen]).unwrap()
+        });
         assert_eq!(recompute_generators(&g).unwrap(), g);
     }
 
