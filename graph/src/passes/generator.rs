@@ -24,7 +24,8 @@ const MAX_READER: (usize, usize) = (64, 12);
 /// Whether node `i` is a generator (see the module doc): a fused region of at most
 /// [`MAX_GENERATOR_INSTRS`] instructions, no output, each input a constant (no step makes
 /// it) of at most its elements or a tensor of fewer elements (broadcast up in it), and read
-/// only by regions and by matmul epilogues (never as a matmul operand).
+/// only by regions and by matmul epilogues (never as a matmul operand). One read by another
+/// generator stays a step (see [`recompute_generators`]).
 fn generator(g: &Graph, uses: &Uses, i: usize) -> bool {
     let n = &g.nodes[i];
     let Op::Fused(e) = &n.op else { return false };
@@ -49,7 +50,9 @@ fn generator(g: &Graph, uses: &Uses, i: usize) -> bool {
 /// Recomputes every generator inside each of its readers (see the module doc).
 pub fn recompute_generators(g: &Graph) -> Result<Graph> {
     let uses = Uses::of(g);
-    let mut gens: HashSet<usize> = (0..g.nodes.len()).filter(|&i| generator(g, &uses, i)).collect();
+    let found: HashSet<usize> = (0..g.nodes.len()).filter(|&i| generator(g, &uses, i)).collect();
+    // A generator read by another stays a step: its reader takes it as an input.
+    let mut gens: HashSet<usize> = found.iter().copied().filter(|&i| !uses.readers[i].iter().any(|r| found.contains(r))).collect();
     // A reader whose new expression does not type as it did keeps its generators as they are,
     // and so must every other reader of those: drop them and try again until all readers take.
     loop {
@@ -285,6 +288,35 @@ mod tests {
         let mut g = lone(false, region);
         g.output("gen", NodeId(3));
         assert_eq!(recompute_generators(&g).unwrap(), g);
+    }
+
+    #[test]
+    fn a_generator_read_by_a_generator_stays_a_step() {
+        // `inner = s * 2` (`[4, 1]` from `[4, 1]` and a scalar, no generator) feeds
+        // `gen = cos(inner * c)`, which feeds `exp(x) + gen`; with `inner` over `[1, 1]` instead,
+        // inner is a generator read by one.
+        use crate::op::BinaryOp;
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 8]).unwrap();
+        let s = g.input("s", DType::F32, &[1, 1]).unwrap();
+        let k = g.constant(DType::F32, &[4, 1], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let mul =
+            Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Unary(UnaryOp::Neg, 2)] };
+        let inner = g.push(Op::Fused(mul), &[s, k]).unwrap();
+        let c = g.constant(DType::F32, &[8], (0..8).map(f64::from).collect()).unwrap();
+        let e = Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1), Instr::Unary(UnaryOp::Cos, 2)] };
+        let gen = g.push(Op::Fused(e), &[inner, c]).unwrap();
+        let y = region(&mut g, gen, x);
+        g.output("y", y);
+        let out = recompute_generators(&g).unwrap();
+        let p = print(&out);
+        assert!(p.contains("fused[neg(mul($0, $1))](%1, %2) : f32[4,1]"), "{p}");
+        assert!(p.contains("fused[add(exp($0), cos(mul($1, $2)))](%0, %3, %4) : f32[4,8]"), "{p}");
+        let xv = Value::new(TensorType::new(DType::F32, vec![4, 8]), (0..32).map(|i| i as f64 / 9.0).collect()).unwrap();
+        let sv = Value::new(TensorType::new(DType::F32, vec![1, 1]), vec![0.7]).unwrap();
+        let ins: HashMap<_, _> = [("x".to_string(), xv), ("s".to_string(), sv)].into();
+        let none = HashMap::new();
+        assert_eq!(run(&g, &ins, &none).unwrap(), run(&out, &ins, &none).unwrap());
     }
 
     #[test]
