@@ -186,7 +186,8 @@ fn generation_artifacts_hold_every_cubin() {
     }
     for (path, program) in [(&art, p.clone()), (&fwd, kiln_graph::artifact::load_file(&fwd).unwrap())] {
         let plan = kernel_plan(&program, "sm_90a").unwrap();
-        assert!(plan.compiles_none() && plan.needed.len() > 10, "{}: {plan:?}", path.display());
+        // Gemma 2 (RoPE angles inside their readers): attention, data, gemv, index, norm, and fused regions.
+        assert!(plan.compiles_none() && plan.needed.len() >= 8, "{}: {plan:?}", path.display());
         assert!(!kernel_plan(&program, "sm_100a").unwrap().compiles_none(), "no CUBIN for sm_100a was stored");
         let (ok, out) = kiln(&["inspect", path.to_str().unwrap()]);
         assert!(ok, "{out}");
