@@ -137,6 +137,32 @@ fn head_graph() -> Graph {
     g
 }
 
+/// RoPE's angle computed inside a GEMM's epilogue (what `recompute_generators` makes): an
+/// i64 position `[5, 1]` cast to f32, times a per-column frequency, rounded to bf16, beside the
+/// product rounded to bf16; the epilogue reads the integer input as it is stored.
+fn position_epilogue_graph() -> Graph {
+    use Instr::*;
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[5, 8]).unwrap();
+    let w = g.input("w", DType::F32, &[12, 8]).unwrap();
+    let pos = g.input("pos", DType::I64, &[5, 1]).unwrap();
+    let f = g.input("b", DType::F32, &[12]).unwrap();
+    let epilogue = e(vec![
+        Input(0),
+        Cast(DType::BF16, 0),
+        Input(1),
+        Cast(DType::F32, 2),
+        Input(2),
+        Binary(BinaryOp::Mul, 3, 4),
+        Cast(DType::BF16, 5),
+        Binary(BinaryOp::Add, 1, 6),
+        Cast(DType::F32, 7),
+    ]);
+    let y = g.push(Op::MatMul { transpose_b: true, epilogue: Some(epilogue) }, &[x, w, pos, f]).unwrap();
+    g.output("y", y);
+    g
+}
+
 /// Bits of the interpreter's and of `backend`'s outputs, on one set of random inputs.
 fn both(g: &Graph, backend: &str, seed: u64, integers: bool) -> (Vec<u32>, Vec<u32>) {
     let mut r = Rng(seed | 1);
@@ -153,6 +179,10 @@ fn both(g: &Graph, backend: &str, seed: u64, integers: bool) -> (Vec<u32>, Vec<u
     let mut program = Program::new("casts", backend, "");
     let namer = |op: &Op, i: &[TensorType], o: &TensorType| b.kernel_for(op, i, o).unwrap();
     let (entry, _, _) = kiln_graph::lower::compile_entry(g, "forward", &mut program, &namer).unwrap();
+    // Each kernel runs as itself, not through the interpreter.
+    for step in &entry.steps {
+        assert!(!step.kernel.contains("reference"), "{backend}: {} runs {}", step.op.name(), step.kernel);
+    }
     program.entries.push(entry);
     let mut s = Session::new(program, Arc::new(WeightStore::empty())).unwrap();
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -166,6 +196,7 @@ fn check(backend: &str) {
     let mut cases: Vec<(String, Graph, bool)> =
         regions().into_iter().map(|(name, expr, dtypes)| (name.to_string(), region_graph(&expr, &dtypes), false)).collect();
     cases.push(("bf16 head epilogue".into(), head_graph(), true));
+    cases.push(("position epilogue".into(), position_epilogue_graph(), true));
     for (name, g, integers) in cases {
         for seed in 1..=8u64 {
             let (want, got) = both(&g, backend, seed * 0x9E37_79B9, integers);

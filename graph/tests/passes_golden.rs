@@ -423,6 +423,34 @@ fn casts_join_regions_and_epilogues() {
     run_golden("casts.txt", None);
 }
 
+/// RoPE in bf16 with its angles from i64 positions: `cos(cast(pos) * f)` and `sin(..)`, each
+/// cast to bf16, then `x * cos + rotate_half(x) * sin`.
+fn rope_positions() -> Graph {
+    let mut g = Graph::new();
+    let pos = g.input("pos", DType::I64, &[1, 2]).unwrap();
+    let f = g.constant(DType::F32, &[1, 1, 1, 4], vec![1.0, 0.5, 1.0, 0.5]).unwrap();
+    let x = g.input("x", DType::BF16, &[1, 2, 2, 4]).unwrap();
+    let p = g.push(Op::Cast { to: DType::F32 }, &[pos]).unwrap();
+    let p = g.reshape(p, &[1, 2, 1, 1]).unwrap();
+    let a = g.mul(p, f).unwrap();
+    let (cos, sin) = (g.unary(UnaryOp::Cos, a).unwrap(), g.unary(UnaryOp::Sin, a).unwrap());
+    let cos = g.push(Op::Cast { to: DType::BF16 }, &[cos]).unwrap();
+    let sin = g.push(Op::Cast { to: DType::BF16 }, &[sin]).unwrap();
+    let x1 = g.slice(x, 3, 0, 2).unwrap();
+    let x2 = g.slice(x, 3, 2, 4).unwrap();
+    let n2 = g.unary(UnaryOp::Neg, x2).unwrap();
+    let rot = g.concat(&[n2, x1], 3).unwrap();
+    let (a, r) = (g.mul(x, cos).unwrap(), g.mul(rot, sin).unwrap());
+    let y = g.add(a, r).unwrap();
+    g.output("y", y);
+    g
+}
+
+#[test]
+fn rope_angles_inside_their_readers() {
+    run_golden("generators.txt", Some(rope_positions));
+}
+
 #[test]
 fn every_golden_file_has_a_test() {
     let dir = format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"));
@@ -442,6 +470,7 @@ fn every_golden_file_has_a_test() {
             "epilogue.txt",
             "fuse_elementwise.txt",
             "gather_scale.txt",
+            "generators.txt",
             "pre_ln_block.txt",
             "rope.txt",
             "rope_standard.txt",

@@ -174,7 +174,7 @@ fn build(g: &Graph, members: &[usize], broadcasts: bool, consts: bool, leaf: &dy
 
 /// Renumbers a region's inputs in the order its printed formula first mentions them, so
 /// `kiln inspect` reads `f($0, $1, ..)` left to right.
-fn renumber(e: Expr, inputs: Vec<NodeId>) -> (Expr, Vec<NodeId>) {
+pub(super) fn renumber(e: Expr, inputs: Vec<NodeId>) -> (Expr, Vec<NodeId>) {
     let mut order: Vec<u16> = Vec::new();
     let mut visited = vec![false; e.instrs.len()];
     // Preorder, left operand first: the order `expr_to_string` prints in.

@@ -14,6 +14,7 @@ mod epilogue;
 mod fold;
 mod fuse;
 mod gather_scale;
+mod generator;
 mod negate;
 mod recompute;
 mod residual;
@@ -29,6 +30,7 @@ pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
 pub use gather_scale::gather_scale;
+pub use generator::{recompute_generators, MAX_GENERATOR_INSTRS};
 pub use negate::negation_through_concat;
 pub use recompute::recompute_shared_products;
 pub use residual::{padded_rows, residual_rms_norm};
@@ -79,9 +81,11 @@ impl Pass {
     pub const GATHER_SCALE: Pass = Pass { name: "gather_scale", run: gather_scale };
     /// Moves a cast past reshapes, next to the matmul or elementwise node it can fuse with.
     pub const CASTS_PAST_RESHAPES: Pass = Pass { name: "casts_past_reshapes", run: casts_past_reshapes };
+    /// Computes a region made from much smaller inputs (RoPE's angles) inside each region or epilogue reading it.
+    pub const RECOMPUTE_GENERATORS: Pass = Pass { name: "recompute_generators", run: recompute_generators };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 14] = [
+    pub const ALL: [Pass; 15] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -96,6 +100,7 @@ impl Pass {
         Pass::RECOMPUTE_SHARED_PRODUCTS,
         Pass::GATHER_SCALE,
         Pass::CASTS_PAST_RESHAPES,
+        Pass::RECOMPUTE_GENERATORS,
     ];
 
     /// The pass with this name.
@@ -135,6 +140,9 @@ impl Pipeline {
     /// the product into a region that reads it. Casts move past reshapes first, next to the
     /// matmul or elementwise node they fuse with (an epilogue or region may hold casts: a bf16
     /// head's logits cast to f32, an i64 position cast to f32 inside RoPE's angle regions).
+    /// Last, a region made from much smaller inputs (those angle regions: cos or sin of
+    /// positions times frequencies) is computed inside each region or epilogue reading it (q's
+    /// and k's RoPE), for a few transcendental operations more per element of those readers.
     pub fn standard() -> Self {
         Pipeline::new(vec![
             Pass::DEAD_CODE,
@@ -152,6 +160,7 @@ impl Pipeline {
             Pass::GATHER_SCALE,
             Pass::FUSE_ELEMENTWISE,
             Pass::FUSE_MATMUL_EPILOGUE,
+            Pass::RECOMPUTE_GENERATORS,
             Pass::DEAD_CODE,
         ])
     }

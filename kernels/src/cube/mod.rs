@@ -167,8 +167,9 @@ pub struct MatmulCfg {
     pub transpose_b: bool,
     pub a_in_arena: bool,
     pub b_in_arena: bool,
-    /// The epilogue (input 0 is the product) and where its other inputs live.
-    pub epilogue: Option<(Vec<KInstr>, Vec<bool>)>,
+    /// The epilogue (input 0 is the product) and where and how its other inputs are stored
+    /// (an integer input is read as a number, through a cast in the epilogue).
+    pub epilogue: Option<(Vec<KInstr>, Vec<typed::Src>)>,
     /// Rank of the output (for the epilogue's broadcast inputs).
     pub rank: usize,
 }
@@ -223,14 +224,14 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
         let o = (batch * m + row) * n + col;
         let out = meta[MatmulParams::OUT_OFF] as usize + o;
         match comptime!(cfg.epilogue.clone()) {
-            Some((code, in_arena)) => {
+            Some((code, srcs)) => {
                 let rank = comptime!(cfg.rank);
                 let mut ins = Sequence::<F>::new();
                 ins.push(acc);
                 #[unroll]
-                for j in 0..in_arena.len() {
+                for j in 0..srcs.len() {
                     let i = strided_index(meta, o, MatmulParams::SHAPE, comptime!(MatmulParams::epilogue_at(rank, j)), rank);
-                    ins.push(load::<F>(arena, weights, i, comptime!(in_arena[j])));
+                    ins.push(typed::read::<F>(arena, weights, i, comptime!(srcs[j])));
                 }
                 arena[out] = expr::eval::<F>(&ins, code);
             }

@@ -98,7 +98,13 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
     Ok(match op {
         Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } => K::Source,
         Op::Reshape { .. } => K::View,
-        Op::MatMul { epilogue: Some(_), .. } => or_reference(f32_all, K::GemmEpilogue),
+        // An epilogue's extra inputs may be integers, read through casts (RoPE's positions).
+        Op::MatMul { epilogue: Some(_), .. } => or_reference(
+            out.dtype == DType::F32
+                && inputs.iter().take(2).all(|t| t.dtype == DType::F32)
+                && inputs.iter().skip(2).all(|t| !t.dtype.is_float() || t.dtype == DType::F32),
+            K::GemmEpilogue,
+        ),
         Op::MatMul { epilogue: None, .. } => or_reference(f32_all, K::Gemm),
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } => or_reference(f32_all, K::Fused),
         // A region reads integers and bools only through casts (the shape rule checks it).

@@ -71,9 +71,15 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
     // A position mask's operands (after q, k, v) are i64, read by the kernel as they are.
     let floats = match op {
         Op::Attention(a) if matches!(a.mask, MaskKind::Positions(_)) => &inputs[..inputs.len().min(3)],
+        // An epilogue's extra inputs may be integers, read through casts (RoPE's positions).
+        Op::MatMul { epilogue: Some(_), .. } => &inputs[..inputs.len().min(2)],
         _ => inputs,
     };
-    let all_f32 = is_f32(out) && floats.iter().all(is_f32);
+    let extras_ok = match op {
+        Op::MatMul { epilogue: Some(_), .. } => inputs.iter().skip(2).all(|t| is_f32(t) || !t.dtype.is_float()),
+        _ => true,
+    };
+    let all_f32 = is_f32(out) && floats.iter().all(is_f32) && extras_ok;
     let kernel = match op {
         Op::MatMul { .. }
         | Op::LayerNorm { .. }

@@ -387,7 +387,7 @@ impl Lower<'_> {
                 params.epilogue = inputs;
                 let mut dtypes = vec![s.inputs[0].ty.dtype];
                 dtypes.extend(s.inputs[2..].iter().map(|o| o.ty.dtype));
-                Some((instrs(e, &dtypes)?, srcs.iter().map(|s| s.in_arena).collect()))
+                Some((instrs(e, &dtypes)?, srcs))
             }
             None => None,
         };
