@@ -119,6 +119,23 @@ fn generate_on(backend: &str) {
         let e = rel_err(&out.step_logits, &want_logits.to_f32());
         eprintln!("{case}: {backend} step logits relative error {e:.3e}");
         assert!(e < 1e-4, "{case}: {backend}: step logits relative error {e:.3e}");
+        // Each row alone, unpadded, at batch 1: decode's one-row program (Q, K and V one
+        // stacked GEMM where the slices align) gives the row's ids and logits.
+        let (ids, mask, seq, logits) = (to_i64(&ids), to_i64(&mask), to_i64(&want_seq), want_logits.to_f32());
+        let n = out.new_tokens;
+        let v = logits.len() / (b * n);
+        for r in 0..b {
+            let row: Vec<i64> = (0..l).filter(|&j| mask[r * l + j] == 1).map(|j| ids[r * l + j]).collect();
+            let mut one = kiln::generate::Generator::with_outputs(&dir, (1, 1), l + 3, max_new, backend, f32, true).expect("compile");
+            let got = one.generate(&row, &vec![1; row.len()], row.len(), max_new, None).expect("generate");
+            // The batch ran on after this row's EOS, padding it; alone it stops there.
+            let want_new = &seq[r * (l + n) + l..(r + 1) * (l + n)];
+            let k = got.new_tokens;
+            assert_eq!(&got.sequences[row.len()..], &want_new[..k], "{case}: {backend}: row {r} alone: generated ids");
+            assert!(want_new[k..].iter().all(|&t| t == want_new[k..].first().copied().unwrap_or(0)), "{case}: row {r} ran on");
+            let e = rel_err(&got.step_logits, &logits[r * n * v..r * n * v + k * v]);
+            assert!(e < 1e-4, "{case}: {backend}: row {r} alone: step logits relative error {e:.3e}");
+        }
     }
 }
 

@@ -52,8 +52,13 @@ fn stacked_weights_load_once_and_bad_stacks_are_clear_errors() {
     let hv: [u16; 6] = [0x3fc0, 0xc000, 0x3e80, 0x4040, 0x0000, 0x7149];
     let h = Tensor { ty: TensorType::new(DType::BF16, [2, 3]), bytes: hv.iter().flat_map(|v| v.to_le_bytes()).collect() };
     let i = Tensor::zeros(TensorType::new(DType::I32, [2, 3]));
-    let ts: Vec<(String, Tensor)> =
-        [("a", a), ("b", b), ("t", t), ("h", h), ("i", i)].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    // A wide part: two slices of [2, 3] (decode's Q beside K and V), and one of no whole count.
+    let w = Tensor::from_f32(&[4, 3], &(20..32).map(|v| v as f32).collect::<Vec<_>>());
+    let odd = Tensor::from_f32(&[3, 3], &[0.; 9]);
+    let ts: Vec<(String, Tensor)> = [("a", a), ("b", b), ("t", t), ("h", h), ("i", i), ("w", w), ("odd", odd)]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
     io::write(&path, &ts).unwrap();
     let store = WeightStore::open(&path).unwrap();
     let want = TensorType::new(DType::F32, [2, 2, 3]);
@@ -64,6 +69,18 @@ fn stacked_weights_load_once_and_bad_stacks_are_clear_errors() {
     // Materialised once: the same bytes on the second ask.
     assert_eq!(store.get("~stack(b|a)", &want).unwrap().1.as_ptr(), bytes.as_ptr());
     let err = |name: &str, want: &TensorType| store.get(name, want).unwrap_err().to_string();
+    // The wide part fills the first two slices, its bytes as stored, then `a`.
+    let want3 = TensorType::new(DType::F32, [3, 2, 3]);
+    let (ty, bytes) = store.get("~stack(w|a)", &want3).unwrap();
+    assert_eq!(ty, want3);
+    let got: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let mut expect: Vec<f32> = (20..32).map(|v| v as f32).collect();
+    expect.extend([1., 2., 3., 4., 5., 6.]);
+    assert_eq!(got, expect);
+    let e = err("~stack(w|a)", &TensorType::new(DType::F32, [4, 2, 3]));
+    assert!(e.contains("3 slices"), "{e}");
+    let e = err("~stack(odd|a)", &want3);
+    assert!(e.contains("odd") && e.contains("f32[3,3]"), "{e}");
     let e = err("~stack(a|t)", &want);
     assert!(e.contains("f32[3,2]") && e.contains("[2, 3]"), "{e}");
     // Floats of different dtypes stack in f32, each part exactly as stored.

@@ -26,8 +26,22 @@ pub fn stacked_layer(name: &str) -> Option<(&str, usize)> {
 /// materialised once at load. The `stack_projections` pass makes these names for one GEMM over
 /// sibling projections, keeping the parts' common prefix up to a `/` in front (so an ensemble
 /// member's weights keep its `m0/` prefix). No checkpoint name holds `~stack(` or `|`, so the
-/// form cannot collide with one.
+/// form cannot collide with one. A part may fill several consecutive slices ([`stack_slots`]):
+/// Q's `[2n, k]` weight beside K's and V's `[n, k]` is a `[4, n, k]` stack, the parts' bytes
+/// joined in order.
 pub const STACK_MARK: &str = "~stack(";
+
+/// How many slices of a stack whose slice shape is `slice` (its shape without the leading axis)
+/// a part stored in shape `part` fills: 1 when it has the slice's shape, `m` when it is `m`
+/// slices joined along their first axis (`[m * slice[0], slice[1..]]`), `None` otherwise.
+pub fn stack_slots(part: &[usize], slice: &[usize]) -> Option<usize> {
+    if part == slice {
+        return Some(1);
+    }
+    let (&p0, prest) = part.split_first()?;
+    let (&s0, srest) = slice.split_first()?;
+    (prest == srest && s0 > 0 && p0 > 0 && p0 % s0 == 0).then_some(p0 / s0)
+}
 
 /// The name of the stack of the weights `names` (see [`STACK_MARK`]).
 pub fn stack_name(names: &[&str]) -> String {

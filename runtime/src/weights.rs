@@ -144,12 +144,15 @@ impl WeightStore {
             return Some(v.clone());
         }
         let refs = parts.iter().map(|p| self.resolve(p)).collect::<Option<Vec<_>>>()?;
-        let first = refs.first()?.ty.clone();
-        if refs.iter().any(|r| r.ty.numel() != first.numel()) {
+        // The smallest part is one slice; every other fills a whole number of slices
+        // ([`safetensors::stack_slots`]; `get` checks them against the program's shape).
+        let first = refs.iter().min_by_key(|r| r.ty.numel())?.ty.clone();
+        if first.numel() == 0 || refs.iter().any(|r| r.ty.numel() % first.numel() != 0) {
             return None;
         }
+        let slices: usize = refs.iter().map(|r| r.ty.numel() / first.numel()).sum();
         let dtype = if refs.iter().all(|r| r.ty.dtype == first.dtype) { first.dtype } else { kiln_graph::DType::F32 };
-        let mut bytes = Vec::with_capacity(first.numel() * dtype.size() * refs.len());
+        let mut bytes = Vec::with_capacity(first.numel() * dtype.size() * slices);
         for r in &refs {
             let b = &self.map_bytes(r.file)[r.start..r.end];
             if r.ty.dtype == dtype {
@@ -158,7 +161,7 @@ impl WeightStore {
                 bytes.extend(crate::tensor::floats_to_f32(r.ty.dtype, b)?.iter().flat_map(|v| v.to_le_bytes()));
             }
         }
-        let mut shape = vec![refs.len()];
+        let mut shape = vec![slices];
         shape.extend_from_slice(&first.shape);
         let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = views.by_name.get(name) {
@@ -175,13 +178,19 @@ impl WeightStore {
     /// naming the part).
     fn check_stack(&self, name: &str, parts: &[String], want: &TensorType) -> Result<()> {
         let bad = |msg: String| RuntimeError::Weight { name: name.into(), msg };
-        if want.shape.first() != Some(&parts.len()) {
-            return Err(bad(format!("stacks {} weights, the program expects shape {:?}", parts.len(), want.shape)));
-        }
-        let part = TensorType::new(want.dtype, want.shape[1..].to_vec());
+        let slice = want.shape.get(1..).unwrap_or(&[]).to_vec();
         let mut first: Option<(&String, kiln_graph::DType)> = None;
+        let mut slots = 0;
         for p in parts {
-            let (ty, _) = self.get(p, &part)?;
+            // A part fills one slice, or several joined along the slice's first axis.
+            let stored = self.resolve(p).map(|r| r.ty.shape);
+            let m = stored.as_deref().and_then(|s| safetensors::stack_slots(s, &slice)).unwrap_or(1);
+            let mut shape = slice.clone();
+            if let Some(s0) = shape.first_mut() {
+                *s0 *= m;
+            }
+            let (ty, _) = self.get(p, &TensorType::new(want.dtype, shape))?;
+            slots += m;
             match first {
                 Some((f, d)) if d != ty.dtype && !(d.is_float() && ty.dtype.is_float()) => {
                     return Err(bad(format!(
@@ -192,6 +201,13 @@ impl WeightStore {
                 Some(_) => {}
                 None => first = Some((p, ty.dtype)),
             }
+        }
+        if want.shape.first() != Some(&slots) {
+            return Err(bad(format!(
+                "stacks {} weights ({slots} slices of {slice:?}), the program expects shape {:?}",
+                parts.len(),
+                want.shape
+            )));
         }
         Ok(())
     }

@@ -86,15 +86,24 @@ fn source(map: &HashMap<String, Value>, name: &str, ty: &TensorType) -> Result<V
     Ok(Value { ty: ty.clone(), data: v.data.iter().map(|&x| ty.dtype.round(x)).collect() })
 }
 
-/// A stacked weight (`p/~stack(a|b)`) from its parts, each of one slice's shape of `ty`.
+/// A stacked weight (`p/~stack(a|b)`) from its parts, each of one slice's shape of `ty` or
+/// several slices joined ([`crate::safetensors::stack_slots`]), filling its leading axis.
 fn stacked(map: &HashMap<String, Value>, name: &str, parts: &[String], ty: &TensorType) -> Result<Value> {
-    if ty.shape.first() != Some(&parts.len()) {
-        return Err(GraphError::Input { name: name.into(), msg: format!("stacks {} weights, expected {ty}", parts.len()) });
-    }
-    let part = TensorType::new(ty.dtype, ty.shape[1..].to_vec());
+    let slice = TensorType::new(ty.dtype, ty.shape.get(1..).unwrap_or(&[]).to_vec());
     let mut data = Vec::with_capacity(ty.numel());
+    let mut slots = 0;
     for p in parts {
-        data.extend(source(map, p, &part)?.data);
+        let stored = map.get(p).map(|v| v.ty.shape.clone());
+        let m = stored.as_deref().and_then(|s| crate::safetensors::stack_slots(s, &slice.shape)).unwrap_or(1);
+        let mut want = slice.shape.clone();
+        if let Some(w0) = want.first_mut() {
+            *w0 *= m;
+        }
+        data.extend(source(map, p, &TensorType::new(ty.dtype, want))?.data);
+        slots += m;
+    }
+    if ty.shape.first() != Some(&slots) {
+        return Err(GraphError::Input { name: name.into(), msg: format!("stacks {slots} slices of {slice}, expected {ty}") });
     }
     Ok(Value { ty: ty.clone(), data })
 }

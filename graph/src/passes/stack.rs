@@ -6,6 +6,15 @@
 //! result along its first axis. Per-projection biases of shape `[N]` stack likewise (`[G, 1, N]`), one add that epilogue fusion then takes. The rewrite is
 //! made only where every slice is a view (each `M * N` block starts on an arena boundary, see
 //! [`crate::plan::slice_view_offset`]): otherwise the slices would be copies and cost launches.
+//!
+//! With one row (`M = 1`: decode at batch 1) projections of different widths stack too, when
+//! each width is a multiple of the narrowest `n` and each weight is stored transposed
+//! (`[N_i, K]`, transformers' layout): grouped-query attention's Q (`[H * hd, K]`) fills
+//! `H / G` slices of `n = G * hd` beside K and V, so Q, K and V are one `[S, 1, n]` product
+//! whose slices `s..s + m` are each projection's `[1, N_i]` (one row, so the slices' order is
+//! the columns' order). The parts' bytes join in order at load
+//! ([`crate::safetensors::stack_slots`]). Biases are not stacked in this form (the group is
+//! only made when no member has one).
 
 use super::{copy_node, same_type, Uses};
 use crate::error::{GraphError, Result};
@@ -20,6 +29,9 @@ struct Group {
     members: Vec<usize>,
     /// Each member's bias add and bias weight, when every member has one.
     biases: Option<Vec<(usize, NodeId)>>,
+    /// Columns per slice of the stacked product when the members' widths differ (one row;
+    /// each member fills `N_i / n` slices); `None` when every member is one slice.
+    narrow: Option<usize>,
 }
 
 /// The weight node `id` reads through a chain of reshapes (big_vision's `[D, H, hd]` kernels
@@ -74,17 +86,58 @@ fn weight_name(g: &Graph, w: NodeId) -> &str {
     }
 }
 
-/// The groups of sibling projections whose stacked product's slices are all views.
-fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
-    let mut found: Vec<(Key, Vec<usize>)> = Vec::new();
+/// The grouping key of a one-row transposed product that may join a stack of projections of
+/// different widths: the input, the weight's dtype and its inner size `K`.
+fn wide_candidate(g: &Graph, uses: &Uses, i: usize) -> Option<(NodeId, crate::dtype::DType, usize)> {
+    let (a, transpose_b, wshape, dtype, stored) = candidate(g, i)?;
+    let k = *g.ty(a).shape.last()?;
+    let one_row = g.ty(a).numel() == k;
+    (transpose_b && one_row && wshape == stored && wshape[1] == k && bias(g, uses, i).is_none()).then_some((a, dtype, k))
+}
+
+/// Groups of one-row projections of different widths, each width a multiple of the narrowest
+/// and that one's block whole arena blocks (the module doc's second form).
+fn wide_groups(g: &Graph, uses: &Uses) -> Vec<Group> {
+    let mut found: Vec<((NodeId, crate::dtype::DType, usize), Vec<usize>)> = Vec::new();
     for i in 0..g.nodes.len() {
-        let Some(key) = candidate(g, i) else { continue };
+        let Some(key) = wide_candidate(g, uses, i) else { continue };
         match found.iter_mut().find(|(k, _)| *k == key) {
             Some((_, m)) => m.push(i),
             None => found.push((key, vec![i])),
         }
     }
     let mut out = Vec::new();
+    for ((_, dtype, _), members) in found {
+        let width = |m: usize| *g.nodes[m].ty.shape.last().unwrap_or(&0);
+        let n = members.iter().map(|&m| width(m)).min().unwrap_or(0);
+        let names: Vec<&str> = members.iter().filter_map(|&m| weight_of(g, g.nodes[m].inputs[1])).map(|w| weight_name(g, w)).collect();
+        let distinct = names.iter().enumerate().all(|(i, a)| !names[..i].contains(a));
+        let differ = members.iter().any(|&m| width(m) != n);
+        if members.len() < 2 || n == 0 || !differ || !distinct || !(n * dtype.size()).is_multiple_of(ALIGN) {
+            continue;
+        }
+        if members.iter().all(|&m| width(m) % n == 0) {
+            out.push(Group { members, biases: None, narrow: Some(n) });
+        }
+    }
+    out
+}
+
+/// The groups of sibling projections whose stacked product's slices are all views.
+fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
+    let mut out = wide_groups(g, uses);
+    let taken: Vec<usize> = out.iter().flat_map(|grp| grp.members.iter().copied()).collect();
+    let mut found: Vec<(Key, Vec<usize>)> = Vec::new();
+    for i in 0..g.nodes.len() {
+        if taken.contains(&i) {
+            continue;
+        }
+        let Some(key) = candidate(g, i) else { continue };
+        match found.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, m)) => m.push(i),
+            None => found.push((key, vec![i])),
+        }
+    }
     for (_, mut members) in found {
         // The same weight twice is one product (CSE's work), not a stack.
         let mut seen = Vec::new();
@@ -106,7 +159,7 @@ fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
             .map(|&m| bias(g, uses, m))
             .collect::<Option<Vec<_>>>()
             .filter(|b| b.iter().all(|&(_, w)| g.ty(w).shape == g.ty(b[0].1).shape));
-        out.push(Group { members, biases });
+        out.push(Group { members, biases, narrow: None });
     }
     out
 }
@@ -193,6 +246,9 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
     let k = at.shape[at.rank() - 1];
     let m = at.numel() / k.max(1);
     let sources: Vec<NodeId> = grp.members.iter().filter_map(|&mm| weight_of(g, g.nodes[mm].inputs[1])).collect();
+    if let Some(n) = grp.narrow {
+        return emit_wide(g, out, grp, &sources, (na, k, n), map);
+    }
     let w = stacked(g, out, &sources, &g.ty(w0).shape)?;
     let x = if at.shape.len() == 3 && at.shape[0] == 1 { na } else { out.reshape(na, &[1, m, k])? };
     let mut y = out.matmul(x, w, transpose_b)?;
@@ -208,6 +264,27 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
         let old = grp.biases.as_ref().map_or(mm, |b| b[j].0);
         same_type("stack_projections", out, old, &g.nodes[old], id)?;
         map[old] = Some(id);
+    }
+    Ok(())
+}
+
+/// Emits a group of one-row projections of different widths (the module doc's second form):
+/// `x [1, 1, K]` times the stack `[S, n, K]` (transposed), member `j` the slices `s..s + m_j`
+/// read as its `[.., N_j]`.
+fn emit_wide(g: &Graph, out: &mut Graph, grp: &Group, sources: &[NodeId], (x, k, n): (NodeId, usize, usize), map: &mut [Option<NodeId>]) -> Result<()> {
+    let names: Vec<&str> = sources.iter().map(|&w| weight_name(g, w)).collect();
+    let widths: Vec<usize> = grp.members.iter().map(|&m| *g.nodes[m].ty.shape.last().unwrap_or(&0)).collect();
+    let slices: usize = widths.iter().map(|w| w / n).sum();
+    let w = out.weight(&stack_name(&names), g.ty(sources[0]).dtype, &[slices, n, k])?;
+    let x = out.reshape(x, &[1, 1, k])?;
+    let y = out.matmul(x, w, true)?;
+    let mut s = 0;
+    for (&mm, width) in grp.members.iter().zip(widths) {
+        let part = out.slice(y, 0, s, s + width / n)?;
+        s += width / n;
+        let id = out.reshape(part, &g.nodes[mm].ty.shape)?;
+        same_type("stack_projections", out, mm, &g.nodes[mm], id)?;
+        map[mm] = Some(id);
     }
     Ok(())
 }
@@ -297,6 +374,67 @@ mod tests {
         assert!(out.weights().any(|(_, n, t)| n == "~stack(w1|w2)" && t.shape == [2, 16, 8]));
         assert!(out.weights().any(|(_, n, _)| n == "w0"));
         same_outputs(&g, &out);
+    }
+
+    /// `x [1, k]` (one row) projected by transposed weights `w{i}` of `[n_i, k]`.
+    fn one_row(k: usize, ns: &[usize]) -> Graph {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[1, k]).unwrap();
+        for (i, &n) in ns.iter().enumerate() {
+            let w = g.weight(&format!("w{i}"), DType::F32, &[n, k]).unwrap();
+            let y = g.matmul(x, w, true).unwrap();
+            g.output(format!("y{i}"), y);
+        }
+        g
+    }
+
+    #[test]
+    fn one_row_projections_of_different_widths_become_one_product() {
+        // Decode's Q (128 columns) beside K and V (64 each): a [4, 1, 64] product, Q its
+        // first two slices. Each slice is 256 bytes: every member a view.
+        let g = one_row(8, &[128, 64, 64]);
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 1);
+        assert!(out.weights().any(|(_, n, t)| n == "~stack(w0|w1|w2)" && t.shape == [4, 64, 8]), "{}", crate::print::print(&out));
+        let mm = out.nodes.iter().find(|n| matches!(n.op, Op::MatMul { .. })).unwrap();
+        assert_eq!(mm.ty.shape, [4, 1, 64]);
+        let slices: Vec<(usize, usize)> = out
+            .nodes
+            .iter()
+            .filter_map(|n| match n.op {
+                Op::Slice { start, end, .. } => Some((start, end)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slices, [(0, 2), (2, 3), (3, 4)]);
+        for (i, n) in out.nodes.iter().enumerate() {
+            if matches!(n.op, Op::Slice { .. }) {
+                assert!(crate::plan::slice_view_offset(&out, NodeId(i as u32)).is_some());
+            }
+        }
+        same_outputs(&g, &out);
+        crate::verify::verify(&out).unwrap();
+        // Order in the stack follows the members': the wide one may come last.
+        let g = one_row(8, &[64, 64, 192]);
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 1);
+        same_outputs(&g, &out);
+    }
+
+    #[test]
+    fn different_widths_stack_only_with_one_row_and_whole_multiples() {
+        // Two rows: the slices would interleave Q's columns with rows; K and V stack alone.
+        let g = projections(2, 8, &[128, 64, 64], &[false, false, false]);
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 2);
+        same_outputs(&g, &out);
+        // 96 is no multiple of 64: the equal pair stacks, the other stays.
+        let out = stack_projections(&one_row(8, &[96, 64, 64])).unwrap();
+        assert_eq!(matmuls(&out), 2);
+        // The narrowest block (32 f32 = 128 bytes) is less than an arena block: unchanged.
+        let g = one_row(8, &[64, 32, 32]);
+        let out = stack_projections(&g).unwrap();
+        assert_eq!(matmuls(&out), 3);
     }
 
     #[test]
