@@ -72,11 +72,13 @@ pub(super) fn print_program(prog: &Program) {
         for io in &e.outputs {
             println!("  out {} {} {:?}", io.name, io.operand.ty, io.operand.slot);
         }
-        // Steps whose launches run as one (the later step's line says `x2`).
+        // Steps whose launches run as one (the later step's line says `x2` when both launch
+        // one kernel).
         let merged = kiln_runtime::by_name(&prog.backend).ok().and_then(|b| b.merged_launches(prog, i).ok()).unwrap_or_default();
         for (i, s) in e.steps.iter().enumerate() {
             let note = match merged.iter().find(|&&(a, b)| a == i || b == i) {
-                Some(&(a, b)) if b == i => format!("  [{} x2: with step {a}]", s.kernel),
+                Some(&(a, b)) if b == i && e.steps[a].kernel == s.kernel => format!("  [{} x2: with step {a}]", s.kernel),
+                Some(&(a, b)) if b == i => format!("  [one launch with step {a}]"),
                 Some(&(_, b)) => format!("  [runs in step {b}'s launch]"),
                 None => String::new(),
             };

@@ -55,10 +55,8 @@ fn stacked_weights_load_once_and_bad_stacks_are_clear_errors() {
     // A wide part: two slices of [2, 3] (decode's Q beside K and V), and one of no whole count.
     let w = Tensor::from_f32(&[4, 3], &(20..32).map(|v| v as f32).collect::<Vec<_>>());
     let odd = Tensor::from_f32(&[3, 3], &[0.; 9]);
-    let ts: Vec<(String, Tensor)> = [("a", a), ("b", b), ("t", t), ("h", h), ("i", i), ("w", w), ("odd", odd)]
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), t))
-        .collect();
+    let ts: Vec<(String, Tensor)> =
+        [("a", a), ("b", b), ("t", t), ("h", h), ("i", i), ("w", w), ("odd", odd)].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
     io::write(&path, &ts).unwrap();
     let store = WeightStore::open(&path).unwrap();
     let want = TensorType::new(DType::F32, [2, 2, 3]);

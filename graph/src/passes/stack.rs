@@ -271,7 +271,14 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
 /// Emits a group of one-row projections of different widths (the module doc's second form):
 /// `x [1, 1, K]` times the stack `[S, n, K]` (transposed), member `j` the slices `s..s + m_j`
 /// read as its `[.., N_j]`.
-fn emit_wide(g: &Graph, out: &mut Graph, grp: &Group, sources: &[NodeId], (x, k, n): (NodeId, usize, usize), map: &mut [Option<NodeId>]) -> Result<()> {
+fn emit_wide(
+    g: &Graph,
+    out: &mut Graph,
+    grp: &Group,
+    sources: &[NodeId],
+    (x, k, n): (NodeId, usize, usize),
+    map: &mut [Option<NodeId>],
+) -> Result<()> {
     let names: Vec<&str> = sources.iter().map(|&w| weight_name(g, w)).collect();
     let widths: Vec<usize> = grp.members.iter().map(|&m| *g.nodes[m].ty.shape.last().unwrap_or(&0)).collect();
     let slices: usize = widths.iter().map(|w| w / n).sum();

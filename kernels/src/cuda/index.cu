@@ -439,7 +439,19 @@ __device__ void sift(int* h, int n, int i, const float* x, double t) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleParams p) {
+// Whether the options are bad (the host's checks): a non-finite temperature, top-p outside
+// (0, 1] when sampling, a counter outside [0, 2^32).
+__device__ __forceinline__ bool bad_options(const SampleParams& p) {
+  const float* o = (const float*)p.opts;
+  const i64* c = (const i64*)p.ctr;
+  const double t = (double)o[0], top_p = (double)o[1];
+  return !(fabs(t) <= 1.7976931348623157e308) || (t > 0.0 && !(top_p > 0.0 && top_p <= 1.0)) || c[0] < 0 || c[0] >= (1ll << 32) ||
+         c[1] < 0 || c[1] >= (1ll << 32) || c[2] < 0 || c[2] >= (1ll << 32) || c[3] < 0 || c[3] >= (1ll << 32);
+}
+
+// Row `r`'s token by the whole block; thread 0 writes it. The block may reuse its shared memory
+// after a __syncthreads().
+__device__ __forceinline__ void sample_row(const SampleParams& p, const bool bad, const i64 r) {
   __shared__ float bv[256];
   __shared__ i64 bi[256];
   __shared__ unsigned int hist[256];
@@ -448,9 +460,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleP
   const float* o = (const float*)p.opts;
   const i64* c = (const i64*)p.ctr;
   const double t = (double)o[0], top_p = (double)o[1];
-  const bool bad = !(fabs(t) <= 1.7976931348623157e308) || (t > 0.0 && !(top_p > 0.0 && top_p <= 1.0)) || c[0] < 0 || c[0] >= (1ll << 32) ||
-                   c[1] < 0 || c[1] >= (1ll << 32) || c[2] < 0 || c[2] >= (1ll << 32) || c[3] < 0 || c[3] >= (1ll << 32);
-  for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) {
+  {
     const float* x = (const float*)p.x + r * p.v;
     i64* out = (i64*)p.out + r;
     if (bad || ((const i64*)p.streams)[r] < 0) {
@@ -458,7 +468,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleP
         *out = 0;
         if (p.err) *(int*)p.err = 1;
       }
-      continue;
+      return;
     }
     if (t <= 0.0 || p.v < 2) {
       float best = x[0];
@@ -479,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleP
       }
       if (threadIdx.x == 0) *out = bi[0];
       __syncthreads();
-      continue;
+      return;
     }
     // Top-k: the k-th largest score (with multiplicity), 8 bits of its ordered key at a time.
     const i64 k = c[0];
@@ -562,5 +572,37 @@ extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleP
       *out = pick < 0 ? last : pick;
     }
     __syncthreads();
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleParams p) {
+  const bool bad = bad_options(p);
+  for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) sample_row(p, bad, r);
+}
+
+// The next token and its log-probability in one launch (issue 16: a generation step's last two
+// steps, `Op::SampleToken` then `Op::TokenLogProb` of the token it chose, merged by the cuda
+// lowering, runtime/src/cuda/lower/fold.rs): per row, sample_token_f32's row, then, once its id
+// is written, token_log_prob's row on the same logits (still in cache), with the same bits.
+struct SampleLogProbParams {
+  SampleParams s;
+  i64 logprob;
+};
+extern "C" __global__ void __launch_bounds__(256) sample_token_log_prob_f32(const SampleLogProbParams q) {
+  __shared__ double red[256];
+  const SampleParams& p = q.s;
+  const bool bad = bad_options(p);
+  for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    sample_row(p, bad, r);
+    __syncthreads();  // the id thread 0 wrote is visible to the block
+    const float* x = (const float*)p.x + r * p.v;
+    const double lse = row_log_sum_exp(x, p.v, red);
+    if (threadIdx.x == 0) {
+      const i64 k = ((const i64*)p.out)[r];
+      float v = 0.0f;
+      if (k >= 0 && k < p.v) v = (float)((double)x[k] - lse);
+      else if (p.err) *(int*)p.err = 1;
+      ((float*)q.logprob)[r] = v;
+    }
   }
 }

@@ -181,6 +181,7 @@ fn index_kernels() -> Vec<Kernel> {
         v.push(k(format!("resize_{t}"), false));
     }
     v.push(k("sample_token_f32".to_string(), false));
+    v.push(k("sample_token_log_prob_f32".to_string(), false));
     v.push(k("log_softmax_f32".to_string(), false));
     for it in ["i32", "i64"] {
         v.push(k(format!("token_log_prob_f32_{it}"), false));
@@ -478,6 +479,7 @@ mod tests {
             }
             ["softmax", "axis", t] | ["resize", t] => src.contains(&format!("AXIS_FLOAT({t},")),
             ["sample", "token", "f32"] => src.contains("void __launch_bounds__(256) sample_token_f32("),
+            ["sample", "token", "log", "prob", "f32"] => src.contains("void __launch_bounds__(256) sample_token_log_prob_f32("),
             ["log", "softmax", "f32"] => src.contains("void __launch_bounds__(256) log_softmax_f32("),
             ["token", "log", "prob", "f32", it] => src.contains(&format!("void __launch_bounds__(256) token_log_prob_f32_{it}(")),
             ["gather", "scaled", t, it] => {

@@ -4,6 +4,7 @@
 //! here is testable on a machine without a GPU. The index math (splits, strides, reduce axes,
 //! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
+pub mod fold;
 pub(crate) mod index;
 pub mod merge;
 

@@ -22,7 +22,9 @@ use kiln_graph::program::{Operand, Slot, Step};
 /// An entry's device work: one list per step, in order, and the merged pairs.
 pub struct Lowered {
     pub work: Vec<Vec<Work>>,
-    /// (earlier step, later step) of each merged launch, which runs at the later step.
+    /// (earlier step, later step) of each merged launch, which runs at the later step: two
+    /// launches of one kernel ([`merge_pairs`]) or a sample and its log-probability
+    /// ([`super::fold`]).
     pub pairs: Vec<(usize, usize)>,
 }
 
@@ -33,7 +35,8 @@ pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Re
     for (i, s) in steps.iter().enumerate() {
         work.push(lower_step(s, l).map_err(|m| (i, m))?);
     }
-    let pairs = merge_pairs(steps, &mut work, l, has)?;
+    let mut pairs = merge_pairs(steps, &mut work, l, has)?;
+    pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
     Ok(Lowered { work, pairs })
 }
 
@@ -46,9 +49,9 @@ pub fn pairable(kernel: &str) -> bool {
 }
 
 /// A byte range `[start, end)` of the allocation.
-type Range = (u64, u64);
+pub(super) type Range = (u64, u64);
 
-fn range(o: &Operand, l: &Layout) -> Result<Range, String> {
+pub(super) fn range(o: &Operand, l: &Layout) -> Result<Range, String> {
     let start = addr(o, l)?;
     let bytes = match o.slot {
         Slot::Arena { bytes, .. } => bytes.max(o.ty.bytes()),
@@ -57,7 +60,7 @@ fn range(o: &Operand, l: &Layout) -> Result<Range, String> {
     Ok((start, start + bytes as u64))
 }
 
-fn overlaps(a: Range, b: Range) -> bool {
+pub(super) fn overlaps(a: Range, b: Range) -> bool {
     a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
 }
 
