@@ -99,6 +99,7 @@ pub(crate) fn prepare<'w>(
                     };
                     Prep::MatMul { epilogue, packed }
                 }
+                CpuKernel::GemmGated => super::gated::prepare(s, weight, cache).map_err(err)?,
                 CpuKernel::Fused => {
                     let ex = s.op.elementwise_expr().ok_or_else(|| err("not an elementwise op".into()))?;
                     let tys: Vec<(&[usize], DType)> = s.inputs.iter().map(|o| (o.ty.shape.as_slice(), o.ty.dtype)).collect();
@@ -293,6 +294,12 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         CpuKernel::Reference => reference(mem, s),
         CpuKernel::Gemm | CpuKernel::GemmEpilogue => match (&s.op, p) {
             (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
+            _ => mismatch(),
+        },
+        CpuKernel::GemmGated => match (&s.op, p) {
+            (Op::GatedMatMul { transpose_b, .. }, Prep::MatMul { epilogue: Some(r), packed }) => {
+                super::gated::run(s, *transpose_b, r, packed, mem.f32(&s.inputs[0]), &|o| mem.src(o), mem.f32_mut(&s.output))
+            }
             _ => mismatch(),
         },
         CpuKernel::Fused => {

@@ -153,6 +153,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
             K::Index(index::kernel_for(op, inputs, out)?)
         }
         Op::Conv(_) => return no("the compiler rewrites convolutions as a gather and a matmul for this backend"),
+        Op::GatedMatMul { .. } => return no("not yet"),
         Op::SampleToken if inputs[0].dtype != DType::F32 => return no("f32 logits only"),
         Op::SampleToken => K::Index("sample_token_f32".to_string()),
         Op::LogSoftmax if inputs[0].dtype != DType::F32 || out.dtype != DType::F32 => return no("f32 only"),
