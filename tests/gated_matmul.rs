@@ -150,4 +150,38 @@ fn cuda_takes_the_gated_node_for_few_rows() {
     assert_eq!(gated, ["gated_matmul gemv_glu_bf16"], "{ops:?}");
     let (_, ops) = compile_run(&mlp(&[64, 64], 96, DType::BF16), "cuda", true, None, &x);
     assert!(!ops.iter().any(|o| o.starts_with("gated_matmul")), "{ops:?}");
+    // f32 (no GLU GEMV) keeps the two GEMMs.
+    let (_, ops) = compile_run(&mlp(&[1, 64], 96, DType::F32), "cuda", true, None, &x);
+    assert!(!ops.iter().any(|o| o.starts_with("gated_matmul")), "{ops:?}");
+}
+
+/// The decode MLP's launches on cuda: the gated step is one launch (no load option makes it
+/// more), and the GLU GEMVs compile with NVRTC for sm_90a without spilling.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_gated_step_is_one_launch_and_compiles_without_spills() {
+    let cuda = kiln_runtime::by_name("cuda").unwrap();
+    let g = mlp(&[1, 64], 96, DType::BF16);
+    let accept = |op: &Op, i: &[TensorType], o: &TensorType| cuda.kernel_for(op, i, o).is_ok();
+    let opt = kiln_graph::passes::gated_matmul(&Pipeline::standard().run(&g, None).unwrap(), &accept).unwrap();
+    let mut program = Program::new("gated", "cuda", "");
+    let namer = |op: &Op, i: &[TensorType], o: &TensorType| cuda.kernel_for(op, i, o).unwrap();
+    let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+    program.entries.push(entry);
+    let launches = cuda.launches(&program, 0).unwrap();
+    let at = program.entries[0].steps.iter().position(|s| s.op.name() == "gated_matmul").unwrap();
+    assert_eq!(launches[at], 1);
+    // The gated step and the down projection.
+    assert_eq!(launches.iter().sum::<usize>(), 2, "{launches:?}");
+    if !kiln_kernels::cuda::nvrtc::available() {
+        assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "KILN_REQUIRE_NVRTC=1 but NVRTC is missing");
+        return;
+    }
+    let m = kiln_kernels::cuda::gemv::gemv_module();
+    let c = kiln_kernels::cuda::nvrtc::compile(&m.name, &m.source, "sm_90a").unwrap();
+    for k in ["gemv_glu_bf16", "gemv_glu_f16"] {
+        let (_, r) = c.kernels.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("{k} missing: {:?}", c.kernels));
+        assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{k}: {r:?}");
+    }
+    assert!(!kiln_runtime::cuda::compile_binaries(&program, "sm_90a").unwrap().is_empty());
 }
