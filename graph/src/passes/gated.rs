@@ -232,13 +232,13 @@ pub fn gated_matmul(g: &Graph, accept: Accept) -> Result<Graph> {
     let n = g.nodes.len();
     let mut at: Vec<Option<Rewrite>> = (0..n).map(|_| None).collect();
     let mut gone = vec![false; n];
-    for i in 0..n {
+    for (i, slot) in at.iter_mut().enumerate() {
         let Some(r) = find(g, &uses, i, accept) else { continue };
         if r.gone.iter().any(|&k| gone[k]) {
             continue;
         }
         r.gone.iter().for_each(|&k| gone[k] = true);
-        at[i] = Some(r);
+        *slot = Some(r);
     }
     if at.iter().all(Option::is_none) {
         return Ok(g.clone());

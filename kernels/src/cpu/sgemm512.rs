@@ -277,21 +277,16 @@ pub fn matmul_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32]
     });
 }
 
+/// A gated product's epilogue: `(row, first column, gate part, output part)`.
+pub type GatedEpilogue<'a> = dyn Fn(usize, usize, &[f32], &mut [f32]) + Sync + 'a;
+
 /// The gated product of one `A` and two packed matrices of one shape (a GLU's gate and up
 /// weights), in one parallel pass: each task computes its columns of `A * gate` into a scratch
 /// of its own and the same columns of `A * up` into `c`, then calls `epilogue(row, col0,
 /// gate_part, c_part)` on each row's part (`col0` the part's first column) before the next task's
 /// columns, so the first product is never stored whole. Each product's elements are the bits
 /// [`matmul_packed`] gives (the same tiles, the same order over K).
-pub fn matmul_packed_gated(
-    a: &[f32],
-    m: usize,
-    lda: usize,
-    gate: &PackedB,
-    up: &PackedB,
-    c: &mut [f32],
-    epilogue: &(dyn Fn(usize, usize, &[f32], &mut [f32]) + Sync),
-) {
+pub fn matmul_packed_gated(a: &[f32], m: usize, lda: usize, gate: &PackedB, up: &PackedB, c: &mut [f32], epilogue: &GatedEpilogue) {
     let (k, n) = (up.k, up.n);
     assert!(gate.k == k && gate.n == n, "sgemm512: gate {}x{} and up {k}x{n} differ", gate.k, gate.n);
     assert!(c.len() == m * n, "sgemm512: C has {} elements, want {m}x{n}", c.len());
