@@ -185,3 +185,23 @@ fn cuda_gated_step_is_one_launch_and_compiles_without_spills() {
     }
     assert!(!kiln_runtime::cuda::compile_binaries(&program, "sm_90a").unwrap().is_empty());
 }
+
+/// A program holding the op is artifact format version 7 (older kilns refuse it by version);
+/// the same program without the pass stays at the version it had.
+#[test]
+fn a_gated_program_is_format_version_7() {
+    let cpu = kiln_runtime::by_name("cpu").unwrap();
+    let version = |gated: bool| {
+        let mut opt = Pipeline::standard().run(&mlp(&[1, 64], 96, DType::F32), None).unwrap();
+        if gated {
+            opt = kiln_graph::passes::gated_matmul_everywhere(&opt).unwrap();
+        }
+        let mut program = Program::new("gated", "cpu", "");
+        let namer = |op: &Op, i: &[TensorType], o: &TensorType| cpu.kernel_for(op, i, o).unwrap();
+        let (entry, _, _) = kiln_graph::lower::compile_entry(&opt, "forward", &mut program, &namer).unwrap();
+        program.entries.push(entry);
+        kiln_graph::artifact::version_for(&program)
+    };
+    assert_eq!(version(true), 7);
+    assert!(version(false) < 7);
+}
