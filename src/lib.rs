@@ -140,6 +140,14 @@ pub fn compile_with_states(
             pipeline.passes.insert(0, kiln_graph::passes::Pass::LOWER_CONV);
         }
         let graph = pipeline.run(built_graph, opts.trace.then_some(&mut trace))?;
+        // A GLU's gate and up products as one step, where the backend has a kernel for it.
+        let accept = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {
+            backend.kernel_for(op, ins, out).is_ok_and(|k| !backend.interpreted(&k))
+        };
+        let graph = kiln_graph::passes::gated_matmul(&graph, &accept)?;
+        if opts.trace {
+            trace.push(("gated_matmul".to_string(), kiln_graph::print::print(&graph)));
+        }
         check_kernels(&graph, backend.as_ref())?;
         let (entry, order, plan) = kiln_graph::lower::compile_entry(&graph, name, &mut program, &namer)?;
         program.entries.push(entry);

@@ -62,7 +62,8 @@ struct ProfileArgs {
     #[arg(long, default_value = "sm_90a")]
     arch: String,
     /// cuda load option: kiln's GEMV for small-M GEMMs (decode) `on`, `off` (cuBLASLt
-    /// everywhere) or `auto` (whichever measures faster at load).
+    /// everywhere) or `auto` (whichever measures faster at load); a gated matmul (an MLP's
+    /// gate and up) always runs its GLU GEMV.
     #[arg(long, default_value = "auto")]
     cuda_gemv: String,
     /// cuda compile option: the tuning table (JSON of kernel choices measured per card; see

@@ -184,11 +184,11 @@ const HALF: &[&str] = &["bf16 ", "f16 "];
 /// Ops the cuda backend has no kernel for yet (its compile names them); convolutions run as the
 /// compiler's gather + matmul rewrite.
 #[cfg(feature = "cuda")]
-const CUDA_LACKS: &[&str] = &[];
+const CUDA_LACKS: &[&str] = &["f32 gated_matmul"];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token", "log_softmax"];
+const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token", "log_softmax", "f32 gated_matmul"];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()
@@ -318,6 +318,7 @@ fn matmuls_rows() -> Vec<Row> {
     let y = g.add(y, r).unwrap();
     g.output("y", y);
     rows.push(row("matmul epilogue", g, 1));
+    rows.push(gated_matmul_row(DType::F32));
     rows
 }
 
@@ -407,9 +408,10 @@ fn op_kind(op: &Op) -> Option<usize> {
         Op::ResidualRmsNorm(_) => 29,
         Op::TokenLogProb => 30,
         Op::GatherScaled { .. } => 31,
+        Op::GatedMatMul { .. } => 32,
     })
 }
-const OP_KINDS: usize = 32;
+const OP_KINDS: usize = 33;
 
 fn all_rows() -> Vec<Row> {
     let mut rows = Vec::new();

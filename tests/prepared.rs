@@ -184,7 +184,7 @@ fn bad_prepared_files_are_refused_by_name() {
 }
 
 /// The file holds one packed matrix per matrix of a matmul weight (on an AVX-512 machine; a
-/// stacked `[G, N, K]` weight of sibling projections has `G`) and the weights other steps read
+/// stacked `[G, N, K]` weight of sibling projections, or a gated matmul's gate and up, has `G`) and the weights other steps read
 /// as they are (norms, embeddings), and its checksums verify.
 #[test]
 fn prepared_file_holds_only_what_a_load_reads() {
@@ -195,7 +195,7 @@ fn prepared_file_holds_only_what_a_load_reads() {
         .entries
         .iter()
         .flat_map(|e| &e.steps)
-        .filter(|s| matches!(s.op, kiln_graph::Op::MatMul { .. }))
+        .filter(|s| matches!(s.op, kiln_graph::Op::MatMul { .. } | kiln_graph::Op::GatedMatMul { .. }))
         .filter_map(|s| match s.inputs[1].slot {
             Slot::Weight(i) => Some(i),
             _ => None,

@@ -38,10 +38,11 @@ pub const MAGIC: &[u8; 8] = b"KILN\0ART";
 /// [`crate::Op::SampleToken`] (a generation program that chooses its tokens; also
 /// [`crate::Op::LogSoftmax`], beam search's candidates, and [`crate::Op::TokenLogProb`]), version 5
 /// [`Program::tuning`] (a cuda program's measured kernel choices), version 6 casts inside
-/// fused expressions ([`crate::Instr::Cast`]). A program without them is
+/// fused expressions ([`crate::Instr::Cast`]), version 7 the op [`crate::Op::GatedMatMul`]
+/// (a GLU's gate and up products in one step). A program without them is
 /// still written as the oldest version that holds it, byte for byte as before, so older kilns
 /// read it.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest version this kiln reads.
 pub const OLDEST_VERSION: u32 = 2;
 /// Bytes before the body: magic, version, body length, checksum.
@@ -107,7 +108,9 @@ pub fn save(program: &Program) -> Vec<u8> {
 /// The oldest format version that can hold `program`.
 pub fn version_for(program: &Program) -> u32 {
     let casts = |op: &crate::Op| matches!(op, crate::Op::Fused(e) | crate::Op::MatMul { epilogue: Some(e), .. } if e.has_cast());
-    if program.entries.iter().any(|e| e.steps.iter().any(|s| casts(&s.op))) {
+    if program.entries.iter().any(|e| e.steps.iter().any(|s| matches!(s.op, crate::Op::GatedMatMul { .. }))) {
+        7
+    } else if program.entries.iter().any(|e| e.steps.iter().any(|s| casts(&s.op))) {
         6
     } else if !program.tuning.is_empty() {
         5

@@ -55,6 +55,38 @@ fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<DType, 
     e.region_dtype(&dtypes)
 }
 
+/// [`Op::GatedMatMul`]: `a [.., M, K]` against two stacked weights `b [2, K, N]` (or `[2, N, K]`
+/// transposed) of `a`'s dtype; the epilogue reads both `[.., M, N]` products and the inputs
+/// after `b`.
+fn gated_matmul(transpose_b: bool, e: &Expr, inputs: &[&TensorType]) -> R {
+    if inputs.len() < 2 {
+        return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
+    }
+    let (a, b) = (inputs[0], inputs[1]);
+    float(a, "a")?;
+    if a.dtype != b.dtype {
+        return Err(format!("operand dtypes differ: {a} vs {b}"));
+    }
+    if a.rank() < 2 || b.rank() != 3 || b.shape[0] != 2 {
+        return Err(format!("expects a of rank >= 2 and two stacked weights [2, K, N]: {a} x {b}"));
+    }
+    let k = a.shape[a.rank() - 1];
+    let (kb, n) = if transpose_b { (b.shape[2], b.shape[1]) } else { (b.shape[1], b.shape[2]) };
+    if k != kb {
+        return Err(format!("contraction sizes differ: {a} x {b} (transpose_b={transpose_b})"));
+    }
+    let mut shape = a.shape[..a.rank() - 1].to_vec();
+    shape.push(n);
+    let product = TensorType::new(a.dtype, shape);
+    let mut ins = vec![&product, &product];
+    ins.extend(inputs[2..].iter().copied());
+    let dtype = check_expr(e, &ins, &product.shape)?;
+    if e.arity() != ins.len() {
+        return Err(format!("epilogue reads {} inputs, node gives {}", e.arity(), ins.len()));
+    }
+    Ok(TensorType::new(dtype, product.shape))
+}
+
 /// The type of `op` applied to `inputs`. Sources take their type from `given`. Every op is
 /// listed here (a new op is a compile error until it is), then checked by its group's rule.
 pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
@@ -91,6 +123,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType], given: Option<&TensorType>) -> R {
             }
             Ok(TensorType::new(DType::F32, ids.shape.clone()))
         }
+        Op::GatedMatMul { transpose_b, epilogue } => gated_matmul(*transpose_b, epilogue, inputs),
         Op::GatherScaled { axis, .. } => {
             let t = indexing(&Op::Gather { axis: *axis }, inputs)?;
             float(&t, "table")?;

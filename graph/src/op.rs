@@ -289,6 +289,15 @@ pub enum Op {
     /// embedding's `sqrt(hidden)`), made by the `gather_scale` pass. `scale` is a value of the
     /// dtype, so the step gives the unfused product's bits.
     GatherScaled { axis: usize, scale: f32 },
+    /// Two products of one `a` combined by an epilogue in one step, a gated linear unit's
+    /// gate and up projections (`gelu(a @ w_gate) * (a @ w_up)`): `b` holds both weights
+    /// stacked, `[2, K, N]` (`[2, N, K]` with `transpose_b`), `a` is `[.., M, K]` and each
+    /// product `[.., M, N]`, rounded to the operands' dtype. The epilogue reads the first
+    /// product as `Input(0)`, the second as `Input(1)` and node input `i` as `Input(i)` for
+    /// `i >= 2` (broadcast to the result). Made by the `gated_matmul` pass where a backend
+    /// computes both products and the epilogue in one kernel, so the first product is never
+    /// stored whole.
+    GatedMatMul { transpose_b: bool, epilogue: Expr },
 }
 
 /// The geometry of a [`Op::Conv`]; zero padding, the same `pad` before and after each axis.
@@ -421,6 +430,9 @@ impl Op {
             Op::LogSoftmax => ("log_softmax", String::new()),
             Op::TokenLogProb => ("token_log_prob", String::new()),
             Op::GatherScaled { axis, scale } => ("gather_scaled", a(&|| format!("axis={axis}, scale={scale:?}"))),
+            Op::GatedMatMul { transpose_b, epilogue } => {
+                ("gated_matmul", a(&|| format!("{}epilogue={}", if *transpose_b { "b^T, " } else { "" }, epilogue.formula())))
+            }
             Op::Conv(c) => {
                 ("conv", a(&|| format!("stride={:?}, pad={:?}{}", c.stride, c.pad, if c.transposed { ", transposed" } else { "" })))
             }
@@ -457,6 +469,11 @@ impl Op {
             Op::MatMul { epilogue, .. } => {
                 let k = inputs.first().and_then(|a| a.shape.last()).copied().unwrap_or(0) as u64;
                 (2 * n_out * k + epilogue.as_ref().map_or(0, expr_flops) * n_out, all_bytes)
+            }
+            // Two products, then the epilogue per element.
+            Op::GatedMatMul { epilogue, .. } => {
+                let k = inputs.first().and_then(|a| a.shape.last()).copied().unwrap_or(0) as u64;
+                (4 * n_out * k + expr_flops(epilogue) * n_out, all_bytes)
             }
             Op::ScatterAdd { .. } => (input_numel(2), all_bytes),
             // Dispatch copies each kept token into its expert buffer: no arithmetic.

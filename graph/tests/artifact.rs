@@ -285,7 +285,7 @@ fn each_bad_file_gets_its_own_message() {
 
     let mut v = good.clone();
     v[8..12].copy_from_slice(&8u32.to_le_bytes());
-    assert_eq!(err(&v), "model.kiln: made by format version 8, this kiln reads versions 2 to 6: recompile it with `kiln compile`");
+    assert_eq!(err(&v), "model.kiln: made by format version 8, this kiln reads versions 2 to 7: recompile it with `kiln compile`");
 
     assert_eq!(err(&good[..n - 10]), format!("model.kiln: truncated: expected {n} bytes, found {}", n - 10));
     assert_eq!(err(b"KILN"), format!("model.kiln: truncated: expected {HEADER_BYTES} bytes, found 4"));

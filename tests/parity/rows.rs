@@ -227,6 +227,7 @@ pub(super) fn half_rows() -> Vec<Row> {
         let y = g.unary(UnaryOp::GeluTanh, y).unwrap();
         g.output("y", y);
         rows.push(row(format!("{dt} matmul epilogue"), g, 1));
+        rows.push(gated_matmul_row(dt));
 
         let mut g = Graph::new();
         let x = input(&mut g, "x", &[5, 40]);
@@ -259,4 +260,19 @@ pub(super) fn half_rows() -> Vec<Row> {
         rows.push(row(format!("{dt} attention gqa causal softcap"), g, 1));
     }
     rows
+}
+
+/// `Op::GatedMatMul` (made by the `gated_matmul` pass where a backend takes it): 3 rows, the
+/// stacked weights `[2, 48, 32]` an input, `gelu_tanh(gate) * up`. The cpu runs f32 (here the
+/// unpacked path: the weights are no weight), cuda the half dtypes (its GLU GEMV), cube neither.
+pub(super) fn gated_matmul_row(dt: DType) -> Row {
+    use kiln_graph::{Expr, Instr};
+    let mut g = Graph::new();
+    let x = g.input("x", dt, &[3, 32]).unwrap();
+    let w = g.input("w", dt, &[2, 48, 32]).unwrap();
+    let epilogue =
+        Expr { instrs: vec![Instr::Input(0), Instr::Unary(UnaryOp::GeluTanh, 0), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 1, 2)] };
+    let y = g.push(Op::GatedMatMul { transpose_b: true, epilogue }, &[x, w]).unwrap();
+    g.output("y", y);
+    row(format!("{dt} gated_matmul"), g, 1)
 }

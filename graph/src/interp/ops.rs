@@ -113,6 +113,7 @@ pub fn eval(op: &Op, a: &[&Value], out: &TensorType) -> R {
         Op::Cast { .. } => Ok(a[0].data.clone()),
         Op::Reduce { op, axes, .. } => Ok(reduce(a[0], *op, axes)),
         Op::MatMul { transpose_b, epilogue } => matmul(a, *transpose_b, epilogue.as_ref(), out),
+        Op::GatedMatMul { transpose_b, epilogue } => gated_matmul(a, *transpose_b, epilogue, out),
         Op::Reshape { .. } => Ok(a[0].data.clone()),
         Op::Permute { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::WriteSlice { .. } => movement(op, a, out),
         Op::Broadcast { shape } => Ok(map_broadcast(a, shape, |x| x[0])),
@@ -374,6 +375,36 @@ fn matmul(a: &[&Value], transpose_b: bool, epi: Option<&Expr>, out: &TensorType)
     let pty = TensorType::new(x.ty.dtype, out.shape.clone());
     let prod = Value { data: v.into_iter().map(|v| pty.dtype.round(v)).collect(), ty: pty };
     let mut args = vec![&prod];
+    args.extend(a[2..].iter().copied());
+    let dtypes = e.dtypes(&args.iter().map(|v| v.ty.dtype).collect::<Vec<_>>())?;
+    let mut scratch = Vec::new();
+    Ok(map_broadcast(&args, &out.shape, |x| e.eval(x, &mut scratch, &dtypes)))
+}
+
+/// [`Op::GatedMatMul`]: both products as [`matmul`] computes them (each rounded to the
+/// operands' dtype), then the epilogue, so the result is the unfused steps' bit for bit.
+fn gated_matmul(a: &[&Value], transpose_b: bool, e: &Expr, out: &TensorType) -> R {
+    let (x, w) = (a[0], a[1]);
+    let k = x.ty.shape[x.ty.rank() - 1];
+    let (rows, n) = (x.ty.numel() / k.max(1), *out.shape.last().unwrap_or(&0));
+    let pty = TensorType::new(x.ty.dtype, out.shape.clone());
+    let product = |half: usize| {
+        let wo = half * k * n;
+        let mut v = vec![0.0; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                let mut s = 0.0;
+                for l in 0..k {
+                    let wv = if transpose_b { w.data[wo + j * k + l] } else { w.data[wo + l * n + j] };
+                    s += x.data[i * k + l] * wv;
+                }
+                v[i * n + j] = pty.dtype.round(s);
+            }
+        }
+        Value { data: v, ty: pty.clone() }
+    };
+    let (gate, up) = (product(0), product(1));
+    let mut args = vec![&gate, &up];
     args.extend(a[2..].iter().copied());
     let dtypes = e.dtypes(&args.iter().map(|v| v.ty.dtype).collect::<Vec<_>>())?;
     let mut scratch = Vec::new();

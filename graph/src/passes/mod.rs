@@ -13,6 +13,7 @@ mod dce;
 mod epilogue;
 mod fold;
 mod fuse;
+mod gated;
 mod gather_scale;
 mod generator;
 mod negate;
@@ -29,6 +30,7 @@ pub use dce::dead_code;
 pub use epilogue::fuse_matmul_epilogue;
 pub use fold::{constant_fold, MAX_FOLD_ELEMENTS};
 pub use fuse::fuse_elementwise;
+pub use gated::{gated_matmul, gated_matmul_everywhere, Accept};
 pub use gather_scale::gather_scale;
 pub use generator::{recompute_generators, MAX_GENERATOR_INSTRS};
 pub use negate::negation_through_concat;
@@ -84,8 +86,12 @@ impl Pass {
     /// Computes a region made from much smaller inputs (RoPE's angles) inside each region or epilogue reading it.
     pub const RECOMPUTE_GENERATORS: Pass = Pass { name: "recompute_generators", run: recompute_generators };
 
+    /// Makes a GLU's gate and up products and their epilogue one gated matmul wherever the
+    /// pattern is found (the compile runs [`gated_matmul`] where the backend takes the node).
+    pub const GATED_MATMUL: Pass = Pass { name: "gated_matmul", run: gated_matmul_everywhere };
+
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 15] = [
+    pub const ALL: [Pass; 16] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -101,6 +107,7 @@ impl Pass {
         Pass::GATHER_SCALE,
         Pass::CASTS_PAST_RESHAPES,
         Pass::RECOMPUTE_GENERATORS,
+        Pass::GATED_MATMUL,
     ];
 
     /// The pass with this name.
@@ -202,7 +209,7 @@ pub fn fusion_groups(g: &Graph) -> Vec<(NodeId, String)> {
     let mut groups = Vec::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let expr = match &n.op {
-            Op::Fused(e) | Op::MatMul { epilogue: Some(e), .. } => e,
+            Op::Fused(e) | Op::MatMul { epilogue: Some(e), .. } | Op::GatedMatMul { epilogue: e, .. } => e,
             _ => continue,
         };
         groups.push((NodeId(i as u32), expr_to_string(expr)));

@@ -272,63 +272,127 @@ pub fn matmul_packed(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32]
     let cp = SyncPtr(c.as_mut_ptr());
     (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
         let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
-        // The widened slice of a bf16 panel, kept per thread between calls.
-        // With one row tile (m <= 12: decode) the micro-kernel reads the bf16 bits itself, so a
-        // memory-bound step reads half the bytes; with more, widening once per slice is cheaper
-        // than widening in every tile.
-        let data = b.data.slice();
-        let widen = matches!(data, PanelSlice::Bf16(_)) && m > MR;
-        let mut wide = Vec::new();
-        if widen {
-            wide = WIDE.with(|w| w.take());
-            wide.resize(wide.len().max(KC * NR), 0.0);
-        }
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            for p in p0..p1 {
-                let cols = NR.min(n - p * NR);
-                let range = p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR;
-                // The slice as f32, or (one row tile) its bf16 bits.
-                let (bp, bits): (&[f32], *const u16) = match &data {
-                    PanelSlice::F32(d) => (&d[range], std::ptr::null()),
-                    PanelSlice::Bf16(d) if !widen => (&[], d[range].as_ptr()),
-                    PanelSlice::Bf16(d) => {
-                        let w = &mut wide[..kc * NR];
-                        for (o, &h) in w.iter_mut().zip(&d[range]) {
-                            *o = f32::from_bits((h as u32) << 16);
-                        }
-                        (w, std::ptr::null())
-                    }
-                };
-                let mut r0 = 0;
-                while r0 < m {
-                    let rows = MR.min(m - r0);
-                    // SAFETY: `available()` was checked; A rows r0..r0+rows at columns
-                    // k0..k0+kc lie inside `a` (asserted above); the panel slice (f32, or
-                    // bf16 bits at `bits`) holds kc rows of 32; C's tile rows r0.. at columns
-                    // p*32..p*32+cols lie inside `c`, and tasks own disjoint column ranges,
-                    // so no two threads write the same element.
-                    unsafe {
-                        let (at, ct) = (a.as_ptr().add(r0 * lda + k0), cp.get().add(r0 * n + p * NR));
-                        if bits.is_null() {
-                            tile::<false>(rows, kc, at, lda, bp.as_ptr(), ct, n, cols, k0 == 0);
-                        } else {
-                            tile::<true>(rows, kc, at, lda, bits as *const f32, ct, n, cols, k0 == 0);
-                        }
-                    }
-                    r0 += rows;
+        // SAFETY: C holds m x n (asserted above); tasks own disjoint column ranges.
+        unsafe { panel_range(a, m, lda, b, p0, p1, cp.get().add(p0 * NR), n) };
+    });
+}
+
+/// A gated product's epilogue: `(row, first column, gate part, output part)`.
+pub type GatedEpilogue<'a> = dyn Fn(usize, usize, &[f32], &mut [f32]) + Sync + 'a;
+
+/// The gated product of one `A` and two packed matrices of one shape (a GLU's gate and up
+/// weights), in one parallel pass: each task computes its columns of `A * gate` into a scratch
+/// of its own and the same columns of `A * up` into `c`, then calls `epilogue(row, col0,
+/// gate_part, c_part)` on each row's part (`col0` the part's first column) before the next task's
+/// columns, so the first product is never stored whole. Each product's elements are the bits
+/// [`matmul_packed`] gives (the same tiles, the same order over K).
+pub fn matmul_packed_gated(a: &[f32], m: usize, lda: usize, gate: &PackedB, up: &PackedB, c: &mut [f32], epilogue: &GatedEpilogue) {
+    let (k, n) = (up.k, up.n);
+    assert!(gate.k == k && gate.n == n, "sgemm512: gate {}x{} and up {k}x{n} differ", gate.k, gate.n);
+    assert!(c.len() == m * n, "sgemm512: C has {} elements, want {m}x{n}", c.len());
+    assert!(m == 0 || (m - 1) * lda + k <= a.len(), "sgemm512: A too short");
+    assert!(available(), "sgemm512: the CPU lacks AVX-512F");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let per = panels.div_ceil(3 * rayon::current_num_threads()).max(1);
+    let cp = SyncPtr(c.as_mut_ptr());
+    (0..panels.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (p0, p1) = (t * per, ((t + 1) * per).min(panels));
+        let (col0, cols) = (p0 * NR, (p1 * NR).min(n) - p0 * NR);
+        let width = (p1 - p0) * NR;
+        let mut g = GATE.with(|w| w.take());
+        g.clear();
+        g.resize(m * width, 0.0);
+        // SAFETY: the scratch holds m rows of `width` (the task's panels); C holds m x n
+        // (asserted above) and tasks own disjoint column ranges, so each C part below is
+        // written by this task alone.
+        unsafe {
+            if k == 0 {
+                for r in 0..m {
+                    std::slice::from_raw_parts_mut(cp.get().add(r * n + col0), cols).fill(0.0);
                 }
+            } else {
+                panel_range(a, m, lda, gate, p0, p1, g.as_mut_ptr(), width);
+                panel_range(a, m, lda, up, p0, p1, cp.get().add(col0), n);
+            }
+            for r in 0..m {
+                let part = std::slice::from_raw_parts_mut(cp.get().add(r * n + col0), cols);
+                epilogue(r, col0, &g[r * width..r * width + cols], part);
             }
         }
-        if widen {
-            WIDE.with(|w| w.replace(wide));
-        }
+        GATE.with(|w| w.replace(g));
     });
+}
+
+/// `A * B` for B's panels `p0..p1` (columns `p0 * 32..`), written at `c` (that part's first
+/// column, row stride `ldc`).
+///
+/// # Safety
+/// `c` must hold `m` rows of `ldc` elements from the part's first column on, with `ldc` at
+/// least the part's width, and no other thread may write them meanwhile; `available()` holds,
+/// `k > 0`, and `a` holds `m` rows of stride `lda` and `k` columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_range(a: &[f32], m: usize, lda: usize, b: &PackedB, p0: usize, p1: usize, c: *mut f32, ldc: usize) {
+    let (k, n) = (b.k, b.n);
+    // The widened slice of a bf16 panel, kept per thread between calls.
+    // With one row tile (m <= 12: decode) the micro-kernel reads the bf16 bits itself, so a
+    // memory-bound step reads half the bytes; with more, widening once per slice is cheaper
+    // than widening in every tile.
+    let data = b.data.slice();
+    let widen = matches!(data, PanelSlice::Bf16(_)) && m > MR;
+    let mut wide = Vec::new();
+    if widen {
+        wide = WIDE.with(|w| w.take());
+        wide.resize(wide.len().max(KC * NR), 0.0);
+    }
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        for p in p0..p1 {
+            let cols = NR.min(n - p * NR);
+            let range = p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR;
+            // The slice as f32, or (one row tile) its bf16 bits.
+            let (bp, bits): (&[f32], *const u16) = match &data {
+                PanelSlice::F32(d) => (&d[range], std::ptr::null()),
+                PanelSlice::Bf16(d) if !widen => (&[], d[range].as_ptr()),
+                PanelSlice::Bf16(d) => {
+                    let w = &mut wide[..kc * NR];
+                    for (o, &h) in w.iter_mut().zip(&d[range]) {
+                        *o = f32::from_bits((h as u32) << 16);
+                    }
+                    (w, std::ptr::null())
+                }
+            };
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MR.min(m - r0);
+                // SAFETY: `available()` holds (the caller's contract); A rows r0..r0+rows at
+                // columns k0..k0+kc lie inside `a`; the panel slice (f32, or bf16 bits at
+                // `bits`) holds kc rows of 32; C's tile rows r0.. at the panel's columns lie
+                // inside the caller's part of `c`, which no other thread writes.
+                unsafe {
+                    let (at, ct) = (a.as_ptr().add(r0 * lda + k0), c.add(r0 * ldc + (p - p0) * NR));
+                    if bits.is_null() {
+                        tile::<false>(rows, kc, at, lda, bp.as_ptr(), ct, ldc, cols, k0 == 0);
+                    } else {
+                        tile::<true>(rows, kc, at, lda, bits as *const f32, ct, ldc, cols, k0 == 0);
+                    }
+                }
+                r0 += rows;
+            }
+        }
+    }
+    if widen {
+        WIDE.with(|w| w.replace(wide));
+    }
 }
 
 thread_local! {
     /// A widened bf16 panel slice (KC x 32 f32), one per thread, reused between calls.
     static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A task's part of the gate product ([`matmul_packed_gated`]), one per thread, reused.
+    static GATE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Dispatches a tile of `rows` (1..=12) rows to the micro-kernel built for that height.

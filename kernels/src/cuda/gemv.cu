@@ -17,6 +17,8 @@
 //   from those registers: A = the 16 weight rows, B = the activations (column m = row g), C
 //   [16 n x 8 m] in f32. The k order inside a chunk is permuted, identically for A and B,
 //   which a sum over k does not notice. All M <= 8 rows cost the same as one.
+// - gemv_glu_<bf16|f16>: a gated matmul (a GLU's gate and up projections): the same tiles
+//   over two weight matrices of one shape, two accumulators, T(gelu(gate)) * up stored.
 // - gemv_tb_f32_m<M>: CUDA cores. A tile is 4 weight rows; a chunk is 128 k (16 bytes per
 //   lane); per chunk each lane loads the 4 rows and M activation pieces and accumulates
 //   M x 4 dot products, reduced over the warp with shuffles.
@@ -24,6 +26,7 @@
 #define GEMV_BIAS 1
 #define GEMV_GELU 2
 #define GEMV_RES 4
+#define GEMV_GLU 8
 #define GEMV_MAX_WARPS 16
 
 // Parameters of every GEMV (by value; the layout matches `GemvParams` in Rust).
@@ -32,6 +35,7 @@ struct GemvParams {
   int m, n, k, flags;
   int kchunks;  // chunks of K per warp
   int pad_;
+  i64 b2;  // with GEMV_GLU: the second product's weights [N, K] (0 otherwise)
 };
 
 // Weights: read once, keep them out of L1 (the activations live there); L2 prefetches 256 B.
@@ -62,6 +66,17 @@ __device__ __forceinline__ void gemv_store(const GemvParams& p, int m, int n, fl
   const i64 at = (i64)m * p.n + n;
   if (p.flags & GEMV_RES) v += to_f32(((const T*)p.res)[at]);
   ((O*)p.out)[at] = from_f32<O>(v);
+}
+
+// A gated matmul's output element (GEMV_GLU): both products rounded to T, then
+// T(T(gelu_tanh(gate)) * up), each value rounded as the unfused steps round it (the gate and up
+// GEMVs store T; the generated region computes GELU in float with this formula, rounds it to T,
+// then the product).
+template <typename T>
+__device__ __forceinline__ void gemv_store_glu(const GemvParams& p, int m, int n, float gate, float up) {
+  const float g = to_f32(from_f32<T>(gate)), u = to_f32(from_f32<T>(up));
+  const float h = to_f32(from_f32<T>(gemv_gelu(g)));
+  ((T*)p.out)[(i64)m * p.n + n] = from_f32<T>(h * u);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -95,27 +110,41 @@ __device__ __forceinline__ void gemv_chunk(float* acc, const unsigned short* w0,
   gemv_mma<T>(acc, p1.z, q1.z, p1.w, q1.w, x1.z, x1.w);
 }
 
-template <typename T, typename O = T>
+// GLU: a second accumulator over the weights at p.b2 (the same rows of the second product),
+// the activations' chunk read again from L1, and the gated store.
+template <typename T, typename O = T, bool GLU = false>
 __device__ void gemv_half(const GemvParams p) {
-  __shared__ float4 red[GEMV_MAX_WARPS][32];
+  __shared__ float4 red[GEMV_MAX_WARPS][GLU ? 64 : 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 16;
-  const unsigned short* b = (const unsigned short*)p.b;
+  const i64 r0 = (i64)min(n0 + g, p.n - 1) * p.k + 8 * t, r1 = (i64)min(n0 + g + 8, p.n - 1) * p.k + 8 * t;
   // Rows past N repeat the last row (in bounds); their results are not written.
-  const unsigned short* w0 = b + (i64)min(n0 + g, p.n - 1) * p.k + 8 * t;
-  const unsigned short* w1 = b + (i64)min(n0 + g + 8, p.n - 1) * p.k + 8 * t;
+  const unsigned short* b = (const unsigned short*)p.b;
+  const unsigned short* w0 = b + r0;
+  const unsigned short* w1 = b + r1;
+  const unsigned short* b2 = GLU ? (const unsigned short*)p.b2 : b;
+  const unsigned short* v0 = b2 + r0;
+  const unsigned short* v1 = b2 + r1;
   const bool xrow = g < p.m;
   const unsigned short* x = (const unsigned short*)p.a + (i64)(xrow ? g : 0) * p.k + 8 * t;
   const int chunks = (p.k + 63) >> 6, full = p.k >> 6;
   const int c0 = warp * p.kchunks, c1 = min(c0 + p.kchunks, chunks), cf = min(c1, full);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int c = c0;
 #pragma unroll 2
-  for (; c < cf; ++c) gemv_chunk<T, false>(acc, w0, w1, x, xrow, c << 6, 0);
-  if (c < c1) gemv_chunk<T, true>(acc, w0, w1, x, xrow, c << 6, p.k - (c << 6) - 8 * t);
+  for (; c < cf; ++c) {
+    gemv_chunk<T, false>(acc, w0, w1, x, xrow, c << 6, 0);
+    if (GLU) gemv_chunk<T, false>(acc2, v0, v1, x, xrow, c << 6, 0);
+  }
+  if (c < c1) {
+    gemv_chunk<T, true>(acc, w0, w1, x, xrow, c << 6, p.k - (c << 6) - 8 * t);
+    if (GLU) gemv_chunk<T, true>(acc2, v0, v1, x, xrow, c << 6, p.k - (c << 6) - 8 * t);
+  }
   if (nw > 1) {
     red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    if (GLU) red[warp][32 + lane] = make_float4(acc2[0], acc2[1], acc2[2], acc2[3]);
     __syncthreads();
     if (warp != 0) return;
     for (int w = 1; w < nw; ++w) {
@@ -124,13 +153,26 @@ __device__ void gemv_half(const GemvParams p) {
       acc[1] += v.y;
       acc[2] += v.z;
       acc[3] += v.w;
+      if (GLU) {
+        const float4 u = red[w][32 + lane];
+        acc2[0] += u.x;
+        acc2[1] += u.y;
+        acc2[2] += u.z;
+        acc2[3] += u.w;
+      }
     }
   }
   // C fragment: acc[0..1] = (n0 + g, m = 2t, 2t + 1), acc[2..3] = (n0 + g + 8, same m).
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int n = n0 + g + (i >> 1) * 8, m = 2 * t + (i & 1);
-    if (n < p.n && m < p.m) gemv_store<T, O>(p, m, n, acc[i]);
+    if (n < p.n && m < p.m) {
+      if (GLU) {
+        gemv_store_glu<T>(p, m, n, acc[i], acc2[i]);
+      } else {
+        gemv_store<T, O>(p, m, n, acc[i]);
+      }
+    }
   }
 }
 
@@ -195,6 +237,9 @@ extern "C" __global__ void __launch_bounds__(512) gemv_tb_bf16(const GemvParams 
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f16(const GemvParams p) { gemv_half<f16>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_bf16_to_f32(const GemvParams p) { gemv_half<bf16, float>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f16_to_f32(const GemvParams p) { gemv_half<f16, float>(p); }
+// Gated matmuls (GEMV_GLU): p.b the gate's weights, p.b2 the up's.
+extern "C" __global__ void __launch_bounds__(512) gemv_glu_bf16(const GemvParams p) { gemv_half<bf16, bf16, true>(p); }
+extern "C" __global__ void __launch_bounds__(512) gemv_glu_f16(const GemvParams p) { gemv_half<f16, f16, true>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m1(const GemvParams p) { gemv_f32<1>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m2(const GemvParams p) { gemv_f32<2>(p); }
 extern "C" __global__ void __launch_bounds__(512) gemv_tb_f32_m3(const GemvParams p) { gemv_f32<3>(p); }

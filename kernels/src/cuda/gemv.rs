@@ -12,6 +12,8 @@ pub const MAX_WARPS: usize = 16;
 pub const BIAS: i32 = 1;
 pub const GELU: i32 = 2;
 pub const RESIDUAL: i32 = 4;
+/// A gated matmul (`gemv_glu_*`): `out = T(gelu_tanh(T(a b^T))) * T(a b2^T)`, no other flag.
+pub const GLU: i32 = 8;
 
 /// Streaming multiprocessors the launch geometry fills (H100 / H200 SXM: 132).
 const SMS: usize = 132;
@@ -36,6 +38,8 @@ pub struct GemvParams {
     /// Chunks of K per warp (64 elements for half types, 128 for f32).
     pub kchunks: i32,
     pub pad: i32,
+    /// With [`GLU`]: the second product's weights `[N, K]` (0 otherwise).
+    pub b2: DevPtr,
 }
 
 /// How one GEMV is launched.
@@ -82,6 +86,8 @@ pub fn gemv_module() -> Module {
     let mut ks: Vec<Kernel> = vec![k("gemv_tb_bf16".into(), true), k("gemv_tb_f16".into(), true)];
     // Half operands, the f32 accumulator written (a bf16 head whose epilogue ends in f32).
     ks.extend(["gemv_tb_bf16_to_f32", "gemv_tb_f16_to_f32"].map(|n| k(n.into(), true)));
+    // A GLU's gate and up products and `gelu(gate) * up` in one launch (`Op::GatedMatMul`).
+    ks.extend(["gemv_glu_bf16", "gemv_glu_f16"].map(|n| k(n.into(), true)));
     ks.extend((1..=MAX_M).map(|m| k(format!("gemv_tb_f32_m{m}"), true)));
     module("gemv", include_str!("gemv.cu"), ks)
 }
@@ -92,7 +98,7 @@ mod tests {
 
     #[test]
     fn params_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<GemvParams>(), 5 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<GemvParams>(), 6 * 8 + 6 * 4);
     }
 
     #[test]

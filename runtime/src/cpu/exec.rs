@@ -99,6 +99,7 @@ pub(crate) fn prepare<'w>(
                     };
                     Prep::MatMul { epilogue, packed }
                 }
+                CpuKernel::GemmGated => super::gated::prepare(s, weight, cache).map_err(err)?,
                 CpuKernel::Fused => {
                     let ex = s.op.elementwise_expr().ok_or_else(|| err("not an elementwise op".into()))?;
                     let tys: Vec<(&[usize], DType)> = s.inputs.iter().map(|o| (o.ty.shape.as_slice(), o.ty.dtype)).collect();
@@ -295,6 +296,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
             (Op::MatMul { transpose_b, .. }, Prep::MatMul { epilogue, packed }) => matmul(mem, s, *transpose_b, epilogue.as_ref(), packed),
             _ => mismatch(),
         },
+        CpuKernel::GemmGated => gated(mem, s, p).unwrap_or_else(mismatch),
         CpuKernel::Fused => {
             let Prep::Region(r) = p else { return mismatch() };
             let mut ins = [Src::F32(&[]); super::fused::MAX_INPUTS];
@@ -680,6 +682,12 @@ fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
             }
         }
     }
+}
+
+/// `cpu.gemm_gated` ([`super::gated`]); `None` where the step is no prepared gated matmul.
+fn gated(mem: &Mem, s: &Step, p: &Prep) -> Option<std::result::Result<(), String>> {
+    let (Op::GatedMatMul { transpose_b, .. }, Prep::MatMul { epilogue: Some(r), packed }) = (&s.op, p) else { return None };
+    Some(super::gated::run(s, *transpose_b, r, packed, mem.f32(&s.inputs[0]), &|o| mem.src(o), mem.f32_mut(&s.output)))
 }
 
 /// Batched matmul; the product's batch axes are flattened into rows when `b` is shared.

@@ -137,44 +137,73 @@ impl Region {
             let mut c0 = 0;
             while c0 < row.len() {
                 let len = BLOCK.min(row.len() - c0);
-                for (i, ins_) in self.expr.instrs.iter().enumerate() {
-                    let (done, rest) = regs.split_at_mut(i);
-                    let dst = &mut rest[0][..len];
-                    match *ins_ {
-                        Instr::Input(k) => {
-                            let k = k as usize;
-                            if in_place && k == 0 {
-                                dst.copy_from_slice(&row[c0..c0 + len]);
-                            } else {
-                                let src = ins[k - usize::from(in_place)];
-                                let base = self.row_base(k, gr);
-                                match (src, self.inputs[k].inner == 1) {
-                                    (Src::F32(v), true) => dst.copy_from_slice(&v[base + c0..base + c0 + len]),
-                                    (src, true) => dst.iter_mut().enumerate().for_each(|(j, d)| *d = src.at(base + c0 + j)),
-                                    (src, false) => dst.fill(src.at(base)),
-                                }
-                            }
-                        }
-                        Instr::Const(c) => dst.fill(c),
-                        Instr::Cast(_, a) => dst.copy_from_slice(&done[a as usize][..len]),
-                        Instr::Unary(op, a) => unary(op, &done[a as usize][..len], dst),
-                        Instr::Binary(op, a, b) => binary(op, &done[a as usize][..len], &done[b as usize][..len], dst),
-                        Instr::Select(c, a, b) => {
-                            let (c, a, b) = (&done[c as usize], &done[a as usize], &done[b as usize]);
-                            for j in 0..len {
-                                dst[j] = if c[j] != 0.0 { a[j] } else { b[j] };
-                            }
-                        }
+                let cur: &[f32] = row;
+                let last = self.block(&mut regs, len, &|k, dst| {
+                    if in_place && k == 0 {
+                        dst.copy_from_slice(&cur[c0..c0 + len]);
+                    } else {
+                        self.load(ins[k - usize::from(in_place)], k, gr, c0, dst);
                     }
-                    if let Rounding::To(d) = self.rounding[i] {
-                        round(d, dst);
-                    }
-                }
-                let last = self.expr.instrs.len() - 1;
+                });
                 row[c0..c0 + len].copy_from_slice(&regs[last][..len]);
                 c0 += len;
             }
         }
+    }
+
+    /// Evaluates a gated matmul's epilogue over columns `col0..col0 + out.len()` of row `row`:
+    /// input 0 reads `gate` (those columns of the first product), input 1 reads `out` itself
+    /// (the second product's), input `k >= 2` reads `extra[k - 2]`.
+    pub fn eval_gated(&self, extra: &[Src], gate: &[f32], out: &mut [f32], row: usize, col0: usize) {
+        let mut regs = [[0f32; BLOCK]; MAX_INSTRS];
+        let mut c0 = 0;
+        while c0 < out.len() {
+            let len = BLOCK.min(out.len() - c0);
+            let cur: &[f32] = out;
+            let last = self.block(&mut regs, len, &|k, dst| match k {
+                0 => dst.copy_from_slice(&gate[c0..c0 + len]),
+                1 => dst.copy_from_slice(&cur[c0..c0 + len]),
+                _ => self.load(extra[k - 2], k, row, col0 + c0, dst),
+            });
+            out[c0..c0 + len].copy_from_slice(&regs[last][..len]);
+            c0 += len;
+        }
+    }
+
+    /// Input `k` (read from `src`) at row `row`, columns `c0..c0 + dst.len()`.
+    fn load(&self, src: Src, k: usize, row: usize, c0: usize, dst: &mut [f32]) {
+        let (base, len) = (self.row_base(k, row), dst.len());
+        match (src, self.inputs[k].inner == 1) {
+            (Src::F32(v), true) => dst.copy_from_slice(&v[base + c0..base + c0 + len]),
+            (src, true) => dst.iter_mut().enumerate().for_each(|(j, d)| *d = src.at(base + c0 + j)),
+            (src, false) => dst.fill(src.at(base)),
+        }
+    }
+
+    /// Runs the instructions over `len` elements, each input given by `input(k, dst)`; the
+    /// index of the register holding the result.
+    fn block(&self, regs: &mut [[f32; BLOCK]; MAX_INSTRS], len: usize, input: &dyn Fn(usize, &mut [f32])) -> usize {
+        for (i, ins_) in self.expr.instrs.iter().enumerate() {
+            let (done, rest) = regs.split_at_mut(i);
+            let dst = &mut rest[0][..len];
+            match *ins_ {
+                Instr::Input(k) => input(k as usize, dst),
+                Instr::Const(c) => dst.fill(c),
+                Instr::Cast(_, a) => dst.copy_from_slice(&done[a as usize][..len]),
+                Instr::Unary(op, a) => unary(op, &done[a as usize][..len], dst),
+                Instr::Binary(op, a, b) => binary(op, &done[a as usize][..len], &done[b as usize][..len], dst),
+                Instr::Select(c, a, b) => {
+                    let (c, a, b) = (&done[c as usize], &done[a as usize], &done[b as usize]);
+                    for j in 0..len {
+                        dst[j] = if c[j] != 0.0 { a[j] } else { b[j] };
+                    }
+                }
+            }
+            if let Rounding::To(d) = self.rounding[i] {
+                round(d, dst);
+            }
+        }
+        self.expr.instrs.len() - 1
     }
 
     /// Evaluates the whole output in parallel over row chunks.

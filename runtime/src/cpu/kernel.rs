@@ -14,6 +14,9 @@ crate::kernel_enum::kernel_enum! {
         View => "view",
         Gemm => "cpu.gemm",
         GemmEpilogue => "cpu.gemm+epilogue",
+        /// Two products of one input and their epilogue in one pass (`Op::GatedMatMul`: a
+        /// GLU's gate and up projections), the first product never stored whole.
+        GemmGated => "cpu.gemm_gated",
         /// Elementwise ops, broadcasts and fused regions: one vectorised expression evaluator.
         Fused => "cpu.fused",
         LayerNorm => "cpu.layer_norm",
@@ -106,6 +109,12 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
             K::GemmEpilogue,
         ),
         Op::MatMul { epilogue: None, .. } => or_reference(f32_all, K::Gemm),
+        Op::GatedMatMul { .. } => or_reference(
+            out.dtype == DType::F32
+                && inputs.iter().take(2).all(|t| t.dtype == DType::F32)
+                && inputs.iter().skip(2).all(|t| !t.dtype.is_float() || t.dtype == DType::F32),
+            K::GemmGated,
+        ),
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Broadcast { .. } => or_reference(f32_all, K::Fused),
         // A region reads integers and bools only through casts (the shape rule checks it).
         Op::Fused(_) => {

@@ -3,6 +3,7 @@
 
 mod exec;
 pub mod fused;
+mod gated;
 pub mod kernel;
 mod pack;
 pub mod prepared;

@@ -69,6 +69,10 @@ fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
     let (a, b, o) = (&s.inputs.first()?.ty, s.inputs.get(1)?, &s.output.ty);
     let Slot::Weight(i) = b.slot else { return None };
     let r = b.ty.rank();
+    if kernel == CpuKernel::GemmGated {
+        // Two matrices stacked on a first axis of 2, each packed (`cpu/gated.rs`).
+        return (r == 3 && b.ty.shape[0] == 2 && sgemm512::available()).then_some(i);
+    }
     let batched =
         r > 2 && a.rank() == r && o.rank() == r && (a.shape[..r - 2] == b.ty.shape[..r - 2] || a.shape[..r - 2].iter().all(|&d| d == 1));
     ((r == 2 || batched) && sgemm512::available() && matches!(kernel, CpuKernel::Gemm | CpuKernel::GemmEpilogue)).then_some(i)
@@ -76,13 +80,24 @@ fn packable(s: &Step, kernel: CpuKernel) -> Option<u32> {
 
 /// The weight (index, transposed) a stored step packs at load, if any.
 pub(crate) fn packs(s: &Step) -> Option<(u32, bool)> {
-    let Op::MatMul { transpose_b, .. } = &s.op else { return None };
-    packable(s, CpuKernel::parse(&s.kernel)?).map(|i| (i, *transpose_b))
+    let i = packable(s, CpuKernel::parse(&s.kernel)?)?;
+    Some((i, transpose_b(&s.op)?))
+}
+
+/// Whether a matmul (plain or gated) reads its weight transposed; `None` for other ops.
+pub(crate) fn transpose_b(op: &Op) -> Option<bool> {
+    match op {
+        Op::MatMul { transpose_b, .. } | Op::GatedMatMul { transpose_b, .. } => Some(*transpose_b),
+        _ => None,
+    }
 }
 
 /// Whether `matmul` computes step `s` from the packed weight alone (never reading the
 /// unpacked right-hand side): then `load` may free the unpacked copy.
 pub(crate) fn runs_packed(s: &Step, packed: &[sgemm512::PackedB]) -> bool {
+    if let Op::GatedMatMul { .. } = s.op {
+        return packed.len() == 2;
+    }
     let (at, bt, ot) = (&s.inputs[0].ty, &s.inputs[1].ty, &s.output.ty);
     let (ra, rb, ro) = (at.rank(), bt.rank(), ot.rank());
     if ra < 2 || rb < 2 || ro < 2 {

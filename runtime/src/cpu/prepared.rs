@@ -207,7 +207,7 @@ pub fn write(program: &Program, weights: Arc<WeightStore>, out: &Path) -> Result
             else {
                 continue;
             };
-            let kiln_graph::Op::MatMul { transpose_b, .. } = s.op else { continue };
+            let Some(transpose_b) = super::pack::transpose_b(&s.op) else { continue };
             if packed.is_empty() || !seen.insert((w, transpose_b)) {
                 continue;
             }

@@ -145,6 +145,8 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         Op::MoeCombine => K::MoeCombine,
         Op::Resize { .. } => K::Resize,
         Op::Conv(_) => return no("the compiler rewrites convolutions as a gather and a matmul for this backend"),
+        // The compile makes this op only where the backend has a kernel for it.
+        Op::GatedMatMul { .. } => return no("the gate and up products run as a stacked matmul and a region"),
         // The sampler draws in f64 from a 64-bit counter-based generator (`kiln_graph::sample`),
         // which WGSL has neither of; generation on cube chooses its tokens on the host.
         Op::SampleToken => return no("sampling needs f64 and u64 arithmetic"),

@@ -3,7 +3,8 @@
 //! small-M GEMV kernel (`kiln_kernels::cuda::gemv`) a GEMM can run as instead.
 
 use super::lower::{bytes_of, off_of, Epilogue, Gemm, Launch};
-use kiln_graph::{BinaryOp, DType, Expr, Instr, TensorType, UnaryOp};
+use kiln_graph::program::Step;
+use kiln_graph::{BinaryOp, DType, Expr, Instr, Op, TensorType, UnaryOp};
 use kiln_kernels::cuda::gemv::{self, GemvParams};
 
 /// An epilogue the GEMM applies itself: `acc (+ bias[n]) (then GELU-tanh)`, or
@@ -178,6 +179,7 @@ pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
         flags,
         kchunks: plan.kchunks,
         pad: 0,
+        b2: 0,
     };
     let mut relocs = vec![off_of(&p, &p.a), off_of(&p, &p.b), off_of(&p, &p.out)];
     if flags & gemv::BIAS != 0 {
@@ -195,6 +197,80 @@ pub fn gemv_launch(g: &Gemm) -> Option<Launch> {
         params: bytes_of(&p),
         relocs,
     })
+}
+
+/// Which product a gated matmul's epilogue puts under GELU-tanh, when the epilogue is exactly
+/// `gelu_tanh(Input(i)) * Input(1 - i)` (either operand order): the GLU `gemv_glu_*` computes.
+pub fn glu_gate(e: &Expr) -> Option<usize> {
+    let i = &e.instrs;
+    let (&Instr::Binary(BinaryOp::Mul, p, q), 4) = (i.last()?, i.len()) else { return None };
+    let input = |j: u16| match i.get(j as usize) {
+        Some(&Instr::Input(k)) if k < 2 => Some(k as usize),
+        _ => None,
+    };
+    let gelu = |j: u16| match i.get(j as usize) {
+        Some(&Instr::Unary(UnaryOp::GeluTanh, x)) => input(x),
+        _ => None,
+    };
+    let (gate, up) = match (gelu(p), input(q), gelu(q), input(p)) {
+        (Some(g), Some(u), _, _) | (_, _, Some(g), Some(u)) => (g, u),
+        _ => return None,
+    };
+    (gate != up).then_some(gate)
+}
+
+/// The kernel of a gated matmul (`Op::GatedMatMul`) on cuda, or why there is none: kiln's
+/// GEMV computing both products and the GLU (`gemv_glu_<t>`), for a half dtype, at most
+/// [`gemv::MAX_M`] rows of 16-byte multiples, transposed weights and the exact GLU epilogue. It
+/// is the only kernel for the op (no cuBLASLt GEMM applies a binary epilogue reading another
+/// product), so the load runs it whatever `--cuda-gemv` says; the compile makes the op only
+/// where this accepts it.
+pub fn gated_kernel(transpose_b: bool, e: &Expr, inputs: &[TensorType], out: &TensorType) -> Result<String, String> {
+    let (a, b) = (&inputs[0], &inputs[1]);
+    let t = match a.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => return Err(format!("{other}: the GLU GEMV takes bf16 and f16")),
+    };
+    if b.dtype != a.dtype || out.dtype != a.dtype || inputs.len() != 2 || !transpose_b || glu_gate(e).is_none() {
+        return Err("only gelu_tanh(gate) * up over [N, K] weights, in one dtype".into());
+    }
+    let (k, n) = (*a.shape.last().unwrap_or(&0), *out.shape.last().unwrap_or(&0));
+    let m = a.numel() / k.max(1);
+    gemv::plan(t, m, n, k).ok_or_else(|| format!("{m} rows of {k}: above the GEMV's {} rows or not 16-byte rows", gemv::MAX_M))?;
+    Ok(format!("gemv_glu_{t}"))
+}
+
+/// The one launch of a gated matmul step (`ins`: its operands' addresses; `out` its output's).
+pub fn gated_launch(s: &Step, ins: &[u64], out: u64) -> Result<Launch, String> {
+    let Op::GatedMatMul { transpose_b, epilogue } = &s.op else { return Err(format!("{} is not a gated matmul", s.op.name())) };
+    let types: Vec<TensorType> = s.inputs.iter().map(|o| o.ty.clone()).collect();
+    let kernel = gated_kernel(*transpose_b, epilogue, &types, &s.output.ty)?;
+    let gate = glu_gate(epilogue).unwrap_or(0) as u64;
+    let (k, n) = (*types[0].shape.last().unwrap_or(&0), *s.output.ty.shape.last().unwrap_or(&0));
+    let m = types[0].numel() / k.max(1);
+    let plan = gemv::plan(&kernel["gemv_glu_".len()..], m, n, k).ok_or("no GEMV plan")?;
+    let half = (n * k * types[0].dtype.size()) as u64;
+    let (b, b2) = (ins[1] + gate * half, ins[1] + (1 - gate) * half);
+    if [ins[0], b, b2, out].iter().any(|x| !x.is_multiple_of(16)) {
+        return Err("the GLU GEMV's operands must start on 16-byte boundaries".into());
+    }
+    let p = GemvParams {
+        a: ins[0],
+        b,
+        out,
+        bias: 0,
+        res: 0,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        flags: gemv::GLU,
+        kchunks: plan.kchunks,
+        pad: 0,
+        b2,
+    };
+    let relocs = vec![off_of(&p, &p.a), off_of(&p, &p.b), off_of(&p, &p.out), off_of(&p, &p.b2)];
+    Ok(Launch { module: "gemv".into(), kernel, grid: (plan.grid, 1, 1), block: plan.block, smem: 0, params: bytes_of(&p), relocs })
 }
 
 #[cfg(test)]
@@ -429,5 +505,44 @@ mod tests {
         let Work::Gemm(g) = &w[0] else { panic!() };
         assert_eq!((g.m, g.n, g.k, g.batch, g.bias_stride), (1, 3 * 128, 64, 1, 0));
         assert_eq!(g.gemv.as_ref().map(|l| l.kernel.as_str()), Some("gemv_tb_bf16"));
+    }
+
+    #[test]
+    fn the_glu_epilogue_and_its_launch() {
+        use Instr::{Binary, Input, Unary};
+        let glu = |instrs: Vec<Instr>| glu_gate(&Expr { instrs });
+        let mul = |a, b| Binary(BinaryOp::Mul, a, b);
+        let gelu = |a| Unary(UnaryOp::GeluTanh, a);
+        assert_eq!(glu(vec![Input(0), gelu(0), Input(1), mul(1, 2)]), Some(0));
+        assert_eq!(glu(vec![Input(1), Input(0), gelu(1), mul(0, 2)]), Some(0));
+        assert_eq!(glu(vec![Input(1), gelu(0), Input(0), mul(2, 1)]), Some(1));
+        // Not the GLU: one product twice, another activation, a sum, an extra instruction.
+        assert_eq!(glu(vec![Input(0), gelu(0), Input(0), mul(1, 2)]), None);
+        assert_eq!(glu(vec![Input(0), Unary(UnaryOp::Silu, 0), Input(1), mul(1, 2)]), None);
+        assert_eq!(glu(vec![Input(0), gelu(0), Input(1), Binary(BinaryOp::Add, 1, 2)]), None);
+        assert_eq!(glu(vec![Input(0), gelu(0), Input(1), mul(1, 2), gelu(3)]), None);
+        // The launch: gate rows at the stacked weight's second half here.
+        let e = Expr { instrs: vec![Input(1), gelu(0), Input(0), mul(1, 2)] };
+        let op = |offset: usize, ty: TensorType| Operand { slot: Slot::Arena { offset, bytes: ty.bytes() }, ty };
+        let s = Step {
+            node: 0,
+            op: Op::GatedMatMul { transpose_b: true, epilogue: e.clone() },
+            kernel: "gemv_glu_bf16".into(),
+            inputs: vec![op(0, tt(DType::BF16, &[1, 64])), op(1 << 20, tt(DType::BF16, &[2, 96, 64]))],
+            output: op(2 << 20, tt(DType::BF16, &[1, 96])),
+        };
+        let l = gated_launch(&s, &[0, 1 << 20], 2 << 20).unwrap();
+        assert_eq!(l.kernel, "gemv_glu_bf16");
+        // SAFETY: the launch's parameters are a GemvParams' bytes.
+        let p: GemvParams = unsafe { std::ptr::read_unaligned(l.params.as_ptr() as *const GemvParams) };
+        assert_eq!((p.m, p.n, p.k, p.flags), (1, 96, 64, gemv::GLU));
+        assert_eq!((p.b, p.b2), ((1 << 20) + 96 * 64 * 2, 1 << 20));
+        assert_eq!(l.relocs.len(), 4);
+        // Nine rows, f32, or untransposed weights: no GLU GEMV.
+        let ins = |d, m| vec![tt(d, &[m, 64]), tt(d, &[2, 96, 64])];
+        assert!(gated_kernel(true, &e, &ins(DType::BF16, 9), &tt(DType::BF16, &[9, 96])).is_err());
+        assert!(gated_kernel(true, &e, &ins(DType::F32, 1), &tt(DType::F32, &[1, 96])).is_err());
+        assert!(gated_kernel(false, &e, &ins(DType::BF16, 1), &tt(DType::BF16, &[1, 96])).is_err());
+        assert_eq!(gated_kernel(true, &e, &ins(DType::F16, 8), &tt(DType::F16, &[8, 96])).as_deref(), Ok("gemv_glu_f16"));
     }
 }

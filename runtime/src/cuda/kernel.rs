@@ -19,6 +19,8 @@ pub enum CudaKernel {
     /// A cuBLASLt GEMM (or the GEMV the executor may pick at load), with its epilogue:
     /// `cublaslt.gemm_<t>[_tb][+<cuBLASLt epilogue> | ;<generated region>]`.
     Gemm(String),
+    /// kiln's GEMV run by rule: a gated matmul's two products and GLU (`gemv_glu_<t>`).
+    Gemv(String),
     /// A generated elementwise region (`fused_codegen`).
     Fused(String),
     /// Layer norm and RMS norm over the last axis.
@@ -50,6 +52,7 @@ impl CudaKernel {
             K::Source => "source",
             K::View => "view",
             K::Gemm(n)
+            | K::Gemv(n)
             | K::Fused(n)
             | K::Norm(n)
             | K::Softmax(n)
@@ -153,6 +156,10 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CudaKe
             K::Index(index::kernel_for(op, inputs, out)?)
         }
         Op::Conv(_) => return no("the compiler rewrites convolutions as a gather and a matmul for this backend"),
+        Op::GatedMatMul { transpose_b, epilogue } => match super::gemm::gated_kernel(*transpose_b, epilogue, inputs, out) {
+            Ok(name) => K::Gemv(name),
+            Err(e) => return no(&e),
+        },
         Op::SampleToken if inputs[0].dtype != DType::F32 => return no("f32 logits only"),
         Op::SampleToken => K::Index("sample_token_f32".to_string()),
         Op::LogSoftmax if inputs[0].dtype != DType::F32 || out.dtype != DType::F32 => return no("f32 only"),

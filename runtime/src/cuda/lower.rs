@@ -372,6 +372,7 @@ pub fn lower_step(s: &Step, l: &Layout) -> Result<Vec<Work>, String> {
             let Op::MatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
             lower_matmul(s, l, ins, out, *transpose_b, epilogue.as_ref())?
         }
+        K::Gemv(_) => vec![Work::Kernel(super::gemm::gated_launch(s, &ins, out)?)],
         K::Norm(_) => match &s.op {
             Op::ResidualRmsNorm(r) => vec![lower_residual_norm(s, &ins, out, r)?],
             Op::LayerNorm { eps } | Op::RmsNorm { eps, .. } => vec![lower_norm(s, &ins, out, *eps)?],

@@ -22,7 +22,8 @@ use std::collections::HashMap;
 /// Whether kiln's GEMV replaces cuBLASLt where it applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemvMode {
-    /// cuBLASLt everywhere (its algorithms still timed for small M).
+    /// cuBLASLt for every plain GEMM (its algorithms still timed for small M); a gated matmul
+    /// has no cuBLASLt form and runs its GLU GEMV (`gemv_glu_*`) whatever the mode.
     Off,
     /// The GEMV wherever it applies, untimed (for tests and debugging).
     On,
