@@ -23,10 +23,9 @@ const C: usize = 9;
 const H: usize = 3;
 const D: usize = 16;
 
-/// `x * cos + rotate_half(x) * sin` (cos and sin given, broadcast over the heads).
-fn rope(g: &mut Graph, x: kiln_graph::NodeId, rows: usize) -> kiln_graph::NodeId {
-    let cos = g.input("cos", DType::F32, &[B, rows, 1, D]).unwrap();
-    let sin = g.input("sin", DType::F32, &[B, rows, 1, D]).unwrap();
+/// `x * cos + rotate_half(x) * sin` (cos and sin inputs `[B, rows, 1, D]`, broadcast over the
+/// heads).
+fn rope(g: &mut Graph, x: kiln_graph::NodeId, (cos, sin): (kiln_graph::NodeId, kiln_graph::NodeId)) -> kiln_graph::NodeId {
     let hi = g.slice(x, 3, D / 2, D).unwrap();
     let lo = g.slice(x, 3, 0, D / 2).unwrap();
     let n = g.unary(UnaryOp::Neg, hi).unwrap();
@@ -35,12 +34,21 @@ fn rope(g: &mut Graph, x: kiln_graph::NodeId, rows: usize) -> kiln_graph::NodeId
     g.add(a, b).unwrap()
 }
 
-/// `prefill`: the rotated k concatenated with zeros into the cache (and output: another reader);
-/// `decode`: one rotated row per batch row written at `cache_position`.
+fn angles(g: &mut Graph, rows: usize) -> (kiln_graph::NodeId, kiln_graph::NodeId) {
+    (g.input("cos", DType::F32, &[B, rows, 1, D]).unwrap(), g.input("sin", DType::F32, &[B, rows, 1, D]).unwrap())
+}
+
+/// `prefill`: the rotated k concatenated with zeros into the cache (and output: another reader),
+/// and a rotated q that feeds no cache; `decode`: one rotated row per batch row written at
+/// `cache_position`.
 fn graphs() -> Vec<(String, Graph)> {
     let mut p = Graph::new();
     let k = p.input("k", DType::F32, &[B, S, H, D]).unwrap();
-    let r = rope(&mut p, k, S);
+    let q = p.input("q", DType::F32, &[B, S, H, D]).unwrap();
+    let cs = angles(&mut p, S);
+    let r = rope(&mut p, k, cs);
+    let rq = rope(&mut p, q, cs);
+    p.output("q_rot", rq);
     let zeros = p.constant(DType::F32, &[B, C - S, H, D], vec![0.0; B * (C - S) * H * D]).unwrap();
     let cache = p.concat(&[r, zeros], 1).unwrap();
     p.output("cache", cache);
@@ -49,7 +57,8 @@ fn graphs() -> Vec<(String, Graph)> {
     let cache = d.input("cache", DType::F32, &[B, C, H, D]).unwrap();
     let k = d.input("k", DType::F32, &[B, 1, H, D]).unwrap();
     let at = d.input("cache_position", DType::I64, &[1]).unwrap();
-    let r = rope(&mut d, k, 1);
+    let cs = angles(&mut d, 1);
+    let r = rope(&mut d, k, cs);
     let w = d.write_slice(cache, r, at, 1).unwrap();
     d.output("cache", w);
     vec![("prefill".into(), p), ("decode".into(), d)]
@@ -92,7 +101,8 @@ fn rope_inside_the_cache_write_equals_the_interpreter_bit_for_bit() {
     let gs = graphs();
     let mut s = Session::new(p, Arc::new(WeightStore::empty())).unwrap();
     let (k, cos, sin) = (values(&[B, S, H, D], 1), values(&[B, S, 1, D], 2), values(&[B, S, 1, D], 3));
-    let ins = [("k", &k), ("cos", &cos), ("sin", &sin)];
+    let q = values(&[B, S, H, D], 5);
+    let ins = [("k", &k), ("q", &q), ("cos", &cos), ("sin", &sin)];
     let outs = s.run("prefill", &ins).unwrap();
     let vals: HashMap<String, Value> = ins.iter().map(|(n, t)| (n.to_string(), value(t))).collect();
     let want = interp::run(&gs[0].1, &vals, &HashMap::new()).unwrap();
@@ -100,6 +110,8 @@ fn rope_inside_the_cache_write_equals_the_interpreter_bit_for_bit() {
     assert_eq!(bits(&cache), bits(&want["cache"].to_f32()), "prefill's cache");
     let kept = &outs.iter().find(|(n, _)| n == "k_rot").unwrap().1;
     assert_eq!(bits(&kept.to_f32()), bits(&want["k_rot"].to_f32()), "prefill's rotated k, also read as an output");
+    let q_rot = &outs.iter().find(|(n, _)| n == "q_rot").unwrap().1;
+    assert_eq!(bits(&q_rot.to_f32()), bits(&want["q_rot"].to_f32()), "prefill's rotated q (no cache write)");
     for (step, at) in [5i64, 8, 6].into_iter().enumerate() {
         let (k, cos, sin) = (values(&[B, 1, H, D], 4 + step), values(&[B, 1, 1, D], 7 + step), values(&[B, 1, 1, D], 9 + step));
         let pos = Tensor::from_i64(&[1], &[at]);

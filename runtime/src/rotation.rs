@@ -33,6 +33,11 @@ impl SignedPerm {
     pub fn source_of(&self, c: usize) -> Option<(usize, bool)> {
         self.runs.iter().find(|r| (r.dst..r.dst + r.len).contains(&c)).map(|r| (r.src + c - r.dst, r.neg))
     }
+
+    /// `(source column, negated)` for every output column in order.
+    pub fn columns(&self) -> Option<Vec<(usize, bool)>> {
+        (0..self.d).map(|c| self.source_of(c)).collect()
+    }
 }
 
 /// The signed permutation a constant `[d, d]` matrix holds (`P[src, dst]`, row-major), if it

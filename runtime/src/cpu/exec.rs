@@ -272,15 +272,19 @@ impl CpuExec {
         for (i, (s, p)) in e.steps.iter().zip(&self.prepared[entry]).enumerate() {
             let t = times.is_some().then(std::time::Instant::now);
             let roles = &self.rotary[entry];
-            match roles.role[i] {
+            let epilogue = match &p.prep {
+                Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
+                _ => None,
+            };
+            match &roles.role[i] {
                 Role::Alone => step(&mem, s, p.kernel, &p.prep),
+                Role::Rotate(columns) => {
+                    super::rotary::rotate(&mem, s, columns, epilogue);
+                    Ok(())
+                }
                 Role::Host(k) => {
-                    let pair = &roles.pairs[k];
-                    let region = match &p.prep {
-                        Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
-                        _ => None,
-                    };
-                    super::rotary::run(&mem, s, &e.steps[pair.write], pair, region)
+                    let pair = &roles.pairs[*k];
+                    super::rotary::run(&mem, s, &e.steps[pair.write], pair, epilogue)
                 }
                 Role::Absorbed => Ok(()),
             }

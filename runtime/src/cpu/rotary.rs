@@ -37,12 +37,15 @@ pub(crate) struct RotaryWrite {
 }
 
 /// The per-step role of an entry's steps ([`Roles::of`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Role {
     /// Runs its own kernel.
     Alone,
     /// Runs the rotation and the cache write of pair `i`.
     Host(usize),
+    /// A rotation feeding no cache write: `sign * x[.., perm]` into its own output, these
+    /// columns (`src`, negated).
+    Rotate(Vec<(usize, bool)>),
     /// Computed in another step's launch.
     Absorbed,
 }
@@ -57,7 +60,12 @@ impl Roles {
     /// The roles of `e`'s steps for the program's `constants`.
     pub fn of(e: &Entry, constants: &[ConstData]) -> Roles {
         let pairs = plan(e, constants);
-        let mut role = vec![Role::Alone; e.steps.len()];
+        let perms = rotation::of_constants(constants);
+        let role = |s: &Step| match rotation::of_step(s, &perms) {
+            Some(p) if rotatable(s) => p.columns().map_or(Role::Alone, Role::Rotate),
+            _ => Role::Alone,
+        };
+        let mut role: Vec<Role> = e.steps.iter().map(role).collect();
         for (i, p) in pairs.iter().enumerate() {
             role[p.rot] = Role::Host(i);
             role[p.write] = Role::Absorbed;
@@ -109,13 +117,19 @@ fn write_operand(w: &Step, rot: &Operand, d: usize) -> Option<usize> {
     (d > 0 && (len * inner).is_multiple_of(d)).then_some(k)
 }
 
+/// Whether this backend runs rotation step `s` as a read through its permutation: f32 into
+/// the arena.
+fn rotatable(s: &Step) -> bool {
+    s.output.ty.dtype == DType::F32 && matches!(s.output.slot, Slot::Arena { .. }) && s.inputs.len() - 2 <= MAX_INPUTS
+}
+
 /// The rotation steps of `e` whose cache write runs in their launch.
 pub(crate) fn plan(e: &Entry, constants: &[ConstData]) -> Vec<RotaryWrite> {
     let perms = rotation::of_constants(constants);
     let mut pairs = Vec::new();
     for (i, s) in e.steps.iter().enumerate() {
         let Some(perm) = rotation::of_step(s, &perms) else { continue };
-        if s.output.ty.dtype != DType::F32 || !matches!(s.output.slot, Slot::Arena { .. }) || s.inputs.len() - 2 > MAX_INPUTS {
+        if !rotatable(s) {
             continue;
         }
         if let Some(p) = pair(e, i, perm) {
@@ -159,7 +173,7 @@ fn pair(e: &Entry, i: usize, perm: &SignedPerm) -> Option<RotaryWrite> {
         let out = place(&s.output);
         !overlap(out, state) && !s.inputs.iter().any(|o| overlap(place(o), state)) && !others.iter().any(|&p| overlap(out, p))
     });
-    let columns = (0..perm.d).map(|c| perm.source_of(c)).collect::<Option<Vec<_>>>()?;
+    let columns = perm.columns()?;
     clear.then_some(RotaryWrite { rot: i, write: j, operand: k, keep, columns })
 }
 
@@ -167,15 +181,7 @@ fn pair(e: &Entry, i: usize, perm: &SignedPerm) -> Option<RotaryWrite> {
 /// write `w` gives it, the write's other parts copied, and the value kept in the arena where
 /// [`RotaryWrite::keep`] says so.
 pub(super) fn run(mem: &Mem, r: &Step, w: &Step, p: &RotaryWrite, region: Option<&Region>) -> Result<(), String> {
-    let d = p.columns.len();
-    let x = mem.f32(&r.inputs[0]);
-    let mut extra = [Src::F32(&[]); MAX_INPUTS];
-    for (k, o) in r.inputs[2..].iter().enumerate() {
-        extra[k] = mem.src(o);
-    }
-    let extra = &extra[..r.inputs.len() - 2];
     let cache = mem.f32_mut(&w.output);
-    let kept = p.keep.then(|| mem.f32_mut(&r.output));
     let (axis, at) = match w.op {
         Op::WriteSlice { axis } => (axis, write_at(mem, w, axis)?),
         Op::Concat { axis } => {
@@ -187,31 +193,47 @@ pub(super) fn run(mem: &Mem, r: &Step, w: &Step, p: &RotaryWrite, region: Option
     };
     let Split { outer, len, inner } = Split::at(&w.output.ty.shape, axis);
     let chunk = w.inputs[p.operand].ty.shape[axis] * inner;
-    let rows_per = chunk / d;
-    // Rows of a block: about 8192 elements, at least one block per thread-and-a-bit.
-    let per = (8192 / d).max(1).max((outer * rows_per).div_ceil(4 * rayon::current_num_threads())).min(rows_per.max(1));
-    let mut kept = kept;
+    let mut kept = p.keep.then(|| mem.f32_mut(&r.output));
     for o in 0..outer {
         let dst = &mut cache[(o * len + at) * inner..][..chunk];
-        let keep_o = kept.as_deref_mut().map(|k| &mut k[o * chunk..(o + 1) * chunk]);
-        let block = |(b, rows): (usize, &mut [f32])| {
-            let first = o * rows_per + b * per;
-            for (n, row) in rows.chunks_mut(d).enumerate() {
-                let src = &x[(first + n) * d..][..d];
-                for (v, &(c, neg)) in row.iter_mut().zip(&p.columns) {
-                    *v = if neg { -src[c] } else { src[c] };
-                }
-            }
-            if let Some(reg) = region {
-                reg.eval_rows(extra, rows, first, true);
-            }
-        };
-        dst.par_chunks_mut(per * d).enumerate().for_each(block);
-        if let Some(k) = keep_o {
-            k.copy_from_slice(dst);
+        rotate_rows(mem, r, &p.columns, region, dst, o * chunk / p.columns.len());
+        if let Some(k) = kept.as_deref_mut() {
+            k[o * chunk..(o + 1) * chunk].copy_from_slice(dst);
         }
     }
     Ok(())
+}
+
+/// Runs a rotation step that feeds no cache write as `sign * x[.., perm]` and its epilogue,
+/// into its own output: the same bits as its GEMM, with no `D x D` product.
+pub(super) fn rotate(mem: &Mem, r: &Step, columns: &[(usize, bool)], region: Option<&Region>) {
+    rotate_rows(mem, r, columns, region, mem.f32_mut(&r.output), 0);
+}
+
+/// Rows `first..` of rotation step `r`'s value computed into `dst` (whole rows), in parallel
+/// over blocks of rows: each block filled with `sign * x[.., perm]`, then its epilogue.
+fn rotate_rows(mem: &Mem, r: &Step, columns: &[(usize, bool)], region: Option<&Region>, dst: &mut [f32], first: usize) {
+    let d = columns.len();
+    let x = mem.f32(&r.inputs[0]);
+    let mut extra = [Src::F32(&[]); MAX_INPUTS];
+    for (k, o) in r.inputs[2..].iter().enumerate() {
+        extra[k] = mem.src(o);
+    }
+    let extra = &extra[..r.inputs.len() - 2];
+    // About 8192 elements a block: filled, then read by the epilogue while in cache.
+    let per = (8192 / d.max(1)).max(1);
+    dst.par_chunks_mut(per * d).enumerate().for_each(|(b, rows)| {
+        let first = first + b * per;
+        for (n, row) in rows.chunks_mut(d).enumerate() {
+            let src = &x[(first + n) * d..][..d];
+            for (v, &(c, neg)) in row.iter_mut().zip(columns) {
+                *v = if neg { -src[c] } else { src[c] };
+            }
+        }
+        if let Some(reg) = region {
+            reg.eval_rows(extra, rows, first, true);
+        }
+    });
 }
 
 /// A `write_slice`'s row offset, checked as the unfused kernel checks it.
