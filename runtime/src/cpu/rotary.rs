@@ -266,3 +266,103 @@ fn copy_parts(mem: &Mem, w: &Step, axis: usize, skip: usize, out: &mut [f32]) {
         at += len;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_graph::program::{Io, PlanStats};
+    use kiln_graph::{TensorType, UnaryOp};
+
+    const D: usize = 8;
+
+    fn arena(offset: usize, ty: TensorType) -> Operand {
+        Operand { slot: Slot::Arena { offset, bytes: ty.bytes().next_multiple_of(256) }, ty }
+    }
+
+    fn rows() -> TensorType {
+        TensorType::new(DType::F32, [1, 1, 2, D])
+    }
+
+    fn cache() -> Operand {
+        Operand { slot: Slot::State(0), ty: TensorType::new(DType::F32, [1, 4, 2, D]) }
+    }
+
+    /// rotate_half over `D` columns, as `rotation_as_matmul` makes it.
+    fn rotate_half() -> ConstData {
+        let mut values = vec![0.0; D * D];
+        for c in 0..D {
+            let (src, sign) = if c < D / 2 { (c + D / 2, -1.0) } else { (c - D / 2, 1.0) };
+            values[src * D + c] = sign;
+        }
+        ConstData { ty: TensorType::new(DType::F32, [D, D]), values }
+    }
+
+    fn step(op: Op, inputs: Vec<Operand>, output: Operand) -> Step {
+        Step { node: 0, op, kernel: String::new(), inputs, output }
+    }
+
+    /// `x` at `x`, rotated into `out`.
+    fn rot(x: usize, out: usize) -> Step {
+        let p = Operand { slot: Slot::Const(0), ty: TensorType::new(DType::F32, [D, D]) };
+        step(Op::MatMul { epilogue: None, transpose_b: false }, vec![arena(x, rows()), p], arena(out, rows()))
+    }
+
+    /// The rows at `rows` written into the cache at the position held at `pos`.
+    fn write(rows_at: usize, pos: usize) -> Step {
+        let inputs = vec![cache(), arena(rows_at, rows()), arena(pos, TensorType::new(DType::I64, [1]))];
+        step(Op::WriteSlice { axis: 1 }, inputs, cache())
+    }
+
+    fn exp(input: Operand, out: usize) -> Step {
+        let ty = input.ty.clone();
+        step(Op::Unary(UnaryOp::Exp), vec![input], arena(out, ty))
+    }
+
+    fn entry(steps: Vec<Step>, outputs: Vec<Io>) -> Entry {
+        Entry { name: "decode".into(), inputs: vec![], outputs, steps, arena_bytes: 1 << 16, plan: PlanStats::default() }
+    }
+
+    fn pairs(steps: Vec<Step>) -> Vec<(usize, usize, bool)> {
+        plan(&entry(steps, vec![]), &[rotate_half()]).iter().map(|p| (p.rot, p.write, p.keep)).collect()
+    }
+
+    #[test]
+    fn a_rotation_feeding_a_cache_write_runs_it() {
+        assert_eq!(pairs(vec![rot(0, 1024), write(1024, 2048)]), [(0, 1, false)]);
+        // Unrelated steps between, or a reader of the rotated value (kept in the arena then).
+        assert_eq!(pairs(vec![rot(0, 1024), exp(arena(4096, rows()), 5120), write(1024, 2048)]), [(0, 2, false)]);
+        assert_eq!(pairs(vec![rot(0, 1024), exp(arena(1024, rows()), 5120), write(1024, 2048)]), [(0, 2, true)]);
+        assert_eq!(pairs(vec![rot(0, 1024), write(1024, 2048), exp(arena(1024, rows()), 5120)]), [(0, 1, true)]);
+        // Read after being overwritten: another value, not a reader.
+        assert_eq!(
+            pairs(vec![rot(0, 1024), write(1024, 2048), exp(arena(4096, rows()), 1024), exp(arena(1024, rows()), 5120)]),
+            [(0, 1, false)]
+        );
+        // An entry output in the rotated value's bytes.
+        let out = Io { name: "k".into(), operand: arena(1024, rows()) };
+        assert!(plan(&entry(vec![rot(0, 1024), write(1024, 2048)], vec![out]), &[rotate_half()])[0].keep);
+        let p = &plan(&entry(vec![rot(0, 1024), write(1024, 2048)], vec![]), &[rotate_half()])[0];
+        assert_eq!(p.columns[0], (D / 2, true));
+        assert_eq!(p.columns[D - 1], (D / 2 - 1, false));
+    }
+
+    #[test]
+    fn a_step_between_that_the_write_depends_on_keeps_two_launches() {
+        // The position is computed between the two.
+        let pos = TensorType::new(DType::I64, [1]);
+        assert_eq!(pairs(vec![rot(0, 1024), exp(arena(4096, pos), 2048), write(1024, 2048)]), []);
+        // A step between reads the cache (attention over the old rows) or writes it.
+        assert_eq!(pairs(vec![rot(0, 1024), exp(cache(), 8192), write(1024, 2048)]), []);
+        assert_eq!(pairs(vec![rot(0, 1024), write(4096, 2048), write(1024, 2048)]), []);
+        // The rotated value is overwritten before the write reads it.
+        assert_eq!(pairs(vec![rot(0, 1024), exp(arena(4096, rows()), 1024), write(1024, 2048)]), []);
+        // Not a signed permutation, or not f32.
+        let mut scaled = rotate_half();
+        scaled.values[D / 2] = 2.0;
+        assert!(plan(&entry(vec![rot(0, 1024), write(1024, 2048)], vec![]), &[scaled]).is_empty());
+        let mut half = rot(0, 1024);
+        half.output.ty.dtype = DType::BF16;
+        half.inputs[0].ty.dtype = DType::BF16;
+        assert_eq!(pairs(vec![half, write(1024, 2048)]), []);
+    }
+}
