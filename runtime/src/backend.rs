@@ -31,6 +31,12 @@ pub trait Backend: Send + Sync {
     fn merged_launches(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         Ok(Vec::new())
     }
+    /// Steps of entry `entry` that make no launch of their own, their work done inside another
+    /// step's launch, as (absorbed step, the step whose launch does it) (cpu: a KV-cache write
+    /// inside the RoPE rotation it stores, `cpu::rotary`). The default: none.
+    fn absorbed_steps(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        Ok(Vec::new())
+    }
     /// Renames step kernels that depend on the program's constants, not only on the step's
     /// types, once the whole program exists (cuda: a matmul by a constant signed permutation
     /// runs as one elementwise kernel). The default changes nothing.

@@ -11,6 +11,7 @@ pub mod geometry;
 mod kernel_enum;
 pub mod memory;
 pub mod progress;
+pub mod rotation;
 pub mod session;
 #[cfg(any(feature = "cube", feature = "cuda"))]
 mod states;

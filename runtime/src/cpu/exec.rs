@@ -4,6 +4,7 @@
 use super::fused::{Region, Src};
 use super::kernel::CpuKernel;
 use super::pack;
+use super::rotary::Role;
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
@@ -147,6 +148,8 @@ pub(crate) struct CpuExec {
     pub(crate) state_off: Vec<usize>,
     pub(crate) program: Program,
     pub(crate) prepared: Vec<Vec<Prepared>>,
+    /// Per entry, the rotations whose cache write runs in their launch ([`super::rotary`]).
+    pub(crate) rotary: Vec<super::rotary::Roles>,
 }
 
 /// Operand access for one run. The arena and the states are reached through raw pointers
@@ -154,7 +157,7 @@ pub(crate) struct CpuExec {
 /// arena ranges live at the same step never overlap (checked by the planner's property
 /// tests), and a step writing a state reads that state only when it is a `write_slice` in
 /// place, which never makes a slice of its destination input (checked at load).
-struct Mem<'a> {
+pub(super) struct Mem<'a> {
     arena: *mut u8,
     states: *mut u8,
     state_off: &'a [usize],
@@ -164,7 +167,7 @@ struct Mem<'a> {
 }
 
 impl<'a> Mem<'a> {
-    fn read(&self, o: &Operand) -> &'a [u8] {
+    pub(super) fn read(&self, o: &Operand) -> &'a [u8] {
         let n = o.ty.bytes();
         match o.slot {
             // SAFETY: `load` checked every arena operand lies inside the arena; no step writes
@@ -183,7 +186,7 @@ impl<'a> Mem<'a> {
     }
 
     #[allow(clippy::mut_from_ref)]
-    fn write(&self, o: &Operand) -> &'a mut [u8] {
+    pub(super) fn write(&self, o: &Operand) -> &'a mut [u8] {
         match o.slot {
             // SAFETY: as in `read`; the output range of a step overlaps no range it reads.
             Slot::Arena { offset, .. } => unsafe { std::slice::from_raw_parts_mut(self.arena.add(offset), o.ty.bytes()) },
@@ -193,19 +196,19 @@ impl<'a> Mem<'a> {
         }
     }
 
-    fn f32(&self, o: &Operand) -> &'a [f32] {
+    pub(super) fn f32(&self, o: &Operand) -> &'a [f32] {
         bytemuck::cast_slice(self.read(o))
     }
 
     /// A region input: f32 as it is, anything else as its bytes.
-    fn src(&self, o: &Operand) -> Src<'a> {
+    pub(super) fn src(&self, o: &Operand) -> Src<'a> {
         match o.ty.dtype {
             DType::F32 => Src::F32(self.f32(o)),
             d => Src::Raw(self.read(o), d),
         }
     }
 
-    fn f32_mut(&self, o: &Operand) -> &'a mut [f32] {
+    pub(super) fn f32_mut(&self, o: &Operand) -> &'a mut [f32] {
         bytemuck::cast_slice_mut(self.write(o))
     }
 }
@@ -269,7 +272,24 @@ impl CpuExec {
         }
         for (i, (s, p)) in e.steps.iter().zip(&self.prepared[entry]).enumerate() {
             let t = times.is_some().then(std::time::Instant::now);
-            step(&mem, s, p.kernel, &p.prep).map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
+            let roles = &self.rotary[entry];
+            let epilogue = match &p.prep {
+                Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
+                _ => None,
+            };
+            match &roles.role[i] {
+                Role::Alone => step(&mem, s, p.kernel, &p.prep),
+                Role::Rotate(columns) => {
+                    super::rotary::rotate(&mem, s, columns, epilogue);
+                    Ok(())
+                }
+                Role::Host(k) => {
+                    let pair = &roles.pairs[*k];
+                    super::rotary::run(&mem, s, &e.steps[pair.write], pair, epilogue)
+                }
+                Role::Absorbed => Ok(()),
+            }
+            .map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
             if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
                 times.push(t.elapsed().as_secs_f64());
             }

@@ -7,6 +7,7 @@ mod gated;
 pub mod kernel;
 mod pack;
 pub mod prepared;
+mod rotary;
 
 use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
@@ -90,7 +91,13 @@ impl Backend for CpuBackend {
             Some(_) => Ok(1),
             None => Err(format!("step {} stores kernel {}, not a cpu kernel", s.node, s.kernel)),
         };
-        e.steps.iter().map(one).collect()
+        let roles = rotary::Roles::of(e, &program.constants);
+        e.steps.iter().zip(&roles.role).map(|(s, r)| if *r == rotary::Role::Absorbed { Ok(0) } else { one(s) }).collect()
+    }
+
+    fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        Ok(rotary::plan(e, &program.constants).into_iter().map(|p| (p.write, p.rot)).collect())
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
@@ -220,6 +227,7 @@ fn finish(
         state_off,
         program: program.clone(),
         prepared,
+        rotary: program.entries.iter().map(|e| rotary::Roles::of(e, &program.constants)).collect(),
     })
 }
 
