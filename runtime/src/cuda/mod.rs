@@ -169,19 +169,23 @@ impl Backend for CudaBackend {
             let stored: Vec<String> = binaries.iter().map(|b| b.name.clone()).collect();
             need.missing.extend(attn_tune::tunable_modules(program).into_iter().filter(|m| !stored.contains(m)));
         }
-        if !need.compiles_none() {
-            if binaries.is_empty() && !program.binaries.is_empty() {
-                let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
-                have.dedup();
-                eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
-            } else if !binaries.is_empty() {
-                eprintln!("kiln: the artifact's CUBINs for {arch} lack {} modules: compiling them with NVRTC", need.missing.len());
+        // Compiled (what the CUBINs lack) and loaded while the weights upload.
+        let modules = || -> Result<Vec<Binary>> {
+            if !need.compiles_none() {
+                if binaries.is_empty() && !program.binaries.is_empty() {
+                    let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
+                    have.dedup();
+                    eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
+                } else if !binaries.is_empty() {
+                    eprintln!("kiln: the artifact's CUBINs for {arch} lack {} modules: compiling them with NVRTC", need.missing.len());
+                }
+                binaries.extend(compile_modules(program, &arch, Some(&need.missing))?);
             }
-            binaries.extend(compile_modules(program, &arch, Some(&need.missing))?);
-        }
+            Ok(binaries)
+        };
         let gemv = self.gemv;
-        let (program, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at, gemv)?))
+        let (laid, states_at) = crate::states::states_in_arena(program);
+        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, gemv)?))
     }
 }
 
