@@ -135,6 +135,11 @@ fn bad_cuda_prepared_files_are_refused_by_name() {
     let mut flipped = good.clone();
     *flipped.last_mut().expect("bytes") ^= 0x10;
     check(&flipped, "checksum mismatch in tensor");
+    // `Session::load_with` (the C API's `kiln_session_open` and `kiln run` load through it)
+    // reads the file before it needs a GPU.
+    std::fs::write(&pp, &flipped).expect("write");
+    let e = kiln_runtime::Session::load_with(&art, None, LoadOptions::default()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains(&name) && e.contains("checksum mismatch"), "{e}");
     let mut head = good.clone();
     head[60] ^= 1;
     check(&head, "header checksum mismatch");
@@ -221,5 +226,68 @@ fn cli_writes_reports_and_reads_it() {
     let no = ["compile", case.to_str().expect("utf-8"), "--backend", "cuda", "--seq-len", "6", "--no-prepared", "-o", a];
     let (ok, out) = kiln(&no);
     assert!(ok && !out.contains("prepared weights:") && !pp.exists(), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The host side of a cuda load, timed (not a test: `--ignored`, prints only): the weights'
+/// upload bytes made and copied into one 32 MiB staging buffer (as the pinned ring's host
+/// copies do, here sequential), from the checkpoint (stacks concatenated, conversion where the
+/// dtype differs) against from the prepared file (mapped, every checksum verified). No GPU:
+/// the copy to the device is not in it. `KILN_BENCH_MODEL` names the checkpoint folder,
+/// `KILN_BENCH_DTYPE` the program's dtype (bf16, default, or f32).
+#[test]
+#[ignore]
+fn host_side_load_time() {
+    let Some(model) = std::env::var_os("KILN_BENCH_MODEL").map(PathBuf::from) else {
+        eprintln!("KILN_BENCH_MODEL not set");
+        return;
+    };
+    let dtype = match std::env::var("KILN_BENCH_DTYPE").as_deref() {
+        Ok("f32") => DType::F32,
+        _ => DType::BF16,
+    };
+    let dir = scratch("bench");
+    let p = program(&model, "cuda", dtype, Some(128));
+    let t = std::time::Instant::now();
+    let art = save(&p, &dir, "bench");
+    let size = std::fs::metadata(prepared::path_for(&art)).expect("prepared").len();
+    println!("prepared file: {size} bytes written in {:.2} s", t.elapsed().as_secs_f64());
+    let stage = |store: &WeightStore| {
+        let mut buf = vec![0u8; 32 << 20];
+        for i in 0..p.weights.len() {
+            let b = cuda::upload_bytes(&p, store, i).expect("bytes");
+            for c in b.chunks(buf.len()) {
+                buf[..c.len()].copy_from_slice(c);
+            }
+        }
+        std::hint::black_box(&buf);
+    };
+    let from_checkpoint = || {
+        let t = std::time::Instant::now();
+        let store = WeightStore::for_program(&p, None).expect("checkpoint");
+        stage(&store);
+        t.elapsed().as_secs_f64()
+    };
+    let from_prepared = || {
+        let t = std::time::Instant::now();
+        let (store, _) = prepared::store_for_artifact(&art, &p, None, LoadOptions::default()).expect("prepared");
+        let verified = t.elapsed().as_secs_f64();
+        stage(&store);
+        (t.elapsed().as_secs_f64(), verified)
+    };
+    // The sides alternate which goes first.
+    for round in 0..4 {
+        let (plain, (mapped, verified)) = if round % 2 == 0 {
+            (from_checkpoint(), from_prepared())
+        } else {
+            let m = from_prepared();
+            (from_checkpoint(), m)
+        };
+        let first = if round % 2 == 0 { "checkpoint" } else { "prepared" };
+        println!(
+            "round {round} ({dtype}, {first} first): checkpoint path {plain:.2} s; prepared path {mapped:.2} s (open + checksums {verified:.2} s); ratio {:.2}",
+            plain / mapped
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,9 @@
 //!
 //! Ahead of time, `kiln compile --backend cuda --arch sm_90a` stores the CUBINs in the
 //! artifact ([`Program::binaries`]), so loading needs only the driver. Without stored
-//! CUBINs, loading compiles them with NVRTC.
+//! CUBINs, loading compiles them with NVRTC. The weights upload on a thread and stream of
+//! their own meanwhile (`upload.rs`; from the prepared weight file when the artifact has one,
+//! [`crate::prepared::cuda`]).
 //!
 //! GEMMs with at most 8 rows (decode) can run as kiln's own GEMV instead ([`gemm`]): the
 //! executor times both at load and keeps the faster ([`tune`]).
