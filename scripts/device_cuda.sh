@@ -278,6 +278,16 @@ if want load; then
     KILN_CUDA_UPLOAD=$how KILN_CUDA_VERBOSE=1 run "load_$how" 120 "$kiln" bench "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 16 --runs 1
     log "load $how: $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"
   done
+  # The cuda prepared weight file (issue 24): one artifact loaded from its prepared file and,
+  # with --no-prepared, from the checkpoint (the upload overlaps module loading in both); the
+  # load line says which, with its time.
+  run load_artifact 300 "$kiln" compile "$models/gemma2-2b" --backend cuda --dtype bf16 --seq-len 16 -o "$models/g16.kiln"
+  for how in prepared no-prepared; do
+    flag=()
+    [ "$how" = no-prepared ] && flag=(--no-prepared)
+    KILN_CUDA_VERBOSE=1 run "load_$how" 120 "$kiln" bench "$models/g16.kiln" "${flag[@]}" --runs 1
+    log "load $how: $(grep -m1 '^load: ' "$W/load_$how.txt" | cut -c1-240) / $(grep -m1 'kiln cuda: uploaded' "$W/load_$how.txt")"
+  done
 fi
 
 if want ncu; then

@@ -107,16 +107,17 @@ pub(super) fn generator(artifact: &Path, weights: Option<&Path>, f: &GenerateFla
 
 /// What loading the artifact at `model` will do: on cpu, map its prepared weight file
 /// (checked as a load checks it, checksums included) or pack weights from the checkpoint, and
-/// why; on cuda, [`kiln_runtime::cuda::plan::load_plan`] (upload, CUBINs, NVRTC).
+/// why; on cuda, [`kiln_runtime::cuda::plan::load_plan_for`] (the prepared file or the
+/// checkpoint, upload, CUBINs, NVRTC).
 pub(super) fn load_plan(model: &Path, prog: &Program, p: &ProfileArgs) -> String {
     use kiln_runtime::cpu::prepared;
     let pp = prepared::path_for(model);
     let ordinary = format!("from the checkpoint {}: {}", prog.source, prepared::plan(prog));
     #[cfg(feature = "cuda")]
     if prog.backend == "cuda" {
-        // The checkpoint is opened (its headers read) only to say which weights convert.
-        let store = WeightStore::for_program(prog, None).ok();
-        return kiln_runtime::cuda::plan::load_plan(prog, store.as_ref());
+        // Without a prepared file, the checkpoint is opened (its headers read) only to say
+        // which weights convert.
+        return kiln_runtime::cuda::plan::load_plan_for(model, prog, !p.no_prepared);
     }
     if prog.backend != "cpu" {
         return ordinary;

@@ -430,30 +430,31 @@ pub(super) fn generate_uvim(
     Ok(())
 }
 
-/// Writes the artifact and, for the cpu backend unless `--no-prepared`, its prepared weight
-/// file beside it (`<out>.weights`: every weight as the kernels read it, so a load maps it
-/// and packs nothing). A prepared file left from an earlier compile is removed first: it
-/// would be refused as stale.
+/// Writes the artifact and, for the cpu and cuda backends unless `--no-prepared`, its prepared
+/// weight file beside it (`<out>.weights`: every weight as the backend reads it: cpu, packed as
+/// the kernels read it, so a load maps it and packs nothing; cuda, as the upload sends it, so a
+/// load maps it and converts nothing). A prepared file left from an earlier compile is removed
+/// first: it would be refused as stale.
 pub(super) fn save_with_prepared(out: &Path, program: &Program, p: &ProfileArgs) -> Result<()> {
-    let pp = kiln_runtime::cpu::prepared::path_for(out);
+    let pp = kiln_runtime::prepared::path_for(out);
     if pp.exists() {
         std::fs::remove_file(&pp).map_err(|e| Error::Usage(format!("{}: {e}", pp.display())))?;
     }
     kiln_graph::artifact::save_file(out, program)?;
-    if program.backend != "cpu" || p.no_prepared {
+    if !kiln_runtime::prepared::supported(&program.backend) || p.no_prepared {
         return Ok(());
     }
     let t = Instant::now();
     let store = WeightStore::for_program(program, None)?;
-    let w = progress("writing prepared weights", || kiln_runtime::cpu::prepared::write(program, Arc::new(store), &pp))?;
-    println!(
-        "prepared weights: {} packed matrices and {} weights as stored, {} -> {} ({:.1} s)",
-        w.packed,
-        w.raw,
-        human(w.bytes as usize),
-        pp.display(),
-        t.elapsed().as_secs_f64()
-    );
+    let w = progress("writing prepared weights", || match program.backend.as_str() {
+        "cuda" => kiln_runtime::prepared::cuda::write(program, &store, &pp),
+        _ => kiln_runtime::cpu::prepared::write(program, Arc::new(store), &pp),
+    })?;
+    let what = match program.backend.as_str() {
+        "cuda" => format!("{} weights as the upload sends them", w.raw),
+        _ => format!("{} packed matrices and {} weights as stored", w.packed, w.raw),
+    };
+    println!("prepared weights: {what}, {} -> {} ({:.1} s)", human(w.bytes as usize), pp.display(), t.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -70,8 +70,9 @@ struct ProfileArgs {
     /// tuning/README.md) stored in the artifact, or `none`; defaults to the built-in one.
     #[arg(long, value_name = "FILE")]
     tuning: Option<PathBuf>,
-    /// cpu backend: `compile` writes no prepared weight file (`<artifact>.weights`: every
-    /// weight packed as the kernels read it, mapped at load); `run`, `bench`, `inspect` ignore one.
+    /// cpu and cuda backends: `compile` writes no prepared weight file (`<artifact>.weights`:
+    /// every weight as the backend reads it, mapped at load: cpu, packed for the kernels; cuda,
+    /// as the upload sends it, no conversion); `run`, `bench`, `inspect` ignore one.
     #[arg(long)]
     no_prepared: bool,
 }
@@ -426,7 +427,8 @@ fn session_and_graph(
     if is_artifact(model) {
         let program = kiln_graph::artifact::load_file(model)?;
         artifact_cli::refuse_compile_flags(model, &program, p)?;
-        let prepared = program.backend == "cpu" && !p.no_prepared && kiln_runtime::cpu::prepared::path_for(model).is_file();
+        let prepared =
+            kiln_runtime::prepared::supported(&program.backend) && !p.no_prepared && kiln_runtime::prepared::path_for(model).is_file();
         if !prepared {
             // Without a prepared file the weights come from the folder it was compiled from:
             // a missing one is named, with --weights.

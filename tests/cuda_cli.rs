@@ -201,7 +201,9 @@ fn generation_artifacts_hold_every_cubin() {
         let (ok, out) = kiln(&["inspect", path.to_str().unwrap()]);
         assert!(ok, "{out}");
         let want = format!("kernels on sm_90a: load {} modules as stored CUBINs; compile none", plan.needed.len());
-        assert!(out.contains("== load\nweights: map the checkpoint ") && out.contains(&want), "{out}");
+        // `kiln compile` wrote the cuda prepared file: a load maps it and converts nothing.
+        let mapped = format!("== load\nmap {}.weights, upload ", path.display());
+        assert!(out.contains(&mapped) && out.contains("convert none, compile none (on sm_90a)") && out.contains(&want), "{out}");
     }
     // One decode region's CUBIN removed: the plan names it, and inspect says NVRTC compiles it.
     let mut decode = p.clone();

@@ -134,9 +134,10 @@ const char *kiln_last_error(void);
 // Opens a session: loads the artifact at `artifact_path` and maps the weights at
 // `weights_path` (a `.safetensors` file or a folder of them), checking every weight the
 // artifact reads. The artifact's prepared weight file (`<artifact>.weights`, written by
-// `kiln compile` for the cpu backend) is mapped instead when it was made from these weights,
-// or when `weights_path` is NULL (then, without one, the folder the artifact was compiled
-// from is read); a corrupt or stale prepared file fails with `KILN_STATUS_WEIGHTS`.
+// `kiln compile` for the cpu and cuda backends) is mapped instead when it was made from
+// these weights, or when `weights_path` is NULL (then, without one, the folder the artifact
+// was compiled from is read); a corrupt or stale prepared file fails with
+// `KILN_STATUS_WEIGHTS`.
 // `abi_version` must be `KILN_ABI_VERSION`. On success `*out` receives the session; on
 // failure it is set to NULL.
 //

@@ -10,6 +10,7 @@ pub mod error;
 pub mod geometry;
 mod kernel_enum;
 pub mod memory;
+pub mod prepared;
 pub mod progress;
 pub mod rotation;
 pub mod session;

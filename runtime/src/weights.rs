@@ -25,7 +25,7 @@ pub struct WeightRef {
 enum Backing {
     Map(Mmap),
     Owned(Vec<u8>),
-    Prepared(Arc<crate::cpu::prepared::Mapped>),
+    Prepared(Arc<crate::prepared::Mapped>),
 }
 
 impl std::ops::Deref for Backing {
@@ -49,7 +49,7 @@ pub struct WeightStore {
     /// Permuted views materialised so far: their bytes (file `maps.len() + k`) and refs by name.
     views: Mutex<Views>,
     /// The prepared weight file this store is (file 0), when it is one.
-    prepared: Option<Arc<crate::cpu::prepared::PreparedFile>>,
+    prepared: Option<Arc<crate::prepared::PreparedFile>>,
 }
 
 #[derive(Default)]
@@ -298,9 +298,9 @@ impl WeightStore {
     }
 
     /// A store holding one prepared weight file (opened and checked by
-    /// [`PreparedFile::open`](crate::cpu::prepared::PreparedFile::open)): the cpu backend reads
-    /// every weight from it in place, and looks nothing up by name.
-    pub fn from_prepared(file: crate::cpu::prepared::PreparedFile) -> Self {
+    /// [`PreparedFile::open`](crate::prepared::PreparedFile::open)): the cpu backend and the
+    /// cuda upload read every weight from it in place, and look nothing up by name.
+    pub fn from_prepared(file: crate::prepared::PreparedFile) -> Self {
         let mut store = WeightStore::empty();
         store.paths.push(file.path.clone());
         store.maps.push(Backing::Prepared(file.map.clone()));
@@ -309,7 +309,7 @@ impl WeightStore {
     }
 
     /// The prepared weight file this store holds, if it is one.
-    pub fn prepared(&self) -> Option<&Arc<crate::cpu::prepared::PreparedFile>> {
+    pub fn prepared(&self) -> Option<&Arc<crate::prepared::PreparedFile>> {
         self.prepared.as_ref()
     }
 }

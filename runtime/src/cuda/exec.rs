@@ -108,10 +108,18 @@ fn data_type(d: DType) -> Result<ltsys::cudaDataType> {
 }
 
 impl CudaExec {
-    /// Loads `program` on device 0. `binaries` are the CUBINs (from the artifact or compiled
-    /// just now); the caller checked that the driver exists.
+    /// Loads `program` on device 0. `binaries` gives the CUBINs (the artifact's, and NVRTC's
+    /// of what it lacks): called while the weights upload on a thread and stream of their own,
+    /// so compiling and loading modules overlap the upload; both finish before any GEMM is
+    /// timed or entry captured. The caller checked that the driver exists.
     /// `gemv` says whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]).
-    pub fn new(program: &Program, store: &WeightStore, binaries: &[Binary], states_at: Vec<usize>, gemv: GemvMode) -> Result<Self> {
+    pub fn new(
+        program: &Program,
+        store: &WeightStore,
+        binaries: impl FnOnce() -> Result<Vec<Binary>>,
+        states_at: Vec<usize>,
+        gemv: GemvMode,
+    ) -> Result<Self> {
         let ctx = drv("cuCtx (device 0)", CudaContext::new(0))?;
         // SAFETY: kiln orders all work on one stream; cudarc's event tracking would record
         // events inside graph capture.
@@ -146,8 +154,16 @@ impl CudaExec {
             rows_scratch: None,
             debug: std::env::var("KILN_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         };
-        me.upload(store)?;
-        let funcs = me.load_modules(binaries)?;
+        let (ctx, base) = (me.ctx.clone(), me.base);
+        let (weights_at, constants_at) = (me.layout.weights.clone(), me.layout.constants.clone());
+        let (uploaded, funcs) = std::thread::scope(|sc| {
+            let up = sc.spawn(move || super::upload::upload_on_own_stream(&ctx, program, store, base, &weights_at, &constants_at));
+            let funcs = binaries().and_then(|b| me.load_modules(&b));
+            (up.join().unwrap_or_else(|_| Err(err("the weight upload thread panicked"))), funcs)
+        });
+        uploaded?;
+        let funcs = funcs?;
+        me.clear_error_flag()?;
         for e in &program.entries {
             let mut steps = Vec::with_capacity(e.steps.len());
             // Pairs merge only where the loaded modules hold the `_x2` entry.
@@ -205,9 +221,8 @@ impl CudaExec {
         drv("sync", self.stream.synchronize())
     }
 
-    fn upload(&mut self, store: &WeightStore) -> Result<()> {
+    fn clear_error_flag(&mut self) -> Result<()> {
         let cu = self.stream.cu_stream();
-        super::upload::upload(&self.program, store, self.base, &self.layout.weights, &self.layout.constants, cu)?;
         // SAFETY: the error flag's 256 bytes are inside the allocation.
         drv("memset", unsafe { dr::memset_d8_async(self.base + self.layout.error_flag as u64, 0, 256, cu) })?;
         drv("sync", self.stream.synchronize())

@@ -4,7 +4,9 @@
 //!
 //! Ahead of time, `kiln compile --backend cuda --arch sm_90a` stores the CUBINs in the
 //! artifact ([`Program::binaries`]), so loading needs only the driver. Without stored
-//! CUBINs, loading compiles them with NVRTC.
+//! CUBINs, loading compiles them with NVRTC. The weights upload on a thread and stream of
+//! their own meanwhile (`upload.rs`; from the prepared weight file when the artifact has one,
+//! [`crate::prepared::cuda`]).
 //!
 //! GEMMs with at most 8 rows (decode) can run as kiln's own GEMV instead ([`gemm`]): the
 //! executor times both at load and keeps the faster ([`tune`]).
@@ -169,19 +171,23 @@ impl Backend for CudaBackend {
             let stored: Vec<String> = binaries.iter().map(|b| b.name.clone()).collect();
             need.missing.extend(attn_tune::tunable_modules(program).into_iter().filter(|m| !stored.contains(m)));
         }
-        if !need.compiles_none() {
-            if binaries.is_empty() && !program.binaries.is_empty() {
-                let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
-                have.dedup();
-                eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
-            } else if !binaries.is_empty() {
-                eprintln!("kiln: the artifact's CUBINs for {arch} lack {} modules: compiling them with NVRTC", need.missing.len());
+        // Compiled (what the CUBINs lack) and loaded while the weights upload.
+        let modules = || -> Result<Vec<Binary>> {
+            if !need.compiles_none() {
+                if binaries.is_empty() && !program.binaries.is_empty() {
+                    let mut have: Vec<&str> = program.binaries.iter().map(|b| b.arch.as_str()).collect();
+                    have.dedup();
+                    eprintln!("kiln: the artifact holds CUBINs for {} but this GPU is {arch}: compiling with NVRTC", have.join(", "));
+                } else if !binaries.is_empty() {
+                    eprintln!("kiln: the artifact's CUBINs for {arch} lack {} modules: compiling them with NVRTC", need.missing.len());
+                }
+                binaries.extend(compile_modules(program, &arch, Some(&need.missing))?);
             }
-            binaries.extend(compile_modules(program, &arch, Some(&need.missing))?);
-        }
+            Ok(binaries)
+        };
         let gemv = self.gemv;
-        let (program, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&program, &weights, &binaries, states_at, gemv)?))
+        let (laid, states_at) = crate::states::states_in_arena(program);
+        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, gemv)?))
     }
 }
 

@@ -57,25 +57,36 @@ pub fn kernel_plan(program: &Program, arch: &str) -> Result<KernelPlan, String> 
     Ok(KernelPlan { arch: arch.to_string(), needed, missing })
 }
 
-/// One paragraph saying what a cuda load of `program` does: the weights it maps and uploads
-/// (and converts, where the checkpoint's dtype differs: `store`, when the checkpoint could be
-/// opened), the kernels it loads as stored CUBINs and compiles with NVRTC per architecture
-/// held, and where its GEMM choices come from.
+/// One paragraph saying what a cuda load of `program` from its checkpoint does: the weights
+/// it maps and uploads (and converts, where the checkpoint's dtype differs: `store`, when the
+/// checkpoint could be opened), then [`load_plan_with`]'s kernel lines.
 pub fn load_plan(program: &Program, store: Option<&WeightStore>) -> String {
-    let bytes: usize = program.weights.iter().map(|w| w.ty.bytes()).sum();
-    let converted =
-        store.map(|s| program.weights.iter().filter(|w| s.resolve(&w.name).is_some_and(|r| r.ty.dtype != w.ty.dtype)).count().to_string());
-    let mut lines = vec![format!(
-        "weights: map the checkpoint {}, upload {bytes} bytes through pinned staging ({} of {} weights converted on the host)",
-        program.source,
-        converted.as_deref().unwrap_or("unknown (checkpoint not readable here):"),
-        program.weights.len()
-    )];
+    let weights = crate::prepared::cuda::WeightsPlan { line: crate::prepared::cuda::plan(program, store), mapped: None };
+    load_plan_with(program, &weights)
+}
+
+/// One paragraph saying what a cuda load of the artifact at `artifact` does: its weights (its
+/// prepared file mapped and uploaded as stored where it has one and `use_prepared`, checked as
+/// a load checks it; else the checkpoint), then [`load_plan_with`]'s kernel lines.
+pub fn load_plan_for(artifact: &std::path::Path, program: &Program, use_prepared: bool) -> String {
+    load_plan_with(program, &crate::prepared::cuda::weights_plan(artifact, program, use_prepared))
+}
+
+/// What a load does with `weights`, then the kernels it loads as stored CUBINs and compiles
+/// with NVRTC per architecture held, and where its GEMM choices come from. A load that maps a
+/// prepared file and compiles nothing on the first stored architecture is summed up first.
+pub fn load_plan_with(program: &Program, weights: &crate::prepared::cuda::WeightsPlan) -> String {
+    let mut lines = vec![format!("weights: {}", weights.line)];
     let mut archs: Vec<&str> = program.binaries.iter().filter(|b| b.backend == "cuda").map(|b| b.arch.as_str()).collect();
     archs.sort_unstable();
     archs.dedup();
     if archs.is_empty() {
         archs.push(super::DEFAULT_ARCH);
+    }
+    let first = kernel_plan(program, archs[0]).is_ok_and(|k| k.compiles_none());
+    if let (Some((file, bytes)), true) = (&weights.mapped, first) {
+        let sum = format!("map {file}, upload {bytes} bytes, convert none, compile none (on {})", archs[0]);
+        lines.insert(0, sum);
     }
     for arch in archs {
         lines.push(match kernel_plan(program, arch) {

@@ -1,8 +1,11 @@
-//! Weight upload at load: each weight read where the store holds it (a mapped checkpoint or
-//! prepared file), converted only where its dtype differs from the program's, and copied to
-//! the device through a ring of pinned staging buffers, so the host fills one buffer (in
-//! parallel, over the cores) while the DMA engine drains the others. No second host copy of
-//! the whole model is made.
+//! Weight upload at load: each weight's bytes as [`upload_bytes`] makes them (from a mapped
+//! prepared file as stored; from a mapped checkpoint, converted only where its dtype differs
+//! from the program's), copied to the device through a ring of pinned staging buffers, so the
+//! host fills one buffer (in parallel, over the cores) while the DMA engine drains the others.
+//! No second host copy of the whole model is made. A load runs this on a thread and stream of
+//! its own while the modules load (`exec::CudaExec::new`).
+//!
+//! [`upload_bytes`]: crate::prepared::cuda::upload_bytes
 //!
 //! `KILN_CUDA_UPLOAD=pageable` uploads each tensor from ordinary host memory instead (one
 //! host copy of the model, as before; for comparison on a device), and `KILN_CUDA_VERBOSE=1`
@@ -10,10 +13,11 @@
 
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
-use cudarc::driver::{result as dr, sys};
+use cudarc::driver::{result as dr, sys, CudaContext};
 use kiln_graph::program::Program;
 use rayon::prelude::*;
 use std::ffi::c_void;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Bytes per staging buffer.
@@ -104,9 +108,24 @@ impl Drop for Ring {
     }
 }
 
+/// [`upload`] on a stream of its own, from the calling thread (a load runs it on a thread of
+/// its own while the modules load): binds `ctx` to the thread, and waits for the copies.
+pub(super) fn upload_on_own_stream(
+    ctx: &Arc<CudaContext>,
+    program: &Program,
+    store: &WeightStore,
+    base: u64,
+    weights_at: &[usize],
+    constants_at: &[usize],
+) -> Result<()> {
+    drv("bind context (upload thread)", ctx.bind_to_thread())?;
+    let stream = drv("cuStreamCreate (upload)", ctx.new_stream())?;
+    upload(program, store, base, weights_at, constants_at, stream.cu_stream())
+}
+
 /// Uploads the program's weights and constants to `base + offsets` on `stream` and waits for
 /// the copies; `weights_at` and `constants_at` are the layout's offsets.
-pub(super) fn upload(
+fn upload(
     program: &Program,
     store: &WeightStore,
     base: u64,
@@ -134,14 +153,8 @@ pub(super) fn upload(
             }
         }
     };
-    for (spec, &at) in program.weights.iter().zip(weights_at) {
-        let (ty, bytes) = store.get(&spec.name, &spec.ty)?;
-        let bytes = if ty.dtype == spec.ty.dtype {
-            std::borrow::Cow::Borrowed(bytes)
-        } else {
-            std::borrow::Cow::Owned(crate::tensor::convert(ty.dtype, spec.ty.dtype, bytes))
-        };
-        send(bytes, at)?;
+    for (i, &at) in weights_at.iter().enumerate().take(program.weights.len()) {
+        send(crate::prepared::cuda::upload_bytes(program, store, i)?, at)?;
     }
     for (c, &at) in program.constants.iter().zip(constants_at) {
         send(std::borrow::Cow::Owned(crate::tensor::from_f64(c.ty.dtype, &c.values)), at)?;
