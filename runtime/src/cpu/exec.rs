@@ -433,7 +433,7 @@ fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result
         }
         CpuKernel::Cast => {
             let Op::Cast { to } = s.op else { return mismatch() };
-            cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, to, mem.write(&s.output));
+            super::kernel::cast(mem.read(&s.inputs[0]), s.inputs[0].ty.dtype, to, mem.write(&s.output));
             Ok(())
         }
         CpuKernel::MoeDispatch => {
@@ -678,29 +678,6 @@ fn check_slots(slot: &[i64], rows: usize) -> std::result::Result<(), String> {
     match slot.iter().find(|&&i| i < -1 || i >= rows as i64) {
         Some(i) => Err(format!("expert slot {i} out of range -1..{rows}")),
         None => Ok(()),
-    }
-}
-
-/// The conversions `cast_kernel` (kernel.rs) accepts (float to integer truncates toward zero).
-fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
-    match (from, to) {
-        (DType::F32, DType::F32) => dst.copy_from_slice(src),
-        (DType::F32, DType::I64) => {
-            let d: &mut [i64] = bytemuck::cast_slice_mut(dst);
-            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i64);
-        }
-        (DType::F32, DType::I32) => {
-            let d: &mut [i32] = bytemuck::cast_slice_mut(dst);
-            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i32);
-        }
-        (_, _) => {
-            let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
-            match from {
-                DType::I64 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i64>(src)).for_each(|(o, &x)| *o = x as f32),
-                DType::I32 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i32>(src)).for_each(|(o, &x)| *o = x as f32),
-                _ => d.iter_mut().zip(src).for_each(|(o, &x)| *o = x as f32),
-            }
-        }
     }
 }
 

@@ -168,6 +168,29 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CpuKer
     })
 }
 
+/// The conversions [`cast_kernel`] accepts (float to integer truncates toward zero).
+pub(super) fn cast(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
+    match (from, to) {
+        (DType::F32, DType::F32) => dst.copy_from_slice(src),
+        (DType::F32, DType::I64) => {
+            let d: &mut [i64] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i64);
+        }
+        (DType::F32, DType::I32) => {
+            let d: &mut [i32] = bytemuck::cast_slice_mut(dst);
+            d.iter_mut().zip(bytemuck::cast_slice::<u8, f32>(src)).for_each(|(o, &x)| *o = x as i32);
+        }
+        (_, _) => {
+            let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
+            match from {
+                DType::I64 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i64>(src)).for_each(|(o, &x)| *o = x as f32),
+                DType::I32 => d.iter_mut().zip(bytemuck::cast_slice::<u8, i32>(src)).for_each(|(o, &x)| *o = x as f32),
+                _ => d.iter_mut().zip(src).for_each(|(o, &x)| *o = x as f32),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
