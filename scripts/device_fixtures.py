@@ -11,7 +11,9 @@ reference.safetensors from PyTorch):
 - where the reference holds `sequences` (greedy generation by transformers), `kiln generate
   --backend cuda` with the tests' bucket (prompt + 3, PaliGemma + 2) in f32: the generated ids
   must equal transformers' and the step logits agree to 1e-3; in bf16 the share of equal ids
-  is reported (bf16 may pick another token where two are close).
+  is reported (bf16 may pick another token where two are close); each Gemma row also alone at
+  batch 1 in f32 (decode's one-row program, each token and its log-probability chosen on the
+  device): its ids, and its log-probabilities against log_softmax of the reference's logits.
 Writes OUT_DIR/fixtures.jsonl and exits 1 on any f32 failure or any error.
 """
 
@@ -61,6 +63,47 @@ def record(rows, row, cmd, check):
     return 0 if row.get("ok") else 1
 
 
+def rows_alone(kiln, folder, ins, ref, case, out, rows):
+    """Each row of a Gemma fixture alone, unpadded, at batch 1 in f32 (decode's one-row
+    program: Q, K and V one stacked GEMM where the slices align): its new ids must be
+    transformers' up to where it stops (the batch pads a finished row), its log-probabilities
+    within 1e-3 of log_softmax(reference step logits). Returns the failures."""
+    from safetensors.torch import save_file
+    import torch
+
+    x = load(ins)
+    ids, mask = x["input_ids"], x["attention_mask"]
+    b, length = ids.shape
+    seq, logits = ref["sequences"], ref["step_logits"]
+    bad = 0
+    for r in range(b):
+        row_ids = ids[r][mask[r] == 1].astype(np.int64)[None, :]
+        src = out / f"alone_{folder.name}_{r}.safetensors"
+        save_file({"input_ids": torch.from_numpy(row_ids), "attention_mask": torch.ones_like(torch.from_numpy(row_ids))}, str(src))
+        res = out / f"generate_alone_{folder.name}_{r}.safetensors"
+        cmd = [kiln, "generate", str(folder), "--backend", "cuda", "--dtype", "f32", "--inputs", str(src), "--out", str(res),
+               "--max-new-tokens", str(case.get("max_new_tokens", 6)), "--bucket", str(row_ids.shape[1] + 3)]
+        row = {"fixture": folder.name, "what": f"generate row {r} alone", "dtype": "f32"}
+
+        def check(row, res=res, r=r, n=row_ids.shape[1]):
+            got = load(res)
+            new = got["sequences"][0, n:]
+            want = seq[r, length:]
+            k = len(new)
+            row["ids_equal"] = bool((new == want[:k]).all()) and bool((want[k:] == (want[k] if k < len(want) else 0)).all())
+            # No --step-logits: the device chooses each token and its log-probability in one
+            # launch; the reference's is log_softmax(step_logits)[id].
+            lg = logits[r, :k].astype(np.float64)
+            mx = lg.max(axis=-1, keepdims=True)
+            lse = (mx + np.log(np.exp(lg - mx).sum(axis=-1, keepdims=True)))[:, 0]
+            want_lp = lg[np.arange(k), want[:k]] - lse
+            row["logprob_error"] = float(np.max(np.abs(got["logprobs"][0, :k] - want_lp))) if row["ids_equal"] and k else None
+            row["ok"] = row["ids_equal"] and (row["logprob_error"] or 0.0) < 1e-3
+
+        bad += record(rows, row, cmd, check)
+    return bad
+
+
 def main():
     kiln, dist, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     rows, bad = [], 0
@@ -91,7 +134,7 @@ def main():
         for dtype in ("f32", "bf16"):
             res = out / f"generate_{folder.name}_{dtype}.safetensors"
             cmd = [kiln, "generate", str(folder), "--backend", "cuda", "--dtype", dtype, "--inputs", str(ins), "--out", str(res),
-                   "--max-new-tokens", str(case.get("max_new_tokens", 6)), "--bucket", str(length + (2 if pali else 3))]
+                   "--max-new-tokens", str(case.get("max_new_tokens", 6)), "--bucket", str(length + (2 if pali else 3)), "--step-logits"]
             row = {"fixture": folder.name, "what": "generate", "dtype": dtype}
 
             def check_generate(row, res=res, dtype=dtype):
@@ -104,6 +147,8 @@ def main():
                 row["ok"] = same and row["step_logits_error"] < 1e-3 if dtype == "f32" else True
 
             bad += record(rows, row, cmd, check_generate)
+        if not pali:
+            bad += rows_alone(kiln, folder, ins, ref, case, out, rows)
     with open(out / "fixtures.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
