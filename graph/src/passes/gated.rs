@@ -15,7 +15,8 @@
 //! `Input(1)`), so every value is computed and rounded as before. A backend says where it takes
 //! the node (`accept`: its kernel choice); elsewhere the graph is left alone.
 
-use super::{copy_node, dead_code, same_type, Uses};
+use super::stack::weight_of;
+use super::{copy_mapped, dead_code, map_outputs, same_type, Uses};
 use crate::dtype::TensorType;
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
@@ -43,18 +44,6 @@ struct Rewrite {
     extra: Vec<NodeId>,
     /// Old nodes that go (the gate, the slices...).
     gone: Vec<usize>,
-}
-
-/// The weight node `id` reads through a chain of reshapes, if it is one.
-fn weight_of(g: &Graph, id: NodeId) -> Option<NodeId> {
-    let mut id = id;
-    loop {
-        match g.node(id).op {
-            Op::Weight { .. } => return Some(id),
-            Op::Reshape { .. } => id = *g.node(id).inputs.first()?,
-            _ => return None,
-        }
-    }
 }
 
 /// `e` with input `k` read as `map[k]`.
@@ -252,22 +241,12 @@ pub fn gated_matmul(g: &Graph, accept: Accept) -> Result<Graph> {
         }
         let id = match &at[i] {
             Some(r) => emit(g, &mut out, r, &map)?,
-            None => {
-                let ins = node
-                    .inputs
-                    .iter()
-                    .map(|p| map[p.index()].ok_or_else(|| err(format!("%{i} reads {p}, which the pass removed"))))
-                    .collect::<Result<Vec<_>>>()?;
-                copy_node(&mut out, node, &ins)?
-            }
+            None => copy_mapped("gated_matmul", &mut out, i, node, &map)?,
         };
         same_type("gated_matmul", &out, i, node, id)?;
         map[i] = Some(id);
     }
-    for (name, id) in &g.outputs {
-        let new = map[id.index()].ok_or_else(|| err(format!("output '{name}' names {id}, which the pass removed")))?;
-        out.output(name.clone(), new);
-    }
+    map_outputs("gated_matmul", g, &mut out, &map)?;
     let out = dead_code(&out)?;
     crate::verify::verify(&out).map_err(|e| err(format!("result fails verification: {e}")))?;
     Ok(out)

@@ -290,6 +290,34 @@ pub(crate) fn copy_node(out: &mut Graph, node: &crate::graph::Node, ins: &[NodeI
     }
 }
 
+/// Copies old node `i` into `out` with its inputs looked up in `map` (an input the pass
+/// removed is an error naming it): what a pass that builds its graph node by node emits for a
+/// node it keeps.
+pub(crate) fn copy_mapped(
+    pass: &'static str,
+    out: &mut Graph,
+    i: usize,
+    node: &crate::graph::Node,
+    map: &[Option<NodeId>],
+) -> Result<NodeId> {
+    let ins = node
+        .inputs
+        .iter()
+        .map(|p| map[p.index()].ok_or_else(|| GraphError::Pass { pass, msg: format!("%{i} reads {p}, which the pass removed") }))
+        .collect::<Result<Vec<_>>>()?;
+    copy_node(out, node, &ins)
+}
+
+/// Names `g`'s outputs in `out` through `map` (an output the pass removed is an error).
+pub(crate) fn map_outputs(pass: &'static str, g: &Graph, out: &mut Graph, map: &[Option<NodeId>]) -> Result<()> {
+    for (name, id) in &g.outputs {
+        let new =
+            map[id.index()].ok_or_else(|| GraphError::Pass { pass, msg: format!("output '{name}' names {id}, which the pass removed") })?;
+        out.output(name.clone(), new);
+    }
+    Ok(())
+}
+
 /// Every pass's invariant: new node `id` has the type old node `i` had.
 pub(crate) fn same_type(pass: &'static str, out: &Graph, i: usize, node: &crate::graph::Node, id: NodeId) -> Result<()> {
     if out.ty(id) != &node.ty {

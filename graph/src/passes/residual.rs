@@ -5,7 +5,7 @@
 //! readers of `h` (the next residual add) and of `n` read its buffer in place. Three launches
 //! (norm, add, norm) become one per junction: two per Gemma 2 layer, and the final norm.
 
-use super::{copy_node, same_type, Uses};
+use super::{copy_mapped, copy_node, map_outputs, same_type, Uses};
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::{BinaryOp, Op, ResidualRmsNorm};
@@ -145,23 +145,13 @@ pub fn residual_rms_norm(g: &Graph) -> Result<Graph> {
                 second[j.norm] = Some((r, j.attrs.rows_pad));
                 half(&mut out, r, 0, &node.ty)?
             }
-            None => {
-                let ins = node
-                    .inputs
-                    .iter()
-                    .map(|p| map[p.index()].ok_or_else(|| err(format!("%{i} reads {p}, which the pass removed"))))
-                    .collect::<Result<Vec<_>>>()?;
-                copy_node(&mut out, node, &ins)?
-            }
+            None => copy_mapped("residual_rms_norm", &mut out, i, node, &map)?,
         };
         same_type("residual_rms_norm", &out, i, node, id)?;
         map[i] = Some(id);
     }
     // An absorbed post-norm is never an output (its only reader is the sum).
-    for (name, id) in &g.outputs {
-        let new = map[id.index()].ok_or_else(|| err(format!("output '{name}' reads {id}, which the pass removed")))?;
-        out.output(name.clone(), new);
-    }
+    map_outputs("residual_rms_norm", g, &mut out, &map)?;
     Ok(out)
 }
 

@@ -16,7 +16,7 @@
 //! ([`crate::safetensors::stack_slots`]). Biases are not stacked in this form (the group is
 //! only made when no member has one).
 
-use super::{copy_node, same_type, Uses};
+use super::{copy_mapped, map_outputs, same_type, Uses};
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
 use crate::op::{BinaryOp, Op};
@@ -36,7 +36,7 @@ struct Group {
 
 /// The weight node `id` reads through a chain of reshapes (big_vision's `[D, H, hd]` kernels
 /// are read as `[D, H*hd]`), if it is one.
-fn weight_of(g: &Graph, id: NodeId) -> Option<NodeId> {
+pub(super) fn weight_of(g: &Graph, id: NodeId) -> Option<NodeId> {
     let mut id = id;
     loop {
         match g.node(id).op {
@@ -194,7 +194,6 @@ pub fn stack_projections(g: &Graph) -> Result<Graph> {
             gone[i] = gone[i] || uses.readers[i].iter().all(|&r| gone[r]);
         }
     }
-    let err = |msg: String| GraphError::Pass { pass: "stack_projections", msg };
     let mut out = Graph::new();
     let mut map: Vec<Option<NodeId>> = vec![None; n];
     for (i, node) in g.nodes.iter().enumerate() {
@@ -204,19 +203,11 @@ pub fn stack_projections(g: &Graph) -> Result<Graph> {
         if gone[i] {
             continue;
         }
-        let ins = node
-            .inputs
-            .iter()
-            .map(|p| map[p.index()].ok_or_else(|| err(format!("%{i} reads {p}, which the pass removed"))))
-            .collect::<Result<Vec<_>>>()?;
-        let id = copy_node(&mut out, node, &ins)?;
+        let id = copy_mapped("stack_projections", &mut out, i, node, &map)?;
         same_type("stack_projections", &out, i, node, id)?;
         map[i] = Some(id);
     }
-    for (name, id) in &g.outputs {
-        let new = map[id.index()].ok_or_else(|| err(format!("output '{name}' names {id}, which the pass removed")))?;
-        out.output(name.clone(), new);
-    }
+    map_outputs("stack_projections", g, &mut out, &map)?;
     Ok(out)
 }
 
