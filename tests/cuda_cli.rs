@@ -4,23 +4,14 @@
 //! without one reports clearly.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::nvrtc;
 use std::process::Command;
 
 fn kiln(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-fn nvrtc() -> bool {
-    if kiln_kernels::cuda::nvrtc::available() {
-        return true;
-    }
-    assert!(
-        std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"),
-        "KILN_REQUIRE_NVRTC=1: {}",
-        kiln_kernels::cuda::nvrtc::INSTALL_HINT
-    );
-    false
 }
 
 fn no_gpu() -> bool {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{gemma_case, siglip_case};
+use common::{gemma_case, nvrtc, siglip_case};
 use kiln::{compile, CompileOptions};
 use kiln_graph::program::Program;
 use kiln_graph::DType;
@@ -169,18 +169,6 @@ fn bad_cuda_prepared_files_are_refused_by_name() {
     let e = refusal(&art, &p);
     assert!(e.contains(&name) && e.contains("stale: the checkpoint") && e.contains("model.safetensors"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn nvrtc() -> bool {
-    if kiln_kernels::cuda::nvrtc::available() {
-        return true;
-    }
-    assert!(
-        std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"),
-        "KILN_REQUIRE_NVRTC=1: {}",
-        kiln_kernels::cuda::nvrtc::INSTALL_HINT
-    );
-    false
 }
 
 fn kiln(args: &[&str]) -> (bool, String) {

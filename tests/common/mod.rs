@@ -80,3 +80,18 @@ pub fn long_gemma2(tag: &str, max_positions: usize) -> PathBuf {
         .unwrap();
     dir
 }
+
+/// Whether NVRTC loads here (cuda tests compile kernels with it, no GPU). Without it a test
+/// skips, unless `KILN_REQUIRE_NVRTC=1` (CI) makes that a failure naming how to install it.
+#[cfg(feature = "cuda")]
+pub fn nvrtc() -> bool {
+    if kiln_kernels::cuda::nvrtc::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"),
+        "KILN_REQUIRE_NVRTC=1: {}",
+        kiln_kernels::cuda::nvrtc::INSTALL_HINT
+    );
+    false
+}
