@@ -173,6 +173,10 @@ proptest! {
         outs in prop::collection::vec(any::<u32>(), 0..4),
     ) {
         let g = random_graph(&inputs, &ops, &outs);
+        // Chains of products and reshapes can grow a tensor past any memory (a fresh clone's
+        // run drew an arena of 4e15 bytes, and `simulate`'s block map failed to allocate):
+        // such a graph is no test of the planner.
+        prop_assume!(g.nodes.iter().all(|n| n.ty.numel() <= 1 << 20));
         kiln_graph::verify::verify(&g).unwrap();
         let order = schedule(&g);
         check_schedule(&g, &order)?;
