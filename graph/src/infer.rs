@@ -55,10 +55,9 @@ fn check_expr(e: &Expr, inputs: &[&TensorType], out: &[usize]) -> Result<DType, 
     e.region_dtype(&dtypes)
 }
 
-/// [`Op::GatedMatMul`]: `a [.., M, K]` against two stacked weights `b [2, K, N]` (or `[2, N, K]`
-/// transposed) of `a`'s dtype; the epilogue reads both `[.., M, N]` products and the inputs
-/// after `b`.
-fn gated_matmul(transpose_b: bool, e: &Expr, inputs: &[&TensorType]) -> R {
+/// A product's two operands (`Op::MatMul`, `Op::GatedMatMul`): at least two inputs, a float
+/// `a`, and `b` of `a`'s dtype.
+fn matmul_operands<'a>(inputs: &[&'a TensorType]) -> std::result::Result<(&'a TensorType, &'a TensorType), String> {
     if inputs.len() < 2 {
         return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
     }
@@ -67,6 +66,14 @@ fn gated_matmul(transpose_b: bool, e: &Expr, inputs: &[&TensorType]) -> R {
     if a.dtype != b.dtype {
         return Err(format!("operand dtypes differ: {a} vs {b}"));
     }
+    Ok((a, b))
+}
+
+/// [`Op::GatedMatMul`]: `a [.., M, K]` against two stacked weights `b [2, K, N]` (or `[2, N, K]`
+/// transposed) of `a`'s dtype; the epilogue reads both `[.., M, N]` products and the inputs
+/// after `b`.
+fn gated_matmul(transpose_b: bool, e: &Expr, inputs: &[&TensorType]) -> R {
+    let (a, b) = matmul_operands(inputs)?;
     if a.rank() < 2 || b.rank() != 3 || b.shape[0] != 2 {
         return Err(format!("expects a of rank >= 2 and two stacked weights [2, K, N]: {a} x {b}"));
     }
@@ -396,14 +403,7 @@ fn compute(op: &Op, inputs: &[&TensorType]) -> R {
             Ok(TensorType::new(t.dtype, shape))
         }
         Op::MatMul { transpose_b, epilogue } => {
-            if inputs.len() < 2 {
-                return Err(format!("expects at least 2 inputs, got {}", inputs.len()));
-            }
-            let (a, b) = (inputs[0], inputs[1]);
-            float(a, "a")?;
-            if a.dtype != b.dtype {
-                return Err(format!("operand dtypes differ: {a} vs {b}"));
-            }
+            let (a, b) = matmul_operands(inputs)?;
             if a.rank() < 2 || b.rank() < 2 {
                 return Err(format!("operands need rank >= 2: {a} x {b}"));
             }
