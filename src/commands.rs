@@ -78,13 +78,21 @@ pub(super) fn print_program(prog: &Program) {
         // Steps computed inside another step's launch (the host's line names them).
         let absorbed = kiln_runtime::by_name(&prog.backend).ok().and_then(|b| b.absorbed_steps(prog, i).ok()).unwrap_or_default();
         for (i, s) in e.steps.iter().enumerate() {
-            let note = match (merged.iter().find(|&&(a, b)| a == i || b == i), absorbed.iter().find(|&&(a, h)| a == i || h == i)) {
-                (Some(&(a, b)), _) if b == i && e.steps[a].kernel == s.kernel => format!("  [{} x2: with step {a}]", s.kernel),
-                (Some(&(a, b)), _) if b == i => format!("  [one launch with step {a}]"),
-                (Some(&(_, b)), _) => format!("  [runs in step {b}'s launch]"),
-                (None, Some(&(a, h))) if h == i => format!("  [computes step {a} in its launch]"),
-                (None, Some(&(_, h))) => format!("  [runs in step {h}'s launch]"),
-                (None, None) => String::new(),
+            // A cpu group runs several steps in one dispatch: its first step names them all.
+            let with: Vec<String> = merged.iter().filter(|&&(_, b)| b == i).map(|&(a, _)| a.to_string()).collect();
+            let mut note = match merged.iter().find(|&&(a, b)| a == i || b == i) {
+                Some(&(a, b)) if b == i && e.steps[a].kernel == s.kernel && with.len() == 1 => {
+                    format!("  [{} x2: with step {a}]", s.kernel)
+                }
+                Some(&(a, b)) if b == i && with.len() == 1 => format!("  [one launch with step {a}]"),
+                Some(&(_, b)) if b == i => format!("  [one launch with steps {}]", with.join(", ")),
+                Some(&(_, b)) => format!("  [runs in step {b}'s launch]"),
+                None => String::new(),
+            };
+            note += &match absorbed.iter().find(|&&(a, h)| a == i || h == i) {
+                Some(&(a, h)) if h == i => format!("  [computes step {a} in its launch]"),
+                Some(&(_, h)) => format!("  [runs in step {h}'s launch]"),
+                None => String::new(),
             };
             println!("  {i:4} %{:<5} {:<20} {:<18} -> {} {:?}{note}", s.node, s.kernel, s.op.name(), s.output.ty, s.output.slot);
         }

@@ -26,8 +26,10 @@ pub trait Backend: Send + Sync {
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
         Ok(e.steps.iter().map(|s| usize::from(!matches!(s.kernel.as_str(), "source" | "view"))).collect())
     }
-    /// Pairs of steps of entry `entry` whose launches of one kernel run as one launch, at the
-    /// later step (cuda: `lower::merge`), as (earlier step, later step). The default: none.
+    /// Steps of entry `entry` whose launches run as one, as (step, the step at whose place the
+    /// one launch runs): cuda, two launches of one kernel at the later step (`lower::merge`),
+    /// (earlier, later); cpu, a group of independent steps at its first (`cpu::group`), (member,
+    /// first). The default: none.
     fn merged_launches(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         Ok(Vec::new())
     }

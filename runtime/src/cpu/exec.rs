@@ -2,9 +2,10 @@
 //! and constants; one kernel call per step.
 
 use super::fused::{Region, Src};
+use super::group::Part;
 use super::kernel::CpuKernel;
 use super::pack;
-use super::rotary::Role;
+use super::rotary::{Role, Roles};
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
@@ -16,6 +17,7 @@ use kiln_graph::sample;
 use kiln_graph::{DType, MaskKind, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cpu::reduce::{self, RowReduce};
 use kiln_kernels::cpu::{attention as attn, conv, gemm, index, movement, norm, resize, sgemm512, softmax};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// What a step needs beyond its operands, worked out once at load.
@@ -149,7 +151,9 @@ pub(crate) struct CpuExec {
     pub(crate) program: Program,
     pub(crate) prepared: Vec<Vec<Prepared>>,
     /// Per entry, the rotations whose cache write runs in their launch ([`super::rotary`]).
-    pub(crate) rotary: Vec<super::rotary::Roles>,
+    pub(crate) rotary: Vec<Roles>,
+    /// Per entry and step, the independent steps run as one dispatch ([`super::group`]).
+    pub(crate) groups: Vec<Vec<Part>>,
 }
 
 /// Operand access for one run. The arena and the states are reached through raw pointers
@@ -165,6 +169,12 @@ pub(super) struct Mem<'a> {
     wbufs: &'a [WeightBuf],
     consts: &'a [Aligned],
 }
+
+// SAFETY: `Mem` hands out slices of the arena and states through raw pointers. It is shared
+// across threads only by a group's dispatch ([`super::group`]), whose steps `group::plan`
+// checked to write no byte another of them reads or writes; within a step, kernels split their
+// output into disjoint parts as they do on one thread's call.
+unsafe impl Sync for Mem<'_> {}
 
 impl<'a> Mem<'a> {
     pub(super) fn read(&self, o: &Operand) -> &'a [u8] {
@@ -270,26 +280,18 @@ impl CpuExec {
                 mem.write(&io.operand).copy_from_slice(bytes);
             }
         }
-        for (i, (s, p)) in e.steps.iter().zip(&self.prepared[entry]).enumerate() {
+        let (roles, prepared) = (&self.rotary[entry], &self.prepared[entry]);
+        let one = |i: usize| {
+            run_step(&mem, e, roles, i, &prepared[i]).map_err(|msg| RuntimeError::Step { step: i, op: e.steps[i].op.name(), msg })
+        };
+        for i in 0..e.steps.len() {
             let t = times.is_some().then(std::time::Instant::now);
-            let roles = &self.rotary[entry];
-            let epilogue = match &p.prep {
-                Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
-                _ => None,
-            };
-            match &roles.role[i] {
-                Role::Alone => step(&mem, s, p.kernel, &p.prep),
-                Role::Rotate(columns) => {
-                    super::rotary::rotate(&mem, s, columns, epilogue);
-                    Ok(())
-                }
-                Role::Host(k) => {
-                    let pair = &roles.pairs[*k];
-                    super::rotary::run(&mem, s, &e.steps[pair.write], pair, epilogue)
-                }
-                Role::Absorbed => Ok(()),
+            match &self.groups[entry][i] {
+                Part::Alone => one(i)?,
+                // Independent steps as the tasks of one dispatch ([`super::group`]).
+                Part::Leads(members) => members.par_iter().try_for_each(|&j| one(j))?,
+                Part::In(_) => {}
             }
-            .map_err(|msg| RuntimeError::Step { step: i, op: s.op.name(), msg })?;
             if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
                 times.push(t.elapsed().as_secs_f64());
             }
@@ -301,6 +303,28 @@ impl CpuExec {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs step `i` of `e` as its rotary role says: alone, as a rotation (with the cache write it
+/// stores), or not at all (a write its rotation does).
+fn run_step(mem: &Mem, e: &Entry, roles: &Roles, i: usize, p: &Prepared) -> std::result::Result<(), String> {
+    let s = &e.steps[i];
+    let epilogue = match &p.prep {
+        Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
+        _ => None,
+    };
+    match &roles.role[i] {
+        Role::Alone => step(mem, s, p.kernel, &p.prep),
+        Role::Rotate(columns) => {
+            super::rotary::rotate(mem, s, columns, epilogue);
+            Ok(())
+        }
+        Role::Host(k) => {
+            let pair = &roles.pairs[*k];
+            super::rotary::run(mem, s, &e.steps[pair.write], pair, epilogue)
+        }
+        Role::Absorbed => Ok(()),
     }
 }
 

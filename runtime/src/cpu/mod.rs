@@ -4,6 +4,7 @@
 mod exec;
 pub mod fused;
 mod gated;
+mod group;
 pub mod kernel;
 mod pack;
 pub mod prepared;
@@ -92,7 +93,15 @@ impl Backend for CpuBackend {
             None => Err(format!("step {} stores kernel {}, not a cpu kernel", s.node, s.kernel)),
         };
         let roles = rotary::Roles::of(e, &program.constants);
-        e.steps.iter().zip(&roles.role).map(|(s, r)| if *r == rotary::Role::Absorbed { Ok(0) } else { one(s) }).collect()
+        let parts = group::plan(e, &roles);
+        let joined = |i: usize| roles.role[i] == rotary::Role::Absorbed || matches!(parts[i], group::Part::In(_));
+        e.steps.iter().enumerate().map(|(i, s)| if joined(i) { Ok(0) } else { one(s) }).collect()
+    }
+
+    fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        let parts = group::plan(e, &rotary::Roles::of(e, &program.constants));
+        Ok(parts.iter().enumerate().filter_map(|(i, p)| if let group::Part::In(lead) = p { Some((i, *lead)) } else { None }).collect())
     }
 
     fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
@@ -227,6 +236,7 @@ fn finish(
         state_off,
         program: program.clone(),
         prepared,
+        groups: program.entries.iter().map(|e| group::plan(e, &rotary::Roles::of(e, &program.constants))).collect(),
         rotary: program.entries.iter().map(|e| rotary::Roles::of(e, &program.constants)).collect(),
     })
 }

@@ -75,14 +75,14 @@ impl Roles {
 }
 
 /// Bytes an operand covers: arena ranges, a whole state; weights and constants are read-only.
-#[derive(Clone, Copy, PartialEq)]
-enum Place {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Place {
     Arena(usize, usize),
     State(u32),
     ReadOnly,
 }
 
-fn place(o: &Operand) -> Place {
+pub(super) fn place(o: &Operand) -> Place {
     match o.slot {
         Slot::Arena { offset, bytes } => Place::Arena(offset, offset + bytes.max(o.ty.bytes())),
         Slot::State(s) => Place::State(s),
@@ -90,7 +90,7 @@ fn place(o: &Operand) -> Place {
     }
 }
 
-fn overlap(a: Place, b: Place) -> bool {
+pub(super) fn overlap(a: Place, b: Place) -> bool {
     match (a, b) {
         (Place::Arena(a0, a1), Place::Arena(b0, b1)) => a0 < b1 && b0 < a1,
         (Place::State(x), Place::State(y)) => x == y,
