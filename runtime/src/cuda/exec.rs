@@ -166,7 +166,8 @@ impl CudaExec {
         me.clear_flags()?;
         for e in &program.entries {
             let mut steps = Vec::with_capacity(e.steps.len());
-            // Pairs merge only where the loaded modules hold the `_x2` entry.
+            // Pairs merge, and split attention runs as one launch, only where the loaded
+            // modules hold the `_x2` or `attn_rows1_*` entry.
             let has = |k: &str| funcs.contains_key(k);
             let lowered = lower_entry(&e.steps, &me.layout, &has).map_err(|(i, msg)| RuntimeError::Step {
                 step: i,

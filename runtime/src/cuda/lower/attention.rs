@@ -153,7 +153,7 @@ pub fn one_launch(work: &mut [Vec<Work>], has: &dyn Fn(&str) -> bool) -> usize {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{arena, tt};
-    use super::super::{kernel_for, layout, lower_entry, lower_step, with_kernel, Launch};
+    use super::super::{kernel_for, layout, lower_entry, lower_step, optional_kernel, with_kernel, Launch};
     use super::*;
     use kiln_graph::program::{Entry, Program};
     use kiln_graph::Op;
@@ -234,6 +234,19 @@ mod tests {
         // A CUBIN without the one-launch kernel: the two launches.
         let old = lower_entry(std::slice::from_ref(&s), &LAYOUT, &|k| !k.starts_with("attn_rows1_")).unwrap().work;
         assert_eq!(kernels(&old[0]).iter().map(|k| k.kernel.as_str()).collect::<Vec<_>>(), ["attn_rows_bf16", "attn_combine_bf16"]);
+    }
+
+    #[test]
+    fn every_row_kernel_has_its_one_launch_entry_which_a_module_may_lack() {
+        let att = kc::modules().into_iter().find(|m| m.name == "attention").unwrap();
+        let rows: Vec<&str> = att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_rows_")).collect();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        for k in rows {
+            let one = one_launch_kernel(k).unwrap();
+            assert!(att.kernels.iter().any(|x| x.name == one), "{one} is not in the attention module");
+            assert!(optional_kernel(&one) && !optional_kernel(k), "{k}");
+        }
+        assert!(!optional_kernel("attn_combine_bf16") && one_launch_kernel("attn_combine_bf16").is_none());
     }
 
     #[test]
