@@ -141,7 +141,8 @@ __device__ void attn_rows1(const AttnParams p) {
   if (p.splits == 1) return;
   const i64 row = (i64)blockIdx.y * p.sq * p.hq + blockIdx.x;
   __shared__ bool last;
-  // Each thread wrote part of the partial: all of it reaches L2 before the block counts.
+  // Each thread wrote part of the partial: each fences its writes (device scope) before
+  // thread 0 counts the block, so the block that counts last sees every split's.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
