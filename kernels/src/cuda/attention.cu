@@ -12,6 +12,8 @@
 //   attention_mma.cuh (prepended to this file), shared with the variants of attention_var.cu.
 // - attn_rows_<t>: one warp per (query row, key range), for decode (Sq = 1) over a KV cache,
 //   split-K over the keys with attn_combine_<t> merging the splits, and for f32.
+//   attn_rows1_<t> is the same with the merge in the same launch: the last block to finish
+//   for a row merges that row's splits (one launch instead of two).
 
 #define ROWS_WARPS 4
 #define MAXD 256
@@ -99,34 +101,65 @@ __device__ void attn_rows(const AttnParams p) {
   }
 }
 
-// Merges split-K partials. grid (Sq*Hq, B), block 128.
+// Merges the split-K partials of output row `row` ((b*Sq + i)*Hq + h) with the block's
+// threads. The loads go to L2 (__ldcg): in attn_rows1 other blocks of the same launch wrote
+// the partials, and this SM's L1 may hold stale lines of them.
 template <typename T>
-__device__ void attn_combine(const AttnParams p) {
-  const int ih = blockIdx.x, b = blockIdx.y;
-  const int i = ih / p.hq, h = ih % p.hq;
-  const i64 row = ((i64)b * p.sq + i) * p.hq + h;
+__device__ void attn_combine_row(const AttnParams& p, i64 row) {
   const float* part = (const float*)p.partial + row * p.splits * (i64)(p.dv + 2);
   float M = -KILN_INF;
-  for (int s = 0; s < p.splits; s++) M = fmaxf(M, part[s * (p.dv + 2)]);
+  for (int s = 0; s < p.splits; s++) M = fmaxf(M, __ldcg(part + s * (p.dv + 2)));
   float L = 0.0f;
   for (int s = 0; s < p.splits; s++) {
-    float ms = part[s * (p.dv + 2)];
-    L += ms == -KILN_INF ? 0.0f : part[s * (p.dv + 2) + 1] * __expf(ms - M);
+    float ms = __ldcg(part + s * (p.dv + 2));
+    L += ms == -KILN_INF ? 0.0f : __ldcg(part + s * (p.dv + 2) + 1) * __expf(ms - M);
   }
   T* o = (T*)p.out + row * p.dv;
   for (int c = threadIdx.x; c < p.dv; c += blockDim.x) {
     float a = 0.0f;
     for (int s = 0; s < p.splits; s++) {
-      float ms = part[s * (p.dv + 2)];
-      if (ms != -KILN_INF) a += part[s * (p.dv + 2) + 2 + c] * __expf(ms - M);
+      float ms = __ldcg(part + s * (p.dv + 2));
+      if (ms != -KILN_INF) a += __ldcg(part + s * (p.dv + 2) + 2 + c) * __expf(ms - M);
     }
     o[c] = from_f32<T>(L > 0.0f ? a / L : 0.0f);
   }
 }
 
+// Merges split-K partials. grid (Sq*Hq, B), block 128.
+template <typename T>
+__device__ void attn_combine(const AttnParams p) {
+  attn_combine_row<T>(p, (i64)blockIdx.y * p.sq * p.hq + blockIdx.x);
+}
+
+// attn_rows, then the merge of each row by the last of its splits' blocks to finish: every
+// block writes its partial, fences it, and counts itself in the row's u32 at p.counters; the
+// block that counts last (splits - 1 before it) merges the row and sets the count back to 0
+// for the next launch (and a CUDA graph's replay). grid (Sq*Hq, B, splits), block 128.
+template <typename T>
+__device__ void attn_rows1(const AttnParams p) {
+  attn_rows<T>(p);
+  if (p.splits == 1) return;
+  const i64 row = (i64)blockIdx.y * p.sq * p.hq + blockIdx.x;
+  __shared__ bool last;
+  // Each thread wrote part of the partial: each fences its writes (device scope) before
+  // thread 0 counts the block, so the block that counts last sees every split's.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* count = (unsigned*)p.counters + row;
+    last = atomicAdd(count, 1u) == (unsigned)(p.splits - 1);
+    if (last) atomicExch(count, 0u);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  attn_combine_row<T>(p, row);
+}
+
 #define ROWS(t, T)                                                                            \
   extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); }
+  extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows1_##t(const AttnParams p) { attn_rows1<T>(p); }
 ROWS(f32, float)
 ROWS(bf16, bf16)
 ROWS(f16, f16)

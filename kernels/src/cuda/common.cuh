@@ -98,6 +98,9 @@ struct AttnParams {
   int batch, sq, sk, hq, hkv, d, dv;
   int mask_kind, q_offset, window, splits, pad_;
   float scale, softcap;  // softcap <= 0: none
+  // u32 per output row, zero between launches: attn_rows1's count of finished splits. Last,
+  // so the kernels compiled before it read the fields above where they were.
+  i64 counters;
 };
 
 // Key index of query row 0: static, or read from the position mask's start (negative reads 0).

@@ -98,6 +98,7 @@ pub fn modules() -> Vec<Module> {
     for t in FLOAT_TYPES {
         att.push(k(format!("attn_rows_{t}"), true));
         att.push(k(format!("attn_combine_{t}"), true));
+        att.push(k(format!("attn_rows1_{t}"), true));
     }
     for t in ["bf16", "f16"] {
         for d in MMA_HEAD_DIMS {
@@ -228,6 +229,10 @@ pub struct AttnParams {
     pub scale: f32,
     /// `<= 0`: no soft-cap.
     pub softcap: f32,
+    /// `attn_rows1_*`'s count of finished splits, a u32 per output row (`B*Sq*Hq`), zero
+    /// between launches; 0 when absent. Last, so CUBINs compiled before it read the fields
+    /// above at their offsets.
+    pub counters: DevPtr,
 }
 
 /// Parameters of layer norm, RMS norm and softmax (`NormParams` in `norm.cu`).
@@ -448,7 +453,7 @@ mod tests {
         let inst = |prefix: &str, args: &str| name.starts_with(prefix) && src.contains(args);
         let parts: Vec<&str> = name.split('_').collect();
         match parts.as_slice() {
-            ["attn", "rows" | "combine", t] => src.contains(&format!("ROWS({t},")),
+            ["attn", "rows" | "combine" | "rows1", t] => src.contains(&format!("ROWS({t},")),
             ["attn", "mma" | "mma2", t, d] => {
                 src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
             }
@@ -515,7 +520,10 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4 + 8);
+        // The fields older CUBINs read keep their offsets; the counters follow them.
+        assert_eq!(std::mem::offset_of!(AttnParams, softcap), 124);
+        assert_eq!(std::mem::offset_of!(AttnParams, counters), 128);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<ResidualNormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);

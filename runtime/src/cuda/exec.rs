@@ -163,10 +163,11 @@ impl CudaExec {
         });
         uploaded?;
         let funcs = funcs?;
-        me.clear_error_flag()?;
+        me.clear_flags()?;
         for e in &program.entries {
             let mut steps = Vec::with_capacity(e.steps.len());
-            // Pairs merge only where the loaded modules hold the `_x2` entry.
+            // Pairs merge, and split attention runs as one launch, only where the loaded
+            // modules hold the `_x2` or `attn_rows1_*` entry.
             let has = |k: &str| funcs.contains_key(k);
             let lowered = lower_entry(&e.steps, &me.layout, &has).map_err(|(i, msg)| RuntimeError::Step {
                 step: i,
@@ -221,10 +222,17 @@ impl CudaExec {
         drv("sync", self.stream.synchronize())
     }
 
-    fn clear_error_flag(&mut self) -> Result<()> {
+    /// Zeroes the error flag and attention's split counters (which each `attn_rows1` launch
+    /// then leaves zero).
+    fn clear_flags(&mut self) -> Result<()> {
         let cu = self.stream.cu_stream();
         // SAFETY: the error flag's 256 bytes are inside the allocation.
         drv("memset", unsafe { dr::memset_d8_async(self.base + self.layout.error_flag as u64, 0, 256, cu) })?;
+        if self.layout.counters_bytes > 0 {
+            let at = self.base + self.layout.counters as u64;
+            // SAFETY: the counters' region lies inside the allocation (`layout`).
+            drv("memset counters", unsafe { dr::memset_d8_async(at, 0, self.layout.counters_bytes, cu) })?;
+        }
         drv("sync", self.stream.synchronize())
     }
 
@@ -249,8 +257,9 @@ impl CudaExec {
                 // SAFETY: `m` is a loaded module; a missing symbol is an error, not UB.
                 let f = match unsafe { dr::module::get_function(m, c) } {
                     Ok(f) => f,
-                    // CUBINs from before the `_x2` entries: their pairs run as two launches.
-                    Err(_) if n.ends_with(super::lower::merge::X2) => continue,
+                    // CUBINs from before the `_x2` and one-launch entries: their work runs
+                    // as it did then.
+                    Err(_) if super::lower::optional_kernel(&n) => continue,
                     Err(e) => return Err(err(format!("cuModuleGetFunction({n}): {e:?}"))),
                 };
                 if let Some(bytes) = kiln_kernels::cuda::dynamic_smem(&n) {

@@ -4,6 +4,7 @@
 //! here is testable on a machine without a GPU. The index math (splits, strides, reduce axes,
 //! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
+pub mod attention;
 pub mod fold;
 pub(crate) mod index;
 pub mod merge;
@@ -13,13 +14,13 @@ pub use super::gemm::{epilogue_kind, epilogue_region, EpilogueKind};
 pub use super::kernel::{choose, kernel_for, CudaKernel};
 use super::rotation::{self, SignedPerm};
 use crate::geometry::{
-    at_least_1d, contiguous, Access, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
-    Split, ViewGeometry,
+    at_least_1d, contiguous, Access, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry, Split, ViewGeometry,
 };
+use attention::{attention_plan, lower_attention};
 use kiln_graph::program::{Operand, Program, Slot, Step};
-use kiln_graph::{Attention, DType, Expr, MaskKind, Op, ReduceOp, TensorType};
+use kiln_graph::{DType, Expr, Op, ReduceOp, TensorType};
 use kiln_kernels::cuda::{
-    self as kc, fused, AttnParams, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, ResidualNormParams, MAX_RANK,
+    self as kc, fused, CopyParams, GatherParams, IotaParams, MoeParams, NormParams, ReduceParams, ResidualNormParams, MAX_RANK,
 };
 pub use merge::lower_entry;
 
@@ -41,6 +42,12 @@ pub struct Layout {
     /// Split-K partials of attention; the operands of a partially broadcast matmul.
     pub scratch: usize,
     pub scratch_bytes: usize,
+    /// `attn_rows1`'s counts of finished splits, a u32 per output row of the largest split
+    /// attention (0 bytes where none splits). Apart from `scratch`, which the GEMM and
+    /// sampling steps between two attentions overwrite; zeroed once at load, and each launch
+    /// leaves it zero.
+    pub counters: usize,
+    pub counters_bytes: usize,
     /// cuBLASLt workspace.
     pub workspace: usize,
     /// An `int` set by gathers, take-along-axis and scatter-add on an out-of-range index.
@@ -127,11 +134,18 @@ pub struct Region {
     pub source: String,
 }
 
+/// Whether a loaded module may lack `kernel`, an entry kiln added to a module later: the
+/// lowering launches it only where it is loaded (`has` of [`lower_entry`]).
+pub fn optional_kernel(kernel: &str) -> bool {
+    kernel.ends_with(merge::X2) || kernel.starts_with("attn_rows1_") || kernel == fold::SAMPLE_LOG_PROB
+}
+
 fn al(x: usize) -> usize {
     x.next_multiple_of(ALIGN)
 }
 
-/// Lays out a program: arena, weights, constants, split-K scratch, workspace, error flag.
+/// Lays out a program: arena, weights, constants, scratch, attention's counters, workspace,
+/// error flag.
 pub fn layout(p: &Program) -> Result<Layout, String> {
     let arena_bytes = p.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
     let mut l = Layout { arena_bytes, rotations: rotation::of_constants(&p.constants), ..Default::default() };
@@ -144,11 +158,13 @@ pub fn layout(p: &Program) -> Result<Layout, String> {
         l.constants.push(at);
         at = al(at + c.ty.bytes().max(1));
     }
-    let mut scratch = 0;
+    let (mut scratch, mut counters) = (0, 0);
     for e in &p.entries {
         for s in &e.steps {
             if let Op::Attention(_) = &s.op {
-                scratch = scratch.max(attention_plan(s)?.1);
+                let plan = attention_plan(s)?;
+                scratch = scratch.max(plan.scratch);
+                counters = counters.max(plan.counters);
             }
             scratch = scratch.max(index::matmul_scratch(s));
             scratch = scratch.max(index::sample_scratch(s));
@@ -157,6 +173,9 @@ pub fn layout(p: &Program) -> Result<Layout, String> {
     l.scratch = at;
     l.scratch_bytes = scratch;
     at = al(at + scratch);
+    l.counters = at;
+    l.counters_bytes = counters;
+    at = al(at + counters);
     l.workspace = at;
     at = al(at + GEMM_WORKSPACE);
     l.error_flag = at;
@@ -204,25 +223,6 @@ pub(super) fn off_of<T, F>(base: &T, f: &F) -> usize {
 
 fn grid1(n: usize) -> (u32, u32, u32) {
     (n.div_ceil(kc::BLOCK as usize).clamp(1, 65535 * 8) as u32, 1, 1)
-}
-
-/// Attention: (use the tensor-core prefill, split-K scratch bytes, splits).
-fn attention_plan(s: &Step) -> Result<(bool, usize, usize), String> {
-    let q = &s.inputs[0].ty;
-    let g = AttentionGeometry::new(&q.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-    let (b, sq, hq, d, sk, dv) = (g.batch, g.sq, g.hq, g.d, g.sk, g.dv);
-    let half = matches!(q.dtype, DType::BF16 | DType::F16);
-    let mma = half && sq > 1 && d == dv && kc::MMA_HEAD_DIMS.contains(&d);
-    if mma {
-        return Ok((true, 0, 1));
-    }
-    if d > kc::ROWS_MAX_D || dv > kc::ROWS_MAX_D {
-        return Err(format!("head dims {d}/{dv} exceed the CUDA attention's {}", kc::ROWS_MAX_D));
-    }
-    let blocks = b * sq * hq;
-    let splits = (2 * SMS).div_ceil(blocks.max(1)).clamp(1, sk.div_ceil(64).max(1));
-    let scratch = if splits > 1 { b * sq * hq * splits * (dv + 2) * 4 } else { 0 };
-    Ok((false, scratch, splits))
 }
 
 /// Every fused region of a program (deduplicated by kernel name), with its CUDA source.
@@ -583,85 +583,6 @@ fn lower_residual_norm(s: &Step, ins: &[u64], out: u64, r: &kiln_graph::Residual
     Ok(launch("norm", kernel, (r.rows_pad.max(1) as u32, 1, 1), kc::BLOCK, 0, &p, &relocs))
 }
 
-/// Attention: the tensor-core prefill, or the row kernel (split-K, then the combine).
-fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: &Attention) -> Result<Vec<Work>, String> {
-    let g = AttentionGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-    let (mma, _, splits) = attention_plan(s)?;
-    let (mask_kind, q_offset, window) = match att.mask {
-        MaskKind::None => (0, 0, 0),
-        MaskKind::Causal { q_offset } => (1, q_offset, 0),
-        MaskKind::SlidingWindow { q_offset, window } => (2, q_offset, window),
-        MaskKind::Additive => (3, 0, 0),
-        MaskKind::Positions(pm) => (4, 0, pm.window.unwrap_or(0)),
-    };
-    // A position mask's operands follow q, k, v: the start, then keep and prefix if present.
-    let (mut pos, mut keep, mut prefix) = (0, 0, 0);
-    if let MaskKind::Positions(pm) = att.mask {
-        let at = |i: usize| ins.get(i).copied().ok_or_else(|| format!("a position mask without its input {i}"));
-        pos = at(3)?;
-        if pm.padding {
-            keep = at(4)?;
-        }
-        if pm.prefix {
-            prefix = at(4 + usize::from(pm.padding))?;
-        }
-    }
-    let mut p = AttnParams {
-        q: ins[0],
-        k: ins[1],
-        v: ins[2],
-        mask: if mask_kind == 3 { ins[3] } else { 0 },
-        out,
-        partial: if splits > 1 { l.scratch as u64 } else { 0 },
-        pos,
-        keep,
-        prefix,
-        batch: g.batch as i32,
-        sq: g.sq as i32,
-        sk: g.sk as i32,
-        hq: g.hq as i32,
-        hkv: g.hkv as i32,
-        d: g.d as i32,
-        dv: g.dv as i32,
-        mask_kind,
-        q_offset: q_offset as i32,
-        window: window as i32,
-        splits: splits as i32,
-        pad: 0,
-        scale: att.scale,
-        softcap: att.softcap.unwrap_or(0.0),
-    };
-    let mut relocs = vec![off_of(&p, &p.q), off_of(&p, &p.k), off_of(&p, &p.v), off_of(&p, &p.out)];
-    if mask_kind == 3 {
-        relocs.push(off_of(&p, &p.mask));
-    }
-    // Only present operands are relocated: an absent one stays 0, which the kernel tests.
-    if let MaskKind::Positions(pm) = att.mask {
-        relocs.push(off_of(&p, &p.pos));
-        if pm.padding {
-            relocs.push(off_of(&p, &p.keep));
-        }
-        if pm.prefix {
-            relocs.push(off_of(&p, &p.prefix));
-        }
-    }
-    if splits > 1 {
-        relocs.push(off_of(&p, &p.partial));
-    }
-    let t = float_suffix(s.output.ty.dtype)?;
-    if mma {
-        let grid = (g.sq.div_ceil(kc::MMA_BQ) as u32, g.hq as u32, g.batch as u32);
-        return Ok(vec![launch("attention", format!("attn_mma_{t}_d{}", g.d), grid, 128, kc::mma_smem(g.d) as u32, &p, &relocs)]);
-    }
-    let grid = ((g.sq * g.hq) as u32, g.batch as u32, splits as u32);
-    let mut w = vec![launch("attention", format!("attn_rows_{t}"), grid, 128, 0, &p, &relocs)];
-    if splits > 1 {
-        p.splits = splits as i32;
-        w.push(launch("attention", format!("attn_combine_{t}"), (grid.0, grid.1, 1), 128, 0, &p, &relocs));
-    }
-    Ok(w)
-}
-
 /// MoE dispatch (zero the expert rows, then add each token to its slots) or combine.
 fn lower_moe(s: &Step, ins: &[u64], out: u64) -> Result<Vec<Work>, String> {
     let out_ty = &s.output.ty;
@@ -724,7 +645,7 @@ fn lower_reduce(s: &Step, ins: &[u64], out: u64, op: ReduceOp, axes: &[usize]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_graph::{Attention, BinaryOp, Instr, UnaryOp};
+    use kiln_graph::{BinaryOp, Instr, UnaryOp};
 
     pub(super) fn tt(d: DType, s: &[usize]) -> TensorType {
         TensorType::new(d, s.to_vec())
@@ -746,30 +667,6 @@ mod tests {
         assert_eq!(k(Expr { instrs: bg }), "cublaslt.gemm_bf16_tb+bias_gelu_tanh");
         let odd = Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Mul, 0, 1)] };
         assert!(k(odd).starts_with("cublaslt.gemm_bf16_tb;fused_"));
-    }
-
-    #[test]
-    fn attention_picks_tensor_cores_for_half_prefill_and_rows_for_decode() {
-        let att = Op::Attention(Attention { scale: 0.1, softcap: Some(50.0), mask: MaskKind::Causal { q_offset: 0 } });
-        let q = tt(DType::BF16, &[1, 1024, 8, 256]);
-        let kv = tt(DType::BF16, &[1, 1024, 4, 256]);
-        assert_eq!(kernel_for(&att, &[q.clone(), kv.clone(), kv.clone()], &q).unwrap(), "attn_mma_bf16_d256");
-        let q1 = tt(DType::BF16, &[1, 1, 8, 256]);
-        assert_eq!(kernel_for(&att, &[q1.clone(), kv.clone(), kv.clone()], &q1).unwrap(), "attn_rows_bf16");
-        let step = with_kernel(Step {
-            node: 0,
-            op: att,
-            kernel: String::new(),
-            inputs: vec![arena(0, q1.clone()), arena(4096, kv.clone()), arena(1 << 22, kv)],
-            output: arena(1 << 23, q1),
-        });
-        let l = Layout { scratch: 1 << 24, ..Default::default() };
-        let w = lower_step(&step, &l).unwrap();
-        assert_eq!(w.len(), 2, "split-K: partials, then the combine");
-        let Work::Kernel(k) = &w[0] else { panic!() };
-        assert_eq!(k.kernel, "attn_rows_bf16");
-        assert!(k.grid.2 > 1);
-        assert_eq!(k.relocs.len(), 5);
     }
 
     #[test]

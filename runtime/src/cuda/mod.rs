@@ -141,7 +141,8 @@ impl Backend for CudaBackend {
         let (program, _) = crate::states::states_in_arena(program);
         let layout = lower::layout(&program)?;
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        // Pairs of launches merged as a load merges them (every `_x2` entry compiled).
+        // Launches merged as a load merges them (every `_x2` and one-launch entry compiled:
+        // split attention as one `attn_rows1_*` launch).
         let lowered = lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?;
         Ok(lowered.work.iter().map(Vec::len).collect())
     }

@@ -222,6 +222,8 @@ mod tests {
         constants: Vec::new(),
         scratch: 1 << 24,
         scratch_bytes: 1 << 20,
+        counters: 0,
+        counters_bytes: 0,
         workspace: 0,
         error_flag: 1 << 26,
         total: 0,

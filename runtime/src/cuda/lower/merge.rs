@@ -28,8 +28,9 @@ pub struct Lowered {
     pub pairs: Vec<(usize, usize)>,
 }
 
-/// Lowers every step of an entry ([`lower_step`]) and merges the pairs [`merge_pairs`] finds.
-/// `has` as in [`merge_pairs`]; an error names the step.
+/// Lowers every step of an entry ([`lower_step`]), merges the pairs [`merge_pairs`] finds and
+/// runs each split attention as one launch ([`super::attention::one_launch`]). `has` as in
+/// [`merge_pairs`]; an error names the step.
 pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Result<Lowered, (usize, String)> {
     let mut work = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
@@ -37,6 +38,7 @@ pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Re
     }
     let mut pairs = merge_pairs(steps, &mut work, l, has)?;
     pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
+    super::attention::one_launch(&mut work, has);
     Ok(Lowered { work, pairs })
 }
 
