@@ -13,7 +13,9 @@ reference.safetensors from PyTorch):
   must equal transformers' and the step logits agree to 1e-3; in bf16 the share of equal ids
   is reported (bf16 may pick another token where two are close); each Gemma row also alone at
   batch 1 in f32 (decode's one-row program, each token and its log-probability chosen on the
-  device): its ids, and its log-probabilities against log_softmax of the reference's logits.
+  device): its ids, and its log-probabilities against log_softmax of the reference's logits;
+  and a long generation (a cache of about 100 keys, where cuda's decode attention splits) on
+  cuda against cpu, both f32.
 Writes OUT_DIR/fixtures.jsonl and exits 1 on any f32 failure or any error.
 """
 
@@ -104,6 +106,42 @@ def rows_alone(kiln, folder, ins, ref, case, out, rows):
     return bad
 
 
+def long_decode(kiln, folder, ins, out, rows):
+    """A Gemma fixture generating until its cache holds about 100 keys, on cuda and on cpu, both
+    f32: past 64 keys the cuda decode attention splits over the keys (`attn_rows1`, the last
+    block of each row merging the splits and resetting its counter, run again every step). The
+    ids must be equal, except from a step where cpu's two best logits are within 1e-3 (a near
+    tie either side may break); the step logits agree to 1e-3 up to there. Returns the failures."""
+    cfg = json.loads((folder / "config.json").read_text())
+    length = load(ins)["input_ids"].shape[1]
+    n = min(100, cfg.get("max_position_embeddings", 128) - length - 1)
+    if n <= 64 - length:
+        return 0
+    res = {b: out / f"long_{folder.name}_{b}.safetensors" for b in ("cuda", "cpu")}
+    cmds = {b: [kiln, "generate", str(folder), "--backend", b, "--dtype", "f32", "--inputs", str(ins), "--out", str(res[b]),
+                "--max-new-tokens", str(n), "--min-new-tokens", str(n), "--step-logits"] for b in ("cuda", "cpu")}
+    e = kiln_call(cmds["cpu"])
+    row = {"fixture": folder.name, "what": f"generate {n} tokens, cuda against cpu", "dtype": "f32"}
+    if e:
+        row.update({"cpu_" + k: v for k, v in e.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return 1
+
+    def check(row):
+        got, want = load(res["cuda"]), load(res["cpu"])
+        seq_g, seq_w = got["sequences"][:, length:], want["sequences"][:, length:]
+        diff = np.nonzero((seq_g != seq_w).any(axis=0))[0]
+        upto = int(diff[0]) if len(diff) else seq_w.shape[1]
+        row["equal_steps"] = upto
+        top2 = np.sort(want["step_logits"][:, upto], axis=-1)[:, -2:] if upto < seq_w.shape[1] else None
+        row["near_tie"] = bool(top2 is not None and (top2[:, 1] - top2[:, 0]).min() < 1e-3)
+        row["step_logits_error"] = err(got["step_logits"][:, :upto], want["step_logits"][:, :upto]) if upto else None
+        row["ok"] = (upto == seq_w.shape[1] or row["near_tie"]) and (row["step_logits_error"] or 0.0) < 1e-3
+
+    return record(rows, row, cmds["cuda"], check)
+
+
 def main():
     kiln, dist, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     rows, bad = [], 0
@@ -149,6 +187,7 @@ def main():
             bad += record(rows, row, cmd, check_generate)
         if not pali:
             bad += rows_alone(kiln, folder, ins, ref, case, out, rows)
+            bad += long_decode(kiln, folder, ins, out, rows)
     with open(out / "fixtures.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -22,7 +22,7 @@ use crate::graph::{Graph, NodeId};
 use crate::op::Op;
 use crate::plan::{is_slice_view, is_view, plan_with, view_root, MemoryPlan};
 use crate::program::{ConstData, Entry, Io, Operand, Program, Slot, StateSpec, Step, WeightSpec};
-use crate::sched::{needed, schedule_with};
+use crate::sched::{needed, schedule_with, sibling_edges};
 use std::collections::HashMap;
 
 /// Picks a kernel name for an op given its input and output types (the backend's choice).
@@ -360,7 +360,9 @@ pub fn compile_entry(
 ) -> Result<(Entry, Vec<NodeId>, MemoryPlan)> {
     let states = bind_states(g, &program.states, entry_name)?;
     let outside = states.outside();
-    let order = schedule_with(g, &outside, &states.before);
+    let mut before = states.before.clone();
+    before.extend(sibling_edges(g));
+    let order = schedule_with(g, &outside, &before);
     let memory = plan_with(g, &order, &outside)?;
     let entry = lower_with(g, entry_name, &order, &memory, &states, program, kernel_name)?;
     Ok((entry, order, memory))

@@ -208,6 +208,20 @@ pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<Memory
             }
         }
     }
+    // A buffer whose last reader is a light step lives to the end of that run of light steps,
+    // so that no step of the run writes over what another reads: backends may then run the run
+    // as one launch (cpu's groups of rotations and cache writes, cuda's `_x2` pairs).
+    let mut light = vec![false; steps];
+    for &id in order {
+        if let Some(s) = step[id.index()] {
+            light[s] = is_light(g, id);
+        }
+    }
+    for b in bufs.iter_mut().filter(|b| light.get(b.last) == Some(&true)) {
+        while b.last < end && light[b.last + 1] {
+            b.last += 1;
+        }
+    }
     for (_, id) in &g.outputs {
         if let Some(b) = owner[view_root(g, *id).index()] {
             bufs[b].last = end;
@@ -233,6 +247,17 @@ pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<Memory
         slots[i] = b.map(|b| (bufs[b].offset + view_offset(g, NodeId(i as u32)), node.ty.bytes()));
     }
     Ok(MemoryPlan { slots, buffers: bufs, steps, arena_bytes: peak, stats: PlanStats { peak, lower_bound: stats_lb, no_reuse } })
+}
+
+/// Whether node `id` is a light step: a concat, a slice write, or a product by a constant (a
+/// RoPE rotation, `x @ P`): data movement that backends may run beside its neighbours.
+fn is_light(g: &Graph, id: NodeId) -> bool {
+    let node = &g.nodes[id.index()];
+    match node.op {
+        Op::Concat { .. } | Op::WriteSlice { .. } => true,
+        Op::MatMul { .. } => node.inputs.get(1).is_some_and(|&p| matches!(g.nodes[view_root(g, p).index()].op, Op::Constant { .. })),
+        _ => false,
+    }
 }
 
 /// The largest sum of sizes live at one step: no placement can use less.
@@ -354,4 +379,35 @@ pub fn report(plan: &MemoryPlan, g: &Graph) -> String {
     let _ = writeln!(s, "lower bound {:>14} bytes ({})", st.lower_bound, mib(st.lower_bound));
     let _ = writeln!(s, "no reuse    {:>14} bytes ({}), {} the peak", st.no_reuse, mib(st.no_reuse), ratio(st.no_reuse, st.peak));
     s
+}
+
+#[cfg(test)]
+mod light_tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn a_buffer_read_by_a_light_step_lives_through_the_run_of_light_steps() {
+        // x @ P (a rotation by a constant) then two concats, all light; then an exp.
+        let mut g = Graph::default();
+        let x = g.input("x", DType::F32, &[4, 8]).unwrap();
+        let p = g.constant(DType::F32, &[8, 8], vec![0.0; 64]).unwrap();
+        let w = g.weight("w", DType::F32, &[8, 8]).unwrap();
+        let y = g.matmul(x, w, false).unwrap();
+        let r = g.matmul(y, p, false).unwrap();
+        let c1 = g.concat(&[x, x], 0).unwrap();
+        let c2 = g.concat(&[c1, c1], 0).unwrap();
+        let e = g.unary(crate::UnaryOp::Exp, c2).unwrap();
+        g.output("r", r);
+        g.output("e", e);
+        let order = [y, r, c1, c2, e];
+        let m = plan_with(&g, &order, &[]).unwrap();
+        let buf = |id: NodeId| m.buffers.iter().find(|b| b.node == id).unwrap();
+        // y's last reader is the rotation (step 1): it lives through the concats (steps 2, 3),
+        // which are light, not through the exp (step 4).
+        assert_eq!((buf(y).first, buf(y).last), (0, 3));
+        // c1's last reader, c2, is light, and the exp after it is not.
+        assert_eq!(buf(c1).last, 3);
+        assert!(is_light(&g, r) && is_light(&g, c1) && !is_light(&g, y) && !is_light(&g, e));
+    }
 }

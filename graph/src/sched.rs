@@ -12,6 +12,7 @@
 //! step that overwrites the state in place, and such values cost no arena bytes.
 
 use crate::graph::{Graph, NodeId};
+use crate::op::Op;
 use crate::plan::{aligned, in_arena, view_root};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -115,6 +116,43 @@ impl Scheduler<'_> {
     }
 }
 
+/// Ordering edges that run sibling projections before any reader of theirs: where several
+/// matmuls read the same left operand and a weight or constant (a layer's Q projection and its
+/// stacked K/V projection of one normalised activation), each runs before every reader of the
+/// others' outputs. The greedy order would otherwise run Q's RoPE between the two GEMMs and the
+/// memory plan give the second GEMM the bytes that RoPE read, which keeps q's and k's RoPE and
+/// the cache writes apart: backends run them as one launch only when nothing between them
+/// writes what they read (the cpu's groups, cuda's `_x2` merges). The siblings' outputs live a
+/// little longer: a projection's output while its sibling runs.
+pub fn sibling_edges(g: &Graph) -> Vec<(NodeId, NodeId)> {
+    let need = needed(g);
+    let n = g.nodes.len();
+    let fixed = |x: NodeId| x.index() < n && matches!(g.nodes[view_root(g, x).index()].op, Op::Weight { .. } | Op::Constant { .. });
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut by_left: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, node) in g.nodes.iter().enumerate().filter(|&(i, _)| need[i]) {
+        for x in &node.inputs {
+            if x.index() < n && !readers[x.index()].contains(&i) {
+                readers[x.index()].push(i);
+            }
+        }
+        if let (Op::MatMul { .. }, [a, b]) = (&node.op, node.inputs.as_slice()) {
+            if a.index() < n && !fixed(*a) && fixed(*b) {
+                by_left.entry(view_root(g, *a).index()).or_default().push(i);
+            }
+        }
+    }
+    let mut edges = Vec::new();
+    for group in by_left.values().filter(|g| g.len() > 1) {
+        for &a in group {
+            for &b in group.iter().filter(|&&b| b != a) {
+                edges.extend(readers[a].iter().filter(|&&c| !group.contains(&c)).map(|&c| (NodeId(b as u32), NodeId(c as u32))));
+            }
+        }
+    }
+    edges
+}
+
 /// An order of every non-source node some output depends on: each after its inputs, chosen
 /// to keep the peak of live memory low.
 pub fn schedule(g: &Graph) -> Vec<NodeId> {
@@ -192,4 +230,53 @@ pub fn schedule_with(g: &Graph, outside: &[bool], before: &[(NodeId, NodeId)]) -
         }
     }
     s.order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::plan;
+    use crate::{DType, UnaryOp};
+
+    /// x feeds a wide projection and a narrow one, each read by its own elementwise step; the
+    /// narrow product is what the greedy order runs last (it frees the least).
+    fn projections() -> (Graph, [NodeId; 4]) {
+        let mut g = Graph::default();
+        let x = g.input("x", DType::F32, &[4, 8]).unwrap();
+        let wq = g.weight("wq", DType::F32, &[8, 64]).unwrap();
+        let wk = g.weight("wk", DType::F32, &[8, 8]).unwrap();
+        let q = g.matmul(x, wq, false).unwrap();
+        let k = g.matmul(x, wk, false).unwrap();
+        let rq = g.unary(UnaryOp::Neg, q).unwrap();
+        let rk = g.unary(UnaryOp::Exp, k).unwrap();
+        g.output("q", rq);
+        g.output("k", rk);
+        (g, [q, k, rq, rk])
+    }
+
+    #[test]
+    fn sibling_projections_run_before_their_readers() {
+        let (g, [q, k, rq, rk]) = projections();
+        // The greedy order alone runs one projection's reader between the two products.
+        let plain = schedule(&g);
+        let at = |id: NodeId| plain.iter().position(|&o| o == id).unwrap();
+        assert!(at(q).max(at(k)) > at(rq).min(at(rk)), "{plain:?}");
+        let edges = sibling_edges(&g);
+        assert!(edges.contains(&(k, rq)) && edges.contains(&(q, rk)), "{edges:?}");
+        let order = schedule_with(&g, &[], &edges);
+        let at = |id: NodeId| order.iter().position(|&o| o == id).unwrap();
+        assert!(at(q).max(at(k)) < at(rq).min(at(rk)), "{order:?}");
+        // The order still plans (each step after its inputs).
+        plan(&g, &order).unwrap();
+        // A matmul of two activations (attention's scores) is no projection.
+        let mut h = Graph::default();
+        let a = h.input("a", DType::F32, &[4, 8]).unwrap();
+        let b = h.input("b", DType::F32, &[8, 8]).unwrap();
+        let c = h.input("c", DType::F32, &[8, 8]).unwrap();
+        let (ab, ac) = (h.matmul(a, b, false).unwrap(), h.matmul(a, c, false).unwrap());
+        let (nb, nc) = (h.unary(UnaryOp::Neg, ab).unwrap(), h.unary(UnaryOp::Neg, ac).unwrap());
+        h.output("b", nb);
+        h.output("c", nc);
+        assert_eq!(sibling_edges(&h), []);
+    }
 }
