@@ -35,7 +35,8 @@ pub trait Backend: Send + Sync {
     }
     /// Steps of entry `entry` that make no launch of their own, their work done inside another
     /// step's launch, as (absorbed step, the step whose launch does it) (cpu: a KV-cache write
-    /// inside the RoPE rotation it stores, `cpu::rotary`). The default: none.
+    /// inside the RoPE rotation it stores, `cpu::rotary`; cuda: K's and V's cache writes inside
+    /// the decode attention, `lower::kv_write`). The default: none.
     fn absorbed_steps(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         Ok(Vec::new())
     }

@@ -13,21 +13,69 @@
 // - attn_rows_<t>: one warp per (query row, key range), for decode (Sq = 1) over a KV cache,
 //   split-K over the keys with attn_combine_<t> merging the splits, and for f32.
 //   attn_rows1_<t> is the same with the merge in the same launch: the last block to finish
-//   for a row merges that row's splits (one launch instead of two).
+//   for a row merges that row's splits (one launch instead of two). attn_rows_new_<t> and
+//   attn_rows1_new_<t> also write the step's new K and V rows into the caches (decode's two
+//   cache writes, in the attention's launch).
 
 #define ROWS_WARPS 4
 #define MAXD 256
+
+// The rows [at, at + n) of the new keys or values at p.new_k / p.new_v: where p.at says they
+// go (0 rows where that does not fit in the cache's Sk).
+struct NewRows {
+  int at, n;
+};
+
+__device__ __forceinline__ NewRows new_rows(const AttnParams& p) {
+  const i64 at = p.at_i64 ? *(const i64*)p.at : (i64) * (const int*)p.at;
+  if (at < 0 || at + p.n > p.sk) return NewRows{0, 0};
+  return NewRows{(int)at, p.n};
+}
+
+// Row j of kv head hk of batch row b, `w` wide: from the cache c [B, Sk, Hkv, w], or, for j in
+// [nr.at, nr.at + nr.n), from the new rows r [B, n, Hkv, w].
+template <typename T, bool NEW>
+__device__ __forceinline__ const T* kv_row(const AttnParams& p, i64 c, i64 r, NewRows nr, int b, int j, int hk, int w) {
+  if (NEW && j >= nr.at && j < nr.at + nr.n) return (const T*)r + (((i64)b * nr.n + (j - nr.at)) * p.hkv + hk) * w;
+  return (const T*)c + (((i64)b * p.sk + j) * p.hkv + hk) * w;
+}
+
+// Stores kv head hk's new rows of batch row b into the caches at [at, at + n) with the block's
+// threads (a write_rows of K and of V), or sets *err where the position does not fit.
+template <typename T>
+__device__ void store_new_rows(const AttnParams& p, NewRows nr, int b, int hk) {
+  if (nr.n != p.n) {
+    if (threadIdx.x == 0 && p.err) *(int*)p.err = 1;
+    return;
+  }
+  for (int e = threadIdx.x; e < nr.n * p.d; e += blockDim.x) {
+    const int r = e / p.d, c = e % p.d;
+    ((T*)p.k)[(((i64)b * p.sk + nr.at + r) * p.hkv + hk) * p.d + c] = ((const T*)p.new_k)[(((i64)b * nr.n + r) * p.hkv + hk) * p.d + c];
+  }
+  for (int e = threadIdx.x; e < nr.n * p.dv; e += blockDim.x) {
+    const int r = e / p.dv, c = e % p.dv;
+    ((T*)p.v)[(((i64)b * p.sk + nr.at + r) * p.hkv + hk) * p.dv + c] = ((const T*)p.new_v)[(((i64)b * nr.n + r) * p.hkv + hk) * p.dv + c];
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Row kernel (any dtype, D <= 256, split-K). grid (Sq*Hq, B, splits), block 128.
 // With splits > 1 each block writes (m, l, acc[Dv]) in f32 to p.partial at
 // [((b*Sq + i)*Hq + h)*splits + s] * (Dv + 2); attn_combine merges them.
-template <typename T>
+// NEW (attn_rows_new): keys [at, at + n) are read from p.new_k / p.new_v, not the caches, and
+// the block of split 0, query row 0 and the first query head of each kv group stores them into
+// the caches. No block of the launch reads those cache rows, so the stores race with no read.
+template <typename T, bool NEW>
 __device__ void attn_rows(const AttnParams p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ih = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
   const int i = ih / p.hq, h = ih % p.hq;
   const int hk = h / (p.hq / p.hkv);
+  NewRows nr{0, 0};
+  if (NEW) {
+    nr = new_rows(p);
+    if (split == 0 && i == 0 && h % (p.hq / p.hkv) == 0) store_new_rows<T>(p, nr, b, hk);
+  }
   const T* q = (const T*)p.q + (((i64)b * p.sq + i) * p.hq + h) * p.d;
   float qr[MAXD / 32], acc[MAXD / 32];
 #pragma unroll
@@ -42,7 +90,7 @@ __device__ void attn_rows(const AttnParams p) {
   const int j0 = split * chunk, j1 = min(kend, j0 + chunk);
   float m = -KILN_INF, l = 0.0f;
   for (int j = j0 + warp; j < j1; j += ROWS_WARPS) {
-    const T* kr = (const T*)p.k + (((i64)b * p.sk + j) * p.hkv + hk) * p.d;
+    const T* kr = kv_row<T, NEW>(p, p.k, p.new_k, nr, b, j, hk, p.d);
     float dot = 0.0f;
 #pragma unroll
     for (int r = 0; r < MAXD / 32; r++) {
@@ -56,7 +104,7 @@ __device__ void attn_rows(const AttnParams p) {
     float corr = __expf(m - mn), e = __expf(s - mn);
     l = l * corr + e;
     m = mn;
-    const T* vr = (const T*)p.v + (((i64)b * p.sk + j) * p.hkv + hk) * p.dv;
+    const T* vr = kv_row<T, NEW>(p, p.v, p.new_v, nr, b, j, hk, p.dv);
 #pragma unroll
     for (int r = 0; r < MAXD / 32; r++) {
       int c = lane + 32 * r;
@@ -135,9 +183,9 @@ __device__ void attn_combine(const AttnParams p) {
 // block writes its partial, fences it, and counts itself in the row's u32 at p.counters; the
 // block that counts last (splits - 1 before it) merges the row and sets the count back to 0
 // for the next launch (and a CUDA graph's replay). grid (Sq*Hq, B, splits), block 128.
-template <typename T>
+template <typename T, bool NEW>
 __device__ void attn_rows1(const AttnParams p) {
-  attn_rows<T>(p);
+  attn_rows<T, NEW>(p);
   if (p.splits == 1) return;
   const i64 row = (i64)blockIdx.y * p.sq * p.hq + blockIdx.x;
   __shared__ bool last;
@@ -157,9 +205,11 @@ __device__ void attn_rows1(const AttnParams p) {
 }
 
 #define ROWS(t, T)                                                                            \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T, false>(p); } \
   extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows1_##t(const AttnParams p) { attn_rows1<T>(p); }
+  extern "C" __global__ void __launch_bounds__(128) attn_rows1_##t(const AttnParams p) { attn_rows1<T, false>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows_new_##t(const AttnParams p) { attn_rows<T, true>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows1_new_##t(const AttnParams p) { attn_rows1<T, true>(p); }
 ROWS(f32, float)
 ROWS(bf16, bf16)
 ROWS(f16, f16)

@@ -101,6 +101,12 @@ struct AttnParams {
   // u32 per output row, zero between launches: attn_rows1's count of finished splits. Last,
   // so the kernels compiled before it read the fields above where they were.
   i64 counters;
+  // attn_rows_new / attn_rows1_new: K's and V's new rows [B, n, Hkv, D] and [B, n, Hkv, Dv],
+  // which the launch reads for keys [at, at + n) and stores into the caches k and v there; at
+  // is read from the 1-element index at `at` (i64 when at_i64, else i32); err is set on a
+  // position that does not fit. After counters, so older kernels read the fields above.
+  i64 new_k, new_v, at, err;
+  int at_i64, n;
 };
 
 // Key index of query row 0: static, or read from the position mask's start (negative reads 0).
@@ -148,3 +154,6 @@ __device__ __forceinline__ float score_of(const AttnParams& p, float dot, int b,
   if (p.mask_kind == MASK_ADDITIVE) s += to_f32(((const T*)p.mask)[((i64)b * p.sq + i) * p.sk + j]);
   return s;
 }
+
+// The Rust struct's size (`param_structs_have_the_c_layout` checks its offsets there).
+static_assert(sizeof(AttnParams) == 176, "AttnParams differs from the Rust struct");

@@ -99,6 +99,8 @@ pub fn modules() -> Vec<Module> {
         att.push(k(format!("attn_rows_{t}"), true));
         att.push(k(format!("attn_combine_{t}"), true));
         att.push(k(format!("attn_rows1_{t}"), true));
+        att.push(k(format!("attn_rows_new_{t}"), true));
+        att.push(k(format!("attn_rows1_new_{t}"), true));
     }
     for t in ["bf16", "f16"] {
         for d in MMA_HEAD_DIMS {
@@ -233,6 +235,18 @@ pub struct AttnParams {
     /// between launches; 0 when absent. Last, so CUBINs compiled before it read the fields
     /// above at their offsets.
     pub counters: DevPtr,
+    /// `attn_rows_new_*` / `attn_rows1_new_*`: K's new rows `[B, n, Hkv, D]`, read for keys
+    /// `[at, at + n)` and stored into the cache `k` there; 0 for the other kernels.
+    pub new_k: DevPtr,
+    /// V's new rows `[B, n, Hkv, Dv]`, likewise into `v`.
+    pub new_v: DevPtr,
+    /// The 1-element index holding `at` (i64 where `at_i64` is 1, else i32).
+    pub at: DevPtr,
+    /// An `int` flag set to 1 where `at + n` does not fit the cache (as `write_rows` sets it).
+    pub err: DevPtr,
+    pub at_i64: i32,
+    /// New rows per batch row.
+    pub n: i32,
 }
 
 /// Parameters of layer norm, RMS norm and softmax (`NormParams` in `norm.cu`).
@@ -453,7 +467,9 @@ mod tests {
         let inst = |prefix: &str, args: &str| name.starts_with(prefix) && src.contains(args);
         let parts: Vec<&str> = name.split('_').collect();
         match parts.as_slice() {
-            ["attn", "rows" | "combine" | "rows1", t] => src.contains(&format!("ROWS({t},")),
+            ["attn", "rows" | "combine" | "rows1", t] | ["attn", "rows" | "rows1", "new", t] => {
+                src.contains(&format!("ROWS({t},")) && src.contains(&format!("{}##t(", &name[..name.len() - t.len()]))
+            }
             ["attn", "mma" | "mma2", t, d] => {
                 src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
             }
@@ -520,10 +536,14 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4 + 8);
-        // The fields older CUBINs read keep their offsets; the counters follow them.
+        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4 + 8 + 4 * 8 + 2 * 4);
+        // The fields older CUBINs read keep their offsets; the counters follow them, then the
+        // new rows' fields.
         assert_eq!(std::mem::offset_of!(AttnParams, softcap), 124);
         assert_eq!(std::mem::offset_of!(AttnParams, counters), 128);
+        assert_eq!(std::mem::offset_of!(AttnParams, new_k), 136);
+        assert_eq!(std::mem::offset_of!(AttnParams, err), 160);
+        assert_eq!(std::mem::offset_of!(AttnParams, n), 172);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<ResidualNormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);

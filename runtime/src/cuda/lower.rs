@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod fold;
 pub(crate) mod index;
+pub mod kv_write;
 pub mod merge;
 
 use super::fused_codegen as codegen;
@@ -137,7 +138,10 @@ pub struct Region {
 /// Whether a loaded module may lack `kernel`, an entry kiln added to a module later: the
 /// lowering launches it only where it is loaded (`has` of [`lower_entry`]).
 pub fn optional_kernel(kernel: &str) -> bool {
-    kernel.ends_with(merge::X2) || kernel.starts_with("attn_rows1_") || kernel == fold::SAMPLE_LOG_PROB
+    kernel.ends_with(merge::X2)
+        || kernel.starts_with("attn_rows1_")
+        || kernel.starts_with("attn_rows_new_")
+        || kernel == fold::SAMPLE_LOG_PROB
 }
 
 fn al(x: usize) -> usize {

@@ -142,7 +142,7 @@ impl Backend for CudaBackend {
         let layout = lower::layout(&program)?;
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
         // Launches merged as a load merges them (every `_x2` and one-launch entry compiled:
-        // split attention as one `attn_rows1_*` launch).
+        // split attention as one `attn_rows1_*` launch, decode's cache writes inside it).
         let lowered = lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?;
         Ok(lowered.work.iter().map(Vec::len).collect())
     }
@@ -152,6 +152,14 @@ impl Backend for CudaBackend {
         let layout = lower::layout(&program)?;
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
         Ok(lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?.pairs)
+    }
+
+    fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        // K's and V's cache writes done by the decode attention's launch (`lower::kv_write`).
+        let (program, _) = crate::states::states_in_arena(program);
+        let layout = lower::layout(&program)?;
+        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+        Ok(lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?.absorbed)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {

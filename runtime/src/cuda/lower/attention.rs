@@ -93,6 +93,8 @@ pub(super) fn lower_attention(s: &Step, l: &Layout, ins: &[u64], out: u64, att: 
         scale: att.scale,
         softcap: att.softcap.unwrap_or(0.0),
         counters: if split { l.counters as u64 } else { 0 },
+        // Set where the launch also does decode's cache writes (`super::kv_write`).
+        ..AttnParams::default()
     };
     let mut relocs = vec![off_of(&p, &p.q), off_of(&p, &p.k), off_of(&p, &p.v), off_of(&p, &p.out)];
     if mask_kind == 3 {
@@ -239,12 +241,19 @@ mod tests {
     #[test]
     fn every_row_kernel_has_its_one_launch_entry_which_a_module_may_lack() {
         let att = kc::modules().into_iter().find(|m| m.name == "attention").unwrap();
-        let rows: Vec<&str> = att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_rows_")).collect();
+        let rows: Vec<&str> =
+            att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_rows_") && !k.contains("_new_")).collect();
         assert_eq!(rows.len(), 3, "{rows:?}");
+        let listed = |k: &str| att.kernels.iter().any(|x| x.name == k);
         for k in rows {
             let one = one_launch_kernel(k).unwrap();
-            assert!(att.kernels.iter().any(|x| x.name == one), "{one} is not in the attention module");
+            assert!(listed(&one), "{one} is not in the attention module");
             assert!(optional_kernel(&one) && !optional_kernel(k), "{k}");
+            // Each also has the entry that stores decode's new K and V rows.
+            for r in [k, one.as_str()] {
+                let new = super::super::kv_write::new_rows_kernel(r).unwrap();
+                assert!(listed(&new) && optional_kernel(&new), "{new}");
+            }
         }
         assert!(!optional_kernel("attn_combine_bf16") && one_launch_kernel("attn_combine_bf16").is_none());
     }

@@ -26,20 +26,25 @@ pub struct Lowered {
     /// launches of one kernel ([`merge_pairs`]) or a sample and its log-probability
     /// ([`super::fold`]).
     pub pairs: Vec<(usize, usize)>,
+    /// (write, attention) of each cache write the attention's launch does
+    /// ([`super::kv_write`]); the write makes no launch.
+    pub absorbed: Vec<(usize, usize)>,
 }
 
-/// Lowers every step of an entry ([`lower_step`]), merges the pairs [`merge_pairs`] finds and
-/// runs each split attention as one launch ([`super::attention::one_launch`]). `has` as in
-/// [`merge_pairs`]; an error names the step.
+/// Lowers every step of an entry ([`lower_step`]), runs each split attention as one launch
+/// ([`super::attention::one_launch`]), moves decode's cache writes into the attention
+/// ([`super::kv_write::absorb_cache_writes`]), then merges the pairs [`merge_pairs`] finds
+/// among the rest. `has` as in [`merge_pairs`]; an error names the step.
 pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Result<Lowered, (usize, String)> {
     let mut work = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
         work.push(lower_step(s, l).map_err(|m| (i, m))?);
     }
-    let mut pairs = merge_pairs(steps, &mut work, l, has)?;
-    pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
     super::attention::one_launch(&mut work, has);
-    Ok(Lowered { work, pairs })
+    let absorbed = super::kv_write::absorb_cache_writes(steps, &mut work, l, has);
+    let mut pairs = merge_pairs(steps, &mut work, l, has, &absorbed)?;
+    pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
+    Ok(Lowered { work, pairs, absorbed })
 }
 
 /// The suffix of a kernel's two-launch entry point.
@@ -126,17 +131,24 @@ pub fn merged(a: &Launch, b: &Launch) -> Launch {
 /// Merges pairs of `work` (one list per step of `steps`, lowered in order) in place: the
 /// earlier step's launch goes, the later step's becomes the merged one. `has(kernel)` says
 /// whether an `_x2` entry may be launched (a load passes the loaded modules: an artifact's
-/// CUBINs from before these entries lack them). Returns the (earlier, later) steps merged.
+/// CUBINs from before these entries lack them). `absorbed` holds (step, the step whose launch
+/// does its work) of steps that launch nothing themselves. Returns the (earlier, later) steps
+/// merged.
 pub fn merge_pairs(
     steps: &[Step],
     work: &mut [Vec<Work>],
     l: &Layout,
     has: &dyn Fn(&str) -> bool,
+    absorbed: &[(usize, usize)],
 ) -> Result<Vec<(usize, usize)>, (usize, String)> {
-    // What runs at each step's position: a merged launch holds both steps' accesses.
+    // What runs at each step's position: a merged launch holds both steps' accesses, a launch
+    // that does an absorbed step's work that step's too.
     let mut access: Vec<Vec<Access>> = Vec::with_capacity(steps.len());
     for (i, (s, w)) in steps.iter().zip(work.iter()).enumerate() {
         access.push(if w.is_empty() { Vec::new() } else { vec![Access::of(s, l).map_err(|m| (i, m))?] });
+    }
+    for &(w, h) in absorbed {
+        access[h].push(Access::of(&steps[w], l).map_err(|m| (w, m))?);
     }
     let mut taken = vec![false; steps.len()];
     let mut pairs = Vec::new();
@@ -258,7 +270,7 @@ mod tests {
         let steps = [exp(0, 1024), exp(3072, 4096)];
         let l = Layout::default();
         let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
-        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| false).unwrap(), []);
+        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| false, &[]).unwrap(), []);
     }
 
     /// A concat of two `[1, 2, 8]` parts at `a` and `b` into `[1, 4, 8]` at `out`: two copies.
