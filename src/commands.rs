@@ -89,8 +89,10 @@ pub(super) fn print_program(prog: &Program) {
                 Some(&(_, b)) => format!("  [runs in step {b}'s launch]"),
                 None => String::new(),
             };
-            note += &match absorbed.iter().find(|&&(a, h)| a == i || h == i) {
-                Some(&(a, h)) if h == i => format!("  [computes step {a} in its launch]"),
+            let computes: Vec<String> = absorbed.iter().filter(|&&(_, h)| h == i).map(|&(a, _)| a.to_string()).collect();
+            note += &match absorbed.iter().find(|&&(a, _)| a == i) {
+                _ if computes.len() == 1 => format!("  [computes step {} in its launch]", computes[0]),
+                _ if computes.len() > 1 => format!("  [computes steps {} in its launch]", computes.join(", ")),
                 Some(&(_, h)) => format!("  [runs in step {h}'s launch]"),
                 None => String::new(),
             };

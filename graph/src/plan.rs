@@ -222,6 +222,26 @@ pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<Memory
             b.last += 1;
         }
     }
+    // The rows a slice write stores live until the first step that reads what it wrote, so a
+    // backend may read them there instead of the destination (cuda's decode attention takes K's
+    // and V's new rows itself and stores them: `runtime/src/cuda/lower/kv_write.rs`).
+    let mut first_reader: Vec<Option<usize>> = vec![None; n];
+    for &id in order {
+        if let Some(s) = step[id.index()] {
+            for &x in &g.nodes[id.index()].inputs {
+                first_reader[view_root(g, x).index()].get_or_insert(s);
+            }
+        }
+    }
+    for &id in order {
+        let (Some(s), Op::WriteSlice { .. }) = (step[id.index()], &g.nodes[id.index()].op) else { continue };
+        let rows = g.nodes[id.index()].inputs.get(1).and_then(|&x| owner[view_root(g, x).index()]);
+        if let (Some(b), Some(r)) = (rows, first_reader[id.index()]) {
+            if bufs[b].last >= s {
+                bufs[b].last = bufs[b].last.max(r);
+            }
+        }
+    }
     for (_, id) in &g.outputs {
         if let Some(b) = owner[view_root(g, *id).index()] {
             bufs[b].last = end;
@@ -409,5 +429,24 @@ mod light_tests {
         // c1's last reader, c2, is light, and the exp after it is not.
         assert_eq!(buf(c1).last, 3);
         assert!(is_light(&g, r) && is_light(&g, c1) && !is_light(&g, y) && !is_light(&g, e));
+    }
+
+    #[test]
+    fn a_slice_writes_rows_live_until_the_first_reader_of_what_it_wrote() {
+        // rows = exp(x); cache' = write_slice(cache, rows, at); an exp between; then a reader.
+        let mut g = Graph::default();
+        let cache = g.input("cache", DType::F32, &[1, 8, 4]).unwrap();
+        let x = g.input("x", DType::F32, &[1, 1, 4]).unwrap();
+        let at = g.input("at", DType::I64, &[1]).unwrap();
+        let rows = g.unary(crate::UnaryOp::Exp, x).unwrap();
+        let w = g.write_slice(cache, rows, at, 1).unwrap();
+        let other = g.unary(crate::UnaryOp::Neg, x).unwrap();
+        let read = g.unary(crate::UnaryOp::Abs, w).unwrap();
+        g.output("read", read);
+        g.output("other", other);
+        let m = plan_with(&g, &[rows, w, other, read], &[]).unwrap();
+        let buf = |id: NodeId| m.buffers.iter().find(|b| b.node == id).unwrap();
+        // The write is step 1 (rows' last reader); the reader of its value is step 3.
+        assert_eq!(buf(rows).last, 3);
     }
 }

@@ -5,7 +5,7 @@ use super::fused::{Region, Src};
 use super::group::Part;
 use super::kernel::CpuKernel;
 use super::pack;
-use super::rotary::{Role, Roles};
+use super::rotary::Roles;
 use super::{Aligned, WeightBuf};
 use crate::backend::Executable;
 use crate::error::{Result, RuntimeError};
@@ -282,7 +282,11 @@ impl CpuExec {
         }
         let (roles, prepared) = (&self.rotary[entry], &self.prepared[entry]);
         let one = |i: usize| {
-            run_step(&mem, e, roles, i, &prepared[i]).map_err(|msg| RuntimeError::Step { step: i, op: e.steps[i].op.name(), msg })
+            super::rotary::run_step(&mem, e, roles, i, &prepared[i]).map_err(|msg| RuntimeError::Step {
+                step: i,
+                op: e.steps[i].op.name(),
+                msg,
+            })
         };
         for i in 0..e.steps.len() {
             let t = times.is_some().then(std::time::Instant::now);
@@ -306,31 +310,9 @@ impl CpuExec {
     }
 }
 
-/// Runs step `i` of `e` as its rotary role says: alone, as a rotation (with the cache write it
-/// stores), or not at all (a write its rotation does).
-fn run_step(mem: &Mem, e: &Entry, roles: &Roles, i: usize, p: &Prepared) -> std::result::Result<(), String> {
-    let s = &e.steps[i];
-    let epilogue = match &p.prep {
-        Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
-        _ => None,
-    };
-    match &roles.role[i] {
-        Role::Alone => step(mem, s, p.kernel, &p.prep),
-        Role::Rotate(columns) => {
-            super::rotary::rotate(mem, s, columns, epilogue);
-            Ok(())
-        }
-        Role::Host(k) => {
-            let pair = &roles.pairs[*k];
-            super::rotary::run(mem, s, &e.steps[pair.write], pair, epilogue)
-        }
-        Role::Absorbed => Ok(()),
-    }
-}
-
 /// Runs one step with its kernel. The kernel was checked against the op at load
 /// ([`resolve`]), so each arm destructures the op it was chosen for.
-fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result<(), String> {
+pub(super) fn step(mem: &Mem, s: &Step, kernel: CpuKernel, p: &Prep) -> std::result::Result<(), String> {
     let out_ty = &s.output.ty;
     let mismatch = || Err(format!("kernel {} does not run {} (corrupt program)", kernel.name(), s.op.name()));
     match kernel {

@@ -12,7 +12,7 @@
 //! the write's other operands and its state alone; the rotated value is also stored in the
 //! arena only where another step (prefill's attention) or an entry output reads it.
 
-use super::exec::Mem;
+use super::exec::{Mem, Prep, Prepared};
 use super::fused::{Region, Src, MAX_INPUTS};
 use crate::geometry::Split;
 use crate::rotation::{self, SignedPerm};
@@ -202,6 +202,28 @@ pub(super) fn run(mem: &Mem, r: &Step, w: &Step, p: &RotaryWrite, region: Option
         }
     }
     Ok(())
+}
+
+/// Runs step `i` of `e` as its rotary role says: alone, as a rotation (with the cache write it
+/// stores), or not at all (a write its rotation does).
+pub(super) fn run_step(mem: &Mem, e: &Entry, roles: &Roles, i: usize, p: &Prepared) -> std::result::Result<(), String> {
+    let s = &e.steps[i];
+    let epilogue = match &p.prep {
+        Prep::MatMul { epilogue, .. } => epilogue.as_ref(),
+        _ => None,
+    };
+    match &roles.role[i] {
+        Role::Alone => super::exec::step(mem, s, p.kernel, &p.prep),
+        Role::Rotate(columns) => {
+            rotate(mem, s, columns, epilogue);
+            Ok(())
+        }
+        Role::Host(k) => {
+            let pair = &roles.pairs[*k];
+            run(mem, s, &e.steps[pair.write], pair, epilogue)
+        }
+        Role::Absorbed => Ok(()),
+    }
 }
 
 /// Runs a rotation step that feeds no cache write as `sign * x[.., perm]` and its epilogue,
