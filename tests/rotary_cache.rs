@@ -96,7 +96,9 @@ fn rope_inside_the_cache_write_equals_the_interpreter_bit_for_bit() {
         assert!(matches!(e.steps[w].op, kiln_graph::Op::Concat { .. } | kiln_graph::Op::WriteSlice { .. }), "{}", e.name);
         let runs: usize = cpu.launches(&p, i).unwrap().iter().sum();
         let steps = e.steps.iter().filter(|s| !matches!(s.kernel.as_str(), "source" | "view")).count();
-        assert_eq!(runs, steps - 1, "{}: the write makes no launch", e.name);
+        // Steps running in another's group dispatch (`cpu::group`: q's rotation beside k's).
+        let grouped = cpu.merged_launches(&p, i).unwrap().len();
+        assert_eq!(runs, steps - 1 - grouped, "{}: the write makes no launch", e.name);
     }
     let gs = graphs();
     let mut s = Session::new(p, Arc::new(WeightStore::empty())).unwrap();

@@ -1,10 +1,12 @@
-//! Independent data-movement steps run as one parallel dispatch (issue 16): where consecutive
-//! launching steps are RoPE rotations (with or without the cache write they store,
-//! [`super::rotary`]) or cache writes (`write_slice`, `concat`), and none writes a byte another
-//! reads or writes, the first runs them all as the tasks of one rayon dispatch (one join at
-//! the end) and the others make no launch. In a Gemma layer that is q's rotation, k's rotation
-//! with K's cache write, and V's cache write: decode's three launches after the QKV GEMM become
-//! one (prefill's two or three likewise).
+//! Independent steps run as one parallel dispatch (issue 16): where consecutive launching steps
+//! are RoPE rotations (with or without the cache write they store, [`super::rotary`]), cache
+//! writes (`write_slice`, `concat`) or GEMMs, and none writes a byte another reads or writes,
+//! the first runs them all as the tasks of one rayon dispatch (one join at the end; each task's
+//! own parallel loop is nested in it) and the others make no launch. In a Gemma layer that is
+//! q's rotation, k's rotation with K's cache write, and V's cache write (decode's three launches
+//! after the QKV GEMM become one, prefill's likewise), and prefill's Q and stacked K/V GEMMs,
+//! which read one activation and write apart (the graph's scheduler runs such sibling
+//! projections side by side: `kiln_graph::sched::sibling_edges`).
 //!
 //! The grouping is worked out from the program alone, after the memory plan ([`plan`]), so
 //! the counts `kiln inspect` prints and the run agree. Steps that launch nothing (views,
@@ -33,11 +35,15 @@ fn launches(s: &Step, r: &Role) -> bool {
     *r != Role::Absorbed && !matches!(CpuKernel::parse(&s.kernel), Some(CpuKernel::Source | CpuKernel::View) | None)
 }
 
-/// Whether step `s` may share a dispatch: a rotation, or a cache write's copy.
+/// Whether step `s` may share a dispatch: a rotation, a cache write's copy, or a GEMM (the
+/// kernels that keep no state between calls but per-thread scratch).
 fn joinable(s: &Step, r: &Role) -> bool {
+    use CpuKernel as K;
     match r {
         Role::Rotate(_) | Role::Host(_) => true,
-        Role::Alone => matches!(CpuKernel::parse(&s.kernel), Some(CpuKernel::WriteSlice | CpuKernel::Concat)),
+        Role::Alone => {
+            matches!(CpuKernel::parse(&s.kernel), Some(K::WriteSlice | K::Concat | K::Gemm | K::GemmEpilogue | K::GemmGated))
+        }
         Role::Absorbed => false,
     }
 }
@@ -162,6 +168,20 @@ mod tests {
         // V's write, k's rotation with K's write (absorbed), q's rotation: one group.
         let p = parts(vec![write(1, 0, 8192), rot(256, 1024), rot(512, 2048), write(0, 1024, 8192), exp(arena(2048, rows()), 4096)]);
         assert_eq!(p, [Part::Leads(vec![0, 1, 2]), Part::In(0), Part::In(0), Part::Alone, Part::Alone]);
+    }
+
+    fn gemm(x: usize, out: usize) -> Step {
+        let w = Operand { slot: Slot::Weight(0), ty: TensorType::new(DType::F32, [D, D]) };
+        step(Op::MatMul { epilogue: None, transpose_b: true }, "cpu.gemm", vec![arena(x, rows()), w], arena(out, rows()))
+    }
+
+    #[test]
+    fn sibling_gemms_are_one_dispatch_and_their_readers_another() {
+        // Q's and K/V's GEMMs of one activation, then q's rotation reading the first.
+        let p = parts(vec![gemm(0, 1024), gemm(0, 2048), rot(1024, 4096), write(1, 2048, 8192)]);
+        assert_eq!(p, [Part::Leads(vec![0, 1]), Part::In(0), Part::Leads(vec![2, 3]), Part::In(2)]);
+        // A GEMM of the previous one's output.
+        assert_eq!(parts(vec![gemm(0, 1024), gemm(1024, 2048)]), [Part::Alone, Part::Alone]);
     }
 
     #[test]
