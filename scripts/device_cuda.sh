@@ -227,6 +227,12 @@ save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.arg
 PY
   KILN_CUDA_VERBOSE=1 timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
   row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
+  # The same decode with every step its own launches (no _x2 pairs, split attention as two
+  # launches, the cache writes apart): what running them together buys, and the same ids.
+  timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen_nofuse.safetensors" --max-new-tokens 64 --breakdown --cuda-fuse off > "$W/kiln_gemma_decode_nofuse.txt" 2>&1
+  row kiln-cuda-fuse-off "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode_nofuse.txt" | tail -1)"
+  "$kiln" compare "$W/gen_nofuse.safetensors" "$W/gen.safetensors" --tol 0 > "$W/fuse_compare.txt" 2>&1
+  log "gemma decode --cuda-fuse off against on (ids and log-probabilities, --tol 0): rc $?"
   row torch-eager "gemma2-2b prefill 1024" 1 "$(tbench torch_gemma_prefill_eager 300 gemma "$g" --what prefill --mode eager)"
   row torch-eager "gemma2-2b decode" 1 "$(tbench torch_gemma_decode_eager 300 gemma "$g" --what decode --mode eager)"
   pack

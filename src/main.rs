@@ -66,6 +66,12 @@ struct ProfileArgs {
     /// gate and up) always runs its GLU GEMV.
     #[arg(long, default_value = "auto")]
     cuda_gemv: String,
+    /// cuda load option: `on` runs steps together where the loaded modules allow (two launches
+    /// of one kernel as one, split decode attention as one launch that also stores the new K/V
+    /// rows, the next token with its log-probability); `off` runs each as its own launches
+    /// (for timing the difference on one card).
+    #[arg(long, default_value = "on")]
+    cuda_fuse: String,
     /// cuda compile option: the tuning table (JSON of kernel choices measured per card; see
     /// tuning/README.md) stored in the artifact, or `none`; defaults to the built-in one.
     #[arg(long, value_name = "FILE")]
@@ -398,6 +404,9 @@ fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Se
     if !matches!(p.cuda_gemv.as_str(), "auto" | "on" | "off") {
         return Err(Error::Usage(format!("--cuda-gemv {}: expected auto, on or off", p.cuda_gemv)));
     }
+    if !matches!(p.cuda_fuse.as_str(), "on" | "off") {
+        return Err(Error::Usage(format!("--cuda-fuse {}: expected on or off", p.cuda_fuse)));
+    }
     #[cfg(feature = "cuda")]
     if program.backend == "cuda" {
         let gemv = match p.cuda_gemv.as_str() {
@@ -405,11 +414,14 @@ fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Se
             "off" => kiln_runtime::cuda::tune::GemvMode::Off,
             _ => kiln_runtime::cuda::tune::GemvMode::Auto,
         };
-        let backend = kiln_runtime::cuda::CudaBackend { gemv, ..Default::default() };
+        let backend = kiln_runtime::cuda::CudaBackend { gemv, fuse: p.cuda_fuse == "on", ..Default::default() };
         return Ok(Session::with_backend(program, store, &backend)?);
     }
     if p.cuda_gemv != "auto" {
         return Err(Error::Usage(format!("--cuda-gemv applies to the cuda backend, not {}", program.backend)));
+    }
+    if p.cuda_fuse != "on" {
+        return Err(Error::Usage(format!("--cuda-fuse applies to the cuda backend, not {}", program.backend)));
     }
     Ok(Session::new(program, store)?)
 }

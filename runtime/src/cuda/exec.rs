@@ -112,13 +112,14 @@ impl CudaExec {
     /// of what it lacks): called while the weights upload on a thread and stream of their own,
     /// so compiling and loading modules overlap the upload; both finish before any GEMM is
     /// timed or entry captured. The caller checked that the driver exists.
-    /// `gemv` says whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]).
+    /// `gemv` says whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]);
+    /// `fuse` whether steps run together where the modules allow (`CudaBackend::fuse`).
     pub fn new(
         program: &Program,
         store: &WeightStore,
         binaries: impl FnOnce() -> Result<Vec<Binary>>,
         states_at: Vec<usize>,
-        gemv: GemvMode,
+        (gemv, fuse): (GemvMode, bool),
     ) -> Result<Self> {
         let ctx = drv("cuCtx (device 0)", CudaContext::new(0))?;
         // SAFETY: kiln orders all work on one stream; cudarc's event tracking would record
@@ -168,7 +169,7 @@ impl CudaExec {
             let mut steps = Vec::with_capacity(e.steps.len());
             // Pairs merge, and split attention runs as one launch, only where the loaded
             // modules hold the `_x2` or `attn_rows1_*` entry.
-            let has = |k: &str| funcs.contains_key(k);
+            let has = |k: &str| funcs.contains_key(k) && (fuse || !super::lower::merge::fusing(k));
             let lowered = lower_entry(&e.steps, &me.layout, &has).map_err(|(i, msg)| RuntimeError::Step {
                 step: i,
                 op: e.steps.get(i).map_or("?", |s| s.op.name()),

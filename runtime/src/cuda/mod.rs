@@ -45,11 +45,16 @@ pub struct CudaBackend {
     /// Whether kiln's GEMV replaces cuBLASLt for small-M GEMMs (a load option; default auto:
     /// whichever measures faster at load).
     pub gemv: tune::GemvMode,
+    /// Whether steps run together where the loaded modules allow (a load option; default
+    /// true): two launches of one kernel as its `_x2` entry, split attention as one launch
+    /// that also stores the new K/V rows, the next token with its log-probability. False runs
+    /// each as its own launches, as with modules from before those entries, to time them.
+    pub fuse: bool,
 }
 
 impl Default for CudaBackend {
     fn default() -> Self {
-        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: tune::GemvMode::Auto }
+        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: tune::GemvMode::Auto, fuse: true }
     }
 }
 
@@ -196,7 +201,7 @@ impl Backend for CudaBackend {
         };
         let gemv = self.gemv;
         let (laid, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, gemv)?))
+        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, (gemv, self.fuse))?))
     }
 }
 

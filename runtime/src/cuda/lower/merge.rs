@@ -50,6 +50,16 @@ pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Re
 /// The suffix of a kernel's two-launch entry point.
 pub const X2: &str = "_x2";
 
+/// Whether `kernel` is an entry that runs steps together (`CudaBackend::fuse` off treats it as
+/// absent): a `_x2` pair, the one-launch split attention and the one storing the new K/V rows,
+/// the next token with its log-probability.
+pub fn fusing(kernel: &str) -> bool {
+    kernel.ends_with(X2)
+        || kernel.starts_with("attn_rows1_")
+        || kernel.starts_with("attn_rows_new_")
+        || kernel.starts_with("sample_token_log_prob_")
+}
+
 /// Whether `kernel` has an `_x2` entry point: the fused regions, the row writes, the copies.
 pub fn pairable(kernel: &str) -> bool {
     kernel.starts_with("fused_") || kernel.starts_with("write_rows_") || kernel.starts_with("copy_b")
@@ -271,6 +281,21 @@ mod tests {
         let l = Layout::default();
         let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
         assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| false, &[]).unwrap(), []);
+    }
+
+    #[test]
+    fn fusing_off_treats_the_joint_entries_as_absent() {
+        for k in ["fused_ab_x2", "copy_b2_x2", "attn_rows1_bf16", "attn_rows_new_bf16", "attn_rows1_new_f32", "sample_token_log_prob_f32"] {
+            assert!(fusing(k), "{k}");
+        }
+        for k in ["fused_ab", "copy_b2", "attn_rows_bf16", "attn_combine_bf16", "sample_token_f32", "write_rows_b2_i64"] {
+            assert!(!fusing(k), "{k}");
+        }
+        // What a load with `fuse: false` asks: the independent pair stays two launches.
+        let steps = [exp(0, 1024), exp(3072, 4096)];
+        let l = Layout::default();
+        let lowered = lower_entry(&steps, &l, &|k| !fusing(k)).unwrap();
+        assert!(lowered.pairs.is_empty() && lowered.work.iter().all(|w| w.len() == 1));
     }
 
     /// A concat of two `[1, 2, 8]` parts at `a` and `b` into `[1, 4, 8]` at `out`: two copies.
