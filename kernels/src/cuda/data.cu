@@ -125,9 +125,15 @@ struct CopyParams2 {
   CopyParams p[2];
 };
 
+// Four: two concats' two parts each (the pair's two `_x2` launches as one).
+struct CopyParams4 {
+  CopyParams p[4];
+};
+
 #define COPY(n, E)                                                                                                 \
   extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { copy_strided<E>(p); }          \
-  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x2(const CopyParams2 p) { copy_strided<E>(p.p[blockIdx.y]); }
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x2(const CopyParams2 p) { copy_strided<E>(p.p[blockIdx.y]); } \
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x4(const CopyParams4 p) { copy_strided<E>(p.p[blockIdx.y]); }
 COPY(1, unsigned char)
 COPY(2, unsigned short)
 COPY(4, unsigned int)

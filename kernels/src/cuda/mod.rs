@@ -117,6 +117,7 @@ pub fn modules() -> Vec<Module> {
     for b in [1, 2, 4, 8] {
         data.push(k(format!("copy_b{b}"), true));
         data.push(k(format!("copy_b{b}_x2"), true));
+        data.push(k(format!("copy_b{b}_x4"), true));
     }
     for it in ["i32", "i64"] {
         for b in [1, 2, 4, 8] {
@@ -482,6 +483,7 @@ mod tests {
             ["residual", "rms", "norm", t] => src.contains(&format!("RESIDUAL({t},")),
             // A pair entry (`_x2`) is defined by its kernel's macro, beside the kernel.
             [.., "x2"] => src.contains("##_x2(") && macro_defines(src, &name[..name.len() - 3]),
+            [.., "x4"] => src.contains("##_x4(") && macro_defines(src, &name[..name.len() - 3]),
             ["copy", b] => inst("copy", &format!("COPY({},", &b[1..])),
             ["gather", b, it] => src.contains(&format!("GATHER({},", &b[1..])) && src.contains(&format!(", {it}, ")),
             ["reduce", t] => src.contains(&format!("RED({t},")),
@@ -568,8 +570,8 @@ mod tests {
         }
         let data = modules().into_iter().find(|m| m.name == "data").unwrap();
         let c = nvrtc::compile("data", &data.source, "sm_90a").unwrap();
-        let pairs: Vec<_> = c.kernels.iter().filter(|(k, _)| k.ends_with("_x2")).collect();
-        assert_eq!(pairs.len(), 12, "{:?}", c.kernels);
+        let pairs: Vec<_> = c.kernels.iter().filter(|(k, _)| k.ends_with("_x2") || k.ends_with("_x4")).collect();
+        assert_eq!(pairs.len(), 16, "{:?}", c.kernels);
         for (k, r) in pairs {
             assert!(r.stack == 0 && r.spill_stores == 0, "{k}: {r:?}");
         }

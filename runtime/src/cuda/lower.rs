@@ -5,6 +5,7 @@
 //! batch broadcasting) comes from [`crate::geometry`], shared with the cube lowering.
 
 pub mod attention;
+pub mod copies;
 pub mod fold;
 pub(crate) mod index;
 pub mod kv_write;
@@ -138,10 +139,7 @@ pub struct Region {
 /// Whether a loaded module may lack `kernel`, an entry kiln added to a module later: the
 /// lowering launches it only where it is loaded (`has` of [`lower_entry`]).
 pub fn optional_kernel(kernel: &str) -> bool {
-    kernel.ends_with(merge::X2)
-        || kernel.starts_with("attn_rows1_")
-        || kernel.starts_with("attn_rows_new_")
-        || kernel == fold::SAMPLE_LOG_PROB
+    merge::fusing(kernel)
 }
 
 fn al(x: usize) -> usize {

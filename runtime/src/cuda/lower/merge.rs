@@ -43,18 +43,22 @@ pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Re
     super::attention::one_launch(&mut work, has);
     let absorbed = super::kv_write::absorb_cache_writes(steps, &mut work, l, has);
     let mut pairs = merge_pairs(steps, &mut work, l, has, &absorbed)?;
+    super::copies::join_concat_copies(steps, &mut work, l, has, &pairs)?;
     pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
     Ok(Lowered { work, pairs, absorbed })
 }
 
 /// The suffix of a kernel's two-launch entry point.
 pub const X2: &str = "_x2";
+/// The suffix of a copy's four-launch entry point ([`super::copies`]).
+pub const X4: &str = "_x4";
 
 /// Whether `kernel` is an entry that runs steps together (`CudaBackend::fuse` off treats it as
-/// absent): a `_x2` pair, the one-launch split attention and the one storing the new K/V rows,
-/// the next token with its log-probability.
+/// absent): a `_x2` pair, a `_x4` concat pair, the one-launch split attention and the one
+/// storing the new K/V rows, the next token with its log-probability.
 pub fn fusing(kernel: &str) -> bool {
     kernel.ends_with(X2)
+        || kernel.ends_with(X4)
         || kernel.starts_with("attn_rows1_")
         || kernel.starts_with("attn_rows_new_")
         || kernel.starts_with("sample_token_log_prob_")
@@ -82,17 +86,17 @@ pub(super) fn overlaps(a: Range, b: Range) -> bool {
 }
 
 /// What a step reads and writes on the device.
-struct Access {
+pub(super) struct Access {
     reads: Vec<Range>,
-    write: Range,
+    pub(super) write: Range,
 }
 
 impl Access {
-    fn of(s: &Step, l: &Layout) -> Result<Access, String> {
+    pub(super) fn of(s: &Step, l: &Layout) -> Result<Access, String> {
         Ok(Access { reads: s.inputs.iter().map(|o| range(o, l)).collect::<Result<_, _>>()?, write: range(&s.output, l)? })
     }
 
-    fn reads(&self, r: Range) -> bool {
+    pub(super) fn reads(&self, r: Range) -> bool {
         self.reads.iter().any(|&x| overlaps(x, r))
     }
 
@@ -235,8 +239,9 @@ mod tests {
     }
 
     /// Lowers and merges `steps`: the launches per step.
+    /// Lowered with every entry but the copies' `_x4` (`copies.rs` joins those; its tests).
     fn lowered(steps: &[Step]) -> (Vec<Vec<Work>>, usize) {
-        let l = lower_entry(steps, &Layout::default(), &|_| true).unwrap();
+        let l = lower_entry(steps, &Layout::default(), &|k| !k.ends_with(X4)).unwrap();
         (l.work, l.pairs.len())
     }
 
