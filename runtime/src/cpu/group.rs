@@ -103,19 +103,10 @@ pub(crate) fn plan(e: &Entry, roles: &Roles) -> Vec<Part> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::rotary::tests::{arena, rotate_half, rows, D};
     use super::*;
-    use kiln_graph::program::{ConstData, Io, Operand, PlanStats, Slot};
+    use kiln_graph::program::{Io, Operand, PlanStats, Slot};
     use kiln_graph::{DType, Op, TensorType, UnaryOp};
-
-    const D: usize = 8;
-
-    fn rows() -> TensorType {
-        TensorType::new(DType::F32, [1, 1, 2, D])
-    }
-
-    fn arena(offset: usize, ty: TensorType) -> Operand {
-        Operand { slot: Slot::Arena { offset, bytes: ty.bytes().next_multiple_of(256) }, ty }
-    }
 
     fn cache(i: u32) -> Operand {
         Operand { slot: Slot::State(i), ty: TensorType::new(DType::F32, [1, 4, 2, D]) }
@@ -123,16 +114,6 @@ mod tests {
 
     fn step(op: Op, kernel: &str, inputs: Vec<Operand>, output: Operand) -> Step {
         Step { node: 0, op, kernel: kernel.into(), inputs, output }
-    }
-
-    /// rotate_half over `D` columns.
-    fn rotate_half() -> ConstData {
-        let mut values = vec![0.0; D * D];
-        for c in 0..D {
-            let (src, sign) = if c < D / 2 { (c + D / 2, -1.0) } else { (c - D / 2, 1.0) };
-            values[src * D + c] = sign;
-        }
-        ConstData { ty: TensorType::new(DType::F32, [D, D]), values }
     }
 
     fn rot(x: usize, out: usize) -> Step {

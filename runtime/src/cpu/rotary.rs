@@ -290,18 +290,18 @@ fn copy_parts(mem: &Mem, w: &Step, axis: usize, skip: usize, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use kiln_graph::program::{Io, PlanStats};
     use kiln_graph::{TensorType, UnaryOp};
 
-    const D: usize = 8;
+    pub(in crate::cpu) const D: usize = 8;
 
-    fn arena(offset: usize, ty: TensorType) -> Operand {
+    pub(in crate::cpu) fn arena(offset: usize, ty: TensorType) -> Operand {
         Operand { slot: Slot::Arena { offset, bytes: ty.bytes().next_multiple_of(256) }, ty }
     }
 
-    fn rows() -> TensorType {
+    pub(in crate::cpu) fn rows() -> TensorType {
         TensorType::new(DType::F32, [1, 1, 2, D])
     }
 
@@ -310,7 +310,7 @@ mod tests {
     }
 
     /// rotate_half over `D` columns, as `rotation_as_matmul` makes it.
-    fn rotate_half() -> ConstData {
+    pub(in crate::cpu) fn rotate_half() -> ConstData {
         let mut values = vec![0.0; D * D];
         for c in 0..D {
             let (src, sign) = if c < D / 2 { (c + D / 2, -1.0) } else { (c - D / 2, 1.0) };

@@ -69,23 +69,8 @@ pub fn join_concat_copies(
 #[cfg(test)]
 mod tests {
     use super::super::merge::lower_entry;
-    use super::super::tests::{arena, tt};
-    use super::super::with_kernel;
+    use super::super::merge::tests::concat;
     use super::*;
-    use kiln_graph::DType;
-
-    /// A concat of two `[1, 2, 8]` bf16 parts at `a` and `b` into `[1, 4, 8]` at `out`.
-    fn concat(a: usize, b: usize, out: usize) -> Step {
-        let part = tt(DType::BF16, &[1, 2, 8]);
-        let inputs = vec![arena(a, part.clone()), arena(b, part)];
-        with_kernel(Step {
-            node: 0,
-            op: Op::Concat { axis: 1 },
-            kernel: String::new(),
-            inputs,
-            output: arena(out, tt(DType::BF16, &[1, 4, 8])),
-        })
-    }
 
     fn kernels(w: &[Work]) -> Vec<(String, u32)> {
         w.iter().map(|w| if let Work::Kernel(k) = w { (k.kernel.clone(), k.grid.1) } else { panic!() }).collect()

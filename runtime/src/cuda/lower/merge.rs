@@ -204,7 +204,7 @@ fn partner(j: usize, kernels: &[&Launch], work: &[Vec<Work>], access: &[Vec<Acce
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::tests::{arena, tt};
     use super::super::{lower_step, with_kernel};
     use super::*;
@@ -304,7 +304,7 @@ mod tests {
     }
 
     /// A concat of two `[1, 2, 8]` parts at `a` and `b` into `[1, 4, 8]` at `out`: two copies.
-    fn concat(a: usize, b: usize, out: usize) -> Step {
+    pub(in crate::cuda::lower) fn concat(a: usize, b: usize, out: usize) -> Step {
         let part = tt(DType::BF16, &[1, 2, 8]);
         let inputs = vec![arena(a, part.clone()), arena(b, part)];
         with_kernel(Step {
