@@ -14,7 +14,7 @@ use crate::backend::{Backend, Executable};
 use crate::error::{Result, RuntimeError};
 use crate::weights::WeightStore;
 pub use kernel::CpuKernel;
-use kiln_graph::program::{Program, Slot};
+use kiln_graph::program::{Entry, Program, Slot};
 use kiln_graph::{DType, Op, TensorType};
 use kiln_kernels::cpu::sgemm512::Stored;
 use std::sync::Arc;
@@ -92,15 +92,14 @@ impl Backend for CpuBackend {
             Some(_) => Ok(1),
             None => Err(format!("step {} stores kernel {}, not a cpu kernel", s.node, s.kernel)),
         };
-        let roles = rotary::Roles::of(e, &program.constants);
-        let parts = group::plan(e, &roles);
+        let (roles, parts) = roles_and_parts(e, program);
         let joined = |i: usize| roles.role[i] == rotary::Role::Absorbed || matches!(parts[i], group::Part::In(_));
         e.steps.iter().enumerate().map(|(i, s)| if joined(i) { Ok(0) } else { one(s) }).collect()
     }
 
     fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        let parts = group::plan(e, &rotary::Roles::of(e, &program.constants));
+        let (_, parts) = roles_and_parts(e, program);
         Ok(parts.iter().enumerate().filter_map(|(i, p)| if let group::Part::In(lead) = p { Some((i, *lead)) } else { None }).collect())
     }
 
@@ -227,6 +226,7 @@ fn finish(
 ) -> Result<exec::CpuExec> {
     let consts = program.constants.iter().map(|c| Aligned::from_bytes(&crate::tensor::from_f64(c.ty.dtype, &c.values))).collect();
     let arena = program.entries.iter().map(|e| e.arena_bytes).max().unwrap_or(0);
+    let (rotary, groups) = program.entries.iter().map(|e| roles_and_parts(e, program)).unzip();
     Ok(exec::CpuExec {
         weights,
         wbufs,
@@ -236,9 +236,17 @@ fn finish(
         state_off,
         program: program.clone(),
         prepared,
-        groups: program.entries.iter().map(|e| group::plan(e, &rotary::Roles::of(e, &program.constants))).collect(),
-        rotary: program.entries.iter().map(|e| rotary::Roles::of(e, &program.constants)).collect(),
+        rotary,
+        groups,
     })
+}
+
+/// The rotary roles of entry `e`'s steps ([`rotary`]) and the groups they run in ([`group`]),
+/// worked out from the program alone, as the run and the launch counts both use them.
+fn roles_and_parts(e: &Entry, program: &Program) -> (rotary::Roles, Vec<group::Part>) {
+    let roles = rotary::Roles::of(e, &program.constants);
+    let parts = group::plan(e, &roles);
+    (roles, parts)
 }
 
 /// Checks every operand of `program` lies where this backend can place it (a corrupt or

@@ -142,29 +142,16 @@ impl Backend for CudaBackend {
     }
 
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
-        // The executor's own lowering (states moved into the arena first, as a load does).
-        let (program, _) = crate::states::states_in_arena(program);
-        let layout = lower::layout(&program)?;
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        // Launches merged as a load merges them (every `_x2` and one-launch entry compiled:
-        // split attention as one `attn_rows1_*` launch, decode's cache writes inside it).
-        let lowered = lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?;
-        Ok(lowered.work.iter().map(Vec::len).collect())
+        Ok(lowered(program, entry)?.work.iter().map(Vec::len).collect())
     }
 
     fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
-        let (program, _) = crate::states::states_in_arena(program);
-        let layout = lower::layout(&program)?;
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        Ok(lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?.pairs)
+        Ok(lowered(program, entry)?.pairs)
     }
 
     fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         // K's and V's cache writes done by the decode attention's launch (`lower::kv_write`).
-        let (program, _) = crate::states::states_in_arena(program);
-        let layout = lower::layout(&program)?;
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        Ok(lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))?.absorbed)
+        Ok(lowered(program, entry)?.absorbed)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
@@ -203,6 +190,17 @@ impl Backend for CudaBackend {
         let (laid, states_at) = crate::states::states_in_arena(program);
         Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, (gemv, self.fuse))?))
     }
+}
+
+/// Entry `entry` of `program` as the executor lowers it, with no device: states moved into the
+/// arena first, as a load does, and launches merged as a load merges them (every `_x2` and
+/// one-launch entry compiled: split attention as one `attn_rows1_*` launch, decode's cache
+/// writes inside it).
+fn lowered(program: &Program, entry: usize) -> std::result::Result<lower::merge::Lowered, String> {
+    let (program, _) = crate::states::states_in_arena(program);
+    let layout = lower::layout(&program)?;
+    let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+    lower::lower_entry(&e.steps, &layout, &|_| true).map_err(|(i, m)| format!("step {i}: {m}"))
 }
 
 #[cfg(test)]

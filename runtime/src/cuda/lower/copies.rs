@@ -6,7 +6,7 @@
 //! one `copy_b*_x4` launch (half `blockIdx.y` of four runs one copy). Where the loaded modules
 //! lack the entry (`has`), the launches stay as they are.
 
-use super::merge::{merged, Access, X2, X4};
+use super::merge::{joined, merged, Access, X2, X4};
 use super::{Launch, Layout, Work};
 use kiln_graph::program::Step;
 use kiln_graph::Op;
@@ -22,15 +22,6 @@ fn two_copies(work: &[Work]) -> Option<(&Launch, &Launch)> {
     let [Work::Kernel(a), Work::Kernel(b)] = work else { return None };
     let same = a.kernel == b.kernel && a.block == b.block && a.smem == b.smem && a.params.len() == b.params.len();
     (same && a.kernel.starts_with("copy_b") && a.grid.1 == b.grid.1 && a.grid.2 == 1 && b.grid.2 == 1).then_some((a, b))
-}
-
-/// `a`'s and `b`'s halves (two each) as one launch of the `_x4` entry.
-fn four(a: &Launch, b: &Launch, kernel: String) -> Launch {
-    let mut params = a.params.clone();
-    params.extend_from_slice(&b.params);
-    let mut relocs = a.relocs.clone();
-    relocs.extend(b.relocs.iter().map(|r| r + a.params.len()));
-    Launch { module: a.module.clone(), kernel, grid: (a.grid.0.max(b.grid.0), 4, 1), block: a.block, smem: a.smem, params, relocs }
 }
 
 /// Joins each concat's copies, and each merged pair of concats' `_x2` launches, where `has`
@@ -50,7 +41,7 @@ pub fn join_concat_copies(
             (2, Some(base), Some(i)) => {
                 let ok = apart(&steps[i], l).map_err(|m| (i, m))? && apart(&steps[j], l).map_err(|m| (j, m))?;
                 let name = format!("{base}{X4}");
-                (ok && has(&name)).then(|| four(a, b, name))
+                (ok && has(&name)).then(|| joined(a, b, name))
             }
             // One concat's two copies.
             (1, None, None) => {

@@ -127,19 +127,18 @@ fn same_kernels(a: &[&Launch], b: &[&Launch]) -> bool {
 
 /// One launch of `a`'s kernel's `_x2` entry running `a` (half 0) and `b` (half 1).
 pub fn merged(a: &Launch, b: &Launch) -> Launch {
+    joined(a, b, format!("{}{X2}", a.kernel))
+}
+
+/// One launch of entry `kernel` running `a`'s parameter blocks, then `b`'s, one per
+/// `blockIdx.y`: `a`'s and `b`'s blocks side by side, `b`'s relocations moved past `a`'s.
+pub(super) fn joined(a: &Launch, b: &Launch, kernel: String) -> Launch {
     let mut params = a.params.clone();
     params.extend_from_slice(&b.params);
     let mut relocs = a.relocs.clone();
     relocs.extend(b.relocs.iter().map(|r| r + a.params.len()));
-    Launch {
-        module: a.module.clone(),
-        kernel: format!("{}{X2}", a.kernel),
-        grid: (a.grid.0.max(b.grid.0), 2, 1),
-        block: a.block,
-        smem: a.smem,
-        params,
-        relocs,
-    }
+    let halves = a.grid.1 + b.grid.1;
+    Launch { module: a.module.clone(), kernel, grid: (a.grid.0.max(b.grid.0), halves, 1), block: a.block, smem: a.smem, params, relocs }
 }
 
 /// Merges pairs of `work` (one list per step of `steps`, lowered in order) in place: the
