@@ -205,17 +205,17 @@ __device__ void attn_rows1(const AttnParams p) {
 }
 
 #define ROWS(t, T)                                                                            \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { attn_rows<T, false>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { attn_combine<T>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows1_##t(const AttnParams p) { attn_rows1<T, false>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows_new_##t(const AttnParams p) { attn_rows<T, true>(p); } \
-  extern "C" __global__ void __launch_bounds__(128) attn_rows1_new_##t(const AttnParams p) { attn_rows1<T, true>(p); }
+  extern "C" __global__ void __launch_bounds__(128) attn_rows_##t(const AttnParams p) { pdl_enter(); attn_rows<T, false>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_combine_##t(const AttnParams p) { pdl_enter(); attn_combine<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows1_##t(const AttnParams p) { pdl_enter(); attn_rows1<T, false>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows_new_##t(const AttnParams p) { pdl_enter(); attn_rows<T, true>(p); } \
+  extern "C" __global__ void __launch_bounds__(128) attn_rows1_new_##t(const AttnParams p) { pdl_enter(); attn_rows1<T, true>(p); }
 ROWS(f32, float)
 ROWS(bf16, bf16)
 ROWS(f16, f16)
 
 #define MMA(t, T, D, BK) \
-  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { attn_mma<T, D, BK>(p); }
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D(const AttnParams p) { pdl_enter(); attn_mma<T, D, BK>(p); }
 MMA(bf16, bf16, 64, 64)
 MMA(bf16, bf16, 72, 64)
 MMA(bf16, bf16, 128, 64)

@@ -6,7 +6,7 @@
 // then D, BK, MT (m16 tiles per warp), ST (2: K+V buffers; 3: ring), PAD, VST.
 
 #define MMAV(t, T, D, BK, SUFFIX, MT, ST, PAD, VST)                                                  \
-  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D##SUFFIX(const AttnParams p) { \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_##t##_d##D##SUFFIX(const AttnParams p) { pdl_enter(); \
     attn_mma<T, D, BK, MT, ST, PAD, VST>(p);                                                          \
   }
 #define MMA_VARIANTS(t, T)                              \

@@ -157,3 +157,36 @@ __device__ __forceinline__ float score_of(const AttnParams& p, float dot, int b,
 
 // The Rust struct's size (`param_structs_have_the_c_layout` checks its offsets there).
 static_assert(sizeof(AttnParams) == 176, "AttnParams differs from the Rust struct");
+
+// Programmatic dependent launch (PDL; `CudaBackend::pdl`): a kernel launched with the
+// programmatic stream serialization attribute may start while the kernel before it in the
+// stream still runs. `griddepcontrol.wait` (PTX ISA 7.8, sm_90+) waits until the prerequisite
+// grids in flight have completed and their memory operations are visible; every kiln kernel
+// executes it in every thread before its first read of memory another kernel writes and
+// before its first global store (the GEMVs prefetch their weight rows into L2 before it:
+// weights are never written on the device). `griddepcontrol.launch_dependents` lets the next
+// such launch be scheduled once every CTA of this grid has executed it or exited; the next
+// kernel's own wait still waits for this grid to complete. Below sm_90 both compile to
+// nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// The entry of a kernel that has nothing to read before the wait: waits, then allows the
+// next kernel's CTAs (scheduled once every CTA of this grid has got here or exited).
+__device__ __forceinline__ void pdl_enter() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+// Prefetches the 128-byte L2 line holding `p` (global memory).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// Present in every module built from this header: the runtime launches a module's kernels
+// with the PDL attribute only where its CUBIN defines this symbol (CUBINs from before the
+// waits existed launch as before).
+extern "C" __device__ const int kiln_pdl_waits = 1;

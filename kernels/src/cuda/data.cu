@@ -131,16 +131,16 @@ struct CopyParams4 {
 };
 
 #define COPY(n, E)                                                                                                 \
-  extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { copy_strided<E>(p); }          \
-  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x2(const CopyParams2 p) { copy_strided<E>(p.p[blockIdx.y]); } \
-  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x4(const CopyParams4 p) { copy_strided<E>(p.p[blockIdx.y]); }
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n(const CopyParams p) { pdl_enter(); copy_strided<E>(p); }          \
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x2(const CopyParams2 p) { pdl_enter(); copy_strided<E>(p.p[blockIdx.y]); } \
+  extern "C" __global__ void __launch_bounds__(256) copy_b##n##_x4(const CopyParams4 p) { pdl_enter(); copy_strided<E>(p.p[blockIdx.y]); }
 COPY(1, unsigned char)
 COPY(2, unsigned short)
 COPY(4, unsigned int)
 COPY(8, unsigned long long)
 
 #define GATHER(n, E, it, I) \
-  extern "C" __global__ void __launch_bounds__(256) gather_b##n##_##it(const GatherParams p) { gather<E, I>(p); }
+  extern "C" __global__ void __launch_bounds__(256) gather_b##n##_##it(const GatherParams p) { pdl_enter(); gather<E, I>(p); }
 GATHER(1, unsigned char, i32, int)
 GATHER(2, unsigned short, i32, int)
 GATHER(4, unsigned int, i32, int)
@@ -151,7 +151,7 @@ GATHER(4, unsigned int, i64, i64)
 GATHER(8, unsigned long long, i64, i64)
 
 #define GATHER_SCALED(t, T, it, I)                                                                        \
-  extern "C" __global__ void __launch_bounds__(256) gather_scaled_##t##_##it(const ScaledGatherParams p) { \
+  extern "C" __global__ void __launch_bounds__(256) gather_scaled_##t##_##it(const ScaledGatherParams p) { pdl_enter(); \
     gather_scaled<T, I>(p);                                                                               \
   }
 GATHER_SCALED(f32, float, i32, int)
@@ -168,8 +168,8 @@ struct GatherParams2 {
 };
 
 #define WRITE_ROWS(n, E, it, I)                                                                               \
-  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { write_rows<E, I>(p); } \
-  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it##_x2(const GatherParams2 p) {                  \
+  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it(const GatherParams p) { pdl_enter(); write_rows<E, I>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) write_rows_b##n##_##it##_x2(const GatherParams2 p) { pdl_enter();                  \
     if (blockIdx.y == 0) /* constant indices: the blocks stay in parameter space */                                    \
       write_rows<E, I>(p.p[0]);                                                                                         \
     else                                                                                                                \
@@ -185,8 +185,8 @@ WRITE_ROWS(4, unsigned int, i64, i64)
 WRITE_ROWS(8, unsigned long long, i64, i64)
 
 #define MOE(t, T, it, I)                                                                                         \
-  extern "C" __global__ void __launch_bounds__(256) moe_dispatch_##t##_##it(const MoeParams p) { moe_dispatch<T, I>(p); } \
-  extern "C" __global__ void __launch_bounds__(256) moe_combine_##t##_##it(const MoeParams p) { moe_combine<T, I>(p); }
+  extern "C" __global__ void __launch_bounds__(256) moe_dispatch_##t##_##it(const MoeParams p) { pdl_enter(); moe_dispatch<T, I>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) moe_combine_##t##_##it(const MoeParams p) { pdl_enter(); moe_combine<T, I>(p); }
 MOE(f32, float, i32, int)
 MOE(bf16, bf16, i32, int)
 MOE(f16, f16, i32, int)
@@ -243,11 +243,11 @@ template <> __device__ void iota<i64>(const IotaParams p) {
     ((i64*)p.out)[i] = (i64)(p.start + p.step * (double)((i / p.inner) % p.len));
 }
 
-#define RED(t, T) extern "C" __global__ void __launch_bounds__(256) reduce_##t(const ReduceParams p) { reduce<T>(p); }
+#define RED(t, T) extern "C" __global__ void __launch_bounds__(256) reduce_##t(const ReduceParams p) { pdl_enter(); reduce<T>(p); }
 RED(f32, float)
 RED(bf16, bf16)
 RED(f16, f16)
-#define IOTA(t, T) extern "C" __global__ void __launch_bounds__(256) iota_##t(const IotaParams p) { iota<T>(p); }
+#define IOTA(t, T) extern "C" __global__ void __launch_bounds__(256) iota_##t(const IotaParams p) { pdl_enter(); iota<T>(p); }
 IOTA(f32, float)
 IOTA(bf16, bf16)
 IOTA(f16, f16)

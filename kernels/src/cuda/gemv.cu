@@ -2,6 +2,11 @@
 // b the weights [N, K] row-major (a matmul with transpose_b), f32 accumulation, the output
 // in the inputs' dtype. Epilogues (flags): + bias[n], GELU-tanh, + residual[m, n] (the
 // order cuBLASLt applies them: bias, then GELU; a residual is never combined with GELU).
+// With GEMV_PREFETCH (set where the runtime launches with programmatic dependent launch,
+// `CudaBackend::pdl`) each lane prefetches into L2 the weight pieces its loop will load
+// before `pdl_wait()`, while the previous kernel may still run: weights are never written on
+// the device. The wait comes before the first activation read and every store (also without
+// the flag); `pdl_launch_dependents()` after the last loads.
 //
 // Memory-bound: every weight byte is read once, with 16-byte loads that bypass L1
 // (ld.global.nc.L1::no_allocate), while the activation rows (M * K elements, small) are read
@@ -27,6 +32,7 @@
 #define GEMV_GELU 2
 #define GEMV_RES 4
 #define GEMV_GLU 8
+#define GEMV_PREFETCH 16
 #define GEMV_MAX_WARPS 16
 
 // Parameters of every GEMV (by value; the layout matches `GemvParams` in Rust).
@@ -130,6 +136,20 @@ __device__ void gemv_half(const GemvParams p) {
   const unsigned short* x = (const unsigned short*)p.a + (i64)(xrow ? g : 0) * p.k + 8 * t;
   const int chunks = (p.k + 63) >> 6, full = p.k >> 6;
   const int c0 = warp * p.kchunks, c1 = min(c0 + p.kchunks, chunks), cf = min(c1, full);
+  if (p.flags & GEMV_PREFETCH) {
+    // Into L2, the 16-byte pieces of weights the loop below loads (the lane's, in bounds).
+#pragma unroll 1
+    for (int c = c0; c < c1; ++c) {
+      const int kleft = p.k - (c << 6) - 8 * t;
+      for (int h = 0; h < 64 && h < kleft; h += 32) {
+        prefetch_l2(w0 + (c << 6) + h);
+        prefetch_l2(w1 + (c << 6) + h);
+        if (GLU) prefetch_l2(v0 + (c << 6) + h);
+        if (GLU) prefetch_l2(v1 + (c << 6) + h);
+      }
+    }
+  }
+  pdl_wait();
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   float acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int c = c0;
@@ -142,6 +162,7 @@ __device__ void gemv_half(const GemvParams p) {
     gemv_chunk<T, true>(acc, w0, w1, x, xrow, c << 6, p.k - (c << 6) - 8 * t);
     if (GLU) gemv_chunk<T, true>(acc2, v0, v1, x, xrow, c << 6, p.k - (c << 6) - 8 * t);
   }
+  pdl_launch_dependents();
   if (nw > 1) {
     red[warp][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     if (GLU) red[warp][32 + lane] = make_float4(acc2[0], acc2[1], acc2[2], acc2[3]);
@@ -214,10 +235,19 @@ __device__ void gemv_f32(const GemvParams p) {
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[m][r] = 0.0f;
+  if (p.flags & GEMV_PREFETCH) {
+    // Into L2, the 16-byte pieces of weights the loop below loads (the lane's, in bounds).
+#pragma unroll 1
+    for (int c = c0; c < c1 && (c << 7) + 4 * lane < p.k; ++c)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) prefetch_l2(w[r] + (c << 7));
+  }
+  pdl_wait();
   int c = c0;
 #pragma unroll 2
   for (; c < cf; ++c) gemv_chunk_f32<M, false>(acc, w, x, c << 7, 0, p.k);
   if (c < c1) gemv_chunk_f32<M, true>(acc, w, x, c << 7, (c << 7) + 4 * lane, p.k);
+  pdl_launch_dependents();
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll

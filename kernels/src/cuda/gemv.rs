@@ -14,6 +14,19 @@ pub const GELU: i32 = 2;
 pub const RESIDUAL: i32 = 4;
 /// A gated matmul (`gemv_glu_*`): `out = T(gelu_tanh(T(a b^T))) * T(a b2^T)`, no other flag.
 pub const GLU: i32 = 8;
+/// Prefetch this warp's weight rows into L2 before `pdl_wait()` (set on launches with
+/// programmatic dependent launch, `CudaBackend::pdl`; the result does not change).
+pub const PREFETCH: i32 = 16;
+
+/// Sets [`PREFETCH`] in the bytes of a [`GemvParams`] (a launch's parameter block); `false`
+/// where `params` is too short to hold one.
+pub fn set_prefetch(params: &mut [u8]) -> bool {
+    let at = std::mem::offset_of!(GemvParams, flags);
+    let Some(b) = params.get_mut(at..at + 4) else { return false };
+    let flags = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) | PREFETCH;
+    b.copy_from_slice(&flags.to_le_bytes());
+    true
+}
 
 /// Streaming multiprocessors the launch geometry fills (H100 / H200 SXM: 132).
 const SMS: usize = 132;
@@ -99,6 +112,19 @@ mod tests {
     #[test]
     fn params_have_the_c_layout() {
         assert_eq!(std::mem::size_of::<GemvParams>(), 6 * 8 + 6 * 4);
+    }
+
+    #[test]
+    fn prefetch_sets_the_flag_and_keeps_the_rest() {
+        let p = GemvParams { m: 3, n: 7, k: 64, flags: BIAS | RESIDUAL, kchunks: 2, b2: 9, ..Default::default() };
+        // SAFETY: a `#[repr(C)]` struct of integers, read as its bytes.
+        let mut bytes =
+            unsafe { std::slice::from_raw_parts(&p as *const GemvParams as *const u8, std::mem::size_of::<GemvParams>()) }.to_vec();
+        assert!(set_prefetch(&mut bytes));
+        // SAFETY: as many bytes as the struct, any bit pattern valid; read unaligned.
+        let q: GemvParams = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const GemvParams) };
+        assert_eq!(q, GemvParams { flags: BIAS | RESIDUAL | PREFETCH, ..p });
+        assert!(!set_prefetch(&mut bytes[..20]));
     }
 
     #[test]

@@ -257,7 +257,7 @@ __device__ void resize(const ResizeParams p) {
   }
 }
 
-#define CUMSUM(t, T) extern "C" __global__ void __launch_bounds__(256) cumsum_##t(const LineParams p) { cumsum<T>(p); }
+#define CUMSUM(t, T) extern "C" __global__ void __launch_bounds__(256) cumsum_##t(const LineParams p) { pdl_enter(); cumsum<T>(p); }
 CUMSUM(f32, float)
 CUMSUM(bf16, bf16)
 CUMSUM(f16, f16)
@@ -266,7 +266,7 @@ CUMSUM(i64, i64)
 CUMSUM(u8, u8)
 CUMSUM(bool, b8)
 
-#define TOPK(t, T) extern "C" __global__ void __launch_bounds__(256) topk_##t(const TopkParams p) { topk<T>(p); }
+#define TOPK(t, T) extern "C" __global__ void __launch_bounds__(256) topk_##t(const TopkParams p) { pdl_enter(); topk<T>(p); }
 TOPK(f32, float)
 TOPK(bf16, bf16)
 TOPK(f16, f16)
@@ -275,7 +275,7 @@ TOPK(i64, i64)
 TOPK(u8, u8)
 
 #define TAKE_ALONG(n, E, it, I) \
-  extern "C" __global__ void __launch_bounds__(256) take_along_b##n##_##it(const AlongParams p) { take_along<E, I>(p); }
+  extern "C" __global__ void __launch_bounds__(256) take_along_b##n##_##it(const AlongParams p) { pdl_enter(); take_along<E, I>(p); }
 TAKE_ALONG(1, unsigned char, i32, int)
 TAKE_ALONG(2, unsigned short, i32, int)
 TAKE_ALONG(4, unsigned int, i32, int)
@@ -286,7 +286,7 @@ TAKE_ALONG(4, unsigned int, i64, i64)
 TAKE_ALONG(8, unsigned long long, i64, i64)
 
 #define SCATTER_ADD(t, T, it, I) \
-  extern "C" __global__ void __launch_bounds__(256) scatter_add_##t##_##it(const AlongParams p) { scatter_add<T, I>(p); }
+  extern "C" __global__ void __launch_bounds__(256) scatter_add_##t##_##it(const AlongParams p) { pdl_enter(); scatter_add<T, I>(p); }
 SCATTER_ADD(f32, float, i32, int)
 SCATTER_ADD(bf16, bf16, i32, int)
 SCATTER_ADD(f16, f16, i32, int)
@@ -303,8 +303,8 @@ SCATTER_ADD(u8, u8, i64, i64)
 SCATTER_ADD(bool, b8, i64, i64)
 
 #define AXIS_FLOAT(t, T)                                                                                                \
-  extern "C" __global__ void __launch_bounds__(256) softmax_axis_##t(const LineParams p) { softmax_axis<T>(p); } \
-  extern "C" __global__ void __launch_bounds__(256) resize_##t(const ResizeParams p) { resize<T>(p); }
+  extern "C" __global__ void __launch_bounds__(256) softmax_axis_##t(const LineParams p) { pdl_enter(); softmax_axis<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) resize_##t(const ResizeParams p) { pdl_enter(); resize<T>(p); }
 AXIS_FLOAT(f32, float)
 AXIS_FLOAT(bf16, bf16)
 AXIS_FLOAT(f16, f16)
@@ -314,7 +314,7 @@ AXIS_FLOAT(f16, f16)
 // exp(x - max) in double (each thread's strided part, then a tree over the block: another
 // order of additions than the host's, so the sum may differ in its last double bits),
 // lse = max + log(sum), out = (float)((double)x - lse).
-extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) {
+extern "C" __global__ void __launch_bounds__(256) log_softmax_f32(const LineParams p) { pdl_enter();
   __shared__ double red[256];
   const int t = threadIdx.x;
   for (i64 r = blockIdx.x; r < p.outer; r += gridDim.x) {
@@ -392,8 +392,8 @@ __device__ void token_log_prob(const AlongParams p) {
     }
   }
 }
-extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i32(const AlongParams p) { token_log_prob<int>(p); }
-extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i64(const AlongParams p) { token_log_prob<i64>(p); }
+extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i32(const AlongParams p) { pdl_enter(); token_log_prob<int>(p); }
+extern "C" __global__ void __launch_bounds__(256) token_log_prob_f32_i64(const AlongParams p) { pdl_enter(); token_log_prob<i64>(p); }
 
 // The next token per row (`Op::SampleToken`, kiln_graph::sample): one block per row.
 // x: f32 logits [rows, v]; opts: f32 [temperature, top_p]; ctr: i64 [top_k, seed_hi, seed_lo,
@@ -575,7 +575,7 @@ __device__ __forceinline__ void sample_row(const SampleParams& p, const bool bad
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleParams p) {
+extern "C" __global__ void __launch_bounds__(256) sample_token_f32(const SampleParams p) { pdl_enter();
   const bool bad = bad_options(p);
   for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) sample_row(p, bad, r);
 }
@@ -588,7 +588,7 @@ struct SampleLogProbParams {
   SampleParams s;
   i64 logprob;
 };
-extern "C" __global__ void __launch_bounds__(256) sample_token_log_prob_f32(const SampleLogProbParams q) {
+extern "C" __global__ void __launch_bounds__(256) sample_token_log_prob_f32(const SampleLogProbParams q) { pdl_enter();
   __shared__ double red[256];
   const SampleParams& p = q.s;
   const bool bad = bad_options(p);

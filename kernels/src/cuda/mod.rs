@@ -16,6 +16,7 @@ pub mod fused;
 pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod pdl;
 
 /// Helpers every module includes (half conversions, warp reductions, masks).
 pub const COMMON: &str = include_str!("common.cuh");

@@ -59,9 +59,9 @@ __device__ void softmax(const NormParams p) {
 }
 
 #define NORMS(t, T)                                                                                       \
-  extern "C" __global__ void __launch_bounds__(256) layer_norm_##t(const NormParams p) { layer_norm<T>(p); } \
-  extern "C" __global__ void __launch_bounds__(256) rms_norm_##t(const NormParams p) { rms_norm<T>(p); }     \
-  extern "C" __global__ void __launch_bounds__(256) softmax_##t(const NormParams p) { softmax<T>(p); }
+  extern "C" __global__ void __launch_bounds__(256) layer_norm_##t(const NormParams p) { pdl_enter(); layer_norm<T>(p); } \
+  extern "C" __global__ void __launch_bounds__(256) rms_norm_##t(const NormParams p) { pdl_enter(); rms_norm<T>(p); }     \
+  extern "C" __global__ void __launch_bounds__(256) softmax_##t(const NormParams p) { pdl_enter(); softmax<T>(p); }
 NORMS(f32, float)
 NORMS(bf16, bf16)
 NORMS(f16, f16)
@@ -157,10 +157,10 @@ __device__ void norm_warp(const NormParams p) {
 
 // MAXV 12: rows up to 3072 bf16/f16 elements or 1536 f32 (Gemma 2 2B's 2304, So400m's 1152).
 #define NORMS_WARP(t, T)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(256) layer_norm_warp_##t(const NormParams p) {            \
+  extern "C" __global__ void __launch_bounds__(256) layer_norm_warp_##t(const NormParams p) { pdl_enter();            \
     norm_warp<T, 12, true>(p);                                                                            \
   }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(256) rms_norm_warp_##t(const NormParams p) { norm_warp<T, 12, false>(p); }
+  extern "C" __global__ void __launch_bounds__(256) rms_norm_warp_##t(const NormParams p) { pdl_enter(); norm_warp<T, 12, false>(p); }
 NORMS_WARP(f32, float)
 NORMS_WARP(bf16, bf16)
 NORMS_WARP(f16, f16)
@@ -215,7 +215,7 @@ __device__ void residual_rms_norm(const ResidualNormParams p) {
 }
 
 #define RESIDUAL(t, T)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(256) residual_rms_norm_##t(const ResidualNormParams p) { \
+  extern "C" __global__ void __launch_bounds__(256) residual_rms_norm_##t(const ResidualNormParams p) { pdl_enter(); \
     residual_rms_norm<T>(p);                                                                            \
   }
 RESIDUAL(f32, float)

@@ -76,6 +76,27 @@ pub fn compile(name: &str, source: &str, arch: &str) -> Result<Compiled, String>
     out
 }
 
+/// Compiles `source` for the virtual architecture `compute` (`compute_90a`) to PTX text, the
+/// code NVRTC hands ptxas (the checks of `pdl::order` read it).
+pub fn ptx(name: &str, source: &str, compute: &str) -> Result<String, String> {
+    if !available() {
+        return Err(INSTALL_HINT.to_string());
+    }
+    let src = CString::new(source).map_err(|_| format!("{name}: source holds a NUL byte"))?;
+    let cname = CString::new(format!("{name}.cu")).map_err(|_| format!("{name}: name holds a NUL byte"))?;
+    let prog = result::create_program(&src, Some(&cname)).map_err(|e| format!("{name}: nvrtcCreateProgram: {e}"))?;
+    let opts: Vec<String> = options(compute).into_iter().filter(|o| !o.starts_with("--ptxas-options")).collect();
+    // SAFETY: `prog` was just created and is destroyed once below; `src` and `cname` outlive it.
+    unsafe {
+        let out = match result::compile_program(prog, &opts) {
+            Err(e) => Err(format!("{name}: {e}\n{}", result::get_program_log(prog).map(text).unwrap_or_default())),
+            Ok(()) => result::get_ptx(prog).map(text).map_err(|e| format!("{name}: nvrtcGetPTX: {e}")),
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
 /// FNV-1a over the compile inputs: the key of a cached CUBIN.
 fn cache_key(name: &str, source: &str, arch: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

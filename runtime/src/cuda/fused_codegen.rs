@@ -216,11 +216,12 @@ pub fn source(expr: &Expr, inputs: &[DType], out: DType, perm: Option<&SignedPer
     };
     let _ = writeln!(s, "    (({}*)p.out)[x] = {store};", c_type(out));
     let _ = writeln!(s, "  }}\n}}");
-    let _ = writeln!(s, "extern \"C\" __global__ void __launch_bounds__(256) {name}(const FusedParams p) {{ {name}_body(p); }}");
+    let _ =
+        writeln!(s, "extern \"C\" __global__ void __launch_bounds__(256) {name}(const FusedParams p) {{ pdl_enter(); {name}_body(p); }}");
     let _ = writeln!(s, "struct FusedParams2 {{\n  FusedParams p[2];\n}};");
     let _ = writeln!(
         s,
-        "extern \"C\" __global__ void __launch_bounds__(256) {name}_x2(const FusedParams2 p) {{ {name}_body(p.p[blockIdx.y]); }}"
+        "extern \"C\" __global__ void __launch_bounds__(256) {name}_x2(const FusedParams2 p) {{ pdl_enter(); {name}_body(p.p[blockIdx.y]); }}"
     );
     Ok((name, s))
 }
@@ -330,6 +331,28 @@ mod tests {
         assert!(!required, "KILN_REQUIRE_NVRTC=1 but {}", nvrtc::INSTALL_HINT);
         eprintln!("skipped: {}", nvrtc::INSTALL_HINT);
         false
+    }
+
+    /// Programmatic dependent launch: both entries of a generated region (plain, permuted)
+    /// wait before any global load or store, and the module defines the marker the runtime
+    /// looks for (`kiln_kernels::cuda::pdl`).
+    #[test]
+    fn generated_regions_wait_before_they_touch_memory() {
+        if !nvrtc_or_skip() {
+            return;
+        }
+        use crate::rotation::{Run, SignedPerm};
+        let half = SignedPerm { d: 8, runs: vec![Run { dst: 0, len: 4, src: 4, neg: true }, Run { dst: 4, len: 4, src: 0, neg: false }] };
+        for perm in [None, Some(&half)] {
+            let (name, src) = source(&gelu_add(), &[DType::BF16, DType::BF16], DType::BF16, perm).unwrap();
+            let ptx = nvrtc::ptx(&name, &src, "compute_90a").unwrap_or_else(|e| panic!("{e}\n{src}"));
+            assert!(ptx.contains(kiln_kernels::cuda::pdl::MARKER), "{name}: no marker");
+            let order = kiln_kernels::cuda::pdl::order(&ptx);
+            for k in [name.clone(), format!("{name}_x2")] {
+                let (_, problems) = order.iter().find(|(n, _)| *n == k).unwrap_or_else(|| panic!("{k}: no entry in\n{ptx}"));
+                assert!(problems.is_empty(), "{k}: {problems:?}");
+            }
+        }
     }
 
     #[test]
