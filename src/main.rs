@@ -72,6 +72,12 @@ struct ProfileArgs {
     /// (for timing the difference on one card).
     #[arg(long, default_value = "on")]
     cuda_fuse: String,
+    /// cuda load option: `on` launches kiln's kernels with programmatic dependent launch (each
+    /// may start while the one before it finishes, and waits on the device before it reads
+    /// that one's output; the GEMVs prefetch their weights first); `off` launches them one
+    /// after another. cuBLASLt's GEMMs launch as they do without it.
+    #[arg(long, default_value = "off")]
+    cuda_pdl: String,
     /// cuda compile option: the tuning table (JSON of kernel choices measured per card; see
     /// tuning/README.md) stored in the artifact, or `none`; defaults to the built-in one.
     #[arg(long, value_name = "FILE")]
@@ -399,13 +405,16 @@ fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>, p
     Ok(session_and_graph(model, weights, opts, p)?.0)
 }
 
-/// Loads `program` with the load options of `p` (`--cuda-gemv`).
+/// Loads `program` with the load options of `p` (`--cuda-gemv`, `--cuda-fuse`, `--cuda-pdl`).
 fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Session> {
     if !matches!(p.cuda_gemv.as_str(), "auto" | "on" | "off") {
         return Err(Error::Usage(format!("--cuda-gemv {}: expected auto, on or off", p.cuda_gemv)));
     }
     if !matches!(p.cuda_fuse.as_str(), "on" | "off") {
         return Err(Error::Usage(format!("--cuda-fuse {}: expected on or off", p.cuda_fuse)));
+    }
+    if !matches!(p.cuda_pdl.as_str(), "on" | "off") {
+        return Err(Error::Usage(format!("--cuda-pdl {}: expected on or off", p.cuda_pdl)));
     }
     #[cfg(feature = "cuda")]
     if program.backend == "cuda" {
@@ -414,7 +423,7 @@ fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Se
             "off" => kiln_runtime::cuda::tune::GemvMode::Off,
             _ => kiln_runtime::cuda::tune::GemvMode::Auto,
         };
-        let backend = kiln_runtime::cuda::CudaBackend { gemv, fuse: p.cuda_fuse == "on", ..Default::default() };
+        let backend = kiln_runtime::cuda::CudaBackend { gemv, fuse: p.cuda_fuse == "on", pdl: p.cuda_pdl == "on", ..Default::default() };
         return Ok(Session::with_backend(program, store, &backend)?);
     }
     if p.cuda_gemv != "auto" {
@@ -422,6 +431,9 @@ fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Se
     }
     if p.cuda_fuse != "on" {
         return Err(Error::Usage(format!("--cuda-fuse applies to the cuda backend, not {}", program.backend)));
+    }
+    if p.cuda_pdl != "off" {
+        return Err(Error::Usage(format!("--cuda-pdl applies to the cuda backend, not {}", program.backend)));
     }
     Ok(Session::new(program, store)?)
 }

@@ -182,6 +182,12 @@ const ROWS: &[Row] = &[
         "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-fuse off",
         "--cuda-fuse applies to the cuda backend",
     ),
+    ("run: --cuda-pdl bogus", "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-pdl yes", "expected on or off"),
+    (
+        "run: --cuda-pdl on on the cpu backend",
+        "run {vit} --inputs {vit_in} --out {d}/o.safetensors --cuda-pdl on",
+        "--cuda-pdl applies to the cuda backend",
+    ),
     ("run: width null", "run {d}/null_width --inputs {vit_in} --out {d}/o.safetensors", "null (Python None)"),
     ("run: unknown kwarg", "run {d}/unknown_kwarg --inputs {vit_in} --out {d}/o.safetensors", "not_a_kwarg"),
     ("run: an artifact on inputs of another shape", "run {d}/vit.kiln --inputs {images} --out {d}/o.safetensors", "input 'images'"),

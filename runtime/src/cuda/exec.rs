@@ -13,7 +13,7 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::{result as dr, sys, CudaContext, CudaStream};
 use kiln_graph::program::{Binary, Program, Slot};
 use kiln_graph::DType;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -68,6 +68,17 @@ pub(super) enum Item {
     Zero { ptr: u64, bytes: usize },
 }
 
+/// The load options [`CudaExec::new`] takes from `CudaBackend`.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]).
+    pub gemv: GemvMode,
+    /// Whether steps run together where the modules allow (`CudaBackend::fuse`).
+    pub fuse: bool,
+    /// Whether kiln's kernels launch with programmatic dependent launch (`CudaBackend::pdl`).
+    pub pdl: bool,
+}
+
 /// A program loaded on the GPU.
 pub struct CudaExec {
     pub(super) ctx: Arc<CudaContext>,
@@ -85,6 +96,9 @@ pub struct CudaExec {
     pub(super) states_at: Vec<usize>,
     /// Every loaded kernel by name (the state-row gather launches `data` kernels by name).
     pub(super) funcs: HashMap<String, sys::CUfunction>,
+    /// The functions (by address) launched with programmatic dependent launch: with
+    /// `CudaBackend::pdl`, those of the modules that define the waits' marker (`pdl.rs`).
+    pdl: HashSet<usize>,
     /// A second allocation for reordering state rows (indices, then a state's copy), made on
     /// first use: its address and size.
     rows_scratch: Option<(u64, usize)>,
@@ -112,15 +126,15 @@ impl CudaExec {
     /// of what it lacks): called while the weights upload on a thread and stream of their own,
     /// so compiling and loading modules overlap the upload; both finish before any GEMM is
     /// timed or entry captured. The caller checked that the driver exists.
-    /// `gemv` says whether kiln's GEMV replaces cuBLASLt where it applies (see [`GemvMode`]);
-    /// `fuse` whether steps run together where the modules allow (`CudaBackend::fuse`).
+    /// `opts`: the load options ([`LoadOptions`]).
     pub fn new(
         program: &Program,
         store: &WeightStore,
         binaries: impl FnOnce() -> Result<Vec<Binary>>,
         states_at: Vec<usize>,
-        (gemv, fuse): (GemvMode, bool),
+        opts: LoadOptions,
     ) -> Result<Self> {
+        let LoadOptions { gemv, fuse, pdl } = opts;
         let ctx = drv("cuCtx (device 0)", CudaContext::new(0))?;
         // SAFETY: kiln orders all work on one stream; cudarc's event tracking would record
         // events inside graph capture.
@@ -152,6 +166,7 @@ impl CudaExec {
             graphs: Vec::new(),
             states_at,
             funcs: HashMap::new(),
+            pdl: HashSet::new(),
             rows_scratch: None,
             debug: std::env::var("KILN_CUDA_DEBUG").is_ok_and(|v| v == "1"),
         };
@@ -159,7 +174,7 @@ impl CudaExec {
         let (weights_at, constants_at) = (me.layout.weights.clone(), me.layout.constants.clone());
         let (uploaded, funcs) = std::thread::scope(|sc| {
             let up = sc.spawn(move || super::upload::upload_on_own_stream(&ctx, program, store, base, &weights_at, &constants_at));
-            let funcs = binaries().and_then(|b| me.load_modules(&b));
+            let funcs = binaries().and_then(|b| me.load_modules(&b, pdl));
             (up.join().unwrap_or_else(|_| Err(err("the weight upload thread panicked"))), funcs)
         });
         uploaded?;
@@ -181,8 +196,14 @@ impl CudaExec {
                     items.push(match w {
                         Work::Gemm(g) => {
                             // An artifact's CUBINs from before the GEMV existed lack it: cuBLASLt.
-                            let gemv =
+                            let mut gemv =
                                 g.gemv.clone().filter(|l| funcs.contains_key(&l.kernel)).map(|l| me.relocate(&funcs, l)).transpose()?;
+                            // A GEMV launched with PDL prefetches its weights before it waits.
+                            if let Some((_, l)) = gemv.as_mut().filter(|(f, _)| me.pdl.contains(&(*f as usize))) {
+                                if !kiln_kernels::cuda::gemv::set_prefetch(&mut l.params) {
+                                    return Err(err(format!("{}: a parameter block of {} bytes", l.kernel, l.params.len())));
+                                }
+                            }
                             Item::Gemm(me.plan_gemm(g, gemv)?)
                         }
                         Work::Zero { offset, bytes } => Item::Zero { ptr: me.base + offset, bytes },
@@ -237,13 +258,16 @@ impl CudaExec {
         drv("sync", self.stream.synchronize())
     }
 
-    fn load_modules(&mut self, binaries: &[Binary]) -> Result<HashMap<String, sys::CUfunction>> {
+    /// Loads `binaries`' modules and returns their kernels by name; with `pdl`, records the
+    /// kernels of the modules that wait (`pdl::module_waits`) for PDL launches.
+    fn load_modules(&mut self, binaries: &[Binary], pdl: bool) -> Result<HashMap<String, sys::CUfunction>> {
         let mut funcs = HashMap::new();
         for b in binaries {
             // SAFETY: `code` is a CUBIN produced by NVRTC for this device's architecture; the
             // driver validates it and returns an error otherwise.
             let m = drv(&format!("cuModuleLoadData({})", b.name), unsafe { dr::module::load_data(b.code.as_ptr() as *const c_void) })?;
             self.modules.push(m);
+            let waits = pdl && super::pdl::module_waits(m);
             let names: Vec<String> = if b.name.starts_with("fused_") {
                 vec![b.name.clone(), format!("{}{}", b.name, super::lower::merge::X2)]
             } else {
@@ -273,8 +297,14 @@ impl CudaExec {
                         )
                     })?;
                 }
+                if waits {
+                    self.pdl.insert(f as usize);
+                }
                 funcs.insert(n, f);
             }
+        }
+        if pdl && std::env::var("KILN_CUDA_VERBOSE").is_ok_and(|v| v == "1") {
+            eprintln!("kiln: programmatic dependent launch for {} of {} kernels", self.pdl.len(), funcs.len());
         }
         Ok(funcs)
     }
@@ -473,9 +503,15 @@ impl CudaExec {
         // SAFETY: every kernel takes one by-value struct whose bytes are `params` (layouts
         // checked by tests in kiln-kernels); its addresses were relocated into the
         // allocation; the driver copies parameters at launch (and at capture), so `params`
-        // may drop afterwards.
+        // may drop afterwards. PDL only for the kernels of modules that wait (`load_modules`).
+        let cu = self.stream.cu_stream();
         drv(&format!("launch {}", launch.kernel), unsafe {
-            dr::launch_kernel(f, launch.grid, (launch.block, 1, 1), launch.smem, self.stream.cu_stream(), &mut args)
+            if self.pdl.contains(&(f as usize)) {
+                // The kernel's module waits before it touches another kernel's memory.
+                super::pdl::launch(f, launch.grid, launch.block, launch.smem, cu, &mut args)
+            } else {
+                dr::launch_kernel(f, launch.grid, (launch.block, 1, 1), launch.smem, cu, &mut args)
+            }
         })
     }
 

@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod kernel;
 pub mod lower;
 mod norm_tune;
+mod pdl;
 pub mod plan;
 pub mod rotation;
 mod state_rows;
@@ -50,11 +51,17 @@ pub struct CudaBackend {
     /// that also stores the new K/V rows, the next token with its log-probability. False runs
     /// each as its own launches, as with modules from before those entries, to time them.
     pub fuse: bool,
+    /// Whether kiln's kernels launch with programmatic dependent launch (a load option;
+    /// default false): each may start while the kernel before it finishes, waiting on the
+    /// device (`griddepcontrol.wait`) before it reads another kernel's output or stores, and
+    /// the GEMVs prefetch their weight rows into L2 before that wait. cuBLASLt's GEMMs, and
+    /// the kernels of CUBINs from before the waits, launch as without it.
+    pub pdl: bool,
 }
 
 impl Default for CudaBackend {
     fn default() -> Self {
-        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: tune::GemvMode::Auto, fuse: true }
+        CudaBackend { arch: DEFAULT_ARCH.into(), gemv: tune::GemvMode::Auto, fuse: true, pdl: false }
     }
 }
 
@@ -188,7 +195,7 @@ impl Backend for CudaBackend {
         };
         let gemv = self.gemv;
         let (laid, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, (gemv, self.fuse))?))
+        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, exec::LoadOptions { gemv, fuse: self.fuse, pdl: self.pdl })?))
     }
 }
 
