@@ -225,8 +225,15 @@ from safetensors.torch import save_file
 g = torch.Generator().manual_seed(0)
 save_file({"input_ids": torch.randint(2, 256000, (1, 16), generator=g)}, sys.argv[1])
 PY
-  KILN_CUDA_VERBOSE=1 timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown > "$W/kiln_gemma_decode.txt" 2>&1
+  KILN_CUDA_VERBOSE=1 timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen.safetensors" --max-new-tokens 64 --breakdown --cuda-pdl off > "$W/kiln_gemma_decode.txt" 2>&1
   row kiln-cuda "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode.txt" | tail -1)"
+  # The same decode with programmatic dependent launch (each kiln kernel may start while the
+  # one before it finishes; the GEMVs prefetch their weights before they wait): what it buys
+  # per token, and the same ids and log-probabilities bit for bit.
+  KILN_CUDA_VERBOSE=1 timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen_pdl.safetensors" --max-new-tokens 64 --breakdown --cuda-pdl on > "$W/kiln_gemma_decode_pdl.txt" 2>&1
+  row kiln-cuda-pdl-on "gemma2-2b decode" 1 "$(grep '^{' "$W/kiln_gemma_decode_pdl.txt" | tail -1)"
+  "$kiln" compare "$W/gen_pdl.safetensors" "$W/gen.safetensors" --tol 0 > "$W/pdl_compare.txt" 2>&1
+  log "gemma decode --cuda-pdl on against off (ids and log-probabilities, --tol 0): rc $? ($(grep -m1 'programmatic dependent launch' "$W/kiln_gemma_decode_pdl.txt"))"
   # The same decode with every step its own launches (no _x2 pairs, split attention as two
   # launches, the cache writes apart): what running them together buys, and the same ids.
   timeout "$(lim 300)" "$kiln" generate "$g" --backend cuda --dtype bf16 --inputs "$W/prompt.safetensors" --out "$W/gen_nofuse.safetensors" --max-new-tokens 64 --breakdown --cuda-fuse off > "$W/kiln_gemma_decode_nofuse.txt" 2>&1

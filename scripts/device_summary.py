@@ -2,7 +2,9 @@
 """The table that ends scripts/device_cuda.sh: one line per (model, batch, engine) from its
 timings.jsonl, with kiln's ratio to each peer measured in the same run and the achieved
 TFLOP/s (SigLIP, Gemma prefill) or TB/s (Gemma decode) beside the card's ceiling measured in
-the same run (the `ceiling` row).
+the same run (the `ceiling` row). Where a load option's row (`kiln-cuda-pdl-on`,
+`kiln-cuda-fuse-off`) was measured beside the default `kiln-cuda`, a line after the table
+gives both times and their ratio.
 
     device_summary.py timings.jsonl
 
@@ -80,6 +82,12 @@ def main():
                 if r["engine"] == "kiln-cube-cuda" and peers.get("torch-eager-f32"):
                     ratios[0] = f"{peers['torch-eager-f32'] / ms:.2f}x f32"
             print(f"{model:<24} {batch:>5} {r['engine']:<16} {ms:>9.3f} {rate:>22} {ratios[0]:>9} {ratios[1]:>10}")
+    # Load-option A/B rows of one model measured in this run (scripts/device_cuda.sh, gemma).
+    for (model, batch), rs in groups.items():
+        ms = {r["engine"]: ms_of(r)[0] for r in rs}
+        for engine, what in (("kiln-cuda-pdl-on", "--cuda-pdl on"), ("kiln-cuda-fuse-off", "--cuda-fuse off")):
+            if ms.get(engine) and ms.get("kiln-cuda"):
+                print(f"{model} b{batch}: {what} {ms[engine]:.3f} ms, default {ms['kiln-cuda']:.3f} ms (default / {what}: {ms['kiln-cuda'] / ms[engine]:.3f}x)")
     print("ratios: peer time / kiln time (above 1: kiln faster); kiln times are device times where measured")
 
 
