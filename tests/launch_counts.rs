@@ -104,8 +104,8 @@ const BEST: &[(&str, &str, usize, usize)] = &[
     ("cpu", "decode", 8, 5),
     ("cuda", "prefill", 11, 6),
     ("cuda", "decode", 10, 5),
-    ("cube", "prefill", 15, 5),
-    ("cube", "decode", 12, 5),
+    ("cube", "prefill", 14, 5),
+    ("cube", "decode", 11, 5),
 ];
 
 /// The same for Gemma 2 2B's shapes ([`gemma2_2b_shaped`], a 1024-token prompt bucket, 32 new

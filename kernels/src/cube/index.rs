@@ -86,6 +86,9 @@ pub struct GatherCfg {
     /// A gather times a scale (`Op::GatherScaled`): each value times `f32::from_bits(scale_bits)`.
     pub scaled: bool,
     pub scale_bits: u32,
+    /// Independent row writes run by a [`write_rows`] launch, one per `CUBE_POS_Y`
+    /// ([`super::part_base`]); 1 for a gather.
+    pub parts: u32,
 }
 
 /// `out[o, j, i] = x[o, idx[..], i]` (times the scale where `cfg.scaled`). Meta: [`GatherParams`] (the output `[outer, rows,
@@ -119,18 +122,19 @@ pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
 /// interpreter reports it; this kernel has no error channel).
 #[cube(launch_unchecked)]
 pub fn write_rows<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
-    let n = meta[GatherParams::N] as usize;
-    let o = ABSOLUTE_POS;
+    let base = crate::cube::part_base(meta, CUBE_POS_Y, cfg.parts);
+    let n = meta[base + GatherParams::N] as usize;
+    let o = ABSOLUTE_POS_X as usize;
     if o < n {
-        let rows = meta[GatherParams::ROWS] as usize;
-        let inner = meta[GatherParams::INNER] as usize;
-        let len = meta[GatherParams::LEN_AXIS] as usize;
-        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[GatherParams::IDX_OFF] as usize, cfg.idx)) as usize;
+        let rows = meta[base + GatherParams::ROWS] as usize;
+        let inner = meta[base + GatherParams::INNER] as usize;
+        let len = meta[base + GatherParams::LEN_AXIS] as usize;
+        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[base + GatherParams::IDX_OFF] as usize, cfg.idx)) as usize;
         if at + rows <= len {
             let outer = o / (rows * inner);
             let j = (o / inner) % rows;
-            let x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + o, cfg.x);
-            let out = meta[GatherParams::OUT_OFF] as usize;
+            let x = typed::read::<F>(arena, weights, meta[base + GatherParams::X_OFF] as usize + o, cfg.x);
+            let out = meta[base + GatherParams::OUT_OFF] as usize;
             typed::write::<F>(arena, out + (outer * len + at + j) * inner + o % inner, x, cfg.out);
         }
     }

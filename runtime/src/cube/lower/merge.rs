@@ -1,0 +1,184 @@
+//! Independent launches of one cube kernel as one launch (issue 16), in the spirit of the cuda
+//! lowering's `_x2` pairs (`crate::cuda::lower::merge`): a concat's part copies, then two
+//! steps each running one launch of the same generated kernel (RoPE on q and on k, K's and V's
+//! cache writes, K's and V's cache concats). The joined launch runs the kernel with `parts`
+//! parameter blocks, one per cube along its part axis (`kiln_kernels::cube::part_base`); the
+//! kernels taking parts are the copy, the row write and the matmul.
+//!
+//! This runs on the lowered steps, after the schedule and the memory plan, so it moves the
+//! earlier step of a pair to the later step's place only where that changes no byte any step
+//! reads or the entry leaves:
+//!
+//! - every step between the two (that launches anything) neither reads the earlier step's
+//!   output nor writes bytes the earlier step reads or writes;
+//! - the two are independent: neither reads the other's output, and their outputs do not
+//!   overlap (the parts of one launch run in any order).
+//!
+//! A concat's copies join when no input of the concat overlaps its output (each copy writes
+//! its own elements of the output).
+
+use super::Launch;
+use kiln_graph::program::{Operand, Slot, Step};
+use kiln_graph::Op;
+use kiln_kernels::cube::params::multi;
+use kiln_kernels::cube::CopyCfg;
+
+/// A byte range `[start, end)` of the arena.
+type Range = (usize, usize);
+
+/// The arena bytes of an operand; none for one in the weights buffer (never written).
+fn range(o: &Operand) -> Option<Range> {
+    match o.slot {
+        Slot::Arena { offset, bytes } => Some((offset, offset + bytes.max(o.ty.bytes()))),
+        Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => None,
+    }
+}
+
+fn overlaps(a: Range, b: Range) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
+}
+
+/// What a step reads and writes in the arena.
+struct Access {
+    reads: Vec<Range>,
+    write: Option<Range>,
+}
+
+impl Access {
+    fn of(s: &Step) -> Access {
+        Access { reads: s.inputs.iter().filter_map(range).collect(), write: range(&s.output) }
+    }
+
+    fn reads(&self, r: Option<Range>) -> bool {
+        r.is_some_and(|r| self.reads.iter().any(|&x| overlaps(x, r)))
+    }
+
+    /// Whether `self` and `other` may run in either order or at once.
+    fn independent(&self, other: &Access) -> bool {
+        let writes_meet = matches!((self.write, other.write), (Some(a), Some(b)) if overlaps(a, b));
+        !self.reads(other.write) && !other.reads(self.write) && !writes_meet
+    }
+}
+
+/// The blocks of a launch's parts: its block, or a multi block's parts.
+fn part_blocks(meta: &[u32], at: usize, len: usize, parts: u32) -> Vec<Vec<u32>> {
+    let block = &meta[at..at + len];
+    if parts == 1 {
+        return vec![block.to_vec()];
+    }
+    let starts: Vec<usize> = block[..parts as usize].iter().map(|&w| w as usize).chain([len]).collect();
+    starts.windows(2).map(|w| block[w[0]..w[1]].to_vec()).collect()
+}
+
+/// The multi block of `a`'s parts then `b`'s, appended to `meta` at a 256-byte boundary.
+fn joined_block(meta: &mut Vec<u32>, a: (usize, usize, u32), b: (usize, usize, u32)) -> Option<(usize, usize)> {
+    let mut blocks = part_blocks(meta, a.0, a.1, a.2);
+    blocks.extend(part_blocks(meta, b.0, b.1, b.2));
+    let refs: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
+    let block = multi(&refs).ok()?;
+    meta.resize(meta.len().next_multiple_of(64), 0);
+    let at = meta.len();
+    let len = block.len();
+    meta.extend(block);
+    Some((at, len))
+}
+
+/// Whether two configurations are one generated kernel's but for their part counts.
+fn same_code<C: Clone + PartialEq>(a: &C, b: &C, parts: impl Fn(&mut C)) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    parts(&mut a);
+    parts(&mut b);
+    a == b
+}
+
+/// `a` and `b` as one launch of their kernel (`a`'s parts, then `b`'s), if they run the same
+/// generated code (and, for matmuls, the same batch count).
+fn join(a: &Launch, b: &Launch, meta: &mut Vec<u32>) -> Option<Launch> {
+    match (a, b) {
+        (Launch::Copy { cfg: ca, n: na, meta: ma, len: la }, Launch::Copy { cfg: cb, n: nb, meta: mb, len: lb }) if ca.rank == cb.rank => {
+            let (meta, len) = joined_block(meta, (*ma, *la, ca.parts()), (*mb, *lb, cb.parts()))?;
+            let src_in_arena = [&ca.src_in_arena[..], &cb.src_in_arena].concat();
+            Some(Launch::Copy { cfg: CopyCfg { rank: ca.rank, src_in_arena }, n: (*na).max(*nb), meta, len })
+        }
+        (Launch::WriteRows { cfg: ca, n: na, meta: ma, len: la }, Launch::WriteRows { cfg: cb, n: nb, meta: mb, len: lb })
+            if same_code(ca, cb, |c| c.parts = 1) =>
+        {
+            let (meta, len) = joined_block(meta, (*ma, *la, ca.parts), (*mb, *lb, cb.parts))?;
+            let mut cfg = ca.clone();
+            cfg.parts = ca.parts + cb.parts;
+            Some(Launch::WriteRows { cfg, n: (*na).max(*nb), meta, len })
+        }
+        (
+            Launch::MatMul { cfg: ca, m: m_a, n: n_a, batch: ba, meta: ma, len: la },
+            Launch::MatMul { cfg: cb, m: m_b, n: n_b, batch: bb, meta: mb, len: lb },
+        ) if ba == bb && same_code(ca, cb, |c| c.parts = 1) => {
+            let (meta, len) = joined_block(meta, (*ma, *la, ca.parts), (*mb, *lb, cb.parts))?;
+            let mut cfg = ca.clone();
+            cfg.parts = ca.parts + cb.parts;
+            Some(Launch::MatMul { cfg, m: (*m_a).max(*m_b), n: (*n_a).max(*n_b), batch: *ba, meta, len })
+        }
+        _ => None,
+    }
+}
+
+/// Each concat's copies as one launch, where no input of the concat overlaps its output.
+pub(super) fn join_concat_parts(steps: &[Step], work: &mut [Vec<Launch>], meta: &mut Vec<u32>) {
+    for (s, w) in steps.iter().zip(work.iter_mut()) {
+        let out = range(&s.output);
+        let apart = !s.inputs.iter().any(|o| matches!((range(o), out), (Some(a), Some(b)) if overlaps(a, b)));
+        if !matches!(s.op, Op::Concat { .. }) || w.len() < 2 || !apart {
+            continue;
+        }
+        let mut joined = w[0].clone();
+        for l in &w[1..] {
+            match join(&joined, l, meta) {
+                Some(j) => joined = j,
+                None => break,
+            }
+        }
+        if let Launch::Copy { cfg, .. } = &joined {
+            if cfg.parts() as usize == w.len() {
+                *w = vec![joined];
+            }
+        }
+    }
+}
+
+/// Joins pairs of steps that each make one launch of one kernel (see the module doc) in place:
+/// the earlier step's launch goes, the later one's becomes the joined launch. Returns the
+/// (earlier, later) steps joined.
+pub(super) fn merge_pairs(steps: &[Step], work: &mut [Vec<Launch>], meta: &mut Vec<u32>) -> Vec<(usize, usize)> {
+    // What runs at each step's place (a joined launch: both steps' accesses).
+    let mut access: Vec<Vec<Access>> =
+        steps.iter().zip(work.iter()).map(|(s, w)| if w.is_empty() { Vec::new() } else { vec![Access::of(s)] }).collect();
+    let mut taken = vec![false; steps.len()];
+    let mut pairs = Vec::new();
+    for j in 0..steps.len() {
+        let ([lb], [b]) = (work[j].as_slice(), access[j].as_slice()) else { continue };
+        if taken[j] {
+            continue;
+        }
+        // What runs between the candidate and `j`, nearest first.
+        let mut between: Vec<&Access> = Vec::new();
+        let mut found = None;
+        for i in (0..j).rev() {
+            if let ([la], [a]) = (work[i].as_slice(), access[i].as_slice()) {
+                if !taken[i] && a.independent(b) && between.iter().all(|k| a.independent(k)) {
+                    if let Some(l) = join(la, lb, meta) {
+                        found = Some((i, l));
+                        break;
+                    }
+                }
+            }
+            between.extend(access[i].iter());
+        }
+        let Some((i, l)) = found else { continue };
+        work[i].clear();
+        work[j] = vec![l];
+        let moved = std::mem::take(&mut access[i]);
+        access[j].extend(moved);
+        (taken[i], taken[j]) = (true, true);
+        pairs.push((i, j));
+    }
+    pairs
+}
