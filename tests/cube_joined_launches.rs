@@ -1,6 +1,7 @@
 //! Issue 16 on cube: independent launches of one kernel run as one launch
 //! (`runtime/src/cube/lower/merge.rs`): q's and k's RoPE matmuls, K's and V's cache writes
-//! (decode) and K's and V's cache concats with their part copies (prefill), and the MLP's
+//! (decode), K's and V's cache concats with their part copies (prefill), the Q and K/V
+//! projections (where Q is not stacked with them), and the MLP's
 //! `cube.gated_matmul`. The tiny Gemma 2 (4 layers, grouped-query attention) on two rows, the
 //! second left-padded: prefill and three decode steps on cube (lavapipe here) against the
 //! interpreter on the model's graphs, every output and every layer's K and V cache, within the
@@ -22,21 +23,23 @@ fn value(t: &Tensor) -> Value {
     Value::new(t.ty.clone(), t.to_f64()).unwrap()
 }
 
-/// Each layer of each entry has two joined pairs: the rotations (two matmuls), and K's and V's
-/// cache writes (decode) or concats (prefill); the concats' part copies are one launch each.
+/// Each layer of each entry has these joined pairs: the rotations (two matmuls with RoPE's
+/// epilogue), K's and V's cache writes (decode) or concats (prefill), and the Q and stacked K/V
+/// projections (two plain matmuls of ranks 2 and 3, batch counts 1 and 2; at two rows decode
+/// too keeps Q apart from K and V); the concats' part copies are one launch each.
 fn check_pairs(p: &Program, layers: usize) {
     let cube = kiln_runtime::by_name("cube").unwrap();
     for (i, e) in p.entries.iter().enumerate() {
         let pairs = cube.merged_launches(p, i).unwrap();
-        let op = |s: usize| &e.steps[s].op;
-        let rotations = pairs.iter().filter(|&&(a, b)| matches!((op(a), op(b)), (Op::MatMul { .. }, Op::MatMul { .. }))).count();
-        let writes = pairs
-            .iter()
-            .filter(|&&(a, b)| {
-                matches!((op(a), op(b)), (Op::Concat { .. }, Op::Concat { .. }) | (Op::WriteSlice { .. }, Op::WriteSlice { .. }))
-            })
-            .count();
-        assert_eq!((rotations, writes, pairs.len()), (layers, layers, 2 * layers), "{}: {pairs:?}", e.name);
+        let kind = |s: usize| match &e.steps[s].op {
+            Op::MatMul { epilogue: Some(_), .. } => "rotation",
+            Op::MatMul { epilogue: None, .. } => "projection",
+            Op::Concat { .. } | Op::WriteSlice { .. } => "cache write",
+            other => panic!("{}: step {s} ({}) joined", e.name, other.name()),
+        };
+        let count = |k: &str| pairs.iter().filter(|&&(a, b)| kind(a) == k && kind(b) == k).count();
+        let got = (count("rotation"), count("cache write"), count("projection"), pairs.len());
+        assert_eq!(got, (layers, layers, layers, 3 * layers), "{}: {pairs:?}", e.name);
         let launches = cube.launches(p, i).unwrap();
         for &(a, b) in &pairs {
             assert_eq!((launches[a], launches[b]), (0, 1), "{}: pair ({a}, {b})", e.name);

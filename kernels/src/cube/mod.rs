@@ -209,24 +209,36 @@ pub struct MatmulCfg {
     pub epilogue: Option<(Vec<KInstr>, Vec<typed::Src>)>,
     /// Rank of the output (for the epilogue's broadcast inputs).
     pub rank: usize,
-    /// Independent products run by this launch, of one batch count: cube `z` runs part
-    /// `z % parts` ([`part_base`]), batch `z / parts`.
+    /// Independent products run by this launch: cube `z` runs part `z % parts`
+    /// ([`part_base`]), batch `z / parts` (nothing past that part's batch count).
     pub parts: u32,
 }
 
 /// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
-/// `(ceil(n/TILE), ceil(m/TILE), batch * parts)`, TILE x TILE units. Meta: [`MatmulParams`]
-/// per part; a batch stride of 0 broadcasts that operand. `b` is `[k, n]`, or `[n, k]` with
-/// `transpose_b`.
+/// `(ceil(n/TILE), ceil(m/TILE), batch * parts)` (the largest part's tiles and batch count),
+/// TILE x TILE units. Meta: [`MatmulParams`] per part; a batch stride of 0 broadcasts that
+/// operand. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
 #[cube(launch_unchecked)]
 pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MatmulCfg) {
     let parts = comptime!(cfg.parts);
     let base = part_base(meta, CUBE_POS_Z % parts, parts);
-    let m = meta[base + MatmulParams::M] as usize;
-    let n = meta[base + MatmulParams::N] as usize;
+    let mut m = meta[base + MatmulParams::M] as usize;
+    let mut n = meta[base + MatmulParams::N] as usize;
     let k = meta[base + MatmulParams::K] as usize;
     let rank = comptime!(cfg.rank);
     let brank = comptime!(cfg.rank - 2);
+    if comptime!(parts > 1) {
+        // A cube past its part's batch count loads and writes nothing.
+        let mut batches = 1usize;
+        #[unroll]
+        for d in 0..brank {
+            batches *= meta[base + MatmulParams::SHAPE + d] as usize;
+        }
+        if (CUBE_POS_Z / parts) as usize >= batches {
+            m = 0;
+            n = 0;
+        }
+    }
     let tile = comptime!(TILE as usize);
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;

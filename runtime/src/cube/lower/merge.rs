@@ -1,9 +1,11 @@
 //! Independent launches of one cube kernel as one launch (issue 16), in the spirit of the cuda
 //! lowering's `_x2` pairs (`crate::cuda::lower::merge`): a concat's part copies, then two
 //! steps each running one launch of the same generated kernel (RoPE on q and on k, K's and V's
-//! cache writes, K's and V's cache concats). The joined launch runs the kernel with `parts`
-//! parameter blocks, one per cube along its part axis (`kiln_kernels::cube::part_base`); the
-//! kernels taking parts are the copy, the row write and the matmul.
+//! cache writes, K's and V's cache concats, prefill's Q and stacked K/V projections). The
+//! joined launch runs the kernel with `parts` parameter blocks, one per cube along its part
+//! axis (`kiln_kernels::cube::part_base`); the kernels taking parts are the copy, the row
+//! write and the matmul (parts of different batch counts, and of output ranks r and r + 1, the
+//! smaller run as rank r + 1 with a leading axis of 1).
 //!
 //! This runs on the lowered steps, after the schedule and the memory plan, so it moves the
 //! earlier step of a pair to the later step's place only where that changes no byte any step
@@ -20,8 +22,8 @@
 use super::Launch;
 use kiln_graph::program::{Operand, Slot, Step};
 use kiln_graph::Op;
-use kiln_kernels::cube::params::multi;
-use kiln_kernels::cube::CopyCfg;
+use kiln_kernels::cube::params::{multi, MatmulParams};
+use kiln_kernels::cube::{CopyCfg, MatmulCfg};
 
 /// A byte range `[start, end)` of the arena.
 type Range = (usize, usize);
@@ -74,6 +76,32 @@ fn part_blocks(meta: &[u32], at: usize, len: usize, parts: u32) -> Vec<Vec<u32>>
 fn joined_block(meta: &mut Vec<u32>, a: (usize, usize, u32), b: (usize, usize, u32)) -> Option<(usize, usize)> {
     let mut blocks = part_blocks(meta, a.0, a.1, a.2);
     blocks.extend(part_blocks(meta, b.0, b.1, b.2));
+    push_multi(meta, &blocks)
+}
+
+/// A [`MatmulParams`] block of output rank `rank` as one of rank `rank + 1`: a leading output
+/// axis of 1, and a stride of 0 along it for every operand.
+fn pad_matmul_rank(block: &[u32], rank: usize) -> Vec<u32> {
+    let mut b = block[..MatmulParams::SHAPE].to_vec();
+    b.push(1);
+    b.extend_from_slice(&block[MatmulParams::SHAPE..MatmulParams::SHAPE + rank]);
+    // The operands (offset, strides): a and b with `rank - 2` strides, then the epilogue's
+    // inputs with `rank` each.
+    let mut at = MatmulParams::SHAPE + rank;
+    let mut width = rank - 2;
+    while at < block.len() {
+        b.extend_from_slice(&[block[at], 0]);
+        b.extend_from_slice(&block[at + 1..at + 1 + width]);
+        at += 1 + width;
+        if at == MatmulParams::epilogue_at(rank, 0) {
+            width = rank;
+        }
+    }
+    b
+}
+
+/// `blocks` as one multi block appended to `meta` at a 256-byte boundary.
+fn push_multi(meta: &mut Vec<u32>, blocks: &[Vec<u32>]) -> Option<(usize, usize)> {
     let refs: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
     let block = multi(&refs).ok()?;
     meta.resize(meta.len().next_multiple_of(64), 0);
@@ -111,11 +139,18 @@ fn join(a: &Launch, b: &Launch, meta: &mut Vec<u32>) -> Option<Launch> {
         (
             Launch::MatMul { cfg: ca, m: m_a, n: n_a, batch: ba, meta: ma, len: la },
             Launch::MatMul { cfg: cb, m: m_b, n: n_b, batch: bb, meta: mb, len: lb },
-        ) if ba == bb && same_code(ca, cb, |c| c.parts = 1) => {
-            let (meta, len) = joined_block(meta, (*ma, *la, ca.parts), (*mb, *lb, cb.parts))?;
-            let mut cfg = ca.clone();
-            cfg.parts = ca.parts + cb.parts;
-            Some(Launch::MatMul { cfg, m: (*m_a).max(*m_b), n: (*n_a).max(*n_b), batch: *ba, meta, len })
+        ) if same_code(ca, cb, |c| (c.parts, c.rank) = (1, 0)) && ca.rank.abs_diff(cb.rank) <= 1 => {
+            // Products of ranks r and r + 1 run at rank r + 1 (a leading axis of 1).
+            let rank = ca.rank.max(cb.rank);
+            let mut blocks = Vec::new();
+            for (c, at, len) in [(ca, *ma, *la), (cb, *mb, *lb)] {
+                for b in part_blocks(meta, at, len, c.parts) {
+                    blocks.push(if c.rank < rank { pad_matmul_rank(&b, c.rank) } else { b });
+                }
+            }
+            let (meta, len) = push_multi(meta, &blocks)?;
+            let cfg = MatmulCfg { parts: ca.parts + cb.parts, rank, ..ca.clone() };
+            Some(Launch::MatMul { cfg, m: (*m_a).max(*m_b), n: (*n_a).max(*n_b), batch: (*ba).max(*bb), meta, len })
         }
         _ => None,
     }
