@@ -1,11 +1,13 @@
 //! Issue 16 on cube: independent launches of one kernel run as one launch
-//! (`runtime/src/cube/lower/merge.rs`): q's and k's RoPE matmuls, K's and V's cache writes
-//! (decode), K's and V's cache concats with their part copies (prefill), the Q and K/V
-//! projections (where Q is not stacked with them), and the MLP's
-//! `cube.gated_matmul`. The tiny Gemma 2 (4 layers, grouped-query attention) on two rows, the
-//! second left-padded: prefill and three decode steps on cube (lavapipe here) against the
-//! interpreter on the model's graphs, every output and every layer's K and V cache, within the
-//! f32 bound. A joined launch that ran one part only leaves a cache (or q, or k) unwritten.
+//! (`runtime/src/cube/lower/merge.rs`): q's and k's RoPE matmuls, K's and V's cache concats
+//! with their part copies (prefill), the Q and K/V projections (where Q is not stacked with
+//! them); K's and V's decode cache writes stored by the matmuls computing their rows
+//! (`lower/absorb.rs`: k's rotation, the K/V projection); and the MLP's `cube.gated_matmul`.
+//! The tiny Gemma 2 (4 layers, grouped-query attention) on two rows, the second left-padded:
+//! prefill and three decode steps on cube (lavapipe here) against the interpreter on the
+//! model's graphs, every output and every layer's K and V cache, within the f32 bound. A joined
+//! launch that ran one part only, or a matmul that skipped its absorbed write, leaves a cache
+//! (or q, or k) unwritten.
 
 mod common;
 
@@ -24,9 +26,10 @@ fn value(t: &Tensor) -> Value {
 }
 
 /// Each layer of each entry has these joined pairs: the rotations (two matmuls with RoPE's
-/// epilogue), K's and V's cache writes (decode) or concats (prefill), and the Q and stacked K/V
-/// projections (two plain matmuls of ranks 2 and 3, batch counts 1 and 2; at two rows decode
-/// too keeps Q apart from K and V); the concats' part copies are one launch each.
+/// epilogue), K's and V's cache concats (prefill), and the Q and stacked K/V projections (two
+/// plain matmuls of ranks 2 and 3, batch counts 1 and 2; at two rows decode too keeps Q apart
+/// from K and V); the concats' part copies are one launch each. In decode K's and V's cache
+/// writes make no launch: k's rotation and the K/V projection store them.
 fn check_pairs(p: &Program, layers: usize) {
     let cube = kiln_runtime::by_name("cube").unwrap();
     for (i, e) in p.entries.iter().enumerate() {
@@ -38,9 +41,17 @@ fn check_pairs(p: &Program, layers: usize) {
             other => panic!("{}: step {s} ({}) joined", e.name, other.name()),
         };
         let count = |k: &str| pairs.iter().filter(|&&(a, b)| kind(a) == k && kind(b) == k).count();
+        let decode = e.name == "decode";
+        let concats = if decode { 0 } else { layers };
         let got = (count("rotation"), count("cache write"), count("projection"), pairs.len());
-        assert_eq!(got, (layers, layers, layers, 3 * layers), "{}: {pairs:?}", e.name);
+        assert_eq!(got, (layers, concats, layers, 2 * layers + concats), "{}: {pairs:?}", e.name);
         let launches = cube.launches(p, i).unwrap();
+        let absorbed = cube.absorbed_steps(p, i).unwrap();
+        assert_eq!(absorbed.len(), if decode { 2 * layers } else { 0 }, "{}: {absorbed:?}", e.name);
+        for &(w, h) in &absorbed {
+            assert!(matches!(e.steps[w].op, Op::WriteSlice { .. }) && kind(h) != "cache write", "{}: ({w}, {h})", e.name);
+            assert_eq!(launches[w], 0, "{}: the write at {w} makes no launch", e.name);
+        }
         for &(a, b) in &pairs {
             assert_eq!((launches[a], launches[b]), (0, 1), "{}: pair ({a}, {b})", e.name);
         }

@@ -140,6 +140,37 @@ pub fn write_rows<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Arr
     }
 }
 
+/// A matmul's output element `o` (value `v`) also stored where the row write it absorbed puts
+/// it: meta at `at` holds the write's rows' element offset in the matmul's output, then the
+/// write's [`GatherParams`] (its rows are that range of the output, its output an f32 cache).
+#[cube]
+pub(crate) fn store_row<F: Float>(
+    arena: &mut Array<F>,
+    weights: &Array<F>,
+    meta: &Array<u32>,
+    at: usize,
+    o: usize,
+    v: F,
+    #[comptime] idx: Src,
+) {
+    let delta = meta[at] as usize;
+    let g = at + 1;
+    let n = meta[g + GatherParams::N] as usize;
+    if o >= delta && o - delta < n {
+        let r = o - delta;
+        let rows = meta[g + GatherParams::ROWS] as usize;
+        let inner = meta[g + GatherParams::INNER] as usize;
+        let len = meta[g + GatherParams::LEN_AXIS] as usize;
+        let pos = u32::cast_from(typed::read::<F>(arena, weights, meta[g + GatherParams::IDX_OFF] as usize, idx)) as usize;
+        if pos + rows <= len {
+            let outer = r / (rows * inner);
+            let j = (r / inner) % rows;
+            let out = meta[g + GatherParams::OUT_OFF] as usize;
+            arena[out + (outer * len + pos + j) * inner + r % inner] = v;
+        }
+    }
+}
+
 /// What varies the code of a [`scatter_add`] launch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ScatterCfg {

@@ -12,7 +12,7 @@
 
 // `#[cube]` code indexes in unrolled comptime loops and matches on comptime values: the
 // iterator and `if let` forms clippy suggests are not what CubeCL's macro expands.
-#![allow(clippy::needless_range_loop, clippy::single_match)]
+#![allow(clippy::needless_range_loop, clippy::single_match, clippy::collapsible_match)]
 
 pub mod expr;
 pub mod gated;
@@ -212,6 +212,9 @@ pub struct MatmulCfg {
     /// Independent products run by this launch: cube `z` runs part `z % parts`
     /// ([`part_base`]), batch `z / parts` (nothing past that part's batch count).
     pub parts: u32,
+    /// Per part: where the position of the cache row write it also does is stored, if it does
+    /// one ([`index::store_row`], its block after the part's [`MatmulParams`]).
+    pub stores: Vec<Option<Src>>,
 }
 
 /// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
@@ -278,6 +281,8 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
     if row < m && col < n {
         let o = (batch * m + row) * n + col;
         let out = meta[base + MatmulParams::OUT_OFF] as usize + o;
+        let mut v = acc;
+        let n_epi = comptime!(cfg.epilogue.as_ref().map_or(0, |e| e.1.len()));
         match comptime!(cfg.epilogue.clone()) {
             Some((code, srcs)) => {
                 let rank = comptime!(cfg.rank);
@@ -288,10 +293,20 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                     let i = strided_index(meta, o, base + MatmulParams::SHAPE, base + comptime!(MatmulParams::epilogue_at(rank, j)), rank);
                     ins.push(typed::read::<F>(arena, weights, i, comptime!(srcs[j])));
                 }
-                arena[out] = expr::eval::<F>(&ins, code);
+                v = expr::eval::<F>(&ins, code);
             }
-            None => {
-                arena[out] = acc;
+            None => {}
+        }
+        arena[out] = v;
+        #[unroll]
+        for p in 0..parts {
+            match comptime!(cfg.stores[p as usize]) {
+                Some(idx) => {
+                    if CUBE_POS_Z % parts == p {
+                        index::store_row::<F>(arena, weights, meta, base + comptime!(MatmulParams::epilogue_at(rank, n_epi)), o, v, idx);
+                    }
+                }
+                None => {}
             }
         }
     }

@@ -68,21 +68,17 @@ impl Backend for CubeBackend {
     }
 
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
-        // The executor's lowering; the count does not depend on where weights sit.
-        let (program, _) = crate::states::states_in_arena(program);
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
-        let low = lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))?;
-        Ok(low.steps.iter().map(Vec::len).collect())
+        Ok(lowered(program, entry)?.steps.iter().map(Vec::len).collect())
     }
 
     fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
-        // The same lowering as `launches`: the pairs `lower::merge` runs as one launch.
-        let (program, _) = crate::states::states_in_arena(program);
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
-        let low = lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))?;
-        Ok(low.pairs)
+        // The pairs `lower::merge` runs as one launch.
+        Ok(lowered(program, entry)?.pairs)
+    }
+
+    fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        // The cache row writes done by a matmul's launch (`lower::absorb`).
+        Ok(lowered(program, entry)?.absorbed)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
@@ -97,6 +93,15 @@ impl Backend for CubeBackend {
             }
         }
     }
+}
+
+/// The executor's lowering of entry `entry` with no device (what it launches does not depend on
+/// where weights sit).
+fn lowered(program: &Program, entry: usize) -> std::result::Result<Lowered, String> {
+    let (program, _) = crate::states::states_in_arena(program);
+    let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+    let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
+    lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))
 }
 
 /// A program loaded on one CubeCL device.

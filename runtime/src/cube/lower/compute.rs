@@ -40,7 +40,7 @@ impl Lower<'_> {
             None => None,
         };
         let (meta, len) = self.push(params.pack())?;
-        let cfg = MatmulCfg { transpose_b, a_in_arena, b_in_arena, epilogue: epi, rank: out.len(), parts: 1 };
+        let cfg = MatmulCfg { transpose_b, a_in_arena, b_in_arena, epilogue: epi, rank: out.len(), parts: 1, stores: vec![None] };
         Ok(Launch::MatMul { cfg, m: g.m, n: g.n, batch: g.batch, meta, len })
     }
 

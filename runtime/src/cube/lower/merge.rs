@@ -26,37 +26,37 @@ use kiln_kernels::cube::params::{multi, MatmulParams};
 use kiln_kernels::cube::{CopyCfg, MatmulCfg};
 
 /// A byte range `[start, end)` of the arena.
-type Range = (usize, usize);
+pub(super) type Range = (usize, usize);
 
 /// The arena bytes of an operand; none for one in the weights buffer (never written).
-fn range(o: &Operand) -> Option<Range> {
+pub(super) fn range(o: &Operand) -> Option<Range> {
     match o.slot {
         Slot::Arena { offset, bytes } => Some((offset, offset + bytes.max(o.ty.bytes()))),
         Slot::Weight(_) | Slot::Const(_) | Slot::State(_) => None,
     }
 }
 
-fn overlaps(a: Range, b: Range) -> bool {
+pub(super) fn overlaps(a: Range, b: Range) -> bool {
     a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
 }
 
 /// What a step reads and writes in the arena.
-struct Access {
+pub(super) struct Access {
     reads: Vec<Range>,
     write: Option<Range>,
 }
 
 impl Access {
-    fn of(s: &Step) -> Access {
+    pub(super) fn of(s: &Step) -> Access {
         Access { reads: s.inputs.iter().filter_map(range).collect(), write: range(&s.output) }
     }
 
-    fn reads(&self, r: Option<Range>) -> bool {
+    pub(super) fn reads(&self, r: Option<Range>) -> bool {
         r.is_some_and(|r| self.reads.iter().any(|&x| overlaps(x, r)))
     }
 
     /// Whether `self` and `other` may run in either order or at once.
-    fn independent(&self, other: &Access) -> bool {
+    pub(super) fn independent(&self, other: &Access) -> bool {
         let writes_meet = matches!((self.write, other.write), (Some(a), Some(b)) if overlaps(a, b));
         !self.reads(other.write) && !other.reads(self.write) && !writes_meet
     }
@@ -79,9 +79,10 @@ fn joined_block(meta: &mut Vec<u32>, a: (usize, usize, u32), b: (usize, usize, u
     push_multi(meta, &blocks)
 }
 
-/// A [`MatmulParams`] block of output rank `rank` as one of rank `rank + 1`: a leading output
-/// axis of 1, and a stride of 0 along it for every operand.
-fn pad_matmul_rank(block: &[u32], rank: usize) -> Vec<u32> {
+/// A [`MatmulParams`] block of output rank `rank` with `epilogue` extra inputs as one of rank
+/// `rank + 1`: a leading output axis of 1, and a stride of 0 along it for every operand; what
+/// follows the operands (an absorbed row write's block) is kept.
+fn pad_matmul_rank(block: &[u32], rank: usize, epilogue: usize) -> Vec<u32> {
     let mut b = block[..MatmulParams::SHAPE].to_vec();
     b.push(1);
     b.extend_from_slice(&block[MatmulParams::SHAPE..MatmulParams::SHAPE + rank]);
@@ -89,7 +90,7 @@ fn pad_matmul_rank(block: &[u32], rank: usize) -> Vec<u32> {
     // inputs with `rank` each.
     let mut at = MatmulParams::SHAPE + rank;
     let mut width = rank - 2;
-    while at < block.len() {
+    while at < MatmulParams::epilogue_at(rank, epilogue) {
         b.extend_from_slice(&[block[at], 0]);
         b.extend_from_slice(&block[at + 1..at + 1 + width]);
         at += 1 + width;
@@ -97,6 +98,7 @@ fn pad_matmul_rank(block: &[u32], rank: usize) -> Vec<u32> {
             width = rank;
         }
     }
+    b.extend_from_slice(&block[at..]);
     b
 }
 
@@ -139,17 +141,19 @@ fn join(a: &Launch, b: &Launch, meta: &mut Vec<u32>) -> Option<Launch> {
         (
             Launch::MatMul { cfg: ca, m: m_a, n: n_a, batch: ba, meta: ma, len: la },
             Launch::MatMul { cfg: cb, m: m_b, n: n_b, batch: bb, meta: mb, len: lb },
-        ) if same_code(ca, cb, |c| (c.parts, c.rank) = (1, 0)) && ca.rank.abs_diff(cb.rank) <= 1 => {
+        ) if same_code(ca, cb, |c| (c.parts, c.rank, c.stores) = (1, 0, vec![])) && ca.rank.abs_diff(cb.rank) <= 1 => {
             // Products of ranks r and r + 1 run at rank r + 1 (a leading axis of 1).
             let rank = ca.rank.max(cb.rank);
+            let epilogue = ca.epilogue.as_ref().map_or(0, |e| e.1.len());
             let mut blocks = Vec::new();
             for (c, at, len) in [(ca, *ma, *la), (cb, *mb, *lb)] {
                 for b in part_blocks(meta, at, len, c.parts) {
-                    blocks.push(if c.rank < rank { pad_matmul_rank(&b, c.rank) } else { b });
+                    blocks.push(if c.rank < rank { pad_matmul_rank(&b, c.rank, epilogue) } else { b });
                 }
             }
             let (meta, len) = push_multi(meta, &blocks)?;
-            let cfg = MatmulCfg { parts: ca.parts + cb.parts, rank, ..ca.clone() };
+            let stores = [&ca.stores[..], &cb.stores].concat();
+            let cfg = MatmulCfg { parts: ca.parts + cb.parts, rank, stores, ..ca.clone() };
             Some(Launch::MatMul { cfg, m: (*m_a).max(*m_b), n: (*n_a).max(*n_b), batch: (*ba).max(*bb), meta, len })
         }
         _ => None,
@@ -180,25 +184,38 @@ pub(super) fn join_concat_parts(steps: &[Step], work: &mut [Vec<Launch>], meta: 
 }
 
 /// Joins pairs of steps that each make one launch of one kernel (see the module doc) in place:
-/// the earlier step's launch goes, the later one's becomes the joined launch. Returns the
-/// (earlier, later) steps joined.
-pub(super) fn merge_pairs(steps: &[Step], work: &mut [Vec<Launch>], meta: &mut Vec<u32>) -> Vec<(usize, usize)> {
-    // What runs at each step's place (a joined launch: both steps' accesses).
+/// the earlier step's launch goes, the later one's becomes the joined launch. `absorbed` holds
+/// (step, the step whose launch does its work) of steps that launch nothing themselves.
+/// Returns the (earlier, later) steps joined.
+pub(super) fn merge_pairs(
+    steps: &[Step],
+    work: &mut [Vec<Launch>],
+    meta: &mut Vec<u32>,
+    absorbed: &[(usize, usize)],
+) -> Vec<(usize, usize)> {
+    // What runs at each step's place (a joined launch: both steps' accesses; a launch doing an
+    // absorbed step's work, that step's too).
     let mut access: Vec<Vec<Access>> =
         steps.iter().zip(work.iter()).map(|(s, w)| if w.is_empty() { Vec::new() } else { vec![Access::of(s)] }).collect();
+    for &(w, h) in absorbed {
+        access[h].push(Access::of(&steps[w]));
+    }
     let mut taken = vec![false; steps.len()];
     let mut pairs = Vec::new();
     for j in 0..steps.len() {
-        let ([lb], [b]) = (work[j].as_slice(), access[j].as_slice()) else { continue };
-        if taken[j] {
+        let [lb] = work[j].as_slice() else { continue };
+        if taken[j] || access[j].is_empty() {
             continue;
         }
+        let b = &access[j];
         // What runs between the candidate and `j`, nearest first.
         let mut between: Vec<&Access> = Vec::new();
         let mut found = None;
         for i in (0..j).rev() {
-            if let ([la], [a]) = (work[i].as_slice(), access[i].as_slice()) {
-                if !taken[i] && a.independent(b) && between.iter().all(|k| a.independent(k)) {
+            let a = &access[i];
+            if let [la] = work[i].as_slice() {
+                let free = |k: &Access| a.iter().all(|x| x.independent(k));
+                if !taken[i] && !a.is_empty() && b.iter().all(free) && between.iter().all(|k| free(k)) {
                     if let Some(l) = join(la, lb, meta) {
                         found = Some((i, l));
                         break;
@@ -216,4 +233,31 @@ pub(super) fn merge_pairs(steps: &[Step], work: &mut [Vec<Launch>], meta: &mut V
         pairs.push((i, j));
     }
     pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_kernels::cube::params::Strided;
+
+    fn params(shape: Vec<usize>, a: Strided, b: Strided, epilogue: Vec<Strided>) -> MatmulParams {
+        MatmulParams { m: 3, n: 4, k: 5, out_off: 6, shape, a, b, epilogue }
+    }
+
+    #[test]
+    fn a_padded_block_is_the_block_of_the_product_with_a_leading_axis_of_1() {
+        let st = |off, strides: &[usize]| Strided { off, strides: strides.to_vec() };
+        let low = params(vec![2, 3, 4], st(10, &[15]), st(20, &[0]), vec![st(30, &[12, 4, 1]), st(40, &[0, 0, 1])]);
+        let high = params(vec![1, 2, 3, 4], st(10, &[0, 15]), st(20, &[0, 0]), vec![st(30, &[0, 12, 4, 1]), st(40, &[0, 0, 0, 1])]);
+        let suffix = [7, 8, 9];
+        let block = [low.pack().unwrap(), suffix.to_vec()].concat();
+        assert_eq!(pad_matmul_rank(&block, 3, 2), [high.pack().unwrap(), suffix.to_vec()].concat());
+    }
+
+    #[test]
+    fn a_multi_block_splits_back_into_its_parts() {
+        let block = multi(&[&[1, 2], &[3], &[4, 5, 6]]).unwrap();
+        let meta = [vec![0; 5], block.clone()].concat();
+        assert_eq!(part_blocks(&meta, 5, block.len(), 3), [vec![1, 2], vec![3], vec![4, 5, 6]]);
+    }
 }

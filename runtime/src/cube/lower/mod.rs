@@ -3,6 +3,7 @@
 //! `kiln_kernels::cube::params` struct packed in one place. The index math comes from
 //! [`crate::geometry`], shared with the cuda lowering.
 
+mod absorb;
 mod compute;
 mod merge;
 
@@ -168,6 +169,9 @@ pub struct Lowered {
     /// (earlier step, later step) of each pair run as one launch at the later step
     /// ([`merge::merge_pairs`]).
     pub pairs: Vec<(usize, usize)>,
+    /// (write, matmul) of each cache row write the matmul's launch does
+    /// ([`absorb::absorb_cache_writes`]); the write makes no launch.
+    pub absorbed: Vec<(usize, usize)>,
 }
 
 /// How the arena stores a tensor of `d` (the weights buffer holds every dtype as floats).
@@ -576,6 +580,7 @@ pub fn lower_entry(e: &Entry, woff: &[usize], coff: &[usize], meta: &mut Vec<u32
         low.steps.push(l.step(s).map_err(|m| (i, s.op.name(), m))?);
     }
     merge::join_concat_parts(&e.steps, &mut low.steps, l.meta);
-    low.pairs = merge::merge_pairs(&e.steps, &mut low.steps, l.meta);
+    low.absorbed = absorb::absorb_cache_writes(&e.steps, &mut low.steps, l.meta);
+    low.pairs = merge::merge_pairs(&e.steps, &mut low.steps, l.meta, &low.absorbed);
     Ok(low)
 }
