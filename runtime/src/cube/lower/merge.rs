@@ -237,8 +237,84 @@ pub(super) fn merge_pairs(
 
 #[cfg(test)]
 mod tests {
+    use super::super::Lower;
     use super::*;
+    use kiln_graph::program::Operand;
+    use kiln_graph::{DType, TensorType, UnaryOp};
     use kiln_kernels::cube::params::Strided;
+
+    fn arena(offset: usize, dtype: DType, shape: &[usize]) -> Operand {
+        let ty = TensorType::new(dtype, shape);
+        Operand { slot: Slot::Arena { offset, bytes: ty.bytes().next_multiple_of(256) }, ty }
+    }
+
+    fn step(op: Op, kernel: &str, inputs: Vec<Operand>, output: Operand) -> Step {
+        Step { node: 0, op, kernel: kernel.into(), inputs, output }
+    }
+
+    /// `[2, 8]` at `a` times the weight `[8, 8]` into `out`.
+    fn matmul(a: usize, out: usize) -> Step {
+        let w = Operand { slot: Slot::Weight(0), ty: TensorType::new(DType::F32, [8, 8]) };
+        let op = Op::MatMul { transpose_b: true, epilogue: None };
+        step(op, "cube.matmul", vec![arena(a, DType::F32, &[2, 8]), w], arena(out, DType::F32, &[2, 8]))
+    }
+
+    /// `exp` of `[2, 8]` at `x` into `out`.
+    fn exp(x: usize, out: usize) -> Step {
+        step(Op::Unary(UnaryOp::Exp), "cube.fused", vec![arena(x, DType::F32, &[2, 8])], arena(out, DType::F32, &[2, 8]))
+    }
+
+    /// Row `pos` of the `[4, 8]` cache at `cache` set to the `[1, 8]` rows at `rows`, in place.
+    fn write_rows(cache: usize, rows: usize, pos: usize) -> Step {
+        let c = arena(cache, DType::F32, &[4, 8]);
+        let ins = vec![c.clone(), arena(rows, DType::F32, &[1, 8]), arena(pos, DType::I64, &[1])];
+        step(Op::WriteSlice { axis: 0 }, "cube.write_rows", ins, c)
+    }
+
+    /// The launches of `steps` after joining (and absorbing, with `absorb`): per step, the
+    /// pairs, the absorbed writes.
+    fn lowered(steps: &[Step], absorb: bool) -> (Vec<Vec<Launch>>, Vec<(usize, usize)>, Vec<(usize, usize)>) {
+        let (woff, mut meta) = (vec![0], Vec::new());
+        let mut l = Lower { woff: &woff, coff: &[], meta: &mut meta };
+        let mut work: Vec<Vec<Launch>> = steps.iter().map(|s| l.step(s).unwrap()).collect();
+        let absorbed = if absorb { super::super::absorb::absorb_cache_writes(steps, &mut work, &mut meta) } else { vec![] };
+        let pairs = merge_pairs(steps, &mut work, &mut meta, &absorbed);
+        (work, pairs, absorbed)
+    }
+
+    #[test]
+    fn independent_matmuls_are_one_launch_at_the_later_step() {
+        let (work, pairs, _) = lowered(&[matmul(0, 1024), exp(4096, 5120), matmul(0, 2048)], false);
+        assert_eq!(pairs, [(0, 2)]);
+        assert!(work[0].is_empty());
+        assert!(matches!(work[2].as_slice(), [Launch::MatMul { cfg, .. }] if cfg.parts == 2), "{:?}", work[2]);
+    }
+
+    #[test]
+    fn a_dependency_or_an_overlap_keeps_two_launches() {
+        // The second reads the first's output.
+        assert!(lowered(&[matmul(0, 1024), matmul(1024, 2048)], false).1.is_empty());
+        // A step between reads the first's output.
+        assert!(lowered(&[matmul(0, 1024), exp(1024, 4096), matmul(0, 2048)], false).1.is_empty());
+        // A step between writes the first's input.
+        assert!(lowered(&[matmul(0, 1024), exp(4096, 0), matmul(3072, 2048)], false).1.is_empty());
+        // The outputs overlap.
+        assert!(lowered(&[matmul(0, 1024), matmul(0, 1024)], false).1.is_empty());
+    }
+
+    #[test]
+    fn a_cache_write_is_absorbed_by_the_matmul_of_its_rows_only_where_it_may_move() {
+        // The write's rows are the matmul's second row.
+        let (work, _, absorbed) = lowered(&[matmul(0, 1024), exp(4096, 5120), write_rows(8192, 1024 + 32, 6144)], true);
+        assert_eq!(absorbed, [(2, 0)]);
+        assert!(work[2].is_empty());
+        assert!(matches!(work[0].as_slice(), [Launch::MatMul { cfg, .. }] if cfg.stores[0].is_some()), "{:?}", work[0]);
+        // A step between reads the cache, or writes the position.
+        for between in [exp(8192, 5120), exp(4096, 6144)] {
+            let (_, _, absorbed) = lowered(&[matmul(0, 1024), between, write_rows(8192, 1024 + 32, 6144)], true);
+            assert!(absorbed.is_empty());
+        }
+    }
 
     fn params(shape: Vec<usize>, a: Strided, b: Strided, epilogue: Vec<Strided>) -> MatmulParams {
         MatmulParams { m: 3, n: 4, k: 5, out_off: 6, shape, a, b, epilogue }
