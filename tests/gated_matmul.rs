@@ -3,7 +3,8 @@
 //! unfused steps' bits (the same graph compiled without the pass, run on the same inputs and
 //! weights), f32 and bf16 checkpoints (the kernel reads bf16 panels), in both forms the
 //! standard pipeline leaves (two matmuls; one stacked matmul and a region), and agree with the
-//! interpreter (the oracle; its products are accumulated in f64). On cuda (no GPU here): the
+//! interpreter (the oracle; its products are accumulated in f64); the same on cube
+//! (`cube.gated_matmul`, any number of rows). On cuda (no GPU here): the
 //! pass applies to decode's rows (kiln's GEMV computes both products) and not to prefill's.
 
 use kiln::io;
@@ -104,20 +105,21 @@ const CASES: &[(&[usize], usize, bool)] = &[
     (&[3, 1300], 64, true),
 ];
 
-#[test]
-fn cpu_gated_step_gives_the_unfused_bits() {
+/// On `backend`, for every case: one gated step of `kernel` in place of the unfused steps
+/// (one step fewer), the unfused steps' bits, and the interpreter's values.
+fn gated_step_gives_the_unfused_bits(backend: &str, kernel: &str) {
     for bf16 in [false, true] {
         for (i, &(shape, f, stacked)) in CASES.iter().enumerate() {
             let k = *shape.last().unwrap();
-            let tag = format!("{i}_{bf16}");
+            let tag = format!("{backend}_{i}_{bf16}");
             let (weights, ws) = store(k, f, bf16, &tag);
             let g = mlp(shape, f, DType::F32);
             let xv = vals(shape.iter().product(), 7);
             let x = Tensor::from_f32(shape, &xv);
-            let (fused, ops) = compile_run(&g, "cpu", true, Some(weights.clone()), &x);
-            let (plain, plain_ops) = compile_run(&g, "cpu", false, Some(weights), &x);
+            let (fused, ops) = compile_run(&g, backend, true, Some(weights.clone()), &x);
+            let (plain, plain_ops) = compile_run(&g, backend, false, Some(weights), &x);
             let gated: Vec<&String> = ops.iter().filter(|o| o.starts_with("gated_matmul")).collect();
-            assert_eq!(gated, ["gated_matmul cpu.gemm_gated"], "{tag}: {ops:?}");
+            assert_eq!(gated, [&format!("gated_matmul {kernel}")], "{tag}: {ops:?}");
             assert_eq!(ops.len() + 1, plain_ops.len(), "{tag}: {ops:?} vs {plain_ops:?}");
             assert_eq!(plain_ops.iter().any(|o| o.starts_with("fused")), stacked, "{tag}: {plain_ops:?}");
             let (fused, plain) = (fused.unwrap(), plain.unwrap());
@@ -137,6 +139,19 @@ fn cpu_gated_step_gives_the_unfused_bits() {
             }
         }
     }
+}
+
+#[test]
+fn cpu_gated_step_gives_the_unfused_bits() {
+    gated_step_gives_the_unfused_bits("cpu", "cpu.gemm_gated");
+}
+
+/// On cube (lavapipe here): one `cube.gated_matmul` launch for any number of rows, decode's two
+/// matmuls and prefill's stacked matmul and region alike.
+#[cfg(feature = "cube")]
+#[test]
+fn cube_gated_step_gives_the_unfused_bits() {
+    gated_step_gives_the_unfused_bits("cube", "cube.gated_matmul");
 }
 
 /// The cuda lowering (no GPU needed): one GEMV launch for decode's gate, up and GLU; prefill's

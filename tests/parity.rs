@@ -188,7 +188,7 @@ const CUDA_LACKS: &[&str] = &["f32 gated_matmul"];
 
 /// Ops the cube backend has no kernel for yet (its compile names them).
 #[cfg(feature = "cube")]
-const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token", "log_softmax", "f32 gated_matmul"];
+const CUBE_LACKS: &[&str] = &["bf16 ", "f16 ", "sample_token", "log_softmax"];
 
 fn f32in(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.input(name, DType::F32, shape).unwrap()

@@ -86,6 +86,9 @@ pub struct GatherCfg {
     /// A gather times a scale (`Op::GatherScaled`): each value times `f32::from_bits(scale_bits)`.
     pub scaled: bool,
     pub scale_bits: u32,
+    /// Independent row writes run by a [`write_rows`] launch, one per `CUBE_POS_Y`
+    /// ([`super::part_base`]); 1 for a gather.
+    pub parts: u32,
 }
 
 /// `out[o, j, i] = x[o, idx[..], i]` (times the scale where `cfg.scaled`). Meta: [`GatherParams`] (the output `[outer, rows,
@@ -119,19 +122,51 @@ pub fn gather<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
 /// interpreter reports it; this kernel has no error channel).
 #[cube(launch_unchecked)]
 pub fn write_rows<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: GatherCfg) {
-    let n = meta[GatherParams::N] as usize;
-    let o = ABSOLUTE_POS;
+    let base = crate::cube::part_base(meta, CUBE_POS_Y, cfg.parts);
+    let n = meta[base + GatherParams::N] as usize;
+    let o = ABSOLUTE_POS_X as usize;
     if o < n {
-        let rows = meta[GatherParams::ROWS] as usize;
-        let inner = meta[GatherParams::INNER] as usize;
-        let len = meta[GatherParams::LEN_AXIS] as usize;
-        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[GatherParams::IDX_OFF] as usize, cfg.idx)) as usize;
+        let rows = meta[base + GatherParams::ROWS] as usize;
+        let inner = meta[base + GatherParams::INNER] as usize;
+        let len = meta[base + GatherParams::LEN_AXIS] as usize;
+        let at = u32::cast_from(typed::read::<F>(arena, weights, meta[base + GatherParams::IDX_OFF] as usize, cfg.idx)) as usize;
         if at + rows <= len {
             let outer = o / (rows * inner);
             let j = (o / inner) % rows;
-            let x = typed::read::<F>(arena, weights, meta[GatherParams::X_OFF] as usize + o, cfg.x);
-            let out = meta[GatherParams::OUT_OFF] as usize;
+            let x = typed::read::<F>(arena, weights, meta[base + GatherParams::X_OFF] as usize + o, cfg.x);
+            let out = meta[base + GatherParams::OUT_OFF] as usize;
             typed::write::<F>(arena, out + (outer * len + at + j) * inner + o % inner, x, cfg.out);
+        }
+    }
+}
+
+/// A matmul's output element `o` (value `v`) also stored where the row write it absorbed puts
+/// it: meta at `at` holds the write's rows' element offset in the matmul's output, then the
+/// write's [`GatherParams`] (its rows are that range of the output, its output an f32 cache).
+#[cube]
+pub(crate) fn store_row<F: Float>(
+    arena: &mut Array<F>,
+    weights: &Array<F>,
+    meta: &Array<u32>,
+    at: usize,
+    o: usize,
+    v: F,
+    #[comptime] idx: Src,
+) {
+    let delta = meta[at] as usize;
+    let g = at + 1;
+    let n = meta[g + GatherParams::N] as usize;
+    if o >= delta && o - delta < n {
+        let r = o - delta;
+        let rows = meta[g + GatherParams::ROWS] as usize;
+        let inner = meta[g + GatherParams::INNER] as usize;
+        let len = meta[g + GatherParams::LEN_AXIS] as usize;
+        let pos = u32::cast_from(typed::read::<F>(arena, weights, meta[g + GatherParams::IDX_OFF] as usize, idx)) as usize;
+        if pos + rows <= len {
+            let outer = r / (rows * inner);
+            let j = (r / inner) % rows;
+            let out = meta[g + GatherParams::OUT_OFF] as usize;
+            arena[out + (outer * len + pos + j) * inner + r % inner] = v;
         }
     }
 }

@@ -12,9 +12,10 @@
 
 // `#[cube]` code indexes in unrolled comptime loops and matches on comptime values: the
 // iterator and `if let` forms clippy suggests are not what CubeCL's macro expands.
-#![allow(clippy::needless_range_loop, clippy::single_match)]
+#![allow(clippy::needless_range_loop, clippy::single_match, clippy::collapsible_match)]
 
 pub mod expr;
+pub mod gated;
 pub mod index;
 pub mod params;
 pub mod reduce;
@@ -23,6 +24,7 @@ pub mod typed;
 
 use cubecl::prelude::*;
 pub use expr::KInstr;
+pub use gated::GatedCfg;
 use params::{AttentionParams, CopyParams, FusedParams, MatmulParams, NormParams, ResizeParams};
 pub use typed::{Repr, Src};
 
@@ -62,24 +64,59 @@ pub(crate) fn strided_index(meta: &Array<u32>, o: usize, shape_at: usize, at: us
     idx
 }
 
+/// Where part `part`'s metadata block starts in a launch of `parts` independent parts (one
+/// kernel run on several parameter sets at once): with one part, the block bound; with more,
+/// the bound block starts with `parts` words, each the start of a part's block in it
+/// ([`params::multi`]).
+#[cube]
+pub(crate) fn part_base(meta: &Array<u32>, part: u32, #[comptime] parts: u32) -> usize {
+    let mut base = 0usize;
+    if comptime!(parts > 1) {
+        base = meta[part as usize] as usize;
+    }
+    base
+}
+
 /// What varies the code of a [`copy`] launch.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct CopyCfg {
     pub rank: usize,
-    pub src_in_arena: bool,
+    /// Per part (independent copies run by this launch, one per `CUBE_POS_Y`: [`part_base`]):
+    /// whether its source is in the arena, else in the `src` buffer.
+    pub src_in_arena: Vec<bool>,
 }
 
-/// Strided copy into the arena: permute, slice, broadcast, one input of a concat, and the
-/// upload of entry inputs. Meta: [`CopyParams`].
+impl CopyCfg {
+    /// The copies this launch runs.
+    pub fn parts(&self) -> u32 {
+        self.src_in_arena.len() as u32
+    }
+}
+
+/// Strided copy into the arena: permute, slice, broadcast, the inputs of a concat (one part
+/// each), and the upload of entry inputs. Meta: [`CopyParams`] per part.
 #[cube(launch_unchecked)]
 pub fn copy<F: Float>(arena: &mut Array<F>, src: &Array<F>, meta: &Array<u32>, #[comptime] cfg: CopyCfg) {
-    let n = meta[CopyParams::N] as usize;
-    let o = ABSOLUTE_POS;
+    let parts = comptime!(cfg.parts());
+    let part = CUBE_POS_Y;
+    let base = part_base(meta, part, parts);
+    let n = meta[base + CopyParams::N] as usize;
+    let o = ABSOLUTE_POS_X as usize;
     if o < n {
         let rank = comptime!(cfg.rank);
-        let s = strided_index(meta, o, CopyParams::SHAPE, comptime!(CopyParams::src_at(rank)), rank);
-        let d = strided_index(meta, o, CopyParams::SHAPE, comptime!(CopyParams::dst_at(rank)), rank);
-        arena[d] = load::<F>(arena, src, s, cfg.src_in_arena);
+        let s = strided_index(meta, o, base + CopyParams::SHAPE, base + comptime!(CopyParams::src_at(rank)), rank);
+        let d = strided_index(meta, o, base + CopyParams::SHAPE, base + comptime!(CopyParams::dst_at(rank)), rank);
+        if comptime!(parts == 1) {
+            arena[d] = load::<F>(arena, src, s, comptime!(cfg.src_in_arena[0]));
+        } else {
+            // Each part's source buffer is fixed at expansion: one branch per part.
+            #[unroll]
+            for p in 0..parts {
+                if part == p {
+                    arena[d] = load::<F>(arena, src, s, comptime!(cfg.src_in_arena[p as usize]));
+                }
+            }
+        }
     }
 }
 
@@ -172,26 +209,47 @@ pub struct MatmulCfg {
     pub epilogue: Option<(Vec<KInstr>, Vec<typed::Src>)>,
     /// Rank of the output (for the epilogue's broadcast inputs).
     pub rank: usize,
+    /// Independent products run by this launch: cube `z` runs part `z % parts`
+    /// ([`part_base`]), batch `z / parts` (nothing past that part's batch count).
+    pub parts: u32,
+    /// Per part: where the position of the cache row write it also does is stored, if it does
+    /// one ([`index::store_row`], its block after the part's [`MatmulParams`]).
+    pub stores: Vec<Option<Src>>,
 }
 
 /// Batched matmul with shared-memory tiles and an optional fused epilogue. Cube
-/// `(ceil(n/TILE), ceil(m/TILE), batch)`, TILE x TILE units. Meta: [`MatmulParams`]; a batch
-/// stride of 0 broadcasts that operand. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
+/// `(ceil(n/TILE), ceil(m/TILE), batch * parts)` (the largest part's tiles and batch count),
+/// TILE x TILE units. Meta: [`MatmulParams`] per part; a batch stride of 0 broadcasts that
+/// operand. `b` is `[k, n]`, or `[n, k]` with `transpose_b`.
 #[cube(launch_unchecked)]
 pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u32>, #[comptime] cfg: MatmulCfg) {
-    let m = meta[MatmulParams::M] as usize;
-    let n = meta[MatmulParams::N] as usize;
-    let k = meta[MatmulParams::K] as usize;
+    let parts = comptime!(cfg.parts);
+    let base = part_base(meta, CUBE_POS_Z % parts, parts);
+    let mut m = meta[base + MatmulParams::M] as usize;
+    let mut n = meta[base + MatmulParams::N] as usize;
+    let k = meta[base + MatmulParams::K] as usize;
     let rank = comptime!(cfg.rank);
     let brank = comptime!(cfg.rank - 2);
+    if comptime!(parts > 1) {
+        // A cube past its part's batch count loads and writes nothing.
+        let mut batches = 1usize;
+        #[unroll]
+        for d in 0..brank {
+            batches *= meta[base + MatmulParams::SHAPE + d] as usize;
+        }
+        if (CUBE_POS_Z / parts) as usize >= batches {
+            m = 0;
+            n = 0;
+        }
+    }
     let tile = comptime!(TILE as usize);
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
     let row = CUBE_POS_Y as usize * tile + ty;
     let col = CUBE_POS_X as usize * tile + tx;
-    let batch = CUBE_POS_Z as usize;
-    let a0 = strided_index(meta, batch, MatmulParams::SHAPE, comptime!(MatmulParams::a_at(rank)), brank);
-    let b0 = strided_index(meta, batch, MatmulParams::SHAPE, comptime!(MatmulParams::b_at(rank)), brank);
+    let batch = (CUBE_POS_Z / parts) as usize;
+    let a0 = strided_index(meta, batch, base + MatmulParams::SHAPE, base + comptime!(MatmulParams::a_at(rank)), brank);
+    let b0 = strided_index(meta, batch, base + MatmulParams::SHAPE, base + comptime!(MatmulParams::b_at(rank)), brank);
     let mut a_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut b_tile = SharedMemory::<F>::new(comptime!(tile * tile));
     let mut acc = F::new(0.0);
@@ -222,7 +280,9 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
     }
     if row < m && col < n {
         let o = (batch * m + row) * n + col;
-        let out = meta[MatmulParams::OUT_OFF] as usize + o;
+        let out = meta[base + MatmulParams::OUT_OFF] as usize + o;
+        let mut v = acc;
+        let n_epi = comptime!(cfg.epilogue.as_ref().map_or(0, |e| e.1.len()));
         match comptime!(cfg.epilogue.clone()) {
             Some((code, srcs)) => {
                 let rank = comptime!(cfg.rank);
@@ -230,13 +290,23 @@ pub fn matmul<F: Float>(arena: &mut Array<F>, weights: &Array<F>, meta: &Array<u
                 ins.push(acc);
                 #[unroll]
                 for j in 0..srcs.len() {
-                    let i = strided_index(meta, o, MatmulParams::SHAPE, comptime!(MatmulParams::epilogue_at(rank, j)), rank);
+                    let i = strided_index(meta, o, base + MatmulParams::SHAPE, base + comptime!(MatmulParams::epilogue_at(rank, j)), rank);
                     ins.push(typed::read::<F>(arena, weights, i, comptime!(srcs[j])));
                 }
-                arena[out] = expr::eval::<F>(&ins, code);
+                v = expr::eval::<F>(&ins, code);
             }
-            None => {
-                arena[out] = acc;
+            None => {}
+        }
+        arena[out] = v;
+        #[unroll]
+        for p in 0..parts {
+            match comptime!(cfg.stores[p as usize]) {
+                Some(idx) => {
+                    if CUBE_POS_Z % parts == p {
+                        index::store_row::<F>(arena, weights, meta, base + comptime!(MatmulParams::epilogue_at(rank, n_epi)), o, v, idx);
+                    }
+                }
+                None => {}
             }
         }
     }

@@ -420,9 +420,27 @@ fixed_params! {
     }
 }
 
+/// The block of a launch running `parts` (at least two) as independent parts of one kernel:
+/// `parts.len()` words, each the start of a part's block within this block, then the blocks
+/// (read by the kernels through [`super::part_base`]).
+pub fn multi(parts: &[&[u32]]) -> Result<Vec<u32>, String> {
+    let mut b = vec![0u32; parts.len()];
+    for (i, p) in parts.iter().enumerate() {
+        b[i] = word(b.len())?;
+        b.extend_from_slice(p);
+    }
+    Ok(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multi_block_starts_with_each_part_s_start() {
+        let b = multi(&[&[7, 8, 9], &[5]]).unwrap();
+        assert_eq!(b, [2, 5, 7, 8, 9, 5]);
+    }
 
     fn strided(off: usize, rank: usize) -> Strided {
         Strided { off, strides: (0..rank).map(|a| off + 1 + a).collect() }

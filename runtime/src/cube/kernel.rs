@@ -18,6 +18,8 @@ crate::kernel_enum::kernel_enum! {
         /// A permute or slice of non-f32 words: the fused kernel reading strided.
         StridedCopy => "cube.fused(strided)",
         Gather => "cube.gather",
+        /// A GLU's gate and up products and their epilogue (`kiln_kernels::cube::gated`).
+        GatedMatMul => "cube.gated_matmul",
         Iota => "cube.iota",
         MatMul => "cube.matmul",
         MatMulEpilogue => "cube.matmul+epilogue",
@@ -72,16 +74,17 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
     let floats = match op {
         Op::Attention(a) if matches!(a.mask, MaskKind::Positions(_)) => &inputs[..inputs.len().min(3)],
         // An epilogue's extra inputs may be integers, read through casts (RoPE's positions).
-        Op::MatMul { epilogue: Some(_), .. } => &inputs[..inputs.len().min(2)],
+        Op::MatMul { epilogue: Some(_), .. } | Op::GatedMatMul { .. } => &inputs[..inputs.len().min(2)],
         _ => inputs,
     };
     let extras_ok = match op {
-        Op::MatMul { epilogue: Some(_), .. } => inputs.iter().skip(2).all(|t| is_f32(t) || !t.dtype.is_float()),
+        Op::MatMul { epilogue: Some(_), .. } | Op::GatedMatMul { .. } => inputs.iter().skip(2).all(|t| is_f32(t) || !t.dtype.is_float()),
         _ => true,
     };
     let all_f32 = is_f32(out) && floats.iter().all(is_f32) && extras_ok;
     let kernel = match op {
         Op::MatMul { .. }
+        | Op::GatedMatMul { .. }
         | Op::LayerNorm { .. }
         | Op::RmsNorm { .. }
         | Op::ResidualRmsNorm(_)
@@ -145,8 +148,7 @@ pub fn choose(op: &Op, inputs: &[TensorType], out: &TensorType) -> Result<CubeKe
         Op::MoeCombine => K::MoeCombine,
         Op::Resize { .. } => K::Resize,
         Op::Conv(_) => return no("the compiler rewrites convolutions as a gather and a matmul for this backend"),
-        // The compile makes this op only where the backend has a kernel for it.
-        Op::GatedMatMul { .. } => return no("the gate and up products run as a stacked matmul and a region"),
+        Op::GatedMatMul { .. } => K::GatedMatMul,
         // The sampler draws in f64 from a 64-bit counter-based generator (`kiln_graph::sample`),
         // which WGSL has neither of; generation on cube chooses its tokens on the host.
         Op::SampleToken => return no("sampling needs f64 and u64 arithmetic"),

@@ -68,12 +68,17 @@ impl Backend for CubeBackend {
     }
 
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
-        // The executor's lowering; the count does not depend on where weights sit.
-        let (program, _) = crate::states::states_in_arena(program);
-        let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
-        let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
-        let low = lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))?;
-        Ok(low.steps.iter().map(Vec::len).collect())
+        Ok(lowered(program, entry)?.steps.iter().map(Vec::len).collect())
+    }
+
+    fn merged_launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        // The pairs `lower::merge` runs as one launch.
+        Ok(lowered(program, entry)?.pairs)
+    }
+
+    fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+        // The cache row writes done by a matmul's launch (`lower::absorb`).
+        Ok(lowered(program, entry)?.absorbed)
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
@@ -88,6 +93,15 @@ impl Backend for CubeBackend {
             }
         }
     }
+}
+
+/// The executor's lowering of entry `entry` with no device (what it launches does not depend on
+/// where weights sit).
+fn lowered(program: &Program, entry: usize) -> std::result::Result<Lowered, String> {
+    let (program, _) = crate::states::states_in_arena(program);
+    let e = program.entries.get(entry).ok_or_else(|| format!("entry {entry} does not exist"))?;
+    let (woff, coff) = (vec![0; program.weights.len()], vec![0; program.constants.len()]);
+    lower::lower_entry(e, &woff, &coff, &mut Vec::new()).map_err(|(i, op, m)| format!("step {i} ({op}): {m}"))
 }
 
 /// A program loaded on one CubeCL device.
@@ -217,6 +231,8 @@ impl<R: Runtime> CubeExec<R> {
     fn launch(&self, l: &Launch, src: Option<(&Handle, usize)>) {
         let c = &self.client;
         let blocks = |n: usize| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, 1, 1);
+        // A launch of `parts` independent parts, one per cube row.
+        let part_blocks = |n: usize, parts: u32| CubeCount::Static(n.div_ceil(k::BLOCK as usize).max(1) as u32, parts, 1);
         let dim1 = CubeDim::new_1d(k::BLOCK);
         // A kernel over `units` threads that takes (arena, weights, metadata block, args..).
         macro_rules! unit_launch {
@@ -234,14 +250,28 @@ impl<R: Runtime> CubeExec<R> {
                         Some((h, n)) => ArrayArg::from_raw_parts(h.clone(), n),
                         None => self.weights_arg(),
                     };
-                    k::copy::launch_unchecked::<f32, R>(c, blocks(*n), dim1, self.arena_arg(), src, self.meta_at(*meta, *len), cfg.clone())
+                    let count = part_blocks(*n, cfg.parts());
+                    k::copy::launch_unchecked::<f32, R>(c, count, dim1, self.arena_arg(), src, self.meta_at(*meta, *len), cfg.clone())
                 }
                 Launch::Resize { cfg, n, meta, len } => unit_launch!(k::resize, *n, *meta, *len, cfg.clone()),
                 Launch::Fused { cfg, n, meta, len } => unit_launch!(k::fused, *n, *meta, *len, cfg.clone()),
                 Launch::MatMul { cfg, m, n, batch, meta, len } => {
                     let t = k::TILE as usize;
-                    let count = CubeCount::Static(n.div_ceil(t) as u32, m.div_ceil(t) as u32, *batch as u32);
+                    let count = CubeCount::Static(n.div_ceil(t) as u32, m.div_ceil(t) as u32, *batch as u32 * cfg.parts);
                     k::matmul::launch_unchecked::<f32, R>(
+                        c,
+                        count,
+                        CubeDim::new_2d(k::TILE, k::TILE),
+                        self.arena_arg(),
+                        self.weights_arg(),
+                        self.meta_at(*meta, *len),
+                        cfg.clone(),
+                    )
+                }
+                Launch::Gated { cfg, m, n, batch, meta, len } => {
+                    let t = k::TILE as usize;
+                    let count = CubeCount::Static(n.div_ceil(t) as u32, m.div_ceil(t) as u32, *batch as u32);
+                    k::gated::gated_matmul::launch_unchecked::<f32, R>(
                         c,
                         count,
                         CubeDim::new_2d(k::TILE, k::TILE),
@@ -286,7 +316,15 @@ impl<R: Runtime> CubeExec<R> {
                 ),
                 Launch::Gather { cfg, n, meta, len } => unit_launch!(k::index::gather, *n, *meta, *len, cfg.clone()),
                 Launch::TokenLogProb { x, idx, rows, meta, len } => unit_launch!(k::reduce::token_log_prob, *rows, *meta, *len, *x, *idx),
-                Launch::WriteRows { cfg, n, meta, len } => unit_launch!(k::index::write_rows, *n, *meta, *len, cfg.clone()),
+                Launch::WriteRows { cfg, n, meta, len } => k::index::write_rows::launch_unchecked::<f32, R>(
+                    c,
+                    part_blocks(*n, cfg.parts),
+                    dim1,
+                    self.arena_arg(),
+                    self.weights_arg(),
+                    self.meta_at(*meta, *len),
+                    cfg.clone(),
+                ),
                 Launch::ScatterAdd { cfg, n, meta, len } => unit_launch!(k::index::scatter_add, *n, *meta, *len, cfg.clone()),
                 Launch::TopK { x, out, n, meta, len } => unit_launch!(k::index::topk, *n, *meta, *len, *x, *out),
                 Launch::CumSum { cfg, lines, meta, len } => unit_launch!(k::index::cumsum, *lines, *meta, *len, cfg.clone()),

@@ -3,21 +3,22 @@
 //! `kiln_kernels::cube::params` struct packed in one place. The index math comes from
 //! [`crate::geometry`], shared with the cuda lowering.
 
+mod absorb;
+mod compute;
+mod merge;
+
 use super::expr::{instrs, reduce_kind};
-use crate::geometry::{
-    self, at_least_1d, contiguous, AttentionGeometry, ConcatGeometry, ElementwiseGeometry, MatmulGeometry, ReduceGeometry, RowGeometry,
-    Split, ViewGeometry,
-};
+use crate::geometry::{self, at_least_1d, contiguous, ConcatGeometry, ElementwiseGeometry, ReduceGeometry, Split, ViewGeometry};
 use kiln_graph::program::{Entry, Operand, Slot, Step};
-use kiln_graph::{Attention, DType, Expr, Instr, MaskKind, Op, ReduceOp, ResizeMode};
+use kiln_graph::{DType, Expr, Instr, Op, ReduceOp, ResizeMode};
 use kiln_kernels::cube::index::{CastCfg, CumsumCfg, GatherCfg, MoeCfg, ScatterCfg};
 use kiln_kernels::cube::params::{
-    AttentionParams, Axis, CastParams, CopyParams, FusedParams, GatherParams, IotaParams, LineParams, MatmulParams, MoeCombineParams,
-    MoeDispatchParams, NormParams, ReduceParams, ResidualNormParams, ResizeParams, ScatterParams, Strided, TokenParams, TopkParams,
+    Axis, CastParams, CopyParams, FusedParams, GatherParams, IotaParams, LineParams, MoeCombineParams, MoeDispatchParams, ReduceParams,
+    ResizeParams, ScatterParams, Strided, TokenParams, TopkParams,
 };
 use kiln_kernels::cube::reduce::ReduceCfg;
 use kiln_kernels::cube::residual::ResidualNormCfg;
-use kiln_kernels::cube::{AttMask, AttentionCfg, CopyCfg, FusedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
+use kiln_kernels::cube::{AttentionCfg, CopyCfg, FusedCfg, GatedCfg, MatmulCfg, NormCfg, NormKind, Repr, ResizeCfg, Src};
 
 /// One kernel launch, with where its metadata block starts (in `u32`s) and its length.
 #[derive(Clone, Debug)]
@@ -36,6 +37,15 @@ pub enum Launch {
     },
     MatMul {
         cfg: MatmulCfg,
+        m: usize,
+        n: usize,
+        batch: usize,
+        meta: usize,
+        len: usize,
+    },
+    /// A GLU's two products and epilogue, on [`MatMul`](Launch::MatMul)'s grid.
+    Gated {
+        cfg: GatedCfg,
         m: usize,
         n: usize,
         batch: usize,
@@ -150,11 +160,18 @@ pub enum Launch {
     },
 }
 
-/// An entry's launches: one upload per input, then each step's (none for a view).
+/// An entry's launches: one upload per input, then each step's (none for a view, nor for the
+/// earlier step of a joined pair).
 #[derive(Clone, Debug, Default)]
 pub struct Lowered {
     pub uploads: Vec<Launch>,
     pub steps: Vec<Vec<Launch>>,
+    /// (earlier step, later step) of each pair run as one launch at the later step
+    /// ([`merge::merge_pairs`]).
+    pub pairs: Vec<(usize, usize)>,
+    /// (write, matmul) of each cache row write the matmul's launch does
+    /// ([`absorb::absorb_cache_writes`]); the write makes no launch.
+    pub absorbed: Vec<(usize, usize)>,
 }
 
 /// How the arena stores a tensor of `d` (the weights buffer holds every dtype as floats).
@@ -241,7 +258,7 @@ impl Lower<'_> {
 
     /// A strided copy of `shape` elements from (`src_arena`, `src`) to the arena at `dst`.
     fn copy(&mut self, shape: &[usize], src_arena: bool, src: Strided, dst: Strided) -> Result<Launch, String> {
-        let cfg = CopyCfg { rank: shape.len(), src_in_arena: src_arena };
+        let cfg = CopyCfg { rank: shape.len(), src_in_arena: vec![src_arena] };
         let n = shape.iter().product();
         let (meta, len) = self.push(CopyParams { shape: shape.to_vec(), src, dst }.pack())?;
         Ok(Launch::Copy { cfg, n, meta, len })
@@ -272,6 +289,10 @@ impl Lower<'_> {
             K::MatMul | K::MatMulEpilogue => {
                 let Op::MatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
                 vec![self.matmul(s, *transpose_b, epilogue.as_ref())?]
+            }
+            K::GatedMatMul => {
+                let Op::GatedMatMul { transpose_b, epilogue } = &s.op else { return mismatch() };
+                vec![self.gated_matmul(s, *transpose_b, epilogue)?]
             }
             K::Norm => match &s.op {
                 Op::LayerNorm { eps } => vec![self.norm(NormKind::Layer, *eps, s)?],
@@ -363,69 +384,6 @@ impl Lower<'_> {
         Ok(Launch::Fused { cfg, n, meta, len })
     }
 
-    fn matmul(&mut self, s: &Step, transpose_b: bool, epilogue: Option<&Expr>) -> Result<Launch, String> {
-        let out = shape_of(&s.output);
-        let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &out);
-        let (a_in_arena, a_off) = self.place(&s.inputs[0])?;
-        let (b_in_arena, b_off) = self.place(&s.inputs[1])?;
-        let [a_st, b_st] = g.batch_strides.clone();
-        let mut params = MatmulParams {
-            m: g.m,
-            n: g.n,
-            k: g.k,
-            out_off: self.out_off(s)?,
-            shape: out.clone(),
-            a: Strided { off: a_off, strides: a_st },
-            b: Strided { off: b_off, strides: b_st },
-            epilogue: vec![],
-        };
-        let epi = match epilogue {
-            Some(e) => {
-                let shapes: Vec<&[usize]> = s.inputs[2..].iter().map(|o| o.ty.shape.as_slice()).collect();
-                let eg = ElementwiseGeometry::new(&shapes, &out);
-                let (srcs, inputs) = self.broadcast_inputs(&s.inputs[2..], &eg.strides)?;
-                params.epilogue = inputs;
-                let mut dtypes = vec![s.inputs[0].ty.dtype];
-                dtypes.extend(s.inputs[2..].iter().map(|o| o.ty.dtype));
-                Some((instrs(e, &dtypes)?, srcs))
-            }
-            None => None,
-        };
-        let (meta, len) = self.push(params.pack())?;
-        let cfg = MatmulCfg { transpose_b, a_in_arena, b_in_arena, epilogue: epi, rank: out.len() };
-        Ok(Launch::MatMul { cfg, m: g.m, n: g.n, batch: g.batch, meta, len })
-    }
-
-    /// A row-wise normalisation over the last axis: inputs x and (for norms) weight and bias.
-    fn norm(&mut self, kind: NormKind, eps: f32, s: &Step) -> Result<Launch, String> {
-        let g = RowGeometry::new(&shape_of(&s.output));
-        let mut offs = [0usize; 3];
-        let mut in_arena = [true; 3];
-        for (j, o) in s.inputs.iter().enumerate().take(3) {
-            (in_arena[j], offs[j]) = self.place(o)?;
-        }
-        let [x_off, w_off, b_off] = offs;
-        let (meta, len) = self.push(NormParams { rows: g.rows, d: g.d, x_off, w_off, b_off, out_off: self.out_off(s)? }.pack())?;
-        Ok(Launch::Norm { cfg: NormCfg { kind, eps_bits: eps.to_bits(), in_arena }, rows: g.rows, meta, len })
-    }
-
-    /// The residual junction between two RMS norms: one cube per output row (padding rows too).
-    fn residual_norm(&mut self, s: &Step, r: &kiln_graph::ResidualRmsNorm) -> Result<Launch, String> {
-        let d = *s.inputs[0].ty.shape.last().ok_or("a scalar residual")?;
-        let rows = s.inputs[0].ty.numel() / d.max(1);
-        let mut offs = [0usize; 4];
-        let mut in_arena = [true; 4];
-        let w_pre = s.inputs.len() - 1;
-        for (k, i) in [0, 1, if r.post { 2 } else { w_pre }, w_pre].into_iter().enumerate() {
-            (in_arena[k], offs[k]) = self.place(&s.inputs[i])?;
-        }
-        let [x_off, o_off, w_post_off, w_pre_off] = offs;
-        let p = ResidualNormParams { rows, rows_pad: r.rows_pad, d, x_off, o_off, w_post_off, w_pre_off, out_off: self.out_off(s)? };
-        let (meta, len) = self.push(p.pack())?;
-        let cfg = ResidualNormCfg { add_one: r.add_one, post: r.post, eps_bits: r.eps.to_bits(), in_arena };
-        Ok(Launch::ResidualNorm { cfg, rows: r.rows_pad, meta, len })
-    }
-
     /// Softmax over an axis other than the last: one unit per line.
     fn softmax_axis(&mut self, s: &Step, axis: usize) -> Result<Launch, String> {
         let (x_in_arena, x_off) = self.place(&s.inputs[0])?;
@@ -477,7 +435,7 @@ impl Lower<'_> {
             Op::GatherScaled { scale, .. } => (true, scale.to_bits()),
             _ => (false, 0),
         };
-        Ok(Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)?, scaled, scale_bits }, n, meta, len })
+        Ok(Launch::Gather { cfg: GatherCfg { along, x, idx, out: word_out(&s.output)?, scaled, scale_bits, parts: 1 }, n, meta, len })
     }
 
     /// `write_slice`: in place when the lowering aliased the output to the destination (a
@@ -495,7 +453,7 @@ impl Lower<'_> {
         let n = s.inputs[1].ty.numel();
         let p = GatherParams { n, rows, inner: sp.inner, len: sp.len, x_off, idx_off, out_off: self.out_off(s)? };
         let (meta, len) = self.push(p.pack())?;
-        let cfg = GatherCfg { along: false, x, idx, out: word_out(&s.output)?, scaled: false, scale_bits: 0 };
+        let cfg = GatherCfg { along: false, x, idx, out: word_out(&s.output)?, scaled: false, scale_bits: 0, parts: 1 };
         v.push(Launch::WriteRows { cfg, n, meta, len });
         Ok(v)
     }
@@ -547,61 +505,6 @@ impl Lower<'_> {
         let n = shape_of(&s.output).iter().product();
         let (meta, len) = self.push(MoeCombineParams { n, d, k, y_off, slot_off, w_off, out_off: self.out_off(s)? }.pack())?;
         Ok(Launch::MoeCombine { cfg: MoeCfg { x_in_arena: y_in_arena, slot, w_in_arena }, n, meta, len })
-    }
-
-    fn attention(&mut self, s: &Step, att: &Attention) -> Result<Launch, String> {
-        let g = AttentionGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &s.inputs[2].ty.shape);
-        let mut offs = [0usize; 4];
-        let mut in_arena = [true; 4];
-        for (j, o) in s.inputs.iter().enumerate().take(3) {
-            (in_arena[j], offs[j]) = self.place(o)?;
-        }
-        let [q_off, k_off, v_off, mut mask_off] = offs;
-        let (mut start_off, mut keep_off, mut prefix_off) = (0, 0, 0);
-        let (mask, q_offset, window) = match att.mask {
-            MaskKind::None => (AttMask::None, 0, 0),
-            MaskKind::Causal { q_offset } => (AttMask::Causal, q_offset, 0),
-            MaskKind::SlidingWindow { q_offset, window } => (AttMask::Sliding, q_offset, window),
-            MaskKind::Additive => {
-                let (arena, off) = self.place(s.inputs.get(3).ok_or("an additive mask without its input")?)?;
-                mask_off = off;
-                (AttMask::Additive { in_arena: arena }, 0, 0)
-            }
-            MaskKind::Positions(pm) => {
-                let operand = |i: usize| s.inputs.get(i).ok_or_else(|| format!("a position mask without its input {i}"));
-                let (start, off) = self.src(operand(3)?)?;
-                start_off = off;
-                let keep = if pm.padding {
-                    let (src, off) = self.src(operand(4)?)?;
-                    keep_off = off;
-                    Some(src)
-                } else {
-                    None
-                };
-                let prefix = if pm.prefix {
-                    let (src, off) = self.src(operand(4 + usize::from(pm.padding))?)?;
-                    prefix_off = off;
-                    Some(src)
-                } else {
-                    None
-                };
-                (AttMask::Positions { window: pm.window.is_some(), start, keep, prefix }, 0, pm.window.unwrap_or(0))
-            }
-        };
-        let (sq, sk, hq, hkv) = (g.sq, g.sk, g.hq, g.hkv);
-        let out_off = self.out_off(s)?;
-        let p =
-            AttentionParams { sq, sk, hq, hkv, q_off, k_off, v_off, out_off, mask_off, q_offset, window, start_off, keep_off, prefix_off };
-        let (meta, len) = self.push(p.pack())?;
-        let cfg = AttentionCfg {
-            d: g.d,
-            dv: g.dv,
-            scale_bits: att.scale.to_bits(),
-            softcap_bits: att.softcap.map(f32::to_bits),
-            mask,
-            in_arena: [in_arena[0], in_arena[1], in_arena[2]],
-        };
-        Ok(Launch::Attention { cfg, sq, heads: hq, batch: g.batch, meta, len })
     }
 
     fn resize(&mut self, s: &Step, size: [usize; 2], mode: ResizeMode) -> Result<Launch, String> {
@@ -676,5 +579,8 @@ pub fn lower_entry(e: &Entry, woff: &[usize], coff: &[usize], meta: &mut Vec<u32
     for (i, s) in e.steps.iter().enumerate() {
         low.steps.push(l.step(s).map_err(|m| (i, s.op.name(), m))?);
     }
+    merge::join_concat_parts(&e.steps, &mut low.steps, l.meta);
+    low.absorbed = absorb::absorb_cache_writes(&e.steps, &mut low.steps, l.meta);
+    low.pairs = merge::merge_pairs(&e.steps, &mut low.steps, l.meta, &low.absorbed);
     Ok(low)
 }
