@@ -271,9 +271,12 @@ mod tests {
         step(Op::WriteSlice { axis: 0 }, "cube.write_rows", ins, c)
     }
 
+    /// Per step its launches, the joined pairs, the absorbed writes.
+    type Joined = (Vec<Vec<Launch>>, Vec<(usize, usize)>, Vec<(usize, usize)>);
+
     /// The launches of `steps` after joining (and absorbing, with `absorb`): per step, the
     /// pairs, the absorbed writes.
-    fn lowered(steps: &[Step], absorb: bool) -> (Vec<Vec<Launch>>, Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    fn lowered(steps: &[Step], absorb: bool) -> Joined {
         let (woff, mut meta) = (vec![0], Vec::new());
         let mut l = Lower { woff: &woff, coff: &[], meta: &mut meta };
         let mut work: Vec<Vec<Launch>> = steps.iter().map(|s| l.step(s).unwrap()).collect();
