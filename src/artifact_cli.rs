@@ -74,6 +74,8 @@ pub(super) struct GenerateFlags<'a> {
     pub backend: &'a str,
     pub device: Option<&'a str>,
     pub dtype: &'a str,
+    /// The cuda load options (`kiln::load`).
+    pub load: &'a kiln::load::LoadOptions,
 }
 
 /// `kiln generate <gen.kiln>`: the generation program `kiln compile --generate` wrote, loaded
@@ -101,7 +103,7 @@ pub(super) fn generator(artifact: &Path, weights: Option<&Path>, f: &GenerateFla
     // The folder holds config.json and the tokenizer; `--weights` may name its safetensors file.
     let dir = if wpath.is_file() { wpath.parent().map(Path::to_path_buf).unwrap_or_default() } else { wpath.clone() };
     let store = progress("loading weights", || WeightStore::for_program(&program, Some(&wpath)))?;
-    let session = progress("preparing", || Session::new(program, Arc::new(store)))?;
+    let session = progress("preparing", || kiln::load::session(program, Arc::new(store), f.load))?;
     Ok((Generator::from_session(session, &dir)?, dir))
 }
 

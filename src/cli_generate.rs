@@ -87,6 +87,8 @@ pub(super) struct GenerateArgs {
     /// each row's best candidates (cpu, cuda) or the logits (cube).
     #[arg(long, requires = "inputs")]
     step_logits: bool,
+    #[command(flatten)]
+    load: CudaLoadArgs,
 }
 
 /// `--num-samples` / `--num-beams`, which only `--inputs` generation takes.
@@ -102,6 +104,16 @@ fn strategy_of(a: &GenerateArgs) -> Result<cli_decode::Strategy> {
 /// `kiln generate`.
 pub(super) fn generate(a: GenerateArgs) -> Result<()> {
     let strategy = strategy_of(&a)?;
+    let load = a.load.options();
+    load.check()?;
+    // The load options apply where a Gemma or PaliGemma generation program is loaded.
+    let only_gemma = |what: &str| {
+        if load == kiln::load::LoadOptions::default() {
+            Ok(())
+        } else {
+            Err(Error::Usage(format!("--cuda-gemv, --cuda-fuse and --cuda-pdl apply to Gemma and PaliGemma generation; {what} is not")))
+        }
+    };
     match a {
         GenerateArgs {
             model,
@@ -119,6 +131,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
             ..
         } => {
             let sampling = kiln::sampling::HfSampling { temperature, top_k, top_p: top_p.unwrap_or(1.0), seed };
+            only_gemma("a UViM task")?;
             let backend = backend_for(&backend, device.as_deref())?;
             generate_uvim(&model, &image, out, &backend, (max_new_tokens.unwrap_or(32), sampling))
         }
@@ -147,7 +160,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
             if let Some(d) = &draw {
                 writable(d)?;
             }
-            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype, load: &load };
             let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
             let dtype = parse_dtype(&dtype)?;
             let max_new_tokens = max_new_tokens.or(art.as_ref().map(|(g, _)| g.meta.capacity - g.bucket)).unwrap_or(32);
@@ -164,6 +177,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 seg_decoder,
                 breakdown,
                 sampling,
+                load: load.clone(),
             };
             let r = match art {
                 Some((mut g, _)) => kiln::prompt::run_on(&mut g, &o, &mut std::io::stdout())?,
@@ -204,7 +218,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 return Err(Error::Usage("kiln generate needs --prompt, or --inputs and --out".into()));
             };
             writable_unlike(&out, Some(&inputs))?;
-            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype };
+            let flags = artifact_cli::GenerateFlags { bucket, backend: &backend, device: device.as_deref(), dtype: &dtype, load: &load };
             let art = is_artifact(&model).then(|| artifact_cli::generator(&model, weights.as_deref(), &flags)).transpose()?;
             let backend = backend_for(&backend, device.as_deref())?;
             let dtype = parse_dtype(&dtype)?;
@@ -216,7 +230,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                     ins,
                     (&inputs, &out),
                     (max_new_tokens, bucket),
-                    (&backend, dtype),
+                    (&backend, dtype, &load),
                     (breakdown, step_logits),
                     (sampling, strategy),
                 );
@@ -228,12 +242,14 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 if !plain {
                     return Err(not_hf("a big_vision PaliGemma folder"));
                 }
+                only_gemma("a big_vision PaliGemma folder")?;
                 return generate_big_vision_paligemma(&model, &ins, &out, max_new_tokens, &backend, dtype);
             }
             if ins.iter().any(|(n, _)| n == "images") {
                 if !plain {
                     return Err(not_hf("an encoder-decoder"));
                 }
+                only_gemma("an encoder-decoder")?;
                 let cross = if recompute_cross { kiln::encdec::CrossKv::Recomputed } else { kiln::encdec::CrossKv::Cached };
                 let sampling = kiln::encdec::Sampling { temperature, top_k, top_p: top_p.unwrap_or(0.0), seed };
                 return generate_encdec(&model, &ins, (&inputs, &out), max_new_tokens, &backend, dtype, cross, &sampling);
@@ -243,7 +259,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 ins,
                 (&inputs, &out),
                 (max_new_tokens, bucket),
-                (&backend, dtype),
+                (&backend, dtype, &load),
                 (breakdown, step_logits),
                 (sampling, strategy),
             )

@@ -543,7 +543,7 @@ pub(super) fn generate_text_inputs(
     mut ins: Vec<(String, Tensor)>,
     (inputs, out): (&Path, &Path),
     (max_new_tokens, bucket): (usize, Option<usize>),
-    (backend, dtype): (&str, DType),
+    (backend, dtype, load): (&str, DType, &kiln::load::LoadOptions),
     (breakdown, step_logits): (bool, bool),
     (sampling, strategy): (kiln::sampling::HfSampling, crate::cli_decode::Strategy),
 ) -> Result<()> {
@@ -568,7 +568,7 @@ pub(super) fn generate_text_inputs(
             // Beam search scores its candidates on the device where the backend can.
             let ending = kiln::generate::Ending { step_logits, beams: matches!(strategy, Strategy::Beams(_)) };
             progress("compiling", || {
-                kiln::generate::Generator::with_ending(dir, (b, per), bucket, max_new_tokens, (backend, dtype), ending)
+                kiln::generate::Generator::with_load(dir, (b, per), bucket, max_new_tokens, (backend, dtype), ending, load)
             })?
         }
         GenModel::Loaded(g) if step_logits && !g.has_logits => {

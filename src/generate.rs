@@ -403,8 +403,21 @@ impl Generator {
         target: (&str, DType),
         ending: Ending,
     ) -> Result<Self> {
+        Self::with_load(dir, rows, bucket, max_new_tokens, target, ending, &crate::load::LoadOptions::default())
+    }
+
+    /// [`Generator::with_ending`] loaded with the load options `load` (`crate::load`).
+    pub fn with_load(
+        dir: &Path,
+        rows: (usize, usize),
+        bucket: usize,
+        max_new_tokens: usize,
+        target: (&str, DType),
+        ending: Ending,
+        load: &crate::load::LoadOptions,
+    ) -> Result<Self> {
         let g = generation_program_for(dir, rows, bucket, max_new_tokens, target, ending)?;
-        let session = Session::new(g.program, Arc::new(WeightStore::open(dir)?))?;
+        let session = crate::load::session(g.program, Arc::new(WeightStore::open(dir)?), load)?;
         Ok(Generator::loaded(session, rows, bucket, g.meta))
     }
 

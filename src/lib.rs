@@ -18,6 +18,7 @@ pub mod inputs;
 pub mod io;
 pub mod jetformer;
 pub mod launches;
+pub mod load;
 pub mod npz_write;
 pub mod paligemma_bv;
 pub mod png;

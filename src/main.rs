@@ -29,6 +29,34 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The cuda load options (`kiln::load::LoadOptions`): `run`, `bench`, `inspect`, `generate`.
+#[derive(clap::Args, Clone)]
+struct CudaLoadArgs {
+    /// cuda load option: kiln's GEMV for small-M GEMMs (decode) `on`, `off` (cuBLASLt
+    /// everywhere) or `auto` (whichever measures faster at load); a gated matmul (an MLP's
+    /// gate and up) always runs its GLU GEMV.
+    #[arg(long, default_value = "auto")]
+    cuda_gemv: String,
+    /// cuda load option: `on` runs steps together where the loaded modules allow (two launches
+    /// of one kernel as one, split decode attention as one launch that also stores the new K/V
+    /// rows, the next token with its log-probability); `off` runs each as its own launches
+    /// (for timing the difference on one card).
+    #[arg(long, default_value = "on")]
+    cuda_fuse: String,
+    /// cuda load option: `on` launches kiln's kernels with programmatic dependent launch (each
+    /// may start while the one before it finishes, and waits on the device before it reads
+    /// that one's output; the GEMVs prefetch their weights first); `off` launches them one
+    /// after another. cuBLASLt's GEMMs launch as they do without it.
+    #[arg(long, default_value = "off")]
+    cuda_pdl: String,
+}
+
+impl CudaLoadArgs {
+    fn options(&self) -> kiln::load::LoadOptions {
+        kiln::load::LoadOptions { cuda_gemv: self.cuda_gemv.clone(), cuda_fuse: self.cuda_fuse.clone(), cuda_pdl: self.cuda_pdl.clone() }
+    }
+}
+
 /// Options that fix a compile profile.
 #[derive(clap::Args, Clone)]
 struct ProfileArgs {
@@ -61,23 +89,8 @@ struct ProfileArgs {
     /// GPU architecture of `--backend cuda` (CUBINs stored by `kiln compile`).
     #[arg(long, default_value = "sm_90a")]
     arch: String,
-    /// cuda load option: kiln's GEMV for small-M GEMMs (decode) `on`, `off` (cuBLASLt
-    /// everywhere) or `auto` (whichever measures faster at load); a gated matmul (an MLP's
-    /// gate and up) always runs its GLU GEMV.
-    #[arg(long, default_value = "auto")]
-    cuda_gemv: String,
-    /// cuda load option: `on` runs steps together where the loaded modules allow (two launches
-    /// of one kernel as one, split decode attention as one launch that also stores the new K/V
-    /// rows, the next token with its log-probability); `off` runs each as its own launches
-    /// (for timing the difference on one card).
-    #[arg(long, default_value = "on")]
-    cuda_fuse: String,
-    /// cuda load option: `on` launches kiln's kernels with programmatic dependent launch (each
-    /// may start while the one before it finishes, and waits on the device before it reads
-    /// that one's output; the GEMVs prefetch their weights first); `off` launches them one
-    /// after another. cuBLASLt's GEMMs launch as they do without it.
-    #[arg(long, default_value = "off")]
-    cuda_pdl: String,
+    #[command(flatten)]
+    load: CudaLoadArgs,
     /// cuda compile option: the tuning table (JSON of kernel choices measured per card; see
     /// tuning/README.md) stored in the artifact, or `none`; defaults to the built-in one.
     #[arg(long, value_name = "FILE")]
@@ -407,35 +420,7 @@ fn session(model: &Path, weights: Option<&Path>, opts: Option<CompileOptions>, p
 
 /// Loads `program` with the load options of `p` (`--cuda-gemv`, `--cuda-fuse`, `--cuda-pdl`).
 fn load(program: Program, store: Arc<WeightStore>, p: &ProfileArgs) -> Result<Session> {
-    if !matches!(p.cuda_gemv.as_str(), "auto" | "on" | "off") {
-        return Err(Error::Usage(format!("--cuda-gemv {}: expected auto, on or off", p.cuda_gemv)));
-    }
-    if !matches!(p.cuda_fuse.as_str(), "on" | "off") {
-        return Err(Error::Usage(format!("--cuda-fuse {}: expected on or off", p.cuda_fuse)));
-    }
-    if !matches!(p.cuda_pdl.as_str(), "on" | "off") {
-        return Err(Error::Usage(format!("--cuda-pdl {}: expected on or off", p.cuda_pdl)));
-    }
-    #[cfg(feature = "cuda")]
-    if program.backend == "cuda" {
-        let gemv = match p.cuda_gemv.as_str() {
-            "on" => kiln_runtime::cuda::tune::GemvMode::On,
-            "off" => kiln_runtime::cuda::tune::GemvMode::Off,
-            _ => kiln_runtime::cuda::tune::GemvMode::Auto,
-        };
-        let backend = kiln_runtime::cuda::CudaBackend { gemv, fuse: p.cuda_fuse == "on", pdl: p.cuda_pdl == "on", ..Default::default() };
-        return Ok(Session::with_backend(program, store, &backend)?);
-    }
-    if p.cuda_gemv != "auto" {
-        return Err(Error::Usage(format!("--cuda-gemv applies to the cuda backend, not {}", program.backend)));
-    }
-    if p.cuda_fuse != "on" {
-        return Err(Error::Usage(format!("--cuda-fuse applies to the cuda backend, not {}", program.backend)));
-    }
-    if p.cuda_pdl != "off" {
-        return Err(Error::Usage(format!("--cuda-pdl applies to the cuda backend, not {}", program.backend)));
-    }
-    Ok(Session::new(program, store)?)
+    kiln::load::session(program, store, &p.load.options())
 }
 
 /// Each entry's optimised graph, when a folder was compiled (for step attribution).

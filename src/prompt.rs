@@ -36,6 +36,8 @@ pub struct PromptOptions {
     pub breakdown: bool,
     /// Sample instead of greedy (transformers' filters, kiln's seeded generator).
     pub sampling: Option<crate::sampling::HfSampling>,
+    /// The cuda load options of a compiled folder (an artifact is loaded before [`run_on`]).
+    pub load: crate::load::LoadOptions,
 }
 
 /// What one prompt produced.
@@ -141,7 +143,8 @@ pub fn run(o: &PromptOptions, out: &mut dyn Write) -> Result<PromptOutput> {
         )));
     }
     let tc = std::time::Instant::now();
-    let mut g = Generator::with_dtype(&o.model, 1, bucket, o.max_new_tokens, &o.backend, o.dtype)?;
+    let ending = crate::generate::Ending { step_logits: false, beams: false };
+    let mut g = Generator::with_load(&o.model, (1, 1), bucket, o.max_new_tokens, (&o.backend, o.dtype), ending, &o.load)?;
     g.sampling = o.sampling;
     let compile_s = tc.elapsed().as_secs_f64();
     answer(&mut g, Asked { o, tok: &tok, p, seg, prep_s, compile_s }, out)

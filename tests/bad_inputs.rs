@@ -261,6 +261,17 @@ const ROWS: &[Row] = &[
         "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --backend cube --device tpu",
         "expected wgpu or cuda",
     ),
+    ("generate: --cuda-pdl bogus", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --cuda-pdl yes", "expected on or off"),
+    (
+        "generate: --cuda-fuse off on the cpu backend",
+        "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --cuda-fuse off",
+        "--cuda-fuse applies to the cuda backend",
+    ),
+    (
+        "generate: --cuda-gemv on an encoder-decoder",
+        "generate {cappa} --inputs {images} --out {d}/g.safetensors --cuda-gemv on",
+        "apply to Gemma and PaliGemma generation",
+    ),
     ("generate: top-p 0", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --temperature 1 --top-p 0", "top_p"),
     ("generate: negative temperature", "generate {gemma} --inputs {gemma_in} --out {d}/g.safetensors --temperature=-1", "temperature"),
     (

@@ -79,3 +79,46 @@ fn the_cube_backend_says_nothing_about_xdg_runtime_dir() {
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
 }
+
+/// The flags `scripts/device_cuda.sh` passes to each `kiln` command (directly, or to `kiln
+/// bench` through its `kbench` helper) are flags of that command: the script runs only on a
+/// lent GPU machine, where an unknown flag would cost a run.
+#[test]
+fn the_device_script_passes_only_flags_its_commands_take() {
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/device_cuda.sh")).unwrap();
+    let mut checked = 0;
+    for line in script.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        let (cmd, rest) = if let Some(i) = line.find("\"$kiln\" ") {
+            let rest = &line[i + 8..];
+            let mut words = rest.split_whitespace();
+            let sub = words.next().unwrap_or_default();
+            let cmd = match (sub, words.next()) {
+                ("bench" | "kernels", Some(w @ ("kernels" | "check"))) => vec![sub, w],
+                _ => vec![sub],
+            };
+            (cmd, rest)
+        } else if let Some(i) = line.find("kbench ").filter(|_| !line.starts_with("kbench()")) {
+            (vec!["bench"], &line[i + 7..])
+        } else {
+            continue;
+        };
+        if !cmd[0].chars().all(|c| c.is_ascii_lowercase()) || cmd[0].is_empty() {
+            continue;
+        }
+        // The command's own words end at a redirection, a pipe or the end of a substitution.
+        let words = rest.split(['>', '|', ')']).next().unwrap_or_default();
+        let flags: Vec<&str> = words.split_whitespace().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap()).collect();
+        if flags.is_empty() {
+            continue;
+        }
+        let mut args = cmd.clone();
+        args.push("--help");
+        let help = String::from_utf8_lossy(&kiln(&args).stdout).into_owned();
+        for f in flags {
+            let known = help.lines().any(|l| l.trim_start().split([' ', ',']).any(|w| w == f));
+            assert!(known, "scripts/device_cuda.sh: `kiln {}` has no {f} (line: {line})", cmd.join(" "));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "the script's kiln command lines were found ({checked} flags)");
+}

@@ -377,6 +377,7 @@ impl Session {
                 seg_decoder,
                 breakdown: false,
                 sampling: (temperature > 0.0).then_some(sampling),
+                load: kiln::load::LoadOptions::default(),
             };
             kiln::prompt::run_on(g, &o, &mut std::io::sink()).map_err(input)
         })?;
