@@ -273,8 +273,8 @@ pub fn prefix_len(m: &mut Builder, b: usize, len: usize) -> Result<NodeId> {
 /// Builds the text decoder over token embeddings `x [B, S, D]` already scaled and merged;
 /// `start` (i64 `[1]`) is query 0's cache index (0 for a forward or prefill, `cache_position`
 /// for decode), `attention_mask [B, KV]` (i64 or f32, 0 = padding) the keys that count;
-/// prefill and decode also take `write_at`, the cache slot of their first token (i64 `[1]`:
-/// 0 for a prefill), where their K/V rows are written in place.
+/// decode also takes `write_at`, the cache slot of the new token (i64 `[1]`); a prefill writes
+/// its K/V rows in place from `write_at`, or `start` without one.
 /// Returns the final hidden states `[B, S, D]` after the last norm.
 #[allow(clippy::too_many_arguments)]
 pub fn decoder(
@@ -339,6 +339,10 @@ pub fn blocks(
             Masks::Additive { full, windowed }
         }
     };
+    let write_at = match mode {
+        Mode::Prefill { .. } => write_at.or(Some(start)),
+        Mode::Forward | Mode::Decode { .. } => write_at,
+    };
     let ctx = Ctx { b, s, kv, cos, sin, masks, write_at, mode };
     let mut x = m.g.reshape(x, &[b * s, d])?;
     for l in 0..cfg.num_hidden_layers {
@@ -396,11 +400,7 @@ pub fn build(m: &mut Builder, cfg: &GemmaConfig, batch: usize, seq: usize, mode:
             let cp = m.g.input("cache_position", DType::I64, &[1])?;
             (cp, Some(cp))
         }
-        Mode::Prefill { .. } => {
-            let z = start_zero(m)?;
-            (z, Some(z))
-        }
-        Mode::Forward => (start_zero(m)?, None),
+        Mode::Forward | Mode::Prefill { .. } => (start_zero(m)?, None),
     };
     let x = embed(m, cfg, &p, ids)?;
     let h = decoder(m, cfg, &p, x, pos, am, start, mode, Extra::None, write_at)?;

@@ -123,8 +123,7 @@ pub fn build(m: &mut Builder, cfg: &PaliGemmaConfig, batch: usize, seq: usize, m
     let len = m.g.push(Op::Reduce { op: ReduceOp::Min, axes: vec![1], keep_dims: false }, &[at])?;
     let len = m.g.push(Op::Cast { to: DType::I64 }, &[len])?;
     let start = gemma::start_zero(m)?;
-    let write_at = matches!(mode, Mode::Prefill { .. }).then_some(start);
-    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, start, mode, gemma::Extra::Prefix(len), write_at)?;
+    let h = gemma::decoder(m, &cfg.text, &tp, x, pos, am, start, mode, gemma::Extra::Prefix(len), None)?;
     let h = match mode {
         Mode::Prefill { .. } => m.g.slice(h, 1, s - 1, s)?,
         Mode::Forward | Mode::Decode { .. } => h,
