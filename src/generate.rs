@@ -12,6 +12,8 @@ use kiln_runtime::{Session, Tensor, WeightStore};
 use std::path::Path;
 use std::sync::Arc;
 
+mod cache_rows;
+
 /// A compiled generation profile loaded in a session: batch, prompt bucket, and what driving
 /// the program takes ([`GenerationMeta`]: cache capacity, vocabulary, special ids).
 pub struct Generator {
@@ -135,7 +137,10 @@ pub struct GenerationMeta {
 /// `position_ids` `[B, bucket]`) and fills the cache; `decode` takes one token per row, the
 /// mask over the whole cache `[B, capacity]`, its positions and the `cache_position` slot it
 /// writes. Both return the last position's `logits [B, 1, V]`; the cache is their inputs and
-/// outputs named `cache.{layer}.key` / `.value`, bound to the program's states.
+/// outputs named `cache.{layer}.key` / `.value`, bound to the program's states. Each writes
+/// its K/V rows in place (`prefill` the bucket's at row 0, `decode` one at `cache_position`):
+/// the rows past them keep what they held (zeros after load, an earlier generation's rows
+/// otherwise), and attention reads only the rows written so far.
 pub fn generation_program(
     dir: &Path,
     batch: usize,
@@ -149,8 +154,8 @@ pub fn generation_program(
 
 /// [`generation_program`] with `rows_per_input` decode rows per prompt (samples or beams):
 /// `prefill` runs on `batch` rows and writes them into the first `batch` rows of a cache of
-/// `batch * rows_per_input` rows (the rest zeros), which [`Session::gather_state_rows`] then
-/// spreads; `decode` runs on all of them.
+/// `batch * rows_per_input` rows (the rest keep what they held), which
+/// [`Session::gather_state_rows`] then spreads; `decode` runs on all of them.
 pub fn generation_program_rows(
     dir: &Path,
     (batch, rows_per_input): (usize, usize),
@@ -231,7 +236,7 @@ pub fn generation_program_for(
         g.prefill
     } else {
         let few = Profile { batch, ..profile.clone() };
-        pad_cache_rows(kiln_models::build_generation(dir, &few, capacity)?.prefill, rows)?
+        cache_rows::pad_cache_rows(kiln_models::build_generation(dir, &few, capacity)?.prefill, rows)?
     };
     let (eos, pad) = special_ids(dir, g.model.text());
     let px = |v: &kiln_models::siglip::SiglipVisionConfig| {
@@ -265,24 +270,6 @@ pub fn generation_program_for(
     let opts = CompileOptions { profile, backend: backend.to_string(), trace: false };
     let program = compile_with_states(&built, &g.description, &dir.display().to_string(), states, &opts)?.program;
     Ok(GenerationProgram { program, meta })
-}
-
-/// A prefill graph whose cache outputs (`cache.*`, `[B, ..]`) are extended with zero rows to
-/// `rows` rows, the cache's batch when each prompt decodes several rows.
-fn pad_cache_rows(mut g: kiln_graph::Graph, rows: usize) -> Result<kiln_graph::Graph> {
-    let outputs = g.outputs.clone();
-    for (k, (name, id)) in outputs.iter().enumerate() {
-        if !name.starts_with("cache.") {
-            continue;
-        }
-        let ty = g.ty(*id).clone();
-        let mut shape = ty.shape.to_vec();
-        shape[0] = rows - shape[0];
-        let z = g.scalar(ty.dtype, 0.0)?;
-        let z = g.push(kiln_graph::Op::Broadcast { shape }, &[z])?;
-        g.outputs[k].1 = g.concat(&[*id, z], 0)?;
-    }
-    Ok(g)
 }
 
 impl GenerationMeta {
@@ -670,7 +657,8 @@ impl Generator {
         let prefill_mask: Vec<i64> = (0..b).flat_map(|r| mask[r * c..r * c + s].to_vec()).collect();
         let sel = crate::select::inputs(self.sampling.as_ref(), 0);
         let scores = self.beam_candidates.and(self.beam_scores.clone());
-        self.session.reset_states()?;
+        // No reset: prefill writes the bucket's rows and decode each next row before any
+        // attention reads it, so an earlier generation's rows are never read.
         let t0 = std::time::Instant::now();
         let (ids_t, mask_t, pos_t) =
             (Tensor::from_i64(&[b, s], &ids), Tensor::from_i64(&[b, s], &prefill_mask), Tensor::from_i64(&[b, s], &pos));

@@ -112,8 +112,8 @@ pub fn append(g: &mut Graph, s: &Selection) -> Result<()> {
                 }
                 _ => {
                     // The logits stay on the device, in a state the host reads to sample; a
-                    // prefill writes its inputs' rows first (zeros after), as the KV cache, so
-                    // that spreading the states to the rows spreads them too.
+                    // prefill writes its inputs' rows first (zeros after), as it writes the KV
+                    // cache's first rows, so that spreading the states to the rows spreads them too.
                     let mut kept = own_rows;
                     if g.shape(kept)[0] < rows {
                         let z = g.scalar(DType::F32, 0.0)?;

@@ -178,12 +178,15 @@ fn generation_artifacts_hold_every_cubin() {
         }
     }
     // K's and V's cache writes run inside decode's attention launch (`lower::kv_write`), and
-    // inspect says so.
+    // inspect says so; prefill's (its prompt rows, written in place) are one `_x2` launch.
     let (ok, out) = kiln(&["inspect", art.to_str().unwrap()]);
     assert!(ok, "{out}");
-    let absorbed = out.lines().filter(|l| l.contains("write_rows_b") && l.contains("_i64") && l.contains("runs in step")).count();
-    let hosts = out.lines().filter(|l| l.contains("attn_rows_") && l.contains("[computes steps")).count();
+    let (prefill, decode) = out.split_once("entry decode:").unwrap_or_else(|| panic!("no decode entry:\n{out}"));
+    let absorbed = decode.lines().filter(|l| l.contains("write_rows_b") && l.contains("_i64") && l.contains("runs in step")).count();
+    let hosts = decode.lines().filter(|l| l.contains("attn_rows_") && l.contains("[computes steps")).count();
     assert_eq!((absorbed, hosts), (8, 4), "two writes in one attention per layer of the fixture's four:\n{out}");
+    let pairs = prefill.lines().filter(|l| l.contains("write_rows_b") && l.contains("_i64 x2: with step")).count();
+    assert_eq!(pairs, 4, "prefill: K's and V's writes as one launch per layer:\n{out}");
     for (path, program) in [(&art, p.clone()), (&fwd, kiln_graph::artifact::load_file(&fwd).unwrap())] {
         let plan = kernel_plan(&program, "sm_90a").unwrap();
         // The hand-written modules the entries launch, and fused regions of their own.

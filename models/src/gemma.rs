@@ -5,8 +5,10 @@
 //! `PaliGemmaForConditionalGeneration`.
 //!
 //! Three graphs share one builder: `forward` (logits for every position), `prefill` (logits
-//! for the last position plus the KV cache, padded to its capacity) and `decode` (one token
-//! per row over the cache, writing its K/V at `cache_position`). The cache is carried as
+//! for the last position, writing the prompt's K/V at row 0 of the cache) and `decode` (one
+//! token per row over the cache, writing its K/V at `cache_position`). Both write in place;
+//! rows past the ones written keep what they held (zeros after load, or an earlier
+//! generation's rows), and attention reads only the rows written so far. The cache is carried as
 //! entry inputs and outputs named `cache.{layer}.key` / `cache.{layer}.value`, which the
 //! runtime binds to the program's persistent state.
 
@@ -193,7 +195,8 @@ impl GemmaConfig {
 pub enum Mode {
     /// `logits [B, S, V]` for every position.
     Forward,
-    /// `logits [B, 1, V]` for the last position, and the cache padded to `capacity`.
+    /// `logits [B, 1, V]` for the last position; the prompt's K/V rows written in place at
+    /// row 0 of a cache of `capacity` slots (the rows past them keep what they held).
     Prefill { capacity: usize },
     /// One token per row over a cache of `capacity` slots.
     Decode { capacity: usize },
@@ -229,7 +232,7 @@ struct Ctx {
     cos: NodeId,
     sin: NodeId,
     masks: Masks,
-    /// Decode: the cache slot being written (i64 `[1]`).
+    /// Prefill and decode: the cache slot their first row is written at (i64 `[1]`).
     write_at: Option<NodeId>,
     mode: Mode,
 }
@@ -270,7 +273,8 @@ pub fn prefix_len(m: &mut Builder, b: usize, len: usize) -> Result<NodeId> {
 /// Builds the text decoder over token embeddings `x [B, S, D]` already scaled and merged;
 /// `start` (i64 `[1]`) is query 0's cache index (0 for a forward or prefill, `cache_position`
 /// for decode), `attention_mask [B, KV]` (i64 or f32, 0 = padding) the keys that count;
-/// decode also takes `write_at`, the cache slot of the new token (i64 `[1]`).
+/// decode also takes `write_at`, the cache slot of the new token (i64 `[1]`); a prefill writes
+/// its K/V rows in place from `write_at`, or `start` without one.
 /// Returns the final hidden states `[B, S, D]` after the last norm.
 #[allow(clippy::too_many_arguments)]
 pub fn decoder(
@@ -334,6 +338,10 @@ pub fn blocks(
             }
             Masks::Additive { full, windowed }
         }
+    };
+    let write_at = match mode {
+        Mode::Prefill { .. } => write_at.or(Some(start)),
+        Mode::Forward | Mode::Decode { .. } => write_at,
     };
     let ctx = Ctx { b, s, kv, cos, sin, masks, write_at, mode };
     let mut x = m.g.reshape(x, &[b * s, d])?;
@@ -507,28 +515,19 @@ fn layer(m: &mut Builder, cfg: &GemmaConfig, p: &str, l: usize, x: NodeId, ctx: 
     let k = rope(m, k, ctx, hd)?;
     let (k, v) = match ctx.mode {
         Mode::Forward => (k, v),
-        Mode::Prefill { capacity } => {
-            for (name, t) in [("key", k), ("value", v)] {
-                let full = if capacity > s {
-                    let z = m.g.scalar(m.dtype, 0.0)?;
-                    let z = m.g.push(Op::Broadcast { shape: vec![b, capacity - s, kvh, hd] }, &[z])?;
-                    m.g.concat(&[t, z], 1)?
-                } else {
-                    t
-                };
-                m.g.output(format!("cache.{l}.{name}"), full);
-            }
-            (k, v)
-        }
-        Mode::Decode { capacity } => {
-            // The new row goes into the cache in place (the cache is persistent state).
-            let at = ctx.write_at.ok_or_else(|| ModelError::Unsupported("decode without a write index".into()))?;
+        Mode::Prefill { capacity } | Mode::Decode { capacity } => {
+            // The new rows go into the cache in place (the cache is persistent state): rows
+            // past them keep what they held, which attention never reads (its keys are the
+            // filled rows: prefill's own, decode's up to its position).
+            let at = ctx.write_at.ok_or_else(|| ModelError::Unsupported("a cache write without a write index".into()))?;
             let mut kv_all = [k, v];
             for (i, name) in ["key", "value"].iter().enumerate() {
                 let past = m.g.input(&format!("cache.{l}.{name}"), m.dtype, &[b, capacity, kvh, hd])?;
                 let new = m.g.write_slice(past, kv_all[i], at, 1)?;
                 m.g.output(format!("cache.{l}.{name}"), new);
-                kv_all[i] = new;
+                if matches!(ctx.mode, Mode::Decode { .. }) {
+                    kv_all[i] = new;
+                }
             }
             (kv_all[0], kv_all[1])
         }

@@ -59,7 +59,7 @@ pub trait Executable: Send {
     fn run(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()>;
     /// Like `run`, recording each step's wall time in seconds into `times` (one per step).
     fn run_timed(&mut self, entry: usize, inputs: &[&[u8]], outputs: &mut [&mut [u8]], times: &mut Vec<f64>) -> Result<()>;
-    /// Zeroes every state (a new generation starts from an empty KV cache).
+    /// Zeroes every state (an empty KV cache, as after load).
     fn reset_states(&mut self) -> Result<()>;
     /// Copies state `i`'s bytes into `out` (of the state's size).
     fn read_state(&mut self, i: usize, out: &mut [u8]) -> Result<()>;

@@ -95,7 +95,7 @@ impl Session {
         })
     }
 
-    /// Zeroes the persistent state (a new generation starts from an empty KV cache).
+    /// Zeroes the persistent state (an empty KV cache, as after load).
     pub fn reset_states(&mut self) -> Result<()> {
         self.exec.reset_states()
     }

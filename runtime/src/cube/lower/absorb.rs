@@ -1,6 +1,6 @@
 //! A KV-cache row write (`write_slice` in place, one `write_rows` launch) done by the matmul
-//! launch that computes its rows (issue 16): decode's V rows are a range of the stacked
-//! projection's output, K's rows the output of k's rotation. The matmul stores each element of
+//! launch that computes its rows (issue 16): decode's one row and prefill's prompt rows alike,
+//! V's rows a range of the stacked projection's output, K's rows the output of k's rotation. The matmul stores each element of
 //! that range into the cache as well (`kiln_kernels::cube::index::store_row`), and the write
 //! makes no launch. The write moves to the matmul's place, so, as for a joined pair
 //! ([`super::merge`]):

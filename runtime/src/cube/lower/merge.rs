@@ -1,7 +1,7 @@
 //! Independent launches of one cube kernel as one launch (issue 16), in the spirit of the cuda
 //! lowering's `_x2` pairs (`crate::cuda::lower::merge`): a concat's part copies, then two
 //! steps each running one launch of the same generated kernel (RoPE on q and on k, K's and V's
-//! cache writes, K's and V's cache concats, prefill's Q and stacked K/V projections). The
+//! cache writes, prefill's Q and stacked K/V projections). The
 //! joined launch runs the kernel with `parts` parameter blocks, one per cube along its part
 //! axis (`kiln_kernels::cube::part_base`); the kernels taking parts are the copy, the row
 //! write and the matmul (parts of different batch counts, and of output ranks r and r + 1, the
