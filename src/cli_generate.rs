@@ -101,19 +101,40 @@ fn strategy_of(a: &GenerateArgs) -> Result<cli_decode::Strategy> {
     Ok(strategy)
 }
 
+/// The load options (`kiln::load`) apply where a Gemma or PaliGemma generation program is
+/// loaded: elsewhere a value other than the default is refused, naming what `what` is.
+fn only_gemma(load: &kiln::load::LoadOptions, what: &str) -> Result<()> {
+    if *load == kiln::load::LoadOptions::default() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!("--cuda-gemv, --cuda-fuse and --cuda-pdl apply to Gemma and PaliGemma generation; {what} is not")))
+}
+
+/// `kiln generate --prompt`: answers `o` with the loaded artifact's generator, or compiles
+/// the folder; prints the answer, the breakdown if asked, and the timings as JSON on stderr.
+fn answer_prompt(o: &kiln::prompt::PromptOptions, art: Option<kiln::generate::Generator>) -> Result<()> {
+    let r = match art {
+        Some(mut g) => kiln::prompt::run_on(&mut g, o, &mut std::io::stdout())?,
+        None => kiln::prompt::run(o, &mut std::io::stdout())?,
+    };
+    for (entry, steps, total) in &r.profiles {
+        println!("{entry}, kernel by kernel (each step synchronised):");
+        commands::print_breakdown(steps, *total);
+    }
+    eprintln!(
+        "{}",
+        serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
+        "first_token_ms": r.first_token_s * 1e3, "decode_ms_per_token": r.decode_s_per_token * 1e3})
+    );
+    Ok(())
+}
+
 /// `kiln generate`.
 pub(super) fn generate(a: GenerateArgs) -> Result<()> {
     let strategy = strategy_of(&a)?;
     let load = a.load.options();
     load.check()?;
-    // The load options apply where a Gemma or PaliGemma generation program is loaded.
-    let only_gemma = |what: &str| {
-        if load == kiln::load::LoadOptions::default() {
-            Ok(())
-        } else {
-            Err(Error::Usage(format!("--cuda-gemv, --cuda-fuse and --cuda-pdl apply to Gemma and PaliGemma generation; {what} is not")))
-        }
-    };
+    let only_gemma = |what: &str| only_gemma(&load, what);
     match a {
         GenerateArgs {
             model,
@@ -179,20 +200,7 @@ pub(super) fn generate(a: GenerateArgs) -> Result<()> {
                 sampling,
                 load: load.clone(),
             };
-            let r = match art {
-                Some((mut g, _)) => kiln::prompt::run_on(&mut g, &o, &mut std::io::stdout())?,
-                None => kiln::prompt::run(&o, &mut std::io::stdout())?,
-            };
-            for (entry, steps, total) in &r.profiles {
-                println!("{entry}, kernel by kernel (each step synchronised):");
-                commands::print_breakdown(steps, *total);
-            }
-            eprintln!(
-                "{}",
-                serde_json::json!({"prompt_tokens": r.input_ids.len(), "new_ids": r.new_ids, "compile_ms": r.compile_s * 1e3,
-                "first_token_ms": r.first_token_s * 1e3, "decode_ms_per_token": r.decode_s_per_token * 1e3})
-            );
-            Ok(())
+            answer_prompt(&o, art.map(|(g, _)| g))
         }
         GenerateArgs {
             model,
