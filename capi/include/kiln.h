@@ -247,8 +247,10 @@ enum KilnStatus kiln_session_state_info(const struct KilnSession *session,
                                         size_t index,
                                         struct KilnIoInfo *out);
 
-// Zeroes every state: call it before each new generation (an empty KV cache). Takes the
-// session's run lock, so it waits for a run in progress.
+// Zeroes every state (an empty KV cache, as when the session opens). A generation program
+// does not need it between generations: its prefill writes the prompt's K/V rows in place
+// and attention reads only the rows written so far. Takes the session's run lock, so it
+// waits for a run in progress.
 //
 // # Safety
 // `session` is an open session.
