@@ -2,6 +2,8 @@
 //! comparing tensors by relative error.
 #![allow(dead_code)]
 
+pub mod gemma2_two_rows;
+
 use kiln_graph::interp::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
