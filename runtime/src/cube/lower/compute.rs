@@ -11,22 +11,35 @@ use kiln_kernels::cube::residual::ResidualNormCfg;
 use kiln_kernels::cube::{AttMask, AttentionCfg, GatedCfg, MatmulCfg, NormCfg, NormKind};
 
 impl Lower<'_> {
+    /// A matmul's parameters: `g`'s sizes and batch strides, step `s`'s output (`out` its
+    /// shape), the operands at `a_off` and `b_off`, `epilogue` the epilogue's inputs.
+    fn matmul_params(
+        &self,
+        s: &Step,
+        g: &MatmulGeometry,
+        out: &[usize],
+        (a_off, b_off): (usize, usize),
+        epilogue: Vec<Strided>,
+    ) -> Result<MatmulParams, String> {
+        let [a_st, b_st] = g.batch_strides.clone();
+        Ok(MatmulParams {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            out_off: self.out_off(s)?,
+            shape: out.to_vec(),
+            a: Strided { off: a_off, strides: a_st },
+            b: Strided { off: b_off, strides: b_st },
+            epilogue,
+        })
+    }
+
     pub(super) fn matmul(&mut self, s: &Step, transpose_b: bool, epilogue: Option<&Expr>) -> Result<Launch, String> {
         let out = shape_of(&s.output);
         let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &s.inputs[1].ty.shape, &out);
         let (a_in_arena, a_off) = self.place(&s.inputs[0])?;
         let (b_in_arena, b_off) = self.place(&s.inputs[1])?;
-        let [a_st, b_st] = g.batch_strides.clone();
-        let mut params = MatmulParams {
-            m: g.m,
-            n: g.n,
-            k: g.k,
-            out_off: self.out_off(s)?,
-            shape: out.clone(),
-            a: Strided { off: a_off, strides: a_st },
-            b: Strided { off: b_off, strides: b_st },
-            epilogue: vec![],
-        };
+        let mut params = self.matmul_params(s, &g, &out, (a_off, b_off), vec![])?;
         let epi = match epilogue {
             Some(e) => {
                 let shapes: Vec<&[usize]> = s.inputs[2..].iter().map(|o| o.ty.shape.as_slice()).collect();
@@ -141,23 +154,13 @@ impl Lower<'_> {
         let g = MatmulGeometry::new(&s.inputs[0].ty.shape, &w[1..], &out);
         let (a_in_arena, a_off) = self.place(&s.inputs[0])?;
         let (b_in_arena, b_off) = self.place(&s.inputs[1])?;
-        let [a_st, b_st] = g.batch_strides.clone();
         let shapes: Vec<&[usize]> = s.inputs[2..].iter().map(|o| o.ty.shape.as_slice()).collect();
         let eg = ElementwiseGeometry::new(&shapes, &out);
         let (srcs, inputs) = self.broadcast_inputs(&s.inputs[2..], &eg.strides)?;
         let mut dtypes = vec![s.inputs[0].ty.dtype; 2];
         dtypes.extend(s.inputs[2..].iter().map(|o| o.ty.dtype));
         let code = instrs(epilogue, &dtypes)?;
-        let params = MatmulParams {
-            m: g.m,
-            n: g.n,
-            k: g.k,
-            out_off: self.out_off(s)?,
-            shape: out.clone(),
-            a: Strided { off: a_off, strides: a_st },
-            b: Strided { off: b_off, strides: b_st },
-            epilogue: inputs,
-        };
+        let params = self.matmul_params(s, &g, &out, (a_off, b_off), inputs)?;
         let (meta, len) = self.push(params.pack())?;
         let cfg = GatedCfg { transpose_b, a_in_arena, b_in_arena, code, srcs, rank: out.len() };
         Ok(Launch::Gated { cfg, m: g.m, n: g.n, batch: g.batch, meta, len })
