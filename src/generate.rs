@@ -362,7 +362,15 @@ impl Generator {
         step_logits: bool,
     ) -> Result<Self> {
         let ending = Ending { step_logits, beams: false };
-        Self::with_ending(dir, (batch, rows_per_input), bucket, max_new_tokens, (backend, dtype), ending)
+        Self::with_load(
+            dir,
+            (batch, rows_per_input),
+            bucket,
+            max_new_tokens,
+            (backend, dtype),
+            ending,
+            &crate::load::LoadOptions::default(),
+        )
     }
 
     /// A generator for beam search with `num_beams` beams per input: its entries output beam
@@ -378,22 +386,11 @@ impl Generator {
         step_logits: bool,
     ) -> Result<Self> {
         let ending = Ending { step_logits, beams: true };
-        Self::with_ending(dir, (batch, num_beams), bucket, max_new_tokens, (backend, dtype), ending)
+        Self::with_load(dir, (batch, num_beams), bucket, max_new_tokens, (backend, dtype), ending, &crate::load::LoadOptions::default())
     }
 
-    /// Compiles [`generation_program_for`] and loads it.
-    pub fn with_ending(
-        dir: &Path,
-        rows: (usize, usize),
-        bucket: usize,
-        max_new_tokens: usize,
-        target: (&str, DType),
-        ending: Ending,
-    ) -> Result<Self> {
-        Self::with_load(dir, rows, bucket, max_new_tokens, target, ending, &crate::load::LoadOptions::default())
-    }
-
-    /// [`Generator::with_ending`] loaded with the load options `load` (`crate::load`).
+    /// Compiles [`generation_program_for`] and loads it with the load options `load`
+    /// (`crate::load`).
     pub fn with_load(
         dir: &Path,
         rows: (usize, usize),
