@@ -16,6 +16,8 @@ pub mod fused;
 pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod host;
 pub mod pdl;
 
 /// Helpers every module includes (half conversions, warp reductions, masks).
