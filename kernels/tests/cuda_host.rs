@@ -5,8 +5,8 @@
 //! unless `KILN_REQUIRE_CXX=1`, where a missing compiler is a failure.
 #![cfg(feature = "cuda")]
 
-use kiln_kernels::cuda::host::{self, HostModule};
 use kiln_kernels::cuda::gemv::{self, GemvParams};
+use kiln_kernels::cuda::host::{self, HostModule};
 use kiln_kernels::cuda::{modules, AttnParams, CopyParams, GatherParams, NormParams, SampleParams};
 
 fn cxx_or_skip() -> bool {
@@ -181,7 +181,8 @@ fn rms_norm_matches_the_reference() {
 
     let (xb, wb) = (bf16_bits(&x), bf16_bits(&w));
     let mut outb = vec![0u16; rows * d];
-    let p = NormParams { x: addr(&xb), w: addr(&wb), b: 0, out: addr_mut(&mut outb), rows: rows as i32, d: d as i32, eps: 1e-6, add_one: 1 };
+    let p =
+        NormParams { x: addr(&xb), w: addr(&wb), b: 0, out: addr_mut(&mut outb), rows: rows as i32, d: d as i32, eps: 1e-6, add_one: 1 };
     launch(&norm, "rms_norm_bf16", (rows as u32, 1, 1), 256, 0, &p);
     let want = rms_norm_ref(&from_bf16(&xb), &from_bf16(&wb), d, 1e-6, true);
     // One rounding to bf16 (8 bits of mantissa): within 2^-8 relative.
@@ -208,11 +209,12 @@ fn aligned<T: bytemuck::Pod>(v: &[T]) -> Vec<u128> {
     buf
 }
 
-fn run_gemv(suffix: &str, m: usize, n: usize, k: usize, a: &[u128], b: &[u128], bias: Option<&[u128]>, out_bytes: usize) -> Vec<u128> {
+fn run_gemv(suffix: &str, (m, n, k): (usize, usize, usize), a: &[u128], b: &[u128], bias: Option<&[u128]>) -> Vec<u128> {
     let gemvm = HostModule::compile(&gemv::gemv_module().source).unwrap_or_else(|e| panic!("gemv: {e}"));
     let plan = gemv::plan(suffix, m, n, k).unwrap_or_else(|| panic!("no GEMV plan for {suffix} {m}x{n}x{k}"));
     assert!(plan.block > 32, "the shape should split K over warps (block {})", plan.block);
-    let mut out = vec![0u128; out_bytes.div_ceil(16)];
+    let esize = if suffix == "f32" { 4 } else { 2 };
+    let mut out = vec![0u128; (m * n * esize).div_ceil(16)];
     let p = GemvParams {
         a: addr(a),
         b: addr(b),
@@ -238,12 +240,394 @@ fn gemv_matches_the_reference() {
     }
     let (m, n, k) = (3usize, 37usize, 1100usize);
     let (a, b) = (values(m * k, 4), values(n * k, 5));
-    let out = run_gemv("f32", m, n, k, &aligned(&a), &aligned(&b), None, m * n * 4);
+    let out = run_gemv("f32", (m, n, k), &aligned(&a), &aligned(&b), None);
     assert_close(&bytemuck::cast_slice::<u128, f32>(&out)[..m * n], &gemv_ref(&a, &b, None, m, n, k), 1e-5, "gemv f32");
 
     let (m, n, k) = (2usize, 40usize, 1064usize);
     let (a, b, bias) = (bf16_bits(&values(m * k, 6)), bf16_bits(&values(n * k, 7)), bf16_bits(&values(n, 8)));
-    let out = run_gemv("bf16", m, n, k, &aligned(&a), &aligned(&b), Some(&aligned(&bias)), m * n * 2);
+    let out = run_gemv("bf16", (m, n, k), &aligned(&a), &aligned(&b), Some(&aligned(&bias)));
     let want = gemv_ref(&from_bf16(&a), &from_bf16(&b), Some(&from_bf16(&bias)), m, n, k);
     assert_close(&from_bf16(&bytemuck::cast_slice::<u128, u16>(&out)[..m * n]), &want, 1.0 / 128.0, "gemv bf16");
+}
+
+/// Attention's shape: q [B, Sq, Hq, D], k and v [B, Sk, Hkv, D], causal from `q_offset`.
+#[derive(Clone, Copy)]
+struct Shape {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    q_offset: usize,
+}
+
+/// softmax(q k^T * scale, causal) v in f64, out [B, Sq, Hq, D].
+fn attention_ref(s: Shape, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; s.b * s.sq * s.hq * s.d];
+    for b in 0..s.b {
+        for i in 0..s.sq {
+            for h in 0..s.hq {
+                let hk = h / (s.hq / s.hkv);
+                let qr = &q[((b * s.sq + i) * s.hq + h) * s.d..][..s.d];
+                let keys = (s.q_offset + i + 1).min(s.sk);
+                let row = |j: usize| ((b * s.sk + j) * s.hkv + hk) * s.d;
+                let scores: Vec<f64> = (0..keys)
+                    .map(|j| qr.iter().zip(&k[row(j)..][..s.d]).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale as f64)
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..s.d {
+                    let a: f64 = (0..keys).map(|j| e[j] * v[row(j) + c] as f64).sum();
+                    out[((b * s.sq + i) * s.hq + h) * s.d + c] = (a / z) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn attn_params(s: Shape, splits: usize, scale: f32) -> AttnParams {
+    AttnParams {
+        batch: s.b as i32,
+        sq: s.sq as i32,
+        sk: s.sk as i32,
+        hq: s.hq as i32,
+        hkv: s.hkv as i32,
+        d: s.d as i32,
+        dv: s.d as i32,
+        mask_kind: 1,
+        q_offset: s.q_offset as i32,
+        splits: splits as i32,
+        scale,
+        ..Default::default()
+    }
+}
+
+/// Decode attention over a KV cache split in 2 along the keys: attn_rows_f32 then
+/// attn_combine_f32, and attn_rows1_f32, whose last block per row merges (atomics on the
+/// counters, which it leaves at zero).
+#[test]
+fn split_decode_attention_matches_the_reference() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let att = module("attention");
+    let s = Shape { b: 2, sq: 1, sk: 45, hq: 4, hkv: 2, d: 64, q_offset: 39 };
+    let scale = 1.0 / (s.d as f32).sqrt();
+    let q = values(s.b * s.sq * s.hq * s.d, 9);
+    let k = values(s.b * s.sk * s.hkv * s.d, 10);
+    let v = values(s.b * s.sk * s.hkv * s.d, 11);
+    let want = attention_ref(s, &q, &k, &v, scale);
+    let rows = s.b * s.sq * s.hq;
+    let splits = 2;
+    let grid = ((s.sq * s.hq) as u32, s.b as u32, splits as u32);
+    let mut partial = vec![0f32; rows * splits * (s.d + 2)];
+    let mut out = vec![0f32; rows * s.d];
+    let mut p = attn_params(s, splits, scale);
+    (p.q, p.k, p.v, p.out, p.partial) = (addr(&q), addr(&k), addr(&v), addr_mut(&mut out), addr_mut(&mut partial));
+    launch(&att, "attn_rows_f32", grid, 128, 0, &p);
+    launch(&att, "attn_combine_f32", (grid.0, grid.1, 1), 128, 0, &p);
+    assert_close(&out, &want, 1e-5, "attn_rows_f32 + attn_combine_f32");
+
+    let mut out1 = vec![0f32; rows * s.d];
+    let mut counters = vec![0u32; rows];
+    (p.out, p.counters) = (addr_mut(&mut out1), addr_mut(&mut counters));
+    launch(&att, "attn_rows1_f32", grid, 128, 0, &p);
+    assert_close(&out1, &want, 1e-5, "attn_rows1_f32");
+    assert!(counters.iter().all(|&c| c == 0), "counters left at {counters:?}");
+}
+
+/// Runs prefill `kernel` of `m` (bf16 or f16 operands, as `f16` says) on random q, k, v of
+/// shape `s` (causal) and checks it against the reference on the rounded operands.
+fn check_prefill(m: &HostModule, kernel: &str, s: Shape, f16: bool, smem: usize) {
+    let scale = 1.0 / (s.d as f32).sqrt();
+    let half = |v: Vec<f32>| -> Vec<u16> {
+        if f16 {
+            v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect()
+        } else {
+            bf16_bits(&v)
+        }
+    };
+    let back = |v: &[u16]| -> Vec<f32> {
+        if f16 {
+            v.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+        } else {
+            from_bf16(v)
+        }
+    };
+    let q = half(values(s.b * s.sq * s.hq * s.d, 12));
+    let k = half(values(s.b * s.sk * s.hkv * s.d, 13));
+    let v = half(values(s.b * s.sk * s.hkv * s.d, 14));
+    let want = attention_ref(s, &back(&q), &back(&k), &back(&v), scale);
+    let (qa, ka, va) = (aligned(&q), aligned(&k), aligned(&v));
+    let mut out = vec![0u128; (s.b * s.sq * s.hq * s.d * 2).div_ceil(16)];
+    let mut p = attn_params(s, 1, scale);
+    (p.q, p.k, p.v, p.out) = (addr(&qa), addr(&ka), addr(&va), addr_mut(&mut out));
+    let bq = if kernel.contains("_q128") { 128 } else { kiln_kernels::cuda::MMA_BQ };
+    let grid = (s.sq.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
+    launch(m, kernel, grid, 128, smem as u32, &p);
+    let got = back(&bytemuck::cast_slice::<u128, u16>(&out)[..want.len()]);
+    // P is rounded to the half type before P V; the output once more.
+    assert_close(&got, &want, 1.0 / 64.0, kernel);
+}
+
+/// The tensor-core prefill (attn_mma_bf16_d64: ldmatrix, mma.sync, cp.async, dynamic shared
+/// memory) over 70 causal query rows: two blocks of 64 rows, the second partly past Sq.
+#[test]
+fn tensor_core_prefill_matches_the_reference() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let att = module("attention");
+    let s = Shape { b: 1, sq: 70, sk: 70, hq: 2, hkv: 1, d: 64, q_offset: 0 };
+    check_prefill(&att, "attn_mma_bf16_d64", s, false, kiln_kernels::cuda::mma_smem(64));
+}
+
+/// Every prefill variant of head dim 72 (attention_var_f16: f16 mma, the unpadded m16n8k8 tail
+/// with ldmatrix x2, the cp.async ring, 128-row blocks, staged stores) over 130 causal rows
+/// with grouped-query heads.
+#[test]
+fn every_head_dim_72_prefill_variant_matches_the_reference() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let var = module("attention_var_f16");
+    let s = Shape { b: 1, sq: 130, sk: 130, hq: 2, hkv: 1, d: 72, q_offset: 0 };
+    for &(d, tag) in kiln_kernels::cuda::attn::ATTN_VARIANTS {
+        let v = kiln_kernels::cuda::attn::AttnVariant::parse(tag).unwrap();
+        check_prefill(&var, &v.kernel("f16", d), s, true, v.smem(d));
+    }
+}
+
+fn sample(index: &HostModule, x: &[f32], rows: usize, temperature: f32, top_k: i64) -> Vec<i64> {
+    let v = x.len() / rows;
+    let opts = [temperature, 1.0f32];
+    let ctr = [top_k, 0x1234, 0x5678, 3i64];
+    let streams: Vec<i64> = (0..rows as i64).collect();
+    let mut out = vec![-1i64; rows];
+    let mut err = [0i32];
+    let mut scratch = vec![0i32; rows * v];
+    let p = SampleParams {
+        x: addr(x),
+        opts: addr(&opts),
+        ctr: addr(&ctr),
+        streams: addr(&streams),
+        out: addr_mut(&mut out),
+        err: addr_mut(&mut err),
+        scratch: addr_mut(&mut scratch),
+        rows: rows as i64,
+        v: v as i64,
+    };
+    launch(index, "sample_token_f32", (rows as u32, 1, 1), 256, 0, &p);
+    assert_eq!(err[0], 0, "sample_token_f32 set the error flag");
+    out
+}
+
+/// sample_token_f32 over rows of 1000 logits: greedy is the first argmax (a block reduction
+/// with a tie), top-k 1 the argmax through the radix select (shared-memory atomics), and
+/// top-k 5 one of the 5 largest.
+#[test]
+fn sample_token_picks_what_the_options_allow() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let index = module("index");
+    let (rows, v) = (3usize, 1000usize);
+    let mut x = values(rows * v, 15);
+    for r in 0..rows {
+        x[r * v + 100 + 300 * r] = 5.0;
+        x[r * v + 700] = 5.0; // a tie after the first maximum
+    }
+    let argmax: Vec<i64> = (0..rows as i64).map(|r| 100 + 300 * r).collect();
+    assert_eq!(sample(&index, &x, rows, 0.0, 0), argmax, "greedy");
+    for r in 0..rows {
+        x[r * v + 700] = 4.0;
+    }
+    assert_eq!(sample(&index, &x, rows, 1.0, 1), argmax, "top-k 1");
+    let picks = sample(&index, &x, rows, 0.8, 5);
+    for (r, &pick) in picks.iter().enumerate() {
+        let row = &x[r * v..][..v];
+        let above = row.iter().filter(|&&s| s > row[pick as usize]).count();
+        assert!(above < 5, "row {r}: picked {pick}, {above} scores above it");
+    }
+    assert_eq!(sample(&index, &x, rows, 0.8, 5), picks, "the same counters draw the same tokens");
+}
+
+/// Host versions of `common.cuh`'s half conversions: from_f32<bf16> (cvt.rn.bf16.f32),
+/// pack2<bf16> (cvt.rn.bf16x2.f32), from_f32<f16> and to_f32(f16), for a kernel compiled with
+/// the host shim, against `half` over every f16 and a million f32 bit patterns (ties,
+/// subnormals, infinities, NaN among them).
+#[test]
+fn half_conversions_round_as_the_gpu() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let src = format!(
+        "{}\n{}",
+        kiln_kernels::cuda::COMMON,
+        r#"struct CvtParams { i64 x, bf, pair, f16, h, hf, n; };
+extern "C" __global__ void __launch_bounds__(256) cvt(const CvtParams p) {
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+    const float x = ((const float*)p.x)[i];
+    ((bf16*)p.bf)[i] = from_f32<bf16>(x);
+    ((unsigned*)p.pair)[i] = pack2<bf16>(x, -x);
+    ((f16*)p.f16)[i] = from_f32<f16>(x);
+    if (i < 65536) ((float*)p.hf)[i] = to_f32(((const f16*)p.h)[i]);
+  }
+}"#
+    );
+    let m = HostModule::compile(&src).unwrap_or_else(|e| panic!("{e}"));
+    let mut bits: Vec<u32> = (0..1u32 << 20).map(|i| i.wrapping_mul(0x9e37_79b1) ^ (i >> 3)).collect();
+    // Ties to even, subnormals, the largest finite values, infinities, NaN.
+    bits.extend([
+        0x3f80_8000,
+        0x3f81_8000,
+        0x0000_8000,
+        0x0001_8000,
+        0x8000_0001,
+        0x7f7f_ffff,
+        0x477f_f000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0001,
+    ]);
+    let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    let n = x.len();
+    let h: Vec<u16> = (0..=u16::MAX).collect();
+    let (mut bf, mut pair, mut f16, mut hf) = (vec![0u16; n], vec![0u32; n], vec![0u16; n], vec![0f32; 65536]);
+    let p = [addr(&x), addr_mut(&mut bf), addr_mut(&mut pair), addr_mut(&mut f16), addr(&h), addr_mut(&mut hf), n as u64];
+    launch(&m, "cvt", (64, 1, 1), 256, 0, &p);
+    for i in 0..n {
+        let (want_bf, want_neg, want_f16) = (half::bf16::from_f32(x[i]), half::bf16::from_f32(-x[i]), half::f16::from_f32(x[i]));
+        if x[i].is_nan() {
+            // cvt.rn gives the canonical NaN.
+            assert_eq!((bf[i], pair[i], f16[i]), (0x7fff, 0x7fff_7fff, 0x7fff), "NaN {:#x}", bits[i]);
+            continue;
+        }
+        assert_eq!(bf[i], want_bf.to_bits(), "bf16 of {} ({:#x})", x[i], bits[i]);
+        assert_eq!(pair[i], (want_neg.to_bits() as u32) << 16 | want_bf.to_bits() as u32, "bf16x2 of {}", x[i]);
+        assert_eq!(f16[i], want_f16.to_bits(), "f16 of {} ({:#x})", x[i], bits[i]);
+    }
+    for (i, &g) in hf.iter().enumerate() {
+        let want = half::f16::from_bits(i as u16).to_f32();
+        assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "f16 {i:#x}: {g} vs {want}");
+    }
+}
+
+/// A region in the shape `kiln-runtime`'s fused_codegen generates (common.cuh, `PARAMS_C`, a
+/// grid-stride body over strided inputs, float and double math, the `_x2` entry that runs two
+/// parameter blocks on `blockIdx.y`), against the same math in Rust.
+#[test]
+fn a_generated_style_fused_region_matches_the_reference() {
+    if !cxx_or_skip() {
+        return;
+    }
+    use kiln_kernels::cuda::fused::{FusedParams, PARAMS_C};
+    let body = r#"
+__device__ __forceinline__ void region_body(const FusedParams& p) {
+  for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < p.n; x += (i64)gridDim.x * blockDim.x) {
+    i64 o0 = p.access[0] == 0 ? x : 0;
+    i64 o1 = p.access[1] == 0 ? x : 0;
+    if (p.strided) {
+      i64 rem = x;
+      for (int a = p.rank - 1; a >= 0; a--) {
+        i64 ia = rem % p.dims[a];
+        rem /= p.dims[a];
+        if (p.access[1] == 2) o1 += ia * p.st[1][a];
+      }
+    }
+    const float v0 = (float)to_f32(((const float*)p.ins[0])[o0]);
+    const float v1 = (float)to_f32(((const bf16*)p.ins[1])[o1]);
+    const float v2 = 0.5f * v0 * (1.0f + tanhf(0.7978845608f * (v0 + 0.044715f * v0 * v0 * v0)));
+    const float v3 = to_f32(from_f32<bf16>(1.0f / (1.0f + expf(-v1))));
+    const double v4 = log1p(fabs((double)v0)) + floor((double)v1 * 3.0) + fmin((double)v0, 0.5) + pow(fabs((double)v1), 1.5);
+    const double v5 = trunc((double)v2 * 8.0) + sqrt(fmax((double)v3, 0.0)) + sin((double)v0) * cos((double)v1);
+    ((float*)p.out)[x] = from_f32<float>((float)(fmaxf(v2 * v3, -0.25f) + (float)(v4 + v5)));
+  }
+}
+extern "C" __global__ void __launch_bounds__(256) region(const FusedParams p) { pdl_enter(); region_body(p); }
+struct FusedParams2 {
+  FusedParams p[2];
+};
+extern "C" __global__ void __launch_bounds__(256) region_x2(const FusedParams2 p) { pdl_enter(); region_body(p.p[blockIdx.y]); }
+"#;
+    let m = HostModule::compile(&format!("{}{PARAMS_C}{body}", kiln_kernels::cuda::COMMON)).unwrap_or_else(|e| panic!("{e}"));
+    let (r, d) = (5usize, 77usize);
+    let x: Vec<f32> = values(r * d, 16).iter().map(|v| v * 3.0).collect();
+    let y = bf16_bits(&values(d, 17));
+    let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+    let want: Vec<f32> = (0..r * d)
+        .map(|i| {
+            let (v0, v1) = (x[i], bf(half::bf16::from_bits(y[i % d]).to_f32()));
+            let v2 = 0.5 * v0 * (1.0 + (0.797_884_6 * (v0 + 0.044715 * v0 * v0 * v0)).tanh());
+            let v3 = bf(1.0 / (1.0 + (-v1).exp()));
+            let (d0, d1) = (v0 as f64, v1 as f64);
+            let v4 = d0.abs().ln_1p() + (d1 * 3.0).floor() + d0.min(0.5) + d1.abs().powf(1.5);
+            let v5 = (v2 as f64 * 8.0).trunc() + (v3 as f64).max(0.0).sqrt() + d0.sin() * d1.cos();
+            (v2 * v3).max(-0.25) + (v4 + v5) as f32
+        })
+        .collect();
+    let params = |out: &mut [f32]| {
+        let mut p = FusedParams { out: addr_mut(out), n: (r * d) as i64, rank: 2, strided: 1, ..Default::default() };
+        (p.ins[0], p.ins[1]) = (addr(&x), addr(&y));
+        p.access[1] = 2;
+        p.dims[..2].copy_from_slice(&[r as i64, d as i64]);
+        p.st[1][..2].copy_from_slice(&[0, 1]);
+        p
+    };
+    let mut out = vec![0f32; r * d];
+    launch(&m, "region", (2, 1, 1), 256, 0, &params(&mut out));
+    assert_close(&out, &want, 1e-5, "region");
+    let (mut a, mut b) = (vec![0f32; r * d], vec![0f32; r * d]);
+    launch(&m, "region_x2", (1, 2, 1), 128, 0, &[params(&mut a), params(&mut b)]);
+    assert_close(&a, &want, 1e-5, "region_x2 block row 0");
+    assert_close(&b, &want, 1e-5, "region_x2 block row 1");
+}
+
+/// The emulator's own rules: a thread that returned counts as arrived at `__syncthreads`,
+/// `__shared__` memory is the block's (written by one thread, read by all after the barrier),
+/// shuffles read the named lane, and waits that cannot be met are an error, not a hang.
+#[test]
+fn barriers_shared_memory_and_deadlocks() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let src = format!(
+        "{}\n{}",
+        kiln_kernels::cuda::COMMON,
+        r#"struct P { i64 out; };
+extern "C" __global__ void rules(const P p) {
+  __shared__ int s[64];
+  if (threadIdx.x >= 40) return;  // exited threads count as arrived
+  s[threadIdx.x] = (int)(blockIdx.x * 100 + threadIdx.x);
+  __syncthreads();
+  const int mirror = s[39 - threadIdx.x];
+  const int lane = threadIdx.x & 31;
+  const int from = threadIdx.x < 32 ? __shfl_sync(0xffffffffu, mirror, (lane + 1) & 31) : mirror;
+  ((int*)p.out)[blockIdx.x * 40 + threadIdx.x] = from;
+}
+extern "C" __global__ void stuck(const P p) {
+  if ((threadIdx.x & 31) == 0) __syncwarp();
+  else __syncthreads();
+}"#
+    );
+    let m = HostModule::compile(&src).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = vec![0i32; 2 * 40];
+    let p = [addr_mut(&mut out)];
+    launch(&m, "rules", (2, 1, 1), 64, 0, &p);
+    for b in 0..2 {
+        for t in 0..40 {
+            let mirror = |t: usize| (b * 100 + 39 - t) as i32;
+            let want = if t < 32 { mirror((t + 1) % 32) } else { mirror(t) };
+            assert_eq!(out[b * 40 + t], want, "block {b} thread {t}");
+        }
+    }
+    // SAFETY: `stuck` touches no memory.
+    let err = unsafe { m.launch("stuck", (1, 1, 1), 64, 0, &bytes_of(&p)) }.unwrap_err();
+    assert!(err.contains("deadlock"), "{err}");
+    // SAFETY: no kernel runs.
+    let err = unsafe { m.launch("missing", (1, 1, 1), 32, 0, &bytes_of(&p)) }.unwrap_err();
+    assert!(err.contains("no kernel missing"), "{err}");
 }

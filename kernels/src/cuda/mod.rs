@@ -15,9 +15,9 @@ pub mod attn;
 pub mod fused;
 pub mod gemv;
 #[cfg(feature = "cuda")]
-pub mod nvrtc;
-#[cfg(feature = "cuda")]
 pub mod host;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod pdl;
 
 /// Helpers every module includes (half conversions, warp reductions, masks).

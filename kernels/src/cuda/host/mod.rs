@@ -27,7 +27,8 @@ pub const PTX_SHIM: &str = include_str!("ptx.h");
 const MARKER: &str = "struct kiln_host_source_begin {};";
 /// Flags of the final compilation (strict aliasing off: the kernels pun through pointer casts;
 /// no FMA contraction, so results do not depend on the compiler's choices).
-const CXX_FLAGS: &[&str] = &["-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off", "-w"];
+const CXX_FLAGS: &[&str] =
+    &["-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off", "-w"];
 
 extern "C" {
     fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
@@ -79,7 +80,8 @@ fn build(cxx: &str, source: &str, so: &Path, tmp: &str) -> Result<(), String> {
     let dir = so.parent().ok_or("cache path without a directory")?;
     let (cu, ii, cpp, part) =
         (dir.join(format!("{tmp}.cu.cpp")), dir.join(format!("{tmp}.ii")), dir.join(format!("{tmp}.cpp")), dir.join(format!("{tmp}.so")));
-    std::fs::write(&cu, format!("{SHIM}\n{PTX_SHIM}\n{MARKER}\n# 1 \"module.cu\"\n{source}\n")).map_err(|e| format!("{}: {e}", cu.display()))?;
+    std::fs::write(&cu, format!("{SHIM}\n{PTX_SHIM}\n{MARKER}\n# 1 \"module.cu\"\n{source}\n"))
+        .map_err(|e| format!("{}: {e}", cu.display()))?;
     run(Command::new(cxx).args(["-E", "-x", "c++", "-std=c++17"]).arg(&cu).arg("-o").arg(&ii), "preprocessing")?;
     let text = std::fs::read_to_string(&ii).map_err(|e| format!("{}: {e}", ii.display()))?;
     let (host, _) = rewrite::host_source(&text, MARKER)?;
@@ -175,7 +177,8 @@ impl HostModule {
     /// The addresses in `params` must be valid for what the kernel touches, and `params` must
     /// be the bytes of the kernel's parameter struct.
     pub unsafe fn launch(&self, kernel: &str, grid: (u32, u32, u32), block: u32, smem: u32, params: &[u8]) -> Result<(), String> {
-        let sym = symbol(self.handle, &format!("{kernel}{}", rewrite::WRAPPER_SUFFIX)).ok_or_else(|| format!("no kernel {kernel} in the module"))?;
+        let sym = symbol(self.handle, &format!("{kernel}{}", rewrite::WRAPPER_SUFFIX))
+            .ok_or_else(|| format!("no kernel {kernel} in the module"))?;
         // SAFETY: the wrappers rewrite.rs appends are `void NAME__kiln_host(const void*)`.
         let entry = unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*const c_void)>(sym) };
         // 16-byte aligned, as the by-value struct is on the device.

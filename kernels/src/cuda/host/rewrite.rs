@@ -152,7 +152,11 @@ fn operand(op: &str) -> Result<String, String> {
 fn ptx_call(inside: &str) -> Result<String, String> {
     let parts = split_top(inside, b':');
     let template = literal_text(parts[0]);
-    let f = PTX.iter().find(|(t, _)| *t == template).map(|(_, f)| *f).ok_or_else(|| format!("inline PTX with no host version: `{template}`"))?;
+    let f = PTX
+        .iter()
+        .find(|(t, _)| *t == template)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| format!("inline PTX with no host version: `{template}`"))?;
     let mut args = Vec::new();
     for list in parts.iter().skip(1).take(2) {
         for op in split_top(list, b',').into_iter().filter(|o| !o.trim().is_empty()) {
