@@ -4,8 +4,8 @@
 //! and warp collectives; `ptx.h`: host versions of the inline PTX, the tensor-core `mma.sync`
 //! and `ldmatrix` as warp collectives), loaded with dlopen, and launched block after block.
 //!
-//! What it is not: blocks never run at the same time (a kernel that waits for another block
-//! deadlocks), there is no memory model (fibers switch only at `__syncthreads`, warp
+//! What it is not: blocks never run at the same time (a kernel that spins until another
+//! block writes never ends), there is no memory model (fibers switch only at `__syncthreads`, warp
 //! collectives and exits, so a race between threads of a block that the GPU would expose is
 //! hidden), atomics are plain read-modify-writes, and cuBLASLt is not emulated. Launches are
 //! serialized process-wide.

@@ -1,4 +1,4 @@
-// Host versions of the inline PTX in kiln's kernels (after shim.h). host.rs replaces each
+// Host versions of the inline PTX in kiln's kernels (after shim.h). rewrite.rs replaces each
 // `asm("template" : outputs : inputs)` whose template it knows (host/rewrite.rs `PTX`) by a call of the
 // function named there, with the outputs by address and then the inputs, in operand order.
 

@@ -1,11 +1,11 @@
-// kiln's CUDA C on the host (kernels/src/cuda/host/mod.rs): prepended to a module's source, which
-// g++ then compiles for this CPU. The threads of a block are cooperative fibers (ucontext) that
-// switch only at barriers and warp collectives; blocks run one after another; launches are
-// serialized by the caller (host.rs), so `__shared__` variables are plain statics and the
-// built-in indices plain globals. host.rs rewrites, after preprocessing: `KILN_SHARED` (what
-// `__shared__` expands to) into `static`, `extern __shared__` arrays into pointers to
-// `kiln_host_dyn_smem`, `KILN_GLOBAL` (`__global__`) away, and each inline PTX statement into a
-// call of the `kiln_ptx_*` function below that implements it.
+// kiln's CUDA C on the host (kernels/src/cuda/host/mod.rs): prepended, with ptx.h, to a
+// module's source, which the C++ compiler then builds for this CPU. The threads of a block are
+// cooperative fibers that switch only at barriers and warp collectives; blocks run one after
+// another; launches are serialized by the caller (mod.rs), so `__shared__` variables are plain
+// statics and the built-in indices plain globals. rewrite.rs rewrites, after preprocessing:
+// `KILN_SHARED` (what `__shared__` expands to) into `static`, `extern __shared__` arrays into
+// pointers to `kiln_host_dyn_smem`, `KILN_GLOBAL` (`__global__`) away, and each inline PTX
+// statement into a call of the `kiln_ptx_*` function in ptx.h that implements it.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -79,6 +79,7 @@ template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = v < old ?
 
 namespace kiln_host {
 enum State { RUN, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+const size_t STACK = 128 * 1024;  // bytes of each fiber's stack
 const int WORDS = 12;  // 32-bit words a lane gives to / gets from a warp collective
 struct Warp;
 // Computes the results of a warp collective from what the lanes in `lanes` gave.
@@ -88,8 +89,84 @@ struct Warp {
   Collective op;
   uint32_t in[32][WORDS], out[32][WORDS];
 };
+extern "C" void kiln_host_fiber_main();
+#if defined(__x86_64__)
+// A fiber's saved stack pointer; below it: MXCSR and the x87 control word, the callee-saved
+// registers, the return address (System V AMD64). No signal mask is switched: unlike
+// swapcontext, no system call per switch.
+struct Context {
+  void* sp;
+};
+extern "C" void kiln_host_switch(void** save, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .hidden kiln_host_switch
+  .type kiln_host_switch, @function
+kiln_host_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size kiln_host_switch, .-kiln_host_switch
+  .p2align 4
+  .hidden kiln_host_fiber_start
+  .type kiln_host_fiber_start, @function
+kiln_host_fiber_start:
+  andq $-16, %rsp
+  call kiln_host_fiber_main
+  ud2
+  .size kiln_host_fiber_start, .-kiln_host_fiber_start
+)");
+extern "C" void kiln_host_fiber_start();
+inline void switch_context(Context* save, Context* to) { kiln_host_switch(&save->sp, to->sp); }
+// A fresh fiber on the stack [base, base + STACK): its first switch returns into
+// kiln_host_fiber_start with the caller's floating-point control state.
+inline void start_context(Context* c, char* base) {
+  uint64_t* sp = (uint64_t*)(base + STACK);
+  *--sp = 0;  // a spare slot: kiln_host_fiber_start realigns the stack before its call
+  *--sp = (uint64_t)(uintptr_t)kiln_host_fiber_start;
+  for (int r = 0; r < 6; ++r) *--sp = 0;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--sp = (uint64_t)mxcsr | (uint64_t)fpucw << 32;
+  c->sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context* save, Context* to) { swapcontext(&save->uc, &to->uc); }
+inline void start_context(Context* c, char* base) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = base;
+  c->uc.uc_stack.ss_size = STACK;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, kiln_host_fiber_main, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   State state;
 };
 struct Block {
@@ -97,7 +174,7 @@ struct Block {
   Warp* warps;
   int threads, live, current;
   const char* error;
-  ucontext_t scheduler;
+  Context scheduler;
   void (*entry)(const void*);
   const void* params;
 };
@@ -107,12 +184,11 @@ static size_t stacks_size;
 static Fiber* fibers;
 static Warp* warps;
 static size_t fibers_n;
-const size_t STACK = 128 * 1024;
 
 inline void yield(State s) {
   Fiber& f = block->fibers[block->current];
   f.state = s;
-  swapcontext(&f.ctx, &block->scheduler);
+  switch_context(&f.ctx, &block->scheduler);
 }
 
 // Runs lane's part of a collective over its warp: gives `in`, waits for the other lanes of
@@ -157,22 +233,19 @@ inline bool settle() {
   return released;
 }
 
-inline void fiber_main() {
+extern "C" __attribute__((used)) void kiln_host_fiber_main() {
   block->entry(block->params);
   block->fibers[block->current].state = DONE;
   block->live--;
-  setcontext(&block->scheduler);
+  Context gone;
+  switch_context(&gone, &block->scheduler);  // never resumed
 }
 
 // One block: every fiber runs until it waits or exits, then the barriers that can open do.
 inline const char* run_block(Block& b) {
   for (int i = 0; i < b.threads; ++i) {
     Fiber& f = b.fibers[i];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stacks + (size_t)i * STACK;
-    f.ctx.uc_stack.ss_size = STACK;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_context(&f.ctx, stacks + (size_t)i * STACK);
     f.state = RUN;
   }
   for (int w = 0; w * 32 < b.threads; ++w) b.warps[w].arrived = b.warps[w].mask = 0;
@@ -183,7 +256,7 @@ inline const char* run_block(Block& b) {
       if (b.fibers[i].state != RUN) continue;
       b.current = i;
       threadIdx.x = i;
-      swapcontext(&b.scheduler, &b.fibers[i].ctx);
+      switch_context(&b.scheduler, &b.fibers[i].ctx);
       ran = true;
     }
     if (!settle() && !ran && b.live > 0) return "deadlock: threads wait at barriers that cannot open";
