@@ -337,6 +337,30 @@ fn split_decode_attention_matches_the_reference() {
     launch(&att, "attn_rows1_f32", grid, 128, 0, &p);
     assert_close(&out1, &want, 1e-5, "attn_rows1_f32");
     assert!(counters.iter().all(|&c| c == 0), "counters left at {counters:?}");
+
+    // attn_rows_new_f32: key 39 (the last visible) comes from the new rows, which the launch
+    // also stores into the caches (stale there before).
+    let at = 39usize;
+    let row_of = |b: usize, j: usize, h: usize| ((b * s.sk + j) * s.hkv + h) * s.d;
+    let (mut kc, mut vc) = (k.clone(), v.clone());
+    let (mut new_k, mut new_v) = (vec![0f32; s.b * s.hkv * s.d], vec![0f32; s.b * s.hkv * s.d]);
+    for b in 0..s.b {
+        for h in 0..s.hkv {
+            let r = row_of(b, at, h);
+            new_k[(b * s.hkv + h) * s.d..][..s.d].copy_from_slice(&k[r..r + s.d]);
+            new_v[(b * s.hkv + h) * s.d..][..s.d].copy_from_slice(&v[r..r + s.d]);
+            kc[r..r + s.d].fill(100.0);
+            vc[r..r + s.d].fill(100.0);
+        }
+    }
+    let (idx, mut err) = ([at as i64], [0i32]);
+    let mut out2 = vec![0f32; rows * s.d];
+    (p.k, p.v, p.out, p.new_k, p.new_v, p.at, p.at_i64, p.n, p.err) =
+        (addr_mut(&mut kc), addr_mut(&mut vc), addr_mut(&mut out2), addr(&new_k), addr(&new_v), addr(&idx), 1, 1, addr_mut(&mut err));
+    launch(&att, "attn_rows_new_f32", grid, 128, 0, &p);
+    launch(&att, "attn_combine_f32", (grid.0, grid.1, 1), 128, 0, &p);
+    assert_close(&out2, &want, 1e-5, "attn_rows_new_f32 + attn_combine_f32");
+    assert_eq!((kc, vc, err[0]), (k, v, 0), "the new rows stored into the caches");
 }
 
 /// Runs prefill `kernel` of `m` (bf16 or f16 operands, as `f16` says) on random q, k, v of
@@ -630,4 +654,38 @@ extern "C" __global__ void stuck(const P p) {
     // SAFETY: no kernel runs.
     let err = unsafe { m.launch("missing", (1, 1, 1), 32, 0, &bytes_of(&p)) }.unwrap_err();
     assert!(err.contains("no kernel missing"), "{err}");
+}
+
+/// layer_norm_f32 and softmax_f32 (block sums and maxima) over 2 rows of 300.
+#[test]
+fn layer_norm_and_softmax_match_the_reference() {
+    if !cxx_or_skip() {
+        return;
+    }
+    let norm = module("norm");
+    let (rows, d) = (2usize, 300usize);
+    let x: Vec<f32> = values(rows * d, 18).iter().map(|v| v * 4.0 + 1.0).collect();
+    let (w, b) = (values(d, 19), values(d, 20));
+    let mut out = vec![0f32; rows * d];
+    let p = NormParams { x: addr(&x), w: addr(&w), b: addr(&b), out: addr_mut(&mut out), rows: 2, d: d as i32, eps: 1e-5, add_one: 0 };
+    launch(&norm, "layer_norm_f32", (rows as u32, 1, 1), 256, 0, &p);
+    let mut want = Vec::new();
+    for row in x.chunks(d) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (var + 1e-5).sqrt();
+        want.extend((0..d).map(|c| ((row[c] as f64 - mean) * inv * w[c] as f64 + b[c] as f64) as f32));
+    }
+    assert_close(&out, &want, 1e-5, "layer_norm_f32");
+
+    let mut out = vec![0f32; rows * d];
+    let p = NormParams { x: addr(&x), w: 0, b: 0, out: addr_mut(&mut out), rows: 2, d: d as i32, eps: 0.0, add_one: 0 };
+    launch(&norm, "softmax_f32", (rows as u32, 1, 1), 256, 0, &p);
+    let mut want = Vec::new();
+    for row in x.chunks(d) {
+        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
+        want.extend(row.iter().map(|&v| ((v as f64 - mx).exp() / z) as f32));
+    }
+    assert_close(&out, &want, 1e-5, "softmax_f32");
 }

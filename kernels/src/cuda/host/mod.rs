@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// The fiber runtime and CUDA's built-ins for the host (prepended to every module).
 pub const SHIM: &str = include_str!("shim.h");
@@ -38,10 +38,11 @@ extern "C" {
 }
 const RTLD_NOW: c_int = 2;
 
-/// The C++ compiler: `$CXX`, else `g++`, else `c++`, whichever runs.
+/// The C++ compiler: `$CXX`, else `g++`, else `c++`, whichever runs (looked up once).
 fn compiler() -> Option<String> {
+    static CXX: OnceLock<Option<String>> = OnceLock::new();
     let runs = |c: &str| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success());
-    std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]).find(|c| runs(c))
+    CXX.get_or_init(|| std::env::var("CXX").ok().into_iter().chain(["g++".to_string(), "c++".to_string()]).find(|c| runs(c))).clone()
 }
 
 /// Whether a C++ compiler (`$CXX` or `g++`/`c++`) is found.

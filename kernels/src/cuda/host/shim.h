@@ -319,7 +319,8 @@ inline unsigned __ballot_sync(unsigned mask, int p) {
   return out & mask;
 }
 inline int __any_sync(unsigned mask, int p) { return __ballot_sync(mask, p) != 0; }
-inline int __all_sync(unsigned mask, int p) { return __ballot_sync(mask, p) == (mask & __ballot_sync(mask, 1)); }
+// Every live lane of `mask` (the second ballot names them) has `p`.
+inline int __all_sync(unsigned mask, int p) { return __ballot_sync(mask, p) == __ballot_sync(mask, 1); }
 
 // Dynamic shared memory (`extern __shared__` arrays point here) and the base of the 32-bit
 // shared-window addresses of `__cvta_generic_to_shared`: static `__shared__` variables are in
