@@ -4,7 +4,8 @@
 # for the cube backend's tests on a machine without a GPU, from apt on Debian/Ubuntu; and
 # libnvrtc from the nvidia-cuda-nvrtc wheel, so every CUDA kernel is compiled for sm_90a with
 # no GPU), then prints one closing line with the totals. The tests build with the `cuda`
-# feature (one build: the cuda backend's code is compiled, its driver-free tests run). Then the
+# feature (one build: the cuda backend's code is compiled, its driver-free tests run, and its
+# GPU tests run again on the host emulator, KILN_CUDA_EMULATE=1). Then the
 # Python package's tests (scripts/test_python.sh: a .venv with maturin, numpy, pytest, torch and
 # ray[data], the wheel, pytest over python/tests); the closing line counts both.
 set -euo pipefail
@@ -48,12 +49,18 @@ if [ ! -e "$nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13" ]; then
   python3 -m pip install -q --disable-pip-version-check --target "$nvrtc_dir" nvidia-cuda-nvrtc==13.0.88
 fi
 export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# Tests that compile CUDA kernels fail (not skip) when libnvrtc is missing.
-export KILN_REQUIRE_NVRTC=1
+# Tests that compile CUDA kernels fail (not skip) when libnvrtc is missing, and those that run
+# them on the CPU (the host emulator, docs/cuda-host-emulator.md) when no C++ compiler is.
+export KILN_REQUIRE_NVRTC=1 KILN_REQUIRE_CXX=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --all-targets --locked --features kiln/cuda --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The cuda backend's GPU tests once more, on the CPU: with KILN_CUDA_EMULATE=1 a cuda load runs
+# its program through the host emulator (its kernels built by the C++ compiler), so the cuda rows
+# of the op parity table and the half-precision kernel tests run here too (same build).
+echo "== cuda tests on the host emulator (KILN_CUDA_EMULATE=1)"
+KILN_CUDA_EMULATE=1 cargo test --locked --features kiln/cuda --test parity --test cuda_device --no-fail-fast 2>&1 | tee -a "$log" || status=$?
 # The test run built the CLI with the same features (for the integration tests): use it
 # rather than `cargo run`, which would build every dependency again in the dev profile.
 echo "== kiln kernels check --arch sm_90a"

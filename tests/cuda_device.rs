@@ -23,6 +23,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 fn gpu() -> bool {
+    if kiln_runtime::cuda::emulate::requested() {
+        return true; // on the CPU (KILN_CUDA_EMULATE=1: scripts/test.sh runs this file so too)
+    }
     match kiln_runtime::cuda::driver_check() {
         Ok(()) => true,
         Err(e) => {

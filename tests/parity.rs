@@ -171,6 +171,10 @@ fn device_present(bname: &str) -> bool {
         return true;
     }
     #[cfg(feature = "cuda")]
+    if kiln_runtime::cuda::emulate::requested() {
+        return true; // on the CPU (KILN_CUDA_EMULATE=1)
+    }
+    #[cfg(feature = "cuda")]
     if let Err(e) = kiln_runtime::cuda::driver_check() {
         assert!(std::env::var("KILN_REQUIRE_GPU").map_or(true, |v| v != "1"), "KILN_REQUIRE_GPU=1: {e}");
         return false;

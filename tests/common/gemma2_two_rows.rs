@@ -6,6 +6,7 @@ use super::rel_err;
 use kiln::{compile_with_states, CompileOptions};
 use kiln_graph::interp::{self, Value};
 use kiln_graph::program::{Program, StateSpec};
+use kiln_graph::DType;
 use kiln_models::Profile;
 use kiln_runtime::{Session, Tensor, WeightStore};
 use std::collections::HashMap;
@@ -20,39 +21,58 @@ pub fn value(t: &Tensor) -> Value {
 /// caller asserts about its steps), then runs prefill and three decode steps against the
 /// interpreter.
 pub fn gemma2_two_rows_match_the_interpreter(backend: &str, check_program: impl Fn(&Program)) {
-    let dir = super::gemma_case("gemma2_gqa");
-    let (bucket, new) = (8, 3);
-    let profile = Profile { batch: 2, seq_len: Some(bucket), ..Profile::default() };
-    let g = kiln_models::build_generation(&dir, &profile, bucket + new).unwrap();
+    gemma2_two_rows_in(backend, DType::F32, 1e-4, check_program);
+}
+
+/// [`gemma2_two_rows_match_the_interpreter`] computing in `dtype` (the model's graphs too, so
+/// the interpreter rounds each op's result to it), each output and cache within `tol`.
+pub fn gemma2_two_rows_in(backend: &str, dtype: DType, tol: f64, check_program: impl Fn(&Program)) {
+    let ids: Vec<i64> = vec![5, 17, 45, 99, 120, 3, 8, 200, 0, 0, 0, 2, 17, 45, 99, 120];
+    gemma2_two_rows_of(&super::gemma_case("gemma2_gqa"), &ids, backend, dtype, tol, check_program);
+}
+
+/// The two rows' prompt ids for a model folder other than the fixture: `bucket` tokens each
+/// below `vocab`, the second row left-padded by three.
+pub fn prompt_ids(bucket: usize, vocab: usize) -> Vec<i64> {
+    let first = (0..bucket).map(|j| ((5 + 17 * j) % (vocab - 3) + 2) as i64);
+    let second = (0..bucket).map(|j| if j < 3 { 0 } else { ((11 + 29 * j) % (vocab - 3) + 2) as i64 });
+    first.chain(second).collect()
+}
+
+/// The check on Gemma 2 folder `dir`, the two rows' prompts `ids` (`[2, bucket]`, the second
+/// row's first three tokens padding).
+pub fn gemma2_two_rows_of(dir: &std::path::Path, ids: &[i64], backend: &str, dtype: DType, tol: f64, check_program: impl Fn(&Program)) {
+    let (bucket, new) = (ids.len() / 2, 3);
+    let profile = Profile { batch: 2, seq_len: Some(bucket), dtype, ..Profile::default() };
+    let g = kiln_models::build_generation(dir, &profile, bucket + new).unwrap();
     let states: Vec<StateSpec> = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
     let built = vec![("prefill".to_string(), g.prefill.clone()), ("decode".to_string(), g.decode.clone())];
     let opts = CompileOptions { profile: profile.clone(), backend: backend.into(), trace: false };
     let p = compile_with_states(&built, &g.description, &dir.display().to_string(), states.clone(), &opts).unwrap().program;
     check_program(&p);
-    let store = Arc::new(WeightStore::open(&dir).unwrap());
+    let store = Arc::new(WeightStore::open(dir).unwrap());
     let mut weights = HashMap::new();
     for (_, name, ty) in g.prefill.weights().chain(g.decode.weights()) {
         let (wt, bytes) = store.get(name, ty).unwrap();
         weights.insert(name.to_string(), Value::new(wt.clone(), kiln_runtime::tensor::to_f64(wt.dtype, bytes)).unwrap());
     }
     let mut s = Session::new(p, store).unwrap();
-    let ids: Vec<i64> = vec![5, 17, 45, 99, 120, 3, 8, 200, 0, 0, 0, 2, 17, 45, 99, 120];
-    let mask: Vec<i64> = vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1];
-    let pos: Vec<i64> = vec![0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 1, 2, 3, 4];
+    let mask: Vec<i64> = (0..2 * bucket).map(|i| i64::from(i < bucket || i >= bucket + 3)).collect();
+    let pos: Vec<i64> = (0..2 * bucket).map(|i| if i < bucket { i as i64 } else { (i - bucket).saturating_sub(3) as i64 }).collect();
     let ins = [
-        ("input_ids", Tensor::from_i64(&[2, bucket], &ids)),
+        ("input_ids", Tensor::from_i64(&[2, bucket], ids)),
         ("attention_mask", Tensor::from_i64(&[2, bucket], &mask)),
         ("position_ids", Tensor::from_i64(&[2, bucket], &pos)),
     ];
     let check = |s: &mut Session, outs: &[(String, Tensor)], want: &HashMap<String, Value>, what: &str| {
         for (name, got) in outs {
             let e = rel_err(&got.to_f32(), &want[name].to_f32());
-            assert!(e < 1e-4, "{what}: {name} relative error {e:.3e}");
+            assert!(e < tol, "{what}: {name} relative error {e:.3e}");
         }
         for StateSpec { name, .. } in &states {
             let got = s.state(name).unwrap().unwrap().to_f32();
             let e = rel_err(&got, &want[name].to_f32());
-            assert!(e < 1e-4, "{what}: {name} relative error {e:.3e}");
+            assert!(e < tol, "{what}: {name} relative error {e:.3e}");
         }
     };
     let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (*n, t)).collect();

@@ -78,6 +78,16 @@ pub fn apply(l: &mut Launch, t: &str, d: usize, sq: usize, v: AttnVariant) {
     l.smem = v.smem(d) as u32;
 }
 
+/// Makes `work` (step `s`'s lowered launches) run the prefill variant the tuning table
+/// `entries` names for `card`, where it names one: its tensor-core launch becomes the variant's.
+pub fn apply_tabled(s: &Step, work: &mut [Work], entries: &[TuningEntry], card: &str) {
+    if let (Some(v), Some((shape, t, d))) = (tabled(s, entries, card), prefill_of(s)) {
+        if let Some(Work::Kernel(launch)) = work.iter_mut().find(|w| matches!(w, Work::Kernel(l) if l.kernel.starts_with("attn_mma_"))) {
+            apply(launch, t, d, shape.sq, v);
+        }
+    }
+}
+
 /// [`lower::lower_step`] on `card`: a prefill step runs the variant the tuning table names.
 pub fn lower_step_on(s: &Step, l: &Layout, entries: &[TuningEntry], card: &str) -> std::result::Result<Vec<Work>, String> {
     let mut work = lower::lower_step(s, l)?;

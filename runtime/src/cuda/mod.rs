@@ -12,9 +12,12 @@
 //! executor times both at load and keeps the faster ([`tune`]).
 //!
 //! Status: the lowering ([`lower`]) and kernel compilation are tested without a GPU; the
-//! executor ([`exec`]) runs on a GPU only (scripts/device_cuda.sh).
+//! executor ([`exec`]) runs on a GPU only (scripts/device_cuda.sh). With `KILN_CUDA_EMULATE=1`
+//! a load runs the same lowering on the CPU instead ([`emulate`]: kiln's kernels built by the
+//! host's C++ compiler, docs/cuda-host-emulator.md), for tests on machines without a GPU.
 
 pub mod attn_tune;
+pub mod emulate;
 pub mod exec;
 mod fused_codegen;
 pub mod gemm;
@@ -89,6 +92,9 @@ pub fn driver_check() -> Result<()> {
 
 /// The name the driver gives device 0 (`cuDeviceGetName`): a tuning table's `card`.
 pub fn device_name() -> Result<String> {
+    if emulate::requested() {
+        return Ok(emulate::CARD.to_string());
+    }
     driver_check()?;
     let dev = cudarc::driver::result::device::get(0).map_err(|e| unsupported(format!("cuDeviceGet: {e:?}")))?;
     cudarc::driver::result::device::get_name(dev).map_err(|e| unsupported(format!("cuDeviceGetName: {e:?}")))
@@ -162,6 +168,12 @@ impl Backend for CudaBackend {
     }
 
     fn load(&self, program: &Program, weights: Arc<WeightStore>) -> Result<Box<dyn Executable>> {
+        let opts = exec::LoadOptions { gemv: self.gemv, fuse: self.fuse, pdl: self.pdl };
+        if emulate::requested() {
+            // Tests without a GPU: the same lowering, run on the CPU (`emulate`).
+            let (laid, states_at) = crate::states::states_in_arena(program);
+            return Ok(Box::new(emulate::EmuExec::new(&laid, &weights, states_at, opts)?));
+        }
         driver_check()?;
         // SAFETY: only tries to dlopen libcublasLt (cudarc panics on its first call without it).
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
@@ -193,9 +205,8 @@ impl Backend for CudaBackend {
             }
             Ok(binaries)
         };
-        let gemv = self.gemv;
         let (laid, states_at) = crate::states::states_in_arena(program);
-        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, exec::LoadOptions { gemv, fuse: self.fuse, pdl: self.pdl })?))
+        Ok(Box::new(exec::CudaExec::new(&laid, &weights, modules, states_at, opts)?))
     }
 }
 
