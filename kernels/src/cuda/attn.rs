@@ -201,6 +201,29 @@ mod tests {
         }
     }
 
+    /// Each storing entry compiles for sm_90a with no spill and no stack, and with no more
+    /// registers than its default kernel (the same blocks per SM).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_storing_entries_cost_no_registers() {
+        use super::super::nvrtc;
+        if !nvrtc::available() {
+            assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "{}", nvrtc::INSTALL_HINT);
+            return;
+        }
+        let att = super::super::modules().into_iter().find(|m| m.name == "attention").unwrap();
+        let c = nvrtc::compile("attention", &att.source, "sm_90a").unwrap();
+        let report =
+            |k: &str| c.kernels.iter().find(|(n, _)| n == k).map(|(_, r)| r.clone()).unwrap_or_else(|| panic!("no {k} in\n{}", c.log));
+        let new: Vec<&str> = att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_mma_new_")).collect();
+        assert_eq!(new.len(), 6, "{new:?}");
+        for k in new {
+            let (r, base) = (report(k), report(&k.replacen("attn_mma_new_", "attn_mma_", 1)));
+            assert!(r.spill_stores == 0 && r.spill_loads == 0 && r.stack == 0, "{k}: {r:?}");
+            assert!(r.registers <= base.registers, "{k}: {r:?} against {base:?}");
+        }
+    }
+
     #[test]
     fn shared_memory_follows_the_kernel_layout() {
         let v = |t: &str| AttnVariant::parse(t).unwrap();
