@@ -95,10 +95,10 @@ __device__ __forceinline__ void load_tile_async(unsigned short* dst, const unsig
 // NEW (attn_mma_new_<t>_d<D>, prefill with Sq == Sk): the blocks of the first query head of
 // each kv group (h % (Hq / Hkv) == 0) store rows [q0, min(q0 + BQ, Sk)) of kv head hk of the
 // launch's own k and v into the caches p.cache_k / p.cache_v at rows at + r, after the block's
-// output (those rows were the block's last key tiles, so the loads mostly hit L2). The q tiles
-// cover every key row once, so the launch stores all Sk rows: K's and V's cache writes (two
-// write_rows) in the attention's launch. Where at < 0 or at + Sk > cache_rows it sets *err
-// and stores nothing, as write_rows does. No block reads the caches.
+// output (under a causal or sliding mask those rows were its last key tiles, likely still in
+// L2). The q tiles cover every key row once, so the launch stores all Sk rows: K's and V's
+// cache writes (two write_rows) in the attention's launch. Where at < 0 or at + Sk >
+// cache_rows it sets *err and stores nothing, as write_rows does. No block reads the caches.
 template <int D>
 __device__ void store_kv_tile(const AttnParams& p, int q0, int bq, int b, int h, int hk) {
   static_assert(D % 8 == 0, "16-byte row chunks");
