@@ -55,8 +55,8 @@ pub(super) struct PrefillFold {
 }
 
 /// The write that copies the attention's operand `rows` into a cache, with that cache's
-/// range: the nearest step either side of attention `a` that is such a write, if no step
-/// between breaks the module doc's rule.
+/// range: the nearest step either side of attention `a` that is such a write and that no step
+/// between keeps from moving (the module doc's rule).
 fn write_of(
     steps: &[Step],
     work: &[Vec<Work>],
@@ -72,19 +72,18 @@ fn write_of(
         let cw = cache_write(steps, work, l, w, cache, &s.output.ty)?;
         (s.inputs[1].ty == rows.ty && cw.rows == want).then_some((cw, cache))
     };
-    let dist = |i: usize| i.abs_diff(a);
-    let mut order: Vec<usize> = (0..steps.len()).filter(|&i| i != a && !work[i].is_empty()).collect();
-    order.sort_by_key(|&i| dist(i));
-    let (cw, cache) = order.into_iter().find_map(candidate)?;
     let hits = |rs: &[Range], r: Range| rs.iter().any(|&x| overlaps(x, r));
-    let (lo, hi) = (a.min(cw.step), a.max(cw.step));
-    for i in (lo + 1..hi).filter(|&i| !work[i].is_empty()) {
-        let (writes, reads) = touches(steps, l, absorbed, i)?;
-        if hits(&writes, cache) || hits(&reads, cache) || hits(&writes, cw.rows) || hits(&writes, cw.pos) {
-            return None;
-        }
-    }
-    Some((cw, cache))
+    let movable = |(cw, cache): &(CacheWrite, Range)| {
+        let (lo, hi) = (a.min(cw.step), a.max(cw.step));
+        (lo + 1..hi).filter(|&i| !work[i].is_empty()).all(|i| {
+            touches(steps, l, absorbed, i).is_some_and(|(writes, reads)| {
+                !hits(&writes, *cache) && !hits(&reads, *cache) && !hits(&writes, cw.rows) && !hits(&writes, cw.pos)
+            })
+        })
+    };
+    let mut order: Vec<usize> = (0..steps.len()).filter(|&i| i != a && !work[i].is_empty()).collect();
+    order.sort_by_key(|&i| i.abs_diff(a));
+    order.into_iter().filter_map(candidate).find(movable)
 }
 
 /// K's and V's writes prefill attention step `a` may do (see the module doc).
@@ -313,6 +312,22 @@ mod tests {
         assert!(l.absorbed.is_empty(), "{why}: {:?}", l.absorbed);
         assert_eq!(l.work, old_module(steps), "{why}");
         assert!(kernels(&l.work[1])[0].kernel.starts_with("attn_mma_bf16_"), "{why}");
+    }
+
+    #[test]
+    fn an_earlier_write_of_the_rows_bytes_is_not_taken_for_the_attentions() {
+        // An earlier layer's K write copied what the rows' bytes held before a step rewrote
+        // them with this layer's keys: nearer the attention than this layer's K write, but
+        // the step between keeps it from moving; this layer's write is the one folded.
+        let i64 = DType::I64;
+        let mut s = prefill(64);
+        s.splice(0..0, [write(KC + (1 << 18), RK, POS, 64, i64), exp(FREE, RK)]);
+        s.insert(4, exp(FREE + 8192, FREE + 12288));
+        s.insert(4, exp(FREE + 8192, FREE + 12288));
+        // The old write 3 steps before the attention, this layer's K write 4 after it.
+        let l = lower_entry(&s, &LAYOUT, &|_| true).unwrap();
+        assert_eq!(l.absorbed, [(7, 3), (2, 3)]);
+        assert_eq!(kernels(&l.work[0])[0].kernel, "write_rows_b2_i64");
     }
 
     #[test]
