@@ -10,6 +10,8 @@
 //   warp owns 16 rows; key/value tiles of BK rows stream through shared memory; the online
 //   softmax stays in registers, so the score matrix never reaches memory. Its template is in
 //   attention_mma.cuh (prepended to this file), shared with the variants of attention_var.cu.
+//   attn_mma_new_<t>_d<D> also stores its keys and values into the caches (prefill's two
+//   cache writes, in the attention's launch).
 // - attn_rows_<t>: one warp per (query row, key range), for decode (Sq = 1) over a KV cache,
 //   split-K over the keys with attn_combine_<t> merging the splits, and for f32.
 //   attn_rows1_<t> is the same with the merge in the same launch: the last block to finish
@@ -224,3 +226,14 @@ MMA(f16, f16, 64, 64)
 MMA(f16, f16, 72, 64)
 MMA(f16, f16, 128, 64)
 MMA(f16, f16, 256, 32)
+
+// Prefill that also does K's and V's cache writes (attn_mma's NEW), for the head dims with no
+// variants (kernels/src/cuda/attn.rs `mma_new_kernel`).
+#define MMA_NEW(t, T, D, BK) \
+  extern "C" __global__ void __launch_bounds__(128) attn_mma_new_##t##_d##D(const AttnParams p) { pdl_enter(); attn_mma<T, D, BK, 1, 2, true, false, true>(p); }
+MMA_NEW(bf16, bf16, 64, 64)
+MMA_NEW(bf16, bf16, 128, 64)
+MMA_NEW(bf16, bf16, 256, 32)
+MMA_NEW(f16, f16, 64, 64)
+MMA_NEW(f16, f16, 128, 64)
+MMA_NEW(f16, f16, 256, 32)

@@ -92,7 +92,35 @@ __device__ __forceinline__ void load_tile_async(unsigned short* dst, const unsig
   }
 }
 
-template <typename T, int D, int BK, int MT = 1, int ST = 2, bool PAD = true, bool VST = false>
+// NEW (attn_mma_new_<t>_d<D>, prefill with Sq == Sk): the blocks of the first query head of
+// each kv group (h % (Hq / Hkv) == 0) store rows [q0, min(q0 + BQ, Sk)) of kv head hk of the
+// launch's own k and v into the caches p.cache_k / p.cache_v at rows at + r, after the block's
+// output (under a causal or sliding mask those rows were its last key tiles, likely still in
+// L2). The q tiles cover every key row once, so the launch stores all Sk rows: K's and V's
+// cache writes (two write_rows) in the attention's launch. Where at < 0 or at + Sk >
+// cache_rows it sets *err and stores nothing, as write_rows does. No block reads the caches.
+template <int D>
+__device__ void store_kv_tile(const AttnParams& p, int q0, int bq, int b, int h, int hk) {
+  static_assert(D % 8 == 0, "16-byte row chunks");
+  if (h % (p.hq / p.hkv) != 0) return;
+  const i64 at = p.at_i64 ? *(const i64*)p.at : (i64) * (const int*)p.at;
+  if (at < 0 || at + p.sk > p.cache_rows) {
+    if (threadIdx.x == 0 && p.err) *(int*)p.err = 1;
+    return;
+  }
+  constexpr int CH = D / 8;
+  const int rows = min(bq, p.sk - q0), n = rows * CH;
+  for (int x = threadIdx.x; x < 2 * n; x += blockDim.x) {
+    const bool val = x >= n;
+    const int y = val ? x - n : x, r = y / CH, c = (y % CH) * 8;
+    const i64 src = (((i64)b * p.sk + q0 + r) * p.hkv + hk) * D + c;
+    const i64 dst = (((i64)b * p.cache_rows + at + q0 + r) * p.hkv + hk) * D + c;
+    const uint4 v = *(const uint4*)((const unsigned short*)(val ? p.v : p.k) + src);
+    *(uint4*)((unsigned short*)(val ? p.cache_v : p.cache_k) + dst) = v;
+  }
+}
+
+template <typename T, int D, int BK, int MT = 1, int ST = 2, bool PAD = true, bool VST = false, bool NEW = false>
 __device__ void attn_mma(const AttnParams p) {
   static_assert(MT == 1 || MT == 2, "one or two m16 tiles per warp");
   static_assert(ST >= 2 && ST <= 4, "two buffers of K+V, or a ring of 3-4 tile slots");
@@ -383,4 +411,5 @@ __device__ void attn_mma(const AttnParams p) {
       }
     }
   }
+  if constexpr (NEW) store_kv_tile<D>(p, q0, BQ, b, h, hk);
 }

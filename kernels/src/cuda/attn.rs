@@ -141,6 +141,16 @@ pub fn attn_kernel_exists(name: &str) -> bool {
         .is_some_and(|(_, d, v)| super::MMA_HEAD_DIMS.contains(&d) && (v.is_default() || attn_variants(d).contains(&v)))
 }
 
+/// The entry of the default prefill kernel `kernel` (`attn_mma_<t>_d<D>`) that also stores
+/// the launch's keys and values into the caches (`attn_mma_new_<t>_d<D>`, `attention_mma.cuh`),
+/// for the head dims with no variant: a load may run a variant in the default kernel's place
+/// (`KILN_CUDA_TUNE=attention`, a tuning table), and no variant has such an entry.
+pub fn mma_new_kernel(kernel: &str) -> Option<String> {
+    let (t, d, v) = AttnVariant::of_kernel(kernel)?;
+    let plain = v.is_default() && super::MMA_HEAD_DIMS.contains(&d) && attn_variants(d).is_empty();
+    plain.then(|| format!("attn_mma_new_{t}_d{d}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +179,49 @@ mod tests {
         // Parsed, but not instantiated.
         assert!(!attn_kernel_exists("attn_mma_bf16_d64_s3") && !attn_kernel_exists("attn_mma_bf16_d72_k32"));
         assert!(!attn_kernel_exists("attn_mma_bf16_d80"));
+    }
+
+    #[test]
+    fn the_storing_entries_are_the_head_dims_without_variants() {
+        let att = super::super::modules().into_iter().find(|m| m.name == "attention").unwrap();
+        let listed: Vec<&str> = att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_mma_new_")).collect();
+        let mut want = Vec::new();
+        for t in ["bf16", "f16"] {
+            for d in super::super::MMA_HEAD_DIMS {
+                let has = mma_new_kernel(&format!("attn_mma_{t}_d{d}"));
+                assert_eq!(has.is_some(), attn_variants(d).is_empty(), "{t} d{d}");
+                want.extend(has);
+            }
+        }
+        assert_eq!(listed, want);
+        assert_eq!(mma_new_kernel("attn_mma_bf16_d256").as_deref(), Some("attn_mma_new_bf16_d256"));
+        assert!(att.kernels.iter().filter(|k| k.name.starts_with("attn_mma_new_")).all(|k| k.hot));
+        for k in ["attn_mma_bf16_d72", "attn_mma_bf16_d72_s3", "attn_mma_new_bf16_d256", "attn_rows_bf16", "attn_mma_f32_d64"] {
+            assert_eq!(mma_new_kernel(k), None, "{k}");
+        }
+    }
+
+    /// Each storing entry compiles for sm_90a with no spill and no stack, and with no more
+    /// registers than its default kernel (the same blocks per SM).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_storing_entries_cost_no_registers() {
+        use super::super::nvrtc;
+        if !nvrtc::available() {
+            assert!(std::env::var("KILN_REQUIRE_NVRTC").map_or(true, |v| v != "1"), "{}", nvrtc::INSTALL_HINT);
+            return;
+        }
+        let att = super::super::modules().into_iter().find(|m| m.name == "attention").unwrap();
+        let c = nvrtc::compile("attention", &att.source, "sm_90a").unwrap();
+        let report =
+            |k: &str| c.kernels.iter().find(|(n, _)| n == k).map(|(_, r)| r.clone()).unwrap_or_else(|| panic!("no {k} in\n{}", c.log));
+        let new: Vec<&str> = att.kernels.iter().map(|k| k.name.as_str()).filter(|k| k.starts_with("attn_mma_new_")).collect();
+        assert_eq!(new.len(), 6, "{new:?}");
+        for k in new {
+            let (r, base) = (report(k), report(&k.replacen("attn_mma_new_", "attn_mma_", 1)));
+            assert!(r.spill_stores == 0 && r.spill_loads == 0 && r.stack == 0, "{k}: {r:?}");
+            assert!(r.registers <= base.registers, "{k}: {r:?} against {base:?}");
+        }
     }
 
     #[test]

@@ -107,6 +107,11 @@ struct AttnParams {
   // position that does not fit. After counters, so older kernels read the fields above.
   i64 new_k, new_v, at, err;
   int at_i64, n;
+  // attn_mma_new (prefill, Sq == Sk): the caches [B, cache_rows, Hkv, D] into which the launch
+  // stores its own keys and values k and v at rows [at, at + Sk) (at, at_i64 and err as above).
+  // After n, so older kernels read the fields above.
+  i64 cache_k, cache_v;
+  int cache_rows, pad2_;
 };
 
 // Key index of query row 0: static, or read from the position mask's start (negative reads 0).
@@ -156,7 +161,7 @@ __device__ __forceinline__ float score_of(const AttnParams& p, float dot, int b,
 }
 
 // The Rust struct's size (`param_structs_have_the_c_layout` checks its offsets there).
-static_assert(sizeof(AttnParams) == 176, "AttnParams differs from the Rust struct");
+static_assert(sizeof(AttnParams) == 200, "AttnParams differs from the Rust struct");
 
 // Programmatic dependent launch (PDL; `CudaBackend::pdl`): a kernel launched with the
 // programmatic stream serialization attribute may start while the kernel before it in the

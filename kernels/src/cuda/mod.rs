@@ -76,6 +76,10 @@ pub fn mma_smem(d: usize) -> usize {
 /// function attribute must allow before launch: the tensor-core attention kernels and their
 /// variants ([`attn::AttnVariant::smem`]).
 pub fn dynamic_smem(kernel: &str) -> Option<usize> {
+    // `attn_mma_new_<t>_d<D>` has the default kernel's layout.
+    if let Some(default) = kernel.strip_prefix("attn_mma_new_").map(|r| format!("attn_mma_{r}")) {
+        return (attn::mma_new_kernel(&default).as_deref() == Some(kernel)).then(|| dynamic_smem(&default)).flatten();
+    }
     let (_, d, v) = attn::AttnVariant::of_kernel(kernel)?;
     Some(v.smem(d))
 }
@@ -108,6 +112,9 @@ pub fn modules() -> Vec<Module> {
     for t in ["bf16", "f16"] {
         for d in MMA_HEAD_DIMS {
             att.push(k(format!("attn_mma_{t}_d{d}"), true));
+        }
+        for d in MMA_HEAD_DIMS {
+            att.extend(attn::mma_new_kernel(&format!("attn_mma_{t}_d{d}")).map(|n| k(n, true)));
         }
     }
     let mut norm = Vec::new();
@@ -251,6 +258,16 @@ pub struct AttnParams {
     pub at_i64: i32,
     /// New rows per batch row.
     pub n: i32,
+    /// `attn_mma_new_*` (prefill, `Sq == Sk`): the K cache `[B, cache_rows, Hkv, D]` into
+    /// which the launch stores its keys `k` at rows `[at, at + Sk)` (`at`, `at_i64` and `err`
+    /// as above); 0 for the other kernels. After `n`, so CUBINs compiled before it read the
+    /// fields above at their offsets.
+    pub cache_k: DevPtr,
+    /// The V cache, likewise for the values `v`.
+    pub cache_v: DevPtr,
+    /// The caches' rows per batch row.
+    pub cache_rows: i32,
+    pub pad2: i32,
 }
 
 /// Parameters of layer norm, RMS norm and softmax (`NormParams` in `norm.cu`).
@@ -474,6 +491,10 @@ mod tests {
             ["attn", "rows" | "combine" | "rows1", t] | ["attn", "rows" | "rows1", "new", t] => {
                 src.contains(&format!("ROWS({t},")) && src.contains(&format!("{}##t(", &name[..name.len() - t.len()]))
             }
+            ["attn", "mma", "new", t, d] => {
+                src.contains(&format!("MMA_NEW({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
+                    && src.contains("attn_mma_new_##t##_d##D(")
+            }
             ["attn", "mma" | "mma2", t, d] => {
                 src.contains(&format!("MMA({t}, {}, {},", if *t == "bf16" { "bf16" } else { "f16" }, &d[1..]))
             }
@@ -541,7 +562,7 @@ mod tests {
 
     #[test]
     fn param_structs_have_the_c_layout() {
-        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4 + 8 + 4 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<AttnParams>(), 9 * 8 + 12 * 4 + 2 * 4 + 8 + 4 * 8 + 2 * 4 + 2 * 8 + 2 * 4);
         // The fields older CUBINs read keep their offsets; the counters follow them, then the
         // new rows' fields.
         assert_eq!(std::mem::offset_of!(AttnParams, softcap), 124);
@@ -549,6 +570,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(AttnParams, new_k), 136);
         assert_eq!(std::mem::offset_of!(AttnParams, err), 160);
         assert_eq!(std::mem::offset_of!(AttnParams, n), 172);
+        assert_eq!(std::mem::offset_of!(AttnParams, cache_k), 176);
+        assert_eq!(std::mem::offset_of!(AttnParams, cache_rows), 192);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<ResidualNormParams>(), 5 * 8 + 6 * 4);
         assert_eq!(std::mem::size_of::<CopyParams>(), 3 * 8 + 2 * 4 + 3 * 8 * 8);
@@ -589,5 +612,8 @@ mod tests {
         assert_eq!(dynamic_smem("attn_mma_bf16_d256"), Some(mma_smem(256)));
         assert_eq!(dynamic_smem("attn_mma_bf16_d72_q128_s3"), Some((128 + 3 * 64) * 88 * 2));
         assert_eq!(dynamic_smem("attn_rows_bf16"), None);
+        // The entry that also stores the keys and values: the default kernel's layout.
+        assert_eq!(dynamic_smem("attn_mma_new_f16_d128"), Some(mma_smem(128)));
+        assert_eq!(dynamic_smem("attn_mma_new_bf16_d72_s3"), None);
     }
 }

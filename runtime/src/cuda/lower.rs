@@ -8,6 +8,7 @@ pub mod attention;
 pub mod copies;
 pub mod fold;
 pub(crate) mod index;
+pub mod kv_prefill;
 pub mod kv_write;
 pub mod merge;
 

@@ -163,7 +163,7 @@ impl Backend for CudaBackend {
     }
 
     fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
-        // K's and V's cache writes done by the decode attention's launch (`lower::kv_write`).
+        // K's and V's cache writes done by the attention's launch (`lower::kv_write`, `lower::kv_prefill`).
         Ok(lowered(program, entry)?.absorbed)
     }
 
@@ -212,7 +212,7 @@ impl Backend for CudaBackend {
 
 /// Entry `entry` of `program` as the executor lowers it, with no device: states moved into the
 /// arena first, as a load does, and launches merged as a load merges them (every `_x2` and
-/// one-launch entry compiled: split attention as one `attn_rows1_*` launch, decode's cache
+/// one-launch entry compiled: split attention as one `attn_rows1_*` launch, decode's and prefill's cache
 /// writes inside it).
 fn lowered(program: &Program, entry: usize) -> std::result::Result<lower::merge::Lowered, String> {
     let (program, _) = crate::states::states_in_arena(program);

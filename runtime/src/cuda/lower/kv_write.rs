@@ -12,8 +12,8 @@
 //! - the attention's output overlaps none of the caches, the new rows or the position;
 //! - K's and V's writes are two steps at one position operand, with as many rows each.
 //!
-//! Elsewhere (prefill's tensor-core attention, a module without the entries) the writes keep
-//! their launches.
+//! Prefill's tensor-core attention does its writes by the rule of [`super::kv_prefill`]. Elsewhere
+//! (a module without the entries) the writes keep their launches.
 
 use super::merge::{overlaps, range, Range};
 use super::{Launch, Layout, Work};
@@ -33,18 +33,18 @@ pub fn new_rows_kernel(kernel: &str) -> Option<String> {
 
 /// An in-place cache write (`write_slice` on axis 1 of `[B, S, Hkv, D]`) the attention may do.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct CacheWrite {
-    step: usize,
+pub(super) struct CacheWrite {
+    pub step: usize,
     /// The new rows `[B, n, Hkv, D]`.
-    rows: Range,
+    pub rows: Range,
     /// The 1-element position.
-    pos: Range,
-    pos_i64: bool,
-    n: usize,
+    pub pos: Range,
+    pub pos_i64: bool,
+    pub n: usize,
 }
 
 /// Step `w` as a write of `kv` (the attention's cache operand, at `cache`), if it is one.
-fn cache_write(steps: &[Step], work: &[Vec<Work>], l: &Layout, w: usize, cache: Range, kv: &TensorType) -> Option<CacheWrite> {
+pub(super) fn cache_write(steps: &[Step], work: &[Vec<Work>], l: &Layout, w: usize, cache: Range, kv: &TensorType) -> Option<CacheWrite> {
     let s = &steps[w];
     let [Work::Kernel(k)] = work[w].as_slice() else { return None };
     if !matches!(s.op, Op::WriteSlice { axis: 1 }) || !k.kernel.starts_with("write_rows_") || s.inputs.len() != 3 {
@@ -70,7 +70,7 @@ fn cache_write(steps: &[Step], work: &[Vec<Work>], l: &Layout, w: usize, cache: 
 }
 
 /// What step `i` writes and reads, with the steps it absorbed (`absorbed`, (write, step)).
-fn touches(steps: &[Step], l: &Layout, absorbed: &[(usize, usize)], i: usize) -> Option<(Vec<Range>, Vec<Range>)> {
+pub(super) fn touches(steps: &[Step], l: &Layout, absorbed: &[(usize, usize)], i: usize) -> Option<(Vec<Range>, Vec<Range>)> {
     let (mut writes, mut reads) = (Vec::new(), Vec::new());
     for s in std::iter::once(i).chain(absorbed.iter().filter(|&&(_, h)| h == i).map(|&(w, _)| w)).map(|j| &steps[j]) {
         writes.push(range(&s.output, l).ok()?);
@@ -158,14 +158,20 @@ fn absorbing(rows: &Launch, kernel: String, k: &CacheWrite, v: &CacheWrite, l: &
 }
 
 /// Moves K's and V's cache writes into the attention that reads the caches (see the module
-/// doc) in `work` (one list per step of `steps`, lowered in order, split attention already one
-/// launch where it is): the writes' launches go, the attention's row launch runs the `_new`
-/// entry, where `has(kernel)` says it may be launched (a CUBIN stored before it lacks it).
-/// Returns the (write, attention) steps.
+/// doc), or into prefill's tensor-core attention that reads the rows ([`super::kv_prefill`]),
+/// in `work` (one list per step of `steps`, lowered in order, split attention already one
+/// launch where it is): the writes' launches go, the attention's launch runs the `_new` entry,
+/// where `has(kernel)` says it may be launched (a CUBIN stored before it lacks it). Returns the
+/// (write, attention) steps.
 pub fn absorb_cache_writes(steps: &[Step], work: &mut [Vec<Work>], l: &Layout, has: &dyn Fn(&str) -> bool) -> Vec<(usize, usize)> {
     let mut absorbed = Vec::new();
     for a in 0..steps.len() {
-        let Some((k, v, kernel)) = plan(steps, work, l, has, &absorbed, a) else { continue };
+        let Some((k, v, kernel)) = plan(steps, work, l, has, &absorbed, a) else {
+            if let Some(f) = super::kv_prefill::plan(steps, work, l, has, &absorbed, a) {
+                super::kv_prefill::absorb(work, l, a, &f, &mut absorbed);
+            }
+            continue;
+        };
         let Some(Work::Kernel(rows)) = work[a].first() else { continue };
         work[a][0] = Work::Kernel(absorbing(rows, kernel, &k, &v, l));
         for w in [k.step, v.step] {
@@ -327,10 +333,11 @@ mod tests {
 
     #[test]
     fn prefill_and_an_old_module_keep_the_writes() {
-        // Prefill: 64 rows written, then the tensor-core attention of 64 query rows.
+        // 64 rows written, then the tensor-core attention of 64 query rows reading the caches
+        // (prefill's reads the rows themselves: `super::super::kv_prefill`).
         let steps = vec![write(VC, 128, RV, 64, POS), write(KC, 128, RK, 64, POS), attention(64, 128, OUT)];
         assert!(kernels(&two_launch(&steps)[2])[0].kernel.starts_with("attn_mma_"));
-        refused(&steps, "prefill's mma attention");
+        refused(&steps, "an mma attention reading the caches");
         // The loaded module lacks the new entries: unchanged.
         let l = lower_entry(&decode(64), &LAYOUT, &|k| !k.contains("_new_")).unwrap();
         assert!(l.absorbed.is_empty() && kernels(&l.work[2])[0].kernel == "write_rows_b2_i64_x2");

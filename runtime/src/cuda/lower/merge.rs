@@ -32,7 +32,7 @@ pub struct Lowered {
 }
 
 /// Lowers every step of an entry ([`lower_step`]), runs each split attention as one launch
-/// ([`super::attention::one_launch`]), moves decode's cache writes into the attention
+/// ([`super::attention::one_launch`]), moves decode's and prefill's cache writes into the attention
 /// ([`super::kv_write::absorb_cache_writes`]), then merges the pairs [`merge_pairs`] finds
 /// among the rest. `has` as in [`merge_pairs`]; an error names the step.
 pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Result<Lowered, (usize, String)> {
@@ -54,13 +54,14 @@ pub const X2: &str = "_x2";
 pub const X4: &str = "_x4";
 
 /// Whether `kernel` is an entry that runs steps together (`CudaBackend::fuse` off treats it as
-/// absent): a `_x2` pair, a `_x4` concat pair, the one-launch split attention and the one
-/// storing the new K/V rows, the next token with its log-probability.
+/// absent): a `_x2` pair, a `_x4` concat pair, the one-launch split attention and the ones
+/// storing the new K/V rows (decode's and prefill's), the next token with its log-probability.
 pub fn fusing(kernel: &str) -> bool {
     kernel.ends_with(X2)
         || kernel.ends_with(X4)
         || kernel.starts_with("attn_rows1_")
         || kernel.starts_with("attn_rows_new_")
+        || kernel.starts_with("attn_mma_new_")
         || kernel.starts_with("sample_token_log_prob_")
 }
 
