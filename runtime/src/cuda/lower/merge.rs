@@ -286,14 +286,34 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_fused_launch_moves_back_where_only_it_may_move() {
+        // The tanh between reads the earlier exp's output: the later exp runs at the earlier's
+        // position instead, half 0 still the earlier step's block.
+        let steps = [exp(0, 1024), tanh(1024, 2048), exp(3072, 4096)];
+        let l = Layout::default();
+        let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
+        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| true, &[]).unwrap(), [(2, 0)]);
+        assert!(work[2].is_empty());
+        let read = |k: &Launch, at: usize| u64::from_le_bytes(k.params[at..at + 8].try_into().unwrap());
+        let k = kernel(&work[0]);
+        assert_eq!(k.relocs.iter().map(|&r| read(k, r)).collect::<Vec<_>>(), [1024, 0, 4096, 3072]);
+        // Row writes (not fused regions) only move forward.
+        let steps = [write_rows(0, 1024, 2048), exp(4096, 0), write_rows(8192, 5120, 2048)];
+        let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
+        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| true, &[]).unwrap(), []);
+    }
+
+    #[test]
     fn a_dependency_or_an_overlap_keeps_two_launches() {
         // The later step reads the earlier one's output.
         assert_eq!(lowered(&[exp(0, 1024), exp(1024, 2048)]).1, 0);
-        // A step between reads the earlier one's output (it would read it before it exists).
-        assert_eq!(lowered(&[exp(0, 1024), tanh(1024, 2048), exp(3072, 4096)]).1, 0);
-        // A step between overwrites the earlier one's input, or its output (memory reuse).
-        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 0), exp(4096, 5120)]).1, 0);
-        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 1024 + 256), exp(4096, 5120)]).1, 0);
+        // A step between reads the earlier one's output (it would read it before it exists),
+        // and the later one reads the step between's output (so it cannot move back either).
+        assert_eq!(lowered(&[exp(0, 1024), tanh(1024, 2048), exp(2048, 4096)]).1, 0);
+        // A step between overwrites the earlier one's input, or its output (memory reuse), and
+        // the later one overwrites the step between's input.
+        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 0), exp(4096, 3072)]).1, 0);
+        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 1024 + 256), exp(4096, 3072)]).1, 0);
         // The two outputs overlap, or the later one writes the earlier one's input.
         assert_eq!(lowered(&[exp(0, 1024), exp(3072, 1024 + 256)]).1, 0);
         assert_eq!(lowered(&[exp(0, 1024), exp(3072, 0)]).1, 0);
