@@ -161,10 +161,10 @@ fn refold(p: &Step, r: &Step, work: &[Work], l: &Layout, inputs: &[usize]) -> Op
         }
     }
     let mut st = fp.st;
-    for i in 0..fused::MAX_INPUTS {
-        if fp.access[i] == fused::Access::Strided as i32 {
+    for ((row, old), &access) in st.iter_mut().zip(&fp.st).zip(&fp.access) {
+        if access == fused::Access::Strided as i32 {
             for (a, ax) in g.iter().enumerate() {
-                st[i][a] = fp.st[i][ax.d] * ax.d_inner as i64;
+                row[a] = old[ax.d] * ax.d_inner as i64;
             }
         }
     }
