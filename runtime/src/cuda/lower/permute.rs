@@ -93,19 +93,17 @@ fn readers(steps: &[Step], work: &[Vec<Work>], l: &Layout, p: usize) -> Option<V
     if overlaps(out, src) {
         return None;
     }
-    let mut found = Vec::new();
+    let (mut found, mut changed) = (Vec::new(), false);
     for (j, t) in steps.iter().enumerate().skip(p + 1) {
         if work[j].is_empty() {
             continue;
         }
         let write = range(&t.output, l).ok()?;
         let reads: Vec<usize> = (0..t.inputs.len()).filter(|&i| range(&t.inputs[i], l).is_ok_and(|r| overlaps(r, out))).collect();
-        if overlaps(write, src) {
-            // The source changes: no reader may come from here on.
-            return None;
-        }
+        // From a step writing the source on (that step included), no reader may come.
+        changed |= overlaps(write, src);
         if !reads.is_empty() {
-            if !reads.iter().all(|&i| same_bytes(&t.inputs[i], &s.output, l)) {
+            if changed || !reads.iter().all(|&i| same_bytes(&t.inputs[i], &s.output, l)) {
                 return None;
             }
             found.push((j, reads.iter().map(|&i| launch_input(t, l, i)).collect::<Option<Vec<_>>>()?));
