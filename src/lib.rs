@@ -140,6 +140,13 @@ pub fn compile_with_states(
         if lacks_conv(built_graph, backend.as_ref()) {
             pipeline.passes.insert(0, kiln_graph::passes::Pass::LOWER_CONV);
         }
+        if backend.reads_permutes_free() {
+            // Prefill's Q joins the stacked K/V product, read through a permute the lowering
+            // folds into its readers.
+            for p in pipeline.passes.iter_mut().filter(|p| p.name == kiln_graph::passes::Pass::STACK_PROJECTIONS.name) {
+                *p = kiln_graph::passes::Pass::STACK_PROJECTIONS_ROWS;
+            }
+        }
         let graph = pipeline.run(built_graph, opts.trace.then_some(&mut trace))?;
         // A GLU's gate and up products as one step, where the backend has a kernel for it.
         let accept = |op: &kiln_graph::Op, ins: &[kiln_graph::TensorType], out: &kiln_graph::TensorType| {

@@ -242,6 +242,21 @@ pub fn plan_with(g: &Graph, order: &[NodeId], outside: &[bool]) -> Result<Memory
             }
         }
     }
+    // The source of a permute read only by elementwise steps (RoPE rotations included) lives as
+    // long as the permute's output, so a backend may have those readers read the source through
+    // strides instead (cuda: `runtime/src/cuda/lower/permute.rs`).
+    for &id in order {
+        let (Some(_), Op::Permute { .. }) = (step[id.index()], &g.nodes[id.index()].op) else { continue };
+        let (Some(pb), Some(sb)) = (owner[id.index()], owner[view_root(g, g.nodes[id.index()].inputs[0]).index()]) else { continue };
+        let elementwise = order.iter().filter(|r| step[r.index()].is_some()).all(|&r| {
+            let node = &g.nodes[r.index()];
+            let reads = node.inputs.iter().any(|&x| view_root(g, x) == id);
+            !reads || node.op.elementwise_expr().is_some() || is_light(g, r) && matches!(node.op, Op::MatMul { .. })
+        });
+        if elementwise {
+            bufs[sb].last = bufs[sb].last.max(bufs[pb].last);
+        }
+    }
     for (_, id) in &g.outputs {
         if let Some(b) = owner[view_root(g, *id).index()] {
             bufs[b].last = end;

@@ -28,7 +28,7 @@ pub trait Backend: Send + Sync {
     }
     /// Steps of entry `entry` whose launches run as one, as (step, the step at whose place the
     /// one launch runs): cuda, two launches of one kernel at the later step (`lower::merge`),
-    /// (earlier, later); cpu, a group of independent steps at its first (`cpu::group`), (member,
+    /// (earlier, later), or (later, earlier) where a fused region moved back; cpu, a group of independent steps at its first (`cpu::group`), (member,
     /// first). The default: none.
     fn merged_launches(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         Ok(Vec::new())
@@ -39,6 +39,13 @@ pub trait Backend: Send + Sync {
     /// the decode attention, `lower::kv_write`). The default: none.
     fn absorbed_steps(&self, _program: &Program, _entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
         Ok(Vec::new())
+    }
+    /// Whether a permute whose readers are elementwise launches costs no launch of its own (the
+    /// readers read its source through strides): the compile then stacks projections of
+    /// different widths over many rows (`passes::stack_projections_rows`), a wide one read
+    /// through such a permute. The default: no (a permute is a copy).
+    fn reads_permutes_free(&self) -> bool {
+        false
     }
     /// Renames step kernels that depend on the program's constants, not only on the step's
     /// types, once the whole program exists (cuda: a matmul by a constant signed permutation

@@ -37,7 +37,7 @@ pub use negate::negation_through_concat;
 pub use recompute::recompute_shared_products;
 pub use residual::{padded_rows, residual_rms_norm};
 pub use rotate::{rotation_as_matmul, MAX_ROTATION_DIM};
-pub use stack::stack_projections;
+pub use stack::{stack_projections, stack_projections_rows};
 
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, NodeId};
@@ -79,6 +79,9 @@ impl Pass {
     pub const RESIDUAL_RMS_NORM: Pass = Pass { name: "residual_rms_norm", run: residual_rms_norm };
     /// Makes sibling projections of one input (Q/K/V, gate/up) one GEMM over stacked weights.
     pub const STACK_PROJECTIONS: Pass = Pass { name: "stack_projections", run: stack_projections };
+    /// [`Pass::STACK_PROJECTIONS`] that also stacks projections of different widths over many
+    /// rows, a wide one read through a permute (for backends that read such a permute for free).
+    pub const STACK_PROJECTIONS_ROWS: Pass = Pass { name: "stack_projections_rows", run: stack_projections_rows };
     /// Makes `gather(table, ids) * c` (an embedding's scale) one gather with the scale.
     pub const GATHER_SCALE: Pass = Pass { name: "gather_scale", run: gather_scale };
     /// Moves a cast past reshapes, next to the matmul or elementwise node it can fuse with.
@@ -91,7 +94,7 @@ impl Pass {
     pub const GATED_MATMUL: Pass = Pass { name: "gated_matmul", run: gated_matmul_everywhere };
 
     /// Every pass, for lookup by name.
-    pub const ALL: [Pass; 16] = [
+    pub const ALL: [Pass; 17] = [
         Pass::DEAD_CODE,
         Pass::CONSTANT_FOLD,
         Pass::CSE,
@@ -102,6 +105,7 @@ impl Pass {
         Pass::ROTATION_AS_MATMUL,
         Pass::RESIDUAL_RMS_NORM,
         Pass::STACK_PROJECTIONS,
+        Pass::STACK_PROJECTIONS_ROWS,
         Pass::CONCAT_OF_PRODUCTS,
         Pass::RECOMPUTE_SHARED_PRODUCTS,
         Pass::GATHER_SCALE,

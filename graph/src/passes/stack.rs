@@ -15,6 +15,15 @@
 //! the columns' order). The parts' bytes join in order at load
 //! ([`crate::safetensors::stack_slots`]). Biases are not stacked in this form (the group is
 //! only made when no member has one).
+//!
+//! [`stack_projections_rows`] (the compile picks it for backends that read a permute for free:
+//! cuda, where an elementwise or RoPE launch reads the permute's source through strides) also
+//! stacks projections of different widths over `M > 1` rows (prefill's Q beside K and V): one
+//! `[S, M, n]` product over the same load-time join of the weights. Its slices are planes of
+//! `M * n` elements (each whole arena blocks), so a member of `m > 1` slices is not a view: it
+//! is `reshape(permute(slice(planes, s..s + m), [1, 0, 2]), its shape)` (the planes `[m, M, n]`
+//! read as rows `[M, m * n]`); a member of one slice is its plane. Other backends keep the
+//! first two forms (a permute there is a copy).
 
 use super::{copy_mapped, map_outputs, same_type, Uses};
 use crate::error::{GraphError, Result};
@@ -86,34 +95,38 @@ fn weight_name(g: &Graph, w: NodeId) -> &str {
     }
 }
 
-/// The grouping key of a one-row transposed product that may join a stack of projections of
-/// different widths: the input, the weight's dtype and its inner size `K`.
-fn wide_candidate(g: &Graph, uses: &Uses, i: usize) -> Option<(NodeId, crate::dtype::DType, usize)> {
+/// The grouping key of a transposed product that may join a stack of projections of different
+/// widths (one row, or any rows where `rows`): the input, the weight's dtype and its inner size
+/// `K`.
+fn wide_candidate(g: &Graph, uses: &Uses, i: usize, rows: bool) -> Option<(NodeId, crate::dtype::DType, usize)> {
     let (a, transpose_b, wshape, dtype, stored) = candidate(g, i)?;
     let k = *g.ty(a).shape.last()?;
     let one_row = g.ty(a).numel() == k;
-    (transpose_b && one_row && wshape == stored && wshape[1] == k && bias(g, uses, i).is_none()).then_some((a, dtype, k))
+    let shaped = transpose_b && (one_row || rows) && wshape == stored && wshape[1] == k;
+    (shaped && bias(g, uses, i).is_none()).then_some((a, dtype, k))
 }
 
-/// Groups of one-row projections of different widths, each width a multiple of the narrowest
-/// and that one's block whole arena blocks (the module doc's second form).
-fn wide_groups(g: &Graph, uses: &Uses) -> Vec<Group> {
+/// Groups of projections of different widths (one row, or any rows where `rows`), each width a
+/// multiple of the narrowest `n` and each `[M, n]` plane whole arena blocks (the module doc's
+/// second and third forms).
+fn wide_groups(g: &Graph, uses: &Uses, rows: bool) -> Vec<Group> {
     let mut found: Vec<((NodeId, crate::dtype::DType, usize), Vec<usize>)> = Vec::new();
     for i in 0..g.nodes.len() {
-        let Some(key) = wide_candidate(g, uses, i) else { continue };
+        let Some(key) = wide_candidate(g, uses, i, rows) else { continue };
         match found.iter_mut().find(|(k, _)| *k == key) {
             Some((_, m)) => m.push(i),
             None => found.push((key, vec![i])),
         }
     }
     let mut out = Vec::new();
-    for ((_, dtype, _), members) in found {
+    for ((a, dtype, k), members) in found {
+        let m = g.ty(a).numel() / k.max(1);
         let width = |m: usize| *g.nodes[m].ty.shape.last().unwrap_or(&0);
         let n = members.iter().map(|&m| width(m)).min().unwrap_or(0);
         let names: Vec<&str> = members.iter().filter_map(|&m| weight_of(g, g.nodes[m].inputs[1])).map(|w| weight_name(g, w)).collect();
         let distinct = names.iter().enumerate().all(|(i, a)| !names[..i].contains(a));
         let differ = members.iter().any(|&m| width(m) != n);
-        if members.len() < 2 || n == 0 || !differ || !distinct || !(n * dtype.size()).is_multiple_of(ALIGN) {
+        if members.len() < 2 || n == 0 || !differ || !distinct || !(m * n * dtype.size()).is_multiple_of(ALIGN) {
             continue;
         }
         if members.iter().all(|&m| width(m) % n == 0) {
@@ -123,9 +136,10 @@ fn wide_groups(g: &Graph, uses: &Uses) -> Vec<Group> {
     out
 }
 
-/// The groups of sibling projections whose stacked product's slices are all views.
-fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
-    let mut out = wide_groups(g, uses);
+/// The groups of sibling projections whose stacked product's slices are all views (or, where
+/// `rows`, planes that a permute reads as a member's rows).
+fn groups(g: &Graph, uses: &Uses, rows: bool) -> Vec<Group> {
+    let mut out = wide_groups(g, uses, rows);
     let taken: Vec<usize> = out.iter().flat_map(|grp| grp.members.iter().copied()).collect();
     let mut found: Vec<(Key, Vec<usize>)> = Vec::new();
     for i in 0..g.nodes.len() {
@@ -164,10 +178,21 @@ fn groups(g: &Graph, uses: &Uses) -> Vec<Group> {
     out
 }
 
-/// Rewrites each set of sibling projections as one stacked GEMM (see the module doc).
+/// Rewrites each set of sibling projections as one stacked GEMM (see the module doc): the
+/// first two forms.
 pub fn stack_projections(g: &Graph) -> Result<Graph> {
+    stack(g, false)
+}
+
+/// [`stack_projections`] with the module doc's third form too: projections of different widths
+/// over `M > 1` rows, a wide member read through a permute of its planes.
+pub fn stack_projections_rows(g: &Graph) -> Result<Graph> {
+    stack(g, true)
+}
+
+fn stack(g: &Graph, rows: bool) -> Result<Graph> {
     let uses = Uses::of(g);
-    let groups = groups(g, &uses);
+    let groups = groups(g, &uses, rows);
     if groups.is_empty() {
         return Ok(g.clone());
     }
@@ -238,7 +263,7 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
     let m = at.numel() / k.max(1);
     let sources: Vec<NodeId> = grp.members.iter().filter_map(|&mm| weight_of(g, g.nodes[mm].inputs[1])).collect();
     if let Some(n) = grp.narrow {
-        return emit_wide(g, out, grp, &sources, (na, k, n), map);
+        return emit_wide(g, out, grp, &sources, (na, m, k, n), map);
     }
     let w = stacked(g, out, &sources, &g.ty(w0).shape)?;
     let x = if at.shape.len() == 3 && at.shape[0] == 1 { na } else { out.reshape(na, &[1, m, k])? };
@@ -259,26 +284,30 @@ fn emit(g: &Graph, out: &mut Graph, grp: &Group, map: &mut [Option<NodeId>]) -> 
     Ok(())
 }
 
-/// Emits a group of one-row projections of different widths (the module doc's second form):
-/// `x [1, 1, K]` times the stack `[S, n, K]` (transposed), member `j` the slices `s..s + m_j`
-/// read as its `[.., N_j]`.
+/// Emits a group of projections of different widths (the module doc's second and third
+/// forms): `x [1, M, K]` times the stack `[S, n, K]` (transposed), member `j` the slices
+/// `s..s + m_j` read as its `[.., N_j]` (with `M > 1` and `m_j > 1`, through a permute of
+/// those planes to `[M, m_j, n]`).
 fn emit_wide(
     g: &Graph,
     out: &mut Graph,
     grp: &Group,
     sources: &[NodeId],
-    (x, k, n): (NodeId, usize, usize),
+    (x, rows, k, n): (NodeId, usize, usize, usize),
     map: &mut [Option<NodeId>],
 ) -> Result<()> {
     let names: Vec<&str> = sources.iter().map(|&w| weight_name(g, w)).collect();
     let widths: Vec<usize> = grp.members.iter().map(|&m| *g.nodes[m].ty.shape.last().unwrap_or(&0)).collect();
     let slices: usize = widths.iter().map(|w| w / n).sum();
     let w = out.weight(&stack_name(&names), g.ty(sources[0]).dtype, &[slices, n, k])?;
-    let x = out.reshape(x, &[1, 1, k])?;
+    let x = out.reshape(x, &[1, rows, k])?;
     let y = out.matmul(x, w, true)?;
     let mut s = 0;
     for (&mm, width) in grp.members.iter().zip(widths) {
-        let part = out.slice(y, 0, s, s + width / n)?;
+        let mut part = out.slice(y, 0, s, s + width / n)?;
+        if rows > 1 && width > n {
+            part = out.permute(part, &[1, 0, 2])?;
+        }
         s += width / n;
         let id = out.reshape(part, &g.nodes[mm].ty.shape)?;
         same_type("stack_projections", out, mm, &g.nodes[mm], id)?;
@@ -433,6 +462,94 @@ mod tests {
         let g = one_row(8, &[64, 32, 32]);
         let out = stack_projections(&g).unwrap();
         assert_eq!(matmuls(&out), 3);
+    }
+
+    /// Runs `g` and `out` in the interpreter on the same inputs and weights (values of `dtype`'s
+    /// precision); every output equal bit for bit.
+    fn identical_outputs(g: &Graph, out: &Graph) {
+        let (mut ins, mut ws) = (HashMap::new(), HashMap::new());
+        for (i, n) in g.nodes.iter().enumerate() {
+            match &n.op {
+                Op::Input { name } => drop(ins.insert(name.clone(), values(&n.ty, i))),
+                Op::Weight { name } => drop(ws.insert(name.clone(), values(&n.ty, i))),
+                _ => {}
+            }
+        }
+        let (a, b) = (run(g, &ins, &ws).unwrap(), run(out, &ins, &ws).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (name, v) in &a {
+            assert_eq!(v.ty, b[name].ty, "{name}");
+            let same = v.data.iter().zip(&b[name].data).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} differs");
+        }
+    }
+
+    /// `x [rows, k]` of `dtype` projected by transposed weights `w{i}` of `[n_i, k]`, each
+    /// product read as `[1, rows, n_i / hd, hd]` (heads) and an output.
+    fn heads(dtype: DType, rows: usize, k: usize, ns: &[usize], hd: usize) -> Graph {
+        let mut g = Graph::new();
+        let x = g.input("x", dtype, &[rows, k]).unwrap();
+        for (i, &n) in ns.iter().enumerate() {
+            let w = g.weight(&format!("w{i}"), dtype, &[n, k]).unwrap();
+            let y = g.matmul(x, w, true).unwrap();
+            let y = g.reshape(y, &[1, rows, n / hd, hd]).unwrap();
+            g.output(format!("y{i}"), y);
+        }
+        g
+    }
+
+    #[test]
+    fn rows_of_different_widths_stack_with_the_wide_one_read_through_a_permute() {
+        // Prefill's Q (4 heads of 16) beside K and V (2 heads each) over 4 rows: a [4, 4, 32]
+        // product; each f32 plane is 512 bytes, bf16 256.
+        for dtype in [DType::F32, DType::BF16] {
+            let g = heads(dtype, 4, 8, &[64, 32, 32], 16);
+            // Without the third form, K and V stack alone (Q keeps its own product).
+            assert_eq!(matmuls(&stack_projections(&g).unwrap()), 2);
+            let out = stack_projections_rows(&g).unwrap();
+            assert_eq!(matmuls(&out), 1);
+            assert!(out.weights().any(|(_, n, t)| n == "~stack(w0|w1|w2)" && t.shape == [4, 32, 8]));
+            let mm = out.nodes.iter().find(|n| matches!(n.op, Op::MatMul { .. })).unwrap();
+            assert_eq!(mm.ty.shape, [4, 4, 32]);
+            let perms: Vec<&[usize]> = out
+                .nodes
+                .iter()
+                .filter_map(|n| match &n.op {
+                    Op::Permute { perm } => Some(perm.as_slice()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(perms, [[1, 0, 2]], "{}", crate::print::print(&out));
+            // Every slice is a view: only Q's permute reorders bytes.
+            for (i, n) in out.nodes.iter().enumerate() {
+                if matches!(n.op, Op::Slice { .. }) {
+                    assert!(crate::plan::slice_view_offset(&out, NodeId(i as u32)).is_some());
+                }
+            }
+            identical_outputs(&g, &out);
+            crate::verify::verify(&out).unwrap();
+        }
+        // The wide member last, and three slices wide: still the interpreter's values.
+        let g = heads(DType::F32, 4, 8, &[32, 32, 96], 16);
+        let out = stack_projections_rows(&g).unwrap();
+        assert_eq!(matmuls(&out), 1);
+        identical_outputs(&g, &out);
+        // One row: the second form, no permute.
+        let out = stack_projections_rows(&one_row(8, &[128, 64, 64])).unwrap();
+        assert_eq!((matmuls(&out), count(&out, |op| matches!(op, Op::Permute { .. }))), (1, 0));
+    }
+
+    #[test]
+    fn rows_stack_only_where_each_plane_is_whole_arena_blocks() {
+        // 2 rows of 16 f32 columns: 128-byte planes, not a block: K and V do not stack either.
+        let g = heads(DType::F32, 2, 8, &[32, 16, 16], 16);
+        let out = stack_projections_rows(&g).unwrap();
+        assert_eq!(matmuls(&out), 3);
+        // 48 is no multiple of 32: the equal pair stacks in the first form.
+        let g = heads(DType::F32, 4, 8, &[48, 32, 32], 16);
+        let out = stack_projections_rows(&g).unwrap();
+        assert_eq!((matmuls(&out), count(&out, |op| matches!(op, Op::Permute { .. }))), (2, 0));
+        identical_outputs(&g, &out);
     }
 
     #[test]

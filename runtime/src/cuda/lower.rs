@@ -11,6 +11,7 @@ pub(crate) mod index;
 pub mod kv_prefill;
 pub mod kv_write;
 pub mod merge;
+pub mod permute;
 
 use super::fused_codegen as codegen;
 pub use super::gemm::{epilogue_kind, epilogue_region, EpilogueKind};

@@ -154,6 +154,11 @@ impl Backend for CudaBackend {
         lower::rotation_kernels(program)
     }
 
+    fn reads_permutes_free(&self) -> bool {
+        // A permute read only by fused regions and RoPE rotations (`lower::permute`).
+        true
+    }
+
     fn launches(&self, program: &Program, entry: usize) -> std::result::Result<Vec<usize>, String> {
         Ok(lowered(program, entry)?.work.iter().map(Vec::len).collect())
     }
@@ -163,7 +168,8 @@ impl Backend for CudaBackend {
     }
 
     fn absorbed_steps(&self, program: &Program, entry: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
-        // K's and V's cache writes done by the attention's launch (`lower::kv_write`, `lower::kv_prefill`).
+        // K's and V's cache writes done by the attention's launch (`lower::kv_write`,
+        // `lower::kv_prefill`), permutes read through strides by their readers (`lower::permute`).
         Ok(lowered(program, entry)?.absorbed)
     }
 

@@ -3,10 +3,12 @@
 //! (`fused_rot_*`, where the memory plan allows), or any two steps running one fused region.
 //! The merged launch runs the kernel's `_x2` entry point, which takes both parameter blocks
 //! (`struct { P p[2]; }`) and runs half `blockIdx.y` of them, at the later step's position. This runs after the schedule and the memory plan are fixed, so it moves the
-//! earlier step only where doing so changes no byte any step reads or the entry leaves:
+//! earlier step only where doing so changes no byte any step reads or the entry leaves
+//! (two fused regions may instead run at the earlier step's position, the later one moving
+//! back, under the same conditions for it):
 //!
-//! - every step between the two (that launches anything) neither reads the earlier step's
-//!   output nor writes bytes the earlier step reads or writes (the plan reused memory for the
+//! - every step between the two (that launches anything) neither reads the moved step's
+//!   output nor writes bytes the moved step reads or writes (the plan reused memory for the
 //!   original order);
 //! - the two steps are independent of each other: neither's output overlaps the other's
 //!   inputs or output (the later one reads nothing the earlier writes, and the two halves of
@@ -22,29 +24,36 @@ use kiln_graph::program::{Operand, Slot, Step};
 /// An entry's device work: one list per step, in order, and the merged pairs.
 pub struct Lowered {
     pub work: Vec<Vec<Work>>,
-    /// (earlier step, later step) of each merged launch, which runs at the later step: two
-    /// launches of one kernel ([`merge_pairs`]) or a sample and its log-probability
-    /// ([`super::fold`]).
+    /// (moved step, host step) of each merged launch, which runs at the host: two launches of
+    /// one kernel ([`merge_pairs`]: the host is the later step, or the earlier one where the
+    /// later moved back) or a sample and its log-probability ([`super::fold`], at the later).
     pub pairs: Vec<(usize, usize)>,
     /// (write, attention) of each cache write the attention's launch does
-    /// ([`super::kv_write`]); the write makes no launch.
+    /// ([`super::kv_write`]), then (permute, its first reader) of each permute its readers
+    /// read through strides ([`super::permute`]); the absorbed step makes no launch.
     pub absorbed: Vec<(usize, usize)>,
 }
 
-/// Lowers every step of an entry ([`lower_step`]), runs each split attention as one launch
-/// ([`super::attention::one_launch`]), moves decode's and prefill's cache writes into the attention
+/// Lowers every step of an entry ([`lower_step`]), folds permutes into the elementwise
+/// launches reading them ([`super::permute::fold_permutes`]), runs each split attention as one
+/// launch ([`super::attention::one_launch`]), moves decode's and prefill's cache writes into the
+/// attention
 /// ([`super::kv_write::absorb_cache_writes`]), then merges the pairs [`merge_pairs`] finds
-/// among the rest. `has` as in [`merge_pairs`]; an error names the step.
+/// among the rest (these see a folded permute's readers reading its source). `has` as in
+/// [`merge_pairs`]; an error names the step.
 pub fn lower_entry(steps: &[Step], l: &Layout, has: &dyn Fn(&str) -> bool) -> Result<Lowered, (usize, String)> {
     let mut work = Vec::with_capacity(steps.len());
     for (i, s) in steps.iter().enumerate() {
         work.push(lower_step(s, l).map_err(|m| (i, m))?);
     }
+    let folded = super::permute::fold_permutes(steps, &mut work, l);
+    let steps = folded.steps.as_slice();
     super::attention::one_launch(&mut work, has);
-    let absorbed = super::kv_write::absorb_cache_writes(steps, &mut work, l, has);
+    let mut absorbed = super::kv_write::absorb_cache_writes(steps, &mut work, l, has);
     let mut pairs = merge_pairs(steps, &mut work, l, has, &absorbed)?;
     super::copies::join_concat_copies(steps, &mut work, l, has, &pairs)?;
     pairs.extend(super::fold::sample_with_log_prob(steps, &mut work, l, has)?);
+    absorbed.extend(folded.absorbed);
     Ok(Lowered { work, pairs, absorbed })
 }
 
@@ -143,11 +152,12 @@ pub(super) fn joined(a: &Launch, b: &Launch, kernel: String) -> Launch {
 }
 
 /// Merges pairs of `work` (one list per step of `steps`, lowered in order) in place: the
-/// earlier step's launch goes, the later step's becomes the merged one. `has(kernel)` says
+/// earlier step's launch goes, the later step's becomes the merged one (for two fused regions
+/// where only the later step may move, the other way round). `has(kernel)` says
 /// whether an `_x2` entry may be launched (a load passes the loaded modules: an artifact's
 /// CUBINs from before these entries lack them). `absorbed` holds (step, the step whose launch
-/// does its work) of steps that launch nothing themselves. Returns the (earlier, later) steps
-/// merged.
+/// does its work) of steps that launch nothing themselves. Returns the (moved, host) steps
+/// merged: (earlier, later), or (later, earlier) where the later step moved.
 pub fn merge_pairs(
     steps: &[Step],
     work: &mut [Vec<Work>],
@@ -171,31 +181,41 @@ pub fn merge_pairs(
         if taken[j] || !b.iter().all(|k| has(&format!("{}{X2}", k.kernel))) {
             continue;
         }
-        let Some(i) = partner(j, &b, work, &access, &taken) else { continue };
+        let Some((i, back)) = partner(j, &b, work, &access, &taken) else { continue };
         let Some(a) = launches(&work[i]) else { continue };
         // Launch by launch, so each half keeps its step's order (a copy, then a row write).
         let m: Vec<Work> = a.iter().zip(&b).map(|(x, y)| Work::Kernel(merged(x, y))).collect();
-        work[i].clear();
-        work[j] = m;
-        let moved = std::mem::take(&mut access[i]);
-        access[j].extend(moved);
+        // The launch runs at the later step, or where only the later step may move, at the
+        // earlier one.
+        let (moved, host) = if back { (j, i) } else { (i, j) };
+        work[moved].clear();
+        work[host] = m;
+        let gone = std::mem::take(&mut access[moved]);
+        access[host].extend(gone);
         (taken[i], taken[j]) = (true, true);
-        pairs.push((i, j));
+        pairs.push((moved, host));
     }
     Ok(pairs)
 }
 
-/// The nearest earlier step launching the kernels `kernels` does that may move to step `j` and
-/// run with it.
-fn partner(j: usize, kernels: &[&Launch], work: &[Vec<Work>], access: &[Vec<Access>], taken: &[bool]) -> Option<usize> {
+/// The nearest earlier step launching the kernels `kernels` does that may run with step `j`,
+/// and whether `j` moves back to it (only fused regions do, where the earlier step may not move
+/// to `j` but `j` may move to it) rather than it to `j`.
+fn partner(j: usize, kernels: &[&Launch], work: &[Vec<Work>], access: &[Vec<Access>], taken: &[bool]) -> Option<(usize, bool)> {
     let [b] = access[j].as_slice() else { return None };
+    let fused = kernels.iter().all(|k| k.kernel.starts_with("fused_"));
     // What runs between the candidate and `j`, nearest first.
     let mut between: Vec<&Access> = Vec::new();
     for i in (0..j).rev() {
         if let [a] = access[i].as_slice() {
             let same = !taken[i] && launches(&work[i]).is_some_and(|k| same_kernels(&k, kernels));
-            if same && a.independent(b) && between.iter().all(|k| a.independent(k)) {
-                return Some(i);
+            if same && a.independent(b) {
+                if between.iter().all(|k| a.independent(k)) {
+                    return Some((i, false));
+                }
+                if fused && between.iter().all(|k| b.independent(k)) {
+                    return Some((i, true));
+                }
             }
         }
         between.extend(access[i].iter());
@@ -268,14 +288,34 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_fused_launch_moves_back_where_only_it_may_move() {
+        // The tanh between reads the earlier exp's output: the later exp runs at the earlier's
+        // position instead, half 0 still the earlier step's block.
+        let steps = [exp(0, 1024), tanh(1024, 2048), exp(3072, 4096)];
+        let l = Layout::default();
+        let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
+        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| true, &[]).unwrap(), [(2, 0)]);
+        assert!(work[2].is_empty());
+        let read = |k: &Launch, at: usize| u64::from_le_bytes(k.params[at..at + 8].try_into().unwrap());
+        let k = kernel(&work[0]);
+        assert_eq!(k.relocs.iter().map(|&r| read(k, r)).collect::<Vec<_>>(), [1024, 0, 4096, 3072]);
+        // Row writes (not fused regions) only move forward.
+        let steps = [write_rows(0, 1024, 2048), exp(4096, 0), write_rows(8192, 5120, 2048)];
+        let mut work: Vec<Vec<Work>> = steps.iter().map(|s| lower_step(s, &l).unwrap()).collect();
+        assert_eq!(merge_pairs(&steps, &mut work, &l, &|_| true, &[]).unwrap(), []);
+    }
+
+    #[test]
     fn a_dependency_or_an_overlap_keeps_two_launches() {
         // The later step reads the earlier one's output.
         assert_eq!(lowered(&[exp(0, 1024), exp(1024, 2048)]).1, 0);
-        // A step between reads the earlier one's output (it would read it before it exists).
-        assert_eq!(lowered(&[exp(0, 1024), tanh(1024, 2048), exp(3072, 4096)]).1, 0);
-        // A step between overwrites the earlier one's input, or its output (memory reuse).
-        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 0), exp(4096, 5120)]).1, 0);
-        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 1024 + 256), exp(4096, 5120)]).1, 0);
+        // A step between reads the earlier one's output (it would read it before it exists),
+        // and the later one reads the step between's output (so it cannot move back either).
+        assert_eq!(lowered(&[exp(0, 1024), tanh(1024, 2048), exp(2048, 4096)]).1, 0);
+        // A step between overwrites the earlier one's input, or its output (memory reuse), and
+        // the later one overwrites the step between's input.
+        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 0), exp(4096, 3072)]).1, 0);
+        assert_eq!(lowered(&[exp(0, 1024), tanh(3072, 1024 + 256), exp(4096, 3072)]).1, 0);
         // The two outputs overlap, or the later one writes the earlier one's input.
         assert_eq!(lowered(&[exp(0, 1024), exp(3072, 1024 + 256)]).1, 0);
         assert_eq!(lowered(&[exp(0, 1024), exp(3072, 0)]).1, 0);
