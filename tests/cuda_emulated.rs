@@ -100,5 +100,41 @@ fn gemma2_mid_in_bf16_on_emulated_cuda_match_the_interpreter() {
     let ids = common::gemma2_two_rows::prompt_ids(64, 512);
     common::gemma2_two_rows::gemma2_two_rows_of(&dir, &ids, "cuda", kiln_graph::DType::BF16, 3e-2, |p| {
         assert!(steps_with(p, "prefill", "attn_mma_") >= 2, "the tensor-core prefill");
+        // Its launches store the prompt's K/V rows (`lower::kv_prefill`), and Q's planes are
+        // read through strides by q's rotation (`lower::permute`): steps absorbed into others.
+        let absorbed = absorbed(p, "prefill");
+        assert!(kinds(p, "prefill", &absorbed).contains(&"write_slice".to_string()), "{absorbed:?}");
+        assert!(kinds(p, "prefill", &absorbed).contains(&"permute".to_string()), "{absorbed:?}");
+    });
+}
+
+/// (absorbed step, the step whose launch does it) of entry `name` as a load lowers it.
+fn absorbed(p: &Program, name: &str) -> Vec<(usize, usize)> {
+    let i = p.entries.iter().position(|e| e.name == name).unwrap();
+    kiln_runtime::by_name("cuda").unwrap().absorbed_steps(p, i).unwrap()
+}
+
+/// The ops of the absorbed steps.
+fn kinds(p: &Program, name: &str, absorbed: &[(usize, usize)]) -> Vec<String> {
+    let e = p.entries.iter().find(|e| e.name == name).unwrap();
+    absorbed.iter().map(|&(s, _)| e.steps[s].op.name().to_string()).collect()
+}
+
+/// Batch 1, the real model's decode: Q, K and V as one GEMM (each slice whole arena blocks),
+/// and the split attention as one launch that stores the new K/V rows (`attn_rows1_new_*`)
+/// over a cache of 128 + 3 rows (three splits).
+#[test]
+fn gemma2_mid_one_row_on_emulated_cuda_matches_the_interpreter() {
+    if !emulated() {
+        return;
+    }
+    let dir = gemma2_mid("one_row");
+    let ids = common::gemma2_two_rows::prompt_ids(128, 512);
+    common::gemma2_two_rows::gemma2_rows_of(&dir, 1, &ids[..128], "cuda", kiln_graph::DType::BF16, 3e-2, |p| {
+        let e = p.entries.iter().find(|e| e.name == "decode").unwrap();
+        let qkv = e.steps.iter().filter(|s| s.output.ty.shape.len() == 3 && s.output.ty.shape[0] == 4).count();
+        assert!(qkv >= 2, "decode's Q, K and V as one [4, 1, 128] product per layer");
+        let absorbed = absorbed(p, "decode");
+        assert!(kinds(p, "decode", &absorbed).iter().filter(|k| *k == "write_slice").count() >= 4, "{absorbed:?}");
     });
 }

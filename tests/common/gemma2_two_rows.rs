@@ -39,11 +39,24 @@ pub fn prompt_ids(bucket: usize, vocab: usize) -> Vec<i64> {
     first.chain(second).collect()
 }
 
-/// The check on Gemma 2 folder `dir`, the two rows' prompts `ids` (`[2, bucket]`, the second
-/// row's first three tokens padding).
+/// The check on Gemma 2 folder `dir`, the prompts `ids` (`[rows, bucket]`; with two rows the
+/// second row's first three tokens are padding; one row is the first alone, batch 1).
 pub fn gemma2_two_rows_of(dir: &std::path::Path, ids: &[i64], backend: &str, dtype: DType, tol: f64, check_program: impl Fn(&Program)) {
-    let (bucket, new) = (ids.len() / 2, 3);
-    let profile = Profile { batch: 2, seq_len: Some(bucket), dtype, ..Profile::default() };
+    gemma2_rows_of(dir, 2, ids, backend, dtype, tol, check_program);
+}
+
+/// [`gemma2_two_rows_of`] on `rows` rows (1 or 2).
+pub fn gemma2_rows_of(
+    dir: &std::path::Path,
+    rows: usize,
+    ids: &[i64],
+    backend: &str,
+    dtype: DType,
+    tol: f64,
+    check_program: impl Fn(&Program),
+) {
+    let (bucket, new) = (ids.len() / rows, 3);
+    let profile = Profile { batch: rows, seq_len: Some(bucket), dtype, ..Profile::default() };
     let g = kiln_models::build_generation(dir, &profile, bucket + new).unwrap();
     let states: Vec<StateSpec> = g.states.iter().map(|(name, ty)| StateSpec { name: name.clone(), ty: ty.clone() }).collect();
     let built = vec![("prefill".to_string(), g.prefill.clone()), ("decode".to_string(), g.decode.clone())];
@@ -57,12 +70,12 @@ pub fn gemma2_two_rows_of(dir: &std::path::Path, ids: &[i64], backend: &str, dty
         weights.insert(name.to_string(), Value::new(wt.clone(), kiln_runtime::tensor::to_f64(wt.dtype, bytes)).unwrap());
     }
     let mut s = Session::new(p, store).unwrap();
-    let mask: Vec<i64> = (0..2 * bucket).map(|i| i64::from(i < bucket || i >= bucket + 3)).collect();
-    let pos: Vec<i64> = (0..2 * bucket).map(|i| if i < bucket { i as i64 } else { (i - bucket).saturating_sub(3) as i64 }).collect();
+    let mask: Vec<i64> = (0..rows * bucket).map(|i| i64::from(i < bucket || i >= bucket + 3)).collect();
+    let pos: Vec<i64> = (0..rows * bucket).map(|i| if i < bucket { i as i64 } else { (i - bucket).saturating_sub(3) as i64 }).collect();
     let ins = [
-        ("input_ids", Tensor::from_i64(&[2, bucket], ids)),
-        ("attention_mask", Tensor::from_i64(&[2, bucket], &mask)),
-        ("position_ids", Tensor::from_i64(&[2, bucket], &pos)),
+        ("input_ids", Tensor::from_i64(&[rows, bucket], ids)),
+        ("attention_mask", Tensor::from_i64(&[rows, bucket], &mask)),
+        ("position_ids", Tensor::from_i64(&[rows, bucket], &pos)),
     ];
     let check = |s: &mut Session, outs: &[(String, Tensor)], want: &HashMap<String, Value>, what: &str| {
         for (name, got) in outs {
@@ -85,14 +98,17 @@ pub fn gemma2_two_rows_of(dir: &std::path::Path, ids: &[i64], backend: &str, dty
     let mut want = interp::run(&g.prefill, &vals, &weights).unwrap();
     check(&mut s, &outs, &want, "prefill");
     let mut full_mask: Vec<i64> = [&mask[..bucket], &[0; 3], &mask[bucket..], &[0; 3]].concat();
+    full_mask.truncate(rows * (bucket + new));
     for t in 0..new {
         let at = bucket + t;
         full_mask[at] = 1;
-        full_mask[bucket + new + at] = 1;
+        if rows == 2 {
+            full_mask[bucket + new + at] = 1;
+        }
         let ins = [
-            ("input_ids", Tensor::from_i64(&[2, 1], &[7 + t as i64, 30 + t as i64])),
-            ("attention_mask", Tensor::from_i64(&[2, bucket + new], &full_mask)),
-            ("position_ids", Tensor::from_i64(&[2, 1], &[at as i64, at as i64 - 3])),
+            ("input_ids", Tensor::from_i64(&[rows, 1], &[7 + t as i64, 30 + t as i64][..rows])),
+            ("attention_mask", Tensor::from_i64(&[rows, bucket + new], &full_mask)),
+            ("position_ids", Tensor::from_i64(&[rows, 1], &[at as i64, at as i64 - 3][..rows])),
             ("cache_position", Tensor::from_i64(&[1], &[at as i64])),
         ];
         let refs: Vec<(&str, &Tensor)> = ins.iter().map(|(n, t)| (*n, t)).collect();
