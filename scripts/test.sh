@@ -81,5 +81,17 @@ fi
 rm -f "$pylog"
 passed=$((passed + ${py_passed:-0}))
 failed=$((failed + ${py_failed:-0}))
+# The GPU machine's fixture check (scripts/device_cuda.sh's `fixtures` section: every SigLIP,
+# Gemma and PaliGemma fixture through `kiln run` / `kiln generate --backend cuda` against the
+# PyTorch references) on the emulated cuda backend, with the venv's torch: one test.
+echo "== device fixtures on the emulated cuda (scripts/device_fixtures.py, KILN_CUDA_EMULATE=1)"
+fixdir=$(mktemp -d)
+if KILN_CUDA_EMULATE=1 "$PWD/.venv/bin/python" scripts/device_fixtures.py "$PWD/target/debug/kiln" "$fixdir/none" "$fixdir" | tail -3; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1))
+  status=1
+fi
+rm -rf "$fixdir"
 echo "tests: ${passed:-0} passed, ${failed:-0} failed"
 exit $status

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python package's tests (scripts/test.sh runs this after cargo test): a virtualenv in
-# .venv/ (git-ignored) with maturin, numpy, pytest, pillow, pyarrow, ray[data] and torch, the
+# .venv/ (git-ignored) with maturin, numpy, pytest, pillow, pyarrow, ray[data], torch and
+# safetensors (scripts/device_fixtures.py, which scripts/test.sh runs on the emulated cuda), the
 # wheel built by maturin (the dev profile, so it shares cargo test's build of the workspace),
 # then pytest over python/tests. The tests run the CLI that cargo test built (target/debug/kiln).
 # torch comes from PyPI: its CPU-only index is not reachable from the machines this project
@@ -23,8 +24,8 @@ fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 # Pinned where a change of version could change results or break the test's use of the API.
-want=(maturin==1.16.0 numpy pytest pillow pyarrow "ray[data]==2.60.0" torch)
-if ! "$venv/bin/python" -c 'import maturin, numpy, pytest, PIL, pyarrow, ray.data, torch' 2>/dev/null; then
+want=(maturin==1.16.0 numpy pytest pillow pyarrow "ray[data]==2.60.0" torch safetensors)
+if ! "$venv/bin/python" -c 'import maturin, numpy, pytest, PIL, pyarrow, ray.data, torch, safetensors' 2>/dev/null; then
   echo "installing ${want[*]} into .venv"
   "${pip[@]}" "${want[@]}"
 fi
