@@ -61,7 +61,7 @@ fn is_permute(s: &Step) -> bool {
 /// A step at `at` computing `exp(x)` where `x` is the entry's `cos` (an elementwise launch).
 fn exp_into(steps: &[Step], at: &Operand) -> Step {
     let cos = steps.iter().flat_map(|s| &s.inputs).find(|o| o.ty.shape == [1, 8, 1, 8]).expect("cos").clone();
-    let output = Operand { slot: at.slot.clone(), ty: cos.ty.clone() };
+    let output = Operand { slot: at.slot, ty: cos.ty.clone() };
     with_kernel(Step { node: 0, op: Op::Unary(UnaryOp::Exp), kernel: String::new(), inputs: vec![cos], output })
 }
 
