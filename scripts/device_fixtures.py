@@ -7,7 +7,8 @@ For every fixture folder under tests/fixtures/{siglip,gemma} (config.json, input
 reference.safetensors from PyTorch):
 - `kiln run --backend cuda` in f32 and bf16 (f32 through the ahead-of-time artifact
   DIST_DIR/<name>.kiln when `package` made one, loaded with the folder's weights), every
-  reference output compared by normalised max error (f32: 1e-3, bf16: 5e-2);
+  reference output compared by normalised max error at the positions the attention mask keeps
+  (f32: 1e-3, bf16: 5e-2; 1.5e-1 for the PaliGemma models, whose bf16 interpreter is at 8e-2);
 - where the reference holds `sequences` (greedy generation by transformers), `kiln generate
   --backend cuda` with the tests' bucket (prompt + 3, PaliGemma + 2) in f32: the generated ids
   must equal transformers' and the step logits agree to 1e-3; in bf16 the share of equal ids
@@ -16,7 +17,7 @@ reference.safetensors from PyTorch):
   device): its ids, and its log-probabilities against log_softmax of the reference's logits;
   and a long generation (a cache of about 100 keys, where cuda's decode attention splits) on
   cuda against cpu, both f32.
-Writes OUT_DIR/fixtures.jsonl and exits 1 on any f32 failure or any error.
+Writes OUT_DIR/fixtures.jsonl and exits 1 on any failed row (f32 or bf16) or error.
 """
 
 import json
@@ -160,7 +161,12 @@ def main():
         if not (folder / "reference.safetensors").exists():
             continue
         ref = load(folder / "reference.safetensors")
-        for dtype, tol in (("f32", 1e-3), ("bf16", 5e-2)):
+        # bf16: PaliGemma's tower and decoder in bf16 are further from the f32 reference than
+        # one model is: kiln's interpreter itself (every op rounded to bf16) is at 8.2e-2
+        # (paligemma) and 7.1e-2 (paligemma2) from it, against 4.2e-2 for gemma2_gqa
+        # (measured 2026-12-08, BENCHMARKS.md).
+        bf16_tol = 1.5e-1 if folder.name.startswith("paligemma") and "sequences" in ref else 5e-2
+        for dtype, tol in (("f32", 1e-3), ("bf16", bf16_tol)):
             res = out / f"fixture_{folder.name}_{dtype}.safetensors"
             art = dist / f"{folder.name}.kiln"
             model = [str(art), "--weights", str(folder)] if dtype == "f32" and art.exists() else [str(folder), "--dtype", dtype]
