@@ -345,8 +345,8 @@ mod tests {
         Value::new(ty.clone(), data).unwrap()
     }
 
-    /// Runs `g` and `out` in the interpreter on the same inputs and weights; every output equal.
-    fn same_outputs(g: &Graph, out: &Graph) {
+    /// The outputs of `g` and `out` in the interpreter on the same inputs and weights.
+    fn both_outputs(g: &Graph, out: &Graph) -> (HashMap<String, Value>, HashMap<String, Value>) {
         let (mut ins, mut ws) = (HashMap::new(), HashMap::new());
         for (i, n) in g.nodes.iter().enumerate() {
             match &n.op {
@@ -357,6 +357,12 @@ mod tests {
         }
         let (a, b) = (run(g, &ins, &ws).unwrap(), run(out, &ins, &ws).unwrap());
         assert_eq!(a.len(), b.len());
+        (a, b)
+    }
+
+    /// Runs `g` and `out` in the interpreter on the same inputs and weights; every output equal.
+    fn same_outputs(g: &Graph, out: &Graph) {
+        let (a, b) = both_outputs(g, out);
         for (name, v) in &a {
             assert_eq!(v.ty, b[name].ty, "{name}");
             for (x, y) in v.data.iter().zip(&b[name].data) {
@@ -467,16 +473,7 @@ mod tests {
     /// Runs `g` and `out` in the interpreter on the same inputs and weights (values of `dtype`'s
     /// precision); every output equal bit for bit.
     fn identical_outputs(g: &Graph, out: &Graph) {
-        let (mut ins, mut ws) = (HashMap::new(), HashMap::new());
-        for (i, n) in g.nodes.iter().enumerate() {
-            match &n.op {
-                Op::Input { name } => drop(ins.insert(name.clone(), values(&n.ty, i))),
-                Op::Weight { name } => drop(ws.insert(name.clone(), values(&n.ty, i))),
-                _ => {}
-            }
-        }
-        let (a, b) = (run(g, &ins, &ws).unwrap(), run(out, &ins, &ws).unwrap());
-        assert_eq!(a.len(), b.len());
+        let (a, b) = both_outputs(g, out);
         for (name, v) in &a {
             assert_eq!(v.ty, b[name].ty, "{name}");
             let same = v.data.iter().zip(&b[name].data).all(|(x, y)| x.to_bits() == y.to_bits());

@@ -659,6 +659,40 @@ mod tests {
         Operand { slot: Slot::Arena { offset, bytes: ty.bytes() }, ty }
     }
 
+    /// The layout of the cache-write fold tests (`kv_write`, `kv_prefill`): a 16 MiB arena,
+    /// then scratch, split counters, the workspace and the error flag.
+    pub(super) const FOLD_LAYOUT: Layout = Layout {
+        arena: 0,
+        arena_bytes: 1 << 24,
+        weights: Vec::new(),
+        constants: Vec::new(),
+        scratch: 1 << 24,
+        scratch_bytes: 1 << 20,
+        counters: (1 << 24) + (1 << 20),
+        counters_bytes: 256,
+        workspace: (1 << 24) + (2 << 20),
+        error_flag: (1 << 24) + (3 << 20),
+        total: (1 << 24) + (4 << 20),
+        rotations: Vec::new(),
+    };
+
+    /// An exp of the 512 bytes (bf16 `[256]`) at `input` into `output`: a step between others.
+    pub(super) fn exp_between(input: usize, output: usize) -> Step {
+        let t = tt(DType::BF16, &[256]);
+        with_kernel(Step {
+            node: 0,
+            op: Op::Unary(UnaryOp::Exp),
+            kernel: String::new(),
+            inputs: vec![arena(input, t.clone())],
+            output: arena(output, t),
+        })
+    }
+
+    /// The launches of `w`, each item a kernel launch.
+    pub(super) fn kernels(w: &[Work]) -> Vec<&Launch> {
+        w.iter().map(|w| if let Work::Kernel(k) = w { k } else { panic!("{w:?}") }).collect()
+    }
+
     #[test]
     fn bias_and_gelu_epilogues_go_to_cublaslt() {
         let bias = Expr { instrs: vec![Instr::Input(0), Instr::Input(1), Instr::Binary(BinaryOp::Add, 0, 1)] };

@@ -154,7 +154,7 @@ pub fn one_launch(work: &mut [Vec<Work>], has: &dyn Fn(&str) -> bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{arena, tt};
+    use super::super::tests::{arena, kernels, tt};
     use super::super::{kernel_for, layout, lower_entry, lower_step, optional_kernel, with_kernel, Launch};
     use super::*;
     use kiln_graph::program::{Entry, Program};
@@ -172,10 +172,6 @@ mod tests {
             inputs: vec![arena(0, q.clone()), arena(4096, kv.clone()), arena(1 << 22, kv)],
             output: arena(1 << 23, q),
         })
-    }
-
-    fn kernels(w: &[Work]) -> Vec<&Launch> {
-        w.iter().map(|w| if let Work::Kernel(k) = w { k } else { panic!("{w:?}") }).collect()
     }
 
     fn read(k: &Launch, at: usize) -> u64 {

@@ -161,10 +161,10 @@ pub(super) fn absorb(work: &mut [Vec<Work>], l: &Layout, a: usize, f: &PrefillFo
 #[cfg(test)]
 mod tests {
     use super::super::merge::fusing;
-    use super::super::tests::{arena, tt};
+    use super::super::tests::{arena, exp_between as exp, kernels, tt, FOLD_LAYOUT as LAYOUT};
     use super::super::{lower_entry, with_kernel};
     use super::*;
-    use kiln_graph::{Attention, DType, MaskKind, UnaryOp};
+    use kiln_graph::{Attention, DType, MaskKind};
 
     const HKV: usize = 2;
     const S: usize = 128;
@@ -178,21 +178,6 @@ mod tests {
     const Q: usize = 1 << 22;
     const OUT: usize = Q + (1 << 18);
     const FREE: usize = 1 << 23;
-
-    const LAYOUT: Layout = Layout {
-        arena: 0,
-        arena_bytes: 1 << 24,
-        weights: Vec::new(),
-        constants: Vec::new(),
-        scratch: 1 << 24,
-        scratch_bytes: 1 << 20,
-        counters: (1 << 24) + (1 << 20),
-        counters_bytes: 256,
-        workspace: (1 << 24) + (2 << 20),
-        error_flag: (1 << 24) + (3 << 20),
-        total: (1 << 24) + (4 << 20),
-        rotations: Vec::new(),
-    };
 
     fn rows(at: usize, d: usize) -> Operand {
         arena(at, tt(DType::BF16, &[1, SK, HKV, d]))
@@ -216,26 +201,10 @@ mod tests {
         with_kernel(Step { node: 0, op: att, kernel: String::new(), inputs, output: arena(out, q) })
     }
 
-    /// An exp of the 512 bytes at `input` into `output`.
-    fn exp(input: usize, output: usize) -> Step {
-        let t = tt(DType::BF16, &[256]);
-        with_kernel(Step {
-            node: 0,
-            op: Op::Unary(UnaryOp::Exp),
-            kernel: String::new(),
-            inputs: vec![arena(input, t.clone())],
-            output: arena(output, t),
-        })
-    }
-
     /// Prefill as Gemma 2 orders it: V's write, the attention, a step between, K's write.
     fn prefill(d: usize) -> Vec<Step> {
         let i64 = DType::I64;
         vec![write(VC, RV, POS, d, i64), attention(SK, d, OUT), exp(FREE, FREE + 4096), write(KC, RK, POS, d, i64)]
-    }
-
-    fn kernels(w: &[Work]) -> Vec<&Launch> {
-        w.iter().map(|w| if let Work::Kernel(k) = w { k } else { panic!("{w:?}") }).collect()
     }
 
     fn read(k: &Launch, at: usize, bytes: usize) -> u64 {

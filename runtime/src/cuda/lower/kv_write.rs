@@ -184,11 +184,11 @@ pub fn absorb_cache_writes(steps: &[Step], work: &mut [Vec<Work>], l: &Layout, h
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{arena, tt};
+    use super::super::tests::{arena, exp_between as exp, kernels, tt, FOLD_LAYOUT as LAYOUT};
     use super::super::{lower_entry, with_kernel};
     use super::*;
     use kiln_graph::program::Operand;
-    use kiln_graph::{Attention, MaskKind, UnaryOp};
+    use kiln_graph::{Attention, MaskKind};
 
     const HKV: usize = 2;
     const D: usize = 64;
@@ -200,21 +200,6 @@ mod tests {
     const POS: usize = RK + (1 << 17);
     const Q: usize = 1 << 22;
     const OUT: usize = Q + (1 << 16);
-
-    const LAYOUT: Layout = Layout {
-        arena: 0,
-        arena_bytes: 1 << 24,
-        weights: Vec::new(),
-        constants: Vec::new(),
-        scratch: 1 << 24,
-        scratch_bytes: 1 << 20,
-        counters: (1 << 24) + (1 << 20),
-        counters_bytes: 256,
-        workspace: (1 << 24) + (2 << 20),
-        error_flag: (1 << 24) + (3 << 20),
-        total: (1 << 24) + (4 << 20),
-        rotations: Vec::new(),
-    };
 
     fn cache(at: usize, sk: usize) -> Operand {
         arena(at, tt(DType::BF16, &[1, sk, HKV, D]))
@@ -234,25 +219,9 @@ mod tests {
         with_kernel(Step { node: 0, op: att, kernel: String::new(), inputs, output: arena(out, q) })
     }
 
-    /// An exp of the 512 bytes at `input` into `output`.
-    fn exp(input: usize, output: usize) -> Step {
-        let t = tt(DType::BF16, &[256]);
-        with_kernel(Step {
-            node: 0,
-            op: Op::Unary(UnaryOp::Exp),
-            kernel: String::new(),
-            inputs: vec![arena(input, t.clone())],
-            output: arena(output, t),
-        })
-    }
-
     /// Decode as Gemma 2 orders it: V's write, a step between, K's write, the attention.
     fn decode(sk: usize) -> Vec<Step> {
         vec![write(VC, sk, RV, 1, POS), exp(1 << 23, (1 << 23) + 4096), write(KC, sk, RK, 1, POS), attention(1, sk, OUT)]
-    }
-
-    fn kernels(w: &[Work]) -> Vec<&Launch> {
-        w.iter().map(|w| if let Work::Kernel(k) = w { k } else { panic!("{w:?}") }).collect()
     }
 
     fn read(k: &Launch, at: usize, bytes: usize) -> u64 {
