@@ -58,9 +58,10 @@ status=0
 cargo test --workspace --all-targets --locked --features kiln/cuda --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The cuda backend's GPU tests once more, on the CPU: with KILN_CUDA_EMULATE=1 a cuda load runs
 # its program through the host emulator (its kernels built by the C++ compiler), so the cuda rows
-# of the op parity table and the half-precision kernel tests run here too (same build).
+# of the op parity table and the half-precision kernel tests run here too (same build:
+# `--workspace` keeps the features of the run above, so nothing is compiled again).
 echo "== cuda tests on the host emulator (KILN_CUDA_EMULATE=1)"
-KILN_CUDA_EMULATE=1 cargo test --locked --features kiln/cuda --test parity --test cuda_device --no-fail-fast 2>&1 | tee -a "$log" || status=$?
+KILN_CUDA_EMULATE=1 cargo test --workspace --locked --features kiln/cuda --test parity --test cuda_device --no-fail-fast 2>&1 | tee -a "$log" || status=$?
 # The test run built the CLI with the same features (for the integration tests): use it
 # rather than `cargo run`, which would build every dependency again in the dev profile.
 echo "== kiln kernels check --arch sm_90a"

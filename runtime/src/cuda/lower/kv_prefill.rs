@@ -28,12 +28,13 @@
 //! module that lacks the entry (or with `CudaBackend::fuse` off: the entry is a fusing one).
 //!
 //! Nothing here has run on a GPU: this file's tests check the lowering, and
-//! `kernels/tests/cuda_compile.rs` that the entries compile for sm_90a without spilling. On a
-//! GPU the device script (`scripts/device_cuda.sh`, section `gemma`) generates with Gemma 2 2B
-//! (head dim 256) with and without `--cuda-fuse off` (which keeps the writes' launches) and
-//! compares ids and log-probabilities bit for bit; decode reads the rows the prefill stored.
-//! No fixture it runs against a reference has a tensor-core head dim (16, 32, 40), so none
-//! compares this path with the interpreter or transformers.
+//! `kernels/tests/cuda_compile.rs` that the entries compile for sm_90a without spilling. The
+//! storing kernel runs on the CPU through the host emulator (`tests/cuda_emulated.rs`: a
+//! random-weight Gemma 2 of head dim 64, prefill and decode against the interpreter, every
+//! layer's cache included). On a GPU the device script (`scripts/device_cuda.sh`, section
+//! `gemma`) generates with Gemma 2 2B (head dim 256) with and without `--cuda-fuse off` (which
+//! keeps the writes' launches) and compares ids and log-probabilities bit for bit; no fixture it
+//! runs against a reference has a tensor-core head dim (16, 32, 40).
 
 use super::kv_write::{cache_write, touches, CacheWrite};
 use super::merge::{overlaps, range, Range};

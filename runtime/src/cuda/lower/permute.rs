@@ -27,8 +27,9 @@
 //!   included: its threads would read bytes others overwrote).
 //!
 //! The steps handed on to the later moves read the source in the readers' place, so that a
-//! merged pair of rotations (q's and k's) checks the bytes it really reads. Nothing here runs on
-//! a GPU in the tests: the readers' addressing is emulated on the host against the interpreter.
+//! merged pair of rotations (q's and k's) checks the bytes it really reads. Nothing here has run
+//! on a GPU: the tests apply the readers' parameters on the host against the interpreter, and
+//! the generated kernels run on the CPU through the host emulator (`tests/cuda_emulated.rs`).
 
 use super::merge::{overlaps, range, Range};
 use super::{addr, rotation, Layout, Work};
