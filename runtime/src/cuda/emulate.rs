@@ -219,12 +219,7 @@ impl EmuExec {
             if out.is_empty() && io.operand.ty.bytes() > 0 {
                 continue; // a state, computed where it lives
             }
-            let src = match io.operand.slot {
-                Slot::Arena { offset, .. } => self.layout.arena + offset,
-                Slot::Weight(i) => self.layout.weights[i as usize],
-                Slot::Const(i) => self.layout.constants[i as usize],
-                Slot::State(i) => return Err(err(format!("state {i} was not placed in the arena"))),
-            };
+            let src = self.layout.output_at(io.operand.slot).map_err(err)?;
             let n = out.len();
             out.copy_from_slice(&self.bytes()[src..src + n]);
         }

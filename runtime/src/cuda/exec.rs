@@ -622,12 +622,7 @@ impl CudaExec {
             if out.is_empty() && io.operand.ty.bytes() > 0 {
                 continue; // a state, computed where it lives
             }
-            let src = match io.operand.slot {
-                Slot::Arena { offset, .. } => self.layout.arena + offset,
-                Slot::Weight(i) => self.layout.weights[i as usize],
-                Slot::Const(i) => self.layout.constants[i as usize],
-                Slot::State(i) => return Err(err(format!("state {i} was not placed in the arena"))),
-            };
+            let src = self.layout.output_at(io.operand.slot).map_err(err)?;
             // SAFETY: the output buffer has the operand's size (checked by the session).
             drv("download output", unsafe { dr::memcpy_dtoh_async(&mut out[..], self.base + src as u64, cu) })?;
         }

@@ -62,6 +62,19 @@ pub struct Layout {
     pub rotations: Vec<Option<SignedPerm>>,
 }
 
+impl Layout {
+    /// Where an entry output in `slot` lies in the allocation (a state must have been moved
+    /// into the arena first: `crate::states::states_in_arena`).
+    pub fn output_at(&self, slot: Slot) -> Result<usize, String> {
+        match slot {
+            Slot::Arena { offset, .. } => Ok(self.arena + offset),
+            Slot::Weight(i) => Ok(self.weights[i as usize]),
+            Slot::Const(i) => Ok(self.constants[i as usize]),
+            Slot::State(i) => Err(format!("state {i} was not placed in the arena")),
+        }
+    }
+}
+
 /// A cuBLASLt epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
